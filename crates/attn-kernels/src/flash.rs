@@ -1,0 +1,921 @@
+//! Flash-style attention forward: tiled over query rows and key blocks with an online softmax
+//! (FlashAttention-2 loop order), never materialising an `S×T` score matrix.
+//!
+//! Shapes: `q: [B, H, S, D]`, `k: [B, G, T, D]`, `v: [B, G, T, Dv]` -> `out: [B, H, S, Dv]`,
+//! `lse: [B, H, S]`; `G` divides `H` and query head `h` reads key/value head `h / (H / G)`.
+//!
+//! # How the work is cut
+//! The query rows that share one key/value head, `(s, h)` for the `H/G` heads of group `g`, are
+//! stacked into one sequence of `S·H/G` rows (s-major), so grouped-query and multi-query
+//! attention read each K/V tile once for all heads of the group, with no copy of K or V. That
+//! sequence is cut into tiles of [`BLOCK_ROWS`] rows; a task is one `(b, g, row tile, key split)`.
+//! The number of key splits is 1 unless there are fewer than [`MIN_TASKS`] tasks (decoding:
+//! `S = 1`, long `T`); then the keys are split so that all cores have work, and the partial
+//! results are merged in split order afterwards. Every choice depends on the shapes only, never
+//! on the thread count, and each row's arithmetic runs on one thread in a fixed order: results
+//! are bit-identical for any number of threads.
+//!
+//! # One tile, passes numbered as in the reference
+//! For each key block `[t0, t0 + bc)` of the tile's key range:
+//! - pass 1: `scores = (scale·q_tile) · k_blockᵀ` (faer GEMM, sequential);
+//! - pass 2: mask, row max, `p = exp(scores - m_new)` and its row sum, the online update
+//!   `l = l·exp(m_old - m_new) + sum(p)`;
+//! - pass 3: rescale the accumulator rows by `exp(m_old - m_new)`;
+//! - pass 4: `acc += p · v_block` (faer GEMM, sequential).
+//!
+//! Finally `out = acc / l` and `lse = m + ln(l)`; a row that saw no key (`l = 0`) writes zeros
+//! and `lse = -inf`. Key blocks past the causal limit of the tile's last row, or past the
+//! batch's key length, are never visited.
+
+use rayon::prelude::*;
+
+use crate::gemm::gemm_raw;
+use crate::mask::{mask_row, resolve_scale, validate_options};
+use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
+use crate::{Accum, AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
+
+/// Query rows per tile.
+pub const BLOCK_ROWS: usize = 64;
+/// Keys per block.
+pub const BLOCK_KEYS: usize = 128;
+/// Below this many `(b, g, row tile)` tasks the keys are split across tasks (decoding).
+pub const MIN_TASKS: usize = 32;
+/// The smallest number of keys a split covers.
+const MIN_KEYS_PER_SPLIT: usize = 512;
+
+/// A raw pointer that tasks share to write disjoint elements of one destination.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (distinct `(b, h, s)` rows of a
+// destination checked not to overlap itself), and the pointer outlives the parallel loop.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+/// The shapes of one call and how its work is cut.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    pub b: usize,
+    pub h: usize,
+    pub g: usize,
+    pub s: usize,
+    pub t: usize,
+    pub d: usize,
+    pub dv: usize,
+    /// Query heads per key/value head, `H / G`.
+    pub rep: usize,
+    /// `S · rep`: the stacked rows of one group.
+    pub rows_per_group: usize,
+    pub row_tiles: usize,
+    pub splits: usize,
+    pub keys_per_split: usize,
+}
+
+impl Plan {
+    fn new([b, h, s, d]: [usize; 4], [g, t, dv]: [usize; 3]) -> Self {
+        let rep = h / g.max(1);
+        let rows_per_group = s * rep;
+        let row_tiles = rows_per_group.div_ceil(BLOCK_ROWS);
+        let tasks = b * g * row_tiles;
+        let splits = if tasks == 0 || tasks >= MIN_TASKS || t < 2 * MIN_KEYS_PER_SPLIT {
+            1
+        } else {
+            MIN_TASKS.div_ceil(tasks).min(t / MIN_KEYS_PER_SPLIT).max(1)
+        };
+        let keys_per_split = t.div_ceil(splits).div_ceil(BLOCK_KEYS) * BLOCK_KEYS;
+        let splits = if t == 0 { 1 } else { t.div_ceil(keys_per_split.max(1)) };
+        Plan {
+            b,
+            h,
+            g,
+            s,
+            t,
+            d,
+            dv,
+            rep,
+            rows_per_group,
+            row_tiles,
+            splits,
+            keys_per_split,
+        }
+    }
+}
+
+/// Validates the operands of an attention call and returns its plan.
+pub(crate) fn validate(
+    op: &'static str,
+    out_shape: [usize; 4],
+    lse_shape: Option<[usize; 3]>,
+    q: &View4<'_, f32>,
+    k: &View4<'_, f32>,
+    v: &View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+) -> Result<Plan, KernelError> {
+    let [b, h, s, d] = q.shape();
+    let [kb, g, t, kd] = k.shape();
+    if g == 0 || h % g != 0 {
+        return Err(KernelError::HeadsNotDivisible {
+            op,
+            n_heads: h,
+            n_kv_heads: g,
+        });
+    }
+    if kb != b || kd != d {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            tensor: "k",
+            expected: vec![b, g, t, d],
+            got: k.shape().to_vec(),
+        });
+    }
+    let dv = v.shape()[3];
+    if v.shape() != [b, g, t, dv] {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            tensor: "v",
+            expected: vec![b, g, t, dv],
+            got: v.shape().to_vec(),
+        });
+    }
+    if out_shape != [b, h, s, dv] {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            tensor: "out",
+            expected: vec![b, h, s, dv],
+            got: out_shape.to_vec(),
+        });
+    }
+    if let Some(lse_shape) = lse_shape {
+        if lse_shape != [b, h, s] {
+            return Err(KernelError::ShapeMismatch {
+                op,
+                tensor: "lse",
+                expected: vec![b, h, s],
+                got: lse_shape.to_vec(),
+            });
+        }
+    }
+    if d == 0 || dv == 0 {
+        return Err(KernelError::InvalidArgument {
+            op,
+            what: "head dim (D, Dv)",
+            got: format!("({d}, {dv})"),
+            expected: "at least 1",
+        });
+    }
+    validate_options(op, options, [b, h, s, t])?;
+    Ok(Plan::new([b, h, s, d], [g, t, dv]))
+}
+
+/// Per-worker scratch, sized once for the call.
+struct Scratch {
+    q_tile: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(plan: &Plan) -> Self {
+        Scratch {
+            q_tile: vec![0.0; BLOCK_ROWS * plan.d],
+            scores: vec![0.0; BLOCK_ROWS * BLOCK_KEYS],
+            acc: vec![0.0; BLOCK_ROWS * plan.dv],
+            m: vec![0.0; BLOCK_ROWS],
+            l: vec![0.0; BLOCK_ROWS],
+        }
+    }
+}
+
+/// Flash-style attention: `q: [B, H, S, D]`, `k: [B, G, T, D]`, `v: [B, G, T, Dv]` ->
+/// `out: [B, H, S, Dv]` and optionally `lse: [B, H, S]` (natural log of each row's softmax
+/// denominator, `-inf` for a row with nothing to attend to).
+///
+/// All five are strided views, so `[B, S, H, D]` storage is passed as a permuted view without a
+/// copy. A row with nothing to attend to gets zeros. With `Par::Rayon` the work runs on the
+/// current rayon pool; the result is bit-identical to `Par::Seq`.
+///
+/// ```
+/// use attn_kernels::{flash_attention, AttentionOptions, Causal, Par, View4, ViewMut4};
+/// let (b, h, s, d) = (1, 2, 3, 4);
+/// let q: Vec<f32> = (0..b * h * s * d).map(|i| (i as f32 * 0.1).sin()).collect();
+/// let mut out = vec![0.0f32; b * h * s * d];
+/// let view = View4::contiguous(&q, [b, h, s, d]).unwrap();
+/// let options = AttentionOptions { causal: Causal::TopLeft, ..Default::default() };
+/// flash_attention(ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(), None, view, view, view, &options, Par::Seq).unwrap();
+/// // The first query of a causal call sees only the first key: its output is that key's value.
+/// assert_eq!(&out[..d], &q[..d]);
+/// ```
+pub fn flash_attention(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let plan = validate(
+        "flash_attention",
+        out.shape(),
+        lse.as_ref().map(|l| l.shape()),
+        &q,
+        &k,
+        &v,
+        options,
+    )?;
+    let mut out = out;
+    let out_strides = out.strides();
+    let out_ptr = SharedMut(out.data_mut().as_mut_ptr());
+    let mut lse = lse;
+    let lse_dst = lse
+        .as_mut()
+        .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides()));
+    let scale = resolve_scale(options, plan.d);
+
+    let tasks = plan.b * plan.g * plan.row_tiles;
+    if plan.splits == 1 {
+        let run = |scratch: &mut Scratch, task: usize| {
+            let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
+            let (b, g) = (bg / plan.g, bg % plan.g);
+            let rows = attend_tile(scratch, &plan, &q, &k, &v, options, scale, [b, g, tile], 0..plan.t);
+            for i in 0..rows {
+                let (s, h) = row_position(&plan, g, tile * BLOCK_ROWS + i);
+                let l = scratch.l[i];
+                let acc_row = &scratch.acc[i * plan.dv..(i + 1) * plan.dv];
+                // SAFETY: `(b, h, s)` is in bounds and belongs to this task alone.
+                unsafe {
+                    write_row(
+                        out_ptr,
+                        out_strides,
+                        [b, h, s],
+                        plan.dv,
+                        acc_row,
+                        l,
+                        scratch.m[i],
+                        lse_dst,
+                    )
+                };
+            }
+        };
+        run_tasks(tasks, par, &plan, run);
+    } else {
+        // Split-KV: every split writes its unnormalised accumulator, max and sum for its rows;
+        // a second loop merges the splits of each row in split order.
+        let rows = plan.rows_per_group.min(BLOCK_ROWS);
+        let n = tasks * plan.splits;
+        let mut part_acc = vec![0.0f32; n * rows * plan.dv];
+        let mut part_ml = vec![(f32::NEG_INFINITY, 0.0f32); n * rows];
+        let part_chunks: Vec<(&mut [f32], &mut [(f32, f32)])> = part_acc
+            .chunks_mut(rows * plan.dv)
+            .zip(part_ml.chunks_mut(rows))
+            .collect();
+        let body = |scratch: &mut Scratch, (index, (acc_dst, ml_dst)): (usize, (&mut [f32], &mut [(f32, f32)]))| {
+            let (task, split) = (index / plan.splits, index % plan.splits);
+            let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
+            let (b, g) = (bg / plan.g, bg % plan.g);
+            let t_lo = split * plan.keys_per_split;
+            let t_hi = (t_lo + plan.keys_per_split).min(plan.t);
+            let n_rows = attend_tile(scratch, &plan, &q, &k, &v, options, scale, [b, g, tile], t_lo..t_hi);
+            acc_dst[..n_rows * plan.dv].copy_from_slice(&scratch.acc[..n_rows * plan.dv]);
+            for i in 0..n_rows {
+                ml_dst[i] = (scratch.m[i], scratch.l[i]);
+            }
+        };
+        match par {
+            Par::Seq => {
+                let mut scratch = Scratch::new(&plan);
+                part_chunks
+                    .into_iter()
+                    .enumerate()
+                    .for_each(|item| body(&mut scratch, item));
+            }
+            Par::Rayon => part_chunks
+                .into_par_iter()
+                .enumerate()
+                .for_each_init(|| Scratch::new(&plan), body),
+        }
+        let merge = |_: &mut Scratch, task: usize| {
+            let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
+            let (b, g) = (bg / plan.g, bg % plan.g);
+            let n_rows = (plan.rows_per_group - tile * BLOCK_ROWS).min(BLOCK_ROWS);
+            let mut acc = vec![0.0f32; plan.dv];
+            for i in 0..n_rows {
+                let slot = |split: usize| (task * plan.splits + split) * rows + i;
+                let m_max = (0..plan.splits)
+                    .map(|sp| part_ml[slot(sp)].0)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                acc.fill(0.0);
+                let mut l_total = 0.0f32;
+                if m_max != f32::NEG_INFINITY {
+                    for sp in 0..plan.splits {
+                        let (m, l) = part_ml[slot(sp)];
+                        if l == 0.0 && m == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let w = crate::simd::exp_scalar(m - m_max);
+                        l_total += l * w;
+                        let src = &part_acc[slot(sp) * plan.dv..(slot(sp) + 1) * plan.dv];
+                        acc.iter_mut().zip(src).for_each(|(a, &x)| *a += x * w);
+                    }
+                }
+                let (s, h) = row_position(&plan, g, tile * BLOCK_ROWS + i);
+                // SAFETY: `(b, h, s)` is in bounds and belongs to this task alone.
+                unsafe { write_row(out_ptr, out_strides, [b, h, s], plan.dv, &acc, l_total, m_max, lse_dst) };
+            }
+        };
+        run_tasks(tasks, par, &plan, merge);
+    }
+    Ok(())
+}
+
+/// Runs `body(scratch, task)` for every task, sequentially or on the rayon pool.
+fn run_tasks(tasks: usize, par: Par, plan: &Plan, body: impl Fn(&mut Scratch, usize) + Sync + Send) {
+    match par {
+        Par::Seq => {
+            let mut scratch = Scratch::new(plan);
+            (0..tasks).for_each(|task| body(&mut scratch, task));
+        }
+        Par::Rayon => (0..tasks).into_par_iter().for_each_init(|| Scratch::new(plan), body),
+    }
+}
+
+/// The `(s, h)` of stacked row `r` of group `g`.
+#[inline]
+fn row_position(plan: &Plan, g: usize, r: usize) -> (usize, usize) {
+    (r / plan.rep, g * plan.rep + r % plan.rep)
+}
+
+/// Writes `out[b, h, s, :] = acc / l` and `lse[b, h, s] = m + ln(l)`; zeros and `-inf` if `l = 0`.
+///
+/// # Safety
+/// `(b, h, s)` must be in bounds of both destinations, and no other thread may write that row.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn write_row(
+    out: SharedMut,
+    strides: [usize; 4],
+    [b, h, s]: [usize; 3],
+    dv: usize,
+    acc: &[f32],
+    l: f32,
+    m: f32,
+    lse: Option<(SharedMut, [usize; 3])>,
+) {
+    let base = b * strides[0] + h * strides[1] + s * strides[2];
+    let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
+    for (j, &a) in acc.iter().enumerate().take(dv) {
+        // SAFETY: in bounds by the caller's contract; the row is this task's alone.
+        unsafe { *out.0.add(base + j * strides[3]) = if l == 0.0 { 0.0 } else { a * inv } };
+    }
+    if let Some((ptr, st)) = lse {
+        let value = if l == 0.0 { f32::NEG_INFINITY } else { m + l.ln() };
+        // SAFETY: as above.
+        unsafe { *ptr.0.add(b * st[0] + h * st[1] + s * st[2]) = value };
+    }
+}
+
+/// Runs the online softmax of one row tile over keys `keys`, leaving the unnormalised
+/// accumulator in `scratch.acc`, the running max in `scratch.m` and the running sum in
+/// `scratch.l`. Returns the number of rows in the tile.
+#[allow(clippy::too_many_arguments)]
+fn attend_tile(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    q: &View4<'_, f32>,
+    k: &View4<'_, f32>,
+    v: &View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    scale: f32,
+    [b, g, tile]: [usize; 3],
+    keys: std::ops::Range<usize>,
+) -> usize {
+    let (d, dv) = (plan.d, plan.dv);
+    let r0 = tile * BLOCK_ROWS;
+    let n_rows = (plan.rows_per_group - r0).min(BLOCK_ROWS);
+    let key_length = options.key_lengths.map_or(plan.t, |lengths| lengths[b]);
+
+    // Pack the tile's query rows, pre-multiplied by the scale, and set each row's key limit.
+    let mut limits = [0usize; BLOCK_ROWS];
+    let mut positions = [(0usize, 0usize); BLOCK_ROWS];
+    let q_data = q.data();
+    for i in 0..n_rows {
+        let (s, h) = row_position(plan, g, r0 + i);
+        positions[i] = (s, h);
+        limits[i] = options.causal.key_limit(s, plan.s, plan.t).min(key_length);
+        let dst = &mut scratch.q_tile[i * d..(i + 1) * d];
+        let base = q.offset([b, h, s, 0]);
+        if q.strides()[3] == 1 {
+            scale_into(dst, &q_data[base..base + d], scale);
+        } else {
+            let st = q.strides()[3];
+            dst.iter_mut()
+                .enumerate()
+                .for_each(|(j, x)| *x = q_data[base + j * st] * scale);
+        }
+    }
+    scratch.m[..n_rows].fill(f32::NEG_INFINITY);
+    scratch.l[..n_rows].fill(0.0);
+    scratch.acc[..n_rows * dv].fill(0.0);
+
+    // Keys that no row of the tile may see are never visited.
+    let max_limit = limits[..n_rows].iter().copied().max().unwrap_or(0);
+    let t_end = keys.end.min(max_limit);
+    let mut t0 = keys.start;
+    let k_st = k.strides();
+    let v_st = v.strides();
+    while t0 < t_end {
+        let bc = (t_end - t0).min(BLOCK_KEYS);
+        // Pass 1: scores = q_tile · k_blockᵀ.
+        // SAFETY: `scores` holds BLOCK_ROWS×BLOCK_KEYS elements and `q_tile` BLOCK_ROWS×D; the
+        // key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
+        unsafe {
+            gemm_raw(
+                scratch.scores.as_mut_ptr(),
+                [bc, 1],
+                [n_rows, bc, d],
+                Accum::Replace,
+                scratch.q_tile.as_ptr(),
+                [d, 1],
+                k.data().as_ptr().add(b * k_st[0] + g * k_st[1] + t0 * k_st[2]),
+                [k_st[3], k_st[2]],
+                1.0,
+                Par::Seq,
+            )
+        };
+        for i in 0..n_rows {
+            let row = &mut scratch.scores[i * bc..(i + 1) * bc];
+            let (s, h) = positions[i];
+            // Pass 2: mask, max, exp and sum.
+            mask_row(row, &options.mask, [b, h, s], t0, limits[i]);
+            let m_old = scratch.m[i];
+            let m_new = m_old.max(row_max(row));
+            if m_new == f32::NEG_INFINITY {
+                // Nothing visible yet in this row: contribute nothing.
+                row.fill(0.0);
+                continue;
+            }
+            let sum = exp_sub_sum(row, m_new);
+            let alpha = crate::simd::exp_scalar(m_old - m_new);
+            scratch.l[i] = scratch.l[i] * alpha + sum;
+            scratch.m[i] = m_new;
+            // Pass 3: rescale the accumulator row (skipped while the max holds).
+            if alpha != 1.0 {
+                scale_row(&mut scratch.acc[i * dv..(i + 1) * dv], alpha);
+            }
+        }
+        // Pass 4: acc += p · v_block.
+        // SAFETY: `acc` holds BLOCK_ROWS×Dv elements; the value block was bounds-checked with `v`.
+        unsafe {
+            gemm_raw(
+                scratch.acc.as_mut_ptr(),
+                [dv, 1],
+                [n_rows, dv, bc],
+                Accum::Add,
+                scratch.scores.as_ptr(),
+                [bc, 1],
+                v.data().as_ptr().add(b * v_st[0] + g * v_st[1] + t0 * v_st[2]),
+                [v_st[2], v_st[3]],
+                1.0,
+                Par::Seq,
+            )
+        };
+        t0 += bc;
+    }
+    n_rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, random_vec};
+    use crate::{attention_reference, attention_unfused, broadcast_to, Causal, Mask};
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone, Copy)]
+    enum MaskKind {
+        None,
+        /// Boolean, with the given shape selector.
+        Allowed(MaskShape),
+        /// Additive, with some `-inf` entries.
+        Additive(MaskShape),
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum MaskShape {
+        Full,
+        TwoD,
+        Padding,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    struct Case {
+        b: usize,
+        h: usize,
+        g: usize,
+        s: usize,
+        t: usize,
+        d: usize,
+        dv: usize,
+        /// Store q, k, v and out as `[B, S, H, D]` and pass permuted views.
+        bshd: bool,
+        causal: Causal,
+        mask: MaskKind,
+        lengths: bool,
+        scale: Option<f32>,
+        /// Multiplies q, for large logits.
+        magnitude: f32,
+    }
+
+    impl Case {
+        fn new(b: usize, h: usize, g: usize, s: usize, t: usize, d: usize, dv: usize) -> Self {
+            Case {
+                b,
+                h,
+                g,
+                s,
+                t,
+                d,
+                dv,
+                bshd: false,
+                causal: Causal::None,
+                mask: MaskKind::None,
+                lengths: false,
+                scale: None,
+                magnitude: 1.0,
+            }
+        }
+    }
+
+    /// A `[B, X, L, W]` tensor, stored either as such or as `[B, L, X, W]`, seen as the former.
+    fn view4(data: &[f32], [b, x, l, w]: [usize; 4], bshd: bool) -> View4<'_, f32> {
+        if bshd {
+            View4::contiguous(data, [b, l, x, w])
+                .unwrap()
+                .permuted([0, 2, 1, 3])
+                .unwrap()
+        } else {
+            View4::contiguous(data, [b, x, l, w]).unwrap()
+        }
+    }
+
+    fn view4_mut(data: &mut [f32], [b, x, l, w]: [usize; 4], bshd: bool) -> ViewMut4<'_, f32> {
+        if bshd {
+            ViewMut4::contiguous(data, [b, l, x, w])
+                .unwrap()
+                .permuted([0, 2, 1, 3])
+                .unwrap()
+        } else {
+            ViewMut4::contiguous(data, [b, x, l, w]).unwrap()
+        }
+    }
+
+    type Output = (Vec<f32>, Vec<f32>);
+
+    /// Runs `case` through the reference, the flash kernel (sequential, 1 and 2 threads) and the
+    /// unfused path; asserts agreement within `tol` and bit-identity across thread counts.
+    fn check(case: Case, tol: f64) {
+        let Case {
+            b,
+            h,
+            g,
+            s,
+            t,
+            d,
+            dv,
+            bshd,
+            ..
+        } = case;
+        let mut q = random_vec(b * h * s * d, 11);
+        q.iter_mut().for_each(|x| *x *= case.magnitude);
+        let k = random_vec(b * g * t * d, 12);
+        let v = random_vec(b * g * t * dv, 13);
+        let target = [b, h, s, t];
+        let mask_shape: Vec<usize> = match case.mask {
+            MaskKind::None => vec![],
+            MaskKind::Allowed(sh) | MaskKind::Additive(sh) => match sh {
+                MaskShape::Full => vec![b, h, s, t],
+                MaskShape::TwoD => vec![s, t],
+                MaskShape::Padding => vec![b, 1, 1, t],
+            },
+        };
+        let n_mask: usize = mask_shape.iter().product();
+        let raw = random_vec(n_mask, 14);
+        let allowed: Vec<bool> = raw.iter().map(|&x| x > -0.5).collect();
+        let additive: Vec<f32> = raw
+            .iter()
+            .map(|&x| if x < -0.8 { f32::NEG_INFINITY } else { x * 3.0 })
+            .collect();
+        let mask = match case.mask {
+            MaskKind::None => Mask::None,
+            MaskKind::Allowed(_) => Mask::Allowed(broadcast_to(&allowed, &mask_shape, target).unwrap()),
+            MaskKind::Additive(_) => Mask::Additive(broadcast_to(&additive, &mask_shape, target).unwrap()),
+        };
+        let lengths: Vec<usize> = (0..b).map(|i| (t * (i + 1) / (b + 1)).min(t)).collect();
+        let options = AttentionOptions {
+            scale: case.scale,
+            mask,
+            causal: case.causal,
+            key_lengths: case.lengths.then_some(&lengths[..]),
+        };
+        let (qv, kv, vv) = (
+            view4(&q, [b, h, s, d], bshd),
+            view4(&k, [b, g, t, d], bshd),
+            view4(&v, [b, g, t, dv], bshd),
+        );
+        let reference = attention_reference(qv, kv, vv, &options);
+        let mut want = vec![0.0f64; b * h * s * dv];
+        // The reference is [B, H, S, Dv]; lay it out as the outputs are stored.
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..s {
+                    for j in 0..dv {
+                        let src = ((bi * h + hi) * s + si) * dv + j;
+                        let dst = if bshd { ((bi * s + si) * h + hi) * dv + j } else { src };
+                        want[dst] = reference.out[src];
+                    }
+                }
+            }
+        }
+
+        let run = |f: &dyn Fn(ViewMut4<'_, f32>, ViewMut<'_, f32, 3>, Par), par: Par| -> Output {
+            let mut out = vec![f32::NAN; b * h * s * dv];
+            let mut lse = vec![f32::NAN; b * h * s];
+            f(
+                view4_mut(&mut out, [b, h, s, dv], bshd),
+                ViewMut::contiguous(&mut lse, [b, h, s]).unwrap(),
+                par,
+            );
+            (out, lse)
+        };
+        let flash = |out: ViewMut4<'_, f32>, lse: ViewMut<'_, f32, 3>, par: Par| {
+            flash_attention(out, Some(lse), qv, kv, vv, &options, par).unwrap()
+        };
+        let unfused = |out: ViewMut4<'_, f32>, lse: ViewMut<'_, f32, 3>, par: Par| {
+            attention_unfused(out, Some(lse), qv, kv, vv, &options, par).unwrap()
+        };
+        let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+        let seq = run(&flash, Par::Seq);
+        let one = pool(1).install(|| run(&flash, Par::Rayon));
+        let two = pool(2).install(|| run(&flash, Par::Rayon));
+        let fused_unfused = pool(2).install(|| run(&unfused, Par::Rayon));
+        let what = format!("{case:?}");
+        assert_close(&seq.0, &want, tol, tol, &format!("flash out {what}"));
+        assert_close(&seq.1, &reference.lse, tol, tol, &format!("flash lse {what}"));
+        assert_close(&fused_unfused.0, &want, tol, tol, &format!("unfused out {what}"));
+        assert_close(
+            &fused_unfused.1,
+            &reference.lse,
+            tol,
+            tol,
+            &format!("unfused lse {what}"),
+        );
+        let bits = |o: &Output| {
+            (
+                o.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                o.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(bits(&seq), bits(&one), "1 thread differs from sequential: {what}");
+        assert_eq!(bits(&seq), bits(&two), "2 threads differ from sequential: {what}");
+        assert!(seq.0.iter().all(|x| !x.is_nan()), "NaN in output: {what}");
+    }
+
+    #[test]
+    fn block_edges() {
+        for &n in &[1, 15, 16, 17, 63, 64, 65, 129] {
+            check(Case::new(1, 2, 2, n, n, 16, 16), 2e-5);
+            check(Case::new(1, 1, 1, n, 130, 7, 5), 2e-5);
+        }
+    }
+
+    #[test]
+    fn odd_head_dims_and_dv() {
+        for &(d, dv) in &[(1, 1), (3, 9), (33, 17), (64, 128), (129, 3)] {
+            check(Case::new(2, 2, 1, 19, 37, d, dv), 2e-5);
+        }
+    }
+
+    #[test]
+    fn causal_alignments() {
+        for causal in [Causal::TopLeft, Causal::BottomRight] {
+            for &(s, t) in &[(1, 1), (1, 300), (70, 70), (70, 200), (200, 70), (129, 129)] {
+                let mut case = Case::new(1, 4, 2, s, t, 16, 16);
+                case.causal = causal;
+                check(case, 2e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn masks_and_padding() {
+        for mask in [
+            MaskKind::Allowed(MaskShape::Full),
+            MaskKind::Allowed(MaskShape::TwoD),
+            MaskKind::Allowed(MaskShape::Padding),
+            MaskKind::Additive(MaskShape::Full),
+            MaskKind::Additive(MaskShape::TwoD),
+            MaskKind::Additive(MaskShape::Padding),
+        ] {
+            let mut case = Case::new(2, 4, 2, 33, 150, 8, 8);
+            case.mask = mask;
+            check(case, 2e-5);
+            case.lengths = true;
+            case.causal = Causal::BottomRight;
+            check(case, 2e-5);
+        }
+    }
+
+    #[test]
+    fn strided_layout_and_custom_scale() {
+        let mut case = Case::new(2, 6, 3, 40, 70, 12, 20);
+        case.bshd = true;
+        case.scale = Some(0.3);
+        case.causal = Causal::TopLeft;
+        check(case, 2e-5);
+    }
+
+    #[test]
+    fn decode_split_kv() {
+        // One query per head, few heads, long keys: the split-KV path.
+        for &(h, g, t) in &[(1, 1, 5000), (8, 2, 4096), (4, 4, 1025)] {
+            let mut case = Case::new(1, h, g, 1, t, 32, 32);
+            assert!(
+                Plan::new([1, h, 1, 32], [g, t, 32]).splits > 1,
+                "expected a split plan for {case:?}"
+            );
+            check(case, 2e-5);
+            case.lengths = true;
+            case.mask = MaskKind::Additive(MaskShape::Padding);
+            check(case, 2e-5);
+        }
+    }
+
+    #[test]
+    fn fully_masked_rows_give_zeros_and_neg_inf_lse() {
+        let (b, h, s, t, d) = (1, 1, 3, 200, 8);
+        let q = random_vec(b * h * s * d, 1);
+        let k = random_vec(b * h * t * d, 2);
+        // Row 1 may attend nothing.
+        let allowed: Vec<bool> = (0..s * t).map(|i| i / t != 1).collect();
+        let options = AttentionOptions {
+            mask: Mask::Allowed(broadcast_to(&allowed, &[s, t], [b, h, s, t]).unwrap()),
+            ..Default::default()
+        };
+        let qv = View4::contiguous(&q, [b, h, s, d]).unwrap();
+        let kv = View4::contiguous(&k, [b, h, t, d]).unwrap();
+        for unfused in [false, true] {
+            let mut out = vec![f32::NAN; b * h * s * d];
+            let mut lse = vec![0.0f32; s];
+            let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+            let l = Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap());
+            if unfused {
+                attention_unfused(o, l, qv, kv, kv, &options, Par::Seq).unwrap();
+            } else {
+                flash_attention(o, l, qv, kv, kv, &options, Par::Seq).unwrap();
+            }
+            assert!(
+                out[d..2 * d].iter().all(|&x| x == 0.0),
+                "unfused={unfused}: {:?}",
+                &out[d..2 * d]
+            );
+            assert_eq!(lse[1], f32::NEG_INFINITY);
+            assert!(lse[0].is_finite() && lse[2].is_finite());
+            assert!(out.iter().all(|x| x.is_finite()));
+        }
+        // No keys at all.
+        let mut out = vec![f32::NAN; b * h * s * d];
+        let empty: [f32; 0] = [];
+        let ke = View4::contiguous(&empty, [b, h, 0, d]).unwrap();
+        flash_attention(
+            ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+            None,
+            qv,
+            ke,
+            ke,
+            &AttentionOptions::default(),
+            Par::Seq,
+        )
+        .unwrap();
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn large_logits_neither_overflow_nor_lose_the_row() {
+        let mut case = Case::new(1, 2, 2, 17, 300, 16, 16);
+        // |q·k|·scale reaches the order of 1e4.
+        case.magnitude = 1e4;
+        check(case, 1e-4);
+        case.causal = Causal::TopLeft;
+        case.mask = MaskKind::Additive(MaskShape::Full);
+        check(case, 1e-4);
+    }
+
+    #[test]
+    fn shape_errors_name_the_tensor() {
+        let x = [0.0f32; 64];
+        let q = View4::contiguous(&x[..48], [1, 3, 4, 4]).unwrap();
+        let k = View4::contiguous(&x[..32], [1, 2, 4, 4]).unwrap();
+        let mut o = [0.0f32; 48];
+        let err = flash_attention(
+            ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
+            None,
+            q,
+            k,
+            k,
+            &Default::default(),
+            Par::Seq,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::HeadsNotDivisible {
+                op: "flash_attention",
+                n_heads: 3,
+                n_kv_heads: 2
+            }
+        );
+        let k = View4::contiguous(&x[..48], [1, 3, 4, 4]).unwrap();
+        let v = View4::contiguous(&x[..36], [1, 3, 3, 4]).unwrap();
+        let err = flash_attention(
+            ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
+            None,
+            q,
+            k,
+            v,
+            &Default::default(),
+            Par::Seq,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::ShapeMismatch {
+                op: "flash_attention",
+                tensor: "v",
+                expected: vec![1, 3, 4, 4],
+                got: vec![1, 3, 3, 4]
+            }
+        );
+        let lengths = [5usize];
+        let options = AttentionOptions {
+            key_lengths: Some(&lengths),
+            ..Default::default()
+        };
+        let err = flash_attention(
+            ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
+            None,
+            q,
+            k,
+            k,
+            &options,
+            Par::Seq,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::KeyLengthTooLarge {
+                op: "flash_attention",
+                batch: 0,
+                length: 5,
+                n_keys: 4
+            }
+        );
+    }
+
+    fn arb_case() -> impl Strategy<Value = Case> {
+        let dims = prop::sample::select(vec![1usize, 2, 15, 16, 17, 63, 64, 65]);
+        (
+            (
+                1usize..3,
+                prop::sample::select(vec![(1usize, 1usize), (2, 1), (2, 2), (4, 1), (6, 3)]),
+            ),
+            (dims.clone(), dims, prop::sample::select(vec![1usize, 3, 8, 17, 64])),
+            (any::<bool>(), 0usize..3, 0usize..7, any::<bool>()),
+        )
+            .prop_map(|((b, (h, g)), (s, t, d), (bshd, causal, mask, lengths))| {
+                let mut case = Case::new(b, h, g, s, t, d, if d % 2 == 0 { d } else { d + 2 });
+                case.bshd = bshd;
+                case.causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][causal];
+                case.mask = match mask {
+                    0 => MaskKind::None,
+                    1 => MaskKind::Allowed(MaskShape::Full),
+                    2 => MaskKind::Allowed(MaskShape::TwoD),
+                    3 => MaskKind::Allowed(MaskShape::Padding),
+                    4 => MaskKind::Additive(MaskShape::Full),
+                    5 => MaskKind::Additive(MaskShape::TwoD),
+                    _ => MaskKind::Additive(MaskShape::Padding),
+                };
+                case.lengths = lengths;
+                case
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+        #[test]
+        fn flash_matches_reference_for_every_shape(case in arb_case()) {
+            check(case, 2e-5);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! GEMM on strided f32 views: a thin, allocation-free wrapper over faer's `matmul`, and its f64
+//! reference.
+//!
+//! faer packs and tiles internally; this module only checks shapes, turns views into faer's
+//! `MatRef`/`MatMut` without copying, and passes the parallelism through.
+
+use crate::{KernelError, View2, ViewMut2};
+
+/// How much parallelism an operation may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Par {
+    /// On the calling thread only.
+    Seq,
+    /// On every thread of the current rayon pool (run inside `ThreadPool::install` to choose it).
+    Rayon,
+}
+
+impl Par {
+    pub(crate) fn to_faer(self) -> faer::Par {
+        match self {
+            Par::Seq => faer::Par::Seq,
+            Par::Rayon => faer::Par::rayon(0),
+        }
+    }
+}
+
+/// Whether a GEMM overwrites its destination or adds to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accum {
+    /// `dst = alpha · lhs · rhs`.
+    Replace,
+    /// `dst += alpha · lhs · rhs`.
+    Add,
+}
+
+/// `dst = alpha · lhs · rhs` (or `+=`, by `accum`): `lhs: [M, K]`, `rhs: [K, N]` -> `dst: [M, N]`.
+///
+/// Any strides work, including transposed views; no allocation happens here.
+///
+/// ```
+/// use attn_kernels::{gemm, Accum, Par, View2, ViewMut2};
+/// let a = [1.0, 2.0, 3.0, 4.0f32]; // [[1, 2], [3, 4]]
+/// let b = [1.0, 0.0, 0.0, 1.0f32];
+/// let mut c = [0.0f32; 4];
+/// gemm(
+///     ViewMut2::contiguous(&mut c, [2, 2]).unwrap(),
+///     Accum::Replace,
+///     View2::contiguous(&a, [2, 2]).unwrap(),
+///     View2::contiguous(&b, [2, 2]).unwrap(),
+///     2.0,
+///     Par::Seq,
+/// )
+/// .unwrap();
+/// assert_eq!(c, [2.0, 4.0, 6.0, 8.0]);
+/// ```
+pub fn gemm(
+    dst: ViewMut2<'_, f32>,
+    accum: Accum,
+    lhs: View2<'_, f32>,
+    rhs: View2<'_, f32>,
+    alpha: f32,
+    par: Par,
+) -> Result<(), KernelError> {
+    let [m, n] = dst.shape();
+    let [lm, k] = lhs.shape();
+    if lm != m {
+        return Err(KernelError::ShapeMismatch {
+            op: "gemm",
+            tensor: "lhs",
+            expected: vec![m, k],
+            got: vec![lm, k],
+        });
+    }
+    if rhs.shape() != [k, n] {
+        return Err(KernelError::ShapeMismatch {
+            op: "gemm",
+            tensor: "rhs",
+            expected: vec![k, n],
+            got: rhs.shape().to_vec(),
+        });
+    }
+    let mut dst = dst;
+    let [dst_rs, dst_cs] = dst.strides();
+    let dst_ptr = dst.data_mut().as_mut_ptr();
+    // SAFETY: the views were bounds-checked on construction and `dst` does not overlap itself;
+    // `dst` is borrowed mutably, so it cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm_raw(
+            dst_ptr,
+            [dst_rs, dst_cs],
+            [m, n, k],
+            accum,
+            lhs.data().as_ptr(),
+            lhs.strides(),
+            rhs.data().as_ptr(),
+            rhs.strides(),
+            alpha,
+            par,
+        )
+    };
+    Ok(())
+}
+
+/// The unchecked core of [`gemm`], for kernels that have validated their operands already.
+///
+/// # Safety
+/// `dst` must be valid for writes of an `[m, n]` view with `dst_strides` that does not overlap
+/// itself nor the operands; `lhs` (`[m, k]`) and `rhs` (`[k, n]`) must be valid for reads with
+/// their strides.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_strides: [usize; 2],
+    [m, n, k]: [usize; 3],
+    accum: Accum,
+    lhs: *const f32,
+    lhs_strides: [usize; 2],
+    rhs: *const f32,
+    rhs_strides: [usize; 2],
+    alpha: f32,
+    par: Par,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the caller guarantees the three views are in bounds and that `dst` is exclusive.
+    let (dst, lhs, rhs) = unsafe {
+        (
+            faer::MatMut::<f32>::from_raw_parts_mut(dst, m, n, dst_strides[0] as isize, dst_strides[1] as isize),
+            faer::MatRef::<f32>::from_raw_parts(lhs, m, k, lhs_strides[0] as isize, lhs_strides[1] as isize),
+            faer::MatRef::<f32>::from_raw_parts(rhs, k, n, rhs_strides[0] as isize, rhs_strides[1] as isize),
+        )
+    };
+    let beta = match accum {
+        Accum::Replace => faer::Accum::Replace,
+        Accum::Add => faer::Accum::Add,
+    };
+    faer::linalg::matmul::matmul(dst, beta, lhs, rhs, alpha, par.to_faer());
+}
+
+/// f64 reference of [`gemm`]: `dst = alpha · lhs · rhs (+ dst)`, accumulated in f64 in the
+/// obvious order. `lhs: [M, K]`, `rhs: [K, N]`, `dst: [M, N]` row-major.
+pub fn gemm_reference(dst: &mut [f64], accum: Accum, lhs: View2<'_, f32>, rhs: View2<'_, f32>, alpha: f64) {
+    let [m, k] = lhs.shape();
+    let n = rhs.shape()[1];
+    assert_eq!(dst.len(), m * n, "gemm_reference: dst must be [M, N]");
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f64;
+            for p in 0..k {
+                acc += lhs.get([i, p]) as f64 * rhs.get([p, j]) as f64;
+            }
+            let prev = if accum == Accum::Add { dst[i * n + j] } else { 0.0 };
+            dst[i * n + j] = prev + alpha * acc;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, random_vec};
+
+    fn check(m: usize, n: usize, k: usize, transposed: bool, accum: Accum, par: Par) {
+        let a = random_vec(m * k, 1);
+        let b = random_vec(k * n, 2);
+        let lhs = if transposed {
+            View2::contiguous(&a[..], [k, m]).unwrap().permuted([1, 0]).unwrap()
+        } else {
+            View2::contiguous(&a[..], [m, k]).unwrap()
+        };
+        let rhs = View2::contiguous(&b[..], [k, n]).unwrap();
+        let init = random_vec(m * n, 3);
+        let mut c = init.clone();
+        // A column-major destination, to exercise destination strides too.
+        let dst = ViewMut2::new(&mut c[..], [m, n], [1, m.max(1)]).unwrap();
+        gemm(dst, accum, lhs, rhs, 0.5, par).unwrap();
+        let mut want: Vec<f64> = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = init[j * m + i] as f64;
+            }
+        }
+        gemm_reference(&mut want, accum, lhs, rhs, 0.5);
+        let got: Vec<f32> = (0..m * n).map(|idx| c[(idx % n) * m + idx / n]).collect();
+        assert_close(&got, &want, 1e-5, 1e-5, &format!("gemm {m}x{n}x{k} t={transposed}"));
+    }
+
+    #[test]
+    fn gemm_matches_reference() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (15, 16, 17),
+            (64, 65, 63),
+            (3, 130, 9),
+            (100, 1, 70),
+            (0, 4, 3),
+            (4, 4, 0),
+        ] {
+            for transposed in [false, true] {
+                check(m, n, k, transposed, Accum::Replace, Par::Seq);
+                check(m, n, k, transposed, Accum::Add, Par::Rayon);
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_shape_errors() {
+        let a = [0.0f32; 6];
+        let mut c = [0.0f32; 4];
+        let err = gemm(
+            ViewMut2::contiguous(&mut c[..], [2, 2]).unwrap(),
+            Accum::Replace,
+            View2::contiguous(&a[..], [3, 2]).unwrap(),
+            View2::contiguous(&a[..], [2, 3]).unwrap(),
+            1.0,
+            Par::Seq,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::ShapeMismatch {
+                op: "gemm",
+                tensor: "lhs",
+                expected: vec![2, 2],
+                got: vec![3, 2]
+            }
+        );
+    }
+}

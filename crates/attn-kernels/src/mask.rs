@@ -1,0 +1,242 @@
+//! What a query row may attend to: a boolean or additive mask broadcast to `[B, H, S, T]`,
+//! causal alignment, and key padding by per-batch lengths; and the per-row code that applies them.
+//!
+//! Conventions follow PyTorch's `scaled_dot_product_attention`: a boolean `true` means "may
+//! attend"; an additive mask is added to the *scaled* scores. `Causal::TopLeft` is
+//! `is_causal=True` (query `s` sees keys `t <= s`); `Causal::BottomRight` aligns the last query
+//! with the last key (query `s` sees keys `t <= s + T - S`), as when decoding with a KV cache.
+//! What this leaves out: which boolean convention a *module* uses; that is attn-core's business.
+
+use crate::{KernelError, View4};
+
+/// Causal masking and its alignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Causal {
+    /// No causal mask.
+    #[default]
+    None,
+    /// Query `s` attends keys `t <= s` (PyTorch `is_causal=True`).
+    TopLeft,
+    /// Query `s` attends keys `t <= s + T - S`: the last query sees every key.
+    BottomRight,
+}
+
+impl Causal {
+    /// The exclusive upper bound on keys for query `s`, clamped to `[0, T]`.
+    #[inline]
+    pub fn key_limit(self, s: usize, n_queries: usize, n_keys: usize) -> usize {
+        let limit = match self {
+            Causal::None => return n_keys,
+            Causal::TopLeft => s as i128 + 1,
+            Causal::BottomRight => s as i128 + 1 + n_keys as i128 - n_queries as i128,
+        };
+        limit.clamp(0, n_keys as i128) as usize
+    }
+}
+
+/// An explicit mask over the scores, as a view broadcast to `[B, H, S, T]` (stride 0 on
+/// broadcast dimensions).
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Mask<'a> {
+    /// No explicit mask.
+    #[default]
+    None,
+    /// `true` = may attend (SDPA's convention); `false` scores become `-inf`.
+    Allowed(View4<'a, bool>),
+    /// Added to the scaled scores; `-inf` masks a key out.
+    Additive(View4<'a, f32>),
+}
+
+/// Everything beyond `q`, `k` and `v` that decides an attention call's scores.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttentionOptions<'a> {
+    /// Multiplies `q·k`; `None` is `1/sqrt(D)`.
+    pub scale: Option<f32>,
+    /// Explicit mask broadcast to `[B, H, S, T]`.
+    pub mask: Mask<'a>,
+    /// Causal masking and alignment.
+    pub causal: Causal,
+    /// Key padding: batch `b` attends only keys `t < key_lengths[b]`; length `B`.
+    pub key_lengths: Option<&'a [usize]>,
+}
+
+/// A view of `data`, stored densely with `shape` (rank 0 to 4), broadcast to `target` by
+/// PyTorch's rules: shapes are right-aligned, missing leading dims and dims of size 1 broadcast.
+///
+/// ```
+/// use attn_kernels::broadcast_to;
+/// let mask = [true, false, true, true]; // a [S, T] = [2, 2] mask
+/// let view = broadcast_to(&mask, &[2, 2], [3, 4, 2, 2]).unwrap();
+/// assert_eq!(view.get([2, 3, 0, 1]), false);
+/// ```
+pub fn broadcast_to<'a, T>(data: &'a [T], shape: &[usize], target: [usize; 4]) -> Result<View4<'a, T>, KernelError> {
+    let bad = || KernelError::MaskNotBroadcastable {
+        op: "broadcast_to",
+        got: shape.to_vec(),
+        target: target.to_vec(),
+    };
+    if shape.len() > 4 {
+        return Err(bad());
+    }
+    let mut full = [1usize; 4];
+    full[4 - shape.len()..].copy_from_slice(shape);
+    let count = full
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(bad)?;
+    if count != data.len() {
+        return Err(KernelError::ShapeMismatch {
+            op: "broadcast_to",
+            tensor: "mask",
+            expected: shape.to_vec(),
+            got: vec![data.len()],
+        });
+    }
+    let dense = crate::view::contiguous_strides(full);
+    let mut strides = [0usize; 4];
+    for dim in 0..4 {
+        if full[dim] == target[dim] {
+            strides[dim] = if full[dim] == 1 { 0 } else { dense[dim] };
+        } else if full[dim] == 1 {
+            strides[dim] = 0;
+        } else {
+            return Err(bad());
+        }
+    }
+    View4::new(data, target, strides)
+}
+
+/// Checks an [`AttentionOptions`]' mask and key lengths against scores of shape `[B, H, S, T]`.
+pub(crate) fn validate_options(
+    op: &'static str,
+    options: &AttentionOptions<'_>,
+    target: [usize; 4],
+) -> Result<(), KernelError> {
+    let mask_shape = match options.mask {
+        Mask::None => None,
+        Mask::Allowed(m) => Some(m.shape()),
+        Mask::Additive(m) => Some(m.shape()),
+    };
+    if let Some(shape) = mask_shape {
+        if shape != target {
+            return Err(KernelError::MaskNotBroadcastable {
+                op,
+                got: shape.to_vec(),
+                target: target.to_vec(),
+            });
+        }
+    }
+    if let Some(lengths) = options.key_lengths {
+        if lengths.len() != target[0] {
+            return Err(KernelError::ShapeMismatch {
+                op,
+                tensor: "key_lengths",
+                expected: vec![target[0]],
+                got: vec![lengths.len()],
+            });
+        }
+        if let Some((batch, &length)) = lengths.iter().enumerate().find(|(_, &l)| l > target[3]) {
+            return Err(KernelError::KeyLengthTooLarge {
+                op,
+                batch,
+                length,
+                n_keys: target[3],
+            });
+        }
+    }
+    if let Some(scale) = options.scale {
+        if !scale.is_finite() {
+            return Err(KernelError::InvalidArgument {
+                op,
+                what: "scale",
+                got: scale.to_string(),
+                expected: "a finite number",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The scale an [`AttentionOptions`] asks for with head dim `d`.
+#[inline]
+pub(crate) fn resolve_scale(options: &AttentionOptions<'_>, d: usize) -> f32 {
+    options
+        .scale
+        .unwrap_or_else(|| if d == 0 { 1.0 } else { 1.0 / (d as f32).sqrt() })
+}
+
+/// Applies the masks of one score row: `row[j]` holds the scaled score of key `t0 + j` for
+/// `(b, h, s)`. Keys at or past `limit` (causal and padding folded together) become `-inf`.
+#[inline]
+pub(crate) fn mask_row(row: &mut [f32], mask: &Mask<'_>, [b, h, s]: [usize; 3], t0: usize, limit: usize) {
+    let bc = row.len();
+    match mask {
+        Mask::None => {}
+        Mask::Additive(m) => {
+            let base = m.offset([b, h, s, 0]) + t0 * m.strides()[3];
+            let data = m.data();
+            match m.strides()[3] {
+                0 => {
+                    let add = data[base];
+                    row.iter_mut().for_each(|x| *x += add);
+                }
+                1 => row.iter_mut().zip(&data[base..base + bc]).for_each(|(x, &a)| *x += a),
+                st => row.iter_mut().enumerate().for_each(|(j, x)| *x += data[base + j * st]),
+            }
+        }
+        Mask::Allowed(m) => {
+            let base = m.offset([b, h, s, 0]) + t0 * m.strides()[3];
+            let data = m.data();
+            match m.strides()[3] {
+                1 => row.iter_mut().zip(&data[base..base + bc]).for_each(|(x, &ok)| {
+                    if !ok {
+                        *x = f32::NEG_INFINITY
+                    }
+                }),
+                st => row.iter_mut().enumerate().for_each(|(j, x)| {
+                    if !data[base + j * st] {
+                        *x = f32::NEG_INFINITY
+                    }
+                }),
+            }
+        }
+    }
+    if t0 + bc > limit {
+        let from = limit.saturating_sub(t0).min(bc);
+        row[from..].fill(f32::NEG_INFINITY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_limits() {
+        assert_eq!(Causal::TopLeft.key_limit(0, 3, 5), 1);
+        assert_eq!(Causal::BottomRight.key_limit(0, 3, 5), 3);
+        assert_eq!(Causal::BottomRight.key_limit(2, 3, 5), 5);
+        // More queries than keys: the first queries see nothing when aligned bottom-right.
+        assert_eq!(Causal::BottomRight.key_limit(0, 5, 3), 0);
+        assert_eq!(Causal::BottomRight.key_limit(3, 5, 3), 2);
+        assert_eq!(Causal::TopLeft.key_limit(9, 10, 3), 3);
+        assert_eq!(Causal::None.key_limit(0, 10, 3), 3);
+    }
+
+    #[test]
+    fn broadcast_rules() {
+        let d = [0.0f32; 6];
+        let v = broadcast_to(&d, &[2, 1, 3], [4, 2, 5, 3]).unwrap();
+        assert_eq!(v.strides(), [0, 3, 0, 1]);
+        assert!(matches!(
+            broadcast_to(&d, &[3, 2], [1, 1, 3, 3]),
+            Err(KernelError::MaskNotBroadcastable { .. })
+        ));
+        assert!(matches!(
+            broadcast_to(&d, &[5], [1, 1, 3, 5]),
+            Err(KernelError::ShapeMismatch { .. })
+        ));
+        assert!(broadcast_to(&d[..1], &[], [2, 2, 2, 2]).is_ok());
+        assert!(broadcast_to(&d, &[1, 1, 1, 2, 3], [1, 1, 2, 3]).is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! Naive f64 references of the attention kernels: the definition, written as plainly as possible.
+//!
+//! These are what the fast paths are tested against; they allocate freely and run in
+//! `O(B·H·S·T·(D + Dv))` with no tiling. Passes are numbered as in the flash kernel.
+
+use crate::mask::{resolve_scale, Mask};
+use crate::{AttentionOptions, View4};
+
+/// The reference result of an attention call.
+#[derive(Debug, Clone)]
+pub struct ReferenceAttention {
+    /// `[B, H, S, Dv]` row-major.
+    pub out: Vec<f64>,
+    /// `[B, H, S]`: log-sum-exp of each row, `-inf` when nothing is visible.
+    pub lse: Vec<f64>,
+    /// `[B, H, S, T]`: the softmax weights.
+    pub weights: Vec<f64>,
+}
+
+/// `q: [B, H, S, D]`, `k: [B, G, T, D]`, `v: [B, G, T, Dv]` -> out `[B, H, S, Dv]`, lse
+/// `[B, H, S]` and weights `[B, H, S, T]`, all in f64. Shapes must already be valid.
+pub fn attention_reference(
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+) -> ReferenceAttention {
+    let [b_n, h_n, s_n, d] = q.shape();
+    let [_, g_n, t_n, _] = k.shape();
+    let dv = v.shape()[3];
+    let rep = h_n / g_n;
+    let scale = resolve_scale(options, d) as f64;
+    let mut out = vec![0.0; b_n * h_n * s_n * dv];
+    let mut lse = vec![f64::NEG_INFINITY; b_n * h_n * s_n];
+    let mut weights = vec![0.0; b_n * h_n * s_n * t_n];
+    let mut scores = vec![0.0f64; t_n];
+    for b in 0..b_n {
+        for h in 0..h_n {
+            let g = h / rep;
+            for s in 0..s_n {
+                let limit = options
+                    .causal
+                    .key_limit(s, s_n, t_n)
+                    .min(options.key_lengths.map_or(t_n, |l| l[b]));
+                // Pass 1: scaled scores, masked.
+                for (t, score) in scores.iter_mut().enumerate() {
+                    let mut dot = 0.0f64;
+                    for j in 0..d {
+                        dot += q.get([b, h, s, j]) as f64 * k.get([b, g, t, j]) as f64;
+                    }
+                    let mut x = dot * scale;
+                    match options.mask {
+                        Mask::None => {}
+                        Mask::Additive(m) => x += m.get([b, h, s, t]) as f64,
+                        Mask::Allowed(m) => {
+                            if !m.get([b, h, s, t]) {
+                                x = f64::NEG_INFINITY
+                            }
+                        }
+                    }
+                    if t >= limit {
+                        x = f64::NEG_INFINITY;
+                    }
+                    *score = x;
+                }
+                // Pass 2: max, exp and sum.
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let row = (b * h_n + h) * s_n + s;
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let sum: f64 = scores.iter().map(|&x| (x - m).exp()).sum();
+                lse[row] = m + sum.ln();
+                // Pass 4: weighted V.
+                for t in 0..t_n {
+                    let p = (scores[t] - m).exp() / sum;
+                    weights[row * t_n + t] = p;
+                    for j in 0..dv {
+                        out[row * dv + j] += p * v.get([b, g, t, j]) as f64;
+                    }
+                }
+            }
+        }
+    }
+    ReferenceAttention { out, lse, weights }
+}
