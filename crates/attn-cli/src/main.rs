@@ -1,1 +1,230 @@
-fn main() {}
+//! The `attn` command: attention kernels and layers from the command line, with PyTorch's
+//! semantics and safetensors files. See `attn --help` and ../shared/CONTRACT.md.
+//!
+//! Exit codes: 0 success, 1 runtime error (bad file, bad tensor), 2 usage error (bad flags).
+//! Only this crate does file and terminal IO and uses anyhow.
+
+mod bench;
+mod demo;
+mod heatmap;
+mod sdpa;
+mod tensors;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "attn", version, about = "Attention on the CPU, with PyTorch's numbers", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// scaled_dot_product_attention on tensors from a safetensors file (PyTorch semantics).
+    #[command(
+        after_help = "Examples:\n  attn sdpa --input qkv.safetensors --output out.safetensors\n  attn sdpa --input qkv.safetensors --output out.safetensors --causal bottom-right --threads 2\n\nIN holds q [B,H,S,D], k [B,G,T,D], v [B,G,T,Dv] (F32) and an optional mask broadcastable to\n[B,H,S,T]: BOOL (true = may attend) or F32 (added to the scaled scores).\nOUT holds out [B,H,S,Dv] and lse [B,H,S]."
+    )]
+    Sdpa {
+        /// Input safetensors file with q, k, v and optionally mask.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors file for out and lse.
+        #[arg(long)]
+        output: PathBuf,
+        /// Causal masking: top-left (PyTorch is_causal=True) or bottom-right (last query sees every key).
+        #[arg(long, value_parser = ["top-left", "bottom-right"])]
+        causal: Option<String>,
+        /// Scale of q·k (default 1/sqrt(D)).
+        #[arg(long, allow_negative_numbers = true)]
+        scale: Option<f32>,
+        /// Worker threads (default: all cores).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+    },
+    /// Measurements: medians of repeated runs.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Shows attention at work on a sentence, offline, in a few seconds.
+    Demo {
+        /// The sentence to look at.
+        #[arg(long, default_value = "the cat sat on the mat because the cat was tired")]
+        text: String,
+        /// Plain characters instead of colour, whatever the terminal.
+        #[arg(long)]
+        plain: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Times attention on random inputs: flops 4·B·H·S·T·D (halved when causal with S = T).
+    #[command(
+        after_help = "Examples:\n  attn bench sdpa --batch 1 --heads 8 --seq 2048 --head-dim 64 --causal\n  attn bench sdpa --batch 1 --heads 32 --kv-heads 8 --seq 1 --kv-seq 4096 --head-dim 128 --json"
+    )]
+    Sdpa {
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        heads: usize,
+        /// Key/value heads (default: --heads); must divide --heads.
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long)]
+        seq: usize,
+        /// Key length (default: --seq).
+        #[arg(long)]
+        kv_seq: Option<usize>,
+        #[arg(long)]
+        head_dim: usize,
+        /// Top-left causal masking.
+        #[arg(long)]
+        causal: bool,
+        /// Which implementation to time.
+        #[arg(long, value_enum, default_value_t = bench::Path::Flash)]
+        path: bench::Path,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        /// Minimum number of timed runs.
+        #[arg(long, default_value_t = 5)]
+        min_runs: usize,
+        /// Keep running until this many seconds have passed.
+        #[arg(long, default_value_t = 1.0)]
+        min_seconds: f64,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Times faer's f32 GEMM [M,K]·[K,N]: flops 2·M·N·K.
+    #[command(after_help = "Example:\n  attn bench gemm --m 1024 --n 1024 --k 1024 --json")]
+    Gemm {
+        #[arg(long)]
+        m: usize,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        k: usize,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        #[arg(long, default_value_t = 5)]
+        min_runs: usize,
+        #[arg(long, default_value_t = 1.0)]
+        min_seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `f` on a rayon pool of `threads` workers (all cores when `None`); returns the count too.
+fn with_threads<T: Send>(threads: Option<u16>, f: impl FnOnce(usize) -> Result<T> + Send) -> Result<T> {
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = threads {
+        builder = builder.num_threads(n as usize);
+    }
+    let pool = builder.build()?;
+    let n = pool.current_num_threads();
+    pool.install(|| f(n))
+}
+
+fn check_budget(min_runs: usize, min_seconds: f64) -> Result<bench::Budget> {
+    if min_runs == 0 || !(0.0..=3600.0).contains(&min_seconds) {
+        anyhow::bail!("--min-runs must be at least 1 and --min-seconds within 0..3600 (got {min_runs}, {min_seconds})");
+    }
+    Ok(bench::Budget { min_runs, min_seconds })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command.unwrap_or(Command::Demo {
+        text: demo::DEFAULT_TEXT.into(),
+        plain: false,
+        threads: None,
+    }) {
+        Command::Sdpa {
+            input,
+            output,
+            causal,
+            scale,
+            threads,
+        } => {
+            let causal = sdpa::parse_causal(causal.as_deref())?;
+            with_threads(threads, |_| sdpa::run(&input, &output, causal, scale))
+        }
+        Command::Bench(BenchCommand::Sdpa {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            kv_seq,
+            head_dim,
+            causal,
+            path,
+            threads,
+            min_runs,
+            min_seconds,
+            json,
+        }) => {
+            let budget = check_budget(min_runs, min_seconds)?;
+            let kv_heads = kv_heads.unwrap_or(heads);
+            let kv_seq = kv_seq.unwrap_or(seq);
+            sdpa::SdpaShape::check(
+                &[batch, heads, seq, head_dim],
+                &[batch, kv_heads, kv_seq, head_dim],
+                &[batch, kv_heads, kv_seq, head_dim],
+            )
+            .map_err(|e| anyhow::anyhow!("{e} (from --heads {heads} --kv-heads {kv_heads} --head-dim {head_dim})"))?;
+            let spec = bench::SdpaBench {
+                batch,
+                heads,
+                kv_heads,
+                seq,
+                kv_seq,
+                head_dim,
+                causal,
+                path,
+            };
+            let (stats, n) = with_threads(threads, |n| Ok((spec.run(budget)?, n)))?;
+            println!("{}", spec.report(stats, n, json));
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Gemm {
+            m,
+            n,
+            k,
+            threads,
+            min_runs,
+            min_seconds,
+            json,
+        }) => {
+            let budget = check_budget(min_runs, min_seconds)?;
+            let text = with_threads(threads, |nt| bench::gemm_bench(m, n, k, nt, budget, json))?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Demo { text, plain, threads } => with_threads(threads, |_| demo::run(&text, plain)),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

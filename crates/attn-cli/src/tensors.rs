@@ -1,0 +1,167 @@
+//! Reading and writing tensors in safetensors files, with errors that name the file and tensor.
+//!
+//! Every file is untrusted: the safetensors crate checks the header and offsets, and this module
+//! checks dtypes, element counts (with overflow checks) and boolean bytes before anything is
+//! allocated from a number in the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+
+/// A tensor read from a file: its shape and f32 or boolean data.
+#[derive(Debug, Clone)]
+pub enum Tensor {
+    /// `F32` data.
+    F32 { shape: Vec<usize>, data: Vec<f32> },
+    /// `BOOL` data.
+    Bool { shape: Vec<usize>, data: Vec<bool> },
+}
+
+impl Tensor {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Tensor::F32 { shape, .. } | Tensor::Bool { shape, .. } => shape,
+        }
+    }
+}
+
+/// The tensors of one safetensors file, by name.
+pub struct TensorFile {
+    path: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+fn element_count(path: &Path, name: &str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .with_context(|| {
+            format!(
+                "{}: tensor `{name}` has shape {shape:?}, whose element count overflows",
+                path.display()
+            )
+        })
+}
+
+fn decode(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
+    let shape = view.shape().to_vec();
+    let count = element_count(path, name, &shape)?;
+    let bytes = view.data();
+    match view.dtype() {
+        Dtype::F32 => {
+            if bytes.len() != count * 4 {
+                bail!(
+                    "{}: tensor `{name}` of shape {shape:?} needs {} bytes, has {}",
+                    path.display(),
+                    count * 4,
+                    bytes.len()
+                );
+            }
+            let data = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Ok(Tensor::F32 { shape, data })
+        }
+        Dtype::BOOL => {
+            if bytes.len() != count {
+                bail!(
+                    "{}: tensor `{name}` of shape {shape:?} needs {count} bytes, has {}",
+                    path.display(),
+                    bytes.len()
+                );
+            }
+            let data = bytes
+                .iter()
+                .map(|&b| match b {
+                    0 => Ok(false),
+                    1 => Ok(true),
+                    other => Err(other),
+                })
+                .collect::<std::result::Result<Vec<bool>, u8>>()
+                .map_err(|byte| {
+                    anyhow::anyhow!(
+                        "{}: tensor `{name}` is BOOL but holds the byte {byte}, expected 0 or 1",
+                        path.display()
+                    )
+                })?;
+            Ok(Tensor::Bool { shape, data })
+        }
+        other => bail!(
+            "{}: tensor `{name}` has dtype {other:?}, expected F32 or BOOL",
+            path.display()
+        ),
+    }
+}
+
+impl TensorFile {
+    /// Reads and validates every tensor of `path`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let parsed = SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in parsed.iter() {
+            tensors.insert(name.to_string(), decode(path, name, &view)?);
+        }
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            tensors,
+        })
+    }
+
+    /// Fails unless every tensor of the file is named in `allowed`.
+    pub fn only(&self, allowed: &[&str]) -> Result<()> {
+        if let Some(extra) = self.tensors.keys().find(|k| !allowed.contains(&k.as_str())) {
+            bail!(
+                "{}: unexpected tensor `{extra}` (this command reads {})",
+                self.path.display(),
+                allowed.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// The tensor `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// The F32 tensor `name` with `rank` dimensions; `what` describes the expected shape.
+    pub fn f32(&self, name: &str, rank: usize, what: &str) -> Result<(&[usize], &[f32])> {
+        match self.tensors.get(name) {
+            None => bail!("{}: missing tensor `{name}`, expected {what}", self.path.display()),
+            Some(Tensor::Bool { .. }) => bail!(
+                "{}: tensor `{name}` has dtype BOOL, expected F32 {what}",
+                self.path.display()
+            ),
+            Some(Tensor::F32 { shape, data }) => {
+                if shape.len() != rank {
+                    bail!(
+                        "{}: tensor `{name}` has shape {shape:?}, expected {what}",
+                        self.path.display()
+                    );
+                }
+                Ok((shape, data))
+            }
+        }
+    }
+}
+
+/// Writes F32 tensors to `path`.
+pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
+    let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
+    for (_, _, data) in tensors {
+        bytes.push(data.iter().flat_map(|x| x.to_le_bytes()).collect());
+    }
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| Ok((*name, TensorView::new(Dtype::F32, shape.to_vec(), b)?)))
+        .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
+        .context("building the output tensors")?;
+    let out = safetensors::serialize(views, None).context("serialising the output tensors")?;
+    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
+}
