@@ -62,6 +62,8 @@ pub(crate) struct Plan {
     pub t: usize,
     pub d: usize,
     pub dv: usize,
+    /// `Dv` rounded up to the micro-kernel width: the row stride of the accumulator.
+    pub dv_pad: usize,
     /// Query heads per key/value head, `H / G`.
     pub rep: usize,
     /// `S · rep`: the stacked rows of one group.
@@ -84,6 +86,7 @@ impl Plan {
         };
         let keys_per_split = t.div_ceil(splits).div_ceil(BLOCK_KEYS) * BLOCK_KEYS;
         let splits = if t == 0 { 1 } else { t.div_ceil(keys_per_split.max(1)) };
+        let dv_pad = crate::tile::pad_to_nr(dv);
         Plan {
             b,
             h,
@@ -92,6 +95,7 @@ impl Plan {
             t,
             d,
             dv,
+            dv_pad,
             rep,
             rows_per_group,
             row_tiles,
@@ -169,9 +173,16 @@ pub(crate) fn validate(
 
 /// Per-worker scratch, sized once for the call.
 struct Scratch {
+    /// `[BLOCK_ROWS, D]`: the tile's query rows, times the scale.
     q_tile: Vec<f32>,
+    /// `[BLOCK_ROWS, BLOCK_KEYS]`: scores, then probabilities.
     scores: Vec<f32>,
+    /// `[BLOCK_ROWS, Dv_pad]`: the unnormalised output rows.
     acc: Vec<f32>,
+    /// `[D, BLOCK_KEYS]`: the key block, transposed (micro-kernel path).
+    kt: Vec<f32>,
+    /// `[BLOCK_KEYS, Dv_pad]`: the value block (micro-kernel path).
+    vp: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
 }
@@ -181,7 +192,9 @@ impl Scratch {
         Scratch {
             q_tile: vec![0.0; BLOCK_ROWS * plan.d],
             scores: vec![0.0; BLOCK_ROWS * BLOCK_KEYS],
-            acc: vec![0.0; BLOCK_ROWS * plan.dv],
+            acc: vec![0.0; BLOCK_ROWS * plan.dv_pad],
+            kt: vec![0.0; plan.d * BLOCK_KEYS],
+            vp: vec![0.0; BLOCK_KEYS * plan.dv_pad],
             m: vec![0.0; BLOCK_ROWS],
             l: vec![0.0; BLOCK_ROWS],
         }
@@ -233,17 +246,30 @@ pub fn flash_attention(
         .as_mut()
         .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides()));
     let scale = resolve_scale(options, plan.d);
+    let micro = crate::simd::simd_level() == crate::SimdLevel::Avx2Fma;
+    // When several row tiles read the same keys, transpose K once for the whole call rather
+    // than once per tile: `[B, G, key blocks, D, BLOCK_KEYS]`, zero past T.
+    let kt_packed = (micro && plan.row_tiles > 1).then(|| pack_keys_transposed(&plan, &k, par));
+    let ops = Operands {
+        q,
+        k,
+        v,
+        options,
+        scale,
+        kt_packed: kt_packed.as_deref(),
+        micro,
+    };
 
     let tasks = plan.b * plan.g * plan.row_tiles;
     if plan.splits == 1 {
         let run = |scratch: &mut Scratch, task: usize| {
             let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
             let (b, g) = (bg / plan.g, bg % plan.g);
-            let rows = attend_tile(scratch, &plan, &q, &k, &v, options, scale, [b, g, tile], 0..plan.t);
+            let rows = attend_tile(scratch, &plan, &ops, [b, g, tile], 0..plan.t);
             for i in 0..rows {
                 let (s, h) = row_position(&plan, g, tile * BLOCK_ROWS + i);
                 let l = scratch.l[i];
-                let acc_row = &scratch.acc[i * plan.dv..(i + 1) * plan.dv];
+                let acc_row = &scratch.acc[i * plan.dv_pad..i * plan.dv_pad + plan.dv];
                 // SAFETY: `(b, h, s)` is in bounds and belongs to this task alone.
                 unsafe {
                     write_row(
@@ -277,9 +303,10 @@ pub fn flash_attention(
             let (b, g) = (bg / plan.g, bg % plan.g);
             let t_lo = split * plan.keys_per_split;
             let t_hi = (t_lo + plan.keys_per_split).min(plan.t);
-            let n_rows = attend_tile(scratch, &plan, &q, &k, &v, options, scale, [b, g, tile], t_lo..t_hi);
-            acc_dst[..n_rows * plan.dv].copy_from_slice(&scratch.acc[..n_rows * plan.dv]);
+            let n_rows = attend_tile(scratch, &plan, &ops, [b, g, tile], t_lo..t_hi);
             for i in 0..n_rows {
+                acc_dst[i * plan.dv..(i + 1) * plan.dv]
+                    .copy_from_slice(&scratch.acc[i * plan.dv_pad..i * plan.dv_pad + plan.dv]);
                 ml_dst[i] = (scratch.m[i], scratch.l[i]);
             }
         };
@@ -328,6 +355,46 @@ pub fn flash_attention(
         run_tasks(tasks, par, &plan, merge);
     }
     Ok(())
+}
+
+/// The inputs of one call as the tiles see them.
+#[derive(Clone, Copy)]
+struct Operands<'a, 'o> {
+    q: View4<'a, f32>,
+    k: View4<'a, f32>,
+    v: View4<'a, f32>,
+    options: &'o AttentionOptions<'a>,
+    scale: f32,
+    /// K transposed per key block, when packed once for the call.
+    kt_packed: Option<&'o [f32]>,
+    /// Whether the AVX2+FMA micro-kernels run the tile GEMMs.
+    micro: bool,
+}
+
+/// `k: [B, G, T, D]` -> `[B, G, ceil(T / BLOCK_KEYS), D, BLOCK_KEYS]`, zero past `T`.
+fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Vec<f32> {
+    let blocks = plan.t.div_ceil(BLOCK_KEYS);
+    let block_len = plan.d * BLOCK_KEYS;
+    let mut packed = vec![0.0f32; plan.b * plan.g * blocks * block_len];
+    let st = k.strides();
+    let data = k.data();
+    let pack = |(index, dst): (usize, &mut [f32])| {
+        let (bg, block) = (index / blocks, index % blocks);
+        let (b, g) = (bg / plan.g, bg % plan.g);
+        let t0 = block * BLOCK_KEYS;
+        let bc = (plan.t - t0).min(BLOCK_KEYS);
+        for j in 0..bc {
+            let src = b * st[0] + g * st[1] + (t0 + j) * st[2];
+            for p in 0..plan.d {
+                dst[p * BLOCK_KEYS + j] = data[src + p * st[3]];
+            }
+        }
+    };
+    match par {
+        Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(pack),
+        Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(pack),
+    }
+    packed
 }
 
 /// Runs `body(scratch, task)` for every task, sequentially or on the rayon pool.
@@ -383,15 +450,19 @@ unsafe fn write_row(
 fn attend_tile(
     scratch: &mut Scratch,
     plan: &Plan,
-    q: &View4<'_, f32>,
-    k: &View4<'_, f32>,
-    v: &View4<'_, f32>,
-    options: &AttentionOptions<'_>,
-    scale: f32,
+    ops: &Operands<'_, '_>,
     [b, g, tile]: [usize; 3],
     keys: std::ops::Range<usize>,
 ) -> usize {
-    let (d, dv) = (plan.d, plan.dv);
+    let Operands {
+        q,
+        k,
+        v,
+        options,
+        scale,
+        ..
+    } = *ops;
+    let (d, dv, dv_pad) = (plan.d, plan.dv, plan.dv_pad);
     let r0 = tile * BLOCK_ROWS;
     let n_rows = (plan.rows_per_group - r0).min(BLOCK_ROWS);
     let key_length = options.key_lengths.map_or(plan.t, |lengths| lengths[b]);
@@ -417,35 +488,87 @@ fn attend_tile(
     }
     scratch.m[..n_rows].fill(f32::NEG_INFINITY);
     scratch.l[..n_rows].fill(0.0);
-    scratch.acc[..n_rows * dv].fill(0.0);
+    scratch.acc[..n_rows * dv_pad].fill(0.0);
 
     // Keys that no row of the tile may see are never visited.
     let max_limit = limits[..n_rows].iter().copied().max().unwrap_or(0);
     let t_end = keys.end.min(max_limit);
     let mut t0 = keys.start;
-    let k_st = k.strides();
-    let v_st = v.strides();
+    let micro = ops.micro;
+    let (k_data, v_data) = (k.data(), v.data());
+    // Values are read in place when their rows are contiguous and a multiple of the kernel width.
+    let v_in_place = v.strides()[3] == 1 && dv == dv_pad;
+    let (k_st, v_st) = (k.strides(), v.strides());
     while t0 < t_end {
         let bc = (t_end - t0).min(BLOCK_KEYS);
+        let k_base = b * k_st[0] + g * k_st[1] + t0 * k_st[2];
+        let v_base = b * v_st[0] + g * v_st[1] + t0 * v_st[2];
         // Pass 1: scores = q_tile · k_blockᵀ.
-        // SAFETY: `scores` holds BLOCK_ROWS×BLOCK_KEYS elements and `q_tile` BLOCK_ROWS×D; the
-        // key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
-        unsafe {
-            gemm_raw(
-                scratch.scores.as_mut_ptr(),
-                [bc, 1],
-                [n_rows, bc, d],
-                Accum::Replace,
-                scratch.q_tile.as_ptr(),
-                [d, 1],
-                k.data().as_ptr().add(b * k_st[0] + g * k_st[1] + t0 * k_st[2]),
-                [k_st[3], k_st[2]],
-                1.0,
-                Par::Seq,
-            )
-        };
+        if micro {
+            // The key block transposed, zero past `bc`: packed for the call, or here.
+            let bc_pad = crate::tile::pad_to_nr(bc);
+            let kt: &[f32] = match ops.kt_packed {
+                Some(packed) => {
+                    let blocks = plan.t.div_ceil(BLOCK_KEYS);
+                    let index = (b * plan.g + g) * blocks + t0 / BLOCK_KEYS;
+                    &packed[index * d * BLOCK_KEYS..(index + 1) * d * BLOCK_KEYS]
+                }
+                None => {
+                    for p in 0..d {
+                        let dst = &mut scratch.kt[p * BLOCK_KEYS..p * BLOCK_KEYS + bc_pad];
+                        for (j, x) in dst[..bc].iter_mut().enumerate() {
+                            *x = k_data[k_base + j * k_st[2] + p * k_st[3]];
+                        }
+                        dst[bc..].fill(0.0);
+                    }
+                    &scratch.kt
+                }
+            };
+            if !v_in_place {
+                for j in 0..bc {
+                    let dst = &mut scratch.vp[j * dv_pad..j * dv_pad + dv];
+                    let src = v_base + j * v_st[2];
+                    dst.iter_mut()
+                        .enumerate()
+                        .for_each(|(c, x)| *x = v_data[src + c * v_st[3]]);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], `kt` is [D, BLOCK_KEYS]
+            // with `bc_pad <= BLOCK_KEYS` columns written, `scores` is [BLOCK_ROWS, BLOCK_KEYS].
+            unsafe {
+                crate::tile::avx2::gemm::<false>(
+                    n_rows,
+                    bc_pad,
+                    d,
+                    scratch.q_tile.as_ptr(),
+                    d,
+                    kt.as_ptr(),
+                    BLOCK_KEYS,
+                    scratch.scores.as_mut_ptr(),
+                    BLOCK_KEYS,
+                )
+            };
+        } else {
+            // SAFETY: `scores` holds BLOCK_ROWS×BLOCK_KEYS elements and `q_tile` BLOCK_ROWS×D;
+            // the key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
+            unsafe {
+                gemm_raw(
+                    scratch.scores.as_mut_ptr(),
+                    [BLOCK_KEYS, 1],
+                    [n_rows, bc, d],
+                    Accum::Replace,
+                    scratch.q_tile.as_ptr(),
+                    [d, 1],
+                    k_data.as_ptr().add(k_base),
+                    [k_st[3], k_st[2]],
+                    1.0,
+                    Par::Seq,
+                )
+            };
+        }
         for i in 0..n_rows {
-            let row = &mut scratch.scores[i * bc..(i + 1) * bc];
+            let row = &mut scratch.scores[i * BLOCK_KEYS..i * BLOCK_KEYS + bc];
             let (s, h) = positions[i];
             // Pass 2: mask, max, exp and sum.
             mask_row(row, &options.mask, [b, h, s], t0, limits[i]);
@@ -462,25 +585,50 @@ fn attend_tile(
             scratch.m[i] = m_new;
             // Pass 3: rescale the accumulator row (skipped while the max holds).
             if alpha != 1.0 {
-                scale_row(&mut scratch.acc[i * dv..(i + 1) * dv], alpha);
+                scale_row(&mut scratch.acc[i * dv_pad..i * dv_pad + dv], alpha);
             }
         }
         // Pass 4: acc += p · v_block.
-        // SAFETY: `acc` holds BLOCK_ROWS×Dv elements; the value block was bounds-checked with `v`.
-        unsafe {
-            gemm_raw(
-                scratch.acc.as_mut_ptr(),
-                [dv, 1],
-                [n_rows, dv, bc],
-                Accum::Add,
-                scratch.scores.as_ptr(),
-                [bc, 1],
-                v.data().as_ptr().add(b * v_st[0] + g * v_st[1] + t0 * v_st[2]),
-                [v_st[2], v_st[3]],
-                1.0,
-                Par::Seq,
-            )
-        };
+        if micro {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2+FMA were detected; `scores` is [n_rows, BLOCK_KEYS] with `bc` valid
+            // columns, the value block ([bc, Dv_pad], packed or in place: bounds-checked with `v`)
+            // and `acc` is [BLOCK_ROWS, Dv_pad].
+            unsafe {
+                crate::tile::avx2::gemm::<true>(
+                    n_rows,
+                    dv_pad,
+                    bc,
+                    scratch.scores.as_ptr(),
+                    BLOCK_KEYS,
+                    if v_in_place {
+                        v_data.as_ptr().add(v_base)
+                    } else {
+                        scratch.vp.as_ptr()
+                    },
+                    if v_in_place { v_st[2] } else { dv_pad },
+                    scratch.acc.as_mut_ptr(),
+                    dv_pad,
+                )
+            };
+        } else {
+            // SAFETY: `acc` holds BLOCK_ROWS×Dv_pad elements; the value block was bounds-checked
+            // with `v`.
+            unsafe {
+                gemm_raw(
+                    scratch.acc.as_mut_ptr(),
+                    [dv_pad, 1],
+                    [n_rows, dv, bc],
+                    Accum::Add,
+                    scratch.scores.as_ptr(),
+                    [BLOCK_KEYS, 1],
+                    v_data.as_ptr().add(v_base),
+                    [v_st[2], v_st[3]],
+                    1.0,
+                    Par::Seq,
+                )
+            };
+        }
         t0 += bc;
     }
     n_rows
@@ -734,6 +882,43 @@ mod tests {
         case.scale = Some(0.3);
         case.causal = Causal::TopLeft;
         check(case, 2e-5);
+    }
+
+    #[test]
+    fn keys_and_values_with_non_unit_inner_strides() {
+        // K stored as [B, G, D, T] and V as [B, G, Dv, T]: both seen through transposed views.
+        let (b, h, g, s, t, d, dv) = (2, 4, 2, 70, 150, 12, 10);
+        let q = random_vec(b * h * s * d, 1);
+        let k_store = random_vec(b * g * d * t, 2);
+        let v_store = random_vec(b * g * dv * t, 3);
+        let qv = View4::contiguous(&q, [b, h, s, d]).unwrap();
+        let kv = View4::contiguous(&k_store, [b, g, d, t])
+            .unwrap()
+            .permuted([0, 1, 3, 2])
+            .unwrap();
+        let vv = View4::contiguous(&v_store, [b, g, dv, t])
+            .unwrap()
+            .permuted([0, 1, 3, 2])
+            .unwrap();
+        for causal in [Causal::None, Causal::BottomRight] {
+            let options = AttentionOptions {
+                causal,
+                ..Default::default()
+            };
+            let want = attention_reference(qv, kv, vv, &options);
+            let mut out = vec![0.0f32; b * h * s * dv];
+            flash_attention(
+                ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
+                None,
+                qv,
+                kv,
+                vv,
+                &options,
+                Par::Rayon,
+            )
+            .unwrap();
+            assert_close(&out, &want.out, 2e-5, 2e-5, "transposed k and v");
+        }
     }
 
     #[test]

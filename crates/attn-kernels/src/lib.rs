@@ -20,6 +20,7 @@ mod mask;
 mod reference;
 mod simd;
 mod softmax;
+mod tile;
 mod view;
 
 #[cfg(test)]

@@ -1,0 +1,118 @@
+//! The two small GEMMs of a flash tile, as AVX2+FMA register-blocked micro-kernels.
+//!
+//! Shapes inside one tile: `q_tile: [R, D]` (rows packed, already scaled), `kt: [D, BK]` (a
+//! key block packed transposed, zero past its `bc` keys), `scores: [R, BK]`; then
+//! `p: [R, BK]` (the exp'd scores), `vp: [bc, DVP]` (a value block packed, zero past `Dv`),
+//! `acc: [R, DVP]`. `BK` = [`BLOCK_KEYS`](crate::BLOCK_KEYS) and `DVP` is `Dv` rounded up to 16.
+//!
+//! Each kernel computes a 6×16 block of its output in twelve ymm accumulators (six broadcast
+//! rows times two 8-lane vectors), with smaller row counts for the tail. faer's general GEMM
+//! packs its operands on every call; at these sizes (64×128×64) that overhead and its
+//! dispatch cost a third of the time, which is why the tile has its own kernels. Machines without
+//! AVX2+FMA run the same tile through faer (see `flash.rs`).
+
+/// Output columns of one micro-kernel call.
+pub(crate) const NR: usize = 16;
+/// Output rows of one micro-kernel call.
+pub(crate) const MR: usize = 6;
+
+/// `x` rounded up to a multiple of [`NR`].
+#[inline]
+pub(crate) fn pad_to_nr(x: usize) -> usize {
+    x.div_ceil(NR) * NR
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    //! Bodies; every function requires AVX2 and FMA.
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `c[0..ROWS, 0..16] (+)= Σ_p a[r·lda + p] · b[p·ldb .. p·ldb + 16]` for `p < depth`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `a` must be readable at `r·lda + p` for `r < ROWS`,
+    /// `p < depth`; `b` readable at `p·ldb .. p·ldb + 16`; `c` writable at `r·ldc .. r·ldc + 16`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const ROWS: usize, const ACCUMULATE: bool>(
+        depth: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: all pointer offsets stay within the ranges the caller guarantees.
+        unsafe {
+            let mut acc0 = [_mm256_setzero_ps(); ROWS];
+            let mut acc1 = [_mm256_setzero_ps(); ROWS];
+            if ACCUMULATE {
+                for r in 0..ROWS {
+                    acc0[r] = _mm256_loadu_ps(c.add(r * ldc));
+                    acc1[r] = _mm256_loadu_ps(c.add(r * ldc + 8));
+                }
+            }
+            let a_rows: [*const f32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
+            let mut b_row = b;
+            for p in 0..depth {
+                let b0 = _mm256_loadu_ps(b_row);
+                let b1 = _mm256_loadu_ps(b_row.add(8));
+                for r in 0..ROWS {
+                    let x = _mm256_broadcast_ss(&*a_rows[r].add(p));
+                    acc0[r] = _mm256_fmadd_ps(x, b0, acc0[r]);
+                    acc1[r] = _mm256_fmadd_ps(x, b1, acc1[r]);
+                }
+                b_row = b_row.add(ldb);
+            }
+            for r in 0..ROWS {
+                _mm256_storeu_ps(c.add(r * ldc), acc0[r]);
+                _mm256_storeu_ps(c.add(r * ldc + 8), acc1[r]);
+            }
+        }
+    }
+
+    /// `c[R, N] (+)= a[R, depth] · b[depth, N]` where `a` is row-major with leading dim `lda`, `b` is row-major with leading dim `ldb`, `N` is a multiple of 16.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available and every operand in bounds for those shapes.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
+        rows: usize,
+        n: usize,
+        depth: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        debug_assert_eq!(n % NR, 0);
+        // Column panels outside, row blocks inside: one 16-wide panel of `b` stays in L1 while
+        // every row block of `a` passes over it.
+        for j0 in (0..n).step_by(NR) {
+            let mut r0 = 0;
+            while r0 < rows {
+                let mr = (rows - r0).min(MR);
+                // SAFETY: the caller guarantees the operands cover `rows × n` and `depth`.
+                unsafe {
+                    let a_blk = a.add(r0 * lda);
+                    let b_blk = b.add(j0);
+                    let c_blk = c.add(r0 * ldc + j0);
+                    match mr {
+                        6 => block::<6, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
+                        5 => block::<5, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
+                        4 => block::<4, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
+                        3 => block::<3, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
+                        2 => block::<2, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
+                        _ => block::<1, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
+                    }
+                }
+                r0 += mr;
+            }
+        }
+    }
+}
