@@ -1,0 +1,177 @@
+//! `attn sdpa` end to end: golden files from PyTorch, and bad input that must fail cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdpa")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("attn-cli-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor(name).unwrap();
+    assert_eq!(view.dtype(), Dtype::F32, "{name}");
+    let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    (view.shape().to_vec(), data)
+}
+
+fn attn(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_attn")).args(args).output().unwrap()
+}
+
+#[test]
+fn sdpa_matches_pytorch_golden_files() {
+    let manifest: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap();
+    assert!(manifest.len() >= 10, "fixtures missing: run `cargo xtask codegen`");
+    let dir = scratch_dir("golden");
+    for (name, flags) in &manifest {
+        let input = fixtures().join(format!("{name}.in.safetensors"));
+        let want = fixtures().join(format!("{name}.want.safetensors"));
+        let output = dir.join(format!("{name}.out.safetensors"));
+        let mut args = vec!["sdpa", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()];
+        let flags: Vec<String> = flags.as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+        args.extend(flags.iter().map(String::as_str));
+        for threads in ["1", "2"] {
+            let mut run_args = args.clone();
+            run_args.extend(["--threads", threads]);
+            let result = attn(&run_args);
+            assert!(result.status.success(), "{name}: {}", String::from_utf8_lossy(&result.stderr));
+            for tensor in ["out", "lse"] {
+                let (got_shape, got) = read_f32(&output, tensor);
+                let (want_shape, expected) = read_f32(&want, tensor);
+                assert_eq!(got_shape, want_shape, "{name}: {tensor} shape");
+                for (i, (&g, &w)) in got.iter().zip(&expected).enumerate() {
+                    let ok = g == w || (g - w).abs() <= 1e-5 + 1e-5 * w.abs();
+                    assert!(ok, "{name}: {tensor}[{i}] = {g}, PyTorch {w}");
+                }
+            }
+        }
+    }
+}
+
+/// Writes tensors given as (name, dtype, shape, bytes).
+fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(&str, TensorView<'_>)> =
+        tensors.iter().map(|(n, dt, sh, b)| (*n, TensorView::new(*dt, sh.clone(), b).unwrap())).collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn f32_bytes(n: usize) -> Vec<u8> {
+    (0..n).flat_map(|i| ((i % 7) as f32 * 0.1).to_le_bytes()).collect()
+}
+
+/// Runs `attn sdpa` on `tensors` and returns (exit code, stderr).
+fn sdpa_error(name: &str, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], extra: &[&str]) -> (i32, String) {
+    let dir = scratch_dir(name);
+    let input = dir.join("in.safetensors");
+    write(&input, tensors);
+    let out = dir.join("out.safetensors");
+    let mut args = vec!["sdpa", "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    args.extend(extra);
+    let result = attn(&args);
+    (result.status.code().unwrap_or(-1), String::from_utf8_lossy(&result.stderr).into_owned())
+}
+
+fn qkv(h: usize, g: usize) -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
+    vec![
+        ("q", Dtype::F32, vec![1, h, 3, 4], f32_bytes(h * 12)),
+        ("k", Dtype::F32, vec![1, g, 5, 4], f32_bytes(g * 20)),
+        ("v", Dtype::F32, vec![1, g, 5, 4], f32_bytes(g * 20)),
+    ]
+}
+
+#[test]
+fn bad_inputs_fail_with_a_message_naming_the_tensor() {
+    let (code, err) = sdpa_error("gqa", &qkv(3, 2), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("`k`") && err.contains("does not divide"), "{err}");
+
+    let mut tensors = qkv(2, 2);
+    tensors[2] = ("v", Dtype::F32, vec![1, 2, 6, 4], f32_bytes(48));
+    let (code, err) = sdpa_error("vshape", &tensors, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`v`") && err.contains("[1, 2, 5, Dv]"), "{err}");
+
+    let mut tensors = qkv(2, 2);
+    tensors[0] = ("q", Dtype::F64, vec![1, 2, 3, 1], f32_bytes(12));
+    let (code, err) = sdpa_error("dtype", &tensors, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`q`") && err.contains("F64") && err.contains("F32"), "{err}");
+
+    let (code, err) = sdpa_error("missing", &qkv(2, 2)[..2], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("missing tensor `v`"), "{err}");
+
+    let mut tensors = qkv(2, 2);
+    tensors.push(("mask", Dtype::BOOL, vec![4, 5], vec![1; 20]));
+    let (code, err) = sdpa_error("mask", &tensors, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`mask`") && err.contains("broadcastable to [B, H, S, T] = [1, 2, 3, 5]"), "{err}");
+
+    let mut tensors = qkv(2, 2);
+    tensors.push(("mask", Dtype::BOOL, vec![3, 5], vec![2; 15]));
+    let (code, err) = sdpa_error("boolbyte", &tensors, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`mask`") && err.contains("byte 2"), "{err}");
+
+    let mut tensors = qkv(2, 2);
+    tensors.push(("bias", Dtype::F32, vec![1], f32_bytes(1)));
+    let (code, err) = sdpa_error("extra", &tensors, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unexpected tensor `bias`"), "{err}");
+
+    let (code, err) = sdpa_error("scale", &qkv(2, 2), &["--scale", "inf"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--scale"), "{err}");
+
+    let (code, err) = sdpa_error("causal", &qkv(2, 2), &["--causal", "diagonal"]);
+    assert_eq!(code, 2, "usage errors exit 2: {err}");
+
+    let (code, err) = sdpa_error("threads", &qkv(2, 2), &["--threads", "0"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn unreadable_and_corrupt_files_fail_cleanly() {
+    let dir = scratch_dir("corrupt");
+    let out = dir.join("out.safetensors");
+    let result = attn(&["sdpa", "--input", "/nonexistent/in.safetensors", "--output", out.to_str().unwrap()]);
+    assert_eq!(result.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("cannot read /nonexistent/in.safetensors"));
+
+    // A header length far larger than the file.
+    let bad = dir.join("bad.safetensors");
+    let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    std::fs::write(&bad, bytes).unwrap();
+    let result = attn(&["sdpa", "--input", bad.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert_eq!(result.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn demo_runs_offline_and_checks_itself() {
+    let result = attn(&["demo", "--plain", "--threads", "2"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let text = String::from_utf8_lossy(&result.stdout);
+    assert!(text.contains("head 0: previous word"), "{text}");
+    // The previous-word head must find the previous word for a clear case.
+    assert!(text.contains("sat→cat"), "{text}");
+    // The reported errors against the f64 reference are small.
+    for line in text.lines().filter(|l| l.contains("vs f64 reference")) {
+        let err: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(err < 1e-5, "{line}");
+    }
+}
