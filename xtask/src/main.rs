@@ -1,1 +1,326 @@
-fn main() {}
+//! Developer tasks for the attn workspace: `cargo xtask <task>`.
+//!
+//! - `ci`: what CI runs (the README's test command): tests in release, the kernels again on
+//!   the scalar path, fmt and clippy checks.
+//! - `codegen [--check]`: regenerates the golden fixtures from PyTorch (needs Python with torch
+//!   and safetensors; `ATTN_PYTHON` names the interpreter, default `python3`). With `--check`,
+//!   only verifies that every fixture named in a manifest is present (no Python needed).
+//! - `bench [--rounds N] [--threads N]`: the measured tables of docs/PERFORMANCE.md: attn
+//!   against PyTorch (when importable), attention against faer's GEMM, 1 against 2 threads, and
+//!   peak memory; interleaved, medians, ratios within one run. Also writes `bench-out/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn python() -> String {
+    std::env::var("ATTN_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn ci() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["test", "--workspace", "--release"]))?;
+    // The portable path of the kernels, on this same machine.
+    run(cargo()
+        .args(["test", "--release", "-p", "attn-kernels"])
+        .env("ATTN_SIMD", "scalar"))?;
+    Ok(())
+}
+
+fn codegen(check: bool) -> Result<()> {
+    let sdpa_dir = root().join("crates/attn-cli/tests/fixtures/sdpa");
+    if check {
+        let manifest = std::fs::read_to_string(sdpa_dir.join("cases.json"))
+            .context("crates/attn-cli/tests/fixtures/sdpa/cases.json is missing: run `cargo xtask codegen`")?;
+        let manifest: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&manifest).context("cases.json is not a JSON object")?;
+        let mut missing = Vec::new();
+        for name in manifest.keys() {
+            for suffix in ["in", "want"] {
+                let file = sdpa_dir.join(format!("{name}.{suffix}.safetensors"));
+                if !file.exists() {
+                    missing.push(file.display().to_string());
+                }
+            }
+        }
+        if !missing.is_empty() {
+            bail!("fixtures missing (run `cargo xtask codegen`): {}", missing.join(", "));
+        }
+        eprintln!("fixtures complete");
+        return Ok(());
+    }
+    run(Command::new(python())
+        .arg(root().join("xtask/python/gen_sdpa_fixtures.py"))
+        .arg(&sdpa_dir)
+        .current_dir(root()))
+}
+
+fn flag(args: &[String], name: &str, default: usize) -> Result<usize> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} takes a number")),
+    }
+}
+
+struct Measured {
+    median_s: f64,
+    gflops: f64,
+    peak_rss: Option<f64>,
+}
+
+fn attn_json(binary: &Path, args: &[String]) -> Result<Measured> {
+    let text = output(Command::new(binary).args(args).arg("--json"))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))?;
+    let number = |key: &str| v[key].as_f64().with_context(|| format!("no number `{key}` in {text}"));
+    Ok(Measured {
+        median_s: number("median_s")?,
+        gflops: number("gflops")?,
+        peak_rss: number("peak_rss_bytes").ok(),
+    })
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let rounds = flag(args, "--rounds", 5)?.max(1);
+    let threads = flag(args, "--threads", 2)?.max(1);
+    run(cargo().args(["build", "--release", "-p", "attn-cli"]))?;
+    let binary = root().join("target/release/attn");
+    let out_dir = root().join("bench-out");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut report = String::new();
+    let t = threads.to_string();
+
+    // 1. Attention against faer's GEMM, interleaved.
+    report.push_str(&format!(
+        "### Attention against GEMM ({threads} threads, {rounds} interleaved rounds, medians)\n\n"
+    ));
+    report.push_str("| kernel | GFLOP/s | ratio to GEMM 1024³ |\n|---|---|---|\n");
+    let gemm_args = strings(&[
+        "bench",
+        "gemm",
+        "--m",
+        "1024",
+        "--n",
+        "1024",
+        "--k",
+        "1024",
+        "--threads",
+        &t,
+    ]);
+    let sdpa_shapes: [(&str, &[&str]); 3] = [
+        (
+            "sdpa B=1 H=8 S=T=2048 D=64",
+            &["--batch", "1", "--heads", "8", "--seq", "2048", "--head-dim", "64"],
+        ),
+        (
+            "sdpa B=1 H=8 S=T=4096 D=64",
+            &["--batch", "1", "--heads", "8", "--seq", "4096", "--head-dim", "64"],
+        ),
+        (
+            "sdpa unfused B=1 H=8 S=T=2048 D=64",
+            &[
+                "--batch",
+                "1",
+                "--heads",
+                "8",
+                "--seq",
+                "2048",
+                "--head-dim",
+                "64",
+                "--path",
+                "unfused",
+            ],
+        ),
+    ];
+    for (label, shape) in sdpa_shapes {
+        let mut sdpa_args = strings(&["bench", "sdpa", "--threads", &t]);
+        sdpa_args.extend(strings(shape));
+        let (mut g, mut s) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            g.push(attn_json(&binary, &gemm_args)?.gflops);
+            s.push(attn_json(&binary, &sdpa_args)?.gflops);
+        }
+        let (g, s) = (median(g), median(s));
+        report.push_str(&format!(
+            "| GEMM 1024³ | {g:.1} | 1.00 |\n| {label} | {s:.1} | {:.2} |\n",
+            s / g
+        ));
+    }
+
+    // 2. Thread scaling, interleaved.
+    report.push_str(&format!(
+        "\n### 2 threads against 1 ({rounds} interleaved rounds, medians)\n\n"
+    ));
+    report.push_str("| shape | 1 thread ms | 2 threads ms | speed-up |\n|---|---|---|---|\n");
+    let scaling: [(&str, &[&str]); 3] = [
+        (
+            "B=1 H=8 S=T=2048 D=64",
+            &["--batch", "1", "--heads", "8", "--seq", "2048", "--head-dim", "64"],
+        ),
+        (
+            "B=1 H=8 S=T=2048 D=64 causal",
+            &[
+                "--batch",
+                "1",
+                "--heads",
+                "8",
+                "--seq",
+                "2048",
+                "--head-dim",
+                "64",
+                "--causal",
+            ],
+        ),
+        (
+            "decode H=32 G=8 T=4096 D=128",
+            &[
+                "--batch",
+                "1",
+                "--heads",
+                "32",
+                "--kv-heads",
+                "8",
+                "--seq",
+                "1",
+                "--kv-seq",
+                "4096",
+                "--head-dim",
+                "128",
+            ],
+        ),
+    ];
+    for (label, shape) in scaling {
+        let (mut one, mut two) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            for (n, acc) in [("1", &mut one), ("2", &mut two)] {
+                let mut a = strings(&["bench", "sdpa", "--threads", n]);
+                a.extend(strings(shape));
+                acc.push(attn_json(&binary, &a)?.median_s);
+            }
+        }
+        let (one, two) = (median(one), median(two));
+        report.push_str(&format!(
+            "| {label} | {:.2} | {:.2} | {:.2}x |\n",
+            one * 1e3,
+            two * 1e3,
+            one / two
+        ));
+    }
+
+    // 3. Peak memory of one long call.
+    let long = strings(&[
+        "bench",
+        "sdpa",
+        "--batch",
+        "1",
+        "--heads",
+        "8",
+        "--seq",
+        "16384",
+        "--head-dim",
+        "64",
+        "--threads",
+        &t,
+        "--min-runs",
+        "1",
+        "--min-seconds",
+        "0",
+    ]);
+    let m = attn_json(&binary, &long)?;
+    let tensors = 4.0 * 8.0 * 16384.0 * 64.0 * 4.0;
+    report.push_str(&format!(
+        "\n### Peak memory, B=1 H=8 S=T=16384 D=64\n\nq, k, v and out: {:.0} MiB; peak resident set: {} MiB; budget 2×tensors + 64 MiB = {:.0} MiB ({:.2} s per call)\n",
+        tensors / 1048576.0,
+        m.peak_rss.map_or("n/a".to_string(), |b| format!("{:.0}", b / 1048576.0)),
+        (2.0 * tensors) / 1048576.0 + 64.0,
+        m.median_s
+    ));
+
+    // 4. PyTorch, when importable.
+    let script = root().join("xtask/python/bench_compare.py");
+    let has_torch = Command::new(python())
+        .args(["-c", "import torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_torch {
+        let table = output(
+            Command::new(python())
+                .arg(&script)
+                .arg(&binary)
+                .arg(&t)
+                .arg(rounds.to_string()),
+        )?;
+        report.push_str(&format!(
+            "\n### Against PyTorch scaled_dot_product_attention\n\n{table}"
+        ));
+    } else {
+        report.push_str(&format!(
+            "\n(PyTorch not importable by `{}`: set ATTN_PYTHON to a Python with torch)\n",
+            python()
+        ));
+    }
+    std::fs::write(out_dir.join("sdpa.md"), &report)?;
+    println!("{report}");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
+        Some("bench") => bench(&args[1..]),
+        _ => bail!("usage: cargo xtask <ci | codegen [--check] | bench [--rounds N] [--threads N]>"),
+    }
+}

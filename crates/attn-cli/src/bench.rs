@@ -54,6 +54,14 @@ pub fn measure(budget: Budget, mut f: impl FnMut()) -> Stats {
     }
 }
 
+/// Peak resident memory of this process so far (`VmHWM`), in bytes, where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Deterministic pseudo-random values in `[-1, 1)`.
 pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
@@ -158,7 +166,7 @@ impl SdpaBench {
                 "seq": self.seq, "kv_seq": self.kv_seq, "head_dim": self.head_dim, "causal": self.causal,
                 "threads": threads, "simd": simd_level().to_string(),
                 "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs,
-                "gflops": gflops, "gbps": gbps,
+                "gflops": gflops, "gbps": gbps, "peak_rss_bytes": peak_rss_bytes(),
             })
             .to_string()
         } else {

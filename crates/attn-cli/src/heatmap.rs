@@ -17,7 +17,7 @@ impl Style {
     /// Colour when stdout is a terminal that is not `dumb` and `NO_COLOR` is unset.
     pub fn detect(force_plain: bool) -> Style {
         use std::io::IsTerminal;
-        let term_ok = std::env::var("TERM").map_or(false, |t| t != "dumb");
+        let term_ok = std::env::var("TERM").is_ok_and(|t| t != "dumb");
         if !force_plain && std::io::stdout().is_terminal() && term_ok && std::env::var_os("NO_COLOR").is_none() {
             Style::Color
         } else {

@@ -20,7 +20,11 @@ fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let file = SafeTensors::deserialize(&bytes).unwrap();
     let view = file.tensor(name).unwrap();
     assert_eq!(view.dtype(), Dtype::F32, "{name}");
-    let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     (view.shape().to_vec(), data)
 }
 
@@ -38,14 +42,29 @@ fn sdpa_matches_pytorch_golden_files() {
         let input = fixtures().join(format!("{name}.in.safetensors"));
         let want = fixtures().join(format!("{name}.want.safetensors"));
         let output = dir.join(format!("{name}.out.safetensors"));
-        let mut args = vec!["sdpa", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()];
-        let flags: Vec<String> = flags.as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+        let mut args = vec![
+            "sdpa",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        let flags: Vec<String> = flags
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
         args.extend(flags.iter().map(String::as_str));
         for threads in ["1", "2"] {
             let mut run_args = args.clone();
             run_args.extend(["--threads", threads]);
             let result = attn(&run_args);
-            assert!(result.status.success(), "{name}: {}", String::from_utf8_lossy(&result.stderr));
+            assert!(
+                result.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&result.stderr)
+            );
             for tensor in ["out", "lse"] {
                 let (got_shape, got) = read_f32(&output, tensor);
                 let (want_shape, expected) = read_f32(&want, tensor);
@@ -61,8 +80,10 @@ fn sdpa_matches_pytorch_golden_files() {
 
 /// Writes tensors given as (name, dtype, shape, bytes).
 fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: Vec<(&str, TensorView<'_>)> =
-        tensors.iter().map(|(n, dt, sh, b)| (*n, TensorView::new(*dt, sh.clone(), b).unwrap())).collect();
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, dt, sh, b)| (*n, TensorView::new(*dt, sh.clone(), b).unwrap()))
+        .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -76,10 +97,19 @@ fn sdpa_error(name: &str, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], extra:
     let input = dir.join("in.safetensors");
     write(&input, tensors);
     let out = dir.join("out.safetensors");
-    let mut args = vec!["sdpa", "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    let mut args = vec![
+        "sdpa",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
     args.extend(extra);
     let result = attn(&args);
-    (result.status.code().unwrap_or(-1), String::from_utf8_lossy(&result.stderr).into_owned())
+    (
+        result.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&result.stderr).into_owned(),
+    )
 }
 
 fn qkv(h: usize, g: usize) -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
@@ -106,7 +136,10 @@ fn bad_inputs_fail_with_a_message_naming_the_tensor() {
     tensors[0] = ("q", Dtype::F64, vec![1, 2, 3, 1], f32_bytes(12));
     let (code, err) = sdpa_error("dtype", &tensors, &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("`q`") && err.contains("F64") && err.contains("F32"), "{err}");
+    assert!(
+        err.contains("`q`") && err.contains("F64") && err.contains("F32"),
+        "{err}"
+    );
 
     let (code, err) = sdpa_error("missing", &qkv(2, 2)[..2], &[]);
     assert_eq!(code, 1);
@@ -116,7 +149,10 @@ fn bad_inputs_fail_with_a_message_naming_the_tensor() {
     tensors.push(("mask", Dtype::BOOL, vec![4, 5], vec![1; 20]));
     let (code, err) = sdpa_error("mask", &tensors, &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("`mask`") && err.contains("broadcastable to [B, H, S, T] = [1, 2, 3, 5]"), "{err}");
+    assert!(
+        err.contains("`mask`") && err.contains("broadcastable to [B, H, S, T] = [1, 2, 3, 5]"),
+        "{err}"
+    );
 
     let mut tensors = qkv(2, 2);
     tensors.push(("mask", Dtype::BOOL, vec![3, 5], vec![2; 15]));
@@ -145,7 +181,13 @@ fn bad_inputs_fail_with_a_message_naming_the_tensor() {
 fn unreadable_and_corrupt_files_fail_cleanly() {
     let dir = scratch_dir("corrupt");
     let out = dir.join("out.safetensors");
-    let result = attn(&["sdpa", "--input", "/nonexistent/in.safetensors", "--output", out.to_str().unwrap()]);
+    let result = attn(&[
+        "sdpa",
+        "--input",
+        "/nonexistent/in.safetensors",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(result.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&result.stderr).contains("cannot read /nonexistent/in.safetensors"));
 
@@ -154,7 +196,13 @@ fn unreadable_and_corrupt_files_fail_cleanly() {
     let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
     std::fs::write(&bad, bytes).unwrap();
-    let result = attn(&["sdpa", "--input", bad.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let result = attn(&[
+        "sdpa",
+        "--input",
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(result.status.code(), Some(1));
     let err = String::from_utf8_lossy(&result.stderr);
     assert!(err.contains("not a valid safetensors file"), "{err}");

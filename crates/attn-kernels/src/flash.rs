@@ -293,11 +293,11 @@ pub fn flash_attention(
         let n = tasks * plan.splits;
         let mut part_acc = vec![0.0f32; n * rows * plan.dv];
         let mut part_ml = vec![(f32::NEG_INFINITY, 0.0f32); n * rows];
-        let part_chunks: Vec<(&mut [f32], &mut [(f32, f32)])> = part_acc
+        let part_chunks: Vec<SplitSlot<'_>> = part_acc
             .chunks_mut(rows * plan.dv)
             .zip(part_ml.chunks_mut(rows))
             .collect();
-        let body = |scratch: &mut Scratch, (index, (acc_dst, ml_dst)): (usize, (&mut [f32], &mut [(f32, f32)]))| {
+        let body = |scratch: &mut Scratch, (index, (acc_dst, ml_dst)): (usize, SplitSlot<'_>)| {
             let (task, split) = (index / plan.splits, index % plan.splits);
             let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
             let (b, g) = (bg / plan.g, bg % plan.g);
@@ -396,6 +396,9 @@ fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Vec<f32> {
     }
     packed
 }
+
+/// One split's destination: unnormalised accumulator rows and each row's (max, sum).
+type SplitSlot<'a> = (&'a mut [f32], &'a mut [(f32, f32)]);
 
 /// Runs `body(scratch, task)` for every task, sequentially or on the rayon pool.
 fn run_tasks(tasks: usize, par: Par, plan: &Plan, body: impl Fn(&mut Scratch, usize) + Sync + Send) {
@@ -720,6 +723,7 @@ mod tests {
     }
 
     type Output = (Vec<f32>, Vec<f32>);
+    type Kernel<'k> = dyn Fn(ViewMut4<'_, f32>, ViewMut<'_, f32, 3>, Par) + 'k;
 
     /// Runs `case` through the reference, the flash kernel (sequential, 1 and 2 threads) and the
     /// unfused path; asserts agreement within `tol` and bit-identity across thread counts.
@@ -787,7 +791,7 @@ mod tests {
             }
         }
 
-        let run = |f: &dyn Fn(ViewMut4<'_, f32>, ViewMut<'_, f32, 3>, Par), par: Par| -> Output {
+        let run = |f: &Kernel<'_>, par: Par| -> Output {
             let mut out = vec![f32::NAN; b * h * s * dv];
             let mut lse = vec![f32::NAN; b * h * s];
             f(

@@ -152,8 +152,8 @@ pub fn attention_unfused(
     let head_job = |scores: &mut Vec<f32>, bh: usize| {
         let (b, h) = (bh / plan.h, bh % plan.h);
         let g = h / plan.rep;
-        // SAFETY (both GEMMs): every view was bounds-checked by `validate`; `scores` holds S×T
-        // elements; the destination head `(b, h)` is written by this job only.
+        // SAFETY: every view was bounds-checked by `validate`; `scores` holds S×T elements; the
+        // destination head `(b, h)` is written by this job only (the same holds for the second GEMM).
         unsafe {
             gemm_raw(
                 scores.as_mut_ptr(),

@@ -180,12 +180,12 @@ impl<'a, T, const N: usize> View<'a, T, N> {
     /// Offset in `data` of the element at `index`.
     #[inline]
     pub fn offset(&self, index: [usize; N]) -> usize {
-        let mut off = 0;
-        for dim in 0..N {
-            debug_assert!(index[dim] < self.shape[dim]);
-            off += index[dim] * self.strides[dim];
-        }
-        off
+        debug_assert!(
+            index.iter().zip(&self.shape).all(|(i, n)| i < n),
+            "index {index:?} outside {:?}",
+            self.shape
+        );
+        index.iter().zip(&self.strides).map(|(i, st)| i * st).sum()
     }
 }
 
