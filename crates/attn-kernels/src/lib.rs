@@ -34,3 +34,35 @@ pub use reference::{attention_reference, ReferenceAttention};
 pub use simd::{exp_scalar, exp_slice, simd_level, SimdLevel};
 pub use softmax::{attention_unfused, masked_softmax};
 pub use view::{contiguous_strides, View, View2, View4, ViewMut, ViewMut2, ViewMut4};
+
+/// Not public API: times the tile micro-kernels for kernel development (`examples/`).
+#[doc(hidden)]
+pub fn __tile_gemm_min_seconds(rows: usize, n: usize, depth: usize, reps: usize) -> f64 {
+    let a = vec![0.5f32; rows * depth];
+    let b = vec![0.25f32; depth * n];
+    let mut c = vec![0.0f32; rows * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t0 = std::time::Instant::now();
+        for _ in 0..100 {
+            #[cfg(target_arch = "x86_64")]
+            if simd_level() == SimdLevel::Avx2Fma {
+                // SAFETY: AVX2+FMA are present; the buffers have exactly these shapes, and `n` is
+                // a multiple of the kernel width (asserted below).
+                assert_eq!(n % 16, 0, "n must be a multiple of 16");
+                unsafe {
+                    tile::avx2::gemm::<true>(rows, n, depth, a.as_ptr(), depth, b.as_ptr(), n, c.as_mut_ptr(), n)
+                };
+            }
+        }
+        best = best.min(t0.elapsed().as_secs_f64() / 100.0);
+    }
+    std::hint::black_box(&c);
+    best
+}
+
+/// Not public API: the row exp for kernel development (`examples/`).
+#[doc(hidden)]
+pub fn __exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
+    simd::exp_sub_sum(row, m)
+}

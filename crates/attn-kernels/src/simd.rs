@@ -154,27 +154,30 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp8(x: __m256) -> __m256 {
-        // The clamp keeps `n` in the exponent's range; the blends below restore the ends.
-        // `_mm256_max_ps(lo, x)` returns `x` when `x` is NaN, so NaN flows through.
-        let lo = _mm256_set1_ps(EXP_LO);
-        let hi = _mm256_set1_ps(EXP_HI);
-        let xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
-        let n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(LOG2E), _mm256_set1_ps(0.5)));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+        // Round-to-nearest `n = round(x·log2 e)` by the magic-number trick: adding 1.5·2^23
+        // leaves `n` in the low mantissa bits of `z`, which also give `2^n` by one shift.
+        // Lanes outside [EXP_LO, EXP_HI] compute garbage that the two masks below replace;
+        // NaN stays NaN through every step.
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let z = _mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), magic);
+        let n = _mm256_sub_ps(z, magic);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-        let z = _mm256_mul_ps(r, r);
+        let r2 = _mm256_mul_ps(r, r);
         let mut p = _mm256_set1_ps(P0);
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P1));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P2));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P3));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P4));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P5));
-        p = _mm256_fmadd_ps(p, z, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-        let ni = _mm256_cvtps_epi32(n);
-        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127))));
+        p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let pow2 = _mm256_castsi256_ps(_mm256_add_epi32(
+            _mm256_slli_epi32::<23>(_mm256_castps_si256(z)),
+            _mm256_set1_epi32(127 << 23),
+        ));
         let y = _mm256_mul_ps(p, pow2);
-        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
-        let overflow = _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi);
+        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_LO));
+        let overflow = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(EXP_HI));
         let y = _mm256_andnot_ps(underflow, y);
         _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), overflow)
     }
@@ -217,8 +220,22 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
         let mv = _mm256_set1_ps(m);
-        let mut acc = _mm256_setzero_ps();
-        let mut chunks = row.chunks_exact_mut(8);
+        // Two independent chains of 8 lanes give the out-of-order core work to overlap.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut pairs = row.chunks_exact_mut(16);
+        for c in &mut pairs {
+            // SAFETY: `c` has exactly 16 elements.
+            unsafe {
+                let e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+                let e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr().add(8)), mv));
+                _mm256_storeu_ps(c.as_mut_ptr(), e0);
+                _mm256_storeu_ps(c.as_mut_ptr().add(8), e1);
+                acc0 = _mm256_add_ps(acc0, e0);
+                acc1 = _mm256_add_ps(acc1, e1);
+            }
+        }
+        let mut acc = _mm256_add_ps(acc0, acc1);
+        let mut chunks = pairs.into_remainder().chunks_exact_mut(8);
         for c in &mut chunks {
             // SAFETY: `c` has exactly 8 elements.
             unsafe {
