@@ -47,9 +47,9 @@ pub fn __tile_gemm_min_seconds(rows: usize, n: usize, depth: usize, reps: usize)
         for _ in 0..100 {
             #[cfg(target_arch = "x86_64")]
             if simd_level() == SimdLevel::Avx2Fma {
-                // SAFETY: AVX2+FMA are present; the buffers have exactly these shapes, and `n` is
-                // a multiple of the kernel width (asserted below).
                 assert_eq!(n % 16, 0, "n must be a multiple of 16");
+                // SAFETY: AVX2+FMA are present; the buffers have exactly these shapes, and `n` is
+                // a multiple of the kernel width.
                 unsafe {
                     tile::avx2::gemm::<true>(rows, n, depth, a.as_ptr(), depth, b.as_ptr(), n, c.as_mut_ptr(), n)
                 };
