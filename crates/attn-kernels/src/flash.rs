@@ -40,6 +40,8 @@ pub const BLOCK_ROWS: usize = 64;
 pub const BLOCK_KEYS: usize = 128;
 /// Below this many `(b, g, row tile)` tasks the keys are split across tasks (decoding).
 pub const MIN_TASKS: usize = 32;
+/// Tiles of at most this many rows compute scores by dot products on keys in place.
+const DOT_ROWS_MAX: usize = 8;
 /// The smallest number of keys a split covers.
 const MIN_KEYS_PER_SPLIT: usize = 512;
 
@@ -508,9 +510,12 @@ fn attend_tile(
         let v_base = b * v_st[0] + g * v_st[1] + t0 * v_st[2];
         // Pass 1: scores = q_tile · k_blockᵀ.
         if micro {
-            // The key block transposed, zero past `bc`: packed for the call, or here.
+            // Short tiles (decoding) read the keys in place by dot products; others take the
+            // key block transposed, packed once for the call or here.
+            let keys_in_place = n_rows <= DOT_ROWS_MAX && k_st[3] == 1 && ops.kt_packed.is_none();
             let bc_pad = crate::tile::pad_to_nr(bc);
             let kt: &[f32] = match ops.kt_packed {
+                _ if keys_in_place => &[],
                 Some(packed) => {
                     let blocks = plan.t.div_ceil(BLOCK_KEYS);
                     let index = (b * plan.g + g) * blocks + t0 / BLOCK_KEYS;
@@ -537,21 +542,41 @@ fn attend_tile(
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], `kt` is [D, BLOCK_KEYS]
-            // with `bc_pad <= BLOCK_KEYS` columns written, `scores` is [BLOCK_ROWS, BLOCK_KEYS].
-            unsafe {
-                crate::tile::avx2::gemm::<false>(
-                    n_rows,
-                    bc_pad,
-                    d,
-                    scratch.q_tile.as_ptr(),
-                    d,
-                    kt.as_ptr(),
-                    BLOCK_KEYS,
-                    scratch.scores.as_mut_ptr(),
-                    BLOCK_KEYS,
-                )
-            };
+            if keys_in_place {
+                // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], the key rows
+                // `[b, g, t0..t0+bc, :]` are contiguous and were bounds-checked with `k`, and
+                // `scores` is [BLOCK_ROWS, BLOCK_KEYS].
+                unsafe {
+                    crate::tile::avx2::dot_rows(
+                        n_rows,
+                        bc,
+                        d,
+                        scratch.q_tile.as_ptr(),
+                        d,
+                        k_data.as_ptr().add(k_base),
+                        k_st[2],
+                        scratch.scores.as_mut_ptr(),
+                        BLOCK_KEYS,
+                    )
+                };
+            } else {
+                // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], `kt` is
+                // [D, BLOCK_KEYS] with `bc_pad <= BLOCK_KEYS` columns written, `scores` is
+                // [BLOCK_ROWS, BLOCK_KEYS].
+                unsafe {
+                    crate::tile::avx2::gemm::<false>(
+                        n_rows,
+                        bc_pad,
+                        d,
+                        scratch.q_tile.as_ptr(),
+                        d,
+                        kt.as_ptr(),
+                        BLOCK_KEYS,
+                        scratch.scores.as_mut_ptr(),
+                        BLOCK_KEYS,
+                    )
+                };
+            }
         } else {
             // SAFETY: `scores` holds BLOCK_ROWS×BLOCK_KEYS elements and `q_tile` BLOCK_ROWS×D;
             // the key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
@@ -593,26 +618,42 @@ fn attend_tile(
         }
         // Pass 4: acc += p · v_block.
         if micro {
+            let v_ptr = if v_in_place {
+                v_data.as_ptr().wrapping_add(v_base)
+            } else {
+                scratch.vp.as_ptr()
+            };
+            let ldv = if v_in_place { v_st[2] } else { dv_pad };
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX2+FMA were detected; `scores` is [n_rows, BLOCK_KEYS] with `bc` valid
             // columns, the value block ([bc, Dv_pad], packed or in place: bounds-checked with `v`)
             // and `acc` is [BLOCK_ROWS, Dv_pad].
             unsafe {
-                crate::tile::avx2::gemm::<true>(
-                    n_rows,
-                    dv_pad,
-                    bc,
-                    scratch.scores.as_ptr(),
-                    BLOCK_KEYS,
-                    if v_in_place {
-                        v_data.as_ptr().add(v_base)
-                    } else {
-                        scratch.vp.as_ptr()
-                    },
-                    if v_in_place { v_st[2] } else { dv_pad },
-                    scratch.acc.as_mut_ptr(),
-                    dv_pad,
-                )
+                if n_rows <= DOT_ROWS_MAX {
+                    crate::tile::avx2::axpy_rows(
+                        n_rows,
+                        dv_pad,
+                        bc,
+                        scratch.scores.as_ptr(),
+                        BLOCK_KEYS,
+                        v_ptr,
+                        ldv,
+                        scratch.acc.as_mut_ptr(),
+                        dv_pad,
+                    )
+                } else {
+                    crate::tile::avx2::gemm::<true>(
+                        n_rows,
+                        dv_pad,
+                        bc,
+                        scratch.scores.as_ptr(),
+                        BLOCK_KEYS,
+                        v_ptr,
+                        ldv,
+                        scratch.acc.as_mut_ptr(),
+                        dv_pad,
+                    )
+                }
             };
         } else {
             // SAFETY: `acc` holds BLOCK_ROWS×Dv_pad elements; the value block was bounds-checked

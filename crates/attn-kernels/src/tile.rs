@@ -115,4 +115,100 @@ pub(crate) mod avx2 {
             }
         }
     }
+
+    /// Scores of a few query rows against keys read in place:
+    /// `c[i·ldc + j] = Σ_p a[i·lda + p] · k[j·ldk + p]` for `i < rows`, `j < n`, `p < depth`.
+    /// For short tiles (decoding) this beats transposing the key block, which would cost as
+    /// much as the whole product.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available and every operand in bounds for those shapes.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn dot_rows(
+        rows: usize,
+        n: usize,
+        depth: usize,
+        a: *const f32,
+        lda: usize,
+        k: *const f32,
+        ldk: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let vecs = depth / 8;
+        // SAFETY: the caller guarantees the operands cover these shapes.
+        unsafe {
+            let mut i0 = 0;
+            while i0 < rows {
+                let r = (rows - i0).min(4);
+                for j in 0..n {
+                    let key = k.add(j * ldk);
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for v in 0..vecs {
+                        let kv = _mm256_loadu_ps(key.add(8 * v));
+                        for (i, acc_i) in acc.iter_mut().enumerate().take(r) {
+                            *acc_i = _mm256_fmadd_ps(_mm256_loadu_ps(a.add((i0 + i) * lda + 8 * v)), kv, *acc_i);
+                        }
+                    }
+                    // Four horizontal sums at once.
+                    let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+                    let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+                    let h = _mm256_hadd_ps(h01, h23);
+                    let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+                    let mut out = [0.0f32; 4];
+                    _mm_storeu_ps(out.as_mut_ptr(), sums);
+                    for (i, value) in out.iter().enumerate().take(r) {
+                        let mut total = *value;
+                        for p in 8 * vecs..depth {
+                            total += *a.add((i0 + i) * lda + p) * *key.add(p);
+                        }
+                        *c.add((i0 + i) * ldc + j) = total;
+                    }
+                }
+                i0 += r;
+            }
+        }
+    }
+
+    /// `c[i, 0..n] += Σ_j a[i·lda + j] · v[j·ldv .. j·ldv + n]` for `i < rows` (at most 8),
+    /// `j < depth`, `n` a multiple of 8: one pass over the rows of `v` in order.
+    ///
+    /// For short tiles (decoding) the value rows come from memory once, in order, which the
+    /// hardware prefetcher follows; the panel order of [`gemm`] would walk them by columns.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available and every operand in bounds for those shapes.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn axpy_rows(
+        rows: usize,
+        n: usize,
+        depth: usize,
+        a: *const f32,
+        lda: usize,
+        v: *const f32,
+        ldv: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        debug_assert!(rows <= 8 && n % 8 == 0);
+        // SAFETY: the caller guarantees the operands cover these shapes.
+        unsafe {
+            for j in 0..depth {
+                let v_row = v.add(j * ldv);
+                let mut weight = [_mm256_setzero_ps(); 8];
+                for (i, w) in weight.iter_mut().enumerate().take(rows) {
+                    *w = _mm256_broadcast_ss(&*a.add(i * lda + j));
+                }
+                for col in (0..n).step_by(8) {
+                    let vv = _mm256_loadu_ps(v_row.add(col));
+                    for (i, w) in weight.iter().enumerate().take(rows) {
+                        let dst = c.add(i * ldc + col);
+                        _mm256_storeu_ps(dst, _mm256_fmadd_ps(*w, vv, _mm256_loadu_ps(dst)));
+                    }
+                }
+            }
+        }
+    }
 }
