@@ -97,7 +97,7 @@ pub fn run(input: &Path, output: &Path, causal: Causal, scale: Option<f32>) -> R
         scale,
         mask,
         causal,
-        key_lengths: None,
+        ..Default::default()
     };
     let mut out = vec![0.0f32; b * h * s * dv];
     let mut lse = vec![0.0f32; b * h * s];

@@ -599,7 +599,7 @@ fn attend_tile(
             let row = &mut scratch.scores[i * BLOCK_KEYS..i * BLOCK_KEYS + bc];
             let (s, h) = positions[i];
             // Pass 2: mask, max, exp and sum.
-            mask_row(row, &options.mask, [b, h, s], t0, limits[i]);
+            mask_row(row, options, [b, h, s], t0, limits[i], [plan.s, plan.t]);
             let m_old = scratch.m[i];
             let m_new = m_old.max(row_max(row));
             if m_new == f32::NEG_INFINITY {
@@ -692,6 +692,8 @@ mod tests {
         Allowed(MaskShape),
         /// Additive, with some `-inf` entries.
         Additive(MaskShape),
+        /// Boolean, `true` = masked out.
+        Disallowed(MaskShape),
     }
 
     #[derive(Debug, Clone, Copy)]
@@ -715,6 +717,10 @@ mod tests {
         causal: Causal,
         mask: MaskKind,
         lengths: bool,
+        /// A second, `[B, T]` key-padding mask (`true` = masked out).
+        key_mask: bool,
+        /// ALiBi slopes per head.
+        alibi: bool,
         scale: Option<f32>,
         /// Multiplies q, for large logits.
         magnitude: f32,
@@ -734,6 +740,8 @@ mod tests {
                 causal: Causal::None,
                 mask: MaskKind::None,
                 lengths: false,
+                key_mask: false,
+                alibi: false,
                 scale: None,
                 magnitude: 1.0,
             }
@@ -787,7 +795,7 @@ mod tests {
         let target = [b, h, s, t];
         let mask_shape: Vec<usize> = match case.mask {
             MaskKind::None => vec![],
-            MaskKind::Allowed(sh) | MaskKind::Additive(sh) => match sh {
+            MaskKind::Allowed(sh) | MaskKind::Additive(sh) | MaskKind::Disallowed(sh) => match sh {
                 MaskShape::Full => vec![b, h, s, t],
                 MaskShape::TwoD => vec![s, t],
                 MaskShape::Padding => vec![b, 1, 1, t],
@@ -804,13 +812,23 @@ mod tests {
             MaskKind::None => Mask::None,
             MaskKind::Allowed(_) => Mask::Allowed(broadcast_to(&allowed, &mask_shape, target).unwrap()),
             MaskKind::Additive(_) => Mask::Additive(broadcast_to(&additive, &mask_shape, target).unwrap()),
+            MaskKind::Disallowed(_) => Mask::Disallowed(broadcast_to(&allowed, &mask_shape, target).unwrap()),
         };
+        let padding: Vec<bool> = random_vec(b * t, 15).iter().map(|&x| x > 0.6).collect();
+        let key_mask = if case.key_mask {
+            Mask::Disallowed(broadcast_to(&padding, &[b, 1, 1, t], target).unwrap())
+        } else {
+            Mask::None
+        };
+        let slopes: Vec<f32> = (0..h).map(|i| 0.5f32.powi(i as i32 + 1)).collect();
         let lengths: Vec<usize> = (0..b).map(|i| (t * (i + 1) / (b + 1)).min(t)).collect();
         let options = AttentionOptions {
             scale: case.scale,
             mask,
             causal: case.causal,
             key_lengths: case.lengths.then_some(&lengths[..]),
+            key_mask,
+            alibi_slopes: case.alibi.then_some(&slopes[..]),
         };
         let (qv, kv, vv) = (
             view4(&q, [b, h, s, d], bshd),
@@ -873,6 +891,25 @@ mod tests {
         assert_eq!(bits(&seq), bits(&one), "1 thread differs from sequential: {what}");
         assert_eq!(bits(&seq), bits(&two), "2 threads differ from sequential: {what}");
         assert!(seq.0.iter().all(|x| !x.is_nan()), "NaN in output: {what}");
+
+        // Weights from the LSE, per head and averaged over heads.
+        let lse_view = crate::View::contiguous(&seq.1[..], [b, h, s]).unwrap();
+        let mut per_head = vec![f32::NAN; b * h * s * t];
+        let dst = crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut per_head, [b, h, s, t]).unwrap());
+        crate::attention_weights(dst, qv, kv, lse_view, &options, Par::Rayon).unwrap();
+        assert_close(&per_head, &reference.weights, tol, tol, &format!("weights {what}"));
+        let mut averaged = vec![f32::NAN; b * s * t];
+        let dst = crate::WeightsDst::Averaged(ViewMut::contiguous(&mut averaged, [b, s, t]).unwrap());
+        crate::attention_weights(dst, qv, kv, lse_view, &options, Par::Rayon).unwrap();
+        let mut want_avg = vec![0.0f64; b * s * t];
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..s * t {
+                    want_avg[bi * s * t + i] += reference.weights[(bi * h + hi) * s * t + i] / h as f64;
+                }
+            }
+        }
+        assert_close(&averaged, &want_avg, tol, tol, &format!("averaged weights {what}"));
     }
 
     #[test]
@@ -910,12 +947,17 @@ mod tests {
             MaskKind::Additive(MaskShape::Full),
             MaskKind::Additive(MaskShape::TwoD),
             MaskKind::Additive(MaskShape::Padding),
+            MaskKind::Disallowed(MaskShape::Full),
+            MaskKind::Disallowed(MaskShape::TwoD),
         ] {
             let mut case = Case::new(2, 4, 2, 33, 150, 8, 8);
             case.mask = mask;
             check(case, 2e-5);
             case.lengths = true;
             case.causal = Causal::BottomRight;
+            check(case, 2e-5);
+            case.key_mask = true;
+            case.alibi = true;
             check(case, 2e-5);
         }
     }
@@ -1121,24 +1163,36 @@ mod tests {
                 prop::sample::select(vec![(1usize, 1usize), (2, 1), (2, 2), (4, 1), (6, 3)]),
             ),
             (dims.clone(), dims, prop::sample::select(vec![1usize, 3, 8, 17, 64])),
-            (any::<bool>(), 0usize..3, 0usize..7, any::<bool>()),
+            (
+                any::<bool>(),
+                0usize..3,
+                0usize..8,
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+            ),
         )
-            .prop_map(|((b, (h, g)), (s, t, d), (bshd, causal, mask, lengths))| {
-                let mut case = Case::new(b, h, g, s, t, d, if d % 2 == 0 { d } else { d + 2 });
-                case.bshd = bshd;
-                case.causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][causal];
-                case.mask = match mask {
-                    0 => MaskKind::None,
-                    1 => MaskKind::Allowed(MaskShape::Full),
-                    2 => MaskKind::Allowed(MaskShape::TwoD),
-                    3 => MaskKind::Allowed(MaskShape::Padding),
-                    4 => MaskKind::Additive(MaskShape::Full),
-                    5 => MaskKind::Additive(MaskShape::TwoD),
-                    _ => MaskKind::Additive(MaskShape::Padding),
-                };
-                case.lengths = lengths;
-                case
-            })
+            .prop_map(
+                |((b, (h, g)), (s, t, d), (bshd, causal, mask, lengths, key_mask, alibi))| {
+                    let mut case = Case::new(b, h, g, s, t, d, if d % 2 == 0 { d } else { d + 2 });
+                    case.bshd = bshd;
+                    case.causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][causal];
+                    case.mask = match mask {
+                        0 => MaskKind::None,
+                        1 => MaskKind::Allowed(MaskShape::Full),
+                        2 => MaskKind::Allowed(MaskShape::TwoD),
+                        3 => MaskKind::Allowed(MaskShape::Padding),
+                        4 => MaskKind::Additive(MaskShape::Full),
+                        5 => MaskKind::Additive(MaskShape::TwoD),
+                        6 => MaskKind::Disallowed(MaskShape::Full),
+                        _ => MaskKind::Additive(MaskShape::Padding),
+                    };
+                    case.lengths = lengths;
+                    case.key_mask = key_mask;
+                    case.alibi = alibi;
+                    case
+                },
+            )
     }
 
     proptest! {

@@ -43,6 +43,8 @@ pub enum Mask<'a> {
     None,
     /// `true` = may attend (SDPA's convention); `false` scores become `-inf`.
     Allowed(View4<'a, bool>),
+    /// `true` = masked out (the convention of PyTorch's modules); `true` scores become `-inf`.
+    Disallowed(View4<'a, bool>),
     /// Added to the scaled scores; `-inf` masks a key out.
     Additive(View4<'a, f32>),
 }
@@ -54,6 +56,14 @@ pub struct AttentionOptions<'a> {
     pub scale: Option<f32>,
     /// Explicit mask broadcast to `[B, H, S, T]`.
     pub mask: Mask<'a>,
+    /// A second mask, combined with `mask`: usually key padding, a `[B, T]` mask broadcast to
+    /// `[B, H, S, T]`. Two masks of different shapes are applied together without
+    /// materialising their combination.
+    pub key_mask: Mask<'a>,
+    /// ALiBi: query head `h` adds `-slopes[h] · (s + T - S - t)` to the score of key `t`, the
+    /// distance to the query's position with queries aligned to the last keys (as when decoding
+    /// with a cache). Length `H`.
+    pub alibi_slopes: Option<&'a [f32]>,
     /// Causal masking and alignment.
     pub causal: Causal,
     /// Key padding: batch `b` attends only keys `t < key_lengths[b]`; length `B`.
@@ -112,17 +122,24 @@ pub(crate) fn validate_options(
     options: &AttentionOptions<'_>,
     target: [usize; 4],
 ) -> Result<(), KernelError> {
-    let mask_shape = match options.mask {
-        Mask::None => None,
-        Mask::Allowed(m) => Some(m.shape()),
-        Mask::Additive(m) => Some(m.shape()),
-    };
-    if let Some(shape) = mask_shape {
-        if shape != target {
-            return Err(KernelError::MaskNotBroadcastable {
+    for mask in [&options.mask, &options.key_mask] {
+        if let Some(shape) = mask.shape() {
+            if shape != target {
+                return Err(KernelError::MaskNotBroadcastable {
+                    op,
+                    got: shape.to_vec(),
+                    target: target.to_vec(),
+                });
+            }
+        }
+    }
+    if let Some(slopes) = options.alibi_slopes {
+        if slopes.len() != target[1] {
+            return Err(KernelError::ShapeMismatch {
                 op,
-                got: shape.to_vec(),
-                target: target.to_vec(),
+                tensor: "alibi_slopes",
+                expected: vec![target[1]],
+                got: vec![slopes.len()],
             });
         }
     }
@@ -165,10 +182,48 @@ pub(crate) fn resolve_scale(options: &AttentionOptions<'_>, d: usize) -> f32 {
         .unwrap_or_else(|| if d == 0 { 1.0 } else { 1.0 / (d as f32).sqrt() })
 }
 
-/// Applies the masks of one score row: `row[j]` holds the scaled score of key `t0 + j` for
-/// `(b, h, s)`. Keys at or past `limit` (causal and padding folded together) become `-inf`.
+impl Mask<'_> {
+    /// The view's shape, if there is a mask.
+    pub fn shape(&self) -> Option<[usize; 4]> {
+        match self {
+            Mask::None => None,
+            Mask::Allowed(m) | Mask::Disallowed(m) => Some(m.shape()),
+            Mask::Additive(m) => Some(m.shape()),
+        }
+    }
+}
+
+/// Applies everything of `options` that shapes one score row: `row[j]` holds the scaled score
+/// of key `t0 + j` for `(b, h, s)` in a call of `n_queries` queries and `n_keys` keys. Keys at or
+/// past `limit` (causal and key lengths folded together) become `-inf`.
 #[inline]
-pub(crate) fn mask_row(row: &mut [f32], mask: &Mask<'_>, [b, h, s]: [usize; 3], t0: usize, limit: usize) {
+pub(crate) fn mask_row(
+    row: &mut [f32],
+    options: &AttentionOptions<'_>,
+    bhs: [usize; 3],
+    t0: usize,
+    limit: usize,
+    [n_queries, n_keys]: [usize; 2],
+) {
+    if let Some(slopes) = options.alibi_slopes {
+        let [_, h, s] = bhs;
+        let position = (s + n_keys) as f32 - n_queries as f32;
+        let slope = slopes[h];
+        row.iter_mut()
+            .enumerate()
+            .for_each(|(j, x)| *x -= slope * (position - (t0 + j) as f32));
+    }
+    apply_mask(row, &options.mask, bhs, t0);
+    apply_mask(row, &options.key_mask, bhs, t0);
+    let bc = row.len();
+    if t0 + bc > limit {
+        let from = limit.saturating_sub(t0).min(bc);
+        row[from..].fill(f32::NEG_INFINITY);
+    }
+}
+
+#[inline]
+fn apply_mask(row: &mut [f32], mask: &Mask<'_>, [b, h, s]: [usize; 3], t0: usize) {
     let bc = row.len();
     match mask {
         Mask::None => {}
@@ -184,26 +239,24 @@ pub(crate) fn mask_row(row: &mut [f32], mask: &Mask<'_>, [b, h, s]: [usize; 3], 
                 st => row.iter_mut().enumerate().for_each(|(j, x)| *x += data[base + j * st]),
             }
         }
-        Mask::Allowed(m) => {
+        Mask::Allowed(m) | Mask::Disallowed(m) => {
+            // Masked out where the stored boolean equals `masked_when`.
+            let masked_when = matches!(mask, Mask::Disallowed(_));
             let base = m.offset([b, h, s, 0]) + t0 * m.strides()[3];
             let data = m.data();
             match m.strides()[3] {
-                1 => row.iter_mut().zip(&data[base..base + bc]).for_each(|(x, &ok)| {
-                    if !ok {
+                1 => row.iter_mut().zip(&data[base..base + bc]).for_each(|(x, &flag)| {
+                    if flag == masked_when {
                         *x = f32::NEG_INFINITY
                     }
                 }),
                 st => row.iter_mut().enumerate().for_each(|(j, x)| {
-                    if !data[base + j * st] {
+                    if data[base + j * st] == masked_when {
                         *x = f32::NEG_INFINITY
                     }
                 }),
             }
         }
-    }
-    if t0 + bc > limit {
-        let from = limit.saturating_sub(t0).min(bc);
-        row[from..].fill(f32::NEG_INFINITY);
     }
 }
 

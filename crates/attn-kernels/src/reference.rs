@@ -49,12 +49,23 @@ pub fn attention_reference(
                         dot += q.get([b, h, s, j]) as f64 * k.get([b, g, t, j]) as f64;
                     }
                     let mut x = dot * scale;
-                    match options.mask {
-                        Mask::None => {}
-                        Mask::Additive(m) => x += m.get([b, h, s, t]) as f64,
-                        Mask::Allowed(m) => {
-                            if !m.get([b, h, s, t]) {
-                                x = f64::NEG_INFINITY
+                    if let Some(slopes) = options.alibi_slopes {
+                        let position = (s + t_n) as f64 - s_n as f64;
+                        x -= slopes[h] as f64 * (position - t as f64);
+                    }
+                    for mask in [&options.mask, &options.key_mask] {
+                        match mask {
+                            Mask::None => {}
+                            Mask::Additive(m) => x += m.get([b, h, s, t]) as f64,
+                            Mask::Allowed(m) => {
+                                if !m.get([b, h, s, t]) {
+                                    x = f64::NEG_INFINITY
+                                }
+                            }
+                            Mask::Disallowed(m) => {
+                                if m.get([b, h, s, t]) {
+                                    x = f64::NEG_INFINITY
+                                }
                             }
                         }
                     }

@@ -17,12 +17,19 @@ use crate::{Accum, AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4}
 /// Softmax of one row in place after scaling and masking; returns the row's log-sum-exp
 /// (`-inf` and a zero row when no key is visible).
 #[inline]
-fn softmax_row(row: &mut [f32], scale: f32, options: &AttentionOptions<'_>, bhs: [usize; 3], limit: usize) -> f32 {
+fn softmax_row(
+    row: &mut [f32],
+    scale: f32,
+    options: &AttentionOptions<'_>,
+    bhs: [usize; 3],
+    limit: usize,
+    shape: [usize; 2],
+) -> f32 {
     // Pass 1: scale and mask; row max.
     if scale != 1.0 {
         scale_row(row, scale);
     }
-    mask_row(row, &options.mask, bhs, 0, limit);
+    mask_row(row, options, bhs, 0, limit, shape);
     let m = row_max(row);
     if m == f32::NEG_INFINITY {
         row.fill(0.0);
@@ -85,7 +92,7 @@ pub fn masked_softmax(
         // SAFETY: the row `(bi, hi, si)` is in bounds, contiguous, and visited by this job only
         // (the view does not overlap itself).
         let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(bi * st[0] + hi * st[1] + si * st[2]), t) };
-        let value = softmax_row(row, scale, options, [bi, hi, si], limit);
+        let value = softmax_row(row, scale, options, [bi, hi, si], limit, [s, t]);
         if let Some((ptr, lst)) = lse_dst {
             // SAFETY: as above, for the lse element of this row.
             unsafe { *ptr.get().add(bi * lst[0] + hi * lst[1] + si * lst[2]) = value };
@@ -171,7 +178,14 @@ pub fn attention_unfused(
         let key_length = options.key_lengths.map_or(t, |l| l[b]);
         for si in 0..s {
             let limit = options.causal.key_limit(si, s, t).min(key_length);
-            let value = softmax_row(&mut scores[si * t..(si + 1) * t], 1.0, options, [b, h, si], limit);
+            let value = softmax_row(
+                &mut scores[si * t..(si + 1) * t],
+                1.0,
+                options,
+                [b, h, si],
+                limit,
+                [s, t],
+            );
             if let Some((ptr, lst)) = lse_dst {
                 // SAFETY: the lse element of `(b, h, si)` is in bounds and this job's alone.
                 unsafe { *ptr.get().add(b * lst[0] + h * lst[1] + si * lst[2]) = value };
@@ -211,6 +225,172 @@ pub fn attention_unfused(
         Par::Rayon => (0..heads)
             .into_par_iter()
             .for_each_init(|| vec![0.0f32; s * t], head_job),
+    }
+    Ok(())
+}
+
+/// Where [`attention_weights`] writes.
+#[derive(Debug)]
+pub enum WeightsDst<'a> {
+    /// Every head's weights: `[B, H, S, T]`.
+    PerHead(ViewMut4<'a, f32>),
+    /// The mean over heads: `[B, S, T]`, without any per-head `S×T` buffer.
+    Averaged(ViewMut<'a, f32, 3>),
+}
+
+/// The softmax weights of an attention call from its LSE, in a second pass that never needs
+/// the flash kernel to store them: `weights = exp(scale·q·kᵀ + masks - lse)`.
+///
+/// `q: [B, H, S, D]`, `k: [B, G, T, D]`, `lse: [B, H, S]` (from
+/// [`flash_attention`](crate::flash_attention) with the same `options`) -> `[B, H, S, T]` or,
+/// averaged over heads, `[B, S, T]`. A row with nothing to attend to (`lse = -inf`) gets zeros.
+/// Work is cut by shape only and heads are averaged in head order, so the result does not
+/// depend on the thread count.
+pub fn attention_weights(
+    dst: WeightsDst<'_>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    lse: crate::View<'_, f32, 3>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "attention_weights";
+    let [b, h, s, d] = q.shape();
+    let [kb, g, t, kd] = k.shape();
+    if g == 0 || h % g != 0 {
+        return Err(KernelError::HeadsNotDivisible {
+            op,
+            n_heads: h,
+            n_kv_heads: g,
+        });
+    }
+    if kb != b || kd != d {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            tensor: "k",
+            expected: vec![b, g, t, d],
+            got: k.shape().to_vec(),
+        });
+    }
+    if lse.shape() != [b, h, s] {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            tensor: "lse",
+            expected: vec![b, h, s],
+            got: lse.shape().to_vec(),
+        });
+    }
+    let (averaged, dst_shape) = match &dst {
+        WeightsDst::PerHead(v) => (false, v.shape().to_vec()),
+        WeightsDst::Averaged(v) => (true, v.shape().to_vec()),
+    };
+    let want = if averaged { vec![b, s, t] } else { vec![b, h, s, t] };
+    if dst_shape != want {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            tensor: "weights",
+            expected: want,
+            got: dst_shape,
+        });
+    }
+    validate_options(op, options, [b, h, s, t])?;
+    if b == 0 || s == 0 || t == 0 {
+        return Ok(());
+    }
+    if h == 0 {
+        // The mean over no heads: zeros.
+        if let WeightsDst::Averaged(mut v) = dst {
+            for bi in 0..b {
+                for si in 0..s {
+                    for ti in 0..t {
+                        let offset = v.offset([bi, si, ti]);
+                        v.data_mut()[offset] = 0.0;
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
+    let scale = resolve_scale(options, d);
+    let rep = h / g;
+    let (dst_ptr, dst_strides) = match dst {
+        WeightsDst::PerHead(mut v) => (SendPtr(v.data_mut().as_mut_ptr()), v.strides()),
+        WeightsDst::Averaged(mut v) => {
+            let st = v.strides();
+            (SendPtr(v.data_mut().as_mut_ptr()), [st[0], 0, st[1], st[2]])
+        }
+    };
+    let (qs, ks) = (q.strides(), k.strides());
+    const ROWS: usize = crate::BLOCK_ROWS;
+    const KEYS: usize = crate::BLOCK_KEYS;
+    let row_tiles = s.div_ceil(ROWS);
+    let heads_per_task = if averaged { h } else { 1 };
+    let tasks = b * (h / heads_per_task) * row_tiles;
+    let inv_heads = 1.0 / h as f32;
+    let job = |scores: &mut Vec<f32>, task: usize| {
+        let (bh, tile) = (task / row_tiles, task % row_tiles);
+        let (bi, h_first) = (bh / (h / heads_per_task), (bh % (h / heads_per_task)) * heads_per_task);
+        let s0 = tile * ROWS;
+        let rows = (s - s0).min(ROWS);
+        let key_length = options.key_lengths.map_or(t, |l| l[bi]);
+        for hi in h_first..h_first + heads_per_task {
+            let gi = hi / rep;
+            let mut t0 = 0;
+            while t0 < t {
+                let bc = (t - t0).min(KEYS);
+                // SAFETY: the q rows `[bi, hi, s0..s0+rows, :]` and keys `[bi, gi, t0..t0+bc, :]`
+                // were bounds-checked above; `scores` holds ROWS×KEYS elements.
+                unsafe {
+                    gemm_raw(
+                        scores.as_mut_ptr(),
+                        [bc, 1],
+                        [rows, bc, d],
+                        Accum::Replace,
+                        q.data().as_ptr().add(bi * qs[0] + hi * qs[1] + s0 * qs[2]),
+                        [qs[2], qs[3]],
+                        k.data().as_ptr().add(bi * ks[0] + gi * ks[1] + t0 * ks[2]),
+                        [ks[3], ks[2]],
+                        scale,
+                        Par::Seq,
+                    )
+                };
+                for i in 0..rows {
+                    let si = s0 + i;
+                    let row = &mut scores[i * bc..(i + 1) * bc];
+                    let limit = options.causal.key_limit(si, s, t).min(key_length);
+                    mask_row(row, options, [bi, hi, si], t0, limit, [s, t]);
+                    let l = lse.get([bi, hi, si]);
+                    if l == f32::NEG_INFINITY {
+                        row.fill(0.0);
+                    } else {
+                        exp_sub_sum(row, l);
+                    }
+                    let base = bi * dst_strides[0] + hi * dst_strides[1] + si * dst_strides[2] + t0 * dst_strides[3];
+                    for (j, &w) in row.iter().enumerate() {
+                        // SAFETY: the element is in bounds of the destination, and rows `(bi, si)`
+                        // (with head `hi` unless averaged) belong to this task alone.
+                        unsafe {
+                            let p = dst_ptr.get().add(base + j * dst_strides[3]);
+                            if averaged {
+                                *p = if hi == 0 { w * inv_heads } else { *p + w * inv_heads };
+                            } else {
+                                *p = w;
+                            }
+                        }
+                    }
+                }
+                t0 += bc;
+            }
+        }
+    };
+    match par {
+        Par::Seq => {
+            let mut scores = vec![0.0f32; ROWS * KEYS];
+            (0..tasks).for_each(|task| job(&mut scores, task));
+        }
+        Par::Rayon => (0..tasks)
+            .into_par_iter()
+            .for_each_init(|| vec![0.0f32; ROWS * KEYS], job),
     }
     Ok(())
 }
