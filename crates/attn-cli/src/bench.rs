@@ -192,6 +192,25 @@ impl SdpaBench {
     }
 }
 
+/// A report for a measurement without a flop count.
+pub fn report_plain(op: &str, what: &str, stats: Stats, threads: usize, as_json: bool) -> String {
+    if as_json {
+        json!({
+            "op": op, "what": what, "threads": threads,
+            "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs,
+            "peak_rss_bytes": peak_rss_bytes(),
+        })
+        .to_string()
+    } else {
+        format!(
+            "{op} {what} threads={threads}\n  median {:.3} ms  min {:.3} ms  runs {}",
+            stats.median_s * 1e3,
+            stats.min_s * 1e3,
+            stats.runs
+        )
+    }
+}
+
 /// `bench gemm`: `[M, K] · [K, N]`, row-major operands, all threads.
 pub fn gemm_bench(m: usize, n: usize, k: usize, threads: usize, budget: Budget, as_json: bool) -> Result<String> {
     let a = random_vec(m * k, 1);

@@ -7,6 +7,7 @@
 mod bench;
 mod demo;
 mod heatmap;
+mod run;
 mod sdpa;
 mod tensors;
 
@@ -43,6 +44,26 @@ enum Command {
         #[arg(long, allow_negative_numbers = true)]
         scale: Option<f32>,
         /// Worker threads (default: all cores).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+    },
+    /// Runs a module with PyTorch weights (nn.MultiheadAttention, ...) on safetensors inputs.
+    #[command(
+        after_help = "Example:\n  attn run --config mha.json --weights mha.safetensors --input in.safetensors --output out.safetensors\n\nMODULE.json: {\"module\": \"multihead_attention\", \"embed_dim\": 16, \"num_heads\": 4, \"need_weights\": false}\nwith PyTorch's constructor fields and defaults; WEIGHTS is the module's state_dict()."
+    )]
+    Run {
+        /// MODULE.json: {"module": KIND, constructor fields..., forward flags...}.
+        #[arg(long)]
+        config: PathBuf,
+        /// The module's state_dict() as safetensors.
+        #[arg(long)]
+        weights: PathBuf,
+        /// The forward's inputs, under PyTorch's argument names.
+        #[arg(long)]
+        input: PathBuf,
+        /// Where the outputs go.
+        #[arg(long)]
+        output: PathBuf,
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         threads: Option<u16>,
     },
@@ -102,6 +123,23 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Times a module's forward pass exactly as `attn run` computes it (files read once, outside the timing).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        #[arg(long, default_value_t = 5)]
+        min_runs: usize,
+        #[arg(long, default_value_t = 1.0)]
+        min_seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Times faer's f32 GEMM [M,K]·[K,N]: flops 2·M·N·K.
     #[command(after_help = "Example:\n  attn bench gemm --m 1024 --n 1024 --k 1024 --json")]
     Gemm {
@@ -155,6 +193,39 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let causal = sdpa::parse_causal(causal.as_deref())?;
             with_threads(threads, |_| sdpa::run(&input, &output, causal, scale))
+        }
+        Command::Run {
+            config,
+            weights,
+            input,
+            output,
+            threads,
+        } => with_threads(threads, |_| run::run(&config, &weights, &input, &output)),
+        Command::Bench(BenchCommand::Run {
+            config,
+            weights,
+            input,
+            threads,
+            min_runs,
+            min_seconds,
+            json,
+        }) => {
+            let budget = check_budget(min_runs, min_seconds)?;
+            let prepared = run::prepare(&config, &weights, &input)?;
+            let (stats, n) = with_threads(threads, |n| {
+                prepared.execute(attn_nn::core::kernels::Par::Rayon)?;
+                let stats = bench::measure(budget, || {
+                    prepared
+                        .execute(attn_nn::core::kernels::Par::Rayon)
+                        .expect("ran once above");
+                });
+                Ok((stats, n))
+            })?;
+            println!(
+                "{}",
+                bench::report_plain("run", &config.display().to_string(), stats, n, json)
+            );
+            Ok(())
         }
         Command::Bench(BenchCommand::Sdpa {
             batch,

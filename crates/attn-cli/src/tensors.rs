@@ -124,6 +124,16 @@ impl TensorFile {
         Ok(())
     }
 
+    /// Every tensor, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
+    }
+
+    /// The file the tensors came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The tensor `name`, if present.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.tensors.get(name)

@@ -3,9 +3,30 @@
 //! Legend: `B` batch, `H` query heads, `G` key/value heads, `S` query length, `T` key length,
 //! `D` head dim, `E` model dim.
 //!
-//! Today this crate re-exports the kernels ([`kernels`]) so that higher layers reach them through
-//! the one-way dependency chain kernels <- core <- nn <- cli. The validated `sdpa` entry point
-//! with typed masks, single-head and multi-head attention, the KV cache and positions are the
-//! next piece of work (see docs/ARCHITECTURE.md).
+//! - [`sdpa`]: the validated entry point to the kernels, with typed masks ([`ScoreMask`],
+//!   [`KeyPadding`], [`BoolMeaning`]).
+//! - [`MultiHeadAttention`]: PyTorch's `nn.MultiheadAttention` with its state-dict names,
+//!   grouped-query heads, fused QKV for self-attention, weights from the LSE, a [`KvCache`] for
+//!   decoding, RoPE ([`Rope`]) and ALiBi ([`alibi_slopes`]).
+//! - [`Attention`]: one head with its own projections.
+//!
+//! The kernels are re-exported as [`kernels`], so higher layers reach them through this crate.
+//! What this crate leaves out: file IO (callers hand over a [`StateDict`]) and layers around
+//! attention (attn-nn).
+
+mod cache;
+mod error;
+mod mha;
+mod positions;
+mod sdpa;
+mod tensor;
 
 pub use attn_kernels as kernels;
+pub use cache::KvCache;
+pub use error::{AttnError, Result};
+pub use mha::{
+    Attention, AttentionConfig, Layout, MhaConfig, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights, Sequence,
+};
+pub use positions::{alibi_slopes, Rope, RopeStyle};
+pub use sdpa::{sdpa, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaOptions, SdpaOutput};
+pub use tensor::{StateDict, Tensor};

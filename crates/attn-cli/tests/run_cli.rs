@@ -1,0 +1,147 @@
+//! `attn run` end to end: golden files from PyTorch modules, and bad configs that must fail cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::{Dtype, SafeTensors};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/modules")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("attn-run-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn read_all(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), Dtype::F32, "{name}");
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn attn(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_attn")).args(args).output().unwrap()
+}
+
+fn run_case(name: &str, dir: &Path, threads: &str) -> PathBuf {
+    let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
+    let output = dir.join(format!("{name}.{threads}.out.safetensors"));
+    let result = attn(&[
+        "run",
+        "--config",
+        f(".json").to_str().unwrap(),
+        "--weights",
+        f(".weights.safetensors").to_str().unwrap(),
+        "--input",
+        f(".in.safetensors").to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--threads",
+        threads,
+    ]);
+    assert!(
+        result.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    output
+}
+
+#[test]
+fn modules_match_pytorch_golden_files() {
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap();
+    assert!(names.len() >= 10, "fixtures missing: run `cargo xtask codegen`");
+    let dir = scratch_dir("golden");
+    for name in &names {
+        let want = read_all(&fixtures().join(format!("{name}.want.safetensors")));
+        let one = read_all(&run_case(name, &dir, "1"));
+        let two = read_all(&run_case(name, &dir, "2"));
+        assert_eq!(one, two, "{name}: 1 and 2 threads differ");
+        assert_eq!(
+            one.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(),
+            want.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(),
+            "{name}: output names and shapes"
+        );
+        for ((tensor, _, got), (_, _, expected)) in one.iter().zip(&want) {
+            for (i, (&g, &w)) in got.iter().zip(expected).enumerate() {
+                let ok = (g - w).abs() <= 1e-5 + 1e-5 * w.abs();
+                assert!(ok, "{name}: {tensor}[{i}] = {g}, PyTorch {w}");
+            }
+        }
+    }
+}
+
+fn run_error(config: &str) -> (i32, String) {
+    let dir = scratch_dir("errors");
+    let path = dir.join("bad.json");
+    std::fs::write(&path, config).unwrap();
+    let f = |suffix: &str| fixtures().join(format!("mha_basic{suffix}"));
+    let result = attn(&[
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--weights",
+        f(".weights.safetensors").to_str().unwrap(),
+        "--input",
+        f(".in.safetensors").to_str().unwrap(),
+        "--output",
+        dir.join("out.safetensors").to_str().unwrap(),
+    ]);
+    (
+        result.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&result.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let (code, err) = run_error(r#"{"module": "multihead_attention", "embed_dim": 16, "num_heads": 4, "colour": 1}"#);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown field `colour`"), "{err}");
+
+    let (code, err) = run_error(r#"{"module": "multihead_attention", "embed_dim": 16, "num_heads": 5}"#);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("num_heads") && err.contains("divisor of embed_dim = 16"),
+        "{err}"
+    );
+
+    let (code, err) = run_error(r#"{"module": "multihead_attention", "embed_dim": 12, "num_heads": 4}"#);
+    assert_eq!(code, 1);
+    assert!(err.contains("in_proj_weight") && err.contains("[36, 12]"), "{err}");
+
+    let (code, err) =
+        run_error(r#"{"module": "multihead_attention", "embed_dim": 16, "num_heads": 4, "need_weights": 3}"#);
+    assert_eq!(code, 1);
+    assert!(err.contains("need_weights"), "{err}");
+
+    let (code, err) = run_error(r#"{"module": "transformer_decoder_layer_xl"}"#);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown module `transformer_decoder_layer_xl`"), "{err}");
+
+    let (code, err) = run_error("[1, 2]");
+    assert_eq!(code, 1);
+    assert!(err.contains("JSON object"), "{err}");
+
+    let (code, err) =
+        run_error(r#"{"module": "multihead_attention", "embed_dim": 16, "num_heads": 4, "add_bias_kv": true}"#);
+    assert_eq!(code, 1);
+    assert!(err.contains("missing tensor `bias_k`"), "{err}");
+}

@@ -1,0 +1,92 @@
+//! An owned f32 tensor, and state dicts: named tensors as PyTorch's `state_dict()` has them.
+//!
+//! attn-core does no file IO: a caller reads a safetensors file (attn-cli does) into a
+//! [`StateDict`] and hands it over; saving goes the other way.
+
+use std::collections::BTreeMap;
+
+use crate::{AttnError, Result};
+
+/// A dense row-major f32 tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl Tensor {
+    /// A tensor of `shape` holding `data`; fails unless the element counts agree. `name` is
+    /// used in the error.
+    pub fn new(name: &str, shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let needed = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if needed != Some(data.len()) {
+            return Err(AttnError::BadTensorData {
+                name: name.to_string(),
+                shape,
+                needed: needed.unwrap_or(usize::MAX),
+                len: data.len(),
+            });
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    /// Zeros of `shape`.
+    pub fn zeros(shape: Vec<usize>) -> Self {
+        let n = shape.iter().product();
+        Tensor {
+            shape,
+            data: vec![0.0; n],
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The elements, row-major.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The elements, mutably.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    /// The elements, by value.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+}
+
+/// Named tensors, as `module.state_dict()` names them.
+pub type StateDict = BTreeMap<String, Tensor>;
+
+/// Takes the tensor `name` of `shape` out of `dict`.
+pub(crate) fn take(dict: &mut StateDict, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let tensor = dict.remove(name).ok_or_else(|| AttnError::MissingTensor {
+        name: name.to_string(),
+        expected: shape.to_vec(),
+    })?;
+    if tensor.shape() != shape {
+        return Err(AttnError::ShapeMismatch {
+            op: "load",
+            tensor: name.to_string(),
+            expected: format!("{shape:?}"),
+            got: tensor.shape().to_vec(),
+        });
+    }
+    Ok(tensor)
+}
+
+/// Fails if `dict` still holds a tensor after loading took what it knows.
+pub(crate) fn expect_empty(dict: &StateDict, known: &[String]) -> Result<()> {
+    match dict.keys().next() {
+        None => Ok(()),
+        Some(name) => Err(AttnError::UnexpectedTensor {
+            name: name.clone(),
+            known: known.join(", "),
+        }),
+    }
+}

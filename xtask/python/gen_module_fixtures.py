@@ -1,0 +1,131 @@
+"""Golden fixtures for `attn run` from PyTorch modules.
+
+For each case writes `<case>.json` (the MODULE.json `attn run` reads: constructor fields and
+forward flags), `<case>.weights.safetensors` (the module's state_dict), `<case>.in.safetensors`
+(inputs) and `<case>.want.safetensors` (PyTorch's outputs). Parameters are drawn at random (not
+PyTorch's init, whose zero biases would hide bias bugs). Run by `cargo xtask codegen`.
+
+Where PyTorch returns NaN for a query with no visible key, the expected output row (and weights
+row) is zeros: attn's documented behaviour (docs/SEMANTICS.md).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from safetensors.torch import save_file
+
+FORWARD_FLAGS = {"need_weights", "average_attn_weights", "is_causal"}
+
+
+def randomize(module, gen):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def seq(gen, batch, length, dim, batch_first, unbatched=False):
+    if unbatched:
+        return torch.randn(length, dim, generator=gen)
+    shape = (batch, length, dim) if batch_first else (length, batch, dim)
+    return torch.randn(*shape, generator=gen)
+
+
+def mha_case(name, ctor, *, b=2, s=5, t=7, self_attn=False, flags=None, kpm=None, mask=None, unbatched=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    flags = flags or {}
+    module = nn.MultiheadAttention(**ctor).eval()
+    randomize(module, gen)
+    e = ctor["embed_dim"]
+    h = ctor["num_heads"]
+    kdim = ctor.get("kdim") or e
+    vdim = ctor.get("vdim") or e
+    bf = ctor.get("batch_first", False)
+    if self_attn:
+        t = s
+    query = seq(gen, b, s, e, bf, unbatched)
+    if self_attn:
+        key = value = query
+    else:
+        key = seq(gen, b, t, kdim, bf, unbatched)
+        value = seq(gen, b, t, vdim, bf, unbatched)
+    inputs = {"query": query, "key": key, "value": value}
+    kwargs = {}
+    if kpm == "bool":
+        m = torch.rand(b, t, generator=gen) > 0.7
+        m[0, :] = False
+        m[-1, -2:] = True
+        kwargs["key_padding_mask"] = m
+    elif kpm == "float":
+        kwargs["key_padding_mask"] = torch.where(torch.rand(b, t, generator=gen) > 0.7, -1e9, 0.0)
+    if mask == "bool2d_fully_masked":
+        m = torch.rand(s, t, generator=gen) > 0.6
+        m[1, :] = True  # query 1 sees nothing
+        kwargs["attn_mask"] = m
+    elif mask == "float3d":
+        kwargs["attn_mask"] = torch.randn(b * h, s, t, generator=gen)
+    elif mask == "causal":
+        kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(s)
+    inputs.update(kwargs)
+    call_flags = {"need_weights": flags.get("need_weights", True),
+                  "average_attn_weights": flags.get("average_attn_weights", True),
+                  "is_causal": flags.get("is_causal", False)}
+    with torch.no_grad():
+        out, weights = module(query, key, value, **kwargs, **call_flags)
+    # A query with nothing to attend to: attn's attention output is zeros (PyTorch's is NaN), so
+    # the module's output row is the output projection of zeros: its bias.
+    nan_rows = torch.isnan(out).any(dim=-1, keepdim=True)
+    bias = module.out_proj.bias if module.out_proj.bias is not None else torch.zeros(e)
+    out = torch.where(nan_rows, bias.detach().expand_as(out), out)
+    want = {"output": out.contiguous()}
+    if call_flags["need_weights"]:
+        want["attn_weights"] = torch.nan_to_num(weights, nan=0.0).contiguous()
+    config = {"module": "multihead_attention", **ctor, **flags}
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    return name, config, state, inputs, want
+
+
+CASES = [
+    mha_case("mha_basic", {"embed_dim": 16, "num_heads": 4}, seed=1),
+    mha_case("mha_batch_first_no_weights", {"embed_dim": 16, "num_heads": 2, "batch_first": True},
+             flags={"need_weights": False}, seed=2),
+    mha_case("mha_self_fused", {"embed_dim": 24, "num_heads": 3, "batch_first": True}, self_attn=True, seed=3),
+    mha_case("mha_no_bias", {"embed_dim": 16, "num_heads": 4, "bias": False}, seed=4),
+    mha_case("mha_bias_kv", {"embed_dim": 16, "num_heads": 4, "add_bias_kv": True}, seed=5),
+    mha_case("mha_zero_attn", {"embed_dim": 16, "num_heads": 4, "add_zero_attn": True}, seed=6),
+    mha_case("mha_bias_kv_zero_attn_kpm", {"embed_dim": 16, "num_heads": 2, "add_bias_kv": True, "add_zero_attn": True},
+             kpm="bool", seed=7),
+    mha_case("mha_kdim_vdim_per_head", {"embed_dim": 16, "num_heads": 4, "kdim": 12, "vdim": 20, "batch_first": True},
+             flags={"average_attn_weights": False}, seed=8),
+    mha_case("mha_bool_mask_fully_masked_row", {"embed_dim": 16, "num_heads": 4}, mask="bool2d_fully_masked", seed=9),
+    mha_case("mha_float_mask_3d", {"embed_dim": 16, "num_heads": 4, "batch_first": True}, mask="float3d", seed=10),
+    mha_case("mha_float_kpm", {"embed_dim": 16, "num_heads": 4}, kpm="float", seed=11),
+    mha_case("mha_causal", {"embed_dim": 32, "num_heads": 4, "batch_first": True}, self_attn=True, mask="causal",
+             flags={"is_causal": True, "need_weights": False}, seed=12),
+    mha_case("mha_causal_weights_kpm", {"embed_dim": 16, "num_heads": 2, "batch_first": True}, self_attn=True,
+             mask="causal", kpm="bool", flags={"is_causal": True, "average_attn_weights": False}, seed=13),
+    mha_case("mha_unbatched", {"embed_dim": 16, "num_heads": 4}, unbatched=True, seed=14),
+    mha_case("mha_dropout_ignored", {"embed_dim": 16, "num_heads": 4, "dropout": 0.1}, seed=15),
+    mha_case("mha_long", {"embed_dim": 64, "num_heads": 4, "batch_first": True}, b=2, s=140, t=300,
+             kpm="bool", seed=16),
+]
+
+
+def main():
+    out_dir = Path(sys.argv[1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name, config, state, inputs, want in CASES:
+        (out_dir / f"{name}.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+        save_file(state, str(out_dir / f"{name}.weights.safetensors"))
+        save_file({k: v.clone().contiguous() for k, v in inputs.items()}, str(out_dir / f"{name}.in.safetensors"))
+        save_file(want, str(out_dir / f"{name}.want.safetensors"))
+        names.append(name)
+    (out_dir / "cases.json").write_text(json.dumps(sorted(names), indent=1) + "\n")
+    print(f"wrote {len(names)} module cases to {out_dir} (torch {torch.__version__})")
+
+
+if __name__ == "__main__":
+    main()
