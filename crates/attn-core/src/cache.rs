@@ -168,7 +168,9 @@ mod tests {
         let bad = [0.0f32; 4];
         let values = cache.values().data().to_vec();
         let v_view = View4::contiguous(&values[..6], [2, 1, 1, 3]).unwrap();
-        let err = cache.append(View4::contiguous(&bad, [1, 1, 2, 2]).unwrap(), v_view).unwrap_err();
+        let err = cache
+            .append(View4::contiguous(&bad, [1, 1, 2, 2]).unwrap(), v_view)
+            .unwrap_err();
         assert!(err.to_string().contains("`k`"), "{err}");
     }
 }

@@ -1,0 +1,387 @@
+//! Properties of multi-head attention that must hold for every shape: it is the composition of
+//! single-head attentions, cached decoding equals one causal pass, layouts and thread counts do
+//! not change the numbers.
+
+use attn_core::kernels::Par;
+use attn_core::{
+    Attention, AttentionConfig, BoolMeaning, KeyPadding, Layout, MhaConfig, MhaOptions, MultiHeadAttention,
+    NeedWeights, Rope, RopeStyle, ScoreMask, Sequence, StateDict, Tensor,
+};
+use proptest::prelude::*;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[track_caller]
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol + tol * w.abs(), "{what}: [{i}] {g} vs {w}");
+    }
+}
+
+fn rows(t: &Tensor, range: std::ops::Range<usize>) -> Vec<f32> {
+    let width = t.shape()[1];
+    t.data()[range.start * width..range.end * width].to_vec()
+}
+
+/// MHA output, rebuilt from `H` single-head `Attention`s sharing its weights plus its output
+/// projection.
+fn composed(mha: &MultiHeadAttention, q: &Sequence<'_>, kv: &Sequence<'_>, options: &MhaOptions<'_>) -> Vec<f32> {
+    let [e, h, g, d] = mha.dims();
+    let state = mha.state_dict();
+    let w = &state["in_proj_weight"];
+    let bias = &state["in_proj_bias"];
+    let rep = h / g;
+    let (b, s) = (q.batch, q.len);
+    let mut concat = vec![0.0f32; b * s * e];
+    for head in 0..h {
+        let group = head / rep;
+        let (q_rows, k_rows, v_rows) = (
+            head * d..(head + 1) * d,
+            e + group * d..e + (group + 1) * d,
+            e + g * d + group * d..e + g * d + (group + 1) * d,
+        );
+        let mut dict = StateDict::new();
+        dict.insert(
+            "q_proj_weight".into(),
+            Tensor::new("q", vec![d, e], rows(w, q_rows.clone())).unwrap(),
+        );
+        dict.insert(
+            "k_proj_weight".into(),
+            Tensor::new("k", vec![d, e], rows(w, k_rows.clone())).unwrap(),
+        );
+        dict.insert(
+            "v_proj_weight".into(),
+            Tensor::new("v", vec![d, e], rows(w, v_rows.clone())).unwrap(),
+        );
+        let mut b_all = bias.data()[q_rows].to_vec();
+        b_all.extend_from_slice(&bias.data()[k_rows]);
+        b_all.extend_from_slice(&bias.data()[v_rows]);
+        dict.insert("in_proj_bias".into(), Tensor::new("b", vec![3 * d], b_all).unwrap());
+        let config = AttentionConfig {
+            embed_dim: e,
+            kdim: e,
+            vdim: e,
+            head_dim: d,
+            v_head_dim: d,
+            bias: true,
+        };
+        let single = Attention::from_state_dict(config, dict).unwrap();
+        let mut head_options = *options;
+        head_options.need_weights = NeedWeights::No;
+        // A per-head slice of a [B·H, S, T] mask.
+        let out = single.forward(*q, *kv, *kv, &head_options, Par::Seq).unwrap().output;
+        for token in 0..b * s {
+            concat[token * e + head * d..token * e + (head + 1) * d].copy_from_slice(&out[token * d..(token + 1) * d]);
+        }
+    }
+    let w_out = &state["out_proj.weight"];
+    let b_out = &state["out_proj.bias"];
+    let mut result = vec![0.0f32; b * s * e];
+    for token in 0..b * s {
+        for o in 0..e {
+            let mut acc = b_out.data()[o] as f64;
+            for i in 0..e {
+                acc += concat[token * e + i] as f64 * w_out.data()[o * e + i] as f64;
+            }
+            result[token * e + o] = acc as f32;
+        }
+    }
+    result
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mha_is_the_composition_of_single_heads(
+        (h, g) in prop::sample::select(vec![(1usize, 1usize), (2, 2), (4, 4), (4, 2), (4, 1)]),
+        d in prop::sample::select(vec![2usize, 4, 8]),
+        b in 1usize..3,
+        s in 1usize..20,
+        t in 1usize..40,
+        causal in any::<bool>(),
+        padding in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let e = h * d;
+        let mut config = MhaConfig::new(e, h);
+        config.num_kv_heads = Some(g);
+        config.batch_first = true;
+        let mha = MultiHeadAttention::with_seed(config, seed).unwrap();
+        let t = if causal { s } else { t };
+        let q = random(b * s * e, seed + 1);
+        let kv = random(b * t * e, seed + 2);
+        let lengths: Vec<usize> = (0..b).map(|i| t - i.min(t - 1)).collect();
+        let options = MhaOptions {
+            is_causal: causal,
+            key_padding: if padding { KeyPadding::Lengths(&lengths) } else { KeyPadding::None },
+            ..Default::default()
+        };
+        let qs = Sequence::batch_first(&q, b, s, e);
+        let kvs = Sequence::batch_first(&kv, b, t, e);
+        let got = mha.forward(qs, kvs, kvs, &options, Par::Seq).unwrap().output;
+        let want = composed(&mha, &qs, &kvs, &options);
+        assert_close(&got, &want, 1e-5, "mha vs composed heads");
+    }
+
+    #[test]
+    fn cached_decoding_equals_one_causal_pass(
+        (h, g) in prop::sample::select(vec![(1usize, 1usize), (4, 2), (4, 1)]),
+        n in 1usize..24,
+        b in 1usize..3,
+        rope in 0usize..3,
+        alibi in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let d = 8;
+        let e = h * d;
+        let mut config = MhaConfig::new(e, h);
+        config.num_kv_heads = Some(g);
+        config.batch_first = true;
+        config.rope = [None, Some(Rope { style: RopeStyle::HalfRotation, base: 10_000.0 }), Some(Rope { style: RopeStyle::Interleaved, base: 500.0 })][rope];
+        config.alibi = alibi;
+        let mha = MultiHeadAttention::with_seed(config, seed).unwrap();
+        let x = random(b * n * e, seed + 3);
+        let options = MhaOptions { is_causal: true, ..Default::default() };
+        let full = mha.forward_self(Sequence::batch_first(&x, b, n, e), &options, Par::Seq).unwrap().output;
+        // Start small so the cache must grow on the way.
+        let mut cache = mha.new_cache(b, 2);
+        for step in 0..n {
+            let token: Vec<f32> = (0..b).flat_map(|bi| x[(bi * n + step) * e..(bi * n + step + 1) * e].to_vec()).collect();
+            let out = mha.forward_cached(Sequence::batch_first(&token, b, 1, e), &mut cache, &MhaOptions::default(), Par::Seq).unwrap().output;
+            for bi in 0..b {
+                let want = &full[(bi * n + step) * e..(bi * n + step + 1) * e];
+                assert_close(&out[bi * e..(bi + 1) * e], want, 1e-5, &format!("step {step} batch {bi}"));
+            }
+        }
+        prop_assert_eq!(cache.len(), n);
+    }
+}
+
+#[test]
+fn chunked_prefill_then_decoding_equals_one_causal_pass() {
+    let (b, n, e, h) = (2, 37, 32, 4);
+    let mut config = MhaConfig::new(e, h);
+    config.batch_first = true;
+    config.rope = Some(Rope {
+        style: RopeStyle::HalfRotation,
+        base: 10_000.0,
+    });
+    let mha = MultiHeadAttention::with_seed(config, 5).unwrap();
+    let x = random(b * n * e, 9);
+    let options = MhaOptions {
+        is_causal: true,
+        ..Default::default()
+    };
+    let full = mha
+        .forward_self(Sequence::batch_first(&x, b, n, e), &options, Par::Seq)
+        .unwrap()
+        .output;
+    let mut cache = mha.new_cache(b, 64);
+    let mut start = 0;
+    for chunk in [20, 1, 1, 15] {
+        let part: Vec<f32> = (0..b)
+            .flat_map(|bi| x[(bi * n + start) * e..(bi * n + start + chunk) * e].to_vec())
+            .collect();
+        let out = mha
+            .forward_cached(
+                Sequence::batch_first(&part, b, chunk, e),
+                &mut cache,
+                &MhaOptions::default(),
+                Par::Rayon,
+            )
+            .unwrap()
+            .output;
+        for bi in 0..b {
+            assert_close(
+                &out[bi * chunk * e..(bi + 1) * chunk * e],
+                &full[(bi * n + start) * e..(bi * n + start + chunk) * e],
+                1e-5,
+                &format!("chunk at {start}"),
+            );
+        }
+        start += chunk;
+    }
+}
+
+#[test]
+fn thread_count_and_layout_do_not_change_results() {
+    let (b, s, t, e, h) = (3, 70, 130, 64, 8);
+    let config = MhaConfig::new(e, h);
+    let mha = MultiHeadAttention::with_seed(config, 11).unwrap();
+    let q_bf = random(b * s * e, 1);
+    let kv_bf = random(b * t * e, 2);
+    let padding: Vec<bool> = random(b * t, 3).iter().map(|&x| x > 0.5).collect();
+    let options = MhaOptions {
+        key_padding: KeyPadding::Bool {
+            data: &padding,
+            meaning: BoolMeaning::MaskedOut,
+        },
+        need_weights: NeedWeights::Averaged,
+        ..Default::default()
+    };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            mha.forward(
+                Sequence::batch_first(&q_bf, b, s, e),
+                Sequence::batch_first(&kv_bf, b, t, e),
+                Sequence::batch_first(&kv_bf, b, t, e),
+                &options,
+                Par::Rayon,
+            )
+            .unwrap()
+        })
+    };
+    let one = run(1);
+    let two = run(2);
+    assert_eq!(one.output, two.output, "output differs between 1 and 2 threads");
+    assert_eq!(one.weights, two.weights, "weights differ between 1 and 2 threads");
+    let seq = mha
+        .forward(
+            Sequence::batch_first(&q_bf, b, s, e),
+            Sequence::batch_first(&kv_bf, b, t, e),
+            Sequence::batch_first(&kv_bf, b, t, e),
+            &options,
+            Par::Seq,
+        )
+        .unwrap();
+    assert_eq!(one.output, seq.output, "Par::Seq differs");
+
+    // The same data stored sequence-first gives the same numbers, transposed.
+    let transpose = |x: &[f32], l: usize| -> Vec<f32> {
+        let mut out = vec![0.0; x.len()];
+        for bi in 0..b {
+            for li in 0..l {
+                out[(li * b + bi) * e..(li * b + bi + 1) * e]
+                    .copy_from_slice(&x[(bi * l + li) * e..(bi * l + li + 1) * e]);
+            }
+        }
+        out
+    };
+    let (q_sf, kv_sf) = (transpose(&q_bf, s), transpose(&kv_bf, t));
+    let q_seq = Sequence {
+        data: &q_sf,
+        batch: b,
+        len: s,
+        dim: e,
+        layout: Layout::SeqFirst,
+    };
+    let kv_seq = Sequence {
+        data: &kv_sf,
+        batch: b,
+        len: t,
+        dim: e,
+        layout: Layout::SeqFirst,
+    };
+    let seq_first = mha.forward(q_seq, kv_seq, kv_seq, &options, Par::Rayon).unwrap();
+    assert_close(
+        &transpose_back(&seq_first.output, b, s, e),
+        &one.output,
+        1e-6,
+        "seq-first layout",
+    );
+    assert_close(
+        seq_first.weights.as_ref().unwrap(),
+        one.weights.as_ref().unwrap(),
+        1e-6,
+        "seq-first weights",
+    );
+}
+
+fn transpose_back(x: &[f32], b: usize, l: usize, e: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for bi in 0..b {
+        for li in 0..l {
+            out[(bi * l + li) * e..(bi * l + li + 1) * e].copy_from_slice(&x[(li * b + bi) * e..(li * b + bi + 1) * e]);
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_inputs_are_typed_errors_naming_the_tensor() {
+    let mha = MultiHeadAttention::with_seed(MhaConfig::new(16, 4), 1).unwrap();
+    let x = random(2 * 3 * 16, 1);
+    let short = &x[..2 * 3 * 8];
+    let err = mha
+        .forward_self(Sequence::batch_first(short, 2, 3, 8), &MhaOptions::default(), Par::Seq)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("`query`") && err.to_string().contains("E = 16"),
+        "{err}"
+    );
+    let mask = vec![true; 5];
+    let options = MhaOptions {
+        attn_mask: ScoreMask::Bool {
+            data: &mask,
+            shape: &[5],
+            meaning: BoolMeaning::MaskedOut,
+        },
+        ..Default::default()
+    };
+    let err = mha
+        .forward_self(Sequence::batch_first(&x, 2, 3, 16), &options, Par::Seq)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("`attn_mask`") && err.to_string().contains("[S, T] = [3, 3]"),
+        "{err}"
+    );
+    let lengths = [4usize, 1];
+    let options = MhaOptions {
+        key_padding: KeyPadding::Lengths(&lengths),
+        ..Default::default()
+    };
+    let err = mha
+        .forward_self(Sequence::batch_first(&x, 2, 3, 16), &options, Par::Seq)
+        .unwrap_err();
+    assert!(err.to_string().contains("key_lengths"), "{err}");
+    let mut dict = mha.state_dict();
+    dict.remove("out_proj.bias");
+    let err = MultiHeadAttention::from_state_dict(MhaConfig::new(16, 4), dict).unwrap_err();
+    assert_eq!(err.to_string(), "missing tensor `out_proj.bias`, expected shape [16]");
+    let mut dict = mha.state_dict();
+    dict.insert("extra".into(), Tensor::zeros(vec![1]));
+    let err = MultiHeadAttention::from_state_dict(MhaConfig::new(16, 4), dict).unwrap_err();
+    assert!(err.to_string().contains("unexpected tensor `extra`"), "{err}");
+    let mut config = MhaConfig::new(16, 4);
+    config.num_kv_heads = Some(3);
+    let err = MultiHeadAttention::with_seed(config, 1).unwrap_err();
+    assert!(err.to_string().contains("num_kv_heads"), "{err}");
+}
+
+#[test]
+fn state_dict_round_trips() {
+    let mut config = MhaConfig::new(12, 3);
+    config.kdim = Some(5);
+    config.vdim = Some(7);
+    config.add_bias_kv = true;
+    let mha = MultiHeadAttention::with_seed(config.clone(), 3).unwrap();
+    let names: Vec<String> = mha.state_dict().keys().cloned().collect();
+    assert_eq!(
+        names,
+        [
+            "bias_k",
+            "bias_v",
+            "in_proj_bias",
+            "k_proj_weight",
+            "out_proj.bias",
+            "out_proj.weight",
+            "q_proj_weight",
+            "v_proj_weight"
+        ]
+    );
+    let again = MultiHeadAttention::from_state_dict(config, mha.state_dict()).unwrap();
+    assert_eq!(again.state_dict(), mha.state_dict());
+}
