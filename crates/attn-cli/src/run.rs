@@ -120,7 +120,7 @@ impl Prepared {
 }
 
 /// `(batch, len, dim, unbatched)` of a sequence input in the module's layout.
-fn seq_dims(file: &TensorFile, name: &str, layout: Layout) -> Result<(usize, usize, usize, bool, Vec<f32>)> {
+fn seq_dims<'a>(file: &'a TensorFile, name: &str, layout: Layout) -> Result<(usize, usize, usize, bool, &'a [f32])> {
     let what = match layout {
         Layout::BatchFirst => "[N, L, E] (batch_first) or unbatched [L, E]",
         Layout::SeqFirst => "[L, N, E] or unbatched [L, E]",
@@ -135,8 +135,8 @@ fn seq_dims(file: &TensorFile, name: &str, layout: Layout) -> Result<(usize, usi
         );
     };
     match (shape.as_slice(), layout) {
-        (&[l, e], _) => Ok((1, l, e, true, data.clone())),
-        (&[n, l, e], Layout::BatchFirst) | (&[l, n, e], Layout::SeqFirst) => Ok((n, l, e, false, data.clone())),
+        (&[l, e], _) => Ok((1, l, e, true, data)),
+        (&[n, l, e], Layout::BatchFirst) | (&[l, n, e], Layout::SeqFirst) => Ok((n, l, e, false, data)),
         _ => bail!(
             "{}: tensor `{name}` has shape {shape:?}, expected {what}",
             file.path().display()
@@ -164,21 +164,21 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
     let [_, h, _, _] = module.dims();
     let layout = if unbatched { Layout::BatchFirst } else { layout };
     let query = Sequence {
-        data: &q,
+        data: q,
         batch: b,
         len: s,
         dim: e,
         layout,
     };
     let key = Sequence {
-        data: &k,
+        data: k,
         batch: b,
         len: t,
         dim: kdim,
         layout,
     };
     let value = Sequence {
-        data: &v,
+        data: v,
         batch: b,
         len: t,
         dim: vdim,
@@ -238,7 +238,7 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
     };
     // PyTorch takes the self-attention path when query, key and value are one tensor; equal
     // contents give the same numbers, so equal tensors take the fused path here.
-    let self_attention = k == q && v == q && kdim == e && vdim == e && t == s;
+    let self_attention = kdim == e && vdim == e && t == s && k == q && v == q;
     let result = if self_attention {
         module.forward_self(query, &options, par)
     } else {
@@ -276,4 +276,46 @@ pub fn run(config: &Path, weights: &Path, input: &Path, output: &Path) -> Result
         .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
         .collect();
     write_f32(output, &refs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a module's state dict under its PyTorch names, as `safetensors.torch.save_file`
+    /// would for the same module.
+    fn write_state_dict(path: &Path, dict: &StateDict) -> Result<()> {
+        let refs: Vec<(&str, &[usize], &[f32])> = dict.iter().map(|(n, t)| (n.as_str(), t.shape(), t.data())).collect();
+        write_f32(path, &refs)
+    }
+
+    #[test]
+    fn weights_load_and_save_under_pytorch_names() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/modules");
+        for case in ["mha_basic", "mha_kdim_vdim_per_head", "mha_bias_kv", "mha_no_bias"] {
+            let prepared = prepare(
+                &fixtures.join(format!("{case}.json")),
+                &fixtures.join(format!("{case}.weights.safetensors")),
+                &fixtures.join(format!("{case}.in.safetensors")),
+            )
+            .unwrap();
+            let Module::Mha { module, .. } = &prepared.kind;
+            let out = std::env::temp_dir().join(format!("attn-save-{}-{case}.safetensors", std::process::id()));
+            write_state_dict(&out, &module.state_dict()).unwrap();
+            let original = TensorFile::read(&fixtures.join(format!("{case}.weights.safetensors"))).unwrap();
+            let saved = TensorFile::read(&out).unwrap();
+            let names = |f: &TensorFile| {
+                f.iter()
+                    .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(names(&original), names(&saved), "{case}");
+            for ((_, a), (_, b)) in original.iter().zip(saved.iter()) {
+                match (a, b) {
+                    (Tensor::F32 { data: x, .. }, Tensor::F32 { data: y, .. }) => assert_eq!(x, y, "{case}"),
+                    _ => panic!("{case}: dtypes differ"),
+                }
+            }
+        }
+    }
 }

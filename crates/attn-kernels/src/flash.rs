@@ -76,7 +76,7 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    fn new([b, h, s, d]: [usize; 4], [g, t, dv]: [usize; 3]) -> Self {
+    pub(crate) fn new([b, h, s, d]: [usize; 4], [g, t, dv]: [usize; 3]) -> Self {
         let rep = h / g.max(1);
         let rows_per_group = s * rep;
         let row_tiles = rows_per_group.div_ceil(BLOCK_ROWS);
@@ -374,7 +374,7 @@ struct Operands<'a, 'o> {
 }
 
 /// `k: [B, G, T, D]` -> `[B, G, ceil(T / BLOCK_KEYS), D, BLOCK_KEYS]`, zero past `T`.
-fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Vec<f32> {
+pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Vec<f32> {
     let blocks = plan.t.div_ceil(BLOCK_KEYS);
     let block_len = plan.d * BLOCK_KEYS;
     let mut packed = vec![0.0f32; plan.b * plan.g * blocks * block_len];

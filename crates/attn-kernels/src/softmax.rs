@@ -320,14 +320,25 @@ pub fn attention_weights(
             (SendPtr(v.data_mut().as_mut_ptr()), [st[0], 0, st[1], st[2]])
         }
     };
-    let (qs, ks) = (q.strides(), k.strides());
+    let qs = q.strides();
     const ROWS: usize = crate::BLOCK_ROWS;
     const KEYS: usize = crate::BLOCK_KEYS;
+    // The scores come from the flash kernel's tile machinery: K transposed once per call and
+    // the AVX2+FMA micro-kernel where available, faer's GEMM elsewhere.
+    let micro = crate::simd::simd_level() == crate::SimdLevel::Avx2Fma;
+    let plan = crate::flash::Plan::new([b, h, s, d], [g, t, d]);
+    let kt_packed = if micro {
+        crate::flash::pack_keys_transposed(&plan, &k, par)
+    } else {
+        Vec::new()
+    };
+    let key_blocks = t.div_ceil(KEYS);
     let row_tiles = s.div_ceil(ROWS);
     let heads_per_task = if averaged { h } else { 1 };
     let tasks = b * (h / heads_per_task) * row_tiles;
     let inv_heads = 1.0 / h as f32;
-    let job = |scores: &mut Vec<f32>, task: usize| {
+    let job = |scratch: &mut (Vec<f32>, Vec<f32>), task: usize| {
+        let (scores, q_tile) = scratch;
         let (bh, tile) = (task / row_tiles, task % row_tiles);
         let (bi, h_first) = (bh / (h / heads_per_task), (bh % (h / heads_per_task)) * heads_per_task);
         let s0 = tile * ROWS;
@@ -335,28 +346,57 @@ pub fn attention_weights(
         let key_length = options.key_lengths.map_or(t, |l| l[bi]);
         for hi in h_first..h_first + heads_per_task {
             let gi = hi / rep;
-            let mut t0 = 0;
-            while t0 < t {
+            // The tile's query rows, times the scale.
+            for i in 0..rows {
+                let base = bi * qs[0] + hi * qs[1] + (s0 + i) * qs[2];
+                for (p, x) in q_tile[i * d..(i + 1) * d].iter_mut().enumerate() {
+                    *x = q.data()[base + p * qs[3]] * scale;
+                }
+            }
+            for block in 0..key_blocks {
+                let t0 = block * KEYS;
                 let bc = (t - t0).min(KEYS);
-                // SAFETY: the q rows `[bi, hi, s0..s0+rows, :]` and keys `[bi, gi, t0..t0+bc, :]`
-                // were bounds-checked above; `scores` holds ROWS×KEYS elements.
-                unsafe {
-                    gemm_raw(
-                        scores.as_mut_ptr(),
-                        [bc, 1],
-                        [rows, bc, d],
-                        Accum::Replace,
-                        q.data().as_ptr().add(bi * qs[0] + hi * qs[1] + s0 * qs[2]),
-                        [qs[2], qs[3]],
-                        k.data().as_ptr().add(bi * ks[0] + gi * ks[1] + t0 * ks[2]),
-                        [ks[3], ks[2]],
-                        scale,
-                        Par::Seq,
-                    )
-                };
+                if micro {
+                    let index = (bi * g + gi) * key_blocks + block;
+                    let kt = &kt_packed[index * d * KEYS..(index + 1) * d * KEYS];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2+FMA were detected; `q_tile` is [rows, D], `kt` is [D, KEYS]
+                    // (zero past `bc`), `scores` is [ROWS, KEYS].
+                    unsafe {
+                        crate::tile::avx2::gemm::<false>(
+                            rows,
+                            crate::tile::pad_to_nr(bc),
+                            d,
+                            q_tile.as_ptr(),
+                            d,
+                            kt.as_ptr(),
+                            KEYS,
+                            scores.as_mut_ptr(),
+                            KEYS,
+                        )
+                    };
+                } else {
+                    let ks = k.strides();
+                    // SAFETY: the keys `[bi, gi, t0..t0+bc, :]` were bounds-checked above;
+                    // `scores` holds ROWS×KEYS elements and `q_tile` ROWS×D.
+                    unsafe {
+                        gemm_raw(
+                            scores.as_mut_ptr(),
+                            [KEYS, 1],
+                            [rows, bc, d],
+                            Accum::Replace,
+                            q_tile.as_ptr(),
+                            [d, 1],
+                            k.data().as_ptr().add(bi * ks[0] + gi * ks[1] + t0 * ks[2]),
+                            [ks[3], ks[2]],
+                            1.0,
+                            Par::Seq,
+                        )
+                    };
+                }
                 for i in 0..rows {
                     let si = s0 + i;
-                    let row = &mut scores[i * bc..(i + 1) * bc];
+                    let row = &mut scores[i * KEYS..i * KEYS + bc];
                     let limit = options.causal.key_limit(si, s, t).min(key_length);
                     mask_row(row, options, [bi, hi, si], t0, limit, [s, t]);
                     let l = lse.get([bi, hi, si]);
@@ -366,31 +406,41 @@ pub fn attention_weights(
                         exp_sub_sum(row, l);
                     }
                     let base = bi * dst_strides[0] + hi * dst_strides[1] + si * dst_strides[2] + t0 * dst_strides[3];
-                    for (j, &w) in row.iter().enumerate() {
-                        // SAFETY: the element is in bounds of the destination, and rows `(bi, si)`
-                        // (with head `hi` unless averaged) belong to this task alone.
-                        unsafe {
-                            let p = dst_ptr.get().add(base + j * dst_strides[3]);
-                            if averaged {
-                                *p = if hi == 0 { w * inv_heads } else { *p + w * inv_heads };
+                    // SAFETY: the `bc` elements from `base` (stride `dst_strides[3]`) are in
+                    // bounds of the destination, and rows `(bi, si)` (with head `hi` unless
+                    // averaged) belong to this task alone.
+                    unsafe {
+                        if dst_strides[3] == 1 {
+                            let dst = std::slice::from_raw_parts_mut(dst_ptr.get().add(base), bc);
+                            if !averaged {
+                                dst.copy_from_slice(row);
+                            } else if hi == 0 {
+                                dst.iter_mut().zip(row.iter()).for_each(|(o, &w)| *o = w * inv_heads);
                             } else {
-                                *p = w;
+                                dst.iter_mut().zip(row.iter()).for_each(|(o, &w)| *o += w * inv_heads);
+                            }
+                        } else {
+                            for (j, &w) in row.iter().enumerate() {
+                                let p = dst_ptr.get().add(base + j * dst_strides[3]);
+                                *p = match (averaged, hi) {
+                                    (false, _) => w,
+                                    (true, 0) => w * inv_heads,
+                                    (true, _) => *p + w * inv_heads,
+                                };
                             }
                         }
                     }
                 }
-                t0 += bc;
             }
         }
     };
+    let scratch = || (vec![0.0f32; ROWS * KEYS], vec![0.0f32; ROWS * d]);
     match par {
         Par::Seq => {
-            let mut scores = vec![0.0f32; ROWS * KEYS];
-            (0..tasks).for_each(|task| job(&mut scores, task));
+            let mut buffers = scratch();
+            (0..tasks).for_each(|task| job(&mut buffers, task));
         }
-        Par::Rayon => (0..tasks)
-            .into_par_iter()
-            .for_each_init(|| vec![0.0f32; ROWS * KEYS], job),
+        Par::Rayon => (0..tasks).into_par_iter().for_each_init(scratch, job),
     }
     Ok(())
 }

@@ -1,0 +1,79 @@
+"""Interleaved comparison of `attn bench run` with the same PyTorch module forward.
+
+For each case, writes MODULE.json, the module's state_dict and its inputs to a temporary folder,
+then alternates rounds: one `attn bench run --json` process (its own median over >= 0.5 s), then
+the PyTorch forward timed the same way in this process. Reports medians and ratios. Run by
+`cargo xtask bench`.
+
+Usage: python bench_modules.py ATTN_BINARY THREADS ROUNDS
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from safetensors.torch import save_file
+
+
+def mha_case(need_weights):
+    b, s, e, h = 8, 256, 512, 8
+    module = nn.MultiheadAttention(e, h, batch_first=True).eval()
+    x = torch.randn(b, s, e)
+    config = {"module": "multihead_attention", "embed_dim": e, "num_heads": h, "batch_first": True,
+              "need_weights": need_weights}
+    label = f"nn.MultiheadAttention B={b} S={s} E={e} H={h} need_weights={need_weights}"
+
+    def forward():
+        return module(x, x, x, need_weights=need_weights)
+
+    return label, module, config, {"query": x, "key": x, "value": x}, forward
+
+
+CASES = [lambda: mha_case(False), lambda: mha_case(True)]
+
+
+def time_torch(forward, min_seconds=0.5, min_runs=5):
+    with torch.inference_mode():
+        forward()
+        times = []
+        start = time.perf_counter()
+        while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < 1000):
+            t0 = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    binary, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {threads} threads, {rounds} interleaved rounds, medians")
+    print("| module | attn ms | torch ms | attn / torch speed |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for make in CASES:
+            label, module, config, inputs, forward = make()
+            d = Path(tmp)
+            (d / "m.json").write_text(json.dumps(config))
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / "w.safetensors"))
+            save_file({k: v.clone().contiguous() for k, v in inputs.items()}, str(d / "in.safetensors"))
+            ours, theirs = [], []
+            for _ in range(rounds):
+                out = subprocess.run([binary, "bench", "run", "--config", str(d / "m.json"), "--weights",
+                                      str(d / "w.safetensors"), "--input", str(d / "in.safetensors"),
+                                      "--threads", str(threads), "--min-seconds", "0.5", "--json"],
+                                     check=True, capture_output=True, text=True).stdout
+                ours.append(json.loads(out)["median_s"])
+                theirs.append(time_torch(forward))
+            o, p = statistics.median(ours), statistics.median(theirs)
+            print(f"| {label} | {o*1e3:.2f} | {p*1e3:.2f} | {p/o:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
