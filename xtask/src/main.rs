@@ -307,6 +307,11 @@ fn bench(args: &[String]) -> Result<()> {
             python()
         ));
     }
+    if has_torch {
+        let modules = root().join("xtask/python/bench_modules.py");
+        let table = output(Command::new(python()).arg(&modules).arg(&binary).arg(&t).arg(rounds.to_string()))?;
+        report.push_str(&format!("\n### Modules against PyTorch\n\n{table}"));
+    }
     std::fs::write(out_dir.join("sdpa.md"), &report)?;
     println!("{report}");
     Ok(())
