@@ -67,32 +67,54 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// Fixture sets: (folder under crates/attn-cli/tests/fixtures, generator script, files per case).
+const FIXTURES: [(&str, &str, &[&str]); 2] = [
+    (
+        "sdpa",
+        "gen_sdpa_fixtures.py",
+        &[".in.safetensors", ".want.safetensors"],
+    ),
+    (
+        "modules",
+        "gen_module_fixtures.py",
+        &[".json", ".weights.safetensors", ".in.safetensors", ".want.safetensors"],
+    ),
+];
+
 fn codegen(check: bool) -> Result<()> {
-    let sdpa_dir = root().join("crates/attn-cli/tests/fixtures/sdpa");
-    if check {
-        let manifest = std::fs::read_to_string(sdpa_dir.join("cases.json"))
-            .context("crates/attn-cli/tests/fixtures/sdpa/cases.json is missing: run `cargo xtask codegen`")?;
-        let manifest: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&manifest).context("cases.json is not a JSON object")?;
-        let mut missing = Vec::new();
-        for name in manifest.keys() {
-            for suffix in ["in", "want"] {
-                let file = sdpa_dir.join(format!("{name}.{suffix}.safetensors"));
-                if !file.exists() {
-                    missing.push(file.display().to_string());
-                }
-            }
+    for (folder, script, suffixes) in FIXTURES {
+        let dir = root().join("crates/attn-cli/tests/fixtures").join(folder);
+        if !check {
+            run(Command::new(python())
+                .arg(root().join("xtask/python").join(script))
+                .arg(&dir)
+                .current_dir(root()))?;
+            continue;
         }
+        let manifest = std::fs::read_to_string(dir.join("cases.json"))
+            .with_context(|| format!("{}/cases.json is missing: run `cargo xtask codegen`", dir.display()))?;
+        let manifest: serde_json::Value =
+            serde_json::from_str(&manifest).with_context(|| format!("{}/cases.json is not JSON", dir.display()))?;
+        // The sdpa manifest maps names to flags; the modules manifest lists names.
+        let names: Vec<String> = match manifest {
+            serde_json::Value::Object(map) => map.keys().cloned().collect(),
+            serde_json::Value::Array(list) => list.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            _ => bail!("{}/cases.json is neither an object nor a list", dir.display()),
+        };
+        let missing: Vec<String> = names
+            .iter()
+            .flat_map(|name| suffixes.iter().map(move |suffix| format!("{name}{suffix}")))
+            .filter(|file| !dir.join(file).exists())
+            .collect();
         if !missing.is_empty() {
-            bail!("fixtures missing (run `cargo xtask codegen`): {}", missing.join(", "));
+            bail!(
+                "{folder} fixtures missing (run `cargo xtask codegen`): {}",
+                missing.join(", ")
+            );
         }
-        eprintln!("fixtures complete");
-        return Ok(());
+        eprintln!("{folder}: {} cases, complete", names.len());
     }
-    run(Command::new(python())
-        .arg(root().join("xtask/python/gen_sdpa_fixtures.py"))
-        .arg(&sdpa_dir)
-        .current_dir(root()))
+    Ok(())
 }
 
 fn flag(args: &[String], name: &str, default: usize) -> Result<usize> {
@@ -309,7 +331,13 @@ fn bench(args: &[String]) -> Result<()> {
     }
     if has_torch {
         let modules = root().join("xtask/python/bench_modules.py");
-        let table = output(Command::new(python()).arg(&modules).arg(&binary).arg(&t).arg(rounds.to_string()))?;
+        let table = output(
+            Command::new(python())
+                .arg(&modules)
+                .arg(&binary)
+                .arg(&t)
+                .arg(rounds.to_string()),
+        )?;
         report.push_str(&format!("\n### Modules against PyTorch\n\n{table}"));
     }
     std::fs::write(out_dir.join("sdpa.md"), &report)?;
