@@ -87,6 +87,127 @@ def mha_case(name, ctor, *, b=2, s=5, t=7, self_attn=False, flags=None, kpm=None
     return name, config, state, inputs, want
 
 
+def masks(gen, kind, b, l, s_len, h):
+    """An attn_mask-style mask: `causal` (float -inf above the diagonal), `bool`, `float`."""
+    if kind == "causal":
+        return nn.Transformer.generate_square_subsequent_mask(l)
+    if kind == "bool":
+        m = torch.rand(l, s_len, generator=gen) > 0.75
+        m[:, 0] = False  # every query keeps one key
+        return m
+    if kind == "float":
+        return torch.randn(l, s_len, generator=gen)
+    if kind == "float3d":
+        return torch.randn(b * h, l, s_len, generator=gen)
+    return None
+
+
+def padding(gen, kind, b, t):
+    if kind is None:
+        return None
+    m = torch.rand(b, t, generator=gen) > 0.7
+    m[:, 0] = False
+    if kind == "bool":
+        return m
+    return torch.where(m, -1e9, 0.0)
+
+
+def layer_ctor(layer):
+    ctor = {"d_model": 32, "nhead": 4, "dim_feedforward": 48}
+    ctor.update(layer)
+    return ctor
+
+
+def encoder_case(name, layer, *, stack=None, b=2, s=9, mask=None, kpm=None, causal=False, unbatched=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ctor = layer_ctor(layer)
+    module = nn.TransformerEncoderLayer(**ctor)
+    config = {"module": "transformer_encoder_layer", **ctor}
+    if stack is not None:
+        norm = nn.LayerNorm(ctor["d_model"], eps=ctor.get("layer_norm_eps", 1e-5), bias=ctor.get("bias", True)) if stack["norm"] else None
+        module = nn.TransformerEncoder(module, stack["num_layers"], norm=norm, enable_nested_tensor=False)
+        config = {"module": "transformer_encoder", "layer": ctor, "num_layers": stack["num_layers"],
+                  "norm": stack["norm"], "enable_nested_tensor": False}
+    module.eval()
+    randomize(module, gen)
+    bf = ctor.get("batch_first", False)
+    e, h = ctor["d_model"], ctor["nhead"]
+    src = seq(gen, b, s, e, bf, unbatched)
+    inputs = {"src": src}
+    m = masks(gen, mask, b, s, s, h)
+    p = padding(gen, kpm, b, s)
+    kwargs = {}
+    if m is not None:
+        inputs["src_mask"] = kwargs["mask" if stack is not None else "src_mask"] = m
+    if p is not None:
+        p = p[0] if unbatched else p
+        inputs["src_key_padding_mask"] = kwargs["src_key_padding_mask"] = p
+    if causal:
+        kwargs["is_causal"] = True
+        config["is_causal"] = True
+    with torch.no_grad():
+        out = module(src, **kwargs)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    return name, config, state, inputs, {"output": out.contiguous()}
+
+
+def decoder_case(name, layer, *, stack=None, b=2, t=7, s=10, tgt_mask=None, memory_mask=None, tgt_kpm=None,
+                 memory_kpm=None, tgt_causal=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ctor = layer_ctor(layer)
+    module = nn.TransformerDecoderLayer(**ctor)
+    config = {"module": "transformer_decoder_layer", **ctor}
+    if stack is not None:
+        norm = nn.LayerNorm(ctor["d_model"], eps=ctor.get("layer_norm_eps", 1e-5)) if stack["norm"] else None
+        module = nn.TransformerDecoder(module, stack["num_layers"], norm=norm)
+        config = {"module": "transformer_decoder", "layer": ctor, "num_layers": stack["num_layers"], "norm": stack["norm"]}
+    module.eval()
+    randomize(module, gen)
+    bf = ctor.get("batch_first", False)
+    e, h = ctor["d_model"], ctor["nhead"]
+    tgt = seq(gen, b, t, e, bf)
+    memory = seq(gen, b, s, e, bf)
+    inputs = {"tgt": tgt, "memory": memory}
+    kwargs = {}
+    for key, value in [("tgt_mask", masks(gen, tgt_mask, b, t, t, h)), ("memory_mask", masks(gen, memory_mask, b, t, s, h)),
+                       ("tgt_key_padding_mask", padding(gen, tgt_kpm, b, t)),
+                       ("memory_key_padding_mask", padding(gen, memory_kpm, b, s))]:
+        if value is not None:
+            inputs[key] = kwargs[key] = value
+    if tgt_causal:
+        kwargs["tgt_is_causal"] = True
+        config["tgt_is_causal"] = True
+    with torch.no_grad():
+        out = module(tgt, memory, **kwargs)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    return name, config, state, inputs, {"output": out.contiguous()}
+
+
+def transformer_case(name, ctor, *, b=2, s=8, t=6, src_kpm=None, tgt_causal=True, memory_kpm=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    module = nn.Transformer(**ctor).eval()
+    randomize(module, gen)
+    bf = ctor.get("batch_first", False)
+    e = ctor["d_model"]
+    src = seq(gen, b, s, e, bf)
+    tgt = seq(gen, b, t, e, bf)
+    inputs = {"src": src, "tgt": tgt}
+    kwargs = {}
+    config = {"module": "transformer", **ctor}
+    if src_kpm:
+        inputs["src_key_padding_mask"] = kwargs["src_key_padding_mask"] = padding(gen, src_kpm, b, s)
+    if memory_kpm:
+        inputs["memory_key_padding_mask"] = kwargs["memory_key_padding_mask"] = inputs.get("src_key_padding_mask", padding(gen, memory_kpm, b, s))
+    if tgt_causal:
+        inputs["tgt_mask"] = kwargs["tgt_mask"] = nn.Transformer.generate_square_subsequent_mask(t)
+        kwargs["tgt_is_causal"] = True
+        config["tgt_is_causal"] = True
+    with torch.no_grad():
+        out = module(src, tgt, **kwargs)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    return name, config, state, inputs, {"output": out.contiguous()}
+
+
 CASES = [
     mha_case("mha_basic", {"embed_dim": 16, "num_heads": 4}, seed=1),
     mha_case("mha_batch_first_no_weights", {"embed_dim": 16, "num_heads": 2, "batch_first": True},
@@ -110,6 +231,28 @@ CASES = [
     mha_case("mha_dropout_ignored", {"embed_dim": 16, "num_heads": 4, "dropout": 0.1}, seed=15),
     mha_case("mha_long", {"embed_dim": 64, "num_heads": 4, "batch_first": True}, b=2, s=140, t=300,
              kpm="bool", seed=16),
+    encoder_case("enc_layer_post_relu", {}, mask="bool", seed=20),
+    encoder_case("enc_layer_pre_gelu_batch_first", {"norm_first": True, "activation": "gelu", "batch_first": True},
+                 kpm="bool", seed=21),
+    encoder_case("enc_layer_causal", {"batch_first": True}, mask="causal", causal=True, seed=22),
+    encoder_case("enc_layer_no_bias_eps", {"bias": False, "layer_norm_eps": 1e-6}, mask="float3d", kpm="float", seed=23),
+    encoder_case("enc_layer_unbatched", {}, unbatched=True, kpm="bool", seed=24),
+    encoder_case("encoder_stack_norm", {"batch_first": True}, stack={"num_layers": 2, "norm": True}, kpm="bool", seed=25),
+    encoder_case("encoder_stack_pre_norm", {"norm_first": True, "activation": "gelu"},
+                 stack={"num_layers": 3, "norm": False}, mask="float", seed=26),
+    decoder_case("dec_layer_post", {}, tgt_mask="causal", tgt_causal=True, memory_kpm="bool", seed=30),
+    decoder_case("dec_layer_pre_gelu_batch_first", {"norm_first": True, "activation": "gelu", "batch_first": True},
+                 tgt_mask="bool", memory_mask="float", tgt_kpm="bool", seed=31),
+    decoder_case("dec_layer_masks_3d", {"batch_first": True}, tgt_mask="float3d", memory_mask="float3d",
+                 memory_kpm="float", seed=32),
+    decoder_case("decoder_stack_norm", {"batch_first": True}, stack={"num_layers": 2, "norm": True},
+                 tgt_mask="causal", tgt_causal=True, memory_kpm="bool", seed=33),
+    transformer_case("transformer_batch_first", {"d_model": 32, "nhead": 4, "num_encoder_layers": 2,
+                     "num_decoder_layers": 2, "dim_feedforward": 48, "batch_first": True},
+                     src_kpm="bool", memory_kpm="bool", seed=40),
+    transformer_case("transformer_seq_first_pre_norm_gelu", {"d_model": 24, "nhead": 3, "num_encoder_layers": 1,
+                     "num_decoder_layers": 2, "dim_feedforward": 40, "norm_first": True, "activation": "gelu"},
+                     seed=41),
 ]
 
 

@@ -12,6 +12,9 @@ use attn_nn::core::{
     BoolMeaning, KeyPadding, Layout, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, ScoreMask, Sequence,
     StateDict, Tensor as CoreTensor,
 };
+use attn_nn::{
+    BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig, StackConfig, Transformer, TransformerConfig,
+};
 use serde_json::{Map, Value};
 
 use crate::tensors::{write_f32, Tensor, TensorFile};
@@ -24,9 +27,37 @@ pub struct Prepared {
 
 enum Module {
     Mha {
-        module: MultiHeadAttention,
+        module: Box<MultiHeadAttention>,
         flags: MhaFlags,
     },
+    EncoderLayer {
+        module: Box<EncoderLayer>,
+        is_causal: bool,
+    },
+    Encoder {
+        module: Box<Encoder>,
+        is_causal: bool,
+    },
+    DecoderLayer {
+        module: Box<DecoderLayer>,
+        flags: DecoderFlags,
+    },
+    Decoder {
+        module: Box<Decoder>,
+        flags: DecoderFlags,
+    },
+    Transformer {
+        module: Box<Transformer>,
+        src_is_causal: bool,
+        flags: DecoderFlags,
+        layer: Box<LayerConfig>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DecoderFlags {
+    tgt_is_causal: bool,
+    memory_is_causal: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -97,14 +128,84 @@ pub fn prepare(config_path: &Path, weights_path: &Path, input_path: &Path) -> Re
                 .with_context(|| format!("{}: bad multihead_attention config", config_path.display()))?;
             let module = MultiHeadAttention::from_state_dict(mha_config, state_dict(&weights)?)
                 .with_context(|| format!("{}: weights do not fit the config", weights_path.display()))?;
-            Module::Mha { module, flags }
+            Module::Mha {
+                module: Box::new(module),
+                flags,
+            }
+        }
+        kind @ ("transformer_encoder_layer" | "transformer_encoder") => {
+            let is_causal = take_flag(&mut config, config_path, "is_causal", false)?;
+            let dict = state_dict(&weights)?;
+            if kind == "transformer_encoder" {
+                let cfg: StackConfig = parse_config(config, config_path, kind)?;
+                let module = Encoder::from_state_dict(cfg, dict).with_context(|| weights_error(weights_path))?;
+                Module::Encoder {
+                    module: Box::new(module),
+                    is_causal,
+                }
+            } else {
+                let cfg: LayerConfig = parse_config(config, config_path, kind)?;
+                let module = EncoderLayer::from_state_dict(cfg, dict).with_context(|| weights_error(weights_path))?;
+                Module::EncoderLayer {
+                    module: Box::new(module),
+                    is_causal,
+                }
+            }
+        }
+        kind @ ("transformer_decoder_layer" | "transformer_decoder") => {
+            let flags = DecoderFlags {
+                tgt_is_causal: take_flag(&mut config, config_path, "tgt_is_causal", false)?,
+                memory_is_causal: take_flag(&mut config, config_path, "memory_is_causal", false)?,
+            };
+            let dict = state_dict(&weights)?;
+            if kind == "transformer_decoder" {
+                let cfg: StackConfig = parse_config(config, config_path, kind)?;
+                let module = Decoder::from_state_dict(cfg, dict).with_context(|| weights_error(weights_path))?;
+                Module::Decoder {
+                    module: Box::new(module),
+                    flags,
+                }
+            } else {
+                let cfg: LayerConfig = parse_config(config, config_path, kind)?;
+                let module = DecoderLayer::from_state_dict(cfg, dict).with_context(|| weights_error(weights_path))?;
+                Module::DecoderLayer {
+                    module: Box::new(module),
+                    flags,
+                }
+            }
+        }
+        "transformer" => {
+            let src_is_causal = take_flag(&mut config, config_path, "src_is_causal", false)?;
+            let flags = DecoderFlags {
+                tgt_is_causal: take_flag(&mut config, config_path, "tgt_is_causal", false)?,
+                memory_is_causal: take_flag(&mut config, config_path, "memory_is_causal", false)?,
+            };
+            let cfg: TransformerConfig = parse_config(config, config_path, "transformer")?;
+            let module = Transformer::from_state_dict(cfg, state_dict(&weights)?)
+                .with_context(|| weights_error(weights_path))?;
+            let layer = module.encoder.config().layer.clone();
+            Module::Transformer {
+                module: Box::new(module),
+                src_is_causal,
+                flags,
+                layer: Box::new(layer),
+            }
         }
         other => bail!(
-            "{}: unknown module `{other}`; this version runs: multihead_attention",
+            "{}: unknown module `{other}`; this version runs: multihead_attention, transformer_encoder_layer, \
+             transformer_decoder_layer, transformer_encoder, transformer_decoder, transformer",
             config_path.display()
         ),
     };
     Ok(Prepared { kind, inputs })
+}
+
+fn parse_config<T: serde::de::DeserializeOwned>(config: Map<String, Value>, path: &Path, kind: &str) -> Result<T> {
+    serde_json::from_value(Value::Object(config)).with_context(|| format!("{}: bad {kind} config", path.display()))
+}
+
+fn weights_error(path: &Path) -> String {
+    format!("{}: weights do not fit the config", path.display())
 }
 
 /// Named outputs: (name, shape, data).
@@ -115,12 +216,42 @@ impl Prepared {
     pub fn execute(&self, par: Par) -> Result<Outputs> {
         match &self.kind {
             Module::Mha { module, flags } => run_mha(module, *flags, &self.inputs, par),
+            Module::EncoderLayer { module, is_causal } => {
+                run_encoder(module.config(), *is_causal, &self.inputs, |src, masks| {
+                    Ok(module.forward(src, masks, par)?)
+                })
+            }
+            Module::Encoder { module, is_causal } => {
+                run_encoder(&module.config().layer, *is_causal, &self.inputs, |src, masks| {
+                    Ok(module.forward(src, masks, par)?)
+                })
+            }
+            Module::DecoderLayer { module, flags } => {
+                run_decoder(module.config(), *flags, &self.inputs, |t, m, tm, mm| {
+                    Ok(module.forward(t, m, tm, mm, par)?)
+                })
+            }
+            Module::Decoder { module, flags } => {
+                run_decoder(&module.config().layer, *flags, &self.inputs, |t, m, tm, mm| {
+                    Ok(module.forward(t, m, tm, mm, par)?)
+                })
+            }
+            Module::Transformer {
+                module,
+                src_is_causal,
+                flags,
+                layer,
+            } => run_transformer(module, layer, *src_is_causal, *flags, &self.inputs, par),
         }
     }
 }
 
 /// `(batch, len, dim, unbatched)` of a sequence input in the module's layout.
-fn seq_dims<'a>(file: &'a TensorFile, name: &str, layout: Layout) -> Result<(usize, usize, usize, bool, &'a [f32])> {
+pub(crate) fn seq_dims<'a>(
+    file: &'a TensorFile,
+    name: &str,
+    layout: Layout,
+) -> Result<(usize, usize, usize, bool, &'a [f32])> {
     let what = match layout {
         Layout::BatchFirst => "[N, L, E] (batch_first) or unbatched [L, E]",
         Layout::SeqFirst => "[L, N, E] or unbatched [L, E]",
@@ -142,6 +273,56 @@ fn seq_dims<'a>(file: &'a TensorFile, name: &str, layout: Layout) -> Result<(usi
             file.path().display()
         ),
     }
+}
+
+/// The optional key-padding mask `name`: `[N, S]` (`[S]` unbatched); BOOL `true` = padding.
+pub(crate) fn key_padding<'a>(
+    file: &'a TensorFile,
+    name: &str,
+    b: usize,
+    t: usize,
+    unbatched: bool,
+) -> Result<KeyPadding<'a>> {
+    let Some(tensor) = file.get(name) else {
+        return Ok(KeyPadding::None);
+    };
+    let want: &[usize] = if unbatched { &[t] } else { &[b, t] };
+    if tensor.shape() != want {
+        bail!(
+            "{}: tensor `{name}` has shape {:?}, expected {want:?} ([N, S] of the keys)",
+            file.path().display(),
+            tensor.shape()
+        );
+    }
+    Ok(match tensor {
+        Tensor::Bool { data, .. } => KeyPadding::Bool {
+            data,
+            meaning: BoolMeaning::MaskedOut,
+        },
+        Tensor::F32 { data, .. } => KeyPadding::Additive(data),
+    })
+}
+
+/// The optional attention mask `name`: `[L, S]` or `[N·H, L, S]`; BOOL `true` = not allowed.
+pub(crate) fn score_mask<'a>(file: &'a TensorFile, name: &str, s: usize, t: usize, bh: usize) -> Result<ScoreMask<'a>> {
+    let Some(tensor) = file.get(name) else {
+        return Ok(ScoreMask::None);
+    };
+    let shape = tensor.shape();
+    if shape != [s, t] && shape != [bh, s, t] {
+        bail!(
+            "{}: tensor `{name}` has shape {shape:?}, expected [L, S] = [{s}, {t}] or [N·num_heads, L, S] = [{bh}, {s}, {t}]",
+            file.path().display()
+        );
+    }
+    Ok(match tensor {
+        Tensor::Bool { shape, data } => ScoreMask::Bool {
+            data,
+            shape,
+            meaning: BoolMeaning::MaskedOut,
+        },
+        Tensor::F32 { shape, data } => ScoreMask::Additive { data, shape },
+    })
 }
 
 fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par: Par) -> Result<Outputs> {
@@ -185,46 +366,8 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
         layout,
     };
 
-    let key_padding = match file.get("key_padding_mask") {
-        None => KeyPadding::None,
-        Some(tensor) => {
-            let want: &[usize] = if unbatched { &[t] } else { &[b, t] };
-            if tensor.shape() != want {
-                bail!(
-                    "{path}: tensor `key_padding_mask` has shape {:?}, expected {want:?} ([N, S] of the keys)",
-                    tensor.shape()
-                );
-            }
-            match tensor {
-                Tensor::Bool { data, .. } => KeyPadding::Bool {
-                    data,
-                    meaning: BoolMeaning::MaskedOut,
-                },
-                Tensor::F32 { data, .. } => KeyPadding::Additive(data),
-            }
-        }
-    };
-    let attn_mask = match file.get("attn_mask") {
-        None => ScoreMask::None,
-        Some(tensor) => {
-            let shape = tensor.shape();
-            let ok = shape == [s, t] || shape == [b * h, s, t];
-            if !ok {
-                bail!(
-                    "{path}: tensor `attn_mask` has shape {shape:?}, expected [L, S] = [{s}, {t}] or [N·num_heads, L, S] = [{}, {s}, {t}]",
-                    b * h
-                );
-            }
-            match tensor {
-                Tensor::Bool { shape, data } => ScoreMask::Bool {
-                    data,
-                    shape,
-                    meaning: BoolMeaning::MaskedOut,
-                },
-                Tensor::F32 { shape, data } => ScoreMask::Additive { data, shape },
-            }
-        }
-    };
+    let key_padding = key_padding(file, "key_padding_mask", b, t, unbatched)?;
+    let attn_mask = score_mask(file, "attn_mask", s, t, b * h)?;
     let need_weights = match (flags.need_weights, flags.average_attn_weights) {
         (false, _) => NeedWeights::No,
         (true, true) => NeedWeights::Averaged,
@@ -267,6 +410,158 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
     Ok(outputs)
 }
 
+fn layer_layout(config: &LayerConfig) -> Layout {
+    if config.batch_first {
+        Layout::BatchFirst
+    } else {
+        Layout::SeqFirst
+    }
+}
+
+/// A sequence input of a layer: the `Sequence` view and its output shape.
+fn layer_input<'a>(
+    file: &'a TensorFile,
+    name: &str,
+    layout: Layout,
+    d_model: usize,
+) -> Result<(Sequence<'a>, Vec<usize>, bool)> {
+    let (b, l, e, unbatched, data) = seq_dims(file, name, layout)?;
+    if e != d_model {
+        bail!(
+            "{}: tensor `{name}` has feature dim {e}, expected d_model = {d_model}",
+            file.path().display()
+        );
+    }
+    let shape = if unbatched {
+        vec![l, e]
+    } else if layout == Layout::BatchFirst {
+        vec![b, l, e]
+    } else {
+        vec![l, b, e]
+    };
+    let layout = if unbatched { Layout::BatchFirst } else { layout };
+    Ok((
+        Sequence {
+            data,
+            batch: b,
+            len: l,
+            dim: e,
+            layout,
+        },
+        shape,
+        unbatched,
+    ))
+}
+
+fn run_encoder(
+    config: &LayerConfig,
+    is_causal: bool,
+    file: &TensorFile,
+    forward: impl Fn(Sequence<'_>, &BlockMasks<'_>) -> Result<Vec<f32>>,
+) -> Result<Outputs> {
+    file.only(&["src", "src_mask", "src_key_padding_mask"])?;
+    let (src, shape, unbatched) = layer_input(file, "src", layer_layout(config), config.d_model)?;
+    let masks = BlockMasks {
+        mask: score_mask(file, "src_mask", src.len, src.len, src.batch * config.nhead)?,
+        key_padding: key_padding(file, "src_key_padding_mask", src.batch, src.len, unbatched)?,
+        is_causal,
+    };
+    let output = forward(src, &masks).with_context(|| file.path().display().to_string())?;
+    Ok(vec![("output".to_string(), shape, output)])
+}
+
+fn decoder_masks<'a>(
+    config: &LayerConfig,
+    flags: DecoderFlags,
+    file: &'a TensorFile,
+    tgt: &Sequence<'_>,
+    memory: &Sequence<'_>,
+    unbatched: bool,
+) -> Result<(BlockMasks<'a>, BlockMasks<'a>)> {
+    let bh = tgt.batch * config.nhead;
+    let tgt_masks = BlockMasks {
+        mask: score_mask(file, "tgt_mask", tgt.len, tgt.len, bh)?,
+        key_padding: key_padding(file, "tgt_key_padding_mask", tgt.batch, tgt.len, unbatched)?,
+        is_causal: flags.tgt_is_causal,
+    };
+    let memory_masks = BlockMasks {
+        mask: score_mask(file, "memory_mask", tgt.len, memory.len, bh)?,
+        key_padding: key_padding(file, "memory_key_padding_mask", memory.batch, memory.len, unbatched)?,
+        is_causal: flags.memory_is_causal,
+    };
+    Ok((tgt_masks, memory_masks))
+}
+
+fn run_decoder(
+    config: &LayerConfig,
+    flags: DecoderFlags,
+    file: &TensorFile,
+    forward: impl Fn(Sequence<'_>, Sequence<'_>, &BlockMasks<'_>, &BlockMasks<'_>) -> Result<Vec<f32>>,
+) -> Result<Outputs> {
+    file.only(&[
+        "tgt",
+        "memory",
+        "tgt_mask",
+        "memory_mask",
+        "tgt_key_padding_mask",
+        "memory_key_padding_mask",
+    ])?;
+    let layout = layer_layout(config);
+    let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config.d_model)?;
+    let (memory, _, memory_unbatched) = layer_input(file, "memory", layout, config.d_model)?;
+    if unbatched != memory_unbatched || memory.batch != tgt.batch {
+        bail!(
+            "{}: `memory` must have the batch size of `tgt` ({})",
+            file.path().display(),
+            tgt.batch
+        );
+    }
+    let (tgt_masks, memory_masks) = decoder_masks(config, flags, file, &tgt, &memory, unbatched)?;
+    let output = forward(tgt, memory, &tgt_masks, &memory_masks).with_context(|| file.path().display().to_string())?;
+    Ok(vec![("output".to_string(), shape, output)])
+}
+
+fn run_transformer(
+    module: &Transformer,
+    config: &LayerConfig,
+    src_is_causal: bool,
+    flags: DecoderFlags,
+    file: &TensorFile,
+    par: Par,
+) -> Result<Outputs> {
+    file.only(&[
+        "src",
+        "tgt",
+        "src_mask",
+        "tgt_mask",
+        "memory_mask",
+        "src_key_padding_mask",
+        "tgt_key_padding_mask",
+        "memory_key_padding_mask",
+    ])?;
+    let layout = layer_layout(config);
+    let (src, _, src_unbatched) = layer_input(file, "src", layout, config.d_model)?;
+    let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config.d_model)?;
+    if unbatched != src_unbatched || src.batch != tgt.batch {
+        bail!(
+            "{}: `src` and `tgt` must have one batch size (got {} and {})",
+            file.path().display(),
+            src.batch,
+            tgt.batch
+        );
+    }
+    let src_masks = BlockMasks {
+        mask: score_mask(file, "src_mask", src.len, src.len, src.batch * config.nhead)?,
+        key_padding: key_padding(file, "src_key_padding_mask", src.batch, src.len, unbatched)?,
+        is_causal: src_is_causal,
+    };
+    let (tgt_masks, memory_masks) = decoder_masks(config, flags, file, &tgt, &src, unbatched)?;
+    let output = module
+        .forward(src, tgt, &src_masks, &tgt_masks, &memory_masks, par)
+        .with_context(|| file.path().display().to_string())?;
+    Ok(vec![("output".to_string(), shape, output)])
+}
+
 /// `attn run`.
 pub fn run(config: &Path, weights: &Path, input: &Path, output: &Path) -> Result<()> {
     let prepared = prepare(config, weights, input)?;
@@ -299,7 +594,9 @@ mod tests {
                 &fixtures.join(format!("{case}.in.safetensors")),
             )
             .unwrap();
-            let Module::Mha { module, .. } = &prepared.kind;
+            let Module::Mha { module, .. } = &prepared.kind else {
+                panic!("{case} is an MHA fixture")
+            };
             let out = std::env::temp_dir().join(format!("attn-save-{}-{case}.safetensors", std::process::id()));
             write_state_dict(&out, &module.state_dict()).unwrap();
             let original = TensorFile::read(&fixtures.join(format!("{case}.weights.safetensors"))).unwrap();

@@ -25,8 +25,9 @@ pub use attn_kernels as kernels;
 pub use cache::KvCache;
 pub use error::{AttnError, Result};
 pub use mha::{
-    Attention, AttentionConfig, Layout, MhaConfig, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights, Sequence,
+    linear, Attention, AttentionConfig, Layout, MhaConfig, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights,
+    Sequence,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use sdpa::{sdpa, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaOptions, SdpaOutput};
-pub use tensor::{StateDict, Tensor};
+pub use tensor::{expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor};

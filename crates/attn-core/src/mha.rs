@@ -301,10 +301,13 @@ struct Core {
     alibi: Option<Vec<f32>>,
 }
 
-/// `dst[n, :] = x[n, :] · wᵀ (+ bias)`: `x: [N, in]`, `w: [out, in]` (a row range of a
-/// weight), `bias: [out]`, `dst: [N, out]` with row stride `dst_stride`.
+/// A linear map of token rows: `dst[n, :] = x[n, :] · wᵀ (+ bias)` with `x: [N, in]`,
+/// `w: [out, in]` given as the rows `w_rows` of a row-major weight of width `in_dim`,
+/// `bias: [out]`, `dst: [N, out]` with row stride `dst_stride`.
+///
+/// The bias is written first and the GEMM adds to it, so the destination is visited once.
 #[allow(clippy::too_many_arguments)]
-fn project(
+pub fn linear(
     dst: &mut [f32],
     dst_stride: usize,
     x: View2<'_, f32>,
@@ -508,7 +511,7 @@ impl Core {
                 }
                 // Batch `bi`'s token rows: `[T, in]` with row stride `ls·in`.
                 let x = View2::new(&seq.data[bi * bs * in_dim..], [t, in_dim], [ls * in_dim, 1])?;
-                project(
+                linear(
                     &mut buf[bi * t_all * width..],
                     width,
                     x,
@@ -535,14 +538,17 @@ impl Core {
         kv: Option<(&Sequence<'_>, &Sequence<'_>)>,
         options: &MhaOptions<'_>,
         cache: Option<&mut KvCache>,
+        fixed: Option<&KvCache>,
         par: Par,
     ) -> Result<MhaOutput> {
         let op = "multihead_attention";
         let Dims { e, h, g, d, dv, .. } = self.dims;
         query.check(op, "query", e)?;
         let (key, value) = kv.unwrap_or((query, query));
-        key.check(op, "key", self.dims.kdim)?;
-        value.check(op, "value", self.dims.vdim)?;
+        if fixed.is_none() {
+            key.check(op, "key", self.dims.kdim)?;
+            value.check(op, "value", self.dims.vdim)?;
+        }
         if key.batch != query.batch || value.batch != query.batch || key.len != value.len {
             return Err(shape_error(
                 op,
@@ -572,14 +578,15 @@ impl Core {
 
         // Queries: `[tokens, H·D]` in the query's storage order; for self-attention without
         // extra key rows, one fused GEMM gives `[tokens, q|k|v]`.
-        let fused_self = kv.is_none() && self.dims.fused() && self.bias_kv.is_none() && !self.add_zero_attn;
+        let fused_self =
+            fixed.is_none() && kv.is_none() && self.dims.fused() && self.bias_kv.is_none() && !self.add_zero_attn;
         let qkv_width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
         let q_rows = Self::rows(query)?;
         let [qbs, qls] = query.token_strides();
         let (q_buf, q_width) = if fused_self {
             let mut buf = vec![0.0f32; b * s * qkv_width];
             let bias = self.b_qkv.as_ref().map(|t| t.data());
-            project(
+            linear(
                 &mut buf,
                 qkv_width,
                 q_rows,
@@ -593,13 +600,13 @@ impl Core {
         } else {
             let mut buf = vec![0.0f32; b * s * h * d];
             let (w, rows, in_dim) = self.weight(0);
-            project(&mut buf, h * d, q_rows, w, rows, in_dim, self.bias(0), par)?;
+            linear(&mut buf, h * d, q_rows, w, rows, in_dim, self.bias(0), par)?;
             (buf, h * d)
         };
         let mut q_buf = q_buf;
 
         // Keys and values, batch-first `[B, T', G, D]`, or views of the fused buffer.
-        let (mut k_buf, v_buf, t_new) = if fused_self {
+        let (mut k_buf, v_buf, t_new) = if fused_self || fixed.is_some() {
             (Vec::new(), Vec::new(), s)
         } else {
             self.project_kv(key, value, par)?
@@ -609,7 +616,7 @@ impl Core {
             rope.apply(&mut q_buf, q_width, 0, h, d, token_position, b * s);
             if fused_self {
                 rope.apply(&mut q_buf, q_width, h * d, g, d, token_position, b * s);
-            } else {
+            } else if fixed.is_none() {
                 rope.apply(&mut k_buf, g * d, 0, g, d, |r| offset + r % t_new.max(1), b * t_new);
             }
         }
@@ -628,7 +635,17 @@ impl Core {
             )?)
         }
         let q_view = head_view(&q_buf, 0, [b, h, s, d], q_width, [qbs, qls])?;
-        let (k_fresh, v_fresh) = if fused_self {
+        let (k_fresh, v_fresh) = if let Some(fixed) = fixed {
+            if fixed.dims() != [b, g, d, dv] {
+                return Err(shape_error(
+                    op,
+                    "cache",
+                    format!("[B, G, D, Dv] = {:?}", [b, g, d, dv]),
+                    &fixed.dims(),
+                ));
+            }
+            (fixed.keys(), fixed.values())
+        } else if fused_self {
             (
                 head_view(&q_buf, h * d, [b, g, s, d], q_width, [qbs, qls])?,
                 head_view(&q_buf, h * d + g * d, [b, g, s, dv], q_width, [qbs, qls])?,
@@ -659,7 +676,11 @@ impl Core {
         let t = k_view.shape()[2];
 
         // Masks, in the module's conventions, padded for appended key rows.
-        let extra = if fused_self { 0 } else { t_new - key.len };
+        let extra = if fused_self || fixed.is_some() {
+            0
+        } else {
+            t_new - key.len
+        };
         let masks = MaskSet::new(options, [b, h, s, t], extra, decoding)?;
         let kernel_options = masks.options(self.alibi.as_deref())?;
 
@@ -708,7 +729,7 @@ impl Core {
             (Some(w_out), Some(out_dim)) => {
                 let mut output = vec![0.0f32; b * s * out_dim];
                 let x = View2::contiguous(&attn_out, [b * s, h * dv])?;
-                project(
+                linear(
                     &mut output,
                     out_dim,
                     x,
@@ -998,12 +1019,13 @@ impl MultiHeadAttention {
         options: &MhaOptions<'_>,
         par: Par,
     ) -> Result<MhaOutput> {
-        self.core.forward(&query, Some((&key, &value)), options, None, par)
+        self.core
+            .forward(&query, Some((&key, &value)), options, None, None, par)
     }
 
     /// Self-attention, `x: [B, S, E]` -> `[B, S, E]`: one fused QKV GEMM, heads as strided views.
     pub fn forward_self(&self, x: Sequence<'_>, options: &MhaOptions<'_>, par: Par) -> Result<MhaOutput> {
-        self.core.forward(&x, None, options, None, par)
+        self.core.forward(&x, None, options, None, None, par)
     }
 
     /// Incremental self-attention: `x: [B, n, E]` are the next `n` positions; their keys and
@@ -1018,7 +1040,47 @@ impl MultiHeadAttention {
     ) -> Result<MhaOutput> {
         let mut options = *options;
         options.is_causal = true;
-        self.core.forward(&x, None, &options, Some(cache), par)
+        self.core.forward(&x, None, &options, Some(cache), None, par)
+    }
+
+    /// Projects `key: [B, T, kdim]` and `value: [B, T, vdim]` once and appends them to `cache`,
+    /// for cross-attention over a fixed memory (an encoder's output) at every decoding step.
+    pub fn fill_cache(&self, key: Sequence<'_>, value: Sequence<'_>, cache: &mut KvCache, par: Par) -> Result<()> {
+        let op = "multihead_attention";
+        key.check(op, "key", self.core.dims.kdim)?;
+        value.check(op, "value", self.core.dims.vdim)?;
+        if key.batch != value.batch || key.len != value.len {
+            return Err(shape_error(
+                op,
+                "value",
+                format!("[B, T] = [{}, {}]", key.batch, key.len),
+                &[value.batch, value.len],
+            ));
+        }
+        let Dims { g, d, dv, .. } = self.core.dims;
+        let (mut k_buf, v_buf, t) = self.core.project_kv(&key, &value, par)?;
+        let b = key.batch;
+        if let Some(rope) = &self.core.rope {
+            let offset = cache.len();
+            rope.apply(&mut k_buf, g * d, 0, g, d, |r| offset + r % t.max(1), b * t);
+        }
+        cache.append(
+            View4::new(&k_buf, [b, g, t, d], [t * g * d, d, g * d, 1])?,
+            View4::new(&v_buf, [b, g, t, dv], [t * g * dv, dv, g * dv, 1])?,
+        )
+    }
+
+    /// Attention of `query: [B, S, E]` over keys and values already in `cache` (see
+    /// [`fill_cache`](Self::fill_cache)), which is left unchanged -> `[B, S, E]`. Masks refer to
+    /// the cached positions.
+    pub fn forward_with_cache(
+        &self,
+        query: Sequence<'_>,
+        cache: &KvCache,
+        options: &MhaOptions<'_>,
+        par: Par,
+    ) -> Result<MhaOutput> {
+        self.core.forward(&query, None, options, None, Some(cache), par)
     }
 
     /// An empty cache sized for this module and `batch` sequences.
@@ -1141,7 +1203,8 @@ impl Attention {
         options: &MhaOptions<'_>,
         par: Par,
     ) -> Result<MhaOutput> {
-        self.core.forward(&query, Some((&key, &value)), options, None, par)
+        self.core
+            .forward(&query, Some((&key, &value)), options, None, None, par)
     }
 }
 

@@ -63,8 +63,9 @@ impl Tensor {
 /// Named tensors, as `module.state_dict()` names them.
 pub type StateDict = BTreeMap<String, Tensor>;
 
-/// Takes the tensor `name` of `shape` out of `dict`.
-pub(crate) fn take(dict: &mut StateDict, name: &str, shape: &[usize]) -> Result<Tensor> {
+/// Takes the tensor `name` of `shape` out of `dict`; a missing or misshapen tensor is an error
+/// naming it and its expected shape.
+pub fn take(dict: &mut StateDict, name: &str, shape: &[usize]) -> Result<Tensor> {
     let tensor = dict.remove(name).ok_or_else(|| AttnError::MissingTensor {
         name: name.to_string(),
         expected: shape.to_vec(),
@@ -80,13 +81,34 @@ pub(crate) fn take(dict: &mut StateDict, name: &str, shape: &[usize]) -> Result<
     Ok(tensor)
 }
 
-/// Fails if `dict` still holds a tensor after loading took what it knows.
-pub(crate) fn expect_empty(dict: &StateDict, known: &[String]) -> Result<()> {
+/// Fails, naming the first leftover, if `dict` still holds a tensor after loading took what it
+/// knows (`known`, for the message).
+pub fn expect_empty(dict: &StateDict, known: &[String]) -> Result<()> {
     match dict.keys().next() {
         None => Ok(()),
         Some(name) => Err(AttnError::UnexpectedTensor {
             name: name.clone(),
             known: known.join(", "),
         }),
+    }
+}
+
+/// Takes every tensor whose name starts with `prefix` out of `dict`, with the prefix removed:
+/// the state dict of a submodule (`"layers.0."`, `"self_attn."`).
+pub fn take_prefixed(dict: &mut StateDict, prefix: &str) -> StateDict {
+    let names: Vec<String> = dict.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let tensor = dict.remove(&name).expect("listed above");
+            (name[prefix.len()..].to_string(), tensor)
+        })
+        .collect()
+}
+
+/// Puts every tensor of `sub` into `dict` under `prefix`.
+pub fn insert_prefixed(dict: &mut StateDict, prefix: &str, sub: StateDict) {
+    for (name, tensor) in sub {
+        dict.insert(format!("{prefix}{name}"), tensor);
     }
 }

@@ -1,10 +1,24 @@
 //! attn-nn: layers and models around attention.
 //!
 //! Legend: `B` batch, `H` query heads, `G` key/value heads, `S` query length, `T` key length,
-//! `D` head dim, `E` model dim.
+//! `D` head dim, `E` model dim, `F` feed-forward width.
 //!
-//! Today this crate re-exports attn-core ([`core`]) so that the CLI depends on this layer only.
-//! Linear, LayerNorm, the feed-forward block, encoder and decoder layers and the BERT model are
-//! the next pieces of work (see docs/ARCHITECTURE.md).
+//! - [`layers`]: `Linear`, `Norm` (LayerNorm and RMSNorm, with the residual add fused), the
+//!   activations and the feed-forward block.
+//! - [`EncoderLayer`], [`DecoderLayer`], [`Encoder`], [`Decoder`], [`Transformer`]: PyTorch's
+//!   `nn.Transformer*` modules with their state-dict names, and incremental decoding with cached
+//!   self- and cross-attention keys and values.
+//!
+//! attn-core is re-exported as [`core`], so the CLI depends on this crate alone. What this crate
+//! leaves out: file IO and tokenisation (the CLI's).
+
+mod error;
+pub mod layers;
+mod transformer;
 
 pub use attn_core as core;
+pub use error::{NnError, Result};
+pub use transformer::{
+    layout_of, BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig,
+    StackConfig, Transformer, TransformerConfig,
+};

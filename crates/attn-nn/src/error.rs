@@ -1,0 +1,44 @@
+//! The error type of attn-nn.
+
+use attn_core::AttnError;
+
+/// A typed error from attn-nn: attention errors pass through; layers add their own.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NnError {
+    /// From attention (shapes, masks, weights of an attention block).
+    #[error(transparent)]
+    Attention(#[from] AttnError),
+    /// A configuration field out of its domain.
+    #[error("invalid config: `{field}` is {got}, expected {expected}")]
+    InvalidConfig {
+        /// The field.
+        field: String,
+        /// Its value, printed.
+        got: String,
+        /// What it must be.
+        expected: String,
+    },
+    /// An input with the wrong shape.
+    #[error("{op}: `{tensor}` has shape {got:?}, expected {expected}")]
+    ShapeMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The input at fault.
+        tensor: String,
+        /// What it must be.
+        expected: String,
+        /// What it is.
+        got: Vec<usize>,
+    },
+}
+
+/// `Result` with [`NnError`].
+pub type Result<T, E = NnError> = std::result::Result<T, E>;
+
+pub(crate) fn invalid(field: &str, got: impl ToString, expected: impl Into<String>) -> NnError {
+    NnError::InvalidConfig {
+        field: field.to_string(),
+        got: got.to_string(),
+        expected: expected.into(),
+    }
+}

@@ -1,0 +1,727 @@
+//! Encoder and decoder layers with the residual add, their stacks, and the encoder-decoder
+//! `Transformer`: PyTorch's `nn.TransformerEncoderLayer`, `nn.TransformerDecoderLayer`,
+//! `nn.TransformerEncoder`, `nn.TransformerDecoder` and `nn.Transformer` (inference), with their
+//! constructor arguments and state-dict names.
+//!
+//! Shapes: `src: [B, S, E]`, `tgt: [B, T, E]`, `memory: [B, S, E]` (or sequence-first, by
+//! `batch_first`) -> the same shape as the layer's first input. Every layer works on token rows
+//! in storage order; only attention cares about the layout.
+//!
+//! The residual structure reads as in the papers (post-norm, `norm_first = false`):
+//! `x = norm1(x + self_attn(x))`, `x = norm2(x + ff(x))`; pre-norm: `x = x + self_attn(norm1(x))`,
+//! `x = x + ff(norm2(x))`. The residual add and the norm after it run as one pass.
+
+use attn_core::kernels::Par;
+use attn_core::{
+    expect_empty, insert_prefixed, take_prefixed, AttnError, KeyPadding, KvCache, MhaConfig, MhaOptions,
+    MultiHeadAttention, ScoreMask, Sequence, StateDict,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::invalid;
+use crate::layers::{add_in_place, Activation, FeedForward, Linear, Norm, NormKind};
+use crate::{NnError, Result};
+
+fn default_ff() -> usize {
+    2048
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+
+/// Constructor arguments of `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer`, with
+/// PyTorch's names and defaults. Unknown fields are rejected by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerConfig {
+    /// E.
+    pub d_model: usize,
+    /// H.
+    pub nhead: usize,
+    /// F, the feed-forward width.
+    #[serde(default = "default_ff")]
+    pub dim_feedforward: usize,
+    /// Accepted and ignored (inference).
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// `"relu"` or `"gelu"` (exact); attn also takes `"gelu_tanh"`.
+    #[serde(default)]
+    pub activation: Activation,
+    /// The norms' epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// `[B, L, E]` inputs when true, `[L, B, E]` when false.
+    #[serde(default)]
+    pub batch_first: bool,
+    /// Pre-norm when true, post-norm (the original Transformer, BERT) when false.
+    #[serde(default)]
+    pub norm_first: bool,
+    /// Biases in the linear layers, attention and norms.
+    #[serde(default = "yes")]
+    pub bias: bool,
+}
+
+impl LayerConfig {
+    /// `d_model` and `nhead` with PyTorch's defaults for the rest.
+    pub fn new(d_model: usize, nhead: usize) -> Self {
+        LayerConfig {
+            d_model,
+            nhead,
+            dim_feedforward: 2048,
+            dropout: 0.1,
+            activation: Activation::Relu,
+            layer_norm_eps: 1e-5,
+            batch_first: false,
+            norm_first: false,
+            bias: true,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.dim_feedforward == 0 {
+            return Err(invalid("dim_feedforward", self.dim_feedforward, "at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(invalid("dropout", self.dropout, "a probability in [0, 1)"));
+        }
+        Ok(())
+    }
+
+    fn mha(&self) -> MhaConfig {
+        let mut config = MhaConfig::new(self.d_model, self.nhead);
+        config.bias = self.bias;
+        config.batch_first = self.batch_first;
+        config
+    }
+
+    fn layout(&self) -> attn_core::Layout {
+        if self.batch_first {
+            attn_core::Layout::BatchFirst
+        } else {
+            attn_core::Layout::SeqFirst
+        }
+    }
+
+    fn norm(&self, dict: &mut StateDict, prefix: &str) -> Result<Norm> {
+        Norm::load(
+            dict,
+            prefix,
+            self.d_model,
+            self.layer_norm_eps,
+            NormKind::LayerNorm,
+            self.bias,
+        )
+    }
+
+    fn ffn(&self, dict: &mut StateDict) -> Result<FeedForward> {
+        Ok(FeedForward {
+            linear1: Linear::load(dict, "linear1.", self.d_model, self.dim_feedforward, self.bias)?,
+            linear2: Linear::load(dict, "linear2.", self.dim_feedforward, self.d_model, self.bias)?,
+            activation: self.activation,
+        })
+    }
+}
+
+/// The masks of one attention block, in PyTorch's module conventions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlockMasks<'a> {
+    /// `[L, S]` or `[B·H, L, S]`; boolean `true` = masked out, or additive.
+    pub mask: ScoreMask<'a>,
+    /// `[B, S]`; boolean `true` = padding, additive, or lengths.
+    pub key_padding: KeyPadding<'a>,
+    /// Top-left causal masking.
+    pub is_causal: bool,
+}
+
+impl BlockMasks<'_> {
+    fn mha(&self) -> MhaOptions<'_> {
+        MhaOptions {
+            attn_mask: self.mask,
+            key_padding: self.key_padding,
+            is_causal: self.is_causal,
+            ..Default::default()
+        }
+    }
+}
+
+/// Fails, naming the first tensor nothing took.
+fn reject_leftovers(dict: &StateDict) -> Result<()> {
+    Ok(expect_empty(dict, &["no tensor of that name".to_string()])?)
+}
+
+/// Builds a submodule from the tensors under `prefix`; errors name tensors with the prefix, and
+/// a tensor under the prefix that the submodule does not use is an error.
+fn sub_module<T>(dict: &mut StateDict, prefix: &str, build: impl FnOnce(&mut StateDict) -> Result<T>) -> Result<T> {
+    let mut sub = take_prefixed(dict, prefix);
+    let built = build(&mut sub).and_then(|value| reject_leftovers(&sub).map(|()| value));
+    built.map_err(|e| match e {
+        NnError::Attention(AttnError::MissingTensor { name, expected }) => AttnError::MissingTensor {
+            name: format!("{prefix}{name}"),
+            expected,
+        }
+        .into(),
+        NnError::Attention(AttnError::UnexpectedTensor { name, known }) => AttnError::UnexpectedTensor {
+            name: format!("{prefix}{name}"),
+            known,
+        }
+        .into(),
+        NnError::Attention(AttnError::ShapeMismatch {
+            op,
+            tensor,
+            expected,
+            got,
+        }) if op == "load" => AttnError::ShapeMismatch {
+            op,
+            tensor: format!("{prefix}{tensor}"),
+            expected,
+            got,
+        }
+        .into(),
+        other => other,
+    })
+}
+
+/// A batch of sequences as token rows, with the layer's layout.
+fn seq<'a>(data: &'a [f32], like: &Sequence<'_>) -> Sequence<'a> {
+    Sequence { data, ..*like }
+}
+
+fn check_input(op: &'static str, name: &str, x: &Sequence<'_>, d_model: usize) -> Result<()> {
+    if x.dim != d_model || x.batch * x.len * x.dim != x.data.len() {
+        return Err(NnError::ShapeMismatch {
+            op,
+            tensor: name.to_string(),
+            expected: format!("{} rows of E = {d_model}", x.batch * x.len),
+            got: vec![x.batch, x.len, x.dim],
+        });
+    }
+    Ok(())
+}
+
+/// `nn.TransformerEncoderLayer`: self-attention and a feed-forward block, each with its residual
+/// add and norm. State-dict names: `self_attn.*`, `linear1.*`, `linear2.*`, `norm1.*`, `norm2.*`.
+#[derive(Debug, Clone)]
+pub struct EncoderLayer {
+    config: LayerConfig,
+    self_attn: MultiHeadAttention,
+    ffn: FeedForward,
+    norm1: Norm,
+    norm2: Norm,
+}
+
+impl EncoderLayer {
+    /// Builds the layer from its state dict; every tensor must be used.
+    pub fn from_state_dict(config: LayerConfig, mut dict: StateDict) -> Result<Self> {
+        let layer = Self::take(config, &mut dict)?;
+        reject_leftovers(&dict)?;
+        Ok(layer)
+    }
+
+    fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self> {
+        config.check()?;
+        let self_attn = sub_module(dict, "self_attn.", |d| {
+            Ok(MultiHeadAttention::from_state_dict(config.mha(), std::mem::take(d))?)
+        })?;
+        let ffn = config.ffn(dict)?;
+        let norm1 = config.norm(dict, "norm1.")?;
+        let norm2 = config.norm(dict, "norm2.")?;
+        Ok(EncoderLayer {
+            config,
+            self_attn,
+            ffn,
+            norm1,
+            norm2,
+        })
+    }
+
+    /// The tensors under their PyTorch names.
+    pub fn state_dict(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        insert_prefixed(&mut dict, "self_attn.", self.self_attn.state_dict());
+        self.ffn.linear1.save(&mut dict, "linear1.");
+        self.ffn.linear2.save(&mut dict, "linear2.");
+        self.norm1.save(&mut dict, "norm1.");
+        self.norm2.save(&mut dict, "norm2.");
+        dict
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LayerConfig {
+        &self.config
+    }
+
+    /// `src: [B, S, E]` -> `[B, S, E]` (in `src`'s layout).
+    pub fn forward(&self, src: Sequence<'_>, masks: &BlockMasks<'_>, par: Par) -> Result<Vec<f32>> {
+        check_input("transformer_encoder_layer", "src", &src, self.config.d_model)?;
+        let mut x = src.data.to_vec();
+        let options = masks.mha();
+        if self.config.norm_first {
+            // x = x + self_attn(norm1(x)); x = x + ff(norm2(x))
+            let normed = self.norm1.forward(&x);
+            let attended = self.self_attn.forward_self(seq(&normed, &src), &options, par)?.output;
+            let normed = self.norm2.add_then_forward(&mut x, &attended);
+            add_in_place(&mut x, &self.ffn.forward(&normed, par)?);
+        } else {
+            // x = norm1(x + self_attn(x)); x = norm2(x + ff(x))
+            let attended = self.self_attn.forward_self(seq(&x, &src), &options, par)?.output;
+            self.norm1.add_forward_in_place(&mut x, &attended);
+            let fed = self.ffn.forward(&x, par)?;
+            self.norm2.add_forward_in_place(&mut x, &fed);
+        }
+        Ok(x)
+    }
+}
+
+/// `nn.TransformerDecoderLayer`: masked self-attention, cross-attention over the encoder's
+/// memory, and a feed-forward block, each with its residual add and norm. State-dict names:
+/// `self_attn.*`, `multihead_attn.*`, `linear1.*`, `linear2.*`, `norm1.*`, `norm2.*`, `norm3.*`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    config: LayerConfig,
+    self_attn: MultiHeadAttention,
+    cross_attn: MultiHeadAttention,
+    ffn: FeedForward,
+    norm1: Norm,
+    norm2: Norm,
+    norm3: Norm,
+}
+
+/// Cached state of one decoder layer during incremental decoding.
+#[derive(Debug, Clone)]
+pub struct DecoderLayerCache {
+    /// Keys and values of the target positions decoded so far.
+    pub self_attn: KvCache,
+    /// Keys and values of the memory, computed once per source.
+    pub cross_attn: KvCache,
+}
+
+impl DecoderLayer {
+    /// Builds the layer from its state dict; every tensor must be used.
+    pub fn from_state_dict(config: LayerConfig, mut dict: StateDict) -> Result<Self> {
+        let layer = Self::take(config, &mut dict)?;
+        reject_leftovers(&dict)?;
+        Ok(layer)
+    }
+
+    fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self> {
+        config.check()?;
+        let self_attn = sub_module(dict, "self_attn.", |d| {
+            Ok(MultiHeadAttention::from_state_dict(config.mha(), std::mem::take(d))?)
+        })?;
+        let cross_attn = sub_module(dict, "multihead_attn.", |d| {
+            Ok(MultiHeadAttention::from_state_dict(config.mha(), std::mem::take(d))?)
+        })?;
+        let ffn = config.ffn(dict)?;
+        let norm1 = config.norm(dict, "norm1.")?;
+        let norm2 = config.norm(dict, "norm2.")?;
+        let norm3 = config.norm(dict, "norm3.")?;
+        Ok(DecoderLayer {
+            config,
+            self_attn,
+            cross_attn,
+            ffn,
+            norm1,
+            norm2,
+            norm3,
+        })
+    }
+
+    /// The tensors under their PyTorch names.
+    pub fn state_dict(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        insert_prefixed(&mut dict, "self_attn.", self.self_attn.state_dict());
+        insert_prefixed(&mut dict, "multihead_attn.", self.cross_attn.state_dict());
+        self.ffn.linear1.save(&mut dict, "linear1.");
+        self.ffn.linear2.save(&mut dict, "linear2.");
+        self.norm1.save(&mut dict, "norm1.");
+        self.norm2.save(&mut dict, "norm2.");
+        self.norm3.save(&mut dict, "norm3.");
+        dict
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LayerConfig {
+        &self.config
+    }
+
+    /// `tgt: [B, T, E]`, `memory: [B, S, E]` -> `[B, T, E]`.
+    pub fn forward(
+        &self,
+        tgt: Sequence<'_>,
+        memory: Sequence<'_>,
+        tgt_masks: &BlockMasks<'_>,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        check_input("transformer_decoder_layer", "tgt", &tgt, self.config.d_model)?;
+        check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
+        let cross = |x: &[f32]| -> Result<Vec<f32>> {
+            Ok(self
+                .cross_attn
+                .forward(seq(x, &tgt), memory, memory, &memory_masks.mha(), par)?
+                .output)
+        };
+        let self_attend = |x: &[f32]| -> Result<Vec<f32>> {
+            Ok(self.self_attn.forward_self(seq(x, &tgt), &tgt_masks.mha(), par)?.output)
+        };
+        self.residual_blocks(tgt.data.to_vec(), self_attend, cross, par)
+    }
+
+    /// The three blocks with their residual adds and norms, around the two attention calls.
+    fn residual_blocks(
+        &self,
+        mut x: Vec<f32>,
+        self_attend: impl Fn(&[f32]) -> Result<Vec<f32>>,
+        cross: impl Fn(&[f32]) -> Result<Vec<f32>>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        if self.config.norm_first {
+            // x = x + sa(norm1(x)); x = x + mha(norm2(x), mem); x = x + ff(norm3(x))
+            let normed = self.norm1.forward(&x);
+            let attended = self_attend(&normed)?;
+            let normed = self.norm2.add_then_forward(&mut x, &attended);
+            let crossed = cross(&normed)?;
+            let normed = self.norm3.add_then_forward(&mut x, &crossed);
+            add_in_place(&mut x, &self.ffn.forward(&normed, par)?);
+        } else {
+            // x = norm1(x + sa(x)); x = norm2(x + mha(x, mem)); x = norm3(x + ff(x))
+            let attended = self_attend(&x)?;
+            self.norm1.add_forward_in_place(&mut x, &attended);
+            let crossed = cross(&x)?;
+            self.norm2.add_forward_in_place(&mut x, &crossed);
+            let fed = self.ffn.forward(&x, par)?;
+            self.norm3.add_forward_in_place(&mut x, &fed);
+        }
+        Ok(x)
+    }
+
+    /// An empty cache for decoding `memory` (`[B, S, E]`): the cross-attention keys and values
+    /// are computed here, once.
+    pub fn start_decoding(&self, memory: Sequence<'_>, capacity: usize, par: Par) -> Result<DecoderLayerCache> {
+        check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
+        let mut cross_attn = self.cross_attn.new_cache(memory.batch, memory.len);
+        self.cross_attn.fill_cache(memory, memory, &mut cross_attn, par)?;
+        Ok(DecoderLayerCache {
+            self_attn: self.self_attn.new_cache(memory.batch, capacity),
+            cross_attn,
+        })
+    }
+
+    /// The next `n` target positions `x: [B, n, E]` -> `[B, n, E]`, attending causally to every
+    /// position decoded so far and to the cached memory. `memory_masks` refer to the memory's
+    /// positions (`mask` is then `[n, S]`).
+    pub fn decode_step(
+        &self,
+        x: Sequence<'_>,
+        cache: &mut DecoderLayerCache,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        check_input("transformer_decoder_layer", "tgt", &x, self.config.d_model)?;
+        let self_cache = std::cell::RefCell::new(&mut cache.self_attn);
+        let cross_cache = &cache.cross_attn;
+        let self_attend = |h: &[f32]| -> Result<Vec<f32>> {
+            let mut c = self_cache.borrow_mut();
+            Ok(self
+                .self_attn
+                .forward_cached(seq(h, &x), &mut c, &MhaOptions::default(), par)?
+                .output)
+        };
+        let cross = |h: &[f32]| -> Result<Vec<f32>> {
+            Ok(self
+                .cross_attn
+                .forward_with_cache(seq(h, &x), cross_cache, &memory_masks.mha(), par)?
+                .output)
+        };
+        self.residual_blocks(x.data.to_vec(), self_attend, cross, par)
+    }
+}
+
+/// Configuration of a stack: `num_layers` copies of `layer`, and an optional final norm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackConfig {
+    /// The layer's constructor arguments.
+    pub layer: LayerConfig,
+    /// How many layers.
+    pub num_layers: usize,
+    /// A final LayerNorm (PyTorch's `norm=nn.LayerNorm(d_model, eps=layer_norm_eps)`).
+    #[serde(default)]
+    pub norm: bool,
+    /// Accepted and ignored: attn never returns nested-tensor zeros for padding.
+    #[serde(default)]
+    pub enable_nested_tensor: Option<bool>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    pub mask_check: Option<bool>,
+}
+
+fn final_norm(config: &StackConfig, dict: &mut StateDict) -> Result<Option<Norm>> {
+    config.norm.then(|| config.layer.norm(dict, "norm.")).transpose()
+}
+
+/// `nn.TransformerEncoder`: layers `layers.{i}.*` and an optional `norm.*`.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+    norm: Option<Norm>,
+    config: StackConfig,
+}
+
+impl Encoder {
+    /// Builds the stack from its state dict; every tensor must be used.
+    pub fn from_state_dict(config: StackConfig, mut dict: StateDict) -> Result<Self> {
+        let encoder = Self::take(config, &mut dict)?;
+        reject_leftovers(&dict)?;
+        Ok(encoder)
+    }
+
+    fn take(config: StackConfig, dict: &mut StateDict) -> Result<Self> {
+        let layers = (0..config.num_layers)
+            .map(|i| {
+                sub_module(dict, &format!("layers.{i}."), |d| {
+                    EncoderLayer::take(config.layer.clone(), d)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = final_norm(&config, dict)?;
+        Ok(Encoder { layers, norm, config })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StackConfig {
+        &self.config
+    }
+
+    /// `src: [B, S, E]` -> `[B, S, E]`, the same masks for every layer.
+    pub fn forward(&self, src: Sequence<'_>, masks: &BlockMasks<'_>, par: Par) -> Result<Vec<f32>> {
+        check_input("transformer_encoder", "src", &src, self.config.layer.d_model)?;
+        let mut x = src.data.to_vec();
+        for layer in &self.layers {
+            x = layer.forward(seq(&x, &src), masks, par)?;
+        }
+        Ok(match &self.norm {
+            Some(norm) => norm.forward(&x),
+            None => x,
+        })
+    }
+}
+
+/// `nn.TransformerDecoder`: layers `layers.{i}.*` and an optional `norm.*`.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    layers: Vec<DecoderLayer>,
+    norm: Option<Norm>,
+    config: StackConfig,
+}
+
+/// Cached state of a decoder stack during incremental decoding.
+#[derive(Debug, Clone)]
+pub struct DecoderCache {
+    layers: Vec<DecoderLayerCache>,
+}
+
+impl DecoderCache {
+    /// Target positions decoded so far.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.self_attn.len())
+    }
+    /// True before the first step.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Decoder {
+    /// Builds the stack from its state dict; every tensor must be used.
+    pub fn from_state_dict(config: StackConfig, mut dict: StateDict) -> Result<Self> {
+        let decoder = Self::take(config, &mut dict)?;
+        reject_leftovers(&dict)?;
+        Ok(decoder)
+    }
+
+    fn take(config: StackConfig, dict: &mut StateDict) -> Result<Self> {
+        let layers = (0..config.num_layers)
+            .map(|i| {
+                sub_module(dict, &format!("layers.{i}."), |d| {
+                    DecoderLayer::take(config.layer.clone(), d)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = final_norm(&config, dict)?;
+        Ok(Decoder { layers, norm, config })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StackConfig {
+        &self.config
+    }
+
+    /// `tgt: [B, T, E]`, `memory: [B, S, E]` -> `[B, T, E]`.
+    pub fn forward(
+        &self,
+        tgt: Sequence<'_>,
+        memory: Sequence<'_>,
+        tgt_masks: &BlockMasks<'_>,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        check_input("transformer_decoder", "tgt", &tgt, self.config.layer.d_model)?;
+        let mut x = tgt.data.to_vec();
+        for layer in &self.layers {
+            x = layer.forward(seq(&x, &tgt), memory, tgt_masks, memory_masks, par)?;
+        }
+        Ok(match &self.norm {
+            Some(norm) => norm.forward(&x),
+            None => x,
+        })
+    }
+
+    /// Starts incremental decoding of `memory`: cross-attention keys and values are computed
+    /// once here for every layer.
+    pub fn start_decoding(&self, memory: Sequence<'_>, capacity: usize, par: Par) -> Result<DecoderCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.start_decoding(memory, capacity, par))
+            .collect::<Result<_>>()?;
+        Ok(DecoderCache { layers })
+    }
+
+    /// The next `n` target positions `x: [B, n, E]` -> `[B, n, E]`. Decoding N tokens one at a
+    /// time equals one `forward` over them with `tgt_is_causal`.
+    pub fn decode_step(
+        &self,
+        x: Sequence<'_>,
+        cache: &mut DecoderCache,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        check_input("transformer_decoder", "tgt", &x, self.config.layer.d_model)?;
+        let mut h = x.data.to_vec();
+        for (layer, layer_cache) in self.layers.iter().zip(&mut cache.layers) {
+            h = layer.decode_step(seq(&h, &x), layer_cache, memory_masks, par)?;
+        }
+        Ok(match &self.norm {
+            Some(norm) => norm.forward(&h),
+            None => h,
+        })
+    }
+}
+
+/// Constructor arguments of `nn.Transformer`, PyTorch's names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformerConfig {
+    /// E.
+    #[serde(default = "default_d_model")]
+    pub d_model: usize,
+    /// H.
+    #[serde(default = "default_nhead")]
+    pub nhead: usize,
+    /// Encoder layers.
+    #[serde(default = "default_layers")]
+    pub num_encoder_layers: usize,
+    /// Decoder layers.
+    #[serde(default = "default_layers")]
+    pub num_decoder_layers: usize,
+    /// F.
+    #[serde(default = "default_ff")]
+    pub dim_feedforward: usize,
+    /// Accepted and ignored.
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// `"relu"` or `"gelu"`.
+    #[serde(default)]
+    pub activation: Activation,
+    /// The norms' epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Layout.
+    #[serde(default)]
+    pub batch_first: bool,
+    /// Pre-norm layers.
+    #[serde(default)]
+    pub norm_first: bool,
+    /// Biases.
+    #[serde(default = "yes")]
+    pub bias: bool,
+}
+
+fn default_d_model() -> usize {
+    512
+}
+fn default_nhead() -> usize {
+    8
+}
+fn default_layers() -> usize {
+    6
+}
+
+/// `nn.Transformer`: `encoder.*` (with its final norm) and `decoder.*` (with its final norm).
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    /// The encoder stack.
+    pub encoder: Encoder,
+    /// The decoder stack.
+    pub decoder: Decoder,
+}
+
+impl Transformer {
+    /// Builds the model from `nn.Transformer.state_dict()`.
+    pub fn from_state_dict(config: TransformerConfig, mut dict: StateDict) -> Result<Self> {
+        let layer = LayerConfig {
+            d_model: config.d_model,
+            nhead: config.nhead,
+            dim_feedforward: config.dim_feedforward,
+            dropout: config.dropout,
+            activation: config.activation,
+            layer_norm_eps: config.layer_norm_eps,
+            batch_first: config.batch_first,
+            norm_first: config.norm_first,
+            bias: config.bias,
+        };
+        let stack = |num_layers| StackConfig {
+            layer: layer.clone(),
+            num_layers,
+            norm: true,
+            enable_nested_tensor: None,
+            mask_check: None,
+        };
+        let encoder = sub_module(&mut dict, "encoder.", |d| {
+            Encoder::take(stack(config.num_encoder_layers), d)
+        })?;
+        let decoder = sub_module(&mut dict, "decoder.", |d| {
+            Decoder::take(stack(config.num_decoder_layers), d)
+        })?;
+        reject_leftovers(&dict)?;
+        Ok(Transformer { encoder, decoder })
+    }
+
+    /// `src: [B, S, E]`, `tgt: [B, T, E]` -> `[B, T, E]`: the encoder's output is the decoder's
+    /// memory. `memory_masks.key_padding` is usually the source's padding.
+    pub fn forward(
+        &self,
+        src: Sequence<'_>,
+        tgt: Sequence<'_>,
+        src_masks: &BlockMasks<'_>,
+        tgt_masks: &BlockMasks<'_>,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        let memory = self.encoder.forward(src, src_masks, par)?;
+        self.decoder
+            .forward(tgt, seq(&memory, &src), tgt_masks, memory_masks, par)
+    }
+}
+
+/// Layout of a layer config, for callers that build [`Sequence`]s.
+pub fn layout_of(config: &LayerConfig) -> attn_core::Layout {
+    config.layout()
+}
