@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod embed;
 mod heatmap;
 mod run;
 mod sdpa;
@@ -64,6 +65,34 @@ enum Command {
         /// Where the outputs go.
         #[arg(long)]
         output: PathBuf,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+    },
+    /// Sentence embeddings from a BERT-family checkpoint (default: all-MiniLM-L6-v2).
+    #[command(
+        after_help = "Examples:\n  attn embed \"a cat sat on the mat\" \"the weather is nice\" --json\n  attn embed --input sentences.txt --output embeddings.safetensors --batch-size 64\n\nThe default model folder is where `cargo xtask fetch-model` installs all-MiniLM-L6-v2."
+    )]
+    Embed {
+        /// A Hugging Face-style model folder.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A UTF-8 file with one sentence per line.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Sentences to embed.
+        texts: Vec<String>,
+        /// Write `embeddings` [N, E] to this safetensors file.
+        #[arg(long, conflicts_with = "json")]
+        output: Option<PathBuf>,
+        /// Print {"embeddings": [[...], ...]} on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Sentences per batch.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+        batch_size: u32,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         threads: Option<u16>,
     },
@@ -193,6 +222,47 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let causal = sdpa::parse_causal(causal.as_deref())?;
             with_threads(threads, |_| sdpa::run(&input, &output, causal, scale))
+        }
+        Command::Embed {
+            model,
+            input,
+            texts,
+            output,
+            json,
+            batch_size,
+            quiet,
+            threads,
+        } => {
+            let sentences = embed::read_inputs(input.as_deref(), &texts)?;
+            let dir = model.unwrap_or_else(embed::default_model_dir);
+            let embedder = embed::Embedder::load(&dir)?;
+            let bar = embed::progress_bar(sentences.len(), quiet);
+            let vectors = with_threads(threads, |_| {
+                embedder.embed(
+                    &sentences,
+                    batch_size as usize,
+                    attn_nn::core::kernels::Par::Rayon,
+                    |n| {
+                        if let Some(bar) = &bar {
+                            bar.inc(n as u64)
+                        }
+                    },
+                )
+            })?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let e = embedder.dim();
+            match output {
+                Some(path) => tensors::write_f32(&path, &[("embeddings", &[sentences.len(), e], &vectors)]),
+                // `--json`, and the default without `--output`: JSON on stdout.
+                None => {
+                    let _ = json;
+                    let rows: Vec<&[f32]> = vectors.chunks(e.max(1)).collect();
+                    println!("{}", serde_json::json!({ "embeddings": rows }));
+                    Ok(())
+                }
+            }
         }
         Command::Run {
             config,

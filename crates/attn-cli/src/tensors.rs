@@ -99,11 +99,20 @@ fn decode(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
 impl TensorFile {
     /// Reads and validates every tensor of `path`.
     pub fn read(path: &Path) -> Result<Self> {
+        Self::read_skipping(path, |_| false)
+    }
+
+    /// Like [`TensorFile::read`], leaving out the tensors whose name `skip` accepts (whatever
+    /// their dtype).
+    pub fn read_skipping(path: &Path, skip: impl Fn(&str) -> bool) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let parsed = SafeTensors::deserialize(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in parsed.iter() {
+            if skip(name) {
+                continue;
+            }
             tensors.insert(name.to_string(), decode(path, name, &view)?);
         }
         Ok(TensorFile {

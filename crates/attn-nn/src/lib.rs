@@ -8,15 +8,19 @@
 //! - [`EncoderLayer`], [`DecoderLayer`], [`Encoder`], [`Decoder`], [`Transformer`]: PyTorch's
 //!   `nn.Transformer*` modules with their state-dict names, and incremental decoding with cached
 //!   self- and cross-attention keys and values.
+//! - [`BertModel`] and [`SentenceEmbedder`]: a Hugging Face BERT checkpoint (all-MiniLM-L6-v2)
+//!   and sentence embeddings with sentence-transformers' pooling and normalisation.
 //!
 //! attn-core is re-exported as [`core`], so the CLI depends on this crate alone. What this crate
 //! leaves out: file IO and tokenisation (the CLI's).
 
+mod bert;
 mod error;
 pub mod layers;
 mod transformer;
 
 pub use attn_core as core;
+pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
 pub use transformer::{
     layout_of, BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig,

@@ -1,0 +1,369 @@
+//! A BERT-family encoder (BERT, MiniLM, all-MiniLM-L6-v2) from a Hugging Face checkpoint, and
+//! sentence embeddings as sentence-transformers computes them (pooling, L2 normalisation).
+//!
+//! Shapes: token ids `[B, L]` (right-padded, with per-sequence lengths) -> hidden states
+//! `[B, L, E]` -> pooled embeddings `[B, E]`. The model takes token ids; tokenisation is the
+//! caller's (attn-cli uses the `tokenizers` crate with the checkpoint's `tokenizer.json`).
+//!
+//! Each layer is an [`EncoderLayer`](crate::EncoderLayer) (post-norm, exact GELU): the
+//! checkpoint's separate query, key and value weights are stacked into one `[3E, E]` projection
+//! at load time, so self-attention runs one fused GEMM. Padding is key padding by lengths, so the
+//! kernels skip padded keys.
+
+use attn_core::kernels::Par;
+use attn_core::{take, KeyPadding, Sequence, StateDict, Tensor};
+use serde::Deserialize;
+
+use crate::error::invalid;
+use crate::layers::{Activation, Norm, NormKind};
+use crate::{BlockMasks, EncoderLayer, LayerConfig, NnError, Result};
+
+/// The fields of a Hugging Face BERT `config.json` that the model uses. Other fields of the
+/// file (`architectures`, dropout rates, ...) are ignored; `model_type` and
+/// `position_embedding_type`, when present, must be `"bert"` and `"absolute"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// E.
+    pub hidden_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// H.
+    pub num_attention_heads: usize,
+    /// F.
+    pub intermediate_size: usize,
+    /// `"gelu"` (exact), `"gelu_new"` or `"relu"`.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Longest sequence the position table covers.
+    pub max_position_embeddings: usize,
+    /// Token types.
+    #[serde(default = "default_types")]
+    pub type_vocab_size: usize,
+    /// The norms' epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// `"bert"` expected.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// `"absolute"` expected.
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_types() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    /// Parses `config.json` text.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let config: BertConfig = serde_json::from_str(text).map_err(|e| invalid("config.json", e, "a BERT config"))?;
+        if let Some(kind) = &config.model_type {
+            if kind != "bert" {
+                return Err(invalid("model_type", kind, "\"bert\""));
+            }
+        }
+        if let Some(kind) = &config.position_embedding_type {
+            if kind != "absolute" {
+                return Err(invalid("position_embedding_type", kind, "\"absolute\""));
+            }
+        }
+        config.activation()?;
+        Ok(config)
+    }
+
+    fn activation(&self) -> Result<Activation> {
+        match self.hidden_act.as_str() {
+            "gelu" => Ok(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            "relu" => Ok(Activation::Relu),
+            other => Err(invalid("hidden_act", other, "\"gelu\", \"gelu_new\" or \"relu\"")),
+        }
+    }
+}
+
+/// A BERT encoder with its embeddings.
+#[derive(Debug, Clone)]
+pub struct BertModel {
+    config: BertConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    embedding_norm: Norm,
+    layers: Vec<EncoderLayer>,
+}
+
+/// Moves the tensor `from` of `dict` to `to` in `out`.
+fn rename(dict: &mut StateDict, out: &mut StateDict, from: &str, to: &str, shape: &[usize]) -> Result<()> {
+    out.insert(to.to_string(), take(dict, from, shape)?);
+    Ok(())
+}
+
+impl BertModel {
+    /// Builds the model from a Hugging Face BERT state dict (`embeddings.*`, `encoder.layer.{i}.*`,
+    /// with or without a `bert.` prefix). `pooler.*` and `embeddings.position_ids` are ignored;
+    /// any other unknown tensor is an error naming it.
+    pub fn from_state_dict(config: BertConfig, mut dict: StateDict) -> Result<Self> {
+        let (e, f, h) = (config.hidden_size, config.intermediate_size, config.num_attention_heads);
+        if e == 0 || h == 0 || e % h != 0 {
+            return Err(invalid(
+                "num_attention_heads",
+                h,
+                format!("a divisor of hidden_size = {e}"),
+            ));
+        }
+        // Strip a `bert.` prefix; drop what sentence embeddings do not use.
+        let names: Vec<String> = dict.keys().cloned().collect();
+        for name in names {
+            let tensor = dict.remove(&name).expect("listed");
+            let short = name.strip_prefix("bert.").unwrap_or(&name).to_string();
+            if short.starts_with("pooler.") || short == "embeddings.position_ids" {
+                continue;
+            }
+            dict.insert(short, tensor);
+        }
+        let word = take(&mut dict, "embeddings.word_embeddings.weight", &[config.vocab_size, e])?;
+        let position = take(
+            &mut dict,
+            "embeddings.position_embeddings.weight",
+            &[config.max_position_embeddings, e],
+        )?;
+        let token_type = take(
+            &mut dict,
+            "embeddings.token_type_embeddings.weight",
+            &[config.type_vocab_size, e],
+        )?;
+        let embedding_norm = Norm::load(
+            &mut dict,
+            "embeddings.LayerNorm.",
+            e,
+            config.layer_norm_eps,
+            NormKind::LayerNorm,
+            true,
+        )?;
+        let layer_config = LayerConfig {
+            d_model: e,
+            nhead: h,
+            dim_feedforward: f,
+            dropout: 0.0,
+            activation: config.activation()?,
+            layer_norm_eps: config.layer_norm_eps,
+            batch_first: true,
+            norm_first: false,
+            bias: true,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}.");
+            let mut layer = StateDict::new();
+            // Stack query, key and value into PyTorch's fused in_proj.
+            let mut weight = Vec::with_capacity(3 * e * e);
+            let mut bias = Vec::with_capacity(3 * e);
+            for part in ["query", "key", "value"] {
+                weight.extend_from_slice(take(&mut dict, &format!("{p}attention.self.{part}.weight"), &[e, e])?.data());
+                bias.extend_from_slice(take(&mut dict, &format!("{p}attention.self.{part}.bias"), &[e])?.data());
+            }
+            layer.insert(
+                "self_attn.in_proj_weight".into(),
+                Tensor::new("in_proj_weight", vec![3 * e, e], weight)?,
+            );
+            layer.insert(
+                "self_attn.in_proj_bias".into(),
+                Tensor::new("in_proj_bias", vec![3 * e], bias)?,
+            );
+            for (from, to, shape) in [
+                ("attention.output.dense.weight", "self_attn.out_proj.weight", vec![e, e]),
+                ("attention.output.dense.bias", "self_attn.out_proj.bias", vec![e]),
+                ("attention.output.LayerNorm.weight", "norm1.weight", vec![e]),
+                ("attention.output.LayerNorm.bias", "norm1.bias", vec![e]),
+                ("intermediate.dense.weight", "linear1.weight", vec![f, e]),
+                ("intermediate.dense.bias", "linear1.bias", vec![f]),
+                ("output.dense.weight", "linear2.weight", vec![e, f]),
+                ("output.dense.bias", "linear2.bias", vec![e]),
+                ("output.LayerNorm.weight", "norm2.weight", vec![e]),
+                ("output.LayerNorm.bias", "norm2.bias", vec![e]),
+            ] {
+                rename(&mut dict, &mut layer, &format!("{p}{from}"), to, &shape)?;
+            }
+            layers.push(EncoderLayer::from_state_dict(layer_config.clone(), layer)?);
+        }
+        attn_core::expect_empty(&dict, &["embeddings.*, encoder.layer.*, pooler.*".to_string()])?;
+        Ok(BertModel {
+            config,
+            word,
+            position,
+            token_type,
+            embedding_norm,
+            layers,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Hidden states of the last layer: `ids: [B, L]` (row-major, right-padded; `lengths[b]`
+    /// real tokens each, token type 0) -> `[B, L, E]`. Rows past a sequence's length hold
+    /// values nothing should read.
+    pub fn hidden_states(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        len: usize,
+        lengths: &[usize],
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        let e = self.config.hidden_size;
+        if ids.len() != batch * len || lengths.len() != batch {
+            return Err(NnError::ShapeMismatch {
+                op: "bert",
+                tensor: "input_ids".into(),
+                expected: format!("[B, L] = [{batch}, {len}] with {batch} lengths"),
+                got: vec![ids.len(), lengths.len()],
+            });
+        }
+        if len > self.config.max_position_embeddings {
+            return Err(invalid(
+                "sequence length",
+                len,
+                format!(
+                    "at most max_position_embeddings = {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        if let Some(&bad) = lengths.iter().find(|&&l| l > len) {
+            return Err(invalid("length", bad, format!("at most L = {len}")));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(invalid(
+                "token id",
+                bad,
+                format!("below vocab_size = {}", self.config.vocab_size),
+            ));
+        }
+        // Embeddings: word + position + token type 0, then LayerNorm.
+        let mut x = vec![0.0f32; batch * len * e];
+        let (word, position, token_type) = (self.word.data(), self.position.data(), &self.token_type.data()[..e]);
+        for (row, (&id, out)) in ids.iter().zip(x.chunks_mut(e)).enumerate() {
+            let p = row % len;
+            let w = &word[id as usize * e..(id as usize + 1) * e];
+            let pe = &position[p * e..(p + 1) * e];
+            for (((o, &a), &b), &c) in out.iter_mut().zip(w).zip(pe).zip(token_type) {
+                *o = a + b + c;
+            }
+        }
+        let mut x = self.embedding_norm.forward(&x);
+        let masks = BlockMasks {
+            key_padding: KeyPadding::Lengths(lengths),
+            ..Default::default()
+        };
+        for layer in &self.layers {
+            x = layer.forward(Sequence::batch_first(&x, batch, len, e), &masks, par)?;
+        }
+        Ok(x)
+    }
+}
+
+/// How token states become one sentence vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The mean over real tokens (sentence-transformers' `pooling_mode_mean_tokens`).
+    Mean,
+    /// The first token (`[CLS]`).
+    Cls,
+    /// The elementwise maximum over real tokens.
+    Max,
+}
+
+/// A sentence-embedding pipeline: a BERT model, pooling, and optional L2 normalisation.
+#[derive(Debug, Clone)]
+pub struct SentenceEmbedder {
+    /// The encoder.
+    pub model: BertModel,
+    /// Pooling.
+    pub pooling: Pooling,
+    /// L2-normalise the pooled vectors (sentence-transformers' `Normalize` module).
+    pub normalize: bool,
+}
+
+impl SentenceEmbedder {
+    /// Embeds token-id sequences (each with its `[CLS]` and `[SEP]`) -> `[N, E]` rows, in input
+    /// order. Sequences are grouped by length into batches of at most `batch_size`, so padding
+    /// costs little: the work follows the real token count.
+    pub fn embed(
+        &self,
+        sequences: &[Vec<u32>],
+        batch_size: usize,
+        par: Par,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        if batch_size == 0 {
+            return Err(invalid("batch_size", 0, "at least 1"));
+        }
+        let e = self.model.config.hidden_size;
+        let mut order: Vec<usize> = (0..sequences.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].len()));
+        let mut out = vec![0.0f32; sequences.len() * e];
+        for chunk in order.chunks(batch_size) {
+            let len = chunk.iter().map(|&i| sequences[i].len()).max().unwrap_or(0).max(1);
+            let mut ids = vec![0u32; chunk.len() * len];
+            let lengths: Vec<usize> = chunk.iter().map(|&i| sequences[i].len()).collect();
+            for (row, &i) in chunk.iter().enumerate() {
+                ids[row * len..row * len + sequences[i].len()].copy_from_slice(&sequences[i]);
+            }
+            let hidden = self.model.hidden_states(&ids, chunk.len(), len, &lengths, par)?;
+            for (row, &i) in chunk.iter().enumerate() {
+                let states = &hidden[row * len * e..(row * len + lengths[row]) * e];
+                let dst = &mut out[i * e..(i + 1) * e];
+                pool(states, e, self.pooling, dst);
+                if self.normalize {
+                    // torch.nn.functional.normalize: x / max(||x||, 1e-12)
+                    let norm = dst
+                        .iter()
+                        .map(|&v| (v as f64) * (v as f64))
+                        .sum::<f64>()
+                        .sqrt()
+                        .max(1e-12);
+                    dst.iter_mut().for_each(|v| *v = (*v as f64 / norm) as f32);
+                }
+            }
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+}
+
+/// Pools `states: [n, E]` into `dst: [E]` (zeros when `n = 0`).
+fn pool(states: &[f32], e: usize, pooling: Pooling, dst: &mut [f32]) {
+    let n = states.len() / e;
+    if n == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    match pooling {
+        Pooling::Cls => dst.copy_from_slice(&states[..e]),
+        Pooling::Mean => {
+            let mut acc = vec![0.0f64; e];
+            for row in states.chunks(e) {
+                acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
+            }
+            dst.iter_mut().zip(&acc).for_each(|(d, &a)| *d = (a / n as f64) as f32);
+        }
+        Pooling::Max => {
+            dst.fill(f32::NEG_INFINITY);
+            for row in states.chunks(e) {
+                dst.iter_mut().zip(row).for_each(|(d, &x)| *d = d.max(x));
+            }
+        }
+    }
+}
