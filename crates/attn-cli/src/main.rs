@@ -169,6 +169,24 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Times embedding every line of FILE, tokenisation included, model loading excluded.
+    #[command(after_help = "Example:\n  attn bench embed --input sentences.txt --batch-size 32 --json")]
+    Embed {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+        batch_size: u32,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        #[arg(long, default_value_t = 3)]
+        min_runs: usize,
+        #[arg(long, default_value_t = 1.0)]
+        min_seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Times faer's f32 GEMM [M,K]·[K,N]: flops 2·M·N·K.
     #[command(after_help = "Example:\n  attn bench gemm --m 1024 --n 1024 --k 1024 --json")]
     Gemm {
@@ -295,6 +313,42 @@ fn run(cli: Cli) -> Result<()> {
                 "{}",
                 bench::report_plain("run", &config.display().to_string(), stats, n, json)
             );
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Embed {
+            model,
+            input,
+            batch_size,
+            threads,
+            min_runs,
+            min_seconds,
+            json,
+        }) => {
+            let budget = check_budget(min_runs, min_seconds)?;
+            let sentences = embed::read_inputs(Some(&input), &[])?;
+            let embedder = embed::Embedder::load(&model.unwrap_or_else(embed::default_model_dir))?;
+            let par = attn_nn::core::kernels::Par::Rayon;
+            let (stats, n) = with_threads(threads, |n| {
+                embedder.embed(&sentences, batch_size as usize, par, |_| {})?;
+                let stats = bench::measure(budget, || {
+                    embedder
+                        .embed(&sentences, batch_size as usize, par, |_| {})
+                        .expect("ran once above");
+                });
+                Ok((stats, n))
+            })?;
+            let what = format!("{} sentences, batch size {batch_size}", sentences.len());
+            let mut text = bench::report_plain("embed", &what, stats, n, json);
+            let per_second = sentences.len() as f64 / stats.median_s;
+            if json {
+                let mut v: serde_json::Value = serde_json::from_str(&text)?;
+                v["sentences"] = sentences.len().into();
+                v["sentences_per_s"] = per_second.into();
+                text = v.to_string();
+            } else {
+                text.push_str(&format!("  {per_second:.1} sentences/s"));
+            }
+            println!("{text}");
             Ok(())
         }
         Command::Bench(BenchCommand::Sdpa {

@@ -1028,6 +1028,15 @@ impl MultiHeadAttention {
         self.core.forward(&x, None, options, None, None, par)
     }
 
+    /// Self-attention over packed sequences of different lengths, without padding: `x: [N, E]`
+    /// holds the token rows of every sequence back to back, sequence `i` being rows
+    /// `starts[i]..starts[i + 1]` -> `[N, E]`. Each sequence attends only to itself; `causal`
+    /// makes that attention causal. The projections run once over all `N` rows, so the cost
+    /// follows the real token count.
+    pub fn forward_self_packed(&self, x: &[f32], starts: &[usize], causal: bool, par: Par) -> Result<Vec<f32>> {
+        self.core.forward_packed(x, starts, causal, par)
+    }
+
     /// Incremental self-attention: `x: [B, n, E]` are the next `n` positions; their keys and
     /// values join `cache`, and each new query attends every cached position up to its own.
     /// Decoding N tokens one at a time equals one causal `forward_self` over the N tokens.
@@ -1209,6 +1218,108 @@ impl Attention {
 }
 
 impl Core {
+    fn forward_packed(&self, x: &[f32], starts: &[usize], causal: bool, par: Par) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        let op = "multihead_attention_packed";
+        let Dims { e, h, g, d, dv, .. } = self.dims;
+        if !self.dims.fused() || self.bias_kv.is_some() || self.add_zero_attn {
+            return Err(AttnError::InvalidConfig {
+                field: "packed self-attention",
+                got: "kdim/vdim, add_bias_kv or add_zero_attn".into(),
+                expected: "a plain self-attention module".into(),
+            });
+        }
+        let n = x.len() / e;
+        if n * e != x.len() {
+            return Err(shape_error(op, "x", format!("[N, E] with E = {e}"), &[x.len()]));
+        }
+        if starts.first() != Some(&0) || starts.last() != Some(&n) || starts.windows(2).any(|w| w[0] > w[1]) {
+            return Err(shape_error(
+                op,
+                "starts",
+                format!("0 = starts[0] <= ... <= starts[last] = N = {n}"),
+                starts,
+            ));
+        }
+        let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
+        let mut qkv = vec![0.0f32; n * width];
+        let bias = self.b_qkv.as_ref().map(|t| t.data());
+        linear(
+            &mut qkv,
+            width,
+            View2::contiguous(x, [n, e])?,
+            self.w_q_or_qkv.data(),
+            0..width,
+            e,
+            bias,
+            par,
+        )?;
+        if let Some(rope) = &self.rope {
+            let position = |r: usize| r - starts[starts.partition_point(|&s0| s0 <= r) - 1];
+            rope.apply(&mut qkv, width, 0, h, d, position, n);
+            rope.apply(&mut qkv, width, h * d, g, d, position, n);
+        }
+        let options = AttentionOptions {
+            causal: if causal { Causal::TopLeft } else { Causal::None },
+            alibi_slopes: self.alibi.as_deref(),
+            ..Default::default()
+        };
+        let mut attn_out = vec![0.0f32; n * h * dv];
+        // Split the output rows by sequence: each attention call writes its own rows.
+        let mut chunks = Vec::with_capacity(starts.len() - 1);
+        let mut rest = &mut attn_out[..];
+        for w in starts.windows(2) {
+            let (head, tail) = rest.split_at_mut((w[1] - w[0]) * h * dv);
+            chunks.push((w[0], w[1] - w[0], head));
+            rest = tail;
+        }
+        let attend = |(s0, len, out): (usize, usize, &mut [f32]), inner: Par| -> Result<()> {
+            if len == 0 {
+                return Ok(());
+            }
+            let rows = &qkv[s0 * width..(s0 + len) * width];
+            let view = |base: usize, heads: usize, hd: usize| {
+                View4::new(&rows[base..], [1, heads, len, hd], [len * width, hd, width, 1])
+            };
+            let out_view = ViewMut::new(out, [1, h, len, dv], [len * h * dv, dv, h * dv, 1])?;
+            flash_attention(
+                out_view,
+                None,
+                view(0, h, d)?,
+                view(h * d, g, d)?,
+                view(h * d + g * d, g, dv)?,
+                &options,
+                inner,
+            )?;
+            Ok(())
+        };
+        // Many sequences: one per task, each sequential. Few: one after another, each parallel.
+        // Either way every row is computed the same way, so the bits do not depend on threads.
+        if par == Par::Rayon && chunks.len() >= 2 * rayon::current_num_threads() {
+            chunks.into_par_iter().try_for_each(|c| attend(c, Par::Seq))?;
+        } else {
+            chunks.into_iter().try_for_each(|c| attend(c, par))?;
+        }
+        match (&self.w_out, self.dims.out) {
+            (Some(w_out), Some(out_dim)) => {
+                let mut output = vec![0.0f32; n * out_dim];
+                let rows = View2::contiguous(&attn_out, [n, h * dv])?;
+                linear(
+                    &mut output,
+                    out_dim,
+                    rows,
+                    w_out.data(),
+                    0..out_dim,
+                    h * dv,
+                    self.b_out.as_ref().map(|t| t.data()),
+                    par,
+                )?;
+                Ok(output)
+            }
+            _ => Ok(attn_out),
+        }
+    }
+
     /// Like [`Core::from_state_dict`] but always with separate Q, K, V weights.
     fn from_state_dict_separate(dims: Dims, mut dict: StateDict, bias: bool) -> Result<Self> {
         let (qw, kw, vw) = (dims.q_width(), dims.k_width(), dims.v_width());

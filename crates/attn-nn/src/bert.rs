@@ -274,6 +274,60 @@ impl BertModel {
     }
 }
 
+impl BertModel {
+    /// Hidden states of packed sequences, without padding: `ids: [N]` holds the token ids of
+    /// every sequence back to back, sequence `i` being `starts[i]..starts[i + 1]` -> `[N, E]`.
+    /// The cost follows the real token count.
+    pub fn hidden_states_packed(&self, ids: &[u32], starts: &[usize], par: Par) -> Result<Vec<f32>> {
+        let e = self.config.hidden_size;
+        if starts.first() != Some(&0) || starts.last() != Some(&ids.len()) || starts.windows(2).any(|w| w[0] > w[1]) {
+            return Err(NnError::ShapeMismatch {
+                op: "bert",
+                tensor: "starts".into(),
+                expected: format!("0 = starts[0] <= ... <= starts[last] = N = {}", ids.len()),
+                got: starts.to_vec(),
+            });
+        }
+        if let Some(w) = starts
+            .windows(2)
+            .find(|w| w[1] - w[0] > self.config.max_position_embeddings)
+        {
+            return Err(invalid(
+                "sequence length",
+                w[1] - w[0],
+                format!(
+                    "at most max_position_embeddings = {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(invalid(
+                "token id",
+                bad,
+                format!("below vocab_size = {}", self.config.vocab_size),
+            ));
+        }
+        let mut x = vec![0.0f32; ids.len() * e];
+        let (word, position, token_type) = (self.word.data(), self.position.data(), &self.token_type.data()[..e]);
+        for w in starts.windows(2) {
+            for (p, row) in (w[0]..w[1]).enumerate() {
+                let id = ids[row] as usize;
+                let out = &mut x[row * e..(row + 1) * e];
+                let (word_row, pos_row) = (&word[id * e..(id + 1) * e], &position[p * e..(p + 1) * e]);
+                for (((o, &a), &b), &c) in out.iter_mut().zip(word_row).zip(pos_row).zip(token_type) {
+                    *o = a + b + c;
+                }
+            }
+        }
+        let mut x = self.embedding_norm.forward(&x);
+        for layer in &self.layers {
+            x = layer.forward_packed(&x, starts, false, par)?;
+        }
+        Ok(x)
+    }
+}
+
 /// How token states become one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
@@ -298,8 +352,8 @@ pub struct SentenceEmbedder {
 
 impl SentenceEmbedder {
     /// Embeds token-id sequences (each with its `[CLS]` and `[SEP]`) -> `[N, E]` rows, in input
-    /// order. Sequences are grouped by length into batches of at most `batch_size`, so padding
-    /// costs little: the work follows the real token count.
+    /// order. Up to `batch_size` sequences at a time are packed back to back (no padding), so the
+    /// work follows the real token count.
     pub fn embed(
         &self,
         sequences: &[Vec<u32>],
@@ -311,21 +365,20 @@ impl SentenceEmbedder {
             return Err(invalid("batch_size", 0, "at least 1"));
         }
         let e = self.model.config.hidden_size;
-        let mut order: Vec<usize> = (0..sequences.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].len()));
         let mut out = vec![0.0f32; sequences.len() * e];
-        for chunk in order.chunks(batch_size) {
-            let len = chunk.iter().map(|&i| sequences[i].len()).max().unwrap_or(0).max(1);
-            let mut ids = vec![0u32; chunk.len() * len];
-            let lengths: Vec<usize> = chunk.iter().map(|&i| sequences[i].len()).collect();
-            for (row, &i) in chunk.iter().enumerate() {
-                ids[row * len..row * len + sequences[i].len()].copy_from_slice(&sequences[i]);
+        // Sequences are packed back to back, `batch_size` at a time: no padding at all.
+        for (chunk_index, chunk) in sequences.chunks(batch_size).enumerate() {
+            let mut starts = Vec::with_capacity(chunk.len() + 1);
+            starts.push(0);
+            for seq in chunk {
+                starts.push(starts.last().expect("non-empty") + seq.len());
             }
-            let hidden = self.model.hidden_states(&ids, chunk.len(), len, &lengths, par)?;
-            for (row, &i) in chunk.iter().enumerate() {
-                let states = &hidden[row * len * e..(row * len + lengths[row]) * e];
+            let ids: Vec<u32> = chunk.iter().flatten().copied().collect();
+            let hidden = self.model.hidden_states_packed(&ids, &starts, par)?;
+            for (k, w) in starts.windows(2).enumerate() {
+                let i = chunk_index * batch_size + k;
                 let dst = &mut out[i * e..(i + 1) * e];
-                pool(states, e, self.pooling, dst);
+                pool(&hidden[w[0] * e..w[1] * e], e, self.pooling, dst);
                 if self.normalize {
                     // torch.nn.functional.normalize: x / max(||x||, 1e-12)
                     let norm = dst

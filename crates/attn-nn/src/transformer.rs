@@ -278,6 +278,27 @@ impl EncoderLayer {
     }
 }
 
+impl EncoderLayer {
+    /// The layer over packed sequences of different lengths (no padding): `x: [N, E]` token rows,
+    /// sequence `i` being rows `starts[i]..starts[i + 1]` -> `[N, E]`. Attention stays within
+    /// each sequence; everything else is per token.
+    pub fn forward_packed(&self, x: &[f32], starts: &[usize], is_causal: bool, par: Par) -> Result<Vec<f32>> {
+        let mut x = x.to_vec();
+        if self.config.norm_first {
+            let normed = self.norm1.forward(&x);
+            let attended = self.self_attn.forward_self_packed(&normed, starts, is_causal, par)?;
+            let normed = self.norm2.add_then_forward(&mut x, &attended);
+            add_in_place(&mut x, &self.ffn.forward(&normed, par)?);
+        } else {
+            let attended = self.self_attn.forward_self_packed(&x, starts, is_causal, par)?;
+            self.norm1.add_forward_in_place(&mut x, &attended);
+            let fed = self.ffn.forward(&x, par)?;
+            self.norm2.add_forward_in_place(&mut x, &fed);
+        }
+        Ok(x)
+    }
+}
+
 /// `nn.TransformerDecoderLayer`: masked self-attention, cross-attention over the encoder's
 /// memory, and a feed-forward block, each with its residual add and norm. State-dict names:
 /// `self_attn.*`, `multihead_attn.*`, `linear1.*`, `linear2.*`, `norm1.*`, `norm2.*`, `norm3.*`.
