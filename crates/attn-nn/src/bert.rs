@@ -340,6 +340,24 @@ pub enum Pooling {
 }
 
 /// A sentence-embedding pipeline: a BERT model, pooling, and optional L2 normalisation.
+///
+/// With all-MiniLM-L6-v2 (`cargo xtask fetch-model`) this is what `attn embed` runs after
+/// tokenising; the same steps by hand, from the model folder:
+///
+/// ```no_run
+/// use attn_nn::{BertConfig, BertModel, Pooling, SentenceEmbedder};
+/// use attn_nn::core::kernels::Par;
+/// # fn load_state_dict(_: &str) -> attn_nn::core::StateDict { unimplemented!() }
+/// let dir = std::path::Path::new("all-MiniLM-L6-v2");
+/// let config = BertConfig::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+/// // The caller reads model.safetensors into a StateDict (attn-cli does; this crate does no IO).
+/// let model = BertModel::from_state_dict(config, load_state_dict("model.safetensors")).unwrap();
+/// let embedder = SentenceEmbedder { model, pooling: Pooling::Mean, normalize: true };
+/// // Token ids with [CLS] = 101 and [SEP] = 102, from the model's tokenizer.json.
+/// let sentences = vec![vec![101, 1037, 4937, 2938, 2006, 1996, 13523, 102]];
+/// let vectors = embedder.embed(&sentences, 32, Par::Rayon, |_| {}).unwrap();
+/// assert_eq!(vectors.len(), 384);
+/// ```
 #[derive(Debug, Clone)]
 pub struct SentenceEmbedder {
     /// The encoder.

@@ -216,6 +216,58 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// A layer with deterministic pseudo-random weights (norms at weight 1, bias 0), for tests,
+    /// examples and benchmarks.
+    ///
+    /// ```
+    /// use attn_nn::{BlockMasks, EncoderLayer, LayerConfig};
+    /// use attn_nn::core::{KeyPadding, Sequence};
+    /// use attn_nn::core::kernels::Par;
+    /// let mut config = LayerConfig::new(32, 4); // d_model 32, 4 heads, PyTorch's defaults
+    /// config.dim_feedforward = 64;
+    /// config.batch_first = true;
+    /// let layer = EncoderLayer::with_seed(config, 1).unwrap();
+    /// let src = vec![0.5f32; 2 * 5 * 32]; // [B=2, S=5, E=32]
+    /// // The second sequence has 3 real tokens.
+    /// let masks = BlockMasks { key_padding: KeyPadding::Lengths(&[5, 3]), ..Default::default() };
+    /// let out = layer.forward(Sequence::batch_first(&src, 2, 5, 32), &masks, Par::Rayon).unwrap();
+    /// assert_eq!(out.len(), 2 * 5 * 32);
+    /// ```
+    pub fn with_seed(config: LayerConfig, seed: u64) -> Result<Self> {
+        let (e, f) = (config.d_model, config.dim_feedforward);
+        let mha = MultiHeadAttention::with_seed(config.mha(), seed)?;
+        let mut dict = StateDict::new();
+        insert_prefixed(&mut dict, "self_attn.", mha.state_dict());
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = |n: usize, fan_in: usize| -> Vec<f32> {
+            let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * bound
+                })
+                .collect()
+        };
+        let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
+            dict.insert(name.to_string(), attn_core::Tensor::new(name, shape, data).expect("sizes agree"));
+        };
+        put("linear1.weight", vec![f, e], next(f * e, e));
+        put("linear2.weight", vec![e, f], next(e * f, f));
+        if config.bias {
+            put("linear1.bias", vec![f], next(f, e));
+            put("linear2.bias", vec![e], next(e, f));
+        }
+        for norm in ["norm1", "norm2"] {
+            put(&format!("{norm}.weight"), vec![e], vec![1.0; e]);
+            if config.bias {
+                put(&format!("{norm}.bias"), vec![e], vec![0.0; e]);
+            }
+        }
+        Self::from_state_dict(config, dict)
+    }
+
     /// Builds the layer from its state dict; every tensor must be used.
     pub fn from_state_dict(config: LayerConfig, mut dict: StateDict) -> Result<Self> {
         let layer = Self::take(config, &mut dict)?;
