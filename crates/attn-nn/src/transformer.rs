@@ -251,7 +251,10 @@ impl EncoderLayer {
                 .collect()
         };
         let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
-            dict.insert(name.to_string(), attn_core::Tensor::new(name, shape, data).expect("sizes agree"));
+            dict.insert(
+                name.to_string(),
+                attn_core::Tensor::new(name, shape, data).expect("sizes agree"),
+            );
         };
         put("linear1.weight", vec![f, e], next(f * e, e));
         put("linear2.weight", vec![e, f], next(e * f, f));
@@ -572,6 +575,18 @@ impl Encoder {
         &self.config
     }
 
+    /// The tensors under their PyTorch names (`layers.{i}.*`, `norm.*`).
+    pub fn state_dict(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            insert_prefixed(&mut dict, &format!("layers.{i}."), layer.state_dict());
+        }
+        if let Some(norm) = &self.norm {
+            norm.save(&mut dict, "norm.");
+        }
+        dict
+    }
+
     /// `src: [B, S, E]` -> `[B, S, E]`, the same masks for every layer.
     pub fn forward(&self, src: Sequence<'_>, masks: &BlockMasks<'_>, par: Par) -> Result<Vec<f32>> {
         check_input("transformer_encoder", "src", &src, self.config.layer.d_model)?;
@@ -634,6 +649,18 @@ impl Decoder {
     /// The configuration.
     pub fn config(&self) -> &StackConfig {
         &self.config
+    }
+
+    /// The tensors under their PyTorch names (`layers.{i}.*`, `norm.*`).
+    pub fn state_dict(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            insert_prefixed(&mut dict, &format!("layers.{i}."), layer.state_dict());
+        }
+        if let Some(norm) = &self.norm {
+            norm.save(&mut dict, "norm.");
+        }
+        dict
     }
 
     /// `tgt: [B, T, E]`, `memory: [B, S, E]` -> `[B, T, E]`.
@@ -775,6 +802,14 @@ impl Transformer {
         })?;
         reject_leftovers(&dict)?;
         Ok(Transformer { encoder, decoder })
+    }
+
+    /// The tensors under their PyTorch names (`encoder.*`, `decoder.*`).
+    pub fn state_dict(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        insert_prefixed(&mut dict, "encoder.", self.encoder.state_dict());
+        insert_prefixed(&mut dict, "decoder.", self.decoder.state_dict());
+        dict
     }
 
     /// `src: [B, S, E]`, `tgt: [B, T, E]` -> `[B, T, E]`: the encoder's output is the decoder's

@@ -177,3 +177,14 @@ fn weights_errors_name_the_full_tensor_path() {
         "{err}"
     );
 }
+
+#[test]
+fn stacks_save_what_they_load() {
+    let e = 32;
+    let dict = stack_dict(e, 40, 2, true, 4);
+    let decoder = Decoder::from_state_dict(config(e, false), dict.clone()).unwrap();
+    assert_eq!(decoder.state_dict(), dict);
+    let dict = stack_dict(e, 40, 2, false, 5);
+    let encoder = Encoder::from_state_dict(config(e, true), dict.clone()).unwrap();
+    assert_eq!(encoder.state_dict(), dict);
+}
