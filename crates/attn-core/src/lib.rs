@@ -30,4 +30,4 @@ pub use mha::{
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use sdpa::{sdpa, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaOptions, SdpaOutput};
-pub use tensor::{expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor};
+pub use tensor::{expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor, WeightInit};

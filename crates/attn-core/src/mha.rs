@@ -1101,18 +1101,8 @@ impl MultiHeadAttention {
 
 /// Deterministic weights for `dims` under the PyTorch names.
 fn random_state_dict(dims: &Dims, bias: bool, bias_kv: bool, seed: u64) -> StateDict {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2545_F491_4F6C_DD1D;
-    let mut next = |n: usize, fan_in: usize| -> Vec<f32> {
-        let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * bound
-            })
-            .collect()
-    };
+    let mut init = crate::WeightInit::new(seed);
+    let mut next = |n: usize, fan_in: usize| init.uniform(vec![n], fan_in).into_data();
     let (qw, kw, vw) = (dims.q_width(), dims.k_width(), dims.v_width());
     let mut dict = StateDict::new();
     let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {

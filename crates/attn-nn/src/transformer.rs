@@ -238,18 +238,8 @@ impl EncoderLayer {
         let mha = MultiHeadAttention::with_seed(config.mha(), seed)?;
         let mut dict = StateDict::new();
         insert_prefixed(&mut dict, "self_attn.", mha.state_dict());
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = |n: usize, fan_in: usize| -> Vec<f32> {
-            let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
-            (0..n)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * bound
-                })
-                .collect()
-        };
+        let mut init = attn_core::WeightInit::new(seed.wrapping_add(1));
+        let mut next = |n: usize, fan_in: usize| init.uniform(vec![n], fan_in).into_data();
         let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
             dict.insert(
                 name.to_string(),
@@ -538,45 +528,54 @@ pub struct StackConfig {
     pub mask_check: Option<bool>,
 }
 
-fn final_norm(config: &StackConfig, dict: &mut StateDict) -> Result<Option<Norm>> {
-    config.norm.then(|| config.layer.norm(dict, "norm.")).transpose()
+/// What a stack needs of its layers.
+trait StackLayer: Sized {
+    fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self>;
+    fn state_dict(&self) -> StateDict;
 }
 
-/// `nn.TransformerEncoder`: layers `layers.{i}.*` and an optional `norm.*`.
+impl StackLayer for EncoderLayer {
+    fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self> {
+        EncoderLayer::take(config, dict)
+    }
+    fn state_dict(&self) -> StateDict {
+        EncoderLayer::state_dict(self)
+    }
+}
+
+impl StackLayer for DecoderLayer {
+    fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self> {
+        DecoderLayer::take(config, dict)
+    }
+    fn state_dict(&self) -> StateDict {
+        DecoderLayer::state_dict(self)
+    }
+}
+
+/// `num_layers` layers (`layers.{i}.*`) and an optional final norm (`norm.*`).
 #[derive(Debug, Clone)]
-pub struct Encoder {
-    layers: Vec<EncoderLayer>,
+struct Stack<L> {
+    layers: Vec<L>,
     norm: Option<Norm>,
     config: StackConfig,
 }
 
-impl Encoder {
-    /// Builds the stack from its state dict; every tensor must be used.
-    pub fn from_state_dict(config: StackConfig, mut dict: StateDict) -> Result<Self> {
-        let encoder = Self::take(config, &mut dict)?;
-        reject_leftovers(&dict)?;
-        Ok(encoder)
-    }
-
+impl<L: StackLayer> Stack<L> {
     fn take(config: StackConfig, dict: &mut StateDict) -> Result<Self> {
         let layers = (0..config.num_layers)
-            .map(|i| {
-                sub_module(dict, &format!("layers.{i}."), |d| {
-                    EncoderLayer::take(config.layer.clone(), d)
-                })
-            })
+            .map(|i| sub_module(dict, &format!("layers.{i}."), |d| L::take(config.layer.clone(), d)))
             .collect::<Result<Vec<_>>>()?;
-        let norm = final_norm(&config, dict)?;
-        Ok(Encoder { layers, norm, config })
+        let norm = config.norm.then(|| config.layer.norm(dict, "norm.")).transpose()?;
+        Ok(Stack { layers, norm, config })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &StackConfig {
-        &self.config
+    fn from_state_dict(config: StackConfig, mut dict: StateDict) -> Result<Self> {
+        let stack = Self::take(config, &mut dict)?;
+        reject_leftovers(&dict)?;
+        Ok(stack)
     }
 
-    /// The tensors under their PyTorch names (`layers.{i}.*`, `norm.*`).
-    pub fn state_dict(&self) -> StateDict {
+    fn state_dict(&self) -> StateDict {
         let mut dict = StateDict::new();
         for (i, layer) in self.layers.iter().enumerate() {
             insert_prefixed(&mut dict, &format!("layers.{i}."), layer.state_dict());
@@ -587,27 +586,49 @@ impl Encoder {
         dict
     }
 
-    /// `src: [B, S, E]` -> `[B, S, E]`, the same masks for every layer.
-    pub fn forward(&self, src: Sequence<'_>, masks: &BlockMasks<'_>, par: Par) -> Result<Vec<f32>> {
-        check_input("transformer_encoder", "src", &src, self.config.layer.d_model)?;
-        let mut x = src.data.to_vec();
-        for layer in &self.layers {
-            x = layer.forward(seq(&x, &src), masks, par)?;
-        }
-        Ok(match &self.norm {
+    /// The final norm, if any.
+    fn finish(&self, x: Vec<f32>) -> Vec<f32> {
+        match &self.norm {
             Some(norm) => norm.forward(&x),
             None => x,
-        })
+        }
+    }
+}
+
+/// `nn.TransformerEncoder`: layers `layers.{i}.*` and an optional `norm.*`.
+#[derive(Debug, Clone)]
+pub struct Encoder(Stack<EncoderLayer>);
+
+impl Encoder {
+    /// Builds the stack from its state dict; every tensor must be used.
+    pub fn from_state_dict(config: StackConfig, dict: StateDict) -> Result<Self> {
+        Stack::from_state_dict(config, dict).map(Encoder)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StackConfig {
+        &self.0.config
+    }
+
+    /// The tensors under their PyTorch names (`layers.{i}.*`, `norm.*`).
+    pub fn state_dict(&self) -> StateDict {
+        self.0.state_dict()
+    }
+
+    /// `src: [B, S, E]` -> `[B, S, E]`, the same masks for every layer.
+    pub fn forward(&self, src: Sequence<'_>, masks: &BlockMasks<'_>, par: Par) -> Result<Vec<f32>> {
+        check_input("transformer_encoder", "src", &src, self.0.config.layer.d_model)?;
+        let mut x = src.data.to_vec();
+        for layer in &self.0.layers {
+            x = layer.forward(seq(&x, &src), masks, par)?;
+        }
+        Ok(self.0.finish(x))
     }
 }
 
 /// `nn.TransformerDecoder`: layers `layers.{i}.*` and an optional `norm.*`.
 #[derive(Debug, Clone)]
-pub struct Decoder {
-    layers: Vec<DecoderLayer>,
-    norm: Option<Norm>,
-    config: StackConfig,
-}
+pub struct Decoder(Stack<DecoderLayer>);
 
 /// Cached state of a decoder stack during incremental decoding.
 #[derive(Debug, Clone)]
@@ -628,39 +649,18 @@ impl DecoderCache {
 
 impl Decoder {
     /// Builds the stack from its state dict; every tensor must be used.
-    pub fn from_state_dict(config: StackConfig, mut dict: StateDict) -> Result<Self> {
-        let decoder = Self::take(config, &mut dict)?;
-        reject_leftovers(&dict)?;
-        Ok(decoder)
-    }
-
-    fn take(config: StackConfig, dict: &mut StateDict) -> Result<Self> {
-        let layers = (0..config.num_layers)
-            .map(|i| {
-                sub_module(dict, &format!("layers.{i}."), |d| {
-                    DecoderLayer::take(config.layer.clone(), d)
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let norm = final_norm(&config, dict)?;
-        Ok(Decoder { layers, norm, config })
+    pub fn from_state_dict(config: StackConfig, dict: StateDict) -> Result<Self> {
+        Stack::from_state_dict(config, dict).map(Decoder)
     }
 
     /// The configuration.
     pub fn config(&self) -> &StackConfig {
-        &self.config
+        &self.0.config
     }
 
     /// The tensors under their PyTorch names (`layers.{i}.*`, `norm.*`).
     pub fn state_dict(&self) -> StateDict {
-        let mut dict = StateDict::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            insert_prefixed(&mut dict, &format!("layers.{i}."), layer.state_dict());
-        }
-        if let Some(norm) = &self.norm {
-            norm.save(&mut dict, "norm.");
-        }
-        dict
+        self.0.state_dict()
     }
 
     /// `tgt: [B, T, E]`, `memory: [B, S, E]` -> `[B, T, E]`.
@@ -672,21 +672,19 @@ impl Decoder {
         memory_masks: &BlockMasks<'_>,
         par: Par,
     ) -> Result<Vec<f32>> {
-        check_input("transformer_decoder", "tgt", &tgt, self.config.layer.d_model)?;
+        check_input("transformer_decoder", "tgt", &tgt, self.0.config.layer.d_model)?;
         let mut x = tgt.data.to_vec();
-        for layer in &self.layers {
+        for layer in &self.0.layers {
             x = layer.forward(seq(&x, &tgt), memory, tgt_masks, memory_masks, par)?;
         }
-        Ok(match &self.norm {
-            Some(norm) => norm.forward(&x),
-            None => x,
-        })
+        Ok(self.0.finish(x))
     }
 
     /// Starts incremental decoding of `memory`: cross-attention keys and values are computed
     /// once here for every layer.
     pub fn start_decoding(&self, memory: Sequence<'_>, capacity: usize, par: Par) -> Result<DecoderCache> {
         let layers = self
+            .0
             .layers
             .iter()
             .map(|l| l.start_decoding(memory, capacity, par))
@@ -703,15 +701,12 @@ impl Decoder {
         memory_masks: &BlockMasks<'_>,
         par: Par,
     ) -> Result<Vec<f32>> {
-        check_input("transformer_decoder", "tgt", &x, self.config.layer.d_model)?;
+        check_input("transformer_decoder", "tgt", &x, self.0.config.layer.d_model)?;
         let mut h = x.data.to_vec();
-        for (layer, layer_cache) in self.layers.iter().zip(&mut cache.layers) {
+        for (layer, layer_cache) in self.0.layers.iter().zip(&mut cache.layers) {
             h = layer.decode_step(seq(&h, &x), layer_cache, memory_masks, par)?;
         }
-        Ok(match &self.norm {
-            Some(norm) => norm.forward(&h),
-            None => h,
-        })
+        Ok(self.0.finish(h))
     }
 }
 
@@ -795,10 +790,10 @@ impl Transformer {
             mask_check: None,
         };
         let encoder = sub_module(&mut dict, "encoder.", |d| {
-            Encoder::take(stack(config.num_encoder_layers), d)
+            Stack::take(stack(config.num_encoder_layers), d).map(Encoder)
         })?;
         let decoder = sub_module(&mut dict, "decoder.", |d| {
-            Decoder::take(stack(config.num_decoder_layers), d)
+            Stack::take(stack(config.num_decoder_layers), d).map(Decoder)
         })?;
         reject_leftovers(&dict)?;
         Ok(Transformer { encoder, decoder })
