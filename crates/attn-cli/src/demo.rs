@@ -1,5 +1,9 @@
 //! `attn demo`: attention at work on a sentence, offline and in seconds.
 //!
+//! With a BERT-family model folder (all-MiniLM-L6-v2 from `cargo xtask fetch-model`, or
+//! `--model`), it draws one head of one layer of that model on `--text` and says where each head
+//! of the layer looks. Without one, it uses the hand-set heads below.
+//!
 //! Four heads with hand-set projections, each with a job a reader can check by eye: attend to
 //! the previous word, to the same word, to the next word, and to the recent past (a causal
 //! mask with an ALiBi-style distance penalty). The demo draws each head's weights, says where each
@@ -13,7 +17,9 @@ use attn_nn::core::kernels::{
 };
 
 use crate::bench::{measure, random_vec, Budget, SdpaBench};
+use crate::embed::{default_model_dir, Embedder};
 use crate::heatmap::{render, Style};
+use std::path::Path;
 
 pub const DEFAULT_TEXT: &str = "the cat sat on the mat because the cat was tired";
 const HEAD_DIM: usize = 16;
@@ -79,7 +85,90 @@ fn build_heads(tokens: &[String]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     (q, k, v, mask)
 }
 
-pub fn run(text: &str, plain: bool) -> Result<()> {
+/// `attn demo`: the real model's attention when a model folder is there, the hand-set heads
+/// otherwise; then the check against the f64 reference and the timing.
+pub fn run(text: &str, model: Option<&Path>, toy: bool, layer: Option<usize>, head: usize, plain: bool) -> Result<()> {
+    let style = Style::detect(plain);
+    let dir = match model {
+        _ if toy => None,
+        Some(dir) => Some(dir.to_path_buf()),
+        None => Some(default_model_dir()).filter(|d| d.join("config.json").exists()),
+    };
+    match dir {
+        Some(dir) => {
+            model_view(&dir, text, layer, head, style)?;
+            toy_heads(DEFAULT_TEXT, style, false)
+        }
+        None => {
+            toy_heads(text, style, true)?;
+            if !toy {
+                println!(
+                    "\nfor a real model's attention: `cargo xtask fetch-model` (all-MiniLM-L6-v2), then `attn demo`"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Layer `layer`, head `head` of a BERT-family model on `text`, and where every head looks.
+fn model_view(dir: &Path, text: &str, layer: Option<usize>, head: usize, style: Style) -> Result<()> {
+    let embedder = Embedder::load(dir)?;
+    let model = embedder.model();
+    let (ids, tokens) = embedder.tokens(text)?;
+    if tokens.len() > MAX_TOKENS {
+        bail!(
+            "--text has {} tokens; the terminal view shows at most {MAX_TOKENS}",
+            tokens.len()
+        );
+    }
+    let n_layers = model.num_layers();
+    let layer = layer.unwrap_or(n_layers.saturating_sub(1));
+    if layer >= n_layers {
+        bail!(
+            "--layer is {layer}, expected 0 to {} (the model has {n_layers} layers)",
+            n_layers - 1
+        );
+    }
+    let h = model.config().num_attention_heads;
+    if head >= h {
+        bail!("--head is {head}, expected 0 to {} (the model has {h} heads)", h - 1);
+    }
+    let s = tokens.len();
+    let weights = model.attention_map(&ids, layer, Par::Rayon)?;
+    println!(
+        "attn demo: {} ({n_layers} layers, {h} heads), SIMD {}",
+        dir.display(),
+        simd_level()
+    );
+    println!("text: {text}\ntokens: {}\n", tokens.join(" "));
+    println!("layer {layer}, head {head}   (rows: queries, columns: keys; --layer, --head choose)");
+    print!(
+        "{}",
+        render(&tokens, &tokens, &weights[head * s * s..(head + 1) * s * s], style)
+    );
+    println!("\nlayer {layer}, every head: mean weight on the special tokens ([CLS], [SEP]), on itself, on the");
+    println!("previous token, and the word it attends most besides the special tokens:");
+    for hi in 0..h {
+        let map = &weights[hi * s * s..(hi + 1) * s * s];
+        let mean = |f: &dyn Fn(usize) -> f32| (0..s).map(f).sum::<f32>() / s as f32;
+        let special = mean(&|i| map[i * s] + map[i * s + s - 1]);
+        let diagonal = mean(&|i| map[i * s + i]);
+        let previous = mean(&|i| if i > 0 { map[i * s + i - 1] } else { 0.0 });
+        let word = (1..s.saturating_sub(1)).map(|j| (j, mean(&|i| map[i * s + j]))).fold(
+            None,
+            |best: Option<(usize, f32)>, c| if best.is_none_or(|b| c.1 > b.1) { Some(c) } else { best },
+        );
+        let word = word.map_or("-".to_string(), |(j, w)| format!("{} {:.2}", tokens[j], w));
+        println!("  head {hi:>2}: special {special:.2}   self {diagonal:.2}   previous {previous:.2}   word {word}");
+    }
+    println!();
+    Ok(())
+}
+
+/// The hand-set heads on `text`: drawn when `show` (else only computed), then checked against
+/// the f64 reference and timed.
+fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
     let tokens: Vec<String> = text.split_whitespace().map(|w| w.to_lowercase()).collect();
     if tokens.is_empty() {
         bail!("--text is empty: give a sentence of 1 to {MAX_TOKENS} words");
@@ -90,7 +179,6 @@ pub fn run(text: &str, plain: bool) -> Result<()> {
             tokens.len()
         );
     }
-    let style = Style::detect(plain);
     let (s, h, d) = (tokens.len(), HEADS.len(), HEAD_DIM);
     let (q, k, v, mask) = build_heads(&tokens);
     let shape = [1, h, s, d];
@@ -128,9 +216,15 @@ pub fn run(text: &str, plain: bool) -> Result<()> {
         Par::Rayon,
     )?;
 
-    println!("attn demo: {} tokens, {h} heads of dim {d}, SIMD {}", s, simd_level());
-    println!("sentence: {}\n", tokens.join(" "));
-    for (head, name) in HEADS.iter().enumerate() {
+    if show {
+        println!(
+            "attn demo: {} tokens, {h} hand-set heads of dim {d}, SIMD {}",
+            s,
+            simd_level()
+        );
+        println!("sentence: {}\n", tokens.join(" "));
+    }
+    for (head, name) in HEADS.iter().enumerate().filter(|_| show) {
         println!("head {head}: {name}   (rows: queries, columns: keys)");
         print!(
             "{}",
@@ -160,7 +254,7 @@ pub fn run(text: &str, plain: bool) -> Result<()> {
             .fold(0.0, f64::max);
         println!("  {name:<28} max |error| vs f64 reference: {err:.2e}");
     };
-    println!("check:");
+    println!("check (hand-set heads on \"{}\"):", tokens.join(" "));
     flash_attention(
         ViewMut4::contiguous(&mut out, shape)?,
         None,

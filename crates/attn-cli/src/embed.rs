@@ -147,6 +147,20 @@ impl Embedder {
             .collect()
     }
 
+    /// The token ids and token strings of one text (with `[CLS]` and `[SEP]`).
+    pub fn tokens(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| anyhow::anyhow!("cannot tokenise {text:?}: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_tokens().to_vec()))
+    }
+
+    /// The model.
+    pub fn model(&self) -> &BertModel {
+        &self.pipeline.model
+    }
+
     /// Embeds `texts` -> `[N, E]` rows, tokenisation included.
     pub fn embed(
         &self,

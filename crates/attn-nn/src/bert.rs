@@ -279,6 +279,11 @@ impl BertModel {
     /// every sequence back to back, sequence `i` being `starts[i]..starts[i + 1]` -> `[N, E]`.
     /// The cost follows the real token count.
     pub fn hidden_states_packed(&self, ids: &[u32], starts: &[usize], par: Par) -> Result<Vec<f32>> {
+        self.hidden_states_packed_until(ids, starts, self.layers.len(), par)
+    }
+
+    /// The states entering layer `until` (all layers when `until` is their count).
+    fn hidden_states_packed_until(&self, ids: &[u32], starts: &[usize], until: usize, par: Par) -> Result<Vec<f32>> {
         let e = self.config.hidden_size;
         if starts.first() != Some(&0) || starts.last() != Some(&ids.len()) || starts.windows(2).any(|w| w[0] > w[1]) {
             return Err(NnError::ShapeMismatch {
@@ -321,10 +326,35 @@ impl BertModel {
             }
         }
         let mut x = self.embedding_norm.forward(&x);
-        for layer in &self.layers {
+        for layer in &self.layers[..until] {
             x = layer.forward_packed(&x, starts, false, par)?;
         }
         Ok(x)
+    }
+}
+
+impl BertModel {
+    /// Layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The attention of layer `layer` over one sequence: `ids: [L]` -> `[H, L, L]` weights
+    /// (row: query token, column: key token).
+    pub fn attention_map(&self, ids: &[u32], layer: usize, par: Par) -> Result<Vec<f32>> {
+        if layer >= self.layers.len() {
+            return Err(invalid(
+                "layer",
+                layer,
+                format!("below the {} layers", self.layers.len()),
+            ));
+        }
+        let e = self.config.hidden_size;
+        let starts = [0, ids.len()];
+        // Hidden states entering `layer`: embeddings, then the layers before it.
+        let x = self.hidden_states_packed_until(ids, &starts, layer, par)?;
+        let masks = BlockMasks::default();
+        self.layers[layer].attention_weights(Sequence::batch_first(&x, 1, ids.len(), e), &masks, par)
     }
 }
 

@@ -324,6 +324,23 @@ impl EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// The self-attention weights of every head this layer computes for `src: [B, S, E]` ->
+    /// `[B, H, S, S]` (the attention's input is `src`, or `norm1(src)` for pre-norm layers).
+    pub fn attention_weights(&self, src: Sequence<'_>, masks: &BlockMasks<'_>, par: Par) -> Result<Vec<f32>> {
+        check_input("transformer_encoder_layer", "src", &src, self.config.d_model)?;
+        let normed;
+        let input = if self.config.norm_first {
+            normed = self.norm1.forward(src.data);
+            seq(&normed, &src)
+        } else {
+            src
+        };
+        let mut options = masks.mha();
+        options.need_weights = attn_core::NeedWeights::PerHead;
+        let out = self.self_attn.forward_self(input, &options, par)?;
+        Ok(out.weights.expect("asked for weights"))
+    }
+
     /// The layer over packed sequences of different lengths (no padding): `x: [N, E]` token rows,
     /// sequence `i` being rows `starts[i]..starts[i + 1]` -> `[N, E]`. Attention stays within
     /// each sequence; everything else is per token.
