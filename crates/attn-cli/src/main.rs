@@ -5,6 +5,7 @@
 //! Only this crate does file and terminal IO and uses anyhow.
 
 mod bench;
+mod check;
 mod demo;
 mod embed;
 mod heatmap;
@@ -95,6 +96,17 @@ enum Command {
         quiet: bool,
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         threads: Option<u16>,
+    },
+    /// Runs every kernel and module path on random inputs against an f64 reference here.
+    #[command(
+        after_help = "Example:\n  attn check --threads 2\n\nExits 1 if any path is outside its tolerance on this machine."
+    )]
+    Check {
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Measurements: medians of repeated runs.
     #[command(subcommand)]
@@ -421,6 +433,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{text}");
             Ok(())
         }
+        Command::Check { threads, json } => with_threads(threads, |n| check::run(n, json)),
         Command::Demo {
             text,
             model,

@@ -268,3 +268,16 @@ fn demo_shows_the_real_model_when_it_is_there() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--layer is 9, expected 0 to 5"));
 }
+
+#[test]
+fn check_passes_on_this_machine() {
+    let result = attn(&["check", "--json"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    let checks = report["checks"].as_array().unwrap();
+    assert!(checks.len() >= 13, "{report}");
+    assert!(checks
+        .iter()
+        .all(|c| c["max_error"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap()));
+}
