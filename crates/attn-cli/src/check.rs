@@ -334,11 +334,13 @@ pub fn run(threads: usize, as_json: bool) -> Result<()> {
         seconds: secs,
     });
 
-    let failed = rows.iter().filter(|r| !(r.error <= r.tolerance)).count();
+    // A NaN error is not within tolerance.
+    let passed = |r: &Row| r.error <= r.tolerance;
+    let failed = rows.iter().filter(|r| !passed(r)).count();
     if as_json {
         let list: Vec<_> = rows
             .iter()
-            .map(|r| json!({"path": r.path, "max_error": r.error, "tolerance": r.tolerance, "ok": r.error <= r.tolerance, "seconds": r.seconds}))
+            .map(|r| json!({"path": r.path, "max_error": r.error, "tolerance": r.tolerance, "ok": passed(r), "seconds": r.seconds}))
             .collect();
         println!(
             "{}",
@@ -351,7 +353,7 @@ pub fn run(threads: usize, as_json: bool) -> Result<()> {
             "path", "max error", "tolerance", "time"
         );
         for r in &rows {
-            let verdict = if r.error <= r.tolerance { "ok" } else { "FAIL" };
+            let verdict = if passed(r) { "ok" } else { "FAIL" };
             println!(
                 "{:<48} {:>11.2e} {:>10.0e} {:>8.2}ms  {verdict}",
                 r.path,
