@@ -1,7 +1,8 @@
 //! Developer tasks for the attn workspace: `cargo xtask <task>`.
 //!
-//! - `ci`: what CI runs (the README's test command): tests in release, the kernels again on
-//!   the scalar path, fmt and clippy checks.
+//! - `ci`: what CI runs (the README's test command): tidy checks, the model fetch, fmt and
+//!   clippy checks, tests in release, the kernels again on the scalar path.
+//! - `tidy`: every module opens with `//!`, no `#[should_panic]`, no trailing whitespace.
 //! - `codegen [--check]`: regenerates the golden fixtures from PyTorch (needs Python with torch
 //!   and safetensors; `ATTN_PYTHON` names the interpreter, default `python3`). With `--check`,
 //!   only verifies that every fixture named in a manifest is present (no Python needed).
@@ -50,7 +51,56 @@ fn python() -> String {
     std::env::var("ATTN_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
+/// Every Rust file under `crates/` and `xtask/src`: its path and text.
+fn rust_files() -> Result<Vec<(PathBuf, String)>> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "target" && n != "fixtures") {
+                    walk(&path, out)?;
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push((path.clone(), std::fs::read_to_string(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(&root().join("crates"), &mut files)?;
+    walk(&root().join("xtask/src"), &mut files)?;
+    Ok(files)
+}
+
+/// House rules no compiler checks: every module opens with a `//!` header, no
+/// `#[should_panic]` (input errors are asserted as `Err`), no trailing whitespace.
+fn tidy() -> Result<()> {
+    let mut problems = Vec::new();
+    for (path, text) in rust_files()? {
+        let shown = path.strip_prefix(root()).unwrap_or(&path).display().to_string();
+        if !text.trim_start().starts_with("//!") {
+            problems.push(format!(
+                "{shown}: does not open with a `//!` header saying what it is for"
+            ));
+        }
+        for (i, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("#[should_panic") {
+                problems.push(format!("{shown}:{}: #[should_panic]; assert the Err instead", i + 1));
+            }
+            if line.ends_with(' ') || line.ends_with('\t') {
+                problems.push(format!("{shown}:{}: trailing whitespace", i + 1));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("tidy:\n  {}", problems.join("\n  "));
+    }
+    eprintln!("tidy: ok");
+    Ok(())
+}
+
 fn ci() -> Result<()> {
+    tidy()?;
     // The model the embedding tests compare against sentence-transformers' reference.
     fetch_model()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -405,9 +455,12 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("tidy") => tidy(),
         Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
         Some("bench") => bench(&args[1..]),
         Some("fetch-model") => fetch_model(),
-        _ => bail!("usage: cargo xtask <ci | codegen [--check] | bench [--rounds N] [--threads N] | fetch-model>"),
+        _ => {
+            bail!("usage: cargo xtask <ci | tidy | codegen [--check] | bench [--rounds N] [--threads N] | fetch-model>")
+        }
     }
 }
