@@ -9,6 +9,7 @@ mod check;
 mod demo;
 mod embed;
 mod heatmap;
+mod memory;
 mod run;
 mod sdpa;
 mod tensors;
@@ -405,6 +406,13 @@ fn run(cli: Cli) -> Result<()> {
                 &[batch, kv_heads, kv_seq, head_dim],
             )
             .map_err(|e| anyhow::anyhow!("{e} (from --heads {heads} --kv-heads {kv_heads} --head-dim {head_dim})"))?;
+            let mut need = memory::f32_bytes(&[batch, heads, seq, head_dim])
+                .saturating_mul(2)
+                .saturating_add(memory::f32_bytes(&[batch, kv_heads, kv_seq, head_dim]).saturating_mul(2));
+            if path == bench::Path::Unfused {
+                need = need.saturating_add(memory::f32_bytes(&[rayon::current_num_threads().max(2), seq, kv_seq]));
+            }
+            memory::check(need, "bench sdpa (q, k, v, out)")?;
             let spec = bench::SdpaBench {
                 batch,
                 heads,
@@ -429,6 +437,10 @@ fn run(cli: Cli) -> Result<()> {
             json,
         }) => {
             let budget = check_budget(min_runs, min_seconds)?;
+            let need = memory::f32_bytes(&[m, k])
+                .saturating_add(memory::f32_bytes(&[k, n]))
+                .saturating_add(memory::f32_bytes(&[m, n]));
+            memory::check(need, "bench gemm (a, b, c)")?;
             let text = with_threads(threads, |nt| bench::gemm_bench(m, n, k, nt, budget, json))?;
             println!("{text}");
             Ok(())

@@ -368,6 +368,22 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
 
     let key_padding = key_padding(file, "key_padding_mask", b, t, unbatched)?;
     let attn_mask = score_mask(file, "attn_mask", s, t, b * h)?;
+    // The largest buffers: projections and attention output (a few times the inputs), and the
+    // weights when asked for.
+    let weight_heads = if flags.need_weights && !flags.average_attn_weights {
+        h
+    } else {
+        1
+    };
+    let weights_bytes = if flags.need_weights {
+        crate::memory::f32_bytes(&[b, weight_heads, s, t])
+    } else {
+        0
+    };
+    crate::memory::check(
+        weights_bytes.saturating_add(crate::memory::f32_bytes(&[4, b, s + t, e.max(kdim).max(vdim)])),
+        "multihead_attention (projections and attention weights)",
+    )?;
     let need_weights = match (flags.need_weights, flags.average_attn_weights) {
         (false, _) => NeedWeights::No,
         (true, true) => NeedWeights::Averaged,

@@ -281,3 +281,32 @@ fn check_passes_on_this_machine() {
         .iter()
         .all(|c| c["max_error"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap()));
 }
+
+#[test]
+fn oversized_shapes_are_refused_before_allocating() {
+    let result = attn(&[
+        "bench",
+        "sdpa",
+        "--batch",
+        "64",
+        "--heads",
+        "64",
+        "--seq",
+        "65536",
+        "--head-dim",
+        "128",
+    ]);
+    assert_eq!(result.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        err.contains("512.0 GiB") && err.contains("memory limit") && err.contains("ATTN_MAX_MEMORY"),
+        "{err}"
+    );
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["bench", "gemm", "--m", "1024", "--n", "1024", "--k", "1024"])
+        .env("ATTN_MAX_MEMORY", "1M")
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("12.0 MiB, over the memory limit of 1.0 MiB"));
+}
