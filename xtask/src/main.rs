@@ -168,6 +168,18 @@ fn codegen(check: bool) -> Result<()> {
         }
         eprintln!("{folder}: {} cases, complete", names.len());
     }
+    // The malformed-file corpus (standard library Python only).
+    let malformed = root().join("crates/attn-cli/tests/fixtures/malformed");
+    if check {
+        if !malformed.join("expected.json").exists() {
+            bail!("malformed corpus missing (run `cargo xtask codegen`)");
+        }
+    } else {
+        run(Command::new(python())
+            .arg(root().join("xtask/python/gen_malformed.py"))
+            .arg(&malformed)
+            .current_dir(root()))?;
+    }
     // The all-MiniLM-L6-v2 reference embeddings (sentence-transformers and the model needed).
     let minilm = root().join("crates/attn-cli/tests/fixtures/minilm");
     if check {

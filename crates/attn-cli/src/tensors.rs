@@ -184,3 +184,39 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()
     let out = safetensors::serialize(views, None).context("serialising the output tensors")?;
     std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_file() -> Vec<u8> {
+        let data: Vec<u8> = (0..24).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let mask = [1u8, 0, 1, 1, 0, 1];
+        let views = vec![
+            ("q", TensorView::new(Dtype::F32, vec![1, 2, 3, 4], &data).unwrap()),
+            ("mask", TensorView::new(Dtype::BOOL, vec![2, 3], &mask).unwrap()),
+        ];
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        /// Quick fuzz of the loader: any flipped, cut or overwritten bytes give `Ok` or a typed
+        /// error, never a panic.
+        #[test]
+        fn corrupted_files_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8), cut in any::<prop::sample::Index>(), do_cut in any::<bool>()) {
+            let mut bytes = valid_file();
+            for (index, value) in edits {
+                let i = index.index(bytes.len());
+                bytes[i] = value;
+            }
+            if do_cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            let path = std::env::temp_dir().join(format!("attn-fuzz-{}-{:?}.safetensors", std::process::id(), std::thread::current().id()));
+            std::fs::write(&path, &bytes).unwrap();
+            let _ = TensorFile::read(&path);
+        }
+    }
+}

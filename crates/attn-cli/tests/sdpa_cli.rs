@@ -310,3 +310,33 @@ fn oversized_shapes_are_refused_before_allocating() {
     assert_eq!(result.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&result.stderr).contains("12.0 MiB, over the memory limit of 1.0 MiB"));
 }
+
+#[test]
+fn malformed_corpus_gives_the_expected_errors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/malformed");
+    let expected: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    assert!(expected.len() >= 15, "corpus missing: run `cargo xtask codegen`");
+    let out = scratch_dir("malformed").join("out.safetensors");
+    for (file, message) in &expected {
+        let result = attn(&[
+            "sdpa",
+            "--input",
+            dir.join(file).to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{file}: {err}");
+        assert!(
+            err.contains(message.as_str().unwrap()),
+            "{file}: expected {message}, got {err}"
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{file}: one line of message, got {err}"
+        );
+        assert!(!err.contains("panicked"), "{file}: {err}");
+    }
+}
