@@ -44,14 +44,16 @@ fn glyph(c: char) -> [u8; 8] {
         .unwrap_or([0; 8])
 }
 
-struct Canvas {
+/// An RGB image to draw into, saved as PNG.
+pub struct Canvas {
     width: usize,
     height: usize,
     rgb: Vec<u8>,
 }
 
 impl Canvas {
-    fn new(width: usize, height: usize) -> Self {
+    /// A white `width × height` image.
+    pub fn new(width: usize, height: usize) -> Self {
         Canvas {
             width,
             height,
@@ -59,7 +61,8 @@ impl Canvas {
         }
     }
 
-    fn fill(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
+    /// A filled rectangle.
+    pub fn fill(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
         for yy in y..(y + h).min(self.height) {
             for xx in x..(x + w).min(self.width) {
                 let i = (yy * self.width + xx) * 3;
@@ -70,7 +73,7 @@ impl Canvas {
 
     /// Text with its top-left corner at `(x, y)`, 8 pixels a character; `vertical` writes
     /// downwards, one character under the other.
-    fn text(&mut self, x: usize, y: usize, text: &str, vertical: bool) {
+    pub fn text(&mut self, x: usize, y: usize, text: &str, vertical: bool) {
         for (n, c) in text.chars().enumerate() {
             let (cx, cy) = if vertical { (x, y + n * 8) } else { (x + n * 8, y) };
             for (row, bits) in glyph(c).iter().enumerate() {
@@ -81,6 +84,29 @@ impl Canvas {
                 }
             }
         }
+    }
+}
+
+impl Canvas {
+    /// A 2-pixel line from `a` to `b`.
+    pub fn line(&mut self, (x0, y0): (usize, usize), (x1, y1): (usize, usize), colour: [u8; 3]) {
+        let steps = x0.abs_diff(x1).max(y0.abs_diff(y1)).max(1);
+        for i in 0..=steps {
+            let t = i as f64 / steps as f64;
+            let x = (x0 as f64 + (x1 as f64 - x0 as f64) * t).round() as usize;
+            let y = (y0 as f64 + (y1 as f64 - y0 as f64) * t).round() as usize;
+            self.fill(x, y, 2, 2, colour);
+        }
+    }
+
+    /// Writes the image as an 8-bit RGB PNG.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let file = std::fs::File::create(path)?;
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), self.width as u32, self.height as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.write_header()?.write_image_data(&self.rgb)?;
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ mod heatmap;
 mod memory;
 mod run;
 mod sdpa;
+mod sweep;
 mod tensors;
 
 use std::path::PathBuf;
@@ -245,6 +246,33 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// GFLOP/s against sequence length: flash, unfused and (when Python has torch) PyTorch.
+    #[command(
+        after_help = "Example:\n  attn bench sweep --seq 128,256,512,1024,2048,4096,8192 --png sweep.png\n\nPyTorch is measured when ATTN_PYTHON (default python3) can import torch."
+    )]
+    Sweep {
+        /// Sequence lengths S = T, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [128usize, 256, 512, 1024, 2048, 4096])]
+        seq: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        #[arg(long)]
+        causal: bool,
+        /// Write a plot.
+        #[arg(long)]
+        png: Option<PathBuf>,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Times faer's f32 GEMM [M,K]·[K,N]: flops 2·M·N·K.
     #[command(after_help = "Example:\n  attn bench gemm --m 1024 --n 1024 --k 1024 --json")]
     Gemm {
@@ -411,6 +439,52 @@ fn run(cli: Cli) -> Result<()> {
                 text.push_str(&format!("  {per_second:.1} sentences/s"));
             }
             println!("{text}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Sweep {
+            seq,
+            batch,
+            heads,
+            head_dim,
+            causal,
+            png,
+            threads,
+            quiet,
+            json,
+        }) => {
+            if batch == 0 || heads == 0 || head_dim == 0 {
+                anyhow::bail!("--batch, --heads and --head-dim must be at least 1");
+            }
+            let python = std::env::var("ATTN_PYTHON").unwrap_or_else(|_| "python3".into());
+            let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .then(|| indicatif::ProgressBar::new(seq.len() as u64));
+            let shape = [batch, heads, head_dim];
+            let (points, n) = with_threads(threads, |n| {
+                let points = sweep::run(&seq, shape, causal, n, Some(&python), |k| {
+                    if let Some(bar) = &bar {
+                        bar.inc(k as u64)
+                    }
+                })?;
+                Ok((points, n))
+            })?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            if json {
+                println!("{}", sweep::to_json(&points, shape, causal, n));
+            } else {
+                print!("{}", sweep::table(&points));
+            }
+            if let Some(path) = png {
+                let title = format!(
+                    "B={batch} H={heads} D={head_dim}{}, {n} threads",
+                    if causal { " causal" } else { "" }
+                );
+                sweep::write_png(&points, &title, &path)?;
+                if !json {
+                    println!("wrote {}", path.display());
+                }
+            }
             Ok(())
         }
         Command::Bench(BenchCommand::Sdpa {

@@ -1,0 +1,217 @@
+//! `attn bench sweep`: GFLOP/s against sequence length for the flash kernel, the unfused path
+//! and, when a Python with torch is there, PyTorch's `scaled_dot_product_attention`; as a table,
+//! as JSON, and as a PNG plot.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::attend::Canvas;
+use crate::bench::{Budget, Path as KernelPath, SdpaBench};
+
+/// One sequence length's measurements, GFLOP/s.
+pub struct Point {
+    pub seq: usize,
+    pub flash: f64,
+    pub unfused: Option<f64>,
+    pub torch: Option<f64>,
+}
+
+const TORCH_SCRIPT: &str = r#"
+import json, sys, time, statistics
+import torch, torch.nn.functional as F
+b, h, d, causal, threads = (int(x) for x in sys.argv[1:6])
+torch.set_num_threads(threads)
+out = {}
+for s in (int(x) for x in sys.argv[6].split(",")):
+    q, k, v = (torch.rand(b, h, s, d) for _ in range(3))
+    with torch.inference_mode():
+        F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
+        times, start = [], time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start < 0.2 and len(times) < 100):
+            t0 = time.perf_counter(); F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal)); times.append(time.perf_counter() - t0)
+    out[s] = statistics.median(times)
+print(json.dumps(out))
+"#;
+
+/// PyTorch's median seconds per sequence length, if `python` has torch.
+fn torch_times(python: &str, [b, h, d]: [usize; 3], causal: bool, threads: usize, seqs: &[usize]) -> Option<Vec<f64>> {
+    let list = seqs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    let output = Command::new(python)
+        .args(["-c", TORCH_SCRIPT])
+        .args([
+            b.to_string(),
+            h.to_string(),
+            d.to_string(),
+            u8::from(causal).to_string(),
+            threads.to_string(),
+            list,
+        ])
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&output.stdout).ok()?;
+    seqs.iter().map(|s| map.get(&s.to_string())?.as_f64()).collect()
+}
+
+/// Measures every sequence length.
+pub fn run(
+    seqs: &[usize],
+    [b, h, d]: [usize; 3],
+    causal: bool,
+    threads: usize,
+    python: Option<&str>,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Point>> {
+    if seqs.is_empty() || seqs.contains(&0) {
+        bail!("--seq needs sequence lengths of at least 1, like 128,256,512");
+    }
+    let budget = Budget {
+        min_runs: 3,
+        min_seconds: 0.2,
+    };
+    let mut points = Vec::new();
+    for &seq in seqs {
+        let mut spec = SdpaBench {
+            batch: b,
+            heads: h,
+            kv_heads: h,
+            seq,
+            kv_seq: seq,
+            head_dim: d,
+            causal,
+            path: KernelPath::Flash,
+        };
+        crate::memory::check(
+            crate::memory::f32_bytes(&[4, b, h, seq, d]),
+            "bench sweep (q, k, v, out)",
+        )?;
+        let flash = spec.flops() / spec.run(budget)?.median_s / 1e9;
+        // The unfused path holds S×S scores per worker; past 8192 it is skipped.
+        spec.path = KernelPath::Unfused;
+        let unfused = if seq <= 8192 {
+            Some(spec.flops() / spec.run(budget)?.median_s / 1e9)
+        } else {
+            None
+        };
+        points.push(Point {
+            seq,
+            flash,
+            unfused,
+            torch: None,
+        });
+        progress(1);
+    }
+    if let Some(python) = python {
+        if let Some(times) = torch_times(python, [b, h, d], causal, threads, seqs) {
+            for (p, t) in points.iter_mut().zip(times) {
+                let spec = SdpaBench {
+                    batch: b,
+                    heads: h,
+                    kv_heads: h,
+                    seq: p.seq,
+                    kv_seq: p.seq,
+                    head_dim: d,
+                    causal,
+                    path: KernelPath::Flash,
+                };
+                p.torch = Some(spec.flops() / t / 1e9);
+            }
+        }
+    }
+    Ok(points)
+}
+
+/// The table.
+pub fn table(points: &[Point]) -> String {
+    let mut out = String::from("| S = T | flash GFLOP/s | unfused GFLOP/s | PyTorch GFLOP/s |\n|---|---|---|---|\n");
+    let cell = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
+    for p in points {
+        out.push_str(&format!(
+            "| {} | {:.1} | {} | {} |\n",
+            p.seq,
+            p.flash,
+            cell(p.unfused),
+            cell(p.torch)
+        ));
+    }
+    out
+}
+
+/// The JSON object.
+pub fn to_json(points: &[Point], [b, h, d]: [usize; 3], causal: bool, threads: usize) -> serde_json::Value {
+    let rows: Vec<_> = points
+        .iter()
+        .map(|p| json!({"seq": p.seq, "flash_gflops": p.flash, "unfused_gflops": p.unfused, "torch_gflops": p.torch}))
+        .collect();
+    json!({"op": "sweep", "batch": b, "heads": h, "head_dim": d, "causal": causal, "threads": threads, "points": rows})
+}
+
+/// A line plot of GFLOP/s against log2 of the sequence length.
+pub fn write_png(points: &[Point], title: &str, path: &Path) -> Result<()> {
+    let (w, h, left, bottom, top, right) = (760usize, 460usize, 70usize, 50usize, 40usize, 170usize);
+    let mut canvas = Canvas::new(w, h);
+    let plot_w = w - left - right;
+    let plot_h = h - top - bottom;
+    let max = points
+        .iter()
+        .flat_map(|p| [Some(p.flash), p.unfused, p.torch])
+        .flatten()
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let (lo, hi) = (
+        points.first().map_or(1, |p| p.seq) as f64,
+        points.last().map_or(2, |p| p.seq) as f64,
+    );
+    let span = (hi.log2() - lo.log2()).max(1.0);
+    let x_of = |seq: usize| left + (((seq as f64).log2() - lo.log2()) / span * plot_w as f64) as usize;
+    let y_of = |g: f64| top + plot_h - ((g / max) * plot_h as f64).min(plot_h as f64) as usize;
+    canvas.text(left, 12, title, false);
+    // Axes, ticks and grid.
+    canvas.fill(left, top, 1, plot_h, [0, 0, 0]);
+    canvas.fill(left, top + plot_h, plot_w, 1, [0, 0, 0]);
+    for i in 0..=4 {
+        let g = max * i as f64 / 4.0;
+        let y = y_of(g);
+        canvas.fill(left + 1, y, plot_w, 1, [225, 225, 225]);
+        canvas.text(8, y.saturating_sub(4), &format!("{g:>6.0}"), false);
+    }
+    for p in points {
+        let x = x_of(p.seq);
+        canvas.fill(x, top + plot_h, 1, 5, [0, 0, 0]);
+        let label = p.seq.to_string();
+        canvas.text(x.saturating_sub(label.len() * 4), top + plot_h + 8, &label, false);
+    }
+    canvas.text(left + plot_w / 2 - 60, h - 18, "sequence length S = T", false);
+    canvas.text(8, top - 16, "GFLOP/s", false);
+    let series: [(&str, [u8; 3], Box<dyn Fn(&Point) -> Option<f64>>); 3] = [
+        ("attn flash", [30, 90, 220], Box::new(|p: &Point| Some(p.flash))),
+        ("attn unfused", [230, 140, 20], Box::new(|p: &Point| p.unfused)),
+        ("PyTorch SDPA", [200, 30, 30], Box::new(|p: &Point| p.torch)),
+    ];
+    for (n, (name, colour, value)) in series.iter().enumerate() {
+        let pts: Vec<(usize, usize)> = points
+            .iter()
+            .filter_map(|p| value(p).map(|v| (x_of(p.seq), y_of(v))))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        for pair in pts.windows(2) {
+            canvas.line(pair[0], pair[1], *colour);
+        }
+        for &(x, y) in &pts {
+            canvas.fill(x.saturating_sub(3), y.saturating_sub(3), 7, 7, *colour);
+        }
+        let ly = top + 10 + n * 20;
+        canvas.fill(w - right + 15, ly, 20, 4, *colour);
+        canvas.text(w - right + 40, ly.saturating_sub(2), name, false);
+    }
+    canvas
+        .save(path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
