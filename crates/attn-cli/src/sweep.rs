@@ -151,6 +151,9 @@ pub fn to_json(points: &[Point], [b, h, d]: [usize; 3], causal: bool, threads: u
     json!({"op": "sweep", "batch": b, "heads": h, "head_dim": d, "causal": causal, "threads": threads, "points": rows})
 }
 
+/// A plotted series: name, colour, and its value at a point.
+type Series = (&'static str, [u8; 3], fn(&Point) -> Option<f64>);
+
 /// A line plot of GFLOP/s against log2 of the sequence length.
 pub fn write_png(points: &[Point], title: &str, path: &Path) -> Result<()> {
     let (w, h, left, bottom, top, right) = (760usize, 460usize, 70usize, 50usize, 40usize, 170usize);
@@ -188,10 +191,10 @@ pub fn write_png(points: &[Point], title: &str, path: &Path) -> Result<()> {
     }
     canvas.text(left + plot_w / 2 - 60, h - 18, "sequence length S = T", false);
     canvas.text(8, top - 16, "GFLOP/s", false);
-    let series: [(&str, [u8; 3], Box<dyn Fn(&Point) -> Option<f64>>); 3] = [
-        ("attn flash", [30, 90, 220], Box::new(|p: &Point| Some(p.flash))),
-        ("attn unfused", [230, 140, 20], Box::new(|p: &Point| p.unfused)),
-        ("PyTorch SDPA", [200, 30, 30], Box::new(|p: &Point| p.torch)),
+    let series: [Series; 3] = [
+        ("attn flash", [30, 90, 220], |p| Some(p.flash)),
+        ("attn unfused", [230, 140, 20], |p| p.unfused),
+        ("PyTorch SDPA", [200, 30, 30], |p| p.torch),
     ];
     for (n, (name, colour, value)) in series.iter().enumerate() {
         let pts: Vec<(usize, usize)> = points
