@@ -385,18 +385,34 @@ pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) ->
         let (b, g) = (bg / plan.g, bg % plan.g);
         let t0 = block * BLOCK_KEYS;
         let bc = (plan.t - t0).min(BLOCK_KEYS);
-        for j in 0..bc {
-            let src = b * st[0] + g * st[1] + (t0 + j) * st[2];
-            for p in 0..plan.d {
-                dst[p * BLOCK_KEYS + j] = data[src + p * st[3]];
-            }
-        }
+        let base = b * st[0] + g * st[1] + t0 * st[2];
+        transpose_keys(dst, &data[base..], bc, plan.d, st[2], st[3]);
     };
     match par {
         Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(pack),
         Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(pack),
     }
     packed
+}
+
+/// `dst[p·BLOCK_KEYS + j] = keys[j·row_stride + p·col_stride]` for `j < bc`, `p < d`: a key
+/// block transposed for the tile micro-kernel.
+fn transpose_keys(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, row_stride: usize, col_stride: usize) {
+    if bc == 0 {
+        return;
+    }
+    assert!(dst.len() >= (d - 1) * BLOCK_KEYS + bc && keys.len() > (bc - 1) * row_stride + (d - 1) * col_stride);
+    #[cfg(target_arch = "x86_64")]
+    if col_stride == 1 && crate::simd::simd_level() == crate::SimdLevel::Avx2Fma {
+        // SAFETY: AVX2 was detected; the assertion above bounds both operands.
+        unsafe { crate::tile::avx2::transpose(bc, d, keys.as_ptr(), row_stride, dst.as_mut_ptr(), BLOCK_KEYS) };
+        return;
+    }
+    for j in 0..bc {
+        for p in 0..d {
+            dst[p * BLOCK_KEYS + j] = keys[j * row_stride + p * col_stride];
+        }
+    }
 }
 
 /// One split's destination: unnormalised accumulator rows and each row's (max, sum).
@@ -522,12 +538,9 @@ fn attend_tile(
                     &packed[index * d * BLOCK_KEYS..(index + 1) * d * BLOCK_KEYS]
                 }
                 None => {
+                    transpose_keys(&mut scratch.kt, &k_data[k_base..], bc, d, k_st[2], k_st[3]);
                     for p in 0..d {
-                        let dst = &mut scratch.kt[p * BLOCK_KEYS..p * BLOCK_KEYS + bc_pad];
-                        for (j, x) in dst[..bc].iter_mut().enumerate() {
-                            *x = k_data[k_base + j * k_st[2] + p * k_st[3]];
-                        }
-                        dst[bc..].fill(0.0);
+                        scratch.kt[p * BLOCK_KEYS + bc..p * BLOCK_KEYS + bc_pad].fill(0.0);
                     }
                     &scratch.kt
                 }

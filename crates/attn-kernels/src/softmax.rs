@@ -280,6 +280,14 @@ pub fn attention_weights(
             got: lse.shape().to_vec(),
         });
     }
+    if d == 0 {
+        return Err(KernelError::InvalidArgument {
+            op,
+            what: "head dim D",
+            got: "0".into(),
+            expected: "at least 1",
+        });
+    }
     let (averaged, dst_shape) = match &dst {
         WeightsDst::PerHead(v) => (false, v.shape().to_vec()),
         WeightsDst::Averaged(v) => (true, v.shape().to_vec()),

@@ -211,4 +211,68 @@ pub(crate) mod avx2 {
             }
         }
     }
+
+    /// `dst[p·ld_dst + j] = src[j·ld_src + p]` for `j < rows`, `p < cols`: a transpose, 8×8
+    /// blocks at a time in registers, the edges element by element.
+    ///
+    /// # Safety
+    /// AVX2 must be available and both operands in bounds for those shapes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn transpose(
+        rows: usize,
+        cols: usize,
+        src: *const f32,
+        ld_src: usize,
+        dst: *mut f32,
+        ld_dst: usize,
+    ) {
+        // SAFETY: every access is within `rows × cols` of the two operands.
+        unsafe {
+            let (rows8, cols8) = (rows / 8 * 8, cols / 8 * 8);
+            for j in (0..rows8).step_by(8) {
+                for p in (0..cols8).step_by(8) {
+                    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add((j + i) * ld_src + p)));
+                    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    let out = [
+                        _mm256_permute2f128_ps::<0x20>(u0, u4),
+                        _mm256_permute2f128_ps::<0x20>(u1, u5),
+                        _mm256_permute2f128_ps::<0x20>(u2, u6),
+                        _mm256_permute2f128_ps::<0x20>(u3, u7),
+                        _mm256_permute2f128_ps::<0x31>(u0, u4),
+                        _mm256_permute2f128_ps::<0x31>(u1, u5),
+                        _mm256_permute2f128_ps::<0x31>(u2, u6),
+                        _mm256_permute2f128_ps::<0x31>(u3, u7),
+                    ];
+                    for (i, v) in out.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((p + i) * ld_dst + j), *v);
+                    }
+                }
+                for p in cols8..cols {
+                    for i in 0..8 {
+                        *dst.add(p * ld_dst + j + i) = *src.add((j + i) * ld_src + p);
+                    }
+                }
+            }
+            for j in rows8..rows {
+                for p in 0..cols {
+                    *dst.add(p * ld_dst + j) = *src.add(j * ld_src + p);
+                }
+            }
+        }
+    }
 }
