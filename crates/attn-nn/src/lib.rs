@@ -26,3 +26,8 @@ pub use transformer::{
     layout_of, BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig,
     StackConfig, Transformer, TransformerConfig,
 };
+
+/// docs/GUIDE.md, whose examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/GUIDE.md")]
+pub struct GuideExamples;
