@@ -10,7 +10,8 @@
 //!   `~/.cache/attn/pip`, where `attn embed` looks by default.
 //! - `bench [--rounds N] [--threads N] [--candle | --candle-only]`: the measured tables of docs/PERFORMANCE.md: attn
 //!   against PyTorch (when importable), attention against faer's GEMM, 1 against 2 threads, and
-//!   peak memory; interleaved, medians, ratios within one run. Also writes `bench-out/`.
+//!   peak memory, the sequence-length sweep; interleaved, medians, ratios within one run. Writes
+//!   the tables to `bench-out/sdpa.md` and the sweep plot to `docs/images/sweep.png`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -443,11 +444,11 @@ fn bench(args: &[String]) -> Result<()> {
                 &t,
                 "--png",
             ])
-            .arg(out_dir.join("sweep.png"))
+            .arg(root().join("docs/images/sweep.png"))
             .env("ATTN_PYTHON", python()),
     )?;
     report.push_str(&format!(
-        "\n### GFLOP/s against sequence length (B=1 H=8 D=64; plot in bench-out/sweep.png)\n\n{sweep}"
+        "\n### GFLOP/s against sequence length (B=1 H=8 D=64; plot in docs/images/sweep.png)\n\n{sweep}"
     ));
     if args.iter().any(|a| a == "--candle") {
         report.push_str(&candle_table(&binary, threads, rounds)?);

@@ -456,4 +456,30 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
         dom.contains(r#"class="selected""#) && dom.contains("\"cat\" attends most to"),
         "{dom}"
     );
+
+    // And a screenshot of that state, as a person would see it.
+    let shot = dir.join("view.png");
+    let result = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+        ])
+        .args([
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=900,600",
+        ])
+        .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (900, 600));
 }
