@@ -308,7 +308,7 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
             min_seconds: 0.0,
         },
         || {
-            let _ = attention_reference(
+            std::hint::black_box(attention_reference(
                 sv,
                 skv,
                 skv,
@@ -316,7 +316,7 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
                     causal: Causal::None,
                     ..Default::default()
                 },
-            );
+            ));
         },
     );
     let mut small_out = vec![0.0f32; small.iter().product()];

@@ -336,7 +336,7 @@ fn run(cli: Cli) -> Result<()> {
             input,
             texts,
             output,
-            json,
+            json: _,
             batch_size,
             quiet,
             threads,
@@ -363,9 +363,9 @@ fn run(cli: Cli) -> Result<()> {
             let e = embedder.dim();
             match output {
                 Some(path) => tensors::write_f32(&path, &[("embeddings", &[sentences.len(), e], &vectors)]),
-                // `--json`, and the default without `--output`: JSON on stdout.
+                // `--json` (the contract's flag) and the default without `--output` are the same:
+                // JSON on stdout.
                 None => {
-                    let _ = json;
                     let rows: Vec<&[f32]> = vectors.chunks(e.max(1)).collect();
                     println!("{}", serde_json::json!({ "embeddings": rows }));
                     Ok(())
