@@ -32,6 +32,7 @@ use rayon::prelude::*;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale, validate_options};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
+use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
 
 /// Query rows per tile.
@@ -44,15 +45,6 @@ pub const MIN_TASKS: usize = 32;
 const DOT_ROWS_MAX: usize = 8;
 /// The smallest number of keys a split covers.
 const MIN_KEYS_PER_SPLIT: usize = 512;
-
-/// A raw pointer that tasks share to write disjoint elements of one destination.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every task writes a disjoint set of elements (distinct `(b, h, s)` rows of a
-// destination checked not to overlap itself), and the pointer outlives the parallel loop.
-unsafe impl Send for SharedMut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedMut {}
 
 /// The shapes of one call and how its work is cut.
 #[derive(Debug, Clone, Copy)]
@@ -455,12 +447,12 @@ unsafe fn write_row(
     let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
     for (j, &a) in acc.iter().enumerate().take(dv) {
         // SAFETY: in bounds by the caller's contract; the row is this task's alone.
-        unsafe { *out.0.add(base + j * strides[3]) = if l == 0.0 { 0.0 } else { a * inv } };
+        unsafe { *out.get().add(base + j * strides[3]) = if l == 0.0 { 0.0 } else { a * inv } };
     }
     if let Some((ptr, st)) = lse {
         let value = if l == 0.0 { f32::NEG_INFINITY } else { m + l.ln() };
         // SAFETY: as above.
-        unsafe { *ptr.0.add(b * st[0] + h * st[1] + s * st[2]) = value };
+        unsafe { *ptr.get().add(b * st[0] + h * st[1] + s * st[2]) = value };
     }
 }
 

@@ -12,6 +12,7 @@ use crate::flash::validate;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale, validate_options};
 use crate::simd::{exp_sub_sum, row_max, scale_row};
+use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
 
 /// Softmax of one row in place after scaling and masking; returns the row's log-sum-exp
@@ -79,9 +80,11 @@ pub fn masked_softmax(
     let scale = options.scale.unwrap_or(1.0);
     let st = scores.strides();
     let mut scores = scores;
-    let base = SendPtr(scores.data_mut().as_mut_ptr());
+    let base = SharedMut(scores.data_mut().as_mut_ptr());
     let mut lse = lse;
-    let lse_dst = lse.as_mut().map(|l| (SendPtr(l.data_mut().as_mut_ptr()), l.strides()));
+    let lse_dst = lse
+        .as_mut()
+        .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides()));
     let row_job = |index: usize| {
         let (bh, si) = (index / s, index % s);
         let (bi, hi) = (bh / h, bh % h);
@@ -111,19 +114,6 @@ pub fn masked_softmax(
     Ok(())
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-impl SendPtr {
-    #[inline]
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: each parallel job writes a disjoint row of a destination checked not to overlap.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-
 /// Unfused attention, one head at a time: `scores = scale·q·kᵀ` (`[S, T]` in memory), masked
 /// softmax, `out = p·v`. Same shapes, options and results (to rounding) as
 /// [`flash_attention`](crate::flash_attention): `q: [B, H, S, D]`, `k: [B, G, T, D]`,
@@ -152,9 +142,11 @@ pub fn attention_unfused(
     let (s, t, d, dv) = (plan.s, plan.t, plan.d, plan.dv);
     let mut out = out;
     let ost = out.strides();
-    let out_ptr = SendPtr(out.data_mut().as_mut_ptr());
+    let out_ptr = SharedMut(out.data_mut().as_mut_ptr());
     let mut lse = lse;
-    let lse_dst = lse.as_mut().map(|l| (SendPtr(l.data_mut().as_mut_ptr()), l.strides()));
+    let lse_dst = lse
+        .as_mut()
+        .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides()));
     let (qs, ks, vs) = (q.strides(), k.strides(), v.strides());
     let head_job = |scores: &mut Vec<f32>, bh: usize| {
         let (b, h) = (bh / plan.h, bh % plan.h);
@@ -322,10 +314,10 @@ pub fn attention_weights(
     let scale = resolve_scale(options, d);
     let rep = h / g;
     let (dst_ptr, dst_strides) = match dst {
-        WeightsDst::PerHead(mut v) => (SendPtr(v.data_mut().as_mut_ptr()), v.strides()),
+        WeightsDst::PerHead(mut v) => (SharedMut(v.data_mut().as_mut_ptr()), v.strides()),
         WeightsDst::Averaged(mut v) => {
             let st = v.strides();
-            (SendPtr(v.data_mut().as_mut_ptr()), [st[0], 0, st[1], st[2]])
+            (SharedMut(v.data_mut().as_mut_ptr()), [st[0], 0, st[1], st[2]])
         }
     };
     let qs = q.strides();

@@ -38,6 +38,23 @@ pub type ViewMut2<'a, T> = ViewMut<'a, T, 2>;
 /// A mutable 4-D view.
 pub type ViewMut4<'a, T> = ViewMut<'a, T, 4>;
 
+/// A raw pointer that parallel tasks share to write disjoint elements of one destination.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the wrapper, not the raw field).
+    #[inline]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: every user writes a disjoint set of elements (distinct rows of a destination checked
+// not to overlap itself) from each task, and the pointer outlives the parallel loop.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
 /// Row-major strides of a dense array of `shape`.
 pub fn contiguous_strides<const N: usize>(shape: [usize; N]) -> [usize; N] {
     let mut strides = [0; N];
