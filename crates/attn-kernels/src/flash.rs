@@ -99,16 +99,9 @@ impl Plan {
     }
 }
 
-/// Validates the operands of an attention call and returns its plan.
-pub(crate) fn validate(
-    op: &'static str,
-    out_shape: [usize; 4],
-    lse_shape: Option<[usize; 3]>,
-    q: &View4<'_, f32>,
-    k: &View4<'_, f32>,
-    v: &View4<'_, f32>,
-    options: &AttentionOptions<'_>,
-) -> Result<Plan, KernelError> {
+/// Checks `q: [B, H, S, D]` against `k: [B, G, T, D]` (G dividing H) and returns
+/// `[B, H, G, S, T, D]`.
+pub(crate) fn validate_qk(op: &'static str, q: &View4<'_, f32>, k: &View4<'_, f32>) -> Result<[usize; 6], KernelError> {
     let [b, h, s, d] = q.shape();
     let [kb, g, t, kd] = k.shape();
     if g == 0 || h % g != 0 {
@@ -126,6 +119,20 @@ pub(crate) fn validate(
             got: k.shape().to_vec(),
         });
     }
+    Ok([b, h, g, s, t, d])
+}
+
+/// Validates the operands of an attention call and returns its plan.
+pub(crate) fn validate(
+    op: &'static str,
+    out_shape: [usize; 4],
+    lse_shape: Option<[usize; 3]>,
+    q: &View4<'_, f32>,
+    k: &View4<'_, f32>,
+    v: &View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+) -> Result<Plan, KernelError> {
+    let [b, h, g, s, t, d] = validate_qk(op, q, k)?;
     let dv = v.shape()[3];
     if v.shape() != [b, g, t, dv] {
         return Err(KernelError::ShapeMismatch {

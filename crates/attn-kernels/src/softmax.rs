@@ -247,23 +247,7 @@ pub fn attention_weights(
     par: Par,
 ) -> Result<(), KernelError> {
     let op = "attention_weights";
-    let [b, h, s, d] = q.shape();
-    let [kb, g, t, kd] = k.shape();
-    if g == 0 || h % g != 0 {
-        return Err(KernelError::HeadsNotDivisible {
-            op,
-            n_heads: h,
-            n_kv_heads: g,
-        });
-    }
-    if kb != b || kd != d {
-        return Err(KernelError::ShapeMismatch {
-            op,
-            tensor: "k",
-            expected: vec![b, g, t, d],
-            got: k.shape().to_vec(),
-        });
-    }
+    let [b, h, g, s, t, d] = crate::flash::validate_qk(op, &q, &k)?;
     if lse.shape() != [b, h, s] {
         return Err(KernelError::ShapeMismatch {
             op,
