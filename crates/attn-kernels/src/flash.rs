@@ -1097,6 +1097,55 @@ mod tests {
     }
 
     #[test]
+    fn huge_finite_mask_values_behave_as_in_pytorch() {
+        // A row whose every score is pushed to -1e30 by an additive mask is still a softmax over
+        // equal values (uniform weights), as in PyTorch; only -inf (or a boolean) empties a row.
+        // Scores of +1e30 win outright without overflowing.
+        let (s, t, d) = (3, 5, 4);
+        let q = random_vec(s * d, 1);
+        let k = random_vec(t * d, 2);
+        let v: Vec<f32> = (0..t * d).map(|i| (i / d) as f32).collect(); // value row j is all j
+        let mut mask = vec![0.0f32; s * t];
+        mask[..t].fill(-1e30); // row 0: every key at -1e30
+        mask[t + 3] = 1e30; // row 1: key 3 at +1e30
+        mask[2 * t..3 * t].fill(f32::NEG_INFINITY); // row 2: nothing visible
+        let options = AttentionOptions {
+            mask: Mask::Additive(View4::contiguous(&mask, [1, 1, s, t]).unwrap()),
+            ..Default::default()
+        };
+        let (qv, kv, vv) = (
+            View4::contiguous(&q, [1, 1, s, d]).unwrap(),
+            View4::contiguous(&k, [1, 1, t, d]).unwrap(),
+            View4::contiguous(&v, [1, 1, t, d]).unwrap(),
+        );
+        for unfused in [false, true] {
+            let mut out = vec![f32::NAN; s * d];
+            let o = ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap();
+            if unfused {
+                attention_unfused(o, None, qv, kv, vv, &options, Par::Seq).unwrap();
+            } else {
+                flash_attention(o, None, qv, kv, vv, &options, Par::Seq).unwrap();
+            }
+            // Uniform over values 0..5: mean 2 (to the rounding of scores near -1e30).
+            assert!(
+                out[..d].iter().all(|&x| (x - 2.0).abs() < 1e-3),
+                "unfused={unfused}: {:?}",
+                &out[..d]
+            );
+            assert!(
+                out[d..2 * d].iter().all(|&x| x == 3.0),
+                "unfused={unfused}: {:?}",
+                &out[d..2 * d]
+            );
+            assert!(
+                out[2 * d..].iter().all(|&x| x == 0.0),
+                "unfused={unfused}: {:?}",
+                &out[2 * d..]
+            );
+        }
+    }
+
+    #[test]
     fn shape_errors_name_the_tensor() {
         let x = [0.0f32; 64];
         let q = View4::contiguous(&x[..48], [1, 3, 4, 4]).unwrap();
