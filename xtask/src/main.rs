@@ -273,15 +273,15 @@ fn bench(args: &[String]) -> Result<()> {
     ]);
     let sdpa_shapes: [(&str, &[&str]); 3] = [
         (
-            "sdpa B=1 H=8 S=T=2048 D=64",
+            "flash B=1 H=8 S=T=2048 D=64",
             &["--batch", "1", "--heads", "8", "--seq", "2048", "--head-dim", "64"],
         ),
         (
-            "sdpa B=1 H=8 S=T=4096 D=64",
+            "flash B=1 H=8 S=T=4096 D=64",
             &["--batch", "1", "--heads", "8", "--seq", "4096", "--head-dim", "64"],
         ),
         (
-            "sdpa unfused B=1 H=8 S=T=2048 D=64",
+            "unfused B=1 H=8 S=T=2048 D=64",
             &[
                 "--batch",
                 "1",

@@ -247,11 +247,7 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
     let reference = attention_reference(qv, kv, vv, &options);
     let mut out = vec![0.0f32; h * s * d];
     let max_err = |name: &str, got: &[f32], want: &[f64]| {
-        let err = got
-            .iter()
-            .zip(want)
-            .map(|(&g, &w)| (g as f64 - w).abs())
-            .fold(0.0, f64::max);
+        let err = crate::check::max_abs(got, want);
         println!("  {name:<28} max |error| vs f64 reference: {err:.2e}");
     };
     println!("check (hand-set heads on \"{}\"):", tokens.join(" "));

