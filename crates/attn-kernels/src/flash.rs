@@ -25,7 +25,10 @@
 //!
 //! Finally `out = acc / l` and `lse = m + ln(l)`; a row that saw no key (`l = 0`) writes zeros
 //! and `lse = -inf`. Key blocks past the causal limit of the tile's last row, or past the
-//! batch's key length, are never visited.
+//! batch's key length, are never visited. A row that comes out non-finite from a finite softmax
+//! is repaired afterwards so that hidden keys' values never reach it ([`crate::nonfinite`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -230,6 +233,22 @@ pub fn flash_attention(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
+    flash_impl(out, lse, q, k, v, options, par, true)
+}
+
+/// [`flash_attention`], with the repair of values that rows cannot see (see
+/// [`crate::nonfinite`]) switched by `repair`.
+#[allow(clippy::too_many_arguments)]
+fn flash_impl(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    repair: bool,
+) -> Result<(), KernelError> {
     let plan = validate(
         "flash_attention",
         out.shape(),
@@ -261,6 +280,8 @@ pub fn flash_attention(
         micro,
     };
 
+    // Set when a row came out non-finite from a finite softmax: a non-finite value reached it.
+    let spoilt_rows = AtomicBool::new(false);
     let tasks = plan.b * plan.g * plan.row_tiles;
     if plan.splits == 1 {
         let run = |scratch: &mut Scratch, task: usize| {
@@ -272,7 +293,7 @@ pub fn flash_attention(
                 let l = scratch.l[i];
                 let acc_row = &scratch.acc[i * plan.dv_pad..i * plan.dv_pad + plan.dv];
                 // SAFETY: `(b, h, s)` is in bounds and belongs to this task alone.
-                unsafe {
+                let spoilt = unsafe {
                     write_row(
                         out_ptr,
                         out_strides,
@@ -284,6 +305,9 @@ pub fn flash_attention(
                         lse_dst,
                     )
                 };
+                if spoilt {
+                    spoilt_rows.store(true, Ordering::Relaxed);
+                }
             }
         };
         run_tasks(tasks, par, &plan, run);
@@ -336,7 +360,11 @@ pub fn flash_attention(
                     .fold(f32::NEG_INFINITY, f32::max);
                 acc.fill(0.0);
                 let mut l_total = 0.0f32;
-                if m_max != f32::NEG_INFINITY {
+                if m_max == f32::NEG_INFINITY && (0..plan.splits).any(|sp| part_ml[slot(sp)].1.is_nan()) {
+                    // A split saw only NaN scores: the row is NaN.
+                    l_total = f32::NAN;
+                    acc.fill(f32::NAN);
+                } else if m_max != f32::NEG_INFINITY {
                     for sp in 0..plan.splits {
                         let (m, l) = part_ml[slot(sp)];
                         if l == 0.0 && m == f32::NEG_INFINITY {
@@ -350,10 +378,19 @@ pub fn flash_attention(
                 }
                 let (s, h) = row_position(&plan, g, tile * BLOCK_ROWS + i);
                 // SAFETY: `(b, h, s)` is in bounds and belongs to this task alone.
-                unsafe { write_row(out_ptr, out_strides, [b, h, s], plan.dv, &acc, l_total, m_max, lse_dst) };
+                let spoilt =
+                    unsafe { write_row(out_ptr, out_strides, [b, h, s], plan.dv, &acc, l_total, m_max, lse_dst) };
+                if spoilt {
+                    spoilt_rows.store(true, Ordering::Relaxed);
+                }
             }
         };
         run_tasks(tasks, par, &plan, merge);
+    }
+    if repair && spoilt_rows.load(Ordering::Relaxed) {
+        crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
+            flash_impl(out, Some(lse), q, k, v, options, par, false)
+        })?;
     }
     Ok(())
 }
@@ -435,6 +472,7 @@ fn row_position(plan: &Plan, g: usize, r: usize) -> (usize, usize) {
 }
 
 /// Writes `out[b, h, s, :] = acc / l` and `lse[b, h, s] = m + ln(l)`; zeros and `-inf` if `l = 0`.
+/// Returns whether the row must be repaired ([`crate::nonfinite::spoiled`]).
 ///
 /// # Safety
 /// `(b, h, s)` must be in bounds of both destinations, and no other thread may write that row.
@@ -449,18 +487,22 @@ unsafe fn write_row(
     l: f32,
     m: f32,
     lse: Option<(SharedMut, [usize; 3])>,
-) {
+) -> bool {
     let base = b * strides[0] + h * strides[1] + s * strides[2];
     let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
+    let mut finite = true;
     for (j, &a) in acc.iter().enumerate().take(dv) {
+        let x = if l == 0.0 { 0.0 } else { a * inv };
+        finite &= x.is_finite();
         // SAFETY: in bounds by the caller's contract; the row is this task's alone.
-        unsafe { *out.get().add(base + j * strides[3]) = if l == 0.0 { 0.0 } else { a * inv } };
+        unsafe { *out.get().add(base + j * strides[3]) = x };
     }
     if let Some((ptr, st)) = lse {
         let value = if l == 0.0 { f32::NEG_INFINITY } else { m + l.ln() };
         // SAFETY: as above.
         unsafe { *ptr.get().add(b * st[0] + h * st[1] + s * st[2]) = value };
     }
+    crate::nonfinite::spoiled(m, l, !finite)
 }
 
 /// Runs the online softmax of one row tile over keys `keys`, leaving the unnormalised
@@ -615,8 +657,14 @@ fn attend_tile(
             let m_old = scratch.m[i];
             let m_new = m_old.max(row_max(row));
             if m_new == f32::NEG_INFINITY {
-                // Nothing visible yet in this row: contribute nothing.
-                row.fill(0.0);
+                if row.iter().any(|x| x.is_nan()) {
+                    // Only NaN scores besides hidden keys (a NaN query, say): the row is NaN.
+                    scratch.l[i] = f32::NAN;
+                    row.fill(f32::NAN);
+                } else {
+                    // Nothing visible yet in this row: contribute nothing.
+                    row.fill(0.0);
+                }
                 continue;
             }
             let sum = exp_sub_sum(row, m_new);

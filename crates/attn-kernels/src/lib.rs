@@ -12,11 +12,29 @@
 //! This crate knows nothing about heads as learned projections, layers or files: it sees
 //! strided views and returns typed [`KernelError`]s. SIMD is chosen at run time
 //! ([`simd_level`]).
+//!
+//! # Non-finite inputs
+//! Key `t` is *visible* to query row `(b, h, s)` unless a boolean mask, an additive `-inf`, the
+//! causal limit or the key length hides it (a score of `-inf` from overflow removes it too).
+//! Every attention path keeps to one policy:
+//! - a row with no visible key is zeros, with `lse = -inf`;
+//! - a NaN in the row's query, in a visible key, or a visible score of `+inf` or NaN makes the
+//!   whole row NaN (weights: NaN on the visible keys, 0 on the others);
+//! - a NaN or `±inf` in a visible value `v[b, g, t, c]` makes `out[.., c]` non-finite, nothing
+//!   more;
+//! - nothing in a key or value that a row cannot see reaches that row, not even through
+//!   `0·NaN` in `p·v` (where PyTorch's math path spreads it).
+//!
+//! All other outputs are bit-identical to the call with the non-finite inputs zeroed. The
+//! value side costs clean inputs one finiteness test per output element: a row that comes out
+//! non-finite from a finite softmax is recomputed with the offending values zeroed, and the
+//! visible ones added back.
 
 mod error;
 mod flash;
 mod gemm;
 mod mask;
+mod nonfinite;
 mod reference;
 mod simd;
 mod softmax;

@@ -222,6 +222,16 @@ pub(crate) fn mask_row(
     }
 }
 
+/// `score + mask`, except that a mask of `-inf` gives `-inf` whatever the score.
+#[inline(always)]
+fn add_mask(score: f32, mask: f32) -> f32 {
+    if mask == f32::NEG_INFINITY {
+        mask
+    } else {
+        score + mask
+    }
+}
+
 #[inline]
 fn apply_mask(row: &mut [f32], mask: &Mask<'_>, [b, h, s]: [usize; 3], t0: usize) {
     let bc = row.len();
@@ -231,12 +241,20 @@ fn apply_mask(row: &mut [f32], mask: &Mask<'_>, [b, h, s]: [usize; 3], t0: usize
             let base = m.offset([b, h, s, 0]) + t0 * m.strides()[3];
             let data = m.data();
             match m.strides()[3] {
+                // `-inf` hides the key outright, so a NaN score of a hidden key stays hidden
+                // (`NaN + -inf` would be NaN): see the crate's non-finite policy.
                 0 => {
                     let add = data[base];
-                    row.iter_mut().for_each(|x| *x += add);
+                    row.iter_mut().for_each(|x| *x = add_mask(*x, add));
                 }
-                1 => row.iter_mut().zip(&data[base..base + bc]).for_each(|(x, &a)| *x += a),
-                st => row.iter_mut().enumerate().for_each(|(j, x)| *x += data[base + j * st]),
+                1 => row
+                    .iter_mut()
+                    .zip(&data[base..base + bc])
+                    .for_each(|(x, &a)| *x = add_mask(*x, a)),
+                st => row
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = add_mask(*x, data[base + j * st])),
             }
         }
         Mask::Allowed(m) | Mask::Disallowed(m) => {

@@ -56,7 +56,11 @@ pub fn attention_reference(
                     for mask in [&options.mask, &options.key_mask] {
                         match mask {
                             Mask::None => {}
-                            Mask::Additive(m) => x += m.get([b, h, s, t]) as f64,
+                            Mask::Additive(m) => {
+                                // `-inf` hides the key whatever its score (even NaN).
+                                let add = m.get([b, h, s, t]) as f64;
+                                x = if add == f64::NEG_INFINITY { add } else { x + add };
+                            }
                             Mask::Allowed(m) => {
                                 if !m.get([b, h, s, t]) {
                                     x = f64::NEG_INFINITY
@@ -74,16 +78,32 @@ pub fn attention_reference(
                     }
                     *score = x;
                 }
+                let row = (b * h_n + h) * s_n + s;
+                if scores.iter().any(|x| x.is_nan()) {
+                    // A NaN score of a visible key: the row's softmax is NaN on every key it
+                    // sees (hidden keys keep weight 0), and so are its output and lse.
+                    lse[row] = f64::NAN;
+                    out[row * dv..(row + 1) * dv].fill(f64::NAN);
+                    for t in 0..t_n {
+                        if scores[t] != f64::NEG_INFINITY {
+                            weights[row * t_n + t] = f64::NAN;
+                        }
+                    }
+                    continue;
+                }
                 // Pass 2: max, exp and sum.
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let row = (b * h_n + h) * s_n + s;
                 if m == f64::NEG_INFINITY {
                     continue;
                 }
                 let sum: f64 = scores.iter().map(|&x| (x - m).exp()).sum();
                 lse[row] = m + sum.ln();
-                // Pass 4: weighted V.
+                // Pass 4: weighted V, over the visible keys only (a hidden key's value never
+                // enters, not even as `0·v`).
                 for t in 0..t_n {
+                    if scores[t] == f64::NEG_INFINITY {
+                        continue;
+                    }
                     let p = (scores[t] - m).exp() / sum;
                     weights[row * t_n + t] = p;
                     for j in 0..dv {

@@ -6,6 +6,8 @@
 //! with the full `S×T` scores of one head in memory: it exists as a second fast path to compare
 //! the flash kernel with and to measure what fusion buys. It is not what attn uses by default.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use crate::flash::validate;
@@ -33,6 +35,12 @@ fn softmax_row(
     mask_row(row, options, bhs, 0, limit, shape);
     let m = row_max(row);
     if m == f32::NEG_INFINITY {
+        if row.iter().any(|x| x.is_nan()) {
+            // Only NaN scores besides hidden keys: NaN on what the row sees, zero elsewhere.
+            row.iter_mut()
+                .for_each(|x| *x = if *x == f32::NEG_INFINITY { 0.0 } else { f32::NAN });
+            return f32::NAN;
+        }
         row.fill(0.0);
         return f32::NEG_INFINITY;
     }
@@ -129,6 +137,21 @@ pub fn attention_unfused(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
+    unfused_impl(out, lse, q, k, v, options, par, true)
+}
+
+/// [`attention_unfused`], with the repair of values that rows cannot see switched by `repair`.
+#[allow(clippy::too_many_arguments)]
+fn unfused_impl(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    repair: bool,
+) -> Result<(), KernelError> {
     let plan = validate(
         "attention_unfused",
         out.shape(),
@@ -148,22 +171,33 @@ pub fn attention_unfused(
         .as_mut()
         .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides()));
     let (qs, ks, vs) = (q.strides(), k.strides(), v.strides());
-    let head_job = |scores: &mut Vec<f32>, bh: usize| {
+    // Set when a row came out non-finite from a finite softmax: a non-finite value reached it.
+    let spoilt_rows = AtomicBool::new(false);
+    let head_job = |(scores, lses, q_scaled): &mut (Vec<f32>, Vec<f32>, Vec<f32>), bh: usize| {
         let (b, h) = (bh / plan.h, bh % plan.h);
         let g = h / plan.rep;
-        // SAFETY: every view was bounds-checked by `validate`; `scores` holds S×T elements; the
-        // destination head `(b, h)` is written by this job only (the same holds for the second GEMM).
+        // `scale·q` first, as the flash kernel does: a product `q·k` that would overflow f32
+        // before scaling must not overflow here either, or the two paths would disagree.
+        for si in 0..s {
+            let base = b * qs[0] + h * qs[1] + si * qs[2];
+            for (j, x) in q_scaled[si * d..(si + 1) * d].iter_mut().enumerate() {
+                *x = q.data()[base + j * qs[3]] * scale;
+            }
+        }
+        // SAFETY: every view was bounds-checked by `validate`; `scores` holds S×T elements and
+        // `q_scaled` S×D; the destination head `(b, h)` is written by this job only (the same
+        // holds for the second GEMM).
         unsafe {
             gemm_raw(
                 scores.as_mut_ptr(),
                 [t, 1],
                 [s, t, d],
                 Accum::Replace,
-                q.data().as_ptr().add(b * qs[0] + h * qs[1]),
-                [qs[2], qs[3]],
+                q_scaled.as_ptr(),
+                [d, 1],
                 k.data().as_ptr().add(b * ks[0] + g * ks[1]),
                 [ks[3], ks[2]],
-                scale,
+                1.0,
                 Par::Seq,
             );
         }
@@ -178,6 +212,7 @@ pub fn attention_unfused(
                 limit,
                 [s, t],
             );
+            lses[si] = value;
             if let Some((ptr, lst)) = lse_dst {
                 // SAFETY: the lse element of `(b, h, si)` is in bounds and this job's alone.
                 unsafe { *ptr.get().add(b * lst[0] + h * lst[1] + si * lst[2]) = value };
@@ -198,25 +233,37 @@ pub fn attention_unfused(
                 Par::Seq,
             );
         }
-        if t == 0 {
-            // A GEMM with an empty inner dimension leaves `out` as it was: write the zeros.
-            for si in 0..s {
+        for (si, &value) in lses.iter().enumerate() {
+            let base = b * ost[0] + h * ost[1] + si * ost[2];
+            if value == f32::NEG_INFINITY {
+                // Nothing visible: zeros, even where `0·v` was not zero (a non-finite value),
+                // and when `T = 0` (a GEMM with an empty inner dimension leaves `out` as it was).
                 for j in 0..dv {
                     // SAFETY: in bounds, this job's head.
-                    unsafe { *out_ptr.get().add(b * ost[0] + h * ost[1] + si * ost[2] + j * ost[3]) = 0.0 };
+                    unsafe { *out_ptr.get().add(base + j * ost[3]) = 0.0 };
                 }
+                continue;
+            }
+            // SAFETY: in bounds, this job's head.
+            let finite = (0..dv).all(|j| unsafe { *out_ptr.get().add(base + j * ost[3]) }.is_finite());
+            if !finite && value.is_finite() {
+                spoilt_rows.store(true, Ordering::Relaxed);
             }
         }
     };
     let heads = plan.b * plan.h;
+    let buffers = || (vec![0.0f32; s * t], vec![0.0f32; s], vec![0.0f32; s * d]);
     match par {
         Par::Seq => {
-            let mut scores = vec![0.0f32; s * t];
-            (0..heads).for_each(|bh| head_job(&mut scores, bh));
+            let mut buffers = buffers();
+            (0..heads).for_each(|bh| head_job(&mut buffers, bh));
         }
-        Par::Rayon => (0..heads)
-            .into_par_iter()
-            .for_each_init(|| vec![0.0f32; s * t], head_job),
+        Par::Rayon => (0..heads).into_par_iter().for_each_init(buffers, head_job),
+    }
+    if repair && spoilt_rows.load(Ordering::Relaxed) {
+        crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
+            unfused_impl(out, Some(lse), q, k, v, options, par, false)
+        })?;
     }
     Ok(())
 }
@@ -386,6 +433,11 @@ pub fn attention_weights(
                     let l = lse.get([bi, hi, si]);
                     if l == f32::NEG_INFINITY {
                         row.fill(0.0);
+                    } else if l.is_nan() {
+                        // A NaN row (a NaN query, a visible NaN key or a `+inf` score): NaN on
+                        // the keys it sees, zero on those it cannot.
+                        row.iter_mut()
+                            .for_each(|x| *x = if *x == f32::NEG_INFINITY { 0.0 } else { f32::NAN });
                     } else {
                         exp_sub_sum(row, l);
                     }
