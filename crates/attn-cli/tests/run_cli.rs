@@ -16,8 +16,11 @@ fn scratch_dir(name: &str) -> PathBuf {
 }
 
 fn read_all(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let file = SafeTensors::deserialize(&bytes).unwrap();
+    read_all_bytes(&std::fs::read(path).unwrap())
+}
+
+fn read_all_bytes(bytes: &[u8]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let file = SafeTensors::deserialize(bytes).unwrap();
     let mut out: Vec<_> = file
         .tensors()
         .into_iter()
@@ -74,6 +77,11 @@ fn modules_match_pytorch_golden_files() {
         let one = read_all(&run_case(name, &dir, "1"));
         let two = read_all(&run_case(name, &dir, "2"));
         assert_eq!(one, two, "{name}: 1 and 2 threads differ");
+        // More threads than this machine has cores, in a separate process: the same bytes.
+        let eight = std::fs::read(run_case(name, &dir, "8")).unwrap();
+        let again = std::fs::read(run_case(name, &dir, "8")).unwrap();
+        assert_eq!(eight, again, "{name}: two runs with 8 threads differ");
+        assert_eq!(read_all_bytes(&eight), one, "{name}: 1 and 8 threads differ");
         assert_eq!(
             one.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(),
             want.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(),

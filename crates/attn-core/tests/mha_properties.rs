@@ -245,9 +245,19 @@ fn thread_count_and_layout_do_not_change_results() {
         })
     };
     let one = run(1);
-    let two = run(2);
-    assert_eq!(one.output, two.output, "output differs between 1 and 2 threads");
-    assert_eq!(one.weights, two.weights, "weights differ between 1 and 2 threads");
+    // 2 threads, more than this machine's cores, and the machine's own count.
+    let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for threads in [2, 3, 8, machine] {
+        let many = run(threads);
+        assert_eq!(
+            one.output, many.output,
+            "output differs between 1 and {threads} threads"
+        );
+        assert_eq!(
+            one.weights, many.weights,
+            "weights differ between 1 and {threads} threads"
+        );
+    }
     let seq = mha
         .forward(
             Sequence::batch_first(&q_bf, b, s, e),

@@ -950,6 +950,12 @@ mod tests {
         };
         assert_eq!(bits(&seq), bits(&one), "1 thread differs from sequential: {what}");
         assert_eq!(bits(&seq), bits(&two), "2 threads differ from sequential: {what}");
+        // More threads than this machine's cores, and the machine's own count.
+        let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for n in [3, 8, machine] {
+            let many = pool(n).install(|| run(&flash, Par::Rayon));
+            assert_eq!(bits(&seq), bits(&many), "{n} threads differ from sequential: {what}");
+        }
         assert!(seq.0.iter().all(|x| !x.is_nan()), "NaN in output: {what}");
 
         // Weights from the LSE, per head and averaged over heads.
