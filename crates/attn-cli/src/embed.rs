@@ -76,7 +76,10 @@ impl Embedder {
         let st_config = dir.join("sentence_bert_config.json");
         if st_config.exists() {
             if let Some(n) = read_json(&st_config)?.get("max_seq_length").and_then(Value::as_u64) {
-                max_len = max_len.min(n as usize);
+                if n == 0 {
+                    bail!("{}: `max_seq_length` is 0, expected at least 1", st_config.display());
+                }
+                max_len = max_len.min(usize::try_from(n).unwrap_or(usize::MAX));
             }
         }
         let mut pooling = Pooling::Mean;

@@ -96,3 +96,127 @@ fn embed_errors_say_what_to_do() {
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("nothing to embed"));
 }
+
+/// A copy of the model folder (symbolic links to the real files) with one file replaced.
+fn model_with(case: &str, file: &str, contents: Vec<u8>) -> std::path::PathBuf {
+    let source = model_dir();
+    let dir = std::env::temp_dir().join(format!("attn-model-{}-{case}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::os::unix::fs::symlink(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let pooling = source.join("1_Pooling/config.json");
+    std::os::unix::fs::symlink(&pooling, dir.join("1_Pooling/config.json")).unwrap();
+    std::fs::remove_file(dir.join(file)).unwrap();
+    std::fs::write(dir.join(file), contents).unwrap();
+    dir
+}
+
+#[test]
+fn corrupted_model_folders_are_errors_naming_the_file_and_field() {
+    let source = model_dir();
+    let original = |file: &str| std::fs::read(source.join(file)).unwrap();
+    let config = String::from_utf8(original("config.json")).unwrap();
+    let edit = |from: &str, to: &str| {
+        assert!(config.contains(from), "config.json has no {from}");
+        config.replace(from, to).into_bytes()
+    };
+    let cases: Vec<(&str, &str, Vec<u8>, &[&str])> = vec![
+        (
+            "truncated-config",
+            "config.json",
+            original("config.json")[..300].to_vec(),
+            &["config.json", "EOF"],
+        ),
+        (
+            "zero-width",
+            "config.json",
+            edit("\"hidden_size\": 384", "\"hidden_size\": 0"),
+            &["config.json", "hidden_size"],
+        ),
+        (
+            "heads",
+            "config.json",
+            edit("\"num_attention_heads\": 12", "\"num_attention_heads\": 5"),
+            &["config.json", "num_attention_heads"],
+        ),
+        (
+            "eps",
+            "config.json",
+            edit("\"layer_norm_eps\": 1e-12", "\"layer_norm_eps\": -1"),
+            &["config.json", "layer_norm_eps"],
+        ),
+        (
+            "activation",
+            "config.json",
+            edit("\"hidden_act\": \"gelu\"", "\"hidden_act\": \"swish\""),
+            &["config.json", "hidden_act"],
+        ),
+        // Sizes far past anything the weights hold: refused by the weights, nothing allocated.
+        (
+            "layers",
+            "config.json",
+            edit("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 1000000000000"),
+            &["model.safetensors", "encoder.layer.6"],
+        ),
+        (
+            "positions",
+            "config.json",
+            edit(
+                "\"max_position_embeddings\": 512",
+                "\"max_position_embeddings\": 100000000000",
+            ),
+            &["model.safetensors", "position_embeddings"],
+        ),
+        (
+            "truncated-weights",
+            "model.safetensors",
+            original("model.safetensors")[..100_000].to_vec(),
+            &["model.safetensors", "not a valid safetensors file"],
+        ),
+        (
+            "truncated-tokenizer",
+            "tokenizer.json",
+            original("tokenizer.json")[..1000].to_vec(),
+            &["tokenizer.json"],
+        ),
+        (
+            "pooling",
+            "1_Pooling/config.json",
+            b"{}".to_vec(),
+            &["1_Pooling/config.json", "pooling mode"],
+        ),
+        (
+            "max-len",
+            "sentence_bert_config.json",
+            br#"{"max_seq_length": 0}"#.to_vec(),
+            &["sentence_bert_config.json", "max_seq_length"],
+        ),
+        (
+            "modules",
+            "modules.json",
+            b"[1, 2".to_vec(),
+            &["modules.json", "not valid JSON"],
+        ),
+    ];
+    for (case, file, contents, words) in cases {
+        let dir = model_with(case, file, contents);
+        let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(["embed", "--model"])
+            .arg(&dir)
+            .arg("hello world")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{case}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{case}: one line expected: {err}");
+        for word in words {
+            assert!(err.contains(word), "{case}: `{word}` missing from: {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

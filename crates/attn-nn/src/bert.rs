@@ -76,8 +76,40 @@ impl BertConfig {
                 return Err(invalid("position_embedding_type", kind, "\"absolute\""));
             }
         }
-        config.activation()?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks the sizes and the activation: every error names the field.
+    fn validate(&self) -> Result<()> {
+        for (field, value) in [
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, value, "at least 1"));
+            }
+        }
+        let (e, h) = (self.hidden_size, self.num_attention_heads);
+        if e % h != 0 {
+            return Err(invalid(
+                "num_attention_heads",
+                h,
+                format!("a divisor of hidden_size = {e}"),
+            ));
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return Err(invalid(
+                "layer_norm_eps",
+                self.layer_norm_eps,
+                "a positive finite number",
+            ));
+        }
+        self.activation().map(drop)
     }
 
     fn activation(&self) -> Result<Activation> {
@@ -112,14 +144,8 @@ impl BertModel {
     /// with or without a `bert.` prefix). `pooler.*` and `embeddings.position_ids` are ignored;
     /// any other unknown tensor is an error naming it.
     pub fn from_state_dict(config: BertConfig, mut dict: StateDict) -> Result<Self> {
+        config.validate()?;
         let (e, f, h) = (config.hidden_size, config.intermediate_size, config.num_attention_heads);
-        if e == 0 || h == 0 || e % h != 0 {
-            return Err(invalid(
-                "num_attention_heads",
-                h,
-                format!("a divisor of hidden_size = {e}"),
-            ));
-        }
         // Strip a `bert.` prefix; drop what sentence embeddings do not use.
         let names: Vec<String> = dict.keys().cloned().collect();
         for name in names {
@@ -160,13 +186,13 @@ impl BertModel {
             norm_first: false,
             bias: true,
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Sized by what the weights hold, never by a number in the config.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}.");
             let mut layer = StateDict::new();
             // Stack query, key and value into PyTorch's fused in_proj.
-            let mut weight = Vec::with_capacity(3 * e * e);
-            let mut bias = Vec::with_capacity(3 * e);
+            let (mut weight, mut bias) = (Vec::new(), Vec::new());
             for part in ["query", "key", "value"] {
                 weight.extend_from_slice(take(&mut dict, &format!("{p}attention.self.{part}.weight"), &[e, e])?.data());
                 bias.extend_from_slice(take(&mut dict, &format!("{p}attention.self.{part}.bias"), &[e])?.data());
