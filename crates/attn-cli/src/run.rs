@@ -439,15 +439,27 @@ fn layer_input<'a>(
     file: &'a TensorFile,
     name: &str,
     layout: Layout,
-    d_model: usize,
+    config: &LayerConfig,
 ) -> Result<(Sequence<'a>, Vec<usize>, bool)> {
     let (b, l, e, unbatched, data) = seq_dims(file, name, layout)?;
+    let d_model = config.d_model;
     if e != d_model {
         bail!(
             "{}: tensor `{name}` has feature dim {e}, expected d_model = {d_model}",
             file.path().display()
         );
     }
+    // The largest buffers of a layer on this sequence: the feed-forward hidden layer
+    // (`dim_feedforward` wide, from the weights, not the input) and a few `d_model`-wide copies
+    // (projections, residuals, norms).
+    crate::memory::check(
+        crate::memory::f32_bytes(&[
+            b,
+            l,
+            8usize.saturating_mul(d_model).saturating_add(config.dim_feedforward),
+        ]),
+        &format!("a layer on `{name}` ({b}×{l} tokens)"),
+    )?;
     let shape = if unbatched {
         vec![l, e]
     } else if layout == Layout::BatchFirst {
@@ -476,7 +488,7 @@ fn run_encoder(
     forward: impl Fn(Sequence<'_>, &BlockMasks<'_>) -> Result<Vec<f32>>,
 ) -> Result<Outputs> {
     file.only(&["src", "src_mask", "src_key_padding_mask"])?;
-    let (src, shape, unbatched) = layer_input(file, "src", layer_layout(config), config.d_model)?;
+    let (src, shape, unbatched) = layer_input(file, "src", layer_layout(config), config)?;
     let masks = BlockMasks {
         mask: score_mask(file, "src_mask", src.len, src.len, src.batch * config.nhead)?,
         key_padding: key_padding(file, "src_key_padding_mask", src.batch, src.len, unbatched)?,
@@ -523,8 +535,8 @@ fn run_decoder(
         "memory_key_padding_mask",
     ])?;
     let layout = layer_layout(config);
-    let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config.d_model)?;
-    let (memory, _, memory_unbatched) = layer_input(file, "memory", layout, config.d_model)?;
+    let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config)?;
+    let (memory, _, memory_unbatched) = layer_input(file, "memory", layout, config)?;
     if unbatched != memory_unbatched || memory.batch != tgt.batch {
         bail!(
             "{}: `memory` must have the batch size of `tgt` ({})",
@@ -556,8 +568,8 @@ fn run_transformer(
         "memory_key_padding_mask",
     ])?;
     let layout = layer_layout(config);
-    let (src, _, src_unbatched) = layer_input(file, "src", layout, config.d_model)?;
-    let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config.d_model)?;
+    let (src, _, src_unbatched) = layer_input(file, "src", layout, config)?;
+    let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config)?;
     if unbatched != src_unbatched || src.batch != tgt.batch {
         bail!(
             "{}: `src` and `tgt` must have one batch size (got {} and {})",

@@ -61,6 +61,14 @@ pub fn parse_causal(value: Option<&str>) -> Result<Causal> {
 
 pub fn run(input: &Path, output: &Path, causal: Causal, scale: Option<f32>) -> Result<()> {
     let file = TensorFile::read(input)?;
+    let (shape, out, lse) = compute(&file, causal, scale)?;
+    let SdpaShape { b, h, s, dv, .. } = shape;
+    write_f32(output, &[("out", &[b, h, s, dv], &out), ("lse", &[b, h, s], &lse)])
+}
+
+/// The attention of `file`'s `q`, `k`, `v` and optional `mask`: its shape, `out` and `lse`.
+pub fn compute(file: &TensorFile, causal: Causal, scale: Option<f32>) -> Result<(SdpaShape, Vec<f32>, Vec<f32>)> {
+    let input = file.path();
     file.only(&["q", "k", "v", "mask"])?;
     let (q_shape, q) = file.f32("q", 4, "[B, H, S, D]")?;
     let (k_shape, k) = file.f32("k", 4, "[B, G, T, D]")?;
@@ -99,6 +107,11 @@ pub fn run(input: &Path, output: &Path, causal: Causal, scale: Option<f32>) -> R
         causal,
         ..Default::default()
     };
+    // `out` is `[B, H, S, Dv]`: larger than any input when `Dv` is large and `S` long.
+    crate::memory::check(
+        crate::memory::f32_bytes(&[b, h, s, dv]).saturating_add(crate::memory::f32_bytes(&[b, h, s])),
+        "sdpa (out, lse)",
+    )?;
     let mut out = vec![0.0f32; b * h * s * dv];
     let mut lse = vec![0.0f32; b * h * s];
     flash_attention(
@@ -110,5 +123,5 @@ pub fn run(input: &Path, output: &Path, causal: Causal, scale: Option<f32>) -> R
         &options,
         Par::Rayon,
     )?;
-    write_f32(output, &[("out", &[b, h, s, dv], &out), ("lse", &[b, h, s], &lse)])
+    Ok((shape, out, lse))
 }

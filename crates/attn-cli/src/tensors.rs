@@ -106,7 +106,13 @@ impl TensorFile {
     /// their dtype).
     pub fn read_skipping(path: &Path, skip: impl Fn(&str) -> bool) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let parsed = SafeTensors::deserialize(&bytes)
+        Self::parse(path, &bytes, skip)
+    }
+
+    /// Validates `bytes` as the contents of the safetensors file `path` (which errors name),
+    /// leaving out the tensors whose name `skip` accepts.
+    pub fn parse(path: &Path, bytes: &[u8], skip: impl Fn(&str) -> bool) -> Result<Self> {
+        let parsed = SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in parsed.iter() {

@@ -28,7 +28,8 @@
 //! All other outputs are bit-identical to the call with the non-finite inputs zeroed. The
 //! value side costs clean inputs one finiteness test per output element: a row that comes out
 //! non-finite from a finite softmax is recomputed with the offending values zeroed, and the
-//! visible ones added back.
+//! visible ones added back. A call that needs this runs twice and allocates a copy of `v` and
+//! of `out` for the second run.
 
 mod error;
 mod flash;
