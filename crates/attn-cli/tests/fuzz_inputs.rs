@@ -1,0 +1,207 @@
+//! The fuzz entry points in the normal test suite: the committed libFuzzer corpus
+//! (`fuzz/corpus/`, grown by `cargo xtask fuzz`) replayed, and a quick proptest fuzz of the
+//! same entry points. Every input must give `Ok` or an error; a panic fails the test, and the
+//! memory cap (64 MiB here) must refuse anything larger before it is allocated.
+
+use std::path::{Path, PathBuf};
+
+use attn_cli::fuzzing;
+use proptest::prelude::*;
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Sets the memory cap the fuzz targets run under (every test here sets the same value).
+fn cap_memory() {
+    std::env::set_var("ATTN_MAX_MEMORY", "64M");
+}
+
+fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = repo().join("fuzz/corpus").join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn committed_fuzz_corpus_replays_without_a_panic() {
+    cap_memory();
+    let mut counts = Vec::new();
+    for target in ["tensor_file", "sdpa_input", "run_input", "bert_config", "embed_text"] {
+        let inputs = corpus(target);
+        assert!(!inputs.is_empty(), "fuzz/corpus/{target} is empty");
+        let mut ok = 0;
+        for (path, bytes) in &inputs {
+            let result = match target {
+                "tensor_file" => fuzzing::tensor_file(bytes),
+                "sdpa_input" => match bytes.split_first() {
+                    Some((&causal, file)) => fuzzing::sdpa(file, causal),
+                    None => continue,
+                },
+                "run_input" => {
+                    let [config, weights, input] = fuzzing::split_run_input(bytes);
+                    fuzzing::run(config, weights, input)
+                }
+                "bert_config" => fuzzing::bert_config(bytes),
+                _ => fuzzing::embed_text(bytes)
+                    .unwrap_or_else(|| panic!("the model is not installed: run `cargo xtask fetch-model`")),
+            };
+            ok += result.is_ok() as usize;
+            // An error must say something (one line for the CLI to print).
+            if let Err(e) = result {
+                assert!(!format!("{e:#}").trim().is_empty(), "{}: empty error", path.display());
+            }
+        }
+        counts.push(format!("{target}: {} inputs, {ok} accepted", inputs.len()));
+    }
+    // The seeds include valid inputs, so some of each target must be accepted: a replay that
+    // rejects everything would be testing nothing.
+    for line in &counts {
+        assert!(!line.ends_with(" 0 accepted"), "{line}");
+    }
+    eprintln!("{}", counts.join("\n"));
+}
+
+/// The input files of the golden SDPA cases and the golden module cases.
+fn sdpa_seeds() -> Vec<Vec<u8>> {
+    let mut seeds = Vec::new();
+    for entry in std::fs::read_dir(fixtures().join("sdpa")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.to_string_lossy().into_owned();
+        if name.ends_with(".in.safetensors") && path.metadata().unwrap().len() < 70_000 {
+            seeds.push(std::fs::read(path).unwrap());
+        }
+    }
+    seeds.sort();
+    seeds
+}
+
+fn module_seeds() -> Vec<[Vec<u8>; 3]> {
+    let dir = fixtures().join("modules");
+    let mut seeds = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json") && n != "cases.json")
+        .collect();
+    names.sort();
+    for name in names {
+        let stem = name.trim_end_matches(".json");
+        let read = |suffix: &str| std::fs::read(dir.join(format!("{stem}{suffix}"))).unwrap();
+        let files = [read(".json"), read(".weights.safetensors"), read(".in.safetensors")];
+        if files[1].len() + files[2].len() < 120_000 {
+            seeds.push(files);
+        }
+    }
+    seeds
+}
+
+/// Overwrites up to 8 bytes and may cut the end off.
+fn mutate(bytes: &mut Vec<u8>, edits: &[(usize, u8)], cut: Option<usize>) {
+    if bytes.is_empty() {
+        return;
+    }
+    for &(at, value) in edits {
+        let n = bytes.len();
+        bytes[at % n] = value;
+    }
+    if let Some(cut) = cut {
+        bytes.truncate(cut % (bytes.len() + 1));
+    }
+}
+
+/// Values a config field may be replaced with: wrong types, zero, negative, huge, fractional.
+fn hostile_value(which: u8) -> Value {
+    match which % 10 {
+        0 => Value::from(0),
+        1 => Value::from(-1),
+        2 => Value::from(1u64 << 40),
+        3 => Value::from(u64::MAX),
+        4 => Value::from(2.5),
+        5 => Value::from(1e300),
+        6 => Value::from("NaN"),
+        7 => Value::Null,
+        8 => Value::from(true),
+        _ => Value::Array(vec![Value::from(1)]),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_sdpa_inputs_never_panic(
+        seed in any::<prop::sample::Index>(),
+        causal in 0u8..3,
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        cut in prop::option::of(any::<usize>()),
+    ) {
+        cap_memory();
+        let seeds = sdpa_seeds();
+        let mut bytes = seed.get(&seeds).clone();
+        mutate(&mut bytes, &edits, cut);
+        let _ = fuzzing::sdpa(&bytes, causal);
+    }
+
+    #[test]
+    fn mutated_run_inputs_never_panic(
+        seed in any::<prop::sample::Index>(),
+        file in 0usize..3,
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        cut in prop::option::of(any::<usize>()),
+    ) {
+        cap_memory();
+        let seeds = module_seeds();
+        let mut files = seed.get(&seeds).clone();
+        mutate(&mut files[file], &edits, cut);
+        let _ = fuzzing::run(&files[0], &files[1], &files[2]);
+    }
+
+    #[test]
+    fn hostile_config_values_are_errors_not_panics(
+        seed in any::<prop::sample::Index>(),
+        field in any::<prop::sample::Index>(),
+        which in any::<u8>(),
+    ) {
+        cap_memory();
+        let seeds = module_seeds();
+        let files = seed.get(&seeds);
+        let Value::Object(mut config) = serde_json::from_slice::<Value>(&files[0]).unwrap() else {
+            panic!("module configs are JSON objects")
+        };
+        let keys: Vec<String> = config.keys().cloned().collect();
+        let key = field.get(&keys).clone();
+        config.insert(key, hostile_value(which));
+        let text = serde_json::to_vec(&Value::Object(config)).unwrap();
+        let _ = fuzzing::run(&text, &files[1], &files[2]);
+    }
+
+    #[test]
+    fn hostile_bert_config_values_are_errors_not_panics(
+        field in any::<prop::sample::Index>(),
+        which in any::<u8>(),
+    ) {
+        let minimal = r#"{"vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 16, "max_position_embeddings": 16, "type_vocab_size": 2, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-12}"#;
+        let Value::Object(mut config) = serde_json::from_str::<Value>(minimal).unwrap() else { unreachable!() };
+        let keys: Vec<String> = config.keys().cloned().collect();
+        config.insert(field.get(&keys).clone(), hostile_value(which));
+        let _ = fuzzing::bert_config(&serde_json::to_vec(&Value::Object(config)).unwrap());
+    }
+}
