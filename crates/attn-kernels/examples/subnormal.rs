@@ -6,22 +6,9 @@
 //! Three inputs per path: ordinary values in [-1, 1); values, keys and queries scaled into
 //! the subnormal range (|x| < 1.2e-38, so every product and sum is subnormal or zero); and
 //! ordinary q, k with subnormal values (the weighted sum `p·v` accumulates subnormals).
+use attn_kernels::testing::random_vec;
 use attn_kernels::{attention_unfused, flash_attention, AttentionOptions, Causal, Par, View4, ViewMut4};
 use std::time::Instant;
-
-fn random_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// A named `(q, k, v)`.
 type Input<'a> = (&'a str, &'a [f32], &'a [f32], &'a [f32]);

@@ -42,8 +42,10 @@ mod softmax;
 mod tile;
 mod view;
 
-#[cfg(test)]
-mod testing;
+/// Not public API: deterministic test data and tolerance checks, shared by the unit tests,
+/// the integration tests and the examples.
+#[doc(hidden)]
+pub mod testing;
 
 pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};

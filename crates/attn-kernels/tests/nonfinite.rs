@@ -9,26 +9,12 @@
 //! output is bit-identical to the clean run. Which key a row sees comes from the f64 reference
 //! on the clean inputs (`weight > 0`), not from the code under test.
 
+use attn_kernels::testing::random_vec;
 use attn_kernels::{
     attention_reference, attention_unfused, attention_weights, broadcast_to, flash_attention, AttentionOptions, Causal,
     Mask, Par, View, View4, ViewMut, ViewMut4, WeightsDst,
 };
 use proptest::prelude::*;
-
-/// splitmix64 values in `[-1, 1)`.
-fn random_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(7);
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum MaskKind {
