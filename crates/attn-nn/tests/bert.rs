@@ -126,3 +126,30 @@ fn bad_checkpoints_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn bert_is_deterministic_across_thread_counts() {
+    let embedder = SentenceEmbedder {
+        model: tiny_bert(),
+        pooling: Pooling::Mean,
+        normalize: true,
+    };
+    let sequences: Vec<Vec<u32>> = (0..9usize)
+        .map(|i| (0..(i * 5) % 17 + 1).map(|t| ((i * 11 + t * 3) % 50) as u32).collect())
+        .collect();
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| embedder.embed(&sequences, 4, Par::Rayon, |_| {}).unwrap())
+    };
+    let one = run(1);
+    let sequential = embedder.embed(&sequences, 4, Par::Seq, |_| {}).unwrap();
+    assert_eq!(one, sequential, "1 thread differs from sequential");
+    // 2 threads, more than this machine's cores, and the machine's own count.
+    let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for threads in [2, 3, 8, machine] {
+        assert_eq!(one, run(threads), "1 and {threads} threads differ");
+    }
+}
