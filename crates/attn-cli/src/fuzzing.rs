@@ -7,6 +7,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
@@ -32,8 +33,8 @@ pub fn sdpa(bytes: &[u8], causal: u8) -> Result<()> {
 /// and validation, weights against the config, inputs, masks, the memory cap and the forward
 /// pass. The three are written to a private temporary folder, as the command reads paths.
 pub fn run(config: &[u8], weights: &[u8], input: &[u8]) -> Result<()> {
-    let dir = scratch_dir()?;
-    let paths = ["config.json", "weights.safetensors", "in.safetensors"].map(|name| dir.join(name));
+    let dir = ScratchDir::new()?;
+    let paths = ["config.json", "weights.safetensors", "in.safetensors"].map(|name| dir.0.join(name));
     for (path, bytes) in paths.iter().zip([config, weights, input]) {
         let mut file = std::fs::File::create(path).with_context(|| path.display().to_string())?;
         file.write_all(bytes)?;
@@ -82,16 +83,30 @@ pub fn embed_text(bytes: &[u8]) -> Option<Result<()>> {
         .get_or_init(|| Embedder::load(&crate::embed::default_model_dir()).ok())
         .as_ref()?;
     Some((|| {
-        let path = scratch_dir()?.join("sentences.txt");
+        let dir = ScratchDir::new()?;
+        let path = dir.0.join("sentences.txt");
         std::fs::write(&path, bytes).with_context(|| path.display().to_string())?;
         let texts = crate::embed::read_inputs(Some(&path), &[])?;
         embedder.embed(&texts, 32, Par::Seq, |_| {}).map(drop)
     })())
 }
 
-/// A folder of this process's own for the files of [`run`] and [`embed_text`].
-fn scratch_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("attn-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-    Ok(dir)
+/// A folder of one call's own for the files of [`run`] and [`embed_text`] (calls from several
+/// threads must not share files), removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> Result<Self> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("attn-fuzz-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
