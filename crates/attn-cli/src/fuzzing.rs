@@ -45,6 +45,7 @@ pub fn run(config: &[u8], weights: &[u8], input: &[u8]) -> Result<()> {
 
 /// Splits one fuzz input into the three files of [`run`]: two little-endian `u32` lengths,
 /// then the config, the weights and (the rest) the input. Short inputs give empty files.
+/// (`xtask/python/gen_fuzz_seeds.py` and `cargo xtask fuzz` write seeds in this format.)
 pub fn split_run_input(bytes: &[u8]) -> [&[u8]; 3] {
     let len = |at: usize| {
         bytes
@@ -55,17 +56,6 @@ pub fn split_run_input(bytes: &[u8]) -> [&[u8]; 3] {
     let (config, rest) = rest.split_at(len(0).min(rest.len()));
     let (weights, input) = rest.split_at(len(4).min(rest.len()));
     [config, weights, input]
-}
-
-/// The inverse of [`split_run_input`]: one fuzz input from three files (to seed the corpus).
-pub fn join_run_input(config: &[u8], weights: &[u8], input: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(8 + config.len() + weights.len() + input.len());
-    bytes.extend_from_slice(&(config.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&(weights.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(config);
-    bytes.extend_from_slice(weights);
-    bytes.extend_from_slice(input);
-    bytes
 }
 
 /// A Hugging Face BERT `config.json`, as `attn embed` and `attn demo` read it.

@@ -338,6 +338,24 @@ fn malformed_corpus_gives_the_expected_errors() {
     }
 }
 
+/// Headless Chromium on this machine's closed network: no sandbox (root), no GPU, no background
+/// connections, a fresh profile in `dir`.
+fn headless(chromium: &str, dir: &Path) -> Command {
+    let mut cmd = Command::new(chromium);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ])
+    .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()));
+    cmd
+}
+
 #[test]
 fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
     let model = common::model_dir();
@@ -408,24 +426,7 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
     let chromium =
         chromium.expect("headless Chromium is needed for the page test (.ci/run installs Debian's chromium)");
     let url = format!("file://{}#layer=4&head=7&click=2", html_path.display());
-    let dom = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-        ])
-        .args([
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
-        .arg(&url)
-        .output()
-        .unwrap();
+    let dom = headless(chromium, &dir).arg("--dump-dom").arg(&url).output().unwrap();
     let dom = String::from_utf8_lossy(&dom.stdout);
     let want: Vec<f64> = layers[4][7][2]
         .as_array()
@@ -451,21 +452,8 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
 
     // And a screenshot of that state, as a person would see it.
     let shot = dir.join("view.png");
-    let result = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-        ])
-        .args([
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=900,600",
-        ])
-        .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
+    let result = headless(chromium, &dir)
+        .arg("--window-size=900,600")
         .arg(format!("--screenshot={}", shot.display()))
         .arg(&url)
         .output()

@@ -6,17 +6,8 @@ use attn_nn::core::{KeyPadding, Sequence, StateDict, Tensor};
 use attn_nn::layers::Activation;
 use attn_nn::{BlockMasks, Decoder, Encoder, LayerConfig, StackConfig};
 
-fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+mod common;
+use common::random;
 
 /// A random state dict for a stack of layers with PyTorch's names.
 fn stack_dict(e: usize, f: usize, layers: usize, decoder: bool, seed: u64) -> StateDict {
