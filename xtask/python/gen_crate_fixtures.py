@@ -1,0 +1,153 @@
+"""Golden fixtures for the library crates' own tests: attn-core (multi-head attention) and attn-nn
+(encoder and decoder layers, stacks, `nn.Transformer`, BERT), so a bug in a crate fails a test of
+that crate and not only the CLI's end-to-end goldens.
+
+Each case is one safetensors file `<case>.safetensors`:
+- metadata `config`: the MODULE.json of `attn run` (`"module"`, constructor fields, forward flags);
+  metadata `self_attention`: `"true"` when query, key and value are one tensor (only `query` is
+  stored), so the test takes the fused self-attention path as PyTorch does;
+- `param.NAME`: the module's state dict; `input.NAME`: the forward's inputs under PyTorch's
+  argument names (boolean masks as BOOL); `expected.NAME`: PyTorch's outputs.
+
+Parameters are random (not PyTorch's init, whose zero biases and unit norm weights would hide
+bugs), and the layer norms use epsilons other than PyTorch's default 1e-5, so an implementation
+that ignores the configured epsilon fails. Run by `cargo xtask codegen` with
+`crates/attn-core/tests/fixtures` and `crates/attn-nn/tests/fixtures` as arguments.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gen_module_fixtures import decoder_case, encoder_case, mha_case, transformer_case  # noqa: E402
+
+MHA_CASES = [
+    # The fused self-attention path (one [3E, E] projection) with three heads, so a head swap
+    # or a wrong head stride changes the output.
+    (mha_case("self_fused_weights", {"embed_dim": 24, "num_heads": 3, "batch_first": True}, self_attn=True,
+              b=2, s=6, seed=101), True),
+    (mha_case("self_fused_seq_first_per_head_kpm_causal", {"embed_dim": 16, "num_heads": 4}, self_attn=True,
+              mask="causal", kpm="bool", flags={"is_causal": True, "average_attn_weights": False}, s=9, seed=102),
+     True),
+    (mha_case("self_fused_float_mask_no_weights", {"embed_dim": 32, "num_heads": 4, "batch_first": True},
+              self_attn=True, mask="float3d", flags={"need_weights": False}, s=7, seed=103), True),
+    (mha_case("self_fused_no_bias", {"embed_dim": 16, "num_heads": 2, "bias": False, "batch_first": True},
+              self_attn=True, s=5, seed=104), True),
+    (mha_case("self_fused_block_edge", {"embed_dim": 64, "num_heads": 4, "batch_first": True}, self_attn=True,
+              kpm="bool", b=2, s=130, seed=105), True),
+    (mha_case("self_fused_unbatched", {"embed_dim": 16, "num_heads": 4}, self_attn=True, unbatched=True, s=6,
+              seed=106), True),
+    (mha_case("self_fused_fully_masked_row", {"embed_dim": 16, "num_heads": 4}, self_attn=True,
+              mask="bool2d_fully_masked", s=7, seed=107), True),
+    (mha_case("cross_kdim_vdim_per_head", {"embed_dim": 16, "num_heads": 4, "kdim": 12, "vdim": 20,
+                                           "batch_first": True}, flags={"average_attn_weights": False}, seed=108), False),
+    (mha_case("cross_bias_kv_zero_attn_kpm", {"embed_dim": 16, "num_heads": 2, "add_bias_kv": True,
+                                              "add_zero_attn": True}, kpm="bool", seed=109), False),
+    (mha_case("cross_float_kpm", {"embed_dim": 24, "num_heads": 6, "batch_first": True}, kpm="float", s=4, t=11,
+              seed=110), False),
+]
+
+LAYER_CASES = [
+    encoder_case("enc_post_relu_eps", {"layer_norm_eps": 1e-3, "batch_first": True}, mask="bool", seed=201),
+    encoder_case("enc_pre_gelu_eps", {"norm_first": True, "activation": "gelu", "layer_norm_eps": 0.05},
+                 kpm="bool", seed=202),
+    encoder_case("enc_post_gelu_no_bias", {"activation": "gelu", "bias": False, "layer_norm_eps": 1e-4,
+                                           "batch_first": True}, mask="float3d", kpm="float", seed=203),
+    encoder_case("enc_pre_relu_causal", {"norm_first": True, "layer_norm_eps": 1e-3, "batch_first": True},
+                 mask="causal", causal=True, seed=204),
+    encoder_case("enc_post_relu_block_edge", {"d_model": 64, "nhead": 4, "dim_feedforward": 96,
+                                              "layer_norm_eps": 2e-3, "batch_first": True}, b=2, s=131,
+                 kpm="bool", seed=205),
+    decoder_case("dec_post_relu_eps", {"layer_norm_eps": 1e-3}, tgt_mask="causal", tgt_causal=True,
+                 memory_kpm="bool", seed=211),
+    decoder_case("dec_pre_gelu_eps", {"norm_first": True, "activation": "gelu", "layer_norm_eps": 0.02,
+                                      "batch_first": True}, tgt_mask="bool", memory_mask="float", tgt_kpm="bool",
+                 seed=212),
+    decoder_case("dec_post_gelu_no_bias", {"activation": "gelu", "bias": False, "layer_norm_eps": 1e-4,
+                                           "batch_first": True}, tgt_mask="float3d", memory_kpm="float", seed=213),
+    encoder_case("encoder_stack_pre_norm_final_norm", {"norm_first": True, "activation": "gelu",
+                                                       "layer_norm_eps": 1e-3, "batch_first": True},
+                 stack={"num_layers": 3, "norm": True}, kpm="bool", seed=221),
+    encoder_case("encoder_stack_post_relu", {"layer_norm_eps": 1e-4}, stack={"num_layers": 2, "norm": False},
+                 mask="float", seed=222),
+    decoder_case("decoder_stack_post_norm", {"layer_norm_eps": 1e-3, "batch_first": True},
+                 stack={"num_layers": 2, "norm": True}, tgt_mask="causal", tgt_causal=True, memory_kpm="bool",
+                 seed=223),
+    decoder_case("decoder_stack_pre_gelu", {"norm_first": True, "activation": "gelu", "layer_norm_eps": 0.01},
+                 stack={"num_layers": 2, "norm": True}, tgt_mask="bool", seed=224),
+    transformer_case("transformer_pre_gelu_eps", {"d_model": 24, "nhead": 3, "num_encoder_layers": 2,
+                                                  "num_decoder_layers": 1, "dim_feedforward": 40, "norm_first": True,
+                                                  "activation": "gelu", "layer_norm_eps": 1e-3,
+                                                  "batch_first": True}, src_kpm="bool", memory_kpm="bool", seed=231),
+    transformer_case("transformer_post_relu", {"d_model": 16, "nhead": 2, "num_encoder_layers": 1,
+                                               "num_decoder_layers": 2, "dim_feedforward": 24,
+                                               "layer_norm_eps": 1e-4}, seed=232),
+]
+
+
+def bert_case(name, *, hidden=32, heads=4, layers=2, intermediate=37, eps=1e-3, act="gelu", seed=0):
+    """A tiny random BertModel (transformers) run on a padded batch: `expected.last_hidden_state`
+    holds the real tokens' states (padding rows zeroed, they mean nothing)."""
+    from transformers import BertConfig, BertModel
+
+    gen = torch.Generator().manual_seed(seed)
+    config = dict(vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=intermediate, hidden_act=act, max_position_embeddings=40, type_vocab_size=2,
+                  layer_norm_eps=eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**config), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if pname.endswith("LayerNorm.weight") else 0.0))
+    lengths = torch.tensor([9, 3, 14])
+    b, s = len(lengths), int(lengths.max())
+    ids = torch.randint(0, 60, (b, s), generator=gen)
+    mask = (torch.arange(s)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = out * mask[:, :, None]
+    meta = {"module": "bert", **config, "model_type": "bert", "architectures": ["BertModel"]}
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    inputs = {"input_ids": ids.to(torch.float32), "lengths": lengths.to(torch.float32)}
+    return name, meta, state, inputs, {"last_hidden_state": out.contiguous()}
+
+
+BERT_CASES = [
+    bert_case("bert_gelu_eps", seed=301),
+    bert_case("bert_relu_odd_sizes", hidden=24, heads=3, layers=3, intermediate=29, eps=1e-2, act="relu", seed=302),
+]
+
+
+def write(out_dir, case, self_attention=False):
+    name, config, state, inputs, want = case
+    tensors = {f"param.{k}": v.contiguous() for k, v in state.items()}
+    for k, v in inputs.items():
+        if self_attention and k in ("key", "value"):
+            continue
+        tensors[f"input.{k}"] = v.clone().contiguous()
+    tensors.update({f"expected.{k}": v.contiguous() for k, v in want.items()})
+    meta = {"config": json.dumps(config, sort_keys=True)}
+    if self_attention:
+        meta["self_attention"] = "true"
+    save_file(tensors, str(out_dir / f"{name}.safetensors"), metadata=meta)
+    return name
+
+
+def main():
+    core_dir, nn_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    for d in (core_dir, nn_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    core = [write(core_dir, case, self_attention) for case, self_attention in MHA_CASES]
+    (core_dir / "cases.json").write_text(json.dumps(sorted(core), indent=1) + "\n")
+    nn_names = [write(nn_dir, case) for case in LAYER_CASES + BERT_CASES]
+    (nn_dir / "cases.json").write_text(json.dumps(sorted(nn_names), indent=1) + "\n")
+    print(f"wrote {len(core)} attn-core cases and {len(nn_names)} attn-nn cases (torch {torch.__version__})")
+
+
+if __name__ == "__main__":
+    main()
