@@ -37,25 +37,25 @@ def case(name, content, expected):
     CASES[name] = (content, expected)
 
 
-case("empty.safetensors", b"", "not a valid safetensors file")
-case("short_header_length.safetensors", b"\x01\x02\x03", "not a valid safetensors file")
-case("header_longer_than_file.safetensors", st({}, raw_len=1 << 40), "not a valid safetensors file")
-case("header_not_json.safetensors", struct.pack("<Q", 8) + b"not json", "not a valid safetensors file")
+case("empty.safetensors", b"", "not a valid safetensors file: header too small")
+case("short_header_length.safetensors", b"\x01\x02\x03", "not a valid safetensors file: header too small")
+case("header_longer_than_file.safetensors", st({}, raw_len=1 << 40), "not a valid safetensors file: header too large")
+case("header_not_json.safetensors", struct.pack("<Q", 8) + b"not json", "not a valid safetensors file: invalid JSON in header")
 h, d = qkv()
 h["v"]["data_offsets"] = [h["v"]["data_offsets"][0], h["v"]["data_offsets"][1] + 400]
-case("offsets_past_end.safetensors", st(h, d), "not a valid safetensors file")
+case("offsets_past_end.safetensors", st(h, d), "not a valid safetensors file: invalid shape, data type, or offset for tensor")
 h, d = qkv()
 h["k"]["data_offsets"] = [0, h["k"]["data_offsets"][1] - h["k"]["data_offsets"][0]]
-case("overlapping_offsets.safetensors", st(h, d), "not a valid safetensors file")
+case("overlapping_offsets.safetensors", st(h, d), "not a valid safetensors file: invalid offset for tensor `k`")
 h, d = qkv()
 h["q"]["shape"] = [1, 2, 3, 5]
-case("shape_disagrees_with_bytes.safetensors", st(h, d), "not a valid safetensors file")
+case("shape_disagrees_with_bytes.safetensors", st(h, d), "not a valid safetensors file: invalid shape, data type, or offset for tensor")
 h, d = qkv()
 h["q"]["shape"] = [1 << 40, 1 << 40, 1 << 40, 0]
-case("shape_product_overflows.safetensors", st(h, d), "not a valid safetensors file")
+case("shape_product_overflows.safetensors", st(h, d), "not a valid safetensors file: overflow computing buffer size")
 h, d = qkv()
 h["q"]["shape"] = [1, -2, 3, 4]
-case("negative_dim.safetensors", st(h, d), "not a valid safetensors file")
+case("negative_dim.safetensors", st(h, d), "not a valid safetensors file: invalid JSON in header: invalid value: integer `-2`, expected usize")
 h, d = qkv()
 del h["v"]
 case("missing_v.safetensors", st(h, d[: h["k"]["data_offsets"][1]]), "missing tensor `v`")
@@ -79,7 +79,7 @@ case("zero_head_dim.safetensors", st(h, d), "head dims must be at least 1")
 h, d = qkv(q=(2, 3, 4))
 case("q_rank_3.safetensors", st(h, d), "tensor `q` has shape [2, 3, 4], expected [B, H, S, D]")
 h, d = qkv()
-case("truncated_data.safetensors", st(h, d)[:-7], "not a valid safetensors file")
+case("truncated_data.safetensors", st(h, d)[:-7], "not a valid safetensors file: incomplete metadata, file not fully covered")
 
 
 def main():

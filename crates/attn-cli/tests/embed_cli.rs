@@ -23,6 +23,12 @@ fn read_embeddings(path: &Path) -> (Vec<usize>, Vec<f32>) {
     (view.shape().to_vec(), data)
 }
 
+/// Largest difference measured from sentence-transformers' embeddings (unit vectors of 384
+/// values, entries up to about 0.3): 3.6e-7, with batches of 1 and 16, on AVX2+FMA; cosines
+/// round to 1 within 1e-9. The bound is about 10× that; a layer-norm epsilon of 1e-5 instead of
+/// the model's 1e-12 moves entries by 1.2e-4.
+const EMBED_TOLERANCE: f32 = 4e-6;
+
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
     let model = model_dir();
@@ -57,8 +63,8 @@ fn minilm_embeddings_match_sentence_transformers() {
             let nw: f64 = w.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
             let cos = dot / (ng * nw);
             let max_abs = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(cos >= 0.99999, "sentence {i}: cosine {cos}");
-            assert!(max_abs <= 1e-4, "sentence {i}: max |diff| {max_abs}");
+            assert!(cos >= 1.0 - 1e-9, "sentence {i}: cosine {cos}");
+            assert!(max_abs <= EMBED_TOLERANCE, "sentence {i}: max |diff| {max_abs}");
             worst_cos = worst_cos.min(cos);
             worst_abs = worst_abs.max(max_abs);
         }

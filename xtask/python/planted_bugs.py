@@ -1,0 +1,94 @@
+"""Plants six known bugs, one at a time, and checks that the tests of the crate that owns the code
+catch each (issue: "tests that catch the bugs that matter, in the crate that owns the code").
+
+For each bug: patch the source, run `cargo test --release -p CRATE` for the crate that owns the code
+(and for attn-nn too where a layer bug in attn-core must show there), never the CLI's end-to-end
+goldens; record whether it failed and which tests failed; restore the file.
+Exits non-zero if any bug goes uncaught. Run from the workspace root by `cargo xtask mutants
+--planted`; standard-library Python only.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BUGS = [
+    (
+        "heads 0 and 1 swapped in the fused self-attention path",
+        "attn-core",
+        "crates/attn-core/src/mha.rs",
+        "                par,\n            )?;\n            (buf, qkv_width)",
+        "                par,\n            )?;\n"
+        "            if h >= 2 { for row in buf.chunks_mut(qkv_width) { for c in 0..d { row.swap(c, d + c); } } }\n"
+        "            (buf, qkv_width)",
+    ),
+    (
+        "post-norm residual computed as x + norm1(sa)",
+        "attn-nn",
+        "crates/attn-nn/src/layers.rs",
+        "                    self.row(&sum, xr);",
+        "                    let _ = &sum; self.row(rr, &mut sum); xr.iter_mut().zip(&sum).for_each(|(a, &n)| *a += n);",
+    ),
+    (
+        "out_proj bias skipped",
+        "attn-core attn-nn",
+        "crates/attn-core/src/mha.rs",
+        "                    self.b_out.as_ref().map(|t| t.data()),",
+        "                    None,",
+    ),
+    (
+        "LayerNorm ignores the configured eps (uses 1e-5)",
+        "attn-nn",
+        "crates/attn-nn/src/layers.rs",
+        "(1.0 / (var + self.eps as f64).sqrt()) as f32",
+        "(1.0 / (var + 1e-5).sqrt()) as f32",
+    ),
+    (
+        "flash accumulator rescale x1.0001",
+        "attn-kernels",
+        "crates/attn-kernels/src/flash.rs",
+        "scale_row(&mut scratch.acc[i * dv_pad..i * dv_pad + dv], alpha);",
+        "scale_row(&mut scratch.acc[i * dv_pad..i * dv_pad + dv], alpha * 1.0001);",
+    ),
+    (
+        "flash drops the last partial key block",
+        "attn-kernels",
+        "crates/attn-kernels/src/flash.rs",
+        "        let bc = (t_end - t0).min(BLOCK_KEYS);\n",
+        "        let bc = (t_end - t0).min(BLOCK_KEYS);\n        if bc < BLOCK_KEYS && t0 > keys.start { break; }\n",
+    ),
+]
+
+
+def main():
+    root = Path(__file__).resolve().parents[2]
+    missed = []
+    for what, crate, path, old, new in BUGS:
+        file = root / path
+        original = file.read_text()
+        if original.count(old) < 1:
+            sys.exit(f"{path}: the code this bug patches has changed; update planted_bugs.py ({what})")
+        file.write_text(original.replace(old, new, 1))
+        try:
+            for name in crate.split():
+                result = subprocess.run(["cargo", "test", "--release", "-q", "--no-fail-fast", "-p", name], cwd=root,
+                                        capture_output=True, text=True)
+                text = result.stdout + result.stderr
+                if "error[E" in text:
+                    sys.exit(f"{what}: the planted code does not compile:\n{text[-3000:]}")
+                failed = sorted(set(re.findall(r"^    ([\w:]+)$", text, re.M)))
+                caught = result.returncode != 0
+                print(f"{'caught' if caught else 'MISSED'}: {what} ({name}): "
+                      f"{', '.join(failed) if failed else 'no failing test'}", flush=True)
+                if not caught:
+                    missed.append(f"{what} ({name})")
+        finally:
+            file.write_text(original)
+    if missed:
+        sys.exit(f"{len(missed)} planted bugs not caught: {missed}")
+    print(f"all {len(BUGS)} planted bugs caught by the owning crate's tests")
+
+
+if __name__ == "__main__":
+    main()
