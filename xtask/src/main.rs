@@ -20,6 +20,12 @@
 //!   `run_input` from `xtask/python/gen_fuzz_seeds.py`, when empty);
 //!   prints executions and crashes per target and fails on a crash. `--cmin` minimises the
 //!   corpus afterwards.
+//! - `mutants [--planted] [ARGS ...]`: mutation testing (cargo-mutants, installed from crates.io
+//!   when missing) of the numerically central functions ([`MUTANT_SCOPE`]), each mutant tested by
+//!   the tests of the crate that owns it; ARGS go to cargo-mutants (`--in-place`, `--shard`,
+//!   `--list`). Results in `target/mutants.out`. `--planted` instead puts back six known bugs one
+//!   at a time (`xtask/python/planted_bugs.py`) and checks that the owning crate catches each.
+//!   Not run by `ci`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -743,6 +749,69 @@ fn fuzz(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
+/// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
+const MUTANT_SCOPE: [(&str, &str); 6] = [
+    // The flash passes, the split-KV merge and the repair of non-finite rows.
+    ("crates/attn-kernels/src/flash.rs", "attend_tile|flash_impl"),
+    ("crates/attn-kernels/src/softmax.rs", "softmax_row|masked_softmax"),
+    (
+        "crates/attn-kernels/src/mask.rs",
+        "mask_row|apply_mask|add_mask|Causal::key_limit",
+    ),
+    (
+        "crates/attn-kernels/src/simd.rs",
+        "exp_sub_sum|row_max|scale_row|scale_into",
+    ),
+    // Projections, and the head split and merge (heads as strided views of the projections).
+    (
+        "crates/attn-core/src/mha.rs",
+        "Core::forward::head_view|linear|Core::project_kv|Core::weight|Core::bias",
+    ),
+    // Norms with the fused residual adds.
+    (
+        "crates/attn-nn/src/layers.rs",
+        "Norm::row|Norm::add_then_forward|Norm::add_forward_in_place|Norm::forward|add_in_place|Linear::forward",
+    ),
+];
+
+/// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.
+fn mutants(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--planted") {
+        return run(Command::new("python3")
+            .arg(root().join("xtask/python/planted_bugs.py"))
+            .current_dir(root()));
+    }
+    let installed = cargo()
+        .args(["mutants", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        run(cargo().args(["install", "cargo-mutants", "--locked"]))?;
+    }
+    let mut cmd = cargo();
+    cmd.args([
+        "mutants",
+        "--profile",
+        "mutants",
+        "--test-workspace=false",
+        "--cargo-test-arg=--tests",
+        "--no-shuffle",
+        "--output",
+        "target",
+    ]);
+    for (file, functions) in MUTANT_SCOPE {
+        let name = Path::new(file)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace('.', "\\.");
+        cmd.args(["--file", file, "--re", &format!("{name}:.* in ({functions})$")]);
+    }
+    cmd.args(args);
+    run(&mut cmd)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -752,10 +821,11 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("fetch-model") => fetch_model(),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("mutants") => mutants(&args[1..]),
         _ => {
             bail!(
                 "usage: cargo xtask <ci | tidy | codegen [--check] | bench [--rounds N] [--threads N] | fetch-model \
-                 | fuzz [--seconds N] [--cmin] [TARGET ...]>"
+                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...]>"
             )
         }
     }

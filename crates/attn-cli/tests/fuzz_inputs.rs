@@ -73,7 +73,10 @@ fn committed_fuzz_corpus_replays_without_a_panic() {
     // accepting malformed inputs, or rejecting valid ones, changes these counts. After
     // `cargo xtask fuzz --cmin` grows or shrinks the corpus, update them from this test's output.
     eprintln!("{counts:?}");
-    assert_eq!(counts, REPLAY_COUNTS, "(target, inputs, accepted) of the committed corpus");
+    assert_eq!(
+        counts, REPLAY_COUNTS,
+        "(target, inputs, accepted) of the committed corpus"
+    );
 }
 
 /// `(target, inputs, accepted)` of the committed corpus in `fuzz/corpus/`.
