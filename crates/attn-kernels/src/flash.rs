@@ -239,7 +239,7 @@ pub fn flash_attention(
 /// [`flash_attention`], with the repair of values that rows cannot see (see
 /// [`crate::nonfinite`]) switched by `repair`.
 #[allow(clippy::too_many_arguments)]
-fn flash_impl(
+pub(crate) fn flash_impl(
     out: ViewMut4<'_, f32>,
     lse: Option<ViewMut<'_, f32, 3>>,
     q: View4<'_, f32>,
@@ -614,9 +614,15 @@ fn attend_tile(
                     )
                 };
             } else {
+                // The kernel reads `kt` through a pointer: check the extent it will read.
+                assert!(
+                    kt.len() >= (d - 1) * BLOCK_KEYS + bc_pad,
+                    "key block of {} values",
+                    kt.len()
+                );
                 // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], `kt` is
-                // [D, BLOCK_KEYS] with `bc_pad <= BLOCK_KEYS` columns written, `scores` is
-                // [BLOCK_ROWS, BLOCK_KEYS].
+                // [D, BLOCK_KEYS] with `bc_pad <= BLOCK_KEYS` columns written (checked above),
+                // `scores` is [BLOCK_ROWS, BLOCK_KEYS].
                 unsafe {
                     crate::tile::avx2::gemm::<false>(
                         n_rows,
@@ -1050,39 +1056,96 @@ mod tests {
     }
 
     #[test]
-    fn keys_and_values_with_non_unit_inner_strides() {
-        // K stored as [B, G, D, T] and V as [B, G, Dv, T]: both seen through transposed views.
-        let (b, h, g, s, t, d, dv) = (2, 4, 2, 70, 150, 12, 10);
-        let q = random_vec(b * h * s * d, 1);
-        let k_store = random_vec(b * g * d * t, 2);
-        let v_store = random_vec(b * g * dv * t, 3);
-        let qv = View4::contiguous(&q, [b, h, s, d]).unwrap();
-        let kv = View4::contiguous(&k_store, [b, g, d, t])
-            .unwrap()
-            .permuted([0, 1, 3, 2])
-            .unwrap();
-        let vv = View4::contiguous(&v_store, [b, g, dv, t])
-            .unwrap()
-            .permuted([0, 1, 3, 2])
-            .unwrap();
-        for causal in [Causal::None, Causal::BottomRight] {
-            let options = AttentionOptions {
-                causal,
-                ..Default::default()
-            };
-            let want = attention_reference(qv, kv, vv, &options);
-            let mut out = vec![0.0f32; b * h * s * dv];
+    fn operands_with_non_unit_inner_strides() {
+        // Q stored as [B, H, D, S], K as [B, G, D, T], V as [B, G, Dv, T] and the masks as
+        // [B, H, T, S]: all seen through transposed views, on prefill tiles, decoding tiles
+        // (keys read in place by dot products), value widths that are and are not a multiple of
+        // the micro-kernel width, and split-KV.
+        for &(b, h, g, s, t, d, dv) in &[
+            (2, 4, 2, 70, 150, 12, 10),
+            (1, 2, 1, 70, 150, 8, 16),
+            (2, 2, 2, 1, 150, 12, 16),
+            (1, 2, 1, 3, 1100, 8, 16),
+        ] {
+            let q_store = random_vec(b * h * d * s, 1);
+            let k_store = random_vec(b * g * d * t, 2);
+            let v_store = random_vec(b * g * dv * t, 3);
+            let transposed = |data, shape| View4::contiguous(data, shape).unwrap().permuted([0, 1, 3, 2]).unwrap();
+            let (qv, kv, vv) = (
+                transposed(&q_store, [b, h, d, s]),
+                transposed(&k_store, [b, g, d, t]),
+                transposed(&v_store, [b, g, dv, t]),
+            );
+            let raw = random_vec(b * h * t * s, 4);
+            let additive: Vec<f32> = raw.iter().map(|&x| x * 2.0).collect();
+            let allowed: Vec<bool> = raw.iter().map(|&x| x > -0.6).collect();
+            let masks = [
+                Mask::None,
+                Mask::Additive(transposed(&additive, [b, h, t, s])),
+                Mask::Allowed(
+                    View4::contiguous(&allowed, [b, h, t, s])
+                        .unwrap()
+                        .permuted([0, 1, 3, 2])
+                        .unwrap(),
+                ),
+            ];
+            for (causal, mask) in [Causal::None, Causal::BottomRight]
+                .into_iter()
+                .flat_map(|c| masks.iter().map(move |m| (c, m)))
+            {
+                let options = AttentionOptions {
+                    causal,
+                    mask: *mask,
+                    ..Default::default()
+                };
+                let want = attention_reference(qv, kv, vv, &options);
+                let mut out = vec![0.0f32; b * h * s * dv];
+                flash_attention(
+                    ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
+                    None,
+                    qv,
+                    kv,
+                    vv,
+                    &options,
+                    Par::Rayon,
+                )
+                .unwrap();
+                let tol = TOLERANCE + 2.0 * f32::EPSILON as f64 * want.max_abs_score;
+                let what = format!("transposed q, k, v, mask: {:?}", (b, h, g, s, t, d, dv, causal));
+                assert_close(&out, &want.out, tol, tol, &what);
+            }
+        }
+    }
+
+    /// The split-KV merge keeps the non-finite policy: a NaN query makes its row NaN, and so does
+    /// a split whose every visible key has a NaN score, though the other split is finite.
+    #[test]
+    fn split_kv_rows_with_nan_scores_are_nan() {
+        let (s, t, d) = (1, 1100, 8);
+        assert!(Plan::new([1, 1, s, d], [1, t, d]).splits == 2, "expected two splits");
+        let split = Plan::new([1, 1, s, d], [1, t, d]).keys_per_split;
+        let v = random_vec(t * d, 3);
+        for nan_query in [true, false] {
+            let mut q = random_vec(s * d, 1);
+            let mut k = random_vec(t * d, 2);
+            if nan_query {
+                q[3] = f32::NAN;
+            } else {
+                k[split * d..].iter_mut().step_by(d).for_each(|x| *x = f32::NAN);
+            }
+            let (mut out, mut lse) = (vec![0.0f32; s * d], vec![0.0f32; s]);
             flash_attention(
-                ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
-                None,
-                qv,
-                kv,
-                vv,
-                &options,
-                Par::Rayon,
+                ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap(),
+                Some(ViewMut::contiguous(&mut lse, [1, 1, s]).unwrap()),
+                View4::contiguous(&q, [1, 1, s, d]).unwrap(),
+                View4::contiguous(&k, [1, 1, t, d]).unwrap(),
+                View4::contiguous(&v, [1, 1, t, d]).unwrap(),
+                &AttentionOptions::default(),
+                Par::Seq,
             )
             .unwrap();
-            assert_close(&out, &want.out, TOLERANCE, TOLERANCE, "transposed k and v");
+            assert!(out.iter().all(|x| x.is_nan()), "nan_query={nan_query}: {out:?}");
+            assert!(lse[0].is_nan(), "nan_query={nan_query}: lse {}", lse[0]);
         }
     }
 

@@ -136,3 +136,50 @@ pub(crate) fn repair_values(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::random_vec;
+    use crate::{broadcast_to, AttentionOptions, Mask, Par, View4, ViewMut4};
+
+    /// The repair is load-bearing: with it switched off, a NaN in the value row of a key that
+    /// the mask hides reaches the visible rows through `0·NaN` in the `p·v` product, on the flash
+    /// path (a key block mixing visible and hidden keys) and on the unfused path; with it on, no
+    /// output is touched. (The poison tests in `tests/nonfinite.rs` check the policy in full.)
+    #[test]
+    fn without_the_repair_a_hidden_value_poisons_visible_rows() {
+        let (s, t, d) = (3, 130, 8);
+        let q = random_vec(s * d, 1);
+        let k = random_vec(t * d, 2);
+        let mut v = random_vec(t * d, 3);
+        v[5 * d + 2] = f32::NAN; // key 5, hidden from every row
+        let allowed: Vec<bool> = (0..t).map(|j| j != 5).collect();
+        let options = AttentionOptions {
+            mask: Mask::Allowed(broadcast_to(&allowed, &[t], [1, 1, s, t]).unwrap()),
+            ..Default::default()
+        };
+        let (qv, kv, vv) = (
+            View4::contiguous(&q, [1, 1, s, d]).unwrap(),
+            View4::contiguous(&k, [1, 1, t, d]).unwrap(),
+            View4::contiguous(&v, [1, 1, t, d]).unwrap(),
+        );
+        for path in ["flash", "unfused"] {
+            let run = |repair: bool| {
+                let mut out = vec![0.0f32; s * d];
+                let o = ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap();
+                if path == "flash" {
+                    crate::flash::flash_impl(o, None, qv, kv, vv, &options, Par::Seq, repair).unwrap();
+                } else {
+                    crate::softmax::unfused_impl(o, None, qv, kv, vv, &options, Par::Seq, repair).unwrap();
+                }
+                out
+            };
+            let (without, with) = (run(false), run(true));
+            assert!(
+                without.iter().any(|x| x.is_nan()),
+                "{path}: without the repair the hidden NaN should reach a row: {without:?}"
+            );
+            assert!(with.iter().all(|x| x.is_finite()), "{path}: {with:?}");
+        }
+    }
+}

@@ -95,7 +95,7 @@ pub fn row_max(row: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
         SimdLevel::Avx2Fma => unsafe { avx2::row_max(row) },
-        _ => row.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m }),
+        _ => scalar::row_max(row),
     }
 }
 
@@ -106,14 +106,7 @@ pub fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
         SimdLevel::Avx2Fma => unsafe { avx2::exp_sub_sum(row, m) },
-        _ => {
-            let mut sum = 0.0f32;
-            for x in row.iter_mut() {
-                *x = exp_scalar(*x - m);
-                sum += *x;
-            }
-            sum
-        }
+        _ => scalar::exp_sub_sum(row, m),
     }
 }
 
@@ -124,7 +117,7 @@ pub fn scale_row(row: &mut [f32], alpha: f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
         SimdLevel::Avx2Fma => unsafe { avx2::scale_row(row, alpha) },
-        _ => row.iter_mut().for_each(|x| *x *= alpha),
+        _ => scalar::scale_row(row, alpha),
     }
 }
 
@@ -136,7 +129,34 @@ pub fn scale_into(dst: &mut [f32], src: &[f32], alpha: f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
         SimdLevel::Avx2Fma => unsafe { avx2::scale_into(dst, src, alpha) },
-        _ => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s * alpha),
+        _ => scalar::scale_into(dst, src, alpha),
+    }
+}
+
+/// The portable bodies of the row primitives: what [`SimdLevel::Scalar`] runs, and what the
+/// tests compare on every machine whatever its level.
+mod scalar {
+    use super::exp_scalar;
+
+    pub(super) fn row_max(row: &[f32]) -> f32 {
+        row.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    }
+
+    pub(super) fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
+        let mut sum = 0.0f32;
+        for x in row.iter_mut() {
+            *x = exp_scalar(*x - m);
+            sum += *x;
+        }
+        sum
+    }
+
+    pub(super) fn scale_row(row: &mut [f32], alpha: f32) {
+        row.iter_mut().for_each(|x| *x *= alpha);
+    }
+
+    pub(super) fn scale_into(dst: &mut [f32], src: &[f32], alpha: f32) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s * alpha);
     }
 }
 
@@ -334,33 +354,93 @@ mod tests {
         assert_eq!(exp_scalar(-100.0), 0.0);
     }
 
-    #[test]
-    fn row_primitives_match_scalar() {
-        for len in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65] {
-            let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
-            let want_max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            assert_eq!(row_max(&row), want_max);
-            let mut e = row.clone();
-            let s = exp_sub_sum(&mut e, want_max);
-            let mut want_sum = 0.0f64;
-            for (i, &x) in row.iter().enumerate() {
-                let w = ((x - want_max) as f64).exp();
-                want_sum += w;
-                assert!(rel_err(e[i], w) < 3e-7, "len {len} i {i}");
-            }
-            if len > 0 {
-                assert!(rel_err(s, want_sum) < 1e-6);
-            } else {
-                assert_eq!(s, 0.0);
-            }
-            let mut scaled = row.clone();
-            scale_row(&mut scaled, 0.5);
-            let mut into = vec![0.0; len];
-            scale_into(&mut into, &row, 0.5);
-            for i in 0..len {
-                assert_eq!(scaled[i], row[i] * 0.5);
-                assert_eq!(into[i], row[i] * 0.5);
-            }
+    /// The row primitives of one level, as plain function pointers.
+    struct Level {
+        name: &'static str,
+        row_max: fn(&[f32]) -> f32,
+        exp_sub_sum: fn(&mut [f32], f32) -> f32,
+        scale_row: fn(&mut [f32], f32),
+        scale_into: fn(&mut [f32], &[f32], f32),
+    }
+
+    /// Every level this CPU can run: the scalar bodies always, AVX2+FMA when detected.
+    fn levels() -> Vec<Level> {
+        let mut levels = vec![Level {
+            name: "scalar",
+            row_max: scalar::row_max,
+            exp_sub_sum: scalar::exp_sub_sum,
+            scale_row: scalar::scale_row,
+            scale_into: scalar::scale_into,
+        }];
+        #[cfg(target_arch = "x86_64")]
+        if detect() == SimdLevel::Avx2Fma {
+            // SAFETY (of the calls below): AVX2 and FMA were just detected.
+            levels.push(Level {
+                name: "avx2+fma",
+                row_max: |row| unsafe { avx2::row_max(row) },
+                exp_sub_sum: |row, m| unsafe { avx2::exp_sub_sum(row, m) },
+                scale_row: |row, alpha| unsafe { avx2::scale_row(row, alpha) },
+                scale_into: |dst, src, alpha| unsafe { avx2::scale_into(dst, src, alpha) },
+            });
         }
+        levels
+    }
+
+    /// Each primitive at every level against its definition in f64, on lengths around the
+    /// vector width (tails included).
+    #[test]
+    fn row_primitives_match_their_definitions_at_every_level() {
+        for level in levels() {
+            let name = level.name;
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65] {
+                let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
+                let want_max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!((level.row_max)(&row), want_max, "{name} len {len}");
+                let mut e = row.clone();
+                let s = (level.exp_sub_sum)(&mut e, want_max);
+                let mut want_sum = 0.0f64;
+                for (i, &x) in row.iter().enumerate() {
+                    let w = ((x - want_max) as f64).exp();
+                    want_sum += w;
+                    assert!(rel_err(e[i], w) < 3e-7, "{name} len {len} i {i}");
+                }
+                if len > 0 {
+                    assert!(rel_err(s, want_sum) < 1e-6, "{name} len {len}");
+                } else {
+                    assert_eq!(s, 0.0);
+                }
+                let mut scaled = row.clone();
+                (level.scale_row)(&mut scaled, 0.3);
+                let mut into = vec![0.0; len];
+                (level.scale_into)(&mut into, &row, 0.3);
+                for i in 0..len {
+                    assert_eq!(scaled[i], row[i] * 0.3, "{name} len {len}");
+                    assert_eq!(into[i], row[i] * 0.3, "{name} len {len}");
+                }
+            }
+            // The maximum is found wherever it stands, and -inf rows stay -inf.
+            let mut row = vec![-3.0f32; 19];
+            for at in [0, 8, 18] {
+                row[at] = 2.5;
+                assert_eq!((level.row_max)(&row), 2.5, "{name} max at {at}");
+                row[at] = -3.0;
+            }
+            assert_eq!((level.row_max)(&[f32::NEG_INFINITY; 9]), f32::NEG_INFINITY, "{name}");
+        }
+    }
+
+    /// The dispatcher runs the level it reports: `exp_sub_sum`'s sum (a different order of
+    /// additions, and FMA, per level) has the bits of that level's body.
+    #[test]
+    fn dispatch_runs_the_reported_level() {
+        let row: Vec<f32> = (0..67).map(|i| ((i * 29 % 13) as f32 - 6.0) * 0.37).collect();
+        let level = levels()
+            .into_iter()
+            .find(|l| l.name == simd_level().to_string())
+            .expect("the reported level is one this CPU runs");
+        let (mut a, mut b) = (row.clone(), row.clone());
+        let want = (level.exp_sub_sum)(&mut a, 1.5);
+        assert_eq!(exp_sub_sum(&mut b, 1.5).to_bits(), want.to_bits(), "{}", level.name);
+        assert_eq!(a, b, "{}", level.name);
     }
 }
