@@ -589,3 +589,31 @@ fn packed_self_attention_equals_each_sequence_alone() {
         }
     }
 }
+
+/// Empty batches and empty sequences are valid inputs with empty outputs, on every path.
+#[test]
+fn empty_inputs_give_empty_outputs() {
+    let (e, h) = (16, 4);
+    let mha = MultiHeadAttention::with_seed(MhaConfig::new(e, h), 3).unwrap();
+    let x = random(2 * 3 * e, 4);
+    let options = MhaOptions {
+        need_weights: NeedWeights::Averaged,
+        ..Default::default()
+    };
+    for (b, s, t) in [(0, 3, 3), (2, 0, 3), (2, 3, 0), (2, 0, 0)] {
+        let q = Sequence::batch_first(&x[..b * s * e], b, s, e);
+        let kv = Sequence::batch_first(&x[..b * t * e], b, t, e);
+        let out = mha.forward(q, kv, kv, &options, Par::Seq).unwrap();
+        assert_eq!(out.output.len(), b * s * e, "{:?}", (b, s, t));
+        assert_eq!(out.weights.map(|w| w.len()), Some(b * s * t), "{:?}", (b, s, t));
+        if t == 0 {
+            // Nothing to attend to: zeros through the output projection, its bias.
+            let bias = mha.state_dict()["out_proj.bias"].data().to_vec();
+            assert!(out.output.chunks(e).all(|row| row == bias), "{:?}", (b, s, t));
+        }
+        if s == t {
+            let out = mha.forward_self(q, &options, Par::Rayon).unwrap();
+            assert_eq!(out.output.len(), b * s * e, "{:?}", (b, s, t));
+        }
+    }
+}

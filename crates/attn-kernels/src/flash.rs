@@ -685,6 +685,11 @@ fn attend_tile(
         // Pass 4: acc += p · v_block.
         if micro {
             let v_ptr = if v_in_place {
+                // The kernel reads `bc` rows of `Dv_pad` values in place: check that extent.
+                assert!(
+                    v_base + (bc - 1) * v_st[2] + dv_pad <= v_data.len(),
+                    "value block past V"
+                );
                 v_data.as_ptr().wrapping_add(v_base)
             } else {
                 scratch.vp.as_ptr()

@@ -504,7 +504,7 @@ mod tests {
     }
 
     /// The scores sit in a padded buffer (row stride `T + 3`, so batch and head strides are not
-    /// those of a contiguous tensor); scale, an additive `[B, 1, 1, T]` mask, a boolean `[S, T]`
+    /// those of a contiguous tensor) and the lse in every other element; scale, an additive `[B, 1, 1, T]` mask, a boolean `[S, T]`
     /// mask, both causal alignments and key lengths; sequential and parallel runs give the same
     /// bits and leave the padding alone.
     #[test]
@@ -530,11 +530,13 @@ mod tests {
                 };
                 let run = |par: Par| {
                     let mut data = scores.clone();
-                    let mut lse = vec![f32::NAN; b * h * s];
+                    // The lse too is strided: every other element.
+                    let mut lse = vec![f32::NAN; 2 * b * h * s];
                     let view = ViewMut4::new(&mut data, [b, h, s, t], [h * s * pad, s * pad, pad, 1]).unwrap();
-                    let lse_view = ViewMut::contiguous(&mut lse, [b, h, s]).unwrap();
+                    let lse_view = ViewMut::new(&mut lse, [b, h, s], [2 * h * s, 2 * s, 2]).unwrap();
                     masked_softmax(view, Some(lse_view), &options, par).unwrap();
-                    (data, lse)
+                    assert!(lse.iter().skip(1).step_by(2).all(|x| x.is_nan()), "lse gaps written");
+                    (data, lse.into_iter().step_by(2).collect::<Vec<_>>())
                 };
                 let (got, got_lse) = run(Par::Seq);
                 assert_eq!((got.clone(), got_lse.clone()), run(Par::Rayon));
