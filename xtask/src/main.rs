@@ -759,9 +759,10 @@ const MUTANT_SCOPE: [(&str, &str); 6] = [
         "crates/attn-kernels/src/mask.rs",
         "mask_row|apply_mask|add_mask|Causal::key_limit",
     ),
+    // The row primitives: the dispatchers and the bodies of every level.
     (
         "crates/attn-kernels/src/simd.rs",
-        "exp_sub_sum|row_max|scale_row|scale_into",
+        "(scalar::|avx2::)?(exp_sub_sum|row_max|scale_row|scale_into)",
     ),
     // Projections, and the head split and merge (heads as strided views of the projections).
     (
