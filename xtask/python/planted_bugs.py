@@ -61,8 +61,22 @@ BUGS = [
 ]
 
 
+def regression_files(root):
+    """proptest's saved failing cases: a planted bug must not leave its failures behind."""
+    return {p: p.read_bytes() for p in root.glob("crates/**/*proptest-regressions*") if p.is_file()} | {
+        p: p.read_bytes() for p in root.glob("crates/**/proptest-regressions/*") if p.is_file()}
+
+
+def restore(root, saved):
+    for path in set(regression_files(root)) - set(saved):
+        path.unlink()
+    for path, data in saved.items():
+        path.write_bytes(data)
+
+
 def main():
     root = Path(__file__).resolve().parents[2]
+    saved = regression_files(root)
     missed = []
     for what, crate, path, old, new in BUGS:
         file = root / path
@@ -85,6 +99,7 @@ def main():
                     missed.append(f"{what} ({name})")
         finally:
             file.write_text(original)
+            restore(root, saved)
     if missed:
         sys.exit(f"{len(missed)} planted bugs not caught: {missed}")
     print(f"all {len(BUGS)} planted bugs caught by the owning crate's tests")
