@@ -374,12 +374,15 @@ mod tests {
         }];
         #[cfg(target_arch = "x86_64")]
         if detect() == SimdLevel::Avx2Fma {
-            // SAFETY (of the calls below): AVX2 and FMA were just detected.
             levels.push(Level {
                 name: "avx2+fma",
+                // SAFETY: AVX2 and FMA were just detected (for this and the three below).
                 row_max: |row| unsafe { avx2::row_max(row) },
+                // SAFETY: as above.
                 exp_sub_sum: |row, m| unsafe { avx2::exp_sub_sum(row, m) },
+                // SAFETY: as above.
                 scale_row: |row, alpha| unsafe { avx2::scale_row(row, alpha) },
+                // SAFETY: as above.
                 scale_into: |dst, src, alpha| unsafe { avx2::scale_into(dst, src, alpha) },
             });
         }
