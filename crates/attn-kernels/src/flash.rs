@@ -1350,8 +1350,8 @@ mod tests {
         );
     }
 
-    /// Query lengths around the row-tile edges (64 rows, and 128 = two tiles).
-    const QUERY_LENGTHS: [usize; 11] = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129];
+    /// Query lengths around the row-tile edges (64 rows; 128 and 256 rows, two and four tiles).
+    const QUERY_LENGTHS: [usize; 14] = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257];
     /// Key lengths around the key-block edges (128 and 256 keys: a partial last block, the
     /// online rescale across blocks), and past `2·MIN_KEYS_PER_SPLIT`, where calls with few
     /// tasks split the keys and merge the partial results.

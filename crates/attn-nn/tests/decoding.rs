@@ -110,8 +110,10 @@ fn decoding_token_by_token_equals_the_causal_forward() {
             for bi in 0..b {
                 let want = &full[(bi * n + step) * e..(bi * n + step + 1) * e];
                 for (j, (&g, &w)) in out[bi * e..(bi + 1) * e].iter().zip(want).enumerate() {
+                    // Measured 6.1e-7 (relative to 1 + |w|) at both SIMD levels; the bound is
+                    // about 10x.
                     assert!(
-                        (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                        (g - w).abs() <= 6e-6 + 6e-6 * w.abs(),
                         "norm_first={norm_first} step {step} batch {bi} [{j}]: {g} vs {w}"
                     );
                 }
