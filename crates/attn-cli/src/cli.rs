@@ -34,9 +34,8 @@ enum Command {
         /// Scale of q·k (default 1/sqrt(D)).
         #[arg(long, allow_negative_numbers = true)]
         scale: Option<f32>,
-        /// Worker threads (default: all cores).
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
     },
     /// Runs a module with PyTorch weights (nn.MultiheadAttention, ...) on safetensors inputs.
     #[command(
@@ -55,8 +54,8 @@ enum Command {
         /// Where the outputs go.
         #[arg(long)]
         output: PathBuf,
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
     },
     /// Sentence embeddings from a BERT-family checkpoint (default: all-MiniLM-L6-v2).
     #[command(
@@ -83,8 +82,8 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
     },
     /// Pictures of a real model's attention: a PNG grid of a layer's heads, an HTML view of all.
     #[command(
@@ -112,16 +111,16 @@ enum Command {
         /// Plain characters in the terminal view.
         #[arg(long)]
         plain: bool,
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
     },
     /// Runs every kernel and module path on random inputs against an f64 reference here.
     #[command(
         after_help = "Example:\n  attn check --threads 2\n\nExits 1 if any path is outside its tolerance on this machine."
     )]
     Check {
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -152,9 +151,8 @@ enum Command {
         /// Plain characters instead of colour, whatever the terminal.
         #[arg(long)]
         plain: bool,
-        /// Worker threads (default: all cores).
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
     },
 }
 
@@ -185,8 +183,8 @@ enum BenchCommand {
         /// Which implementation to time.
         #[arg(long, value_enum, default_value_t = bench::Path::Flash)]
         path: bench::Path,
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
         /// Minimum number of timed runs.
         #[arg(long, default_value_t = 5)]
         min_runs: usize,
@@ -205,8 +203,8 @@ enum BenchCommand {
         weights: PathBuf,
         #[arg(long)]
         input: PathBuf,
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
         #[arg(long, default_value_t = 5)]
         min_runs: usize,
         #[arg(long, default_value_t = 1.0)]
@@ -223,8 +221,8 @@ enum BenchCommand {
         input: PathBuf,
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
         batch_size: u32,
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
         #[arg(long, default_value_t = 3)]
         min_runs: usize,
         #[arg(long, default_value_t = 1.0)]
@@ -251,8 +249,8 @@ enum BenchCommand {
         /// Write a plot.
         #[arg(long)]
         png: Option<PathBuf>,
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -268,8 +266,8 @@ enum BenchCommand {
         n: usize,
         #[arg(long)]
         k: usize,
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        #[command(flatten)]
+        threads: Threads,
         #[arg(long, default_value_t = 5)]
         min_runs: usize,
         #[arg(long, default_value_t = 1.0)]
@@ -279,10 +277,35 @@ enum BenchCommand {
     },
 }
 
-/// Runs `f` on a rayon pool of `threads` workers (all cores when `None`); returns the count too.
-fn with_threads<T: Send>(threads: Option<u16>, f: impl FnOnce(usize) -> Result<T> + Send) -> Result<T> {
+/// `--threads N`, shared by every command that computes.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Threads {
+    /// Worker threads, 1 to 8 × this machine's cores [default: all cores]
+    #[arg(long = "threads", value_name = "N", value_parser = parse_threads)]
+    threads: Option<u16>,
+}
+
+/// The most worker threads a command takes: 8 × this machine's cores. Past the cores more
+/// threads only add switching (results do not depend on the count); thousands of them made
+/// `attn check` take minutes instead of a fraction of a second.
+fn max_threads() -> usize {
+    8 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn parse_threads(text: &str) -> std::result::Result<u16, String> {
+    let max = max_threads();
+    let expected = format!("expected 1 to {max} (8 × this machine's {} cores)", max / 8);
+    match text.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n as u16),
+        Ok(n) => Err(format!("{n} threads; {expected}")),
+        Err(_) => Err(format!("`{text}` is not a number of threads; {expected}")),
+    }
+}
+
+/// Runs `f` on a rayon pool of `threads` workers (all cores by default); returns the count too.
+fn with_threads<T: Send>(threads: Threads, f: impl FnOnce(usize) -> Result<T> + Send) -> Result<T> {
     let mut builder = rayon::ThreadPoolBuilder::new();
-    if let Some(n) = threads {
+    if let Some(n) = threads.threads {
         builder = builder.num_threads(n as usize);
     }
     let pool = builder.build()?;
@@ -305,7 +328,7 @@ fn run(cli: Cli) -> Result<()> {
         layer: None,
         head: 0,
         plain: false,
-        threads: None,
+        threads: Threads { threads: None },
     }) {
         Command::Sdpa {
             input,
