@@ -90,7 +90,8 @@ pub(crate) mod avx2 {
         c: *mut f32,
         ldc: usize,
     ) {
-        debug_assert_eq!(n % NR, 0);
+        // The kernel stores whole 16-wide panels: a ragged `n` would write past `c`'s rows.
+        assert_eq!(n % NR, 0, "gemm: n = {n} is not a multiple of {NR}");
         // Column panels outside, row blocks inside: one 16-wide panel of `b` stays in L1 while
         // every row block of `a` passes over it.
         for j0 in (0..n).step_by(NR) {
@@ -192,7 +193,8 @@ pub(crate) mod avx2 {
         c: *mut f32,
         ldc: usize,
     ) {
-        debug_assert!(rows <= 8 && n % 8 == 0);
+        // Whole 8-wide vectors are stored, and at most 8 rows are kept in registers.
+        assert!(rows <= 8 && n % 8 == 0, "axpy_rows: rows = {rows} (at most 8), n = {n} (a multiple of 8)");
         // SAFETY: the caller guarantees the operands cover these shapes.
         unsafe {
             for j in 0..depth {
@@ -274,5 +276,36 @@ pub(crate) mod avx2 {
                 }
             }
         }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    /// The micro-kernels store whole vectors, so their shape preconditions are checked in
+    /// release builds too: a ragged width is refused before anything is written.
+    #[test]
+    fn micro_kernels_refuse_ragged_widths() {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        // Buffers wide enough for a full panel, so nothing is out of bounds even if a kernel ran.
+        let a = [1.0f32; 16 * 16];
+        let b = [1.0f32; 16 * 16];
+        let mut c = [0.0f32; 16 * 16];
+        let ragged_gemm = std::panic::catch_unwind(move || {
+            // SAFETY: AVX2 and FMA were detected; every operand holds 16×16 values.
+            unsafe { super::avx2::gemm::<false>(2, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
+        });
+        assert!(ragged_gemm.is_err(), "gemm accepted n = 8");
+        let ragged_axpy = std::panic::catch_unwind(move || {
+            // SAFETY: as above.
+            unsafe { super::avx2::axpy_rows(2, 12, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
+        });
+        assert!(ragged_axpy.is_err(), "axpy_rows accepted n = 12");
+        let tall_axpy = std::panic::catch_unwind(move || {
+            // SAFETY: as above.
+            unsafe { super::avx2::axpy_rows(9, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
+        });
+        assert!(tall_axpy.is_err(), "axpy_rows accepted 9 rows");
     }
 }
