@@ -480,7 +480,15 @@ fn thread_counts_above_the_cap_are_refused() {
     let cap = 8 * std::thread::available_parallelism().map_or(1, |n| n.get());
     let too_many = (cap + 1).to_string();
     for args in [
-        vec!["sdpa", "--input", "in.safetensors", "--output", "out.safetensors", "--threads", &too_many],
+        vec![
+            "sdpa",
+            "--input",
+            "in.safetensors",
+            "--output",
+            "out.safetensors",
+            "--threads",
+            &too_many,
+        ],
         vec!["check", "--threads", "5000"],
         vec!["bench", "gemm", "--m", "8", "--n", "8", "--k", "8", "--threads", "0"],
     ] {
@@ -490,6 +498,21 @@ fn thread_counts_above_the_cap_are_refused() {
         assert!(err.contains(&format!("expected 1 to {cap}")), "{args:?}: {err}");
     }
     // The cap itself is accepted.
-    let result = attn(&["bench", "gemm", "--m", "8", "--n", "8", "--k", "8", "--threads", &cap.to_string(), "--min-runs", "1", "--min-seconds", "0"]);
+    let result = attn(&[
+        "bench",
+        "gemm",
+        "--m",
+        "8",
+        "--n",
+        "8",
+        "--k",
+        "8",
+        "--threads",
+        &cap.to_string(),
+        "--min-runs",
+        "1",
+        "--min-seconds",
+        "0",
+    ]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
 }

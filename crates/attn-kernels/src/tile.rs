@@ -194,7 +194,10 @@ pub(crate) mod avx2 {
         ldc: usize,
     ) {
         // Whole 8-wide vectors are stored, and at most 8 rows are kept in registers.
-        assert!(rows <= 8 && n % 8 == 0, "axpy_rows: rows = {rows} (at most 8), n = {n} (a multiple of 8)");
+        assert!(
+            rows <= 8 && n % 8 == 0,
+            "axpy_rows: rows = {rows} (at most 8), n = {n} (a multiple of 8)"
+        );
         // SAFETY: the caller guarantees the operands cover these shapes.
         unsafe {
             for j in 0..depth {
