@@ -5,8 +5,7 @@ use std::process::Command;
 
 use safetensors::{Dtype, SafeTensors};
 
-mod common;
-use common::worst;
+use attn_nn::core::kernels::testing::worst_error;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/modules")
@@ -91,7 +90,8 @@ fn modules_match_pytorch_golden_files() {
             "{name}: output names and shapes"
         );
         for ((tensor, _, got), (_, _, expected)) in one.iter().zip(&want) {
-            let (i, error) = worst(got, expected);
+            let expected_f64: Vec<f64> = expected.iter().map(|&w| w as f64).collect();
+            let (i, error) = worst_error(got, &expected_f64);
             eprintln!("{name}: {tensor} error {error:.2e}");
             assert!(
                 error <= TOLERANCE,

@@ -76,7 +76,8 @@ fn sdpa_matches_pytorch_golden_files() {
                 let (got_shape, got) = read_f32(&output, tensor);
                 let (want_shape, expected) = read_f32(&want, tensor);
                 assert_eq!(got_shape, want_shape, "{name}: {tensor} shape");
-                let (i, error) = common::worst(&got, &expected);
+                let expected_f64: Vec<f64> = expected.iter().map(|&w| w as f64).collect();
+                let (i, error) = attn_nn::core::kernels::testing::worst_error(&got, &expected_f64);
                 eprintln!("{name}: {tensor} error {error:.2e}");
                 assert!(
                     error <= GOLDEN_TOLERANCE,

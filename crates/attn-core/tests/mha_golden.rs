@@ -23,9 +23,9 @@ fn multi_head_attention_matches_pytorch() {
     assert!(cases.len() >= 10, "{} cases", cases.len());
     let mut fused_cases = 0;
     for mut case in cases {
-        let need = case.take_flag("need_weights", true);
-        let average = case.take_flag("average_attn_weights", true);
-        let is_causal = case.take_flag("is_causal", false);
+        let need = golden::take_flag(&mut case.config, "need_weights", true);
+        let average = golden::take_flag(&mut case.config, "average_attn_weights", true);
+        let is_causal = golden::take_flag(&mut case.config, "is_causal", false);
         assert_eq!(case.config.remove("module"), Some("multihead_attention".into()));
         let config: MhaConfig = serde_json::from_value(case.config.clone().into()).unwrap();
         let layout = if config.batch_first {

@@ -2,6 +2,7 @@
 //! single-head attentions, cached decoding equals one causal pass, layouts and thread counts do
 //! not change the numbers.
 
+use attn_core::kernels::testing::max_error;
 use attn_core::kernels::Par;
 use attn_core::{
     Attention, AttentionConfig, BoolMeaning, KeyPadding, Layout, MhaConfig, MhaOptions, MultiHeadAttention,
@@ -475,15 +476,6 @@ fn reference_self_attention(
         })
         .collect();
     (out, weights)
-}
-
-/// The largest `|got - want| / (1 + |want|)`.
-fn max_error(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs() / (1.0 + w.abs()))
-        .fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
 }
 
 /// Largest error measured against the f64 reference over five runs of the proptest below

@@ -848,7 +848,8 @@ mod tests {
     /// The largest error against the f64 reference measured over these tests, as
     /// `|got - want| / (1 + |want|)`: 1.2e-6 (additive masks of ±3 on the scores), on AVX2+FMA
     /// and the scalar path, for scores of order 1 (larger scores add their own rounding, see
-    /// `check`). The bound is about 8× that. A flash rescale off by 1e-4, or a key block dropped, is far outside.
+    /// `check`). The bound is about 8× that. A flash rescale off by 1e-4, or a key block
+    /// dropped, is far outside.
     const TOLERANCE: f64 = 1e-5;
 
     /// Runs `case` through the reference, the flash kernel (sequential, 1, 2, 3, 8 threads and
@@ -1127,8 +1128,9 @@ mod tests {
     #[test]
     fn split_kv_rows_with_nan_scores_are_nan() {
         let (s, t, d) = (1, 1100, 8);
-        assert!(Plan::new([1, 1, s, d], [1, t, d]).splits == 2, "expected two splits");
-        let split = Plan::new([1, 1, s, d], [1, t, d]).keys_per_split;
+        let plan = Plan::new([1, 1, s, d], [1, t, d]);
+        assert_eq!(plan.splits, 2, "expected two splits");
+        let split = plan.keys_per_split;
         let v = random_vec(t * d, 3);
         for nan_query in [true, false] {
             let mut q = random_vec(s * d, 1);

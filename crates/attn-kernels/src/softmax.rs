@@ -504,9 +504,9 @@ mod tests {
     }
 
     /// The scores sit in a padded buffer (row stride `T + 3`, so batch and head strides are not
-    /// those of a contiguous tensor) and the lse in every other element; scale, an additive `[B, 1, 1, T]` mask, a boolean `[S, T]`
-    /// mask, both causal alignments and key lengths; sequential and parallel runs give the same
-    /// bits and leave the padding alone.
+    /// those of a contiguous tensor) and the lse in every other element; scale, an additive
+    /// `[B, 1, 1, T]` mask, a boolean `[S, T]` mask, both causal alignments and key lengths;
+    /// sequential and parallel runs give the same bits and leave the padding alone.
     #[test]
     fn masked_softmax_matches_the_f64_definition() {
         let (b, h, s, t) = (2, 3, 5, 9);

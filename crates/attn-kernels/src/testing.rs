@@ -33,10 +33,12 @@ pub fn assert_close(got: &[f32], want: &[f64], atol: f64, rtol: f64, what: &str)
     }
 }
 
-/// The largest error of `got` against `want`, as `|got - want| / (1 + |want|)` (so an error
-/// within `tol` here passes [`assert_close`] with `atol = rtol = tol`); NaN where `want` is not
-/// NaN counts as infinite.
-pub fn max_error(got: &[f32], want: &[f64]) -> f64 {
+/// The index and size of the largest error of `got` against `want`, measured as
+/// `|got - want| / (1 + |want|)` (absolute near zero, relative for large values; an error
+/// within `tol` here passes [`assert_close`] with `atol = rtol = tol`). Equal values, equal
+/// infinities included, and NaN in both count as 0; NaN in one only counts as infinite.
+pub fn worst_error(got: &[f32], want: &[f64]) -> (usize, f64) {
+    assert_eq!(got.len(), want.len(), "lengths differ");
     got.iter()
         .zip(want)
         .map(|(&g, &w)| {
@@ -52,5 +54,11 @@ pub fn max_error(got: &[f32], want: &[f64]) -> f64 {
                 }
             }
         })
-        .fold(0.0, f64::max)
+        .enumerate()
+        .fold((0, 0.0), |best, (i, e)| if e > best.1 { (i, e) } else { best })
+}
+
+/// The size of the largest error of `got` against `want` ([`worst_error`]).
+pub fn max_error(got: &[f32], want: &[f64]) -> f64 {
+    worst_error(got, want).1
 }

@@ -44,8 +44,8 @@ fn block<'a>(case: &'a Golden, mask: &str, padding: &str, is_causal: bool) -> Bl
 fn run(case: &Golden, par: Par) -> (&'static str, Vec<f32>) {
     let mut cfg = case.config.clone();
     let module = cfg.remove("module").unwrap().as_str().unwrap().to_string();
-    let mut flag = |name: &str| cfg.remove(name).is_some_and(|v| v.as_bool().unwrap());
-    let (causal, tgt_causal) = (flag("is_causal"), flag("tgt_is_causal"));
+    let causal = golden::take_flag(&mut cfg, "is_causal", false);
+    let tgt_causal = golden::take_flag(&mut cfg, "tgt_is_causal", false);
     let name = case.name.as_str();
     let output = match module.as_str() {
         "transformer_encoder_layer" => {
@@ -61,23 +61,23 @@ fn run(case: &Golden, par: Par) -> (&'static str, Vec<f32>) {
             module.forward(src, &block(case, "src_mask", "src_key_padding_mask", causal), par)
         }
         "transformer_decoder_layer" | "transformer_decoder" => {
-            let layer: LayerConfig = if module == "transformer_decoder" {
-                parse::<StackConfig>(name, &cfg).layer
-            } else {
-                parse(name, &cfg)
-            };
+            let stack: Option<StackConfig> = (module == "transformer_decoder").then(|| parse(name, &cfg));
+            let layer: LayerConfig = stack.as_ref().map_or_else(|| parse(name, &cfg), |s| s.layer.clone());
             let (tgt, _) = case.sequence("tgt", layout_of(&layer));
             let (memory, _) = case.sequence("memory", layout_of(&layer));
             let tgt_masks = block(case, "tgt_mask", "tgt_key_padding_mask", tgt_causal);
             let memory_masks = block(case, "memory_mask", "memory_key_padding_mask", false);
-            if module == "transformer_decoder" {
-                Decoder::from_state_dict(parse(name, &cfg), case.params.clone())
+            match stack {
+                Some(stack) => Decoder::from_state_dict(stack, case.params.clone()).unwrap().forward(
+                    tgt,
+                    memory,
+                    &tgt_masks,
+                    &memory_masks,
+                    par,
+                ),
+                None => DecoderLayer::from_state_dict(layer, case.params.clone())
                     .unwrap()
-                    .forward(tgt, memory, &tgt_masks, &memory_masks, par)
-            } else {
-                DecoderLayer::from_state_dict(layer, case.params.clone())
-                    .unwrap()
-                    .forward(tgt, memory, &tgt_masks, &memory_masks, par)
+                    .forward(tgt, memory, &tgt_masks, &memory_masks, par),
             }
         }
         "transformer" => {

@@ -7,8 +7,9 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use attn_core::kernels::testing::max_error;
 use attn_core::{BoolMeaning, KeyPadding, Layout, ScoreMask, Sequence, StateDict, Tensor};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Map, Value};
@@ -45,6 +46,13 @@ pub struct Golden {
     pub expected: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
 }
 
+/// Removes the boolean forward flag `name` from a config (default `default`).
+pub fn take_flag(config: &mut Map<String, Value>, name: &str, default: bool) -> bool {
+    config
+        .remove(name)
+        .map_or(default, |v| v.as_bool().expect("flags are booleans"))
+}
+
 /// Every case listed in `dir/cases.json`.
 pub fn load_all(dir: &Path) -> Vec<Golden> {
     let manifest = std::fs::read_to_string(dir.join("cases.json"))
@@ -57,7 +65,7 @@ pub fn load_all(dir: &Path) -> Vec<Golden> {
         .collect()
 }
 
-fn load(path: &PathBuf) -> Golden {
+fn load(path: &Path) -> Golden {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (_, metadata) = SafeTensors::read_metadata(&bytes).expect("a safetensors header");
     let meta = metadata.metadata().clone().expect("golden files carry metadata");
@@ -108,13 +116,6 @@ fn load(path: &PathBuf) -> Golden {
 }
 
 impl Golden {
-    /// Removes the boolean forward flag `name` from the config (default `default`).
-    pub fn take_flag(&mut self, name: &str, default: bool) -> bool {
-        self.config
-            .remove(name)
-            .map_or(default, |v| v.as_bool().expect("flags are booleans"))
-    }
-
     /// The `f32` input `name`.
     pub fn f32(&self, name: &str) -> &[f32] {
         match &self.inputs[name] {
@@ -168,22 +169,12 @@ impl Golden {
         }
     }
 
-    /// Compares `got` with `expected.NAME` and returns the largest error, measured as
-    /// `|got - want| / (1 + |want|)` (absolute near zero, relative for large values).
+    /// The largest error of `got` against `expected.NAME`, measured as
+    /// `|got - want| / (1 + |want|)` ([`max_error`]).
     #[track_caller]
     pub fn error(&self, name: &str, got: &[f32]) -> f64 {
         let (_, want) = &self.expected[name];
         assert_eq!(got.len(), want.len(), "{}: `{name}` has the wrong length", self.name);
-        got.iter()
-            .zip(want)
-            .map(|(&g, &w)| {
-                let e = (g as f64 - w as f64).abs() / (1.0 + (w as f64).abs());
-                if e.is_nan() {
-                    f64::INFINITY
-                } else {
-                    e
-                }
-            })
-            .fold(0.0, f64::max)
+        max_error(got, &want.iter().map(|&w| w as f64).collect::<Vec<_>>())
     }
 }
