@@ -51,6 +51,31 @@ MHA_CASES = [
               seed=110), False),
 ]
 
+
+def causal_extra_key_cases():
+    """`is_causal=True` with a causal `attn_mask` on modules that append key rows (`add_bias_kv`,
+    `add_zero_attn`): every combination of mask kind, need_weights and key padding. PyTorch
+    applies the causal mask over all keys, appended ones included, when neither weights nor key
+    padding are asked for, and the padded `attn_mask` otherwise; the two disagree on whether a
+    query sees the appended rows."""
+    cases = []
+    seed = 120
+    for extra in ("bias_kv", "zero_attn", "bias_kv_zero_attn"):
+        ctor = {"embed_dim": 8, "num_heads": 2, "batch_first": True,
+                "add_bias_kv": "bias_kv" in extra, "add_zero_attn": "zero_attn" in extra}
+        for mask in ("causal", "causal_bool"):
+            for need in (True, False):
+                for kpm in (None, "bool"):
+                    seed += 1
+                    name = f"causal_{extra}_{'float' if mask == 'causal' else 'bool'}_mask" \
+                           f"_{'weights' if need else 'no_weights'}{'_kpm' if kpm else ''}"
+                    cases.append((mha_case(name, ctor, self_attn=True, mask=mask, kpm=kpm, s=5,
+                                           flags={"is_causal": True, "need_weights": need}, seed=seed), True))
+    return cases
+
+
+MHA_CASES += causal_extra_key_cases()
+
 LAYER_CASES = [
     encoder_case("enc_post_relu_eps", {"layer_norm_eps": 1e-3, "batch_first": True}, mask="bool", seed=201),
     encoder_case("enc_pre_gelu_eps", {"norm_first": True, "activation": "gelu", "layer_norm_eps": 0.05},

@@ -68,6 +68,8 @@ def mha_case(name, ctor, *, b=2, s=5, t=7, self_attn=False, flags=None, kpm=None
         kwargs["attn_mask"] = torch.randn(b * h, s, t, generator=gen)
     elif mask == "causal":
         kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(s)
+    elif mask == "causal_bool":
+        kwargs["attn_mask"] = torch.ones(s, t, dtype=torch.bool).triu(1)
     inputs.update(kwargs)
     call_flags = {"need_weights": flags.get("need_weights", True),
                   "average_attn_weights": flags.get("average_attn_weights", True),

@@ -1,0 +1,161 @@
+//! `MhaConfig` (the constructor arguments) and the widths it resolves to.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{AttnError, Result, Rope};
+
+/// Configuration of [`MultiHeadAttention`]: `nn.MultiheadAttention`'s constructor arguments
+/// with PyTorch's names and defaults, plus attn's extensions (`num_kv_heads`, `rope`, `alibi`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MhaConfig {
+    /// E, the model dim.
+    pub embed_dim: usize,
+    /// H, query heads; must divide `embed_dim`.
+    pub num_heads: usize,
+    /// G, key/value heads (grouped-query attention); must divide `num_heads`. Default `num_heads`.
+    #[serde(default)]
+    pub num_kv_heads: Option<usize>,
+    /// Biases on the input and output projections.
+    #[serde(default = "yes")]
+    pub bias: bool,
+    /// Learned key and value rows appended to every key and value sequence.
+    #[serde(default)]
+    pub add_bias_kv: bool,
+    /// A zero key and value appended to every sequence (after `add_bias_kv`).
+    #[serde(default)]
+    pub add_zero_attn: bool,
+    /// Width of the keys; default `embed_dim`.
+    #[serde(default)]
+    pub kdim: Option<usize>,
+    /// Width of the values; default `embed_dim`.
+    #[serde(default)]
+    pub vdim: Option<usize>,
+    /// Dropout probability: accepted for compatibility, ignored (inference).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Layout of inputs and outputs at the module's boundary (`batch_first` in PyTorch).
+    #[serde(default)]
+    pub batch_first: bool,
+    /// Rotary position embeddings on queries and keys.
+    #[serde(default)]
+    pub rope: Option<Rope>,
+    /// ALiBi distance penalties with the standard slopes.
+    #[serde(default)]
+    pub alibi: bool,
+}
+
+pub(super) fn yes() -> bool {
+    true
+}
+
+impl MhaConfig {
+    /// `embed_dim` and `num_heads` with every other field at PyTorch's default.
+    pub fn new(embed_dim: usize, num_heads: usize) -> Self {
+        MhaConfig {
+            embed_dim,
+            num_heads,
+            num_kv_heads: None,
+            bias: true,
+            add_bias_kv: false,
+            add_zero_attn: false,
+            kdim: None,
+            vdim: None,
+            dropout: 0.0,
+            batch_first: false,
+            rope: None,
+            alibi: false,
+        }
+    }
+
+    pub(super) fn dims(&self) -> Result<Dims> {
+        let invalid = |field: &'static str, got: String, expected: &str| AttnError::InvalidConfig {
+            field,
+            got,
+            expected: expected.to_string(),
+        };
+        let (e, h) = (self.embed_dim, self.num_heads);
+        if e == 0 {
+            return Err(invalid("embed_dim", e.to_string(), "at least 1"));
+        }
+        if h == 0 || e % h != 0 {
+            return Err(invalid(
+                "num_heads",
+                h.to_string(),
+                &format!("a divisor of embed_dim = {e}"),
+            ));
+        }
+        let g = self.num_kv_heads.unwrap_or(h);
+        if g == 0 || h % g != 0 {
+            return Err(invalid(
+                "num_kv_heads",
+                g.to_string(),
+                &format!("a divisor of num_heads = {h}"),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(invalid("dropout", self.dropout.to_string(), "a probability in [0, 1)"));
+        }
+        let kdim = self.kdim.unwrap_or(e);
+        let vdim = self.vdim.unwrap_or(e);
+        if kdim == 0 || vdim == 0 {
+            return Err(invalid("kdim", format!("{kdim} (vdim {vdim})"), "at least 1"));
+        }
+        let d = e / h;
+        if self.rope.is_some() && d % 2 != 0 {
+            return Err(invalid(
+                "rope",
+                format!("head dim {d}"),
+                "an even head dim (embed_dim / num_heads)",
+            ));
+        }
+        if self.rope.is_some() && (self.add_bias_kv || self.add_zero_attn) {
+            return Err(invalid(
+                "rope",
+                "set with add_bias_kv or add_zero_attn".into(),
+                "rope without appended key rows",
+            ));
+        }
+        Ok(Dims {
+            e,
+            kdim,
+            vdim,
+            h,
+            g,
+            d,
+            dv: d,
+            out: Some(e),
+        })
+    }
+}
+
+/// Resolved widths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Dims {
+    /// Query input width.
+    pub(super) e: usize,
+    pub(super) kdim: usize,
+    pub(super) vdim: usize,
+    pub(super) h: usize,
+    pub(super) g: usize,
+    pub(super) d: usize,
+    pub(super) dv: usize,
+    /// Output projection width (`None`: no output projection, single-head `Attention`).
+    pub(super) out: Option<usize>,
+}
+
+impl Dims {
+    pub(super) fn q_width(&self) -> usize {
+        self.h * self.d
+    }
+    pub(super) fn k_width(&self) -> usize {
+        self.g * self.d
+    }
+    pub(super) fn v_width(&self) -> usize {
+        self.g * self.dv
+    }
+    /// Whether Q, K and V share one input width, so one fused weight serves all three.
+    pub(super) fn fused(&self) -> bool {
+        self.kdim == self.e && self.vdim == self.e
+    }
+}

@@ -1,0 +1,108 @@
+//! What a forward call takes and returns: sequences in their layout, masks and flags in
+//! `nn.MultiheadAttention.forward`'s conventions, the output and weights.
+
+use crate::error::shape_error;
+use crate::{AttnError, KeyPadding, Result, ScoreMask};
+
+/// How a sequence tensor is laid out in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// `[B, L, E]` (PyTorch `batch_first=True`).
+    #[default]
+    BatchFirst,
+    /// `[L, B, E]` (PyTorch's default for `nn.MultiheadAttention`).
+    SeqFirst,
+}
+
+/// A batch of sequences of `dim`-wide vectors.
+#[derive(Debug, Clone, Copy)]
+pub struct Sequence<'a> {
+    /// The elements, `[B, L, dim]` or `[L, B, dim]` by `layout`.
+    pub data: &'a [f32],
+    /// B.
+    pub batch: usize,
+    /// L.
+    pub len: usize,
+    /// The vector width.
+    pub dim: usize,
+    /// The memory layout.
+    pub layout: Layout,
+}
+
+impl<'a> Sequence<'a> {
+    /// A batch-first sequence `[batch, len, dim]`.
+    pub fn batch_first(data: &'a [f32], batch: usize, len: usize, dim: usize) -> Self {
+        Sequence {
+            data,
+            batch,
+            len,
+            dim,
+            layout: Layout::BatchFirst,
+        }
+    }
+
+    pub(crate) fn check(&self, op: &'static str, name: &str, dim: usize) -> Result<()> {
+        let shape = match self.layout {
+            Layout::BatchFirst => ("[B, L, E]", [self.batch, self.len, self.dim]),
+            Layout::SeqFirst => ("[L, B, E]", [self.len, self.batch, self.dim]),
+        };
+        if self.dim != dim {
+            return Err(shape_error(op, name, format!("{} with E = {dim}", shape.0), &shape.1));
+        }
+        let needed = self.batch.checked_mul(self.len).and_then(|x| x.checked_mul(dim));
+        if needed != Some(self.data.len()) {
+            return Err(AttnError::BadTensorData {
+                name: name.to_string(),
+                shape: shape.1.to_vec(),
+                needed: needed.unwrap_or(usize::MAX),
+                len: self.data.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Strides `[B, L]` of token rows, in rows.
+    pub(crate) fn token_strides(&self) -> [usize; 2] {
+        match self.layout {
+            Layout::BatchFirst => [self.len, 1],
+            Layout::SeqFirst => [1, self.batch],
+        }
+    }
+}
+
+/// Which attention weights a forward call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NeedWeights {
+    /// None (the fastest path).
+    #[default]
+    No,
+    /// `[B, H, S, T]`.
+    PerHead,
+    /// `[B, S, T]`, the mean over heads (PyTorch's `average_attn_weights=True`).
+    Averaged,
+}
+
+/// Forward options in the conventions of `nn.MultiheadAttention.forward`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MhaOptions<'a> {
+    /// `attn_mask`: `[S, T]` or `[B·H, S, T]`; boolean `true` = masked out (PyTorch's module
+    /// convention; other conventions are allowed through [`BoolMeaning`]) or additive.
+    pub attn_mask: ScoreMask<'a>,
+    /// `key_padding_mask` `[B, T]` (boolean `true` = padding), or lengths.
+    pub key_padding: KeyPadding<'a>,
+    /// `is_causal`: queries attend only keys at or before their position (top-left aligned).
+    /// Applied together with `attn_mask` when both are given (PyTorch treats the flag as a
+    /// hint that the mask is causal; for a causal mask the two agree).
+    pub is_causal: bool,
+    /// Which weights to return.
+    pub need_weights: NeedWeights,
+}
+
+/// The result of a forward call.
+#[derive(Debug, Clone)]
+pub struct MhaOutput {
+    /// `[B, S, E]` (or `[S, B, E]`, the query's layout).
+    pub output: Vec<f32>,
+    /// `[B, S, T]` or `[B, H, S, T]` when asked for.
+    pub weights: Option<Vec<f32>>,
+}

@@ -1,0 +1,315 @@
+//! The projection weights under PyTorch's state-dict names, and the linear map that applies them.
+
+use attn_kernels::{gemm, Accum, Par, View2, ViewMut2};
+
+use super::Dims;
+use crate::error::shape_error;
+use crate::tensor::{expect_empty, take, StateDict, Tensor};
+use crate::{Result, Rope};
+
+/// The weights and the forward pass shared by [`MultiHeadAttention`] and [`Attention`].
+#[derive(Debug, Clone)]
+pub(super) struct Core {
+    pub(super) dims: Dims,
+    /// Fused: `[q_width + k_width + v_width, E]`; else `[q_width, E]`.
+    pub(super) w_q_or_qkv: Tensor,
+    /// Separate key and value weights when `kdim` or `vdim` differ from `E`.
+    pub(super) w_k: Option<Tensor>,
+    pub(super) w_v: Option<Tensor>,
+    /// `[q_width + k_width + v_width]`.
+    pub(super) b_qkv: Option<Tensor>,
+    pub(super) w_out: Option<Tensor>,
+    pub(super) b_out: Option<Tensor>,
+    /// `[k_width]` and `[v_width]` rows appended to keys and values.
+    pub(super) bias_kv: Option<(Tensor, Tensor)>,
+    pub(super) add_zero_attn: bool,
+    pub(super) rope: Option<Rope>,
+    pub(super) alibi: Option<Vec<f32>>,
+}
+
+/// A linear map of token rows: `dst[n, :] = x[n, :] · wᵀ (+ bias)` with `x: [N, in]`,
+/// `w: [out, in]` given as the rows `w_rows` of a row-major weight of width `in_dim`,
+/// `bias: [out]`, `dst: [N, out]` with row stride `dst_stride`.
+///
+/// The bias is written first and the GEMM adds to it, so the destination is visited once.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    dst: &mut [f32],
+    dst_stride: usize,
+    x: View2<'_, f32>,
+    w: &[f32],
+    w_rows: std::ops::Range<usize>,
+    in_dim: usize,
+    bias: Option<&[f32]>,
+    par: Par,
+) -> Result<()> {
+    let n = x.shape()[0];
+    let out = w_rows.len();
+    if n == 0 || out == 0 {
+        return Ok(());
+    }
+    let needed = (n - 1) * dst_stride + out;
+    if dst.len() < needed {
+        return Err(shape_error(
+            "project",
+            "destination",
+            format!("{needed} elements"),
+            &[dst.len()],
+        ));
+    }
+    let w_t = View2::new(
+        &w[w_rows.start * in_dim..w_rows.end * in_dim],
+        [in_dim, out],
+        [1, in_dim],
+    )?;
+    let accum = match bias {
+        Some(bias) => {
+            // The bias goes in first and the GEMM adds to it: one pass over the destination.
+            for row in 0..n {
+                dst[row * dst_stride..row * dst_stride + out].copy_from_slice(bias);
+            }
+            Accum::Add
+        }
+        None => Accum::Replace,
+    };
+    let dst_view = ViewMut2::new(&mut dst[..needed], [n, out], [dst_stride, 1])?;
+    gemm(dst_view, accum, x, w_t, 1.0, par)?;
+    Ok(())
+}
+
+pub(super) fn state_names(prefix_fused: bool, dims: &Dims, bias: bool, bias_kv: bool) -> Vec<String> {
+    let mut names = Vec::new();
+    if prefix_fused {
+        names.push("in_proj_weight".to_string());
+    } else {
+        names.extend(["q_proj_weight", "k_proj_weight", "v_proj_weight"].map(String::from));
+    }
+    if bias {
+        names.push("in_proj_bias".to_string());
+    }
+    if bias_kv {
+        names.extend(["bias_k", "bias_v"].map(String::from));
+    }
+    if dims.out.is_some() {
+        names.push("out_proj.weight".to_string());
+        if bias {
+            names.push("out_proj.bias".to_string());
+        }
+    }
+    names
+}
+
+impl Core {
+    pub(super) fn from_state_dict(
+        dims: Dims,
+        mut dict: StateDict,
+        bias: bool,
+        add_bias_kv: bool,
+        add_zero_attn: bool,
+    ) -> Result<Self> {
+        let (qw, kw, vw) = (dims.q_width(), dims.k_width(), dims.v_width());
+        let names = state_names(dims.fused(), &dims, bias, add_bias_kv);
+        let (w_q_or_qkv, w_k, w_v) = if dims.fused() {
+            (take(&mut dict, "in_proj_weight", &[qw + kw + vw, dims.e])?, None, None)
+        } else {
+            (
+                take(&mut dict, "q_proj_weight", &[qw, dims.e])?,
+                Some(take(&mut dict, "k_proj_weight", &[kw, dims.kdim])?),
+                Some(take(&mut dict, "v_proj_weight", &[vw, dims.vdim])?),
+            )
+        };
+        let b_qkv = if bias {
+            Some(take(&mut dict, "in_proj_bias", &[qw + kw + vw])?)
+        } else {
+            None
+        };
+        let bias_kv = if add_bias_kv {
+            let k = take(&mut dict, "bias_k", &[1, 1, kw])?;
+            let v = take(&mut dict, "bias_v", &[1, 1, vw])?;
+            Some((k, v))
+        } else {
+            None
+        };
+        let (w_out, b_out) = match dims.out {
+            Some(out) => (
+                Some(take(&mut dict, "out_proj.weight", &[out, dims.h * dims.dv])?),
+                if bias {
+                    Some(take(&mut dict, "out_proj.bias", &[out])?)
+                } else {
+                    None
+                },
+            ),
+            None => (None, None),
+        };
+        expect_empty(&dict, &names)?;
+        Ok(Core {
+            dims,
+            w_q_or_qkv,
+            w_k,
+            w_v,
+            b_qkv,
+            w_out,
+            b_out,
+            bias_kv,
+            add_zero_attn,
+            rope: None,
+            alibi: None,
+        })
+    }
+
+    pub(super) fn state_dict(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        let fused = self.dims.fused();
+        dict.insert(
+            if fused { "in_proj_weight" } else { "q_proj_weight" }.to_string(),
+            self.w_q_or_qkv.clone(),
+        );
+        if let (Some(k), Some(v)) = (&self.w_k, &self.w_v) {
+            dict.insert("k_proj_weight".into(), k.clone());
+            dict.insert("v_proj_weight".into(), v.clone());
+        }
+        if let Some(b) = &self.b_qkv {
+            dict.insert("in_proj_bias".into(), b.clone());
+        }
+        if let Some((k, v)) = &self.bias_kv {
+            dict.insert("bias_k".into(), k.clone());
+            dict.insert("bias_v".into(), v.clone());
+        }
+        if let Some(w) = &self.w_out {
+            dict.insert("out_proj.weight".into(), w.clone());
+        }
+        if let Some(b) = &self.b_out {
+            dict.insert("out_proj.bias".into(), b.clone());
+        }
+        dict
+    }
+
+    /// Weight rows and input width of the Q, K or V projection (`which` = 0, 1, 2).
+    pub(super) fn weight(&self, which: usize) -> (&[f32], std::ops::Range<usize>, usize) {
+        let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
+        if self.dims.fused() {
+            let rows = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
+            (self.w_q_or_qkv.data(), rows, self.dims.e)
+        } else {
+            match which {
+                0 => (self.w_q_or_qkv.data(), 0..qw, self.dims.e),
+                1 => (
+                    self.w_k.as_ref().expect("separate weights").data(),
+                    0..kw,
+                    self.dims.kdim,
+                ),
+                _ => (
+                    self.w_v.as_ref().expect("separate weights").data(),
+                    0..vw,
+                    self.dims.vdim,
+                ),
+            }
+        }
+    }
+
+    /// The bias of the Q, K or V projection (`which` = 0, 1, 2).
+    pub(super) fn bias(&self, which: usize) -> Option<&[f32]> {
+        let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
+        let range = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
+        Some(&self.b_qkv.as_ref()?.data()[range])
+    }
+}
+
+/// Deterministic weights for `dims` under the PyTorch names.
+pub(super) fn random_state_dict(dims: &Dims, bias: bool, bias_kv: bool, seed: u64) -> StateDict {
+    let mut init = crate::WeightInit::new(seed);
+    let mut next = |n: usize, fan_in: usize| init.uniform(vec![n], fan_in).into_data();
+    let (qw, kw, vw) = (dims.q_width(), dims.k_width(), dims.v_width());
+    let mut dict = StateDict::new();
+    let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
+        dict.insert(name.to_string(), Tensor::new(name, shape, data).expect("sizes agree"));
+    };
+    if dims.fused() {
+        put(
+            "in_proj_weight",
+            vec![qw + kw + vw, dims.e],
+            next((qw + kw + vw) * dims.e, dims.e),
+        );
+    } else {
+        put("q_proj_weight", vec![qw, dims.e], next(qw * dims.e, dims.e));
+        put("k_proj_weight", vec![kw, dims.kdim], next(kw * dims.kdim, dims.kdim));
+        put("v_proj_weight", vec![vw, dims.vdim], next(vw * dims.vdim, dims.vdim));
+    }
+    if bias {
+        put("in_proj_bias", vec![qw + kw + vw], next(qw + kw + vw, dims.e));
+    }
+    if bias_kv {
+        put("bias_k", vec![1, 1, kw], next(kw, dims.e));
+        put("bias_v", vec![1, 1, vw], next(vw, dims.e));
+    }
+    if let Some(out) = dims.out {
+        put(
+            "out_proj.weight",
+            vec![out, dims.h * dims.dv],
+            next(out * dims.h * dims.dv, dims.h * dims.dv),
+        );
+        if bias {
+            put("out_proj.bias", vec![out], next(out, dims.h * dims.dv));
+        }
+    }
+    dict
+}
+
+impl Core {
+    /// Like [`Core::from_state_dict`] but always with separate Q, K, V weights.
+    pub(super) fn from_state_dict_separate(dims: Dims, mut dict: StateDict, bias: bool) -> Result<Self> {
+        let (qw, kw, vw) = (dims.q_width(), dims.k_width(), dims.v_width());
+        let w_q = take(&mut dict, "q_proj_weight", &[qw, dims.e])?;
+        let w_k = take(&mut dict, "k_proj_weight", &[kw, dims.kdim])?;
+        let w_v = take(&mut dict, "v_proj_weight", &[vw, dims.vdim])?;
+        let b_qkv = if bias {
+            Some(take(&mut dict, "in_proj_bias", &[qw + kw + vw])?)
+        } else {
+            None
+        };
+        let mut names = vec![
+            "q_proj_weight".to_string(),
+            "k_proj_weight".into(),
+            "v_proj_weight".into(),
+        ];
+        if bias {
+            names.push("in_proj_bias".into());
+        }
+        expect_empty(&dict, &names)?;
+        // Stack the three weights when they share an input width, so `weight()` can index
+        // them as one fused tensor.
+        if dims.fused() {
+            let mut data = Vec::with_capacity((qw + kw + vw) * dims.e);
+            data.extend_from_slice(w_q.data());
+            data.extend_from_slice(w_k.data());
+            data.extend_from_slice(w_v.data());
+            let fused = Tensor::new("in_proj_weight", vec![qw + kw + vw, dims.e], data)?;
+            return Ok(Core {
+                dims,
+                w_q_or_qkv: fused,
+                w_k: None,
+                w_v: None,
+                b_qkv,
+                w_out: None,
+                b_out: None,
+                bias_kv: None,
+                add_zero_attn: false,
+                rope: None,
+                alibi: None,
+            });
+        }
+        Ok(Core {
+            dims,
+            w_q_or_qkv: w_q,
+            w_k: Some(w_k),
+            w_v: Some(w_v),
+            b_qkv,
+            w_out: None,
+            b_out: None,
+            bias_kv: None,
+            add_zero_attn: false,
+            rope: None,
+            alibi: None,
+        })
+    }
+}
