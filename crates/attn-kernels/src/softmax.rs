@@ -389,10 +389,10 @@ pub fn attention_weights(
                 let bc = (t - t0).min(KEYS);
                 if micro {
                     let index = (bi * g + gi) * key_blocks + block;
-                    let kt = &kt_packed[index * d * KEYS..(index + 1) * d * KEYS];
+                    let kt = &kt_packed[index * d * plan.kt_ld..(index + 1) * d * plan.kt_ld];
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2+FMA were detected; `q_tile` is [rows, D], `kt` is [D, KEYS]
-                    // (zero past `bc`), `scores` is [ROWS, KEYS].
+                    // SAFETY: AVX2+FMA were detected; `q_tile` is [rows, D], `kt` is [D, kt_ld]
+                    // (zero past `bc`, `pad_to_nr(bc) <= kt_ld`), `scores` is [ROWS, KEYS].
                     unsafe {
                         crate::tile::avx2::gemm::<false>(
                             rows,
@@ -401,7 +401,7 @@ pub fn attention_weights(
                             q_tile.as_ptr(),
                             d,
                             kt.as_ptr(),
-                            KEYS,
+                            plan.kt_ld,
                             scores.as_mut_ptr(),
                             KEYS,
                         )

@@ -1,0 +1,243 @@
+//! Flash-style attention forward: tiled over query rows and key blocks with an online softmax
+//! (FlashAttention-2 loop order), never materialising an `S×T` score matrix.
+//!
+//! Shapes: `q: [B, H, S, D]`, `k: [B, G, T, D]`, `v: [B, G, T, Dv]` -> `out: [B, H, S, Dv]`,
+//! `lse: [B, H, S]`; `G` divides `H` and query head `h` reads key/value head `h / (H / G)`.
+//!
+//! # How the work is cut
+//! The query rows that share one key/value head, `(s, h)` for the `H/G` heads of group `g`, are
+//! stacked into one sequence of `S·H/G` rows (s-major), so grouped-query and multi-query
+//! attention read each K/V tile once for all heads of the group, with no copy of K or V. That
+//! sequence is cut into tiles of [`BLOCK_ROWS`] rows; a task is one `(b, g, row tile, key split)`.
+//! The number of key splits is 1 unless there are fewer than [`MIN_TASKS`] tasks (decoding:
+//! `S = 1`, long `T`); then the keys are split so that all cores have work, and the partial
+//! results are merged in split order afterwards. Every choice depends on the shapes only, never
+//! on the thread count, and each row's arithmetic runs on one thread in a fixed order: results
+//! are bit-identical for any number of threads.
+//!
+//! # One tile, passes numbered as in the reference
+//! For each key block `[t0, t0 + bc)` of the tile's key range:
+//! - pass 1: `scores = (scale·q_tile) · k_blockᵀ` (the AVX2+FMA tile micro-kernel on K
+//!   transposed per block, or dot products on K in place for tiles of a few rows; faer's GEMM,
+//!   sequential, at the scalar level);
+//! - pass 2: mask, row max, `p = exp(scores - m_new)` and its row sum, the online update
+//!   `l = l·exp(m_old - m_new) + sum(p)`;
+//! - pass 3: rescale the accumulator rows by `exp(m_old - m_new)`;
+//! - pass 4: `acc += p · v_block` (the micro-kernel, or row AXPYs for tiles of a few rows; faer's
+//!   GEMM at the scalar level).
+//!
+//! Files: `plan.rs` validates a call and cuts its work, `tile.rs` runs one row tile's passes,
+//! `split_kv.rs` merges key splits, `tests.rs` checks all of it against the f64 reference.
+//!
+//! Finally `out = acc / l` and `lse = m + ln(l)`; a row that saw no key (`l = 0`) writes zeros
+//! and `lse = -inf`. Key blocks past the causal limit of the tile's last row, or past the
+//! batch's key length, are never visited. A row that comes out non-finite from a finite softmax
+//! is repaired afterwards so that hidden keys' values never reach it ([`crate::nonfinite`]).
+
+mod plan;
+mod split_kv;
+#[cfg(test)]
+mod tests;
+mod tile;
+
+pub(crate) use plan::{validate, validate_qk, Plan};
+pub(crate) use tile::pack_keys_transposed;
+use tile::{attend_tile, Scratch};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
+
+use crate::mask::resolve_scale;
+use crate::view::SharedMut;
+use crate::{AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
+
+/// Query rows per tile.
+pub const BLOCK_ROWS: usize = 64;
+/// Keys per block.
+pub const BLOCK_KEYS: usize = 128;
+/// Below this many `(b, g, row tile)` tasks the keys are split across tasks (decoding).
+pub const MIN_TASKS: usize = 32;
+/// Tiles of at most this many rows compute scores by dot products on keys in place.
+const DOT_ROWS_MAX: usize = 8;
+/// The smallest number of keys a split covers.
+const MIN_KEYS_PER_SPLIT: usize = 512;
+
+/// Flash-style attention: `q: [B, H, S, D]`, `k: [B, G, T, D]`, `v: [B, G, T, Dv]` ->
+/// `out: [B, H, S, Dv]` and optionally `lse: [B, H, S]` (natural log of each row's softmax
+/// denominator, `-inf` for a row with nothing to attend to).
+///
+/// All five are strided views, so `[B, S, H, D]` storage is passed as a permuted view without a
+/// copy. A row with nothing to attend to gets zeros. With `Par::Rayon` the work runs on the
+/// current rayon pool; the result is bit-identical to `Par::Seq`.
+///
+/// ```
+/// use attn_kernels::{flash_attention, AttentionOptions, Causal, Par, View4, ViewMut4};
+/// let (b, h, s, d) = (1, 2, 3, 4);
+/// let q: Vec<f32> = (0..b * h * s * d).map(|i| (i as f32 * 0.1).sin()).collect();
+/// let mut out = vec![0.0f32; b * h * s * d];
+/// let view = View4::contiguous(&q, [b, h, s, d]).unwrap();
+/// let options = AttentionOptions { causal: Causal::TopLeft, ..Default::default() };
+/// flash_attention(ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(), None, view, view, view, &options, Par::Seq).unwrap();
+/// // The first query of a causal call sees only the first key: its output is that key's value.
+/// assert_eq!(&out[..d], &q[..d]);
+/// ```
+pub fn flash_attention(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    flash_impl(out, lse, q, k, v, options, par, true)
+}
+
+/// [`flash_attention`], with the repair of values that rows cannot see (see
+/// [`crate::nonfinite`]) switched by `repair`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_impl(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    repair: bool,
+) -> Result<(), KernelError> {
+    let plan = validate(
+        "flash_attention",
+        out.shape(),
+        lse.as_ref().map(|l| l.shape()),
+        &q,
+        &k,
+        &v,
+        options,
+    )?;
+    let mut out = out;
+    let mut lse = lse;
+    let dst = Dst {
+        out: SharedMut(out.data_mut().as_mut_ptr()),
+        out_strides: out.strides(),
+        lse: lse
+            .as_mut()
+            .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides())),
+    };
+    let scale = resolve_scale(options, plan.d);
+    let micro = crate::simd::simd_level() == crate::SimdLevel::Avx2Fma;
+    // When several row tiles read the same keys, transpose K once for the whole call rather
+    // than once per tile: `[B, G, key blocks, D, kt_ld]`, zero past T.
+    let kt_packed = (micro && plan.row_tiles > 1).then(|| pack_keys_transposed(&plan, &k, par));
+    let ops = Operands {
+        q,
+        k,
+        v,
+        options,
+        scale,
+        kt_packed: kt_packed.as_deref(),
+        micro,
+    };
+    let spoilt = if plan.splits == 1 {
+        attend_unsplit(&plan, &ops, dst, par)
+    } else {
+        split_kv::attend_split(&plan, &ops, dst, par)
+    };
+    if repair && spoilt {
+        crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
+            flash_impl(out, Some(lse), q, k, v, options, par, false)
+        })?;
+    }
+    Ok(())
+}
+
+/// One task per `(b, g, row tile)` over all keys, each writing its rows. Returns whether a row
+/// came out non-finite from a finite softmax (a non-finite value reached it).
+fn attend_unsplit(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bool {
+    let spoilt_rows = AtomicBool::new(false);
+    let run = |scratch: &mut Scratch, task: usize| {
+        let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
+        let (b, g) = (bg / plan.g, bg % plan.g);
+        let rows = attend_tile(scratch, plan, ops, [b, g, tile], 0..plan.t);
+        for i in 0..rows {
+            let (s, h) = row_position(plan, g, tile * BLOCK_ROWS + i);
+            let acc_row = &scratch.acc[i * plan.dv_pad..i * plan.dv_pad + plan.dv];
+            // SAFETY: `(b, h, s)` is in bounds and belongs to this task alone.
+            let spoilt = unsafe { dst.write_row([b, h, s], acc_row, scratch.l[i], scratch.m[i]) };
+            if spoilt {
+                spoilt_rows.store(true, Ordering::Relaxed);
+            }
+        }
+    };
+    run_tasks(plan.b * plan.g * plan.row_tiles, par, plan, run);
+    spoilt_rows.load(Ordering::Relaxed)
+}
+
+/// The inputs of one call as the tiles see them.
+#[derive(Clone, Copy)]
+struct Operands<'a, 'o> {
+    q: View4<'a, f32>,
+    k: View4<'a, f32>,
+    v: View4<'a, f32>,
+    options: &'o AttentionOptions<'a>,
+    scale: f32,
+    /// K transposed per key block, when packed once for the call.
+    kt_packed: Option<&'o [f32]>,
+    /// Whether the AVX2+FMA micro-kernels run the tile GEMMs.
+    micro: bool,
+}
+
+/// Runs `body(scratch, task)` for every task, sequentially or on the rayon pool.
+fn run_tasks(tasks: usize, par: Par, plan: &Plan, body: impl Fn(&mut Scratch, usize) + Sync + Send) {
+    match par {
+        Par::Seq => {
+            let mut scratch = Scratch::new(plan);
+            (0..tasks).for_each(|task| body(&mut scratch, task));
+        }
+        Par::Rayon => (0..tasks).into_par_iter().for_each_init(|| Scratch::new(plan), body),
+    }
+}
+
+/// The `(s, h)` of stacked row `r` of group `g`.
+#[inline]
+fn row_position(plan: &Plan, g: usize, r: usize) -> (usize, usize) {
+    (r / plan.rep, g * plan.rep + r % plan.rep)
+}
+
+/// Where a call's rows go: `out: [B, H, S, Dv]` and optionally `lse: [B, H, S]`, shared by the
+/// tasks, each of which writes its own rows.
+#[derive(Clone, Copy)]
+struct Dst {
+    out: SharedMut,
+    out_strides: [usize; 4],
+    lse: Option<(SharedMut, [usize; 3])>,
+}
+
+impl Dst {
+    /// Writes `out[b, h, s, :] = acc / l` and `lse[b, h, s] = m + ln(l)`; zeros and `-inf` if
+    /// `l = 0`. Returns whether the row must be repaired ([`crate::nonfinite::spoiled`]).
+    ///
+    /// # Safety
+    /// `(b, h, s)` must be in bounds of both destinations, `acc` must hold `Dv` values, and no
+    /// other thread may write that row.
+    #[inline]
+    unsafe fn write_row(&self, [b, h, s]: [usize; 3], acc: &[f32], l: f32, m: f32) -> bool {
+        let strides = self.out_strides;
+        let base = b * strides[0] + h * strides[1] + s * strides[2];
+        let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
+        let mut finite = true;
+        for (j, &a) in acc.iter().enumerate() {
+            let x = if l == 0.0 { 0.0 } else { a * inv };
+            finite &= x.is_finite();
+            // SAFETY: in bounds by the caller's contract; the row is this task's alone.
+            unsafe { *self.out.get().add(base + j * strides[3]) = x };
+        }
+        if let Some((ptr, st)) = self.lse {
+            let value = if l == 0.0 { f32::NEG_INFINITY } else { m + l.ln() };
+            // SAFETY: as above.
+            unsafe { *ptr.get().add(b * st[0] + h * st[1] + s * st[2]) = value };
+        }
+        crate::nonfinite::spoiled(m, l, !finite)
+    }
+}

@@ -1,0 +1,695 @@
+//! The flash kernel against the f64 reference and the unfused path: block edges, masks,
+//! causal alignments, strides, split-KV, non-finite values, and a proptest over all of them.
+
+use super::*;
+use crate::testing::{assert_close, random_vec};
+use crate::{attention_reference, attention_unfused, broadcast_to, Causal, Mask};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+enum MaskKind {
+    None,
+    /// Boolean, with the given shape selector.
+    Allowed(MaskShape),
+    /// Additive, with some `-inf` entries.
+    Additive(MaskShape),
+    /// Boolean, `true` = masked out.
+    Disallowed(MaskShape),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum MaskShape {
+    Full,
+    TwoD,
+    Padding,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    b: usize,
+    h: usize,
+    g: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    dv: usize,
+    /// Store q, k, v and out as `[B, S, H, D]` and pass permuted views.
+    bshd: bool,
+    causal: Causal,
+    mask: MaskKind,
+    lengths: bool,
+    /// A second, `[B, T]` key-padding mask (`true` = masked out).
+    key_mask: bool,
+    /// ALiBi slopes per head.
+    alibi: bool,
+    scale: Option<f32>,
+    /// Multiplies q, for large logits.
+    magnitude: f32,
+}
+
+impl Case {
+    fn new(b: usize, h: usize, g: usize, s: usize, t: usize, d: usize, dv: usize) -> Self {
+        Case {
+            b,
+            h,
+            g,
+            s,
+            t,
+            d,
+            dv,
+            bshd: false,
+            causal: Causal::None,
+            mask: MaskKind::None,
+            lengths: false,
+            key_mask: false,
+            alibi: false,
+            scale: None,
+            magnitude: 1.0,
+        }
+    }
+}
+
+/// A `[B, X, L, W]` tensor, stored either as such or as `[B, L, X, W]`, seen as the former.
+fn view4(data: &[f32], [b, x, l, w]: [usize; 4], bshd: bool) -> View4<'_, f32> {
+    if bshd {
+        View4::contiguous(data, [b, l, x, w])
+            .unwrap()
+            .permuted([0, 2, 1, 3])
+            .unwrap()
+    } else {
+        View4::contiguous(data, [b, x, l, w]).unwrap()
+    }
+}
+
+fn view4_mut(data: &mut [f32], [b, x, l, w]: [usize; 4], bshd: bool) -> ViewMut4<'_, f32> {
+    if bshd {
+        ViewMut4::contiguous(data, [b, l, x, w])
+            .unwrap()
+            .permuted([0, 2, 1, 3])
+            .unwrap()
+    } else {
+        ViewMut4::contiguous(data, [b, x, l, w]).unwrap()
+    }
+}
+
+type Output = (Vec<f32>, Vec<f32>);
+type Kernel<'k> = dyn Fn(ViewMut4<'_, f32>, ViewMut<'_, f32, 3>, Par) + 'k;
+
+/// The largest error against the f64 reference measured over these tests, as
+/// `|got - want| / (1 + |want|)`: 1.2e-6 (additive masks of ±3 on the scores), on AVX2+FMA
+/// and the scalar path, for scores of order 1 (larger scores add their own rounding, see
+/// `check`). The bound is about 8× that. A flash rescale off by 1e-4, or a key block
+/// dropped, is far outside.
+const TOLERANCE: f64 = 1e-5;
+
+/// Runs `case` through the reference, the flash kernel (sequential, 1, 2, 3, 8 threads and
+/// the machine's count) and the unfused path; asserts agreement within [`TOLERANCE`] and
+/// bit-identity of `out` and `lse` across thread counts.
+fn check(case: Case) {
+    let Case {
+        b,
+        h,
+        g,
+        s,
+        t,
+        d,
+        dv,
+        bshd,
+        ..
+    } = case;
+    let mut q = random_vec(b * h * s * d, 11);
+    q.iter_mut().for_each(|x| *x *= case.magnitude);
+    let k = random_vec(b * g * t * d, 12);
+    let v = random_vec(b * g * t * dv, 13);
+    let target = [b, h, s, t];
+    let mask_shape: Vec<usize> = match case.mask {
+        MaskKind::None => vec![],
+        MaskKind::Allowed(sh) | MaskKind::Additive(sh) | MaskKind::Disallowed(sh) => match sh {
+            MaskShape::Full => vec![b, h, s, t],
+            MaskShape::TwoD => vec![s, t],
+            MaskShape::Padding => vec![b, 1, 1, t],
+        },
+    };
+    let n_mask: usize = mask_shape.iter().product();
+    let raw = random_vec(n_mask, 14);
+    let allowed: Vec<bool> = raw.iter().map(|&x| x > -0.5).collect();
+    let additive: Vec<f32> = raw
+        .iter()
+        .map(|&x| if x < -0.8 { f32::NEG_INFINITY } else { x * 3.0 })
+        .collect();
+    let mask = match case.mask {
+        MaskKind::None => Mask::None,
+        MaskKind::Allowed(_) => Mask::Allowed(broadcast_to(&allowed, &mask_shape, target).unwrap()),
+        MaskKind::Additive(_) => Mask::Additive(broadcast_to(&additive, &mask_shape, target).unwrap()),
+        MaskKind::Disallowed(_) => Mask::Disallowed(broadcast_to(&allowed, &mask_shape, target).unwrap()),
+    };
+    let padding: Vec<bool> = random_vec(b * t, 15).iter().map(|&x| x > 0.6).collect();
+    let key_mask = if case.key_mask {
+        Mask::Disallowed(broadcast_to(&padding, &[b, 1, 1, t], target).unwrap())
+    } else {
+        Mask::None
+    };
+    let slopes: Vec<f32> = (0..h).map(|i| 0.5f32.powi(i as i32 + 1)).collect();
+    let lengths: Vec<usize> = (0..b).map(|i| (t * (i + 1) / (b + 1)).min(t)).collect();
+    let options = AttentionOptions {
+        scale: case.scale,
+        mask,
+        causal: case.causal,
+        key_lengths: case.lengths.then_some(&lengths[..]),
+        key_mask,
+        alibi_slopes: case.alibi.then_some(&slopes[..]),
+    };
+    let (qv, kv, vv) = (
+        view4(&q, [b, h, s, d], bshd),
+        view4(&k, [b, g, t, d], bshd),
+        view4(&v, [b, g, t, dv], bshd),
+    );
+    let reference = attention_reference(qv, kv, vv, &options);
+    let mut want = vec![0.0f64; b * h * s * dv];
+    // The reference is [B, H, S, Dv]; lay it out as the outputs are stored.
+    for bi in 0..b {
+        for hi in 0..h {
+            for si in 0..s {
+                for j in 0..dv {
+                    let src = ((bi * h + hi) * s + si) * dv + j;
+                    let dst = if bshd { ((bi * s + si) * h + hi) * dv + j } else { src };
+                    want[dst] = reference.out[src];
+                }
+            }
+        }
+    }
+
+    let run = |f: &Kernel<'_>, par: Par| -> Output {
+        let mut out = vec![f32::NAN; b * h * s * dv];
+        let mut lse = vec![f32::NAN; b * h * s];
+        f(
+            view4_mut(&mut out, [b, h, s, dv], bshd),
+            ViewMut::contiguous(&mut lse, [b, h, s]).unwrap(),
+            par,
+        );
+        (out, lse)
+    };
+    let flash = |out: ViewMut4<'_, f32>, lse: ViewMut<'_, f32, 3>, par: Par| {
+        flash_attention(out, Some(lse), qv, kv, vv, &options, par).unwrap()
+    };
+    let unfused = |out: ViewMut4<'_, f32>, lse: ViewMut<'_, f32, 3>, par: Par| {
+        attention_unfused(out, Some(lse), qv, kv, vv, &options, par).unwrap()
+    };
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    let seq = run(&flash, Par::Seq);
+    let one = pool(1).install(|| run(&flash, Par::Rayon));
+    let two = pool(2).install(|| run(&flash, Par::Rayon));
+    let fused_unfused = pool(2).install(|| run(&unfused, Par::Rayon));
+    let what = format!("{case:?}");
+    // The fast paths round scores to f32: an absolute error of up to half an ulp of the
+    // largest score, which the softmax carries into the weights and the output (measured:
+    // 2.7e-5 with ALiBi biases of -540 at T = 1100; 9.5e-5 in the weights with logits of
+    // 1e4). The bound adds two epsilons of the largest visible score.
+    let tol = TOLERANCE + 2.0 * f32::EPSILON as f64 * reference.max_abs_score;
+    assert_close(&seq.0, &want, tol, tol, &format!("flash out {what}"));
+    assert_close(&seq.1, &reference.lse, tol, tol, &format!("flash lse {what}"));
+    assert_close(&fused_unfused.0, &want, tol, tol, &format!("unfused out {what}"));
+    assert_close(
+        &fused_unfused.1,
+        &reference.lse,
+        tol,
+        tol,
+        &format!("unfused lse {what}"),
+    );
+    let bits = |o: &Output| {
+        (
+            o.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            o.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(bits(&seq), bits(&one), "1 thread differs from sequential: {what}");
+    assert_eq!(bits(&seq), bits(&two), "2 threads differ from sequential: {what}");
+    // More threads than this machine's cores, and the machine's own count.
+    let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for n in [3, 8, machine] {
+        let many = pool(n).install(|| run(&flash, Par::Rayon));
+        assert_eq!(bits(&seq), bits(&many), "{n} threads differ from sequential: {what}");
+    }
+    assert!(seq.0.iter().all(|x| !x.is_nan()), "NaN in output: {what}");
+
+    // Weights from the LSE, per head and averaged over heads.
+    let lse_view = crate::View::contiguous(&seq.1[..], [b, h, s]).unwrap();
+    let mut per_head = vec![f32::NAN; b * h * s * t];
+    let dst = crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut per_head, [b, h, s, t]).unwrap());
+    crate::attention_weights(dst, qv, kv, lse_view, &options, Par::Rayon).unwrap();
+    assert_close(&per_head, &reference.weights, tol, tol, &format!("weights {what}"));
+    let mut averaged = vec![f32::NAN; b * s * t];
+    let dst = crate::WeightsDst::Averaged(ViewMut::contiguous(&mut averaged, [b, s, t]).unwrap());
+    crate::attention_weights(dst, qv, kv, lse_view, &options, Par::Rayon).unwrap();
+    let mut want_avg = vec![0.0f64; b * s * t];
+    for bi in 0..b {
+        for hi in 0..h {
+            for i in 0..s * t {
+                want_avg[bi * s * t + i] += reference.weights[(bi * h + hi) * s * t + i] / h as f64;
+            }
+        }
+    }
+    assert_close(&averaged, &want_avg, tol, tol, &format!("averaged weights {what}"));
+}
+
+#[test]
+fn block_edges() {
+    for &n in &[1, 15, 16, 17, 63, 64, 65, 129] {
+        check(Case::new(1, 2, 2, n, n, 16, 16));
+        check(Case::new(1, 1, 1, n, 130, 7, 5));
+    }
+}
+
+#[test]
+fn odd_head_dims_and_dv() {
+    for &(d, dv) in &[(1, 1), (3, 9), (33, 17), (64, 128), (129, 3)] {
+        check(Case::new(2, 2, 1, 19, 37, d, dv));
+    }
+}
+
+#[test]
+fn causal_alignments() {
+    for causal in [Causal::TopLeft, Causal::BottomRight] {
+        for &(s, t) in &[(1, 1), (1, 300), (70, 70), (70, 200), (200, 70), (129, 129)] {
+            let mut case = Case::new(1, 4, 2, s, t, 16, 16);
+            case.causal = causal;
+            check(case);
+        }
+    }
+}
+
+#[test]
+fn masks_and_padding() {
+    for mask in [
+        MaskKind::Allowed(MaskShape::Full),
+        MaskKind::Allowed(MaskShape::TwoD),
+        MaskKind::Allowed(MaskShape::Padding),
+        MaskKind::Additive(MaskShape::Full),
+        MaskKind::Additive(MaskShape::TwoD),
+        MaskKind::Additive(MaskShape::Padding),
+        MaskKind::Disallowed(MaskShape::Full),
+        MaskKind::Disallowed(MaskShape::TwoD),
+    ] {
+        let mut case = Case::new(2, 4, 2, 33, 150, 8, 8);
+        case.mask = mask;
+        check(case);
+        case.lengths = true;
+        case.causal = Causal::BottomRight;
+        check(case);
+        case.key_mask = true;
+        case.alibi = true;
+        check(case);
+    }
+}
+
+#[test]
+fn strided_layout_and_custom_scale() {
+    let mut case = Case::new(2, 6, 3, 40, 70, 12, 20);
+    case.bshd = true;
+    case.scale = Some(0.3);
+    case.causal = Causal::TopLeft;
+    check(case);
+}
+
+#[test]
+fn operands_with_non_unit_inner_strides() {
+    // Q stored as [B, H, D, S], K as [B, G, D, T], V as [B, G, Dv, T] and the masks as
+    // [B, H, T, S]: all seen through transposed views, on prefill tiles, decoding tiles
+    // (keys read in place by dot products), value widths that are and are not a multiple of
+    // the micro-kernel width, and split-KV.
+    for &(b, h, g, s, t, d, dv) in &[
+        (2, 4, 2, 70, 150, 12, 10),
+        (1, 2, 1, 70, 150, 8, 16),
+        (2, 2, 2, 1, 150, 12, 16),
+        (1, 2, 1, 3, 1100, 8, 16),
+    ] {
+        let q_store = random_vec(b * h * d * s, 1);
+        let k_store = random_vec(b * g * d * t, 2);
+        let v_store = random_vec(b * g * dv * t, 3);
+        let transposed = |data, shape| View4::contiguous(data, shape).unwrap().permuted([0, 1, 3, 2]).unwrap();
+        let (qv, kv, vv) = (
+            transposed(&q_store, [b, h, d, s]),
+            transposed(&k_store, [b, g, d, t]),
+            transposed(&v_store, [b, g, dv, t]),
+        );
+        let raw = random_vec(b * h * t * s, 4);
+        let additive: Vec<f32> = raw.iter().map(|&x| x * 2.0).collect();
+        let allowed: Vec<bool> = raw.iter().map(|&x| x > -0.6).collect();
+        let masks = [
+            Mask::None,
+            Mask::Additive(transposed(&additive, [b, h, t, s])),
+            Mask::Allowed(
+                View4::contiguous(&allowed, [b, h, t, s])
+                    .unwrap()
+                    .permuted([0, 1, 3, 2])
+                    .unwrap(),
+            ),
+        ];
+        for (causal, mask) in [Causal::None, Causal::BottomRight]
+            .into_iter()
+            .flat_map(|c| masks.iter().map(move |m| (c, m)))
+        {
+            let options = AttentionOptions {
+                causal,
+                mask: *mask,
+                ..Default::default()
+            };
+            let want = attention_reference(qv, kv, vv, &options);
+            let mut out = vec![0.0f32; b * h * s * dv];
+            flash_attention(
+                ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
+                None,
+                qv,
+                kv,
+                vv,
+                &options,
+                Par::Rayon,
+            )
+            .unwrap();
+            let tol = TOLERANCE + 2.0 * f32::EPSILON as f64 * want.max_abs_score;
+            let what = format!("transposed q, k, v, mask: {:?}", (b, h, g, s, t, d, dv, causal));
+            assert_close(&out, &want.out, tol, tol, &what);
+        }
+    }
+}
+
+/// The split-KV merge keeps the non-finite policy: a NaN query makes its row NaN, and so does
+/// a split whose every visible key has a NaN score, though the other split is finite.
+#[test]
+fn split_kv_rows_with_nan_scores_are_nan() {
+    let (s, t, d) = (1, 1100, 8);
+    let plan = Plan::new([1, 1, s, d], [1, t, d]);
+    assert_eq!(plan.splits, 2, "expected two splits");
+    let split = plan.keys_per_split;
+    let v = random_vec(t * d, 3);
+    for nan_query in [true, false] {
+        let mut q = random_vec(s * d, 1);
+        let mut k = random_vec(t * d, 2);
+        if nan_query {
+            q[3] = f32::NAN;
+        } else {
+            k[split * d..].iter_mut().step_by(d).for_each(|x| *x = f32::NAN);
+        }
+        let (mut out, mut lse) = (vec![0.0f32; s * d], vec![0.0f32; s]);
+        flash_attention(
+            ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap(),
+            Some(ViewMut::contiguous(&mut lse, [1, 1, s]).unwrap()),
+            View4::contiguous(&q, [1, 1, s, d]).unwrap(),
+            View4::contiguous(&k, [1, 1, t, d]).unwrap(),
+            View4::contiguous(&v, [1, 1, t, d]).unwrap(),
+            &AttentionOptions::default(),
+            Par::Seq,
+        )
+        .unwrap();
+        assert!(out.iter().all(|x| x.is_nan()), "nan_query={nan_query}: {out:?}");
+        assert!(lse[0].is_nan(), "nan_query={nan_query}: lse {}", lse[0]);
+    }
+}
+
+#[test]
+fn decode_split_kv() {
+    // One query per head, few heads, long keys: the split-KV path.
+    for &(h, g, t) in &[(1, 1, 5000), (8, 2, 4096), (4, 4, 1025)] {
+        let mut case = Case::new(1, h, g, 1, t, 32, 32);
+        assert!(
+            Plan::new([1, h, 1, 32], [g, t, 32]).splits > 1,
+            "expected a split plan for {case:?}"
+        );
+        check(case);
+        case.lengths = true;
+        case.mask = MaskKind::Additive(MaskShape::Padding);
+        check(case);
+    }
+}
+
+#[test]
+fn fully_masked_rows_give_zeros_and_neg_inf_lse() {
+    let (b, h, s, t, d) = (1, 1, 3, 200, 8);
+    let q = random_vec(b * h * s * d, 1);
+    let k = random_vec(b * h * t * d, 2);
+    // Row 1 may attend nothing.
+    let allowed: Vec<bool> = (0..s * t).map(|i| i / t != 1).collect();
+    let options = AttentionOptions {
+        mask: Mask::Allowed(broadcast_to(&allowed, &[s, t], [b, h, s, t]).unwrap()),
+        ..Default::default()
+    };
+    let qv = View4::contiguous(&q, [b, h, s, d]).unwrap();
+    let kv = View4::contiguous(&k, [b, h, t, d]).unwrap();
+    for unfused in [false, true] {
+        let mut out = vec![f32::NAN; b * h * s * d];
+        let mut lse = vec![0.0f32; s];
+        let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+        let l = Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap());
+        if unfused {
+            attention_unfused(o, l, qv, kv, kv, &options, Par::Seq).unwrap();
+        } else {
+            flash_attention(o, l, qv, kv, kv, &options, Par::Seq).unwrap();
+        }
+        assert!(
+            out[d..2 * d].iter().all(|&x| x == 0.0),
+            "unfused={unfused}: {:?}",
+            &out[d..2 * d]
+        );
+        assert_eq!(lse[1], f32::NEG_INFINITY);
+        assert!(lse[0].is_finite() && lse[2].is_finite());
+        assert!(out.iter().all(|x| x.is_finite()));
+    }
+    // No keys at all.
+    let mut out = vec![f32::NAN; b * h * s * d];
+    let empty: [f32; 0] = [];
+    let ke = View4::contiguous(&empty, [b, h, 0, d]).unwrap();
+    flash_attention(
+        ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+        None,
+        qv,
+        ke,
+        ke,
+        &AttentionOptions::default(),
+        Par::Seq,
+    )
+    .unwrap();
+    assert!(out.iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn large_logits_neither_overflow_nor_lose_the_row() {
+    let mut case = Case::new(1, 2, 2, 17, 300, 16, 16);
+    // |q·k|·scale reaches the order of 1e4.
+    case.magnitude = 1e4;
+    check(case);
+    case.causal = Causal::TopLeft;
+    case.mask = MaskKind::Additive(MaskShape::Full);
+    check(case);
+}
+
+#[test]
+fn huge_finite_mask_values_behave_as_in_pytorch() {
+    // A row whose every score is pushed to -1e30 by an additive mask is still a softmax over
+    // equal values (uniform weights), as in PyTorch; only -inf (or a boolean) empties a row.
+    // Scores of +1e30 win outright without overflowing.
+    let (s, t, d) = (3, 5, 4);
+    let q = random_vec(s * d, 1);
+    let k = random_vec(t * d, 2);
+    let v: Vec<f32> = (0..t * d).map(|i| (i / d) as f32).collect(); // value row j is all j
+    let mut mask = vec![0.0f32; s * t];
+    mask[..t].fill(-1e30); // row 0: every key at -1e30
+    mask[t + 3] = 1e30; // row 1: key 3 at +1e30
+    mask[2 * t..3 * t].fill(f32::NEG_INFINITY); // row 2: nothing visible
+    let options = AttentionOptions {
+        mask: Mask::Additive(View4::contiguous(&mask, [1, 1, s, t]).unwrap()),
+        ..Default::default()
+    };
+    let (qv, kv, vv) = (
+        View4::contiguous(&q, [1, 1, s, d]).unwrap(),
+        View4::contiguous(&k, [1, 1, t, d]).unwrap(),
+        View4::contiguous(&v, [1, 1, t, d]).unwrap(),
+    );
+    for unfused in [false, true] {
+        let mut out = vec![f32::NAN; s * d];
+        let o = ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap();
+        if unfused {
+            attention_unfused(o, None, qv, kv, vv, &options, Par::Seq).unwrap();
+        } else {
+            flash_attention(o, None, qv, kv, vv, &options, Par::Seq).unwrap();
+        }
+        // Uniform over values 0..5: mean 2 (to the rounding of scores near -1e30).
+        assert!(
+            out[..d].iter().all(|&x| (x - 2.0).abs() < 1e-3),
+            "unfused={unfused}: {:?}",
+            &out[..d]
+        );
+        assert!(
+            out[d..2 * d].iter().all(|&x| x == 3.0),
+            "unfused={unfused}: {:?}",
+            &out[d..2 * d]
+        );
+        assert!(
+            out[2 * d..].iter().all(|&x| x == 0.0),
+            "unfused={unfused}: {:?}",
+            &out[2 * d..]
+        );
+    }
+}
+
+#[test]
+fn shape_errors_name_the_tensor() {
+    let x = [0.0f32; 64];
+    let q = View4::contiguous(&x[..48], [1, 3, 4, 4]).unwrap();
+    let k = View4::contiguous(&x[..32], [1, 2, 4, 4]).unwrap();
+    let mut o = [0.0f32; 48];
+    let err = flash_attention(
+        ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
+        None,
+        q,
+        k,
+        k,
+        &Default::default(),
+        Par::Seq,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        KernelError::HeadsNotDivisible {
+            op: "flash_attention",
+            n_heads: 3,
+            n_kv_heads: 2
+        }
+    );
+    let k = View4::contiguous(&x[..48], [1, 3, 4, 4]).unwrap();
+    let v = View4::contiguous(&x[..36], [1, 3, 3, 4]).unwrap();
+    let err = flash_attention(
+        ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
+        None,
+        q,
+        k,
+        v,
+        &Default::default(),
+        Par::Seq,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        KernelError::ShapeMismatch {
+            op: "flash_attention",
+            tensor: "v",
+            expected: vec![1, 3, 4, 4],
+            got: vec![1, 3, 3, 4]
+        }
+    );
+    let lengths = [5usize];
+    let options = AttentionOptions {
+        key_lengths: Some(&lengths),
+        ..Default::default()
+    };
+    let err = flash_attention(
+        ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
+        None,
+        q,
+        k,
+        k,
+        &options,
+        Par::Seq,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        KernelError::KeyLengthTooLarge {
+            op: "flash_attention",
+            batch: 0,
+            length: 5,
+            n_keys: 4
+        }
+    );
+}
+
+/// Query lengths around the row-tile edges (64 rows; 128 and 256 rows, two and four tiles).
+const QUERY_LENGTHS: [usize; 14] = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257];
+/// Key lengths around the key-block edges (128 and 256 keys: a partial last block, the
+/// online rescale across blocks), and past `2·MIN_KEYS_PER_SPLIT`, where calls with few
+/// tasks split the keys and merge the partial results.
+const KEY_LENGTHS: [usize; 16] = [
+    1, 2, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1023, 1024, 1025, 1100,
+];
+
+fn arb_case() -> impl Strategy<Value = Case> {
+    (
+        (
+            1usize..3,
+            prop::sample::select(vec![(1usize, 1usize), (2, 1), (2, 2), (4, 1), (6, 3)]),
+        ),
+        (
+            prop::sample::select(QUERY_LENGTHS.to_vec()),
+            prop::sample::select(KEY_LENGTHS.to_vec()),
+            prop::sample::select(vec![1usize, 3, 8, 17, 64]),
+        ),
+        (
+            any::<bool>(),
+            0usize..3,
+            0usize..8,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+    )
+        .prop_map(
+            |((b, (h, g)), (s, t, d), (bshd, causal, mask, lengths, key_mask, alibi))| {
+                let mut case = Case::new(b, h, g, s, t, d, if d % 2 == 0 { d } else { d + 2 });
+                case.bshd = bshd;
+                case.causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][causal];
+                case.mask = match mask {
+                    0 => MaskKind::None,
+                    1 => MaskKind::Allowed(MaskShape::Full),
+                    2 => MaskKind::Allowed(MaskShape::TwoD),
+                    3 => MaskKind::Allowed(MaskShape::Padding),
+                    4 => MaskKind::Additive(MaskShape::Full),
+                    5 => MaskKind::Additive(MaskShape::TwoD),
+                    6 => MaskKind::Disallowed(MaskShape::Full),
+                    _ => MaskKind::Additive(MaskShape::Padding),
+                };
+                case.lengths = lengths;
+                case.key_mask = key_mask;
+                case.alibi = alibi;
+                case
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #[test]
+    fn flash_matches_reference_for_every_shape(case in arb_case()) {
+        check(case);
+    }
+}
+
+#[test]
+fn transposed_keys_are_sized_by_the_real_key_count() {
+    // Before, every block was `[D, BLOCK_KEYS]`: 32× the size of K at T = 4.
+    for (t, ld) in [
+        (1, 16),
+        (4, 16),
+        (16, 16),
+        (17, 32),
+        (100, 112),
+        (128, 128),
+        (129, 128),
+        (300, 128),
+    ] {
+        let plan = Plan::new([2, 4, 200, 8], [2, t, 8]);
+        assert_eq!(plan.kt_ld, ld, "T = {t}");
+        let k_data = random_vec(2 * 2 * t * 8, t as u64);
+        let k = View4::contiguous(&k_data, [2, 2, t, 8]).unwrap();
+        let packed = pack_keys_transposed(&plan, &k, Par::Seq);
+        assert_eq!(packed.len(), 2 * 2 * t.div_ceil(BLOCK_KEYS) * 8 * ld, "T = {t}");
+        // Each block holds its keys transposed, zeros past T.
+        let blocks = t.div_ceil(BLOCK_KEYS);
+        for (bg, j, p) in [(0, 0, 0), (3, t - 1, 7), (1, t / 2, 3)] {
+            let index = bg * blocks + j / BLOCK_KEYS;
+            let got = packed[index * 8 * ld + p * ld + j % BLOCK_KEYS];
+            assert_eq!(got, k_data[(bg * t + j) * 8 + p], "T = {t}, key {j}, dim {p}");
+        }
+        if t % 16 != 0 && t < BLOCK_KEYS {
+            assert_eq!(packed[t], 0.0, "T = {t}: the padding is zero");
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! One row tile of the online softmax: the query tile, then for each key block the four passes
+//! (numbered as in the reference and the unfused path).
+
+use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, DOT_ROWS_MAX};
+use crate::gemm::gemm_raw;
+use crate::mask::mask_row;
+use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
+use crate::{Accum, Par, View4};
+use rayon::prelude::*;
+
+/// Per-worker scratch, sized once for the call.
+pub(super) struct Scratch {
+    /// `[BLOCK_ROWS, D]`: the tile's query rows, times the scale.
+    pub(super) q_tile: Vec<f32>,
+    /// `[BLOCK_ROWS, BLOCK_KEYS]`: scores, then probabilities.
+    pub(super) scores: Vec<f32>,
+    /// `[BLOCK_ROWS, Dv_pad]`: the unnormalised output rows.
+    pub(super) acc: Vec<f32>,
+    /// `[D, kt_ld]`: the key block, transposed (micro-kernel path).
+    pub(super) kt: Vec<f32>,
+    /// `[BLOCK_KEYS, Dv_pad]`: the value block (micro-kernel path).
+    pub(super) vp: Vec<f32>,
+    pub(super) m: Vec<f32>,
+    pub(super) l: Vec<f32>,
+}
+
+impl Scratch {
+    pub(super) fn new(plan: &Plan) -> Self {
+        Scratch {
+            q_tile: vec![0.0; BLOCK_ROWS * plan.d],
+            scores: vec![0.0; BLOCK_ROWS * BLOCK_KEYS],
+            acc: vec![0.0; BLOCK_ROWS * plan.dv_pad],
+            kt: vec![0.0; plan.d * plan.kt_ld],
+            vp: vec![0.0; BLOCK_KEYS * plan.dv_pad],
+            m: vec![0.0; BLOCK_ROWS],
+            l: vec![0.0; BLOCK_ROWS],
+        }
+    }
+}
+
+/// `k: [B, G, T, D]` -> `[B, G, ceil(T / BLOCK_KEYS), D, kt_ld]`, zero past `T`; `kt_ld` is
+/// `BLOCK_KEYS`, or less for short key sequences.
+pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Vec<f32> {
+    let blocks = plan.t.div_ceil(BLOCK_KEYS);
+    let block_len = plan.d * plan.kt_ld;
+    let mut packed = vec![0.0f32; plan.b * plan.g * blocks * block_len];
+    let st = k.strides();
+    let data = k.data();
+    let pack = |(index, dst): (usize, &mut [f32])| {
+        let (bg, block) = (index / blocks, index % blocks);
+        let (b, g) = (bg / plan.g, bg % plan.g);
+        let t0 = block * BLOCK_KEYS;
+        let bc = (plan.t - t0).min(BLOCK_KEYS);
+        let base = b * st[0] + g * st[1] + t0 * st[2];
+        transpose_keys(dst, plan.kt_ld, &data[base..], bc, plan.d, st[2], st[3]);
+    };
+    match par {
+        Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(pack),
+        Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(pack),
+    }
+    packed
+}
+
+/// `dst[p·ld + j] = keys[j·row_stride + p·col_stride]` for `j < bc <= ld`, `p < d`: a key
+/// block transposed for the tile micro-kernel.
+fn transpose_keys(dst: &mut [f32], ld: usize, keys: &[f32], bc: usize, d: usize, row_stride: usize, col_stride: usize) {
+    if bc == 0 {
+        return;
+    }
+    assert!(bc <= ld && dst.len() >= (d - 1) * ld + bc && keys.len() > (bc - 1) * row_stride + (d - 1) * col_stride);
+    #[cfg(target_arch = "x86_64")]
+    if col_stride == 1 && crate::simd::simd_level() == crate::SimdLevel::Avx2Fma {
+        // SAFETY: AVX2 was detected; the assertion above bounds both operands.
+        unsafe { crate::tile::avx2::transpose(bc, d, keys.as_ptr(), row_stride, dst.as_mut_ptr(), ld) };
+        return;
+    }
+    for j in 0..bc {
+        for p in 0..d {
+            dst[p * ld + j] = keys[j * row_stride + p * col_stride];
+        }
+    }
+}
+
+/// The tile's fixed indices and rows: batch `b`, key/value head `g`, `n_rows` stacked query rows
+/// with their `(s, h)` and each row's key limit (causal, key length).
+struct TileRows {
+    b: usize,
+    g: usize,
+    n_rows: usize,
+    positions: [(usize, usize); BLOCK_ROWS],
+    limits: [usize; BLOCK_ROWS],
+}
+
+/// One key block `[t0, t0 + bc)` and the offsets of its first key and value.
+struct KeyBlock {
+    t0: usize,
+    bc: usize,
+    k_base: usize,
+    v_base: usize,
+}
+
+/// Runs the online softmax of one row tile over keys `keys`, leaving the unnormalised
+/// accumulator in `scratch.acc`, the running max in `scratch.m` and the running sum in
+/// `scratch.l`. Returns the number of rows in the tile.
+pub(super) fn attend_tile(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    [b, g, tile]: [usize; 3],
+    keys: std::ops::Range<usize>,
+) -> usize {
+    let rows = load_query_tile(scratch, plan, ops, [b, g, tile]);
+    let n_rows = rows.n_rows;
+    scratch.m[..n_rows].fill(f32::NEG_INFINITY);
+    scratch.l[..n_rows].fill(0.0);
+    scratch.acc[..n_rows * plan.dv_pad].fill(0.0);
+
+    // Keys that no row of the tile may see are never visited.
+    let max_limit = rows.limits[..n_rows].iter().copied().max().unwrap_or(0);
+    let t_end = keys.end.min(max_limit);
+    let (k_st, v_st) = (ops.k.strides(), ops.v.strides());
+    let mut t0 = keys.start;
+    while t0 < t_end {
+        let bc = (t_end - t0).min(BLOCK_KEYS);
+        let block = KeyBlock {
+            t0,
+            bc,
+            k_base: b * k_st[0] + g * k_st[1] + t0 * k_st[2],
+            v_base: b * v_st[0] + g * v_st[1] + t0 * v_st[2],
+        };
+        pass1_scores(scratch, plan, ops, &rows, &block);
+        passes2_3_online_softmax(scratch, plan, ops, &rows, &block);
+        pass4_weighted_values(scratch, plan, ops, &rows, &block);
+        t0 += bc;
+    }
+    n_rows
+}
+
+/// Packs the tile's query rows, pre-multiplied by the scale, and sets each row's key limit.
+fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [b, g, tile]: [usize; 3]) -> TileRows {
+    let (q, options, d) = (ops.q, ops.options, plan.d);
+    let r0 = tile * BLOCK_ROWS;
+    let n_rows = (plan.rows_per_group - r0).min(BLOCK_ROWS);
+    let key_length = options.key_lengths.map_or(plan.t, |lengths| lengths[b]);
+    let mut rows = TileRows {
+        b,
+        g,
+        n_rows,
+        positions: [(0, 0); BLOCK_ROWS],
+        limits: [0; BLOCK_ROWS],
+    };
+    let q_data = q.data();
+    for i in 0..n_rows {
+        let (s, h) = row_position(plan, g, r0 + i);
+        rows.positions[i] = (s, h);
+        rows.limits[i] = options.causal.key_limit(s, plan.s, plan.t).min(key_length);
+        let dst = &mut scratch.q_tile[i * d..(i + 1) * d];
+        let base = q.offset([b, h, s, 0]);
+        if q.strides()[3] == 1 {
+            scale_into(dst, &q_data[base..base + d], ops.scale);
+        } else {
+            let st = q.strides()[3];
+            dst.iter_mut()
+                .enumerate()
+                .for_each(|(j, x)| *x = q_data[base + j * st] * ops.scale);
+        }
+    }
+    rows
+}
+
+/// Pass 1: `scores = q_tile · k_blockᵀ`, `[n_rows, bc]` in `scratch.scores` (row stride
+/// `BLOCK_KEYS`).
+fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows: &TileRows, block: &KeyBlock) {
+    let (k, d, n_rows) = (ops.k, plan.d, rows.n_rows);
+    let KeyBlock { t0, bc, k_base, .. } = *block;
+    let (k_data, k_st) = (k.data(), k.strides());
+    if !ops.micro {
+        // SAFETY: `scores` holds BLOCK_ROWS×BLOCK_KEYS elements and `q_tile` BLOCK_ROWS×D;
+        // the key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
+        unsafe {
+            gemm_raw(
+                scratch.scores.as_mut_ptr(),
+                [BLOCK_KEYS, 1],
+                [n_rows, bc, d],
+                Accum::Replace,
+                scratch.q_tile.as_ptr(),
+                [d, 1],
+                k_data.as_ptr().add(k_base),
+                [k_st[3], k_st[2]],
+                1.0,
+                Par::Seq,
+            )
+        };
+        return;
+    }
+    // Short tiles (decoding) read the keys in place by dot products; others take the key block
+    // transposed, packed once for the call or here.
+    let keys_in_place = n_rows <= DOT_ROWS_MAX && k_st[3] == 1 && ops.kt_packed.is_none();
+    #[cfg(target_arch = "x86_64")]
+    if keys_in_place {
+        // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], the key rows
+        // `[b, g, t0..t0+bc, :]` are contiguous and were bounds-checked with `k`, and
+        // `scores` is [BLOCK_ROWS, BLOCK_KEYS].
+        unsafe {
+            crate::tile::avx2::dot_rows(
+                n_rows,
+                bc,
+                d,
+                scratch.q_tile.as_ptr(),
+                d,
+                k_data.as_ptr().add(k_base),
+                k_st[2],
+                scratch.scores.as_mut_ptr(),
+                BLOCK_KEYS,
+            )
+        };
+        return;
+    }
+    let (ld, bc_pad) = (plan.kt_ld, crate::tile::pad_to_nr(bc));
+    let kt: &[f32] = match ops.kt_packed {
+        Some(packed) => {
+            let blocks = plan.t.div_ceil(BLOCK_KEYS);
+            let index = (rows.b * plan.g + rows.g) * blocks + t0 / BLOCK_KEYS;
+            &packed[index * d * ld..(index + 1) * d * ld]
+        }
+        None => {
+            transpose_keys(&mut scratch.kt, ld, &k_data[k_base..], bc, d, k_st[2], k_st[3]);
+            for p in 0..d {
+                scratch.kt[p * ld + bc..p * ld + bc_pad].fill(0.0);
+            }
+            &scratch.kt
+        }
+    };
+    // The kernel reads `kt` through a pointer: check the extent it will read.
+    assert!(
+        bc_pad <= ld && kt.len() >= (d - 1) * ld + bc_pad,
+        "key block of {} values",
+        kt.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], `kt` is [D, kt_ld] with
+    // `bc_pad <= kt_ld` columns written (checked above), `scores` is [BLOCK_ROWS, BLOCK_KEYS].
+    unsafe {
+        crate::tile::avx2::gemm::<false>(
+            n_rows,
+            bc_pad,
+            d,
+            scratch.q_tile.as_ptr(),
+            d,
+            kt.as_ptr(),
+            ld,
+            scratch.scores.as_mut_ptr(),
+            BLOCK_KEYS,
+        )
+    };
+}
+
+/// Passes 2 and 3 for each row: mask, row max, `p = exp(scores - m_new)` and its sum, the online
+/// update `l = l·exp(m_old - m_new) + sum(p)`; then the accumulator row rescaled by
+/// `exp(m_old - m_new)` (skipped while the max holds).
+fn passes2_3_online_softmax(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    rows: &TileRows,
+    block: &KeyBlock,
+) {
+    let (dv, dv_pad) = (plan.dv, plan.dv_pad);
+    let KeyBlock { t0, bc, .. } = *block;
+    for i in 0..rows.n_rows {
+        let row = &mut scratch.scores[i * BLOCK_KEYS..i * BLOCK_KEYS + bc];
+        let (s, h) = rows.positions[i];
+        // Pass 2: mask, max, exp and sum.
+        mask_row(row, ops.options, [rows.b, h, s], t0, rows.limits[i], [plan.s, plan.t]);
+        let m_old = scratch.m[i];
+        let m_new = m_old.max(row_max(row));
+        if m_new == f32::NEG_INFINITY {
+            if row.iter().any(|x| x.is_nan()) {
+                // Only NaN scores besides hidden keys (a NaN query, say): the row is NaN.
+                scratch.l[i] = f32::NAN;
+                row.fill(f32::NAN);
+            } else {
+                // Nothing visible yet in this row: contribute nothing.
+                row.fill(0.0);
+            }
+            continue;
+        }
+        let sum = exp_sub_sum(row, m_new);
+        let alpha = crate::simd::exp_scalar(m_old - m_new);
+        scratch.l[i] = scratch.l[i] * alpha + sum;
+        scratch.m[i] = m_new;
+        // Pass 3: rescale the accumulator row.
+        if alpha != 1.0 {
+            scale_row(&mut scratch.acc[i * dv_pad..i * dv_pad + dv], alpha);
+        }
+    }
+}
+
+/// Pass 4: `acc += p · v_block`.
+fn pass4_weighted_values(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    rows: &TileRows,
+    block: &KeyBlock,
+) {
+    let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
+    let KeyBlock { bc, v_base, .. } = *block;
+    let (v_data, v_st) = (ops.v.data(), ops.v.strides());
+    if !ops.micro {
+        // SAFETY: `acc` holds BLOCK_ROWS×Dv_pad elements; the value block was bounds-checked
+        // with `v`.
+        unsafe {
+            gemm_raw(
+                scratch.acc.as_mut_ptr(),
+                [dv_pad, 1],
+                [n_rows, dv, bc],
+                Accum::Add,
+                scratch.scores.as_ptr(),
+                [BLOCK_KEYS, 1],
+                v_data.as_ptr().add(v_base),
+                [v_st[2], v_st[3]],
+                1.0,
+                Par::Seq,
+            )
+        };
+        return;
+    }
+    // Values are read in place when their rows are contiguous and a multiple of the kernel
+    // width; otherwise they are packed `[bc, Dv_pad]`.
+    let v_in_place = v_st[3] == 1 && dv == dv_pad;
+    let v_ptr = if v_in_place {
+        // The kernel reads `bc` rows of `Dv_pad` values in place: check that extent.
+        assert!(
+            v_base + (bc - 1) * v_st[2] + dv_pad <= v_data.len(),
+            "value block past V"
+        );
+        v_data.as_ptr().wrapping_add(v_base)
+    } else {
+        for j in 0..bc {
+            let dst = &mut scratch.vp[j * dv_pad..j * dv_pad + dv];
+            let src = v_base + j * v_st[2];
+            dst.iter_mut()
+                .enumerate()
+                .for_each(|(c, x)| *x = v_data[src + c * v_st[3]]);
+        }
+        scratch.vp.as_ptr()
+    };
+    let ldv = if v_in_place { v_st[2] } else { dv_pad };
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2+FMA were detected; `scores` is [n_rows, BLOCK_KEYS] with `bc` valid columns,
+    // the value block ([bc, Dv_pad], packed or in place: bounds-checked with `v`) and `acc` is
+    // [BLOCK_ROWS, Dv_pad].
+    unsafe {
+        if n_rows <= DOT_ROWS_MAX {
+            crate::tile::avx2::axpy_rows(
+                n_rows,
+                dv_pad,
+                bc,
+                scratch.scores.as_ptr(),
+                BLOCK_KEYS,
+                v_ptr,
+                ldv,
+                scratch.acc.as_mut_ptr(),
+                dv_pad,
+            )
+        } else {
+            crate::tile::avx2::gemm::<true>(
+                n_rows,
+                dv_pad,
+                bc,
+                scratch.scores.as_ptr(),
+                BLOCK_KEYS,
+                v_ptr,
+                ldv,
+                scratch.acc.as_mut_ptr(),
+                dv_pad,
+            )
+        }
+    };
+}
