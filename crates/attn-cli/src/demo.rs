@@ -55,7 +55,7 @@ fn build_heads(tokens: &[String]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         vec![0.0f32; n_heads * s * HEAD_DIM],
     );
     let mut mask = vec![0.0f32; n_heads * s * s];
-    let position = |p: i64| unit_vector(1_000 + p as u64);
+    let position = |p: i64| unit_vector((1_000 + p) as u64);
     for i in 0..s {
         let at = |head: usize| (head * s + i) * HEAD_DIM;
         let put = |buf: &mut Vec<f32>, head: usize, vec: Vec<f32>| {
