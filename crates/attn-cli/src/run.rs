@@ -328,11 +328,7 @@ pub(crate) fn score_mask<'a>(file: &'a TensorFile, name: &str, s: usize, t: usiz
 fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par: Par) -> Result<Outputs> {
     file.only(&["query", "key", "value", "key_padding_mask", "attn_mask"])?;
     let path = file.path().display().to_string();
-    let layout = if module.config().batch_first {
-        Layout::BatchFirst
-    } else {
-        Layout::SeqFirst
-    };
+    let layout = Layout::from_batch_first(module.config().batch_first);
     let (b, s, e, unbatched, q) = seq_dims(file, "query", layout)?;
     let (kb, t, kdim, k_unbatched, k) = seq_dims(file, "key", layout)?;
     let (vb, vt, vdim, v_unbatched, v) = seq_dims(file, "value", layout)?;
@@ -426,14 +422,6 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
     Ok(outputs)
 }
 
-fn layer_layout(config: &LayerConfig) -> Layout {
-    if config.batch_first {
-        Layout::BatchFirst
-    } else {
-        Layout::SeqFirst
-    }
-}
-
 /// A sequence input of a layer: the `Sequence` view and its output shape.
 fn layer_input<'a>(
     file: &'a TensorFile,
@@ -488,7 +476,7 @@ fn run_encoder(
     forward: impl Fn(Sequence<'_>, &BlockMasks<'_>) -> Result<Vec<f32>>,
 ) -> Result<Outputs> {
     file.only(&["src", "src_mask", "src_key_padding_mask"])?;
-    let (src, shape, unbatched) = layer_input(file, "src", layer_layout(config), config)?;
+    let (src, shape, unbatched) = layer_input(file, "src", Layout::from_batch_first(config.batch_first), config)?;
     let masks = BlockMasks {
         mask: score_mask(file, "src_mask", src.len, src.len, src.batch * config.nhead)?,
         key_padding: key_padding(file, "src_key_padding_mask", src.batch, src.len, unbatched)?,
@@ -534,7 +522,7 @@ fn run_decoder(
         "tgt_key_padding_mask",
         "memory_key_padding_mask",
     ])?;
-    let layout = layer_layout(config);
+    let layout = Layout::from_batch_first(config.batch_first);
     let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config)?;
     let (memory, _, memory_unbatched) = layer_input(file, "memory", layout, config)?;
     if unbatched != memory_unbatched || memory.batch != tgt.batch {
@@ -567,7 +555,7 @@ fn run_transformer(
         "tgt_key_padding_mask",
         "memory_key_padding_mask",
     ])?;
-    let layout = layer_layout(config);
+    let layout = Layout::from_batch_first(config.batch_first);
     let (src, _, src_unbatched) = layer_input(file, "src", layout, config)?;
     let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config)?;
     if unbatched != src_unbatched || src.batch != tgt.batch {

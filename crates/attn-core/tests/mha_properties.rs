@@ -222,8 +222,12 @@ fn chunked_prefill_then_decoding_equals_one_causal_pass() {
 #[test]
 fn thread_count_and_layout_do_not_change_results() {
     let (b, s, t, e, h) = (3, 70, 130, 64, 8);
-    let config = MhaConfig::new(e, h);
-    let mha = MultiHeadAttention::with_seed(config, 11).unwrap();
+    let mut config = MhaConfig::new(e, h);
+    config.batch_first = true;
+    let mha = MultiHeadAttention::with_seed(config.clone(), 11).unwrap();
+    // The same weights for sequence-first inputs.
+    config.batch_first = false;
+    let mha_seq_first = MultiHeadAttention::from_state_dict(config, mha.state_dict()).unwrap();
     let q_bf = random(b * s * e, 1);
     let kv_bf = random(b * t * e, 2);
     let padding: Vec<bool> = random(b * t, 3).iter().map(|&x| x > 0.5).collect();
@@ -299,7 +303,9 @@ fn thread_count_and_layout_do_not_change_results() {
         dim: e,
         layout: Layout::SeqFirst,
     };
-    let seq_first = mha.forward(q_seq, kv_seq, kv_seq, &options, Par::Rayon).unwrap();
+    let seq_first = mha_seq_first
+        .forward(q_seq, kv_seq, kv_seq, &options, Par::Rayon)
+        .unwrap();
     // Measured bit-identical at both SIMD levels (the same arithmetic through other strides);
     // the bound leaves room for a GEMM that blocks strided inputs differently.
     assert_close(
@@ -328,7 +334,9 @@ fn transpose_back(x: &[f32], b: usize, l: usize, e: usize) -> Vec<f32> {
 
 #[test]
 fn bad_inputs_are_typed_errors_naming_the_tensor() {
-    let mha = MultiHeadAttention::with_seed(MhaConfig::new(16, 4), 1).unwrap();
+    let mut config = MhaConfig::new(16, 4);
+    config.batch_first = true;
+    let mha = MultiHeadAttention::with_seed(config, 1).unwrap();
     let x = random(2 * 3 * 16, 1);
     let short = &x[..2 * 3 * 8];
     let err = mha
@@ -504,6 +512,7 @@ proptest! {
         let e = h * d;
         let mut config = MhaConfig::new(e, h);
         config.num_kv_heads = Some(g);
+        config.batch_first = !seq_first;
         let mha = MultiHeadAttention::with_seed(config, seed).unwrap();
         let x = random(b * s * e, seed + 7);
         let lengths: Vec<usize> = (0..b).map(|i| s - i.min(s - 1)).collect();
@@ -591,7 +600,9 @@ fn packed_self_attention_equals_each_sequence_alone() {
 #[test]
 fn empty_inputs_give_empty_outputs() {
     let (e, h) = (16, 4);
-    let mha = MultiHeadAttention::with_seed(MhaConfig::new(e, h), 3).unwrap();
+    let mut config = MhaConfig::new(e, h);
+    config.batch_first = true;
+    let mha = MultiHeadAttention::with_seed(config, 3).unwrap();
     let x = random(2 * 3 * e, 4);
     let options = MhaOptions {
         need_weights: NeedWeights::Averaged,
@@ -612,5 +623,48 @@ fn empty_inputs_give_empty_outputs() {
             let out = mha.forward_self(q, &options, Par::Rayon).unwrap();
             assert_eq!(out.output.len(), b * s * e, "{:?}", (b, s, t));
         }
+    }
+}
+
+/// `batch_first` in the config and the layout of the input must agree: a `[L, B, E]` input to
+/// a `batch_first = true` module (or the reverse) is refused, naming the field, not silently
+/// read in the input's layout. `B = 1` and `L = 1` have one memory layout and pass either way.
+#[test]
+fn a_layout_that_disagrees_with_batch_first_is_refused() {
+    let x = vec![0.25f32; 2 * 3 * 8];
+    for batch_first in [true, false] {
+        let mut config = MhaConfig::new(8, 2);
+        config.batch_first = batch_first;
+        let mha = MultiHeadAttention::with_seed(config, 3).unwrap();
+        let wrong = if batch_first {
+            Layout::SeqFirst
+        } else {
+            Layout::BatchFirst
+        };
+        let seq = |layout, batch, len| Sequence {
+            data: &x[..batch * len * 8],
+            batch,
+            len,
+            dim: 8,
+            layout,
+        };
+        let options = MhaOptions::default();
+        let err = mha.forward_self(seq(wrong, 2, 3), &options, Par::Seq).unwrap_err();
+        assert!(err.to_string().contains("batch_first"), "{err}");
+        let err = mha
+            .forward(seq(wrong, 2, 3), seq(wrong, 2, 3), seq(wrong, 2, 3), &options, Par::Seq)
+            .unwrap_err();
+        assert!(err.to_string().contains("batch_first"), "{err}");
+        let mut cache = mha.new_cache(2, 4);
+        assert!(mha
+            .forward_cached(seq(wrong, 2, 3), &mut cache, &options, Par::Seq)
+            .is_err());
+        assert!(mha
+            .fill_cache(seq(wrong, 2, 3), seq(wrong, 2, 3), &mut cache, Par::Seq)
+            .is_err());
+        let right = Layout::from_batch_first(batch_first);
+        mha.forward_self(seq(right, 2, 3), &options, Par::Seq).unwrap();
+        mha.forward_self(seq(wrong, 1, 3), &options, Par::Seq).unwrap();
+        mha.forward_self(seq(wrong, 2, 1), &options, Par::Seq).unwrap();
     }
 }

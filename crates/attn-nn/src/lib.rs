@@ -23,7 +23,7 @@ pub use attn_core as core;
 pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
 pub use transformer::{
-    layout_of, BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig,
+    BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig,
     StackConfig, Transformer, TransformerConfig,
 };
 

@@ -56,7 +56,8 @@ pub struct LayerConfig {
     /// The norms' epsilon.
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
-    /// `[B, L, E]` inputs when true, `[L, B, E]` when false.
+    /// `[B, L, E]` inputs when true, `[L, B, E]` when false: every input `Sequence` must be laid
+    /// out so (`Layout::from_batch_first`), or the call fails (`B = 1` and `L = 1` either way).
     #[serde(default)]
     pub batch_first: bool,
     /// Pre-norm when true, post-norm (the original Transformer, BERT) when false.
@@ -98,14 +99,6 @@ impl LayerConfig {
         config.bias = self.bias;
         config.batch_first = self.batch_first;
         config
-    }
-
-    fn layout(&self) -> attn_core::Layout {
-        if self.batch_first {
-            attn_core::Layout::BatchFirst
-        } else {
-            attn_core::Layout::SeqFirst
-        }
     }
 
     fn norm(&self, dict: &mut StateDict, prefix: &str) -> Result<Norm> {
@@ -839,9 +832,4 @@ impl Transformer {
         self.decoder
             .forward(tgt, seq(&memory, &src), tgt_masks, memory_masks, par)
     }
-}
-
-/// Layout of a layer config, for callers that build [`Sequence`]s.
-pub fn layout_of(config: &LayerConfig) -> attn_core::Layout {
-    config.layout()
 }

@@ -7,9 +7,10 @@
 use std::path::Path;
 
 use attn_core::kernels::Par;
+use attn_core::{Layout, Sequence};
 use attn_nn::{
-    layout_of, BertConfig, BertModel, BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig,
-    StackConfig, Transformer, TransformerConfig,
+    BertConfig, BertModel, BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig, StackConfig,
+    Transformer, TransformerConfig,
 };
 
 #[path = "../../attn-core/tests/golden/mod.rs"]
@@ -50,21 +51,21 @@ fn run(case: &Golden, par: Par) -> (&'static str, Vec<f32>) {
     let output = match module.as_str() {
         "transformer_encoder_layer" => {
             let layer: LayerConfig = parse(name, &cfg);
-            let (src, _) = case.sequence("src", layout_of(&layer));
+            let (src, _) = case.sequence("src", Layout::from_batch_first(layer.batch_first));
             let module = EncoderLayer::from_state_dict(layer, case.params.clone()).unwrap();
             module.forward(src, &block(case, "src_mask", "src_key_padding_mask", causal), par)
         }
         "transformer_encoder" => {
             let stack: StackConfig = parse(name, &cfg);
-            let (src, _) = case.sequence("src", layout_of(&stack.layer));
+            let (src, _) = case.sequence("src", Layout::from_batch_first(stack.layer.batch_first));
             let module = Encoder::from_state_dict(stack, case.params.clone()).unwrap();
             module.forward(src, &block(case, "src_mask", "src_key_padding_mask", causal), par)
         }
         "transformer_decoder_layer" | "transformer_decoder" => {
             let stack: Option<StackConfig> = (module == "transformer_decoder").then(|| parse(name, &cfg));
             let layer: LayerConfig = stack.as_ref().map_or_else(|| parse(name, &cfg), |s| s.layer.clone());
-            let (tgt, _) = case.sequence("tgt", layout_of(&layer));
-            let (memory, _) = case.sequence("memory", layout_of(&layer));
+            let (tgt, _) = case.sequence("tgt", Layout::from_batch_first(layer.batch_first));
+            let (memory, _) = case.sequence("memory", Layout::from_batch_first(layer.batch_first));
             let tgt_masks = block(case, "tgt_mask", "tgt_key_padding_mask", tgt_causal);
             let memory_masks = block(case, "memory_mask", "memory_key_padding_mask", false);
             match stack {
@@ -84,8 +85,8 @@ fn run(case: &Golden, par: Par) -> (&'static str, Vec<f32>) {
             let config: TransformerConfig = parse(name, &cfg);
             let mut layer = LayerConfig::new(config.d_model, config.nhead);
             layer.batch_first = config.batch_first;
-            let (src, _) = case.sequence("src", layout_of(&layer));
-            let (tgt, _) = case.sequence("tgt", layout_of(&layer));
+            let (src, _) = case.sequence("src", Layout::from_batch_first(layer.batch_first));
+            let (tgt, _) = case.sequence("tgt", Layout::from_batch_first(layer.batch_first));
             let module = Transformer::from_state_dict(config, case.params.clone()).unwrap();
             module.forward(
                 src,
@@ -144,4 +145,31 @@ fn layers_stacks_and_models_match_pytorch() {
         "transformer_encoder_layer",
     ];
     assert_eq!(kinds.into_iter().collect::<Vec<_>>(), all);
+}
+
+/// A layer's `batch_first` is honoured or refused, never ignored: an input laid out the other
+/// way fails with an error naming `batch_first` (the decoder's attention modules check alike).
+#[test]
+fn layers_refuse_inputs_laid_out_against_batch_first() {
+    let x = vec![0.5f32; 2 * 3 * 8];
+    for batch_first in [true, false] {
+        let mut config = LayerConfig::new(8, 2);
+        config.dim_feedforward = 16;
+        config.batch_first = batch_first;
+        let wrong = Sequence {
+            data: &x,
+            batch: 2,
+            len: 3,
+            dim: 8,
+            layout: Layout::from_batch_first(!batch_first),
+        };
+        let right = Sequence {
+            layout: Layout::from_batch_first(batch_first),
+            ..wrong
+        };
+        let encoder = EncoderLayer::with_seed(config.clone(), 1).unwrap();
+        let err = encoder.forward(wrong, &BlockMasks::default(), Par::Seq).unwrap_err();
+        assert!(err.to_string().contains("batch_first"), "{err}");
+        encoder.forward(right, &BlockMasks::default(), Par::Seq).unwrap();
+    }
 }

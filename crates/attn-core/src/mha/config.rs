@@ -34,7 +34,10 @@ pub struct MhaConfig {
     /// Dropout probability: accepted for compatibility, ignored (inference).
     #[serde(default)]
     pub dropout: f64,
-    /// Layout of inputs and outputs at the module's boundary (`batch_first` in PyTorch).
+    /// Layout of inputs and outputs at the module's boundary (`batch_first` in PyTorch): every
+    /// [`Sequence`](crate::Sequence) given to the module must be laid out so
+    /// ([`Layout::from_batch_first`](crate::Layout::from_batch_first)), or
+    /// the call fails; `B = 1` and `L = 1` are accepted either way (the bytes are the same).
     #[serde(default)]
     pub batch_first: bool,
     /// Rotary position embeddings on queries and keys.

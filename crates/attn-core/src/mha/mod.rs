@@ -101,11 +101,15 @@ impl MultiHeadAttention {
         options: &MhaOptions<'_>,
         par: Par,
     ) -> Result<MhaOutput> {
+        for (name, seq) in [("query", &query), ("key", &key), ("value", &value)] {
+            seq.check_layout(name, self.config.batch_first)?;
+        }
         self.core.forward(&query, Source::Cross(key, value), options, par)
     }
 
     /// Self-attention, `x: [B, S, E]` -> `[B, S, E]`: one fused QKV GEMM, heads as strided views.
     pub fn forward_self(&self, x: Sequence<'_>, options: &MhaOptions<'_>, par: Par) -> Result<MhaOutput> {
+        x.check_layout("query", self.config.batch_first)?;
         self.core.forward(&x, Source::SelfAttention, options, par)
     }
 
@@ -130,6 +134,7 @@ impl MultiHeadAttention {
     ) -> Result<MhaOutput> {
         let mut options = *options;
         options.is_causal = true;
+        x.check_layout("query", self.config.batch_first)?;
         self.core.forward(&x, Source::Append(cache), &options, par)
     }
 
@@ -139,6 +144,8 @@ impl MultiHeadAttention {
         let op = "multihead_attention";
         key.check(op, "key", self.core.dims.kdim)?;
         value.check(op, "value", self.core.dims.vdim)?;
+        key.check_layout("key", self.config.batch_first)?;
+        value.check_layout("value", self.config.batch_first)?;
         if key.batch != value.batch || key.len != value.len {
             return Err(shape_error(
                 op,
@@ -170,6 +177,7 @@ impl MultiHeadAttention {
         options: &MhaOptions<'_>,
         par: Par,
     ) -> Result<MhaOutput> {
+        query.check_layout("query", self.config.batch_first)?;
         self.core.forward(&query, Source::Memory(cache), options, par)
     }
 

@@ -14,6 +14,17 @@ pub enum Layout {
     SeqFirst,
 }
 
+impl Layout {
+    /// The layout a PyTorch `batch_first` flag names.
+    pub fn from_batch_first(batch_first: bool) -> Self {
+        if batch_first {
+            Layout::BatchFirst
+        } else {
+            Layout::SeqFirst
+        }
+    }
+}
+
 /// A batch of sequences of `dim`-wide vectors.
 #[derive(Debug, Clone, Copy)]
 pub struct Sequence<'a> {
@@ -56,6 +67,23 @@ impl<'a> Sequence<'a> {
                 shape: shape.1.to_vec(),
                 needed: needed.unwrap_or(usize::MAX),
                 len: self.data.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Fails when the sequence is laid out otherwise than a module configured with
+    /// `batch_first` expects, unless the two layouts are the same bytes (`B = 1` or `L = 1`).
+    pub(crate) fn check_layout(&self, name: &str, batch_first: bool) -> Result<()> {
+        let expected = Layout::from_batch_first(batch_first);
+        if self.layout != expected && self.batch > 1 && self.len > 1 {
+            return Err(AttnError::InvalidConfig {
+                field: "batch_first",
+                got: format!("{batch_first}, but `{name}` is laid out {:?}", self.layout),
+                expected: format!(
+                    "`{name}` laid out {expected:?} (or a config with batch_first = {})",
+                    !batch_first
+                ),
             });
         }
         Ok(())
