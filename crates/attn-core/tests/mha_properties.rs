@@ -631,7 +631,7 @@ fn empty_inputs_give_empty_outputs() {
 /// read in the input's layout. `B = 1` and `L = 1` have one memory layout and pass either way.
 #[test]
 fn a_layout_that_disagrees_with_batch_first_is_refused() {
-    let x = vec![0.25f32; 2 * 3 * 8];
+    let x = [0.25f32; 2 * 3 * 8];
     for batch_first in [true, false] {
         let mut config = MhaConfig::new(8, 2);
         config.batch_first = batch_first;
