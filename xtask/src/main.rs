@@ -118,6 +118,8 @@ fn ci() -> Result<()> {
     tidy()?;
     // The model the embedding tests compare against sentence-transformers' reference.
     fetch_model()?;
+    // The browser the attention page is tested in.
+    ensure_chromium()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -133,6 +135,36 @@ fn ci() -> Result<()> {
     run(cargo()
         .args(["test", "--release", "-p", "attn-kernels"])
         .env("ATTN_SIMD", "scalar"))?;
+    Ok(())
+}
+
+/// Installs Debian's `chromium` with apt when no headless Chromium is on the PATH (the page test
+/// runs the attention page in it). Without root or apt, fails with the command to run.
+fn ensure_chromium() -> Result<()> {
+    let on_path = |name: &str| {
+        std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+    };
+    if on_path("chromium") || on_path("chromium-browser") {
+        return Ok(());
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0");
+    if !is_root || !on_path("apt-get") {
+        bail!(
+            "headless Chromium is needed for the attention page test and is not on the PATH; \
+             install it (Debian: `sudo apt-get install chromium`) and run `cargo xtask ci` again"
+        );
+    }
+    eprintln!("installing chromium with apt-get (the attention page test runs in it)");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "chromium"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if !on_path("chromium") {
+        bail!("apt-get installed chromium, but no `chromium` is on the PATH");
+    }
     Ok(())
 }
 

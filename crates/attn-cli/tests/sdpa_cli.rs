@@ -436,7 +436,7 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
         .into_iter()
         .find(|c| Command::new(c).arg("--version").output().is_ok());
     let chromium =
-        chromium.expect("headless Chromium is needed for the page test (.ci/run installs Debian's chromium)");
+        chromium.expect("headless Chromium is needed for the page test (`cargo xtask ci` installs Debian's chromium)");
     let url = format!("file://{}#layer=4&head=7&click=2", html_path.display());
     let dom = headless(chromium, &dir).arg("--dump-dom").arg(&url).output().unwrap();
     let dom = String::from_utf8_lossy(&dom.stdout);
