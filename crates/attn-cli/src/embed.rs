@@ -10,11 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
-use attn_nn::core::{StateDict, Tensor as CoreTensor};
-use attn_nn::{BertConfig, BertModel, Pooling, SentenceEmbedder};
-use serde_json::Value;
-
-use crate::tensors::{Tensor, TensorFile};
+use attn_nn::{BertModel, SentenceEmbedder};
 
 /// Where `cargo xtask fetch-model` installs the model package.
 pub fn default_model_dir() -> PathBuf {
@@ -39,11 +35,6 @@ pub struct Embedder {
     pipeline: SentenceEmbedder,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
-}
-
 impl Embedder {
     /// Loads the folder `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
@@ -53,62 +44,8 @@ impl Embedder {
                 dir.display()
             );
         }
-        let config_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
-        let config = BertConfig::from_json(&text).with_context(|| config_path.display().to_string())?;
-        let weights_path = dir.join("model.safetensors");
-        // Integer buffers such as `embeddings.position_ids` are not weights: skip them.
-        let weights = TensorFile::read_skipping(&weights_path, |name| name.ends_with("position_ids"))?;
-        let mut dict = StateDict::new();
-        for (name, tensor) in weights.iter() {
-            match tensor {
-                Tensor::F32 { shape, data } => {
-                    dict.insert(name.clone(), CoreTensor::new(name, shape.clone(), data.clone())?);
-                }
-                Tensor::Bool { .. } => bail!("{}: tensor `{name}` is BOOL, expected F32", weights_path.display()),
-            }
-        }
-        let model =
-            BertModel::from_state_dict(config.clone(), dict).with_context(|| weights_path.display().to_string())?;
-
-        let mut max_len = config.max_position_embeddings;
-        let st_config = dir.join("sentence_bert_config.json");
-        if st_config.exists() {
-            if let Some(n) = read_json(&st_config)?.get("max_seq_length").and_then(Value::as_u64) {
-                if n == 0 {
-                    bail!("{}: `max_seq_length` is 0, expected at least 1", st_config.display());
-                }
-                max_len = max_len.min(usize::try_from(n).unwrap_or(usize::MAX));
-            }
-        }
-        let mut pooling = Pooling::Mean;
-        let pooling_config = dir.join("1_Pooling/config.json");
-        if pooling_config.exists() {
-            let v = read_json(&pooling_config)?;
-            let on = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
-            pooling = if on("pooling_mode_cls_token") {
-                Pooling::Cls
-            } else if on("pooling_mode_max_tokens") {
-                Pooling::Max
-            } else if on("pooling_mode_mean_tokens") {
-                Pooling::Mean
-            } else {
-                bail!(
-                    "{}: no pooling mode this version supports (mean, cls, max)",
-                    pooling_config.display()
-                );
-            };
-        }
-        let modules = dir.join("modules.json");
-        let normalize = modules.exists()
-            && read_json(&modules)?.as_array().is_some_and(|list| {
-                list.iter().any(|m| {
-                    m.get("type")
-                        .and_then(Value::as_str)
-                        .is_some_and(|t| t.ends_with("Normalize"))
-                })
-            });
+        let pipeline = SentenceEmbedder::from_dir(dir)?;
+        let max_len = pipeline.max_seq_length;
 
         let tokenizer_path = dir.join("tokenizer.json");
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
@@ -121,14 +58,7 @@ impl Embedder {
             }))
             .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_path.display()))?;
         tokenizer.with_padding(None);
-        Ok(Embedder {
-            tokenizer,
-            pipeline: SentenceEmbedder {
-                model,
-                pooling,
-                normalize,
-            },
-        })
+        Ok(Embedder { tokenizer, pipeline })
     }
 
     /// The embedding width.

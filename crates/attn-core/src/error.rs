@@ -55,6 +55,13 @@ pub enum AttnError {
         /// Elements given.
         len: usize,
     },
+    /// A weights file that cannot be read as safetensors, or a tensor in it that is not a
+    /// float tensor of consistent size.
+    #[error("safetensors: {what}")]
+    Safetensors {
+        /// What was wrong, naming the tensor where there is one, and what was expected.
+        what: String,
+    },
     /// An error from a kernel.
     #[error(transparent)]
     Kernel(#[from] KernelError),

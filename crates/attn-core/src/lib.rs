@@ -10,14 +10,18 @@
 //!   decoding, RoPE ([`Rope`]) and ALiBi ([`alibi_slopes`]).
 //! - [`Attention`]: one head with its own projections.
 //!
+//! - [`FromSafetensors`]: a [`StateDict`] from the bytes of a safetensors file (F32, F16, BF16,
+//!   F64).
+//!
 //! The kernels are re-exported as [`kernels`], so higher layers reach them through this crate.
-//! What this crate leaves out: file IO (callers hand over a [`StateDict`]) and layers around
-//! attention (attn-nn).
+//! What this crate leaves out: file IO (callers hand over bytes or a [`StateDict`]) and layers
+//! around attention (attn-nn).
 
 mod cache;
 mod error;
 mod mha;
 mod positions;
+mod safetensors_io;
 mod sdpa;
 mod tensor;
 
@@ -29,5 +33,6 @@ pub use mha::{
     Sequence,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
+pub use safetensors_io::{floats_to_f32, FromSafetensors};
 pub use sdpa::{sdpa, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaOptions, SdpaOutput};
 pub use tensor::{expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor, WeightInit};

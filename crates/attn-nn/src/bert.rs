@@ -10,8 +10,10 @@
 //! at load time, so self-attention runs one fused GEMM. Padding is key padding by lengths, so the
 //! kernels skip padded keys.
 
+use std::path::Path;
+
 use attn_core::kernels::Par;
-use attn_core::{take, KeyPadding, Sequence, StateDict, Tensor};
+use attn_core::{take, FromSafetensors, KeyPadding, Sequence, StateDict, Tensor};
 use serde::Deserialize;
 
 use crate::error::invalid;
@@ -50,6 +52,9 @@ pub struct BertConfig {
     /// `"absolute"` expected.
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// The `[PAD]` token id (0 in BERT's vocabulary).
+    #[serde(default)]
+    pub pad_token_id: u32,
 }
 
 fn default_act() -> String {
@@ -395,21 +400,19 @@ pub enum Pooling {
     Max,
 }
 
-/// A sentence-embedding pipeline: a BERT model, pooling, and optional L2 normalisation.
+/// A sentence-embedding pipeline: a BERT model, pooling, and optional L2 normalisation, as
+/// sentence-transformers runs it.
 ///
-/// With all-MiniLM-L6-v2 (`cargo xtask fetch-model`) this is what `attn embed` runs after
-/// tokenising; the same steps by hand, from the model folder:
+/// [`SentenceEmbedder::from_dir`] reads a sentence-transformers model folder (all-MiniLM-L6-v2:
+/// `cargo xtask fetch-model`); the caller tokenises with the folder's `tokenizer.json` (the
+/// `tokenizers` crate) and hands over token ids:
 ///
 /// ```no_run
-/// use attn_nn::{BertConfig, BertModel, Pooling, SentenceEmbedder};
+/// use attn_nn::SentenceEmbedder;
 /// use attn_nn::core::kernels::Par;
-/// # fn load_state_dict(_: &str) -> attn_nn::core::StateDict { unimplemented!() }
-/// let dir = std::path::Path::new("all-MiniLM-L6-v2");
-/// let config = BertConfig::from_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-/// // The caller reads model.safetensors into a StateDict (attn-cli does; this crate does no IO).
-/// let model = BertModel::from_state_dict(config, load_state_dict("model.safetensors")).unwrap();
-/// let embedder = SentenceEmbedder { model, pooling: Pooling::Mean, normalize: true };
-/// // Token ids with [CLS] = 101 and [SEP] = 102, from the model's tokenizer.json.
+/// let embedder = SentenceEmbedder::from_dir("all-MiniLM-L6-v2".as_ref()).unwrap();
+/// // Token ids with [CLS] = 101 and [SEP] = 102. Trailing [PAD] ids (MiniLM's tokenizer.json
+/// // pads to 128) are stripped, so padded and unpadded ids give the same vector.
 /// let sentences = vec![vec![101, 1037, 4937, 2938, 2006, 1996, 13523, 102]];
 /// let vectors = embedder.embed(&sentences, 32, Par::Rayon, |_| {}).unwrap();
 /// assert_eq!(vectors.len(), 384);
@@ -422,12 +425,109 @@ pub struct SentenceEmbedder {
     pub pooling: Pooling,
     /// L2-normalise the pooled vectors (sentence-transformers' `Normalize` module).
     pub normalize: bool,
+    /// Longest token sequence accepted (`max_seq_length`, at most the position table); longer
+    /// ones are refused, since truncation belongs to the tokenizer (it keeps the `[SEP]`).
+    pub max_seq_length: usize,
+    /// The `[PAD]` id: trailing runs of it are stripped before embedding (`pad_token_id`).
+    pub pad_token_id: u32,
 }
 
 impl SentenceEmbedder {
+    /// A model and its pooling, with `max_seq_length` the position table's length and
+    /// `pad_token_id` the config's.
+    pub fn new(model: BertModel, pooling: Pooling, normalize: bool) -> Self {
+        SentenceEmbedder {
+            max_seq_length: model.config.max_position_embeddings,
+            pad_token_id: model.config.pad_token_id,
+            model,
+            pooling,
+            normalize,
+        }
+    }
+
+    /// Reads a sentence-transformers model folder: `config.json` and `model.safetensors` (F32,
+    /// F16, BF16 or F64), and where present `modules.json` (a `Normalize` module turns on L2
+    /// normalisation), `1_Pooling/config.json` (mean, CLS or max pooling; mean when absent) and
+    /// `sentence_bert_config.json` (`max_seq_length`). Errors name the file and the field.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let file_error = |path: &Path, what: String| NnError::File {
+            path: path.display().to_string(),
+            what,
+        };
+        let read = |name: &str| -> Result<Option<Vec<u8>>> {
+            let path = dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(file_error(&path, format!("cannot read: {e}"))),
+            }
+        };
+        let json = |name: &str| -> Result<Option<serde_json::Value>> {
+            read(name)?
+                .map(|bytes| {
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| file_error(&dir.join(name), format!("not valid JSON: {e}")))
+                })
+                .transpose()
+        };
+        let required = |name: &str| -> Result<Vec<u8>> {
+            read(name)?.ok_or_else(|| file_error(&dir.join(name), "missing from the model folder".into()))
+        };
+        let config_text = String::from_utf8(required("config.json")?)
+            .map_err(|_| file_error(&dir.join("config.json"), "not UTF-8".into()))?;
+        let config =
+            BertConfig::from_json(&config_text).map_err(|e| file_error(&dir.join("config.json"), e.to_string()))?;
+        // `embeddings.position_ids` is an integer buffer, not a weight.
+        let dict = StateDict::from_safetensors_skipping(&required("model.safetensors")?, |name| {
+            name.ends_with("position_ids")
+        })
+        .map_err(|e| file_error(&dir.join("model.safetensors"), e.to_string()))?;
+        let model = BertModel::from_state_dict(config, dict)
+            .map_err(|e| file_error(&dir.join("model.safetensors"), e.to_string()))?;
+        let mut embedder = SentenceEmbedder::new(model, Pooling::Mean, false);
+
+        if let Some(st) = json("sentence_bert_config.json")? {
+            if let Some(n) = st.get("max_seq_length").and_then(serde_json::Value::as_u64) {
+                if n == 0 {
+                    let path = dir.join("sentence_bert_config.json");
+                    return Err(file_error(&path, "`max_seq_length` is 0, expected at least 1".into()));
+                }
+                embedder.max_seq_length = embedder.max_seq_length.min(usize::try_from(n).unwrap_or(usize::MAX));
+            }
+        }
+        if let Some(v) = json("1_Pooling/config.json")? {
+            let on = |key: &str| v.get(key).and_then(serde_json::Value::as_bool).unwrap_or(false);
+            embedder.pooling = if on("pooling_mode_cls_token") {
+                Pooling::Cls
+            } else if on("pooling_mode_max_tokens") {
+                Pooling::Max
+            } else if on("pooling_mode_mean_tokens") {
+                Pooling::Mean
+            } else {
+                let path = dir.join("1_Pooling/config.json");
+                return Err(file_error(
+                    &path,
+                    "no pooling mode this version supports (mean, cls, max)".into(),
+                ));
+            };
+        }
+        embedder.normalize = json("modules.json")?.is_some_and(|modules| {
+            modules.as_array().is_some_and(|list| {
+                list.iter().any(|m| {
+                    m.get("type")
+                        .and_then(serde_json::Value::as_str)
+                        .is_some_and(|t| t.ends_with("Normalize"))
+                })
+            })
+        });
+        Ok(embedder)
+    }
+
     /// Embeds token-id sequences (each with its `[CLS]` and `[SEP]`) -> `[N, E]` rows, in input
-    /// order. Up to `batch_size` sequences at a time are packed back to back (no padding), so the
-    /// work follows the real token count.
+    /// order. Trailing `[PAD]` ids are stripped first, so ids padded by a tokenizer give the
+    /// vectors of the unpadded sequence; a sequence longer than `max_seq_length` is refused. Up
+    /// to `batch_size` sequences at a time are packed back to back (no padding), so the work
+    /// follows the real token count.
     pub fn embed(
         &self,
         sequences: &[Vec<u32>],
@@ -439,15 +539,39 @@ impl SentenceEmbedder {
             return Err(invalid("batch_size", 0, "at least 1"));
         }
         let e = self.model.config.hidden_size;
+        let unpadded: Vec<&[u32]> = sequences
+            .iter()
+            .map(|ids| {
+                let real = ids
+                    .iter()
+                    .rposition(|&id| id != self.pad_token_id)
+                    .map_or(0, |last| last + 1);
+                &ids[..real]
+            })
+            .collect();
+        if let Some((i, ids)) = unpadded
+            .iter()
+            .enumerate()
+            .find(|(_, ids)| ids.len() > self.max_seq_length)
+        {
+            return Err(invalid(
+                "token ids",
+                format!("{} ids in sequence {i}", ids.len()),
+                format!(
+                    "at most max_seq_length = {} (truncate when tokenising)",
+                    self.max_seq_length
+                ),
+            ));
+        }
         let mut out = vec![0.0f32; sequences.len() * e];
         // Sequences are packed back to back, `batch_size` at a time: no padding at all.
-        for (chunk_index, chunk) in sequences.chunks(batch_size).enumerate() {
+        for (chunk_index, chunk) in unpadded.chunks(batch_size).enumerate() {
             let mut starts = Vec::with_capacity(chunk.len() + 1);
             starts.push(0);
             for seq in chunk {
                 starts.push(starts.last().expect("non-empty") + seq.len());
             }
-            let ids: Vec<u32> = chunk.iter().flatten().copied().collect();
+            let ids: Vec<u32> = chunk.iter().flat_map(|ids| ids.iter()).copied().collect();
             let hidden = self.model.hidden_states_packed(&ids, &starts, par)?;
             for (k, w) in starts.windows(2).enumerate() {
                 let i = chunk_index * batch_size + k;

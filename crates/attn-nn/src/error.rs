@@ -18,6 +18,14 @@ pub enum NnError {
         /// What it must be.
         expected: String,
     },
+    /// A file of a model folder that cannot be read or parsed.
+    #[error("{path}: {what}")]
+    File {
+        /// The file.
+        path: String,
+        /// What was wrong, and what was expected.
+        what: String,
+    },
     /// An input with the wrong shape.
     #[error("{op}: `{tensor}` has shape {got:?}, expected {expected}")]
     ShapeMismatch {

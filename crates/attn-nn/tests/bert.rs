@@ -1,19 +1,21 @@
 //! The BERT encoder's packed (no padding) and padded paths agree on every real token.
 
 use attn_nn::core::kernels::Par;
-use attn_nn::core::{StateDict, Tensor};
+use attn_nn::core::{FromSafetensors, StateDict, Tensor};
 use attn_nn::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 
 mod common;
 use common::random;
 
+const TINY_CONFIG: &str = r#"{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 24, "hidden_act": "gelu", "max_position_embeddings": 40, "pad_token_id": 0,
+    "type_vocab_size": 2, "layer_norm_eps": 1e-12, "model_type": "bert", "architectures": ["BertModel"]}"#;
+
 fn tiny_bert() -> BertModel {
-    let config = BertConfig::from_json(
-        r#"{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 24, "hidden_act": "gelu", "max_position_embeddings": 40,
-            "type_vocab_size": 2, "layer_norm_eps": 1e-12, "model_type": "bert", "architectures": ["BertModel"]}"#,
-    )
-    .unwrap();
+    BertModel::from_state_dict(BertConfig::from_json(TINY_CONFIG).unwrap(), tiny_bert_weights()).unwrap()
+}
+
+fn tiny_bert_weights() -> StateDict {
     let (e, f) = (16, 24);
     let mut dict = StateDict::new();
     let mut seed = 0;
@@ -49,7 +51,7 @@ fn tiny_bert() -> BertModel {
     }
     put("pooler.dense.weight", vec![e, e]);
     put("pooler.dense.bias", vec![e]);
-    BertModel::from_state_dict(config, dict).unwrap()
+    dict
 }
 
 #[test]
@@ -88,11 +90,7 @@ fn packed_and_padded_paths_agree() {
         }
     }
     // Embedding in batches of 2 equals embedding one at a time.
-    let embedder = SentenceEmbedder {
-        model,
-        pooling: Pooling::Mean,
-        normalize: true,
-    };
+    let embedder = SentenceEmbedder::new(model, Pooling::Mean, true);
     let all = embedder.embed(&sequences, 2, Par::Rayon, |_| {}).unwrap();
     let one = embedder.embed(&sequences, 1, Par::Seq, |_| {}).unwrap();
     for (x, y) in all.iter().zip(&one) {
@@ -123,11 +121,7 @@ fn bad_checkpoints_are_named() {
 
 #[test]
 fn bert_is_deterministic_across_thread_counts() {
-    let embedder = SentenceEmbedder {
-        model: tiny_bert(),
-        pooling: Pooling::Mean,
-        normalize: true,
-    };
+    let embedder = SentenceEmbedder::new(tiny_bert(), Pooling::Mean, true);
     let sequences: Vec<Vec<u32>> = (0..9usize)
         .map(|i| (0..(i * 5) % 17 + 1).map(|t| ((i * 11 + t * 3) % 50) as u32).collect())
         .collect();
@@ -146,4 +140,112 @@ fn bert_is_deterministic_across_thread_counts() {
     for threads in [2, 3, 8, machine] {
         assert_eq!(one, run(threads), "1 and {threads} threads differ");
     }
+}
+
+/// Ids padded by a tokenizer (MiniLM's tokenizer.json pads to 128 with `[PAD]` = 0) embed as the
+/// unpadded sequence: the padding is stripped, not attended to and pooled. Before, the padded
+/// ids gave a different vector (cosine 0.836 against the CLI's with the real model).
+#[test]
+fn padded_token_ids_embed_as_the_unpadded_sequence() {
+    let embedder = SentenceEmbedder::new(tiny_bert(), Pooling::Mean, true);
+    let ids = vec![1u32, 7, 9, 13, 2];
+    let mut padded = ids.clone();
+    padded.resize(32, 0);
+    let want = embedder.embed(&[ids.clone()], 8, Par::Seq, |_| {}).unwrap();
+    let got = embedder.embed(&[padded, ids], 8, Par::Seq, |_| {}).unwrap();
+    assert_eq!(&got[..16], &want[..], "padded");
+    assert_eq!(&got[16..], &want[..], "unpadded, packed after a padded one");
+    let too_long = vec![5u32; 41];
+    let err = embedder.embed(&[too_long], 8, Par::Seq, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("max_seq_length = 40"), "{err}");
+}
+
+/// `SentenceEmbedder::from_dir` reads a sentence-transformers folder: weights (here F16, widened
+/// exactly), pooling, normalisation and `max_seq_length`; missing files and bad fields are
+/// named.
+#[test]
+fn sentence_embedder_reads_a_model_folder() {
+    use safetensors::tensor::TensorView;
+    let dir = std::env::temp_dir().join(format!("attn-bert-folder-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    let err = SentenceEmbedder::from_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("missing"), "{err}");
+    std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
+    // Weights stored as F16 values, so the F16 file and the F32 model hold the same numbers.
+    let weights = tiny_bert_weights();
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .iter()
+        .map(|(name, t)| {
+            let bytes = t
+                .data()
+                .iter()
+                .flat_map(|&x| f32_to_f16_bits(x).to_le_bytes())
+                .collect();
+            (name.clone(), t.shape().to_vec(), bytes)
+        })
+        .collect();
+    let views: Vec<(&str, TensorView<'_>)> = halves
+        .iter()
+        .map(|(name, shape, bytes)| {
+            (
+                name.as_str(),
+                TensorView::new(safetensors::Dtype::F16, shape.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    let file = safetensors::serialize(views, None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &file).unwrap();
+    std::fs::write(
+        dir.join("modules.json"),
+        r#"[{"type": "sentence_transformers.models.Normalize"}]"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("1_Pooling/config.json"), r#"{"pooling_mode_cls_token": true}"#).unwrap();
+    std::fs::write(dir.join("sentence_bert_config.json"), r#"{"max_seq_length": 10}"#).unwrap();
+    let embedder = SentenceEmbedder::from_dir(&dir).unwrap();
+    assert_eq!(
+        (embedder.pooling, embedder.normalize, embedder.max_seq_length),
+        (Pooling::Cls, true, 10)
+    );
+    // The same numbers in F32 (the F16 widening itself is tested in attn-core).
+    let rounded = StateDict::from_safetensors(&file).unwrap();
+    assert!(weights.iter().all(|(name, t)| t
+        .data()
+        .iter()
+        .zip(rounded[name].data())
+        .all(|(&x, &y)| (x - y).abs() <= 1e-3 * x.abs() + 6.2e-5)));
+    let model = BertModel::from_state_dict(BertConfig::from_json(TINY_CONFIG).unwrap(), rounded).unwrap();
+    let by_hand = SentenceEmbedder::new(model, Pooling::Cls, true);
+    let ids = [vec![1u32, 4, 8, 2], vec![1, 3, 2, 0, 0]];
+    assert_eq!(
+        embedder.embed(&ids, 4, Par::Seq, |_| {}).unwrap(),
+        by_hand.embed(&ids, 4, Par::Seq, |_| {}).unwrap()
+    );
+    let err = embedder.embed(&[vec![3; 11]], 4, Par::Seq, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("max_seq_length = 10"), "{err}");
+    std::fs::write(
+        dir.join("1_Pooling/config.json"),
+        r#"{"pooling_mode_weightedmean_tokens": true}"#,
+    )
+    .unwrap();
+    let err = SentenceEmbedder::from_dir(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("1_Pooling/config.json") && err.contains("pooling mode"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Round to the nearest F16; values below its normal range (|x| < 2^-14) become zero.
+fn f32_to_f16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    if x.abs() < 2f32.powi(-14) {
+        return sign;
+    }
+    let exponent = ((bits >> 23) & 0xff) as i32 - 127 + 15;
+    assert!((1..31).contains(&exponent), "{x} is outside F16's normal range");
+    let mantissa = bits & 0x7f_ffff;
+    let rounded = (((exponent as u32) << 10) | (mantissa >> 13)) + u32::from(mantissa & 0x1fff > 0x1000);
+    sign | rounded as u16
 }
