@@ -151,7 +151,7 @@ fn padded_token_ids_embed_as_the_unpadded_sequence() {
     let ids = vec![1u32, 7, 9, 13, 2];
     let mut padded = ids.clone();
     padded.resize(32, 0);
-    let want = embedder.embed(&[ids.clone()], 8, Par::Seq, |_| {}).unwrap();
+    let want = embedder.embed(std::slice::from_ref(&ids), 8, Par::Seq, |_| {}).unwrap();
     let got = embedder.embed(&[padded, ids], 8, Par::Seq, |_| {}).unwrap();
     assert_eq!(&got[..16], &want[..], "padded");
     assert_eq!(&got[16..], &want[..], "unpadded, packed after a padded one");
