@@ -513,17 +513,19 @@ fn run(cli: Cli) -> Result<()> {
             let budget = check_budget(min_runs, min_seconds)?;
             let kv_heads = kv_heads.unwrap_or(heads);
             let kv_seq = kv_seq.unwrap_or(seq);
-            sdpa::SdpaShape::check(
+            let shape = attn_nn::core::SdpaShape::check(
                 &[batch, heads, seq, head_dim],
                 &[batch, kv_heads, kv_seq, head_dim],
                 &[batch, kv_heads, kv_seq, head_dim],
             )
             .map_err(|e| anyhow::anyhow!("{e} (from --heads {heads} --kv-heads {kv_heads} --head-dim {head_dim})"))?;
-            let mut need = memory::f32_bytes(&[batch, heads, seq, head_dim])
-                .saturating_mul(2)
-                .saturating_add(memory::f32_bytes(&[batch, kv_heads, kv_seq, head_dim]).saturating_mul(2));
+            let mut need = shape.input_bytes().saturating_add(shape.output_bytes());
             if path == bench::Path::Unfused {
-                need = need.saturating_add(memory::f32_bytes(&[rayon::current_num_threads().max(2), seq, kv_seq]));
+                need = need.saturating_add(attn_nn::core::kernels::unfused_scratch_bytes(
+                    [batch, heads, seq, head_dim],
+                    kv_seq,
+                    rayon::current_num_threads().max(2),
+                ));
             }
             memory::check(need, "bench sdpa (q, k, v, out)")?;
             let spec = bench::SdpaBench {

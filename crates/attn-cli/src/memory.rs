@@ -1,5 +1,8 @@
 //! The memory cap: shapes whose buffers would exceed a limit are refused before anything is
-//! allocated, with an error that says how much and why.
+//! allocated, with an error that says how much and why. How many bytes an operation allocates
+//! is the library's to say, next to the allocations (`SdpaShape::output_bytes`,
+//! `MultiHeadAttention::forward_bytes`, `LayerConfig::forward_bytes`, `unfused_scratch_bytes`);
+//! this module holds the limit.
 //!
 //! The limit is `ATTN_MAX_MEMORY` (bytes, or with a `K`, `M`, `G` suffix) when set, else 80% of
 //! the machine's physical memory (`MemTotal` of /proc/meminfo), else 16 GiB.
@@ -34,13 +37,7 @@ fn parse(text: &str) -> Option<u128> {
     digits.trim().parse::<u128>().ok()?.checked_mul(unit)
 }
 
-/// The bytes of `elements` f32 values, saturating.
-pub fn f32_bytes(elements: &[usize]) -> u128 {
-    elements
-        .iter()
-        .fold(1u128, |acc, &n| acc.saturating_mul(n as u128))
-        .saturating_mul(4)
-}
+pub use attn_nn::core::f32_bytes;
 
 fn human(bytes: u128) -> String {
     match bytes {

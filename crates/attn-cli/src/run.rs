@@ -364,27 +364,15 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
 
     let key_padding = key_padding(file, "key_padding_mask", b, t, unbatched)?;
     let attn_mask = score_mask(file, "attn_mask", s, t, b * h)?;
-    // The largest buffers: projections and attention output (a few times the inputs), and the
-    // weights when asked for.
-    let weight_heads = if flags.need_weights && !flags.average_attn_weights {
-        h
-    } else {
-        1
-    };
-    let weights_bytes = if flags.need_weights {
-        crate::memory::f32_bytes(&[b, weight_heads, s, t])
-    } else {
-        0
-    };
-    crate::memory::check(
-        weights_bytes.saturating_add(crate::memory::f32_bytes(&[4, b, s + t, e.max(kdim).max(vdim)])),
-        "multihead_attention (projections and attention weights)",
-    )?;
     let need_weights = match (flags.need_weights, flags.average_attn_weights) {
         (false, _) => NeedWeights::No,
         (true, true) => NeedWeights::Averaged,
         (true, false) => NeedWeights::PerHead,
     };
+    crate::memory::check(
+        module.forward_bytes(b, s, t, need_weights),
+        "multihead_attention (projections and attention weights)",
+    )?;
     let options = MhaOptions {
         attn_mask,
         key_padding,
@@ -437,15 +425,8 @@ fn layer_input<'a>(
             file.path().display()
         );
     }
-    // The largest buffers of a layer on this sequence: the feed-forward hidden layer
-    // (`dim_feedforward` wide, from the weights, not the input) and a few `d_model`-wide copies
-    // (projections, residuals, norms).
     crate::memory::check(
-        crate::memory::f32_bytes(&[
-            b,
-            l,
-            8usize.saturating_mul(d_model).saturating_add(config.dim_feedforward),
-        ]),
+        config.forward_bytes(b.saturating_mul(l)),
         &format!("a layer on `{name}` ({b}×{l} tokens)"),
     )?;
     let shape = if unbatched {

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use attn_nn::core::SdpaShape;
 use serde_json::json;
 
 use crate::attend::Canvas;
@@ -86,8 +87,17 @@ pub fn run(
             causal,
             path: KernelPath::Flash,
         };
+        let shape = SdpaShape {
+            b,
+            h,
+            g: h,
+            s: seq,
+            t: seq,
+            d,
+            dv: d,
+        };
         crate::memory::check(
-            crate::memory::f32_bytes(&[4, b, h, seq, d]),
+            shape.input_bytes().saturating_add(shape.output_bytes()),
             "bench sweep (q, k, v, out)",
         )?;
         let flash = spec.flops() / spec.run(budget)?.median_s / 1e9;

@@ -64,6 +64,97 @@ pub enum KeyPadding<'a> {
     Additive(&'a [f32]),
 }
 
+/// The validated shapes of an attention problem: `q: [B, H, S, D]`, `k: [B, G, T, D]`,
+/// `v: [B, G, T, Dv]` with `G` dividing `H`. Every caller of the kernels checks shapes here,
+/// once, with errors that name the tensor at fault and both shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdpaShape {
+    /// B.
+    pub b: usize,
+    /// H.
+    pub h: usize,
+    /// G.
+    pub g: usize,
+    /// S.
+    pub s: usize,
+    /// T.
+    pub t: usize,
+    /// D.
+    pub d: usize,
+    /// Dv.
+    pub dv: usize,
+}
+
+impl SdpaShape {
+    /// Checks the shapes of `q`, `k` and `v` against each other.
+    pub fn check(q: &[usize], k: &[usize], v: &[usize]) -> Result<Self> {
+        let op = "sdpa";
+        let [b, h, s, d] = q[..] else {
+            return Err(shape_error(op, "q", "[B, H, S, D]", q));
+        };
+        let [kb, g, t, kd] = k[..] else {
+            return Err(shape_error(op, "k", "[B, G, T, D]", k));
+        };
+        let [vb, vg, vt, dv] = v[..] else {
+            return Err(shape_error(op, "v", "[B, G, T, Dv]", v));
+        };
+        if kb != b || kd != d {
+            return Err(shape_error(
+                op,
+                "k",
+                format!("[{b}, G, T, {d}] to match `q` [B, H, S, D] = {q:?}"),
+                k,
+            ));
+        }
+        if g == 0 || h % g != 0 {
+            return Err(shape_error(
+                op,
+                "k",
+                format!("G dividing H (G = {g} key/value heads, which does not divide the H = {h} query heads of `q`)"),
+                k,
+            ));
+        }
+        if [vb, vg, vt] != [b, g, t] {
+            return Err(shape_error(
+                op,
+                "v",
+                format!("[{b}, {g}, {t}, Dv] to match `k` {k:?}"),
+                v,
+            ));
+        }
+        if d == 0 || dv == 0 {
+            return Err(shape_error(
+                op,
+                if d == 0 { "q" } else { "v" },
+                format!("head dims must be at least 1: `q` has D = {d}, `v` has Dv = {dv}"),
+                if d == 0 { q } else { v },
+            ));
+        }
+        Ok(SdpaShape { b, h, g, s, t, d, dv })
+    }
+
+    /// Bytes of the inputs `q`, `k`, `v` (for callers that allocate them).
+    pub fn input_bytes(&self) -> u128 {
+        let SdpaShape { b, h, g, s, t, d, dv } = *self;
+        f32_bytes(&[b, h, s, d])
+            .saturating_add(f32_bytes(&[b, g, t, d]))
+            .saturating_add(f32_bytes(&[b, g, t, dv]))
+    }
+
+    /// Bytes [`sdpa`] allocates: `out: [B, H, S, Dv]` and `lse: [B, H, S]`.
+    pub fn output_bytes(&self) -> u128 {
+        let SdpaShape { b, h, s, dv, .. } = *self;
+        f32_bytes(&[b, h, s, dv]).saturating_add(f32_bytes(&[b, h, s]))
+    }
+}
+
+/// The bytes of an f32 tensor of shape `dims`, saturating (never overflows).
+pub fn f32_bytes(dims: &[usize]) -> u128 {
+    dims.iter()
+        .fold(1u128, |acc, &n| acc.saturating_mul(n as u128))
+        .saturating_mul(4)
+}
+
 /// Options of [`sdpa`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SdpaOptions<'a> {
@@ -226,4 +317,69 @@ pub fn sdpa_into(
     let kernel_options = options.to_kernel([b, h, s, t])?;
     flash_attention(out, lse, q, k, v, &kernel_options, par)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_checked_once_naming_the_tensor() {
+        let ok = SdpaShape::check(&[2, 8, 5, 16], &[2, 2, 7, 16], &[2, 2, 7, 24]).unwrap();
+        assert_eq!(
+            ok,
+            SdpaShape {
+                b: 2,
+                h: 8,
+                g: 2,
+                s: 5,
+                t: 7,
+                d: 16,
+                dv: 24
+            }
+        );
+        assert_eq!(ok.output_bytes(), 4 * (2 * 8 * 5 * 24 + 2 * 8 * 5));
+        assert_eq!(ok.input_bytes(), 4 * (2 * 8 * 5 * 16 + 2 * 2 * 7 * 16 + 2 * 2 * 7 * 24));
+        for (q, k, v, tensor, words) in [
+            (
+                vec![2, 8, 5],
+                vec![2, 2, 7, 16],
+                vec![2, 2, 7, 16],
+                "`q`",
+                "[B, H, S, D]",
+            ),
+            (
+                vec![2, 8, 5, 16],
+                vec![2, 3, 7, 16],
+                vec![2, 3, 7, 16],
+                "`k`",
+                "does not divide",
+            ),
+            (
+                vec![2, 8, 5, 16],
+                vec![1, 2, 7, 16],
+                vec![1, 2, 7, 16],
+                "`k`",
+                "to match `q`",
+            ),
+            (
+                vec![2, 8, 5, 16],
+                vec![2, 2, 7, 16],
+                vec![2, 2, 6, 16],
+                "`v`",
+                "to match `k`",
+            ),
+            (
+                vec![2, 8, 5, 0],
+                vec![2, 2, 7, 0],
+                vec![2, 2, 7, 4],
+                "`q`",
+                "at least 1",
+            ),
+        ] {
+            let err = SdpaShape::check(&q, &k, &v).unwrap_err().to_string();
+            assert!(err.contains(tensor) && err.contains(words), "{err}");
+        }
+        assert_eq!(f32_bytes(&[usize::MAX, usize::MAX, 4]), u128::MAX);
+    }
 }

@@ -53,7 +53,7 @@ pub use gemm::{gemm, gemm_reference, Accum, Par};
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
 pub use reference::{attention_reference, ReferenceAttention};
 pub use simd::{exp_scalar, exp_slice, simd_level, SimdLevel};
-pub use softmax::{attention_unfused, attention_weights, masked_softmax, WeightsDst};
+pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes, WeightsDst};
 pub use view::{contiguous_strides, View, View2, View4, ViewMut, ViewMut2, ViewMut4};
 
 /// Not public API: times the tile micro-kernels for kernel development (`examples/`).

@@ -140,6 +140,16 @@ pub fn attention_unfused(
     unfused_impl(out, lse, q, k, v, options, par, true)
 }
 
+/// Bytes of scratch [`attention_unfused`] allocates on `workers` threads for `q: [B, H, S, D]`
+/// and `T` keys: the `[S, T]` scores, the row sums and the scaled queries of one head each.
+pub fn unfused_scratch_bytes([_, _, s, d]: [usize; 4], t: usize, workers: usize) -> u128 {
+    let per_worker = (s as u128)
+        .saturating_mul(t as u128)
+        .saturating_add(s as u128)
+        .saturating_add((s as u128).saturating_mul(d as u128));
+    per_worker.saturating_mul(workers as u128).saturating_mul(4)
+}
+
 /// [`attention_unfused`], with the repair of values that rows cannot see switched by `repair`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn unfused_impl(
@@ -252,6 +262,7 @@ pub(crate) fn unfused_impl(
         }
     };
     let heads = plan.b * plan.h;
+    // What `unfused_scratch_bytes` counts, per worker.
     let buffers = || (vec![0.0f32; s * t], vec![0.0f32; s], vec![0.0f32; s * d]);
     match par {
         Par::Seq => {

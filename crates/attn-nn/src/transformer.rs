@@ -94,6 +94,15 @@ impl LayerConfig {
         Ok(())
     }
 
+    /// An upper bound of the bytes a layer's forward holds at once on `tokens` token rows: the
+    /// feed-forward hidden layer (`dim_feedforward` wide) and at most eight `d_model`-wide
+    /// buffers (the fused q|k|v projection, attention output, residual sums, norms). Callers
+    /// that cap memory check this first.
+    pub fn forward_bytes(&self, tokens: usize) -> u128 {
+        let width = 8usize.saturating_mul(self.d_model).saturating_add(self.dim_feedforward);
+        attn_core::f32_bytes(&[tokens, width])
+    }
+
     fn mha(&self) -> MhaConfig {
         let mut config = MhaConfig::new(self.d_model, self.nhead);
         config.bias = self.bias;

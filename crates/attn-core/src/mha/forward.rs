@@ -7,7 +7,7 @@ use attn_kernels::{
 
 use super::{linear, Core, Dims, MaskSet, MhaOptions, MhaOutput, NeedWeights, Sequence};
 use crate::error::shape_error;
-use crate::{AttnError, KvCache, Result};
+use crate::{f32_bytes, AttnError, KvCache, Result};
 
 /// Where a forward call's keys and values come from: the four legal sources.
 pub(super) enum Source<'s, 'c> {
@@ -217,6 +217,28 @@ impl Core {
         };
         let output = self.project_out(attn_out, b * s, par)?;
         Ok(MhaOutput { output, weights })
+    }
+
+    /// The bytes [`Core::forward`] allocates (see `MultiHeadAttention::forward_bytes`).
+    pub(super) fn forward_bytes(&self, b: usize, s: usize, t: usize, need: NeedWeights) -> u128 {
+        let Dims { h, g, d, dv, .. } = self.dims;
+        let extra = usize::from(self.bias_kv.is_some()) + usize::from(self.add_zero_attn);
+        let t = t.saturating_add(extra);
+        let out_width = self.dims.out.unwrap_or(h * dv);
+        let weights = match need {
+            NeedWeights::No => 0,
+            NeedWeights::Averaged => f32_bytes(&[b, s, t]).saturating_add(f32_bytes(&[b, h, s])),
+            NeedWeights::PerHead => f32_bytes(&[b, h, s, t]).saturating_add(f32_bytes(&[b, h, s])),
+        };
+        [
+            f32_bytes(&[b, s, h, d]),      // queries (the fused buffer holds keys and values too)
+            f32_bytes(&[b, t, g, d + dv]), // keys and values
+            f32_bytes(&[b, s, h, dv]),     // attention output
+            f32_bytes(&[b, s, out_width]), // output
+            weights,
+        ]
+        .iter()
+        .fold(0u128, |acc, &x| acc.saturating_add(x))
     }
 
     /// Shapes and layouts of the inputs against the module and against each other.

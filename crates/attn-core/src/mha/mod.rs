@@ -181,6 +181,13 @@ impl MultiHeadAttention {
         self.core.forward(&query, Source::Memory(cache), options, par)
     }
 
+    /// Bytes that [`forward`](Self::forward) (or `forward_self` with `t = s`) allocates for
+    /// `batch` queries of length `s` over keys of length `t`: projections, attention output,
+    /// weights when asked for, and the output. Callers that cap memory check this first.
+    pub fn forward_bytes(&self, batch: usize, s: usize, t: usize, need_weights: NeedWeights) -> u128 {
+        self.core.forward_bytes(batch, s, t, need_weights)
+    }
+
     /// An empty cache sized for this module and `batch` sequences.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         let d = self.core.dims;
