@@ -149,53 +149,70 @@ impl Norm {
     }
 
     /// `norm(x)` into a new buffer: `x: [N, E]` rows.
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+    pub fn forward(&self, x: &[f32], par: Par) -> Vec<f32> {
         let e = self.dim();
         let mut out = vec![0.0f32; x.len()];
-        out.par_chunks_mut(e * ROW_CHUNK)
-            .zip(x.par_chunks(e * ROW_CHUNK))
-            .for_each(|(dst, src)| dst.chunks_mut(e).zip(src.chunks(e)).for_each(|(d, s)| self.row(s, d)));
+        zip_chunks(par, &mut out, x, e * ROW_CHUNK, |dst, src| {
+            dst.chunks_mut(e).zip(src.chunks(e)).for_each(|(d, s)| self.row(s, d))
+        });
         out
     }
 
     /// The residual add and the norm in one pass: `x = norm(x + residual)` (post-norm).
-    pub fn add_forward_in_place(&self, x: &mut [f32], residual: &[f32]) {
+    pub fn add_forward_in_place(&self, x: &mut [f32], residual: &[f32], par: Par) {
         let e = self.dim();
-        x.par_chunks_mut(e * ROW_CHUNK)
-            .zip(residual.par_chunks(e * ROW_CHUNK))
-            .for_each(|(xs, rs)| {
-                let mut sum = vec![0.0f32; e];
-                for (xr, rr) in xs.chunks_mut(e).zip(rs.chunks(e)) {
-                    sum.iter_mut()
-                        .zip(xr.iter().zip(rr))
-                        .for_each(|(s, (&a, &b))| *s = a + b);
-                    self.row(&sum, xr);
-                }
-            });
+        zip_chunks(par, x, residual, e * ROW_CHUNK, |xs, rs| {
+            let mut sum = vec![0.0f32; e];
+            for (xr, rr) in xs.chunks_mut(e).zip(rs.chunks(e)) {
+                sum.iter_mut()
+                    .zip(xr.iter().zip(rr))
+                    .for_each(|(s, (&a, &b))| *s = a + b);
+                self.row(&sum, xr);
+            }
+        });
     }
 
     /// The residual add and the next norm in one pass (pre-norm): `x += residual`, and returns
     /// `norm(x)`.
-    pub fn add_then_forward(&self, x: &mut [f32], residual: &[f32]) -> Vec<f32> {
+    pub fn add_then_forward(&self, x: &mut [f32], residual: &[f32], par: Par) -> Vec<f32> {
         let e = self.dim();
         let mut out = vec![0.0f32; x.len()];
-        out.par_chunks_mut(e * ROW_CHUNK)
-            .zip(x.par_chunks_mut(e * ROW_CHUNK).zip(residual.par_chunks(e * ROW_CHUNK)))
-            .for_each(|(os, (xs, rs))| {
-                for ((o, xr), rr) in os.chunks_mut(e).zip(xs.chunks_mut(e)).zip(rs.chunks(e)) {
-                    xr.iter_mut().zip(rr).for_each(|(a, &b)| *a += b);
-                    self.row(xr, o);
-                }
-            });
+        let n = e * ROW_CHUNK;
+        let body = |(os, (xs, rs)): (&mut [f32], (&mut [f32], &[f32]))| {
+            for ((o, xr), rr) in os.chunks_mut(e).zip(xs.chunks_mut(e)).zip(rs.chunks(e)) {
+                xr.iter_mut().zip(rr).for_each(|(a, &b)| *a += b);
+                self.row(xr, o);
+            }
+        };
+        match par {
+            Par::Seq => out
+                .chunks_mut(n)
+                .zip(x.chunks_mut(n).zip(residual.chunks(n)))
+                .for_each(body),
+            Par::Rayon => out
+                .par_chunks_mut(n)
+                .zip(x.par_chunks_mut(n).zip(residual.par_chunks(n)))
+                .for_each(body),
+        }
         out
     }
 }
 
-/// `x += residual`, row-parallel.
-pub fn add_in_place(x: &mut [f32], residual: &[f32]) {
-    x.par_chunks_mut(4096)
-        .zip(residual.par_chunks(4096))
-        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(x, &r)| *x += r));
+/// `f(dst_chunk, src_chunk)` over matching chunks of `n` elements, in order on this thread
+/// (`Par::Seq`) or on the rayon pool (`Par::Rayon`); every chunk's arithmetic is the same
+/// either way.
+fn zip_chunks(par: Par, dst: &mut [f32], src: &[f32], n: usize, f: impl Fn(&mut [f32], &[f32]) + Sync + Send) {
+    match par {
+        Par::Seq => dst.chunks_mut(n).zip(src.chunks(n)).for_each(|(d, s)| f(d, s)),
+        Par::Rayon => dst.par_chunks_mut(n).zip(src.par_chunks(n)).for_each(|(d, s)| f(d, s)),
+    }
+}
+
+/// `x += residual`.
+pub fn add_in_place(x: &mut [f32], residual: &[f32], par: Par) {
+    zip_chunks(par, x, residual, 4096, |a, b| {
+        a.iter_mut().zip(b).for_each(|(x, &r)| *x += r)
+    });
 }
 
 /// `erf(x)` in f32: a rational approximation `x·P(x²)/Q(x²)` on `[-4, 4]` (clamped outside,
@@ -242,8 +259,8 @@ pub enum Activation {
 
 impl Activation {
     /// Applies the activation in place.
-    pub fn apply(self, x: &mut [f32]) {
-        x.par_chunks_mut(4096).for_each(|chunk| match self {
+    pub fn apply(self, x: &mut [f32], par: Par) {
+        let body = |chunk: &mut [f32]| match self {
             Activation::Relu => chunk.iter_mut().for_each(|v| *v = v.max(0.0)),
             Activation::Gelu => chunk
                 .iter_mut()
@@ -253,7 +270,11 @@ impl Activation {
                 let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
                 *v = (0.5 * x * (1.0 + inner.tanh())) as f32;
             }),
-        });
+        };
+        match par {
+            Par::Seq => x.chunks_mut(4096).for_each(body),
+            Par::Rayon => x.par_chunks_mut(4096).for_each(body),
+        }
     }
 }
 
@@ -273,7 +294,7 @@ impl FeedForward {
     /// activation runs in one pass after it.
     pub fn forward(&self, x: &[f32], par: Par) -> Result<Vec<f32>> {
         let mut hidden = self.linear1.forward(x, par)?;
-        self.activation.apply(&mut hidden);
+        self.activation.apply(&mut hidden, par);
         self.linear2.forward(&hidden, par)
     }
 }
@@ -303,28 +324,31 @@ mod tests {
         let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 5.0;
         let w = [1.0, 2.0, 0.5, -1.0, 1.5];
         let b = [0.1, 0.0, -0.2, 0.3, 0.0];
-        let got = ln.forward(&x);
-        for i in 0..e {
-            let want = (x[i] as f64 - mean) / (var + ln_eps).sqrt() * w[i] + b[i];
-            // Measured 8e-8 (f32 rounding of values below 4); eps = 1e-5 instead is 3.6e-2 off.
-            assert!((got[i] as f64 - want).abs() < 1e-6, "{i}: {} vs {want}", got[i]);
+        // Each on this thread (Par::Seq) and on the pool (Par::Rayon).
+        for par in [Par::Seq, Par::Rayon] {
+            let got = ln.forward(&x, par);
+            for i in 0..e {
+                let want = (x[i] as f64 - mean) / (var + ln_eps).sqrt() * w[i] + b[i];
+                // Measured 8e-8 (f32 rounding of values below 4); eps = 1e-5 instead is 3.6e-2 off.
+                assert!((got[i] as f64 - want).abs() < 1e-6, "{i}: {} vs {want}", got[i]);
+            }
+            let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 5.0;
+            let got = rms.forward(&x, par);
+            for i in 0..e {
+                let want = x[i] as f64 / (ms + rms_eps).sqrt() * w[i];
+                assert!((got[i] as f64 - want).abs() < 1e-6, "{i}: {} vs {want}", got[i]);
+            }
+            // Fused residual add: norm(x + r) == norm applied to the sum.
+            let r = [0.5f32; 5];
+            let mut fused = x.to_vec();
+            ln.add_forward_in_place(&mut fused, &r, par);
+            let sum: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
+            assert_eq!(fused, ln.forward(&sum, par));
+            let mut pre = x.to_vec();
+            let normed = ln.add_then_forward(&mut pre, &r, par);
+            assert_eq!(pre, sum);
+            assert_eq!(normed, ln.forward(&sum, par));
         }
-        let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 5.0;
-        let got = rms.forward(&x);
-        for i in 0..e {
-            let want = x[i] as f64 / (ms + rms_eps).sqrt() * w[i];
-            assert!((got[i] as f64 - want).abs() < 1e-6, "{i}: {} vs {want}", got[i]);
-        }
-        // Fused residual add: norm(x + r) == norm applied to the sum.
-        let r = [0.5f32; 5];
-        let mut fused = x.to_vec();
-        ln.add_forward_in_place(&mut fused, &r);
-        let sum: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
-        assert_eq!(fused, ln.forward(&sum));
-        let mut pre = x.to_vec();
-        let normed = ln.add_then_forward(&mut pre, &r);
-        assert_eq!(pre, sum);
-        assert_eq!(normed, ln.forward(&sum));
     }
 
     #[test]
@@ -341,16 +365,16 @@ mod tests {
     #[test]
     fn activations() {
         let mut x = [-2.0f32, -0.5, 0.0, 0.5, 3.0];
-        Activation::Relu.apply(&mut x);
+        Activation::Relu.apply(&mut x, Par::Seq);
         assert_eq!(x, [0.0, 0.0, 0.0, 0.5, 3.0]);
         let mut g = [-1.0f32, 0.0, 1.0, 2.0];
-        Activation::Gelu.apply(&mut g);
+        Activation::Gelu.apply(&mut g, Par::Rayon);
         // PyTorch: gelu([-1, 0, 1, 2]) = [-0.15865526, 0, 0.8413447, 1.9544997]
         for (a, b) in g.iter().zip([-0.158_655_26f32, 0.0, 0.841_344_7, 1.954_499_7]) {
             assert!((a - b).abs() < 1e-6, "{a} {b}");
         }
         let mut t = [1.0f32];
-        Activation::GeluTanh.apply(&mut t);
+        Activation::GeluTanh.apply(&mut t, Par::Seq);
         assert!((t[0] - 0.841_192).abs() < 1e-5, "{}", t[0]);
     }
 }
