@@ -2,12 +2,87 @@
 //! of a layer with token labels, and a self-contained HTML page (no network) where pointing at
 //! a token shows where it attends, with layer and head selectors.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
 
-use crate::embed::Embedder;
+use crate::embed::{default_model_dir, Embedder};
+use crate::heatmap;
+use crate::threads::Threads;
+
+/// `attn attend`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  attn attend --text \"the bank of the river\" --png heads.png --html view.html\n  attn attend --text \"a cat sat on the mat\" --layer 2 --head 5\n\nNeeds a BERT-family model folder: all-MiniLM-L6-v2 from `cargo xtask fetch-model`, or --model DIR."
+)]
+pub struct Args {
+    /// The sentence.
+    #[arg(long)]
+    text: String,
+    /// A BERT-family model folder [default: all-MiniLM-L6-v2 where fetch-model puts it]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The layer of the PNG and the terminal view [default: the last]
+    #[arg(long)]
+    layer: Option<usize>,
+    /// The head of the terminal view.
+    #[arg(long, default_value_t = 0)]
+    head: usize,
+    /// Write a grid of every head of the layer, with token labels.
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// Write a self-contained HTML page with every layer and head.
+    #[arg(long)]
+    html: Option<PathBuf>,
+    /// Plain characters in the terminal view.
+    #[arg(long)]
+    plain: bool,
+    #[command(flatten)]
+    threads: Threads,
+}
+
+/// Runs `attn attend`: the terminal view of one head, and the pictures asked for.
+pub fn main(args: Args) -> Result<()> {
+    args.threads.install(|_| {
+        let dir = args.model.clone().unwrap_or_else(default_model_dir);
+        let embedder = Embedder::load(&dir)?;
+        let maps = maps(&embedder, &args.text)?;
+        let n_layers = maps.layers.len();
+        let layer = args.layer.unwrap_or(n_layers.saturating_sub(1));
+        if layer >= n_layers {
+            bail!(
+                "--layer is {layer}, expected 0 to {} (the model has {n_layers} layers)",
+                n_layers - 1
+            );
+        }
+        let head = args.head;
+        if head >= maps.heads {
+            bail!(
+                "--head is {head}, expected 0 to {} (the model has {} heads)",
+                maps.heads - 1,
+                maps.heads
+            );
+        }
+        let s = maps.tokens.len();
+        println!("layer {layer}, head {head}   (rows: queries, columns: keys)");
+        let style = heatmap::Style::detect(args.plain);
+        let map = &maps.layers[layer][head * s * s..(head + 1) * s * s];
+        print!("{}", heatmap::render(&maps.tokens, &maps.tokens, map, style));
+        if let Some(path) = &args.png {
+            write_png(&maps, layer, path)?;
+            println!("wrote {} (every head of layer {layer})", path.display());
+        }
+        if let Some(path) = &args.html {
+            write_html(&maps, &args.text, path)?;
+            println!(
+                "wrote {} (every layer and head; open it in a browser, no network needed)",
+                path.display()
+            );
+        }
+        Ok(())
+    })
+}
 
 /// Attention maps of every layer: `[layers][H · S · S]`, with the tokens.
 pub struct Maps {

@@ -6,11 +6,15 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use attn_nn::core::kernels::unfused_scratch_bytes;
 use attn_nn::core::kernels::{
     attention_unfused, flash_attention, gemm, simd_level, Accum, AttentionOptions, Causal, Par, View2, View4, ViewMut2,
     ViewMut4,
 };
+use attn_nn::core::{f32_bytes, SdpaShape};
 use serde_json::json;
+
+use crate::threads::Threads;
 
 /// Timing statistics of one measurement.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +38,170 @@ impl Default for Budget {
             min_seconds: 1.0,
         }
     }
+}
+
+/// The flags every timed bench shares: how long to measure and how to report.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct BenchFlags {
+    /// Minimum number of timed runs.
+    #[arg(long, default_value_t = 5)]
+    pub min_runs: usize,
+    /// Keep running until this many seconds have passed.
+    #[arg(long, default_value_t = 1.0)]
+    pub min_seconds: f64,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchFlags {
+    /// The budget, checked.
+    pub fn budget(&self) -> Result<Budget> {
+        let (min_runs, min_seconds) = (self.min_runs, self.min_seconds);
+        if min_runs == 0 || !(0.0..=3600.0).contains(&min_seconds) {
+            anyhow::bail!(
+                "--min-runs must be at least 1 and --min-seconds within 0..3600 (got {min_runs}, {min_seconds})"
+            );
+        }
+        Ok(Budget { min_runs, min_seconds })
+    }
+}
+
+/// `attn bench`: one subcommand per kind of work.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Times attention on random inputs: flops 4·B·H·S·T·D (halved when causal with S = T).
+    #[command(
+        after_help = "Examples:\n  attn bench sdpa --batch 1 --heads 8 --seq 2048 --head-dim 64 --causal\n  attn bench sdpa --batch 1 --heads 32 --kv-heads 8 --seq 1 --kv-seq 4096 --head-dim 128 --json"
+    )]
+    Sdpa(SdpaArgs),
+    /// Times a module's forward pass exactly as `attn run` computes it (files read once, outside the timing).
+    Run(crate::run::BenchArgs),
+    /// Times embedding every line of FILE, tokenisation included, model loading excluded.
+    #[command(after_help = "Example:\n  attn bench embed --input sentences.txt --batch-size 32 --json")]
+    Embed(crate::embed::BenchArgs),
+    /// GFLOP/s against sequence length: flash, unfused and (when Python has torch) PyTorch.
+    #[command(
+        after_help = "Example:\n  attn bench sweep --seq 128,256,512,1024,2048,4096,8192 --png sweep.png\n\nPyTorch is measured when ATTN_PYTHON (default python3) can import torch."
+    )]
+    Sweep(crate::sweep::Args),
+    /// Times faer's f32 GEMM [M,K]·[K,N]: flops 2·M·N·K.
+    #[command(after_help = "Example:\n  attn bench gemm --m 1024 --n 1024 --k 1024 --json")]
+    Gemm(GemmArgs),
+}
+
+/// Runs `attn bench ...`.
+pub fn main(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Sdpa(args) => sdpa(args),
+        BenchCommand::Run(args) => crate::run::bench(args),
+        BenchCommand::Embed(args) => crate::embed::bench(args),
+        BenchCommand::Sweep(args) => crate::sweep::main(args),
+        BenchCommand::Gemm(args) => gemm_command(args),
+    }
+}
+
+/// `attn bench sdpa`.
+#[derive(Debug, clap::Args)]
+pub struct SdpaArgs {
+    /// B, the batch.
+    #[arg(long)]
+    batch: usize,
+    /// H, query heads.
+    #[arg(long)]
+    heads: usize,
+    /// G, key/value heads; must divide --heads [default: --heads]
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// S, the query length.
+    #[arg(long)]
+    seq: usize,
+    /// T, the key length [default: --seq]
+    #[arg(long)]
+    kv_seq: Option<usize>,
+    /// D, the head dim (of queries, keys and values).
+    #[arg(long)]
+    head_dim: usize,
+    /// Top-left causal masking.
+    #[arg(long)]
+    causal: bool,
+    /// Which implementation to time.
+    #[arg(long, value_enum, default_value_t = Path::Flash)]
+    path: Path,
+    #[command(flatten)]
+    threads: Threads,
+    #[command(flatten)]
+    flags: BenchFlags,
+}
+
+fn sdpa(args: SdpaArgs) -> Result<()> {
+    let budget = args.flags.budget()?;
+    let SdpaArgs {
+        batch,
+        heads,
+        seq,
+        head_dim,
+        ..
+    } = args;
+    let kv_heads = args.kv_heads.unwrap_or(heads);
+    let kv_seq = args.kv_seq.unwrap_or(seq);
+    let shape = SdpaShape::check(
+        &[batch, heads, seq, head_dim],
+        &[batch, kv_heads, kv_seq, head_dim],
+        &[batch, kv_heads, kv_seq, head_dim],
+    )
+    .map_err(|e| anyhow::anyhow!("{e} (from --heads {heads} --kv-heads {kv_heads} --head-dim {head_dim})"))?;
+    let mut need = shape.input_bytes().saturating_add(shape.output_bytes());
+    if args.path == Path::Unfused {
+        let workers = rayon::current_num_threads().max(2);
+        need = need.saturating_add(unfused_scratch_bytes([batch, heads, seq, head_dim], kv_seq, workers));
+    }
+    crate::memory::check(need, "bench sdpa (q, k, v, out)")?;
+    let spec = SdpaBench {
+        batch,
+        heads,
+        kv_heads,
+        seq,
+        kv_seq,
+        head_dim,
+        causal: args.causal,
+        path: args.path,
+    };
+    let (stats, n) = args.threads.install(|n| Ok((spec.run(budget)?, n)))?;
+    println!("{}", spec.report(stats, n, args.flags.json));
+    Ok(())
+}
+
+/// `attn bench gemm`.
+#[derive(Debug, clap::Args)]
+pub struct GemmArgs {
+    /// Rows of A and C.
+    #[arg(long)]
+    m: usize,
+    /// Columns of B and C.
+    #[arg(long)]
+    n: usize,
+    /// Columns of A, rows of B.
+    #[arg(long)]
+    k: usize,
+    #[command(flatten)]
+    threads: Threads,
+    #[command(flatten)]
+    flags: BenchFlags,
+}
+
+fn gemm_command(args: GemmArgs) -> Result<()> {
+    let budget = args.flags.budget()?;
+    let GemmArgs { m, n, k, .. } = args;
+    let need = f32_bytes(&[m, k])
+        .saturating_add(f32_bytes(&[k, n]))
+        .saturating_add(f32_bytes(&[m, n]));
+    crate::memory::check(need, "bench gemm (a, b, c)")?;
+    let text = args
+        .threads
+        .install(|nt| gemm_bench(m, n, k, nt, budget, args.flags.json))?;
+    println!("{text}");
+    Ok(())
 }
 
 /// Times `f` per [`Budget`].

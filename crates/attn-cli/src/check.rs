@@ -195,7 +195,25 @@ fn layer_norm_f64(x: &mut [f64], w: &[f32], b: &[f32], e: usize, eps: f64) {
 }
 
 /// `attn check`.
-pub fn run(threads: usize, as_json: bool) -> Result<()> {
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  attn check --threads 2\n\nExits 1 if any path is outside its tolerance on this machine."
+)]
+pub struct Args {
+    #[command(flatten)]
+    threads: crate::threads::Threads,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `attn check`.
+pub fn main(args: Args) -> Result<()> {
+    args.threads.install(|n| run(n, args.json))
+}
+
+/// Every path against its reference, on `threads` workers.
+fn run(threads: usize, as_json: bool) -> Result<()> {
     let mut rows = Vec::new();
 
     // exp over the softmax range, through the dispatched path.

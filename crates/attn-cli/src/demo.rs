@@ -19,7 +19,7 @@ use attn_nn::core::kernels::{
 use crate::bench::{measure, random_vec, Budget, SdpaBench};
 use crate::embed::{default_model_dir, Embedder};
 use crate::heatmap::{render, Style};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const DEFAULT_TEXT: &str = "the cat sat on the mat because the cat was tired";
 const HEAD_DIM: usize = 16;
@@ -85,9 +85,61 @@ fn build_heads(tokens: &[String]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     (q, k, v, mask)
 }
 
-/// `attn demo`: the real model's attention when a model folder is there, the hand-set heads
-/// otherwise; then the check against the f64 reference and the timing.
-pub fn run(text: &str, model: Option<&Path>, toy: bool, layer: Option<usize>, head: usize, plain: bool) -> Result<()> {
+/// `attn demo` (and plain `attn`).
+#[derive(Debug, Default, clap::Args)]
+#[command(
+    after_help = "Examples:\n  attn demo\n  attn demo --text \"the bank of the river\" --layer 2 --head 5\n\nWith all-MiniLM-L6-v2 fetched (cargo xtask fetch-model) or --model DIR, the view shows that\nmodel's attention; otherwise four hand-set heads whose jobs can be checked by eye."
+)]
+pub struct Args {
+    /// The sentence to look at.
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    text: String,
+    /// A BERT-family model folder [default: all-MiniLM-L6-v2 where fetch-model puts it]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The hand-set heads even when a model is there.
+    #[arg(long, conflicts_with = "model")]
+    toy: bool,
+    /// The model's layer to show [default: the last]
+    #[arg(long)]
+    layer: Option<usize>,
+    /// The model's head to draw.
+    #[arg(long, default_value_t = 0)]
+    head: usize,
+    /// Plain characters instead of colour, whatever the terminal.
+    #[arg(long)]
+    plain: bool,
+    #[command(flatten)]
+    threads: crate::threads::Threads,
+}
+
+impl Args {
+    /// What plain `attn` runs: the demo with its defaults.
+    pub fn plain_attn() -> Self {
+        Args {
+            text: DEFAULT_TEXT.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs `attn demo`.
+pub fn main(args: Args) -> Result<()> {
+    args.threads.install(|_| {
+        run(
+            &args.text,
+            args.model.as_deref(),
+            args.toy,
+            args.layer,
+            args.head,
+            args.plain,
+        )
+    })
+}
+
+/// The real model's attention when a model folder is there, the hand-set heads otherwise; then
+/// the check against the f64 reference and the timing.
+fn run(text: &str, model: Option<&Path>, toy: bool, layer: Option<usize>, head: usize, plain: bool) -> Result<()> {
     let style = Style::detect(plain);
     let dir = match model {
         _ if toy => None,

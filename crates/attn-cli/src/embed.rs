@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
 use attn_nn::{BertModel, SentenceEmbedder};
 
+use crate::threads::Threads;
+
 /// Where `cargo xtask fetch-model` installs the model package.
 pub fn default_model_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ATTN_MODEL_DIR") {
@@ -108,7 +110,7 @@ impl Embedder {
 }
 
 /// Reads sentences: one per line of `file`, or the given texts.
-pub fn read_inputs(file: Option<&Path>, texts: &[String]) -> Result<Vec<String>> {
+pub fn read_inputs(file: Option<&Path>, texts: &[String], keep_blank: bool) -> Result<Vec<String>> {
     match file {
         Some(path) => {
             if !texts.is_empty() {
@@ -122,11 +124,126 @@ pub fn read_inputs(file: Option<&Path>, texts: &[String]) -> Result<Vec<String>>
                     e.utf8_error().valid_up_to()
                 )
             })?;
-            Ok(text.lines().map(String::from).collect())
+            let lines: Vec<String> = text.lines().map(String::from).collect();
+            if let Some(i) = lines.iter().position(|l| l.trim().is_empty()).filter(|_| !keep_blank) {
+                bail!(
+                    "{}: line {} is blank; embeddings are one per line, so remove blank lines or pass \
+                     --keep-blank to embed them as empty sentences ([CLS] [SEP])",
+                    path.display(),
+                    i + 1
+                );
+            }
+            Ok(lines)
         }
         None if texts.is_empty() => bail!("nothing to embed: pass sentences as arguments or --input FILE"),
         None => Ok(texts.to_vec()),
     }
+}
+
+/// `attn embed`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  attn embed \"a cat sat on the mat\" \"the weather is nice\"\n  attn embed --input sentences.txt --output embeddings.safetensors --batch-size 64\n  attn embed \"a cat sat on the mat\" --json\n\nWithout --output or --json, prints a table: each sentence's first values and the cosine\nsimilarity of the first sentences. The default model folder is where `cargo xtask fetch-model`\ninstalls all-MiniLM-L6-v2."
+)]
+pub struct Args {
+    /// A Hugging Face-style model folder [default: all-MiniLM-L6-v2 where fetch-model puts it]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A UTF-8 file with one sentence per line.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Embed blank lines of --input as empty sentences instead of refusing them.
+    #[arg(long)]
+    keep_blank: bool,
+    /// Sentences to embed.
+    texts: Vec<String>,
+    /// Write `embeddings` [N, E] to this safetensors file.
+    #[arg(long, conflicts_with = "json")]
+    output: Option<PathBuf>,
+    /// Print {"embeddings": [[...], ...]} on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Sentences per batch.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_size: u32,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    threads: Threads,
+}
+
+/// Runs `attn embed`.
+pub fn main(args: Args) -> Result<()> {
+    let sentences = read_inputs(args.input.as_deref(), &args.texts, args.keep_blank)?;
+    let dir = args.model.clone().unwrap_or_else(default_model_dir);
+    let embedder = Embedder::load(&dir)?;
+    let bar = progress_bar(sentences.len(), args.quiet);
+    let vectors = args.threads.install(|_| {
+        embedder.embed(&sentences, args.batch_size as usize, Par::Rayon, |n| {
+            if let Some(bar) = &bar {
+                bar.inc(n as u64)
+            }
+        })
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let e = embedder.dim();
+    match (&args.output, args.json) {
+        (Some(path), _) => {
+            crate::tensors::write_f32(path, &[("embeddings", &[sentences.len(), e], &vectors)])?;
+            println!("wrote {}: embeddings {:?}", path.display(), [sentences.len(), e]);
+        }
+        (None, true) => {
+            let rows: Vec<&[f32]> = vectors.chunks(e.max(1)).collect();
+            println!("{}", serde_json::json!({ "embeddings": rows }));
+        }
+        (None, false) => print!("{}", table(&sentences, &vectors, e)),
+    }
+    Ok(())
+}
+
+/// A readable view of embeddings: each sentence with its first values, then the pairwise
+/// cosine similarity of the first few sentences.
+fn table(sentences: &[String], vectors: &[f32], e: usize) -> String {
+    const SHOWN: usize = 6;
+    const PAIRS: usize = 5;
+    let clip = |s: &str| {
+        let mut t: String = s.chars().take(40).collect();
+        if s.chars().count() > 40 {
+            t.push('…');
+        }
+        t
+    };
+    let mut text = format!(
+        "{} sentences, {e} dimensions (--json or --output for every value)\n",
+        sentences.len()
+    );
+    for (i, (sentence, v)) in sentences.iter().zip(vectors.chunks(e.max(1))).enumerate() {
+        let head: Vec<String> = v.iter().take(SHOWN).map(|x| format!("{x:+.4}")).collect();
+        text.push_str(&format!("{i:>3}  {:<41} [{}, …]\n", clip(sentence), head.join(", ")));
+    }
+    let n = sentences.len().min(PAIRS);
+    if n >= 2 {
+        text.push_str(&format!(
+            "\ncosine similarity{}:\n     ",
+            if sentences.len() > n { " of the first 5" } else { "" }
+        ));
+        text.push_str(&(0..n).map(|j| format!("{j:>7}")).collect::<String>());
+        text.push('\n');
+        for i in 0..n {
+            text.push_str(&format!("{i:>3}  "));
+            for j in 0..n {
+                let (a, b) = (&vectors[i * e..(i + 1) * e], &vectors[j * e..(j + 1) * e]);
+                let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+                let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+                text.push_str(&format!("{:>7.3}", dot / (norm(a) * norm(b)).max(1e-30)));
+            }
+            text.push('\n');
+        }
+    }
+    text
 }
 
 /// A progress bar on stderr for long inputs when stderr is a terminal and not `quiet`.
@@ -140,4 +257,53 @@ pub fn progress_bar(total: usize, quiet: bool) -> Option<indicatif::ProgressBar>
             .expect("a valid template"),
     );
     Some(bar)
+}
+
+/// `attn bench embed`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A Hugging Face-style model folder [default: all-MiniLM-L6-v2 where fetch-model puts it]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A UTF-8 file with one sentence per line (every line is embedded, blank ones included).
+    #[arg(long)]
+    input: PathBuf,
+    /// Sentences per batch.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_size: u32,
+    #[command(flatten)]
+    threads: Threads,
+    #[command(flatten)]
+    flags: crate::bench::BenchFlags,
+}
+
+/// Times embedding every line of the file, tokenisation included, model loading excluded.
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let flags = args.flags;
+    let budget = flags.budget()?;
+    let sentences = read_inputs(Some(&args.input), &[], true)?;
+    let embedder = Embedder::load(&args.model.clone().unwrap_or_else(default_model_dir))?;
+    let batch = args.batch_size as usize;
+    let (stats, n) = args.threads.install(|n| {
+        embedder.embed(&sentences, batch, Par::Rayon, |_| {})?;
+        let stats = crate::bench::measure(budget, || {
+            embedder
+                .embed(&sentences, batch, Par::Rayon, |_| {})
+                .expect("ran once above");
+        });
+        Ok((stats, n))
+    })?;
+    let what = format!("{} sentences, batch size {batch}", sentences.len());
+    let mut text = crate::bench::report_plain("embed", &what, stats, n, flags.json);
+    let per_second = sentences.len() as f64 / stats.median_s;
+    if flags.json {
+        let mut v: serde_json::Value = serde_json::from_str(&text)?;
+        v["sentences"] = sentences.len().into();
+        v["sentences_per_s"] = per_second.into();
+        text = v.to_string();
+    } else {
+        text.push_str(&format!("  {per_second:.1} sentences/s"));
+    }
+    println!("{text}");
+    Ok(())
 }

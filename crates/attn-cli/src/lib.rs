@@ -19,5 +19,6 @@ mod run;
 mod sdpa;
 mod sweep;
 mod tensors;
+mod threads;
 
 pub use cli::main;

@@ -4,7 +4,7 @@
 //! and the forward flags; WEIGHTS holds the module's `state_dict()`; IN holds the forward's
 //! inputs under their PyTorch argument names. See ../shared/CONTRACT.md.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
@@ -17,7 +17,9 @@ use attn_nn::{
 };
 use serde_json::{Map, Value};
 
+use crate::bench::{self, BenchFlags};
 use crate::tensors::{write_f32, Tensor, TensorFile};
+use crate::threads::Threads;
 
 /// A module ready to run, with its inputs.
 pub struct Prepared {
@@ -560,14 +562,77 @@ fn run_transformer(
 }
 
 /// `attn run`.
-pub fn run(config: &Path, weights: &Path, input: &Path, output: &Path) -> Result<()> {
-    let prepared = prepare(config, weights, input)?;
-    let outputs = prepared.execute(Par::Rayon)?;
-    let refs: Vec<(&str, &[usize], &[f32])> = outputs
-        .iter()
-        .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
-        .collect();
-    write_f32(output, &refs)
+/// `attn run`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  attn run --config mha.json --weights mha.safetensors --input in.safetensors --output out.safetensors\n\nMODULE.json: {\"module\": \"multihead_attention\", \"embed_dim\": 16, \"num_heads\": 4, \"need_weights\": false}\nwith PyTorch's constructor fields and defaults; WEIGHTS is the module's state_dict()."
+)]
+pub struct Args {
+    /// MODULE.json: {"module": KIND, constructor fields..., forward flags...}.
+    #[arg(long)]
+    config: PathBuf,
+    /// The module's state_dict() as safetensors.
+    #[arg(long)]
+    weights: PathBuf,
+    /// The forward's inputs, under PyTorch's argument names.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where the outputs go.
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    threads: Threads,
+}
+
+/// Runs `attn run`; prints one line: the file written and each output's name and shape.
+pub fn main(args: Args) -> Result<()> {
+    args.threads.install(|_| {
+        let prepared = prepare(&args.config, &args.weights, &args.input)?;
+        let outputs = prepared.execute(Par::Rayon)?;
+        let refs: Vec<(&str, &[usize], &[f32])> = outputs
+            .iter()
+            .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+            .collect();
+        write_f32(&args.output, &refs)?;
+        let shapes: Vec<String> = outputs.iter().map(|(n, s, _)| format!("{n} {s:?}")).collect();
+        println!("wrote {}: {}", args.output.display(), shapes.join(", "));
+        Ok(())
+    })
+}
+
+/// `attn bench run`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// MODULE.json, as for `attn run`.
+    #[arg(long)]
+    config: PathBuf,
+    /// The module's state_dict() as safetensors.
+    #[arg(long)]
+    weights: PathBuf,
+    /// The forward's inputs.
+    #[arg(long)]
+    input: PathBuf,
+    #[command(flatten)]
+    threads: Threads,
+    #[command(flatten)]
+    budget: BenchFlags,
+}
+
+/// Times the forward pass exactly as `attn run` computes it (files read once, outside the
+/// timing).
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let budget = args.budget.budget()?;
+    let prepared = prepare(&args.config, &args.weights, &args.input)?;
+    let (stats, n) = args.threads.install(|n| {
+        prepared.execute(Par::Rayon)?;
+        let stats = bench::measure(budget, || {
+            prepared.execute(Par::Rayon).expect("ran once above");
+        });
+        Ok((stats, n))
+    })?;
+    let what = args.config.display().to_string();
+    println!("{}", bench::report_plain("run", &what, stats, n, args.budget.json));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! `attn sdpa`: PyTorch `scaled_dot_product_attention` on tensors from a safetensors file.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::{Causal, Par, View4};
 use attn_nn::core::{sdpa, BoolMeaning, ScoreMask, SdpaOptions, SdpaShape};
 
 use crate::tensors::{write_f32, Tensor, TensorFile};
+use crate::threads::Threads;
 
 /// Parses `--causal`.
 pub fn parse_causal(value: Option<&str>) -> Result<Causal> {
@@ -18,11 +19,47 @@ pub fn parse_causal(value: Option<&str>) -> Result<Causal> {
     })
 }
 
-pub fn run(input: &Path, output: &Path, causal: Causal, scale: Option<f32>) -> Result<()> {
-    let file = TensorFile::read(input)?;
-    let (shape, out, lse) = compute(&file, causal, scale)?;
-    let SdpaShape { b, h, s, dv, .. } = shape;
-    write_f32(output, &[("out", &[b, h, s, dv], &out), ("lse", &[b, h, s], &lse)])
+/// `attn sdpa`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  attn sdpa --input qkv.safetensors --output out.safetensors\n  attn sdpa --input qkv.safetensors --output out.safetensors --causal bottom-right --threads 2\n\nIN holds q [B,H,S,D], k [B,G,T,D], v [B,G,T,Dv] (F32) and an optional mask broadcastable to\n[B,H,S,T]: BOOL (true = may attend) or F32 (added to the scaled scores).\nOUT holds out [B,H,S,Dv] and lse [B,H,S]."
+)]
+pub struct Args {
+    /// Input safetensors file with q, k, v and optionally mask.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file for out and lse.
+    #[arg(long)]
+    output: PathBuf,
+    /// Causal masking: top-left (PyTorch is_causal=True) or bottom-right (last query sees every key).
+    #[arg(long, value_parser = ["top-left", "bottom-right"])]
+    causal: Option<String>,
+    /// Scale of q·k [default: 1/sqrt(D)]
+    #[arg(long, allow_negative_numbers = true)]
+    scale: Option<f32>,
+    #[command(flatten)]
+    threads: Threads,
+}
+
+/// Runs `attn sdpa`; prints one line naming what it wrote.
+pub fn main(args: Args) -> Result<()> {
+    let causal = parse_causal(args.causal.as_deref())?;
+    args.threads.install(|_| {
+        let file = TensorFile::read(&args.input)?;
+        let (shape, out, lse) = compute(&file, causal, args.scale)?;
+        let SdpaShape { b, h, s, dv, .. } = shape;
+        write_f32(
+            &args.output,
+            &[("out", &[b, h, s, dv], &out), ("lse", &[b, h, s], &lse)],
+        )?;
+        println!(
+            "wrote {}: out {:?}, lse {:?}",
+            args.output.display(),
+            [b, h, s, dv],
+            [b, h, s]
+        );
+        Ok(())
+    })
 }
 
 /// The attention of `file`'s `q`, `k`, `v` and optional `mask`: its shape, `out` and `lse`.

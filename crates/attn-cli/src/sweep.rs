@@ -59,6 +59,83 @@ fn torch_times(python: &str, [b, h, d]: [usize; 3], causal: bool, threads: usize
     seqs.iter().map(|s| map.get(&s.to_string())?.as_f64()).collect()
 }
 
+/// `attn bench sweep`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Sequence lengths S = T, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 256, 512, 1024, 2048, 4096])]
+    seq: Vec<usize>,
+    /// B, the batch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// H, the heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// D, the head dim.
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Top-left causal masking.
+    #[arg(long)]
+    causal: bool,
+    /// Write a plot.
+    #[arg(long)]
+    png: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    threads: crate::threads::Threads,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `attn bench sweep`: a table (or JSON) and optionally a plot.
+pub fn main(args: Args) -> Result<()> {
+    let Args {
+        batch,
+        heads,
+        head_dim,
+        causal,
+        json,
+        ..
+    } = args;
+    if batch == 0 || heads == 0 || head_dim == 0 {
+        bail!("--batch, --heads and --head-dim must be at least 1");
+    }
+    let python = std::env::var("ATTN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let bar = (!args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| indicatif::ProgressBar::new(args.seq.len() as u64));
+    let shape = [batch, heads, head_dim];
+    let (points, n) = args.threads.install(|n| {
+        let points = run(&args.seq, shape, causal, n, Some(&python), |k| {
+            if let Some(bar) = &bar {
+                bar.inc(k as u64)
+            }
+        })?;
+        Ok((points, n))
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if json {
+        println!("{}", to_json(&points, shape, causal, n));
+    } else {
+        print!("{}", table(&points));
+    }
+    if let Some(path) = &args.png {
+        let title = format!(
+            "B={batch} H={heads} D={head_dim}{}, {n} threads",
+            if causal { " causal" } else { "" }
+        );
+        write_png(&points, &title, path)?;
+        if !json {
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
 /// Measures every sequence length.
 pub fn run(
     seqs: &[usize],

@@ -41,7 +41,15 @@ fn minilm_embeddings_match_sentence_transformers() {
     let out = std::env::temp_dir().join(format!("attn-embed-{}.safetensors", std::process::id()));
     for batch_size in ["1", "16"] {
         let result = Command::new(env!("CARGO_BIN_EXE_attn"))
-            .args(["embed", "--quiet", "--batch-size", batch_size, "--model"])
+            // The file has a blank line, embedded as the empty sentence in the reference.
+            .args([
+                "embed",
+                "--quiet",
+                "--keep-blank",
+                "--batch-size",
+                batch_size,
+                "--model",
+            ])
             .arg(&model)
             .arg("--input")
             .arg(fixtures.join("sentences.txt"))
@@ -225,4 +233,50 @@ fn corrupted_model_folders_are_errors_naming_the_file_and_field() {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// Without --json or --output, `attn embed` prints a table a person can read: each sentence's
+/// first values and the cosine similarities. Blank lines of --input are refused, naming the
+/// line, unless --keep-blank.
+#[test]
+fn embed_prints_a_table_and_refuses_blank_lines() {
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["embed", "--model"])
+        .arg(model_dir())
+        .args(["a cat sat on the mat", "a kitten rested on the rug", "stock prices fell sharply"])
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let out = String::from_utf8_lossy(&result.stdout);
+    assert!(out.starts_with("3 sentences, 384 dimensions"), "{out}");
+    assert!(out.contains("cosine similarity") && out.contains("  1.000"), "{out}");
+    assert!(!out.contains("\"embeddings\""), "{out}");
+    // The two sentences about resting cats are closer than either is to the stock market.
+    let row = |i: usize| -> Vec<f64> {
+        let line = out.lines().rev().nth(2 - i).unwrap();
+        line.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect()
+    };
+    assert!(row(0)[1] > row(0)[2] + 0.2, "{out}");
+
+    let file = std::env::temp_dir().join(format!("attn-embed-blank-{}.txt", std::process::id()));
+    std::fs::write(&file, "first\n\nthird\n").unwrap();
+    let embed = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(["embed", "--json", "--model"])
+            .arg(model_dir())
+            .arg("--input")
+            .arg(&file)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = embed(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("line 2 is blank") && err.contains("--keep-blank"), "{err}");
+    let kept = embed(&["--keep-blank"]);
+    assert!(kept.status.success(), "{}", String::from_utf8_lossy(&kept.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&kept.stdout).unwrap();
+    assert_eq!(v["embeddings"].as_array().unwrap().len(), 3);
+    std::fs::remove_file(&file).unwrap();
 }

@@ -65,6 +65,13 @@ fn run_case(name: &str, dir: &Path, threads: &str) -> PathBuf {
         "{name}: {}",
         String::from_utf8_lossy(&result.stderr)
     );
+    // One line on success: the file and each output's name and shape.
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{name}: {stdout}");
+    assert!(stdout.starts_with(&format!("wrote {}: ", output.display())), "{name}: {stdout}");
+    for (tensor, shape, _) in read_all(&output) {
+        assert!(stdout.contains(&format!("{tensor} {shape:?}")), "{name}: {stdout}");
+    }
     output
 }
 
