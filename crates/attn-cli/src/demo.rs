@@ -380,17 +380,54 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
     );
     println!("\ntiming ({} threads):", rayon::current_num_threads());
     println!(
-        "  B=1 H=8 S=T=1024 D=64   flash {:.2} ms ({:.1} GFLOP/s)   unfused {:.2} ms   flash is {:.2}x faster",
+        "  B=1 H=8 S=T=1024 D=64   flash {:.2} ms ({:.1} GFLOP/s)   unfused {:.2} ms   {}",
         fused.median_s * 1e3,
         spec.flops() / fused.median_s / 1e9,
         unfused.median_s * 1e3,
-        unfused.median_s / fused.median_s
+        which_is_faster(("flash", fused.median_s), ("unfused", unfused.median_s))
     );
     println!(
-        "  B=1 H=2 S=T=128 D=64    flash {:.3} ms   naive f64 loops {:.2} ms   flash is {:.0}x faster",
+        "  B=1 H=2 S=T=128 D=64    flash {:.3} ms   naive f64 loops {:.2} ms   {}",
         fused_small.median_s * 1e3,
         naive.median_s * 1e3,
-        naive.median_s / fused_small.median_s
+        which_is_faster(("flash", fused_small.median_s), ("the naive loops", naive.median_s))
     );
     Ok(())
+}
+
+/// "A is 1.30× faster than B" for the quicker of two timings, whichever it is.
+fn which_is_faster((a, a_s): (&str, f64), (b, b_s): (&str, f64)) -> String {
+    let (fast, fast_s, slow, slow_s) = if a_s <= b_s { (a, a_s, b, b_s) } else { (b, b_s, a, a_s) };
+    let ratio = slow_s / fast_s;
+    if ratio < 1.05 {
+        return format!("{a} and {b} take the same time (within 5%)");
+    }
+    let digits = if ratio < 10.0 { 2 } else { 0 };
+    format!("{fast} is {ratio:.digits$}× faster than {slow}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::which_is_faster;
+
+    #[test]
+    fn the_timing_line_names_the_faster_path() {
+        // The old line said "flash is 0.77x faster" when flash was slower.
+        assert_eq!(
+            which_is_faster(("flash", 1.3), ("unfused", 1.0)),
+            "unfused is 1.30× faster than flash"
+        );
+        assert_eq!(
+            which_is_faster(("flash", 1.0), ("unfused", 2.5)),
+            "flash is 2.50× faster than unfused"
+        );
+        assert_eq!(
+            which_is_faster(("flash", 0.001), ("the naive loops", 0.5)),
+            "flash is 500× faster than the naive loops"
+        );
+        assert_eq!(
+            which_is_faster(("flash", 1.0), ("unfused", 1.02)),
+            "flash and unfused take the same time (within 5%)"
+        );
+    }
 }

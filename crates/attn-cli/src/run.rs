@@ -119,6 +119,7 @@ pub fn prepare(config_path: &Path, weights_path: &Path, input_path: &Path) -> Re
     };
     let weights = TensorFile::read(weights_path)?;
     let inputs = TensorFile::read(input_path)?;
+    check_not_swapped(&weights, &inputs)?;
     let kind = match module.as_str() {
         "multihead_attention" => {
             let flags = MhaFlags {
@@ -127,6 +128,8 @@ pub fn prepare(config_path: &Path, weights_path: &Path, input_path: &Path) -> Re
                 is_causal: take_flag(&mut config, config_path, "is_causal", false)?,
             };
             let mha_config: MhaConfig = serde_json::from_value(Value::Object(config))
+                .map_err(anyhow::Error::from)
+                .and_then(|c: MhaConfig| Ok(c.validate().map(|()| c)?))
                 .with_context(|| format!("{}: bad multihead_attention config", config_path.display()))?;
             let module = MultiHeadAttention::from_state_dict(mha_config, state_dict(&weights)?)
                 .with_context(|| format!("{}: weights do not fit the config", weights_path.display()))?;
@@ -202,8 +205,87 @@ pub fn prepare(config_path: &Path, weights_path: &Path, input_path: &Path) -> Re
     Ok(Prepared { kind, inputs })
 }
 
-fn parse_config<T: serde::de::DeserializeOwned>(config: Map<String, Value>, path: &Path, kind: &str) -> Result<T> {
-    serde_json::from_value(Value::Object(config)).with_context(|| format!("{}: bad {kind} config", path.display()))
+/// A layer, stack or model config, parsed and checked field by field; errors name the config
+/// file and the field as the user wrote it.
+fn parse_config<T: serde::de::DeserializeOwned + HasLayer>(
+    config: Map<String, Value>,
+    path: &Path,
+    kind: &str,
+) -> Result<T> {
+    let parsed: T = serde_json::from_value(Value::Object(config))
+        .with_context(|| format!("{}: bad {kind} config", path.display()))?;
+    parsed
+        .layer()
+        .validate()
+        .with_context(|| format!("{}: bad {kind} config", path.display()))?;
+    Ok(parsed)
+}
+
+/// The per-layer fields of a config.
+trait HasLayer {
+    fn layer(&self) -> &LayerConfig;
+}
+
+impl HasLayer for LayerConfig {
+    fn layer(&self) -> &LayerConfig {
+        self
+    }
+}
+
+impl HasLayer for StackConfig {
+    fn layer(&self) -> &LayerConfig {
+        &self.layer
+    }
+}
+
+impl HasLayer for TransformerConfig {
+    fn layer(&self) -> &LayerConfig {
+        &self.layer
+    }
+}
+
+/// The forward's input names, which a state dict never holds.
+const INPUT_NAMES: [&str; 14] = [
+    "query",
+    "key",
+    "value",
+    "src",
+    "tgt",
+    "memory",
+    "attn_mask",
+    "key_padding_mask",
+    "src_mask",
+    "tgt_mask",
+    "memory_mask",
+    "src_key_padding_mask",
+    "tgt_key_padding_mask",
+    "memory_key_padding_mask",
+];
+
+/// Fails with a message saying so when --weights holds the forward's inputs and --input does
+/// not (the two files swapped), instead of a dtype error about a mask in the weights.
+fn check_not_swapped(weights: &TensorFile, inputs: &TensorFile) -> Result<()> {
+    let input_names = |file: &TensorFile| -> Vec<String> {
+        file.iter()
+            .map(|(name, _)| name.clone())
+            .filter(|name| INPUT_NAMES.contains(&name.as_str()))
+            .collect()
+    };
+    let in_weights = input_names(weights);
+    if !in_weights.is_empty() && input_names(inputs).is_empty() {
+        bail!(
+            "--weights {} holds the forward's inputs ({}), not a state_dict, and --input {} holds none: \
+             are --weights and --input swapped?",
+            weights.path().display(),
+            in_weights
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            inputs.path().display()
+        );
+    }
+    Ok(())
 }
 
 fn weights_error(path: &Path) -> String {

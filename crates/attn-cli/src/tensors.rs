@@ -89,6 +89,14 @@ fn decode(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
                 })?;
             Ok(Tensor::Bool { shape, data })
         }
+        other @ (Dtype::F16 | Dtype::BF16 | Dtype::F64) => bail!(
+            "{}: tensor `{name}` has dtype {other:?}, expected F32 or BOOL (attn computes in F32 and does not \
+             round inputs silently); convert the file with: python3 -c \"import sys; from safetensors.torch \
+             import load_file, save_file; save_file({{k: v.float() if v.is_floating_point() else v for k, v in \
+             load_file(sys.argv[1]).items()}}, sys.argv[2])\" {} OUT.safetensors",
+            path.display(),
+            path.display()
+        ),
         other => bail!(
             "{}: tensor `{name}` has dtype {other:?}, expected F32 or BOOL",
             path.display()

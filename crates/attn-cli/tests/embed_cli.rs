@@ -243,7 +243,11 @@ fn embed_prints_a_table_and_refuses_blank_lines() {
     let result = Command::new(env!("CARGO_BIN_EXE_attn"))
         .args(["embed", "--model"])
         .arg(model_dir())
-        .args(["a cat sat on the mat", "a kitten rested on the rug", "stock prices fell sharply"])
+        .args([
+            "a cat sat on the mat",
+            "a kitten rested on the rug",
+            "stock prices fell sharply",
+        ])
         .output()
         .unwrap();
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));

@@ -68,7 +68,10 @@ fn run_case(name: &str, dir: &Path, threads: &str) -> PathBuf {
     // One line on success: the file and each output's name and shape.
     let stdout = String::from_utf8_lossy(&result.stdout);
     assert_eq!(stdout.lines().count(), 1, "{name}: {stdout}");
-    assert!(stdout.starts_with(&format!("wrote {}: ", output.display())), "{name}: {stdout}");
+    assert!(
+        stdout.starts_with(&format!("wrote {}: ", output.display())),
+        "{name}: {stdout}"
+    );
     for (tensor, shape, _) in read_all(&output) {
         assert!(stdout.contains(&format!("{tensor} {shape:?}")), "{name}: {stdout}");
     }
@@ -114,3 +117,49 @@ fn modules_match_pytorch_golden_files() {
 /// AVX2+FMA and 3.9e-6 on the scalar path (`mha_long`: E = 64, 300 keys); the rest are below
 /// 2e-6. The bound is about 6.5× the largest.
 const TOLERANCE: f64 = 3e-5;
+
+/// Errors name the file and the field the user wrote: `nhead` (not the `num_heads` of the
+/// attention inside) in the config file (not the weights); and swapped --weights / --input are
+/// called swapped (it was "`src_key_padding_mask` has dtype BOOL, expected F32").
+#[test]
+fn errors_name_the_users_file_and_field() {
+    let dir = scratch_dir("errors");
+    let f = |suffix: &str| fixtures().join(format!("enc_layer_causal{suffix}"));
+    let config = dir.join("nhead5.json");
+    std::fs::write(
+        &config,
+        r#"{"module": "transformer_encoder_layer", "d_model": 32, "nhead": 5, "dim_feedforward": 48}"#,
+    )
+    .unwrap();
+    let result = attn(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--weights",
+        f(".weights.safetensors").to_str().unwrap(),
+        "--input",
+        f(".in.safetensors").to_str().unwrap(),
+        "--output",
+        dir.join("out.safetensors").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{err}");
+    assert!(err.contains("nhead5.json") && err.contains("`nhead` is 5"), "{err}");
+    assert!(!err.contains("num_heads") && !err.contains("weights"), "{err}");
+
+    let swapped = attn(&[
+        "run",
+        "--config",
+        f(".json").to_str().unwrap(),
+        "--weights",
+        f(".in.safetensors").to_str().unwrap(),
+        "--input",
+        f(".weights.safetensors").to_str().unwrap(),
+        "--output",
+        dir.join("out.safetensors").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&swapped.stderr);
+    assert_eq!(swapped.status.code(), Some(1), "{err}");
+    assert!(err.contains("swapped") && err.contains("`src`"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -152,6 +152,11 @@ fn bad_inputs_fail_with_a_message_naming_the_tensor() {
         err.contains("`q`") && err.contains("F64") && err.contains("F32"),
         "{err}"
     );
+    // The refusal gives the command that converts the file.
+    assert!(
+        err.contains("convert the file with: python3 -c") && err.contains("v.float()"),
+        "{err}"
+    );
 
     let (code, err) = sdpa_error("missing", &qkv(2, 2)[..2], &[]);
     assert_eq!(code, 1);

@@ -84,7 +84,22 @@ impl LayerConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks every field against its domain, naming the field (`nhead` must divide
+    /// `d_model`, and so on). Loading weights checks this first.
+    pub fn validate(&self) -> Result<()> {
+        if self.d_model == 0 {
+            return Err(invalid("d_model", self.d_model, "at least 1"));
+        }
+        if self.nhead == 0 || self.d_model % self.nhead != 0 {
+            return Err(invalid(
+                "nhead",
+                self.nhead,
+                format!("a divisor of d_model = {}", self.d_model),
+            ));
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return Err(invalid("layer_norm_eps", self.layer_norm_eps, "a positive number"));
+        }
         if self.dim_feedforward == 0 {
             return Err(invalid("dim_feedforward", self.dim_feedforward, "at least 1"));
         }
@@ -271,7 +286,7 @@ impl EncoderLayer {
     }
 
     fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self> {
-        config.check()?;
+        config.validate()?;
         let self_attn = sub_module(dict, "self_attn.", |d| {
             Ok(MultiHeadAttention::from_state_dict(config.mha(), std::mem::take(d))?)
         })?;
@@ -395,7 +410,7 @@ impl DecoderLayer {
     }
 
     fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self> {
-        config.check()?;
+        config.validate()?;
         let self_attn = sub_module(dict, "self_attn.", |d| {
             Ok(MultiHeadAttention::from_state_dict(config.mha(), std::mem::take(d))?)
         })?;
@@ -729,53 +744,41 @@ impl Decoder {
     }
 }
 
-/// Constructor arguments of `nn.Transformer`, PyTorch's names and defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Configuration of [`Transformer`]: `nn.Transformer`'s constructor arguments. The per-layer
+/// fields are one [`LayerConfig`] (written flat in JSON, as PyTorch's keyword arguments), with
+/// `nn.Transformer`'s defaults `d_model = 512` and `nhead = 8` when absent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TransformerConfig {
-    /// E.
-    #[serde(default = "default_d_model")]
-    pub d_model: usize,
-    /// H.
-    #[serde(default = "default_nhead")]
-    pub nhead: usize,
+    /// The fields every encoder and decoder layer shares.
+    #[serde(flatten)]
+    pub layer: LayerConfig,
     /// Encoder layers.
-    #[serde(default = "default_layers")]
     pub num_encoder_layers: usize,
     /// Decoder layers.
-    #[serde(default = "default_layers")]
     pub num_decoder_layers: usize,
-    /// F.
-    #[serde(default = "default_ff")]
-    pub dim_feedforward: usize,
-    /// Accepted and ignored.
-    #[serde(default = "default_dropout")]
-    pub dropout: f64,
-    /// `"relu"` or `"gelu"`.
-    #[serde(default)]
-    pub activation: Activation,
-    /// The norms' epsilon.
-    #[serde(default = "default_eps")]
-    pub layer_norm_eps: f64,
-    /// Layout.
-    #[serde(default)]
-    pub batch_first: bool,
-    /// Pre-norm layers.
-    #[serde(default)]
-    pub norm_first: bool,
-    /// Biases.
-    #[serde(default = "yes")]
-    pub bias: bool,
 }
 
-fn default_d_model() -> usize {
-    512
-}
-fn default_nhead() -> usize {
-    8
-}
-fn default_layers() -> usize {
-    6
+impl<'de> Deserialize<'de> for TransformerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        use serde_json::Value;
+        let mut map = serde_json::Map::deserialize(deserializer)?;
+        let mut layers = |name: &str| -> std::result::Result<usize, D::Error> {
+            match map.remove(name) {
+                None => Ok(6),
+                Some(v) => serde_json::from_value(v).map_err(|e| D::Error::custom(format!("`{name}`: {e}"))),
+            }
+        };
+        let (num_encoder_layers, num_decoder_layers) = (layers("num_encoder_layers")?, layers("num_decoder_layers")?);
+        map.entry("d_model").or_insert(Value::from(512));
+        map.entry("nhead").or_insert(Value::from(8));
+        let layer = serde_json::from_value(Value::Object(map)).map_err(D::Error::custom)?;
+        Ok(TransformerConfig {
+            layer,
+            num_encoder_layers,
+            num_decoder_layers,
+        })
+    }
 }
 
 /// `nn.Transformer`: `encoder.*` (with its final norm) and `decoder.*` (with its final norm).
@@ -790,19 +793,8 @@ pub struct Transformer {
 impl Transformer {
     /// Builds the model from `nn.Transformer.state_dict()`.
     pub fn from_state_dict(config: TransformerConfig, mut dict: StateDict) -> Result<Self> {
-        let layer = LayerConfig {
-            d_model: config.d_model,
-            nhead: config.nhead,
-            dim_feedforward: config.dim_feedforward,
-            dropout: config.dropout,
-            activation: config.activation,
-            layer_norm_eps: config.layer_norm_eps,
-            batch_first: config.batch_first,
-            norm_first: config.norm_first,
-            bias: config.bias,
-        };
         let stack = |num_layers| StackConfig {
-            layer: layer.clone(),
+            layer: config.layer.clone(),
             num_layers,
             norm: true,
             enable_nested_tensor: None,

@@ -83,10 +83,9 @@ fn run(case: &Golden, par: Par) -> (&'static str, Vec<f32>) {
         }
         "transformer" => {
             let config: TransformerConfig = parse(name, &cfg);
-            let mut layer = LayerConfig::new(config.d_model, config.nhead);
-            layer.batch_first = config.batch_first;
-            let (src, _) = case.sequence("src", Layout::from_batch_first(layer.batch_first));
-            let (tgt, _) = case.sequence("tgt", Layout::from_batch_first(layer.batch_first));
+            let layout = Layout::from_batch_first(config.layer.batch_first);
+            let (src, _) = case.sequence("src", layout);
+            let (tgt, _) = case.sequence("tgt", layout);
             let module = Transformer::from_state_dict(config, case.params.clone()).unwrap();
             module.forward(
                 src,
@@ -172,4 +171,24 @@ fn layers_refuse_inputs_laid_out_against_batch_first() {
         assert!(err.to_string().contains("batch_first"), "{err}");
         encoder.forward(right, &BlockMasks::default(), Par::Seq).unwrap();
     }
+}
+
+/// `TransformerConfig` is a `LayerConfig` plus the depths, read flat as PyTorch's keyword
+/// arguments, with `nn.Transformer`'s defaults; unknown and out-of-domain fields are named.
+#[test]
+fn transformer_config_is_a_layer_config_and_depths() {
+    let config: TransformerConfig = serde_json::from_str(r#"{"num_encoder_layers": 2, "norm_first": true}"#).unwrap();
+    assert_eq!((config.layer.d_model, config.layer.nhead), (512, 8));
+    assert_eq!((config.num_encoder_layers, config.num_decoder_layers), (2, 6));
+    assert_eq!(config.layer.dim_feedforward, 2048);
+    assert!(config.layer.norm_first);
+    let err = serde_json::from_str::<TransformerConfig>(r#"{"nheads": 2}"#).unwrap_err();
+    assert!(err.to_string().contains("nheads"), "{err}");
+    let err = serde_json::from_str::<TransformerConfig>(r#"{"num_decoder_layers": -1}"#).unwrap_err();
+    assert!(err.to_string().contains("num_decoder_layers"), "{err}");
+    let mut layer = LayerConfig::new(16, 5);
+    let err = layer.validate().unwrap_err().to_string();
+    assert!(err.contains("`nhead` is 5") && err.contains("d_model = 16"), "{err}");
+    layer.nhead = 4;
+    layer.validate().unwrap();
 }

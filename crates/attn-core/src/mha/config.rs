@@ -71,6 +71,12 @@ impl MhaConfig {
         }
     }
 
+    /// Checks every field against its domain, naming the field (`num_heads` must divide
+    /// `embed_dim`, and so on). Loading weights checks this first.
+    pub fn validate(&self) -> Result<()> {
+        self.dims().map(drop)
+    }
+
     pub(super) fn dims(&self) -> Result<Dims> {
         let invalid = |field: &'static str, got: String, expected: &str| AttnError::InvalidConfig {
             field,
