@@ -230,18 +230,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Deterministic pseudo-random values in `[-1, 1)`.
-pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+pub use attn_nn::core::kernels::testing::random_vec;
 
 /// Which attention implementation `bench sdpa` times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

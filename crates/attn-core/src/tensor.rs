@@ -114,17 +114,18 @@ pub fn insert_prefixed(dict: &mut StateDict, prefix: &str, sub: StateDict) {
 }
 
 /// Deterministic pseudo-random weights, uniform in `±1/sqrt(fan_in)` like PyTorch's default
-/// `nn.Linear` initialisation, from a seed (xorshift): for tests, examples and benchmarks.
+/// `nn.Linear` initialisation, from a seed (the workspace's one generator,
+/// `attn_kernels::testing::SplitMix64`): for tests, examples and benchmarks.
 #[derive(Debug, Clone)]
 pub struct WeightInit {
-    state: u64,
+    rng: attn_kernels::testing::SplitMix64,
 }
 
 impl WeightInit {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
         WeightInit {
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2545_F491_4F6C_DD1D,
+            rng: attn_kernels::testing::SplitMix64::new(seed),
         }
     }
 
@@ -132,14 +133,7 @@ impl WeightInit {
     pub fn uniform(&mut self, shape: Vec<usize>, fan_in: usize) -> Tensor {
         let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
         let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| {
-                self.state ^= self.state << 13;
-                self.state ^= self.state >> 7;
-                self.state ^= self.state << 17;
-                (((self.state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * bound
-            })
-            .collect();
+        let data = (0..n).map(|_| self.rng.next_signed() * bound).collect();
         Tensor { shape, data }
     }
 }

@@ -10,17 +10,7 @@ use attn_core::{
 };
 use proptest::prelude::*;
 
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use attn_core::kernels::testing::random_vec as random;
 
 #[track_caller]
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {

@@ -321,17 +321,27 @@ impl EncoderLayer {
     /// `src: [B, S, E]` -> `[B, S, E]` (in `src`'s layout).
     pub fn forward(&self, src: Sequence<'_>, masks: &BlockMasks<'_>, par: Par) -> Result<Vec<f32>> {
         check_input("transformer_encoder_layer", "src", &src, self.config.d_model)?;
-        let mut x = src.data.to_vec();
         let options = masks.mha();
+        let self_attend = |h: &[f32]| Ok(self.self_attn.forward_self(seq(h, &src), &options, par)?.output);
+        self.residual_blocks(src.data.to_vec(), self_attend, par)
+    }
+
+    /// The two residual blocks around `attend` (self-attention over token rows):
+    /// pre-norm `x = x + attend(norm1(x)); x = x + ff(norm2(x))`, or post-norm
+    /// `x = norm1(x + attend(x)); x = norm2(x + ff(x))`, the adds fused into the norms.
+    fn residual_blocks(
+        &self,
+        mut x: Vec<f32>,
+        attend: impl FnOnce(&[f32]) -> Result<Vec<f32>>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
         if self.config.norm_first {
-            // x = x + self_attn(norm1(x)); x = x + ff(norm2(x))
             let normed = self.norm1.forward(&x, par);
-            let attended = self.self_attn.forward_self(seq(&normed, &src), &options, par)?.output;
+            let attended = attend(&normed)?;
             let normed = self.norm2.add_then_forward(&mut x, &attended, par);
             add_in_place(&mut x, &self.ffn.forward(&normed, par)?, par);
         } else {
-            // x = norm1(x + self_attn(x)); x = norm2(x + ff(x))
-            let attended = self.self_attn.forward_self(seq(&x, &src), &options, par)?.output;
+            let attended = attend(&x)?;
             self.norm1.add_forward_in_place(&mut x, &attended, par);
             let fed = self.ffn.forward(&x, par)?;
             self.norm2.add_forward_in_place(&mut x, &fed, par);
@@ -362,19 +372,8 @@ impl EncoderLayer {
     /// sequence `i` being rows `starts[i]..starts[i + 1]` -> `[N, E]`. Attention stays within
     /// each sequence; everything else is per token.
     pub fn forward_packed(&self, x: &[f32], starts: &[usize], is_causal: bool, par: Par) -> Result<Vec<f32>> {
-        let mut x = x.to_vec();
-        if self.config.norm_first {
-            let normed = self.norm1.forward(&x, par);
-            let attended = self.self_attn.forward_self_packed(&normed, starts, is_causal, par)?;
-            let normed = self.norm2.add_then_forward(&mut x, &attended, par);
-            add_in_place(&mut x, &self.ffn.forward(&normed, par)?, par);
-        } else {
-            let attended = self.self_attn.forward_self_packed(&x, starts, is_causal, par)?;
-            self.norm1.add_forward_in_place(&mut x, &attended, par);
-            let fed = self.ffn.forward(&x, par)?;
-            self.norm2.add_forward_in_place(&mut x, &fed, par);
-        }
-        Ok(x)
+        let self_attend = |h: &[f32]| Ok(self.self_attn.forward_self_packed(h, starts, is_causal, par)?);
+        self.residual_blocks(x.to_vec(), self_attend, par)
     }
 }
 
