@@ -27,6 +27,8 @@
 //!   at a time (`xtask/python/planted_bugs.py`) and checks that the owning crate catches each.
 //!   Not run by `ci`.
 
+mod tidy;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -67,55 +69,9 @@ fn python() -> String {
 }
 
 /// Every Rust file under `crates/` and `xtask/src`: its path and text.
-fn rust_files() -> Result<Vec<(PathBuf, String)>> {
-    fn walk(dir: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                if path.file_name().is_some_and(|n| n != "target" && n != "fixtures") {
-                    walk(&path, out)?;
-                }
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push((path.clone(), std::fs::read_to_string(&path)?));
-            }
-        }
-        Ok(())
-    }
-    let mut files = Vec::new();
-    walk(&root().join("crates"), &mut files)?;
-    walk(&root().join("xtask/src"), &mut files)?;
-    Ok(files)
-}
-
-/// House rules no compiler checks: every module opens with a `//!` header, no
-/// `#[should_panic]` (input errors are asserted as `Err`), no trailing whitespace.
-fn tidy() -> Result<()> {
-    let mut problems = Vec::new();
-    for (path, text) in rust_files()? {
-        let shown = path.strip_prefix(root()).unwrap_or(&path).display().to_string();
-        if !text.trim_start().starts_with("//!") {
-            problems.push(format!(
-                "{shown}: does not open with a `//!` header saying what it is for"
-            ));
-        }
-        for (i, line) in text.lines().enumerate() {
-            if line.trim_start().starts_with("#[should_panic") {
-                problems.push(format!("{shown}:{}: #[should_panic]; assert the Err instead", i + 1));
-            }
-            if line.ends_with(' ') || line.ends_with('\t') {
-                problems.push(format!("{shown}:{}: trailing whitespace", i + 1));
-            }
-        }
-    }
-    if !problems.is_empty() {
-        bail!("tidy:\n  {}", problems.join("\n  "));
-    }
-    eprintln!("tidy: ok");
-    Ok(())
-}
-
 fn ci() -> Result<()> {
-    tidy()?;
+    // The house rules run as a test too (`cargo test -p xtask`); first here, since they fail fast.
+    tidy::check(&root())?;
     // The model the embedding tests compare against sentence-transformers' reference.
     fetch_model()?;
     // The browser the attention page is tested in.
@@ -849,7 +805,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("tidy") => tidy(),
+        Some("tidy") => tidy::check(&root()),
         Some("codegen") => codegen(args.iter().any(|a| a == "--check")),
         Some("bench") => bench(&args[1..]),
         Some("fetch-model") => fetch_model(),
