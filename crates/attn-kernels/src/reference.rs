@@ -99,15 +99,15 @@ pub fn attention_reference(
                     }
                     continue;
                 }
-                // Pass 2: max, exp and sum.
+                // Pass 2: row max, exp and sum.
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 if m == f64::NEG_INFINITY {
                     continue;
                 }
                 let sum: f64 = scores.iter().map(|&x| (x - m).exp()).sum();
                 lse[row] = m + sum.ln();
-                // Pass 4: weighted V, over the visible keys only (a hidden key's value never
-                // enters, not even as `0·v`).
+                // Passes 3 and 4: each weight rescaled by 1/sum, then weighted V, over the
+                // visible keys only (a hidden key's value never enters, not even as `0·v`).
                 for t in 0..t_n {
                     if scores[t] == f64::NEG_INFINITY {
                         continue;

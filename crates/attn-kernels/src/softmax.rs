@@ -28,11 +28,12 @@ fn softmax_row(
     limit: usize,
     shape: [usize; 2],
 ) -> f32 {
-    // Pass 1: scale and mask; row max.
+    // Pass 1 (the scores are given): scale and mask.
     if scale != 1.0 {
         scale_row(row, scale);
     }
     mask_row(row, options, bhs, 0, limit, shape);
+    // Pass 2: row max, exp and sum.
     let m = row_max(row);
     if m == f32::NEG_INFINITY {
         if row.iter().any(|x| x.is_nan()) {
@@ -44,9 +45,8 @@ fn softmax_row(
         row.fill(0.0);
         return f32::NEG_INFINITY;
     }
-    // Pass 2: exp and sum.
     let sum = exp_sub_sum(row, m);
-    // Pass 3: normalise.
+    // Pass 3: rescale by 1/sum (the online kernel rescales by exp(m_old - m_new) instead).
     scale_row(row, 1.0 / sum);
     m + sum.ln()
 }
@@ -288,24 +288,17 @@ pub enum WeightsDst<'a> {
     Averaged(ViewMut<'a, f32, 3>),
 }
 
-/// The softmax weights of an attention call from its LSE, in a second pass that never needs
-/// the flash kernel to store them: `weights = exp(scale·q·kᵀ + masks - lse)`.
-///
-/// `q: [B, H, S, D]`, `k: [B, G, T, D]`, `lse: [B, H, S]` (from
-/// [`flash_attention`](crate::flash_attention) with the same `options`) -> `[B, H, S, T]` or,
-/// averaged over heads, `[B, S, T]`. A row with nothing to attend to (`lse = -inf`) gets zeros.
-/// Work is cut by shape only and heads are averaged in head order, so the result does not
-/// depend on the thread count.
-pub fn attention_weights(
-    dst: WeightsDst<'_>,
-    q: View4<'_, f32>,
-    k: View4<'_, f32>,
-    lse: crate::View<'_, f32, 3>,
+/// Checks the operands of [`attention_weights`]; returns `[B, H, G, S, T, D]` and whether the
+/// weights are averaged over heads.
+fn validate_weights(
+    dst: &WeightsDst<'_>,
+    q: &View4<'_, f32>,
+    k: &View4<'_, f32>,
+    lse: &crate::View<'_, f32, 3>,
     options: &AttentionOptions<'_>,
-    par: Par,
-) -> Result<(), KernelError> {
+) -> Result<([usize; 6], bool), KernelError> {
     let op = "attention_weights";
-    let [b, h, g, s, t, d] = crate::flash::validate_qk(op, &q, &k)?;
+    let [b, h, g, s, t, d] = crate::flash::validate_qk(op, q, k)?;
     if lse.shape() != [b, h, s] {
         return Err(KernelError::ShapeMismatch {
             op,
@@ -322,7 +315,7 @@ pub fn attention_weights(
             expected: "at least 1",
         });
     }
-    let (averaged, dst_shape) = match &dst {
+    let (averaged, dst_shape) = match dst {
         WeightsDst::PerHead(v) => (false, v.shape().to_vec()),
         WeightsDst::Averaged(v) => (true, v.shape().to_vec()),
     };
@@ -336,6 +329,26 @@ pub fn attention_weights(
         });
     }
     validate_options(op, options, [b, h, s, t])?;
+    Ok(([b, h, g, s, t, d], averaged))
+}
+
+/// The softmax weights of an attention call from its LSE, in a second pass that never needs
+/// the flash kernel to store them: `weights = exp(scale·q·kᵀ + masks - lse)`.
+///
+/// `q: [B, H, S, D]`, `k: [B, G, T, D]`, `lse: [B, H, S]` (from
+/// [`flash_attention`](crate::flash_attention) with the same `options`) -> `[B, H, S, T]` or,
+/// averaged over heads, `[B, S, T]`. A row with nothing to attend to (`lse = -inf`) gets zeros.
+/// Work is cut by shape only and heads are averaged in head order, so the result does not
+/// depend on the thread count.
+pub fn attention_weights(
+    dst: WeightsDst<'_>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    lse: crate::View<'_, f32, 3>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let ([b, h, g, s, t, d], averaged) = validate_weights(&dst, &q, &k, &lse, options)?;
     if b == 0 || s == 0 || t == 0 {
         return Ok(());
     }
@@ -369,10 +382,11 @@ pub fn attention_weights(
     // the AVX2+FMA micro-kernel where available, faer's GEMM elsewhere.
     let micro = crate::simd::simd_level() == crate::SimdLevel::Avx2Fma;
     let plan = crate::flash::Plan::new([b, h, s, d], [g, t, d]);
-    let kt_packed = if micro {
-        crate::flash::pack_keys_transposed(&plan, &k, par)
-    } else {
-        Vec::new()
+    let kt_packed = micro.then(|| crate::flash::pack_keys_transposed(&plan, &k, par));
+    let keys = crate::flash::KeySource {
+        k,
+        kt_packed: kt_packed.as_deref(),
+        micro,
     };
     let key_blocks = t.div_ceil(KEYS);
     let row_tiles = s.div_ceil(ROWS);
@@ -398,44 +412,13 @@ pub fn attention_weights(
             for block in 0..key_blocks {
                 let t0 = block * KEYS;
                 let bc = (t - t0).min(KEYS);
-                if micro {
-                    let index = (bi * g + gi) * key_blocks + block;
-                    let kt = &kt_packed[index * d * plan.kt_ld..(index + 1) * d * plan.kt_ld];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2+FMA were detected; `q_tile` is [rows, D], `kt` is [D, kt_ld]
-                    // (zero past `bc`, `pad_to_nr(bc) <= kt_ld`), `scores` is [ROWS, KEYS].
-                    unsafe {
-                        crate::tile::avx2::gemm::<false>(
-                            rows,
-                            crate::tile::pad_to_nr(bc),
-                            d,
-                            q_tile.as_ptr(),
-                            d,
-                            kt.as_ptr(),
-                            plan.kt_ld,
-                            scores.as_mut_ptr(),
-                            KEYS,
-                        )
-                    };
-                } else {
-                    let ks = k.strides();
-                    // SAFETY: the keys `[bi, gi, t0..t0+bc, :]` were bounds-checked above;
-                    // `scores` holds ROWS×KEYS elements and `q_tile` ROWS×D.
-                    unsafe {
-                        gemm_raw(
-                            scores.as_mut_ptr(),
-                            [KEYS, 1],
-                            [rows, bc, d],
-                            Accum::Replace,
-                            q_tile.as_ptr(),
-                            [d, 1],
-                            k.data().as_ptr().add(bi * ks[0] + gi * ks[1] + t0 * ks[2]),
-                            [ks[3], ks[2]],
-                            1.0,
-                            Par::Seq,
-                        )
-                    };
-                }
+                let tile = crate::flash::ScoreTile {
+                    scores: &mut scores[..],
+                    q_tile: &q_tile[..],
+                    kt_scratch: &mut [],
+                    n_rows: rows,
+                };
+                crate::flash::block_scores(tile, &plan, &keys, [bi, gi, t0, bc]);
                 for i in 0..rows {
                     let si = s0 + i;
                     let row = &mut scores[i * KEYS..i * KEYS + bc];
@@ -453,30 +436,15 @@ pub fn attention_weights(
                         exp_sub_sum(row, l);
                     }
                     let base = bi * dst_strides[0] + hi * dst_strides[1] + si * dst_strides[2] + t0 * dst_strides[3];
+                    let mode = match (averaged, hi) {
+                        (false, _) => Accumulate::Write,
+                        (true, 0) => Accumulate::WriteScaled(inv_heads),
+                        (true, _) => Accumulate::AddScaled(inv_heads),
+                    };
                     // SAFETY: the `bc` elements from `base` (stride `dst_strides[3]`) are in
                     // bounds of the destination, and rows `(bi, si)` (with head `hi` unless
                     // averaged) belong to this task alone.
-                    unsafe {
-                        if dst_strides[3] == 1 {
-                            let dst = std::slice::from_raw_parts_mut(dst_ptr.get().add(base), bc);
-                            if !averaged {
-                                dst.copy_from_slice(row);
-                            } else if hi == 0 {
-                                dst.iter_mut().zip(row.iter()).for_each(|(o, &w)| *o = w * inv_heads);
-                            } else {
-                                dst.iter_mut().zip(row.iter()).for_each(|(o, &w)| *o += w * inv_heads);
-                            }
-                        } else {
-                            for (j, &w) in row.iter().enumerate() {
-                                let p = dst_ptr.get().add(base + j * dst_strides[3]);
-                                *p = match (averaged, hi) {
-                                    (false, _) => w,
-                                    (true, 0) => w * inv_heads,
-                                    (true, _) => *p + w * inv_heads,
-                                };
-                            }
-                        }
-                    }
+                    unsafe { write_weights(dst_ptr, base, dst_strides[3], row, mode) };
                 }
             }
         }
@@ -490,6 +458,36 @@ pub fn attention_weights(
         Par::Rayon => (0..tasks).into_par_iter().for_each_init(scratch, job),
     }
     Ok(())
+}
+
+/// How a head's weights reach the destination.
+#[derive(Clone, Copy)]
+enum Accumulate {
+    /// Per-head weights: stored as they are.
+    Write,
+    /// The first head of an average: stored times `1/H`.
+    WriteScaled(f32),
+    /// The next heads of an average: added times `1/H`.
+    AddScaled(f32),
+}
+
+/// Writes `row` to `dst[base + j·stride]`, `j < row.len()`, per `mode`.
+///
+/// # Safety
+/// Those elements must be in bounds of the destination and written by no other thread.
+unsafe fn write_weights(dst: SharedMut, base: usize, stride: usize, row: &[f32], mode: Accumulate) {
+    for (j, &w) in row.iter().enumerate() {
+        // SAFETY: in bounds and this task's alone, by the caller's contract.
+        let p = unsafe { dst.get().add(base + j * stride) };
+        // SAFETY: as above.
+        unsafe {
+            *p = match mode {
+                Accumulate::Write => w,
+                Accumulate::WriteScaled(f) => w * f,
+                Accumulate::AddScaled(f) => *p + w * f,
+            }
+        };
+    }
 }
 
 #[cfg(test)]

@@ -15,12 +15,14 @@
 //! on the thread count, and each row's arithmetic runs on one thread in a fixed order: results
 //! are bit-identical for any number of threads.
 //!
-//! # One tile, passes numbered as in the reference
+//! # One tile, passes numbered as in the reference and the unfused path
+//! (1: scores and mask; 2: row max, exp and sum; 3: rescale; 4: weighted V)
 //! For each key block `[t0, t0 + bc)` of the tile's key range:
 //! - pass 1: `scores = (scale·q_tile) · k_blockᵀ` (the AVX2+FMA tile micro-kernel on K
 //!   transposed per block, or dot products on K in place for tiles of a few rows; faer's GEMM,
 //!   sequential, at the scalar level);
-//! - pass 2: mask, row max, `p = exp(scores - m_new)` and its row sum, the online update
+//!   then the mask;
+//! - pass 2: row max, `p = exp(scores - m_new)` and its row sum, the online update
 //!   `l = l·exp(m_old - m_new) + sum(p)`;
 //! - pass 3: rescale the accumulator rows by `exp(m_old - m_new)`;
 //! - pass 4: `acc += p · v_block` (the micro-kernel, or row AXPYs for tiles of a few rows; faer's
@@ -41,8 +43,8 @@ mod tests;
 mod tile;
 
 pub(crate) use plan::{validate, validate_qk, Plan};
-pub(crate) use tile::pack_keys_transposed;
 use tile::{attend_tile, Scratch};
+pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

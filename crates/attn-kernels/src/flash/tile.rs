@@ -91,11 +91,10 @@ struct TileRows {
     limits: [usize; BLOCK_ROWS],
 }
 
-/// One key block `[t0, t0 + bc)` and the offsets of its first key and value.
+/// One key block `[t0, t0 + bc)` and the offset of its first value.
 struct KeyBlock {
     t0: usize,
     bc: usize,
-    k_base: usize,
     v_base: usize,
 }
 
@@ -118,14 +117,13 @@ pub(super) fn attend_tile(
     // Keys that no row of the tile may see are never visited.
     let max_limit = rows.limits[..n_rows].iter().copied().max().unwrap_or(0);
     let t_end = keys.end.min(max_limit);
-    let (k_st, v_st) = (ops.k.strides(), ops.v.strides());
+    let v_st = ops.v.strides();
     let mut t0 = keys.start;
     while t0 < t_end {
         let bc = (t_end - t0).min(BLOCK_KEYS);
         let block = KeyBlock {
             t0,
             bc,
-            k_base: b * k_st[0] + g * k_st[1] + t0 * k_st[2],
             v_base: b * v_st[0] + g * v_st[1] + t0 * v_st[2],
         };
         pass1_scores(scratch, plan, ops, &rows, &block);
@@ -171,19 +169,60 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
 /// Pass 1: `scores = q_tile · k_blockᵀ`, `[n_rows, bc]` in `scratch.scores` (row stride
 /// `BLOCK_KEYS`).
 fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows: &TileRows, block: &KeyBlock) {
-    let (k, d, n_rows) = (ops.k, plan.d, rows.n_rows);
-    let KeyBlock { t0, bc, k_base, .. } = *block;
-    let (k_data, k_st) = (k.data(), k.strides());
-    if !ops.micro {
-        // SAFETY: `scores` holds BLOCK_ROWS×BLOCK_KEYS elements and `q_tile` BLOCK_ROWS×D;
-        // the key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
+    let keys = KeySource {
+        k: ops.k,
+        kt_packed: ops.kt_packed,
+        micro: ops.micro,
+    };
+    let tile = ScoreTile {
+        scores: &mut scratch.scores,
+        q_tile: &scratch.q_tile,
+        kt_scratch: &mut scratch.kt,
+        n_rows: rows.n_rows,
+    };
+    block_scores(tile, plan, &keys, [rows.b, rows.g, block.t0, block.bc]);
+}
+
+/// Where a key block's scores come from: `k: [B, G, T, D]`, K transposed once for the call
+/// when packed ([`pack_keys_transposed`]), and whether the AVX2+FMA micro-kernels run.
+pub(crate) struct KeySource<'a> {
+    pub k: View4<'a, f32>,
+    pub kt_packed: Option<&'a [f32]>,
+    pub micro: bool,
+}
+
+/// The buffers of one tile's pass 1: `scores: [BLOCK_ROWS, BLOCK_KEYS]`, the scaled query rows
+/// `q_tile: [n_rows, D]`, and room `[D, kt_ld]` to transpose a key block when K is not packed.
+pub(crate) struct ScoreTile<'a> {
+    pub scores: &'a mut [f32],
+    pub q_tile: &'a [f32],
+    pub kt_scratch: &'a mut [f32],
+    pub n_rows: usize,
+}
+
+/// Pass 1 for one key block of `(b, g)`: `scores[i, j] = q_tile[i] · k[b, g, t0 + j]` for
+/// `i < n_rows`, `j < bc`. The flash kernel and [`crate::attention_weights`] share it.
+pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_>, [b, g, t0, bc]: [usize; 4]) {
+    let ScoreTile {
+        scores,
+        q_tile,
+        kt_scratch,
+        n_rows,
+    } = tile;
+    let d = plan.d;
+    let (k_data, k_st) = (keys.k.data(), keys.k.strides());
+    let k_base = b * k_st[0] + g * k_st[1] + t0 * k_st[2];
+    assert!(scores.len() >= BLOCK_ROWS * BLOCK_KEYS && q_tile.len() >= n_rows * d && n_rows <= BLOCK_ROWS);
+    if !keys.micro {
+        // SAFETY: `scores` holds BLOCK_ROWS×BLOCK_KEYS elements and `q_tile` n_rows×D (checked
+        // above); the key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
         unsafe {
             gemm_raw(
-                scratch.scores.as_mut_ptr(),
+                scores.as_mut_ptr(),
                 [BLOCK_KEYS, 1],
                 [n_rows, bc, d],
                 Accum::Replace,
-                scratch.q_tile.as_ptr(),
+                q_tile.as_ptr(),
                 [d, 1],
                 k_data.as_ptr().add(k_base),
                 [k_st[3], k_st[2]],
@@ -195,7 +234,7 @@ fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows
     }
     // Short tiles (decoding) read the keys in place by dot products; others take the key block
     // transposed, packed once for the call or here.
-    let keys_in_place = n_rows <= DOT_ROWS_MAX && k_st[3] == 1 && ops.kt_packed.is_none();
+    let keys_in_place = n_rows <= DOT_ROWS_MAX && k_st[3] == 1 && keys.kt_packed.is_none();
     #[cfg(target_arch = "x86_64")]
     if keys_in_place {
         // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], the key rows
@@ -206,29 +245,29 @@ fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows
                 n_rows,
                 bc,
                 d,
-                scratch.q_tile.as_ptr(),
+                q_tile.as_ptr(),
                 d,
                 k_data.as_ptr().add(k_base),
                 k_st[2],
-                scratch.scores.as_mut_ptr(),
+                scores.as_mut_ptr(),
                 BLOCK_KEYS,
             )
         };
         return;
     }
     let (ld, bc_pad) = (plan.kt_ld, crate::tile::pad_to_nr(bc));
-    let kt: &[f32] = match ops.kt_packed {
+    let kt: &[f32] = match keys.kt_packed {
         Some(packed) => {
             let blocks = plan.t.div_ceil(BLOCK_KEYS);
-            let index = (rows.b * plan.g + rows.g) * blocks + t0 / BLOCK_KEYS;
+            let index = (b * plan.g + g) * blocks + t0 / BLOCK_KEYS;
             &packed[index * d * ld..(index + 1) * d * ld]
         }
         None => {
-            transpose_keys(&mut scratch.kt, ld, &k_data[k_base..], bc, d, k_st[2], k_st[3]);
+            transpose_keys(kt_scratch, ld, &k_data[k_base..], bc, d, k_st[2], k_st[3]);
             for p in 0..d {
-                scratch.kt[p * ld + bc..p * ld + bc_pad].fill(0.0);
+                kt_scratch[p * ld + bc..p * ld + bc_pad].fill(0.0);
             }
-            &scratch.kt
+            &*kt_scratch
         }
     };
     // The kernel reads `kt` through a pointer: check the extent it will read.
@@ -245,19 +284,19 @@ fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows
             n_rows,
             bc_pad,
             d,
-            scratch.q_tile.as_ptr(),
+            q_tile.as_ptr(),
             d,
             kt.as_ptr(),
             ld,
-            scratch.scores.as_mut_ptr(),
+            scores.as_mut_ptr(),
             BLOCK_KEYS,
         )
     };
 }
 
-/// Passes 2 and 3 for each row: mask, row max, `p = exp(scores - m_new)` and its sum, the online
-/// update `l = l·exp(m_old - m_new) + sum(p)`; then the accumulator row rescaled by
-/// `exp(m_old - m_new)` (skipped while the max holds).
+/// The end of pass 1 (the mask) and passes 2 and 3 for each row: row max,
+/// `p = exp(scores - m_new)` and its sum, the online update `l = l·exp(m_old - m_new) + sum(p)`;
+/// then the accumulator row rescaled by `exp(m_old - m_new)` (skipped while the max holds).
 fn passes2_3_online_softmax(
     scratch: &mut Scratch,
     plan: &Plan,
@@ -270,8 +309,9 @@ fn passes2_3_online_softmax(
     for i in 0..rows.n_rows {
         let row = &mut scratch.scores[i * BLOCK_KEYS..i * BLOCK_KEYS + bc];
         let (s, h) = rows.positions[i];
-        // Pass 2: mask, max, exp and sum.
+        // Pass 1, continued: the mask.
         mask_row(row, ops.options, [rows.b, h, s], t0, rows.limits[i], [plan.s, plan.t]);
+        // Pass 2: row max, exp and sum.
         let m_old = scratch.m[i];
         let m_new = m_old.max(row_max(row));
         if m_new == f32::NEG_INFINITY {
