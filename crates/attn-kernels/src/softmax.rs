@@ -243,22 +243,9 @@ pub(crate) fn unfused_impl(
                 Par::Seq,
             );
         }
-        for (si, &value) in lses.iter().enumerate() {
-            let base = b * ost[0] + h * ost[1] + si * ost[2];
-            if value == f32::NEG_INFINITY {
-                // Nothing visible: zeros, even where `0·v` was not zero (a non-finite value),
-                // and when `T = 0` (a GEMM with an empty inner dimension leaves `out` as it was).
-                for j in 0..dv {
-                    // SAFETY: in bounds, this job's head.
-                    unsafe { *out_ptr.get().add(base + j * ost[3]) = 0.0 };
-                }
-                continue;
-            }
-            // SAFETY: in bounds, this job's head.
-            let finite = (0..dv).all(|j| unsafe { *out_ptr.get().add(base + j * ost[3]) }.is_finite());
-            if !finite && value.is_finite() {
-                spoilt_rows.store(true, Ordering::Relaxed);
-            }
+        // SAFETY: head `(b, h)` of `out` is in bounds and this job's alone.
+        if unsafe { finish_head(out_ptr, ost, [b, h], dv, lses) } {
+            spoilt_rows.store(true, Ordering::Relaxed);
         }
     };
     let heads = plan.b * plan.h;
@@ -277,6 +264,32 @@ pub(crate) fn unfused_impl(
         })?;
     }
     Ok(())
+}
+
+/// After pass 4 of head `(b, h)`: rows that saw no key (`lse = -inf`) become zeros, even where
+/// `0·v` was not zero (a non-finite value) and when `T = 0` (a GEMM with an empty inner
+/// dimension leaves `out` as it was). Returns whether a row came out non-finite from a finite
+/// softmax (a non-finite value reached it).
+///
+/// # Safety
+/// Head `(b, h)` of the destination (`S` rows of `Dv` values at `strides`) must be in bounds and
+/// written by no other thread.
+unsafe fn finish_head(out: SharedMut, strides: [usize; 4], [b, h]: [usize; 2], dv: usize, lses: &[f32]) -> bool {
+    let mut spoilt = false;
+    for (si, &value) in lses.iter().enumerate() {
+        let base = b * strides[0] + h * strides[1] + si * strides[2];
+        if value == f32::NEG_INFINITY {
+            for j in 0..dv {
+                // SAFETY: in bounds and this job's, by the caller's contract.
+                unsafe { *out.get().add(base + j * strides[3]) = 0.0 };
+            }
+            continue;
+        }
+        // SAFETY: as above.
+        let finite = (0..dv).all(|j| unsafe { *out.get().add(base + j * strides[3]) }.is_finite());
+        spoilt |= !finite && value.is_finite();
+    }
+    spoilt
 }
 
 /// Where [`attention_weights`] writes.

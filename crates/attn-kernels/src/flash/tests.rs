@@ -105,6 +105,76 @@ const TOLERANCE: f64 = 1e-5;
 /// Runs `case` through the reference, the flash kernel (sequential, 1, 2, 3, 8 threads and
 /// the machine's count) and the unfused path; asserts agreement within [`TOLERANCE`] and
 /// bit-identity of `out` and `lse` across thread counts.
+/// The owned inputs of one case: q, k, v and every mask a case may use.
+struct CaseData {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    mask_shape: Vec<usize>,
+    allowed: Vec<bool>,
+    additive: Vec<f32>,
+    padding: Vec<bool>,
+    slopes: Vec<f32>,
+    lengths: Vec<usize>,
+}
+
+impl CaseData {
+    fn new(case: &Case) -> Self {
+        let Case {
+            b, h, g, s, t, d, dv, ..
+        } = *case;
+        let mut q = random_vec(b * h * s * d, 11);
+        q.iter_mut().for_each(|x| *x *= case.magnitude);
+        let mask_shape: Vec<usize> = match case.mask {
+            MaskKind::None => vec![],
+            MaskKind::Allowed(sh) | MaskKind::Additive(sh) | MaskKind::Disallowed(sh) => match sh {
+                MaskShape::Full => vec![b, h, s, t],
+                MaskShape::TwoD => vec![s, t],
+                MaskShape::Padding => vec![b, 1, 1, t],
+            },
+        };
+        let raw = random_vec(mask_shape.iter().product(), 14);
+        CaseData {
+            q,
+            k: random_vec(b * g * t * d, 12),
+            v: random_vec(b * g * t * dv, 13),
+            allowed: raw.iter().map(|&x| x > -0.5).collect(),
+            additive: raw
+                .iter()
+                .map(|&x| if x < -0.8 { f32::NEG_INFINITY } else { x * 3.0 })
+                .collect(),
+            mask_shape,
+            padding: random_vec(b * t, 15).iter().map(|&x| x > 0.6).collect(),
+            slopes: (0..h).map(|i| 0.5f32.powi(i as i32 + 1)).collect(),
+            lengths: (0..b).map(|i| (t * (i + 1) / (b + 1)).min(t)).collect(),
+        }
+    }
+
+    fn options(&self, case: &Case) -> AttentionOptions<'_> {
+        let target = [case.b, case.h, case.s, case.t];
+        let shape = &self.mask_shape;
+        let mask = match case.mask {
+            MaskKind::None => Mask::None,
+            MaskKind::Allowed(_) => Mask::Allowed(broadcast_to(&self.allowed, shape, target).unwrap()),
+            MaskKind::Additive(_) => Mask::Additive(broadcast_to(&self.additive, shape, target).unwrap()),
+            MaskKind::Disallowed(_) => Mask::Disallowed(broadcast_to(&self.allowed, shape, target).unwrap()),
+        };
+        let key_mask = if case.key_mask {
+            Mask::Disallowed(broadcast_to(&self.padding, &[case.b, 1, 1, case.t], target).unwrap())
+        } else {
+            Mask::None
+        };
+        AttentionOptions {
+            scale: case.scale,
+            mask,
+            causal: case.causal,
+            key_lengths: case.lengths.then_some(&self.lengths[..]),
+            key_mask,
+            alibi_slopes: case.alibi.then_some(&self.slopes[..]),
+        }
+    }
+}
+
 fn check(case: Case) {
     let Case {
         b,
@@ -117,48 +187,9 @@ fn check(case: Case) {
         bshd,
         ..
     } = case;
-    let mut q = random_vec(b * h * s * d, 11);
-    q.iter_mut().for_each(|x| *x *= case.magnitude);
-    let k = random_vec(b * g * t * d, 12);
-    let v = random_vec(b * g * t * dv, 13);
-    let target = [b, h, s, t];
-    let mask_shape: Vec<usize> = match case.mask {
-        MaskKind::None => vec![],
-        MaskKind::Allowed(sh) | MaskKind::Additive(sh) | MaskKind::Disallowed(sh) => match sh {
-            MaskShape::Full => vec![b, h, s, t],
-            MaskShape::TwoD => vec![s, t],
-            MaskShape::Padding => vec![b, 1, 1, t],
-        },
-    };
-    let n_mask: usize = mask_shape.iter().product();
-    let raw = random_vec(n_mask, 14);
-    let allowed: Vec<bool> = raw.iter().map(|&x| x > -0.5).collect();
-    let additive: Vec<f32> = raw
-        .iter()
-        .map(|&x| if x < -0.8 { f32::NEG_INFINITY } else { x * 3.0 })
-        .collect();
-    let mask = match case.mask {
-        MaskKind::None => Mask::None,
-        MaskKind::Allowed(_) => Mask::Allowed(broadcast_to(&allowed, &mask_shape, target).unwrap()),
-        MaskKind::Additive(_) => Mask::Additive(broadcast_to(&additive, &mask_shape, target).unwrap()),
-        MaskKind::Disallowed(_) => Mask::Disallowed(broadcast_to(&allowed, &mask_shape, target).unwrap()),
-    };
-    let padding: Vec<bool> = random_vec(b * t, 15).iter().map(|&x| x > 0.6).collect();
-    let key_mask = if case.key_mask {
-        Mask::Disallowed(broadcast_to(&padding, &[b, 1, 1, t], target).unwrap())
-    } else {
-        Mask::None
-    };
-    let slopes: Vec<f32> = (0..h).map(|i| 0.5f32.powi(i as i32 + 1)).collect();
-    let lengths: Vec<usize> = (0..b).map(|i| (t * (i + 1) / (b + 1)).min(t)).collect();
-    let options = AttentionOptions {
-        scale: case.scale,
-        mask,
-        causal: case.causal,
-        key_lengths: case.lengths.then_some(&lengths[..]),
-        key_mask,
-        alibi_slopes: case.alibi.then_some(&slopes[..]),
-    };
+    let data = CaseData::new(&case);
+    let options = data.options(&case);
+    let (q, k, v) = (&data.q, &data.k, &data.v);
     let (qv, kv, vv) = (
         view4(&q, [b, h, s, d], bshd),
         view4(&k, [b, g, t, d], bshd),
@@ -232,15 +263,29 @@ fn check(case: Case) {
     }
     assert!(seq.0.iter().all(|x| !x.is_nan()), "NaN in output: {what}");
 
+    check_weights(&case, [qv, kv], &seq.1, &options, &reference, tol);
+}
+
+/// Weights from the LSE, per head and averaged over heads, against the reference's.
+fn check_weights(
+    case: &Case,
+    [qv, kv]: [View4<'_, f32>; 2],
+    lse: &[f32],
+    options: &AttentionOptions<'_>,
+    reference: &crate::reference::ReferenceAttention,
+    tol: f64,
+) {
+    let Case { b, h, s, t, .. } = *case;
+    let what = format!("{case:?}");
     // Weights from the LSE, per head and averaged over heads.
-    let lse_view = crate::View::contiguous(&seq.1[..], [b, h, s]).unwrap();
+    let lse_view = crate::View::contiguous(lse, [b, h, s]).unwrap();
     let mut per_head = vec![f32::NAN; b * h * s * t];
     let dst = crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut per_head, [b, h, s, t]).unwrap());
-    crate::attention_weights(dst, qv, kv, lse_view, &options, Par::Rayon).unwrap();
+    crate::attention_weights(dst, qv, kv, lse_view, options, Par::Rayon).unwrap();
     assert_close(&per_head, &reference.weights, tol, tol, &format!("weights {what}"));
     let mut averaged = vec![f32::NAN; b * s * t];
     let dst = crate::WeightsDst::Averaged(ViewMut::contiguous(&mut averaged, [b, s, t]).unwrap());
-    crate::attention_weights(dst, qv, kv, lse_view, &options, Par::Rayon).unwrap();
+    crate::attention_weights(dst, qv, kv, lse_view, options, Par::Rayon).unwrap();
     let mut want_avg = vec![0.0f64; b * s * t];
     for bi in 0..b {
         for hi in 0..h {
