@@ -191,9 +191,9 @@ fn check(case: Case) {
     let options = data.options(&case);
     let (q, k, v) = (&data.q, &data.k, &data.v);
     let (qv, kv, vv) = (
-        view4(&q, [b, h, s, d], bshd),
-        view4(&k, [b, g, t, d], bshd),
-        view4(&v, [b, g, t, dv], bshd),
+        view4(q, [b, h, s, d], bshd),
+        view4(k, [b, g, t, d], bshd),
+        view4(v, [b, g, t, dv], bshd),
     );
     let reference = attention_reference(qv, kv, vv, &options);
     let mut want = vec![0.0f64; b * h * s * dv];
