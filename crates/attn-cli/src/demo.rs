@@ -242,7 +242,17 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
         ..Default::default()
     };
 
-    // Weights through the kernels: scores = scale·q·kᵀ per head, then the fused masked softmax.
+    let weights = kernel_weights(&q, &k, [h, s, d], &options)?;
+    if show {
+        show_heads(&tokens, &weights, style);
+    }
+    check_against_reference(&tokens, [qv, kv, vv], &options, &weights)?;
+    timing()
+}
+
+/// The heads' weights through the kernels: `scores = scale·q·kᵀ` per head, then the fused
+/// masked softmax -> `[H, S, S]`.
+fn kernel_weights(q: &[f32], k: &[f32], [h, s, d]: [usize; 3], options: &AttentionOptions<'_>) -> Result<Vec<f32>> {
     let scale = 1.0 / (d as f32).sqrt();
     let mut weights = vec![0.0f32; h * s * s];
     for head in 0..h {
@@ -259,7 +269,7 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
     }
     let softmax_options = AttentionOptions {
         scale: Some(1.0),
-        ..options
+        ..*options
     };
     masked_softmax(
         ViewMut4::contiguous(&mut weights, [1, h, s, s])?,
@@ -268,19 +278,23 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
         Par::Rayon,
     )?;
 
-    if show {
-        println!(
-            "attn demo: {} tokens, {h} hand-set heads of dim {d}, SIMD {}",
-            s,
-            simd_level()
-        );
-        println!("sentence: {}\n", tokens.join(" "));
-    }
-    for (head, name) in HEADS.iter().enumerate().filter(|_| show) {
+    Ok(weights)
+}
+
+/// Each head's map with where each word looks most.
+fn show_heads(tokens: &[String], weights: &[f32], style: Style) {
+    let (s, h, d) = (tokens.len(), HEADS.len(), HEAD_DIM);
+    println!(
+        "attn demo: {} tokens, {h} hand-set heads of dim {d}, SIMD {}",
+        s,
+        simd_level()
+    );
+    println!("sentence: {}\n", tokens.join(" "));
+    for (head, name) in HEADS.iter().enumerate() {
         println!("head {head}: {name}   (rows: queries, columns: keys)");
         print!(
             "{}",
-            render(&tokens, &tokens, &weights[head * s * s..(head + 1) * s * s], style)
+            render(tokens, tokens, &weights[head * s * s..(head + 1) * s * s], style)
         );
         let looks: Vec<String> = (0..s)
             .map(|i| {
@@ -294,9 +308,18 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
             .collect();
         println!("looks most at: {}\n", looks.join(", "));
     }
+}
 
-    // The fast paths against the f64 reference.
-    let reference = attention_reference(qv, kv, vv, &options);
+/// The flash kernel, the unfused path and the fused softmax against the f64 reference.
+fn check_against_reference(
+    tokens: &[String],
+    [qv, kv, vv]: [View4<'_, f32>; 3],
+    options: &AttentionOptions<'_>,
+    weights: &[f32],
+) -> Result<()> {
+    let shape = qv.shape();
+    let [_, h, s, d] = shape;
+    let reference = attention_reference(qv, kv, vv, options);
     let mut out = vec![0.0f32; h * s * d];
     let max_err = |name: &str, got: &[f32], want: &[f64]| {
         let err = crate::check::max_abs(got, want);
@@ -309,7 +332,7 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
         qv,
         kv,
         vv,
-        &options,
+        options,
         Par::Rayon,
     )?;
     max_err("flash kernel output", &out, &reference.out);
@@ -319,13 +342,18 @@ fn toy_heads(text: &str, style: Style, show: bool) -> Result<()> {
         qv,
         kv,
         vv,
-        &options,
+        options,
         Par::Rayon,
     )?;
     max_err("unfused path output", &out, &reference.out);
-    max_err("fused softmax weights", &weights, &reference.weights);
+    max_err("fused softmax weights", weights, &reference.weights);
 
-    // A short timing: fused against unfused at a realistic size, interleaved, medians.
+    Ok(())
+}
+
+/// A short timing: flash against unfused at a realistic size, and against the naive f64 loops
+/// at a small one; each timed in turn, medians.
+fn timing() -> Result<()> {
     let budget = Budget {
         min_runs: 5,
         min_seconds: 0.3,
