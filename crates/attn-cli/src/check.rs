@@ -215,7 +215,38 @@ pub fn main(args: Args) -> Result<()> {
 /// Every path against its reference, on `threads` workers.
 fn run(threads: usize, as_json: bool) -> Result<()> {
     let mut rows = Vec::new();
+    kernel_rows(&mut rows)?;
+    attention_rows(
+        &mut rows,
+        "MHA B=2 H=4 S=T=200 D=64",
+        [2, 4, 4, 200, 200, 64],
+        Causal::None,
+        false,
+        false,
+    )?;
+    attention_rows(
+        &mut rows,
+        "GQA H=8 G=2 causal, mask, lengths",
+        [2, 8, 2, 130, 130, 32],
+        Causal::TopLeft,
+        true,
+        true,
+    )?;
+    attention_rows(
+        &mut rows,
+        "decode (split keys) H=8 G=2 T=3000",
+        [1, 8, 2, 1, 3000, 64],
+        Causal::BottomRight,
+        false,
+        false,
+    )?;
 
+    module_rows(&mut rows)?;
+    report(&rows, threads, as_json)
+}
+
+/// exp and GEMM against f64.
+fn kernel_rows(rows: &mut Vec<Row>) -> Result<()> {
     // exp over the softmax range, through the dispatched path.
     let xs: Vec<f32> = (0..100_001).map(|i| -87.0 + 87.0 * i as f32 / 100_000.0).collect();
     let mut ys = xs.clone();
@@ -261,31 +292,11 @@ fn run(threads: usize, as_json: bool) -> Result<()> {
         seconds: secs,
     });
 
-    attention_rows(
-        &mut rows,
-        "MHA B=2 H=4 S=T=200 D=64",
-        [2, 4, 4, 200, 200, 64],
-        Causal::None,
-        false,
-        false,
-    )?;
-    attention_rows(
-        &mut rows,
-        "GQA H=8 G=2 causal, mask, lengths",
-        [2, 8, 2, 130, 130, 32],
-        Causal::TopLeft,
-        true,
-        true,
-    )?;
-    attention_rows(
-        &mut rows,
-        "decode (split keys) H=8 G=2 T=3000",
-        [1, 8, 2, 1, 3000, 64],
-        Causal::BottomRight,
-        false,
-        false,
-    )?;
+    Ok(())
+}
 
+/// The multi-head attention module and a post-norm encoder layer against the f64 definition.
+fn module_rows(rows: &mut Vec<Row>) -> Result<()> {
     // Multi-head attention module against the f64 definition.
     let (b, s, e, h) = (2, 50, 64, 4);
     let mut config = MhaConfig::new(e, h);
@@ -354,6 +365,11 @@ fn run(threads: usize, as_json: bool) -> Result<()> {
         seconds: secs,
     });
 
+    Ok(())
+}
+
+/// The table (or JSON); fails when a check is outside its tolerance.
+fn report(rows: &[Row], threads: usize, as_json: bool) -> Result<()> {
     // A NaN error is not within tolerance.
     let passed = |r: &Row| r.error <= r.tolerance;
     let failed = rows.iter().filter(|r| !passed(r)).count();
@@ -372,7 +388,7 @@ fn run(threads: usize, as_json: bool) -> Result<()> {
             "{:<48} {:>11} {:>10} {:>10}  result",
             "path", "max error", "tolerance", "time"
         );
-        for r in &rows {
+        for r in rows {
             let verdict = if passed(r) { "ok" } else { "FAIL" };
             println!(
                 "{:<48} {:>11.2e} {:>10.0e} {:>8.2}ms  {verdict}",
