@@ -279,8 +279,28 @@ fn bench(args: &[String]) -> Result<()> {
     let out_dir = root().join("bench-out");
     std::fs::create_dir_all(&out_dir)?;
     let mut report = String::new();
-    let t = threads.to_string();
 
+    for section in [
+        gemm_section,
+        scaling_section,
+        memory_section,
+        pytorch_section,
+        sweep_section,
+    ] {
+        report.push_str(&section(&binary, threads, rounds)?);
+    }
+    if args.iter().any(|a| a == "--candle") {
+        report.push_str(&candle_table(&binary, threads, rounds)?);
+    }
+    std::fs::write(out_dir.join("sdpa.md"), &report)?;
+    println!("{report}");
+    Ok(())
+}
+
+/// Attention kernels against faer's 1024³ GEMM, interleaved rounds.
+fn gemm_section(binary: &Path, threads: usize, rounds: usize) -> Result<String> {
+    let mut report = String::new();
+    let t = threads.to_string();
     // 1. Attention against faer's GEMM, interleaved.
     report.push_str(&format!(
         "### Attention against GEMM ({threads} threads, {rounds} interleaved rounds, medians)\n\n"
@@ -328,13 +348,19 @@ fn bench(args: &[String]) -> Result<()> {
         sdpa_args.extend(strings(shape));
         let (mut g, mut s) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            g.push(attn_json(&binary, &gemm_args)?.gflops);
-            s.push(attn_json(&binary, &sdpa_args)?.gflops);
+            g.push(attn_json(binary, &gemm_args)?.gflops);
+            s.push(attn_json(binary, &sdpa_args)?.gflops);
         }
         let (g, s) = (median(g), median(s));
         report.push_str(&format!("| {label} | {s:.1} | {g:.1} | {:.2} |\n", s / g));
     }
 
+    Ok(report)
+}
+
+/// 2 threads against 1, interleaved rounds.
+fn scaling_section(binary: &Path, _threads: usize, rounds: usize) -> Result<String> {
+    let mut report = String::new();
     // 2. Thread scaling, interleaved.
     report.push_str(&format!(
         "\n### 2 threads against 1 ({rounds} interleaved rounds, medians)\n\n"
@@ -383,7 +409,7 @@ fn bench(args: &[String]) -> Result<()> {
             for (n, acc) in [("1", &mut one), ("2", &mut two)] {
                 let mut a = strings(&["bench", "sdpa", "--threads", n]);
                 a.extend(strings(shape));
-                acc.push(attn_json(&binary, &a)?.median_s);
+                acc.push(attn_json(binary, &a)?.median_s);
             }
         }
         let (one, two) = (median(one), median(two));
@@ -395,6 +421,13 @@ fn bench(args: &[String]) -> Result<()> {
         ));
     }
 
+    Ok(report)
+}
+
+/// Peak memory of one long call.
+fn memory_section(binary: &Path, threads: usize, _rounds: usize) -> Result<String> {
+    let mut report = String::new();
+    let t = threads.to_string();
     // 3. Peak memory of one long call.
     let long = strings(&[
         "bench",
@@ -414,7 +447,7 @@ fn bench(args: &[String]) -> Result<()> {
         "--min-seconds",
         "0",
     ]);
-    let m = attn_json(&binary, &long)?;
+    let m = attn_json(binary, &long)?;
     let tensors = 4.0 * 8.0 * 16384.0 * 64.0 * 4.0;
     report.push_str(&format!(
         "\n### Peak memory, B=1 H=8 S=T=16384 D=64\n\nq, k, v and out: {:.0} MiB; peak resident set: {} MiB; budget 2×tensors + 64 MiB = {:.0} MiB ({:.2} s per call)\n",
@@ -424,6 +457,13 @@ fn bench(args: &[String]) -> Result<()> {
         m.median_s
     ));
 
+    Ok(report)
+}
+
+/// attn against PyTorch (SDPA and modules), when PyTorch is importable.
+fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<String> {
+    let mut report = String::new();
+    let t = threads.to_string();
     // 4. PyTorch, when importable.
     let script = root().join("xtask/python/bench_compare.py");
     let has_torch = Command::new(python())
@@ -434,7 +474,7 @@ fn bench(args: &[String]) -> Result<()> {
         let table = output(
             Command::new(python())
                 .arg(&script)
-                .arg(&binary)
+                .arg(binary)
                 .arg(&t)
                 .arg(rounds.to_string()),
         )?;
@@ -452,15 +492,22 @@ fn bench(args: &[String]) -> Result<()> {
         let table = output(
             Command::new(python())
                 .arg(&modules)
-                .arg(&binary)
+                .arg(binary)
                 .arg(&t)
                 .arg(rounds.to_string()),
         )?;
         report.push_str(&format!("\n### Modules against PyTorch\n\n{table}"));
     }
+    Ok(report)
+}
+
+/// GFLOP/s against sequence length, with the plot in docs/images/sweep.png.
+fn sweep_section(binary: &Path, threads: usize, _rounds: usize) -> Result<String> {
+    let mut report = String::new();
+    let t = threads.to_string();
     // GFLOP/s against sequence length, with the plot.
     let sweep = output(
-        Command::new(&binary)
+        Command::new(binary)
             .args([
                 "bench",
                 "sweep",
@@ -477,12 +524,7 @@ fn bench(args: &[String]) -> Result<()> {
     report.push_str(&format!(
         "\n### GFLOP/s against sequence length (B=1 H=8 D=64; plot in docs/images/sweep.png)\n\n{sweep}"
     ));
-    if args.iter().any(|a| a == "--candle") {
-        report.push_str(&candle_table(&binary, threads, rounds)?);
-    }
-    std::fs::write(out_dir.join("sdpa.md"), &report)?;
-    println!("{report}");
-    Ok(())
+    Ok(report)
 }
 
 /// `$XDG_CACHE_HOME/attn`, or `~/.cache/attn`: the same folder `attn embed` looks in.
