@@ -17,11 +17,11 @@ BUGS = [
     (
         "heads 0 and 1 swapped in the fused self-attention path",
         "attn-core",
-        "crates/attn-core/src/mha.rs",
-        "                par,\n            )?;\n            (buf, qkv_width)",
-        "                par,\n            )?;\n"
-        "            if h >= 2 { for row in buf.chunks_mut(qkv_width) { for c in 0..d { row.swap(c, d + c); } } }\n"
-        "            (buf, qkv_width)",
+        "crates/attn-core/src/mha/forward.rs",
+        "e, bias, par)?;\n            (buf, width)",
+        "e, bias, par)?;\n"
+        "            if h >= 2 { for row in buf.chunks_mut(width) { for c in 0..d { row.swap(c, d + c); } } }\n"
+        "            (buf, width)",
     ),
     (
         "post-norm residual computed as x + norm1(sa)",
@@ -33,9 +33,9 @@ BUGS = [
     (
         "out_proj bias skipped",
         "attn-core attn-nn",
-        "crates/attn-core/src/mha.rs",
-        "                    self.b_out.as_ref().map(|t| t.data()),",
-        "                    None,",
+        "crates/attn-core/src/mha/forward.rs",
+        "        let bias = self.b_out.as_ref().map(|t| t.data());",
+        "        let bias: Option<&[f32]> = None;",
     ),
     (
         "LayerNorm ignores the configured eps (uses 1e-5)",
@@ -47,14 +47,14 @@ BUGS = [
     (
         "flash accumulator rescale x1.0001",
         "attn-kernels",
-        "crates/attn-kernels/src/flash.rs",
+        "crates/attn-kernels/src/flash/tile.rs",
         "scale_row(&mut scratch.acc[i * dv_pad..i * dv_pad + dv], alpha);",
         "scale_row(&mut scratch.acc[i * dv_pad..i * dv_pad + dv], alpha * 1.0001);",
     ),
     (
         "flash drops the last partial key block",
         "attn-kernels",
-        "crates/attn-kernels/src/flash.rs",
+        "crates/attn-kernels/src/flash/tile.rs",
         "        let bc = (t_end - t0).min(BLOCK_KEYS);\n",
         "        let bc = (t_end - t0).min(BLOCK_KEYS);\n        if bc < BLOCK_KEYS && t0 > keys.start { break; }\n",
     ),

@@ -781,9 +781,14 @@ fn fuzz(args: &[String]) -> Result<()> {
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 6] = [
+const MUTANT_SCOPE: [(&str, &str); 9] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
-    ("crates/attn-kernels/src/flash.rs", "attend_tile|flash_impl"),
+    (
+        "crates/attn-kernels/src/flash/tile.rs",
+        "attend_tile|load_query_tile|block_scores|passes2_3_online_softmax|pass4_weighted_values",
+    ),
+    ("crates/attn-kernels/src/flash/mod.rs", "flash_impl|attend_unsplit|Dst::write_row"),
+    ("crates/attn-kernels/src/flash/split_kv.rs", "attend_split|merge_row"),
     ("crates/attn-kernels/src/softmax.rs", "softmax_row|masked_softmax"),
     (
         "crates/attn-kernels/src/mask.rs",
@@ -796,8 +801,12 @@ const MUTANT_SCOPE: [(&str, &str); 6] = [
     ),
     // Projections, and the head split and merge (heads as strided views of the projections).
     (
-        "crates/attn-core/src/mha.rs",
-        "Core::forward::head_view|linear|Core::project_kv|Core::weight|Core::bias",
+        "crates/attn-core/src/mha/forward.rs",
+        "head_view|Core::project|Core::project_kv|Core::project_out",
+    ),
+    (
+        "crates/attn-core/src/mha/weights.rs",
+        "linear|Core::weight|Core::bias",
     ),
     // Norms with the fused residual adds.
     (
