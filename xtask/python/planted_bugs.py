@@ -27,8 +27,8 @@ BUGS = [
         "post-norm residual computed as x + norm1(sa)",
         "attn-nn",
         "crates/attn-nn/src/layers.rs",
-        "                    self.row(&sum, xr);",
-        "                    let _ = &sum; self.row(rr, &mut sum); xr.iter_mut().zip(&sum).for_each(|(a, &n)| *a += n);",
+        "                self.row(&sum, xr);",
+        "                let _ = &sum; self.row(rr, &mut sum); xr.iter_mut().zip(&sum).for_each(|(a, &n)| *a += n);",
     ),
     (
         "out_proj bias skipped",
