@@ -64,7 +64,7 @@ BUGS = [
 def regression_files(root):
     """proptest's saved failing cases: a planted bug must not leave its failures behind."""
     return {p: p.read_bytes() for p in root.glob("crates/**/*proptest-regressions*") if p.is_file()} | {
-        p: p.read_bytes() for p in root.glob("crates/**/proptest-regressions/*") if p.is_file()}
+        p: p.read_bytes() for p in root.glob("crates/**/proptest-regressions/**/*") if p.is_file()}
 
 
 def restore(root, saved):

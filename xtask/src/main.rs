@@ -787,7 +787,10 @@ const MUTANT_SCOPE: [(&str, &str); 9] = [
         "crates/attn-kernels/src/flash/tile.rs",
         "attend_tile|load_query_tile|block_scores|passes2_3_online_softmax|pass4_weighted_values",
     ),
-    ("crates/attn-kernels/src/flash/mod.rs", "flash_impl|attend_unsplit|Dst::write_row"),
+    (
+        "crates/attn-kernels/src/flash/mod.rs",
+        "flash_impl|attend_unsplit|Dst::write_row",
+    ),
     ("crates/attn-kernels/src/flash/split_kv.rs", "attend_split|merge_row"),
     ("crates/attn-kernels/src/softmax.rs", "softmax_row|masked_softmax"),
     (
@@ -804,10 +807,7 @@ const MUTANT_SCOPE: [(&str, &str); 9] = [
         "crates/attn-core/src/mha/forward.rs",
         "head_view|Core::project|Core::project_kv|Core::project_out",
     ),
-    (
-        "crates/attn-core/src/mha/weights.rs",
-        "linear|Core::weight|Core::bias",
-    ),
+    ("crates/attn-core/src/mha/weights.rs", "linear|Core::weight|Core::bias"),
     // Norms with the fused residual adds.
     (
         "crates/attn-nn/src/layers.rs",

@@ -163,3 +163,66 @@ fn errors_name_the_users_file_and_field() {
     assert!(err.contains("swapped") && err.contains("`src`"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+fn run_error(config: &str) -> (i32, String) {
+    let dir = scratch_dir("bad-configs");
+    let path = dir.join("bad.json");
+    std::fs::write(&path, config).unwrap();
+    let f = |suffix: &str| fixtures().join(format!("mha_basic{suffix}"));
+    let result = attn(&[
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--weights",
+        f(".weights.safetensors").to_str().unwrap(),
+        "--input",
+        f(".in.safetensors").to_str().unwrap(),
+        "--output",
+        dir.join("out.safetensors").to_str().unwrap(),
+    ]);
+    (
+        result.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&result.stderr).into_owned(),
+    )
+}
+
+/// Unknown fields, wrong types and out-of-domain values are errors naming the field and the
+/// config file (restored: a refactor had dropped this test while docs/RELIABILITY.md cited it).
+#[test]
+fn bad_configs_name_the_field() {
+    let cases: [(&str, &[&str]); 7] = [
+        (
+            r#"{"module": "multihead_attention", "embed_dim": 16, "num_heads": 4, "colour": 1}"#,
+            &["bad.json", "unknown field `colour`"],
+        ),
+        (
+            r#"{"module": "multihead_attention", "embed_dim": 16, "num_heads": 5}"#,
+            &["bad.json", "`num_heads` is 5", "divisor of embed_dim = 16"],
+        ),
+        (
+            r#"{"module": "multihead_attention", "embed_dim": 12, "num_heads": 4}"#,
+            &["in_proj_weight", "[36, 12]"],
+        ),
+        (
+            r#"{"module": "multihead_attention", "embed_dim": 16, "num_heads": 4, "need_weights": 3}"#,
+            &["need_weights"],
+        ),
+        (
+            r#"{"module": "transformer_decoder_layer_xl"}"#,
+            &["unknown module `transformer_decoder_layer_xl`"],
+        ),
+        ("[1, 2]", &["JSON object"]),
+        (
+            r#"{"module": "multihead_attention", "embed_dim": 16, "num_heads": 4, "add_bias_kv": true}"#,
+            &["missing tensor `bias_k`"],
+        ),
+    ];
+    for (config, words) in cases {
+        let (code, err) = run_error(config);
+        assert_eq!(code, 1, "{config}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{config}: one line expected: {err}");
+        for word in words {
+            assert!(err.contains(word), "{config}: `{word}` missing from: {err}");
+        }
+    }
+}
