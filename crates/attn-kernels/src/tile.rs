@@ -195,7 +195,7 @@ pub(crate) mod avx2 {
     ) {
         // Whole 8-wide vectors are stored, and at most 8 rows are kept in registers.
         assert!(
-            rows <= 8 && n % 8 == 0,
+            rows <= 8 && n.is_multiple_of(8),
             "axpy_rows: rows = {rows} (at most 8), n = {n} (a multiple of 8)"
         );
         // SAFETY: the caller guarantees the operands cover these shapes.

@@ -90,7 +90,7 @@ impl LayerConfig {
         if self.d_model == 0 {
             return Err(invalid("d_model", self.d_model, "at least 1"));
         }
-        if self.nhead == 0 || self.d_model % self.nhead != 0 {
+        if self.nhead == 0 || !self.d_model.is_multiple_of(self.nhead) {
             return Err(invalid(
                 "nhead",
                 self.nhead,
