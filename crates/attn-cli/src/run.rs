@@ -643,13 +643,9 @@ fn run_transformer(
     Ok(vec![("output".to_string(), shape, output)])
 }
 
-/// `attn run`.
-/// `attn run`.
+/// The three files of a module run, shared by `attn run` and `attn bench run`.
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Example:\n  attn run --config mha.json --weights mha.safetensors --input in.safetensors --output out.safetensors\n\nMODULE.json: {\"module\": \"multihead_attention\", \"embed_dim\": 16, \"num_heads\": 4, \"need_weights\": false}\nwith PyTorch's constructor fields and defaults; WEIGHTS is the module's state_dict()."
-)]
-pub struct Args {
+pub struct Files {
     /// MODULE.json: {"module": KIND, constructor fields..., forward flags...}.
     #[arg(long)]
     config: PathBuf,
@@ -659,6 +655,22 @@ pub struct Args {
     /// The forward's inputs, under PyTorch's argument names.
     #[arg(long)]
     input: PathBuf,
+}
+
+impl Files {
+    fn prepare(&self) -> Result<Prepared> {
+        prepare(&self.config, &self.weights, &self.input)
+    }
+}
+
+/// `attn run`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  attn run --config mha.json --weights mha.safetensors --input in.safetensors --output out.safetensors\n\nMODULE.json: {\"module\": \"multihead_attention\", \"embed_dim\": 16, \"num_heads\": 4, \"need_weights\": false}\nwith PyTorch's constructor fields and defaults; WEIGHTS is the module's state_dict()."
+)]
+pub struct Args {
+    #[command(flatten)]
+    files: Files,
     /// Where the outputs go.
     #[arg(long)]
     output: PathBuf,
@@ -669,8 +681,7 @@ pub struct Args {
 /// Runs `attn run`; prints one line: the file written and each output's name and shape.
 pub fn main(args: Args) -> Result<()> {
     args.threads.install(|_| {
-        let prepared = prepare(&args.config, &args.weights, &args.input)?;
-        let outputs = prepared.execute(Par::Rayon)?;
+        let outputs = args.files.prepare()?.execute(Par::Rayon)?;
         let refs: Vec<(&str, &[usize], &[f32])> = outputs
             .iter()
             .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
@@ -685,15 +696,8 @@ pub fn main(args: Args) -> Result<()> {
 /// `attn bench run`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// MODULE.json, as for `attn run`.
-    #[arg(long)]
-    config: PathBuf,
-    /// The module's state_dict() as safetensors.
-    #[arg(long)]
-    weights: PathBuf,
-    /// The forward's inputs.
-    #[arg(long)]
-    input: PathBuf,
+    #[command(flatten)]
+    files: Files,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
@@ -704,7 +708,7 @@ pub struct BenchArgs {
 /// timing).
 pub fn bench(args: BenchArgs) -> Result<()> {
     let budget = args.budget.budget()?;
-    let prepared = prepare(&args.config, &args.weights, &args.input)?;
+    let prepared = args.files.prepare()?;
     let (stats, n) = args.threads.install(|n| {
         prepared.execute(Par::Rayon)?;
         let stats = bench::measure(budget, || {
@@ -712,7 +716,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         });
         Ok((stats, n))
     })?;
-    let what = args.config.display().to_string();
+    let what = args.files.config.display().to_string();
     println!("{}", bench::report_plain("run", &what, stats, n, args.budget.json));
     Ok(())
 }

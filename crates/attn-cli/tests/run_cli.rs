@@ -44,22 +44,30 @@ fn attn(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_attn")).args(args).output().unwrap()
 }
 
+/// `attn run` on a config, weights and inputs, writing `output`, with extra flags.
+fn attn_run(config: &Path, weights: &Path, input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+    ];
+    args.extend(["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    args.extend(extra);
+    attn(&args)
+}
+
 fn run_case(name: &str, dir: &Path, threads: &str) -> PathBuf {
     let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
     let output = dir.join(format!("{name}.{threads}.out.safetensors"));
-    let result = attn(&[
-        "run",
-        "--config",
-        f(".json").to_str().unwrap(),
-        "--weights",
-        f(".weights.safetensors").to_str().unwrap(),
-        "--input",
-        f(".in.safetensors").to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--threads",
-        threads,
-    ]);
+    let result = attn_run(
+        &f(".json"),
+        &f(".weights.safetensors"),
+        &f(".in.safetensors"),
+        &output,
+        &["--threads", threads],
+    );
     assert!(
         result.status.success(),
         "{name}: {}",
@@ -131,33 +139,20 @@ fn errors_name_the_users_file_and_field() {
         r#"{"module": "transformer_encoder_layer", "d_model": 32, "nhead": 5, "dim_feedforward": 48}"#,
     )
     .unwrap();
-    let result = attn(&[
-        "run",
-        "--config",
-        config.to_str().unwrap(),
-        "--weights",
-        f(".weights.safetensors").to_str().unwrap(),
-        "--input",
-        f(".in.safetensors").to_str().unwrap(),
-        "--output",
-        dir.join("out.safetensors").to_str().unwrap(),
-    ]);
+    let out = dir.join("out.safetensors");
+    let result = attn_run(&config, &f(".weights.safetensors"), &f(".in.safetensors"), &out, &[]);
     let err = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(1), "{err}");
     assert!(err.contains("nhead5.json") && err.contains("`nhead` is 5"), "{err}");
     assert!(!err.contains("num_heads") && !err.contains("weights"), "{err}");
 
-    let swapped = attn(&[
-        "run",
-        "--config",
-        f(".json").to_str().unwrap(),
-        "--weights",
-        f(".in.safetensors").to_str().unwrap(),
-        "--input",
-        f(".weights.safetensors").to_str().unwrap(),
-        "--output",
-        dir.join("out.safetensors").to_str().unwrap(),
-    ]);
+    let swapped = attn_run(
+        &f(".json"),
+        &f(".in.safetensors"),
+        &f(".weights.safetensors"),
+        &out,
+        &[],
+    );
     let err = String::from_utf8_lossy(&swapped.stderr);
     assert_eq!(swapped.status.code(), Some(1), "{err}");
     assert!(err.contains("swapped") && err.contains("`src`"), "{err}");
@@ -169,17 +164,8 @@ fn run_error(config: &str) -> (i32, String) {
     let path = dir.join("bad.json");
     std::fs::write(&path, config).unwrap();
     let f = |suffix: &str| fixtures().join(format!("mha_basic{suffix}"));
-    let result = attn(&[
-        "run",
-        "--config",
-        path.to_str().unwrap(),
-        "--weights",
-        f(".weights.safetensors").to_str().unwrap(),
-        "--input",
-        f(".in.safetensors").to_str().unwrap(),
-        "--output",
-        dir.join("out.safetensors").to_str().unwrap(),
-    ]);
+    let out = dir.join("out.safetensors");
+    let result = attn_run(&path, &f(".weights.safetensors"), &f(".in.safetensors"), &out, &[]);
     (
         result.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&result.stderr).into_owned(),

@@ -173,13 +173,12 @@ pub(crate) fn unfused_impl(
     )?;
     let scale = resolve_scale(options, plan.d);
     let (s, t, d, dv) = (plan.s, plan.t, plan.d, plan.dv);
-    let mut out = out;
-    let ost = out.strides();
-    let out_ptr = SharedMut(out.data_mut().as_mut_ptr());
-    let mut lse = lse;
-    let lse_dst = lse
-        .as_mut()
-        .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides()));
+    let (mut out, mut lse) = (out, lse);
+    let crate::flash::Dst {
+        out: out_ptr,
+        out_strides: ost,
+        lse: lse_dst,
+    } = crate::flash::Dst::new(&mut out, &mut lse);
     let (qs, ks, vs) = (q.strides(), k.strides(), v.strides());
     // Set when a row came out non-finite from a finite softmax: a non-finite value reached it.
     let spoilt_rows = AtomicBool::new(false);

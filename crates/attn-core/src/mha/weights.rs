@@ -278,31 +278,21 @@ impl Core {
         expect_empty(&dict, &names)?;
         // Stack the three weights when they share an input width, so `weight()` can index
         // them as one fused tensor.
-        if dims.fused() {
+        let (w_q_or_qkv, w_k, w_v) = if dims.fused() {
             let mut data = Vec::with_capacity((qw + kw + vw) * dims.e);
             data.extend_from_slice(w_q.data());
             data.extend_from_slice(w_k.data());
             data.extend_from_slice(w_v.data());
             let fused = Tensor::new("in_proj_weight", vec![qw + kw + vw, dims.e], data)?;
-            return Ok(Core {
-                dims,
-                w_q_or_qkv: fused,
-                w_k: None,
-                w_v: None,
-                b_qkv,
-                w_out: None,
-                b_out: None,
-                bias_kv: None,
-                add_zero_attn: false,
-                rope: None,
-                alibi: None,
-            });
-        }
+            (fused, None, None)
+        } else {
+            (w_q, Some(w_k), Some(w_v))
+        };
         Ok(Core {
             dims,
-            w_q_or_qkv: w_q,
-            w_k: Some(w_k),
-            w_v: Some(w_v),
+            w_q_or_qkv,
+            w_k,
+            w_v,
             b_qkv,
             w_out: None,
             b_out: None,

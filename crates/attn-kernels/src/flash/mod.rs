@@ -118,15 +118,8 @@ pub(crate) fn flash_impl(
         &v,
         options,
     )?;
-    let mut out = out;
-    let mut lse = lse;
-    let dst = Dst {
-        out: SharedMut(out.data_mut().as_mut_ptr()),
-        out_strides: out.strides(),
-        lse: lse
-            .as_mut()
-            .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides())),
-    };
+    let (mut out, mut lse) = (out, lse);
+    let dst = Dst::new(&mut out, &mut lse);
     let scale = resolve_scale(options, plan.d);
     let micro = crate::simd::simd_level() == crate::SimdLevel::Avx2Fma;
     // When several row tiles read the same keys, transpose K once for the whole call rather
@@ -210,13 +203,24 @@ fn row_position(plan: &Plan, g: usize, r: usize) -> (usize, usize) {
 /// Where a call's rows go: `out: [B, H, S, Dv]` and optionally `lse: [B, H, S]`, shared by the
 /// tasks, each of which writes its own rows.
 #[derive(Clone, Copy)]
-struct Dst {
-    out: SharedMut,
-    out_strides: [usize; 4],
-    lse: Option<(SharedMut, [usize; 3])>,
+pub(crate) struct Dst {
+    pub out: SharedMut,
+    pub out_strides: [usize; 4],
+    pub lse: Option<(SharedMut, [usize; 3])>,
 }
 
 impl Dst {
+    /// Raw destinations of a validated call (the flash kernel's and the unfused path's).
+    pub(crate) fn new(out: &mut ViewMut4<'_, f32>, lse: &mut Option<ViewMut<'_, f32, 3>>) -> Self {
+        Dst {
+            out: SharedMut(out.data_mut().as_mut_ptr()),
+            out_strides: out.strides(),
+            lse: lse
+                .as_mut()
+                .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides())),
+        }
+    }
+
     /// Writes `out[b, h, s, :] = acc / l` and `lse[b, h, s] = m + ln(l)`; zeros and `-inf` if
     /// `l = 0`. Returns whether the row must be repaired ([`crate::nonfinite::spoiled`]).
     ///
