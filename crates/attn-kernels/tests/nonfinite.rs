@@ -53,36 +53,8 @@ fn check(case: &Case) {
     let Case {
         b, h, g, s, t, d, dv, ..
     } = *case;
-    let clean_q = random_vec(b * h * s * d, case.seed);
-    let clean_k = random_vec(b * g * t * d, case.seed + 1);
-    let clean_v = random_vec(b * g * t * dv, case.seed + 2);
     let lengths: Vec<usize> = (0..b).map(|i| (t * (i + 2) / (b + 2)).max(1).min(t)).collect();
-    let (mut q, mut k, mut v) = (clean_q.clone(), clean_k.clone(), clean_v.clone());
-    // NaN only in q and k: an infinity there gives a sign-dependent score, which the policy
-    // leaves to IEEE arithmetic; values take all three.
-    for &(tensor, index, which) in &case.poison {
-        let (target, value) = match tensor {
-            0 => (&mut q, f32::NAN),
-            1 => (&mut k, f32::NAN),
-            _ => (&mut v, POISONS[which as usize % 3]),
-        };
-        let n = target.len();
-        if n > 0 {
-            target[index % n] = value;
-        }
-    }
-    if case.garbage_padding && case.lengths {
-        for (bi, &length) in lengths.iter().enumerate() {
-            for gi in 0..g {
-                for ti in length..t {
-                    let kr = ((bi * g + gi) * t + ti) * d;
-                    k[kr..kr + d].fill(f32::NAN);
-                    let vr = ((bi * g + gi) * t + ti) * dv;
-                    v[vr..vr + dv].fill(f32::INFINITY);
-                }
-            }
-        }
-    }
+    let [q, k, v] = poisoned_inputs(case, &lengths);
     // The clean inputs are the poisoned ones with every non-finite entry zeroed.
     let zeroed = |x: &[f32]| {
         x.iter()
@@ -120,31 +92,7 @@ fn check(case: &Case) {
 
     // What the policy predicts, from the reference on the clean inputs.
     let reference = attention_reference(cq, ck, cv, &options);
-    let rep = h / g;
-    let visible =
-        |bi: usize, hi: usize, si: usize, ti: usize| reference.weights[((bi * h + hi) * s + si) * t + ti] > 0.0;
-    let mut row_nan = vec![false; b * h * s];
-    let mut bad = vec![false; b * h * s * dv];
-    for bi in 0..b {
-        for hi in 0..h {
-            let gi = hi / rep;
-            for si in 0..s {
-                let row = (bi * h + hi) * s + si;
-                let any_visible = (0..t).any(|ti| visible(bi, hi, si, ti));
-                let q_bad = q[row * d..(row + 1) * d].iter().any(|x| !x.is_finite());
-                let k_bad = (0..t).any(|ti| {
-                    let kr = ((bi * g + gi) * t + ti) * d;
-                    visible(bi, hi, si, ti) && k[kr..kr + d].iter().any(|x| !x.is_finite())
-                });
-                row_nan[row] = any_visible && (q_bad || k_bad);
-                for c in 0..dv {
-                    let v_bad =
-                        (0..t).any(|ti| visible(bi, hi, si, ti) && !v[((bi * g + gi) * t + ti) * dv + c].is_finite());
-                    bad[row * dv + c] = row_nan[row] || v_bad;
-                }
-            }
-        }
-    }
+    let (row_nan, bad) = predicted(case, &reference.weights, [&q, &k, &v]);
 
     type Run<'r> = dyn Fn(ViewMut4<'_, f32>, ViewMut<'_, f32, 3>, bool) + 'r;
     let run = |f: &Run<'_>, poisoned: bool| -> Output {
@@ -227,7 +175,8 @@ fn check(case: &Case) {
     for (i, (&got, &want)) in w_poisoned.iter().zip(&w_clean).enumerate() {
         let (row, ti) = (i / t, i % t);
         let (bi, hi, si) = (row / (h * s), row / s % h, row % s);
-        if row_nan[row] && visible(bi, hi, si, ti) {
+        let visible = reference.weights[((bi * h + hi) * s + si) * t + ti] > 0.0;
+        if row_nan[row] && visible {
             assert!(got.is_nan(), "weights[{row}, {ti}] = {got}, want NaN: {case:?}");
         } else if row_nan[row] {
             assert_eq!(got, 0.0, "weights[{row}, {ti}] of a hidden key: {case:?}");
@@ -396,4 +345,76 @@ fn overflowing_scores_behave_as_in_pytorch_on_every_path() {
         );
         assert!((lse[2] - 3f32.ln()).abs() < 1e-6, "{name}: lse[2] = {}", lse[2]);
     }
+}
+
+/// The case's inputs with its poison applied: NaN only in q and k (an infinity there gives a
+/// sign-dependent score, which the policy leaves to IEEE arithmetic), NaN and infinities in v;
+/// with `garbage_padding`, NaN keys and infinite values past each key length.
+fn poisoned_inputs(case: &Case, lengths: &[usize]) -> [Vec<f32>; 3] {
+    let Case {
+        b, h, g, s, t, d, dv, ..
+    } = *case;
+    let clean_q = random_vec(b * h * s * d, case.seed);
+    let clean_k = random_vec(b * g * t * d, case.seed + 1);
+    let clean_v = random_vec(b * g * t * dv, case.seed + 2);
+    let (mut q, mut k, mut v) = (clean_q.clone(), clean_k.clone(), clean_v.clone());
+    for &(tensor, index, which) in &case.poison {
+        let (target, value) = match tensor {
+            0 => (&mut q, f32::NAN),
+            1 => (&mut k, f32::NAN),
+            _ => (&mut v, POISONS[which as usize % 3]),
+        };
+        let n = target.len();
+        if n > 0 {
+            target[index % n] = value;
+        }
+    }
+    if case.garbage_padding && case.lengths {
+        for (bi, &length) in lengths.iter().enumerate() {
+            for gi in 0..g {
+                for ti in length..t {
+                    let kr = ((bi * g + gi) * t + ti) * d;
+                    k[kr..kr + d].fill(f32::NAN);
+                    let vr = ((bi * g + gi) * t + ti) * dv;
+                    v[vr..vr + dv].fill(f32::INFINITY);
+                }
+            }
+        }
+    }
+    [q, k, v]
+}
+
+/// Which rows the policy says are NaN, and which output elements are not as on clean inputs:
+/// a row is NaN when it sees a key and its query or a key it sees is non-finite; an element is
+/// off when its row is NaN or a value it sees is non-finite.
+fn predicted(case: &Case, weights: &[f64], [q, k, v]: [&[f32]; 3]) -> (Vec<bool>, Vec<bool>) {
+    let Case {
+        b, h, g, s, t, d, dv, ..
+    } = *case;
+    let rep = h / g;
+    let visible = |bi: usize, hi: usize, si: usize, ti: usize| weights[((bi * h + hi) * s + si) * t + ti] > 0.0;
+    let mut row_nan = vec![false; b * h * s];
+    let mut bad = vec![false; b * h * s * dv];
+    for bi in 0..b {
+        for hi in 0..h {
+            let gi = hi / rep;
+            for si in 0..s {
+                let row = (bi * h + hi) * s + si;
+                let any_visible = (0..t).any(|ti| visible(bi, hi, si, ti));
+                let q_bad = q[row * d..(row + 1) * d].iter().any(|x| !x.is_finite());
+                let k_bad = (0..t).any(|ti| {
+                    let kr = ((bi * g + gi) * t + ti) * d;
+                    visible(bi, hi, si, ti) && k[kr..kr + d].iter().any(|x| !x.is_finite())
+                });
+                row_nan[row] = any_visible && (q_bad || k_bad);
+                for c in 0..dv {
+                    let v_bad =
+                        (0..t).any(|ti| visible(bi, hi, si, ti) && !v[((bi * g + gi) * t + ti) * dv + c].is_finite());
+                    bad[row * dv + c] = row_nan[row] || v_bad;
+                }
+            }
+        }
+    }
+
+    (row_nan, bad)
 }
