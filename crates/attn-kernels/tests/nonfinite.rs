@@ -133,31 +133,7 @@ fn check(case: &Case) {
     paths.push(("unfused".into(), run(&unfused, false), run(&unfused, true)));
 
     for (name, clean, poisoned) in &paths {
-        for (i, (&got, &want)) in poisoned.0.iter().zip(&clean.0).enumerate() {
-            let (row, c) = (i / dv, i % dv);
-            if bad[i] {
-                assert!(
-                    !got.is_finite(),
-                    "{name}: out[{row}, {c}] = {got}, want non-finite: {case:?}"
-                );
-                if row_nan[row] {
-                    assert!(got.is_nan(), "{name}: out[{row}, {c}] = {got}, want NaN: {case:?}");
-                }
-            } else {
-                assert_eq!(
-                    got.to_bits(),
-                    want.to_bits(),
-                    "{name}: out[{row}, {c}] = {got}, want {want} as on clean inputs: {case:?}"
-                );
-            }
-        }
-        for (row, (&got, &want)) in poisoned.1.iter().zip(&clean.1).enumerate() {
-            if row_nan[row] {
-                assert!(got.is_nan(), "{name}: lse[{row}] = {got}, want NaN: {case:?}");
-            } else {
-                assert_eq!(got.to_bits(), want.to_bits(), "{name}: lse[{row}] differs: {case:?}");
-            }
-        }
+        compare_path(case, name, clean, poisoned, &row_nan, &bad);
     }
 
     // The weights pass: a NaN row is NaN on the keys it sees and zero elsewhere; every other
@@ -417,4 +393,35 @@ fn predicted(case: &Case, weights: &[f64], [q, k, v]: [&[f32]; 3]) -> (Vec<bool>
     }
 
     (row_nan, bad)
+}
+
+/// One path's outputs on poisoned inputs against its outputs on clean ones, as the policy
+/// predicts (`row_nan`, `bad` from [`predicted`]).
+fn compare_path(case: &Case, name: &str, clean: &Output, poisoned: &Output, row_nan: &[bool], bad: &[bool]) {
+    let dv = case.dv;
+    for (i, (&got, &want)) in poisoned.0.iter().zip(&clean.0).enumerate() {
+        let (row, c) = (i / dv, i % dv);
+        if bad[i] {
+            assert!(
+                !got.is_finite(),
+                "{name}: out[{row}, {c}] = {got}, want non-finite: {case:?}"
+            );
+            if row_nan[row] {
+                assert!(got.is_nan(), "{name}: out[{row}, {c}] = {got}, want NaN: {case:?}");
+            }
+        } else {
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{name}: out[{row}, {c}] = {got}, want {want} as on clean inputs: {case:?}"
+            );
+        }
+    }
+    for (row, (&got, &want)) in poisoned.1.iter().zip(&clean.1).enumerate() {
+        if row_nan[row] {
+            assert!(got.is_nan(), "{name}: lse[{row}] = {got}, want NaN: {case:?}");
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "{name}: lse[{row}] differs: {case:?}");
+        }
+    }
 }
