@@ -34,6 +34,7 @@
 mod error;
 mod flash;
 mod gemm;
+mod lanes;
 mod mask;
 mod nonfinite;
 mod reference;
@@ -67,13 +68,11 @@ pub fn __tile_gemm_min_seconds(rows: usize, n: usize, depth: usize, reps: usize)
         let t0 = std::time::Instant::now();
         for _ in 0..100 {
             #[cfg(target_arch = "x86_64")]
-            if simd_level() == SimdLevel::Avx2Fma {
+            if simd_level().is_vector() {
                 assert_eq!(n % 16, 0, "n must be a multiple of 16");
                 // SAFETY: AVX2+FMA are present; the buffers have exactly these shapes, and `n` is
                 // a multiple of the kernel width.
-                unsafe {
-                    tile::avx2::gemm::<true>(rows, n, depth, a.as_ptr(), depth, b.as_ptr(), n, c.as_mut_ptr(), n)
-                };
+                unsafe { tile::gemm::<true>(rows, n, depth, a.as_ptr(), depth, b.as_ptr(), n, c.as_mut_ptr(), n) };
             }
         }
         best = best.min(t0.elapsed().as_secs_f64() / 100.0);

@@ -1,9 +1,10 @@
 //! Row primitives with run-time SIMD dispatch: max, `exp(x - m)` with its sum, scaling.
 //!
-//! The instruction set is detected once per process ([`simd_level`]); AVX2+FMA on x86-64, a
-//! portable scalar path elsewhere. Both evaluate the same range reduction and polynomial, so
-//! they differ only by FMA rounding. What this leaves out: AVX-512 and NEON paths (the scalar
-//! path is what aarch64 runs today).
+//! The instruction set is detected once per process ([`simd_level`]): AVX-512 (F, BW, VL, DQ) or
+//! AVX2+FMA on x86-64, a portable scalar path elsewhere. The vector bodies are written once over
+//! the vector width (`lanes.rs`) and instantiated per level; all levels evaluate the same range
+//! reduction and polynomial, so they differ only by FMA rounding and how a sum is split across
+//! lanes. What this leaves out: a NEON path (the scalar path is what aarch64 runs today).
 //!
 //! # The `exp` used here
 //! Cephes' `expf`: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for `e^r`, and
@@ -18,54 +19,86 @@ use std::sync::OnceLock;
 /// The SIMD instruction set the kernels use on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimdLevel {
+    /// x86-64 with AVX-512 F, BW, VL and DQ (and AVX2+FMA): 16 lanes of f32.
+    Avx512,
     /// x86-64 with AVX2 and FMA: 8 lanes of f32.
     Avx2Fma,
     /// Portable scalar code.
     Scalar,
 }
 
+impl SimdLevel {
+    /// Whether the vector micro-kernels run (every level but scalar).
+    pub fn is_vector(self) -> bool {
+        self != SimdLevel::Scalar
+    }
+}
+
 impl std::fmt::Display for SimdLevel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            SimdLevel::Avx512 => "avx512",
             SimdLevel::Avx2Fma => "avx2+fma",
             SimdLevel::Scalar => "scalar",
         })
     }
 }
 
-/// The SIMD level detected on this machine (once per process). Setting the environment variable
-/// `ATTN_SIMD=scalar` before the first call forces the scalar path, for testing and comparison.
+/// The SIMD level the kernels use (decided once per process): the best this machine has, or a
+/// lower one named by the environment variable `ATTN_SIMD` (`scalar`, `avx2` or `avx512`) before
+/// the first call, for testing and comparison. A level above the machine's, or another value,
+/// leaves the machine's level.
 pub fn simd_level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        if std::env::var("ATTN_SIMD").is_ok_and(|v| v == "scalar") {
-            return SimdLevel::Scalar;
-        }
-        detect()
-    })
+    *LEVEL.get_or_init(|| capped(detect(), std::env::var("ATTN_SIMD").ok().as_deref()))
 }
 
-fn detect() -> SimdLevel {
+/// `detected`, or the lower level `request` names.
+fn capped(detected: SimdLevel, request: Option<&str>) -> SimdLevel {
+    let rank = |l: SimdLevel| match l {
+        SimdLevel::Scalar => 0,
+        SimdLevel::Avx2Fma => 1,
+        SimdLevel::Avx512 => 2,
+    };
+    let wanted = match request {
+        Some("scalar") => SimdLevel::Scalar,
+        Some("avx2") => SimdLevel::Avx2Fma,
+        _ => return detected,
+    };
+    if rank(wanted) < rank(detected) {
+        wanted
+    } else {
+        detected
+    }
+}
+
+/// The best level this CPU runs.
+pub(crate) fn detect() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        use std::arch::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma");
+        if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+            return SimdLevel::Avx512;
+        }
+        if avx2 {
             return SimdLevel::Avx2Fma;
         }
     }
     SimdLevel::Scalar
 }
 
-const EXP_HI: f32 = 88.376_26;
-const EXP_LO: f32 = -87.336_54;
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const P0: f32 = 1.987_569_1e-4;
-const P1: f32 = 1.398_199_9e-3;
-const P2: f32 = 8.333_452e-3;
-const P3: f32 = 4.166_579_6e-2;
-const P4: f32 = 1.666_666_5e-1;
-const P5: f32 = 0.5;
+pub(crate) const EXP_HI: f32 = 88.376_26;
+pub(crate) const EXP_LO: f32 = -87.336_54;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const P0: f32 = 1.987_569_1e-4;
+pub(crate) const P1: f32 = 1.398_199_9e-3;
+pub(crate) const P2: f32 = 8.333_452e-3;
+pub(crate) const P3: f32 = 4.166_579_6e-2;
+pub(crate) const P4: f32 = 1.666_666_5e-1;
+pub(crate) const P5: f32 = 0.5;
 
 /// `e^x` in f32 by the scalar path of the vectorised kernel (same reduction and polynomial).
 #[inline]
@@ -95,6 +128,9 @@ pub fn row_max(row: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
         SimdLevel::Avx2Fma => unsafe { avx2::row_max(row) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only returned when the CPU reports AVX-512 F/BW/VL/DQ.
+        SimdLevel::Avx512 => unsafe { avx512::row_max(row) },
         _ => scalar::row_max(row),
     }
 }
@@ -106,6 +142,9 @@ pub fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
         SimdLevel::Avx2Fma => unsafe { avx2::exp_sub_sum(row, m) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only returned when the CPU reports AVX-512 F/BW/VL/DQ.
+        SimdLevel::Avx512 => unsafe { avx512::exp_sub_sum(row, m) },
         _ => scalar::exp_sub_sum(row, m),
     }
 }
@@ -117,6 +156,9 @@ pub fn scale_row(row: &mut [f32], alpha: f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
         SimdLevel::Avx2Fma => unsafe { avx2::scale_row(row, alpha) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only returned when the CPU reports AVX-512 F/BW/VL/DQ.
+        SimdLevel::Avx512 => unsafe { avx512::scale_row(row, alpha) },
         _ => scalar::scale_row(row, alpha),
     }
 }
@@ -129,6 +171,9 @@ pub fn scale_into(dst: &mut [f32], src: &[f32], alpha: f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
         SimdLevel::Avx2Fma => unsafe { avx2::scale_into(dst, src, alpha) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only returned when the CPU reports AVX-512 F/BW/VL/DQ.
+        SimdLevel::Avx512 => unsafe { avx512::scale_into(dst, src, alpha) },
         _ => scalar::scale_into(dst, src, alpha),
     }
 }
@@ -165,148 +210,44 @@ pub fn exp_slice(xs: &mut [f32]) {
     exp_sub_sum(xs, 0.0);
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    //! AVX2+FMA bodies of the row primitives; each function requires both features.
-    use super::*;
-    use std::arch::x86_64::*;
+/// The entry points of one vector level: `#[target_feature]` functions that instantiate the
+/// width-generic bodies of `lanes.rs` with that level's [`Lanes`](crate::lanes::Lanes).
+macro_rules! vector_level {
+    ($module:ident, $lanes:ty, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        pub(crate) mod $module {
+            //! Row primitives at this level; each function requires the level's features.
+            use crate::lanes;
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn exp8(x: __m256) -> __m256 {
-        // Round-to-nearest `n = round(x·log2 e)` by the magic-number trick: adding 1.5·2^23
-        // leaves `n` in the low mantissa bits of `z`, which also give `2^n` by one shift.
-        // Lanes outside [EXP_LO, EXP_HI] compute garbage that the two masks below replace;
-        // NaN stays NaN through every step.
-        let magic = _mm256_set1_ps(12_582_912.0);
-        let z = _mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), magic);
-        let n = _mm256_sub_ps(z, magic);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-        let r2 = _mm256_mul_ps(r, r);
-        let mut p = _mm256_set1_ps(P0);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P4));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P5));
-        p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-        let pow2 = _mm256_castsi256_ps(_mm256_add_epi32(
-            _mm256_slli_epi32::<23>(_mm256_castps_si256(z)),
-            _mm256_set1_epi32(127 << 23),
-        ));
-        let y = _mm256_mul_ps(p, pow2);
-        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_LO));
-        let overflow = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(EXP_HI));
-        let y = _mm256_andnot_ps(underflow, y);
-        _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), overflow)
-    }
+            #[target_feature(enable = $features)]
+            pub(crate) fn row_max(row: &[f32]) -> f32 {
+                // SAFETY: the features `lanes` needs are enabled on this function.
+                unsafe { lanes::row_max::<$lanes>(row) }
+            }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
-    }
+            #[target_feature(enable = $features)]
+            pub(crate) fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
+                // SAFETY: as above.
+                unsafe { lanes::exp_sub_sum::<$lanes>(row, m) }
+            }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hmax(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_max_ps(lo, hi);
-        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
-    }
+            #[target_feature(enable = $features)]
+            pub(crate) fn scale_row(row: &mut [f32], alpha: f32) {
+                // SAFETY: as above.
+                unsafe { lanes::scale_row::<$lanes>(row, alpha) }
+            }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn row_max(row: &[f32]) -> f32 {
-        let chunks = row.chunks_exact(8);
-        let tail = chunks.remainder();
-        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-        for c in chunks {
-            // SAFETY: `c` has exactly 8 elements.
-            let x = unsafe { _mm256_loadu_ps(c.as_ptr()) };
-            m = _mm256_max_ps(m, x);
-        }
-        tail.iter().fold(hmax(m), |m, &x| if x > m { x } else { m })
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
-        let mv = _mm256_set1_ps(m);
-        // Two independent chains of 8 lanes give the out-of-order core work to overlap.
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut pairs = row.chunks_exact_mut(16);
-        for c in &mut pairs {
-            // SAFETY: `c` has exactly 16 elements.
-            unsafe {
-                let e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
-                let e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr().add(8)), mv));
-                _mm256_storeu_ps(c.as_mut_ptr(), e0);
-                _mm256_storeu_ps(c.as_mut_ptr().add(8), e1);
-                acc0 = _mm256_add_ps(acc0, e0);
-                acc1 = _mm256_add_ps(acc1, e1);
+            #[target_feature(enable = $features)]
+            pub(crate) fn scale_into(dst: &mut [f32], src: &[f32], alpha: f32) {
+                // SAFETY: as above.
+                unsafe { lanes::scale_into::<$lanes>(dst, src, alpha) }
             }
         }
-        let mut acc = _mm256_add_ps(acc0, acc1);
-        let mut chunks = pairs.into_remainder().chunks_exact_mut(8);
-        for c in &mut chunks {
-            // SAFETY: `c` has exactly 8 elements.
-            unsafe {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
-                _mm256_storeu_ps(c.as_mut_ptr(), e);
-                acc = _mm256_add_ps(acc, e);
-            }
-        }
-        let tail = chunks.into_remainder();
-        if !tail.is_empty() {
-            // The tail goes through the same 8-lane code on a padded copy, so every element of a
-            // row sees the same arithmetic.
-            let mut buf = [f32::NEG_INFINITY; 8];
-            buf[..tail.len()].copy_from_slice(tail);
-            // SAFETY: `buf` has 8 elements.
-            unsafe {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), mv));
-                _mm256_storeu_ps(buf.as_mut_ptr(), e);
-                acc = _mm256_add_ps(acc, e);
-            }
-            tail.copy_from_slice(&buf[..tail.len()]);
-        }
-        hsum(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scale_row(row: &mut [f32], alpha: f32) {
-        let a = _mm256_set1_ps(alpha);
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            // SAFETY: `c` has exactly 8 elements.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), a)) };
-        }
-        chunks.into_remainder().iter_mut().for_each(|x| *x *= alpha);
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scale_into(dst: &mut [f32], src: &[f32], alpha: f32) {
-        let a = _mm256_set1_ps(alpha);
-        let mut d = dst.chunks_exact_mut(8);
-        let mut s = src.chunks_exact(8);
-        for (dc, sc) in (&mut d).zip(&mut s) {
-            // SAFETY: both chunks have exactly 8 elements.
-            unsafe { _mm256_storeu_ps(dc.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(sc.as_ptr()), a)) };
-        }
-        d.into_remainder()
-            .iter_mut()
-            .zip(s.remainder())
-            .for_each(|(d, &s)| *d = s * alpha);
-    }
+    };
 }
+
+vector_level!(avx2, lanes::Avx2, "avx2,fma");
+vector_level!(avx512, lanes::Avx512, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma");
 
 #[cfg(test)]
 mod tests {
@@ -363,7 +304,8 @@ mod tests {
         scale_into: fn(&mut [f32], &[f32], f32),
     }
 
-    /// Every level this CPU can run: the scalar bodies always, AVX2+FMA when detected.
+    /// Every level this CPU can run: the scalar bodies always, AVX2+FMA and AVX-512 when
+    /// detected.
     fn levels() -> Vec<Level> {
         let mut levels = vec![Level {
             name: "scalar",
@@ -373,7 +315,7 @@ mod tests {
             scale_into: scalar::scale_into,
         }];
         #[cfg(target_arch = "x86_64")]
-        if detect() == SimdLevel::Avx2Fma {
+        if detect() != SimdLevel::Scalar {
             levels.push(Level {
                 name: "avx2+fma",
                 // SAFETY: AVX2 and FMA were just detected (for this and the three below).
@@ -384,6 +326,20 @@ mod tests {
                 scale_row: |row, alpha| unsafe { avx2::scale_row(row, alpha) },
                 // SAFETY: as above.
                 scale_into: |dst, src, alpha| unsafe { avx2::scale_into(dst, src, alpha) },
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if detect() == SimdLevel::Avx512 {
+            levels.push(Level {
+                name: "avx512",
+                // SAFETY: AVX-512 F/BW/VL/DQ were just detected (for this and the three below).
+                row_max: |row| unsafe { avx512::row_max(row) },
+                // SAFETY: as above.
+                exp_sub_sum: |row, m| unsafe { avx512::exp_sub_sum(row, m) },
+                // SAFETY: as above.
+                scale_row: |row, alpha| unsafe { avx512::scale_row(row, alpha) },
+                // SAFETY: as above.
+                scale_into: |dst, src, alpha| unsafe { avx512::scale_into(dst, src, alpha) },
             });
         }
         levels

@@ -392,7 +392,7 @@ pub fn attention_weights(
     const KEYS: usize = crate::BLOCK_KEYS;
     // The scores come from the flash kernel's tile machinery: K transposed once per call and
     // the AVX2+FMA micro-kernel where available, faer's GEMM elsewhere.
-    let micro = crate::simd::simd_level() == crate::SimdLevel::Avx2Fma;
+    let micro = crate::simd::simd_level().is_vector();
     let plan = crate::flash::Plan::new([b, h, s, d], [g, t, d]);
     let kt_packed = micro.then(|| crate::flash::pack_keys_transposed(&plan, &k, par));
     let keys = crate::flash::KeySource {

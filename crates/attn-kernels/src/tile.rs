@@ -1,20 +1,23 @@
-//! The two small GEMMs of a flash tile, as AVX2+FMA register-blocked micro-kernels.
+//! The two small GEMMs of a flash tile, as register-blocked micro-kernels at each vector level.
 //!
 //! Shapes inside one tile: `q_tile: [R, D]` (rows packed, already scaled), `kt: [D, BK]` (a
 //! key block packed transposed, zero past its `bc` keys), `scores: [R, BK]`; then
 //! `p: [R, BK]` (the exp'd scores), `vp: [bc, DVP]` (a value block packed, zero past `Dv`),
 //! `acc: [R, DVP]`. `BK` = [`BLOCK_KEYS`](crate::BLOCK_KEYS) and `DVP` is `Dv` rounded up to 16.
 //!
-//! Each kernel computes a 6×16 block of its output in twelve ymm accumulators (six broadcast
-//! rows times two 8-lane vectors), with smaller row counts for the tail. faer's general GEMM
+//! The AVX2 kernel computes a 6×16 block of its output in twelve ymm accumulators (six broadcast
+//! rows times two 8-lane vectors), the AVX-512 kernel a 16×16 block in sixteen zmm
+//! accumulators, with smaller row counts for the tail. faer's general GEMM
 //! packs its operands on every call; at these sizes (64×128×64) that overhead and its
 //! dispatch cost a third of the time, which is why the tile has its own kernels. Machines without
-//! AVX2+FMA run the same tile through faer (see `flash.rs`).
+//! AVX2+FMA run the same tile through faer (see `flash/tile.rs`).
 
 /// Output columns of one micro-kernel call.
 pub(crate) const NR: usize = 16;
-/// Output rows of one micro-kernel call.
+/// Output rows of one AVX2 micro-kernel call (twelve ymm accumulators).
 pub(crate) const MR: usize = 6;
+/// Output rows of one AVX-512 micro-kernel call (sixteen zmm accumulators).
+pub(crate) const MR_AVX512: usize = 16;
 
 /// `x` rounded up to a multiple of [`NR`].
 #[inline]
@@ -282,6 +285,125 @@ pub(crate) mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    //! The AVX-512 tile GEMM: the same `NR` = 16 output columns as the AVX2 kernel (so packed
+    //! operands are laid out alike at both levels), one zmm accumulator per row, and
+    //! `MR_AVX512` rows per block: 16 broadcasts and 16 FMAs per depth step against one load of
+    //! `b`, where the AVX2 kernel does 6 broadcasts and 12 FMAs against two loads. Every
+    //! function requires AVX-512 F/BW/VL/DQ.
+    use super::{MR_AVX512, NR};
+    use std::arch::x86_64::*;
+
+    /// `c[0..ROWS, 0..16] (+)= Σ_p a[r·lda + p] · b[p·ldb .. p·ldb + 16]` for `p < depth`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `a` must be readable at `r·lda + p` for `r < ROWS`,
+    /// `p < depth`; `b` readable at `p·ldb .. p·ldb + 16`; `c` writable at `r·ldc .. r·ldc + 16`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    unsafe fn block<const ROWS: usize, const ACCUMULATE: bool>(
+        depth: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: all pointer offsets stay within the ranges the caller guarantees.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); ROWS];
+            if ACCUMULATE {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    *acc_r = _mm512_loadu_ps(c.add(r * ldc));
+                }
+            }
+            let a_rows: [*const f32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
+            let mut b_row = b;
+            for p in 0..depth {
+                let bv = _mm512_loadu_ps(b_row);
+                for r in 0..ROWS {
+                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*a_rows[r].add(p)), bv, acc[r]);
+                }
+                b_row = b_row.add(ldb);
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc), *acc_r);
+            }
+        }
+    }
+
+    /// `c[R, N] (+)= a[R, depth] · b[depth, N]`, as [`super::avx2::gemm`].
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/DQ must be available and every operand in bounds for those shapes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
+        rows: usize,
+        n: usize,
+        depth: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // The kernel stores whole 16-wide panels: a ragged `n` would write past `c`'s rows.
+        assert_eq!(n % NR, 0, "gemm: n = {n} is not a multiple of {NR}");
+        macro_rules! rows {
+            ($mr:expr, $args:expr, $($k:literal)*) => {
+                match $mr {
+                    $($k => { let (d, a, lda, b, ldb, c, ldc) = $args; block::<$k, ACCUMULATE>(d, a, lda, b, ldb, c, ldc) })*
+                    _ => unreachable!("at most MR_AVX512 rows"),
+                }
+            };
+        }
+        for j0 in (0..n).step_by(NR) {
+            let mut r0 = 0;
+            while r0 < rows {
+                let mr = (rows - r0).min(MR_AVX512);
+                // SAFETY: the caller guarantees the operands cover `rows × n` and `depth`.
+                unsafe {
+                    let args = (depth, a.add(r0 * lda), lda, b.add(j0), ldb, c.add(r0 * ldc + j0), ldc);
+                    rows!(mr, args, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+                }
+                r0 += mr;
+            }
+        }
+    }
+}
+
+/// `c[R, N] (+)= a[R, depth] · b[depth, N]` with the micro-kernel of the running level (`N` a
+/// multiple of [`NR`]).
+///
+/// # Safety
+/// The level must be a vector level (`simd_level().is_vector()`), and every operand in bounds
+/// for those shapes.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
+    rows: usize,
+    n: usize,
+    depth: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    match crate::simd::simd_level() {
+        // SAFETY: `Avx512` is only reported when the CPU has AVX-512 F/BW/VL/DQ; operands by the
+        // caller's contract.
+        crate::SimdLevel::Avx512 => unsafe { avx512::gemm::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, c, ldc) },
+        // SAFETY: every vector level has AVX2 and FMA; operands by the caller's contract.
+        _ => unsafe { avx2::gemm::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, c, ldc) },
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     /// The micro-kernels store whole vectors, so their shape preconditions are checked in
@@ -310,5 +432,52 @@ mod tests {
             unsafe { super::avx2::axpy_rows(9, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
         });
         assert!(tall_axpy.is_err(), "axpy_rows accepted 9 rows");
+    }
+
+    /// The tile GEMM of every vector level this CPU has against the definition in f64: row
+    /// counts across each level's block height (6 and 16), two panels, depths with and without
+    /// a tail, replacing and accumulating.
+    #[test]
+    fn tile_gemm_matches_its_definition_at_every_level() {
+        type Gemm = unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize);
+        let mut levels: Vec<(&str, Gemm, Gemm)> = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            levels.push(("avx2", super::avx2::gemm::<false>, super::avx2::gemm::<true>));
+        }
+        if crate::simd::detect() == crate::SimdLevel::Avx512 {
+            levels.push(("avx512", super::avx512::gemm::<false>, super::avx512::gemm::<true>));
+        }
+        for (name, replace, accumulate) in levels {
+            for rows in [1, 5, 6, 7, 15, 16, 17, 33] {
+                for depth in [1, 8, 17, 64] {
+                    let n = 32;
+                    let a = crate::testing::random_vec(rows * depth, 1);
+                    let b = crate::testing::random_vec(depth * n, 2);
+                    let start = crate::testing::random_vec(rows * n, 3);
+                    for (mode, kernel) in [("replace", replace), ("accumulate", accumulate)] {
+                        let mut c = start.clone();
+                        // SAFETY: the level was detected; `a` is [rows, depth], `b` [depth, 32],
+                        // `c` [rows, 32].
+                        unsafe { kernel(rows, n, depth, a.as_ptr(), depth, b.as_ptr(), n, c.as_mut_ptr(), n) };
+                        for r in 0..rows {
+                            for j in 0..n {
+                                let mut want: f64 =
+                                    (0..depth).map(|p| a[r * depth + p] as f64 * b[p * n + j] as f64).sum();
+                                if mode == "accumulate" {
+                                    want += start[r * n + j] as f64;
+                                }
+                                let err = (c[r * n + j] as f64 - want).abs();
+                                // f32 sums of at most 64 products of values in [-1, 1): about
+                                // 1e-6; a wrong row or lane is off by 0.1 or more.
+                                assert!(
+                                    err < 2e-5,
+                                    "{name} {mode} rows {rows} depth {depth} [{r}, {j}]: {err:e}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{AttnError, Result, Rope};
 
-/// Configuration of [`MultiHeadAttention`]: `nn.MultiheadAttention`'s constructor arguments
+/// Configuration of [`MultiHeadAttention`](crate::MultiHeadAttention): `nn.MultiheadAttention`'s constructor arguments
 /// with PyTorch's names and defaults, plus attn's extensions (`num_kv_heads`, `rope`, `alibi`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

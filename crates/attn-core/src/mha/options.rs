@@ -114,7 +114,7 @@ pub enum NeedWeights {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MhaOptions<'a> {
     /// `attn_mask`: `[S, T]` or `[B·H, S, T]`; boolean `true` = masked out (PyTorch's module
-    /// convention; other conventions are allowed through [`BoolMeaning`]) or additive.
+    /// convention; other conventions are allowed through [`BoolMeaning`](crate::BoolMeaning)) or additive.
     pub attn_mask: ScoreMask<'a>,
     /// `key_padding_mask` `[B, T]` (boolean `true` = padding), or lengths.
     pub key_padding: KeyPadding<'a>,

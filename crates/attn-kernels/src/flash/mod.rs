@@ -18,7 +18,7 @@
 //! # One tile, passes numbered as in the reference and the unfused path
 //! (1: scores and mask; 2: row max, exp and sum; 3: rescale; 4: weighted V)
 //! For each key block `[t0, t0 + bc)` of the tile's key range:
-//! - pass 1: `scores = (scale·q_tile) · k_blockᵀ` (the AVX2+FMA tile micro-kernel on K
+//! - pass 1: `scores = (scale·q_tile) · k_blockᵀ` (the level's tile micro-kernel on K
 //!   transposed per block, or dot products on K in place for tiles of a few rows; faer's GEMM,
 //!   sequential, at the scalar level);
 //!   then the mask;
@@ -121,7 +121,7 @@ pub(crate) fn flash_impl(
     let (mut out, mut lse) = (out, lse);
     let dst = Dst::new(&mut out, &mut lse);
     let scale = resolve_scale(options, plan.d);
-    let micro = crate::simd::simd_level() == crate::SimdLevel::Avx2Fma;
+    let micro = crate::simd::simd_level().is_vector();
     // When several row tiles read the same keys, transpose K once for the whole call rather
     // than once per tile: `[B, G, key blocks, D, kt_ld]`, zero past T.
     let kt_packed = (micro && plan.row_tiles > 1).then(|| pack_keys_transposed(&plan, &k, par));
@@ -179,7 +179,7 @@ struct Operands<'a, 'o> {
     scale: f32,
     /// K transposed per key block, when packed once for the call.
     kt_packed: Option<&'o [f32]>,
-    /// Whether the AVX2+FMA micro-kernels run the tile GEMMs.
+    /// Whether the vector micro-kernels (AVX2 or AVX-512) run the tile GEMMs.
     micro: bool,
 }
 

@@ -69,8 +69,8 @@ fn transpose_keys(dst: &mut [f32], ld: usize, keys: &[f32], bc: usize, d: usize,
     }
     assert!(bc <= ld && dst.len() >= (d - 1) * ld + bc && keys.len() > (bc - 1) * row_stride + (d - 1) * col_stride);
     #[cfg(target_arch = "x86_64")]
-    if col_stride == 1 && crate::simd::simd_level() == crate::SimdLevel::Avx2Fma {
-        // SAFETY: AVX2 was detected; the assertion above bounds both operands.
+    if col_stride == 1 && crate::simd::simd_level().is_vector() {
+        // SAFETY: a vector level (with AVX2) was detected; the assertion above bounds both operands.
         unsafe { crate::tile::avx2::transpose(bc, d, keys.as_ptr(), row_stride, dst.as_mut_ptr(), ld) };
         return;
     }
@@ -237,7 +237,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     let keys_in_place = n_rows <= DOT_ROWS_MAX && k_st[3] == 1 && keys.kt_packed.is_none();
     #[cfg(target_arch = "x86_64")]
     if keys_in_place {
-        // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], the key rows
+        // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is [n_rows, D], the key rows
         // `[b, g, t0..t0+bc, :]` are contiguous and were bounds-checked with `k`, and
         // `scores` is [BLOCK_ROWS, BLOCK_KEYS].
         unsafe {
@@ -277,10 +277,10 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
         kt.len()
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2+FMA were detected; `q_tile` is [n_rows, D], `kt` is [D, kt_ld] with
+    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is [n_rows, D], `kt` is [D, kt_ld] with
     // `bc_pad <= kt_ld` columns written (checked above), `scores` is [BLOCK_ROWS, BLOCK_KEYS].
     unsafe {
-        crate::tile::avx2::gemm::<false>(
+        crate::tile::gemm::<false>(
             n_rows,
             bc_pad,
             d,
@@ -388,7 +388,7 @@ fn pass4_weighted_values(
     };
     let ldv = if v_in_place { v_st[2] } else { dv_pad };
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2+FMA were detected; `scores` is [n_rows, BLOCK_KEYS] with `bc` valid columns,
+    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `scores` is [n_rows, BLOCK_KEYS] with `bc` valid columns,
     // the value block ([bc, Dv_pad], packed or in place: bounds-checked with `v`) and `acc` is
     // [BLOCK_ROWS, Dv_pad].
     unsafe {
@@ -405,7 +405,7 @@ fn pass4_weighted_values(
                 dv_pad,
             )
         } else {
-            crate::tile::avx2::gemm::<true>(
+            crate::tile::gemm::<true>(
                 n_rows,
                 dv_pad,
                 bc,

@@ -1,0 +1,353 @@
+//! SIMD code written once over the vector width: the [`Lanes`] trait names the handful of vector
+//! operations the row primitives and the tile micro-kernel need, [`Avx2`] (8 lanes) and
+//! [`Avx512`] (16 lanes) implement it, and the generic bodies here are instantiated by each
+//! level's `#[target_feature]` entry points (`simd.rs`, `tile.rs`).
+//!
+//! Every method is `unsafe` and `#[inline(always)]`: it requires the CPU features of its level,
+//! which the entry point that inlines it guarantees. The generic bodies evaluate the same
+//! operations in the same order at every width, so two levels differ only by how many lanes a
+//! sum is split across.
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use crate::simd::{EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P0, P1, P2, P3, P4, P5};
+
+/// One SIMD width of f32 lanes.
+pub(crate) trait Lanes {
+    /// A vector of [`Lanes::N`] f32.
+    type V: Copy;
+    /// Lanes per vector.
+    const N: usize;
+    /// `[x; N]`.
+    unsafe fn splat(x: f32) -> Self::V;
+    /// `N` floats from `p` (unaligned).
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// `N` floats to `p` (unaligned).
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `a·b + c`, fused.
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `c - a·b`, fused.
+    unsafe fn fnmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `2^n` from `z = n + 1.5·2^23` (the magic-number rounding of [`exp`]): the low mantissa
+    /// bits of `z`, shifted into the exponent and biased.
+    unsafe fn pow2_from_magic(z: Self::V) -> Self::V;
+    /// `y` where `x >= lo`, `0` where `x < lo` (ordered: NaN keeps `y`).
+    unsafe fn zero_below(x: Self::V, lo: f32, y: Self::V) -> Self::V;
+    /// `y` where `x <= hi`, `+inf` where `x > hi` (ordered: NaN keeps `y`).
+    unsafe fn inf_above(x: Self::V, hi: f32, y: Self::V) -> Self::V;
+    /// The sum of the lanes, pairwise.
+    unsafe fn hsum(v: Self::V) -> f32;
+    /// The largest lane.
+    unsafe fn hmax(v: Self::V) -> f32;
+}
+
+/// `e^x` per lane: Cephes' reduction and polynomial (see `simd.rs`), `x < EXP_LO` gives 0,
+/// `x > EXP_HI` gives `+inf`, NaN stays NaN.
+#[inline(always)]
+pub(crate) unsafe fn exp<L: Lanes>(x: L::V) -> L::V {
+    // SAFETY: the caller's entry point enables `L`'s features.
+    unsafe {
+        // Round-to-nearest `n = round(x·log2 e)` by the magic-number trick: adding 1.5·2^23
+        // leaves `n` in the low mantissa bits of `z`, which also give `2^n` by one shift.
+        let magic = L::splat(12_582_912.0);
+        let z = L::fmadd(x, L::splat(LOG2E), magic);
+        let n = L::sub(z, magic);
+        let r = L::fnmadd(n, L::splat(LN2_HI), x);
+        let r = L::fnmadd(n, L::splat(LN2_LO), r);
+        let r2 = L::mul(r, r);
+        let mut p = L::splat(P0);
+        p = L::fmadd(p, r, L::splat(P1));
+        p = L::fmadd(p, r, L::splat(P2));
+        p = L::fmadd(p, r, L::splat(P3));
+        p = L::fmadd(p, r, L::splat(P4));
+        p = L::fmadd(p, r, L::splat(P5));
+        p = L::fmadd(p, r2, L::add(r, L::splat(1.0)));
+        let y = L::mul(p, L::pow2_from_magic(z));
+        // Lanes outside [EXP_LO, EXP_HI] computed garbage: replace it.
+        L::inf_above(x, EXP_HI, L::zero_below(x, EXP_LO, y))
+    }
+}
+
+/// `max(row)`, `-inf` for an empty row.
+#[inline(always)]
+pub(crate) unsafe fn row_max<L: Lanes>(row: &[f32]) -> f32 {
+    let chunks = row.chunks_exact(L::N);
+    let tail = chunks.remainder();
+    // SAFETY: each chunk has exactly `N` elements; features as above.
+    let m = unsafe {
+        let mut m = L::splat(f32::NEG_INFINITY);
+        for c in chunks {
+            m = L::max(m, L::load(c.as_ptr()));
+        }
+        L::hmax(m)
+    };
+    tail.iter().fold(m, |m, &x| if x > m { x } else { m })
+}
+
+/// Replaces each `x` of `row` by `exp(x - m)` and returns the sum of the results. Two
+/// independent chains of `N` lanes, then one, then the tail through the same `N`-lane code on a
+/// padded copy, so every element of a row sees the same arithmetic.
+#[inline(always)]
+pub(crate) unsafe fn exp_sub_sum<L: Lanes>(row: &mut [f32], m: f32) -> f32 {
+    // SAFETY: every pointer below covers `N` or `2N` elements of a chunk or of `buf`; features
+    // as above.
+    unsafe {
+        let mv = L::splat(m);
+        let (mut acc0, mut acc1) = (L::splat(0.0), L::splat(0.0));
+        let mut pairs = row.chunks_exact_mut(2 * L::N);
+        for c in &mut pairs {
+            let e0 = exp::<L>(L::sub(L::load(c.as_ptr()), mv));
+            let e1 = exp::<L>(L::sub(L::load(c.as_ptr().add(L::N)), mv));
+            L::store(c.as_mut_ptr(), e0);
+            L::store(c.as_mut_ptr().add(L::N), e1);
+            acc0 = L::add(acc0, e0);
+            acc1 = L::add(acc1, e1);
+        }
+        let mut acc = L::add(acc0, acc1);
+        let mut chunks = pairs.into_remainder().chunks_exact_mut(L::N);
+        for c in &mut chunks {
+            let e = exp::<L>(L::sub(L::load(c.as_ptr()), mv));
+            L::store(c.as_mut_ptr(), e);
+            acc = L::add(acc, e);
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let mut buf = [f32::NEG_INFINITY; 16];
+            buf[..tail.len()].copy_from_slice(tail);
+            let e = exp::<L>(L::sub(L::load(buf.as_ptr()), mv));
+            L::store(buf.as_mut_ptr(), e);
+            acc = L::add(acc, e);
+            tail.copy_from_slice(&buf[..tail.len()]);
+        }
+        L::hsum(acc)
+    }
+}
+
+/// `row[i] *= alpha`.
+#[inline(always)]
+pub(crate) unsafe fn scale_row<L: Lanes>(row: &mut [f32], alpha: f32) {
+    let mut chunks = row.chunks_exact_mut(L::N);
+    // SAFETY: each chunk has exactly `N` elements; features as above.
+    unsafe {
+        let a = L::splat(alpha);
+        for c in &mut chunks {
+            L::store(c.as_mut_ptr(), L::mul(L::load(c.as_ptr()), a));
+        }
+    }
+    chunks.into_remainder().iter_mut().for_each(|x| *x *= alpha);
+}
+
+/// `dst[i] = src[i] * alpha`.
+#[inline(always)]
+pub(crate) unsafe fn scale_into<L: Lanes>(dst: &mut [f32], src: &[f32], alpha: f32) {
+    let mut d = dst.chunks_exact_mut(L::N);
+    let mut s = src.chunks_exact(L::N);
+    // SAFETY: both chunks have exactly `N` elements; features as above.
+    unsafe {
+        let a = L::splat(alpha);
+        for (dc, sc) in (&mut d).zip(&mut s) {
+            L::store(dc.as_mut_ptr(), L::mul(L::load(sc.as_ptr()), a));
+        }
+    }
+    d.into_remainder()
+        .iter_mut()
+        .zip(s.remainder())
+        .for_each(|(d, &s)| *d = s * alpha);
+}
+
+/// AVX2+FMA: 8 lanes in a ymm register.
+pub(crate) struct Avx2;
+
+impl Lanes for Avx2 {
+    type V = __m256;
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        // SAFETY: AVX is enabled by the caller (for every method of this impl).
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        // SAFETY: as above; `p` covers 8 floats by the caller's contract.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: as above.
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: as above.
+        unsafe { _mm256_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: as above.
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: as above.
+        unsafe { _mm256_max_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: as above (FMA).
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: as above (FMA).
+        unsafe { _mm256_fnmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn pow2_from_magic(z: __m256) -> __m256 {
+        // SAFETY: as above (AVX2).
+        unsafe {
+            _mm256_castsi256_ps(_mm256_add_epi32(
+                _mm256_slli_epi32::<23>(_mm256_castps_si256(z)),
+                _mm256_set1_epi32(127 << 23),
+            ))
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero_below(x: __m256, lo: f32, y: __m256) -> __m256 {
+        // SAFETY: as above.
+        unsafe { _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(lo)), y) }
+    }
+    #[inline(always)]
+    unsafe fn inf_above(x: __m256, hi: f32, y: __m256) -> __m256 {
+        // SAFETY: as above.
+        unsafe {
+            let over = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(hi));
+            _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), over)
+        }
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: as above.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: __m256) -> f32 {
+        // SAFETY: as above.
+        unsafe {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+}
+
+/// AVX-512 (F, BW, VL, DQ): 16 lanes in a zmm register.
+pub(crate) struct Avx512;
+
+impl Lanes for Avx512 {
+    type V = __m512;
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        // SAFETY: AVX-512F is enabled by the caller (for every method of this impl).
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        // SAFETY: as above; `p` covers 16 floats by the caller's contract.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe { _mm512_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe { _mm512_max_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe { _mm512_fnmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn pow2_from_magic(z: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe {
+            _mm512_castsi512_ps(_mm512_add_epi32(
+                _mm512_slli_epi32::<23>(_mm512_castps_si512(z)),
+                _mm512_set1_epi32(127 << 23),
+            ))
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero_below(x: __m512, lo: f32, y: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe {
+            let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(lo));
+            _mm512_mask_mov_ps(y, below, _mm512_setzero_ps())
+        }
+    }
+    #[inline(always)]
+    unsafe fn inf_above(x: __m512, hi: f32, y: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe {
+            let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(hi));
+            _mm512_mask_mov_ps(y, over, _mm512_set1_ps(f32::INFINITY))
+        }
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: __m512) -> f32 {
+        // SAFETY: as above (AVX-512DQ for the 256-bit extract); the halves are summed as the
+        // 8-lane level sums its lanes, pairwise.
+        unsafe {
+            let half = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+            Avx2::hsum(half)
+        }
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: __m512) -> f32 {
+        // SAFETY: as above.
+        unsafe {
+            let half = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+            Avx2::hmax(half)
+        }
+    }
+}
