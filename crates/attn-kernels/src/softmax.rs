@@ -433,7 +433,7 @@ pub fn attention_weights(
                 crate::flash::block_scores(tile, &plan, &keys, [bi, gi, t0, bc]);
                 for i in 0..rows {
                     let si = s0 + i;
-                    let row = &mut scores[i * KEYS..i * KEYS + bc];
+                    let row = &mut scores[i * crate::flash::SCORES_LD..i * crate::flash::SCORES_LD + bc];
                     let limit = options.causal.key_limit(si, s, t).min(key_length);
                     mask_row(row, options, [bi, hi, si], t0, limit, [s, t]);
                     let l = lse.get([bi, hi, si]);
@@ -461,7 +461,7 @@ pub fn attention_weights(
             }
         }
     };
-    let scratch = || (vec![0.0f32; ROWS * KEYS], vec![0.0f32; ROWS * d]);
+    let scratch = || (vec![0.0f32; ROWS * crate::flash::SCORES_LD], vec![0.0f32; ROWS * d]);
     match par {
         Par::Seq => {
             let mut buffers = scratch();

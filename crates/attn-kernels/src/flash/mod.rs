@@ -58,6 +58,10 @@ use crate::{AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
 pub const BLOCK_ROWS: usize = 64;
 /// Keys per block.
 pub const BLOCK_KEYS: usize = 128;
+/// Row stride of a tile's score buffer: [`BLOCK_KEYS`] plus one 16-float panel, so the rows
+/// (read and written at every pass) do not sit 512 bytes apart, where they would share a
+/// handful of L1 sets.
+pub(crate) const SCORES_LD: usize = BLOCK_KEYS + 16;
 /// Below this many `(b, g, row tile)` tasks the keys are split across tasks (decoding).
 pub const MIN_TASKS: usize = 32;
 /// Tiles of at most this many rows compute scores by dot products on keys in place.

@@ -24,7 +24,8 @@ pub(crate) struct Plan {
     pub splits: usize,
     pub keys_per_split: usize,
     /// Leading dimension of a transposed key block `[D, kt_ld]`: `min(T, BLOCK_KEYS)` rounded up
-    /// to the micro-kernel width, so short key sequences are not padded to a full block.
+    /// to the micro-kernel width (so short key sequences are not padded to a full block), and
+    /// one panel more for full blocks (see `kt_ld`).
     pub kt_ld: usize,
 }
 
@@ -56,7 +57,7 @@ impl Plan {
             row_tiles,
             splits,
             keys_per_split,
-            kt_ld: crate::tile::pad_to_nr(t.clamp(1, BLOCK_KEYS)),
+            kt_ld: kt_ld(t),
         }
     }
 }
@@ -132,4 +133,16 @@ pub(crate) fn validate(
     }
     validate_options(op, options, [b, h, s, t])?;
     Ok(Plan::new([b, h, s, d], [g, t, dv]))
+}
+
+/// The leading dimension of a transposed key block for `t` keys: `min(t, BLOCK_KEYS)` rounded up
+/// to the micro-kernel width, plus one more panel for full blocks, so that the block's rows are
+/// not 512 bytes apart (where the `D` rows of a panel would share a handful of L1 sets).
+fn kt_ld(t: usize) -> usize {
+    let ld = crate::tile::pad_to_nr(t.clamp(1, BLOCK_KEYS));
+    if ld == BLOCK_KEYS {
+        ld + crate::tile::NR
+    } else {
+        ld
+    }
 }

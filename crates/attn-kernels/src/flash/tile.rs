@@ -1,7 +1,7 @@
 //! One row tile of the online softmax: the query tile, then for each key block the four passes
 //! (numbered as in the reference and the unfused path).
 
-use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, DOT_ROWS_MAX};
+use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, DOT_ROWS_MAX, SCORES_LD};
 use crate::gemm::gemm_raw;
 use crate::mask::mask_row;
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
@@ -12,7 +12,7 @@ use rayon::prelude::*;
 pub(super) struct Scratch {
     /// `[BLOCK_ROWS, D]`: the tile's query rows, times the scale.
     pub(super) q_tile: Vec<f32>,
-    /// `[BLOCK_ROWS, BLOCK_KEYS]`: scores, then probabilities.
+    /// `[BLOCK_ROWS, SCORES_LD]`: scores, then probabilities (`BLOCK_KEYS` used per row).
     pub(super) scores: Vec<f32>,
     /// `[BLOCK_ROWS, Dv_pad]`: the unnormalised output rows.
     pub(super) acc: Vec<f32>,
@@ -28,7 +28,7 @@ impl Scratch {
     pub(super) fn new(plan: &Plan) -> Self {
         Scratch {
             q_tile: vec![0.0; BLOCK_ROWS * plan.d],
-            scores: vec![0.0; BLOCK_ROWS * BLOCK_KEYS],
+            scores: vec![0.0; BLOCK_ROWS * SCORES_LD],
             acc: vec![0.0; BLOCK_ROWS * plan.dv_pad],
             kt: vec![0.0; plan.d * plan.kt_ld],
             vp: vec![0.0; BLOCK_KEYS * plan.dv_pad],
@@ -167,7 +167,7 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
 }
 
 /// Pass 1: `scores = q_tile · k_blockᵀ`, `[n_rows, bc]` in `scratch.scores` (row stride
-/// `BLOCK_KEYS`).
+/// `SCORES_LD`).
 fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows: &TileRows, block: &KeyBlock) {
     let keys = KeySource {
         k: ops.k,
@@ -191,7 +191,7 @@ pub(crate) struct KeySource<'a> {
     pub micro: bool,
 }
 
-/// The buffers of one tile's pass 1: `scores: [BLOCK_ROWS, BLOCK_KEYS]`, the scaled query rows
+/// The buffers of one tile's pass 1: `scores: [BLOCK_ROWS, SCORES_LD]`, the scaled query rows
 /// `q_tile: [n_rows, D]`, and room `[D, kt_ld]` to transpose a key block when K is not packed.
 pub(crate) struct ScoreTile<'a> {
     pub scores: &'a mut [f32],
@@ -212,14 +212,14 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     let d = plan.d;
     let (k_data, k_st) = (keys.k.data(), keys.k.strides());
     let k_base = b * k_st[0] + g * k_st[1] + t0 * k_st[2];
-    assert!(scores.len() >= BLOCK_ROWS * BLOCK_KEYS && q_tile.len() >= n_rows * d && n_rows <= BLOCK_ROWS);
+    assert!(scores.len() >= BLOCK_ROWS * SCORES_LD && q_tile.len() >= n_rows * d && n_rows <= BLOCK_ROWS);
     if !keys.micro {
-        // SAFETY: `scores` holds BLOCK_ROWS×BLOCK_KEYS elements and `q_tile` n_rows×D (checked
+        // SAFETY: `scores` holds BLOCK_ROWS×SCORES_LD elements and `q_tile` n_rows×D (checked
         // above); the key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
         unsafe {
             gemm_raw(
                 scores.as_mut_ptr(),
-                [BLOCK_KEYS, 1],
+                [SCORES_LD, 1],
                 [n_rows, bc, d],
                 Accum::Replace,
                 q_tile.as_ptr(),
@@ -239,7 +239,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     if keys_in_place {
         // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is [n_rows, D], the key rows
         // `[b, g, t0..t0+bc, :]` are contiguous and were bounds-checked with `k`, and
-        // `scores` is [BLOCK_ROWS, BLOCK_KEYS].
+        // `scores` is [BLOCK_ROWS, SCORES_LD].
         unsafe {
             crate::tile::avx2::dot_rows(
                 n_rows,
@@ -250,7 +250,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
                 k_data.as_ptr().add(k_base),
                 k_st[2],
                 scores.as_mut_ptr(),
-                BLOCK_KEYS,
+                SCORES_LD,
             )
         };
         return;
@@ -278,7 +278,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is [n_rows, D], `kt` is [D, kt_ld] with
-    // `bc_pad <= kt_ld` columns written (checked above), `scores` is [BLOCK_ROWS, BLOCK_KEYS].
+    // `bc_pad <= kt_ld` columns written (checked above), `scores` is [BLOCK_ROWS, SCORES_LD].
     unsafe {
         crate::tile::gemm::<false>(
             n_rows,
@@ -289,7 +289,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
             kt.as_ptr(),
             ld,
             scores.as_mut_ptr(),
-            BLOCK_KEYS,
+            SCORES_LD,
         )
     };
 }
@@ -307,7 +307,7 @@ fn passes2_3_online_softmax(
     let (dv, dv_pad) = (plan.dv, plan.dv_pad);
     let KeyBlock { t0, bc, .. } = *block;
     for i in 0..rows.n_rows {
-        let row = &mut scratch.scores[i * BLOCK_KEYS..i * BLOCK_KEYS + bc];
+        let row = &mut scratch.scores[i * SCORES_LD..i * SCORES_LD + bc];
         let (s, h) = rows.positions[i];
         // Pass 1, continued: the mask.
         mask_row(row, ops.options, [rows.b, h, s], t0, rows.limits[i], [plan.s, plan.t]);
@@ -357,7 +357,7 @@ fn pass4_weighted_values(
                 [n_rows, dv, bc],
                 Accum::Add,
                 scratch.scores.as_ptr(),
-                [BLOCK_KEYS, 1],
+                [SCORES_LD, 1],
                 v_data.as_ptr().add(v_base),
                 [v_st[2], v_st[3]],
                 1.0,
@@ -388,7 +388,7 @@ fn pass4_weighted_values(
     };
     let ldv = if v_in_place { v_st[2] } else { dv_pad };
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `scores` is [n_rows, BLOCK_KEYS] with `bc` valid columns,
+    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `scores` is [n_rows, SCORES_LD] with `bc` valid columns,
     // the value block ([bc, Dv_pad], packed or in place: bounds-checked with `v`) and `acc` is
     // [BLOCK_ROWS, Dv_pad].
     unsafe {
@@ -398,7 +398,7 @@ fn pass4_weighted_values(
                 dv_pad,
                 bc,
                 scratch.scores.as_ptr(),
-                BLOCK_KEYS,
+                SCORES_LD,
                 v_ptr,
                 ldv,
                 scratch.acc.as_mut_ptr(),
@@ -410,7 +410,7 @@ fn pass4_weighted_values(
                 dv_pad,
                 bc,
                 scratch.scores.as_ptr(),
-                BLOCK_KEYS,
+                SCORES_LD,
                 v_ptr,
                 ldv,
                 scratch.acc.as_mut_ptr(),
