@@ -88,6 +88,10 @@ pub enum BenchCommand {
     /// Times faer's f32 GEMM [M,K]·[K,N]: flops 2·M·N·K.
     #[command(after_help = "Example:\n  attn bench gemm --m 1024 --n 1024 --k 1024 --json")]
     Gemm(GemmArgs),
+    /// Read bandwidth: sums a buffer larger than the last-level cache on every thread (GB/s of
+    /// reads), the ceiling for decoding, which reads each cached key and value once.
+    #[command(after_help = "Example:\n  attn bench bandwidth --mib 512 --json")]
+    Bandwidth(BandwidthArgs),
 }
 
 /// Runs `attn bench ...`.
@@ -98,6 +102,7 @@ pub fn main(command: BenchCommand) -> Result<()> {
         BenchCommand::Embed(args) => crate::embed::bench(args),
         BenchCommand::Sweep(args) => crate::sweep::main(args),
         BenchCommand::Gemm(args) => gemm_command(args),
+        BenchCommand::Bandwidth(args) => bandwidth(args),
     }
 }
 
@@ -201,6 +206,66 @@ fn gemm_command(args: GemmArgs) -> Result<()> {
         .threads
         .install(|nt| gemm_bench(m, n, k, nt, budget, args.flags.json))?;
     println!("{text}");
+    Ok(())
+}
+
+/// `attn bench bandwidth`.
+#[derive(Debug, clap::Args)]
+pub struct BandwidthArgs {
+    /// Buffer size in MiB: well above the last-level cache so reads come from memory.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    mib: u32,
+    #[command(flatten)]
+    threads: Threads,
+    #[command(flatten)]
+    flags: BenchFlags,
+}
+
+/// Sums the buffer's words on every thread (each thread its own contiguous part), the way the
+/// decode kernel streams K and V; reports bytes read per second.
+fn bandwidth(args: BandwidthArgs) -> Result<()> {
+    use rayon::prelude::*;
+    let budget = args.flags.budget()?;
+    let bytes = args.mib as usize * 1024 * 1024;
+    crate::memory::check(bytes as u128, "bench bandwidth (the buffer)")?;
+    let words = bytes / 8;
+    let (stats, n, checksum) = args.threads.install(|n| {
+        // Written once, so every page is backed by memory before the timing.
+        let buffer: Vec<u64> = (0..words as u64).collect();
+        let chunk = words.div_ceil(n);
+        let sum = || {
+            buffer
+                .par_chunks(chunk)
+                .map(|part| part.iter().fold(0u64, |acc, &x| acc.wrapping_add(x)))
+                .reduce(|| 0, u64::wrapping_add)
+        };
+        let checksum = sum();
+        let stats = measure(budget, || {
+            std::hint::black_box(sum());
+        });
+        Ok((stats, n, checksum))
+    })?;
+    // The sum of 0..words: a check that every word was read.
+    let want = (words as u64).wrapping_mul(words as u64 - 1) / 2;
+    anyhow::ensure!(checksum == want, "bandwidth: read {checksum}, expected {want}");
+    let gbps = bytes as f64 / stats.median_s / 1e9;
+    if args.flags.json {
+        println!(
+            "{}",
+            json!({
+                "op": "bandwidth", "bytes": bytes, "threads": n, "simd": simd_level().to_string(),
+                "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs, "gbps": gbps,
+            })
+        );
+    } else {
+        println!(
+            "bandwidth {} MiB threads={n}\n  median {:.3} ms  min {:.3} ms  runs {}  {gbps:.1} GB/s read",
+            args.mib,
+            stats.median_s * 1e3,
+            stats.min_s * 1e3,
+            stats.runs
+        );
+    }
     Ok(())
 }
 

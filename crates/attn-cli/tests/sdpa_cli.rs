@@ -523,3 +523,30 @@ fn thread_counts_above_the_cap_are_refused() {
     ]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
 }
+
+/// `attn bench bandwidth` reads every word of its buffer (it checks the sum) and reports GB/s
+/// with the level and thread count, as the other benches do.
+#[test]
+fn bench_bandwidth_reports_read_bandwidth() {
+    let result = attn(&[
+        "bench",
+        "bandwidth",
+        "--mib",
+        "64",
+        "--threads",
+        "2",
+        "--min-runs",
+        "1",
+        "--min-seconds",
+        "0",
+        "--json",
+    ]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(v["op"], "bandwidth");
+    assert_eq!(v["bytes"], 64 * 1024 * 1024);
+    assert_eq!(v["threads"], 2);
+    assert!(v["gbps"].as_f64().unwrap() > 0.0 && v["simd"].is_string(), "{v}");
+    let too_small = attn(&["bench", "bandwidth", "--mib", "1"]);
+    assert_eq!(too_small.status.code(), Some(2));
+}
