@@ -414,6 +414,8 @@ fn timing() -> Result<()> {
         unfused.median_s * 1e3,
         which_is_faster(("flash", fused.median_s), ("unfused", unfused.median_s))
     );
+    let chosen = attn_nn::core::kernels::chosen_path(simd_level(), [1, 8, 1024, 64], [8, 1024]);
+    println!("  (attn's own entry, `attention`, takes the {chosen} path for this shape at this level)");
     println!(
         "  B=1 H=2 S=T=128 D=64    flash {:.3} ms   naive f64 loops {:.2} ms   {}",
         fused_small.median_s * 1e3,

@@ -18,6 +18,8 @@ pub struct Point {
     pub flash: f64,
     pub unfused: Option<f64>,
     pub torch: Option<f64>,
+    /// The path the library's `attention` takes for this shape at this level.
+    pub chosen: attn_nn::core::kernels::KernelPath,
 }
 
 const TORCH_SCRIPT: &str = r#"
@@ -185,11 +187,14 @@ pub fn run(
         } else {
             None
         };
+        let chosen =
+            attn_nn::core::kernels::chosen_path(attn_nn::core::kernels::simd_level(), [b, h, seq, d], [h, seq]);
         points.push(Point {
             seq,
             flash,
             unfused,
             torch: None,
+            chosen,
         });
         progress(1);
     }
@@ -215,15 +220,18 @@ pub fn run(
 
 /// The table.
 pub fn table(points: &[Point]) -> String {
-    let mut out = String::from("| S = T | flash GFLOP/s | unfused GFLOP/s | PyTorch GFLOP/s |\n|---|---|---|---|\n");
+    let mut out = String::from(
+        "| S = T | flash GFLOP/s | unfused GFLOP/s | PyTorch GFLOP/s | attn chooses |\n|---|---|---|---|---|\n",
+    );
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
     for p in points {
         out.push_str(&format!(
-            "| {} | {:.1} | {} | {} |\n",
+            "| {} | {:.1} | {} | {} | {} |\n",
             p.seq,
             p.flash,
             cell(p.unfused),
-            cell(p.torch)
+            cell(p.torch),
+            p.chosen
         ));
     }
     out
@@ -233,7 +241,7 @@ pub fn table(points: &[Point]) -> String {
 pub fn to_json(points: &[Point], [b, h, d]: [usize; 3], causal: bool, threads: usize) -> serde_json::Value {
     let rows: Vec<_> = points
         .iter()
-        .map(|p| json!({"seq": p.seq, "flash_gflops": p.flash, "unfused_gflops": p.unfused, "torch_gflops": p.torch}))
+        .map(|p| json!({"seq": p.seq, "flash_gflops": p.flash, "unfused_gflops": p.unfused, "torch_gflops": p.torch, "chosen": p.chosen.to_string()}))
         .collect();
     json!({"op": "sweep", "batch": b, "heads": h, "head_dim": d, "causal": causal, "threads": threads, "points": rows})
 }

@@ -5,7 +5,7 @@
 //! `[B, T]` mask. Everything is checked here once; errors name the tensor and both shapes.
 
 use attn_kernels::{
-    broadcast_to, flash_attention, AttentionOptions, Causal, KernelError, Mask, Par, View4, ViewMut, ViewMut4,
+    attention, broadcast_to, AttentionOptions, Causal, KernelError, Mask, Par, View4, ViewMut, ViewMut4,
 };
 
 use crate::error::shape_error;
@@ -315,7 +315,7 @@ pub fn sdpa_into(
     let [b, h, s, _] = q.shape();
     let t = k.shape()[2];
     let kernel_options = options.to_kernel([b, h, s, t])?;
-    flash_attention(out, lse, q, k, v, &kernel_options, par)?;
+    attention(out, lse, q, k, v, &kernel_options, par)?;
     Ok(())
 }
 

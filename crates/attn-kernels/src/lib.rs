@@ -5,6 +5,8 @@
 //!
 //! - [`gemm`]: faer's matmul on strided f32 views, parallelism passed explicitly.
 //! - [`masked_softmax`]: scale, mask and a stable softmax over rows in one pass.
+//! - [`attention`]: the entry callers use; it runs [`flash_attention`] or [`attention_unfused`],
+//!   chosen by shape and SIMD level ([`chosen_path`]).
 //! - [`flash_attention`]: tiled attention with an online softmax, never forming `S×T`.
 //! - [`attention_unfused`]: the textbook path, for comparison.
 //! - [`attention_reference`], [`gemm_reference`]: naive f64 definitions the tests compare with.
@@ -37,6 +39,7 @@ mod gemm;
 mod lanes;
 mod mask;
 mod nonfinite;
+mod path;
 mod reference;
 mod simd;
 mod softmax;
@@ -52,6 +55,7 @@ pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};
 pub use gemm::{gemm, gemm_reference, Accum, Par};
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
+pub use path::{attention, chosen_path, KernelPath};
 pub use reference::{attention_reference, ReferenceAttention};
 pub use simd::{exp_scalar, exp_slice, simd_level, SimdLevel};
 pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes, WeightsDst};

@@ -2,7 +2,7 @@
 //! and the packed variant for sequences of different lengths.
 
 use attn_kernels::{
-    attention_weights, flash_attention, AttentionOptions, Causal, Par, View, View2, View4, ViewMut, WeightsDst,
+    attention, attention_weights, AttentionOptions, Causal, Par, View, View2, View4, ViewMut, WeightsDst,
 };
 
 use super::{linear, Core, Dims, MaskSet, MhaOptions, MhaOutput, NeedWeights, Sequence};
@@ -209,7 +209,7 @@ impl Core {
         let lse_view = (!lse.is_empty())
             .then(|| ViewMut::contiguous(&mut lse[..], [b, h, s]))
             .transpose()?;
-        flash_attention(out_view, lse_view, q_view, k_view, v_view, &kernel_options, par)?;
+        attention(out_view, lse_view, q_view, k_view, v_view, &kernel_options, par)?;
         let weights = if need == NeedWeights::No {
             None
         } else {
@@ -412,7 +412,7 @@ impl Core {
                 View4::new(&rows[base..], [1, heads, len, hd], [len * width, hd, width, 1])
             };
             let out_view = ViewMut::new(out, [1, h, len, dv], [len * h * dv, dv, h * dv, 1])?;
-            flash_attention(
+            attention(
                 out_view,
                 None,
                 view(0, h, d)?,

@@ -1,0 +1,136 @@
+//! The attention entry that picks its path by shape: [`attention`] runs the flash kernel or the
+//! unfused path, whichever [`chosen_path`] names for the shapes and this machine's SIMD level.
+//! The choice depends on shapes and the level only, never on timing or the thread count, so
+//! results stay deterministic.
+//!
+//! Thresholds come from two runs of `attn bench sweep` (B = 1, H = 8, D = 64, S = T, 2 threads)
+//! on a Zen 4 EPYC, docs/PERFORMANCE.md: at AVX2+FMA the unfused path was ahead for S = T from
+//! 256 to 1024 in both (by 1.02–1.44×), behind at 64 and level at 2048; at 128 it was 1.15×
+//! ahead in one run and 0.94× in the other, so 128 stays flash. At AVX-512 the flash kernel was
+//! ahead or level everywhere. The scalar level keeps flash (untimed).
+
+use crate::flash::Plan;
+use crate::{
+    attention_unfused, flash_attention, AttentionOptions, KernelError, Par, SimdLevel, View4, ViewMut, ViewMut4,
+};
+
+/// Which implementation computes an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelPath {
+    /// The tiled flash kernel (with split keys for decoding).
+    Flash,
+    /// Full `S×T` scores per head, softmax, then `P·V`.
+    Unfused,
+}
+
+impl std::fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelPath::Flash => "flash",
+            KernelPath::Unfused => "unfused",
+        })
+    }
+}
+
+/// The path [`attention`] takes for `q: [B, H, S, D]` and `k: [B, G, T, D]` at `level`.
+///
+/// Unfused is chosen only at AVX2+FMA, for `256 <= S` and `256 <= T <= 1024` with
+/// `S·T <= 1024²` (its scratch, `S×T` floats per worker, stays at most 4 MiB), and when the
+/// keys are not split (decoding keeps flash's split-KV).
+pub fn chosen_path(level: SimdLevel, [b, h, s, d]: [usize; 4], [g, t]: [usize; 2]) -> KernelPath {
+    let plan = Plan::new([b, h, s, d], [g.max(1), t, d]);
+    let unfused_wins = level == SimdLevel::Avx2Fma
+        && s >= 256
+        && (256..=1024).contains(&t)
+        && s.saturating_mul(t) <= 1024 * 1024
+        && plan.splits == 1;
+    if unfused_wins {
+        KernelPath::Unfused
+    } else {
+        KernelPath::Flash
+    }
+}
+
+/// Attention with the path picked by shape ([`chosen_path`]): `q: [B, H, S, D]`,
+/// `k: [B, G, T, D]`, `v: [B, G, T, Dv]` -> `out: [B, H, S, Dv]`, `lse: [B, H, S]`. Both paths
+/// have the same semantics (masks, causal alignments, key lengths, ALiBi, empty rows,
+/// non-finite values) and agree to rounding; see [`flash_attention`] for the rest.
+pub fn attention(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let [_, g, t, _] = k.shape();
+    match chosen_path(crate::simd_level(), q.shape(), [g, t]) {
+        KernelPath::Flash => flash_attention(out, lse, q, k, v, options, par),
+        KernelPath::Unfused => attention_unfused(out, lse, q, k, v, options, par),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::random_vec;
+
+    #[test]
+    fn the_path_follows_the_measured_thresholds() {
+        let avx2 = SimdLevel::Avx2Fma;
+        assert_eq!(chosen_path(avx2, [1, 8, 256, 64], [8, 256]), KernelPath::Unfused);
+        assert_eq!(chosen_path(avx2, [1, 8, 1024, 64], [8, 1024]), KernelPath::Unfused);
+        assert_eq!(chosen_path(avx2, [1, 8, 64, 64], [8, 64]), KernelPath::Flash);
+        assert_eq!(chosen_path(avx2, [1, 8, 128, 64], [8, 128]), KernelPath::Flash);
+        assert_eq!(chosen_path(avx2, [1, 8, 2048, 64], [8, 2048]), KernelPath::Flash);
+        assert_eq!(
+            chosen_path(avx2, [1, 8, 4096, 64], [8, 512]),
+            KernelPath::Flash,
+            "S·T too large"
+        );
+        assert_eq!(
+            chosen_path(avx2, [1, 32, 1, 128], [8, 1024]),
+            KernelPath::Flash,
+            "decoding"
+        );
+        for level in [SimdLevel::Avx512, SimdLevel::Scalar] {
+            assert_eq!(chosen_path(level, [1, 8, 256, 64], [8, 256]), KernelPath::Flash);
+        }
+    }
+
+    /// `attention` gives the bits of the path it names, here at this machine's level.
+    #[test]
+    fn attention_runs_the_chosen_path() {
+        for (s, t) in [(64, 64), (256, 256), (300, 700), (1, 1100)] {
+            let (b, h, g, d) = (1, 4, 2, 16);
+            let q = random_vec(b * h * s * d, 1);
+            let k = random_vec(b * g * t * d, 2);
+            let v = random_vec(b * g * t * d, 3);
+            let (qv, kv, vv) = (
+                View4::contiguous(&q, [b, h, s, d]).unwrap(),
+                View4::contiguous(&k, [b, g, t, d]).unwrap(),
+                View4::contiguous(&v, [b, g, t, d]).unwrap(),
+            );
+            let options = AttentionOptions::default();
+            let run = |f: &dyn Fn(ViewMut4<'_, f32>, ViewMut<'_, f32, 3>)| {
+                let (mut out, mut lse) = (vec![0.0f32; b * h * s * d], vec![0.0f32; b * h * s]);
+                f(
+                    ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+                    ViewMut::contiguous(&mut lse, [b, h, s]).unwrap(),
+                );
+                (out, lse)
+            };
+            let got = run(&|o, l| attention(o, Some(l), qv, kv, vv, &options, Par::Rayon).unwrap());
+            let want = match chosen_path(crate::simd_level(), [b, h, s, d], [g, t]) {
+                KernelPath::Flash => {
+                    run(&|o, l| flash_attention(o, Some(l), qv, kv, vv, &options, Par::Rayon).unwrap())
+                }
+                KernelPath::Unfused => {
+                    run(&|o, l| attention_unfused(o, Some(l), qv, kv, vv, &options, Par::Rayon).unwrap())
+                }
+            };
+            assert_eq!(got, want, "S = {s}, T = {t}");
+        }
+    }
+}
