@@ -27,98 +27,9 @@ pub(crate) fn pad_to_nr(x: usize) -> usize {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    //! Bodies; every function requires AVX2 and FMA.
-    use super::{MR, NR};
+    //! The decode kernels and the transpose; every function requires AVX2 and FMA (which every
+    //! vector level has).
     use std::arch::x86_64::*;
-
-    /// `c[0..ROWS, 0..16] (+)= Σ_p a[r·lda + p] · b[p·ldb .. p·ldb + 16]` for `p < depth`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; `a` must be readable at `r·lda + p` for `r < ROWS`,
-    /// `p < depth`; `b` readable at `p·ldb .. p·ldb + 16`; `c` writable at `r·ldc .. r·ldc + 16`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn block<const ROWS: usize, const ACCUMULATE: bool>(
-        depth: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY: all pointer offsets stay within the ranges the caller guarantees.
-        unsafe {
-            let mut acc0 = [_mm256_setzero_ps(); ROWS];
-            let mut acc1 = [_mm256_setzero_ps(); ROWS];
-            if ACCUMULATE {
-                for r in 0..ROWS {
-                    acc0[r] = _mm256_loadu_ps(c.add(r * ldc));
-                    acc1[r] = _mm256_loadu_ps(c.add(r * ldc + 8));
-                }
-            }
-            let a_rows: [*const f32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
-            let mut b_row = b;
-            for p in 0..depth {
-                let b0 = _mm256_loadu_ps(b_row);
-                let b1 = _mm256_loadu_ps(b_row.add(8));
-                for r in 0..ROWS {
-                    let x = _mm256_broadcast_ss(&*a_rows[r].add(p));
-                    acc0[r] = _mm256_fmadd_ps(x, b0, acc0[r]);
-                    acc1[r] = _mm256_fmadd_ps(x, b1, acc1[r]);
-                }
-                b_row = b_row.add(ldb);
-            }
-            for r in 0..ROWS {
-                _mm256_storeu_ps(c.add(r * ldc), acc0[r]);
-                _mm256_storeu_ps(c.add(r * ldc + 8), acc1[r]);
-            }
-        }
-    }
-
-    /// `c[R, N] (+)= a[R, depth] · b[depth, N]` where `a` is row-major with leading dim `lda`, `b` is row-major with leading dim `ldb`, `N` is a multiple of 16.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available and every operand in bounds for those shapes.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
-        rows: usize,
-        n: usize,
-        depth: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // The kernel stores whole 16-wide panels: a ragged `n` would write past `c`'s rows.
-        assert_eq!(n % NR, 0, "gemm: n = {n} is not a multiple of {NR}");
-        // Column panels outside, row blocks inside: one 16-wide panel of `b` stays in L1 while
-        // every row block of `a` passes over it.
-        for j0 in (0..n).step_by(NR) {
-            let mut r0 = 0;
-            while r0 < rows {
-                let mr = (rows - r0).min(MR);
-                // SAFETY: the caller guarantees the operands cover `rows × n` and `depth`.
-                unsafe {
-                    let a_blk = a.add(r0 * lda);
-                    let b_blk = b.add(j0);
-                    let c_blk = c.add(r0 * ldc + j0);
-                    match mr {
-                        6 => block::<6, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
-                        5 => block::<5, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
-                        4 => block::<4, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
-                        3 => block::<3, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
-                        2 => block::<2, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
-                        _ => block::<1, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),
-                    }
-                }
-                r0 += mr;
-            }
-        }
-    }
 
     /// Scores of a few query rows against keys read in place:
     /// `c[i·ldc + j] = Σ_p a[i·lda + p] · k[j·ldk + p]` for `i < rows`, `j < n`, `p < depth`.
@@ -285,96 +196,114 @@ pub(crate) mod avx2 {
     }
 }
 
+/// `c[0..ROWS, 0..NR] (+)= Σ_p a[r·lda + p] · b[p·ldb .. p·ldb + NR]` for `p < depth`, written
+/// once over the vector width: `NR / L::N` vectors per row (two ymm, or one zmm).
+///
+/// # Safety
+/// `L`'s features must be enabled by the caller; `a` must be readable at `r·lda + p` for
+/// `r < ROWS`, `p < depth`; `b` readable at `p·ldb .. p·ldb + NR`; `c` writable at
+/// `r·ldc .. r·ldc + NR`.
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx512 {
-    //! The AVX-512 tile GEMM: the same `NR` = 16 output columns as the AVX2 kernel (so packed
-    //! operands are laid out alike at both levels), one zmm accumulator per row, and
-    //! `MR_AVX512` rows per block: 16 broadcasts and 16 FMAs per depth step against one load of
-    //! `b`, where the AVX2 kernel does 6 broadcasts and 12 FMAs against two loads. Every
-    //! function requires AVX-512 F/BW/VL/DQ.
-    use super::{MR_AVX512, NR};
-    use std::arch::x86_64::*;
-
-    /// `c[0..ROWS, 0..16] (+)= Σ_p a[r·lda + p] · b[p·ldb .. p·ldb + 16]` for `p < depth`.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; `a` must be readable at `r·lda + p` for `r < ROWS`,
-    /// `p < depth`; `b` readable at `p·ldb .. p·ldb + 16`; `c` writable at `r·ldc .. r·ldc + 16`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-    unsafe fn block<const ROWS: usize, const ACCUMULATE: bool>(
-        depth: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY: all pointer offsets stay within the ranges the caller guarantees.
-        unsafe {
-            let mut acc = [_mm512_setzero_ps(); ROWS];
-            if ACCUMULATE {
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    *acc_r = _mm512_loadu_ps(c.add(r * ldc));
+#[inline(always)]
+unsafe fn block<L: crate::lanes::Lanes, const ROWS: usize, const ACCUMULATE: bool>(
+    depth: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let vecs = NR / L::N;
+    // SAFETY: all pointer offsets stay within the ranges the caller guarantees.
+    unsafe {
+        let mut acc = [[L::splat(0.0); 2]; ROWS];
+        if ACCUMULATE {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (v, acc_rv) in acc_r.iter_mut().enumerate().take(vecs) {
+                    *acc_rv = L::load(c.add(r * ldc + v * L::N));
                 }
-            }
-            let a_rows: [*const f32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
-            let mut b_row = b;
-            for p in 0..depth {
-                let bv = _mm512_loadu_ps(b_row);
-                for r in 0..ROWS {
-                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*a_rows[r].add(p)), bv, acc[r]);
-                }
-                b_row = b_row.add(ldb);
-            }
-            for (r, acc_r) in acc.iter().enumerate() {
-                _mm512_storeu_ps(c.add(r * ldc), *acc_r);
             }
         }
-    }
-
-    /// `c[R, N] (+)= a[R, depth] · b[depth, N]`, as [`super::avx2::gemm`].
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL/DQ must be available and every operand in bounds for those shapes.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
-        rows: usize,
-        n: usize,
-        depth: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // The kernel stores whole 16-wide panels: a ragged `n` would write past `c`'s rows.
-        assert_eq!(n % NR, 0, "gemm: n = {n} is not a multiple of {NR}");
-        macro_rules! rows {
-            ($mr:expr, $args:expr, $($k:literal)*) => {
-                match $mr {
-                    $($k => { let (d, a, lda, b, ldb, c, ldc) = $args; block::<$k, ACCUMULATE>(d, a, lda, b, ldb, c, ldc) })*
-                    _ => unreachable!("at most MR_AVX512 rows"),
+        let a_rows: [*const f32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
+        let mut b_row = b;
+        for p in 0..depth {
+            let bv: [L::V; 2] = std::array::from_fn(|v| {
+                if v < vecs {
+                    L::load(b_row.add(v * L::N))
+                } else {
+                    L::splat(0.0)
                 }
-            };
+            });
+            for r in 0..ROWS {
+                let x = L::splat(*a_rows[r].add(p));
+                for v in 0..vecs {
+                    acc[r][v] = L::fmadd(x, bv[v], acc[r][v]);
+                }
+            }
+            b_row = b_row.add(ldb);
         }
-        for j0 in (0..n).step_by(NR) {
-            let mut r0 = 0;
-            while r0 < rows {
-                let mr = (rows - r0).min(MR_AVX512);
-                // SAFETY: the caller guarantees the operands cover `rows × n` and `depth`.
-                unsafe {
-                    let args = (depth, a.add(r0 * lda), lda, b.add(j0), ldb, c.add(r0 * ldc + j0), ldc);
-                    rows!(mr, args, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
-                }
-                r0 += mr;
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (v, acc_rv) in acc_r.iter().enumerate().take(vecs) {
+                L::store(c.add(r * ldc + v * L::N), *acc_rv);
             }
         }
     }
 }
+
+/// One level's tile GEMM entry: `c[R, N] (+)= a[R, depth] · b[depth, N]`, `a` and `b` row-major
+/// with leading dims `lda`, `ldb`, `N` a multiple of [`NR`]; column panels outside, row blocks
+/// of at most `$mr` rows inside (one `NR`-wide panel of `b` stays in L1 while every row block of
+/// `a` passes over it).
+macro_rules! tile_gemm {
+    ($name:ident, $lanes:ty, $features:literal, $mr:expr, $($rows:literal)*) => {
+        /// # Safety
+        /// The level's features must be available and every operand in bounds for the shapes.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) unsafe fn $name<const ACCUMULATE: bool>(
+            rows: usize,
+            n: usize,
+            depth: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            // The kernel stores whole panels: a ragged `n` would write past `c`'s rows.
+            assert_eq!(n % NR, 0, "gemm: n = {n} is not a multiple of {NR}");
+            for j0 in (0..n).step_by(NR) {
+                let mut r0 = 0;
+                while r0 < rows {
+                    let mr = (rows - r0).min($mr);
+                    // SAFETY: the caller guarantees the operands cover `rows × n` and `depth`;
+                    // this function enables the level's features.
+                    unsafe {
+                        let (a_blk, b_blk, c_blk) = (a.add(r0 * lda), b.add(j0), c.add(r0 * ldc + j0));
+                        match mr {
+                            $($rows => block::<$lanes, $rows, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),)*
+                            _ => unreachable!("at most {} rows", $mr),
+                        }
+                    }
+                    r0 += mr;
+                }
+            }
+        }
+    };
+}
+
+// AVX2: 6 rows × two ymm (twelve accumulators); AVX-512: 16 rows × one zmm.
+tile_gemm!(gemm_avx2, crate::lanes::Avx2, "avx2,fma", MR, 1 2 3 4 5 6);
+tile_gemm!(
+    gemm_avx512,
+    crate::lanes::Avx512,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma",
+    MR_AVX512,
+    1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
+);
 
 /// `c[R, N] (+)= a[R, depth] · b[depth, N]` with the micro-kernel of the running level (`N` a
 /// multiple of [`NR`]).
@@ -398,9 +327,9 @@ pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
     match crate::simd::simd_level() {
         // SAFETY: `Avx512` is only reported when the CPU has AVX-512 F/BW/VL/DQ; operands by the
         // caller's contract.
-        crate::SimdLevel::Avx512 => unsafe { avx512::gemm::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, c, ldc) },
+        crate::SimdLevel::Avx512 => unsafe { gemm_avx512::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, c, ldc) },
         // SAFETY: every vector level has AVX2 and FMA; operands by the caller's contract.
-        _ => unsafe { avx2::gemm::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, c, ldc) },
+        _ => unsafe { gemm_avx2::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, c, ldc) },
     }
 }
 
@@ -419,7 +348,7 @@ mod tests {
         let mut c = [0.0f32; 16 * 16];
         let ragged_gemm = std::panic::catch_unwind(move || {
             // SAFETY: AVX2 and FMA were detected; every operand holds 16×16 values.
-            unsafe { super::avx2::gemm::<false>(2, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
+            unsafe { super::gemm_avx2::<false>(2, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
         });
         assert!(ragged_gemm.is_err(), "gemm accepted n = 8");
         let ragged_axpy = std::panic::catch_unwind(move || {
@@ -442,10 +371,10 @@ mod tests {
         type Gemm = unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize);
         let mut levels: Vec<(&str, Gemm, Gemm)> = Vec::new();
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            levels.push(("avx2", super::avx2::gemm::<false>, super::avx2::gemm::<true>));
+            levels.push(("avx2", super::gemm_avx2::<false>, super::gemm_avx2::<true>));
         }
         if crate::simd::detect() == crate::SimdLevel::Avx512 {
-            levels.push(("avx512", super::avx512::gemm::<false>, super::avx512::gemm::<true>));
+            levels.push(("avx512", super::gemm_avx512::<false>, super::gemm_avx512::<true>));
         }
         for (name, replace, accumulate) in levels {
             for rows in [1, 5, 6, 7, 15, 16, 17, 33] {
