@@ -245,8 +245,8 @@ fn bandwidth(args: BandwidthArgs) -> Result<()> {
         });
         Ok((stats, n, checksum))
     })?;
-    // The sum of 0..words: a check that every word was read.
-    let want = (words as u64).wrapping_mul(words as u64 - 1) / 2;
+    // The sum of 0..words modulo 2^64 (computed exactly, then reduced): every word was read.
+    let want = ((words as u128) * (words as u128 - 1) / 2) as u64;
     anyhow::ensure!(checksum == want, "bandwidth: read {checksum}, expected {want}");
     let gbps = bytes as f64 / stats.median_s / 1e9;
     if args.flags.json {

@@ -64,13 +64,16 @@ pub fn floats_to_f32(name: &str, dtype: Dtype, shape: &[usize], bytes: &[u8]) ->
         Dtype::F64 => 8,
         _ => return Ok(None),
     };
-    let count = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    if count.and_then(|c| c.checked_mul(width)) != Some(bytes.len()) {
+    let needed = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .and_then(|c| c.checked_mul(width));
+    if needed != Some(bytes.len()) {
         return Err(AttnError::Safetensors {
             what: format!(
                 "tensor `{name}` of dtype {dtype:?} and shape {shape:?} has {} bytes, expected {}",
                 bytes.len(),
-                count.map_or("more than fit in memory".to_string(), |c| (c * width).to_string())
+                needed.map_or("more than fit in memory".to_string(), |n| n.to_string())
             ),
         });
     }
@@ -161,6 +164,14 @@ mod tests {
         assert_eq!(dict["half"].data(), &[1.0, -2.0]);
         assert_eq!(dict["brain"].data(), &[1.0, 3.0]);
         assert_eq!(dict["double"].data(), &[0.1f32, -7.0]);
+        // 2^62 elements fit a usize, their 2^65 bytes do not: an error, not an overflow.
+        let err = floats_to_f32("huge", Dtype::F64, &[1 << 31, 1 << 31], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`huge`") && err.contains("more than fit in memory"),
+            "{err}"
+        );
         let err = StateDict::from_safetensors(b"not a file").unwrap_err().to_string();
         assert!(err.contains("not a valid safetensors file"), "{err}");
     }
