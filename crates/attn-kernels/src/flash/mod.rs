@@ -64,8 +64,6 @@ pub const BLOCK_KEYS: usize = 128;
 pub(crate) const SCORES_LD: usize = BLOCK_KEYS + 16;
 /// Below this many `(b, g, row tile)` tasks the keys are split across tasks (decoding).
 pub const MIN_TASKS: usize = 32;
-/// Tiles of at most this many rows compute scores by dot products on keys in place.
-const DOT_ROWS_MAX: usize = 8;
 /// The smallest number of keys a split covers.
 const MIN_KEYS_PER_SPLIT: usize = 512;
 

@@ -1,7 +1,7 @@
 //! One row tile of the online softmax: the query tile, then for each key block the four passes
 //! (numbered as in the reference and the unfused path).
 
-use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, DOT_ROWS_MAX, SCORES_LD};
+use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
 use crate::gemm::gemm_raw;
 use crate::mask::mask_row;
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
@@ -234,14 +234,14 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     }
     // Short tiles (decoding) read the keys in place by dot products; others take the key block
     // transposed, packed once for the call or here.
-    let keys_in_place = n_rows <= DOT_ROWS_MAX && k_st[3] == 1 && keys.kt_packed.is_none();
+    let keys_in_place = n_rows <= crate::tile::DECODE_ROWS_MAX && k_st[3] == 1 && keys.kt_packed.is_none();
     #[cfg(target_arch = "x86_64")]
     if keys_in_place {
         // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is [n_rows, D], the key rows
         // `[b, g, t0..t0+bc, :]` are contiguous and were bounds-checked with `k`, and
         // `scores` is [BLOCK_ROWS, SCORES_LD].
         unsafe {
-            crate::tile::avx2::dot_rows(
+            crate::tile::dot_rows(
                 n_rows,
                 bc,
                 d,
@@ -392,8 +392,8 @@ fn pass4_weighted_values(
     // the value block ([bc, Dv_pad], packed or in place: bounds-checked with `v`) and `acc` is
     // [BLOCK_ROWS, Dv_pad].
     unsafe {
-        if n_rows <= DOT_ROWS_MAX {
-            crate::tile::avx2::axpy_rows(
+        if n_rows <= crate::tile::DECODE_ROWS_MAX {
+            crate::tile::axpy_rows(
                 n_rows,
                 dv_pad,
                 bc,
