@@ -9,6 +9,8 @@
 //!   chosen by shape and SIMD level ([`chosen_path`]).
 //! - [`flash_attention`]: tiled attention with an online softmax, never forming `S×T`.
 //! - [`attention_unfused`]: the textbook path, for comparison.
+//! - [`norm_rows`], [`add_norm_rows`], [`bias_activation`]: the row and pointwise kernels of
+//!   the layers around attention (norms with the residual add fused, bias with activation).
 //! - [`attention_reference`], [`gemm_reference`]: naive f64 definitions the tests compare with.
 //!
 //! This crate knows nothing about heads as learned projections, layers or files: it sees
@@ -37,6 +39,7 @@ mod error;
 mod flash;
 mod gemm;
 mod lanes;
+mod layer;
 mod mask;
 mod nonfinite;
 mod path;
@@ -54,6 +57,9 @@ pub mod testing;
 pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};
 pub use gemm::{gemm, gemm_reference, Accum, Par};
+pub use layer::{
+    add_assign, add_norm_rows, add_then_norm_rows, bias_activation, erf, norm_rows, Activation, NormKind, NormParams,
+};
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
 pub use path::{attention, chosen_path, KernelPath};
 pub use reference::{attention_reference, ReferenceAttention};

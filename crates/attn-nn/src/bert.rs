@@ -293,7 +293,7 @@ impl BertModel {
                 *o = a + b + c;
             }
         }
-        let mut x = self.embedding_norm.forward(&x, par);
+        let mut x = self.embedding_norm.forward(&x, par)?;
         let masks = BlockMasks {
             key_padding: KeyPadding::Lengths(lengths),
             ..Default::default()
@@ -356,7 +356,7 @@ impl BertModel {
                 }
             }
         }
-        let mut x = self.embedding_norm.forward(&x, par);
+        let mut x = self.embedding_norm.forward(&x, par)?;
         for layer in &self.layers[..until] {
             x = layer.forward_packed(&x, starts, false, par)?;
         }

@@ -336,15 +336,15 @@ impl EncoderLayer {
         par: Par,
     ) -> Result<Vec<f32>> {
         if self.config.norm_first {
-            let normed = self.norm1.forward(&x, par);
+            let normed = self.norm1.forward(&x, par)?;
             let attended = attend(&normed)?;
-            let normed = self.norm2.add_then_forward(&mut x, &attended, par);
-            add_in_place(&mut x, &self.ffn.forward(&normed, par)?, par);
+            let normed = self.norm2.add_then_forward(&mut x, &attended, par)?;
+            add_in_place(&mut x, &self.ffn.forward(&normed, par)?, par)?;
         } else {
             let attended = attend(&x)?;
-            self.norm1.add_forward_in_place(&mut x, &attended, par);
+            self.norm1.add_forward_in_place(&mut x, &attended, par)?;
             let fed = self.ffn.forward(&x, par)?;
-            self.norm2.add_forward_in_place(&mut x, &fed, par);
+            self.norm2.add_forward_in_place(&mut x, &fed, par)?;
         }
         Ok(x)
     }
@@ -357,7 +357,7 @@ impl EncoderLayer {
         check_input("transformer_encoder_layer", "src", &src, self.config.d_model)?;
         let normed;
         let input = if self.config.norm_first {
-            normed = self.norm1.forward(src.data, par);
+            normed = self.norm1.forward(src.data, par)?;
             seq(&normed, &src)
         } else {
             src
@@ -482,20 +482,20 @@ impl DecoderLayer {
     ) -> Result<Vec<f32>> {
         if self.config.norm_first {
             // x = x + sa(norm1(x)); x = x + mha(norm2(x), mem); x = x + ff(norm3(x))
-            let normed = self.norm1.forward(&x, par);
+            let normed = self.norm1.forward(&x, par)?;
             let attended = self_attend(&normed)?;
-            let normed = self.norm2.add_then_forward(&mut x, &attended, par);
+            let normed = self.norm2.add_then_forward(&mut x, &attended, par)?;
             let crossed = cross(&normed)?;
-            let normed = self.norm3.add_then_forward(&mut x, &crossed, par);
-            add_in_place(&mut x, &self.ffn.forward(&normed, par)?, par);
+            let normed = self.norm3.add_then_forward(&mut x, &crossed, par)?;
+            add_in_place(&mut x, &self.ffn.forward(&normed, par)?, par)?;
         } else {
             // x = norm1(x + sa(x)); x = norm2(x + mha(x, mem)); x = norm3(x + ff(x))
             let attended = self_attend(&x)?;
-            self.norm1.add_forward_in_place(&mut x, &attended, par);
+            self.norm1.add_forward_in_place(&mut x, &attended, par)?;
             let crossed = cross(&x)?;
-            self.norm2.add_forward_in_place(&mut x, &crossed, par);
+            self.norm2.add_forward_in_place(&mut x, &crossed, par)?;
             let fed = self.ffn.forward(&x, par)?;
-            self.norm3.add_forward_in_place(&mut x, &fed, par);
+            self.norm3.add_forward_in_place(&mut x, &fed, par)?;
         }
         Ok(x)
     }
@@ -620,10 +620,10 @@ impl<L: StackLayer> Stack<L> {
     }
 
     /// The final norm, if any.
-    fn finish(&self, x: Vec<f32>, par: Par) -> Vec<f32> {
+    fn finish(&self, x: Vec<f32>, par: Par) -> Result<Vec<f32>> {
         match &self.norm {
             Some(norm) => norm.forward(&x, par),
-            None => x,
+            None => Ok(x),
         }
     }
 }
@@ -655,7 +655,7 @@ impl Encoder {
         for layer in &self.0.layers {
             x = layer.forward(seq(&x, &src), masks, par)?;
         }
-        Ok(self.0.finish(x, par))
+        self.0.finish(x, par)
     }
 }
 
@@ -710,7 +710,7 @@ impl Decoder {
         for layer in &self.0.layers {
             x = layer.forward(seq(&x, &tgt), memory, tgt_masks, memory_masks, par)?;
         }
-        Ok(self.0.finish(x, par))
+        self.0.finish(x, par)
     }
 
     /// Starts incremental decoding of `memory`: cross-attention keys and values are computed
@@ -739,7 +739,7 @@ impl Decoder {
         for (layer, layer_cache) in self.0.layers.iter().zip(&mut cache.layers) {
             h = layer.decode_step(seq(&h, &x), layer_cache, memory_masks, par)?;
         }
-        Ok(self.0.finish(h, par))
+        self.0.finish(h, par)
     }
 }
 
