@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::simd::{EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P0, P1, P2, P3, P4, P5};
+use crate::simd::{E1, E2, E3, E4, E5, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E};
 
 /// One SIMD width of f32 lanes.
 pub(crate) trait Lanes {
@@ -50,10 +50,18 @@ pub(crate) trait Lanes {
     unsafe fn hmax(v: Self::V) -> f32;
 }
 
-/// `e^x` per lane: Cephes' reduction and polynomial (see `simd.rs`), `x < EXP_LO` gives 0,
-/// `x > EXP_HI` gives `+inf`, NaN stays NaN.
+/// `e^x` per lane (see `simd.rs`): `x < EXP_LO` gives 0, `x > EXP_HI` gives `+inf`, NaN
+/// stays NaN.
 #[inline(always)]
 pub(crate) unsafe fn exp<L: Lanes>(x: L::V) -> L::V {
+    // SAFETY: the caller's entry point enables `L`'s features.
+    unsafe { L::inf_above(x, EXP_HI, exp_at_most_hi::<L>(x)) }
+}
+
+/// `e^x` per lane for `x ≤ EXP_HI` (softmax's `x - max ≤ 0`): [`exp`] without the `+inf`
+/// blend; `x < EXP_LO` gives 0, NaN stays NaN.
+#[inline(always)]
+pub(crate) unsafe fn exp_at_most_hi<L: Lanes>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
     unsafe {
         // Round-to-nearest `n = round(x·log2 e)` by the magic-number trick: adding 1.5·2^23
@@ -63,17 +71,14 @@ pub(crate) unsafe fn exp<L: Lanes>(x: L::V) -> L::V {
         let n = L::sub(z, magic);
         let r = L::fnmadd(n, L::splat(LN2_HI), x);
         let r = L::fnmadd(n, L::splat(LN2_LO), r);
-        let r2 = L::mul(r, r);
-        let mut p = L::splat(P0);
-        p = L::fmadd(p, r, L::splat(P1));
-        p = L::fmadd(p, r, L::splat(P2));
-        p = L::fmadd(p, r, L::splat(P3));
-        p = L::fmadd(p, r, L::splat(P4));
-        p = L::fmadd(p, r, L::splat(P5));
-        p = L::fmadd(p, r2, L::add(r, L::splat(1.0)));
-        let y = L::mul(p, L::pow2_from_magic(z));
-        // Lanes outside [EXP_LO, EXP_HI] computed garbage: replace it.
-        L::inf_above(x, EXP_HI, L::zero_below(x, EXP_LO, y))
+        let mut p = L::splat(E5);
+        p = L::fmadd(p, r, L::splat(E4));
+        p = L::fmadd(p, r, L::splat(E3));
+        p = L::fmadd(p, r, L::splat(E2));
+        p = L::fmadd(p, r, L::splat(E1));
+        p = L::fmadd(p, r, L::splat(1.0));
+        // Lanes below EXP_LO computed garbage: replace it.
+        L::zero_below(x, EXP_LO, L::mul(p, L::pow2_from_magic(z)))
     }
 }
 
@@ -105,8 +110,8 @@ pub(crate) unsafe fn exp_sub_sum<L: Lanes>(row: &mut [f32], m: f32) -> f32 {
         let (mut acc0, mut acc1) = (L::splat(0.0), L::splat(0.0));
         let mut pairs = row.chunks_exact_mut(2 * L::N);
         for c in &mut pairs {
-            let e0 = exp::<L>(L::sub(L::load(c.as_ptr()), mv));
-            let e1 = exp::<L>(L::sub(L::load(c.as_ptr().add(L::N)), mv));
+            let e0 = exp_at_most_hi::<L>(L::sub(L::load(c.as_ptr()), mv));
+            let e1 = exp_at_most_hi::<L>(L::sub(L::load(c.as_ptr().add(L::N)), mv));
             L::store(c.as_mut_ptr(), e0);
             L::store(c.as_mut_ptr().add(L::N), e1);
             acc0 = L::add(acc0, e0);
@@ -115,7 +120,7 @@ pub(crate) unsafe fn exp_sub_sum<L: Lanes>(row: &mut [f32], m: f32) -> f32 {
         let mut acc = L::add(acc0, acc1);
         let mut chunks = pairs.into_remainder().chunks_exact_mut(L::N);
         for c in &mut chunks {
-            let e = exp::<L>(L::sub(L::load(c.as_ptr()), mv));
+            let e = exp_at_most_hi::<L>(L::sub(L::load(c.as_ptr()), mv));
             L::store(c.as_mut_ptr(), e);
             acc = L::add(acc, e);
         }
@@ -123,12 +128,31 @@ pub(crate) unsafe fn exp_sub_sum<L: Lanes>(row: &mut [f32], m: f32) -> f32 {
         if !tail.is_empty() {
             let mut buf = [f32::NEG_INFINITY; 16];
             buf[..tail.len()].copy_from_slice(tail);
-            let e = exp::<L>(L::sub(L::load(buf.as_ptr()), mv));
+            let e = exp_at_most_hi::<L>(L::sub(L::load(buf.as_ptr()), mv));
             L::store(buf.as_mut_ptr(), e);
             acc = L::add(acc, e);
             tail.copy_from_slice(&buf[..tail.len()]);
         }
         L::hsum(acc)
+    }
+}
+
+/// `x = e^x` for each element ([`exp`], the tail through the same code on a padded copy).
+#[inline(always)]
+pub(crate) unsafe fn exp_in_place<L: Lanes>(xs: &mut [f32]) {
+    let mut chunks = xs.chunks_exact_mut(L::N);
+    // SAFETY: each chunk has exactly `N` elements, `buf` 16 >= N; features as above.
+    unsafe {
+        for c in &mut chunks {
+            L::store(c.as_mut_ptr(), exp::<L>(L::load(c.as_ptr())));
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let mut buf = [0.0f32; 16];
+            buf[..tail.len()].copy_from_slice(tail);
+            L::store(buf.as_mut_ptr(), exp::<L>(L::load(buf.as_ptr())));
+            tail.copy_from_slice(&buf[..tail.len()]);
+        }
     }
 }
 
