@@ -35,6 +35,7 @@
 //! visible ones added back. A call that needs this runs twice and allocates a copy of `v` and
 //! of `out` for the second run.
 
+mod buffer;
 mod error;
 mod flash;
 mod gemm;
@@ -82,7 +83,20 @@ pub fn __tile_gemm_min_seconds(rows: usize, n: usize, depth: usize, reps: usize)
                 assert_eq!(n % 16, 0, "n must be a multiple of 16");
                 // SAFETY: AVX2+FMA are present; the buffers have exactly these shapes, and `n` is
                 // a multiple of the kernel width.
-                unsafe { tile::gemm::<true>(rows, n, depth, a.as_ptr(), depth, b.as_ptr(), n, c.as_mut_ptr(), n) };
+                unsafe {
+                    tile::gemm::<true>(
+                        rows,
+                        n,
+                        depth,
+                        a.as_ptr(),
+                        depth,
+                        b.as_ptr(),
+                        n,
+                        tile::NR,
+                        c.as_mut_ptr(),
+                        n,
+                    )
+                };
             }
         }
         best = best.min(t0.elapsed().as_secs_f64() / 100.0);

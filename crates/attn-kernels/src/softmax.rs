@@ -469,6 +469,9 @@ pub fn attention_weights(
         }
         Par::Rayon => (0..tasks).into_par_iter().for_each_init(scratch, job),
     }
+    if let Some(packed) = kt_packed {
+        crate::buffer::give(packed);
+    }
     Ok(())
 }
 

@@ -447,10 +447,13 @@ unsafe fn block<L: crate::lanes::Lanes, const ROWS: usize, const ACCUMULATE: boo
     }
 }
 
-/// One level's tile GEMM entry: `c[R, N] (+)= a[R, depth] · b[depth, N]`, `a` and `b` row-major
-/// with leading dims `lda`, `ldb`, `N` a multiple of [`NR`]; column panels outside, row blocks
-/// of at most `$mr` rows inside (one `NR`-wide panel of `b` stays in L1 while every row block of
-/// `a` passes over it).
+/// One level's tile GEMM entry: `c[R, N] (+)= a[R, depth] · b[depth, N]`, `a` row-major with
+/// leading dim `lda`, `N` a multiple of [`NR`]. `b` is read as `N / NR` column panels of `NR`
+/// values per row: panel `p` starts at `b + p·b_panel` and its rows are `ldb` apart. A
+/// row-major `b` is `(ldb, b_panel) = (ld, NR)`; panels packed contiguously (the layout a GEMM
+/// library packs into, which no power-of-two row stride can push out of L1) are `(NR,
+/// NR·depth)`. Column panels outside, row blocks of at most `$mr` rows inside (one panel of `b`
+/// stays in L1 while every row block of `a` passes over it).
 macro_rules! tile_gemm {
     ($name:ident, $lanes:ty, $features:literal, $mr:expr, $($rows:literal)*) => {
         /// # Safety
@@ -466,6 +469,7 @@ macro_rules! tile_gemm {
             lda: usize,
             b: *const f32,
             ldb: usize,
+            b_panel: usize,
             c: *mut f32,
             ldc: usize,
         ) {
@@ -478,7 +482,7 @@ macro_rules! tile_gemm {
                     // SAFETY: the caller guarantees the operands cover `rows × n` and `depth`;
                     // this function enables the level's features.
                     unsafe {
-                        let (a_blk, b_blk, c_blk) = (a.add(r0 * lda), b.add(j0), c.add(r0 * ldc + j0));
+                        let (a_blk, b_blk, c_blk) = (a.add(r0 * lda), b.add(j0 / NR * b_panel), c.add(r0 * ldc + j0));
                         match mr {
                             $($rows => block::<$lanes, $rows, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, c_blk, ldc),)*
                             _ => unreachable!("at most {} rows", $mr),
@@ -502,7 +506,7 @@ tile_gemm!(
 );
 
 /// `c[R, N] (+)= a[R, depth] · b[depth, N]` with the micro-kernel of the running level (`N` a
-/// multiple of [`NR`]).
+/// multiple of [`NR`]; `b` in panels as [`gemm_avx2`] reads it).
 ///
 /// # Safety
 /// The level must be a vector level (`simd_level().is_vector()`), and every operand in bounds
@@ -517,15 +521,18 @@ pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
     lda: usize,
     b: *const f32,
     ldb: usize,
+    b_panel: usize,
     c: *mut f32,
     ldc: usize,
 ) {
     match crate::simd::simd_level() {
         // SAFETY: `Avx512` is only reported when the CPU has AVX-512 F/BW/VL/DQ; operands by the
         // caller's contract.
-        crate::SimdLevel::Avx512 => unsafe { gemm_avx512::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, c, ldc) },
+        crate::SimdLevel::Avx512 => unsafe {
+            gemm_avx512::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc)
+        },
         // SAFETY: every vector level has AVX2 and FMA; operands by the caller's contract.
-        _ => unsafe { gemm_avx2::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, c, ldc) },
+        _ => unsafe { gemm_avx2::<ACCUMULATE>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc) },
     }
 }
 
@@ -544,7 +551,7 @@ mod tests {
         let mut c = [0.0f32; 16 * 16];
         let ragged_gemm = std::panic::catch_unwind(move || {
             // SAFETY: AVX2 and FMA were detected; every operand holds 16×16 values.
-            unsafe { super::gemm_avx2::<false>(2, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
+            unsafe { super::gemm_avx2::<false>(2, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, 16, c.as_mut_ptr(), 16) }
         });
         assert!(ragged_gemm.is_err(), "gemm accepted n = 8");
         let ragged_axpy = std::panic::catch_unwind(move || {
@@ -635,7 +642,7 @@ mod tests {
     /// a tail, replacing and accumulating.
     #[test]
     fn tile_gemm_matches_its_definition_at_every_level() {
-        type Gemm = unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize);
+        type Gemm = unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, usize, *mut f32, usize);
         let mut levels: Vec<(&str, Gemm, Gemm)> = Vec::new();
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             levels.push(("avx2", super::gemm_avx2::<false>, super::gemm_avx2::<true>));
@@ -650,11 +657,44 @@ mod tests {
                     let a = crate::testing::random_vec(rows * depth, 1);
                     let b = crate::testing::random_vec(depth * n, 2);
                     let start = crate::testing::random_vec(rows * n, 3);
-                    for (mode, kernel) in [("replace", replace), ("accumulate", accumulate)] {
+                    // `b` as panels packed contiguously: `[n / 16, depth, 16]`.
+                    let panels: Vec<f32> = (0..n * depth)
+                        .map(|i| {
+                            let (panel, p, lane) = (i / (16 * depth), (i / 16) % depth, i % 16);
+                            b[p * n + panel * 16 + lane]
+                        })
+                        .collect();
+                    let layouts = [
+                        ("row-major", &b, n, super::NR),
+                        ("panels", &panels, super::NR, super::NR * depth),
+                    ];
+                    for ((mode, kernel), (layout, b_data, ldb, b_panel)) in
+                        [("replace", replace), ("accumulate", accumulate)]
+                            .into_iter()
+                            .zip(layouts)
+                            .chain(
+                                [("replace", replace), ("accumulate", accumulate)]
+                                    .into_iter()
+                                    .zip(layouts.into_iter().rev()),
+                            )
+                    {
                         let mut c = start.clone();
-                        // SAFETY: the level was detected; `a` is [rows, depth], `b` [depth, 32],
-                        // `c` [rows, 32].
-                        unsafe { kernel(rows, n, depth, a.as_ptr(), depth, b.as_ptr(), n, c.as_mut_ptr(), n) };
+                        // SAFETY: the level was detected; `a` is [rows, depth], `b` [depth, 32]
+                        // in either layout, `c` [rows, 32].
+                        unsafe {
+                            kernel(
+                                rows,
+                                n,
+                                depth,
+                                a.as_ptr(),
+                                depth,
+                                b_data.as_ptr(),
+                                ldb,
+                                b_panel,
+                                c.as_mut_ptr(),
+                                n,
+                            )
+                        };
                         for r in 0..rows {
                             for j in 0..n {
                                 let mut want: f64 =
@@ -667,7 +707,7 @@ mod tests {
                                 // 1e-6; a wrong row or lane is off by 0.1 or more.
                                 assert!(
                                     err < 2e-5,
-                                    "{name} {mode} rows {rows} depth {depth} [{r}, {j}]: {err:e}"
+                                    "{name} {mode} {layout} rows {rows} depth {depth} [{r}, {j}]: {err:e}"
                                 );
                             }
                         }

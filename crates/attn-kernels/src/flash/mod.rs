@@ -45,6 +45,7 @@ mod tile;
 pub(crate) use plan::{validate, validate_qk, Plan};
 use tile::{attend_tile, Scratch};
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
+use tile::{pack_values, with_scratch};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -126,7 +127,11 @@ pub(crate) fn flash_impl(
     let micro = crate::simd::simd_level().is_vector();
     // When several row tiles read the same keys, transpose K once for the whole call rather
     // than once per tile: `[B, G, key blocks, D, kt_ld]`, zero past T.
-    let kt_packed = (micro && plan.row_tiles > 1).then(|| pack_keys_transposed(&plan, &k, par));
+    let packed = micro && plan.row_tiles > 1;
+    let kt_packed = packed.then(|| pack_keys_transposed(&plan, &k, par));
+    // V in panels too, once per call: read in place, rows `Dv` floats apart (512 bytes at
+    // Dv = 128) would share a few L1 sets.
+    let v_packed = packed.then(|| pack_values(&plan, &v, par));
     let ops = Operands {
         q,
         k,
@@ -134,6 +139,7 @@ pub(crate) fn flash_impl(
         options,
         scale,
         kt_packed: kt_packed.as_deref(),
+        v_packed: v_packed.as_deref(),
         micro,
     };
     let spoilt = if plan.splits == 1 {
@@ -141,6 +147,7 @@ pub(crate) fn flash_impl(
     } else {
         split_kv::attend_split(&plan, &ops, dst, par)
     };
+    kt_packed.into_iter().chain(v_packed).for_each(crate::buffer::give);
     if repair && spoilt {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
             flash_impl(out, Some(lse), q, k, v, options, par, false)
@@ -181,6 +188,8 @@ struct Operands<'a, 'o> {
     scale: f32,
     /// K transposed per key block, when packed once for the call.
     kt_packed: Option<&'o [f32]>,
+    /// V per key block in panels, when packed once for the call.
+    v_packed: Option<&'o [f32]>,
     /// Whether the vector micro-kernels (AVX2 or AVX-512) run the tile GEMMs.
     micro: bool,
 }
@@ -188,11 +197,10 @@ struct Operands<'a, 'o> {
 /// Runs `body(scratch, task)` for every task, sequentially or on the rayon pool.
 fn run_tasks(tasks: usize, par: Par, plan: &Plan, body: impl Fn(&mut Scratch, usize) + Sync + Send) {
     match par {
-        Par::Seq => {
-            let mut scratch = Scratch::new(plan);
-            (0..tasks).for_each(|task| body(&mut scratch, task));
-        }
-        Par::Rayon => (0..tasks).into_par_iter().for_each_init(|| Scratch::new(plan), body),
+        Par::Seq => with_scratch(plan, |scratch| (0..tasks).for_each(|task| body(scratch, task))),
+        Par::Rayon => (0..tasks)
+            .into_par_iter()
+            .for_each(|task| with_scratch(plan, |scratch| body(scratch, task))),
     }
 }
 

@@ -23,10 +23,10 @@ pub(crate) struct Plan {
     pub row_tiles: usize,
     pub splits: usize,
     pub keys_per_split: usize,
-    /// Leading dimension of a transposed key block `[D, kt_ld]`: `min(T, BLOCK_KEYS)` rounded up
-    /// to the micro-kernel width (so short key sequences are not padded to a full block), and
-    /// one panel more for full blocks (see `kt_ld`).
-    pub kt_ld: usize,
+    /// Keys per packed key or value block: `min(T, BLOCK_KEYS)` rounded up to the micro-kernel
+    /// width, so short key sequences are not padded to a full block. Packed blocks are panels
+    /// of that width, contiguous, so no row stride is a power of two.
+    pub kb_pad: usize,
 }
 
 impl Plan {
@@ -57,7 +57,7 @@ impl Plan {
             row_tiles,
             splits,
             keys_per_split,
-            kt_ld: kt_ld(t),
+            kb_pad: kb_pad(t),
         }
     }
 }
@@ -135,14 +135,8 @@ pub(crate) fn validate(
     Ok(Plan::new([b, h, s, d], [g, t, dv]))
 }
 
-/// The leading dimension of a transposed key block for `t` keys: `min(t, BLOCK_KEYS)` rounded up
-/// to the micro-kernel width, plus one more panel for full blocks, so that the block's rows are
-/// not 512 bytes apart (where the `D` rows of a panel would share a handful of L1 sets).
-fn kt_ld(t: usize) -> usize {
-    let ld = crate::tile::pad_to_nr(t.clamp(1, BLOCK_KEYS));
-    if ld == BLOCK_KEYS {
-        ld + crate::tile::NR
-    } else {
-        ld
-    }
+/// Keys per packed block for `t` keys: `min(t, BLOCK_KEYS)` rounded up to the micro-kernel
+/// width (a call with 4 keys packs panels of 16, not blocks of 128).
+fn kb_pad(t: usize) -> usize {
+    crate::tile::pad_to_nr(t.clamp(1, BLOCK_KEYS))
 }

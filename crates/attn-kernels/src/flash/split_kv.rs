@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::tile::{attend_tile, Scratch};
+use super::tile::{attend_tile, with_scratch, Scratch};
 use super::{row_position, run_tasks, Dst, Operands, Plan, BLOCK_ROWS};
 use crate::Par;
 
@@ -38,17 +38,13 @@ pub(super) fn attend_split(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: P
         }
     };
     match par {
-        Par::Seq => {
-            let mut scratch = Scratch::new(plan);
-            part_chunks
-                .into_iter()
-                .enumerate()
-                .for_each(|item| body(&mut scratch, item));
-        }
+        Par::Seq => with_scratch(plan, |scratch| {
+            part_chunks.into_iter().enumerate().for_each(|item| body(scratch, item))
+        }),
         Par::Rayon => part_chunks
             .into_par_iter()
             .enumerate()
-            .for_each_init(|| Scratch::new(plan), body),
+            .for_each(|item| with_scratch(plan, |scratch| body(scratch, item))),
     }
     let spoilt_rows = std::sync::atomic::AtomicBool::new(false);
     let merge = |_: &mut Scratch, task: usize| {

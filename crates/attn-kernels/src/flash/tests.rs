@@ -708,34 +708,52 @@ proptest! {
 }
 
 #[test]
-fn transposed_keys_are_sized_by_the_real_key_count() {
+fn packed_keys_and_values_are_sized_by_the_real_key_count() {
     // Before, every block was `[D, BLOCK_KEYS]`: 32× the size of K at T = 4.
-    for (t, ld) in [
+    for (t, kb) in [
         (1, 16),
         (4, 16),
         (16, 16),
         (17, 32),
         (100, 112),
-        // Full blocks get one panel more, so their rows are not 512 bytes apart.
-        (128, 144),
-        (129, 144),
-        (300, 144),
+        (128, 128),
+        (129, 128),
+        (300, 128),
     ] {
-        let plan = Plan::new([2, 4, 200, 8], [2, t, 8]);
-        assert_eq!(plan.kt_ld, ld, "T = {t}");
-        let k_data = random_vec(2 * 2 * t * 8, t as u64);
-        let k = View4::contiguous(&k_data, [2, 2, t, 8]).unwrap();
-        let packed = pack_keys_transposed(&plan, &k, Par::Seq);
-        assert_eq!(packed.len(), 2 * 2 * t.div_ceil(BLOCK_KEYS) * 8 * ld, "T = {t}");
-        // Each block holds its keys transposed, zeros past T.
+        let (d, dv) = (8, 20);
+        let plan = Plan::new([2, 4, 200, d], [2, t, dv]);
+        assert_eq!(plan.kb_pad, kb, "T = {t}");
+        let k_data = random_vec(2 * 2 * t * d, t as u64);
+        let k = View4::contiguous(&k_data, [2, 2, t, d]).unwrap();
+        let v_data = random_vec(2 * 2 * t * dv, t as u64 + 1);
+        let v = View4::contiguous(&v_data, [2, 2, t, dv]).unwrap();
         let blocks = t.div_ceil(BLOCK_KEYS);
+        let packed = pack_keys_transposed(&plan, &k, Par::Seq);
+        assert_eq!(packed.len(), 2 * 2 * blocks * d * kb, "T = {t}");
+        let values = super::tile::pack_values(&plan, &v, Par::Seq);
+        assert_eq!(values.len(), 2 * 2 * blocks * 32 * kb, "T = {t}");
+        // Each key block holds its keys in transposed panels of 16, zeros past T; each value
+        // block its values in panels of 16 columns, zeros past Dv.
         for (bg, j, p) in [(0, 0, 0), (3, t - 1, 7), (1, t / 2, 3)] {
             let index = bg * blocks + j / BLOCK_KEYS;
-            let got = packed[index * 8 * ld + p * ld + j % BLOCK_KEYS];
-            assert_eq!(got, k_data[(bg * t + j) * 8 + p], "T = {t}, key {j}, dim {p}");
+            let jb = j % BLOCK_KEYS;
+            let got = packed[index * d * kb + (jb / 16) * d * 16 + p * 16 + jb % 16];
+            assert_eq!(got, k_data[(bg * t + j) * d + p], "T = {t}, key {j}, dim {p}");
+            for c in [0, 15, 16, 19] {
+                let got = values[index * 32 * kb + (c / 16) * kb * 16 + jb * 16 + c % 16];
+                assert_eq!(got, v_data[(bg * t + j) * dv + c], "T = {t}, value {j}, column {c}");
+            }
+            assert_eq!(
+                values[index * 32 * kb + kb * 16 + jb * 16 + 4],
+                0.0,
+                "T = {t}: Dv padding"
+            );
         }
         if t % 16 != 0 && t < BLOCK_KEYS {
-            assert_eq!(packed[t], 0.0, "T = {t}: the padding is zero");
+            let last = (t / 16) * d * 16;
+            assert_eq!(packed[last + t % 16], 0.0, "T = {t}: the key padding is zero");
         }
+        crate::buffer::give(packed);
+        crate::buffer::give(values);
     }
 }

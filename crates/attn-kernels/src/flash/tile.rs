@@ -2,48 +2,77 @@
 //! (numbered as in the reference and the unfused path).
 
 use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
+use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::mask_row;
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
+use crate::tile::NR;
 use crate::{Accum, Par, View4};
 use rayon::prelude::*;
 
-/// Per-worker scratch, sized once for the call.
+/// Per-worker scratch: kept per thread between tasks and calls ([`with_scratch`]), each
+/// buffer 64-byte aligned; every element a tile reads it has written first.
 pub(super) struct Scratch {
     /// `[BLOCK_ROWS, D]`: the tile's query rows, times the scale.
-    pub(super) q_tile: Vec<f32>,
+    pub(super) q_tile: Buffer,
     /// `[BLOCK_ROWS, SCORES_LD]`: scores, then probabilities (`BLOCK_KEYS` used per row).
-    pub(super) scores: Vec<f32>,
+    pub(super) scores: Buffer,
     /// `[BLOCK_ROWS, Dv_pad]`: the unnormalised output rows.
-    pub(super) acc: Vec<f32>,
-    /// `[D, kt_ld]`: the key block, transposed (micro-kernel path).
-    pub(super) kt: Vec<f32>,
-    /// `[BLOCK_KEYS, Dv_pad]`: the value block (micro-kernel path).
-    pub(super) vp: Vec<f32>,
-    pub(super) m: Vec<f32>,
-    pub(super) l: Vec<f32>,
+    pub(super) acc: Buffer,
+    /// `[kb_pad / NR, D, NR]`: the key block in transposed panels (when K is not packed).
+    pub(super) kt: Buffer,
+    /// `[Dv_pad / NR, kb_pad, NR]`: the value block in panels (when V is not packed and cannot
+    /// be read in place).
+    pub(super) vp: Buffer,
+    pub(super) m: Buffer,
+    pub(super) l: Buffer,
 }
 
 impl Scratch {
-    pub(super) fn new(plan: &Plan) -> Self {
+    fn new(plan: &Plan) -> Self {
         Scratch {
-            q_tile: vec![0.0; BLOCK_ROWS * plan.d],
-            scores: vec![0.0; BLOCK_ROWS * SCORES_LD],
-            acc: vec![0.0; BLOCK_ROWS * plan.dv_pad],
-            kt: vec![0.0; plan.d * plan.kt_ld],
-            vp: vec![0.0; BLOCK_KEYS * plan.dv_pad],
-            m: vec![0.0; BLOCK_ROWS],
-            l: vec![0.0; BLOCK_ROWS],
+            q_tile: Buffer::zeroed(BLOCK_ROWS * plan.d),
+            scores: Buffer::zeroed(BLOCK_ROWS * SCORES_LD),
+            acc: Buffer::zeroed(BLOCK_ROWS * plan.dv_pad),
+            kt: Buffer::zeroed(plan.d * plan.kb_pad),
+            vp: Buffer::zeroed(plan.kb_pad * plan.dv_pad),
+            m: Buffer::zeroed(BLOCK_ROWS),
+            l: Buffer::zeroed(BLOCK_ROWS),
         }
+    }
+
+    /// Whether every buffer is large enough for `plan`.
+    fn fits(&self, plan: &Plan) -> bool {
+        self.q_tile.len() >= BLOCK_ROWS * plan.d
+            && self.acc.len() >= BLOCK_ROWS * plan.dv_pad
+            && self.kt.len() >= plan.d * plan.kb_pad
+            && self.vp.len() >= plan.kb_pad * plan.dv_pad
     }
 }
 
-/// `k: [B, G, T, D]` -> `[B, G, ceil(T / BLOCK_KEYS), D, kt_ld]`, zero past `T`; `kt_ld` is
-/// `BLOCK_KEYS`, or less for short key sequences.
-pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Vec<f32> {
+thread_local! {
+    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with this thread's scratch, made or enlarged for `plan` when needed and kept for
+/// the next task or call.
+pub(super) fn with_scratch<R>(plan: &Plan, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut scratch = SCRATCH
+        .take()
+        .filter(|s| s.fits(plan))
+        .unwrap_or_else(|| Scratch::new(plan));
+    let result = f(&mut scratch);
+    SCRATCH.set(Some(scratch));
+    result
+}
+
+/// `k: [B, G, T, D]` -> `[B, G, ceil(T / BLOCK_KEYS), kb_pad / NR, D, NR]`: each key block
+/// transposed into panels of [`NR`] keys, contiguous along `D`, zero past `T`. The buffer comes
+/// from this thread's pool ([`crate::buffer::take`]); hand it back with `buffer::give`.
+pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
     let blocks = plan.t.div_ceil(BLOCK_KEYS);
-    let block_len = plan.d * plan.kt_ld;
-    let mut packed = vec![0.0f32; plan.b * plan.g * blocks * block_len];
+    let block_len = plan.d * plan.kb_pad;
+    let mut packed = crate::buffer::take(plan.b * plan.g * blocks * block_len);
     let st = k.strides();
     let data = k.data();
     let pack = |(index, dst): (usize, &mut [f32])| {
@@ -52,7 +81,7 @@ pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) ->
         let t0 = block * BLOCK_KEYS;
         let bc = (plan.t - t0).min(BLOCK_KEYS);
         let base = b * st[0] + g * st[1] + t0 * st[2];
-        transpose_keys(dst, plan.kt_ld, &data[base..], bc, plan.d, st[2], st[3]);
+        key_panels(dst, &data[base..], bc, plan.d, st[2], st[3]);
     };
     match par {
         Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(pack),
@@ -61,22 +90,85 @@ pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) ->
     packed
 }
 
-/// `dst[p·ld + j] = keys[j·row_stride + p·col_stride]` for `j < bc <= ld`, `p < d`: a key
-/// block transposed for the tile micro-kernel.
-fn transpose_keys(dst: &mut [f32], ld: usize, keys: &[f32], bc: usize, d: usize, row_stride: usize, col_stride: usize) {
+/// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / BLOCK_KEYS), Dv_pad / NR, kb_pad, NR]`: each value
+/// block in panels of [`NR`] columns, contiguous along the keys, zero past `Dv`. Rows past a
+/// block's last key are left as they were (the products never read them).
+pub(crate) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
+    let blocks = plan.t.div_ceil(BLOCK_KEYS);
+    let block_len = plan.dv_pad * plan.kb_pad;
+    let mut packed = crate::buffer::take(plan.b * plan.g * blocks * block_len);
+    let st = v.strides();
+    let data = v.data();
+    let pack = |(index, dst): (usize, &mut [f32])| {
+        let (bg, block) = (index / blocks, index % blocks);
+        let (b, g) = (bg / plan.g, bg % plan.g);
+        let t0 = block * BLOCK_KEYS;
+        let bc = (plan.t - t0).min(BLOCK_KEYS);
+        let base = b * st[0] + g * st[1] + t0 * st[2];
+        value_panels(dst, plan.kb_pad, &data[base..], bc, plan.dv, [st[2], st[3]]);
+    };
+    match par {
+        Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(pack),
+        Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(pack),
+    }
+    packed
+}
+
+/// `bc` key rows (`keys[j·row_stride + p·col_stride]`, `p < d`) into transposed panels:
+/// `dst[(j / NR)·d·NR + p·NR + j % NR]`, zero for `j` from `bc` up to the next multiple of
+/// [`NR`].
+fn key_panels(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, row_stride: usize, col_stride: usize) {
     if bc == 0 {
         return;
     }
-    assert!(bc <= ld && dst.len() >= (d - 1) * ld + bc && keys.len() > (bc - 1) * row_stride + (d - 1) * col_stride);
-    #[cfg(target_arch = "x86_64")]
-    if col_stride == 1 && crate::simd::simd_level().is_vector() {
-        // SAFETY: a vector level (with AVX2) was detected; the assertion above bounds both operands.
-        unsafe { crate::tile::avx2::transpose(bc, d, keys.as_ptr(), row_stride, dst.as_mut_ptr(), ld) };
+    let panels = bc.div_ceil(NR);
+    assert!(dst.len() >= panels * d * NR && keys.len() > (bc - 1) * row_stride + (d - 1) * col_stride);
+    for panel in 0..panels {
+        let (j0, n) = (panel * NR, (bc - panel * NR).min(NR));
+        let out = &mut dst[panel * d * NR..(panel + 1) * d * NR];
+        if n < NR {
+            out.fill(0.0);
+        }
+        let src = &keys[j0 * row_stride..];
+        #[cfg(target_arch = "x86_64")]
+        if col_stride == 1 && crate::simd::simd_level().is_vector() {
+            // SAFETY: a vector level (with AVX2) was detected; the assertion above bounds both
+            // operands: `n` rows of `d` floats in, `[d, NR]` out.
+            unsafe { crate::tile::avx2::transpose(n, d, src.as_ptr(), row_stride, out.as_mut_ptr(), NR) };
+            continue;
+        }
+        for j in 0..n {
+            for p in 0..d {
+                out[p * NR + j] = src[j * row_stride + p * col_stride];
+            }
+        }
+    }
+}
+
+/// `bc` value rows (`values[j·strides[0] + c·strides[1]]`, `c < dv`) into panels of [`NR`]
+/// columns: `dst[(c / NR)·ld·NR + j·NR + c % NR]`, zero for `c` from `dv` up to the next
+/// multiple of [`NR`].
+fn value_panels(dst: &mut [f32], ld: usize, values: &[f32], bc: usize, dv: usize, strides: [usize; 2]) {
+    if bc == 0 {
         return;
     }
-    for j in 0..bc {
-        for p in 0..d {
-            dst[p * ld + j] = keys[j * row_stride + p * col_stride];
+    let panels = dv.div_ceil(NR);
+    assert!(bc <= ld && dst.len() >= panels * ld * NR && values.len() > (bc - 1) * strides[0] + (dv - 1) * strides[1]);
+    for panel in 0..panels {
+        let (c0, n) = (panel * NR, (dv - panel * NR).min(NR));
+        let out = &mut dst[panel * ld * NR..];
+        for j in 0..bc {
+            let row = &mut out[j * NR..(j + 1) * NR];
+            let src = j * strides[0] + c0 * strides[1];
+            if strides[1] == 1 {
+                row[..n].copy_from_slice(&values[src..src + n]);
+            } else {
+                row[..n]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(c, x)| *x = values[src + c * strides[1]]);
+            }
+            row[n..].fill(0.0);
         }
     }
 }
@@ -192,7 +284,8 @@ pub(crate) struct KeySource<'a> {
 }
 
 /// The buffers of one tile's pass 1: `scores: [BLOCK_ROWS, SCORES_LD]`, the scaled query rows
-/// `q_tile: [n_rows, D]`, and room `[D, kt_ld]` to transpose a key block when K is not packed.
+/// `q_tile: [n_rows, D]`, and room `[kb_pad / NR, D, NR]` to transpose a key block into panels
+/// when K is not packed.
 pub(crate) struct ScoreTile<'a> {
     pub scores: &'a mut [f32],
     pub q_tile: &'a [f32],
@@ -255,30 +348,24 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
         };
         return;
     }
-    let (ld, bc_pad) = (plan.kt_ld, crate::tile::pad_to_nr(bc));
+    let bc_pad = crate::tile::pad_to_nr(bc);
     let kt: &[f32] = match keys.kt_packed {
         Some(packed) => {
             let blocks = plan.t.div_ceil(BLOCK_KEYS);
             let index = (b * plan.g + g) * blocks + t0 / BLOCK_KEYS;
-            &packed[index * d * ld..(index + 1) * d * ld]
+            &packed[index * d * plan.kb_pad..(index + 1) * d * plan.kb_pad]
         }
         None => {
-            transpose_keys(kt_scratch, ld, &k_data[k_base..], bc, d, k_st[2], k_st[3]);
-            for p in 0..d {
-                kt_scratch[p * ld + bc..p * ld + bc_pad].fill(0.0);
-            }
+            key_panels(kt_scratch, &k_data[k_base..], bc, d, k_st[2], k_st[3]);
             &*kt_scratch
         }
     };
     // The kernel reads `kt` through a pointer: check the extent it will read.
-    assert!(
-        bc_pad <= ld && kt.len() >= (d - 1) * ld + bc_pad,
-        "key block of {} values",
-        kt.len()
-    );
+    assert!(kt.len() >= bc_pad * d, "key block of {} values", kt.len());
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is [n_rows, D], `kt` is [D, kt_ld] with
-    // `bc_pad <= kt_ld` columns written (checked above), `scores` is [BLOCK_ROWS, SCORES_LD].
+    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is
+    // [n_rows, D], `kt` holds `bc_pad / NR` panels of [D, NR] (checked above), `scores` is
+    // [BLOCK_ROWS, SCORES_LD].
     unsafe {
         crate::tile::gemm::<false>(
             n_rows,
@@ -287,7 +374,8 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
             q_tile.as_ptr(),
             d,
             kt.as_ptr(),
-            ld,
+            NR,
+            d * NR,
             scores.as_mut_ptr(),
             SCORES_LD,
         )
@@ -366,33 +454,42 @@ fn pass4_weighted_values(
         };
         return;
     }
-    // Values are read in place when their rows are contiguous and a multiple of the kernel
-    // width; otherwise they are packed `[bc, Dv_pad]`.
-    let v_in_place = v_st[3] == 1 && dv == dv_pad;
-    let v_ptr = if v_in_place {
+    let n_rows_decode = n_rows <= crate::tile::DECODE_ROWS_MAX;
+    // Where the value block comes from, as `(pointer, ldb, b_panel)` for the micro-kernel:
+    // packed once for the call, in place (contiguous rows, a multiple of the kernel width
+    // wide), or packed here into panels.
+    let (v_ptr, ldv, v_panel) = if let Some(packed) = ops.v_packed {
+        let blocks = plan.t.div_ceil(BLOCK_KEYS);
+        let index = (rows.b * plan.g + rows.g) * blocks + block.t0 / BLOCK_KEYS;
+        let len = plan.kb_pad * dv_pad;
+        let block_values = &packed[index * len..(index + 1) * len];
+        (block_values.as_ptr(), NR, plan.kb_pad * NR)
+    } else if v_st[3] == 1 && dv == dv_pad {
         // The kernel reads `bc` rows of `Dv_pad` values in place: check that extent.
         assert!(
             v_base + (bc - 1) * v_st[2] + dv_pad <= v_data.len(),
             "value block past V"
         );
-        v_data.as_ptr().wrapping_add(v_base)
+        (v_data.as_ptr().wrapping_add(v_base), v_st[2], NR)
     } else {
-        for j in 0..bc {
-            let dst = &mut scratch.vp[j * dv_pad..j * dv_pad + dv];
-            let src = v_base + j * v_st[2];
-            dst.iter_mut()
-                .enumerate()
-                .for_each(|(c, x)| *x = v_data[src + c * v_st[3]]);
-        }
-        scratch.vp.as_ptr()
+        value_panels(
+            &mut scratch.vp,
+            plan.kb_pad,
+            &v_data[v_base..],
+            bc,
+            dv,
+            [v_st[2], v_st[3]],
+        );
+        (scratch.vp.as_ptr(), NR, plan.kb_pad * NR)
     };
-    let ldv = if v_in_place { v_st[2] } else { dv_pad };
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `scores` is [n_rows, SCORES_LD] with `bc` valid columns,
-    // the value block ([bc, Dv_pad], packed or in place: bounds-checked with `v`) and `acc` is
-    // [BLOCK_ROWS, Dv_pad].
+    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `scores` is
+    // [n_rows, SCORES_LD] with `bc` valid columns, the value block (`bc` rows of `Dv_pad`
+    // values, in place with row stride `ldv`, or in panels: bounds-checked with `v` or sized
+    // by the plan) and `acc` is [BLOCK_ROWS, Dv_pad].
     unsafe {
-        if n_rows <= crate::tile::DECODE_ROWS_MAX {
+        if n_rows_decode && v_panel == NR {
+            // A few rows against values read in place: one pass over the rows, in order.
             crate::tile::axpy_rows(
                 n_rows,
                 dv_pad,
@@ -413,6 +510,7 @@ fn pass4_weighted_values(
                 SCORES_LD,
                 v_ptr,
                 ldv,
+                v_panel,
                 scratch.acc.as_mut_ptr(),
                 dv_pad,
             )
