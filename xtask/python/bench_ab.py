@@ -1,21 +1,38 @@
-"""Two attn binaries against each other, interleaved round by round: `attn bench sdpa --json` on
-the shapes below, medians. Usage: bench_ab.py BEFORE_BINARY AFTER_BINARY ROUNDS.
+"""Two attn binaries against each other, interleaved round by round: `attn bench sdpa --json`,
+medians. `ATTN_SIMD` in the environment reaches both.
+
+Usage: bench_ab.py BEFORE_BINARY AFTER_BINARY ROUNDS [SHAPE ...]
+SHAPE is "B H G S T D" with an optional "causal" (S = 1 is decoding); without shapes, the five
+prefill shapes of issue 12 and the decode shape. The decode table of docs/PERFORMANCE.md came from
+  bench_ab.py BEFORE AFTER 5 "1 32 8 1 4096 128" "1 8 8 1 4096 64" "8 16 16 1 1024 128" "1 32 32 1 256 128"
 """
 import json, subprocess, statistics, sys
-bins = {"before": sys.argv[1], "after": sys.argv[2]}
-shapes = [("[1,8,512,64]", ["--batch","1","--heads","8","--seq","512","--head-dim","64"]),
-          ("[1,8,2048,64]", ["--batch","1","--heads","8","--seq","2048","--head-dim","64"]),
-          ("[1,8,2048,64] causal", ["--batch","1","--heads","8","--seq","2048","--head-dim","64","--causal"]),
-          ("[4,12,128,64]", ["--batch","4","--heads","12","--seq","128","--head-dim","64"]),
-          ("[1,16,2048,128] causal", ["--batch","1","--heads","16","--seq","2048","--head-dim","128","--causal"]),
-          ("decode H32 G8 T4096 D128", ["--batch","1","--heads","32","--kv-heads","8","--seq","1","--kv-seq","4096","--head-dim","128"])]
-rounds = int(sys.argv[3])
-print("| shape | before ms | after ms | after / before speed |\n|---|---|---|---|")
-for name, args in shapes:
-    t = {k: [] for k in bins}
-    for _ in range(rounds):
-        for k, b in bins.items():
-            out = subprocess.run([b, "bench", "sdpa", "--threads", "2", "--min-seconds", "0.3", "--json", *args], capture_output=True, text=True, check=True).stdout
-            t[k].append(json.loads(out)["median_s"])
-    a, b = statistics.median(t["before"]), statistics.median(t["after"])
-    print(f"| {name} | {a*1e3:.2f} | {b*1e3:.2f} | {a/b:.3f} |")
+
+DEFAULT = ["1 8 8 512 512 64", "1 8 8 2048 2048 64", "1 8 8 2048 2048 64 causal", "4 12 12 128 128 64",
+           "1 16 16 2048 2048 128 causal", "1 32 8 1 4096 128"]
+
+
+def main():
+    bins = {"before": sys.argv[1], "after": sys.argv[2]}
+    rounds = int(sys.argv[3])
+    print("| shape | before ms | after ms | after / before speed |\n|---|---|---|---|")
+    for spec in sys.argv[4:] or DEFAULT:
+        f = spec.split()
+        b, h, g, s, t, d = f[:6]
+        causal = "causal" in f[6:]
+        args = ["--batch", b, "--heads", h, "--kv-heads", g, "--seq", s, "--kv-seq", t, "--head-dim", d]
+        if causal:
+            args.append("--causal")
+        times = {k: [] for k in bins}
+        for _ in range(rounds):
+            for k, binary in bins.items():
+                out = subprocess.run([binary, "bench", "sdpa", "--threads", "2", "--min-seconds", "0.3", "--json", *args],
+                                     capture_output=True, text=True, check=True).stdout
+                times[k].append(json.loads(out)["median_s"])
+        before, after = statistics.median(times["before"]), statistics.median(times["after"])
+        name = f"[{b},{h},{g},{s},{t},{d}]" + (" causal" if causal else "")
+        print(f"| {name} | {before*1e3:.3f} | {after*1e3:.3f} | {before/after:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
