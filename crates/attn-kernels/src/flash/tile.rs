@@ -70,46 +70,43 @@ pub(super) fn with_scratch<R>(plan: &Plan, f: impl FnOnce(&mut Scratch) -> R) ->
 /// transposed into panels of [`NR`] keys, contiguous along `D`, zero past `T`. The buffer comes
 /// from this thread's pool ([`crate::buffer::take`]); hand it back with `buffer::give`.
 pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
-    let blocks = plan.t.div_ceil(BLOCK_KEYS);
-    let block_len = plan.d * plan.kb_pad;
-    let mut packed = crate::buffer::take(plan.b * plan.g * blocks * block_len);
-    let st = k.strides();
-    let data = k.data();
-    let pack = |(index, dst): (usize, &mut [f32])| {
-        let (bg, block) = (index / blocks, index % blocks);
-        let (b, g) = (bg / plan.g, bg % plan.g);
-        let t0 = block * BLOCK_KEYS;
-        let bc = (plan.t - t0).min(BLOCK_KEYS);
-        let base = b * st[0] + g * st[1] + t0 * st[2];
-        key_panels(dst, &data[base..], bc, plan.d, st[2], st[3]);
-    };
-    match par {
-        Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(pack),
-        Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(pack),
-    }
-    packed
+    pack_blocks(plan, k, plan.d * plan.kb_pad, par, |dst, keys, bc, [row, col]| {
+        key_panels(dst, keys, bc, plan.d, row, col)
+    })
 }
 
 /// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / BLOCK_KEYS), Dv_pad / NR, kb_pad, NR]`: each value
 /// block in panels of [`NR`] columns, contiguous along the keys, zero past `Dv`. Rows past a
 /// block's last key are left as they were (the products never read them).
 pub(crate) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
+    pack_blocks(plan, v, plan.dv_pad * plan.kb_pad, par, |dst, values, bc, strides| {
+        value_panels(dst, plan.kb_pad, values, bc, plan.dv, strides)
+    })
+}
+
+/// One buffer of `block_len` floats per `(b, g, key block)` of `x: [B, G, T, _]`, each filled
+/// by `pack(dst, rows, bc, [row stride, column stride])` from the block's `bc` rows.
+fn pack_blocks(
+    plan: &Plan,
+    x: &View4<'_, f32>,
+    block_len: usize,
+    par: Par,
+    pack: impl Fn(&mut [f32], &[f32], usize, [usize; 2]) + Sync,
+) -> Buffer {
     let blocks = plan.t.div_ceil(BLOCK_KEYS);
-    let block_len = plan.dv_pad * plan.kb_pad;
     let mut packed = crate::buffer::take(plan.b * plan.g * blocks * block_len);
-    let st = v.strides();
-    let data = v.data();
-    let pack = |(index, dst): (usize, &mut [f32])| {
+    let st = x.strides();
+    let data = x.data();
+    let one = |(index, dst): (usize, &mut [f32])| {
         let (bg, block) = (index / blocks, index % blocks);
         let (b, g) = (bg / plan.g, bg % plan.g);
         let t0 = block * BLOCK_KEYS;
         let bc = (plan.t - t0).min(BLOCK_KEYS);
-        let base = b * st[0] + g * st[1] + t0 * st[2];
-        value_panels(dst, plan.kb_pad, &data[base..], bc, plan.dv, [st[2], st[3]]);
+        pack(dst, &data[b * st[0] + g * st[1] + t0 * st[2]..], bc, [st[2], st[3]]);
     };
     match par {
-        Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(pack),
-        Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(pack),
+        Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(one),
+        Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(one),
     }
     packed
 }
