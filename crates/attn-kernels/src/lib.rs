@@ -11,6 +11,8 @@
 //! - [`attention_unfused`]: the textbook path, for comparison.
 //! - [`norm_rows`], [`add_norm_rows`], [`bias_activation`]: the row and pointwise kernels of
 //!   the layers around attention (norms with the residual add fused, bias with activation).
+//! - [`attention_backward`]: the gradients of attention (FlashAttention-2's algorithm,
+//!   deterministic), with [`attention_backward_reference`] in f64.
 //! - [`attention_reference`], [`gemm_reference`]: naive f64 definitions the tests compare with.
 //!
 //! This crate knows nothing about heads as learned projections, layers or files: it sees
@@ -35,6 +37,7 @@
 //! visible ones added back. A call that needs this runs twice and allocates a copy of `v` and
 //! of `out` for the second run.
 
+mod backward;
 mod buffer;
 mod error;
 mod flash;
@@ -55,6 +58,9 @@ mod view;
 #[doc(hidden)]
 pub mod testing;
 
+pub use backward::{
+    attention_backward, attention_backward_path, backward_path, BackwardInputs, BackwardPath, Gradients,
+};
 pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};
 pub use gemm::{gemm, gemm_reference, Accum, Par};
@@ -63,7 +69,7 @@ pub use layer::{
 };
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
 pub use path::{attention, chosen_path, KernelPath};
-pub use reference::{attention_reference, ReferenceAttention};
+pub use reference::{attention_backward_reference, attention_reference, ReferenceAttention, ReferenceGradients};
 pub use simd::{exp_scalar, exp_slice, simd_level, SimdLevel};
 pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes, WeightsDst};
 pub use view::{contiguous_strides, View, View2, View4, ViewMut, ViewMut2, ViewMut4};

@@ -128,3 +128,69 @@ pub fn attention_reference(
         max_abs_score,
     }
 }
+
+/// The reference gradients of `sum(out ∘ dout)`, in f64, row-major, each the shape of its
+/// input.
+#[derive(Debug, Clone)]
+pub struct ReferenceGradients {
+    /// `[B, H, S, D]`.
+    pub dq: Vec<f64>,
+    /// `[B, G, T, D]`.
+    pub dk: Vec<f64>,
+    /// `[B, G, T, Dv]`.
+    pub dv: Vec<f64>,
+}
+
+/// The backward pass by its definition, from the reference weights `P` of
+/// [`attention_reference`]: for each row, `dV[t] += P_t · dout`, `dP_t = dout · v[t]`,
+/// `dS_t = P_t · (dP_t − Σ_u P_u dP_u)`, `dQ += scale · Σ_t dS_t k[t]`,
+/// `dK[t] += scale · dS_t · q`. Keys a row cannot see (weight exactly 0 from a hidden key) get
+/// nothing from it; a NaN row gives NaN to its `dQ` and to the keys it sees.
+pub fn attention_backward_reference(
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    dout: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+) -> ReferenceGradients {
+    let [b_n, h_n, s_n, d] = q.shape();
+    let [_, g_n, t_n, _] = k.shape();
+    let dv_n = v.shape()[3];
+    let rep = h_n / g_n;
+    let scale = resolve_scale(options, d) as f64;
+    let forward = attention_reference(q, k, v, options);
+    let mut dq = vec![0.0; b_n * h_n * s_n * d];
+    let mut dk = vec![0.0; b_n * g_n * t_n * d];
+    let mut dv = vec![0.0; b_n * g_n * t_n * dv_n];
+    let mut d_p = vec![0.0f64; t_n];
+    for b in 0..b_n {
+        for h in 0..h_n {
+            let g = h / rep;
+            for s in 0..s_n {
+                let row = (b * h_n + h) * s_n + s;
+                let p = &forward.weights[row * t_n..(row + 1) * t_n];
+                for (t, d_p_t) in d_p.iter_mut().enumerate() {
+                    *d_p_t = (0..dv_n)
+                        .map(|c| dout.get([b, h, s, c]) as f64 * v.get([b, g, t, c]) as f64)
+                        .sum();
+                }
+                let delta: f64 = (0..t_n).filter(|&t| p[t] != 0.0).map(|t| p[t] * d_p[t]).sum();
+                for t in 0..t_n {
+                    if p[t] == 0.0 {
+                        continue;
+                    }
+                    let kv = (b * g_n + g) * t_n + t;
+                    for c in 0..dv_n {
+                        dv[kv * dv_n + c] += p[t] * dout.get([b, h, s, c]) as f64;
+                    }
+                    let ds = p[t] * (d_p[t] - delta);
+                    for j in 0..d {
+                        dq[row * d + j] += scale * ds * k.get([b, g, t, j]) as f64;
+                        dk[kv * d + j] += scale * ds * q.get([b, h, s, j]) as f64;
+                    }
+                }
+            }
+        }
+    }
+    ReferenceGradients { dq, dk, dv }
+}

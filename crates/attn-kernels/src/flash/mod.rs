@@ -39,7 +39,7 @@
 mod plan;
 mod split_kv;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod tile;
 
 pub(crate) use plan::{validate, validate_qk, Plan};

@@ -7,7 +7,7 @@ use crate::{attention_reference, attention_unfused, broadcast_to, Causal, Mask};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
-enum MaskKind {
+pub(crate) enum MaskKind {
     None,
     /// Boolean, with the given shape selector.
     Allowed(MaskShape),
@@ -18,37 +18,37 @@ enum MaskKind {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum MaskShape {
+pub(crate) enum MaskShape {
     Full,
     TwoD,
     Padding,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Case {
-    b: usize,
-    h: usize,
-    g: usize,
-    s: usize,
-    t: usize,
-    d: usize,
-    dv: usize,
+pub(crate) struct Case {
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) g: usize,
+    pub(crate) s: usize,
+    pub(crate) t: usize,
+    pub(crate) d: usize,
+    pub(crate) dv: usize,
     /// Store q, k, v and out as `[B, S, H, D]` and pass permuted views.
-    bshd: bool,
-    causal: Causal,
-    mask: MaskKind,
-    lengths: bool,
+    pub(crate) bshd: bool,
+    pub(crate) causal: Causal,
+    pub(crate) mask: MaskKind,
+    pub(crate) lengths: bool,
     /// A second, `[B, T]` key-padding mask (`true` = masked out).
-    key_mask: bool,
+    pub(crate) key_mask: bool,
     /// ALiBi slopes per head.
-    alibi: bool,
-    scale: Option<f32>,
+    pub(crate) alibi: bool,
+    pub(crate) scale: Option<f32>,
     /// Multiplies q, for large logits.
-    magnitude: f32,
+    pub(crate) magnitude: f32,
 }
 
 impl Case {
-    fn new(b: usize, h: usize, g: usize, s: usize, t: usize, d: usize, dv: usize) -> Self {
+    pub(crate) fn new(b: usize, h: usize, g: usize, s: usize, t: usize, d: usize, dv: usize) -> Self {
         Case {
             b,
             h,
@@ -70,7 +70,7 @@ impl Case {
 }
 
 /// A `[B, X, L, W]` tensor, stored either as such or as `[B, L, X, W]`, seen as the former.
-fn view4(data: &[f32], [b, x, l, w]: [usize; 4], bshd: bool) -> View4<'_, f32> {
+pub(crate) fn view4(data: &[f32], [b, x, l, w]: [usize; 4], bshd: bool) -> View4<'_, f32> {
     if bshd {
         View4::contiguous(data, [b, l, x, w])
             .unwrap()
@@ -81,7 +81,7 @@ fn view4(data: &[f32], [b, x, l, w]: [usize; 4], bshd: bool) -> View4<'_, f32> {
     }
 }
 
-fn view4_mut(data: &mut [f32], [b, x, l, w]: [usize; 4], bshd: bool) -> ViewMut4<'_, f32> {
+pub(crate) fn view4_mut(data: &mut [f32], [b, x, l, w]: [usize; 4], bshd: bool) -> ViewMut4<'_, f32> {
     if bshd {
         ViewMut4::contiguous(data, [b, l, x, w])
             .unwrap()
@@ -106,20 +106,20 @@ const TOLERANCE: f64 = 1e-5;
 /// the machine's count) and the unfused path; asserts agreement within [`TOLERANCE`] and
 /// bit-identity of `out` and `lse` across thread counts.
 /// The owned inputs of one case: q, k, v and every mask a case may use.
-struct CaseData {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    mask_shape: Vec<usize>,
-    allowed: Vec<bool>,
-    additive: Vec<f32>,
-    padding: Vec<bool>,
-    slopes: Vec<f32>,
-    lengths: Vec<usize>,
+pub(crate) struct CaseData {
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    pub(crate) mask_shape: Vec<usize>,
+    pub(crate) allowed: Vec<bool>,
+    pub(crate) additive: Vec<f32>,
+    pub(crate) padding: Vec<bool>,
+    pub(crate) slopes: Vec<f32>,
+    pub(crate) lengths: Vec<usize>,
 }
 
 impl CaseData {
-    fn new(case: &Case) -> Self {
+    pub(crate) fn new(case: &Case) -> Self {
         let Case {
             b, h, g, s, t, d, dv, ..
         } = *case;
@@ -150,7 +150,7 @@ impl CaseData {
         }
     }
 
-    fn options(&self, case: &Case) -> AttentionOptions<'_> {
+    pub(crate) fn options(&self, case: &Case) -> AttentionOptions<'_> {
         let target = [case.b, case.h, case.s, case.t];
         let shape = &self.mask_shape;
         let mask = match case.mask {
@@ -656,7 +656,7 @@ const KEY_LENGTHS: [usize; 16] = [
     1, 2, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1023, 1024, 1025, 1100,
 ];
 
-fn arb_case() -> impl Strategy<Value = Case> {
+pub(crate) fn arb_case() -> impl Strategy<Value = Case> {
     (
         (
             1usize..3,

@@ -1,0 +1,559 @@
+//! The backward pass of attention: FlashAttention-2's algorithm on the CPU, deterministic.
+//!
+//! The forward keeps only `out` and the LSE. Here `Δ = rowsum(dO ∘ O)` comes first; then every
+//! tile recomputes `P = exp(scale·q·kᵀ + masks − lse)` and forms
+//! `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ∘ (dP − Δ)`, `dK += scale·dSᵀ·Q`, `dQ += scale·dS·K`.
+//! No `S×T` matrix is stored: a worker holds one `[64, 128]` tile of scores.
+//!
+//! # Determinism: who owns what
+//! A CPU has no cheap atomics for `dQ`, so the work is cut so that every output element has
+//! one owner and is summed in a fixed order, whatever the thread count:
+//! - **Key pass** (tasks `(b, g, key block of 128)`): owns `dK` and `dV` of its keys and sums
+//!   over the query heads of group `g` (GQA and MQA without copies), then the query rows, in
+//!   order.
+//! - **Query pass** (tasks `(b, h, row tile of 64)`): owns `dQ` of its rows and sums over the key
+//!   blocks in order. It recomputes `P` and `dP` (as Triton's tutorial kernel does), so the
+//!   backward costs 7 tile GEMMs against the forward's 2, the "3.5×" of the CLI contract.
+//! - **One pass** (the path for short keys, [`BackwardPath::OnePass`]): when every key fits one
+//!   block, a task `(b, g)` owns `dK`, `dV` and the `dQ` of its heads, so `dQ` comes from the
+//!   same `dS` and no recomputation is needed: 5 GEMMs.
+//!
+//! Memory beyond the gradients: `Δ` (`[B, H, S]` f32) and, per worker, a few tiles (under 200 KiB
+//! at D = 128).
+//!
+//! # Rows and keys that see nothing
+//! A row with nothing to attend to (`lse = -inf`) passes no gradient: its `dQ` is zero and it adds
+//! nothing to `dK` or `dV`. A hidden key (mask, causal limit, key length) gets nothing from a row
+//! that cannot see it, not even a NaN. A NaN row (NaN `lse`) spreads NaN to its own `dQ` and to
+//! the keys it sees, as its forward did to its output.
+
+use rayon::prelude::*;
+
+use crate::flash::validate;
+use crate::gemm::gemm_raw;
+use crate::mask::{mask_row, resolve_scale};
+use crate::simd::exp_sub_sum;
+use crate::view::SharedMut;
+use crate::{Accum, AttentionOptions, KernelError, Par, View, View4, ViewMut4};
+
+#[cfg(test)]
+mod tests;
+
+/// Query rows per tile.
+const ROWS: usize = 64;
+/// Keys per block of the two-pass path.
+const KEYS: usize = 128;
+/// The one-pass path takes calls whose keys fit one block of at most this many.
+const ONE_PASS_MAX_KEYS: usize = 512;
+
+/// The inputs of a backward call: the forward's inputs, its `out` and `lse`, and `dout`, the
+/// gradient of the loss with respect to `out`.
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardInputs<'a> {
+    /// `[B, H, S, D]`.
+    pub q: View4<'a, f32>,
+    /// `[B, G, T, D]`.
+    pub k: View4<'a, f32>,
+    /// `[B, G, T, Dv]`.
+    pub v: View4<'a, f32>,
+    /// `[B, H, S, Dv]`: the forward's output.
+    pub out: View4<'a, f32>,
+    /// `[B, H, S]`: the forward's log-sum-exp (natural log).
+    pub lse: View<'a, f32, 3>,
+    /// `[B, H, S, Dv]`.
+    pub dout: View4<'a, f32>,
+}
+
+/// Where the gradients go, each the shape of its input; overwritten.
+#[derive(Debug)]
+pub struct Gradients<'a> {
+    /// `[B, H, S, D]`.
+    pub dq: ViewMut4<'a, f32>,
+    /// `[B, G, T, D]`: summed over the query heads of each group.
+    pub dk: ViewMut4<'a, f32>,
+    /// `[B, G, T, Dv]`: likewise.
+    pub dv: ViewMut4<'a, f32>,
+}
+
+/// Which algorithm a backward call runs (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackwardPath {
+    /// A key pass for `dK`, `dV` and a query pass for `dQ`, over blocks of 128 keys.
+    TwoPass,
+    /// One pass per `(b, g)` over all keys at once: for short key sequences.
+    OnePass,
+}
+
+/// The path [`attention_backward`] takes for `T` keys: by shape only, so results stay the same
+/// from run to run.
+pub fn backward_path(t: usize) -> BackwardPath {
+    if t <= ONE_PASS_MAX_KEYS {
+        BackwardPath::OnePass
+    } else {
+        BackwardPath::TwoPass
+    }
+}
+
+/// The gradients of `sum(out ∘ dout)` with respect to `q`, `k` and `v`, where `out` is
+/// attention of `q`, `k`, `v` under `options` ([`crate::attention`]): what PyTorch's
+/// `out.backward(dout)` gives. Masks, ALiBi slopes and key lengths get no gradient. With
+/// `Par::Rayon` the work runs on the current rayon pool; the result is bit-identical to
+/// `Par::Seq` and across thread counts.
+pub fn attention_backward(
+    grads: Gradients<'_>,
+    inputs: BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let path = backward_path(inputs.k.shape()[2]);
+    attention_backward_path(grads, inputs, options, par, path)
+}
+
+/// [`attention_backward`] on the path named (for tests and benchmarks; both give results within
+/// rounding of each other).
+pub fn attention_backward_path(
+    grads: Gradients<'_>,
+    inputs: BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    path: BackwardPath,
+) -> Result<(), KernelError> {
+    let op = "attention_backward";
+    let plan = validate(
+        op,
+        inputs.out.shape(),
+        Some(inputs.lse.shape()),
+        &inputs.q,
+        &inputs.k,
+        &inputs.v,
+        options,
+    )?;
+    let check = |tensor: &'static str, got: [usize; 4], want: [usize; 4]| {
+        if got == want {
+            Ok(())
+        } else {
+            Err(KernelError::ShapeMismatch {
+                op,
+                tensor,
+                expected: want.to_vec(),
+                got: got.to_vec(),
+            })
+        }
+    };
+    check("dout", inputs.dout.shape(), inputs.out.shape())?;
+    check("dq", grads.dq.shape(), inputs.q.shape())?;
+    check("dk", grads.dk.shape(), inputs.k.shape())?;
+    check("dv", grads.dv.shape(), inputs.v.shape())?;
+    let Gradients { mut dq, mut dk, mut dv } = grads;
+    let shape = Shape {
+        b: plan.b,
+        h: plan.h,
+        g: plan.g,
+        s: plan.s,
+        t: plan.t,
+        d: plan.d,
+        dv: plan.dv,
+    };
+    let delta = row_deltas(&inputs, &shape, par);
+    let job = Job {
+        shape,
+        inputs,
+        options,
+        scale: resolve_scale(options, plan.d),
+        delta: &delta,
+        dq: Out::new(&mut dq),
+        dk: Out::new(&mut dk),
+        dv: Out::new(&mut dv),
+    };
+    let one_pass = path == BackwardPath::OnePass || plan.t <= KEYS;
+    let key_block = if one_pass { plan.t.max(1) } else { KEYS };
+    let key_tasks = plan.b * plan.g * plan.t.div_ceil(key_block);
+    run(key_tasks, par, |scratch, task| {
+        job.key_task(scratch, task, key_block, one_pass)
+    });
+    if !one_pass {
+        let query_tasks = plan.b * plan.h * plan.s.div_ceil(ROWS);
+        run(query_tasks, par, |scratch, task| job.query_task(scratch, task));
+    }
+    Ok(())
+}
+
+/// The sizes of a call.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    b: usize,
+    h: usize,
+    g: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    dv: usize,
+}
+
+/// A gradient destination shared by the tasks, each of which writes its own rows.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: SharedMut,
+    strides: [usize; 4],
+}
+
+impl Out {
+    fn new(view: &mut ViewMut4<'_, f32>) -> Self {
+        Out {
+            ptr: SharedMut(view.data_mut().as_mut_ptr()),
+            strides: view.strides(),
+        }
+    }
+
+    /// `dst[i, j, r0 + r, c] = scale · rows[r·width + c]`.
+    ///
+    /// # Safety
+    /// The rows must be in bounds of the view and owned by the calling task.
+    unsafe fn write_rows(self, [i, j, r0]: [usize; 3], rows: &[f32], width: usize, scale: f32) {
+        let st = self.strides;
+        for (r, row) in rows.chunks_exact(width).enumerate() {
+            let base = i * st[0] + j * st[1] + (r0 + r) * st[2];
+            for (c, &x) in row.iter().enumerate() {
+                // SAFETY: in bounds and owned, by the caller's contract.
+                unsafe { *self.ptr.get().add(base + c * st[3]) = x * scale };
+            }
+        }
+    }
+}
+
+/// `Δ[b, h, s] = Σ_c dout[b, h, s, c] · out[b, h, s, c]`, summed in f64.
+fn row_deltas(inputs: &BackwardInputs<'_>, shape: &Shape, par: Par) -> Vec<f32> {
+    let mut delta = vec![0.0f32; shape.b * shape.h * shape.s];
+    let (out, dout) = (inputs.out, inputs.dout);
+    let row = |(index, x): (usize, &mut f32)| {
+        let (bh, s) = (index / shape.s.max(1), index % shape.s.max(1));
+        let (b, h) = (bh / shape.h, bh % shape.h);
+        let sum: f64 = (0..shape.dv)
+            .map(|c| out.get([b, h, s, c]) as f64 * dout.get([b, h, s, c]) as f64)
+            .sum();
+        *x = sum as f32;
+    };
+    match par {
+        Par::Seq => delta.iter_mut().enumerate().for_each(row),
+        Par::Rayon => delta.par_iter_mut().enumerate().for_each(row),
+    }
+    delta
+}
+
+/// One worker's tiles, reused from task to task.
+#[derive(Default)]
+struct Scratch {
+    /// `[ROWS, D]`: query rows times the scale.
+    q_tile: Vec<f32>,
+    /// `[ROWS, key block]`: probabilities, then `dS`.
+    p: Vec<f32>,
+    /// `[ROWS, key block]`: `dP`.
+    dp: Vec<f32>,
+    /// `[key block, D]` and `[key block, Dv]`: the key task's sums.
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    /// `[ROWS, D]`: a query task's (or the one pass's) `dQ` sums.
+    dq: Vec<f32>,
+}
+
+/// Runs `body(scratch, task)` for every task, in order or on the rayon pool.
+fn run(tasks: usize, par: Par, body: impl Fn(&mut Scratch, usize) + Sync + Send) {
+    match par {
+        Par::Seq => {
+            let mut scratch = Scratch::default();
+            (0..tasks).for_each(|task| body(&mut scratch, task));
+        }
+        Par::Rayon => (0..tasks).into_par_iter().for_each_init(Scratch::default, body),
+    }
+}
+
+/// Everything a task reads, and where it writes.
+struct Job<'a, 'o> {
+    shape: Shape,
+    inputs: BackwardInputs<'a>,
+    options: &'o AttentionOptions<'a>,
+    scale: f32,
+    delta: &'o [f32],
+    dq: Out,
+    dk: Out,
+    dv: Out,
+}
+
+/// The rows `[r0, r0 + rows)` of head `h` against keys `[t0, t0 + bc)`, as one tile.
+#[derive(Clone, Copy)]
+struct Tile {
+    b: usize,
+    h: usize,
+    g: usize,
+    r0: usize,
+    rows: usize,
+    t0: usize,
+    bc: usize,
+}
+
+impl Job<'_, '_> {
+    /// The key limit of row `s` of batch `b` (causal alignment and key length together).
+    fn limit(&self, b: usize, s: usize) -> usize {
+        let sh = &self.shape;
+        let key_length = self.options.key_lengths.map_or(sh.t, |l| l[b]);
+        self.options.causal.key_limit(s, sh.s, sh.t).min(key_length)
+    }
+
+    /// Whether any row of `[r0, r0 + rows)` may see a key at or after `t0`.
+    fn tile_is_live(&self, b: usize, r0: usize, rows: usize, t0: usize) -> bool {
+        (r0..r0 + rows).any(|s| self.limit(b, s) > t0)
+    }
+
+    /// The key task `(b, g, key block)`: `dK`, `dV` of its keys over every row of its heads; with
+    /// `one_pass`, also `dQ` of those heads.
+    fn key_task(&self, scratch: &mut Scratch, task: usize, key_block: usize, one_pass: bool) {
+        let sh = self.shape;
+        let blocks = sh.t.div_ceil(key_block);
+        let (bg, block) = (task / blocks, task % blocks);
+        let (b, g) = (bg / sh.g, bg % sh.g);
+        let t0 = block * key_block;
+        let bc = (sh.t - t0).min(key_block);
+        scratch.dk.clear();
+        scratch.dk.resize(bc * sh.d, 0.0);
+        scratch.dv.clear();
+        scratch.dv.resize(bc * sh.dv, 0.0);
+        let rep = sh.h / sh.g;
+        for h in g * rep..(g + 1) * rep {
+            for r0 in (0..sh.s).step_by(ROWS) {
+                let rows = (sh.s - r0).min(ROWS);
+                let tile = Tile {
+                    b,
+                    h,
+                    g,
+                    r0,
+                    rows,
+                    t0,
+                    bc,
+                };
+                let live = self.tile_is_live(b, r0, rows, t0);
+                if one_pass {
+                    scratch.dq.clear();
+                    scratch.dq.resize(rows * sh.d, 0.0);
+                }
+                if live {
+                    self.probabilities(scratch, tile);
+                    self.value_gradient(scratch, tile);
+                    self.score_gradient(scratch, tile);
+                    self.key_gradient(scratch, tile);
+                    if one_pass {
+                        self.query_gradient(scratch, tile);
+                    }
+                }
+                if one_pass {
+                    // SAFETY: rows `[r0, r0 + rows)` of head `h` belong to this task alone
+                    // (its group's heads, all keys).
+                    unsafe { self.dq.write_rows([b, h, r0], &scratch.dq, sh.d, self.scale) };
+                }
+            }
+        }
+        // SAFETY: keys `[t0, t0 + bc)` of `(b, g)` belong to this task alone.
+        unsafe {
+            self.dk.write_rows([b, g, t0], &scratch.dk, sh.d, 1.0);
+            self.dv.write_rows([b, g, t0], &scratch.dv, sh.dv, 1.0);
+        }
+    }
+
+    /// The query task `(b, h, row tile)`: `dQ` of its rows over every key block.
+    fn query_task(&self, scratch: &mut Scratch, task: usize) {
+        let sh = self.shape;
+        let tiles = sh.s.div_ceil(ROWS);
+        let (bh, tile) = (task / tiles, task % tiles);
+        let (b, h) = (bh / sh.h, bh % sh.h);
+        let g = h / (sh.h / sh.g);
+        let r0 = tile * ROWS;
+        let rows = (sh.s - r0).min(ROWS);
+        scratch.dq.clear();
+        scratch.dq.resize(rows * sh.d, 0.0);
+        for t0 in (0..sh.t).step_by(KEYS) {
+            if !self.tile_is_live(b, r0, rows, t0) {
+                continue;
+            }
+            let tile = Tile {
+                b,
+                h,
+                g,
+                r0,
+                rows,
+                t0,
+                bc: (sh.t - t0).min(KEYS),
+            };
+            self.probabilities(scratch, tile);
+            self.score_gradient(scratch, tile);
+            self.query_gradient(scratch, tile);
+        }
+        // SAFETY: rows `[r0, r0 + rows)` of `(b, h)` belong to this task alone.
+        unsafe { self.dq.write_rows([b, h, r0], &scratch.dq, sh.d, self.scale) };
+    }
+
+    /// `q_tile = scale·q[rows]`, then `p = exp(q_tile·kᵀ + masks − lse)` `[rows, bc]`, 0 where a
+    /// key is hidden or the row sees nothing.
+    fn probabilities(&self, scratch: &mut Scratch, tile: Tile) {
+        let (sh, q, k) = (self.shape, self.inputs.q, self.inputs.k);
+        let Tile {
+            b,
+            h,
+            g,
+            r0,
+            rows,
+            t0,
+            bc,
+        } = tile;
+        scratch.q_tile.clear();
+        for s in r0..r0 + rows {
+            scratch
+                .q_tile
+                .extend((0..sh.d).map(|j| q.get([b, h, s, j]) * self.scale));
+        }
+        scratch.p.clear();
+        scratch.p.resize(rows * bc, 0.0);
+        let k_st = k.strides();
+        // SAFETY: `p` holds [rows, bc], `q_tile` [rows, D]; the key block `[b, g, t0..t0+bc, :]`
+        // was bounds-checked with `k`.
+        unsafe {
+            gemm_raw(
+                scratch.p.as_mut_ptr(),
+                [bc, 1],
+                [rows, bc, sh.d],
+                Accum::Replace,
+                scratch.q_tile.as_ptr(),
+                [sh.d, 1],
+                k.data().as_ptr().add(k.offset([b, g, t0, 0])),
+                [k_st[3], k_st[2]],
+                1.0,
+                Par::Seq,
+            )
+        };
+        for (i, row) in scratch.p.chunks_exact_mut(bc).enumerate() {
+            let s = r0 + i;
+            mask_row(row, self.options, [b, h, s], t0, self.limit(b, s), [sh.s, sh.t]);
+            let lse = self.inputs.lse.get([b, h, s]);
+            if lse == f32::NEG_INFINITY {
+                row.fill(0.0);
+            } else if lse.is_nan() {
+                row.iter_mut()
+                    .for_each(|x| *x = if *x == f32::NEG_INFINITY { 0.0 } else { f32::NAN });
+            } else {
+                exp_sub_sum(row, lse);
+            }
+        }
+    }
+
+    /// `dV[keys] += pᵀ · dout[rows]`.
+    fn value_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+        let (sh, dout) = (self.shape, self.inputs.dout);
+        let Tile { b, h, r0, rows, bc, .. } = tile;
+        let st = dout.strides();
+        // SAFETY: `dv` holds [bc, Dv], `p` [rows, bc] read transposed; the rows of `dout` were
+        // bounds-checked with it.
+        unsafe {
+            gemm_raw(
+                scratch.dv.as_mut_ptr(),
+                [sh.dv, 1],
+                [bc, sh.dv, rows],
+                Accum::Add,
+                scratch.p.as_ptr(),
+                [1, bc],
+                dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
+                [st[2], st[3]],
+                1.0,
+                Par::Seq,
+            )
+        };
+    }
+
+    /// `dp = dout[rows] · v[keys]ᵀ`, then `p ← p ∘ (dp − Δ)`: the scores' gradient `dS`.
+    fn score_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+        let (sh, dout, v) = (self.shape, self.inputs.dout, self.inputs.v);
+        let Tile {
+            b,
+            h,
+            g,
+            r0,
+            rows,
+            t0,
+            bc,
+        } = tile;
+        scratch.dp.clear();
+        scratch.dp.resize(rows * bc, 0.0);
+        let (d_st, v_st) = (dout.strides(), v.strides());
+        // SAFETY: `dp` holds [rows, bc]; the rows of `dout` and the value block were
+        // bounds-checked with their views.
+        unsafe {
+            gemm_raw(
+                scratch.dp.as_mut_ptr(),
+                [bc, 1],
+                [rows, bc, sh.dv],
+                Accum::Replace,
+                dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
+                [d_st[2], d_st[3]],
+                v.data().as_ptr().add(v.offset([b, g, t0, 0])),
+                [v_st[3], v_st[2]],
+                1.0,
+                Par::Seq,
+            )
+        };
+        for (i, (p_row, dp_row)) in scratch
+            .p
+            .chunks_exact_mut(bc)
+            .zip(scratch.dp.chunks_exact(bc))
+            .enumerate()
+        {
+            let delta = self.delta[(b * sh.h + h) * sh.s + r0 + i];
+            for (p, &dp) in p_row.iter_mut().zip(dp_row) {
+                // A hidden key (p = 0) stays 0 even if `dp` is not finite.
+                if *p != 0.0 {
+                    *p *= dp - delta;
+                }
+            }
+        }
+    }
+
+    /// `dK[keys] += dSᵀ · q_tile`: the query tile holds `scale·q`, so this is `scale·dSᵀ·q`.
+    fn key_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+        let sh = self.shape;
+        let Tile { rows, bc, .. } = tile;
+        // SAFETY: `dk` holds [bc, D], `p` (now dS) [rows, bc] read transposed, `q_tile` [rows, D].
+        unsafe {
+            gemm_raw(
+                scratch.dk.as_mut_ptr(),
+                [sh.d, 1],
+                [bc, sh.d, rows],
+                Accum::Add,
+                scratch.p.as_ptr(),
+                [1, bc],
+                scratch.q_tile.as_ptr(),
+                [sh.d, 1],
+                1.0,
+                Par::Seq,
+            )
+        };
+    }
+
+    /// `dQ[rows] += dS · k[keys]` (the scale is applied when written).
+    fn query_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+        let (sh, k) = (self.shape, self.inputs.k);
+        let Tile { b, g, rows, t0, bc, .. } = tile;
+        let st = k.strides();
+        // SAFETY: `dq` holds [rows, D], `p` (now dS) [rows, bc]; the key block was bounds-checked
+        // with `k`.
+        unsafe {
+            gemm_raw(
+                scratch.dq.as_mut_ptr(),
+                [sh.d, 1],
+                [rows, sh.d, bc],
+                Accum::Add,
+                scratch.p.as_ptr(),
+                [bc, 1],
+                k.data().as_ptr().add(k.offset([b, g, t0, 0])),
+                [st[2], st[3]],
+                1.0,
+                Par::Seq,
+            )
+        };
+    }
+}

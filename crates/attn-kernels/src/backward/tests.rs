@@ -1,0 +1,370 @@
+//! The backward pass against its f64 definition (itself checked by finite differences), on both
+//! paths, every option of the forward, and 1, 2, 3, 8 threads.
+
+use super::*;
+use crate::flash::tests::{arb_case, view4, view4_mut, Case, CaseData, MaskKind, MaskShape};
+use crate::testing::random_vec;
+use crate::{attention_backward_reference, attention_reference, flash_attention, Causal, ViewMut};
+use proptest::prelude::*;
+
+/// `[B, X, L, W]` row-major (the reference's layout) as the case stores it.
+fn to_storage(want: &[f64], [b, x, l, w]: [usize; 4], bshd: bool) -> Vec<f64> {
+    if !bshd {
+        return want.to_vec();
+    }
+    let mut out = vec![0.0; want.len()];
+    for bi in 0..b {
+        for xi in 0..x {
+            for li in 0..l {
+                for c in 0..w {
+                    out[((bi * l + li) * x + xi) * w + c] = want[((bi * x + xi) * l + li) * w + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `max |got - want| / max(1, max |want|)`: the error relative to the largest value, NaN where
+/// exactly one side is NaN counted as infinite.
+fn relative_to_largest(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want
+        .iter()
+        .filter(|w| w.is_finite())
+        .fold(1.0f64, |m, w| m.max(w.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            let g = g as f64;
+            if g == w || (g.is_nan() && w.is_nan()) {
+                0.0
+            } else if g.is_nan() || w.is_nan() {
+                f64::INFINITY
+            } else {
+                (g - w).abs() / scale
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The largest error measured over these tests, relative to the largest gradient, for scores of
+/// order 1: 9.8e-7 (Zen 4 at avx512; 4.9e-7 at avx2, 5.5e-7 scalar). The bound is about 10×
+/// that. Large scores add their own rounding (2.6e-5 with ALiBi scores of 549), bounded by the
+/// score term in `check`.
+const TOLERANCE: f64 = 1e-5;
+
+type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Runs `case` forward (the flash kernel), then backward on both paths (sequential and on 1, 2,
+/// 3 and 8 threads), against the f64 reference; bit-identity across thread counts.
+fn check(case: Case) {
+    let Case {
+        b,
+        h,
+        g,
+        s,
+        t,
+        d,
+        dv,
+        bshd,
+        ..
+    } = case;
+    let data = CaseData::new(&case);
+    let options = data.options(&case);
+    let (qv, kv, vv) = (
+        view4(&data.q, [b, h, s, d], bshd),
+        view4(&data.k, [b, g, t, d], bshd),
+        view4(&data.v, [b, g, t, dv], bshd),
+    );
+    let mut out = vec![f32::NAN; b * h * s * dv];
+    let mut lse = vec![f32::NAN; b * h * s];
+    flash_attention(
+        view4_mut(&mut out, [b, h, s, dv], bshd),
+        Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+        qv,
+        kv,
+        vv,
+        &options,
+        Par::Rayon,
+    )
+    .unwrap();
+    let dout = random_vec(b * h * s * dv, 21);
+    let inputs = BackwardInputs {
+        q: qv,
+        k: kv,
+        v: vv,
+        out: view4(&out, [b, h, s, dv], bshd),
+        lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+        dout: view4(&dout, [b, h, s, dv], bshd),
+    };
+    let reference = attention_backward_reference(qv, kv, vv, inputs.dout, &options);
+    let want = [
+        to_storage(&reference.dq, [b, h, s, d], bshd),
+        to_storage(&reference.dk, [b, g, t, d], bshd),
+        to_storage(&reference.dv, [b, g, t, dv], bshd),
+    ];
+    let run = |path: BackwardPath, par: Par| -> Grads {
+        let mut dq = vec![f32::NAN; b * h * s * d];
+        let mut dk = vec![f32::NAN; b * g * t * d];
+        let mut dvv = vec![f32::NAN; b * g * t * dv];
+        let grads = Gradients {
+            dq: view4_mut(&mut dq, [b, h, s, d], bshd),
+            dk: view4_mut(&mut dk, [b, g, t, d], bshd),
+            dv: view4_mut(&mut dvv, [b, g, t, dv], bshd),
+        };
+        attention_backward_path(grads, inputs, &options, par, path).unwrap();
+        (dq, dk, dvv)
+    };
+    let what = format!("{case:?}");
+    // As in the forward's tests, f32 scores carry half an ulp of the largest score.
+    let forward = attention_reference(qv, kv, vv, &options);
+    let tol = TOLERANCE + 4.0 * f32::EPSILON as f64 * forward.max_abs_score;
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    let bits = |g: &Grads| [&g.0, &g.1, &g.2].map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    for path in [BackwardPath::OnePass, BackwardPath::TwoPass] {
+        let seq = run(path, Par::Seq);
+        for (name, got, want) in [
+            ("dq", &seq.0, &want[0]),
+            ("dk", &seq.1, &want[1]),
+            ("dv", &seq.2, &want[2]),
+        ] {
+            let err = relative_to_largest(got, want);
+            assert!(err <= tol, "{path:?} {name}: error {err:e} > {tol:e}: {what}");
+        }
+        for n in [1, 2, 3, 8] {
+            let many = pool(n).install(|| run(path, Par::Rayon));
+            assert_eq!(
+                bits(&seq),
+                bits(&many),
+                "{path:?}: {n} threads differ from sequential: {what}"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+    #[test]
+    fn backward_matches_reference_for_every_shape(case in arb_case()) {
+        check(case);
+    }
+}
+
+#[test]
+fn block_edges_gqa_and_dv() {
+    for (s, t) in [(1, 1), (15, 17), (63, 65), (64, 128), (65, 129), (127, 257), (129, 600)] {
+        check(Case::new(1, 4, 2, s, t, 16, 24));
+    }
+    check(Case::new(2, 6, 3, 65, 129, 17, 5));
+    check(Case::new(1, 8, 1, 33, 700, 64, 64));
+}
+
+#[test]
+fn causal_masks_lengths_alibi_scale_and_strides() {
+    for causal in [Causal::TopLeft, Causal::BottomRight] {
+        for (s, t) in [(100, 100), (70, 600), (600, 70)] {
+            let mut case = Case::new(1, 2, 1, s, t, 16, 16);
+            case.causal = causal;
+            check(case);
+        }
+    }
+    let mut case = Case::new(2, 4, 2, 40, 300, 8, 8);
+    case.mask = MaskKind::Additive(MaskShape::Full);
+    case.lengths = true;
+    case.key_mask = true;
+    case.alibi = true;
+    case.scale = Some(0.3);
+    case.bshd = true;
+    check(case);
+    let mut case = Case::new(2, 2, 2, 17, 600, 8, 8);
+    case.mask = MaskKind::Allowed(MaskShape::Padding);
+    check(case);
+}
+
+/// Central differences of `L = Σ out ∘ dout` through the f64 forward reference, against the
+/// f64 backward reference, for a few elements of q, k and v (masks, GQA, causal and ALiBi on).
+#[test]
+fn reference_gradients_match_finite_differences() {
+    let (b, h, g, s, t, d, dv) = (1, 4, 2, 5, 7, 3, 2);
+    let mut case = Case::new(b, h, g, s, t, d, dv);
+    case.causal = Causal::BottomRight;
+    case.mask = MaskKind::Additive(MaskShape::TwoD);
+    case.alibi = true;
+    let mut data = CaseData::new(&case);
+    let dout = random_vec(b * h * s * dv, 22);
+    let loss = |data: &CaseData| -> f64 {
+        let options = data.options(&case);
+        let q = View4::contiguous(&data.q, [b, h, s, d]).unwrap();
+        let k = View4::contiguous(&data.k, [b, g, t, d]).unwrap();
+        let v = View4::contiguous(&data.v, [b, g, t, dv]).unwrap();
+        let r = attention_reference(q, k, v, &options);
+        r.out.iter().zip(&dout).map(|(o, &w)| o * w as f64).sum()
+    };
+    let grads = {
+        let options = data.options(&case);
+        attention_backward_reference(
+            View4::contiguous(&data.q, [b, h, s, d]).unwrap(),
+            View4::contiguous(&data.k, [b, g, t, d]).unwrap(),
+            View4::contiguous(&data.v, [b, g, t, dv]).unwrap(),
+            View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
+            &options,
+        )
+    };
+    let step = 2f32.powi(-10);
+    let mut worst = 0.0f64;
+    for (tensor, analytic) in [("q", &grads.dq), ("k", &grads.dk), ("v", &grads.dv)] {
+        for (i, &grad) in analytic.iter().enumerate() {
+            let original = tensor_mut(&mut data, tensor)[i];
+            let (up, down) = (original + step, original - step);
+            tensor_mut(&mut data, tensor)[i] = up;
+            let l_up = loss(&data);
+            tensor_mut(&mut data, tensor)[i] = down;
+            let l_down = loss(&data);
+            tensor_mut(&mut data, tensor)[i] = original;
+            let numeric = (l_up - l_down) / (up as f64 - down as f64);
+            let err = (numeric - grad).abs() / (1.0 + grad.abs());
+            worst = worst.max(err);
+            // Central differences with a step of 2^-10: measured at most 5.3e-9 here.
+            assert!(
+                err < 1e-5,
+                "d{tensor}[{i}]: numeric {numeric}, analytic {}",
+                analytic[i]
+            );
+        }
+    }
+    assert!(worst > 0.0, "the comparison compared nothing");
+}
+
+fn tensor_mut<'a>(data: &'a mut CaseData, name: &str) -> &'a mut Vec<f32> {
+    match name {
+        "q" => &mut data.q,
+        "k" => &mut data.k,
+        _ => &mut data.v,
+    }
+}
+
+fn contiguous(x: &[f32], shape: [usize; 4]) -> View4<'_, f32> {
+    View4::contiguous(x, shape).unwrap()
+}
+
+/// A row with nothing to attend to (key length 0, or every key masked) passes no gradient:
+/// zeros in its `dQ`, nothing in `dK` and `dV`.
+#[test]
+fn rows_that_see_nothing_pass_no_gradient() {
+    let (b, h, s, t, d) = (2, 2, 70, 200, 8);
+    let q = random_vec(b * h * s * d, 1);
+    let k = random_vec(b * h * t * d, 2);
+    let v = random_vec(b * h * t * d, 3);
+    let dout = random_vec(b * h * s * d, 4);
+    // Batch 0 sees nothing; batch 1 sees its first 100 keys.
+    let lengths = [0, 100];
+    let options = AttentionOptions {
+        key_lengths: Some(&lengths),
+        ..Default::default()
+    };
+    let mut out = vec![0.0; b * h * s * d];
+    let mut lse = vec![0.0; b * h * s];
+    flash_attention(
+        ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+        Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+        contiguous(&q, [b, h, s, d]),
+        contiguous(&k, [b, h, t, d]),
+        contiguous(&v, [b, h, t, d]),
+        &options,
+        Par::Seq,
+    )
+    .unwrap();
+    for path in [BackwardPath::OnePass, BackwardPath::TwoPass] {
+        let (mut dq, mut dk, mut dv) = (
+            vec![f32::NAN; q.len()],
+            vec![f32::NAN; k.len()],
+            vec![f32::NAN; v.len()],
+        );
+        attention_backward_path(
+            Gradients {
+                dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+                dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
+                dv: ViewMut4::contiguous(&mut dv, [b, h, t, d]).unwrap(),
+            },
+            BackwardInputs {
+                q: contiguous(&q, [b, h, s, d]),
+                k: contiguous(&k, [b, h, t, d]),
+                v: contiguous(&v, [b, h, t, d]),
+                out: contiguous(&out, [b, h, s, d]),
+                lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+                dout: contiguous(&dout, [b, h, s, d]),
+            },
+            &options,
+            Par::Rayon,
+            path,
+        )
+        .unwrap();
+        let half = h * s * d;
+        assert!(dq[..half].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dq");
+        assert!(dk[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dk");
+        assert!(dv[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dv");
+        // Batch 1: keys 100.. are hidden from every row.
+        for hi in 0..h {
+            let base = (h + hi) * t * d;
+            assert!(
+                dk[base + 100 * d..base + t * d].iter().all(|&x| x == 0.0),
+                "{path:?}: hidden keys"
+            );
+            assert!(
+                dk[base..base + 100 * d].iter().any(|&x| x != 0.0),
+                "{path:?}: visible keys"
+            );
+        }
+        assert!(dq[half..].iter().all(|x| x.is_finite()) && dq[half..].iter().any(|&x| x != 0.0));
+    }
+}
+
+#[test]
+fn shape_errors_name_the_tensor() {
+    let (b, h, s, t, d) = (1, 2, 3, 4, 5);
+    let q = vec![0.0f32; b * h * s * d];
+    let k = vec![0.0f32; b * h * t * d];
+    let lse = vec![0.0f32; b * h * s];
+    let inputs = BackwardInputs {
+        q: contiguous(&q, [b, h, s, d]),
+        k: contiguous(&k, [b, h, t, d]),
+        v: contiguous(&k, [b, h, t, d]),
+        out: contiguous(&q, [b, h, s, d]),
+        lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+        dout: contiguous(&q, [b, h, s, d]),
+    };
+    let (mut dq, mut dk, mut dv) = (q.clone(), k.clone(), k.clone());
+    let mut wrong = vec![0.0f32; b * h * (t - 1) * d];
+    let err = attention_backward(
+        Gradients {
+            dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+            dk: ViewMut4::contiguous(&mut wrong, [b, h, t - 1, d]).unwrap(),
+            dv: ViewMut4::contiguous(&mut dv, [b, h, t, d]).unwrap(),
+        },
+        inputs,
+        &AttentionOptions::default(),
+        Par::Seq,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`dk` has shape [1, 2, 3, 5], expected [1, 2, 4, 5]"),
+        "{err}"
+    );
+    let short_dout = vec![0.0f32; b * h * (s - 1) * d];
+    let err = attention_backward(
+        Gradients {
+            dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+            dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
+            dv: ViewMut4::contiguous(&mut dv, [b, h, t, d]).unwrap(),
+        },
+        BackwardInputs {
+            dout: contiguous(&short_dout, [b, h, s - 1, d]),
+            ..inputs
+        },
+        &AttentionOptions::default(),
+        Par::Seq,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("`dout` has shape [1, 2, 2, 5]"), "{err}");
+}
