@@ -225,11 +225,7 @@ fn reference_gradients_match_finite_differences() {
             let err = (numeric - grad).abs() / (1.0 + grad.abs());
             worst = worst.max(err);
             // Central differences with a step of 2^-10: measured at most 5.3e-9 here.
-            assert!(
-                err < 1e-5,
-                "d{tensor}[{i}]: numeric {numeric}, analytic {}",
-                analytic[i]
-            );
+            assert!(err < 1e-7, "d{tensor}[{i}]: numeric {numeric}, analytic {grad}");
         }
     }
     assert!(worst > 0.0, "the comparison compared nothing");
