@@ -138,7 +138,12 @@ const FIXTURES: [(&str, &str, &[&str]); 2] = [
     (
         "sdpa",
         "gen_sdpa_fixtures.py",
-        &[".in.safetensors", ".want.safetensors"],
+        &[
+            ".in.safetensors",
+            ".want.safetensors",
+            ".backward.in.safetensors",
+            ".backward.want.safetensors",
+        ],
     ),
     (
         "modules",

@@ -5,8 +5,9 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use attn_nn::core::kernels::unfused_scratch_bytes;
+use attn_nn::core::kernels::{attention_backward, BackwardInputs, Gradients, View, ViewMut};
 use attn_nn::core::kernels::{
     attention_unfused, flash_attention, gemm, simd_level, Accum, AttentionOptions, Causal, Par, View2, View4, ViewMut2,
     ViewMut4,
@@ -133,6 +134,10 @@ pub struct SdpaArgs {
     /// Which implementation to time.
     #[arg(long, value_enum, default_value_t = Path::Flash)]
     path: Path,
+    /// Time the forward and the backward together, as one training step runs them (flops 3.5×
+    /// the forward's)
+    #[arg(long)]
+    backward: bool,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
@@ -156,7 +161,16 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
         &[batch, kv_heads, kv_seq, head_dim],
     )
     .map_err(|e| anyhow::anyhow!("{e} (from --heads {heads} --kv-heads {kv_heads} --head-dim {head_dim})"))?;
+    if args.backward && args.path == Path::Unfused {
+        bail!("--backward times the flash forward and its backward; --path unfused has no backward of its own");
+    }
     let mut need = shape.input_bytes().saturating_add(shape.output_bytes());
+    if args.backward {
+        // dout, and dq, dk, dv: the outputs' and the inputs' sizes again.
+        need = need
+            .saturating_add(shape.input_bytes())
+            .saturating_add(shape.output_bytes());
+    }
     if args.path == Path::Unfused {
         let workers = rayon::current_num_threads().max(2);
         need = need.saturating_add(unfused_scratch_bytes([batch, heads, seq, head_dim], kv_seq, workers));
@@ -171,6 +185,7 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
         head_dim,
         causal: args.causal,
         path: args.path,
+        backward: args.backward,
     };
     let (stats, n) = args.threads.install(|n| Ok((spec.run(budget)?, n)))?;
     println!("{}", spec.report(stats, n, args.flags.json));
@@ -316,14 +331,22 @@ pub struct SdpaBench {
     pub head_dim: usize,
     pub causal: bool,
     pub path: Path,
+    /// The forward and the backward together.
+    pub backward: bool,
 }
 
 impl SdpaBench {
-    /// Flops as the contract defines them: 4·B·H·S·T·D, halved when causal with S = T.
+    /// Flops as the contract defines them: 4·B·H·S·T·D, halved when causal with S = T; 3.5×
+    /// that with the backward (FlashAttention-2's count: the backward recomputes the scores).
     pub fn flops(&self) -> f64 {
         let f = 4.0 * (self.batch * self.heads * self.seq * self.kv_seq * self.head_dim) as f64;
-        if self.causal && self.seq == self.kv_seq {
+        let f = if self.causal && self.seq == self.kv_seq {
             f / 2.0
+        } else {
+            f
+        };
+        if self.backward {
+            3.5 * f
         } else {
             f
         }
@@ -357,6 +380,9 @@ impl SdpaBench {
         let qv = View4::contiguous(&q, [b, h, s, d])?;
         let kv = View4::contiguous(&k, [b, g, t, d])?;
         let vv = View4::contiguous(&v, [b, g, t, d])?;
+        if self.backward {
+            return self.run_backward(budget, [qv, kv, vv], &options);
+        }
         // One checked call surfaces shape errors before timing.
         let kernel = match self.path {
             Path::Flash => flash_attention,
@@ -377,6 +403,56 @@ impl SdpaBench {
         }))
     }
 
+    /// Times the flash forward (keeping the LSE) and `attention_backward` together.
+    fn run_backward(
+        &self,
+        budget: Budget,
+        [q, k, v]: [View4<'_, f32>; 3],
+        options: &AttentionOptions<'_>,
+    ) -> Result<Stats> {
+        let ([b, h, s, d], [_, g, t, _]) = (q.shape(), k.shape());
+        let mut out = vec![0.0f32; b * h * s * d];
+        let mut lse = vec![0.0f32; b * h * s];
+        let dout = random_vec(b * h * s * d, 4);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; q.data().len()],
+            vec![0.0f32; k.data().len()],
+            vec![0.0f32; v.data().len()],
+        );
+        let mut step = || -> Result<()> {
+            flash_attention(
+                ViewMut4::contiguous(&mut out, [b, h, s, d])?,
+                Some(ViewMut::contiguous(&mut lse, [b, h, s])?),
+                q,
+                k,
+                v,
+                options,
+                Par::Rayon,
+            )?;
+            attention_backward(
+                Gradients {
+                    dq: ViewMut4::contiguous(&mut dq, [b, h, s, d])?,
+                    dk: ViewMut4::contiguous(&mut dk, [b, g, t, d])?,
+                    dv: ViewMut4::contiguous(&mut dv, [b, g, t, d])?,
+                },
+                BackwardInputs {
+                    q,
+                    k,
+                    v,
+                    out: View4::contiguous(&out, [b, h, s, d])?,
+                    lse: View::contiguous(&lse, [b, h, s])?,
+                    dout: View4::contiguous(&dout, [b, h, s, d])?,
+                },
+                options,
+                Par::Rayon,
+            )?;
+            Ok(())
+        };
+        // One checked step surfaces shape errors before timing.
+        step()?;
+        Ok(measure(budget, || step().expect("shapes checked above")))
+    }
+
     pub fn report(&self, stats: Stats, threads: usize, as_json: bool) -> String {
         let gflops = self.flops() / stats.median_s / 1e9;
         let gbps = self.bytes() / stats.median_s / 1e9;
@@ -384,6 +460,7 @@ impl SdpaBench {
             json!({
                 "op": "sdpa",
                 "path": format!("{:?}", self.path).to_lowercase(),
+                "backward": self.backward,
                 "batch": self.batch, "heads": self.heads, "kv_heads": self.kv_heads,
                 "seq": self.seq, "kv_seq": self.kv_seq, "head_dim": self.head_dim, "causal": self.causal,
                 "threads": threads, "simd": simd_level().to_string(),
@@ -393,8 +470,9 @@ impl SdpaBench {
             .to_string()
         } else {
             format!(
-                "sdpa {:?} B={} H={} G={} S={} T={} D={}{} threads={} simd={}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s  {:.2} GB/s",
+                "sdpa {:?}{} B={} H={} G={} S={} T={} D={}{} threads={} simd={}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s  {:.2} GB/s",
                 self.path,
+                if self.backward { " forward+backward" } else { "" },
                 self.batch,
                 self.heads,
                 self.kv_heads,

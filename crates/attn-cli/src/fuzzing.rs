@@ -26,7 +26,7 @@ pub fn tensor_file(bytes: &[u8]) -> Result<()> {
 pub fn sdpa(bytes: &[u8], causal: u8) -> Result<()> {
     let file = TensorFile::parse(Path::new("fuzz.safetensors"), bytes, |_| false)?;
     let causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][causal as usize % 3];
-    crate::sdpa::compute(&file, causal, None).map(drop)
+    crate::sdpa::compute(&file, causal, None, false).map(drop)
 }
 
 /// `attn run` on a config, a weights file and an input file given as bytes: config parsing

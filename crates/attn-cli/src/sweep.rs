@@ -165,6 +165,7 @@ pub fn run(
             head_dim: d,
             causal,
             path: KernelPath::Flash,
+            backward: false,
         };
         let shape = SdpaShape {
             b,
@@ -210,6 +211,7 @@ pub fn run(
                     head_dim: d,
                     causal,
                     path: KernelPath::Flash,
+                    backward: false,
                 };
                 p.torch = Some(spec.flops() / t / 1e9);
             }

@@ -91,6 +91,96 @@ fn sdpa_matches_pytorch_golden_files() {
 }
 
 /// Writes tensors given as (name, dtype, shape, bytes).
+/// Largest error of `attn sdpa --backward` against PyTorch autograd in float64 over the golden
+/// cases, relative to the largest gradient of the tensor: 4.2e-7 (Zen 4, avx512). The bound
+/// (the 1e-5) is about 24× that.
+const BACKWARD_TOLERANCE: f64 = 1e-5;
+/// `large_logits` has scores near 1e3: rounding them to f32 moves each probability by up to
+/// `|score|·2^-24` relative, which the backward carries into `dK` (measured 5.6e-5 of the
+/// largest gradient). Its bound is about 4× that.
+const LARGE_LOGITS_TOLERANCE: f64 = 2e-4;
+
+#[test]
+fn sdpa_backward_matches_pytorch_autograd() {
+    let manifest: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap();
+    let dir = scratch_dir("golden_backward");
+    for (name, flags) in &manifest {
+        let input = fixtures().join(format!("{name}.backward.in.safetensors"));
+        let want = fixtures().join(format!("{name}.backward.want.safetensors"));
+        let mut outputs = Vec::new();
+        for threads in ["1", "2"] {
+            let output = dir.join(format!("{name}.{threads}.out.safetensors"));
+            let mut args = vec!["sdpa", "--backward", "--input", input.to_str().unwrap(), "--output"];
+            args.push(output.to_str().unwrap());
+            args.extend(flags.as_array().unwrap().iter().map(|f| f.as_str().unwrap()));
+            args.extend(["--threads", threads]);
+            let result = attn(&args);
+            assert!(
+                result.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&result.stderr)
+            );
+            for tensor in ["grad.q", "grad.k", "grad.v"] {
+                let (got_shape, got) = read_f32(&output, tensor);
+                let (want_shape, expected) = read_f32(&want, tensor);
+                assert_eq!(got_shape, want_shape, "{name}: {tensor} shape");
+                let largest = expected.iter().fold(1.0f64, |m, &w| m.max((w as f64).abs()));
+                let (i, error) = got
+                    .iter()
+                    .zip(&expected)
+                    .map(|(&g, &w)| (g as f64 - w as f64).abs() / largest)
+                    .enumerate()
+                    .fold(
+                        (0, 0.0f64),
+                        |best, (i, e)| if e > best.1 || e.is_nan() { (i, e) } else { best },
+                    );
+                eprintln!("{name}: {tensor} error {error:.2e}");
+                let tolerance = if name == "large_logits" {
+                    LARGE_LOGITS_TOLERANCE
+                } else {
+                    BACKWARD_TOLERANCE
+                };
+                assert!(
+                    error <= tolerance,
+                    "{name}: {tensor}[{i}] = {}, PyTorch {} (error {error:e} of the largest)",
+                    got[i],
+                    expected[i]
+                );
+            }
+            outputs.push(std::fs::read(&output).unwrap());
+        }
+        assert_eq!(outputs[0], outputs[1], "{name}: 1 and 2 threads differ");
+    }
+}
+
+#[test]
+fn sdpa_backward_needs_the_output_gradient() {
+    let dir = scratch_dir("backward_errors");
+    let input = fixtures().join("mha.in.safetensors");
+    let output = dir.join("out.safetensors");
+    let result = attn(&[
+        "sdpa",
+        "--backward",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && stderr.contains("grad.out"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // A grad.out of the wrong shape names both shapes.
+    let mut tensors = qkv(4, 4);
+    tensors.push(("grad.out", Dtype::F32, vec![1, 4, 5, 7], f32_bytes(4 * 5 * 7)));
+    let (code, message) = sdpa_error("bad_grad", &tensors, &["--backward"]);
+    assert_ne!(code, 0);
+    assert!(
+        message.contains("`grad.out` has shape [1, 4, 5, 7], expected"),
+        "{message}"
+    );
+}
+
 fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
     let views: Vec<(&str, TensorView<'_>)> = tensors
         .iter()

@@ -34,5 +34,8 @@ pub use mha::{
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use safetensors_io::{floats_to_f32, FromSafetensors};
-pub use sdpa::{f32_bytes, sdpa, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaOptions, SdpaOutput, SdpaShape};
+pub use sdpa::{
+    f32_bytes, sdpa, sdpa_backward, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaGradients, SdpaOptions,
+    SdpaOutput, SdpaShape,
+};
 pub use tensor::{expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor, WeightInit};

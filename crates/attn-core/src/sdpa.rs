@@ -5,7 +5,8 @@
 //! `[B, T]` mask. Everything is checked here once; errors name the tensor and both shapes.
 
 use attn_kernels::{
-    attention, broadcast_to, AttentionOptions, Causal, KernelError, Mask, Par, View4, ViewMut, ViewMut4,
+    attention, attention_backward, broadcast_to, AttentionOptions, BackwardInputs, Causal, Gradients, KernelError,
+    Mask, Par, View, View4, ViewMut, ViewMut4,
 };
 
 use crate::error::shape_error;
@@ -317,6 +318,90 @@ pub fn sdpa_into(
     let kernel_options = options.to_kernel([b, h, s, t])?;
     attention(out, lse, q, k, v, &kernel_options, par)?;
     Ok(())
+}
+
+/// The gradients of [`sdpa`], each the shape of its input (row-major).
+#[derive(Debug, Clone)]
+pub struct SdpaGradients {
+    /// `[B, H, S, D]`.
+    pub dq: Vec<f32>,
+    /// `[B, G, T, D]`: summed over the query heads that share each key head.
+    pub dk: Vec<f32>,
+    /// `[B, G, T, Dv]`: likewise.
+    pub dv: Vec<f32>,
+}
+
+/// The gradients of `sum(out ∘ dout)` with respect to `q`, `k` and `v`, where `forward` is what
+/// [`sdpa`] returned for these inputs and options: PyTorch's `out.backward(dout)`. FlashAttention-2's
+/// algorithm (`attn_kernels::attention_backward`): no `S×T` matrix is stored, and the result is
+/// bit-identical whatever the thread count. A row with nothing to attend to passes no gradient;
+/// masks and ALiBi slopes get none.
+///
+/// ```
+/// use attn_core::{sdpa, sdpa_backward, SdpaOptions};
+/// use attn_core::kernels::{Par, View4};
+/// let x: Vec<f32> = (0..2 * 3 * 4).map(|i| (i as f32 * 0.3).sin()).collect();
+/// let view = View4::contiguous(&x, [1, 2, 3, 4]).unwrap();
+/// let options = SdpaOptions::default();
+/// let forward = sdpa(view, view, view, &options, Par::Seq).unwrap();
+/// let dout = vec![1.0f32; forward.out.len()];
+/// let dout = View4::contiguous(&dout, [1, 2, 3, 4]).unwrap();
+/// let grads = sdpa_backward(view, view, view, &forward, dout, &options, Par::Seq).unwrap();
+/// // Each row's weights sum to 1, so the value gradients of a head add up to the sum of its
+/// // `dout`: here 3 rows × 4 columns of ones, for each of the 2 heads.
+/// let total: f32 = grads.dv.iter().sum();
+/// assert!((total - 24.0).abs() < 1e-4, "{total}");
+/// ```
+pub fn sdpa_backward(
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    forward: &SdpaOutput,
+    dout: View4<'_, f32>,
+    options: &SdpaOptions<'_>,
+    par: Par,
+) -> Result<SdpaGradients> {
+    let [b, h, s, _] = q.shape();
+    let t = k.shape()[2];
+    let dv_width = v.shape()[3];
+    let out = View4::contiguous(&forward.out, [b, h, s, dv_width]).map_err(|_| {
+        shape_error(
+            "sdpa_backward",
+            "out",
+            format!("[B, H, S, Dv] = {:?}", [b, h, s, dv_width]),
+            &[forward.out.len()],
+        )
+    })?;
+    let lse = View::contiguous(&forward.lse, [b, h, s]).map_err(|_| {
+        shape_error(
+            "sdpa_backward",
+            "lse",
+            format!("[B, H, S] = {:?}", [b, h, s]),
+            &[forward.lse.len()],
+        )
+    })?;
+    let kernel_options = options.to_kernel([b, h, s, t])?;
+    let mut dq = vec![0.0f32; q.shape().iter().product()];
+    let mut dk = vec![0.0f32; k.shape().iter().product()];
+    let mut dv = vec![0.0f32; v.shape().iter().product()];
+    attention_backward(
+        Gradients {
+            dq: ViewMut4::contiguous(&mut dq, q.shape())?,
+            dk: ViewMut4::contiguous(&mut dk, k.shape())?,
+            dv: ViewMut4::contiguous(&mut dv, v.shape())?,
+        },
+        BackwardInputs {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dout,
+        },
+        &kernel_options,
+        par,
+    )?;
+    Ok(SdpaGradients { dq, dk, dv })
 }
 
 #[cfg(test)]
