@@ -156,6 +156,27 @@ pub(crate) unsafe fn exp_in_place<L: Lanes>(xs: &mut [f32]) {
     }
 }
 
+/// The softmax's backward on one row: `p[i] = p[i]·(dp[i] − delta)`, and 0 where `p[i]` is 0
+/// (a hidden key gets nothing, even from a non-finite `dp`). `p` holds probabilities: 0, at
+/// least `f32::MIN_POSITIVE` (the exp flushes smaller results to 0), or NaN (kept).
+#[inline(always)]
+pub(crate) unsafe fn softmax_grad_row<L: Lanes>(p: &mut [f32], dp: &[f32], delta: f32) {
+    let mut pc = p.chunks_exact_mut(L::N);
+    let mut dc = dp.chunks_exact(L::N);
+    // SAFETY: both chunks have exactly `N` elements; features as above.
+    unsafe {
+        let dv = L::splat(delta);
+        for (pc, dc) in (&mut pc).zip(&mut dc) {
+            let x = L::load(pc.as_ptr());
+            let y = L::mul(x, L::sub(L::load(dc.as_ptr()), dv));
+            L::store(pc.as_mut_ptr(), L::zero_below(x, f32::MIN_POSITIVE, y));
+        }
+    }
+    for (p, &d) in pc.into_remainder().iter_mut().zip(dc.remainder()) {
+        *p = if *p == 0.0 { 0.0 } else { *p * (d - delta) };
+    }
+}
+
 /// `row[i] *= alpha`.
 #[inline(always)]
 pub(crate) unsafe fn scale_row<L: Lanes>(row: &mut [f32], alpha: f32) {

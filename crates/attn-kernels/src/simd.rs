@@ -183,6 +183,24 @@ pub fn scale_into(dst: &mut [f32], src: &[f32], alpha: f32) {
     }
 }
 
+/// The softmax's backward on one row: `p[i] = p[i]·(dp[i] − delta)`, 0 where `p[i]` is 0.
+#[inline]
+pub(crate) fn softmax_grad_row(p: &mut [f32], dp: &[f32], delta: f32) {
+    debug_assert_eq!(p.len(), dp.len());
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
+        SimdLevel::Avx2Fma => unsafe { avx2::softmax_grad_row(p, dp, delta) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only returned when the CPU reports AVX-512 F/BW/VL/DQ.
+        SimdLevel::Avx512 => unsafe { avx512::softmax_grad_row(p, dp, delta) },
+        _ => p
+            .iter_mut()
+            .zip(dp)
+            .for_each(|(p, &d)| *p = if *p == 0.0 { 0.0 } else { *p * (d - delta) }),
+    }
+}
+
 /// The portable bodies of the row primitives: what [`SimdLevel::Scalar`] runs, and what the
 /// tests compare on every machine whatever its level.
 mod scalar {
@@ -243,6 +261,12 @@ macro_rules! vector_level {
             pub(crate) fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
                 // SAFETY: as above.
                 unsafe { lanes::exp_sub_sum::<$lanes>(row, m) }
+            }
+
+            #[target_feature(enable = $features)]
+            pub(crate) fn softmax_grad_row(p: &mut [f32], dp: &[f32], delta: f32) {
+                // SAFETY: as above.
+                unsafe { lanes::softmax_grad_row::<$lanes>(p, dp, delta) }
             }
 
             #[target_feature(enable = $features)]

@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use crate::flash::validate;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale};
-use crate::simd::exp_sub_sum;
+use crate::simd::{exp_sub_sum, scale_into, softmax_grad_row};
 use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, View, View4, ViewMut4};
 
@@ -403,11 +403,17 @@ impl Job<'_, '_> {
             t0,
             bc,
         } = tile;
-        scratch.q_tile.clear();
-        for s in r0..r0 + rows {
-            scratch
-                .q_tile
-                .extend((0..sh.d).map(|j| q.get([b, h, s, j]) * self.scale));
+        scratch.q_tile.resize(rows * sh.d, 0.0);
+        let q_st = q.strides();
+        for (i, dst) in scratch.q_tile[..rows * sh.d].chunks_exact_mut(sh.d).enumerate() {
+            let base = q.offset([b, h, r0 + i, 0]);
+            if q_st[3] == 1 {
+                scale_into(dst, &q.data()[base..base + sh.d], self.scale);
+            } else {
+                dst.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = q.data()[base + j * q_st[3]] * self.scale);
+            }
         }
         scratch.p.clear();
         scratch.p.resize(rows * bc, 0.0);
@@ -503,13 +509,8 @@ impl Job<'_, '_> {
             .zip(scratch.dp.chunks_exact(bc))
             .enumerate()
         {
-            let delta = self.delta[(b * sh.h + h) * sh.s + r0 + i];
-            for (p, &dp) in p_row.iter_mut().zip(dp_row) {
-                // A hidden key (p = 0) stays 0 even if `dp` is not finite.
-                if *p != 0.0 {
-                    *p *= dp - delta;
-                }
-            }
+            // A hidden key (p = 0) stays 0 even if `dp` is not finite.
+            softmax_grad_row(p_row, dp_row, self.delta[(b * sh.h + h) * sh.s + r0 + i]);
         }
     }
 
