@@ -13,6 +13,8 @@
 //!   the layers around attention (norms with the residual add fused, bias with activation).
 //! - [`attention_backward`]: the gradients of attention (FlashAttention-2's algorithm,
 //!   deterministic), with [`attention_backward_reference`] in f64.
+//! - [`linear_backward`], [`norm_backward`], [`activation_backward`], [`embedding_backward`],
+//!   [`cross_entropy`], [`dropout`]: the rest of a training step's kernels (`grad.rs`).
 //! - [`attention_reference`], [`gemm_reference`]: naive f64 definitions the tests compare with.
 //!
 //! This crate knows nothing about heads as learned projections, layers or files: it sees
@@ -42,6 +44,7 @@ mod buffer;
 mod error;
 mod flash;
 mod gemm;
+mod grad;
 mod lanes;
 mod layer;
 mod mask;
@@ -64,6 +67,10 @@ pub use backward::{
 pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};
 pub use gemm::{gemm, gemm_reference, Accum, Par};
+pub use grad::{
+    activation_backward, cross_entropy, dropout, dropout_uniform, embedding, embedding_backward, linear_backward,
+    norm_backward, CrossEntropy, LinearShape,
+};
 pub use layer::{
     add_assign, add_norm_rows, add_then_norm_rows, bias_activation, erf, norm_rows, Activation, NormKind, NormParams,
 };

@@ -1,0 +1,478 @@
+//! The backward kernels of the layers around attention, and the pieces of a training step that
+//! are kernels: linear maps, layer and RMS norms, activations, embedding lookup, softmax
+//! cross-entropy with `ignore_index` and label smoothing, and dropout with a counter-based RNG.
+//!
+//! Conventions, as in llm.c: a backward takes what its forward kept (the forward's input, and
+//! for the norms nothing more: their statistics are recomputed from the input in f64) and the
+//! gradient of its output; parameter gradients are **added** to (`+=`), so a caller can sum
+//! over micro-batches; input gradients are written unless the function says otherwise.
+//!
+//! Determinism: every sum over rows (bias, norm weights, embedding rows) is cut by shape, into
+//! fixed chunks of rows reduced in chunk order, never by thread; results are bit-identical
+//! whatever the thread count. The GEMMs are faer's, which splits output tiles across threads and
+//! never the depth, so each output element is summed in one order.
+
+use rayon::prelude::*;
+
+use crate::gemm::gemm_raw;
+use crate::layer::{erf, Activation, NormKind};
+use crate::{Accum, KernelError, Par};
+
+/// Rows per chunk of the column sums (bias and norm-weight gradients).
+const SUM_ROWS: usize = 64;
+
+fn shape(op: &'static str, tensor: &'static str, expected: Vec<usize>, got: Vec<usize>) -> KernelError {
+    KernelError::ShapeMismatch {
+        op,
+        tensor,
+        expected,
+        got,
+    }
+}
+
+fn check_len(op: &'static str, tensor: &'static str, want: usize, got: usize) -> Result<(), KernelError> {
+    if want == got {
+        Ok(())
+    } else {
+        Err(shape(op, tensor, vec![want], vec![got]))
+    }
+}
+
+/// `dst[c] += Σ_n rows[n·width + c]`, summed in chunks of [`SUM_ROWS`] rows in f64, the chunks
+/// added in order: the same bits whatever the thread count.
+fn add_column_sums(dst: &mut [f32], rows: &[f32], width: usize, par: Par) {
+    let chunk_sums = |chunk: &[f32]| {
+        let mut sums = vec![0.0f64; width];
+        for row in chunk.chunks_exact(width) {
+            sums.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+        }
+        sums
+    };
+    let partials: Vec<Vec<f64>> = match par {
+        Par::Seq => rows.chunks(SUM_ROWS * width).map(chunk_sums).collect(),
+        Par::Rayon => rows.par_chunks(SUM_ROWS * width).map(chunk_sums).collect(),
+    };
+    let mut total = vec![0.0f64; width];
+    for p in &partials {
+        total.iter_mut().zip(p).for_each(|(t, &x)| *t += x);
+    }
+    dst.iter_mut().zip(&total).for_each(|(d, &t)| *d += t as f32);
+}
+
+/// The shapes of a linear map `y = x·Wᵀ + b`: `x: [n, in_dim]`, `w: [out_dim, in_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearShape {
+    /// Rows (tokens).
+    pub n: usize,
+    /// Input features.
+    pub in_dim: usize,
+    /// Output features.
+    pub out_dim: usize,
+}
+
+/// The backward of `y = x·Wᵀ + b`: `dx = dy·W` (written, when asked for), `dW += dyᵀ·x`,
+/// `db += Σ_n dy[n]` (when the map has a bias). `dy: [n, out]`, `x: [n, in]`, `w: [out, in]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    sh: LinearShape,
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "linear_backward";
+    let LinearShape { n, in_dim, out_dim } = sh;
+    check_len(op, "dy", n * out_dim, dy.len())?;
+    check_len(op, "x", n * in_dim, x.len())?;
+    check_len(op, "w", out_dim * in_dim, w.len())?;
+    check_len(op, "dw", out_dim * in_dim, dw.len())?;
+    if n == 0 || in_dim == 0 || out_dim == 0 {
+        return Ok(());
+    }
+    if let Some(dx) = dx {
+        check_len(op, "dx", n * in_dim, dx.len())?;
+        // SAFETY: `dx` [n, in], `dy` [n, out], `w` [out, in], lengths checked above.
+        unsafe {
+            gemm_raw(
+                dx.as_mut_ptr(),
+                [in_dim, 1],
+                [n, in_dim, out_dim],
+                Accum::Replace,
+                dy.as_ptr(),
+                [out_dim, 1],
+                w.as_ptr(),
+                [in_dim, 1],
+                1.0,
+                par,
+            )
+        };
+    }
+    // SAFETY: `dw` [out, in], `dy` read as [out, n] (transposed), `x` [n, in]; lengths checked.
+    unsafe {
+        gemm_raw(
+            dw.as_mut_ptr(),
+            [in_dim, 1],
+            [out_dim, in_dim, n],
+            Accum::Add,
+            dy.as_ptr(),
+            [1, out_dim],
+            x.as_ptr(),
+            [in_dim, 1],
+            1.0,
+            par,
+        )
+    };
+    if let Some(db) = db {
+        check_len(op, "db", out_dim, db.len())?;
+        add_column_sums(db, dy, out_dim, par);
+    }
+    Ok(())
+}
+
+/// The backward of a norm over rows of `x: [N, E]` (the norm's input, after any residual add):
+/// `dx` is **added** to (the residual's other branch usually holds a gradient already), and
+/// `dweight += Σ_n dy·x̂`, `dbias += Σ_n dy` (layer norm with a bias). The statistics are
+/// recomputed from `x` in f64.
+///
+/// Layer norm: `dx = r·(g − mean(g) − x̂·mean(g·x̂))`, `g = dy·w`, `x̂ = (x − μ)·r`,
+/// `r = 1/sqrt(var + eps)`. RMS norm: the same without the mean terms.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_backward(
+    dx: &mut [f32],
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    weight: &[f32],
+    (kind, eps): (NormKind, f32),
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "norm_backward";
+    let e = weight.len();
+    if e == 0 || !x.len().is_multiple_of(e) {
+        return Err(shape(op, "x", vec![x.len().div_ceil(e.max(1)), e], vec![x.len()]));
+    }
+    check_len(op, "dy", x.len(), dy.len())?;
+    check_len(op, "dx", x.len(), dx.len())?;
+    check_len(op, "dweight", e, dweight.len())?;
+    let center = kind == NormKind::LayerNorm;
+    // Per row: add to dx; return this row's dy·x̂ (for dweight).
+    let row = |dx: &mut [f32], dy: &[f32], x: &[f32], xhat_dy: &mut [f64]| {
+        let n = e as f64;
+        let mean = if center {
+            x.iter().map(|&v| v as f64).sum::<f64>() / n
+        } else {
+            0.0
+        };
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let r = 1.0 / (var + eps as f64).sqrt();
+        let (mut mean_g, mut mean_gx) = (0.0f64, 0.0f64);
+        for j in 0..e {
+            let g = dy[j] as f64 * weight[j] as f64;
+            let xh = (x[j] as f64 - mean) * r;
+            mean_g += g;
+            mean_gx += g * xh;
+            xhat_dy[j] += dy[j] as f64 * xh;
+        }
+        let (mean_g, mean_gx) = (if center { mean_g / n } else { 0.0 }, mean_gx / n);
+        for j in 0..e {
+            let g = dy[j] as f64 * weight[j] as f64;
+            let xh = (x[j] as f64 - mean) * r;
+            dx[j] += (r * (g - mean_g - xh * mean_gx)) as f32;
+        }
+    };
+    let chunk = |(dxs, (dys, xs)): (&mut [f32], (&[f32], &[f32]))| {
+        let mut partial = vec![0.0f64; e];
+        for ((dx, dy), x) in dxs.chunks_exact_mut(e).zip(dys.chunks_exact(e)).zip(xs.chunks_exact(e)) {
+            row(dx, dy, x, &mut partial);
+        }
+        partial
+    };
+    let n = SUM_ROWS * e;
+    let partials: Vec<Vec<f64>> = match par {
+        Par::Seq => dx.chunks_mut(n).zip(dy.chunks(n).zip(x.chunks(n))).map(chunk).collect(),
+        Par::Rayon => dx
+            .par_chunks_mut(n)
+            .zip(dy.par_chunks(n).zip(x.par_chunks(n)))
+            .map(chunk)
+            .collect(),
+    };
+    let mut total = vec![0.0f64; e];
+    for p in &partials {
+        total.iter_mut().zip(p).for_each(|(t, &v)| *t += v);
+    }
+    dweight.iter_mut().zip(&total).for_each(|(d, &t)| *d += t as f32);
+    if let Some(db) = dbias {
+        check_len(op, "dbias", e, db.len())?;
+        add_column_sums(db, dy, e, par);
+    }
+    Ok(())
+}
+
+/// `act'(u)`, the derivative at the activation's input.
+fn derivative(u: f32, act: Activation) -> f32 {
+    match act {
+        Activation::Identity => 1.0,
+        // PyTorch's: 0 at u = 0.
+        Activation::Relu => {
+            if u > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::Gelu => {
+            // Φ(u) + u·φ(u).
+            let cdf = 0.5 * (1.0 + erf(u * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * u * u).exp() * 0.398_942_3;
+            cdf + u * pdf
+        }
+        Activation::GeluTanh => {
+            let c = 0.797_884_6f32;
+            let inner = c * (u + 0.044_715 * u * u * u);
+            let t = inner.tanh();
+            0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * u * u)
+        }
+    }
+}
+
+/// The backward of `y = act(u)`: `du = dy · act'(u)` (written). `u` is the activation's input
+/// (the linear map's output plus its bias), which the training forward keeps.
+pub fn activation_backward(
+    du: &mut [f32],
+    dy: &[f32],
+    u: &[f32],
+    act: Activation,
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "activation_backward";
+    check_len(op, "dy", du.len(), dy.len())?;
+    check_len(op, "u", du.len(), u.len())?;
+    let body = |(d, (g, x)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((d, &g), &x) in d.iter_mut().zip(g).zip(x) {
+            *d = g * derivative(x, act);
+        }
+    };
+    let n = 16 * 1024;
+    match par {
+        Par::Seq => du.chunks_mut(n).zip(dy.chunks(n).zip(u.chunks(n))).for_each(body),
+        Par::Rayon => du
+            .par_chunks_mut(n)
+            .zip(dy.par_chunks(n).zip(u.par_chunks(n)))
+            .for_each(body),
+    }
+    Ok(())
+}
+
+/// `y[n] = table[ids[n]]`: an embedding lookup, `table: [V, E]` -> `y: [N, E]`. An id past the
+/// table is an error naming it.
+pub fn embedding(y: &mut [f32], table: &[f32], ids: &[usize], e: usize) -> Result<(), KernelError> {
+    let op = "embedding";
+    check_len(op, "y", ids.len() * e, y.len())?;
+    let vocab = table.len().checked_div(e).unwrap_or(0);
+    for (row, &id) in y.chunks_exact_mut(e.max(1)).zip(ids) {
+        if id >= vocab {
+            return Err(KernelError::InvalidArgument {
+                op,
+                what: "a token id",
+                got: id.to_string(),
+                expected: "below the table's row count",
+            });
+        }
+        row.copy_from_slice(&table[id * e..(id + 1) * e]);
+    }
+    Ok(())
+}
+
+/// The backward of [`embedding`]: `dtable[ids[n]] += dy[n]`. Each thread owns a range of
+/// columns and adds the rows in order, so repeated ids sum in the same order whatever the
+/// thread count.
+pub fn embedding_backward(
+    dtable: &mut [f32],
+    dy: &[f32],
+    ids: &[usize],
+    e: usize,
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "embedding_backward";
+    check_len(op, "dy", ids.len() * e, dy.len())?;
+    if e == 0 {
+        return Ok(());
+    }
+    let vocab = dtable.len() / e;
+    if let Some(&bad) = ids.iter().find(|&&id| id >= vocab) {
+        return Err(KernelError::InvalidArgument {
+            op,
+            what: "a token id",
+            got: bad.to_string(),
+            expected: "below the table's row count",
+        });
+    }
+    let columns = 16;
+    let table = crate::view::SharedMut(dtable.as_mut_ptr());
+    let body = |c0: usize| {
+        let c1 = (c0 + columns).min(e);
+        for (n, &id) in ids.iter().enumerate() {
+            for c in c0..c1 {
+                // SAFETY: `id < vocab` (checked), `c < e`; the columns `c0..c1` belong to this
+                // task alone.
+                unsafe { *table.get().add(id * e + c) += dy[n * e + c] };
+            }
+        }
+    };
+    match par {
+        Par::Seq => (0..e).step_by(columns).for_each(body),
+        Par::Rayon => (0..e).into_par_iter().step_by(columns).for_each(body),
+    }
+    Ok(())
+}
+
+/// The result of [`cross_entropy`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrossEntropy {
+    /// The mean loss over the rows whose target is not ignored (PyTorch's `reduction="mean"`);
+    /// NaN when every row is ignored, as in PyTorch.
+    pub loss: f64,
+    /// How many rows counted.
+    pub count: usize,
+}
+
+/// Softmax cross-entropy over rows of `logits: [N, V]` with PyTorch's `F.cross_entropy`
+/// semantics: `targets[n] == ignore_index` rows add nothing; `label_smoothing = ε` mixes the
+/// one-hot target with the uniform `ε/V`. Writes `dlogits = (softmax − q) / count` (zero on
+/// ignored rows), the gradient of the mean loss, fused with the log-softmax: no `[N, V]`
+/// probability buffer besides `dlogits`.
+pub fn cross_entropy(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    targets: &[i64],
+    ignore_index: i64,
+    label_smoothing: f32,
+    par: Par,
+) -> Result<CrossEntropy, KernelError> {
+    let op = "cross_entropy";
+    let n = targets.len();
+    if n == 0 || !logits.len().is_multiple_of(n) {
+        return Err(shape(
+            op,
+            "logits",
+            vec![n, logits.len().div_ceil(n.max(1))],
+            vec![logits.len()],
+        ));
+    }
+    check_len(op, "dlogits", logits.len(), dlogits.len())?;
+    let v = logits.len() / n;
+    if !(0.0..=1.0).contains(&label_smoothing) {
+        return Err(KernelError::InvalidArgument {
+            op,
+            what: "label_smoothing",
+            got: label_smoothing.to_string(),
+            expected: "between 0 and 1",
+        });
+    }
+    if let Some(&bad) = targets
+        .iter()
+        .find(|&&t| t != ignore_index && !(0..v as i64).contains(&t))
+    {
+        return Err(KernelError::InvalidArgument {
+            op,
+            what: "a target",
+            got: bad.to_string(),
+            expected: "a class index below V, or ignore_index",
+        });
+    }
+    let count = targets.iter().filter(|&&t| t != ignore_index).count();
+    let eps = label_smoothing as f64;
+    let inv_count = if count == 0 { 0.0 } else { 1.0 / count as f64 };
+    // Per row: its loss (f64), and dlogits written.
+    let row = |(d, (x, &t)): (&mut [f32], (&[f32], &i64))| -> f64 {
+        if t == ignore_index {
+            d.fill(0.0);
+            return 0.0;
+        }
+        let m = x.iter().fold(f32::NEG_INFINITY, |m, &y| m.max(y)) as f64;
+        let sum: f64 = x.iter().map(|&y| (y as f64 - m).exp()).sum();
+        let log_z = m + sum.ln();
+        let mean_logit = x.iter().map(|&y| y as f64).sum::<f64>() / v as f64;
+        let nll = log_z - x[t as usize] as f64;
+        let smooth = log_z - mean_logit;
+        for (j, (dj, &y)) in d.iter_mut().zip(x).enumerate() {
+            let p = (y as f64 - log_z).exp();
+            let q = eps / v as f64 + if j == t as usize { 1.0 - eps } else { 0.0 };
+            *dj = ((p - q) * inv_count) as f32;
+        }
+        (1.0 - eps) * nll + eps * smooth
+    };
+    let losses: Vec<f64> = match par {
+        Par::Seq => dlogits
+            .chunks_mut(v)
+            .zip(logits.chunks(v).zip(targets))
+            .map(row)
+            .collect(),
+        Par::Rayon => dlogits
+            .par_chunks_mut(v)
+            .zip(logits.par_chunks(v).zip(targets.par_iter()))
+            .map(row)
+            .collect(),
+    };
+    let total: f64 = losses.iter().sum();
+    Ok(CrossEntropy {
+        loss: if count == 0 { f64::NAN } else { total / count as f64 },
+        count,
+    })
+}
+
+/// A counter-based uniform draw in `[0, 1)` for element `index` of dropout call `seed`:
+/// SplitMix64's finaliser of `seed` and `index`, so a mask depends on nothing else (not the
+/// thread count, not the order), and a step can be replayed from its seed.
+#[inline]
+pub fn dropout_uniform(seed: u64, index: u64) -> f32 {
+    let mut z = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(index)
+        .wrapping_add(0x6A09_E667_F3BC_C909);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Inverted dropout in place: `x[i] = 0` where [`dropout_uniform`]`(seed, offset + i) < p`,
+/// else `x[i] / (1 − p)`. The backward is the same call on the output's gradient with the same
+/// `seed` and `offset`. `p = 0` leaves `x` as it is; `p = 1` zeros it.
+pub fn dropout(x: &mut [f32], p: f32, seed: u64, offset: u64, par: Par) -> Result<(), KernelError> {
+    if !(0.0..=1.0).contains(&p) {
+        return Err(KernelError::InvalidArgument {
+            op: "dropout",
+            what: "p",
+            got: p.to_string(),
+            expected: "between 0 and 1",
+        });
+    }
+    if p == 0.0 {
+        return Ok(());
+    }
+    let keep = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
+    let chunk = 16 * 1024;
+    let body = |(c, xs): (usize, &mut [f32])| {
+        for (i, x) in xs.iter_mut().enumerate() {
+            let index = offset + (c * chunk + i) as u64;
+            *x = if dropout_uniform(seed, index) < p {
+                0.0
+            } else {
+                *x * keep
+            };
+        }
+    };
+    match par {
+        Par::Seq => x.chunks_mut(chunk).enumerate().for_each(body),
+        Par::Rayon => x.par_chunks_mut(chunk).enumerate().for_each(body),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

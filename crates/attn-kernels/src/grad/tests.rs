@@ -1,0 +1,304 @@
+//! Every backward kernel against central differences of an f64 forward, and the sums against
+//! thread counts.
+
+use super::*;
+use crate::testing::random_vec;
+
+/// `∂f/∂x[i]` by central differences in f64.
+fn numeric(f: &dyn Fn(&[f64]) -> f64, x: &[f64], i: usize) -> f64 {
+    let h = 1e-6 * x[i].abs().max(1.0);
+    let (mut up, mut down) = (x.to_vec(), x.to_vec());
+    up[i] += h;
+    down[i] -= h;
+    (f(&up) - f(&down)) / (2.0 * h)
+}
+
+fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// `|got − want| / (1 + |want|)` over every element, the worst.
+fn worst(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / (1.0 + w.abs()))
+        .fold(0.0, f64::max)
+}
+
+fn pools() -> Vec<rayon::ThreadPool> {
+    [1, 2, 3, 8]
+        .map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap())
+        .into()
+}
+
+#[test]
+fn linear_backward_matches_finite_differences() {
+    let sh = LinearShape {
+        n: 70,
+        in_dim: 9,
+        out_dim: 5,
+    };
+    let x = random_vec(sh.n * sh.in_dim, 1);
+    let w = random_vec(sh.out_dim * sh.in_dim, 2);
+    let dy = random_vec(sh.n * sh.out_dim, 3);
+    // L = Σ dy ∘ (x·Wᵀ + b) in f64, as a function of x, of W, of b.
+    let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
+        let mut total = 0.0;
+        for r in 0..sh.n {
+            for o in 0..sh.out_dim {
+                let y: f64 = (0..sh.in_dim)
+                    .map(|i| x[r * sh.in_dim + i] * w[o * sh.in_dim + i])
+                    .sum::<f64>()
+                    + b[o];
+                total += dy[r * sh.out_dim + o] as f64 * y;
+            }
+        }
+        total
+    };
+    let (x64, w64, b64) = (widen(&x), widen(&w), vec![0.5; sh.out_dim]);
+    let mut dx = vec![f32::NAN; x.len()];
+    // dW and db start non-zero: the kernel adds to them.
+    let mut dw = vec![1.0f32; w.len()];
+    let mut db = vec![2.0f32; sh.out_dim];
+    linear_backward(Some(&mut dx), &mut dw, Some(&mut db), &dy, &x, &w, sh, Par::Rayon).unwrap();
+    let want_dx: Vec<f64> = (0..x.len())
+        .map(|i| numeric(&|v| loss(v, &w64, &b64), &x64, i))
+        .collect();
+    let want_dw: Vec<f64> = (0..w.len())
+        .map(|i| 1.0 + numeric(&|v| loss(&x64, v, &b64), &w64, i))
+        .collect();
+    let want_db: Vec<f64> = (0..sh.out_dim)
+        .map(|i| 2.0 + numeric(&|v| loss(&x64, &w64, v), &b64, i))
+        .collect();
+    // f32 GEMMs over 70 rows: measured below 1e-6.
+    assert!(worst(&dx, &want_dx) < 1e-5, "dx {}", worst(&dx, &want_dx));
+    assert!(worst(&dw, &want_dw) < 1e-5, "dw {}", worst(&dw, &want_dw));
+    assert!(worst(&db, &want_db) < 1e-5, "db {}", worst(&db, &want_db));
+    for pool in pools() {
+        let (mut dx2, mut dw2, mut db2) = (vec![0.0; x.len()], vec![1.0f32; w.len()], vec![2.0f32; sh.out_dim]);
+        pool.install(|| linear_backward(Some(&mut dx2), &mut dw2, Some(&mut db2), &dy, &x, &w, sh, Par::Rayon))
+            .unwrap();
+        assert_eq!(
+            (&dx2, &dw2, &db2),
+            (&dx, &dw, &db),
+            "{} threads",
+            pool.current_num_threads()
+        );
+    }
+    let err = linear_backward(None, &mut dw, None, &dy[1..], &x, &w, sh, Par::Seq).unwrap_err();
+    assert!(
+        err.to_string().contains("`dy` has shape [349], expected [350]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn norm_backward_matches_finite_differences() {
+    let (rows, e) = (150, 12);
+    let x: Vec<f32> = random_vec(rows * e, 4).iter().map(|v| 2.0 + 3.0 * v).collect();
+    let w = random_vec(e, 5);
+    let b = random_vec(e, 6);
+    let dy = random_vec(rows * e, 7);
+    for kind in [NormKind::LayerNorm, NormKind::RmsNorm] {
+        let eps = 0.1f32;
+        let center = kind == NormKind::LayerNorm;
+        let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
+            let mut total = 0.0;
+            for (r, row) in x.chunks(e).enumerate() {
+                let mean = if center {
+                    row.iter().sum::<f64>() / e as f64
+                } else {
+                    0.0
+                };
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / e as f64;
+                let inv = 1.0 / (var + eps as f64).sqrt();
+                for j in 0..e {
+                    let y = (row[j] - mean) * inv * w[j] + if center { b[j] } else { 0.0 };
+                    total += dy[r * e + j] as f64 * y;
+                }
+            }
+            total
+        };
+        let (x64, w64, b64) = (widen(&x), widen(&w), widen(&b));
+        let mut dx = vec![0.25f32; x.len()];
+        let mut dw = vec![0.0f32; e];
+        let mut dbias = vec![0.0f32; e];
+        let db = if center { Some(&mut dbias[..]) } else { None };
+        norm_backward(&mut dx, &mut dw, db, &dy, &x, &w, (kind, eps), Par::Rayon).unwrap();
+        // dx was 0.25 before: the kernel adds.
+        let want_dx: Vec<f64> = (0..x.len())
+            .map(|i| 0.25 + numeric(&|v| loss(v, &w64, &b64), &x64, i))
+            .collect();
+        let want_dw: Vec<f64> = (0..e).map(|i| numeric(&|v| loss(&x64, v, &b64), &w64, i)).collect();
+        // Measured below 1e-7 (f64 inside, one f32 rounding).
+        assert!(worst(&dx, &want_dx) < 1e-6, "{kind:?} dx {}", worst(&dx, &want_dx));
+        assert!(worst(&dw, &want_dw) < 1e-6, "{kind:?} dw {}", worst(&dw, &want_dw));
+        if center {
+            let want_db: Vec<f64> = (0..e).map(|i| numeric(&|v| loss(&x64, &w64, v), &b64, i)).collect();
+            assert!(worst(&dbias, &want_db) < 1e-6, "db {}", worst(&dbias, &want_db));
+        }
+        for pool in pools() {
+            let (mut dx2, mut dw2, mut db2) = (vec![0.25f32; x.len()], vec![0.0f32; e], vec![0.0f32; e]);
+            let db = if center { Some(&mut db2[..]) } else { None };
+            pool.install(|| norm_backward(&mut dx2, &mut dw2, db, &dy, &x, &w, (kind, eps), Par::Rayon))
+                .unwrap();
+            assert_eq!(
+                (&dx2, &dw2),
+                (&dx, &dw),
+                "{kind:?} {} threads",
+                pool.current_num_threads()
+            );
+        }
+    }
+}
+
+#[test]
+fn activation_backward_matches_finite_differences() {
+    let u: Vec<f32> = (0..4001).map(|i| -8.0 + 16.0 * i as f32 / 4000.0 + 1e-3).collect();
+    let dy = random_vec(u.len(), 8);
+    for act in [
+        Activation::Identity,
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+    ] {
+        let f = |x: f64| -> f64 {
+            match act {
+                Activation::Identity => x,
+                Activation::Relu => x.max(0.0),
+                Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+                Activation::GeluTanh => {
+                    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+                }
+            }
+        };
+        let mut du = vec![f32::NAN; u.len()];
+        activation_backward(&mut du, &dy, &u, act, Par::Rayon).unwrap();
+        for i in 0..u.len() {
+            let x = u[i] as f64;
+            let h = 1e-6;
+            let want = dy[i] as f64 * (f(x + h) - f(x - h)) / (2.0 * h);
+            // The f32 erf and exp: measured below 1e-6.
+            assert!((du[i] as f64 - want).abs() < 1e-5, "{act:?}'({x}): {} vs {want}", du[i]);
+        }
+    }
+}
+
+#[test]
+fn embedding_and_its_backward() {
+    let (vocab, e) = (11, 37);
+    let table = random_vec(vocab * e, 9);
+    // Repeated ids: their gradients add up.
+    let ids = [3, 0, 3, 10, 3, 7];
+    let mut y = vec![0.0f32; ids.len() * e];
+    embedding(&mut y, &table, &ids, e).unwrap();
+    assert_eq!(&y[2 * e..3 * e], &table[3 * e..4 * e]);
+    let dy = random_vec(ids.len() * e, 10);
+    let mut dtable = vec![0.0f32; vocab * e];
+    embedding_backward(&mut dtable, &dy, &ids, e, Par::Seq).unwrap();
+    for c in 0..e {
+        let want = dy[c] + dy[2 * e + c] + dy[4 * e + c];
+        assert_eq!(dtable[3 * e + c], want, "column {c}");
+        assert_eq!(dtable[e + c], 0.0);
+    }
+    for pool in pools() {
+        let mut again = vec![0.0f32; vocab * e];
+        pool.install(|| embedding_backward(&mut again, &dy, &ids, e, Par::Rayon))
+            .unwrap();
+        assert_eq!(again, dtable);
+    }
+    let err = embedding(&mut y[..e], &table, &[11], e).unwrap_err();
+    assert!(err.to_string().contains("a token id is 11"), "{err}");
+    assert!(embedding_backward(&mut dtable, &dy[..e], &[11], e, Par::Seq).is_err());
+}
+
+#[test]
+fn cross_entropy_matches_its_definition_and_finite_differences() {
+    let (n, v) = (9, 7);
+    let logits: Vec<f32> = random_vec(n * v, 11).iter().map(|x| 4.0 * x).collect();
+    let targets: Vec<i64> = vec![0, 6, -100, 3, 3, 1, -100, 5, 2];
+    for smoothing in [0.0f32, 0.1] {
+        let loss = |x: &[f64]| -> f64 {
+            let mut total = 0.0;
+            let mut count = 0;
+            for (r, &t) in targets.iter().enumerate() {
+                if t == -100 {
+                    continue;
+                }
+                count += 1;
+                let row = &x[r * v..(r + 1) * v];
+                let log_z = row.iter().map(|y| y.exp()).sum::<f64>().ln();
+                let nll = log_z - row[t as usize];
+                let uniform = row.iter().map(|y| log_z - y).sum::<f64>() / v as f64;
+                total += (1.0 - smoothing as f64) * nll + smoothing as f64 * uniform;
+            }
+            total / count as f64
+        };
+        let mut d = vec![f32::NAN; n * v];
+        let result = cross_entropy(&mut d, &logits, &targets, -100, smoothing, Par::Rayon).unwrap();
+        let x64 = widen(&logits);
+        assert_eq!(result.count, 7);
+        assert!(
+            (result.loss - loss(&x64)).abs() < 1e-12,
+            "loss {} vs {}",
+            result.loss,
+            loss(&x64)
+        );
+        let want: Vec<f64> = (0..n * v).map(|i| numeric(&loss, &x64, i)).collect();
+        assert!(worst(&d, &want) < 1e-6, "dlogits {}", worst(&d, &want));
+        assert!(
+            d[2 * v..3 * v].iter().all(|&g| g == 0.0),
+            "an ignored row has no gradient"
+        );
+    }
+    // Every row ignored: NaN loss (as PyTorch), no gradient.
+    let mut d = vec![1.0f32; 2 * v];
+    let r = cross_entropy(&mut d, &logits[..2 * v], &[-100, -100], -100, 0.0, Par::Seq).unwrap();
+    assert!(r.loss.is_nan() && r.count == 0 && d.iter().all(|&g| g == 0.0));
+    let err = cross_entropy(&mut d, &logits[..2 * v], &[7, 0], -100, 0.0, Par::Seq).unwrap_err();
+    assert!(err.to_string().contains("a target is 7"), "{err}");
+    assert!(cross_entropy(&mut d, &logits[..2 * v], &[1, 0], -100, 1.5, Par::Seq).is_err());
+}
+
+#[test]
+fn dropout_is_counter_based_and_its_own_backward() {
+    let n = 100_003;
+    let x = random_vec(n, 12);
+    let p = 0.3f32;
+    let mut y = x.clone();
+    dropout(&mut y, p, 42, 1000, Par::Seq).unwrap();
+    let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+    // A binomial fraction over 1e5 draws: the standard deviation is 1.4e-3.
+    assert!((dropped - 0.3).abs() < 0.01, "dropped {dropped}");
+    for (i, (&a, &b)) in x.iter().zip(&y).enumerate() {
+        if b != 0.0 {
+            assert_eq!(b, a * (1.0 / 0.7), "kept element {i} is scaled by 1/(1-p)");
+        }
+    }
+    // The same seed and offset give the same mask on any thread count; the backward is the same
+    // call on the gradient.
+    for pool in pools() {
+        let mut again = x.clone();
+        pool.install(|| dropout(&mut again, p, 42, 1000, Par::Rayon)).unwrap();
+        assert_eq!(again, y);
+    }
+    let mut grad = vec![1.0f32; n];
+    dropout(&mut grad, p, 42, 1000, Par::Rayon).unwrap();
+    for i in 0..n {
+        if x[i] != 0.0 {
+            assert_eq!(
+                grad[i] == 0.0,
+                y[i] == 0.0,
+                "element {i}: the backward drops what the forward dropped"
+            );
+        }
+    }
+    // Another seed or offset, another mask.
+    let mut other = x.clone();
+    dropout(&mut other, p, 43, 1000, Par::Seq).unwrap();
+    assert_ne!(other, y);
+    let mut same = x.clone();
+    dropout(&mut same, 0.0, 42, 0, Par::Seq).unwrap();
+    assert_eq!(same, x);
+    assert!(dropout(&mut same, 1.5, 42, 0, Par::Seq).is_err());
+}
