@@ -163,6 +163,40 @@ def write(out_dir, case, self_attention=False):
     return name
 
 
+def noam(step, d_model=16, warmup=2):
+    """The inverse-square-root schedule's factor at 1-based `step` (attn's `Schedule::Noam`)."""
+    return d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+def adamw_fixture(out_dir):
+    """Three steps of torch.optim.AdamW with clip_grad_norm_ and a noam LambdaLR: the initial
+    parameters, each step's gradients, and the parameters, total norm and learning rate after
+    each step, in `optim/adamw.safetensors` (not a module case: not in cases.json)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(401)
+    shapes = {"layer.weight": (7, 5), "layer.bias": (7,), "norm.weight": (5,)}
+    params = {n: torch.nn.Parameter(torch.randn(*s, generator=gen)) for n, s in shapes.items()}
+    tensors = {f"init.{n}": p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.AdamW(params.values(), lr=3e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: noam(epoch + 1))
+    for step in range(3):
+        # Step 1's gradients are small, so clipping leaves them alone there.
+        scale = 0.01 if step == 1 else 1.0
+        for n, p in params.items():
+            p.grad = torch.randn(*shapes[n], generator=gen) * scale
+            tensors[f"grad.{step}.{n}"] = p.grad.clone()
+        total = torch.nn.utils.clip_grad_norm_(params.values(), max_norm=0.5)
+        tensors[f"norm.{step}"] = total.reshape(1).float()
+        tensors[f"lr.{step}"] = torch.tensor([opt.param_groups[0]["lr"]], dtype=torch.float32)
+        opt.step()
+        sched.step()
+        for n, p in params.items():
+            tensors[f"after.{step}.{n}"] = p.detach().clone()
+    meta = {"config": json.dumps({"lr": 3e-2, "betas": [0.9, 0.98], "eps": 1e-8, "weight_decay": 0.05,
+                                  "max_norm": 0.5, "schedule": {"noam": {"d_model": 16, "warmup": 2}}})}
+    save_file(tensors, str(out_dir / "adamw.safetensors"), metadata=meta)
+
+
 def main():
     core_dir, nn_dir = Path(sys.argv[1]), Path(sys.argv[2])
     for d in (core_dir, nn_dir):
@@ -171,6 +205,7 @@ def main():
     (core_dir / "cases.json").write_text(json.dumps(sorted(core), indent=1) + "\n")
     nn_names = [write(nn_dir, case) for case in LAYER_CASES + BERT_CASES]
     (nn_dir / "cases.json").write_text(json.dumps(sorted(nn_names), indent=1) + "\n")
+    adamw_fixture(nn_dir / "optim")
     print(f"wrote {len(core)} attn-core cases and {len(nn_names)} attn-nn cases (torch {torch.__version__})")
 
 

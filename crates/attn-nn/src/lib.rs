@@ -17,11 +17,13 @@
 mod bert;
 mod error;
 pub mod layers;
+mod optim;
 mod transformer;
 
 pub use attn_core as core;
 pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
+pub use optim::{clip_grad_norm, AdamW, Param, Schedule};
 pub use transformer::{
     BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig,
     StackConfig, Transformer, TransformerConfig,

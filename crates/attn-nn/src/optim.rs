@@ -1,0 +1,198 @@
+//! Training's optimizer side: `AdamW` equal to `torch.optim.AdamW`, learning-rate schedules as
+//! `LambdaLR` factors, and `clip_grad_norm` with `torch.nn.utils.clip_grad_norm_`'s semantics.
+//!
+//! Parameters and their gradients are visited by state-dict name ([`Param`]), so the optimizer
+//! works for any module whose parameters can be listed, and its moments can be saved beside the
+//! weights under the same names.
+
+use std::collections::BTreeMap;
+
+use crate::error::invalid;
+use crate::{NnError, Result};
+
+/// One parameter and its gradient, under its state-dict name.
+#[derive(Debug)]
+pub struct Param<'a> {
+    /// The state-dict name, e.g. `encoder.layers.0.linear1.weight`.
+    pub name: &'a str,
+    /// The values, updated in place.
+    pub value: &'a mut [f32],
+    /// Its gradient, as the backward left it.
+    pub grad: &'a [f32],
+}
+
+/// `torch.optim.AdamW`: Adam with decoupled weight decay and bias correction, evaluated in the
+/// same order as PyTorch's single-tensor implementation, so the parameters agree to rounding:
+/// `p ← p·(1 − lr·wd)`; `m ← m + (1 − β1)(g − m)`; `v ← β2·v + (1 − β2)·g²`;
+/// `p ← p − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + eps)`.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    /// β1, β2.
+    pub betas: (f32, f32),
+    /// Added to the denominator.
+    pub eps: f32,
+    /// Decoupled weight decay (PyTorch's default 0.01).
+    pub weight_decay: f32,
+    step: u64,
+    moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+}
+
+impl AdamW {
+    /// An optimizer with no steps taken; the same argument checks as PyTorch's constructor.
+    pub fn new(betas: (f32, f32), eps: f32, weight_decay: f32) -> Result<Self> {
+        for (name, beta) in [("betas[0]", betas.0), ("betas[1]", betas.1)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(invalid(name, beta, "in [0, 1)"));
+            }
+        }
+        if !(eps >= 0.0 && eps.is_finite()) {
+            return Err(invalid("eps", eps, "a finite number at least 0"));
+        }
+        if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
+            return Err(invalid("weight_decay", weight_decay, "a finite number at least 0"));
+        }
+        Ok(AdamW {
+            betas,
+            eps,
+            weight_decay,
+            step: 0,
+            moments: BTreeMap::new(),
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// The first and second moments of a parameter, by name (after its first step).
+    pub fn moments(&self, name: &str) -> Option<(&[f32], &[f32])> {
+        self.moments.get(name).map(|(m, v)| (&m[..], &v[..]))
+    }
+
+    /// One step at learning rate `lr` over `params`. A parameter seen for the first time gets
+    /// zero moments; one whose size changed since is an error naming it.
+    pub fn step(&mut self, params: &mut [Param<'_>], lr: f32) -> Result<()> {
+        if !(lr >= 0.0 && lr.is_finite()) {
+            return Err(invalid("lr", lr, "a finite number at least 0"));
+        }
+        for p in params.iter() {
+            if p.grad.len() != p.value.len() {
+                return Err(NnError::ShapeMismatch {
+                    op: "AdamW::step",
+                    tensor: format!("grad.{}", p.name),
+                    expected: format!("{} values, as the parameter", p.value.len()),
+                    got: vec![p.grad.len()],
+                });
+            }
+            if let Some((m, _)) = self.moments.get(p.name) {
+                if m.len() != p.value.len() {
+                    return Err(NnError::ShapeMismatch {
+                        op: "AdamW::step",
+                        tensor: p.name.to_string(),
+                        expected: format!("{} values, as at the optimizer's earlier steps", m.len()),
+                        got: vec![p.value.len()],
+                    });
+                }
+            }
+        }
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = self.betas;
+        let bias1 = 1.0 - b1.powi(t);
+        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bias1;
+        let decay = 1.0 - lr * self.weight_decay;
+        for p in params.iter_mut() {
+            let (m, v) = self
+                .moments
+                .entry(p.name.to_string())
+                .or_insert_with(|| (vec![0.0; p.value.len()], vec![0.0; p.value.len()]));
+            for (((x, &g), m), v) in p.value.iter_mut().zip(p.grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *x *= decay;
+                *m += (1.0 - b1) * (g - *m);
+                *v = *v * b2 + (1.0 - b2) * g * g;
+                let denom = v.sqrt() / bias2_sqrt + self.eps;
+                *x -= step_size * (*m / denom);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A learning-rate schedule: `lr(step) = base · factor(step)` for the 1-based step about to be
+/// taken, as `torch.optim.lr_scheduler.LambdaLR(opt, lambda e: factor(e + 1))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// 1 after a linear warm-up: `min(1, step / warmup)`.
+    Constant {
+        /// Steps of linear warm-up (0: none).
+        warmup: u64,
+    },
+    /// "Attention Is All You Need": `d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)`.
+    Noam {
+        /// The model width.
+        d_model: usize,
+        /// Steps of warm-up (at least 1).
+        warmup: u64,
+    },
+    /// Linear warm-up, then a half cosine from 1 down to `min_factor` at `total` steps.
+    Cosine {
+        /// Steps of linear warm-up.
+        warmup: u64,
+        /// The step where the cosine ends (held at `min_factor` after).
+        total: u64,
+        /// The final factor.
+        min_factor: f32,
+    },
+}
+
+impl Schedule {
+    /// The factor at 1-based `step`.
+    pub fn factor(self, step: u64) -> f32 {
+        let s = step.max(1) as f64;
+        let f = match self {
+            Schedule::Constant { warmup } => {
+                if warmup == 0 {
+                    1.0
+                } else {
+                    (s / warmup as f64).min(1.0)
+                }
+            }
+            Schedule::Noam { d_model, warmup } => {
+                (d_model as f64).powf(-0.5) * s.powf(-0.5).min(s * (warmup.max(1) as f64).powf(-1.5))
+            }
+            Schedule::Cosine {
+                warmup,
+                total,
+                min_factor,
+            } => {
+                if step <= warmup && warmup > 0 {
+                    s / warmup as f64
+                } else {
+                    let span = total.saturating_sub(warmup).max(1) as f64;
+                    let progress = ((s - warmup as f64) / span).clamp(0.0, 1.0);
+                    let min = min_factor as f64;
+                    min + (1.0 - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+                }
+            }
+        };
+        f as f32
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_`: the 2-norm of all gradients together (the norm of the
+/// per-tensor norms), and every gradient scaled by `min(1, max_norm / (norm + 1e-6))`. Returns
+/// the norm before clipping. Sums run in f64 in the order given.
+pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
+    let norms: Vec<f64> = grads
+        .iter()
+        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt())
+        .collect();
+    let total = norms.iter().map(|n| n * n).sum::<f64>().sqrt() as f32;
+    let coef = (max_norm / (total + 1e-6)).min(1.0);
+    for g in grads.iter_mut() {
+        g.iter_mut().for_each(|x| *x *= coef);
+    }
+    total
+}
