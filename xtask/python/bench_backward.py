@@ -1,0 +1,71 @@
+"""Forward + backward of attention: `attn bench sdpa --backward --json` against PyTorch's
+`scaled_dot_product_attention` forward and `out.backward(dout)` (its CPU flash backward),
+interleaved round by round, medians. Flops are 3.5× the forward's (the contract's count).
+
+Usage: python bench_backward.py ATTN_BINARY THREADS ROUNDS
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [
+    # (B, H, S, D, causal): the three shapes of issue 13.
+    (1, 8, 1024, 64, False),
+    (4, 12, 128, 64, False),
+    (1, 16, 2048, 128, True),
+]
+
+
+def time_torch(b, h, s, d, causal, min_seconds=0.5, min_runs=3):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = [(torch.rand(b, h, s, d, generator=gen) * 2 - 1).requires_grad_() for _ in range(3)]
+    dout = torch.rand(b, h, s, d, generator=gen) * 2 - 1
+
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(dout)
+
+    step()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < 200):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_attn(binary, threads, b, h, s, d, causal):
+    cmd = [binary, "bench", "sdpa", "--backward", "--batch", str(b), "--heads", str(h), "--seq", str(s),
+           "--head-dim", str(d), "--threads", str(threads), "--min-seconds", "0.5", "--json"]
+    if causal:
+        cmd.append("--causal")
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["median_s"]
+
+
+def main():
+    binary, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {threads} threads, {rounds} interleaved rounds, medians")
+    print("| B,H,S,D | causal | attn ms | torch ms | attn GFLOP/s | torch GFLOP/s | attn / torch speed |")
+    print("|---|---|---|---|---|---|---|")
+    for b, h, s, d, causal in SHAPES:
+        ours, theirs = [], []
+        for _ in range(rounds):
+            ours.append(time_attn(binary, threads, b, h, s, d, causal))
+            theirs.append(time_torch(b, h, s, d, causal))
+        o, p = statistics.median(ours), statistics.median(theirs)
+        flops = 3.5 * 4.0 * b * h * s * s * d / (2 if causal else 1)
+        print(f"| {b},{h},{s},{d} | {'yes' if causal else 'no'} | {o*1e3:.2f} | {p*1e3:.2f} | "
+              f"{flops/o/1e9:.1f} | {flops/p/1e9:.1f} | {p/o:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
