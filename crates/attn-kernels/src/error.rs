@@ -93,3 +93,24 @@ pub enum KernelError {
         expected: &'static str,
     },
 }
+
+impl KernelError {
+    /// A [`KernelError::ShapeMismatch`].
+    pub(crate) fn shape(op: &'static str, tensor: &'static str, expected: Vec<usize>, got: Vec<usize>) -> Self {
+        KernelError::ShapeMismatch {
+            op,
+            tensor,
+            expected,
+            got,
+        }
+    }
+}
+
+/// `Ok` when a flat buffer holds `want` elements, else a shape error naming it.
+pub(crate) fn check_len(op: &'static str, tensor: &'static str, want: usize, got: usize) -> Result<(), KernelError> {
+    if want == got {
+        Ok(())
+    } else {
+        Err(KernelError::shape(op, tensor, vec![want], vec![got]))
+    }
+}

@@ -14,29 +14,13 @@
 
 use rayon::prelude::*;
 
+use crate::error::check_len;
 use crate::gemm::gemm_raw;
 use crate::layer::{erf, Activation, NormKind};
 use crate::{Accum, KernelError, Par};
 
 /// Rows per chunk of the column sums (bias and norm-weight gradients).
 const SUM_ROWS: usize = 64;
-
-fn shape(op: &'static str, tensor: &'static str, expected: Vec<usize>, got: Vec<usize>) -> KernelError {
-    KernelError::ShapeMismatch {
-        op,
-        tensor,
-        expected,
-        got,
-    }
-}
-
-fn check_len(op: &'static str, tensor: &'static str, want: usize, got: usize) -> Result<(), KernelError> {
-    if want == got {
-        Ok(())
-    } else {
-        Err(shape(op, tensor, vec![want], vec![got]))
-    }
-}
 
 /// `dst[c] += Σ_n rows[n·width + c]`, summed in chunks of [`SUM_ROWS`] rows in f64, the chunks
 /// added in order: the same bits whatever the thread count.
@@ -153,7 +137,12 @@ pub fn norm_backward(
     let op = "norm_backward";
     let e = weight.len();
     if e == 0 || !x.len().is_multiple_of(e) {
-        return Err(shape(op, "x", vec![x.len().div_ceil(e.max(1)), e], vec![x.len()]));
+        return Err(KernelError::shape(
+            op,
+            "x",
+            vec![x.len().div_ceil(e.max(1)), e],
+            vec![x.len()],
+        ));
     }
     check_len(op, "dy", x.len(), dy.len())?;
     check_len(op, "dx", x.len(), dx.len())?;
@@ -356,7 +345,7 @@ pub fn cross_entropy(
     let op = "cross_entropy";
     let n = targets.len();
     if n == 0 || !logits.len().is_multiple_of(n) {
-        return Err(shape(
+        return Err(KernelError::shape(
             op,
             "logits",
             vec![n, logits.len().div_ceil(n.max(1))],

@@ -21,6 +21,7 @@
 
 use rayon::prelude::*;
 
+use crate::error::check_len;
 use crate::simd::{exp_scalar, simd_level, SimdLevel};
 use crate::{KernelError, Par};
 
@@ -78,14 +79,14 @@ impl NormParams<'_> {
                 return Err(invalid(op, "bias", "given", "none for RMS norm"));
             }
             if bias.len() != e {
-                return Err(shape(op, "bias", vec![e], vec![bias.len()]));
+                return Err(KernelError::shape(op, "bias", vec![e], vec![bias.len()]));
             }
         }
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             return Err(invalid(op, "eps", &self.eps.to_string(), "finite and at least 0"));
         }
         if !len.is_multiple_of(e) {
-            return Err(shape(op, "x", vec![len.div_ceil(e), e], vec![len]));
+            return Err(KernelError::shape(op, "x", vec![len.div_ceil(e), e], vec![len]));
         }
         Ok(e)
     }
@@ -97,23 +98,6 @@ fn invalid(op: &'static str, what: &'static str, got: &str, expected: &'static s
         what,
         got: got.to_string(),
         expected,
-    }
-}
-
-fn shape(op: &'static str, tensor: &'static str, expected: Vec<usize>, got: Vec<usize>) -> KernelError {
-    KernelError::ShapeMismatch {
-        op,
-        tensor,
-        expected,
-        got,
-    }
-}
-
-fn same_len(op: &'static str, tensor: &'static str, want: usize, got: usize) -> Result<(), KernelError> {
-    if want == got {
-        Ok(())
-    } else {
-        Err(shape(op, tensor, vec![want], vec![got]))
     }
 }
 
@@ -137,7 +121,7 @@ fn kernels() -> (NormRow, BiasActRow) {
 /// `dst = norm(src)` row by row: `src`, `dst: [N, E]` with `E = weight.len()`.
 pub fn norm_rows(dst: &mut [f32], src: &[f32], params: NormParams<'_>, par: Par) -> Result<(), KernelError> {
     let e = params.check("norm_rows", src.len())?;
-    same_len("norm_rows", "dst", src.len(), dst.len())?;
+    check_len("norm_rows", "dst", src.len(), dst.len())?;
     let row = kernels().0;
     let body = |(d, s): (&mut [f32], &[f32])| {
         for (d, s) in d.chunks_exact_mut(e).zip(s.chunks_exact(e)) {
@@ -165,7 +149,7 @@ pub fn norm_rows(dst: &mut [f32], src: &[f32], params: NormParams<'_>, par: Par)
 /// The residual add and the norm in one pass (post-norm): `x = norm(x + residual)`.
 pub fn add_norm_rows(x: &mut [f32], residual: &[f32], params: NormParams<'_>, par: Par) -> Result<(), KernelError> {
     let e = params.check("add_norm_rows", x.len())?;
-    same_len("add_norm_rows", "residual", x.len(), residual.len())?;
+    check_len("add_norm_rows", "residual", x.len(), residual.len())?;
     let row = kernels().0;
     let body = |(xs, rs): (&mut [f32], &[f32])| {
         for (x, r) in xs.chunks_exact_mut(e).zip(rs.chunks_exact(e)) {
@@ -192,8 +176,8 @@ pub fn add_then_norm_rows(
     par: Par,
 ) -> Result<(), KernelError> {
     let e = params.check("add_then_norm_rows", x.len())?;
-    same_len("add_then_norm_rows", "residual", x.len(), residual.len())?;
-    same_len("add_then_norm_rows", "dst", x.len(), dst.len())?;
+    check_len("add_then_norm_rows", "residual", x.len(), residual.len())?;
+    check_len("add_then_norm_rows", "dst", x.len(), dst.len())?;
     let row = kernels().0;
     let body = |(ds, (xs, rs)): (&mut [f32], (&mut [f32], &[f32]))| {
         for ((d, x), r) in ds
@@ -230,7 +214,7 @@ pub fn bias_activation(
     par: Par,
 ) -> Result<(), KernelError> {
     if width == 0 || !x.len().is_multiple_of(width) {
-        return Err(shape(
+        return Err(KernelError::shape(
             "bias_activation",
             "x",
             vec![x.len().div_ceil(width.max(1)), width],
@@ -238,7 +222,7 @@ pub fn bias_activation(
         ));
     }
     if let Some(b) = bias {
-        same_len("bias_activation", "bias", width, b.len())?;
+        check_len("bias_activation", "bias", width, b.len())?;
     }
     if bias.is_none() && act == Activation::Identity {
         return Ok(());
@@ -261,7 +245,7 @@ pub fn bias_activation(
 
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32], par: Par) -> Result<(), KernelError> {
-    same_len("add_assign", "y", x.len(), y.len())?;
+    check_len("add_assign", "y", x.len(), y.len())?;
     // One addition per element, correctly rounded at every level: plain code vectorises.
     let body = |(a, b): (&mut [f32], &[f32])| a.iter_mut().zip(b).for_each(|(x, &y)| *x += y);
     match par {
