@@ -467,4 +467,40 @@ mod tests {
         }
         assert_eq!(f32_bytes(&[usize::MAX, usize::MAX, 4]), u128::MAX);
     }
+
+    /// `sdpa_backward` refuses a forward result or a `dout` of the wrong size with an error
+    /// naming it, and never panics.
+    #[test]
+    fn backward_errors_name_the_tensor() {
+        let x = vec![0.25f32; 2 * 3 * 4];
+        let view = View4::contiguous(&x, [1, 2, 3, 4]).unwrap();
+        let options = SdpaOptions::default();
+        let forward = sdpa(view, view, view, &options, Par::Seq).unwrap();
+        let err = |forward: &SdpaOutput, dout: View4<'_, f32>| {
+            sdpa_backward(view, view, view, forward, dout, &options, Par::Seq)
+                .unwrap_err()
+                .to_string()
+        };
+        let short = SdpaOutput {
+            out: forward.out[1..].to_vec(),
+            lse: forward.lse.clone(),
+        };
+        let message = err(&short, view);
+        assert!(
+            message.contains("`out`") && message.contains("[1, 2, 3, 4]"),
+            "{message}"
+        );
+        let no_lse = SdpaOutput {
+            out: forward.out.clone(),
+            lse: vec![],
+        };
+        let message = err(&no_lse, view);
+        assert!(message.contains("`lse`") && message.contains("[1, 2, 3]"), "{message}");
+        let dout = View4::contiguous(&x[..12], [1, 1, 3, 4]).unwrap();
+        let message = err(&forward, dout);
+        assert!(
+            message.contains("`dout` has shape [1, 1, 3, 4], expected [1, 2, 3, 4]"),
+            "{message}"
+        );
+    }
 }

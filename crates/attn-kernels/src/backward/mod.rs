@@ -308,11 +308,6 @@ impl Job<'_, '_> {
         self.options.causal.key_limit(s, sh.s, sh.t).min(key_length)
     }
 
-    /// Whether any row of `[r0, r0 + rows)` may see a key at or after `t0`.
-    fn tile_is_live(&self, b: usize, r0: usize, rows: usize, t0: usize) -> bool {
-        self.keys_seen(b, r0, rows) > t0
-    }
-
     /// One past the last key any row of `[r0, r0 + rows)` may see.
     fn keys_seen(&self, b: usize, r0: usize, rows: usize) -> usize {
         (r0..r0 + rows).map(|s| self.limit(b, s)).max().unwrap_or(0)
@@ -386,10 +381,9 @@ impl Job<'_, '_> {
         let rows = (sh.s - r0).min(ROWS);
         scratch.dq.clear();
         scratch.dq.resize(rows * sh.d, 0.0);
-        for t0 in (0..sh.t).step_by(KEYS) {
-            if !self.tile_is_live(b, r0, rows, t0) {
-                continue;
-            }
+        // Key blocks past every row's limit are never visited.
+        let seen = self.keys_seen(b, r0, rows).min(sh.t);
+        for t0 in (0..seen).step_by(KEYS) {
             let tile = Tile {
                 b,
                 h,
@@ -397,7 +391,7 @@ impl Job<'_, '_> {
                 r0,
                 rows,
                 t0,
-                bc: (sh.t - t0).min(KEYS).min(self.keys_seen(b, r0, rows) - t0),
+                bc: (seen - t0).min(KEYS),
             };
             self.probabilities(scratch, tile);
             self.score_gradient(scratch, tile);
@@ -432,7 +426,7 @@ impl Job<'_, '_> {
                     .for_each(|(j, x)| *x = q.data()[base + j * q_st[3]] * self.scale);
             }
         }
-        scratch.p.clear();
+        // Overwritten whole by the GEMM below: no zero-fill per tile.
         scratch.p.resize(rows * bc, 0.0);
         let k_st = k.strides();
         // SAFETY: `p` holds [rows, bc], `q_tile` [rows, D]; the key block `[b, g, t0..t0+bc, :]`
@@ -501,7 +495,7 @@ impl Job<'_, '_> {
             t0,
             bc,
         } = tile;
-        scratch.dp.clear();
+        // Overwritten whole by the GEMM below.
         scratch.dp.resize(rows * bc, 0.0);
         let (d_st, v_st) = (dout.strides(), v.strides());
         // SAFETY: `dp` holds [rows, bc]; the rows of `dout` and the value block were
