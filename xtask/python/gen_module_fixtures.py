@@ -5,10 +5,15 @@ forward flags), `<case>.weights.safetensors` (the module's state_dict), `<case>.
 (inputs) and `<case>.want.safetensors` (PyTorch's outputs). Parameters are drawn at random (not
 PyTorch's init, whose zero biases would hide bias bugs). Run by `cargo xtask codegen`.
 
+For `--backward`, `<case>.backward.in.safetensors` (the inputs and `grad.output`) and
+`<case>.backward.want.safetensors` (`grad.NAME` of every sequence input and parameter): PyTorch
+autograd in float64, the module in training mode with dropout 0, stored as float32.
+
 Where PyTorch returns NaN for a query with no visible key, the expected output row (and weights
 row) is zeros: attn's documented behaviour (docs/SEMANTICS.md).
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -86,7 +91,21 @@ def mha_case(name, ctor, *, b=2, s=5, t=7, self_attn=False, flags=None, kpm=None
         want["attn_weights"] = torch.nan_to_num(weights, nan=0.0).contiguous()
     config = {"module": "multihead_attention", **ctor, **flags}
     state = {k: v.contiguous() for k, v in module.state_dict().items()}
-    return name, config, state, inputs, want
+
+    def call(m, x):
+        kw = {k: x[k] for k in kwargs}
+        if mask == "bool2d_fully_masked":
+            # attn's semantics for a query with nothing to attend to (zeros from attention, so
+            # the output row is out_proj's bias) in a form autograd can differentiate: the row
+            # attends to everything, and its output is replaced by the bias.
+            empty = kw["attn_mask"].all(dim=-1)
+            kw["attn_mask"] = kw["attn_mask"] & ~empty[:, None]
+            out = m(x["query"], x["key"], x["value"], **kw, **call_flags)[0]
+            rows = empty[:, None, None] if not bf else empty[None, :, None]
+            return torch.where(rows, m.out_proj.bias.expand_as(out), out)
+        return m(x["query"], x["key"], x["value"], **kw, **call_flags)[0]
+
+    return name, config, state, inputs, want, (module, call)
 
 
 def masks(gen, kind, b, l, s_len, h):
@@ -150,7 +169,17 @@ def encoder_case(name, layer, *, stack=None, b=2, s=9, mask=None, kpm=None, caus
     with torch.no_grad():
         out = module(src, **kwargs)
     state = {k: v.contiguous() for k, v in module.state_dict().items()}
-    return name, config, state, inputs, {"output": out.contiguous()}
+
+    def call(m, x):
+        kw = dict(kwargs)
+        for k in ("mask", "src_mask"):
+            if k in kw:
+                kw[k] = x["src_mask"]
+        if "src_key_padding_mask" in kw:
+            kw["src_key_padding_mask"] = x["src_key_padding_mask"]
+        return m(x["src"], **kw)
+
+    return name, config, state, inputs, {"output": out.contiguous()}, (module, call)
 
 
 def decoder_case(name, layer, *, stack=None, b=2, t=7, s=10, tgt_mask=None, memory_mask=None, tgt_kpm=None,
@@ -182,7 +211,12 @@ def decoder_case(name, layer, *, stack=None, b=2, t=7, s=10, tgt_mask=None, memo
     with torch.no_grad():
         out = module(tgt, memory, **kwargs)
     state = {k: v.contiguous() for k, v in module.state_dict().items()}
-    return name, config, state, inputs, {"output": out.contiguous()}
+
+    def call(m, x):
+        kw = {k: (x[k] if k in x else v) for k, v in kwargs.items()}
+        return m(x["tgt"], x["memory"], **kw)
+
+    return name, config, state, inputs, {"output": out.contiguous()}, (module, call)
 
 
 def transformer_case(name, ctor, *, b=2, s=8, t=6, src_kpm=None, tgt_causal=True, memory_kpm=None, seed=0):
@@ -207,7 +241,12 @@ def transformer_case(name, ctor, *, b=2, s=8, t=6, src_kpm=None, tgt_causal=True
     with torch.no_grad():
         out = module(src, tgt, **kwargs)
     state = {k: v.contiguous() for k, v in module.state_dict().items()}
-    return name, config, state, inputs, {"output": out.contiguous()}
+
+    def call(m, x):
+        kw = {k: (x[k] if k in x else v) for k, v in kwargs.items()}
+        return m(x["src"], x["tgt"], **kw)
+
+    return name, config, state, inputs, {"output": out.contiguous()}, (module, call)
 
 
 CASES = [
@@ -258,15 +297,52 @@ CASES = [
 ]
 
 
+SEQUENCE_INPUTS = ("query", "key", "value", "src", "tgt", "memory")
+
+
+def gradients(name, module, call, inputs, want, seed):
+    """`grad.output` and PyTorch autograd's gradients in float64 of every sequence input and
+    every parameter, the module in training mode with dropout 0 (the contract's `--backward`).
+    Each input file tensor is its own leaf, even when the values are equal."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    m = copy.deepcopy(module).double().train()
+    for sub in m.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        if isinstance(sub, nn.MultiheadAttention):
+            sub.dropout = 0.0
+    x = {}
+    for k, v in inputs.items():
+        if v.dtype == torch.bool:
+            x[k] = v
+        else:
+            x[k] = v.double().clone().requires_grad_(k in SEQUENCE_INPUTS)
+    out = call(m, x)
+    forward_error = (out.float() - want["output"]).abs().max().item()
+    assert forward_error < 1e-4, f"{name}: float64 training forward is {forward_error} off the float32 eval output"
+    grad_output = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(grad_output)
+    grads = {f"grad.{k}": v.grad for k, v in x.items() if k in SEQUENCE_INPUTS}
+    grads.update({f"grad.{k}": p.grad for k, p in m.named_parameters()})
+    for k, g in grads.items():
+        assert g is not None and torch.isfinite(g).all(), f"{name}: {k} is {g}"
+    backward_in = {k: v.clone().contiguous() for k, v in inputs.items()}
+    backward_in["grad.output"] = grad_output.float().contiguous()
+    return backward_in, {k: g.float().contiguous() for k, g in grads.items()}
+
+
 def main():
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
-    for name, config, state, inputs, want in CASES:
+    for seed, (name, config, state, inputs, want, (module, call)) in enumerate(CASES):
         (out_dir / f"{name}.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
         save_file(state, str(out_dir / f"{name}.weights.safetensors"))
         save_file({k: v.clone().contiguous() for k, v in inputs.items()}, str(out_dir / f"{name}.in.safetensors"))
         save_file(want, str(out_dir / f"{name}.want.safetensors"))
+        backward_in, backward_want = gradients(name, module, call, inputs, want, seed)
+        save_file(backward_in, str(out_dir / f"{name}.backward.in.safetensors"))
+        save_file(backward_want, str(out_dir / f"{name}.backward.want.safetensors"))
         names.append(name)
     (out_dir / "cases.json").write_text(json.dumps(sorted(names), indent=1) + "\n")
     print(f"wrote {len(names)} module cases to {out_dir} (torch {torch.__version__})")

@@ -148,7 +148,14 @@ const FIXTURES: [(&str, &str, &[&str]); 2] = [
     (
         "modules",
         "gen_module_fixtures.py",
-        &[".json", ".weights.safetensors", ".in.safetensors", ".want.safetensors"],
+        &[
+            ".json",
+            ".weights.safetensors",
+            ".in.safetensors",
+            ".want.safetensors",
+            ".backward.in.safetensors",
+            ".backward.want.safetensors",
+        ],
     ),
 ];
 

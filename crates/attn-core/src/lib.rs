@@ -19,6 +19,7 @@
 
 mod cache;
 mod error;
+mod grads;
 mod mha;
 mod positions;
 mod safetensors_io;
@@ -28,9 +29,10 @@ mod tensor;
 pub use attn_kernels as kernels;
 pub use cache::KvCache;
 pub use error::{AttnError, Result};
+pub use grads::Grads;
 pub use mha::{
-    linear, Attention, AttentionConfig, Layout, MhaConfig, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights,
-    Sequence,
+    linear, Attention, AttentionConfig, Layout, MhaConfig, MhaInputGrads, MhaInputs, MhaOptions, MhaOutput, MhaTape,
+    MultiHeadAttention, NeedWeights, Sequence,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use safetensors_io::{floats_to_f32, FromSafetensors};

@@ -48,6 +48,30 @@ impl Rope {
         positions: impl Fn(usize) -> usize,
         rows: usize,
     ) {
+        self.rotate(data, [row_stride, col0, n_heads, head_dim], positions, rows, 1.0);
+    }
+
+    /// The transpose of [`Rope::apply`] (rotation by `-θ`): the backward of RoPE, which maps
+    /// the gradient of rotated features to the gradient of the features before rotation.
+    pub(crate) fn apply_inverse(
+        &self,
+        data: &mut [f32],
+        [row_stride, col0, n_heads, head_dim]: [usize; 4],
+        positions: impl Fn(usize) -> usize,
+        rows: usize,
+    ) {
+        self.rotate(data, [row_stride, col0, n_heads, head_dim], positions, rows, -1.0);
+    }
+
+    /// Rotation by `sign·θ`.
+    fn rotate(
+        &self,
+        data: &mut [f32],
+        [row_stride, col0, n_heads, head_dim]: [usize; 4],
+        positions: impl Fn(usize) -> usize,
+        rows: usize,
+        sign: f64,
+    ) {
         let half = head_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| self.base.powf(-(2.0 * i as f64) / head_dim as f64))
@@ -56,7 +80,7 @@ impl Rope {
         for r in 0..rows {
             let position = positions(r) as f64;
             for (cs, f) in cos_sin.iter_mut().zip(&inv_freq) {
-                let angle = position * f;
+                let angle = sign * position * f;
                 *cs = (angle.cos() as f32, angle.sin() as f32);
             }
             for h in 0..n_heads {

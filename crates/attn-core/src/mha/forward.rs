@@ -23,21 +23,22 @@ pub(super) enum Source<'s, 'c> {
 }
 
 /// The projections of one call.
-struct Projected {
+#[derive(Debug)]
+pub(super) struct Projected {
     /// `[tokens, q_width]`: queries, and in the fused case keys and values after them.
-    q_buf: Vec<f32>,
-    q_width: usize,
+    pub(super) q_buf: Vec<f32>,
+    pub(super) q_width: usize,
     /// `[B, T', G, D]` and `[B, T', G, Dv]` unless fused or read from a memory cache.
-    k_buf: Vec<f32>,
-    v_buf: Vec<f32>,
+    pub(super) k_buf: Vec<f32>,
+    pub(super) v_buf: Vec<f32>,
     /// T': projected key rows per batch entry, appended rows included.
-    t_new: usize,
-    fused: bool,
+    pub(super) t_new: usize,
+    pub(super) fused: bool,
 }
 
 /// A 4-D view `[B, X, L, D]` of projected token rows of width `row_width`, starting at column
 /// `base`, with token strides `[bs, ls]` in rows.
-fn head_view(
+pub(super) fn head_view(
     data: &[f32],
     base: usize,
     [b, heads, len, hd]: [usize; 4],
@@ -64,7 +65,7 @@ fn check_cache(cache: &KvCache, dims: [usize; 4]) -> Result<()> {
 }
 
 /// Attention weights `[B, H, S, T]` or averaged `[B, S, T]`, recomputed from the LSE.
-fn weights_from_lse(
+pub(super) fn weights_from_lse(
     kind: NeedWeights,
     q: View4<'_, f32>,
     k: View4<'_, f32>,
@@ -242,7 +243,7 @@ impl Core {
     }
 
     /// Shapes and layouts of the inputs against the module and against each other.
-    fn check_inputs(&self, query: &Sequence<'_>, source: &Source<'_, '_>) -> Result<()> {
+    pub(super) fn check_inputs(&self, query: &Sequence<'_>, source: &Source<'_, '_>) -> Result<()> {
         let op = "multihead_attention";
         let Dims { e, g, d, dv, .. } = self.dims;
         query.check(op, "query", e)?;
@@ -289,7 +290,13 @@ impl Core {
     /// Queries `[tokens, H·D]` in the query's storage order, and keys and values `[B, T', G, D]`
     /// (unless they are read from a memory cache), with RoPE applied. For self-attention without
     /// appended key rows one fused GEMM gives `[tokens, q|k|v]`, and keys and values stay in it.
-    fn project(&self, query: &Sequence<'_>, source: &Source<'_, '_>, offset: usize, par: Par) -> Result<Projected> {
+    pub(super) fn project(
+        &self,
+        query: &Sequence<'_>,
+        source: &Source<'_, '_>,
+        offset: usize,
+        par: Par,
+    ) -> Result<Projected> {
         let Dims { e, h, g, d, .. } = self.dims;
         let (b, s) = (query.batch, query.len);
         let self_attention = matches!(source, Source::SelfAttention | Source::Append(_));
@@ -334,7 +341,7 @@ impl Core {
     }
 
     /// The output projection over the token rows `[N, H·Dv]` as they are (none for `Attention`).
-    fn project_out(&self, attn_out: Vec<f32>, tokens: usize, par: Par) -> Result<Vec<f32>> {
+    pub(super) fn project_out(&self, attn_out: Vec<f32>, tokens: usize, par: Par) -> Result<Vec<f32>> {
         let (Some(w_out), Some(out_dim)) = (&self.w_out, self.dims.out) else {
             return Ok(attn_out);
         };

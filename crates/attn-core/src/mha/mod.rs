@@ -16,6 +16,7 @@ mod config;
 mod forward;
 mod masks;
 mod options;
+mod train;
 mod weights;
 
 use config::Dims;
@@ -23,6 +24,7 @@ pub use config::MhaConfig;
 use forward::Source;
 use masks::MaskSet;
 pub use options::{Layout, MhaOptions, MhaOutput, NeedWeights, Sequence};
+pub use train::{MhaInputGrads, MhaInputs, MhaTape};
 pub use weights::linear;
 use weights::{random_state_dict, Core};
 

@@ -65,6 +65,91 @@ pub fn load_all(dir: &Path) -> Vec<Golden> {
         .collect()
 }
 
+/// The names of `attn run`'s golden cases (`crates/attn-cli/tests/fixtures/modules/cases.json`).
+pub fn module_case_names(dir: &Path) -> Vec<String> {
+    let manifest = std::fs::read_to_string(dir.join("cases.json"))
+        .unwrap_or_else(|e| panic!("{}/cases.json: {e} (run `cargo xtask codegen`)", dir.display()));
+    serde_json::from_str(&manifest).expect("cases.json lists names")
+}
+
+/// One of `attn run`'s backward golden cases (`gen_module_fixtures.py`): MODULE.json as the
+/// config, the state dict, the inputs with `grad.output`, and as expected the `grad.NAME`
+/// tensors of PyTorch autograd in float64.
+pub fn load_backward(dir: &Path, name: &str) -> Golden {
+    let read = |suffix: &str| {
+        let path = dir.join(format!("{name}{suffix}"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask codegen`)", path.display()))
+    };
+    let config: Map<String, Value> = serde_json::from_slice(&read(".json")).expect("config is a JSON object");
+    let mut golden = Golden {
+        name: name.to_string(),
+        config,
+        self_attention: false,
+        params: StateDict::new(),
+        inputs: BTreeMap::new(),
+        expected: BTreeMap::new(),
+    };
+    for (suffix, which) in [
+        (".weights.safetensors", 0),
+        (".backward.in.safetensors", 1),
+        (".backward.want.safetensors", 2),
+    ] {
+        let bytes = read(suffix);
+        let file = SafeTensors::deserialize(&bytes).expect("a safetensors file");
+        for (tensor, view) in file.tensors() {
+            let input = tensor_of(&tensor, &view);
+            match (which, input) {
+                (0, Input::F32 { shape, data }) => {
+                    golden
+                        .params
+                        .insert(tensor.clone(), Tensor::new(&tensor, shape, data).unwrap());
+                }
+                (1, input) => {
+                    golden.inputs.insert(tensor, input);
+                }
+                (2, Input::F32 { shape, data }) => {
+                    golden.expected.insert(tensor, (shape, data));
+                }
+                _ => panic!("{name}{suffix}: `{tensor}` has an unexpected dtype"),
+            }
+        }
+    }
+    golden
+}
+
+/// `max |got - want| / max |want|`; a NaN is an infinite error.
+pub fn relative_to_largest(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want
+        .iter()
+        .fold(0.0f64, |m, &w| m.max((w as f64).abs()))
+        .max(f64::MIN_POSITIVE);
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).abs())
+        .fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+    worst / scale
+}
+
+fn tensor_of(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Input {
+    let shape = view.shape().to_vec();
+    match view.dtype() {
+        Dtype::F32 => Input::F32 {
+            shape,
+            data: view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        },
+        Dtype::BOOL => Input::Bool {
+            shape,
+            data: view.data().iter().map(|&b| b != 0).collect(),
+        },
+        other => panic!("{name}: dtype {other:?}"),
+    }
+}
+
 fn load(path: &Path) -> Golden {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (_, metadata) = SafeTensors::read_metadata(&bytes).expect("a safetensors header");
@@ -80,22 +165,7 @@ fn load(path: &Path) -> Golden {
         expected: BTreeMap::new(),
     };
     for (name, view) in file.tensors() {
-        let shape = view.shape().to_vec();
-        let input = match view.dtype() {
-            Dtype::F32 => Input::F32 {
-                shape: shape.clone(),
-                data: view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            },
-            Dtype::BOOL => Input::Bool {
-                shape: shape.clone(),
-                data: view.data().iter().map(|&b| b != 0).collect(),
-            },
-            other => panic!("{name}: dtype {other:?}"),
-        };
+        let input = tensor_of(&name, &view);
         let (kind, short) = name.split_once('.').expect("prefixed tensor names");
         match (kind, input) {
             ("param", Input::F32 { shape, data }) => {
@@ -167,6 +237,18 @@ impl Golden {
             },
             Some(Input::F32 { data, .. }) => KeyPadding::Additive(data),
         }
+    }
+
+    /// The error of a gradient `got` against `expected[name]`, relative to the largest
+    /// expected value: `max |got - want| / max |want|` (the measure for gradients).
+    #[track_caller]
+    pub fn grad_error(&self, name: &str, got: &[f32]) -> f64 {
+        let (_, want) = self
+            .expected
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no expected `{name}`", self.name));
+        assert_eq!(got.len(), want.len(), "{}: `{name}` has the wrong length", self.name);
+        relative_to_largest(got, want)
     }
 
     /// The largest error of `got` against `expected.NAME`, measured as

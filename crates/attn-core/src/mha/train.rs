@@ -1,0 +1,530 @@
+//! Training: a forward that keeps what the backward needs, and the backward, read side by side.
+//!
+//! The forward keeps the projections (after RoPE), the attention output `[tokens, H·Dv]` and
+//! the kernel's LSE `[B, H, S]`: O(S) per query row, never `S×T`. It does not keep its inputs;
+//! the backward takes them again ([`MhaInputs`]), as llm.c's backward passes take `inp`, so a
+//! layer that already holds its activations does not hold them twice.
+//!
+//! The backward, in reverse order of the forward:
+//! 1. output projection: `d_attn = dY·W_out`, `out_proj.weight += dYᵀ·attn`, `out_proj.bias += Σ dY`;
+//! 2. attention: the fused kernel ([`attention_backward`]) from the LSE, under the same masks;
+//! 3. RoPE: the inverse rotation of `dQ` and `dK`;
+//! 4. appended key rows: `bias_k`, `bias_v` get their rows' gradients, summed over the batch
+//!    (the `add_zero_attn` row has no parameter);
+//! 5. input projections: one GEMM pair over the fused `[tokens, q|k|v]` for self-attention,
+//!    else one per projection; `d_query` (and `d_key`, `d_value`) come back in the inputs' layout.
+
+use std::borrow::Cow;
+
+use attn_kernels::{
+    attention, attention_backward, linear_backward, BackwardInputs, Gradients, LinearShape, Par, View, View4, ViewMut,
+    ViewMut4,
+};
+
+use super::forward::{head_view, weights_from_lse, Projected, Source};
+use super::{Core, Dims, MaskSet, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights, Sequence};
+use crate::error::shape_error;
+use crate::{Grads, Layout, Result, Tensor};
+
+/// The inputs of a training forward, given again to its backward.
+#[derive(Debug, Clone, Copy)]
+pub struct MhaInputs<'a> {
+    /// `[B, S, E]` in the module's layout.
+    pub query: Sequence<'a>,
+    /// Key `[B, T, kdim]` and value `[B, T, vdim]`; `None` is self-attention over `query`.
+    pub key_value: Option<(Sequence<'a>, Sequence<'a>)>,
+    /// Masks and flags, as for [`MultiHeadAttention::forward`].
+    pub options: MhaOptions<'a>,
+}
+
+/// What [`MultiHeadAttention::forward_train`] keeps for [`MultiHeadAttention::backward`].
+#[derive(Debug)]
+pub struct MhaTape {
+    /// `[B, S, T]` of the call (T without appended rows), checked against the backward's inputs.
+    shape: [usize; 3],
+    projected: Projected,
+    /// `[tokens, H·Dv]` in the query's storage order.
+    attn_out: Vec<f32>,
+    /// `[B, H, S]`.
+    lse: Vec<f32>,
+}
+
+impl MhaTape {
+    /// Bytes the tape holds.
+    pub fn bytes(&self) -> usize {
+        4 * (self.projected.q_buf.len()
+            + self.projected.k_buf.len()
+            + self.projected.v_buf.len()
+            + self.attn_out.len()
+            + self.lse.len())
+    }
+}
+
+/// Gradients of the inputs, each in its input's layout and shape.
+#[derive(Debug, Clone)]
+pub struct MhaInputGrads {
+    /// Of `query` (for self-attention: through queries, keys and values).
+    pub query: Vec<f32>,
+    /// Of `key` (`None` for self-attention).
+    pub key: Option<Vec<f32>>,
+    /// Of `value` (`None` for self-attention).
+    pub value: Option<Vec<f32>>,
+}
+
+/// A sequence's rows batch-first, `[B, L, dim]`: borrowed when they already are.
+fn batch_first_rows<'a>(seq: &Sequence<'a>) -> Cow<'a, [f32]> {
+    if seq.layout == Layout::BatchFirst || seq.batch <= 1 || seq.len <= 1 {
+        return Cow::Borrowed(seq.data);
+    }
+    let (b, l, e) = (seq.batch, seq.len, seq.dim);
+    let mut out = vec![0.0f32; seq.data.len()];
+    for bi in 0..b {
+        for li in 0..l {
+            out[(bi * l + li) * e..][..e].copy_from_slice(&seq.data[(li * b + bi) * e..][..e]);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Batch-first rows `[B, L, dim]` laid out like `seq`.
+fn in_layout_of(rows: Vec<f32>, seq: &Sequence<'_>) -> Vec<f32> {
+    if seq.layout == Layout::BatchFirst || seq.batch <= 1 || seq.len <= 1 {
+        return rows;
+    }
+    let (b, l, e) = (seq.batch, seq.len, seq.dim);
+    let mut out = vec![0.0f32; rows.len()];
+    for bi in 0..b {
+        for li in 0..l {
+            out[(li * b + bi) * e..][..e].copy_from_slice(&rows[(bi * l + li) * e..][..e]);
+        }
+    }
+    out
+}
+
+impl MultiHeadAttention {
+    /// The training forward: the output (and weights when asked for), as
+    /// [`forward`](Self::forward) or [`forward_self`](Self::forward_self) gives them, and the
+    /// tape its [`backward`](Self::backward) needs. Dropout is not applied (the module's
+    /// `dropout` is ignored, as everywhere in attn-core).
+    pub fn forward_train(&self, inputs: &MhaInputs<'_>, par: Par) -> Result<(MhaOutput, MhaTape)> {
+        inputs.query.check_layout("query", self.config.batch_first)?;
+        if let Some((key, value)) = &inputs.key_value {
+            key.check_layout("key", self.config.batch_first)?;
+            value.check_layout("value", self.config.batch_first)?;
+        }
+        self.core.forward_train(inputs, par)
+    }
+
+    /// The backward of [`forward_train`](Self::forward_train) called with the same `inputs`:
+    /// adds the gradient of every parameter into `grads` under `prefix` + its state-dict name
+    /// (`in_proj_weight`, `in_proj_bias`, `out_proj.weight`, ..., `bias_k`), and returns the
+    /// gradients of the inputs. `d_output` is the gradient of the output, in the output's
+    /// layout. A query row with nothing to attend to passes no gradient through attention.
+    pub fn backward(
+        &self,
+        inputs: &MhaInputs<'_>,
+        tape: &MhaTape,
+        d_output: &[f32],
+        grads: &mut Grads,
+        prefix: &str,
+        par: Par,
+    ) -> Result<MhaInputGrads> {
+        self.core.backward(inputs, tape, d_output, grads, prefix, par)
+    }
+
+    /// Every parameter, under `prefix` + its state-dict name, for an optimizer to update in
+    /// place.
+    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
+        let c = &mut self.core;
+        let fused = c.dims.fused();
+        let mut out = vec![(
+            format!("{prefix}{}", if fused { "in_proj_weight" } else { "q_proj_weight" }),
+            &mut c.w_q_or_qkv,
+        )];
+        if let (Some(k), Some(v)) = (&mut c.w_k, &mut c.w_v) {
+            out.push((format!("{prefix}k_proj_weight"), k));
+            out.push((format!("{prefix}v_proj_weight"), v));
+        }
+        if let Some(b) = &mut c.b_qkv {
+            out.push((format!("{prefix}in_proj_bias"), b));
+        }
+        if let Some((k, v)) = &mut c.bias_kv {
+            out.push((format!("{prefix}bias_k"), k));
+            out.push((format!("{prefix}bias_v"), v));
+        }
+        if let Some(w) = &mut c.w_out {
+            out.push((format!("{prefix}out_proj.weight"), w));
+        }
+        if let Some(b) = &mut c.b_out {
+            out.push((format!("{prefix}out_proj.bias"), b));
+        }
+        out
+    }
+}
+
+/// The batch, query length and query token strides of a call.
+struct CallViews {
+    b: usize,
+    s: usize,
+    qbs: usize,
+    qls: usize,
+}
+
+impl Core {
+    fn source<'a>(inputs: &MhaInputs<'a>) -> Source<'a, 'static> {
+        match inputs.key_value {
+            Some((k, v)) => Source::Cross(k, v),
+            None => Source::SelfAttention,
+        }
+    }
+
+    /// Key rows appended after the caller's (`add_bias_kv`, `add_zero_attn`).
+    fn extra_rows(&self) -> usize {
+        usize::from(self.bias_kv.is_some()) + usize::from(self.add_zero_attn)
+    }
+
+    /// Views `[B, H, S, D]`, `[B, G, T', D]`, `[B, G, T', Dv]` of the projections.
+    fn kernel_views<'p>(&self, p: &'p Projected, c: &CallViews) -> Result<[View4<'p, f32>; 3]> {
+        let Dims { h, g, d, dv, .. } = self.dims;
+        let [b, s] = [c.b, c.s];
+        let q = head_view(&p.q_buf, 0, [b, h, s, d], p.q_width, [c.qbs, c.qls])?;
+        if p.fused {
+            let k = head_view(&p.q_buf, h * d, [b, g, s, d], p.q_width, [c.qbs, c.qls])?;
+            let v = head_view(&p.q_buf, h * d + g * d, [b, g, s, dv], p.q_width, [c.qbs, c.qls])?;
+            return Ok([q, k, v]);
+        }
+        let t = p.t_new;
+        Ok([
+            q,
+            View4::new(&p.k_buf, [b, g, t, d], [t * g * d, d, g * d, 1])?,
+            View4::new(&p.v_buf, [b, g, t, dv], [t * g * dv, dv, g * dv, 1])?,
+        ])
+    }
+
+    pub(super) fn forward_train(&self, inputs: &MhaInputs<'_>, par: Par) -> Result<(MhaOutput, MhaTape)> {
+        let Dims { h, dv, .. } = self.dims;
+        let query = &inputs.query;
+        let source = Self::source(inputs);
+        self.check_inputs(query, &source)?;
+        let (b, s) = (query.batch, query.len);
+        let [qbs, qls] = query.token_strides();
+        let projected = self.project(query, &source, 0, par)?;
+        let t_real = inputs.key_value.map_or(s, |(k, _)| k.len);
+        let c = CallViews { b, s, qbs, qls };
+        let [q, k, v] = self.kernel_views(&projected, &c)?;
+        let t = k.shape()[2];
+        let masks = MaskSet::new(&inputs.options, [b, h, s, t], t - t_real, false)?;
+        let kernel_options = masks.options(self.alibi.as_deref())?;
+
+        let mut attn_out = vec![0.0f32; b * s * h * dv];
+        let mut lse = vec![0.0f32; b * h * s];
+        attention(
+            ViewMut::new(&mut attn_out[..], [b, h, s, dv], [qbs * h * dv, dv, qls * h * dv, 1])?,
+            Some(ViewMut::contiguous(&mut lse[..], [b, h, s])?),
+            q,
+            k,
+            v,
+            &kernel_options,
+            par,
+        )?;
+        let need = inputs.options.need_weights;
+        let weights = match need {
+            NeedWeights::No => None,
+            _ => Some(weights_from_lse(need, q, k, &lse, &kernel_options, par)?),
+        };
+        // `project_out` consumes its input; the tape keeps `attn_out`.
+        let output = self.project_out(attn_out.clone(), b * s, par)?;
+        let tape = MhaTape {
+            shape: [b, s, t_real],
+            projected,
+            attn_out,
+            lse,
+        };
+        Ok((MhaOutput { output, weights }, tape))
+    }
+
+    pub(super) fn backward(
+        &self,
+        inputs: &MhaInputs<'_>,
+        tape: &MhaTape,
+        d_output: &[f32],
+        grads: &mut Grads,
+        prefix: &str,
+        par: Par,
+    ) -> Result<MhaInputGrads> {
+        let op = "multihead_attention backward";
+        let Dims { e, h, g, d, dv, .. } = self.dims;
+        let query = &inputs.query;
+        let (b, s) = (query.batch, query.len);
+        let t_real = inputs.key_value.map_or(s, |(k, _)| k.len);
+        if tape.shape != [b, s, t_real] {
+            return Err(shape_error(
+                op,
+                "inputs",
+                format!("the forward's [B, S, T] = {:?}", tape.shape),
+                &[b, s, t_real],
+            ));
+        }
+        self.check_inputs(query, &Self::source(inputs))?;
+        let n = b * s;
+        let out_width = self.dims.out.unwrap_or(h * dv);
+        if d_output.len() != n * out_width {
+            return Err(shape_error(
+                op,
+                "d_output",
+                format!("[B, S, {out_width}]"),
+                &[d_output.len()],
+            ));
+        }
+        let p = &tape.projected;
+        let [qbs, qls] = query.token_strides();
+
+        // 1. The output projection.
+        let d_attn = match (&self.w_out, self.dims.out) {
+            (Some(w_out), Some(out_dim)) => {
+                let mut d_attn = vec![0.0f32; n * h * dv];
+                let shape = LinearShape {
+                    n,
+                    in_dim: h * dv,
+                    out_dim,
+                };
+                let w_shape = [out_dim, h * dv];
+                let (dw, db) = weight_and_bias(
+                    grads,
+                    &format!("{prefix}out_proj.weight"),
+                    &w_shape,
+                    self.b_out.as_ref().map(|_| format!("{prefix}out_proj.bias")),
+                    out_dim,
+                )?;
+                linear_backward(
+                    Some(&mut d_attn),
+                    dw,
+                    db,
+                    d_output,
+                    &tape.attn_out,
+                    w_out.data(),
+                    shape,
+                    par,
+                )?;
+                d_attn
+            }
+            _ => d_output.to_vec(),
+        };
+
+        // 2. Attention, under the forward's masks.
+        let c = CallViews { b, s, qbs, qls };
+        let [q, k, v] = self.kernel_views(p, &c)?;
+        let t = p.t_new;
+        let masks = MaskSet::new(&inputs.options, [b, h, s, t], t - t_real, false)?;
+        let kernel_options = masks.options(self.alibi.as_deref())?;
+        let out_strides = [qbs * h * dv, dv, qls * h * dv, 1];
+        // dK and dV in the layout of K and V: rows of the fused buffer's order, or `[B, T', G, ·]`.
+        let (k_strides, v_strides) = if p.fused {
+            ([qbs * g * d, d, qls * g * d, 1], [qbs * g * dv, dv, qls * g * dv, 1])
+        } else {
+            ([t * g * d, d, g * d, 1], [t * g * dv, dv, g * dv, 1])
+        };
+        let mut dq = vec![0.0f32; n * h * d];
+        let mut dk = vec![0.0f32; b * t * g * d];
+        let mut dv_buf = vec![0.0f32; b * t * g * dv];
+        attention_backward(
+            Gradients {
+                dq: ViewMut4::new(&mut dq[..], [b, h, s, d], [qbs * h * d, d, qls * h * d, 1])?,
+                dk: ViewMut4::new(&mut dk[..], [b, g, t, d], k_strides)?,
+                dv: ViewMut4::new(&mut dv_buf[..], [b, g, t, dv], v_strides)?,
+            },
+            BackwardInputs {
+                q,
+                k,
+                v,
+                out: View4::new(&tape.attn_out, [b, h, s, dv], out_strides)?,
+                lse: View::contiguous(&tape.lse, [b, h, s])?,
+                dout: View4::new(&d_attn, [b, h, s, dv], out_strides)?,
+            },
+            &kernel_options,
+            par,
+        )?;
+
+        // 3. RoPE's inverse rotation.
+        if let Some(rope) = &self.rope {
+            let token_position = |r: usize| if qls == 1 { r % s.max(1) } else { r / b.max(1) };
+            rope.apply_inverse(&mut dq, [h * d, 0, h, d], token_position, n);
+            if p.fused {
+                rope.apply_inverse(&mut dk, [g * d, 0, g, d], token_position, n);
+            } else {
+                rope.apply_inverse(&mut dk, [g * d, 0, g, d], |r| r % t.max(1), b * t);
+            }
+        }
+
+        // 5. The input projections (4, the appended rows, is inside `kv_backward`).
+        let x_query = query.data;
+        if p.fused {
+            let width = p.q_width;
+            let mut d_qkv = vec![0.0f32; n * width];
+            for (r, row) in d_qkv.chunks_exact_mut(width).enumerate() {
+                row[..h * d].copy_from_slice(&dq[r * h * d..][..h * d]);
+                row[h * d..h * d + g * d].copy_from_slice(&dk[r * g * d..][..g * d]);
+                row[h * d + g * d..].copy_from_slice(&dv_buf[r * g * dv..][..g * dv]);
+            }
+            let mut d_query = vec![0.0f32; n * e];
+            let (dw, db) = weight_and_bias(
+                grads,
+                &format!("{prefix}in_proj_weight"),
+                &[width, e],
+                self.b_qkv.as_ref().map(|_| format!("{prefix}in_proj_bias")),
+                width,
+            )?;
+            let shape = LinearShape {
+                n,
+                in_dim: e,
+                out_dim: width,
+            };
+            linear_backward(
+                Some(&mut d_query),
+                dw,
+                db,
+                &d_qkv,
+                x_query,
+                self.w_q_or_qkv.data(),
+                shape,
+                par,
+            )?;
+            return Ok(MhaInputGrads {
+                query: d_query,
+                key: None,
+                value: None,
+            });
+        }
+        let mut d_query = vec![0.0f32; n * e];
+        self.projection_backward(grads, prefix, 0, Some(&mut d_query), &dq, x_query, par)?;
+        let (key, value) = inputs.key_value.unwrap_or((*query, *query));
+        let d_key = self.kv_backward(grads, prefix, 1, &key, &dk, par)?;
+        let d_value = self.kv_backward(grads, prefix, 2, &value, &dv_buf, par)?;
+        if inputs.key_value.is_some() {
+            return Ok(MhaInputGrads {
+                query: d_query,
+                key: Some(d_key),
+                value: Some(d_value),
+            });
+        }
+        // Self-attention: the query was also the key and the value.
+        for ((q, k), v) in d_query.iter_mut().zip(&d_key).zip(&d_value) {
+            *q += k + v;
+        }
+        Ok(MhaInputGrads {
+            query: d_query,
+            key: None,
+            value: None,
+        })
+    }
+
+    /// The state-dict name and shape of the weight holding projection `which` (0, 1, 2).
+    fn weight_name(&self, which: usize) -> (&'static str, [usize; 2]) {
+        let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
+        if self.dims.fused() {
+            ("in_proj_weight", [qw + kw + vw, self.dims.e])
+        } else {
+            [
+                ("q_proj_weight", [qw, self.dims.e]),
+                ("k_proj_weight", [kw, self.dims.kdim]),
+                ("v_proj_weight", [vw, self.dims.vdim]),
+            ][which]
+        }
+    }
+
+    /// The backward of projection `which` over `x` rows: its weight rows and bias range get
+    /// their gradients, and `dx` (if given) is written.
+    #[allow(clippy::too_many_arguments)]
+    fn projection_backward(
+        &self,
+        grads: &mut Grads,
+        prefix: &str,
+        which: usize,
+        dx: Option<&mut [f32]>,
+        dy: &[f32],
+        x: &[f32],
+        par: Par,
+    ) -> Result<()> {
+        let (w, rows, in_dim) = self.weight(which);
+        let (name, w_shape) = self.weight_name(which);
+        let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
+        let bias_range = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
+        let shape = LinearShape {
+            n: x.len() / in_dim.max(1),
+            in_dim,
+            out_dim: rows.len(),
+        };
+        let (dw, db) = weight_and_bias(
+            grads,
+            &format!("{prefix}{name}"),
+            &w_shape,
+            self.b_qkv.as_ref().map(|_| format!("{prefix}in_proj_bias")),
+            qw + kw + vw,
+        )?;
+        let dw = &mut dw[rows.start * in_dim..rows.end * in_dim];
+        let db = db.map(|db| &mut db[bias_range]);
+        let w = &w[rows.start * in_dim..rows.end * in_dim];
+        linear_backward(dx, dw, db, dy, x, w, shape, par)?;
+        Ok(())
+    }
+
+    /// The backward of the key (`which` = 1) or value (2) side from its gradient `d_proj`
+    /// `[B, T', width]`: the appended rows' parameters, then the projection; returns the
+    /// gradient of `seq` in its layout.
+    fn kv_backward(
+        &self,
+        grads: &mut Grads,
+        prefix: &str,
+        which: usize,
+        seq: &Sequence<'_>,
+        d_proj: &[f32],
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        let (b, t_real) = (seq.batch, seq.len);
+        let width = if which == 1 {
+            self.dims.k_width()
+        } else {
+            self.dims.v_width()
+        };
+        let t = t_real + self.extra_rows();
+        let real_rows: Cow<'_, [f32]> = if t == t_real {
+            Cow::Borrowed(d_proj)
+        } else {
+            if self.bias_kv.is_some() {
+                let name = format!("{prefix}{}", if which == 1 { "bias_k" } else { "bias_v" });
+                let slot = grads.slot(&name, &[1, 1, width])?;
+                // Summed over the batch in order.
+                for bi in 0..b {
+                    let row = &d_proj[(bi * t + t_real) * width..][..width];
+                    slot.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
+                }
+            }
+            let mut rows = Vec::with_capacity(b * t_real * width);
+            for bi in 0..b {
+                rows.extend_from_slice(&d_proj[bi * t * width..][..t_real * width]);
+            }
+            Cow::Owned(rows)
+        };
+        let x = batch_first_rows(seq);
+        let mut dx = vec![0.0f32; x.len()];
+        self.projection_backward(grads, prefix, which, Some(&mut dx), &real_rows, &x, par)?;
+        Ok(in_layout_of(dx, seq))
+    }
+}
+
+/// The gradient buffers of a weight `[out, in]` and, when the module has it, its bias.
+fn weight_and_bias<'g>(
+    grads: &'g mut Grads,
+    weight: &str,
+    w_shape: &[usize],
+    bias: Option<String>,
+    bias_len: usize,
+) -> Result<(&'g mut [f32], Option<&'g mut [f32]>)> {
+    match bias {
+        Some(bias) => {
+            let (w, b) = grads.slot_pair((weight, w_shape), (&bias, &[bias_len]))?;
+            Ok((w, Some(b)))
+        }
+        None => Ok((grads.slot(weight, w_shape)?, None)),
+    }
+}

@@ -1,0 +1,287 @@
+//! `MultiHeadAttention::backward` on what PyTorch's module has no counterpart for: grouped-query
+//! heads, RoPE (both styles) and ALiBi. Checked two ways:
+//! - against central differences of the forward, at sampled coordinates of every input and
+//!   parameter;
+//! - grouped-query attention against the same module with every key/value head repeated per
+//!   query head, an exact identity: the grouped weight's gradient is the sum of the repeated
+//!   rows' gradients.
+
+use attn_core::kernels::testing::SplitMix64;
+use attn_core::kernels::Par;
+use attn_core::{
+    Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, Rope, RopeStyle, Sequence, StateDict, Tensor,
+};
+
+fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.next_signed()).collect()
+}
+
+/// `Σ output ∘ r`.
+fn loss(mha: &MultiHeadAttention, inputs: &MhaInputs<'_>, r: &[f32]) -> f64 {
+    let out = mha.forward_train(inputs, Par::Seq).unwrap().0.output;
+    out.iter().zip(r).map(|(&o, &r)| o as f64 * r as f64).sum()
+}
+
+struct Case {
+    name: &'static str,
+    config: MhaConfig,
+    cross: bool,
+    causal: bool,
+    layout: Layout,
+}
+
+fn cases() -> Vec<Case> {
+    let rope = |style| Some(Rope { style, base: 10_000.0 });
+    let mut half = MhaConfig::new(16, 4);
+    half.batch_first = true;
+    half.rope = rope(RopeStyle::HalfRotation);
+    let mut interleaved_gqa = MhaConfig::new(16, 4);
+    interleaved_gqa.num_kv_heads = Some(2);
+    interleaved_gqa.batch_first = true;
+    interleaved_gqa.rope = rope(RopeStyle::Interleaved);
+    let mut alibi_mqa = MhaConfig::new(12, 3);
+    alibi_mqa.num_kv_heads = Some(1);
+    alibi_mqa.alibi = true;
+    let mut gqa_seq_first = MhaConfig::new(16, 4);
+    gqa_seq_first.num_kv_heads = Some(2);
+    gqa_seq_first.kdim = Some(6);
+    gqa_seq_first.vdim = Some(10);
+    vec![
+        Case {
+            name: "rope half-rotation, fused self-attention, causal",
+            config: half,
+            cross: false,
+            causal: true,
+            layout: Layout::BatchFirst,
+        },
+        Case {
+            name: "rope interleaved, GQA, cross-attention",
+            config: interleaved_gqa,
+            cross: true,
+            causal: false,
+            layout: Layout::BatchFirst,
+        },
+        Case {
+            name: "alibi, MQA, self-attention, seq-first",
+            config: alibi_mqa,
+            cross: false,
+            causal: true,
+            layout: Layout::SeqFirst,
+        },
+        Case {
+            name: "GQA, kdim/vdim, seq-first",
+            config: gqa_seq_first,
+            cross: true,
+            causal: false,
+            layout: Layout::SeqFirst,
+        },
+    ]
+}
+
+fn mha_inputs<'a>(data: &'a [Vec<f32>; 3], case: &Case, [b, s, t, e, kdim, vdim]: [usize; 6]) -> MhaInputs<'a> {
+    let seq = |x: &'a [f32], len, dim| Sequence {
+        data: x,
+        batch: b,
+        len,
+        dim,
+        layout: case.layout,
+    };
+    MhaInputs {
+        query: seq(&data[0], s, e),
+        key_value: case.cross.then(|| (seq(&data[1], t, kdim), seq(&data[2], t, vdim))),
+        options: MhaOptions {
+            is_causal: case.causal,
+            ..Default::default()
+        },
+    }
+}
+
+#[test]
+fn gradients_match_central_differences() {
+    let (b, s, t) = (2, 5, 4);
+    for case in cases() {
+        let mut rng = SplitMix64::new(7);
+        let e = case.config.embed_dim;
+        let kdim = case.config.kdim.unwrap_or(e);
+        let vdim = case.config.vdim.unwrap_or(e);
+        let mut mha = MultiHeadAttention::with_seed(case.config.clone(), 3).unwrap();
+        let t = if case.cross { t } else { s };
+        let mut data = [
+            random(&mut rng, b * s * e),
+            random(&mut rng, b * t * kdim),
+            random(&mut rng, b * t * vdim),
+        ];
+        let r = random(&mut rng, b * s * e);
+        let dims = [b, s, t, e, kdim, vdim];
+        let owned = data.clone();
+        let inputs = mha_inputs(&owned, &case, dims);
+        let (_, tape) = mha.forward_train(&inputs, Par::Seq).unwrap();
+        let mut grads = Grads::new();
+        let d = mha.backward(&inputs, &tape, &r, &mut grads, "", Par::Seq).unwrap();
+        let largest = grads
+            .iter()
+            .flat_map(|(_, g)| g.data().iter())
+            .chain(&d.query)
+            .fold(0.0f32, |m, &g| m.max(g.abs())) as f64;
+
+        // Central differences in f32 at step 1e-2: measured worst 3.5e-6 of the largest
+        // gradient over these cases; a gradient missing a term (RoPE's inverse rotation, a
+        // group's head) is off by its size, 1e-2 and more.
+        let h = 1e-2f32;
+        let tolerance = 4e-5 * largest;
+        let mut worst = 0.0f64;
+        let mut check = |what: &str, analytic: f32, numeric: f64| {
+            let error = (analytic as f64 - numeric).abs();
+            worst = worst.max(error / largest);
+            assert!(
+                error <= tolerance,
+                "{}: {what}: analytic {analytic}, numeric {numeric}",
+                case.name
+            );
+        };
+        // Inputs.
+        let analytic: Vec<&Vec<f32>> = if case.cross {
+            vec![&d.query, d.key.as_ref().unwrap(), d.value.as_ref().unwrap()]
+        } else {
+            vec![&d.query]
+        };
+        for (which, grad) in analytic.into_iter().enumerate() {
+            for _ in 0..12 {
+                let i = (rng.next_u64() as usize) % grad.len();
+                let x0 = data[which][i];
+                data[which][i] = x0 + h;
+                let plus = loss(&mha, &mha_inputs(&data, &case, dims), &r);
+                data[which][i] = x0 - h;
+                let minus = loss(&mha, &mha_inputs(&data, &case, dims), &r);
+                data[which][i] = x0;
+                check(
+                    &format!("input {which}[{i}]"),
+                    grad[i],
+                    (plus - minus) / (2.0 * h as f64),
+                );
+            }
+        }
+        // Parameters.
+        let names: Vec<String> = mha.params_mut("").into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), grads.len(), "{}: a gradient per parameter", case.name);
+        for name in names {
+            let grad = grads.get(&name).unwrap().data().to_vec();
+            for _ in 0..12 {
+                let i = (rng.next_u64() as usize) % grad.len();
+                let nudge = |mha: &mut MultiHeadAttention, by: f32| {
+                    let mut params = mha.params_mut("");
+                    let (_, p) = params.iter_mut().find(|(n, _)| *n == name).unwrap();
+                    p.data_mut()[i] += by;
+                };
+                nudge(&mut mha, h);
+                let plus = loss(&mha, &inputs, &r);
+                nudge(&mut mha, -2.0 * h);
+                let minus = loss(&mha, &inputs, &r);
+                nudge(&mut mha, h);
+                check(&format!("{name}[{i}]"), grad[i], (plus - minus) / (2.0 * h as f64));
+            }
+        }
+        eprintln!("{}: worst {worst:.2e} of the largest gradient", case.name);
+    }
+}
+
+/// Repeats each key/value head of a grouped state dict once per query head of its group.
+fn expand_groups(dict: &StateDict, e: usize, h: usize, g: usize) -> StateDict {
+    let d = e / h;
+    let per = h / g;
+    let mut out = dict.clone();
+    let w = dict["in_proj_weight"].data();
+    let b = dict["in_proj_bias"].data();
+    let (mut w_new, mut b_new) = (w[..e * e].to_vec(), b[..e].to_vec());
+    for part in 0..2 {
+        let base = e + part * g * d;
+        for head in 0..h {
+            let src = base + (head / per) * d;
+            w_new.extend_from_slice(&w[src * e..(src + d) * e]);
+            b_new.extend_from_slice(&b[src..src + d]);
+        }
+    }
+    out.insert(
+        "in_proj_weight".into(),
+        Tensor::new("w", vec![3 * e, e], w_new).unwrap(),
+    );
+    out.insert("in_proj_bias".into(), Tensor::new("b", vec![3 * e], b_new).unwrap());
+    out
+}
+
+#[test]
+fn grouped_query_gradients_are_sums_over_the_repeated_heads() {
+    let (b, s, e, h, g) = (2, 7, 16, 4, 2);
+    let d = e / h;
+    let mut config = MhaConfig::new(e, h);
+    config.batch_first = true;
+    config.num_kv_heads = Some(g);
+    let grouped = MultiHeadAttention::with_seed(config.clone(), 11).unwrap();
+    config.num_kv_heads = None;
+    let expanded = MultiHeadAttention::from_state_dict(config, expand_groups(&grouped.state_dict(), e, h, g)).unwrap();
+    let mut rng = SplitMix64::new(5);
+    let x = random(&mut rng, b * s * e);
+    let r = random(&mut rng, b * s * e);
+    let inputs = MhaInputs {
+        query: Sequence::batch_first(&x, b, s, e),
+        key_value: None,
+        options: MhaOptions {
+            is_causal: true,
+            ..Default::default()
+        },
+    };
+    let run = |mha: &MultiHeadAttention| {
+        let (_, tape) = mha.forward_train(&inputs, Par::Rayon).unwrap();
+        let mut grads = Grads::new();
+        let dx = mha
+            .backward(&inputs, &tape, &r, &mut grads, "", Par::Rayon)
+            .unwrap()
+            .query;
+        (dx, grads)
+    };
+    let (dx_g, grads_g) = run(&grouped);
+    let (dx_e, grads_e) = run(&expanded);
+    let close = |a: f32, b: f32, what: &str| assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: {a} vs {b}");
+    for (i, (a, b)) in dx_g.iter().zip(&dx_e).enumerate() {
+        close(*a, *b, &format!("d_query[{i}]"));
+    }
+    // Query rows and the output projection are the same parameters in both.
+    let (wg, we) = (
+        grads_g.get("in_proj_weight").unwrap().data(),
+        grads_e.get("in_proj_weight").unwrap().data(),
+    );
+    for i in 0..e * e {
+        close(wg[i], we[i], "query rows of in_proj_weight");
+    }
+    for name in ["out_proj.weight", "out_proj.bias"] {
+        for (a, b) in grads_g
+            .get(name)
+            .unwrap()
+            .data()
+            .iter()
+            .zip(grads_e.get(name).unwrap().data())
+        {
+            close(*a, *b, name);
+        }
+    }
+    // Each grouped key/value row: the sum over the query heads of its group.
+    let (bg, be) = (
+        grads_g.get("in_proj_bias").unwrap().data(),
+        grads_e.get("in_proj_bias").unwrap().data(),
+    );
+    let per = h / g;
+    for part in 0..2 {
+        for group in 0..g {
+            for j in 0..d {
+                let row_g = e + part * g * d + group * d + j;
+                let rows_e: Vec<usize> = (0..per).map(|p| e + part * e + (group * per + p) * d + j).collect();
+                let sum_b: f32 = rows_e.iter().map(|&r| be[r]).sum();
+                close(bg[row_g], sum_b, "grouped bias row");
+                for col in 0..e {
+                    let sum_w: f32 = rows_e.iter().map(|&r| we[r * e + col]).sum();
+                    close(wg[row_g * e + col], sum_w, "grouped weight row");
+                }
+            }
+        }
+    }
+}
