@@ -7,8 +7,8 @@
 //! (`norm_rows`, `add_norm_rows`, `add_then_norm_rows`, `bias_activation`), at the level the
 //! machine has.
 
-use attn_core::kernels::{self, NormParams, Par, View2};
-use attn_core::{linear, take, AttnError, StateDict, Tensor};
+use attn_core::kernels::{self, LinearShape, NormParams, Par, View2};
+use attn_core::{linear, take, AttnError, Grads, StateDict, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::invalid;
@@ -94,6 +94,46 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The backward of [`forward`](Self::forward) on `x: [N, in]`: `{prefix}weight += dyᵀ·x`,
+    /// `{prefix}bias += Σ dy`, and `dx = dy·W` written when asked for.
+    pub fn backward(
+        &self,
+        dx: Option<&mut [f32]>,
+        dy: &[f32],
+        x: &[f32],
+        grads: &mut Grads,
+        prefix: &str,
+        par: Par,
+    ) -> Result<()> {
+        let [out, inp] = self.dims();
+        let shape = LinearShape {
+            n: x.len() / inp.max(1),
+            in_dim: inp,
+            out_dim: out,
+        };
+        let weight = format!("{prefix}weight");
+        let (dw, db) = match &self.bias {
+            Some(_) => {
+                let (dw, db) = grads.slot_pair((&weight, &[out, inp]), (&format!("{prefix}bias"), &[out]))?;
+                (dw, Some(db))
+            }
+            None => (grads.slot(&weight, &[out, inp])?, None),
+        };
+        kernels::linear_backward(dx, dw, db, dy, x, self.weight.data(), shape, par).map_err(AttnError::from)?;
+        Ok(())
+    }
+
+    /// The parameters under `prefix` + `weight` / `bias`.
+    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
+        let mut out = vec![(format!("{prefix}weight"), &mut self.weight)];
+        if let Some(b) = &mut self.bias {
+            out.push((format!("{prefix}bias"), b));
+        }
+        out
+    }
+}
+
 /// Layer normalisation over the last dim (`weight`, `bias`: `[E]`), PyTorch's `nn.LayerNorm`
 /// (biased variance, `eps` inside the square root); or RMS normalisation (`weight` only).
 #[derive(Debug, Clone)]
@@ -163,6 +203,76 @@ impl Norm {
     }
 }
 
+impl Norm {
+    /// The backward of [`forward`](Self::forward) on `x: [N, E]`: **adds** the input's
+    /// gradient to `dx` (the residual's other branch usually holds one already), and
+    /// `{prefix}weight`, `{prefix}bias` get theirs.
+    pub fn backward(
+        &self,
+        dx: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        grads: &mut Grads,
+        prefix: &str,
+        par: Par,
+    ) -> Result<()> {
+        let e = self.weight.shape()[0];
+        let weight = format!("{prefix}weight");
+        let (dw, db) = match &self.bias {
+            Some(_) => {
+                let (dw, db) = grads.slot_pair((&weight, &[e]), (&format!("{prefix}bias"), &[e]))?;
+                (dw, Some(db))
+            }
+            None => (grads.slot(&weight, &[e])?, None),
+        };
+        kernels::norm_backward(dx, dw, db, dy, x, self.weight.data(), (self.kind, self.eps), par)
+            .map_err(AttnError::from)?;
+        Ok(())
+    }
+
+    /// The parameters under `prefix` + `weight` / `bias`.
+    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
+        let mut out = vec![(format!("{prefix}weight"), &mut self.weight)];
+        if let Some(b) = &mut self.bias {
+            out.push((format!("{prefix}bias"), b));
+        }
+        out
+    }
+}
+
+/// Inverted dropout for training, with a counter-based generator: the mask of an element
+/// depends only on `seed`, the dropout site and the element's index, so a step replays
+/// exactly from its seed on any thread count, and a backward re-derives the mask instead of
+/// storing it. `p = 0` (the default) is no dropout.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Dropout {
+    /// The probability of zeroing an element.
+    pub p: f32,
+    /// The step's seed.
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// No dropout.
+    pub const NONE: Dropout = Dropout { p: 0.0, seed: 0 };
+
+    /// Applies the mask of `site` (a name unique within the model, such as
+    /// `encoder.layers.0.dropout1`) to `x` in place. The backward is the same call on the
+    /// gradient.
+    pub fn apply(&self, x: &mut [f32], site: &str, par: Par) -> Result<()> {
+        if self.p == 0.0 {
+            return Ok(());
+        }
+        // FNV-1a of the site name: each site its own stream of counters.
+        let site_hash = site.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let seed = self.seed ^ site_hash;
+        kernels::dropout(x, self.p, seed, 0, par).map_err(AttnError::from)?;
+        Ok(())
+    }
+}
+
 /// `x += residual`.
 pub fn add_in_place(x: &mut [f32], residual: &[f32], par: Par) -> Result<()> {
     kernels::add_assign(x, residual, par).map_err(AttnError::from)?;
@@ -229,6 +339,84 @@ impl FeedForward {
             self.linear2.forward_into(y_block, h, par)?;
         }
         Ok(y)
+    }
+}
+
+/// What [`FeedForward::forward_train`] keeps: the first layer's output before the activation.
+#[derive(Debug)]
+pub struct FfnTape {
+    /// `[N, F]`.
+    pre_activation: Vec<f32>,
+}
+
+impl FfnTape {
+    /// Elements kept.
+    pub fn len(&self) -> usize {
+        self.pre_activation.len()
+    }
+
+    /// True for an empty batch.
+    pub fn is_empty(&self) -> bool {
+        self.pre_activation.is_empty()
+    }
+}
+
+impl FeedForward {
+    /// The training forward: `x: [N, E]` -> `[N, E]`, keeping `u = linear1(x)` (`[N, F]`);
+    /// the activation is recomputed by the backward. `dropout` applies between the activation
+    /// and `linear2` (PyTorch's `dropout` site of the Transformer layers).
+    pub fn forward_train(&self, x: &[f32], dropout: &Dropout, prefix: &str, par: Par) -> Result<(Vec<f32>, FfnTape)> {
+        let [f, e] = self.linear1.dims();
+        let n = x.len() / e.max(1);
+        let mut u = vec![0.0f32; n * f];
+        self.linear1.forward_into(&mut u, x, par)?;
+        let z = self.activated(&u, dropout, &format!("{prefix}dropout"), par)?;
+        let y = self.linear2.forward(&z, par)?;
+        Ok((y, FfnTape { pre_activation: u }))
+    }
+
+    /// The backward of [`forward_train`](Self::forward_train) on the same `x`: parameters
+    /// `{prefix}linear1.*`, `{prefix}linear2.*` get their gradients; returns `dx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        x: &[f32],
+        tape: &FfnTape,
+        dy: &[f32],
+        dropout: &Dropout,
+        grads: &mut Grads,
+        prefix: &str,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        let u = &tape.pre_activation;
+        let site = format!("{prefix}dropout");
+        let mut z = self.activated(u, dropout, &site, par)?;
+        let mut dz = vec![0.0f32; u.len()];
+        self.linear2
+            .backward(Some(&mut dz), dy, &z, grads, &format!("{prefix}linear2."), par)?;
+        dropout.apply(&mut dz, &site, par)?;
+        // du = act'(u)·dz, written over `z`, which is no longer needed.
+        kernels::activation_backward(&mut z, &dz, u, self.activation.kernel(), par).map_err(AttnError::from)?;
+        let mut dx = vec![0.0f32; x.len()];
+        self.linear1
+            .backward(Some(&mut dx), &z, x, grads, &format!("{prefix}linear1."), par)?;
+        Ok(dx)
+    }
+
+    /// `dropout(act(u))` for `u: [N, F]`, rows of F in parallel.
+    fn activated(&self, u: &[f32], dropout: &Dropout, site: &str, par: Par) -> Result<Vec<f32>> {
+        let f = self.linear1.dims()[0];
+        let mut z = u.to_vec();
+        kernels::bias_activation(&mut z, f, None, self.activation.kernel(), par).map_err(AttnError::from)?;
+        dropout.apply(&mut z, site, par)?;
+        Ok(z)
+    }
+
+    /// The parameters under `prefix` + `linear1.*`, `linear2.*`.
+    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
+        let mut out = self.linear1.params_mut(&format!("{prefix}linear1."));
+        out.extend(self.linear2.params_mut(&format!("{prefix}linear2.")));
+        out
     }
 }
 

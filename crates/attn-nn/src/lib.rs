@@ -25,8 +25,8 @@ pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
 pub use optim::{clip_grad_norm, AdamW, Param, Schedule};
 pub use transformer::{
-    BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig,
-    StackConfig, Transformer, TransformerConfig,
+    BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig, LayerTape,
+    StackConfig, StackTape, Transformer, TransformerConfig, TransformerMasks, TransformerTape,
 };
 
 /// docs/GUIDE.md, whose examples run as doc tests.

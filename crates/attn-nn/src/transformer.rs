@@ -18,6 +18,10 @@ use attn_core::{
 };
 use serde::{Deserialize, Serialize};
 
+mod train;
+
+pub use train::{LayerTape, StackTape, TransformerMasks, TransformerTape};
+
 use crate::error::invalid;
 use crate::layers::{add_in_place, Activation, FeedForward, Linear, Norm, NormKind};
 use crate::{NnError, Result};
