@@ -474,6 +474,7 @@ impl<L> Stack<L> {
 
     /// The backward of [`Stack::forward_train`]: `layer_backward(layer, input, tape, dy,
     /// prefix)` returns the layer's `dx`.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         x: &[f32],
