@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
 use attn_nn::core::{
-    BoolMeaning, KeyPadding, Layout, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, ScoreMask, Sequence,
-    StateDict, Tensor as CoreTensor,
+    BoolMeaning, Grads, KeyPadding, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights,
+    ScoreMask, Sequence, StateDict, Tensor as CoreTensor,
 };
+use attn_nn::layers::Dropout;
 use attn_nn::{
     BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig, StackConfig, Transformer, TransformerConfig,
+    TransformerMasks,
 };
 use serde_json::{Map, Value};
 
@@ -295,39 +297,191 @@ fn weights_error(path: &Path) -> String {
 /// Named outputs: (name, shape, data).
 pub type Outputs = Vec<(String, Vec<usize>, Vec<f32>)>;
 
+/// What a module computed: its output, and after a backward the gradients of its sequence
+/// inputs (by input name) and of its parameters.
+struct Ran {
+    output: Vec<f32>,
+    inputs: Vec<(&'static str, Vec<f32>)>,
+    grads: Grads,
+}
+
+impl Ran {
+    fn forward(output: Vec<f32>) -> Self {
+        Ran {
+            output,
+            inputs: Vec::new(),
+            grads: Grads::new(),
+        }
+    }
+}
+
+/// No dropout: `attn run --backward` differentiates the module as PyTorch's training mode
+/// does with dropout 0.
+const NO_DROPOUT: Dropout = Dropout::NONE;
+
 impl Prepared {
     /// Runs the forward pass.
     pub fn execute(&self, par: Par) -> Result<Outputs> {
+        self.run(par, false)
+    }
+
+    /// Runs the forward and backward passes: the outputs, then `grad.NAME` for every sequence
+    /// input and every parameter, against the input file's `grad.output`.
+    pub fn execute_backward(&self, par: Par) -> Result<Outputs> {
+        self.run(par, true)
+    }
+
+    fn run(&self, par: Par, backward: bool) -> Result<Outputs> {
+        let file = &self.inputs;
+        if !backward && file.get("grad.output").is_some() {
+            bail!(
+                "{}: `grad.output` is read only with --backward (the gradient of the output)",
+                file.path().display()
+            );
+        }
         match &self.kind {
-            Module::Mha { module, flags } => run_mha(module, *flags, &self.inputs, par),
-            Module::EncoderLayer { module, is_causal } => {
-                run_encoder(module.config(), *is_causal, &self.inputs, |src, masks| {
-                    Ok(module.forward(src, masks, par)?)
-                })
-            }
+            Module::Mha { module, flags } => run_mha(module, *flags, file, backward, par),
+            Module::EncoderLayer { module, is_causal } => run_encoder(
+                module.config(),
+                1,
+                *is_causal,
+                file,
+                backward,
+                |src, masks, d| match d {
+                    None => Ok(Ran::forward(module.forward(src, masks, par)?)),
+                    Some(d) => {
+                        let (output, tape) = module.forward_train(src, masks, &NO_DROPOUT, "", par)?;
+                        let mut grads = Grads::new();
+                        let d_src = module.backward(src, masks, &tape, d, &NO_DROPOUT, &mut grads, "", par)?;
+                        Ok(Ran {
+                            output,
+                            inputs: vec![("src", d_src)],
+                            grads,
+                        })
+                    }
+                },
+            ),
             Module::Encoder { module, is_causal } => {
-                run_encoder(&module.config().layer, *is_causal, &self.inputs, |src, masks| {
-                    Ok(module.forward(src, masks, par)?)
-                })
+                let layers = module.config().num_layers;
+                run_encoder(
+                    &module.config().layer,
+                    layers,
+                    *is_causal,
+                    file,
+                    backward,
+                    |src, masks, d| match d {
+                        None => Ok(Ran::forward(module.forward(src, masks, par)?)),
+                        Some(d) => {
+                            let (output, tape) = module.forward_train(src, masks, &NO_DROPOUT, "", par)?;
+                            let mut grads = Grads::new();
+                            let d_src = module.backward(src, masks, &tape, d, &NO_DROPOUT, &mut grads, "", par)?;
+                            Ok(Ran {
+                                output,
+                                inputs: vec![("src", d_src)],
+                                grads,
+                            })
+                        }
+                    },
+                )
             }
             Module::DecoderLayer { module, flags } => {
-                run_decoder(module.config(), *flags, &self.inputs, |t, m, tm, mm| {
-                    Ok(module.forward(t, m, tm, mm, par)?)
+                run_decoder(module.config(), 1, *flags, file, backward, |t, m, tm, mm, d| match d {
+                    None => Ok(Ran::forward(module.forward(t, m, tm, mm, par)?)),
+                    Some(d) => {
+                        let (output, tape) = module.forward_train(t, m, tm, mm, &NO_DROPOUT, "", par)?;
+                        let mut grads = Grads::new();
+                        let (d_tgt, d_memory) =
+                            module.backward(t, m, tm, mm, &tape, d, &NO_DROPOUT, &mut grads, "", par)?;
+                        Ok(Ran {
+                            output,
+                            inputs: vec![("tgt", d_tgt), ("memory", d_memory)],
+                            grads,
+                        })
+                    }
                 })
             }
             Module::Decoder { module, flags } => {
-                run_decoder(&module.config().layer, *flags, &self.inputs, |t, m, tm, mm| {
-                    Ok(module.forward(t, m, tm, mm, par)?)
-                })
+                let layers = module.config().num_layers;
+                run_decoder(
+                    &module.config().layer,
+                    layers,
+                    *flags,
+                    file,
+                    backward,
+                    |t, m, tm, mm, d| match d {
+                        None => Ok(Ran::forward(module.forward(t, m, tm, mm, par)?)),
+                        Some(d) => {
+                            let (output, tape) = module.forward_train(t, m, tm, mm, &NO_DROPOUT, "", par)?;
+                            let mut grads = Grads::new();
+                            let (d_tgt, d_memory) =
+                                module.backward(t, m, tm, mm, &tape, d, &NO_DROPOUT, &mut grads, "", par)?;
+                            Ok(Ran {
+                                output,
+                                inputs: vec![("tgt", d_tgt), ("memory", d_memory)],
+                                grads,
+                            })
+                        }
+                    },
+                )
             }
             Module::Transformer {
                 module,
                 src_is_causal,
                 flags,
                 layer,
-            } => run_transformer(module, layer, *src_is_causal, *flags, &self.inputs, par),
+            } => run_transformer(module, layer, *src_is_causal, *flags, file, backward, par),
         }
     }
+}
+
+/// `grad.output` of the input file when `backward`: present, F32, of the output's shape.
+fn grad_output<'a>(file: &'a TensorFile, backward: bool, shape: &[usize]) -> Result<Option<&'a [f32]>> {
+    if !backward {
+        return Ok(None);
+    }
+    let path = file.path().display();
+    match file.get("grad.output") {
+        None => bail!("{path}: --backward needs `grad.output` in the input file, the shape of `output` {shape:?}"),
+        Some(Tensor::Bool { .. }) => bail!("{path}: `grad.output` has dtype BOOL, expected F32 {shape:?}"),
+        Some(Tensor::F32 { shape: got, data }) => {
+            if got.as_slice() != shape {
+                bail!("{path}: `grad.output` has shape {got:?}, expected the shape of `output` {shape:?}");
+            }
+            Ok(Some(data))
+        }
+    }
+}
+
+/// The tensors an input file may hold: `names`, and `grad.output` with `--backward`.
+fn allowed<'a>(names: &[&'a str], backward: bool) -> Vec<&'a str> {
+    let mut all = names.to_vec();
+    if backward {
+        all.push("grad.output");
+    }
+    all
+}
+
+/// `output` and, after a backward, `grad.NAME` of each input (in its file shape) and parameter.
+fn outputs(file: &TensorFile, shape: Vec<usize>, ran: Ran) -> Outputs {
+    let mut out = vec![("output".to_string(), shape, ran.output)];
+    for (name, grad) in ran.inputs {
+        let shape = file.get(name).map(|t| t.shape().to_vec()).unwrap_or_default();
+        out.push((format!("grad.{name}"), shape, grad));
+    }
+    for (name, t) in ran.grads.into_state_dict() {
+        let shape = t.shape().to_vec();
+        out.push((format!("grad.{name}"), shape, t.into_data()));
+    }
+    out
+}
+
+/// The memory a backward keeps, bounded by a forward's per layer plus one.
+fn check_backward_memory(config: &LayerConfig, tokens: usize, layers: usize, backward: bool) -> Result<()> {
+    if backward {
+        let bytes = config.forward_bytes(tokens).saturating_mul(layers as u128 + 2);
+        crate::memory::check(bytes, "the backward pass (activations kept for it and gradients)")?;
+    }
+    Ok(())
 }
 
 /// `(batch, len, dim, unbatched)` of a sequence input in the module's layout.
@@ -409,8 +563,17 @@ pub(crate) fn score_mask<'a>(file: &'a TensorFile, name: &str, s: usize, t: usiz
     })
 }
 
-fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par: Par) -> Result<Outputs> {
-    file.only(&["query", "key", "value", "key_padding_mask", "attn_mask"])?;
+fn run_mha(
+    module: &MultiHeadAttention,
+    flags: MhaFlags,
+    file: &TensorFile,
+    backward: bool,
+    par: Par,
+) -> Result<Outputs> {
+    file.only(&allowed(
+        &["query", "key", "value", "key_padding_mask", "attn_mask"],
+        backward,
+    ))?;
     let path = file.path().display().to_string();
     let layout = Layout::from_batch_first(module.config().batch_first);
     let (b, s, e, unbatched, q) = seq_dims(file, "query", layout)?;
@@ -453,8 +616,13 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
         (true, true) => NeedWeights::Averaged,
         (true, false) => NeedWeights::PerHead,
     };
+    let forward_bytes = module.forward_bytes(b, s, t, need_weights);
     crate::memory::check(
-        module.forward_bytes(b, s, t, need_weights),
+        if backward {
+            forward_bytes.saturating_mul(3)
+        } else {
+            forward_bytes
+        },
         "multihead_attention (projections and attention weights)",
     )?;
     let options = MhaOptions {
@@ -463,21 +631,45 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
         is_causal: flags.is_causal,
         need_weights,
     };
-    // PyTorch takes the self-attention path when query, key and value are one tensor; equal
-    // contents give the same numbers, so equal tensors take the fused path here.
-    let self_attention = kdim == e && vdim == e && t == s && k == q && v == q;
-    let result = if self_attention {
-        module.forward_self(query, &options, par)
-    } else {
-        module.forward(query, key, value, &options, par)
-    }
-    .with_context(|| path.clone())?;
     let out_shape = if unbatched {
         vec![s, e]
     } else {
         match layout {
             Layout::BatchFirst => vec![b, s, e],
             Layout::SeqFirst => vec![s, b, e],
+        }
+    };
+    let (result, ran) = match grad_output(file, backward, &out_shape)? {
+        None => {
+            // PyTorch takes the self-attention path when query, key and value are one tensor;
+            // equal contents give the same numbers, so equal tensors take the fused path here.
+            let self_attention = kdim == e && vdim == e && t == s && k == q && v == q;
+            let result = if self_attention {
+                module.forward_self(query, &options, par)
+            } else {
+                module.forward(query, key, value, &options, par)
+            }
+            .with_context(|| path.clone())?;
+            (result, None)
+        }
+        Some(d_output) => {
+            // Each file tensor is its own input and gets its own gradient.
+            let inputs = MhaInputs {
+                query,
+                key_value: Some((key, value)),
+                options,
+            };
+            let (result, tape) = module.forward_train(&inputs, par).with_context(|| path.clone())?;
+            let mut grads = Grads::new();
+            let d = module
+                .backward(&inputs, &tape, d_output, &mut grads, "", par)
+                .with_context(|| path.clone())?;
+            let inputs = vec![
+                ("query", d.query),
+                ("key", d.key.expect("cross-attention")),
+                ("value", d.value.expect("cross-attention")),
+            ];
+            (result, Some((inputs, grads)))
         }
     };
     let mut outputs = vec![("output".to_string(), out_shape, result.output)];
@@ -490,6 +682,14 @@ fn run_mha(module: &MultiHeadAttention, flags: MhaFlags, file: &TensorFile, par:
             (_, true) => vec![s, weight_t],
         };
         outputs.push(("attn_weights".to_string(), shape, w));
+    }
+    if let Some((inputs, grads)) = ran {
+        let ran = Ran {
+            output: Vec::new(),
+            inputs,
+            grads,
+        };
+        outputs.extend(self::outputs(file, Vec::new(), ran).into_iter().skip(1));
     }
     Ok(outputs)
 }
@@ -536,19 +736,23 @@ fn layer_input<'a>(
 
 fn run_encoder(
     config: &LayerConfig,
+    layers: usize,
     is_causal: bool,
     file: &TensorFile,
-    forward: impl Fn(Sequence<'_>, &BlockMasks<'_>) -> Result<Vec<f32>>,
+    backward: bool,
+    run: impl Fn(Sequence<'_>, &BlockMasks<'_>, Option<&[f32]>) -> Result<Ran>,
 ) -> Result<Outputs> {
-    file.only(&["src", "src_mask", "src_key_padding_mask"])?;
+    file.only(&allowed(&["src", "src_mask", "src_key_padding_mask"], backward))?;
     let (src, shape, unbatched) = layer_input(file, "src", Layout::from_batch_first(config.batch_first), config)?;
+    check_backward_memory(config, src.batch * src.len, layers, backward)?;
+    let d_output = grad_output(file, backward, &shape)?;
     let masks = BlockMasks {
         mask: score_mask(file, "src_mask", src.len, src.len, src.batch * config.nhead)?,
         key_padding: key_padding(file, "src_key_padding_mask", src.batch, src.len, unbatched)?,
         is_causal,
     };
-    let output = forward(src, &masks).with_context(|| file.path().display().to_string())?;
-    Ok(vec![("output".to_string(), shape, output)])
+    let ran = run(src, &masks, d_output).with_context(|| file.path().display().to_string())?;
+    Ok(outputs(file, shape, ran))
 }
 
 fn decoder_masks<'a>(
@@ -575,18 +779,21 @@ fn decoder_masks<'a>(
 
 fn run_decoder(
     config: &LayerConfig,
+    layers: usize,
     flags: DecoderFlags,
     file: &TensorFile,
-    forward: impl Fn(Sequence<'_>, Sequence<'_>, &BlockMasks<'_>, &BlockMasks<'_>) -> Result<Vec<f32>>,
+    backward: bool,
+    run: impl Fn(Sequence<'_>, Sequence<'_>, &BlockMasks<'_>, &BlockMasks<'_>, Option<&[f32]>) -> Result<Ran>,
 ) -> Result<Outputs> {
-    file.only(&[
+    let names = [
         "tgt",
         "memory",
         "tgt_mask",
         "memory_mask",
         "tgt_key_padding_mask",
         "memory_key_padding_mask",
-    ])?;
+    ];
+    file.only(&allowed(&names, backward))?;
     let layout = Layout::from_batch_first(config.batch_first);
     let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config)?;
     let (memory, _, memory_unbatched) = layer_input(file, "memory", layout, config)?;
@@ -598,8 +805,11 @@ fn run_decoder(
         );
     }
     let (tgt_masks, memory_masks) = decoder_masks(config, flags, file, &tgt, &memory, unbatched)?;
-    let output = forward(tgt, memory, &tgt_masks, &memory_masks).with_context(|| file.path().display().to_string())?;
-    Ok(vec![("output".to_string(), shape, output)])
+    check_backward_memory(config, tgt.batch * (tgt.len + memory.len), layers, backward)?;
+    let d_output = grad_output(file, backward, &shape)?;
+    let ran =
+        run(tgt, memory, &tgt_masks, &memory_masks, d_output).with_context(|| file.path().display().to_string())?;
+    Ok(outputs(file, shape, ran))
 }
 
 fn run_transformer(
@@ -608,9 +818,10 @@ fn run_transformer(
     src_is_causal: bool,
     flags: DecoderFlags,
     file: &TensorFile,
+    backward: bool,
     par: Par,
 ) -> Result<Outputs> {
-    file.only(&[
+    let names = [
         "src",
         "tgt",
         "src_mask",
@@ -619,7 +830,8 @@ fn run_transformer(
         "src_key_padding_mask",
         "tgt_key_padding_mask",
         "memory_key_padding_mask",
-    ])?;
+    ];
+    file.only(&allowed(&names, backward))?;
     let layout = Layout::from_batch_first(config.batch_first);
     let (src, _, src_unbatched) = layer_input(file, "src", layout, config)?;
     let (tgt, shape, unbatched) = layer_input(file, "tgt", layout, config)?;
@@ -637,10 +849,36 @@ fn run_transformer(
         is_causal: src_is_causal,
     };
     let (tgt_masks, memory_masks) = decoder_masks(config, flags, file, &tgt, &src, unbatched)?;
-    let output = module
-        .forward(src, tgt, &src_masks, &tgt_masks, &memory_masks, par)
-        .with_context(|| file.path().display().to_string())?;
-    Ok(vec![("output".to_string(), shape, output)])
+    let layers = module.encoder.config().num_layers + module.decoder.config().num_layers;
+    check_backward_memory(config, src.batch * (src.len + tgt.len), layers, backward)?;
+    let context = || file.path().display().to_string();
+    let ran = match grad_output(file, backward, &shape)? {
+        None => Ran::forward(
+            module
+                .forward(src, tgt, &src_masks, &tgt_masks, &memory_masks, par)
+                .with_context(context)?,
+        ),
+        Some(d) => {
+            let masks = TransformerMasks {
+                src: src_masks,
+                tgt: tgt_masks,
+                memory: memory_masks,
+            };
+            let (output, tape) = module
+                .forward_train(src, tgt, &masks, &NO_DROPOUT, "", par)
+                .with_context(context)?;
+            let mut grads = Grads::new();
+            let (d_src, d_tgt) = module
+                .backward(src, tgt, &masks, &tape, d, &NO_DROPOUT, &mut grads, "", par)
+                .with_context(context)?;
+            Ran {
+                output,
+                inputs: vec![("src", d_src), ("tgt", d_tgt)],
+                grads,
+            }
+        }
+    };
+    Ok(outputs(file, shape, ran))
 }
 
 /// The three files of a module run, shared by `attn run` and `attn bench run`.
@@ -666,7 +904,7 @@ impl Files {
 /// `attn run`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Example:\n  attn run --config mha.json --weights mha.safetensors --input in.safetensors --output out.safetensors\n\nMODULE.json: {\"module\": \"multihead_attention\", \"embed_dim\": 16, \"num_heads\": 4, \"need_weights\": false}\nwith PyTorch's constructor fields and defaults; WEIGHTS is the module's state_dict()."
+    after_help = "Example:\n  attn run --config mha.json --weights mha.safetensors --input in.safetensors --output out.safetensors\n\nMODULE.json: {\"module\": \"multihead_attention\", \"embed_dim\": 16, \"num_heads\": 4, \"need_weights\": false}\nwith PyTorch's constructor fields and defaults; WEIGHTS is the module's state_dict().\nWith --backward, IN also holds grad.output (the shape of output), and OUT also holds grad.NAME for every\nsequence input (query, key, value, src, tgt, memory) and every parameter under its state-dict name."
 )]
 pub struct Args {
     #[command(flatten)]
@@ -674,6 +912,11 @@ pub struct Args {
     /// Where the outputs go.
     #[arg(long)]
     output: PathBuf,
+    /// Also the backward pass: IN holds `grad.output`, and OUT gets `grad.NAME` for every
+    /// sequence input and every parameter (PyTorch's `.grad` after `output.backward(grad_output)`
+    /// in training mode with dropout 0).
+    #[arg(long)]
+    backward: bool,
     #[command(flatten)]
     threads: Threads,
 }
@@ -681,7 +924,12 @@ pub struct Args {
 /// Runs `attn run`; prints one line: the file written and each output's name and shape.
 pub fn main(args: Args) -> Result<()> {
     args.threads.install(|_| {
-        let outputs = args.files.prepare()?.execute(Par::Rayon)?;
+        let prepared = args.files.prepare()?;
+        let outputs = if args.backward {
+            prepared.execute_backward(Par::Rayon)?
+        } else {
+            prepared.execute(Par::Rayon)?
+        };
         let refs: Vec<(&str, &[usize], &[f32])> = outputs
             .iter()
             .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
