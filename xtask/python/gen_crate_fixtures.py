@@ -197,6 +197,58 @@ def adamw_fixture(out_dir):
     save_file(tensors, str(out_dir / "adamw.safetensors"), metadata=meta)
 
 
+def transformer_adamw_fixture(out_dir):
+    """Three training steps of a small nn.Transformer (2 encoder + 1 decoder layers, d_model 16,
+    pre-norm, batch_first, dropout 0) in float64: loss = ½·Σ(output − target)², backward,
+    clip_grad_norm_(1.0), torch.optim.AdamW. Writes the initial parameters, the inputs, and each
+    step's loss, total gradient norm and parameters after the step, in
+    `optim/transformer_adamw.safetensors` (float32).
+
+    Adam divides each gradient by its own size, so an entry whose gradient is near rounding
+    noise moves by noise: the fixture must be well-conditioned for a 1e-5 comparison to mean
+    anything. Measured with PyTorch itself (its float32 run against its float64 run, key biases
+    aside): pre-norm 1.1e-6, post-norm at the same scale 1.7e-4. Hence pre-norm; the post-norm
+    gradients are checked module by module in the `attn run --backward` goldens."""
+    gen = torch.Generator().manual_seed(402)
+    ctor = {"d_model": 16, "nhead": 2, "num_encoder_layers": 2, "num_decoder_layers": 1,
+            "dim_feedforward": 24, "dropout": 0.0, "batch_first": True, "activation": "gelu",
+            "norm_first": True}
+    model = torch.nn.Transformer(**ctor).double().train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    # Parameters as float32 values, so attn starts from exactly the same numbers.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.float().double())
+    b, s, t, e = 2, 5, 4, 16
+    src = torch.randn(b, s, e, generator=gen).double()
+    tgt = torch.randn(b, t, e, generator=gen).double()
+    target = torch.randn(b, t, e, generator=gen).double()
+    padding = torch.zeros(b, s, dtype=torch.bool)
+    padding[1, -2:] = True
+    tgt_mask = torch.nn.Transformer.generate_square_subsequent_mask(t, dtype=torch.float64)
+    tensors = {f"init.{n}": p.detach().float().clone() for n, p in model.named_parameters()}
+    tensors.update({"src": src.float(), "tgt": tgt.float(), "target": target.float(),
+                    "src_key_padding_mask": padding, "tgt_mask": tgt_mask.float()})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
+    for step in range(3):
+        opt.zero_grad()
+        out = model(src, tgt, tgt_mask=tgt_mask, tgt_is_causal=True, src_key_padding_mask=padding,
+                    memory_key_padding_mask=padding)
+        loss = 0.5 * ((out - target) ** 2).sum()
+        loss.backward()
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        opt.step()
+        tensors[f"loss.{step}"] = loss.detach().float().reshape(1)
+        tensors[f"norm.{step}"] = total.detach().float().reshape(1)
+        for n, p in model.named_parameters():
+            tensors[f"after.{step}.{n}"] = p.detach().float().clone()
+    meta = {"config": json.dumps(ctor), "optimizer": json.dumps(
+        {"lr": 1e-2, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.01, "max_norm": 1.0})}
+    save_file(tensors, str(out_dir / "transformer_adamw.safetensors"), metadata=meta)
+
+
 def main():
     core_dir, nn_dir = Path(sys.argv[1]), Path(sys.argv[2])
     for d in (core_dir, nn_dir):
@@ -206,6 +258,7 @@ def main():
     nn_names = [write(nn_dir, case) for case in LAYER_CASES + BERT_CASES]
     (nn_dir / "cases.json").write_text(json.dumps(sorted(nn_names), indent=1) + "\n")
     adamw_fixture(nn_dir / "optim")
+    transformer_adamw_fixture(nn_dir / "optim")
     print(f"wrote {len(core)} attn-core cases and {len(nn_names)} attn-nn cases (torch {torch.__version__})")
 
 

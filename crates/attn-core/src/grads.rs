@@ -39,6 +39,11 @@ impl Grads {
         self.map.iter().map(|(n, t)| (n.as_str(), t))
     }
 
+    /// Every buffer, by name, mutably (for clipping).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Tensor)> {
+        self.map.iter_mut().map(|(n, t)| (n.as_str(), t))
+    }
+
     /// How many buffers there are.
     pub fn len(&self) -> usize {
         self.map.len()
