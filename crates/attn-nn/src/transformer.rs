@@ -225,6 +225,38 @@ fn check_input(op: &'static str, name: &str, x: &Sequence<'_>, d_model: usize) -
     Ok(())
 }
 
+/// The state dict of a layer with attention blocks `attentions` (prefixes) and norms `norms`,
+/// uniform in `±1/sqrt(fan_in)` (norms at weight 1, bias 0).
+fn random_layer(config: &LayerConfig, attentions: &[&str], norms: &[&str], seed: u64) -> Result<StateDict> {
+    let (e, f) = (config.d_model, config.dim_feedforward);
+    let mut dict = StateDict::new();
+    for (i, prefix) in attentions.iter().enumerate() {
+        let mha = MultiHeadAttention::with_seed(config.mha(), seed.wrapping_add(1000 * i as u64))?;
+        insert_prefixed(&mut dict, prefix, mha.state_dict());
+    }
+    let mut init = attn_core::WeightInit::new(seed.wrapping_add(1));
+    let mut next = |n: usize, fan_in: usize| init.uniform(vec![n], fan_in).into_data();
+    let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
+        dict.insert(
+            name.to_string(),
+            attn_core::Tensor::new(name, shape, data).expect("sizes agree"),
+        );
+    };
+    put("linear1.weight", vec![f, e], next(f * e, e));
+    put("linear2.weight", vec![e, f], next(e * f, f));
+    if config.bias {
+        put("linear1.bias", vec![f], next(f, e));
+        put("linear2.bias", vec![e], next(e, f));
+    }
+    for norm in norms {
+        put(&format!("{norm}.weight"), vec![e], vec![1.0; e]);
+        if config.bias {
+            put(&format!("{norm}.bias"), vec![e], vec![0.0; e]);
+        }
+    }
+    Ok(dict)
+}
+
 /// `nn.TransformerEncoderLayer`: self-attention and a feed-forward block, each with its residual
 /// add and norm. State-dict names: `self_attn.*`, `linear1.*`, `linear2.*`, `norm1.*`, `norm2.*`.
 #[derive(Debug, Clone)]
@@ -255,30 +287,7 @@ impl EncoderLayer {
     /// assert_eq!(out.len(), 2 * 5 * 32);
     /// ```
     pub fn with_seed(config: LayerConfig, seed: u64) -> Result<Self> {
-        let (e, f) = (config.d_model, config.dim_feedforward);
-        let mha = MultiHeadAttention::with_seed(config.mha(), seed)?;
-        let mut dict = StateDict::new();
-        insert_prefixed(&mut dict, "self_attn.", mha.state_dict());
-        let mut init = attn_core::WeightInit::new(seed.wrapping_add(1));
-        let mut next = |n: usize, fan_in: usize| init.uniform(vec![n], fan_in).into_data();
-        let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
-            dict.insert(
-                name.to_string(),
-                attn_core::Tensor::new(name, shape, data).expect("sizes agree"),
-            );
-        };
-        put("linear1.weight", vec![f, e], next(f * e, e));
-        put("linear2.weight", vec![e, f], next(e * f, f));
-        if config.bias {
-            put("linear1.bias", vec![f], next(f, e));
-            put("linear2.bias", vec![e], next(e, f));
-        }
-        for norm in ["norm1", "norm2"] {
-            put(&format!("{norm}.weight"), vec![e], vec![1.0; e]);
-            if config.bias {
-                put(&format!("{norm}.bias"), vec![e], vec![0.0; e]);
-            }
-        }
+        let dict = random_layer(&config, &["self_attn."], &["norm1", "norm2"], seed)?;
         Self::from_state_dict(config, dict)
     }
 
@@ -405,6 +414,18 @@ pub struct DecoderLayerCache {
 }
 
 impl DecoderLayer {
+    /// A layer with deterministic pseudo-random weights (norms at weight 1, bias 0), for tests,
+    /// examples and benchmarks.
+    pub fn with_seed(config: LayerConfig, seed: u64) -> Result<Self> {
+        let dict = random_layer(
+            &config,
+            &["self_attn.", "multihead_attn."],
+            &["norm1", "norm2", "norm3"],
+            seed,
+        )?;
+        Self::from_state_dict(config, dict)
+    }
+
     /// Builds the layer from its state dict; every tensor must be used.
     pub fn from_state_dict(config: LayerConfig, mut dict: StateDict) -> Result<Self> {
         let layer = Self::take(config, &mut dict)?;
