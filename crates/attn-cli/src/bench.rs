@@ -7,12 +7,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::unfused_scratch_bytes;
-use attn_nn::core::kernels::{attention_backward, BackwardInputs, Gradients, View, ViewMut};
+use attn_nn::core::kernels::{
+    attention_backward, attention_backward_path, BackwardInputs, BackwardPath, Gradients, View, ViewMut,
+};
 use attn_nn::core::kernels::{
     attention_unfused, flash_attention, gemm, simd_level, Accum, AttentionOptions, Causal, Par, View2, View4, ViewMut2,
     ViewMut4,
 };
 use attn_nn::core::{f32_bytes, SdpaShape};
+use clap::ValueEnum;
 use serde_json::json;
 
 use crate::threads::Threads;
@@ -138,10 +141,26 @@ pub struct SdpaArgs {
     /// the forward's)
     #[arg(long)]
     backward: bool,
+    /// With --backward: the backward's algorithm (`auto` chooses by shape, as training does).
+    #[arg(long, value_enum, default_value_t = BackwardChoice::Auto)]
+    backward_path: BackwardChoice,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
     flags: BenchFlags,
+}
+
+/// `--backward-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackwardChoice {
+    /// By shape (`attention_backward`).
+    Auto,
+    /// Row tiles of 64 over all keys at once.
+    OnePass,
+    /// A key pass and a query pass over blocks of 128 keys.
+    TwoPass,
+    /// Whole `[S, T]` matrices per head.
+    Unfused,
 }
 
 fn sdpa(args: SdpaArgs) -> Result<()> {
@@ -161,8 +180,8 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
         &[batch, kv_heads, kv_seq, head_dim],
     )
     .map_err(|e| anyhow::anyhow!("{e} (from --heads {heads} --kv-heads {kv_heads} --head-dim {head_dim})"))?;
-    if args.backward && args.path == Path::Unfused {
-        bail!("--backward times the flash forward and its backward; --path unfused has no backward of its own");
+    if !args.backward && args.backward_path != BackwardChoice::Auto {
+        bail!("--backward-path needs --backward");
     }
     let mut need = shape.input_bytes().saturating_add(shape.output_bytes());
     if args.backward {
@@ -185,7 +204,7 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
         head_dim,
         causal: args.causal,
         path: args.path,
-        backward: args.backward,
+        backward: args.backward.then_some(args.backward_path),
     };
     let (stats, n) = args.threads.install(|n| Ok((spec.run(budget)?, n)))?;
     println!("{}", spec.report(stats, n, args.flags.json));
@@ -331,8 +350,8 @@ pub struct SdpaBench {
     pub head_dim: usize,
     pub causal: bool,
     pub path: Path,
-    /// The forward and the backward together.
-    pub backward: bool,
+    /// The forward and the backward (on this path) together.
+    pub backward: Option<BackwardChoice>,
 }
 
 impl SdpaBench {
@@ -345,7 +364,7 @@ impl SdpaBench {
         } else {
             f
         };
-        if self.backward {
+        if self.backward.is_some() {
             3.5 * f
         } else {
             f
@@ -380,8 +399,8 @@ impl SdpaBench {
         let qv = View4::contiguous(&q, [b, h, s, d])?;
         let kv = View4::contiguous(&k, [b, g, t, d])?;
         let vv = View4::contiguous(&v, [b, g, t, d])?;
-        if self.backward {
-            return self.run_backward(budget, [qv, kv, vv], &options);
+        if let Some(choice) = self.backward {
+            return self.run_backward(budget, [qv, kv, vv], &options, choice);
         }
         // One checked call surfaces shape errors before timing.
         let kernel = match self.path {
@@ -403,13 +422,18 @@ impl SdpaBench {
         }))
     }
 
-    /// Times the flash forward (keeping the LSE) and `attention_backward` together.
+    /// Times the forward on `self.path` (keeping the LSE) and the backward on `choice` together.
     fn run_backward(
         &self,
         budget: Budget,
         [q, k, v]: [View4<'_, f32>; 3],
         options: &AttentionOptions<'_>,
+        choice: BackwardChoice,
     ) -> Result<Stats> {
+        let forward = match self.path {
+            Path::Flash => flash_attention,
+            Path::Unfused => attention_unfused,
+        };
         let ([b, h, s, d], [_, g, t, _]) = (q.shape(), k.shape());
         let mut out = vec![0.0f32; b * h * s * d];
         let mut lse = vec![0.0f32; b * h * s];
@@ -420,7 +444,7 @@ impl SdpaBench {
             vec![0.0f32; v.data().len()],
         );
         let mut step = || -> Result<()> {
-            flash_attention(
+            forward(
                 ViewMut4::contiguous(&mut out, [b, h, s, d])?,
                 Some(ViewMut::contiguous(&mut lse, [b, h, s])?),
                 q,
@@ -429,23 +453,29 @@ impl SdpaBench {
                 options,
                 Par::Rayon,
             )?;
-            attention_backward(
-                Gradients {
-                    dq: ViewMut4::contiguous(&mut dq, [b, h, s, d])?,
-                    dk: ViewMut4::contiguous(&mut dk, [b, g, t, d])?,
-                    dv: ViewMut4::contiguous(&mut dv, [b, g, t, d])?,
-                },
-                BackwardInputs {
-                    q,
-                    k,
-                    v,
-                    out: View4::contiguous(&out, [b, h, s, d])?,
-                    lse: View::contiguous(&lse, [b, h, s])?,
-                    dout: View4::contiguous(&dout, [b, h, s, d])?,
-                },
-                options,
-                Par::Rayon,
-            )?;
+            let grads = Gradients {
+                dq: ViewMut4::contiguous(&mut dq, [b, h, s, d])?,
+                dk: ViewMut4::contiguous(&mut dk, [b, g, t, d])?,
+                dv: ViewMut4::contiguous(&mut dv, [b, g, t, d])?,
+            };
+            let inputs = BackwardInputs {
+                q,
+                k,
+                v,
+                out: View4::contiguous(&out, [b, h, s, d])?,
+                lse: View::contiguous(&lse, [b, h, s])?,
+                dout: View4::contiguous(&dout, [b, h, s, d])?,
+            };
+            let path = match choice {
+                BackwardChoice::Auto => None,
+                BackwardChoice::OnePass => Some(BackwardPath::OnePass),
+                BackwardChoice::TwoPass => Some(BackwardPath::TwoPass),
+                BackwardChoice::Unfused => Some(BackwardPath::Unfused),
+            };
+            match path {
+                None => attention_backward(grads, inputs, options, Par::Rayon)?,
+                Some(path) => attention_backward_path(grads, inputs, options, Par::Rayon, path)?,
+            }
             Ok(())
         };
         // One checked step surfaces shape errors before timing.
@@ -460,7 +490,8 @@ impl SdpaBench {
             json!({
                 "op": "sdpa",
                 "path": format!("{:?}", self.path).to_lowercase(),
-                "backward": self.backward,
+                "backward": self.backward.is_some(),
+                "backward_path": self.backward.and_then(|c| c.to_possible_value()).map(|v| v.get_name().to_string()),
                 "batch": self.batch, "heads": self.heads, "kv_heads": self.kv_heads,
                 "seq": self.seq, "kv_seq": self.kv_seq, "head_dim": self.head_dim, "causal": self.causal,
                 "threads": threads, "simd": simd_level().to_string(),
@@ -472,7 +503,7 @@ impl SdpaBench {
             format!(
                 "sdpa {:?}{} B={} H={} G={} S={} T={} D={}{} threads={} simd={}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s  {:.2} GB/s",
                 self.path,
-                if self.backward { " forward+backward" } else { "" },
+                if self.backward.is_some() { " forward+backward" } else { "" },
                 self.batch,
                 self.heads,
                 self.kv_heads,

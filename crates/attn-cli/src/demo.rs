@@ -367,7 +367,7 @@ fn timing() -> Result<()> {
         head_dim: 64,
         causal: false,
         path: crate::bench::Path::Flash,
-        backward: false,
+        backward: None,
     };
     let fused = spec.run(budget)?;
     spec.path = crate::bench::Path::Unfused;

@@ -165,7 +165,7 @@ pub fn run(
             head_dim: d,
             causal,
             path: KernelPath::Flash,
-            backward: false,
+            backward: None,
         };
         let shape = SdpaShape {
             b,
@@ -211,7 +211,7 @@ pub fn run(
                     head_dim: d,
                     causal,
                     path: KernelPath::Flash,
-                    backward: false,
+                    backward: None,
                 };
                 p.torch = Some(spec.flops() / t / 1e9);
             }

@@ -640,3 +640,55 @@ fn bench_bandwidth_reports_read_bandwidth() {
     let too_small = attn(&["bench", "bandwidth", "--mib", "1"]);
     assert_eq!(too_small.status.code(), Some(2));
 }
+
+/// `bench sdpa --backward` times each backward path on request and says which in its JSON;
+/// `--backward-path` without `--backward` is refused.
+#[test]
+fn bench_sdpa_backward_paths() {
+    for path in ["auto", "one-pass", "two-pass", "unfused"] {
+        let result = attn(&[
+            "bench",
+            "sdpa",
+            "--batch",
+            "1",
+            "--heads",
+            "2",
+            "--seq",
+            "40",
+            "--head-dim",
+            "16",
+            "--backward",
+            "--backward-path",
+            path,
+            "--min-runs",
+            "1",
+            "--min-seconds",
+            "0",
+            "--json",
+        ]);
+        assert!(
+            result.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+        assert_eq!(report["backward"], true);
+        assert_eq!(report["backward_path"], path);
+    }
+    let result = attn(&[
+        "bench",
+        "sdpa",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--seq",
+        "40",
+        "--head-dim",
+        "16",
+        "--backward-path",
+        "unfused",
+    ]);
+    assert_eq!(result.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("--backward-path needs --backward"));
+}

@@ -21,6 +21,13 @@
 //!   there are at least 8 `(b, g)` tasks to share out (measured on the Zen 4 machine:
 //!   [1,8,1024,64] forward + backward 54 -> 45 ms, [1,16,2048,128] causal 445 -> 360 ms).
 //!
+//! - **Unfused** ([`BackwardPath::Unfused`]): the one pass with each head's rows as one tile,
+//!   so `P` and `dS` are whole `[S, T]` matrices and each product is one GEMM over the head (the
+//!   textbook backward). Chosen for short sequences, `S·T` up to 128², where it runs level with
+//!   the one pass (at `S ≤ 64` the two are the same computation); beyond, the one pass's
+//!   tiles stay in cache and win (0.73× at S = T = 512). Results equal the other paths' to
+//!   rounding, and the tests compare them directly.
+//!
 //! Memory beyond the gradients: `Δ` (`[B, H, S]` f32) and, per worker, a few tiles: under 200 KiB
 //! at D = 128 on the two-pass path; `[64, T]` scores twice and `[T, D + Dv]` sums on the one-pass
 //! path (3 MiB at T = 4096, D = 64).
@@ -47,6 +54,10 @@ mod tests;
 const ROWS: usize = 64;
 /// Keys per block of the two-pass path.
 const KEYS: usize = 128;
+/// Scores `S·T` up to which the unfused path is taken: where it measured level with the one
+/// pass (medians of 5 alternated rounds on the Zen 4 machine, one-pass / unfused time: 1.03 at
+/// S = T = 64, 1.06 at 128, 0.96 at 256, 0.73 at 512).
+const UNFUSED_MAX_SCORES: usize = 128 * 128;
 /// Keys up to which the one-pass path is always taken.
 const ONE_PASS_SHORT_KEYS: usize = 512;
 /// Keys up to which the one-pass path is taken when there are enough `(b, g)` tasks.
@@ -88,14 +99,19 @@ pub struct Gradients<'a> {
 pub enum BackwardPath {
     /// A key pass for `dK`, `dV` and a query pass for `dQ`, over blocks of 128 keys.
     TwoPass,
-    /// One pass per `(b, g)` over all keys at once.
+    /// One pass per `(b, g)` over all keys at once, rows in tiles of 64.
     OnePass,
+    /// Unfused: per `(b, g)`, each head's whole `[S, T]` probabilities and score gradients in
+    /// memory, and every product one GEMM over the head.
+    Unfused,
 }
 
-/// The path [`attention_backward`] takes for `groups = B·G` key/value heads of `t` keys: by shape
-/// only, so results stay the same from run to run.
-pub fn backward_path(groups: usize, t: usize) -> BackwardPath {
-    if t <= ONE_PASS_SHORT_KEYS || (t <= ONE_PASS_MAX_KEYS && groups >= ONE_PASS_MIN_TASKS) {
+/// The path [`attention_backward`] takes for `groups = B·G` key/value heads, `s` query rows and
+/// `t` keys: by shape only, so results stay the same from run to run.
+pub fn backward_path(groups: usize, s: usize, t: usize) -> BackwardPath {
+    if s.saturating_mul(t) <= UNFUSED_MAX_SCORES {
+        BackwardPath::Unfused
+    } else if t <= ONE_PASS_SHORT_KEYS || (t <= ONE_PASS_MAX_KEYS && groups >= ONE_PASS_MIN_TASKS) {
         BackwardPath::OnePass
     } else {
         BackwardPath::TwoPass
@@ -114,7 +130,7 @@ pub fn attention_backward(
     par: Par,
 ) -> Result<(), KernelError> {
     let [b, g, t, _] = inputs.k.shape();
-    let path = backward_path(b * g, t);
+    let path = backward_path(b * g, inputs.q.shape()[2], t);
     attention_backward_path(grads, inputs, options, par, path)
 }
 
@@ -174,11 +190,17 @@ pub fn attention_backward_path(
         dk: Out::new(&mut dk),
         dv: Out::new(&mut dv),
     };
-    let one_pass = path == BackwardPath::OnePass || plan.t <= KEYS;
+    let one_pass = path != BackwardPath::TwoPass || plan.t <= KEYS;
     let key_block = if one_pass { plan.t.max(1) } else { KEYS };
+    // The unfused path is the one pass with a single row tile: whole heads.
+    let row_tile = if path == BackwardPath::Unfused {
+        plan.s.max(1)
+    } else {
+        ROWS
+    };
     let key_tasks = plan.b * plan.g * plan.t.div_ceil(key_block);
     run(key_tasks, par, |scratch, task| {
-        job.key_task(scratch, task, key_block, one_pass)
+        job.key_task(scratch, task, key_block, row_tile, one_pass)
     });
     if !one_pass {
         let query_tasks = plan.b * plan.h * plan.s.div_ceil(ROWS);
@@ -315,7 +337,7 @@ impl Job<'_, '_> {
 
     /// The key task `(b, g, key block)`: `dK`, `dV` of its keys over every row of its heads; with
     /// `one_pass`, also `dQ` of those heads.
-    fn key_task(&self, scratch: &mut Scratch, task: usize, key_block: usize, one_pass: bool) {
+    fn key_task(&self, scratch: &mut Scratch, task: usize, key_block: usize, row_tile: usize, one_pass: bool) {
         let sh = self.shape;
         let blocks = sh.t.div_ceil(key_block);
         let (bg, block) = (task / blocks, task % blocks);
@@ -328,8 +350,8 @@ impl Job<'_, '_> {
         scratch.dv.resize(bc * sh.dv, 0.0);
         let rep = sh.h / sh.g;
         for h in g * rep..(g + 1) * rep {
-            for r0 in (0..sh.s).step_by(ROWS) {
-                let rows = (sh.s - r0).min(ROWS);
+            for r0 in (0..sh.s).step_by(row_tile) {
+                let rows = (sh.s - r0).min(row_tile);
                 // Only the keys some row of the tile may see: under a causal mask the early row
                 // tiles stop well before the block's end.
                 let seen = self.keys_seen(b, r0, rows).min(t0 + bc);

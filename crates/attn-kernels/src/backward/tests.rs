@@ -121,7 +121,8 @@ fn check(case: Case) {
     let tol = TOLERANCE + 4.0 * f32::EPSILON as f64 * forward.max_abs_score;
     let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     let bits = |g: &Grads| [&g.0, &g.1, &g.2].map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-    for path in [BackwardPath::OnePass, BackwardPath::TwoPass] {
+    let mut by_path = Vec::new();
+    for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
         let seq = run(path, Par::Seq);
         for (name, got, want) in [
             ("dq", &seq.0, &want[0]),
@@ -138,6 +139,20 @@ fn check(case: Case) {
                 bits(&many),
                 "{path:?}: {n} threads differ from sequential: {what}"
             );
+        }
+        by_path.push(seq);
+    }
+    // The fused paths against the unfused one, directly.
+    let unfused = &by_path[2];
+    for fused in &by_path[..2] {
+        for (name, got, want) in [
+            ("dq", &fused.0, &unfused.0),
+            ("dk", &fused.1, &unfused.1),
+            ("dv", &fused.2, &unfused.2),
+        ] {
+            let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+            let err = relative_to_largest(got, &want);
+            assert!(err <= 2.0 * tol, "fused vs unfused {name}: error {err:e}: {what}");
         }
     }
 }
@@ -270,7 +285,7 @@ fn rows_that_see_nothing_pass_no_gradient() {
         Par::Seq,
     )
     .unwrap();
-    for path in [BackwardPath::OnePass, BackwardPath::TwoPass] {
+    for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
         let (mut dq, mut dk, mut dv) = (
             vec![f32::NAN; q.len()],
             vec![f32::NAN; k.len()],
