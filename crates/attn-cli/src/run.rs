@@ -946,6 +946,10 @@ pub fn main(args: Args) -> Result<()> {
 pub struct BenchArgs {
     #[command(flatten)]
     files: Files,
+    /// Time the forward and the backward together (IN holds `grad.output`), as `attn run
+    /// --backward` computes them.
+    #[arg(long)]
+    backward: bool,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
@@ -957,14 +961,26 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let budget = args.budget.budget()?;
     let prepared = args.files.prepare()?;
+    let backward = args.backward;
+    let once = |p: &Prepared| {
+        if backward {
+            p.execute_backward(Par::Rayon)
+        } else {
+            p.execute(Par::Rayon)
+        }
+    };
     let (stats, n) = args.threads.install(|n| {
-        prepared.execute(Par::Rayon)?;
+        once(&prepared)?;
         let stats = bench::measure(budget, || {
-            prepared.execute(Par::Rayon).expect("ran once above");
+            once(&prepared).expect("ran once above");
         });
         Ok((stats, n))
     })?;
-    let what = args.files.config.display().to_string();
+    let what = format!(
+        "{}{}",
+        args.files.config.display(),
+        if backward { " forward+backward" } else { "" }
+    );
     println!("{}", bench::report_plain("run", &what, stats, n, args.budget.json));
     Ok(())
 }

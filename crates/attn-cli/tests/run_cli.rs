@@ -369,3 +369,28 @@ fn bad_configs_name_the_field() {
         }
     }
 }
+
+/// `attn bench run --backward` times forward and backward as `attn run --backward` computes them.
+#[test]
+fn bench_run_backward() {
+    let f = |suffix: &str| fixtures().join(format!("dec_layer_post{suffix}"));
+    let result = attn(&[
+        "bench",
+        "run",
+        "--config",
+        f(".json").to_str().unwrap(),
+        "--weights",
+        f(".weights.safetensors").to_str().unwrap(),
+        "--input",
+        f(".backward.in.safetensors").to_str().unwrap(),
+        "--backward",
+        "--min-runs",
+        "1",
+        "--min-seconds",
+        "0",
+        "--json",
+    ]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert!(report["median_s"].as_f64().unwrap() > 0.0, "{report}");
+}
