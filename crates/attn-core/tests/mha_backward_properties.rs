@@ -285,3 +285,36 @@ fn grouped_query_gradients_are_sums_over_the_repeated_heads() {
         }
     }
 }
+
+/// A backward given a gradient of the wrong size, or inputs other than its forward's, is a typed
+/// error naming what was wrong.
+#[test]
+fn backward_rejects_mismatched_gradients_and_inputs() {
+    let mut config = MhaConfig::new(8, 2);
+    config.batch_first = true;
+    let mha = MultiHeadAttention::with_seed(config, 1).unwrap();
+    let x = vec![0.25f32; 2 * 3 * 8];
+    let inputs = MhaInputs {
+        query: Sequence::batch_first(&x, 2, 3, 8),
+        key_value: None,
+        options: MhaOptions::default(),
+    };
+    let (_, tape) = mha.forward_train(&inputs, Par::Seq).unwrap();
+    let mut grads = Grads::new();
+    let err = mha
+        .backward(&inputs, &tape, &[0.0; 5], &mut grads, "", Par::Seq)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("d_output"), "{err}");
+    let longer = vec![0.25f32; 2 * 4 * 8];
+    let other = MhaInputs {
+        query: Sequence::batch_first(&longer, 2, 4, 8),
+        ..inputs
+    };
+    let err = mha
+        .backward(&other, &tape, &[0.0; 64], &mut grads, "", Par::Seq)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the forward's [B, S, T] = [2, 3, 3]"), "{err}");
+    assert!(grads.is_empty(), "nothing added on error");
+}
