@@ -82,6 +82,21 @@ impl Grads {
         Ok((first.expect("ensured"), second.expect("ensured")))
     }
 
+    /// The buffers of a weight and, when the module has one, its bias: see [`Grads::slot`].
+    pub fn weight_and_bias(
+        &mut self,
+        weight: (&str, &[usize]),
+        bias: Option<(&str, &[usize])>,
+    ) -> Result<(&mut [f32], Option<&mut [f32]>)> {
+        match bias {
+            Some(bias) => {
+                let (w, b) = self.slot_pair(weight, bias)?;
+                Ok((w, Some(b)))
+            }
+            None => Ok((self.slot(weight.0, weight.1)?, None)),
+        }
+    }
+
     fn ensure(&mut self, name: &str, shape: &[usize]) -> Result<()> {
         match self.map.get(name) {
             Some(t) if t.shape() != shape => Err(AttnError::ShapeMismatch {

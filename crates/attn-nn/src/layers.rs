@@ -112,26 +112,43 @@ impl Linear {
             in_dim: inp,
             out_dim: out,
         };
-        let weight = format!("{prefix}weight");
-        let (dw, db) = match &self.bias {
-            Some(_) => {
-                let (dw, db) = grads.slot_pair((&weight, &[out, inp]), (&format!("{prefix}bias"), &[out]))?;
-                (dw, Some(db))
-            }
-            None => (grads.slot(&weight, &[out, inp])?, None),
-        };
+        let (dw, db) = weight_and_bias_grads(grads, prefix, &[out, inp], self.bias.is_some())?;
         kernels::linear_backward(dx, dw, db, dy, x, self.weight.data(), shape, par).map_err(AttnError::from)?;
         Ok(())
     }
 
     /// The parameters under `prefix` + `weight` / `bias`.
     pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        let mut out = vec![(format!("{prefix}weight"), &mut self.weight)];
-        if let Some(b) = &mut self.bias {
-            out.push((format!("{prefix}bias"), b));
-        }
-        out
+        weight_and_bias_params(&mut self.weight, &mut self.bias, prefix)
     }
+}
+
+/// The gradient buffers `{prefix}weight` (of `w_shape`) and `{prefix}bias` (`[w_shape[0]]`).
+fn weight_and_bias_grads<'g>(
+    grads: &'g mut Grads,
+    prefix: &str,
+    w_shape: &[usize],
+    bias: bool,
+) -> Result<(&'g mut [f32], Option<&'g mut [f32]>)> {
+    let bias_name = format!("{prefix}bias");
+    let bias_shape = [w_shape[0]];
+    Ok(grads.weight_and_bias(
+        (&format!("{prefix}weight"), w_shape),
+        bias.then_some((bias_name.as_str(), &bias_shape[..])),
+    )?)
+}
+
+/// `{prefix}weight` and `{prefix}bias` for an optimizer.
+fn weight_and_bias_params<'a>(
+    weight: &'a mut Tensor,
+    bias: &'a mut Option<Tensor>,
+    prefix: &str,
+) -> Vec<(String, &'a mut Tensor)> {
+    let mut out = vec![(format!("{prefix}weight"), weight)];
+    if let Some(b) = bias {
+        out.push((format!("{prefix}bias"), b));
+    }
+    out
 }
 
 /// Layer normalisation over the last dim (`weight`, `bias`: `[E]`), PyTorch's `nn.LayerNorm`
@@ -217,14 +234,7 @@ impl Norm {
         par: Par,
     ) -> Result<()> {
         let e = self.weight.shape()[0];
-        let weight = format!("{prefix}weight");
-        let (dw, db) = match &self.bias {
-            Some(_) => {
-                let (dw, db) = grads.slot_pair((&weight, &[e]), (&format!("{prefix}bias"), &[e]))?;
-                (dw, Some(db))
-            }
-            None => (grads.slot(&weight, &[e])?, None),
-        };
+        let (dw, db) = weight_and_bias_grads(grads, prefix, &[e], self.bias.is_some())?;
         kernels::norm_backward(dx, dw, db, dy, x, self.weight.data(), (self.kind, self.eps), par)
             .map_err(AttnError::from)?;
         Ok(())
@@ -232,11 +242,7 @@ impl Norm {
 
     /// The parameters under `prefix` + `weight` / `bias`.
     pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        let mut out = vec![(format!("{prefix}weight"), &mut self.weight)];
-        if let Some(b) = &mut self.bias {
-            out.push((format!("{prefix}bias"), b));
-        }
-        out
+        weight_and_bias_params(&mut self.weight, &mut self.bias, prefix)
     }
 }
 

@@ -289,12 +289,10 @@ impl Core {
                     out_dim,
                 };
                 let w_shape = [out_dim, h * dv];
-                let (dw, db) = weight_and_bias(
-                    grads,
-                    &format!("{prefix}out_proj.weight"),
-                    &w_shape,
-                    self.b_out.as_ref().map(|_| format!("{prefix}out_proj.bias")),
-                    out_dim,
+                let (bias, bias_shape) = (format!("{prefix}out_proj.bias"), [out_dim]);
+                let (dw, db) = grads.weight_and_bias(
+                    (&format!("{prefix}out_proj.weight"), &w_shape),
+                    self.b_out.as_ref().map(|_| (bias.as_str(), &bias_shape[..])),
                 )?;
                 linear_backward(
                     Some(&mut d_attn),
@@ -367,12 +365,10 @@ impl Core {
                 row[h * d + g * d..].copy_from_slice(&dv_buf[r * g * dv..][..g * dv]);
             }
             let mut d_query = vec![0.0f32; n * e];
-            let (dw, db) = weight_and_bias(
-                grads,
-                &format!("{prefix}in_proj_weight"),
-                &[width, e],
-                self.b_qkv.as_ref().map(|_| format!("{prefix}in_proj_bias")),
-                width,
+            let (bias, bias_shape) = (format!("{prefix}in_proj_bias"), [width]);
+            let (dw, db) = grads.weight_and_bias(
+                (&format!("{prefix}in_proj_weight"), &[width, e]),
+                self.b_qkv.as_ref().map(|_| (bias.as_str(), &bias_shape[..])),
             )?;
             let shape = LinearShape {
                 n,
@@ -454,12 +450,10 @@ impl Core {
             in_dim,
             out_dim: rows.len(),
         };
-        let (dw, db) = weight_and_bias(
-            grads,
-            &format!("{prefix}{name}"),
-            &w_shape,
-            self.b_qkv.as_ref().map(|_| format!("{prefix}in_proj_bias")),
-            qw + kw + vw,
+        let (bias, bias_shape) = (format!("{prefix}in_proj_bias"), [qw + kw + vw]);
+        let (dw, db) = grads.weight_and_bias(
+            (&format!("{prefix}{name}"), &w_shape),
+            self.b_qkv.as_ref().map(|_| (bias.as_str(), &bias_shape[..])),
         )?;
         let dw = &mut dw[rows.start * in_dim..rows.end * in_dim];
         let db = db.map(|db| &mut db[bias_range]);
@@ -509,22 +503,5 @@ impl Core {
         let mut dx = vec![0.0f32; x.len()];
         self.projection_backward(grads, prefix, which, Some(&mut dx), &real_rows, &x, par)?;
         Ok(in_layout_of(dx, seq))
-    }
-}
-
-/// The gradient buffers of a weight `[out, in]` and, when the module has it, its bias.
-fn weight_and_bias<'g>(
-    grads: &'g mut Grads,
-    weight: &str,
-    w_shape: &[usize],
-    bias: Option<String>,
-    bias_len: usize,
-) -> Result<(&'g mut [f32], Option<&'g mut [f32]>)> {
-    match bias {
-        Some(bias) => {
-            let (w, b) = grads.slot_pair((weight, w_shape), (&bias, &[bias_len]))?;
-            Ok((w, Some(b)))
-        }
-        None => Ok((grads.slot(weight, w_shape)?, None)),
     }
 }
