@@ -249,6 +249,84 @@ def transformer_adamw_fixture(out_dir):
     save_file(tensors, str(out_dir / "transformer_adamw.safetensors"), metadata=meta)
 
 
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+class ContractSeq2Seq(torch.nn.Module):
+    """The sequence-to-sequence model of ../shared/CONTRACT.md, as a PyTorch user writes it."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg["d_model"]
+        self.d = d
+        self.src_embed = torch.nn.Embedding(len(cfg["src_vocab"]), d)
+        self.tgt_embed = torch.nn.Embedding(len(cfg["tgt_vocab"]), d)
+        keys = ["d_model", "nhead", "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "dropout",
+                "activation", "layer_norm_eps", "norm_first"]
+        self.transformer = torch.nn.Transformer(**{k: cfg[k] for k in keys}, batch_first=True)
+        self.generator = torch.nn.Linear(d, len(cfg["tgt_vocab"]))
+        pe = torch.zeros(cfg["max_len"], d, dtype=torch.float64)
+        pos = torch.arange(cfg["max_len"], dtype=torch.float64)[:, None]
+        div = 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        pe[:, 0::2] = torch.sin(pos / div)
+        pe[:, 1::2] = torch.cos(pos / div)
+        self.register_buffer("pe", pe, persistent=False)
+
+    def forward(self, src, tgt_in, src_pad, tgt_pad):
+        scale = self.d ** 0.5
+        xs = self.src_embed(src) * scale + self.pe[: src.shape[1]].to(self.src_embed.weight.dtype)
+        xt = self.tgt_embed(tgt_in) * scale + self.pe[: tgt_in.shape[1]].to(self.tgt_embed.weight.dtype)
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1], dtype=xs.dtype)
+        out = self.transformer(xs, xt, tgt_mask=causal, tgt_is_causal=True, src_key_padding_mask=src_pad,
+                               tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
+        return self.generator(out)
+
+
+def encode_pairs(pairs, src_vocab, tgt_vocab):
+    """Source ids + <eos>, decoder input <bos> + target ids, labels target ids + <eos>, padded."""
+    si = {c: i for i, c in enumerate(src_vocab)}
+    ti = {c: i for i, c in enumerate(tgt_vocab)}
+    src = [[si.get(c, 3) for c in s] + [2] for s, _ in pairs]
+    tgt = [[ti.get(c, 3) for c in t] for _, t in pairs]
+    s_len, t_len = max(map(len, src)), max(len(t) + 1 for t in tgt)
+    pad = lambda rows, n: torch.tensor([r + [0] * (n - len(r)) for r in rows])
+    src_ids = pad(src, s_len)
+    tgt_in = pad([[1] + t for t in tgt], t_len)
+    labels = pad([t + [2] for t in tgt], t_len)
+    return src_ids, tgt_in, labels, src_ids == 0, torch.tensor([[j > len(t) for j in range(t_len)] for t in tgt])
+
+
+def seq2seq_fixture(out_dir):
+    """A small random model of the contract's shape saved as a checkpoint (tensors and the
+    `attn.seq2seq` metadata), and, in float64, its teacher-forced logits on a few pairs, the
+    loss with label smoothing 0.1, and every parameter's gradient: `seq2seq/tiny.safetensors`
+    and `seq2seq/tiny.expected.safetensors`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = [("28 Nov 2026", "2026-11-28"), ("1.2.1999", "1999-02-01"), ("Monday, 3 March 1902", "1902-03-03"),
+             ("the 4th of July 2000", "2000-07-04")]
+    src_vocab = SPECIALS + sorted({c for s, _ in pairs for c in s if c != "J"})  # 'J' left out: <unk>
+    tgt_vocab = SPECIALS + sorted({c for _, t in pairs for c in t})
+    cfg = {"d_model": 16, "nhead": 2, "num_encoder_layers": 2, "num_decoder_layers": 2, "dim_feedforward": 32,
+           "dropout": 0.0, "activation": "relu", "layer_norm_eps": 1e-5, "norm_first": False, "batch_first": True,
+           "max_len": 32, "src_vocab": src_vocab, "tgt_vocab": tgt_vocab}
+    gen = torch.Generator().manual_seed(403)
+    model = ContractSeq2Seq(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "tiny.safetensors"), metadata={"attn.seq2seq": json.dumps(cfg)})
+    model = model.double().train()
+    src, tgt_in, labels, src_pad, tgt_pad = encode_pairs(pairs, src_vocab, tgt_vocab)
+    logits = model(src, tgt_in, src_pad, tgt_pad)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=0, label_smoothing=0.1)
+    loss.backward()
+    expected = {"logits": logits.detach().float().contiguous(), "loss": loss.detach().float().reshape(1)}
+    expected.update({f"grad.{n}": p.grad.float().contiguous() for n, p in model.named_parameters()})
+    save_file(expected, str(out_dir / "tiny.expected.safetensors"), metadata={"pairs": json.dumps(pairs)})
+
+
 def main():
     core_dir, nn_dir = Path(sys.argv[1]), Path(sys.argv[2])
     for d in (core_dir, nn_dir):
@@ -259,6 +337,7 @@ def main():
     (nn_dir / "cases.json").write_text(json.dumps(sorted(nn_names), indent=1) + "\n")
     adamw_fixture(nn_dir / "optim")
     transformer_adamw_fixture(nn_dir / "optim")
+    seq2seq_fixture(nn_dir / "seq2seq")
     print(f"wrote {len(core)} attn-core cases and {len(nn_names)} attn-nn cases (torch {torch.__version__})")
 
 

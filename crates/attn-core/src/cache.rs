@@ -130,6 +130,29 @@ impl KvCache {
         Ok(())
     }
 
+    /// Batch row `i` becomes a copy of the old row `rows[i]` (beam search keeps the caches of
+    /// the hypotheses it extends); rows past `rows.len()` copy `rows[0]`. An index past the
+    /// batch is an error naming it.
+    pub fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch) {
+            return Err(crate::AttnError::InvalidConfig {
+                field: "cache rows",
+                got: bad.to_string(),
+                expected: format!("below the batch size {}", self.batch),
+            });
+        }
+        let per_row = |d: usize| self.n_kv_heads * self.capacity * d;
+        for (buf, d) in [(&mut self.k, self.head_dim), (&mut self.v, self.v_head_dim)] {
+            let width = per_row(d);
+            let old = buf.clone();
+            for b in 0..self.batch {
+                let from = rows.get(b).or(rows.first()).copied().unwrap_or(b);
+                buf[b * width..(b + 1) * width].copy_from_slice(&old[from * width..(from + 1) * width]);
+            }
+        }
+        Ok(())
+    }
+
     fn grow(&mut self, capacity: usize) {
         let (b_n, g_n, old) = (self.batch, self.n_kv_heads, self.capacity);
         for (buf, d) in [(&mut self.k, self.head_dim), (&mut self.v, self.v_head_dim)] {

@@ -18,12 +18,14 @@ mod bert;
 mod error;
 pub mod layers;
 mod optim;
+pub mod seq2seq;
 mod transformer;
 
 pub use attn_core as core;
 pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
 pub use optim::{clip_grad_norm, AdamW, Param, Schedule};
+pub use seq2seq::{Batch, Decoded, Seq2Seq, Seq2SeqConfig, Vocab};
 pub use transformer::{
     BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig, LayerTape,
     StackConfig, StackTape, Transformer, TransformerConfig, TransformerMasks, TransformerTape,

@@ -178,7 +178,11 @@ fn reject_leftovers(dict: &StateDict) -> Result<()> {
 
 /// Builds a submodule from the tensors under `prefix`; errors name tensors with the prefix, and
 /// a tensor under the prefix that the submodule does not use is an error.
-fn sub_module<T>(dict: &mut StateDict, prefix: &str, build: impl FnOnce(&mut StateDict) -> Result<T>) -> Result<T> {
+pub(crate) fn sub_module<T>(
+    dict: &mut StateDict,
+    prefix: &str,
+    build: impl FnOnce(&mut StateDict) -> Result<T>,
+) -> Result<T> {
     let mut sub = take_prefixed(dict, prefix);
     let built = build(&mut sub).and_then(|value| reject_leftovers(&sub).map(|()| value));
     built.map_err(|e| match e {
@@ -702,6 +706,15 @@ impl DecoderCache {
     /// True before the first step.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Batch row `i` continues from the old row `rows[i]` (beam search); the cross-attention
+    /// caches, one memory for every row, are left as they are.
+    pub fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        for layer in &mut self.layers {
+            layer.self_attn.reorder(rows)?;
+        }
+        Ok(())
     }
 }
 

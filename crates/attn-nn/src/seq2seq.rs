@@ -1,0 +1,786 @@
+//! The sequence-to-sequence Transformer of "Attention Is All You Need" as PyTorch spells it
+//! (../shared/CONTRACT.md, "Sequence-to-sequence models"): character vocabularies, embeddings
+//! scaled by `sqrt(d_model)` plus the sinusoidal position table, `nn.Transformer(...,
+//! batch_first=True)` and a `generator` to logits. State-dict names: `src_embed.weight`,
+//! `tgt_embed.weight`, `transformer.*`, `generator.weight`, `generator.bias`.
+//!
+//! Training: [`Seq2Seq::forward_train`] keeps what [`Seq2Seq::backward`] needs (the batch's ids,
+//! the embeddings' input to the Transformer, the Transformer's tape and output); the loss is
+//! `F.cross_entropy(logits, labels, ignore_index=<pad>, label_smoothing)`. Decoding:
+//! [`Seq2Seq::greedy`] and [`Seq2Seq::beam`], incremental through the KV caches (self-attention
+//! cached, cross-attention keys and values computed once).
+
+use std::collections::HashMap;
+
+use attn_core::kernels::testing::SplitMix64;
+use attn_core::kernels::{self, Par};
+use attn_core::{insert_prefixed, AttnError, Grads, KeyPadding, Sequence, StateDict, Tensor};
+use serde_json::{Map, Value};
+
+use crate::error::invalid;
+use crate::layers::{Dropout, Linear};
+use crate::transformer::{sub_module, TransformerTape};
+use crate::{BlockMasks, DecoderLayer, EncoderLayer, Result, Transformer, TransformerConfig, TransformerMasks};
+
+/// `<pad>`: padding, ignored by the loss.
+pub const PAD: usize = 0;
+/// `<bos>`: the decoder's first input.
+pub const BOS: usize = 1;
+/// `<eos>`: the end of a sequence.
+pub const EOS: usize = 2;
+/// `<unk>`: a character the vocabulary lacks.
+pub const UNK: usize = 3;
+/// The special tokens, ids 0–3.
+pub const SPECIALS: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
+
+/// A character vocabulary: the four specials, then one character per entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vocab {
+    tokens: Vec<String>,
+    index: HashMap<char, usize>,
+}
+
+impl Vocab {
+    /// A vocabulary from its entries (as the checkpoint lists them): ids 0–3 must be the
+    /// specials, every other entry one character, none twice.
+    pub fn from_tokens(tokens: Vec<String>, which: &str) -> Result<Self> {
+        if tokens.len() < 4 || tokens[..4] != SPECIALS {
+            return Err(invalid(
+                which,
+                format!("{:?}", &tokens[..tokens.len().min(4)]),
+                "a list starting with \"<pad>\", \"<bos>\", \"<eos>\", \"<unk>\"",
+            ));
+        }
+        let mut index = HashMap::new();
+        for (id, token) in tokens.iter().enumerate().skip(4) {
+            let mut chars = token.chars();
+            let (Some(c), None) = (chars.next(), chars.next()) else {
+                return Err(invalid(
+                    which,
+                    format!("entry {id} = {token:?}"),
+                    "one character per entry",
+                ));
+            };
+            if index.insert(c, id).is_some() {
+                return Err(invalid(which, format!("{token:?} twice"), "each character once"));
+            }
+        }
+        Ok(Vocab { tokens, index })
+    }
+
+    /// The vocabulary of `texts`: the specials, then their characters sorted by code point.
+    pub fn from_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut chars: Vec<char> = texts.into_iter().flat_map(str::chars).collect();
+        chars.sort_unstable();
+        chars.dedup();
+        let tokens = SPECIALS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(chars.iter().map(|c| c.to_string()))
+            .collect();
+        Vocab::from_tokens(tokens, "vocab").expect("specials, then distinct characters")
+    }
+
+    /// The entries, by id.
+    pub fn tokens(&self) -> &[String] {
+        &self.tokens
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Never true: the specials are always there.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The ids of `text`'s characters (unknown ones are `<unk>`), without `<eos>`.
+    pub fn encode(&self, text: &str) -> Vec<usize> {
+        text.chars()
+            .map(|c| self.index.get(&c).copied().unwrap_or(UNK))
+            .collect()
+    }
+
+    /// The text of `ids`, up to the first `<eos>`; other specials are skipped.
+    pub fn decode(&self, ids: &[usize]) -> String {
+        ids.iter()
+            .take_while(|&&id| id != EOS)
+            .filter(|&&id| id > UNK && id < self.tokens.len())
+            .map(|&id| self.tokens[id].as_str())
+            .collect()
+    }
+}
+
+/// The model's configuration: `nn.Transformer`'s constructor fields, `max_len` and the
+/// vocabularies: the checkpoint's `attn.seq2seq` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seq2SeqConfig {
+    /// The Transformer's fields; `batch_first` must be true.
+    pub transformer: TransformerConfig,
+    /// The longest sequence (in tokens, `<eos>` or `<bos>` included) the position table covers.
+    pub max_len: usize,
+    /// Source characters.
+    pub src_vocab: Vocab,
+    /// Target characters.
+    pub tgt_vocab: Vocab,
+}
+
+impl Seq2SeqConfig {
+    /// The metadata JSON object.
+    pub fn to_json(&self) -> String {
+        let mut map = match serde_json::to_value(&self.transformer).expect("serialisable") {
+            Value::Object(map) => map,
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        map.insert("max_len".into(), self.max_len.into());
+        map.insert("src_vocab".into(), self.src_vocab.tokens.clone().into());
+        map.insert("tgt_vocab".into(), self.tgt_vocab.tokens.clone().into());
+        Value::Object(map).to_string()
+    }
+
+    /// Parses the metadata JSON object, naming the field at fault.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let mut map: Map<String, Value> =
+            serde_json::from_str(json).map_err(|e| invalid("attn.seq2seq", e, "a JSON object"))?;
+        let mut take = |name: &str| map.remove(name).ok_or_else(|| invalid(name, "missing", "present"));
+        let max_len = take("max_len")?
+            .as_u64()
+            .filter(|&n| n >= 2)
+            .ok_or_else(|| invalid("max_len", "not an integer of at least 2", "an integer of at least 2"))?
+            as usize;
+        let mut vocab = |name: &str| -> Result<Vocab> {
+            let list: Vec<String> =
+                serde_json::from_value(take(name)?).map_err(|e| invalid(name, e, "a list of strings"))?;
+            Vocab::from_tokens(list, name)
+        };
+        let (src_vocab, tgt_vocab) = (vocab("src_vocab")?, vocab("tgt_vocab")?);
+        let transformer: TransformerConfig = serde_json::from_value(Value::Object(map))
+            .map_err(|e| invalid("attn.seq2seq", e, "nn.Transformer's fields"))?;
+        let config = Seq2SeqConfig {
+            transformer,
+            max_len,
+            src_vocab,
+            tgt_vocab,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the fields' domains.
+    pub fn validate(&self) -> Result<()> {
+        self.transformer.layer.validate()?;
+        if !self.transformer.layer.batch_first {
+            return Err(invalid(
+                "batch_first",
+                false,
+                "true (the contract's model is batch-first)",
+            ));
+        }
+        if self.max_len < 2 {
+            return Err(invalid("max_len", self.max_len, "at least 2"));
+        }
+        Ok(())
+    }
+
+    fn d_model(&self) -> usize {
+        self.transformer.layer.d_model
+    }
+}
+
+/// A batch of pairs as the model reads it: source ids + `<eos>`, decoder input `<bos>` + target
+/// ids, labels target ids + `<eos>`, each padded with `<pad>` to the batch's longest.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Sequences.
+    pub b: usize,
+    /// Source positions per sequence (the longest source + 1).
+    pub s: usize,
+    /// Target positions per sequence (the longest target + 1).
+    pub t: usize,
+    /// `[B, S]`.
+    pub src: Vec<usize>,
+    /// Real source positions of each sequence.
+    pub src_lengths: Vec<usize>,
+    /// `[B, T]`: the decoder's input.
+    pub tgt_in: Vec<usize>,
+    /// Real target positions of each sequence.
+    pub tgt_lengths: Vec<usize>,
+    /// `[B, T]`: what each decoder position must predict (`<pad>` = ignored).
+    pub labels: Vec<i64>,
+}
+
+impl Batch {
+    /// Target tokens that count in the loss.
+    pub fn target_tokens(&self) -> usize {
+        self.tgt_lengths.iter().sum()
+    }
+}
+
+/// What [`Seq2Seq::forward_train`] keeps.
+#[derive(Debug)]
+pub struct Seq2SeqTape {
+    src_x: Vec<f32>,
+    tgt_x: Vec<f32>,
+    transformer: TransformerTape,
+    /// The decoder's output, the generator's input, `[B·T, E]`.
+    decoded: Vec<f32>,
+}
+
+/// One decoded sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Output ids up to and including `<eos>` (without it when `max_len` cut the sequence).
+    pub tokens: Vec<usize>,
+    /// The sum of the chosen tokens' log-probabilities.
+    pub log_prob: f64,
+    /// With greedy decoding and `keep_logits`: the logits of every step, `[steps][Vt]`.
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// The model.
+#[derive(Debug, Clone)]
+pub struct Seq2Seq {
+    config: Seq2SeqConfig,
+    src_embed: Tensor,
+    tgt_embed: Tensor,
+    transformer: Transformer,
+    generator: Linear,
+    /// `[max_len, E]`.
+    positions: Vec<f32>,
+}
+
+/// The sinusoidal table `PE[p, 2i] = sin(p / 10000^(2i/d))`, `PE[p, 2i+1] = cos(...)`, in f64.
+pub fn sinusoidal_positions(max_len: usize, d: usize) -> Vec<f32> {
+    let mut pe = vec![0.0f32; max_len * d];
+    for p in 0..max_len {
+        for i in (0..d).step_by(2) {
+            let angle = p as f64 / 10_000f64.powf(i as f64 / d as f64);
+            pe[p * d + i] = angle.sin() as f32;
+            if i + 1 < d {
+                pe[p * d + i + 1] = angle.cos() as f32;
+            }
+        }
+    }
+    pe
+}
+
+impl Seq2Seq {
+    /// A model with fresh weights: Xavier-uniform matrices (as `nn.Transformer` resets its
+    /// own), PyTorch's defaults for biases and norms, from `seed`.
+    pub fn with_seed(config: Seq2SeqConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let TransformerConfig {
+            layer,
+            num_encoder_layers,
+            num_decoder_layers,
+        } = &config.transformer;
+        let e = layer.d_model;
+        let mut dict = StateDict::new();
+        for i in 0..*num_encoder_layers {
+            let l = EncoderLayer::with_seed(layer.clone(), seed.wrapping_add(10 + i as u64))?;
+            insert_prefixed(&mut dict, &format!("transformer.encoder.layers.{i}."), l.state_dict());
+        }
+        for i in 0..*num_decoder_layers {
+            let l = DecoderLayer::with_seed(layer.clone(), seed.wrapping_add(100 + i as u64))?;
+            insert_prefixed(&mut dict, &format!("transformer.decoder.layers.{i}."), l.state_dict());
+        }
+        for stack in ["encoder", "decoder"] {
+            dict.insert(
+                format!("transformer.{stack}.norm.weight"),
+                Tensor::new("w", vec![e], vec![1.0; e])?,
+            );
+            if layer.bias {
+                dict.insert(format!("transformer.{stack}.norm.bias"), Tensor::zeros(vec![e]));
+            }
+        }
+        let (vs, vt) = (config.src_vocab.len(), config.tgt_vocab.len());
+        dict.insert("src_embed.weight".into(), Tensor::zeros(vec![vs, e]));
+        dict.insert("tgt_embed.weight".into(), Tensor::zeros(vec![vt, e]));
+        dict.insert("generator.weight".into(), Tensor::zeros(vec![vt, e]));
+        dict.insert("generator.bias".into(), Tensor::zeros(vec![vt]));
+        let mut model = Self::from_state_dict(config, dict)?;
+        let mut rng = SplitMix64::new(seed);
+        for (_, tensor) in model.params_mut() {
+            if let [rows, cols] = *tensor.shape() {
+                let bound = (6.0 / (rows + cols) as f32).sqrt();
+                tensor
+                    .data_mut()
+                    .iter_mut()
+                    .for_each(|x| *x = rng.next_signed() * bound);
+            }
+        }
+        Ok(model)
+    }
+
+    /// The model from its tensors (every one used, none missing).
+    pub fn from_state_dict(config: Seq2SeqConfig, mut dict: StateDict) -> Result<Self> {
+        config.validate()?;
+        let e = config.d_model();
+        let (vs, vt) = (config.src_vocab.len(), config.tgt_vocab.len());
+        let src_embed = attn_core::take(&mut dict, "src_embed.weight", &[vs, e])?;
+        let tgt_embed = attn_core::take(&mut dict, "tgt_embed.weight", &[vt, e])?;
+        let generator = Linear::load(&mut dict, "generator.", e, vt, true)?;
+        let transformer = sub_module(&mut dict, "transformer.", |d| {
+            Transformer::from_state_dict(config.transformer.clone(), std::mem::take(d))
+        })?;
+        if let Some(name) = dict.keys().next() {
+            return Err(AttnError::UnexpectedTensor {
+                name: name.clone(),
+                known: "src_embed.*, tgt_embed.*, transformer.*, generator.*".into(),
+            }
+            .into());
+        }
+        let positions = sinusoidal_positions(config.max_len, e);
+        Ok(Seq2Seq {
+            config,
+            src_embed,
+            tgt_embed,
+            transformer,
+            generator,
+            positions,
+        })
+    }
+
+    /// The tensors under their names.
+    pub fn state_dict(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        dict.insert("src_embed.weight".into(), self.src_embed.clone());
+        dict.insert("tgt_embed.weight".into(), self.tgt_embed.clone());
+        insert_prefixed(&mut dict, "transformer.", self.transformer.state_dict());
+        self.generator.save(&mut dict, "generator.");
+        dict
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Seq2SeqConfig {
+        &self.config
+    }
+
+    /// Every parameter by state-dict name.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out = vec![
+            ("src_embed.weight".to_string(), &mut self.src_embed),
+            ("tgt_embed.weight".to_string(), &mut self.tgt_embed),
+        ];
+        out.extend(self.transformer.params_mut("transformer."));
+        out.extend(self.generator.params_mut("generator."));
+        out
+    }
+
+    /// The batch of `pairs` (source, target); a pair longer than `max_len` tokens (with its
+    /// `<eos>`) is an error naming it.
+    pub fn batch(&self, pairs: &[(&str, &str)]) -> Result<Batch> {
+        let src: Vec<Vec<usize>> = pairs.iter().map(|(s, _)| self.config.src_vocab.encode(s)).collect();
+        let tgt: Vec<Vec<usize>> = pairs.iter().map(|(_, t)| self.config.tgt_vocab.encode(t)).collect();
+        for (i, (s, t)) in src.iter().zip(&tgt).enumerate() {
+            let longest = s.len().max(t.len()) + 1;
+            if longest > self.config.max_len {
+                return Err(invalid(
+                    "max_len",
+                    self.config.max_len,
+                    format!("at least {longest} for pair {i} ({:?})", pairs[i]),
+                ));
+            }
+        }
+        let b = pairs.len();
+        let s = src.iter().map(|x| x.len() + 1).max().unwrap_or(1);
+        let t = tgt.iter().map(|x| x.len() + 1).max().unwrap_or(1);
+        let mut batch = Batch {
+            b,
+            s,
+            t,
+            src: vec![PAD; b * s],
+            src_lengths: Vec::with_capacity(b),
+            tgt_in: vec![PAD; b * t],
+            tgt_lengths: Vec::with_capacity(b),
+            labels: vec![PAD as i64; b * t],
+        };
+        for (i, (x, y)) in src.iter().zip(&tgt).enumerate() {
+            batch.src[i * s..i * s + x.len()].copy_from_slice(x);
+            batch.src[i * s + x.len()] = EOS;
+            batch.src_lengths.push(x.len() + 1);
+            batch.tgt_in[i * t] = BOS;
+            batch.tgt_in[i * t + 1..i * t + 1 + y.len()].copy_from_slice(y);
+            for (j, &id) in y.iter().enumerate() {
+                batch.labels[i * t + j] = id as i64;
+            }
+            batch.labels[i * t + y.len()] = EOS as i64;
+            batch.tgt_lengths.push(y.len() + 1);
+        }
+        Ok(batch)
+    }
+
+    /// `E[id]·sqrt(d) + PE[position]` for `[B, L]` ids, then `dropout` at `site`.
+    fn embed(
+        &self,
+        table: &Tensor,
+        ids: &[usize],
+        len: usize,
+        dropout: &Dropout,
+        site: &str,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        let e = self.config.d_model();
+        let mut x = vec![0.0f32; ids.len() * e];
+        kernels::embedding(&mut x, table.data(), ids, e).map_err(AttnError::from)?;
+        let scale = (e as f32).sqrt();
+        for (r, row) in x.chunks_exact_mut(e).enumerate() {
+            let pe = &self.positions[(r % len) * e..][..e];
+            row.iter_mut().zip(pe).for_each(|(v, &p)| *v = *v * scale + p);
+        }
+        dropout.apply(&mut x, site, par)?;
+        Ok(x)
+    }
+
+    /// The backward of [`Seq2Seq::embed`]: `table_grad[id] += sqrt(d)·dropout(dx)`.
+    #[allow(clippy::too_many_arguments)]
+    fn embed_backward(
+        &self,
+        name: &str,
+        ids: &[usize],
+        mut dx: Vec<f32>,
+        dropout: &Dropout,
+        site: &str,
+        grads: &mut Grads,
+        par: Par,
+    ) -> Result<()> {
+        let e = self.config.d_model();
+        dropout.apply(&mut dx, site, par)?;
+        let scale = (e as f32).sqrt();
+        dx.iter_mut().for_each(|v| *v *= scale);
+        let rows = if name.starts_with("src") {
+            self.src_embed.shape()[0]
+        } else {
+            self.tgt_embed.shape()[0]
+        };
+        let slot = grads.slot(name, &[rows, e])?;
+        kernels::embedding_backward(slot, &dx, ids, e, par).map_err(AttnError::from)?;
+        Ok(())
+    }
+
+    fn masks<'a>(batch: &'a Batch) -> TransformerMasks<'a> {
+        TransformerMasks {
+            src: BlockMasks {
+                key_padding: KeyPadding::Lengths(&batch.src_lengths),
+                ..Default::default()
+            },
+            tgt: BlockMasks {
+                key_padding: KeyPadding::Lengths(&batch.tgt_lengths),
+                is_causal: true,
+                ..Default::default()
+            },
+            memory: BlockMasks {
+                key_padding: KeyPadding::Lengths(&batch.src_lengths),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The training forward: logits `[B·T, Vt]` and the tape.
+    pub fn forward_train(&self, batch: &Batch, dropout: &Dropout, par: Par) -> Result<(Vec<f32>, Seq2SeqTape)> {
+        let e = self.config.d_model();
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s, dropout, "src_embed.dropout", par)?;
+        let tgt_x = self.embed(
+            &self.tgt_embed,
+            &batch.tgt_in,
+            batch.t,
+            dropout,
+            "tgt_embed.dropout",
+            par,
+        )?;
+        let masks = Self::masks(batch);
+        let (decoded, transformer) = self.transformer.forward_train(
+            Sequence::batch_first(&src_x, batch.b, batch.s, e),
+            Sequence::batch_first(&tgt_x, batch.b, batch.t, e),
+            &masks,
+            dropout,
+            "transformer.",
+            par,
+        )?;
+        let logits = self.generator.forward(&decoded, par)?;
+        Ok((
+            logits,
+            Seq2SeqTape {
+                src_x,
+                tgt_x,
+                transformer,
+                decoded,
+            },
+        ))
+    }
+
+    /// The loss of `logits` against the batch's labels (`F.cross_entropy` with
+    /// `ignore_index=<pad>` and `label_smoothing`), and its gradient `[B·T, Vt]`.
+    pub fn loss(&self, batch: &Batch, logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
+        let mut d_logits = vec![0.0f32; logits.len()];
+        let ce = kernels::cross_entropy(&mut d_logits, logits, &batch.labels, PAD as i64, label_smoothing, par)
+            .map_err(AttnError::from)?;
+        Ok((ce.loss, d_logits))
+    }
+
+    /// The backward of [`forward_train`](Self::forward_train) from the logits' gradient: adds
+    /// every parameter's gradient into `grads` under its state-dict name.
+    pub fn backward(
+        &self,
+        batch: &Batch,
+        tape: &Seq2SeqTape,
+        d_logits: &[f32],
+        dropout: &Dropout,
+        grads: &mut Grads,
+        par: Par,
+    ) -> Result<()> {
+        let e = self.config.d_model();
+        let mut d_decoded = vec![0.0f32; tape.decoded.len()];
+        self.generator
+            .backward(Some(&mut d_decoded), d_logits, &tape.decoded, grads, "generator.", par)?;
+        let masks = Self::masks(batch);
+        let (d_src, d_tgt) = self.transformer.backward(
+            Sequence::batch_first(&tape.src_x, batch.b, batch.s, e),
+            Sequence::batch_first(&tape.tgt_x, batch.b, batch.t, e),
+            &masks,
+            &tape.transformer,
+            &d_decoded,
+            dropout,
+            grads,
+            "transformer.",
+            par,
+        )?;
+        self.embed_backward(
+            "src_embed.weight",
+            &batch.src,
+            d_src,
+            dropout,
+            "src_embed.dropout",
+            grads,
+            par,
+        )?;
+        self.embed_backward(
+            "tgt_embed.weight",
+            &batch.tgt_in,
+            d_tgt,
+            dropout,
+            "tgt_embed.dropout",
+            grads,
+            par,
+        )?;
+        Ok(())
+    }
+
+    /// Logits `[B·T, Vt]` of a batch, teacher-forced, without dropout (inference).
+    pub fn logits(&self, batch: &Batch, par: Par) -> Result<Vec<f32>> {
+        let e = self.config.d_model();
+        let none = Dropout::NONE;
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s, &none, "", par)?;
+        let tgt_x = self.embed(&self.tgt_embed, &batch.tgt_in, batch.t, &none, "", par)?;
+        let masks = Self::masks(batch);
+        let decoded = self.transformer.forward(
+            Sequence::batch_first(&src_x, batch.b, batch.s, e),
+            Sequence::batch_first(&tgt_x, batch.b, batch.t, e),
+            &masks.src,
+            &masks.tgt,
+            &masks.memory,
+            par,
+        )?;
+        self.generator.forward(&decoded, par)
+    }
+
+    /// The encoder's memory `[B, S, E]` of sources (padded, `<eos>` after each) and its
+    /// lengths.
+    fn encode(&self, sources: &[&str], par: Par) -> Result<(Vec<f32>, Batch)> {
+        let pairs: Vec<(&str, &str)> = sources.iter().map(|s| (*s, "")).collect();
+        let batch = self.batch(&pairs)?;
+        let e = self.config.d_model();
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s, &Dropout::NONE, "", par)?;
+        let masks = Self::masks(&batch);
+        let memory =
+            self.transformer
+                .encoder
+                .forward(Sequence::batch_first(&src_x, batch.b, batch.s, e), &masks.src, par)?;
+        Ok((memory, batch))
+    }
+
+    /// Greedy decoding of every source at once, one token per step through the KV caches, up
+    /// to `max_len` output tokens (at most the position table's length).
+    pub fn greedy(&self, sources: &[&str], max_len: usize, keep_logits: bool, par: Par) -> Result<Vec<Decoded>> {
+        let b = sources.len();
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let e = self.config.d_model();
+        let max_len = max_len.min(self.config.max_len);
+        let (memory, batch) = self.encode(sources, par)?;
+        let memory_seq = Sequence::batch_first(&memory, b, batch.s, e);
+        let memory_masks = BlockMasks {
+            key_padding: KeyPadding::Lengths(&batch.src_lengths),
+            ..Default::default()
+        };
+        let mut cache = self.transformer.decoder.start_decoding(memory_seq, max_len, par)?;
+        let mut out: Vec<Decoded> = vec![
+            Decoded {
+                tokens: Vec::new(),
+                log_prob: 0.0,
+                logits: Vec::new(),
+            };
+            b
+        ];
+        let mut current = vec![BOS; b];
+        let vt = self.config.tgt_vocab.len();
+        for step in 0..max_len {
+            let logits = self.step_logits(&current, step, &mut cache, &memory_masks, par)?;
+            let mut all_done = true;
+            for (i, row) in logits.chunks_exact(vt).enumerate() {
+                let done = out[i].tokens.last() == Some(&EOS);
+                if done {
+                    current[i] = PAD;
+                    continue;
+                }
+                let (best, log_prob) = argmax_log_softmax(row);
+                out[i].tokens.push(best);
+                out[i].log_prob += log_prob;
+                if keep_logits {
+                    out[i].logits.push(row.to_vec());
+                }
+                current[i] = best;
+                all_done &= best == EOS;
+            }
+            if all_done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logits `[B, Vt]` of the next position from the tokens `current` at `step`.
+    fn step_logits(
+        &self,
+        current: &[usize],
+        step: usize,
+        cache: &mut crate::DecoderCache,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        let e = self.config.d_model();
+        let b = current.len();
+        let table = self.tgt_embed.data();
+        let scale = (e as f32).sqrt();
+        let pe = &self.positions[step * e..][..e];
+        let mut x = vec![0.0f32; b * e];
+        for (row, &id) in x.chunks_exact_mut(e).zip(current) {
+            for ((v, &w), &p) in row.iter_mut().zip(&table[id * e..][..e]).zip(pe) {
+                *v = w * scale + p;
+            }
+        }
+        let h = self
+            .transformer
+            .decoder
+            .decode_step(Sequence::batch_first(&x, b, 1, e), cache, memory_masks, par)?;
+        self.generator.forward(&h, par)
+    }
+
+    /// Beam search with `beam` hypotheses per source, scored by log-probability divided by
+    /// length (length-normalised); each source decoded on its own caches.
+    pub fn beam(&self, sources: &[&str], beam: usize, max_len: usize, par: Par) -> Result<Vec<Decoded>> {
+        if beam == 0 {
+            return Err(invalid("beam", 0, "at least 1"));
+        }
+        sources
+            .iter()
+            .map(|source| self.beam_one(source, beam, max_len, par))
+            .collect()
+    }
+
+    fn beam_one(&self, source: &str, beam: usize, max_len: usize, par: Par) -> Result<Decoded> {
+        let e = self.config.d_model();
+        let max_len = max_len.min(self.config.max_len);
+        let vt = self.config.tgt_vocab.len();
+        let (memory, batch) = self.encode(&[source], par)?;
+        // The memory repeated once per hypothesis.
+        let memory: Vec<f32> = memory.iter().copied().cycle().take(memory.len() * beam).collect();
+        let lengths = vec![batch.src_lengths[0]; beam];
+        let memory_masks = BlockMasks {
+            key_padding: KeyPadding::Lengths(&lengths),
+            ..Default::default()
+        };
+        let memory_seq = Sequence::batch_first(&memory, beam, batch.s, e);
+        // Hypotheses: tokens, log-probability, and the cache row each one reads.
+        let mut cache = self.transformer.decoder.start_decoding(memory_seq, max_len, par)?;
+        let mut live: Vec<(Vec<usize>, f64)> = vec![(Vec::new(), 0.0)];
+        let mut finished: Vec<(Vec<usize>, f64)> = Vec::new();
+        let score = |tokens: &[usize], lp: f64| lp / tokens.len().max(1) as f64;
+        for step in 0..max_len {
+            // Every cache row steps; rows past the live hypotheses repeat the first.
+            let current: Vec<usize> = (0..beam)
+                .map(|i| live.get(i).map_or(BOS, |(t, _)| t.last().copied().unwrap_or(BOS)))
+                .collect();
+            let logits = self.step_logits(&current, step, &mut cache, &memory_masks, par)?;
+            let mut candidates: Vec<(usize, usize, f64)> = Vec::new();
+            for (i, (_, lp)) in live.iter().enumerate() {
+                let row = &logits[i * vt..(i + 1) * vt];
+                let log_z = log_sum_exp(row);
+                for (id, &x) in row.iter().enumerate().skip(EOS) {
+                    candidates.push((i, id, lp + (x as f64 - log_z)));
+                }
+            }
+            candidates.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+            let mut next: Vec<(Vec<usize>, f64)> = Vec::new();
+            let mut parents = Vec::new();
+            for (i, id, lp) in candidates {
+                if next.len() == beam {
+                    break;
+                }
+                let mut tokens = live[i].0.clone();
+                tokens.push(id);
+                if id == EOS {
+                    finished.push((tokens, lp));
+                } else {
+                    next.push((tokens, lp));
+                    parents.push(i);
+                }
+            }
+            let best_finished = finished
+                .iter()
+                .map(|(t, lp)| score(t, *lp))
+                .fold(f64::NEG_INFINITY, f64::max);
+            let best_live = next
+                .iter()
+                .map(|(t, lp)| score(t, *lp))
+                .fold(f64::NEG_INFINITY, f64::max);
+            if next.is_empty() || (finished.len() >= beam && best_finished >= best_live) {
+                break;
+            }
+            cache.reorder(&parents)?;
+            live = next;
+        }
+        finished.extend(live);
+        let (tokens, log_prob) = finished
+            .into_iter()
+            .max_by(|a, b| score(&a.0, a.1).total_cmp(&score(&b.0, b.1)))
+            .expect("at least one hypothesis");
+        Ok(Decoded {
+            tokens,
+            log_prob,
+            logits: Vec::new(),
+        })
+    }
+
+    /// Bytes of the weights.
+    pub fn parameter_count(&self) -> usize {
+        self.state_dict().values().map(|t| t.data().len()).sum()
+    }
+}
+
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
+}
+
+/// The arg-max of a row of logits (the first on ties) and its log-probability.
+fn argmax_log_softmax(row: &[f32]) -> (usize, f64) {
+    let (best, &x) = row.iter().enumerate().fold(
+        (0, &f32::NEG_INFINITY),
+        |acc, (i, x)| if *x > *acc.1 { (i, x) } else { acc },
+    );
+    (best, x as f64 - log_sum_exp(row))
+}
