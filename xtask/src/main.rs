@@ -26,6 +26,8 @@
 //!   `--list`). Results in `target/mutants.out`. `--planted` instead puts back six known bugs one
 //!   at a time (`xtask/python/planted_bugs.py`) and checks that the owning crate catches each.
 //!   Not run by `ci`.
+//! - `train-demo [--check]`: trains the date translator shipped inside the binary with `attn train`
+//!   alone and reports its accuracy per style; `--check` retrains and compares the bytes.
 
 mod tidy;
 
@@ -873,6 +875,162 @@ fn mutants(args: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
+/// The shipped date translator's training run: `attn train` alone, on 2 threads.
+const DEMO_TRAIN: &[&str] = &[
+    "--steps",
+    "3000",
+    "--batch-size",
+    "64",
+    "--lr",
+    "1e-3",
+    "--schedule",
+    "cosine",
+    "--warmup",
+    "200",
+    "--dropout",
+    "0.1",
+    "--seed",
+    "0",
+    "--eval-every",
+    "500",
+    "--threads",
+    "2",
+];
+
+/// Runs `attn ARGS` and writes its stdout to `path`.
+fn attn_to_file(attn: &Path, args: &[&str], path: &Path) -> Result<()> {
+    eprintln!("$ attn {} > {}", args.join(" "), path.display());
+    let out = Command::new(attn)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot start {}", attn.display()))?;
+    if !out.status.success() {
+        bail!(
+            "attn {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::write(path, out.stdout).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `cargo xtask train-demo [--check]`: trains the date translator that ships inside the binary
+/// with `attn train` alone (data from `attn dates`: 50,000 training pairs, 1,000 validation
+/// pairs, disjoint dates), writes it to `crates/attn-cli/models/dates.safetensors`, the curves to
+/// `docs/images/dates_training.png`, and the exact-match accuracy per style on 5,000 test dates
+/// (500 a style) to `target/train-demo/accuracy.md`. `--check` retrains into `target/` and fails
+/// unless the bytes equal the committed model's.
+fn train_demo(check: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "attn-cli"]))?;
+    let attn = root().join("target/release/attn");
+    let dir = root().join("target/train-demo");
+    std::fs::create_dir_all(&dir)?;
+    let (train, valid) = (dir.join("train.tsv"), dir.join("valid.tsv"));
+    attn_to_file(
+        &attn,
+        &["dates", "--split", "train", "--count", "50000", "--seed", "1"],
+        &train,
+    )?;
+    attn_to_file(
+        &attn,
+        &["dates", "--split", "valid", "--count", "1000", "--seed", "2"],
+        &valid,
+    )?;
+    let model = dir.join("dates.safetensors");
+    let plot = if check {
+        dir.join("dates_training.png")
+    } else {
+        root().join("docs/images/dates_training.png")
+    };
+    let started = std::time::Instant::now();
+    let mut cmd = Command::new(&attn);
+    cmd.arg("train")
+        .args([
+            "--data".as_ref(),
+            train.as_os_str(),
+            "--valid".as_ref(),
+            valid.as_os_str(),
+        ])
+        .args([
+            "--output".as_ref(),
+            model.as_os_str(),
+            "--plot".as_ref(),
+            plot.as_os_str(),
+        ])
+        .args(["--log".as_ref(), dir.join("train.jsonl").as_os_str()])
+        .args(DEMO_TRAIN);
+    run(&mut cmd)?;
+    eprintln!("trained in {:.0} s", started.elapsed().as_secs_f64());
+    let shipped = root().join("crates/attn-cli/models/dates.safetensors");
+    if check {
+        let (new, old) = (std::fs::read(&model)?, std::fs::read(&shipped)?);
+        if new != old {
+            bail!(
+                "the retrained model differs from {} ({} vs {} bytes)",
+                shipped.display(),
+                new.len(),
+                old.len()
+            );
+        }
+        eprintln!("the retrained model equals {} byte for byte", shipped.display());
+        return Ok(());
+    }
+    std::fs::copy(&model, &shipped)?;
+    let mut table = String::from("| style | example | exact match |\n| --- | --- | --- |\n");
+    let (mut right, mut total) = (0usize, 0usize);
+    for style in 0..10 {
+        let test = dir.join(format!("test-{style}.tsv"));
+        let args = [
+            "dates",
+            "--split",
+            "test",
+            "--count",
+            "500",
+            "--seed",
+            "3",
+            "--style",
+            &style.to_string(),
+        ];
+        attn_to_file(
+            &attn,
+            &args
+                .map(|a| a.to_string())
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            &test,
+        )?;
+        let text = std::fs::read_to_string(&test)?;
+        let (sources, targets): (Vec<&str>, Vec<&str>) = text.lines().filter_map(|l| l.split_once('\t')).unzip();
+        let inputs = dir.join(format!("test-{style}.txt"));
+        std::fs::write(&inputs, sources.join("\n") + "\n")?;
+        let out = dir.join(format!("test-{style}.out"));
+        let model_arg = model.to_string_lossy().into_owned();
+        let inputs_arg = inputs.to_string_lossy().into_owned();
+        attn_to_file(
+            &attn,
+            &["translate", "--model", &model_arg, "--input", &inputs_arg],
+            &out,
+        )?;
+        let got = std::fs::read_to_string(&out)?;
+        let correct = got.lines().zip(&targets).filter(|(g, t)| g == *t).count();
+        right += correct;
+        total += targets.len();
+        table.push_str(&format!(
+            "| {style} | `{}` | {:.1}% |\n",
+            sources[0],
+            100.0 * correct as f64 / targets.len() as f64
+        ));
+    }
+    table.push_str(&format!(
+        "| all | 5,000 test dates | {:.2}% |\n",
+        100.0 * right as f64 / total as f64
+    ));
+    std::fs::write(dir.join("accuracy.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -883,10 +1041,11 @@ fn main() -> Result<()> {
         Some("fetch-model") => fetch_model(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("mutants") => mutants(&args[1..]),
+        Some("train-demo") => train_demo(args.iter().any(|a| a == "--check")),
         _ => {
             bail!(
                 "usage: cargo xtask <ci | tidy | codegen [--check] | bench [--rounds N] [--threads N] | fetch-model \
-                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...]>"
+                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...] | train-demo [--check]>"
             )
         }
     }

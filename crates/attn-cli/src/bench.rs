@@ -84,6 +84,9 @@ pub enum BenchCommand {
     /// Times embedding every line of FILE, tokenisation included, model loading excluded.
     #[command(after_help = "Example:\n  attn bench embed --input sentences.txt --batch-size 32 --json")]
     Embed(crate::embed::BenchArgs),
+    /// Seconds per training step (batch, forward, backward, AdamW) and target tokens per second.
+    #[command(after_help = "Example:\n  attn bench train --data train.tsv --batch-size 64 --steps 20 --json")]
+    Train(crate::train::BenchArgs),
     /// GFLOP/s against sequence length: flash, unfused and (when Python has torch) PyTorch.
     #[command(
         after_help = "Example:\n  attn bench sweep --seq 128,256,512,1024,2048,4096,8192 --png sweep.png\n\nPyTorch is measured when ATTN_PYTHON (default python3) can import torch."
@@ -104,6 +107,7 @@ pub fn main(command: BenchCommand) -> Result<()> {
         BenchCommand::Sdpa(args) => sdpa(args),
         BenchCommand::Run(args) => crate::run::bench(args),
         BenchCommand::Embed(args) => crate::embed::bench(args),
+        BenchCommand::Train(args) => crate::train::bench(args),
         BenchCommand::Sweep(args) => crate::sweep::main(args),
         BenchCommand::Gemm(args) => gemm_command(args),
         BenchCommand::Bandwidth(args) => bandwidth(args),

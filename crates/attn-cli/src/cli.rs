@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{attend, bench, check, demo, embed, run, sdpa};
+use crate::{attend, bench, check, dates, demo, embed, run, sdpa, train, translate};
 
 #[derive(Parser)]
 #[command(
@@ -36,8 +36,15 @@ enum Command {
     /// Measurements: medians of repeated runs.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Shows attention at work on a sentence, offline, in a few seconds (what plain `attn` runs).
+    /// Shows attention at work, offline, in a few seconds (what plain `attn` runs): the shipped
+    /// date translator's cross-attention.
     Demo(demo::Args),
+    /// The date-translation task as TSV pairs (the shipped model's data).
+    Dates(dates::Args),
+    /// Trains a sequence-to-sequence Transformer on TSV pairs (forward, backward, AdamW).
+    Train(train::Args),
+    /// Translates with a sequence-to-sequence checkpoint (default: the shipped date translator).
+    Translate(translate::Args),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -50,6 +57,9 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Check(args)) => check::main(args),
         Some(Command::Bench(command)) => bench::main(command),
         Some(Command::Demo(args)) => demo::main(args),
+        Some(Command::Dates(args)) => dates::main(args),
+        Some(Command::Train(args)) => train::main(args),
+        Some(Command::Translate(args)) => translate::main(args),
     }
 }
 

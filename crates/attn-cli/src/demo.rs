@@ -1,8 +1,11 @@
-//! `attn demo`: attention at work on a sentence, offline and in seconds.
+//! `attn demo`: attention at work, offline and in seconds.
 //!
-//! With a BERT-family model folder (all-MiniLM-L6-v2 from `cargo xtask fetch-model`, or
-//! `--model`), it draws one head of one layer of that model on `--text` and says where each head
-//! of the layer looks. Without one, it uses the hand-set heads below.
+//! By default, the date translator that ships inside the binary (trained by `attn train`)
+//! translates a few dates, draws its cross-attention (which source characters each output
+//! character looked at), says where each part of the answer came from, and checks incremental
+//! decoding against the full forward. With `--model DIR` (a BERT-family folder), it draws one
+//! head of one layer of that model on `--text` and says where each head of the layer looks;
+//! `--toy` shows the hand-set heads below.
 //!
 //! Four heads with hand-set projections, each with a job a reader can check by eye: attend to
 //! the previous word, to the same word, to the next word, and to the recent past (a causal
@@ -91,12 +94,16 @@ fn build_heads(tokens: &[String]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     after_help = "Examples:\n  attn demo\n  attn demo --text \"the bank of the river\" --layer 2 --head 5\n\nWith all-MiniLM-L6-v2 fetched (cargo xtask fetch-model) or --model DIR, the view shows that\nmodel's attention; otherwise four hand-set heads whose jobs can be checked by eye."
 )]
 pub struct Args {
-    /// The sentence to look at.
-    #[arg(long, default_value = DEFAULT_TEXT)]
-    text: String,
-    /// A BERT-family model folder [default: all-MiniLM-L6-v2 where fetch-model puts it]
+    /// What to look at: a date for the shipped translator, a sentence with --model or --toy.
+    #[arg(long)]
+    text: Option<String>,
+    /// A BERT-family model folder: show its self-attention instead of the date translator.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// With the date translator: also write every layer's and head's cross-attention to
+    /// OUT.html (or the mean to OUT.png).
+    #[arg(long, conflicts_with_all = ["model", "toy"])]
+    attention: Option<PathBuf>,
     /// The hand-set heads even when a model is there.
     #[arg(long, conflicts_with = "model")]
     toy: bool,
@@ -116,50 +123,33 @@ pub struct Args {
 impl Args {
     /// What plain `attn` runs: the demo with its defaults.
     pub fn plain_attn() -> Self {
-        Args {
-            text: DEFAULT_TEXT.into(),
-            ..Default::default()
-        }
+        Args::default()
     }
 }
 
 /// Runs `attn demo`.
 pub fn main(args: Args) -> Result<()> {
     args.threads.install(|_| {
-        run(
-            &args.text,
-            args.model.as_deref(),
-            args.toy,
-            args.layer,
-            args.head,
-            args.plain,
-        )
+        let style = Style::detect(args.plain);
+        let text = args.text.as_deref();
+        match (&args.model, args.toy) {
+            (Some(dir), _) => {
+                model_view(dir, text.unwrap_or(DEFAULT_TEXT), args.layer, args.head, style)?;
+                toy_heads(DEFAULT_TEXT, style, false)
+            }
+            (None, true) => toy_heads(text.unwrap_or(DEFAULT_TEXT), style, true),
+            (None, false) => crate::demo_dates::run(text, args.attention.as_deref(), style),
+        }
     })
 }
 
-/// The real model's attention when a model folder is there, the hand-set heads otherwise; then
-/// the check against the f64 reference and the timing.
-fn run(text: &str, model: Option<&Path>, toy: bool, layer: Option<usize>, head: usize, plain: bool) -> Result<()> {
-    let style = Style::detect(plain);
-    let dir = match model {
-        _ if toy => None,
-        Some(dir) => Some(dir.to_path_buf()),
-        None => Some(default_model_dir()).filter(|d| d.join("config.json").exists()),
-    };
-    match dir {
-        Some(dir) => {
-            model_view(&dir, text, layer, head, style)?;
-            toy_heads(DEFAULT_TEXT, style, false)
-        }
-        None => {
-            toy_heads(text, style, true)?;
-            if !toy {
-                println!(
-                    "\nfor a real model's attention: `cargo xtask fetch-model` (all-MiniLM-L6-v2), then `attn demo`"
-                );
-            }
-            Ok(())
-        }
+/// Where `attn demo --model` looks by default (all-MiniLM-L6-v2 from `cargo xtask fetch-model`).
+pub fn bert_hint() -> String {
+    let dir = default_model_dir();
+    if dir.join("config.json").exists() {
+        format!("a BERT model's heads: attn demo --model {}", dir.display())
+    } else {
+        "a BERT model's heads: cargo xtask fetch-model, then attn demo --model DIR".to_string()
     }
 }
 

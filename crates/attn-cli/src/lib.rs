@@ -9,16 +9,23 @@
 mod attend;
 mod bench;
 mod check;
+mod checkpoint;
 mod cli;
+mod dates;
 mod demo;
+mod demo_dates;
 mod embed;
 pub mod fuzzing;
 mod heatmap;
 mod memory;
+mod plot;
 mod run;
 mod sdpa;
+mod seq2seq_html;
 mod sweep;
 mod tensors;
 mod threads;
+mod train;
+mod translate;
 
 pub use cli::main;

@@ -185,6 +185,31 @@ impl TensorFile {
 
 /// Writes F32 tensors to `path`.
 pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
+    let out = serialize_f32(tensors, None)?;
+    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes F32 tensors and string metadata atomically: to a temporary file beside `path`, then
+/// renamed over it, so a reader never sees half a file and an interrupted write loses nothing.
+pub fn write_f32_atomic(
+    path: &Path,
+    tensors: &[(&str, &[usize], &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let out = serialize_f32(tensors, metadata)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, out).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+fn serialize_f32(
+    tensors: &[(&str, &[usize], &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
     for (_, _, data) in tensors {
         bytes.push(data.iter().flat_map(|x| x.to_le_bytes()).collect());
@@ -195,8 +220,7 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()
         .map(|((name, shape, _), b)| Ok((*name, TensorView::new(Dtype::F32, shape.to_vec(), b)?)))
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
         .context("building the output tensors")?;
-    let out = safetensors::serialize(views, None).context("serialising the output tensors")?;
-    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
+    safetensors::serialize(views, metadata).context("serialising the output tensors")
 }
 
 #[cfg(test)]

@@ -70,6 +70,22 @@ impl AdamW {
         self.moments.get(name).map(|(m, v)| (&m[..], &v[..]))
     }
 
+    /// Every parameter's first and second moments, by name (to save the optimizer's state).
+    pub fn all_moments(&self) -> impl Iterator<Item = (&str, &[f32], &[f32])> {
+        self.moments.iter().map(|(n, (m, v))| (n.as_str(), &m[..], &v[..]))
+    }
+
+    /// Restores a saved state: the steps taken and each parameter's moments (equal lengths),
+    /// so the next step is the one the saved optimizer would have taken.
+    pub fn restore(&mut self, steps: u64, moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>) -> Result<()> {
+        if let Some((name, _)) = moments.iter().find(|(_, (m, v))| m.len() != v.len()) {
+            return Err(invalid("moments", name, "first and second moments of one length"));
+        }
+        self.step = steps;
+        self.moments = moments;
+        Ok(())
+    }
+
     /// One step at learning rate `lr` over `params`. A parameter seen for the first time gets
     /// zero moments; one whose size changed since is an error naming it.
     pub fn step(&mut self, params: &mut [Param<'_>], lr: f32) -> Result<()> {

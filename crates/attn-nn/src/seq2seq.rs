@@ -765,7 +765,32 @@ impl Seq2Seq {
         })
     }
 
-    /// Bytes of the weights.
+    /// The cross-attention of `target` (output text) over `source`: per decoder layer, the
+    /// weights `[H, T, S]` with which each decoder position (`<bos>` then the target's
+    /// characters, predicting the target's characters then `<eos>`) looked at each source
+    /// position (the source's characters, then `<eos>`).
+    pub fn cross_attention(&self, source: &str, target: &str, par: Par) -> Result<Vec<Vec<f32>>> {
+        let e = self.config.d_model();
+        let batch = self.batch(&[(source, target)])?;
+        let none = Dropout::NONE;
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s, &none, "", par)?;
+        let tgt_x = self.embed(&self.tgt_embed, &batch.tgt_in, batch.t, &none, "", par)?;
+        let masks = Self::masks(&batch);
+        let memory = self
+            .transformer
+            .encoder
+            .forward(Sequence::batch_first(&src_x, 1, batch.s, e), &masks.src, par)?;
+        let (_, weights) = self.transformer.decoder.forward_with_cross_weights(
+            Sequence::batch_first(&tgt_x, 1, batch.t, e),
+            Sequence::batch_first(&memory, 1, batch.s, e),
+            &masks.tgt,
+            &masks.memory,
+            par,
+        )?;
+        Ok(weights)
+    }
+
+    /// Parameters (scalars) in the model.
     pub fn parameter_count(&self) -> usize {
         self.state_dict().values().map(|t| t.data().len()).sum()
     }

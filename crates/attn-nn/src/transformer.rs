@@ -501,6 +501,33 @@ impl DecoderLayer {
         self.residual_blocks(tgt.data.to_vec(), self_attend, cross, par)
     }
 
+    /// [`forward`](Self::forward), and the cross-attention weights of every head `[B, H, T, S]`
+    /// (which memory positions each target position looked at).
+    pub fn forward_with_cross_weights(
+        &self,
+        tgt: Sequence<'_>,
+        memory: Sequence<'_>,
+        tgt_masks: &BlockMasks<'_>,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        check_input("transformer_decoder_layer", "tgt", &tgt, self.config.d_model)?;
+        check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
+        let weights = std::cell::RefCell::new(Vec::new());
+        let cross = |x: &[f32]| -> Result<Vec<f32>> {
+            let mut options = memory_masks.mha();
+            options.need_weights = attn_core::NeedWeights::PerHead;
+            let out = self.cross_attn.forward(seq(x, &tgt), memory, memory, &options, par)?;
+            *weights.borrow_mut() = out.weights.unwrap_or_default();
+            Ok(out.output)
+        };
+        let self_attend = |x: &[f32]| -> Result<Vec<f32>> {
+            Ok(self.self_attn.forward_self(seq(x, &tgt), &tgt_masks.mha(), par)?.output)
+        };
+        let out = self.residual_blocks(tgt.data.to_vec(), self_attend, cross, par)?;
+        Ok((out, weights.into_inner()))
+    }
+
     /// The three blocks with their residual adds and norms, around the two attention calls.
     fn residual_blocks(
         &self,
@@ -749,6 +776,26 @@ impl Decoder {
             x = layer.forward(seq(&x, &tgt), memory, tgt_masks, memory_masks, par)?;
         }
         self.0.finish(x, par)
+    }
+
+    /// [`forward`](Self::forward), and each layer's cross-attention weights `[B, H, T, S]`.
+    pub fn forward_with_cross_weights(
+        &self,
+        tgt: Sequence<'_>,
+        memory: Sequence<'_>,
+        tgt_masks: &BlockMasks<'_>,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        check_input("transformer_decoder", "tgt", &tgt, self.0.config.layer.d_model)?;
+        let mut x = tgt.data.to_vec();
+        let mut weights = Vec::with_capacity(self.0.layers.len());
+        for layer in &self.0.layers {
+            let (out, w) = layer.forward_with_cross_weights(seq(&x, &tgt), memory, tgt_masks, memory_masks, par)?;
+            x = out;
+            weights.push(w);
+        }
+        Ok((self.0.finish(x, par)?, weights))
     }
 
     /// Starts incremental decoding of `memory`: cross-attention keys and values are computed

@@ -1,0 +1,736 @@
+//! `attn train`: a sequence-to-sequence Transformer trained on TSV pairs, as
+//! ../shared/CONTRACT.md specifies, and `attn bench train`.
+//!
+//! One step: a batch, the forward with seeded dropout, `F.cross_entropy` with label smoothing,
+//! the backward, optional clipping, one AdamW update. Everything a step does is a function of
+//! the data, the flags, the seed and the step number (the batch order, the dropout masks), and
+//! every kernel gives the same bits on any thread count, so a run is reproducible byte for byte
+//! and `--resume` continues as if it had not stopped.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use attn_nn::core::kernels::testing::SplitMix64;
+use attn_nn::core::kernels::Par;
+use attn_nn::core::{FromSafetensors, Grads, StateDict};
+use attn_nn::layers::{Activation, Dropout};
+use attn_nn::{clip_grad_norm, AdamW, LayerConfig, Param, Schedule, Seq2Seq, Seq2SeqConfig, TransformerConfig, Vocab};
+use serde_json::json;
+
+use crate::checkpoint;
+use crate::tensors::write_f32_atomic;
+use crate::threads::Threads;
+
+/// The model's shape: defaults when training from scratch; with `--init`, a flag given must
+/// agree with the checkpoint.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelFlags {
+    /// d_model [default: 128]
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Attention heads [default: 4]
+    #[arg(long)]
+    nhead: Option<usize>,
+    /// Encoder layers [default: 2]
+    #[arg(long)]
+    encoder_layers: Option<usize>,
+    /// Decoder layers [default: 2]
+    #[arg(long)]
+    decoder_layers: Option<usize>,
+    /// Feed-forward width [default: 512]
+    #[arg(long)]
+    dim_feedforward: Option<usize>,
+    /// Dropout probability on embeddings, residual branches and the feed-forward block [default: 0.1]
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// relu or gelu [default: relu]
+    #[arg(long, value_enum)]
+    activation: Option<ActivationFlag>,
+    /// Pre-norm layers (default: post-norm, as the paper).
+    #[arg(long)]
+    norm_first: bool,
+}
+
+/// `--activation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActivationFlag {
+    /// max(x, 0).
+    Relu,
+    /// Exact GELU.
+    Gelu,
+}
+
+/// `--schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleFlag {
+    /// `--lr` after a linear warm-up of `--warmup` steps.
+    Constant,
+    /// `--lr · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)` ("Attention Is All You Need").
+    Noam,
+    /// Linear warm-up, then a half cosine down to zero at `--steps`.
+    Cosine,
+}
+
+/// The optimisation flags (shared by `attn train` and `attn bench train`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct OptimFlags {
+    /// Sequences per step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// AdamW's β1,β2.
+    #[arg(long, default_value = "0.9,0.98", value_parser = parse_betas)]
+    betas: (f32, f32),
+    /// AdamW's epsilon.
+    #[arg(long, default_value_t = 1e-9)]
+    eps: f32,
+    /// Decoupled weight decay on every tensor.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f32,
+    /// Steps of linear warm-up.
+    #[arg(long, default_value_t = 100)]
+    warmup: u64,
+    /// The learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = ScheduleFlag::Constant)]
+    schedule: ScheduleFlag,
+    /// Clip the gradients' global 2-norm to this (off unless given).
+    #[arg(long)]
+    clip_norm: Option<f32>,
+    /// Label smoothing of the cross-entropy.
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f32,
+    /// Seeds the weights, the batch order and the dropout masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Batches in file order (batch i = lines i·B … i·B+B−1, wrapping), not a seeded shuffle per epoch.
+    #[arg(long)]
+    no_shuffle: bool,
+}
+
+fn parse_betas(text: &str) -> std::result::Result<(f32, f32), String> {
+    let parts: Vec<&str> = text.split(',').collect();
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<f32>()
+            .map_err(|_| format!("`{text}`: expected two numbers, as 0.9,0.98"))
+    };
+    match parts.as_slice() {
+        [a, b] => Ok((parse(a)?, parse(b)?)),
+        _ => Err(format!("`{text}`: expected two numbers, as 0.9,0.98")),
+    }
+}
+
+/// `attn train`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  attn dates --split train --count 20000 --seed 1 > train.tsv\n  attn dates --split valid --count 500 --seed 2 > valid.tsv\n  attn train --data train.tsv --valid valid.tsv --output dates.safetensors --steps 2000 --eval-every 500 --plot loss.png\n\nTSV: one pair a line, source TAB target. The checkpoint is PyTorch's nn.Transformer state_dict with\nsrc_embed, tgt_embed and generator beside it; its configuration and vocabularies are in the metadata."
+)]
+pub struct Args {
+    /// Training pairs: source TAB target, one a line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation pairs: exact-match accuracy and loss every --eval-every steps and at the end.
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    /// The checkpoint to write (atomically, at every --save-every steps and at the end).
+    #[arg(long)]
+    output: PathBuf,
+    /// Start from this checkpoint: its configuration and vocabularies.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelFlags,
+    /// Steps to train.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    #[command(flatten)]
+    optim: OptimFlags,
+    /// Evaluate on --valid every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    /// Write the checkpoint (and the optimizer's state, for --resume) every N steps [default: --eval-every]
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// Continue the run whose checkpoint is --output (and its OUTPUT.state file), as if it had
+    /// not stopped; the flags must be the run's.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this step, saving the checkpoint and the optimizer's state (continue later
+    /// with --resume and the same flags).
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// One JSON object a line: every step, and every evaluation.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// A PNG of the training and validation curves.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    threads: Threads,
+}
+
+/// Pairs read from a TSV file.
+pub fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let mut fields = line.split('\t');
+        match (fields.next(), fields.next(), fields.next()) {
+            (Some(s), Some(t), None) if !s.is_empty() && !t.is_empty() => pairs.push((s.to_string(), t.to_string())),
+            _ => bail!(
+                "{}:{}: expected `source<TAB>target` (two non-empty fields), got {line:?}",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    if pairs.is_empty() {
+        bail!("{}: no pairs (expected `source<TAB>target` lines)", path.display());
+    }
+    Ok(pairs)
+}
+
+impl ModelFlags {
+    /// The configuration for training from scratch on `pairs`.
+    fn config(&self, pairs: &[(String, String)]) -> Result<Seq2SeqConfig> {
+        let d_model = self.d_model.unwrap_or(128);
+        let nhead = self.nhead.unwrap_or(4);
+        let mut layer = LayerConfig::new(d_model, nhead);
+        layer.dim_feedforward = self.dim_feedforward.unwrap_or(512);
+        layer.dropout = self.dropout.unwrap_or(0.1);
+        layer.activation = match self.activation.unwrap_or(ActivationFlag::Relu) {
+            ActivationFlag::Relu => Activation::Relu,
+            ActivationFlag::Gelu => Activation::Gelu,
+        };
+        layer.batch_first = true;
+        layer.norm_first = self.norm_first;
+        let longest = pairs
+            .iter()
+            .map(|(s, t)| s.chars().count().max(t.chars().count()))
+            .max()
+            .unwrap_or(0);
+        let config = Seq2SeqConfig {
+            transformer: TransformerConfig {
+                layer,
+                num_encoder_layers: self.encoder_layers.unwrap_or(2),
+                num_decoder_layers: self.decoder_layers.unwrap_or(2),
+            },
+            // Room for inputs twice the longest seen (the sinusoids cost nothing).
+            max_len: (2 * longest + 2).max(32),
+            src_vocab: Vocab::from_texts(pairs.iter().map(|(s, _)| s.as_str())),
+            tgt_vocab: Vocab::from_texts(pairs.iter().map(|(_, t)| t.as_str())),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Fails naming the first flag given that disagrees with `config` (from `--init`).
+    fn check_against(&self, config: &Seq2SeqConfig) -> Result<()> {
+        let t = &config.transformer;
+        let l = &t.layer;
+        let activation = self.activation.map(|a| match a {
+            ActivationFlag::Relu => Activation::Relu,
+            ActivationFlag::Gelu => Activation::Gelu,
+        });
+        let checks: [(&str, Option<String>, String); 7] = [
+            ("--d-model", self.d_model.map(|x| x.to_string()), l.d_model.to_string()),
+            ("--nhead", self.nhead.map(|x| x.to_string()), l.nhead.to_string()),
+            (
+                "--encoder-layers",
+                self.encoder_layers.map(|x| x.to_string()),
+                t.num_encoder_layers.to_string(),
+            ),
+            (
+                "--decoder-layers",
+                self.decoder_layers.map(|x| x.to_string()),
+                t.num_decoder_layers.to_string(),
+            ),
+            (
+                "--dim-feedforward",
+                self.dim_feedforward.map(|x| x.to_string()),
+                l.dim_feedforward.to_string(),
+            ),
+            (
+                "--activation",
+                activation.map(|a| format!("{a:?}")),
+                format!("{:?}", l.activation),
+            ),
+            (
+                "--norm-first",
+                self.norm_first.then(|| "true".to_string()),
+                l.norm_first.to_string(),
+            ),
+        ];
+        for (flag, given, init) in checks {
+            if let Some(given) = given {
+                if given != init {
+                    bail!("{flag} is {given}, but the --init checkpoint has {init}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The order batches are drawn in: file order, or a seeded shuffle per epoch.
+struct Order {
+    n: usize,
+    seed: u64,
+    shuffle: bool,
+    epoch: Option<(u64, Vec<usize>)>,
+}
+
+impl Order {
+    /// Indices of batch `step` (0-based): positions `step·B … step·B + B − 1` of the endless
+    /// stream of epochs.
+    fn batch(&mut self, step: u64, b: usize) -> Vec<usize> {
+        (0..b as u64)
+            .map(|j| {
+                let p = step * b as u64 + j;
+                let (epoch, i) = (p / self.n as u64, (p % self.n as u64) as usize);
+                if !self.shuffle {
+                    return i;
+                }
+                if self.epoch.as_ref().map(|e| e.0) != Some(epoch) {
+                    let mut perm: Vec<usize> = (0..self.n).collect();
+                    let mut rng = SplitMix64::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
+                    for k in (1..self.n).rev() {
+                        perm.swap(k, (rng.next_u64() % (k as u64 + 1)) as usize);
+                    }
+                    self.epoch = Some((epoch, perm));
+                }
+                self.epoch.as_ref().expect("set above").1[i]
+            })
+            .collect()
+    }
+}
+
+/// The schedule the flags name.
+fn schedule(flags: &OptimFlags, d_model: usize, steps: u64) -> Schedule {
+    match flags.schedule {
+        ScheduleFlag::Constant => Schedule::Constant { warmup: flags.warmup },
+        ScheduleFlag::Noam => Schedule::Noam {
+            d_model,
+            warmup: flags.warmup.max(1),
+        },
+        ScheduleFlag::Cosine => Schedule::Cosine {
+            warmup: flags.warmup,
+            total: steps,
+            min_factor: 0.0,
+        },
+    }
+}
+
+/// A model, its optimizer and everything one step needs.
+pub struct Trainer {
+    /// The model being trained.
+    pub model: Seq2Seq,
+    adam: AdamW,
+    grads: Grads,
+    schedule: Schedule,
+    flags: OptimFlags,
+    order: Order,
+    pairs: Vec<(String, String)>,
+    dropout: f32,
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    /// The batch's mean loss.
+    pub loss: f64,
+    /// The learning rate used.
+    pub lr: f32,
+    /// The gradients' global norm before clipping.
+    pub grad_norm: f32,
+    /// Target tokens in the batch (the loss's count).
+    pub tokens: usize,
+}
+
+impl Trainer {
+    /// A trainer over `pairs` (which must fit the model's vocabulary and `max_len`).
+    pub fn new(model: Seq2Seq, pairs: Vec<(String, String)>, flags: OptimFlags, steps: u64) -> Result<Self> {
+        if flags.batch_size == 0 {
+            bail!("--batch-size is 0, expected at least 1");
+        }
+        if !(0.0..=1.0).contains(&flags.label_smoothing) {
+            bail!(
+                "--label-smoothing is {}, expected between 0 and 1",
+                flags.label_smoothing
+            );
+        }
+        if let Some(c) = flags.clip_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                bail!("--clip-norm is {c}, expected a positive number");
+            }
+        }
+        let adam = AdamW::new(flags.betas, flags.eps, flags.weight_decay)?;
+        let d_model = model.config().transformer.layer.d_model;
+        let dropout = model.config().transformer.layer.dropout as f32;
+        let order = Order {
+            n: pairs.len(),
+            seed: flags.seed,
+            shuffle: !flags.no_shuffle,
+            epoch: None,
+        };
+        Ok(Trainer {
+            model,
+            adam,
+            grads: Grads::new(),
+            schedule: schedule(&flags, d_model, steps),
+            flags,
+            order,
+            pairs,
+            dropout,
+        })
+    }
+
+    /// Step `step` (1-based): returns what it measured.
+    pub fn step(&mut self, step: u64) -> Result<StepReport> {
+        let indices = self.order.batch(step - 1, self.flags.batch_size);
+        let pairs: Vec<(&str, &str)> = indices
+            .iter()
+            .map(|&i| (self.pairs[i].0.as_str(), self.pairs[i].1.as_str()))
+            .collect();
+        let batch = self.model.batch(&pairs)?;
+        let dropout = Dropout {
+            p: self.dropout,
+            seed: self.flags.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step,
+        };
+        let (logits, tape) = self.model.forward_train(&batch, &dropout, Par::Rayon)?;
+        let (loss, d_logits) = self
+            .model
+            .loss(&batch, &logits, self.flags.label_smoothing, Par::Rayon)?;
+        drop(logits);
+        self.grads.zero();
+        self.model
+            .backward(&batch, &tape, &d_logits, &dropout, &mut self.grads, Par::Rayon)?;
+        let grad_norm = {
+            let mut all: Vec<&mut [f32]> = self.grads.iter_mut().map(|(_, g)| g.data_mut()).collect();
+            clip_grad_norm(&mut all, self.flags.clip_norm.unwrap_or(f32::INFINITY))
+        };
+        let lr = self.flags.lr * self.schedule.factor(step);
+        let grads = &self.grads;
+        let mut params = self.model.params_mut();
+        let mut bound: Vec<Param<'_>> = params
+            .iter_mut()
+            .map(|(name, t)| Param {
+                name,
+                value: t.data_mut(),
+                grad: grads.get(name).map_or(&[][..], |g| g.data()),
+            })
+            .collect();
+        self.adam.step(&mut bound, lr)?;
+        Ok(StepReport {
+            loss,
+            lr,
+            grad_norm,
+            tokens: batch.target_tokens(),
+        })
+    }
+
+    /// The optimizer's state as named tensors (for `--resume`).
+    fn state(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut tensors = Vec::new();
+        for (name, m, v) in self.adam.all_moments() {
+            tensors.push((format!("m.{name}"), vec![m.len()], m.to_vec()));
+            tensors.push((format!("v.{name}"), vec![v.len()], v.to_vec()));
+        }
+        tensors
+    }
+
+    /// Restores the optimizer from a state file; returns the step it was saved at.
+    fn restore(&mut self, path: &Path) -> Result<u64> {
+        let bytes = std::fs::read(path).with_context(|| format!("--resume needs {}", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).context("the optimizer state")?;
+        let step: u64 = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("{}: no `step` metadata", path.display()))?;
+        let dict = StateDict::from_safetensors(&bytes).with_context(|| path.display().to_string())?;
+        let mut moments: BTreeMap<String, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
+        for (name, t) in dict {
+            if let Some(n) = name.strip_prefix("m.") {
+                moments.entry(n.to_string()).or_default().0 = t.into_data();
+            } else if let Some(n) = name.strip_prefix("v.") {
+                moments.entry(n.to_string()).or_default().1 = t.into_data();
+            }
+        }
+        self.adam.restore(step, moments)?;
+        Ok(step)
+    }
+}
+
+/// Exact-match accuracy (greedy) and mean loss of `pairs`.
+pub fn evaluate(model: &Seq2Seq, pairs: &[(String, String)], label_smoothing: f32) -> Result<(f64, f64)> {
+    let (mut correct, mut loss_sum, mut count) = (0usize, 0.0f64, 0usize);
+    for chunk in pairs.chunks(256) {
+        let sources: Vec<&str> = chunk.iter().map(|(s, _)| s.as_str()).collect();
+        let max_len = model.config().max_len;
+        let decoded = model.greedy(&sources, max_len, false, Par::Rayon)?;
+        for (d, (_, t)) in decoded.iter().zip(chunk) {
+            correct += usize::from(model.config().tgt_vocab.decode(&d.tokens) == *t && d.tokens.last() == Some(&2));
+        }
+        let refs: Vec<(&str, &str)> = chunk.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
+        let batch = model.batch(&refs)?;
+        let logits = model.logits(&batch, Par::Rayon)?;
+        let (loss, _) = model.loss(&batch, &logits, label_smoothing, Par::Rayon)?;
+        let tokens = batch.target_tokens();
+        loss_sum += loss * tokens as f64;
+        count += tokens;
+    }
+    Ok((correct as f64 / pairs.len() as f64, loss_sum / count.max(1) as f64))
+}
+
+/// The file beside the checkpoint that holds the optimizer's state.
+fn state_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".state");
+    output.with_file_name(name)
+}
+
+/// The flags a resumed run must share with the run it continues.
+fn run_fingerprint(args: &Args, data: &[(String, String)]) -> String {
+    let o = &args.optim;
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for (s, t) in data {
+        for b in s.bytes().chain([b'\t']).chain(t.bytes()).chain([b'\n']) {
+            hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    json!({
+        "data_fnv1a": format!("{hash:016x}"),
+        "batch_size": o.batch_size, "lr": o.lr, "betas": [o.betas.0, o.betas.1], "eps": o.eps,
+        "weight_decay": o.weight_decay, "warmup": o.warmup, "schedule": o.schedule, "clip_norm": o.clip_norm,
+        "label_smoothing": o.label_smoothing, "seed": o.seed, "no_shuffle": o.no_shuffle, "steps": args.steps,
+    })
+    .to_string()
+}
+
+fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64) -> Result<()> {
+    // The checkpoint's only metadata is the configuration, so a rerun writes the same bytes.
+    checkpoint::save(&args.output, &trainer.model, &[])?;
+    let tensors = trainer.state();
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+        .collect();
+    let metadata = std::collections::HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("run".to_string(), fingerprint.to_string()),
+    ]);
+    write_f32_atomic(&state_path(&args.output), &refs, Some(metadata))
+}
+
+/// Runs `attn train`.
+pub fn main(args: Args) -> Result<()> {
+    let pairs = read_pairs(&args.data)?;
+    let valid = args.valid.as_deref().map(read_pairs).transpose()?;
+    let fingerprint = run_fingerprint(&args, &pairs);
+    let model = if args.resume {
+        checkpoint::load(&args.output).context("--resume reads the checkpoint at --output")?
+    } else if let Some(init) = &args.init {
+        let model = checkpoint::load(init)?;
+        args.model.check_against(model.config())?;
+        model
+    } else {
+        let config = args.model.config(&pairs)?;
+        Seq2Seq::with_seed(config, args.optim.seed)?
+    };
+    // Every pair must fit: a clear error before any step.
+    for (what, set) in [("--data", Some(&pairs)), ("--valid", valid.as_ref())] {
+        if let Some(set) = set {
+            for (i, (s, t)) in set.iter().enumerate() {
+                model
+                    .batch(&[(s.as_str(), t.as_str())])
+                    .with_context(|| format!("{what} line {}", i + 1))?;
+            }
+        }
+    }
+    let save_every = args.save_every.unwrap_or(args.eval_every);
+    let steps = args.steps;
+    args.threads.install(|threads| {
+        let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps)?;
+        let mut first = 1;
+        if args.resume {
+            let state = state_path(&args.output);
+            let bytes = std::fs::read(&state).with_context(|| format!("--resume needs {}", state.display()))?;
+            let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+            let saved_run = header.metadata().as_ref().and_then(|m| m.get("run")).cloned();
+            if saved_run.as_deref() != Some(fingerprint.as_str()) {
+                bail!(
+                    "--resume: the data or flags differ from the run saved in {} (saved {}, now {fingerprint})",
+                    state.display(),
+                    saved_run.unwrap_or_default()
+                );
+            }
+            first = trainer.restore(&state)? + 1;
+        }
+        let mut log = match &args.log {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(args.resume)
+                    .write(true)
+                    .truncate(!args.resume)
+                    .open(path)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+            )),
+            None => None,
+        };
+        let bar = progress(steps, first, args.quiet);
+        let mut curve: Vec<(u64, f64)> = Vec::new();
+        let mut valid_curve: Vec<(u64, f64, f64)> = Vec::new();
+        let started = Instant::now();
+        let mut tokens_done = 0usize;
+        let stop = args.stop_after.unwrap_or(steps).min(steps);
+        for step in first..=stop {
+            let report = trainer.step(step)?;
+            tokens_done += report.tokens;
+            let tokens_per_s = tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            curve.push((step, report.loss));
+            if let Some(log) = &mut log {
+                let line = json!({"step": step, "loss": report.loss, "lr": report.lr,
+                                  "grad_norm": report.grad_norm, "tokens": report.tokens,
+                                  "tokens_per_s": tokens_per_s});
+                writeln!(log, "{line}")?;
+            }
+            if let Some(bar) = &bar {
+                bar.set_position(step);
+                bar.set_message(format!(
+                    "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                    report.loss, report.lr, tokens_per_s
+                ));
+            }
+            let last = step == steps;
+            if let Some(valid) = &valid {
+                if last || (args.eval_every > 0 && step % args.eval_every == 0) {
+                    let (accuracy, loss) = evaluate(&trainer.model, valid, args.optim.label_smoothing)?;
+                    valid_curve.push((step, loss, accuracy));
+                    if let Some(log) = &mut log {
+                        writeln!(
+                            log,
+                            "{}",
+                            json!({"step": step, "valid_loss": loss, "valid_accuracy": accuracy})
+                        )?;
+                    }
+                    let line = format!(
+                        "step {step}: valid loss {loss:.4}, exact match {:.2}%",
+                        100.0 * accuracy
+                    );
+                    match &bar {
+                        Some(bar) => bar.println(line),
+                        None if !args.quiet => eprintln!("{line}"),
+                        None => {}
+                    }
+                }
+            }
+            if last || step == stop || (save_every > 0 && step % save_every == 0) {
+                save(&trainer, &args, &fingerprint, step)?;
+            }
+        }
+        if stop < first {
+            save(&trainer, &args, &fingerprint, stop)?;
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        if let Some(log) = &mut log {
+            log.flush()?;
+        }
+        if let Some(path) = &args.plot {
+            crate::plot::training_curves(path, &curve, &valid_curve)?;
+        }
+        let params = trainer.model.parameter_count();
+        println!(
+            "wrote {}: {params} parameters, steps {first} to {stop} of {steps} on {threads} threads in {:.1} s",
+            args.output.display(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    })
+}
+
+fn progress(steps: u64, first: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  {eta} left")
+            .expect("a valid template"),
+    );
+    bar.set_position(first.saturating_sub(1));
+    Some(bar)
+}
+
+/// `attn bench train`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Training pairs: source TAB target.
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    model: ModelFlags,
+    #[command(flatten)]
+    optim: OptimFlags,
+    /// Steps to time (after one untimed step).
+    #[arg(long, default_value_t = 20)]
+    steps: u64,
+    #[command(flatten)]
+    threads: Threads,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Times training steps (batch, forward, backward, AdamW), data loading excluded.
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let pairs = read_pairs(&args.data)?;
+    let config = args.model.config(&pairs)?;
+    let model = Seq2Seq::with_seed(config, args.optim.seed)?;
+    let steps = args.steps.max(1);
+    args.threads.install(|threads| {
+        let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps + 1)?;
+        trainer.step(1)?;
+        let mut times = Vec::new();
+        let mut tokens = 0usize;
+        for step in 2..=steps + 1 {
+            let t0 = Instant::now();
+            tokens += trainer.step(step)?.tokens;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        let total: f64 = times.iter().sum();
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let tokens_per_s = tokens as f64 / total;
+        if args.json {
+            println!(
+                "{}",
+                json!({"op": "train", "median_s": median, "min_s": sorted[0], "runs": times.len(),
+                       "tokens_per_s": tokens_per_s, "threads": threads,
+                       "simd": format!("{:?}", attn_nn::core::kernels::simd_level()).to_lowercase()})
+            );
+        } else {
+            println!(
+                "train: median {:.2} ms per step, {tokens_per_s:.0} target tokens/s ({} steps, {threads} threads)",
+                median * 1e3,
+                times.len()
+            );
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,184 @@
+//! `attn translate`: greedy or beam decoding with a sequence-to-sequence checkpoint (by default
+//! the date translator shipped inside the binary), batched, through the KV caches; JSON with
+//! tokens, log-probabilities and logits; pictures of the cross-attention.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use attn_nn::core::kernels::Par;
+use attn_nn::Seq2Seq;
+use serde_json::json;
+
+use crate::checkpoint;
+use crate::threads::Threads;
+
+/// The date translator trained by `cargo xtask train-demo` (`attn train` alone).
+pub const SHIPPED: &[u8] = include_bytes!("../models/dates.safetensors");
+
+/// The shipped model.
+pub fn shipped() -> Result<Seq2Seq> {
+    checkpoint::from_bytes(SHIPPED, "the shipped date model")
+}
+
+/// `attn translate`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  attn translate \"28 November 2026\" \"saturday 28 nov 2026\"\n  attn translate --input dates.txt --json\n  attn translate \"the 4th of July 1976\" --attention view.html\n  attn translate --export dates.safetensors"
+)]
+pub struct Args {
+    /// A checkpoint written by `attn train` [default: the date translator inside the binary]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A UTF-8 file with one input a line.
+    #[arg(long, conflicts_with = "text")]
+    input: Option<PathBuf>,
+    /// Inputs on the command line.
+    text: Vec<String>,
+    /// Beam width (1: greedy).
+    #[arg(long, default_value_t = 1)]
+    beam: usize,
+    /// The most output tokens [default: the model's max_len]
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// One JSON object: {"translations": [{"source", "output", "tokens", "log_prob"}]}.
+    #[arg(long)]
+    json: bool,
+    /// With --json: the logits of every greedy step.
+    #[arg(long)]
+    logits: bool,
+    /// Draw the cross-attention of the first input: OUT.png (averaged over layers and heads)
+    /// or OUT.html (every layer and head, and the average).
+    #[arg(long)]
+    attention: Option<PathBuf>,
+    /// Write the model (the shipped one unless --model) to this checkpoint and stop.
+    #[arg(long)]
+    export: Option<PathBuf>,
+    #[command(flatten)]
+    threads: Threads,
+}
+
+/// Runs `attn translate`.
+pub fn main(args: Args) -> Result<()> {
+    let model = match &args.model {
+        Some(path) => checkpoint::load(path)?,
+        None => shipped()?,
+    };
+    if let Some(path) = &args.export {
+        checkpoint::save(path, &model, &[])?;
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
+    if args.beam == 0 {
+        bail!("--beam is 0, expected at least 1");
+    }
+    if args.logits && (!args.json || args.beam != 1) {
+        bail!("--logits needs --json and greedy decoding (--beam 1)");
+    }
+    let inputs: Vec<String> = match &args.input {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .lines()
+            .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+            .collect(),
+        None => args.text.clone(),
+    };
+    if inputs.is_empty() {
+        bail!("nothing to translate: give TEXT arguments or --input FILE");
+    }
+    let max_len = args.max_len.unwrap_or(model.config().max_len);
+    args.threads.install(|_| {
+        let sources: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let decoded = if args.beam == 1 {
+            let mut all = Vec::with_capacity(sources.len());
+            for chunk in sources.chunks(256) {
+                all.extend(model.greedy(chunk, max_len, args.logits, Par::Rayon)?);
+            }
+            all
+        } else {
+            model.beam(&sources, args.beam, max_len, Par::Rayon)?
+        };
+        let vocab = &model.config().tgt_vocab;
+        let outputs: Vec<String> = decoded.iter().map(|d| vocab.decode(&d.tokens)).collect();
+        if let Some(path) = &args.attention {
+            draw_attention(&model, path, &inputs[0], &outputs[0])?;
+        }
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        if args.json {
+            let items: Vec<_> = inputs
+                .iter()
+                .zip(&decoded)
+                .zip(&outputs)
+                .map(|((source, d), output)| {
+                    let mut item =
+                        json!({"source": source, "output": output, "tokens": d.tokens, "log_prob": d.log_prob});
+                    if args.logits {
+                        item["logits"] = json!(d.logits);
+                    }
+                    item
+                })
+                .collect();
+            writeln!(out, "{}", json!({ "translations": items }))?;
+        } else {
+            for output in &outputs {
+                writeln!(out, "{output}")?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    })
+}
+
+/// Row labels, column labels and each layer's weights `[H, T, S]`.
+pub type CrossAttention = (Vec<String>, Vec<String>, Vec<Vec<f32>>);
+
+/// Labels of the decoder positions (each labelled by what it predicted: the output's
+/// characters, then `<eos>`) and of the source positions (characters, then `<eos>`), and each
+/// layer's weights `[H, T, S]`.
+pub fn cross_attention(model: &Seq2Seq, source: &str, output: &str) -> Result<CrossAttention> {
+    let weights = model.cross_attention(source, output, Par::Rayon)?;
+    let cols: Vec<String> = source
+        .chars()
+        .map(|c| c.to_string())
+        .chain(["<eos>".to_string()])
+        .collect();
+    let rows: Vec<String> = output
+        .chars()
+        .map(|c| c.to_string())
+        .chain(["<eos>".to_string()])
+        .collect();
+    Ok((rows, cols, weights))
+}
+
+/// The mean over layers and heads, `[T, S]`.
+pub fn averaged(weights: &[Vec<f32>], t: usize, s: usize) -> Vec<f32> {
+    let mut mean = vec![0.0f32; t * s];
+    let mut count = 0;
+    for layer in weights {
+        for head in layer.chunks_exact(t * s) {
+            mean.iter_mut().zip(head).for_each(|(m, &w)| *m += w);
+            count += 1;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= count.max(1) as f32);
+    mean
+}
+
+fn draw_attention(model: &Seq2Seq, path: &Path, source: &str, output: &str) -> Result<()> {
+    let (rows, cols, weights) = cross_attention(model, source, output)?;
+    let (t, s) = (rows.len(), cols.len());
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match extension {
+        "png" => {
+            let title = format!("cross-attention, mean of layers and heads: {source:?} -> {output:?}");
+            crate::plot::heatmap(path, &title, &rows, &cols, &averaged(&weights, t, s))?;
+        }
+        "html" => {
+            let html = crate::seq2seq_html::page(model, source, output, &rows, &cols, &weights);
+            std::fs::write(path, html).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        _ => bail!("--attention {}: expected a .png or .html file", path.display()),
+    }
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
