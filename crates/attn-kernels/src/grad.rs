@@ -19,6 +19,34 @@ use crate::gemm::gemm_raw;
 use crate::layer::{erf, Activation, NormKind};
 use crate::{Accum, KernelError, Par};
 
+/// Runs `f(args)`, an `#[inline(always)]` loop, compiled for the running SIMD level: the
+/// compiler vectorises the same source at AVX-512, AVX2+FMA or the baseline.
+macro_rules! at_level {
+    ($f:ident($($arg:expr),*)) => {{
+        match crate::simd::simd_level() {
+            #[cfg(target_arch = "x86_64")]
+            crate::SimdLevel::Avx512 => {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                fn level(f: impl FnOnce()) {
+                    f()
+                }
+                // SAFETY: `simd_level` reported these features on this CPU.
+                unsafe { level(|| $f($($arg),*)) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            crate::SimdLevel::Avx2Fma => {
+                #[target_feature(enable = "avx2,fma")]
+                fn level(f: impl FnOnce()) {
+                    f()
+                }
+                // SAFETY: as above.
+                unsafe { level(|| $f($($arg),*)) }
+            }
+            _ => $f($($arg),*),
+        }
+    }};
+}
+
 /// Rows per chunk of the column sums (bias and norm-weight gradients).
 const SUM_ROWS: usize = 64;
 
@@ -148,30 +176,8 @@ pub fn norm_backward(
     check_len(op, "dx", x.len(), dx.len())?;
     check_len(op, "dweight", e, dweight.len())?;
     let center = kind == NormKind::LayerNorm;
-    // Per row: add to dx; return this row's dy·x̂ (for dweight).
     let row = |dx: &mut [f32], dy: &[f32], x: &[f32], xhat_dy: &mut [f64]| {
-        let n = e as f64;
-        let mean = if center {
-            x.iter().map(|&v| v as f64).sum::<f64>() / n
-        } else {
-            0.0
-        };
-        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-        let r = 1.0 / (var + eps as f64).sqrt();
-        let (mut mean_g, mut mean_gx) = (0.0f64, 0.0f64);
-        for j in 0..e {
-            let g = dy[j] as f64 * weight[j] as f64;
-            let xh = (x[j] as f64 - mean) * r;
-            mean_g += g;
-            mean_gx += g * xh;
-            xhat_dy[j] += dy[j] as f64 * xh;
-        }
-        let (mean_g, mean_gx) = (if center { mean_g / n } else { 0.0 }, mean_gx / n);
-        for j in 0..e {
-            let g = dy[j] as f64 * weight[j] as f64;
-            let xh = (x[j] as f64 - mean) * r;
-            dx[j] += (r * (g - mean_g - xh * mean_gx)) as f32;
-        }
+        at_level!(norm_row_backward(dx, dy, x, weight, center, eps, xhat_dy));
     };
     let chunk = |(dxs, (dys, xs)): (&mut [f32], (&[f32], &[f32]))| {
         let mut partial = vec![0.0f64; e];
@@ -199,6 +205,57 @@ pub fn norm_backward(
         add_column_sums(db, dy, e, par);
     }
     Ok(())
+}
+
+/// One row of [`norm_backward`]: adds to `dx`; adds the row's `dy·x̂` to `xhat_dy` (for the
+/// weight's gradient). Sums run in f64 over eight interleaved partial sums.
+#[inline(always)]
+fn norm_row_backward(
+    dx: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    weight: &[f32],
+    center: bool,
+    eps: f32,
+    xhat_dy: &mut [f64],
+) {
+    let e = weight.len();
+    let n = e as f64;
+    let mean = if center { lane_sum(e, |j| x[j] as f64) / n } else { 0.0 };
+    let var = lane_sum(e, |j| {
+        let c = x[j] as f64 - mean;
+        c * c
+    }) / n;
+    let r = 1.0 / (var + eps as f64).sqrt();
+    let mean_g = if center {
+        lane_sum(e, |j| dy[j] as f64 * weight[j] as f64) / n
+    } else {
+        0.0
+    };
+    let mean_gx = lane_sum(e, |j| dy[j] as f64 * weight[j] as f64 * ((x[j] as f64 - mean) * r)) / n;
+    for j in 0..e {
+        let g = dy[j] as f64 * weight[j] as f64;
+        let xh = (x[j] as f64 - mean) * r;
+        xhat_dy[j] += dy[j] as f64 * xh;
+        dx[j] += (r * (g - mean_g - xh * mean_gx)) as f32;
+    }
+}
+
+/// `Σ_{j<n} f(j)` in f64 as eight interleaved partial sums added at the end: a fixed order
+/// (so the same bits every time) that vectorises.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let full = n / 8 * 8;
+    for base in (0..full).step_by(8) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(base + l);
+        }
+    }
+    for (l, j) in (full..n).enumerate() {
+        acc[l] += f(j);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 /// `act'(u)`, the derivative at the activation's input.
@@ -414,25 +471,55 @@ pub fn cross_entropy(
     })
 }
 
-/// A counter-based uniform draw in `[0, 1)` for element `index` of dropout call `seed`:
-/// SplitMix64's finaliser of `seed` and `index`, so a mask depends on nothing else (not the
-/// thread count, not the order), and a step can be replayed from its seed.
+/// The two 32-bit keys of dropout call `seed` (SplitMix64's finaliser of the seed).
 #[inline]
-pub fn dropout_uniform(seed: u64, index: u64) -> f32 {
-    let mut z = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(index)
-        .wrapping_add(0x6A09_E667_F3BC_C909);
+fn dropout_keys(seed: u64) -> (u32, u32) {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    (z >> 40) as f32 / (1u64 << 24) as f32
+    (z as u32, (z >> 32) as u32)
+}
+
+/// Chris Wellons' `lowbias32` integer hash.
+#[inline(always)]
+fn lowbias32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+/// The 24 random bits of element `index` under `keys`: two rounds of `lowbias32`, each keyed
+/// (32-bit multiplies, which vectorise at every SIMD level).
+#[inline(always)]
+fn dropout_bits(keys: (u32, u32), index: u32) -> u32 {
+    lowbias32(lowbias32(index ^ keys.0) ^ keys.1) >> 8
+}
+
+/// A counter-based uniform draw in `[0, 1)` (24 bits) for element `index` of dropout call
+/// `seed`: a keyed hash of the index, so a mask depends on nothing else (not the thread count,
+/// not the order), and a step can be replayed from its seed.
+#[inline]
+pub fn dropout_uniform(seed: u64, index: u32) -> f32 {
+    dropout_bits(dropout_keys(seed), index) as f32 / (1u32 << 24) as f32
+}
+
+/// Dropout of `xs`, element `i` at counter `base + i`.
+#[inline(always)]
+fn dropout_run(xs: &mut [f32], keys: (u32, u32), base: u32, threshold: u32, keep: f32) {
+    for (i, x) in xs.iter_mut().enumerate() {
+        let drop = dropout_bits(keys, base.wrapping_add(i as u32)) < threshold;
+        *x = if drop { 0.0 } else { *x * keep };
+    }
 }
 
 /// Inverted dropout in place: `x[i] = 0` where [`dropout_uniform`]`(seed, offset + i) < p`,
 /// else `x[i] / (1 − p)`. The backward is the same call on the output's gradient with the same
-/// `seed` and `offset`. `p = 0` leaves `x` as it is; `p = 1` zeros it.
-pub fn dropout(x: &mut [f32], p: f32, seed: u64, offset: u64, par: Par) -> Result<(), KernelError> {
+/// `seed` and `offset`. `p = 0` leaves `x` as it is; `p = 1` zeros it. Indices are 32-bit:
+/// `offset + x.len()` above `2^32` is an error.
+pub fn dropout(x: &mut [f32], p: f32, seed: u64, offset: u32, par: Par) -> Result<(), KernelError> {
     if !(0.0..=1.0).contains(&p) {
         return Err(KernelError::InvalidArgument {
             op: "dropout",
@@ -441,20 +528,26 @@ pub fn dropout(x: &mut [f32], p: f32, seed: u64, offset: u64, par: Par) -> Resul
             expected: "between 0 and 1",
         });
     }
+    if offset as u64 + x.len() as u64 > 1u64 << 32 {
+        return Err(KernelError::InvalidArgument {
+            op: "dropout",
+            what: "offset + length",
+            got: (offset as u64 + x.len() as u64).to_string(),
+            expected: "at most 2^32 elements per call",
+        });
+    }
     if p == 0.0 {
         return Ok(());
     }
     let keep = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
+    let keys = dropout_keys(seed);
+    // `bits / 2^24 < p` exactly when `bits < ceil(p · 2^24)` (or `bits < p · 2^24` when that is
+    // a whole number): an integer compare per element.
+    let threshold = (p as f64 * (1u64 << 24) as f64).ceil() as u32;
     let chunk = 16 * 1024;
     let body = |(c, xs): (usize, &mut [f32])| {
-        for (i, x) in xs.iter_mut().enumerate() {
-            let index = offset + (c * chunk + i) as u64;
-            *x = if dropout_uniform(seed, index) < p {
-                0.0
-            } else {
-                *x * keep
-            };
-        }
+        let base = offset.wrapping_add((c * chunk) as u32);
+        at_level!(dropout_run(xs, keys, base, threshold, keep));
     };
     match par {
         Par::Seq => x.chunks_mut(chunk).enumerate().for_each(body),

@@ -301,4 +301,16 @@ fn dropout_is_counter_based_and_its_own_backward() {
     dropout(&mut same, 0.0, 42, 0, Par::Seq).unwrap();
     assert_eq!(same, x);
     assert!(dropout(&mut same, 1.5, 42, 0, Par::Seq).is_err());
+    assert!(dropout(&mut same, 0.5, 42, u32::MAX, Par::Seq).is_err(), "indices past 2^32");
+    // The integer threshold is the float comparison the docs state.
+    for (i, &v) in y.iter().enumerate().take(5000) {
+        let u = dropout_uniform(42, 1000 + i as u32);
+        assert_eq!(v == 0.0 && x[i] != 0.0, u < p, "element {i}: u = {u}");
+    }
+    // Neighbouring seeds (consecutive steps) give unrelated masks: about p² of the elements
+    // dropped by both.
+    let mut next = vec![1.0f32; n];
+    dropout(&mut next, p, 43, 1000, Par::Seq).unwrap();
+    let both = y.iter().zip(&next).filter(|(a, b)| **a == 0.0 && **b == 0.0).count() as f64 / n as f64;
+    assert!((both - 0.09).abs() < 0.01, "dropped by both seeds: {both}");
 }
