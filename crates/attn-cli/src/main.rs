@@ -1,5 +1,10 @@
 //! The `attn` binary; everything is in the library (`src/lib.rs`).
 
+/// mimalloc keeps freed memory for reuse: without it every large buffer of a training step
+/// (activations, gradients) came back from the kernel zero-filled, page by page.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     attn_cli::main()
 }
