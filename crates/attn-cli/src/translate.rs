@@ -170,7 +170,11 @@ fn draw_attention(model: &Seq2Seq, path: &Path, source: &str, output: &str) -> R
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     match extension {
         "png" => {
-            let title = format!("cross-attention, mean of layers and heads: {source:?} -> {output:?}");
+            let c = &model.config().transformer;
+            let title = format!(
+                "Transformer (d_model {}, {} heads, {}+{} layers): cross-attention, mean of layers and heads: {source:?} -> {output:?}",
+                c.layer.d_model, c.layer.nhead, c.num_encoder_layers, c.num_decoder_layers
+            );
             crate::plot::heatmap(path, &title, &rows, &cols, &averaged(&weights, t, s))?;
         }
         "html" => {

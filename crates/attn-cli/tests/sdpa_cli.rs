@@ -557,6 +557,20 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
         dom.contains(r#"class="selected""#) && dom.contains("\"cat\" attends most to"),
         "{dom}"
     );
+    // The matrix view beside the token view (every weight of the chosen head), the legend, and
+    // the model and input named.
+    assert_eq!(
+        dom.split("<td title=\"")
+            .skip(1)
+            .filter(|c| !c.starts_with("${"))
+            .count(),
+        tokens.len() * tokens.len(),
+        "matrix cells"
+    );
+    assert!(
+        dom.contains(r#"class="legend""#) && dom.contains("model: ") && dom.contains("the cat sat on the mat"),
+        "legend, model and input"
+    );
 
     // And a screenshot of that state, as a person would see it.
     let shot = dir.join("view.png");

@@ -236,6 +236,39 @@ fn the_shipped_translator_answers_and_draws() {
     ] {
         assert!(page.contains(needle), "{needle}");
     }
+    // In a real browser (when Chromium is there; `cargo xtask ci` installs it): the matrix of
+    // the mean view has a cell per output and source position.
+    if let Some(chromium) = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").output().is_ok())
+    {
+        let dom = Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+            .arg(format!("file://{}", html.display()))
+            .output()
+            .unwrap();
+        let dom = String::from_utf8_lossy(&dom.stdout);
+        // "28 Nov 2026" + <eos> = 12 source positions; "2026-11-28" + <eos> = 11 output positions.
+        assert_eq!(
+            dom.split("<td title=\"")
+                .skip(1)
+                .filter(|c| !c.starts_with("${"))
+                .count(),
+            12 * 11,
+            "{dom}"
+        );
+        assert!(
+            dom.contains(r#"class="on""#),
+            "the token view marks the first output character"
+        );
+    }
     ok(&["translate", "--export", s(&export)]);
     let again = ok(&["translate", "--model", s(&export), "28 November 2026"]);
     assert_eq!(again.trim(), "2026-11-28");

@@ -301,7 +301,10 @@ fn dropout_is_counter_based_and_its_own_backward() {
     dropout(&mut same, 0.0, 42, 0, Par::Seq).unwrap();
     assert_eq!(same, x);
     assert!(dropout(&mut same, 1.5, 42, 0, Par::Seq).is_err());
-    assert!(dropout(&mut same, 0.5, 42, u32::MAX, Par::Seq).is_err(), "indices past 2^32");
+    assert!(
+        dropout(&mut same, 0.5, 42, u32::MAX, Par::Seq).is_err(),
+        "indices past 2^32"
+    );
     // The integer threshold is the float comparison the docs state.
     for (i, &v) in y.iter().enumerate().take(5000) {
         let u = dropout_uniform(42, 1000 + i as u32);
