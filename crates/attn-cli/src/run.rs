@@ -658,6 +658,7 @@ fn run_mha(
                 query,
                 key_value: Some((key, value)),
                 options,
+                packing: None,
             };
             let (result, tape) = module.forward_train(&inputs, par).with_context(|| path.clone())?;
             let mut grads = Grads::new();
@@ -750,6 +751,7 @@ fn run_encoder(
         mask: score_mask(file, "src_mask", src.len, src.len, src.batch * config.nhead)?,
         key_padding: key_padding(file, "src_key_padding_mask", src.batch, src.len, unbatched)?,
         is_causal,
+        packing: None,
     };
     let ran = run(src, &masks, d_output).with_context(|| file.path().display().to_string())?;
     Ok(outputs(file, shape, ran))
@@ -768,11 +770,13 @@ fn decoder_masks<'a>(
         mask: score_mask(file, "tgt_mask", tgt.len, tgt.len, bh)?,
         key_padding: key_padding(file, "tgt_key_padding_mask", tgt.batch, tgt.len, unbatched)?,
         is_causal: flags.tgt_is_causal,
+        packing: None,
     };
     let memory_masks = BlockMasks {
         mask: score_mask(file, "memory_mask", tgt.len, memory.len, bh)?,
         key_padding: key_padding(file, "memory_key_padding_mask", memory.batch, memory.len, unbatched)?,
         is_causal: flags.memory_is_causal,
+        packing: None,
     };
     Ok((tgt_masks, memory_masks))
 }
@@ -847,6 +851,7 @@ fn run_transformer(
         mask: score_mask(file, "src_mask", src.len, src.len, src.batch * config.nhead)?,
         key_padding: key_padding(file, "src_key_padding_mask", src.batch, src.len, unbatched)?,
         is_causal: src_is_causal,
+        packing: None,
     };
     let (tgt_masks, memory_masks) = decoder_masks(config, flags, file, &tgt, &src, unbatched)?;
     let layers = module.encoder.config().num_layers + module.decoder.config().num_layers;

@@ -32,7 +32,7 @@ pub use error::{AttnError, Result};
 pub use grads::Grads;
 pub use mha::{
     linear, Attention, AttentionConfig, Layout, MhaConfig, MhaInputGrads, MhaInputs, MhaOptions, MhaOutput, MhaTape,
-    MultiHeadAttention, NeedWeights, Sequence,
+    MultiHeadAttention, NeedWeights, Packing, Sequence,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use safetensors_io::{floats_to_f32, FromSafetensors};

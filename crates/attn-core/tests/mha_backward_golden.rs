@@ -65,6 +65,7 @@ fn multi_head_attention_backward_matches_pytorch_autograd() {
                 query,
                 key_value,
                 options,
+                packing: None,
             };
             let mut runs = Vec::new();
             for par in [Par::Seq, Par::Rayon] {

@@ -93,6 +93,7 @@ fn mha_inputs<'a>(data: &'a [Vec<f32>; 3], case: &Case, [b, s, t, e, kdim, vdim]
             is_causal: case.causal,
             ..Default::default()
         },
+        packing: None,
     }
 }
 
@@ -229,6 +230,7 @@ fn grouped_query_gradients_are_sums_over_the_repeated_heads() {
             is_causal: true,
             ..Default::default()
         },
+        packing: None,
     };
     let run = |mha: &MultiHeadAttention| {
         let (_, tape) = mha.forward_train(&inputs, Par::Rayon).unwrap();
@@ -298,6 +300,7 @@ fn backward_rejects_mismatched_gradients_and_inputs() {
         query: Sequence::batch_first(&x, 2, 3, 8),
         key_value: None,
         options: MhaOptions::default(),
+        packing: None,
     };
     let (_, tape) = mha.forward_train(&inputs, Par::Seq).unwrap();
     let mut grads = Grads::new();
@@ -317,4 +320,84 @@ fn backward_rejects_mismatched_gradients_and_inputs() {
         .to_string();
     assert!(err.contains("the forward's [B, S, T] = [2, 3, 3]"), "{err}");
     assert!(grads.is_empty(), "nothing added on error");
+}
+
+/// Packed sequences (no padding) give what each sequence gives on its own: the outputs, the
+/// inputs' gradients, and parameter gradients summed over the sequences; for self-attention
+/// (fused, causal) and cross-attention (queries and keys packed with different starts).
+#[test]
+fn packed_sequences_equal_separate_calls() {
+    let e = 16;
+    let mut config = MhaConfig::new(e, 4);
+    config.batch_first = true;
+    config.num_kv_heads = Some(2);
+    let mha = MultiHeadAttention::with_seed(config, 21).unwrap();
+    let mut rng = SplitMix64::new(8);
+    let (q_starts, k_starts) = ([0usize, 5, 5, 12, 15], [0usize, 3, 9, 10, 17]);
+    let (n, m) = (15, 17);
+    let x = random(&mut rng, n * e);
+    let mem = random(&mut rng, m * e);
+    let r = random(&mut rng, n * e);
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        }
+    };
+    for cross in [false, true] {
+        let ks: &[usize] = if cross { &k_starts } else { &q_starts };
+        let packed = MhaInputs {
+            query: Sequence::batch_first(&x, 1, n, e),
+            key_value: cross.then(|| {
+                (
+                    Sequence::batch_first(&mem, 1, m, e),
+                    Sequence::batch_first(&mem, 1, m, e),
+                )
+            }),
+            options: MhaOptions {
+                is_causal: !cross,
+                ..Default::default()
+            },
+            packing: Some(attn_core::Packing {
+                query_starts: &q_starts,
+                key_starts: ks,
+            }),
+        };
+        let (out, tape) = mha.forward_train(&packed, Par::Rayon).unwrap();
+        let mut grads = Grads::new();
+        let d = mha.backward(&packed, &tape, &r, &mut grads, "", Par::Rayon).unwrap();
+        let mut separate = Grads::new();
+        for i in 0..4 {
+            let (q0, q1, k0, k1) = (q_starts[i], q_starts[i + 1], ks[i], ks[i + 1]);
+            if q1 == q0 {
+                continue;
+            }
+            let q = &x[q0 * e..q1 * e];
+            let kv = &mem[k0 * e..k1 * e];
+            let one = MhaInputs {
+                query: Sequence::batch_first(q, 1, q1 - q0, e),
+                key_value: cross.then(|| {
+                    (
+                        Sequence::batch_first(kv, 1, k1 - k0, e),
+                        Sequence::batch_first(kv, 1, k1 - k0, e),
+                    )
+                }),
+                options: packed.options,
+                packing: None,
+            };
+            let (o, t) = mha.forward_train(&one, Par::Seq).unwrap();
+            close(&out.output[q0 * e..q1 * e], &o.output, "output");
+            let di = mha
+                .backward(&one, &t, &r[q0 * e..q1 * e], &mut separate, "", Par::Seq)
+                .unwrap();
+            close(&d.query[q0 * e..q1 * e], &di.query, "d_query");
+            if cross {
+                let dk = d.key.as_ref().unwrap();
+                // Memory rows shared by no other sequence: compare directly.
+                close(&dk[k0 * e..k1 * e], di.key.as_ref().unwrap(), "d_key");
+            }
+        }
+        for (name, g) in grads.iter() {
+            close(g.data(), separate.get(name).unwrap().data(), name);
+        }
+    }
 }

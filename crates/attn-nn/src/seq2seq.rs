@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use attn_core::kernels::testing::SplitMix64;
 use attn_core::kernels::{self, Par};
-use attn_core::{insert_prefixed, AttnError, Grads, KeyPadding, Sequence, StateDict, Tensor};
+use attn_core::{insert_prefixed, AttnError, Grads, KeyPadding, Packing, Sequence, StateDict, Tensor};
 use serde_json::{Map, Value};
 
 use crate::error::invalid;
@@ -216,11 +216,64 @@ impl Batch {
     pub fn target_tokens(&self) -> usize {
         self.tgt_lengths.iter().sum()
     }
+
+    /// The batch without padding: every sequence's real positions back to back.
+    pub fn packed(&self) -> Packed {
+        let pack = |ids: &[usize], len: usize, lengths: &[usize]| {
+            let mut out = Vec::new();
+            let mut positions = Vec::new();
+            let mut starts = vec![0];
+            for (i, &l) in lengths.iter().enumerate() {
+                out.extend_from_slice(&ids[i * len..i * len + l]);
+                positions.extend(0..l);
+                starts.push(out.len());
+            }
+            (out, positions, starts)
+        };
+        let (src, src_positions, src_starts) = pack(&self.src, self.s, &self.src_lengths);
+        let (tgt_in, tgt_positions, tgt_starts) = pack(&self.tgt_in, self.t, &self.tgt_lengths);
+        let labels = self
+            .tgt_lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &l)| self.labels[i * self.t..i * self.t + l].iter().copied())
+            .collect();
+        Packed {
+            src,
+            src_positions,
+            src_starts,
+            tgt_in,
+            tgt_positions,
+            tgt_starts,
+            labels,
+        }
+    }
+}
+
+/// A [`Batch`] without padding: the real positions of every sequence back to back, as the
+/// training forward runs it (the cost follows the real tokens).
+#[derive(Debug, Clone)]
+pub struct Packed {
+    /// Source ids, `[Ns]`.
+    pub src: Vec<usize>,
+    /// Each source id's position in its sequence.
+    pub src_positions: Vec<usize>,
+    /// Sequence `i` is rows `src_starts[i]..src_starts[i + 1]`.
+    pub src_starts: Vec<usize>,
+    /// Decoder input ids, `[Nt]`.
+    pub tgt_in: Vec<usize>,
+    /// Each decoder input's position in its sequence.
+    pub tgt_positions: Vec<usize>,
+    /// Sequence `i` is rows `tgt_starts[i]..tgt_starts[i + 1]`.
+    pub tgt_starts: Vec<usize>,
+    /// `[Nt]`: what each decoder position must predict.
+    pub labels: Vec<i64>,
 }
 
 /// What [`Seq2Seq::forward_train`] keeps.
 #[derive(Debug)]
 pub struct Seq2SeqTape {
+    packed: Packed,
     src_x: Vec<f32>,
     tgt_x: Vec<f32>,
     transformer: TransformerTape,
@@ -422,12 +475,26 @@ impl Seq2Seq {
         site: &str,
         par: Par,
     ) -> Result<Vec<f32>> {
+        let positions: Vec<usize> = (0..ids.len()).map(|r| r % len).collect();
+        self.embed_at(table, ids, &positions, dropout, site, par)
+    }
+
+    /// `E[ids[r]]·sqrt(d) + PE[positions[r]]`, then `dropout` at `site`.
+    fn embed_at(
+        &self,
+        table: &Tensor,
+        ids: &[usize],
+        positions: &[usize],
+        dropout: &Dropout,
+        site: &str,
+        par: Par,
+    ) -> Result<Vec<f32>> {
         let e = self.config.d_model();
         let mut x = vec![0.0f32; ids.len() * e];
         kernels::embedding(&mut x, table.data(), ids, e).map_err(AttnError::from)?;
         let scale = (e as f32).sqrt();
-        for (r, row) in x.chunks_exact_mut(e).enumerate() {
-            let pe = &self.positions[(r % len) * e..][..e];
+        for (row, &p) in x.chunks_exact_mut(e).zip(positions) {
+            let pe = &self.positions[p * e..][..e];
             row.iter_mut().zip(pe).for_each(|(v, &p)| *v = *v * scale + p);
         }
         dropout.apply(&mut x, site, par)?;
@@ -478,22 +545,61 @@ impl Seq2Seq {
         }
     }
 
-    /// The training forward: logits `[B·T, Vt]` and the tape.
+    /// The packed masks of a batch: each sequence attends to itself, the decoder causally.
+    fn packed_masks(p: &Packed) -> TransformerMasks<'_> {
+        fn own(starts: &[usize]) -> Packing<'_> {
+            Packing {
+                query_starts: starts,
+                key_starts: starts,
+            }
+        }
+        TransformerMasks {
+            src: BlockMasks {
+                packing: Some(own(&p.src_starts)),
+                ..Default::default()
+            },
+            tgt: BlockMasks {
+                is_causal: true,
+                packing: Some(own(&p.tgt_starts)),
+                ..Default::default()
+            },
+            memory: BlockMasks {
+                packing: Some(Packing {
+                    query_starts: &p.tgt_starts,
+                    key_starts: &p.src_starts,
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The training forward, without padding ([`Batch::packed`]: the cost follows the real
+    /// tokens): logits `[Nt, Vt]`, one row per real target position in sequence order, and the
+    /// tape.
     pub fn forward_train(&self, batch: &Batch, dropout: &Dropout, par: Par) -> Result<(Vec<f32>, Seq2SeqTape)> {
         let e = self.config.d_model();
-        let src_x = self.embed(&self.src_embed, &batch.src, batch.s, dropout, "src_embed.dropout", par)?;
-        let tgt_x = self.embed(
+        let packed = batch.packed();
+        let (ns, nt) = (packed.src.len(), packed.tgt_in.len());
+        let src_x = self.embed_at(
+            &self.src_embed,
+            &packed.src,
+            &packed.src_positions,
+            dropout,
+            "src_embed.dropout",
+            par,
+        )?;
+        let tgt_x = self.embed_at(
             &self.tgt_embed,
-            &batch.tgt_in,
-            batch.t,
+            &packed.tgt_in,
+            &packed.tgt_positions,
             dropout,
             "tgt_embed.dropout",
             par,
         )?;
-        let masks = Self::masks(batch);
+        let masks = Self::packed_masks(&packed);
         let (decoded, transformer) = self.transformer.forward_train(
-            Sequence::batch_first(&src_x, batch.b, batch.s, e),
-            Sequence::batch_first(&tgt_x, batch.b, batch.t, e),
+            Sequence::batch_first(&src_x, 1, ns, e),
+            Sequence::batch_first(&tgt_x, 1, nt, e),
             &masks,
             dropout,
             "transformer.",
@@ -503,6 +609,7 @@ impl Seq2Seq {
         Ok((
             logits,
             Seq2SeqTape {
+                packed,
                 src_x,
                 tgt_x,
                 transformer,
@@ -512,19 +619,30 @@ impl Seq2Seq {
     }
 
     /// The loss of `logits` against the batch's labels (`F.cross_entropy` with
-    /// `ignore_index=<pad>` and `label_smoothing`), and its gradient `[B·T, Vt]`.
+    /// `ignore_index=<pad>` and `label_smoothing`), and its gradient: logits `[B·T, Vt]` of
+    /// [`logits`](Self::logits) (padded), or `[Nt, Vt]` of
+    /// [`forward_train`](Self::forward_train) (packed).
     pub fn loss(&self, batch: &Batch, logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
+        let v = self.config.tgt_vocab.len();
+        let packed_labels;
+        let labels = if logits.len() == batch.labels.len() * v {
+            &batch.labels
+        } else {
+            packed_labels = batch.packed().labels;
+            &packed_labels
+        };
         let mut d_logits = vec![0.0f32; logits.len()];
-        let ce = kernels::cross_entropy(&mut d_logits, logits, &batch.labels, PAD as i64, label_smoothing, par)
+        let ce = kernels::cross_entropy(&mut d_logits, logits, labels, PAD as i64, label_smoothing, par)
             .map_err(AttnError::from)?;
         Ok((ce.loss, d_logits))
     }
 
     /// The backward of [`forward_train`](Self::forward_train) from the logits' gradient: adds
-    /// every parameter's gradient into `grads` under its state-dict name.
+    /// every parameter's gradient into `grads` under its state-dict name. (The tape holds the
+    /// packed batch; `_batch` is the one given to the forward.)
     pub fn backward(
         &self,
-        batch: &Batch,
+        _batch: &Batch,
         tape: &Seq2SeqTape,
         d_logits: &[f32],
         dropout: &Dropout,
@@ -535,10 +653,11 @@ impl Seq2Seq {
         let mut d_decoded = vec![0.0f32; tape.decoded.len()];
         self.generator
             .backward(Some(&mut d_decoded), d_logits, &tape.decoded, grads, "generator.", par)?;
-        let masks = Self::masks(batch);
+        let p = &tape.packed;
+        let masks = Self::packed_masks(p);
         let (d_src, d_tgt) = self.transformer.backward(
-            Sequence::batch_first(&tape.src_x, batch.b, batch.s, e),
-            Sequence::batch_first(&tape.tgt_x, batch.b, batch.t, e),
+            Sequence::batch_first(&tape.src_x, 1, p.src.len(), e),
+            Sequence::batch_first(&tape.tgt_x, 1, p.tgt_in.len(), e),
             &masks,
             &tape.transformer,
             &d_decoded,
@@ -549,7 +668,7 @@ impl Seq2Seq {
         )?;
         self.embed_backward(
             "src_embed.weight",
-            &batch.src,
+            &p.src,
             d_src,
             dropout,
             "src_embed.dropout",
@@ -558,7 +677,7 @@ impl Seq2Seq {
         )?;
         self.embed_backward(
             "tgt_embed.weight",
-            &batch.tgt_in,
+            &p.tgt_in,
             d_tgt,
             dropout,
             "tgt_embed.dropout",

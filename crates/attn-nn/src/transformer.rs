@@ -158,9 +158,20 @@ pub struct BlockMasks<'a> {
     pub key_padding: KeyPadding<'a>,
     /// Top-left causal masking.
     pub is_causal: bool,
+    /// Training only: sequences packed without padding (the inputs are then `[1, N, E]`);
+    /// with packing no other mask than `is_causal` applies. The inference passes refuse it.
+    pub packing: Option<attn_core::Packing<'a>>,
 }
 
 impl BlockMasks<'_> {
+    /// The options of an inference pass, which does not take packed sequences.
+    fn inference(&self) -> Result<MhaOptions<'_>> {
+        if self.packing.is_some() {
+            return Err(invalid("packing", "set", "no packing outside training (forward_train)"));
+        }
+        Ok(self.mha())
+    }
+
     fn mha(&self) -> MhaOptions<'_> {
         MhaOptions {
             attn_mask: self.mask,
@@ -338,7 +349,7 @@ impl EncoderLayer {
     /// `src: [B, S, E]` -> `[B, S, E]` (in `src`'s layout).
     pub fn forward(&self, src: Sequence<'_>, masks: &BlockMasks<'_>, par: Par) -> Result<Vec<f32>> {
         check_input("transformer_encoder_layer", "src", &src, self.config.d_model)?;
-        let options = masks.mha();
+        let options = masks.inference()?;
         let self_attend = |h: &[f32]| Ok(self.self_attn.forward_self(seq(h, &src), &options, par)?.output);
         self.residual_blocks(src.data.to_vec(), self_attend, par)
     }
@@ -379,7 +390,7 @@ impl EncoderLayer {
         } else {
             src
         };
-        let mut options = masks.mha();
+        let mut options = masks.inference()?;
         options.need_weights = attn_core::NeedWeights::PerHead;
         let out = self.self_attn.forward_self(input, &options, par)?;
         Ok(out.weights.expect("asked for weights"))
@@ -492,11 +503,14 @@ impl DecoderLayer {
         let cross = |x: &[f32]| -> Result<Vec<f32>> {
             Ok(self
                 .cross_attn
-                .forward(seq(x, &tgt), memory, memory, &memory_masks.mha(), par)?
+                .forward(seq(x, &tgt), memory, memory, &memory_masks.inference()?, par)?
                 .output)
         };
         let self_attend = |x: &[f32]| -> Result<Vec<f32>> {
-            Ok(self.self_attn.forward_self(seq(x, &tgt), &tgt_masks.mha(), par)?.output)
+            Ok(self
+                .self_attn
+                .forward_self(seq(x, &tgt), &tgt_masks.inference()?, par)?
+                .output)
         };
         self.residual_blocks(tgt.data.to_vec(), self_attend, cross, par)
     }
@@ -515,14 +529,17 @@ impl DecoderLayer {
         check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
         let weights = std::cell::RefCell::new(Vec::new());
         let cross = |x: &[f32]| -> Result<Vec<f32>> {
-            let mut options = memory_masks.mha();
+            let mut options = memory_masks.inference()?;
             options.need_weights = attn_core::NeedWeights::PerHead;
             let out = self.cross_attn.forward(seq(x, &tgt), memory, memory, &options, par)?;
             *weights.borrow_mut() = out.weights.unwrap_or_default();
             Ok(out.output)
         };
         let self_attend = |x: &[f32]| -> Result<Vec<f32>> {
-            Ok(self.self_attn.forward_self(seq(x, &tgt), &tgt_masks.mha(), par)?.output)
+            Ok(self
+                .self_attn
+                .forward_self(seq(x, &tgt), &tgt_masks.inference()?, par)?
+                .output)
         };
         let out = self.residual_blocks(tgt.data.to_vec(), self_attend, cross, par)?;
         Ok((out, weights.into_inner()))
@@ -591,7 +608,7 @@ impl DecoderLayer {
         let cross = |h: &[f32]| -> Result<Vec<f32>> {
             Ok(self
                 .cross_attn
-                .forward_with_cache(seq(h, &x), cross_cache, &memory_masks.mha(), par)?
+                .forward_with_cache(seq(h, &x), cross_cache, &memory_masks.inference()?, par)?
                 .output)
         };
         self.residual_blocks(x.data.to_vec(), self_attend, cross, par)

@@ -38,6 +38,7 @@ fn masks<'a>(case: &'a Golden, mask: &str, padding: &str, is_causal: bool) -> Bl
         mask: case.score_mask(mask),
         key_padding: case.key_padding(padding),
         is_causal,
+        packing: None,
     }
 }
 

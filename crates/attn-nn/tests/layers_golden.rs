@@ -37,6 +37,7 @@ fn block<'a>(case: &'a Golden, mask: &str, padding: &str, is_causal: bool) -> Bl
         mask: case.score_mask(mask),
         key_padding: case.key_padding(padding),
         is_causal,
+        packing: None,
     }
 }
 

@@ -24,7 +24,7 @@ pub use config::MhaConfig;
 use forward::Source;
 use masks::MaskSet;
 pub use options::{Layout, MhaOptions, MhaOutput, NeedWeights, Sequence};
-pub use train::{MhaInputGrads, MhaInputs, MhaTape};
+pub use train::{MhaInputGrads, MhaInputs, MhaTape, Packing};
 pub use weights::linear;
 use weights::{random_state_dict, Core};
 

@@ -35,6 +35,22 @@ pub struct MhaInputs<'a> {
     pub key_value: Option<(Sequence<'a>, Sequence<'a>)>,
     /// Masks and flags, as for [`MultiHeadAttention::forward`].
     pub options: MhaOptions<'a>,
+    /// Sequences packed back to back without padding (the query and key sequences are then
+    /// `[1, N, ·]` and `[1, M, ·]`).
+    pub packing: Option<Packing<'a>>,
+}
+
+/// Sequences of different lengths packed back to back, without padding: sequence `i` is query
+/// rows `query_starts[i]..query_starts[i + 1]` attending key rows
+/// `key_starts[i]..key_starts[i + 1]` (the same starts for self-attention). Each sequence
+/// attends only to itself; `is_causal` makes that top-left causal; no other mask applies. The
+/// projections run once over all rows, so the cost follows the real token count.
+#[derive(Debug, Clone, Copy)]
+pub struct Packing<'a> {
+    /// `0 = starts[0] <= ... <= starts[last] = N` over the query rows.
+    pub query_starts: &'a [usize],
+    /// The same over the key rows, one more entry than sequences.
+    pub key_starts: &'a [usize],
 }
 
 /// What [`MultiHeadAttention::forward_train`] keeps for [`MultiHeadAttention::backward`].
@@ -69,6 +85,28 @@ pub struct MhaInputGrads {
     pub key: Option<Vec<f32>>,
     /// Of `value` (`None` for self-attention).
     pub value: Option<Vec<f32>>,
+}
+
+/// Views `[1, H, len, D]` of query rows `q0..q1` and `[1, G, len, ·]` of key/value rows
+/// `k0..k1` of the projections (the fused `[N, q|k|v]` buffer, or queries `[N, H·D]` with keys
+/// and values `[M, G·D]`).
+fn packed_views<'p>(
+    p: &'p Projected,
+    [h, g, d, dv]: [usize; 4],
+    [q0, q1]: [usize; 2],
+    [k0, k1]: [usize; 2],
+) -> Result<[View4<'p, f32>; 3]> {
+    let w = p.q_width;
+    let (sl, tl) = (q1 - q0, k1 - k0);
+    let q = View4::new(&p.q_buf[q0 * w..], [1, h, sl, d], [sl * w, d, w, 1])?;
+    if p.fused {
+        let k = View4::new(&p.q_buf[k0 * w + h * d..], [1, g, tl, d], [tl * w, d, w, 1])?;
+        let v = View4::new(&p.q_buf[k0 * w + h * d + g * d..], [1, g, tl, dv], [tl * w, dv, w, 1])?;
+        return Ok([q, k, v]);
+    }
+    let k = View4::new(&p.k_buf[k0 * g * d..], [1, g, tl, d], [tl * g * d, d, g * d, 1])?;
+    let v = View4::new(&p.v_buf[k0 * g * dv..], [1, g, tl, dv], [tl * g * dv, dv, g * dv, 1])?;
+    Ok([q, k, v])
 }
 
 /// A sequence's rows batch-first, `[B, L, dim]`: borrowed when they already are.
@@ -210,6 +248,17 @@ impl Core {
         let [qbs, qls] = query.token_strides();
         let projected = self.project(query, &source, 0, par)?;
         let t_real = inputs.key_value.map_or(s, |(k, _)| k.len);
+        if let Some(packing) = &inputs.packing {
+            let (attn_out, lse) = self.packed_attention(&projected, inputs, packing, par)?;
+            let output = self.project_out(attn_out.clone(), b * s, par)?;
+            let tape = MhaTape {
+                shape: [b, s, t_real],
+                projected,
+                attn_out,
+                lse,
+            };
+            return Ok((MhaOutput { output, weights: None }, tape));
+        }
         let c = CallViews { b, s, qbs, qls };
         let [q, k, v] = self.kernel_views(&projected, &c)?;
         let t = k.shape()[2];
@@ -309,39 +358,55 @@ impl Core {
             _ => d_output.to_vec(),
         };
 
-        // 2. Attention, under the forward's masks.
-        let c = CallViews { b, s, qbs, qls };
-        let [q, k, v] = self.kernel_views(p, &c)?;
+        // 2. Attention, under the forward's masks (or sequence by sequence when packed).
         let t = p.t_new;
-        let masks = MaskSet::new(&inputs.options, [b, h, s, t], t - t_real, false)?;
-        let kernel_options = masks.options(self.alibi.as_deref())?;
-        let out_strides = [qbs * h * dv, dv, qls * h * dv, 1];
-        // dK and dV in the layout of K and V: rows of the fused buffer's order, or `[B, T', G, ·]`.
-        let (k_strides, v_strides) = if p.fused {
-            ([qbs * g * d, d, qls * g * d, 1], [qbs * g * dv, dv, qls * g * dv, 1])
-        } else {
-            ([t * g * d, d, g * d, 1], [t * g * dv, dv, g * dv, 1])
-        };
         let mut dq = vec![0.0f32; n * h * d];
         let mut dk = vec![0.0f32; b * t * g * d];
         let mut dv_buf = vec![0.0f32; b * t * g * dv];
-        attention_backward(
-            Gradients {
-                dq: ViewMut4::new(&mut dq[..], [b, h, s, d], [qbs * h * d, d, qls * h * d, 1])?,
-                dk: ViewMut4::new(&mut dk[..], [b, g, t, d], k_strides)?,
-                dv: ViewMut4::new(&mut dv_buf[..], [b, g, t, dv], v_strides)?,
-            },
-            BackwardInputs {
-                q,
-                k,
-                v,
-                out: View4::new(&tape.attn_out, [b, h, s, dv], out_strides)?,
-                lse: View::contiguous(&tape.lse, [b, h, s])?,
-                dout: View4::new(&d_attn, [b, h, s, dv], out_strides)?,
-            },
-            &kernel_options,
-            par,
-        )?;
+        match &inputs.packing {
+            Some(packing) => self.check_packing(inputs, packing, t).and_then(|()| {
+                self.packed_attention_backward(
+                    p,
+                    tape,
+                    &d_attn,
+                    packing,
+                    inputs.options.is_causal,
+                    [&mut dq, &mut dk, &mut dv_buf],
+                    par,
+                )
+            })?,
+            None => {
+                let c = CallViews { b, s, qbs, qls };
+                let [q, k, v] = self.kernel_views(p, &c)?;
+                let masks = MaskSet::new(&inputs.options, [b, h, s, t], t - t_real, false)?;
+                let kernel_options = masks.options(self.alibi.as_deref())?;
+                let out_strides = [qbs * h * dv, dv, qls * h * dv, 1];
+                // dK and dV in the layout of K and V: rows of the fused buffer's order, or
+                // `[B, T', G, ·]`.
+                let (k_strides, v_strides) = if p.fused {
+                    ([qbs * g * d, d, qls * g * d, 1], [qbs * g * dv, dv, qls * g * dv, 1])
+                } else {
+                    ([t * g * d, d, g * d, 1], [t * g * dv, dv, g * dv, 1])
+                };
+                attention_backward(
+                    Gradients {
+                        dq: ViewMut4::new(&mut dq[..], [b, h, s, d], [qbs * h * d, d, qls * h * d, 1])?,
+                        dk: ViewMut4::new(&mut dk[..], [b, g, t, d], k_strides)?,
+                        dv: ViewMut4::new(&mut dv_buf[..], [b, g, t, dv], v_strides)?,
+                    },
+                    BackwardInputs {
+                        q,
+                        k,
+                        v,
+                        out: View4::new(&tape.attn_out, [b, h, s, dv], out_strides)?,
+                        lse: View::contiguous(&tape.lse, [b, h, s])?,
+                        dout: View4::new(&d_attn, [b, h, s, dv], out_strides)?,
+                    },
+                    &kernel_options,
+                    par,
+                )?;
+            }
+        }
 
         // 3. RoPE's inverse rotation.
         if let Some(rope) = &self.rope {
@@ -412,6 +477,185 @@ impl Core {
             key: None,
             value: None,
         })
+    }
+
+    /// Checks a packing against the call: batch 1, starts covering the rows, one count of
+    /// sequences, no mask but `is_causal`, no RoPE or appended rows.
+    fn check_packing(&self, inputs: &MhaInputs<'_>, packing: &Packing<'_>, t: usize) -> Result<()> {
+        let op = "multihead_attention (packed)";
+        let s = inputs.query.len;
+        let valid = |starts: &[usize], n: usize| {
+            starts.first() == Some(&0) && starts.last() == Some(&n) && starts.windows(2).all(|w| w[0] <= w[1])
+        };
+        if inputs.query.batch != 1 || !valid(packing.query_starts, s) {
+            return Err(shape_error(
+                op,
+                "query_starts",
+                format!("0 = starts[0] <= ... <= starts[last] = N = {s}, with the query as [1, N, E]"),
+                packing.query_starts,
+            ));
+        }
+        if !valid(packing.key_starts, t) || packing.key_starts.len() != packing.query_starts.len() {
+            return Err(shape_error(
+                op,
+                "key_starts",
+                format!("{} starts from 0 to M = {t}", packing.query_starts.len()),
+                packing.key_starts,
+            ));
+        }
+        let o = &inputs.options;
+        let masked = !matches!(o.attn_mask, crate::ScoreMask::None)
+            || !matches!(o.key_padding, crate::KeyPadding::None)
+            || o.need_weights != NeedWeights::No;
+        if masked || self.rope.is_some() || self.extra_rows() > 0 {
+            return Err(crate::AttnError::InvalidConfig {
+                field: "packing",
+                got: "with a mask, weights, RoPE, add_bias_kv or add_zero_attn".into(),
+                expected: "packed sequences with at most is_causal".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Attention of packed sequences, each one kernel call on its rows: the output `[N, H·Dv]`
+    /// and the LSE, `[H, len]` per sequence back to back.
+    fn packed_attention(
+        &self,
+        p: &Projected,
+        inputs: &MhaInputs<'_>,
+        packing: &Packing<'_>,
+        par: Par,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        use rayon::prelude::*;
+        let Dims { h, g, d, dv, .. } = self.dims;
+        let n = inputs.query.len;
+        self.check_packing(inputs, packing, p.t_new)?;
+        let options = attn_kernels::AttentionOptions {
+            causal: if inputs.options.is_causal {
+                attn_kernels::Causal::TopLeft
+            } else {
+                attn_kernels::Causal::None
+            },
+            alibi_slopes: self.alibi.as_deref(),
+            ..Default::default()
+        };
+        let mut attn_out = vec![0.0f32; n * h * dv];
+        let mut lse = vec![0.0f32; n * h];
+        // Each sequence's rows of the output and of the LSE, split off for its own call.
+        let mut jobs = Vec::new();
+        let (mut out_rest, mut lse_rest) = (&mut attn_out[..], &mut lse[..]);
+        for (i, w) in packing.query_starts.windows(2).enumerate() {
+            let len = w[1] - w[0];
+            let (o, o_tail) = out_rest.split_at_mut(len * h * dv);
+            let (l, l_tail) = lse_rest.split_at_mut(len * h);
+            jobs.push((i, o, l));
+            out_rest = o_tail;
+            lse_rest = l_tail;
+        }
+        let attend = |(i, out, lse): (usize, &mut [f32], &mut [f32]), inner: Par| -> Result<()> {
+            let (q0, q1) = (packing.query_starts[i], packing.query_starts[i + 1]);
+            let (k0, k1) = (packing.key_starts[i], packing.key_starts[i + 1]);
+            if q1 == q0 {
+                return Ok(());
+            }
+            let [q, k, v] = packed_views(p, [h, g, d, dv], [q0, q1], [k0, k1])?;
+            attention(
+                ViewMut::new(out, [1, h, q1 - q0, dv], [(q1 - q0) * h * dv, dv, h * dv, 1])?,
+                Some(ViewMut::contiguous(lse, [1, h, q1 - q0])?),
+                q,
+                k,
+                v,
+                &options,
+                inner,
+            )?;
+            Ok(())
+        };
+        // Many sequences: one per task, each sequential; few: one after another, each
+        // parallel. Either way each sequence is one call, so the bits do not depend on threads.
+        if par == Par::Rayon && jobs.len() >= 2 * rayon::current_num_threads() {
+            jobs.into_par_iter().try_for_each(|j| attend(j, Par::Seq))?;
+        } else {
+            jobs.into_iter().try_for_each(|j| attend(j, par))?;
+        }
+        Ok((attn_out, lse))
+    }
+
+    /// The backward of [`Core::packed_attention`]: `dQ` `[N, H·D]`, `dK`, `dV` in the layout of
+    /// K and V (rows of the fused buffer, or `[M, G·D]`).
+    #[allow(clippy::too_many_arguments)]
+    fn packed_attention_backward(
+        &self,
+        p: &Projected,
+        tape: &MhaTape,
+        d_attn: &[f32],
+        packing: &Packing<'_>,
+        is_causal: bool,
+        [dq, dk, dv]: [&mut Vec<f32>; 3],
+        par: Par,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let Dims { h, g, d, dv: dvw, .. } = self.dims;
+        let options = attn_kernels::AttentionOptions {
+            causal: if is_causal {
+                attn_kernels::Causal::TopLeft
+            } else {
+                attn_kernels::Causal::None
+            },
+            alibi_slopes: self.alibi.as_deref(),
+            ..Default::default()
+        };
+        // Split the gradients by sequence: query rows for dQ, key rows for dK and dV.
+        let mut jobs = Vec::new();
+        let (mut q_rest, mut k_rest, mut v_rest) = (&mut dq[..], &mut dk[..], &mut dv[..]);
+        for (i, (qw, kw)) in packing
+            .query_starts
+            .windows(2)
+            .zip(packing.key_starts.windows(2))
+            .enumerate()
+        {
+            let (ql, kl) = (qw[1] - qw[0], kw[1] - kw[0]);
+            let (a, a_tail) = q_rest.split_at_mut(ql * h * d);
+            let (b, b_tail) = k_rest.split_at_mut(kl * g * d);
+            let (c, c_tail) = v_rest.split_at_mut(kl * g * dvw);
+            jobs.push((i, a, b, c));
+            q_rest = a_tail;
+            k_rest = b_tail;
+            v_rest = c_tail;
+        }
+        let run = |(i, dq, dk, dv): (usize, &mut [f32], &mut [f32], &mut [f32]), inner: Par| -> Result<()> {
+            let (q0, q1) = (packing.query_starts[i], packing.query_starts[i + 1]);
+            let (k0, k1) = (packing.key_starts[i], packing.key_starts[i + 1]);
+            let (sl, tl) = (q1 - q0, k1 - k0);
+            if sl == 0 {
+                return Ok(());
+            }
+            let [q, k, v] = packed_views(p, [h, g, d, dvw], [q0, q1], [k0, k1])?;
+            let out_strides = [sl * h * dvw, dvw, h * dvw, 1];
+            attention_backward(
+                Gradients {
+                    dq: ViewMut4::new(dq, [1, h, sl, d], [sl * h * d, d, h * d, 1])?,
+                    dk: ViewMut4::new(dk, [1, g, tl, d], [tl * g * d, d, g * d, 1])?,
+                    dv: ViewMut4::new(dv, [1, g, tl, dvw], [tl * g * dvw, dvw, g * dvw, 1])?,
+                },
+                BackwardInputs {
+                    q,
+                    k,
+                    v,
+                    out: View4::new(&tape.attn_out[q0 * h * dvw..q1 * h * dvw], [1, h, sl, dvw], out_strides)?,
+                    lse: View::contiguous(&tape.lse[q0 * h..q1 * h], [1, h, sl])?,
+                    dout: View4::new(&d_attn[q0 * h * dvw..q1 * h * dvw], [1, h, sl, dvw], out_strides)?,
+                },
+                &options,
+                inner,
+            )?;
+            Ok(())
+        };
+        if par == Par::Rayon && jobs.len() >= 2 * rayon::current_num_threads() {
+            jobs.into_par_iter().try_for_each(|j| run(j, Par::Seq))?;
+        } else {
+            jobs.into_iter().try_for_each(|j| run(j, par))?;
+        }
+        Ok(())
     }
 
     /// The state-dict name and shape of the weight holding projection `which` (0, 1, 2).

@@ -84,6 +84,7 @@ impl Sub<'_> {
                     query: seq(x, like),
                     key_value: None,
                     options: masks.mha(),
+                    packing: masks.packing,
                 };
                 let (out, tape) = mha.forward_train(&inputs, par)?;
                 Ok((out.output, SubTape::Attention(tape)))
@@ -93,6 +94,7 @@ impl Sub<'_> {
                     query: seq(x, like),
                     key_value: Some((*memory, *memory)),
                     options: masks.mha(),
+                    packing: masks.packing,
                 };
                 let (out, tape) = mha.forward_train(&inputs, par)?;
                 Ok((out.output, SubTape::Attention(tape)))
@@ -125,6 +127,7 @@ impl Sub<'_> {
                     query: seq(x, like),
                     key_value: None,
                     options: masks.mha(),
+                    packing: masks.packing,
                 };
                 Ok(mha
                     .backward(&inputs, tape, dy, grads, &format!("{prefix}self_attn."), par)?
@@ -135,6 +138,7 @@ impl Sub<'_> {
                     query: seq(x, like),
                     key_value: Some((*memory, *memory)),
                     options: masks.mha(),
+                    packing: masks.packing,
                 };
                 let d = mha.backward(&inputs, tape, dy, grads, &format!("{prefix}multihead_attn."), par)?;
                 let acc = d_memory.get_or_insert_with(|| vec![0.0; memory.data.len()]);
