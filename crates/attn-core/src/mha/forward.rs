@@ -356,7 +356,6 @@ impl Core {
 
 impl Core {
     pub(super) fn forward_packed(&self, x: &[f32], starts: &[usize], causal: bool, par: Par) -> Result<Vec<f32>> {
-        use rayon::prelude::*;
         let op = "multihead_attention_packed";
         let Dims { e, h, g, d, dv, .. } = self.dims;
         if !self.dims.fused() || self.bias_kv.is_some() || self.add_zero_attn {
@@ -430,13 +429,7 @@ impl Core {
             )?;
             Ok(())
         };
-        // Many sequences: one per task, each sequential. Few: one after another, each parallel.
-        // Either way every row is computed the same way, so the bits do not depend on threads.
-        if par == Par::Rayon && chunks.len() >= 2 * rayon::current_num_threads() {
-            chunks.into_par_iter().try_for_each(|c| attend(c, Par::Seq))?;
-        } else {
-            chunks.into_iter().try_for_each(|c| attend(c, par))?;
-        }
+        super::train::for_each_sequence(chunks, par, attend)?;
         match (&self.w_out, self.dims.out) {
             (Some(w_out), Some(out_dim)) => {
                 let mut output = vec![0.0f32; n * out_dim];

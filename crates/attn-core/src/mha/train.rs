@@ -87,6 +87,22 @@ pub struct MhaInputGrads {
     pub value: Option<Vec<f32>>,
 }
 
+/// Runs `f` on every sequence's job: with many sequences one per task, each sequential; with
+/// few one after another, each parallel. Either way each sequence is one call, so the bits do
+/// not depend on the thread count.
+pub(super) fn for_each_sequence<J: Send>(
+    jobs: Vec<J>,
+    par: Par,
+    f: impl Fn(J, Par) -> Result<()> + Sync + Send,
+) -> Result<()> {
+    use rayon::prelude::*;
+    if par == Par::Rayon && jobs.len() >= 2 * rayon::current_num_threads() {
+        jobs.into_par_iter().try_for_each(|j| f(j, Par::Seq))
+    } else {
+        jobs.into_iter().try_for_each(|j| f(j, par))
+    }
+}
+
 /// Views `[1, H, len, D]` of query rows `q0..q1` and `[1, G, len, ·]` of key/value rows
 /// `k0..k1` of the projections (the fused `[N, q|k|v]` buffer, or queries `[N, H·D]` with keys
 /// and values `[M, G·D]`).
@@ -479,6 +495,19 @@ impl Core {
         })
     }
 
+    /// The kernel options of packed sequences: causal or not, the module's ALiBi.
+    fn packed_options(&self, is_causal: bool) -> attn_kernels::AttentionOptions<'_> {
+        attn_kernels::AttentionOptions {
+            causal: if is_causal {
+                attn_kernels::Causal::TopLeft
+            } else {
+                attn_kernels::Causal::None
+            },
+            alibi_slopes: self.alibi.as_deref(),
+            ..Default::default()
+        }
+    }
+
     /// Checks a packing against the call: batch 1, starts covering the rows, one count of
     /// sequences, no mask but `is_causal`, no RoPE or appended rows.
     fn check_packing(&self, inputs: &MhaInputs<'_>, packing: &Packing<'_>, t: usize) -> Result<()> {
@@ -526,19 +555,10 @@ impl Core {
         packing: &Packing<'_>,
         par: Par,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        use rayon::prelude::*;
         let Dims { h, g, d, dv, .. } = self.dims;
         let n = inputs.query.len;
         self.check_packing(inputs, packing, p.t_new)?;
-        let options = attn_kernels::AttentionOptions {
-            causal: if inputs.options.is_causal {
-                attn_kernels::Causal::TopLeft
-            } else {
-                attn_kernels::Causal::None
-            },
-            alibi_slopes: self.alibi.as_deref(),
-            ..Default::default()
-        };
+        let options = self.packed_options(inputs.options.is_causal);
         let mut attn_out = vec![0.0f32; n * h * dv];
         let mut lse = vec![0.0f32; n * h];
         // Each sequence's rows of the output and of the LSE, split off for its own call.
@@ -570,13 +590,7 @@ impl Core {
             )?;
             Ok(())
         };
-        // Many sequences: one per task, each sequential; few: one after another, each
-        // parallel. Either way each sequence is one call, so the bits do not depend on threads.
-        if par == Par::Rayon && jobs.len() >= 2 * rayon::current_num_threads() {
-            jobs.into_par_iter().try_for_each(|j| attend(j, Par::Seq))?;
-        } else {
-            jobs.into_iter().try_for_each(|j| attend(j, par))?;
-        }
+        for_each_sequence(jobs, par, attend)?;
         Ok((attn_out, lse))
     }
 
@@ -593,17 +607,8 @@ impl Core {
         [dq, dk, dv]: [&mut Vec<f32>; 3],
         par: Par,
     ) -> Result<()> {
-        use rayon::prelude::*;
         let Dims { h, g, d, dv: dvw, .. } = self.dims;
-        let options = attn_kernels::AttentionOptions {
-            causal: if is_causal {
-                attn_kernels::Causal::TopLeft
-            } else {
-                attn_kernels::Causal::None
-            },
-            alibi_slopes: self.alibi.as_deref(),
-            ..Default::default()
-        };
+        let options = self.packed_options(is_causal);
         // Split the gradients by sequence: query rows for dQ, key rows for dK and dV.
         let mut jobs = Vec::new();
         let (mut q_rest, mut k_rest, mut v_rest) = (&mut dq[..], &mut dk[..], &mut dv[..]);
@@ -650,12 +655,7 @@ impl Core {
             )?;
             Ok(())
         };
-        if par == Par::Rayon && jobs.len() >= 2 * rayon::current_num_threads() {
-            jobs.into_par_iter().try_for_each(|j| run(j, Par::Seq))?;
-        } else {
-            jobs.into_iter().try_for_each(|j| run(j, par))?;
-        }
-        Ok(())
+        for_each_sequence(jobs, par, run)
     }
 
     /// The state-dict name and shape of the weight holding projection `which` (0, 1, 2).
