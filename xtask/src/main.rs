@@ -980,26 +980,11 @@ fn train_demo(check: bool) -> Result<()> {
     let (mut right, mut total) = (0usize, 0usize);
     for style in 0..10 {
         let test = dir.join(format!("test-{style}.tsv"));
+        let style_arg = style.to_string();
         let args = [
-            "dates",
-            "--split",
-            "test",
-            "--count",
-            "500",
-            "--seed",
-            "3",
-            "--style",
-            &style.to_string(),
+            "dates", "--split", "test", "--count", "500", "--seed", "3", "--style", &style_arg,
         ];
-        attn_to_file(
-            &attn,
-            &args
-                .map(|a| a.to_string())
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            &test,
-        )?;
+        attn_to_file(&attn, &args, &test)?;
         let text = std::fs::read_to_string(&test)?;
         let (sources, targets): (Vec<&str>, Vec<&str>) = text.lines().filter_map(|l| l.split_once('\t')).unzip();
         let inputs = dir.join(format!("test-{style}.txt"));

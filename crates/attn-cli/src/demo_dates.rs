@@ -10,7 +10,7 @@ use attn_nn::core::kernels::{simd_level, Par};
 use attn_nn::Seq2Seq;
 
 use crate::heatmap::{render, Style};
-use crate::translate::{averaged, cross_attention, shipped};
+use crate::translate::{averaged, cross_attention, draw_attention, shipped};
 
 const SAMPLES: [&str; 4] = [
     "Saturday, 28 November 2026",
@@ -20,7 +20,7 @@ const SAMPLES: [&str; 4] = [
 ];
 
 /// Runs the date demo on `text` (or the samples).
-pub fn run(text: Option<&str>, attention: Option<&Path>, style: Style) -> Result<()> {
+pub fn run(text: Option<&str>, picture: Option<&Path>, style: Style) -> Result<()> {
     let model = shipped()?;
     let c = model.config();
     let t = &c.transformer;
@@ -45,14 +45,15 @@ pub fn run(text: Option<&str>, attention: Option<&Path>, style: Style) -> Result
         println!("  {s:>width$}  ->  {o}");
     }
     let (source, output) = (sources[0], outputs[0].as_str());
-    let (rows, cols, weights) = cross_attention(&model, source, output)?;
-    let mean = averaged(&weights, rows.len(), cols.len());
+    let attention = cross_attention(&model, source, output)?;
+    let (rows, cols, weights) = &attention;
+    let mean = averaged(weights, rows.len(), cols.len());
     println!(
         "\ncross-attention of \"{source}\" (mean of {} layers x {} heads): rows are output characters, columns source characters",
         weights.len(),
         t.layer.nhead
     );
-    print!("{}", render(&rows, &cols, &mean, style));
+    print!("{}", render(rows, cols, &mean, style));
     println!("\nwhere each part of the answer looked (the source span holding most of its attention):");
     for line in where_it_looked(source, output, &mean, cols.len()) {
         println!("  {line}");
@@ -62,20 +63,8 @@ pub fn run(text: Option<&str>, attention: Option<&Path>, style: Style) -> Result
         "\ncheck: incremental decoding (KV cache, one token at a time) against the full forward, {steps} steps: largest logit difference {worst:.1e} ({})",
         if worst < 1e-3 { "ok" } else { "MISMATCH" }
     );
-    if let Some(path) = attention {
-        let (rows, cols, weights) = cross_attention(&model, source, output)?;
-        let html = crate::seq2seq_html::page(&model, source, output, &rows, &cols, &weights);
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("png") => crate::plot::heatmap(
-                path,
-                &format!("date translator, cross-attention (mean of layers and heads): {source:?} -> {output:?}"),
-                &rows,
-                &cols,
-                &mean,
-            )?,
-            _ => std::fs::write(path, html)?,
-        }
-        println!("wrote {}", path.display());
+    if let Some(path) = picture {
+        draw_attention(&model, path, source, output, &attention)?;
     }
     println!("\ntry: attn demo --text \"your date\"   |   attn demo --attention view.html   |   attn translate --help");
     println!("     {}", crate::demo::bert_hint());

@@ -414,7 +414,7 @@ impl Trainer {
         drop(logits);
         self.grads.zero();
         self.model
-            .backward(&batch, &tape, &d_logits, &dropout, &mut self.grads, Par::Rayon)?;
+            .backward(&tape, &d_logits, &dropout, &mut self.grads, Par::Rayon)?;
         let grad_norm = {
             let mut all: Vec<&mut [f32]> = self.grads.iter_mut().map(|(_, g)| g.data_mut()).collect();
             clip_grad_norm(&mut all, self.flags.clip_norm.unwrap_or(f32::INFINITY))

@@ -101,7 +101,8 @@ pub fn main(args: Args) -> Result<()> {
         let vocab = &model.config().tgt_vocab;
         let outputs: Vec<String> = decoded.iter().map(|d| vocab.decode(&d.tokens)).collect();
         if let Some(path) = &args.attention {
-            draw_attention(&model, path, &inputs[0], &outputs[0])?;
+            let attention = cross_attention(&model, &inputs[0], &outputs[0])?;
+            draw_attention(&model, path, &inputs[0], &outputs[0], &attention)?;
         }
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());
         if args.json {
@@ -164,8 +165,16 @@ pub fn averaged(weights: &[Vec<f32>], t: usize, s: usize) -> Vec<f32> {
     mean
 }
 
-fn draw_attention(model: &Seq2Seq, path: &Path, source: &str, output: &str) -> Result<()> {
-    let (rows, cols, weights) = cross_attention(model, source, output)?;
+/// Writes the cross-attention of `source` -> `output` (from [`cross_attention`]) to `path`:
+/// a `.png` of the mean over layers and heads, or an `.html` page of every layer and head.
+pub fn draw_attention(
+    model: &Seq2Seq,
+    path: &Path,
+    source: &str,
+    output: &str,
+    attention: &CrossAttention,
+) -> Result<()> {
+    let (rows, cols, weights) = attention;
     let (t, s) = (rows.len(), cols.len());
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     match extension {
@@ -175,10 +184,10 @@ fn draw_attention(model: &Seq2Seq, path: &Path, source: &str, output: &str) -> R
                 "Transformer (d_model {}, {} heads, {}+{} layers): cross-attention, mean of layers and heads: {source:?} -> {output:?}",
                 c.layer.d_model, c.layer.nhead, c.num_encoder_layers, c.num_decoder_layers
             );
-            crate::plot::heatmap(path, &title, &rows, &cols, &averaged(&weights, t, s))?;
+            crate::plot::heatmap(path, &title, rows, cols, &averaged(weights, t, s))?;
         }
         "html" => {
-            let html = crate::seq2seq_html::page(model, source, output, &rows, &cols, &weights);
+            let html = crate::seq2seq_html::page(model, source, output, rows, cols, weights);
             std::fs::write(path, html).with_context(|| format!("cannot write {}", path.display()))?;
         }
         _ => bail!("--attention {}: expected a .png or .html file", path.display()),

@@ -638,11 +638,10 @@ impl Seq2Seq {
     }
 
     /// The backward of [`forward_train`](Self::forward_train) from the logits' gradient: adds
-    /// every parameter's gradient into `grads` under its state-dict name. (The tape holds the
-    /// packed batch; `_batch` is the one given to the forward.)
+    /// every parameter's gradient into `grads` under its state-dict name (the tape holds the
+    /// packed batch the forward ran).
     pub fn backward(
         &self,
-        _batch: &Batch,
         tape: &Seq2SeqTape,
         d_logits: &[f32],
         dropout: &Dropout,

@@ -498,21 +498,9 @@ impl DecoderLayer {
         memory_masks: &BlockMasks<'_>,
         par: Par,
     ) -> Result<Vec<f32>> {
-        check_input("transformer_decoder_layer", "tgt", &tgt, self.config.d_model)?;
-        check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
-        let cross = |x: &[f32]| -> Result<Vec<f32>> {
-            Ok(self
-                .cross_attn
-                .forward(seq(x, &tgt), memory, memory, &memory_masks.inference()?, par)?
-                .output)
-        };
-        let self_attend = |x: &[f32]| -> Result<Vec<f32>> {
-            Ok(self
-                .self_attn
-                .forward_self(seq(x, &tgt), &tgt_masks.inference()?, par)?
-                .output)
-        };
-        self.residual_blocks(tgt.data.to_vec(), self_attend, cross, par)
+        Ok(self
+            .forward_weights(tgt, memory, tgt_masks, memory_masks, false, par)?
+            .0)
     }
 
     /// [`forward`](Self::forward), and the cross-attention weights of every head `[B, H, T, S]`
@@ -525,14 +513,29 @@ impl DecoderLayer {
         memory_masks: &BlockMasks<'_>,
         par: Par,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.forward_weights(tgt, memory, tgt_masks, memory_masks, true, par)
+    }
+
+    /// The forward, with the cross-attention weights `[B, H, T, S]` when `weights` (else empty).
+    fn forward_weights(
+        &self,
+        tgt: Sequence<'_>,
+        memory: Sequence<'_>,
+        tgt_masks: &BlockMasks<'_>,
+        memory_masks: &BlockMasks<'_>,
+        weights: bool,
+        par: Par,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         check_input("transformer_decoder_layer", "tgt", &tgt, self.config.d_model)?;
         check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
-        let weights = std::cell::RefCell::new(Vec::new());
+        let kept = std::cell::RefCell::new(Vec::new());
         let cross = |x: &[f32]| -> Result<Vec<f32>> {
             let mut options = memory_masks.inference()?;
-            options.need_weights = attn_core::NeedWeights::PerHead;
+            if weights {
+                options.need_weights = attn_core::NeedWeights::PerHead;
+            }
             let out = self.cross_attn.forward(seq(x, &tgt), memory, memory, &options, par)?;
-            *weights.borrow_mut() = out.weights.unwrap_or_default();
+            *kept.borrow_mut() = out.weights.unwrap_or_default();
             Ok(out.output)
         };
         let self_attend = |x: &[f32]| -> Result<Vec<f32>> {
@@ -542,7 +545,7 @@ impl DecoderLayer {
                 .output)
         };
         let out = self.residual_blocks(tgt.data.to_vec(), self_attend, cross, par)?;
-        Ok((out, weights.into_inner()))
+        Ok((out, kept.into_inner()))
     }
 
     /// The three blocks with their residual adds and norms, around the two attention calls.

@@ -86,7 +86,7 @@ fn checkpoint_logits_loss_and_gradients_equal_pytorch() {
     );
     let mut grads = Grads::new();
     model
-        .backward(&batch, &tape, &d_logits, &Dropout::NONE, &mut grads, Par::Rayon)
+        .backward(&tape, &d_logits, &Dropout::NONE, &mut grads, Par::Rayon)
         .unwrap();
     let mut worst = 0.0f64;
     let mut names = 0;
