@@ -29,11 +29,11 @@ pub struct Args {
     /// The head of the terminal view.
     #[arg(long, default_value_t = 0)]
     head: usize,
-    /// Write a grid of every head of the layer, with token labels.
-    #[arg(long)]
+    /// Write a grid of every head of the layer, with token labels (a .png file).
+    #[arg(long, value_parser = crate::flags::png)]
     png: Option<PathBuf>,
-    /// Write a self-contained HTML page with every layer and head.
-    #[arg(long)]
+    /// Write a self-contained HTML page with every layer and head (a .html file).
+    #[arg(long, value_parser = crate::flags::html)]
     html: Option<PathBuf>,
     /// Plain characters in the terminal view.
     #[arg(long)]

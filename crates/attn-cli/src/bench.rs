@@ -117,23 +117,23 @@ pub fn main(command: BenchCommand) -> Result<()> {
 /// `attn bench sdpa`.
 #[derive(Debug, clap::Args)]
 pub struct SdpaArgs {
-    /// B, the batch.
-    #[arg(long)]
+    /// B, the batch (at least 1).
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     batch: usize,
-    /// H, query heads.
-    #[arg(long)]
+    /// H, query heads (at least 1).
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     heads: usize,
     /// G, key/value heads; must divide --heads [default: --heads]
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     kv_heads: Option<usize>,
-    /// S, the query length.
-    #[arg(long)]
+    /// S, the query length (at least 1).
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     seq: usize,
     /// T, the key length [default: --seq]
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     kv_seq: Option<usize>,
-    /// D, the head dim (of queries, keys and values).
-    #[arg(long)]
+    /// D, the head dim of queries, keys and values (at least 1).
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     head_dim: usize,
     /// Top-left causal masking.
     #[arg(long)]

@@ -65,6 +65,11 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Runs `attn` with the process's arguments: 0 success, 1 runtime error, 2 usage error.
 pub fn main() -> ExitCode {
+    quiet_on_closed_pipe();
+    if let Err(e) = attn_nn::core::kernels::requested_simd_level() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -75,9 +80,30 @@ pub fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped reading (`attn demo | head -3`) is not an error of ours.
+        Err(e) if is_closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+/// Restores the default action of SIGPIPE, which Rust's runtime sets to "ignore": writing to a
+/// pipe whose reader has gone (`attn demo | head -3`) then ends the process quietly, as it ends
+/// `cat` or `grep`, instead of making every later `println!` panic. Files are written to paths,
+/// never to pipes, so no checkpoint can be cut short by it.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: `signal` with SIG_DFL installs no handler of ours; it runs before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Whether `e` comes from writing to a closed pipe (where SIGPIPE is not delivered).
+fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }

@@ -91,7 +91,7 @@ fn build_heads(tokens: &[String]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
 /// `attn demo` (and plain `attn`).
 #[derive(Debug, Default, clap::Args)]
 #[command(
-    after_help = "Examples:\n  attn demo\n  attn demo --text \"the bank of the river\" --layer 2 --head 5\n\nWith all-MiniLM-L6-v2 fetched (cargo xtask fetch-model) or --model DIR, the view shows that\nmodel's attention; otherwise four hand-set heads whose jobs can be checked by eye."
+    after_help = "Examples:\n  attn demo\n  attn demo --text \"8.5.1911\" --attention view.html\n  attn demo --model DIR --text \"the bank of the river\" --layer 2 --head 5\n  attn demo --toy\n\nBy default, the date translator inside the binary (trained by `attn train`) translates a few\ndates (or --text), draws its cross-attention and checks incremental decoding; it answers `?`\n(\"not a date it can read\") where it has no answer. --model DIR shows one head of a BERT-family\nmodel instead (all-MiniLM-L6-v2 after `cargo xtask fetch-model`), --toy four hand-set heads\nwhose jobs can be checked by eye. Reference: docs/CLI.md."
 )]
 pub struct Args {
     /// What to look at: a date for the shipped translator, a sentence with --model or --toy.
@@ -102,17 +102,17 @@ pub struct Args {
     model: Option<PathBuf>,
     /// With the date translator: also write every layer's and head's cross-attention to
     /// OUT.html (or the mean to OUT.png).
-    #[arg(long, conflicts_with_all = ["model", "toy"])]
+    #[arg(long, conflicts_with_all = ["model", "toy"], value_parser = crate::flags::png_or_html)]
     attention: Option<PathBuf>,
     /// The hand-set heads even when a model is there.
     #[arg(long, conflicts_with = "model")]
     toy: bool,
-    /// The model's layer to show [default: the last]
-    #[arg(long)]
+    /// With --model: the layer to show [default: the last]
+    #[arg(long, requires = "model")]
     layer: Option<usize>,
-    /// The model's head to draw.
-    #[arg(long, default_value_t = 0)]
-    head: usize,
+    /// With --model: the head to draw [default: 0]
+    #[arg(long, requires = "model")]
+    head: Option<usize>,
     /// Plain characters instead of colour, whatever the terminal.
     #[arg(long)]
     plain: bool,
@@ -134,7 +134,13 @@ pub fn main(args: Args) -> Result<()> {
         let text = args.text.as_deref();
         match (&args.model, args.toy) {
             (Some(dir), _) => {
-                model_view(dir, text.unwrap_or(DEFAULT_TEXT), args.layer, args.head, style)?;
+                model_view(
+                    dir,
+                    text.unwrap_or(DEFAULT_TEXT),
+                    args.layer,
+                    args.head.unwrap_or(0),
+                    style,
+                )?;
                 toy_heads(DEFAULT_TEXT, style, false)
             }
             (None, true) => toy_heads(text.unwrap_or(DEFAULT_TEXT), style, true),

@@ -12,12 +12,26 @@ use attn_nn::Seq2Seq;
 use crate::heatmap::{render, Style};
 use crate::translate::{averaged, cross_attention, draw_attention, shipped};
 
-const SAMPLES: [&str; 4] = [
+const SAMPLES: [&str; 6] = [
     "Saturday, 28 November 2026",
     "the 4th of July 1976",
-    "31.12.1999",
+    "08.05.1911",
     "feb 29, 2000",
+    "30 February 2001",
+    "see you next week",
 ];
+
+/// What the shipped model answers where it has no answer (../shared/CONTRACT.md).
+pub const UNANSWERED: &str = "?";
+
+/// The model's output as the demo prints it: `?` is spelled out.
+pub fn answer(output: &str) -> String {
+    if output == UNANSWERED {
+        "?  (not a date it can read)".to_string()
+    } else {
+        output.to_string()
+    }
+}
 
 /// Runs the date demo on `text` (or the samples).
 pub fn run(text: Option<&str>, picture: Option<&Path>, style: Style) -> Result<()> {
@@ -42,7 +56,7 @@ pub fn run(text: Option<&str>, picture: Option<&Path>, style: Style) -> Result<(
     let width = sources.iter().map(|s| s.chars().count()).max().unwrap_or(0);
     println!();
     for (s, o) in sources.iter().zip(&outputs) {
-        println!("  {s:>width$}  ->  {o}");
+        println!("  {s:>width$}  ->  {}", answer(o));
     }
     let (source, output) = (sources[0], outputs[0].as_str());
     let attention = cross_attention(&model, source, output)?;
@@ -54,9 +68,13 @@ pub fn run(text: Option<&str>, picture: Option<&Path>, style: Style) -> Result<(
         t.layer.nhead
     );
     print!("{}", render(rows, cols, &mean, style));
-    println!("\nwhere each part of the answer looked (the source span holding most of its attention):");
-    for line in where_it_looked(source, output, &mean, cols.len()) {
-        println!("  {line}");
+    if output == UNANSWERED {
+        println!("\nthe model answered `?`: it reads no date in this text, so no part of an answer looked anywhere");
+    } else {
+        println!("\nwhere each part of the answer looked (the source span holding most of its attention):");
+        for line in where_it_looked(source, output, &mean, cols.len()) {
+            println!("  {line}");
+        }
     }
     let (worst, steps) = incremental_against_full(&model, source, &decoded[0].logits)?;
     println!(

@@ -109,8 +109,10 @@ impl Embedder {
     }
 }
 
-/// Reads sentences: one per line of `file`, or the given texts.
-pub fn read_inputs(file: Option<&Path>, texts: &[String], keep_blank: bool) -> Result<Vec<String>> {
+/// Reads sentences: one per line of `file` (a final newline ends the last line rather than
+/// starting another; a blank line is the empty sentence, as sentence-transformers embeds `""`,
+/// and stderr says how many there were), or the given texts.
+pub fn read_inputs(file: Option<&Path>, texts: &[String]) -> Result<Vec<String>> {
     match file {
         Some(path) => {
             if !texts.is_empty() {
@@ -118,19 +120,20 @@ pub fn read_inputs(file: Option<&Path>, texts: &[String], keep_blank: bool) -> R
             }
             let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             let text = String::from_utf8(bytes).map_err(|e| {
+                let valid = e.utf8_error().valid_up_to();
+                let line = 1 + e.as_bytes()[..valid].iter().filter(|&&b| b == b'\n').count();
                 anyhow::anyhow!(
-                    "{}: not UTF-8 text (invalid byte at offset {})",
-                    path.display(),
-                    e.utf8_error().valid_up_to()
+                    "{}: line {line} is not UTF-8 text (invalid byte at offset {valid})",
+                    path.display()
                 )
             })?;
             let lines: Vec<String> = text.lines().map(String::from).collect();
-            if let Some(i) = lines.iter().position(|l| l.trim().is_empty()).filter(|_| !keep_blank) {
-                bail!(
-                    "{}: line {} is blank; embeddings are one per line, so remove blank lines or pass \
-                     --keep-blank to embed them as empty sentences ([CLS] [SEP])",
+            let blank = lines.iter().filter(|l| l.trim().is_empty()).count();
+            if blank > 0 {
+                eprintln!(
+                    "{}: {blank} blank line{} embedded as the empty sentence",
                     path.display(),
-                    i + 1
+                    if blank == 1 { "" } else { "s" }
                 );
             }
             Ok(lines)
@@ -152,8 +155,8 @@ pub struct Args {
     /// A UTF-8 file with one sentence per line.
     #[arg(long)]
     input: Option<PathBuf>,
-    /// Embed blank lines of --input as empty sentences instead of refusing them.
-    #[arg(long)]
+    /// Accepted for scripts written before blank lines were embedded by default; changes nothing.
+    #[arg(long, hide = true)]
     keep_blank: bool,
     /// Sentences to embed.
     texts: Vec<String>,
@@ -175,7 +178,7 @@ pub struct Args {
 
 /// Runs `attn embed`.
 pub fn main(args: Args) -> Result<()> {
-    let sentences = read_inputs(args.input.as_deref(), &args.texts, args.keep_blank)?;
+    let sentences = read_inputs(args.input.as_deref(), &args.texts)?;
     let dir = args.model.clone().unwrap_or_else(default_model_dir);
     let embedder = Embedder::load(&dir)?;
     let bar = progress_bar(sentences.len(), args.quiet);
@@ -281,7 +284,7 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let flags = args.flags;
     let budget = flags.budget()?;
-    let sentences = read_inputs(Some(&args.input), &[], true)?;
+    let sentences = read_inputs(Some(&args.input), &[])?;
     let embedder = Embedder::load(&args.model.clone().unwrap_or_else(default_model_dir))?;
     let batch = args.batch_size as usize;
     let (stats, n) = args.threads.install(|n| {

@@ -15,6 +15,7 @@ mod dates;
 mod demo;
 mod demo_dates;
 mod embed;
+mod flags;
 pub mod fuzzing;
 mod heatmap;
 mod memory;

@@ -23,6 +23,19 @@ fn err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> anyhow::Error + '_ {
     move |e| anyhow!("cannot draw {}: {e}", path.display())
 }
 
+/// Writes an 8-bit RGB image to `path` as a PNG; an error names the file and the cause.
+pub fn save_png(path: &Path, width: u32, height: u32, rgb: &[u8]) -> Result<()> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder
+        .write_header()
+        .and_then(|mut writer| writer.write_image_data(rgb))
+        .map_err(|e| anyhow!("cannot encode {}: {e}", path.display()))?;
+    std::fs::write(path, bytes).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
+}
+
 /// Training loss per step, and validation loss and exact-match accuracy at each evaluation,
 /// as a PNG: loss on the left (log scale), accuracy on the right.
 pub fn training_curves(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64, f64)]) -> Result<()> {
@@ -30,113 +43,117 @@ pub fn training_curves(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64, f6
     if train.is_empty() {
         bail!("no training steps to plot");
     }
-    let root = BitMapBackend::new(path, (1100, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(err(path))?;
-    let (left, right) = root.split_horizontally(700);
-    let last = train.last().map_or(1, |s| s.0).max(1);
-    let first = train[0].0;
-    let finite = train
-        .iter()
-        .map(|s| s.1)
-        .chain(valid.iter().map(|v| v.1))
-        .filter(|x| x.is_finite() && *x > 0.0);
-    let (lo, hi) = finite.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
-    let (lo, hi) = if lo.is_finite() {
-        (lo * 0.8, hi * 1.25)
-    } else {
-        (1e-3, 10.0)
-    };
-    let mut chart = ChartBuilder::on(&left)
-        .caption("Loss", ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(first..last, (lo..hi).log_scale())
-        .map_err(err(path))?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("cross-entropy")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(err(path))?;
-    // The raw curve is noisy; a moving average over 1% of the steps shows the trend.
-    let window = (train.len() / 100).max(1);
-    let smoothed: Vec<(u64, f64)> = train
-        .iter()
-        .enumerate()
-        .map(|(i, &(step, _))| {
-            let from = i.saturating_sub(window - 1);
-            let slice = &train[from..=i];
-            (step, slice.iter().map(|s| s.1).sum::<f64>() / slice.len() as f64)
-        })
-        .filter(|s| s.1.is_finite() && s.1 > 0.0)
-        .collect();
-    let light = RGBColor(160, 190, 230);
-    chart
-        .draw_series(LineSeries::new(
-            train.iter().copied().filter(|s| s.1.is_finite() && s.1 > 0.0),
-            light.stroke_width(1),
-        ))
-        .map_err(err(path))?
-        .label("training (per step)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], light));
-    chart
-        .draw_series(LineSeries::new(smoothed, BLUE.stroke_width(2)))
-        .map_err(err(path))?
-        .label(format!("training (mean of {window})"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-    if !valid.is_empty() {
-        let orange = RGBColor(230, 120, 20);
+    let (width, height) = (1100u32, 480u32);
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(err(path))?;
+        let (left, right) = root.split_horizontally(700);
+        let last = train.last().map_or(1, |s| s.0).max(1);
+        let first = train[0].0;
+        let finite = train
+            .iter()
+            .map(|s| s.1)
+            .chain(valid.iter().map(|v| v.1))
+            .filter(|x| x.is_finite() && *x > 0.0);
+        let (lo, hi) = finite.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = if lo.is_finite() {
+            (lo * 0.8, hi * 1.25)
+        } else {
+            (1e-3, 10.0)
+        };
+        let mut chart = ChartBuilder::on(&left)
+            .caption("Loss", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(first..last, (lo..hi).log_scale())
+            .map_err(err(path))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("cross-entropy")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err(path))?;
+        // The raw curve is noisy; a moving average over 1% of the steps shows the trend.
+        let window = (train.len() / 100).max(1);
+        let smoothed: Vec<(u64, f64)> = train
+            .iter()
+            .enumerate()
+            .map(|(i, &(step, _))| {
+                let from = i.saturating_sub(window - 1);
+                let slice = &train[from..=i];
+                (step, slice.iter().map(|s| s.1).sum::<f64>() / slice.len() as f64)
+            })
+            .filter(|s| s.1.is_finite() && s.1 > 0.0)
+            .collect();
+        let light = RGBColor(160, 190, 230);
         chart
             .draw_series(LineSeries::new(
-                valid.iter().map(|v| (v.0, v.1)),
-                orange.stroke_width(2),
+                train.iter().copied().filter(|s| s.1.is_finite() && s.1 > 0.0),
+                light.stroke_width(1),
             ))
             .map_err(err(path))?
-            .label("validation")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange.stroke_width(2)));
+            .label("training (per step)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], light));
         chart
-            .draw_series(valid.iter().map(|v| Circle::new((v.0, v.1), 3, orange.filled())))
+            .draw_series(LineSeries::new(smoothed, BLUE.stroke_width(2)))
+            .map_err(err(path))?
+            .label(format!("training (mean of {window})"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        if !valid.is_empty() {
+            let orange = RGBColor(230, 120, 20);
+            chart
+                .draw_series(LineSeries::new(
+                    valid.iter().map(|v| (v.0, v.1)),
+                    orange.stroke_width(2),
+                ))
+                .map_err(err(path))?
+                .label("validation")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange.stroke_width(2)));
+            chart
+                .draw_series(valid.iter().map(|v| Circle::new((v.0, v.1), 3, orange.filled())))
+                .map_err(err(path))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
             .map_err(err(path))?;
+        let mut acc = ChartBuilder::on(&right)
+            .caption("Validation exact match", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(first..last, 0.0..100.0)
+            .map_err(err(path))?;
+        acc.configure_mesh()
+            .x_desc("step")
+            .y_desc("%")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err(path))?;
+        if valid.is_empty() {
+            right
+                .draw(&Text::new("no --valid set", (140, 220), ("sans-serif", 18)))
+                .map_err(err(path))?;
+        } else {
+            let green = RGBColor(30, 140, 60);
+            acc.draw_series(LineSeries::new(
+                valid.iter().map(|v| (v.0, 100.0 * v.2)),
+                green.stroke_width(2),
+            ))
+            .map_err(err(path))?;
+            acc.draw_series(valid.iter().map(|v| Circle::new((v.0, 100.0 * v.2), 3, green.filled())))
+                .map_err(err(path))?;
+        }
+        root.present().map_err(err(path))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(err(path))?;
-    let mut acc = ChartBuilder::on(&right)
-        .caption("Validation exact match", ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(first..last, 0.0..100.0)
-        .map_err(err(path))?;
-    acc.configure_mesh()
-        .x_desc("step")
-        .y_desc("%")
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(err(path))?;
-    if valid.is_empty() {
-        right
-            .draw(&Text::new("no --valid set", (140, 220), ("sans-serif", 18)))
-            .map_err(err(path))?;
-    } else {
-        let green = RGBColor(30, 140, 60);
-        acc.draw_series(LineSeries::new(
-            valid.iter().map(|v| (v.0, 100.0 * v.2)),
-            green.stroke_width(2),
-        ))
-        .map_err(err(path))?;
-        acc.draw_series(valid.iter().map(|v| Circle::new((v.0, 100.0 * v.2), 3, green.filled())))
-            .map_err(err(path))?;
-    }
-    root.present().map_err(err(path))?;
-    Ok(())
+    save_png(path, width, height, &rgb)
 }
 
 /// A heatmap of `weights` (`[rows, cols]`, values in 0..1) with row labels down the left,
@@ -179,61 +196,65 @@ pub fn heatmap_grid(
     let panel_w = label_w + cell * cols.len() as i32 + 24;
     let panel_h = panel_title + label_h + cell * rows.len() as i32 + 24;
     let (w, h) = (panel_w * per_row as i32 + 110, 50 + panel_h * grid_rows as i32);
-    let root = BitMapBackend::new(path, (w.max(420) as u32, h as u32)).into_drawing_area();
-    root.fill(&WHITE).map_err(err(path))?;
-    root.draw(&Text::new(title.to_string(), (12, 12), ("sans-serif", 18).into_font()))
-        .map_err(err(path))?;
-    let colour = |v: f32| {
-        let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
-        ViridisRGB::get_color(v as f64)
-    };
-    let rotated = ("sans-serif", 13).into_font().transform(FontTransform::Rotate270);
-    for (p, (name, weights)) in panels.iter().enumerate() {
-        let (ox, oy) = ((p % per_row) as i32 * panel_w, 50 + (p / per_row) as i32 * panel_h);
-        if !name.is_empty() {
-            root.draw(&Text::new(
-                name.clone(),
-                (ox + label_w, oy),
-                ("sans-serif", 15).into_font(),
-            ))
+    let (width, height) = (w.max(420) as u32, h as u32);
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(err(path))?;
+        root.draw(&Text::new(title.to_string(), (12, 12), ("sans-serif", 18).into_font()))
             .map_err(err(path))?;
-        }
-        let (x0, y0) = (ox + label_w, oy + panel_title + label_h);
-        for (i, label) in rows.iter().enumerate() {
-            let y = y0 + i as i32 * cell;
-            root.draw(&Text::new(
-                label.clone(),
-                (ox + 6, y + cell / 2 - 7),
-                ("sans-serif", 13).into_font(),
-            ))
-            .map_err(err(path))?;
-            for j in 0..cols.len() {
-                let x = x0 + j as i32 * cell;
-                let c = colour(weights[i * cols.len() + j]);
-                root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], c.filled()))
+        let colour = |v: f32| {
+            let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+            ViridisRGB::get_color(v as f64)
+        };
+        let rotated = ("sans-serif", 13).into_font().transform(FontTransform::Rotate270);
+        for (p, (name, weights)) in panels.iter().enumerate() {
+            let (ox, oy) = ((p % per_row) as i32 * panel_w, 50 + (p / per_row) as i32 * panel_h);
+            if !name.is_empty() {
+                root.draw(&Text::new(
+                    name.clone(),
+                    (ox + label_w, oy),
+                    ("sans-serif", 15).into_font(),
+                ))
+                .map_err(err(path))?;
+            }
+            let (x0, y0) = (ox + label_w, oy + panel_title + label_h);
+            for (i, label) in rows.iter().enumerate() {
+                let y = y0 + i as i32 * cell;
+                root.draw(&Text::new(
+                    label.clone(),
+                    (ox + 6, y + cell / 2 - 7),
+                    ("sans-serif", 13).into_font(),
+                ))
+                .map_err(err(path))?;
+                for j in 0..cols.len() {
+                    let x = x0 + j as i32 * cell;
+                    let c = colour(weights[i * cols.len() + j]);
+                    root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], c.filled()))
+                        .map_err(err(path))?;
+                }
+            }
+            for (j, label) in cols.iter().enumerate() {
+                let x = x0 + j as i32 * cell + cell / 2 - 7;
+                root.draw(&Text::new(label.clone(), (x, y0 - 6), rotated.clone()))
                     .map_err(err(path))?;
             }
         }
-        for (j, label) in cols.iter().enumerate() {
-            let x = x0 + j as i32 * cell + cell / 2 - 7;
-            root.draw(&Text::new(label.clone(), (x, y0 - 6), rotated.clone()))
+        // One colour bar for all panels: 0 at the bottom, 1 at the top.
+        let (bx, by, bh) = (w - 90, 50 + panel_title + label_h, (cell * rows.len() as i32).max(100));
+        for k in 0..bh {
+            let v = 1.0 - k as f32 / (bh - 1).max(1) as f32;
+            root.draw(&Rectangle::new(
+                [(bx, by + k), (bx + 18, by + k + 1)],
+                colour(v).filled(),
+            ))
+            .map_err(err(path))?;
+        }
+        for (v, y) in [("1", by), ("0.5", by + bh / 2 - 7), ("0", by + bh - 14)] {
+            root.draw(&Text::new(v, (bx + 24, y), ("sans-serif", 13).into_font()))
                 .map_err(err(path))?;
         }
+        root.present().map_err(err(path))?;
     }
-    // One colour bar for all panels: 0 at the bottom, 1 at the top.
-    let (bx, by, bh) = (w - 90, 50 + panel_title + label_h, (cell * rows.len() as i32).max(100));
-    for k in 0..bh {
-        let v = 1.0 - k as f32 / (bh - 1).max(1) as f32;
-        root.draw(&Rectangle::new(
-            [(bx, by + k), (bx + 18, by + k + 1)],
-            colour(v).filled(),
-        ))
-        .map_err(err(path))?;
-    }
-    for (v, y) in [("1", by), ("0.5", by + bh / 2 - 7), ("0", by + bh - 14)] {
-        root.draw(&Text::new(v, (bx + 24, y), ("sans-serif", 13).into_font()))
-            .map_err(err(path))?;
-    }
-    root.present().map_err(err(path))?;
-    Ok(())
+    save_png(path, width, height, &rgb)
 }

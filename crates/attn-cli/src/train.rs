@@ -146,8 +146,8 @@ pub struct Args {
     init: Option<PathBuf>,
     #[command(flatten)]
     model: ModelFlags,
-    /// Steps to train.
-    #[arg(long, default_value_t = 1000)]
+    /// Steps to train (at least 1).
+    #[arg(long, default_value_t = 1000, value_parser = crate::flags::at_least_one_u64)]
     steps: u64,
     #[command(flatten)]
     optim: OptimFlags,
@@ -168,8 +168,8 @@ pub struct Args {
     /// One JSON object a line: every step, and every evaluation.
     #[arg(long)]
     log: Option<PathBuf>,
-    /// A PNG of the training and validation curves.
-    #[arg(long)]
+    /// A PNG of the training and validation curves (a .png file).
+    #[arg(long, value_parser = crate::flags::png)]
     plot: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
@@ -178,17 +178,34 @@ pub struct Args {
     threads: Threads,
 }
 
-/// Pairs read from a TSV file.
+/// Pairs read from a TSV file: `source<TAB>target` a line. The source may be empty (the empty
+/// string is a text like any other), the target may not; blank lines at the end of the file are
+/// ignored, a blank line before a pair is an error, and so is a line that is not UTF-8.
 pub fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut pairs = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    while lines
+        .last()
+        .is_some_and(|l| l.iter().all(|b| b.is_ascii_whitespace() && *b != b'\t'))
+    {
+        lines.pop();
+    }
+    let mut pairs = Vec::with_capacity(lines.len());
+    for (i, raw) in lines.iter().enumerate() {
+        let line = std::str::from_utf8(raw).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}: not UTF-8 (invalid byte at column {})",
+                path.display(),
+                i + 1,
+                e.valid_up_to() + 1
+            )
+        })?;
         let line = line.strip_suffix('\r').unwrap_or(line);
         let mut fields = line.split('\t');
         match (fields.next(), fields.next(), fields.next()) {
-            (Some(s), Some(t), None) if !s.is_empty() && !t.is_empty() => pairs.push((s.to_string(), t.to_string())),
+            (Some(s), Some(t), None) if !t.is_empty() => pairs.push((s.to_string(), t.to_string())),
             _ => bail!(
-                "{}:{}: expected `source<TAB>target` (two non-empty fields), got {line:?}",
+                "{}:{}: expected `source<TAB>target` (two fields, the target not empty), got {line:?}",
                 path.display(),
                 i + 1
             ),
@@ -369,6 +386,9 @@ impl Trainer {
                 flags.label_smoothing
             );
         }
+        if !(flags.lr >= 0.0 && flags.lr.is_finite()) {
+            bail!("--lr is {}, expected a finite number at least 0", flags.lr);
+        }
         if let Some(c) = flags.clip_norm {
             if !(c > 0.0 && c.is_finite()) {
                 bail!("--clip-norm is {c}, expected a positive number");
@@ -415,10 +435,18 @@ impl Trainer {
         self.grads.zero();
         self.model
             .backward(&tape, &d_logits, &dropout, &mut self.grads, Par::Rayon)?;
+        if !loss.is_finite() {
+            bail!("step {step}: the loss is {loss}; the weights were not updated (try a lower --lr or --clip-norm)");
+        }
         let grad_norm = {
             let mut all: Vec<&mut [f32]> = self.grads.iter_mut().map(|(_, g)| g.data_mut()).collect();
             clip_grad_norm(&mut all, self.flags.clip_norm.unwrap_or(f32::INFINITY))
         };
+        if !grad_norm.is_finite() {
+            bail!(
+                "step {step}: the gradients' norm is {grad_norm}; the weights were not updated (try a lower --lr or --clip-norm)"
+            );
+        }
         let lr = self.flags.lr * self.schedule.factor(step);
         let grads = &self.grads;
         let mut params = self.model.params_mut();
@@ -520,6 +548,13 @@ fn run_fingerprint(args: &Args, data: &[(String, String)]) -> String {
 }
 
 fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64) -> Result<()> {
+    // A step that made a weight NaN or infinite fails here rather than overwrite the last good
+    // checkpoint with it.
+    for (name, t) in trainer.model.state_dict().iter() {
+        if let Some(x) = t.data().iter().find(|x| !x.is_finite()) {
+            bail!("step {step}: `{name}` holds {x}; the checkpoint was not written (try a lower --lr or --clip-norm)");
+        }
+    }
     // The checkpoint's only metadata is the configuration, so a rerun writes the same bytes.
     checkpoint::save(&args.output, &trainer.model, &[])?;
     let tensors = trainer.state();
@@ -534,8 +569,62 @@ fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64) -> Result<
     write_f32_atomic(&state_path(&args.output), &refs, Some(metadata))
 }
 
+/// Fails unless a file can be created at `path`, naming `flag`: checked before step 1, so a
+/// missing folder is found before the run rather than after it. Nothing is left behind.
+fn check_writable(flag: &str, path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!("{flag} {}: the folder {} does not exist", path.display(), dir.display());
+    }
+    if path.is_dir() {
+        bail!("{flag} {}: is a folder, expected a file name", path.display());
+    }
+    let probe = dir.join(format!(".attn-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{flag} {}: cannot write in {}", path.display(), dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// The flags of the fingerprints `saved` and `now` that differ, as `name: saved -> now`.
+fn differing_flags(saved: &str, now: &str) -> Vec<String> {
+    let parse =
+        |text: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text).unwrap_or_default();
+    let (saved, now) = (parse(saved), parse(now));
+    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| saved.get(*k) != now.get(*k))
+        .map(|k| {
+            // Floats were f32 flags: shown as the f32 the user typed, not its f64 widening.
+            let show = |v: Option<&serde_json::Value>| match v {
+                None => "(none)".to_string(),
+                Some(v) if v.is_f64() => (v.as_f64().unwrap_or(f64::NAN) as f32).to_string(),
+                Some(v) => v.to_string(),
+            };
+            let name = if k.as_str() == "data_fnv1a" {
+                "--data (its pairs' hash)".to_string()
+            } else {
+                format!("--{}", k.replace('_', "-"))
+            };
+            format!("{name}: {} -> {}", show(saved.get(k)), show(now.get(k)))
+        })
+        .collect()
+}
+
 /// Runs `attn train`.
 pub fn main(args: Args) -> Result<()> {
+    check_writable("--output", &args.output)?;
+    if let Some(path) = &args.log {
+        check_writable("--log", path)?;
+    }
+    if let Some(path) = &args.plot {
+        check_writable("--plot", path)?;
+    }
     let pairs = read_pairs(&args.data)?;
     let valid = args.valid.as_deref().map(read_pairs).transpose()?;
     let fingerprint = run_fingerprint(&args, &pairs);
@@ -570,10 +659,11 @@ pub fn main(args: Args) -> Result<()> {
             let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
             let saved_run = header.metadata().as_ref().and_then(|m| m.get("run")).cloned();
             if saved_run.as_deref() != Some(fingerprint.as_str()) {
+                let saved = saved_run.unwrap_or_default();
                 bail!(
-                    "--resume: the data or flags differ from the run saved in {} (saved {}, now {fingerprint})",
+                    "--resume: the run saved in {} had other data or flags; they must be the same: {}",
                     state.display(),
-                    saved_run.unwrap_or_default()
+                    differing_flags(&saved, &fingerprint).join("; ")
                 );
             }
             first = trainer.restore(&state)? + 1;
@@ -596,8 +686,16 @@ pub fn main(args: Args) -> Result<()> {
         let started = Instant::now();
         let mut tokens_done = 0usize;
         let stop = args.stop_after.unwrap_or(steps).min(steps);
+        // The last step whose checkpoint is on disk (what survives a failed step).
+        let mut saved_at = (first > 1).then_some(first - 1);
         for step in first..=stop {
-            let report = trainer.step(step)?;
+            let report = trainer.step(step).map_err(|e| {
+                let kept = match saved_at {
+                    Some(at) => format!("the checkpoint {} of step {at} is intact", args.output.display()),
+                    None => "no checkpoint was written".to_string(),
+                };
+                anyhow::anyhow!("{e:#}; {kept}")
+            })?;
             tokens_done += report.tokens;
             let tokens_per_s = tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9);
             curve.push((step, report.loss));
@@ -639,6 +737,7 @@ pub fn main(args: Args) -> Result<()> {
             }
             if last || step == stop || (save_every > 0 && step % save_every == 0) {
                 save(&trainer, &args, &fingerprint, step)?;
+                saved_at = Some(step);
             }
         }
         if stop < first {
@@ -650,14 +749,25 @@ pub fn main(args: Args) -> Result<()> {
         if let Some(log) = &mut log {
             log.flush()?;
         }
+        let mut written = vec![
+            format!("{} (the model)", args.output.display()),
+            format!(
+                "{} (the optimizer's state, for --resume)",
+                state_path(&args.output).display()
+            ),
+        ];
+        if let Some(path) = &args.log {
+            written.push(format!("{} (the log)", path.display()));
+        }
         if let Some(path) = &args.plot {
             crate::plot::training_curves(path, &curve, &valid_curve)?;
+            written.push(format!("{} (the curves)", path.display()));
         }
         let params = trainer.model.parameter_count();
         println!(
-            "wrote {}: {params} parameters, steps {first} to {stop} of {steps} on {threads} threads in {:.1} s",
-            args.output.display(),
-            started.elapsed().as_secs_f64()
+            "trained {params} parameters, steps {first} to {stop} of {steps} on {threads} threads in {:.1} s; wrote {}",
+            started.elapsed().as_secs_f64(),
+            written.join(", ")
         );
         Ok(())
     })

@@ -36,10 +36,10 @@ pub struct Args {
     /// Inputs on the command line.
     text: Vec<String>,
     /// Beam width (1: greedy).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::at_least_one)]
     beam: usize,
-    /// The most output tokens [default: the model's max_len]
-    #[arg(long)]
+    /// The most output tokens, at least 1 [default: the model's max_len]
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     max_len: Option<usize>,
     /// One JSON object: {"translations": [{"source", "output", "tokens", "log_prob"}]}.
     #[arg(long)]
@@ -49,7 +49,7 @@ pub struct Args {
     logits: bool,
     /// Draw the cross-attention of the first input: OUT.png (averaged over layers and heads)
     /// or OUT.html (every layer and head, and the average).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::png_or_html)]
     attention: Option<PathBuf>,
     /// Write the model (the shipped one unless --model) to this checkpoint and stop.
     #[arg(long)]
@@ -69,23 +69,11 @@ pub fn main(args: Args) -> Result<()> {
         println!("wrote {}", path.display());
         return Ok(());
     }
-    if args.beam == 0 {
-        bail!("--beam is 0, expected at least 1");
-    }
     if args.logits && (!args.json || args.beam != 1) {
         bail!("--logits needs --json and greedy decoding (--beam 1)");
     }
-    let inputs: Vec<String> = match &args.input {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .lines()
-            .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
-            .collect(),
-        None => args.text.clone(),
-    };
-    if inputs.is_empty() {
-        bail!("nothing to translate: give TEXT arguments or --input FILE");
-    }
+    let inputs = read_inputs(&args)?;
+    check_inputs(&model, &inputs, args.input.is_some())?;
     let max_len = args.max_len.unwrap_or(model.config().max_len);
     args.threads.install(|_| {
         let sources: Vec<&str> = inputs.iter().map(String::as_str).collect();
@@ -128,6 +116,93 @@ pub fn main(args: Args) -> Result<()> {
         out.flush()?;
         Ok(())
     })
+}
+
+/// The inputs: the lines of `--input` (a final newline ends the last line rather than starting
+/// another) or the TEXT arguments.
+fn read_inputs(args: &Args) -> Result<Vec<String>> {
+    let inputs: Vec<String> = match &args.input {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let text = String::from_utf8(bytes).map_err(|e| {
+                let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count();
+                anyhow::anyhow!("{}: line {line} is not UTF-8", path.display())
+            })?;
+            text.lines()
+                .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+                .collect()
+        }
+        None => args.text.clone(),
+    };
+    if inputs.is_empty() {
+        bail!("nothing to translate: give TEXT arguments or --input FILE");
+    }
+    Ok(inputs)
+}
+
+/// Fails on an input longer than the model reads (naming its line and length, not echoing it);
+/// warns once on stderr about characters outside the source vocabulary, which the model reads
+/// as `<unk>`: which characters, and on how many lines.
+fn check_inputs(model: &Seq2Seq, inputs: &[String], from_file: bool) -> Result<()> {
+    let what = if from_file { "line" } else { "argument" };
+    // The source and its `<eos>` must fit the position table.
+    let most = model.config().max_len - 1;
+    for (i, text) in inputs.iter().enumerate() {
+        let n = text.chars().count();
+        if n > most {
+            bail!(
+                "{what} {} is {} characters, the model reads at most {most}",
+                i + 1,
+                crate::flags::thousands(n)
+            );
+        }
+    }
+    let unknown = unknown_characters(model, inputs);
+    if let Some(first) = unknown.lines.first() {
+        let list: Vec<String> = unknown.chars.iter().map(|(c, n)| format!("{c:?} ({n}×)")).collect();
+        let n = unknown.lines.len();
+        let (plural, verb) = if n == 1 { ("", "has") } else { ("s", "have") };
+        eprintln!(
+            "warning: {n} {what}{plural} (the first: {what} {first}) {verb} characters the model does not know, read as <unk>: {}",
+            list.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Characters of the inputs outside a model's source vocabulary.
+struct Unknown {
+    /// Each character and how often it occurs, in order of first occurrence.
+    chars: Vec<(char, usize)>,
+    /// The 1-based numbers of the inputs that have one.
+    lines: Vec<usize>,
+}
+
+fn unknown_characters(model: &Seq2Seq, inputs: &[String]) -> Unknown {
+    let vocab = &model.config().src_vocab;
+    let mut unknown = Unknown {
+        chars: Vec::new(),
+        lines: Vec::new(),
+    };
+    for (i, text) in inputs.iter().enumerate() {
+        let mut here = false;
+        for (c, id) in text.chars().zip(vocab.encode(text)) {
+            if id == attn_nn::seq2seq::UNK {
+                here = true;
+                match unknown.chars.iter_mut().find(|(k, _)| *k == c) {
+                    Some((_, n)) => *n += 1,
+                    None => unknown.chars.push((c, 1)),
+                }
+            }
+        }
+        if here {
+            unknown.lines.push(i + 1);
+        }
+    }
+    unknown
 }
 
 /// Row labels, column labels and each layer's weights `[H, T, S]`.

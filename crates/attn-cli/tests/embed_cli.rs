@@ -42,14 +42,7 @@ fn minilm_embeddings_match_sentence_transformers() {
     for batch_size in ["1", "16"] {
         let result = Command::new(env!("CARGO_BIN_EXE_attn"))
             // The file has a blank line, embedded as the empty sentence in the reference.
-            .args([
-                "embed",
-                "--quiet",
-                "--keep-blank",
-                "--batch-size",
-                batch_size,
-                "--model",
-            ])
+            .args(["embed", "--quiet", "--batch-size", batch_size, "--model"])
             .arg(&model)
             .arg("--input")
             .arg(fixtures.join("sentences.txt"))
@@ -236,10 +229,9 @@ fn corrupted_model_folders_are_errors_naming_the_file_and_field() {
 }
 
 /// Without --json or --output, `attn embed` prints a table a person can read: each sentence's
-/// first values and the cosine similarities. Blank lines of --input are refused, naming the
-/// line, unless --keep-blank.
+/// first values and the cosine similarities. A blank line of --input is the empty sentence.
 #[test]
-fn embed_prints_a_table_and_refuses_blank_lines() {
+fn embed_prints_a_table_and_embeds_blank_lines() {
     let result = Command::new(env!("CARGO_BIN_EXE_attn"))
         .args(["embed", "--model"])
         .arg(model_dir())
@@ -274,13 +266,28 @@ fn embed_prints_a_table_and_refuses_blank_lines() {
             .output()
             .unwrap()
     };
-    let refused = embed(&[]);
-    assert_eq!(refused.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("line 2 is blank") && err.contains("--keep-blank"), "{err}");
+    // N lines give N rows in order: the blank line is the empty sentence, and stderr says so.
+    let plain = embed(&[]);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(err.contains("1 blank line embedded as the empty sentence"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    let rows = v["embeddings"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let empty = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["embed", "--json", "--model"])
+        .arg(model_dir())
+        .args(["first", "", "third"])
+        .output()
+        .unwrap();
+    assert!(empty.status.success(), "{}", String::from_utf8_lossy(&empty.stderr));
+    assert_eq!(
+        plain.stdout, empty.stdout,
+        "the file's rows equal the same texts given as arguments"
+    );
+    // The old flag is still accepted and changes nothing.
     let kept = embed(&["--keep-blank"]);
     assert!(kept.status.success(), "{}", String::from_utf8_lossy(&kept.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&kept.stdout).unwrap();
-    assert_eq!(v["embeddings"].as_array().unwrap().len(), 3);
+    assert_eq!(kept.stdout, plain.stdout);
     std::fs::remove_file(&file).unwrap();
 }

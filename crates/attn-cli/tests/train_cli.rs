@@ -80,24 +80,61 @@ fn data(dir: &Path) -> (PathBuf, PathBuf) {
     (train, valid)
 }
 
+fn usage_error(args: &[&str]) -> String {
+    let out = attn(args);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "attn {args:?} should be a usage error: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
-fn dates_are_tsv_pairs_of_the_ten_styles() {
+fn dates_are_tsv_pairs_of_the_eleven_styles_and_the_unanswerable() {
     let text = ok(&["dates", "--split", "test", "--count", "40", "--seed", "9"]);
     assert_eq!(text.lines().count(), 40);
     for line in text.lines() {
         let (source, target) = line.split_once('\t').unwrap();
-        assert!(!source.is_empty());
+        assert!(!source.trim().is_empty());
         assert_eq!(target.len(), 10, "{target}");
         assert_eq!(&target[4..5], "-");
     }
     let styled = ok(&[
-        "dates", "--split", "test", "--count", "3", "--seed", "9", "--style", "7",
+        "dates", "--split", "test", "--count", "20", "--seed", "9", "--style", "7",
     ]);
     for line in styled.lines() {
         let (source, target) = line.split_once('\t').unwrap();
-        assert_eq!(source.replace('/', "-"), target, "style 7 is YYYY/MM/DD");
+        // YYYY/MM/DD, with or without leading zeros, any spaces around.
+        let parts: Vec<usize> = source.trim().split('/').map(|p| p.parse().unwrap()).collect();
+        let want: Vec<usize> = target.split('-').map(|p| p.parse().unwrap()).collect();
+        assert_eq!(parts, want, "{line}");
     }
-    assert!(fails(&["dates", "--split", "test", "--count", "3", "--style", "10"]).contains("--style is 10"));
+    assert!(fails(&["dates", "--split", "test", "--count", "3", "--style", "11"]).contains("--style is 11"));
+    for kind in [
+        "feb29",
+        "past-month-end",
+        "bad-number",
+        "out-of-range",
+        "empty",
+        "words",
+        "characters",
+        "digits",
+        "partial",
+        "junk",
+    ] {
+        let text = ok(&[
+            "dates", "--split", "test", "--kind", kind, "--count", "20", "--seed", "3",
+        ]);
+        assert_eq!(text.lines().count(), 20, "{kind}");
+        assert!(text.lines().all(|l| l.ends_with("\t?")), "{kind}: {text}");
+    }
+    let mixed = ok(&[
+        "dates", "--split", "train", "--kind", "mixed", "--count", "400", "--seed", "3",
+    ]);
+    let unanswerable = mixed.lines().filter(|l| l.ends_with("\t?")).count();
+    assert!((80..160).contains(&unanswerable), "{unanswerable} of 400");
 }
 
 #[test]
@@ -278,6 +315,10 @@ fn the_shipped_translator_answers_and_draws() {
 #[test]
 fn the_demo_translates_draws_and_checks() {
     let out = ok(&["demo", "--plain"]);
+    assert!(
+        out.contains("30 February 2001  ->  ?  (not a date it can read)"),
+        "{out}"
+    );
     for needle in [
         "Saturday, 28 November 2026  ->  2026-11-28",
         "cross-attention of",
@@ -290,4 +331,222 @@ fn the_demo_translates_draws_and_checks() {
     }
     let out = ok(&["demo", "--plain", "--text", "1 jan 2000"]);
     assert!(out.contains("1 jan 2000  ->  2000-01-01"), "{out}");
+}
+
+/// A run that goes wrong says so and keeps what it had: a non-finite loss or gradient norm
+/// stops it, naming the step and the quantity, and leaves the last good checkpoint; paths are
+/// checked before step 1; flags out of range are usage errors; resuming with other flags names
+/// them.
+#[test]
+fn training_never_saves_garbage() {
+    let dir = scratch("garbage");
+    let (train, _) = data(&dir);
+    let out = dir.join("m.safetensors");
+    let mut args = vec!["train", "--data", s(&train), "--output", s(&out), "--save-every", "1"];
+    args.extend(TINY);
+    args.extend(["--lr", "1e9"]);
+    // The shared flags clip the gradients; without clipping a rate of 1e9 ruins the weights at once.
+    let args: Vec<&str> = args
+        .into_iter()
+        .filter(|a| *a != "--clip-norm" && *a != "1.0")
+        .collect();
+    let err = fails(&args);
+    assert!(
+        err.contains("step 2: the") && (err.contains("NaN") || err.contains("inf")),
+        "{err}"
+    );
+    assert!(err.contains("the weights were not updated"), "{err}");
+    assert!(err.contains("of step 1 is intact"), "{err}");
+    // The checkpoint on disk is step 1's, and every weight in it is finite.
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, view) in st.tensors() {
+        let finite = view
+            .data()
+            .chunks_exact(4)
+            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite());
+        assert!(finite, "{name}");
+    }
+
+    // Paths that cannot be written are found before step 1: nothing is trained or written.
+    let missing = dir.join("no/such/folder");
+    for (flag, path) in [
+        ("--output", missing.join("m.safetensors")),
+        ("--log", missing.join("log.jsonl")),
+        ("--plot", missing.join("curves.png")),
+    ] {
+        let fresh = dir.join("fresh.safetensors");
+        let output = if flag == "--output" {
+            path.clone()
+        } else {
+            fresh.clone()
+        };
+        let mut args = vec!["train", "--data", s(&train), "--output", s(&output)];
+        if flag != "--output" {
+            args.extend([flag, s(&path)]);
+        }
+        args.extend(TINY);
+        let err = fails(&args);
+        assert!(err.contains(flag) && err.contains("does not exist"), "{flag}: {err}");
+        assert!(!fresh.exists(), "{flag}: nothing written");
+    }
+    let err = usage_error(&[
+        "train",
+        "--data",
+        s(&train),
+        "--output",
+        s(&out),
+        "--plot",
+        "curves.svg",
+    ]);
+    assert!(err.contains("expected a .png file"), "{err}");
+    let err = usage_error(&["train", "--data", s(&train), "--output", s(&out), "--steps", "0"]);
+    assert!(err.contains("--steps") && err.contains("at least 1"), "{err}");
+    let err = fails(&["train", "--data", s(&train), "--output", s(&out), "--lr=-0.001"]);
+    assert!(err.contains("--lr is -0.001"), "{err}");
+
+    // The closing line names everything written.
+    let (log, plot, good) = (
+        dir.join("log.jsonl"),
+        dir.join("curves.png"),
+        dir.join("good.safetensors"),
+    );
+    let mut args = vec![
+        "train",
+        "--data",
+        s(&train),
+        "--output",
+        s(&good),
+        "--log",
+        s(&log),
+        "--plot",
+        s(&plot),
+    ];
+    args.extend(TINY);
+    let said = ok(&args);
+    for path in [&good, &dir.join("good.safetensors.state"), &log, &plot] {
+        assert!(said.contains(s(path)), "{}: {said}", path.display());
+        assert!(path.exists());
+    }
+    // Resuming with other flags names each flag that differs.
+    let mut args = vec!["train", "--data", s(&train), "--output", s(&good), "--resume"];
+    args.extend(TINY);
+    args.extend(["--lr", "0.002", "--weight-decay", "0.02"]);
+    let err = fails(&args);
+    assert!(err.contains("--lr: 0.001 -> 0.002"), "{err}");
+    assert!(err.contains("--weight-decay: 0.01 -> 0.02"), "{err}");
+}
+
+/// TSV: blank lines at the end are ignored, an empty source is a text like any other, a line
+/// that is not UTF-8 is named.
+#[test]
+fn tsv_edges() {
+    let dir = scratch("tsv");
+    let data = dir.join("pairs.tsv");
+    std::fs::write(&data, "28 Nov 2026\t2026-11-28\n\t?\nasdf\t?\n\n\n").unwrap();
+    let out = dir.join("m.safetensors");
+    let mut args = vec!["train", "--data", s(&data), "--output", s(&out)];
+    args.extend(TINY);
+    ok(&args);
+    std::fs::write(&data, b"28 Nov 2026\t2026-11-28\n\xff\t?\n").unwrap();
+    let err = fails(&args);
+    assert!(err.contains("pairs.tsv:2: not UTF-8"), "{err}");
+    std::fs::write(&data, "28 Nov 2026\t2026-11-28\n\nasdf\t?\n").unwrap();
+    let err = fails(&args);
+    assert!(err.contains("pairs.tsv:2: expected `source<TAB>target`"), "{err}");
+}
+
+/// `attn translate` says what it cannot read: characters outside the vocabulary (which, and on
+/// how many lines), a line longer than the model reads (by number, not echoed); counts of 0 are
+/// usage errors.
+#[test]
+fn translate_reports_what_it_cannot_read() {
+    let out = attn(&[
+        "translate",
+        "28 novembre 2026 \u{e9}",
+        "1 janvier 2000 \u{e9}\u{20ac}",
+        "3 May 2001",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 arguments (the first: argument 1) have characters the model does not know"),
+        "{err}"
+    );
+    assert!(
+        err.contains("'\u{e9}' (2×)") && err.contains("'\u{20ac}' (1×)"),
+        "{err}"
+    );
+    let dir = scratch("translate");
+    let long = dir.join("long.txt");
+    std::fs::write(&long, format!("28 Nov 2026\n{}\n", "7".repeat(10_001))).unwrap();
+    let err = fails(&["translate", "--input", s(&long)]);
+    assert!(
+        err.contains("line 2 is 10,001 characters, the model reads at most"),
+        "{err}"
+    );
+    assert!(!err.contains("777777"), "the line is not echoed: {err}");
+    assert!(usage_error(&["translate", "--beam", "0", "x"]).contains("--beam"));
+    assert!(usage_error(&["translate", "--max-len", "0", "x"]).contains("--max-len"));
+    assert!(usage_error(&["translate", "x", "--attention", "x.svg"]).contains(".png or .html"));
+}
+
+/// The demo's flags that do not apply are refused before any work, and a closed pipe ends
+/// `attn` quietly.
+#[test]
+fn demo_flags_and_closed_pipes() {
+    for args in [
+        vec!["demo", "--head", "3"],
+        vec!["demo", "--layer", "1"],
+        vec!["demo", "--attention", "x.svg"],
+        vec!["attend", "--text", "a cat", "--png", "x.jpg"],
+        vec!["attend", "--text", "a cat", "--html", "x.htm"],
+    ] {
+        usage_error(&args);
+    }
+    let help = ok(&["demo", "--help"]);
+    assert!(
+        help.contains("date translator") && help.contains("docs/CLI.md"),
+        "{help}"
+    );
+    for args in [
+        vec!["demo", "--plain"],
+        vec!["check", "--threads", "1"],
+        vec!["dates", "--split", "train", "--count", "100000"],
+    ] {
+        use std::io::Read;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 16];
+        child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked") && !err.contains("error"), "{args:?}: {err}");
+        // Killed by SIGPIPE, as `cat` is, or finished before it wrote again.
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert!(
+                out.status.success() || out.status.signal() == Some(13),
+                "{args:?}: {:?}",
+                out.status
+            );
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["check"])
+        .env("ATTN_SIMD", "sse")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ATTN_SIMD is \"sse\", expected one of scalar, avx2, avx512"),
+        "{err}"
+    );
 }

@@ -77,7 +77,7 @@ pub use layer::{
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
 pub use path::{attention, chosen_path, KernelPath};
 pub use reference::{attention_backward_reference, attention_reference, ReferenceAttention, ReferenceGradients};
-pub use simd::{exp_scalar, exp_slice, simd_level, SimdLevel};
+pub use simd::{exp_scalar, exp_slice, requested_simd_level, simd_level, SimdLevel, SIMD_LEVEL_NAMES};
 pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes, WeightsDst};
 pub use view::{contiguous_strides, View, View2, View4, ViewMut, ViewMut2, ViewMut4};
 

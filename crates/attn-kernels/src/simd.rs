@@ -21,6 +21,8 @@
 
 use std::sync::OnceLock;
 
+use crate::error::KernelError;
+
 /// The SIMD instruction set the kernels use on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimdLevel {
@@ -51,11 +53,45 @@ impl std::fmt::Display for SimdLevel {
 
 /// The SIMD level the kernels use (decided once per process): the best this machine has, or a
 /// lower one named by the environment variable `ATTN_SIMD` (`scalar`, `avx2` or `avx512`) before
-/// the first call, for testing and comparison. A level above the machine's, or another value,
-/// leaves the machine's level.
+/// the first call, for testing and comparison. A level above the machine's leaves the machine's
+/// level; so does a value that names no level (a program that wants it refused calls
+/// [`requested_simd_level`] first, as the `attn` command does).
 pub fn simd_level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| capped(detect(), std::env::var("ATTN_SIMD").ok().as_deref()))
+}
+
+/// The values `ATTN_SIMD` accepts.
+pub const SIMD_LEVEL_NAMES: [&str; 3] = ["scalar", "avx2", "avx512"];
+
+/// The level the environment variable `ATTN_SIMD` names: `Ok(None)` when it is unset or empty,
+/// an [`KernelError::InvalidArgument`] naming the accepted values when it names no level.
+pub fn requested_simd_level() -> Result<Option<SimdLevel>, KernelError> {
+    match std::env::var("ATTN_SIMD") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(text) if text.is_empty() => Ok(None),
+        Ok(text) => parse_level(&text).map(Some).ok_or(KernelError::InvalidArgument {
+            op: "simd_level",
+            what: "ATTN_SIMD",
+            got: format!("{text:?}"),
+            expected: "one of scalar, avx2, avx512",
+        }),
+        Err(std::env::VarError::NotUnicode(text)) => Err(KernelError::InvalidArgument {
+            op: "simd_level",
+            what: "ATTN_SIMD",
+            got: format!("{text:?}"),
+            expected: "one of scalar, avx2, avx512",
+        }),
+    }
+}
+
+fn parse_level(text: &str) -> Option<SimdLevel> {
+    match text {
+        "scalar" => Some(SimdLevel::Scalar),
+        "avx2" => Some(SimdLevel::Avx2Fma),
+        "avx512" => Some(SimdLevel::Avx512),
+        _ => None,
+    }
 }
 
 /// `detected`, or the lower level `request` names.
@@ -65,10 +101,8 @@ fn capped(detected: SimdLevel, request: Option<&str>) -> SimdLevel {
         SimdLevel::Avx2Fma => 1,
         SimdLevel::Avx512 => 2,
     };
-    let wanted = match request {
-        Some("scalar") => SimdLevel::Scalar,
-        Some("avx2") => SimdLevel::Avx2Fma,
-        _ => return detected,
+    let Some(wanted) = request.and_then(parse_level) else {
+        return detected;
     };
     if rank(wanted) < rank(detected) {
         wanted
@@ -445,5 +479,21 @@ mod tests {
         let want = (level.exp_sub_sum)(&mut a, 1.5);
         assert_eq!(exp_sub_sum(&mut b, 1.5).to_bits(), want.to_bits(), "{}", level.name);
         assert_eq!(a, b, "{}", level.name);
+    }
+
+    /// `ATTN_SIMD` names a level or nothing: each accepted name parses, a lower level caps the
+    /// detected one, a higher one or an unknown value leaves it.
+    #[test]
+    fn requested_levels() {
+        for name in SIMD_LEVEL_NAMES {
+            assert!(parse_level(name).is_some(), "{name}");
+        }
+        assert_eq!(parse_level("AVX2"), None);
+        assert_eq!(parse_level("sse"), None);
+        assert_eq!(capped(SimdLevel::Avx512, Some("avx2")), SimdLevel::Avx2Fma);
+        assert_eq!(capped(SimdLevel::Avx2Fma, Some("avx512")), SimdLevel::Avx2Fma);
+        assert_eq!(capped(SimdLevel::Avx2Fma, Some("scalar")), SimdLevel::Scalar);
+        assert_eq!(capped(SimdLevel::Avx512, Some("sse")), SimdLevel::Avx512);
+        assert_eq!(capped(SimdLevel::Avx512, None), SimdLevel::Avx512);
     }
 }

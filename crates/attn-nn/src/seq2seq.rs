@@ -156,6 +156,9 @@ impl Seq2SeqConfig {
             Vocab::from_tokens(list, name)
         };
         let (src_vocab, tgt_vocab) = (vocab("src_vocab")?, vocab("tgt_vocab")?);
+        // The model is batch-first by definition, so a checkpoint may leave the field out;
+        // a `false` that is present stays an error (`validate`).
+        map.entry("batch_first").or_insert(Value::Bool(true));
         let transformer: TransformerConfig = serde_json::from_value(Value::Object(map))
             .map_err(|e| invalid("attn.seq2seq", e, "nn.Transformer's fields"))?;
         let config = Seq2SeqConfig {
@@ -175,7 +178,7 @@ impl Seq2SeqConfig {
             return Err(invalid(
                 "batch_first",
                 false,
-                "true (the contract's model is batch-first)",
+                "true (the sequence-to-sequence model is batch-first)",
             ));
         }
         if self.max_len < 2 {

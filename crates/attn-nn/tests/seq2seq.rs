@@ -160,3 +160,20 @@ fn incremental_decoding_equals_teacher_forcing_and_beam_one_is_greedy() {
         "{forced_checks} {beam_checks}: too few outputs checked"
     );
 }
+
+/// `batch_first` can only be true, so a configuration that leaves it out is batch-first; a
+/// present `false` is refused, naming the field.
+#[test]
+fn batch_first_may_be_omitted_but_not_false() {
+    let bytes = fixture("tiny.safetensors");
+    let json = metadata(&bytes, "attn.seq2seq");
+    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(map.remove("batch_first"), Some(serde_json::Value::Bool(true)));
+    let without = serde_json::Value::Object(map.clone()).to_string();
+    let config = Seq2SeqConfig::from_json(&without).unwrap();
+    assert!(config.transformer.layer.batch_first);
+    assert_eq!(config, Seq2SeqConfig::from_json(&json).unwrap());
+    map.insert("batch_first".into(), false.into());
+    let err = Seq2SeqConfig::from_json(&serde_json::Value::Object(map).to_string()).unwrap_err();
+    assert!(err.to_string().contains("batch_first"), "{err}");
+}
