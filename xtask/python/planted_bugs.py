@@ -1,4 +1,4 @@
-"""Plants six known bugs, one at a time, and checks that the tests of the crate that owns the code
+"""Plants nine known bugs, one at a time, and checks that the tests of the crate that owns the code
 catch each (issue: "tests that catch the bugs that matter, in the crate that owns the code").
 
 For each bug: patch the source, run `cargo test --release -p CRATE` for the crate that owns the code
@@ -41,8 +41,8 @@ BUGS = [
         "LayerNorm ignores the configured eps (uses 1e-5)",
         "attn-nn",
         "crates/attn-nn/src/layers.rs",
-        "(1.0 / (var + self.eps as f64).sqrt()) as f32",
-        "(1.0 / (var + 1e-5).sqrt()) as f32",
+        "            eps: self.eps,\n        }",
+        "            eps: 1e-5,\n        }",
     ),
     (
         "flash accumulator rescale x1.0001",
@@ -57,6 +57,27 @@ BUGS = [
         "crates/attn-kernels/src/flash/tile.rs",
         "        let bc = (t_end - t0).min(BLOCK_KEYS);\n",
         "        let bc = (t_end - t0).min(BLOCK_KEYS);\n        if bc < BLOCK_KEYS && t0 > keys.start { break; }\n",
+    ),
+    (
+        "beam search's KV-cache reorder is the identity",
+        "attn-core attn-nn",
+        "crates/attn-core/src/cache.rs",
+        "let from = rows.get(b).or(rows.first()).copied().unwrap_or(b);",
+        "let from = b;",
+    ),
+    (
+        "the decoder reorders only its first layer's cache",
+        "attn-nn",
+        "crates/attn-nn/src/transformer.rs",
+        "        for layer in &mut self.layers {\n            layer.self_attn.reorder(rows)?;",
+        "        for layer in self.layers.iter_mut().take(1) {\n            layer.self_attn.reorder(rows)?;",
+    ),
+    (
+        "a packed batch's second sequence starts one key early",
+        "attn-core",
+        "crates/attn-core/src/mha/train.rs",
+        "            let (k0, k1) = (packing.key_starts[i], packing.key_starts[i + 1]);",
+        "            let (k0, k1) = (packing.key_starts[i] - usize::from(i == 1), packing.key_starts[i + 1]);",
     ),
 ]
 

@@ -151,7 +151,8 @@ pub enum Kind {
     Partial,
     /// A date with a word before or after it.
     Junk,
-    /// The training mixture: 70% dates, 30% the kinds answered `?`.
+    /// The training mixture: 67% dates (3% of them 29 February of a leap year), 33% the kinds
+    /// answered `?` (8% 29 February of a common year).
     Mixed,
 }
 
@@ -571,9 +572,21 @@ impl Generator {
             }
             Kind::Mixed => {
                 let kind = match self.below(100) {
-                    0..=69 => Kind::Date,
-                    70..=73 => Kind::Feb29,
-                    74..=78 => Kind::PastMonthEnd,
+                    0..=63 => Kind::Date,
+                    64..=66 => {
+                        // 29 February of a leap year beside the common years' below: the
+                        // leap-year rule is the hardest thing the model learns.
+                        let date = self.triple(&IN_RANGE, |_, y, m| (m == 2 && is_leap(y)).then_some(29));
+                        let (source, style) = self.written(date, style);
+                        return Example {
+                            source,
+                            target: date.iso(),
+                            style: Some(style),
+                            kind: Kind::Date,
+                        };
+                    }
+                    67..=74 => Kind::Feb29,
+                    75..=78 => Kind::PastMonthEnd,
                     79..=81 => Kind::BadNumber,
                     82..=86 => Kind::OutOfRange,
                     87 => Kind::Empty,
@@ -750,7 +763,7 @@ mod tests {
         assert!(empties.iter().all(|e| e.source.trim().is_empty()));
         let mixed = generate(Split::Train, Kind::Mixed, 10_000, 1, None);
         let dates = mixed.iter().filter(|e| e.kind == Kind::Date).count();
-        assert!((6_500..7_500).contains(&dates), "{dates}");
+        assert!((6_200..7_200).contains(&dates), "{dates}");
         // Respelled texts include spaces runs, leading zeros and every case.
         assert!(mixed.iter().any(|e| e.source.starts_with(' ')));
         assert!(mixed.iter().any(|e| e.source.contains("  ")));

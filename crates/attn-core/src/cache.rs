@@ -196,4 +196,43 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("`k`"), "{err}");
     }
+
+    /// Row `i` becomes a copy of old row `rows[i]`, whole (keys and values, every head, every
+    /// cached step); the rows past `rows.len()` copy `rows[0]`; an index past the batch is an
+    /// error. Beam search relies on it: a hypothesis that overtakes another reads its own
+    /// history only if its row moved with it.
+    #[test]
+    fn reorder_moves_whole_rows() {
+        let (b, g, d, dv) = (3, 2, 2, 3);
+        let mut cache = KvCache::new(b, g, d, dv, 2);
+        for step in 0..3 {
+            let k: Vec<f32> = (0..b * g * d).map(|i| (1000 * step + i) as f32).collect();
+            let v: Vec<f32> = (0..b * g * dv).map(|i| -((1000 * step + i) as f32)).collect();
+            cache
+                .append(
+                    View4::contiguous(&k, [b, g, 1, d]).unwrap(),
+                    View4::contiguous(&v, [b, g, 1, dv]).unwrap(),
+                )
+                .unwrap();
+        }
+        let row = |cache: &KvCache, r: usize| -> (Vec<f32>, Vec<f32>) {
+            let mut keys = Vec::new();
+            let mut values = Vec::new();
+            for gi in 0..g {
+                for t in 0..cache.len() {
+                    keys.extend((0..d).map(|j| cache.keys().get([r, gi, t, j])));
+                    values.extend((0..dv).map(|j| cache.values().get([r, gi, t, j])));
+                }
+            }
+            (keys, values)
+        };
+        let before: Vec<_> = (0..b).map(|r| row(&cache, r)).collect();
+        assert_ne!(before[0], before[2]);
+        cache.reorder(&[2, 0]).unwrap();
+        assert_eq!(row(&cache, 0), before[2]);
+        assert_eq!(row(&cache, 1), before[0]);
+        assert_eq!(row(&cache, 2), before[2], "past rows.len(): rows[0]");
+        let err = cache.reorder(&[0, 3]).unwrap_err();
+        assert!(err.to_string().contains('3'), "{err}");
+    }
 }

@@ -177,3 +177,89 @@ fn batch_first_may_be_omitted_but_not_false() {
     let err = Seq2SeqConfig::from_json(&serde_json::Value::Object(map).to_string()).unwrap_err();
     assert!(err.to_string().contains("batch_first"), "{err}");
 }
+
+/// The teacher-forced log-probability of `tokens` (output ids, `<eos>` included when there) for
+/// `source`: the batch is built from the ids themselves, so any id (`<unk>` too) is scored.
+fn forced_log_prob(model: &Seq2Seq, source: &str, tokens: &[usize]) -> f64 {
+    let mut batch = model.batch(&[(source, "")]).unwrap();
+    let t = tokens.len();
+    batch.t = t;
+    batch.tgt_in = std::iter::once(1).chain(tokens[..t - 1].iter().copied()).collect();
+    batch.labels = tokens.iter().map(|&id| id as i64).collect();
+    batch.tgt_lengths = vec![t];
+    let logits = model.logits(&batch, Par::Seq).unwrap();
+    let vt = model.config().tgt_vocab.len();
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(step, &id)| {
+            let row = &logits[step * vt..(step + 1) * vt];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+            let log_z = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            row[id] as f64 - log_z
+        })
+        .sum()
+}
+
+/// Beam search reads each hypothesis's own history from the KV caches: after every step the
+/// cache rows follow the hypotheses they extend (`KvCache::reorder`, in every decoder layer).
+/// The model is untrained (PyTorch's initialisation, seeded), so hypotheses overtake each other
+/// all the time (64 of the 80 answers below are not greedy's): where the beam's answer differs
+/// from the greedy one, it was not the best hypothesis at
+/// some step, so it read a cache row that a reorder moved. Its log-probability must still equal
+/// teacher forcing of its tokens; an identity reorder, or one that skips a layer, accumulates
+/// other hypotheses' history and fails here.
+#[test]
+fn beam_hypotheses_keep_their_own_caches() {
+    let mut layer = attn_nn::LayerConfig::new(32, 4);
+    layer.dim_feedforward = 64;
+    layer.dropout = 0.0;
+    layer.batch_first = true;
+    let config = Seq2SeqConfig {
+        transformer: attn_nn::TransformerConfig {
+            layer,
+            num_encoder_layers: 1,
+            num_decoder_layers: 3,
+        },
+        max_len: 40,
+        src_vocab: attn_nn::Vocab::from_texts(["0123456789 abcdefghijklmnopqrstuvwxyz./,ABCDEFGHIJKLMNOPQRSTUVWXYZ"]),
+        tgt_vocab: attn_nn::Vocab::from_texts(["0123456789-"]),
+    };
+    let model = Seq2Seq::with_seed(config, 1).unwrap();
+    let sources: Vec<String> = (0..40)
+        .map(|i| {
+            let days = [
+                "3 March 1902",
+                "28 Nov 2026",
+                "July 4",
+                "12.1.2000",
+                "the 2nd of May 1950",
+                "1999/12/31",
+            ];
+            format!("{} {}", days[i % days.len()], i)
+        })
+        .collect();
+    let (mut worst, mut overtaken) = (0.0f64, 0);
+    for width in [3, 5] {
+        for source in &sources {
+            let greedy = &model.greedy(&[source.as_str()], 10, false, Par::Seq).unwrap()[0];
+            let decoded = &model.beam(&[source.as_str()], width, 10, Par::Seq).unwrap()[0];
+            overtaken += usize::from(decoded.tokens != greedy.tokens);
+            let forced = forced_log_prob(&model, source, &decoded.tokens);
+            let error = (forced - decoded.log_prob).abs() / forced.abs().max(1.0);
+            worst = worst.max(error);
+            // Measured 2.1e-7.
+            assert!(
+                error < 2e-6,
+                "{source}, beam {width}: log_prob {} but teacher forcing gives {forced} ({:?})",
+                decoded.log_prob,
+                decoded.tokens
+            );
+        }
+    }
+    assert!(
+        overtaken >= 10,
+        "only {overtaken} beam answers differ from greedy: the test checks too little"
+    );
+    eprintln!("worst relative log-probability difference {worst:.1e}, {overtaken} of 80 answers not greedy");
+}
