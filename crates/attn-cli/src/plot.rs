@@ -156,6 +156,36 @@ pub fn training_curves(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64, f6
     save_png(path, width, height, &rgb)
 }
 
+/// The width in pixels of `text` in the embedded font at `size`.
+fn text_width(text: &str, size: u32) -> i32 {
+    register_font();
+    ("sans-serif", size)
+        .into_font()
+        .box_size(text)
+        .map_or(text.chars().count() as i32 * size as i32 / 2, |(w, _)| w as i32)
+}
+
+/// `text` in lines no wider than `width` pixels at `size`, broken at spaces (a word wider than
+/// the line stands alone on its line).
+fn wrap_text(text: &str, width: i32, size: u32) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        let candidate = if line.is_empty() {
+            word.to_string()
+        } else {
+            format!("{line} {word}")
+        };
+        if !line.is_empty() && text_width(&candidate, size) > width {
+            lines.push(std::mem::replace(&mut line, word.to_string()));
+        } else {
+            line = candidate;
+        }
+    }
+    lines.push(line);
+    lines
+}
+
 /// A heatmap of `weights` (`[rows, cols]`, values in 0..1) with row labels down the left,
 /// column labels rotated along the top, a colour bar and a title, as a PNG.
 pub fn heatmap(path: &Path, title: &str, rows: &[String], cols: &[String], weights: &[f32]) -> Result<()> {
@@ -189,27 +219,42 @@ pub fn heatmap_grid(
     let (rows, cols): (Vec<String>, Vec<String>) = (rows.iter().map(short).collect(), cols.iter().map(short).collect());
     let per_row = (panels.len() as f64).sqrt().ceil() as usize;
     let grid_rows = panels.len().div_ceil(per_row);
-    let cell = ((if panels.len() == 1 { 560 } else { 300 }) / cols.len().max(rows.len())).clamp(8, 40) as i32;
+    // At least the labels' height, so that no two labels overlap however long the input.
+    let cell = ((if panels.len() == 1 { 560 } else { 300 }) / cols.len().max(rows.len())).clamp(16, 40) as i32;
     let label_w = 14 + 8 * rows.iter().map(|r| r.chars().count()).max().unwrap_or(1) as i32;
     let label_h = 14 + 8 * cols.iter().map(|c| c.chars().count()).max().unwrap_or(1) as i32;
     let panel_title = if panels.len() == 1 { 0 } else { 22 };
     let panel_w = label_w + cell * cols.len() as i32 + 24;
     let panel_h = panel_title + label_h + cell * rows.len() as i32 + 24;
-    let (w, h) = (panel_w * per_row as i32 + 110, 50 + panel_h * grid_rows as i32);
+    // The title in as many lines as it needs at the grid's width (at least 700 pixels): the
+    // picture is sized to hold it, and the colour bar, whatever the input's length.
+    let content_w = panel_w * per_row as i32 + 110;
+    let title_lines = wrap_text(title, content_w.max(700) - 24, 18);
+    let title_w = title_lines.iter().map(|l| text_width(l, 18)).max().unwrap_or(0);
+    let header = 24 + 24 * title_lines.len() as i32;
+    let bar_h = (cell * rows.len() as i32).max(100);
+    let w = content_w.max(title_w + 24).max(420);
+    let h = (header + panel_h * grid_rows as i32).max(header + panel_title + label_h + bar_h + 24);
     let (width, height) = (w.max(420) as u32, h as u32);
     let mut rgb = vec![0u8; width as usize * height as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(err(path))?;
-        root.draw(&Text::new(title.to_string(), (12, 12), ("sans-serif", 18).into_font()))
+        for (i, line) in title_lines.iter().enumerate() {
+            root.draw(&Text::new(
+                line.clone(),
+                (12, 12 + 24 * i as i32),
+                ("sans-serif", 18).into_font(),
+            ))
             .map_err(err(path))?;
+        }
         let colour = |v: f32| {
             let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
             ViridisRGB::get_color(v as f64)
         };
         let rotated = ("sans-serif", 13).into_font().transform(FontTransform::Rotate270);
         for (p, (name, weights)) in panels.iter().enumerate() {
-            let (ox, oy) = ((p % per_row) as i32 * panel_w, 50 + (p / per_row) as i32 * panel_h);
+            let (ox, oy) = ((p % per_row) as i32 * panel_w, header + (p / per_row) as i32 * panel_h);
             if !name.is_empty() {
                 root.draw(&Text::new(
                     name.clone(),
@@ -241,7 +286,7 @@ pub fn heatmap_grid(
             }
         }
         // One colour bar for all panels: 0 at the bottom, 1 at the top.
-        let (bx, by, bh) = (w - 90, 50 + panel_title + label_h, (cell * rows.len() as i32).max(100));
+        let (bx, by, bh) = (content_w - 90, header + panel_title + label_h, bar_h);
         for k in 0..bh {
             let v = 1.0 - k as f32 / (bh - 1).max(1) as f32;
             root.draw(&Rectangle::new(
@@ -257,4 +302,51 @@ pub fn heatmap_grid(
         root.present().map_err(err(path))?;
     }
     save_png(path, width, height, &rgb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nothing is clipped: for inputs of 1 to 70 characters and titles short and long, the
+    /// picture's outermost pixels are background, so the title, the labels and the colour bar
+    /// all end inside it.
+    #[test]
+    fn heatmaps_hold_their_title_labels_and_colour_bar() {
+        let dir = std::env::temp_dir().join(format!("attn-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (n_cols, n_rows, title_words) in [(1, 2, 3), (2, 2, 20), (27, 11, 20), (70, 2, 40), (12, 30, 1)] {
+            let cols: Vec<String> = (0..n_cols)
+                .map(|i| ((b'a' + (i % 26) as u8) as char).to_string())
+                .collect();
+            let rows: Vec<String> = (0..n_rows).map(|i| format!("{}", i % 10)).collect();
+            let weights: Vec<f32> = (0..n_rows * n_cols).map(|i| (i % 7) as f32 / 6.0).collect();
+            let title = vec!["cross-attention"; title_words].join(" ");
+            let path = dir.join(format!("h{n_cols}.png"));
+            heatmap(&path, &title, &rows, &cols, &weights).unwrap();
+            let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+            let mut reader = decoder.read_info().unwrap();
+            let mut rgb = vec![0u8; reader.output_buffer_size().unwrap()];
+            let info = reader.next_frame(&mut rgb).unwrap();
+            let (w, h) = (info.width as usize, info.height as usize);
+            let white = |x: usize, y: usize| rgb[(y * w + x) * 3..(y * w + x) * 3 + 3] == [255, 255, 255];
+            for y in 0..h {
+                for x in w - 3..w {
+                    assert!(
+                        white(x, y),
+                        "{n_cols} columns: pixel ({x}, {y}) at the right edge is drawn on"
+                    );
+                }
+            }
+            for x in 0..w {
+                for y in h - 3..h {
+                    assert!(
+                        white(x, y),
+                        "{n_cols} columns: pixel ({x}, {y}) at the bottom edge is drawn on"
+                    );
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -51,6 +51,7 @@ mod mask;
 mod nonfinite;
 mod path;
 mod reference;
+mod scores;
 mod simd;
 mod softmax;
 mod tile;

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use crate::flash::validate;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale, validate_options};
+use crate::scores::{scores_into, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_row};
 use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
@@ -141,12 +142,17 @@ pub fn attention_unfused(
 }
 
 /// Bytes of scratch [`attention_unfused`] allocates on `workers` threads for `q: [B, H, S, D]`
-/// and `T` keys: the `[S, T]` scores, the row sums and the scaled queries of one head each.
+/// and `T` keys: the `[S, T]` scores, the row sums, the scaled queries and the keys in panels
+/// of one head each.
 pub fn unfused_scratch_bytes([_, _, s, d]: [usize; 4], t: usize, workers: usize) -> u128 {
+    // Scores `[S, T]` with T padded to the tile kernel's panels, the LSE, the scaled queries,
+    // and the keys in transposed panels `[T, D]` (padded likewise).
+    let t_pad = (t as u128).div_ceil(crate::tile::NR as u128) * crate::tile::NR as u128;
     let per_worker = (s as u128)
-        .saturating_mul(t as u128)
+        .saturating_mul(t_pad)
         .saturating_add(s as u128)
-        .saturating_add((s as u128).saturating_mul(d as u128));
+        .saturating_add((s as u128).saturating_mul(d as u128))
+        .saturating_add(t_pad.saturating_mul(d as u128));
     per_worker.saturating_mul(workers as u128).saturating_mul(4)
 }
 
@@ -182,7 +188,11 @@ pub(crate) fn unfused_impl(
     let (qs, ks, vs) = (q.strides(), k.strides(), v.strides());
     // Set when a row came out non-finite from a finite softmax: a non-finite value reached it.
     let spoilt_rows = AtomicBool::new(false);
-    let head_job = |(scores, lses, q_scaled): &mut (Vec<f32>, Vec<f32>, Vec<f32>), bh: usize| {
+    // The flash path's score arithmetic (`crate::scores`), so that either forward path gives the
+    // backward the same scores to recompute; rows `ld` apart.
+    let kernel = ScoreKernel::for_call(plan.rows_per_group, ks[3] == 1);
+    let ld = kernel.min_ld(t);
+    let head_job = |(scores, lses, q_scaled, kt): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), bh: usize| {
         let (b, h) = (bh / plan.h, bh % plan.h);
         let g = h / plan.rep;
         // `scale·q` first, as the flash kernel does: a product `q·k` that would overflow f32
@@ -193,28 +203,18 @@ pub(crate) fn unfused_impl(
                 *x = q.data()[base + j * qs[3]] * scale;
             }
         }
-        // SAFETY: every view was bounds-checked by `validate`; `scores` holds S×T elements and
-        // `q_scaled` S×D; the destination head `(b, h)` is written by this job only (the same
-        // holds for the second GEMM).
-        unsafe {
-            gemm_raw(
-                scores.as_mut_ptr(),
-                [t, 1],
-                [s, t, d],
-                Accum::Replace,
-                q_scaled.as_ptr(),
-                [d, 1],
-                k.data().as_ptr().add(b * ks[0] + g * ks[1]),
-                [ks[3], ks[2]],
-                1.0,
-                Par::Seq,
-            );
-        }
+        let keys = Keys {
+            keys: &k.data()[b * ks[0] + g * ks[1]..],
+            row_stride: ks[2],
+            col_stride: ks[3],
+            bc: t,
+        };
+        scores_into(kernel, scores, ld, q_scaled, [s, d], keys, kt);
         let key_length = options.key_lengths.map_or(t, |l| l[b]);
         for si in 0..s {
             let limit = options.causal.key_limit(si, s, t).min(key_length);
             let value = softmax_row(
-                &mut scores[si * t..(si + 1) * t],
+                &mut scores[si * ld..si * ld + t],
                 1.0,
                 options,
                 [b, h, si],
@@ -227,7 +227,8 @@ pub(crate) fn unfused_impl(
                 unsafe { *ptr.get().add(b * lst[0] + h * lst[1] + si * lst[2]) = value };
             }
         }
-        // SAFETY: see above.
+        // SAFETY: every view was bounds-checked by `validate`; `scores` holds [S, ld]; the
+        // destination head `(b, h)` is written by this job only.
         unsafe {
             gemm_raw(
                 out_ptr.get().add(b * ost[0] + h * ost[1]),
@@ -235,7 +236,7 @@ pub(crate) fn unfused_impl(
                 [s, dv, t],
                 Accum::Replace,
                 scores.as_ptr(),
-                [t, 1],
+                [ld, 1],
                 v.data().as_ptr().add(b * vs[0] + g * vs[1]),
                 [vs[2], vs[3]],
                 1.0,
@@ -249,7 +250,7 @@ pub(crate) fn unfused_impl(
     };
     let heads = plan.b * plan.h;
     // What `unfused_scratch_bytes` counts, per worker.
-    let buffers = || (vec![0.0f32; s * t], vec![0.0f32; s], vec![0.0f32; s * d]);
+    let buffers = || (vec![0.0f32; s * ld], vec![0.0f32; s], vec![0.0f32; s * d], Vec::new());
     match par {
         Par::Seq => {
             let mut buffers = buffers();
@@ -390,15 +391,16 @@ pub fn attention_weights(
     let qs = q.strides();
     const ROWS: usize = crate::BLOCK_ROWS;
     const KEYS: usize = crate::BLOCK_KEYS;
-    // The scores come from the flash kernel's tile machinery: K transposed once per call and
-    // the AVX2+FMA micro-kernel where available, faer's GEMM elsewhere.
-    let micro = crate::simd::simd_level().is_vector();
+    // The scores come from the flash kernel's tile machinery with the call's score kernel, so
+    // the weights are the forward's probabilities bit for bit: K transposed once per call for
+    // the tile GEMM.
     let plan = crate::flash::Plan::new([b, h, s, d], [g, t, d]);
-    let kt_packed = micro.then(|| crate::flash::pack_keys_transposed(&plan, &k, par));
+    let kernel = ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1);
+    let kt_packed = (kernel == ScoreKernel::Tile).then(|| crate::flash::pack_keys_transposed(&plan, &k, par));
     let keys = crate::flash::KeySource {
         k,
         kt_packed: kt_packed.as_deref(),
-        micro,
+        kernel,
     };
     let key_blocks = t.div_ceil(KEYS);
     let row_tiles = s.div_ceil(ROWS);

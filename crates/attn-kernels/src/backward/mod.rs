@@ -43,6 +43,7 @@ use rayon::prelude::*;
 use crate::flash::validate;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale};
+use crate::scores::{scores_into, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, scale_into, softmax_grad_row};
 use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, View, View4, ViewMut4};
@@ -185,6 +186,7 @@ pub fn attention_backward_path(
         inputs,
         options,
         scale: resolve_scale(options, plan.d),
+        score_kernel: ScoreKernel::for_call(plan.rows_per_group, inputs.k.strides()[3] == 1),
         delta: &delta,
         dq: Out::new(&mut dq),
         dk: Out::new(&mut dk),
@@ -278,6 +280,10 @@ struct Scratch {
     q_tile: Vec<f32>,
     /// `[ROWS, key block]`: probabilities, then `dS`.
     p: Vec<f32>,
+    /// `[ROWS, key block padded]`: scores from a kernel that writes whole column panels.
+    padded: Vec<f32>,
+    /// The key block in transposed panels, for the tile kernel.
+    kt: Vec<f32>,
     /// `[ROWS, key block]`: `dP`.
     dp: Vec<f32>,
     /// `[key block, D]` and `[key block, Dv]`: the key task's sums.
@@ -304,6 +310,8 @@ struct Job<'a, 'o> {
     inputs: BackwardInputs<'a>,
     options: &'o AttentionOptions<'a>,
     scale: f32,
+    /// The forward's score arithmetic for this call (`crate::scores`).
+    score_kernel: ScoreKernel,
     delta: &'o [f32],
     dq: Out,
     dk: Out,
@@ -448,25 +456,45 @@ impl Job<'_, '_> {
                     .for_each(|(j, x)| *x = q.data()[base + j * q_st[3]] * self.scale);
             }
         }
-        // Overwritten whole by the GEMM below: no zero-fill per tile.
-        scratch.p.resize(rows * bc, 0.0);
+        // The forward's arithmetic, so that each score has the forward's bits: a row whose
+        // only visible key took all the weight gets P = 1 exactly, and large logits lose no
+        // more than the LSE's own rounding.
         let k_st = k.strides();
-        // SAFETY: `p` holds [rows, bc], `q_tile` [rows, D]; the key block `[b, g, t0..t0+bc, :]`
-        // was bounds-checked with `k`.
-        unsafe {
-            gemm_raw(
-                scratch.p.as_mut_ptr(),
-                [bc, 1],
-                [rows, bc, sh.d],
-                Accum::Replace,
-                scratch.q_tile.as_ptr(),
-                [sh.d, 1],
-                k.data().as_ptr().add(k.offset([b, g, t0, 0])),
-                [k_st[3], k_st[2]],
-                1.0,
-                Par::Seq,
-            )
+        let keys = Keys {
+            keys: &k.data()[k.offset([b, g, t0, 0])..],
+            row_stride: k_st[2],
+            col_stride: k_st[3],
+            bc,
         };
+        let ld = self.score_kernel.min_ld(bc);
+        let kernel = self.score_kernel;
+        // Overwritten whole by the kernel: no zero-fill per tile.
+        scratch.p.resize(rows * bc, 0.0);
+        if ld == bc {
+            scores_into(
+                kernel,
+                &mut scratch.p,
+                bc,
+                &scratch.q_tile,
+                [rows, sh.d],
+                keys,
+                &mut scratch.kt,
+            );
+        } else {
+            scratch.padded.resize(rows * ld, 0.0);
+            scores_into(
+                kernel,
+                &mut scratch.padded,
+                ld,
+                &scratch.q_tile,
+                [rows, sh.d],
+                keys,
+                &mut scratch.kt,
+            );
+            for (dst, src) in scratch.p.chunks_exact_mut(bc).zip(scratch.padded.chunks_exact(ld)) {
+                dst.copy_from_slice(&src[..bc]);
+            }
+        }
         for (i, row) in scratch.p.chunks_exact_mut(bc).enumerate() {
             let s = r0 + i;
             mask_row(row, self.options, [b, h, s], t0, self.limit(b, s), [sh.s, sh.t]);

@@ -379,3 +379,77 @@ fn shape_errors_name_the_tensor() {
     .unwrap_err();
     assert!(err.to_string().contains("`dout` has shape [1, 2, 2, 5]"), "{err}");
 }
+
+/// A row whose only visible key holds all its weight gets `P = 1` exactly in the backward, as
+/// in the forward: the backward recomputes each score with the forward's arithmetic
+/// (`crate::scores`), so `exp(s − lse) = exp(0)`. Row `i` sees key `i` alone (a bool mask), with
+/// logits in the hundreds, so that any other rounding of a score would move `P` by about
+/// `|s|·ε`: `dV[i]` must be `dO[i]` to the bit and the unseen keys' `dV` zero. On both forward
+/// paths (flash, unfused), every backward path, and every score kernel (few rows: dot products;
+/// many: the tile GEMM; the portable sum when run at `ATTN_SIMD=scalar`).
+#[test]
+fn a_single_visible_key_gets_all_the_weight_exactly() {
+    for (b, h, s, t, d, dv) in [(3, 2, 17, 20, 80, 80), (1, 2, 5, 9, 16, 24), (1, 1, 70, 130, 33, 16)] {
+        let mut q = random_vec(b * h * s * d, 31);
+        q.iter_mut().for_each(|x| *x *= 60.0);
+        let k = random_vec(b * h * t * d, 32);
+        let v = random_vec(b * h * t * dv, 33);
+        let dout = random_vec(b * h * s * dv, 34);
+        let allowed: Vec<bool> = (0..b * h * s * t).map(|n| (n / t) % s == n % t).collect();
+        let options = AttentionOptions {
+            mask: crate::Mask::Allowed(View4::contiguous(&allowed, [b, h, s, t]).unwrap()),
+            ..Default::default()
+        };
+        let (qv, kv, vv) = (
+            View4::contiguous(&q, [b, h, s, d]).unwrap(),
+            View4::contiguous(&k, [b, h, t, d]).unwrap(),
+            View4::contiguous(&v, [b, h, t, dv]).unwrap(),
+        );
+        for unfused in [false, true] {
+            let mut out = vec![f32::NAN; b * h * s * dv];
+            let mut lse = vec![f32::NAN; b * h * s];
+            let (o, l) = (
+                ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
+                Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+            );
+            if unfused {
+                crate::attention_unfused(o, l, qv, kv, vv, &options, Par::Seq).unwrap();
+            } else {
+                flash_attention(o, l, qv, kv, vv, &options, Par::Seq).unwrap();
+            }
+            let inputs = BackwardInputs {
+                q: qv,
+                k: kv,
+                v: vv,
+                out: View4::contiguous(&out, [b, h, s, dv]).unwrap(),
+                lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+                dout: View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
+            };
+            for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
+                let mut dq = vec![f32::NAN; b * h * s * d];
+                let mut dk = vec![f32::NAN; b * h * t * d];
+                let mut dvv = vec![f32::NAN; b * h * t * dv];
+                let grads = Gradients {
+                    dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+                    dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
+                    dv: ViewMut4::contiguous(&mut dvv, [b, h, t, dv]).unwrap(),
+                };
+                attention_backward_path(grads, inputs, &options, Par::Seq, path).unwrap();
+                for bh in 0..b * h {
+                    for j in 0..t {
+                        let got = &dvv[(bh * t + j) * dv..(bh * t + j + 1) * dv];
+                        if j < s {
+                            let want = &dout[(bh * s + j) * dv..(bh * s + j + 1) * dv];
+                            assert_eq!(
+                                got, want,
+                                "unfused forward {unfused}, {path:?}, [{b},{h},{s},{t}]: dV of key {j}"
+                            );
+                        } else {
+                            assert!(got.iter().all(|&x| x == 0.0), "{path:?}: key {j} is seen by no row");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

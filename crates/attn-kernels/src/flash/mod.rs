@@ -52,6 +52,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rayon::prelude::*;
 
 use crate::mask::resolve_scale;
+use crate::scores::ScoreKernel;
 use crate::view::SharedMut;
 use crate::{AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
 
@@ -125,6 +126,7 @@ pub(crate) fn flash_impl(
     let dst = Dst::new(&mut out, &mut lse);
     let scale = resolve_scale(options, plan.d);
     let micro = crate::simd::simd_level().is_vector();
+    let score_kernel = ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1);
     // When several row tiles read the same keys, transpose K once for the whole call rather
     // than once per tile: `[B, G, key blocks, D, kt_ld]`, zero past T.
     let packed = micro && plan.row_tiles > 1;
@@ -141,6 +143,7 @@ pub(crate) fn flash_impl(
         kt_packed: kt_packed.as_deref(),
         v_packed: v_packed.as_deref(),
         micro,
+        score_kernel,
     };
     let spoilt = if plan.splits == 1 {
         attend_unsplit(&plan, &ops, dst, par)
@@ -192,6 +195,8 @@ struct Operands<'a, 'o> {
     v_packed: Option<&'o [f32]>,
     /// Whether the vector micro-kernels (AVX2 or AVX-512) run the tile GEMMs.
     micro: bool,
+    /// How the scores are computed (the backward recomputes them the same way).
+    score_kernel: ScoreKernel,
 }
 
 /// Runs `body(scratch, task)` for every task, sequentially or on the rayon pool.

@@ -5,6 +5,7 @@ use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::mask_row;
+use crate::scores::{key_panels, scores_into, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::tile::NR;
 use crate::{Accum, Par, View4};
@@ -109,37 +110,6 @@ fn pack_blocks(
         Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(one),
     }
     packed
-}
-
-/// `bc` key rows (`keys[j·row_stride + p·col_stride]`, `p < d`) into transposed panels:
-/// `dst[(j / NR)·d·NR + p·NR + j % NR]`, zero for `j` from `bc` up to the next multiple of
-/// [`NR`].
-fn key_panels(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, row_stride: usize, col_stride: usize) {
-    if bc == 0 {
-        return;
-    }
-    let panels = bc.div_ceil(NR);
-    assert!(dst.len() >= panels * d * NR && keys.len() > (bc - 1) * row_stride + (d - 1) * col_stride);
-    for panel in 0..panels {
-        let (j0, n) = (panel * NR, (bc - panel * NR).min(NR));
-        let out = &mut dst[panel * d * NR..(panel + 1) * d * NR];
-        if n < NR {
-            out.fill(0.0);
-        }
-        let src = &keys[j0 * row_stride..];
-        #[cfg(target_arch = "x86_64")]
-        if col_stride == 1 && crate::simd::simd_level().is_vector() {
-            // SAFETY: a vector level (with AVX2) was detected; the assertion above bounds both
-            // operands: `n` rows of `d` floats in, `[d, NR]` out.
-            unsafe { crate::tile::avx2::transpose(n, d, src.as_ptr(), row_stride, out.as_mut_ptr(), NR) };
-            continue;
-        }
-        for j in 0..n {
-            for p in 0..d {
-                out[p * NR + j] = src[j * row_stride + p * col_stride];
-            }
-        }
-    }
 }
 
 /// `bc` value rows (`values[j·strides[0] + c·strides[1]]`, `c < dv`) into panels of [`NR`]
@@ -261,7 +231,7 @@ fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows
     let keys = KeySource {
         k: ops.k,
         kt_packed: ops.kt_packed,
-        micro: ops.micro,
+        kernel: ops.score_kernel,
     };
     let tile = ScoreTile {
         scores: &mut scratch.scores,
@@ -273,11 +243,11 @@ fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows
 }
 
 /// Where a key block's scores come from: `k: [B, G, T, D]`, K transposed once for the call
-/// when packed ([`pack_keys_transposed`]), and whether the AVX2+FMA micro-kernels run.
+/// when packed ([`pack_keys_transposed`]), and the call's score kernel.
 pub(crate) struct KeySource<'a> {
     pub k: View4<'a, f32>,
     pub kt_packed: Option<&'a [f32]>,
-    pub micro: bool,
+    pub kernel: ScoreKernel,
 }
 
 /// The buffers of one tile's pass 1: `scores: [BLOCK_ROWS, SCORES_LD]`, the scaled query rows
@@ -303,46 +273,24 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     let (k_data, k_st) = (keys.k.data(), keys.k.strides());
     let k_base = b * k_st[0] + g * k_st[1] + t0 * k_st[2];
     assert!(scores.len() >= BLOCK_ROWS * SCORES_LD && q_tile.len() >= n_rows * d && n_rows <= BLOCK_ROWS);
-    if !keys.micro {
-        // SAFETY: `scores` holds BLOCK_ROWS×SCORES_LD elements and `q_tile` n_rows×D (checked
-        // above); the key block `[b, g, t0..t0+bc, :]` was bounds-checked with `k`.
-        unsafe {
-            gemm_raw(
-                scores.as_mut_ptr(),
-                [SCORES_LD, 1],
-                [n_rows, bc, d],
-                Accum::Replace,
-                q_tile.as_ptr(),
-                [d, 1],
-                k_data.as_ptr().add(k_base),
-                [k_st[3], k_st[2]],
-                1.0,
-                Par::Seq,
-            )
+    if keys.kernel != ScoreKernel::Tile {
+        // Decoding's dot products against the keys in place, or the portable sum: the same
+        // function the backward recomputes its scores with (`crate::scores`).
+        let block = Keys {
+            keys: &k_data[k_base..],
+            row_stride: k_st[2],
+            col_stride: k_st[3],
+            bc,
         };
-        return;
-    }
-    // Short tiles (decoding) read the keys in place by dot products; others take the key block
-    // transposed, packed once for the call or here.
-    let keys_in_place = n_rows <= crate::tile::DECODE_ROWS_MAX && k_st[3] == 1 && keys.kt_packed.is_none();
-    #[cfg(target_arch = "x86_64")]
-    if keys_in_place {
-        // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is [n_rows, D], the key rows
-        // `[b, g, t0..t0+bc, :]` are contiguous and were bounds-checked with `k`, and
-        // `scores` is [BLOCK_ROWS, SCORES_LD].
-        unsafe {
-            crate::tile::dot_rows(
-                n_rows,
-                bc,
-                d,
-                q_tile.as_ptr(),
-                d,
-                k_data.as_ptr().add(k_base),
-                k_st[2],
-                scores.as_mut_ptr(),
-                SCORES_LD,
-            )
-        };
+        scores_into(
+            keys.kernel,
+            scores,
+            SCORES_LD,
+            q_tile,
+            [n_rows, d],
+            block,
+            &mut Vec::new(),
+        );
         return;
     }
     let bc_pad = crate::tile::pad_to_nr(bc);
