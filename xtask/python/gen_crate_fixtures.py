@@ -253,7 +253,7 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 class ContractSeq2Seq(torch.nn.Module):
-    """The sequence-to-sequence model of ../shared/CONTRACT.md, as a PyTorch user writes it."""
+    """The sequence-to-sequence model of docs/CLI.md, as a PyTorch user writes it."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -1,5 +1,6 @@
 //! `attn check`: every kernel and module path on random inputs against an f64 reference on this
-//! machine, with the SIMD level and timings, so a user can trust a new machine in one command.
+//! machine, forward and backward (each attention backward path against the f64 chain rule), with
+//! the SIMD level and timings, so a user can trust a new machine in one command.
 //!
 //! Exits 1 when any path is outside its tolerance.
 
@@ -7,9 +8,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::{
-    attention_reference, attention_unfused, attention_weights, broadcast_to, exp_slice, flash_attention, gemm,
-    gemm_reference, simd_level, Accum, AttentionOptions, Causal, Mask, Par, View, View2, View4, ViewMut, ViewMut2,
-    ViewMut4, WeightsDst,
+    attention_backward_path, attention_backward_reference, attention_reference, attention_unfused, attention_weights,
+    backward_path, broadcast_to, exp_slice, flash_attention, gemm, gemm_reference, simd_level, Accum, AttentionOptions,
+    BackwardInputs, BackwardPath, Causal, Gradients, Mask, Par, View, View2, View4, ViewMut, ViewMut2, ViewMut4,
+    WeightsDst,
 };
 use attn_nn::core::{MhaConfig, MhaOptions, MultiHeadAttention, Sequence, StateDict};
 use attn_nn::{BlockMasks, EncoderLayer, LayerConfig};
@@ -105,6 +107,7 @@ fn attention_rows(
         tolerance: 2e-5,
         seconds: secs,
     });
+    backward_rows(rows, label, [b, h, g, s, t, d], [&q, &k, &v], &options)?;
     let mut weights = vec![0.0f32; b * h * s * t];
     let (_, secs) = timed(|| {
         let dst = WeightsDst::PerHead(ViewMut4::contiguous(&mut weights, [b, h, s, t])?);
@@ -123,6 +126,91 @@ fn attention_rows(
         tolerance: 2e-5,
         seconds: secs,
     });
+    Ok(())
+}
+
+/// The attention backward of one configuration on each of its paths (sequential and parallel,
+/// which must give the same bits) against the f64 chain rule, relative to the largest gradient.
+fn backward_rows(
+    rows: &mut Vec<Row>,
+    label: &str,
+    [b, h, g, s, t, d]: [usize; 6],
+    [q, k, v]: [&[f32]; 3],
+    options: &AttentionOptions<'_>,
+) -> Result<()> {
+    let (qv, kv, vv) = (
+        View4::contiguous(q, [b, h, s, d])?,
+        View4::contiguous(k, [b, g, t, d])?,
+        View4::contiguous(v, [b, g, t, d])?,
+    );
+    let mut out = vec![0.0f32; b * h * s * d];
+    let mut lse = vec![0.0f32; b * h * s];
+    flash_attention(
+        ViewMut4::contiguous(&mut out, [b, h, s, d])?,
+        Some(ViewMut::contiguous(&mut lse, [b, h, s])?),
+        qv,
+        kv,
+        vv,
+        options,
+        Par::Rayon,
+    )?;
+    let dout = random_vec(b * h * s * d, 7);
+    let inputs = BackwardInputs {
+        q: qv,
+        k: kv,
+        v: vv,
+        out: View4::contiguous(&out, [b, h, s, d])?,
+        lse: View::contiguous(&lse, [b, h, s])?,
+        dout: View4::contiguous(&dout, [b, h, s, d])?,
+    };
+    let want = attention_backward_reference(qv, kv, vv, inputs.dout, options);
+    let largest = [&want.dq, &want.dk, &want.dv]
+        .iter()
+        .flat_map(|g| g.iter())
+        .fold(1e-30f64, |m, x| m.max(x.abs()));
+    let run = |path: BackwardPath, par: Par| -> Result<([Vec<f32>; 3], f64)> {
+        let mut grads = [
+            vec![0.0f32; b * h * s * d],
+            vec![0.0f32; b * g * t * d],
+            vec![0.0f32; b * g * t * d],
+        ];
+        let [dq, dk, dv] = &mut grads;
+        let (_, secs) = timed(|| {
+            let dst = Gradients {
+                dq: ViewMut4::contiguous(dq, [b, h, s, d])?,
+                dk: ViewMut4::contiguous(dk, [b, g, t, d])?,
+                dv: ViewMut4::contiguous(dv, [b, g, t, d])?,
+            };
+            Ok(attention_backward_path(dst, inputs, options, par, path)?)
+        })?;
+        Ok((grads, secs))
+    };
+    let chosen = backward_path(b * g, s, t);
+    for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
+        let (seq, _) = run(path, Par::Seq)?;
+        let (par, secs) = run(path, Par::Rayon)?;
+        let same_bits = seq
+            .iter()
+            .zip(&par)
+            .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        let error = [(&par[0], &want.dq), (&par[1], &want.dk), (&par[2], &want.dv)]
+            .iter()
+            .map(|(got, want)| max_abs(got, want))
+            .fold(0.0f64, |worst, e| if e.is_nan() || e > worst { e } else { worst })
+            / largest;
+        let name = format!("{path:?}").to_lowercase().replace("pass", "-pass");
+        rows.push(Row {
+            path: format!(
+                "backward {name}{} {label}{}",
+                if path == chosen { " (chosen)" } else { "" },
+                if same_bits { "" } else { " (threads DIFFER)" }
+            ),
+            error: if same_bits { error } else { f64::INFINITY },
+            // Relative to the largest gradient, as the kernel's own tests bound it.
+            tolerance: 1e-5,
+            seconds: secs,
+        });
+    }
     Ok(())
 }
 
@@ -384,14 +472,15 @@ fn report(rows: &[Row], threads: usize, as_json: bool) -> Result<()> {
         );
     } else {
         println!("attn check: SIMD {}, {threads} threads\n", simd_level());
+        let width = rows.iter().map(|r| r.path.chars().count()).max().unwrap_or(4);
         println!(
-            "{:<48} {:>11} {:>10} {:>10}  result",
+            "{:<width$} {:>11} {:>10} {:>10}  result",
             "path", "max error", "tolerance", "time"
         );
         for r in rows {
             let verdict = if passed(r) { "ok" } else { "FAIL" };
             println!(
-                "{:<48} {:>11.2e} {:>10.0e} {:>8.2}ms  {verdict}",
+                "{:<width$} {:>11.2e} {:>10.0e} {:>8.2}ms  {verdict}",
                 r.path,
                 r.error,
                 r.tolerance,

@@ -1,5 +1,5 @@
 //! Sequence-to-sequence checkpoints: one safetensors file, the model's tensors under their
-//! state-dict names and its configuration in the `attn.seq2seq` metadata (../shared/CONTRACT.md),
+//! state-dict names and its configuration in the `attn.seq2seq` metadata (docs/CLI.md),
 //! written atomically.
 
 use std::collections::HashMap;
@@ -17,7 +17,8 @@ pub const METADATA_KEY: &str = "attn.seq2seq";
 
 /// A model from the bytes of a checkpoint; `what` names the file in errors.
 pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Seq2Seq> {
-    let (_, header) = SafeTensors::read_metadata(bytes).with_context(|| format!("{what}: not a safetensors file"))?;
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("{what}: not a valid safetensors file: {e}"))?;
     let json = header
         .metadata()
         .as_ref()

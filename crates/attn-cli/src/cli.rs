@@ -14,7 +14,7 @@ use crate::{attend, bench, check, dates, demo, embed, run, sdpa, train, translat
     version,
     about = "Attention on the CPU, with PyTorch's numbers",
     long_about = None,
-    after_help = "Plain `attn`, with no command, runs `attn demo`.\nFile formats and flags: ../shared/CONTRACT.md; semantics: docs/SEMANTICS.md."
+    after_help = "Plain `attn`, with no command, runs `attn demo`.\nEvery command, flag and file format: docs/CLI.md; semantics: docs/SEMANTICS.md."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -1,4 +1,4 @@
-//! The date-translation task of the shipped model (../shared/CONTRACT.md, docs/CLI.md): a date
+//! The date-translation task of the shipped model (docs/CLI.md): a date
 //! written in one of eleven styles, in any letter case, with or without leading zeros, with any
 //! runs of spaces, to ISO 8601 `YYYY-MM-DD` for years 1900–2099; and `?` for everything it cannot
 //! answer: dates that do not exist, years outside 1900–2099, and text that is not a date in these

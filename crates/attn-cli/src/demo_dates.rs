@@ -21,7 +21,7 @@ const SAMPLES: [&str; 6] = [
     "see you next week",
 ];
 
-/// What the shipped model answers where it has no answer (../shared/CONTRACT.md).
+/// What the shipped model answers where it has no answer (docs/CLI.md).
 pub const UNANSWERED: &str = "?";
 
 /// The model's output as the demo prints it: `?` is spelled out.

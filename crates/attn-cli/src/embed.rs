@@ -41,8 +41,21 @@ impl Embedder {
     /// Loads the folder `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.join("config.json").exists() {
+            // Only the default folder is one that fetch-model fills; a folder the user named is
+            // theirs to fix.
+            if dir == default_model_dir() {
+                bail!(
+                    "no model at the default folder {} (no config.json): run `cargo xtask fetch-model` to install all-MiniLM-L6-v2, or pass --model DIR",
+                    dir.display()
+                );
+            }
+            let what = if dir.is_dir() {
+                "has no config.json"
+            } else {
+                "does not exist"
+            };
             bail!(
-                "model folder {} not found (no config.json): run `cargo xtask fetch-model` to install all-MiniLM-L6-v2, or pass --model DIR",
+                "--model {}: the folder {what}; expected a Hugging Face-style model folder with config.json, model.safetensors and tokenizer.json",
                 dir.display()
             );
         }

@@ -1,5 +1,5 @@
 //! The `attn` command: attention kernels and layers from the command line, with PyTorch's
-//! semantics and safetensors files. See `attn --help` and ../shared/CONTRACT.md.
+//! semantics and safetensors files. See `attn --help` and docs/CLI.md.
 //!
 //! Exit codes: 0 success, 1 runtime error (bad file, bad tensor), 2 usage error (bad flags).
 //! Only this crate does file and terminal IO and uses anyhow. It is a library only so that the

@@ -2,7 +2,7 @@
 //!
 //! MODULE.json holds `"module"`, the PyTorch constructor fields (PyTorch's names and defaults)
 //! and the forward flags; WEIGHTS holds the module's `state_dict()`; IN holds the forward's
-//! inputs under their PyTorch argument names. See ../shared/CONTRACT.md.
+//! inputs under their PyTorch argument names. See docs/CLI.md.
 
 use std::path::{Path, PathBuf};
 

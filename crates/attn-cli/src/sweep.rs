@@ -64,8 +64,9 @@ fn torch_times(python: &str, [b, h, d]: [usize; 3], causal: bool, threads: usize
 /// `attn bench sweep`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Sequence lengths S = T, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 256, 512, 1024, 2048, 4096])]
+    /// Sequence lengths S = T to measure: whole numbers of at least 1, comma-separated (as
+    /// 128,256,512).
+    #[arg(long, value_delimiter = ',', value_parser = crate::flags::at_least_one, default_values_t = [128usize, 256, 512, 1024, 2048, 4096])]
     seq: Vec<usize>,
     /// B, the batch.
     #[arg(long, default_value_t = 1)]

@@ -1,5 +1,5 @@
 //! `attn train`: a sequence-to-sequence Transformer trained on TSV pairs, as
-//! ../shared/CONTRACT.md specifies, and `attn bench train`.
+//! docs/CLI.md specifies, and `attn bench train`.
 //!
 //! One step: a batch, the forward with seeded dropout, `F.cross_entropy` with label smoothing,
 //! the backward, optional clipping, one AdamW update. Everything a step does is a function of
@@ -49,7 +49,7 @@ pub struct ModelFlags {
     /// relu or gelu [default: relu]
     #[arg(long, value_enum)]
     activation: Option<ActivationFlag>,
-    /// Pre-norm layers (default: post-norm, as the paper).
+    /// Pre-norm layers [default: post-norm, as in the paper]
     #[arg(long)]
     norm_first: bool,
 }

@@ -81,6 +81,20 @@ fn embed_errors_say_what_to_do() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
     let err = String::from_utf8_lossy(&missing.stderr);
+    // A folder the user named: what is wrong with it, not an install step.
+    assert!(
+        err.contains("--model /nonexistent/model: the folder does not exist"),
+        "{err}"
+    );
+    assert!(!err.contains("fetch-model"), "{err}");
+    // The default folder, empty: the install step.
+    let default_missing = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["embed", "hello"])
+        .env("ATTN_MODEL_DIR", "/nonexistent/default")
+        .output()
+        .unwrap();
+    assert_eq!(default_missing.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&default_missing.stderr);
     assert!(err.contains("cargo xtask fetch-model"), "{err}");
 
     let bad = std::env::temp_dir().join(format!("attn-embed-bad-{}.txt", std::process::id()));
@@ -94,7 +108,7 @@ fn embed_errors_say_what_to_do() {
         .unwrap();
     assert_eq!(result.status.code(), Some(1));
     let err = String::from_utf8_lossy(&result.stderr);
-    assert!(err.contains("not UTF-8") && err.contains("offset 2"), "{err}");
+    assert!(err.contains("line 1 is not UTF-8") && err.contains("offset 2"), "{err}");
 
     let none = Command::new(env!("CARGO_BIN_EXE_attn"))
         .args(["embed"])

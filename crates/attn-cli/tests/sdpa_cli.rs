@@ -380,7 +380,15 @@ fn check_passes_on_this_machine() {
     let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
     assert_eq!(report["failed"], 0, "{report}");
     let checks = report["checks"].as_array().unwrap();
-    assert!(checks.len() >= 13, "{report}");
+    assert!(checks.len() >= 22, "{report}");
+    // Every backward path of every configuration is checked too.
+    for path in ["one-pass", "two-pass", "unfused"] {
+        let n = checks
+            .iter()
+            .filter(|c| c["path"].as_str().unwrap().starts_with(&format!("backward {path}")))
+            .count();
+        assert_eq!(n, 3, "{path}: {report}");
+    }
     assert!(checks
         .iter()
         .all(|c| c["max_error"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap()));

@@ -258,6 +258,28 @@ fn the_shipped_translator_answers_and_draws() {
     assert!(t["log_prob"].as_f64().unwrap() <= 0.0);
     let beam = ok(&["translate", "Nov 28, 2026", "--beam", "4"]);
     assert_eq!(beam.trim(), "2026-11-28");
+    // Every spelling of the contract, and `?` where there is no answer (greedy and beam alike).
+    for (source, want) in [
+        ("08.05.1911", "1911-05-08"),
+        ("8.5.1911", "1911-05-08"),
+        ("1911/5/8", "1911-05-08"),
+        ("2026-11-28", "2026-11-28"),
+        ("  12   august    1975  ", "1975-08-12"),
+        ("30 February 2001", "?"),
+        ("31 April 2020", "?"),
+        ("29 February 1900", "?"),
+        ("1 January 1850", "?"),
+        ("asdf qwerty", "?"),
+        ("", "?"),
+        ("12345", "?"),
+    ] {
+        assert_eq!(ok(&["translate", source]).trim_end_matches('\n'), want, "{source:?}");
+        assert_eq!(
+            ok(&["translate", "--beam", "3", source]).trim_end_matches('\n'),
+            want,
+            "beam: {source:?}"
+        );
+    }
     let dir = scratch("shipped");
     let (png, html, export) = (dir.join("a.png"), dir.join("a.html"), dir.join("m.safetensors"));
     ok(&["translate", "28 Nov 2026", "--attention", s(&png)]);
@@ -331,6 +353,9 @@ fn the_demo_translates_draws_and_checks() {
     }
     let out = ok(&["demo", "--plain", "--text", "1 jan 2000"]);
     assert!(out.contains("1 jan 2000  ->  2000-01-01"), "{out}");
+    let out = ok(&["demo", "--plain", "--text", "asdf qwerty"]);
+    assert!(out.contains("asdf qwerty  ->  ?  (not a date it can read)"), "{out}");
+    assert!(out.contains("no part of an answer looked"), "{out}");
 }
 
 /// A run that goes wrong says so and keeps what it had: a non-finite loss or gradient norm

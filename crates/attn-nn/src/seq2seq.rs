@@ -1,5 +1,5 @@
 //! The sequence-to-sequence Transformer of "Attention Is All You Need" as PyTorch spells it
-//! (../shared/CONTRACT.md, "Sequence-to-sequence models"): character vocabularies, embeddings
+//! (docs/CLI.md, "Sequence-to-sequence models"): character vocabularies, embeddings
 //! scaled by `sqrt(d_model)` plus the sinusoidal position table, `nn.Transformer(...,
 //! batch_first=True)` and a `generator` to logits. State-dict names: `src_embed.weight`,
 //! `tgt_embed.weight`, `transformer.*`, `generator.weight`, `generator.bias`.
