@@ -2,7 +2,7 @@
 medians. `ATTN_SIMD` in the environment reaches both.
 
 Usage: bench_ab.py BEFORE_BINARY AFTER_BINARY ROUNDS [SHAPE ...]
-SHAPE is "B H G S T D" with an optional "causal" (S = 1 is decoding); without shapes, the five
+SHAPE is "B H G S T D" with an optional "causal" and "backward" (S = 1 is decoding); without shapes, the five
 prefill shapes of issue 12 and the decode shape. The decode table of docs/PERFORMANCE.md came from
   bench_ab.py BEFORE AFTER 5 "1 32 8 1 4096 128" "1 8 8 1 4096 64" "8 16 16 1 1024 128" "1 32 32 1 256 128"
 """
@@ -23,6 +23,8 @@ def main():
         args = ["--batch", b, "--heads", h, "--kv-heads", g, "--seq", s, "--kv-seq", t, "--head-dim", d]
         if causal:
             args.append("--causal")
+        if "backward" in f[6:]:
+            args.append("--backward")
         times = {k: [] for k in bins}
         for _ in range(rounds):
             for k, binary in bins.items():
@@ -30,7 +32,7 @@ def main():
                                      capture_output=True, text=True, check=True).stdout
                 times[k].append(json.loads(out)["median_s"])
         before, after = statistics.median(times["before"]), statistics.median(times["after"])
-        name = f"[{b},{h},{g},{s},{t},{d}]" + (" causal" if causal else "")
+        name = f"[{b},{h},{g},{s},{t},{d}]" + (" causal" if causal else "") + (" fwd+bwd" if "backward" in f[6:] else "")
         print(f"| {name} | {before*1e3:.3f} | {after*1e3:.3f} | {before/after:.3f} |", flush=True)
 
 

@@ -680,7 +680,7 @@ mod tests {
         for n in (-800_000..800_000).step_by(997) {
             let d = Date::from_day_number(n);
             assert_eq!(day_number(d.year, d.month, d.day), n, "{}", d.iso());
-            assert_eq!(days_in_month(d.year, d.month) >= d.day, true);
+            assert!(days_in_month(d.year, d.month) >= d.day);
         }
         assert!(is_leap(2000) && is_leap(2024) && !is_leap(1900) && !is_leap(2100) && !is_leap(2001));
     }
@@ -747,8 +747,7 @@ mod tests {
             let year: i64 = e
                 .source
                 .split(|c: char| !c.is_ascii_digit())
-                .filter(|s| s.len() == 4)
-                .next()
+                .find(|s| s.len() == 4)
                 .unwrap()
                 .parse()
                 .unwrap();

@@ -127,6 +127,8 @@ pub fn training_curves(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64, f6
         let mut acc = ChartBuilder::on(&right)
             .caption("Validation exact match", ("sans-serif", 22))
             .margin(12)
+            // Room for the last step's label at the right edge.
+            .margin_right(28)
             .x_label_area_size(40)
             .y_label_area_size(50)
             .build_cartesian_2d(first..last, 0.0..100.0)

@@ -123,27 +123,45 @@ pub(crate) fn scores_into(
                 kt_scratch.resize(bc_pad * d, 0.0);
             }
             key_panels(kt_scratch, keys, bc, d, row_stride, col_stride);
-            // SAFETY: a vector level was detected (`for_call`); `q_tile` is [rows, D],
-            // `kt_scratch` holds `bc_pad / NR` panels of [D, NR], `dst` [rows, ld] with
-            // `ld ≥ bc_pad` (asserted above).
-            unsafe {
-                crate::tile::gemm::<false>(
-                    rows,
-                    bc_pad,
-                    d,
-                    q_tile.as_ptr(),
-                    d,
-                    kt_scratch.as_ptr(),
-                    NR,
-                    d * NR,
-                    dst.as_mut_ptr(),
-                    ld,
-                )
-            };
+            tile_scores(dst, ld, q_tile, [rows, d], kt_scratch, bc);
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the scalar level exists off x86-64"),
     }
+}
+
+/// [`ScoreKernel::Tile`] on keys already in transposed panels ([`key_panels`]): `dst[i·ld + j]`
+/// for `i < rows`, `j < pad_to_nr(bc)`, from the first `pad_to_nr(bc) / NR` panels of `kt`. The
+/// same bits as [`scores_into`] for those keys: a caller that scores one key block against many
+/// row tiles packs it once.
+pub(crate) fn tile_scores(dst: &mut [f32], ld: usize, q_tile: &[f32], [rows, d]: [usize; 2], kt: &[f32], bc: usize) {
+    let bc_pad = pad_to_nr(bc);
+    if rows == 0 || bc == 0 {
+        return;
+    }
+    assert!(
+        crate::simd::simd_level().is_vector(),
+        "the tile kernel needs a vector level"
+    );
+    assert!(ld >= bc_pad && dst.len() >= (rows - 1) * ld + bc_pad);
+    assert!(q_tile.len() >= rows * d && kt.len() >= bc_pad * d);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a vector level was checked above; `q_tile` is [rows, D], `kt` holds `bc_pad / NR`
+    // panels of [D, NR], `dst` [rows, ld] with `ld ≥ bc_pad` (asserted above).
+    unsafe {
+        crate::tile::gemm::<false>(
+            rows,
+            bc_pad,
+            d,
+            q_tile.as_ptr(),
+            d,
+            kt.as_ptr(),
+            NR,
+            d * NR,
+            dst.as_mut_ptr(),
+            ld,
+        )
+    };
 }
 
 /// `bc` key rows (`keys[j·row_stride + p·col_stride]`, `p < d`) into transposed panels:

@@ -43,8 +43,9 @@ use rayon::prelude::*;
 use crate::flash::validate;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale};
-use crate::scores::{scores_into, Keys, ScoreKernel};
+use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, scale_into, softmax_grad_row};
+use crate::tile::pad_to_nr;
 use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, View, View4, ViewMut4};
 
@@ -284,6 +285,8 @@ struct Scratch {
     padded: Vec<f32>,
     /// The key block in transposed panels, for the tile kernel.
     kt: Vec<f32>,
+    /// `(b, g, t0, bc)` when `kt` holds that key block for the whole key task.
+    packed_keys: Option<(usize, usize, usize, usize)>,
     /// `[ROWS, key block]`: `dP`.
     dp: Vec<f32>,
     /// `[key block, D]` and `[key block, Dv]`: the key task's sums.
@@ -356,6 +359,17 @@ impl Job<'_, '_> {
         scratch.dk.resize(bc * sh.d, 0.0);
         scratch.dv.clear();
         scratch.dv.resize(bc * sh.dv, 0.0);
+        // The tile kernel reads the block's keys in transposed panels: made once here for
+        // every row tile and head of the group, not once per tile.
+        scratch.packed_keys = None;
+        if self.score_kernel == ScoreKernel::Tile && bc > 0 {
+            let k = self.inputs.k;
+            let k_st = k.strides();
+            scratch.kt.resize(pad_to_nr(bc) * sh.d, 0.0);
+            let keys = &k.data()[k.offset([b, g, t0, 0])..];
+            key_panels(&mut scratch.kt, keys, bc, sh.d, k_st[2], k_st[3]);
+            scratch.packed_keys = Some((b, g, t0, bc));
+        }
         let rep = sh.h / sh.g;
         for h in g * rep..(g + 1) * rep {
             for r0 in (0..sh.s).step_by(row_tile) {
@@ -411,6 +425,7 @@ impl Job<'_, '_> {
         let rows = (sh.s - r0).min(ROWS);
         scratch.dq.clear();
         scratch.dq.resize(rows * sh.d, 0.0);
+        scratch.packed_keys = None;
         // Key blocks past every row's limit are never visited.
         let seen = self.keys_seen(b, r0, rows).min(sh.t);
         for t0 in (0..seen).step_by(KEYS) {
@@ -470,27 +485,27 @@ impl Job<'_, '_> {
         let kernel = self.score_kernel;
         // Overwritten whole by the kernel: no zero-fill per tile.
         scratch.p.resize(rows * bc, 0.0);
-        if ld == bc {
-            scores_into(
-                kernel,
-                &mut scratch.p,
-                bc,
-                &scratch.q_tile,
-                [rows, sh.d],
-                keys,
-                &mut scratch.kt,
-            );
+        // Keys packed once for the key task, when this tile reads that block.
+        let packed = scratch
+            .packed_keys
+            .is_some_and(|(pb, pg, pt0, pbc)| (pb, pg, pt0) == (b, g, t0) && bc <= pbc);
+        let Scratch {
+            q_tile, p, padded, kt, ..
+        } = scratch;
+        let scores: &mut Vec<f32> = if ld == bc {
+            p
         } else {
-            scratch.padded.resize(rows * ld, 0.0);
-            scores_into(
-                kernel,
-                &mut scratch.padded,
-                ld,
-                &scratch.q_tile,
-                [rows, sh.d],
-                keys,
-                &mut scratch.kt,
-            );
+            padded.resize(rows * ld, 0.0);
+            padded
+        };
+        if packed {
+            tile_scores(scores, ld, q_tile, [rows, sh.d], kt, bc);
+        } else {
+            scores_into(kernel, scores, ld, q_tile, [rows, sh.d], keys, kt);
+            // `kt` may now hold this tile's keys, not the task's block.
+            scratch.packed_keys = None;
+        }
+        if ld != bc {
             for (dst, src) in scratch.p.chunks_exact_mut(bc).zip(scratch.padded.chunks_exact(ld)) {
                 dst.copy_from_slice(&src[..bc]);
             }

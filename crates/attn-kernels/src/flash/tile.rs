@@ -5,7 +5,7 @@ use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::mask_row;
-use crate::scores::{key_panels, scores_into, Keys, ScoreKernel};
+use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::tile::NR;
 use crate::{Accum, Par, View4};
@@ -293,7 +293,6 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
         );
         return;
     }
-    let bc_pad = crate::tile::pad_to_nr(bc);
     let kt: &[f32] = match keys.kt_packed {
         Some(packed) => {
             let blocks = plan.t.div_ceil(BLOCK_KEYS);
@@ -305,26 +304,8 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
             &*kt_scratch
         }
     };
-    // The kernel reads `kt` through a pointer: check the extent it will read.
-    assert!(kt.len() >= bc_pad * d, "key block of {} values", kt.len());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `q_tile` is
-    // [n_rows, D], `kt` holds `bc_pad / NR` panels of [D, NR] (checked above), `scores` is
-    // [BLOCK_ROWS, SCORES_LD].
-    unsafe {
-        crate::tile::gemm::<false>(
-            n_rows,
-            bc_pad,
-            d,
-            q_tile.as_ptr(),
-            d,
-            kt.as_ptr(),
-            NR,
-            d * NR,
-            scores.as_mut_ptr(),
-            SCORES_LD,
-        )
-    };
+    // The same function the backward recomputes its scores with.
+    tile_scores(scores, SCORES_LD, q_tile, [n_rows, d], kt, bc);
 }
 
 /// The end of pass 1 (the mask) and passes 2 and 3 for each row: row max,
