@@ -5,7 +5,8 @@ For each bug: patch the source, run `cargo test --release -p CRATE` for the crat
 (and for attn-nn too where a layer bug in attn-core must show there), never the CLI's end-to-end
 goldens; record whether it failed and which tests failed; restore the file.
 Exits non-zero if any bug goes uncaught. Run from the workspace root by `cargo xtask mutants
---planted`; standard-library Python only.
+--planted`; standard-library Python only. `--check-anchors` only checks that every bug's anchor
+text is still in its file (`cargo xtask tidy` and its test run it, so moved code fails a test).
 """
 
 import re
@@ -27,8 +28,8 @@ BUGS = [
         "post-norm residual computed as x + norm1(sa)",
         "attn-nn",
         "crates/attn-nn/src/layers.rs",
-        "                self.row(&sum, xr);",
-        "                let _ = &sum; self.row(rr, &mut sum); xr.iter_mut().zip(&sum).for_each(|(a, &n)| *a += n);",
+        "        kernels::add_norm_rows(x, residual, self.params(), par).map_err(AttnError::from)?;",
+        "        let n = self.forward(residual, par)?; x.iter_mut().zip(&n).for_each(|(a, &b)| *a += b);",
     ),
     (
         "out_proj bias skipped",
@@ -95,8 +96,19 @@ def restore(root, saved):
         path.write_bytes(data)
 
 
+def check_anchors(root):
+    """Every bug's anchor text is still in its file: code that moved must move its bug too."""
+    stale = [f"{path}: {what}" for what, _, path, old, _ in BUGS if (root / path).read_text().count(old) < 1]
+    if stale:
+        sys.exit("planted_bugs.py: the code these bugs patch has changed; update their anchors:\n  " + "\n  ".join(stale))
+    print(f"planted_bugs.py: all {len(BUGS)} anchors found")
+
+
 def main():
     root = Path(__file__).resolve().parents[2]
+    if "--check-anchors" in sys.argv[1:]:
+        check_anchors(root)
+        return
     saved = regression_files(root)
     missed = []
     for what, crate, path, old, new in BUGS:

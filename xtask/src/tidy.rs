@@ -1,6 +1,7 @@
 //! House rules no compiler checks, as a `#[test]` (the way rust-analyzer runs its tidy checks)
 //! and as `cargo xtask tidy`: every module opens with a `//!` header, no `#[should_panic]`
-//! (input errors are asserted as `Err`), no trailing whitespace.
+//! (input errors are asserted as `Err`), no trailing whitespace, and every planted bug of
+//! `cargo xtask mutants --planted` still finds the code it patches.
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,22 @@ fn problems_in(shown: &str, text: &str) -> Vec<String> {
     problems
 }
 
+/// `xtask/python/planted_bugs.py --check-anchors`: each planted bug's anchor text is still in its
+/// file (python3, or `ATTN_PYTHON`, standard library only).
+fn planted_anchors(root: &Path) -> Result<()> {
+    let python = std::env::var("ATTN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&python)
+        .arg(root.join("xtask/python/planted_bugs.py"))
+        .arg("--check-anchors")
+        .current_dir(root)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {python} for the planted bugs' anchors: {e}"))?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 /// Checks every source file under `root`; fails listing each problem.
 pub fn check(root: &Path) -> Result<()> {
     let mut problems = Vec::new();
@@ -53,6 +70,9 @@ pub fn check(root: &Path) -> Result<()> {
     for (path, text) in &files {
         let shown = path.strip_prefix(root).unwrap_or(path).display().to_string();
         problems.extend(problems_in(&shown, text));
+    }
+    if let Err(e) = planted_anchors(root) {
+        problems.push(e.to_string());
     }
     if !problems.is_empty() {
         bail!("tidy:\n  {}", problems.join("\n  "));

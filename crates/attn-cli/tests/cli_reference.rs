@@ -23,7 +23,11 @@ fn flags(text: &str) -> Vec<String> {
         .map(|w| w.trim_end_matches(',').to_string())
         // A wrapped line of prose can start with a flag's name and punctuation
         // ("--eval-every]"): only whole names count.
-        .filter(|w| w[2..].chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+        .filter(|w| {
+            w[2..]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
         .filter(|f| f != "--help" && f != "--version")
         .collect()
 }

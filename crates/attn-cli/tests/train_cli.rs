@@ -526,7 +526,18 @@ fn demo_flags_and_closed_pipes() {
         vec!["demo", "--attention", "x.svg"],
         vec!["attend", "--text", "a cat", "--png", "x.jpg"],
         vec!["attend", "--text", "a cat", "--html", "x.htm"],
-        vec!["bench", "sdpa", "--batch", "0", "--heads", "2", "--seq", "8", "--head-dim", "8"],
+        vec![
+            "bench",
+            "sdpa",
+            "--batch",
+            "0",
+            "--heads",
+            "2",
+            "--seq",
+            "8",
+            "--head-dim",
+            "8",
+        ],
         vec!["bench", "sweep", "--seq", "128,0"],
     ] {
         usage_error(&args);
