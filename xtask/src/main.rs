@@ -30,6 +30,7 @@
 //!   alone and reports its held-out accuracy per style and per kind of text it answers `?`;
 //!   `--check` retrains and compares the bytes; `--evaluate` only measures the committed model.
 
+mod imports;
 mod tidy;
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,8 @@
 //! House rules no compiler checks, as a `#[test]` (the way rust-analyzer runs its tidy checks)
 //! and as `cargo xtask tidy`: every module opens with a `//!` header, no `#[should_panic]`
 //! (input errors are asserted as `Err`), no trailing whitespace, and every planted bug of
-//! `cargo xtask mutants --planted` still finds the code it patches.
+//! `cargo xtask mutants --planted` still finds the code it patches, and no import circle between
+//! a crate's modules (`imports.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -70,6 +71,22 @@ pub fn check(root: &Path) -> Result<()> {
     for (path, text) in &files {
         let shown = path.strip_prefix(root).unwrap_or(path).display().to_string();
         problems.extend(problems_in(&shown, text));
+    }
+    for krate in std::fs::read_dir(root.join("crates"))? {
+        let src = krate?.path().join("src");
+        if !src.is_dir() {
+            continue;
+        }
+        let files: Vec<(PathBuf, String)> = files
+            .iter()
+            .filter_map(|(p, t)| p.strip_prefix(&src).ok().map(|r| (r.to_path_buf(), t.clone())))
+            .collect();
+        for circle in crate::imports::circles(&files) {
+            let shown = src.strip_prefix(root).unwrap_or(&src).display().to_string();
+            problems.push(format!(
+                "{shown}: import circle {circle}: move what both need below both"
+            ));
+        }
     }
     if let Err(e) = planted_anchors(root) {
         problems.push(e.to_string());

@@ -17,7 +17,7 @@ use attn_nn::core::{MhaConfig, MhaOptions, MultiHeadAttention, Sequence, StateDi
 use attn_nn::{BlockMasks, EncoderLayer, LayerConfig};
 use serde_json::json;
 
-use crate::bench::random_vec;
+use crate::timing::random_vec;
 
 struct Row {
     path: String,

@@ -19,9 +19,9 @@ use attn_nn::core::kernels::{
     Causal, Mask, Par, View2, View4, ViewMut2, ViewMut4,
 };
 
-use crate::bench::{measure, random_vec, Budget, SdpaBench};
-use crate::embed::{default_model_dir, Embedder};
+use crate::embed::Embedder;
 use crate::heatmap::{render, Style};
+use crate::timing::{measure, random_vec, Budget, SdpaBench};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_TEXT: &str = "the cat sat on the mat because the cat was tired";
@@ -147,16 +147,6 @@ pub fn main(args: Args) -> Result<()> {
             (None, false) => crate::demo_dates::run(text, args.attention.as_deref(), style),
         }
     })
-}
-
-/// Where `attn demo --model` looks by default (all-MiniLM-L6-v2 from `cargo xtask fetch-model`).
-pub fn bert_hint() -> String {
-    let dir = default_model_dir();
-    if dir.join("config.json").exists() {
-        format!("a BERT model's heads: attn demo --model {}", dir.display())
-    } else {
-        "a BERT model's heads: cargo xtask fetch-model, then attn demo --model DIR".to_string()
-    }
 }
 
 /// Layer `layer`, head `head` of a BERT-family model on `text`, and where every head looks.
@@ -362,11 +352,11 @@ fn timing() -> Result<()> {
         kv_seq: 1024,
         head_dim: 64,
         causal: false,
-        path: crate::bench::Path::Flash,
+        path: crate::timing::Path::Flash,
         backward: None,
     };
     let fused = spec.run(budget)?;
-    spec.path = crate::bench::Path::Unfused;
+    spec.path = crate::timing::Path::Unfused;
     let unfused = spec.run(budget)?;
     let small = [1, 2, 128, 64];
     let (sq, sk) = (

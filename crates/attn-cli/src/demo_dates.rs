@@ -10,7 +10,8 @@ use attn_nn::core::kernels::{simd_level, Par};
 use attn_nn::Seq2Seq;
 
 use crate::heatmap::{render, Style};
-use crate::translate::{averaged, cross_attention, draw_attention, shipped};
+use crate::seq2seq_html::averaged;
+use crate::translate::{cross_attention, draw_attention, shipped};
 
 const SAMPLES: [&str; 6] = [
     "Saturday, 28 November 2026",
@@ -85,8 +86,18 @@ pub fn run(text: Option<&str>, picture: Option<&Path>, style: Style) -> Result<(
         draw_attention(&model, path, source, output, &attention)?;
     }
     println!("\ntry: attn demo --text \"your date\"   |   attn demo --attention view.html   |   attn translate --help");
-    println!("     {}", crate::demo::bert_hint());
+    println!("     {}", bert_hint());
     Ok(())
+}
+
+/// Where `attn demo --model` looks by default (all-MiniLM-L6-v2 from `cargo xtask fetch-model`).
+pub fn bert_hint() -> String {
+    let dir = crate::embed::default_model_dir();
+    if dir.join("config.json").exists() {
+        format!("a BERT model's heads: attn demo --model {}", dir.display())
+    } else {
+        "a BERT model's heads: cargo xtask fetch-model, then attn demo --model DIR".to_string()
+    }
 }
 
 /// One line per part of the answer (year, month, day, split at `-`): the source span its

@@ -290,7 +290,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
-    flags: crate::bench::BenchFlags,
+    flags: crate::timing::BenchFlags,
 }
 
 /// Times embedding every line of the file, tokenisation included, model loading excluded.
@@ -302,7 +302,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let batch = args.batch_size as usize;
     let (stats, n) = args.threads.install(|n| {
         embedder.embed(&sentences, batch, Par::Rayon, |_| {})?;
-        let stats = crate::bench::measure(budget, || {
+        let stats = crate::timing::measure(budget, || {
             embedder
                 .embed(&sentences, batch, Par::Rayon, |_| {})
                 .expect("ran once above");
@@ -310,7 +310,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         Ok((stats, n))
     })?;
     let what = format!("{} sentences, batch size {batch}", sentences.len());
-    let mut text = crate::bench::report_plain("embed", &what, stats, n, flags.json);
+    let mut text = crate::timing::report_plain("embed", &what, stats, n, flags.json);
     let per_second = sentences.len() as f64 / stats.median_s;
     if flags.json {
         let mut v: serde_json::Value = serde_json::from_str(&text)?;

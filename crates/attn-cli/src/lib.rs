@@ -26,6 +26,7 @@ mod seq2seq_html;
 mod sweep;
 mod tensors;
 mod threads;
+mod timing;
 mod train;
 mod translate;
 

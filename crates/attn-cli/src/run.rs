@@ -19,9 +19,9 @@ use attn_nn::{
 };
 use serde_json::{Map, Value};
 
-use crate::bench::{self, BenchFlags};
 use crate::tensors::{write_f32, Tensor, TensorFile};
 use crate::threads::Threads;
+use crate::timing::{self, BenchFlags};
 
 /// A module ready to run, with its inputs.
 pub struct Prepared {
@@ -976,7 +976,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let (stats, n) = args.threads.install(|n| {
         once(&prepared)?;
-        let stats = bench::measure(budget, || {
+        let stats = timing::measure(budget, || {
             once(&prepared).expect("ran once above");
         });
         Ok((stats, n))
@@ -986,7 +986,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         args.files.config.display(),
         if backward { " forward+backward" } else { "" }
     );
-    println!("{}", bench::report_plain("run", &what, stats, n, args.budget.json));
+    println!("{}", timing::report_plain("run", &what, stats, n, args.budget.json));
     Ok(())
 }
 

@@ -27,10 +27,7 @@ pub fn page(
     let heads = layer.layer.nhead;
     let (t, s) = (rows.len(), cols.len());
     // views[v] = [T·S] weights; the first is the mean.
-    let mut views: Vec<(String, Vec<f32>)> = vec![(
-        "mean of all layers and heads".into(),
-        crate::translate::averaged(weights, t, s),
-    )];
+    let mut views: Vec<(String, Vec<f32>)> = vec![("mean of all layers and heads".into(), averaged(weights, t, s))];
     for (l, w) in weights.iter().enumerate() {
         for h in 0..heads {
             views.push((format!("layer {l}, head {h}"), w[h * t * s..(h + 1) * t * s].to_vec()));
@@ -106,4 +103,18 @@ select.addEventListener("change", draw); draw();
         model_line = escape(&model_line),
         data = data,
     )
+}
+
+/// The mean over layers and heads, `[T, S]`.
+pub fn averaged(weights: &[Vec<f32>], t: usize, s: usize) -> Vec<f32> {
+    let mut mean = vec![0.0f32; t * s];
+    let mut count = 0;
+    for layer in weights {
+        for head in layer.chunks_exact(t * s) {
+            mean.iter_mut().zip(head).for_each(|(m, &w)| *m += w);
+            count += 1;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= count.max(1) as f32);
+    mean
 }

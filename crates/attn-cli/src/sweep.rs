@@ -10,7 +10,7 @@ use attn_nn::core::SdpaShape;
 use serde_json::json;
 
 use crate::attend::Canvas;
-use crate::bench::{Budget, Path as KernelPath, SdpaBench};
+use crate::timing::{Budget, Path as KernelPath, SdpaBench};
 
 /// One sequence length's measurements, GFLOP/s.
 pub struct Point {

@@ -226,20 +226,6 @@ pub fn cross_attention(model: &Seq2Seq, source: &str, output: &str) -> Result<Cr
     Ok((rows, cols, weights))
 }
 
-/// The mean over layers and heads, `[T, S]`.
-pub fn averaged(weights: &[Vec<f32>], t: usize, s: usize) -> Vec<f32> {
-    let mut mean = vec![0.0f32; t * s];
-    let mut count = 0;
-    for layer in weights {
-        for head in layer.chunks_exact(t * s) {
-            mean.iter_mut().zip(head).for_each(|(m, &w)| *m += w);
-            count += 1;
-        }
-    }
-    mean.iter_mut().for_each(|m| *m /= count.max(1) as f32);
-    mean
-}
-
 /// Writes the cross-attention of `source` -> `output` (from [`cross_attention`]) to `path`:
 /// a `.png` of the mean over layers and heads, or an `.html` page of every layer and head.
 pub fn draw_attention(
@@ -259,7 +245,7 @@ pub fn draw_attention(
                 "Transformer (d_model {}, {} heads, {}+{} layers): cross-attention, mean of layers and heads: {source:?} -> {output:?}",
                 c.layer.d_model, c.layer.nhead, c.num_encoder_layers, c.num_decoder_layers
             );
-            crate::plot::heatmap(path, &title, rows, cols, &averaged(weights, t, s))?;
+            crate::plot::heatmap(path, &title, rows, cols, &crate::seq2seq_html::averaged(weights, t, s))?;
         }
         "html" => {
             let html = crate::seq2seq_html::page(model, source, output, rows, cols, weights);

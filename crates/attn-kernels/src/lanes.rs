@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::simd::{E1, E2, E3, E4, E5, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E};
+use crate::exp_poly::{E1, E2, E3, E4, E5, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E};
 
 /// One SIMD width of f32 lanes.
 pub(crate) trait Lanes {

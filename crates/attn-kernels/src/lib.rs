@@ -42,6 +42,7 @@
 mod backward;
 mod buffer;
 mod error;
+mod exp_poly;
 mod flash;
 mod gemm;
 mod grad;

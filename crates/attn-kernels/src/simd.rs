@@ -22,6 +22,7 @@
 use std::sync::OnceLock;
 
 use crate::error::KernelError;
+use crate::exp_poly::{E1, E2, E3, E4, E5, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E};
 
 /// The SIMD instruction set the kernels use on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,19 +127,6 @@ pub(crate) fn detect() -> SimdLevel {
     }
     SimdLevel::Scalar
 }
-
-pub(crate) const EXP_HI: f32 = 88.376_26;
-pub(crate) const EXP_LO: f32 = -87.336_54;
-pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
-pub(crate) const LN2_HI: f32 = 0.693_359_4;
-pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
-/// The degree-5 polynomial for `e^r - 1` on `[-ln2/2, ln2/2]`, `r·(E1 + r·(E2 + …))`: a
-/// minimax fit for relative error (9.1e-8 before f32 rounding).
-pub(crate) const E1: f32 = 0.999_999_7;
-pub(crate) const E2: f32 = 0.499_991_5;
-pub(crate) const E3: f32 = 0.166_676_36;
-pub(crate) const E4: f32 = 0.041_897_93;
-pub(crate) const E5: f32 = 0.008_290_315;
 
 /// `e^x` in f32 by the scalar path of the vectorised kernel (same reduction and polynomial).
 #[inline]

@@ -429,7 +429,7 @@ impl Core {
             )?;
             Ok(())
         };
-        super::train::for_each_sequence(chunks, par, attend)?;
+        super::for_each_sequence(chunks, par, attend)?;
         match (&self.w_out, self.dims.out) {
             (Some(w_out), Some(out_dim)) => {
                 let mut output = vec![0.0f32; n * out_dim];

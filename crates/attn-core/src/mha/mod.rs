@@ -263,3 +263,16 @@ impl Attention {
         self.core.forward(&query, Source::Cross(key, value), options, par)
     }
 }
+
+/// Runs `f` on every packed sequence's job (the inference forward's and the training
+/// pass's): with many sequences one per task, each sequential; with
+/// few one after another, each parallel. Either way each sequence is one call, so the bits do
+/// not depend on the thread count.
+fn for_each_sequence<J: Send>(jobs: Vec<J>, par: Par, f: impl Fn(J, Par) -> Result<()> + Sync + Send) -> Result<()> {
+    use rayon::prelude::*;
+    if par == Par::Rayon && jobs.len() >= 2 * rayon::current_num_threads() {
+        jobs.into_par_iter().try_for_each(|j| f(j, Par::Seq))
+    } else {
+        jobs.into_iter().try_for_each(|j| f(j, par))
+    }
+}

@@ -87,22 +87,6 @@ pub struct MhaInputGrads {
     pub value: Option<Vec<f32>>,
 }
 
-/// Runs `f` on every sequence's job: with many sequences one per task, each sequential; with
-/// few one after another, each parallel. Either way each sequence is one call, so the bits do
-/// not depend on the thread count.
-pub(super) fn for_each_sequence<J: Send>(
-    jobs: Vec<J>,
-    par: Par,
-    f: impl Fn(J, Par) -> Result<()> + Sync + Send,
-) -> Result<()> {
-    use rayon::prelude::*;
-    if par == Par::Rayon && jobs.len() >= 2 * rayon::current_num_threads() {
-        jobs.into_par_iter().try_for_each(|j| f(j, Par::Seq))
-    } else {
-        jobs.into_iter().try_for_each(|j| f(j, par))
-    }
-}
-
 /// Views `[1, H, len, D]` of query rows `q0..q1` and `[1, G, len, ·]` of key/value rows
 /// `k0..k1` of the projections (the fused `[N, q|k|v]` buffer, or queries `[N, H·D]` with keys
 /// and values `[M, G·D]`).
@@ -590,7 +574,7 @@ impl Core {
             )?;
             Ok(())
         };
-        for_each_sequence(jobs, par, attend)?;
+        super::for_each_sequence(jobs, par, attend)?;
         Ok((attn_out, lse))
     }
 
@@ -655,7 +639,7 @@ impl Core {
             )?;
             Ok(())
         };
-        for_each_sequence(jobs, par, run)
+        super::for_each_sequence(jobs, par, run)
     }
 
     /// The state-dict name and shape of the weight holding projection `which` (0, 1, 2).

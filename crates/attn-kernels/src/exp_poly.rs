@@ -1,0 +1,26 @@
+//! The constants of attn's `exp`, shared by the scalar path (`simd.rs`) and the vector bodies
+//! (`lanes.rs`), so that both evaluate the same approximation: `e^x = 2^n · e^r` with
+//! `n = round(x·log2 e)` and `r = x − n·ln 2` (ln 2 split in two for an exact product), then a
+//! polynomial for `e^r`. Below [`EXP_LO`] the result is 0, above [`EXP_HI`] infinity.
+
+/// Above this, `e^x` overflows f32.
+pub(crate) const EXP_HI: f32 = 88.376_26;
+/// Below this, `e^x` is taken as 0 (smaller than f32's least normal).
+pub(crate) const EXP_LO: f32 = -87.336_54;
+/// `log2 e`.
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// The high part of ln 2 (exact in a product with any `n` in range).
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+/// The low part of ln 2.
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// The degree-5 polynomial for `e^r - 1` on `[-ln2/2, ln2/2]`, `r·(E1 + r·(E2 + …))`: a
+/// minimax fit for relative error (9.1e-8 before f32 rounding).
+pub(crate) const E1: f32 = 0.999_999_7;
+/// See [`E1`].
+pub(crate) const E2: f32 = 0.499_991_5;
+/// See [`E1`].
+pub(crate) const E3: f32 = 0.166_676_36;
+/// See [`E1`].
+pub(crate) const E4: f32 = 0.041_897_93;
+/// See [`E1`].
+pub(crate) const E5: f32 = 0.008_290_315;
