@@ -16,7 +16,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Result};
-use attn_nn::core::kernels::testing::SplitMix64;
+use attn_nn::core::kernels::rng::SplitMix64;
 
 /// The eleven styles, each shown on 2026-11-28.
 pub const STYLES: [&str; 11] = [

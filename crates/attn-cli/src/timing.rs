@@ -107,7 +107,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-pub use attn_nn::core::kernels::testing::random_vec;
+pub use attn_nn::core::kernels::rng::random_vec;
 
 /// Which attention implementation `bench sdpa` times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use attn_nn::core::kernels::testing::SplitMix64;
+use attn_nn::core::kernels::rng::SplitMix64;
 use attn_nn::core::kernels::Par;
 use attn_nn::core::{FromSafetensors, Grads, StateDict};
 use attn_nn::layers::{Activation, Dropout};

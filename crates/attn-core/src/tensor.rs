@@ -115,17 +115,17 @@ pub fn insert_prefixed(dict: &mut StateDict, prefix: &str, sub: StateDict) {
 
 /// Deterministic pseudo-random weights, uniform in `±1/sqrt(fan_in)` like PyTorch's default
 /// `nn.Linear` initialisation, from a seed (the workspace's one generator,
-/// `attn_kernels::testing::SplitMix64`): for tests, examples and benchmarks.
+/// `attn_kernels::rng::SplitMix64`): for tests, examples and benchmarks.
 #[derive(Debug, Clone)]
 pub struct WeightInit {
-    rng: attn_kernels::testing::SplitMix64,
+    rng: attn_kernels::rng::SplitMix64,
 }
 
 impl WeightInit {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
         WeightInit {
-            rng: attn_kernels::testing::SplitMix64::new(seed),
+            rng: attn_kernels::rng::SplitMix64::new(seed),
         }
     }
 

@@ -60,6 +60,7 @@ mod view;
 
 /// Not public API: deterministic test data and tolerance checks, shared by the unit tests,
 /// the integration tests and the examples.
+pub mod rng;
 #[doc(hidden)]
 pub mod testing;
 

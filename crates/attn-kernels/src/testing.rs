@@ -1,40 +1,6 @@
 //! Test helpers: deterministic random data and tolerance checks against f64 references.
 
-/// The one pseudo-random generator of the workspace (splitmix64): test data, benchmark inputs
-/// and seeded weights (`attn_core::WeightInit`) all draw from it, the same on every machine.
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    /// A stream for `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 {
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1),
-        }
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// The next value in `[-1, 1)`, on a grid of 2^-23.
-    pub fn next_signed(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
-/// `n` values in `[-1, 1)` from [`SplitMix64`] with `seed`.
-pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SplitMix64::new(seed);
-    (0..n).map(|_| rng.next_signed()).collect()
-}
+pub use crate::rng::{random_vec, SplitMix64};
 
 /// Asserts `|got - want| <= atol + rtol·|want|` elementwise; equal infinities and NaN in both
 /// places count as equal.

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use attn_core::kernels::testing::SplitMix64;
+use attn_core::kernels::rng::SplitMix64;
 use attn_core::kernels::{self, Par};
 use attn_core::{insert_prefixed, AttnError, Grads, KeyPadding, Packing, Sequence, StateDict, Tensor};
 use serde_json::{Map, Value};
