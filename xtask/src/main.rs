@@ -1,7 +1,8 @@
 //! Developer tasks for the attn workspace: `cargo xtask <task>`.
 //!
 //! - `ci`: what CI runs (the README's test command): tidy checks, the model fetch, fmt and
-//!   clippy checks, tests in release, the kernels again on the scalar path.
+//!   clippy checks, tests in release, rustdoc without warnings, the kernels again on the lower
+//!   SIMD levels.
 //! - `tidy`: every module opens with `//!`, no `#[should_panic]`, no trailing whitespace.
 //! - `codegen [--check]`: regenerates the golden fixtures from PyTorch: the library crates' own
 //!   (`crates/attn-core/tests/fixtures`, `crates/attn-nn/tests/fixtures`) and the CLI's (needs
@@ -91,6 +92,10 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["test", "--workspace", "--release"]))?;
+    // The rustdoc is part of the API: no broken or private links.
+    run(cargo()
+        .args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
     // The kernels at every lower level this machine has (the default run took the best):
     // AVX2+FMA on an AVX-512 machine, and always the portable scalar path.
     let mut lower = vec!["scalar"];

@@ -1,4 +1,4 @@
-//! The workspace's one seeded pseudo-random generator, [`SplitMix64`]: the same numbers on every
+//! The workspace's one seeded pseudo-random generator, `SplitMix64`: the same numbers on every
 //! machine, for what production code draws at random (the training data's shuffle, seeded weight
 //! initialisation, the task data of `attn dates`, benchmark inputs) and for the tests. Not for
 //! anything that needs unpredictability.

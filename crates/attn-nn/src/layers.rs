@@ -329,7 +329,7 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    /// `x: [N, E]` rows -> `[N, E]` rows, [`FFN_ROWS`] tokens at a time: for each block, the
+    /// `x: [N, E]` rows -> `[N, E]` rows, `FFN_ROWS` (256) tokens at a time: for each block, the
     /// first GEMM, then its bias and the activation in one pass while the block is in cache,
     /// then the second GEMM (its bias written first). No `[N, F]` buffer is made.
     pub fn forward(&self, x: &[f32], par: Par) -> Result<Vec<f32>> {
