@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::{
     attention_backward_path, attention_backward_reference, attention_reference, attention_unfused, attention_weights,
-    backward_path, broadcast_to, exp_slice, flash_attention, gemm, gemm_reference, simd_level, Accum, AttentionOptions,
-    BackwardInputs, BackwardPath, Causal, Gradients, Mask, Par, View, View2, View4, ViewMut, ViewMut2, ViewMut4,
-    WeightsDst,
+    attention_with_lse_lo, backward_path, broadcast_to, exp_slice, flash_attention, gemm, gemm_reference, simd_level,
+    Accum, AttentionOptions, BackwardInputs, BackwardPath, Causal, Gradients, Mask, Par, View, View2, View4, ViewMut,
+    ViewMut2, ViewMut4, WeightsDst,
 };
 use attn_nn::core::{MhaConfig, MhaOptions, MultiHeadAttention, Sequence, StateDict};
 use attn_nn::{BlockMasks, EncoderLayer, LayerConfig};
@@ -145,9 +145,12 @@ fn backward_rows(
     );
     let mut out = vec![0.0f32; b * h * s * d];
     let mut lse = vec![0.0f32; b * h * s];
-    flash_attention(
+    let mut lse_lo = vec![0.0f32; b * h * s];
+    // The forward as training runs it: with `lse_lo`, so the probabilities are exact.
+    attention_with_lse_lo(
         ViewMut4::contiguous(&mut out, [b, h, s, d])?,
-        Some(ViewMut::contiguous(&mut lse, [b, h, s])?),
+        ViewMut::contiguous(&mut lse, [b, h, s])?,
+        ViewMut::contiguous(&mut lse_lo, [b, h, s])?,
         qv,
         kv,
         vv,
@@ -161,6 +164,7 @@ fn backward_rows(
         v: vv,
         out: View4::contiguous(&out, [b, h, s, d])?,
         lse: View::contiguous(&lse, [b, h, s])?,
+        lse_lo: Some(View::contiguous(&lse_lo, [b, h, s])?),
         dout: View4::contiguous(&dout, [b, h, s, d])?,
     };
     let want = attention_backward_reference(qv, kv, vv, inputs.dout, options);

@@ -215,6 +215,8 @@ impl SdpaBench {
         let ([b, h, s, d], [_, g, t, _]) = (q.shape(), k.shape());
         let mut out = vec![0.0f32; b * h * s * d];
         let mut lse = vec![0.0f32; b * h * s];
+        // Zeros: with `lse_lo` given, the backward runs the training path's extra subtraction.
+        let lse_lo = vec![0.0f32; b * h * s];
         let dout = random_vec(b * h * s * d, 4);
         let (mut dq, mut dk, mut dv) = (
             vec![0.0f32; q.data().len()],
@@ -242,6 +244,7 @@ impl SdpaBench {
                 v,
                 out: View4::contiguous(&out, [b, h, s, d])?,
                 lse: View::contiguous(&lse, [b, h, s])?,
+                lse_lo: Some(View::contiguous(&lse_lo, [b, h, s])?),
                 dout: View4::contiguous(&dout, [b, h, s, d])?,
             };
             let path = match choice {

@@ -5,8 +5,8 @@
 //! `[B, T]` mask. Everything is checked here once; errors name the tensor and both shapes.
 
 use attn_kernels::{
-    attention, attention_backward, broadcast_to, AttentionOptions, BackwardInputs, Causal, Gradients, KernelError,
-    Mask, Par, View, View4, ViewMut, ViewMut4,
+    attention, attention_backward, attention_with_lse_lo, broadcast_to, AttentionOptions, BackwardInputs, Causal,
+    Gradients, KernelError, Mask, Par, View, View4, ViewMut, ViewMut4,
 };
 
 use crate::error::shape_error;
@@ -178,6 +178,10 @@ pub struct SdpaOutput {
     pub out: Vec<f32>,
     /// `[B, H, S]`: natural log of each row's softmax denominator, `-inf` for empty rows.
     pub lse: Vec<f32>,
+    /// `[B, H, S]`, or empty: what rounding `lse` to f32 lost. [`sdpa`] fills it, and
+    /// [`sdpa_backward`] uses it when present to recompute the probabilities exactly with large
+    /// logits; an output built from a saved `out` and `lse` may leave it empty.
+    pub lse_lo: Vec<f32>,
 }
 
 impl<'a> SdpaOptions<'a> {
@@ -288,18 +292,22 @@ pub fn sdpa(
 ) -> Result<SdpaOutput> {
     let [b, h, s, _] = q.shape();
     let dv = v.shape()[3];
+    let t = k.shape()[2];
     let mut out = vec![0.0f32; b * h * s * dv];
     let mut lse = vec![0.0f32; b * h * s];
-    sdpa_into(
+    let mut lse_lo = vec![0.0f32; b * h * s];
+    let kernel_options = options.to_kernel([b, h, s, t])?;
+    attention_with_lse_lo(
         ViewMut4::contiguous(&mut out, [b, h, s, dv])?,
-        Some(ViewMut::contiguous(&mut lse, [b, h, s])?),
+        ViewMut::contiguous(&mut lse, [b, h, s])?,
+        ViewMut::contiguous(&mut lse_lo, [b, h, s])?,
         q,
         k,
         v,
-        options,
+        &kernel_options,
         par,
     )?;
-    Ok(SdpaOutput { out, lse })
+    Ok(SdpaOutput { out, lse, lse_lo })
 }
 
 /// [`sdpa`] into caller-provided (possibly strided) destinations: `out: [B, H, S, Dv]`,
@@ -380,6 +388,18 @@ pub fn sdpa_backward(
             &[forward.lse.len()],
         )
     })?;
+    let lse_lo = if forward.lse_lo.is_empty() {
+        None
+    } else {
+        Some(View::contiguous(&forward.lse_lo, [b, h, s]).map_err(|_| {
+            shape_error(
+                "sdpa_backward",
+                "lse_lo",
+                format!("[B, H, S] = {:?}, or empty", [b, h, s]),
+                &[forward.lse_lo.len()],
+            )
+        })?)
+    };
     let kernel_options = options.to_kernel([b, h, s, t])?;
     let mut dq = vec![0.0f32; q.shape().iter().product()];
     let mut dk = vec![0.0f32; k.shape().iter().product()];
@@ -396,6 +416,7 @@ pub fn sdpa_backward(
             v,
             out,
             lse,
+            lse_lo,
             dout,
         },
         &kernel_options,
@@ -484,6 +505,7 @@ mod tests {
         let short = SdpaOutput {
             out: forward.out[1..].to_vec(),
             lse: forward.lse.clone(),
+            lse_lo: vec![],
         };
         let message = err(&short, view);
         assert!(
@@ -493,6 +515,7 @@ mod tests {
         let no_lse = SdpaOutput {
             out: forward.out.clone(),
             lse: vec![],
+            lse_lo: vec![],
         };
         let message = err(&no_lse, view);
         assert!(message.contains("`lse`") && message.contains("[1, 2, 3]"), "{message}");

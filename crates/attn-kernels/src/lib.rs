@@ -78,7 +78,7 @@ pub use layer::{
     add_assign, add_norm_rows, add_then_norm_rows, bias_activation, erf, norm_rows, Activation, NormKind, NormParams,
 };
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
-pub use path::{attention, chosen_path, KernelPath};
+pub use path::{attention, attention_with_lse_lo, chosen_path, KernelPath};
 pub use reference::{attention_backward_reference, attention_reference, ReferenceAttention, ReferenceGradients};
 pub use simd::{exp_scalar, exp_slice, requested_simd_level, simd_level, SimdLevel, SIMD_LEVEL_NAMES};
 pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes, WeightsDst};

@@ -168,9 +168,9 @@ mod tests {
                 let mut out = vec![0.0f32; s * d];
                 let o = ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap();
                 if path == "flash" {
-                    crate::flash::flash_impl(o, None, qv, kv, vv, &options, Par::Seq, repair).unwrap();
+                    crate::flash::flash_impl(o, None, None, qv, kv, vv, &options, Par::Seq, repair).unwrap();
                 } else {
-                    crate::softmax::unfused_impl(o, None, qv, kv, vv, &options, Par::Seq, repair).unwrap();
+                    crate::softmax::unfused_impl(o, None, None, qv, kv, vv, &options, Par::Seq, repair).unwrap();
                 }
                 out
             };

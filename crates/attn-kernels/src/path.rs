@@ -71,6 +71,29 @@ pub fn attention(
     }
 }
 
+/// [`attention`] for a training forward: also writes `lse_lo: [B, H, S]`, what rounding each
+/// row's `lse` to f32 lost (`lse + lse_lo` is the log-sum-exp to about twice f32's precision).
+/// Given to [`crate::attention_backward`] beside `lse`, it lets the backward recompute the
+/// probabilities to f32 precision however large the logits, where `lse` alone is off by up to
+/// half an ulp of the row's largest score.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_lse_lo(
+    out: ViewMut4<'_, f32>,
+    lse: ViewMut<'_, f32, 3>,
+    lse_lo: ViewMut<'_, f32, 3>,
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let [_, g, t, _] = k.shape();
+    match chosen_path(crate::simd_level(), q.shape(), [g, t]) {
+        KernelPath::Flash => crate::flash::flash_impl(out, Some(lse), Some(lse_lo), q, k, v, options, par, true),
+        KernelPath::Unfused => crate::softmax::unfused_impl(out, Some(lse), Some(lse_lo), q, k, v, options, par, true),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,8 +18,9 @@ use crate::simd::{exp_sub_sum, row_max, scale_row};
 use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
 
-/// Softmax of one row in place after scaling and masking; returns the row's log-sum-exp
-/// (`-inf` and a zero row when no key is visible).
+/// Softmax of one row in place after scaling and masking; returns the row's log-sum-exp as
+/// `(lse, lse_lo)` ([`crate::flash::split_lse`]; `(-inf, 0)` and a zero row when no key is
+/// visible).
 #[inline]
 fn softmax_row(
     row: &mut [f32],
@@ -28,7 +29,7 @@ fn softmax_row(
     bhs: [usize; 3],
     limit: usize,
     shape: [usize; 2],
-) -> f32 {
+) -> (f32, f32) {
     // Pass 1 (the scores are given): scale and mask.
     if scale != 1.0 {
         scale_row(row, scale);
@@ -41,15 +42,15 @@ fn softmax_row(
             // Only NaN scores besides hidden keys: NaN on what the row sees, zero elsewhere.
             row.iter_mut()
                 .for_each(|x| *x = if *x == f32::NEG_INFINITY { 0.0 } else { f32::NAN });
-            return f32::NAN;
+            return (f32::NAN, 0.0);
         }
         row.fill(0.0);
-        return f32::NEG_INFINITY;
+        return (f32::NEG_INFINITY, 0.0);
     }
     let sum = exp_sub_sum(row, m);
     // Pass 3: rescale by 1/sum (the online kernel rescales by exp(m_old - m_new) instead).
     scale_row(row, 1.0 / sum);
-    m + sum.ln()
+    crate::flash::split_lse(m, sum)
 }
 
 /// In-place masked softmax: `scores: [B, H, S, T]` (rows contiguous: stride 1 along `T`) become
@@ -104,7 +105,7 @@ pub fn masked_softmax(
         // SAFETY: the row `(bi, hi, si)` is in bounds, contiguous, and visited by this job only
         // (the view does not overlap itself).
         let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(bi * st[0] + hi * st[1] + si * st[2]), t) };
-        let value = softmax_row(row, scale, options, [bi, hi, si], limit, [s, t]);
+        let (value, _) = softmax_row(row, scale, options, [bi, hi, si], limit, [s, t]);
         if let Some((ptr, lst)) = lse_dst {
             // SAFETY: as above, for the lse element of this row.
             unsafe { *ptr.get().add(bi * lst[0] + hi * lst[1] + si * lst[2]) = value };
@@ -138,7 +139,7 @@ pub fn attention_unfused(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    unfused_impl(out, lse, q, k, v, options, par, true)
+    unfused_impl(out, lse, None, q, k, v, options, par, true)
 }
 
 /// Bytes of scratch [`attention_unfused`] allocates on `workers` threads for `q: [B, H, S, D]`
@@ -161,6 +162,7 @@ pub fn unfused_scratch_bytes([_, _, s, d]: [usize; 4], t: usize, workers: usize)
 pub(crate) fn unfused_impl(
     out: ViewMut4<'_, f32>,
     lse: Option<ViewMut<'_, f32, 3>>,
+    lse_lo: Option<ViewMut<'_, f32, 3>>,
     q: View4<'_, f32>,
     k: View4<'_, f32>,
     v: View4<'_, f32>,
@@ -179,12 +181,14 @@ pub(crate) fn unfused_impl(
     )?;
     let scale = resolve_scale(options, plan.d);
     let (s, t, d, dv) = (plan.s, plan.t, plan.d, plan.dv);
-    let (mut out, mut lse) = (out, lse);
+    let (mut out, mut lse, mut lse_lo) = (out, lse, lse_lo);
+    crate::flash::check_lse_lo("attention_unfused", &out, &lse_lo)?;
     let crate::flash::Dst {
         out: out_ptr,
         out_strides: ost,
         lse: lse_dst,
-    } = crate::flash::Dst::new(&mut out, &mut lse);
+        lse_lo: lse_lo_dst,
+    } = crate::flash::Dst::new(&mut out, &mut lse, &mut lse_lo);
     let (qs, ks, vs) = (q.strides(), k.strides(), v.strides());
     // Set when a row came out non-finite from a finite softmax: a non-finite value reached it.
     let spoilt_rows = AtomicBool::new(false);
@@ -221,10 +225,15 @@ pub(crate) fn unfused_impl(
                 limit,
                 [s, t],
             );
+            let (value, lo) = value;
             lses[si] = value;
             if let Some((ptr, lst)) = lse_dst {
                 // SAFETY: the lse element of `(b, h, si)` is in bounds and this job's alone.
                 unsafe { *ptr.get().add(b * lst[0] + h * lst[1] + si * lst[2]) = value };
+            }
+            if let Some((ptr, lst)) = lse_lo_dst {
+                // SAFETY: as above.
+                unsafe { *ptr.get().add(b * lst[0] + h * lst[1] + si * lst[2]) = lo };
             }
         }
         // SAFETY: every view was bounds-checked by `validate`; `scores` holds [S, ld]; the
@@ -260,7 +269,7 @@ pub(crate) fn unfused_impl(
     }
     if repair && spoilt_rows.load(Ordering::Relaxed) {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
-            unfused_impl(out, Some(lse), q, k, v, options, par, false)
+            unfused_impl(out, Some(lse), None, q, k, v, options, par, false)
         })?;
     }
     Ok(())

@@ -17,8 +17,8 @@
 use std::borrow::Cow;
 
 use attn_kernels::{
-    attention, attention_backward, linear_backward, BackwardInputs, Gradients, LinearShape, Par, View, View4, ViewMut,
-    ViewMut4,
+    attention_backward, attention_with_lse_lo, linear_backward, BackwardInputs, Gradients, LinearShape, Par, View,
+    View4, ViewMut, ViewMut4,
 };
 
 use super::forward::{head_view, weights_from_lse, Projected, Source};
@@ -63,6 +63,8 @@ pub struct MhaTape {
     attn_out: Vec<f32>,
     /// `[B, H, S]`.
     lse: Vec<f32>,
+    /// `[B, H, S]`: what rounding `lse` lost, so the backward's probabilities are exact.
+    lse_lo: Vec<f32>,
 }
 
 impl MhaTape {
@@ -72,7 +74,8 @@ impl MhaTape {
             + self.projected.k_buf.len()
             + self.projected.v_buf.len()
             + self.attn_out.len()
-            + self.lse.len())
+            + self.lse.len()
+            + self.lse_lo.len())
     }
 }
 
@@ -249,13 +252,14 @@ impl Core {
         let projected = self.project(query, &source, 0, par)?;
         let t_real = inputs.key_value.map_or(s, |(k, _)| k.len);
         if let Some(packing) = &inputs.packing {
-            let (attn_out, lse) = self.packed_attention(&projected, inputs, packing, par)?;
+            let (attn_out, lse, lse_lo) = self.packed_attention(&projected, inputs, packing, par)?;
             let output = self.project_out(attn_out.clone(), b * s, par)?;
             let tape = MhaTape {
                 shape: [b, s, t_real],
                 projected,
                 attn_out,
                 lse,
+                lse_lo,
             };
             return Ok((MhaOutput { output, weights: None }, tape));
         }
@@ -267,9 +271,11 @@ impl Core {
 
         let mut attn_out = vec![0.0f32; b * s * h * dv];
         let mut lse = vec![0.0f32; b * h * s];
-        attention(
+        let mut lse_lo = vec![0.0f32; b * h * s];
+        attention_with_lse_lo(
             ViewMut::new(&mut attn_out[..], [b, h, s, dv], [qbs * h * dv, dv, qls * h * dv, 1])?,
-            Some(ViewMut::contiguous(&mut lse[..], [b, h, s])?),
+            ViewMut::contiguous(&mut lse[..], [b, h, s])?,
+            ViewMut::contiguous(&mut lse_lo[..], [b, h, s])?,
             q,
             k,
             v,
@@ -288,6 +294,7 @@ impl Core {
             projected,
             attn_out,
             lse,
+            lse_lo,
         };
         Ok((MhaOutput { output, weights }, tape))
     }
@@ -400,6 +407,7 @@ impl Core {
                         v,
                         out: View4::new(&tape.attn_out, [b, h, s, dv], out_strides)?,
                         lse: View::contiguous(&tape.lse, [b, h, s])?,
+                        lse_lo: Some(View::contiguous(&tape.lse_lo, [b, h, s])?),
                         dout: View4::new(&d_attn, [b, h, s, dv], out_strides)?,
                     },
                     &kernel_options,
@@ -538,34 +546,39 @@ impl Core {
         inputs: &MhaInputs<'_>,
         packing: &Packing<'_>,
         par: Par,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let Dims { h, g, d, dv, .. } = self.dims;
         let n = inputs.query.len;
         self.check_packing(inputs, packing, p.t_new)?;
         let options = self.packed_options(inputs.options.is_causal);
         let mut attn_out = vec![0.0f32; n * h * dv];
         let mut lse = vec![0.0f32; n * h];
+        let mut lse_lo = vec![0.0f32; n * h];
         // Each sequence's rows of the output and of the LSE, split off for its own call.
         let mut jobs = Vec::new();
-        let (mut out_rest, mut lse_rest) = (&mut attn_out[..], &mut lse[..]);
+        let (mut out_rest, mut lse_rest, mut lo_rest) = (&mut attn_out[..], &mut lse[..], &mut lse_lo[..]);
         for (i, w) in packing.query_starts.windows(2).enumerate() {
             let len = w[1] - w[0];
             let (o, o_tail) = out_rest.split_at_mut(len * h * dv);
             let (l, l_tail) = lse_rest.split_at_mut(len * h);
-            jobs.push((i, o, l));
+            let (c, c_tail) = lo_rest.split_at_mut(len * h);
+            jobs.push((i, o, l, c));
             out_rest = o_tail;
             lse_rest = l_tail;
+            lo_rest = c_tail;
         }
-        let attend = |(i, out, lse): (usize, &mut [f32], &mut [f32]), inner: Par| -> Result<()> {
+        type Job<'j> = (usize, &'j mut [f32], &'j mut [f32], &'j mut [f32]);
+        let attend = |(i, out, lse, lse_lo): Job<'_>, inner: Par| -> Result<()> {
             let (q0, q1) = (packing.query_starts[i], packing.query_starts[i + 1]);
             let (k0, k1) = (packing.key_starts[i], packing.key_starts[i + 1]);
             if q1 == q0 {
                 return Ok(());
             }
             let [q, k, v] = packed_views(p, [h, g, d, dv], [q0, q1], [k0, k1])?;
-            attention(
+            attention_with_lse_lo(
                 ViewMut::new(out, [1, h, q1 - q0, dv], [(q1 - q0) * h * dv, dv, h * dv, 1])?,
-                Some(ViewMut::contiguous(lse, [1, h, q1 - q0])?),
+                ViewMut::contiguous(lse, [1, h, q1 - q0])?,
+                ViewMut::contiguous(lse_lo, [1, h, q1 - q0])?,
                 q,
                 k,
                 v,
@@ -575,7 +588,7 @@ impl Core {
             Ok(())
         };
         super::for_each_sequence(jobs, par, attend)?;
-        Ok((attn_out, lse))
+        Ok((attn_out, lse, lse_lo))
     }
 
     /// The backward of [`Core::packed_attention`]: `dQ` `[N, H·D]`, `dK`, `dV` in the layout of
@@ -632,6 +645,7 @@ impl Core {
                     v,
                     out: View4::new(&tape.attn_out[q0 * h * dvw..q1 * h * dvw], [1, h, sl, dvw], out_strides)?,
                     lse: View::contiguous(&tape.lse[q0 * h..q1 * h], [1, h, sl])?,
+                    lse_lo: Some(View::contiguous(&tape.lse_lo[q0 * h..q1 * h], [1, h, sl])?),
                     dout: View4::new(&d_attn[q0 * h * dvw..q1 * h * dvw], [1, h, sl, dvw], out_strides)?,
                 },
                 &options,

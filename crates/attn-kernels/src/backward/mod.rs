@@ -81,6 +81,11 @@ pub struct BackwardInputs<'a> {
     pub out: View4<'a, f32>,
     /// `[B, H, S]`: the forward's log-sum-exp (natural log).
     pub lse: View<'a, f32, 3>,
+    /// `[B, H, S]`, optional: what rounding `lse` to f32 lost
+    /// ([`attention_with_lse_lo`](crate::attention_with_lse_lo)). With it the probabilities are
+    /// recomputed as `exp((s − lse) − lse_lo)`, exact to f32 however large the logits; without
+    /// it `exp(s − lse)` carries `lse`'s rounding (half an ulp of the row's largest score).
+    pub lse_lo: Option<View<'a, f32, 3>>,
     /// `[B, H, S, Dv]`.
     pub dout: View4<'a, f32>,
 }
@@ -168,6 +173,14 @@ pub fn attention_backward_path(
         }
     };
     check("dout", inputs.dout.shape(), inputs.out.shape())?;
+    if let Some(lo) = &inputs.lse_lo {
+        let want = inputs.lse.shape();
+        check(
+            "lse_lo",
+            [lo.shape()[0], lo.shape()[1], lo.shape()[2], 1],
+            [want[0], want[1], want[2], 1],
+        )?;
+    }
     check("dq", grads.dq.shape(), inputs.q.shape())?;
     check("dk", grads.dk.shape(), inputs.k.shape())?;
     check("dv", grads.dv.shape(), inputs.v.shape())?;
@@ -519,6 +532,10 @@ impl Job<'_, '_> {
             } else if lse.is_nan() {
                 row.iter_mut()
                     .for_each(|x| *x = if *x == f32::NEG_INFINITY { 0.0 } else { f32::NAN });
+            } else if let Some(lo) = &self.inputs.lse_lo {
+                // `s − lse` first (exact for the keys that carry the weight), then `lse_lo`.
+                row.iter_mut().for_each(|x| *x -= lse);
+                exp_sub_sum(row, lo.get([b, h, s]));
             } else {
                 exp_sub_sum(row, lse);
             }

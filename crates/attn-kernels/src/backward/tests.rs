@@ -78,14 +78,18 @@ fn check(case: Case) {
     );
     let mut out = vec![f32::NAN; b * h * s * dv];
     let mut lse = vec![f32::NAN; b * h * s];
-    flash_attention(
+    let mut lse_lo = vec![f32::NAN; b * h * s];
+    // The forward as training runs it: `lse` with its rounding error beside it.
+    crate::flash::flash_impl(
         view4_mut(&mut out, [b, h, s, dv], bshd),
         Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+        Some(ViewMut::contiguous(&mut lse_lo, [b, h, s]).unwrap()),
         qv,
         kv,
         vv,
         &options,
         Par::Rayon,
+        true,
     )
     .unwrap();
     let dout = random_vec(b * h * s * dv, 21);
@@ -95,6 +99,7 @@ fn check(case: Case) {
         v: vv,
         out: view4(&out, [b, h, s, dv], bshd),
         lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+        lse_lo: Some(View::contiguous(&lse_lo, [b, h, s]).unwrap()),
         dout: view4(&dout, [b, h, s, dv], bshd),
     };
     let reference = attention_backward_reference(qv, kv, vv, inputs.dout, &options);
@@ -303,6 +308,7 @@ fn rows_that_see_nothing_pass_no_gradient() {
                 v: contiguous(&v, [b, h, t, d]),
                 out: contiguous(&out, [b, h, s, d]),
                 lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+                lse_lo: None,
                 dout: contiguous(&dout, [b, h, s, d]),
             },
             &options,
@@ -342,6 +348,7 @@ fn shape_errors_name_the_tensor() {
         v: contiguous(&k, [b, h, t, d]),
         out: contiguous(&q, [b, h, s, d]),
         lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+        lse_lo: None,
         dout: contiguous(&q, [b, h, s, d]),
     };
     let (mut dq, mut dk, mut dv) = (q.clone(), k.clone(), k.clone());
@@ -423,6 +430,7 @@ fn a_single_visible_key_gets_all_the_weight_exactly() {
                 v: vv,
                 out: View4::contiguous(&out, [b, h, s, dv]).unwrap(),
                 lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+                lse_lo: None,
                 dout: View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
             };
             for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
@@ -452,4 +460,122 @@ fn a_single_visible_key_gets_all_the_weight_exactly() {
             }
         }
     }
+}
+
+/// With large logits the backward's probabilities are exact to f32 when the forward's `lse_lo`
+/// is given: row `i` sees keys `i` and `i + 1` (a bool mask) with scores in the hundreds that
+/// differ by a few units, so both probabilities are far from 0 and 1. The f32 scores themselves
+/// (the call's score kernel, `crate::scores`) are the ground truth here: `dV` must equal
+/// `Pᵀ·dO` with `P` the softmax of those scores taken in f64. `lse` alone is off by up to half an
+/// ulp of a score near 300 (1.5e-5), which `P = exp(s − lse)` passes on; `exp((s − lse) −
+/// lse_lo)` does not. On both forward paths and every backward path.
+#[test]
+fn large_logits_get_exact_probabilities_from_the_split_lse() {
+    let (b, h, s, d, dv) = (1, 2, 40, 16, 8);
+    let t = s + 1;
+    // Scores in the hundreds that differ between a row's two keys by a few units: every key is
+    // one common direction plus a little noise, and q is large.
+    let mut q = random_vec(b * h * s * d, 41);
+    q.iter_mut().for_each(|x| *x = 100.0 * x.abs() + 20.0);
+    let common = random_vec(d, 45);
+    let noise = random_vec(b * h * t * d, 42);
+    let k: Vec<f32> = noise
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| 0.5 * common[i % d].abs() + 0.01 * n)
+        .collect();
+    let v = random_vec(b * h * t * dv, 43);
+    let dout = random_vec(b * h * s * dv, 44);
+    let allowed: Vec<bool> = (0..b * h * s * t)
+        .map(|n| {
+            let (row, key) = ((n / t) % s, n % t);
+            key == row || key == row + 1
+        })
+        .collect();
+    let options = AttentionOptions {
+        mask: crate::Mask::Allowed(View4::contiguous(&allowed, [b, h, s, t]).unwrap()),
+        ..Default::default()
+    };
+    let (qv, kv, vv) = (
+        View4::contiguous(&q, [b, h, s, d]).unwrap(),
+        View4::contiguous(&k, [b, h, t, d]).unwrap(),
+        View4::contiguous(&v, [b, h, t, dv]).unwrap(),
+    );
+    // The f32 scores every path computes (the scale 1/4 is exact), then `Pᵀ·dO` in f64.
+    let kernel = crate::scores::ScoreKernel::for_call(s, true);
+    let ld = kernel.min_ld(t);
+    let mut want = vec![0.0f64; b * h * t * dv];
+    for bh in 0..b * h {
+        let q_scaled: Vec<f32> = q[bh * s * d..(bh + 1) * s * d].iter().map(|x| x * 0.25).collect();
+        let mut scores = vec![0.0f32; s * ld];
+        let keys = crate::scores::Keys {
+            keys: &k[bh * t * d..],
+            row_stride: d,
+            col_stride: 1,
+            bc: t,
+        };
+        crate::scores::scores_into(kernel, &mut scores, ld, &q_scaled, [s, d], keys, &mut Vec::new());
+        for i in 0..s {
+            let (a, c) = (scores[i * ld + i] as f64, scores[i * ld + i + 1] as f64);
+            let m = a.max(c);
+            let (ea, ec) = ((a - m).exp(), (c - m).exp());
+            for (key, p) in [(i, ea / (ea + ec)), (i + 1, ec / (ea + ec))] {
+                for col in 0..dv {
+                    want[(bh * t + key) * dv + col] += p * dout[(bh * s + i) * dv + col] as f64;
+                }
+            }
+        }
+    }
+    let largest = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let mut worst = [0.0f64; 2];
+    for unfused in [false, true] {
+        let mut out = vec![f32::NAN; b * h * s * dv];
+        let mut lse = vec![f32::NAN; b * h * s];
+        let mut lse_lo = vec![f32::NAN; b * h * s];
+        let (o, l, lo) = (
+            ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
+            Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+            Some(ViewMut::contiguous(&mut lse_lo, [b, h, s]).unwrap()),
+        );
+        if unfused {
+            crate::softmax::unfused_impl(o, l, lo, qv, kv, vv, &options, Par::Seq, true).unwrap();
+        } else {
+            crate::flash::flash_impl(o, l, lo, qv, kv, vv, &options, Par::Seq, true).unwrap();
+        }
+        for (with_lo, slot) in [(true, 0), (false, 1)] {
+            let inputs = BackwardInputs {
+                q: qv,
+                k: kv,
+                v: vv,
+                out: View4::contiguous(&out, [b, h, s, dv]).unwrap(),
+                lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+                lse_lo: with_lo.then(|| View::contiguous(&lse_lo, [b, h, s]).unwrap()),
+                dout: View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
+            };
+            for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
+                let mut dq = vec![f32::NAN; b * h * s * d];
+                let mut dk = vec![f32::NAN; b * h * t * d];
+                let mut dvv = vec![f32::NAN; b * h * t * dv];
+                let grads = Gradients {
+                    dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+                    dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
+                    dv: ViewMut4::contiguous(&mut dvv, [b, h, t, dv]).unwrap(),
+                };
+                attention_backward_path(grads, inputs, &options, Par::Seq, path).unwrap();
+                let error = dvv
+                    .iter()
+                    .zip(&want)
+                    .map(|(&g, &w)| (g as f64 - w).abs())
+                    .fold(0.0f64, f64::max)
+                    / largest;
+                worst[slot] = worst[slot].max(error);
+            }
+        }
+    }
+    eprintln!(
+        "dV error relative to the largest: {:.1e} with lse_lo, {:.1e} without",
+        worst[0], worst[1]
+    );
+    // Measured 1.2e-7 with `lse_lo` (exp's and dV's own f32 rounding), 2.5e-6 without.
+    assert!(worst[0] < 1e-6, "with lse_lo: {:.1e}", worst[0]);
 }

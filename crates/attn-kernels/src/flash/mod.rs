@@ -97,7 +97,7 @@ pub fn flash_attention(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    flash_impl(out, lse, q, k, v, options, par, true)
+    flash_impl(out, lse, None, q, k, v, options, par, true)
 }
 
 /// [`flash_attention`], with the repair of values that rows cannot see (see
@@ -106,6 +106,7 @@ pub fn flash_attention(
 pub(crate) fn flash_impl(
     out: ViewMut4<'_, f32>,
     lse: Option<ViewMut<'_, f32, 3>>,
+    lse_lo: Option<ViewMut<'_, f32, 3>>,
     q: View4<'_, f32>,
     k: View4<'_, f32>,
     v: View4<'_, f32>,
@@ -122,8 +123,9 @@ pub(crate) fn flash_impl(
         &v,
         options,
     )?;
-    let (mut out, mut lse) = (out, lse);
-    let dst = Dst::new(&mut out, &mut lse);
+    let (mut out, mut lse, mut lse_lo) = (out, lse, lse_lo);
+    crate::flash::check_lse_lo("flash_attention", &out, &lse_lo)?;
+    let dst = Dst::new(&mut out, &mut lse, &mut lse_lo);
     let scale = resolve_scale(options, plan.d);
     let micro = crate::simd::simd_level().is_vector();
     let score_kernel = ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1);
@@ -153,7 +155,7 @@ pub(crate) fn flash_impl(
     kt_packed.into_iter().chain(v_packed).for_each(crate::buffer::give);
     if repair && spoilt {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
-            flash_impl(out, Some(lse), q, k, v, options, par, false)
+            flash_impl(out, Some(lse), None, q, k, v, options, par, false)
         })?;
     }
     Ok(())
@@ -215,6 +217,33 @@ fn row_position(plan: &Plan, g: usize, r: usize) -> (usize, usize) {
     (r / plan.rep, g * plan.rep + r % plan.rep)
 }
 
+/// Fails unless `lse_lo`, when given, is `[B, H, S]` like `out`'s first three dimensions.
+pub(crate) fn check_lse_lo(
+    op: &'static str,
+    out: &ViewMut4<'_, f32>,
+    lse_lo: &Option<ViewMut<'_, f32, 3>>,
+) -> Result<(), KernelError> {
+    let [b, h, s, _] = out.shape();
+    match lse_lo {
+        Some(l) if l.shape() != [b, h, s] => Err(KernelError::shape(op, "lse_lo", vec![b, h, s], l.shape().to_vec())),
+        _ => Ok(()),
+    }
+}
+
+/// A row's log-sum-exp `m + ln(l)` (row max `m`, sum `l` of `exp(s − m)`) as two f32: `lse`,
+/// the nearest f32, and `lse_lo`, what rounding to it lost (computed in f64). With logits in the
+/// hundreds, `lse` alone is off by up to half an ulp of `m` (8e-6 at 200), which the backward's
+/// `P = exp(s − lse)` would turn into that relative error; `exp((s − lse) − lse_lo)` is exact to
+/// the f32 rounding of `ln(l)` and of `exp` (the subtraction `s − lse` is exact for the keys
+/// that carry the weight).
+#[inline]
+pub(crate) fn split_lse(m: f32, l: f32) -> (f32, f32) {
+    let exact = m as f64 + (l as f64).ln();
+    let lse = exact as f32;
+    let lo = (exact - lse as f64) as f32;
+    (lse, if lo.is_finite() { lo } else { 0.0 })
+}
+
 /// Where a call's rows go: `out: [B, H, S, Dv]` and optionally `lse: [B, H, S]`, shared by the
 /// tasks, each of which writes its own rows.
 #[derive(Clone, Copy)]
@@ -222,17 +251,23 @@ pub(crate) struct Dst {
     pub out: SharedMut,
     pub out_strides: [usize; 4],
     pub lse: Option<(SharedMut, [usize; 3])>,
+    /// The rounding error of `lse` ([`split_lse`]), for the backward.
+    pub lse_lo: Option<(SharedMut, [usize; 3])>,
 }
 
 impl Dst {
     /// Raw destinations of a validated call (the flash kernel's and the unfused path's).
-    pub(crate) fn new(out: &mut ViewMut4<'_, f32>, lse: &mut Option<ViewMut<'_, f32, 3>>) -> Self {
+    pub(crate) fn new(
+        out: &mut ViewMut4<'_, f32>,
+        lse: &mut Option<ViewMut<'_, f32, 3>>,
+        lse_lo: &mut Option<ViewMut<'_, f32, 3>>,
+    ) -> Self {
+        let raw = |l: &mut ViewMut<'_, f32, 3>| (SharedMut(l.data_mut().as_mut_ptr()), l.strides());
         Dst {
             out: SharedMut(out.data_mut().as_mut_ptr()),
             out_strides: out.strides(),
-            lse: lse
-                .as_mut()
-                .map(|l| (SharedMut(l.data_mut().as_mut_ptr()), l.strides())),
+            lse: lse.as_mut().map(raw),
+            lse_lo: lse_lo.as_mut().map(raw),
         }
     }
 
@@ -254,10 +289,18 @@ impl Dst {
             // SAFETY: in bounds by the caller's contract; the row is this task's alone.
             unsafe { *self.out.get().add(base + j * strides[3]) = x };
         }
+        let (lse, lse_lo) = if l == 0.0 {
+            (f32::NEG_INFINITY, 0.0)
+        } else {
+            split_lse(m, l)
+        };
         if let Some((ptr, st)) = self.lse {
-            let value = if l == 0.0 { f32::NEG_INFINITY } else { m + l.ln() };
             // SAFETY: as above.
-            unsafe { *ptr.get().add(b * st[0] + h * st[1] + s * st[2]) = value };
+            unsafe { *ptr.get().add(b * st[0] + h * st[1] + s * st[2]) = lse };
+        }
+        if let Some((ptr, st)) = self.lse_lo {
+            // SAFETY: as above.
+            unsafe { *ptr.get().add(b * st[0] + h * st[1] + s * st[2]) = lse_lo };
         }
         crate::nonfinite::spoiled(m, l, !finite)
     }
