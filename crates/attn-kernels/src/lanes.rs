@@ -103,15 +103,31 @@ pub(crate) unsafe fn row_max<L: Lanes>(row: &[f32]) -> f32 {
 /// padded copy, so every element of a row sees the same arithmetic.
 #[inline(always)]
 pub(crate) unsafe fn exp_sub_sum<L: Lanes>(row: &mut [f32], m: f32) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe { exp_sub_sum_body::<L, false>(row, m, 0.0) }
+}
+
+/// [`exp_sub_sum`] with a second subtraction, `exp((x - m) - lo)`: the backward's probabilities
+/// from a log-sum-exp held as two floats (`m` the rounded one, `lo` its rounding error).
+#[inline(always)]
+pub(crate) unsafe fn exp_sub2_sum<L: Lanes>(row: &mut [f32], m: f32, lo: f32) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe { exp_sub_sum_body::<L, true>(row, m, lo) }
+}
+
+/// The body of [`exp_sub_sum`] and [`exp_sub2_sum`]: `exp((x - m) - lo)` when `TWO`.
+#[inline(always)]
+unsafe fn exp_sub_sum_body<L: Lanes, const TWO: bool>(row: &mut [f32], m: f32, lo: f32) -> f32 {
     // SAFETY: every pointer below covers `N` or `2N` elements of a chunk or of `buf`; features
     // as above.
     unsafe {
-        let mv = L::splat(m);
+        let (mv, lov) = (L::splat(m), L::splat(lo));
+        let shift = |x: L::V| if TWO { L::sub(L::sub(x, mv), lov) } else { L::sub(x, mv) };
         let (mut acc0, mut acc1) = (L::splat(0.0), L::splat(0.0));
         let mut pairs = row.chunks_exact_mut(2 * L::N);
         for c in &mut pairs {
-            let e0 = exp_at_most_hi::<L>(L::sub(L::load(c.as_ptr()), mv));
-            let e1 = exp_at_most_hi::<L>(L::sub(L::load(c.as_ptr().add(L::N)), mv));
+            let e0 = exp_at_most_hi::<L>(shift(L::load(c.as_ptr())));
+            let e1 = exp_at_most_hi::<L>(shift(L::load(c.as_ptr().add(L::N))));
             L::store(c.as_mut_ptr(), e0);
             L::store(c.as_mut_ptr().add(L::N), e1);
             acc0 = L::add(acc0, e0);
@@ -120,7 +136,7 @@ pub(crate) unsafe fn exp_sub_sum<L: Lanes>(row: &mut [f32], m: f32) -> f32 {
         let mut acc = L::add(acc0, acc1);
         let mut chunks = pairs.into_remainder().chunks_exact_mut(L::N);
         for c in &mut chunks {
-            let e = exp_at_most_hi::<L>(L::sub(L::load(c.as_ptr()), mv));
+            let e = exp_at_most_hi::<L>(shift(L::load(c.as_ptr())));
             L::store(c.as_mut_ptr(), e);
             acc = L::add(acc, e);
         }
@@ -128,7 +144,7 @@ pub(crate) unsafe fn exp_sub_sum<L: Lanes>(row: &mut [f32], m: f32) -> f32 {
         if !tail.is_empty() {
             let mut buf = [f32::NEG_INFINITY; 16];
             buf[..tail.len()].copy_from_slice(tail);
-            let e = exp_at_most_hi::<L>(L::sub(L::load(buf.as_ptr()), mv));
+            let e = exp_at_most_hi::<L>(shift(L::load(buf.as_ptr())));
             L::store(buf.as_mut_ptr(), e);
             acc = L::add(acc, e);
             tail.copy_from_slice(&buf[..tail.len()]);

@@ -176,6 +176,21 @@ pub fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
     }
 }
 
+/// Replaces each `x` of `row` by `exp((x - m) - lo)` and returns the sum: [`exp_sub_sum`] for a
+/// shift held as two floats (the backward's `lse` and `lse_lo`).
+#[inline]
+pub(crate) fn exp_sub2_sum(row: &mut [f32], m: f32, lo: f32) -> f32 {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
+        SimdLevel::Avx2Fma => unsafe { avx2::exp_sub2_sum(row, m, lo) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only returned when the CPU reports AVX-512 F/BW/VL/DQ.
+        SimdLevel::Avx512 => unsafe { avx512::exp_sub2_sum(row, m, lo) },
+        _ => scalar::exp_sub2_sum(row, m, lo),
+    }
+}
+
 /// `row[i] *= alpha`.
 #[inline]
 pub fn scale_row(row: &mut [f32], alpha: f32) {
@@ -241,6 +256,15 @@ mod scalar {
         sum
     }
 
+    pub(super) fn exp_sub2_sum(row: &mut [f32], m: f32, lo: f32) -> f32 {
+        let mut sum = 0.0f32;
+        for x in row.iter_mut() {
+            *x = exp_scalar((*x - m) - lo);
+            sum += *x;
+        }
+        sum
+    }
+
     pub(super) fn scale_row(row: &mut [f32], alpha: f32) {
         row.iter_mut().for_each(|x| *x *= alpha);
     }
@@ -283,6 +307,12 @@ macro_rules! vector_level {
             pub(crate) fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
                 // SAFETY: as above.
                 unsafe { lanes::exp_sub_sum::<$lanes>(row, m) }
+            }
+
+            #[target_feature(enable = $features)]
+            pub(crate) fn exp_sub2_sum(row: &mut [f32], m: f32, lo: f32) -> f32 {
+                // SAFETY: as above.
+                unsafe { lanes::exp_sub2_sum::<$lanes>(row, m, lo) }
             }
 
             #[target_feature(enable = $features)]
@@ -366,6 +396,7 @@ mod tests {
         name: &'static str,
         row_max: fn(&[f32]) -> f32,
         exp_sub_sum: fn(&mut [f32], f32) -> f32,
+        exp_sub2_sum: fn(&mut [f32], f32, f32) -> f32,
         scale_row: fn(&mut [f32], f32),
         scale_into: fn(&mut [f32], &[f32], f32),
     }
@@ -377,6 +408,7 @@ mod tests {
             name: "scalar",
             row_max: scalar::row_max,
             exp_sub_sum: scalar::exp_sub_sum,
+            exp_sub2_sum: scalar::exp_sub2_sum,
             scale_row: scalar::scale_row,
             scale_into: scalar::scale_into,
         }];
@@ -388,6 +420,8 @@ mod tests {
                 row_max: |row| unsafe { avx2::row_max(row) },
                 // SAFETY: as above.
                 exp_sub_sum: |row, m| unsafe { avx2::exp_sub_sum(row, m) },
+                // SAFETY: as above.
+                exp_sub2_sum: |row, m, lo| unsafe { avx2::exp_sub2_sum(row, m, lo) },
                 // SAFETY: as above.
                 scale_row: |row, alpha| unsafe { avx2::scale_row(row, alpha) },
                 // SAFETY: as above.
@@ -402,6 +436,8 @@ mod tests {
                 row_max: |row| unsafe { avx512::row_max(row) },
                 // SAFETY: as above.
                 exp_sub_sum: |row, m| unsafe { avx512::exp_sub_sum(row, m) },
+                // SAFETY: as above.
+                exp_sub2_sum: |row, m, lo| unsafe { avx512::exp_sub2_sum(row, m, lo) },
                 // SAFETY: as above.
                 scale_row: |row, alpha| unsafe { avx512::scale_row(row, alpha) },
                 // SAFETY: as above.
@@ -483,5 +519,35 @@ mod tests {
         assert_eq!(capped(SimdLevel::Avx2Fma, Some("scalar")), SimdLevel::Scalar);
         assert_eq!(capped(SimdLevel::Avx512, Some("sse")), SimdLevel::Avx512);
         assert_eq!(capped(SimdLevel::Avx512, None), SimdLevel::Avx512);
+    }
+
+    /// `exp((x - m) - lo)` at every level: with `lo = 0` the bits of `exp_sub_sum`, and with a
+    /// shift held as two floats (`m` near 300, `lo` its rounding error) within the exp's bound of
+    /// the f64 value of `exp(x - (m + lo))`, on lengths around the vector width.
+    #[test]
+    fn exp_of_a_two_float_shift() {
+        let m = 300.123_46f32;
+        let lo = (300.123_456_789f64 - m as f64) as f32;
+        for level in levels() {
+            for len in [1, 7, 8, 15, 16, 17, 33, 64, 67] {
+                let row: Vec<f32> = (0..len).map(|i| m - 0.37 * i as f32).collect();
+                let (mut a, mut b) = (row.clone(), row.clone());
+                let sum_a = (level.exp_sub_sum)(&mut a, m);
+                let sum_b = (level.exp_sub2_sum)(&mut b, m, 0.0);
+                assert_eq!(sum_a.to_bits(), sum_b.to_bits(), "{} len {len}", level.name);
+                assert_eq!(a, b, "{} len {len}", level.name);
+                let mut c = row.clone();
+                (level.exp_sub2_sum)(&mut c, m, lo);
+                for (i, (&got, &x)) in c.iter().zip(&row).enumerate() {
+                    let want = (x as f64 - (m as f64 + lo as f64)).exp();
+                    let err = (got as f64 - want).abs() / want;
+                    assert!(
+                        err < 5e-7,
+                        "{} len {len} [{i}]: {got} vs {want} ({err:.1e})",
+                        level.name
+                    );
+                }
+            }
+        }
     }
 }

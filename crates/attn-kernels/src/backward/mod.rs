@@ -44,7 +44,7 @@ use crate::flash::validate;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale};
 use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
-use crate::simd::{exp_sub_sum, scale_into, softmax_grad_row};
+use crate::simd::{exp_sub2_sum, exp_sub_sum, scale_into, softmax_grad_row};
 use crate::tile::pad_to_nr;
 use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, View, View4, ViewMut4};
@@ -534,8 +534,7 @@ impl Job<'_, '_> {
                     .for_each(|x| *x = if *x == f32::NEG_INFINITY { 0.0 } else { f32::NAN });
             } else if let Some(lo) = &self.inputs.lse_lo {
                 // `s − lse` first (exact for the keys that carry the weight), then `lse_lo`.
-                row.iter_mut().for_each(|x| *x -= lse);
-                exp_sub_sum(row, lo.get([b, h, s]));
+                exp_sub2_sum(row, lse, lo.get([b, h, s]));
             } else {
                 exp_sub_sum(row, lse);
             }
