@@ -387,6 +387,21 @@ fn shape_errors_name_the_tensor() {
     assert!(err.to_string().contains("`dout` has shape [1, 2, 2, 5]"), "{err}");
 }
 
+/// `dV` of one backward path, sequential, for the exactness tests (G = H, contiguous operands).
+fn dv_on_path(inputs: BackwardInputs<'_>, options: &AttentionOptions<'_>, path: BackwardPath) -> Vec<f32> {
+    let ([b, h, s, d], [_, _, t, dv]) = (inputs.q.shape(), inputs.v.shape());
+    let mut dq = vec![f32::NAN; b * h * s * d];
+    let mut dk = vec![f32::NAN; b * h * t * d];
+    let mut dvv = vec![f32::NAN; b * h * t * dv];
+    let grads = Gradients {
+        dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+        dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
+        dv: ViewMut4::contiguous(&mut dvv, [b, h, t, dv]).unwrap(),
+    };
+    attention_backward_path(grads, inputs, options, Par::Seq, path).unwrap();
+    dvv
+}
+
 /// A row whose only visible key holds all its weight gets `P = 1` exactly in the backward, as
 /// in the forward: the backward recomputes each score with the forward's arithmetic
 /// (`crate::scores`), so `exp(s − lse) = exp(0)`. Row `i` sees key `i` alone (a bool mask), with
@@ -434,15 +449,7 @@ fn a_single_visible_key_gets_all_the_weight_exactly() {
                 dout: View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
             };
             for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
-                let mut dq = vec![f32::NAN; b * h * s * d];
-                let mut dk = vec![f32::NAN; b * h * t * d];
-                let mut dvv = vec![f32::NAN; b * h * t * dv];
-                let grads = Gradients {
-                    dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
-                    dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
-                    dv: ViewMut4::contiguous(&mut dvv, [b, h, t, dv]).unwrap(),
-                };
-                attention_backward_path(grads, inputs, &options, Par::Seq, path).unwrap();
+                let dvv = dv_on_path(inputs, &options, path);
                 for bh in 0..b * h {
                     for j in 0..t {
                         let got = &dvv[(bh * t + j) * dv..(bh * t + j + 1) * dv];
@@ -553,15 +560,7 @@ fn large_logits_get_exact_probabilities_from_the_split_lse() {
                 dout: View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
             };
             for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
-                let mut dq = vec![f32::NAN; b * h * s * d];
-                let mut dk = vec![f32::NAN; b * h * t * d];
-                let mut dvv = vec![f32::NAN; b * h * t * dv];
-                let grads = Gradients {
-                    dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
-                    dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
-                    dv: ViewMut4::contiguous(&mut dvv, [b, h, t, dv]).unwrap(),
-                };
-                attention_backward_path(grads, inputs, &options, Par::Seq, path).unwrap();
+                let dvv = dv_on_path(inputs, &options, path);
                 let error = dvv
                     .iter()
                     .zip(&want)
