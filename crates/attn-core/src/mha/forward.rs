@@ -342,12 +342,21 @@ impl Core {
 
     /// The output projection over the token rows `[N, H·Dv]` as they are (none for `Attention`).
     pub(super) fn project_out(&self, attn_out: Vec<f32>, tokens: usize, par: Par) -> Result<Vec<f32>> {
+        match self.w_out {
+            Some(_) => self.project_out_of(&attn_out, tokens, par),
+            None => Ok(attn_out),
+        }
+    }
+
+    /// [`Core::project_out`] reading `attn_out` in place (the training forward keeps it for the
+    /// backward, so it is not consumed); a copy only when there is no output projection.
+    pub(super) fn project_out_of(&self, attn_out: &[f32], tokens: usize, par: Par) -> Result<Vec<f32>> {
         let (Some(w_out), Some(out_dim)) = (&self.w_out, self.dims.out) else {
-            return Ok(attn_out);
+            return Ok(attn_out.to_vec());
         };
         let width = self.dims.h * self.dims.dv;
         let mut output = vec![0.0f32; tokens * out_dim];
-        let x = View2::contiguous(&attn_out, [tokens, width])?;
+        let x = View2::contiguous(attn_out, [tokens, width])?;
         let bias = self.b_out.as_ref().map(|t| t.data());
         linear(&mut output, out_dim, x, w_out.data(), 0..out_dim, width, bias, par)?;
         Ok(output)

@@ -253,7 +253,7 @@ impl Core {
         let t_real = inputs.key_value.map_or(s, |(k, _)| k.len);
         if let Some(packing) = &inputs.packing {
             let (attn_out, lse, lse_lo) = self.packed_attention(&projected, inputs, packing, par)?;
-            let output = self.project_out(attn_out.clone(), b * s, par)?;
+            let output = self.project_out_of(&attn_out, b * s, par)?;
             let tape = MhaTape {
                 shape: [b, s, t_real],
                 projected,
@@ -287,8 +287,7 @@ impl Core {
             NeedWeights::No => None,
             _ => Some(weights_from_lse(need, q, k, &lse, &kernel_options, par)?),
         };
-        // `project_out` consumes its input; the tape keeps `attn_out`.
-        let output = self.project_out(attn_out.clone(), b * s, par)?;
+        let output = self.project_out_of(&attn_out, b * s, par)?;
         let tape = MhaTape {
             shape: [b, s, t_real],
             projected,

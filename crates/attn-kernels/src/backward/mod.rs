@@ -275,9 +275,17 @@ fn row_deltas(inputs: &BackwardInputs<'_>, shape: &Shape, par: Par) -> Vec<f32> 
     let row = |(index, x): (usize, &mut f32)| {
         let (bh, s) = (index / shape.s.max(1), index % shape.s.max(1));
         let (b, h) = (bh / shape.h, bh % shape.h);
-        let sum: f64 = (0..shape.dv)
-            .map(|c| out.get([b, h, s, c]) as f64 * dout.get([b, h, s, c]) as f64)
-            .sum();
+        // A contiguous dot product where both rows are (the usual case), element by element
+        // otherwise; the same order of additions either way.
+        let (o0, d0) = (out.offset([b, h, s, 0]), dout.offset([b, h, s, 0]));
+        let sum: f64 = if out.strides()[3] == 1 && dout.strides()[3] == 1 {
+            let (o, d) = (&out.data()[o0..o0 + shape.dv], &dout.data()[d0..d0 + shape.dv]);
+            o.iter().zip(d).map(|(&a, &b)| a as f64 * b as f64).sum()
+        } else {
+            (0..shape.dv)
+                .map(|c| out.get([b, h, s, c]) as f64 * dout.get([b, h, s, c]) as f64)
+                .sum()
+        };
         *x = sum as f32;
     };
     match par {
