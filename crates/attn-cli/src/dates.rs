@@ -447,6 +447,17 @@ impl Generator {
             .join(" ")
     }
 
+    /// A real date written in a random (or the given) style, answered with its ISO form.
+    fn answered(&mut self, date: Date, style: Option<usize>) -> Example {
+        let (source, style) = self.written(date, style);
+        Example {
+            source,
+            target: date.iso(),
+            style: Some(style),
+            kind: Kind::Date,
+        }
+    }
+
     fn example(&mut self, kind: Kind, style: Option<usize>) -> Example {
         const IN_RANGE: [(i64, i64); 1] = [(1900, 2099)];
         let unanswerable = |source: String, style: Option<usize>, kind: Kind| Example {
@@ -467,13 +478,7 @@ impl Generator {
                 } else {
                     self.day_of_split()
                 };
-                let (source, style) = self.written(date, style);
-                Example {
-                    source,
-                    target: date.iso(),
-                    style: Some(style),
-                    kind,
-                }
+                self.answered(date, style)
             }
             Kind::Feb29 => {
                 let date = self.triple(&IN_RANGE, |_, y, m| (m == 2 && !is_leap(y)).then_some(29));
@@ -577,13 +582,7 @@ impl Generator {
                         // 29 February of a leap year beside the common years' below: the
                         // leap-year rule is the hardest thing the model learns.
                         let date = self.triple(&IN_RANGE, |_, y, m| (m == 2 && is_leap(y)).then_some(29));
-                        let (source, style) = self.written(date, style);
-                        return Example {
-                            source,
-                            target: date.iso(),
-                            style: Some(style),
-                            kind: Kind::Date,
-                        };
+                        return self.answered(date, style);
                     }
                     67..=74 => Kind::Feb29,
                     75..=78 => Kind::PastMonthEnd,

@@ -8,7 +8,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use attn_nn::core::kernels::Par;
 use attn_nn::{BertModel, SentenceEmbedder};
 
@@ -131,16 +131,7 @@ pub fn read_inputs(file: Option<&Path>, texts: &[String]) -> Result<Vec<String>>
             if !texts.is_empty() {
                 bail!("give sentences either with --input FILE or as arguments, not both");
             }
-            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let text = String::from_utf8(bytes).map_err(|e| {
-                let valid = e.utf8_error().valid_up_to();
-                let line = 1 + e.as_bytes()[..valid].iter().filter(|&&b| b == b'\n').count();
-                anyhow::anyhow!(
-                    "{}: line {line} is not UTF-8 text (invalid byte at offset {valid})",
-                    path.display()
-                )
-            })?;
-            let lines: Vec<String> = text.lines().map(String::from).collect();
+            let lines = crate::text::read_lines(path)?;
             let blank = lines.iter().filter(|l| l.trim().is_empty()).count();
             if blank > 0 {
                 eprintln!(

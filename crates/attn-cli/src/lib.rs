@@ -25,6 +25,7 @@ mod sdpa;
 mod seq2seq_html;
 mod sweep;
 mod tensors;
+mod text;
 mod threads;
 mod timing;
 mod train;

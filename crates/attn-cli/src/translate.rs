@@ -122,19 +122,7 @@ pub fn main(args: Args) -> Result<()> {
 /// another) or the TEXT arguments.
 fn read_inputs(args: &Args) -> Result<Vec<String>> {
     let inputs: Vec<String> = match &args.input {
-        Some(path) => {
-            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let text = String::from_utf8(bytes).map_err(|e| {
-                let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
-                    .iter()
-                    .filter(|&&b| b == b'\n')
-                    .count();
-                anyhow::anyhow!("{}: line {line} is not UTF-8", path.display())
-            })?;
-            text.lines()
-                .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
-                .collect()
-        }
+        Some(path) => crate::text::read_lines(path)?,
         None => args.text.clone(),
     };
     if inputs.is_empty() {

@@ -10,9 +10,7 @@
 //! ahead or level everywhere. The scalar level keeps flash (untimed).
 
 use crate::flash::Plan;
-use crate::{
-    attention_unfused, flash_attention, AttentionOptions, KernelError, Par, SimdLevel, View4, ViewMut, ViewMut4,
-};
+use crate::{AttentionOptions, KernelError, Par, SimdLevel, View4, ViewMut, ViewMut4};
 
 /// Which implementation computes an attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +52,7 @@ pub fn chosen_path(level: SimdLevel, [b, h, s, d]: [usize; 4], [g, t]: [usize; 2
 /// Attention with the path picked by shape ([`chosen_path`]): `q: [B, H, S, D]`,
 /// `k: [B, G, T, D]`, `v: [B, G, T, Dv]` -> `out: [B, H, S, Dv]`, `lse: [B, H, S]`. Both paths
 /// have the same semantics (masks, causal alignments, key lengths, ALiBi, empty rows,
-/// non-finite values) and agree to rounding; see [`flash_attention`] for the rest.
+/// non-finite values) and agree to rounding; see [`crate::flash_attention`] for the rest.
 pub fn attention(
     out: ViewMut4<'_, f32>,
     lse: Option<ViewMut<'_, f32, 3>>,
@@ -64,18 +62,15 @@ pub fn attention(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    let [_, g, t, _] = k.shape();
-    match chosen_path(crate::simd_level(), q.shape(), [g, t]) {
-        KernelPath::Flash => flash_attention(out, lse, q, k, v, options, par),
-        KernelPath::Unfused => attention_unfused(out, lse, q, k, v, options, par),
-    }
+    by_path(out, [lse, None], q, k, v, options, par)
 }
 
-/// [`attention`] for a training forward: also writes `lse_lo: [B, H, S]`, what rounding each
-/// row's `lse` to f32 lost (`lse + lse_lo` is the log-sum-exp to about twice f32's precision).
-/// Given to [`crate::attention_backward`] beside `lse`, it lets the backward recompute the
-/// probabilities to f32 precision however large the logits, where `lse` alone is off by up to
-/// half an ulp of the row's largest score.
+/// [`attention`] for a training forward: `q: [B, H, S, D]`, `k: [B, G, T, D]`,
+/// `v: [B, G, T, Dv]` -> `out: [B, H, S, Dv]`, `lse: [B, H, S]` and `lse_lo: [B, H, S]`, what
+/// rounding each row's `lse` to f32 lost (`lse + lse_lo` is the log-sum-exp to about twice f32's
+/// precision). Given to [`crate::attention_backward`] beside `lse`, it lets the backward
+/// recompute the probabilities to f32 precision however large the logits, where `lse` alone is
+/// off by up to half an ulp of the row's largest score.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with_lse_lo(
     out: ViewMut4<'_, f32>,
@@ -87,10 +82,24 @@ pub fn attention_with_lse_lo(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
+    by_path(out, [Some(lse), Some(lse_lo)], q, k, v, options, par)
+}
+
+/// The one dispatch of [`attention`] and [`attention_with_lse_lo`]: the path [`chosen_path`]
+/// names, with the non-finite repair on.
+fn by_path(
+    out: ViewMut4<'_, f32>,
+    [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
+    q: View4<'_, f32>,
+    k: View4<'_, f32>,
+    v: View4<'_, f32>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
     let [_, g, t, _] = k.shape();
     match chosen_path(crate::simd_level(), q.shape(), [g, t]) {
-        KernelPath::Flash => crate::flash::flash_impl(out, Some(lse), Some(lse_lo), q, k, v, options, par, true),
-        KernelPath::Unfused => crate::softmax::unfused_impl(out, Some(lse), Some(lse_lo), q, k, v, options, par, true),
+        KernelPath::Flash => crate::flash::flash_impl(out, lse, lse_lo, q, k, v, options, par, true),
+        KernelPath::Unfused => crate::softmax::unfused_impl(out, lse, lse_lo, q, k, v, options, par, true),
     }
 }
 
@@ -98,6 +107,7 @@ pub fn attention_with_lse_lo(
 mod tests {
     use super::*;
     use crate::testing::random_vec;
+    use crate::{attention_unfused, flash_attention};
 
     #[test]
     fn the_path_follows_the_measured_thresholds() {

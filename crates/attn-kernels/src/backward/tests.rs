@@ -385,6 +385,44 @@ fn shape_errors_name_the_tensor() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("`dout` has shape [1, 2, 2, 5]"), "{err}");
+    // `lse_lo` must be the shape of `lse`, in the backward and in the forward that writes it.
+    let short_lo = vec![0.0f32; b * h * (s - 1)];
+    let err = attention_backward(
+        Gradients {
+            dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+            dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
+            dv: ViewMut4::contiguous(&mut dv, [b, h, t, d]).unwrap(),
+        },
+        BackwardInputs {
+            lse_lo: Some(View::contiguous(&short_lo, [b, h, s - 1]).unwrap()),
+            ..inputs
+        },
+        &AttentionOptions::default(),
+        Par::Seq,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`lse_lo` has shape [1, 2, 2], expected [1, 2, 3]"),
+        "{err}"
+    );
+    let (mut out, mut lse_out, mut lo) = (q.clone(), lse.clone(), short_lo.clone());
+    let err = crate::attention_with_lse_lo(
+        ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+        ViewMut::contiguous(&mut lse_out, [b, h, s]).unwrap(),
+        ViewMut::contiguous(&mut lo, [b, h, s - 1]).unwrap(),
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        &AttentionOptions::default(),
+        Par::Seq,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`lse_lo` has shape [1, 2, 2], expected [1, 2, 3]"),
+        "{err}"
+    );
 }
 
 /// `dV` of one backward path, sequential, for the exactness tests (G = H, contiguous operands).

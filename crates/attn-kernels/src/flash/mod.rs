@@ -289,7 +289,10 @@ impl Dst {
             // SAFETY: in bounds by the caller's contract; the row is this task's alone.
             unsafe { *self.out.get().add(base + j * strides[3]) = x };
         }
-        let (lse, lse_lo) = if l == 0.0 {
+        // One f64 logarithm per row, and only when a caller asked for the LSE.
+        let (lse, lse_lo) = if self.lse.is_none() && self.lse_lo.is_none() {
+            (0.0, 0.0)
+        } else if l == 0.0 {
             (f32::NEG_INFINITY, 0.0)
         } else {
             split_lse(m, l)
