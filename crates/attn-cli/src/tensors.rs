@@ -220,7 +220,26 @@ fn serialize_f32(
         .map(|((name, shape, _), b)| Ok((*name, TensorView::new(Dtype::F32, shape.to_vec(), b)?)))
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
         .context("building the output tensors")?;
-    safetensors::serialize(views, metadata).context("serialising the output tensors")
+    let out = safetensors::serialize(views, metadata).context("serialising the output tensors")?;
+    Ok(canonical_header(out))
+}
+
+/// The file with its JSON header's keys in sorted order: `safetensors::serialize` writes the
+/// metadata map in a `HashMap`'s order, which changes from process to process, and a checkpoint
+/// must be the same bytes whenever it holds the same tensors. The header's length is unchanged
+/// (the same keys and values), so the data offsets stay valid.
+fn canonical_header(mut file: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(file[..8].try_into().expect("8 bytes")) as usize;
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&file[8..8 + n]) else {
+        return file;
+    };
+    // serde_json's maps are sorted by key (its `preserve_order` feature is off).
+    let sorted = serde_json::to_vec(&header).expect("a JSON value serialises");
+    if sorted.len() <= n {
+        file[8..8 + sorted.len()].copy_from_slice(&sorted);
+        file[8 + sorted.len()..8 + n].fill(b' ');
+    }
+    file
 }
 
 #[cfg(test)]
@@ -256,5 +275,25 @@ mod tests {
             std::fs::write(&path, &bytes).unwrap();
             let _ = TensorFile::read(&path);
         }
+    }
+
+    #[test]
+    fn files_with_metadata_are_the_same_bytes_every_time() {
+        let data = [1.0f32, 2.0, 3.0];
+        let tensors: [(&str, &[usize], &[f32]); 2] = [("b", &[3], &data), ("a", &[1, 3], &data)];
+        let serialize = || {
+            // A fresh map each time: a new random order of its keys.
+            let metadata: std::collections::HashMap<String, String> =
+                (0..8).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+            serialize_f32(&tensors, Some(metadata)).unwrap()
+        };
+        let first = serialize();
+        for _ in 0..16 {
+            assert_eq!(serialize(), first);
+        }
+        let parsed = SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(parsed.tensor("a").unwrap().shape(), &[1, 3]);
+        let (_, meta) = SafeTensors::read_metadata(&first).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["key7"], "value 7");
     }
 }

@@ -1,78 +1,283 @@
-//! Gradient buffers named by state-dict names.
+//! Gradient buffers: one flat buffer in a [`ParamStore`]'s layout, or buffers by name.
 //!
-//! A backward pass **adds** into the buffer of each parameter it reads, under the parameter's
-//! full state-dict name (`encoder.layers.0.self_attn.in_proj_weight`), so gradients of a
-//! parameter used twice sum, micro-batches accumulate, and the optimizer and checkpoints find
-//! them by the names the weights have. A buffer is created, zeroed, the first time a backward
-//! adds to it; [`Grads::zero`] clears every buffer for the next step and keeps the memory.
+//! A backward pass **adds** into the gradient of each parameter it reads, so gradients of a
+//! parameter used twice sum and micro-batches accumulate. [`Grads::for_store`] makes one
+//! 64-byte-aligned buffer of the store's layout: a backward finds a parameter's gradient from
+//! the tensor itself (its range in the store), with no name built or looked up, and zeroing,
+//! clipping and the optimizer are each one pass over flat memory. [`Grads::new`] keeps buffers
+//! by state-dict name, created zeroed the first time a backward adds to them, for a module
+//! outside any store (tests, `attn run --backward`). Either way the gradients read back by name
+//! ([`Grads::get`], [`Grads::iter`]), and [`Grads::zero`] clears every buffer for the next step
+//! and keeps the memory.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use rayon::prelude::*;
+
+use crate::params::{flat_fill, AlignedBuf, ParamLayout, ParamStore, FLAT_CHUNK};
 use crate::{AttnError, Result, StateDict, Tensor};
 
-/// Gradients by state-dict name.
+/// Gradients of a model's parameters.
 #[derive(Debug, Clone, Default)]
 pub struct Grads {
+    /// Buffers by name (a module outside any store).
     map: BTreeMap<String, Tensor>,
+    /// The flat buffer of a store's layout.
+    flat: Option<FlatGrads>,
+}
+
+#[derive(Debug, Clone)]
+struct FlatGrads {
+    store: u64,
+    layout: Arc<ParamLayout>,
+    buf: AlignedBuf,
+}
+
+/// A gradient read back by name: its shape and values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradRef<'g> {
+    shape: &'g [usize],
+    data: &'g [f32],
+}
+
+impl<'g> GradRef<'g> {
+    /// The parameter's shape.
+    pub fn shape(&self) -> &'g [usize] {
+        self.shape
+    }
+
+    /// The values.
+    pub fn data(&self) -> &'g [f32] {
+        self.data
+    }
+
+    /// An owned copy.
+    pub fn to_tensor(&self) -> Tensor {
+        Tensor::new("gradient", self.shape.to_vec(), self.data.to_vec()).expect("the layout's shape")
+    }
 }
 
 impl Grads {
-    /// No buffers yet.
+    /// No buffers yet: each is made, by name, the first time a backward adds to it.
     pub fn new() -> Self {
         Grads::default()
     }
 
+    /// One zeroed flat buffer in the layout of `store`, for the module it adopted.
+    pub fn for_store(store: &ParamStore) -> Self {
+        Grads {
+            map: BTreeMap::new(),
+            flat: Some(FlatGrads {
+                store: store.id(),
+                layout: Arc::clone(store.layout()),
+                buf: AlignedBuf::zeros(store.layout().len()),
+            }),
+        }
+    }
+
     /// Sets every buffer to zero (keeping it), as `optimizer.zero_grad(set_to_none=False)`.
     pub fn zero(&mut self) {
+        if let Some(f) = &mut self.flat {
+            flat_fill(&mut f.buf, 0.0);
+        }
         for t in self.map.values_mut() {
             t.data_mut().fill(0.0);
         }
     }
 
-    /// The gradient of `name`, if a backward has added to it.
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.map.get(name)
+    /// The flat buffer and its layout, for gradients made by [`Grads::for_store`].
+    pub fn flat(&self) -> Option<(&Arc<ParamLayout>, &[f32])> {
+        self.flat.as_ref().map(|f| (&f.layout, &f.buf[..]))
     }
 
-    /// Every buffer, by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.map.iter().map(|(n, t)| (n.as_str(), t))
+    /// The flat buffer, mutably (to reduce it across processes, say).
+    pub fn flat_mut(&mut self) -> Option<&mut [f32]> {
+        self.flat.as_mut().map(|f| &mut f.buf[..])
     }
 
-    /// Every buffer, by name, mutably (for clipping).
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Tensor)> {
-        self.map.iter_mut().map(|(n, t)| (n.as_str(), t))
+    /// True when these gradients are the flat buffer of `store`.
+    pub fn is_for(&self, store: &ParamStore) -> bool {
+        self.flat.as_ref().is_some_and(|f| f.store == store.id())
     }
 
-    /// How many buffers there are.
+    /// The gradient of `name`.
+    pub fn get(&self, name: &str) -> Option<GradRef<'_>> {
+        if let Some(f) = &self.flat {
+            if let Some(e) = f.layout.entry(name) {
+                return Some(GradRef {
+                    shape: &e.shape,
+                    data: &f.buf[e.range.clone()],
+                });
+            }
+        }
+        self.map.get(name).map(|t| GradRef {
+            shape: t.shape(),
+            data: t.data(),
+        })
+    }
+
+    /// Every gradient, in the order of the names.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, GradRef<'_>)> {
+        self.names().into_iter().map(|n| (n, self.get(n).expect("listed")))
+    }
+
+    /// Every gradient's values, mutably, in the order of the names.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut [f32])> {
+        let mut out: Vec<(&str, &mut [f32])> = self.map.iter_mut().map(|(n, t)| (n.as_str(), t.data_mut())).collect();
+        if let Some(f) = &mut self.flat {
+            let mut rest: &mut [f32] = &mut f.buf;
+            let mut at = 0usize;
+            for e in f.layout.entries() {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(e.range.start - at);
+                let (mine, tail) = tail.split_at_mut(e.range.len());
+                out.push((e.name.as_str(), mine));
+                rest = tail;
+                at = e.range.end;
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        out.into_iter()
+    }
+
+    fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.map.keys().map(String::as_str).collect();
+        if let Some(f) = &self.flat {
+            names.extend(f.layout.entries().iter().map(|e| e.name.as_str()));
+        }
+        names.sort_unstable();
+        names
+    }
+
+    /// How many gradients there are.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.len() + self.flat.as_ref().map_or(0, |f| f.layout.entries().len())
     }
 
-    /// True when no backward has run.
+    /// True when there are none.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
-    /// The buffers as a state dict (for saving, or for `grad.NAME` outputs).
+    /// The gradients as a state dict (for saving, or for `grad.NAME` outputs).
     pub fn into_state_dict(self) -> StateDict {
-        self.map
+        let mut dict = StateDict::new();
+        for (name, g) in self.iter() {
+            dict.insert(name.to_string(), g.to_tensor());
+        }
+        dict
     }
 
-    /// The buffer `name` of `shape`, created zeroed if absent; an existing buffer of another
-    /// shape is an error naming it.
+    /// The global 2-norm of every gradient, as `torch.nn.utils.clip_grad_norm_` computes it (the
+    /// norm of the per-parameter norms, in f64, parameters in the order of their names), and
+    /// every gradient scaled by `min(1, max_norm / (norm + 1e-6))`. Returns the norm before
+    /// clipping. One pass over flat memory on rayon's threads; the same bits on any thread
+    /// count.
+    pub fn clip_norm(&mut self, max_norm: f32) -> f32 {
+        let sum_sq = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+        let mut norms: Vec<(&str, f64)> = self.map.iter().map(|(n, t)| (n.as_str(), sum_sq(t.data()))).collect();
+        if let Some(f) = &self.flat {
+            let entries = f.layout.entries();
+            let flat: Vec<f64> = f
+                .layout
+                .name_order()
+                .par_iter()
+                .map(|&i| sum_sq(&f.buf[entries[i].range.clone()]))
+                .collect();
+            norms.extend(
+                f.layout
+                    .name_order()
+                    .iter()
+                    .zip(flat)
+                    .map(|(&i, n)| (entries[i].name.as_str(), n)),
+            );
+        }
+        norms.sort_by(|a, b| a.0.cmp(b.0));
+        let total = norms.iter().map(|(_, n)| n * n).sum::<f64>().sqrt() as f32;
+        let coef = (max_norm / (total + 1e-6)).min(1.0);
+        if let Some(f) = &mut self.flat {
+            f.buf
+                .par_chunks_mut(FLAT_CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|x| *x *= coef));
+        }
+        for t in self.map.values_mut() {
+            t.data_mut().iter_mut().for_each(|x| *x *= coef);
+        }
+        total
+    }
+
+    /// The gradient of `param`, whose state-dict name is `prefix` + `name`: its range of the
+    /// flat buffer when `param` lives in the store these gradients were made for (no name is
+    /// built), else the buffer of that name (see [`Grads::slot`]).
+    pub fn of(&mut self, param: &Tensor, prefix: &str, name: &str) -> Result<&mut [f32]> {
+        if let Some(range) = self.flat_range(param) {
+            let f = self.flat.as_mut().expect("a flat range");
+            return Ok(&mut f.buf[range]);
+        }
+        self.slot(&format!("{prefix}{name}"), param.shape())
+    }
+
+    /// The gradients of a weight and, when the module has one, its bias: see [`Grads::of`].
+    pub fn of_weight_and_bias(
+        &mut self,
+        prefix: &str,
+        weight: (&Tensor, &str),
+        bias: Option<(&Tensor, &str)>,
+    ) -> Result<(&mut [f32], Option<&mut [f32]>)> {
+        let Some((b, b_name)) = bias else {
+            return Ok((self.of(weight.0, prefix, weight.1)?, None));
+        };
+        if let (Some(w), Some(bias)) = (self.flat_range(weight.0), self.flat_range(b)) {
+            let f = self.flat.as_mut().expect("a flat range");
+            let (dw, db) = two_ranges(&mut f.buf, w, bias);
+            return Ok((dw, Some(db)));
+        }
+        let (dw, db) = self.slot_pair(
+            (&format!("{prefix}{}", weight.1), weight.0.shape()),
+            (&format!("{prefix}{b_name}"), b.shape()),
+        )?;
+        Ok((dw, Some(db)))
+    }
+
+    /// The range of `param` in the flat buffer, if it lives in the store of these gradients.
+    fn flat_range(&self, param: &Tensor) -> Option<std::ops::Range<usize>> {
+        let f = self.flat.as_ref()?;
+        let (id, range) = param.place()?;
+        (id == f.store).then_some(range)
+    }
+
+    /// The buffer `name` of `shape`: in flat gradients, that parameter's range (an unknown name
+    /// or another shape is an error naming it); otherwise created zeroed if absent, and an
+    /// existing buffer of another shape is an error naming it.
     pub fn slot(&mut self, name: &str, shape: &[usize]) -> Result<&mut [f32]> {
-        self.ensure(name, shape)?;
-        Ok(self.map.get_mut(name).expect("ensured").data_mut())
+        let Grads { map, flat } = self;
+        if let Some(f) = flat {
+            let e = f.layout.entry(name).ok_or_else(|| not_in_layout(name))?;
+            check_shape(name, &e.shape, shape)?;
+            let range = e.range.clone();
+            return Ok(&mut f.buf[range]);
+        }
+        ensure(map, name, shape)?;
+        Ok(map.get_mut(name).expect("ensured").data_mut())
     }
 
     /// Two distinct buffers at once (a weight and its bias): see [`Grads::slot`].
     pub fn slot_pair(&mut self, a: (&str, &[usize]), b: (&str, &[usize])) -> Result<(&mut [f32], &mut [f32])> {
         assert_ne!(a.0, b.0, "two different buffers");
-        self.ensure(a.0, a.1)?;
-        self.ensure(b.0, b.1)?;
+        let Grads { map, flat } = self;
+        if let Some(f) = flat {
+            let range = |(name, shape): (&str, &[usize])| -> Result<std::ops::Range<usize>> {
+                let e = f.layout.entry(name).ok_or_else(|| not_in_layout(name))?;
+                check_shape(name, &e.shape, shape)?;
+                Ok(e.range.clone())
+            };
+            let (ra, rb) = (range(a)?, range(b)?);
+            return Ok(two_ranges(&mut f.buf, ra, rb));
+        }
+        ensure(map, a.0, a.1)?;
+        ensure(map, b.0, b.1)?;
         let (mut first, mut second) = (None, None);
-        for (name, t) in self.map.iter_mut() {
+        for (name, t) in map.iter_mut() {
             if name == a.0 {
                 first = Some(t.data_mut());
             } else if name == b.0 {
@@ -96,21 +301,48 @@ impl Grads {
             None => Ok((self.slot(weight.0, weight.1)?, None)),
         }
     }
+}
 
-    fn ensure(&mut self, name: &str, shape: &[usize]) -> Result<()> {
-        match self.map.get(name) {
-            Some(t) if t.shape() != shape => Err(AttnError::ShapeMismatch {
-                op: "backward",
-                tensor: format!("gradient of {name}"),
-                expected: format!("{shape:?}"),
-                got: t.shape().to_vec(),
-            }),
-            Some(_) => Ok(()),
-            None => {
-                self.map.insert(name.to_string(), Tensor::zeros(shape.to_vec()));
-                Ok(())
-            }
+/// The buffer `name` of `map`, created zeroed if absent; one of another shape is an error.
+fn ensure(map: &mut BTreeMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<()> {
+    match map.get(name) {
+        Some(t) => check_shape(name, t.shape(), shape),
+        None => {
+            map.insert(name.to_string(), Tensor::zeros(shape.to_vec()));
+            Ok(())
         }
+    }
+}
+
+/// Two disjoint ranges of `buf`, mutably, in the order asked.
+fn two_ranges(buf: &mut [f32], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&mut [f32], &mut [f32]) {
+    assert!(a.end <= b.start || b.end <= a.start, "two disjoint parameters");
+    if a.start < b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&mut lo[a], &mut hi[..b.len()])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&mut hi[..a.len()], &mut lo[b])
+    }
+}
+
+fn check_shape(name: &str, have: &[usize], asked: &[usize]) -> Result<()> {
+    if have == asked {
+        return Ok(());
+    }
+    Err(AttnError::ShapeMismatch {
+        op: "backward",
+        tensor: format!("gradient of {name}"),
+        expected: format!("{asked:?}"),
+        got: have.to_vec(),
+    })
+}
+
+fn not_in_layout(name: &str) -> AttnError {
+    AttnError::InvalidConfig {
+        field: "gradient",
+        got: format!("`{name}`, which is not a parameter of the store these gradients were made for"),
+        expected: "a parameter of the module the store adopted".into(),
     }
 }
 
@@ -132,5 +364,57 @@ mod tests {
         g.zero();
         assert!(g.iter().all(|(_, t)| t.data().iter().all(|&x| x == 0.0)));
         assert_eq!(g.len(), 2);
+    }
+
+    struct Lin {
+        w: Tensor,
+        b: Tensor,
+    }
+
+    impl crate::Parameters for Lin {
+        fn visit_params<'a>(
+            &'a mut self,
+            path: &crate::ParamPath<'_>,
+            f: &mut dyn FnMut(&crate::ParamPath<'_>, &'a mut Tensor),
+        ) {
+            f(&path.join("weight"), &mut self.w);
+            f(&path.join("bias"), &mut self.b);
+        }
+    }
+
+    #[test]
+    fn flat_gradients_are_found_from_the_tensors_and_read_back_by_name() {
+        let mut m = Lin {
+            w: Tensor::zeros(vec![2, 3]),
+            b: Tensor::zeros(vec![2]),
+        };
+        let store = ParamStore::adopt(&mut m);
+        let mut g = Grads::for_store(&store);
+        assert!(g.is_for(&store));
+        let (dw, db) = g
+            .of_weight_and_bias("", (&m.w, "weight"), Some((&m.b, "bias")))
+            .unwrap();
+        dw[5] += 3.0;
+        db.unwrap()[0] += 4.0;
+        assert_eq!(g.get("weight").unwrap().data(), &[0.0, 0.0, 0.0, 0.0, 0.0, 3.0]);
+        assert_eq!(g.get("bias").unwrap().shape(), &[2]);
+        let names: Vec<&str> = g.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["bias", "weight"]);
+        // By name too, with the layout's shapes checked; unknown names are errors.
+        g.slot("bias", &[2]).unwrap()[1] += 1.0;
+        assert!(g.slot("bias", &[3]).is_err());
+        assert!(g.slot("other", &[2]).is_err());
+        // The norm of the per-parameter norms, as clip_grad_norm_; 5 → clipped to 1.
+        let norm = g.clip_norm(1.0);
+        assert!((norm - (9.0f32 + 16.0 + 1.0).sqrt()).abs() < 1e-6);
+        let (_, flat) = g.flat().unwrap();
+        let clipped: f64 = flat.iter().map(|&x| (x as f64).powi(2)).sum();
+        assert!((clipped.sqrt() - 1.0).abs() < 1e-6);
+        // A module outside the store finds its gradients by name.
+        let outside = Tensor::zeros(vec![2]);
+        g.of(&outside, "", "bias").unwrap()[0] = 7.0;
+        assert_eq!(g.get("bias").unwrap().data()[0], 7.0);
+        g.zero();
+        assert!(g.flat().unwrap().1.iter().all(|&x| x == 0.0));
     }
 }

@@ -21,6 +21,7 @@ mod cache;
 mod error;
 mod grads;
 mod mha;
+mod params;
 mod positions;
 mod safetensors_io;
 mod sdpa;
@@ -29,10 +30,13 @@ mod tensor;
 pub use attn_kernels as kernels;
 pub use cache::KvCache;
 pub use error::{AttnError, Result};
-pub use grads::Grads;
+pub use grads::{GradRef, Grads};
 pub use mha::{
     linear, Attention, AttentionConfig, Layout, MhaConfig, MhaInputGrads, MhaInputs, MhaOptions, MhaOutput, MhaTape,
     MultiHeadAttention, NeedWeights, Packing, Sequence,
+};
+pub use params::{
+    flat_fill, flat_zip_mut, AlignedBuf, ParamEntry, ParamLayout, ParamPath, ParamStore, Parameters, FLAT_CHUNK,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use safetensors_io::{floats_to_f32, FromSafetensors};

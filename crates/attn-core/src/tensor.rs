@@ -4,14 +4,50 @@
 //! [`StateDict`] and hands it over; saving goes the other way.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+use crate::params::StoreSlice;
 
 use crate::{AttnError, Result};
 
-/// A dense row-major f32 tensor.
-#[derive(Debug, Clone, PartialEq)]
+/// A dense row-major f32 tensor. Its values are its own, or its range of a
+/// [`ParamStore`](crate::ParamStore)'s buffer once a store adopted it; either way only this
+/// tensor reads and writes them, and a clone copies them out.
 pub struct Tensor {
     shape: Vec<usize>,
-    data: Vec<f32>,
+    data: Storage,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Owned(Vec<f32>),
+    Store(StoreSlice),
+}
+
+impl Clone for Tensor {
+    fn clone(&self) -> Self {
+        Tensor {
+            shape: self.shape.clone(),
+            data: Storage::Owned(self.data().to_vec()),
+        }
+    }
+}
+
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape && self.data() == other.data()
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .field("data", &self.data())
+            .field("in_store", &matches!(self.data, Storage::Store(_)))
+            .finish()
+    }
 }
 
 impl Tensor {
@@ -27,7 +63,10 @@ impl Tensor {
                 len: data.len(),
             });
         }
-        Ok(Tensor { shape, data })
+        Ok(Tensor {
+            shape,
+            data: Storage::Owned(data),
+        })
     }
 
     /// Zeros of `shape`.
@@ -35,7 +74,7 @@ impl Tensor {
         let n = shape.iter().product();
         Tensor {
             shape,
-            data: vec![0.0; n],
+            data: Storage::Owned(vec![0.0; n]),
         }
     }
 
@@ -46,17 +85,40 @@ impl Tensor {
 
     /// The elements, row-major.
     pub fn data(&self) -> &[f32] {
-        &self.data
+        match &self.data {
+            Storage::Owned(v) => v,
+            Storage::Store(s) => s.data(),
+        }
     }
 
     /// The elements, mutably.
     pub fn data_mut(&mut self) -> &mut [f32] {
-        &mut self.data
+        match &mut self.data {
+            Storage::Owned(v) => v,
+            Storage::Store(s) => s.data_mut(),
+        }
     }
 
-    /// The elements, by value.
+    /// The elements, by value (copied out of a store).
     pub fn into_data(self) -> Vec<f32> {
-        self.data
+        match self.data {
+            Storage::Owned(v) => v,
+            Storage::Store(s) => s.data().to_vec(),
+        }
+    }
+
+    /// The id of the store holding the values and their range in it, if a store does.
+    pub(crate) fn place(&self) -> Option<(u64, Range<usize>)> {
+        match &self.data {
+            Storage::Owned(_) => None,
+            Storage::Store(s) => Some(s.place()),
+        }
+    }
+
+    /// Moves the values to `slice`, which holds a copy of them (see `ParamStore::adopt`).
+    pub(crate) fn set_store(&mut self, slice: StoreSlice) {
+        debug_assert_eq!(slice.data(), self.data());
+        self.data = Storage::Store(slice);
     }
 }
 
@@ -134,6 +196,9 @@ impl WeightInit {
         let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
         let n = shape.iter().product();
         let data = (0..n).map(|_| self.rng.next_signed() * bound).collect();
-        Tensor { shape, data }
+        Tensor {
+            shape,
+            data: Storage::Owned(data),
+        }
     }
 }

@@ -9,7 +9,8 @@
 use attn_core::kernels::testing::SplitMix64;
 use attn_core::kernels::Par;
 use attn_core::{
-    Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, Rope, RopeStyle, Sequence, StateDict, Tensor,
+    Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, Parameters, Rope, RopeStyle, Sequence,
+    StateDict, Tensor,
 };
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {

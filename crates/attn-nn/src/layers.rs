@@ -8,7 +8,7 @@
 //! machine has.
 
 use attn_core::kernels::{self, LinearShape, NormParams, Par, View2};
-use attn_core::{linear, take, AttnError, Grads, StateDict, Tensor};
+use attn_core::{linear, take, AttnError, Grads, ParamPath, Parameters, StateDict, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::invalid;
@@ -112,43 +112,45 @@ impl Linear {
             in_dim: inp,
             out_dim: out,
         };
-        let (dw, db) = weight_and_bias_grads(grads, prefix, &[out, inp], self.bias.is_some())?;
+        let (dw, db) = weight_and_bias_grads(grads, prefix, &self.weight, self.bias.as_ref())?;
         kernels::linear_backward(dx, dw, db, dy, x, self.weight.data(), shape, par).map_err(AttnError::from)?;
         Ok(())
     }
-
-    /// The parameters under `prefix` + `weight` / `bias`.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        weight_and_bias_params(&mut self.weight, &mut self.bias, prefix)
-    }
 }
 
-/// The gradient buffers `{prefix}weight` (of `w_shape`) and `{prefix}bias` (`[w_shape[0]]`).
+/// The gradients of `{prefix}weight` and `{prefix}bias`.
 fn weight_and_bias_grads<'g>(
     grads: &'g mut Grads,
     prefix: &str,
-    w_shape: &[usize],
-    bias: bool,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
 ) -> Result<(&'g mut [f32], Option<&'g mut [f32]>)> {
-    let bias_name = format!("{prefix}bias");
-    let bias_shape = [w_shape[0]];
-    Ok(grads.weight_and_bias(
-        (&format!("{prefix}weight"), w_shape),
-        bias.then_some((bias_name.as_str(), &bias_shape[..])),
-    )?)
+    Ok(grads.of_weight_and_bias(prefix, (weight, "weight"), bias.map(|b| (b, "bias")))?)
 }
 
-/// `{prefix}weight` and `{prefix}bias` for an optimizer.
-fn weight_and_bias_params<'a>(
+/// `weight`, then `bias` when there is one.
+fn visit_weight_and_bias<'a>(
     weight: &'a mut Tensor,
     bias: &'a mut Option<Tensor>,
-    prefix: &str,
-) -> Vec<(String, &'a mut Tensor)> {
-    let mut out = vec![(format!("{prefix}weight"), weight)];
+    path: &ParamPath<'_>,
+    f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor),
+) {
+    f(&path.join("weight"), weight);
     if let Some(b) = bias {
-        out.push((format!("{prefix}bias"), b));
+        f(&path.join("bias"), b);
     }
-    out
+}
+
+impl Parameters for Linear {
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        visit_weight_and_bias(&mut self.weight, &mut self.bias, path, f);
+    }
+}
+
+impl Parameters for Norm {
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        visit_weight_and_bias(&mut self.weight, &mut self.bias, path, f);
+    }
 }
 
 /// Layer normalisation over the last dim (`weight`, `bias`: `[E]`), PyTorch's `nn.LayerNorm`
@@ -233,16 +235,10 @@ impl Norm {
         prefix: &str,
         par: Par,
     ) -> Result<()> {
-        let e = self.weight.shape()[0];
-        let (dw, db) = weight_and_bias_grads(grads, prefix, &[e], self.bias.is_some())?;
+        let (dw, db) = weight_and_bias_grads(grads, prefix, &self.weight, self.bias.as_ref())?;
         kernels::norm_backward(dx, dw, db, dy, x, self.weight.data(), (self.kind, self.eps), par)
             .map_err(AttnError::from)?;
         Ok(())
-    }
-
-    /// The parameters under `prefix` + `weight` / `bias`.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        weight_and_bias_params(&mut self.weight, &mut self.bias, prefix)
     }
 }
 
@@ -417,12 +413,13 @@ impl FeedForward {
         dropout.apply(&mut z, site, par)?;
         Ok(z)
     }
+}
 
-    /// The parameters under `prefix` + `linear1.*`, `linear2.*`.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        let mut out = self.linear1.params_mut(&format!("{prefix}linear1."));
-        out.extend(self.linear2.params_mut(&format!("{prefix}linear2.")));
-        out
+impl Parameters for FeedForward {
+    /// `linear1.*`, then `linear2.*`.
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        self.linear1.visit_params(&path.join("linear1."), f);
+        self.linear2.visit_params(&path.join("linear2."), f);
     }
 }
 

@@ -22,6 +22,8 @@ pub mod seq2seq;
 mod transformer;
 
 pub use attn_core as core;
+/// The training state every model here shares: gradients and the parameter store.
+pub use attn_core::{Grads, ParamStore, Parameters};
 pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
 pub use optim::{clip_grad_norm, AdamW, Param, Schedule};

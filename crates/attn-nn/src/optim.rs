@@ -6,6 +6,10 @@
 //! weights under the same names.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use attn_core::{AlignedBuf, Grads, ParamLayout, ParamStore, Parameters, FLAT_CHUNK};
+use rayon::prelude::*;
 
 use crate::error::invalid;
 use crate::{NnError, Result};
@@ -25,6 +29,11 @@ pub struct Param<'a> {
 /// same order as PyTorch's single-tensor implementation, so the parameters agree to rounding:
 /// `p ← p·(1 − lr·wd)`; `m ← m + (1 − β1)(g − m)`; `v ← β2·v + (1 − β2)·g²`;
 /// `p ← p − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + eps)`.
+///
+/// Two ways to step: [`AdamW::step`] over parameters listed by name (moments kept by name), and
+/// [`AdamW::step_flat`] over a [`ParamStore`](attn_core::ParamStore)'s flat buffers (moments
+/// kept flat in the same layout; one pass on rayon's threads, the same bits on any thread count
+/// as a by-name step). Moments restored by name become flat at the first flat step.
 #[derive(Debug, Clone)]
 pub struct AdamW {
     /// β1, β2.
@@ -34,7 +43,49 @@ pub struct AdamW {
     /// Decoupled weight decay (PyTorch's default 0.01).
     pub weight_decay: f32,
     step: u64,
-    moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+    moments: Moments,
+}
+
+#[derive(Debug, Clone)]
+enum Moments {
+    ByName(BTreeMap<String, (Vec<f32>, Vec<f32>)>),
+    Flat {
+        layout: Arc<ParamLayout>,
+        m: AlignedBuf,
+        v: AlignedBuf,
+    },
+}
+
+/// The constants of one step.
+#[derive(Debug, Clone, Copy)]
+struct StepConstants {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    bias2_sqrt: f32,
+    step_size: f32,
+    decay: f32,
+}
+
+impl StepConstants {
+    /// The update of `x` with gradient `g` and moments `m`, `v`, element by element.
+    fn apply(self, x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let StepConstants {
+            b1,
+            b2,
+            eps,
+            bias2_sqrt,
+            step_size,
+            decay,
+        } = self;
+        for (((x, &g), m), v) in x.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *x *= decay;
+            *m += (1.0 - b1) * (g - *m);
+            *v = *v * b2 + (1.0 - b2) * g * g;
+            let denom = v.sqrt() / bias2_sqrt + eps;
+            *x -= step_size * (*m / denom);
+        }
+    }
 }
 
 impl AdamW {
@@ -56,7 +107,7 @@ impl AdamW {
             eps,
             weight_decay,
             step: 0,
-            moments: BTreeMap::new(),
+            moments: Moments::ByName(BTreeMap::new()),
         })
     }
 
@@ -67,12 +118,26 @@ impl AdamW {
 
     /// The first and second moments of a parameter, by name (after its first step).
     pub fn moments(&self, name: &str) -> Option<(&[f32], &[f32])> {
-        self.moments.get(name).map(|(m, v)| (&m[..], &v[..]))
+        match &self.moments {
+            Moments::ByName(map) => map.get(name).map(|(m, v)| (&m[..], &v[..])),
+            Moments::Flat { layout, m, v } => layout.entry(name).map(|e| (&m[e.range.clone()], &v[e.range.clone()])),
+        }
     }
 
-    /// Every parameter's first and second moments, by name (to save the optimizer's state).
-    pub fn all_moments(&self) -> impl Iterator<Item = (&str, &[f32], &[f32])> {
-        self.moments.iter().map(|(n, (m, v))| (n.as_str(), &m[..], &v[..]))
+    /// Every parameter's first and second moments, by name, in the order of the names (to save
+    /// the optimizer's state).
+    pub fn all_moments(&self) -> Vec<(&str, &[f32], &[f32])> {
+        match &self.moments {
+            Moments::ByName(map) => map.iter().map(|(n, (m, v))| (n.as_str(), &m[..], &v[..])).collect(),
+            Moments::Flat { layout, m, v } => layout
+                .name_order()
+                .iter()
+                .map(|&i| {
+                    let e = &layout.entries()[i];
+                    (e.name.as_str(), &m[e.range.clone()], &v[e.range.clone()])
+                })
+                .collect(),
+        }
     }
 
     /// Restores a saved state: the steps taken and each parameter's moments (equal lengths),
@@ -82,16 +147,38 @@ impl AdamW {
             return Err(invalid("moments", name, "first and second moments of one length"));
         }
         self.step = steps;
-        self.moments = moments;
+        self.moments = Moments::ByName(moments);
         Ok(())
     }
 
-    /// One step at learning rate `lr` over `params`. A parameter seen for the first time gets
-    /// zero moments; one whose size changed since is an error naming it.
-    pub fn step(&mut self, params: &mut [Param<'_>], lr: f32) -> Result<()> {
+    /// Counts the step and returns its constants; `lr` must be finite and at least 0.
+    fn next_step(&mut self, lr: f32) -> Result<StepConstants> {
         if !(lr >= 0.0 && lr.is_finite()) {
             return Err(invalid("lr", lr, "a finite number at least 0"));
         }
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = self.betas;
+        Ok(StepConstants {
+            b1,
+            b2,
+            eps: self.eps,
+            bias2_sqrt: (1.0 - b2.powi(t)).sqrt(),
+            step_size: lr / (1.0 - b1.powi(t)),
+            decay: 1.0 - lr * self.weight_decay,
+        })
+    }
+
+    /// One step at learning rate `lr` over `params`, listed by name. A parameter seen for the
+    /// first time gets zero moments; one whose size changed since is an error naming it.
+    pub fn step(&mut self, params: &mut [Param<'_>], lr: f32) -> Result<()> {
+        let Moments::ByName(moments) = &mut self.moments else {
+            return Err(invalid(
+                "params",
+                "parameters by name",
+                "the flat buffers of the store this optimizer stepped before (AdamW::step_flat)",
+            ));
+        };
         for p in params.iter() {
             if p.grad.len() != p.value.len() {
                 return Err(NnError::ShapeMismatch {
@@ -101,7 +188,7 @@ impl AdamW {
                     got: vec![p.grad.len()],
                 });
             }
-            if let Some((m, _)) = self.moments.get(p.name) {
+            if let Some((m, _)) = moments.get(p.name) {
                 if m.len() != p.value.len() {
                     return Err(NnError::ShapeMismatch {
                         op: "AdamW::step",
@@ -112,26 +199,110 @@ impl AdamW {
                 }
             }
         }
-        self.step += 1;
-        let t = self.step as i32;
-        let (b1, b2) = self.betas;
-        let bias1 = 1.0 - b1.powi(t);
-        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
-        let step_size = lr / bias1;
-        let decay = 1.0 - lr * self.weight_decay;
+        let c = self.next_step(lr)?;
+        let Moments::ByName(moments) = &mut self.moments else {
+            unreachable!("checked above")
+        };
         for p in params.iter_mut() {
-            let (m, v) = self
-                .moments
+            let (m, v) = moments
                 .entry(p.name.to_string())
                 .or_insert_with(|| (vec![0.0; p.value.len()], vec![0.0; p.value.len()]));
-            for (((x, &g), m), v) in p.value.iter_mut().zip(p.grad).zip(m.iter_mut()).zip(v.iter_mut()) {
-                *x *= decay;
-                *m += (1.0 - b1) * (g - *m);
-                *v = *v * b2 + (1.0 - b2) * g * g;
-                let denom = v.sqrt() / bias2_sqrt + self.eps;
-                *x -= step_size * (*m / denom);
+            c.apply(p.value, p.grad, m, v);
+        }
+        Ok(())
+    }
+
+    /// One step at learning rate `lr` over every parameter of a store at once: `params` and
+    /// `grads` are flat buffers of `layout` (from [`ParamStore::flat_mut`](attn_core::ParamStore::flat_mut)
+    /// and [`Grads::flat`](attn_core::Grads::flat)). The moments are flat buffers of the same
+    /// layout, made at the first flat step from the moments restored by name (a parameter
+    /// without any starts at zero; a name the layout lacks, or another size, is an error naming
+    /// it). Every parameter is updated, as PyTorch updates every parameter whose gradient is a
+    /// tensor (`zero_grad(set_to_none=False)`).
+    pub fn step_flat(&mut self, layout: &Arc<ParamLayout>, params: &mut [f32], grads: &[f32], lr: f32) -> Result<()> {
+        for (what, len) in [("params", params.len()), ("grads", grads.len())] {
+            if len != layout.len() {
+                return Err(NnError::ShapeMismatch {
+                    op: "AdamW::step_flat",
+                    tensor: what.into(),
+                    expected: format!("{} floats, as the layout", layout.len()),
+                    got: vec![len],
+                });
             }
         }
+        self.make_flat(layout)?;
+        let c = self.next_step(lr)?;
+        let Moments::Flat { m, v, .. } = &mut self.moments else {
+            unreachable!("made flat above")
+        };
+        params
+            .par_chunks_mut(FLAT_CHUNK)
+            .zip(grads.par_chunks(FLAT_CHUNK))
+            .zip(m.par_chunks_mut(FLAT_CHUNK))
+            .zip(v.par_chunks_mut(FLAT_CHUNK))
+            .for_each(|(((x, g), m), v)| c.apply(x, g, m, v));
+        Ok(())
+    }
+
+    /// One step over every parameter of `module`, which `store` adopted, from gradients made
+    /// for that store ([`Grads::for_store`]): [`AdamW::step_flat`] over the flat buffers, the
+    /// parameters' bound by [`ParamStore::flat_mut`]. Gradients of another store (or by name)
+    /// and a module the store does not hold are errors.
+    pub fn update<M: Parameters + ?Sized>(
+        &mut self,
+        store: &ParamStore,
+        module: &mut M,
+        grads: &Grads,
+        lr: f32,
+    ) -> Result<()> {
+        let (layout, g) = match grads.flat() {
+            Some(flat) if grads.is_for(store) => flat,
+            _ => {
+                return Err(invalid(
+                    "grads",
+                    "gradients of another layout",
+                    "gradients made for the store (Grads::for_store)",
+                ))
+            }
+        };
+        let params = store.flat_mut(module)?;
+        self.step_flat(layout, params, g, lr)
+    }
+
+    /// Moments in `layout`'s flat buffers: moved there from those kept by name.
+    fn make_flat(&mut self, layout: &Arc<ParamLayout>) -> Result<()> {
+        let by_name = match &mut self.moments {
+            Moments::Flat { layout: have, .. } if Arc::ptr_eq(have, layout) || have == layout => return Ok(()),
+            Moments::Flat { .. } => {
+                return Err(invalid(
+                    "layout",
+                    "the layout of another store",
+                    "the layout this optimizer stepped before",
+                ))
+            }
+            Moments::ByName(map) => std::mem::take(map),
+        };
+        let (mut m, mut v) = (AlignedBuf::zeros(layout.len()), AlignedBuf::zeros(layout.len()));
+        for (name, (mm, vv)) in &by_name {
+            let Some(e) = layout.entry(name) else {
+                return Err(invalid("moments", name, "a parameter of the model"));
+            };
+            if mm.len() != e.range.len() {
+                return Err(NnError::ShapeMismatch {
+                    op: "AdamW::step_flat",
+                    tensor: format!("moments of {name}"),
+                    expected: format!("{} values, as the parameter", e.range.len()),
+                    got: vec![mm.len()],
+                });
+            }
+            m[e.range.clone()].copy_from_slice(mm);
+            v[e.range.clone()].copy_from_slice(vv);
+        }
+        self.moments = Moments::Flat {
+            layout: Arc::clone(layout),
+            m,
+            v,
+        };
         Ok(())
     }
 }

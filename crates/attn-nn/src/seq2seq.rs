@@ -14,11 +14,15 @@ use std::collections::HashMap;
 
 use attn_core::kernels::rng::SplitMix64;
 use attn_core::kernels::{self, Par};
-use attn_core::{insert_prefixed, AttnError, Grads, KeyPadding, Packing, Sequence, StateDict, Tensor};
+use attn_core::{
+    insert_prefixed, AttnError, Grads, KeyPadding, Packing, ParamPath, ParamStore, Parameters, Sequence, StateDict,
+    Tensor,
+};
 use serde_json::{Map, Value};
 
 use crate::error::invalid;
 use crate::layers::{Dropout, Linear};
+use crate::optim::AdamW;
 use crate::transformer::{sub_module, TransformerTape};
 use crate::{BlockMasks, DecoderLayer, EncoderLayer, Result, Transformer, TransformerConfig, TransformerMasks};
 
@@ -295,9 +299,12 @@ pub struct Decoded {
     pub logits: Vec<Vec<f32>>,
 }
 
-/// The model.
-#[derive(Debug, Clone)]
+/// The model. Its parameters live in one [`ParamStore`], built when the model is built or
+/// loaded: [`Seq2Seq::grads`] gives gradients of its layout and [`Seq2Seq::update`] runs the
+/// optimizer over all of them in one flat pass.
+#[derive(Debug)]
 pub struct Seq2Seq {
+    store: ParamStore,
     config: Seq2SeqConfig,
     src_embed: Tensor,
     tgt_embed: Tensor,
@@ -305,6 +312,32 @@ pub struct Seq2Seq {
     generator: Linear,
     /// `[max_len, E]`.
     positions: Vec<f32>,
+}
+
+impl Clone for Seq2Seq {
+    /// A copy with a store of its own.
+    fn clone(&self) -> Self {
+        Seq2Seq {
+            store: ParamStore::default(),
+            config: self.config.clone(),
+            src_embed: self.src_embed.clone(),
+            tgt_embed: self.tgt_embed.clone(),
+            transformer: self.transformer.clone(),
+            generator: self.generator.clone(),
+            positions: self.positions.clone(),
+        }
+        .with_store()
+    }
+}
+
+impl Parameters for Seq2Seq {
+    /// `src_embed.weight`, `tgt_embed.weight`, `transformer.*`, `generator.*`.
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        f(&path.join("src_embed.weight"), &mut self.src_embed);
+        f(&path.join("tgt_embed.weight"), &mut self.tgt_embed);
+        self.transformer.visit_params(&path.join("transformer."), f);
+        self.generator.visit_params(&path.join("generator."), f);
+    }
 }
 
 /// The sinusoidal table `PE[p, 2i] = sin(p / 10000^(2i/d))`, `PE[p, 2i+1] = cos(...)`, in f64.
@@ -358,7 +391,7 @@ impl Seq2Seq {
         dict.insert("generator.bias".into(), Tensor::zeros(vec![vt]));
         let mut model = Self::from_state_dict(config, dict)?;
         let mut rng = SplitMix64::new(seed);
-        for (_, tensor) in model.params_mut() {
+        for (_, tensor) in model.params_mut("") {
             if let [rows, cols] = *tensor.shape() {
                 let bound = (6.0 / (rows + cols) as f32).sqrt();
                 tensor
@@ -390,13 +423,38 @@ impl Seq2Seq {
         }
         let positions = sinusoidal_positions(config.max_len, e);
         Ok(Seq2Seq {
+            store: ParamStore::default(),
             config,
             src_embed,
             tgt_embed,
             transformer,
             generator,
             positions,
-        })
+        }
+        .with_store())
+    }
+
+    /// The model with its parameters moved into a store of their own.
+    fn with_store(mut self) -> Self {
+        self.store = ParamStore::adopt(&mut self);
+        self
+    }
+
+    /// The store holding the parameters.
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    /// Zeroed gradients in the layout of the model's store.
+    pub fn grads(&self) -> Grads {
+        Grads::for_store(&self.store)
+    }
+
+    /// One optimizer step over every parameter at learning rate `lr`, from gradients made by
+    /// [`Seq2Seq::grads`] (others are an error): one pass over the flat buffers.
+    pub fn update(&mut self, adam: &mut AdamW, grads: &Grads, lr: f32) -> Result<()> {
+        let store = self.store.clone();
+        adam.update(&store, self, grads, lr)
     }
 
     /// The tensors under their names.
@@ -412,17 +470,6 @@ impl Seq2Seq {
     /// The configuration.
     pub fn config(&self) -> &Seq2SeqConfig {
         &self.config
-    }
-
-    /// Every parameter by state-dict name.
-    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let mut out = vec![
-            ("src_embed.weight".to_string(), &mut self.src_embed),
-            ("tgt_embed.weight".to_string(), &mut self.tgt_embed),
-        ];
-        out.extend(self.transformer.params_mut("transformer."));
-        out.extend(self.generator.params_mut("generator."));
-        out
     }
 
     /// The batch of `pairs` (source, target); a pair longer than `max_len` tokens (with its
@@ -520,12 +567,12 @@ impl Seq2Seq {
         dropout.apply(&mut dx, site, par)?;
         let scale = (e as f32).sqrt();
         dx.iter_mut().for_each(|v| *v *= scale);
-        let rows = if name.starts_with("src") {
-            self.src_embed.shape()[0]
+        let table = if name.starts_with("src") {
+            &self.src_embed
         } else {
-            self.tgt_embed.shape()[0]
+            &self.tgt_embed
         };
-        let slot = grads.slot(name, &[rows, e])?;
+        let slot = grads.of(table, "", name)?;
         kernels::embedding_backward(slot, &dx, ids, e, par).map_err(AttnError::from)?;
         Ok(())
     }

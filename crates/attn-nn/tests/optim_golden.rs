@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use attn_nn::{clip_grad_norm, AdamW, Param, Schedule};
+use attn_nn::{clip_grad_norm, AdamW, Param, Parameters, Schedule};
 use safetensors::SafeTensors;
 
 fn read() -> BTreeMap<String, Vec<f32>> {
@@ -233,7 +233,7 @@ fn transformer_training_steps_equal_pytorch() {
             .backward(src, tgt, &masks, &tape, &d_output, &Dropout::NONE, &mut grads, "", par)
             .unwrap();
         assert_eq!(grads.len(), n_params, "a gradient for every parameter");
-        let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(|(_, g)| g.data_mut()).collect();
+        let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(|(_, g)| g).collect();
         let norm = clip_grad_norm(&mut refs, 1.0);
         let want_norm = floats(&format!("norm.{step}")).1[0];
         assert!(

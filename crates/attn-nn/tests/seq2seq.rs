@@ -263,3 +263,93 @@ fn beam_hypotheses_keep_their_own_caches() {
     );
     eprintln!("worst relative log-probability difference {worst:.1e}, {overtaken} of 80 answers not greedy");
 }
+
+/// Three clipped AdamW steps of the model, with dropout: through its parameter store
+/// (`Seq2Seq::grads`, `Grads::clip_norm`, `Seq2Seq::update`: flat passes) and through gradients
+/// and moments kept by name (`Grads::new`, `clip_grad_norm`, `AdamW::step`). The two must give
+/// the same bits, the store's on any thread count, and resuming the store's optimizer from its
+/// moments by name must continue bit for bit.
+#[test]
+fn the_parameter_store_steps_as_parameters_by_name_do() {
+    use attn_nn::{clip_grad_norm, AdamW, Param, Parameters};
+    let (model, _) = load();
+    let (pairs, _) = expected();
+    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
+    let batch = model.batch(&pairs).unwrap();
+    let adam = || AdamW::new((0.9, 0.98), 1e-9, 0.01).unwrap();
+    let dropout = |step: u64| Dropout { p: 0.1, seed: step };
+    let step_flat = |model: &mut Seq2Seq, adam: &mut AdamW, grads: &mut Grads, step: u64| -> f32 {
+        let (logits, tape) = model.forward_train(&batch, &dropout(step), Par::Rayon).unwrap();
+        let (_, d_logits) = model.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
+        grads.zero();
+        model
+            .backward(&tape, &d_logits, &dropout(step), grads, Par::Rayon)
+            .unwrap();
+        let norm = grads.clip_norm(0.05);
+        model.update(adam, grads, 1e-2).unwrap();
+        norm
+    };
+    let flat_run = |threads: usize, steps: u64| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut m = model.clone();
+            let (mut a, mut g) = (adam(), m.grads());
+            let norms: Vec<f32> = (1..=steps).map(|s| step_flat(&mut m, &mut a, &mut g, s)).collect();
+            (m, a, norms)
+        })
+    };
+    let (flat, flat_adam, flat_norms) = flat_run(2, 3);
+    let (one_thread, _, one_thread_norms) = flat_run(1, 3);
+    assert_eq!(flat.state_dict(), one_thread.state_dict());
+    assert_eq!(flat_norms, one_thread_norms);
+
+    let mut named = model.clone();
+    let mut named_adam = adam();
+    let mut grads = Grads::new();
+    for step in 1..=3 {
+        let (logits, tape) = named.forward_train(&batch, &dropout(step), Par::Rayon).unwrap();
+        let (_, d_logits) = named.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
+        grads.zero();
+        named
+            .backward(&tape, &d_logits, &dropout(step), &mut grads, Par::Rayon)
+            .unwrap();
+        let mut all: Vec<&mut [f32]> = grads.iter_mut().map(|(_, g)| g).collect();
+        let norm = clip_grad_norm(&mut all, 0.05);
+        assert_eq!(norm, flat_norms[step as usize - 1], "step {step}");
+        assert!(norm > 0.05, "clipping is active");
+        let mut params = named.params_mut("");
+        let mut bound: Vec<Param<'_>> = params
+            .iter_mut()
+            .map(|(name, t)| Param {
+                name,
+                value: t.data_mut(),
+                grad: grads.get(name).unwrap().data(),
+            })
+            .collect();
+        named_adam.step(&mut bound, 1e-2).unwrap();
+    }
+    assert_ne!(named.state_dict(), model.state_dict(), "the steps moved the weights");
+    assert_eq!(flat.state_dict(), named.state_dict());
+    let by_name = named_adam.all_moments();
+    assert_eq!(flat_adam.all_moments(), by_name);
+
+    // Resume: two flat steps, the moments saved by name, restored into a fresh optimizer.
+    let (mut resumed, two, _) = flat_run(2, 2);
+    let saved: BTreeMap<String, (Vec<f32>, Vec<f32>)> = two
+        .all_moments()
+        .into_iter()
+        .map(|(n, m, v)| (n.to_string(), (m.to_vec(), v.to_vec())))
+        .collect();
+    let mut restored = adam();
+    restored.restore(2, saved).unwrap();
+    let mut g = resumed.grads();
+    step_flat(&mut resumed, &mut restored, &mut g, 3);
+    assert_eq!(resumed.state_dict(), flat.state_dict());
+
+    // Gradients by name are refused by the flat update, naming what it needs.
+    let err = named
+        .update(&mut named_adam, &Grads::new(), 1e-2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Grads::for_store"), "{err}");
+}

@@ -6,7 +6,7 @@
 
 use attn_core::kernels::testing::SplitMix64;
 use attn_core::kernels::Par;
-use attn_core::{Grads, Sequence};
+use attn_core::{Grads, Parameters, Sequence};
 use attn_nn::layers::{Activation, Dropout};
 use attn_nn::{BlockMasks, DecoderLayer, LayerConfig};
 

@@ -24,7 +24,7 @@ use attn_kernels::{
 use super::forward::{head_view, weights_from_lse, Projected, Source};
 use super::{Core, Dims, MaskSet, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights, Sequence};
 use crate::error::shape_error;
-use crate::{Grads, Layout, Result, Tensor};
+use crate::{Grads, Layout, ParamPath, Parameters, Result, Tensor};
 
 /// The inputs of a training forward, given again to its backward.
 #[derive(Debug, Clone, Copy)]
@@ -172,34 +172,36 @@ impl MultiHeadAttention {
     ) -> Result<MhaInputGrads> {
         self.core.backward(inputs, tape, d_output, grads, prefix, par)
     }
+}
 
-    /// Every parameter, under `prefix` + its state-dict name, for an optimizer to update in
-    /// place.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
+impl Parameters for MultiHeadAttention {
+    /// `in_proj_weight` (or `q_proj_weight`, `k_proj_weight`, `v_proj_weight`),
+    /// `in_proj_bias`, `bias_k`, `bias_v`, `out_proj.weight`, `out_proj.bias`: those the module
+    /// has, in that order.
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
         let c = &mut self.core;
         let fused = c.dims.fused();
-        let mut out = vec![(
-            format!("{prefix}{}", if fused { "in_proj_weight" } else { "q_proj_weight" }),
+        f(
+            &path.join(if fused { "in_proj_weight" } else { "q_proj_weight" }),
             &mut c.w_q_or_qkv,
-        )];
+        );
         if let (Some(k), Some(v)) = (&mut c.w_k, &mut c.w_v) {
-            out.push((format!("{prefix}k_proj_weight"), k));
-            out.push((format!("{prefix}v_proj_weight"), v));
+            f(&path.join("k_proj_weight"), k);
+            f(&path.join("v_proj_weight"), v);
         }
         if let Some(b) = &mut c.b_qkv {
-            out.push((format!("{prefix}in_proj_bias"), b));
+            f(&path.join("in_proj_bias"), b);
         }
         if let Some((k, v)) = &mut c.bias_kv {
-            out.push((format!("{prefix}bias_k"), k));
-            out.push((format!("{prefix}bias_v"), v));
+            f(&path.join("bias_k"), k);
+            f(&path.join("bias_v"), v);
         }
         if let Some(w) = &mut c.w_out {
-            out.push((format!("{prefix}out_proj.weight"), w));
+            f(&path.join("out_proj.weight"), w);
         }
         if let Some(b) = &mut c.b_out {
-            out.push((format!("{prefix}out_proj.bias"), b));
+            f(&path.join("out_proj.bias"), b);
         }
-        out
     }
 }
 
@@ -343,11 +345,10 @@ impl Core {
                     in_dim: h * dv,
                     out_dim,
                 };
-                let w_shape = [out_dim, h * dv];
-                let (bias, bias_shape) = (format!("{prefix}out_proj.bias"), [out_dim]);
-                let (dw, db) = grads.weight_and_bias(
-                    (&format!("{prefix}out_proj.weight"), &w_shape),
-                    self.b_out.as_ref().map(|_| (bias.as_str(), &bias_shape[..])),
+                let (dw, db) = grads.of_weight_and_bias(
+                    prefix,
+                    (w_out, "out_proj.weight"),
+                    self.b_out.as_ref().map(|b| (b, "out_proj.bias")),
                 )?;
                 linear_backward(
                     Some(&mut d_attn),
@@ -437,10 +438,10 @@ impl Core {
                 row[h * d + g * d..].copy_from_slice(&dv_buf[r * g * dv..][..g * dv]);
             }
             let mut d_query = vec![0.0f32; n * e];
-            let (bias, bias_shape) = (format!("{prefix}in_proj_bias"), [width]);
-            let (dw, db) = grads.weight_and_bias(
-                (&format!("{prefix}in_proj_weight"), &[width, e]),
-                self.b_qkv.as_ref().map(|_| (bias.as_str(), &bias_shape[..])),
+            let (dw, db) = grads.of_weight_and_bias(
+                prefix,
+                (&self.w_q_or_qkv, "in_proj_weight"),
+                self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")),
             )?;
             let shape = LinearShape {
                 n,
@@ -655,17 +656,13 @@ impl Core {
         super::for_each_sequence(jobs, par, run)
     }
 
-    /// The state-dict name and shape of the weight holding projection `which` (0, 1, 2).
-    fn weight_name(&self, which: usize) -> (&'static str, [usize; 2]) {
-        let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
-        if self.dims.fused() {
-            ("in_proj_weight", [qw + kw + vw, self.dims.e])
-        } else {
-            [
-                ("q_proj_weight", [qw, self.dims.e]),
-                ("k_proj_weight", [kw, self.dims.kdim]),
-                ("v_proj_weight", [vw, self.dims.vdim]),
-            ][which]
+    /// The weight tensor holding projection `which` (0, 1, 2) and its state-dict name.
+    fn weight_param(&self, which: usize) -> (&Tensor, &'static str) {
+        match (which, &self.w_k, &self.w_v) {
+            (1, Some(k), _) => (k, "k_proj_weight"),
+            (2, _, Some(v)) => (v, "v_proj_weight"),
+            _ if self.dims.fused() => (&self.w_q_or_qkv, "in_proj_weight"),
+            _ => (&self.w_q_or_qkv, "q_proj_weight"),
         }
     }
 
@@ -683,7 +680,7 @@ impl Core {
         par: Par,
     ) -> Result<()> {
         let (w, rows, in_dim) = self.weight(which);
-        let (name, w_shape) = self.weight_name(which);
+        let (param, name) = self.weight_param(which);
         let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
         let bias_range = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
         let shape = LinearShape {
@@ -691,11 +688,8 @@ impl Core {
             in_dim,
             out_dim: rows.len(),
         };
-        let (bias, bias_shape) = (format!("{prefix}in_proj_bias"), [qw + kw + vw]);
-        let (dw, db) = grads.weight_and_bias(
-            (&format!("{prefix}{name}"), &w_shape),
-            self.b_qkv.as_ref().map(|_| (bias.as_str(), &bias_shape[..])),
-        )?;
+        let (dw, db) =
+            grads.of_weight_and_bias(prefix, (param, name), self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")))?;
         let dw = &mut dw[rows.start * in_dim..rows.end * in_dim];
         let db = db.map(|db| &mut db[bias_range]);
         let w = &w[rows.start * in_dim..rows.end * in_dim];
@@ -725,9 +719,12 @@ impl Core {
         let real_rows: Cow<'_, [f32]> = if t == t_real {
             Cow::Borrowed(d_proj)
         } else {
-            if self.bias_kv.is_some() {
-                let name = format!("{prefix}{}", if which == 1 { "bias_k" } else { "bias_v" });
-                let slot = grads.slot(&name, &[1, 1, width])?;
+            if let Some((bias_k, bias_v)) = &self.bias_kv {
+                let slot = if which == 1 {
+                    grads.of(bias_k, prefix, "bias_k")?
+                } else {
+                    grads.of(bias_v, prefix, "bias_v")?
+                };
                 // Summed over the batch in order.
                 for bi in 0..b {
                     let row = &d_proj[(bi * t + t_real) * width..][..width];

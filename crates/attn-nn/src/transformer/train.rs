@@ -17,7 +17,7 @@
 //! not applied: the fused kernel never forms the weights.
 
 use attn_core::kernels::Par;
-use attn_core::{Grads, MhaInputs, MhaTape, MultiHeadAttention, Sequence, Tensor};
+use attn_core::{Grads, MhaInputs, MhaTape, MultiHeadAttention, ParamPath, Parameters, Sequence, Tensor};
 
 use super::{check_input, seq, BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, Stack, Transformer};
 use crate::layers::{add_in_place, Dropout, FeedForward, FfnTape, Norm};
@@ -308,14 +308,15 @@ impl EncoderLayer {
             par,
         )
     }
+}
 
-    /// Every parameter under `prefix` + its state-dict name.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        let mut out = self.self_attn.params_mut(&format!("{prefix}self_attn."));
-        out.extend(self.ffn.params_mut(prefix));
-        out.extend(self.norm1.params_mut(&format!("{prefix}norm1.")));
-        out.extend(self.norm2.params_mut(&format!("{prefix}norm2.")));
-        out
+impl Parameters for EncoderLayer {
+    /// `self_attn.*`, `linear1.*`, `linear2.*`, `norm1.*`, `norm2.*`.
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        self.self_attn.visit_params(&path.join("self_attn."), f);
+        self.ffn.visit_params(path, f);
+        self.norm1.visit_params(&path.join("norm1."), f);
+        self.norm2.visit_params(&path.join("norm2."), f);
     }
 }
 
@@ -391,16 +392,17 @@ impl DecoderLayer {
         )?;
         Ok((d_tgt, d_memory.expect("the cross-attention block ran")))
     }
+}
 
-    /// Every parameter under `prefix` + its state-dict name.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        let mut out = self.self_attn.params_mut(&format!("{prefix}self_attn."));
-        out.extend(self.cross_attn.params_mut(&format!("{prefix}multihead_attn.")));
-        out.extend(self.ffn.params_mut(prefix));
-        out.extend(self.norm1.params_mut(&format!("{prefix}norm1.")));
-        out.extend(self.norm2.params_mut(&format!("{prefix}norm2.")));
-        out.extend(self.norm3.params_mut(&format!("{prefix}norm3.")));
-        out
+impl Parameters for DecoderLayer {
+    /// `self_attn.*`, `multihead_attn.*`, `linear1.*`, `linear2.*`, `norm1.*` to `norm3.*`.
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        self.self_attn.visit_params(&path.join("self_attn."), f);
+        self.cross_attn.visit_params(&path.join("multihead_attn."), f);
+        self.ffn.visit_params(path, f);
+        self.norm1.visit_params(&path.join("norm1."), f);
+        self.norm2.visit_params(&path.join("norm2."), f);
+        self.norm3.visit_params(&path.join("norm3."), f);
     }
 }
 
@@ -518,22 +520,6 @@ impl<L> Stack<L> {
         }
         Ok(d)
     }
-
-    /// The layers' parameters (`{prefix}layers.{i}.`), then the final norm's.
-    fn params_mut<'a>(
-        &'a mut self,
-        prefix: &str,
-        layer_params: impl Fn(&'a mut L, &str) -> Vec<(String, &'a mut Tensor)>,
-    ) -> Vec<(String, &'a mut Tensor)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            out.extend(layer_params(layer, &format!("{prefix}layers.{i}.")));
-        }
-        if let Some(norm) = &mut self.norm {
-            out.extend(norm.params_mut(&format!("{prefix}norm.")));
-        }
-        out
-    }
 }
 
 impl Encoder {
@@ -572,11 +558,6 @@ impl Encoder {
             .backward(src.data, tape, d_output, grads, prefix, par, |layer, x, t, dy, g, p| {
                 layer.backward(seq(x, &src), masks, t, dy, dropout, g, p, par)
             })
-    }
-
-    /// Every parameter under `prefix` + its state-dict name.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        self.0.params_mut(prefix, |layer, p| layer.params_mut(p))
     }
 }
 
@@ -627,11 +608,6 @@ impl Decoder {
                 Ok(dx)
             })?;
         Ok((d_tgt, d_memory))
-    }
-
-    /// Every parameter under `prefix` + its state-dict name.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        self.0.params_mut(prefix, |layer, p| layer.params_mut(p))
     }
 }
 
@@ -741,11 +717,37 @@ impl Transformer {
         )?;
         Ok((d_src, d_tgt))
     }
+}
 
-    /// Every parameter under `prefix` + its state-dict name.
-    pub fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {
-        let mut out = self.encoder.params_mut(&format!("{prefix}encoder."));
-        out.extend(self.decoder.params_mut(&format!("{prefix}decoder.")));
-        out
+impl<L: Parameters> Parameters for Stack<L> {
+    /// The layers' parameters (`layers.{i}.`), then the final norm's (`norm.`).
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        let layers = path.join("layers.");
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.visit_params(&layers.index(i), f);
+        }
+        if let Some(norm) = &mut self.norm {
+            norm.visit_params(&path.join("norm."), f);
+        }
+    }
+}
+
+impl Parameters for Encoder {
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        self.0.visit_params(path, f);
+    }
+}
+
+impl Parameters for Decoder {
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        self.0.visit_params(path, f);
+    }
+}
+
+impl Parameters for Transformer {
+    /// `encoder.*`, then `decoder.*`.
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        self.encoder.visit_params(&path.join("encoder."), f);
+        self.decoder.visit_params(&path.join("decoder."), f);
     }
 }
