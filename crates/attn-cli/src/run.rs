@@ -10,12 +10,12 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
 use attn_nn::core::{
     BoolMeaning, Grads, KeyPadding, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights,
-    ScoreMask, Sequence, StateDict, Tensor as CoreTensor,
+    ParamPath, ScoreMask, Sequence, StateDict, Tensor as CoreTensor,
 };
 use attn_nn::layers::Dropout;
 use attn_nn::{
-    BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig, StackConfig, Transformer, TransformerConfig,
-    TransformerMasks,
+    BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig, StackConfig, Step, Transformer,
+    TransformerConfig, TransformerMasks,
 };
 use serde_json::{Map, Value};
 
@@ -317,7 +317,14 @@ impl Ran {
 
 /// No dropout: `attn run --backward` differentiates the module as PyTorch's training mode
 /// does with dropout 0.
-const NO_DROPOUT: Dropout = Dropout::NONE;
+/// A decoder's masks as its training forward takes them (no source side).
+fn training_masks<'a>(tgt: &BlockMasks<'a>, memory: &BlockMasks<'a>) -> TransformerMasks<'a> {
+    TransformerMasks {
+        src: BlockMasks::default(),
+        tgt: *tgt,
+        memory: *memory,
+    }
+}
 
 impl Prepared {
     /// Runs the forward pass.
@@ -350,9 +357,10 @@ impl Prepared {
                 |src, masks, d| match d {
                     None => Ok(Ran::forward(module.forward(src, masks, par)?)),
                     Some(d) => {
-                        let (output, tape) = module.forward_train(src, masks, &NO_DROPOUT, "", par)?;
                         let mut grads = Grads::new();
-                        let d_src = module.backward(src, masks, &tape, d, &NO_DROPOUT, &mut grads, "", par)?;
+                        let mut step = Step::new(Dropout::NONE, par, &mut grads);
+                        let (output, tape) = module.forward_train(src, masks, &mut step)?;
+                        let d_src = module.backward(src, masks, &tape, d, &mut step)?;
                         Ok(Ran {
                             output,
                             inputs: vec![("src", d_src)],
@@ -372,9 +380,10 @@ impl Prepared {
                     |src, masks, d| match d {
                         None => Ok(Ran::forward(module.forward(src, masks, par)?)),
                         Some(d) => {
-                            let (output, tape) = module.forward_train(src, masks, &NO_DROPOUT, "", par)?;
                             let mut grads = Grads::new();
-                            let d_src = module.backward(src, masks, &tape, d, &NO_DROPOUT, &mut grads, "", par)?;
+                            let mut step = Step::new(Dropout::NONE, par, &mut grads);
+                            let (output, tape) = module.forward_train(src, masks, &mut step)?;
+                            let d_src = module.backward(src, masks, &tape, d, &mut step)?;
                             Ok(Ran {
                                 output,
                                 inputs: vec![("src", d_src)],
@@ -388,10 +397,11 @@ impl Prepared {
                 run_decoder(module.config(), 1, *flags, file, backward, |t, m, tm, mm, d| match d {
                     None => Ok(Ran::forward(module.forward(t, m, tm, mm, par)?)),
                     Some(d) => {
-                        let (output, tape) = module.forward_train(t, m, tm, mm, &NO_DROPOUT, "", par)?;
+                        let masks = training_masks(tm, mm);
                         let mut grads = Grads::new();
-                        let (d_tgt, d_memory) =
-                            module.backward(t, m, tm, mm, &tape, d, &NO_DROPOUT, &mut grads, "", par)?;
+                        let mut step = Step::new(Dropout::NONE, par, &mut grads);
+                        let (output, tape) = module.forward_train(t, m, &masks, &mut step)?;
+                        let (d_tgt, d_memory) = module.backward(t, m, &masks, &tape, d, &mut step)?;
                         Ok(Ran {
                             output,
                             inputs: vec![("tgt", d_tgt), ("memory", d_memory)],
@@ -411,10 +421,11 @@ impl Prepared {
                     |t, m, tm, mm, d| match d {
                         None => Ok(Ran::forward(module.forward(t, m, tm, mm, par)?)),
                         Some(d) => {
-                            let (output, tape) = module.forward_train(t, m, tm, mm, &NO_DROPOUT, "", par)?;
+                            let masks = training_masks(tm, mm);
                             let mut grads = Grads::new();
-                            let (d_tgt, d_memory) =
-                                module.backward(t, m, tm, mm, &tape, d, &NO_DROPOUT, &mut grads, "", par)?;
+                            let mut step = Step::new(Dropout::NONE, par, &mut grads);
+                            let (output, tape) = module.forward_train(t, m, &masks, &mut step)?;
+                            let (d_tgt, d_memory) = module.backward(t, m, &masks, &tape, d, &mut step)?;
                             Ok(Ran {
                                 output,
                                 inputs: vec![("tgt", d_tgt), ("memory", d_memory)],
@@ -663,7 +674,7 @@ fn run_mha(
             let (result, tape) = module.forward_train(&inputs, par).with_context(|| path.clone())?;
             let mut grads = Grads::new();
             let d = module
-                .backward(&inputs, &tape, d_output, &mut grads, "", par)
+                .backward(&inputs, &tape, d_output, &mut grads, &ParamPath::ROOT, par)
                 .with_context(|| path.clone())?;
             let inputs = vec![
                 ("query", d.query),
@@ -869,12 +880,13 @@ fn run_transformer(
                 tgt: tgt_masks,
                 memory: memory_masks,
             };
-            let (output, tape) = module
-                .forward_train(src, tgt, &masks, &NO_DROPOUT, "", par)
-                .with_context(context)?;
             let mut grads = Grads::new();
+            let mut step = Step::new(Dropout::NONE, par, &mut grads);
+            let (output, tape) = module
+                .forward_train(src, tgt, &masks, &mut step)
+                .with_context(context)?;
             let (d_src, d_tgt) = module
-                .backward(src, tgt, &masks, &tape, d, &NO_DROPOUT, &mut grads, "", par)
+                .backward(src, tgt, &masks, &tape, d, &mut step)
                 .with_context(context)?;
             Ran {
                 output,

@@ -220,24 +220,35 @@ fn serialize_f32(
         .map(|((name, shape, _), b)| Ok((*name, TensorView::new(Dtype::F32, shape.to_vec(), b)?)))
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
         .context("building the output tensors")?;
-    let out = safetensors::serialize(views, metadata).context("serialising the output tensors")?;
-    Ok(canonical_header(out))
+    let sorted = metadata
+        .as_ref()
+        .map(|m| m.iter().collect::<std::collections::BTreeMap<_, _>>());
+    let out = safetensors::serialize(views, metadata.clone()).context("serialising the output tensors")?;
+    Ok(match sorted {
+        Some(sorted) => metadata_in_key_order(out, &sorted),
+        None => out,
+    })
 }
 
-/// The file with its JSON header's keys in sorted order: `safetensors::serialize` writes the
-/// metadata map in a `HashMap`'s order, which changes from process to process, and a checkpoint
-/// must be the same bytes whenever it holds the same tensors. The header's length is unchanged
-/// (the same keys and values), so the data offsets stay valid.
-fn canonical_header(mut file: Vec<u8>) -> Vec<u8> {
-    let n = u64::from_le_bytes(file[..8].try_into().expect("8 bytes")) as usize;
-    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&file[8..8 + n]) else {
+/// The file with its metadata's keys in sorted order: `safetensors::serialize` writes the
+/// metadata map first in the header, in a `HashMap`'s order, which changes from process to
+/// process, and a checkpoint must be the same bytes whenever it holds the same tensors. The
+/// sorted object has the same keys and values, so the same length: the rest of the header and
+/// the data offsets are untouched. (A header laid out otherwise is left as it is.)
+fn metadata_in_key_order(mut file: Vec<u8>, sorted: &std::collections::BTreeMap<&String, &String>) -> Vec<u8> {
+    const START: &[u8] = b"{\"__metadata__\":";
+    let Ok(object) = serde_json::to_vec(sorted) else {
         return file;
     };
-    // serde_json's maps are sorted by key (its `preserve_order` feature is off).
-    let sorted = serde_json::to_vec(&header).expect("a JSON value serialises");
-    if sorted.len() <= n {
-        file[8..8 + sorted.len()].copy_from_slice(&sorted);
-        file[8 + sorted.len()..8 + n].fill(b' ');
+    let n = u64::from_le_bytes(file[..8].try_into().expect("8 bytes")) as usize;
+    let (from, to) = (8 + START.len(), 8 + START.len() + object.len());
+    if !file[8..].starts_with(START) || to > 8 + n {
+        return file;
+    }
+    let written: Option<std::collections::BTreeMap<String, String>> = serde_json::from_slice(&file[from..to]).ok();
+    let same = written.is_some_and(|w| w.len() == sorted.len() && sorted.iter().all(|(k, v)| w.get(*k) == Some(*v)));
+    if same {
+        file[from..to].copy_from_slice(&object);
     }
     file
 }
@@ -295,5 +306,17 @@ mod tests {
         assert_eq!(parsed.tensor("a").unwrap().shape(), &[1, 3]);
         let (_, meta) = SafeTensors::read_metadata(&first).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()["key7"], "value 7");
+        // One key has one order: the bytes are safetensors' own (checkpoints written before
+        // keep their bytes).
+        let one: std::collections::HashMap<String, String> = [("k".to_string(), "v".to_string())].into();
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let views = vec![
+            ("b", TensorView::new(Dtype::F32, vec![3], &bytes).unwrap()),
+            ("a", TensorView::new(Dtype::F32, vec![1, 3], &bytes).unwrap()),
+        ];
+        assert_eq!(
+            serialize_f32(&tensors, Some(one.clone())).unwrap(),
+            safetensors::serialize(views, Some(one)).unwrap()
+        );
     }
 }

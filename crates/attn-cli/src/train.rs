@@ -17,7 +17,7 @@ use attn_nn::core::kernels::rng::SplitMix64;
 use attn_nn::core::kernels::Par;
 use attn_nn::core::{FromSafetensors, Grads, StateDict};
 use attn_nn::layers::{Activation, Dropout};
-use attn_nn::{AdamW, LayerConfig, Schedule, Seq2Seq, Seq2SeqConfig, TransformerConfig, Vocab};
+use attn_nn::{AdamW, LayerConfig, Schedule, Seq2Seq, Seq2SeqConfig, Step, TransformerConfig, Vocab};
 use serde_json::json;
 
 use crate::checkpoint;
@@ -429,14 +429,14 @@ impl Trainer {
             p: self.dropout,
             seed: self.flags.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step,
         };
-        let (logits, tape) = self.model.forward_train(&batch, &dropout, Par::Rayon)?;
+        self.grads.zero();
+        let mut ctx = Step::new(dropout, Par::Rayon, &mut self.grads);
+        let (logits, tape) = self.model.forward_train(&batch, &mut ctx)?;
         let (loss, d_logits) = self
             .model
             .loss(&batch, &logits, self.flags.label_smoothing, Par::Rayon)?;
         drop(logits);
-        self.grads.zero();
-        self.model
-            .backward(&tape, &d_logits, &dropout, &mut self.grads, Par::Rayon)?;
+        self.model.backward(&tape, &d_logits, &mut ctx)?;
         if !loss.is_finite() {
             bail!("step {step}: the loss is {loss}; the weights were not updated (try a lower --lr or --clip-norm)");
         }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::params::{flat_fill, AlignedBuf, ParamLayout, ParamStore, FLAT_CHUNK};
+use crate::params::{flat_fill, AlignedBuf, ParamLayout, ParamPath, ParamStore, FLAT_CHUNK};
 use crate::{AttnError, Result, StateDict, Tensor};
 
 /// Gradients of a model's parameters.
@@ -206,26 +206,26 @@ impl Grads {
         total
     }
 
-    /// The gradient of `param`, whose state-dict name is `prefix` + `name`: its range of the
+    /// The gradient of `param`, whose state-dict name is `path` + `name`: its range of the
     /// flat buffer when `param` lives in the store these gradients were made for (no name is
     /// built), else the buffer of that name (see [`Grads::slot`]).
-    pub fn of(&mut self, param: &Tensor, prefix: &str, name: &str) -> Result<&mut [f32]> {
+    pub fn of(&mut self, param: &Tensor, path: &ParamPath<'_>, name: &str) -> Result<&mut [f32]> {
         if let Some(range) = self.flat_range(param) {
             let f = self.flat.as_mut().expect("a flat range");
             return Ok(&mut f.buf[range]);
         }
-        self.slot(&format!("{prefix}{name}"), param.shape())
+        self.slot(&format!("{path}{name}"), param.shape())
     }
 
     /// The gradients of a weight and, when the module has one, its bias: see [`Grads::of`].
     pub fn of_weight_and_bias(
         &mut self,
-        prefix: &str,
+        path: &ParamPath<'_>,
         weight: (&Tensor, &str),
         bias: Option<(&Tensor, &str)>,
     ) -> Result<(&mut [f32], Option<&mut [f32]>)> {
         let Some((b, b_name)) = bias else {
-            return Ok((self.of(weight.0, prefix, weight.1)?, None));
+            return Ok((self.of(weight.0, path, weight.1)?, None));
         };
         if let (Some(w), Some(bias)) = (self.flat_range(weight.0), self.flat_range(b)) {
             let f = self.flat.as_mut().expect("a flat range");
@@ -233,8 +233,8 @@ impl Grads {
             return Ok((dw, Some(db)));
         }
         let (dw, db) = self.slot_pair(
-            (&format!("{prefix}{}", weight.1), weight.0.shape()),
-            (&format!("{prefix}{b_name}"), b.shape()),
+            (&format!("{path}{}", weight.1), weight.0.shape()),
+            (&format!("{path}{b_name}"), b.shape()),
         )?;
         Ok((dw, Some(db)))
     }
@@ -392,7 +392,7 @@ mod tests {
         let mut g = Grads::for_store(&store);
         assert!(g.is_for(&store));
         let (dw, db) = g
-            .of_weight_and_bias("", (&m.w, "weight"), Some((&m.b, "bias")))
+            .of_weight_and_bias(&ParamPath::ROOT, (&m.w, "weight"), Some((&m.b, "bias")))
             .unwrap();
         dw[5] += 3.0;
         db.unwrap()[0] += 4.0;
@@ -412,7 +412,7 @@ mod tests {
         assert!((clipped.sqrt() - 1.0).abs() < 1e-6);
         // A module outside the store finds its gradients by name.
         let outside = Tensor::zeros(vec![2]);
-        g.of(&outside, "", "bias").unwrap()[0] = 7.0;
+        g.of(&outside, &ParamPath::ROOT, "bias").unwrap()[0] = 7.0;
         assert_eq!(g.get("bias").unwrap().data()[0], 7.0);
         g.zero();
         assert!(g.flat().unwrap().1.iter().all(|&x| x == 0.0));

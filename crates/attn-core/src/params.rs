@@ -172,7 +172,51 @@ pub enum ParamPath<'p> {
     Index(&'p ParamPath<'p>, usize),
 }
 
+/// FNV-1a's offset basis: the hash of no bytes.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a of `bytes`, continued from `hash`.
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(hash, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+impl ParamPath<'static> {
+    /// The empty path: a module on its own.
+    pub const ROOT: ParamPath<'static> = ParamPath::Root("");
+}
+
 impl<'p> ParamPath<'p> {
+    /// FNV-1a (64-bit) of the path's text followed by `leaf`, without formatting it: the key of
+    /// a dropout site (`"encoder.layers.0."` + `"dropout1"`), so each site draws its own stream
+    /// of random numbers, the same as the hash of the whole name.
+    pub fn hash_with(&self, leaf: &str) -> u64 {
+        fnv1a(self.hash_from(FNV_OFFSET), leaf.as_bytes())
+    }
+
+    fn hash_from(&self, hash: u64) -> u64 {
+        match self {
+            ParamPath::Root(prefix) => fnv1a(hash, prefix.as_bytes()),
+            ParamPath::Part(parent, part) => fnv1a(parent.hash_from(hash), part.as_bytes()),
+            ParamPath::Index(parent, i) => {
+                let mut digits = [0u8; 21];
+                let mut at = digits.len() - 1;
+                digits[at] = b'.';
+                let mut n = *i;
+                loop {
+                    at -= 1;
+                    digits[at] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                fnv1a(parent.hash_from(hash), &digits[at..])
+            }
+        }
+    }
+
     /// This path followed by `part` (a submodule's `"norm1."` or a parameter's `"weight"`).
     pub fn join(&'p self, part: &'p str) -> ParamPath<'p> {
         ParamPath::Part(self, part)

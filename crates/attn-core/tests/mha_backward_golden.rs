@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use attn_core::kernels::Par;
-use attn_core::{Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights};
+use attn_core::{Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights, ParamPath};
 
 mod golden;
 
@@ -71,7 +71,9 @@ fn multi_head_attention_backward_matches_pytorch_autograd() {
             for par in [Par::Seq, Par::Rayon] {
                 let (_, tape) = mha.forward_train(&inputs, par).unwrap();
                 let mut grads = Grads::new();
-                let d = mha.backward(&inputs, &tape, d_output, &mut grads, "", par).unwrap();
+                let d = mha
+                    .backward(&inputs, &tape, d_output, &mut grads, &ParamPath::ROOT, par)
+                    .unwrap();
                 runs.push((d, grads));
             }
             let (d, grads) = &runs[0];

@@ -9,8 +9,8 @@
 use attn_core::kernels::testing::SplitMix64;
 use attn_core::kernels::Par;
 use attn_core::{
-    Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, Parameters, Rope, RopeStyle, Sequence,
-    StateDict, Tensor,
+    Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, ParamPath, Parameters, Rope, RopeStyle,
+    Sequence, StateDict, Tensor,
 };
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
@@ -119,7 +119,9 @@ fn gradients_match_central_differences() {
         let inputs = mha_inputs(&owned, &case, dims);
         let (_, tape) = mha.forward_train(&inputs, Par::Seq).unwrap();
         let mut grads = Grads::new();
-        let d = mha.backward(&inputs, &tape, &r, &mut grads, "", Par::Seq).unwrap();
+        let d = mha
+            .backward(&inputs, &tape, &r, &mut grads, &ParamPath::ROOT, Par::Seq)
+            .unwrap();
         let largest = grads
             .iter()
             .flat_map(|(_, g)| g.data().iter())
@@ -237,7 +239,7 @@ fn grouped_query_gradients_are_sums_over_the_repeated_heads() {
         let (_, tape) = mha.forward_train(&inputs, Par::Rayon).unwrap();
         let mut grads = Grads::new();
         let dx = mha
-            .backward(&inputs, &tape, &r, &mut grads, "", Par::Rayon)
+            .backward(&inputs, &tape, &r, &mut grads, &ParamPath::ROOT, Par::Rayon)
             .unwrap()
             .query;
         (dx, grads)
@@ -306,7 +308,7 @@ fn backward_rejects_mismatched_gradients_and_inputs() {
     let (_, tape) = mha.forward_train(&inputs, Par::Seq).unwrap();
     let mut grads = Grads::new();
     let err = mha
-        .backward(&inputs, &tape, &[0.0; 5], &mut grads, "", Par::Seq)
+        .backward(&inputs, &tape, &[0.0; 5], &mut grads, &ParamPath::ROOT, Par::Seq)
         .unwrap_err()
         .to_string();
     assert!(err.contains("d_output"), "{err}");
@@ -316,7 +318,7 @@ fn backward_rejects_mismatched_gradients_and_inputs() {
         ..inputs
     };
     let err = mha
-        .backward(&other, &tape, &[0.0; 64], &mut grads, "", Par::Seq)
+        .backward(&other, &tape, &[0.0; 64], &mut grads, &ParamPath::ROOT, Par::Seq)
         .unwrap_err()
         .to_string();
     assert!(err.contains("the forward's [B, S, T] = [2, 3, 3]"), "{err}");
@@ -367,7 +369,9 @@ fn packed_sequences_equal_separate_calls() {
         };
         let (out, tape) = mha.forward_train(&packed, Par::Rayon).unwrap();
         let mut grads = Grads::new();
-        let d = mha.backward(&packed, &tape, &r, &mut grads, "", Par::Rayon).unwrap();
+        let d = mha
+            .backward(&packed, &tape, &r, &mut grads, &ParamPath::ROOT, Par::Rayon)
+            .unwrap();
         let mut separate = Grads::new();
         for i in 0..4 {
             let (q0, q1, k0, k1) = (q_starts[i], q_starts[i + 1], ks[i], ks[i + 1]);
@@ -388,7 +392,7 @@ fn packed_sequences_equal_separate_calls() {
             let (o, t) = mha.forward_train(&one, Par::Seq).unwrap();
             close(&out.output[q0 * e..q1 * e], &o.output, "output");
             let di = mha
-                .backward(&one, &t, &r[q0 * e..q1 * e], &mut separate, "", Par::Seq)
+                .backward(&one, &t, &r[q0 * e..q1 * e], &mut separate, &ParamPath::ROOT, Par::Seq)
                 .unwrap();
             close(&d.query[q0 * e..q1 * e], &di.query, "d_query");
             if cross {

@@ -8,10 +8,12 @@
 //! machine has.
 
 use attn_core::kernels::{self, LinearShape, NormParams, Par, View2};
-use attn_core::{linear, take, AttnError, Grads, ParamPath, Parameters, StateDict, Tensor};
+use attn_core::{linear, take, AttnError, ParamPath, Parameters, StateDict, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::invalid;
+pub use crate::step::Dropout;
+use crate::step::Step;
 use crate::Result;
 
 pub use attn_core::kernels::{erf, NormKind};
@@ -95,37 +97,31 @@ impl Linear {
 }
 
 impl Linear {
-    /// The backward of [`forward`](Self::forward) on `x: [N, in]`: `{prefix}weight += dyᵀ·x`,
-    /// `{prefix}bias += Σ dy`, and `dx = dy·W` written when asked for.
-    pub fn backward(
-        &self,
-        dx: Option<&mut [f32]>,
-        dy: &[f32],
-        x: &[f32],
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
-    ) -> Result<()> {
+    /// The backward of [`forward`](Self::forward) on `x: [N, in]`: `weight += dyᵀ·x`,
+    /// `bias += Σ dy` (at `step.path`), and `dx = dy·W` written when asked for.
+    pub fn backward(&self, dx: Option<&mut [f32]>, dy: &[f32], x: &[f32], step: &mut Step<'_>) -> Result<()> {
         let [out, inp] = self.dims();
         let shape = LinearShape {
             n: x.len() / inp.max(1),
             in_dim: inp,
             out_dim: out,
         };
-        let (dw, db) = weight_and_bias_grads(grads, prefix, &self.weight, self.bias.as_ref())?;
+        let par = step.par;
+        let (dw, db) = weight_and_bias_grads(step, &self.weight, self.bias.as_ref())?;
         kernels::linear_backward(dx, dw, db, dy, x, self.weight.data(), shape, par).map_err(AttnError::from)?;
         Ok(())
     }
 }
 
-/// The gradients of `{prefix}weight` and `{prefix}bias`.
+/// The gradients of `weight` and `bias` at `step.path`.
 fn weight_and_bias_grads<'g>(
-    grads: &'g mut Grads,
-    prefix: &str,
+    step: &'g mut Step<'_>,
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<(&'g mut [f32], Option<&'g mut [f32]>)> {
-    Ok(grads.of_weight_and_bias(prefix, (weight, "weight"), bias.map(|b| (b, "bias")))?)
+    Ok(step
+        .grads
+        .of_weight_and_bias(step.path, (weight, "weight"), bias.map(|b| (b, "bias")))?)
 }
 
 /// `weight`, then `bias` when there is one.
@@ -225,52 +221,12 @@ impl Norm {
 impl Norm {
     /// The backward of [`forward`](Self::forward) on `x: [N, E]`: **adds** the input's
     /// gradient to `dx` (the residual's other branch usually holds one already), and
-    /// `{prefix}weight`, `{prefix}bias` get theirs.
-    pub fn backward(
-        &self,
-        dx: &mut [f32],
-        dy: &[f32],
-        x: &[f32],
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
-    ) -> Result<()> {
-        let (dw, db) = weight_and_bias_grads(grads, prefix, &self.weight, self.bias.as_ref())?;
+    /// `weight`, `bias` (at `step.path`) get theirs.
+    pub fn backward(&self, dx: &mut [f32], dy: &[f32], x: &[f32], step: &mut Step<'_>) -> Result<()> {
+        let par = step.par;
+        let (dw, db) = weight_and_bias_grads(step, &self.weight, self.bias.as_ref())?;
         kernels::norm_backward(dx, dw, db, dy, x, self.weight.data(), (self.kind, self.eps), par)
             .map_err(AttnError::from)?;
-        Ok(())
-    }
-}
-
-/// Inverted dropout for training, with a counter-based generator: the mask of an element
-/// depends only on `seed`, the dropout site and the element's index, so a step replays
-/// exactly from its seed on any thread count, and a backward re-derives the mask instead of
-/// storing it. `p = 0` (the default) is no dropout.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Dropout {
-    /// The probability of zeroing an element.
-    pub p: f32,
-    /// The step's seed.
-    pub seed: u64,
-}
-
-impl Dropout {
-    /// No dropout.
-    pub const NONE: Dropout = Dropout { p: 0.0, seed: 0 };
-
-    /// Applies the mask of `site` (a name unique within the model, such as
-    /// `encoder.layers.0.dropout1`) to `x` in place. The backward is the same call on the
-    /// gradient.
-    pub fn apply(&self, x: &mut [f32], site: &str, par: Par) -> Result<()> {
-        if self.p == 0.0 {
-            return Ok(());
-        }
-        // FNV-1a of the site name: each site its own stream of counters.
-        let site_hash = site.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        let seed = self.seed ^ site_hash;
-        kernels::dropout(x, self.p, seed, 0, par).map_err(AttnError::from)?;
         Ok(())
     }
 }
@@ -365,52 +321,43 @@ impl FfnTape {
 
 impl FeedForward {
     /// The training forward: `x: [N, E]` -> `[N, E]`, keeping `u = linear1(x)` (`[N, F]`);
-    /// the activation is recomputed by the backward. `dropout` applies between the activation
-    /// and `linear2` (PyTorch's `dropout` site of the Transformer layers).
-    pub fn forward_train(&self, x: &[f32], dropout: &Dropout, prefix: &str, par: Par) -> Result<(Vec<f32>, FfnTape)> {
+    /// the activation is recomputed by the backward. Dropout site `dropout` (at `step.path`,
+    /// PyTorch's place in the Transformer layers) applies between the activation and `linear2`.
+    pub fn forward_train(&self, x: &[f32], step: &mut Step<'_>) -> Result<(Vec<f32>, FfnTape)> {
         let [f, e] = self.linear1.dims();
         let n = x.len() / e.max(1);
         let mut u = vec![0.0f32; n * f];
-        self.linear1.forward_into(&mut u, x, par)?;
-        let z = self.activated(&u, dropout, &format!("{prefix}dropout"), par)?;
-        let y = self.linear2.forward(&z, par)?;
+        self.linear1.forward_into(&mut u, x, step.par)?;
+        let z = self.activated(&u, step)?;
+        let y = self.linear2.forward(&z, step.par)?;
         Ok((y, FfnTape { pre_activation: u }))
     }
 
     /// The backward of [`forward_train`](Self::forward_train) on the same `x`: parameters
-    /// `{prefix}linear1.*`, `{prefix}linear2.*` get their gradients; returns `dx`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        &self,
-        x: &[f32],
-        tape: &FfnTape,
-        dy: &[f32],
-        dropout: &Dropout,
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
-    ) -> Result<Vec<f32>> {
+    /// `linear1.*`, `linear2.*` (at `step.path`) get their gradients; returns `dx`.
+    pub fn backward(&self, x: &[f32], tape: &FfnTape, dy: &[f32], step: &mut Step<'_>) -> Result<Vec<f32>> {
         let u = &tape.pre_activation;
-        let site = format!("{prefix}dropout");
-        let mut z = self.activated(u, dropout, &site, par)?;
+        let par = step.par;
+        let mut z = self.activated(u, step)?;
         let mut dz = vec![0.0f32; u.len()];
+        let here = step.path;
         self.linear2
-            .backward(Some(&mut dz), dy, &z, grads, &format!("{prefix}linear2."), par)?;
-        dropout.apply(&mut dz, &site, par)?;
+            .backward(Some(&mut dz), dy, &z, &mut step.at(&here.join("linear2.")))?;
+        step.dropout(&mut dz, "dropout")?;
         // du = act'(u)·dz, written over `z`, which is no longer needed.
         kernels::activation_backward(&mut z, &dz, u, self.activation.kernel(), par).map_err(AttnError::from)?;
         let mut dx = vec![0.0f32; x.len()];
         self.linear1
-            .backward(Some(&mut dx), &z, x, grads, &format!("{prefix}linear1."), par)?;
+            .backward(Some(&mut dx), &z, x, &mut step.at(&here.join("linear1.")))?;
         Ok(dx)
     }
 
     /// `dropout(act(u))` for `u: [N, F]`, rows of F in parallel.
-    fn activated(&self, u: &[f32], dropout: &Dropout, site: &str, par: Par) -> Result<Vec<f32>> {
+    fn activated(&self, u: &[f32], step: &Step<'_>) -> Result<Vec<f32>> {
         let f = self.linear1.dims()[0];
         let mut z = u.to_vec();
-        kernels::bias_activation(&mut z, f, None, self.activation.kernel(), par).map_err(AttnError::from)?;
-        dropout.apply(&mut z, site, par)?;
+        kernels::bias_activation(&mut z, f, None, self.activation.kernel(), step.par).map_err(AttnError::from)?;
+        step.dropout(&mut z, "dropout")?;
         Ok(z)
     }
 }

@@ -19,6 +19,7 @@ mod error;
 pub mod layers;
 mod optim;
 pub mod seq2seq;
+mod step;
 mod transformer;
 
 pub use attn_core as core;
@@ -28,6 +29,7 @@ pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
 pub use optim::{clip_grad_norm, AdamW, Param, Schedule};
 pub use seq2seq::{Batch, Decoded, Seq2Seq, Seq2SeqConfig, Vocab};
+pub use step::Step;
 pub use transformer::{
     BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig, LayerTape,
     StackConfig, StackTape, Transformer, TransformerConfig, TransformerMasks, TransformerTape,

@@ -21,8 +21,9 @@ use attn_core::{
 use serde_json::{Map, Value};
 
 use crate::error::invalid;
-use crate::layers::{Dropout, Linear};
+use crate::layers::Linear;
 use crate::optim::AdamW;
+use crate::step::Step;
 use crate::transformer::{sub_module, TransformerTape};
 use crate::{BlockMasks, DecoderLayer, EncoderLayer, Result, Transformer, TransformerConfig, TransformerMasks};
 
@@ -515,30 +516,14 @@ impl Seq2Seq {
         Ok(batch)
     }
 
-    /// `E[id]·sqrt(d) + PE[position]` for `[B, L]` ids, then `dropout` at `site`.
-    fn embed(
-        &self,
-        table: &Tensor,
-        ids: &[usize],
-        len: usize,
-        dropout: &Dropout,
-        site: &str,
-        par: Par,
-    ) -> Result<Vec<f32>> {
+    /// `E[id]·sqrt(d) + PE[position]` for `[B, L]` ids.
+    fn embed(&self, table: &Tensor, ids: &[usize], len: usize) -> Result<Vec<f32>> {
         let positions: Vec<usize> = (0..ids.len()).map(|r| r % len).collect();
-        self.embed_at(table, ids, &positions, dropout, site, par)
+        self.embed_at(table, ids, &positions)
     }
 
-    /// `E[ids[r]]·sqrt(d) + PE[positions[r]]`, then `dropout` at `site`.
-    fn embed_at(
-        &self,
-        table: &Tensor,
-        ids: &[usize],
-        positions: &[usize],
-        dropout: &Dropout,
-        site: &str,
-        par: Par,
-    ) -> Result<Vec<f32>> {
+    /// `E[ids[r]]·sqrt(d) + PE[positions[r]]`.
+    fn embed_at(&self, table: &Tensor, ids: &[usize], positions: &[usize]) -> Result<Vec<f32>> {
         let e = self.config.d_model();
         let mut x = vec![0.0f32; ids.len() * e];
         kernels::embedding(&mut x, table.data(), ids, e).map_err(AttnError::from)?;
@@ -547,32 +532,37 @@ impl Seq2Seq {
             let pe = &self.positions[p * e..][..e];
             row.iter_mut().zip(pe).for_each(|(v, &p)| *v = *v * scale + p);
         }
-        dropout.apply(&mut x, site, par)?;
         Ok(x)
     }
 
-    /// The backward of [`Seq2Seq::embed`]: `table_grad[id] += sqrt(d)·dropout(dx)`.
-    #[allow(clippy::too_many_arguments)]
-    fn embed_backward(
-        &self,
-        name: &str,
-        ids: &[usize],
-        mut dx: Vec<f32>,
-        dropout: &Dropout,
-        site: &str,
-        grads: &mut Grads,
-        par: Par,
-    ) -> Result<()> {
-        let e = self.config.d_model();
-        dropout.apply(&mut dx, site, par)?;
-        let scale = (e as f32).sqrt();
-        dx.iter_mut().for_each(|v| *v *= scale);
-        let table = if name.starts_with("src") {
+    /// The table (`src_embed.` or `tgt_embed.`) of an embedding, by its place.
+    fn table(&self, place: &str) -> &Tensor {
+        if place == "src_embed." {
             &self.src_embed
         } else {
             &self.tgt_embed
-        };
-        let slot = grads.of(table, "", name)?;
+        }
+    }
+
+    /// The training embedding at `place` (`src_embed.` or `tgt_embed.`): [`Seq2Seq::embed_at`],
+    /// then the dropout site `{place}dropout`.
+    fn embed_train(&self, place: &str, ids: &[usize], positions: &[usize], step: &mut Step<'_>) -> Result<Vec<f32>> {
+        let mut x = self.embed_at(self.table(place), ids, positions)?;
+        let here = step.path.join(place);
+        step.at(&here).dropout(&mut x, "dropout")?;
+        Ok(x)
+    }
+
+    /// The backward of [`Seq2Seq::embed_train`]: `{place}weight[id] += sqrt(d)·dropout(dx)`.
+    fn embed_backward(&self, place: &str, ids: &[usize], mut dx: Vec<f32>, step: &mut Step<'_>) -> Result<()> {
+        let e = self.config.d_model();
+        let par = step.par;
+        let here = step.path.join(place);
+        let step = step.at(&here);
+        step.dropout(&mut dx, "dropout")?;
+        let scale = (e as f32).sqrt();
+        dx.iter_mut().for_each(|v| *v *= scale);
+        let slot = step.grads.of(self.table(place), step.path, "weight")?;
         kernels::embedding_backward(slot, &dx, ids, e, par).map_err(AttnError::from)?;
         Ok(())
     }
@@ -626,36 +616,21 @@ impl Seq2Seq {
     /// The training forward, without padding ([`Batch::packed`]: the cost follows the real
     /// tokens): logits `[Nt, Vt]`, one row per real target position in sequence order, and the
     /// tape.
-    pub fn forward_train(&self, batch: &Batch, dropout: &Dropout, par: Par) -> Result<(Vec<f32>, Seq2SeqTape)> {
+    pub fn forward_train(&self, batch: &Batch, step: &mut Step<'_>) -> Result<(Vec<f32>, Seq2SeqTape)> {
         let e = self.config.d_model();
         let packed = batch.packed();
         let (ns, nt) = (packed.src.len(), packed.tgt_in.len());
-        let src_x = self.embed_at(
-            &self.src_embed,
-            &packed.src,
-            &packed.src_positions,
-            dropout,
-            "src_embed.dropout",
-            par,
-        )?;
-        let tgt_x = self.embed_at(
-            &self.tgt_embed,
-            &packed.tgt_in,
-            &packed.tgt_positions,
-            dropout,
-            "tgt_embed.dropout",
-            par,
-        )?;
+        let src_x = self.embed_train("src_embed.", &packed.src, &packed.src_positions, step)?;
+        let tgt_x = self.embed_train("tgt_embed.", &packed.tgt_in, &packed.tgt_positions, step)?;
         let masks = Self::packed_masks(&packed);
+        let here = step.path.join("transformer.");
         let (decoded, transformer) = self.transformer.forward_train(
             Sequence::batch_first(&src_x, 1, ns, e),
             Sequence::batch_first(&tgt_x, 1, nt, e),
             &masks,
-            dropout,
-            "transformer.",
-            par,
+            &mut step.at(&here),
         )?;
-        let logits = self.generator.forward(&decoded, par)?;
+        let logits = self.generator.forward(&decoded, step.par)?;
         Ok((
             logits,
             Seq2SeqTape {
@@ -687,21 +662,19 @@ impl Seq2Seq {
         Ok((ce.loss, d_logits))
     }
 
-    /// The backward of [`forward_train`](Self::forward_train) from the logits' gradient: adds
-    /// every parameter's gradient into `grads` under its state-dict name (the tape holds the
+    /// The backward of [`forward_train`](Self::forward_train) from the logits' gradient, with
+    /// the same step: adds every parameter's gradient into `step.grads` (the tape holds the
     /// packed batch the forward ran).
-    pub fn backward(
-        &self,
-        tape: &Seq2SeqTape,
-        d_logits: &[f32],
-        dropout: &Dropout,
-        grads: &mut Grads,
-        par: Par,
-    ) -> Result<()> {
+    pub fn backward(&self, tape: &Seq2SeqTape, d_logits: &[f32], step: &mut Step<'_>) -> Result<()> {
         let e = self.config.d_model();
+        let here = step.path;
         let mut d_decoded = vec![0.0f32; tape.decoded.len()];
-        self.generator
-            .backward(Some(&mut d_decoded), d_logits, &tape.decoded, grads, "generator.", par)?;
+        self.generator.backward(
+            Some(&mut d_decoded),
+            d_logits,
+            &tape.decoded,
+            &mut step.at(&here.join("generator.")),
+        )?;
         let p = &tape.packed;
         let masks = Self::packed_masks(p);
         let (d_src, d_tgt) = self.transformer.backward(
@@ -710,38 +683,18 @@ impl Seq2Seq {
             &masks,
             &tape.transformer,
             &d_decoded,
-            dropout,
-            grads,
-            "transformer.",
-            par,
+            &mut step.at(&here.join("transformer.")),
         )?;
-        self.embed_backward(
-            "src_embed.weight",
-            &p.src,
-            d_src,
-            dropout,
-            "src_embed.dropout",
-            grads,
-            par,
-        )?;
-        self.embed_backward(
-            "tgt_embed.weight",
-            &p.tgt_in,
-            d_tgt,
-            dropout,
-            "tgt_embed.dropout",
-            grads,
-            par,
-        )?;
+        self.embed_backward("src_embed.", &p.src, d_src, step)?;
+        self.embed_backward("tgt_embed.", &p.tgt_in, d_tgt, step)?;
         Ok(())
     }
 
     /// Logits `[B·T, Vt]` of a batch, teacher-forced, without dropout (inference).
     pub fn logits(&self, batch: &Batch, par: Par) -> Result<Vec<f32>> {
         let e = self.config.d_model();
-        let none = Dropout::NONE;
-        let src_x = self.embed(&self.src_embed, &batch.src, batch.s, &none, "", par)?;
-        let tgt_x = self.embed(&self.tgt_embed, &batch.tgt_in, batch.t, &none, "", par)?;
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s)?;
+        let tgt_x = self.embed(&self.tgt_embed, &batch.tgt_in, batch.t)?;
         let masks = Self::masks(batch);
         let decoded = self.transformer.forward(
             Sequence::batch_first(&src_x, batch.b, batch.s, e),
@@ -760,7 +713,7 @@ impl Seq2Seq {
         let pairs: Vec<(&str, &str)> = sources.iter().map(|s| (*s, "")).collect();
         let batch = self.batch(&pairs)?;
         let e = self.config.d_model();
-        let src_x = self.embed(&self.src_embed, &batch.src, batch.s, &Dropout::NONE, "", par)?;
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s)?;
         let masks = Self::masks(&batch);
         let memory =
             self.transformer
@@ -940,9 +893,8 @@ impl Seq2Seq {
     pub fn cross_attention(&self, source: &str, target: &str, par: Par) -> Result<Vec<Vec<f32>>> {
         let e = self.config.d_model();
         let batch = self.batch(&[(source, target)])?;
-        let none = Dropout::NONE;
-        let src_x = self.embed(&self.src_embed, &batch.src, batch.s, &none, "", par)?;
-        let tgt_x = self.embed(&self.tgt_embed, &batch.tgt_in, batch.t, &none, "", par)?;
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s)?;
+        let tgt_x = self.embed(&self.tgt_embed, &batch.tgt_in, batch.t)?;
         let masks = Self::masks(&batch);
         let memory = self
             .transformer

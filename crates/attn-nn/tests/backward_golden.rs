@@ -11,8 +11,8 @@ use attn_core::kernels::Par;
 use attn_core::{Grads, Layout, Sequence};
 use attn_nn::layers::Dropout;
 use attn_nn::{
-    BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig, StackConfig, Transformer, TransformerConfig,
-    TransformerMasks,
+    BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig, StackConfig, Step, Transformer,
+    TransformerConfig, TransformerMasks,
 };
 
 #[path = "../../attn-core/tests/golden/mod.rs"]
@@ -50,8 +50,8 @@ fn run(case: &mut Golden, par: Par) -> Result {
     let module = module.as_str().unwrap();
     let flag = |case: &mut Golden, name| golden::take_flag(&mut case.config, name, false);
     let mut grads = Grads::new();
-    let none = Dropout::NONE;
-    match module {
+    let mut step = Step::new(Dropout::NONE, par, &mut grads);
+    let result = match module {
         "transformer_encoder_layer" | "transformer_encoder" => {
             let is_causal = flag(case, "is_causal");
             let case = &*case;
@@ -61,50 +61,45 @@ fn run(case: &mut Golden, par: Par) -> Result {
                 let config: LayerConfig = parse(case);
                 let (src, _) = case.sequence("src", Layout::from_batch_first(config.batch_first));
                 let layer = EncoderLayer::from_state_dict(config, case.params.clone()).unwrap();
-                let (_, tape) = layer.forward_train(src, &m, &none, "", par).unwrap();
-                layer
-                    .backward(src, &m, &tape, d_output, &none, &mut grads, "", par)
-                    .unwrap()
+                let (_, tape) = layer.forward_train(src, &m, &mut step).unwrap();
+                layer.backward(src, &m, &tape, d_output, &mut step).unwrap()
             } else {
                 let config: StackConfig = parse(case);
                 let (src, _) = case.sequence("src", Layout::from_batch_first(config.layer.batch_first));
                 let stack = Encoder::from_state_dict(config, case.params.clone()).unwrap();
-                let (_, tape) = stack.forward_train(src, &m, &none, "", par).unwrap();
-                stack
-                    .backward(src, &m, &tape, d_output, &none, &mut grads, "", par)
-                    .unwrap()
+                let (_, tape) = stack.forward_train(src, &m, &mut step).unwrap();
+                stack.backward(src, &m, &tape, d_output, &mut step).unwrap()
             };
-            (vec![("grad.src", d_src)], grads)
+            vec![("grad.src", d_src)]
         }
         "transformer_decoder_layer" | "transformer_decoder" => {
             let tgt_causal = flag(case, "tgt_is_causal");
             let memory_causal = flag(case, "memory_is_causal");
             let case = &*case;
             let d_output = case.f32("grad.output");
-            let tm = masks(case, "tgt_mask", "tgt_key_padding_mask", tgt_causal);
-            let mm = masks(case, "memory_mask", "memory_key_padding_mask", memory_causal);
+            let m = TransformerMasks {
+                src: Default::default(),
+                tgt: masks(case, "tgt_mask", "tgt_key_padding_mask", tgt_causal),
+                memory: masks(case, "memory_mask", "memory_key_padding_mask", memory_causal),
+            };
             let (d_tgt, d_memory) = if module == "transformer_decoder_layer" {
                 let config: LayerConfig = parse(case);
                 let layout = Layout::from_batch_first(config.batch_first);
                 let (tgt, _) = case.sequence("tgt", layout);
                 let (memory, _) = case.sequence("memory", layout);
                 let layer = DecoderLayer::from_state_dict(config, case.params.clone()).unwrap();
-                let (_, tape) = layer.forward_train(tgt, memory, &tm, &mm, &none, "", par).unwrap();
-                layer
-                    .backward(tgt, memory, &tm, &mm, &tape, d_output, &none, &mut grads, "", par)
-                    .unwrap()
+                let (_, tape) = layer.forward_train(tgt, memory, &m, &mut step).unwrap();
+                layer.backward(tgt, memory, &m, &tape, d_output, &mut step).unwrap()
             } else {
                 let config: StackConfig = parse(case);
                 let layout = Layout::from_batch_first(config.layer.batch_first);
                 let (tgt, _) = case.sequence("tgt", layout);
                 let (memory, _) = case.sequence("memory", layout);
                 let stack = Decoder::from_state_dict(config, case.params.clone()).unwrap();
-                let (_, tape) = stack.forward_train(tgt, memory, &tm, &mm, &none, "", par).unwrap();
-                stack
-                    .backward(tgt, memory, &tm, &mm, &tape, d_output, &none, &mut grads, "", par)
-                    .unwrap()
+                let (_, tape) = stack.forward_train(tgt, memory, &m, &mut step).unwrap();
+                stack.backward(tgt, memory, &m, &tape, d_output, &mut step).unwrap()
             };
-            (vec![("grad.tgt", d_tgt), ("grad.memory", d_memory)], grads)
+            vec![("grad.tgt", d_tgt), ("grad.memory", d_memory)]
         }
         "transformer" => {
             let src_causal = flag(case, "src_is_causal");
@@ -120,14 +115,15 @@ fn run(case: &mut Golden, par: Par) -> Result {
                 memory: masks(case, "memory_mask", "memory_key_padding_mask", false),
             };
             let model = Transformer::from_state_dict(config, case.params.clone()).unwrap();
-            let (_, tape) = model.forward_train(src, tgt, &m, &none, "", par).unwrap();
+            let (_, tape) = model.forward_train(src, tgt, &m, &mut step).unwrap();
             let (d_src, d_tgt) = model
-                .backward(src, tgt, &m, &tape, case.f32("grad.output"), &none, &mut grads, "", par)
+                .backward(src, tgt, &m, &tape, case.f32("grad.output"), &mut step)
                 .unwrap();
-            (vec![("grad.src", d_src), ("grad.tgt", d_tgt)], grads)
+            vec![("grad.src", d_src), ("grad.tgt", d_tgt)]
         }
         other => panic!("{}: module {other}", case.name),
-    }
+    };
+    (result, grads)
 }
 
 #[test]

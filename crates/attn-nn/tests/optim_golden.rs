@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use attn_nn::{clip_grad_norm, AdamW, Param, Parameters, Schedule};
+use attn_nn::{clip_grad_norm, AdamW, Param, ParamStore, Parameters, Schedule, Step};
 use safetensors::SafeTensors;
 
 fn read() -> BTreeMap<String, Vec<f32>> {
@@ -215,12 +215,17 @@ fn transformer_training_steps_equal_pytorch() {
         Sequence::batch_first(&src, b, s, e),
         Sequence::batch_first(&tgt, b, t, e),
     );
+    // Through a parameter store: flat gradients, `clip_norm` and `AdamW::update` (the by-name
+    // path gives the same bits: tests/seq2seq.rs).
+    let store = ParamStore::adopt(&mut model);
     let mut adam = AdamW::new((0.9, 0.98), 1e-9, 0.01).unwrap();
-    let mut grads = Grads::new();
+    let mut grads = Grads::for_store(&store);
     let mut worst = 0.0f32;
     for step in 0..3 {
         let par = if step % 2 == 0 { Par::Rayon } else { Par::Seq };
-        let (out, tape) = model.forward_train(src, tgt, &masks, &Dropout::NONE, "", par).unwrap();
+        grads.zero();
+        let mut ctx = Step::new(Dropout::NONE, par, &mut grads);
+        let (out, tape) = model.forward_train(src, tgt, &masks, &mut ctx).unwrap();
         let d_output: Vec<f32> = out.iter().zip(&target).map(|(o, y)| o - y).collect();
         let loss: f64 = d_output.iter().map(|&d| 0.5 * (d as f64).powi(2)).sum();
         let want_loss = floats(&format!("loss.{step}")).1[0] as f64;
@@ -228,28 +233,15 @@ fn transformer_training_steps_equal_pytorch() {
             (loss - want_loss).abs() <= 1e-5 * want_loss,
             "step {step}: loss {loss} vs {want_loss}"
         );
-        grads.zero();
-        model
-            .backward(src, tgt, &masks, &tape, &d_output, &Dropout::NONE, &mut grads, "", par)
-            .unwrap();
+        model.backward(src, tgt, &masks, &tape, &d_output, &mut ctx).unwrap();
         assert_eq!(grads.len(), n_params, "a gradient for every parameter");
-        let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(|(_, g)| g).collect();
-        let norm = clip_grad_norm(&mut refs, 1.0);
+        let norm = grads.clip_norm(1.0);
         let want_norm = floats(&format!("norm.{step}")).1[0];
         assert!(
             (norm - want_norm).abs() <= 1e-5 * want_norm,
             "step {step}: norm {norm} vs {want_norm}"
         );
-        let mut params = model.params_mut("");
-        let mut bound: Vec<Param<'_>> = params
-            .iter_mut()
-            .map(|(name, value)| Param {
-                name,
-                value: value.data_mut(),
-                grad: grads.get(name).unwrap().data(),
-            })
-            .collect();
-        adam.step(&mut bound, 1e-2).unwrap();
+        adam.update(&store, &mut model, &grads, 1e-2).unwrap();
         for (name, value) in model.params_mut("") {
             let want = floats(&format!("after.{step}.{name}")).1;
             for (i, (&got, &w)) in value.data().iter().zip(&want).enumerate() {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use attn_core::kernels::Par;
 use attn_core::{FromSafetensors, Grads, StateDict};
 use attn_nn::layers::Dropout;
-use attn_nn::{Seq2Seq, Seq2SeqConfig};
+use attn_nn::{Seq2Seq, Seq2SeqConfig, Step};
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -63,7 +63,9 @@ fn checkpoint_logits_loss_and_gradients_equal_pytorch() {
     assert!(error < 1e-5, "logits: {error:e}");
     // The training forward runs the batch packed (no padding): its rows are the padded
     // logits' real positions, in order.
-    let (train_logits, tape) = model.forward_train(&batch, &Dropout::NONE, Par::Rayon).unwrap();
+    let mut grads = Grads::new();
+    let mut step = Step::new(Dropout::NONE, Par::Rayon, &mut grads);
+    let (train_logits, tape) = model.forward_train(&batch, &mut step).unwrap();
     let vt = model.config().tgt_vocab.len();
     let real: Vec<f32> = (0..batch.b)
         .flat_map(|i| {
@@ -84,10 +86,7 @@ fn checkpoint_logits_loss_and_gradients_equal_pytorch() {
         (loss - want_loss).abs() < 1e-5 * want_loss,
         "loss {loss} vs {want_loss}"
     );
-    let mut grads = Grads::new();
-    model
-        .backward(&tape, &d_logits, &Dropout::NONE, &mut grads, Par::Rayon)
-        .unwrap();
+    model.backward(&tape, &d_logits, &mut step).unwrap();
     let mut worst = 0.0f64;
     let mut names = 0;
     for (name, got) in grads.iter() {
@@ -279,12 +278,11 @@ fn the_parameter_store_steps_as_parameters_by_name_do() {
     let adam = || AdamW::new((0.9, 0.98), 1e-9, 0.01).unwrap();
     let dropout = |step: u64| Dropout { p: 0.1, seed: step };
     let step_flat = |model: &mut Seq2Seq, adam: &mut AdamW, grads: &mut Grads, step: u64| -> f32 {
-        let (logits, tape) = model.forward_train(&batch, &dropout(step), Par::Rayon).unwrap();
-        let (_, d_logits) = model.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
         grads.zero();
-        model
-            .backward(&tape, &d_logits, &dropout(step), grads, Par::Rayon)
-            .unwrap();
+        let mut ctx = Step::new(dropout(step), Par::Rayon, grads);
+        let (logits, tape) = model.forward_train(&batch, &mut ctx).unwrap();
+        let (_, d_logits) = model.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
+        model.backward(&tape, &d_logits, &mut ctx).unwrap();
         let norm = grads.clip_norm(0.05);
         model.update(adam, grads, 1e-2).unwrap();
         norm
@@ -307,12 +305,11 @@ fn the_parameter_store_steps_as_parameters_by_name_do() {
     let mut named_adam = adam();
     let mut grads = Grads::new();
     for step in 1..=3 {
-        let (logits, tape) = named.forward_train(&batch, &dropout(step), Par::Rayon).unwrap();
-        let (_, d_logits) = named.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
         grads.zero();
-        named
-            .backward(&tape, &d_logits, &dropout(step), &mut grads, Par::Rayon)
-            .unwrap();
+        let mut ctx = Step::new(dropout(step), Par::Rayon, &mut grads);
+        let (logits, tape) = named.forward_train(&batch, &mut ctx).unwrap();
+        let (_, d_logits) = named.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
+        named.backward(&tape, &d_logits, &mut ctx).unwrap();
         let mut all: Vec<&mut [f32]> = grads.iter_mut().map(|(_, g)| g).collect();
         let norm = clip_grad_norm(&mut all, 0.05);
         assert_eq!(norm, flat_norms[step as usize - 1], "step {step}");

@@ -8,7 +8,7 @@ use attn_core::kernels::testing::SplitMix64;
 use attn_core::kernels::Par;
 use attn_core::{Grads, Parameters, Sequence};
 use attn_nn::layers::{Activation, Dropout};
-use attn_nn::{BlockMasks, DecoderLayer, LayerConfig};
+use attn_nn::{BlockMasks, DecoderLayer, LayerConfig, Step, TransformerMasks};
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.next_signed()).collect()
@@ -37,23 +37,28 @@ fn decoder_layer_gradients_with_dropout_match_central_differences() {
         let tgt = random(&mut rng, b * t * e);
         let memory = random(&mut rng, b * s * e);
         let r = random(&mut rng, b * t * e);
-        let causal = BlockMasks {
-            is_causal: true,
+        // Causal self-attention, no mask on the memory.
+        let masks = TransformerMasks {
+            tgt: BlockMasks {
+                is_causal: true,
+                ..Default::default()
+            },
             ..Default::default()
         };
-        let none = BlockMasks::default();
-        let loss = |layer: &DecoderLayer, tgt: &[f32], memory: &[f32]| -> f64 {
+        let forward = |layer: &DecoderLayer, tgt: &[f32], memory: &[f32], dropout: Dropout| {
+            let mut unused = Grads::new();
             let (out, _) = layer
                 .forward_train(
                     Sequence::batch_first(tgt, b, t, e),
                     Sequence::batch_first(memory, b, s, e),
-                    &causal,
-                    &none,
-                    &dropout,
-                    "",
-                    Par::Seq,
+                    &masks,
+                    &mut Step::new(dropout, Par::Seq, &mut unused),
                 )
                 .unwrap();
+            out
+        };
+        let loss = |layer: &DecoderLayer, tgt: &[f32], memory: &[f32]| -> f64 {
+            let out = forward(layer, tgt, memory, dropout);
             out.iter().zip(&r).map(|(&o, &r)| o as f64 * r as f64).sum()
         };
         let run = |layer: &DecoderLayer, tgt: &[f32], memory: &[f32], par: Par| {
@@ -61,11 +66,10 @@ fn decoder_layer_gradients_with_dropout_match_central_differences() {
                 Sequence::batch_first(tgt, b, t, e),
                 Sequence::batch_first(memory, b, s, e),
             );
-            let (out, tape) = layer.forward_train(tq, mq, &causal, &none, &dropout, "", par).unwrap();
             let mut grads = Grads::new();
-            let d = layer
-                .backward(tq, mq, &causal, &none, &tape, &r, &dropout, &mut grads, "", par)
-                .unwrap();
+            let mut step = Step::new(dropout, par, &mut grads);
+            let (out, tape) = layer.forward_train(tq, mq, &masks, &mut step).unwrap();
+            let d = layer.backward(tq, mq, &masks, &tape, &r, &mut step).unwrap();
             (out, d, grads)
         };
         let (out, (d_tgt, d_memory), grads) = run(&layer, &tgt, &memory, Par::Seq);
@@ -75,17 +79,7 @@ fn decoder_layer_gradients_with_dropout_match_central_differences() {
             assert_eq!(g.data(), grads_par.get(n).unwrap().data(), "{n}");
         }
         // Dropout is on: some of the output's elements differ from the dropout-free forward.
-        let (plain, _) = layer
-            .forward_train(
-                Sequence::batch_first(&tgt, b, t, e),
-                Sequence::batch_first(&memory, b, s, e),
-                &causal,
-                &none,
-                &Dropout::NONE,
-                "",
-                Par::Seq,
-            )
-            .unwrap();
+        let plain = forward(&layer, &tgt, &memory, Dropout::NONE);
         assert!(plain.iter().zip(&out).any(|(a, b)| (a - b).abs() > 1e-3));
 
         let largest = grads

@@ -157,7 +157,7 @@ impl MultiHeadAttention {
     }
 
     /// The backward of [`forward_train`](Self::forward_train) called with the same `inputs`:
-    /// adds the gradient of every parameter into `grads` under `prefix` + its state-dict name
+    /// adds the gradient of every parameter into `grads` (named `path` + its state-dict name
     /// (`in_proj_weight`, `in_proj_bias`, `out_proj.weight`, ..., `bias_k`), and returns the
     /// gradients of the inputs. `d_output` is the gradient of the output, in the output's
     /// layout. A query row with nothing to attend to passes no gradient through attention.
@@ -167,10 +167,10 @@ impl MultiHeadAttention {
         tape: &MhaTape,
         d_output: &[f32],
         grads: &mut Grads,
-        prefix: &str,
+        path: &ParamPath<'_>,
         par: Par,
     ) -> Result<MhaInputGrads> {
-        self.core.backward(inputs, tape, d_output, grads, prefix, par)
+        self.core.backward(inputs, tape, d_output, grads, path, par)
     }
 }
 
@@ -306,7 +306,7 @@ impl Core {
         tape: &MhaTape,
         d_output: &[f32],
         grads: &mut Grads,
-        prefix: &str,
+        path: &ParamPath<'_>,
         par: Par,
     ) -> Result<MhaInputGrads> {
         let op = "multihead_attention backward";
@@ -346,7 +346,7 @@ impl Core {
                     out_dim,
                 };
                 let (dw, db) = grads.of_weight_and_bias(
-                    prefix,
+                    path,
                     (w_out, "out_proj.weight"),
                     self.b_out.as_ref().map(|b| (b, "out_proj.bias")),
                 )?;
@@ -373,7 +373,6 @@ impl Core {
         match &inputs.packing {
             Some(packing) => self.check_packing(inputs, packing, t).and_then(|()| {
                 self.packed_attention_backward(
-                    p,
                     tape,
                     &d_attn,
                     packing,
@@ -439,7 +438,7 @@ impl Core {
             }
             let mut d_query = vec![0.0f32; n * e];
             let (dw, db) = grads.of_weight_and_bias(
-                prefix,
+                path,
                 (&self.w_q_or_qkv, "in_proj_weight"),
                 self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")),
             )?;
@@ -465,10 +464,10 @@ impl Core {
             });
         }
         let mut d_query = vec![0.0f32; n * e];
-        self.projection_backward(grads, prefix, 0, Some(&mut d_query), &dq, x_query, par)?;
+        self.projection_backward((grads, path), 0, Some(&mut d_query), &dq, x_query, par)?;
         let (key, value) = inputs.key_value.unwrap_or((*query, *query));
-        let d_key = self.kv_backward(grads, prefix, 1, &key, &dk, par)?;
-        let d_value = self.kv_backward(grads, prefix, 2, &value, &dv_buf, par)?;
+        let d_key = self.kv_backward(grads, path, 1, &key, &dk, par)?;
+        let d_value = self.kv_backward(grads, path, 2, &value, &dv_buf, par)?;
         if inputs.key_value.is_some() {
             return Ok(MhaInputGrads {
                 query: d_query,
@@ -593,10 +592,8 @@ impl Core {
 
     /// The backward of [`Core::packed_attention`]: `dQ` `[N, H·D]`, `dK`, `dV` in the layout of
     /// K and V (rows of the fused buffer, or `[M, G·D]`).
-    #[allow(clippy::too_many_arguments)]
     fn packed_attention_backward(
         &self,
-        p: &Projected,
         tape: &MhaTape,
         d_attn: &[f32],
         packing: &Packing<'_>,
@@ -605,6 +602,7 @@ impl Core {
         par: Par,
     ) -> Result<()> {
         let Dims { h, g, d, dv: dvw, .. } = self.dims;
+        let p = &tape.projected;
         let options = self.packed_options(is_causal);
         // Split the gradients by sequence: query rows for dQ, key rows for dK and dV.
         let mut jobs = Vec::new();
@@ -667,12 +665,10 @@ impl Core {
     }
 
     /// The backward of projection `which` over `x` rows: its weight rows and bias range get
-    /// their gradients, and `dx` (if given) is written.
-    #[allow(clippy::too_many_arguments)]
+    /// their gradients (in `grads`, named under `path`), and `dx` (if given) is written.
     fn projection_backward(
         &self,
-        grads: &mut Grads,
-        prefix: &str,
+        (grads, path): (&mut Grads, &ParamPath<'_>),
         which: usize,
         dx: Option<&mut [f32]>,
         dy: &[f32],
@@ -689,7 +685,7 @@ impl Core {
             out_dim: rows.len(),
         };
         let (dw, db) =
-            grads.of_weight_and_bias(prefix, (param, name), self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")))?;
+            grads.of_weight_and_bias(path, (param, name), self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")))?;
         let dw = &mut dw[rows.start * in_dim..rows.end * in_dim];
         let db = db.map(|db| &mut db[bias_range]);
         let w = &w[rows.start * in_dim..rows.end * in_dim];
@@ -703,7 +699,7 @@ impl Core {
     fn kv_backward(
         &self,
         grads: &mut Grads,
-        prefix: &str,
+        path: &ParamPath<'_>,
         which: usize,
         seq: &Sequence<'_>,
         d_proj: &[f32],
@@ -721,9 +717,9 @@ impl Core {
         } else {
             if let Some((bias_k, bias_v)) = &self.bias_kv {
                 let slot = if which == 1 {
-                    grads.of(bias_k, prefix, "bias_k")?
+                    grads.of(bias_k, path, "bias_k")?
                 } else {
-                    grads.of(bias_v, prefix, "bias_v")?
+                    grads.of(bias_v, path, "bias_v")?
                 };
                 // Summed over the batch in order.
                 for bi in 0..b {
@@ -739,7 +735,7 @@ impl Core {
         };
         let x = batch_first_rows(seq);
         let mut dx = vec![0.0f32; x.len()];
-        self.projection_backward(grads, prefix, which, Some(&mut dx), &real_rows, &x, par)?;
+        self.projection_backward((grads, path), which, Some(&mut dx), &real_rows, &x, par)?;
         Ok(in_layout_of(dx, seq))
     }
 }

@@ -1,5 +1,5 @@
 //! Training: each layer's forward keeps what its backward needs, and the backward adds into
-//! gradients named by the state-dict names ([`Grads`]); no general tape.
+//! gradients ([`Grads`](attn_core::Grads), through the [`Step`]); no general tape.
 //!
 //! A layer is a list of residual blocks, each a norm and a sublayer (self-attention,
 //! cross-attention or the feed-forward block):
@@ -12,16 +12,15 @@
 //! - pre-norm: `dn = sub'(dropout(dx'))`, `dx = dx' + norm'(dn)`.
 //!
 //! Dropout (`dropout1..3` on the blocks, `dropout` inside the feed-forward block, PyTorch's
-//! names and places) draws its masks from a counter-based generator seeded per step, so the
-//! backward re-derives them. Attention-weight dropout inside `self_attn` and `multihead_attn` is
+//! names and places) draws its masks from a counter-based generator seeded per step and keyed
+//! by the site's place in the model ([`Step::dropout`]), so the backward re-derives them. Attention-weight dropout inside `self_attn` and `multihead_attn` is
 //! not applied: the fused kernel never forms the weights.
 
-use attn_core::kernels::Par;
-use attn_core::{Grads, MhaInputs, MhaTape, MultiHeadAttention, ParamPath, Parameters, Sequence, Tensor};
+use attn_core::{MhaInputs, MhaTape, MultiHeadAttention, ParamPath, Parameters, Sequence, Tensor};
 
 use super::{check_input, seq, BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, Stack, Transformer};
-use crate::layers::{add_in_place, Dropout, FeedForward, FfnTape, Norm};
-use crate::Result;
+use crate::layers::{add_in_place, FeedForward, FfnTape, Norm};
+use crate::{Result, Step};
 
 /// A residual block's sublayer, with what its call needs.
 enum Sub<'a> {
@@ -70,14 +69,7 @@ impl LayerTape {
 }
 
 impl Sub<'_> {
-    fn forward(
-        &self,
-        x: &[f32],
-        like: &Sequence<'_>,
-        dropout: &Dropout,
-        prefix: &str,
-        par: Par,
-    ) -> Result<(Vec<f32>, SubTape)> {
+    fn forward(&self, x: &[f32], like: &Sequence<'_>, step: &mut Step<'_>) -> Result<(Vec<f32>, SubTape)> {
         match self {
             Sub::SelfAttention(mha, masks) => {
                 let inputs = MhaInputs {
@@ -86,7 +78,7 @@ impl Sub<'_> {
                     options: masks.mha(),
                     packing: masks.packing,
                 };
-                let (out, tape) = mha.forward_train(&inputs, par)?;
+                let (out, tape) = mha.forward_train(&inputs, step.par)?;
                 Ok((out.output, SubTape::Attention(tape)))
             }
             Sub::CrossAttention(mha, memory, masks) => {
@@ -96,11 +88,11 @@ impl Sub<'_> {
                     options: masks.mha(),
                     packing: masks.packing,
                 };
-                let (out, tape) = mha.forward_train(&inputs, par)?;
+                let (out, tape) = mha.forward_train(&inputs, step.par)?;
                 Ok((out.output, SubTape::Attention(tape)))
             }
             Sub::FeedForward(ffn) => {
-                let (y, tape) = ffn.forward_train(x, dropout, prefix, par)?;
+                let (y, tape) = ffn.forward_train(x, step)?;
                 Ok((y, SubTape::FeedForward(tape)))
             }
         }
@@ -108,19 +100,16 @@ impl Sub<'_> {
 
     /// `dx` of the sublayer at input `x`; cross-attention adds its memory's gradient to
     /// `d_memory`.
-    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         x: &[f32],
         like: &Sequence<'_>,
         tape: &SubTape,
         dy: &[f32],
-        dropout: &Dropout,
-        grads: &mut Grads,
-        prefix: &str,
+        step: &mut Step<'_>,
         d_memory: &mut Option<Vec<f32>>,
-        par: Par,
     ) -> Result<Vec<f32>> {
+        let here = step.path;
         match (self, tape) {
             (Sub::SelfAttention(mha, masks), SubTape::Attention(tape)) => {
                 let inputs = MhaInputs {
@@ -129,9 +118,8 @@ impl Sub<'_> {
                     options: masks.mha(),
                     packing: masks.packing,
                 };
-                Ok(mha
-                    .backward(&inputs, tape, dy, grads, &format!("{prefix}self_attn."), par)?
-                    .query)
+                let path = here.join("self_attn.");
+                Ok(mha.backward(&inputs, tape, dy, step.grads, &path, step.par)?.query)
             }
             (Sub::CrossAttention(mha, memory, masks), SubTape::Attention(tape)) => {
                 let inputs = MhaInputs {
@@ -140,173 +128,132 @@ impl Sub<'_> {
                     options: masks.mha(),
                     packing: masks.packing,
                 };
-                let d = mha.backward(&inputs, tape, dy, grads, &format!("{prefix}multihead_attn."), par)?;
+                let path = here.join("multihead_attn.");
+                let d = mha.backward(&inputs, tape, dy, step.grads, &path, step.par)?;
                 let acc = d_memory.get_or_insert_with(|| vec![0.0; memory.data.len()]);
                 for (a, (k, v)) in acc.iter_mut().zip(d.key.iter().flatten().zip(d.value.iter().flatten())) {
                     *a += k + v;
                 }
                 Ok(d.query)
             }
-            (Sub::FeedForward(ffn), SubTape::FeedForward(tape)) => {
-                ffn.backward(x, tape, dy, dropout, grads, prefix, par)
-            }
+            (Sub::FeedForward(ffn), SubTape::FeedForward(tape)) => ffn.backward(x, tape, dy, step),
             _ => unreachable!("a block's tape comes from its own sublayer"),
         }
     }
 }
 
-/// The training forward of residual blocks `(norm, norm name, sublayer)` over `x` (laid out
-/// like `like`).
-fn blocks_forward(
-    blocks: &[(&Norm, &str, Sub<'_>)],
+/// The dropout site after residual block `i`'s sublayer (PyTorch's names).
+const BLOCK_DROPOUT: [&str; 3] = ["dropout1", "dropout2", "dropout3"];
+
+/// A layer's residual blocks `(norm, norm name, sublayer)` and their order.
+struct Blocks<'a, const N: usize> {
+    list: [(&'a Norm, &'static str, Sub<'a>); N],
     norm_first: bool,
-    x: &[f32],
-    like: &Sequence<'_>,
-    dropout: &Dropout,
-    prefix: &str,
-    par: Par,
-) -> Result<(Vec<f32>, LayerTape)> {
-    let mut tape = LayerTape {
-        block_inputs: Vec::new(),
-        blocks: Vec::new(),
-    };
-    let mut current: Option<Vec<f32>> = None;
-    for (i, (norm, _, sub)) in blocks.iter().enumerate() {
-        let x = current.as_deref().unwrap_or(x);
-        let site = format!("{prefix}dropout{}", i + 1);
-        let (out, kept, sub_tape) = if norm_first {
-            let n = norm.forward(x, par)?;
-            let (mut y, sub_tape) = sub.forward(&n, like, dropout, prefix, par)?;
-            dropout.apply(&mut y, &site, par)?;
-            add_in_place(&mut y, x, par)?;
-            (y, n, sub_tape)
-        } else {
-            let (mut h, sub_tape) = sub.forward(x, like, dropout, prefix, par)?;
-            dropout.apply(&mut h, &site, par)?;
-            add_in_place(&mut h, x, par)?;
-            (norm.forward(&h, par)?, h, sub_tape)
-        };
-        if let Some(previous) = current.take() {
-            tape.block_inputs.push(previous);
-        }
-        tape.blocks.push(BlockTape { kept, sub: sub_tape });
-        current = Some(out);
-    }
-    Ok((current.expect("at least one block"), tape))
 }
 
-/// The backward of [`blocks_forward`] with the same arguments: returns `dx`.
-#[allow(clippy::too_many_arguments)]
-fn blocks_backward(
-    blocks: &[(&Norm, &str, Sub<'_>)],
-    norm_first: bool,
-    x: &[f32],
-    like: &Sequence<'_>,
-    tape: &LayerTape,
-    d_output: &[f32],
-    dropout: &Dropout,
-    grads: &mut Grads,
-    prefix: &str,
-    d_memory: &mut Option<Vec<f32>>,
-    par: Par,
-) -> Result<Vec<f32>> {
-    let mut d = d_output.to_vec();
-    for (i, ((norm, norm_name, sub), block)) in blocks.iter().zip(&tape.blocks).enumerate().rev() {
-        let x = if i == 0 { x } else { &tape.block_inputs[i - 1] };
-        let site = format!("{prefix}dropout{}", i + 1);
-        let norm_prefix = format!("{prefix}{norm_name}.");
-        if norm_first {
-            let mut d_sub = d.clone();
-            dropout.apply(&mut d_sub, &site, par)?;
-            let dn = sub.backward(
-                &block.kept,
-                like,
-                &block.sub,
-                &d_sub,
-                dropout,
-                grads,
-                prefix,
-                d_memory,
-                par,
-            )?;
-            norm.backward(&mut d, &dn, x, grads, &norm_prefix, par)?;
-        } else {
-            let mut dh = vec![0.0f32; d.len()];
-            norm.backward(&mut dh, &d, &block.kept, grads, &norm_prefix, par)?;
-            let mut d_sub = dh.clone();
-            dropout.apply(&mut d_sub, &site, par)?;
-            let dx = sub.backward(x, like, &block.sub, &d_sub, dropout, grads, prefix, d_memory, par)?;
-            add_in_place(&mut dh, &dx, par)?;
-            d = dh;
+impl<const N: usize> Blocks<'_, N> {
+    /// The training forward over `input` (its data and layout): the layer's output and tape.
+    fn forward(&self, input: &Sequence<'_>, step: &mut Step<'_>) -> Result<(Vec<f32>, LayerTape)> {
+        let par = step.par;
+        let mut tape = LayerTape {
+            block_inputs: Vec::new(),
+            blocks: Vec::new(),
+        };
+        let mut current: Option<Vec<f32>> = None;
+        for (i, (norm, _, sub)) in self.list.iter().enumerate() {
+            let x = current.as_deref().unwrap_or(input.data);
+            let (out, kept, sub_tape) = if self.norm_first {
+                let n = norm.forward(x, par)?;
+                let (mut y, sub_tape) = sub.forward(&n, input, step)?;
+                step.dropout(&mut y, BLOCK_DROPOUT[i])?;
+                add_in_place(&mut y, x, par)?;
+                (y, n, sub_tape)
+            } else {
+                let (mut h, sub_tape) = sub.forward(x, input, step)?;
+                step.dropout(&mut h, BLOCK_DROPOUT[i])?;
+                add_in_place(&mut h, x, par)?;
+                (norm.forward(&h, par)?, h, sub_tape)
+            };
+            if let Some(previous) = current.take() {
+                tape.block_inputs.push(previous);
+            }
+            tape.blocks.push(BlockTape { kept, sub: sub_tape });
+            current = Some(out);
         }
+        Ok((current.expect("at least one block"), tape))
     }
-    Ok(d)
+
+    /// The backward of [`Blocks::forward`] on the same `input`: returns `dx`.
+    fn backward(
+        &self,
+        input: &Sequence<'_>,
+        tape: &LayerTape,
+        d_output: &[f32],
+        step: &mut Step<'_>,
+        d_memory: &mut Option<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        let (par, here) = (step.par, step.path);
+        let mut d = d_output.to_vec();
+        for (i, ((norm, norm_name, sub), block)) in self.list.iter().zip(&tape.blocks).enumerate().rev() {
+            let x = if i == 0 { input.data } else { &tape.block_inputs[i - 1] };
+            let norm_path = here.join(norm_name);
+            if self.norm_first {
+                let mut d_sub = d.clone();
+                step.dropout(&mut d_sub, BLOCK_DROPOUT[i])?;
+                let dn = sub.backward(&block.kept, input, &block.sub, &d_sub, step, d_memory)?;
+                norm.backward(&mut d, &dn, x, &mut step.at(&norm_path))?;
+            } else {
+                let mut dh = vec![0.0f32; d.len()];
+                norm.backward(&mut dh, &d, &block.kept, &mut step.at(&norm_path))?;
+                let mut d_sub = dh.clone();
+                step.dropout(&mut d_sub, BLOCK_DROPOUT[i])?;
+                let dx = sub.backward(x, input, &block.sub, &d_sub, step, d_memory)?;
+                add_in_place(&mut dh, &dx, par)?;
+                d = dh;
+            }
+        }
+        Ok(d)
+    }
 }
 
 impl EncoderLayer {
-    fn blocks<'a>(&'a self, masks: &'a BlockMasks<'a>) -> [(&'a Norm, &'static str, Sub<'a>); 2] {
-        [
-            (&self.norm1, "norm1", Sub::SelfAttention(&self.self_attn, masks)),
-            (&self.norm2, "norm2", Sub::FeedForward(&self.ffn)),
-        ]
+    fn blocks<'a>(&'a self, masks: &'a BlockMasks<'a>) -> Blocks<'a, 2> {
+        Blocks {
+            list: [
+                (&self.norm1, "norm1.", Sub::SelfAttention(&self.self_attn, masks)),
+                (&self.norm2, "norm2.", Sub::FeedForward(&self.ffn)),
+            ],
+            norm_first: self.config.norm_first,
+        }
     }
 
-    /// The training forward: the output of [`forward`](Self::forward) (with `dropout`
-    /// applied) and what [`backward`](Self::backward) needs. `prefix` is the layer's place in
-    /// the model's state dict (`""` alone, `layers.0.` in a stack), which also names its
-    /// dropout sites.
+    /// The training forward: the output of [`forward`](Self::forward) (with `step.dropout`
+    /// applied) and what [`backward`](Self::backward) needs. `step.path` is the layer's place
+    /// in the model (the root alone, `layers.0.` in a stack), which keys its dropout sites.
     pub fn forward_train(
         &self,
         src: Sequence<'_>,
         masks: &BlockMasks<'_>,
-        dropout: &Dropout,
-        prefix: &str,
-        par: Par,
+        step: &mut Step<'_>,
     ) -> Result<(Vec<f32>, LayerTape)> {
         check_input("transformer_encoder_layer", "src", &src, self.config.d_model)?;
-        blocks_forward(
-            &self.blocks(masks),
-            self.config.norm_first,
-            src.data,
-            &src,
-            dropout,
-            prefix,
-            par,
-        )
+        self.blocks(masks).forward(&src, step)
     }
 
     /// The backward of [`forward_train`](Self::forward_train) called with the same `src`,
-    /// `masks` and `dropout`: adds every parameter's gradient into `grads` under `prefix` +
-    /// its state-dict name, and returns the gradient of `src`.
-    #[allow(clippy::too_many_arguments)]
+    /// `masks` and step: adds every parameter's gradient into `step.grads`, and returns the
+    /// gradient of `src`.
     pub fn backward(
         &self,
         src: Sequence<'_>,
         masks: &BlockMasks<'_>,
         tape: &LayerTape,
         d_output: &[f32],
-        dropout: &Dropout,
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
+        step: &mut Step<'_>,
     ) -> Result<Vec<f32>> {
         check_input("transformer_encoder_layer", "src", &src, self.config.d_model)?;
         check_gradient("transformer_encoder_layer", d_output, src.data.len())?;
-        let blocks = self.blocks(masks);
-        let mut none = None;
-        blocks_backward(
-            &blocks,
-            self.config.norm_first,
-            src.data,
-            &src,
-            tape,
-            d_output,
-            dropout,
-            grads,
-            prefix,
-            &mut none,
-            par,
-        )
+        self.blocks(masks).backward(&src, tape, d_output, step, &mut None)
     }
 }
 
@@ -321,75 +268,55 @@ impl Parameters for EncoderLayer {
 }
 
 impl DecoderLayer {
-    fn blocks<'a>(
-        &'a self,
-        memory: Sequence<'a>,
-        tgt_masks: &'a BlockMasks<'a>,
-        memory_masks: &'a BlockMasks<'a>,
-    ) -> [(&'a Norm, &'static str, Sub<'a>); 3] {
-        [
-            (&self.norm1, "norm1", Sub::SelfAttention(&self.self_attn, tgt_masks)),
-            (
-                &self.norm2,
-                "norm2",
-                Sub::CrossAttention(&self.cross_attn, memory, memory_masks),
-            ),
-            (&self.norm3, "norm3", Sub::FeedForward(&self.ffn)),
-        ]
+    fn blocks<'a>(&'a self, memory: Sequence<'a>, masks: &'a TransformerMasks<'a>) -> Blocks<'a, 3> {
+        Blocks {
+            list: [
+                (&self.norm1, "norm1.", Sub::SelfAttention(&self.self_attn, &masks.tgt)),
+                (
+                    &self.norm2,
+                    "norm2.",
+                    Sub::CrossAttention(&self.cross_attn, memory, &masks.memory),
+                ),
+                (&self.norm3, "norm3.", Sub::FeedForward(&self.ffn)),
+            ],
+            norm_first: self.config.norm_first,
+        }
     }
 
-    /// The training forward (see [`EncoderLayer::forward_train`]).
-    #[allow(clippy::too_many_arguments)]
+    /// The training forward (see [`EncoderLayer::forward_train`]): self-attention under
+    /// `masks.tgt`, cross-attention over `memory` under `masks.memory` (`masks.src` is not
+    /// read).
     pub fn forward_train(
         &self,
         tgt: Sequence<'_>,
         memory: Sequence<'_>,
-        tgt_masks: &BlockMasks<'_>,
-        memory_masks: &BlockMasks<'_>,
-        dropout: &Dropout,
-        prefix: &str,
-        par: Par,
+        masks: &TransformerMasks<'_>,
+        step: &mut Step<'_>,
     ) -> Result<(Vec<f32>, LayerTape)> {
         check_input("transformer_decoder_layer", "tgt", &tgt, self.config.d_model)?;
         check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
-        let blocks = self.blocks(memory, tgt_masks, memory_masks);
-        blocks_forward(&blocks, self.config.norm_first, tgt.data, &tgt, dropout, prefix, par)
+        self.blocks(memory, masks).forward(&tgt, step)
     }
 
     /// The backward of [`forward_train`](Self::forward_train) with the same arguments: adds
-    /// the parameters' gradients into `grads` and returns the gradients of `tgt` and `memory`.
-    #[allow(clippy::too_many_arguments)]
+    /// the parameters' gradients into `step.grads` and returns the gradients of `tgt` and
+    /// `memory`.
     pub fn backward(
         &self,
         tgt: Sequence<'_>,
         memory: Sequence<'_>,
-        tgt_masks: &BlockMasks<'_>,
-        memory_masks: &BlockMasks<'_>,
+        masks: &TransformerMasks<'_>,
         tape: &LayerTape,
         d_output: &[f32],
-        dropout: &Dropout,
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
+        step: &mut Step<'_>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         check_input("transformer_decoder_layer", "tgt", &tgt, self.config.d_model)?;
         check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
         check_gradient("transformer_decoder_layer", d_output, tgt.data.len())?;
-        let blocks = self.blocks(memory, tgt_masks, memory_masks);
         let mut d_memory = None;
-        let d_tgt = blocks_backward(
-            &blocks,
-            self.config.norm_first,
-            tgt.data,
-            &tgt,
-            tape,
-            d_output,
-            dropout,
-            grads,
-            prefix,
-            &mut d_memory,
-            par,
-        )?;
+        let d_tgt = self
+            .blocks(memory, masks)
+            .backward(&tgt, tape, d_output, step, &mut d_memory)?;
         Ok((d_tgt, d_memory.expect("the cross-attention block ran")))
     }
 }
@@ -443,22 +370,22 @@ impl<L> Stack<L> {
         }
     }
 
-    /// Runs `layer_forward` over the layers and the final norm.
+    /// Runs `layer_forward` over the layers (each at `layers.{i}.`) and the final norm.
     fn forward_train(
         &self,
         x: &[f32],
-        prefix: &str,
-        par: Par,
-        mut layer_forward: impl FnMut(&L, &[f32], &str) -> Result<(Vec<f32>, LayerTape)>,
+        step: &mut Step<'_>,
+        mut layer_forward: impl FnMut(&L, &[f32], &mut Step<'_>) -> Result<(Vec<f32>, LayerTape)>,
     ) -> Result<(Vec<f32>, StackTape)> {
         let mut tape = StackTape {
             outputs: Vec::new(),
             layers: Vec::new(),
         };
+        let layers_path = step.path.join("layers.");
         let mut current: Option<Vec<f32>> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let input = current.as_deref().unwrap_or(x);
-            let (out, layer_tape) = layer_forward(layer, input, &format!("{prefix}layers.{i}."))?;
+            let (out, layer_tape) = layer_forward(layer, input, &mut step.at(&layers_path.index(i)))?;
             if let Some(previous) = current.take() {
                 tape.outputs.push(previous);
             }
@@ -468,7 +395,7 @@ impl<L> Stack<L> {
         let last = current.unwrap_or_else(|| x.to_vec());
         match &self.norm {
             Some(norm) => {
-                let out = norm.forward(&last, par)?;
+                let out = norm.forward(&last, step.par)?;
                 if !self.layers.is_empty() {
                     tape.outputs.push(last);
                 }
@@ -479,34 +406,27 @@ impl<L> Stack<L> {
     }
 
     /// The backward of [`Stack::forward_train`]: `layer_backward(layer, input, tape, dy,
-    /// prefix)` returns the layer's `dx`.
-    #[allow(clippy::too_many_arguments)]
+    /// step)` returns the layer's `dx`.
     fn backward(
         &self,
         x: &[f32],
         tape: &StackTape,
         d_output: &[f32],
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
-        mut layer_backward: impl FnMut(&L, &[f32], &LayerTape, &[f32], &mut Grads, &str) -> Result<Vec<f32>>,
+        step: &mut Step<'_>,
+        mut layer_backward: impl FnMut(&L, &[f32], &LayerTape, &[f32], &mut Step<'_>) -> Result<Vec<f32>>,
     ) -> Result<Vec<f32>> {
+        let here = step.path;
         let n = self.layers.len();
         let mut d = match &self.norm {
             Some(norm) => {
                 let mut dx = vec![0.0f32; d_output.len()];
-                norm.backward(
-                    &mut dx,
-                    d_output,
-                    self.input_of(tape, x, n),
-                    grads,
-                    &format!("{prefix}norm."),
-                    par,
-                )?;
+                let norm_path = here.join("norm.");
+                norm.backward(&mut dx, d_output, self.input_of(tape, x, n), &mut step.at(&norm_path))?;
                 dx
             }
             None => d_output.to_vec(),
         };
+        let layers_path = here.join("layers.");
         for i in (0..n).rev() {
             let input = self.input_of(tape, x, i);
             d = layer_backward(
@@ -514,8 +434,7 @@ impl<L> Stack<L> {
                 input,
                 &tape.layers[i],
                 &d,
-                grads,
-                &format!("{prefix}layers.{i}."),
+                &mut step.at(&layers_path.index(i)),
             )?;
         }
         Ok(d)
@@ -523,90 +442,73 @@ impl<L> Stack<L> {
 }
 
 impl Encoder {
-    /// The training forward: layers `{prefix}layers.{i}.`, the final norm `{prefix}norm.`.
+    /// The training forward: layers `layers.{i}.`, the final norm `norm.` (under `step.path`).
     pub fn forward_train(
         &self,
         src: Sequence<'_>,
         masks: &BlockMasks<'_>,
-        dropout: &Dropout,
-        prefix: &str,
-        par: Par,
+        step: &mut Step<'_>,
     ) -> Result<(Vec<f32>, StackTape)> {
         check_input("transformer_encoder", "src", &src, self.0.config.layer.d_model)?;
-        self.0.forward_train(src.data, prefix, par, |layer, x, p| {
-            layer.forward_train(seq(x, &src), masks, dropout, p, par)
+        self.0.forward_train(src.data, step, |layer, x, s| {
+            layer.forward_train(seq(x, &src), masks, s)
         })
     }
 
     /// The backward of [`forward_train`](Self::forward_train) with the same arguments;
     /// returns the gradient of `src`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         src: Sequence<'_>,
         masks: &BlockMasks<'_>,
         tape: &StackTape,
         d_output: &[f32],
-        dropout: &Dropout,
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
+        step: &mut Step<'_>,
     ) -> Result<Vec<f32>> {
         check_input("transformer_encoder", "src", &src, self.0.config.layer.d_model)?;
         check_gradient("transformer_encoder", d_output, src.data.len())?;
-        self.0
-            .backward(src.data, tape, d_output, grads, prefix, par, |layer, x, t, dy, g, p| {
-                layer.backward(seq(x, &src), masks, t, dy, dropout, g, p, par)
-            })
+        self.0.backward(src.data, tape, d_output, step, |layer, x, t, dy, s| {
+            layer.backward(seq(x, &src), masks, t, dy, s)
+        })
     }
 }
 
 impl Decoder {
-    /// The training forward: layers `{prefix}layers.{i}.`, the final norm `{prefix}norm.`.
-    #[allow(clippy::too_many_arguments)]
+    /// The training forward: layers `layers.{i}.`, the final norm `norm.` (under
+    /// `step.path`); `masks` as for [`DecoderLayer::forward_train`].
     pub fn forward_train(
         &self,
         tgt: Sequence<'_>,
         memory: Sequence<'_>,
-        tgt_masks: &BlockMasks<'_>,
-        memory_masks: &BlockMasks<'_>,
-        dropout: &Dropout,
-        prefix: &str,
-        par: Par,
+        masks: &TransformerMasks<'_>,
+        step: &mut Step<'_>,
     ) -> Result<(Vec<f32>, StackTape)> {
         check_input("transformer_decoder", "tgt", &tgt, self.0.config.layer.d_model)?;
-        self.0.forward_train(tgt.data, prefix, par, |layer, x, p| {
-            layer.forward_train(seq(x, &tgt), memory, tgt_masks, memory_masks, dropout, p, par)
+        self.0.forward_train(tgt.data, step, |layer, x, s| {
+            layer.forward_train(seq(x, &tgt), memory, masks, s)
         })
     }
 
     /// The backward of [`forward_train`](Self::forward_train) with the same arguments;
     /// returns the gradients of `tgt` and `memory` (summed over the layers).
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         tgt: Sequence<'_>,
         memory: Sequence<'_>,
-        tgt_masks: &BlockMasks<'_>,
-        memory_masks: &BlockMasks<'_>,
+        masks: &TransformerMasks<'_>,
         tape: &StackTape,
         d_output: &[f32],
-        dropout: &Dropout,
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
+        step: &mut Step<'_>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         check_input("transformer_decoder", "tgt", &tgt, self.0.config.layer.d_model)?;
         check_gradient("transformer_decoder", d_output, tgt.data.len())?;
+        let par = step.par;
         let mut d_memory = vec![0.0f32; memory.data.len()];
-        let d_tgt = self
-            .0
-            .backward(tgt.data, tape, d_output, grads, prefix, par, |layer, x, t, dy, g, p| {
-                let (dx, dm) =
-                    layer.backward(seq(x, &tgt), memory, tgt_masks, memory_masks, t, dy, dropout, g, p, par)?;
-                add_in_place(&mut d_memory, &dm, par)?;
-                Ok(dx)
-            })?;
+        let d_tgt = self.0.backward(tgt.data, tape, d_output, step, |layer, x, t, dy, s| {
+            let (dx, dm) = layer.backward(seq(x, &tgt), memory, masks, t, dy, s)?;
+            add_in_place(&mut d_memory, &dm, par)?;
+            Ok(dx)
+        })?;
         Ok((d_tgt, d_memory))
     }
 }
@@ -644,29 +546,22 @@ pub struct TransformerMasks<'a> {
 }
 
 impl Transformer {
-    /// The training forward: `encoder.*` then `decoder.*` (prefixed by `prefix`), keeping
-    /// what [`backward`](Self::backward) needs.
+    /// The training forward: `encoder.*` then `decoder.*` (under `step.path`), keeping what
+    /// [`backward`](Self::backward) needs.
     pub fn forward_train(
         &self,
         src: Sequence<'_>,
         tgt: Sequence<'_>,
         masks: &TransformerMasks<'_>,
-        dropout: &Dropout,
-        prefix: &str,
-        par: Par,
+        step: &mut Step<'_>,
     ) -> Result<(Vec<f32>, TransformerTape)> {
-        let (memory, encoder) =
-            self.encoder
-                .forward_train(src, &masks.src, dropout, &format!("{prefix}encoder."), par)?;
-        let (out, decoder) = self.decoder.forward_train(
-            tgt,
-            seq(&memory, &src),
-            &masks.tgt,
-            &masks.memory,
-            dropout,
-            &format!("{prefix}decoder."),
-            par,
-        )?;
+        let here = step.path;
+        let (memory, encoder) = self
+            .encoder
+            .forward_train(src, &masks.src, &mut step.at(&here.join("encoder.")))?;
+        let (out, decoder) =
+            self.decoder
+                .forward_train(tgt, seq(&memory, &src), masks, &mut step.at(&here.join("decoder.")))?;
         Ok((
             out,
             TransformerTape {
@@ -679,7 +574,6 @@ impl Transformer {
 
     /// The backward of [`forward_train`](Self::forward_train) with the same arguments:
     /// returns the gradients of `src` and `tgt`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         src: Sequence<'_>,
@@ -687,33 +581,24 @@ impl Transformer {
         masks: &TransformerMasks<'_>,
         tape: &TransformerTape,
         d_output: &[f32],
-        dropout: &Dropout,
-        grads: &mut Grads,
-        prefix: &str,
-        par: Par,
+        step: &mut Step<'_>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let here = step.path;
         let memory = seq(&tape.memory, &src);
         let (d_tgt, d_memory) = self.decoder.backward(
             tgt,
             memory,
-            &masks.tgt,
-            &masks.memory,
+            masks,
             &tape.decoder,
             d_output,
-            dropout,
-            grads,
-            &format!("{prefix}decoder."),
-            par,
+            &mut step.at(&here.join("decoder.")),
         )?;
         let d_src = self.encoder.backward(
             src,
             &masks.src,
             &tape.encoder,
             &d_memory,
-            dropout,
-            grads,
-            &format!("{prefix}encoder."),
-            par,
+            &mut step.at(&here.join("encoder.")),
         )?;
         Ok((d_src, d_tgt))
     }

@@ -1,0 +1,91 @@
+//! The step context: what one training step's forward and backward share.
+//!
+//! A module's training forward and backward take one [`Step`] instead of a list of arguments:
+//! the step's dropout (probability and seed), where the work runs, the gradients the backward
+//! adds into, and the module's place in the model ([`ParamPath`]). The place does two things
+//! without building a string: it keys the module's dropout sites (the hash of
+//! `encoder.layers.0.` + `dropout1`, so every site draws its own masks, the same on any thread
+//! count and in the backward), and it names gradients kept by name and errors. A module hands
+//! its submodules the same step at their own place with [`Step::at`].
+
+use attn_core::kernels::{self, Par};
+use attn_core::{AttnError, Grads, ParamPath};
+
+use crate::Result;
+
+/// Inverted dropout for training, with a counter-based generator: the mask of an element
+/// depends only on `seed`, the dropout site and the element's index, so a step replays
+/// exactly from its seed on any thread count, and a backward re-derives the mask instead of
+/// storing it. `p = 0` (the default) is no dropout.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Dropout {
+    /// The probability of zeroing an element.
+    pub p: f32,
+    /// The step's seed.
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// No dropout.
+    pub const NONE: Dropout = Dropout { p: 0.0, seed: 0 };
+
+    /// Applies the mask of `site` (a name unique within the model, such as
+    /// `encoder.layers.0.dropout1`) to `x` in place. The backward is the same call on the
+    /// gradient. Training code names its sites by place instead ([`Step::dropout`](crate::Step::dropout)),
+    /// with the same masks.
+    pub fn apply(&self, x: &mut [f32], site: &str, par: Par) -> Result<()> {
+        self.apply_keyed(x, ParamPath::Root(site).hash_with(""), par)
+    }
+
+    /// Applies the mask of the site whose key is `site_hash` (FNV-1a of its name: each site
+    /// its own stream of counters).
+    pub(crate) fn apply_keyed(&self, x: &mut [f32], site_hash: u64, par: Par) -> Result<()> {
+        if self.p == 0.0 {
+            return Ok(());
+        }
+        let seed = self.seed ^ site_hash;
+        kernels::dropout(x, self.p, seed, 0, par).map_err(AttnError::from)?;
+        Ok(())
+    }
+}
+
+/// What one training step's forward and backward share: see the module documentation.
+#[derive(Debug)]
+pub struct Step<'s> {
+    /// Dropout's probability and this step's seed.
+    pub dropout: Dropout,
+    /// Where the work runs.
+    pub par: Par,
+    /// The module's place in the model's state dict (the root for the model itself).
+    pub path: &'s ParamPath<'s>,
+    /// The gradients the backward adds into.
+    pub grads: &'s mut Grads,
+}
+
+impl<'s> Step<'s> {
+    /// A step of the model at the root of its state dict.
+    pub fn new(dropout: Dropout, par: Par, grads: &'s mut Grads) -> Self {
+        Step {
+            dropout,
+            par,
+            path: &ParamPath::ROOT,
+            grads,
+        }
+    }
+
+    /// The same step for the submodule at `path` (made from `self.path`).
+    pub fn at<'t>(&'t mut self, path: &'t ParamPath<'t>) -> Step<'t> {
+        Step {
+            dropout: self.dropout,
+            par: self.par,
+            path,
+            grads: &mut *self.grads,
+        }
+    }
+
+    /// Applies this module's dropout site `leaf` (`"dropout1"`) to `x` in place; the backward
+    /// applies the same call to the gradient.
+    pub fn dropout(&self, x: &mut [f32], leaf: &str) -> Result<()> {
+        self.dropout.apply_keyed(x, self.path.hash_with(leaf), self.par)
+    }
+}
