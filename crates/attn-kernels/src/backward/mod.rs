@@ -40,6 +40,7 @@
 
 use rayon::prelude::*;
 
+use crate::buffer::{self, Buffer};
 use crate::flash::validate;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale};
@@ -224,6 +225,8 @@ pub fn attention_backward_path(
         let query_tasks = plan.b * plan.h * plan.s.div_ceil(ROWS);
         run(query_tasks, par, |scratch, task| job.query_task(scratch, task));
     }
+    drop(job);
+    buffer::give(delta);
     Ok(())
 }
 
@@ -271,8 +274,10 @@ impl Out {
 }
 
 /// `Δ[b, h, s] = Σ_c dout[b, h, s, c] · out[b, h, s, c]`, summed in f64.
-fn row_deltas(inputs: &BackwardInputs<'_>, shape: &Shape, par: Par) -> Vec<f32> {
-    let mut delta = vec![0.0f32; shape.b * shape.h * shape.s];
+/// The buffer comes from this thread's pool (every element is written); hand it back with
+/// `buffer::give`.
+fn row_deltas(inputs: &BackwardInputs<'_>, shape: &Shape, par: Par) -> Buffer {
+    let mut delta = buffer::take(shape.b * shape.h * shape.s);
     let (out, dout) = (inputs.out, inputs.dout);
     let row = |(index, x): (usize, &mut f32)| {
         let (bh, s) = (index / shape.s.max(1), index % shape.s.max(1));
@@ -297,7 +302,8 @@ fn row_deltas(inputs: &BackwardInputs<'_>, shape: &Shape, par: Par) -> Vec<f32> 
     delta
 }
 
-/// One worker's tiles, reused from task to task.
+/// One worker's tiles, kept per thread and reused from task to task and from call to call, as
+/// the forward's are: a task sizes each buffer it uses and resets `packed_keys` before reading it.
 #[derive(Default)]
 struct Scratch {
     /// `[ROWS, D]`: query rows times the scale.
@@ -319,14 +325,21 @@ struct Scratch {
     dq: Vec<f32>,
 }
 
-/// Runs `body(scratch, task)` for every task, in order or on the rayon pool.
+thread_local! {
+    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `body(scratch, task)` for every task, in order or on the rayon pool, each with the
+/// running thread's scratch.
 fn run(tasks: usize, par: Par, body: impl Fn(&mut Scratch, usize) + Sync + Send) {
+    let task = |task: usize| {
+        let mut scratch = SCRATCH.take().unwrap_or_default();
+        body(&mut scratch, task);
+        SCRATCH.set(Some(scratch));
+    };
     match par {
-        Par::Seq => {
-            let mut scratch = Scratch::default();
-            (0..tasks).for_each(|task| body(&mut scratch, task));
-        }
-        Par::Rayon => (0..tasks).into_par_iter().for_each_init(Scratch::default, body),
+        Par::Seq => (0..tasks).for_each(task),
+        Par::Rayon => (0..tasks).into_par_iter().for_each(task),
     }
 }
 
