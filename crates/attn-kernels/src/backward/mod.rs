@@ -225,7 +225,6 @@ pub fn attention_backward_path(
         let query_tasks = plan.b * plan.h * plan.s.div_ceil(ROWS);
         run(query_tasks, par, |scratch, task| job.query_task(scratch, task));
     }
-    drop(job);
     buffer::give(delta);
     Ok(())
 }
