@@ -424,7 +424,7 @@ impl Trainer {
             .iter()
             .map(|&i| (self.pairs[i].0.as_str(), self.pairs[i].1.as_str()))
             .collect();
-        let batch = self.model.batch(&pairs)?;
+        let batch = self.model.packed_batch(&pairs)?;
         let dropout = Dropout {
             p: self.dropout,
             seed: self.flags.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step,
@@ -436,7 +436,7 @@ impl Trainer {
             .model
             .loss(&batch, &logits, self.flags.label_smoothing, Par::Rayon)?;
         drop(logits);
-        self.model.backward(&tape, &d_logits, &mut ctx)?;
+        self.model.backward(&batch, &tape, &d_logits, &mut ctx)?;
         if !loss.is_finite() {
             bail!("step {step}: the loss is {loss}; the weights were not updated (try a lower --lr or --clip-norm)");
         }
@@ -505,7 +505,7 @@ pub fn evaluate(model: &Seq2Seq, pairs: &[(String, String)], label_smoothing: f3
         let refs: Vec<(&str, &str)> = chunk.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
         let batch = model.batch(&refs)?;
         let logits = model.logits(&batch, Par::Rayon)?;
-        let (loss, _) = model.loss(&batch, &logits, label_smoothing, Par::Rayon)?;
+        let (loss, _) = model.padded_loss(&batch, &logits, label_smoothing, Par::Rayon)?;
         let tokens = batch.target_tokens();
         loss_sum += loss * tokens as f64;
         count += tokens;

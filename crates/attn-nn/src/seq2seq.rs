@@ -4,8 +4,10 @@
 //! batch_first=True)` and a `generator` to logits. State-dict names: `src_embed.weight`,
 //! `tgt_embed.weight`, `transformer.*`, `generator.weight`, `generator.bias`.
 //!
-//! Training: [`Seq2Seq::forward_train`] keeps what [`Seq2Seq::backward`] needs (the batch's ids,
-//! the embeddings' input to the Transformer, the Transformer's tape and output); the loss is
+//! Training: [`Seq2Seq::packed_batch`] builds the batch once, without padding;
+//! [`Seq2Seq::forward_train`] keeps what [`Seq2Seq::backward`] needs (the embeddings' input to
+//! the Transformer, the Transformer's tape and output; the backward takes the batch again); the
+//! loss is
 //! `F.cross_entropy(logits, labels, ignore_index=<pad>, label_smoothing)`. Decoding:
 //! [`Seq2Seq::greedy`] and [`Seq2Seq::beam`], incremental through the KV caches (self-attention
 //! cached, cross-attention keys and values computed once).
@@ -25,7 +27,9 @@ use crate::layers::Linear;
 use crate::optim::AdamW;
 use crate::step::Step;
 use crate::transformer::{sub_module, TransformerTape};
-use crate::{BlockMasks, DecoderLayer, EncoderLayer, Result, Transformer, TransformerConfig, TransformerMasks};
+use crate::{
+    BlockMasks, DecoderLayer, EncoderLayer, NnError, Result, Transformer, TransformerConfig, TransformerMasks,
+};
 
 /// `<pad>`: padding, ignored by the loss.
 pub const PAD: usize = 0;
@@ -278,10 +282,19 @@ pub struct Packed {
     pub labels: Vec<i64>,
 }
 
-/// What [`Seq2Seq::forward_train`] keeps.
+impl Packed {
+    /// Target tokens that count in the loss.
+    pub fn target_tokens(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+/// One sequence's token ids.
+type Ids = Vec<usize>;
+
+/// What [`Seq2Seq::forward_train`] keeps (not its batch: the backward takes it again).
 #[derive(Debug)]
 pub struct Seq2SeqTape {
-    packed: Packed,
     src_x: Vec<f32>,
     tgt_x: Vec<f32>,
     transformer: TransformerTape,
@@ -476,18 +489,7 @@ impl Seq2Seq {
     /// The batch of `pairs` (source, target); a pair longer than `max_len` tokens (with its
     /// `<eos>`) is an error naming it.
     pub fn batch(&self, pairs: &[(&str, &str)]) -> Result<Batch> {
-        let src: Vec<Vec<usize>> = pairs.iter().map(|(s, _)| self.config.src_vocab.encode(s)).collect();
-        let tgt: Vec<Vec<usize>> = pairs.iter().map(|(_, t)| self.config.tgt_vocab.encode(t)).collect();
-        for (i, (s, t)) in src.iter().zip(&tgt).enumerate() {
-            let longest = s.len().max(t.len()) + 1;
-            if longest > self.config.max_len {
-                return Err(invalid(
-                    "max_len",
-                    self.config.max_len,
-                    format!("at least {longest} for pair {i} ({:?})", pairs[i]),
-                ));
-            }
-        }
+        let (src, tgt) = self.encode_pairs(pairs)?;
         let b = pairs.len();
         let s = src.iter().map(|x| x.len() + 1).max().unwrap_or(1);
         let t = tgt.iter().map(|x| x.len() + 1).max().unwrap_or(1);
@@ -514,6 +516,50 @@ impl Seq2Seq {
             batch.tgt_lengths.push(y.len() + 1);
         }
         Ok(batch)
+    }
+
+    /// The ids of `pairs`' sources and targets; a pair longer than `max_len` tokens (with its
+    /// `<eos>`) is an error naming it.
+    fn encode_pairs(&self, pairs: &[(&str, &str)]) -> Result<(Vec<Ids>, Vec<Ids>)> {
+        let src: Vec<Vec<usize>> = pairs.iter().map(|(s, _)| self.config.src_vocab.encode(s)).collect();
+        let tgt: Vec<Vec<usize>> = pairs.iter().map(|(_, t)| self.config.tgt_vocab.encode(t)).collect();
+        for (i, (s, t)) in src.iter().zip(&tgt).enumerate() {
+            let longest = s.len().max(t.len()) + 1;
+            if longest > self.config.max_len {
+                return Err(invalid(
+                    "max_len",
+                    self.config.max_len,
+                    format!("at least {longest} for pair {i} ({:?})", pairs[i]),
+                ));
+            }
+        }
+        Ok((src, tgt))
+    }
+
+    /// The training batch of `pairs`, without padding ([`Packed`]): built once from the pairs,
+    /// read by [`forward_train`](Self::forward_train), [`loss`](Self::loss) and
+    /// [`backward`](Self::backward). The same as [`Seq2Seq::batch`] then [`Batch::packed`].
+    pub fn packed_batch(&self, pairs: &[(&str, &str)]) -> Result<Packed> {
+        let (src, tgt) = self.encode_pairs(pairs)?;
+        let mut p = Packed {
+            src: Vec::new(),
+            src_positions: Vec::new(),
+            src_starts: vec![0],
+            tgt_in: Vec::new(),
+            tgt_positions: Vec::new(),
+            tgt_starts: vec![0],
+            labels: Vec::new(),
+        };
+        for (x, y) in src.iter().zip(&tgt) {
+            p.src.extend(x.iter().copied().chain([EOS]));
+            p.src_positions.extend(0..x.len() + 1);
+            p.src_starts.push(p.src.len());
+            p.tgt_in.extend([BOS].into_iter().chain(y.iter().copied()));
+            p.tgt_positions.extend(0..y.len() + 1);
+            p.tgt_starts.push(p.tgt_in.len());
+            p.labels.extend(y.iter().map(|&id| id as i64).chain([EOS as i64]));
+        }
+        Ok(p)
     }
 
     /// `E[id]·sqrt(d) + PE[position]` for `[B, L]` ids.
@@ -613,16 +659,15 @@ impl Seq2Seq {
         }
     }
 
-    /// The training forward, without padding ([`Batch::packed`]: the cost follows the real
-    /// tokens): logits `[Nt, Vt]`, one row per real target position in sequence order, and the
-    /// tape.
-    pub fn forward_train(&self, batch: &Batch, step: &mut Step<'_>) -> Result<(Vec<f32>, Seq2SeqTape)> {
+    /// The training forward of a batch without padding ([`Seq2Seq::packed_batch`]: the cost
+    /// follows the real tokens): logits `[Nt, Vt]`, one row per real target position in
+    /// sequence order, and the tape.
+    pub fn forward_train(&self, packed: &Packed, step: &mut Step<'_>) -> Result<(Vec<f32>, Seq2SeqTape)> {
         let e = self.config.d_model();
-        let packed = batch.packed();
         let (ns, nt) = (packed.src.len(), packed.tgt_in.len());
         let src_x = self.embed_train("src_embed.", &packed.src, &packed.src_positions, step)?;
         let tgt_x = self.embed_train("tgt_embed.", &packed.tgt_in, &packed.tgt_positions, step)?;
-        let masks = Self::packed_masks(&packed);
+        let masks = Self::packed_masks(packed);
         let here = step.path.join("transformer.");
         let (decoded, transformer) = self.transformer.forward_train(
             Sequence::batch_first(&src_x, 1, ns, e),
@@ -634,7 +679,6 @@ impl Seq2Seq {
         Ok((
             logits,
             Seq2SeqTape {
-                packed,
                 src_x,
                 tgt_x,
                 transformer,
@@ -643,19 +687,33 @@ impl Seq2Seq {
         ))
     }
 
-    /// The loss of `logits` against the batch's labels (`F.cross_entropy` with
-    /// `ignore_index=<pad>` and `label_smoothing`), and its gradient: logits `[B·T, Vt]` of
-    /// [`logits`](Self::logits) (padded), or `[Nt, Vt]` of
-    /// [`forward_train`](Self::forward_train) (packed).
-    pub fn loss(&self, batch: &Batch, logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
+    /// The loss of the training forward's logits `[Nt, Vt]` against `packed`'s labels
+    /// (`F.cross_entropy` with `ignore_index=<pad>` and `label_smoothing`), and its gradient.
+    pub fn loss(&self, packed: &Packed, logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
+        self.cross_entropy(&packed.labels, logits, label_smoothing, par)
+    }
+
+    /// The same for the padded logits `[B·T, Vt]` of [`logits`](Self::logits) and their batch.
+    pub fn padded_loss(
+        &self,
+        batch: &Batch,
+        logits: &[f32],
+        label_smoothing: f32,
+        par: Par,
+    ) -> Result<(f64, Vec<f32>)> {
+        self.cross_entropy(&batch.labels, logits, label_smoothing, par)
+    }
+
+    fn cross_entropy(&self, labels: &[i64], logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
         let v = self.config.tgt_vocab.len();
-        let packed_labels;
-        let labels = if logits.len() == batch.labels.len() * v {
-            &batch.labels
-        } else {
-            packed_labels = batch.packed().labels;
-            &packed_labels
-        };
+        if logits.len() != labels.len() * v {
+            return Err(NnError::ShapeMismatch {
+                op: "Seq2Seq::loss",
+                tensor: "logits".into(),
+                expected: format!("[{}, {v}]: a row per label of the batch", labels.len()),
+                got: vec![logits.len()],
+            });
+        }
         let mut d_logits = vec![0.0f32; logits.len()];
         let ce = kernels::cross_entropy(&mut d_logits, logits, labels, PAD as i64, label_smoothing, par)
             .map_err(AttnError::from)?;
@@ -663,10 +721,22 @@ impl Seq2Seq {
     }
 
     /// The backward of [`forward_train`](Self::forward_train) from the logits' gradient, with
-    /// the same step: adds every parameter's gradient into `step.grads` (the tape holds the
-    /// packed batch the forward ran).
-    pub fn backward(&self, tape: &Seq2SeqTape, d_logits: &[f32], step: &mut Step<'_>) -> Result<()> {
+    /// the same batch and step: adds every parameter's gradient into `step.grads`. A batch
+    /// other than the forward's (by its token counts) is an error.
+    pub fn backward(&self, packed: &Packed, tape: &Seq2SeqTape, d_logits: &[f32], step: &mut Step<'_>) -> Result<()> {
         let e = self.config.d_model();
+        if tape.src_x.len() != packed.src.len() * e || tape.tgt_x.len() != packed.tgt_in.len() * e {
+            return Err(NnError::ShapeMismatch {
+                op: "Seq2Seq::backward",
+                tensor: "packed".into(),
+                expected: format!(
+                    "the forward's batch: {} source and {} target tokens",
+                    tape.src_x.len() / e.max(1),
+                    tape.tgt_x.len() / e.max(1)
+                ),
+                got: vec![packed.src.len(), packed.tgt_in.len()],
+            });
+        }
         let here = step.path;
         let mut d_decoded = vec![0.0f32; tape.decoded.len()];
         self.generator.backward(
@@ -675,7 +745,7 @@ impl Seq2Seq {
             &tape.decoded,
             &mut step.at(&here.join("generator.")),
         )?;
-        let p = &tape.packed;
+        let p = packed;
         let masks = Self::packed_masks(p);
         let (d_src, d_tgt) = self.transformer.backward(
             Sequence::batch_first(&tape.src_x, 1, p.src.len(), e),

@@ -65,7 +65,9 @@ fn checkpoint_logits_loss_and_gradients_equal_pytorch() {
     // logits' real positions, in order.
     let mut grads = Grads::new();
     let mut step = Step::new(Dropout::NONE, Par::Rayon, &mut grads);
-    let (train_logits, tape) = model.forward_train(&batch, &mut step).unwrap();
+    let packed = model.packed_batch(&pairs).unwrap();
+    assert_eq!(format!("{packed:?}"), format!("{:?}", batch.packed()));
+    let (train_logits, tape) = model.forward_train(&packed, &mut step).unwrap();
     let vt = model.config().tgt_vocab.len();
     let real: Vec<f32> = (0..batch.b)
         .flat_map(|i| {
@@ -78,15 +80,28 @@ fn checkpoint_logits_loss_and_gradients_equal_pytorch() {
         error < 1e-5,
         "packed training logits against the padded forward: {error:e}"
     );
-    let (padded_loss, _) = model.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
-    let (loss, d_logits) = model.loss(&batch, &train_logits, 0.1, Par::Rayon).unwrap();
+    let (padded_loss, _) = model.padded_loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
+    let (loss, d_logits) = model.loss(&packed, &train_logits, 0.1, Par::Rayon).unwrap();
+    // Logits of another batch (one row): an error naming the shapes.
+    let err = model
+        .loss(&packed, &train_logits[..vt], 0.1, Par::Rayon)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("a row per label"), "{err}");
     assert!((loss - padded_loss).abs() < 1e-6 * loss, "{loss} vs {padded_loss}");
     let want_loss = want["loss"][0] as f64;
     assert!(
         (loss - want_loss).abs() < 1e-5 * want_loss,
         "loss {loss} vs {want_loss}"
     );
-    model.backward(&tape, &d_logits, &mut step).unwrap();
+    // The backward refuses a batch other than the forward's.
+    let other = model.packed_batch(&pairs[..1]).unwrap();
+    let err = model
+        .backward(&other, &tape, &d_logits, &mut step)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the forward's batch"), "{err}");
+    model.backward(&packed, &tape, &d_logits, &mut step).unwrap();
     let mut worst = 0.0f64;
     let mut names = 0;
     for (name, got) in grads.iter() {
@@ -274,7 +289,7 @@ fn the_parameter_store_steps_as_parameters_by_name_do() {
     let (model, _) = load();
     let (pairs, _) = expected();
     let pairs: Vec<(&str, &str)> = pairs.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
-    let batch = model.batch(&pairs).unwrap();
+    let batch = model.packed_batch(&pairs).unwrap();
     let adam = || AdamW::new((0.9, 0.98), 1e-9, 0.01).unwrap();
     let dropout = |step: u64| Dropout { p: 0.1, seed: step };
     let step_flat = |model: &mut Seq2Seq, adam: &mut AdamW, grads: &mut Grads, step: u64| -> f32 {
@@ -282,7 +297,7 @@ fn the_parameter_store_steps_as_parameters_by_name_do() {
         let mut ctx = Step::new(dropout(step), Par::Rayon, grads);
         let (logits, tape) = model.forward_train(&batch, &mut ctx).unwrap();
         let (_, d_logits) = model.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
-        model.backward(&tape, &d_logits, &mut ctx).unwrap();
+        model.backward(&batch, &tape, &d_logits, &mut ctx).unwrap();
         let norm = grads.clip_norm(0.05);
         model.update(adam, grads, 1e-2).unwrap();
         norm
@@ -309,7 +324,7 @@ fn the_parameter_store_steps_as_parameters_by_name_do() {
         let mut ctx = Step::new(dropout(step), Par::Rayon, &mut grads);
         let (logits, tape) = named.forward_train(&batch, &mut ctx).unwrap();
         let (_, d_logits) = named.loss(&batch, &logits, 0.1, Par::Rayon).unwrap();
-        named.backward(&tape, &d_logits, &mut ctx).unwrap();
+        named.backward(&batch, &tape, &d_logits, &mut ctx).unwrap();
         let mut all: Vec<&mut [f32]> = grads.iter_mut().map(|(_, g)| g).collect();
         let norm = clip_grad_norm(&mut all, 0.05);
         assert_eq!(norm, flat_norms[step as usize - 1], "step {step}");
@@ -349,4 +364,24 @@ fn the_parameter_store_steps_as_parameters_by_name_do() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("Grads::for_store"), "{err}");
+}
+
+/// The packed training batch, built straight from pairs of different lengths, is the padded
+/// batch without its padding; its token count is the loss's.
+#[test]
+fn the_packed_batch_is_the_padded_batch_without_padding() {
+    let (model, _) = load();
+    let (pairs, _) = expected();
+    let cut = |text: &str, n: usize| text.chars().take(n).collect::<String>();
+    let uneven: Vec<(String, String)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (s, t))| (cut(s, i + 1), cut(t, 2 * i)))
+        .collect();
+    let refs: Vec<(&str, &str)> = uneven.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
+    let padded = model.batch(&refs).unwrap();
+    assert!(padded.src_lengths.windows(2).any(|w| w[0] != w[1]), "lengths differ");
+    let packed = model.packed_batch(&refs).unwrap();
+    assert_eq!(format!("{packed:?}"), format!("{:?}", padded.packed()));
+    assert_eq!(packed.target_tokens(), padded.target_tokens());
 }
