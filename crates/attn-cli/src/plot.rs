@@ -36,6 +36,78 @@ pub fn save_png(path: &Path, width: u32, height: u32, rgb: &[u8]) -> Result<()> 
     std::fs::write(path, bytes).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
 
+/// One line of a [`log2_lines`] chart: its legend, colour and points `(x, y)`.
+pub struct Line<'a> {
+    /// The legend's text.
+    pub name: &'a str,
+    /// The line's and markers' colour.
+    pub colour: RGBColor,
+    /// `(x, y)` points, x ascending.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Lines with markers over a log2 x axis (powers of two labelled as they are), y from 0, with a
+/// title, axis descriptions and a legend, as a PNG.
+pub fn log2_lines(path: &Path, title: &str, [x_desc, y_desc]: [&str; 2], lines: &[Line<'_>]) -> Result<()> {
+    register_font();
+    let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
+    let (lo, hi) = xs.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    if !(lo.is_finite() && lo > 0.0) {
+        bail!("no points to plot");
+    }
+    let top = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.1))
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let (width, height) = (900u32, 520u32);
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(err(path))?;
+        let (l2lo, l2hi) = (lo.log2(), hi.log2().max(lo.log2() + 1.0));
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(14)
+            .margin_right(24)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(l2lo - 0.2..l2hi + 0.2, 0.0..top)
+            .map_err(err(path))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .x_labels((l2hi - l2lo) as usize + 1)
+            .x_label_formatter(&|v| format!("{:.0}", v.exp2()))
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err(path))?;
+        for line in lines {
+            let colour = line.colour;
+            let points: Vec<(f64, f64)> = line.points.iter().map(|&(x, y)| (x.log2(), y)).collect();
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+                .map_err(err(path))?
+                .label(line.name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+                .map_err(err(path))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(err(path))?;
+        root.present().map_err(err(path))?;
+    }
+    save_png(path, width, height, &rgb)
+}
+
 /// Training loss per step, and validation loss and exact-match accuracy at each evaluation,
 /// as a PNG: loss on the left (log scale), accuracy on the right.
 pub fn training_curves(path: &Path, train: &[(u64, f64)], valid: &[(u64, f64, f64)]) -> Result<()> {
@@ -350,5 +422,46 @@ mod tests {
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The sweep's chart: each line is drawn in its colour (pixels of exactly that colour are
+    /// on the picture), the edges stay background, and a chart without points is an error.
+    #[test]
+    fn log2_lines_draws_every_line_inside_the_picture() {
+        let path = std::env::temp_dir().join(format!("attn-lines-{}.png", std::process::id()));
+        let colours = [RGBColor(30, 90, 220), RGBColor(200, 30, 30)];
+        let lines: Vec<Line<'_>> = colours
+            .iter()
+            .enumerate()
+            .map(|(i, &colour)| Line {
+                name: if i == 0 { "one" } else { "two" },
+                colour,
+                points: [128.0, 256.0, 4096.0]
+                    .iter()
+                    .map(|&x| (x, 50.0 * (i + 1) as f64))
+                    .collect(),
+            })
+            .collect();
+        log2_lines(&path, "a title", ["x", "y"], &lines).unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut rgb = vec![0u8; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut rgb).unwrap();
+        let (w, h) = (info.width as usize, info.height as usize);
+        let pixel = |x: usize, y: usize| [rgb[(y * w + x) * 3], rgb[(y * w + x) * 3 + 1], rgb[(y * w + x) * 3 + 2]];
+        for c in colours {
+            let drawn = (0..h)
+                .flat_map(|y| (0..w).map(move |x| (x, y)))
+                .filter(|&(x, y)| pixel(x, y) == [c.0, c.1, c.2]);
+            assert!(drawn.count() > 200, "the line of colour {c:?} is drawn");
+        }
+        assert!((0..w).all(|x| pixel(x, h - 1) == [255, 255, 255] && pixel(x, 0) == [255, 255, 255]));
+        std::fs::remove_file(&path).unwrap();
+        let none = [Line {
+            name: "empty",
+            colour: colours[0],
+            points: Vec::new(),
+        }];
+        assert!(log2_lines(&path, "t", ["x", "y"], &none).is_err());
     }
 }

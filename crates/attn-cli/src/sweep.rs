@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::SdpaShape;
 use serde_json::json;
 
-use crate::attend::Canvas;
+use crate::plot::{log2_lines, Line};
 use crate::timing::{Budget, Path as KernelPath, SdpaBench};
+use plotters::style::RGBColor;
 
 /// One sequence length's measurements, GFLOP/s.
 pub struct Point {
@@ -249,70 +250,25 @@ pub fn to_json(points: &[Point], [b, h, d]: [usize; 3], causal: bool, threads: u
     json!({"op": "sweep", "batch": b, "heads": h, "head_dim": d, "causal": causal, "threads": threads, "points": rows})
 }
 
-/// A plotted series: name, colour, and its value at a point.
-type Series = (&'static str, [u8; 3], fn(&Point) -> Option<f64>);
-
-/// A line plot of GFLOP/s against log2 of the sequence length.
+/// GFLOP/s against the sequence length (log2 axis): attn's flash and unfused paths and PyTorch's
+/// SDPA where measured.
 pub fn write_png(points: &[Point], title: &str, path: &Path) -> Result<()> {
-    let (w, h, left, bottom, top, right) = (760usize, 460usize, 70usize, 50usize, 40usize, 170usize);
-    let mut canvas = Canvas::new(w, h);
-    let plot_w = w - left - right;
-    let plot_h = h - top - bottom;
-    let max = points
-        .iter()
-        .flat_map(|p| [Some(p.flash), p.unfused, p.torch])
-        .flatten()
-        .fold(1.0f64, f64::max)
-        * 1.1;
-    let (lo, hi) = (
-        points.first().map_or(1, |p| p.seq) as f64,
-        points.last().map_or(2, |p| p.seq) as f64,
-    );
-    let span = (hi.log2() - lo.log2()).max(1.0);
-    let x_of = |seq: usize| left + (((seq as f64).log2() - lo.log2()) / span * plot_w as f64) as usize;
-    let y_of = |g: f64| top + plot_h - ((g / max) * plot_h as f64).min(plot_h as f64) as usize;
-    canvas.text(left, 12, title, false);
-    // Axes, ticks and grid.
-    canvas.fill(left, top, 1, plot_h, [0, 0, 0]);
-    canvas.fill(left, top + plot_h, plot_w, 1, [0, 0, 0]);
-    for i in 0..=4 {
-        let g = max * i as f64 / 4.0;
-        let y = y_of(g);
-        canvas.fill(left + 1, y, plot_w, 1, [225, 225, 225]);
-        canvas.text(8, y.saturating_sub(4), &format!("{g:>6.0}"), false);
-    }
-    for p in points {
-        let x = x_of(p.seq);
-        canvas.fill(x, top + plot_h, 1, 5, [0, 0, 0]);
-        let label = p.seq.to_string();
-        canvas.text(x.saturating_sub(label.len() * 4), top + plot_h + 8, &label, false);
-    }
-    canvas.text(left + plot_w / 2 - 60, h - 18, "sequence length S = T", false);
-    canvas.text(8, top - 16, "GFLOP/s", false);
-    let series: [Series; 3] = [
-        ("attn flash", [30, 90, 220], |p| Some(p.flash)),
-        ("attn unfused", [230, 140, 20], |p| p.unfused),
-        ("PyTorch SDPA", [200, 30, 30], |p| p.torch),
-    ];
-    for (n, (name, colour, value)) in series.iter().enumerate() {
-        let pts: Vec<(usize, usize)> = points
+    let line = |name, colour, value: fn(&Point) -> Option<f64>| Line {
+        name,
+        colour,
+        points: points
             .iter()
-            .filter_map(|p| value(p).map(|v| (x_of(p.seq), y_of(v))))
-            .collect();
-        if pts.is_empty() {
-            continue;
-        }
-        for pair in pts.windows(2) {
-            canvas.line(pair[0], pair[1], *colour);
-        }
-        for &(x, y) in &pts {
-            canvas.fill(x.saturating_sub(3), y.saturating_sub(3), 7, 7, *colour);
-        }
-        let ly = top + 10 + n * 20;
-        canvas.fill(w - right + 15, ly, 20, 4, *colour);
-        canvas.text(w - right + 40, ly.saturating_sub(2), name, false);
-    }
-    canvas
-        .save(path)
+            .filter_map(|p| value(p).map(|v| (p.seq as f64, v)))
+            .collect(),
+    };
+    let lines: Vec<Line<'_>> = [
+        line("attn flash", RGBColor(30, 90, 220), |p| Some(p.flash)),
+        line("attn unfused", RGBColor(230, 140, 20), |p| p.unfused),
+        line("PyTorch SDPA", RGBColor(200, 30, 30), |p| p.torch),
+    ]
+    .into_iter()
+    .filter(|l| !l.points.is_empty())
+    .collect();
+    log2_lines(path, title, ["sequence length S = T", "GFLOP/s"], &lines)
         .with_context(|| format!("cannot write {}", path.display()))
 }
