@@ -83,9 +83,9 @@ fn resolve(path: &[String], modules: &BTreeSet<Module>) -> Option<Module> {
         .find(|m| modules.contains(m))
 }
 
-/// The import circles of one crate's sources (`(path under src/, text)`): pairs of modules, as
-/// `a <-> b`, neither inside the other.
-pub fn circles(files: &[(std::path::PathBuf, String)]) -> Vec<String> {
+/// Which modules each module imports (`(path under src/, text)` of one crate), a module's own
+/// ancestors and descendants left out.
+fn edges(files: &[(std::path::PathBuf, String)]) -> BTreeMap<Module, BTreeSet<Module>> {
     let modules: BTreeSet<Module> = files.iter().map(|(p, _)| module_of(p)).collect();
     let mut edges: BTreeMap<Module, BTreeSet<Module>> = BTreeMap::new();
     for (path, text) in files {
@@ -116,19 +116,42 @@ pub fn circles(files: &[(std::path::PathBuf, String)]) -> Vec<String> {
             }
         }
     }
-    let name = |m: &Module| {
-        if m.is_empty() {
-            "crate".to_string()
-        } else {
-            m.join("::")
-        }
-    };
+    edges
+}
+
+fn name(m: &Module) -> String {
+    if m.is_empty() {
+        "crate".to_string()
+    } else {
+        m.join("::")
+    }
+}
+
+/// The import circles of one crate's sources (`(path under src/, text)`): pairs of modules, as
+/// `a <-> b`, neither inside the other.
+pub fn circles(files: &[(std::path::PathBuf, String)]) -> Vec<String> {
+    let edges = edges(files);
     let mut found = Vec::new();
     for (a, targets) in &edges {
         for b in targets {
             if a < b && edges.get(b).is_some_and(|back| back.contains(a)) {
                 found.push(format!("{} <-> {}", name(a), name(b)));
             }
+        }
+    }
+    found
+}
+
+/// Imports that go up a layering: a module under `lower` (`support`) importing one under
+/// `upper` (`commands`), as `support::x -> commands::y`.
+pub fn upward(files: &[(std::path::PathBuf, String)], lower: &str, upper: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (from, targets) in edges(files) {
+        if from.first().map(String::as_str) != Some(lower) {
+            continue;
+        }
+        for to in targets.iter().filter(|t| t.first().map(String::as_str) == Some(upper)) {
+            found.push(format!("{} -> {}", name(&from), name(to)));
         }
     }
     found
@@ -169,5 +192,22 @@ mod tests {
             file("b.rs", "//! B.\npub struct Y;\nfn g(x: my_crate::a::X) {}\n"),
         ];
         assert!(circles(&fixed).is_empty());
+    }
+
+    #[test]
+    fn an_import_up_the_layers_is_found() {
+        let files = [
+            file("lib.rs", "//! Root.\nmod commands;\nmod support;\n"),
+            file("commands/mod.rs", "//! Commands.\npub mod run;\n"),
+            file("commands/run.rs", "//! Run.\nuse crate::support::timing::measure;\n"),
+            file("support/mod.rs", "//! Support.\npub mod timing;\npub mod plot;\n"),
+            file("support/timing.rs", "//! Timing.\npub fn measure() {}\n"),
+            file("support/plot.rs", "//! Plot.\nuse crate::commands::run;\n"),
+        ];
+        assert_eq!(
+            upward(&files, "support", "commands"),
+            ["support::plot -> commands::run"]
+        );
+        assert!(upward(&files[..5], "support", "commands").is_empty());
     }
 }

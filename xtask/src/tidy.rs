@@ -81,11 +81,15 @@ pub fn check(root: &Path) -> Result<()> {
             .iter()
             .filter_map(|(p, t)| p.strip_prefix(&src).ok().map(|r| (r.to_path_buf(), t.clone())))
             .collect();
+        let shown = src.strip_prefix(root).unwrap_or(&src).display().to_string();
         for circle in crate::imports::circles(&files) {
-            let shown = src.strip_prefix(root).unwrap_or(&src).display().to_string();
             problems.push(format!(
                 "{shown}: import circle {circle}: move what both need below both"
             ));
+        }
+        // The CLI's rooms: subcommands over what they share.
+        for up in crate::imports::upward(&files, "support", "commands") {
+            problems.push(format!("{shown}: {up}: support/ may not import a subcommand"));
         }
     }
     if let Err(e) = planted_anchors(root) {

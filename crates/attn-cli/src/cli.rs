@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{attend, bench, check, dates, demo, embed, run, sdpa, train, translate};
+use crate::commands::{attend, bench, check, dates, demo, embed, run, sdpa, train, translate};
 
 #[derive(Parser)]
 #[command(

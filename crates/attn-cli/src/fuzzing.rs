@@ -13,8 +13,8 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result};
 use attn_nn::core::kernels::{Causal, Par};
 
-use crate::embed::Embedder;
-use crate::tensors::TensorFile;
+use crate::commands::embed::Embedder;
+use crate::support::tensors::TensorFile;
 
 /// Reads `bytes` as a safetensors file, as every command reads its tensor files.
 pub fn tensor_file(bytes: &[u8]) -> Result<()> {
@@ -26,7 +26,7 @@ pub fn tensor_file(bytes: &[u8]) -> Result<()> {
 pub fn sdpa(bytes: &[u8], causal: u8) -> Result<()> {
     let file = TensorFile::parse(Path::new("fuzz.safetensors"), bytes, |_| false)?;
     let causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][causal as usize % 3];
-    crate::sdpa::compute(&file, causal, None, false).map(drop)
+    crate::commands::sdpa::compute(&file, causal, None, false).map(drop)
 }
 
 /// `attn run` on a config, a weights file and an input file given as bytes: config parsing
@@ -39,7 +39,7 @@ pub fn run(config: &[u8], weights: &[u8], input: &[u8]) -> Result<()> {
         let mut file = std::fs::File::create(path).with_context(|| path.display().to_string())?;
         file.write_all(bytes)?;
     }
-    let prepared = crate::run::prepare(&paths[0], &paths[1], &paths[2])?;
+    let prepared = crate::commands::run::prepare(&paths[0], &paths[1], &paths[2])?;
     prepared.execute(Par::Seq).map(drop)
 }
 
@@ -70,13 +70,13 @@ pub fn bert_config(bytes: &[u8]) -> Result<()> {
 pub fn embed_text(bytes: &[u8]) -> Option<Result<()>> {
     static EMBEDDER: OnceLock<Option<Embedder>> = OnceLock::new();
     let embedder = EMBEDDER
-        .get_or_init(|| Embedder::load(&crate::embed::default_model_dir()).ok())
+        .get_or_init(|| Embedder::load(&crate::commands::embed::default_model_dir()).ok())
         .as_ref()?;
     Some((|| {
         let dir = ScratchDir::new()?;
         let path = dir.0.join("sentences.txt");
         std::fs::write(&path, bytes).with_context(|| path.display().to_string())?;
-        let texts = crate::embed::read_inputs(Some(&path), &[])?;
+        let texts = crate::commands::embed::read_inputs(Some(&path), &[])?;
         embedder.embed(&texts, 32, Par::Seq, |_| {}).map(drop)
     })())
 }

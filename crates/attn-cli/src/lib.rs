@@ -6,29 +6,10 @@
 //! binary (`src/main.rs`) and the fuzz targets (`fuzz/`, through [`fuzzing`]) share one input
 //! path; nothing here is a stable API.
 
-mod attend;
-mod bench;
-mod check;
-mod checkpoint;
 mod cli;
-mod dates;
-mod demo;
-mod demo_dates;
-mod embed;
-mod flags;
+mod commands;
 pub mod fuzzing;
-mod heatmap;
-mod memory;
-mod plot;
-mod run;
-mod sdpa;
-mod seq2seq_html;
-mod sweep;
-mod tensors;
-mod text;
-mod threads;
-mod timing;
-mod train;
-mod translate;
+mod support;
 
 pub use cli::main;
+pub use support::allocations;

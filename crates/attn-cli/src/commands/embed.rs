@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use attn_nn::core::kernels::Par;
 use attn_nn::{BertModel, SentenceEmbedder};
 
-use crate::threads::Threads;
+use crate::support::threads::Threads;
 
 /// Where `cargo xtask fetch-model` installs the model package.
 pub fn default_model_dir() -> PathBuf {
@@ -131,7 +131,7 @@ pub fn read_inputs(file: Option<&Path>, texts: &[String]) -> Result<Vec<String>>
             if !texts.is_empty() {
                 bail!("give sentences either with --input FILE or as arguments, not both");
             }
-            let lines = crate::text::read_lines(path)?;
+            let lines = crate::support::text::read_lines(path)?;
             let blank = lines.iter().filter(|l| l.trim().is_empty()).count();
             if blank > 0 {
                 eprintln!(
@@ -199,7 +199,7 @@ pub fn main(args: Args) -> Result<()> {
     let e = embedder.dim();
     match (&args.output, args.json) {
         (Some(path), _) => {
-            crate::tensors::write_f32(path, &[("embeddings", &[sentences.len(), e], &vectors)])?;
+            crate::support::tensors::write_f32(path, &[("embeddings", &[sentences.len(), e], &vectors)])?;
             println!("wrote {}: embeddings {:?}", path.display(), [sentences.len(), e]);
         }
         (None, true) => {
@@ -281,7 +281,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
-    flags: crate::timing::BenchFlags,
+    flags: crate::support::timing::BenchFlags,
 }
 
 /// Times embedding every line of the file, tokenisation included, model loading excluded.
@@ -293,7 +293,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let batch = args.batch_size as usize;
     let (stats, n) = args.threads.install(|n| {
         embedder.embed(&sentences, batch, Par::Rayon, |_| {})?;
-        let stats = crate::timing::measure(budget, || {
+        let stats = crate::support::timing::measure(budget, || {
             embedder
                 .embed(&sentences, batch, Par::Rayon, |_| {})
                 .expect("ran once above");
@@ -301,7 +301,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         Ok((stats, n))
     })?;
     let what = format!("{} sentences, batch size {batch}", sentences.len());
-    let mut text = crate::timing::report_plain("embed", &what, stats, n, flags.json);
+    let mut text = crate::support::timing::report_plain("embed", &what, stats, n, flags.json);
     let per_second = sentences.len() as f64 / stats.median_s;
     if flags.json {
         let mut v: serde_json::Value = serde_json::from_str(&text)?;

@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::SdpaShape;
 use serde_json::json;
 
-use crate::plot::{log2_lines, Line};
-use crate::timing::{Budget, Path as KernelPath, SdpaBench};
+use crate::support::plot::{log2_lines, Line};
+use crate::support::timing::{Budget, Path as KernelPath, SdpaBench};
 use plotters::style::RGBColor;
 
 /// One sequence length's measurements, GFLOP/s.
@@ -67,7 +67,7 @@ fn torch_times(python: &str, [b, h, d]: [usize; 3], causal: bool, threads: usize
 pub struct Args {
     /// Sequence lengths S = T to measure: whole numbers of at least 1, comma-separated (as
     /// 128,256,512).
-    #[arg(long, value_delimiter = ',', value_parser = crate::flags::at_least_one, default_values_t = [128usize, 256, 512, 1024, 2048, 4096])]
+    #[arg(long, value_delimiter = ',', value_parser = crate::support::flags::at_least_one, default_values_t = [128usize, 256, 512, 1024, 2048, 4096])]
     seq: Vec<usize>,
     /// B, the batch.
     #[arg(long, default_value_t = 1)]
@@ -85,7 +85,7 @@ pub struct Args {
     #[arg(long)]
     png: Option<std::path::PathBuf>,
     #[command(flatten)]
-    threads: crate::threads::Threads,
+    threads: crate::support::threads::Threads,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -178,7 +178,7 @@ pub fn run(
             d,
             dv: d,
         };
-        crate::memory::check(
+        crate::support::memory::check(
             shape.input_bytes().saturating_add(shape.output_bytes()),
             "bench sweep (q, k, v, out)",
         )?;

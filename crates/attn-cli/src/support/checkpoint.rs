@@ -10,7 +10,7 @@ use attn_nn::core::{FromSafetensors, StateDict};
 use attn_nn::{Seq2Seq, Seq2SeqConfig};
 use safetensors::SafeTensors;
 
-use crate::tensors::write_f32_atomic;
+use crate::support::tensors::write_f32_atomic;
 
 /// The metadata key of the configuration.
 pub const METADATA_KEY: &str = "attn.seq2seq";

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
 
-use crate::embed::{default_model_dir, Embedder};
-use crate::heatmap;
-use crate::threads::Threads;
+use crate::commands::embed::{default_model_dir, Embedder};
+use crate::support::heatmap;
+use crate::support::threads::Threads;
 
 /// `attn attend`.
 #[derive(Debug, clap::Args)]
@@ -30,10 +30,10 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     head: usize,
     /// Write a grid of every head of the layer, with token labels (a .png file).
-    #[arg(long, value_parser = crate::flags::png)]
+    #[arg(long, value_parser = crate::support::flags::png)]
     png: Option<PathBuf>,
     /// Write a self-contained HTML page with every layer and head (a .html file).
-    #[arg(long, value_parser = crate::flags::html)]
+    #[arg(long, value_parser = crate::support::flags::html)]
     html: Option<PathBuf>,
     /// Plain characters in the terminal view.
     #[arg(long)]
@@ -124,7 +124,7 @@ pub fn write_png(maps: &Maps, layer: usize, model: &str, text: &str, path: &Path
         .map(|h| (format!("head {h}"), &weights[h * s * s..(h + 1) * s * s]))
         .collect();
     let title = format!("{model}, layer {layer}: rows attend to columns. Input: {text:?}");
-    crate::plot::heatmap_grid(path, &title, &panels, &maps.tokens, &maps.tokens)
+    crate::support::plot::heatmap_grid(path, &title, &panels, &maps.tokens, &maps.tokens)
 }
 
 /// A self-contained HTML page: tokens twice, layer and head selectors; pointing at (or clicking)

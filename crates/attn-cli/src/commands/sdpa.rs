@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::{Causal, Par, View4};
 use attn_nn::core::{sdpa, sdpa_backward, BoolMeaning, ScoreMask, SdpaOptions, SdpaShape};
 
-use crate::tensors::{write_f32, Tensor, TensorFile};
-use crate::threads::Threads;
+use crate::support::tensors::{write_f32, Tensor, TensorFile};
+use crate::support::threads::Threads;
 
 /// Parses `--causal`.
 pub fn parse_causal(value: Option<&str>) -> Result<Causal> {
@@ -122,7 +122,7 @@ pub fn compute(file: &TensorFile, causal: Causal, scale: Option<f32>, backward: 
     // `out` is `[B, H, S, Dv]`: larger than any input when `Dv` is large and `S` long; the
     // gradients are as large as the inputs.
     let needed = shape.output_bytes() + if backward { shape.input_bytes() } else { 0 };
-    crate::memory::check(
+    crate::support::memory::check(
         needed,
         if backward {
             "sdpa --backward (out, lse, gradients)"

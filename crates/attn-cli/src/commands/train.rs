@@ -20,9 +20,10 @@ use attn_nn::layers::{Activation, Dropout};
 use attn_nn::{AdamW, LayerConfig, Schedule, Seq2Seq, Seq2SeqConfig, Step, TransformerConfig, Vocab};
 use serde_json::json;
 
-use crate::checkpoint;
-use crate::tensors::write_f32_atomic;
-use crate::threads::Threads;
+use crate::support::allocations;
+use crate::support::checkpoint;
+use crate::support::tensors::write_f32_atomic;
+use crate::support::threads::Threads;
 
 /// The model's shape: defaults when training from scratch; with `--init`, a flag given must
 /// agree with the checkpoint.
@@ -147,7 +148,7 @@ pub struct Args {
     #[command(flatten)]
     model: ModelFlags,
     /// Steps to train (at least 1).
-    #[arg(long, default_value_t = 1000, value_parser = crate::flags::at_least_one_u64)]
+    #[arg(long, default_value_t = 1000, value_parser = crate::support::flags::at_least_one_u64)]
     steps: u64,
     #[command(flatten)]
     optim: OptimFlags,
@@ -169,7 +170,7 @@ pub struct Args {
     #[arg(long)]
     log: Option<PathBuf>,
     /// A PNG of the training and validation curves (a .png file).
-    #[arg(long, value_parser = crate::flags::png)]
+    #[arg(long, value_parser = crate::support::flags::png)]
     plot: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
@@ -751,7 +752,7 @@ pub fn main(args: Args) -> Result<()> {
             written.push(format!("{} (the log)", path.display()));
         }
         if let Some(path) = &args.plot {
-            crate::plot::training_curves(path, &curve, &valid_curve)?;
+            crate::support::plot::training_curves(path, &curve, &valid_curve)?;
             written.push(format!("{} (the curves)", path.display()));
         }
         let params = trainer.model.parameter_count();
@@ -809,13 +810,23 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let mut times = Vec::new();
         let mut optimizer = Vec::new();
         let mut tokens = 0usize;
+        // Large allocations per timed step, and the resident memory after the first and the
+        // last step: what a step takes from the allocator at steady state.
+        let mut large = Vec::new();
+        let rss_first = allocations::resident_bytes();
         for step in 2..=steps + 1 {
+            let before = allocations::large();
             let t0 = Instant::now();
             let report = trainer.step(step)?;
             times.push(t0.elapsed().as_secs_f64());
+            let after = allocations::large();
+            large.push((after.0 - before.0, after.1 - before.1));
             tokens += report.tokens;
             optimizer.push(report.optimizer_s);
         }
+        let rss_last = allocations::resident_bytes();
+        large.sort_unstable();
+        let (large_count, large_bytes) = large[large.len() / 2];
         optimizer.sort_by(f64::total_cmp);
         let optimizer_median = optimizer[optimizer.len() / 2];
         let parameters = trainer.model.store().layout().numel();
@@ -830,6 +841,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 json!({"op": "train", "median_s": median, "min_s": sorted[0], "runs": times.len(),
                        "tokens_per_s": tokens_per_s, "threads": threads,
                        "optimizer_median_s": optimizer_median, "parameters": parameters,
+                       "large_allocations_per_step": large_count, "large_allocated_bytes_per_step": large_bytes,
+                       "resident_bytes_first": rss_first, "resident_bytes_last": rss_last,
                        "simd": format!("{:?}", attn_nn::core::kernels::simd_level()).to_lowercase()})
             );
         } else {
@@ -839,6 +852,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 median * 1e3,
                 times.len(),
                 optimizer_median * 1e3
+            );
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            println!(
+                "allocations of {} KiB or more: median {large_count} per step ({:.1} MiB); resident memory {} before the timed steps, {} after them",
+                allocations::LARGE >> 10,
+                mib(large_bytes),
+                rss_first.map_or("unknown".into(), |b| format!("{:.0} MiB", mib(b))),
+                rss_last.map_or("unknown".into(), |b| format!("{:.0} MiB", mib(b))),
             );
         }
         Ok(())

@@ -9,9 +9,9 @@ use anyhow::Result;
 use attn_nn::core::kernels::{simd_level, Par};
 use attn_nn::Seq2Seq;
 
-use crate::heatmap::{render, Style};
-use crate::seq2seq_html::averaged;
-use crate::translate::{cross_attention, draw_attention, shipped};
+use crate::commands::translate::{cross_attention, draw_attention, shipped};
+use crate::support::heatmap::{render, Style};
+use crate::support::seq2seq_html::averaged;
 
 const SAMPLES: [&str; 6] = [
     "Saturday, 28 November 2026",
@@ -92,7 +92,7 @@ pub fn run(text: Option<&str>, picture: Option<&Path>, style: Style) -> Result<(
 
 /// Where `attn demo --model` looks by default (all-MiniLM-L6-v2 from `cargo xtask fetch-model`).
 pub fn bert_hint() -> String {
-    let dir = crate::embed::default_model_dir();
+    let dir = crate::commands::embed::default_model_dir();
     if dir.join("config.json").exists() {
         format!("a BERT model's heads: attn demo --model {}", dir.display())
     } else {

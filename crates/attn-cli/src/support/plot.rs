@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-const FONT: &[u8] = include_bytes!("../assets/DejaVuSansCondensed.ttf");
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSansCondensed.ttf");
 
 fn register_font() {
     static ONCE: Once = Once::new();

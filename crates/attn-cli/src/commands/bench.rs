@@ -8,8 +8,8 @@ use attn_nn::core::kernels::{gemm, simd_level, Accum, Par, View2, ViewMut2};
 use attn_nn::core::{f32_bytes, SdpaShape};
 use serde_json::json;
 
-use crate::threads::Threads;
-use crate::timing::{measure, random_vec, BackwardChoice, BenchFlags, Budget, Path, SdpaBench};
+use crate::support::threads::Threads;
+use crate::support::timing::{measure, random_vec, BackwardChoice, BenchFlags, Budget, Path, SdpaBench};
 
 /// `attn bench`: one subcommand per kind of work.
 #[derive(Debug, clap::Subcommand)]
@@ -20,18 +20,18 @@ pub enum BenchCommand {
     )]
     Sdpa(SdpaArgs),
     /// Times a module's forward pass exactly as `attn run` computes it (files read once, outside the timing).
-    Run(crate::run::BenchArgs),
+    Run(crate::commands::run::BenchArgs),
     /// Times embedding every line of FILE, tokenisation included, model loading excluded.
     #[command(after_help = "Example:\n  attn bench embed --input sentences.txt --batch-size 32 --json")]
-    Embed(crate::embed::BenchArgs),
+    Embed(crate::commands::embed::BenchArgs),
     /// Seconds per training step (batch, forward, backward, AdamW) and target tokens per second.
     #[command(after_help = "Example:\n  attn bench train --data train.tsv --batch-size 64 --steps 20 --json")]
-    Train(crate::train::BenchArgs),
+    Train(crate::commands::train::BenchArgs),
     /// GFLOP/s against sequence length: flash, unfused and (when Python has torch) PyTorch.
     #[command(
         after_help = "Example:\n  attn bench sweep --seq 128,256,512,1024,2048,4096,8192 --png sweep.png\n\nPyTorch is measured when ATTN_PYTHON (default python3) can import torch."
     )]
-    Sweep(crate::sweep::Args),
+    Sweep(crate::commands::sweep::Args),
     /// Times faer's f32 GEMM [M,K]·[K,N]: flops 2·M·N·K.
     #[command(after_help = "Example:\n  attn bench gemm --m 1024 --n 1024 --k 1024 --json")]
     Gemm(GemmArgs),
@@ -45,10 +45,10 @@ pub enum BenchCommand {
 pub fn main(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Sdpa(args) => sdpa(args),
-        BenchCommand::Run(args) => crate::run::bench(args),
-        BenchCommand::Embed(args) => crate::embed::bench(args),
-        BenchCommand::Train(args) => crate::train::bench(args),
-        BenchCommand::Sweep(args) => crate::sweep::main(args),
+        BenchCommand::Run(args) => crate::commands::run::bench(args),
+        BenchCommand::Embed(args) => crate::commands::embed::bench(args),
+        BenchCommand::Train(args) => crate::commands::train::bench(args),
+        BenchCommand::Sweep(args) => crate::commands::sweep::main(args),
         BenchCommand::Gemm(args) => gemm_command(args),
         BenchCommand::Bandwidth(args) => bandwidth(args),
     }
@@ -58,22 +58,22 @@ pub fn main(command: BenchCommand) -> Result<()> {
 #[derive(Debug, clap::Args)]
 pub struct SdpaArgs {
     /// B, the batch (at least 1).
-    #[arg(long, value_parser = crate::flags::at_least_one)]
+    #[arg(long, value_parser = crate::support::flags::at_least_one)]
     batch: usize,
     /// H, query heads (at least 1).
-    #[arg(long, value_parser = crate::flags::at_least_one)]
+    #[arg(long, value_parser = crate::support::flags::at_least_one)]
     heads: usize,
     /// G, key/value heads; must divide --heads [default: --heads]
-    #[arg(long, value_parser = crate::flags::at_least_one)]
+    #[arg(long, value_parser = crate::support::flags::at_least_one)]
     kv_heads: Option<usize>,
     /// S, the query length (at least 1).
-    #[arg(long, value_parser = crate::flags::at_least_one)]
+    #[arg(long, value_parser = crate::support::flags::at_least_one)]
     seq: usize,
     /// T, the key length [default: --seq]
-    #[arg(long, value_parser = crate::flags::at_least_one)]
+    #[arg(long, value_parser = crate::support::flags::at_least_one)]
     kv_seq: Option<usize>,
     /// D, the head dim of queries, keys and values (at least 1).
-    #[arg(long, value_parser = crate::flags::at_least_one)]
+    #[arg(long, value_parser = crate::support::flags::at_least_one)]
     head_dim: usize,
     /// Top-left causal masking.
     #[arg(long)]
@@ -125,7 +125,7 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
         let workers = rayon::current_num_threads().max(2);
         need = need.saturating_add(unfused_scratch_bytes([batch, heads, seq, head_dim], kv_seq, workers));
     }
-    crate::memory::check(need, "bench sdpa (q, k, v, out)")?;
+    crate::support::memory::check(need, "bench sdpa (q, k, v, out)")?;
     let spec = SdpaBench {
         batch,
         heads,
@@ -166,7 +166,7 @@ fn gemm_command(args: GemmArgs) -> Result<()> {
     let need = f32_bytes(&[m, k])
         .saturating_add(f32_bytes(&[k, n]))
         .saturating_add(f32_bytes(&[m, n]));
-    crate::memory::check(need, "bench gemm (a, b, c)")?;
+    crate::support::memory::check(need, "bench gemm (a, b, c)")?;
     let text = args
         .threads
         .install(|nt| gemm_bench(m, n, k, nt, budget, args.flags.json))?;
@@ -192,7 +192,7 @@ fn bandwidth(args: BandwidthArgs) -> Result<()> {
     use rayon::prelude::*;
     let budget = args.flags.budget()?;
     let bytes = args.mib as usize * 1024 * 1024;
-    crate::memory::check(bytes as u128, "bench bandwidth (the buffer)")?;
+    crate::support::memory::check(bytes as u128, "bench bandwidth (the buffer)")?;
     let words = bytes / 8;
     let (stats, n, checksum) = args.threads.install(|n| {
         // Written once, so every page is backed by memory before the timing.

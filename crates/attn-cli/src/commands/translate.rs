@@ -10,11 +10,11 @@ use attn_nn::core::kernels::Par;
 use attn_nn::Seq2Seq;
 use serde_json::json;
 
-use crate::checkpoint;
-use crate::threads::Threads;
+use crate::support::checkpoint;
+use crate::support::threads::Threads;
 
 /// The date translator trained by `cargo xtask train-demo` (`attn train` alone).
-pub const SHIPPED: &[u8] = include_bytes!("../models/dates.safetensors");
+pub const SHIPPED: &[u8] = include_bytes!("../../models/dates.safetensors");
 
 /// The shipped model.
 pub fn shipped() -> Result<Seq2Seq> {
@@ -36,10 +36,10 @@ pub struct Args {
     /// Inputs on the command line.
     text: Vec<String>,
     /// Beam width (1: greedy).
-    #[arg(long, default_value_t = 1, value_parser = crate::flags::at_least_one)]
+    #[arg(long, default_value_t = 1, value_parser = crate::support::flags::at_least_one)]
     beam: usize,
     /// The most output tokens, at least 1 [default: the model's max_len]
-    #[arg(long, value_parser = crate::flags::at_least_one)]
+    #[arg(long, value_parser = crate::support::flags::at_least_one)]
     max_len: Option<usize>,
     /// One JSON object: {"translations": [{"source", "output", "tokens", "log_prob"}]}.
     #[arg(long)]
@@ -49,7 +49,7 @@ pub struct Args {
     logits: bool,
     /// Draw the cross-attention of the first input: OUT.png (averaged over layers and heads)
     /// or OUT.html (every layer and head, and the average).
-    #[arg(long, value_parser = crate::flags::png_or_html)]
+    #[arg(long, value_parser = crate::support::flags::png_or_html)]
     attention: Option<PathBuf>,
     /// Write the model (the shipped one unless --model) to this checkpoint and stop.
     #[arg(long)]
@@ -122,7 +122,7 @@ pub fn main(args: Args) -> Result<()> {
 /// another) or the TEXT arguments.
 fn read_inputs(args: &Args) -> Result<Vec<String>> {
     let inputs: Vec<String> = match &args.input {
-        Some(path) => crate::text::read_lines(path)?,
+        Some(path) => crate::support::text::read_lines(path)?,
         None => args.text.clone(),
     };
     if inputs.is_empty() {
@@ -144,7 +144,7 @@ fn check_inputs(model: &Seq2Seq, inputs: &[String], from_file: bool) -> Result<(
             bail!(
                 "{what} {} is {} characters, the model reads at most {most}",
                 i + 1,
-                crate::flags::thousands(n)
+                crate::support::flags::thousands(n)
             );
         }
     }
@@ -233,10 +233,16 @@ pub fn draw_attention(
                 "Transformer (d_model {}, {} heads, {}+{} layers): cross-attention, mean of layers and heads: {source:?} -> {output:?}",
                 c.layer.d_model, c.layer.nhead, c.num_encoder_layers, c.num_decoder_layers
             );
-            crate::plot::heatmap(path, &title, rows, cols, &crate::seq2seq_html::averaged(weights, t, s))?;
+            crate::support::plot::heatmap(
+                path,
+                &title,
+                rows,
+                cols,
+                &crate::support::seq2seq_html::averaged(weights, t, s),
+            )?;
         }
         "html" => {
-            let html = crate::seq2seq_html::page(model, source, output, rows, cols, weights);
+            let html = crate::support::seq2seq_html::page(model, source, output, rows, cols, weights);
             std::fs::write(path, html).with_context(|| format!("cannot write {}", path.display()))?;
         }
         _ => bail!("--attention {}: expected a .png or .html file", path.display()),

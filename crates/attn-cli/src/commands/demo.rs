@@ -19,9 +19,9 @@ use attn_nn::core::kernels::{
     Causal, Mask, Par, View2, View4, ViewMut2, ViewMut4,
 };
 
-use crate::embed::Embedder;
-use crate::heatmap::{render, Style};
-use crate::timing::{measure, random_vec, Budget, SdpaBench};
+use crate::commands::embed::Embedder;
+use crate::support::heatmap::{render, Style};
+use crate::support::timing::{measure, random_vec, Budget, SdpaBench};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_TEXT: &str = "the cat sat on the mat because the cat was tired";
@@ -102,7 +102,7 @@ pub struct Args {
     model: Option<PathBuf>,
     /// With the date translator: also write every layer's and head's cross-attention to
     /// OUT.html (or the mean to OUT.png).
-    #[arg(long, conflicts_with_all = ["model", "toy"], value_parser = crate::flags::png_or_html)]
+    #[arg(long, conflicts_with_all = ["model", "toy"], value_parser = crate::support::flags::png_or_html)]
     attention: Option<PathBuf>,
     /// The hand-set heads even when a model is there.
     #[arg(long, conflicts_with = "model")]
@@ -117,7 +117,7 @@ pub struct Args {
     #[arg(long)]
     plain: bool,
     #[command(flatten)]
-    threads: crate::threads::Threads,
+    threads: crate::support::threads::Threads,
 }
 
 impl Args {
@@ -144,7 +144,7 @@ pub fn main(args: Args) -> Result<()> {
                 toy_heads(DEFAULT_TEXT, style, false)
             }
             (None, true) => toy_heads(text.unwrap_or(DEFAULT_TEXT), style, true),
-            (None, false) => crate::demo_dates::run(text, args.attention.as_deref(), style),
+            (None, false) => crate::commands::demo_dates::run(text, args.attention.as_deref(), style),
         }
     })
 }
@@ -308,7 +308,7 @@ fn check_against_reference(
     let reference = attention_reference(qv, kv, vv, options);
     let mut out = vec![0.0f32; h * s * d];
     let max_err = |name: &str, got: &[f32], want: &[f64]| {
-        let err = crate::check::max_abs(got, want);
+        let err = crate::support::numerics::max_abs(got, want);
         println!("  {name:<28} max |error| vs f64 reference: {err:.2e}");
     };
     println!("check (hand-set heads on \"{}\"):", tokens.join(" "));
@@ -352,11 +352,11 @@ fn timing() -> Result<()> {
         kv_seq: 1024,
         head_dim: 64,
         causal: false,
-        path: crate::timing::Path::Flash,
+        path: crate::support::timing::Path::Flash,
         backward: None,
     };
     let fused = spec.run(budget)?;
-    spec.path = crate::timing::Path::Unfused;
+    spec.path = crate::support::timing::Path::Unfused;
     let unfused = spec.run(budget)?;
     let small = [1, 2, 128, 64];
     let (sq, sk) = (

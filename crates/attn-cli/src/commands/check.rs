@@ -17,22 +17,14 @@ use attn_nn::core::{MhaConfig, MhaOptions, MultiHeadAttention, Sequence, StateDi
 use attn_nn::{BlockMasks, EncoderLayer, LayerConfig};
 use serde_json::json;
 
-use crate::timing::random_vec;
+use crate::support::numerics::max_abs;
+use crate::support::timing::random_vec;
 
 struct Row {
     path: String,
     error: f64,
     tolerance: f64,
     seconds: f64,
-}
-
-/// The largest `|got - want|`; equal values (infinities included) count as 0, and a NaN on one
-/// side makes the result NaN, so it can never pass a tolerance.
-pub fn max_abs(got: &[f32], want: &[f64]) -> f64 {
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| if g as f64 == w { 0.0 } else { (g as f64 - w).abs() })
-        .fold(0.0, |worst, e| if e.is_nan() || e > worst { e } else { worst })
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
@@ -293,7 +285,7 @@ fn layer_norm_f64(x: &mut [f64], w: &[f32], b: &[f32], e: usize, eps: f64) {
 )]
 pub struct Args {
     #[command(flatten)]
-    threads: crate::threads::Threads,
+    threads: crate::support::threads::Threads,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -497,17 +489,4 @@ fn report(rows: &[Row], threads: usize, as_json: bool) -> Result<()> {
         bail!("{failed} check(s) outside tolerance on this machine");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::max_abs;
-
-    #[test]
-    fn a_nan_anywhere_is_never_within_tolerance() {
-        assert_eq!(max_abs(&[1.0, 2.0], &[1.0, 2.5]), 0.5);
-        assert!(max_abs(&[f32::NAN, 2.0], &[1.0, 2.0]).is_nan());
-        assert!(max_abs(&[1.0, f32::NAN, 2.0], &[1.0, 2.0, 9.0]).is_nan());
-        assert_eq!(max_abs(&[f32::INFINITY], &[f64::INFINITY]), 0.0);
-    }
 }

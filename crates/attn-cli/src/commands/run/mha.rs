@@ -1,0 +1,142 @@
+//! `nn.MultiheadAttention` under `attn run`: its inputs, flags, forward and backward.
+
+use anyhow::{bail, Context, Result};
+use attn_nn::core::kernels::Par;
+use attn_nn::core::{Grads, Layout, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights, ParamPath, Sequence};
+
+use crate::support::tensors::TensorFile;
+
+use super::inputs::{allowed, grad_output, key_padding, outputs, score_mask, seq_dims};
+use super::{MhaFlags, Outputs, Ran};
+
+pub(super) fn run_mha(
+    module: &MultiHeadAttention,
+    flags: MhaFlags,
+    file: &TensorFile,
+    backward: bool,
+    par: Par,
+) -> Result<Outputs> {
+    file.only(&allowed(
+        &["query", "key", "value", "key_padding_mask", "attn_mask"],
+        backward,
+    ))?;
+    let path = file.path().display().to_string();
+    let layout = Layout::from_batch_first(module.config().batch_first);
+    let (b, s, e, unbatched, q) = seq_dims(file, "query", layout)?;
+    let (kb, t, kdim, k_unbatched, k) = seq_dims(file, "key", layout)?;
+    let (vb, vt, vdim, v_unbatched, v) = seq_dims(file, "value", layout)?;
+    if unbatched != k_unbatched || unbatched != v_unbatched {
+        bail!("{path}: `query`, `key` and `value` must all be batched (3-D) or all unbatched (2-D)");
+    }
+    if kb != b || vb != b || vt != t {
+        bail!("{path}: `key` and `value` must have the batch size of `query` ({b}) and one length (got key {kb}×{t}, value {vb}×{vt})");
+    }
+    let [_, h, _, _] = module.dims();
+    let layout = if unbatched { Layout::BatchFirst } else { layout };
+    let query = Sequence {
+        data: q,
+        batch: b,
+        len: s,
+        dim: e,
+        layout,
+    };
+    let key = Sequence {
+        data: k,
+        batch: b,
+        len: t,
+        dim: kdim,
+        layout,
+    };
+    let value = Sequence {
+        data: v,
+        batch: b,
+        len: t,
+        dim: vdim,
+        layout,
+    };
+
+    let key_padding = key_padding(file, "key_padding_mask", b, t, unbatched)?;
+    let attn_mask = score_mask(file, "attn_mask", s, t, b * h)?;
+    let need_weights = match (flags.need_weights, flags.average_attn_weights) {
+        (false, _) => NeedWeights::No,
+        (true, true) => NeedWeights::Averaged,
+        (true, false) => NeedWeights::PerHead,
+    };
+    let forward_bytes = module.forward_bytes(b, s, t, need_weights);
+    crate::support::memory::check(
+        if backward {
+            forward_bytes.saturating_mul(3)
+        } else {
+            forward_bytes
+        },
+        "multihead_attention (projections and attention weights)",
+    )?;
+    let options = MhaOptions {
+        attn_mask,
+        key_padding,
+        is_causal: flags.is_causal,
+        need_weights,
+    };
+    let out_shape = if unbatched {
+        vec![s, e]
+    } else {
+        match layout {
+            Layout::BatchFirst => vec![b, s, e],
+            Layout::SeqFirst => vec![s, b, e],
+        }
+    };
+    let (result, ran) = match grad_output(file, backward, &out_shape)? {
+        None => {
+            // PyTorch takes the self-attention path when query, key and value are one tensor;
+            // equal contents give the same numbers, so equal tensors take the fused path here.
+            let self_attention = kdim == e && vdim == e && t == s && k == q && v == q;
+            let result = if self_attention {
+                module.forward_self(query, &options, par)
+            } else {
+                module.forward(query, key, value, &options, par)
+            }
+            .with_context(|| path.clone())?;
+            (result, None)
+        }
+        Some(d_output) => {
+            // Each file tensor is its own input and gets its own gradient.
+            let inputs = MhaInputs {
+                query,
+                key_value: Some((key, value)),
+                options,
+                packing: None,
+            };
+            let (result, tape) = module.forward_train(&inputs, par).with_context(|| path.clone())?;
+            let mut grads = Grads::new();
+            let d = module
+                .backward(&inputs, &tape, d_output, &mut grads, &ParamPath::ROOT, par)
+                .with_context(|| path.clone())?;
+            let inputs = vec![
+                ("query", d.query),
+                ("key", d.key.expect("cross-attention")),
+                ("value", d.value.expect("cross-attention")),
+            ];
+            (result, Some((inputs, grads)))
+        }
+    };
+    let mut outputs = vec![("output".to_string(), out_shape, result.output)];
+    if let Some(w) = result.weights {
+        let weight_t = w.len() / (b * s * if need_weights == NeedWeights::PerHead { h } else { 1 }).max(1);
+        let shape = match (need_weights, unbatched) {
+            (NeedWeights::PerHead, false) => vec![b, h, s, weight_t],
+            (NeedWeights::PerHead, true) => vec![h, s, weight_t],
+            (_, false) => vec![b, s, weight_t],
+            (_, true) => vec![s, weight_t],
+        };
+        outputs.push(("attn_weights".to_string(), shape, w));
+    }
+    if let Some((inputs, grads)) = ran {
+        let ran = Ran {
+            output: Vec::new(),
+            inputs,
+            grads,
+        };
+        outputs.extend(self::outputs(file, Vec::new(), ran).into_iter().skip(1));
+    }
+    Ok(outputs)
+}

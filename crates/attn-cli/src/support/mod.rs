@@ -1,0 +1,15 @@
+//! What the subcommands share, below all of them (no module here imports a subcommand): tensor
+//! files, timing, pictures, memory, threads, flags' value parsers, line files, checkpoints.
+
+pub mod allocations;
+pub mod checkpoint;
+pub mod flags;
+pub mod heatmap;
+pub mod memory;
+pub mod numerics;
+pub mod plot;
+pub mod seq2seq_html;
+pub mod tensors;
+pub mod text;
+pub mod threads;
+pub mod timing;
