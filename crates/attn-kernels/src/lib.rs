@@ -39,6 +39,7 @@
 //! visible ones added back. A call that needs this runs twice and allocates a copy of `v` and
 //! of `out` for the second run.
 
+pub mod arena;
 mod backward;
 mod buffer;
 mod error;

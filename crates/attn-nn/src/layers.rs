@@ -7,7 +7,7 @@
 //! (`norm_rows`, `add_norm_rows`, `add_then_norm_rows`, `bias_activation`), at the level the
 //! machine has.
 
-use attn_core::kernels::{self, LinearShape, NormParams, Par, View2};
+use attn_core::kernels::{self, arena, LinearShape, NormParams, Par, View2};
 use attn_core::{linear, take, AttnError, ParamPath, Parameters, StateDict, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -60,7 +60,7 @@ impl Linear {
     pub fn forward(&self, x: &[f32], par: Par) -> Result<Vec<f32>> {
         let [out, inp] = self.dims();
         let n = x.len() / inp.max(1);
-        let mut y = vec![0.0f32; n * out];
+        let mut y = arena::zeroed(n * out);
         self.forward_into(&mut y, x, par)?;
         Ok(y)
     }
@@ -198,7 +198,7 @@ impl Norm {
 
     /// `norm(x)` into a new buffer: `x: [N, E]` rows.
     pub fn forward(&self, x: &[f32], par: Par) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; x.len()];
+        let mut out = arena::zeroed(x.len());
         kernels::norm_rows(&mut out, x, self.params(), par).map_err(AttnError::from)?;
         Ok(out)
     }
@@ -308,6 +308,11 @@ pub struct FfnTape {
 }
 
 impl FfnTape {
+    /// Hands the kept buffer back to the activation arena for the next step.
+    pub fn recycle(self) {
+        arena::give(self.pre_activation);
+    }
+
     /// Elements kept.
     pub fn len(&self) -> usize {
         self.pre_activation.len()
@@ -326,10 +331,11 @@ impl FeedForward {
     pub fn forward_train(&self, x: &[f32], step: &mut Step<'_>) -> Result<(Vec<f32>, FfnTape)> {
         let [f, e] = self.linear1.dims();
         let n = x.len() / e.max(1);
-        let mut u = vec![0.0f32; n * f];
+        let mut u = arena::zeroed(n * f);
         self.linear1.forward_into(&mut u, x, step.par)?;
         let z = self.activated(&u, step)?;
         let y = self.linear2.forward(&z, step.par)?;
+        arena::give(z);
         Ok((y, FfnTape { pre_activation: u }))
     }
 
@@ -339,23 +345,25 @@ impl FeedForward {
         let u = &tape.pre_activation;
         let par = step.par;
         let mut z = self.activated(u, step)?;
-        let mut dz = vec![0.0f32; u.len()];
+        let mut dz = arena::zeroed(u.len());
         let here = step.path;
         self.linear2
             .backward(Some(&mut dz), dy, &z, &mut step.at(&here.join("linear2.")))?;
         step.dropout(&mut dz, "dropout")?;
         // du = act'(u)·dz, written over `z`, which is no longer needed.
         kernels::activation_backward(&mut z, &dz, u, self.activation.kernel(), par).map_err(AttnError::from)?;
-        let mut dx = vec![0.0f32; x.len()];
+        arena::give(dz);
+        let mut dx = arena::zeroed(x.len());
         self.linear1
             .backward(Some(&mut dx), &z, x, &mut step.at(&here.join("linear1.")))?;
+        arena::give(z);
         Ok(dx)
     }
 
     /// `dropout(act(u))` for `u: [N, F]`, rows of F in parallel.
     fn activated(&self, u: &[f32], step: &Step<'_>) -> Result<Vec<f32>> {
         let f = self.linear1.dims()[0];
-        let mut z = u.to_vec();
+        let mut z = arena::copied(u);
         kernels::bias_activation(&mut z, f, None, self.activation.kernel(), step.par).map_err(AttnError::from)?;
         step.dropout(&mut z, "dropout")?;
         Ok(z)

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use attn_core::kernels::rng::SplitMix64;
-use attn_core::kernels::{self, Par};
+use attn_core::kernels::{self, arena, Par};
 use attn_core::{
     insert_prefixed, AttnError, Grads, KeyPadding, Packing, ParamPath, ParamStore, Parameters, Sequence, StateDict,
     Tensor,
@@ -282,6 +282,16 @@ pub struct Packed {
     pub labels: Vec<i64>,
 }
 
+impl Seq2SeqTape {
+    /// Hands every buffer the tape holds back to the activation arena
+    /// ([`attn_core::kernels::arena`]): the next step's forward and backward reuse them instead
+    /// of allocating.
+    pub fn recycle(self) {
+        [self.src_x, self.tgt_x, self.decoded].into_iter().for_each(arena::give);
+        self.transformer.recycle();
+    }
+}
+
 impl Packed {
     /// Target tokens that count in the loss.
     pub fn target_tokens(&self) -> usize {
@@ -292,7 +302,8 @@ impl Packed {
 /// One sequence's token ids.
 type Ids = Vec<usize>;
 
-/// What [`Seq2Seq::forward_train`] keeps (not its batch: the backward takes it again).
+/// What [`Seq2Seq::forward_train`] keeps (not its batch: the backward takes it again). After
+/// the backward, [`Seq2SeqTape::recycle`] hands its buffers to the next step.
 #[derive(Debug)]
 pub struct Seq2SeqTape {
     src_x: Vec<f32>,
@@ -571,7 +582,7 @@ impl Seq2Seq {
     /// `E[ids[r]]·sqrt(d) + PE[positions[r]]`.
     fn embed_at(&self, table: &Tensor, ids: &[usize], positions: &[usize]) -> Result<Vec<f32>> {
         let e = self.config.d_model();
-        let mut x = vec![0.0f32; ids.len() * e];
+        let mut x = arena::zeroed(ids.len() * e);
         kernels::embedding(&mut x, table.data(), ids, e).map_err(AttnError::from)?;
         let scale = (e as f32).sqrt();
         for (row, &p) in x.chunks_exact_mut(e).zip(positions) {
@@ -610,6 +621,7 @@ impl Seq2Seq {
         dx.iter_mut().for_each(|v| *v *= scale);
         let slot = step.grads.of(self.table(place), step.path, "weight")?;
         kernels::embedding_backward(slot, &dx, ids, e, par).map_err(AttnError::from)?;
+        arena::give(dx);
         Ok(())
     }
 
@@ -714,7 +726,7 @@ impl Seq2Seq {
                 got: vec![logits.len()],
             });
         }
-        let mut d_logits = vec![0.0f32; logits.len()];
+        let mut d_logits = arena::zeroed(logits.len());
         let ce = kernels::cross_entropy(&mut d_logits, logits, labels, PAD as i64, label_smoothing, par)
             .map_err(AttnError::from)?;
         Ok((ce.loss, d_logits))
@@ -738,7 +750,7 @@ impl Seq2Seq {
             });
         }
         let here = step.path;
-        let mut d_decoded = vec![0.0f32; tape.decoded.len()];
+        let mut d_decoded = arena::zeroed(tape.decoded.len());
         self.generator.backward(
             Some(&mut d_decoded),
             d_logits,
@@ -755,6 +767,7 @@ impl Seq2Seq {
             &d_decoded,
             &mut step.at(&here.join("transformer.")),
         )?;
+        arena::give(d_decoded);
         self.embed_backward("src_embed.", &p.src, d_src, step)?;
         self.embed_backward("tgt_embed.", &p.tgt_in, d_tgt, step)?;
         Ok(())

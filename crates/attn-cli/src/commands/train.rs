@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::rng::SplitMix64;
-use attn_nn::core::kernels::Par;
+use attn_nn::core::kernels::{arena, Par};
 use attn_nn::core::{FromSafetensors, Grads, StateDict};
 use attn_nn::layers::{Activation, Dropout};
 use attn_nn::{AdamW, LayerConfig, Schedule, Seq2Seq, Seq2SeqConfig, Step, TransformerConfig, Vocab};
@@ -436,8 +436,11 @@ impl Trainer {
         let (loss, d_logits) = self
             .model
             .loss(&batch, &logits, self.flags.label_smoothing, Par::Rayon)?;
-        drop(logits);
+        arena::give(logits);
         self.model.backward(&batch, &tape, &d_logits, &mut ctx)?;
+        // The step's buffers go back to the activation arena for the next step.
+        arena::give(d_logits);
+        tape.recycle();
         if !loss.is_finite() {
             bail!("step {step}: the loss is {loss}; the weights were not updated (try a lower --lr or --clip-norm)");
         }
@@ -825,6 +828,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             optimizer.push(report.optimizer_s);
         }
         let rss_last = allocations::resident_bytes();
+        // Over the last half of the steps: whether the arena has stopped growing.
+        let late: u64 = large[large.len() / 2..].iter().map(|l| l.0).sum();
         large.sort_unstable();
         let (large_count, large_bytes) = large[large.len() / 2];
         optimizer.sort_by(f64::total_cmp);
@@ -842,6 +847,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                        "tokens_per_s": tokens_per_s, "threads": threads,
                        "optimizer_median_s": optimizer_median, "parameters": parameters,
                        "large_allocations_per_step": large_count, "large_allocated_bytes_per_step": large_bytes,
+                       "large_allocations_last_half": late,
                        "resident_bytes_first": rss_first, "resident_bytes_last": rss_last,
                        "simd": format!("{:?}", attn_nn::core::kernels::simd_level()).to_lowercase()})
             );
@@ -855,7 +861,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             );
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             println!(
-                "allocations of {} KiB or more: median {large_count} per step ({:.1} MiB); resident memory {} before the timed steps, {} after them",
+                "allocations of {} KiB or more: median {large_count} per step ({:.1} MiB), {late} in all over the last half of the steps; resident memory {} before the timed steps, {} after them",
                 allocations::LARGE >> 10,
                 mib(large_bytes),
                 rss_first.map_or("unknown".into(), |b| format!("{:.0} MiB", mib(b))),

@@ -2,7 +2,7 @@
 //! and the packed variant for sequences of different lengths.
 
 use attn_kernels::{
-    attention, attention_weights, AttentionOptions, Causal, Par, View, View2, View4, ViewMut, WeightsDst,
+    arena, attention, attention_weights, AttentionOptions, Causal, Par, View, View2, View4, ViewMut, WeightsDst,
 };
 
 use super::{linear, Core, Dims, MaskSet, MhaOptions, MhaOutput, NeedWeights, Sequence};
@@ -110,8 +110,8 @@ impl Core {
         let extra = usize::from(self.bias_kv.is_some()) + usize::from(self.add_zero_attn);
         let (b, t) = (key.batch, key.len);
         let t_all = t + extra;
-        let mut k_buf = vec![0.0f32; b * t_all * g * d];
-        let mut v_buf = vec![0.0f32; b * t_all * g * dv];
+        let mut k_buf = arena::zeroed(b * t_all * g * d);
+        let mut v_buf = arena::zeroed(b * t_all * g * dv);
         for (which, seq, buf, width) in [(1, key, &mut k_buf, g * d), (2, value, &mut v_buf, g * dv)] {
             let (w, rows, in_dim) = self.weight(which);
             let bias = self.bias(which);
@@ -304,12 +304,12 @@ impl Core {
         let q_rows = Self::rows(query)?;
         let (mut q_buf, q_width) = if fused {
             let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
-            let mut buf = vec![0.0f32; b * s * width];
+            let mut buf = arena::zeroed(b * s * width);
             let bias = self.b_qkv.as_ref().map(|t| t.data());
             linear(&mut buf, width, q_rows, self.w_q_or_qkv.data(), 0..width, e, bias, par)?;
             (buf, width)
         } else {
-            let mut buf = vec![0.0f32; b * s * h * d];
+            let mut buf = arena::zeroed(b * s * h * d);
             let (w, rows, in_dim) = self.weight(0);
             linear(&mut buf, h * d, q_rows, w, rows, in_dim, self.bias(0), par)?;
             (buf, h * d)
@@ -352,10 +352,10 @@ impl Core {
     /// backward, so it is not consumed); a copy only when there is no output projection.
     pub(super) fn project_out_of(&self, attn_out: &[f32], tokens: usize, par: Par) -> Result<Vec<f32>> {
         let (Some(w_out), Some(out_dim)) = (&self.w_out, self.dims.out) else {
-            return Ok(attn_out.to_vec());
+            return Ok(arena::copied(attn_out));
         };
         let width = self.dims.h * self.dims.dv;
-        let mut output = vec![0.0f32; tokens * out_dim];
+        let mut output = arena::zeroed(tokens * out_dim);
         let x = View2::contiguous(attn_out, [tokens, width])?;
         let bias = self.b_out.as_ref().map(|t| t.data());
         linear(&mut output, out_dim, x, w_out.data(), 0..out_dim, width, bias, par)?;

@@ -17,8 +17,8 @@
 use std::borrow::Cow;
 
 use attn_kernels::{
-    attention_backward, attention_with_lse_lo, linear_backward, BackwardInputs, Gradients, LinearShape, Par, View,
-    View4, ViewMut, ViewMut4,
+    arena, attention_backward, attention_with_lse_lo, linear_backward, BackwardInputs, Gradients, LinearShape, Par,
+    View, View4, ViewMut, ViewMut4,
 };
 
 use super::forward::{head_view, weights_from_lse, Projected, Source};
@@ -68,6 +68,15 @@ pub struct MhaTape {
 }
 
 impl MhaTape {
+    /// Hands the tape's buffers back to the activation arena ([`attn_kernels::arena`]) for the
+    /// next step.
+    pub fn recycle(self) {
+        let p = self.projected;
+        [p.q_buf, p.k_buf, p.v_buf, self.attn_out, self.lse, self.lse_lo]
+            .into_iter()
+            .for_each(arena::give);
+    }
+
     /// Bytes the tape holds.
     pub fn bytes(&self) -> usize {
         4 * (self.projected.q_buf.len()
@@ -118,7 +127,7 @@ fn batch_first_rows<'a>(seq: &Sequence<'a>) -> Cow<'a, [f32]> {
         return Cow::Borrowed(seq.data);
     }
     let (b, l, e) = (seq.batch, seq.len, seq.dim);
-    let mut out = vec![0.0f32; seq.data.len()];
+    let mut out = arena::zeroed(seq.data.len());
     for bi in 0..b {
         for li in 0..l {
             out[(bi * l + li) * e..][..e].copy_from_slice(&seq.data[(li * b + bi) * e..][..e]);
@@ -133,12 +142,13 @@ fn in_layout_of(rows: Vec<f32>, seq: &Sequence<'_>) -> Vec<f32> {
         return rows;
     }
     let (b, l, e) = (seq.batch, seq.len, seq.dim);
-    let mut out = vec![0.0f32; rows.len()];
+    let mut out = arena::zeroed(rows.len());
     for bi in 0..b {
         for li in 0..l {
             out[(li * b + bi) * e..][..e].copy_from_slice(&rows[(bi * l + li) * e..][..e]);
         }
     }
+    arena::give(rows);
     out
 }
 
@@ -271,9 +281,9 @@ impl Core {
         let masks = MaskSet::new(&inputs.options, [b, h, s, t], t - t_real, false)?;
         let kernel_options = masks.options(self.alibi.as_deref())?;
 
-        let mut attn_out = vec![0.0f32; b * s * h * dv];
-        let mut lse = vec![0.0f32; b * h * s];
-        let mut lse_lo = vec![0.0f32; b * h * s];
+        let mut attn_out = arena::zeroed(b * s * h * dv);
+        let mut lse = arena::zeroed(b * h * s);
+        let mut lse_lo = arena::zeroed(b * h * s);
         attention_with_lse_lo(
             ViewMut::new(&mut attn_out[..], [b, h, s, dv], [qbs * h * dv, dv, qls * h * dv, 1])?,
             ViewMut::contiguous(&mut lse[..], [b, h, s])?,
@@ -339,7 +349,7 @@ impl Core {
         // 1. The output projection.
         let d_attn = match (&self.w_out, self.dims.out) {
             (Some(w_out), Some(out_dim)) => {
-                let mut d_attn = vec![0.0f32; n * h * dv];
+                let mut d_attn = arena::zeroed(n * h * dv);
                 let shape = LinearShape {
                     n,
                     in_dim: h * dv,
@@ -362,14 +372,14 @@ impl Core {
                 )?;
                 d_attn
             }
-            _ => d_output.to_vec(),
+            _ => arena::copied(d_output),
         };
 
         // 2. Attention, under the forward's masks (or sequence by sequence when packed).
         let t = p.t_new;
-        let mut dq = vec![0.0f32; n * h * d];
-        let mut dk = vec![0.0f32; b * t * g * d];
-        let mut dv_buf = vec![0.0f32; b * t * g * dv];
+        let mut dq = arena::zeroed(n * h * d);
+        let mut dk = arena::zeroed(b * t * g * d);
+        let mut dv_buf = arena::zeroed(b * t * g * dv);
         match &inputs.packing {
             Some(packing) => self.check_packing(inputs, packing, t).and_then(|()| {
                 self.packed_attention_backward(
@@ -415,6 +425,8 @@ impl Core {
             }
         }
 
+        arena::give(d_attn);
+
         // 3. RoPE's inverse rotation.
         if let Some(rope) = &self.rope {
             let token_position = |r: usize| if qls == 1 { r % s.max(1) } else { r / b.max(1) };
@@ -430,13 +442,14 @@ impl Core {
         let x_query = query.data;
         if p.fused {
             let width = p.q_width;
-            let mut d_qkv = vec![0.0f32; n * width];
+            let mut d_qkv = arena::zeroed(n * width);
             for (r, row) in d_qkv.chunks_exact_mut(width).enumerate() {
                 row[..h * d].copy_from_slice(&dq[r * h * d..][..h * d]);
                 row[h * d..h * d + g * d].copy_from_slice(&dk[r * g * d..][..g * d]);
                 row[h * d + g * d..].copy_from_slice(&dv_buf[r * g * dv..][..g * dv]);
             }
-            let mut d_query = vec![0.0f32; n * e];
+            [dq, dk, dv_buf].into_iter().for_each(arena::give);
+            let mut d_query = arena::zeroed(n * e);
             let (dw, db) = grads.of_weight_and_bias(
                 path,
                 (&self.w_q_or_qkv, "in_proj_weight"),
@@ -457,17 +470,19 @@ impl Core {
                 shape,
                 par,
             )?;
+            arena::give(d_qkv);
             return Ok(MhaInputGrads {
                 query: d_query,
                 key: None,
                 value: None,
             });
         }
-        let mut d_query = vec![0.0f32; n * e];
+        let mut d_query = arena::zeroed(n * e);
         self.projection_backward((grads, path), 0, Some(&mut d_query), &dq, x_query, par)?;
         let (key, value) = inputs.key_value.unwrap_or((*query, *query));
         let d_key = self.kv_backward(grads, path, 1, &key, &dk, par)?;
         let d_value = self.kv_backward(grads, path, 2, &value, &dv_buf, par)?;
+        [dq, dk, dv_buf].into_iter().for_each(arena::give);
         if inputs.key_value.is_some() {
             return Ok(MhaInputGrads {
                 query: d_query,
@@ -479,6 +494,7 @@ impl Core {
         for ((q, k), v) in d_query.iter_mut().zip(&d_key).zip(&d_value) {
             *q += k + v;
         }
+        [d_key, d_value].into_iter().for_each(arena::give);
         Ok(MhaInputGrads {
             query: d_query,
             key: None,
@@ -550,9 +566,9 @@ impl Core {
         let n = inputs.query.len;
         self.check_packing(inputs, packing, p.t_new)?;
         let options = self.packed_options(inputs.options.is_causal);
-        let mut attn_out = vec![0.0f32; n * h * dv];
-        let mut lse = vec![0.0f32; n * h];
-        let mut lse_lo = vec![0.0f32; n * h];
+        let mut attn_out = arena::zeroed(n * h * dv);
+        let mut lse = arena::zeroed(n * h);
+        let mut lse_lo = arena::zeroed(n * h);
         // Each sequence's rows of the output and of the LSE, split off for its own call.
         let mut jobs = Vec::new();
         let (mut out_rest, mut lse_rest, mut lo_rest) = (&mut attn_out[..], &mut lse[..], &mut lse_lo[..]);
@@ -727,15 +743,22 @@ impl Core {
                     slot.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
                 }
             }
-            let mut rows = Vec::with_capacity(b * t_real * width);
+            let mut rows = arena::zeroed(b * t_real * width);
+            rows.clear();
             for bi in 0..b {
                 rows.extend_from_slice(&d_proj[bi * t * width..][..t_real * width]);
             }
             Cow::Owned(rows)
         };
         let x = batch_first_rows(seq);
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = arena::zeroed(x.len());
         self.projection_backward((grads, path), which, Some(&mut dx), &real_rows, &x, par)?;
+        if let Cow::Owned(rows) = real_rows {
+            arena::give(rows);
+        }
+        if let Cow::Owned(x) = x {
+            arena::give(x);
+        }
         Ok(in_layout_of(dx, seq))
     }
 }

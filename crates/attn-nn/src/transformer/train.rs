@@ -16,6 +16,7 @@
 //! by the site's place in the model ([`Step::dropout`]), so the backward re-derives them. Attention-weight dropout inside `self_attn` and `multihead_attn` is
 //! not applied: the fused kernel never forms the weights.
 
+use attn_core::kernels::arena;
 use attn_core::{MhaInputs, MhaTape, MultiHeadAttention, ParamPath, Parameters, Sequence, Tensor};
 
 use super::{check_input, seq, BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, Stack, Transformer};
@@ -52,6 +53,18 @@ pub struct LayerTape {
 }
 
 impl LayerTape {
+    /// Hands every buffer the tape holds back to the activation arena for the next step.
+    pub fn recycle(self) {
+        self.block_inputs.into_iter().for_each(arena::give);
+        for block in self.blocks {
+            arena::give(block.kept);
+            match block.sub {
+                SubTape::Attention(t) => t.recycle(),
+                SubTape::FeedForward(t) => t.recycle(),
+            }
+        }
+    }
+
     /// Bytes the tape holds.
     pub fn bytes(&self) -> usize {
         let vecs: usize = self.block_inputs.iter().map(Vec::len).sum::<usize>()
@@ -130,10 +143,11 @@ impl Sub<'_> {
                 };
                 let path = here.join("multihead_attn.");
                 let d = mha.backward(&inputs, tape, dy, step.grads, &path, step.par)?;
-                let acc = d_memory.get_or_insert_with(|| vec![0.0; memory.data.len()]);
+                let acc = d_memory.get_or_insert_with(|| arena::zeroed(memory.data.len()));
                 for (a, (k, v)) in acc.iter_mut().zip(d.key.iter().flatten().zip(d.value.iter().flatten())) {
                     *a += k + v;
                 }
+                d.key.into_iter().chain(d.value).for_each(arena::give);
                 Ok(d.query)
             }
             (Sub::FeedForward(ffn), SubTape::FeedForward(tape)) => ffn.backward(x, tape, dy, step),
@@ -193,23 +207,26 @@ impl<const N: usize> Blocks<'_, N> {
         d_memory: &mut Option<Vec<f32>>,
     ) -> Result<Vec<f32>> {
         let (par, here) = (step.par, step.path);
-        let mut d = d_output.to_vec();
+        let mut d = arena::copied(d_output);
         for (i, ((norm, norm_name, sub), block)) in self.list.iter().zip(&tape.blocks).enumerate().rev() {
             let x = if i == 0 { input.data } else { &tape.block_inputs[i - 1] };
             let norm_path = here.join(norm_name);
             if self.norm_first {
-                let mut d_sub = d.clone();
+                let mut d_sub = arena::copied(&d);
                 step.dropout(&mut d_sub, BLOCK_DROPOUT[i])?;
                 let dn = sub.backward(&block.kept, input, &block.sub, &d_sub, step, d_memory)?;
                 norm.backward(&mut d, &dn, x, &mut step.at(&norm_path))?;
+                [d_sub, dn].into_iter().for_each(arena::give);
             } else {
-                let mut dh = vec![0.0f32; d.len()];
+                let mut dh = arena::zeroed(d.len());
                 norm.backward(&mut dh, &d, &block.kept, &mut step.at(&norm_path))?;
-                let mut d_sub = dh.clone();
+                let mut d_sub = arena::copied(&dh);
                 step.dropout(&mut d_sub, BLOCK_DROPOUT[i])?;
                 let dx = sub.backward(x, input, &block.sub, &d_sub, step, d_memory)?;
                 add_in_place(&mut dh, &dx, par)?;
-                d = dh;
+                [d_sub, dx, std::mem::replace(&mut d, dh)]
+                    .into_iter()
+                    .for_each(arena::give);
             }
         }
         Ok(d)
@@ -354,6 +371,12 @@ pub struct StackTape {
 }
 
 impl StackTape {
+    /// Hands every buffer the tape holds back to the activation arena for the next step.
+    pub fn recycle(self) {
+        self.outputs.into_iter().for_each(arena::give);
+        self.layers.into_iter().for_each(LayerTape::recycle);
+    }
+
     /// Bytes the tape holds.
     pub fn bytes(&self) -> usize {
         4 * self.outputs.iter().map(Vec::len).sum::<usize>() + self.layers.iter().map(LayerTape::bytes).sum::<usize>()
@@ -419,23 +442,24 @@ impl<L> Stack<L> {
         let n = self.layers.len();
         let mut d = match &self.norm {
             Some(norm) => {
-                let mut dx = vec![0.0f32; d_output.len()];
+                let mut dx = arena::zeroed(d_output.len());
                 let norm_path = here.join("norm.");
                 norm.backward(&mut dx, d_output, self.input_of(tape, x, n), &mut step.at(&norm_path))?;
                 dx
             }
-            None => d_output.to_vec(),
+            None => arena::copied(d_output),
         };
         let layers_path = here.join("layers.");
         for i in (0..n).rev() {
             let input = self.input_of(tape, x, i);
-            d = layer_backward(
+            let dx = layer_backward(
                 &self.layers[i],
                 input,
                 &tape.layers[i],
                 &d,
                 &mut step.at(&layers_path.index(i)),
             )?;
+            arena::give(std::mem::replace(&mut d, dx));
         }
         Ok(d)
     }
@@ -503,10 +527,11 @@ impl Decoder {
         check_input("transformer_decoder", "tgt", &tgt, self.0.config.layer.d_model)?;
         check_gradient("transformer_decoder", d_output, tgt.data.len())?;
         let par = step.par;
-        let mut d_memory = vec![0.0f32; memory.data.len()];
+        let mut d_memory = arena::zeroed(memory.data.len());
         let d_tgt = self.0.backward(tgt.data, tape, d_output, step, |layer, x, t, dy, s| {
             let (dx, dm) = layer.backward(seq(x, &tgt), memory, masks, t, dy, s)?;
             add_in_place(&mut d_memory, &dm, par)?;
+            arena::give(dm);
             Ok(dx)
         })?;
         Ok((d_tgt, d_memory))
@@ -523,6 +548,13 @@ pub struct TransformerTape {
 }
 
 impl TransformerTape {
+    /// Hands every buffer the tape holds back to the activation arena for the next step.
+    pub fn recycle(self) {
+        self.encoder.recycle();
+        arena::give(self.memory);
+        self.decoder.recycle();
+    }
+
     /// The encoder's output (the decoder's memory), `[B, S, E]` in the source's layout.
     pub fn memory(&self) -> &[f32] {
         &self.memory
@@ -600,6 +632,7 @@ impl Transformer {
             &d_memory,
             &mut step.at(&here.join("encoder.")),
         )?;
+        arena::give(d_memory);
         Ok((d_src, d_tgt))
     }
 }

@@ -1,0 +1,131 @@
+//! The activation arena: the `Vec<f32>` buffers of a training step (activations, the tapes that
+//! keep them, the backward's temporaries), handed back when the step is done and handed out
+//! again by the next, so a steady-state step asks the allocator for nothing large.
+//!
+//! One pool per thread (a training step runs its layers on one thread; the kernels' workers
+//! use [`crate::buffer`]'s pools). [`zeroed`] and [`copied`] hand out the smallest kept buffer
+//! that fits, or a new one: the arena is sized by the first step and grows when a batch needs
+//! more. [`give`] keeps buffers of at least [`KEEP_FLOATS`] floats, up to [`MAX_BUFFERS`]
+//! buffers and [`MAX_FLOATS`] floats in all (the largest kept); [`clear`] frees them.
+
+use std::cell::RefCell;
+
+/// Buffers smaller than this (64 KiB) go back to the allocator: keeping them saves nothing.
+pub const KEEP_FLOATS: usize = 16 << 10;
+/// Buffers kept per thread.
+pub const MAX_BUFFERS: usize = 1024;
+/// Floats kept per thread (4 GiB).
+pub const MAX_FLOATS: usize = 1 << 30;
+
+thread_local! {
+    static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The smallest kept buffer whose capacity holds `len`, emptied.
+fn take(len: usize) -> Option<Vec<f32>> {
+    if len < KEEP_FLOATS {
+        return None;
+    }
+    FREE.with(|free| {
+        let mut free = free.borrow_mut();
+        let best = (0..free.len())
+            .filter(|&i| free[i].capacity() >= len)
+            .min_by_key(|&i| free[i].capacity())?;
+        let mut v = free.swap_remove(best);
+        v.clear();
+        Some(v)
+    })
+}
+
+/// The capacity a new buffer of `len` floats gets: `len` rounded up to an eighth of its power
+/// of two (at most 12.5% more), so a buffer made for one batch fits the next batch's slightly
+/// longer one instead of the arena keeping one buffer per length.
+fn class(len: usize) -> usize {
+    if len < KEEP_FLOATS {
+        return len;
+    }
+    let step = (len.next_power_of_two() / 8).max(1);
+    len.div_ceil(step) * step
+}
+
+/// An empty buffer for `len` floats: kept, or new with its class's capacity.
+fn empty(len: usize) -> Vec<f32> {
+    take(len).unwrap_or_else(|| Vec::with_capacity(class(len)))
+}
+
+/// `len` zeros, in a kept buffer when one fits.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    let mut v = empty(len);
+    v.resize(len, 0.0);
+    v
+}
+
+/// A copy of `src`, in a kept buffer when one fits.
+pub fn copied(src: &[f32]) -> Vec<f32> {
+    let mut v = empty(src.len());
+    v.extend_from_slice(src);
+    v
+}
+
+/// Hands `v` back for a later [`zeroed`] or [`copied`] on this thread.
+pub fn give(v: Vec<f32>) {
+    if v.capacity() < KEEP_FLOATS {
+        return;
+    }
+    FREE.with(|free| {
+        let mut free = free.borrow_mut();
+        free.push(v);
+        let mut total: usize = free.iter().map(Vec::capacity).sum();
+        while free.len() > MAX_BUFFERS || total > MAX_FLOATS {
+            // Keep the largest: they serve every smaller request too.
+            let smallest = (0..free.len()).min_by_key(|&i| free[i].capacity()).unwrap_or(0);
+            total -= free.swap_remove(smallest).capacity();
+        }
+    });
+}
+
+/// Frees every kept buffer of this thread.
+pub fn clear() {
+    FREE.with(|free| free.borrow_mut().clear());
+}
+
+/// Floats kept on this thread.
+pub fn kept_floats() -> usize {
+    FREE.with(|free| free.borrow().iter().map(Vec::capacity).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_zeroed_or_copied_and_small_ones_are_not_kept() {
+        clear();
+        let mut a = zeroed(KEEP_FLOATS * 2);
+        a.iter_mut().for_each(|x| *x = 7.0);
+        let address = a.as_ptr();
+        give(a);
+        assert_eq!(kept_floats(), KEEP_FLOATS * 2);
+        // The best fit is reused, zeroed, at its new length.
+        let b = zeroed(KEEP_FLOATS + 1);
+        assert_eq!(b.as_ptr(), address);
+        assert_eq!(b.len(), KEEP_FLOATS + 1);
+        assert!(b.iter().all(|&x| x == 0.0));
+        give(b);
+        let src: Vec<f32> = (0..KEEP_FLOATS).map(|i| i as f32).collect();
+        let c = copied(&src);
+        assert_eq!(c.as_ptr(), address);
+        assert_eq!(c, src);
+        // Too large for anything kept: a new buffer, its capacity rounded up to its class.
+        let d = zeroed(KEEP_FLOATS * 3 + 1);
+        assert_ne!(d.as_ptr(), address);
+        assert_eq!(d.capacity(), KEEP_FLOATS * 3 + KEEP_FLOATS / 2);
+        give(vec![1.0; 10]);
+        assert_eq!(kept_floats(), 0);
+        give(c);
+        give(d);
+        assert_eq!(kept_floats(), KEEP_FLOATS * 2 + KEEP_FLOATS * 7 / 2);
+        clear();
+        assert_eq!(kept_floats(), 0);
+    }
+}
