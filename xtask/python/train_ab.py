@@ -1,0 +1,19 @@
+"""Training steps of attn binaries against each other, interleaved round by round (`attn bench train --json`), medians.
+
+Usage: train_ab.py ROUNDS NAME=BINARY ... (the first is the baseline; ATTN_TRAIN_DATA names the pairs file, default /tmp/ab/train.tsv,
+made by `attn dates --split train --kind mixed --count 3000 --seed 1`).
+"""
+import json, os, subprocess, statistics, sys
+bins = dict(a.split("=") for a in sys.argv[2:])
+rounds = int(sys.argv[1])
+shapes = {"d128": ["--steps", "50"], "d512": ["--steps", "10", "--d-model", "512", "--nhead", "8", "--dim-feedforward", "2048"]}
+for name, extra in shapes.items():
+    t = {k: [] for k in bins}
+    for _ in range(rounds):
+        for k, b in bins.items():
+            out = subprocess.run([b, "bench", "train", "--data", os.environ.get("ATTN_TRAIN_DATA", "/tmp/ab/train.tsv"), "--json", *extra], capture_output=True, text=True, check=True).stdout
+            t[k].append(json.loads(out)["median_s"])
+    base = list(bins)[0]
+    for k in bins:
+        ratios = [t[base][i] / t[k][i] for i in range(rounds)]
+        print(f"{name} {k}: median {statistics.median(t[k])*1e3:.1f} ms, speed vs {base} {statistics.median(ratios):.3f} (rounds {[round(x*1e3,1) for x in t[k]]})")
