@@ -25,8 +25,14 @@ use crate::{Result, Step};
 
 /// A residual block's sublayer, with what its call needs.
 enum Sub<'a> {
-    SelfAttention(&'a MultiHeadAttention, &'a BlockMasks<'a>),
-    CrossAttention(&'a MultiHeadAttention, Sequence<'a>, &'a BlockMasks<'a>),
+    /// Attention at its state-dict place (`self_attn.` or `multihead_attn.`): over the
+    /// block's input, or with `memory` over the memory (cross-attention).
+    Attention {
+        mha: &'a MultiHeadAttention,
+        place: &'static str,
+        memory: Option<Sequence<'a>>,
+        masks: &'a BlockMasks<'a>,
+    },
     FeedForward(&'a FeedForward),
 }
 
@@ -82,26 +88,25 @@ impl LayerTape {
 }
 
 impl Sub<'_> {
+    /// The attention call's inputs for query rows `x` laid out like `like`.
+    fn inputs<'x>(
+        x: &'x [f32],
+        like: &Sequence<'_>,
+        memory: Option<Sequence<'x>>,
+        masks: &'x BlockMasks<'x>,
+    ) -> MhaInputs<'x> {
+        MhaInputs {
+            query: seq(x, like),
+            key_value: memory.map(|m| (m, m)),
+            options: masks.mha(),
+            packing: masks.packing,
+        }
+    }
+
     fn forward(&self, x: &[f32], like: &Sequence<'_>, step: &mut Step<'_>) -> Result<(Vec<f32>, SubTape)> {
         match self {
-            Sub::SelfAttention(mha, masks) => {
-                let inputs = MhaInputs {
-                    query: seq(x, like),
-                    key_value: None,
-                    options: masks.mha(),
-                    packing: masks.packing,
-                };
-                let (out, tape) = mha.forward_train(&inputs, step.par)?;
-                Ok((out.output, SubTape::Attention(tape)))
-            }
-            Sub::CrossAttention(mha, memory, masks) => {
-                let inputs = MhaInputs {
-                    query: seq(x, like),
-                    key_value: Some((*memory, *memory)),
-                    options: masks.mha(),
-                    packing: masks.packing,
-                };
-                let (out, tape) = mha.forward_train(&inputs, step.par)?;
+            Sub::Attention { mha, memory, masks, .. } => {
+                let (out, tape) = mha.forward_train(&Self::inputs(x, like, *memory, masks), step.par)?;
                 Ok((out.output, SubTape::Attention(tape)))
             }
             Sub::FeedForward(ffn) => {
@@ -122,32 +127,26 @@ impl Sub<'_> {
         step: &mut Step<'_>,
         d_memory: &mut Option<Vec<f32>>,
     ) -> Result<Vec<f32>> {
-        let here = step.path;
         match (self, tape) {
-            (Sub::SelfAttention(mha, masks), SubTape::Attention(tape)) => {
-                let inputs = MhaInputs {
-                    query: seq(x, like),
-                    key_value: None,
-                    options: masks.mha(),
-                    packing: masks.packing,
-                };
-                let path = here.join("self_attn.");
-                Ok(mha.backward(&inputs, tape, dy, step.grads, &path, step.par)?.query)
-            }
-            (Sub::CrossAttention(mha, memory, masks), SubTape::Attention(tape)) => {
-                let inputs = MhaInputs {
-                    query: seq(x, like),
-                    key_value: Some((*memory, *memory)),
-                    options: masks.mha(),
-                    packing: masks.packing,
-                };
-                let path = here.join("multihead_attn.");
+            (
+                Sub::Attention {
+                    mha,
+                    place,
+                    memory,
+                    masks,
+                },
+                SubTape::Attention(tape),
+            ) => {
+                let inputs = Self::inputs(x, like, *memory, masks);
+                let path = step.path.join(place);
                 let d = mha.backward(&inputs, tape, dy, step.grads, &path, step.par)?;
-                let acc = d_memory.get_or_insert_with(|| arena::zeroed(memory.data.len()));
-                for (a, (k, v)) in acc.iter_mut().zip(d.key.iter().flatten().zip(d.value.iter().flatten())) {
-                    *a += k + v;
+                if let Some(memory) = memory {
+                    let acc = d_memory.get_or_insert_with(|| arena::zeroed(memory.data.len()));
+                    for (a, (k, v)) in acc.iter_mut().zip(d.key.iter().flatten().zip(d.value.iter().flatten())) {
+                        *a += k + v;
+                    }
+                    d.key.into_iter().chain(d.value).for_each(arena::give);
                 }
-                d.key.into_iter().chain(d.value).for_each(arena::give);
                 Ok(d.query)
             }
             (Sub::FeedForward(ffn), SubTape::FeedForward(tape)) => ffn.backward(x, tape, dy, step),
@@ -237,7 +236,16 @@ impl EncoderLayer {
     fn blocks<'a>(&'a self, masks: &'a BlockMasks<'a>) -> Blocks<'a, 2> {
         Blocks {
             list: [
-                (&self.norm1, "norm1.", Sub::SelfAttention(&self.self_attn, masks)),
+                (
+                    &self.norm1,
+                    "norm1.",
+                    Sub::Attention {
+                        mha: &self.self_attn,
+                        place: "self_attn.",
+                        memory: None,
+                        masks,
+                    },
+                ),
                 (&self.norm2, "norm2.", Sub::FeedForward(&self.ffn)),
             ],
             norm_first: self.config.norm_first,
@@ -288,11 +296,25 @@ impl DecoderLayer {
     fn blocks<'a>(&'a self, memory: Sequence<'a>, masks: &'a TransformerMasks<'a>) -> Blocks<'a, 3> {
         Blocks {
             list: [
-                (&self.norm1, "norm1.", Sub::SelfAttention(&self.self_attn, &masks.tgt)),
+                (
+                    &self.norm1,
+                    "norm1.",
+                    Sub::Attention {
+                        mha: &self.self_attn,
+                        place: "self_attn.",
+                        memory: None,
+                        masks: &masks.tgt,
+                    },
+                ),
                 (
                     &self.norm2,
                     "norm2.",
-                    Sub::CrossAttention(&self.cross_attn, memory, &masks.memory),
+                    Sub::Attention {
+                        mha: &self.cross_attn,
+                        place: "multihead_attn.",
+                        memory: Some(memory),
+                        masks: &masks.memory,
+                    },
                 ),
                 (&self.norm3, "norm3.", Sub::FeedForward(&self.ffn)),
             ],
