@@ -66,6 +66,21 @@ pub fn contiguous_strides<const N: usize>(shape: [usize; N]) -> [usize; N] {
     strides
 }
 
+/// A dense view of `shape` needs exactly `len` elements: the product of `shape`, without
+/// overflow.
+fn check_dense<const N: usize>(op: &'static str, len: usize, shape: [usize; N]) -> Result<(), KernelError> {
+    let count = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    if count != Some(len) {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            tensor: "data",
+            expected: shape.to_vec(),
+            got: vec![len],
+        });
+    }
+    Ok(())
+}
+
 /// Number of elements a view of `shape` and `strides` reaches (0 when any dim is empty), or
 /// `None` when that number overflows `usize`.
 fn span<const N: usize>(shape: [usize; N], strides: [usize; N]) -> Option<usize> {
@@ -150,15 +165,7 @@ impl<'a, T, const N: usize> View<'a, T, N> {
 
     /// A dense row-major view of `shape` over `data`; `data.len()` must equal the product of `shape`.
     pub fn contiguous(data: &'a [T], shape: [usize; N]) -> Result<Self, KernelError> {
-        let count = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if count != Some(data.len()) {
-            return Err(KernelError::ShapeMismatch {
-                op: "view",
-                tensor: "data",
-                expected: shape.to_vec(),
-                got: vec![data.len()],
-            });
-        }
+        check_dense("view", data.len(), shape)?;
         Ok(Self {
             data,
             shape,
@@ -234,15 +241,7 @@ impl<'a, T, const N: usize> ViewMut<'a, T, N> {
 
     /// A dense row-major mutable view of `shape` over `data`.
     pub fn contiguous(data: &'a mut [T], shape: [usize; N]) -> Result<Self, KernelError> {
-        let count = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if count != Some(data.len()) {
-            return Err(KernelError::ShapeMismatch {
-                op: "view_mut",
-                tensor: "data",
-                expected: shape.to_vec(),
-                got: vec![data.len()],
-            });
-        }
+        check_dense("view_mut", data.len(), shape)?;
         Ok(Self {
             data,
             shape,

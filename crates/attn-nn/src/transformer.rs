@@ -140,6 +140,14 @@ impl LayerConfig {
         )
     }
 
+    /// The attention block under `prefix` (`self_attn.`, `multihead_attn.`), its errors naming
+    /// the full tensor names.
+    fn attention(&self, dict: &mut StateDict, prefix: &str) -> Result<MultiHeadAttention> {
+        sub_module(dict, prefix, |d| {
+            Ok(MultiHeadAttention::from_state_dict(self.mha(), std::mem::take(d))?)
+        })
+    }
+
     fn ffn(&self, dict: &mut StateDict) -> Result<FeedForward> {
         Ok(FeedForward {
             linear1: Linear::load(dict, "linear1.", self.d_model, self.dim_feedforward, self.bias)?,
@@ -315,9 +323,7 @@ impl EncoderLayer {
 
     fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self> {
         config.validate()?;
-        let self_attn = sub_module(dict, "self_attn.", |d| {
-            Ok(MultiHeadAttention::from_state_dict(config.mha(), std::mem::take(d))?)
-        })?;
+        let self_attn = config.attention(dict, "self_attn.")?;
         let ffn = config.ffn(dict)?;
         let norm1 = config.norm(dict, "norm1.")?;
         let norm2 = config.norm(dict, "norm2.")?;
@@ -450,12 +456,8 @@ impl DecoderLayer {
 
     fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self> {
         config.validate()?;
-        let self_attn = sub_module(dict, "self_attn.", |d| {
-            Ok(MultiHeadAttention::from_state_dict(config.mha(), std::mem::take(d))?)
-        })?;
-        let cross_attn = sub_module(dict, "multihead_attn.", |d| {
-            Ok(MultiHeadAttention::from_state_dict(config.mha(), std::mem::take(d))?)
-        })?;
+        let self_attn = config.attention(dict, "self_attn.")?;
+        let cross_attn = config.attention(dict, "multihead_attn.")?;
         let ffn = config.ffn(dict)?;
         let norm1 = config.norm(dict, "norm1.")?;
         let norm2 = config.norm(dict, "norm2.")?;
