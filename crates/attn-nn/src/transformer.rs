@@ -11,7 +11,7 @@
 //! `x = norm1(x + self_attn(x))`, `x = norm2(x + ff(x))`; pre-norm: `x = x + self_attn(norm1(x))`,
 //! `x = x + ff(norm2(x))`. The residual add and the norm after it run as one pass.
 
-use attn_core::kernels::Par;
+use attn_core::kernels::{arena, Par};
 use attn_core::{
     expect_empty, insert_prefixed, take_prefixed, AttnError, KeyPadding, KvCache, MhaConfig, MhaOptions,
     MultiHeadAttention, ScoreMask, Sequence, StateDict,
@@ -280,6 +280,78 @@ fn random_layer(config: &LayerConfig, attentions: &[&str], norms: &[&str], seed:
     Ok(dict)
 }
 
+/// What a training walk keeps for the backward: each block's input after the first, and each
+/// block's `h = x + dropout(sub(x))` (post-norm) or `n = norm(x)` (pre-norm).
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    pub(crate) block_inputs: Vec<Vec<f32>>,
+    pub(crate) blocks: Vec<Vec<f32>>,
+}
+
+/// The one description of a layer's residual blocks, for inference and training alike: block
+/// `i` is `norms[i]` around sublayer `sub(i, ·)` (whose output, in training, already has its
+/// dropout applied):
+/// - pre-norm: `x = x + sub(norm(x))`;
+/// - post-norm: `x = norm(x + sub(x))`.
+///
+/// Without `kept` (inference) the residual add and the next norm run fused in one pass
+/// (`add_then_forward`, `add_forward_in_place`) and nothing is kept; with it (training) the
+/// sums and the norms' inputs are kept for the backward (`train::Blocks`).
+pub(crate) fn walk(
+    norms: &[&Norm],
+    norm_first: bool,
+    input: &[f32],
+    mut sub: impl FnMut(usize, &[f32]) -> Result<Vec<f32>>,
+    kept: Option<&mut Kept>,
+    par: Par,
+) -> Result<Vec<f32>> {
+    let Some(kept) = kept else {
+        let mut x = arena::copied(input);
+        if norm_first {
+            let mut normed = norms[0].forward(&x, par)?;
+            for i in 0..norms.len() {
+                let y = sub(i, &normed)?;
+                arena::give(normed);
+                match norms.get(i + 1) {
+                    Some(next) => normed = next.add_then_forward(&mut x, &y, par)?,
+                    None => {
+                        add_in_place(&mut x, &y, par)?;
+                        normed = Vec::new();
+                    }
+                }
+                arena::give(y);
+            }
+        } else {
+            for (i, norm) in norms.iter().enumerate() {
+                let y = sub(i, &x)?;
+                norm.add_forward_in_place(&mut x, &y, par)?;
+                arena::give(y);
+            }
+        }
+        return Ok(x);
+    };
+    let mut current: Option<Vec<f32>> = None;
+    for (i, norm) in norms.iter().enumerate() {
+        let x = current.as_deref().unwrap_or(input);
+        let (out, keep) = if norm_first {
+            let n = norm.forward(x, par)?;
+            let mut y = sub(i, &n)?;
+            add_in_place(&mut y, x, par)?;
+            (y, n)
+        } else {
+            let mut h = sub(i, x)?;
+            add_in_place(&mut h, x, par)?;
+            (norm.forward(&h, par)?, h)
+        };
+        if let Some(previous) = current.take() {
+            kept.block_inputs.push(previous);
+        }
+        kept.blocks.push(keep);
+        current = Some(out);
+    }
+    Ok(current.unwrap_or_else(|| arena::copied(input)))
+}
+
 /// `nn.TransformerEncoderLayer`: self-attention and a feed-forward block, each with its residual
 /// add and norm. State-dict names: `self_attn.*`, `linear1.*`, `linear2.*`, `norm1.*`, `norm2.*`.
 #[derive(Debug, Clone)]
@@ -357,30 +429,23 @@ impl EncoderLayer {
         check_input("transformer_encoder_layer", "src", &src, self.config.d_model)?;
         let options = masks.inference()?;
         let self_attend = |h: &[f32]| Ok(self.self_attn.forward_self(seq(h, &src), &options, par)?.output);
-        self.residual_blocks(src.data.to_vec(), self_attend, par)
+        self.residual_blocks(src.data, self_attend, par)
     }
 
-    /// The two residual blocks around `attend` (self-attention over token rows):
-    /// pre-norm `x = x + attend(norm1(x)); x = x + ff(norm2(x))`, or post-norm
-    /// `x = norm1(x + attend(x)); x = norm2(x + ff(x))`, the adds fused into the norms.
+    /// The two residual blocks around `attend` (self-attention over token rows) and the
+    /// feed-forward block: [`walk`] with no tape.
     fn residual_blocks(
         &self,
-        mut x: Vec<f32>,
+        x: &[f32],
         attend: impl FnOnce(&[f32]) -> Result<Vec<f32>>,
         par: Par,
     ) -> Result<Vec<f32>> {
-        if self.config.norm_first {
-            let normed = self.norm1.forward(&x, par)?;
-            let attended = attend(&normed)?;
-            let normed = self.norm2.add_then_forward(&mut x, &attended, par)?;
-            add_in_place(&mut x, &self.ffn.forward(&normed, par)?, par)?;
-        } else {
-            let attended = attend(&x)?;
-            self.norm1.add_forward_in_place(&mut x, &attended, par)?;
-            let fed = self.ffn.forward(&x, par)?;
-            self.norm2.add_forward_in_place(&mut x, &fed, par)?;
-        }
-        Ok(x)
+        let mut attend = Some(attend);
+        let sub = |i: usize, h: &[f32]| match i {
+            0 => attend.take().expect("the attention block runs once")(h),
+            _ => self.ffn.forward(h, par),
+        };
+        walk(&[&self.norm1, &self.norm2], self.config.norm_first, x, sub, None, par)
     }
 }
 
@@ -407,7 +472,7 @@ impl EncoderLayer {
     /// each sequence; everything else is per token.
     pub fn forward_packed(&self, x: &[f32], starts: &[usize], is_causal: bool, par: Par) -> Result<Vec<f32>> {
         let self_attend = |h: &[f32]| Ok(self.self_attn.forward_self_packed(h, starts, is_causal, par)?);
-        self.residual_blocks(x.to_vec(), self_attend, par)
+        self.residual_blocks(x, self_attend, par)
     }
 }
 
@@ -546,36 +611,26 @@ impl DecoderLayer {
                 .forward_self(seq(x, &tgt), &tgt_masks.inference()?, par)?
                 .output)
         };
-        let out = self.residual_blocks(tgt.data.to_vec(), self_attend, cross, par)?;
+        let out = self.residual_blocks(tgt.data, self_attend, cross, par)?;
         Ok((out, kept.into_inner()))
     }
 
-    /// The three blocks with their residual adds and norms, around the two attention calls.
+    /// The three blocks with their residual adds and norms, around the two attention calls:
+    /// [`walk`] with no tape.
     fn residual_blocks(
         &self,
-        mut x: Vec<f32>,
+        x: &[f32],
         self_attend: impl Fn(&[f32]) -> Result<Vec<f32>>,
         cross: impl Fn(&[f32]) -> Result<Vec<f32>>,
         par: Par,
     ) -> Result<Vec<f32>> {
-        if self.config.norm_first {
-            // x = x + sa(norm1(x)); x = x + mha(norm2(x), mem); x = x + ff(norm3(x))
-            let normed = self.norm1.forward(&x, par)?;
-            let attended = self_attend(&normed)?;
-            let normed = self.norm2.add_then_forward(&mut x, &attended, par)?;
-            let crossed = cross(&normed)?;
-            let normed = self.norm3.add_then_forward(&mut x, &crossed, par)?;
-            add_in_place(&mut x, &self.ffn.forward(&normed, par)?, par)?;
-        } else {
-            // x = norm1(x + sa(x)); x = norm2(x + mha(x, mem)); x = norm3(x + ff(x))
-            let attended = self_attend(&x)?;
-            self.norm1.add_forward_in_place(&mut x, &attended, par)?;
-            let crossed = cross(&x)?;
-            self.norm2.add_forward_in_place(&mut x, &crossed, par)?;
-            let fed = self.ffn.forward(&x, par)?;
-            self.norm3.add_forward_in_place(&mut x, &fed, par)?;
-        }
-        Ok(x)
+        let sub = |i: usize, h: &[f32]| match i {
+            0 => self_attend(h),
+            1 => cross(h),
+            _ => self.ffn.forward(h, par),
+        };
+        let norms = [&self.norm1, &self.norm2, &self.norm3];
+        walk(&norms, self.config.norm_first, x, sub, None, par)
     }
 
     /// An empty cache for decoding `memory` (`[B, S, E]`): the cross-attention keys and values
@@ -616,7 +671,7 @@ impl DecoderLayer {
                 .forward_with_cache(seq(h, &x), cross_cache, &memory_masks.inference()?, par)?
                 .output)
         };
-        self.residual_blocks(x.data.to_vec(), self_attend, cross, par)
+        self.residual_blocks(x.data, self_attend, cross, par)
     }
 }
 

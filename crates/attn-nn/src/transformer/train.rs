@@ -19,7 +19,9 @@
 use attn_core::kernels::arena;
 use attn_core::{MhaInputs, MhaTape, MultiHeadAttention, ParamPath, Parameters, Sequence, Tensor};
 
-use super::{check_input, seq, BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, Stack, Transformer};
+use super::{
+    check_input, seq, walk, BlockMasks, Decoder, DecoderLayer, Encoder, EncoderLayer, Kept, Stack, Transformer,
+};
 use crate::layers::{add_in_place, FeedForward, FfnTape, Norm};
 use crate::{Result, Step};
 
@@ -43,28 +45,21 @@ enum SubTape {
     FeedForward(FfnTape),
 }
 
-/// What a residual block kept: `h` (post-norm) or `n` (pre-norm), and its sublayer's tape.
-#[derive(Debug)]
-struct BlockTape {
-    kept: Vec<f32>,
-    sub: SubTape,
-}
-
-/// What a layer's training forward kept: the inputs of its blocks after the first, and each
-/// block's tape.
+/// What a layer's training forward kept: [`walk`]'s block inputs and kept sums or norm inputs,
+/// and each block's sublayer tape.
 #[derive(Debug)]
 pub struct LayerTape {
-    block_inputs: Vec<Vec<f32>>,
-    blocks: Vec<BlockTape>,
+    kept: Kept,
+    subs: Vec<SubTape>,
 }
 
 impl LayerTape {
     /// Hands every buffer the tape holds back to the activation arena for the next step.
     pub fn recycle(self) {
-        self.block_inputs.into_iter().for_each(arena::give);
-        for block in self.blocks {
-            arena::give(block.kept);
-            match block.sub {
+        let Kept { block_inputs, blocks } = self.kept;
+        block_inputs.into_iter().chain(blocks).for_each(arena::give);
+        for sub in self.subs {
+            match sub {
                 SubTape::Attention(t) => t.recycle(),
                 SubTape::FeedForward(t) => t.recycle(),
             }
@@ -73,12 +68,12 @@ impl LayerTape {
 
     /// Bytes the tape holds.
     pub fn bytes(&self) -> usize {
-        let vecs: usize = self.block_inputs.iter().map(Vec::len).sum::<usize>()
-            + self.blocks.iter().map(|b| b.kept.len()).sum::<usize>();
+        let vecs: usize = self.kept.block_inputs.iter().map(Vec::len).sum::<usize>()
+            + self.kept.blocks.iter().map(Vec::len).sum::<usize>();
         let subs: usize = self
-            .blocks
+            .subs
             .iter()
-            .map(|b| match &b.sub {
+            .map(|sub| match sub {
                 SubTape::Attention(t) => t.bytes(),
                 SubTape::FeedForward(t) => 4 * t.len(),
             })
@@ -168,32 +163,17 @@ impl<const N: usize> Blocks<'_, N> {
     /// The training forward over `input` (its data and layout): the layer's output and tape.
     fn forward(&self, input: &Sequence<'_>, step: &mut Step<'_>) -> Result<(Vec<f32>, LayerTape)> {
         let par = step.par;
-        let mut tape = LayerTape {
-            block_inputs: Vec::new(),
-            blocks: Vec::new(),
+        let mut kept = Kept::default();
+        let mut subs = Vec::with_capacity(N);
+        let sub = |i: usize, h: &[f32]| -> Result<Vec<f32>> {
+            let (mut y, tape) = self.list[i].2.forward(h, input, step)?;
+            step.dropout(&mut y, BLOCK_DROPOUT[i])?;
+            subs.push(tape);
+            Ok(y)
         };
-        let mut current: Option<Vec<f32>> = None;
-        for (i, (norm, _, sub)) in self.list.iter().enumerate() {
-            let x = current.as_deref().unwrap_or(input.data);
-            let (out, kept, sub_tape) = if self.norm_first {
-                let n = norm.forward(x, par)?;
-                let (mut y, sub_tape) = sub.forward(&n, input, step)?;
-                step.dropout(&mut y, BLOCK_DROPOUT[i])?;
-                add_in_place(&mut y, x, par)?;
-                (y, n, sub_tape)
-            } else {
-                let (mut h, sub_tape) = sub.forward(x, input, step)?;
-                step.dropout(&mut h, BLOCK_DROPOUT[i])?;
-                add_in_place(&mut h, x, par)?;
-                (norm.forward(&h, par)?, h, sub_tape)
-            };
-            if let Some(previous) = current.take() {
-                tape.block_inputs.push(previous);
-            }
-            tape.blocks.push(BlockTape { kept, sub: sub_tape });
-            current = Some(out);
-        }
-        Ok((current.expect("at least one block"), tape))
+        let norms = self.list.each_ref().map(|(norm, _, _)| *norm);
+        let out = walk(&norms, self.norm_first, input.data, sub, Some(&mut kept), par)?;
+        Ok((out, LayerTape { kept, subs }))
     }
 
     /// The backward of [`Blocks::forward`] on the same `input`: returns `dx`.
@@ -207,21 +187,31 @@ impl<const N: usize> Blocks<'_, N> {
     ) -> Result<Vec<f32>> {
         let (par, here) = (step.par, step.path);
         let mut d = arena::copied(d_output);
-        for (i, ((norm, norm_name, sub), block)) in self.list.iter().zip(&tape.blocks).enumerate().rev() {
-            let x = if i == 0 { input.data } else { &tape.block_inputs[i - 1] };
+        for (i, ((norm, norm_name, sub), (kept, sub_tape))) in self
+            .list
+            .iter()
+            .zip(tape.kept.blocks.iter().zip(&tape.subs))
+            .enumerate()
+            .rev()
+        {
+            let x = if i == 0 {
+                input.data
+            } else {
+                &tape.kept.block_inputs[i - 1]
+            };
             let norm_path = here.join(norm_name);
             if self.norm_first {
                 let mut d_sub = arena::copied(&d);
                 step.dropout(&mut d_sub, BLOCK_DROPOUT[i])?;
-                let dn = sub.backward(&block.kept, input, &block.sub, &d_sub, step, d_memory)?;
+                let dn = sub.backward(kept, input, sub_tape, &d_sub, step, d_memory)?;
                 norm.backward(&mut d, &dn, x, &mut step.at(&norm_path))?;
                 [d_sub, dn].into_iter().for_each(arena::give);
             } else {
                 let mut dh = arena::zeroed(d.len());
-                norm.backward(&mut dh, &d, &block.kept, &mut step.at(&norm_path))?;
+                norm.backward(&mut dh, &d, kept, &mut step.at(&norm_path))?;
                 let mut d_sub = arena::copied(&dh);
                 step.dropout(&mut d_sub, BLOCK_DROPOUT[i])?;
-                let dx = sub.backward(x, input, &block.sub, &d_sub, step, d_memory)?;
+                let dx = sub.backward(x, input, sub_tape, &d_sub, step, d_memory)?;
                 add_in_place(&mut dh, &dx, par)?;
                 [d_sub, dx, std::mem::replace(&mut d, dh)]
                     .into_iter()
