@@ -3,9 +3,10 @@
 //! again by the next, so a steady-state step asks the allocator for nothing large.
 //!
 //! One pool per thread (a training step runs its layers on one thread; the kernels' workers
-//! use [`crate::buffer`]'s pools). [`zeroed`] and [`copied`] hand out the smallest kept buffer
-//! that fits, or a new one: the arena is sized by the first step and grows when a batch needs
-//! more. [`give`] keeps buffers of at least [`KEEP_FLOATS`] floats, up to [`MAX_BUFFERS`]
+//! use the kernel crate's own buffer pools). [`zeroed`] and [`copied`] hand out the smallest
+//! kept buffer that fits, or a new one: the arena is sized by the first step and grows when a
+//! batch needs more. Inference does not give its buffers here: the allocator hands a freed block
+//! back cache-warm, which the arena's best fit does not. [`give`] keeps buffers of at least [`KEEP_FLOATS`] floats, up to [`MAX_BUFFERS`]
 //! buffers and [`MAX_FLOATS`] floats in all (the largest kept); [`clear`] frees them.
 
 use std::cell::RefCell;

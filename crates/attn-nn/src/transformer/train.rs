@@ -45,8 +45,8 @@ enum SubTape {
     FeedForward(FfnTape),
 }
 
-/// What a layer's training forward kept: [`walk`]'s block inputs and kept sums or norm inputs,
-/// and each block's sublayer tape.
+/// What a layer's training forward kept: the residual walk's block inputs and kept sums or
+/// norm inputs, and each block's sublayer tape.
 #[derive(Debug)]
 pub struct LayerTape {
     kept: Kept,

@@ -1,0 +1,349 @@
+//! The model's data: vocabularies, its configuration (the `attn.seq2seq` metadata), and batches of
+//! pairs, padded and packed.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::error::invalid;
+use crate::{Result, TransformerConfig};
+
+use super::Seq2Seq;
+
+/// `<pad>`: padding, ignored by the loss.
+pub const PAD: usize = 0;
+/// `<bos>`: the decoder's first input.
+pub const BOS: usize = 1;
+/// `<eos>`: the end of a sequence.
+pub const EOS: usize = 2;
+/// `<unk>`: a character the vocabulary lacks.
+pub const UNK: usize = 3;
+/// The special tokens, ids 0–3.
+pub const SPECIALS: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
+
+/// A character vocabulary: the four specials, then one character per entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vocab {
+    tokens: Vec<String>,
+    index: HashMap<char, usize>,
+}
+
+impl Vocab {
+    /// A vocabulary from its entries (as the checkpoint lists them): ids 0–3 must be the
+    /// specials, every other entry one character, none twice.
+    pub fn from_tokens(tokens: Vec<String>, which: &str) -> Result<Self> {
+        if tokens.len() < 4 || tokens[..4] != SPECIALS {
+            return Err(invalid(
+                which,
+                format!("{:?}", &tokens[..tokens.len().min(4)]),
+                "a list starting with \"<pad>\", \"<bos>\", \"<eos>\", \"<unk>\"",
+            ));
+        }
+        let mut index = HashMap::new();
+        for (id, token) in tokens.iter().enumerate().skip(4) {
+            let mut chars = token.chars();
+            let (Some(c), None) = (chars.next(), chars.next()) else {
+                return Err(invalid(
+                    which,
+                    format!("entry {id} = {token:?}"),
+                    "one character per entry",
+                ));
+            };
+            if index.insert(c, id).is_some() {
+                return Err(invalid(which, format!("{token:?} twice"), "each character once"));
+            }
+        }
+        Ok(Vocab { tokens, index })
+    }
+
+    /// The vocabulary of `texts`: the specials, then their characters sorted by code point.
+    pub fn from_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut chars: Vec<char> = texts.into_iter().flat_map(str::chars).collect();
+        chars.sort_unstable();
+        chars.dedup();
+        let tokens = SPECIALS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(chars.iter().map(|c| c.to_string()))
+            .collect();
+        Vocab::from_tokens(tokens, "vocab").expect("specials, then distinct characters")
+    }
+
+    /// The entries, by id.
+    pub fn tokens(&self) -> &[String] {
+        &self.tokens
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Never true: the specials are always there.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The ids of `text`'s characters (unknown ones are `<unk>`), without `<eos>`.
+    pub fn encode(&self, text: &str) -> Vec<usize> {
+        text.chars()
+            .map(|c| self.index.get(&c).copied().unwrap_or(UNK))
+            .collect()
+    }
+
+    /// The text of `ids`, up to the first `<eos>`; other specials are skipped.
+    pub fn decode(&self, ids: &[usize]) -> String {
+        ids.iter()
+            .take_while(|&&id| id != EOS)
+            .filter(|&&id| id > UNK && id < self.tokens.len())
+            .map(|&id| self.tokens[id].as_str())
+            .collect()
+    }
+}
+
+/// The model's configuration: `nn.Transformer`'s constructor fields, `max_len` and the
+/// vocabularies: the checkpoint's `attn.seq2seq` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seq2SeqConfig {
+    /// The Transformer's fields; `batch_first` must be true.
+    pub transformer: TransformerConfig,
+    /// The longest sequence (in tokens, `<eos>` or `<bos>` included) the position table covers.
+    pub max_len: usize,
+    /// Source characters.
+    pub src_vocab: Vocab,
+    /// Target characters.
+    pub tgt_vocab: Vocab,
+}
+
+impl Seq2SeqConfig {
+    /// The metadata JSON object.
+    pub fn to_json(&self) -> String {
+        let mut map = match serde_json::to_value(&self.transformer).expect("serialisable") {
+            Value::Object(map) => map,
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        map.insert("max_len".into(), self.max_len.into());
+        map.insert("src_vocab".into(), self.src_vocab.tokens.clone().into());
+        map.insert("tgt_vocab".into(), self.tgt_vocab.tokens.clone().into());
+        Value::Object(map).to_string()
+    }
+
+    /// Parses the metadata JSON object, naming the field at fault.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let mut map: Map<String, Value> =
+            serde_json::from_str(json).map_err(|e| invalid("attn.seq2seq", e, "a JSON object"))?;
+        let mut take = |name: &str| map.remove(name).ok_or_else(|| invalid(name, "missing", "present"));
+        let max_len = take("max_len")?
+            .as_u64()
+            .filter(|&n| n >= 2)
+            .ok_or_else(|| invalid("max_len", "not an integer of at least 2", "an integer of at least 2"))?
+            as usize;
+        let mut vocab = |name: &str| -> Result<Vocab> {
+            let list: Vec<String> =
+                serde_json::from_value(take(name)?).map_err(|e| invalid(name, e, "a list of strings"))?;
+            Vocab::from_tokens(list, name)
+        };
+        let (src_vocab, tgt_vocab) = (vocab("src_vocab")?, vocab("tgt_vocab")?);
+        // The model is batch-first by definition, so a checkpoint may leave the field out;
+        // a `false` that is present stays an error (`validate`).
+        map.entry("batch_first").or_insert(Value::Bool(true));
+        let transformer: TransformerConfig = serde_json::from_value(Value::Object(map))
+            .map_err(|e| invalid("attn.seq2seq", e, "nn.Transformer's fields"))?;
+        let config = Seq2SeqConfig {
+            transformer,
+            max_len,
+            src_vocab,
+            tgt_vocab,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the fields' domains.
+    pub fn validate(&self) -> Result<()> {
+        self.transformer.layer.validate()?;
+        if !self.transformer.layer.batch_first {
+            return Err(invalid(
+                "batch_first",
+                false,
+                "true (the sequence-to-sequence model is batch-first)",
+            ));
+        }
+        if self.max_len < 2 {
+            return Err(invalid("max_len", self.max_len, "at least 2"));
+        }
+        Ok(())
+    }
+
+    pub(super) fn d_model(&self) -> usize {
+        self.transformer.layer.d_model
+    }
+}
+
+/// A batch of pairs as the model reads it: source ids + `<eos>`, decoder input `<bos>` + target
+/// ids, labels target ids + `<eos>`, each padded with `<pad>` to the batch's longest.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Sequences.
+    pub b: usize,
+    /// Source positions per sequence (the longest source + 1).
+    pub s: usize,
+    /// Target positions per sequence (the longest target + 1).
+    pub t: usize,
+    /// `[B, S]`.
+    pub src: Vec<usize>,
+    /// Real source positions of each sequence.
+    pub src_lengths: Vec<usize>,
+    /// `[B, T]`: the decoder's input.
+    pub tgt_in: Vec<usize>,
+    /// Real target positions of each sequence.
+    pub tgt_lengths: Vec<usize>,
+    /// `[B, T]`: what each decoder position must predict (`<pad>` = ignored).
+    pub labels: Vec<i64>,
+}
+
+impl Batch {
+    /// Target tokens that count in the loss.
+    pub fn target_tokens(&self) -> usize {
+        self.tgt_lengths.iter().sum()
+    }
+
+    /// The batch without padding: every sequence's real positions back to back.
+    pub fn packed(&self) -> Packed {
+        let pack = |ids: &[usize], len: usize, lengths: &[usize]| {
+            let mut out = Vec::new();
+            let mut positions = Vec::new();
+            let mut starts = vec![0];
+            for (i, &l) in lengths.iter().enumerate() {
+                out.extend_from_slice(&ids[i * len..i * len + l]);
+                positions.extend(0..l);
+                starts.push(out.len());
+            }
+            (out, positions, starts)
+        };
+        let (src, src_positions, src_starts) = pack(&self.src, self.s, &self.src_lengths);
+        let (tgt_in, tgt_positions, tgt_starts) = pack(&self.tgt_in, self.t, &self.tgt_lengths);
+        let labels = self
+            .tgt_lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &l)| self.labels[i * self.t..i * self.t + l].iter().copied())
+            .collect();
+        Packed {
+            src,
+            src_positions,
+            src_starts,
+            tgt_in,
+            tgt_positions,
+            tgt_starts,
+            labels,
+        }
+    }
+}
+
+/// A [`Batch`] without padding: the real positions of every sequence back to back, as the
+/// training forward runs it (the cost follows the real tokens).
+#[derive(Debug, Clone)]
+pub struct Packed {
+    /// Source ids, `[Ns]`.
+    pub src: Vec<usize>,
+    /// Each source id's position in its sequence.
+    pub src_positions: Vec<usize>,
+    /// Sequence `i` is rows `src_starts[i]..src_starts[i + 1]`.
+    pub src_starts: Vec<usize>,
+    /// Decoder input ids, `[Nt]`.
+    pub tgt_in: Vec<usize>,
+    /// Each decoder input's position in its sequence.
+    pub tgt_positions: Vec<usize>,
+    /// Sequence `i` is rows `tgt_starts[i]..tgt_starts[i + 1]`.
+    pub tgt_starts: Vec<usize>,
+    /// `[Nt]`: what each decoder position must predict.
+    pub labels: Vec<i64>,
+}
+
+impl Packed {
+    /// Target tokens that count in the loss.
+    pub fn target_tokens(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+/// One sequence's token ids.
+type Ids = Vec<usize>;
+impl Seq2Seq {
+    /// The batch of `pairs` (source, target); a pair longer than `max_len` tokens (with its
+    /// `<eos>`) is an error naming it.
+    pub fn batch(&self, pairs: &[(&str, &str)]) -> Result<Batch> {
+        let (src, tgt) = self.encode_pairs(pairs)?;
+        let b = pairs.len();
+        let s = src.iter().map(|x| x.len() + 1).max().unwrap_or(1);
+        let t = tgt.iter().map(|x| x.len() + 1).max().unwrap_or(1);
+        let mut batch = Batch {
+            b,
+            s,
+            t,
+            src: vec![PAD; b * s],
+            src_lengths: Vec::with_capacity(b),
+            tgt_in: vec![PAD; b * t],
+            tgt_lengths: Vec::with_capacity(b),
+            labels: vec![PAD as i64; b * t],
+        };
+        for (i, (x, y)) in src.iter().zip(&tgt).enumerate() {
+            batch.src[i * s..i * s + x.len()].copy_from_slice(x);
+            batch.src[i * s + x.len()] = EOS;
+            batch.src_lengths.push(x.len() + 1);
+            batch.tgt_in[i * t] = BOS;
+            batch.tgt_in[i * t + 1..i * t + 1 + y.len()].copy_from_slice(y);
+            for (j, &id) in y.iter().enumerate() {
+                batch.labels[i * t + j] = id as i64;
+            }
+            batch.labels[i * t + y.len()] = EOS as i64;
+            batch.tgt_lengths.push(y.len() + 1);
+        }
+        Ok(batch)
+    }
+
+    /// The ids of `pairs`' sources and targets; a pair longer than `max_len` tokens (with its
+    /// `<eos>`) is an error naming it.
+    fn encode_pairs(&self, pairs: &[(&str, &str)]) -> Result<(Vec<Ids>, Vec<Ids>)> {
+        let src: Vec<Vec<usize>> = pairs.iter().map(|(s, _)| self.config.src_vocab.encode(s)).collect();
+        let tgt: Vec<Vec<usize>> = pairs.iter().map(|(_, t)| self.config.tgt_vocab.encode(t)).collect();
+        for (i, (s, t)) in src.iter().zip(&tgt).enumerate() {
+            let longest = s.len().max(t.len()) + 1;
+            if longest > self.config.max_len {
+                return Err(invalid(
+                    "max_len",
+                    self.config.max_len,
+                    format!("at least {longest} for pair {i} ({:?})", pairs[i]),
+                ));
+            }
+        }
+        Ok((src, tgt))
+    }
+
+    /// The training batch of `pairs`, without padding ([`Packed`]): built once from the pairs,
+    /// read by [`forward_train`](Self::forward_train), [`loss`](Self::loss) and
+    /// [`backward`](Self::backward). The same as [`Seq2Seq::batch`] then [`Batch::packed`].
+    pub fn packed_batch(&self, pairs: &[(&str, &str)]) -> Result<Packed> {
+        let (src, tgt) = self.encode_pairs(pairs)?;
+        let mut p = Packed {
+            src: Vec::new(),
+            src_positions: Vec::new(),
+            src_starts: vec![0],
+            tgt_in: Vec::new(),
+            tgt_positions: Vec::new(),
+            tgt_starts: vec![0],
+            labels: Vec::new(),
+        };
+        for (x, y) in src.iter().zip(&tgt) {
+            p.src.extend(x.iter().copied().chain([EOS]));
+            p.src_positions.extend(0..x.len() + 1);
+            p.src_starts.push(p.src.len());
+            p.tgt_in.extend([BOS].into_iter().chain(y.iter().copied()));
+            p.tgt_positions.extend(0..y.len() + 1);
+            p.tgt_starts.push(p.tgt_in.len());
+            p.labels.extend(y.iter().map(|&id| id as i64).chain([EOS as i64]));
+        }
+        Ok(p)
+    }
+}

@@ -1,0 +1,276 @@
+//! Inference: teacher-forced logits, greedy and beam decoding through the caches, and the cross-
+//! attention picture.
+
+use attn_core::kernels::Par;
+use attn_core::{KeyPadding, Sequence};
+
+use crate::error::invalid;
+use crate::{BlockMasks, Result, TransformerMasks};
+
+use super::data::{Batch, BOS, EOS, PAD};
+use super::Seq2Seq;
+
+/// One decoded sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Output ids up to and including `<eos>` (without it when `max_len` cut the sequence).
+    pub tokens: Vec<usize>,
+    /// The sum of the chosen tokens' log-probabilities.
+    pub log_prob: f64,
+    /// With greedy decoding and `keep_logits`: the logits of every step, `[steps][Vt]`.
+    pub logits: Vec<Vec<f32>>,
+}
+
+impl Seq2Seq {
+    /// Logits `[B·T, Vt]` of a batch, teacher-forced, without dropout (inference).
+    pub fn logits(&self, batch: &Batch, par: Par) -> Result<Vec<f32>> {
+        let e = self.config.d_model();
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s)?;
+        let tgt_x = self.embed(&self.tgt_embed, &batch.tgt_in, batch.t)?;
+        let masks = Self::masks(batch);
+        let decoded = self.transformer.forward(
+            Sequence::batch_first(&src_x, batch.b, batch.s, e),
+            Sequence::batch_first(&tgt_x, batch.b, batch.t, e),
+            &masks.src,
+            &masks.tgt,
+            &masks.memory,
+            par,
+        )?;
+        self.generator.forward(&decoded, par)
+    }
+
+    /// The encoder's memory `[B, S, E]` of sources (padded, `<eos>` after each) and its
+    /// lengths.
+    fn encode(&self, sources: &[&str], par: Par) -> Result<(Vec<f32>, Batch)> {
+        let pairs: Vec<(&str, &str)> = sources.iter().map(|s| (*s, "")).collect();
+        let batch = self.batch(&pairs)?;
+        let e = self.config.d_model();
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s)?;
+        let masks = Self::masks(&batch);
+        let memory =
+            self.transformer
+                .encoder
+                .forward(Sequence::batch_first(&src_x, batch.b, batch.s, e), &masks.src, par)?;
+        Ok((memory, batch))
+    }
+
+    /// Greedy decoding of every source at once, one token per step through the KV caches, up
+    /// to `max_len` output tokens (at most the position table's length).
+    pub fn greedy(&self, sources: &[&str], max_len: usize, keep_logits: bool, par: Par) -> Result<Vec<Decoded>> {
+        let b = sources.len();
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let e = self.config.d_model();
+        let max_len = max_len.min(self.config.max_len);
+        let (memory, batch) = self.encode(sources, par)?;
+        let memory_seq = Sequence::batch_first(&memory, b, batch.s, e);
+        let memory_masks = BlockMasks {
+            key_padding: KeyPadding::Lengths(&batch.src_lengths),
+            ..Default::default()
+        };
+        let mut cache = self.transformer.decoder.start_decoding(memory_seq, max_len, par)?;
+        let mut out: Vec<Decoded> = vec![
+            Decoded {
+                tokens: Vec::new(),
+                log_prob: 0.0,
+                logits: Vec::new(),
+            };
+            b
+        ];
+        let mut current = vec![BOS; b];
+        let vt = self.config.tgt_vocab.len();
+        for step in 0..max_len {
+            let logits = self.step_logits(&current, step, &mut cache, &memory_masks, par)?;
+            let mut all_done = true;
+            for (i, row) in logits.chunks_exact(vt).enumerate() {
+                let done = out[i].tokens.last() == Some(&EOS);
+                if done {
+                    current[i] = PAD;
+                    continue;
+                }
+                let (best, log_prob) = argmax_log_softmax(row);
+                out[i].tokens.push(best);
+                out[i].log_prob += log_prob;
+                if keep_logits {
+                    out[i].logits.push(row.to_vec());
+                }
+                current[i] = best;
+                all_done &= best == EOS;
+            }
+            if all_done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logits `[B, Vt]` of the next position from the tokens `current` at `step`.
+    fn step_logits(
+        &self,
+        current: &[usize],
+        step: usize,
+        cache: &mut crate::DecoderCache,
+        memory_masks: &BlockMasks<'_>,
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        let e = self.config.d_model();
+        let b = current.len();
+        let table = self.tgt_embed.data();
+        let scale = (e as f32).sqrt();
+        let pe = &self.positions[step * e..][..e];
+        let mut x = vec![0.0f32; b * e];
+        for (row, &id) in x.chunks_exact_mut(e).zip(current) {
+            for ((v, &w), &p) in row.iter_mut().zip(&table[id * e..][..e]).zip(pe) {
+                *v = w * scale + p;
+            }
+        }
+        let h = self
+            .transformer
+            .decoder
+            .decode_step(Sequence::batch_first(&x, b, 1, e), cache, memory_masks, par)?;
+        self.generator.forward(&h, par)
+    }
+
+    /// Beam search with `beam` hypotheses per source, scored by log-probability divided by
+    /// length (length-normalised); each source decoded on its own caches.
+    pub fn beam(&self, sources: &[&str], beam: usize, max_len: usize, par: Par) -> Result<Vec<Decoded>> {
+        if beam == 0 {
+            return Err(invalid("beam", 0, "at least 1"));
+        }
+        sources
+            .iter()
+            .map(|source| self.beam_one(source, beam, max_len, par))
+            .collect()
+    }
+
+    fn beam_one(&self, source: &str, beam: usize, max_len: usize, par: Par) -> Result<Decoded> {
+        let e = self.config.d_model();
+        let max_len = max_len.min(self.config.max_len);
+        let vt = self.config.tgt_vocab.len();
+        let (memory, batch) = self.encode(&[source], par)?;
+        // The memory repeated once per hypothesis.
+        let memory: Vec<f32> = memory.iter().copied().cycle().take(memory.len() * beam).collect();
+        let lengths = vec![batch.src_lengths[0]; beam];
+        let memory_masks = BlockMasks {
+            key_padding: KeyPadding::Lengths(&lengths),
+            ..Default::default()
+        };
+        let memory_seq = Sequence::batch_first(&memory, beam, batch.s, e);
+        // Hypotheses: tokens, log-probability, and the cache row each one reads.
+        let mut cache = self.transformer.decoder.start_decoding(memory_seq, max_len, par)?;
+        let mut live: Vec<(Vec<usize>, f64)> = vec![(Vec::new(), 0.0)];
+        let mut finished: Vec<(Vec<usize>, f64)> = Vec::new();
+        let score = |tokens: &[usize], lp: f64| lp / tokens.len().max(1) as f64;
+        for step in 0..max_len {
+            // Every cache row steps; rows past the live hypotheses repeat the first.
+            let current: Vec<usize> = (0..beam)
+                .map(|i| live.get(i).map_or(BOS, |(t, _)| t.last().copied().unwrap_or(BOS)))
+                .collect();
+            let logits = self.step_logits(&current, step, &mut cache, &memory_masks, par)?;
+            let mut candidates: Vec<(usize, usize, f64)> = Vec::new();
+            for (i, (_, lp)) in live.iter().enumerate() {
+                let row = &logits[i * vt..(i + 1) * vt];
+                let log_z = log_sum_exp(row);
+                for (id, &x) in row.iter().enumerate().skip(EOS) {
+                    candidates.push((i, id, lp + (x as f64 - log_z)));
+                }
+            }
+            candidates.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+            let mut next: Vec<(Vec<usize>, f64)> = Vec::new();
+            let mut parents = Vec::new();
+            for (i, id, lp) in candidates {
+                if next.len() == beam {
+                    break;
+                }
+                let mut tokens = live[i].0.clone();
+                tokens.push(id);
+                if id == EOS {
+                    finished.push((tokens, lp));
+                } else {
+                    next.push((tokens, lp));
+                    parents.push(i);
+                }
+            }
+            let best_finished = finished
+                .iter()
+                .map(|(t, lp)| score(t, *lp))
+                .fold(f64::NEG_INFINITY, f64::max);
+            let best_live = next
+                .iter()
+                .map(|(t, lp)| score(t, *lp))
+                .fold(f64::NEG_INFINITY, f64::max);
+            if next.is_empty() || (finished.len() >= beam && best_finished >= best_live) {
+                break;
+            }
+            cache.reorder(&parents)?;
+            live = next;
+        }
+        finished.extend(live);
+        let (tokens, log_prob) = finished
+            .into_iter()
+            .max_by(|a, b| score(&a.0, a.1).total_cmp(&score(&b.0, b.1)))
+            .expect("at least one hypothesis");
+        Ok(Decoded {
+            tokens,
+            log_prob,
+            logits: Vec::new(),
+        })
+    }
+
+    /// The cross-attention of `target` (output text) over `source`: per decoder layer, the
+    /// weights `[H, T, S]` with which each decoder position (`<bos>` then the target's
+    /// characters, predicting the target's characters then `<eos>`) looked at each source
+    /// position (the source's characters, then `<eos>`).
+    pub fn cross_attention(&self, source: &str, target: &str, par: Par) -> Result<Vec<Vec<f32>>> {
+        let e = self.config.d_model();
+        let batch = self.batch(&[(source, target)])?;
+        let src_x = self.embed(&self.src_embed, &batch.src, batch.s)?;
+        let tgt_x = self.embed(&self.tgt_embed, &batch.tgt_in, batch.t)?;
+        let masks = Self::masks(&batch);
+        let memory = self
+            .transformer
+            .encoder
+            .forward(Sequence::batch_first(&src_x, 1, batch.s, e), &masks.src, par)?;
+        let (_, weights) = self.transformer.decoder.forward_with_cross_weights(
+            Sequence::batch_first(&tgt_x, 1, batch.t, e),
+            Sequence::batch_first(&memory, 1, batch.s, e),
+            &masks.tgt,
+            &masks.memory,
+            par,
+        )?;
+        Ok(weights)
+    }
+
+    fn masks<'a>(batch: &'a Batch) -> TransformerMasks<'a> {
+        TransformerMasks {
+            src: BlockMasks {
+                key_padding: KeyPadding::Lengths(&batch.src_lengths),
+                ..Default::default()
+            },
+            tgt: BlockMasks {
+                key_padding: KeyPadding::Lengths(&batch.tgt_lengths),
+                is_causal: true,
+                ..Default::default()
+            },
+            memory: BlockMasks {
+                key_padding: KeyPadding::Lengths(&batch.src_lengths),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
+}
+
+/// The arg-max of a row of logits (the first on ties) and its log-probability.
+fn argmax_log_softmax(row: &[f32]) -> (usize, f64) {
+    let (best, &x) = row.iter().enumerate().fold(
+        (0, &f32::NEG_INFINITY),
+        |acc, (i, x)| if *x > *acc.1 { (i, x) } else { acc },
+    );
+    (best, x as f64 - log_sum_exp(row))
+}

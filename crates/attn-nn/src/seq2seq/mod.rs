@@ -1,0 +1,237 @@
+//! The sequence-to-sequence Transformer of "Attention Is All You Need" as PyTorch spells it
+//! (docs/CLI.md, "Sequence-to-sequence models"): character vocabularies, embeddings
+//! scaled by `sqrt(d_model)` plus the sinusoidal position table, `nn.Transformer(...,
+//! batch_first=True)` and a `generator` to logits. State-dict names: `src_embed.weight`,
+//! `tgt_embed.weight`, `transformer.*`, `generator.weight`, `generator.bias`.
+//!
+//! Training: [`Seq2Seq::packed_batch`] builds the batch once, without padding;
+//! [`Seq2Seq::forward_train`] keeps what [`Seq2Seq::backward`] needs (the embeddings' input to
+//! the Transformer, the Transformer's tape and output; the backward takes the batch again); the
+//! loss is
+//! `F.cross_entropy(logits, labels, ignore_index=<pad>, label_smoothing)`. Decoding:
+//! [`Seq2Seq::greedy`] and [`Seq2Seq::beam`], incremental through the KV caches (self-attention
+//! cached, cross-attention keys and values computed once).
+
+use attn_core::kernels::rng::SplitMix64;
+use attn_core::kernels::{self, arena};
+use attn_core::{insert_prefixed, AttnError, Grads, ParamPath, ParamStore, Parameters, StateDict, Tensor};
+
+use crate::layers::Linear;
+use crate::optim::AdamW;
+use crate::transformer::sub_module;
+use crate::{DecoderLayer, EncoderLayer, Result, Transformer, TransformerConfig};
+
+mod data;
+mod decode;
+mod train;
+
+pub use data::{Batch, Packed, Seq2SeqConfig, Vocab, BOS, EOS, PAD, SPECIALS, UNK};
+pub use decode::Decoded;
+pub use train::Seq2SeqTape;
+
+/// The model. Its parameters live in one [`ParamStore`], built when the model is built or
+/// loaded: [`Seq2Seq::grads`] gives gradients of its layout and [`Seq2Seq::update`] runs the
+/// optimizer over all of them in one flat pass.
+#[derive(Debug)]
+pub struct Seq2Seq {
+    store: ParamStore,
+    config: Seq2SeqConfig,
+    src_embed: Tensor,
+    tgt_embed: Tensor,
+    transformer: Transformer,
+    generator: Linear,
+    /// `[max_len, E]`.
+    positions: Vec<f32>,
+}
+
+impl Clone for Seq2Seq {
+    /// A copy with a store of its own.
+    fn clone(&self) -> Self {
+        Seq2Seq {
+            store: ParamStore::default(),
+            config: self.config.clone(),
+            src_embed: self.src_embed.clone(),
+            tgt_embed: self.tgt_embed.clone(),
+            transformer: self.transformer.clone(),
+            generator: self.generator.clone(),
+            positions: self.positions.clone(),
+        }
+        .with_store()
+    }
+}
+
+impl Parameters for Seq2Seq {
+    /// `src_embed.weight`, `tgt_embed.weight`, `transformer.*`, `generator.*`.
+    fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        f(&path.join("src_embed.weight"), &mut self.src_embed);
+        f(&path.join("tgt_embed.weight"), &mut self.tgt_embed);
+        self.transformer.visit_params(&path.join("transformer."), f);
+        self.generator.visit_params(&path.join("generator."), f);
+    }
+}
+
+/// The sinusoidal table `PE[p, 2i] = sin(p / 10000^(2i/d))`, `PE[p, 2i+1] = cos(...)`, in f64.
+pub fn sinusoidal_positions(max_len: usize, d: usize) -> Vec<f32> {
+    let mut pe = vec![0.0f32; max_len * d];
+    for p in 0..max_len {
+        for i in (0..d).step_by(2) {
+            let angle = p as f64 / 10_000f64.powf(i as f64 / d as f64);
+            pe[p * d + i] = angle.sin() as f32;
+            if i + 1 < d {
+                pe[p * d + i + 1] = angle.cos() as f32;
+            }
+        }
+    }
+    pe
+}
+
+impl Seq2Seq {
+    /// A model with fresh weights: Xavier-uniform matrices (as `nn.Transformer` resets its
+    /// own), PyTorch's defaults for biases and norms, from `seed`.
+    pub fn with_seed(config: Seq2SeqConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let TransformerConfig {
+            layer,
+            num_encoder_layers,
+            num_decoder_layers,
+        } = &config.transformer;
+        let e = layer.d_model;
+        let mut dict = StateDict::new();
+        for i in 0..*num_encoder_layers {
+            let l = EncoderLayer::with_seed(layer.clone(), seed.wrapping_add(10 + i as u64))?;
+            insert_prefixed(&mut dict, &format!("transformer.encoder.layers.{i}."), l.state_dict());
+        }
+        for i in 0..*num_decoder_layers {
+            let l = DecoderLayer::with_seed(layer.clone(), seed.wrapping_add(100 + i as u64))?;
+            insert_prefixed(&mut dict, &format!("transformer.decoder.layers.{i}."), l.state_dict());
+        }
+        for stack in ["encoder", "decoder"] {
+            dict.insert(
+                format!("transformer.{stack}.norm.weight"),
+                Tensor::new("w", vec![e], vec![1.0; e])?,
+            );
+            if layer.bias {
+                dict.insert(format!("transformer.{stack}.norm.bias"), Tensor::zeros(vec![e]));
+            }
+        }
+        let (vs, vt) = (config.src_vocab.len(), config.tgt_vocab.len());
+        dict.insert("src_embed.weight".into(), Tensor::zeros(vec![vs, e]));
+        dict.insert("tgt_embed.weight".into(), Tensor::zeros(vec![vt, e]));
+        dict.insert("generator.weight".into(), Tensor::zeros(vec![vt, e]));
+        dict.insert("generator.bias".into(), Tensor::zeros(vec![vt]));
+        let mut model = Self::from_state_dict(config, dict)?;
+        let mut rng = SplitMix64::new(seed);
+        for (_, tensor) in model.params_mut("") {
+            if let [rows, cols] = *tensor.shape() {
+                let bound = (6.0 / (rows + cols) as f32).sqrt();
+                tensor
+                    .data_mut()
+                    .iter_mut()
+                    .for_each(|x| *x = rng.next_signed() * bound);
+            }
+        }
+        Ok(model)
+    }
+
+    /// The model from its tensors (every one used, none missing).
+    pub fn from_state_dict(config: Seq2SeqConfig, mut dict: StateDict) -> Result<Self> {
+        config.validate()?;
+        let e = config.d_model();
+        let (vs, vt) = (config.src_vocab.len(), config.tgt_vocab.len());
+        let src_embed = attn_core::take(&mut dict, "src_embed.weight", &[vs, e])?;
+        let tgt_embed = attn_core::take(&mut dict, "tgt_embed.weight", &[vt, e])?;
+        let generator = Linear::load(&mut dict, "generator.", e, vt, true)?;
+        let transformer = sub_module(&mut dict, "transformer.", |d| {
+            Transformer::from_state_dict(config.transformer.clone(), std::mem::take(d))
+        })?;
+        if let Some(name) = dict.keys().next() {
+            return Err(AttnError::UnexpectedTensor {
+                name: name.clone(),
+                known: "src_embed.*, tgt_embed.*, transformer.*, generator.*".into(),
+            }
+            .into());
+        }
+        let positions = sinusoidal_positions(config.max_len, e);
+        Ok(Seq2Seq {
+            store: ParamStore::default(),
+            config,
+            src_embed,
+            tgt_embed,
+            transformer,
+            generator,
+            positions,
+        }
+        .with_store())
+    }
+
+    /// The model with its parameters moved into a store of their own.
+    fn with_store(mut self) -> Self {
+        self.store = ParamStore::adopt(&mut self);
+        self
+    }
+
+    /// The store holding the parameters.
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    /// Zeroed gradients in the layout of the model's store.
+    pub fn grads(&self) -> Grads {
+        Grads::for_store(&self.store)
+    }
+
+    /// One optimizer step over every parameter at learning rate `lr`, from gradients made by
+    /// [`Seq2Seq::grads`] (others are an error): one pass over the flat buffers.
+    pub fn update(&mut self, adam: &mut AdamW, grads: &Grads, lr: f32) -> Result<()> {
+        let store = self.store.clone();
+        adam.update(&store, self, grads, lr)
+    }
+
+    /// The tensors under their names.
+    pub fn state_dict(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        dict.insert("src_embed.weight".into(), self.src_embed.clone());
+        dict.insert("tgt_embed.weight".into(), self.tgt_embed.clone());
+        insert_prefixed(&mut dict, "transformer.", self.transformer.state_dict());
+        self.generator.save(&mut dict, "generator.");
+        dict
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Seq2SeqConfig {
+        &self.config
+    }
+
+    /// `E[id]·sqrt(d) + PE[position]` for `[B, L]` ids.
+    fn embed(&self, table: &Tensor, ids: &[usize], len: usize) -> Result<Vec<f32>> {
+        let positions: Vec<usize> = (0..ids.len()).map(|r| r % len).collect();
+        self.embed_at(table, ids, &positions)
+    }
+
+    /// `E[ids[r]]·sqrt(d) + PE[positions[r]]`.
+    fn embed_at(&self, table: &Tensor, ids: &[usize], positions: &[usize]) -> Result<Vec<f32>> {
+        let e = self.config.d_model();
+        let mut x = arena::zeroed(ids.len() * e);
+        kernels::embedding(&mut x, table.data(), ids, e).map_err(AttnError::from)?;
+        let scale = (e as f32).sqrt();
+        for (row, &p) in x.chunks_exact_mut(e).zip(positions) {
+            let pe = &self.positions[p * e..][..e];
+            row.iter_mut().zip(pe).for_each(|(v, &p)| *v = *v * scale + p);
+        }
+        Ok(x)
+    }
+
+    /// The table (`src_embed.` or `tgt_embed.`) of an embedding, by its place.
+    fn table(&self, place: &str) -> &Tensor {
+        if place == "src_embed." {
+            &self.src_embed
+        } else {
+            &self.tgt_embed
+        }
+    }
+
+    /// Parameters (scalars) in the model.
+    pub fn parameter_count(&self) -> usize {
+        self.state_dict().values().map(|t| t.data().len()).sum()
+    }
+}

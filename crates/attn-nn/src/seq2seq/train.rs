@@ -1,0 +1,189 @@
+//! Training: the forward of a packed batch, the label-smoothed loss and the backward, with the tape
+//! between them.
+
+use attn_core::kernels::{self, arena, Par};
+use attn_core::{AttnError, Packing, Sequence};
+
+use crate::step::Step;
+use crate::transformer::TransformerTape;
+use crate::{BlockMasks, NnError, Result, TransformerMasks};
+
+use super::data::{Batch, Packed, PAD};
+use super::Seq2Seq;
+
+/// What [`Seq2Seq::forward_train`] keeps (not its batch: the backward takes it again). After
+/// the backward, [`Seq2SeqTape::recycle`] hands its buffers to the next step.
+#[derive(Debug)]
+pub struct Seq2SeqTape {
+    src_x: Vec<f32>,
+    tgt_x: Vec<f32>,
+    transformer: TransformerTape,
+    /// The decoder's output, the generator's input, `[B·T, E]`.
+    decoded: Vec<f32>,
+}
+
+impl Seq2SeqTape {
+    /// Hands every buffer the tape holds back to the activation arena
+    /// ([`attn_core::kernels::arena`]): the next step's forward and backward reuse them instead
+    /// of allocating.
+    pub fn recycle(self) {
+        [self.src_x, self.tgt_x, self.decoded].into_iter().for_each(arena::give);
+        self.transformer.recycle();
+    }
+}
+
+impl Seq2Seq {
+    /// The training embedding at `place` (`src_embed.` or `tgt_embed.`): [`Seq2Seq::embed_at`],
+    /// then the dropout site `{place}dropout`.
+    fn embed_train(&self, place: &str, ids: &[usize], positions: &[usize], step: &mut Step<'_>) -> Result<Vec<f32>> {
+        let mut x = self.embed_at(self.table(place), ids, positions)?;
+        let here = step.path.join(place);
+        step.at(&here).dropout(&mut x, "dropout")?;
+        Ok(x)
+    }
+
+    /// The backward of [`Seq2Seq::embed_train`]: `{place}weight[id] += sqrt(d)·dropout(dx)`.
+    fn embed_backward(&self, place: &str, ids: &[usize], mut dx: Vec<f32>, step: &mut Step<'_>) -> Result<()> {
+        let e = self.config.d_model();
+        let par = step.par;
+        let here = step.path.join(place);
+        let step = step.at(&here);
+        step.dropout(&mut dx, "dropout")?;
+        let scale = (e as f32).sqrt();
+        dx.iter_mut().for_each(|v| *v *= scale);
+        let slot = step.grads.of(self.table(place), step.path, "weight")?;
+        kernels::embedding_backward(slot, &dx, ids, e, par).map_err(AttnError::from)?;
+        arena::give(dx);
+        Ok(())
+    }
+
+    /// The packed masks of a batch: each sequence attends to itself, the decoder causally.
+    fn packed_masks(p: &Packed) -> TransformerMasks<'_> {
+        fn own(starts: &[usize]) -> Packing<'_> {
+            Packing {
+                query_starts: starts,
+                key_starts: starts,
+            }
+        }
+        TransformerMasks {
+            src: BlockMasks {
+                packing: Some(own(&p.src_starts)),
+                ..Default::default()
+            },
+            tgt: BlockMasks {
+                is_causal: true,
+                packing: Some(own(&p.tgt_starts)),
+                ..Default::default()
+            },
+            memory: BlockMasks {
+                packing: Some(Packing {
+                    query_starts: &p.tgt_starts,
+                    key_starts: &p.src_starts,
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The training forward of a batch without padding ([`Seq2Seq::packed_batch`]: the cost
+    /// follows the real tokens): logits `[Nt, Vt]`, one row per real target position in
+    /// sequence order, and the tape.
+    pub fn forward_train(&self, packed: &Packed, step: &mut Step<'_>) -> Result<(Vec<f32>, Seq2SeqTape)> {
+        let e = self.config.d_model();
+        let (ns, nt) = (packed.src.len(), packed.tgt_in.len());
+        let src_x = self.embed_train("src_embed.", &packed.src, &packed.src_positions, step)?;
+        let tgt_x = self.embed_train("tgt_embed.", &packed.tgt_in, &packed.tgt_positions, step)?;
+        let masks = Self::packed_masks(packed);
+        let here = step.path.join("transformer.");
+        let (decoded, transformer) = self.transformer.forward_train(
+            Sequence::batch_first(&src_x, 1, ns, e),
+            Sequence::batch_first(&tgt_x, 1, nt, e),
+            &masks,
+            &mut step.at(&here),
+        )?;
+        let logits = self.generator.forward(&decoded, step.par)?;
+        Ok((
+            logits,
+            Seq2SeqTape {
+                src_x,
+                tgt_x,
+                transformer,
+                decoded,
+            },
+        ))
+    }
+
+    /// The loss of the training forward's logits `[Nt, Vt]` against `packed`'s labels
+    /// (`F.cross_entropy` with `ignore_index=<pad>` and `label_smoothing`), and its gradient.
+    pub fn loss(&self, packed: &Packed, logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
+        self.cross_entropy(&packed.labels, logits, label_smoothing, par)
+    }
+
+    /// The same for the padded logits `[B·T, Vt]` of [`logits`](Self::logits) and their batch.
+    pub fn padded_loss(
+        &self,
+        batch: &Batch,
+        logits: &[f32],
+        label_smoothing: f32,
+        par: Par,
+    ) -> Result<(f64, Vec<f32>)> {
+        self.cross_entropy(&batch.labels, logits, label_smoothing, par)
+    }
+
+    fn cross_entropy(&self, labels: &[i64], logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
+        let v = self.config.tgt_vocab.len();
+        if logits.len() != labels.len() * v {
+            return Err(NnError::ShapeMismatch {
+                op: "Seq2Seq::loss",
+                tensor: "logits".into(),
+                expected: format!("[{}, {v}]: a row per label of the batch", labels.len()),
+                got: vec![logits.len()],
+            });
+        }
+        let mut d_logits = arena::zeroed(logits.len());
+        let ce = kernels::cross_entropy(&mut d_logits, logits, labels, PAD as i64, label_smoothing, par)
+            .map_err(AttnError::from)?;
+        Ok((ce.loss, d_logits))
+    }
+
+    /// The backward of [`forward_train`](Self::forward_train) from the logits' gradient, with
+    /// the same batch and step: adds every parameter's gradient into `step.grads`. A batch
+    /// other than the forward's (by its token counts) is an error.
+    pub fn backward(&self, packed: &Packed, tape: &Seq2SeqTape, d_logits: &[f32], step: &mut Step<'_>) -> Result<()> {
+        let e = self.config.d_model();
+        if tape.src_x.len() != packed.src.len() * e || tape.tgt_x.len() != packed.tgt_in.len() * e {
+            return Err(NnError::ShapeMismatch {
+                op: "Seq2Seq::backward",
+                tensor: "packed".into(),
+                expected: format!(
+                    "the forward's batch: {} source and {} target tokens",
+                    tape.src_x.len() / e.max(1),
+                    tape.tgt_x.len() / e.max(1)
+                ),
+                got: vec![packed.src.len(), packed.tgt_in.len()],
+            });
+        }
+        let here = step.path;
+        let mut d_decoded = arena::zeroed(tape.decoded.len());
+        self.generator.backward(
+            Some(&mut d_decoded),
+            d_logits,
+            &tape.decoded,
+            &mut step.at(&here.join("generator.")),
+        )?;
+        let p = packed;
+        let masks = Self::packed_masks(p);
+        let (d_src, d_tgt) = self.transformer.backward(
+            Sequence::batch_first(&tape.src_x, 1, p.src.len(), e),
+            Sequence::batch_first(&tape.tgt_x, 1, p.tgt_in.len(), e),
+            &masks,
+            &tape.transformer,
+            &d_decoded,
+            &mut step.at(&here.join("transformer.")),
+        )?;
+        arena::give(d_decoded);
+        self.embed_backward("src_embed.", &p.src, d_src, step)?;
+        self.embed_backward("tgt_embed.", &p.tgt_in, d_tgt, step)?;
+        Ok(())
+    }
+}
