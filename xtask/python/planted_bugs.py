@@ -69,7 +69,7 @@ BUGS = [
     (
         "the decoder reorders only its first layer's cache",
         "attn-nn",
-        "crates/attn-nn/src/transformer.rs",
+        "crates/attn-nn/src/transformer/stack.rs",
         "        for layer in &mut self.layers {\n            layer.self_attn.reorder(rows)?;",
         "        for layer in self.layers.iter_mut().take(1) {\n            layer.self_attn.reorder(rows)?;",
     ),
