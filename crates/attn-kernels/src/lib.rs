@@ -66,7 +66,8 @@ pub mod rng;
 pub mod testing;
 
 pub use backward::{
-    attention_backward, attention_backward_path, backward_path, BackwardInputs, BackwardPath, Gradients,
+    attention_backward, attention_backward_fused, attention_backward_path, backward_path, BackwardInputs, BackwardPath,
+    FusedGradients, Gradients,
 };
 pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};

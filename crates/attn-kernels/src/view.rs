@@ -83,7 +83,7 @@ fn check_dense<const N: usize>(op: &'static str, len: usize, shape: [usize; N]) 
 
 /// Number of elements a view of `shape` and `strides` reaches (0 when any dim is empty), or
 /// `None` when that number overflows `usize`.
-fn span<const N: usize>(shape: [usize; N], strides: [usize; N]) -> Option<usize> {
+pub(crate) fn span<const N: usize>(shape: [usize; N], strides: [usize; N]) -> Option<usize> {
     if shape.contains(&0) {
         return Some(0);
     }
@@ -116,7 +116,7 @@ fn check_span<const N: usize>(
 
 /// True when no two in-bounds indices of the view map to one element: sorted by stride, each
 /// dimension's stride must step over everything the smaller dimensions reach.
-fn is_non_overlapping<const N: usize>(shape: [usize; N], strides: [usize; N]) -> bool {
+pub(crate) fn is_non_overlapping<const N: usize>(shape: [usize; N], strides: [usize; N]) -> bool {
     if shape.contains(&0) {
         return true;
     }

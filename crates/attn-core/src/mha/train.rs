@@ -17,8 +17,8 @@
 use std::borrow::Cow;
 
 use attn_kernels::{
-    arena, attention_backward, attention_with_lse_lo, linear_backward, BackwardInputs, Gradients, LinearShape, Par,
-    View, View4, ViewMut, ViewMut4,
+    arena, attention_backward, attention_backward_fused, attention_with_lse_lo, linear_backward, BackwardInputs,
+    FusedGradients, Gradients, LinearShape, Par, View, View4, ViewMut, ViewMut4,
 };
 
 use super::forward::{head_view, weights_from_lse, Projected, Source};
@@ -377,6 +377,9 @@ impl Core {
 
         // 2. Attention, under the forward's masks (or sequence by sequence when packed).
         let t = p.t_new;
+        if p.fused {
+            return self.fused_backward(inputs, tape, d_attn, grads, path, par);
+        }
         let mut dq = arena::zeroed(n * h * d);
         let mut dk = arena::zeroed(b * t * g * d);
         let mut dv_buf = arena::zeroed(b * t * g * dv);
@@ -431,52 +434,11 @@ impl Core {
         if let Some(rope) = &self.rope {
             let token_position = |r: usize| if qls == 1 { r % s.max(1) } else { r / b.max(1) };
             rope.apply_inverse(&mut dq, [h * d, 0, h, d], token_position, n);
-            if p.fused {
-                rope.apply_inverse(&mut dk, [g * d, 0, g, d], token_position, n);
-            } else {
-                rope.apply_inverse(&mut dk, [g * d, 0, g, d], |r| r % t.max(1), b * t);
-            }
+            rope.apply_inverse(&mut dk, [g * d, 0, g, d], |r| r % t.max(1), b * t);
         }
 
         // 5. The input projections (4, the appended rows, is inside `kv_backward`).
         let x_query = query.data;
-        if p.fused {
-            let width = p.q_width;
-            let mut d_qkv = arena::zeroed(n * width);
-            for (r, row) in d_qkv.chunks_exact_mut(width).enumerate() {
-                row[..h * d].copy_from_slice(&dq[r * h * d..][..h * d]);
-                row[h * d..h * d + g * d].copy_from_slice(&dk[r * g * d..][..g * d]);
-                row[h * d + g * d..].copy_from_slice(&dv_buf[r * g * dv..][..g * dv]);
-            }
-            [dq, dk, dv_buf].into_iter().for_each(arena::give);
-            let mut d_query = arena::zeroed(n * e);
-            let (dw, db) = grads.of_weight_and_bias(
-                path,
-                (&self.w_q_or_qkv, "in_proj_weight"),
-                self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")),
-            )?;
-            let shape = LinearShape {
-                n,
-                in_dim: e,
-                out_dim: width,
-            };
-            linear_backward(
-                Some(&mut d_query),
-                dw,
-                db,
-                &d_qkv,
-                x_query,
-                self.w_q_or_qkv.data(),
-                shape,
-                par,
-            )?;
-            arena::give(d_qkv);
-            return Ok(MhaInputGrads {
-                query: d_query,
-                key: None,
-                value: None,
-            });
-        }
         let mut d_query = arena::zeroed(n * e);
         self.projection_backward((grads, path), 0, Some(&mut d_query), &dq, x_query, par)?;
         let (key, value) = inputs.key_value.unwrap_or((*query, *query));
@@ -495,6 +457,130 @@ impl Core {
             *q += k + v;
         }
         [d_key, d_value].into_iter().for_each(arena::give);
+        Ok(MhaInputGrads {
+            query: d_query,
+            key: None,
+            value: None,
+        })
+    }
+
+    /// Steps 2, 3 and 5 of the backward for the fused `[tokens, q|k|v]` projection: the attention
+    /// kernel writes dQ, dK and dV straight into their columns of one `d_qkv` buffer
+    /// ([`FusedGradients`]), RoPE's inverse rotates them there, and one GEMM pair takes it back
+    /// through `in_proj`.
+    fn fused_backward(
+        &self,
+        inputs: &MhaInputs<'_>,
+        tape: &MhaTape,
+        d_attn: Vec<f32>,
+        grads: &mut Grads,
+        path: &ParamPath<'_>,
+        par: Par,
+    ) -> Result<MhaInputGrads> {
+        let Dims { e, h, g, d, dv, .. } = self.dims;
+        let query = &inputs.query;
+        let (b, s) = (query.batch, query.len);
+        let n = b * s;
+        let p = &tape.projected;
+        let width = p.q_width;
+        let [qbs, qls] = query.token_strides();
+        let mut d_qkv = arena::zeroed(n * width);
+        // The blocks of rows `[rows, width]` laid out with batch and row strides `[bs, ls]`.
+        let blocks = |[bs, ls]: [usize; 2], [b, s]: [usize; 2]| {
+            [
+                (0, [b, h, s, d], [bs * width, d, ls * width, 1]),
+                (h * d, [b, g, s, d], [bs * width, d, ls * width, 1]),
+                (h * d + g * d, [b, g, s, dv], [bs * width, dv, ls * width, 1]),
+            ]
+        };
+        match &inputs.packing {
+            Some(packing) => {
+                self.check_packing(inputs, packing, p.t_new)?;
+                let options = self.packed_options(inputs.options.is_causal);
+                // Each sequence's rows of d_qkv, split off for its own call.
+                let mut jobs = Vec::new();
+                let mut rest = &mut d_qkv[..];
+                for (i, w) in packing.query_starts.windows(2).enumerate() {
+                    let (mine, tail) = rest.split_at_mut((w[1] - w[0]) * width);
+                    jobs.push((i, mine));
+                    rest = tail;
+                }
+                let run = |(i, rows): (usize, &mut [f32]), inner: Par| -> Result<()> {
+                    let (q0, q1) = (packing.query_starts[i], packing.query_starts[i + 1]);
+                    let sl = q1 - q0;
+                    if sl == 0 {
+                        return Ok(());
+                    }
+                    let [q, k, v] = packed_views(p, [h, g, d, dv], [q0, q1], [q0, q1])?;
+                    let out_strides = [sl * h * dv, dv, h * dv, 1];
+                    attention_backward_fused(
+                        FusedGradients::new(rows, blocks([sl, 1], [1, sl]))?,
+                        BackwardInputs {
+                            q,
+                            k,
+                            v,
+                            out: View4::new(&tape.attn_out[q0 * h * dv..q1 * h * dv], [1, h, sl, dv], out_strides)?,
+                            lse: View::contiguous(&tape.lse[q0 * h..q1 * h], [1, h, sl])?,
+                            lse_lo: Some(View::contiguous(&tape.lse_lo[q0 * h..q1 * h], [1, h, sl])?),
+                            dout: View4::new(&d_attn[q0 * h * dv..q1 * h * dv], [1, h, sl, dv], out_strides)?,
+                        },
+                        &options,
+                        inner,
+                    )?;
+                    Ok(())
+                };
+                super::for_each_sequence(jobs, par, run)?;
+            }
+            None => {
+                let c = CallViews { b, s, qbs, qls };
+                let [q, k, v] = self.kernel_views(p, &c)?;
+                let masks = MaskSet::new(&inputs.options, [b, h, s, s], 0, false)?;
+                let kernel_options = masks.options(self.alibi.as_deref())?;
+                let out_strides = [qbs * h * dv, dv, qls * h * dv, 1];
+                attention_backward_fused(
+                    FusedGradients::new(&mut d_qkv, blocks([qbs, qls], [b, s]))?,
+                    BackwardInputs {
+                        q,
+                        k,
+                        v,
+                        out: View4::new(&tape.attn_out, [b, h, s, dv], out_strides)?,
+                        lse: View::contiguous(&tape.lse, [b, h, s])?,
+                        lse_lo: Some(View::contiguous(&tape.lse_lo, [b, h, s])?),
+                        dout: View4::new(&d_attn, [b, h, s, dv], out_strides)?,
+                    },
+                    &kernel_options,
+                    par,
+                )?;
+            }
+        }
+        arena::give(d_attn);
+        if let Some(rope) = &self.rope {
+            let token_position = |r: usize| if qls == 1 { r % s.max(1) } else { r / b.max(1) };
+            rope.apply_inverse(&mut d_qkv, [width, 0, h, d], token_position, n);
+            rope.apply_inverse(&mut d_qkv, [width, h * d, g, d], token_position, n);
+        }
+        let mut d_query = arena::zeroed(n * e);
+        let (dw, db) = grads.of_weight_and_bias(
+            path,
+            (&self.w_q_or_qkv, "in_proj_weight"),
+            self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")),
+        )?;
+        let shape = LinearShape {
+            n,
+            in_dim: e,
+            out_dim: width,
+        };
+        linear_backward(
+            Some(&mut d_query),
+            dw,
+            db,
+            &d_qkv,
+            query.data,
+            self.w_q_or_qkv.data(),
+            shape,
+            par,
+        )?;
+        arena::give(d_qkv);
         Ok(MhaInputGrads {
             query: d_query,
             key: None,
@@ -531,11 +617,20 @@ impl Core {
                 packing.query_starts,
             ));
         }
-        if !valid(packing.key_starts, t) || packing.key_starts.len() != packing.query_starts.len() {
+        // Self-attention packs each sequence's keys on its own query rows.
+        let self_attention = inputs.key_value.is_none();
+        if !valid(packing.key_starts, t)
+            || packing.key_starts.len() != packing.query_starts.len()
+            || (self_attention && packing.key_starts != packing.query_starts)
+        {
             return Err(shape_error(
                 op,
                 "key_starts",
-                format!("{} starts from 0 to M = {t}", packing.query_starts.len()),
+                if self_attention {
+                    format!("query_starts {:?} (self-attention)", packing.query_starts)
+                } else {
+                    format!("{} starts from 0 to M = {t}", packing.query_starts.len())
+                },
                 packing.key_starts,
             ));
         }

@@ -47,7 +47,7 @@ use crate::mask::{mask_row, resolve_scale};
 use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub2_sum, exp_sub_sum, scale_into, softmax_grad_row};
 use crate::tile::pad_to_nr;
-use crate::view::SharedMut;
+use crate::view::{is_non_overlapping, span, SharedMut};
 use crate::{Accum, AttentionOptions, KernelError, Par, View, View4, ViewMut4};
 
 #[cfg(test)]
@@ -100,6 +100,66 @@ pub struct Gradients<'a> {
     pub dk: ViewMut4<'a, f32>,
     /// `[B, G, T, Dv]`: likewise.
     pub dv: ViewMut4<'a, f32>,
+}
+
+/// `dQ`, `dK` and `dV` as column blocks of one buffer of rows, as a fused `[tokens, q|k|v]`
+/// projection lays them out: the backward writes each straight into its columns (no separate
+/// buffers to copy from). Each block is `(offset, shape, strides)`: its element `[0, 0, 0, 0]`
+/// at `offset`, its last dim contiguous and its heads side by side (`strides[3] = 1`,
+/// `strides[1] = shape[3]`), the three sharing the batch and row strides; overwritten.
+#[derive(Debug)]
+pub struct FusedGradients<'a> {
+    buf: &'a mut [f32],
+    blocks: [(usize, [usize; 4], [usize; 4]); 3],
+}
+
+impl<'a> FusedGradients<'a> {
+    /// The three blocks `[dq, dk, dv]` of `buf`; fails unless each is in bounds, the three
+    /// occupy disjoint columns of one row layout, and no two rows overlap.
+    pub fn new(buf: &'a mut [f32], blocks: [(usize, [usize; 4], [usize; 4]); 3]) -> Result<Self, KernelError> {
+        let op = "attention_backward (fused gradients)";
+        let [(_, _, first), ..] = blocks;
+        let mut columns = Vec::with_capacity(3);
+        for (name, (offset, shape, strides)) in ["dq", "dk", "dv"].into_iter().zip(blocks) {
+            let laid_out =
+                strides[3] == 1 && strides[1] == shape[3] && strides[0] == first[0] && strides[2] == first[2];
+            if !laid_out {
+                return Err(KernelError::InvalidArgument {
+                    op,
+                    what: name,
+                    got: format!("shape {shape:?}, strides {strides:?}"),
+                    expected: "contiguous heads side by side in rows shared with the other blocks",
+                });
+            }
+            let needed = span(shape, strides).and_then(|n| n.checked_add(offset));
+            if needed.is_none_or(|n| n > buf.len()) {
+                return Err(KernelError::OutOfBounds {
+                    op,
+                    tensor: name,
+                    shape: shape.to_vec(),
+                    strides: strides.to_vec(),
+                    needed: needed.unwrap_or(usize::MAX),
+                    len: buf.len(),
+                });
+            }
+            columns.push((offset, offset + shape[1] * shape[3], shape[0], shape[2]));
+        }
+        columns.sort_unstable();
+        let disjoint = columns.windows(2).all(|w| w[0].1 <= w[1].0);
+        let (start, end) = (columns[0].0, columns[2].1);
+        let (rows_b, rows_s) = columns.iter().fold((0, 0), |(b, s), c| (b.max(c.2), s.max(c.3)));
+        // Every row's columns `start..end` apart from every other row's.
+        let rows_apart = is_non_overlapping([rows_b, rows_s, end - start], [first[0], first[2], 1]);
+        if !(disjoint && rows_apart) {
+            return Err(KernelError::OverlappingDestination {
+                op,
+                tensor: "dq, dk, dv",
+                shape: vec![rows_b, rows_s, end - start],
+                strides: vec![first[0], first[2], 1],
+            });
+        }
+        Ok(FusedGradients { buf, blocks })
+    }
 }
 
 /// Which algorithm a backward call runs (see the module docs).
@@ -188,6 +248,78 @@ pub fn attention_backward_path(
     check("dk", grads.dk.shape(), inputs.k.shape())?;
     check("dv", grads.dv.shape(), inputs.v.shape())?;
     let Gradients { mut dq, mut dk, mut dv } = grads;
+    let outs = [Out::new(&mut dq), Out::new(&mut dk), Out::new(&mut dv)];
+    run_backward(outs, inputs, options, par, path, plan)
+}
+
+/// [`attention_backward`] writing into column blocks of one buffer ([`FusedGradients`]): the
+/// same values, the same bits.
+pub fn attention_backward_fused(
+    grads: FusedGradients<'_>,
+    inputs: BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "attention_backward";
+    let plan = validate(
+        op,
+        inputs.out.shape(),
+        Some(inputs.lse.shape()),
+        &inputs.q,
+        &inputs.k,
+        &inputs.v,
+        options,
+    )?;
+    if inputs.dout.shape() != inputs.out.shape() {
+        return Err(KernelError::shape(
+            op,
+            "dout",
+            inputs.out.shape().to_vec(),
+            inputs.dout.shape().to_vec(),
+        ));
+    }
+    if let Some(lo) = &inputs.lse_lo {
+        if lo.shape() != inputs.lse.shape() {
+            return Err(KernelError::shape(
+                op,
+                "lse_lo",
+                inputs.lse.shape().to_vec(),
+                lo.shape().to_vec(),
+            ));
+        }
+    }
+    let FusedGradients { buf, blocks } = grads;
+    for ((name, (_, shape, _)), want) in
+        ["dq", "dk", "dv"]
+            .into_iter()
+            .zip(blocks)
+            .zip([inputs.q.shape(), inputs.k.shape(), inputs.v.shape()])
+    {
+        if shape != want {
+            return Err(KernelError::shape(op, name, want.to_vec(), shape.to_vec()));
+        }
+    }
+    let base = buf.as_mut_ptr();
+    let out = |(offset, _, strides): (usize, [usize; 4], [usize; 4])| Out {
+        // SAFETY: `FusedGradients::new` checked each block, offset included, in bounds of `buf`.
+        ptr: SharedMut(unsafe { base.add(offset) }),
+        strides,
+    };
+    let [q, k, v] = blocks;
+    let [b, g, t, _] = inputs.k.shape();
+    let path = backward_path(b * g, inputs.q.shape()[2], t);
+    run_backward([out(q), out(k), out(v)], inputs, options, par, path, plan)
+}
+
+/// The backward into the three destinations, once the call is validated.
+fn run_backward(
+    [dq, dk, dv]: [Out; 3],
+    inputs: BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    path: BackwardPath,
+    plan: crate::flash::Plan,
+) -> Result<(), KernelError> {
     let shape = Shape {
         b: plan.b,
         h: plan.h,
@@ -205,9 +337,9 @@ pub fn attention_backward_path(
         scale: resolve_scale(options, plan.d),
         score_kernel: ScoreKernel::for_call(plan.rows_per_group, inputs.k.strides()[3] == 1),
         delta: &delta,
-        dq: Out::new(&mut dq),
-        dk: Out::new(&mut dk),
-        dv: Out::new(&mut dv),
+        dq,
+        dk,
+        dv,
     };
     let one_pass = path != BackwardPath::TwoPass || plan.t <= KEYS;
     let key_block = if one_pass { plan.t.max(1) } else { KEYS };

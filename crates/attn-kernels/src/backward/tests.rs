@@ -616,3 +616,126 @@ fn large_logits_get_exact_probabilities_from_the_split_lse() {
     // Measured 1.2e-7 with `lse_lo` (exp's and dV's own f32 rounding), 2.5e-6 without.
     assert!(worst[0] < 1e-6, "with lse_lo: {:.1e}", worst[0]);
 }
+
+/// The three blocks `(offset, shape, strides)` of a fused `[B·S, q|k|v]` buffer, batch-first.
+fn fused_blocks([b, h, g, s, d, dv]: [usize; 6]) -> [(usize, [usize; 4], [usize; 4]); 3] {
+    let w = h * d + g * d + g * dv;
+    [
+        (0, [b, h, s, d], [s * w, d, w, 1]),
+        (h * d, [b, g, s, d], [s * w, d, w, 1]),
+        (h * d + g * d, [b, g, s, dv], [s * w, dv, w, 1]),
+    ]
+}
+
+/// The gradients written straight into the columns of a fused buffer are the bits the separate
+/// buffers get, on the unfused, one-pass and two-pass paths and under a causal mask; the fused
+/// buffer's other bytes are not touched.
+#[test]
+fn fused_gradients_are_the_separate_gradients_in_place() {
+    for &(b, h, g, s, d, dv, causal) in &[
+        (2, 4, 2, 9, 8, 8, false),
+        (1, 2, 1, 300, 16, 8, true),
+        (1, 2, 2, 1100, 8, 8, false),
+    ] {
+        let w = h * d + g * d + g * dv;
+        let qkv = random_vec(b * s * w, 5);
+        let blocks = fused_blocks([b, h, g, s, d, dv]);
+        let view = |i: usize| {
+            let (offset, shape, strides) = blocks[i];
+            View4::new(&qkv[offset..], shape, strides).unwrap()
+        };
+        let options = AttentionOptions {
+            causal: if causal { Causal::TopLeft } else { Causal::None },
+            ..Default::default()
+        };
+        let mut out = vec![0.0f32; b * h * s * dv];
+        let mut lse = vec![0.0f32; b * h * s];
+        flash_attention(
+            ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
+            Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+            view(0),
+            view(1),
+            view(2),
+            &options,
+            Par::Rayon,
+        )
+        .unwrap();
+        let dout = random_vec(out.len(), 6);
+        let inputs = || BackwardInputs {
+            q: view(0),
+            k: view(1),
+            v: view(2),
+            out: View4::contiguous(&out, [b, h, s, dv]).unwrap(),
+            lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+            lse_lo: None,
+            dout: View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
+        };
+        let (mut dq, mut dk, mut dv_sep) = (
+            vec![0.0; b * h * s * d],
+            vec![0.0; b * g * s * d],
+            vec![0.0; b * g * s * dv],
+        );
+        attention_backward(
+            Gradients {
+                dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+                dk: ViewMut4::contiguous(&mut dk, [b, g, s, d]).unwrap(),
+                dv: ViewMut4::contiguous(&mut dv_sep, [b, g, s, dv]).unwrap(),
+            },
+            inputs(),
+            &options,
+            Par::Rayon,
+        )
+        .unwrap();
+        // A sentinel column past the blocks is left alone.
+        let mut fused = vec![f32::NAN; b * s * w + 1];
+        attention_backward_fused(
+            FusedGradients::new(&mut fused, blocks).unwrap(),
+            inputs(),
+            &options,
+            Par::Rayon,
+        )
+        .unwrap();
+        assert!(fused[b * s * w].is_nan());
+        for (i, (want, width, heads)) in [(&dq, d, h), (&dk, d, g), (&dv_sep, dv, g)].into_iter().enumerate() {
+            let (offset, _, _) = blocks[i];
+            for bi in 0..b {
+                for x in 0..heads {
+                    for si in 0..s {
+                        for c in 0..width {
+                            let got = fused[offset + (bi * s + si) * w + x * width + c];
+                            let want = want[((bi * heads + x) * s + si) * width + c];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "block {i} [{bi}, {x}, {si}, {c}] at S {s}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Blocks that share columns, leave their rows, or run past the buffer are refused.
+#[test]
+fn fused_gradients_refuse_overlapping_or_short_buffers() {
+    let [b, h, g, s, d, dv] = [1, 2, 1, 4, 4, 4];
+    let w = h * d + g * d + g * dv;
+    let mut buf = vec![0.0f32; b * s * w];
+    let mut blocks = fused_blocks([b, h, g, s, d, dv]);
+    blocks[1].0 -= 1;
+    assert!(matches!(
+        FusedGradients::new(&mut buf, blocks),
+        Err(KernelError::OverlappingDestination { .. })
+    ));
+    let mut blocks = fused_blocks([b, h, g, s, d, dv]);
+    blocks[0].2[2] = w - 1;
+    assert!(FusedGradients::new(&mut buf, blocks).is_err());
+    let mut short = vec![0.0f32; b * s * w - 1];
+    assert!(matches!(
+        FusedGradients::new(&mut short, fused_blocks([b, h, g, s, d, dv])),
+        Err(KernelError::OutOfBounds { .. })
+    ));
+    assert!(FusedGradients::new(&mut buf, fused_blocks([b, h, g, s, d, dv])).is_ok());
+}
