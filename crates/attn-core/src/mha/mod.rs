@@ -12,6 +12,7 @@
 //! buffer as it is (no merge copy). Weights, when asked for, come from the kernel's LSE in a
 //! second pass. What this leaves out: dropout (inference only).
 
+mod backward;
 mod config;
 mod forward;
 mod masks;

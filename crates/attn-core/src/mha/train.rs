@@ -14,17 +14,15 @@
 //! 5. input projections: one GEMM pair over the fused `[tokens, q|k|v]` for self-attention,
 //!    else one per projection; `d_query` (and `d_key`, `d_value`) come back in the inputs' layout.
 
-use std::borrow::Cow;
-
 use attn_kernels::{
-    arena, attention_backward, attention_backward_fused, attention_with_lse_lo, linear_backward, BackwardInputs,
-    FusedGradients, Gradients, LinearShape, Par, View, View4, ViewMut, ViewMut4,
+    arena, attention_backward, attention_with_lse_lo, linear_backward, BackwardInputs, Gradients, LinearShape, Par,
+    View, View4, ViewMut, ViewMut4,
 };
 
 use super::forward::{head_view, weights_from_lse, Projected, Source};
 use super::{Core, Dims, MaskSet, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights, Sequence};
 use crate::error::shape_error;
-use crate::{Grads, Layout, ParamPath, Parameters, Result, Tensor};
+use crate::{Grads, ParamPath, Parameters, Result, Tensor};
 
 /// The inputs of a training forward, given again to its backward.
 #[derive(Debug, Clone, Copy)]
@@ -57,14 +55,14 @@ pub struct Packing<'a> {
 #[derive(Debug)]
 pub struct MhaTape {
     /// `[B, S, T]` of the call (T without appended rows), checked against the backward's inputs.
-    shape: [usize; 3],
-    projected: Projected,
+    pub(super) shape: [usize; 3],
+    pub(super) projected: Projected,
     /// `[tokens, H·Dv]` in the query's storage order.
-    attn_out: Vec<f32>,
+    pub(super) attn_out: Vec<f32>,
     /// `[B, H, S]`.
-    lse: Vec<f32>,
+    pub(super) lse: Vec<f32>,
     /// `[B, H, S]`: what rounding `lse` lost, so the backward's probabilities are exact.
-    lse_lo: Vec<f32>,
+    pub(super) lse_lo: Vec<f32>,
 }
 
 impl MhaTape {
@@ -102,7 +100,7 @@ pub struct MhaInputGrads {
 /// Views `[1, H, len, D]` of query rows `q0..q1` and `[1, G, len, ·]` of key/value rows
 /// `k0..k1` of the projections (the fused `[N, q|k|v]` buffer, or queries `[N, H·D]` with keys
 /// and values `[M, G·D]`).
-fn packed_views<'p>(
+pub(super) fn packed_views<'p>(
     p: &'p Projected,
     [h, g, d, dv]: [usize; 4],
     [q0, q1]: [usize; 2],
@@ -119,37 +117,6 @@ fn packed_views<'p>(
     let k = View4::new(&p.k_buf[k0 * g * d..], [1, g, tl, d], [tl * g * d, d, g * d, 1])?;
     let v = View4::new(&p.v_buf[k0 * g * dv..], [1, g, tl, dv], [tl * g * dv, dv, g * dv, 1])?;
     Ok([q, k, v])
-}
-
-/// A sequence's rows batch-first, `[B, L, dim]`: borrowed when they already are.
-fn batch_first_rows<'a>(seq: &Sequence<'a>) -> Cow<'a, [f32]> {
-    if seq.layout == Layout::BatchFirst || seq.batch <= 1 || seq.len <= 1 {
-        return Cow::Borrowed(seq.data);
-    }
-    let (b, l, e) = (seq.batch, seq.len, seq.dim);
-    let mut out = arena::zeroed(seq.data.len());
-    for bi in 0..b {
-        for li in 0..l {
-            out[(bi * l + li) * e..][..e].copy_from_slice(&seq.data[(li * b + bi) * e..][..e]);
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// Batch-first rows `[B, L, dim]` laid out like `seq`.
-fn in_layout_of(rows: Vec<f32>, seq: &Sequence<'_>) -> Vec<f32> {
-    if seq.layout == Layout::BatchFirst || seq.batch <= 1 || seq.len <= 1 {
-        return rows;
-    }
-    let (b, l, e) = (seq.batch, seq.len, seq.dim);
-    let mut out = arena::zeroed(rows.len());
-    for bi in 0..b {
-        for li in 0..l {
-            out[(li * b + bi) * e..][..e].copy_from_slice(&rows[(bi * l + li) * e..][..e]);
-        }
-    }
-    arena::give(rows);
-    out
 }
 
 impl MultiHeadAttention {
@@ -216,15 +183,15 @@ impl Parameters for MultiHeadAttention {
 }
 
 /// The batch, query length and query token strides of a call.
-struct CallViews {
-    b: usize,
-    s: usize,
-    qbs: usize,
-    qls: usize,
+pub(super) struct CallViews {
+    pub(super) b: usize,
+    pub(super) s: usize,
+    pub(super) qbs: usize,
+    pub(super) qls: usize,
 }
 
 impl Core {
-    fn source<'a>(inputs: &MhaInputs<'a>) -> Source<'a, 'static> {
+    pub(super) fn source<'a>(inputs: &MhaInputs<'a>) -> Source<'a, 'static> {
         match inputs.key_value {
             Some((k, v)) => Source::Cross(k, v),
             None => Source::SelfAttention,
@@ -232,12 +199,12 @@ impl Core {
     }
 
     /// Key rows appended after the caller's (`add_bias_kv`, `add_zero_attn`).
-    fn extra_rows(&self) -> usize {
+    pub(super) fn extra_rows(&self) -> usize {
         usize::from(self.bias_kv.is_some()) + usize::from(self.add_zero_attn)
     }
 
     /// Views `[B, H, S, D]`, `[B, G, T', D]`, `[B, G, T', Dv]` of the projections.
-    fn kernel_views<'p>(&self, p: &'p Projected, c: &CallViews) -> Result<[View4<'p, f32>; 3]> {
+    pub(super) fn kernel_views<'p>(&self, p: &'p Projected, c: &CallViews) -> Result<[View4<'p, f32>; 3]> {
         let Dims { h, g, d, dv, .. } = self.dims;
         let [b, s] = [c.b, c.s];
         let q = head_view(&p.q_buf, 0, [b, h, s, d], p.q_width, [c.qbs, c.qls])?;
@@ -464,132 +431,8 @@ impl Core {
         })
     }
 
-    /// Steps 2, 3 and 5 of the backward for the fused `[tokens, q|k|v]` projection: the attention
-    /// kernel writes dQ, dK and dV straight into their columns of one `d_qkv` buffer
-    /// ([`FusedGradients`]), RoPE's inverse rotates them there, and one GEMM pair takes it back
-    /// through `in_proj`.
-    fn fused_backward(
-        &self,
-        inputs: &MhaInputs<'_>,
-        tape: &MhaTape,
-        d_attn: Vec<f32>,
-        grads: &mut Grads,
-        path: &ParamPath<'_>,
-        par: Par,
-    ) -> Result<MhaInputGrads> {
-        let Dims { e, h, g, d, dv, .. } = self.dims;
-        let query = &inputs.query;
-        let (b, s) = (query.batch, query.len);
-        let n = b * s;
-        let p = &tape.projected;
-        let width = p.q_width;
-        let [qbs, qls] = query.token_strides();
-        let mut d_qkv = arena::zeroed(n * width);
-        // The blocks of rows `[rows, width]` laid out with batch and row strides `[bs, ls]`.
-        let blocks = |[bs, ls]: [usize; 2], [b, s]: [usize; 2]| {
-            [
-                (0, [b, h, s, d], [bs * width, d, ls * width, 1]),
-                (h * d, [b, g, s, d], [bs * width, d, ls * width, 1]),
-                (h * d + g * d, [b, g, s, dv], [bs * width, dv, ls * width, 1]),
-            ]
-        };
-        match &inputs.packing {
-            Some(packing) => {
-                self.check_packing(inputs, packing, p.t_new)?;
-                let options = self.packed_options(inputs.options.is_causal);
-                // Each sequence's rows of d_qkv, split off for its own call.
-                let mut jobs = Vec::new();
-                let mut rest = &mut d_qkv[..];
-                for (i, w) in packing.query_starts.windows(2).enumerate() {
-                    let (mine, tail) = rest.split_at_mut((w[1] - w[0]) * width);
-                    jobs.push((i, mine));
-                    rest = tail;
-                }
-                let run = |(i, rows): (usize, &mut [f32]), inner: Par| -> Result<()> {
-                    let (q0, q1) = (packing.query_starts[i], packing.query_starts[i + 1]);
-                    let sl = q1 - q0;
-                    if sl == 0 {
-                        return Ok(());
-                    }
-                    let [q, k, v] = packed_views(p, [h, g, d, dv], [q0, q1], [q0, q1])?;
-                    let out_strides = [sl * h * dv, dv, h * dv, 1];
-                    attention_backward_fused(
-                        FusedGradients::new(rows, blocks([sl, 1], [1, sl]))?,
-                        BackwardInputs {
-                            q,
-                            k,
-                            v,
-                            out: View4::new(&tape.attn_out[q0 * h * dv..q1 * h * dv], [1, h, sl, dv], out_strides)?,
-                            lse: View::contiguous(&tape.lse[q0 * h..q1 * h], [1, h, sl])?,
-                            lse_lo: Some(View::contiguous(&tape.lse_lo[q0 * h..q1 * h], [1, h, sl])?),
-                            dout: View4::new(&d_attn[q0 * h * dv..q1 * h * dv], [1, h, sl, dv], out_strides)?,
-                        },
-                        &options,
-                        inner,
-                    )?;
-                    Ok(())
-                };
-                super::for_each_sequence(jobs, par, run)?;
-            }
-            None => {
-                let c = CallViews { b, s, qbs, qls };
-                let [q, k, v] = self.kernel_views(p, &c)?;
-                let masks = MaskSet::new(&inputs.options, [b, h, s, s], 0, false)?;
-                let kernel_options = masks.options(self.alibi.as_deref())?;
-                let out_strides = [qbs * h * dv, dv, qls * h * dv, 1];
-                attention_backward_fused(
-                    FusedGradients::new(&mut d_qkv, blocks([qbs, qls], [b, s]))?,
-                    BackwardInputs {
-                        q,
-                        k,
-                        v,
-                        out: View4::new(&tape.attn_out, [b, h, s, dv], out_strides)?,
-                        lse: View::contiguous(&tape.lse, [b, h, s])?,
-                        lse_lo: Some(View::contiguous(&tape.lse_lo, [b, h, s])?),
-                        dout: View4::new(&d_attn, [b, h, s, dv], out_strides)?,
-                    },
-                    &kernel_options,
-                    par,
-                )?;
-            }
-        }
-        arena::give(d_attn);
-        if let Some(rope) = &self.rope {
-            let token_position = |r: usize| if qls == 1 { r % s.max(1) } else { r / b.max(1) };
-            rope.apply_inverse(&mut d_qkv, [width, 0, h, d], token_position, n);
-            rope.apply_inverse(&mut d_qkv, [width, h * d, g, d], token_position, n);
-        }
-        let mut d_query = arena::zeroed(n * e);
-        let (dw, db) = grads.of_weight_and_bias(
-            path,
-            (&self.w_q_or_qkv, "in_proj_weight"),
-            self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")),
-        )?;
-        let shape = LinearShape {
-            n,
-            in_dim: e,
-            out_dim: width,
-        };
-        linear_backward(
-            Some(&mut d_query),
-            dw,
-            db,
-            &d_qkv,
-            query.data,
-            self.w_q_or_qkv.data(),
-            shape,
-            par,
-        )?;
-        arena::give(d_qkv);
-        Ok(MhaInputGrads {
-            query: d_query,
-            key: None,
-            value: None,
-        })
-    }
-
     /// The kernel options of packed sequences: causal or not, the module's ALiBi.
-    fn packed_options(&self, is_causal: bool) -> attn_kernels::AttentionOptions<'_> {
+    pub(super) fn packed_options(&self, is_causal: bool) -> attn_kernels::AttentionOptions<'_> {
         attn_kernels::AttentionOptions {
             causal: if is_causal {
                 attn_kernels::Causal::TopLeft
@@ -603,7 +446,7 @@ impl Core {
 
     /// Checks a packing against the call: batch 1, starts covering the rows, one count of
     /// sequences, no mask but `is_causal`, no RoPE or appended rows.
-    fn check_packing(&self, inputs: &MhaInputs<'_>, packing: &Packing<'_>, t: usize) -> Result<()> {
+    pub(super) fn check_packing(&self, inputs: &MhaInputs<'_>, packing: &Packing<'_>, t: usize) -> Result<()> {
         let op = "multihead_attention (packed)";
         let s = inputs.query.len;
         let valid = |starts: &[usize], n: usize| {
@@ -699,161 +542,5 @@ impl Core {
         };
         super::for_each_sequence(jobs, par, attend)?;
         Ok((attn_out, lse, lse_lo))
-    }
-
-    /// The backward of [`Core::packed_attention`]: `dQ` `[N, H·D]`, `dK`, `dV` in the layout of
-    /// K and V (rows of the fused buffer, or `[M, G·D]`).
-    fn packed_attention_backward(
-        &self,
-        tape: &MhaTape,
-        d_attn: &[f32],
-        packing: &Packing<'_>,
-        is_causal: bool,
-        [dq, dk, dv]: [&mut Vec<f32>; 3],
-        par: Par,
-    ) -> Result<()> {
-        let Dims { h, g, d, dv: dvw, .. } = self.dims;
-        let p = &tape.projected;
-        let options = self.packed_options(is_causal);
-        // Split the gradients by sequence: query rows for dQ, key rows for dK and dV.
-        let mut jobs = Vec::new();
-        let (mut q_rest, mut k_rest, mut v_rest) = (&mut dq[..], &mut dk[..], &mut dv[..]);
-        for (i, (qw, kw)) in packing
-            .query_starts
-            .windows(2)
-            .zip(packing.key_starts.windows(2))
-            .enumerate()
-        {
-            let (ql, kl) = (qw[1] - qw[0], kw[1] - kw[0]);
-            let (a, a_tail) = q_rest.split_at_mut(ql * h * d);
-            let (b, b_tail) = k_rest.split_at_mut(kl * g * d);
-            let (c, c_tail) = v_rest.split_at_mut(kl * g * dvw);
-            jobs.push((i, a, b, c));
-            q_rest = a_tail;
-            k_rest = b_tail;
-            v_rest = c_tail;
-        }
-        let run = |(i, dq, dk, dv): (usize, &mut [f32], &mut [f32], &mut [f32]), inner: Par| -> Result<()> {
-            let (q0, q1) = (packing.query_starts[i], packing.query_starts[i + 1]);
-            let (k0, k1) = (packing.key_starts[i], packing.key_starts[i + 1]);
-            let (sl, tl) = (q1 - q0, k1 - k0);
-            if sl == 0 {
-                return Ok(());
-            }
-            let [q, k, v] = packed_views(p, [h, g, d, dvw], [q0, q1], [k0, k1])?;
-            let out_strides = [sl * h * dvw, dvw, h * dvw, 1];
-            attention_backward(
-                Gradients {
-                    dq: ViewMut4::new(dq, [1, h, sl, d], [sl * h * d, d, h * d, 1])?,
-                    dk: ViewMut4::new(dk, [1, g, tl, d], [tl * g * d, d, g * d, 1])?,
-                    dv: ViewMut4::new(dv, [1, g, tl, dvw], [tl * g * dvw, dvw, g * dvw, 1])?,
-                },
-                BackwardInputs {
-                    q,
-                    k,
-                    v,
-                    out: View4::new(&tape.attn_out[q0 * h * dvw..q1 * h * dvw], [1, h, sl, dvw], out_strides)?,
-                    lse: View::contiguous(&tape.lse[q0 * h..q1 * h], [1, h, sl])?,
-                    lse_lo: Some(View::contiguous(&tape.lse_lo[q0 * h..q1 * h], [1, h, sl])?),
-                    dout: View4::new(&d_attn[q0 * h * dvw..q1 * h * dvw], [1, h, sl, dvw], out_strides)?,
-                },
-                &options,
-                inner,
-            )?;
-            Ok(())
-        };
-        super::for_each_sequence(jobs, par, run)
-    }
-
-    /// The weight tensor holding projection `which` (0, 1, 2) and its state-dict name.
-    fn weight_param(&self, which: usize) -> (&Tensor, &'static str) {
-        match (which, &self.w_k, &self.w_v) {
-            (1, Some(k), _) => (k, "k_proj_weight"),
-            (2, _, Some(v)) => (v, "v_proj_weight"),
-            _ if self.dims.fused() => (&self.w_q_or_qkv, "in_proj_weight"),
-            _ => (&self.w_q_or_qkv, "q_proj_weight"),
-        }
-    }
-
-    /// The backward of projection `which` over `x` rows: its weight rows and bias range get
-    /// their gradients (in `grads`, named under `path`), and `dx` (if given) is written.
-    fn projection_backward(
-        &self,
-        (grads, path): (&mut Grads, &ParamPath<'_>),
-        which: usize,
-        dx: Option<&mut [f32]>,
-        dy: &[f32],
-        x: &[f32],
-        par: Par,
-    ) -> Result<()> {
-        let (w, rows, in_dim) = self.weight(which);
-        let (param, name) = self.weight_param(which);
-        let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
-        let bias_range = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
-        let shape = LinearShape {
-            n: x.len() / in_dim.max(1),
-            in_dim,
-            out_dim: rows.len(),
-        };
-        let (dw, db) =
-            grads.of_weight_and_bias(path, (param, name), self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")))?;
-        let dw = &mut dw[rows.start * in_dim..rows.end * in_dim];
-        let db = db.map(|db| &mut db[bias_range]);
-        let w = &w[rows.start * in_dim..rows.end * in_dim];
-        linear_backward(dx, dw, db, dy, x, w, shape, par)?;
-        Ok(())
-    }
-
-    /// The backward of the key (`which` = 1) or value (2) side from its gradient `d_proj`
-    /// `[B, T', width]`: the appended rows' parameters, then the projection; returns the
-    /// gradient of `seq` in its layout.
-    fn kv_backward(
-        &self,
-        grads: &mut Grads,
-        path: &ParamPath<'_>,
-        which: usize,
-        seq: &Sequence<'_>,
-        d_proj: &[f32],
-        par: Par,
-    ) -> Result<Vec<f32>> {
-        let (b, t_real) = (seq.batch, seq.len);
-        let width = if which == 1 {
-            self.dims.k_width()
-        } else {
-            self.dims.v_width()
-        };
-        let t = t_real + self.extra_rows();
-        let real_rows: Cow<'_, [f32]> = if t == t_real {
-            Cow::Borrowed(d_proj)
-        } else {
-            if let Some((bias_k, bias_v)) = &self.bias_kv {
-                let slot = if which == 1 {
-                    grads.of(bias_k, path, "bias_k")?
-                } else {
-                    grads.of(bias_v, path, "bias_v")?
-                };
-                // Summed over the batch in order.
-                for bi in 0..b {
-                    let row = &d_proj[(bi * t + t_real) * width..][..width];
-                    slot.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
-                }
-            }
-            let mut rows = arena::zeroed(b * t_real * width);
-            rows.clear();
-            for bi in 0..b {
-                rows.extend_from_slice(&d_proj[bi * t * width..][..t_real * width]);
-            }
-            Cow::Owned(rows)
-        };
-        let x = batch_first_rows(seq);
-        let mut dx = arena::zeroed(x.len());
-        self.projection_backward((grads, path), which, Some(&mut dx), &real_rows, &x, par)?;
-        if let Cow::Owned(rows) = real_rows {
-            arena::give(rows);
-        }
-        if let Cow::Owned(x) = x {
-            arena::give(x);
-        }
-        Ok(in_layout_of(dx, seq))
     }
 }
