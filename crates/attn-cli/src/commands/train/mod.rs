@@ -7,23 +7,24 @@
 //! every kernel gives the same bits on any thread count, so a run is reproducible byte for byte
 //! and `--resume` continues as if it had not stopped.
 
-use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use attn_nn::core::kernels::rng::SplitMix64;
-use attn_nn::core::kernels::{arena, Par};
-use attn_nn::core::{FromSafetensors, Grads, StateDict};
-use attn_nn::layers::{Activation, Dropout};
-use attn_nn::{AdamW, LayerConfig, Schedule, Seq2Seq, Seq2SeqConfig, Step, TransformerConfig, Vocab};
+use attn_nn::layers::Activation;
+use attn_nn::{LayerConfig, Seq2Seq, Seq2SeqConfig, TransformerConfig, Vocab};
 use serde_json::json;
 
-use crate::support::allocations;
 use crate::support::checkpoint;
 use crate::support::tensors::write_f32_atomic;
 use crate::support::threads::Threads;
+
+mod bench;
+mod trainer;
+
+pub use bench::{bench, BenchArgs};
+pub use trainer::{evaluate, Trainer};
 
 /// The model's shape: defaults when training from scratch; with `--init`, a flag given must
 /// agree with the checkpoint.
@@ -300,223 +301,6 @@ impl ModelFlags {
     }
 }
 
-/// The order batches are drawn in: file order, or a seeded shuffle per epoch.
-struct Order {
-    n: usize,
-    seed: u64,
-    shuffle: bool,
-    epoch: Option<(u64, Vec<usize>)>,
-}
-
-impl Order {
-    /// Indices of batch `step` (0-based): positions `step·B … step·B + B − 1` of the endless
-    /// stream of epochs.
-    fn batch(&mut self, step: u64, b: usize) -> Vec<usize> {
-        (0..b as u64)
-            .map(|j| {
-                let p = step * b as u64 + j;
-                let (epoch, i) = (p / self.n as u64, (p % self.n as u64) as usize);
-                if !self.shuffle {
-                    return i;
-                }
-                if self.epoch.as_ref().map(|e| e.0) != Some(epoch) {
-                    let mut perm: Vec<usize> = (0..self.n).collect();
-                    let mut rng = SplitMix64::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
-                    for k in (1..self.n).rev() {
-                        perm.swap(k, (rng.next_u64() % (k as u64 + 1)) as usize);
-                    }
-                    self.epoch = Some((epoch, perm));
-                }
-                self.epoch.as_ref().expect("set above").1[i]
-            })
-            .collect()
-    }
-}
-
-/// The schedule the flags name.
-fn schedule(flags: &OptimFlags, d_model: usize, steps: u64) -> Schedule {
-    match flags.schedule {
-        ScheduleFlag::Constant => Schedule::Constant { warmup: flags.warmup },
-        ScheduleFlag::Noam => Schedule::Noam {
-            d_model,
-            warmup: flags.warmup.max(1),
-        },
-        ScheduleFlag::Cosine => Schedule::Cosine {
-            warmup: flags.warmup,
-            total: steps,
-            min_factor: 0.0,
-        },
-    }
-}
-
-/// A model, its optimizer and everything one step needs.
-pub struct Trainer {
-    /// The model being trained.
-    pub model: Seq2Seq,
-    adam: AdamW,
-    grads: Grads,
-    schedule: Schedule,
-    flags: OptimFlags,
-    order: Order,
-    pairs: Vec<(String, String)>,
-    dropout: f32,
-}
-
-/// What one step measured.
-#[derive(Debug, Clone, Copy)]
-pub struct StepReport {
-    /// The batch's mean loss.
-    pub loss: f64,
-    /// The learning rate used.
-    pub lr: f32,
-    /// The gradients' global norm before clipping.
-    pub grad_norm: f32,
-    /// Target tokens in the batch (the loss's count).
-    pub tokens: usize,
-    /// Seconds spent clipping and in AdamW (the flat passes over the parameter store).
-    pub optimizer_s: f64,
-}
-
-impl Trainer {
-    /// A trainer over `pairs` (which must fit the model's vocabulary and `max_len`).
-    pub fn new(model: Seq2Seq, pairs: Vec<(String, String)>, flags: OptimFlags, steps: u64) -> Result<Self> {
-        if flags.batch_size == 0 {
-            bail!("--batch-size is 0, expected at least 1");
-        }
-        if !(0.0..=1.0).contains(&flags.label_smoothing) {
-            bail!(
-                "--label-smoothing is {}, expected between 0 and 1",
-                flags.label_smoothing
-            );
-        }
-        if !(flags.lr >= 0.0 && flags.lr.is_finite()) {
-            bail!("--lr is {}, expected a finite number at least 0", flags.lr);
-        }
-        if let Some(c) = flags.clip_norm {
-            if !(c > 0.0 && c.is_finite()) {
-                bail!("--clip-norm is {c}, expected a positive number");
-            }
-        }
-        let adam = AdamW::new(flags.betas, flags.eps, flags.weight_decay)?;
-        let d_model = model.config().transformer.layer.d_model;
-        let dropout = model.config().transformer.layer.dropout as f32;
-        let order = Order {
-            n: pairs.len(),
-            seed: flags.seed,
-            shuffle: !flags.no_shuffle,
-            epoch: None,
-        };
-        Ok(Trainer {
-            grads: model.grads(),
-            model,
-            adam,
-            schedule: schedule(&flags, d_model, steps),
-            flags,
-            order,
-            pairs,
-            dropout,
-        })
-    }
-
-    /// Step `step` (1-based): returns what it measured.
-    pub fn step(&mut self, step: u64) -> Result<StepReport> {
-        let indices = self.order.batch(step - 1, self.flags.batch_size);
-        let pairs: Vec<(&str, &str)> = indices
-            .iter()
-            .map(|&i| (self.pairs[i].0.as_str(), self.pairs[i].1.as_str()))
-            .collect();
-        let batch = self.model.packed_batch(&pairs)?;
-        let dropout = Dropout {
-            p: self.dropout,
-            seed: self.flags.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step,
-        };
-        self.grads.zero();
-        let mut ctx = Step::new(dropout, Par::Rayon, &mut self.grads);
-        let (logits, tape) = self.model.forward_train(&batch, &mut ctx)?;
-        let (loss, d_logits) = self
-            .model
-            .loss(&batch, &logits, self.flags.label_smoothing, Par::Rayon)?;
-        arena::give(logits);
-        self.model.backward(&batch, &tape, &d_logits, &mut ctx)?;
-        // The step's buffers go back to the activation arena for the next step.
-        arena::give(d_logits);
-        tape.recycle();
-        if !loss.is_finite() {
-            bail!("step {step}: the loss is {loss}; the weights were not updated (try a lower --lr or --clip-norm)");
-        }
-        let optimizer_start = Instant::now();
-        let grad_norm = self.grads.clip_norm(self.flags.clip_norm.unwrap_or(f32::INFINITY));
-        if !grad_norm.is_finite() {
-            bail!(
-                "step {step}: the gradients' norm is {grad_norm}; the weights were not updated (try a lower --lr or --clip-norm)"
-            );
-        }
-        let lr = self.flags.lr * self.schedule.factor(step);
-        self.model.update(&mut self.adam, &self.grads, lr)?;
-        Ok(StepReport {
-            loss,
-            lr,
-            grad_norm,
-            tokens: batch.target_tokens(),
-            optimizer_s: optimizer_start.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// The optimizer's state as named tensors (for `--resume`).
-    fn state(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        let mut tensors = Vec::new();
-        for (name, m, v) in self.adam.all_moments() {
-            tensors.push((format!("m.{name}"), vec![m.len()], m.to_vec()));
-            tensors.push((format!("v.{name}"), vec![v.len()], v.to_vec()));
-        }
-        tensors
-    }
-
-    /// Restores the optimizer from a state file; returns the step it was saved at.
-    fn restore(&mut self, path: &Path) -> Result<u64> {
-        let bytes = std::fs::read(path).with_context(|| format!("--resume needs {}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).context("the optimizer state")?;
-        let step: u64 = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("step"))
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("{}: no `step` metadata", path.display()))?;
-        let dict = StateDict::from_safetensors(&bytes).with_context(|| path.display().to_string())?;
-        let mut moments: BTreeMap<String, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
-        for (name, t) in dict {
-            if let Some(n) = name.strip_prefix("m.") {
-                moments.entry(n.to_string()).or_default().0 = t.into_data();
-            } else if let Some(n) = name.strip_prefix("v.") {
-                moments.entry(n.to_string()).or_default().1 = t.into_data();
-            }
-        }
-        self.adam.restore(step, moments)?;
-        Ok(step)
-    }
-}
-
-/// Exact-match accuracy (greedy) and mean loss of `pairs`.
-pub fn evaluate(model: &Seq2Seq, pairs: &[(String, String)], label_smoothing: f32) -> Result<(f64, f64)> {
-    let (mut correct, mut loss_sum, mut count) = (0usize, 0.0f64, 0usize);
-    for chunk in pairs.chunks(256) {
-        let sources: Vec<&str> = chunk.iter().map(|(s, _)| s.as_str()).collect();
-        let max_len = model.config().max_len;
-        let decoded = model.greedy(&sources, max_len, false, Par::Rayon)?;
-        for (d, (_, t)) in decoded.iter().zip(chunk) {
-            correct += usize::from(model.config().tgt_vocab.decode(&d.tokens) == *t && d.tokens.last() == Some(&2));
-        }
-        let refs: Vec<(&str, &str)> = chunk.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
-        let batch = model.batch(&refs)?;
-        let logits = model.logits(&batch, Par::Rayon)?;
-        let (loss, _) = model.padded_loss(&batch, &logits, label_smoothing, Par::Rayon)?;
-        let tokens = batch.target_tokens();
-        loss_sum += loss * tokens as f64;
-        count += tokens;
-    }
-    Ok((correct as f64 / pairs.len() as f64, loss_sum / count.max(1) as f64))
-}
-
 /// The file beside the checkpoint that holds the optimizer's state.
 fn state_path(output: &Path) -> PathBuf {
     let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -779,95 +563,4 @@ fn progress(steps: u64, first: u64, quiet: bool) -> Option<indicatif::ProgressBa
     );
     bar.set_position(first.saturating_sub(1));
     Some(bar)
-}
-
-/// `attn bench train`.
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
-    /// Training pairs: source TAB target.
-    #[arg(long)]
-    data: PathBuf,
-    #[command(flatten)]
-    model: ModelFlags,
-    #[command(flatten)]
-    optim: OptimFlags,
-    /// Steps to time (after one untimed step).
-    #[arg(long, default_value_t = 20)]
-    steps: u64,
-    #[command(flatten)]
-    threads: Threads,
-    /// One JSON object on stdout.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Times training steps (batch, forward, backward, AdamW), data loading excluded.
-pub fn bench(args: BenchArgs) -> Result<()> {
-    let pairs = read_pairs(&args.data)?;
-    let config = args.model.config(&pairs)?;
-    let model = Seq2Seq::with_seed(config, args.optim.seed)?;
-    let steps = args.steps.max(1);
-    args.threads.install(|threads| {
-        let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps + 1)?;
-        trainer.step(1)?;
-        let mut times = Vec::new();
-        let mut optimizer = Vec::new();
-        let mut tokens = 0usize;
-        // Large allocations per timed step, and the resident memory after the first and the
-        // last step: what a step takes from the allocator at steady state.
-        let mut large = Vec::new();
-        let rss_first = allocations::resident_bytes();
-        for step in 2..=steps + 1 {
-            let before = allocations::large();
-            let t0 = Instant::now();
-            let report = trainer.step(step)?;
-            times.push(t0.elapsed().as_secs_f64());
-            let after = allocations::large();
-            large.push((after.0 - before.0, after.1 - before.1));
-            tokens += report.tokens;
-            optimizer.push(report.optimizer_s);
-        }
-        let rss_last = allocations::resident_bytes();
-        // Over the last half of the steps: whether the arena has stopped growing.
-        let late: u64 = large[large.len() / 2..].iter().map(|l| l.0).sum();
-        large.sort_unstable();
-        let (large_count, large_bytes) = large[large.len() / 2];
-        optimizer.sort_by(f64::total_cmp);
-        let optimizer_median = optimizer[optimizer.len() / 2];
-        let parameters = trainer.model.store().layout().numel();
-        let total: f64 = times.iter().sum();
-        let mut sorted = times.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median = sorted[sorted.len() / 2];
-        let tokens_per_s = tokens as f64 / total;
-        if args.json {
-            println!(
-                "{}",
-                json!({"op": "train", "median_s": median, "min_s": sorted[0], "runs": times.len(),
-                       "tokens_per_s": tokens_per_s, "threads": threads,
-                       "optimizer_median_s": optimizer_median, "parameters": parameters,
-                       "large_allocations_per_step": large_count, "large_allocated_bytes_per_step": large_bytes,
-                       "large_allocations_last_half": late,
-                       "resident_bytes_first": rss_first, "resident_bytes_last": rss_last,
-                       "simd": format!("{:?}", attn_nn::core::kernels::simd_level()).to_lowercase()})
-            );
-        } else {
-            println!(
-                "train: median {:.2} ms per step, {tokens_per_s:.0} target tokens/s ({} steps, {threads} threads); \
-                 of which clipping and AdamW over {parameters} parameters {:.3} ms",
-                median * 1e3,
-                times.len(),
-                optimizer_median * 1e3
-            );
-            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            println!(
-                "allocations of {} KiB or more: median {large_count} per step ({:.1} MiB), {late} in all over the last half of the steps; resident memory {} before the timed steps, {} after them",
-                allocations::LARGE >> 10,
-                mib(large_bytes),
-                rss_first.map_or("unknown".into(), |b| format!("{:.0} MiB", mib(b))),
-                rss_last.map_or("unknown".into(), |b| format!("{:.0} MiB", mib(b))),
-            );
-        }
-        Ok(())
-    })
 }
