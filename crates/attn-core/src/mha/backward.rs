@@ -5,8 +5,8 @@
 use std::borrow::Cow;
 
 use attn_kernels::{
-    arena, attention_backward, attention_backward_fused, linear_backward, BackwardInputs, FusedGradients, Gradients,
-    LinearShape, Par, View, View4, ViewMut4,
+    arena, attention_backward, attention_backward_fused, linear_backward, FusedGradients, Gradients, LinearShape, Par,
+    ViewMut4,
 };
 
 use super::train::{packed_views, CallViews, MhaInputGrads, MhaInputs, MhaTape, Packing};
@@ -96,15 +96,7 @@ impl Core {
                     let out_strides = [sl * h * dv, dv, h * dv, 1];
                     attention_backward_fused(
                         FusedGradients::new(rows, blocks([sl, 1], [1, sl]))?,
-                        BackwardInputs {
-                            q,
-                            k,
-                            v,
-                            out: View4::new(&tape.attn_out[q0 * h * dv..q1 * h * dv], [1, h, sl, dv], out_strides)?,
-                            lse: View::contiguous(&tape.lse[q0 * h..q1 * h], [1, h, sl])?,
-                            lse_lo: Some(View::contiguous(&tape.lse_lo[q0 * h..q1 * h], [1, h, sl])?),
-                            dout: View4::new(&d_attn[q0 * h * dv..q1 * h * dv], [1, h, sl, dv], out_strides)?,
-                        },
+                        tape.kernel_inputs([q, k, v], &d_attn, q0..q1, [1, h, sl, dv], out_strides)?,
                         &options,
                         inner,
                     )?;
@@ -120,15 +112,7 @@ impl Core {
                 let out_strides = [qbs * h * dv, dv, qls * h * dv, 1];
                 attention_backward_fused(
                     FusedGradients::new(&mut d_qkv, blocks([qbs, qls], [b, s]))?,
-                    BackwardInputs {
-                        q,
-                        k,
-                        v,
-                        out: View4::new(&tape.attn_out, [b, h, s, dv], out_strides)?,
-                        lse: View::contiguous(&tape.lse, [b, h, s])?,
-                        lse_lo: Some(View::contiguous(&tape.lse_lo, [b, h, s])?),
-                        dout: View4::new(&d_attn, [b, h, s, dv], out_strides)?,
-                    },
+                    tape.kernel_inputs([q, k, v], &d_attn, 0..n, [b, h, s, dv], out_strides)?,
                     &kernel_options,
                     par,
                 )?;
@@ -216,15 +200,7 @@ impl Core {
                     dk: ViewMut4::new(dk, [1, g, tl, d], [tl * g * d, d, g * d, 1])?,
                     dv: ViewMut4::new(dv, [1, g, tl, dvw], [tl * g * dvw, dvw, g * dvw, 1])?,
                 },
-                BackwardInputs {
-                    q,
-                    k,
-                    v,
-                    out: View4::new(&tape.attn_out[q0 * h * dvw..q1 * h * dvw], [1, h, sl, dvw], out_strides)?,
-                    lse: View::contiguous(&tape.lse[q0 * h..q1 * h], [1, h, sl])?,
-                    lse_lo: Some(View::contiguous(&tape.lse_lo[q0 * h..q1 * h], [1, h, sl])?),
-                    dout: View4::new(&d_attn[q0 * h * dvw..q1 * h * dvw], [1, h, sl, dvw], out_strides)?,
-                },
+                tape.kernel_inputs([q, k, v], d_attn, q0..q1, [1, h, sl, dvw], out_strides)?,
                 &options,
                 inner,
             )?;

@@ -75,6 +75,29 @@ impl MhaTape {
             .for_each(arena::give);
     }
 
+    /// The kernel's backward inputs for the query rows `rows` of the call (`0..B·S`, or one
+    /// packed sequence's `q0..q1` with `b = 1`): `[q, k, v]`, this tape's output and LSE, and
+    /// `d_attn`, each output-shaped view `[b, h, len, dv]` with `out_strides`.
+    pub(super) fn kernel_inputs<'a>(
+        &'a self,
+        [q, k, v]: [View4<'a, f32>; 3],
+        d_attn: &'a [f32],
+        rows: std::ops::Range<usize>,
+        [b, h, len, dv]: [usize; 4],
+        out_strides: [usize; 4],
+    ) -> Result<BackwardInputs<'a>> {
+        let (out_rows, lse_rows) = (rows.start * h * dv..rows.end * h * dv, rows.start * h..rows.end * h);
+        Ok(BackwardInputs {
+            q,
+            k,
+            v,
+            out: View4::new(&self.attn_out[out_rows.clone()], [b, h, len, dv], out_strides)?,
+            lse: View::contiguous(&self.lse[lse_rows.clone()], [b, h, len])?,
+            lse_lo: Some(View::contiguous(&self.lse_lo[lse_rows], [b, h, len])?),
+            dout: View4::new(&d_attn[out_rows], [b, h, len, dv], out_strides)?,
+        })
+    }
+
     /// Bytes the tape holds.
     pub fn bytes(&self) -> usize {
         4 * (self.projected.q_buf.len()
@@ -380,15 +403,7 @@ impl Core {
                         dk: ViewMut4::new(&mut dk[..], [b, g, t, d], k_strides)?,
                         dv: ViewMut4::new(&mut dv_buf[..], [b, g, t, dv], v_strides)?,
                     },
-                    BackwardInputs {
-                        q,
-                        k,
-                        v,
-                        out: View4::new(&tape.attn_out, [b, h, s, dv], out_strides)?,
-                        lse: View::contiguous(&tape.lse, [b, h, s])?,
-                        lse_lo: Some(View::contiguous(&tape.lse_lo, [b, h, s])?),
-                        dout: View4::new(&d_attn, [b, h, s, dv], out_strides)?,
-                    },
+                    tape.kernel_inputs([q, k, v], &d_attn, 0..n, [b, h, s, dv], out_strides)?,
                     &kernel_options,
                     par,
                 )?;

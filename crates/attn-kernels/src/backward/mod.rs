@@ -212,41 +212,8 @@ pub fn attention_backward_path(
     path: BackwardPath,
 ) -> Result<(), KernelError> {
     let op = "attention_backward";
-    let plan = validate(
-        op,
-        inputs.out.shape(),
-        Some(inputs.lse.shape()),
-        &inputs.q,
-        &inputs.k,
-        &inputs.v,
-        options,
-    )?;
-    let check = |tensor: &'static str, got: [usize; 4], want: [usize; 4]| {
-        if got == want {
-            Ok(())
-        } else {
-            Err(KernelError::ShapeMismatch {
-                op,
-                tensor,
-                expected: want.to_vec(),
-                got: got.to_vec(),
-            })
-        }
-    };
-    check("dout", inputs.dout.shape(), inputs.out.shape())?;
-    if let Some(lo) = &inputs.lse_lo {
-        if lo.shape() != inputs.lse.shape() {
-            return Err(KernelError::shape(
-                op,
-                "lse_lo",
-                inputs.lse.shape().to_vec(),
-                lo.shape().to_vec(),
-            ));
-        }
-    }
-    check("dq", grads.dq.shape(), inputs.q.shape())?;
-    check("dk", grads.dk.shape(), inputs.k.shape())?;
-    check("dv", grads.dv.shape(), inputs.v.shape())?;
+    let plan = validate_inputs(op, &inputs, options)?;
+    check_gradients(op, [grads.dq.shape(), grads.dk.shape(), grads.dv.shape()], &inputs)?;
     let Gradients { mut dq, mut dk, mut dv } = grads;
     let outs = [Out::new(&mut dq), Out::new(&mut dk), Out::new(&mut dv)];
     run_backward(outs, inputs, options, par, path, plan)
@@ -261,6 +228,28 @@ pub fn attention_backward_fused(
     par: Par,
 ) -> Result<(), KernelError> {
     let op = "attention_backward";
+    let plan = validate_inputs(op, &inputs, options)?;
+    let FusedGradients { buf, blocks } = grads;
+    check_gradients(op, blocks.map(|(_, shape, _)| shape), &inputs)?;
+    let base = buf.as_mut_ptr();
+    let out = |(offset, _, strides): (usize, [usize; 4], [usize; 4])| Out {
+        // SAFETY: `FusedGradients::new` checked each block, offset included, in bounds of `buf`.
+        ptr: SharedMut(unsafe { base.add(offset) }),
+        strides,
+    };
+    let [q, k, v] = blocks;
+    let [b, g, t, _] = inputs.k.shape();
+    let path = backward_path(b * g, inputs.q.shape()[2], t);
+    run_backward([out(q), out(k), out(v)], inputs, options, par, path, plan)
+}
+
+/// The forward's checks of `q`, `k`, `v`, `out`, `lse` and the options, and `dout` and
+/// `lse_lo` against `out` and `lse`: the call's plan.
+fn validate_inputs(
+    op: &'static str,
+    inputs: &BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+) -> Result<crate::flash::Plan, KernelError> {
     let plan = validate(
         op,
         inputs.out.shape(),
@@ -288,27 +277,18 @@ pub fn attention_backward_fused(
             ));
         }
     }
-    let FusedGradients { buf, blocks } = grads;
-    for ((name, (_, shape, _)), want) in
-        ["dq", "dk", "dv"]
-            .into_iter()
-            .zip(blocks)
-            .zip([inputs.q.shape(), inputs.k.shape(), inputs.v.shape()])
-    {
-        if shape != want {
-            return Err(KernelError::shape(op, name, want.to_vec(), shape.to_vec()));
+    Ok(plan)
+}
+
+/// The gradients' shapes `[dq, dk, dv]` against the inputs' `q`, `k`, `v`.
+fn check_gradients(op: &'static str, shapes: [[usize; 4]; 3], inputs: &BackwardInputs<'_>) -> Result<(), KernelError> {
+    let want = [inputs.q.shape(), inputs.k.shape(), inputs.v.shape()];
+    for ((name, got), want) in ["dq", "dk", "dv"].into_iter().zip(shapes).zip(want) {
+        if got != want {
+            return Err(KernelError::shape(op, name, want.to_vec(), got.to_vec()));
         }
     }
-    let base = buf.as_mut_ptr();
-    let out = |(offset, _, strides): (usize, [usize; 4], [usize; 4])| Out {
-        // SAFETY: `FusedGradients::new` checked each block, offset included, in bounds of `buf`.
-        ptr: SharedMut(unsafe { base.add(offset) }),
-        strides,
-    };
-    let [q, k, v] = blocks;
-    let [b, g, t, _] = inputs.k.shape();
-    let path = backward_path(b * g, inputs.q.shape()[2], t);
-    run_backward([out(q), out(k), out(v)], inputs, options, par, path, plan)
+    Ok(())
 }
 
 /// The backward into the three destinations, once the call is validated.
