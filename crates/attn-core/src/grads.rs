@@ -174,36 +174,8 @@ impl Grads {
     /// clipping. One pass over flat memory on rayon's threads; the same bits on any thread
     /// count.
     pub fn clip_norm(&mut self, max_norm: f32) -> f32 {
-        let sum_sq = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
-        let mut norms: Vec<(&str, f64)> = self.map.iter().map(|(n, t)| (n.as_str(), sum_sq(t.data()))).collect();
-        if let Some(f) = &self.flat {
-            let entries = f.layout.entries();
-            let flat: Vec<f64> = f
-                .layout
-                .name_order()
-                .par_iter()
-                .map(|&i| sum_sq(&f.buf[entries[i].range.clone()]))
-                .collect();
-            norms.extend(
-                f.layout
-                    .name_order()
-                    .iter()
-                    .zip(flat)
-                    .map(|(&i, n)| (entries[i].name.as_str(), n)),
-            );
-        }
-        norms.sort_by(|a, b| a.0.cmp(b.0));
-        let total = norms.iter().map(|(_, n)| n * n).sum::<f64>().sqrt() as f32;
-        let coef = (max_norm / (total + 1e-6)).min(1.0);
-        if let Some(f) = &mut self.flat {
-            f.buf
-                .par_chunks_mut(FLAT_CHUNK)
-                .for_each(|c| c.iter_mut().for_each(|x| *x *= coef));
-        }
-        for t in self.map.values_mut() {
-            t.data_mut().iter_mut().for_each(|x| *x *= coef);
-        }
-        total
+        let mut all: Vec<&mut [f32]> = self.iter_mut().map(|(_, g)| g).collect();
+        clip_grad_norm(&mut all, max_norm)
     }
 
     /// The gradient of `param`, whose state-dict name is `path` + `name`: its range of the
@@ -229,7 +201,7 @@ impl Grads {
         };
         if let (Some(w), Some(bias)) = (self.flat_range(weight.0), self.flat_range(b)) {
             let f = self.flat.as_mut().expect("a flat range");
-            let (dw, db) = two_ranges(&mut f.buf, w, bias);
+            let (dw, db) = two_ranges(&mut f.buf, w, bias)?;
             return Ok((dw, Some(db)));
         }
         let (dw, db) = self.slot_pair(
@@ -263,7 +235,13 @@ impl Grads {
 
     /// Two distinct buffers at once (a weight and its bias): see [`Grads::slot`].
     pub fn slot_pair(&mut self, a: (&str, &[usize]), b: (&str, &[usize])) -> Result<(&mut [f32], &mut [f32])> {
-        assert_ne!(a.0, b.0, "two different buffers");
+        if a.0 == b.0 {
+            return Err(AttnError::InvalidConfig {
+                field: "gradient",
+                got: format!("`{}` as both buffers", a.0),
+                expected: "two different parameters".into(),
+            });
+        }
         let Grads { map, flat } = self;
         if let Some(f) = flat {
             let range = |(name, shape): (&str, &[usize])| -> Result<std::ops::Range<usize>> {
@@ -272,7 +250,7 @@ impl Grads {
                 Ok(e.range.clone())
             };
             let (ra, rb) = (range(a)?, range(b)?);
-            return Ok(two_ranges(&mut f.buf, ra, rb));
+            return two_ranges(&mut f.buf, ra, rb);
         }
         ensure(map, a.0, a.1)?;
         ensure(map, b.0, b.1)?;
@@ -314,16 +292,45 @@ fn ensure(map: &mut BTreeMap<String, Tensor>, name: &str, shape: &[usize]) -> Re
     }
 }
 
-/// Two disjoint ranges of `buf`, mutably, in the order asked.
-fn two_ranges(buf: &mut [f32], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&mut [f32], &mut [f32]) {
-    assert!(a.end <= b.start || b.end <= a.start, "two disjoint parameters");
-    if a.start < b.start {
+/// `torch.nn.utils.clip_grad_norm_` over `grads` in the order given: the 2-norm of all of them
+/// together (the norm of the per-tensor norms, each summed in f64 in order), and every element
+/// scaled by `min(1, max_norm / (norm + 1e-6))`. Returns the norm before clipping. The tensors'
+/// norms and the scaling run on rayon's threads; the bits do not depend on the thread count.
+pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
+    let norms: Vec<f64> = grads
+        .par_iter()
+        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt())
+        .collect();
+    let total = norms.iter().map(|n| n * n).sum::<f64>().sqrt() as f32;
+    let coef = (max_norm / (total + 1e-6)).min(1.0);
+    for g in grads.iter_mut() {
+        g.par_chunks_mut(FLAT_CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|x| *x *= coef));
+    }
+    total
+}
+
+/// Two disjoint ranges of `buf`, mutably, in the order asked; one range twice is an error
+/// (a weight given as its own bias).
+fn two_ranges(
+    buf: &mut [f32],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> Result<(&mut [f32], &mut [f32])> {
+    if !(a.end <= b.start || b.end <= a.start) {
+        return Err(AttnError::InvalidConfig {
+            field: "gradient",
+            got: "one parameter as both weight and bias".into(),
+            expected: "two different parameters".into(),
+        });
+    }
+    Ok(if a.start < b.start {
         let (lo, hi) = buf.split_at_mut(b.start);
         (&mut lo[a], &mut hi[..b.len()])
     } else {
         let (lo, hi) = buf.split_at_mut(a.start);
         (&mut hi[..a.len()], &mut lo[b])
-    }
+    })
 }
 
 fn check_shape(name: &str, have: &[usize], asked: &[usize]) -> Result<()> {
@@ -416,5 +423,10 @@ mod tests {
         assert_eq!(g.get("bias").unwrap().data()[0], 7.0);
         g.zero();
         assert!(g.flat().unwrap().1.iter().all(|&x| x == 0.0));
+        // One tensor as its own bias, or one name twice: errors, not panics.
+        let err = g.of_weight_and_bias(&ParamPath::ROOT, (&m.w, "weight"), Some((&m.w, "bias")));
+        assert!(matches!(err, Err(AttnError::InvalidConfig { .. })));
+        assert!(g.slot_pair(("bias", &[2]), ("bias", &[2])).is_err());
+        assert!(Grads::new().slot_pair(("b", &[2]), ("b", &[2])).is_err());
     }
 }

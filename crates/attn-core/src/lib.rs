@@ -30,7 +30,7 @@ mod tensor;
 pub use attn_kernels as kernels;
 pub use cache::KvCache;
 pub use error::{AttnError, Result};
-pub use grads::{GradRef, Grads};
+pub use grads::{clip_grad_norm, GradRef, Grads};
 pub use mha::{
     linear, Attention, AttentionConfig, Layout, MhaConfig, MhaInputGrads, MhaInputs, MhaOptions, MhaOutput, MhaTape,
     MultiHeadAttention, NeedWeights, Packing, Sequence,

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub use attn_core::clip_grad_norm;
 use attn_core::{AlignedBuf, Grads, ParamLayout, ParamStore, Parameters, FLAT_CHUNK};
 use rayon::prelude::*;
 
@@ -366,20 +367,4 @@ impl Schedule {
         };
         f as f32
     }
-}
-
-/// `torch.nn.utils.clip_grad_norm_`: the 2-norm of all gradients together (the norm of the
-/// per-tensor norms), and every gradient scaled by `min(1, max_norm / (norm + 1e-6))`. Returns
-/// the norm before clipping. Sums run in f64 in the order given.
-pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
-    let norms: Vec<f64> = grads
-        .iter()
-        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt())
-        .collect();
-    let total = norms.iter().map(|n| n * n).sum::<f64>().sqrt() as f32;
-    let coef = (max_norm / (total + 1e-6)).min(1.0);
-    for g in grads.iter_mut() {
-        g.iter_mut().for_each(|x| *x *= coef);
-    }
-    total
 }
