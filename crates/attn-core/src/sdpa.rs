@@ -6,7 +6,7 @@
 
 use attn_kernels::{
     attention, attention_backward, attention_with_lse_lo, broadcast_to, AttentionOptions, BackwardInputs, Causal,
-    Gradients, KernelError, Mask, Par, View, View4, ViewMut, ViewMut4,
+    ForwardInputs, Gradients, KernelError, Mask, Par, View, View4, ViewMut, ViewMut4,
 };
 
 use crate::error::shape_error;
@@ -301,9 +301,7 @@ pub fn sdpa(
         ViewMut4::contiguous(&mut out, [b, h, s, dv])?,
         ViewMut::contiguous(&mut lse, [b, h, s])?,
         ViewMut::contiguous(&mut lse_lo, [b, h, s])?,
-        q,
-        k,
-        v,
+        ForwardInputs::new(q, k, v),
         &kernel_options,
         par,
     )?;
@@ -324,7 +322,7 @@ pub fn sdpa_into(
     let [b, h, s, _] = q.shape();
     let t = k.shape()[2];
     let kernel_options = options.to_kernel([b, h, s, t])?;
-    attention(out, lse, q, k, v, &kernel_options, par)?;
+    attention(out, lse, ForwardInputs::new(q, k, v), &kernel_options, par)?;
     Ok(())
 }
 

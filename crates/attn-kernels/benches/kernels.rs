@@ -4,7 +4,8 @@
 //! docs/PERFORMANCE.md). Timings live here, never in tests.
 
 use attn_kernels::{
-    attention_unfused, flash_attention, gemm, Accum, AttentionOptions, Causal, Par, View2, View4, ViewMut2, ViewMut4,
+    attention_unfused, flash_attention, gemm, Accum, AttentionOptions, Causal, ForwardInputs, Par, View2, View4,
+    ViewMut2, ViewMut4,
 };
 
 fn main() {
@@ -36,9 +37,9 @@ fn attention(bencher: divan::Bencher, seq: usize, unfused: bool, causal: bool) {
         );
         let o = ViewMut4::contiguous(&mut out, shape).unwrap();
         if unfused {
-            attention_unfused(o, None, qv, kv, vv, &options, Par::Rayon).unwrap();
+            attention_unfused(o, None, ForwardInputs::new(qv, kv, vv), &options, Par::Rayon).unwrap();
         } else {
-            flash_attention(o, None, qv, kv, vv, &options, Par::Rayon).unwrap();
+            flash_attention(o, None, ForwardInputs::new(qv, kv, vv), &options, Par::Rayon).unwrap();
         }
     });
 }

@@ -7,7 +7,7 @@
 //! the subnormal range (|x| < 1.2e-38, so every product and sum is subnormal or zero); and
 //! ordinary q, k with subnormal values (the weighted sum `p·v` accumulates subnormals).
 use attn_kernels::testing::random_vec;
-use attn_kernels::{attention_unfused, flash_attention, AttentionOptions, Causal, Par, View4, ViewMut4};
+use attn_kernels::{attention_unfused, flash_attention, AttentionOptions, Causal, ForwardInputs, Par, View4, ViewMut4};
 use std::time::Instant;
 
 /// A named `(q, k, v)`.
@@ -58,9 +58,9 @@ fn main() {
                 let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
                 let t0 = Instant::now();
                 if fused {
-                    flash_attention(o, None, qv, kv, vv, &options, Par::Rayon).unwrap();
+                    flash_attention(o, None, ForwardInputs::new(qv, kv, vv), &options, Par::Rayon).unwrap();
                 } else {
-                    attention_unfused(o, None, qv, kv, vv, &options, Par::Rayon).unwrap();
+                    attention_unfused(o, None, ForwardInputs::new(qv, kv, vv), &options, Par::Rayon).unwrap();
                 }
                 // Round 0 warms up.
                 if round > 0 {

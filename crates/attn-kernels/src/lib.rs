@@ -84,7 +84,7 @@ pub use path::{attention, attention_with_lse_lo, chosen_path, KernelPath};
 pub use reference::{attention_backward_reference, attention_reference, ReferenceAttention, ReferenceGradients};
 pub use simd::{exp_scalar, exp_slice, requested_simd_level, simd_level, SimdLevel, SIMD_LEVEL_NAMES};
 pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes, WeightsDst};
-pub use view::{contiguous_strides, View, View2, View4, ViewMut, ViewMut2, ViewMut4};
+pub use view::{contiguous_strides, ForwardInputs, View, View2, View4, ViewMut, ViewMut2, ViewMut4};
 
 /// Not public API: times the tile micro-kernels for kernel development (`examples/`).
 #[doc(hidden)]

@@ -140,7 +140,7 @@ pub(crate) fn repair_values(
 #[cfg(test)]
 mod tests {
     use crate::testing::random_vec;
-    use crate::{broadcast_to, AttentionOptions, Mask, Par, View4, ViewMut4};
+    use crate::{broadcast_to, AttentionOptions, ForwardInputs, Mask, Par, View4, ViewMut4};
 
     /// The repair is load-bearing: with it switched off, a NaN in the value row of a key that
     /// the mask hides reaches the visible rows through `0·NaN` in the `p·v` product, on the flash
@@ -168,9 +168,25 @@ mod tests {
                 let mut out = vec![0.0f32; s * d];
                 let o = ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap();
                 if path == "flash" {
-                    crate::flash::flash_impl(o, None, None, qv, kv, vv, &options, Par::Seq, repair).unwrap();
+                    crate::flash::flash_impl(
+                        o,
+                        [None, None],
+                        ForwardInputs::new(qv, kv, vv),
+                        &options,
+                        Par::Seq,
+                        repair,
+                    )
+                    .unwrap();
                 } else {
-                    crate::softmax::unfused_impl(o, None, None, qv, kv, vv, &options, Par::Seq, repair).unwrap();
+                    crate::softmax::unfused_impl(
+                        o,
+                        [None, None],
+                        ForwardInputs::new(qv, kv, vv),
+                        &options,
+                        Par::Seq,
+                        repair,
+                    )
+                    .unwrap();
                 }
                 out
             };

@@ -10,7 +10,7 @@
 //! ahead or level everywhere. The scalar level keeps flash (untimed).
 
 use crate::flash::Plan;
-use crate::{AttentionOptions, KernelError, Par, SimdLevel, View4, ViewMut, ViewMut4};
+use crate::{AttentionOptions, ForwardInputs, KernelError, Par, SimdLevel, ViewMut, ViewMut4};
 
 /// Which implementation computes an attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,13 +56,11 @@ pub fn chosen_path(level: SimdLevel, [b, h, s, d]: [usize; 4], [g, t]: [usize; 2
 pub fn attention(
     out: ViewMut4<'_, f32>,
     lse: Option<ViewMut<'_, f32, 3>>,
-    q: View4<'_, f32>,
-    k: View4<'_, f32>,
-    v: View4<'_, f32>,
+    inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    by_path(out, [lse, None], q, k, v, options, par)
+    by_path(out, [lse, None], inputs, options, par)
 }
 
 /// [`attention`] for a training forward: `q: [B, H, S, D]`, `k: [B, G, T, D]`,
@@ -71,35 +69,30 @@ pub fn attention(
 /// precision). Given to [`crate::attention_backward`] beside `lse`, it lets the backward
 /// recompute the probabilities to f32 precision however large the logits, where `lse` alone is
 /// off by up to half an ulp of the row's largest score.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_with_lse_lo(
     out: ViewMut4<'_, f32>,
     lse: ViewMut<'_, f32, 3>,
     lse_lo: ViewMut<'_, f32, 3>,
-    q: View4<'_, f32>,
-    k: View4<'_, f32>,
-    v: View4<'_, f32>,
+    inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    by_path(out, [Some(lse), Some(lse_lo)], q, k, v, options, par)
+    by_path(out, [Some(lse), Some(lse_lo)], inputs, options, par)
 }
 
 /// The one dispatch of [`attention`] and [`attention_with_lse_lo`]: the path [`chosen_path`]
 /// names, with the non-finite repair on.
 fn by_path(
     out: ViewMut4<'_, f32>,
-    [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
-    q: View4<'_, f32>,
-    k: View4<'_, f32>,
-    v: View4<'_, f32>,
+    lse: [Option<ViewMut<'_, f32, 3>>; 2],
+    inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    let [_, g, t, _] = k.shape();
-    match chosen_path(crate::simd_level(), q.shape(), [g, t]) {
-        KernelPath::Flash => crate::flash::flash_impl(out, lse, lse_lo, q, k, v, options, par, true),
-        KernelPath::Unfused => crate::softmax::unfused_impl(out, lse, lse_lo, q, k, v, options, par, true),
+    let [_, g, t, _] = inputs.k.shape();
+    match chosen_path(crate::simd_level(), inputs.q.shape(), [g, t]) {
+        KernelPath::Flash => crate::flash::flash_impl(out, lse, inputs, options, par, true),
+        KernelPath::Unfused => crate::softmax::unfused_impl(out, lse, inputs, options, par, true),
     }
 }
 
@@ -107,7 +100,7 @@ fn by_path(
 mod tests {
     use super::*;
     use crate::testing::random_vec;
-    use crate::{attention_unfused, flash_attention};
+    use crate::{attention_unfused, flash_attention, View4};
 
     #[test]
     fn the_path_follows_the_measured_thresholds() {
@@ -154,14 +147,14 @@ mod tests {
                 );
                 (out, lse)
             };
-            let got = run(&|o, l| attention(o, Some(l), qv, kv, vv, &options, Par::Rayon).unwrap());
+            let got = run(&|o, l| attention(o, Some(l), ForwardInputs::new(qv, kv, vv), &options, Par::Rayon).unwrap());
             let want = match chosen_path(crate::simd_level(), [b, h, s, d], [g, t]) {
-                KernelPath::Flash => {
-                    run(&|o, l| flash_attention(o, Some(l), qv, kv, vv, &options, Par::Rayon).unwrap())
-                }
-                KernelPath::Unfused => {
-                    run(&|o, l| attention_unfused(o, Some(l), qv, kv, vv, &options, Par::Rayon).unwrap())
-                }
+                KernelPath::Flash => run(&|o, l| {
+                    flash_attention(o, Some(l), ForwardInputs::new(qv, kv, vv), &options, Par::Rayon).unwrap()
+                }),
+                KernelPath::Unfused => run(&|o, l| {
+                    attention_unfused(o, Some(l), ForwardInputs::new(qv, kv, vv), &options, Par::Rayon).unwrap()
+                }),
             };
             assert_eq!(got, want, "S = {s}, T = {t}");
         }

@@ -16,7 +16,7 @@ use crate::mask::{mask_row, resolve_scale, validate_options};
 use crate::scores::{scores_into, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_row};
 use crate::view::SharedMut;
-use crate::{Accum, AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
+use crate::{Accum, AttentionOptions, ForwardInputs, KernelError, Par, View4, ViewMut, ViewMut4};
 
 /// Softmax of one row in place after scaling and masking; returns the row's log-sum-exp as
 /// `(lse, lse_lo)` ([`crate::flash::split_lse`]; `(-inf, 0)` and a zero row when no key is
@@ -133,13 +133,11 @@ pub fn masked_softmax(
 pub fn attention_unfused(
     out: ViewMut4<'_, f32>,
     lse: Option<ViewMut<'_, f32, 3>>,
-    q: View4<'_, f32>,
-    k: View4<'_, f32>,
-    v: View4<'_, f32>,
+    inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    unfused_impl(out, lse, None, q, k, v, options, par, true)
+    unfused_impl(out, [lse, None], inputs, options, par, true)
 }
 
 /// Bytes of scratch [`attention_unfused`] allocates on `workers` threads for `q: [B, H, S, D]`
@@ -158,18 +156,15 @@ pub fn unfused_scratch_bytes([_, _, s, d]: [usize; 4], t: usize, workers: usize)
 }
 
 /// [`attention_unfused`], with the repair of values that rows cannot see switched by `repair`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn unfused_impl(
     out: ViewMut4<'_, f32>,
-    lse: Option<ViewMut<'_, f32, 3>>,
-    lse_lo: Option<ViewMut<'_, f32, 3>>,
-    q: View4<'_, f32>,
-    k: View4<'_, f32>,
-    v: View4<'_, f32>,
+    [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
+    inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
     repair: bool,
 ) -> Result<(), KernelError> {
+    let ForwardInputs { q, k, v } = inputs;
     let plan = validate(
         "attention_unfused",
         out.shape(),
@@ -269,7 +264,7 @@ pub(crate) fn unfused_impl(
     }
     if repair && spoilt_rows.load(Ordering::Relaxed) {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
-            unfused_impl(out, Some(lse), None, q, k, v, options, par, false)
+            unfused_impl(out, [Some(lse), None], ForwardInputs::new(q, k, v), options, par, false)
         })?;
     }
     Ok(())

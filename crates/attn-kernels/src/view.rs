@@ -301,6 +301,27 @@ impl<'a, T, const N: usize> ViewMut<'a, T, N> {
     }
 }
 
+/// The inputs of a forward attention call ([`crate::attention`], [`crate::flash_attention`],
+/// [`crate::attention_unfused`], [`crate::attention_with_lse_lo`]): queries `q: [B, H, S, D]`,
+/// keys `k: [B, G, T, D]` and values `v: [B, G, T, Dv]`, `H` a multiple of `G` (grouped-query
+/// attention; `G = H` is multi-head). Any strides; self-attention passes one view three times.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardInputs<'a> {
+    /// `[B, H, S, D]`.
+    pub q: View4<'a, f32>,
+    /// `[B, G, T, D]`.
+    pub k: View4<'a, f32>,
+    /// `[B, G, T, Dv]`.
+    pub v: View4<'a, f32>,
+}
+
+impl<'a> ForwardInputs<'a> {
+    /// `q`, `k` and `v`, in that order.
+    pub fn new(q: View4<'a, f32>, k: View4<'a, f32>, v: View4<'a, f32>) -> Self {
+        ForwardInputs { q, k, v }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

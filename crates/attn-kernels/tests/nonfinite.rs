@@ -12,7 +12,7 @@
 use attn_kernels::testing::random_vec;
 use attn_kernels::{
     attention_reference, attention_unfused, attention_weights, broadcast_to, flash_attention, AttentionOptions, Causal,
-    Mask, Par, View, View4, ViewMut, ViewMut4, WeightsDst,
+    ForwardInputs, Mask, Par, View, View4, ViewMut, ViewMut4, WeightsDst,
 };
 use proptest::prelude::*;
 
@@ -109,12 +109,12 @@ fn check(case: &Case) {
     let flash = |par: Par| {
         move |out: ViewMut4<'_, f32>, lse: ViewMut<'_, f32, 3>, poisoned: bool| {
             let (q, k, v) = pick(poisoned);
-            flash_attention(out, Some(lse), q, k, v, &options, par).unwrap()
+            flash_attention(out, Some(lse), ForwardInputs::new(q, k, v), &options, par).unwrap()
         }
     };
     let unfused = |out: ViewMut4<'_, f32>, lse: ViewMut<'_, f32, 3>, poisoned: bool| {
         let (q, k, v) = pick(poisoned);
-        attention_unfused(out, Some(lse), q, k, v, &options, Par::Rayon).unwrap()
+        attention_unfused(out, Some(lse), ForwardInputs::new(q, k, v), &options, Par::Rayon).unwrap()
     };
     let pool = |n: usize| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     let mut paths: Vec<(String, Output, Output)> = Vec::new();
@@ -274,9 +274,9 @@ fn all_paths(q: &[f32], k: &[f32], v: &[f32], s: usize, t: usize, d: usize) -> V
         let o = ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap();
         let l = ViewMut::contiguous(&mut lse, [1, 1, s]).unwrap();
         if fused {
-            flash_attention(o, Some(l), qv, kv, vv, &options, par).unwrap();
+            flash_attention(o, Some(l), ForwardInputs::new(qv, kv, vv), &options, par).unwrap();
         } else {
-            attention_unfused(o, Some(l), qv, kv, vv, &options, par).unwrap();
+            attention_unfused(o, Some(l), ForwardInputs::new(qv, kv, vv), &options, par).unwrap();
         }
         results.push((name, (out, lse)));
     }

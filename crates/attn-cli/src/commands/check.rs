@@ -10,8 +10,8 @@ use anyhow::{bail, Result};
 use attn_nn::core::kernels::{
     attention_backward_path, attention_backward_reference, attention_reference, attention_unfused, attention_weights,
     attention_with_lse_lo, backward_path, broadcast_to, exp_slice, flash_attention, gemm, gemm_reference, simd_level,
-    Accum, AttentionOptions, BackwardInputs, BackwardPath, Causal, Gradients, Mask, Par, View, View2, View4, ViewMut,
-    ViewMut2, ViewMut4, WeightsDst,
+    Accum, AttentionOptions, BackwardInputs, BackwardPath, Causal, ForwardInputs, Gradients, Mask, Par, View, View2,
+    View4, ViewMut, ViewMut2, ViewMut4, WeightsDst,
 };
 use attn_nn::core::{MhaConfig, MhaOptions, MultiHeadAttention, Sequence, StateDict};
 use attn_nn::{BlockMasks, EncoderLayer, LayerConfig};
@@ -70,9 +70,9 @@ fn attention_rows(
             let o = ViewMut4::contiguous(&mut out, [b, h, s, d])?;
             let l = Some(ViewMut::contiguous(&mut lse, [b, h, s])?);
             if unfused {
-                attention_unfused(o, l, qv, kv, vv, &options, par)?;
+                attention_unfused(o, l, ForwardInputs::new(qv, kv, vv), &options, par)?;
             } else {
-                flash_attention(o, l, qv, kv, vv, &options, par)?;
+                flash_attention(o, l, ForwardInputs::new(qv, kv, vv), &options, par)?;
             }
             Ok(())
         })?;
@@ -143,9 +143,7 @@ fn backward_rows(
         ViewMut4::contiguous(&mut out, [b, h, s, d])?,
         ViewMut::contiguous(&mut lse, [b, h, s])?,
         ViewMut::contiguous(&mut lse_lo, [b, h, s])?,
-        qv,
-        kv,
-        vv,
+        ForwardInputs::new(qv, kv, vv),
         options,
         Par::Rayon,
     )?;

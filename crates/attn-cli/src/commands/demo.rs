@@ -16,7 +16,7 @@
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::{
     attention_reference, attention_unfused, flash_attention, gemm, masked_softmax, simd_level, Accum, AttentionOptions,
-    Causal, Mask, Par, View2, View4, ViewMut2, ViewMut4,
+    Causal, ForwardInputs, Mask, Par, View2, View4, ViewMut2, ViewMut4,
 };
 
 use crate::commands::embed::Embedder;
@@ -315,9 +315,7 @@ fn check_against_reference(
     flash_attention(
         ViewMut4::contiguous(&mut out, shape)?,
         None,
-        qv,
-        kv,
-        vv,
+        ForwardInputs::new(qv, kv, vv),
         options,
         Par::Rayon,
     )?;
@@ -325,9 +323,7 @@ fn check_against_reference(
     attention_unfused(
         ViewMut4::contiguous(&mut out, shape)?,
         None,
-        qv,
-        kv,
-        vv,
+        ForwardInputs::new(qv, kv, vv),
         options,
         Par::Rayon,
     )?;
@@ -390,7 +386,14 @@ fn timing() -> Result<()> {
         },
         || {
             let o = ViewMut4::contiguous(&mut small_out, small).expect("valid shape");
-            flash_attention(o, None, sv, skv, skv, &AttentionOptions::default(), Par::Rayon).expect("valid shapes");
+            flash_attention(
+                o,
+                None,
+                ForwardInputs::new(sv, skv, skv),
+                &AttentionOptions::default(),
+                Par::Rayon,
+            )
+            .expect("valid shapes");
         },
     );
     println!("\ntiming ({} threads):", rayon::current_num_threads());

@@ -12,7 +12,7 @@ use attn_nn::core::kernels::{
     attention_backward, attention_backward_path, BackwardInputs, BackwardPath, Gradients, View, ViewMut,
 };
 use attn_nn::core::kernels::{
-    attention_unfused, flash_attention, simd_level, AttentionOptions, Causal, Par, View4, ViewMut4,
+    attention_unfused, flash_attention, simd_level, AttentionOptions, Causal, ForwardInputs, Par, View4, ViewMut4,
 };
 use clap::ValueEnum;
 use serde_json::json;
@@ -188,15 +188,13 @@ impl SdpaBench {
         kernel(
             ViewMut4::contiguous(&mut out, [b, h, s, d])?,
             None,
-            qv,
-            kv,
-            vv,
+            ForwardInputs::new(qv, kv, vv),
             &options,
             Par::Rayon,
         )?;
         Ok(measure(budget, || {
             let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).expect("shape checked above");
-            kernel(o, None, qv, kv, vv, &options, Par::Rayon).expect("shapes checked above");
+            kernel(o, None, ForwardInputs::new(qv, kv, vv), &options, Par::Rayon).expect("shapes checked above");
         }))
     }
 
@@ -227,9 +225,7 @@ impl SdpaBench {
             forward(
                 ViewMut4::contiguous(&mut out, [b, h, s, d])?,
                 Some(ViewMut::contiguous(&mut lse, [b, h, s])?),
-                q,
-                k,
-                v,
+                ForwardInputs::new(q, k, v),
                 options,
                 Par::Rayon,
             )?;

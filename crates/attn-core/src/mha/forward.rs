@@ -2,7 +2,8 @@
 //! and the packed variant for sequences of different lengths.
 
 use attn_kernels::{
-    arena, attention, attention_weights, AttentionOptions, Causal, Par, View, View2, View4, ViewMut, WeightsDst,
+    arena, attention, attention_weights, AttentionOptions, Causal, ForwardInputs, Par, View, View2, View4, ViewMut,
+    WeightsDst,
 };
 
 use super::{linear, Core, Dims, MaskSet, MhaOptions, MhaOutput, NeedWeights, Sequence};
@@ -210,7 +211,13 @@ impl Core {
         let lse_view = (!lse.is_empty())
             .then(|| ViewMut::contiguous(&mut lse[..], [b, h, s]))
             .transpose()?;
-        attention(out_view, lse_view, q_view, k_view, v_view, &kernel_options, par)?;
+        attention(
+            out_view,
+            lse_view,
+            ForwardInputs::new(q_view, k_view, v_view),
+            &kernel_options,
+            par,
+        )?;
         let weights = if need == NeedWeights::No {
             None
         } else {
@@ -430,9 +437,7 @@ impl Core {
             attention(
                 out_view,
                 None,
-                view(0, h, d)?,
-                view(h * d, g, d)?,
-                view(h * d + g * d, g, dv)?,
+                ForwardInputs::new(view(0, h, d)?, view(h * d, g, d)?, view(h * d + g * d, g, dv)?),
                 &options,
                 inner,
             )?;

@@ -15,8 +15,8 @@
 //!    else one per projection; `d_query` (and `d_key`, `d_value`) come back in the inputs' layout.
 
 use attn_kernels::{
-    arena, attention_backward, attention_with_lse_lo, linear_backward, BackwardInputs, Gradients, LinearShape, Par,
-    View, View4, ViewMut, ViewMut4,
+    arena, attention_backward, attention_with_lse_lo, linear_backward, BackwardInputs, ForwardInputs, Gradients,
+    LinearShape, Par, View, View4, ViewMut, ViewMut4,
 };
 
 use super::forward::{head_view, weights_from_lse, Projected, Source};
@@ -278,9 +278,7 @@ impl Core {
             ViewMut::new(&mut attn_out[..], [b, h, s, dv], [qbs * h * dv, dv, qls * h * dv, 1])?,
             ViewMut::contiguous(&mut lse[..], [b, h, s])?,
             ViewMut::contiguous(&mut lse_lo[..], [b, h, s])?,
-            q,
-            k,
-            v,
+            ForwardInputs::new(q, k, v),
             &kernel_options,
             par,
         )?;
@@ -547,9 +545,7 @@ impl Core {
                 ViewMut::new(out, [1, h, q1 - q0, dv], [(q1 - q0) * h * dv, dv, h * dv, 1])?,
                 ViewMut::contiguous(lse, [1, h, q1 - q0])?,
                 ViewMut::contiguous(lse_lo, [1, h, q1 - q0])?,
-                q,
-                k,
-                v,
+                ForwardInputs::new(q, k, v),
                 &options,
                 inner,
             )?;

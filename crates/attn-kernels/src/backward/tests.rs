@@ -4,7 +4,7 @@
 use super::*;
 use crate::flash::tests::{arb_case, view4, view4_mut, Case, CaseData, MaskKind, MaskShape};
 use crate::testing::random_vec;
-use crate::{attention_backward_reference, attention_reference, flash_attention, Causal, ViewMut};
+use crate::{attention_backward_reference, attention_reference, flash_attention, Causal, ForwardInputs, ViewMut};
 use proptest::prelude::*;
 
 /// `[B, X, L, W]` row-major (the reference's layout) as the case stores it.
@@ -82,11 +82,11 @@ fn check(case: Case) {
     // The forward as training runs it: `lse` with its rounding error beside it.
     crate::flash::flash_impl(
         view4_mut(&mut out, [b, h, s, dv], bshd),
-        Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
-        Some(ViewMut::contiguous(&mut lse_lo, [b, h, s]).unwrap()),
-        qv,
-        kv,
-        vv,
+        [
+            Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+            Some(ViewMut::contiguous(&mut lse_lo, [b, h, s]).unwrap()),
+        ],
+        ForwardInputs::new(qv, kv, vv),
         &options,
         Par::Rayon,
         true,
@@ -283,9 +283,11 @@ fn rows_that_see_nothing_pass_no_gradient() {
     flash_attention(
         ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
         Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
-        contiguous(&q, [b, h, s, d]),
-        contiguous(&k, [b, h, t, d]),
-        contiguous(&v, [b, h, t, d]),
+        ForwardInputs::new(
+            contiguous(&q, [b, h, s, d]),
+            contiguous(&k, [b, h, t, d]),
+            contiguous(&v, [b, h, t, d]),
+        ),
         &options,
         Par::Seq,
     )
@@ -411,9 +413,7 @@ fn shape_errors_name_the_tensor() {
         ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
         ViewMut::contiguous(&mut lse_out, [b, h, s]).unwrap(),
         ViewMut::contiguous(&mut lo, [b, h, s - 1]).unwrap(),
-        inputs.q,
-        inputs.k,
-        inputs.v,
+        ForwardInputs::new(inputs.q, inputs.k, inputs.v),
         &AttentionOptions::default(),
         Par::Seq,
     )
@@ -473,9 +473,9 @@ fn a_single_visible_key_gets_all_the_weight_exactly() {
                 Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
             );
             if unfused {
-                crate::attention_unfused(o, l, qv, kv, vv, &options, Par::Seq).unwrap();
+                crate::attention_unfused(o, l, ForwardInputs::new(qv, kv, vv), &options, Par::Seq).unwrap();
             } else {
-                flash_attention(o, l, qv, kv, vv, &options, Par::Seq).unwrap();
+                flash_attention(o, l, ForwardInputs::new(qv, kv, vv), &options, Par::Seq).unwrap();
             }
             let inputs = BackwardInputs {
                 q: qv,
@@ -583,9 +583,9 @@ fn large_logits_get_exact_probabilities_from_the_split_lse() {
             Some(ViewMut::contiguous(&mut lse_lo, [b, h, s]).unwrap()),
         );
         if unfused {
-            crate::softmax::unfused_impl(o, l, lo, qv, kv, vv, &options, Par::Seq, true).unwrap();
+            crate::softmax::unfused_impl(o, [l, lo], ForwardInputs::new(qv, kv, vv), &options, Par::Seq, true).unwrap();
         } else {
-            crate::flash::flash_impl(o, l, lo, qv, kv, vv, &options, Par::Seq, true).unwrap();
+            crate::flash::flash_impl(o, [l, lo], ForwardInputs::new(qv, kv, vv), &options, Par::Seq, true).unwrap();
         }
         for (with_lo, slot) in [(true, 0), (false, 1)] {
             let inputs = BackwardInputs {
@@ -653,9 +653,7 @@ fn fused_gradients_are_the_separate_gradients_in_place() {
         flash_attention(
             ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
             Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
-            view(0),
-            view(1),
-            view(2),
+            ForwardInputs::new(view(0), view(1), view(2)),
             &options,
             Par::Rayon,
         )

@@ -54,7 +54,7 @@ use rayon::prelude::*;
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
 use crate::view::SharedMut;
-use crate::{AttentionOptions, KernelError, Par, View4, ViewMut, ViewMut4};
+use crate::{AttentionOptions, ForwardInputs, KernelError, Par, View4, ViewMut, ViewMut4};
 
 /// Query rows per tile.
 pub const BLOCK_ROWS: usize = 64;
@@ -78,42 +78,40 @@ const MIN_KEYS_PER_SPLIT: usize = 512;
 /// current rayon pool; the result is bit-identical to `Par::Seq`.
 ///
 /// ```
-/// use attn_kernels::{flash_attention, AttentionOptions, Causal, Par, View4, ViewMut4};
+/// use attn_kernels::{flash_attention, AttentionOptions, Causal, ForwardInputs, Par, View4, ViewMut4};
 /// let (b, h, s, d) = (1, 2, 3, 4);
 /// let q: Vec<f32> = (0..b * h * s * d).map(|i| (i as f32 * 0.1).sin()).collect();
 /// let mut out = vec![0.0f32; b * h * s * d];
 /// let view = View4::contiguous(&q, [b, h, s, d]).unwrap();
 /// let options = AttentionOptions { causal: Causal::TopLeft, ..Default::default() };
-/// flash_attention(ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(), None, view, view, view, &options, Par::Seq).unwrap();
+/// let out_view = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+/// // Self-attention: the same view as queries, keys and values.
+/// flash_attention(out_view, None, ForwardInputs::new(view, view, view), &options, Par::Seq).unwrap();
 /// // The first query of a causal call sees only the first key: its output is that key's value.
 /// assert_eq!(&out[..d], &q[..d]);
 /// ```
 pub fn flash_attention(
     out: ViewMut4<'_, f32>,
     lse: Option<ViewMut<'_, f32, 3>>,
-    q: View4<'_, f32>,
-    k: View4<'_, f32>,
-    v: View4<'_, f32>,
+    inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    flash_impl(out, lse, None, q, k, v, options, par, true)
+    flash_impl(out, [lse, None], inputs, options, par, true)
 }
 
 /// [`flash_attention`], with the repair of values that rows cannot see (see
 /// [`crate::nonfinite`]) switched by `repair`.
-#[allow(clippy::too_many_arguments)]
+/// `[lse, lse_lo]` as in [`crate::attention_with_lse_lo`], each optional.
 pub(crate) fn flash_impl(
     out: ViewMut4<'_, f32>,
-    lse: Option<ViewMut<'_, f32, 3>>,
-    lse_lo: Option<ViewMut<'_, f32, 3>>,
-    q: View4<'_, f32>,
-    k: View4<'_, f32>,
-    v: View4<'_, f32>,
+    [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
+    inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
     repair: bool,
 ) -> Result<(), KernelError> {
+    let ForwardInputs { q, k, v } = inputs;
     let plan = validate(
         "flash_attention",
         out.shape(),
@@ -155,7 +153,7 @@ pub(crate) fn flash_impl(
     kt_packed.into_iter().chain(v_packed).for_each(crate::buffer::give);
     if repair && spoilt {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
-            flash_impl(out, Some(lse), None, q, k, v, options, par, false)
+            flash_impl(out, [Some(lse), None], ForwardInputs::new(q, k, v), options, par, false)
         })?;
     }
     Ok(())

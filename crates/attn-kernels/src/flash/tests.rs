@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::testing::{assert_close, random_vec};
-use crate::{attention_reference, attention_unfused, broadcast_to, Causal, Mask};
+use crate::{attention_reference, attention_unfused, broadcast_to, Causal, ForwardInputs, Mask};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
@@ -221,10 +221,10 @@ fn check(case: Case) {
         (out, lse)
     };
     let flash = |out: ViewMut4<'_, f32>, lse: ViewMut<'_, f32, 3>, par: Par| {
-        flash_attention(out, Some(lse), qv, kv, vv, &options, par).unwrap()
+        flash_attention(out, Some(lse), ForwardInputs::new(qv, kv, vv), &options, par).unwrap()
     };
     let unfused = |out: ViewMut4<'_, f32>, lse: ViewMut<'_, f32, 3>, par: Par| {
-        attention_unfused(out, Some(lse), qv, kv, vv, &options, par).unwrap()
+        attention_unfused(out, Some(lse), ForwardInputs::new(qv, kv, vv), &options, par).unwrap()
     };
     let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     let seq = run(&flash, Par::Seq);
@@ -404,9 +404,7 @@ fn operands_with_non_unit_inner_strides() {
             flash_attention(
                 ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
                 None,
-                qv,
-                kv,
-                vv,
+                ForwardInputs::new(qv, kv, vv),
                 &options,
                 Par::Rayon,
             )
@@ -439,9 +437,11 @@ fn split_kv_rows_with_nan_scores_are_nan() {
         flash_attention(
             ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap(),
             Some(ViewMut::contiguous(&mut lse, [1, 1, s]).unwrap()),
-            View4::contiguous(&q, [1, 1, s, d]).unwrap(),
-            View4::contiguous(&k, [1, 1, t, d]).unwrap(),
-            View4::contiguous(&v, [1, 1, t, d]).unwrap(),
+            ForwardInputs::new(
+                View4::contiguous(&q, [1, 1, s, d]).unwrap(),
+                View4::contiguous(&k, [1, 1, t, d]).unwrap(),
+                View4::contiguous(&v, [1, 1, t, d]).unwrap(),
+            ),
             &AttentionOptions::default(),
             Par::Seq,
         )
@@ -486,9 +486,9 @@ fn fully_masked_rows_give_zeros_and_neg_inf_lse() {
         let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
         let l = Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap());
         if unfused {
-            attention_unfused(o, l, qv, kv, kv, &options, Par::Seq).unwrap();
+            attention_unfused(o, l, ForwardInputs::new(qv, kv, kv), &options, Par::Seq).unwrap();
         } else {
-            flash_attention(o, l, qv, kv, kv, &options, Par::Seq).unwrap();
+            flash_attention(o, l, ForwardInputs::new(qv, kv, kv), &options, Par::Seq).unwrap();
         }
         assert!(
             out[d..2 * d].iter().all(|&x| x == 0.0),
@@ -506,9 +506,7 @@ fn fully_masked_rows_give_zeros_and_neg_inf_lse() {
     flash_attention(
         ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
         None,
-        qv,
-        ke,
-        ke,
+        ForwardInputs::new(qv, ke, ke),
         &AttentionOptions::default(),
         Par::Seq,
     )
@@ -553,9 +551,9 @@ fn huge_finite_mask_values_behave_as_in_pytorch() {
         let mut out = vec![f32::NAN; s * d];
         let o = ViewMut4::contiguous(&mut out, [1, 1, s, d]).unwrap();
         if unfused {
-            attention_unfused(o, None, qv, kv, vv, &options, Par::Seq).unwrap();
+            attention_unfused(o, None, ForwardInputs::new(qv, kv, vv), &options, Par::Seq).unwrap();
         } else {
-            flash_attention(o, None, qv, kv, vv, &options, Par::Seq).unwrap();
+            flash_attention(o, None, ForwardInputs::new(qv, kv, vv), &options, Par::Seq).unwrap();
         }
         // Uniform over values 0..5: mean 2 (to the rounding of scores near -1e30).
         assert!(
@@ -585,9 +583,7 @@ fn shape_errors_name_the_tensor() {
     let err = flash_attention(
         ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
         None,
-        q,
-        k,
-        k,
+        ForwardInputs::new(q, k, k),
         &Default::default(),
         Par::Seq,
     )
@@ -605,9 +601,7 @@ fn shape_errors_name_the_tensor() {
     let err = flash_attention(
         ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
         None,
-        q,
-        k,
-        v,
+        ForwardInputs::new(q, k, v),
         &Default::default(),
         Par::Seq,
     )
@@ -629,9 +623,7 @@ fn shape_errors_name_the_tensor() {
     let err = flash_attention(
         ViewMut4::contiguous(&mut o, [1, 3, 4, 4]).unwrap(),
         None,
-        q,
-        k,
-        k,
+        ForwardInputs::new(q, k, k),
         &options,
         Par::Seq,
     )
