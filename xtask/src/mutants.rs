@@ -1,0 +1,81 @@
+//! `cargo xtask mutants`: mutation testing of the numerically central code, and the planted bugs.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+
+use super::{cargo, root, run};
+
+/// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
+/// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
+const MUTANT_SCOPE: [(&str, &str); 9] = [
+    // The flash passes, the split-KV merge and the repair of non-finite rows.
+    (
+        "crates/attn-kernels/src/flash/tile.rs",
+        "attend_tile|load_query_tile|block_scores|passes2_3_online_softmax|pass4_weighted_values",
+    ),
+    (
+        "crates/attn-kernels/src/flash/mod.rs",
+        "flash_impl|attend_unsplit|Dst::write_row",
+    ),
+    ("crates/attn-kernels/src/flash/split_kv.rs", "attend_split|merge_row"),
+    ("crates/attn-kernels/src/softmax.rs", "softmax_row|masked_softmax"),
+    (
+        "crates/attn-kernels/src/mask.rs",
+        "mask_row|apply_mask|add_mask|Causal::key_limit",
+    ),
+    // The row primitives: the dispatchers and the bodies of every level.
+    (
+        "crates/attn-kernels/src/simd.rs",
+        "(scalar::|avx2::)?(exp_sub_sum|row_max|scale_row|scale_into)",
+    ),
+    // Projections, and the head split and merge (heads as strided views of the projections).
+    (
+        "crates/attn-core/src/mha/forward.rs",
+        "head_view|Core::project|Core::project_kv|Core::project_out",
+    ),
+    ("crates/attn-core/src/mha/weights.rs", "linear|Core::weight|Core::bias"),
+    // Norms with the fused residual adds.
+    (
+        "crates/attn-nn/src/layers.rs",
+        "Norm::row|Norm::add_then_forward|Norm::add_forward_in_place|Norm::forward|add_in_place|Linear::forward",
+    ),
+];
+
+/// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.
+pub fn mutants(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--planted") {
+        return run(Command::new("python3")
+            .arg(root().join("xtask/python/planted_bugs.py"))
+            .current_dir(root()));
+    }
+    let installed = cargo()
+        .args(["mutants", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        run(cargo().args(["install", "cargo-mutants", "--locked"]))?;
+    }
+    let mut cmd = cargo();
+    cmd.args([
+        "mutants",
+        "--profile",
+        "mutants",
+        "--test-workspace=false",
+        "--cargo-test-arg=--tests",
+        "--no-shuffle",
+        "--output",
+        "target",
+    ]);
+    for (file, functions) in MUTANT_SCOPE {
+        let name = Path::new(file)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace('.', "\\.");
+        cmd.args(["--file", file, "--re", &format!("{name}:.* in ({functions})$")]);
+    }
+    cmd.args(args);
+    run(&mut cmd)
+}
