@@ -1,0 +1,509 @@
+//! The backward's tasks: the key pass, the query pass and the one pass over tiles of rows and
+//! keys, each writing the gradient elements it owns (see the parent module for who owns what),
+//! with their per-thread scratch.
+
+use rayon::prelude::*;
+
+use crate::buffer::{self, Buffer};
+use crate::gemm::gemm_raw;
+use crate::mask::{mask_row, resolve_scale};
+use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
+use crate::simd::{exp_sub2_sum, exp_sub_sum, scale_into, softmax_grad_row};
+use crate::tile::pad_to_nr;
+use crate::view::SharedMut;
+use crate::{Accum, AttentionOptions, KernelError, Par, ViewMut4};
+
+use super::{BackwardInputs, BackwardPath, KEYS, ROWS};
+/// The backward into the three destinations, once the call is validated.
+pub(super) fn run_backward(
+    [dq, dk, dv]: [Out; 3],
+    inputs: BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    path: BackwardPath,
+    plan: crate::flash::Plan,
+) -> Result<(), KernelError> {
+    let shape = Shape {
+        b: plan.b,
+        h: plan.h,
+        g: plan.g,
+        s: plan.s,
+        t: plan.t,
+        d: plan.d,
+        dv: plan.dv,
+    };
+    let delta = row_deltas(&inputs, &shape, par);
+    let job = Job {
+        shape,
+        inputs,
+        options,
+        scale: resolve_scale(options, plan.d),
+        score_kernel: ScoreKernel::for_call(plan.rows_per_group, inputs.k.strides()[3] == 1),
+        delta: &delta,
+        dq,
+        dk,
+        dv,
+    };
+    let one_pass = path != BackwardPath::TwoPass || plan.t <= KEYS;
+    let key_block = if one_pass { plan.t.max(1) } else { KEYS };
+    // The unfused path is the one pass with a single row tile: whole heads.
+    let row_tile = if path == BackwardPath::Unfused {
+        plan.s.max(1)
+    } else {
+        ROWS
+    };
+    let key_tasks = plan.b * plan.g * plan.t.div_ceil(key_block);
+    run(key_tasks, par, |scratch, task| {
+        job.key_task(scratch, task, key_block, row_tile, one_pass)
+    });
+    if !one_pass {
+        let query_tasks = plan.b * plan.h * plan.s.div_ceil(ROWS);
+        run(query_tasks, par, |scratch, task| job.query_task(scratch, task));
+    }
+    buffer::give(delta);
+    Ok(())
+}
+
+/// The sizes of a call.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    b: usize,
+    h: usize,
+    g: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    dv: usize,
+}
+
+/// A gradient destination shared by the tasks, each of which writes its own rows.
+#[derive(Clone, Copy)]
+pub(super) struct Out {
+    pub(super) ptr: SharedMut,
+    pub(super) strides: [usize; 4],
+}
+
+impl Out {
+    pub(super) fn new(view: &mut ViewMut4<'_, f32>) -> Self {
+        Out {
+            ptr: SharedMut(view.data_mut().as_mut_ptr()),
+            strides: view.strides(),
+        }
+    }
+
+    /// `dst[i, j, r0 + r, c] = scale · rows[r·width + c]`.
+    ///
+    /// # Safety
+    /// The rows must be in bounds of the view and owned by the calling task.
+    unsafe fn write_rows(self, [i, j, r0]: [usize; 3], rows: &[f32], width: usize, scale: f32) {
+        let st = self.strides;
+        for (r, row) in rows.chunks_exact(width).enumerate() {
+            let base = i * st[0] + j * st[1] + (r0 + r) * st[2];
+            for (c, &x) in row.iter().enumerate() {
+                // SAFETY: in bounds and owned, by the caller's contract.
+                unsafe { *self.ptr.get().add(base + c * st[3]) = x * scale };
+            }
+        }
+    }
+}
+
+/// `Δ[b, h, s] = Σ_c dout[b, h, s, c] · out[b, h, s, c]`, summed in f64.
+/// The buffer comes from this thread's pool (every element is written); hand it back with
+/// `buffer::give`.
+fn row_deltas(inputs: &BackwardInputs<'_>, shape: &Shape, par: Par) -> Buffer {
+    let mut delta = buffer::take(shape.b * shape.h * shape.s);
+    let (out, dout) = (inputs.out, inputs.dout);
+    let row = |(index, x): (usize, &mut f32)| {
+        let (bh, s) = (index / shape.s.max(1), index % shape.s.max(1));
+        let (b, h) = (bh / shape.h, bh % shape.h);
+        // A contiguous dot product where both rows are (the usual case), element by element
+        // otherwise; the same order of additions either way.
+        let (o0, d0) = (out.offset([b, h, s, 0]), dout.offset([b, h, s, 0]));
+        let sum: f64 = if out.strides()[3] == 1 && dout.strides()[3] == 1 {
+            let (o, d) = (&out.data()[o0..o0 + shape.dv], &dout.data()[d0..d0 + shape.dv]);
+            o.iter().zip(d).map(|(&a, &b)| a as f64 * b as f64).sum()
+        } else {
+            (0..shape.dv)
+                .map(|c| out.get([b, h, s, c]) as f64 * dout.get([b, h, s, c]) as f64)
+                .sum()
+        };
+        *x = sum as f32;
+    };
+    match par {
+        Par::Seq => delta.iter_mut().enumerate().for_each(row),
+        Par::Rayon => delta.par_iter_mut().enumerate().for_each(row),
+    }
+    delta
+}
+
+/// One worker's tiles, kept per thread and reused from task to task and from call to call, as
+/// the forward's are: a task sizes each buffer it uses and resets `packed_keys` before reading it.
+#[derive(Default)]
+struct Scratch {
+    /// `[ROWS, D]`: query rows times the scale.
+    q_tile: Vec<f32>,
+    /// `[ROWS, key block]`: probabilities, then `dS`.
+    p: Vec<f32>,
+    /// `[ROWS, key block padded]`: scores from a kernel that writes whole column panels.
+    padded: Vec<f32>,
+    /// The key block in transposed panels, for the tile kernel.
+    kt: Vec<f32>,
+    /// `(b, g, t0, bc)` when `kt` holds that key block for the whole key task.
+    packed_keys: Option<(usize, usize, usize, usize)>,
+    /// `[ROWS, key block]`: `dP`.
+    dp: Vec<f32>,
+    /// `[key block, D]` and `[key block, Dv]`: the key task's sums.
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    /// `[ROWS, D]`: a query task's (or the one pass's) `dQ` sums.
+    dq: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `body(scratch, task)` for every task, in order or on the rayon pool, each with the
+/// running thread's scratch.
+fn run(tasks: usize, par: Par, body: impl Fn(&mut Scratch, usize) + Sync + Send) {
+    let task = |task: usize| {
+        let mut scratch = SCRATCH.take().unwrap_or_default();
+        body(&mut scratch, task);
+        SCRATCH.set(Some(scratch));
+    };
+    match par {
+        Par::Seq => (0..tasks).for_each(task),
+        Par::Rayon => (0..tasks).into_par_iter().for_each(task),
+    }
+}
+
+/// Everything a task reads, and where it writes.
+struct Job<'a, 'o> {
+    shape: Shape,
+    inputs: BackwardInputs<'a>,
+    options: &'o AttentionOptions<'a>,
+    scale: f32,
+    /// The forward's score arithmetic for this call (`crate::scores`).
+    score_kernel: ScoreKernel,
+    delta: &'o [f32],
+    dq: Out,
+    dk: Out,
+    dv: Out,
+}
+
+/// The rows `[r0, r0 + rows)` of head `h` against keys `[t0, t0 + bc)`, as one tile.
+#[derive(Clone, Copy)]
+struct Tile {
+    b: usize,
+    h: usize,
+    g: usize,
+    r0: usize,
+    rows: usize,
+    t0: usize,
+    bc: usize,
+}
+
+impl Job<'_, '_> {
+    /// The key limit of row `s` of batch `b` (causal alignment and key length together).
+    fn limit(&self, b: usize, s: usize) -> usize {
+        let sh = &self.shape;
+        let key_length = self.options.key_lengths.map_or(sh.t, |l| l[b]);
+        self.options.causal.key_limit(s, sh.s, sh.t).min(key_length)
+    }
+
+    /// One past the last key any row of `[r0, r0 + rows)` may see.
+    fn keys_seen(&self, b: usize, r0: usize, rows: usize) -> usize {
+        (r0..r0 + rows).map(|s| self.limit(b, s)).max().unwrap_or(0)
+    }
+
+    /// The key task `(b, g, key block)`: `dK`, `dV` of its keys over every row of its heads; with
+    /// `one_pass`, also `dQ` of those heads.
+    fn key_task(&self, scratch: &mut Scratch, task: usize, key_block: usize, row_tile: usize, one_pass: bool) {
+        let sh = self.shape;
+        let blocks = sh.t.div_ceil(key_block);
+        let (bg, block) = (task / blocks, task % blocks);
+        let (b, g) = (bg / sh.g, bg % sh.g);
+        let t0 = block * key_block;
+        let bc = (sh.t - t0).min(key_block);
+        scratch.dk.clear();
+        scratch.dk.resize(bc * sh.d, 0.0);
+        scratch.dv.clear();
+        scratch.dv.resize(bc * sh.dv, 0.0);
+        // The tile kernel reads the block's keys in transposed panels: made once here for
+        // every row tile and head of the group, not once per tile.
+        scratch.packed_keys = None;
+        if self.score_kernel == ScoreKernel::Tile && bc > 0 {
+            let k = self.inputs.k;
+            let k_st = k.strides();
+            scratch.kt.resize(pad_to_nr(bc) * sh.d, 0.0);
+            let keys = &k.data()[k.offset([b, g, t0, 0])..];
+            key_panels(&mut scratch.kt, keys, bc, sh.d, k_st[2], k_st[3]);
+            scratch.packed_keys = Some((b, g, t0, bc));
+        }
+        let rep = sh.h / sh.g;
+        for h in g * rep..(g + 1) * rep {
+            for r0 in (0..sh.s).step_by(row_tile) {
+                let rows = (sh.s - r0).min(row_tile);
+                // Only the keys some row of the tile may see: under a causal mask the early row
+                // tiles stop well before the block's end.
+                let seen = self.keys_seen(b, r0, rows).min(t0 + bc);
+                let tile = Tile {
+                    b,
+                    h,
+                    g,
+                    r0,
+                    rows,
+                    t0,
+                    bc: seen.saturating_sub(t0),
+                };
+                let live = tile.bc > 0;
+                if one_pass {
+                    scratch.dq.clear();
+                    scratch.dq.resize(rows * sh.d, 0.0);
+                }
+                if live {
+                    self.probabilities(scratch, tile);
+                    self.value_gradient(scratch, tile);
+                    self.score_gradient(scratch, tile);
+                    self.key_gradient(scratch, tile);
+                    if one_pass {
+                        self.query_gradient(scratch, tile);
+                    }
+                }
+                if one_pass {
+                    // SAFETY: rows `[r0, r0 + rows)` of head `h` belong to this task alone
+                    // (its group's heads, all keys).
+                    unsafe { self.dq.write_rows([b, h, r0], &scratch.dq, sh.d, self.scale) };
+                }
+            }
+        }
+        // SAFETY: keys `[t0, t0 + bc)` of `(b, g)` belong to this task alone.
+        unsafe {
+            self.dk.write_rows([b, g, t0], &scratch.dk, sh.d, 1.0);
+            self.dv.write_rows([b, g, t0], &scratch.dv, sh.dv, 1.0);
+        }
+    }
+
+    /// The query task `(b, h, row tile)`: `dQ` of its rows over every key block.
+    fn query_task(&self, scratch: &mut Scratch, task: usize) {
+        let sh = self.shape;
+        let tiles = sh.s.div_ceil(ROWS);
+        let (bh, tile) = (task / tiles, task % tiles);
+        let (b, h) = (bh / sh.h, bh % sh.h);
+        let g = h / (sh.h / sh.g);
+        let r0 = tile * ROWS;
+        let rows = (sh.s - r0).min(ROWS);
+        scratch.dq.clear();
+        scratch.dq.resize(rows * sh.d, 0.0);
+        scratch.packed_keys = None;
+        // Key blocks past every row's limit are never visited.
+        let seen = self.keys_seen(b, r0, rows).min(sh.t);
+        for t0 in (0..seen).step_by(KEYS) {
+            let tile = Tile {
+                b,
+                h,
+                g,
+                r0,
+                rows,
+                t0,
+                bc: (seen - t0).min(KEYS),
+            };
+            self.probabilities(scratch, tile);
+            self.score_gradient(scratch, tile);
+            self.query_gradient(scratch, tile);
+        }
+        // SAFETY: rows `[r0, r0 + rows)` of `(b, h)` belong to this task alone.
+        unsafe { self.dq.write_rows([b, h, r0], &scratch.dq, sh.d, self.scale) };
+    }
+
+    /// `q_tile = scale·q[rows]`, then `p = exp(q_tile·kᵀ + masks − lse)` `[rows, bc]`, 0 where a
+    /// key is hidden or the row sees nothing.
+    fn probabilities(&self, scratch: &mut Scratch, tile: Tile) {
+        let (sh, q, k) = (self.shape, self.inputs.q, self.inputs.k);
+        let Tile {
+            b,
+            h,
+            g,
+            r0,
+            rows,
+            t0,
+            bc,
+        } = tile;
+        scratch.q_tile.resize(rows * sh.d, 0.0);
+        let q_st = q.strides();
+        for (i, dst) in scratch.q_tile[..rows * sh.d].chunks_exact_mut(sh.d).enumerate() {
+            let base = q.offset([b, h, r0 + i, 0]);
+            if q_st[3] == 1 {
+                scale_into(dst, &q.data()[base..base + sh.d], self.scale);
+            } else {
+                dst.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = q.data()[base + j * q_st[3]] * self.scale);
+            }
+        }
+        // The forward's arithmetic, so that each score has the forward's bits: a row whose
+        // only visible key took all the weight gets P = 1 exactly, and large logits lose no
+        // more than the LSE's own rounding.
+        let k_st = k.strides();
+        let keys = Keys {
+            keys: &k.data()[k.offset([b, g, t0, 0])..],
+            row_stride: k_st[2],
+            col_stride: k_st[3],
+            bc,
+        };
+        let ld = self.score_kernel.min_ld(bc);
+        let kernel = self.score_kernel;
+        // Overwritten whole by the kernel: no zero-fill per tile.
+        scratch.p.resize(rows * bc, 0.0);
+        // Keys packed once for the key task, when this tile reads that block.
+        let packed = scratch
+            .packed_keys
+            .is_some_and(|(pb, pg, pt0, pbc)| (pb, pg, pt0) == (b, g, t0) && bc <= pbc);
+        let Scratch {
+            q_tile, p, padded, kt, ..
+        } = scratch;
+        let scores: &mut Vec<f32> = if ld == bc {
+            p
+        } else {
+            padded.resize(rows * ld, 0.0);
+            padded
+        };
+        if packed {
+            tile_scores(scores, ld, q_tile, [rows, sh.d], kt, bc);
+        } else {
+            scores_into(kernel, scores, ld, q_tile, [rows, sh.d], keys, kt);
+            // `kt` may now hold this tile's keys, not the task's block.
+            scratch.packed_keys = None;
+        }
+        if ld != bc {
+            for (dst, src) in scratch.p.chunks_exact_mut(bc).zip(scratch.padded.chunks_exact(ld)) {
+                dst.copy_from_slice(&src[..bc]);
+            }
+        }
+        for (i, row) in scratch.p.chunks_exact_mut(bc).enumerate() {
+            let s = r0 + i;
+            mask_row(row, self.options, [b, h, s], t0, self.limit(b, s), [sh.s, sh.t]);
+            let lse = self.inputs.lse.get([b, h, s]);
+            if lse == f32::NEG_INFINITY {
+                row.fill(0.0);
+            } else if lse.is_nan() {
+                row.iter_mut()
+                    .for_each(|x| *x = if *x == f32::NEG_INFINITY { 0.0 } else { f32::NAN });
+            } else if let Some(lo) = &self.inputs.lse_lo {
+                // `s − lse` first (exact for the keys that carry the weight), then `lse_lo`.
+                exp_sub2_sum(row, lse, lo.get([b, h, s]));
+            } else {
+                exp_sub_sum(row, lse);
+            }
+        }
+    }
+
+    /// `dV[keys] += pᵀ · dout[rows]`.
+    fn value_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+        let (sh, dout) = (self.shape, self.inputs.dout);
+        let Tile { b, h, r0, rows, bc, .. } = tile;
+        let st = dout.strides();
+        // SAFETY: `dv` holds [bc, Dv], `p` [rows, bc] read transposed; the rows of `dout` were
+        // bounds-checked with it.
+        unsafe {
+            gemm_raw(
+                scratch.dv.as_mut_ptr(),
+                [sh.dv, 1],
+                [bc, sh.dv, rows],
+                Accum::Add,
+                scratch.p.as_ptr(),
+                [1, bc],
+                dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
+                [st[2], st[3]],
+                1.0,
+                Par::Seq,
+            )
+        };
+    }
+
+    /// `dp = dout[rows] · v[keys]ᵀ`, then `p ← p ∘ (dp − Δ)`: the scores' gradient `dS`.
+    fn score_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+        let (sh, dout, v) = (self.shape, self.inputs.dout, self.inputs.v);
+        let Tile {
+            b,
+            h,
+            g,
+            r0,
+            rows,
+            t0,
+            bc,
+        } = tile;
+        // Overwritten whole by the GEMM below.
+        scratch.dp.resize(rows * bc, 0.0);
+        let (d_st, v_st) = (dout.strides(), v.strides());
+        // SAFETY: `dp` holds [rows, bc]; the rows of `dout` and the value block were
+        // bounds-checked with their views.
+        unsafe {
+            gemm_raw(
+                scratch.dp.as_mut_ptr(),
+                [bc, 1],
+                [rows, bc, sh.dv],
+                Accum::Replace,
+                dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
+                [d_st[2], d_st[3]],
+                v.data().as_ptr().add(v.offset([b, g, t0, 0])),
+                [v_st[3], v_st[2]],
+                1.0,
+                Par::Seq,
+            )
+        };
+        for (i, (p_row, dp_row)) in scratch
+            .p
+            .chunks_exact_mut(bc)
+            .zip(scratch.dp.chunks_exact(bc))
+            .enumerate()
+        {
+            // A hidden key (p = 0) stays 0 even if `dp` is not finite.
+            softmax_grad_row(p_row, dp_row, self.delta[(b * sh.h + h) * sh.s + r0 + i]);
+        }
+    }
+
+    /// `dK[keys] += dSᵀ · q_tile`: the query tile holds `scale·q`, so this is `scale·dSᵀ·q`.
+    fn key_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+        let sh = self.shape;
+        let Tile { rows, bc, .. } = tile;
+        // SAFETY: `dk` holds [bc, D], `p` (now dS) [rows, bc] read transposed, `q_tile` [rows, D].
+        unsafe {
+            gemm_raw(
+                scratch.dk.as_mut_ptr(),
+                [sh.d, 1],
+                [bc, sh.d, rows],
+                Accum::Add,
+                scratch.p.as_ptr(),
+                [1, bc],
+                scratch.q_tile.as_ptr(),
+                [sh.d, 1],
+                1.0,
+                Par::Seq,
+            )
+        };
+    }
+
+    /// `dQ[rows] += dS · k[keys]` (the scale is applied when written).
+    fn query_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+        let (sh, k) = (self.shape, self.inputs.k);
+        let Tile { b, g, rows, t0, bc, .. } = tile;
+        let st = k.strides();
+        // SAFETY: `dq` holds [rows, D], `p` (now dS) [rows, bc]; the key block was bounds-checked
+        // with `k`.
+        unsafe {
+            gemm_raw(
+                scratch.dq.as_mut_ptr(),
+                [sh.d, 1],
+                [rows, sh.d, bc],
+                Accum::Add,
+                scratch.p.as_ptr(),
+                [bc, 1],
+                k.data().as_ptr().add(k.offset([b, g, t0, 0])),
+                [st[2], st[3]],
+                1.0,
+                Par::Seq,
+            )
+        };
+    }
+}
