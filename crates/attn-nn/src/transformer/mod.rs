@@ -21,12 +21,14 @@ use serde::{Deserialize, Serialize};
 mod layers;
 mod stack;
 mod train;
+mod train_stack;
 
 pub use layers::{DecoderLayer, DecoderLayerCache, EncoderLayer};
 use stack::Stack;
 pub use stack::{Decoder, DecoderCache, Encoder, StackConfig, Transformer, TransformerConfig};
 
-pub use train::{LayerTape, StackTape, TransformerMasks, TransformerTape};
+pub use train::LayerTape;
+pub use train_stack::{StackTape, TransformerTape};
 
 use crate::error::invalid;
 use crate::layers::{add_in_place, Activation, FeedForward, Linear, Norm, NormKind};
@@ -161,6 +163,17 @@ impl LayerConfig {
             activation: self.activation,
         })
     }
+}
+
+/// The masks of a [`Transformer`] call: the source's, the target's and the memory's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TransformerMasks<'a> {
+    /// The encoder's self-attention.
+    pub src: BlockMasks<'a>,
+    /// The decoder's self-attention.
+    pub tgt: BlockMasks<'a>,
+    /// The decoder's cross-attention over the memory.
+    pub memory: BlockMasks<'a>,
 }
 
 /// The masks of one attention block, in PyTorch's module conventions.
