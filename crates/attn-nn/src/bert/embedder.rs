@@ -1,0 +1,241 @@
+//! Sentence embeddings from a [`BertModel`] as sentence-transformers computes them: token states
+//! pooled ([`Pooling`]) into one vector per sentence, optionally L2-normalised.
+
+use std::path::Path;
+
+use attn_core::kernels::Par;
+use attn_core::{FromSafetensors, StateDict};
+
+use super::{BertConfig, BertModel};
+use crate::error::invalid;
+use crate::{NnError, Result};
+
+/// How token states become one sentence vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The mean over real tokens (sentence-transformers' `pooling_mode_mean_tokens`).
+    Mean,
+    /// The first token (`[CLS]`).
+    Cls,
+    /// The elementwise maximum over real tokens.
+    Max,
+}
+
+/// A sentence-embedding pipeline: a BERT model, pooling, and optional L2 normalisation, as
+/// sentence-transformers runs it.
+///
+/// [`SentenceEmbedder::from_dir`] reads a sentence-transformers model folder (all-MiniLM-L6-v2:
+/// `cargo xtask fetch-model`); the caller tokenises with the folder's `tokenizer.json` (the
+/// `tokenizers` crate) and hands over token ids:
+///
+/// ```no_run
+/// use attn_nn::SentenceEmbedder;
+/// use attn_nn::core::kernels::Par;
+/// let embedder = SentenceEmbedder::from_dir("all-MiniLM-L6-v2".as_ref()).unwrap();
+/// // Token ids with [CLS] = 101 and [SEP] = 102. Trailing [PAD] ids (MiniLM's tokenizer.json
+/// // pads to 128) are stripped, so padded and unpadded ids give the same vector.
+/// let sentences = vec![vec![101, 1037, 4937, 2938, 2006, 1996, 13523, 102]];
+/// let vectors = embedder.embed(&sentences, 32, Par::Rayon, |_| {}).unwrap();
+/// assert_eq!(vectors.len(), 384);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SentenceEmbedder {
+    /// The encoder.
+    pub model: BertModel,
+    /// Pooling.
+    pub pooling: Pooling,
+    /// L2-normalise the pooled vectors (sentence-transformers' `Normalize` module).
+    pub normalize: bool,
+    /// Longest token sequence accepted (`max_seq_length`, at most the position table); longer
+    /// ones are refused, since truncation belongs to the tokenizer (it keeps the `[SEP]`).
+    pub max_seq_length: usize,
+    /// The `[PAD]` id: trailing runs of it are stripped before embedding (`pad_token_id`).
+    pub pad_token_id: u32,
+}
+
+impl SentenceEmbedder {
+    /// A model and its pooling, with `max_seq_length` the position table's length and
+    /// `pad_token_id` the config's.
+    pub fn new(model: BertModel, pooling: Pooling, normalize: bool) -> Self {
+        SentenceEmbedder {
+            max_seq_length: model.config.max_position_embeddings,
+            pad_token_id: model.config.pad_token_id,
+            model,
+            pooling,
+            normalize,
+        }
+    }
+
+    /// Reads a sentence-transformers model folder: `config.json` and `model.safetensors` (F32,
+    /// F16, BF16 or F64), and where present `modules.json` (a `Normalize` module turns on L2
+    /// normalisation), `1_Pooling/config.json` (mean, CLS or max pooling; mean when absent) and
+    /// `sentence_bert_config.json` (`max_seq_length`). Errors name the file and the field.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let file_error = |path: &Path, what: String| NnError::File {
+            path: path.display().to_string(),
+            what,
+        };
+        let read = |name: &str| -> Result<Option<Vec<u8>>> {
+            let path = dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(file_error(&path, format!("cannot read: {e}"))),
+            }
+        };
+        let json = |name: &str| -> Result<Option<serde_json::Value>> {
+            read(name)?
+                .map(|bytes| {
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| file_error(&dir.join(name), format!("not valid JSON: {e}")))
+                })
+                .transpose()
+        };
+        let required = |name: &str| -> Result<Vec<u8>> {
+            read(name)?.ok_or_else(|| file_error(&dir.join(name), "missing from the model folder".into()))
+        };
+        let config_text = String::from_utf8(required("config.json")?)
+            .map_err(|_| file_error(&dir.join("config.json"), "not UTF-8".into()))?;
+        let config =
+            BertConfig::from_json(&config_text).map_err(|e| file_error(&dir.join("config.json"), e.to_string()))?;
+        // `embeddings.position_ids` is an integer buffer, not a weight.
+        let dict = StateDict::from_safetensors_skipping(&required("model.safetensors")?, |name| {
+            name.ends_with("position_ids")
+        })
+        .map_err(|e| file_error(&dir.join("model.safetensors"), e.to_string()))?;
+        let model = BertModel::from_state_dict(config, dict)
+            .map_err(|e| file_error(&dir.join("model.safetensors"), e.to_string()))?;
+        let mut embedder = SentenceEmbedder::new(model, Pooling::Mean, false);
+
+        if let Some(st) = json("sentence_bert_config.json")? {
+            if let Some(n) = st.get("max_seq_length").and_then(serde_json::Value::as_u64) {
+                if n == 0 {
+                    let path = dir.join("sentence_bert_config.json");
+                    return Err(file_error(&path, "`max_seq_length` is 0, expected at least 1".into()));
+                }
+                embedder.max_seq_length = embedder.max_seq_length.min(usize::try_from(n).unwrap_or(usize::MAX));
+            }
+        }
+        if let Some(v) = json("1_Pooling/config.json")? {
+            let on = |key: &str| v.get(key).and_then(serde_json::Value::as_bool).unwrap_or(false);
+            embedder.pooling = if on("pooling_mode_cls_token") {
+                Pooling::Cls
+            } else if on("pooling_mode_max_tokens") {
+                Pooling::Max
+            } else if on("pooling_mode_mean_tokens") {
+                Pooling::Mean
+            } else {
+                let path = dir.join("1_Pooling/config.json");
+                return Err(file_error(
+                    &path,
+                    "no pooling mode this version supports (mean, cls, max)".into(),
+                ));
+            };
+        }
+        embedder.normalize = json("modules.json")?.is_some_and(|modules| {
+            modules.as_array().is_some_and(|list| {
+                list.iter().any(|m| {
+                    m.get("type")
+                        .and_then(serde_json::Value::as_str)
+                        .is_some_and(|t| t.ends_with("Normalize"))
+                })
+            })
+        });
+        Ok(embedder)
+    }
+
+    /// Embeds token-id sequences (each with its `[CLS]` and `[SEP]`) -> `[N, E]` rows, in input
+    /// order. Trailing `[PAD]` ids are stripped first, so ids padded by a tokenizer give the
+    /// vectors of the unpadded sequence; a sequence longer than `max_seq_length` is refused. Up
+    /// to `batch_size` sequences at a time are packed back to back (no padding), so the work
+    /// follows the real token count.
+    pub fn embed(
+        &self,
+        sequences: &[Vec<u32>],
+        batch_size: usize,
+        par: Par,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        if batch_size == 0 {
+            return Err(invalid("batch_size", 0, "at least 1"));
+        }
+        let e = self.model.config.hidden_size;
+        let unpadded: Vec<&[u32]> = sequences
+            .iter()
+            .map(|ids| {
+                let real = ids
+                    .iter()
+                    .rposition(|&id| id != self.pad_token_id)
+                    .map_or(0, |last| last + 1);
+                &ids[..real]
+            })
+            .collect();
+        if let Some((i, ids)) = unpadded
+            .iter()
+            .enumerate()
+            .find(|(_, ids)| ids.len() > self.max_seq_length)
+        {
+            return Err(invalid(
+                "token ids",
+                format!("{} ids in sequence {i}", ids.len()),
+                format!(
+                    "at most max_seq_length = {} (truncate when tokenising)",
+                    self.max_seq_length
+                ),
+            ));
+        }
+        let mut out = vec![0.0f32; sequences.len() * e];
+        // Sequences are packed back to back, `batch_size` at a time: no padding at all.
+        for (chunk_index, chunk) in unpadded.chunks(batch_size).enumerate() {
+            let mut starts = Vec::with_capacity(chunk.len() + 1);
+            starts.push(0);
+            for seq in chunk {
+                starts.push(starts.last().expect("non-empty") + seq.len());
+            }
+            let ids: Vec<u32> = chunk.iter().flat_map(|ids| ids.iter()).copied().collect();
+            let hidden = self.model.hidden_states_packed(&ids, &starts, par)?;
+            for (k, w) in starts.windows(2).enumerate() {
+                let i = chunk_index * batch_size + k;
+                let dst = &mut out[i * e..(i + 1) * e];
+                pool(&hidden[w[0] * e..w[1] * e], e, self.pooling, dst);
+                if self.normalize {
+                    // torch.nn.functional.normalize: x / max(||x||, 1e-12)
+                    let norm = dst
+                        .iter()
+                        .map(|&v| (v as f64) * (v as f64))
+                        .sum::<f64>()
+                        .sqrt()
+                        .max(1e-12);
+                    dst.iter_mut().for_each(|v| *v = (*v as f64 / norm) as f32);
+                }
+            }
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+}
+
+/// Pools `states: [n, E]` into `dst: [E]` (zeros when `n = 0`).
+fn pool(states: &[f32], e: usize, pooling: Pooling, dst: &mut [f32]) {
+    let n = states.len() / e;
+    if n == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    match pooling {
+        Pooling::Cls => dst.copy_from_slice(&states[..e]),
+        Pooling::Mean => {
+            let mut acc = vec![0.0f64; e];
+            for row in states.chunks(e) {
+                acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
+            }
+            dst.iter_mut().zip(&acc).for_each(|(d, &a)| *d = (a / n as f64) as f32);
+        }
+        Pooling::Max => {
+            dst.fill(f32::NEG_INFINITY);
+            for row in states.chunks(e) {
+                dst.iter_mut().zip(row).for_each(|(d, &x)| *d = d.max(x));
+            }
+        }
+    }
+}
