@@ -335,33 +335,7 @@ impl Core {
         let [qbs, qls] = query.token_strides();
 
         // 1. The output projection.
-        let d_attn = match (&self.w_out, self.dims.out) {
-            (Some(w_out), Some(out_dim)) => {
-                let mut d_attn = arena::zeroed(n * h * dv);
-                let shape = LinearShape {
-                    n,
-                    in_dim: h * dv,
-                    out_dim,
-                };
-                let (dw, db) = grads.of_weight_and_bias(
-                    path,
-                    (w_out, "out_proj.weight"),
-                    self.b_out.as_ref().map(|b| (b, "out_proj.bias")),
-                )?;
-                linear_backward(
-                    Some(&mut d_attn),
-                    dw,
-                    db,
-                    d_output,
-                    &tape.attn_out,
-                    w_out.data(),
-                    shape,
-                    par,
-                )?;
-                d_attn
-            }
-            _ => arena::copied(d_output),
-        };
+        let d_attn = self.out_projection_backward(tape, d_output, n, (grads, path), par)?;
 
         // 2. Attention, under the forward's masks (or sequence by sequence when packed).
         let t = p.t_new;
@@ -388,13 +362,9 @@ impl Core {
                 let masks = MaskSet::new(&inputs.options, [b, h, s, t], t - t_real, false)?;
                 let kernel_options = masks.options(self.alibi.as_deref())?;
                 let out_strides = [qbs * h * dv, dv, qls * h * dv, 1];
-                // dK and dV in the layout of K and V: rows of the fused buffer's order, or
-                // `[B, T', G, ·]`.
-                let (k_strides, v_strides) = if p.fused {
-                    ([qbs * g * d, d, qls * g * d, 1], [qbs * g * dv, dv, qls * g * dv, 1])
-                } else {
-                    ([t * g * d, d, g * d, 1], [t * g * dv, dv, g * dv, 1])
-                };
+                // dK and dV in the layout of K and V, `[B, T', G, ·]` (the fused projection
+                // returned above).
+                let (k_strides, v_strides) = ([t * g * d, d, g * d, 1], [t * g * dv, dv, g * dv, 1]);
                 attention_backward(
                     Gradients {
                         dq: ViewMut4::new(&mut dq[..], [b, h, s, d], [qbs * h * d, d, qls * h * d, 1])?,
@@ -442,6 +412,40 @@ impl Core {
             key: None,
             value: None,
         })
+    }
+
+    /// The backward of the output projection: the gradient of the attention output `[N, H·Dv]`
+    /// (arena storage), adding into `out_proj.*`; `d_output` itself without one.
+    fn out_projection_backward(
+        &self,
+        tape: &MhaTape,
+        d_output: &[f32],
+        n: usize,
+        (grads, path): (&mut Grads, &ParamPath<'_>),
+        par: Par,
+    ) -> Result<Vec<f32>> {
+        let (Some(w_out), Some(out_dim)) = (&self.w_out, self.dims.out) else {
+            return Ok(arena::copied(d_output));
+        };
+        let in_dim = self.dims.h * self.dims.dv;
+        let mut d_attn = arena::zeroed(n * in_dim);
+        let (dw, db) = grads.of_weight_and_bias(
+            path,
+            (w_out, "out_proj.weight"),
+            self.b_out.as_ref().map(|b| (b, "out_proj.bias")),
+        )?;
+        let shape = LinearShape { n, in_dim, out_dim };
+        linear_backward(
+            Some(&mut d_attn),
+            dw,
+            db,
+            d_output,
+            &tape.attn_out,
+            w_out.data(),
+            shape,
+            par,
+        )?;
+        Ok(d_attn)
     }
 
     /// The kernel options of packed sequences: causal or not, the module's ALiBi.

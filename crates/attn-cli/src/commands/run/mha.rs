@@ -22,38 +22,10 @@ pub(super) fn run_mha(
     ))?;
     let path = file.path().display().to_string();
     let layout = Layout::from_batch_first(module.config().batch_first);
-    let (b, s, e, unbatched, q) = seq_dims(file, "query", layout)?;
-    let (kb, t, kdim, k_unbatched, k) = seq_dims(file, "key", layout)?;
-    let (vb, vt, vdim, v_unbatched, v) = seq_dims(file, "value", layout)?;
-    if unbatched != k_unbatched || unbatched != v_unbatched {
-        bail!("{path}: `query`, `key` and `value` must all be batched (3-D) or all unbatched (2-D)");
-    }
-    if kb != b || vb != b || vt != t {
-        bail!("{path}: `key` and `value` must have the batch size of `query` ({b}) and one length (got key {kb}×{t}, value {vb}×{vt})");
-    }
+    let ([query, key, value], unbatched) = read_sequences(file, layout)?;
+    let (b, s, e, t) = (query.batch, query.len, query.dim, key.len);
     let [_, h, _, _] = module.dims();
-    let layout = if unbatched { Layout::BatchFirst } else { layout };
-    let query = Sequence {
-        data: q,
-        batch: b,
-        len: s,
-        dim: e,
-        layout,
-    };
-    let key = Sequence {
-        data: k,
-        batch: b,
-        len: t,
-        dim: kdim,
-        layout,
-    };
-    let value = Sequence {
-        data: v,
-        batch: b,
-        len: t,
-        dim: vdim,
-        layout,
-    };
+    let layout = query.layout;
 
     let key_padding = key_padding(file, "key_padding_mask", b, t, unbatched)?;
     let attn_mask = score_mask(file, "attn_mask", s, t, b * h)?;
@@ -89,7 +61,8 @@ pub(super) fn run_mha(
         None => {
             // PyTorch takes the self-attention path when query, key and value are one tensor;
             // equal contents give the same numbers, so equal tensors take the fused path here.
-            let self_attention = kdim == e && vdim == e && t == s && k == q && v == q;
+            let self_attention =
+                key.dim == e && value.dim == e && t == s && key.data == query.data && value.data == query.data;
             let result = if self_attention {
                 module.forward_self(query, &options, par)
             } else {
@@ -139,4 +112,32 @@ pub(super) fn run_mha(
         outputs.extend(self::outputs(file, Vec::new(), ran).into_iter().skip(1));
     }
     Ok(outputs)
+}
+
+/// `query`, `key` and `value` from the file, in `layout` (batch-first when unbatched), and
+/// whether they are unbatched; all batched or all not, one batch size, keys and values of one
+/// length.
+fn read_sequences<'f>(file: &'f TensorFile, layout: Layout) -> Result<([Sequence<'f>; 3], bool)> {
+    let path = file.path().display();
+    let (b, s, e, unbatched, q) = seq_dims(file, "query", layout)?;
+    let (kb, t, kdim, k_unbatched, k) = seq_dims(file, "key", layout)?;
+    let (vb, vt, vdim, v_unbatched, v) = seq_dims(file, "value", layout)?;
+    if unbatched != k_unbatched || unbatched != v_unbatched {
+        bail!("{path}: `query`, `key` and `value` must all be batched (3-D) or all unbatched (2-D)");
+    }
+    if kb != b || vb != b || vt != t {
+        bail!("{path}: `key` and `value` must have the batch size of `query` ({b}) and one length (got key {kb}×{t}, value {vb}×{vt})");
+    }
+    let layout = if unbatched { Layout::BatchFirst } else { layout };
+    let sequence = |data, len, dim| Sequence {
+        data,
+        batch: b,
+        len,
+        dim,
+        layout,
+    };
+    Ok((
+        [sequence(q, s, e), sequence(k, t, kdim), sequence(v, t, vdim)],
+        unbatched,
+    ))
 }

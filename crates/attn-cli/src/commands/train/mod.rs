@@ -407,58 +407,17 @@ pub fn main(args: Args) -> Result<()> {
     let pairs = read_pairs(&args.data)?;
     let valid = args.valid.as_deref().map(read_pairs).transpose()?;
     let fingerprint = run_fingerprint(&args, &pairs);
-    let model = if args.resume {
-        checkpoint::load(&args.output).context("--resume reads the checkpoint at --output")?
-    } else if let Some(init) = &args.init {
-        let model = checkpoint::load(init)?;
-        args.model.check_against(model.config())?;
-        model
-    } else {
-        let config = args.model.config(&pairs)?;
-        Seq2Seq::with_seed(config, args.optim.seed)?
-    };
-    // Every pair must fit: a clear error before any step.
-    for (what, set) in [("--data", Some(&pairs)), ("--valid", valid.as_ref())] {
-        if let Some(set) = set {
-            for (i, (s, t)) in set.iter().enumerate() {
-                model
-                    .batch(&[(s.as_str(), t.as_str())])
-                    .with_context(|| format!("{what} line {}", i + 1))?;
-            }
-        }
-    }
+    let model = initial_model(&args, &pairs, valid.as_deref())?;
     let save_every = args.save_every.unwrap_or(args.eval_every);
     let steps = args.steps;
     args.threads.install(|threads| {
         let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps)?;
-        let mut first = 1;
-        if args.resume {
-            let state = state_path(&args.output);
-            let bytes = std::fs::read(&state).with_context(|| format!("--resume needs {}", state.display()))?;
-            let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-            let saved_run = header.metadata().as_ref().and_then(|m| m.get("run")).cloned();
-            if saved_run.as_deref() != Some(fingerprint.as_str()) {
-                let saved = saved_run.unwrap_or_default();
-                bail!(
-                    "--resume: the run saved in {} had other data or flags; they must be the same: {}",
-                    state.display(),
-                    differing_flags(&saved, &fingerprint).join("; ")
-                );
-            }
-            first = trainer.restore(&state)? + 1;
-        }
-        let mut log = match &args.log {
-            Some(path) => Some(std::io::BufWriter::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(args.resume)
-                    .write(true)
-                    .truncate(!args.resume)
-                    .open(path)
-                    .with_context(|| format!("cannot write {}", path.display()))?,
-            )),
-            None => None,
+        let first = if args.resume {
+            resume(&mut trainer, &args.output, &fingerprint)? + 1
+        } else {
+            1
         };
+        let mut log = open_log(&args)?;
         let bar = progress(steps, first, args.quiet);
         let mut curve: Vec<(u64, f64)> = Vec::new();
         let mut valid_curve: Vec<(u64, f64, f64)> = Vec::new();
@@ -528,20 +487,7 @@ pub fn main(args: Args) -> Result<()> {
         if let Some(log) = &mut log {
             log.flush()?;
         }
-        let mut written = vec![
-            format!("{} (the model)", args.output.display()),
-            format!(
-                "{} (the optimizer's state, for --resume)",
-                state_path(&args.output).display()
-            ),
-        ];
-        if let Some(path) = &args.log {
-            written.push(format!("{} (the log)", path.display()));
-        }
-        if let Some(path) = &args.plot {
-            crate::support::plot::training_curves(path, &curve, &valid_curve)?;
-            written.push(format!("{} (the curves)", path.display()));
-        }
+        let written = write_curves(&args, &curve, &valid_curve)?;
         let params = trainer.model.parameter_count();
         println!(
             "trained {params} parameters, steps {first} to {stop} of {steps} on {threads} threads in {:.1} s; wrote {}",
@@ -550,6 +496,79 @@ pub fn main(args: Args) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// The model a run starts from: the checkpoint at `--output` (`--resume`), the one at `--init`,
+/// or a fresh one; every pair of `pairs` and `valid` must fit it (a clear error before any step).
+fn initial_model(args: &Args, pairs: &[(String, String)], valid: Option<&[(String, String)]>) -> Result<Seq2Seq> {
+    let model = if args.resume {
+        checkpoint::load(&args.output).context("--resume reads the checkpoint at --output")?
+    } else if let Some(init) = &args.init {
+        let model = checkpoint::load(init)?;
+        args.model.check_against(model.config())?;
+        model
+    } else {
+        let config = args.model.config(pairs)?;
+        Seq2Seq::with_seed(config, args.optim.seed)?
+    };
+    for (what, set) in [("--data", Some(pairs)), ("--valid", valid)] {
+        for (i, (s, t)) in set.into_iter().flatten().enumerate() {
+            model
+                .batch(&[(s.as_str(), t.as_str())])
+                .with_context(|| format!("{what} line {}", i + 1))?;
+        }
+    }
+    Ok(model)
+}
+
+/// Restores the optimizer's state saved beside `output`, after checking that it was saved by a
+/// run of the same data and flags (`fingerprint`); returns the step it was saved at.
+fn resume(trainer: &mut Trainer, output: &Path, fingerprint: &str) -> Result<u64> {
+    let state = state_path(output);
+    let bytes = std::fs::read(&state).with_context(|| format!("--resume needs {}", state.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let saved_run = header.metadata().as_ref().and_then(|m| m.get("run")).cloned();
+    if saved_run.as_deref() != Some(fingerprint) {
+        let saved = saved_run.unwrap_or_default();
+        bail!(
+            "--resume: the run saved in {} had other data or flags; they must be the same: {}",
+            state.display(),
+            differing_flags(&saved, fingerprint).join("; ")
+        );
+    }
+    trainer.restore(&state)
+}
+
+/// `--log`, opened for appending when resuming and truncated otherwise.
+fn open_log(args: &Args) -> Result<Option<std::io::BufWriter<std::fs::File>>> {
+    let Some(path) = &args.log else { return Ok(None) };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(args.resume)
+        .write(true)
+        .truncate(!args.resume)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Some(std::io::BufWriter::new(file)))
+}
+
+/// Draws `--plot` and names every file the run wrote.
+fn write_curves(args: &Args, curve: &[(u64, f64)], valid_curve: &[(u64, f64, f64)]) -> Result<Vec<String>> {
+    let mut written = vec![
+        format!("{} (the model)", args.output.display()),
+        format!(
+            "{} (the optimizer's state, for --resume)",
+            state_path(&args.output).display()
+        ),
+    ];
+    if let Some(path) = &args.log {
+        written.push(format!("{} (the log)", path.display()));
+    }
+    if let Some(path) = &args.plot {
+        crate::support::plot::training_curves(path, curve, valid_curve)?;
+        written.push(format!("{} (the curves)", path.display()));
+    }
+    Ok(written)
 }
 
 fn progress(steps: u64, first: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
