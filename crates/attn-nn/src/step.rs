@@ -1,12 +1,17 @@
 //! The step context: what one training step's forward and backward share.
 //!
 //! A module's training forward and backward take one [`Step`] instead of a list of arguments:
-//! the step's dropout (probability and seed), where the work runs, the gradients the backward
-//! adds into, and the module's place in the model ([`ParamPath`]). The place does two things
+//! the step's number, its dropout (probability and seed), where the work runs, the gradients the
+//! backward adds into, and the module's place in the model ([`ParamPath`]). The place does two things
 //! without building a string: it keys the module's dropout sites (the hash of
 //! `encoder.layers.0.` + `dropout1`, so every site draws its own masks, the same on any thread
 //! count and in the backward), and it names gradients kept by name and errors. A module hands
 //! its submodules the same step at their own place with [`Step::at`].
+//!
+//! The activations' storage is not a field: it is [`kernels::arena`], a pool per thread that
+//! every training forward takes its buffers from and every tape's `recycle` gives them back
+//! to, so a buffer taken on a rayon worker needs no lock and a steady-state step allocates
+//! nothing large.
 
 use attn_core::kernels::{self, Par};
 use attn_core::{AttnError, Grads, ParamPath};
@@ -28,6 +33,16 @@ pub struct Dropout {
 impl Dropout {
     /// No dropout.
     pub const NONE: Dropout = Dropout { p: 0.0, seed: 0 };
+
+    /// The dropout of step `number` of a run seeded with `run_seed`: each step its own seed,
+    /// `run_seed · 0x2545F4914F6CDD1D ^ number` (the derivation `attn train` has used since its
+    /// first checkpoint, so resumed runs draw the same masks).
+    pub fn for_step(p: f32, run_seed: u64, number: u64) -> Dropout {
+        Dropout {
+            p,
+            seed: run_seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ number,
+        }
+    }
 
     /// Applies the mask of `site` (a name unique within the model, such as
     /// `encoder.layers.0.dropout1`) to `x` in place. The backward is the same call on the
@@ -52,6 +67,8 @@ impl Dropout {
 /// What one training step's forward and backward share: see the module documentation.
 #[derive(Debug)]
 pub struct Step<'s> {
+    /// The step's number in its run (1-based; 0 for a step outside a run).
+    pub number: u64,
     /// Dropout's probability and this step's seed.
     pub dropout: Dropout,
     /// Where the work runs.
@@ -63,9 +80,11 @@ pub struct Step<'s> {
 }
 
 impl<'s> Step<'s> {
-    /// A step of the model at the root of its state dict.
+    /// A step outside a run (number 0) of the model at the root of its state dict, with the
+    /// given dropout.
     pub fn new(dropout: Dropout, par: Par, grads: &'s mut Grads) -> Self {
         Step {
+            number: 0,
             dropout,
             par,
             path: &ParamPath::ROOT,
@@ -73,9 +92,19 @@ impl<'s> Step<'s> {
         }
     }
 
+    /// Step `number` (1-based) of a run seeded with `run_seed`, with dropout `p`
+    /// ([`Dropout::for_step`]), of the model at the root of its state dict.
+    pub fn of_run(number: u64, p: f32, run_seed: u64, par: Par, grads: &'s mut Grads) -> Self {
+        Step {
+            number,
+            ..Step::new(Dropout::for_step(p, run_seed, number), par, grads)
+        }
+    }
+
     /// The same step for the submodule at `path` (made from `self.path`).
     pub fn at<'t>(&'t mut self, path: &'t ParamPath<'t>) -> Step<'t> {
         Step {
+            number: self.number,
             dropout: self.dropout,
             par: self.par,
             path,

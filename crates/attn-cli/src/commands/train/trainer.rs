@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::rng::SplitMix64;
 use attn_nn::core::kernels::{arena, Par};
 use attn_nn::core::{FromSafetensors, Grads, StateDict};
-use attn_nn::layers::Dropout;
 use attn_nn::{AdamW, Schedule, Seq2Seq, Step};
 
 use super::{OptimFlags, ScheduleFlag};
@@ -140,12 +139,8 @@ impl Trainer {
             .map(|&i| (self.pairs[i].0.as_str(), self.pairs[i].1.as_str()))
             .collect();
         let batch = self.model.packed_batch(&pairs)?;
-        let dropout = Dropout {
-            p: self.dropout,
-            seed: self.flags.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step,
-        };
         self.grads.zero();
-        let mut ctx = Step::new(dropout, Par::Rayon, &mut self.grads);
+        let mut ctx = Step::of_run(step, self.dropout, self.flags.seed, Par::Rayon, &mut self.grads);
         let (logits, tape) = self.model.forward_train(&batch, &mut ctx)?;
         let (loss, d_logits) = self
             .model
