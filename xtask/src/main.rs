@@ -22,7 +22,7 @@
 //!   prints executions and crashes per target and fails on a crash. `--cmin` minimises the
 //!   corpus afterwards.
 //! - `mutants [--planted] [ARGS ...]`: mutation testing (cargo-mutants, installed from crates.io
-//!   when missing) of the numerically central functions ([`MUTANT_SCOPE`]), each mutant tested by
+//!   when missing) of the numerically central functions (`mutants::MUTANT_SCOPE`), each mutant tested by
 //!   the tests of the crate that owns it; ARGS go to cargo-mutants (`--in-place`, `--shard`,
 //!   `--list`). Results in `target/mutants.out`. `--planted` instead puts back nine known bugs one
 //!   at a time (`xtask/python/planted_bugs.py`) and checks that the owning crate catches each.

@@ -147,7 +147,7 @@ impl Encoder {
 
 impl Decoder {
     /// The training forward: layers `layers.{i}.`, the final norm `norm.` (under
-    /// `step.path`); `masks` as for [`DecoderLayer::forward_train`].
+    /// `step.path`); `masks` as for [`DecoderLayer::forward_train`](crate::DecoderLayer::forward_train).
     pub fn forward_train(
         &self,
         tgt: Sequence<'_>,
