@@ -399,6 +399,51 @@ pub fn cross_entropy(
     label_smoothing: f32,
     par: Par,
 ) -> Result<CrossEntropy, KernelError> {
+    cross_entropy_impl(dlogits, logits, targets, [ignore_index, -1], label_smoothing, par)
+}
+
+/// [`cross_entropy`] of a part of a larger batch: the loss and `dlogits` are divided by
+/// `denominator`, the rows that count in the whole batch, instead of this call's own count, so
+/// the parts' losses and gradients add up to the whole batch's mean (micro-batches of one
+/// step). `loss` is the part's sum over `denominator`; `count` this call's rows.
+pub fn cross_entropy_part(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    targets: &[i64],
+    ignore_index: i64,
+    label_smoothing: f32,
+    denominator: usize,
+    par: Par,
+) -> Result<CrossEntropy, KernelError> {
+    if denominator == 0 {
+        return Err(KernelError::InvalidArgument {
+            op: "cross_entropy_part",
+            what: "denominator",
+            got: "0".into(),
+            expected: "the rows that count in the whole batch, at least 1",
+        });
+    }
+    let denominator = i64::try_from(denominator).unwrap_or(i64::MAX);
+    cross_entropy_impl(
+        dlogits,
+        logits,
+        targets,
+        [ignore_index, denominator],
+        label_smoothing,
+        par,
+    )
+}
+
+/// The one body of [`cross_entropy`] and [`cross_entropy_part`]: `[ignore_index, denominator]`,
+/// a negative denominator meaning this call's own count.
+fn cross_entropy_impl(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    targets: &[i64],
+    [ignore_index, denominator]: [i64; 2],
+    label_smoothing: f32,
+    par: Par,
+) -> Result<CrossEntropy, KernelError> {
     let op = "cross_entropy";
     let n = targets.len();
     if n == 0 || !logits.len().is_multiple_of(n) {
@@ -431,8 +476,9 @@ pub fn cross_entropy(
         });
     }
     let count = targets.iter().filter(|&&t| t != ignore_index).count();
+    let divisor = if denominator < 0 { count } else { denominator as usize };
     let eps = label_smoothing as f64;
-    let inv_count = if count == 0 { 0.0 } else { 1.0 / count as f64 };
+    let inv_count = if divisor == 0 { 0.0 } else { 1.0 / divisor as f64 };
     // Per row: its loss (f64), and dlogits written.
     let row = |(d, (x, &t)): (&mut [f32], (&[f32], &i64))| -> f64 {
         if t == ignore_index {
@@ -466,7 +512,7 @@ pub fn cross_entropy(
     };
     let total: f64 = losses.iter().sum();
     Ok(CrossEntropy {
-        loss: if count == 0 { f64::NAN } else { total / count as f64 },
+        loss: if divisor == 0 { f64::NAN } else { total / divisor as f64 },
         count,
     })
 }

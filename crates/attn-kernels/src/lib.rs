@@ -73,8 +73,8 @@ pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};
 pub use gemm::{gemm, gemm_reference, Accum, Par};
 pub use grad::{
-    activation_backward, cross_entropy, dropout, dropout_uniform, embedding, embedding_backward, linear_backward,
-    norm_backward, CrossEntropy, LinearShape,
+    activation_backward, cross_entropy, cross_entropy_part, dropout, dropout_uniform, embedding, embedding_backward,
+    linear_backward, norm_backward, CrossEntropy, LinearShape,
 };
 pub use layer::{
     add_assign, add_norm_rows, add_then_norm_rows, bias_activation, erf, norm_rows, Activation, NormKind, NormParams,

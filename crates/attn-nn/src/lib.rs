@@ -8,6 +8,9 @@
 //! - [`EncoderLayer`], [`DecoderLayer`], [`Encoder`], [`Decoder`], [`Transformer`]: PyTorch's
 //!   `nn.Transformer*` modules with their state-dict names, and incremental decoding with cached
 //!   self- and cross-attention keys and values.
+//! - [`Seq2Seq`], [`AdamW`], [`Step`]: a translator trained here, with exact, deterministic
+//!   backward passes; [`parallel`]: data-parallel training with the same bytes on any number of
+//!   processes (over MPI with the `mpi` feature).
 //! - [`BertModel`] and [`SentenceEmbedder`]: a Hugging Face BERT checkpoint (all-MiniLM-L6-v2)
 //!   and sentence embeddings with sentence-transformers' pooling and normalisation.
 //!
@@ -18,6 +21,7 @@ mod bert;
 mod error;
 pub mod layers;
 mod optim;
+pub mod parallel;
 pub mod seq2seq;
 mod step;
 mod transformer;
@@ -28,7 +32,7 @@ pub use attn_core::{Grads, ParamStore, Parameters};
 pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
 pub use optim::{clip_grad_norm, AdamW, Param, Schedule};
-pub use seq2seq::{Batch, Decoded, Seq2Seq, Seq2SeqConfig, Vocab};
+pub use seq2seq::{Batch, Decoded, Seq2Seq, Seq2SeqConfig, StepLoss, TrainStep, Vocab};
 pub use step::Step;
 pub use transformer::{
     BlockMasks, Decoder, DecoderCache, DecoderLayer, DecoderLayerCache, Encoder, EncoderLayer, LayerConfig, LayerTape,

@@ -44,6 +44,21 @@ impl Dropout {
         }
     }
 
+    /// The dropout of micro-batch `j` of this step: each micro-batch its own masks (micro-batch
+    /// 0 keeps the step's, so a step of one micro-batch draws what it always drew).
+    pub fn for_micro_batch(self, j: usize) -> Dropout {
+        if j == 0 {
+            return self;
+        }
+        let mut z = (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Dropout {
+            seed: self.seed ^ z ^ (z >> 31),
+            ..self
+        }
+    }
+
     /// Applies the mask of `site` (a name unique within the model, such as
     /// `encoder.layers.0.dropout1`) to `x` in place. The backward is the same call on the
     /// gradient. Training code names its sites by place instead ([`Step::dropout`](crate::Step::dropout)),

@@ -1,5 +1,5 @@
 //! What the subcommands share, below all of them (no module here imports a subcommand): tensor
-//! files, timing, pictures, memory, threads, flags' value parsers, line files, checkpoints.
+//! files, timing, pictures, memory, threads, MPI ranks, flags' value parsers, line files, checkpoints.
 
 pub mod allocations;
 pub mod checkpoint;
@@ -8,6 +8,7 @@ pub mod heatmap;
 pub mod memory;
 pub mod numerics;
 pub mod plot;
+pub mod ranks;
 pub mod seq2seq_html;
 pub mod tensors;
 pub mod text;

@@ -317,3 +317,36 @@ fn dropout_is_counter_based_and_its_own_backward() {
     let both = y.iter().zip(&next).filter(|(a, b)| **a == 0.0 && **b == 0.0).count() as f64 / n as f64;
     assert!((both - 0.09).abs() < 0.01, "dropped by both seeds: {both}");
 }
+
+#[test]
+fn cross_entropy_parts_add_up_to_the_whole_batch() {
+    let (n, v) = (9, 7);
+    let logits = random_vec(n * v, 41);
+    let targets: Vec<i64> = vec![3, -100, 0, 6, 2, -100, 1, 5, 4];
+    let mut whole = vec![0.0f32; n * v];
+    let all = cross_entropy(&mut whole, &logits, &targets, -100, 0.1, Par::Seq).unwrap();
+    assert_eq!(all.count, 7);
+    // Rows 0..4 and 4..9, each divided by the whole batch's 7 counted rows.
+    let mut parts = vec![0.0f32; n * v];
+    let (d0, d1) = parts.split_at_mut(4 * v);
+    let a = cross_entropy_part(d0, &logits[..4 * v], &targets[..4], -100, 0.1, 7, Par::Seq).unwrap();
+    let b = cross_entropy_part(d1, &logits[4 * v..], &targets[4..], -100, 0.1, 7, Par::Rayon).unwrap();
+    assert_eq!((a.count, b.count), (3, 4));
+    // Each row's gradient is the same arithmetic: the same bits.
+    assert_eq!(parts, whole);
+    assert!(
+        (a.loss + b.loss - all.loss).abs() < 1e-15,
+        "{} + {} vs {}",
+        a.loss,
+        b.loss,
+        all.loss
+    );
+    // With its own count as the denominator, a part is the plain call.
+    let mut plain = vec![0.0f32; 4 * v];
+    let own = cross_entropy(&mut plain, &logits[..4 * v], &targets[..4], -100, 0.1, Par::Seq).unwrap();
+    let mut d = vec![0.0f32; 4 * v];
+    let same = cross_entropy_part(&mut d, &logits[..4 * v], &targets[..4], -100, 0.1, 3, Par::Seq).unwrap();
+    assert_eq!((own, &plain[..]), (same, &d[..]));
+    let err = cross_entropy_part(&mut d, &logits[..4 * v], &targets[..4], -100, 0.1, 0, Par::Seq).unwrap_err();
+    assert!(err.to_string().contains("denominator"), "{err}");
+}

@@ -27,7 +27,7 @@ mod train;
 
 pub use data::{Batch, Packed, Seq2SeqConfig, Vocab, BOS, EOS, PAD, SPECIALS, UNK};
 pub use decode::Decoded;
-pub use train::Seq2SeqTape;
+pub use train::{Seq2SeqTape, StepLoss, TrainStep};
 
 /// The model. Its parameters live in one [`ParamStore`], built when the model is built or
 /// loaded: [`Seq2Seq::grads`] gives gradients of its layout and [`Seq2Seq::update`] runs the

@@ -4,9 +4,11 @@
 use attn_core::kernels::{self, arena, Par};
 use attn_core::{AttnError, Packing, Sequence};
 
-use crate::step::Step;
+use crate::parallel::{Collective, GradientTree, MicroBatches};
+use crate::step::{Dropout, Step};
 use crate::transformer::TransformerTape;
 use crate::{BlockMasks, NnError, Result, TransformerMasks};
+use attn_core::Grads;
 
 use super::data::{Batch, Packed, PAD};
 use super::Seq2Seq;
@@ -32,7 +34,93 @@ impl Seq2SeqTape {
     }
 }
 
+/// The settings of one training step that are not its batch.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainStep {
+    /// The step's number in its run, 1-based (it seeds the dropout masks).
+    pub number: u64,
+    /// Dropout's probability.
+    pub dropout: f32,
+    /// The run's seed.
+    pub seed: u64,
+    /// `F.cross_entropy`'s `label_smoothing`.
+    pub label_smoothing: f32,
+    /// Where each process's work runs.
+    pub par: Par,
+}
+
+/// What [`Seq2Seq::step_gradients`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepLoss {
+    /// The mean loss over the batch's target tokens.
+    pub loss: f64,
+    /// The batch's target tokens.
+    pub tokens: usize,
+}
+
 impl Seq2Seq {
+    /// The gradient of one training step's mean loss over `pairs` into `grads` (flat, from
+    /// [`Seq2Seq::grads`], zeroed here), identical on every rank of `comm`: the batch in the
+    /// micro-batches of `plan`, each computed whole by one rank, summed in
+    /// [`GradientTree`]'s fixed tree (see [`crate::parallel`]). The bytes depend on the pairs,
+    /// the settings and `plan.micro_batch`, not on the number of processes or threads; with one
+    /// micro-batch this is [`packed_batch`](Self::packed_batch), [`forward_train`](Self::forward_train),
+    /// [`loss`](Self::loss) and [`backward`](Self::backward) on the whole batch.
+    ///
+    /// Every rank of `comm` calls this with the same pairs, settings and plan.
+    pub fn step_gradients(
+        &self,
+        pairs: &[(&str, &str)],
+        settings: &TrainStep,
+        (plan, tree, comm): (&MicroBatches, &mut GradientTree, &dyn Collective),
+        grads: &mut Grads,
+    ) -> Result<StepLoss> {
+        if plan.batch != pairs.len() {
+            return Err(crate::error::invalid(
+                "MicroBatches::batch",
+                plan.batch,
+                format!("the step's {} pairs", pairs.len()),
+            ));
+        }
+        let tokens: usize = pairs
+            .iter()
+            .map(|(_, t)| self.config.tgt_vocab.encode(t).len() + 1)
+            .sum();
+        let step_dropout = Dropout::for_step(settings.dropout, settings.seed, settings.number);
+        let values = tree.reduce(plan, comm, grads, |j, g| {
+            let batch = self.packed_batch(&pairs[plan.pairs(j)])?;
+            let mut step = Step {
+                number: settings.number,
+                ..Step::new(step_dropout.for_micro_batch(j), settings.par, g)
+            };
+            let (logits, tape) = self.forward_train(&batch, &mut step)?;
+            let (loss, d_logits) = self.loss_part(&batch, &logits, settings.label_smoothing, tokens, settings.par)?;
+            arena::give(logits);
+            self.backward(&batch, &tape, &d_logits, &mut step)?;
+            // The micro-batch's buffers go back to the activation arena for the next one.
+            arena::give(d_logits);
+            tape.recycle();
+            Ok(loss)
+        })?;
+        Ok(StepLoss {
+            loss: values.iter().sum(),
+            tokens,
+        })
+    }
+
+    /// [`loss`](Self::loss) of a micro-batch of a step with `tokens` target tokens in all: its
+    /// loss and gradient divided by `tokens`, so the micro-batches add up to the step's mean.
+    pub fn loss_part(
+        &self,
+        packed: &Packed,
+        logits: &[f32],
+        label_smoothing: f32,
+        tokens: usize,
+        par: Par,
+    ) -> Result<(f64, Vec<f32>)> {
+        self.cross_entropy(&packed.labels, logits, label_smoothing, Some(tokens), par)
+    }
+
     /// The training embedding at `place` (`src_embed.` or `tgt_embed.`): [`Seq2Seq::embed_at`],
     /// then the dropout site `{place}dropout`.
     fn embed_train(&self, place: &str, ids: &[usize], positions: &[usize], step: &mut Step<'_>) -> Result<Vec<f32>> {
@@ -116,7 +204,7 @@ impl Seq2Seq {
     /// The loss of the training forward's logits `[Nt, Vt]` against `packed`'s labels
     /// (`F.cross_entropy` with `ignore_index=<pad>` and `label_smoothing`), and its gradient.
     pub fn loss(&self, packed: &Packed, logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
-        self.cross_entropy(&packed.labels, logits, label_smoothing, par)
+        self.cross_entropy(&packed.labels, logits, label_smoothing, None, par)
     }
 
     /// The same for the padded logits `[B·T, Vt]` of [`logits`](Self::logits) and their batch.
@@ -127,10 +215,19 @@ impl Seq2Seq {
         label_smoothing: f32,
         par: Par,
     ) -> Result<(f64, Vec<f32>)> {
-        self.cross_entropy(&batch.labels, logits, label_smoothing, par)
+        self.cross_entropy(&batch.labels, logits, label_smoothing, None, par)
     }
 
-    fn cross_entropy(&self, labels: &[i64], logits: &[f32], label_smoothing: f32, par: Par) -> Result<(f64, Vec<f32>)> {
+    /// The loss and its gradient, divided by `denominator` (the target tokens of the whole step)
+    /// or, without one, by the tokens of `labels`.
+    fn cross_entropy(
+        &self,
+        labels: &[i64],
+        logits: &[f32],
+        label_smoothing: f32,
+        denominator: Option<usize>,
+        par: Par,
+    ) -> Result<(f64, Vec<f32>)> {
         let v = self.config.tgt_vocab.len();
         if logits.len() != labels.len() * v {
             return Err(NnError::ShapeMismatch {
@@ -141,8 +238,12 @@ impl Seq2Seq {
             });
         }
         let mut d_logits = arena::zeroed(logits.len());
-        let ce = kernels::cross_entropy(&mut d_logits, logits, labels, PAD as i64, label_smoothing, par)
-            .map_err(AttnError::from)?;
+        let pad = PAD as i64;
+        let ce = match denominator {
+            None => kernels::cross_entropy(&mut d_logits, logits, labels, pad, label_smoothing, par),
+            Some(d) => kernels::cross_entropy_part(&mut d_logits, logits, labels, pad, label_smoothing, d, par),
+        }
+        .map_err(AttnError::from)?;
         Ok((ce.loss, d_logits))
     }
 

@@ -17,6 +17,7 @@ use attn_nn::{LayerConfig, Seq2Seq, Seq2SeqConfig, TransformerConfig, Vocab};
 use serde_json::json;
 
 use crate::support::checkpoint;
+use crate::support::ranks::Ranks;
 use crate::support::tensors::write_f32_atomic;
 use crate::support::threads::Threads;
 
@@ -113,6 +114,11 @@ pub struct OptimFlags {
     /// Batches in file order (batch i = lines i·B … i·B+B−1, wrapping), not a seeded shuffle per epoch.
     #[arg(long)]
     no_shuffle: bool,
+    /// Sequences per micro-batch (default: the whole batch): the step's gradient is the sum of
+    /// the micro-batches' in a fixed tree, the same bytes on any number of MPI processes (each
+    /// computes whole micro-batches); at least one micro-batch per process.
+    #[arg(long, value_parser = crate::support::flags::at_least_one)]
+    micro_batch: Option<usize>,
 }
 
 fn parse_betas(text: &str) -> std::result::Result<(f32, f32), String> {
@@ -309,21 +315,32 @@ fn state_path(output: &Path) -> PathBuf {
 }
 
 /// The flags a resumed run must share with the run it continues.
-fn run_fingerprint(args: &Args, data: &[(String, String)]) -> String {
-    let o = &args.optim;
+/// FNV-1a of the pairs as their TSV lines.
+fn data_hash(data: &[(String, String)]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     for (s, t) in data {
         for b in s.bytes().chain([b'\t']).chain(t.bytes()).chain([b'\n']) {
             hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
         }
     }
-    json!({
-        "data_fnv1a": format!("{hash:016x}"),
+    hash
+}
+
+/// The data and the flags that decide a run's bytes (not the thread or process count), as
+/// JSON: `--resume` refuses a run whose fingerprint differs.
+fn run_fingerprint(args: &Args, data: &[(String, String)]) -> String {
+    let o = &args.optim;
+    let mut run = json!({
+        "data_fnv1a": format!("{:016x}", data_hash(data)),
         "batch_size": o.batch_size, "lr": o.lr, "betas": [o.betas.0, o.betas.1], "eps": o.eps,
         "weight_decay": o.weight_decay, "warmup": o.warmup, "schedule": o.schedule, "clip_norm": o.clip_norm,
         "label_smoothing": o.label_smoothing, "seed": o.seed, "no_shuffle": o.no_shuffle, "steps": args.steps,
-    })
-    .to_string()
+    });
+    // Only when it splits the batch, so that runs from before the flag resume.
+    if let Some(m) = o.micro_batch.filter(|&m| m < o.batch_size) {
+        run["micro_batch"] = json!(m);
+    }
+    run.to_string()
 }
 
 fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64) -> Result<()> {
@@ -395,29 +412,43 @@ fn differing_flags(saved: &str, now: &str) -> Vec<String> {
         .collect()
 }
 
-/// Runs `attn train`.
+/// Runs `attn train`: one process, or every rank of an MPI job (`mpirun -np N attn train …`).
 pub fn main(args: Args) -> Result<()> {
-    check_writable("--output", &args.output)?;
-    if let Some(path) = &args.log {
-        check_writable("--log", path)?;
-    }
-    if let Some(path) = &args.plot {
-        check_writable("--plot", path)?;
+    let ranks = Ranks::join()?;
+    ranks.or_abort(train(args, &ranks))
+}
+
+fn train(mut args: Args, ranks: &Ranks) -> Result<()> {
+    if ranks.is_root() {
+        check_writable("--output", &args.output)?;
+        if let Some(path) = &args.log {
+            check_writable("--log", path)?;
+        }
+        if let Some(path) = &args.plot {
+            check_writable("--plot", path)?;
+        }
+    } else {
+        args.quiet = true;
     }
     let pairs = read_pairs(&args.data)?;
-    let valid = args.valid.as_deref().map(read_pairs).transpose()?;
+    ranks.check_same("--data", data_hash(&pairs))?;
+    // Only rank 0 evaluates.
+    let valid = match &args.valid {
+        Some(path) if ranks.is_root() => Some(read_pairs(path)?),
+        _ => None,
+    };
     let fingerprint = run_fingerprint(&args, &pairs);
     let model = initial_model(&args, &pairs, valid.as_deref())?;
     let save_every = args.save_every.unwrap_or(args.eval_every);
     let steps = args.steps;
     args.threads.install(|threads| {
-        let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps)?;
+        let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps, ranks.size())?;
         let first = if args.resume {
             resume(&mut trainer, &args.output, &fingerprint)? + 1
         } else {
             1
         };
-        let mut log = open_log(&args)?;
+        let mut log = if ranks.is_root() { open_log(&args)? } else { None };
         let bar = progress(steps, first, args.quiet);
         let mut curve: Vec<(u64, f64)> = Vec::new();
         let mut valid_curve: Vec<(u64, f64, f64)> = Vec::new();
@@ -427,7 +458,7 @@ pub fn main(args: Args) -> Result<()> {
         // The last step whose checkpoint is on disk (what survives a failed step).
         let mut saved_at = (first > 1).then_some(first - 1);
         for step in first..=stop {
-            let report = trainer.step(step).map_err(|e| {
+            let report = trainer.step(step, ranks.comm()).map_err(|e| {
                 let kept = match saved_at {
                     Some(at) => format!("the checkpoint {} of step {at} is intact", args.output.display()),
                     None => "no checkpoint was written".to_string(),
@@ -474,11 +505,13 @@ pub fn main(args: Args) -> Result<()> {
                 }
             }
             if last || step == stop || (save_every > 0 && step % save_every == 0) {
-                save(&trainer, &args, &fingerprint, step)?;
+                if ranks.is_root() {
+                    save(&trainer, &args, &fingerprint, step)?;
+                }
                 saved_at = Some(step);
             }
         }
-        if stop < first {
+        if stop < first && ranks.is_root() {
             save(&trainer, &args, &fingerprint, stop)?;
         }
         if let Some(bar) = bar {
@@ -487,10 +520,17 @@ pub fn main(args: Args) -> Result<()> {
         if let Some(log) = &mut log {
             log.flush()?;
         }
+        if !ranks.is_root() {
+            return Ok(());
+        }
         let written = write_curves(&args, &curve, &valid_curve)?;
         let params = trainer.model.parameter_count();
+        let processes = match ranks.size() {
+            1 => String::new(),
+            n => format!(" × {n} processes"),
+        };
         println!(
-            "trained {params} parameters, steps {first} to {stop} of {steps} on {threads} threads in {:.1} s; wrote {}",
+            "trained {params} parameters, steps {first} to {stop} of {steps} on {threads} threads{processes} in {:.1} s; wrote {}",
             started.elapsed().as_secs_f64(),
             written.join(", ")
         );

@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::rng::SplitMix64;
-use attn_nn::core::kernels::{arena, Par};
+use attn_nn::core::kernels::Par;
 use attn_nn::core::{FromSafetensors, Grads, StateDict};
-use attn_nn::{AdamW, Schedule, Seq2Seq, Step};
+use attn_nn::parallel::{Collective, GradientTree, MicroBatches};
+use attn_nn::{AdamW, Schedule, Seq2Seq, TrainStep};
 
 use super::{OptimFlags, ScheduleFlag};
 
@@ -73,6 +74,9 @@ pub struct Trainer {
     order: Order,
     pairs: Vec<(String, String)>,
     dropout: f32,
+    /// The step's micro-batches and the processes that share them.
+    plan: MicroBatches,
+    tree: GradientTree,
 }
 
 /// What one step measured.
@@ -88,14 +92,33 @@ pub struct StepReport {
     pub tokens: usize,
     /// Seconds spent clipping and in AdamW (the flat passes over the parameter store).
     pub optimizer_s: f64,
+    /// Seconds spent passing gradients between processes (0 for one).
+    pub communication_s: f64,
 }
 
 impl Trainer {
-    /// A trainer over `pairs` (which must fit the model's vocabulary and `max_len`).
-    pub fn new(model: Seq2Seq, pairs: Vec<(String, String)>, flags: OptimFlags, steps: u64) -> Result<Self> {
+    /// A trainer over `pairs` (which must fit the model's vocabulary and `max_len`), one of
+    /// `processes` that share each step.
+    pub fn new(
+        model: Seq2Seq,
+        pairs: Vec<(String, String)>,
+        flags: OptimFlags,
+        steps: u64,
+        processes: usize,
+    ) -> Result<Self> {
         if flags.batch_size == 0 {
             bail!("--batch-size is 0, expected at least 1");
         }
+        let micro = flags.micro_batch.unwrap_or(flags.batch_size);
+        let plan = MicroBatches::new(flags.batch_size, micro, processes).map_err(|_| {
+            anyhow::anyhow!(
+                "--batch-size {} in micro-batches of {micro} gives {} for {processes} processes; expected at least one \
+                 per process: pass --micro-batch {} or less (the bytes depend on --micro-batch, not on the process count)",
+                flags.batch_size,
+                flags.batch_size.div_ceil(micro.max(1)),
+                flags.batch_size / processes.max(1)
+            )
+        })?;
         if !(0.0..=1.0).contains(&flags.label_smoothing) {
             bail!(
                 "--label-smoothing is {}, expected between 0 and 1",
@@ -128,28 +151,30 @@ impl Trainer {
             order,
             pairs,
             dropout,
+            plan,
+            tree: GradientTree::new(),
         })
     }
 
-    /// Step `step` (1-based): returns what it measured.
-    pub fn step(&mut self, step: u64) -> Result<StepReport> {
+    /// Step `step` (1-based), with the other processes of `comm` (which run the same step):
+    /// returns what it measured, the same on every process.
+    pub fn step(&mut self, step: u64, comm: &dyn Collective) -> Result<StepReport> {
         let indices = self.order.batch(step - 1, self.flags.batch_size);
         let pairs: Vec<(&str, &str)> = indices
             .iter()
             .map(|&i| (self.pairs[i].0.as_str(), self.pairs[i].1.as_str()))
             .collect();
-        let batch = self.model.packed_batch(&pairs)?;
-        self.grads.zero();
-        let mut ctx = Step::of_run(step, self.dropout, self.flags.seed, Par::Rayon, &mut self.grads);
-        let (logits, tape) = self.model.forward_train(&batch, &mut ctx)?;
-        let (loss, d_logits) = self
-            .model
-            .loss(&batch, &logits, self.flags.label_smoothing, Par::Rayon)?;
-        arena::give(logits);
-        self.model.backward(&batch, &tape, &d_logits, &mut ctx)?;
-        // The step's buffers go back to the activation arena for the next step.
-        arena::give(d_logits);
-        tape.recycle();
+        let settings = TrainStep {
+            number: step,
+            dropout: self.dropout,
+            seed: self.flags.seed,
+            label_smoothing: self.flags.label_smoothing,
+            par: Par::Rayon,
+        };
+        let measured =
+            self.model
+                .step_gradients(&pairs, &settings, (&self.plan, &mut self.tree, comm), &mut self.grads)?;
+        let loss = measured.loss;
         if !loss.is_finite() {
             bail!("step {step}: the loss is {loss}; the weights were not updated (try a lower --lr or --clip-norm)");
         }
@@ -166,8 +191,9 @@ impl Trainer {
             loss,
             lr,
             grad_norm,
-            tokens: batch.target_tokens(),
+            tokens: measured.tokens,
             optimizer_s: optimizer_start.elapsed().as_secs_f64(),
+            communication_s: self.tree.communication_seconds(),
         })
     }
 

@@ -1,0 +1,101 @@
+//! The processes of a run: this one alone, or the ranks of an MPI job (`mpirun -np N attn …`,
+//! `srun attn …`) when attn is built with the `mpi` feature.
+//!
+//! Rank 0 alone talks to the user and writes files; every rank computes. An error on any rank
+//! of a job of several ends the whole job (`MPI_Abort`) with a message naming the rank, so no
+//! rank waits forever for one that stopped.
+
+use anyhow::{bail, Result};
+use attn_nn::parallel::{Collective, SingleProcess};
+
+#[cfg(not(feature = "mpi"))]
+/// Environment variables MPI launchers set (OpenMPI's `mpirun`, PMIx, PMI/PMI2): the process
+/// count they announce.
+const LAUNCHER_SIZE_VARS: [&str; 2] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"];
+
+/// This process's place in the run.
+pub struct Ranks {
+    single: SingleProcess,
+    #[cfg(feature = "mpi")]
+    mpi: Option<attn_nn::parallel::Mpi>,
+}
+
+impl Ranks {
+    /// Joins the MPI job this process was started in, if any: without the `mpi` feature, a
+    /// launcher that started several processes is an error (each would train the whole run
+    /// and write the same files).
+    pub fn join() -> Result<Ranks> {
+        #[cfg(feature = "mpi")]
+        {
+            let mpi = attn_nn::parallel::Mpi::from_launcher()?;
+            Ok(Ranks {
+                single: SingleProcess,
+                mpi,
+            })
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            let launched = LAUNCHER_SIZE_VARS
+                .iter()
+                .filter_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+                .max();
+            if let Some(n @ 2..) = launched {
+                bail!(
+                    "started as one of {n} MPI processes, but this attn was built without MPI; build it with \
+                     `cargo install --path crates/attn-cli --features mpi` (needs openmpi-bin, libopenmpi-dev \
+                     and libclang-dev), or run one process"
+                );
+            }
+            Ok(Ranks { single: SingleProcess })
+        }
+    }
+
+    /// The transport between the ranks.
+    pub fn comm(&self) -> &(dyn Collective + Sync) {
+        #[cfg(feature = "mpi")]
+        if let Some(mpi) = &self.mpi {
+            return mpi;
+        }
+        &self.single
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.comm().rank()
+    }
+
+    /// How many processes share the run.
+    pub fn size(&self) -> usize {
+        self.comm().size()
+    }
+
+    /// Whether this process talks to the user and writes the run's files.
+    pub fn is_root(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// `result`, or, for a failed rank of a job of several, the message on stderr naming the
+    /// rank and the end of the whole job with exit code 1.
+    pub fn or_abort<T>(&self, result: Result<T>) -> Result<T> {
+        #[cfg(feature = "mpi")]
+        if let (Err(e), Some(mpi)) = (&result, &self.mpi) {
+            if self.size() > 1 {
+                eprintln!("attn: rank {} of {}: {e:#}", self.rank(), self.size());
+                mpi.abort(1);
+            }
+        }
+        result
+    }
+
+    /// Fails unless every rank holds the same `value` (a hash of what it read), naming `what`.
+    pub fn check_same(&self, what: &str, value: u64) -> Result<()> {
+        let (min, max) = self.comm().min_max(value);
+        if min != max {
+            bail!(
+                "{what} differs between the {} processes (hashes {min:016x} to {max:016x}); every rank must read the same file",
+                self.size()
+            );
+        }
+        Ok(())
+    }
+}
