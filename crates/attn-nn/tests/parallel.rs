@@ -14,6 +14,7 @@ use safetensors::SafeTensors;
 
 enum Message {
     F32(Vec<f32>),
+    Bytes(Vec<u8>),
     F64(Vec<f64>),
     U64(u64),
 }
@@ -72,6 +73,17 @@ impl Collective for Threads {
         match self.get(from) {
             Message::F32(v) => data.copy_from_slice(&v),
             _ => panic!("rank {}: expected f32s from {from}", self.rank),
+        }
+    }
+
+    fn send_bytes(&self, to: usize, data: &[u8]) {
+        self.to[to].send(Message::Bytes(data.to_vec())).unwrap();
+    }
+
+    fn receive_bytes(&self, from: usize) -> Vec<u8> {
+        match self.get(from) {
+            Message::Bytes(v) => v,
+            _ => panic!("rank {}: expected bytes from {from}", self.rank),
         }
     }
 

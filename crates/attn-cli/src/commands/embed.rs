@@ -12,6 +12,7 @@ use anyhow::{bail, Result};
 use attn_nn::core::kernels::Par;
 use attn_nn::{BertModel, SentenceEmbedder};
 
+use crate::support::ranks::Ranks;
 use crate::support::threads::Threads;
 
 /// Where `cargo xtask fetch-model` installs the model package.
@@ -182,12 +183,22 @@ pub struct Args {
 
 /// Runs `attn embed`.
 pub fn main(args: Args) -> Result<()> {
+    let ranks = Ranks::join()?;
+    ranks.or_abort(embed(args, &ranks))
+}
+
+/// `attn embed` on one process, or sharded over the ranks of an MPI job: each rank embeds a
+/// contiguous run of whole batches (so every batch is the single process's), rank 0 gathers
+/// the rows in input order and writes the one output.
+fn embed(args: Args, ranks: &Ranks) -> Result<()> {
     let sentences = read_inputs(args.input.as_deref(), &args.texts)?;
     let dir = args.model.clone().unwrap_or_else(default_model_dir);
     let embedder = Embedder::load(&dir)?;
-    let bar = progress_bar(sentences.len(), args.quiet);
-    let vectors = args.threads.install(|_| {
-        embedder.embed(&sentences, args.batch_size as usize, Par::Rayon, |n| {
+    let batch_size = args.batch_size as usize;
+    let shard = ranks.shard(sentences.len(), batch_size);
+    let bar = progress_bar(shard.len(), args.quiet || !ranks.is_root());
+    let local = args.threads.install(|_| {
+        embedder.embed(&sentences[shard.clone()], batch_size, Par::Rayon, |n| {
             if let Some(bar) = &bar {
                 bar.inc(n as u64)
             }
@@ -196,6 +207,15 @@ pub fn main(args: Args) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let bytes: Vec<u8> = local.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let Some(parts) = ranks.gather(bytes) else {
+        return Ok(());
+    };
+    let vectors: Vec<f32> = parts
+        .concat()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     let e = embedder.dim();
     match (&args.output, args.json) {
         (Some(path), _) => {

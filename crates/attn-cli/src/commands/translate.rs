@@ -11,6 +11,7 @@ use attn_nn::Seq2Seq;
 use serde_json::json;
 
 use crate::support::checkpoint;
+use crate::support::ranks::Ranks;
 use crate::support::threads::Threads;
 
 /// The date translator trained by `cargo xtask train-demo` (`attn train` alone).
@@ -72,14 +73,26 @@ pub fn main(args: Args) -> Result<()> {
     if args.logits && (!args.json || args.beam != 1) {
         bail!("--logits needs --json and greedy decoding (--beam 1)");
     }
-    let inputs = read_inputs(&args)?;
-    check_inputs(&model, &inputs, args.input.is_some())?;
+    let ranks = Ranks::join()?;
+    ranks.or_abort(translate(&args, &model, &ranks))
+}
+
+/// Greedy decoding's batch: the unit of work, and of a rank's share under MPI.
+const GREEDY_BATCH: usize = 256;
+
+/// Decodes the inputs, on one process or sharded over the ranks of an MPI job: each rank a
+/// contiguous run of whole batches (rank 0 the first), rank 0 gathering the results in input
+/// order and writing the one output.
+fn translate(args: &Args, model: &Seq2Seq, ranks: &Ranks) -> Result<()> {
+    let inputs = read_inputs(args)?;
+    check_inputs(model, &inputs, args.input.is_some(), ranks.is_root())?;
     let max_len = args.max_len.unwrap_or(model.config().max_len);
+    let shard = ranks.shard(inputs.len(), GREEDY_BATCH);
     args.threads.install(|_| {
-        let sources: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let sources: Vec<&str> = inputs[shard.clone()].iter().map(String::as_str).collect();
         let decoded = if args.beam == 1 {
             let mut all = Vec::with_capacity(sources.len());
-            for chunk in sources.chunks(256) {
+            for chunk in sources.chunks(GREEDY_BATCH) {
                 all.extend(model.greedy(chunk, max_len, args.logits, Par::Rayon)?);
             }
             all
@@ -88,13 +101,13 @@ pub fn main(args: Args) -> Result<()> {
         };
         let vocab = &model.config().tgt_vocab;
         let outputs: Vec<String> = decoded.iter().map(|d| vocab.decode(&d.tokens)).collect();
-        if let Some(path) = &args.attention {
-            let attention = cross_attention(&model, &inputs[0], &outputs[0])?;
-            draw_attention(&model, path, &inputs[0], &outputs[0], &attention)?;
+        if let (Some(path), true) = (&args.attention, ranks.is_root()) {
+            let attention = cross_attention(model, &inputs[0], &outputs[0])?;
+            draw_attention(model, path, &inputs[0], &outputs[0], &attention)?;
         }
-        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-        if args.json {
-            let items: Vec<_> = inputs
+        // Each rank's part of the output: JSON items joined by commas, or lines.
+        let part = if args.json {
+            let items: Vec<String> = inputs[shard.clone()]
                 .iter()
                 .zip(&decoded)
                 .zip(&outputs)
@@ -104,14 +117,27 @@ pub fn main(args: Args) -> Result<()> {
                     if args.logits {
                         item["logits"] = json!(d.logits);
                     }
-                    item
+                    item.to_string()
                 })
                 .collect();
-            writeln!(out, "{}", json!({ "translations": items }))?;
+            items.join(",")
         } else {
-            for output in &outputs {
-                writeln!(out, "{output}")?;
-            }
+            outputs.iter().map(|o| format!("{o}\n")).collect()
+        };
+        let Some(parts) = ranks.gather(part.into_bytes()) else {
+            return Ok(());
+        };
+        let parts: Vec<String> = parts
+            .into_iter()
+            .map(|p| String::from_utf8(p).context("a rank's output is not UTF-8"))
+            .collect::<Result<_>>()?;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        if args.json {
+            let items: Vec<&String> = parts.iter().filter(|p| !p.is_empty()).collect();
+            let items: Vec<&str> = items.iter().map(|p| p.as_str()).collect();
+            writeln!(out, "{{\"translations\":[{}]}}", items.join(","))?;
+        } else {
+            out.write_all(parts.concat().as_bytes())?;
         }
         out.flush()?;
         Ok(())
@@ -132,9 +158,9 @@ fn read_inputs(args: &Args) -> Result<Vec<String>> {
 }
 
 /// Fails on an input longer than the model reads (naming its line and length, not echoing it);
-/// warns once on stderr about characters outside the source vocabulary, which the model reads
+/// warns once on stderr (when `warn`: rank 0 of a job) about characters outside the source vocabulary, which the model reads
 /// as `<unk>`: which characters, and on how many lines.
-fn check_inputs(model: &Seq2Seq, inputs: &[String], from_file: bool) -> Result<()> {
+fn check_inputs(model: &Seq2Seq, inputs: &[String], from_file: bool, warn: bool) -> Result<()> {
     let what = if from_file { "line" } else { "argument" };
     // The source and its `<eos>` must fit the position table.
     let most = model.config().max_len - 1;
@@ -149,7 +175,7 @@ fn check_inputs(model: &Seq2Seq, inputs: &[String], from_file: bool) -> Result<(
         }
     }
     let unknown = unknown_characters(model, inputs);
-    if let Some(first) = unknown.lines.first() {
+    if let (Some(first), true) = (unknown.lines.first(), warn) {
         let list: Vec<String> = unknown.chars.iter().map(|(c, n)| format!("{c:?} ({n}×)")).collect();
         let n = unknown.lines.len();
         let (plural, verb) = if n == 1 { ("", "has") } else { ("s", "have") };

@@ -87,6 +87,27 @@ impl Ranks {
         result
     }
 
+    /// This rank's share of `items` things in whole runs of `unit` (a batch the work is done
+    /// in, so a rank's batches are the single process's): contiguous, in rank order, rank 0
+    /// first and never empty when there is anything.
+    pub fn shard(&self, items: usize, unit: usize) -> std::ops::Range<usize> {
+        let (units, n) = (items.div_ceil(unit.max(1)), self.size());
+        let start = |r: usize| ((r * units).div_ceil(n) * unit).min(items);
+        start(self.rank())..start(self.rank() + 1)
+    }
+
+    /// Every rank's `local` bytes, in rank order, at rank 0 (`None` on the others).
+    pub fn gather(&self, local: Vec<u8>) -> Option<Vec<Vec<u8>>> {
+        let comm = self.comm();
+        if !self.is_root() {
+            comm.send_bytes(0, &local);
+            return None;
+        }
+        let mut all = vec![local];
+        all.extend((1..self.size()).map(|r| comm.receive_bytes(r)));
+        Some(all)
+    }
+
     /// Fails unless every rank holds the same `value` (a hash of what it read), naming `what`.
     pub fn check_same(&self, what: &str, value: u64) -> Result<()> {
         let (min, max) = self.comm().min_max(value);

@@ -58,6 +58,10 @@ pub trait Collective {
     fn send(&self, to: usize, data: &[f32]);
     /// Receives from rank `from` into `data` (its length is the message's).
     fn receive(&self, from: usize, data: &mut [f32]);
+    /// Sends `data` to rank `to` (which calls [`receive_bytes`](Self::receive_bytes)).
+    fn send_bytes(&self, to: usize, data: &[u8]);
+    /// Receives a message of any length from rank `from`.
+    fn receive_bytes(&self, from: usize) -> Vec<u8>;
     /// Collective: rank `root`'s `data` into every rank's `data`.
     fn broadcast(&self, root: usize, data: &mut [f32]);
     /// Collective: every rank's `values`, summed elementwise, into every rank's `values`. Used
@@ -86,6 +90,14 @@ impl Collective for SingleProcess {
     }
 
     fn receive(&self, _: usize, _: &mut [f32]) {
+        unreachable!("a single process has no other rank to receive from")
+    }
+
+    fn send_bytes(&self, _: usize, _: &[u8]) {
+        unreachable!("a single process has no other rank to send to")
+    }
+
+    fn receive_bytes(&self, _: usize) -> Vec<u8> {
         unreachable!("a single process has no other rank to receive from")
     }
 

@@ -106,6 +106,14 @@ impl Collective for Mpi {
         debug_assert_eq!(status.count(f32::equivalent_datatype()) as usize, data.len());
     }
 
+    fn send_bytes(&self, to: usize, data: &[u8]) {
+        self.with(|w| w.process_at_rank(rank_of(to)).send(data));
+    }
+
+    fn receive_bytes(&self, from: usize) -> Vec<u8> {
+        self.with(|w| w.process_at_rank(rank_of(from)).receive_vec::<u8>().0)
+    }
+
     fn broadcast(&self, root: usize, data: &mut [f32]) {
         self.with(|w| w.process_at_rank(rank_of(root)).broadcast_into(data));
     }
