@@ -2,7 +2,7 @@
 //!
 //! - `ci`: what CI runs (the README's test command): tidy checks, the model fetch, fmt and
 //!   clippy checks, tests in release, rustdoc without warnings, the kernels again on the lower
-//!   SIMD levels.
+//!   SIMD levels, the MPI checks.
 //! - `tidy`: every module opens with `//!`, no `#[should_panic]`, no trailing whitespace.
 //! - `codegen [--check]`: regenerates the golden fixtures from PyTorch: the library crates' own
 //!   (`crates/attn-core/tests/fixtures`, `crates/attn-nn/tests/fixtures`) and the CLI's (needs
@@ -27,6 +27,10 @@
 //!   `--list`). Results in `target/mutants.out`. `--planted` instead puts back nine known bugs one
 //!   at a time (`xtask/python/planted_bugs.py`) and checks that the owning crate catches each.
 //!   Not run by `ci`.
+//! - `mpi`: builds attn with the `mpi` feature (installing OpenMPI and libclang with apt when
+//!   missing) and checks it under `mpirun` on 1 to 4 processes against the single process
+//!   (`mpi.rs`): training bytes, resume across process counts, a killed rank, refused data,
+//!   sharded embed and translate. Run by `ci`.
 //! - `train-demo [--check]`: trains the date translator shipped inside the binary with `attn train`
 //!   alone and reports its held-out accuracy per style and per kind of text it answers `?`;
 //!   `--check` retrains and compares the bytes; `--evaluate` only measures the committed model.
@@ -35,6 +39,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod imports;
+mod mpi;
 mod mutants;
 mod tidy;
 
@@ -77,7 +82,7 @@ fn python() -> String {
     std::env::var("ATTN_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// Every Rust file under `crates/` and `xtask/src`: its path and text.
+/// What CI runs (`.ci/run`, the README's test command).
 fn ci() -> Result<()> {
     // The house rules run as a test too (`cargo test -p xtask`); first here, since they fail fast.
     tidy::check(&root())?;
@@ -113,16 +118,29 @@ fn ci() -> Result<()> {
             .args(["test", "--release", "-p", "attn-kernels"])
             .env("ATTN_SIMD", level))?;
     }
+    // attn built with the `mpi` feature, under mpirun on 1 to 4 processes.
+    mpi::mpi_tests()?;
     Ok(())
 }
 
+/// Whether an executable `name` is on the PATH.
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+}
+
 /// Installs Debian's `chromium` with apt when no headless Chromium is on the PATH (the page test
-/// runs the attention page in it). Without root or apt, fails with the command to run.
+/// runs the attention page in it).
 fn ensure_chromium() -> Result<()> {
-    let on_path = |name: &str| {
-        std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
-    };
-    if on_path("chromium") || on_path("chromium-browser") {
+    if on_path("chromium-browser") {
+        return Ok(());
+    }
+    ensure_packages("the attention page test", &["chromium"], &["chromium"])
+}
+
+/// Installs Debian's `packages` with apt unless every one of `binaries` is on the PATH
+/// (`needed_by` says what for). Without root or apt, fails with the command to run.
+fn ensure_packages(needed_by: &str, binaries: &[&str], packages: &[&str]) -> Result<()> {
+    if binaries.iter().all(|b| on_path(b)) {
         return Ok(());
     }
     let is_root = Command::new("id")
@@ -131,17 +149,23 @@ fn ensure_chromium() -> Result<()> {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0");
     if !is_root || !on_path("apt-get") {
         bail!(
-            "headless Chromium is needed for the attention page test and is not on the PATH; \
-             install it (Debian: `sudo apt-get install chromium`) and run `cargo xtask ci` again"
+            "{needed_by} need {} and some are not on the PATH; install them (Debian: `sudo apt-get install {}`) \
+             and run again",
+            binaries.join(", "),
+            packages.join(" ")
         );
     }
-    eprintln!("installing chromium with apt-get (the attention page test runs in it)");
+    eprintln!("installing {} with apt-get (for {needed_by})", packages.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "chromium"])
+        .args(["install", "-y", "-qq"])
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    if !on_path("chromium") {
-        bail!("apt-get installed chromium, but no `chromium` is on the PATH");
+    if let Some(missing) = binaries.iter().find(|b| !on_path(b)) {
+        bail!(
+            "apt-get installed {}, but no `{missing}` is on the PATH",
+            packages.join(" ")
+        );
     }
     Ok(())
 }
@@ -317,6 +341,7 @@ fn main() -> Result<()> {
         Some("fetch-model") => fetch_model(),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("mutants") => mutants::mutants(&args[1..]),
+        Some("mpi") => mpi::mpi_tests(),
         Some("train-demo") => demo::train_demo(
             args.iter().any(|a| a == "--check"),
             args.iter().any(|a| a == "--evaluate"),
@@ -324,7 +349,7 @@ fn main() -> Result<()> {
         _ => {
             bail!(
                 "usage: cargo xtask <ci | tidy | codegen [--check] | bench [--rounds N] [--threads N] | fetch-model \
-                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...] | train-demo [--check | --evaluate]>"
+                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...] | mpi | train-demo [--check | --evaluate]>"
             )
         }
     }

@@ -125,8 +125,8 @@ impl Embedder {
 
 /// Reads sentences: one per line of `file` (a final newline ends the last line rather than
 /// starting another; a blank line is the empty sentence, as sentence-transformers embeds `""`,
-/// and stderr says how many there were), or the given texts.
-pub fn read_inputs(file: Option<&Path>, texts: &[String]) -> Result<Vec<String>> {
+/// and stderr says how many there were when `warn`), or the given texts.
+pub fn read_inputs(file: Option<&Path>, texts: &[String], warn: bool) -> Result<Vec<String>> {
     match file {
         Some(path) => {
             if !texts.is_empty() {
@@ -134,7 +134,7 @@ pub fn read_inputs(file: Option<&Path>, texts: &[String]) -> Result<Vec<String>>
             }
             let lines = crate::support::text::read_lines(path)?;
             let blank = lines.iter().filter(|l| l.trim().is_empty()).count();
-            if blank > 0 {
+            if blank > 0 && warn {
                 eprintln!(
                     "{}: {blank} blank line{} embedded as the empty sentence",
                     path.display(),
@@ -191,7 +191,7 @@ pub fn main(args: Args) -> Result<()> {
 /// contiguous run of whole batches (so every batch is the single process's), rank 0 gathers
 /// the rows in input order and writes the one output.
 fn embed(args: Args, ranks: &Ranks) -> Result<()> {
-    let sentences = read_inputs(args.input.as_deref(), &args.texts)?;
+    let sentences = read_inputs(args.input.as_deref(), &args.texts, ranks.is_root())?;
     let dir = args.model.clone().unwrap_or_else(default_model_dir);
     let embedder = Embedder::load(&dir)?;
     let batch_size = args.batch_size as usize;
@@ -308,7 +308,7 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let flags = args.flags;
     let budget = flags.budget()?;
-    let sentences = read_inputs(Some(&args.input), &[])?;
+    let sentences = read_inputs(Some(&args.input), &[], true)?;
     let embedder = Embedder::load(&args.model.clone().unwrap_or_else(default_model_dir))?;
     let batch = args.batch_size as usize;
     let (stats, n) = args.threads.install(|n| {

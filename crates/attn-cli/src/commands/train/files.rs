@@ -1,0 +1,135 @@
+//! The run's files: the checkpoint and the optimizer state beside it, the run's fingerprint
+//! that `--resume` checks, and the check that an output path is writable.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::support::checkpoint;
+use crate::support::tensors::write_f32_atomic;
+
+use super::{Args, Trainer};
+
+/// The file beside the checkpoint that holds the optimizer's state.
+pub(super) fn state_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".state");
+    output.with_file_name(name)
+}
+
+/// The flags a resumed run must share with the run it continues.
+/// FNV-1a of the pairs as their TSV lines.
+pub(super) fn data_hash(data: &[(String, String)]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for (s, t) in data {
+        for b in s.bytes().chain([b'\t']).chain(t.bytes()).chain([b'\n']) {
+            hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// The data and the flags that decide a run's bytes (not the thread or process count), as
+/// JSON: `--resume` refuses a run whose fingerprint differs.
+pub(super) fn run_fingerprint(args: &Args, data: &[(String, String)]) -> String {
+    let o = &args.optim;
+    let mut run = json!({
+        "data_fnv1a": format!("{:016x}", data_hash(data)),
+        "batch_size": o.batch_size, "lr": o.lr, "betas": [o.betas.0, o.betas.1], "eps": o.eps,
+        "weight_decay": o.weight_decay, "warmup": o.warmup, "schedule": o.schedule, "clip_norm": o.clip_norm,
+        "label_smoothing": o.label_smoothing, "seed": o.seed, "no_shuffle": o.no_shuffle, "steps": args.steps,
+    });
+    // Only when it splits the batch, so that runs from before the flag resume.
+    if let Some(m) = o.micro_batch.filter(|&m| m < o.batch_size) {
+        run["micro_batch"] = json!(m);
+    }
+    run.to_string()
+}
+
+pub(super) fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64) -> Result<()> {
+    // A step that made a weight NaN or infinite fails here rather than overwrite the last good
+    // checkpoint with it.
+    for (name, t) in trainer.model.state_dict().iter() {
+        if let Some(x) = t.data().iter().find(|x| !x.is_finite()) {
+            bail!("step {step}: `{name}` holds {x}; the checkpoint was not written (try a lower --lr or --clip-norm)");
+        }
+    }
+    // The checkpoint's only metadata is the configuration, so a rerun writes the same bytes.
+    checkpoint::save(&args.output, &trainer.model, &[])?;
+    let tensors = trainer.state();
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+        .collect();
+    let metadata = std::collections::HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("run".to_string(), fingerprint.to_string()),
+    ]);
+    write_f32_atomic(&state_path(&args.output), &refs, Some(metadata))
+}
+
+/// Fails unless a file can be created at `path`, naming `flag`: checked before step 1, so a
+/// missing folder is found before the run rather than after it. Nothing is left behind.
+pub(super) fn check_writable(flag: &str, path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!("{flag} {}: the folder {} does not exist", path.display(), dir.display());
+    }
+    if path.is_dir() {
+        bail!("{flag} {}: is a folder, expected a file name", path.display());
+    }
+    let probe = dir.join(format!(".attn-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{flag} {}: cannot write in {}", path.display(), dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// The flags of the fingerprints `saved` and `now` that differ, as `name: saved -> now`.
+pub(super) fn differing_flags(saved: &str, now: &str) -> Vec<String> {
+    let parse =
+        |text: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text).unwrap_or_default();
+    let (saved, now) = (parse(saved), parse(now));
+    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| saved.get(*k) != now.get(*k))
+        .map(|k| {
+            // Floats were f32 flags: shown as the f32 the user typed, not its f64 widening.
+            let show = |v: Option<&serde_json::Value>| match v {
+                None => "(none)".to_string(),
+                Some(v) if v.is_f64() => (v.as_f64().unwrap_or(f64::NAN) as f32).to_string(),
+                Some(v) => v.to_string(),
+            };
+            let name = if k.as_str() == "data_fnv1a" {
+                "--data (its pairs' hash)".to_string()
+            } else {
+                format!("--{}", k.replace('_', "-"))
+            };
+            format!("{name}: {} -> {}", show(saved.get(k)), show(now.get(k)))
+        })
+        .collect()
+}
+
+/// Restores the optimizer's state saved beside `output`, after checking that it was saved by a
+/// run of the same data and flags (`fingerprint`); returns the step it was saved at.
+pub(super) fn resume(trainer: &mut Trainer, output: &Path, fingerprint: &str) -> Result<u64> {
+    let state = state_path(output);
+    let bytes = std::fs::read(&state).with_context(|| format!("--resume needs {}", state.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let saved_run = header.metadata().as_ref().and_then(|m| m.get("run")).cloned();
+    if saved_run.as_deref() != Some(fingerprint) {
+        let saved = saved_run.unwrap_or_default();
+        bail!(
+            "--resume: the run saved in {} had other data or flags; they must be the same: {}",
+            state.display(),
+            differing_flags(&saved, fingerprint).join("; ")
+        );
+    }
+    trainer.restore(&state)
+}
