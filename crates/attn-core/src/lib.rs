@@ -11,7 +11,8 @@
 //! - [`Attention`]: one head with its own projections.
 //!
 //! - [`FromSafetensors`]: a [`StateDict`] from the bytes of a safetensors file (F32, F16, BF16,
-//!   F64).
+//!   F64); [`ToSafetensors`] and [`write_safetensors`]: back to a file (F32, with metadata,
+//!   written atomically).
 //!
 //! The kernels are re-exported as [`kernels`], so higher layers reach them through this crate.
 //! What this crate leaves out: file IO (callers hand over bytes or a [`StateDict`]) and layers
@@ -39,7 +40,7 @@ pub use params::{
     flat_fill, flat_zip_mut, AlignedBuf, ParamEntry, ParamLayout, ParamPath, ParamStore, Parameters, FLAT_CHUNK,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
-pub use safetensors_io::{floats_to_f32, FromSafetensors};
+pub use safetensors_io::{f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors};
 pub use sdpa::{
     f32_bytes, sdpa, sdpa_backward, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaGradients, SdpaOptions,
     SdpaOutput, SdpaShape,

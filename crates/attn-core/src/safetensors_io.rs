@@ -1,14 +1,109 @@
-//! Weights from a safetensors file (PyTorch's and Hugging Face's format): its bytes -> a
-//! [`StateDict`]. No file IO here: callers read the bytes.
+//! Weights to and from a safetensors file (PyTorch's and Hugging Face's format): its bytes -> a
+//! [`StateDict`] ([`FromSafetensors`]), and a state dict -> the bytes of a file
+//! ([`ToSafetensors`], F32, with string metadata). The one file IO is
+//! [`write_safetensors`], which writes where its caller says, atomically.
 //!
 //! F32 tensors are taken as they are; F16 and BF16 are widened to F32 exactly; F64 is rounded
 //! to the nearest F32 (attn computes in F32). Other dtypes (integers, booleans) are refused by
 //! name, unless the caller skips them (`embeddings.position_ids` in BERT checkpoints is an
 //! integer buffer, not a weight).
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{AttnError, Result, StateDict, Tensor};
+
+/// Writing a [`StateDict`] as the bytes of a safetensors file: F32 tensors under their names,
+/// and string metadata (the same tensors and metadata give the same bytes, whatever the order
+/// the map was built in).
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use attn_core::{FromSafetensors, StateDict, Tensor, ToSafetensors};
+/// let mut dict = StateDict::new();
+/// dict.insert("w".into(), Tensor::new("w", vec![2], vec![1.0, 2.0]).unwrap());
+/// let bytes = dict.to_safetensors(&BTreeMap::from([("note".into(), "hello".into())])).unwrap();
+/// assert_eq!(StateDict::from_safetensors(&bytes).unwrap(), dict);
+/// ```
+pub trait ToSafetensors {
+    /// The bytes of a safetensors file holding every tensor, with `metadata` (none when empty).
+    fn to_safetensors(&self, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>>;
+}
+
+impl ToSafetensors for StateDict {
+    fn to_safetensors(&self, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+        let tensors: Vec<(&str, &[usize], &[f32])> =
+            self.iter().map(|(n, t)| (n.as_str(), t.shape(), t.data())).collect();
+        f32_safetensors(&tensors, (!metadata.is_empty()).then_some(metadata))
+    }
+}
+
+/// The bytes of a safetensors file of F32 `tensors` (name, shape, values), with `metadata` when
+/// given (its keys written in sorted order, so the bytes do not depend on a map's order).
+pub fn f32_safetensors(
+    tensors: &[(&str, &[usize], &[f32])],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let bad = |e: safetensors::SafeTensorError| AttnError::Safetensors {
+        what: format!("cannot write the tensors: {e}"),
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, data)| data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| Ok((*name, TensorView::new(Dtype::F32, shape.to_vec(), b)?)))
+        .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
+        .map_err(bad)?;
+    let map: Option<HashMap<String, String>> = metadata.map(|m| m.clone().into_iter().collect());
+    let out = safetensors::serialize(views, map).map_err(bad)?;
+    Ok(match metadata {
+        Some(sorted) => metadata_in_key_order(out, sorted),
+        None => out,
+    })
+}
+
+/// Writes `bytes` to `path` atomically: to a temporary file beside it, then renamed over it, so
+/// a reader never sees half a file and an interrupted write loses nothing.
+pub fn write_safetensors(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |what: String, e: std::io::Error| AttnError::Safetensors {
+        what: format!("{what}: {e}"),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| io(format!("cannot write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(format!("cannot rename {} to {}", tmp.display(), path.display()), e))
+}
+
+/// The file with its metadata's keys in sorted order: `safetensors::serialize` writes the
+/// metadata map first in the header, in a `HashMap`'s order, which changes from process to
+/// process, and a checkpoint must be the same bytes whenever it holds the same tensors. The
+/// sorted object has the same keys and values, so the same length: the rest of the header and
+/// the data offsets are untouched. (A header laid out otherwise is left as it is.)
+fn metadata_in_key_order(mut file: Vec<u8>, sorted: &BTreeMap<String, String>) -> Vec<u8> {
+    const START: &[u8] = b"{\"__metadata__\":";
+    let Ok(object) = serde_json::to_vec(sorted) else {
+        return file;
+    };
+    let n = u64::from_le_bytes(file[..8].try_into().expect("8 bytes")) as usize;
+    let (from, to) = (8 + START.len(), 8 + START.len() + object.len());
+    if !file[8..].starts_with(START) || to > 8 + n {
+        return file;
+    }
+    let written: Option<BTreeMap<String, String>> = serde_json::from_slice(&file[from..to]).ok();
+    if written.as_ref() == Some(sorted) {
+        file[from..to].copy_from_slice(&object);
+    }
+    file
+}
 
 /// Reading a [`StateDict`] from the bytes of a safetensors file.
 ///
@@ -174,5 +269,47 @@ mod tests {
         );
         let err = StateDict::from_safetensors(b"not a file").unwrap_err().to_string();
         assert!(err.contains("not a valid safetensors file"), "{err}");
+    }
+
+    #[test]
+    fn files_with_metadata_are_the_same_bytes_every_time() {
+        let data = [1.0f32, 2.0, 3.0];
+        let tensors: [(&str, &[usize], &[f32]); 2] = [("b", &[3], &data), ("a", &[1, 3], &data)];
+        let metadata: BTreeMap<String, String> = (0..8).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let first = f32_safetensors(&tensors, Some(&metadata)).unwrap();
+        // safetensors writes the metadata in a HashMap's order, new each call: sorted here.
+        for _ in 0..16 {
+            assert_eq!(f32_safetensors(&tensors, Some(&metadata)).unwrap(), first);
+        }
+        let parsed = SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(parsed.tensor("a").unwrap().shape(), &[1, 3]);
+        let (_, meta) = SafeTensors::read_metadata(&first).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["key7"], "value 7");
+        let header = String::from_utf8_lossy(&first[8..200]).to_string();
+        assert!(
+            header.starts_with(r#"{"__metadata__":{"key0":"value 0","key1""#),
+            "{header}"
+        );
+        // One key has one order: the bytes are safetensors' own (files written before keep
+        // their bytes).
+        let one = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let views = vec![
+            ("b", TensorView::new(Dtype::F32, vec![3], &bytes).unwrap()),
+            ("a", TensorView::new(Dtype::F32, vec![1, 3], &bytes).unwrap()),
+        ];
+        let plain = safetensors::serialize(views, Some(HashMap::from([("k".to_string(), "v".to_string())]))).unwrap();
+        assert_eq!(f32_safetensors(&tensors, Some(&one)).unwrap(), plain);
+        // Written atomically and read back.
+        let path = std::env::temp_dir().join(format!("attn-core-write-{}.safetensors", std::process::id()));
+        write_safetensors(&path, &first).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), first);
+        std::fs::remove_file(&path).unwrap();
+        let err = write_safetensors(Path::new("/nonexistent-folder/x.safetensors"), &first).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot write /nonexistent-folder/.x.safetensors.tmp-"),
+            "{err}"
+        );
     }
 }

@@ -18,6 +18,12 @@ pub enum NnError {
         /// What it must be.
         expected: String,
     },
+    /// Bytes that are not a checkpoint of the model asked for.
+    #[error("{what}")]
+    Checkpoint {
+        /// What was wrong, and what was expected.
+        what: String,
+    },
     /// A file of a model folder that cannot be read or parsed.
     #[error("{path}: {what}")]
     File {

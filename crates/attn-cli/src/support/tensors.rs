@@ -185,72 +185,19 @@ impl TensorFile {
 
 /// Writes F32 tensors to `path`.
 pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
-    let out = serialize_f32(tensors, None)?;
+    let out = attn_nn::core::f32_safetensors(tensors, None)?;
     std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes F32 tensors and string metadata atomically: to a temporary file beside `path`, then
-/// renamed over it, so a reader never sees half a file and an interrupted write loses nothing.
+/// Writes F32 tensors and string metadata atomically ([`attn_nn::core::write_safetensors`]).
 pub fn write_f32_atomic(
     path: &Path,
     tensors: &[(&str, &[usize], &[f32])],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
-    let out = serialize_f32(tensors, metadata)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, out).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-}
-
-fn serialize_f32(
-    tensors: &[(&str, &[usize], &[f32])],
-    metadata: Option<std::collections::HashMap<String, String>>,
-) -> Result<Vec<u8>> {
-    let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
-    for (_, _, data) in tensors {
-        bytes.push(data.iter().flat_map(|x| x.to_le_bytes()).collect());
-    }
-    let views: Vec<(&str, TensorView<'_>)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| Ok((*name, TensorView::new(Dtype::F32, shape.to_vec(), b)?)))
-        .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
-        .context("building the output tensors")?;
-    let sorted = metadata
-        .as_ref()
-        .map(|m| m.iter().collect::<std::collections::BTreeMap<_, _>>());
-    let out = safetensors::serialize(views, metadata.clone()).context("serialising the output tensors")?;
-    Ok(match sorted {
-        Some(sorted) => metadata_in_key_order(out, &sorted),
-        None => out,
-    })
-}
-
-/// The file with its metadata's keys in sorted order: `safetensors::serialize` writes the
-/// metadata map first in the header, in a `HashMap`'s order, which changes from process to
-/// process, and a checkpoint must be the same bytes whenever it holds the same tensors. The
-/// sorted object has the same keys and values, so the same length: the rest of the header and
-/// the data offsets are untouched. (A header laid out otherwise is left as it is.)
-fn metadata_in_key_order(mut file: Vec<u8>, sorted: &std::collections::BTreeMap<&String, &String>) -> Vec<u8> {
-    const START: &[u8] = b"{\"__metadata__\":";
-    let Ok(object) = serde_json::to_vec(sorted) else {
-        return file;
-    };
-    let n = u64::from_le_bytes(file[..8].try_into().expect("8 bytes")) as usize;
-    let (from, to) = (8 + START.len(), 8 + START.len() + object.len());
-    if !file[8..].starts_with(START) || to > 8 + n {
-        return file;
-    }
-    let written: Option<std::collections::BTreeMap<String, String>> = serde_json::from_slice(&file[from..to]).ok();
-    let same = written.is_some_and(|w| w.len() == sorted.len() && sorted.iter().all(|(k, v)| w.get(*k) == Some(*v)));
-    if same {
-        file[from..to].copy_from_slice(&object);
-    }
-    file
+    let sorted: Option<std::collections::BTreeMap<String, String>> = metadata.map(|m| m.into_iter().collect());
+    let out = attn_nn::core::f32_safetensors(tensors, sorted.as_ref())?;
+    Ok(attn_nn::core::write_safetensors(path, &out)?)
 }
 
 #[cfg(test)]
@@ -286,37 +233,5 @@ mod tests {
             std::fs::write(&path, &bytes).unwrap();
             let _ = TensorFile::read(&path);
         }
-    }
-
-    #[test]
-    fn files_with_metadata_are_the_same_bytes_every_time() {
-        let data = [1.0f32, 2.0, 3.0];
-        let tensors: [(&str, &[usize], &[f32]); 2] = [("b", &[3], &data), ("a", &[1, 3], &data)];
-        let serialize = || {
-            // A fresh map each time: a new random order of its keys.
-            let metadata: std::collections::HashMap<String, String> =
-                (0..8).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
-            serialize_f32(&tensors, Some(metadata)).unwrap()
-        };
-        let first = serialize();
-        for _ in 0..16 {
-            assert_eq!(serialize(), first);
-        }
-        let parsed = SafeTensors::deserialize(&first).unwrap();
-        assert_eq!(parsed.tensor("a").unwrap().shape(), &[1, 3]);
-        let (_, meta) = SafeTensors::read_metadata(&first).unwrap();
-        assert_eq!(meta.metadata().as_ref().unwrap()["key7"], "value 7");
-        // One key has one order: the bytes are safetensors' own (checkpoints written before
-        // keep their bytes).
-        let one: std::collections::HashMap<String, String> = [("k".to_string(), "v".to_string())].into();
-        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let views = vec![
-            ("b", TensorView::new(Dtype::F32, vec![3], &bytes).unwrap()),
-            ("a", TensorView::new(Dtype::F32, vec![1, 3], &bytes).unwrap()),
-        ];
-        assert_eq!(
-            serialize_f32(&tensors, Some(one.clone())).unwrap(),
-            safetensors::serialize(views, Some(one)).unwrap()
-        );
     }
 }

@@ -21,10 +21,12 @@ use crate::optim::AdamW;
 use crate::transformer::sub_module;
 use crate::{DecoderLayer, EncoderLayer, Result, Transformer, TransformerConfig};
 
+mod checkpoint;
 mod data;
 mod decode;
 mod train;
 
+pub use checkpoint::CHECKPOINT_METADATA_KEY;
 pub use data::{Batch, Packed, Seq2SeqConfig, Vocab, BOS, EOS, PAD, SPECIALS, UNK};
 pub use decode::Decoded;
 pub use train::{Seq2SeqTape, StepLoss, TrainStep};
