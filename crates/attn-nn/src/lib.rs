@@ -29,6 +29,8 @@ mod transformer;
 pub use attn_core as core;
 /// The training state every model here shares: gradients and the parameter store.
 pub use attn_core::{Grads, ParamStore, Parameters};
+#[cfg(feature = "tokenizers")]
+pub use bert::{cache_dir, default_model_dir, EmbedOptions, Embeddings, TextEmbedder};
 pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
 pub use error::{NnError, Result};
 pub use optim::{clip_grad_norm, AdamW, Param, Schedule};

