@@ -2,7 +2,8 @@
 //!
 //! - `ci`: what CI runs (the README's test command): tidy checks, the model fetch, fmt and
 //!   clippy checks, tests in release, rustdoc without warnings, the kernels again on the lower
-//!   SIMD levels, the MPI checks.
+//!   SIMD levels, the crates' examples (the Seq2Seq one's checkpoint read back by `attn translate
+//!   --model`), the MPI checks.
 //! - `tidy`: every module opens with `//!`, no `#[should_panic]`, no trailing whitespace.
 //! - `codegen [--check]`: regenerates the golden fixtures from PyTorch: the library crates' own
 //!   (`crates/attn-core/tests/fixtures`, `crates/attn-nn/tests/fixtures`) and the CLI's (needs
@@ -27,6 +28,7 @@
 //!   `--list`). Results in `target/mutants.out`. `--planted` instead puts back nine known bugs one
 //!   at a time (`xtask/python/planted_bugs.py`) and checks that the owning crate catches each.
 //!   Not run by `ci`.
+//! - `examples`: runs the crates' examples (also part of `ci`).
 //! - `mpi`: builds attn with the `mpi` feature (installing OpenMPI and libclang with apt when
 //!   missing) and checks it under `mpirun` on 1 to 4 processes against the single process
 //!   (`mpi.rs`): training bytes, resume across process counts, a killed rank, refused data,
@@ -118,8 +120,48 @@ fn ci() -> Result<()> {
             .args(["test", "--release", "-p", "attn-kernels"])
             .env("ATTN_SIMD", level))?;
     }
+    examples()?;
     // attn built with the `mpi` feature, under mpirun on 1 to 4 processes.
     mpi::mpi_tests()?;
+    Ok(())
+}
+
+/// The crates' front-door programs (`crates/*/examples`, docs/GUIDE.md names them), each run;
+/// the Seq2Seq one saves a model that `attn translate --model` must then read and use.
+fn examples() -> Result<()> {
+    for (krate, example) in [
+        ("attn-core", "sdpa_naive"),
+        ("attn-core", "mha_cache"),
+        ("attn-nn", "embed"),
+    ] {
+        run(cargo().args(["run", "--release", "-q", "-p", krate, "--example", example]))?;
+    }
+    let dir = root().join("target/examples-check");
+    std::fs::create_dir_all(&dir)?;
+    let model = dir.join("reverse.safetensors");
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "attn-nn",
+            "--example",
+            "train_seq2seq",
+            "--",
+        ])
+        .arg(&model))?;
+    run(cargo().args(["build", "--release", "-q", "-p", "attn-cli"]))?;
+    let out = output(
+        Command::new(root().join("target/release/attn"))
+            .args(["translate", "--model"])
+            .arg(&model)
+            .args(["abc", "bca"]),
+    )?;
+    if out != "cba\nacb\n" {
+        bail!("attn translate --model on the example's checkpoint printed {out:?}, expected \"cba\\nacb\\n\"");
+    }
+    eprintln!("examples: all ran; attn translate --model read the trained Seq2Seq: {out:?}");
     Ok(())
 }
 
@@ -342,6 +384,7 @@ fn main() -> Result<()> {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("mutants") => mutants::mutants(&args[1..]),
         Some("mpi") => mpi::mpi_tests(),
+        Some("examples") => examples(),
         Some("train-demo") => demo::train_demo(
             args.iter().any(|a| a == "--check"),
             args.iter().any(|a| a == "--evaluate"),
@@ -349,7 +392,7 @@ fn main() -> Result<()> {
         _ => {
             bail!(
                 "usage: cargo xtask <ci | tidy | codegen [--check] | bench [--rounds N] [--threads N] | fetch-model \
-                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...] | mpi | train-demo [--check | --evaluate]>"
+                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...] | mpi | examples | train-demo [--check | --evaluate]>"
             )
         }
     }

@@ -10,6 +10,18 @@ use crate::error::shape_error;
 use crate::Result;
 
 /// Cached keys and values of one attention module.
+///
+/// ```
+/// use attn_core::prelude::*;
+/// let mha = MultiHeadAttention::with_seed(MhaConfig::new(16, 4), 0).unwrap();
+/// let mut cache = mha.new_cache(1, 8); // one sequence, room for 8 positions (grows if needed)
+/// for token in [[0.1f32; 16], [0.2; 16], [0.3; 16]] {
+///     let x = Sequence::batch_first(&token, 1, 1, 16);
+///     // Appends the token's key and value, then attends to every cached position.
+///     mha.forward_cached(x, &mut cache, &MhaOptions::default(), Par::Seq).unwrap();
+/// }
+/// assert_eq!(cache.len(), 3);
+/// ```
 #[derive(Debug, Clone)]
 pub struct KvCache {
     batch: usize,

@@ -296,6 +296,13 @@ fn ensure(map: &mut BTreeMap<String, Tensor>, name: &str, shape: &[usize]) -> Re
 /// together (the norm of the per-tensor norms, each summed in f64 in order), and every element
 /// scaled by `min(1, max_norm / (norm + 1e-6))`. Returns the norm before clipping. The tensors'
 /// norms and the scaling run on rayon's threads; the bits do not depend on the thread count.
+///
+/// ```
+/// let (mut a, mut b) = (vec![3.0f32, 0.0], vec![4.0f32]);
+/// let norm = attn_core::clip_grad_norm(&mut [&mut a[..], &mut b[..]], 1.0);
+/// assert_eq!(norm, 5.0);
+/// assert!((a[0] - 0.6).abs() < 1e-6 && (b[0] - 0.8).abs() < 1e-6);
+/// ```
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
     let norms: Vec<f64> = grads
         .par_iter()

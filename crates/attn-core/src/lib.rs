@@ -1,5 +1,18 @@
 //! attn-core: attention that knows about heads.
 //!
+//! ```
+//! use attn_core::prelude::*;
+//! let (b, s, e) = (2, 5, 16);
+//! let mha = MultiHeadAttention::with_seed(MhaConfig::new(e, 4), 0).unwrap(); // nn.MultiheadAttention
+//! let x: Vec<f32> = (0..b * s * e).map(|i| (i as f32 * 0.3).sin()).collect();
+//! let options = MhaOptions { key_padding: KeyPadding::Lengths(&[5, 3]), ..Default::default() };
+//! let out = mha.forward_self(Sequence::batch_first(&x, b, s, e), &options, Par::Rayon).unwrap();
+//! assert_eq!(out.output.len(), b * s * e);
+//! // Weights load from and save to PyTorch's state-dict names.
+//! let again = MultiHeadAttention::from_state_dict(MhaConfig::new(e, 4), mha.state_dict()).unwrap();
+//! assert_eq!(again.state_dict(), mha.state_dict());
+//! ```
+//!
 //! Legend: `B` batch, `H` query heads, `G` key/value heads, `S` query length, `T` key length,
 //! `D` head dim, `E` model dim.
 //!
@@ -29,6 +42,7 @@ mod sdpa;
 mod tensor;
 
 pub use attn_kernels as kernels;
+pub mod prelude;
 pub use cache::KvCache;
 pub use error::{AttnError, Result};
 pub use grads::{clip_grad_norm, GradRef, Grads};

@@ -43,7 +43,9 @@ fn cases() -> Vec<Case> {
     let mut alibi_mqa = MhaConfig::new(12, 3);
     alibi_mqa.num_kv_heads = Some(1);
     alibi_mqa.alibi = true;
+    alibi_mqa.batch_first = false;
     let mut gqa_seq_first = MhaConfig::new(16, 4);
+    gqa_seq_first.batch_first = false;
     gqa_seq_first.num_kv_heads = Some(2);
     gqa_seq_first.kdim = Some(6);
     gqa_seq_first.vdim = Some(10);

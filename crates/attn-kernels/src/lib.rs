@@ -1,5 +1,17 @@
 //! attn-kernels: the numerical kernels of attn, on rows, columns and strides.
 //!
+//! ```
+//! use attn_kernels::prelude::*;
+//! let (b, h, s, d) = (1, 2, 4, 8);
+//! let x: Vec<f32> = (0..b * h * s * d).map(|i| (i as f32 * 0.1).sin()).collect();
+//! let mut out = vec![0.0f32; x.len()];
+//! let qkv = View4::contiguous(&x, [b, h, s, d]).unwrap(); // any strides work
+//! let options = AttentionOptions { causal: Causal::TopLeft, ..Default::default() };
+//! let dst = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+//! attention(dst, None, ForwardInputs::new(qkv, qkv, qkv), &options, Par::Rayon).unwrap();
+//! assert_eq!(&out[..d], &x[..d]); // causal: the first query sees only the first key
+//! ```
+//!
 //! Legend used in every doc comment: `B` batch, `H` query heads, `G` key/value heads, `S` query
 //! length, `T` key length, `D` head dim (`Dv` for values), `E` model dim.
 //!
@@ -61,6 +73,7 @@ mod view;
 
 /// Not public API: deterministic test data and tolerance checks, shared by the unit tests,
 /// the integration tests and the examples.
+pub mod prelude;
 pub mod rng;
 #[doc(hidden)]
 pub mod testing;

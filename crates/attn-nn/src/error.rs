@@ -46,6 +46,12 @@ pub enum NnError {
     },
 }
 
+impl From<attn_core::kernels::KernelError> for NnError {
+    fn from(e: attn_core::kernels::KernelError) -> Self {
+        NnError::Attention(AttnError::Kernel(e))
+    }
+}
+
 /// `Result` with [`NnError`].
 pub type Result<T, E = NnError> = std::result::Result<T, E>;
 

@@ -1,5 +1,22 @@
 //! attn-nn: layers and models around attention.
 //!
+//! ```
+//! use attn_nn::prelude::*;
+//! let pairs = [("abc", "cba"), ("ab", "ba"), ("bca", "acb")]; // learn to reverse
+//! let mut config = Seq2SeqConfig::for_pairs(&pairs); // attn train's defaults
+//! config.transformer.layer.d_model = 32;
+//! let mut model = Seq2Seq::with_seed(config, 0).unwrap();
+//! let (mut adam, mut grads) = (AdamW::new((0.9, 0.98), 1e-9, 0.0).unwrap(), model.grads());
+//! for number in 1..=3 {
+//!     let step = TrainStep { number, ..Default::default() };
+//!     model.train_step(&pairs, &step, &mut adam, &mut grads, 1e-3).unwrap();
+//! }
+//! let bytes = model.to_checkpoint(&Default::default()).unwrap(); // `attn translate --model` reads it
+//! assert_eq!(Seq2Seq::from_checkpoint(&bytes).unwrap().state_dict(), model.state_dict());
+//! ```
+//!
+//! [`guide`] walks through the crates from the kernel up, with examples that run as tests.
+//!
 //! Legend: `B` batch, `H` query heads, `G` key/value heads, `S` query length, `T` key length,
 //! `D` head dim, `E` model dim, `F` feed-forward width.
 //!
@@ -22,6 +39,7 @@ mod error;
 pub mod layers;
 mod optim;
 pub mod parallel;
+pub mod prelude;
 pub mod seq2seq;
 mod step;
 mod transformer;
@@ -41,7 +59,7 @@ pub use transformer::{
     StackConfig, StackTape, Transformer, TransformerConfig, TransformerMasks, TransformerTape,
 };
 
-/// docs/GUIDE.md, whose examples run as doc tests.
-#[cfg(doctest)]
+/// The guide (docs/GUIDE.md): the crates from the kernel up, each step a program that runs as a
+/// doc test. Nothing to import here; it is documentation.
 #[doc = include_str!("../../../docs/GUIDE.md")]
-pub struct GuideExamples;
+pub mod guide {}

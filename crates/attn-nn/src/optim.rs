@@ -35,6 +35,26 @@ pub struct Param<'a> {
 /// [`AdamW::step_flat`] over a [`ParamStore`](attn_core::ParamStore)'s flat buffers (moments
 /// kept flat in the same layout; one pass on rayon's threads, the same bits on any thread count
 /// as a by-name step). Moments restored by name become flat at the first flat step.
+///
+/// A model that owns its store steps with one call, no names ([`Seq2Seq::update`](crate::Seq2Seq::update);
+/// [`AdamW::update`] for any module adopted by a store):
+///
+/// ```
+/// use attn_nn::core::kernels::Par;
+/// use attn_nn::core::Sequence;
+/// use attn_nn::{AdamW, BlockMasks, EncoderLayer, Grads, LayerConfig, ParamStore, Step};
+/// let mut layer = EncoderLayer::with_seed(LayerConfig::new(8, 2), 0).unwrap();
+/// let store = ParamStore::adopt(&mut layer);
+/// let (mut adam, mut grads) = (AdamW::new((0.9, 0.999), 1e-8, 0.01).unwrap(), Grads::for_store(&store));
+/// let x = vec![0.5f32; 3 * 8];
+/// let seq = Sequence::batch_first(&x, 1, 3, 8);
+/// let mut step = Step::new(Default::default(), Par::Seq, &mut grads);
+/// let (out, tape) = layer.forward_train(seq, &BlockMasks::default(), &mut step).unwrap();
+/// layer.backward(seq, &BlockMasks::default(), &tape, &out, &mut step).unwrap(); // loss ½·Σout²
+/// let before = layer.state_dict();
+/// adam.update(&store, &mut layer, &grads, 1e-2).unwrap();
+/// assert_ne!(layer.state_dict(), before);
+/// ```
 #[derive(Debug, Clone)]
 pub struct AdamW {
     /// β1, β2.
@@ -310,6 +330,15 @@ impl AdamW {
 
 /// A learning-rate schedule: `lr(step) = base · factor(step)` for the 1-based step about to be
 /// taken, as `torch.optim.lr_scheduler.LambdaLR(opt, lambda e: factor(e + 1))`.
+///
+/// ```
+/// use attn_nn::Schedule;
+/// let cosine = Schedule::Cosine { warmup: 10, total: 110, min_factor: 0.0 };
+/// assert_eq!(cosine.factor(5), 0.5); // half-way through the warm-up
+/// assert_eq!(cosine.factor(10), 1.0);
+/// assert!(cosine.factor(60) < 0.51 && cosine.factor(60) > 0.49); // half-way down
+/// assert_eq!(cosine.factor(500), 0.0);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Schedule {
     /// 1 after a linear warm-up: `min(1, step / warmup)`.

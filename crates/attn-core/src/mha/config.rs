@@ -53,7 +53,10 @@ pub(super) fn yes() -> bool {
 }
 
 impl MhaConfig {
-    /// `embed_dim` and `num_heads` with every other field at PyTorch's default.
+    /// `embed_dim` and `num_heads` with every other field at PyTorch's default, except
+    /// `batch_first`, which is `true`: inputs built with [`Sequence::batch_first`](crate::Sequence::batch_first),
+    /// the layout attn's models use. (A configuration read from JSON without the field gets
+    /// PyTorch's `false`, as `nn.MultiheadAttention` does.)
     pub fn new(embed_dim: usize, num_heads: usize) -> Self {
         MhaConfig {
             embed_dim,
@@ -65,7 +68,7 @@ impl MhaConfig {
             kdim: None,
             vdim: None,
             dropout: 0.0,
-            batch_first: false,
+            batch_first: true,
             rope: None,
             alibi: false,
         }

@@ -31,9 +31,9 @@ pub fn cache_dir() -> PathBuf {
 /// How [`TextEmbedder::embed_with`] runs: sentences per packed batch, and where.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbedOptions {
-    /// Sentences per forward pass (packed, no padding) [32].
+    /// Sentences per forward pass (packed, no padding); default 32.
     pub batch_size: usize,
-    /// Rayon's threads or this one [`Par::Rayon`].
+    /// Rayon's threads or this one; default [`Par::Rayon`].
     pub par: Par,
 }
 

@@ -116,6 +116,31 @@ pub struct Seq2SeqConfig {
 }
 
 impl Seq2SeqConfig {
+    /// The configuration `attn train` gives `pairs` without model flags: d_model 128, 4 heads,
+    /// 2 + 2 layers, feed-forward 512, dropout 0.1, ReLU, post-norm, batch-first; vocabularies
+    /// of the pairs' characters; `max_len` twice the longest text plus 2, at least 32. Change
+    /// fields before [`Seq2Seq::with_seed`].
+    pub fn for_pairs(pairs: &[(&str, &str)]) -> Self {
+        let mut layer = crate::LayerConfig::new(128, 4);
+        layer.dim_feedforward = 512;
+        let longest = pairs
+            .iter()
+            .map(|(s, t)| s.chars().count().max(t.chars().count()))
+            .max()
+            .unwrap_or(0);
+        Seq2SeqConfig {
+            transformer: TransformerConfig {
+                layer,
+                num_encoder_layers: 2,
+                num_decoder_layers: 2,
+            },
+            // Room for inputs twice the longest seen (the sinusoids cost nothing).
+            max_len: (2 * longest + 2).max(32),
+            src_vocab: Vocab::from_texts(pairs.iter().map(|(s, _)| *s)),
+            tgt_vocab: Vocab::from_texts(pairs.iter().map(|(_, t)| *t)),
+        }
+    }
+
     /// The metadata JSON object.
     pub fn to_json(&self) -> String {
         let mut map = match serde_json::to_value(&self.transformer).expect("serialisable") {

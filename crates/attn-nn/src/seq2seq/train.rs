@@ -4,7 +4,7 @@
 use attn_core::kernels::{self, arena, Par};
 use attn_core::{AttnError, Packing, Sequence};
 
-use crate::parallel::{Collective, GradientTree, MicroBatches};
+use crate::parallel::{Collective, GradientTree, MicroBatches, SingleProcess};
 use crate::step::{Dropout, Step};
 use crate::transformer::TransformerTape;
 use crate::{BlockMasks, NnError, Result, TransformerMasks};
@@ -34,7 +34,8 @@ impl Seq2SeqTape {
     }
 }
 
-/// The settings of one training step that are not its batch.
+/// The settings of one training step that are not its batch. The default: step 1, no dropout,
+/// seed 0, no label smoothing, on rayon's threads.
 #[derive(Debug, Clone, Copy)]
 pub struct TrainStep {
     /// The step's number in its run, 1-based (it seeds the dropout masks).
@@ -47,6 +48,18 @@ pub struct TrainStep {
     pub label_smoothing: f32,
     /// Where each process's work runs.
     pub par: Par,
+}
+
+impl Default for TrainStep {
+    fn default() -> Self {
+        TrainStep {
+            number: 1,
+            dropout: 0.0,
+            seed: 0,
+            label_smoothing: 0.0,
+            par: Par::Rayon,
+        }
+    }
 }
 
 /// What [`Seq2Seq::step_gradients`] measured.
@@ -106,6 +119,53 @@ impl Seq2Seq {
             loss: values.iter().sum(),
             tokens,
         })
+    }
+
+    /// One training step of `pairs` on this process: the gradient of the mean loss
+    /// ([`step_gradients`](Self::step_gradients), one micro-batch) into `grads` (from
+    /// [`Seq2Seq::grads`]), then one AdamW update at learning rate `lr`. A loss or gradient
+    /// that is not finite is an error and leaves the weights as they were.
+    ///
+    /// ```
+    /// use attn_nn::{AdamW, Seq2Seq, Seq2SeqConfig, TrainStep};
+    /// let pairs = [("ab", "ba"), ("abc", "cba")];
+    /// let mut config = Seq2SeqConfig::for_pairs(&pairs);
+    /// config.transformer.layer.d_model = 16;
+    /// config.transformer.layer.nhead = 2;
+    /// let mut model = Seq2Seq::with_seed(config, 0).unwrap();
+    /// let (mut adam, mut grads) = (AdamW::new((0.9, 0.98), 1e-9, 0.0).unwrap(), model.grads());
+    /// let first = model.train_step(&pairs, &TrainStep::default(), &mut adam, &mut grads, 1e-3).unwrap();
+    /// let second = model.train_step(&pairs, &TrainStep { number: 2, ..Default::default() }, &mut adam, &mut grads, 1e-3).unwrap();
+    /// assert!(second.loss < first.loss);
+    /// ```
+    pub fn train_step(
+        &mut self,
+        pairs: &[(&str, &str)],
+        settings: &TrainStep,
+        adam: &mut crate::AdamW,
+        grads: &mut Grads,
+        lr: f32,
+    ) -> Result<StepLoss> {
+        let plan = MicroBatches::new(pairs.len(), pairs.len(), 1)?;
+        let step = self.step_gradients(
+            pairs,
+            settings,
+            (&plan, &mut GradientTree::new(), &SingleProcess),
+            grads,
+        )?;
+        let norm = grads.clip_norm(f32::INFINITY);
+        if !step.loss.is_finite() || !norm.is_finite() {
+            return Err(crate::error::invalid(
+                "train_step",
+                format!(
+                    "loss {} and gradient norm {norm} at step {}",
+                    step.loss, settings.number
+                ),
+                "finite values; the weights were not updated (try a lower learning rate)",
+            ));
+        }
+        self.update(adam, grads, lr)?;
+        Ok(step)
     }
 
     /// [`loss`](Self::loss) of a micro-batch of a step with `tokens` target tokens in all: its

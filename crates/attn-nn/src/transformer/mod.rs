@@ -81,7 +81,9 @@ pub struct LayerConfig {
 }
 
 impl LayerConfig {
-    /// `d_model` and `nhead` with PyTorch's defaults for the rest.
+    /// `d_model` and `nhead` with PyTorch's defaults for the rest, except `batch_first`, which is
+    /// `true`: inputs built with `Sequence::batch_first`, the layout attn's models use. (A
+    /// configuration read from JSON without the field gets PyTorch's `false`.)
     pub fn new(d_model: usize, nhead: usize) -> Self {
         LayerConfig {
             d_model,
@@ -90,7 +92,7 @@ impl LayerConfig {
             dropout: 0.1,
             activation: Activation::Relu,
             layer_norm_eps: 1e-5,
-            batch_first: false,
+            batch_first: true,
             norm_first: false,
             bias: true,
         }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use attn_nn::layers::Activation;
-use attn_nn::{LayerConfig, Seq2Seq, Seq2SeqConfig, TransformerConfig, Vocab};
+use attn_nn::{Seq2Seq, Seq2SeqConfig};
 use serde_json::json;
 
 use crate::support::checkpoint;
@@ -230,33 +230,24 @@ pub fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
 impl ModelFlags {
     /// The configuration for training from scratch on `pairs`.
     fn config(&self, pairs: &[(String, String)]) -> Result<Seq2SeqConfig> {
-        let d_model = self.d_model.unwrap_or(128);
-        let nhead = self.nhead.unwrap_or(4);
-        let mut layer = LayerConfig::new(d_model, nhead);
-        layer.dim_feedforward = self.dim_feedforward.unwrap_or(512);
-        layer.dropout = self.dropout.unwrap_or(0.1);
-        layer.activation = match self.activation.unwrap_or(ActivationFlag::Relu) {
-            ActivationFlag::Relu => Activation::Relu,
-            ActivationFlag::Gelu => Activation::Gelu,
-        };
-        layer.batch_first = true;
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
+        // attn-nn's defaults for these pairs are this command's; the flags given replace them.
+        let mut config = Seq2SeqConfig::for_pairs(&pairs);
+        let layer = &mut config.transformer.layer;
+        layer.d_model = self.d_model.unwrap_or(layer.d_model);
+        layer.nhead = self.nhead.unwrap_or(layer.nhead);
+        layer.dim_feedforward = self.dim_feedforward.unwrap_or(layer.dim_feedforward);
+        layer.dropout = self.dropout.unwrap_or(layer.dropout);
+        if let Some(activation) = self.activation {
+            layer.activation = match activation {
+                ActivationFlag::Relu => Activation::Relu,
+                ActivationFlag::Gelu => Activation::Gelu,
+            };
+        }
         layer.norm_first = self.norm_first;
-        let longest = pairs
-            .iter()
-            .map(|(s, t)| s.chars().count().max(t.chars().count()))
-            .max()
-            .unwrap_or(0);
-        let config = Seq2SeqConfig {
-            transformer: TransformerConfig {
-                layer,
-                num_encoder_layers: self.encoder_layers.unwrap_or(2),
-                num_decoder_layers: self.decoder_layers.unwrap_or(2),
-            },
-            // Room for inputs twice the longest seen (the sinusoids cost nothing).
-            max_len: (2 * longest + 2).max(32),
-            src_vocab: Vocab::from_texts(pairs.iter().map(|(s, _)| s.as_str())),
-            tgt_vocab: Vocab::from_texts(pairs.iter().map(|(_, t)| t.as_str())),
-        };
+        let t = &mut config.transformer;
+        t.num_encoder_layers = self.encoder_layers.unwrap_or(t.num_encoder_layers);
+        t.num_decoder_layers = self.decoder_layers.unwrap_or(t.num_decoder_layers);
         config.validate()?;
         Ok(config)
     }
