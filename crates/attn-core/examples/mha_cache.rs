@@ -28,7 +28,7 @@ fn main() -> Result<(), AttnError> {
         .output;
     let mut cache = mha.new_cache(1, s);
     for (step, token) in x[..s * e].chunks(e).enumerate() {
-        let out = mha.forward_cached(
+        let out = mha.forward_append(
             Sequence::batch_first(token, 1, 1, e),
             &mut cache,
             &Default::default(),

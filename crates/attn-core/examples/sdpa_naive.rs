@@ -10,7 +10,7 @@ fn main() -> Result<(), AttnError> {
         ..Default::default()
     };
     let view = View4::contiguous(&x, [b, h, s, d])?;
-    let got = sdpa(view, view, view, &options, Par::Rayon)?.out;
+    let got = sdpa(view, view, view, &options, Par::Rayon)?.output;
     let row = |bh: usize, i: usize| x[(bh * s + i) * d..][..d].iter().map(|&v| v as f64);
     let mut worst = 0.0f64;
     for (bh, i) in (0..b * h).flat_map(|bh| (0..s).map(move |i| (bh, i))) {

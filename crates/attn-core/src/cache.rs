@@ -18,7 +18,7 @@ use crate::Result;
 /// for token in [[0.1f32; 16], [0.2; 16], [0.3; 16]] {
 ///     let x = Sequence::batch_first(&token, 1, 1, 16);
 ///     // Appends the token's key and value, then attends to every cached position.
-///     mha.forward_cached(x, &mut cache, &MhaOptions::default(), Par::Seq).unwrap();
+///     mha.forward_append(x, &mut cache, &MhaOptions::default(), Par::Seq).unwrap();
 /// }
 /// assert_eq!(cache.len(), 3);
 /// ```

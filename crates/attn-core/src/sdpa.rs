@@ -175,12 +175,12 @@ pub struct SdpaOptions<'a> {
 #[derive(Debug, Clone)]
 pub struct SdpaOutput {
     /// `[B, H, S, Dv]`.
-    pub out: Vec<f32>,
+    pub output: Vec<f32>,
     /// `[B, H, S]`: natural log of each row's softmax denominator, `-inf` for empty rows.
     pub lse: Vec<f32>,
     /// `[B, H, S]`, or empty: what rounding `lse` to f32 lost. [`sdpa`] fills it, and
     /// [`sdpa_backward`] uses it when present to recompute the probabilities exactly with large
-    /// logits; an output built from a saved `out` and `lse` may leave it empty.
+    /// logits; an output built from a saved `output` and `lse` may leave it empty.
     pub lse_lo: Vec<f32>,
 }
 
@@ -240,7 +240,7 @@ impl<'a> SdpaOptions<'a> {
             KeyPadding::None => (Mask::None, None),
             KeyPadding::Lengths(lengths) => (Mask::None, Some(lengths)),
             KeyPadding::Bool { data, meaning } => {
-                let view = broadcast_to(data, &padding_view(data.len())?, target)?;
+                let view = broadcast_to(data, &padding_view(data.len())?, target).map_err(|e| e.in_op("sdpa"))?;
                 let mask = match meaning {
                     BoolMeaning::MayAttend => Mask::Allowed(view),
                     BoolMeaning::MaskedOut => Mask::Disallowed(view),
@@ -281,7 +281,7 @@ impl<'a> SdpaOptions<'a> {
 ///     ..Default::default()
 /// };
 /// let result = sdpa(view, view, view, &options, Par::Seq).unwrap();
-/// assert_eq!(result.out.len(), 2 * 3 * 4);
+/// assert_eq!(result.output.len(), 2 * 3 * 4);
 /// ```
 pub fn sdpa(
     q: View4<'_, f32>,
@@ -304,8 +304,13 @@ pub fn sdpa(
         ForwardInputs::new(q, k, v),
         &kernel_options,
         par,
-    )?;
-    Ok(SdpaOutput { out, lse, lse_lo })
+    )
+    .map_err(|e| e.in_op("sdpa"))?;
+    Ok(SdpaOutput {
+        output: out,
+        lse,
+        lse_lo,
+    })
 }
 
 /// [`sdpa`] into caller-provided (possibly strided) destinations: `out: [B, H, S, Dv]`,
@@ -322,7 +327,7 @@ pub fn sdpa_into(
     let [b, h, s, _] = q.shape();
     let t = k.shape()[2];
     let kernel_options = options.to_kernel([b, h, s, t])?;
-    attention(out, lse, ForwardInputs::new(q, k, v), &kernel_options, par)?;
+    attention(out, lse, ForwardInputs::new(q, k, v), &kernel_options, par).map_err(|e| e.in_op("sdpa_into"))?;
     Ok(())
 }
 
@@ -350,7 +355,7 @@ pub struct SdpaGradients {
 /// let view = View4::contiguous(&x, [1, 2, 3, 4]).unwrap();
 /// let options = SdpaOptions::default();
 /// let forward = sdpa(view, view, view, &options, Par::Seq).unwrap();
-/// let dout = vec![1.0f32; forward.out.len()];
+/// let dout = vec![1.0f32; forward.output.len()];
 /// let dout = View4::contiguous(&dout, [1, 2, 3, 4]).unwrap();
 /// let grads = sdpa_backward(view, view, view, &forward, dout, &options, Par::Seq).unwrap();
 /// // Each row's weights sum to 1, so the value gradients of a head add up to the sum of its
@@ -370,12 +375,12 @@ pub fn sdpa_backward(
     let [b, h, s, _] = q.shape();
     let t = k.shape()[2];
     let dv_width = v.shape()[3];
-    let out = View4::contiguous(&forward.out, [b, h, s, dv_width]).map_err(|_| {
+    let out = View4::contiguous(&forward.output, [b, h, s, dv_width]).map_err(|_| {
         shape_error(
             "sdpa_backward",
-            "out",
+            "forward.output",
             format!("[B, H, S, Dv] = {:?}", [b, h, s, dv_width]),
-            &[forward.out.len()],
+            &[forward.output.len()],
         )
     })?;
     let lse = View::contiguous(&forward.lse, [b, h, s]).map_err(|_| {
@@ -419,13 +424,34 @@ pub fn sdpa_backward(
         },
         &kernel_options,
         par,
-    )?;
+    )
+    .map_err(|e| e.in_op("sdpa_backward"))?;
     Ok(SdpaGradients { dq, dk, dv })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Errors the kernels find are reported under the name of the function the user called.
+    #[test]
+    fn kernel_errors_name_the_api_called() {
+        let x = vec![0.5f32; 2 * 2 * 3 * 4];
+        let view = View4::contiguous(&x, [2, 2, 3, 4]).unwrap();
+        let lengths = [3]; // one length for two sequences
+        let options = SdpaOptions {
+            key_padding: KeyPadding::Lengths(&lengths),
+            ..Default::default()
+        };
+        let err = sdpa(view, view, view, &options, Par::Seq).unwrap_err().to_string();
+        assert!(err.starts_with("sdpa:"), "{err}");
+        let mut out = vec![0.0f32; 2 * 2 * 3 * 3]; // Dv = 3, but v has 4
+        let dst = ViewMut4::contiguous(&mut out, [2, 2, 3, 3]).unwrap();
+        let err = sdpa_into(dst, None, view, view, view, &SdpaOptions::default(), Par::Seq)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("sdpa_into:") && !err.contains("flash"), "{err}");
+    }
 
     #[test]
     fn shapes_are_checked_once_naming_the_tensor() {
@@ -501,17 +527,17 @@ mod tests {
                 .to_string()
         };
         let short = SdpaOutput {
-            out: forward.out[1..].to_vec(),
+            output: forward.output[1..].to_vec(),
             lse: forward.lse.clone(),
             lse_lo: vec![],
         };
         let message = err(&short, view);
         assert!(
-            message.contains("`out`") && message.contains("[1, 2, 3, 4]"),
+            message.contains("`forward.output`") && message.contains("[1, 2, 3, 4]"),
             "{message}"
         );
         let no_lse = SdpaOutput {
-            out: forward.out.clone(),
+            output: forward.output.clone(),
             lse: vec![],
             lse_lo: vec![],
         };

@@ -95,6 +95,21 @@ pub enum KernelError {
 }
 
 impl KernelError {
+    /// The same error, reported as one of `op`: for an API that calls a kernel, so that its
+    /// user reads the name of what they called (`sdpa`), not of the kernel it reached.
+    pub fn in_op(mut self, op: &'static str) -> Self {
+        match &mut self {
+            KernelError::ShapeMismatch { op: o, .. }
+            | KernelError::OutOfBounds { op: o, .. }
+            | KernelError::OverlappingDestination { op: o, .. }
+            | KernelError::HeadsNotDivisible { op: o, .. }
+            | KernelError::MaskNotBroadcastable { op: o, .. }
+            | KernelError::KeyLengthTooLarge { op: o, .. }
+            | KernelError::InvalidArgument { op: o, .. } => *o = op,
+        }
+        self
+    }
+
     /// A [`KernelError::ShapeMismatch`].
     pub(crate) fn shape(op: &'static str, tensor: &'static str, expected: Vec<usize>, got: Vec<usize>) -> Self {
         KernelError::ShapeMismatch {

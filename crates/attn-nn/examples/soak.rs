@@ -73,7 +73,7 @@ fn main() {
                     cache.clear();
                 }
                 let token: Vec<f32> = (0..2 * e).map(|i| ((i * 17 + call) % 89) as f32 / 45.0 - 1.0).collect();
-                mha.forward_cached(
+                mha.forward_append(
                     Sequence::batch_first(&token, 2, 1, e),
                     &mut cache,
                     &MhaOptions::default(),

@@ -155,8 +155,8 @@ fn attention_and_its_weights_keep_padding_garbage_out() {
             let mem = Sequence::batch_first(memory, B, S, E);
             let direct = mha.forward(query, mem, mem, &options, par).unwrap().output;
             let mut cache = mha.new_cache(B, S);
-            mha.fill_cache(mem, mem, &mut cache, par).unwrap();
-            let cached = mha.forward_with_cache(query, &cache, &options, par).unwrap().output;
+            mha.append_to_cache(mem, mem, &mut cache, par).unwrap();
+            let cached = mha.forward_over_cache(query, &cache, &options, par).unwrap().output;
             (direct, cached)
         };
         let (clean_direct, clean_cached) = run_cross(&padded_with(&x, |_| 0.0), Par::Seq);

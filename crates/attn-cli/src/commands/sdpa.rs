@@ -157,7 +157,7 @@ pub fn compute(file: &TensorFile, causal: Causal, scale: Option<f32>, backward: 
     };
     Ok(Computed {
         shape,
-        out: result.out,
+        out: result.output,
         lse: result.lse,
         grads,
     })

@@ -128,7 +128,7 @@ impl MultiHeadAttention {
     /// Incremental self-attention: `x: [B, n, E]` are the next `n` positions; their keys and
     /// values join `cache`, and each new query attends every cached position up to its own.
     /// Decoding N tokens one at a time equals one causal `forward_self` over the N tokens.
-    pub fn forward_cached(
+    pub fn forward_append(
         &self,
         x: Sequence<'_>,
         cache: &mut KvCache,
@@ -143,7 +143,7 @@ impl MultiHeadAttention {
 
     /// Projects `key: [B, T, kdim]` and `value: [B, T, vdim]` once and appends them to `cache`,
     /// for cross-attention over a fixed memory (an encoder's output) at every decoding step.
-    pub fn fill_cache(&self, key: Sequence<'_>, value: Sequence<'_>, cache: &mut KvCache, par: Par) -> Result<()> {
+    pub fn append_to_cache(&self, key: Sequence<'_>, value: Sequence<'_>, cache: &mut KvCache, par: Par) -> Result<()> {
         let op = "multihead_attention";
         key.check(op, "key", self.core.dims.kdim)?;
         value.check(op, "value", self.core.dims.vdim)?;
@@ -171,9 +171,9 @@ impl MultiHeadAttention {
     }
 
     /// Attention of `query: [B, S, E]` over keys and values already in `cache` (see
-    /// [`fill_cache`](Self::fill_cache)), which is left unchanged -> `[B, S, E]`. Masks refer to
-    /// the cached positions.
-    pub fn forward_with_cache(
+    /// [`append_to_cache`](Self::append_to_cache)), which is left unchanged -> `[B, S, E]`.
+    /// Masks refer to the cached positions.
+    pub fn forward_over_cache(
         &self,
         query: Sequence<'_>,
         cache: &KvCache,
@@ -182,6 +182,42 @@ impl MultiHeadAttention {
     ) -> Result<MhaOutput> {
         query.check_layout("query", self.config.batch_first)?;
         self.core.forward(&query, Source::Memory(cache), options, par)
+    }
+
+    /// The old name of [`forward_append`](Self::forward_append).
+    #[deprecated(
+        since = "0.1.0",
+        note = "renamed `forward_append`: it appends to the cache, then attends"
+    )]
+    pub fn forward_cached(
+        &self,
+        x: Sequence<'_>,
+        cache: &mut KvCache,
+        options: &MhaOptions<'_>,
+        par: Par,
+    ) -> Result<MhaOutput> {
+        self.forward_append(x, cache, options, par)
+    }
+
+    /// The old name of [`append_to_cache`](Self::append_to_cache).
+    #[deprecated(since = "0.1.0", note = "renamed `append_to_cache`")]
+    pub fn fill_cache(&self, key: Sequence<'_>, value: Sequence<'_>, cache: &mut KvCache, par: Par) -> Result<()> {
+        self.append_to_cache(key, value, cache, par)
+    }
+
+    /// The old name of [`forward_over_cache`](Self::forward_over_cache).
+    #[deprecated(
+        since = "0.1.0",
+        note = "renamed `forward_over_cache`: it reads the cache and leaves it unchanged"
+    )]
+    pub fn forward_with_cache(
+        &self,
+        query: Sequence<'_>,
+        cache: &KvCache,
+        options: &MhaOptions<'_>,
+        par: Par,
+    ) -> Result<MhaOutput> {
+        self.forward_over_cache(query, cache, options, par)
     }
 
     /// Bytes that [`forward`](Self::forward) (or `forward_self` with `t = s`) allocates for

@@ -295,7 +295,7 @@ impl DecoderLayer {
     pub fn start_decoding(&self, memory: Sequence<'_>, capacity: usize, par: Par) -> Result<DecoderLayerCache> {
         check_input("transformer_decoder_layer", "memory", &memory, self.config.d_model)?;
         let mut cross_attn = self.cross_attn.new_cache(memory.batch, memory.len);
-        self.cross_attn.fill_cache(memory, memory, &mut cross_attn, par)?;
+        self.cross_attn.append_to_cache(memory, memory, &mut cross_attn, par)?;
         Ok(DecoderLayerCache {
             self_attn: self.self_attn.new_cache(memory.batch, capacity),
             cross_attn,
@@ -319,13 +319,13 @@ impl DecoderLayer {
             let mut c = self_cache.borrow_mut();
             Ok(self
                 .self_attn
-                .forward_cached(seq(h, &x), &mut c, &MhaOptions::default(), par)?
+                .forward_append(seq(h, &x), &mut c, &MhaOptions::default(), par)?
                 .output)
         };
         let cross = |h: &[f32]| -> Result<Vec<f32>> {
             Ok(self
                 .cross_attn
-                .forward_with_cache(seq(h, &x), cross_cache, &memory_masks.inference()?, par)?
+                .forward_over_cache(seq(h, &x), cross_cache, &memory_masks.inference()?, par)?
                 .output)
         };
         self.residual_blocks(x.data, self_attend, cross, par)
