@@ -172,7 +172,7 @@ fn sdpa_backward_needs_the_output_gradient() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     // A grad.out of the wrong shape names both shapes.
     let mut tensors = qkv(4, 4);
-    tensors.push(("grad.out", Dtype::F32, vec![1, 4, 5, 7], f32_bytes(4 * 5 * 7)));
+    tensors.push(("grad.out", Dtype::F32, vec![1, 4, 5, 7], f32_size_in_bytes(4 * 5 * 7)));
     let (code, message) = sdpa_error("bad_grad", &tensors, &["--backward"]);
     assert_ne!(code, 0);
     assert!(
@@ -189,7 +189,7 @@ fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
-fn f32_bytes(n: usize) -> Vec<u8> {
+fn f32_size_in_bytes(n: usize) -> Vec<u8> {
     (0..n).flat_map(|i| ((i % 7) as f32 * 0.1).to_le_bytes()).collect()
 }
 
@@ -216,9 +216,9 @@ fn sdpa_error(name: &str, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], extra:
 
 fn qkv(h: usize, g: usize) -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
     vec![
-        ("q", Dtype::F32, vec![1, h, 3, 4], f32_bytes(h * 12)),
-        ("k", Dtype::F32, vec![1, g, 5, 4], f32_bytes(g * 20)),
-        ("v", Dtype::F32, vec![1, g, 5, 4], f32_bytes(g * 20)),
+        ("q", Dtype::F32, vec![1, h, 3, 4], f32_size_in_bytes(h * 12)),
+        ("k", Dtype::F32, vec![1, g, 5, 4], f32_size_in_bytes(g * 20)),
+        ("v", Dtype::F32, vec![1, g, 5, 4], f32_size_in_bytes(g * 20)),
     ]
 }
 
@@ -229,13 +229,13 @@ fn bad_inputs_fail_with_a_message_naming_the_tensor() {
     assert!(err.contains("`k`") && err.contains("does not divide"), "{err}");
 
     let mut tensors = qkv(2, 2);
-    tensors[2] = ("v", Dtype::F32, vec![1, 2, 6, 4], f32_bytes(48));
+    tensors[2] = ("v", Dtype::F32, vec![1, 2, 6, 4], f32_size_in_bytes(48));
     let (code, err) = sdpa_error("vshape", &tensors, &[]);
     assert_eq!(code, 1);
     assert!(err.contains("`v`") && err.contains("[1, 2, 5, Dv]"), "{err}");
 
     let mut tensors = qkv(2, 2);
-    tensors[0] = ("q", Dtype::F64, vec![1, 2, 3, 1], f32_bytes(12));
+    tensors[0] = ("q", Dtype::F64, vec![1, 2, 3, 1], f32_size_in_bytes(12));
     let (code, err) = sdpa_error("dtype", &tensors, &[]);
     assert_eq!(code, 1);
     assert!(
@@ -268,7 +268,7 @@ fn bad_inputs_fail_with_a_message_naming_the_tensor() {
     assert!(err.contains("`mask`") && err.contains("byte 2"), "{err}");
 
     let mut tensors = qkv(2, 2);
-    tensors.push(("bias", Dtype::F32, vec![1], f32_bytes(1)));
+    tensors.push(("bias", Dtype::F32, vec![1], f32_size_in_bytes(1)));
     let (code, err) = sdpa_error("extra", &tensors, &[]);
     assert_eq!(code, 1);
     assert!(err.contains("unexpected tensor `bias`"), "{err}");

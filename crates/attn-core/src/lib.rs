@@ -55,8 +55,10 @@ pub use params::{
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use safetensors_io::{f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors};
+#[allow(deprecated)]
+pub use sdpa::f32_bytes;
 pub use sdpa::{
-    f32_bytes, sdpa, sdpa_backward, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaGradients, SdpaOptions,
+    f32_size_in_bytes, sdpa, sdpa_backward, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaGradients, SdpaOptions,
     SdpaOutput, SdpaShape,
 };
 pub use tensor::{expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor, WeightInit};

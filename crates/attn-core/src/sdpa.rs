@@ -137,23 +137,29 @@ impl SdpaShape {
     /// Bytes of the inputs `q`, `k`, `v` (for callers that allocate them).
     pub fn input_bytes(&self) -> u128 {
         let SdpaShape { b, h, g, s, t, d, dv } = *self;
-        f32_bytes(&[b, h, s, d])
-            .saturating_add(f32_bytes(&[b, g, t, d]))
-            .saturating_add(f32_bytes(&[b, g, t, dv]))
+        f32_size_in_bytes(&[b, h, s, d])
+            .saturating_add(f32_size_in_bytes(&[b, g, t, d]))
+            .saturating_add(f32_size_in_bytes(&[b, g, t, dv]))
     }
 
     /// Bytes [`sdpa`] allocates: `out: [B, H, S, Dv]` and `lse: [B, H, S]`.
     pub fn output_bytes(&self) -> u128 {
         let SdpaShape { b, h, s, dv, .. } = *self;
-        f32_bytes(&[b, h, s, dv]).saturating_add(f32_bytes(&[b, h, s]))
+        f32_size_in_bytes(&[b, h, s, dv]).saturating_add(f32_size_in_bytes(&[b, h, s]))
     }
 }
 
-/// The bytes of an f32 tensor of shape `dims`, saturating (never overflows).
-pub fn f32_bytes(dims: &[usize]) -> u128 {
+/// How many bytes an f32 tensor of shape `dims` takes, saturating (never overflows).
+pub fn f32_size_in_bytes(dims: &[usize]) -> u128 {
     dims.iter()
         .fold(1u128, |acc, &n| acc.saturating_mul(n as u128))
         .saturating_mul(4)
+}
+
+/// The old name of [`f32_size_in_bytes`] (it counts bytes; it serialises nothing).
+#[deprecated(since = "0.1.0", note = "renamed `f32_size_in_bytes`: it counts bytes")]
+pub fn f32_bytes(dims: &[usize]) -> u128 {
+    f32_size_in_bytes(dims)
 }
 
 /// Options of [`sdpa`].
@@ -510,7 +516,7 @@ mod tests {
             let err = SdpaShape::check(&q, &k, &v).unwrap_err().to_string();
             assert!(err.contains(tensor) && err.contains(words), "{err}");
         }
-        assert_eq!(f32_bytes(&[usize::MAX, usize::MAX, 4]), u128::MAX);
+        assert_eq!(f32_size_in_bytes(&[usize::MAX, usize::MAX, 4]), u128::MAX);
     }
 
     /// `sdpa_backward` refuses a forward result or a `dout` of the wrong size with an error

@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::unfused_scratch_bytes;
 use attn_nn::core::kernels::{gemm, simd_level, Accum, Par, View2, ViewMut2};
-use attn_nn::core::{f32_bytes, SdpaShape};
+use attn_nn::core::{f32_size_in_bytes, SdpaShape};
 use serde_json::json;
 
 use crate::support::threads::Threads;
@@ -163,9 +163,9 @@ pub struct GemmArgs {
 fn gemm_command(args: GemmArgs) -> Result<()> {
     let budget = args.flags.budget()?;
     let GemmArgs { m, n, k, .. } = args;
-    let need = f32_bytes(&[m, k])
-        .saturating_add(f32_bytes(&[k, n]))
-        .saturating_add(f32_bytes(&[m, n]));
+    let need = f32_size_in_bytes(&[m, k])
+        .saturating_add(f32_size_in_bytes(&[k, n]))
+        .saturating_add(f32_size_in_bytes(&[m, n]));
     crate::support::memory::check(need, "bench gemm (a, b, c)")?;
     let text = args
         .threads

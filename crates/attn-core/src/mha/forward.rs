@@ -8,7 +8,7 @@ use attn_kernels::{
 
 use super::{linear, Core, Dims, MaskSet, MhaOptions, MhaOutput, NeedWeights, Sequence};
 use crate::error::shape_error;
-use crate::{f32_bytes, AttnError, KvCache, Result};
+use crate::{f32_size_in_bytes, AttnError, KvCache, Result};
 
 /// Where a forward call's keys and values come from: the four legal sources.
 pub(super) enum Source<'s, 'c> {
@@ -235,14 +235,14 @@ impl Core {
         let out_width = self.dims.out.unwrap_or(h * dv);
         let weights = match need {
             NeedWeights::No => 0,
-            NeedWeights::Averaged => f32_bytes(&[b, s, t]).saturating_add(f32_bytes(&[b, h, s])),
-            NeedWeights::PerHead => f32_bytes(&[b, h, s, t]).saturating_add(f32_bytes(&[b, h, s])),
+            NeedWeights::Averaged => f32_size_in_bytes(&[b, s, t]).saturating_add(f32_size_in_bytes(&[b, h, s])),
+            NeedWeights::PerHead => f32_size_in_bytes(&[b, h, s, t]).saturating_add(f32_size_in_bytes(&[b, h, s])),
         };
         [
-            f32_bytes(&[b, s, h, d]),      // queries (the fused buffer holds keys and values too)
-            f32_bytes(&[b, t, g, d + dv]), // keys and values
-            f32_bytes(&[b, s, h, dv]),     // attention output
-            f32_bytes(&[b, s, out_width]), // output
+            f32_size_in_bytes(&[b, s, h, d]), // queries (the fused buffer holds keys and values too)
+            f32_size_in_bytes(&[b, t, g, d + dv]), // keys and values
+            f32_size_in_bytes(&[b, s, h, dv]), // attention output
+            f32_size_in_bytes(&[b, s, out_width]), // output
             weights,
         ]
         .iter()

@@ -129,7 +129,7 @@ impl LayerConfig {
     /// that cap memory check this first.
     pub fn forward_bytes(&self, tokens: usize) -> u128 {
         let width = 8usize.saturating_mul(self.d_model).saturating_add(self.dim_feedforward);
-        attn_core::f32_bytes(&[tokens, width])
+        attn_core::f32_size_in_bytes(&[tokens, width])
     }
 
     fn mha(&self) -> MhaConfig {
