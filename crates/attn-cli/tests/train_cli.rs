@@ -167,6 +167,30 @@ fn training_is_reproducible_across_threads_and_resume() {
         std::fs::read(&one).unwrap(),
         "stop and --resume"
     );
+    // A save interrupted between its two files (the state of step 6 written, the checkpoint
+    // still step 3's): --resume takes the state that matches the checkpoint, the one kept as
+    // `.state.prev`, and reaches the same bytes.
+    let at3 = run("at3.safetensors", "2", &["--stop-after", "3"]);
+    let torn = run("torn.safetensors", "2", &["--stop-after", "6", "--save-every", "3"]);
+    std::fs::copy(&at3, &torn).unwrap();
+    run("torn.safetensors", "1", &["--resume"]);
+    assert_eq!(
+        std::fs::read(&torn).unwrap(),
+        std::fs::read(&one).unwrap(),
+        "resume after a torn save"
+    );
+    // With no state that matches, --resume refuses rather than continue from the wrong one.
+    let torn = run("torn2.safetensors", "2", &["--stop-after", "6", "--save-every", "3"]);
+    std::fs::copy(&at3, &torn).unwrap();
+    std::fs::remove_file(dir.join("torn2.safetensors.state.prev")).unwrap();
+    let mut args = vec!["train", "--data", s(&train), "--valid", s(&valid), "--output", s(&torn)];
+    args.extend(["--eval-every", "6", "--resume"]);
+    args.extend(TINY);
+    let err = fails(&args);
+    assert!(
+        err.contains("is not the checkpoint") && err.contains("cannot continue"),
+        "{err}"
+    );
     // The log: one line a step, and the evaluations at steps 6 and 12.
     let log = std::fs::read_to_string(dir.join("one.safetensors.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

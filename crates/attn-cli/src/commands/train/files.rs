@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use attn_nn::core::write_safetensors;
 use serde_json::json;
 
-use crate::support::checkpoint;
 use crate::support::tensors::write_f32_atomic;
 
 use super::{Args, Trainer};
@@ -47,6 +47,11 @@ pub(super) fn run_fingerprint(args: &Args, data: &[(String, String)]) -> String 
     run.to_string()
 }
 
+/// Writes the checkpoint and the optimizer state of step `step`. The state names the
+/// checkpoint it goes with (`model_fnv1a`, FNV-1a of the checkpoint's bytes), and the state it
+/// replaces is kept as `OUTPUT.state.prev` until the checkpoint is written: the state is written
+/// first, the checkpoint last, each atomically, so a process killed anywhere between leaves a
+/// checkpoint and a state that match (`resume` picks the one that does).
 pub(super) fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64) -> Result<()> {
     // A step that made a weight NaN or infinite fails here rather than overwrite the last good
     // checkpoint with it.
@@ -56,7 +61,7 @@ pub(super) fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64)
         }
     }
     // The checkpoint's only metadata is the configuration, so a rerun writes the same bytes.
-    checkpoint::save(&args.output, &trainer.model, &[])?;
+    let model = trainer.model.to_checkpoint(&Default::default())?;
     let tensors = trainer.state();
     let refs: Vec<(&str, &[usize], &[f32])> = tensors
         .iter()
@@ -65,8 +70,31 @@ pub(super) fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64)
     let metadata = std::collections::HashMap::from([
         ("step".to_string(), step.to_string()),
         ("run".to_string(), fingerprint.to_string()),
+        ("model_fnv1a".to_string(), format!("{:016x}", fnv1a(&model))),
     ]);
-    write_f32_atomic(&state_path(&args.output), &refs, Some(metadata))
+    let state = state_path(&args.output);
+    if state.exists() {
+        let prev = prev_state_path(&args.output);
+        std::fs::rename(&state, &prev)
+            .with_context(|| format!("cannot rename {} to {}", state.display(), prev.display()))?;
+    }
+    write_f32_atomic(&state, &refs, Some(metadata))?;
+    write_safetensors(&args.output, &model)?;
+    Ok(())
+}
+
+/// FNV-1a of `bytes`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// `OUTPUT.state.prev`: the state of the save before, kept while the next one is written.
+fn prev_state_path(output: &Path) -> PathBuf {
+    let mut name = state_path(output).into_os_string();
+    name.push(".prev");
+    PathBuf::from(name)
 }
 
 /// Fails unless a file can be created at `path`, naming `flag`: checked before step 1, so a
@@ -117,12 +145,33 @@ pub(super) fn differing_flags(saved: &str, now: &str) -> Vec<String> {
 }
 
 /// Restores the optimizer's state saved beside `output`, after checking that it was saved by a
-/// run of the same data and flags (`fingerprint`); returns the step it was saved at.
+/// run of the same data and flags (`fingerprint`) and with this checkpoint (a save interrupted
+/// between its two files leaves the previous state, `OUTPUT.state.prev`, as the one that
+/// matches); returns the step it was saved at.
 pub(super) fn resume(trainer: &mut Trainer, output: &Path, fingerprint: &str) -> Result<u64> {
-    let state = state_path(output);
-    let bytes = std::fs::read(&state).with_context(|| format!("--resume needs {}", state.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-    let saved_run = header.metadata().as_ref().and_then(|m| m.get("run")).cloned();
+    let model = std::fs::read(output).with_context(|| format!("--resume needs {}", output.display()))?;
+    let model_hash = format!("{:016x}", fnv1a(&model));
+    let mut state = state_path(output);
+    let metadata = |path: &Path| -> Result<std::collections::HashMap<String, String>> {
+        let bytes = std::fs::read(path).with_context(|| format!("--resume needs {}", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{}: not an optimizer state", path.display()))?;
+        Ok(header.metadata().clone().unwrap_or_default())
+    };
+    let mut meta = metadata(&state)?;
+    // States written before the checkpoint's hash was recorded are taken as they are.
+    if meta.get("model_fnv1a").is_some_and(|h| *h != model_hash) {
+        let prev = prev_state_path(output);
+        match metadata(&prev) {
+            Ok(m) if m.get("model_fnv1a") == Some(&model_hash) => (state, meta) = (prev, m),
+            _ => bail!(
+                "--resume: {} is not the checkpoint {} was saved with, and no saved state is; the run cannot continue from these files",
+                output.display(),
+                state.display()
+            ),
+        }
+    }
+    let saved_run = meta.get("run").cloned();
     if saved_run.as_deref() != Some(fingerprint) {
         let saved = saved_run.unwrap_or_default();
         bail!(
