@@ -685,3 +685,28 @@ fn the_old_cache_method_names_do_what_the_new_ones_do() {
         .unwrap();
     assert_eq!(a.output, b.output);
 }
+
+/// `Sequence::positions` copies the same positions out of either layout, batch-first, and
+/// refuses a range past the end.
+#[test]
+fn positions_copy_out_a_step_of_every_sequence() {
+    let (b, s, e) = (2, 3, 4);
+    // Element (b, l, c) holds 100·b + 10·l + c in both layouts.
+    let value = |bi: usize, l: usize, c: usize| (100 * bi + 10 * l + c) as f32;
+    let bf: Vec<f32> = (0..b * s * e).map(|i| value(i / (s * e), i / e % s, i % e)).collect();
+    let sf: Vec<f32> = (0..s * b * e).map(|i| value(i / e % b, i / (b * e), i % e)).collect();
+    let seq_first = Sequence {
+        data: &sf,
+        batch: b,
+        len: s,
+        dim: e,
+        layout: Layout::SeqFirst,
+    };
+    let want: Vec<f32> = (0..b)
+        .flat_map(|bi| (1..3).flat_map(move |l| (0..e).map(move |c| value(bi, l, c))))
+        .collect();
+    assert_eq!(Sequence::batch_first(&bf, b, s, e).positions(1..3).unwrap(), want);
+    assert_eq!(seq_first.positions(1..3).unwrap(), want);
+    let err = seq_first.positions(2..4).unwrap_err().to_string();
+    assert!(err.contains("within 0..3"), "{err}");
+}

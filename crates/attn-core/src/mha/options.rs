@@ -52,6 +52,48 @@ impl<'a> Sequence<'a> {
         }
     }
 
+    /// The positions `range` of every sequence, copied out batch-first `[B, range.len(), dim]`:
+    /// what a decoder with a KV cache takes at each step when the whole batch is in one
+    /// buffer (in seq-first storage a step is already contiguous and needs no copy).
+    ///
+    /// ```
+    /// use attn_core::prelude::*;
+    /// let (b, s, e) = (3, 4, 16);
+    /// let mha = MultiHeadAttention::with_seed(MhaConfig::new(e, 4), 0).unwrap();
+    /// let x: Vec<f32> = (0..b * s * e).map(|i| (i as f32 * 0.1).sin()).collect();
+    /// let batch = Sequence::batch_first(&x, b, s, e);
+    /// let causal = MhaOptions { is_causal: true, ..Default::default() };
+    /// let full = mha.forward_self(batch, &causal, Par::Seq).unwrap().output;
+    /// let mut cache = mha.new_cache(b, s);
+    /// for t in 0..s {
+    ///     let step = batch.positions(t..t + 1).unwrap(); // [B, 1, E]
+    ///     let out = mha.forward_append(Sequence::batch_first(&step, b, 1, e), &mut cache, &Default::default(), Par::Seq).unwrap();
+    ///     for bi in 0..b {
+    ///         let want = &full[(bi * s + t) * e..][..e];
+    ///         assert!(out.output[bi * e..][..e].iter().zip(want).all(|(a, w)| (a - w).abs() < 1e-5));
+    ///     }
+    /// }
+    /// ```
+    pub fn positions(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        self.check("Sequence::positions", "sequence", self.dim)?;
+        if range.start > range.end || range.end > self.len {
+            return Err(AttnError::InvalidConfig {
+                field: "positions",
+                got: format!("{range:?}"),
+                expected: format!("a range within 0..{} (the sequence length)", self.len),
+            });
+        }
+        let [bs, ls] = self.token_strides();
+        let mut out = Vec::with_capacity(self.batch * range.len() * self.dim);
+        for b in 0..self.batch {
+            for l in range.clone() {
+                let row = b * bs + l * ls;
+                out.extend_from_slice(&self.data[row * self.dim..(row + 1) * self.dim]);
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn check(&self, op: &'static str, name: &str, dim: usize) -> Result<()> {
         let shape = match self.layout {
             Layout::BatchFirst => ("[B, L, E]", [self.batch, self.len, self.dim]),
