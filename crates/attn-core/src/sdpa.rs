@@ -177,6 +177,23 @@ pub struct SdpaOptions<'a> {
     pub alibi_slopes: Option<&'a [f32]>,
 }
 
+impl<'a> SdpaOptions<'a> {
+    /// Causal masking, with the given alignment.
+    pub fn causal(self, causal: Causal) -> Self {
+        SdpaOptions { causal, ..self }
+    }
+
+    /// These keys are padding.
+    pub fn key_padding(self, key_padding: KeyPadding<'a>) -> Self {
+        SdpaOptions { key_padding, ..self }
+    }
+
+    /// This mask on the scores.
+    pub fn mask(self, mask: ScoreMask<'a>) -> Self {
+        SdpaOptions { mask, ..self }
+    }
+}
+
 /// The outputs of [`sdpa`].
 #[derive(Debug, Clone)]
 pub struct SdpaOutput {

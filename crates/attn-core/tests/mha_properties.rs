@@ -710,3 +710,18 @@ fn positions_copy_out_a_step_of_every_sequence() {
     let err = seq_first.positions(2..4).unwrap_err().to_string();
     assert!(err.contains("within 0..3"), "{err}");
 }
+
+/// The options' builder methods set what their names say and leave the rest.
+#[test]
+fn option_builders_set_one_field_each() {
+    let lengths = [2, 1];
+    let built = MhaOptions::default()
+        .causal()
+        .key_padding(KeyPadding::Lengths(&lengths))
+        .need_weights(NeedWeights::PerHead);
+    assert!(built.is_causal && built.need_weights == NeedWeights::PerHead);
+    assert!(matches!(built.key_padding, KeyPadding::Lengths(l) if l == lengths));
+    assert!(matches!(built.attn_mask, ScoreMask::None));
+    let sdpa = attn_core::SdpaOptions::default().causal(attn_core::kernels::Causal::BottomRight);
+    assert!(sdpa.causal == attn_core::kernels::Causal::BottomRight && sdpa.scale.is_none());
+}

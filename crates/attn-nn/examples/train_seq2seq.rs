@@ -8,32 +8,18 @@ fn main() -> Result<(), NnError> {
     ];
     let reversed: Vec<String> = words.iter().map(|w| w.chars().rev().collect()).collect();
     let pairs: Vec<(&str, &str)> = words.iter().zip(&reversed).map(|(s, t)| (*s, t.as_str())).collect();
-    let mut config = Seq2SeqConfig::for_pairs(&pairs);
-    let layer = &mut config.transformer.layer;
-    (layer.d_model, layer.dim_feedforward, layer.dropout) = (32, 64, 0.0);
-    let mut model = Seq2Seq::with_seed(config, 0)?;
+    let mut model = Seq2Seq::with_seed(Seq2SeqConfig::for_pairs(&pairs), 0)?; // attn train's defaults
     let (mut adam, mut grads) = (AdamW::new((0.9, 0.98), 1e-9, 0.0)?, model.grads());
     for number in 1..=200 {
-        let step = model.train_step(
-            &pairs,
-            &TrainStep {
-                number,
-                ..Default::default()
-            },
-            &mut adam,
-            &mut grads,
-            3e-3,
-        )?;
+        let step = model.train_step(&pairs, &TrainStep::at(number), &mut adam, &mut grads, 1e-3)?;
         if number % 50 == 0 {
             println!("step {number}: loss {:.4}", step.loss);
         }
     }
     let path = std::env::args().nth(1).unwrap_or_else(|| "reverse.safetensors".into());
     model.save(path.as_ref())?;
-    let out = model
-        .config()
-        .tgt_vocab
-        .decode(&model.greedy(&["abc"], 8, false, Par::Rayon)?[0].tokens);
+    let tokens = &model.greedy(&["abc"], 8, false, Par::Rayon)?[0].tokens;
+    let out = model.config().tgt_vocab.decode(tokens);
     println!("abc -> {out}; saved to {path}");
     assert_eq!(out, "cba");
     Ok(())

@@ -168,6 +168,31 @@ pub struct MhaOptions<'a> {
     pub need_weights: NeedWeights,
 }
 
+impl<'a> MhaOptions<'a> {
+    /// Causal: each query attends keys at or before its own position (`is_causal = true`).
+    pub fn causal(self) -> Self {
+        MhaOptions {
+            is_causal: true,
+            ..self
+        }
+    }
+
+    /// These keys are padding (`key_padding_mask`, or lengths).
+    pub fn key_padding(self, key_padding: KeyPadding<'a>) -> Self {
+        MhaOptions { key_padding, ..self }
+    }
+
+    /// This `attn_mask`.
+    pub fn attn_mask(self, attn_mask: ScoreMask<'a>) -> Self {
+        MhaOptions { attn_mask, ..self }
+    }
+
+    /// Return these attention weights.
+    pub fn need_weights(self, need_weights: NeedWeights) -> Self {
+        MhaOptions { need_weights, ..self }
+    }
+}
+
 /// The result of a forward call.
 #[derive(Debug, Clone)]
 pub struct MhaOutput {

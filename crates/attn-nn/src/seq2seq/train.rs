@@ -50,6 +50,16 @@ pub struct TrainStep {
     pub par: Par,
 }
 
+impl TrainStep {
+    /// Step `number` with the other settings at their defaults.
+    pub fn at(number: u64) -> Self {
+        TrainStep {
+            number,
+            ..TrainStep::default()
+        }
+    }
+}
+
 impl Default for TrainStep {
     fn default() -> Self {
         TrainStep {
