@@ -34,6 +34,20 @@ pub use train::{Seq2SeqTape, StepLoss, TrainStep};
 /// The model. Its parameters live in one [`ParamStore`], built when the model is built or
 /// loaded: [`Seq2Seq::grads`] gives gradients of its layout and [`Seq2Seq::update`] runs the
 /// optimizer over all of them in one flat pass.
+///
+/// ```
+/// use attn_nn::prelude::*;
+/// // The shipped date translator's format: `attn train` writes it, `attn translate --model` reads it.
+/// let pairs = [("28 Nov 2026", "2026-11-28"), ("1 Jan 1999", "1999-01-01")];
+/// let mut config = Seq2SeqConfig::for_pairs(&pairs);
+/// config.transformer.layer.d_model = 16;
+/// config.transformer.layer.nhead = 2;
+/// let model = Seq2Seq::with_seed(config, 1).unwrap();
+/// let out = model.greedy(&["28 Nov 2026"], 12, false, Par::Seq).unwrap(); // untrained: any text
+/// assert!(out[0].tokens.len() <= 12);
+/// let again = Seq2Seq::from_checkpoint(&model.to_checkpoint(&Default::default()).unwrap()).unwrap();
+/// assert_eq!(again.state_dict(), model.state_dict());
+/// ```
 #[derive(Debug)]
 pub struct Seq2Seq {
     store: ParamStore,
