@@ -612,3 +612,33 @@ fn demo_flags_and_closed_pipes() {
         "{err}"
     );
 }
+
+/// Started by an MPI launcher as one of several processes, an attn built without the `mpi`
+/// feature refuses (each process would train the whole run and write the same files) and
+/// writes nothing; as the only process it runs.
+#[test]
+#[cfg(not(feature = "mpi"))]
+fn without_mpi_several_launched_processes_are_refused() {
+    let dir = scratch("launched");
+    let (train, _) = data(&dir);
+    let out = dir.join("m.safetensors");
+    let mut args = vec!["train", "--data", s(&train), "--output", s(&out)];
+    args.extend(TINY);
+    let run = |size: &str| {
+        Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(&args)
+            .env("OMPI_COMM_WORLD_SIZE", size)
+            .output()
+            .unwrap()
+    };
+    let refused = run("2");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("one of 2 MPI processes") && err.contains("--features mpi"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert!(run("1").status.success());
+    assert!(out.exists());
+}

@@ -50,11 +50,8 @@ impl Dropout {
         if j == 0 {
             return self;
         }
-        let mut z = (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         Dropout {
-            seed: self.seed ^ z ^ (z >> 31),
+            seed: self.seed ^ kernels::rng::SplitMix64::new(j as u64).next_u64(),
             ..self
         }
     }

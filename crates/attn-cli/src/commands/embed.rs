@@ -24,26 +24,20 @@ pub struct Embedder(TextEmbedder);
 impl Embedder {
     /// Loads the folder `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
-        if !dir.join("config.json").exists() {
-            // Only the default folder is one that fetch-model fills; a folder the user named is
-            // theirs to fix.
-            if dir == default_model_dir() {
-                bail!(
-                    "no model at the default folder {} (no config.json): run `cargo xtask fetch-model` to install all-MiniLM-L6-v2, or pass --model DIR",
-                    dir.display()
-                );
-            }
-            let what = if dir.is_dir() {
-                "has no config.json"
-            } else {
-                "does not exist"
-            };
+        let missing = !dir.join("config.json").exists();
+        // Only the default folder is one that fetch-model fills; a folder the user named is
+        // theirs to fix, and the library's error says what it lacks.
+        if missing && dir == default_model_dir() {
             bail!(
-                "--model {}: the folder {what}; expected a Hugging Face-style model folder with config.json, model.safetensors and tokenizer.json",
+                "no model at the default folder {} (no config.json): run `cargo xtask fetch-model` to install all-MiniLM-L6-v2, or pass --model DIR",
                 dir.display()
             );
         }
-        Ok(Embedder(TextEmbedder::from_dir(dir)?))
+        match TextEmbedder::from_dir(dir) {
+            Ok(embedder) => Ok(Embedder(embedder)),
+            Err(e) if missing => bail!("--model {e}"),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The embedding width.
@@ -158,15 +152,9 @@ fn embed(args: Args, ranks: &Ranks) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let bytes: Vec<u8> = local.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let Some(parts) = ranks.gather(bytes) else {
+    let Some(vectors) = ranks.gather_f32(local) else {
         return Ok(());
     };
-    let vectors: Vec<f32> = parts
-        .concat()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
     let e = embedder.dim();
     match (&args.output, args.json) {
         (Some(path), _) => {

@@ -8,11 +8,6 @@
 use anyhow::{bail, Result};
 use attn_nn::parallel::{Collective, SingleProcess};
 
-#[cfg(not(feature = "mpi"))]
-/// Environment variables MPI launchers set (OpenMPI's `mpirun`, PMIx, PMI/PMI2): the process
-/// count they announce.
-const LAUNCHER_SIZE_VARS: [&str; 2] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"];
-
 /// This process's place in the run.
 pub struct Ranks {
     single: SingleProcess,
@@ -35,11 +30,7 @@ impl Ranks {
         }
         #[cfg(not(feature = "mpi"))]
         {
-            let launched = LAUNCHER_SIZE_VARS
-                .iter()
-                .filter_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
-                .max();
-            if let Some(n @ 2..) = launched {
+            if let Some(n @ 2..) = attn_nn::parallel::launched_processes() {
                 bail!(
                     "started as one of {n} MPI processes, but this attn was built without MPI; build it with \
                      `cargo install --path crates/attn-cli --features mpi` (needs openmpi-bin, libopenmpi-dev \
@@ -106,6 +97,22 @@ impl Ranks {
         let mut all = vec![local];
         all.extend((1..self.size()).map(|r| comm.receive_bytes(r)));
         Some(all)
+    }
+
+    /// Every rank's `local` values, concatenated in rank order, at rank 0 (`None` on the
+    /// others); one process keeps its own without a copy.
+    pub fn gather_f32(&self, local: Vec<f32>) -> Option<Vec<f32>> {
+        if self.size() == 1 {
+            return Some(local);
+        }
+        let parts = self.gather(local.iter().flat_map(|x| x.to_le_bytes()).collect())?;
+        Some(
+            parts
+                .concat()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        )
     }
 
     /// Fails unless every rank holds the same `value` (a hash of what it read), naming `what`.

@@ -66,7 +66,7 @@ impl Embeddings {
         self.data.is_empty()
     }
 
-    /// Row `i`.
+    /// Row `i`. Panics when `i >= len()`, as indexing does.
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.dim..(i + 1) * self.dim]
     }
@@ -76,7 +76,7 @@ impl Embeddings {
         self.data.chunks_exact(self.dim.max(1))
     }
 
-    /// The cosine similarity of rows `i` and `j` (in f64).
+    /// The cosine similarity of rows `i` and `j` (in f64). Panics when either is `>= len()`.
     pub fn cosine(&self, i: usize, j: usize) -> f64 {
         let (a, b) = (self.row(i), self.row(j));
         let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();

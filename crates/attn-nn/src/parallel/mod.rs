@@ -43,6 +43,23 @@ use attn_core::{flat_zip_mut, Grads};
 use crate::error::invalid;
 use crate::Result;
 
+/// Environment variables an MPI launcher sets in the processes it starts: OpenMPI's `mpirun`,
+/// PMIx (`srun --mpi=pmix`), PMI/PMI2 (MPICH's Hydra, `srun --mpi=pmi2`).
+const LAUNCHER_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"];
+
+/// Whether an MPI launcher started this process (whatever this build can do about it).
+pub fn started_by_launcher() -> bool {
+    LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// The number of processes an MPI launcher says it started, where it says (OpenMPI, PMI).
+pub fn launched_processes() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok()?.parse().ok())
+        .max()
+}
+
 /// What the gradient tree needs from a transport between processes: point-to-point messages of
 /// `f32`s between ranks, a broadcast, and an exact all-reduce of a few `f64`s and `u64`s.
 ///
@@ -230,7 +247,9 @@ impl GradientTree {
     /// (its share of the loss), which comes back for every `j` on every rank.
     ///
     /// `out` must be flat gradients ([`Grads::for_store`]); every rank calls this with the same
-    /// `plan` (and `comm.size() == plan.ranks`).
+    /// `plan` (and `comm.size() == plan.ranks`). An error from `leaf` returns on its rank while
+    /// the others wait for its messages: a program of several ranks ends the job on an error
+    /// (`Mpi::abort`, as attn's CLI does), since no rank can go on alone.
     pub fn reduce(
         &mut self,
         plan: &MicroBatches,

@@ -32,10 +32,6 @@ impl std::fmt::Debug for Mpi {
     }
 }
 
-/// Environment variables an MPI launcher sets in the processes it starts: OpenMPI's `mpirun`,
-/// PMIx (`srun --mpi=pmix`), PMI/PMI2 (MPICH's Hydra, `srun --mpi=pmi2`).
-const LAUNCHER_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"];
-
 impl Mpi {
     /// Joins the job when this process was started by an MPI launcher; `Ok(None)` when it was
     /// not (then nothing of MPI is touched, and a program runs as one process) or when MPI was
@@ -43,7 +39,7 @@ impl Mpi {
     /// whichever thread runs the training loop (a rayon pool's), one at a time; a library that
     /// offers less is an error.
     pub fn from_launcher() -> crate::Result<Option<Mpi>> {
-        if !LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+        if !super::started_by_launcher() {
             return Ok(None);
         }
         let Some((universe, threading)) = mpi::initialize_with_threading(Threading::Serialized) else {

@@ -21,13 +21,10 @@ pub(super) fn state_path(output: &Path) -> PathBuf {
 /// The flags a resumed run must share with the run it continues.
 /// FNV-1a of the pairs as their TSV lines.
 pub(super) fn data_hash(data: &[(String, String)]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    for (s, t) in data {
-        for b in s.bytes().chain([b'\t']).chain(t.bytes()).chain([b'\n']) {
-            hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    hash
+    fnv1a(
+        data.iter()
+            .flat_map(|(s, t)| s.bytes().chain([b'\t']).chain(t.bytes()).chain([b'\n'])),
+    )
 }
 
 /// The data and the flags that decide a run's bytes (not the thread or process count), as
@@ -70,7 +67,10 @@ pub(super) fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64)
     let metadata = std::collections::HashMap::from([
         ("step".to_string(), step.to_string()),
         ("run".to_string(), fingerprint.to_string()),
-        ("model_fnv1a".to_string(), format!("{:016x}", fnv1a(&model))),
+        (
+            "model_fnv1a".to_string(),
+            format!("{:016x}", fnv1a(model.iter().copied())),
+        ),
     ]);
     let state = state_path(&args.output);
     if state.exists() {
@@ -84,8 +84,8 @@ pub(super) fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64)
 }
 
 /// FNV-1a of `bytes`.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
 }
@@ -150,7 +150,7 @@ pub(super) fn differing_flags(saved: &str, now: &str) -> Vec<String> {
 /// matches); returns the step it was saved at.
 pub(super) fn resume(trainer: &mut Trainer, output: &Path, fingerprint: &str) -> Result<u64> {
     let model = std::fs::read(output).with_context(|| format!("--resume needs {}", output.display()))?;
-    let model_hash = format!("{:016x}", fnv1a(&model));
+    let model_hash = format!("{:016x}", fnv1a(model.iter().copied()));
     let mut state = state_path(output);
     let metadata = |path: &Path| -> Result<std::collections::HashMap<String, String>> {
         let bytes = std::fs::read(path).with_context(|| format!("--resume needs {}", path.display()))?;
