@@ -105,10 +105,8 @@ impl Seq2Seq {
                 format!("the step's {} pairs", pairs.len()),
             ));
         }
-        let tokens: usize = pairs
-            .iter()
-            .map(|(_, t)| self.config.tgt_vocab.encode(t).len() + 1)
-            .sum();
+        // The labels of the whole step: one per target character (`Vocab::encode`), and `<eos>`.
+        let tokens: usize = pairs.iter().map(|(_, t)| t.chars().count() + 1).sum();
         let step_dropout = Dropout::for_step(settings.dropout, settings.seed, settings.number);
         let values = tree.reduce(plan, comm, grads, |j, g| {
             let batch = self.packed_batch(&pairs[plan.pairs(j)])?;
