@@ -37,9 +37,11 @@ pub(crate) trait Lanes {
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `c - a·b`, fused.
     unsafe fn fnmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    /// `2^n` from `z = n + 1.5·2^23` (the magic-number rounding of [`exp`]): the low mantissa
-    /// bits of `z`, shifted into the exponent and biased.
-    unsafe fn pow2_from_magic(z: Self::V) -> Self::V;
+    /// `p · 2^n` for an integer-valued `n` in `[-126, 128]`, given also as `z = n + 1.5·2^23`
+    /// (the magic-number rounding of [`exp`]). Exact scaling, so every level gives the same
+    /// bits: AVX2 builds `2^n` from the low mantissa bits of `z` (a shift and an add) and
+    /// multiplies; AVX-512 does it in one `vscalefps` from `n`.
+    unsafe fn times_pow2(p: Self::V, n: Self::V, z: Self::V) -> Self::V;
     /// `y` where `x >= lo`, `0` where `x < lo` (ordered: NaN keeps `y`).
     unsafe fn zero_below(x: Self::V, lo: f32, y: Self::V) -> Self::V;
     /// `y` where `x <= hi`, `+inf` where `x > hi` (ordered: NaN keeps `y`).
@@ -78,7 +80,7 @@ pub(crate) unsafe fn exp_at_most_hi<L: Lanes>(x: L::V) -> L::V {
         p = L::fmadd(p, r, L::splat(E1));
         p = L::fmadd(p, r, L::splat(1.0));
         // Lanes below EXP_LO computed garbage: replace it.
-        L::zero_below(x, EXP_LO, L::mul(p, L::pow2_from_magic(z)))
+        L::zero_below(x, EXP_LO, L::times_pow2(p, n, z))
     }
 }
 
@@ -287,13 +289,14 @@ impl Lanes for Avx2 {
         unsafe { _mm256_fnmadd_ps(a, b, c) }
     }
     #[inline(always)]
-    unsafe fn pow2_from_magic(z: __m256) -> __m256 {
+    unsafe fn times_pow2(p: __m256, _n: __m256, z: __m256) -> __m256 {
         // SAFETY: as above (AVX2).
         unsafe {
-            _mm256_castsi256_ps(_mm256_add_epi32(
+            let pow2 = _mm256_castsi256_ps(_mm256_add_epi32(
                 _mm256_slli_epi32::<23>(_mm256_castps_si256(z)),
                 _mm256_set1_epi32(127 << 23),
-            ))
+            ));
+            _mm256_mul_ps(p, pow2)
         }
     }
     #[inline(always)]
@@ -393,14 +396,9 @@ impl Lanes for Avx512 {
         unsafe { _mm512_fnmadd_ps(a, b, c) }
     }
     #[inline(always)]
-    unsafe fn pow2_from_magic(z: __m512) -> __m512 {
+    unsafe fn times_pow2(p: __m512, n: __m512, _z: __m512) -> __m512 {
         // SAFETY: as above.
-        unsafe {
-            _mm512_castsi512_ps(_mm512_add_epi32(
-                _mm512_slli_epi32::<23>(_mm512_castps_si512(z)),
-                _mm512_set1_epi32(127 << 23),
-            ))
-        }
+        unsafe { _mm512_scalef_ps(p, n) }
     }
     #[inline(always)]
     unsafe fn zero_below(x: __m512, lo: f32, y: __m512) -> __m512 {

@@ -521,6 +521,51 @@ mod tests {
         assert_eq!(capped(SimdLevel::Avx512, None), SimdLevel::Avx512);
     }
 
+    /// The vector levels evaluate one formula with FMA, so their `exp` has the same bits
+    /// everywhere: AVX-512 scales by `2^n` with `vscalefps`, AVX2 by building `2^n` and
+    /// multiplying, both exact. Swept over the whole range in steps of about 1e-4, both ends,
+    /// the subnormal and overflow edges, and special values.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_levels_have_the_same_exp_bits() {
+        if detect() != SimdLevel::Avx512 {
+            eprintln!("note: no AVX-512 here; the AVX2 exp is checked against its definition only");
+            return;
+        }
+        let mut xs: Vec<f32> = (0..1_800_000).map(|i| -90.0 + i as f32 * 1e-4).collect();
+        xs.extend([
+            EXP_LO,
+            EXP_LO.next_down(),
+            EXP_LO.next_up(),
+            EXP_HI,
+            EXP_HI.next_down(),
+            EXP_HI.next_up(),
+            -0.0,
+            0.0,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+        ]);
+        let (mut a, mut b) = (xs.clone(), xs.clone());
+        // SAFETY: AVX-512 (and with it AVX2 and FMA) was detected.
+        unsafe {
+            avx2::exp_in_place(&mut a);
+            avx512::exp_in_place(&mut b);
+        }
+        for ((x, p), q) in xs.iter().zip(&a).zip(&b) {
+            assert_eq!(p.to_bits(), q.to_bits(), "exp({x}): avx2 {p:e}, avx512 {q:e}");
+        }
+        // Softmax's exp (arguments at most 0; the sums add in different orders per width).
+        let shifted: Vec<f32> = xs.iter().map(|x| x.min(0.0)).collect();
+        let mut rows = (shifted.clone(), shifted);
+        // SAFETY: as above.
+        unsafe {
+            avx2::exp_sub_sum(&mut rows.0, 0.0);
+            avx512::exp_sub_sum(&mut rows.1, 0.0);
+        }
+        assert!(rows.0.iter().zip(&rows.1).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+
     /// `exp((x - m) - lo)` at every level: with `lo = 0` the bits of `exp_sub_sum`, and with a
     /// shift held as two floats (`m` near 300, `lo` its rounding error) within the exp's bound of
     /// the f64 value of `exp(x - (m + lo))`, on lengths around the vector width.
