@@ -255,6 +255,17 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
         ));
     }
     if has_torch {
+        let gemm = root().join("xtask/python/bench_gemm.py");
+        let table = output(
+            Command::new(python())
+                .arg(&gemm)
+                .arg(binary)
+                .arg(&t)
+                .arg(rounds.to_string()),
+        )?;
+        report.push_str(&format!(
+            "\n### GEMM against PyTorch matmul (the layers' shapes)\n\n{table}"
+        ));
         let modules = root().join("xtask/python/bench_modules.py");
         let table = output(
             Command::new(python())
