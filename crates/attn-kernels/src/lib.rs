@@ -53,6 +53,7 @@
 
 pub mod arena;
 mod backward;
+mod bf16;
 mod buffer;
 mod error;
 mod exp_poly;
@@ -82,6 +83,7 @@ pub use backward::{
     attention_backward, attention_backward_fused, attention_backward_path, backward_path, BackwardInputs, BackwardPath,
     FusedGradients, Gradients,
 };
+pub use bf16::{bf16_to_f32, f32_to_bf16, gemm_bf16, round_to_bf16, Bf16Panels};
 pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};
 pub use gemm::{gemm, gemm_reference, Accum, Par};
@@ -95,7 +97,9 @@ pub use layer::{
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
 pub use path::{attention, attention_with_lse_lo, chosen_path, KernelPath};
 pub use reference::{attention_backward_reference, attention_reference, ReferenceAttention, ReferenceGradients};
-pub use simd::{exp_scalar, exp_slice, requested_simd_level, simd_level, SimdLevel, SIMD_LEVEL_NAMES};
+pub use simd::{
+    bf16_level, exp_scalar, exp_slice, requested_simd_level, simd_level, Bf16Level, SimdLevel, SIMD_LEVEL_NAMES,
+};
 pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes, WeightsDst};
 pub use view::{contiguous_strides, ForwardInputs, View, View2, View4, ViewMut, ViewMut2, ViewMut4};
 

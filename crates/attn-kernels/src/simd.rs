@@ -62,8 +62,53 @@ pub fn simd_level() -> SimdLevel {
     *LEVEL.get_or_init(|| capped(detect(), std::env::var("ATTN_SIMD").ok().as_deref()))
 }
 
-/// The values `ATTN_SIMD` accepts.
-pub const SIMD_LEVEL_NAMES: [&str; 3] = ["scalar", "avx2", "avx512"];
+/// The values `ATTN_SIMD` accepts. `avx512bf16` is the `avx512` f32 level with the bf16 dot
+/// products of AVX512-BF16 ([`bf16_level`]); the three others leave bf16 off.
+pub const SIMD_LEVEL_NAMES: [&str; 4] = ["scalar", "avx2", "avx512", "avx512bf16"];
+
+/// The bf16 instructions the bf16 kernels use on this machine ([`bf16_level`]). AMX is not a
+/// level yet: its kernels land once they have run on a machine that has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Level {
+    /// AVX512-BF16 (with the `avx512` f32 level): `vdpbf16ps`, 32 bf16 products per instruction.
+    Avx512Bf16,
+    /// No bf16 instructions: bf16 work runs in f32 on the bf16-rounded values.
+    None,
+}
+
+impl std::fmt::Display for Bf16Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Bf16Level::Avx512Bf16 => "avx512bf16",
+            Bf16Level::None => "none",
+        })
+    }
+}
+
+/// The bf16 level the kernels use (decided once per process): AVX512-BF16 when the CPU has it
+/// and the f32 level is `avx512`, unless `ATTN_SIMD` names a level without bf16 (`scalar`,
+/// `avx2`, `avx512`); `ATTN_SIMD=avx512bf16` keeps it where the CPU has it.
+pub fn bf16_level() -> Bf16Level {
+    static LEVEL: OnceLock<Bf16Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| capped_bf16(detect_bf16(), std::env::var("ATTN_SIMD").ok().as_deref()))
+}
+
+/// `detected`, or none when `request` names a level without bf16.
+fn capped_bf16(detected: Bf16Level, request: Option<&str>) -> Bf16Level {
+    match request {
+        Some("scalar" | "avx2" | "avx512") => Bf16Level::None,
+        _ => detected,
+    }
+}
+
+/// The bf16 level this CPU runs.
+pub(crate) fn detect_bf16() -> Bf16Level {
+    #[cfg(target_arch = "x86_64")]
+    if detect() == SimdLevel::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16") {
+        return Bf16Level::Avx512Bf16;
+    }
+    Bf16Level::None
+}
 
 /// The level the environment variable `ATTN_SIMD` names: `Ok(None)` when it is unset or empty,
 /// an [`KernelError::InvalidArgument`] naming the accepted values when it names no level.
@@ -75,13 +120,13 @@ pub fn requested_simd_level() -> Result<Option<SimdLevel>, KernelError> {
             op: "simd_level",
             what: "ATTN_SIMD",
             got: format!("{text:?}"),
-            expected: "one of scalar, avx2, avx512",
+            expected: "one of scalar, avx2, avx512, avx512bf16",
         }),
         Err(std::env::VarError::NotUnicode(text)) => Err(KernelError::InvalidArgument {
             op: "simd_level",
             what: "ATTN_SIMD",
             got: format!("{text:?}"),
-            expected: "one of scalar, avx2, avx512",
+            expected: "one of scalar, avx2, avx512, avx512bf16",
         }),
     }
 }
@@ -90,7 +135,7 @@ fn parse_level(text: &str) -> Option<SimdLevel> {
     match text {
         "scalar" => Some(SimdLevel::Scalar),
         "avx2" => Some(SimdLevel::Avx2Fma),
-        "avx512" => Some(SimdLevel::Avx512),
+        "avx512" | "avx512bf16" => Some(SimdLevel::Avx512),
         _ => None,
     }
 }
@@ -519,6 +564,22 @@ mod tests {
         assert_eq!(capped(SimdLevel::Avx2Fma, Some("scalar")), SimdLevel::Scalar);
         assert_eq!(capped(SimdLevel::Avx512, Some("sse")), SimdLevel::Avx512);
         assert_eq!(capped(SimdLevel::Avx512, None), SimdLevel::Avx512);
+        assert_eq!(capped(SimdLevel::Avx512, Some("avx512bf16")), SimdLevel::Avx512);
+        assert_eq!(capped(SimdLevel::Avx2Fma, Some("avx512bf16")), SimdLevel::Avx2Fma);
+        // bf16: the f32-only names turn it off, `avx512bf16` and nothing keep what was detected.
+        for name in ["scalar", "avx2", "avx512"] {
+            assert_eq!(
+                capped_bf16(Bf16Level::Avx512Bf16, Some(name)),
+                Bf16Level::None,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            capped_bf16(Bf16Level::Avx512Bf16, Some("avx512bf16")),
+            Bf16Level::Avx512Bf16
+        );
+        assert_eq!(capped_bf16(Bf16Level::Avx512Bf16, None), Bf16Level::Avx512Bf16);
+        assert_eq!(capped_bf16(Bf16Level::None, Some("avx512bf16")), Bf16Level::None);
     }
 
     /// The vector levels evaluate one formula with FMA, so their `exp` has the same bits

@@ -4,12 +4,14 @@
 
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::unfused_scratch_bytes;
-use attn_nn::core::kernels::{gemm, simd_level, Accum, Par, View2, ViewMut2};
+use attn_nn::core::kernels::{
+    bf16_level, gemm, gemm_bf16, simd_level, Accum, Bf16Level, Bf16Panels, Par, View2, ViewMut2,
+};
 use attn_nn::core::{f32_size_in_bytes, SdpaShape};
 use serde_json::json;
 
 use crate::support::threads::Threads;
-use crate::support::timing::{measure, random_vec, BackwardChoice, BenchFlags, Budget, Path, SdpaBench};
+use crate::support::timing::{measure, random_vec, BackwardChoice, BenchFlags, Budget, Dtype, Path, SdpaBench};
 
 /// `attn bench`: one subcommand per kind of work.
 #[derive(Debug, clap::Subcommand)]
@@ -154,6 +156,10 @@ pub struct GemmArgs {
     /// Columns of A, rows of B.
     #[arg(long)]
     k: usize,
+    /// `bf16`: B rounded to bf16 and packed once (outside the timing, as a model's weights at
+    /// load), A rounded while it is packed on every call (inside), f32 sums and output.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
@@ -163,13 +169,20 @@ pub struct GemmArgs {
 fn gemm_command(args: GemmArgs) -> Result<()> {
     let budget = args.flags.budget()?;
     let GemmArgs { m, n, k, .. } = args;
+    let dtype = match args.dtype {
+        Dtype::Bf16 if bf16_level() == Bf16Level::None => {
+            eprintln!("attn: this CPU has no bf16 instructions (AVX512-BF16); running f32");
+            Dtype::F32
+        }
+        dtype => dtype,
+    };
     let need = f32_size_in_bytes(&[m, k])
         .saturating_add(f32_size_in_bytes(&[k, n]))
         .saturating_add(f32_size_in_bytes(&[m, n]));
     crate::support::memory::check(need, "bench gemm (a, b, c)")?;
     let text = args
         .threads
-        .install(|nt| gemm_bench(m, n, k, nt, budget, args.flags.json))?;
+        .install(|nt| gemm_bench([m, n, k], dtype, nt, budget, args.flags.json))?;
     println!("{text}");
     Ok(())
 }
@@ -218,7 +231,7 @@ fn bandwidth(args: BandwidthArgs) -> Result<()> {
         println!(
             "{}",
             json!({
-                "op": "bandwidth", "bytes": bytes, "threads": n, "simd": simd_level().to_string(),
+                "op": "bandwidth", "bytes": bytes, "threads": n, "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
                 "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs, "gbps": gbps,
             })
         );
@@ -234,35 +247,43 @@ fn bandwidth(args: BandwidthArgs) -> Result<()> {
     Ok(())
 }
 
-/// `bench gemm`: `[M, K] · [K, N]`, row-major operands, all threads.
-pub fn gemm_bench(m: usize, n: usize, k: usize, threads: usize, budget: Budget, as_json: bool) -> Result<String> {
+/// `bench gemm`: `[M, K] · [K, N]`, row-major operands, all threads; in bf16, B packed once
+/// before the timing.
+pub fn gemm_bench(
+    [m, n, k]: [usize; 3],
+    dtype: Dtype,
+    threads: usize,
+    budget: Budget,
+    as_json: bool,
+) -> Result<String> {
     let a = random_vec(m * k, 1);
     let b = random_vec(k * n, 2);
     let mut c = vec![0.0f32; m * n];
     let lhs = View2::contiguous(&a, [m, k])?;
     let rhs = View2::contiguous(&b, [k, n])?;
-    gemm(
-        ViewMut2::contiguous(&mut c, [m, n])?,
-        Accum::Replace,
-        lhs,
-        rhs,
-        1.0,
-        Par::Rayon,
-    )?;
-    let stats = measure(budget, || {
-        let dst = ViewMut2::contiguous(&mut c, [m, n]).expect("shape checked above");
-        gemm(dst, Accum::Replace, lhs, rhs, 1.0, Par::Rayon).expect("shapes checked above");
-    });
+    let packed = (dtype == Dtype::Bf16).then(|| Bf16Panels::pack(rhs));
+    let product = |c: &mut [f32]| -> Result<()> {
+        let dst = ViewMut2::contiguous(c, [m, n])?;
+        match &packed {
+            Some(packed) => gemm_bf16(dst, Accum::Replace, lhs, packed, Par::Rayon)?,
+            None => gemm(dst, Accum::Replace, lhs, rhs, 1.0, Par::Rayon)?,
+        }
+        Ok(())
+    };
+    product(&mut c)?;
+    let stats = measure(budget, || product(&mut c).expect("shapes checked above"));
     let gflops = 2.0 * (m * n * k) as f64 / stats.median_s / 1e9;
+    let dtype_name = format!("{dtype:?}").to_lowercase();
     Ok(if as_json {
         json!({
-            "op": "gemm", "m": m, "n": n, "k": k, "threads": threads,
+            "op": "gemm", "m": m, "n": n, "k": k, "dtype": dtype_name, "threads": threads,
+            "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
             "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs, "gflops": gflops,
         })
         .to_string()
     } else {
         format!(
-            "gemm M={m} N={n} K={k} threads={threads}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s",
+            "gemm M={m} N={n} K={k} {dtype_name} threads={threads}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s",
             stats.median_s * 1e3,
             stats.min_s * 1e3,
             stats.runs,

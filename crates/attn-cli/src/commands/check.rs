@@ -462,10 +462,14 @@ fn report(rows: &[Row], threads: usize, as_json: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            json!({"simd": simd_level().to_string(), "threads": threads, "checks": list, "failed": failed})
+            json!({"simd": simd_level().to_string(), "bf16": attn_nn::core::kernels::bf16_level().to_string(), "threads": threads, "checks": list, "failed": failed})
         );
     } else {
-        println!("attn check: SIMD {}, {threads} threads\n", simd_level());
+        println!(
+            "attn check: SIMD {}, bf16 {}, {threads} threads\n",
+            simd_level(),
+            attn_nn::core::kernels::bf16_level()
+        );
         let width = rows.iter().map(|r| r.path.chars().count()).max().unwrap_or(4);
         println!(
             "{:<width$} {:>11} {:>10} {:>10}  result",

@@ -12,10 +12,20 @@ use attn_nn::core::kernels::{
     attention_backward, attention_backward_path, BackwardInputs, BackwardPath, Gradients, View, ViewMut,
 };
 use attn_nn::core::kernels::{
-    attention_unfused, flash_attention, simd_level, AttentionOptions, Causal, ForwardInputs, Par, View4, ViewMut4,
+    attention_unfused, bf16_level, flash_attention, simd_level, AttentionOptions, Causal, ForwardInputs, Par, View4,
+    ViewMut4,
 };
 use clap::ValueEnum;
 use serde_json::json;
+
+/// The number format of a computation's operands (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    /// f32 operands and sums.
+    F32,
+    /// Operands rounded to bf16, f32 sums and output (bf16 instructions where the CPU has them).
+    Bf16,
+}
 
 /// Timing statistics of one measurement.
 #[derive(Debug, Clone, Copy)]
@@ -271,7 +281,7 @@ impl SdpaBench {
                 "backward_path": self.backward.and_then(|c| c.to_possible_value()).map(|v| v.get_name().to_string()),
                 "batch": self.batch, "heads": self.heads, "kv_heads": self.kv_heads,
                 "seq": self.seq, "kv_seq": self.kv_seq, "head_dim": self.head_dim, "causal": self.causal,
-                "threads": threads, "simd": simd_level().to_string(),
+                "threads": threads, "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
                 "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs,
                 "gflops": gflops, "gbps": gbps, "peak_rss_bytes": peak_rss_bytes(),
             })
@@ -305,6 +315,7 @@ pub fn report_plain(op: &str, what: &str, stats: Stats, threads: usize, as_json:
     if as_json {
         json!({
             "op": op, "what": what, "threads": threads,
+            "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
             "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs,
             "peak_rss_bytes": peak_rss_bytes(),
         })

@@ -96,7 +96,8 @@ fn bench_ranks(args: BenchArgs, ranks: &Ranks) -> Result<()> {
                        "large_allocations_per_step": large_count, "large_allocated_bytes_per_step": large_bytes,
                        "large_allocations_last_half": late,
                        "resident_bytes_first": rss_first, "resident_bytes_last": rss_last,
-                       "simd": format!("{:?}", attn_nn::core::kernels::simd_level()).to_lowercase()})
+                       "simd": attn_nn::core::kernels::simd_level().to_string(),
+                       "bf16": attn_nn::core::kernels::bf16_level().to_string()})
             );
         } else {
             let (across, passing) = match processes {

@@ -1,0 +1,680 @@
+//! bf16 matrix products with f32 accumulation: the right operand (a layer's weights) rounded to
+//! bf16 and packed once ([`Bf16Panels`]), the left operand (activations) rounded to bf16 while it
+//! is packed on each call, the products summed in f32 and written as f32 ([`gemm_bf16`]).
+//!
+//! # Arithmetic
+//! bf16 keeps f32's exponent and 8 significant bits (7 stored), so rounding to nearest even
+//! changes a value by at most `u = 2^-8` relative. The product of two bf16 values has at most 16 significant bits
+//! and is exact in f32, so the only errors are the two input roundings and the f32 sums:
+//! `|C_bf16 − A·B| ≤ (2u + u²)·Σ_p |a_p·b_p| + γ_K·Σ_p |â_p·b̂_p|`, with `γ_K ≈ K·2^-24` in the
+//! worst case (`√K·2^-24` typically). The tests check the kernel against an f64 sum of the
+//! rounded inputs with the second term, and against the f32 product with both.
+//!
+//! At the AVX512-BF16 level ([`crate::Bf16Level::Avx512Bf16`]) the kernel is the flash tile's
+//! shape, 8 rows × two zmm of columns: `vdpbf16ps` adds two products (`k` and `k + 1`) to each
+//! f32 lane, so one instruction does the work of two FMAs, and the right operand is packed as
+//! pairs of rows: `[N / 16 panels][K / 2 pairs][16 columns][2]`. `vdpbf16ps` treats bf16
+//! subnormals (below 1.2e-38) as zero, and so does the conversion here ([`f32_to_bf16`]). Without
+//! the instructions the same rounded values are multiplied in f32 by faer's GEMM: the same bound,
+//! another order of additions.
+
+use rayon::prelude::*;
+
+use crate::{Accum, Bf16Level, KernelError, Par, View2, ViewMut2};
+
+/// Columns per panel of [`Bf16Panels`] (one zmm of f32 lanes).
+const PANEL: usize = 16;
+/// Rows of the left operand per parallel task.
+const TASK_ROWS: usize = 64;
+
+/// `x` rounded to bf16 (to nearest, ties to even), as the bits of the bf16 value: the upper half
+/// of an f32. NaN stays NaN (made quiet), infinities stay, values too large for bf16 become
+/// infinities, and subnormals become zeros of the same sign (as AVX512-BF16's conversions do).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    if x.is_subnormal() {
+        return ((bits >> 16) & 0x8000) as u16;
+    }
+    let round = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits (exact).
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// `x` rounded to bf16 and widened back: the value the bf16 kernels multiply.
+pub fn round_to_bf16(x: f32) -> f32 {
+    bf16_to_f32(f32_to_bf16(x))
+}
+
+/// Two bf16 values in one 32-bit lane, `lo` (row `2q`) in the low half: the operand layout of
+/// `vdpbf16ps`.
+fn pair(lo: f32, hi: f32) -> u32 {
+    f32_to_bf16(lo) as u32 | (f32_to_bf16(hi) as u32) << 16
+}
+
+/// A `[K, N]` right operand rounded to bf16 and packed once for [`gemm_bf16`]: panels of 16
+/// columns, each `[K / 2 pairs][16][2]` (an odd `K` gets a zero row, a ragged `N` zero
+/// columns). For a linear layer's weight `W: [out, in]`, pack `Wᵀ` (a permuted view) once at
+/// load; the packing reads any strides.
+#[derive(Debug, Clone)]
+pub struct Bf16Panels {
+    k: usize,
+    n: usize,
+    /// `[n.div_ceil(16)][k.div_ceil(2)][16]` pairs.
+    data: Vec<u32>,
+}
+
+impl Bf16Panels {
+    /// Rounds `b: [K, N]` to bf16 and packs it.
+    pub fn pack(b: View2<'_, f32>) -> Self {
+        let [k, n] = b.shape();
+        let pairs = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(PANEL) * pairs * PANEL];
+        for (panel, out) in data.chunks_exact_mut(pairs * PANEL).enumerate() {
+            for q in 0..pairs {
+                for l in 0..PANEL.min(n - panel * PANEL) {
+                    let j = panel * PANEL + l;
+                    let lo = b.get([2 * q, j]);
+                    let hi = if 2 * q + 1 < k { b.get([2 * q + 1, j]) } else { 0.0 };
+                    out[q * PANEL + l] = pair(lo, hi);
+                }
+            }
+        }
+        Bf16Panels { k, n, data }
+    }
+
+    /// `[K, N]`.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.k, self.n]
+    }
+
+    /// Bytes held (2 per value, padding included).
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// The packed values widened to f32, `[K, N]` row-major: the operand rounded to bf16.
+    pub fn widened(&self) -> Vec<f32> {
+        let pairs = self.k.div_ceil(2);
+        let mut out = vec![0.0f32; self.k * self.n];
+        for p in 0..self.k {
+            for j in 0..self.n {
+                let word = self.data[(j / PANEL) * pairs * PANEL + (p / 2) * PANEL + j % PANEL];
+                let half = if p % 2 == 0 { word as u16 } else { (word >> 16) as u16 };
+                out[p * self.n + j] = bf16_to_f32(half);
+            }
+        }
+        out
+    }
+}
+
+/// `dst = lhs · rhs` (or `+=`, by `accum`) with `lhs: [M, K]` rounded to bf16, `rhs` packed
+/// bf16, f32 sums and f32 output (see the module documentation for the error bound). Any
+/// strides for `lhs` and `dst`. Each element of `dst` is one chain of additions over the depth
+/// in order, so the result does not depend on the thread count.
+///
+/// ```
+/// use attn_kernels::{gemm_bf16, Accum, Bf16Panels, Par, View2, ViewMut2};
+/// let w = [1.0f32, 2.0, 3.0, 4.0]; // [[1, 2], [3, 4]]
+/// let packed = Bf16Panels::pack(View2::contiguous(&w, [2, 2]).unwrap());
+/// let x = [1.0f32, 0.5];
+/// let mut y = [0.0f32; 2];
+/// gemm_bf16(
+///     ViewMut2::contiguous(&mut y, [1, 2]).unwrap(),
+///     Accum::Replace,
+///     View2::contiguous(&x, [1, 2]).unwrap(),
+///     &packed,
+///     Par::Seq,
+/// )
+/// .unwrap();
+/// assert_eq!(y, [2.5, 4.0]); // small integers and halves are exact in bf16
+/// ```
+pub fn gemm_bf16(
+    dst: ViewMut2<'_, f32>,
+    accum: Accum,
+    lhs: View2<'_, f32>,
+    rhs: &Bf16Panels,
+    par: Par,
+) -> Result<(), KernelError> {
+    gemm_bf16_at(crate::bf16_level(), dst, accum, lhs, rhs, par)
+}
+
+/// [`gemm_bf16`] at a given level (the tests run every level the CPU has).
+pub(crate) fn gemm_bf16_at(
+    level: Bf16Level,
+    mut dst: ViewMut2<'_, f32>,
+    accum: Accum,
+    lhs: View2<'_, f32>,
+    rhs: &Bf16Panels,
+    par: Par,
+) -> Result<(), KernelError> {
+    let [m, n] = dst.shape();
+    let [lm, k] = lhs.shape();
+    if lm != m || k != rhs.k {
+        return Err(KernelError::ShapeMismatch {
+            op: "gemm_bf16",
+            tensor: "lhs",
+            expected: vec![m, rhs.k],
+            got: vec![lm, k],
+        });
+    }
+    if rhs.n != n {
+        return Err(KernelError::ShapeMismatch {
+            op: "gemm_bf16",
+            tensor: "rhs",
+            expected: vec![k, n],
+            got: vec![rhs.k, rhs.n],
+        });
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level == Bf16Level::Avx512Bf16 && dst.strides()[1] == 1 {
+        let ldc = dst.strides()[0];
+        let pairs = k.div_ceil(2);
+        let mut a = crate::buffer::take(m * pairs);
+        pack_rows(level, &mut a[..m * pairs], lhs, par);
+        let c = dst.data_mut().as_mut_ptr();
+        // SAFETY: the level was detected; `a` is `[m, pairs]`, `rhs` holds its panels, and `dst`
+        // is `[m, n]` with unit column stride and row stride `ldc` (a checked view).
+        unsafe { avx512bf16::gemm(m, n, pairs, a.as_ptr().cast(), &rhs.data, c, ldc, accum, par) };
+        crate::buffer::give(a);
+        return Ok(());
+    }
+    // No bf16 instructions (or a strided destination): the rounded values in f32.
+    let _ = level;
+    let rounded: Vec<f32> = (0..m * k).map(|i| round_to_bf16(lhs.get([i / k, i % k]))).collect();
+    let b = rhs.widened();
+    crate::gemm(
+        dst,
+        accum,
+        View2::contiguous(&rounded, [m, k])?,
+        View2::contiguous(&b, [k, n])?,
+        1.0,
+        par,
+    )
+}
+
+/// `lhs: [M, K]` rounded to bf16 into rows of pairs, `dst[i·pairs + q] = pair(lhs[i, 2q],
+/// lhs[i, 2q + 1])` stored in f32 slots (the kernel reads them as 32-bit words). In memory a
+/// row of pairs is the row's bf16 values in order, so contiguous rows are converted 16 values
+/// at a time by the level's instruction (the same bits as [`f32_to_bf16`], tested).
+fn pack_rows(level: Bf16Level, dst: &mut [f32], lhs: View2<'_, f32>, par: Par) {
+    let [_, k] = lhs.shape();
+    let pairs = k.div_ceil(2);
+    let [rs, cs] = lhs.strides();
+    let data = lhs.data();
+    let one = |(i, row): (usize, &mut [f32])| {
+        #[cfg(target_arch = "x86_64")]
+        if level == Bf16Level::Avx512Bf16 && cs == 1 {
+            // SAFETY: the level was detected; the source row holds `k` values (a checked
+            // view) and `row` holds `ceil(k / 2)` words, i.e. room for `k` rounded up to even
+            // bf16 values.
+            unsafe { avx512bf16::convert_row(&data[i * rs..i * rs + k], row) };
+            return;
+        }
+        let _ = (level, cs, rs, data);
+        for (q, out) in row.iter_mut().enumerate() {
+            let lo = lhs.get([i, 2 * q]);
+            let hi = if 2 * q + 1 < k { lhs.get([i, 2 * q + 1]) } else { 0.0 };
+            *out = f32::from_bits(pair(lo, hi));
+        }
+    };
+    match par {
+        Par::Seq => dst.chunks_exact_mut(pairs).enumerate().for_each(one),
+        Par::Rayon => dst.par_chunks_exact_mut(pairs).enumerate().for_each(one),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    //! The AVX512-BF16 kernel; every function requires AVX-512F and AVX512-BF16.
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{PANEL, TASK_ROWS};
+    use crate::{Accum, Par};
+
+    /// Rows of one micro-kernel call.
+    const MR: usize = 8;
+
+    /// `src` rounded to bf16, in order, into `dst`'s words (two values per word, a zero after
+    /// an odd count).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 must be available; `dst` must hold `src.len().div_ceil(2)` words.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn convert_row(src: &[f32], dst: &mut [f32]) {
+        let k = src.len();
+        assert!(dst.len() >= k.div_ceil(2));
+        let out = dst.as_mut_ptr().cast::<u16>();
+        let mut p = 0;
+        // SAFETY: `p + 16 <= k` reads inside `src`; `dst` holds at least `k` u16 slots.
+        unsafe {
+            while p + 16 <= k {
+                let h: __m256bh = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(p)));
+                _mm256_storeu_si256(out.add(p).cast(), std::mem::transmute::<__m256bh, __m256i>(h));
+                p += 16;
+            }
+            for (q, &x) in src.iter().enumerate().skip(p) {
+                *out.add(q) = super::f32_to_bf16(x);
+            }
+            if k % 2 == 1 {
+                *out.add(k) = 0;
+            }
+        }
+    }
+
+    /// A pointer that may cross to rayon's workers: each task writes its own rows of `c`.
+    #[derive(Clone, Copy)]
+    struct Shared<T>(T);
+    // SAFETY: see the type's documentation.
+    unsafe impl<T> Send for Shared<T> {}
+    // SAFETY: as above.
+    unsafe impl<T> Sync for Shared<T> {}
+    impl<T: Copy> Shared<T> {
+        fn get(self) -> T {
+            self.0
+        }
+    }
+
+    /// `c[0..ROWS, 0..16·VECS] (+)= Σ_q a[r·lda + q] · b_v[q]` over `pairs` pairs of the depth, `b_v`
+    /// the panel `v` (`b + v·b_panel`, 16 pairs per step); columns past `cols` are neither read
+    /// nor written (masked).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 must be available; `a` readable at `r·lda + q`, each panel at
+    /// `q·16 .. q·16 + 16`, `c` writable at `r·ldc + j` for `j < cols`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const ROWS: usize, const VECS: usize, const ADD: bool>(
+        pairs: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        b_panel: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let masks: [__mmask16; VECS] = std::array::from_fn(|v| {
+                let valid = cols.saturating_sub(v * PANEL).min(PANEL);
+                ((1u32 << valid) - 1) as __mmask16
+            });
+            let mut acc = [[_mm512_setzero_ps(); VECS]; ROWS];
+            if ADD {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                        *acc_rv = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + v * PANEL));
+                    }
+                }
+            }
+            let a_rows: [*const u32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
+            for q in 0..pairs {
+                let bv: [__m512bh; VECS] = std::array::from_fn(|v| {
+                    std::mem::transmute(_mm512_loadu_si512(b.add(v * b_panel + q * PANEL).cast()))
+                });
+                for r in 0..ROWS {
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a_rows[r].add(q) as i32));
+                    for v in 0..VECS {
+                        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, bv[v]);
+                    }
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (v, acc_rv) in acc_r.iter().enumerate() {
+                    _mm512_mask_storeu_ps(c.add(r * ldc + v * PANEL), masks[v], *acc_rv);
+                }
+            }
+        }
+    }
+
+    /// Rows `0..rows` (at most [`TASK_ROWS`]) of `c`: column pairs of panels outside, blocks of
+    /// [`MR`] rows inside, a last single panel on its own.
+    ///
+    /// # Safety
+    /// As for [`gemm`], for these rows.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_task<const ADD: bool>(
+        rows: usize,
+        n: usize,
+        pairs: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let b_panel = pairs * PANEL;
+        let mut j0 = 0;
+        while j0 < n {
+            let wide = n - j0 > PANEL;
+            let cols = (n - j0).min(2 * PANEL);
+            let mut r0 = 0;
+            while r0 < rows {
+                let mr = (rows - r0).min(MR);
+                // SAFETY: rows `r0..r0 + mr` and columns `j0..j0 + cols` are inside `c`; the
+                // panels of these columns are inside `b`.
+                unsafe {
+                    let (a_blk, b_blk, c_blk) = (a.add(r0 * pairs), b.add(j0 / PANEL * b_panel), c.add(r0 * ldc + j0));
+                    macro_rules! run {
+                        ($vecs:literal) => {
+                            match mr {
+                                1 => block::<1, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                                2 => block::<2, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                                3 => block::<3, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                                4 => block::<4, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                                5 => block::<5, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                                6 => block::<6, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                                7 => block::<7, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                                _ => block::<8, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                            }
+                        };
+                    }
+                    if wide {
+                        run!(2)
+                    } else {
+                        run!(1)
+                    }
+                }
+                r0 += mr;
+            }
+            j0 += cols;
+        }
+    }
+
+    /// `c[m, n] (+)= a · b` over `pairs` pairs of the depth: `a` `[m, pairs]` words, `b` the
+    /// panels of [`super::Bf16Panels`], `c` rows `ldc` apart.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 must be available; the operands must cover those shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm(
+        m: usize,
+        n: usize,
+        pairs: usize,
+        a: *const u32,
+        b: &[u32],
+        c: *mut f32,
+        ldc: usize,
+        accum: Accum,
+        par: Par,
+    ) {
+        assert!(b.len() >= n.div_ceil(PANEL) * pairs * PANEL);
+        let (a, b, c) = (Shared(a), Shared(b.as_ptr()), Shared(c));
+        let task = |index: usize| {
+            let r0 = index * TASK_ROWS;
+            let rows = (m - r0).min(TASK_ROWS);
+            // SAFETY: the caller's contract, for rows `r0..r0 + rows`.
+            unsafe {
+                let (a, c) = (a.get().add(r0 * pairs), c.get().add(r0 * ldc));
+                match accum {
+                    Accum::Replace => rows_task::<false>(rows, n, pairs, a, b.get(), c, ldc),
+                    Accum::Add => rows_task::<true>(rows, n, pairs, a, b.get(), c, ldc),
+                }
+            }
+        };
+        match par {
+            Par::Seq => (0..m.div_ceil(TASK_ROWS)).for_each(task),
+            Par::Rayon => (0..m.div_ceil(TASK_ROWS)).into_par_iter().for_each(task),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::random_vec;
+
+    /// Rounding to nearest even at the bf16 boundary, and the special values.
+    #[test]
+    fn conversion_rounds_to_nearest_even() {
+        let u = 2f32.powi(-7); // bf16's spacing just above 1
+        assert_eq!(round_to_bf16(1.0), 1.0);
+        assert_eq!(round_to_bf16(1.0 + u / 2.0), 1.0, "a tie rounds to the even neighbour");
+        assert_eq!(
+            round_to_bf16(1.0 + 3.0 * u / 2.0),
+            1.0 + 2.0 * u,
+            "a tie rounds to the even neighbour"
+        );
+        assert_eq!(
+            round_to_bf16(1.0 + u / 2.0 + 2f32.powi(-20)),
+            1.0 + u,
+            "above the tie rounds up"
+        );
+        assert_eq!(round_to_bf16(-1.0 - u / 4.0), -1.0);
+        assert_eq!(round_to_bf16(f32::MAX), f32::INFINITY, "past bf16's largest value");
+        assert_eq!(round_to_bf16(f32::INFINITY), f32::INFINITY);
+        assert_eq!(round_to_bf16(f32::NEG_INFINITY), f32::NEG_INFINITY);
+        assert!(round_to_bf16(f32::NAN).is_nan());
+        // A NaN whose payload sits only in the low half stays NaN (not infinity).
+        assert!(round_to_bf16(f32::from_bits(0x7F80_0001)).is_nan());
+        assert_eq!(round_to_bf16(-0.0).to_bits(), (-0.0f32).to_bits());
+        assert_eq!(round_to_bf16(1e-40).to_bits(), 0, "subnormals flush to zero");
+        assert_eq!(round_to_bf16(-1e-40).to_bits(), (-0.0f32).to_bits());
+        // Relative error at most 2^-8 (half the spacing) over a sweep of normal values.
+        for i in 0..100_000 {
+            let x = (i as f32 * 0.123_456_7 - 6000.0) * 1.37e-3;
+            if x != 0.0 {
+                assert!(((round_to_bf16(x) - x) / x).abs() <= 2f32.powi(-8), "{x}");
+            }
+        }
+    }
+
+    /// The AVX512-BF16 conversion gives the bits of [`f32_to_bf16`]: a sweep of values, ties,
+    /// subnormals, infinities, NaNs, and lengths around the vector width (an odd one padded).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_conversion_has_the_scalar_bits() {
+        if crate::simd::detect_bf16() != Bf16Level::Avx512Bf16 {
+            eprintln!("note: no AVX512-BF16 on this CPU; the vector conversion is not checked");
+            return;
+        }
+        let mut xs: Vec<f32> = (0..200_003)
+            .map(|i| f32::from_bits((i as u32).wrapping_mul(2_654_435_761)))
+            .collect();
+        xs.extend([
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            1e-40,
+            -1e-40,
+            f32::MAX,
+            f32::NAN,
+            -f32::INFINITY,
+        ]);
+        xs.push(f32::from_bits(0x7F80_0001));
+        for len in [xs.len(), 1, 15, 16, 17, 33] {
+            let src = &xs[..len];
+            let mut words = vec![f32::NAN; len.div_ceil(2)];
+            // SAFETY: the level was detected; `words` holds ceil(len / 2) words.
+            unsafe { avx512bf16::convert_row(src, &mut words) };
+            for (q, w) in words.iter().enumerate() {
+                let bits = w.to_bits();
+                let want_lo = f32_to_bf16(src[2 * q]);
+                let want_hi = src.get(2 * q + 1).map_or(0, |&x| f32_to_bf16(x));
+                assert_eq!(bits as u16, want_lo, "{:e} ({:#x})", src[2 * q], src[2 * q].to_bits());
+                assert_eq!((bits >> 16) as u16, want_hi, "len {len} word {q}");
+            }
+        }
+    }
+
+    /// Every level this CPU runs: the f32 fallback always, AVX512-BF16 when detected.
+    fn levels() -> Vec<Bf16Level> {
+        let mut levels = vec![Bf16Level::None];
+        if crate::simd::detect_bf16() == Bf16Level::Avx512Bf16 {
+            levels.push(Bf16Level::Avx512Bf16);
+        } else {
+            eprintln!("note: no AVX512-BF16 on this CPU; only the f32 fallback is checked");
+        }
+        levels
+    }
+
+    /// The GEMM at every level against an f64 sum of the bf16-rounded inputs (the kernel's own
+    /// arithmetic: f32 sums, bound `K·2^-24·Σ|â·b̂|`) and against the f32 inputs (adding the
+    /// rounding of the inputs, `(2u + u²)·Σ|a·b|`), over row and column counts across the 8 × 32
+    /// block and its tails, odd and even depths, replacing and accumulating, a transposed
+    /// (weight-like) right operand and a strided destination.
+    #[test]
+    fn gemm_bf16_matches_its_bound_at_every_level() {
+        let u = 2f64.powi(-8);
+        for level in levels() {
+            for (m, n, k) in [
+                (1, 1, 1),
+                (7, 15, 2),
+                (8, 16, 3),
+                (9, 17, 17),
+                (17, 33, 64),
+                (70, 48, 257),
+                (64, 100, 40),
+                (130, 32, 9),
+            ] {
+                for (accum, transposed, strided) in [
+                    (Accum::Replace, false, false),
+                    (Accum::Add, true, false),
+                    (Accum::Replace, true, true),
+                ] {
+                    let a = random_vec(m * k, 1);
+                    let b_data = random_vec(k * n, 2);
+                    // The right operand as a weight `[N, K]` read transposed, or `[K, N]`.
+                    let b = if transposed {
+                        View2::contiguous(&b_data, [n, k]).unwrap().permuted([1, 0]).unwrap()
+                    } else {
+                        View2::contiguous(&b_data, [k, n]).unwrap()
+                    };
+                    let packed = Bf16Panels::pack(b);
+                    let start = random_vec(m * n, 3);
+                    let ld = if strided { n + 5 } else { n };
+                    let mut c = vec![f32::NAN; m * ld];
+                    for i in 0..m {
+                        c[i * ld..i * ld + n].copy_from_slice(&start[i * n..(i + 1) * n]);
+                    }
+                    let lhs = View2::contiguous(&a, [m, k]).unwrap();
+                    let dst = ViewMut2::new(&mut c, [m, n], [ld, 1]).unwrap();
+                    gemm_bf16_at(level, dst, accum, lhs, &packed, Par::Rayon).unwrap();
+                    let widened = packed.widened();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut exact, mut rounded, mut abs, mut abs_rounded) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+                            for p in 0..k {
+                                let (x, y) = (a[i * k + p] as f64, b.get([p, j]) as f64);
+                                let (xr, yr) = (round_to_bf16(a[i * k + p]) as f64, widened[p * n + j] as f64);
+                                exact += x * y;
+                                rounded += xr * yr;
+                                abs += (x * y).abs();
+                                abs_rounded += (xr * yr).abs();
+                            }
+                            let base = if accum == Accum::Add {
+                                start[i * n + j] as f64
+                            } else {
+                                0.0
+                            };
+                            let got = c[i * ld + j] as f64;
+                            // The f32 sums (and the start value's addition) only.
+                            let sums = (k + 1) as f64 * 2f64.powi(-24) * (abs_rounded + base.abs());
+                            let err = (got - (base + rounded)).abs();
+                            assert!(
+                                err <= sums,
+                                "{level} {m}x{n}x{k} [{i}, {j}]: {err:e} > {sums:e} from the rounded inputs"
+                            );
+                            let bound = (2.0 * u + u * u) * abs + sums;
+                            let err = (got - (base + exact)).abs();
+                            assert!(
+                                err <= bound,
+                                "{level} {m}x{n}x{k} [{i}, {j}]: {err:e} > {bound:e} from the f32 inputs"
+                            );
+                        }
+                        // The padding of a strided destination is never written.
+                        assert!(c[i * ld + n..(i + 1) * ld].iter().all(|x| x.is_nan()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One chain of additions per element: the same bits on one thread and on all of them, and
+    /// the AVX512-BF16 kernel's results equal for any row split (the task and block tails).
+    #[test]
+    fn gemm_bf16_does_not_depend_on_threads() {
+        let (m, n, k) = (200, 72, 130);
+        let a = random_vec(m * k, 4);
+        let b = random_vec(k * n, 5);
+        let packed = Bf16Panels::pack(View2::contiguous(&b, [k, n]).unwrap());
+        for level in levels() {
+            let mut outs = Vec::new();
+            for par in [Par::Seq, Par::Rayon] {
+                let mut c = vec![0.0f32; m * n];
+                let dst = ViewMut2::contiguous(&mut c, [m, n]).unwrap();
+                gemm_bf16_at(
+                    level,
+                    dst,
+                    Accum::Replace,
+                    View2::contiguous(&a, [m, k]).unwrap(),
+                    &packed,
+                    par,
+                )
+                .unwrap();
+                outs.push(c);
+            }
+            assert_eq!(outs[0], outs[1], "{level}");
+            // Rows computed alone (another task and block split) match.
+            let mut one = vec![0.0f32; n];
+            let row = 137;
+            gemm_bf16_at(
+                level,
+                ViewMut2::contiguous(&mut one, [1, n]).unwrap(),
+                Accum::Replace,
+                View2::contiguous(&a[row * k..(row + 1) * k], [1, k]).unwrap(),
+                &packed,
+                Par::Seq,
+            )
+            .unwrap();
+            assert_eq!(one, outs[0][row * n..(row + 1) * n], "{level}");
+        }
+    }
+
+    #[test]
+    fn gemm_bf16_shape_errors() {
+        let packed = Bf16Panels::pack(View2::contiguous(&[0.0f32; 6], [2, 3]).unwrap());
+        let a = [0.0f32; 6];
+        let mut c = [0.0f32; 6];
+        let err = gemm_bf16(
+            ViewMut2::contiguous(&mut c, [2, 3]).unwrap(),
+            Accum::Replace,
+            View2::contiguous(&a, [2, 3]).unwrap(),
+            &packed,
+            Par::Seq,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::ShapeMismatch {
+                op: "gemm_bf16",
+                tensor: "lhs",
+                expected: vec![2, 2],
+                got: vec![2, 3]
+            }
+        );
+        let err = gemm_bf16(
+            ViewMut2::contiguous(&mut c[..4], [2, 2]).unwrap(),
+            Accum::Replace,
+            View2::contiguous(&a[..4], [2, 2]).unwrap(),
+            &packed,
+            Par::Seq,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, KernelError::ShapeMismatch { tensor: "rhs", .. }),
+            "{err:?}"
+        );
+    }
+}
