@@ -266,6 +266,17 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
         report.push_str(&format!(
             "\n### GEMM against PyTorch matmul (the layers' shapes)\n\n{table}"
         ));
+        let embed = root().join("xtask/python/bench_embed_bf16.py");
+        let table = output(
+            Command::new(python())
+                .arg(&embed)
+                .arg(binary)
+                .arg(&t)
+                .arg(rounds.to_string()),
+        )?;
+        report.push_str(&format!(
+            "\n### attn embed in f32 and bf16 against sentence-transformers\n\n{table}"
+        ));
         let modules = root().join("xtask/python/bench_modules.py");
         let table = output(
             Command::new(python())

@@ -73,6 +73,56 @@ fn minilm_embeddings_match_sentence_transformers() {
     }
 }
 
+/// `--dtype bf16` against sentence-transformers' f32 reference: cosine at least 0.9999 on every
+/// sentence, and not the f32 bits (the products ran in bf16). Under `ATTN_SIMD=avx512` (bf16
+/// instructions off) it runs f32, says so once, and gives the f32 bits.
+#[test]
+fn embed_in_bf16_stays_within_cosine_and_says_when_it_runs_f32() {
+    let model = model_dir();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
+    let run = |dtype: &str, simd: Option<&str>| {
+        let out = std::env::temp_dir().join(format!(
+            "attn-embed-{dtype}-{simd:?}-{}.safetensors",
+            std::process::id()
+        ));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_attn"));
+        command
+            .args(["embed", "--quiet", "--dtype", dtype, "--model"])
+            .arg(&model);
+        command
+            .arg("--input")
+            .arg(fixtures.join("sentences.txt"))
+            .arg("--output")
+            .arg(&out);
+        if let Some(level) = simd {
+            command.env("ATTN_SIMD", level);
+        }
+        let result = command.output().unwrap();
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        let (_, rows) = read_embeddings(&out);
+        std::fs::remove_file(&out).ok();
+        (rows, String::from_utf8_lossy(&result.stderr).to_string())
+    };
+    let (f32_rows, quiet) = run("f32", None);
+    assert!(!quiet.contains("bf16"), "{quiet}");
+    let (_, want) = read_embeddings(&fixtures.join("reference.safetensors"));
+    let (bf16_rows, _) = run("bf16", None);
+    let mut worst = 1.0f64;
+    for (i, (g, w)) in bf16_rows.chunks(384).zip(want.chunks(384)).enumerate() {
+        let dot: f64 = g.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let ng: f64 = g.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+        let nw: f64 = w.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+        let cos = dot / (ng * nw);
+        assert!(cos >= 0.9999, "sentence {i}: cosine {cos}");
+        worst = worst.min(cos);
+    }
+    assert_ne!(bf16_rows, f32_rows, "bf16 gave the f32 bits");
+    eprintln!("bf16 against sentence-transformers: worst cosine {worst:.7}");
+    let (capped, note) = run("bf16", Some("avx512"));
+    assert_eq!(capped, f32_rows, "with bf16 instructions off, f32");
+    assert_eq!(note.matches("running f32").count(), 1, "{note}");
+}
+
 #[test]
 fn embed_errors_say_what_to_do() {
     let missing = Command::new(env!("CARGO_BIN_EXE_attn"))

@@ -37,6 +37,7 @@ mod grads;
 mod mha;
 mod params;
 mod positions;
+mod precision;
 mod safetensors_io;
 mod sdpa;
 mod tensor;
@@ -47,13 +48,14 @@ pub use cache::KvCache;
 pub use error::{AttnError, Result};
 pub use grads::{clip_grad_norm, GradRef, Grads};
 pub use mha::{
-    linear, Attention, AttentionConfig, Layout, MhaConfig, MhaInputGrads, MhaInputs, MhaOptions, MhaOutput, MhaTape,
-    MultiHeadAttention, NeedWeights, Packing, Sequence,
+    linear, linear_bf16, Attention, AttentionConfig, Layout, MhaConfig, MhaInputGrads, MhaInputs, MhaOptions,
+    MhaOutput, MhaTape, MultiHeadAttention, NeedWeights, Packing, Sequence,
 };
 pub use params::{
     flat_fill, flat_zip_mut, AlignedBuf, ParamEntry, ParamLayout, ParamPath, ParamStore, Parameters, FLAT_CHUNK,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
+pub use precision::{pack_weight, Precision};
 pub use safetensors_io::{f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors};
 #[allow(deprecated)]
 pub use sdpa::f32_bytes;

@@ -8,7 +8,12 @@
 //! machine has.
 
 use attn_core::kernels::{self, arena, LinearShape, NormParams, Par, View2};
-use attn_core::{linear, take, AttnError, ParamPath, Parameters, StateDict, Tensor};
+use std::sync::Arc;
+
+use attn_core::kernels::Bf16Panels;
+use attn_core::{
+    linear, linear_bf16, pack_weight, take, AttnError, ParamPath, Parameters, Precision, StateDict, Tensor,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::invalid;
@@ -29,6 +34,8 @@ const FFN_ROWS: usize = 256;
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// `Wᵀ` rounded to bf16 and packed, when the precision is [`Precision::Bf16`].
+    bf16: Option<Arc<Bf16Panels>>,
 }
 
 impl Linear {
@@ -40,7 +47,42 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            bf16: None,
+        })
+    }
+
+    /// The precision of the product ([`Precision`]).
+    pub fn precision(&self) -> Precision {
+        if self.bf16.is_some() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
+    /// `Bf16` rounds and packs the current weight once; `F32` drops the packed copy.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.bf16 = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => {
+                let [out, inp] = self.dims();
+                Some(Arc::new(pack_weight(self.weight.data(), 0..out, inp)?))
+            }
+        };
+        Ok(())
+    }
+
+    /// `y = x·Wᵀ (+ bias)` in the layer's precision.
+    fn product(&self, y: &mut [f32], view: View2<'_, f32>, bias: Option<&[f32]>, par: Par) -> Result<()> {
+        let [out, inp] = self.dims();
+        match &self.bf16 {
+            Some(packed) => linear_bf16(y, out, view, packed, bias, par)?,
+            None => linear(y, out, view, self.weight.data(), 0..out, inp, bias, par)?,
+        }
+        Ok(())
     }
 
     /// Puts the tensors back under `prefix`.
@@ -67,20 +109,10 @@ impl Linear {
 
     /// `y = x·Wᵀ + b` into `y: [N, out]`: the bias goes in first and the GEMM adds to it.
     pub fn forward_into(&self, y: &mut [f32], x: &[f32], par: Par) -> Result<()> {
-        let [out, inp] = self.dims();
+        let inp = self.dims()[1];
         let n = x.len() / inp.max(1);
         let view = View2::contiguous(x, [n, inp]).map_err(AttnError::from)?;
-        linear(
-            y,
-            out,
-            view,
-            self.weight.data(),
-            0..out,
-            inp,
-            self.bias.as_ref().map(|b| b.data()),
-            par,
-        )?;
-        Ok(())
+        self.product(y, view, self.bias.as_ref().map(|b| b.data()), par)
     }
 
     /// `y = act(x·Wᵀ + b)` into `y: [N, out]`: the GEMM, then the bias and the activation in
@@ -89,7 +121,7 @@ impl Linear {
         let [out, inp] = self.dims();
         let n = x.len() / inp.max(1);
         let view = View2::contiguous(x, [n, inp]).map_err(AttnError::from)?;
-        linear(y, out, view, self.weight.data(), 0..out, inp, None, par)?;
+        self.product(y, view, None, par)?;
         let bias = self.bias.as_ref().map(|b| b.data());
         kernels::bias_activation(y, out, bias, act.kernel(), par).map_err(AttnError::from)?;
         Ok(())
@@ -139,6 +171,8 @@ fn visit_weight_and_bias<'a>(
 
 impl Parameters for Linear {
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+        // The weight may change: a bf16 copy would go stale.
+        self.bf16 = None;
         visit_weight_and_bias(&mut self.weight, &mut self.bias, path, f);
     }
 }
@@ -281,6 +315,12 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
+    /// Sets both layers' precision ([`Linear::set_precision`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.linear1.set_precision(precision)?;
+        self.linear2.set_precision(precision)
+    }
+
     /// `x: [N, E]` rows -> `[N, E]` rows, `FFN_ROWS` (256) tokens at a time: for each block, the
     /// first GEMM, then its bias and the activation in one pass while the block is in cache,
     /// then the second GEMM (its bias written first). No `[N, F]` buffer is made.

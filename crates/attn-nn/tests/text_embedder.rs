@@ -67,3 +67,40 @@ fn a_folder_that_is_not_a_model_is_named() {
     assert!(err.contains("has no config.json"), "{err}");
     std::fs::remove_dir(&empty).unwrap();
 }
+
+/// bf16 linear maps (the accuracy bar): every sentence of the MiniLM golden file keeps a
+/// cosine of at least 0.9999 to its f32 embedding, and the ranking of a paraphrase over an
+/// unrelated sentence holds. Where the CPU lacks AVX512-BF16 the same rounded values run
+/// through the f32 GEMM, so the bound is checked on every machine.
+#[test]
+fn minilm_bf16_stays_within_cosine_of_f32() {
+    let mut embedder = embedder();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../attn-cli/tests/fixtures/minilm/sentences.txt");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let sentences: Vec<&str> = text.lines().collect();
+    let f32_rows = embedder.embed(&sentences).unwrap();
+    embedder.set_precision(attn_nn::core::Precision::Bf16).unwrap();
+    assert_eq!(embedder.model().precision(), attn_nn::core::Precision::Bf16);
+    let bf16_rows = embedder.embed(&sentences).unwrap();
+    let mut worst = 1.0f64;
+    for (i, (a, b)) in f32_rows.rows().zip(bf16_rows.rows()).enumerate() {
+        let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        let norms = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+            * b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / norms;
+        worst = worst.min(cosine);
+        assert!(cosine >= 0.9999, "sentence {i} ({:?}): cosine {cosine}", sentences[i]);
+    }
+    // Not the f32 numbers: the products really ran in bf16.
+    assert!(worst < 1.0 - 1e-7, "bf16 gave the f32 embeddings exactly ({worst})");
+    eprintln!(
+        "bf16 against f32, worst cosine over {} sentences: {worst:.7}",
+        sentences.len()
+    );
+    embedder.set_precision(attn_nn::core::Precision::F32).unwrap();
+    assert_eq!(
+        embedder.embed(&sentences).unwrap(),
+        f32_rows,
+        "back to f32, the f32 bits"
+    );
+}

@@ -4,14 +4,13 @@
 
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::unfused_scratch_bytes;
-use attn_nn::core::kernels::{
-    bf16_level, gemm, gemm_bf16, simd_level, Accum, Bf16Level, Bf16Panels, Par, View2, ViewMut2,
-};
+use attn_nn::core::kernels::{bf16_level, gemm, gemm_bf16, simd_level, Accum, Bf16Panels, Par, View2, ViewMut2};
 use attn_nn::core::{f32_size_in_bytes, SdpaShape};
 use serde_json::json;
 
+use crate::support::dtype::Dtype;
 use crate::support::threads::Threads;
-use crate::support::timing::{measure, random_vec, BackwardChoice, BenchFlags, Budget, Dtype, Path, SdpaBench};
+use crate::support::timing::{measure, random_vec, BackwardChoice, BenchFlags, Budget, Path, SdpaBench};
 
 /// `attn bench`: one subcommand per kind of work.
 #[derive(Debug, clap::Subcommand)]
@@ -169,13 +168,7 @@ pub struct GemmArgs {
 fn gemm_command(args: GemmArgs) -> Result<()> {
     let budget = args.flags.budget()?;
     let GemmArgs { m, n, k, .. } = args;
-    let dtype = match args.dtype {
-        Dtype::Bf16 if bf16_level() == Bf16Level::None => {
-            eprintln!("attn: this CPU has no bf16 instructions (AVX512-BF16); running f32");
-            Dtype::F32
-        }
-        dtype => dtype,
-    };
+    let dtype = args.dtype.effective(true);
     let need = f32_size_in_bytes(&[m, k])
         .saturating_add(f32_size_in_bytes(&[k, n]))
         .saturating_add(f32_size_in_bytes(&[m, n]));
@@ -273,7 +266,7 @@ pub fn gemm_bench(
     product(&mut c)?;
     let stats = measure(budget, || product(&mut c).expect("shapes checked above"));
     let gflops = 2.0 * (m * n * k) as f64 / stats.median_s / 1e9;
-    let dtype_name = format!("{dtype:?}").to_lowercase();
+    let dtype_name = dtype.name();
     Ok(if as_json {
         json!({
             "op": "gemm", "m": m, "n": n, "k": k, "dtype": dtype_name, "threads": threads,

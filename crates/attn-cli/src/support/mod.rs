@@ -3,6 +3,7 @@
 
 pub mod allocations;
 pub mod checkpoint;
+pub mod dtype;
 pub mod flags;
 pub mod heatmap;
 pub mod memory;

@@ -18,15 +18,6 @@ use attn_nn::core::kernels::{
 use clap::ValueEnum;
 use serde_json::json;
 
-/// The number format of a computation's operands (`--dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Dtype {
-    /// f32 operands and sums.
-    F32,
-    /// Operands rounded to bf16, f32 sums and output (bf16 instructions where the CPU has them).
-    Bf16,
-}
-
 /// Timing statistics of one measurement.
 #[derive(Debug, Clone, Copy)]
 pub struct Stats {

@@ -6,7 +6,8 @@ use attn_kernels::{
     WeightsDst,
 };
 
-use super::{linear, Core, Dims, MaskSet, MhaOptions, MhaOutput, NeedWeights, Sequence};
+use super::weights::Proj;
+use super::{Core, Dims, MaskSet, MhaOptions, MhaOutput, NeedWeights, Sequence};
 use crate::error::shape_error;
 use crate::{f32_size_in_bytes, AttnError, KvCache, Result};
 
@@ -114,7 +115,7 @@ impl Core {
         let mut k_buf = arena::zeroed(b * t_all * g * d);
         let mut v_buf = arena::zeroed(b * t_all * g * dv);
         for (which, seq, buf, width) in [(1, key, &mut k_buf, g * d), (2, value, &mut v_buf, g * dv)] {
-            let (w, rows, in_dim) = self.weight(which);
+            let in_dim = self.weight(which).2;
             let bias = self.bias(which);
             let [bs, ls] = seq.token_strides();
             for bi in 0..b {
@@ -123,16 +124,7 @@ impl Core {
                 }
                 // Batch `bi`'s token rows: `[T, in]` with row stride `ls·in`.
                 let x = View2::new(&seq.data[bi * bs * in_dim..], [t, in_dim], [ls * in_dim, 1])?;
-                linear(
-                    &mut buf[bi * t_all * width..],
-                    width,
-                    x,
-                    w,
-                    rows.clone(),
-                    in_dim,
-                    bias,
-                    par,
-                )?;
+                self.apply(Proj::Part(which), &mut buf[bi * t_all * width..], width, x, bias, par)?;
                 if let Some((bk, bv)) = &self.bias_kv {
                     let src = if which == 1 { bk.data() } else { bv.data() };
                     buf[(bi * t_all + t) * width..(bi * t_all + t + 1) * width].copy_from_slice(src);
@@ -304,7 +296,7 @@ impl Core {
         offset: usize,
         par: Par,
     ) -> Result<Projected> {
-        let Dims { e, h, g, d, .. } = self.dims;
+        let Dims { h, g, d, .. } = self.dims;
         let (b, s) = (query.batch, query.len);
         let self_attention = matches!(source, Source::SelfAttention | Source::Append(_));
         let fused = self_attention && self.dims.fused() && self.bias_kv.is_none() && !self.add_zero_attn;
@@ -313,12 +305,11 @@ impl Core {
             let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
             let mut buf = arena::zeroed(b * s * width);
             let bias = self.b_qkv.as_ref().map(|t| t.data());
-            linear(&mut buf, width, q_rows, self.w_q_or_qkv.data(), 0..width, e, bias, par)?;
+            self.apply(Proj::Fused, &mut buf, width, q_rows, bias, par)?;
             (buf, width)
         } else {
             let mut buf = arena::zeroed(b * s * h * d);
-            let (w, rows, in_dim) = self.weight(0);
-            linear(&mut buf, h * d, q_rows, w, rows, in_dim, self.bias(0), par)?;
+            self.apply(Proj::Part(0), &mut buf, h * d, q_rows, self.bias(0), par)?;
             (buf, h * d)
         };
         let (mut k_buf, v_buf, t_new) = match source {
@@ -358,14 +349,14 @@ impl Core {
     /// [`Core::project_out`] reading `attn_out` in place (the training forward keeps it for the
     /// backward, so it is not consumed); a copy only when there is no output projection.
     pub(super) fn project_out_of(&self, attn_out: &[f32], tokens: usize, par: Par) -> Result<Vec<f32>> {
-        let (Some(w_out), Some(out_dim)) = (&self.w_out, self.dims.out) else {
+        let (Some(_), Some(out_dim)) = (&self.w_out, self.dims.out) else {
             return Ok(arena::copied(attn_out));
         };
         let width = self.dims.h * self.dims.dv;
         let mut output = arena::zeroed(tokens * out_dim);
         let x = View2::contiguous(attn_out, [tokens, width])?;
         let bias = self.b_out.as_ref().map(|t| t.data());
-        linear(&mut output, out_dim, x, w_out.data(), 0..out_dim, width, bias, par)?;
+        self.apply(Proj::Out, &mut output, out_dim, x, bias, par)?;
         Ok(output)
     }
 }
@@ -396,16 +387,7 @@ impl Core {
         let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
         let mut qkv = vec![0.0f32; n * width];
         let bias = self.b_qkv.as_ref().map(|t| t.data());
-        linear(
-            &mut qkv,
-            width,
-            View2::contiguous(x, [n, e])?,
-            self.w_q_or_qkv.data(),
-            0..width,
-            e,
-            bias,
-            par,
-        )?;
+        self.apply(Proj::Fused, &mut qkv, width, View2::contiguous(x, [n, e])?, bias, par)?;
         if let Some(rope) = &self.rope {
             let position = |r: usize| r - starts[starts.partition_point(|&s0| s0 <= r) - 1];
             rope.apply(&mut qkv, width, 0, h, d, position, n);
@@ -445,16 +427,14 @@ impl Core {
         };
         super::for_each_sequence(chunks, par, attend)?;
         match (&self.w_out, self.dims.out) {
-            (Some(w_out), Some(out_dim)) => {
+            (Some(_), Some(out_dim)) => {
                 let mut output = vec![0.0f32; n * out_dim];
                 let rows = View2::contiguous(&attn_out, [n, h * dv])?;
-                linear(
+                self.apply(
+                    Proj::Out,
                     &mut output,
                     out_dim,
                     rows,
-                    w_out.data(),
-                    0..out_dim,
-                    h * dv,
                     self.b_out.as_ref().map(|t| t.data()),
                     par,
                 )?;

@@ -26,7 +26,7 @@ use forward::Source;
 use masks::MaskSet;
 pub use options::{Layout, MhaOptions, MhaOutput, NeedWeights, Sequence};
 pub use train::{MhaInputGrads, MhaInputs, MhaTape, Packing};
-pub use weights::linear;
+pub use weights::{linear, linear_bf16};
 use weights::{random_state_dict, Core};
 
 use attn_kernels::{Par, View4};
@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::shape_error;
 use crate::tensor::StateDict;
-use crate::{AttnError, KvCache, Result};
+use crate::{AttnError, KvCache, Precision, Result};
 
 /// Multi-head attention owning its weights: PyTorch's `nn.MultiheadAttention` (inference), with
 /// grouped-query heads, RoPE and ALiBi as extensions.
@@ -86,6 +86,18 @@ impl MultiHeadAttention {
     /// The configuration.
     pub fn config(&self) -> &MhaConfig {
         &self.config
+    }
+
+    /// The precision of the four projections ([`Precision`]).
+    pub fn precision(&self) -> Precision {
+        self.core.precision()
+    }
+
+    /// Sets the precision of the four projections: `Bf16` rounds and packs the current weights
+    /// once (about half their f32 size again), `F32` drops the packed copies. Attention itself
+    /// stays f32.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.core.set_precision(precision)
     }
 
     /// `[E, H, G, D]`.

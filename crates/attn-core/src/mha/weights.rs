@@ -1,11 +1,13 @@
 //! The projection weights under PyTorch's state-dict names, and the linear map that applies them.
 
-use attn_kernels::{gemm, Accum, Par, View2, ViewMut2};
+use std::sync::Arc;
+
+use attn_kernels::{gemm, gemm_bf16, Accum, Bf16Panels, Par, View2, ViewMut2};
 
 use super::Dims;
 use crate::error::shape_error;
 use crate::tensor::{expect_empty, take, StateDict, Tensor};
-use crate::{Result, Rope};
+use crate::{pack_weight, Precision, Result, Rope};
 
 /// The weights and the forward pass shared by [`MultiHeadAttention`] and [`Attention`].
 #[derive(Debug, Clone)]
@@ -25,6 +27,28 @@ pub(super) struct Core {
     pub(super) add_zero_attn: bool,
     pub(super) rope: Option<Rope>,
     pub(super) alibi: Option<Vec<f32>>,
+    /// The weights rounded to bf16 and packed, when the precision is [`Precision::Bf16`].
+    pub(super) bf16: Option<Arc<Bf16Weights>>,
+}
+
+/// [`Core`]'s weight matrices packed for [`linear_bf16`]: the fused `q|k|v` rows (when fused),
+/// the rows of each of `q`, `k`, `v` ([`Core::weight`]), and the output projection.
+#[derive(Debug)]
+pub(super) struct Bf16Weights {
+    fused: Option<Bf16Panels>,
+    parts: [Bf16Panels; 3],
+    out: Option<Bf16Panels>,
+}
+
+/// Which weight matrix a projection applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Proj {
+    /// All of `q|k|v` at once (fused weights).
+    Fused,
+    /// Query (0), key (1) or value (2) rows.
+    Part(usize),
+    /// The output projection.
+    Out,
 }
 
 /// A linear map of token rows: `dst[n, :] = x[n, :] · wᵀ (+ bias)` with `x: [N, in]`,
@@ -43,8 +67,47 @@ pub fn linear(
     bias: Option<&[f32]>,
     par: Par,
 ) -> Result<()> {
-    let n = x.shape()[0];
     let out = w_rows.len();
+    linear_with(dst, dst_stride, x, out, bias, |dst_view, accum| {
+        let w_t = View2::new(
+            &w[w_rows.start * in_dim..w_rows.end * in_dim],
+            [in_dim, out],
+            [1, in_dim],
+        )?;
+        Ok(gemm(dst_view, accum, x, w_t, 1.0, par)?)
+    })
+}
+
+/// [`linear`] in bf16: `w` packed once ([`crate::pack_weight`]), `x` rounded to bf16 while it
+/// is packed, f32 sums and output (see [`attn_kernels::gemm_bf16`]).
+pub fn linear_bf16(
+    dst: &mut [f32],
+    dst_stride: usize,
+    x: View2<'_, f32>,
+    w: &Bf16Panels,
+    bias: Option<&[f32]>,
+    par: Par,
+) -> Result<()> {
+    let [in_dim, out] = w.shape();
+    if x.shape()[1] != in_dim {
+        return Err(shape_error("project", "x", format!("[N, {in_dim}]"), &x.shape()));
+    }
+    linear_with(dst, dst_stride, x, out, bias, |dst_view, accum| {
+        Ok(gemm_bf16(dst_view, accum, x, w, par)?)
+    })
+}
+
+/// The shared part of [`linear`] and [`linear_bf16`]: the destination checked, the bias written
+/// first, then `product(dst, accum)` adds to it (or replaces, without a bias).
+fn linear_with(
+    dst: &mut [f32],
+    dst_stride: usize,
+    x: View2<'_, f32>,
+    out: usize,
+    bias: Option<&[f32]>,
+    product: impl FnOnce(ViewMut2<'_, f32>, Accum) -> Result<()>,
+) -> Result<()> {
+    let n = x.shape()[0];
     if n == 0 || out == 0 {
         return Ok(());
     }
@@ -57,11 +120,6 @@ pub fn linear(
             &[dst.len()],
         ));
     }
-    let w_t = View2::new(
-        &w[w_rows.start * in_dim..w_rows.end * in_dim],
-        [in_dim, out],
-        [1, in_dim],
-    )?;
     let accum = match bias {
         Some(bias) => {
             // The bias goes in first and the GEMM adds to it: one pass over the destination.
@@ -73,8 +131,7 @@ pub fn linear(
         None => Accum::Replace,
     };
     let dst_view = ViewMut2::new(&mut dst[..needed], [n, out], [dst_stride, 1])?;
-    gemm(dst_view, accum, x, w_t, 1.0, par)?;
-    Ok(())
+    product(dst_view, accum)
 }
 
 pub(super) fn state_names(prefix_fused: bool, dims: &Dims, bias: bool, bias_kv: bool) -> Vec<String> {
@@ -154,6 +211,7 @@ impl Core {
             add_zero_attn,
             rope: None,
             alibi: None,
+            bf16: None,
         })
     }
 
@@ -212,6 +270,76 @@ impl Core {
         let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
         let range = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
         Some(&self.b_qkv.as_ref()?.data()[range])
+    }
+
+    /// The precision the projections run in.
+    pub(super) fn precision(&self) -> Precision {
+        if self.bf16.is_some() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
+    /// Packs the weights in bf16 (or drops the packed copies, for f32).
+    pub(super) fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.bf16 = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => {
+                let part = |which: usize| {
+                    let (w, rows, in_dim) = self.weight(which);
+                    pack_weight(w, rows, in_dim)
+                };
+                let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
+                let fused = match self.dims.fused() {
+                    true => Some(pack_weight(self.w_q_or_qkv.data(), 0..width, self.dims.e)?),
+                    false => None,
+                };
+                let out = match (&self.w_out, self.dims.out) {
+                    (Some(w), Some(out_dim)) => Some(pack_weight(w.data(), 0..out_dim, self.dims.h * self.dims.dv)?),
+                    _ => None,
+                };
+                Some(Arc::new(Bf16Weights {
+                    fused,
+                    parts: [part(0)?, part(1)?, part(2)?],
+                    out,
+                }))
+            }
+        };
+        Ok(())
+    }
+
+    /// `dst[n, :] = x[n, :] · wᵀ + bias` for the weight `proj` names, in the module's precision.
+    pub(super) fn apply(
+        &self,
+        proj: Proj,
+        dst: &mut [f32],
+        dst_stride: usize,
+        x: View2<'_, f32>,
+        bias: Option<&[f32]>,
+        par: Par,
+    ) -> Result<()> {
+        if let Some(packed) = &self.bf16 {
+            let w = match proj {
+                Proj::Fused => packed.fused.as_ref(),
+                Proj::Part(which) => Some(&packed.parts[which]),
+                Proj::Out => packed.out.as_ref(),
+            };
+            let w = w.expect("packed for every projection the module has");
+            return linear_bf16(dst, dst_stride, x, w, bias, par);
+        }
+        let (w, rows, in_dim) = match proj {
+            Proj::Fused => {
+                let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
+                (self.w_q_or_qkv.data(), 0..width, self.dims.e)
+            }
+            Proj::Part(which) => self.weight(which),
+            Proj::Out => {
+                let w = self.w_out.as_ref().expect("called only with an output projection");
+                (w.data(), 0..self.dims.out.unwrap_or(0), self.dims.h * self.dims.dv)
+            }
+        };
+        linear(dst, dst_stride, x, w, rows, in_dim, bias, par)
     }
 }
 
@@ -300,6 +428,7 @@ impl Core {
             add_zero_attn: false,
             rope: None,
             alibi: None,
+            bf16: None,
         })
     }
 }

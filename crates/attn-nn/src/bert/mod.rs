@@ -11,7 +11,7 @@
 //! kernels skip padded keys.
 
 use attn_core::kernels::Par;
-use attn_core::{take, KeyPadding, Sequence, StateDict, Tensor};
+use attn_core::{take, KeyPadding, Precision, Sequence, StateDict, Tensor};
 use serde::Deserialize;
 
 use crate::error::invalid;
@@ -246,6 +246,19 @@ impl BertModel {
     /// The configuration.
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    /// The precision of the layers' linear maps.
+    pub fn precision(&self) -> Precision {
+        self.layers.first().map_or(Precision::F32, |layer| layer.precision())
+    }
+
+    /// Sets the precision of every layer's linear maps ([`Precision`]; the embeddings, norms
+    /// and attention stay f32).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|layer| layer.set_precision(precision))
     }
 
     /// Hidden states of the last layer: `ids: [B, L]` (row-major, right-padded; `lengths[b]`

@@ -2,7 +2,7 @@
 //! the residual blocks once, `super::walk`), loading, saving, and decoding caches.
 
 use attn_core::kernels::Par;
-use attn_core::{insert_prefixed, KvCache, MhaOptions, MultiHeadAttention, Sequence, StateDict};
+use attn_core::{insert_prefixed, KvCache, MhaOptions, MultiHeadAttention, Precision, Sequence, StateDict};
 
 use crate::layers::{FeedForward, Norm};
 use crate::Result;
@@ -21,6 +21,18 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// The precision of the layer's linear maps.
+    pub fn precision(&self) -> Precision {
+        self.self_attn.precision()
+    }
+
+    /// Sets the precision of the layer's linear maps (its attention's projections and the
+    /// feed-forward block; see [`Precision`]). Norms, softmax and the residual adds stay f32.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.self_attn.set_precision(precision)?;
+        self.ffn.set_precision(precision)
+    }
+
     /// A layer with deterministic pseudo-random weights (norms at weight 1, bias 0), for tests,
     /// examples and benchmarks.
     ///
@@ -157,6 +169,14 @@ pub struct DecoderLayerCache {
 }
 
 impl DecoderLayer {
+    /// Sets the precision of the layer's linear maps (both attentions' projections and the
+    /// feed-forward block; see [`Precision`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.self_attn.set_precision(precision)?;
+        self.cross_attn.set_precision(precision)?;
+        self.ffn.set_precision(precision)
+    }
+
     /// A layer with deterministic pseudo-random weights (norms at weight 1, bias 0), for tests,
     /// examples and benchmarks.
     pub fn with_seed(config: LayerConfig, seed: u64) -> Result<Self> {
