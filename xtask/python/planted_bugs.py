@@ -19,8 +19,8 @@ BUGS = [
         "heads 0 and 1 swapped in the fused self-attention path",
         "attn-core",
         "crates/attn-core/src/mha/forward.rs",
-        "e, bias, par)?;\n            (buf, width)",
-        "e, bias, par)?;\n"
+        "q_rows, bias, par)?;\n            (buf, width)",
+        "q_rows, bias, par)?;\n"
         "            if h >= 2 { for row in buf.chunks_mut(width) { for c in 0..d { row.swap(c, d + c); } } }\n"
         "            (buf, width)",
     ),
