@@ -6,7 +6,11 @@ median over >= 0.5 s), then `torch.matmul(a, b, out=c)` timed the same way in th
 repeats ROUNDS times and reports the median of each side's medians and their ratio. Run by
 `cargo xtask bench`.
 
-Usage: python bench_gemm.py ATTN_BINARY THREADS ROUNDS [--json]
+With `--bf16`, each round also runs `attn bench gemm --dtype bf16` (B packed once outside the
+timing, A rounded inside) and `torch.matmul` on bf16 tensors (bf16 output), and a second table
+compares attn's bf16 with its f32 and with PyTorch's bf16.
+
+Usage: python bench_gemm.py ATTN_BINARY THREADS ROUNDS [--bf16] [--json]
 """
 
 import json
@@ -29,11 +33,11 @@ SHAPES = [
 ]
 
 
-def time_torch(m, n, k, min_seconds=0.5, min_runs=5):
+def time_torch(m, n, k, dtype=torch.float32, min_seconds=0.5, min_runs=5):
     gen = torch.Generator().manual_seed(0)
-    a = torch.rand(m, k, generator=gen) * 2 - 1
-    b = torch.rand(k, n, generator=gen) * 2 - 1
-    c = torch.empty(m, n)
+    a = (torch.rand(m, k, generator=gen) * 2 - 1).to(dtype)
+    b = (torch.rand(k, n, generator=gen) * 2 - 1).to(dtype)
+    c = torch.empty(m, n, dtype=dtype)
     with torch.inference_mode():
         torch.matmul(a, b, out=c)
         times = []
@@ -45,9 +49,9 @@ def time_torch(m, n, k, min_seconds=0.5, min_runs=5):
     return statistics.median(times)
 
 
-def time_attn(binary, threads, m, n, k):
+def time_attn(binary, threads, m, n, k, dtype="f32"):
     cmd = [binary, "bench", "gemm", "--m", str(m), "--n", str(n), "--k", str(k), "--threads", str(threads),
-           "--min-seconds", "0.5", "--json"]
+           "--dtype", dtype, "--min-seconds", "0.5", "--json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)["median_s"]
 
@@ -55,17 +59,25 @@ def time_attn(binary, threads, m, n, k):
 def main():
     binary, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     as_json = "--json" in sys.argv
+    bf16 = "--bf16" in sys.argv
     torch.set_num_threads(threads)
     rows = []
     for (m, n, k) in SHAPES:
-        ours, theirs = [], []
+        times = {"attn": [], "torch": [], "attn_bf16": [], "torch_bf16": []}
         for _ in range(rounds):
-            ours.append(time_attn(binary, threads, m, n, k))
-            theirs.append(time_torch(m, n, k))
-        o, p = statistics.median(ours), statistics.median(theirs)
+            times["attn"].append(time_attn(binary, threads, m, n, k))
+            times["torch"].append(time_torch(m, n, k))
+            if bf16:
+                times["attn_bf16"].append(time_attn(binary, threads, m, n, k, "bf16"))
+                times["torch_bf16"].append(time_torch(m, n, k, torch.bfloat16))
         fl = 2.0 * m * n * k
-        rows.append({"mnk": [m, n, k], "attn_s": o, "torch_s": p, "attn_gflops": fl / o / 1e9,
-                     "torch_gflops": fl / p / 1e9, "speedup": p / o})
+        row = {"mnk": [m, n, k]}
+        for side, ts in times.items():
+            if ts:
+                row[side + "_s"] = statistics.median(ts)
+                row[side + "_gflops"] = fl / row[side + "_s"] / 1e9
+        row["speedup"] = row["torch_s"] / row["attn_s"]
+        rows.append(row)
     if as_json:
         print(json.dumps({"torch": torch.__version__, "threads": threads, "rounds": rounds, "rows": rows}))
         return
@@ -75,6 +87,14 @@ def main():
     for r in rows:
         print(f"| {'×'.join(map(str, r['mnk']))} | {r['attn_s']*1e3:.3f} | {r['torch_s']*1e3:.3f} | "
               f"{r['attn_gflops']:.1f} | {r['torch_gflops']:.1f} | {r['speedup']:.2f}x |")
+    if bf16:
+        print("\nbf16 (f32 sums), the same rounds")
+        print("| M×N×K | attn bf16 GFLOP/s | attn f32 GFLOP/s | torch bf16 GFLOP/s | attn bf16 / attn f32 | attn bf16 / torch bf16 |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {'×'.join(map(str, r['mnk']))} | {r['attn_bf16_gflops']:.1f} | {r['attn_gflops']:.1f} | "
+                  f"{r['torch_bf16_gflops']:.1f} | {r['attn_s']/r['attn_bf16_s']:.2f}x | "
+                  f"{r['torch_bf16_s']/r['attn_bf16_s']:.2f}x |")
 
 
 if __name__ == "__main__":

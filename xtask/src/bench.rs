@@ -261,7 +261,8 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
                 .arg(&gemm)
                 .arg(binary)
                 .arg(&t)
-                .arg(rounds.to_string()),
+                .arg(rounds.to_string())
+                .arg("--bf16"),
         )?;
         report.push_str(&format!(
             "\n### GEMM against PyTorch matmul (the layers' shapes)\n\n{table}"

@@ -11,6 +11,7 @@ use attn_nn::Seq2Seq;
 use serde_json::json;
 
 use crate::support::checkpoint;
+use crate::support::dtype::Dtype;
 use crate::support::ranks::Ranks;
 use crate::support::threads::Threads;
 
@@ -55,13 +56,17 @@ pub struct Args {
     /// Write the model (the shipped one unless --model) to this checkpoint and stop.
     #[arg(long)]
     export: Option<PathBuf>,
+    /// Number format of the linear maps (bf16: weights rounded once, f32 sums; the shipped
+    /// translator gives the same output as in f32 on 5,000 held-out dates).
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     #[command(flatten)]
     threads: Threads,
 }
 
 /// Runs `attn translate`.
 pub fn main(args: Args) -> Result<()> {
-    let model = match &args.model {
+    let mut model = match &args.model {
         Some(path) => checkpoint::load(path)?,
         None => shipped()?,
     };
@@ -74,7 +79,12 @@ pub fn main(args: Args) -> Result<()> {
         bail!("--logits needs --json and greedy decoding (--beam 1)");
     }
     let ranks = Ranks::join()?;
-    ranks.or_abort(translate(&args, &model, &ranks))
+    let precision = args.dtype.effective(ranks.is_root()).precision();
+    let run = model
+        .set_precision(precision)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| translate(&args, &model, &ranks));
+    ranks.or_abort(run)
 }
 
 /// Greedy decoding's batch: the unit of work, and of a rank's share under MPI.

@@ -14,7 +14,7 @@
 
 use attn_core::kernels::rng::SplitMix64;
 use attn_core::kernels::{self, arena};
-use attn_core::{insert_prefixed, AttnError, Grads, ParamPath, ParamStore, Parameters, StateDict, Tensor};
+use attn_core::{insert_prefixed, AttnError, Grads, ParamPath, ParamStore, Parameters, Precision, StateDict, Tensor};
 
 use crate::layers::Linear;
 use crate::optim::AdamW;
@@ -102,6 +102,14 @@ pub fn sinusoidal_positions(max_len: usize, d: usize) -> Vec<f32> {
 }
 
 impl Seq2Seq {
+    /// Sets the precision of the linear maps: every layer's projections and feed-forward
+    /// blocks, and the generator ([`Precision`]); embeddings, norms and attention stay f32.
+    /// Training (or anything that hands out the weights mutably) returns the model to f32.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.transformer.set_precision(precision)?;
+        self.generator.set_precision(precision)
+    }
+
     /// A model with fresh weights: Xavier-uniform matrices (as `nn.Transformer` resets its
     /// own), PyTorch's defaults for biases and norms, from `seed`.
     pub fn with_seed(config: Seq2SeqConfig, seed: u64) -> Result<Self> {

@@ -2,7 +2,7 @@
 //! `nn.Transformer`, with their configurations and decoding caches.
 
 use attn_core::kernels::Par;
-use attn_core::{insert_prefixed, Sequence, StateDict};
+use attn_core::{insert_prefixed, Precision, Sequence, StateDict};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::Norm;
@@ -34,6 +34,7 @@ pub struct StackConfig {
 pub(super) trait StackLayer: Sized {
     fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self>;
     fn state_dict(&self) -> StateDict;
+    fn set_precision(&mut self, precision: Precision) -> Result<()>;
 }
 
 impl StackLayer for EncoderLayer {
@@ -43,6 +44,9 @@ impl StackLayer for EncoderLayer {
     fn state_dict(&self) -> StateDict {
         EncoderLayer::state_dict(self)
     }
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        EncoderLayer::set_precision(self, precision)
+    }
 }
 
 impl StackLayer for DecoderLayer {
@@ -51,6 +55,9 @@ impl StackLayer for DecoderLayer {
     }
     fn state_dict(&self) -> StateDict {
         DecoderLayer::state_dict(self)
+    }
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        DecoderLayer::set_precision(self, precision)
     }
 }
 
@@ -63,6 +70,13 @@ pub(super) struct Stack<L> {
 }
 
 impl<L: StackLayer> Stack<L> {
+    /// Every layer's linear maps in `precision` (the final norm stays f32).
+    pub(super) fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|layer| layer.set_precision(precision))
+    }
+
     fn take(config: StackConfig, dict: &mut StateDict) -> Result<Self> {
         let layers = (0..config.num_layers)
             .map(|i| sub_module(dict, &format!("layers.{i}."), |d| L::take(config.layer.clone(), d)))
@@ -102,6 +116,11 @@ impl<L: StackLayer> Stack<L> {
 pub struct Encoder(pub(super) Stack<EncoderLayer>);
 
 impl Encoder {
+    /// Sets every layer's precision ([`EncoderLayer::set_precision`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.0.set_precision(precision)
+    }
+
     /// Builds the stack from its state dict; every tensor must be used.
     pub fn from_state_dict(config: StackConfig, dict: StateDict) -> Result<Self> {
         Stack::from_state_dict(config, dict).map(Encoder)
@@ -159,6 +178,11 @@ impl DecoderCache {
 }
 
 impl Decoder {
+    /// Sets every layer's precision ([`DecoderLayer::set_precision`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.0.set_precision(precision)
+    }
+
     /// Builds the stack from its state dict; every tensor must be used.
     pub fn from_state_dict(config: StackConfig, dict: StateDict) -> Result<Self> {
         Stack::from_state_dict(config, dict).map(Decoder)
@@ -288,6 +312,12 @@ pub struct Transformer {
 }
 
 impl Transformer {
+    /// Sets both stacks' precision ([`Precision`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.encoder.set_precision(precision)?;
+        self.decoder.set_precision(precision)
+    }
+
     /// Builds the model from `nn.Transformer.state_dict()`.
     pub fn from_state_dict(config: TransformerConfig, mut dict: StateDict) -> Result<Self> {
         let stack = |num_layers| StackConfig {
