@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
-use attn_nn::core::{Grads, MhaConfig, MultiHeadAttention, StateDict, Tensor as CoreTensor};
+use attn_nn::core::{Grads, MhaConfig, MultiHeadAttention, Precision, StateDict, Tensor as CoreTensor};
 use attn_nn::{Decoder, DecoderLayer, Encoder, EncoderLayer, LayerConfig, StackConfig, Transformer, TransformerConfig};
 use serde_json::{Map, Value};
 
+use crate::support::dtype::Dtype;
 use crate::support::tensors::{write_f32, Tensor, TensorFile};
 use crate::support::threads::Threads;
 use crate::support::timing::{self, BenchFlags};
@@ -327,6 +328,19 @@ impl Prepared {
         self.run(par, true)
     }
 
+    /// The module's linear maps in `precision`.
+    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        match &mut self.kind {
+            Module::Mha { module, .. } => module.set_precision(precision)?,
+            Module::EncoderLayer { module, .. } => module.set_precision(precision)?,
+            Module::Encoder { module, .. } => module.set_precision(precision)?,
+            Module::DecoderLayer { module, .. } => module.set_precision(precision)?,
+            Module::Decoder { module, .. } => module.set_precision(precision)?,
+            Module::Transformer { module, .. } => module.set_precision(precision)?,
+        }
+        Ok(())
+    }
+
     fn run(&self, par: Par, backward: bool) -> Result<Outputs> {
         let file = &self.inputs;
         if !backward && file.get("grad.output").is_some() {
@@ -363,11 +377,20 @@ pub struct Files {
     /// The forward's inputs, under PyTorch's argument names.
     #[arg(long)]
     input: PathBuf,
+    /// Number format of the module's linear maps (bf16: weights rounded once, f32 sums;
+    /// attention, norms and residual adds stay f32). Forward only.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
 }
 
 impl Files {
-    fn prepare(&self) -> Result<Prepared> {
-        prepare(&self.config, &self.weights, &self.input)
+    fn prepare(&self, backward: bool) -> Result<Prepared> {
+        if backward && self.dtype == Dtype::Bf16 {
+            bail!("--dtype bf16 runs the forward pass only; the backward is f32 (drop --dtype or --backward)");
+        }
+        let mut prepared = prepare(&self.config, &self.weights, &self.input)?;
+        prepared.set_precision(self.dtype.effective(true).precision())?;
+        Ok(prepared)
     }
 }
 
@@ -394,7 +417,7 @@ pub struct Args {
 /// Runs `attn run`; prints one line: the file written and each output's name and shape.
 pub fn main(args: Args) -> Result<()> {
     args.threads.install(|_| {
-        let prepared = args.files.prepare()?;
+        let prepared = args.files.prepare(args.backward)?;
         let outputs = if args.backward {
             prepared.execute_backward(Par::Rayon)?
         } else {
@@ -430,7 +453,7 @@ pub struct BenchArgs {
 /// timing).
 pub fn bench(args: BenchArgs) -> Result<()> {
     let budget = args.budget.budget()?;
-    let prepared = args.files.prepare()?;
+    let prepared = args.files.prepare(args.backward)?;
     let backward = args.backward;
     let once = |p: &Prepared| {
         if backward {
