@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
 
 use crate::commands::embed::{default_model_dir, Embedder};
+use crate::support::dtype::Dtype;
 use crate::support::heatmap;
 use crate::support::threads::Threads;
 
@@ -38,6 +39,9 @@ pub struct Args {
     /// Plain characters in the terminal view.
     #[arg(long)]
     plain: bool,
+    /// Number format of the model's linear maps (as `attn embed --dtype`).
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     #[command(flatten)]
     threads: Threads,
 }
@@ -46,7 +50,7 @@ pub struct Args {
 pub fn main(args: Args) -> Result<()> {
     args.threads.install(|_| {
         let dir = args.model.clone().unwrap_or_else(default_model_dir);
-        let embedder = Embedder::load(&dir)?;
+        let embedder = Embedder::load_as(&dir, args.dtype.effective(true))?;
         let maps = maps(&embedder, &args.text)?;
         let n_layers = maps.layers.len();
         let layer = args.layer.unwrap_or(n_layers.saturating_sub(1));

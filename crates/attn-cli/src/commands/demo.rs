@@ -20,6 +20,7 @@ use attn_nn::core::kernels::{
 };
 
 use crate::commands::embed::Embedder;
+use crate::support::dtype::Dtype;
 use crate::support::heatmap::{render, Style};
 use crate::support::timing::{measure, random_vec, Budget, SdpaBench};
 use std::path::{Path, PathBuf};
@@ -116,6 +117,10 @@ pub struct Args {
     /// Plain characters instead of colour, whatever the terminal.
     #[arg(long)]
     plain: bool,
+    /// Number format of the models' linear maps (the date translator's, or --model's); the toy
+    /// heads are attention alone, in f32.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     #[command(flatten)]
     threads: crate::support::threads::Threads,
 }
@@ -132,26 +137,31 @@ pub fn main(args: Args) -> Result<()> {
     args.threads.install(|_| {
         let style = Style::detect(args.plain);
         let text = args.text.as_deref();
+        let dtype = if args.toy {
+            Dtype::F32
+        } else {
+            args.dtype.effective(true)
+        };
         match (&args.model, args.toy) {
             (Some(dir), _) => {
                 model_view(
                     dir,
                     text.unwrap_or(DEFAULT_TEXT),
-                    args.layer,
-                    args.head.unwrap_or(0),
+                    (args.layer, args.head.unwrap_or(0)),
+                    dtype,
                     style,
                 )?;
                 toy_heads(DEFAULT_TEXT, style, false)
             }
             (None, true) => toy_heads(text.unwrap_or(DEFAULT_TEXT), style, true),
-            (None, false) => crate::commands::demo_dates::run(text, args.attention.as_deref(), style),
+            (None, false) => crate::commands::demo_dates::run(text, args.attention.as_deref(), dtype, style),
         }
     })
 }
 
 /// Layer `layer`, head `head` of a BERT-family model on `text`, and where every head looks.
-fn model_view(dir: &Path, text: &str, layer: Option<usize>, head: usize, style: Style) -> Result<()> {
-    let embedder = Embedder::load(dir)?;
+fn model_view(dir: &Path, text: &str, (layer, head): (Option<usize>, usize), dtype: Dtype, style: Style) -> Result<()> {
+    let embedder = Embedder::load_as(dir, dtype)?;
     let model = embedder.model();
     let (ids, tokens) = embedder.tokens(text)?;
     if tokens.len() > MAX_TOKENS {

@@ -10,6 +10,7 @@ use attn_nn::core::kernels::{simd_level, Par};
 use attn_nn::Seq2Seq;
 
 use crate::commands::translate::{cross_attention, draw_attention, shipped};
+use crate::support::dtype::Dtype;
 use crate::support::heatmap::{render, Style};
 use crate::support::seq2seq_html::averaged;
 
@@ -35,18 +36,20 @@ pub fn answer(output: &str) -> String {
 }
 
 /// Runs the date demo on `text` (or the samples).
-pub fn run(text: Option<&str>, picture: Option<&Path>, style: Style) -> Result<()> {
-    let model = shipped()?;
+pub fn run(text: Option<&str>, picture: Option<&Path>, dtype: Dtype, style: Style) -> Result<()> {
+    let mut model = shipped()?;
+    model.set_precision(dtype.precision())?;
     let c = model.config();
     let t = &c.transformer;
     println!(
-        "attn demo: a date translator trained by `attn train` (d_model {}, {} heads, {}+{} layers, {} parameters), SIMD {}",
+        "attn demo: a date translator trained by `attn train` (d_model {}, {} heads, {}+{} layers, {} parameters), SIMD {}{}",
         t.layer.d_model,
         t.layer.nhead,
         t.num_encoder_layers,
         t.num_decoder_layers,
         model.parameter_count(),
-        simd_level()
+        simd_level(),
+        if dtype == Dtype::Bf16 { ", linear maps in bf16" } else { "" }
     );
     let sources: Vec<&str> = match text {
         Some(text) => vec![text],

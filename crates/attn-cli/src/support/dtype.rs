@@ -5,9 +5,10 @@ use attn_nn::core::kernels::{bf16_level, Bf16Level};
 use attn_nn::core::Precision;
 
 /// The number format of a command's products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Dtype {
     /// f32 operands and sums.
+    #[default]
     F32,
     /// Weights and operands rounded to bf16, f32 sums and outputs (bf16 instructions where the
     /// CPU has them; f32 otherwise, said once on stderr).
