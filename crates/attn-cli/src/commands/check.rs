@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::{
     attention_backward_path, attention_backward_reference, attention_reference, attention_unfused, attention_weights,
-    attention_with_lse_lo, backward_path, broadcast_to, exp_slice, flash_attention, gemm, gemm_reference, simd_level,
-    Accum, AttentionOptions, BackwardInputs, BackwardPath, Causal, ForwardInputs, Gradients, Mask, Par, View, View2,
-    View4, ViewMut, ViewMut2, ViewMut4, WeightsDst,
+    attention_with_lse_lo, backward_path, bf16_level, broadcast_to, exp_slice, flash_attention, gemm, gemm_bf16,
+    gemm_reference, round_to_bf16, simd_level, Accum, AttentionOptions, BackwardInputs, BackwardPath, Bf16Panels,
+    Causal, ForwardInputs, Gradients, Mask, Par, View, View2, View4, ViewMut, ViewMut2, ViewMut4, WeightsDst,
 };
 use attn_nn::core::{MhaConfig, MhaOptions, MultiHeadAttention, Sequence, StateDict};
 use attn_nn::{BlockMasks, EncoderLayer, LayerConfig};
@@ -371,6 +371,38 @@ fn kernel_rows(rows: &mut Vec<Row>) -> Result<()> {
         path: "gemm 129×67·67×131".into(),
         error: max_abs(&c, &want),
         tolerance: 1e-5,
+        seconds: secs,
+    });
+
+    // The bf16 GEMM on the same operands against an f64 sum of the bf16-rounded inputs: its
+    // error relative to Σ|â·b̂| is bounded by the f32 sums alone, (K + 1)·2^-24.
+    let packed = Bf16Panels::pack(rhs);
+    let (_, secs) = timed(|| {
+        Ok(gemm_bf16(
+            ViewMut2::contiguous(&mut c, [m, n])?,
+            Accum::Replace,
+            lhs,
+            &packed,
+            Par::Rayon,
+        )?)
+    })?;
+    let rounded = packed.widened();
+    let mut worst = 0.0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let (mut sum, mut abs) = (0.0f64, 0.0f64);
+            for p in 0..k {
+                let term = round_to_bf16(a[i * k + p]) as f64 * rounded[p * n + j] as f64;
+                sum += term;
+                abs += term.abs();
+            }
+            worst = worst.max((c[i * n + j] as f64 - sum).abs() / abs.max(f64::MIN_POSITIVE));
+        }
+    }
+    rows.push(Row {
+        path: format!("gemm bf16 ({}) 129×67·67×131, error / Σ|a·b|", bf16_level()),
+        error: worst,
+        tolerance: (k + 1) as f64 * 2f64.powi(-24),
         seconds: secs,
     });
 
