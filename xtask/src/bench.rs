@@ -227,66 +227,44 @@ fn memory_section(binary: &Path, threads: usize, _rounds: usize) -> Result<Strin
     Ok(report)
 }
 
-/// attn against PyTorch (SDPA and modules), when PyTorch is importable.
+/// attn against PyTorch (SDPA, GEMM, embed, modules), when PyTorch is importable: each script
+/// of `xtask/python` run as `SCRIPT BINARY THREADS ROUNDS [EXTRA]`, its table under a heading.
 fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<String> {
-    let mut report = String::new();
-    let t = threads.to_string();
-    // 4. PyTorch, when importable.
-    let script = root().join("xtask/python/bench_compare.py");
     let has_torch = Command::new(python())
         .args(["-c", "import torch"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if has_torch {
-        let table = output(
-            Command::new(python())
-                .arg(&script)
-                .arg(binary)
-                .arg(&t)
-                .arg(rounds.to_string()),
-        )?;
-        report.push_str(&format!(
-            "\n### Against PyTorch scaled_dot_product_attention\n\n{table}"
-        ));
-    } else {
-        report.push_str(&format!(
+    if !has_torch {
+        return Ok(format!(
             "\n(PyTorch not importable by `{}`: set ATTN_PYTHON to a Python with torch)\n",
             python()
         ));
     }
-    if has_torch {
-        let gemm = root().join("xtask/python/bench_gemm.py");
+    let scripts: [(&str, &[&str], &str); 4] = [
+        ("bench_compare.py", &[], "Against PyTorch scaled_dot_product_attention"),
+        (
+            "bench_gemm.py",
+            &["--bf16"],
+            "GEMM against PyTorch matmul (the layers' shapes)",
+        ),
+        (
+            "bench_embed_bf16.py",
+            &[],
+            "attn embed in f32 and bf16 against sentence-transformers",
+        ),
+        ("bench_modules.py", &[], "Modules against PyTorch"),
+    ];
+    let mut report = String::new();
+    for (script, extra, heading) in scripts {
         let table = output(
             Command::new(python())
-                .arg(&gemm)
+                .arg(root().join("xtask/python").join(script))
                 .arg(binary)
-                .arg(&t)
+                .arg(threads.to_string())
                 .arg(rounds.to_string())
-                .arg("--bf16"),
+                .args(extra),
         )?;
-        report.push_str(&format!(
-            "\n### GEMM against PyTorch matmul (the layers' shapes)\n\n{table}"
-        ));
-        let embed = root().join("xtask/python/bench_embed_bf16.py");
-        let table = output(
-            Command::new(python())
-                .arg(&embed)
-                .arg(binary)
-                .arg(&t)
-                .arg(rounds.to_string()),
-        )?;
-        report.push_str(&format!(
-            "\n### attn embed in f32 and bf16 against sentence-transformers\n\n{table}"
-        ));
-        let modules = root().join("xtask/python/bench_modules.py");
-        let table = output(
-            Command::new(python())
-                .arg(&modules)
-                .arg(binary)
-                .arg(&t)
-                .arg(rounds.to_string()),
-        )?;
-        report.push_str(&format!("\n### Modules against PyTorch\n\n{table}"));
+        report.push_str(&format!("\n### {heading}\n\n{table}"));
     }
     Ok(report)
 }

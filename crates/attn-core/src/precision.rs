@@ -17,8 +17,10 @@ use crate::{AttnError, Result};
 ///   f32 rate; elsewhere the same rounded values are multiplied by the f32 GEMM, which is
 ///   slower than `F32` (the `attn` commands run f32 there and say so).
 ///
-/// Changing a model's weights through a mutable visitor (`visit_params`, training) drops its
-/// bf16 copies and returns it to `F32`: set the precision again afterwards.
+/// bf16 is for inference: a training forward on a module in bf16 is refused
+/// ([`training_needs_f32`]), since its backward is f32. Handing the weights out mutably
+/// (`visit_params`, and with it a store's `flat_mut` and AdamW's update) drops the bf16 copies
+/// and returns the module to `F32`, so they are never stale: set the precision again afterwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// f32 throughout.
@@ -60,6 +62,16 @@ impl std::str::FromStr for Precision {
                 expected: "\"f32\" or \"bf16\"".into(),
             }),
         }
+    }
+}
+
+/// The error of a training forward on a module in bf16: its backward is f32, so the forward
+/// must be too (mixed-precision training, with f32 master weights, is not built yet).
+pub fn training_needs_f32(module: &'static str) -> AttnError {
+    AttnError::InvalidConfig {
+        field: "precision",
+        got: format!("bf16 on the {module} being trained"),
+        expected: "f32 for training: call set_precision(Precision::F32) first (bf16 is for inference)".into(),
     }
 }
 

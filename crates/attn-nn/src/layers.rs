@@ -369,6 +369,9 @@ impl FeedForward {
     /// the activation is recomputed by the backward. Dropout site `dropout` (at `step.path`,
     /// PyTorch's place in the Transformer layers) applies between the activation and `linear2`.
     pub fn forward_train(&self, x: &[f32], step: &mut Step<'_>) -> Result<(Vec<f32>, FfnTape)> {
+        if self.linear1.precision() != Precision::F32 || self.linear2.precision() != Precision::F32 {
+            return Err(attn_core::training_needs_f32("feed-forward block").into());
+        }
         let [f, e] = self.linear1.dims();
         let n = x.len() / e.max(1);
         let mut u = arena::zeroed(n * f);

@@ -299,6 +299,16 @@ impl Attention {
         Ok(Attention { core })
     }
 
+    /// The precision of the three projections ([`Precision`]).
+    pub fn precision(&self) -> Precision {
+        self.core.precision()
+    }
+
+    /// Sets the precision of the three projections, as [`MultiHeadAttention::set_precision`].
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.core.set_precision(precision)
+    }
+
     /// Single-head attention, `query: [B, S, E]`, `key: [B, T, kdim]`, `value: [B, T, vdim]` ->
     /// `[B, S, Dv]`.
     pub fn forward(

@@ -148,6 +148,9 @@ impl MultiHeadAttention {
     /// tape its [`backward`](Self::backward) needs. Dropout is not applied (the module's
     /// `dropout` is ignored, as everywhere in attn-core).
     pub fn forward_train(&self, inputs: &MhaInputs<'_>, par: Par) -> Result<(MhaOutput, MhaTape)> {
+        if self.precision() != crate::Precision::F32 {
+            return Err(crate::training_needs_f32("multi-head attention"));
+        }
         inputs.query.check_layout("query", self.config.batch_first)?;
         if let Some((key, value)) = &inputs.key_value {
             key.check_layout("key", self.config.batch_first)?;

@@ -61,9 +61,10 @@ pub struct Seq2Seq {
 }
 
 impl Clone for Seq2Seq {
-    /// A copy with a store of its own.
+    /// A copy with a store of its own, in the same precision (adopting the store hands the
+    /// weights out mutably, which drops bf16 copies, so they are packed again).
     fn clone(&self) -> Self {
-        Seq2Seq {
+        let mut copy = Seq2Seq {
             store: ParamStore::default(),
             config: self.config.clone(),
             src_embed: self.src_embed.clone(),
@@ -72,7 +73,12 @@ impl Clone for Seq2Seq {
             generator: self.generator.clone(),
             positions: self.positions.clone(),
         }
-        .with_store()
+        .with_store();
+        if self.precision() != Precision::F32 {
+            copy.set_precision(self.precision())
+                .expect("the same weights packed again");
+        }
+        copy
     }
 }
 
@@ -102,6 +108,11 @@ pub fn sinusoidal_positions(max_len: usize, d: usize) -> Vec<f32> {
 }
 
 impl Seq2Seq {
+    /// The precision of the linear maps (the generator's; [`Seq2Seq::set_precision`] sets all).
+    pub fn precision(&self) -> Precision {
+        self.generator.precision()
+    }
+
     /// Sets the precision of the linear maps: every layer's projections and feed-forward
     /// blocks, and the generator ([`Precision`]); embeddings, norms and attention stay f32.
     /// Training (or anything that hands out the weights mutably) returns the model to f32.

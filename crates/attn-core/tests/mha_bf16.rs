@@ -1,0 +1,156 @@
+//! Multi-head attention with bf16 projections (`Precision::Bf16`): every projection path (fused
+//! self-attention, separate key/value weights, appended key rows, the output projection, the
+//! KV cache) stays within bf16's error of the f32 module, the cache and one causal pass agree,
+//! and going back to f32 or handing the weights out mutably restores the f32 bits.
+
+use attn_core::kernels::testing::random_vec as random;
+use attn_core::kernels::Par;
+use attn_core::{MhaConfig, MhaOptions, MultiHeadAttention, ParamPath, Parameters, Precision, Sequence};
+
+/// `max |got - want| / (1 + max |want|)`: bf16's rounding error scales with the sums of
+/// `|x·w|`, so it is taken relative to the output's scale.
+fn scaled_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = 1.0 + want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).abs() / scale)
+        .fold(0.0, f64::max)
+}
+
+/// Measured at most 4.6e-4 over these cases (E = 64, inputs in [-1, 1)); the bound is about
+/// 10×. Reading a projection through another's packed weights is off by the whole scale.
+const BF16_TOLERANCE: f64 = 5e-3;
+
+fn config(e: usize, h: usize) -> MhaConfig {
+    MhaConfig::new(e, h)
+}
+
+/// Self-attention and cross-attention on one module in f32 and in bf16.
+fn outputs(mha: &MultiHeadAttention, [b, s, t]: [usize; 3], kdim: usize, vdim: usize) -> [Vec<f32>; 2] {
+    let e = mha.dims()[0];
+    let x = random(b * s * e, 1);
+    let k = random(b * t * kdim, 2);
+    let v = random(b * t * vdim, 3);
+    let options = MhaOptions::default();
+    let cross = mha
+        .forward(
+            Sequence::batch_first(&x, b, s, e),
+            Sequence::batch_first(&k, b, t, kdim),
+            Sequence::batch_first(&v, b, t, vdim),
+            &options,
+            Par::Rayon,
+        )
+        .unwrap()
+        .output;
+    let own = if kdim == e && vdim == e {
+        mha.forward_self(Sequence::batch_first(&x, b, s, e), &options, Par::Rayon)
+            .unwrap()
+            .output
+    } else {
+        Vec::new()
+    };
+    [cross, own]
+}
+
+#[test]
+fn every_projection_path_stays_within_bf16_error() {
+    let (b, s, t) = (2, 37, 53);
+    let cases: [(&str, MhaConfig); 4] = [
+        ("fused", config(64, 4)),
+        (
+            "grouped heads",
+            MhaConfig {
+                num_kv_heads: Some(2),
+                ..config(64, 4)
+            },
+        ),
+        (
+            "kdim and vdim",
+            MhaConfig {
+                kdim: Some(40),
+                vdim: Some(24),
+                ..config(64, 4)
+            },
+        ),
+        (
+            "bias_kv and zero_attn",
+            MhaConfig {
+                add_bias_kv: true,
+                add_zero_attn: true,
+                ..config(64, 4)
+            },
+        ),
+    ];
+    let mut worst = 0.0f64;
+    for (name, cfg) in cases {
+        let (kdim, vdim) = (cfg.kdim.unwrap_or(64), cfg.vdim.unwrap_or(64));
+        let mut mha = MultiHeadAttention::with_seed(cfg, 7).unwrap();
+        let want = outputs(&mha, [b, s, t], kdim, vdim);
+        mha.set_precision(Precision::Bf16).unwrap();
+        assert_eq!(mha.precision(), Precision::Bf16);
+        let got = outputs(&mha, [b, s, t], kdim, vdim);
+        for (what, (g, w)) in ["cross", "self"].iter().zip(got.iter().zip(&want)) {
+            if w.is_empty() {
+                continue;
+            }
+            let error = scaled_error(g, w);
+            worst = worst.max(error);
+            assert!(error <= BF16_TOLERANCE, "{name} {what}: {error:e}");
+            assert_ne!(g, w, "{name} {what}: bf16 gave the f32 bits");
+        }
+        // Back to f32: the f32 bits.
+        mha.set_precision(Precision::F32).unwrap();
+        assert_eq!(outputs(&mha, [b, s, t], kdim, vdim), want, "{name}: back to f32");
+    }
+    eprintln!("bf16 against f32, worst scaled error: {worst:.2e}");
+}
+
+/// Decoding with a KV cache in bf16, a token at a time, equals one causal pass in bf16 (the
+/// projections of a row do not depend on the rows beside it).
+#[test]
+fn bf16_cache_decoding_equals_one_causal_pass() {
+    let (b, s, e) = (2, 11, 64);
+    let mut mha = MultiHeadAttention::with_seed(config(e, 4), 3).unwrap();
+    mha.set_precision(Precision::Bf16).unwrap();
+    let x = random(b * s * e, 9);
+    let full = mha
+        .forward_self(
+            Sequence::batch_first(&x, b, s, e),
+            &MhaOptions::default().causal(),
+            Par::Rayon,
+        )
+        .unwrap()
+        .output;
+    let mut cache = mha.new_cache(b, s);
+    let mut steps = vec![0.0f32; b * s * e];
+    for i in 0..s {
+        let token: Vec<f32> = (0..b)
+            .flat_map(|bi| x[(bi * s + i) * e..(bi * s + i + 1) * e].to_vec())
+            .collect();
+        let out = mha
+            .forward_append(
+                Sequence::batch_first(&token, b, 1, e),
+                &mut cache,
+                &MhaOptions::default(),
+                Par::Seq,
+            )
+            .unwrap()
+            .output;
+        for bi in 0..b {
+            steps[(bi * s + i) * e..(bi * s + i + 1) * e].copy_from_slice(&out[bi * e..(bi + 1) * e]);
+        }
+    }
+    // The attention kernels differ by path (decode against prefill), in f32 only.
+    let error = scaled_error(&steps, &full);
+    assert!(error < 1e-5, "{error:e}");
+}
+
+/// Handing the weights out mutably drops the bf16 copies: what comes back is f32.
+#[test]
+fn visiting_the_weights_returns_to_f32() {
+    let mut mha = MultiHeadAttention::with_seed(config(32, 2), 5).unwrap();
+    mha.set_precision(Precision::Bf16).unwrap();
+    mha.visit_params(&ParamPath::ROOT, &mut |_, _| {});
+    assert_eq!(mha.precision(), Precision::F32);
+}
