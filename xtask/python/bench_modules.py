@@ -5,7 +5,7 @@ then alternates rounds: one `attn bench run --json` process (its own median over
 the PyTorch forward timed the same way in this process. Reports medians and ratios. Run by
 `cargo xtask bench`.
 
-Usage: python bench_modules.py ATTN_BINARY THREADS ROUNDS
+Usage: python bench_modules.py ATTN_BINARY THREADS ROUNDS [--bf16] [--no-embed]
 """
 
 import json
@@ -107,12 +107,24 @@ def time_torch(forward, min_seconds=0.5, min_runs=5):
     return statistics.median(times)
 
 
+def attn_bench_run(binary, threads, d, dtype):
+    out = subprocess.run([binary, "bench", "run", "--config", str(d / "m.json"), "--weights",
+                          str(d / "w.safetensors"), "--input", str(d / "in.safetensors"),
+                          "--threads", str(threads), "--dtype", dtype, "--min-seconds", "0.5", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["median_s"]
+
+
 def main():
     binary, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    # --bf16: also attn's `--dtype bf16` and PyTorch under torch.autocast("cpu", bfloat16), the
+    # same rounds, in a second table; --no-embed skips the sentence-transformers comparison.
+    bf16 = "--bf16" in sys.argv
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {threads} threads, {rounds} interleaved rounds, medians")
     print("| module | attn ms | torch ms | attn / torch speed |")
     print("|---|---|---|---|")
+    bf16_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for make in CASES:
             label, module, config, inputs, forward = make()
@@ -120,17 +132,30 @@ def main():
             (d / "m.json").write_text(json.dumps(config))
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / "w.safetensors"))
             save_file({k: v.clone().contiguous() for k, v in inputs.items()}, str(d / "in.safetensors"))
-            ours, theirs = [], []
+
+            def autocast_forward(forward=forward):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    forward()
+
+            ours, theirs, ours_bf16, theirs_bf16 = [], [], [], []
             for _ in range(rounds):
-                out = subprocess.run([binary, "bench", "run", "--config", str(d / "m.json"), "--weights",
-                                      str(d / "w.safetensors"), "--input", str(d / "in.safetensors"),
-                                      "--threads", str(threads), "--min-seconds", "0.5", "--json"],
-                                     check=True, capture_output=True, text=True).stdout
-                ours.append(json.loads(out)["median_s"])
+                ours.append(attn_bench_run(binary, threads, d, "f32"))
                 theirs.append(time_torch(forward))
+                if bf16:
+                    ours_bf16.append(attn_bench_run(binary, threads, d, "bf16"))
+                    theirs_bf16.append(time_torch(autocast_forward))
             o, p = statistics.median(ours), statistics.median(theirs)
             print(f"| {label} | {o*1e3:.2f} | {p*1e3:.2f} | {p/o:.2f}x |")
-    embed_comparison(binary, threads, rounds)
+            if bf16:
+                ob, pb = statistics.median(ours_bf16), statistics.median(theirs_bf16)
+                bf16_rows.append(f"| {label} | {ob*1e3:.2f} | {o*1e3:.2f} | {pb*1e3:.2f} | {o/ob:.2f}x | {pb/ob:.2f}x |")
+    if bf16:
+        print("\nbf16 linear maps (attn --dtype bf16) against PyTorch under torch.autocast bf16, the same rounds")
+        print("| module | attn bf16 ms | attn f32 ms | torch autocast ms | attn bf16 / attn f32 | attn bf16 / torch autocast |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(bf16_rows))
+    if "--no-embed" not in sys.argv:
+        embed_comparison(binary, threads, rounds)
 
 
 if __name__ == "__main__":
