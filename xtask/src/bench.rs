@@ -252,7 +252,11 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
             &[],
             "attn embed in f32 and bf16 against sentence-transformers",
         ),
-        ("bench_modules.py", &["--bf16"], "Modules against PyTorch (f32, and bf16 against autocast)"),
+        (
+            "bench_modules.py",
+            &["--bf16"],
+            "Modules against PyTorch (f32, and bf16 against autocast)",
+        ),
     ];
     let mut report = String::new();
     for (script, extra, heading) in scripts {
