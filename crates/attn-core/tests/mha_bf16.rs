@@ -5,7 +5,7 @@
 
 use attn_core::kernels::testing::random_vec as random;
 use attn_core::kernels::Par;
-use attn_core::{MhaConfig, MhaOptions, MultiHeadAttention, ParamPath, Parameters, Precision, Sequence};
+use attn_core::{MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, ParamPath, Parameters, Precision, Sequence};
 
 /// `max |got - want| / (1 + max |want|)`: bf16's rounding error scales with the sums of
 /// `|x·w|`, so it is taken relative to the output's scale.
@@ -146,11 +146,22 @@ fn bf16_cache_decoding_equals_one_causal_pass() {
     assert!(error < 1e-5, "{error:e}");
 }
 
-/// Handing the weights out mutably drops the bf16 copies: what comes back is f32.
+/// A training forward refuses a module in bf16 (its backward is f32), naming the fix; handing
+/// the weights out mutably drops the bf16 copies, and then training runs.
 #[test]
-fn visiting_the_weights_returns_to_f32() {
+fn training_refuses_bf16_and_visiting_the_weights_returns_to_f32() {
     let mut mha = MultiHeadAttention::with_seed(config(32, 2), 5).unwrap();
     mha.set_precision(Precision::Bf16).unwrap();
+    let x = random(2 * 3 * 32, 4);
+    let inputs = MhaInputs {
+        query: Sequence::batch_first(&x, 2, 3, 32),
+        key_value: None,
+        options: MhaOptions::default(),
+        packing: None,
+    };
+    let refused = mha.forward_train(&inputs, Par::Seq).unwrap_err().to_string();
+    assert!(refused.contains("f32 for training"), "{refused}");
     mha.visit_params(&ParamPath::ROOT, &mut |_, _| {});
     assert_eq!(mha.precision(), Precision::F32);
+    assert!(mha.forward_train(&inputs, Par::Seq).is_ok());
 }

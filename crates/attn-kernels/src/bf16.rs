@@ -76,7 +76,8 @@ impl Bf16Panels {
         let [k, n] = b.shape();
         let pairs = k.div_ceil(2);
         let mut data = vec![0u32; n.div_ceil(PANEL) * pairs * PANEL];
-        for (panel, out) in data.chunks_exact_mut(pairs * PANEL).enumerate() {
+        // `max(1)`: an empty depth has no panels to fill (and chunks of 0 are not allowed).
+        for (panel, out) in data.chunks_exact_mut((pairs * PANEL).max(1)).enumerate() {
             for q in 0..pairs {
                 for l in 0..PANEL.min(n - panel * PANEL) {
                     let j = panel * PANEL + l;
@@ -176,7 +177,7 @@ pub(crate) fn gemm_bf16_at(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if level == Bf16Level::Avx512Bf16 && dst.strides()[1] == 1 {
+    if level == Bf16Level::Avx512Bf16 && dst.strides()[1] == 1 && k > 0 {
         let ldc = dst.strides()[0];
         let pairs = k.div_ceil(2);
         let mut a = crate::buffer::take(m * pairs);
@@ -188,7 +189,8 @@ pub(crate) fn gemm_bf16_at(
         crate::buffer::give(a);
         return Ok(());
     }
-    // No bf16 instructions (or a strided destination): the rounded values in f32.
+    // No bf16 instructions, a strided destination or an empty depth (zeros, or `dst` kept):
+    // the rounded values in f32.
     let _ = level;
     let rounded: Vec<f32> = (0..m * k).map(|i| round_to_bf16(lhs.get([i / k, i % k]))).collect();
     let b = rhs.widened();
@@ -537,6 +539,9 @@ mod tests {
                 (70, 48, 257),
                 (64, 100, 40),
                 (130, 32, 9),
+                (4, 5, 0),
+                (3, 0, 5),
+                (0, 5, 3),
             ] {
                 for (accum, transposed, strided) in [
                     (Accum::Replace, false, false),

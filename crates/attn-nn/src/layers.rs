@@ -425,6 +425,46 @@ impl Parameters for FeedForward {
 mod tests {
     use super::*;
 
+    /// The feed-forward block in bf16: its forward stays near f32's, and its training forward
+    /// is refused (the backward is f32) until the precision is f32 again.
+    #[test]
+    fn feed_forward_in_bf16_serves_inference_and_refuses_training() {
+        let (e, f, n) = (32, 64, 5);
+        let mut init = attn_core::WeightInit::new(3);
+        let mut dict = StateDict::new();
+        for (name, shape, fan_in) in [
+            ("linear1.weight", vec![f, e], e),
+            ("linear1.bias", vec![f], e),
+            ("linear2.weight", vec![e, f], f),
+            ("linear2.bias", vec![e], f),
+        ] {
+            dict.insert(name.into(), init.uniform(shape, fan_in));
+        }
+        let mut ffn = FeedForward {
+            linear1: Linear::load(&mut dict, "linear1.", e, f, true).unwrap(),
+            linear2: Linear::load(&mut dict, "linear2.", f, e, true).unwrap(),
+            activation: Activation::Relu,
+        };
+        let x = kernels::testing::random_vec(n * e, 8);
+        let want = ffn.forward(&x, Par::Seq).unwrap();
+        ffn.set_precision(Precision::Bf16).unwrap();
+        let got = ffn.forward(&x, Par::Seq).unwrap();
+        let scale = 1.0 + want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+        let error = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs() / scale)
+            .fold(0.0f32, f32::max);
+        // Measured 9.6e-4 of the output's scale; the bound is about 10×.
+        assert!(error > 0.0 && error < 1e-2, "{error:e}");
+        let mut grads = attn_core::Grads::new();
+        let mut step = Step::new(crate::step::Dropout { p: 0.0, seed: 1 }, Par::Seq, &mut grads);
+        let refused = ffn.forward_train(&x, &mut step).unwrap_err().to_string();
+        assert!(refused.contains("f32 for training"), "{refused}");
+        ffn.set_precision(Precision::F32).unwrap();
+        assert!(ffn.forward_train(&x, &mut step).is_ok());
+    }
+
     #[test]
     fn norms_match_their_definitions() {
         let e = 5;
