@@ -4,7 +4,10 @@ For each shape, alternates rounds: one `attn bench sdpa --json` run (a fresh pro
 median over >= 0.5 s), then PyTorch timed the same way in this process; repeats ROUNDS times and
 reports the median of each side's medians and their ratio. Run by `cargo xtask bench`.
 
-Usage: python bench_compare.py ATTN_BINARY THREADS ROUNDS [--json]
+With --bf16, attn runs `--dtype bf16` and PyTorch gets bf16 tensors (its bf16 SDPA); attn's f32
+is timed in the same rounds too, for the bf16 / f32 ratio.
+
+Usage: python bench_compare.py ATTN_BINARY THREADS ROUNDS [--json] [--bf16]
 """
 
 import json
@@ -33,11 +36,11 @@ def flops(b, h, s, t, d, causal):
     return f / 2 if causal and s == t else f
 
 
-def time_torch(b, h, g, s, t, d, causal, min_seconds=0.5, min_runs=5):
+def time_torch(b, h, g, s, t, d, causal, dtype=torch.float32, min_seconds=0.5, min_runs=5):
     gen = torch.Generator().manual_seed(0)
-    q = torch.rand(b, h, s, d, generator=gen) * 2 - 1
-    k = torch.rand(b, g, t, d, generator=gen) * 2 - 1
-    v = torch.rand(b, g, t, d, generator=gen) * 2 - 1
+    q = (torch.rand(b, h, s, d, generator=gen) * 2 - 1).to(dtype)
+    k = (torch.rand(b, g, t, d, generator=gen) * 2 - 1).to(dtype)
+    v = (torch.rand(b, g, t, d, generator=gen) * 2 - 1).to(dtype)
     kwargs = {"is_causal": causal}
     if g != h:
         kwargs["enable_gqa"] = True
@@ -52,9 +55,10 @@ def time_torch(b, h, g, s, t, d, causal, min_seconds=0.5, min_runs=5):
     return statistics.median(times)
 
 
-def time_attn(binary, threads, b, h, g, s, t, d, causal):
+def time_attn(binary, threads, b, h, g, s, t, d, causal, dtype="f32"):
     cmd = [binary, "bench", "sdpa", "--batch", str(b), "--heads", str(h), "--kv-heads", str(g), "--seq", str(s),
-           "--kv-seq", str(t), "--head-dim", str(d), "--threads", str(threads), "--min-seconds", "0.5", "--json"]
+           "--kv-seq", str(t), "--head-dim", str(d), "--threads", str(threads), "--min-seconds", "0.5", "--json",
+           "--dtype", dtype]
     if causal:
         cmd.append("--causal")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -64,26 +68,40 @@ def time_attn(binary, threads, b, h, g, s, t, d, causal):
 def main():
     binary, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     as_json = "--json" in sys.argv
+    bf16 = "--bf16" in sys.argv
     torch.set_num_threads(threads)
     rows = []
     for (b, h, g, s, t, d, causal) in SHAPES:
-        ours, theirs = [], []
+        ours, theirs, ours_f32 = [], [], []
         for _ in range(rounds):
-            ours.append(time_attn(binary, threads, b, h, g, s, t, d, causal))
-            theirs.append(time_torch(b, h, g, s, t, d, causal))
+            if bf16:
+                ours.append(time_attn(binary, threads, b, h, g, s, t, d, causal, "bf16"))
+                theirs.append(time_torch(b, h, g, s, t, d, causal, torch.bfloat16))
+                ours_f32.append(time_attn(binary, threads, b, h, g, s, t, d, causal, "f32"))
+            else:
+                ours.append(time_attn(binary, threads, b, h, g, s, t, d, causal))
+                theirs.append(time_torch(b, h, g, s, t, d, causal))
         o, p = statistics.median(ours), statistics.median(theirs)
         fl = flops(b, h, s, t, d, causal)
-        rows.append({"shape": [b, h, g, s, t, d], "causal": causal, "attn_s": o, "torch_s": p,
-                     "attn_gflops": fl / o / 1e9, "torch_gflops": fl / p / 1e9, "speedup": p / o})
+        row = {"shape": [b, h, g, s, t, d], "causal": causal, "attn_s": o, "torch_s": p,
+               "attn_gflops": fl / o / 1e9, "torch_gflops": fl / p / 1e9, "speedup": p / o}
+        if bf16:
+            row["attn_f32_s"] = statistics.median(ours_f32)
+            row["bf16_over_f32"] = row["attn_f32_s"] / o
+        rows.append(row)
     if as_json:
-        print(json.dumps({"torch": torch.__version__, "threads": threads, "rounds": rounds, "rows": rows}))
+        print(json.dumps({"torch": torch.__version__, "threads": threads, "rounds": rounds, "bf16": bf16,
+                          "rows": rows}))
         return
-    print(f"torch {torch.__version__}, {threads} threads, {rounds} interleaved rounds, medians")
-    print("| B,H,G,S,T,D | causal | attn ms | torch ms | attn GFLOP/s | torch GFLOP/s | attn / torch speed |")
-    print("|---|---|---|---|---|---|---|")
+    what = "bf16 (attn --dtype bf16, torch bf16 tensors)" if bf16 else "f32"
+    print(f"torch {torch.__version__}, {what}, {threads} threads, {rounds} interleaved rounds, medians")
+    extra = " attn f32 ms | attn bf16 / f32 speed |" if bf16 else ""
+    print(f"| B,H,G,S,T,D | causal | attn ms | torch ms | attn GFLOP/s | torch GFLOP/s | attn / torch speed |{extra}")
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if bf16 else ""))
     for r in rows:
+        tail = f" {r['attn_f32_s']*1e3:.2f} | {r['bf16_over_f32']:.2f}x |" if bf16 else ""
         print(f"| {','.join(map(str, r['shape']))} | {'yes' if r['causal'] else 'no'} | {r['attn_s']*1e3:.2f} | "
-              f"{r['torch_s']*1e3:.2f} | {r['attn_gflops']:.1f} | {r['torch_gflops']:.1f} | {r['speedup']:.2f}x |")
+              f"{r['torch_s']*1e3:.2f} | {r['attn_gflops']:.1f} | {r['torch_gflops']:.1f} | {r['speedup']:.2f}x |{tail}")
 
 
 if __name__ == "__main__":

@@ -240,8 +240,13 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
             python()
         ));
     }
-    let scripts: [(&str, &[&str], &str); 4] = [
+    let scripts: [(&str, &[&str], &str); 5] = [
         ("bench_compare.py", &[], "Against PyTorch scaled_dot_product_attention"),
+        (
+            "bench_compare.py",
+            &["--bf16"],
+            "SDPA in bf16 against PyTorch's SDPA on bf16 tensors",
+        ),
         (
             "bench_gemm.py",
             &["--bf16"],

@@ -175,9 +175,17 @@ pub struct SdpaOptions<'a> {
     pub key_padding: KeyPadding<'a>,
     /// ALiBi slopes, one per query head (see [`alibi_slopes`](crate::alibi_slopes)).
     pub alibi_slopes: Option<&'a [f32]>,
+    /// The number format of the two products (see [`Precision`](crate::Precision)); bf16 is
+    /// forward only: [`sdpa_backward`] refuses it.
+    pub precision: crate::Precision,
 }
 
 impl<'a> SdpaOptions<'a> {
+    /// The two products in this precision.
+    pub fn precision(self, precision: crate::Precision) -> Self {
+        SdpaOptions { precision, ..self }
+    }
+
     /// Causal masking, with the given alignment.
     pub fn causal(self, causal: Causal) -> Self {
         SdpaOptions { causal, ..self }
@@ -282,6 +290,7 @@ impl<'a> SdpaOptions<'a> {
             causal: self.causal,
             key_lengths,
             alibi_slopes: self.alibi_slopes,
+            precision: self.precision,
         })
     }
 }

@@ -4,8 +4,11 @@
 //! and going back to f32 or handing the weights out mutably restores the f32 bits.
 
 use attn_core::kernels::testing::random_vec as random;
-use attn_core::kernels::Par;
-use attn_core::{MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, ParamPath, Parameters, Precision, Sequence};
+use attn_core::kernels::{round_to_bf16, Par, View4};
+use attn_core::{
+    sdpa, sdpa_backward, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, ParamPath, Parameters, Precision,
+    SdpaOptions, Sequence,
+};
 
 /// `max |got - want| / (1 + max |want|)`: bf16's rounding error scales with the sums of
 /// `|x·w|`, so it is taken relative to the output's scale.
@@ -164,4 +167,72 @@ fn training_refuses_bf16_and_visiting_the_weights_returns_to_f32() {
     mha.visit_params(&ParamPath::ROOT, &mut |_, _| {});
     assert_eq!(mha.precision(), Precision::F32);
     assert!(mha.forward_train(&inputs, Par::Seq).is_ok());
+}
+
+/// With identity projections and zero biases, a bf16 module's self-attention is the bf16
+/// attention of the inputs rounded to bf16, rounded again by the output projection: the same
+/// bits as `sdpa` in bf16 on those inputs, and not those of f32 attention on them (so attention
+/// itself runs in the module's precision, not only its projections).
+#[test]
+fn attention_runs_in_the_module_precision() {
+    let (b, s, e, h) = (2, 40, 32, 4);
+    let d = e / h;
+    let mut mha = MultiHeadAttention::with_seed(config(e, h), 3).unwrap();
+    for (name, tensor) in mha.params_mut("") {
+        let cols = tensor.shape().last().copied().unwrap_or(1);
+        for (i, x) in tensor.data_mut().iter_mut().enumerate() {
+            let identity = name.ends_with("weight") && i % cols == (i / cols) % e;
+            *x = if identity { 1.0 } else { 0.0 };
+        }
+    }
+    mha.set_precision(Precision::Bf16).unwrap();
+    let x = random(b * s * e, 9);
+    let got = mha
+        .forward_self(Sequence::batch_first(&x, b, s, e), &MhaOptions::default(), Par::Rayon)
+        .unwrap()
+        .output;
+    // The heads of round(x) as [B, H, S, D], attention in each precision, back to [B, S, E].
+    let rounded: Vec<f32> = x.iter().map(|&v| round_to_bf16(v)).collect();
+    let heads = View4::new(&rounded, [b, h, s, d], [s * e, d, e, 1]).unwrap();
+    let attend = |precision| {
+        let options = SdpaOptions::default().precision(precision);
+        let out = sdpa(heads, heads, heads, &options, Par::Rayon).unwrap().output;
+        let mut rows = vec![0.0f32; b * s * e];
+        for (i, &v) in out.iter().enumerate() {
+            let (bi, hi, si, di) = (i / (h * s * d), i / (s * d) % h, i / d % s, i % d);
+            rows[(bi * s + si) * e + hi * d + di] = round_to_bf16(v);
+        }
+        rows
+    };
+    let differing = |want: Vec<f32>| {
+        got.iter()
+            .zip(&want)
+            .filter(|(g, w)| g.to_bits() != w.to_bits())
+            .count()
+    };
+    assert_eq!(
+        differing(attend(Precision::Bf16)),
+        0,
+        "elements off the module's bf16 attention"
+    );
+    assert!(
+        differing(attend(Precision::F32)) > 0,
+        "f32 attention inside a bf16 module"
+    );
+}
+
+/// `sdpa` in bf16 stays within bf16's error of f32 and gives other bits; its backward, which
+/// computes in f32, refuses it.
+#[test]
+fn sdpa_in_bf16_is_forward_only() {
+    let (b, h, s, d) = (1, 2, 50, 16);
+    let q = random(b * h * s * d, 5);
+    let view = View4::contiguous(&q, [b, h, s, d]).unwrap();
+    let bf16 = SdpaOptions::default().precision(Precision::Bf16);
+    let f32 = sdpa(view, view, view, &SdpaOptions::default(), Par::Seq).unwrap();
+    let got = sdpa(view, view, view, &bf16, Par::Seq).unwrap();
+    let error = scaled_error(&got.output, &f32.output);
+    assert!(error <= BF16_TOLERANCE && got.output != f32.output, "{error:e}");
+    let refused = sdpa_backward(view, view, view, &got, view, &bf16, Par::Seq).unwrap_err();
+    assert!(refused.to_string().contains("precision is bf16"), "{refused}");
 }

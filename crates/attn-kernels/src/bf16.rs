@@ -27,6 +27,74 @@ const PANEL: usize = 16;
 /// Rows of the left operand per parallel task.
 const TASK_ROWS: usize = 64;
 
+/// The number format of a computation's products.
+///
+/// - `F32`: f32 operands and sums (the default).
+/// - `Bf16`: the operands of each product rounded to bf16 ([`f32_to_bf16`]), the products
+///   summed in f32 and the results f32. In attention ([`crate::AttentionOptions::precision`])
+///   that is the scaled queries `scale·q`, the keys, the values and the softmax's unnormalised
+///   probabilities; the scores, masks, softmax, online rescaling and LSE stay f32. Where the
+///   CPU has AVX512-BF16 ([`Precision::runs_natively`]) the products run on `vdpbf16ps`, at
+///   about twice the f32 rate; elsewhere the same rounded values are multiplied in f32, with the
+///   same error bound and more time than `F32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// bf16 operands, f32 sums and outputs.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this CPU computes in this precision with its own instructions (always for
+    /// `F32`; for `Bf16`, when [`crate::bf16_level`] is not `None`).
+    pub fn runs_natively(self) -> bool {
+        match self {
+            Precision::F32 => true,
+            Precision::Bf16 => crate::bf16_level() != Bf16Level::None,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = KernelError;
+    fn from_str(text: &str) -> Result<Self, KernelError> {
+        match text {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(KernelError::InvalidArgument {
+                op: "precision",
+                what: "precision",
+                got: format!("{other:?}"),
+                expected: "\"f32\" or \"bf16\"",
+            }),
+        }
+    }
+}
+
+/// Refuses a call in [`Precision::Bf16`] to `op`, an attention path that computes in f32 only.
+pub(crate) fn require_f32(op: &'static str, options: &crate::AttentionOptions<'_>) -> Result<(), KernelError> {
+    match options.precision {
+        Precision::F32 => Ok(()),
+        Precision::Bf16 => Err(KernelError::InvalidArgument {
+            op,
+            what: "precision",
+            got: "bf16".into(),
+            expected: "f32 (this path computes in f32 only; flash_attention and attention take bf16)",
+        }),
+    }
+}
+
 /// `x` rounded to bf16 (to nearest, ties to even), as the bits of the bf16 value: the upper half
 /// of an f32. NaN stays NaN (made quiet), infinities stay, values too large for bf16 become
 /// infinities, and subnormals become zeros of the same sign (as AVX512-BF16's conversions do).
@@ -236,7 +304,7 @@ fn pack_rows(level: Bf16Level, dst: &mut [f32], lhs: View2<'_, f32>, par: Par) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512bf16 {
+pub(crate) mod avx512bf16 {
     //! The AVX512-BF16 kernel; every function requires AVX-512F and AVX512-BF16.
     use std::arch::x86_64::*;
 
@@ -254,7 +322,7 @@ mod avx512bf16 {
     /// # Safety
     /// AVX-512F and AVX512-BF16 must be available; `dst` must hold `src.len().div_ceil(2)` words.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn convert_row(src: &[f32], dst: &mut [f32]) {
+    pub(crate) unsafe fn convert_row(src: &[f32], dst: &mut [f32]) {
         let k = src.len();
         assert!(dst.len() >= k.div_ceil(2));
         let out = dst.as_mut_ptr().cast::<u16>();
@@ -341,23 +409,29 @@ mod avx512bf16 {
         }
     }
 
-    /// Rows `0..rows` (at most [`TASK_ROWS`]) of `c`: column pairs of panels outside, blocks of
-    /// [`MR`] rows inside, a last single panel on its own.
+    /// `c[0..rows, 0..n] (+)= a · b` over `pairs` pairs of the depth: `a` rows of pairs `lda`
+    /// words apart, `b` panels of 16 columns `b_panel` words apart (16 words per pair), `c` rows
+    /// `ldc` apart. Column pairs of panels outside, blocks of [`MR`] rows inside, a last single
+    /// panel on its own; columns from `n` to the panel's end are neither read nor written. The
+    /// GEMM runs it per task of rows, and the flash kernel per tile (scores and `P·V`).
     ///
     /// # Safety
-    /// As for [`gemm`], for these rows.
+    /// AVX-512F and AVX512-BF16 must be available; `a` readable at `r·lda + q` and `b` at
+    /// `(j / 16)·b_panel + q·16 + j % 16` for `r < rows`, `q < pairs`, `j < n` rounded up to 16;
+    /// `c` writable at `r·ldc + j`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows_task<const ADD: bool>(
+    pub(crate) unsafe fn tile<const ADD: bool>(
         rows: usize,
         n: usize,
         pairs: usize,
         a: *const u32,
+        lda: usize,
         b: *const u32,
+        b_panel: usize,
         c: *mut f32,
         ldc: usize,
     ) {
-        let b_panel = pairs * PANEL;
         let mut j0 = 0;
         while j0 < n {
             let wide = n - j0 > PANEL;
@@ -368,18 +442,18 @@ mod avx512bf16 {
                 // SAFETY: rows `r0..r0 + mr` and columns `j0..j0 + cols` are inside `c`; the
                 // panels of these columns are inside `b`.
                 unsafe {
-                    let (a_blk, b_blk, c_blk) = (a.add(r0 * pairs), b.add(j0 / PANEL * b_panel), c.add(r0 * ldc + j0));
+                    let (a_blk, b_blk, c_blk) = (a.add(r0 * lda), b.add(j0 / PANEL * b_panel), c.add(r0 * ldc + j0));
                     macro_rules! run {
                         ($vecs:literal) => {
                             match mr {
-                                1 => block::<1, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
-                                2 => block::<2, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
-                                3 => block::<3, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
-                                4 => block::<4, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
-                                5 => block::<5, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
-                                6 => block::<6, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
-                                7 => block::<7, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
-                                _ => block::<8, $vecs, ADD>(pairs, a_blk, pairs, b_blk, b_panel, c_blk, ldc, cols),
+                                1 => block::<1, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                                2 => block::<2, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                                3 => block::<3, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                                4 => block::<4, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                                5 => block::<5, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                                6 => block::<6, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                                7 => block::<7, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                                _ => block::<8, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
                             }
                         };
                     }
@@ -420,9 +494,10 @@ mod avx512bf16 {
             // SAFETY: the caller's contract, for rows `r0..r0 + rows`.
             unsafe {
                 let (a, c) = (a.get().add(r0 * pairs), c.get().add(r0 * ldc));
+                let b_panel = pairs * PANEL;
                 match accum {
-                    Accum::Replace => rows_task::<false>(rows, n, pairs, a, b.get(), c, ldc),
-                    Accum::Add => rows_task::<true>(rows, n, pairs, a, b.get(), c, ldc),
+                    Accum::Replace => tile::<false>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc),
+                    Accum::Add => tile::<true>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc),
                 }
             }
         };

@@ -68,6 +68,15 @@ pub struct AttentionOptions<'a> {
     pub causal: Causal,
     /// Key padding: batch `b` attends only keys `t < key_lengths[b]`; length `B`.
     pub key_lengths: Option<&'a [usize]>,
+    /// The number format of the two products, `scale·q·kᵀ` and `P·V` (f32 by default). With
+    /// [`Precision::Bf16`](crate::Precision) the scaled queries, keys, values and the
+    /// softmax's unnormalised probabilities are rounded to bf16 and the products summed in
+    /// f32; masks, softmax and LSE stay f32. [`crate::flash_attention`] and
+    /// [`crate::attention`] (which then always takes the flash path) honour it, and so does
+    /// [`crate::attention_weights`] (its scores are the forward's); the unfused path and the
+    /// backward are f32 only and refuse it with [`KernelError::InvalidArgument`]. The f64
+    /// reference computes the exact result of the f32 inputs whatever it says.
+    pub precision: crate::Precision,
 }
 
 /// A view of `data`, stored densely with `shape` (rank 0 to 4), broadcast to `target` by

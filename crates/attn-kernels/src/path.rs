@@ -30,7 +30,8 @@ impl std::fmt::Display for KernelPath {
     }
 }
 
-/// The path [`attention`] takes for `q: [B, H, S, D]` and `k: [B, G, T, D]` at `level`.
+/// The path [`attention`] takes for `q: [B, H, S, D]` and `k: [B, G, T, D]` at `level`, in
+/// f32 ([`crate::Precision::Bf16`] always takes the flash kernel).
 ///
 /// Unfused is chosen only at AVX2+FMA, for `256 <= S` and `256 <= T <= 1024` with
 /// `S·T <= 1024²` (its scratch, `S×T` floats per worker, stays at most 4 MiB), and when the
@@ -49,7 +50,7 @@ pub fn chosen_path(level: SimdLevel, [b, h, s, d]: [usize; 4], [g, t]: [usize; 2
     }
 }
 
-/// Attention with the path picked by shape ([`chosen_path`]): `q: [B, H, S, D]`,
+/// Attention with the path picked by shape ([`chosen_path`]; bf16 always flash): `q: [B, H, S, D]`,
 /// `k: [B, G, T, D]`, `v: [B, G, T, Dv]` -> `out: [B, H, S, Dv]`, `lse: [B, H, S]`. Both paths
 /// have the same semantics (masks, causal alignments, key lengths, ALiBi, empty rows,
 /// non-finite values) and agree to rounding; see [`crate::flash_attention`] for the rest.
@@ -90,7 +91,12 @@ fn by_path(
     par: Par,
 ) -> Result<(), KernelError> {
     let [_, g, t, _] = inputs.k.shape();
-    match chosen_path(crate::simd_level(), inputs.q.shape(), [g, t]) {
+    // bf16 products run in the flash kernel only.
+    let path = match options.precision {
+        crate::Precision::Bf16 => KernelPath::Flash,
+        crate::Precision::F32 => chosen_path(crate::simd_level(), inputs.q.shape(), [g, t]),
+    };
+    match path {
         KernelPath::Flash => crate::flash::flash_impl(out, lse, inputs, options, par, true),
         KernelPath::Unfused => crate::softmax::unfused_impl(out, lse, inputs, options, par, true),
     }

@@ -165,6 +165,7 @@ pub(crate) fn unfused_impl(
     repair: bool,
 ) -> Result<(), KernelError> {
     let ForwardInputs { q, k, v } = inputs;
+    crate::bf16::require_f32("attention_unfused", options)?;
     let plan = validate(
         "attention_unfused",
         out.shape(),
@@ -352,6 +353,29 @@ fn validate_weights(
 /// The softmax weights of an attention call from its LSE, in a second pass that never needs
 /// the flash kernel to store them: `weights = exp(scale·q·kᵀ + masks - lse)`.
 ///
+/// [`attention_weights`] in bf16: the forward's scores, `scale·q` and `k` rounded to bf16 and
+/// their products summed in f32.
+fn bf16_weights(
+    dst: WeightsDst<'_>,
+    [q, k]: [View4<'_, f32>; 2],
+    lse: crate::View<'_, f32, 3>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let scale = resolve_scale(options, q.shape()[3]);
+    let (qr, kr) = (
+        crate::flash::rounded_copy(&q, scale),
+        crate::flash::rounded_copy(&k, 1.0),
+    );
+    let f32_options = AttentionOptions {
+        scale: Some(1.0),
+        precision: crate::Precision::F32,
+        ..*options
+    };
+    let (qr, kr) = (View4::contiguous(&qr, q.shape())?, View4::contiguous(&kr, k.shape())?);
+    attention_weights(dst, qr, kr, lse, &f32_options, par)
+}
+
 /// `q: [B, H, S, D]`, `k: [B, G, T, D]`, `lse: [B, H, S]` (from
 /// [`flash_attention`](crate::flash_attention) with the same `options`) -> `[B, H, S, T]` or,
 /// averaged over heads, `[B, S, T]`. A row with nothing to attend to (`lse = -inf`) gets zeros.
@@ -369,17 +393,13 @@ pub fn attention_weights(
     if b == 0 || s == 0 || t == 0 {
         return Ok(());
     }
+    if options.precision == crate::Precision::Bf16 {
+        return bf16_weights(dst, [q, k], lse, options, par);
+    }
     if h == 0 {
         // The mean over no heads: zeros.
-        if let WeightsDst::Averaged(mut v) = dst {
-            for bi in 0..b {
-                for si in 0..s {
-                    for ti in 0..t {
-                        let offset = v.offset([bi, si, ti]);
-                        v.data_mut()[offset] = 0.0;
-                    }
-                }
-            }
+        if let WeightsDst::Averaged(v) = dst {
+            zero_fill(v, [b, s, t]);
         }
         return Ok(());
     }
@@ -481,6 +501,18 @@ pub fn attention_weights(
     Ok(())
 }
 
+/// Writes zeros to every element of `v: [B, S, T]`.
+fn zero_fill(mut v: ViewMut<'_, f32, 3>, [b, s, t]: [usize; 3]) {
+    for bi in 0..b {
+        for si in 0..s {
+            for ti in 0..t {
+                let offset = v.offset([bi, si, ti]);
+                v.data_mut()[offset] = 0.0;
+            }
+        }
+    }
+}
+
 /// How a head's weights reach the destination.
 #[derive(Clone, Copy)]
 enum Accumulate {
@@ -557,6 +589,7 @@ mod tests {
                     key_mask: Mask::Allowed(broadcast_to(&allowed, &[s, t], [b, h, s, t]).unwrap()),
                     key_lengths: Some(&lengths),
                     alibi_slopes: None,
+                    precision: crate::Precision::F32,
                 };
                 let run = |par: Par| {
                     let mut data = scores.clone();

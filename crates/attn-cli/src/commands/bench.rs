@@ -89,6 +89,10 @@ pub struct SdpaArgs {
     /// With --backward: the backward's algorithm (`auto` chooses by shape, as training does).
     #[arg(long, value_enum, default_value_t = BackwardChoice::Auto)]
     backward_path: BackwardChoice,
+    /// `bf16`: scaled queries, keys, values and probabilities rounded to bf16 (inside the
+    /// timing), f32 sums, softmax and output; the flash path, forward only.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
@@ -115,6 +119,13 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
     if !args.backward && args.backward_path != BackwardChoice::Auto {
         bail!("--backward-path needs --backward");
     }
+    if args.dtype == Dtype::Bf16 && args.backward {
+        bail!("--dtype bf16 is forward only: the backward computes in f32 (drop --backward or use --dtype f32)");
+    }
+    if args.dtype == Dtype::Bf16 && args.path == Path::Unfused {
+        bail!("--dtype bf16 runs on the flash path: the unfused path computes in f32 (use --path flash)");
+    }
+    let dtype = args.dtype.effective(true);
     let mut need = shape.input_bytes().saturating_add(shape.output_bytes());
     if args.backward {
         // dout, and dq, dk, dv: the outputs' and the inputs' sizes again.
@@ -137,6 +148,7 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
         causal: args.causal,
         path: args.path,
         backward: args.backward.then_some(args.backward_path),
+        dtype,
     };
     let (stats, n) = args.threads.install(|n| Ok((spec.run(budget)?, n)))?;
     println!("{}", spec.report(stats, n, args.flags.json));

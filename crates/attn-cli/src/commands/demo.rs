@@ -360,6 +360,7 @@ fn timing() -> Result<()> {
         causal: false,
         path: crate::support::timing::Path::Flash,
         backward: None,
+        dtype: Dtype::F32,
     };
     let fused = spec.run(budget)?;
     spec.path = crate::support::timing::Path::Unfused;

@@ -168,6 +168,7 @@ pub fn run(
             causal,
             path: KernelPath::Flash,
             backward: None,
+            dtype: crate::support::dtype::Dtype::F32,
         };
         let shape = SdpaShape {
             b,
@@ -214,6 +215,7 @@ pub fn run(
                     causal,
                     path: KernelPath::Flash,
                     backward: None,
+                    dtype: crate::support::dtype::Dtype::F32,
                 };
                 p.torch = Some(spec.flops() / t / 1e9);
             }

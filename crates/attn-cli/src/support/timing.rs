@@ -18,6 +18,8 @@ use attn_nn::core::kernels::{
 use clap::ValueEnum;
 use serde_json::json;
 
+use crate::support::dtype::Dtype;
+
 /// Timing statistics of one measurement.
 #[derive(Debug, Clone, Copy)]
 pub struct Stats {
@@ -131,6 +133,8 @@ pub struct SdpaBench {
     pub path: Path,
     /// The forward and the backward (on this path) together.
     pub backward: Option<BackwardChoice>,
+    /// The number format of the two products (bf16: the flash path, forward only).
+    pub dtype: Dtype,
 }
 
 impl SdpaBench {
@@ -173,6 +177,7 @@ impl SdpaBench {
         let mut out = vec![0.0f32; b * h * s * d];
         let options = AttentionOptions {
             causal: if self.causal { Causal::TopLeft } else { Causal::None },
+            precision: self.dtype.precision(),
             ..Default::default()
         };
         let qv = View4::contiguous(&q, [b, h, s, d])?;
@@ -273,13 +278,14 @@ impl SdpaBench {
                 "batch": self.batch, "heads": self.heads, "kv_heads": self.kv_heads,
                 "seq": self.seq, "kv_seq": self.kv_seq, "head_dim": self.head_dim, "causal": self.causal,
                 "threads": threads, "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
+                "dtype": self.dtype.name(),
                 "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs,
                 "gflops": gflops, "gbps": gbps, "peak_rss_bytes": peak_rss_bytes(),
             })
             .to_string()
         } else {
             format!(
-                "sdpa {:?}{} B={} H={} G={} S={} T={} D={}{} threads={} simd={}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s  {:.2} GB/s",
+                "sdpa {:?}{} B={} H={} G={} S={} T={} D={}{} {} threads={} simd={}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s  {:.2} GB/s",
                 self.path,
                 if self.backward.is_some() { " forward+backward" } else { "" },
                 self.batch,
@@ -289,6 +295,7 @@ impl SdpaBench {
                 self.kv_seq,
                 self.head_dim,
                 if self.causal { " causal" } else { "" },
+                self.dtype.name(),
                 threads,
                 simd_level(),
                 stats.median_s * 1e3,

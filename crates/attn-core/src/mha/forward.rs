@@ -193,7 +193,10 @@ impl Core {
         // Masks in the module's conventions, padded for appended key rows.
         let t = k_view.shape()[2];
         let masks = MaskSet::new(options, [b, h, s, t], extra, decoding)?;
-        let kernel_options = masks.options(self.alibi.as_deref())?;
+        let kernel_options = AttentionOptions {
+            precision: self.precision(),
+            ..masks.options(self.alibi.as_deref())?
+        };
 
         // Attention: each head written straight into `[tokens, H·Dv]` in the query's order.
         let mut attn_out = vec![0.0f32; b * s * h * dv];
@@ -396,6 +399,7 @@ impl Core {
         let options = AttentionOptions {
             causal: if causal { Causal::TopLeft } else { Causal::None },
             alibi_slopes: self.alibi.as_deref(),
+            precision: self.precision(),
             ..Default::default()
         };
         let mut attn_out = vec![0.0f32; n * h * dv];

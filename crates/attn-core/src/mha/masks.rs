@@ -209,6 +209,7 @@ impl<'a> MaskSet<'a> {
             mask,
             key_padding,
             alibi_slopes: alibi,
+            precision: crate::Precision::F32,
         }
         .to_kernel(self.target)
     }

@@ -88,14 +88,15 @@ impl MultiHeadAttention {
         &self.config
     }
 
-    /// The precision of the four projections ([`Precision`]).
+    /// The precision of the four projections and of attention's products ([`Precision`]).
     pub fn precision(&self) -> Precision {
         self.core.precision()
     }
 
-    /// Sets the precision of the four projections: `Bf16` rounds and packs the current weights
-    /// once (about half their f32 size again), `F32` drops the packed copies. Attention itself
-    /// stays f32.
+    /// Sets the precision of the four projections and of attention's two products: `Bf16`
+    /// rounds and packs the current weights once (about half their f32 size again) and runs
+    /// attention on bf16 operands (`AttentionOptions::precision`); `F32` drops the packed
+    /// copies.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.core.set_precision(precision)
     }
@@ -299,7 +300,7 @@ impl Attention {
         Ok(Attention { core })
     }
 
-    /// The precision of the three projections ([`Precision`]).
+    /// The precision of the three projections and of attention's products ([`Precision`]).
     pub fn precision(&self) -> Precision {
         self.core.precision()
     }

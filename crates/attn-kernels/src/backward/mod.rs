@@ -207,6 +207,7 @@ pub fn attention_backward_path(
     path: BackwardPath,
 ) -> Result<(), KernelError> {
     let op = "attention_backward";
+    crate::bf16::require_f32(op, options)?;
     let plan = validate_inputs(op, &inputs, options)?;
     check_gradients(op, [grads.dq.shape(), grads.dk.shape(), grads.dv.shape()], &inputs)?;
     let Gradients { mut dq, mut dk, mut dv } = grads;
@@ -223,6 +224,7 @@ pub fn attention_backward_fused(
     par: Par,
 ) -> Result<(), KernelError> {
     let op = "attention_backward";
+    crate::bf16::require_f32(op, options)?;
     let plan = validate_inputs(op, &inputs, options)?;
     let FusedGradients { buf, blocks } = grads;
     check_gradients(op, blocks.map(|(_, shape, _)| shape), &inputs)?;

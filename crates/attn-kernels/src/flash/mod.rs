@@ -36,12 +36,17 @@
 //! batch's key length, are never visited. A row that comes out non-finite from a finite softmax
 //! is repaired afterwards so that hidden keys' values never reach it ([`crate::nonfinite`]).
 
+mod bf16;
+mod pack;
 mod plan;
 mod split_kv;
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_bf16;
 mod tile;
 
+pub(crate) use bf16::rounded_copy;
 pub(crate) use plan::{validate, validate_qk, Plan};
 use tile::{attend_tile, Scratch};
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
@@ -54,7 +59,7 @@ use rayon::prelude::*;
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
 use crate::view::SharedMut;
-use crate::{AttentionOptions, ForwardInputs, KernelError, Par, View4, ViewMut, ViewMut4};
+use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precision, View4, ViewMut, ViewMut4};
 
 /// Query rows per tile.
 pub const BLOCK_ROWS: usize = 64;
@@ -125,15 +130,72 @@ pub(crate) fn flash_impl(
     crate::flash::check_lse_lo("flash_attention", &out, &lse_lo)?;
     let dst = Dst::new(&mut out, &mut lse, &mut lse_lo);
     let scale = resolve_scale(options, plan.d);
+    let spoilt = match options.precision {
+        Precision::Bf16 if crate::bf16_level() == Bf16Level::None => {
+            // No bf16 instructions: the f32 kernel on rounded copies, the scale already applied.
+            let [qr, kr, vr] = [(&q, scale), (&k, 1.0), (&v, 1.0)].map(|(x, factor)| bf16::rounded_copy(x, factor));
+            let rounded = ForwardInputs::new(
+                View4::contiguous(&qr, q.shape())?,
+                View4::contiguous(&kr, k.shape())?,
+                View4::contiguous(&vr, v.shape())?,
+            );
+            attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, par)
+        }
+        Precision::Bf16 => attend(&plan, inputs, options, scale, Operation::Bf16, dst, par),
+        Precision::F32 => attend(&plan, inputs, options, scale, Operation::F32, dst, par),
+    };
+    if repair && spoilt {
+        crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
+            flash_impl(out, [Some(lse), None], ForwardInputs::new(q, k, v), options, par, false)
+        })?;
+    }
+    Ok(())
+}
+
+/// How a call's two products are computed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    /// f32 operands.
+    F32,
+    /// bf16 operands on `vdpbf16ps` (the AVX512-BF16 level).
+    Bf16,
+    /// Operands already rounded to bf16, multiplied in f32; the probabilities are rounded
+    /// before `P·V`.
+    RoundedF32,
+}
+
+/// Runs a validated call's tiles into `dst`, packing K and V once for the call where that pays.
+/// Returns whether a row came out non-finite from a finite softmax.
+fn attend(
+    plan: &Plan,
+    inputs: ForwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    scale: f32,
+    operation: Operation,
+    dst: Dst,
+    par: Par,
+) -> bool {
+    let ForwardInputs { q, k, v } = inputs;
     let micro = crate::simd::simd_level().is_vector();
     let score_kernel = ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1);
     // When several row tiles read the same keys, transpose K once for the whole call rather
     // than once per tile: `[B, G, key blocks, D, kt_ld]`, zero past T.
-    let packed = micro && plan.row_tiles > 1;
-    let kt_packed = packed.then(|| pack_keys_transposed(&plan, &k, par));
+    let packed = micro && plan.row_tiles > 1 && operation != Operation::Bf16;
+    let kt_packed = packed.then(|| pack_keys_transposed(plan, &k, par));
     // V in panels too, once per call: read in place, rows `Dv` floats apart (512 bytes at
     // Dv = 128) would share a few L1 sets.
-    let v_packed = packed.then(|| pack_values(&plan, &v, par));
+    let v_packed = packed.then(|| pack_values(plan, &v, par));
+    // bf16 operands are packed once per call into pairs, except when decoding: a few query
+    // rows per key/value head read each key and value once, so they are rounded as they are
+    // loaded instead (packing would cost more than the products).
+    let in_place = plan.rows_per_group <= crate::tile::DECODE_ROWS_MAX && k.strides()[3] == 1 && v.strides()[3] == 1;
+    let bf16_packed = (operation == Operation::Bf16 && !in_place)
+        .then(|| (bf16::pack_keys(plan, &k, par), bf16::pack_values(plan, &v, par)));
+    let bf16_source = match (&bf16_packed, operation) {
+        (Some((kt, vp)), _) => Some(Bf16Source::Packed(kt, vp)),
+        (None, Operation::Bf16) => Some(Bf16Source::InPlace),
+        _ => None,
+    };
     let ops = Operands {
         q,
         k,
@@ -142,21 +204,23 @@ pub(crate) fn flash_impl(
         scale,
         kt_packed: kt_packed.as_deref(),
         v_packed: v_packed.as_deref(),
+        bf16: bf16_source,
+        round_p: operation == Operation::RoundedF32,
         micro,
         score_kernel,
     };
     let spoilt = if plan.splits == 1 {
-        attend_unsplit(&plan, &ops, dst, par)
+        attend_unsplit(plan, &ops, dst, par)
     } else {
-        split_kv::attend_split(&plan, &ops, dst, par)
+        split_kv::attend_split(plan, &ops, dst, par)
     };
-    kt_packed.into_iter().chain(v_packed).for_each(crate::buffer::give);
-    if repair && spoilt {
-        crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
-            flash_impl(out, [Some(lse), None], ForwardInputs::new(q, k, v), options, par, false)
-        })?;
-    }
-    Ok(())
+    let bf16_buffers = bf16_packed.into_iter().flat_map(|(kt, vp)| [kt, vp]);
+    kt_packed
+        .into_iter()
+        .chain(v_packed)
+        .chain(bf16_buffers)
+        .for_each(crate::buffer::give);
+    spoilt
 }
 
 /// One task per `(b, g, row tile)` over all keys, each writing its rows. Returns whether a row
@@ -193,10 +257,24 @@ struct Operands<'a, 'o> {
     kt_packed: Option<&'o [f32]>,
     /// V per key block in panels, when packed once for the call.
     v_packed: Option<&'o [f32]>,
+    /// Where the bf16 operands come from, when the products run on `vdpbf16ps`.
+    bf16: Option<Bf16Source<'o>>,
+    /// Whether the probabilities are rounded to bf16 before `P·V` (bf16 without the
+    /// instructions: the other operands come rounded).
+    round_p: bool,
     /// Whether the vector micro-kernels (AVX2 or AVX-512) run the tile GEMMs.
     micro: bool,
     /// How the scores are computed (the backward recomputes them the same way).
     score_kernel: ScoreKernel,
+}
+
+/// The keys and values of a call whose products run on `vdpbf16ps` ([`bf16`]).
+#[derive(Clone, Copy)]
+enum Bf16Source<'o> {
+    /// Rounded and packed once for the call: K for `q·kᵀ`, V for `P·V`.
+    Packed(&'o [f32], &'o [f32]),
+    /// Read in place and rounded as they are loaded (decoding).
+    InPlace,
 }
 
 /// Runs `body(scratch, task)` for every task, sequentially or on the rayon pool.

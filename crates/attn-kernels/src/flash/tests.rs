@@ -171,6 +171,7 @@ impl CaseData {
             key_lengths: case.lengths.then_some(&self.lengths[..]),
             key_mask,
             alibi_slopes: case.alibi.then_some(&self.slopes[..]),
+            precision: crate::Precision::F32,
         }
     }
 }

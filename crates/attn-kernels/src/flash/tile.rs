@@ -1,7 +1,7 @@
 //! One row tile of the online softmax: the query tile, then for each key block the four passes
 //! (numbered as in the reference and the unfused path).
 
-use super::{row_position, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
+use super::{row_position, Bf16Source, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::mask_row;
@@ -9,7 +9,6 @@ use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::tile::NR;
 use crate::{Accum, Par, View4};
-use rayon::prelude::*;
 
 /// Per-worker scratch: kept per thread between tasks and calls ([`with_scratch`]), each
 /// buffer 64-byte aligned; every element a tile reads it has written first.
@@ -27,6 +26,10 @@ pub(super) struct Scratch {
     pub(super) vp: Buffer,
     pub(super) m: Buffer,
     pub(super) l: Buffer,
+    /// `[BLOCK_ROWS, D / 2]` words: the scaled query rows rounded to bf16 pairs (bf16 calls).
+    pub(super) q16: Buffer,
+    /// `[BLOCK_ROWS, SCORES_LD / 2]` words: a block's probabilities rounded to bf16 pairs.
+    pub(super) p16: Buffer,
 }
 
 impl Scratch {
@@ -39,6 +42,8 @@ impl Scratch {
             vp: Buffer::zeroed(plan.kb_pad * plan.dv_pad),
             m: Buffer::zeroed(BLOCK_ROWS),
             l: Buffer::zeroed(BLOCK_ROWS),
+            q16: Buffer::zeroed(BLOCK_ROWS * plan.d.div_ceil(2)),
+            p16: Buffer::zeroed(BLOCK_ROWS * SCORES_LD / 2),
         }
     }
 
@@ -48,6 +53,7 @@ impl Scratch {
             && self.acc.len() >= BLOCK_ROWS * plan.dv_pad
             && self.kt.len() >= plan.d * plan.kb_pad
             && self.vp.len() >= plan.kb_pad * plan.dv_pad
+            && self.q16.len() >= BLOCK_ROWS * plan.d.div_ceil(2)
     }
 }
 
@@ -71,7 +77,7 @@ pub(super) fn with_scratch<R>(plan: &Plan, f: impl FnOnce(&mut Scratch) -> R) ->
 /// transposed into panels of [`NR`] keys, contiguous along `D`, zero past `T`. The buffer comes
 /// from this thread's pool ([`crate::buffer::take`]); hand it back with `buffer::give`.
 pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
-    pack_blocks(plan, k, plan.d * plan.kb_pad, par, |dst, keys, bc, [row, col]| {
+    super::pack::pack_blocks(plan, k, plan.d * plan.kb_pad, par, |dst, keys, bc, [row, col]| {
         key_panels(dst, keys, bc, plan.d, row, col)
     })
 }
@@ -80,36 +86,9 @@ pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) ->
 /// block in panels of [`NR`] columns, contiguous along the keys, zero past `Dv`. Rows past a
 /// block's last key are left as they were (the products never read them).
 pub(crate) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
-    pack_blocks(plan, v, plan.dv_pad * plan.kb_pad, par, |dst, values, bc, strides| {
+    super::pack::pack_blocks(plan, v, plan.dv_pad * plan.kb_pad, par, |dst, values, bc, strides| {
         value_panels(dst, plan.kb_pad, values, bc, plan.dv, strides)
     })
-}
-
-/// One buffer of `block_len` floats per `(b, g, key block)` of `x: [B, G, T, _]`, each filled
-/// by `pack(dst, rows, bc, [row stride, column stride])` from the block's `bc` rows.
-fn pack_blocks(
-    plan: &Plan,
-    x: &View4<'_, f32>,
-    block_len: usize,
-    par: Par,
-    pack: impl Fn(&mut [f32], &[f32], usize, [usize; 2]) + Sync,
-) -> Buffer {
-    let blocks = plan.t.div_ceil(BLOCK_KEYS);
-    let mut packed = crate::buffer::take(plan.b * plan.g * blocks * block_len);
-    let st = x.strides();
-    let data = x.data();
-    let one = |(index, dst): (usize, &mut [f32])| {
-        let (bg, block) = (index / blocks, index % blocks);
-        let (b, g) = (bg / plan.g, bg % plan.g);
-        let t0 = block * BLOCK_KEYS;
-        let bc = (plan.t - t0).min(BLOCK_KEYS);
-        pack(dst, &data[b * st[0] + g * st[1] + t0 * st[2]..], bc, [st[2], st[3]]);
-    };
-    match par {
-        Par::Seq => packed.chunks_mut(block_len).enumerate().for_each(one),
-        Par::Rayon => packed.par_chunks_mut(block_len).enumerate().for_each(one),
-    }
-    packed
 }
 
 /// `bc` value rows (`values[j·strides[0] + c·strides[1]]`, `c < dv`) into panels of [`NR`]
@@ -221,6 +200,10 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
                 .enumerate()
                 .for_each(|(j, x)| *x = q_data[base + j * st] * ops.scale);
         }
+        if ops.bf16.is_some() {
+            let pairs = d.div_ceil(2);
+            super::bf16::convert_row(dst, &mut scratch.q16[i * pairs..(i + 1) * pairs]);
+        }
     }
     rows
 }
@@ -228,6 +211,10 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
 /// Pass 1: `scores = q_tile · k_blockᵀ`, `[n_rows, bc]` in `scratch.scores` (row stride
 /// `SCORES_LD`).
 fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows: &TileRows, block: &KeyBlock) {
+    if let Some(source) = ops.bf16 {
+        bf16_scores(scratch, plan, ops, rows, block, source);
+        return;
+    }
     let keys = KeySource {
         k: ops.k,
         kt_packed: ops.kt_packed,
@@ -340,6 +327,11 @@ fn passes2_3_online_softmax(
             continue;
         }
         let sum = exp_sub_sum(row, m_new);
+        if ops.round_p {
+            // bf16 without the instructions: `P·V` multiplies the rounded probabilities (the
+            // sum keeps them unrounded, as at the AVX512-BF16 level).
+            row.iter_mut().for_each(|p| *p = crate::round_to_bf16(*p));
+        }
         let alpha = crate::simd::exp_scalar(m_old - m_new);
         scratch.l[i] = scratch.l[i] * alpha + sum;
         scratch.m[i] = m_new;
@@ -361,6 +353,10 @@ fn pass4_weighted_values(
     let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
     let KeyBlock { bc, v_base, .. } = *block;
     let (v_data, v_st) = (ops.v.data(), ops.v.strides());
+    if let Some(source) = ops.bf16 {
+        bf16_weighted_values(scratch, plan, ops, rows, block, source);
+        return;
+    }
     if !ops.micro {
         // SAFETY: `acc` holds BLOCK_ROWS×Dv_pad elements; the value block was bounds-checked
         // with `v`.
@@ -442,4 +438,125 @@ fn pass4_weighted_values(
             )
         }
     };
+}
+
+/// Pass 1 on `vdpbf16ps`: the tile's query pairs against the key block, packed or in place.
+fn bf16_scores(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    rows: &TileRows,
+    block: &KeyBlock,
+    source: Bf16Source<'_>,
+) {
+    let pairs = plan.d.div_ceil(2);
+    assert!(scratch.q16.len() >= rows.n_rows * pairs && scratch.scores.len() >= BLOCK_ROWS * SCORES_LD);
+    let (k_data, k_st) = (ops.k.data(), ops.k.strides());
+    let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `q16` holds the tile's
+    // rows of `pairs` words and `scores` is `[BLOCK_ROWS, SCORES_LD]` with `bc <= SCORES_LD`.
+    // Packed: `kt` holds the block's `kb_pad / 16` panels of `pairs · 16` words (`bc <=
+    // kb_pad`). In place: at most `DECODE_ROWS_MAX` rows, and the block's `bc` keys of `D`
+    // contiguous values lie inside K (checked).
+    unsafe {
+        match source {
+            Bf16Source::Packed(kt16, _) => {
+                let len = super::bf16::key_block_len(plan);
+                let index = super::bf16::block_index(plan, [rows.b, rows.g, block.t0]);
+                let kt = &kt16[index * len..(index + 1) * len];
+                crate::bf16::avx512bf16::tile::<false>(
+                    rows.n_rows,
+                    block.bc,
+                    pairs,
+                    scratch.q16.as_ptr().cast(),
+                    pairs,
+                    kt.as_ptr().cast(),
+                    pairs * 16,
+                    scratch.scores.as_mut_ptr(),
+                    SCORES_LD,
+                )
+            }
+            Bf16Source::InPlace => {
+                assert!(
+                    k_base + (block.bc - 1) * k_st[2] + plan.d <= k_data.len(),
+                    "key block past K"
+                );
+                super::bf16::x86::dot_rows(
+                    rows.n_rows,
+                    plan.d,
+                    scratch.q16.as_ptr().cast(),
+                    pairs,
+                    k_data.as_ptr().add(k_base),
+                    k_st[2],
+                    block.bc,
+                    scratch.scores.as_mut_ptr(),
+                    SCORES_LD,
+                )
+            }
+        }
+    };
+    let _ = (k_data, k_base, source);
+}
+
+/// Pass 4 on `vdpbf16ps`: the probabilities rounded into rows of pairs, then
+/// `acc += P · V` against the value block, packed or in place.
+fn bf16_weighted_values(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    rows: &TileRows,
+    block: &KeyBlock,
+    source: Bf16Source<'_>,
+) {
+    let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
+    let KeyBlock { bc, v_base, .. } = *block;
+    let (lda, pairs) = (SCORES_LD / 2, bc.div_ceil(2));
+    for i in 0..n_rows {
+        let row = &scratch.scores[i * SCORES_LD..i * SCORES_LD + bc];
+        super::bf16::convert_row(row, &mut scratch.p16[i * lda..i * lda + pairs]);
+    }
+    assert!(scratch.acc.len() >= n_rows * dv_pad && scratch.p16.len() >= BLOCK_ROWS * lda);
+    let (v_data, v_st) = (ops.v.data(), ops.v.strides());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `p16` holds the tile's
+    // rows of `pairs <= lda` words (an odd block's last pair ends in a zero), and `acc` is
+    // `[BLOCK_ROWS, Dv_pad]`. Packed: `vp` holds the block's `Dv_pad / 16` panels of
+    // `kb_pad / 2 · 16` words (`pairs <= kb_pad / 2`). In place: at most `DECODE_ROWS_MAX`
+    // rows, and the block's `bc` value rows of `Dv` contiguous values lie inside V (checked).
+    unsafe {
+        match source {
+            Bf16Source::Packed(_, v16) => {
+                let len = super::bf16::value_block_len(plan);
+                let index = super::bf16::block_index(plan, [rows.b, rows.g, block.t0]);
+                let vp = &v16[index * len..(index + 1) * len];
+                crate::bf16::avx512bf16::tile::<true>(
+                    n_rows,
+                    dv,
+                    pairs,
+                    scratch.p16.as_ptr().cast(),
+                    lda,
+                    vp.as_ptr().cast(),
+                    plan.kb_pad / 2 * 16,
+                    scratch.acc.as_mut_ptr(),
+                    dv_pad,
+                )
+            }
+            Bf16Source::InPlace => {
+                assert!(v_base + (bc - 1) * v_st[2] + dv <= v_data.len(), "value block past V");
+                super::bf16::x86::axpy_rows(
+                    n_rows,
+                    dv,
+                    bc,
+                    scratch.p16.as_ptr().cast(),
+                    lda,
+                    v_data.as_ptr().add(v_base),
+                    v_st[2],
+                    scratch.acc.as_mut_ptr(),
+                    dv_pad,
+                )
+            }
+        }
+    };
+    let _ = (v_data, v_st, source, v_base);
 }

@@ -1,0 +1,358 @@
+//! The flash kernel's bf16 operands ([`crate::Precision::Bf16`]).
+//!
+//! At the AVX512-BF16 level the two products run on `vdpbf16ps` ([`crate::bf16`]'s tile
+//! kernel), which multiplies pairs of bf16 values along the depth. Per call, K and V are rounded
+//! and packed once per `(b, g, key block)`:
+//! - keys as the right operand of `q·kᵀ`: `[kb_pad / 16 panels][D / 2 pairs][16 keys]` words,
+//!   each word the pair `(k[t, 2p], k[t, 2p + 1])` (a zero after an odd `D`);
+//! - values as the right operand of `P·V`: `[Dv_pad / 16 panels][kb_pad / 2 pairs][16 columns]`,
+//!   each word the pair `(v[2p, c], v[2p + 1, c])` (a zero row after an odd block).
+//!
+//! Per tile, the scaled query rows and each block's probabilities are rounded into rows of pairs
+//! (the module's `convert_row`, one `vcvtneps2bf16` per 16 values).
+//!
+//! Without the instructions, [`rounded_copy`] makes rounded copies of the scaled queries,
+//! keys and values and the f32 kernel runs on them, rounding the probabilities before `P·V`:
+//! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
+
+use super::{Plan, BLOCK_KEYS};
+use crate::buffer::Buffer;
+use crate::{round_to_bf16, Par, View4};
+
+/// The words of one packed key block: `kb_pad` keys by `D / 2` pairs.
+pub(super) fn key_block_len(plan: &Plan) -> usize {
+    plan.kb_pad * plan.d.div_ceil(2)
+}
+
+/// The words of one packed value block: `kb_pad / 2` pairs by `Dv_pad` columns.
+pub(super) fn value_block_len(plan: &Plan) -> usize {
+    plan.kb_pad / 2 * plan.dv_pad
+}
+
+/// `k: [B, G, T, D]` rounded to bf16 and packed as the module describes, one block of
+/// [`key_block_len`] words per `(b, g, key block)` (stored in f32 slots). Keys past a block's
+/// end are left as they were: their columns of the scores are never stored.
+pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
+    let pairs = plan.d.div_ceil(2);
+    super::pack::pack_blocks(plan, k, key_block_len(plan), par, |dst, keys, bc, [rs, cs]| {
+        let mut row = vec![0.0f32; pairs];
+        for j in 0..bc {
+            convert_strided(&keys[j * rs..], plan.d, cs, &mut row);
+            let panel = &mut dst[(j / 16) * pairs * 16 + j % 16..];
+            for (p, &word) in row.iter().enumerate() {
+                panel[p * 16] = word;
+            }
+        }
+    })
+}
+
+/// `v: [B, G, T, Dv]` rounded to bf16 and packed as the module describes, one block of
+/// [`value_block_len`] words per `(b, g, key block)`. The pair after an odd block's last value
+/// holds a zero (the probabilities' pad is zero too, and `0 · NaN` would not be); pairs past
+/// it are never read.
+pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
+    let (dv, dv_pad, kb_pad) = (plan.dv, plan.dv_pad, plan.kb_pad);
+    super::pack::pack_blocks(plan, v, value_block_len(plan), par, |dst, values, bc, [rs, cs]| {
+        let panel_len = kb_pad / 2 * 16;
+        let mut lo = vec![0.0f32; dv_pad];
+        let mut hi = vec![0.0f32; dv_pad];
+        for p in 0..bc.div_ceil(2) {
+            let gather = |row: &mut [f32], j: usize| {
+                for (c, x) in row[..dv].iter_mut().enumerate() {
+                    *x = if j < bc { values[j * rs + c * cs] } else { 0.0 };
+                }
+            };
+            gather(&mut lo, 2 * p);
+            gather(&mut hi, 2 * p + 1);
+            for panel in 0..dv_pad / 16 {
+                let out = &mut dst[panel * panel_len + p * 16..panel * panel_len + p * 16 + 16];
+                interleave(&lo[panel * 16..panel * 16 + 16], &hi[panel * 16..panel * 16 + 16], out);
+            }
+        }
+    })
+}
+
+/// `out[i] = pair(lo[i], hi[i])` for 16 lanes.
+fn interleave(lo: &[f32], hi: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level() == crate::Bf16Level::Avx512Bf16 {
+        // SAFETY: the level was detected; the three slices hold 16 values (checked inside).
+        unsafe { x86::interleave16(lo, hi, out) };
+        return;
+    }
+    for i in 0..16 {
+        let word = crate::f32_to_bf16(lo[i]) as u32 | (crate::f32_to_bf16(hi[i]) as u32) << 16;
+        out[i] = f32::from_bits(word);
+    }
+}
+
+/// `n` values `src[j·stride]` rounded to bf16 into `dst`'s words, two per word (a zero after an
+/// odd `n`): 16 values per `vcvtneps2bf16` when contiguous at the AVX512-BF16 level, with the
+/// scalar rounding's bits (tested in `crate::bf16`).
+pub(super) fn convert_strided(src: &[f32], n: usize, stride: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if stride == 1 && crate::bf16_level() == crate::Bf16Level::Avx512Bf16 {
+        // SAFETY: the level was detected; `convert_row` checks `dst`'s length.
+        unsafe { crate::bf16::avx512bf16::convert_row(&src[..n], dst) };
+        return;
+    }
+    for (p, word) in dst[..n.div_ceil(2)].iter_mut().enumerate() {
+        let lo = src[2 * p * stride];
+        let hi = if 2 * p + 1 < n { src[(2 * p + 1) * stride] } else { 0.0 };
+        *word = f32::from_bits(crate::f32_to_bf16(lo) as u32 | (crate::f32_to_bf16(hi) as u32) << 16);
+    }
+}
+
+/// `src` rounded to bf16 into `dst`'s words, two per word (a zero after an odd count).
+pub(super) fn convert_row(src: &[f32], dst: &mut [f32]) {
+    convert_strided(src, src.len(), 1, dst)
+}
+
+/// A contiguous copy of `factor·x`, rounded to bf16: the flash kernel makes one of `scale·q`,
+/// `k` and `v` (with the scale then 1) to multiply bf16 operands in f32 on a CPU without bf16
+/// instructions, and [`crate::attention_weights`] of `scale·q` and `k`.
+pub(crate) fn rounded_copy(x: &View4<'_, f32>, factor: f32) -> Vec<f32> {
+    let [n0, n1, n2, n3] = x.shape();
+    let mut out = Vec::with_capacity(n0 * n1 * n2 * n3);
+    for i0 in 0..n0 {
+        for i1 in 0..n1 {
+            for i2 in 0..n2 {
+                out.extend((0..n3).map(|i3| round_to_bf16(x.get([i0, i1, i2, i3]) * factor)));
+            }
+        }
+    }
+    out
+}
+
+/// The index of the packed block that holds key `t0` of `(b, g)`.
+#[inline]
+pub(super) fn block_index(plan: &Plan, [b, g, t0]: [usize; 3]) -> usize {
+    (b * plan.g + g) * plan.t.div_ceil(BLOCK_KEYS) + t0 / BLOCK_KEYS
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Word `i` of a pair vector takes bf16 lane `i` (the low row) and lane `16 + i` (the high).
+    const INDEX: [i16; 32] = {
+        let mut index = [0i16; 32];
+        let mut i = 0;
+        while i < 16 {
+            index[2 * i] = i as i16;
+            index[2 * i + 1] = 16 + i as i16;
+            i += 1;
+        }
+        index
+    };
+
+    /// `out[i] = pair(lo[i], hi[i])` for 16 lanes: both rounded by one `vcvtne2ps2bf16`, then
+    /// interleaved by one `vpermw`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW and AVX512-BF16 must be available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave16(lo: &[f32], hi: &[f32], out: &mut [f32]) {
+        assert!(lo.len() >= 16 && hi.len() >= 16 && out.len() >= 16);
+        // SAFETY: 16 values are readable in `lo` and `hi` and writable in `out` (asserted).
+        unsafe {
+            let both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi.as_ptr()), _mm512_loadu_ps(lo.as_ptr()));
+            _mm512_storeu_si512(out.as_mut_ptr().cast(), pairs_of(both));
+        }
+    }
+
+    /// Word `i` of the result: bf16 lane `i` of `both` (low) and lane `16 + i` (high).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn pairs_of(both: __m512bh) -> __m512i {
+        // SAFETY: `INDEX` holds 32 lanes of 16 bits; the transmute is between 512-bit vectors.
+        unsafe {
+            let index = _mm512_loadu_si512(INDEX.as_ptr().cast());
+            _mm512_permutexvar_epi16(index, std::mem::transmute::<__m512bh, __m512i>(both))
+        }
+    }
+
+    /// The lowest `n` of 16 lanes.
+    fn mask16(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// Decoding's scores with K read in place: `scores[r·ld + j] = q16_r · round(k_j)` for
+    /// `r < rows`, `j < bc`, where `q16` holds each row's `D` scaled query values as bf16 pairs
+    /// (`q_pairs` words apart) and key `j` is `k[j·ks .. j·ks + D]`, rounded to bf16 as it is
+    /// loaded (32 values per `vcvtne2ps2bf16`). Each score is one `vdpbf16ps` chain over `D` in
+    /// order, then the lanes' sum.
+    ///
+    /// # Safety
+    /// AVX-512F/BW and AVX512-BF16 must be available; `rows <= 8`; the operands must cover
+    /// those shapes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::flash) unsafe fn dot_rows(
+        rows: usize,
+        d: usize,
+        q16: *const u32,
+        q_pairs: usize,
+        k: *const f32,
+        ks: usize,
+        bc: usize,
+        scores: *mut f32,
+        ld: usize,
+    ) {
+        let args = (d, q16, q_pairs, k, ks, bc, scores, ld);
+        // SAFETY: the caller's contract, for `rows` rows.
+        unsafe {
+            match rows {
+                1 => dot_block::<1>(args),
+                2 => dot_block::<2>(args),
+                3 => dot_block::<3>(args),
+                4 => dot_block::<4>(args),
+                5 => dot_block::<5>(args),
+                6 => dot_block::<6>(args),
+                7 => dot_block::<7>(args),
+                8 => dot_block::<8>(args),
+                _ => panic!("dot_rows: {rows} rows, at most 8"),
+            }
+        }
+    }
+
+    /// The operands of [`dot_rows`] after `rows`.
+    type DotArgs = (usize, *const u32, usize, *const f32, usize, usize, *mut f32, usize);
+
+    /// Keys past a block's last key per step of [`dot_block`]: their chains are independent,
+    /// so they overlap in the pipeline.
+    const KEYS: usize = 4;
+
+    /// [`dot_rows`] for `ROWS` rows, [`KEYS`] keys at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn dot_block<const ROWS: usize>((d, q16, q_pairs, k, ks, bc, scores, ld): DotArgs) {
+        let full = d / 32;
+        let tail = d % 32;
+        // SAFETY: full chunks read 32 values inside each key and 16 words inside each row's
+        // pairs; the tail's masked loads stay inside them; the stores inside `scores`.
+        unsafe {
+            let mut j0 = 0;
+            while j0 < bc {
+                let kb = (bc - j0).min(KEYS);
+                let keys: [*const f32; KEYS] = std::array::from_fn(|j| k.add((j0 + j.min(kb - 1)) * ks));
+                let mut acc = [[_mm512_setzero_ps(); KEYS]; ROWS];
+                for (j, &key) in keys.iter().enumerate() {
+                    for c in 0..full {
+                        let kb16 = _mm512_cvtne2ps_pbh(
+                            _mm512_loadu_ps(key.add(32 * c + 16)),
+                            _mm512_loadu_ps(key.add(32 * c)),
+                        );
+                        for (r, acc_r) in acc.iter_mut().enumerate() {
+                            let qw = _mm512_loadu_si512(q16.add(r * q_pairs + 16 * c).cast());
+                            acc_r[j] = _mm512_dpbf16_ps(acc_r[j], std::mem::transmute::<__m512i, __m512bh>(qw), kb16);
+                        }
+                    }
+                    if tail > 0 {
+                        let p = 32 * full;
+                        let lo = _mm512_maskz_loadu_ps(mask16(tail), key.add(p));
+                        let hi = _mm512_maskz_loadu_ps(mask16(tail.saturating_sub(16)), key.add(p + 16));
+                        let kb16 = _mm512_cvtne2ps_pbh(hi, lo);
+                        for (r, acc_r) in acc.iter_mut().enumerate() {
+                            let qw =
+                                _mm512_maskz_loadu_epi32(mask16(tail.div_ceil(2)), q16.add(r * q_pairs + p / 2).cast());
+                            acc_r[j] = _mm512_dpbf16_ps(acc_r[j], std::mem::transmute::<__m512i, __m512bh>(qw), kb16);
+                        }
+                    }
+                }
+                for (r, acc_r) in acc.iter().enumerate() {
+                    for (j, acc_rj) in acc_r.iter().enumerate().take(kb) {
+                        *scores.add(r * ld + j0 + j) = _mm512_reduce_add_ps(*acc_rj);
+                    }
+                }
+                j0 += kb;
+            }
+        }
+    }
+
+    /// Decoding's `acc += P·V` with V read in place: `acc[r·ldc + c] += Σ_j p_rj · round(v_jc)`
+    /// for `r < rows`, `c < dv`, `j < bc`, where `p16` holds each row's probabilities as bf16
+    /// pairs (`lda` words apart) and value row `j` is `v[j·vs .. j·vs + dv]`, rounded as it is
+    /// loaded, two rows per `vcvtne2ps2bf16` and one `vpermw` into pairs. The value rows are
+    /// read whole and in order, a pair of keys at a time; the sums stay in `acc` (L1).
+    ///
+    /// # Safety
+    /// As for [`dot_rows`]; an odd `bc`'s last pair must have a zero probability in its high
+    /// half (the conversion of the probabilities writes one).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::flash) unsafe fn axpy_rows(
+        rows: usize,
+        dv: usize,
+        bc: usize,
+        p16: *const u32,
+        lda: usize,
+        v: *const f32,
+        vs: usize,
+        acc: *mut f32,
+        ldc: usize,
+    ) {
+        let args = (dv, bc, p16, lda, v, vs, acc, ldc);
+        // SAFETY: the caller's contract, for `rows` rows.
+        unsafe {
+            match rows {
+                1 => axpy_block::<1>(args),
+                2 => axpy_block::<2>(args),
+                3 => axpy_block::<3>(args),
+                4 => axpy_block::<4>(args),
+                5 => axpy_block::<5>(args),
+                6 => axpy_block::<6>(args),
+                7 => axpy_block::<7>(args),
+                8 => axpy_block::<8>(args),
+                _ => panic!("axpy_rows: {rows} rows, at most 8"),
+            }
+        }
+    }
+
+    /// The operands of [`axpy_rows`] after `rows`.
+    type AxpyArgs = (usize, usize, *const u32, usize, *const f32, usize, *mut f32, usize);
+
+    /// [`axpy_rows`] for `ROWS` rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn axpy_block<const ROWS: usize>((dv, bc, p16, lda, v, vs, acc, ldc): AxpyArgs) {
+        // SAFETY: masked loads and stores stay inside `dv` columns of each row (the caller's
+        // contract); `p16` holds `bc.div_ceil(2)` words per row.
+        unsafe {
+            for p in 0..bc.div_ceil(2) {
+                let x: [__m512bh; ROWS] =
+                    std::array::from_fn(|r| std::mem::transmute(_mm512_set1_epi32(*p16.add(r * lda + p) as i32)));
+                let (lo_row, hi_row) = (v.add(2 * p * vs), v.add((2 * p + 1) * vs));
+                let has_hi = 2 * p + 1 < bc;
+                let full = dv / 16 * 16;
+                for c0 in (0..full).step_by(16) {
+                    let lo = _mm512_loadu_ps(lo_row.add(c0));
+                    let hi = if has_hi {
+                        _mm512_loadu_ps(hi_row.add(c0))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let words = std::mem::transmute::<__m512i, __m512bh>(pairs_of(_mm512_cvtne2ps_pbh(hi, lo)));
+                    for (r, &xr) in x.iter().enumerate() {
+                        let out = acc.add(r * ldc + c0);
+                        _mm512_storeu_ps(out, _mm512_dpbf16_ps(_mm512_loadu_ps(out), xr, words));
+                    }
+                }
+                if full < dv {
+                    // The ragged last columns, masked.
+                    let m = mask16(dv - full);
+                    let lo = _mm512_maskz_loadu_ps(m, lo_row.add(full));
+                    let hi = if has_hi {
+                        _mm512_maskz_loadu_ps(m, hi_row.add(full))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let words = std::mem::transmute::<__m512i, __m512bh>(pairs_of(_mm512_cvtne2ps_pbh(hi, lo)));
+                    for (r, &xr) in x.iter().enumerate() {
+                        let out = acc.add(r * ldc + full);
+                        _mm512_mask_storeu_ps(out, m, _mm512_dpbf16_ps(_mm512_maskz_loadu_ps(m, out), xr, words));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The flash kernel in bf16 ([`crate::Precision::Bf16`]) against two f64 references, at this
+//! machine's level: `vdpbf16ps` at `avx512bf16`, the rounded operands in f32 elsewhere (CI runs
+//! these tests at `avx2` and `scalar` too).
+//!
+//! # The bound
+//! With `u = 2^-8` (bf16's unit roundoff) and `ε = 2^-24` (f32's), each score `ŝ_t` differs
+//! from the exact `s_t` by at most
+//! `Δ = (2u + u² + (D + 2)·ε)·Σ_i |scale·q_i·k_ti|` (the rounding of `scale·q` and `k`, the f32
+//! sum) plus `2ε·|s_t|` (the mask's addition). A softmax of scores each off by at most `Δ`
+//! changes every weight by a factor within `e^{±2Δ}`; the kernel then rounds each unnormalised
+//! probability and each value to bf16 (`u` each) and sums `T` products in f32. So each output
+//! element obeys
+//! `|o~_c − o_c| ≤ (e^{2Δ}·(1 + u + 8ε)·(1 + u)·(1 + (T + 2)·ε) − 1) · Σ_t w_t·|v_tc|`,
+//! `w` the exact weights, `8ε` the f32 `exp` and sum. Against the reference on the rounded
+//! operands (`scale·q`, `k`, `v` rounded, products exact) the same bound holds with the input
+//! roundings gone: `Δ = (D + 2)·ε·Σ|q̂·k̂| + 2ε·|ŝ|` and no factor `(1 + u)` for the values;
+//! what is left is the probabilities' rounding, `u`. A wrong pair in a packed operand or a
+//! dropped key block is an error of order one.
+
+use super::tests::{view4, view4_mut, Case, CaseData, MaskKind, MaskShape};
+use super::*;
+use crate::{attention_reference, Causal, ForwardInputs};
+
+const U: f64 = 1.0 / 256.0;
+const EPS: f64 = f32::EPSILON as f64 / 2.0;
+
+/// The per-row score error bound `Δ` of the module doc for `q: [B, H, S, D]`, `k: [B, G, T, D]`
+/// (any values; `input_rounding` adds the `2u + u²` of rounding them).
+fn score_bounds(
+    q: &View4<'_, f32>,
+    k: &View4<'_, f32>,
+    scale: f64,
+    max_abs_score: f64,
+    input_rounding: bool,
+) -> Vec<f64> {
+    let [b, h, s, d] = q.shape();
+    let [_, g, t, _] = k.shape();
+    let per_product = if input_rounding { 2.0 * U + U * U } else { 0.0 } + (d as f64 + 2.0) * EPS;
+    let mut bounds = Vec::with_capacity(b * h * s);
+    for bi in 0..b {
+        for hi in 0..h {
+            for si in 0..s {
+                let worst = (0..t)
+                    .map(|ti| {
+                        (0..d)
+                            .map(|i| (q.get([bi, hi, si, i]) as f64 * k.get([bi, hi / (h / g), ti, i]) as f64).abs())
+                            .sum::<f64>()
+                    })
+                    .fold(0.0f64, f64::max);
+                bounds.push(per_product * scale.abs() * worst + 2.0 * EPS * max_abs_score);
+            }
+        }
+    }
+    bounds
+}
+
+/// Checks `got: [B, H, S, Dv]` (row-major) against `reference` with the element bound of the
+/// module doc, `v: [B, G, T, Dv]` the values it weighs; returns the largest ratio of error to
+/// bound. Rows the reference leaves empty must be exact zeros.
+fn check_bound(
+    got: &[f32],
+    reference: &crate::reference::ReferenceAttention,
+    [h, s]: [usize; 2],
+    v: &View4<'_, f32>,
+    deltas: &[f64],
+    value_rounding: bool,
+    what: &str,
+) -> f64 {
+    let [_, g, t, dv] = v.shape();
+    let mut worst = 0.0f64;
+    for (row, &delta) in deltas.iter().enumerate() {
+        let (bi, hi) = (row / (h * s), row / s % h);
+        let gi = hi / (h / g);
+        for c in 0..dv {
+            let (x, want) = (got[row * dv + c], reference.out[row * dv + c]);
+            if reference.lse[row] == f64::NEG_INFINITY {
+                assert_eq!(
+                    x.to_bits(),
+                    0,
+                    "{what}: row {row} sees no key and must be +0.0, got {x}"
+                );
+                continue;
+            }
+            let mass: f64 = (0..t)
+                .map(|ti| reference.weights[row * t + ti] * (v.get([bi, gi, ti, c]) as f64).abs())
+                .sum();
+            let factor = (2.0 * delta).exp()
+                * (1.0 + U + 8.0 * EPS)
+                * if value_rounding { 1.0 + U } else { 1.0 }
+                * (1.0 + (t as f64 + 2.0) * EPS);
+            let bound = (factor - 1.0) * mass;
+            let err = (x as f64 - want).abs();
+            assert!(
+                err <= bound,
+                "{what}: out[{row}, {c}] = {x}, want {want}: error {err:e} > bound {bound:e}"
+            );
+            if bound > 0.0 {
+                worst = worst.max(err / bound);
+            }
+        }
+    }
+    worst
+}
+
+/// `flash_attention` or `attention`.
+type Entry = fn(
+    ViewMut4<'_, f32>,
+    Option<ViewMut<'_, f32, 3>>,
+    ForwardInputs<'_>,
+    &AttentionOptions<'_>,
+    Par,
+) -> Result<(), KernelError>;
+
+/// Runs `case` in bf16: the flash kernel against the exact reference and the reference on the
+/// rounded operands, both within their bounds; the same bits on any thread count, through
+/// [`crate::attention`], and split or not. Returns the two largest error-to-bound ratios.
+fn check(case: Case) -> [f64; 2] {
+    let Case {
+        b,
+        h,
+        g,
+        s,
+        t,
+        d,
+        dv,
+        bshd,
+        ..
+    } = case;
+    let data = CaseData::new(&case);
+    let f32_options = data.options(&case);
+    let options = AttentionOptions {
+        precision: crate::Precision::Bf16,
+        ..f32_options
+    };
+    let (qv, kv, vv) = (
+        view4(&data.q, [b, h, s, d], bshd),
+        view4(&data.k, [b, g, t, d], bshd),
+        view4(&data.v, [b, g, t, dv], bshd),
+    );
+    let run = |par: Par, entry: Entry| {
+        let mut out = vec![f32::NAN; b * h * s * dv];
+        let mut lse = vec![f32::NAN; b * h * s];
+        let lse_view = ViewMut::contiguous(&mut lse, [b, h, s]).unwrap();
+        entry(
+            view4_mut(&mut out, [b, h, s, dv], bshd),
+            Some(lse_view),
+            ForwardInputs::new(qv, kv, vv),
+            &options,
+            par,
+        )
+        .unwrap();
+        // Row-major [B, H, S, Dv], whatever the storage.
+        let view = view4(&out, [b, h, s, dv], bshd);
+        let rows: Vec<f32> = (0..b * h * s * dv)
+            .map(|i| view.get([i / (h * s * dv), i / (s * dv) % h, i / dv % s, i % dv]))
+            .collect();
+        (rows, lse)
+    };
+    let what = format!("{case:?}");
+    let seq = run(Par::Seq, flash_attention);
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    for n in [1, 2, 3] {
+        let many = pool(n).install(|| run(Par::Rayon, flash_attention));
+        assert!(bits_eq(&seq, &many), "{n} threads differ from sequential: {what}");
+    }
+    let by_path = pool(2).install(|| run(Par::Rayon, crate::attention));
+    assert!(
+        bits_eq(&seq, &by_path),
+        "attention() differs from flash_attention(): {what}"
+    );
+
+    // Against the exact result of the f32 inputs.
+    let scale = crate::mask::resolve_scale(&options, d) as f64;
+    let exact = attention_reference(qv, kv, vv, &f32_options);
+    let deltas = score_bounds(&qv, &kv, scale, exact.max_abs_score, true);
+    let to_exact = check_bound(&seq.0, &exact, [h, s], &vv, &deltas, true, &format!("exact {what}"));
+    for (row, (&got, &want)) in seq.1.iter().zip(&exact.lse).enumerate() {
+        let ok = if want == f64::NEG_INFINITY {
+            got == f32::NEG_INFINITY
+        } else {
+            (got as f64 - want).abs() <= deltas[row] + 4.0 * EPS * (1.0 + want.abs())
+        };
+        assert!(ok, "{what}: lse[{row}] = {got}, want {want}");
+    }
+
+    // Against the exact result of the rounded operands: only the probabilities' rounding left.
+    let [qr, kr, vr] = [(&qv, scale as f32), (&kv, 1.0), (&vv, 1.0)].map(|(x, factor)| super::rounded_copy(x, factor));
+    let (qr, kr, vr) = (
+        View4::contiguous(&qr, [b, h, s, d]).unwrap(),
+        View4::contiguous(&kr, [b, g, t, d]).unwrap(),
+        View4::contiguous(&vr, [b, g, t, dv]).unwrap(),
+    );
+    let rounded_options = AttentionOptions {
+        scale: Some(1.0),
+        ..f32_options
+    };
+    let rounded = attention_reference(qr, kr, vr, &rounded_options);
+    let deltas = score_bounds(&qr, &kr, 1.0, rounded.max_abs_score, false);
+    let to_rounded = check_bound(
+        &seq.0,
+        &rounded,
+        [h, s],
+        &vr,
+        &deltas,
+        false,
+        &format!("rounded {what}"),
+    );
+
+    // The weights from the forward's LSE are the rounded operands' softmax: scores and LSE
+    // within `Δ + (T + 4)·ε` of it.
+    let mut weights = vec![f32::NAN; b * h * s * t];
+    let dst = crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut weights, [b, h, s, t]).unwrap());
+    let lse_view = crate::View::contiguous(&seq.1, [b, h, s]).unwrap();
+    crate::attention_weights(dst, qv, kv, lse_view, &options, Par::Rayon).unwrap();
+    for (i, (&got, &want)) in weights.iter().zip(&rounded.weights).enumerate() {
+        let factor = (2.0 * deltas[i / t.max(1)] + (t as f64 + 4.0) * EPS).exp();
+        let bound = (factor - 1.0) * want + 2.0 * EPS;
+        assert!(
+            (got as f64 - want).abs() <= bound,
+            "{what}: weight {i} = {got}, want {want}"
+        );
+    }
+    [to_exact, to_rounded]
+}
+
+/// The paths that compute in f32 only refuse bf16 with a typed error.
+#[test]
+fn f32_only_paths_refuse_bf16() {
+    let (q, mut out, lse) = (vec![0.5f32; 32], vec![0.0f32; 32], vec![0.0f32; 8]);
+    let view = View4::contiguous(&q, [1, 2, 4, 4]).unwrap();
+    let options = AttentionOptions {
+        precision: crate::Precision::Bf16,
+        ..Default::default()
+    };
+    let err = crate::attention_unfused(
+        ViewMut4::contiguous(&mut out, [1, 2, 4, 4]).unwrap(),
+        None,
+        ForwardInputs::new(view, view, view),
+        &options,
+        Par::Seq,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, KernelError::InvalidArgument { what: "precision", .. }),
+        "{err}"
+    );
+    let (mut dq, mut dk, mut dv) = (vec![0.0f32; 32], vec![0.0f32; 32], vec![0.0f32; 32]);
+    let grads = crate::Gradients {
+        dq: ViewMut4::contiguous(&mut dq, [1, 2, 4, 4]).unwrap(),
+        dk: ViewMut4::contiguous(&mut dk, [1, 2, 4, 4]).unwrap(),
+        dv: ViewMut4::contiguous(&mut dv, [1, 2, 4, 4]).unwrap(),
+    };
+    let lse_view = crate::View::contiguous(&lse, [1, 2, 4]).unwrap();
+    let inputs = crate::BackwardInputs {
+        q: view,
+        k: view,
+        v: view,
+        out: view,
+        lse: lse_view,
+        lse_lo: None,
+        dout: view,
+    };
+    let err = crate::attention_backward(grads, inputs, &options, Par::Seq).unwrap_err();
+    assert!(err.to_string().contains("precision is bf16"), "{err}");
+}
+
+fn bits_eq(a: &(Vec<f32>, Vec<f32>), b: &(Vec<f32>, Vec<f32>)) -> bool {
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    bits(&a.0) == bits(&b.0) && bits(&a.1) == bits(&b.1)
+}
+
+/// Every shape edge of the bf16 packing (odd `D`, odd key blocks, ragged `Dv`), the masks, the
+/// causal alignments, GQA, strided storage, large logits, decoding with split keys, and rows
+/// that see no key.
+#[test]
+fn bf16_flash_is_within_its_bound() {
+    let mut cases = vec![
+        Case::new(1, 2, 2, 1, 1, 16, 16),
+        Case::new(1, 2, 1, 17, 15, 1, 1),
+        Case::new(2, 2, 1, 19, 37, 33, 17),
+        Case::new(1, 4, 2, 130, 131, 64, 64),
+        Case::new(1, 2, 2, 65, 257, 7, 130),
+        Case::new(2, 8, 8, 64, 200, 128, 128),
+        // Decoding (at most 8 query rows per key/value head: keys and values read in place),
+        // keys split across tasks, odd and ragged head dims, padding, strided rows.
+        Case::new(1, 32, 8, 1, 1100, 64, 64),
+        Case::new(2, 4, 2, 1, 300, 33, 20),
+        Case {
+            lengths: true,
+            ..Case::new(3, 2, 2, 1, 131, 16, 16)
+        },
+        Case {
+            bshd: true,
+            causal: Causal::BottomRight,
+            ..Case::new(1, 8, 2, 2, 333, 72, 40)
+        },
+        // 12 rows per key/value head: packed.
+        Case::new(1, 4, 1, 3, 2100, 16, 16),
+    ];
+    for causal in [Causal::TopLeft, Causal::BottomRight] {
+        for (s, t) in [(70, 200), (200, 70), (129, 129)] {
+            cases.push(Case {
+                causal,
+                ..Case::new(1, 4, 2, s, t, 32, 32)
+            });
+        }
+    }
+    for mask in [
+        MaskKind::Allowed(MaskShape::Full),
+        MaskKind::Additive(MaskShape::TwoD),
+        MaskKind::Disallowed(MaskShape::Padding),
+    ] {
+        cases.push(Case {
+            mask,
+            lengths: true,
+            ..Case::new(2, 2, 2, 40, 150, 24, 24)
+        });
+    }
+    cases.push(Case {
+        key_mask: true,
+        alibi: true,
+        bshd: true,
+        ..Case::new(2, 4, 2, 33, 140, 16, 20)
+    });
+    cases.push(Case {
+        magnitude: 8.0,
+        scale: Some(0.3),
+        ..Case::new(1, 2, 1, 100, 300, 48, 16)
+    });
+    let mut worst = [0.0f64; 2];
+    for case in cases {
+        let ratios = check(case);
+        worst = [worst[0].max(ratios[0]), worst[1].max(ratios[1])];
+    }
+    println!(
+        "bf16 flash at {:?}: largest error / bound {:.3} (exact inputs), {:.3} (rounded operands)",
+        crate::bf16_level(),
+        worst[0],
+        worst[1]
+    );
+    // The probabilities are rounded at every level: without that, the error against the
+    // rounded operands would be f32's, a thousandth of the bound (measured 0.67 with it).
+    assert!(
+        worst[1] > 0.05,
+        "the error against the rounded operands is f32's: P is not rounded to bf16"
+    );
+}
