@@ -58,8 +58,15 @@ pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
         let mut hi = vec![0.0f32; dv_pad];
         for p in 0..bc.div_ceil(2) {
             let gather = |row: &mut [f32], j: usize| {
-                for (c, x) in row[..dv].iter_mut().enumerate() {
-                    *x = if j < bc { values[j * rs + c * cs] } else { 0.0 };
+                if j >= bc {
+                    row[..dv].fill(0.0);
+                } else if cs == 1 {
+                    row[..dv].copy_from_slice(&values[j * rs..j * rs + dv]);
+                } else {
+                    row[..dv]
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(c, x)| *x = values[j * rs + c * cs]);
                 }
             };
             gather(&mut lo, 2 * p);
