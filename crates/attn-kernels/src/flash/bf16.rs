@@ -120,15 +120,38 @@ pub(super) fn convert_row(src: &[f32], dst: &mut [f32]) {
 /// instructions, and [`crate::attention_weights`] of `scale·q` and `k`.
 pub(crate) fn rounded_copy(x: &View4<'_, f32>, factor: f32) -> Vec<f32> {
     let [n0, n1, n2, n3] = x.shape();
+    let st = x.strides();
+    let data = x.data();
     let mut out = Vec::with_capacity(n0 * n1 * n2 * n3);
     for i0 in 0..n0 {
         for i1 in 0..n1 {
             for i2 in 0..n2 {
-                out.extend((0..n3).map(|i3| round_to_bf16(x.get([i0, i1, i2, i3]) * factor)));
+                let base = i0 * st[0] + i1 * st[1] + i2 * st[2];
+                if st[3] == 1 {
+                    extend_rounded(&mut out, &data[base..base + n3], factor);
+                } else {
+                    out.extend((0..n3).map(|i3| round_to_bf16(data[base + i3 * st[3]] * factor)));
+                }
             }
         }
     }
     out
+}
+
+/// Appends `factor·x` rounded to bf16 for each `x` of `src`: 16 at a time by `vcvtneps2bf16` at
+/// the AVX512-BF16 level (the bits of [`round_to_bf16`], as `convert_row`'s).
+fn extend_rounded(out: &mut Vec<f32>, src: &[f32], factor: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level() == crate::Bf16Level::Avx512Bf16 {
+        let whole = src.len() / 16 * 16;
+        let start = out.len();
+        out.resize(start + whole, 0.0);
+        // SAFETY: the level was detected; both slices hold `whole` values.
+        unsafe { x86::round_scaled(&src[..whole], factor, &mut out[start..]) };
+        out.extend(src[whole..].iter().map(|&v| round_to_bf16(v * factor)));
+        return;
+    }
+    out.extend(src.iter().map(|&v| round_to_bf16(v * factor)));
 }
 
 /// The index of the packed block that holds key `t0` of `(b, g)`.
@@ -165,6 +188,24 @@ pub(super) mod x86 {
         unsafe {
             let both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi.as_ptr()), _mm512_loadu_ps(lo.as_ptr()));
             _mm512_storeu_si512(out.as_mut_ptr().cast(), pairs_of(both));
+        }
+    }
+
+    /// `dst[i] = round_to_bf16(factor·src[i])` for a multiple of 16 values.
+    ///
+    /// # Safety
+    /// AVX-512F/BW and AVX512-BF16 must be available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn round_scaled(src: &[f32], factor: f32, dst: &mut [f32]) {
+        assert!(src.len() % 16 == 0 && dst.len() >= src.len());
+        let f = _mm512_set1_ps(factor);
+        for (from, to) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+            // SAFETY: each chunk holds 16 values.
+            unsafe {
+                let h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(from.as_ptr()), f));
+                let wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(h)), 16);
+                _mm512_storeu_si512(to.as_mut_ptr().cast(), wide);
+            }
         }
     }
 
