@@ -197,7 +197,7 @@ pub(super) mod x86 {
     /// AVX-512F/BW and AVX512-BF16 must be available.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn round_scaled(src: &[f32], factor: f32, dst: &mut [f32]) {
-        assert!(src.len() % 16 == 0 && dst.len() >= src.len());
+        assert!(src.len().is_multiple_of(16) && dst.len() >= src.len());
         let f = _mm512_set1_ps(factor);
         for (from, to) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
             // SAFETY: each chunk holds 16 values.
