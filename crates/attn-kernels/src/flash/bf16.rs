@@ -11,6 +11,11 @@
 //! Per tile, the scaled query rows and each block's probabilities are rounded into rows of pairs
 //! (the module's `convert_row`, one `vcvtneps2bf16` per 16 values).
 //!
+//! Decoding (at most 8 query rows per key/value head) packs nothing: it reads each key and value
+//! once, so the kernels `x86::dot_rows` and `x86::axpy_rows` round K and V as they load them and
+//! multiply the rounded values with f32 FMAs (exact products, f32 sums), on query rows and
+//! probabilities rounded in f32.
+//!
 //! Without the instructions, [`rounded_copy`] makes rounded copies of the scaled queries,
 //! keys and values and the f32 kernel runs on them, rounding the probabilities before `P·V`:
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
@@ -224,11 +229,22 @@ pub(super) mod x86 {
         ((1u32 << n.min(16)) - 1) as __mmask16
     }
 
-    /// Decoding's scores with K read in place: `scores[r·ld + j] = q16_r · round(k_j)` for
-    /// `r < rows`, `j < bc`, where `q16` holds each row's `D` scaled query values as bf16 pairs
-    /// (`q_pairs` words apart) and key `j` is `k[j·ks .. j·ks + D]`, rounded to bf16 as it is
-    /// loaded (32 values per `vcvtne2ps2bf16`). Each score is one `vdpbf16ps` chain over `D` in
-    /// order, then the lanes' sum.
+    /// `x` rounded to bf16 per lane and widened back (`vcvtneps2bf16`: to nearest even,
+    /// subnormals to zero, NaN quiet: [`crate::round_to_bf16`]'s bits).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn round16(x: __m512) -> __m512 {
+        // SAFETY: a transmute between 256-bit vectors.
+        let h = unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)) };
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+
+    /// Decoding's scores with K read in place: `scores[r·ld + j] = q_r · round(k_j)` for
+    /// `r < rows`, `j < bc`, where `q` holds each row's `D` scaled query values already rounded
+    /// to bf16 (`ldq` apart) and key `j` is `k[j·ks .. j·ks + D]`, rounded to bf16 as it is
+    /// loaded. The products of bf16 values are exact in f32; each score is one FMA chain over
+    /// `D` in order per lane, then the lanes' sum. (f32 FMAs rather than `vdpbf16ps` here:
+    /// decoding is bound by reading K and V, and on Zen 5 the `vdpbf16ps` loops measured at
+    /// half the f32 kernels' bandwidth.)
     ///
     /// # Safety
     /// AVX-512F/BW and AVX512-BF16 must be available; `rows <= 8`; the operands must cover
@@ -238,15 +254,15 @@ pub(super) mod x86 {
     pub(in crate::flash) unsafe fn dot_rows(
         rows: usize,
         d: usize,
-        q16: *const u32,
-        q_pairs: usize,
+        q: *const f32,
+        ldq: usize,
         k: *const f32,
         ks: usize,
         bc: usize,
         scores: *mut f32,
         ld: usize,
     ) {
-        let args = (d, q16, q_pairs, k, ks, bc, scores, ld);
+        let args = (d, q, ldq, k, ks, bc, scores, ld);
         // SAFETY: the caller's contract, for `rows` rows.
         unsafe {
             match rows {
@@ -264,20 +280,19 @@ pub(super) mod x86 {
     }
 
     /// The operands of [`dot_rows`] after `rows`.
-    type DotArgs = (usize, *const u32, usize, *const f32, usize, usize, *mut f32, usize);
+    type DotArgs = (usize, *const f32, usize, *const f32, usize, usize, *mut f32, usize);
 
-    /// Keys past a block's last key per step of [`dot_block`]: their chains are independent,
-    /// so they overlap in the pipeline.
+    /// Keys per step of [`dot_block`]: their chains are independent, so they overlap in the
+    /// pipeline.
     const KEYS: usize = 4;
 
     /// [`dot_rows`] for `ROWS` rows, [`KEYS`] keys at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    unsafe fn dot_block<const ROWS: usize>((d, q16, q_pairs, k, ks, bc, scores, ld): DotArgs) {
-        let full = d / 32;
-        let tail = d % 32;
-        // SAFETY: full chunks read 32 values inside each key and 16 words inside each row's
-        // pairs; the tail's masked loads stay inside them; the stores inside `scores`.
+    unsafe fn dot_block<const ROWS: usize>((d, q, ldq, k, ks, bc, scores, ld): DotArgs) {
+        let (full, tail) = (d / 16 * 16, d % 16);
+        // SAFETY: whole vectors inside each key's and each row's `D` values, the tail masked;
+        // the stores inside `scores` (the caller's contract).
         unsafe {
             let mut j0 = 0;
             while j0 < bc {
@@ -285,25 +300,17 @@ pub(super) mod x86 {
                 let keys: [*const f32; KEYS] = std::array::from_fn(|j| k.add((j0 + j.min(kb - 1)) * ks));
                 let mut acc = [[_mm512_setzero_ps(); KEYS]; ROWS];
                 for (j, &key) in keys.iter().enumerate() {
-                    for c in 0..full {
-                        let kb16 = _mm512_cvtne2ps_pbh(
-                            _mm512_loadu_ps(key.add(32 * c + 16)),
-                            _mm512_loadu_ps(key.add(32 * c)),
-                        );
+                    for c in (0..full).step_by(16) {
+                        let kv = round16(_mm512_loadu_ps(key.add(c)));
                         for (r, acc_r) in acc.iter_mut().enumerate() {
-                            let qw = _mm512_loadu_si512(q16.add(r * q_pairs + 16 * c).cast());
-                            acc_r[j] = _mm512_dpbf16_ps(acc_r[j], std::mem::transmute::<__m512i, __m512bh>(qw), kb16);
+                            acc_r[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(r * ldq + c)), kv, acc_r[j]);
                         }
                     }
                     if tail > 0 {
-                        let p = 32 * full;
-                        let lo = _mm512_maskz_loadu_ps(mask16(tail), key.add(p));
-                        let hi = _mm512_maskz_loadu_ps(mask16(tail.saturating_sub(16)), key.add(p + 16));
-                        let kb16 = _mm512_cvtne2ps_pbh(hi, lo);
+                        let m = mask16(tail);
+                        let kv = round16(_mm512_maskz_loadu_ps(m, key.add(full)));
                         for (r, acc_r) in acc.iter_mut().enumerate() {
-                            let qw =
-                                _mm512_maskz_loadu_epi32(mask16(tail.div_ceil(2)), q16.add(r * q_pairs + p / 2).cast());
-                            acc_r[j] = _mm512_dpbf16_ps(acc_r[j], std::mem::transmute::<__m512i, __m512bh>(qw), kb16);
+                            acc_r[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q.add(r * ldq + full)), kv, acc_r[j]);
                         }
                     }
                 }
@@ -318,28 +325,26 @@ pub(super) mod x86 {
     }
 
     /// Decoding's `acc += P·V` with V read in place: `acc[r·ldc + c] += Σ_j p_rj · round(v_jc)`
-    /// for `r < rows`, `c < dv`, `j < bc`, where `p16` holds each row's probabilities as bf16
-    /// pairs (`lda` words apart) and value row `j` is `v[j·vs .. j·vs + dv]`, rounded as it is
-    /// loaded, two rows per `vcvtne2ps2bf16` and one `vpermw` into pairs. The value rows are
-    /// read whole and in order, a pair of keys at a time; the sums stay in `acc` (L1).
+    /// for `r < rows`, `c < dv`, `j < bc`, where `p` holds each row's probabilities already
+    /// rounded to bf16 (`ldp` apart) and value row `j` is `v[j·vs .. j·vs + dv]`, rounded as it
+    /// is loaded. The value rows are read whole and in order; the sums stay in `acc` (L1).
     ///
     /// # Safety
-    /// As for [`dot_rows`]; an odd `bc`'s last pair must have a zero probability in its high
-    /// half (the conversion of the probabilities writes one).
+    /// As for [`dot_rows`].
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub(in crate::flash) unsafe fn axpy_rows(
         rows: usize,
         dv: usize,
         bc: usize,
-        p16: *const u32,
-        lda: usize,
+        p: *const f32,
+        ldp: usize,
         v: *const f32,
         vs: usize,
         acc: *mut f32,
         ldc: usize,
     ) {
-        let args = (dv, bc, p16, lda, v, vs, acc, ldc);
+        let args = (dv, bc, p, ldp, v, vs, acc, ldc);
         // SAFETY: the caller's contract, for `rows` rows.
         unsafe {
             match rows {
@@ -357,47 +362,33 @@ pub(super) mod x86 {
     }
 
     /// The operands of [`axpy_rows`] after `rows`.
-    type AxpyArgs = (usize, usize, *const u32, usize, *const f32, usize, *mut f32, usize);
+    type AxpyArgs = (usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize);
 
     /// [`axpy_rows`] for `ROWS` rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    unsafe fn axpy_block<const ROWS: usize>((dv, bc, p16, lda, v, vs, acc, ldc): AxpyArgs) {
-        // SAFETY: masked loads and stores stay inside `dv` columns of each row (the caller's
-        // contract); `p16` holds `bc.div_ceil(2)` words per row.
+    unsafe fn axpy_block<const ROWS: usize>((dv, bc, p, ldp, v, vs, acc, ldc): AxpyArgs) {
+        let (full, tail) = (dv / 16 * 16, dv % 16);
+        // SAFETY: whole vectors inside `dv` columns of each row, the tail masked (the caller's
+        // contract).
         unsafe {
-            for p in 0..bc.div_ceil(2) {
-                let x: [__m512bh; ROWS] =
-                    std::array::from_fn(|r| std::mem::transmute(_mm512_set1_epi32(*p16.add(r * lda + p) as i32)));
-                let (lo_row, hi_row) = (v.add(2 * p * vs), v.add((2 * p + 1) * vs));
-                let has_hi = 2 * p + 1 < bc;
-                let full = dv / 16 * 16;
+            for j in 0..bc {
+                let x: [__m512; ROWS] = std::array::from_fn(|r| _mm512_set1_ps(*p.add(r * ldp + j)));
+                let row = v.add(j * vs);
                 for c0 in (0..full).step_by(16) {
-                    let lo = _mm512_loadu_ps(lo_row.add(c0));
-                    let hi = if has_hi {
-                        _mm512_loadu_ps(hi_row.add(c0))
-                    } else {
-                        _mm512_setzero_ps()
-                    };
-                    let words = std::mem::transmute::<__m512i, __m512bh>(pairs_of(_mm512_cvtne2ps_pbh(hi, lo)));
+                    let vv = round16(_mm512_loadu_ps(row.add(c0)));
                     for (r, &xr) in x.iter().enumerate() {
                         let out = acc.add(r * ldc + c0);
-                        _mm512_storeu_ps(out, _mm512_dpbf16_ps(_mm512_loadu_ps(out), xr, words));
+                        _mm512_storeu_ps(out, _mm512_fmadd_ps(xr, vv, _mm512_loadu_ps(out)));
                     }
                 }
-                if full < dv {
-                    // The ragged last columns, masked.
-                    let m = mask16(dv - full);
-                    let lo = _mm512_maskz_loadu_ps(m, lo_row.add(full));
-                    let hi = if has_hi {
-                        _mm512_maskz_loadu_ps(m, hi_row.add(full))
-                    } else {
-                        _mm512_setzero_ps()
-                    };
-                    let words = std::mem::transmute::<__m512i, __m512bh>(pairs_of(_mm512_cvtne2ps_pbh(hi, lo)));
+                if tail > 0 {
+                    // Masked, and only here: a masked store costs several plain ones on Zen 5.
+                    let m = mask16(tail);
+                    let vv = round16(_mm512_maskz_loadu_ps(m, row.add(full)));
                     for (r, &xr) in x.iter().enumerate() {
                         let out = acc.add(r * ldc + full);
-                        _mm512_mask_storeu_ps(out, m, _mm512_dpbf16_ps(_mm512_maskz_loadu_ps(m, out), xr, words));
+                        _mm512_mask_storeu_ps(out, m, _mm512_fmadd_ps(xr, vv, _mm512_maskz_loadu_ps(m, out)));
                     }
                 }
             }

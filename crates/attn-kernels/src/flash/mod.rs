@@ -205,7 +205,8 @@ fn attend(
         kt_packed: kt_packed.as_deref(),
         v_packed: v_packed.as_deref(),
         bf16: bf16_source,
-        round_p: operation == Operation::RoundedF32,
+        // Rounded f32 probabilities: bf16 without the instructions, and decoding's kernels.
+        round_p: operation == Operation::RoundedF32 || matches!(bf16_source, Some(Bf16Source::InPlace)),
         micro,
         score_kernel,
     };

@@ -345,3 +345,36 @@ fn bf16_flash_is_within_its_bound() {
         "the error against the rounded operands is f32's: P is not rounded to bf16"
     );
 }
+
+/// A row that sees one key gives that key's value rounded to bf16, bit for bit: its probability
+/// is exactly 1, so nothing but the values' rounding is left. Decoding (values read in place)
+/// and prefill (values packed), at this machine's level.
+#[test]
+fn one_visible_key_gives_its_rounded_value() {
+    for (h, g, s, t, d) in [(4, 2, 1, 300, 24), (2, 1, 100, 300, 40), (8, 8, 3, 50, 16)] {
+        let q = crate::testing::random_vec(h * s * d, 1);
+        let k = crate::testing::random_vec(g * t * d, 2);
+        let v = crate::testing::random_vec(g * t * d, 3);
+        let mut out = vec![f32::NAN; h * s * d];
+        let options = AttentionOptions {
+            key_lengths: Some(&[1]),
+            precision: crate::Precision::Bf16,
+            ..Default::default()
+        };
+        let inputs = ForwardInputs::new(
+            View4::contiguous(&q, [1, h, s, d]).unwrap(),
+            View4::contiguous(&k, [1, g, t, d]).unwrap(),
+            View4::contiguous(&v, [1, g, t, d]).unwrap(),
+        );
+        let out_view = ViewMut4::contiguous(&mut out, [1, h, s, d]).unwrap();
+        flash_attention(out_view, None, inputs, &options, Par::Rayon).unwrap();
+        for hi in 0..h {
+            let key0 = &v[(hi / (h / g)) * t * d..][..d];
+            for si in 0..s {
+                let row = &out[(hi * s + si) * d..][..d];
+                let want: Vec<f32> = key0.iter().map(|&x| crate::round_to_bf16(x)).collect();
+                assert_eq!(row, &want[..], "h = {hi}, s = {si} of [{h}, {g}, {s}, {t}, {d}]");
+            }
+        }
+    }
+}

@@ -200,9 +200,14 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
                 .enumerate()
                 .for_each(|(j, x)| *x = q_data[base + j * st] * ops.scale);
         }
-        if ops.bf16.is_some() {
-            let pairs = d.div_ceil(2);
-            super::bf16::convert_row(dst, &mut scratch.q16[i * pairs..(i + 1) * pairs]);
+        match ops.bf16 {
+            Some(Bf16Source::Packed(..)) => {
+                let pairs = d.div_ceil(2);
+                super::bf16::convert_row(dst, &mut scratch.q16[i * pairs..(i + 1) * pairs]);
+            }
+            // Decoding's kernels multiply rounded f32 values.
+            Some(Bf16Source::InPlace) => dst.iter_mut().for_each(|x| *x = crate::round_to_bf16(*x)),
+            None => {}
         }
     }
     rows
@@ -450,15 +455,19 @@ fn bf16_scores(
     source: Bf16Source<'_>,
 ) {
     let pairs = plan.d.div_ceil(2);
-    assert!(scratch.q16.len() >= rows.n_rows * pairs && scratch.scores.len() >= BLOCK_ROWS * SCORES_LD);
+    assert!(
+        scratch.q16.len() >= rows.n_rows * pairs
+            && scratch.q_tile.len() >= rows.n_rows * plan.d
+            && scratch.scores.len() >= BLOCK_ROWS * SCORES_LD
+    );
     let (k_data, k_st) = (ops.k.data(), ops.k.strides());
     let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `q16` holds the tile's
-    // rows of `pairs` words and `scores` is `[BLOCK_ROWS, SCORES_LD]` with `bc <= SCORES_LD`.
-    // Packed: `kt` holds the block's `kb_pad / 16` panels of `pairs · 16` words (`bc <=
-    // kb_pad`). In place: at most `DECODE_ROWS_MAX` rows, and the block's `bc` keys of `D`
-    // contiguous values lie inside K (checked).
+    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `scores` is
+    // `[BLOCK_ROWS, SCORES_LD]` with `bc <= SCORES_LD`. Packed: `q16` holds the tile's rows of
+    // `pairs` words, `kt` the block's `kb_pad / 16` panels of `pairs · 16` words (`bc <=
+    // kb_pad`). In place: at most `DECODE_ROWS_MAX` rows of `D` rounded values in `q_tile`,
+    // and the block's `bc` keys of `D` contiguous values lie inside K (checked).
     unsafe {
         match source {
             Bf16Source::Packed(kt16, _) => {
@@ -485,8 +494,8 @@ fn bf16_scores(
                 super::bf16::x86::dot_rows(
                     rows.n_rows,
                     plan.d,
-                    scratch.q16.as_ptr().cast(),
-                    pairs,
+                    scratch.q_tile.as_ptr(),
+                    plan.d,
                     k_data.as_ptr().add(k_base),
                     k_st[2],
                     block.bc,
@@ -512,18 +521,21 @@ fn bf16_weighted_values(
     let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
     let KeyBlock { bc, v_base, .. } = *block;
     let (lda, pairs) = (SCORES_LD / 2, bc.div_ceil(2));
-    for i in 0..n_rows {
-        let row = &scratch.scores[i * SCORES_LD..i * SCORES_LD + bc];
-        super::bf16::convert_row(row, &mut scratch.p16[i * lda..i * lda + pairs]);
+    if let Bf16Source::Packed(..) = source {
+        for i in 0..n_rows {
+            let row = &scratch.scores[i * SCORES_LD..i * SCORES_LD + bc];
+            super::bf16::convert_row(row, &mut scratch.p16[i * lda..i * lda + pairs]);
+        }
     }
     assert!(scratch.acc.len() >= n_rows * dv_pad && scratch.p16.len() >= BLOCK_ROWS * lda);
     let (v_data, v_st) = (ops.v.data(), ops.v.strides());
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `p16` holds the tile's
-    // rows of `pairs <= lda` words (an odd block's last pair ends in a zero), and `acc` is
-    // `[BLOCK_ROWS, Dv_pad]`. Packed: `vp` holds the block's `Dv_pad / 16` panels of
+    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `acc` is
+    // `[BLOCK_ROWS, Dv_pad]`. Packed: `p16` holds the tile's rows of `pairs <= lda` words (an
+    // odd block's last pair ends in a zero), `vp` the block's `Dv_pad / 16` panels of
     // `kb_pad / 2 · 16` words (`pairs <= kb_pad / 2`). In place: at most `DECODE_ROWS_MAX`
-    // rows, and the block's `bc` value rows of `Dv` contiguous values lie inside V (checked).
+    // rows of `bc` rounded probabilities in `scores`, and the block's `bc` value rows of `Dv`
+    // contiguous values lie inside V (checked).
     unsafe {
         match source {
             Bf16Source::Packed(_, v16) => {
@@ -548,8 +560,8 @@ fn bf16_weighted_values(
                     n_rows,
                     dv,
                     bc,
-                    scratch.p16.as_ptr().cast(),
-                    lda,
+                    scratch.scores.as_ptr(),
+                    SCORES_LD,
                     v_data.as_ptr().add(v_base),
                     v_st[2],
                     scratch.acc.as_mut_ptr(),
