@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::{Accum, Bf16Level, KernelError, Par, View2, ViewMut2};
 
 /// Columns per panel of [`Bf16Panels`] (one zmm of f32 lanes).
-const PANEL: usize = 16;
+pub(crate) const PANEL: usize = 16;
 /// Rows of the left operand per parallel task.
 const TASK_ROWS: usize = 64;
 
@@ -122,7 +122,7 @@ pub fn round_to_bf16(x: f32) -> f32 {
 
 /// Two bf16 values in one 32-bit lane, `lo` (row `2q`) in the low half: the operand layout of
 /// `vdpbf16ps`.
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     f32_to_bf16(lo) as u32 | (f32_to_bf16(hi) as u32) << 16
 }
 
@@ -310,11 +310,42 @@ pub(crate) mod avx512bf16 {
 
     use rayon::prelude::*;
 
-    use super::{PANEL, TASK_ROWS};
+    pub(crate) use super::PANEL;
+    use super::TASK_ROWS;
     use crate::{Accum, Par};
 
     /// Rows of one micro-kernel call.
     const MR: usize = 8;
+
+    /// Word `i` of a pair vector takes bf16 lane `i` (the low row) and lane `16 + i` (the high).
+    const INDEX: [i16; 32] = {
+        let mut index = [0i16; 32];
+        let mut i = 0;
+        while i < 16 {
+            index[2 * i] = i as i16;
+            index[2 * i + 1] = 16 + i as i16;
+            i += 1;
+        }
+        index
+    };
+
+    /// `out[i] = pair(lo[i], hi[i])` for 16 lanes: both rounded by one `vcvtne2ps2bf16`, then
+    /// interleaved by one `vpermw`. The packing of row pairs (values in the flash kernel, both
+    /// operands of the weight gradient).
+    ///
+    /// # Safety
+    /// AVX-512F/BW and AVX512-BF16 must be available; `lo` and `hi` readable and `out` writable
+    /// for 16 values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(crate) unsafe fn interleave16(lo: *const f32, hi: *const f32, out: *mut f32) {
+        // SAFETY: the caller's contract; the transmute is between 512-bit vectors.
+        unsafe {
+            let both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi), _mm512_loadu_ps(lo));
+            let index = _mm512_loadu_si512(INDEX.as_ptr().cast());
+            let words = _mm512_permutexvar_epi16(index, std::mem::transmute::<__m512bh, __m512i>(both));
+            _mm512_storeu_si512(out.cast(), words);
+        }
+    }
 
     /// `src` rounded to bf16, in order, into `dst`'s words (two values per word, a zero after
     /// an odd count).
@@ -475,7 +506,7 @@ pub(crate) mod avx512bf16 {
     /// # Safety
     /// AVX-512F and AVX512-BF16 must be available; the operands must cover those shapes.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm(
+    pub(crate) unsafe fn gemm(
         m: usize,
         n: usize,
         pairs: usize,

@@ -52,7 +52,7 @@ const SUM_ROWS: usize = 64;
 
 /// `dst[c] += Σ_n rows[n·width + c]`, summed in chunks of [`SUM_ROWS`] rows in f64, the chunks
 /// added in order: the same bits whatever the thread count.
-fn add_column_sums(dst: &mut [f32], rows: &[f32], width: usize, par: Par) {
+pub(crate) fn add_column_sums(dst: &mut [f32], rows: &[f32], width: usize, par: Par) {
     let chunk_sums = |chunk: &[f32]| {
         let mut sums = vec![0.0f64; width];
         for row in chunk.chunks_exact(width) {

@@ -54,6 +54,7 @@
 pub mod arena;
 mod backward;
 mod bf16;
+mod bf16_grad;
 mod buffer;
 mod error;
 mod exp_poly;
@@ -84,6 +85,7 @@ pub use backward::{
     FusedGradients, Gradients,
 };
 pub use bf16::{bf16_to_f32, f32_to_bf16, gemm_bf16, round_to_bf16, Bf16Panels, Precision};
+pub use bf16_grad::linear_backward_bf16;
 pub use error::KernelError;
 pub use flash::{flash_attention, BLOCK_KEYS, BLOCK_ROWS, MIN_TASKS};
 pub use gemm::{gemm, gemm_reference, Accum, Par};

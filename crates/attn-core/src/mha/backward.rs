@@ -4,12 +4,10 @@
 
 use std::borrow::Cow;
 
-use attn_kernels::{
-    arena, attention_backward, attention_backward_fused, linear_backward, FusedGradients, Gradients, LinearShape, Par,
-    ViewMut4,
-};
+use attn_kernels::{arena, attention_backward, attention_backward_fused, FusedGradients, Gradients, Par, ViewMut4};
 
 use super::train::{packed_views, CallViews, MhaInputGrads, MhaInputs, MhaTape, Packing};
+use super::weights::Proj;
 use super::{Core, Dims, MaskSet, Sequence};
 use crate::{Grads, Layout, ParamPath, Result, Tensor};
 
@@ -130,21 +128,7 @@ impl Core {
             (&self.w_q_or_qkv, "in_proj_weight"),
             self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")),
         )?;
-        let shape = LinearShape {
-            n,
-            in_dim: e,
-            out_dim: width,
-        };
-        linear_backward(
-            Some(&mut d_query),
-            dw,
-            db,
-            &d_qkv,
-            query.data,
-            self.w_q_or_qkv.data(),
-            shape,
-            par,
-        )?;
+        self.proj_backward(Proj::Fused, Some(&mut d_query), dw, db, &d_qkv, query.data, par)?;
         arena::give(d_qkv);
         Ok(MhaInputGrads {
             query: d_query,
@@ -230,22 +214,15 @@ impl Core {
         x: &[f32],
         par: Par,
     ) -> Result<()> {
-        let (w, rows, in_dim) = self.weight(which);
+        let (_, rows, in_dim) = self.weight(which);
         let (param, name) = self.weight_param(which);
         let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
         let bias_range = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
-        let shape = LinearShape {
-            n: x.len() / in_dim.max(1),
-            in_dim,
-            out_dim: rows.len(),
-        };
         let (dw, db) =
             grads.of_weight_and_bias(path, (param, name), self.b_qkv.as_ref().map(|b| (b, "in_proj_bias")))?;
         let dw = &mut dw[rows.start * in_dim..rows.end * in_dim];
         let db = db.map(|db| &mut db[bias_range]);
-        let w = &w[rows.start * in_dim..rows.end * in_dim];
-        linear_backward(dx, dw, db, dy, x, w, shape, par)?;
-        Ok(())
+        self.proj_backward(Proj::Part(which), dx, dw, db, dy, x, par)
     }
 
     /// The backward of the key (`which` = 1) or value (2) side from its gradient `d_proj`

@@ -15,11 +15,12 @@
 //!    else one per projection; `d_query` (and `d_key`, `d_value`) come back in the inputs' layout.
 
 use attn_kernels::{
-    arena, attention_backward, attention_with_lse_lo, linear_backward, BackwardInputs, ForwardInputs, Gradients,
-    LinearShape, Par, View, View4, ViewMut, ViewMut4,
+    arena, attention_backward, attention_with_lse_lo, BackwardInputs, ForwardInputs, Gradients, Par, View, View4,
+    ViewMut, ViewMut4,
 };
 
 use super::forward::{head_view, weights_from_lse, Projected, Source};
+use super::weights::Proj;
 use super::{Core, Dims, MaskSet, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights, Sequence};
 use crate::error::shape_error;
 use crate::{Grads, ParamPath, Parameters, Result, Tensor};
@@ -148,9 +149,6 @@ impl MultiHeadAttention {
     /// tape its [`backward`](Self::backward) needs. Dropout is not applied (the module's
     /// `dropout` is ignored, as everywhere in attn-core).
     pub fn forward_train(&self, inputs: &MhaInputs<'_>, par: Par) -> Result<(MhaOutput, MhaTape)> {
-        if self.precision() != crate::Precision::F32 {
-            return Err(crate::training_needs_f32("multi-head attention"));
-        }
         inputs.query.check_layout("query", self.config.batch_first)?;
         if let Some((key, value)) = &inputs.key_value {
             key.check_layout("key", self.config.batch_first)?;
@@ -429,7 +427,7 @@ impl Core {
         (grads, path): (&mut Grads, &ParamPath<'_>),
         par: Par,
     ) -> Result<Vec<f32>> {
-        let (Some(w_out), Some(out_dim)) = (&self.w_out, self.dims.out) else {
+        let (Some(w_out), Some(_)) = (&self.w_out, self.dims.out) else {
             return Ok(arena::copied(d_output));
         };
         let in_dim = self.dims.h * self.dims.dv;
@@ -439,17 +437,7 @@ impl Core {
             (w_out, "out_proj.weight"),
             self.b_out.as_ref().map(|b| (b, "out_proj.bias")),
         )?;
-        let shape = LinearShape { n, in_dim, out_dim };
-        linear_backward(
-            Some(&mut d_attn),
-            dw,
-            db,
-            d_output,
-            &tape.attn_out,
-            w_out.data(),
-            shape,
-            par,
-        )?;
+        self.proj_backward(Proj::Out, Some(&mut d_attn), dw, db, d_output, &tape.attn_out, par)?;
         Ok(d_attn)
     }
 

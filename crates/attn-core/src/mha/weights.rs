@@ -1,8 +1,10 @@
 //! The projection weights under PyTorch's state-dict names, and the linear map that applies them.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use attn_kernels::{gemm, gemm_bf16, Accum, Bf16Panels, Par, View2, ViewMut2};
+use attn_kernels::{
+    gemm, gemm_bf16, linear_backward, linear_backward_bf16, Accum, Bf16Panels, LinearShape, Par, View2, ViewMut2,
+};
 
 use super::Dims;
 use crate::error::shape_error;
@@ -35,6 +37,18 @@ pub(super) struct Core {
 /// the rows of each of `q`, `k`, `v` ([`Core::weight`]), and the output projection.
 #[derive(Debug)]
 pub(super) struct Bf16Weights {
+    fused: Option<Bf16Panels>,
+    parts: [Bf16Panels; 3],
+    out: Option<Bf16Panels>,
+    /// The same matrices packed as they are (`W: [out, in]`), the right operand of the
+    /// backward's `dx = dy·W` (mixed-precision training): packed at the first backward after
+    /// the precision was set, so inference never pays for them.
+    backward: OnceLock<BackwardPacks>,
+}
+
+/// [`Bf16Weights`] packed for the backward (`W`, not `Wᵀ`).
+#[derive(Debug)]
+struct BackwardPacks {
     fused: Option<Bf16Panels>,
     parts: [Bf16Panels; 3],
     out: Option<Bf16Panels>,
@@ -303,9 +317,73 @@ impl Core {
                     fused,
                     parts: [part(0)?, part(1)?, part(2)?],
                     out,
+                    backward: OnceLock::new(),
                 }))
             }
         };
+        Ok(())
+    }
+
+    /// The weight `proj` names as row-major rows: `(w, rows, in_dim)`.
+    fn proj_weight(&self, proj: Proj) -> (&[f32], std::ops::Range<usize>, usize) {
+        match proj {
+            Proj::Fused => {
+                let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
+                (self.w_q_or_qkv.data(), 0..width, self.dims.e)
+            }
+            Proj::Part(which) => self.weight(which),
+            Proj::Out => {
+                let w = self.w_out.as_ref().expect("called only with an output projection");
+                (w.data(), 0..self.dims.out.unwrap_or(0), self.dims.h * self.dims.dv)
+            }
+        }
+    }
+
+    /// The backward of projection `proj` over `x: [N, in]`: `dw += dyᵀ·x`, `db += Σ dy`, and
+    /// `dx = dy·W` when asked for; in bf16 ([`linear_backward_bf16`], the weight packed as it
+    /// is at the first backward) when the module's precision is bf16, else in f32.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn proj_backward(
+        &self,
+        proj: Proj,
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        db: Option<&mut [f32]>,
+        dy: &[f32],
+        x: &[f32],
+        par: Par,
+    ) -> Result<()> {
+        let (w, rows, in_dim) = self.proj_weight(proj);
+        let shape = LinearShape {
+            n: x.len() / in_dim.max(1),
+            in_dim,
+            out_dim: rows.len(),
+        };
+        let Some(packed) = &self.bf16 else {
+            let w = &w[rows.start * in_dim..rows.end * in_dim];
+            linear_backward(dx, dw, db, dy, x, w, shape, par)?;
+            return Ok(());
+        };
+        let packs = packed.backward.get_or_init(|| {
+            let pack = |proj: Proj| {
+                let (w, rows, in_dim) = self.proj_weight(proj);
+                let view = View2::contiguous(&w[rows.start * in_dim..rows.end * in_dim], [rows.len(), in_dim])
+                    .expect("a weight's rows are a contiguous [rows, in] matrix");
+                Bf16Panels::pack(view)
+            };
+            BackwardPacks {
+                fused: packed.fused.as_ref().map(|_| pack(Proj::Fused)),
+                parts: [pack(Proj::Part(0)), pack(Proj::Part(1)), pack(Proj::Part(2))],
+                out: packed.out.as_ref().map(|_| pack(Proj::Out)),
+            }
+        });
+        let w_packed = match proj {
+            Proj::Fused => packs.fused.as_ref(),
+            Proj::Part(which) => Some(&packs.parts[which]),
+            Proj::Out => packs.out.as_ref(),
+        }
+        .expect("packed for every projection the module has");
+        linear_backward_bf16(dx, dw, db, dy, x, w_packed, shape, par)?;
         Ok(())
     }
 
@@ -328,17 +406,7 @@ impl Core {
             let w = w.expect("packed for every projection the module has");
             return linear_bf16(dst, dst_stride, x, w, bias, par);
         }
-        let (w, rows, in_dim) = match proj {
-            Proj::Fused => {
-                let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
-                (self.w_q_or_qkv.data(), 0..width, self.dims.e)
-            }
-            Proj::Part(which) => self.weight(which),
-            Proj::Out => {
-                let w = self.w_out.as_ref().expect("called only with an output projection");
-                (w.data(), 0..self.dims.out.unwrap_or(0), self.dims.h * self.dims.dv)
-            }
-        };
+        let (w, rows, in_dim) = self.proj_weight(proj);
         linear(dst, dst_stride, x, w, rows, in_dim, bias, par)
     }
 }

@@ -88,8 +88,9 @@ pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
 fn interleave(lo: &[f32], hi: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::bf16_level() == crate::Bf16Level::Avx512Bf16 {
-        // SAFETY: the level was detected; the three slices hold 16 values (checked inside).
-        unsafe { x86::interleave16(lo, hi, out) };
+        assert!(lo.len() >= 16 && hi.len() >= 16 && out.len() >= 16);
+        // SAFETY: the level was detected; the three slices hold 16 values (asserted).
+        unsafe { crate::bf16::avx512bf16::interleave16(lo.as_ptr(), hi.as_ptr(), out.as_mut_ptr()) };
         return;
     }
     for i in 0..16 {
@@ -169,33 +170,6 @@ pub(super) fn block_index(plan: &Plan, [b, g, t0]: [usize; 3]) -> usize {
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    /// Word `i` of a pair vector takes bf16 lane `i` (the low row) and lane `16 + i` (the high).
-    const INDEX: [i16; 32] = {
-        let mut index = [0i16; 32];
-        let mut i = 0;
-        while i < 16 {
-            index[2 * i] = i as i16;
-            index[2 * i + 1] = 16 + i as i16;
-            i += 1;
-        }
-        index
-    };
-
-    /// `out[i] = pair(lo[i], hi[i])` for 16 lanes: both rounded by one `vcvtne2ps2bf16`, then
-    /// interleaved by one `vpermw`.
-    ///
-    /// # Safety
-    /// AVX-512F/BW and AVX512-BF16 must be available.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn interleave16(lo: &[f32], hi: &[f32], out: &mut [f32]) {
-        assert!(lo.len() >= 16 && hi.len() >= 16 && out.len() >= 16);
-        // SAFETY: 16 values are readable in `lo` and `hi` and writable in `out` (asserted).
-        unsafe {
-            let both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi.as_ptr()), _mm512_loadu_ps(lo.as_ptr()));
-            _mm512_storeu_si512(out.as_mut_ptr().cast(), pairs_of(both));
-        }
-    }
-
     /// `dst[i] = round_to_bf16(factor·src[i])` for a multiple of 16 values.
     ///
     /// # Safety
@@ -211,16 +185,6 @@ pub(super) mod x86 {
                 let wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(h)), 16);
                 _mm512_storeu_si512(to.as_mut_ptr().cast(), wide);
             }
-        }
-    }
-
-    /// Word `i` of the result: bf16 lane `i` of `both` (low) and lane `16 + i` (high).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn pairs_of(both: __m512bh) -> __m512i {
-        // SAFETY: `INDEX` holds 32 lanes of 16 bits; the transmute is between 512-bit vectors.
-        unsafe {
-            let index = _mm512_loadu_si512(INDEX.as_ptr().cast());
-            _mm512_permutexvar_epi16(index, std::mem::transmute::<__m512bh, __m512i>(both))
         }
     }
 

@@ -1,0 +1,296 @@
+//! The backward of a linear map in bf16 (mixed-precision training): the products of
+//! [`crate::linear_backward`] with bf16 operands and f32 sums, f32 gradients.
+//!
+//! - `dx = dy·W`: `dy` rounded while it is packed (as [`crate::gemm_bf16`]'s left operand),
+//!   `W` packed once per weight as a right operand `[out, in]` ([`Bf16Panels::pack`] of `W`
+//!   itself, the forward's packing being of `Wᵀ`).
+//! - `dW += dyᵀ·x`: both operands are activations, rounded and packed per call into pairs along
+//!   the tokens `n` (two rows at a time: one `vcvtne2ps2bf16` and one `vpermw` per 16 columns),
+//!   then the same tile kernel with `Accum::Add`.
+//! - `db += Σ_n dy`: f32 (unrounded), as in f32.
+//!
+//! Each element is one chain of `vdpbf16ps` over its depth in order, so the result does not
+//! depend on the thread count. The error bound is [`crate::gemm_bf16`]'s, with `K` the depth
+//! (`out` for `dx`, `n` for `dW`). Without the instructions the same rounded values are
+//! multiplied by faer's f32 GEMM.
+
+use rayon::prelude::*;
+
+use crate::bf16::{pair, PANEL};
+use crate::error::check_len;
+use crate::grad::add_column_sums;
+use crate::{round_to_bf16, Accum, Bf16Level, Bf16Panels, KernelError, LinearShape, Par, View2, ViewMut2};
+
+/// [`crate::linear_backward`] with bf16 products: `dx = dy·W` (written, when asked for) with
+/// `w_packed` the weight `W: [out, in]` packed by [`Bf16Panels::pack`] as it is (not
+/// transposed), `dW += dyᵀ·x` with both rounded per call, and `db += Σ_n dy` in f32.
+/// `dy: [n, out]`, `x: [n, in]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_bf16(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    w_packed: &Bf16Panels,
+    sh: LinearShape,
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "linear_backward_bf16";
+    let LinearShape { n, in_dim, out_dim } = sh;
+    check_len(op, "dy", n * out_dim, dy.len())?;
+    check_len(op, "x", n * in_dim, x.len())?;
+    check_len(op, "dw", out_dim * in_dim, dw.len())?;
+    if w_packed.shape() != [out_dim, in_dim] {
+        return Err(KernelError::shape(
+            op,
+            "w_packed",
+            vec![out_dim, in_dim],
+            w_packed.shape().to_vec(),
+        ));
+    }
+    if n == 0 || in_dim == 0 || out_dim == 0 {
+        return Ok(());
+    }
+    if let Some(dx) = dx {
+        check_len(op, "dx", n * in_dim, dx.len())?;
+        crate::gemm_bf16(
+            ViewMut2::contiguous(dx, [n, in_dim])?,
+            Accum::Replace,
+            View2::contiguous(dy, [n, out_dim])?,
+            w_packed,
+            par,
+        )?;
+    }
+    weight_gradient(crate::bf16_level(), dw, dy, x, sh, par)?;
+    if let Some(db) = db {
+        check_len(op, "db", out_dim, db.len())?;
+        add_column_sums(db, dy, out_dim, par);
+    }
+    Ok(())
+}
+
+/// `dw [out, in] += dyᵀ·x` with `dy: [n, out]` and `x: [n, in]` rounded to bf16, f32 sums.
+pub(crate) fn weight_gradient(
+    level: Bf16Level,
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    LinearShape { n, in_dim, out_dim }: LinearShape,
+    par: Par,
+) -> Result<(), KernelError> {
+    #[cfg(target_arch = "x86_64")]
+    if level == Bf16Level::Avx512Bf16 {
+        let pairs = n.div_ceil(2);
+        // `dyᵀ` as rows of pairs along `n`, and `x` in the panels of `Bf16Panels`.
+        let mut a = crate::buffer::take(out_dim.div_ceil(PANEL) * PANEL * pairs);
+        let mut b = crate::buffer::take(in_dim.div_ceil(PANEL) * pairs * PANEL);
+        pack_pairs(&mut a, dy, [n, out_dim], Layout::Rows, par);
+        pack_pairs(&mut b, x, [n, in_dim], Layout::Panels, par);
+        let words: &[u32] = bytemuck_words(&b);
+        // SAFETY: the level was detected; `a` is `[out, pairs]` words, `b` the panels of
+        // `[n, in]`, and `dw` is `[out, in]` (length checked by the caller).
+        unsafe {
+            crate::bf16::avx512bf16::gemm(
+                out_dim,
+                in_dim,
+                pairs,
+                a.as_ptr().cast(),
+                words,
+                dw.as_mut_ptr(),
+                in_dim,
+                Accum::Add,
+                par,
+            )
+        };
+        crate::buffer::give(a);
+        crate::buffer::give(b);
+        return Ok(());
+    }
+    let _ = level;
+    let dy_r: Vec<f32> = dy.iter().map(|&v| round_to_bf16(v)).collect();
+    let x_r: Vec<f32> = x.iter().map(|&v| round_to_bf16(v)).collect();
+    let dy_t = View2::new(&dy_r, [out_dim, n], [1, out_dim])?;
+    crate::gemm(
+        ViewMut2::contiguous(dw, [out_dim, in_dim])?,
+        Accum::Add,
+        dy_t,
+        View2::contiguous(&x_r, [n, in_dim])?,
+        1.0,
+        par,
+    )
+}
+
+/// The words of a buffer of f32 slots holding packed pairs.
+fn bytemuck_words(b: &[f32]) -> &[u32] {
+    // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is a u32.
+    unsafe { std::slice::from_raw_parts(b.as_ptr().cast(), b.len()) }
+}
+
+/// Where [`pack_pairs`] puts the pair of rows `2p, 2p + 1` at column `c`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `dst[c·pairs + p]`: the columns become rows of pairs (a left operand).
+    Rows,
+    /// `dst[(c / 16)·pairs·16 + p·16 + c % 16]`: [`Bf16Panels`]' layout (a right operand).
+    Panels,
+}
+
+/// `src: [n, width]` rounded to bf16 as pairs of rows along `n` (a zero row after an odd `n`),
+/// laid out by `layout`. Columns are taken 16 at a time, each pair of rows by
+/// [`crate::bf16::avx512bf16::interleave16`] at the AVX512-BF16 level.
+fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layout, par: Par) {
+    let pairs = n.div_ceil(2);
+    let zeros = [0.0f32; PANEL];
+    // One task per 16 columns: it writes those columns' words, for every pair.
+    let panels = width.div_ceil(PANEL);
+    let chunk = match layout {
+        Layout::Rows => PANEL * pairs,
+        Layout::Panels => pairs * PANEL,
+    };
+    let one = |(panel, out): (usize, &mut [f32])| {
+        let c0 = panel * PANEL;
+        let cols = (width - c0).min(PANEL);
+        let mut words = [0.0f32; PANEL];
+        let mut lo_buf = [0.0f32; PANEL];
+        let mut hi_buf = [0.0f32; PANEL];
+        for p in 0..pairs {
+            let row = |j: usize, buf: &mut [f32; PANEL]| -> *const f32 {
+                if j >= n {
+                    return zeros.as_ptr();
+                }
+                if cols == PANEL {
+                    return src[j * width + c0..].as_ptr();
+                }
+                buf[..cols].copy_from_slice(&src[j * width + c0..j * width + c0 + cols]);
+                buf.as_ptr()
+            };
+            let (lo, hi) = (row(2 * p, &mut lo_buf), row(2 * p + 1, &mut hi_buf));
+            interleave(lo, hi, &mut words);
+            match layout {
+                Layout::Panels => out[p * PANEL..(p + 1) * PANEL].copy_from_slice(&words),
+                Layout::Rows => {
+                    for (l, &word) in words.iter().enumerate().take(cols) {
+                        out[l * pairs + p] = word;
+                    }
+                }
+            }
+        }
+    };
+    let dst = &mut dst[..panels * chunk];
+    match par {
+        Par::Seq => dst.chunks_mut(chunk).enumerate().for_each(one),
+        Par::Rayon => dst.par_chunks_mut(chunk).enumerate().for_each(one),
+    }
+}
+
+/// `out[i] = pair(lo[i], hi[i])` for 16 lanes, as f32 slots.
+fn interleave(lo: *const f32, hi: *const f32, out: &mut [f32; PANEL]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level() == Bf16Level::Avx512Bf16 {
+        // SAFETY: the level was detected; `lo` and `hi` point at 16 readable values (a source
+        // row, a copy of its ragged end, or zeros) and `out` holds 16.
+        unsafe { crate::bf16::avx512bf16::interleave16(lo, hi, out.as_mut_ptr()) };
+        return;
+    }
+    for (i, word) in out.iter_mut().enumerate() {
+        // SAFETY: as above.
+        let (l, h) = unsafe { (*lo.add(i), *hi.add(i)) };
+        *word = f32::from_bits(pair(l, h));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::random_vec;
+
+    const U: f64 = 1.0 / 256.0;
+
+    /// `dx` and `dW` against f64 sums of the rounded operands, within f32's summation error
+    /// (`K·2^-24` of `Σ|a·b|`), and against the exact f32 operands within bf16's bound
+    /// `(2u + u²)·Σ|a·b|` on top; `db` as the f32 backward gives it; the same bits on any
+    /// thread count. Shapes with odd and ragged sizes.
+    #[test]
+    fn linear_backward_bf16_matches_its_bound() {
+        let r = |v: f32| round_to_bf16(v) as f64;
+        for (n, in_dim, out_dim) in [(1, 1, 1), (7, 5, 3), (33, 17, 40), (100, 64, 48), (257, 96, 130)] {
+            let sh = LinearShape { n, in_dim, out_dim };
+            let (dy, x, w) = (
+                random_vec(n * out_dim, 1),
+                random_vec(n * in_dim, 2),
+                random_vec(out_dim * in_dim, 3),
+            );
+            let packed = Bf16Panels::pack(View2::contiguous(&w, [out_dim, in_dim]).unwrap());
+            let dw0 = random_vec(out_dim * in_dim, 4);
+            let run = |par: Par| {
+                let (mut dx, mut dw, mut db) = (vec![f32::NAN; n * in_dim], dw0.clone(), vec![0.5f32; out_dim]);
+                linear_backward_bf16(Some(&mut dx), &mut dw, Some(&mut db), &dy, &x, &packed, sh, par).unwrap();
+                (dx, dw, db)
+            };
+            let (dx, dw, db) = run(Par::Seq);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            assert_eq!((dx.clone(), dw.clone(), db.clone()), pool.install(|| run(Par::Rayon)));
+            let check = |got: f32, terms: &mut dyn Iterator<Item = (f64, f64)>, base: f64, depth: usize, what: &str| {
+                let (mut exact, mut rounded, mut mass) = (base, base, base.abs());
+                for (a, b) in terms {
+                    exact += a * b;
+                    rounded += r(a as f32) * r(b as f32);
+                    mass += (a * b).abs();
+                }
+                let gamma = (depth as f64 + 2.0) * f32::EPSILON as f64;
+                let to_rounded = (got as f64 - rounded).abs();
+                assert!(
+                    to_rounded <= gamma * mass * 1.1 + 1e-30,
+                    "{what}: {got} vs rounded {rounded}"
+                );
+                let to_exact = (got as f64 - exact).abs();
+                assert!(
+                    to_exact <= (2.0 * U + U * U + gamma) * mass * 1.1 + 1e-30,
+                    "{what}: {got} vs {exact}"
+                );
+            };
+            for i in 0..n {
+                for c in 0..in_dim {
+                    let mut terms = (0..out_dim).map(|o| (dy[i * out_dim + o] as f64, w[o * in_dim + c] as f64));
+                    check(
+                        dx[i * in_dim + c],
+                        &mut terms,
+                        0.0,
+                        out_dim,
+                        &format!("dx[{i}, {c}] of {sh:?}"),
+                    );
+                }
+            }
+            for o in 0..out_dim {
+                for c in 0..in_dim {
+                    let mut terms = (0..n).map(|i| (dy[i * out_dim + o] as f64, x[i * in_dim + c] as f64));
+                    let base = dw0[o * in_dim + c] as f64;
+                    check(
+                        dw[o * in_dim + c],
+                        &mut terms,
+                        base,
+                        n,
+                        &format!("dW[{o}, {c}] of {sh:?}"),
+                    );
+                }
+                let want: f64 = 0.5 + (0..n).map(|i| dy[i * out_dim + o] as f64).sum::<f64>();
+                assert!((db[o] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "db[{o}]");
+            }
+        }
+    }
+
+    #[test]
+    fn linear_backward_bf16_checks_shapes() {
+        let w = vec![0.0f32; 6];
+        let packed = Bf16Panels::pack(View2::contiguous(&w, [2, 3]).unwrap());
+        let sh = LinearShape {
+            n: 1,
+            in_dim: 2,
+            out_dim: 3,
+        };
+        let err =
+            linear_backward_bf16(None, &mut [0.0; 6], None, &[0.0; 3], &[0.0; 2], &packed, sh, Par::Seq).unwrap_err();
+        assert!(err.to_string().contains("w_packed"), "{err}");
+    }
+}
