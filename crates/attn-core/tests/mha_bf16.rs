@@ -215,7 +215,10 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
         for (what, g, w) in [("output", &got.0, &want.0), ("d_query", &got.1, &want.1)] {
             let error = scaled_error(g, w);
             worst = worst.max(error);
-            assert!(error <= BF16_TRAIN_TOLERANCE && g != w, "{what} (cross {cross}): {error:e}");
+            assert!(
+                error <= BF16_TRAIN_TOLERANCE && g != w,
+                "{what} (cross {cross}): {error:e}"
+            );
         }
         assert_eq!(got.2.len(), want.2.len());
         for ((name, g), (_, w)) in got.2.iter().zip(&want.2) {

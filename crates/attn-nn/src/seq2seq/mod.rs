@@ -216,10 +216,17 @@ impl Seq2Seq {
     }
 
     /// One optimizer step over every parameter at learning rate `lr`, from gradients made by
-    /// [`Seq2Seq::grads`] (others are an error): one pass over the flat buffers.
+    /// [`Seq2Seq::grads`] (others are an error): one pass over the flat buffers. The f32 weights
+    /// are the master copy: a model in bf16 (mixed-precision training) packs its bf16 copies
+    /// again from the updated weights.
     pub fn update(&mut self, adam: &mut AdamW, grads: &Grads, lr: f32) -> Result<()> {
+        let precision = self.precision();
         let store = self.store.clone();
-        adam.update(&store, self, grads, lr)
+        adam.update(&store, self, grads, lr)?;
+        if precision != Precision::F32 {
+            self.set_precision(precision)?;
+        }
+        Ok(())
     }
 
     /// The tensors under their names.

@@ -2,7 +2,7 @@
 //! between them.
 
 use attn_core::kernels::{self, arena, Par};
-use attn_core::{AttnError, Packing, Precision, Sequence};
+use attn_core::{AttnError, Packing, Sequence};
 
 use crate::parallel::{Collective, GradientTree, MicroBatches, SingleProcess};
 use crate::step::{Dropout, Step};
@@ -245,9 +245,6 @@ impl Seq2Seq {
     /// follows the real tokens): logits `[Nt, Vt]`, one row per real target position in
     /// sequence order, and the tape.
     pub fn forward_train(&self, packed: &Packed, step: &mut Step<'_>) -> Result<(Vec<f32>, Seq2SeqTape)> {
-        if self.precision() != Precision::F32 {
-            return Err(attn_core::training_needs_f32("sequence-to-sequence model").into());
-        }
         let e = self.config.d_model();
         let (ns, nt) = (packed.src.len(), packed.tgt_in.len());
         let src_x = self.embed_train("src_embed.", &packed.src, &packed.src_positions, step)?;
