@@ -3,7 +3,11 @@ same model in PyTorch (the `ContractSeq2Seq` of gen_crate_fixtures.py) on the sa
 batches (date pairs from `attn dates`, in file order), forward + cross-entropy + backward +
 AdamW, dropout 0.1. Alternated round by round; medians of the per-step times.
 
-Usage: python bench_train.py ATTN_BINARY THREADS ROUNDS
+With --bf16: also `attn bench train --precision bf16` (mixed precision) against PyTorch's step
+with its forward and loss under torch.autocast("cpu", dtype=torch.bfloat16), in the same rounds,
+in a second table.
+
+Usage: python bench_train.py ATTN_BINARY THREADS ROUNDS [--bf16]
 """
 
 import json
@@ -27,7 +31,7 @@ CONFIGS = [
 STEPS = 10
 
 
-def torch_steps(pairs, d, h, ne, nd, ff, batch):
+def torch_steps(pairs, d, h, ne, nd, ff, batch, autocast=False):
     src_vocab = SPECIALS + sorted({c for s, _ in pairs for c in s})
     tgt_vocab = SPECIALS + sorted({c for _, t in pairs for c in t})
     cfg = {"d_model": d, "nhead": h, "num_encoder_layers": ne, "num_decoder_layers": nd, "dim_feedforward": ff,
@@ -41,9 +45,10 @@ def torch_steps(pairs, d, h, ne, nd, ff, batch):
         src, tgt_in, labels, src_pad, tgt_pad = encode_pairs(chunk, src_vocab, tgt_vocab)
         t0 = time.perf_counter()
         opt.zero_grad()
-        logits = model(src, tgt_in, src_pad, tgt_pad)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(src, tgt_in, src_pad, tgt_pad)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     labels.reshape(-1), ignore_index=0)
         loss.backward()
         opt.step()
         if step > 0:
@@ -51,17 +56,19 @@ def torch_steps(pairs, d, h, ne, nd, ff, batch):
     return statistics.median(times)
 
 
-def attn_steps(binary, data, threads, d, h, ne, nd, ff, batch):
+def attn_steps(binary, data, threads, d, h, ne, nd, ff, batch, precision="f32"):
     out = subprocess.run([binary, "bench", "train", "--data", data, "--d-model", str(d), "--nhead", str(h),
                           "--encoder-layers", str(ne), "--decoder-layers", str(nd), "--dim-feedforward", str(ff),
                           "--batch-size", str(batch), "--steps", str(STEPS), "--no-shuffle", "--threads", threads,
-                          "--json"], capture_output=True, text=True, check=True).stdout
+                          "--precision", precision, "--json"], capture_output=True, text=True, check=True).stdout
     return json.loads(out)["median_s"]
 
 
 def main():
     binary, threads, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    bf16 = "--bf16" in sys.argv
     torch.set_num_threads(int(threads))
+    bf16_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.tsv"
         text = subprocess.run([binary, "dates", "--split", "train", "--count", "5000", "--seed", "1"],
@@ -72,15 +79,25 @@ def main():
         print("| d_model, layers, ff, batch | attn ms/step | torch ms/step | attn / torch speed |")
         print("|---|---|---|---|")
         for d, h, ne, nd, ff, batch in CONFIGS:
-            ratios, a_all, t_all = [], [], []
+            a_all, t_all, ab_all, tb_all = [], [], [], []
             for _ in range(rounds):
-                a = attn_steps(binary, str(data), threads, d, h, ne, nd, ff, batch)
-                t = torch_steps(pairs, d, h, ne, nd, ff, batch)
-                ratios.append(t / a)
-                a_all.append(a)
-                t_all.append(t)
-            print(f"| {d}, {ne}+{nd}, {ff}, {batch} | {1e3 * statistics.median(a_all):.1f} | "
-                  f"{1e3 * statistics.median(t_all):.1f} | {statistics.median(ratios):.2f}x |", flush=True)
+                a_all.append(attn_steps(binary, str(data), threads, d, h, ne, nd, ff, batch))
+                t_all.append(torch_steps(pairs, d, h, ne, nd, ff, batch))
+                if bf16:
+                    ab_all.append(attn_steps(binary, str(data), threads, d, h, ne, nd, ff, batch, "bf16"))
+                    tb_all.append(torch_steps(pairs, d, h, ne, nd, ff, batch, autocast=True))
+            a, t = statistics.median(a_all), statistics.median(t_all)
+            print(f"| {d}, {ne}+{nd}, {ff}, {batch} | {1e3 * a:.1f} | {1e3 * t:.1f} | {t / a:.2f}x |", flush=True)
+            if bf16:
+                ab, tb = statistics.median(ab_all), statistics.median(tb_all)
+                bf16_rows.append(f"| {d}, {ne}+{nd}, {ff}, {batch} | {1e3 * ab:.1f} | {1e3 * a:.1f} | {1e3 * tb:.1f} | "
+                                 f"{a / ab:.2f}x | {tb / ab:.2f}x |")
+    if bf16:
+        print("\nattn --precision bf16 against attn f32 and PyTorch under torch.autocast bf16, the same rounds")
+        print("| d_model, layers, ff, batch | attn bf16 ms/step | attn f32 ms/step | torch autocast ms/step | "
+              "attn bf16 / attn f32 | attn bf16 / torch autocast |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(bf16_rows))
 
 
 if __name__ == "__main__":

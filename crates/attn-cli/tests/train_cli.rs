@@ -222,6 +222,54 @@ fn training_is_reproducible_across_threads_and_resume() {
     );
 }
 
+/// `--precision bf16` (mixed precision): the same bytes on 1 and 2 threads and after a stop and
+/// `--resume` (the bf16 copies are packed again from the resumed f32 weights), an f32
+/// checkpoint (every tensor F32), and other weights than the f32 run's. On a CPU without bf16
+/// instructions it runs f32, says so, and gives the f32 run's bytes.
+#[test]
+fn mixed_precision_training_is_reproducible_and_saves_f32() {
+    let dir = scratch("bf16-train");
+    let (train, valid) = data(&dir);
+    let run = |name: &str, threads: &str, extra: &[&str]| -> (PathBuf, String) {
+        let out = dir.join(name);
+        let mut args = vec!["train", "--data", s(&train), "--valid", s(&valid), "--output", s(&out)];
+        args.extend(["--eval-every", "6", "--threads", threads]);
+        args.extend(TINY);
+        args.extend(extra);
+        let output = attn(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        (out, String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (one, stderr) = run("one.safetensors", "1", &["--precision", "bf16"]);
+    let (two, _) = run("two.safetensors", "2", &["--precision", "bf16"]);
+    let bytes = |p: &Path| std::fs::read(p).unwrap();
+    assert_eq!(bytes(&one), bytes(&two), "1 and 2 threads");
+    let (resumed, _) = run(
+        "resumed.safetensors",
+        "2",
+        &["--precision", "bf16", "--stop-after", "5"],
+    );
+    run("resumed.safetensors", "1", &["--precision", "bf16", "--resume"]);
+    assert_eq!(bytes(&resumed), bytes(&one), "stop and --resume");
+    // Every tensor of the checkpoint is f32: the master weights.
+    let file = bytes(&one);
+    let header_len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&file[8..8 + header_len]).unwrap();
+    for (name, entry) in header.as_object().unwrap() {
+        if name != "__metadata__" {
+            assert_eq!(entry["dtype"], "F32", "{name}");
+        }
+    }
+    let (f32_run, _) = run("f32.safetensors", "2", &[]);
+    if attn_nn::core::kernels::bf16_level() == attn_nn::core::kernels::Bf16Level::None {
+        assert!(stderr.contains("running f32"), "{stderr}");
+        assert_eq!(bytes(&one), bytes(&f32_run), "bf16 without the instructions is f32");
+    } else {
+        assert!(!stderr.contains("running f32"), "{stderr}");
+        assert_ne!(bytes(&one), bytes(&f32_run), "bf16 gave the f32 run's weights");
+    }
+}
+
 #[test]
 fn the_plot_is_a_png_and_bad_input_is_named() {
     let dir = scratch("plot");

@@ -46,6 +46,7 @@ fn bench_ranks(args: BenchArgs, ranks: &Ranks) -> Result<()> {
     let model = Seq2Seq::with_seed(config, args.optim.seed)?;
     let steps = args.steps.max(1);
     args.threads.install(|threads| {
+        let dtype = args.optim.precision.effective(ranks.is_root());
         let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps + 1, ranks.size())?;
         trainer.step(1, ranks.comm())?;
         let mut times = Vec::new();
@@ -96,6 +97,7 @@ fn bench_ranks(args: BenchArgs, ranks: &Ranks) -> Result<()> {
                        "large_allocations_per_step": large_count, "large_allocated_bytes_per_step": large_bytes,
                        "large_allocations_last_half": late,
                        "resident_bytes_first": rss_first, "resident_bytes_last": rss_last,
+                       "dtype": dtype.name(),
                        "simd": attn_nn::core::kernels::simd_level().to_string(),
                        "bf16": attn_nn::core::kernels::bf16_level().to_string()})
             );

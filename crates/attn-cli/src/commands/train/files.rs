@@ -41,6 +41,10 @@ pub(super) fn run_fingerprint(args: &Args, data: &[(String, String)]) -> String 
     if let Some(m) = o.micro_batch.filter(|&m| m < o.batch_size) {
         run["micro_batch"] = json!(m);
     }
+    // Likewise only when not f32.
+    if o.precision != crate::support::dtype::Dtype::F32 {
+        run["precision"] = json!(o.precision.name());
+    }
     run.to_string()
 }
 

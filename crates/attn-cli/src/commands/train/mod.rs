@@ -121,6 +121,12 @@ pub struct OptimFlags {
     /// computes whole micro-batches); at least one micro-batch per process.
     #[arg(long, value_parser = crate::support::flags::at_least_one)]
     micro_batch: Option<usize>,
+    /// Mixed precision: `bf16` runs the linear maps' products, forward and backward, on bf16
+    /// copies of the f32 master weights, packed again after every update; attention, norms,
+    /// the gradients and AdamW stay f32, and checkpoints are f32. Without bf16 instructions it
+    /// runs f32 and says so once.
+    #[arg(long, visible_alias = "dtype", value_enum, default_value_t = crate::support::dtype::Dtype::F32)]
+    pub precision: crate::support::dtype::Dtype,
 }
 
 fn parse_betas(text: &str) -> std::result::Result<(f32, f32), String> {
@@ -330,6 +336,7 @@ fn train(mut args: Args, ranks: &Ranks) -> Result<()> {
     let save_every = args.save_every.unwrap_or(args.eval_every);
     let steps = args.steps;
     args.threads.install(|threads| {
+        args.optim.precision.effective(ranks.is_root());
         let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps, ranks.size())?;
         let first = if args.resume {
             resume(&mut trainer, &args.output, &fingerprint)? + 1

@@ -100,7 +100,7 @@ impl Trainer {
     /// A trainer over `pairs` (which must fit the model's vocabulary and `max_len`), one of
     /// `processes` that share each step.
     pub fn new(
-        model: Seq2Seq,
+        mut model: Seq2Seq,
         pairs: Vec<(String, String)>,
         flags: OptimFlags,
         steps: u64,
@@ -134,6 +134,8 @@ impl Trainer {
             }
         }
         let adam = AdamW::new(flags.betas, flags.eps, flags.weight_decay)?;
+        // bf16 copies of the weights for the products (repacked by every update), or none.
+        model.set_precision(flags.precision.effective(false).precision())?;
         let d_model = model.config().transformer.layer.d_model;
         let dropout = model.config().transformer.layer.dropout as f32;
         let order = Order {
