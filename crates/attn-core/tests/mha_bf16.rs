@@ -154,10 +154,13 @@ fn bf16_cache_decoding_equals_one_causal_pass() {
 /// gradient through the wrong packed weight is off by the whole scale.
 const BF16_TRAIN_TOLERANCE: f64 = 3e-2;
 
+/// The output, the query's gradient and every parameter gradient by name.
+type Trained = (Vec<f32>, Vec<f32>, Vec<(String, Vec<f32>)>);
+
 /// Mixed-precision training: one forward and backward of a module in bf16 (bf16 projections
 /// forward and backward, f32 attention, f32 gradients), self-attention (fused weights) and
 /// cross-attention (separate key and value weights).
-fn train_once(mha: &MultiHeadAttention, cross: bool, par: Par) -> (Vec<f32>, Vec<f32>, Vec<(String, Vec<f32>)>) {
+fn train_once(mha: &MultiHeadAttention, cross: bool, par: Par) -> Trained {
     let e = mha.dims()[0];
     let (b, s, t) = (2, 9, 13);
     let x = random(b * s * e, 4);
