@@ -69,10 +69,19 @@ const UNANSWERABLE: [(&str, &str); 10] = [
 /// every spelling), how often a date is answered `?`, and how often each kind of text that has
 /// no answer is answered `?` (500 each). `--check` retrains into `target/` and fails unless the
 /// bytes equal the committed model's; `--evaluate` only measures the committed model.
-pub fn train_demo(check: bool, evaluate: bool) -> Result<()> {
+pub fn train_demo(check: bool, evaluate: bool, bf16: bool) -> Result<()> {
+    if bf16 && (check || evaluate) {
+        bail!(
+            "train-demo --precision bf16 trains a model to compare, not the shipped one: without --check or --evaluate"
+        );
+    }
     run(cargo().args(["build", "--release", "-p", "attn-cli"]))?;
     let attn = root().join("target/release/attn");
-    let dir = root().join("target/train-demo");
+    let dir = root().join(if bf16 {
+        "target/train-demo-bf16"
+    } else {
+        "target/train-demo"
+    });
     std::fs::create_dir_all(&dir)?;
     if evaluate {
         let table = demo_accuracy(&attn, &root().join("crates/attn-cli/models/dates.safetensors"), &dir)?;
@@ -96,7 +105,7 @@ pub fn train_demo(check: bool, evaluate: bool) -> Result<()> {
         &valid,
     )?;
     let model = dir.join("dates.safetensors");
-    let plot = if check {
+    let plot = if check || bf16 {
         dir.join("dates_training.png")
     } else {
         root().join("docs/images/dates_training.png")
@@ -117,7 +126,8 @@ pub fn train_demo(check: bool, evaluate: bool) -> Result<()> {
             plot.as_os_str(),
         ])
         .args(["--log".as_ref(), dir.join("train.jsonl").as_os_str()])
-        .args(DEMO_TRAIN);
+        .args(DEMO_TRAIN)
+        .args(if bf16 { &["--precision", "bf16"][..] } else { &[] });
     run(&mut cmd)?;
     eprintln!("trained in {:.0} s", started.elapsed().as_secs_f64());
     let shipped = root().join("crates/attn-cli/models/dates.safetensors");
@@ -134,7 +144,9 @@ pub fn train_demo(check: bool, evaluate: bool) -> Result<()> {
         eprintln!("the retrained model equals {} byte for byte", shipped.display());
         return Ok(());
     }
-    std::fs::copy(&model, &shipped)?;
+    if !bf16 {
+        std::fs::copy(&model, &shipped)?;
+    }
     let table = demo_accuracy(&attn, &model, &dir)?;
     std::fs::write(dir.join("accuracy.md"), &table)?;
     println!("{table}");

@@ -34,6 +34,8 @@
 //!   (`mpi.rs`): training bytes, resume across process counts, a killed rank, refused data,
 //!   sharded embed and translate. Run by `ci`.
 //! - `train-demo [--check]`: trains the date translator shipped inside the binary with `attn train`
+//!   (`--precision bf16`: the same recipe in mixed precision, into `target/train-demo-bf16`,
+//!   evaluated like the shipped model and never shipped)
 //!   alone and reports its held-out accuracy per style and per kind of text it answers `?`;
 //!   `--check` retrains and compares the bytes; `--evaluate` only measures the committed model.
 
@@ -388,11 +390,12 @@ fn main() -> Result<()> {
         Some("train-demo") => demo::train_demo(
             args.iter().any(|a| a == "--check"),
             args.iter().any(|a| a == "--evaluate"),
+            args.windows(2).any(|w| w[0] == "--precision" && w[1] == "bf16"),
         ),
         _ => {
             bail!(
                 "usage: cargo xtask <ci | tidy | codegen [--check] | bench [--rounds N] [--threads N] | fetch-model \
-                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...] | mpi | examples | train-demo [--check | --evaluate]>"
+                 | fuzz [--seconds N] [--cmin] [TARGET ...] | mutants [--planted] [ARGS ...] | mpi | examples | train-demo [--check | --evaluate | --precision bf16]>"
             )
         }
     }
