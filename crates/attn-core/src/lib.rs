@@ -55,7 +55,7 @@ pub use params::{
     flat_fill, flat_zip_mut, AlignedBuf, ParamEntry, ParamLayout, ParamPath, ParamStore, Parameters, FLAT_CHUNK,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
-pub use precision::{pack_weight, training_needs_f32, Precision};
+pub use precision::{pack_weight, Precision};
 pub use safetensors_io::{f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors};
 #[allow(deprecated)]
 pub use sdpa::f32_bytes;

@@ -8,27 +8,20 @@
 //! stream stay f32. On a CPU without AVX512-BF16 the same rounded values are multiplied in f32,
 //! which is slower than `F32` (the `attn` commands run f32 there and say so).
 //!
-//! bf16 is for inference: a training forward on a module in bf16 is refused
-//! ([`training_needs_f32`]), since its backward is f32. Handing the weights out mutably
+//! Training a module in bf16 is mixed-precision training: the forward's and the backward's
+//! linear maps take bf16 operands (the backward's `dx = dy·W` on `W` packed as it is, at the
+//! first backward; `dW += dyᵀ·x` on both rounded per call), attention and every gradient stay
+//! f32, and the f32 weights are the master copy. Handing the weights out mutably
 //! (`visit_params`, and with it a store's `flat_mut` and AdamW's update) drops the bf16 copies
-//! and returns the module to `F32`, so they are never stale: set the precision again afterwards.
+//! and returns the module to `F32`, so they are never stale: set the precision again afterwards
+//! (`Seq2Seq::update` does).
 
 use std::ops::Range;
 
 pub use attn_kernels::Precision;
 use attn_kernels::{Bf16Panels, View2};
 
-use crate::{AttnError, Result};
-
-/// The error of a training forward on a module in bf16: its backward is f32, so the forward
-/// must be too (mixed-precision training, with f32 master weights, is not built yet).
-pub fn training_needs_f32(module: &'static str) -> AttnError {
-    AttnError::InvalidConfig {
-        field: "precision",
-        got: format!("bf16 on the {module} being trained"),
-        expected: "f32 for training: call set_precision(Precision::F32) first (bf16 is for inference)".into(),
-    }
-}
+use crate::Result;
 
 /// Rows `rows` of a row-major weight `w: [out, in_dim]` rounded to bf16 and packed as the right
 /// operand `Wᵀ: [in_dim, rows.len()]` of [`crate::linear_bf16`].
