@@ -160,10 +160,12 @@ fn extend_rounded(out: &mut Vec<f32>, src: &[f32], factor: f32) {
     out.extend(src.iter().map(|&v| round_to_bf16(v * factor)));
 }
 
-/// The index of the packed block that holds key `t0` of `(b, g)`.
+/// The packed block of `len` words that holds key `t0` of `(b, g)` in `packed` (from
+/// [`pack_keys`] or [`pack_values`]).
 #[inline]
-pub(super) fn block_index(plan: &Plan, [b, g, t0]: [usize; 3]) -> usize {
-    (b * plan.g + g) * plan.t.div_ceil(BLOCK_KEYS) + t0 / BLOCK_KEYS
+pub(super) fn packed_block<'a>(packed: &'a [f32], len: usize, plan: &Plan, [b, g, t0]: [usize; 3]) -> &'a [f32] {
+    let index = (b * plan.g + g) * plan.t.div_ceil(BLOCK_KEYS) + t0 / BLOCK_KEYS;
+    &packed[index * len..(index + 1) * len]
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -471,9 +471,8 @@ fn bf16_scores(
     unsafe {
         match source {
             Bf16Source::Packed(kt16, _) => {
-                let len = super::bf16::key_block_len(plan);
-                let index = super::bf16::block_index(plan, [rows.b, rows.g, block.t0]);
-                let kt = &kt16[index * len..(index + 1) * len];
+                let kt =
+                    super::bf16::packed_block(kt16, super::bf16::key_block_len(plan), plan, [rows.b, rows.g, block.t0]);
                 crate::bf16::avx512bf16::tile::<false>(
                     rows.n_rows,
                     block.bc,
@@ -539,9 +538,12 @@ fn bf16_weighted_values(
     unsafe {
         match source {
             Bf16Source::Packed(_, v16) => {
-                let len = super::bf16::value_block_len(plan);
-                let index = super::bf16::block_index(plan, [rows.b, rows.g, block.t0]);
-                let vp = &v16[index * len..(index + 1) * len];
+                let vp = super::bf16::packed_block(
+                    v16,
+                    super::bf16::value_block_len(plan),
+                    plan,
+                    [rows.b, rows.g, block.t0],
+                );
                 crate::bf16::avx512bf16::tile::<true>(
                     n_rows,
                     dv,
