@@ -110,8 +110,9 @@ fn bench_ranks(args: BenchArgs, ranks: &Ranks) -> Result<()> {
                 ),
             };
             println!(
-                "train: median {:.2} ms per step, {tokens_per_s:.0} target tokens/s ({} steps, {threads} threads{across}); \
+                "train ({}): median {:.2} ms per step, {tokens_per_s:.0} target tokens/s ({} steps, {threads} threads{across}); \
                  of which clipping and AdamW over {parameters} parameters {:.3} ms{passing}",
+                dtype.name(),
                 median * 1e3,
                 times.len(),
                 optimizer_median * 1e3,
