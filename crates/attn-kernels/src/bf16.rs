@@ -129,7 +129,11 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
 /// A `[K, N]` right operand rounded to bf16 and packed once for [`gemm_bf16`]: panels of 16
 /// columns, each `[K / 2 pairs][16][2]` (an odd `K` gets a zero row, a ragged `N` zero
 /// columns). For a linear layer's weight `W: [out, in]`, pack `Wᵀ` (a permuted view) once at
-/// load; the packing reads any strides.
+/// load; the packing reads any strides, and at the AVX512-BF16 level converts 16 values per
+/// instruction when either dimension is contiguous. Mixed-precision training packs every weight
+/// again after each update, so a dropped packing's storage is kept for the next one of its
+/// size (up to [`SPARE_MAX_WORDS`] in all) instead of going back to the system, whose fresh
+/// pages would cost a fault each.
 #[derive(Debug, Clone)]
 pub struct Bf16Panels {
     k: usize,
@@ -138,22 +142,59 @@ pub struct Bf16Panels {
     data: Vec<u32>,
 }
 
+/// Words of dropped packings kept for the next packings (2 GiB).
+const SPARE_MAX_WORDS: usize = 1 << 29;
+/// Packings smaller than this (64 KiB) are not kept.
+const SPARE_MIN_WORDS: usize = 1 << 14;
+
+/// Storage of dropped [`Bf16Panels`], for the next packings of about its size.
+static SPARE: std::sync::Mutex<Vec<Vec<u32>>> = std::sync::Mutex::new(Vec::new());
+
+/// `len` words: a kept buffer of at least `len` and at most twice that, or a new one.
+fn take_words(len: usize) -> Vec<u32> {
+    if len >= SPARE_MIN_WORDS {
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        let best = (0..spare.len())
+            .filter(|&i| (len..=2 * len).contains(&spare[i].capacity()))
+            .min_by_key(|&i| spare[i].capacity());
+        if let Some(i) = best {
+            let mut words = spare.swap_remove(i);
+            words.clear();
+            words.resize(len, 0);
+            return words;
+        }
+    }
+    vec![0u32; len]
+}
+
+impl Drop for Bf16Panels {
+    fn drop(&mut self) {
+        let words = std::mem::take(&mut self.data);
+        if words.capacity() < SPARE_MIN_WORDS {
+            return;
+        }
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        let kept: usize = spare.iter().map(Vec::capacity).sum();
+        if kept + words.capacity() <= SPARE_MAX_WORDS {
+            spare.push(words);
+        }
+    }
+}
+
 impl Bf16Panels {
-    /// Rounds `b: [K, N]` to bf16 and packs it.
+    /// Rounds `b: [K, N]` to bf16 and packs it (in parallel on the current rayon pool when
+    /// large; the same words either way).
     pub fn pack(b: View2<'_, f32>) -> Self {
         let [k, n] = b.shape();
         let pairs = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(PANEL) * pairs * PANEL];
+        let mut data = take_words(n.div_ceil(PANEL) * pairs * PANEL);
         // `max(1)`: an empty depth has no panels to fill (and chunks of 0 are not allowed).
-        for (panel, out) in data.chunks_exact_mut((pairs * PANEL).max(1)).enumerate() {
-            for q in 0..pairs {
-                for l in 0..PANEL.min(n - panel * PANEL) {
-                    let j = panel * PANEL + l;
-                    let lo = b.get([2 * q, j]);
-                    let hi = if 2 * q + 1 < k { b.get([2 * q + 1, j]) } else { 0.0 };
-                    out[q * PANEL + l] = pair(lo, hi);
-                }
-            }
+        let panel_len = (pairs * PANEL).max(1);
+        let fill = |(panel, out): (usize, &mut [u32])| pack_panel(out, b, panel * PANEL, pairs);
+        if data.len() >= 1 << 16 {
+            data.par_chunks_exact_mut(panel_len).enumerate().for_each(fill);
+        } else {
+            data.chunks_exact_mut(panel_len).enumerate().for_each(fill);
         }
         Bf16Panels { k, n, data }
     }
@@ -180,6 +221,62 @@ impl Bf16Panels {
             }
         }
         out
+    }
+}
+
+/// Panel `[pairs][16]` of `b: [K, N]` for columns `j0..j0 + 16` (zeros past `N` and after an
+/// odd `K`): two rows at a time by one conversion when rows are contiguous, one column at a
+/// time by 16-value conversions when columns are (a transposed view, as a weight's `Wᵀ`).
+fn pack_panel(out: &mut [u32], b: View2<'_, f32>, j0: usize, pairs: usize) {
+    let [k, n] = b.shape();
+    let [rs, cs] = b.strides();
+    let cols = (n - j0).min(PANEL);
+    let data = b.data();
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level() == Bf16Level::Avx512Bf16 {
+        if cs == 1 && cols == PANEL {
+            let zeros = [0.0f32; PANEL];
+            for (q, words) in out.chunks_exact_mut(PANEL).enumerate() {
+                let lo = &data[2 * q * rs + j0..][..PANEL];
+                let hi = if 2 * q + 1 < k {
+                    &data[(2 * q + 1) * rs + j0..][..PANEL]
+                } else {
+                    &zeros[..]
+                };
+                // SAFETY: the level was detected; `lo` and `hi` hold 16 values, `words` 16 slots.
+                unsafe { avx512bf16::interleave16(lo.as_ptr(), hi.as_ptr(), words.as_mut_ptr().cast()) };
+            }
+            return;
+        }
+        if rs == 1 {
+            let mut column = vec![0.0f32; pairs];
+            for l in 0..PANEL {
+                if l < cols {
+                    let start = (j0 + l) * cs;
+                    // SAFETY: the level was detected; the column holds `k` values (a checked
+                    // view) and `column` holds `ceil(k / 2)` words.
+                    unsafe { avx512bf16::convert_row(&data[start..start + k], &mut column) };
+                } else {
+                    column.fill(0.0);
+                }
+                for (q, &word) in column.iter().enumerate() {
+                    out[q * PANEL + l] = word.to_bits();
+                }
+            }
+            return;
+        }
+    }
+    let _ = (rs, cs, data);
+    for q in 0..pairs {
+        for l in 0..PANEL {
+            out[q * PANEL + l] = if l < cols {
+                let j = j0 + l;
+                let hi = if 2 * q + 1 < k { b.get([2 * q + 1, j]) } else { 0.0 };
+                pair(b.get([2 * q, j]), hi)
+            } else {
+                0
+            };
+        }
     }
 }
 
@@ -617,6 +714,41 @@ mod tests {
     }
 
     /// Every level this CPU runs: the f32 fallback always, AVX512-BF16 when detected.
+    /// Packing a row-major, a transposed and a strided view of the same matrix gives the same
+    /// words, and they widen back to each value rounded to bf16 (zeros in the padding), into
+    /// fresh or kept storage alike.
+    #[test]
+    fn packing_reads_any_strides() {
+        for (k, n) in [(1, 1), (7, 5), (33, 16), (64, 48), (300, 260)] {
+            let m = random_vec(k * n, 21);
+            let row_major = Bf16Panels::pack(View2::contiguous(&m, [k, n]).unwrap());
+            let t: Vec<f32> = (0..n * k).map(|i| m[(i % k) * n + i / k]).collect();
+            let transposed = Bf16Panels::pack(View2::new(&t, [k, n], [1, k]).unwrap());
+            let wide: Vec<f32> = m.iter().flat_map(|&x| [x, f32::NAN]).collect();
+            let strided = Bf16Panels::pack(View2::new(&wide, [k, n], [2 * n, 2]).unwrap());
+            assert_eq!(row_major.data, transposed.data, "[{k}, {n}] transposed");
+            assert_eq!(row_major.data, strided.data, "[{k}, {n}] strided");
+            let want: Vec<f32> = m.iter().map(|&x| round_to_bf16(x)).collect();
+            assert_eq!(row_major.widened(), want, "[{k}, {n}]");
+            let pairs = k.div_ceil(2);
+            for (i, &word) in row_major.data.iter().enumerate() {
+                let (j, q, half) = ((i / (pairs * PANEL)) * PANEL + i % PANEL, i / PANEL % pairs, word);
+                if j >= n {
+                    assert_eq!(half, 0, "padding column {j} of [{k}, {n}]");
+                } else if 2 * q + 1 >= k {
+                    assert_eq!(half >> 16, 0, "padding row of [{k}, {n}]");
+                }
+            }
+        }
+        // Packing into kept storage (the first packing's, dropped) gives the same words.
+        let m = random_vec(200 * 300, 22);
+        let first = Bf16Panels::pack(View2::contiguous(&m, [200, 300]).unwrap());
+        let words = first.data.clone();
+        drop(first);
+        let again = Bf16Panels::pack(View2::contiguous(&m, [200, 300]).unwrap());
+        assert_eq!(again.data, words);
+    }
+
     fn levels() -> Vec<Bf16Level> {
         let mut levels = vec![Bf16Level::None];
         if crate::simd::detect_bf16() == Bf16Level::Avx512Bf16 {
