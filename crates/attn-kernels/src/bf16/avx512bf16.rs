@@ -1,0 +1,232 @@
+//! The AVX512-BF16 kernel; every function requires AVX-512F and AVX512-BF16.
+
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+pub(crate) use super::PANEL;
+use super::TASK_ROWS;
+use crate::{Accum, Par};
+
+/// Rows of one micro-kernel call.
+const MR: usize = 8;
+
+/// Word `i` of a pair vector takes bf16 lane `i` (the low row) and lane `16 + i` (the high).
+const INDEX: [i16; 32] = {
+    let mut index = [0i16; 32];
+    let mut i = 0;
+    while i < 16 {
+        index[2 * i] = i as i16;
+        index[2 * i + 1] = 16 + i as i16;
+        i += 1;
+    }
+    index
+};
+
+/// `out[i] = pair(lo[i], hi[i])` for 16 lanes: both rounded by one `vcvtne2ps2bf16`, then
+/// interleaved by one `vpermw`. The packing of row pairs (values in the flash kernel, both
+/// operands of the weight gradient).
+///
+/// # Safety
+/// AVX-512F/BW and AVX512-BF16 must be available; `lo` and `hi` readable and `out` writable
+/// for 16 values.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn interleave16(lo: *const f32, hi: *const f32, out: *mut f32) {
+    // SAFETY: the caller's contract; the transmute is between 512-bit vectors.
+    unsafe {
+        let both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi), _mm512_loadu_ps(lo));
+        let index = _mm512_loadu_si512(INDEX.as_ptr().cast());
+        let words = _mm512_permutexvar_epi16(index, std::mem::transmute::<__m512bh, __m512i>(both));
+        _mm512_storeu_si512(out.cast(), words);
+    }
+}
+
+/// `src` rounded to bf16, in order, into `dst`'s words (two values per word, a zero after
+/// an odd count).
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available; `dst` must hold `src.len().div_ceil(2)` words.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn convert_row(src: &[f32], dst: &mut [f32]) {
+    let k = src.len();
+    assert!(dst.len() >= k.div_ceil(2));
+    let out = dst.as_mut_ptr().cast::<u16>();
+    let mut p = 0;
+    // SAFETY: `p + 16 <= k` reads inside `src`; `dst` holds at least `k` u16 slots.
+    unsafe {
+        while p + 16 <= k {
+            let h: __m256bh = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(p)));
+            _mm256_storeu_si256(out.add(p).cast(), std::mem::transmute::<__m256bh, __m256i>(h));
+            p += 16;
+        }
+        for (q, &x) in src.iter().enumerate().skip(p) {
+            *out.add(q) = super::f32_to_bf16(x);
+        }
+        if k % 2 == 1 {
+            *out.add(k) = 0;
+        }
+    }
+}
+
+/// A pointer that may cross to rayon's workers: each task writes its own rows of `c`.
+#[derive(Clone, Copy)]
+struct Shared<T>(T);
+// SAFETY: see the type's documentation.
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Shared<T> {}
+impl<T: Copy> Shared<T> {
+    fn get(self) -> T {
+        self.0
+    }
+}
+
+/// `c[0..ROWS, 0..16·VECS] (+)= Σ_q a[r·lda + q] · b_v[q]` over `pairs` pairs of the depth, `b_v`
+/// the panel `v` (`b + v·b_panel`, 16 pairs per step); columns past `cols` are neither read
+/// nor written (masked).
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available; `a` readable at `r·lda + q`, each panel at
+/// `q·16 .. q·16 + 16`, `c` writable at `r·ldc + j` for `j < cols`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<const ROWS: usize, const VECS: usize, const ADD: bool>(
+    pairs: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let masks: [__mmask16; VECS] = std::array::from_fn(|v| {
+            let valid = cols.saturating_sub(v * PANEL).min(PANEL);
+            ((1u32 << valid) - 1) as __mmask16
+        });
+        let mut acc = [[_mm512_setzero_ps(); VECS]; ROWS];
+        if ADD {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                    *acc_rv = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + v * PANEL));
+                }
+            }
+        }
+        let a_rows: [*const u32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
+        for q in 0..pairs {
+            let bv: [__m512bh; VECS] =
+                std::array::from_fn(|v| std::mem::transmute(_mm512_loadu_si512(b.add(v * b_panel + q * PANEL).cast())));
+            for r in 0..ROWS {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a_rows[r].add(q) as i32));
+                for v in 0..VECS {
+                    acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, bv[v]);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (v, acc_rv) in acc_r.iter().enumerate() {
+                _mm512_mask_storeu_ps(c.add(r * ldc + v * PANEL), masks[v], *acc_rv);
+            }
+        }
+    }
+}
+
+/// `c[0..rows, 0..n] (+)= a · b` over `pairs` pairs of the depth: `a` rows of pairs `lda`
+/// words apart, `b` panels of 16 columns `b_panel` words apart (16 words per pair), `c` rows
+/// `ldc` apart. Column pairs of panels outside, blocks of [`MR`] rows inside, a last single
+/// panel on its own; columns from `n` to the panel's end are neither read nor written. The
+/// GEMM runs it per task of rows, and the flash kernel per tile (scores and `P·V`).
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available; `a` readable at `r·lda + q` and `b` at
+/// `(j / 16)·b_panel + q·16 + j % 16` for `r < rows`, `q < pairs`, `j < n` rounded up to 16;
+/// `c` writable at `r·ldc + j`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile<const ADD: bool>(
+    rows: usize,
+    n: usize,
+    pairs: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut j0 = 0;
+    while j0 < n {
+        let wide = n - j0 > PANEL;
+        let cols = (n - j0).min(2 * PANEL);
+        let mut r0 = 0;
+        while r0 < rows {
+            let mr = (rows - r0).min(MR);
+            // SAFETY: rows `r0..r0 + mr` and columns `j0..j0 + cols` are inside `c`; the
+            // panels of these columns are inside `b`.
+            unsafe {
+                let (a_blk, b_blk, c_blk) = (a.add(r0 * lda), b.add(j0 / PANEL * b_panel), c.add(r0 * ldc + j0));
+                macro_rules! run {
+                    ($vecs:literal) => {
+                        match mr {
+                            1 => block::<1, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                            2 => block::<2, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                            3 => block::<3, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                            4 => block::<4, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                            5 => block::<5, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                            6 => block::<6, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                            7 => block::<7, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                            _ => block::<8, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                        }
+                    };
+                }
+                if wide {
+                    run!(2)
+                } else {
+                    run!(1)
+                }
+            }
+            r0 += mr;
+        }
+        j0 += cols;
+    }
+}
+
+/// `c[m, n] (+)= a · b` over `pairs` pairs of the depth: `a` `[m, pairs]` words, `b` the
+/// panels of [`super::Bf16Panels`], `c` rows `ldc` apart.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available; the operands must cover those shapes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    pairs: usize,
+    a: *const u32,
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    accum: Accum,
+    par: Par,
+) {
+    assert!(b.len() >= n.div_ceil(PANEL) * pairs * PANEL);
+    let (a, b, c) = (Shared(a), Shared(b.as_ptr()), Shared(c));
+    let task = |index: usize| {
+        let r0 = index * TASK_ROWS;
+        let rows = (m - r0).min(TASK_ROWS);
+        // SAFETY: the caller's contract, for rows `r0..r0 + rows`.
+        unsafe {
+            let (a, c) = (a.get().add(r0 * pairs), c.get().add(r0 * ldc));
+            let b_panel = pairs * PANEL;
+            match accum {
+                Accum::Replace => tile::<false>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc),
+                Accum::Add => tile::<true>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc),
+            }
+        }
+    };
+    match par {
+        Par::Seq => (0..m.div_ceil(TASK_ROWS)).for_each(task),
+        Par::Rayon => (0..m.div_ceil(TASK_ROWS)).into_par_iter().for_each(task),
+    }
+}
