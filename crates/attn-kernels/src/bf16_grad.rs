@@ -82,9 +82,10 @@ pub(crate) fn weight_gradient(
     #[cfg(target_arch = "x86_64")]
     if level == Bf16Level::Avx512Bf16 {
         let pairs = n.div_ceil(2);
-        // `dyᵀ` as rows of pairs along `n`, and `x` in the panels of `Bf16Panels`.
-        let mut a = crate::buffer::take(out_dim.div_ceil(PANEL) * PANEL * pairs);
-        let mut b = crate::buffer::take(in_dim.div_ceil(PANEL) * pairs * PANEL);
+        // `dyᵀ` as rows of pairs along `n`, and `x` in the panels of `Bf16Panels`: from the
+        // training step's arena, whose best fit serves every layer's sizes step after step.
+        let mut a = crate::arena::zeroed(out_dim.div_ceil(PANEL) * PANEL * pairs);
+        let mut b = crate::arena::zeroed(in_dim.div_ceil(PANEL) * pairs * PANEL);
         pack_pairs(&mut a, dy, [n, out_dim], Layout::Rows, par);
         pack_pairs(&mut b, x, [n, in_dim], Layout::Panels, par);
         let words: &[u32] = bytemuck_words(&b);
@@ -103,8 +104,8 @@ pub(crate) fn weight_gradient(
                 par,
             )
         };
-        crate::buffer::give(a);
-        crate::buffer::give(b);
+        crate::arena::give(a);
+        crate::arena::give(b);
         return Ok(());
     }
     let _ = level;
