@@ -240,7 +240,7 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
             python()
         ));
     }
-    let scripts: [(&str, &[&str], &str); 5] = [
+    let scripts: [(&str, &[&str], &str); 6] = [
         ("bench_compare.py", &[], "Against PyTorch scaled_dot_product_attention"),
         (
             "bench_compare.py",
@@ -261,6 +261,11 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
             "bench_modules.py",
             &["--bf16"],
             "Modules against PyTorch (f32, and bf16 against autocast)",
+        ),
+        (
+            "bench_train.py",
+            &["--bf16"],
+            "Training steps against PyTorch (f32, and mixed precision against autocast)",
         ),
     ];
     let mut report = String::new();
