@@ -132,7 +132,7 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
 /// load; the packing reads any strides, and at the AVX512-BF16 level converts 16 values per
 /// instruction when either dimension is contiguous. Mixed-precision training packs every weight
 /// again after each update, so a dropped packing's storage is kept for the next one of its
-/// size (up to [`SPARE_MAX_WORDS`] in all) instead of going back to the system, whose fresh
+/// size (up to 2 GiB in all) instead of going back to the system, whose fresh
 /// pages would cost a fault each.
 #[derive(Debug, Clone)]
 pub struct Bf16Panels {
