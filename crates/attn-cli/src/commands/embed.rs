@@ -128,8 +128,9 @@ pub struct Args {
     /// Sentences per batch.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: u32,
-    /// Number format of the linear maps: bf16 rounds the weights once and the activations as
-    /// each product reads them, f32 sums (cosine ≥ 0.9999 to f32 on the MiniLM test sentences).
+    /// Number format of the products (linear maps and attention): bf16 rounds the weights once
+    /// and the activations as each product reads them, f32 sums (cosine ≥ 0.9999 to f32 on the
+    /// MiniLM test sentences).
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
     /// No progress bar.

@@ -56,8 +56,8 @@ pub struct Args {
     /// Write the model (the shipped one unless --model) to this checkpoint and stop.
     #[arg(long)]
     export: Option<PathBuf>,
-    /// Number format of the linear maps (bf16: weights rounded once, f32 sums; the shipped
-    /// translator gives the same output as in f32 on 5,000 held-out dates).
+    /// Number format of the products, linear maps and attention (bf16: weights rounded once,
+    /// f32 sums; the shipped translator gives the same output as in f32 on 5,000 held-out dates).
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
     #[command(flatten)]

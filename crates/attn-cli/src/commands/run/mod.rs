@@ -377,8 +377,9 @@ pub struct Files {
     /// The forward's inputs, under PyTorch's argument names.
     #[arg(long)]
     input: PathBuf,
-    /// Number format of the module's linear maps (bf16: weights rounded once, f32 sums;
-    /// attention, norms and residual adds stay f32). Forward only.
+    /// Number format of the module's products (bf16: weights rounded once, activations and
+    /// attention's operands as each product reads them, f32 sums; softmax, norms and residual
+    /// adds stay f32). Forward only.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
 }
