@@ -175,20 +175,20 @@ impl Mpi {
         Ok(())
     }
 
-    /// `--precision bf16`: the same bytes on 2 and 3 processes as on one (without bf16
+    /// `--precision bf16`: the same bytes on 2, 3 and 4 processes as on one (without bf16
     /// instructions every run is f32 and this checks that again).
     fn mixed_precision(&self) -> Result<()> {
         let bf16 = ["--precision", "bf16"];
         self.train_run(None, 2, "bf16.safetensors", "12", &bf16)?;
         let want = self.checkpoint("bf16.safetensors")?;
-        for n in [2, 3] {
+        for n in [2, 3, 4] {
             let name = format!("bf16n{n}.safetensors");
             self.train_run(Some(n), 1, &name, "12", &bf16)?;
             if self.checkpoint(&name)? != want {
                 bail!("attn train --precision bf16 on {n} processes: the checkpoint differs from the single process's");
             }
         }
-        eprintln!("mpi: attn train --precision bf16 on 2 and 3 processes: the single process's bytes");
+        eprintln!("mpi: attn train --precision bf16 on 2, 3 and 4 processes: the single process's bytes");
         Ok(())
     }
 

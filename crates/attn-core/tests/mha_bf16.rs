@@ -209,12 +209,11 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
         let want = train_once(&mha, cross, Par::Seq);
         mha.set_precision(Precision::Bf16).unwrap();
         let got = train_once(&mha, cross, Par::Seq);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        assert_eq!(
-            got,
-            pool.install(|| train_once(&mha, cross, Par::Rayon)),
-            "threads change bf16 training"
-        );
+        for threads in [1, 2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let threaded = pool.install(|| train_once(&mha, cross, Par::Rayon));
+            assert_eq!(got, threaded, "{threads} threads change bf16 training");
+        }
         for (what, g, w) in [("output", &got.0, &want.0), ("d_query", &got.1, &want.1)] {
             let error = scaled_error(g, w);
             worst = worst.max(error);

@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use crate::bf16::{pair, PANEL};
+use crate::bf16::PANEL;
 use crate::error::check_len;
 use crate::grad::add_column_sums;
 use crate::{round_to_bf16, Accum, Bf16Level, Bf16Panels, KernelError, LinearShape, Par, View2, ViewMut2};
@@ -137,12 +137,24 @@ enum Layout {
     Panels,
 }
 
+/// Row `j` of `src: [n, width]` at columns `c0..c0 + 16`: in place, a copy of a ragged end (of
+/// `cols` columns) into `buf`, or zeros past `n`.
+fn row<'a>(src: &'a [f32], j: usize, [n, width, c0, cols]: [usize; 4], buf: &'a mut [f32; PANEL]) -> &'a [f32] {
+    if j >= n {
+        return &[0.0; PANEL];
+    }
+    if cols == PANEL {
+        return &src[j * width + c0..j * width + c0 + PANEL];
+    }
+    buf[..cols].copy_from_slice(&src[j * width + c0..j * width + c0 + cols]);
+    &buf[..]
+}
+
 /// `src: [n, width]` rounded to bf16 as pairs of rows along `n` (a zero row after an odd `n`),
 /// laid out by `layout`. Columns are taken 16 at a time, each pair of rows by
-/// [`crate::bf16::avx512bf16::interleave16`] at the AVX512-BF16 level.
+/// [`crate::bf16::pair_rows`].
 fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layout, par: Par) {
     let pairs = n.div_ceil(2);
-    let zeros = [0.0f32; PANEL];
     // One task per 16 columns: it writes those columns' words, for every pair.
     let panels = width.div_ceil(PANEL);
     let chunk = match layout {
@@ -156,18 +168,9 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
         let mut lo_buf = [0.0f32; PANEL];
         let mut hi_buf = [0.0f32; PANEL];
         for p in 0..pairs {
-            let row = |j: usize, buf: &mut [f32; PANEL]| -> *const f32 {
-                if j >= n {
-                    return zeros.as_ptr();
-                }
-                if cols == PANEL {
-                    return src[j * width + c0..].as_ptr();
-                }
-                buf[..cols].copy_from_slice(&src[j * width + c0..j * width + c0 + cols]);
-                buf.as_ptr()
-            };
-            let (lo, hi) = (row(2 * p, &mut lo_buf), row(2 * p + 1, &mut hi_buf));
-            interleave(lo, hi, &mut words);
+            let at = [n, width, c0, cols];
+            let (lo, hi) = (row(src, 2 * p, at, &mut lo_buf), row(src, 2 * p + 1, at, &mut hi_buf));
+            crate::bf16::pair_rows(lo, hi, &mut words);
             match layout {
                 Layout::Panels => out[p * PANEL..(p + 1) * PANEL].copy_from_slice(&words),
                 Layout::Rows => {
@@ -185,22 +188,6 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
     }
 }
 
-/// `out[i] = pair(lo[i], hi[i])` for 16 lanes, as f32 slots.
-fn interleave(lo: *const f32, hi: *const f32, out: &mut [f32; PANEL]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::bf16_level() == Bf16Level::Avx512Bf16 {
-        // SAFETY: the level was detected; `lo` and `hi` point at 16 readable values (a source
-        // row, a copy of its ragged end, or zeros) and `out` holds 16.
-        unsafe { crate::bf16::avx512bf16::interleave16(lo, hi, out.as_mut_ptr()) };
-        return;
-    }
-    for (i, word) in out.iter_mut().enumerate() {
-        // SAFETY: as above.
-        let (l, h) = unsafe { (*lo.add(i), *hi.add(i)) };
-        *word = f32::from_bits(pair(l, h));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,8 +197,8 @@ mod tests {
 
     /// `dx` and `dW` against f64 sums of the rounded operands, within f32's summation error
     /// (`K·2^-24` of `Σ|a·b|`), and against the exact f32 operands within bf16's bound
-    /// `(2u + u²)·Σ|a·b|` on top; `db` as the f32 backward gives it; the same bits on any
-    /// thread count. Shapes with odd and ragged sizes.
+    /// `(2u + u²)·Σ|a·b|` on top; `db` as the f32 backward gives it; the same bits on 1, 2, 3
+    /// and 8 threads as sequentially. Shapes with odd and ragged sizes.
     #[test]
     fn linear_backward_bf16_matches_its_bound() {
         let r = |v: f32| round_to_bf16(v) as f64;
@@ -230,8 +217,15 @@ mod tests {
                 (dx, dw, db)
             };
             let (dx, dw, db) = run(Par::Seq);
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-            assert_eq!((dx.clone(), dw.clone(), db.clone()), pool.install(|| run(Par::Rayon)));
+            for threads in [1, 2, 3, 8] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let threaded = pool.install(|| run(Par::Rayon));
+                assert_eq!(
+                    (&dx, &dw, &db),
+                    (&threaded.0, &threaded.1, &threaded.2),
+                    "{threads} threads"
+                );
+            }
             let check = |got: f32, terms: &mut dyn Iterator<Item = (f64, f64)>, base: f64, depth: usize, what: &str| {
                 let (mut exact, mut rounded, mut mass) = (base, base, base.abs());
                 for (a, b) in terms {

@@ -126,6 +126,23 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     f32_to_bf16(lo) as u32 | (f32_to_bf16(hi) as u32) << 16
 }
 
+/// `out[i] = pair(lo[i], hi[i])` for 16 lanes, as f32 slots: two rows' values rounded and
+/// interleaved into `vdpbf16ps` pairs, by one `vcvtne2ps2bf16` and one `vpermw` at the
+/// AVX512-BF16 level. The packing of row pairs: values in the flash kernel, both operands of the
+/// weight gradient.
+pub(crate) fn pair_rows(lo: &[f32], hi: &[f32], out: &mut [f32]) {
+    assert!(lo.len() >= PANEL && hi.len() >= PANEL && out.len() >= PANEL);
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level() == Bf16Level::Avx512Bf16 {
+        // SAFETY: the level was detected; the three slices hold 16 values (asserted).
+        unsafe { avx512bf16::interleave16(lo.as_ptr(), hi.as_ptr(), out.as_mut_ptr()) };
+        return;
+    }
+    for i in 0..PANEL {
+        out[i] = f32::from_bits(pair(lo[i], hi[i]));
+    }
+}
+
 /// A `[K, N]` right operand rounded to bf16 and packed once for [`gemm_bf16`]: panels of 16
 /// columns, each `[K / 2 pairs][16][2]` (an odd `K` gets a zero row, a ragged `N` zero
 /// columns). For a linear layer's weight `W: [out, in]`, pack `Wᵀ` (a permuted view) once at

@@ -78,25 +78,10 @@ pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
             gather(&mut hi, 2 * p + 1);
             for panel in 0..dv_pad / 16 {
                 let out = &mut dst[panel * panel_len + p * 16..panel * panel_len + p * 16 + 16];
-                interleave(&lo[panel * 16..panel * 16 + 16], &hi[panel * 16..panel * 16 + 16], out);
+                crate::bf16::pair_rows(&lo[panel * 16..], &hi[panel * 16..], out);
             }
         }
     })
-}
-
-/// `out[i] = pair(lo[i], hi[i])` for 16 lanes.
-fn interleave(lo: &[f32], hi: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::bf16_level() == crate::Bf16Level::Avx512Bf16 {
-        assert!(lo.len() >= 16 && hi.len() >= 16 && out.len() >= 16);
-        // SAFETY: the level was detected; the three slices hold 16 values (asserted).
-        unsafe { crate::bf16::avx512bf16::interleave16(lo.as_ptr(), hi.as_ptr(), out.as_mut_ptr()) };
-        return;
-    }
-    for i in 0..16 {
-        let word = crate::f32_to_bf16(lo[i]) as u32 | (crate::f32_to_bf16(hi[i]) as u32) << 16;
-        out[i] = f32::from_bits(word);
-    }
 }
 
 /// `n` values `src[j·stride]` rounded to bf16 into `dst`'s words, two per word (a zero after an
