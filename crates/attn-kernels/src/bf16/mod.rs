@@ -216,6 +216,42 @@ impl Bf16Panels {
         Bf16Panels { k, n, data }
     }
 
+    /// Packs `b: [K, N]` given as bf16 bits (as a BF16 safetensors file holds a weight), with
+    /// no f32 copy: the same words as [`Bf16Panels::pack`] of the widened values (subnormals
+    /// flushed to signed zeros and NaNs made quiet, as the conversion does), so a model loaded
+    /// from bf16 bits computes exactly what it computes from those bits widened to f32.
+    pub fn from_bits(b: View2<'_, u16>) -> Self {
+        let [k, n] = b.shape();
+        let pairs = k.div_ceil(2);
+        let mut data = take_words(n.div_ceil(PANEL) * pairs * PANEL);
+        let panel_len = (pairs * PANEL).max(1);
+        let canonical = |h: u16| f32_to_bf16(bf16_to_f32(h)) as u32;
+        let fill = |(panel, out): (usize, &mut [u32])| {
+            let j0 = panel * PANEL;
+            let cols = (n - j0).min(PANEL);
+            for l in 0..cols {
+                for q in 0..pairs {
+                    let lo = canonical(b.get([2 * q, j0 + l]));
+                    let hi = if 2 * q + 1 < k {
+                        canonical(b.get([2 * q + 1, j0 + l]))
+                    } else {
+                        0
+                    };
+                    out[q * PANEL + l] = lo | hi << 16;
+                }
+            }
+            for q in 0..pairs {
+                out[q * PANEL + cols..(q + 1) * PANEL].fill(0);
+            }
+        };
+        if data.len() >= 1 << 16 {
+            data.par_chunks_exact_mut(panel_len).enumerate().for_each(fill);
+        } else {
+            data.chunks_exact_mut(panel_len).enumerate().for_each(fill);
+        }
+        Bf16Panels { k, n, data }
+    }
+
     /// `[K, N]`.
     pub fn shape(&self) -> [usize; 2] {
         [self.k, self.n]
@@ -531,6 +567,37 @@ mod tests {
         drop(first);
         let again = Bf16Panels::pack(View2::contiguous(&m, [200, 300]).unwrap());
         assert_eq!(again.data, words);
+    }
+
+    /// Packing bf16 bits gives the words of packing their widened values, in both layouts (a
+    /// weight's `Wᵀ` is the transposed one), over odd depths, ragged panels and the values the
+    /// conversion changes: subnormals (flushed to signed zeros), NaNs (made quiet), infinities.
+    #[test]
+    fn packing_bits_matches_packing_their_values() {
+        let specials = [
+            0x0001u16, 0x8001, 0x007F, 0x7F81, 0xFF80, 0x7F80, 0x8000, 0x0000, 0x7FC1,
+        ];
+        for (k, n) in [(1, 1), (7, 5), (33, 16), (64, 48), (300, 260)] {
+            let mut bits: Vec<u16> = random_vec(k * n, 23).iter().map(|&x| f32_to_bf16(x)).collect();
+            for (i, &h) in specials.iter().enumerate() {
+                if let Some(slot) = bits.get_mut(i * 3) {
+                    *slot = h;
+                }
+            }
+            let values: Vec<f32> = bits.iter().map(|&h| bf16_to_f32(h)).collect();
+            let want = Bf16Panels::pack(View2::contiguous(&values, [k, n]).unwrap());
+            let row_major = Bf16Panels::from_bits(View2::contiguous(&bits, [k, n]).unwrap());
+            assert_eq!(row_major.data, want.data, "[{k}, {n}] row-major");
+            let t: Vec<u16> = (0..n * k).map(|i| bits[(i % k) * n + i / k]).collect();
+            let transposed = Bf16Panels::from_bits(View2::new(&t, [k, n], [1, k]).unwrap());
+            assert_eq!(transposed.data, want.data, "[{k}, {n}] transposed");
+            assert_eq!(transposed.shape(), [k, n]);
+        }
+        let zeros: [u16; 0] = [];
+        assert_eq!(
+            Bf16Panels::from_bits(View2::contiguous(&zeros, [0, 3]).unwrap()).shape(),
+            [0, 3]
+        );
     }
 
     fn levels() -> Vec<Bf16Level> {
