@@ -55,7 +55,7 @@ pub use params::{
     flat_fill, flat_zip_mut, AlignedBuf, ParamEntry, ParamLayout, ParamPath, ParamStore, Parameters, FLAT_CHUNK,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
-pub use precision::{pack_weight, Precision};
+pub use precision::{pack_weight, pack_weight_of, Precision};
 pub use safetensors_io::{f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors};
 #[allow(deprecated)]
 pub use sdpa::f32_bytes;
@@ -63,4 +63,4 @@ pub use sdpa::{
     f32_size_in_bytes, sdpa, sdpa_backward, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaGradients, SdpaOptions,
     SdpaOutput, SdpaShape,
 };
-pub use tensor::{expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor, WeightInit};
+pub use tensor::{concat_rows, expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor, WeightInit};

@@ -21,7 +21,8 @@ use std::ops::Range;
 pub use attn_kernels::Precision;
 use attn_kernels::{Bf16Panels, View2};
 
-use crate::Result;
+use crate::error::shape_error;
+use crate::{Result, Tensor};
 
 /// Rows `rows` of a row-major weight `w: [out, in_dim]` rounded to bf16 and packed as the right
 /// operand `Wᵀ: [in_dim, rows.len()]` of [`crate::linear_bf16`].
@@ -32,4 +33,32 @@ pub fn pack_weight(w: &[f32], rows: Range<usize>, in_dim: usize) -> Result<Bf16P
         [1, in_dim],
     )?;
     Ok(Bf16Panels::pack(view))
+}
+
+/// Rows `rows` of the weight `w: [out, in_dim]` packed as [`pack_weight`] packs them, from the
+/// bf16 bits when `w` holds bf16 values ([`Tensor::from_bf16_bits`]: no f32 copy is made, and
+/// the words are those of packing the widened values), else from its f32 values.
+pub fn pack_weight_of(w: &Tensor, rows: Range<usize>) -> Result<Bf16Panels> {
+    let &[out, in_dim] = w.shape() else {
+        return Err(shape_error("pack", "weight", "[out, in]".to_string(), w.shape()));
+    };
+    if rows.start > rows.end || rows.end > out {
+        return Err(shape_error(
+            "pack",
+            "weight",
+            format!("at least {} rows", rows.end),
+            w.shape(),
+        ));
+    }
+    match w.bf16_bits() {
+        Some(bits) => {
+            let view = View2::new(
+                &bits[rows.start * in_dim..rows.end * in_dim],
+                [in_dim, rows.len()],
+                [1, in_dim],
+            )?;
+            Ok(Bf16Panels::from_bits(view))
+        }
+        None => pack_weight(w.data(), rows, in_dim),
+    }
 }

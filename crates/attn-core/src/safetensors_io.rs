@@ -124,19 +124,45 @@ pub trait FromSafetensors: Sized {
 
     /// Every tensor whose name `skip` refuses, as F32 (skipped tensors may have any dtype).
     fn from_safetensors_skipping(bytes: &[u8], skip: impl Fn(&str) -> bool) -> Result<Self>;
+
+    /// As [`from_safetensors_skipping`](Self::from_safetensors_skipping), except that BF16
+    /// tensors keep their bits ([`Tensor::from_bf16_bits`], two bytes per value) instead of
+    /// being widened: for a model that computes in bf16, whose weights then go from the file's
+    /// bits to their packed form with no f32 copy ([`crate::pack_weight_of`]).
+    fn from_safetensors_keeping_bf16(bytes: &[u8], skip: impl Fn(&str) -> bool) -> Result<Self>;
 }
 
 impl FromSafetensors for StateDict {
     fn from_safetensors_skipping(bytes: &[u8], skip: impl Fn(&str) -> bool) -> Result<Self> {
-        let file = SafeTensors::deserialize(bytes).map_err(|e| AttnError::Safetensors {
-            what: format!("not a valid safetensors file: {e}"),
-        })?;
-        let mut dict = StateDict::new();
-        for (name, view) in file.iter() {
-            if skip(name) {
-                continue;
-            }
-            let shape = view.shape().to_vec();
+        read_state_dict(bytes, skip, false)
+    }
+
+    fn from_safetensors_keeping_bf16(bytes: &[u8], skip: impl Fn(&str) -> bool) -> Result<Self> {
+        read_state_dict(bytes, skip, true)
+    }
+}
+
+/// The tensors of a safetensors file's `bytes` that `skip` refuses, as F32 or, with
+/// `keep_bf16`, BF16 ones as their bits.
+fn read_state_dict(bytes: &[u8], skip: impl Fn(&str) -> bool, keep_bf16: bool) -> Result<StateDict> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| AttnError::Safetensors {
+        what: format!("not a valid safetensors file: {e}"),
+    })?;
+    let mut dict = StateDict::new();
+    for (name, view) in file.iter() {
+        if skip(name) {
+            continue;
+        }
+        let shape = view.shape().to_vec();
+        let tensor = if keep_bf16 && view.dtype() == Dtype::BF16 {
+            check_byte_count(name, Dtype::BF16, &shape, view.data().len(), 2)?;
+            let bits = view
+                .data()
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            Tensor::from_bf16_bits(name, shape, bits)?
+        } else {
             let data =
                 floats_to_f32(name, view.dtype(), &shape, view.data())?.ok_or_else(|| AttnError::Safetensors {
                     what: format!(
@@ -144,10 +170,28 @@ impl FromSafetensors for StateDict {
                         view.dtype()
                     ),
                 })?;
-            dict.insert(name.to_string(), Tensor::new(name, shape, data)?);
-        }
-        Ok(dict)
+            Tensor::new(name, shape, data)?
+        };
+        dict.insert(name.to_string(), tensor);
     }
+    Ok(dict)
+}
+
+/// Fails unless `len` bytes hold `shape`'s element count at `width` bytes each.
+fn check_byte_count(name: &str, dtype: Dtype, shape: &[usize], len: usize, width: usize) -> Result<()> {
+    let needed = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .and_then(|c| c.checked_mul(width));
+    if needed == Some(len) {
+        return Ok(());
+    }
+    Err(AttnError::Safetensors {
+        what: format!(
+            "tensor `{name}` of dtype {dtype:?} and shape {shape:?} has {len} bytes, expected {}",
+            needed.map_or("more than fit in memory".to_string(), |n| n.to_string())
+        ),
+    })
 }
 
 /// The elements of a float tensor as F32 (F16 and BF16 exactly, F64 rounded); `None` for a
@@ -159,19 +203,7 @@ pub fn floats_to_f32(name: &str, dtype: Dtype, shape: &[usize], bytes: &[u8]) ->
         Dtype::F64 => 8,
         _ => return Ok(None),
     };
-    let needed = shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .and_then(|c| c.checked_mul(width));
-    if needed != Some(bytes.len()) {
-        return Err(AttnError::Safetensors {
-            what: format!(
-                "tensor `{name}` of dtype {dtype:?} and shape {shape:?} has {} bytes, expected {}",
-                bytes.len(),
-                needed.map_or("more than fit in memory".to_string(), |n| n.to_string())
-            ),
-        });
-    }
+    check_byte_count(name, dtype, shape, bytes.len(), width)?;
     let data = match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)
@@ -259,6 +291,15 @@ mod tests {
         assert_eq!(dict["half"].data(), &[1.0, -2.0]);
         assert_eq!(dict["brain"].data(), &[1.0, 3.0]);
         assert_eq!(dict["double"].data(), &[0.1f32, -7.0]);
+        assert!(!dict["brain"].is_bf16());
+        // Kept as bits: the same values, two bytes each, every other dtype as before.
+        let kept = StateDict::from_safetensors_keeping_bf16(&bytes, |name| name == "position_ids").unwrap();
+        assert_eq!(kept["brain"].bf16_bits(), Some(&[0x3f80u16, 0x4040][..]));
+        assert_eq!(kept["brain"].bytes_held(), 4);
+        assert_eq!(kept["brain"], dict["brain"]);
+        assert_eq!(kept["brain"].bytes_held(), 4, "comparing does not widen");
+        assert!(!kept["half"].is_bf16() && !kept["double"].is_bf16());
+        assert_eq!(kept["half"], dict["half"]);
         // 2^62 elements fit a usize, their 2^65 bytes do not: an error, not an overflow.
         let err = floats_to_f32("huge", Dtype::F64, &[1 << 31, 1 << 31], &[])
             .unwrap_err()

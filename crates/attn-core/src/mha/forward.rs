@@ -115,7 +115,7 @@ impl Core {
         let mut k_buf = arena::zeroed(b * t_all * g * d);
         let mut v_buf = arena::zeroed(b * t_all * g * dv);
         for (which, seq, buf, width) in [(1, key, &mut k_buf, g * d), (2, value, &mut v_buf, g * dv)] {
-            let in_dim = self.weight(which).2;
+            let in_dim = self.weight_tensor(which).2;
             let bias = self.bias(which);
             let [bs, ls] = seq.token_strides();
             for bi in 0..b {

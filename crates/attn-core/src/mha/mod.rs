@@ -93,6 +93,12 @@ impl MultiHeadAttention {
         self.core.precision()
     }
 
+    /// Bytes of weights the module holds: its tensors ([`Tensor::bytes_held`](crate::Tensor::bytes_held): 4 per f32 value,
+    /// 2 per bf16 value) and, in bf16, their packed copies.
+    pub fn bytes_held(&self) -> usize {
+        self.core.bytes_held()
+    }
+
     /// Sets the precision of the four projections and of attention's two products: `Bf16`
     /// rounds and packs the current weights once (about half their f32 size again) and runs
     /// attention on bf16 operands (`AttentionOptions::precision`); `F32` drops the packed
@@ -303,6 +309,11 @@ impl Attention {
     /// The precision of the three projections and of attention's products ([`Precision`]).
     pub fn precision(&self) -> Precision {
         self.core.precision()
+    }
+
+    /// Bytes of weights held, as [`MultiHeadAttention::bytes_held`].
+    pub fn bytes_held(&self) -> usize {
+        self.core.bytes_held()
     }
 
     /// Sets the precision of the three projections, as [`MultiHeadAttention::set_precision`].

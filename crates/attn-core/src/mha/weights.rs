@@ -9,7 +9,7 @@ use attn_kernels::{
 use super::Dims;
 use crate::error::shape_error;
 use crate::tensor::{expect_empty, take, StateDict, Tensor};
-use crate::{pack_weight, Precision, Result, Rope};
+use crate::{pack_weight_of, Precision, Result, Rope};
 
 /// The weights and the forward pass shared by [`MultiHeadAttention`] and [`Attention`].
 #[derive(Debug, Clone)]
@@ -34,11 +34,13 @@ pub(super) struct Core {
 }
 
 /// [`Core`]'s weight matrices packed for [`linear_bf16`]: the fused `q|k|v` rows (when fused),
-/// the rows of each of `q`, `k`, `v` ([`Core::weight`]), and the output projection.
+/// the rows of each of `q`, `k`, `v` ([`Core::weight`]), and the output projection. With fused
+/// weights the parts serve only calls whose query, key and value differ, so they are packed at
+/// the first such call (self-attention never holds them twice).
 #[derive(Debug)]
 pub(super) struct Bf16Weights {
     fused: Option<Bf16Panels>,
-    parts: [Bf16Panels; 3],
+    parts: OnceLock<[Bf16Panels; 3]>,
     out: Option<Bf16Panels>,
     /// The same matrices packed as they are (`W: [out, in]`), the right operand of the
     /// backward's `dx = dy·W` (mixed-precision training): packed at the first backward after
@@ -258,23 +260,22 @@ impl Core {
 
     /// Weight rows and input width of the Q, K or V projection (`which` = 0, 1, 2).
     pub(super) fn weight(&self, which: usize) -> (&[f32], std::ops::Range<usize>, usize) {
+        let (w, rows, in_dim) = self.weight_tensor(which);
+        (w.data(), rows, in_dim)
+    }
+
+    /// The tensor holding the Q, K or V projection's weight (`which` = 0, 1, 2), its rows and
+    /// input width, without reading its values (a bf16 tensor stays unwidened).
+    pub(super) fn weight_tensor(&self, which: usize) -> (&Tensor, std::ops::Range<usize>, usize) {
         let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
         if self.dims.fused() {
             let rows = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
-            (self.w_q_or_qkv.data(), rows, self.dims.e)
+            (&self.w_q_or_qkv, rows, self.dims.e)
         } else {
             match which {
-                0 => (self.w_q_or_qkv.data(), 0..qw, self.dims.e),
-                1 => (
-                    self.w_k.as_ref().expect("separate weights").data(),
-                    0..kw,
-                    self.dims.kdim,
-                ),
-                _ => (
-                    self.w_v.as_ref().expect("separate weights").data(),
-                    0..vw,
-                    self.dims.vdim,
-                ),
+                0 => (&self.w_q_or_qkv, 0..qw, self.dims.e),
+                1 => (self.w_k.as_ref().expect("separate weights"), 0..kw, self.dims.kdim),
+                _ => (self.w_v.as_ref().expect("separate weights"), 0..vw, self.dims.vdim),
             }
         }
     }
@@ -284,6 +285,36 @@ impl Core {
         let (qw, kw, vw) = (self.dims.q_width(), self.dims.k_width(), self.dims.v_width());
         let range = [0..qw, qw..qw + kw, qw + kw..qw + kw + vw][which].clone();
         Some(&self.b_qkv.as_ref()?.data()[range])
+    }
+
+    /// Bytes of weights held: the tensors ([`Tensor::bytes_held`]) and their bf16 packs.
+    pub(super) fn bytes_held(&self) -> usize {
+        let tensors = [
+            Some(&self.w_q_or_qkv),
+            self.w_k.as_ref(),
+            self.w_v.as_ref(),
+            self.b_qkv.as_ref(),
+        ]
+        .into_iter()
+        .chain([self.w_out.as_ref(), self.b_out.as_ref()])
+        .flatten()
+        .chain(self.bias_kv.iter().flat_map(|(k, v)| [k, v]))
+        .map(Tensor::bytes_held)
+        .sum::<usize>();
+        let packs = self.bf16.as_ref().map_or(0, |b| {
+            let size = |p: Option<&Bf16Panels>| p.map_or(0, Bf16Panels::size_in_bytes);
+            let backward = b.backward.get().map_or(0, |p| {
+                size(p.fused.as_ref())
+                    + p.parts.iter().map(Bf16Panels::size_in_bytes).sum::<usize>()
+                    + size(p.out.as_ref())
+            });
+            let parts = b
+                .parts
+                .get()
+                .map_or(0, |p| p.iter().map(Bf16Panels::size_in_bytes).sum());
+            size(b.fused.as_ref()) + parts + size(b.out.as_ref()) + backward
+        });
+        tensors + packs
     }
 
     /// The precision the projections run in.
@@ -300,28 +331,37 @@ impl Core {
         self.bf16 = match precision {
             Precision::F32 => None,
             Precision::Bf16 => {
-                let part = |which: usize| {
-                    let (w, rows, in_dim) = self.weight(which);
-                    pack_weight(w, rows, in_dim)
-                };
                 let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
                 let fused = match self.dims.fused() {
-                    true => Some(pack_weight(self.w_q_or_qkv.data(), 0..width, self.dims.e)?),
+                    true => Some(pack_weight_of(&self.w_q_or_qkv, 0..width)?),
                     false => None,
                 };
                 let out = match (&self.w_out, self.dims.out) {
-                    (Some(w), Some(out_dim)) => Some(pack_weight(w.data(), 0..out_dim, self.dims.h * self.dims.dv)?),
+                    (Some(w), Some(out_dim)) => Some(pack_weight_of(w, 0..out_dim)?),
                     _ => None,
                 };
+                let parts = OnceLock::new();
+                if fused.is_none() {
+                    let _ = parts.set(self.pack_parts());
+                }
                 Some(Arc::new(Bf16Weights {
                     fused,
-                    parts: [part(0)?, part(1)?, part(2)?],
+                    parts,
                     out,
                     backward: OnceLock::new(),
                 }))
             }
         };
         Ok(())
+    }
+
+    /// The Q, K and V rows packed for [`linear_bf16`] (from bf16 bits where the weights hold
+    /// them).
+    fn pack_parts(&self) -> [Bf16Panels; 3] {
+        [0, 1, 2].map(|which| {
+            let (w, rows, _) = self.weight_tensor(which);
+            pack_weight_of(w, rows).expect("a projection's rows lie within its [out, in] weight")
+        })
     }
 
     /// The weight `proj` names as row-major rows: `(w, rows, in_dim)`.
@@ -400,7 +440,7 @@ impl Core {
         if let Some(packed) = &self.bf16 {
             let w = match proj {
                 Proj::Fused => packed.fused.as_ref(),
-                Proj::Part(which) => Some(&packed.parts[which]),
+                Proj::Part(which) => Some(&packed.parts.get_or_init(|| self.pack_parts())[which]),
                 Proj::Out => packed.out.as_ref(),
             };
             let w = w.expect("packed for every projection the module has");
