@@ -70,7 +70,13 @@ pub fn bert_config(bytes: &[u8]) -> Result<()> {
 pub fn embed_text(bytes: &[u8]) -> Option<Result<()>> {
     static EMBEDDER: OnceLock<Option<Embedder>> = OnceLock::new();
     let embedder = EMBEDDER
-        .get_or_init(|| Embedder::load(&crate::commands::embed::default_model_dir()).ok())
+        .get_or_init(|| {
+            Embedder::load_as(
+                &crate::commands::embed::default_model_dir(),
+                crate::support::dtype::Dtype::F32,
+            )
+            .ok()
+        })
         .as_ref()?;
     Some((|| {
         let dir = ScratchDir::new()?;

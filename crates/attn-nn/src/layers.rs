@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use attn_core::kernels::Bf16Panels;
 use attn_core::{
-    linear, linear_bf16, pack_weight, take, AttnError, ParamPath, Parameters, Precision, StateDict, Tensor,
+    linear, linear_bf16, pack_weight_of, take, AttnError, ParamPath, Parameters, Precision, StateDict, Tensor,
 };
 use serde::{Deserialize, Serialize};
 
@@ -76,9 +76,9 @@ impl Linear {
         self.bf16 = match precision {
             Precision::F32 => None,
             Precision::Bf16 => {
-                let [out, inp] = self.dims();
+                let [out, _] = self.dims();
                 Some(Arc::new(LinearBf16 {
-                    forward: pack_weight(self.weight.data(), 0..out, inp)?,
+                    forward: pack_weight_of(&self.weight, 0..out)?,
                     backward: OnceLock::new(),
                 }))
             }
@@ -107,6 +107,14 @@ impl Linear {
     /// `[out, in]`.
     pub fn dims(&self) -> [usize; 2] {
         [self.weight.shape()[0], self.weight.shape()[1]]
+    }
+
+    /// Bytes of weights held: the tensors ([`Tensor::bytes_held`]) and, in bf16, the packs.
+    pub fn bytes_held(&self) -> usize {
+        let packs = self.bf16.as_ref().map_or(0, |b| {
+            b.forward.size_in_bytes() + b.backward.get().map_or(0, Bf16Panels::size_in_bytes)
+        });
+        self.weight.bytes_held() + self.bias.as_ref().map_or(0, Tensor::bytes_held) + packs
     }
 
     /// `x: [N, in]` rows -> `[N, out]` rows.
@@ -218,6 +226,11 @@ pub struct Norm {
 }
 
 impl Norm {
+    /// Bytes of weights held ([`Tensor::bytes_held`]).
+    pub fn bytes_held(&self) -> usize {
+        self.weight.bytes_held() + self.bias.as_ref().map_or(0, Tensor::bytes_held)
+    }
+
     /// Takes `{prefix}weight` (and `{prefix}bias` for layer norm with bias) out of `dict`.
     pub fn load(dict: &mut StateDict, prefix: &str, dim: usize, eps: f64, kind: NormKind, bias: bool) -> Result<Self> {
         if !(eps.is_finite() && eps > 0.0) {
@@ -339,6 +352,11 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
+    /// Bytes of weights held by both layers ([`Linear::bytes_held`]).
+    pub fn bytes_held(&self) -> usize {
+        self.linear1.bytes_held() + self.linear2.bytes_held()
+    }
+
     /// Sets both layers' precision ([`Linear::set_precision`]).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.linear1.set_precision(precision)?;

@@ -249,3 +249,71 @@ fn f32_to_f16_bits(x: f32) -> u16 {
     let rounded = (((exponent as u32) << 10) | (mantissa >> 13)) + u32::from(mantissa & 0x1fff > 0x1000);
     sign | rounded as u16
 }
+
+/// A BF16 `model.safetensors` read for bf16 (`SentenceEmbedder::from_dir_in`) is never widened:
+/// the weight matrices go from the file's bits to their packs and the embedding tables are read
+/// a row at a time, so after embedding the model holds 2 bytes per value (4 only for the
+/// biases and norm weights the forward reads), 2 bytes per value less than the same file
+/// widened, and it computes the same bits as the widened file in bf16.
+#[test]
+fn bf16_files_load_without_widening_in_bf16() {
+    use attn_nn::core::kernels::f32_to_bf16;
+    use attn_nn::core::Precision;
+    use safetensors::tensor::TensorView;
+    let dir = std::env::temp_dir().join(format!("attn-bert-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
+    let weights = tiny_bert_weights();
+    let (mut values, mut small) = (0, 0);
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .iter()
+        .map(|(name, t)| {
+            // The pooler is not part of the model.
+            if !name.starts_with("pooler.") {
+                values += t.len();
+                small += if t.shape().len() == 1 { t.len() } else { 0 };
+            }
+            let bytes = t.data().iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect();
+            (name.clone(), t.shape().to_vec(), bytes)
+        })
+        .collect();
+    let views: Vec<(&str, TensorView<'_>)> = halves
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view = TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).unwrap();
+            (name.as_str(), view)
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+
+    let kept = SentenceEmbedder::from_dir_in(&dir, Precision::Bf16).unwrap();
+    let mut widened = SentenceEmbedder::from_dir(&dir).unwrap();
+    widened.model.set_precision(Precision::Bf16).unwrap();
+    assert_eq!(kept.model.precision(), Precision::Bf16);
+    let ids = [vec![1u32, 4, 8, 2], vec![1, 3, 9, 17, 44, 2], vec![1, 2]];
+    for par in [Par::Seq, Par::Rayon] {
+        let got = kept.embed(&ids, 2, par, |_| {}).unwrap();
+        assert_eq!(got, widened.embed(&ids, 2, par, |_| {}).unwrap(), "{par:?}");
+    }
+    assert_eq!(
+        kept.model.bytes_held(),
+        widened.model.bytes_held() - 2 * values + 4 * small,
+        "the f32 model holds 4 bytes per value; the kept one 2, and 4 more for the vectors it read"
+    );
+    // Computing in f32 widens what it reads, exactly: the widened file's f32 bits.
+    let mut kept_f32 = kept.clone();
+    kept_f32.model.set_precision(Precision::F32).unwrap();
+    widened.model.set_precision(Precision::F32).unwrap();
+    assert_eq!(
+        kept_f32.embed(&ids, 2, Par::Seq, |_| {}).unwrap(),
+        widened.embed(&ids, 2, Par::Seq, |_| {}).unwrap()
+    );
+    // In f32 a BF16 file is widened at load, as before.
+    let f32_load = SentenceEmbedder::from_dir_in(&dir, Precision::F32).unwrap();
+    assert_eq!(f32_load.model.bytes_held(), 4 * values);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -24,15 +24,8 @@ pub struct Embedder(TextEmbedder);
 
 impl Embedder {
     /// Loads the folder `dir` to compute in `dtype` (the effective one: see
-    /// [`Dtype::effective`]).
+    /// [`Dtype::effective`]). In bf16 a BF16 `model.safetensors` is not widened to f32.
     pub fn load_as(dir: &Path, dtype: Dtype) -> Result<Self> {
-        let mut embedder = Self::load(dir)?;
-        embedder.0.set_precision(dtype.precision())?;
-        Ok(embedder)
-    }
-
-    /// Loads the folder `dir`.
-    pub fn load(dir: &Path) -> Result<Self> {
         let missing = !dir.join("config.json").exists();
         // Only the default folder is one that fetch-model fills; a folder the user named is
         // theirs to fix, and the library's error says what it lacks.
@@ -42,7 +35,7 @@ impl Embedder {
                 dir.display()
             );
         }
-        match TextEmbedder::from_dir(dir) {
+        match TextEmbedder::from_dir_in(dir, dtype.precision()) {
             Ok(embedder) => Ok(Embedder(embedder)),
             Err(e) if missing => bail!("--model {e}"),
             Err(e) => Err(e.into()),
@@ -285,9 +278,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         v["sentences"] = sentences.len().into();
         v["dtype"] = dtype.name().into();
         v["sentences_per_s"] = per_second.into();
+        v["weights_bytes"] = embedder.model().bytes_held().into();
         text = v.to_string();
     } else {
-        text.push_str(&format!("  {per_second:.1} sentences/s"));
+        let mb = embedder.model().bytes_held() as f64 / 1e6;
+        text.push_str(&format!("  {per_second:.1} sentences/s, weights {mb:.1} MB"));
     }
     println!("{text}");
     Ok(())

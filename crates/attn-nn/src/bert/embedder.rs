@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use attn_core::kernels::Par;
-use attn_core::{FromSafetensors, StateDict};
+use attn_core::{FromSafetensors, Precision, StateDict};
 
 use super::{BertConfig, BertModel};
 use crate::error::invalid;
@@ -71,6 +71,15 @@ impl SentenceEmbedder {
     /// normalisation), `1_Pooling/config.json` (mean, CLS or max pooling; mean when absent) and
     /// `sentence_bert_config.json` (`max_seq_length`). Errors name the file and the field.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_in(dir, Precision::F32)
+    }
+
+    /// [`SentenceEmbedder::from_dir`] for a model computing in `precision`
+    /// ([`BertModel::set_precision`]). In `Bf16`, a BF16 `model.safetensors` is not widened: its
+    /// weight matrices go from the file's bits to their packed form, and the embedding tables
+    /// stay bits, widened a row at a time. The model then holds about half the bytes of one
+    /// loaded in f32 and computes the same bits as the widened file would in bf16.
+    pub fn from_dir_in(dir: &Path, precision: Precision) -> Result<Self> {
         let file_error = |path: &Path, what: String| NnError::File {
             path: path.display().to_string(),
             what,
@@ -99,12 +108,17 @@ impl SentenceEmbedder {
         let config =
             BertConfig::from_json(&config_text).map_err(|e| file_error(&dir.join("config.json"), e.to_string()))?;
         // `embeddings.position_ids` is an integer buffer, not a weight.
-        let dict = StateDict::from_safetensors_skipping(&required("model.safetensors")?, |name| {
-            name.ends_with("position_ids")
-        })
+        let bytes = required("model.safetensors")?;
+        let skip = |name: &str| name.ends_with("position_ids");
+        let dict = match precision {
+            Precision::F32 => StateDict::from_safetensors_skipping(&bytes, skip),
+            Precision::Bf16 => StateDict::from_safetensors_keeping_bf16(&bytes, skip),
+        }
         .map_err(|e| file_error(&dir.join("model.safetensors"), e.to_string()))?;
-        let model = BertModel::from_state_dict(config, dict)
+        drop(bytes);
+        let mut model = BertModel::from_state_dict(config, dict)
             .map_err(|e| file_error(&dir.join("model.safetensors"), e.to_string()))?;
+        model.set_precision(precision)?;
         let mut embedder = SentenceEmbedder::new(model, Pooling::Mean, false);
 
         if let Some(st) = json("sentence_bert_config.json")? {

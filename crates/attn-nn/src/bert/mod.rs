@@ -11,7 +11,7 @@
 //! kernels skip padded keys.
 
 use attn_core::kernels::Par;
-use attn_core::{take, KeyPadding, Precision, Sequence, StateDict, Tensor};
+use attn_core::{concat_rows, take, KeyPadding, Precision, Sequence, StateDict, Tensor};
 use serde::Deserialize;
 
 use crate::error::invalid;
@@ -202,20 +202,15 @@ impl BertModel {
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}.");
             let mut layer = StateDict::new();
-            // Stack query, key and value into PyTorch's fused in_proj.
-            let (mut weight, mut bias) = (Vec::new(), Vec::new());
+            // Stack query, key and value into PyTorch's fused in_proj (bf16 bits stay bits).
+            let (mut weights, mut biases) = (Vec::new(), Vec::new());
             for part in ["query", "key", "value"] {
-                weight.extend_from_slice(take(&mut dict, &format!("{p}attention.self.{part}.weight"), &[e, e])?.data());
-                bias.extend_from_slice(take(&mut dict, &format!("{p}attention.self.{part}.bias"), &[e])?.data());
+                weights.push(take(&mut dict, &format!("{p}attention.self.{part}.weight"), &[e, e])?);
+                biases.push(take(&mut dict, &format!("{p}attention.self.{part}.bias"), &[e])?);
             }
-            layer.insert(
-                "self_attn.in_proj_weight".into(),
-                Tensor::new("in_proj_weight", vec![3 * e, e], weight)?,
-            );
-            layer.insert(
-                "self_attn.in_proj_bias".into(),
-                Tensor::new("in_proj_bias", vec![3 * e], bias)?,
-            );
+            let stack = |name: &str, parts: &[Tensor]| concat_rows(name, &parts.iter().collect::<Vec<_>>());
+            layer.insert("self_attn.in_proj_weight".into(), stack("in_proj_weight", &weights)?);
+            layer.insert("self_attn.in_proj_bias".into(), stack("in_proj_bias", &biases)?);
             for (from, to, shape) in [
                 ("attention.output.dense.weight", "self_attn.out_proj.weight", vec![e, e]),
                 ("attention.output.dense.bias", "self_attn.out_proj.bias", vec![e]),
@@ -246,6 +241,15 @@ impl BertModel {
     /// The configuration.
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    /// Bytes of weights held: every tensor (4 bytes per f32 value, 2 per bf16 value kept from a
+    /// BF16 file) and, in bf16, the packed copies of the linear maps.
+    pub fn bytes_held(&self) -> usize {
+        let tables = [&self.word, &self.position, &self.token_type].map(Tensor::bytes_held);
+        tables.iter().sum::<usize>()
+            + self.embedding_norm.bytes_held()
+            + self.layers.iter().map(EncoderLayer::bytes_held).sum::<usize>()
     }
 
     /// The precision of the layers' linear maps.
@@ -303,14 +307,8 @@ impl BertModel {
         }
         // Embeddings: word + position + token type 0, then LayerNorm.
         let mut x = vec![0.0f32; batch * len * e];
-        let (word, position, token_type) = (self.word.data(), self.position.data(), &self.token_type.data()[..e]);
         for (row, (&id, out)) in ids.iter().zip(x.chunks_mut(e)).enumerate() {
-            let p = row % len;
-            let w = &word[id as usize * e..(id as usize + 1) * e];
-            let pe = &position[p * e..(p + 1) * e];
-            for (((o, &a), &b), &c) in out.iter_mut().zip(w).zip(pe).zip(token_type) {
-                *o = a + b + c;
-            }
+            self.embed_token(id, row % len, out);
         }
         let mut x = self.embedding_norm.forward(&x, par)?;
         let masks = BlockMasks {
@@ -364,15 +362,9 @@ impl BertModel {
             ));
         }
         let mut x = vec![0.0f32; ids.len() * e];
-        let (word, position, token_type) = (self.word.data(), self.position.data(), &self.token_type.data()[..e]);
         for w in starts.windows(2) {
             for (p, row) in (w[0]..w[1]).enumerate() {
-                let id = ids[row] as usize;
-                let out = &mut x[row * e..(row + 1) * e];
-                let (word_row, pos_row) = (&word[id * e..(id + 1) * e], &position[p * e..(p + 1) * e]);
-                for (((o, &a), &b), &c) in out.iter_mut().zip(word_row).zip(pos_row).zip(token_type) {
-                    *o = a + b + c;
-                }
+                self.embed_token(ids[row], p, &mut x[row * e..(row + 1) * e]);
             }
         }
         let mut x = self.embedding_norm.forward(&x, par)?;
@@ -384,6 +376,20 @@ impl BertModel {
 }
 
 impl BertModel {
+    /// `out` = the word embedding of `id` + the position embedding of `position` + token type
+    /// 0's (ids and positions checked by the caller). Rows are read one at a time, so tables
+    /// loaded as bf16 bits are widened a row at a time and never whole.
+    fn embed_token(&self, id: u32, position: usize, out: &mut [f32]) {
+        let (word, pos, token_type) = (
+            self.word.row(id as usize),
+            self.position.row(position),
+            self.token_type.row(0),
+        );
+        for (((o, &a), &b), &c) in out.iter_mut().zip(&*word).zip(&*pos).zip(&*token_type) {
+            *o = a + b + c;
+        }
+    }
+
     /// Layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

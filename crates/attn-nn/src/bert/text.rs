@@ -113,6 +113,12 @@ impl TextEmbedder {
     /// Loads a Hugging Face-style folder: `config.json`, `model.safetensors`, `tokenizer.json`,
     /// and the sentence-transformers files where present ([`SentenceEmbedder::from_dir`]).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_in(dir, Precision::F32)
+    }
+
+    /// [`TextEmbedder::from_dir`] for a model computing in `precision`
+    /// ([`SentenceEmbedder::from_dir_in`]: a BF16 file is not widened in `Bf16`).
+    pub fn from_dir_in(dir: &Path, precision: Precision) -> Result<Self> {
         let file = |path: &Path, what: String| NnError::File {
             path: path.display().to_string(),
             what,
@@ -128,7 +134,7 @@ impl TextEmbedder {
                 format!("the folder {what}; expected a Hugging Face-style model folder with config.json, model.safetensors and tokenizer.json"),
             ));
         }
-        let pipeline = SentenceEmbedder::from_dir(dir)?;
+        let pipeline = SentenceEmbedder::from_dir_in(dir, precision)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| file(&tokenizer_path, format!("cannot load the tokenizer: {e}")))?;

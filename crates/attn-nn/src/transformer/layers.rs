@@ -26,6 +26,12 @@ impl EncoderLayer {
         self.self_attn.precision()
     }
 
+    /// Bytes of weights held: every tensor (4 bytes per f32 value, 2 per bf16 value) and, in
+    /// bf16, the packed copies.
+    pub fn bytes_held(&self) -> usize {
+        self.self_attn.bytes_held() + self.ffn.bytes_held() + self.norm1.bytes_held() + self.norm2.bytes_held()
+    }
+
     /// Sets the precision of the layer's linear maps (its attention's projections and the
     /// feed-forward block; see [`Precision`]). Norms, softmax and the residual adds stay f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
