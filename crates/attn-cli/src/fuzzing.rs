@@ -39,7 +39,7 @@ pub fn run(config: &[u8], weights: &[u8], input: &[u8]) -> Result<()> {
         let mut file = std::fs::File::create(path).with_context(|| path.display().to_string())?;
         file.write_all(bytes)?;
     }
-    let prepared = crate::commands::run::prepare(&paths[0], &paths[1], &paths[2])?;
+    let prepared = crate::commands::run::prepare(&paths[0], &paths[1], &paths[2], false)?;
     prepared.execute(Par::Seq).map(drop)
 }
 

@@ -459,6 +459,71 @@ fn modules_in_bf16_stay_near_pytorch() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--dtype bf16 runs the forward pass only"));
 }
 
+/// A state_dict saved in BF16 runs with `--dtype bf16` without widening (the weights packed
+/// from the file's bits): on every golden case the same outputs as the F32 file holding the same
+/// rounded values. Without `--dtype bf16` the BF16 file is refused, naming the dtype.
+#[test]
+fn bf16_weights_run_in_bf16_as_their_f32_values() {
+    use attn_nn::core::kernels::{bf16_to_f32, f32_to_bf16};
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap();
+    let dir = scratch_dir("bf16-weights");
+    for name in &names {
+        let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
+        let weights = read_all(&f(".weights.safetensors"));
+        let bits: Vec<Vec<u8>> = weights
+            .iter()
+            .map(|(_, _, data)| data.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect())
+            .collect();
+        let rounded: Vec<Vec<u8>> = weights
+            .iter()
+            .map(|(_, _, data)| {
+                data.iter()
+                    .flat_map(|&x| bf16_to_f32(f32_to_bf16(x)).to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        let write = |file: &str, dtype: Dtype, bytes: &[Vec<u8>]| {
+            let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = weights
+                .iter()
+                .zip(bytes)
+                .map(|((n, shape, _), b)| {
+                    (
+                        n.as_str(),
+                        safetensors::tensor::TensorView::new(dtype, shape.clone(), b).unwrap(),
+                    )
+                })
+                .collect();
+            let path = dir.join(file);
+            std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+            path
+        };
+        let bf16_file = write(&format!("{name}.bf16.safetensors"), Dtype::BF16, &bits);
+        let f32_file = write(&format!("{name}.rounded.safetensors"), Dtype::F32, &rounded);
+        let run = |weights: &Path, out: &str, extra: &[&str]| {
+            let output = dir.join(out);
+            let result = attn_run(&f(".json"), weights, &f(".in.safetensors"), &output, extra);
+            (result, output)
+        };
+        let (from_bits, out_bits) = run(&bf16_file, "bits.safetensors", &["--dtype", "bf16"]);
+        assert!(
+            from_bits.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&from_bits.stderr)
+        );
+        let (from_values, out_values) = run(&f32_file, "values.safetensors", &["--dtype", "bf16"]);
+        assert!(from_values.status.success(), "{name}");
+        assert_eq!(read_all(&out_bits), read_all(&out_values), "{name}");
+        let (refused, _) = run(&bf16_file, "refused.safetensors", &[]);
+        assert_eq!(refused.status.code(), Some(1), "{name}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("BF16") && stderr.contains("expected F32"),
+            "{name}: {stderr}"
+        );
+    }
+}
+
 /// bf16's error against PyTorch's f32, `|got - want| / (1 + max |want|)` over each tensor:
 /// measured 9.2e-3 at worst (`mha_long`, E = 64, 300 keys, outputs up to 26); the bound is about
 /// 10×. A wrong packing or pairing is off by the whole scale.

@@ -112,6 +112,10 @@ pub fn compute(file: &TensorFile, causal: Causal, scale: Option<f32>, backward: 
             meaning: BoolMeaning::MayAttend,
         },
         Some(Tensor::F32 { shape, data }) => ScoreMask::Additive { data, shape },
+        Some(Tensor::Bf16 { .. }) => bail!(
+            "{}: tensor `mask` has dtype BF16, expected BOOL or F32",
+            file.path().display()
+        ),
     };
     let options = SdpaOptions {
         scale,

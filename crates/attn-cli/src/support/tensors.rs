@@ -17,12 +17,24 @@ pub enum Tensor {
     F32 { shape: Vec<usize>, data: Vec<f32> },
     /// `BOOL` data.
     Bool { shape: Vec<usize>, data: Vec<bool> },
+    /// `BF16` values as their bits: only in a module's weights read for bf16
+    /// ([`TensorFile::read_weights`]), which keep them unwidened.
+    Bf16 { shape: Vec<usize>, bits: Vec<u16> },
 }
 
 impl Tensor {
+    /// The file's name for the dtype: `F32`, `BOOL` or `BF16`.
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            Tensor::F32 { .. } => "F32",
+            Tensor::Bool { .. } => "BOOL",
+            Tensor::Bf16 { .. } => "BF16",
+        }
+    }
+
     pub fn shape(&self) -> &[usize] {
         match self {
-            Tensor::F32 { shape, .. } | Tensor::Bool { shape, .. } => shape,
+            Tensor::F32 { shape, .. } | Tensor::Bool { shape, .. } | Tensor::Bf16 { shape, .. } => shape,
         }
     }
 }
@@ -45,7 +57,7 @@ fn element_count(path: &Path, name: &str, shape: &[usize]) -> Result<usize> {
         })
 }
 
-fn decode(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
+fn decode(path: &Path, name: &str, view: &TensorView<'_>, keep_bf16: bool) -> Result<Tensor> {
     let shape = view.shape().to_vec();
     let count = element_count(path, name, &shape)?;
     let bytes = view.data();
@@ -89,6 +101,21 @@ fn decode(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
                 })?;
             Ok(Tensor::Bool { shape, data })
         }
+        Dtype::BF16 if keep_bf16 => {
+            if bytes.len() != count * 2 {
+                bail!(
+                    "{}: tensor `{name}` of shape {shape:?} needs {} bytes, has {}",
+                    path.display(),
+                    count * 2,
+                    bytes.len()
+                );
+            }
+            let bits = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            Ok(Tensor::Bf16 { shape, bits })
+        }
         other @ (Dtype::F16 | Dtype::BF16 | Dtype::F64) => bail!(
             "{}: tensor `{name}` has dtype {other:?}, expected F32 or BOOL (attn computes in F32 and does not \
              round inputs silently); convert the file with: python3 -c \"import sys; from safetensors.torch \
@@ -120,6 +147,18 @@ impl TensorFile {
     /// Validates `bytes` as the contents of the safetensors file `path` (which errors name),
     /// leaving out the tensors whose name `skip` accepts.
     pub fn parse(path: &Path, bytes: &[u8], skip: impl Fn(&str) -> bool) -> Result<Self> {
+        Self::parse_with(path, bytes, skip, false)
+    }
+
+    /// Reads a module's weights: as [`TensorFile::read`], and with `keep_bf16` BF16 tensors are
+    /// accepted and kept as their bits ([`Tensor::Bf16`]; a module computing in bf16 packs them
+    /// without an f32 copy).
+    pub fn read_weights(path: &Path, keep_bf16: bool) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse_with(path, &bytes, |_| false, keep_bf16)
+    }
+
+    fn parse_with(path: &Path, bytes: &[u8], skip: impl Fn(&str) -> bool, keep_bf16: bool) -> Result<Self> {
         let parsed = SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
         let mut tensors = BTreeMap::new();
@@ -127,7 +166,7 @@ impl TensorFile {
             if skip(name) {
                 continue;
             }
-            tensors.insert(name.to_string(), decode(path, name, &view)?);
+            tensors.insert(name.to_string(), decode(path, name, &view, keep_bf16)?);
         }
         Ok(TensorFile {
             path: path.to_path_buf(),
@@ -166,9 +205,10 @@ impl TensorFile {
     pub fn f32(&self, name: &str, rank: usize, what: &str) -> Result<(&[usize], &[f32])> {
         match self.tensors.get(name) {
             None => bail!("{}: missing tensor `{name}`, expected {what}", self.path.display()),
-            Some(Tensor::Bool { .. }) => bail!(
-                "{}: tensor `{name}` has dtype BOOL, expected F32 {what}",
-                self.path.display()
+            Some(Tensor::Bool { .. } | Tensor::Bf16 { .. }) => bail!(
+                "{}: tensor `{name}` has dtype {}, expected F32 {what}",
+                self.path.display(),
+                self.tensors[name].dtype_name()
             ),
             Some(Tensor::F32 { shape, data }) => {
                 if shape.len() != rank {

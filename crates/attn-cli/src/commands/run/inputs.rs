@@ -16,7 +16,12 @@ pub(super) fn grad_output<'a>(file: &'a TensorFile, backward: bool, shape: &[usi
     let path = file.path().display();
     match file.get("grad.output") {
         None => bail!("{path}: --backward needs `grad.output` in the input file, the shape of `output` {shape:?}"),
-        Some(Tensor::Bool { .. }) => bail!("{path}: `grad.output` has dtype BOOL, expected F32 {shape:?}"),
+        Some(t @ (Tensor::Bool { .. } | Tensor::Bf16 { .. })) => {
+            bail!(
+                "{path}: `grad.output` has dtype {}, expected F32 {shape:?}",
+                t.dtype_name()
+            )
+        }
         Some(Tensor::F32 { shape: got, data }) => {
             if got.as_slice() != shape {
                 bail!("{path}: `grad.output` has shape {got:?}, expected the shape of `output` {shape:?}");
@@ -112,6 +117,10 @@ pub(super) fn key_padding<'a>(
             meaning: BoolMeaning::MaskedOut,
         },
         Tensor::F32 { data, .. } => KeyPadding::Additive(data),
+        Tensor::Bf16 { .. } => bail!(
+            "{}: tensor `{name}` has dtype BF16, expected BOOL or F32",
+            file.path().display()
+        ),
     })
 }
 
@@ -134,6 +143,10 @@ pub(super) fn score_mask<'a>(file: &'a TensorFile, name: &str, s: usize, t: usiz
             meaning: BoolMeaning::MaskedOut,
         },
         Tensor::F32 { shape, data } => ScoreMask::Additive { data, shape },
+        Tensor::Bf16 { .. } => bail!(
+            "{}: tensor `{name}` has dtype BF16, expected BOOL or F32",
+            file.path().display()
+        ),
     })
 }
 

@@ -88,6 +88,12 @@ fn state_dict(weights: &TensorFile) -> Result<StateDict> {
             Tensor::F32 { shape, data } => {
                 dict.insert(name.clone(), CoreTensor::new(name, shape.clone(), data.clone())?);
             }
+            Tensor::Bf16 { shape, bits } => {
+                dict.insert(
+                    name.clone(),
+                    CoreTensor::from_bf16_bits(name, shape.clone(), bits.clone())?,
+                );
+            }
             Tensor::Bool { .. } => bail!(
                 "{}: tensor `{name}` has dtype BOOL, expected F32",
                 weights.path().display()
@@ -97,8 +103,9 @@ fn state_dict(weights: &TensorFile) -> Result<StateDict> {
     Ok(dict)
 }
 
-/// Reads the three files and builds the module.
-pub fn prepare(config_path: &Path, weights_path: &Path, input_path: &Path) -> Result<Prepared> {
+/// Reads the three files and builds the module; with `bf16_weights`, BF16 weights are accepted
+/// and kept as bits (for `--dtype bf16`).
+pub fn prepare(config_path: &Path, weights_path: &Path, input_path: &Path, bf16_weights: bool) -> Result<Prepared> {
     let text =
         std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
     let value: Value =
@@ -120,7 +127,7 @@ pub fn prepare(config_path: &Path, weights_path: &Path, input_path: &Path) -> Re
             config_path.display()
         ),
     };
-    let weights = TensorFile::read(weights_path)?;
+    let weights = TensorFile::read_weights(weights_path, bf16_weights)?;
     let inputs = TensorFile::read(input_path)?;
     check_not_swapped(&weights, &inputs)?;
     let kind = match module.as_str() {
@@ -389,7 +396,9 @@ impl Files {
         if backward && self.dtype == Dtype::Bf16 {
             bail!("--dtype bf16 runs the forward pass only; the backward is f32 (drop --dtype or --backward)");
         }
-        let mut prepared = prepare(&self.config, &self.weights, &self.input)?;
+        // A BF16 state_dict is accepted with --dtype bf16 (even where the CPU runs f32: the
+        // user chose bf16's rounding) and kept as bits: the weights are packed from them.
+        let mut prepared = prepare(&self.config, &self.weights, &self.input, self.dtype == Dtype::Bf16)?;
         prepared.set_precision(self.dtype.effective(true).precision())?;
         Ok(prepared)
     }
@@ -498,6 +507,7 @@ mod tests {
                 &fixtures.join(format!("{case}.json")),
                 &fixtures.join(format!("{case}.weights.safetensors")),
                 &fixtures.join(format!("{case}.in.safetensors")),
+                false,
             )
             .unwrap();
             let Module::Mha { module, .. } = &prepared.kind else {
