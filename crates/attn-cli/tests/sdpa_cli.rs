@@ -714,3 +714,37 @@ fn bench_sdpa_backward_paths() {
     assert_eq!(result.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&result.stderr).contains("--backward-path needs --backward"));
 }
+
+/// `attn bench sweep --dtype bf16` measures the flash path in bf16 and leaves the unfused column
+/// (f32 only) empty; the JSON says the dtype it ran (f32 where the CPU has no bf16 instructions,
+/// said on stderr). No timing is checked, only what was measured.
+#[test]
+fn bench_sweep_takes_a_dtype() {
+    let sweep = |dtype: &str| {
+        let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(["bench", "sweep", "--seq", "16,32", "--heads", "2", "--head-dim", "8"])
+            .args(["--json", "--quiet", "--threads", "1", "--dtype", dtype])
+            .env("ATTN_PYTHON", "/nonexistent/python")
+            .output()
+            .unwrap();
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+        (report, String::from_utf8_lossy(&result.stderr).to_string())
+    };
+    let (f32_report, _) = sweep("f32");
+    assert_eq!(f32_report["dtype"], "f32");
+    let points = f32_report["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    assert!(points
+        .iter()
+        .all(|p| p["unfused_gflops"].as_f64().is_some() && p["torch_gflops"].is_null()));
+    let (bf16_report, stderr) = sweep("bf16");
+    let native = attn_nn::core::kernels::bf16_level() != attn_nn::core::kernels::Bf16Level::None;
+    assert_eq!(bf16_report["dtype"], if native { "bf16" } else { "f32" }, "{stderr}");
+    assert_eq!(stderr.contains("running f32"), !native, "{stderr}");
+    for p in bf16_report["points"].as_array().unwrap() {
+        assert!(p["flash_gflops"].as_f64().unwrap() > 0.0, "{p}");
+        assert_eq!(p["unfused_gflops"].is_null(), native, "{p}");
+        assert_eq!(p["chosen"], "flash", "{p}");
+    }
+}

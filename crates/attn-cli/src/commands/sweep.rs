@@ -1,6 +1,7 @@
 //! `attn bench sweep`: GFLOP/s against sequence length for the flash kernel, the unfused path
 //! and, when a Python with torch is there, PyTorch's `scaled_dot_product_attention`; as a table,
-//! as JSON, and as a PNG plot.
+//! as JSON, and as a PNG plot. With `--dtype bf16`: the flash kernel on bf16 operands, no
+//! unfused column (that path is f32 only), and PyTorch's SDPA on bf16 tensors.
 
 use std::path::Path;
 use std::process::Command;
@@ -9,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::SdpaShape;
 use serde_json::json;
 
+use crate::support::dtype::Dtype;
 use crate::support::plot::{log2_lines, Line};
 use crate::support::timing::{Budget, Path as KernelPath, SdpaBench};
 use plotters::style::RGBColor;
@@ -27,10 +29,11 @@ const TORCH_SCRIPT: &str = r#"
 import json, sys, time, statistics
 import torch, torch.nn.functional as F
 b, h, d, causal, threads = (int(x) for x in sys.argv[1:6])
+dtype = torch.bfloat16 if sys.argv[7] == "bf16" else torch.float32
 torch.set_num_threads(threads)
 out = {}
 for s in (int(x) for x in sys.argv[6].split(",")):
-    q, k, v = (torch.rand(b, h, s, d) for _ in range(3))
+    q, k, v = (torch.rand(b, h, s, d, dtype=dtype) for _ in range(3))
     with torch.inference_mode():
         F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
         times, start = [], time.perf_counter()
@@ -40,8 +43,14 @@ for s in (int(x) for x in sys.argv[6].split(",")):
 print(json.dumps(out))
 "#;
 
-/// PyTorch's median seconds per sequence length, if `python` has torch.
-fn torch_times(python: &str, [b, h, d]: [usize; 3], causal: bool, threads: usize, seqs: &[usize]) -> Option<Vec<f64>> {
+/// PyTorch's median seconds per sequence length on `dtype` tensors, if `python` has torch.
+fn torch_times(
+    python: &str,
+    [b, h, d]: [usize; 3],
+    (causal, dtype): (bool, Dtype),
+    threads: usize,
+    seqs: &[usize],
+) -> Option<Vec<f64>> {
     let list = seqs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     let output = Command::new(python)
         .args(["-c", TORCH_SCRIPT])
@@ -52,6 +61,7 @@ fn torch_times(python: &str, [b, h, d]: [usize; 3], causal: bool, threads: usize
             u8::from(causal).to_string(),
             threads.to_string(),
             list,
+            dtype.name().to_string(),
         ])
         .output()
         .ok()?;
@@ -84,6 +94,11 @@ pub struct Args {
     /// Write a plot.
     #[arg(long)]
     png: Option<std::path::PathBuf>,
+    /// Number format of the two products: bf16 times the flash kernel on bf16 operands (f32
+    /// sums and softmax; no unfused column) against PyTorch on bf16 tensors. Without bf16
+    /// instructions it runs f32 and says so.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     #[command(flatten)]
     threads: crate::support::threads::Threads,
     /// No progress bar.
@@ -111,8 +126,9 @@ pub fn main(args: Args) -> Result<()> {
     let bar = (!args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .then(|| indicatif::ProgressBar::new(args.seq.len() as u64));
     let shape = [batch, heads, head_dim];
+    let dtype = args.dtype.effective(true);
     let (points, n) = args.threads.install(|n| {
-        let points = run(&args.seq, shape, causal, n, Some(&python), |k| {
+        let points = run(&args.seq, shape, (causal, dtype), n, Some(&python), |k| {
             if let Some(bar) = &bar {
                 bar.inc(k as u64)
             }
@@ -123,14 +139,17 @@ pub fn main(args: Args) -> Result<()> {
         bar.finish_and_clear();
     }
     if json {
-        println!("{}", to_json(&points, shape, causal, n));
+        let mut value = to_json(&points, shape, causal, n);
+        value["dtype"] = dtype.name().into();
+        println!("{value}");
     } else {
         print!("{}", table(&points));
     }
     if let Some(path) = &args.png {
         let title = format!(
-            "B={batch} H={heads} D={head_dim}{}, {n} threads",
-            if causal { " causal" } else { "" }
+            "B={batch} H={heads} D={head_dim}{}, {n} threads{}",
+            if causal { " causal" } else { "" },
+            if dtype == Dtype::Bf16 { ", bf16" } else { "" }
         );
         write_png(&points, &title, path)?;
         if !json {
@@ -140,11 +159,11 @@ pub fn main(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Measures every sequence length.
+/// Measures every sequence length (`dtype` the effective one: bf16 only with the instructions).
 pub fn run(
     seqs: &[usize],
     [b, h, d]: [usize; 3],
-    causal: bool,
+    (causal, dtype): (bool, Dtype),
     threads: usize,
     python: Option<&str>,
     mut progress: impl FnMut(usize),
@@ -168,7 +187,7 @@ pub fn run(
             causal,
             path: KernelPath::Flash,
             backward: None,
-            dtype: crate::support::dtype::Dtype::F32,
+            dtype,
         };
         let shape = SdpaShape {
             b,
@@ -184,15 +203,20 @@ pub fn run(
             "bench sweep (q, k, v, out)",
         )?;
         let flash = spec.flops() / spec.run(budget)?.median_s / 1e9;
-        // The unfused path holds S×S scores per worker; past 8192 it is skipped.
+        // The unfused path holds S×S scores per worker; past 8192 it is skipped. It is f32 only.
         spec.path = KernelPath::Unfused;
-        let unfused = if seq <= 8192 {
+        let unfused = if seq <= 8192 && dtype == Dtype::F32 {
             Some(spec.flops() / spec.run(budget)?.median_s / 1e9)
         } else {
             None
         };
-        let chosen =
-            attn_nn::core::kernels::chosen_path(attn_nn::core::kernels::simd_level(), [b, h, seq, d], [h, seq]);
+        // `attention` runs bf16 on the flash path whatever the shape.
+        let chosen = match dtype {
+            Dtype::Bf16 => attn_nn::core::kernels::KernelPath::Flash,
+            Dtype::F32 => {
+                attn_nn::core::kernels::chosen_path(attn_nn::core::kernels::simd_level(), [b, h, seq, d], [h, seq])
+            }
+        };
         points.push(Point {
             seq,
             flash,
@@ -203,7 +227,7 @@ pub fn run(
         progress(1);
     }
     if let Some(python) = python {
-        if let Some(times) = torch_times(python, [b, h, d], causal, threads, seqs) {
+        if let Some(times) = torch_times(python, [b, h, d], (causal, dtype), threads, seqs) {
             for (p, t) in points.iter_mut().zip(times) {
                 let spec = SdpaBench {
                     batch: b,
@@ -215,7 +239,7 @@ pub fn run(
                     causal,
                     path: KernelPath::Flash,
                     backward: None,
-                    dtype: crate::support::dtype::Dtype::F32,
+                    dtype,
                 };
                 p.torch = Some(spec.flops() / t / 1e9);
             }
