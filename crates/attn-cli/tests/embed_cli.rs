@@ -73,42 +73,41 @@ fn minilm_embeddings_match_sentence_transformers() {
     }
 }
 
-/// `--dtype bf16` against sentence-transformers' f32 reference: cosine at least 0.9999 on every
-/// sentence, and not the f32 bits (the products ran in bf16). Under `ATTN_SIMD=avx512` (bf16
-/// instructions off) it runs f32, says so once, and gives the f32 bits.
-#[test]
-fn embed_in_bf16_stays_within_cosine_and_says_when_it_runs_f32() {
-    let model = model_dir();
+/// The golden sentences embedded by `attn embed --dtype DTYPE --model DIR` (with `ATTN_SIMD`
+/// set when given): the rows and stderr.
+fn embed_golden(model: &Path, dtype: &str, simd: Option<&str>) -> (Vec<f32>, String) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
-    let run = |dtype: &str, simd: Option<&str>| {
-        let out = std::env::temp_dir().join(format!(
-            "attn-embed-{dtype}-{simd:?}-{}.safetensors",
-            std::process::id()
-        ));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_attn"));
-        command
-            .args(["embed", "--quiet", "--dtype", dtype, "--model"])
-            .arg(&model);
-        command
-            .arg("--input")
-            .arg(fixtures.join("sentences.txt"))
-            .arg("--output")
-            .arg(&out);
-        if let Some(level) = simd {
-            command.env("ATTN_SIMD", level);
-        }
-        let result = command.output().unwrap();
-        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
-        let (_, rows) = read_embeddings(&out);
-        std::fs::remove_file(&out).ok();
-        (rows, String::from_utf8_lossy(&result.stderr).to_string())
-    };
-    let (f32_rows, quiet) = run("f32", None);
-    assert!(!quiet.contains("bf16"), "{quiet}");
+    let out = std::env::temp_dir().join(format!(
+        "attn-embed-{dtype}-{simd:?}-{}-{}.safetensors",
+        std::process::id(),
+        model.file_name().unwrap().to_string_lossy()
+    ));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_attn"));
+    command
+        .args(["embed", "--quiet", "--dtype", dtype, "--model"])
+        .arg(model)
+        .arg("--input")
+        .arg(fixtures.join("sentences.txt"))
+        .arg("--output")
+        .arg(&out);
+    if let Some(level) = simd {
+        command.env("ATTN_SIMD", level);
+    }
+    let result = command.output().unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let (_, rows) = read_embeddings(&out);
+    std::fs::remove_file(&out).ok();
+    (rows, String::from_utf8_lossy(&result.stderr).to_string())
+}
+
+/// The worst cosine of `rows` to sentence-transformers' f32 reference, failing on the first
+/// sentence below 0.9999 (the bar for bf16).
+fn worst_cosine_to_reference(rows: &[f32]) -> f64 {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
     let (_, want) = read_embeddings(&fixtures.join("reference.safetensors"));
-    let (bf16_rows, _) = run("bf16", None);
+    assert_eq!(rows.len(), want.len());
     let mut worst = 1.0f64;
-    for (i, (g, w)) in bf16_rows.chunks(384).zip(want.chunks(384)).enumerate() {
+    for (i, (g, w)) in rows.chunks(384).zip(want.chunks(384)).enumerate() {
         let dot: f64 = g.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
         let ng: f64 = g.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
         let nw: f64 = w.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
@@ -116,21 +115,34 @@ fn embed_in_bf16_stays_within_cosine_and_says_when_it_runs_f32() {
         assert!(cos >= 0.9999, "sentence {i}: cosine {cos}");
         worst = worst.min(cos);
     }
-    if bf16_runs_natively() {
-        assert_ne!(bf16_rows, f32_rows, "bf16 gave the f32 bits");
-    } else {
-        assert_eq!(bf16_rows, f32_rows, "without bf16 instructions, f32");
-    }
-    eprintln!("bf16 against sentence-transformers: worst cosine {worst:.7}");
-    let (capped, note) = run("bf16", Some("avx512"));
-    assert_eq!(capped, f32_rows, "with bf16 instructions off, f32");
-    assert_eq!(note.matches("running f32").count(), 1, "{note}");
+    worst
 }
 
 /// Whether `--dtype bf16` computes in bf16 here (AVX512-BF16, not turned off by `ATTN_SIMD`,
 /// which the binary inherits); otherwise it runs f32.
 fn bf16_runs_natively() -> bool {
     attn_nn::core::kernels::bf16_level() != attn_nn::core::kernels::Bf16Level::None
+}
+
+/// `--dtype bf16` against sentence-transformers' f32 reference: cosine at least 0.9999 on every
+/// sentence, and not the f32 bits (the products ran in bf16). Under `ATTN_SIMD=avx512` (bf16
+/// instructions off) it runs f32, says so once, and gives the f32 bits.
+#[test]
+fn embed_in_bf16_stays_within_cosine_and_says_when_it_runs_f32() {
+    let model = model_dir();
+    let (f32_rows, quiet) = embed_golden(&model, "f32", None);
+    assert!(!quiet.contains("bf16"), "{quiet}");
+    let (bf16_rows, _) = embed_golden(&model, "bf16", None);
+    let worst = worst_cosine_to_reference(&bf16_rows);
+    if bf16_runs_natively() {
+        assert_ne!(bf16_rows, f32_rows, "bf16 gave the f32 bits");
+    } else {
+        assert_eq!(bf16_rows, f32_rows, "without bf16 instructions, f32");
+    }
+    eprintln!("bf16 against sentence-transformers: worst cosine {worst:.7}");
+    let (capped, note) = embed_golden(&model, "bf16", Some("avx512"));
+    assert_eq!(capped, f32_rows, "with bf16 instructions off, f32");
+    assert_eq!(note.matches("running f32").count(), 1, "{note}");
 }
 
 /// The model saved as BF16 (each float tensor rounded to nearest even) and read with
@@ -170,38 +182,8 @@ fn embed_reads_a_bf16_model_in_bf16() {
         "model.safetensors",
         safetensors::serialize(views, None).unwrap(),
     );
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
-    let (_, want) = read_embeddings(&fixtures.join("reference.safetensors"));
-    let run = |dtype: &str| {
-        let out = std::env::temp_dir().join(format!(
-            "attn-embed-bf16-file-{dtype}-{}.safetensors",
-            std::process::id()
-        ));
-        let result = Command::new(env!("CARGO_BIN_EXE_attn"))
-            .args(["embed", "--quiet", "--dtype", dtype, "--model"])
-            .arg(&dir)
-            .arg("--input")
-            .arg(fixtures.join("sentences.txt"))
-            .arg("--output")
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
-        let (_, rows) = read_embeddings(&out);
-        std::fs::remove_file(&out).ok();
-        rows
-    };
-    let (bf16_rows, f32_rows) = (run("bf16"), run("f32"));
-    let mut worst = 1.0f64;
-    for (i, (g, w)) in bf16_rows.chunks(384).zip(want.chunks(384)).enumerate() {
-        let dot: f64 = g.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
-        let ng: f64 = g.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
-        let nw: f64 = w.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
-        let cos = dot / (ng * nw);
-        assert!(cos >= 0.9999, "sentence {i}: cosine {cos}");
-        worst = worst.min(cos);
-    }
-    assert_eq!(bf16_rows.len(), want.len());
+    let ((bf16_rows, _), (f32_rows, _)) = (embed_golden(&dir, "bf16", None), embed_golden(&dir, "f32", None));
+    let worst = worst_cosine_to_reference(&bf16_rows);
     if bf16_runs_natively() {
         assert_ne!(bf16_rows, f32_rows, "--dtype f32 on the BF16 file ran in bf16");
     } else {

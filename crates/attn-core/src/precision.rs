@@ -27,12 +27,16 @@ use crate::{Result, Tensor};
 /// Rows `rows` of a row-major weight `w: [out, in_dim]` rounded to bf16 and packed as the right
 /// operand `Wᵀ: [in_dim, rows.len()]` of [`crate::linear_bf16`].
 pub fn pack_weight(w: &[f32], rows: Range<usize>, in_dim: usize) -> Result<Bf16Panels> {
-    let view = View2::new(
+    Ok(Bf16Panels::pack(transposed_rows(w, rows, in_dim)?))
+}
+
+/// Rows `rows` of a row-major `[_, in_dim]` matrix seen as their transpose `[in_dim, rows]`.
+fn transposed_rows<T>(w: &[T], rows: Range<usize>, in_dim: usize) -> Result<View2<'_, T>> {
+    Ok(View2::new(
         &w[rows.start * in_dim..rows.end * in_dim],
         [in_dim, rows.len()],
         [1, in_dim],
-    )?;
-    Ok(Bf16Panels::pack(view))
+    )?)
 }
 
 /// Rows `rows` of the weight `w: [out, in_dim]` packed as [`pack_weight`] packs them, from the
@@ -51,14 +55,7 @@ pub fn pack_weight_of(w: &Tensor, rows: Range<usize>) -> Result<Bf16Panels> {
         ));
     }
     match w.bf16_bits() {
-        Some(bits) => {
-            let view = View2::new(
-                &bits[rows.start * in_dim..rows.end * in_dim],
-                [in_dim, rows.len()],
-                [1, in_dim],
-            )?;
-            Ok(Bf16Panels::from_bits(view))
-        }
+        Some(bits) => Ok(Bf16Panels::from_bits(transposed_rows(bits, rows, in_dim)?)),
         None => pack_weight(w.data(), rows, in_dim),
     }
 }

@@ -79,15 +79,7 @@ impl Tensor {
     /// A tensor of `shape` holding `data`; fails unless the element counts agree. `name` is
     /// used in the error.
     pub fn new(name: &str, shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
-        let needed = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if needed != Some(data.len()) {
-            return Err(AttnError::BadTensorData {
-                name: name.to_string(),
-                shape,
-                needed: needed.unwrap_or(usize::MAX),
-                len: data.len(),
-            });
-        }
+        let shape = check_count(name, shape, data.len())?;
         Ok(Tensor {
             shape,
             data: Storage::Owned(data),
@@ -98,15 +90,7 @@ impl Tensor {
     /// their f32 values), kept as bits: two bytes per value until something reads them as f32.
     /// Fails unless the element counts agree; `name` is used in the error.
     pub fn from_bf16_bits(name: &str, shape: Vec<usize>, bits: Vec<u16>) -> Result<Self> {
-        let needed = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if needed != Some(bits.len()) {
-            return Err(AttnError::BadTensorData {
-                name: name.to_string(),
-                shape,
-                needed: needed.unwrap_or(usize::MAX),
-                len: bits.len(),
-            });
-        }
+        let shape = check_count(name, shape, bits.len())?;
         Ok(Tensor {
             shape,
             data: Storage::Bf16 {
@@ -229,6 +213,20 @@ impl Tensor {
         debug_assert_eq!(slice.data(), self.data());
         self.data = Storage::Store(slice);
     }
+}
+
+/// `shape` back when its element count is `len`; else an error naming `name`.
+fn check_count(name: &str, shape: Vec<usize>, len: usize) -> Result<Vec<usize>> {
+    let needed = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    if needed != Some(len) {
+        return Err(AttnError::BadTensorData {
+            name: name.to_string(),
+            shape,
+            needed: needed.unwrap_or(usize::MAX),
+            len,
+        });
+    }
+    Ok(shape)
 }
 
 /// bf16 bits widened to their f32 values (exact).
