@@ -397,7 +397,7 @@ fn bench_run_backward() {
 
 /// `attn run --dtype bf16` on every golden case: the linear maps with bf16-rounded operands
 /// against PyTorch's f32 outputs, within `BF16_TOLERANCE` (about 10× the worst measured); the
-/// same bytes on 1 and 2 threads; `--backward` with it is refused.
+/// same bytes on 1 and 2 threads.
 #[test]
 fn modules_in_bf16_stay_near_pytorch() {
     let names: Vec<String> =
@@ -446,17 +446,109 @@ fn modules_in_bf16_stay_near_pytorch() {
         }
     }
     eprintln!("bf16 against PyTorch f32, worst error over the golden cases: {worst:.2e}");
-    let name = &names[0];
-    let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
-    let refused = attn_run(
-        &f(".json"),
-        &f(".weights.safetensors"),
-        &f(".backward.in.safetensors"),
-        &dir.join("refused.safetensors"),
-        &["--dtype", "bf16", "--backward"],
-    );
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--dtype bf16 runs the forward pass only"));
+}
+
+/// The largest `|got - want| / (1 + max |want|)` over every tensor of `want`.
+fn worst_scaled_error(got: &[(String, Vec<usize>, Vec<f32>)], want: &[(String, Vec<usize>, Vec<f32>)]) -> f64 {
+    want.iter()
+        .map(|(name, _, expected)| {
+            let (_, _, g) = got
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .unwrap_or_else(|| panic!("no {name}"));
+            let scale = 1.0 + expected.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
+            g.iter()
+                .zip(expected)
+                .map(|(&a, &b)| (a as f64 - b as f64).abs() / scale)
+                .fold(0.0f64, f64::max)
+        })
+        .fold(0.0f64, f64::max)
+}
+
+/// `tensors` rounded to bf16 and written to `path`: as BF16 bits, or as the F32 values of the
+/// rounded numbers.
+fn write_rounded(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: Dtype) {
+    use attn_nn::core::kernels::{bf16_to_f32, f32_to_bf16};
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, data)| match dtype {
+            Dtype::BF16 => data.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
+            _ => data
+                .iter()
+                .flat_map(|&x| bf16_to_f32(f32_to_bf16(x)).to_le_bytes())
+                .collect(),
+        })
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, shape, _), b)| {
+            (
+                n.as_str(),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// `attn run --backward --dtype bf16` is mixed precision (the linear maps' products in bf16
+/// forward and backward, attention in f32, f32 gradients). Against PyTorch's f32 gradients its
+/// error is bounded by how much the case itself moves when its weights are rounded to bf16 (the
+/// f32 backward on the rounded weights): a few of the golden cases are ill-conditioned (their
+/// gradients move 13-20% of their scale from that rounding alone) and bf16 cannot do better
+/// there. Measured: at most 2.7× that yardstick (`mha_bool_mask_fully_masked_row`), so 10× is
+/// the bound; a wrong operand packing is off by the whole scale. The same bytes on 1 and 2
+/// threads, and not f32's numbers where the CPU has bf16 instructions.
+#[test]
+fn module_backward_in_bf16_is_as_accurate_as_rounded_weights_allow() {
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap();
+    let dir = scratch_dir("bf16-backward");
+    let native = attn_nn::core::kernels::bf16_level() != attn_nn::core::kernels::Bf16Level::None;
+    let mut worst_ratio = 0.0f64;
+    for name in &names {
+        let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
+        let run = |weights: &Path, out: &str, extra: &[&str]| {
+            let output = dir.join(out);
+            let result = attn_run(&f(".json"), weights, &f(".backward.in.safetensors"), &output, extra);
+            assert!(
+                result.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&result.stderr)
+            );
+            read_all(&output)
+        };
+        let weights = f(".weights.safetensors");
+        let bf16 = run(
+            &weights,
+            "bf16.safetensors",
+            &["--backward", "--dtype", "bf16", "--threads", "1"],
+        );
+        let two = run(
+            &weights,
+            "bf16-2.safetensors",
+            &["--backward", "--dtype", "bf16", "--threads", "2"],
+        );
+        assert_eq!(bf16, two, "{name}: 1 and 2 threads differ");
+        let f32_run = run(&weights, "f32.safetensors", &["--backward"]);
+        assert_eq!(
+            bf16 != f32_run,
+            native,
+            "{name}: bf16 ran in f32, or f32 where it should not"
+        );
+        let rounded = dir.join("rounded.safetensors");
+        write_rounded(&rounded, &read_all(&weights), Dtype::F32);
+        let yardstick = run(&rounded, "yardstick.safetensors", &["--backward"]);
+        let want = read_all(&f(".backward.want.safetensors"));
+        let (error, allowed) = (worst_scaled_error(&bf16, &want), worst_scaled_error(&yardstick, &want));
+        worst_ratio = worst_ratio.max(error / allowed);
+        assert!(
+            error <= 10.0 * allowed,
+            "{name}: bf16 backward off by {error:e} of the scale; rounding the weights alone moves it {allowed:e}"
+        );
+    }
+    eprintln!("bf16 backward against PyTorch f32: at most {worst_ratio:.2}× the error of rounding the weights");
 }
 
 /// A state_dict saved in BF16 runs with `--dtype bf16` without widening (the weights packed
@@ -464,42 +556,16 @@ fn modules_in_bf16_stay_near_pytorch() {
 /// rounded values. Without `--dtype bf16` the BF16 file is refused, naming the dtype.
 #[test]
 fn bf16_weights_run_in_bf16_as_their_f32_values() {
-    use attn_nn::core::kernels::{bf16_to_f32, f32_to_bf16};
     let names: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap()).unwrap();
     let dir = scratch_dir("bf16-weights");
     for name in &names {
         let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
         let weights = read_all(&f(".weights.safetensors"));
-        let bits: Vec<Vec<u8>> = weights
-            .iter()
-            .map(|(_, _, data)| data.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect())
-            .collect();
-        let rounded: Vec<Vec<u8>> = weights
-            .iter()
-            .map(|(_, _, data)| {
-                data.iter()
-                    .flat_map(|&x| bf16_to_f32(f32_to_bf16(x)).to_le_bytes())
-                    .collect()
-            })
-            .collect();
-        let write = |file: &str, dtype: Dtype, bytes: &[Vec<u8>]| {
-            let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = weights
-                .iter()
-                .zip(bytes)
-                .map(|((n, shape, _), b)| {
-                    (
-                        n.as_str(),
-                        safetensors::tensor::TensorView::new(dtype, shape.clone(), b).unwrap(),
-                    )
-                })
-                .collect();
-            let path = dir.join(file);
-            std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
-            path
-        };
-        let bf16_file = write(&format!("{name}.bf16.safetensors"), Dtype::BF16, &bits);
-        let f32_file = write(&format!("{name}.rounded.safetensors"), Dtype::F32, &rounded);
+        let bf16_file = dir.join(format!("{name}.bf16.safetensors"));
+        write_rounded(&bf16_file, &weights, Dtype::BF16);
+        let f32_file = dir.join(format!("{name}.rounded.safetensors"));
+        write_rounded(&f32_file, &weights, Dtype::F32);
         let run = |weights: &Path, out: &str, extra: &[&str]| {
             let output = dir.join(out);
             let result = attn_run(&f(".json"), weights, &f(".in.safetensors"), &output, extra);
@@ -525,6 +591,7 @@ fn bf16_weights_run_in_bf16_as_their_f32_values() {
 }
 
 /// bf16's error against PyTorch's f32, `|got - want| / (1 + max |want|)` over each tensor:
-/// measured 9.2e-3 at worst (`mha_long`, E = 64, 300 keys, outputs up to 26); the bound is about
-/// 10×. A wrong packing or pairing is off by the whole scale.
+/// measured 1.02e-2 at worst with attention's products in bf16 too (9.2e-3 with the linear maps
+/// alone, at `mha_long`, E = 64, 300 keys, outputs up to 26); the bound is about 9×. A wrong
+/// packing or pairing is off by the whole scale.
 const BF16_TOLERANCE: f64 = 9e-2;

@@ -386,16 +386,14 @@ pub struct Files {
     input: PathBuf,
     /// Number format of the module's products (bf16: weights rounded once, activations and
     /// attention's operands as each product reads them, f32 sums; softmax, norms and residual
-    /// adds stay f32). Forward only.
+    /// adds stay f32). With --backward, mixed precision as `attn train --precision bf16`: the
+    /// linear maps' products in bf16 forward and backward, attention in f32, f32 gradients.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
 }
 
 impl Files {
-    fn prepare(&self, backward: bool) -> Result<Prepared> {
-        if backward && self.dtype == Dtype::Bf16 {
-            bail!("--dtype bf16 runs the forward pass only; the backward is f32 (drop --dtype or --backward)");
-        }
+    fn prepare(&self) -> Result<Prepared> {
         // A BF16 state_dict is accepted with --dtype bf16 (even where the CPU runs f32: the
         // user chose bf16's rounding) and kept as bits: the weights are packed from them.
         let mut prepared = prepare(&self.config, &self.weights, &self.input, self.dtype == Dtype::Bf16)?;
@@ -427,7 +425,7 @@ pub struct Args {
 /// Runs `attn run`; prints one line: the file written and each output's name and shape.
 pub fn main(args: Args) -> Result<()> {
     args.threads.install(|_| {
-        let prepared = args.files.prepare(args.backward)?;
+        let prepared = args.files.prepare()?;
         let outputs = if args.backward {
             prepared.execute_backward(Par::Rayon)?
         } else {
@@ -463,7 +461,7 @@ pub struct BenchArgs {
 /// timing).
 pub fn bench(args: BenchArgs) -> Result<()> {
     let budget = args.budget.budget()?;
-    let prepared = args.files.prepare(args.backward)?;
+    let prepared = args.files.prepare()?;
     let backward = args.backward;
     let once = |p: &Prepared| {
         if backward {
