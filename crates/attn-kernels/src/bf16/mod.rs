@@ -577,7 +577,8 @@ mod tests {
         let specials = [
             0x0001u16, 0x8001, 0x007F, 0x7F81, 0xFF80, 0x7F80, 0x8000, 0x0000, 0x7FC1,
         ];
-        for (k, n) in [(1, 1), (7, 5), (33, 16), (64, 48), (300, 260)] {
+        // The last shape has more than 2^16 words: packed in parallel.
+        for (k, n) in [(1, 1), (7, 5), (33, 16), (64, 48), (300, 260), (601, 300)] {
             let mut bits: Vec<u16> = random_vec(k * n, 23).iter().map(|&x| f32_to_bf16(x)).collect();
             for (i, &h) in specials.iter().enumerate() {
                 if let Some(slot) = bits.get_mut(i * 3) {
