@@ -77,8 +77,10 @@ impl SentenceEmbedder {
     /// [`SentenceEmbedder::from_dir`] for a model computing in `precision`
     /// ([`BertModel::set_precision`]). In `Bf16`, a BF16 `model.safetensors` is not widened: its
     /// weight matrices go from the file's bits to their packed form, and the embedding tables
-    /// stay bits, widened a row at a time. The model then holds about half the bytes of one
-    /// loaded in f32 and computes the same bits as the widened file would in bf16.
+    /// stay bits, widened a row at a time. The weights then take 2 bytes per value plus the
+    /// packed copies ([`BertModel::bytes_held`]; all-MiniLM-L6-v2: 66.5 MB, against 111.5 MB
+    /// from an F32 file in bf16 and 90.3 MB in f32), and the model computes the same bits as the
+    /// widened file would in bf16.
     pub fn from_dir_in(dir: &Path, precision: Precision) -> Result<Self> {
         let file_error = |path: &Path, what: String| NnError::File {
             path: path.display().to_string(),
