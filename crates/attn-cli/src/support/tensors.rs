@@ -205,10 +205,10 @@ impl TensorFile {
     pub fn f32(&self, name: &str, rank: usize, what: &str) -> Result<(&[usize], &[f32])> {
         match self.tensors.get(name) {
             None => bail!("{}: missing tensor `{name}`, expected {what}", self.path.display()),
-            Some(Tensor::Bool { .. } | Tensor::Bf16 { .. }) => bail!(
+            Some(other @ (Tensor::Bool { .. } | Tensor::Bf16 { .. })) => bail!(
                 "{}: tensor `{name}` has dtype {}, expected F32 {what}",
                 self.path.display(),
-                self.tensors[name].dtype_name()
+                other.dtype_name()
             ),
             Some(Tensor::F32 { shape, data }) => {
                 if shape.len() != rank {

@@ -56,6 +56,16 @@ struct BackwardPacks {
     out: Option<Bf16Panels>,
 }
 
+/// Bytes of a set of packs: the fused and output ones where present, and the three parts.
+fn packs_size(single: [Option<&Bf16Panels>; 2], parts: Option<&[Bf16Panels; 3]>) -> usize {
+    single
+        .into_iter()
+        .flatten()
+        .chain(parts.into_iter().flatten())
+        .map(Bf16Panels::size_in_bytes)
+        .sum()
+}
+
 /// Which weight matrix a projection applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Proj {
@@ -302,17 +312,11 @@ impl Core {
         .map(Tensor::bytes_held)
         .sum::<usize>();
         let packs = self.bf16.as_ref().map_or(0, |b| {
-            let size = |p: Option<&Bf16Panels>| p.map_or(0, Bf16Panels::size_in_bytes);
-            let backward = b.backward.get().map_or(0, |p| {
-                size(p.fused.as_ref())
-                    + p.parts.iter().map(Bf16Panels::size_in_bytes).sum::<usize>()
-                    + size(p.out.as_ref())
-            });
-            let parts = b
-                .parts
+            let backward = b
+                .backward
                 .get()
-                .map_or(0, |p| p.iter().map(Bf16Panels::size_in_bytes).sum());
-            size(b.fused.as_ref()) + parts + size(b.out.as_ref()) + backward
+                .map_or(0, |p| packs_size([p.fused.as_ref(), p.out.as_ref()], Some(&p.parts)));
+            packs_size([b.fused.as_ref(), b.out.as_ref()], b.parts.get()) + backward
         });
         tensors + packs
     }
