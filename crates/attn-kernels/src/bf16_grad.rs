@@ -16,7 +16,11 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::bf16::amx::STEP_PAIRS;
 use crate::bf16::PANEL;
+#[cfg(not(target_arch = "x86_64"))]
+const STEP_PAIRS: usize = 16;
 use crate::error::check_len;
 use crate::grad::add_column_sums;
 use crate::{round_to_bf16, Accum, Bf16Level, Bf16Panels, KernelError, LinearShape, Par, View2, ViewMut2};
@@ -80,7 +84,38 @@ pub(crate) fn weight_gradient(
     par: Par,
 ) -> Result<(), KernelError> {
     #[cfg(target_arch = "x86_64")]
-    if level == Bf16Level::Avx512Bf16 {
+    if level == Bf16Level::Amx && n > 0 && out_dim > 0 && in_dim > 0 {
+        // `dyᵀ` as AMX A tiles and `x` as panels, both padded with zero pairs to whole steps of
+        // the depth `n`, in aligned buffers zeroed first (the padding is read).
+        let steps = crate::bf16::padded_pairs(n) / STEP_PAIRS;
+        let a_len = out_dim.div_ceil(PANEL) * steps * STEP_PAIRS * PANEL;
+        let b_panel = steps * STEP_PAIRS * PANEL;
+        let mut a = crate::buffer::take(a_len);
+        let mut b = crate::buffer::take(in_dim.div_ceil(PANEL) * b_panel);
+        a.fill(0.0);
+        b.fill(0.0);
+        pack_pairs(&mut a, dy, [n, out_dim], Layout::Tiles(steps), par);
+        pack_pairs(&mut b, x, [n, in_dim], Layout::PaddedPanels(steps * STEP_PAIRS), par);
+        // SAFETY: AMX was detected; `a` holds the tiles of `dyᵀ: [out, n]`, `b` the panels of
+        // `x: [n, in]` `b_panel` words apart (zeros past the depth), `dw` is `[out, in]`.
+        unsafe {
+            crate::bf16::amx::gemm(
+                [out_dim, in_dim, steps],
+                &a,
+                bytemuck_words(&b),
+                b_panel,
+                dw.as_mut_ptr(),
+                in_dim,
+                Accum::Add,
+                par,
+            )
+        };
+        crate::buffer::give(a);
+        crate::buffer::give(b);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level.has_avx512bf16() {
         let pairs = n.div_ceil(2);
         // `dyᵀ` as rows of pairs along `n`, and `x` in the panels of `Bf16Panels`: from the
         // training step's arena, whose best fit serves every layer's sizes step after step.
@@ -98,6 +133,7 @@ pub(crate) fn weight_gradient(
                 pairs,
                 a.as_ptr().cast(),
                 words,
+                pairs * PANEL,
                 dw.as_mut_ptr(),
                 in_dim,
                 Accum::Add,
@@ -135,6 +171,12 @@ enum Layout {
     Rows,
     /// `dst[(c / 16)·pairs·16 + p·16 + c % 16]`: [`Bf16Panels`]' layout (a right operand).
     Panels,
+    /// `dst[(c / 16)·stride·16 + p·16 + c % 16]`: panels `stride ≥ pairs` pairs apart (the
+    /// AMX kernel's right operand, padded to whole steps).
+    PaddedPanels(usize),
+    /// The AMX kernel's A tiles of the transpose, `steps` steps per row tile:
+    /// `dst[((c / 16)·steps + p / 16)·256 + (c % 16)·16 + p % 16]`.
+    Tiles(usize),
 }
 
 /// Row `j` of `src: [n, width]` at columns `c0..c0 + 16`: in place, a copy of a ragged end (of
@@ -160,6 +202,8 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
     let chunk = match layout {
         Layout::Rows => PANEL * pairs,
         Layout::Panels => pairs * PANEL,
+        Layout::PaddedPanels(stride) => stride * PANEL,
+        Layout::Tiles(steps) => steps * STEP_PAIRS * PANEL,
     };
     let one = |(panel, out): (usize, &mut [f32])| {
         let c0 = panel * PANEL;
@@ -172,7 +216,13 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
             let (lo, hi) = (row(src, 2 * p, at, &mut lo_buf), row(src, 2 * p + 1, at, &mut hi_buf));
             crate::bf16::pair_rows(lo, hi, &mut words);
             match layout {
-                Layout::Panels => out[p * PANEL..(p + 1) * PANEL].copy_from_slice(&words),
+                Layout::Panels | Layout::PaddedPanels(_) => out[p * PANEL..(p + 1) * PANEL].copy_from_slice(&words),
+                Layout::Tiles(_) => {
+                    let tile = p / STEP_PAIRS * STEP_PAIRS * PANEL;
+                    for (l, &word) in words.iter().enumerate().take(cols) {
+                        out[tile + l * STEP_PAIRS + p % STEP_PAIRS] = word;
+                    }
+                }
                 Layout::Rows => {
                     for (l, &word) in words.iter().enumerate().take(cols) {
                         out[l * pairs + p] = word;
@@ -271,6 +321,47 @@ mod tests {
                 }
                 let want: f64 = 0.5 + (0..n).map(|i| dy[i * out_dim + o] as f64).sum::<f64>();
                 assert!((db[o] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "db[{o}]");
+            }
+        }
+    }
+
+    /// The weight gradient at every level this CPU runs (the f32 fallback, AVX512-BF16, AMX)
+    /// against f64 sums of the rounded operands, within f32's summation error: ragged tile
+    /// rows and columns and depths that are not whole AMX steps, accumulating into a start.
+    #[test]
+    fn weight_gradient_matches_its_bound_at_every_level() {
+        let detected = crate::simd::detect_bf16();
+        let levels = [Bf16Level::None, Bf16Level::Avx512Bf16, Bf16Level::Amx];
+        let levels: Vec<Bf16Level> = match detected {
+            Bf16Level::Amx => levels.to_vec(),
+            Bf16Level::Avx512Bf16 => levels[..2].to_vec(),
+            Bf16Level::None => levels[..1].to_vec(),
+        };
+        if detected != Bf16Level::Amx {
+            eprintln!("note: no AMX on this CPU; its weight gradient is not checked");
+        }
+        let r = |v: f32| round_to_bf16(v) as f64;
+        for level in levels {
+            for (n, in_dim, out_dim) in [(1, 1, 1), (33, 17, 40), (100, 64, 48), (257, 96, 130)] {
+                let sh = LinearShape { n, in_dim, out_dim };
+                let (dy, x) = (random_vec(n * out_dim, 5), random_vec(n * in_dim, 6));
+                let mut dw = random_vec(out_dim * in_dim, 7);
+                let start = dw.clone();
+                weight_gradient(level, &mut dw, &dy, &x, sh, Par::Rayon).unwrap();
+                for o in 0..out_dim {
+                    for c in 0..in_dim {
+                        let base = start[o * in_dim + c] as f64;
+                        let (mut rounded, mut mass) = (base, base.abs());
+                        for i in 0..n {
+                            let (a, b) = (dy[i * out_dim + o], x[i * in_dim + c]);
+                            rounded += r(a) * r(b);
+                            mass += (r(a) * r(b)).abs();
+                        }
+                        let bound = (n as f64 + 2.0) * f32::EPSILON as f64 * mass;
+                        let err = (dw[o * in_dim + c] as f64 - rounded).abs();
+                        assert!(err <= bound, "{level} {sh:?} dW[{o}, {c}]: {err:e} > {bound:e}");
+                    }
+                }
             }
         }
     }

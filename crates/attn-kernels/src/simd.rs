@@ -64,13 +64,16 @@ pub fn simd_level() -> SimdLevel {
 }
 
 /// The values `ATTN_SIMD` accepts. `avx512bf16` is the `avx512` f32 level with the bf16 dot
-/// products of AVX512-BF16 ([`bf16_level`]); the three others leave bf16 off.
-pub const SIMD_LEVEL_NAMES: [&str; 4] = ["scalar", "avx2", "avx512", "avx512bf16"];
+/// products of AVX512-BF16 ([`bf16_level`]), `amx` that with AMX's tile products for
+/// [`crate::gemm_bf16`]; the three others leave bf16 off.
+pub const SIMD_LEVEL_NAMES: [&str; 5] = ["scalar", "avx2", "avx512", "avx512bf16", "amx"];
 
-/// The bf16 instructions the bf16 kernels use on this machine ([`bf16_level`]). AMX is not a
-/// level yet: its kernels land once they have run on a machine that has it.
+/// The bf16 instructions the bf16 kernels use on this machine ([`bf16_level`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Level {
+    /// AMX-BF16 (with AVX512-BF16 and the `avx512` f32 level): [`crate::gemm_bf16`] on
+    /// `tdpbf16ps`, 8,192 bf16 products per instruction; everything else as `Avx512Bf16`.
+    Amx,
     /// AVX512-BF16 (with the `avx512` f32 level): `vdpbf16ps`, 32 bf16 products per instruction.
     Avx512Bf16,
     /// No bf16 instructions: bf16 work runs in f32 on the bf16-rounded values.
@@ -80,15 +83,24 @@ pub enum Bf16Level {
 impl std::fmt::Display for Bf16Level {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Bf16Level::Amx => "amx",
             Bf16Level::Avx512Bf16 => "avx512bf16",
             Bf16Level::None => "none",
         })
     }
 }
 
-/// The bf16 level the kernels use (decided once per process): AVX512-BF16 when the CPU has it
-/// and the f32 level is `avx512`, unless `ATTN_SIMD` names a level without bf16 (`scalar`,
-/// `avx2`, `avx512`); `ATTN_SIMD=avx512bf16` keeps it where the CPU has it.
+impl Bf16Level {
+    /// Whether the AVX512-BF16 kernels run (at `Avx512Bf16` and at `Amx`).
+    pub fn has_avx512bf16(self) -> bool {
+        self != Bf16Level::None
+    }
+}
+
+/// The bf16 level the kernels use (decided once per process): AMX when the CPU has AMX-TILE,
+/// AMX-BF16 and AVX512-BF16 and Linux grants the tile state, else AVX512-BF16 when the CPU has
+/// it and the f32 level is `avx512`; `ATTN_SIMD` lowers it: `avx512bf16` leaves AMX off, and the
+/// levels without bf16 (`scalar`, `avx2`, `avx512`) turn bf16 off.
 pub fn bf16_level() -> Bf16Level {
     static LEVEL: OnceLock<Bf16Level> = OnceLock::new();
     *LEVEL.get_or_init(|| capped_bf16(detect_bf16(), std::env::var("ATTN_SIMD").ok().as_deref()))
@@ -98,6 +110,7 @@ pub fn bf16_level() -> Bf16Level {
 fn capped_bf16(detected: Bf16Level, request: Option<&str>) -> Bf16Level {
     match request {
         Some("scalar" | "avx2" | "avx512") => Bf16Level::None,
+        Some("avx512bf16") if detected == Bf16Level::Amx => Bf16Level::Avx512Bf16,
         _ => detected,
     }
 }
@@ -106,6 +119,9 @@ fn capped_bf16(detected: Bf16Level, request: Option<&str>) -> Bf16Level {
 pub(crate) fn detect_bf16() -> Bf16Level {
     #[cfg(target_arch = "x86_64")]
     if detect() == SimdLevel::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16") {
+        if crate::bf16::amx::available() {
+            return Bf16Level::Amx;
+        }
         return Bf16Level::Avx512Bf16;
     }
     Bf16Level::None
@@ -121,13 +137,13 @@ pub fn requested_simd_level() -> Result<Option<SimdLevel>, KernelError> {
             op: "simd_level",
             what: "ATTN_SIMD",
             got: format!("{text:?}"),
-            expected: "one of scalar, avx2, avx512, avx512bf16",
+            expected: "one of scalar, avx2, avx512, avx512bf16, amx",
         }),
         Err(std::env::VarError::NotUnicode(text)) => Err(KernelError::InvalidArgument {
             op: "simd_level",
             what: "ATTN_SIMD",
             got: format!("{text:?}"),
-            expected: "one of scalar, avx2, avx512, avx512bf16",
+            expected: "one of scalar, avx2, avx512, avx512bf16, amx",
         }),
     }
 }
@@ -136,7 +152,7 @@ fn parse_level(text: &str) -> Option<SimdLevel> {
     match text {
         "scalar" => Some(SimdLevel::Scalar),
         "avx2" => Some(SimdLevel::Avx2Fma),
-        "avx512" | "avx512bf16" => Some(SimdLevel::Avx512),
+        "avx512" | "avx512bf16" | "amx" => Some(SimdLevel::Avx512),
         _ => None,
     }
 }
@@ -581,6 +597,14 @@ mod tests {
         );
         assert_eq!(capped_bf16(Bf16Level::Avx512Bf16, None), Bf16Level::Avx512Bf16);
         assert_eq!(capped_bf16(Bf16Level::None, Some("avx512bf16")), Bf16Level::None);
+        // AMX: `avx512bf16` lowers it to AVX512-BF16, `amx` and nothing keep it, and `amx`
+        // cannot raise a lower level.
+        assert_eq!(capped_bf16(Bf16Level::Amx, Some("avx512bf16")), Bf16Level::Avx512Bf16);
+        assert_eq!(capped_bf16(Bf16Level::Amx, Some("amx")), Bf16Level::Amx);
+        assert_eq!(capped_bf16(Bf16Level::Amx, None), Bf16Level::Amx);
+        assert_eq!(capped_bf16(Bf16Level::Amx, Some("avx512")), Bf16Level::None);
+        assert_eq!(capped_bf16(Bf16Level::Avx512Bf16, Some("amx")), Bf16Level::Avx512Bf16);
+        assert_eq!(capped(SimdLevel::Avx512, Some("amx")), SimdLevel::Avx512);
     }
 
     /// The vector levels evaluate one formula with FMA, so their `exp` has the same bits

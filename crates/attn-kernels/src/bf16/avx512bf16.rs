@@ -193,8 +193,9 @@ pub(crate) unsafe fn tile<const ADD: bool>(
     }
 }
 
-/// `c[m, n] (+)= a · b` over `pairs` pairs of the depth: `a` `[m, pairs]` words, `b` the
-/// panels of [`super::Bf16Panels`], `c` rows `ldc` apart.
+/// `c[m, n] (+)= a · b` over `pairs` pairs of the depth: `a` `[m, pairs]` words, `b` panels
+/// of 16 columns `b_panel` words apart (as [`super::Bf16Panels`] holds them), `c` rows `ldc`
+/// apart.
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16 must be available; the operands must cover those shapes.
@@ -205,12 +206,13 @@ pub(crate) unsafe fn gemm(
     pairs: usize,
     a: *const u32,
     b: &[u32],
+    b_panel: usize,
     c: *mut f32,
     ldc: usize,
     accum: Accum,
     par: Par,
 ) {
-    assert!(b.len() >= n.div_ceil(PANEL) * pairs * PANEL);
+    assert!(b_panel >= pairs * PANEL && (n == 0 || b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + pairs * PANEL));
     let (a, b, c) = (Shared(a), Shared(b.as_ptr()), Shared(c));
     let task = |index: usize| {
         let r0 = index * TASK_ROWS;
@@ -218,7 +220,6 @@ pub(crate) unsafe fn gemm(
         // SAFETY: the caller's contract, for rows `r0..r0 + rows`.
         unsafe {
             let (a, c) = (a.get().add(r0 * pairs), c.get().add(r0 * ldc));
-            let b_panel = pairs * PANEL;
             match accum {
                 Accum::Replace => tile::<false>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc),
                 Accum::Add => tile::<true>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc),

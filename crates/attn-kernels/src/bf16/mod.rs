@@ -133,7 +133,7 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
 pub(crate) fn pair_rows(lo: &[f32], hi: &[f32], out: &mut [f32]) {
     assert!(lo.len() >= PANEL && hi.len() >= PANEL && out.len() >= PANEL);
     #[cfg(target_arch = "x86_64")]
-    if crate::bf16_level() == Bf16Level::Avx512Bf16 {
+    if crate::bf16_level().has_avx512bf16() {
         // SAFETY: the level was detected; the three slices hold 16 values (asserted).
         unsafe { avx512bf16::interleave16(lo.as_ptr(), hi.as_ptr(), out.as_mut_ptr()) };
         return;
@@ -145,7 +145,8 @@ pub(crate) fn pair_rows(lo: &[f32], hi: &[f32], out: &mut [f32]) {
 
 /// A `[K, N]` right operand rounded to bf16 and packed once for [`gemm_bf16`]: panels of 16
 /// columns, each `[K / 2 pairs][16][2]` (an odd `K` gets a zero row, a ragged `N` zero
-/// columns). For a linear layer's weight `W: [out, in]`, pack `Wᵀ` (a permuted view) once at
+/// columns), padded with zero pairs to a multiple of 16 pairs (32 rows of `K`), so that a
+/// panel is a whole number of AMX B tiles. For a linear layer's weight `W: [out, in]`, pack `Wᵀ` (a permuted view) once at
 /// load; the packing reads any strides, and at the AVX512-BF16 level converts 16 values per
 /// instruction when either dimension is contiguous. Mixed-precision training packs every weight
 /// again after each update, so a dropped packing's storage is kept for the next one of its
@@ -155,8 +156,19 @@ pub(crate) fn pair_rows(lo: &[f32], hi: &[f32], out: &mut [f32]) {
 pub struct Bf16Panels {
     k: usize,
     n: usize,
-    /// `[n.div_ceil(16)][k.div_ceil(2)][16]` pairs.
+    /// `[n.div_ceil(16)][padded_pairs(k)][16]` pairs from `start`, the first 64-byte
+    /// boundary (a tile or vector load never straddles two cache lines).
     data: Vec<u32>,
+    start: usize,
+}
+
+/// Words in a cache line.
+const LINE_WORDS: usize = 16;
+
+/// Pairs per panel of [`Bf16Panels`] for a depth `k`: `ceil(k / 2)` rounded up to a multiple
+/// of 16 (an AMX tile's depth).
+pub(crate) fn padded_pairs(k: usize) -> usize {
+    k.div_ceil(2).next_multiple_of(16)
 }
 
 /// Words of dropped packings kept for the next packings (2 GiB).
@@ -167,21 +179,26 @@ const SPARE_MIN_WORDS: usize = 1 << 14;
 /// Storage of dropped [`Bf16Panels`], for the next packings of about its size.
 static SPARE: std::sync::Mutex<Vec<Vec<u32>>> = std::sync::Mutex::new(Vec::new());
 
-/// `len` words: a kept buffer of at least `len` and at most twice that, or a new one.
-fn take_words(len: usize) -> Vec<u32> {
-    if len >= SPARE_MIN_WORDS {
+/// `len` zero words from a 64-byte boundary: a kept buffer of at least `len` and at most twice
+/// that, or a new one, and the index of the boundary.
+fn take_words(len: usize) -> (Vec<u32>, usize) {
+    let room = len + LINE_WORDS - 1;
+    let aligned = |mut words: Vec<u32>| {
+        words.clear();
+        words.resize(room, 0);
+        let misalign = (words.as_ptr() as usize / 4) % LINE_WORDS;
+        ((words), (LINE_WORDS - misalign) % LINE_WORDS)
+    };
+    if room >= SPARE_MIN_WORDS {
         let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
         let best = (0..spare.len())
-            .filter(|&i| (len..=2 * len).contains(&spare[i].capacity()))
+            .filter(|&i| (room..=2 * room).contains(&spare[i].capacity()))
             .min_by_key(|&i| spare[i].capacity());
         if let Some(i) = best {
-            let mut words = spare.swap_remove(i);
-            words.clear();
-            words.resize(len, 0);
-            return words;
+            return aligned(spare.swap_remove(i));
         }
     }
-    vec![0u32; len]
+    aligned(Vec::with_capacity(room))
 }
 
 impl Drop for Bf16Panels {
@@ -204,16 +221,19 @@ impl Bf16Panels {
     pub fn pack(b: View2<'_, f32>) -> Self {
         let [k, n] = b.shape();
         let pairs = k.div_ceil(2);
-        let mut data = take_words(n.div_ceil(PANEL) * pairs * PANEL);
+        let len = n.div_ceil(PANEL) * padded_pairs(k) * PANEL;
+        let (mut data, start) = take_words(len);
         // `max(1)`: an empty depth has no panels to fill (and chunks of 0 are not allowed).
-        let panel_len = (pairs * PANEL).max(1);
-        let fill = |(panel, out): (usize, &mut [u32])| pack_panel(out, b, panel * PANEL, pairs);
-        if data.len() >= 1 << 16 {
-            data.par_chunks_exact_mut(panel_len).enumerate().for_each(fill);
+        let panel_len = (padded_pairs(k) * PANEL).max(1);
+        // The padding pairs stay zero (`take_words` zeroes).
+        let fill = |(panel, out): (usize, &mut [u32])| pack_panel(&mut out[..pairs * PANEL], b, panel * PANEL, pairs);
+        let words = &mut data[start..start + len];
+        if len >= 1 << 16 {
+            words.par_chunks_exact_mut(panel_len).enumerate().for_each(fill);
         } else {
-            data.chunks_exact_mut(panel_len).enumerate().for_each(fill);
+            words.chunks_exact_mut(panel_len).enumerate().for_each(fill);
         }
-        Bf16Panels { k, n, data }
+        Bf16Panels { k, n, data, start }
     }
 
     /// Packs `b: [K, N]` given as bf16 bits (as a BF16 safetensors file holds a weight), with
@@ -223,8 +243,10 @@ impl Bf16Panels {
     pub fn from_bits(b: View2<'_, u16>) -> Self {
         let [k, n] = b.shape();
         let pairs = k.div_ceil(2);
-        let mut data = take_words(n.div_ceil(PANEL) * pairs * PANEL);
-        let panel_len = (pairs * PANEL).max(1);
+        let len = n.div_ceil(PANEL) * padded_pairs(k) * PANEL;
+        let (mut data, start) = take_words(len);
+        let words = &mut data[start..start + len];
+        let panel_len = (padded_pairs(k) * PANEL).max(1);
         let canonical = |h: u16| f32_to_bf16(bf16_to_f32(h)) as u32;
         let fill = |(panel, out): (usize, &mut [u32])| {
             let j0 = panel * PANEL;
@@ -244,12 +266,17 @@ impl Bf16Panels {
                 out[q * PANEL + cols..(q + 1) * PANEL].fill(0);
             }
         };
-        if data.len() >= 1 << 16 {
-            data.par_chunks_exact_mut(panel_len).enumerate().for_each(fill);
+        if len >= 1 << 16 {
+            words.par_chunks_exact_mut(panel_len).enumerate().for_each(fill);
         } else {
-            data.chunks_exact_mut(panel_len).enumerate().for_each(fill);
+            words.chunks_exact_mut(panel_len).enumerate().for_each(fill);
         }
-        Bf16Panels { k, n, data }
+        Bf16Panels { k, n, data, start }
+    }
+
+    /// The packed words (without the alignment slack).
+    fn words(&self) -> &[u32] {
+        &self.data[self.start..self.start + self.n.div_ceil(PANEL) * padded_pairs(self.k) * PANEL]
     }
 
     /// `[K, N]`.
@@ -259,16 +286,16 @@ impl Bf16Panels {
 
     /// Bytes held (2 per value, padding included).
     pub fn size_in_bytes(&self) -> usize {
-        self.data.len() * 4
+        self.words().len() * 4
     }
 
     /// The packed values widened to f32, `[K, N]` row-major: the operand rounded to bf16.
     pub fn widened(&self) -> Vec<f32> {
-        let pairs = self.k.div_ceil(2);
+        let pairs = padded_pairs(self.k);
         let mut out = vec![0.0f32; self.k * self.n];
         for p in 0..self.k {
             for j in 0..self.n {
-                let word = self.data[(j / PANEL) * pairs * PANEL + (p / 2) * PANEL + j % PANEL];
+                let word = self.words()[(j / PANEL) * pairs * PANEL + (p / 2) * PANEL + j % PANEL];
                 let half = if p % 2 == 0 { word as u16 } else { (word >> 16) as u16 };
                 out[p * self.n + j] = bf16_to_f32(half);
             }
@@ -286,7 +313,7 @@ fn pack_panel(out: &mut [u32], b: View2<'_, f32>, j0: usize, pairs: usize) {
     let cols = (n - j0).min(PANEL);
     let data = b.data();
     #[cfg(target_arch = "x86_64")]
-    if crate::bf16_level() == Bf16Level::Avx512Bf16 {
+    if crate::bf16_level().has_avx512bf16() {
         if cs == 1 && cols == PANEL {
             let zeros = [0.0f32; PANEL];
             for (q, words) in out.chunks_exact_mut(PANEL).enumerate() {
@@ -395,15 +422,27 @@ pub(crate) fn gemm_bf16_at(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if level == Bf16Level::Avx512Bf16 && dst.strides()[1] == 1 && k > 0 {
+    if level.has_avx512bf16() && dst.strides()[1] == 1 && k > 0 {
         let ldc = dst.strides()[0];
-        let pairs = k.div_ceil(2);
+        let (pairs, b_panel) = (k.div_ceil(2), padded_pairs(k) * PANEL);
+        let c = dst.data_mut().as_mut_ptr();
+        if level == Bf16Level::Amx {
+            let steps = padded_pairs(k) / amx::STEP_PAIRS;
+            let mut a = crate::buffer::take(m.div_ceil(16) * steps * 16 * amx::STEP_PAIRS);
+            amx::pack_tiles(&mut a, lhs, steps, par);
+            // SAFETY: AMX was detected; `a` holds the tiles of `lhs`, `rhs` its panels
+            // `b_panel` words apart (zeros past `pairs`), and `dst` is `[m, n]` with unit
+            // column stride and row stride `ldc` (a checked view).
+            unsafe { amx::gemm([m, n, steps], &a, rhs.words(), b_panel, c, ldc, accum, par) };
+            crate::buffer::give(a);
+            return Ok(());
+        }
         let mut a = crate::buffer::take(m * pairs);
         pack_rows(level, &mut a[..m * pairs], lhs, par);
-        let c = dst.data_mut().as_mut_ptr();
-        // SAFETY: the level was detected; `a` is `[m, pairs]`, `rhs` holds its panels, and `dst`
-        // is `[m, n]` with unit column stride and row stride `ldc` (a checked view).
-        unsafe { avx512bf16::gemm(m, n, pairs, a.as_ptr().cast(), &rhs.data, c, ldc, accum, par) };
+        // SAFETY: the level was detected; `a` is `[m, pairs]`, `rhs` holds its panels `b_panel`
+        // words apart, and `dst` is `[m, n]` with unit column stride and row stride `ldc` (a
+        // checked view).
+        unsafe { avx512bf16::gemm(m, n, pairs, a.as_ptr().cast(), rhs.words(), b_panel, c, ldc, accum, par) };
         crate::buffer::give(a);
         return Ok(());
     }
@@ -433,7 +472,7 @@ fn pack_rows(level: Bf16Level, dst: &mut [f32], lhs: View2<'_, f32>, par: Par) {
     let data = lhs.data();
     let one = |(i, row): (usize, &mut [f32])| {
         #[cfg(target_arch = "x86_64")]
-        if level == Bf16Level::Avx512Bf16 && cs == 1 {
+        if level.has_avx512bf16() && cs == 1 {
             // SAFETY: the level was detected; the source row holds `k` values (a checked
             // view) and `row` holds `ceil(k / 2)` words, i.e. room for `k` rounded up to even
             // bf16 values.
@@ -453,6 +492,8 @@ fn pack_rows(level: Bf16Level, dst: &mut [f32], lhs: View2<'_, f32>, par: Par) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512bf16;
 
@@ -501,7 +542,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn vector_conversion_has_the_scalar_bits() {
-        if crate::simd::detect_bf16() != Bf16Level::Avx512Bf16 {
+        if !crate::simd::detect_bf16().has_avx512bf16() {
             eprintln!("note: no AVX512-BF16 on this CPU; the vector conversion is not checked");
             return;
         }
@@ -546,15 +587,17 @@ mod tests {
             let transposed = Bf16Panels::pack(View2::new(&t, [k, n], [1, k]).unwrap());
             let wide: Vec<f32> = m.iter().flat_map(|&x| [x, f32::NAN]).collect();
             let strided = Bf16Panels::pack(View2::new(&wide, [k, n], [2 * n, 2]).unwrap());
-            assert_eq!(row_major.data, transposed.data, "[{k}, {n}] transposed");
-            assert_eq!(row_major.data, strided.data, "[{k}, {n}] strided");
+            assert_eq!(row_major.words(), transposed.words(), "[{k}, {n}] transposed");
+            assert_eq!(row_major.words(), strided.words(), "[{k}, {n}] strided");
             let want: Vec<f32> = m.iter().map(|&x| round_to_bf16(x)).collect();
             assert_eq!(row_major.widened(), want, "[{k}, {n}]");
-            let pairs = k.div_ceil(2);
-            for (i, &word) in row_major.data.iter().enumerate() {
+            let pairs = padded_pairs(k);
+            for (i, &word) in row_major.words().iter().enumerate() {
                 let (j, q, half) = ((i / (pairs * PANEL)) * PANEL + i % PANEL, i / PANEL % pairs, word);
                 if j >= n {
                     assert_eq!(half, 0, "padding column {j} of [{k}, {n}]");
+                } else if 2 * q >= k {
+                    assert_eq!(half, 0, "padding pair {q} of [{k}, {n}]");
                 } else if 2 * q + 1 >= k {
                     assert_eq!(half >> 16, 0, "padding row of [{k}, {n}]");
                 }
@@ -563,10 +606,10 @@ mod tests {
         // Packing into kept storage (the first packing's, dropped) gives the same words.
         let m = random_vec(200 * 300, 22);
         let first = Bf16Panels::pack(View2::contiguous(&m, [200, 300]).unwrap());
-        let words = first.data.clone();
+        let words = first.words().to_vec();
         drop(first);
         let again = Bf16Panels::pack(View2::contiguous(&m, [200, 300]).unwrap());
-        assert_eq!(again.data, words);
+        assert_eq!(again.words(), words);
     }
 
     /// Packing bf16 bits gives the words of packing their widened values, in both layouts (a
@@ -588,10 +631,10 @@ mod tests {
             let values: Vec<f32> = bits.iter().map(|&h| bf16_to_f32(h)).collect();
             let want = Bf16Panels::pack(View2::contiguous(&values, [k, n]).unwrap());
             let row_major = Bf16Panels::from_bits(View2::contiguous(&bits, [k, n]).unwrap());
-            assert_eq!(row_major.data, want.data, "[{k}, {n}] row-major");
+            assert_eq!(row_major.words(), want.words(), "[{k}, {n}] row-major");
             let t: Vec<u16> = (0..n * k).map(|i| bits[(i % k) * n + i / k]).collect();
             let transposed = Bf16Panels::from_bits(View2::new(&t, [k, n], [1, k]).unwrap());
-            assert_eq!(transposed.data, want.data, "[{k}, {n}] transposed");
+            assert_eq!(transposed.words(), want.words(), "[{k}, {n}] transposed");
             assert_eq!(transposed.shape(), [k, n]);
         }
         let zeros: [u16; 0] = [];
@@ -603,10 +646,16 @@ mod tests {
 
     fn levels() -> Vec<Bf16Level> {
         let mut levels = vec![Bf16Level::None];
-        if crate::simd::detect_bf16() == Bf16Level::Avx512Bf16 {
+        let detected = crate::simd::detect_bf16();
+        if detected.has_avx512bf16() {
             levels.push(Bf16Level::Avx512Bf16);
         } else {
             eprintln!("note: no AVX512-BF16 on this CPU; only the f32 fallback is checked");
+        }
+        if detected == Bf16Level::Amx {
+            levels.push(Bf16Level::Amx);
+        } else {
+            eprintln!("note: no AMX on this CPU (or Linux refused its tile state); AMX is not checked");
         }
         levels
     }

@@ -89,7 +89,7 @@ pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
 /// scalar rounding's bits (tested in `crate::bf16`).
 pub(super) fn convert_strided(src: &[f32], n: usize, stride: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if stride == 1 && crate::bf16_level() == crate::Bf16Level::Avx512Bf16 {
+    if stride == 1 && crate::bf16_level().has_avx512bf16() {
         // SAFETY: the level was detected; `convert_row` checks `dst`'s length.
         unsafe { crate::bf16::avx512bf16::convert_row(&src[..n], dst) };
         return;
@@ -133,7 +133,7 @@ pub(crate) fn rounded_copy(x: &View4<'_, f32>, factor: f32) -> Vec<f32> {
 /// the AVX512-BF16 level (the bits of [`round_to_bf16`], as `convert_row`'s).
 fn extend_rounded(out: &mut Vec<f32>, src: &[f32], factor: f32) {
     #[cfg(target_arch = "x86_64")]
-    if crate::bf16_level() == crate::Bf16Level::Avx512Bf16 {
+    if crate::bf16_level().has_avx512bf16() {
         let whole = src.len() / 16 * 16;
         let start = out.len();
         out.resize(start + whole, 0.0);

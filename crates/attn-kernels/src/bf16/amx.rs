@@ -1,0 +1,395 @@
+//! The AMX kernel of [`super::gemm_bf16`]: `tdpbf16ps` on 16 × 16 tiles of f32 sums, written
+//! with inline `asm!` (Rust's AMX intrinsics are not stable).
+//!
+//! # Tiles
+//! Eight tile registers of up to 16 rows × 64 bytes. A block of the product is up to 2 × 2 C
+//! tiles (32 rows × 32 columns of f32, `tmm0..tmm3`, `tmm(2r + c)`), fed per step of 32 along
+//! the depth by two A tiles (`tmm4`, `tmm5`: 16 rows × 32 bf16 of the left operand) and two B
+//! tiles (`tmm6`, `tmm7`: 16 pairs × 16 columns of [`super::Bf16Panels`], whose panels are the
+//! B tile's layout as they are). The left operand is packed per call as whole tiles
+//! ([`pack_tiles`]): each A tile's 1 KiB is contiguous, as each B tile's is, so a tile load
+//! reads 16 consecutive cache lines (rows of a row-major operand a power of two apart would
+//! fall into the same few L1 sets). Each `tdpbf16ps` adds 16 × 16 × 32 products; each A and B
+//! tile is used twice per load. Row and column tails are tiles configured with fewer rows or
+//! columns, so every row of the destination is stored in place and nothing past it is
+//! touched; the depth is padded with zeros to a multiple of 32 in both operands.
+//!
+//! Each element is one chain of additions over the depth in order, so the result does not
+//! depend on the thread count or on how rows are split into tiles.
+//!
+//! # The tile state
+//! Linux grants a process the 8 KiB of tile state only when it asks
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); [`available`] asks once, and the
+//! AMX level exists only when the CPU has AMX-TILE and AMX-BF16 and the request succeeded.
+//! Each task loads its tile configuration (`ldtilecfg`) and releases the tiles when done
+//! (`tilerelease`), so a thread holds the state only while it multiplies.
+
+use std::arch::asm;
+
+use rayon::prelude::*;
+
+use super::PANEL;
+use crate::{Accum, Par};
+
+/// Rows of the left operand per parallel task (four blocks of 32).
+const TASK_ROWS: usize = 128;
+/// Steps of the depth per pass over a task's blocks (512 of the depth): a pair of panels'
+/// chunk, 32 KiB, stays in L1 while the task's row blocks use it.
+const CHUNK_STEPS: usize = 16;
+/// Pairs of the depth per step (one A tile row of 64 bytes, one B tile of 16 pair rows).
+pub(crate) const STEP_PAIRS: usize = 16;
+/// Words of one tile (16 rows of 16 pairs).
+const TILE_WORDS: usize = 16 * STEP_PAIRS;
+
+/// `lhs: [M, K]` rounded to bf16 as AMX A tiles, in f32 slots: row tile `t` (rows `16t ..
+/// 16t + 16`), step `s` (pairs `16s .. 16s + 16`) is the tile at `(t·steps + s)·256` words,
+/// its row `r` at `+ 16r`, pair `q` of that row `lhs[16t + r, 32s + 2q .. + 2]`; zeros past
+/// the depth, and rows past `M` in the last row tile left as they were (never loaded: that
+/// tile is configured with fewer rows). `dst` holds `ceil(M / 16)·steps·256` words.
+pub(crate) fn pack_tiles(dst: &mut [f32], lhs: crate::View2<'_, f32>, steps: usize, par: Par) {
+    let [m, k] = lhs.shape();
+    let [rs, cs] = lhs.strides();
+    let data = lhs.data();
+    let one = |(t, tiles): (usize, &mut [f32])| {
+        for r in 0..(m - 16 * t).min(16) {
+            let i = 16 * t + r;
+            for s in 0..steps {
+                let out = &mut tiles[s * TILE_WORDS + r * STEP_PAIRS..][..STEP_PAIRS];
+                let (p0, p1) = ((32 * s).min(k), (32 * s + 32).min(k));
+                let used = (p1 - p0).div_ceil(2);
+                if cs == 1 {
+                    // SAFETY: AVX512-BF16 is available where AMX is (`available`); the source
+                    // holds `p1 - p0` values of a checked view, `out` 16 words.
+                    unsafe { super::avx512bf16::convert_row(&data[i * rs + p0..i * rs + p1], &mut out[..used]) };
+                } else {
+                    for (q, word) in out[..used].iter_mut().enumerate() {
+                        let (p, hi) = (p0 + 2 * q, p0 + 2 * q + 1);
+                        let hi = if hi < k { lhs.get([i, hi]) } else { 0.0 };
+                        *word = f32::from_bits(super::pair(lhs.get([i, p]), hi));
+                    }
+                }
+                out[used..].fill(0.0);
+            }
+        }
+    };
+    let dst = &mut dst[..m.div_ceil(16) * steps * TILE_WORDS];
+    match par {
+        Par::Seq => dst.chunks_exact_mut(steps * TILE_WORDS).enumerate().for_each(one),
+        Par::Rayon => dst.par_chunks_exact_mut(steps * TILE_WORDS).enumerate().for_each(one),
+    }
+}
+
+/// Whether this CPU runs AMX-BF16 here: AVX512-BF16 for the rest of the bf16 work, AMX-TILE
+/// and AMX-BF16 in `cpuid` leaf 7, and Linux's permission for the tile state (asked for once
+/// per process; other systems answer no).
+pub(crate) fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if !std::arch::is_x86_feature_detected!("avx512bf16") {
+            return false;
+        }
+        // Leaf 7 exists where AVX512-BF16 does.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = (leaf7.edx >> 22 & 1 == 1, leaf7.edx >> 24 & 1 == 1);
+        amx_bf16 && amx_tile && request_tile_state()
+    })
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: true when Linux granted it.
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a system call with two integer arguments; it changes only this process's
+    // permissions.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// A block's shape: rows of its one or two row tiles, columns of its one or two column tiles
+/// (a `0` second entry: that tile is absent).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    rows: [usize; 2],
+    cols: [usize; 2],
+}
+
+/// The 64-byte operand of `ldtilecfg` for `shape`: palette 1, and per tile its rows and bytes
+/// per row (absent tiles left unconfigured).
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+impl Config {
+    fn of(shape: Shape) -> Self {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1;
+        let mut set = |tile: usize, rows: usize, colsb: usize| {
+            if rows > 0 && colsb > 0 {
+                bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(colsb as u16).to_le_bytes());
+                bytes[48 + tile] = rows as u8;
+            }
+        };
+        for r in 0..2 {
+            for c in 0..2 {
+                set(2 * r + c, shape.rows[r], 4 * shape.cols[c]);
+            }
+            set(4 + r, shape.rows[r], 64);
+        }
+        for c in 0..2 {
+            set(6 + c, STEP_PAIRS, 4 * shape.cols[c]);
+        }
+        Config(bytes)
+    }
+}
+
+/// Loads `config`.
+///
+/// # Safety
+/// The AMX level must be available ([`available`]).
+unsafe fn load_config(config: &Config) {
+    // SAFETY: the caller's contract; `config` is 64 readable bytes.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+}
+
+/// C tile `$t` loaded from `$c` (rows `$ld` bytes apart), or zeroed.
+macro_rules! init_tile {
+    ($t:literal, $add:expr, $c:expr, $ld:expr) => {
+        if $add {
+            asm!(concat!("tileloadd tmm", $t, ", [{c} + {ld}*1]"), c = in(reg) $c, ld = in(reg) $ld,
+                 options(nostack, readonly));
+        } else {
+            asm!(concat!("tilezero tmm", $t), options(nostack, nomem));
+        }
+    };
+}
+
+/// C tile `$t` stored at `$c` (rows `$ld` bytes apart).
+macro_rules! store_tile {
+    ($t:literal, $c:expr, $ld:expr) => {
+        asm!(concat!("tilestored [{c} + {ld}*1], tmm", $t), c = in(reg) $c, ld = in(reg) $ld,
+             options(nostack));
+    };
+}
+
+/// The depth loop of one block: per step, load the A tiles `tmm4`(, `tmm5`) and the B tiles
+/// `tmm6`(, `tmm7`), then one `tdpbf16ps` per C tile. `$rows` and `$cols` list the tiles used.
+macro_rules! depth_loop {
+    ($steps:expr, $a0:expr, $a1:expr, $b0:expr, $b1:expr, [$($load:literal),*], [$($dp:literal),*]) => {
+        asm!(
+            "2:",
+            $($load,)*
+            $($dp,)*
+            "add {a0}, 1024",
+            "add {a1}, 1024",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {steps}",
+            "jnz 2b",
+            steps = inout(reg) $steps => _,
+            a0 = inout(reg) $a0 => _,
+            a1 = inout(reg) $a1 => _,
+            b0 = inout(reg) $b0 => _,
+            b1 = inout(reg) $b1 => _,
+            ldb = in(reg) 64usize,
+            options(nostack, readonly),
+        )
+    };
+}
+
+/// One block: `c (+)= a · b` for `shape.rows` rows (`a` the first row tile's tiles of
+/// [`pack_tiles`], the second's `a_tiles` words after them) and `shape.cols` columns (`b` the
+/// first column tile's panel, the second `b_panel` words after it), over `steps` steps of 32
+/// along the depth. The tiles must be configured for `shape`.
+///
+/// # Safety
+/// The AMX level must be available and configured for `shape`; each row tile's tiles readable
+/// for `steps` × 1 KiB, each panel too, `c` writable at `r·ldc + j` for the block's rows and
+/// columns (`ldc` in bytes).
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    shape: Shape,
+    steps: usize,
+    a: *const u32,
+    a_tiles: usize,
+    b: *const u32,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    let two_rows = shape.rows[1] > 0;
+    let two_cols = shape.cols[1] > 0;
+    // SAFETY: the caller's contract; every address below is inside the block's operands.
+    unsafe {
+        let (a0, a1) = (a, if two_rows { a.add(a_tiles) } else { a });
+        let (b0, b1) = (b, if two_cols { b.add(b_panel) } else { b });
+        let c00 = c;
+        let c01 = c.add(PANEL);
+        let c10 = c.cast::<u8>().add(16 * ldc).cast::<f32>();
+        let c11 = c10.add(PANEL);
+        init_tile!(0, add, c00, ldc);
+        if two_cols {
+            init_tile!(1, add, c01, ldc);
+        }
+        if two_rows {
+            init_tile!(2, add, c10, ldc);
+            if two_cols {
+                init_tile!(3, add, c11, ldc);
+            }
+        }
+        match (two_rows, two_cols) {
+            (true, true) => depth_loop!(
+                steps,
+                a0,
+                a1,
+                b0,
+                b1,
+                [
+                    "tileloadd tmm4, [{a0} + {ldb}*1]",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {ldb}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7"
+                ],
+                []
+            ),
+            (true, false) => depth_loop!(
+                steps,
+                a0,
+                a1,
+                b0,
+                b1,
+                [
+                    "tileloadd tmm4, [{a0} + {ldb}*1]",
+                    "tileloadd tmm5, [{a1} + {ldb}*1]",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]"
+                ],
+                ["tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm2, tmm5, tmm6"]
+            ),
+            (false, true) => depth_loop!(
+                steps,
+                a0,
+                a1,
+                b0,
+                b1,
+                [
+                    "tileloadd tmm4, [{a0} + {ldb}*1]",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]"
+                ],
+                ["tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7"]
+            ),
+            (false, false) => depth_loop!(
+                steps,
+                a0,
+                a1,
+                b0,
+                b1,
+                ["tileloadd tmm4, [{a0} + {ldb}*1]", "tileloadd tmm6, [{b0} + {ldb}*1]"],
+                ["tdpbf16ps tmm0, tmm4, tmm6"]
+            ),
+        }
+        store_tile!(0, c00, ldc);
+        if two_cols {
+            store_tile!(1, c01, ldc);
+        }
+        if two_rows {
+            store_tile!(2, c10, ldc);
+            if two_cols {
+                store_tile!(3, c11, ldc);
+            }
+        }
+    }
+}
+
+/// A pointer that may cross to rayon's workers: each task writes its own rows of `c`.
+#[derive(Clone, Copy)]
+struct Shared<T>(T);
+// SAFETY: see the type's documentation.
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Shared<T> {}
+impl<T: Copy> Shared<T> {
+    fn get(self) -> T {
+        self.0
+    }
+}
+
+/// `c[m, n] (+)= a · b` over `steps` steps of 16 pairs: `a` the left operand's tiles
+/// ([`pack_tiles`]); `b` panels of 16 columns
+/// `b_panel` words apart (`b_panel ≥ 256·steps`), zeros in the padding rows and columns; `c`
+/// rows `ldc` floats apart. Tasks of [`TASK_ROWS`] rows; inside one, column pairs outside and
+/// blocks of 32 rows inside, so a panel pair is read from memory once per task and the tile
+/// configuration changes only at the right and bottom edges.
+///
+/// # Safety
+/// [`available`] must have returned true; the operands must cover those shapes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    [m, n, steps]: [usize; 3],
+    a: &[f32],
+    b: &[u32],
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    accum: Accum,
+    par: Par,
+) {
+    let a_tiles = steps * TILE_WORDS;
+    assert!(steps > 0 && a.len() >= m.div_ceil(16) * a_tiles && b_panel >= a_tiles);
+    assert!(b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + steps * STEP_PAIRS * PANEL);
+    let (a, b, c) = (Shared(a.as_ptr().cast::<u32>()), Shared(b.as_ptr()), Shared(c));
+    let add = accum == Accum::Add;
+    let task = |index: usize| {
+        let r0 = index * TASK_ROWS;
+        let rows = (m - r0).min(TASK_ROWS);
+        let mut current: Option<Shape> = None;
+        for k0 in (0..steps).step_by(CHUNK_STEPS) {
+            let chunk = (steps - k0).min(CHUNK_STEPS);
+            // Later chunks add to what the earlier ones stored.
+            let add = add || k0 > 0;
+            for j0 in (0..n).step_by(2 * PANEL) {
+                let cols = [(n - j0).min(PANEL), (n - j0).saturating_sub(PANEL).min(PANEL)];
+                for i0 in (0..rows).step_by(32) {
+                    let shape = Shape {
+                        rows: [(rows - i0).min(16), (rows - i0).saturating_sub(16).min(16)],
+                        cols,
+                    };
+                    // SAFETY: `available` returned true (the caller's contract); the block's
+                    // rows `r0 + i0 ..`, columns `j0 ..` and steps `k0 .. k0 + chunk` are
+                    // inside the operands.
+                    unsafe {
+                        if current != Some(shape) {
+                            load_config(&Config::of(shape));
+                            current = Some(shape);
+                        }
+                        block(
+                            shape,
+                            chunk,
+                            a.get().add((r0 + i0) / 16 * a_tiles + k0 * TILE_WORDS),
+                            a_tiles,
+                            b.get().add(j0 / PANEL * b_panel + k0 * TILE_WORDS),
+                            b_panel,
+                            c.get().add((r0 + i0) * ldc + j0),
+                            4 * ldc,
+                            add,
+                        );
+                    }
+                }
+            }
+        }
+        // SAFETY: the tiles were configured above (`rows > 0`, `n > 0`).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    };
+    match par {
+        Par::Seq => (0..m.div_ceil(TASK_ROWS)).for_each(task),
+        Par::Rayon => (0..m.div_ceil(TASK_ROWS)).into_par_iter().for_each(task),
+    }
+}
