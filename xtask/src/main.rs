@@ -110,11 +110,17 @@ fn ci() -> Result<()> {
         .args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings"))?;
     // The kernels at every lower level this machine has (the default run took the best):
-    // AVX2+FMA on an AVX-512 machine, and always the portable scalar path.
+    // AVX512-BF16 without AMX on an AMX machine, AVX2+FMA on an AVX-512 machine, and always the
+    // portable scalar path.
     let mut lower = vec!["scalar"];
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         lower.insert(0, "avx2");
+        // AMX-TILE and AMX-BF16: `cpuid` leaf 7, EDX bits 24 and 22.
+        let amx = std::arch::x86_64::__cpuid_count(7, 0).edx >> 22 & 0b101 == 0b101;
+        if amx && std::arch::is_x86_feature_detected!("avx512bf16") {
+            lower.insert(0, "avx512bf16");
+        }
     }
     for level in lower {
         eprintln!("attn-kernels tests at ATTN_SIMD={level}");

@@ -6,10 +6,11 @@
 //!   itself, the forward's packing being of `Wᵀ`).
 //! - `dW += dyᵀ·x`: both operands are activations, rounded and packed per call into pairs along
 //!   the tokens `n` (two rows at a time: one `vcvtne2ps2bf16` and one `vpermw` per 16 columns),
-//!   then the same tile kernel with `Accum::Add`.
+//!   then the same tile kernel with `Accum::Add`; at the AMX level `dyᵀ` goes straight into A
+//!   tiles and `x` into panels padded to whole steps, for [`crate::gemm_bf16`]'s AMX kernel.
 //! - `db += Σ_n dy`: f32 (unrounded), as in f32.
 //!
-//! Each element is one chain of `vdpbf16ps` over its depth in order, so the result does not
+//! Each element is one chain of `vdpbf16ps` (or `tdpbf16ps`) over its depth in order, so the result does not
 //! depend on the thread count. The error bound is [`crate::gemm_bf16`]'s, with `K` the depth
 //! (`out` for `dx`, `n` for `dW`). Without the instructions the same rounded values are
 //! multiplied by faer's f32 GEMM.

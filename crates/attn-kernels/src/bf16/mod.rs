@@ -14,7 +14,10 @@
 //! shape, 8 rows × two zmm of columns: `vdpbf16ps` adds two products (`k` and `k + 1`) to each
 //! f32 lane, so one instruction does the work of two FMAs, and the right operand is packed as
 //! pairs of rows: `[N / 16 panels][K / 2 pairs][16 columns][2]`. `vdpbf16ps` treats bf16
-//! subnormals (below 1.2e-38) as zero, and so does the conversion here ([`f32_to_bf16`]). Without
+//! subnormals (below 1.2e-38) as zero, and so does the conversion here ([`f32_to_bf16`]). At
+//! the AMX level ([`crate::Bf16Level::Amx`]) the same panels are AMX B tiles as they are, and
+//! `tdpbf16ps` adds 16 × 16 × 32 products per instruction into f32 tiles (`amx.rs`): the
+//! same bound, another order of additions inside an instruction, so other last bits. Without
 //! the instructions the same rounded values are multiplied in f32 by faer's GEMM: the same bound,
 //! another order of additions.
 
