@@ -33,9 +33,6 @@ use crate::{Accum, Par};
 
 /// Rows of the left operand per parallel task (four blocks of 32).
 const TASK_ROWS: usize = 128;
-/// Steps of the depth per pass over a task's blocks (512 of the depth): a pair of panels'
-/// chunk, 32 KiB, stays in L1 while the task's row blocks use it.
-const CHUNK_STEPS: usize = 16;
 /// Pairs of the depth per step (one A tile row of 64 bytes, one B tile of 16 pair rows).
 pub(crate) const STEP_PAIRS: usize = 16;
 /// Words of one tile (16 rows of 16 pairs).
@@ -351,37 +348,31 @@ pub(crate) unsafe fn gemm(
         let r0 = index * TASK_ROWS;
         let rows = (m - r0).min(TASK_ROWS);
         let mut current: Option<Shape> = None;
-        for k0 in (0..steps).step_by(CHUNK_STEPS) {
-            let chunk = (steps - k0).min(CHUNK_STEPS);
-            // Later chunks add to what the earlier ones stored.
-            let add = add || k0 > 0;
-            for j0 in (0..n).step_by(2 * PANEL) {
-                let cols = [(n - j0).min(PANEL), (n - j0).saturating_sub(PANEL).min(PANEL)];
-                for i0 in (0..rows).step_by(32) {
-                    let shape = Shape {
-                        rows: [(rows - i0).min(16), (rows - i0).saturating_sub(16).min(16)],
-                        cols,
-                    };
-                    // SAFETY: `available` returned true (the caller's contract); the block's
-                    // rows `r0 + i0 ..`, columns `j0 ..` and steps `k0 .. k0 + chunk` are
-                    // inside the operands.
-                    unsafe {
-                        if current != Some(shape) {
-                            load_config(&Config::of(shape));
-                            current = Some(shape);
-                        }
-                        block(
-                            shape,
-                            chunk,
-                            a.get().add((r0 + i0) / 16 * a_tiles + k0 * TILE_WORDS),
-                            a_tiles,
-                            b.get().add(j0 / PANEL * b_panel + k0 * TILE_WORDS),
-                            b_panel,
-                            c.get().add((r0 + i0) * ldc + j0),
-                            4 * ldc,
-                            add,
-                        );
+        for j0 in (0..n).step_by(2 * PANEL) {
+            let cols = [(n - j0).min(PANEL), (n - j0).saturating_sub(PANEL).min(PANEL)];
+            for i0 in (0..rows).step_by(32) {
+                let shape = Shape {
+                    rows: [(rows - i0).min(16), (rows - i0).saturating_sub(16).min(16)],
+                    cols,
+                };
+                // SAFETY: `available` returned true (the caller's contract); the block's
+                // rows `r0 + i0 ..` and columns `j0 ..` are inside the operands.
+                unsafe {
+                    if current != Some(shape) {
+                        load_config(&Config::of(shape));
+                        current = Some(shape);
                     }
+                    block(
+                        shape,
+                        steps,
+                        a.get().add((r0 + i0) / 16 * a_tiles),
+                        a_tiles,
+                        b.get().add(j0 / PANEL * b_panel),
+                        b_panel,
+                        c.get().add((r0 + i0) * ldc + j0),
+                        4 * ldc,
+                        add,
+                    );
                 }
             }
         }
