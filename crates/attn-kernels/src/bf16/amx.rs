@@ -28,6 +28,7 @@ use std::arch::asm;
 
 use rayon::prelude::*;
 
+use super::avx512bf16::Shared;
 use super::PANEL;
 use crate::{Accum, Par};
 
@@ -303,19 +304,6 @@ unsafe fn block(
                 store_tile!(3, c11, ldc);
             }
         }
-    }
-}
-
-/// A pointer that may cross to rayon's workers: each task writes its own rows of `c`.
-#[derive(Clone, Copy)]
-struct Shared<T>(T);
-// SAFETY: see the type's documentation.
-unsafe impl<T> Send for Shared<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Shared<T> {}
-impl<T: Copy> Shared<T> {
-    fn get(self) -> T {
-        self.0
     }
 }
 

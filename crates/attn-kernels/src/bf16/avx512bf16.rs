@@ -68,15 +68,16 @@ pub(crate) unsafe fn convert_row(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// A pointer that may cross to rayon's workers: each task writes its own rows of `c`.
+/// A pointer that may cross to rayon's workers: each task writes its own rows of `c` (here
+/// and in the AMX kernel).
 #[derive(Clone, Copy)]
-struct Shared<T>(T);
+pub(crate) struct Shared<T>(pub(crate) T);
 // SAFETY: see the type's documentation.
 unsafe impl<T> Send for Shared<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for Shared<T> {}
 impl<T: Copy> Shared<T> {
-    fn get(self) -> T {
+    pub(crate) fn get(self) -> T {
         self.0
     }
 }
