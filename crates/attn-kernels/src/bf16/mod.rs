@@ -155,7 +155,7 @@ pub(crate) fn pair_rows(lo: &[f32], hi: &[f32], out: &mut [f32]) {
 /// again after each update, so a dropped packing's storage is kept for the next one of its
 /// size (up to 2 GiB in all) instead of going back to the system, whose fresh
 /// pages would cost a fault each.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Bf16Panels {
     k: usize,
     n: usize,
@@ -202,6 +202,22 @@ fn take_words(len: usize) -> (Vec<u32>, usize) {
         }
     }
     aligned(Vec::with_capacity(room))
+}
+
+impl Clone for Bf16Panels {
+    /// The same words in new storage, aligned again (a derived clone would keep the old
+    /// offset in an allocation aligned elsewhere).
+    fn clone(&self) -> Self {
+        let words = self.words();
+        let (mut data, start) = take_words(words.len());
+        data[start..start + words.len()].copy_from_slice(words);
+        Bf16Panels {
+            k: self.k,
+            n: self.n,
+            data,
+            start,
+        }
+    }
 }
 
 impl Drop for Bf16Panels {
@@ -613,6 +629,12 @@ mod tests {
         drop(first);
         let again = Bf16Panels::pack(View2::contiguous(&m, [200, 300]).unwrap());
         assert_eq!(again.words(), words);
+        // Packed words start on a cache line, in a clone too.
+        let copy = again.clone();
+        assert_eq!(copy.words(), words);
+        for packed in [&again, &copy] {
+            assert_eq!(packed.words().as_ptr() as usize % 64, 0);
+        }
     }
 
     /// Packing bf16 bits gives the words of packing their widened values, in both layouts (a
