@@ -811,6 +811,28 @@ mod tests {
         }
     }
 
+    /// A left operand read through strides (a transposed view: the packings' element-by-element
+    /// branch) gives the bits of the same values stored contiguously, at every level.
+    #[test]
+    fn gemm_bf16_reads_a_strided_left_operand() {
+        for level in levels() {
+            for (m, n, k) in [(1, 16, 5), (37, 40, 70), (130, 33, 257)] {
+                let a = random_vec(m * k, 9);
+                let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+                let packed = Bf16Panels::pack(View2::contiguous(&random_vec(k * n, 8), [k, n]).unwrap());
+                let run = |lhs: View2<'_, f32>| {
+                    let mut c = vec![0.0f32; m * n];
+                    let dst = ViewMut2::contiguous(&mut c, [m, n]).unwrap();
+                    gemm_bf16_at(level, dst, Accum::Replace, lhs, &packed, Par::Rayon).unwrap();
+                    c
+                };
+                let contiguous = run(View2::contiguous(&a, [m, k]).unwrap());
+                let strided = run(View2::new(&a_t, [m, k], [1, m]).unwrap());
+                assert_eq!(contiguous, strided, "{level} {m}x{n}x{k}");
+            }
+        }
+    }
+
     #[test]
     fn gemm_bf16_shape_errors() {
         let packed = Bf16Panels::pack(View2::contiguous(&[0.0f32; 6], [2, 3]).unwrap());
