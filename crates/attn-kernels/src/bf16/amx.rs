@@ -21,8 +21,9 @@
 //! Linux grants a process the 8 KiB of tile state only when it asks
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); [`available`] asks once, and the
 //! AMX level exists only when the CPU has AMX-TILE and AMX-BF16 and the request succeeded.
-//! Each task loads its tile configuration (`ldtilecfg`) and releases the tiles when done
-//! (`tilerelease`), so a thread holds the state only while it multiplies.
+//! A [`Tiles`] loads the tile configuration (`ldtilecfg`) when a block's shape changes and
+//! releases the tiles when dropped (`tilerelease`): per GEMM task, and per row tile of the
+//! flash kernel, so a thread holds the state only while it multiplies.
 
 use std::arch::asm;
 
@@ -35,9 +36,9 @@ use crate::{Accum, Par};
 /// Rows of the left operand per parallel task (four blocks of 32).
 const TASK_ROWS: usize = 128;
 /// Pairs of the depth per step (one A tile row of 64 bytes, one B tile of 16 pair rows).
-pub(crate) const STEP_PAIRS: usize = 16;
+pub(crate) const STEP_PAIRS: usize = super::AMX_STEP_PAIRS;
 /// Words of one tile (16 rows of 16 pairs).
-const TILE_WORDS: usize = 16 * STEP_PAIRS;
+pub(crate) const TILE_WORDS: usize = 16 * STEP_PAIRS;
 
 /// `lhs: [M, K]` rounded to bf16 as AMX A tiles, in f32 slots: row tile `t` (rows `16t ..
 /// 16t + 16`), step `s` (pairs `16s .. 16s + 16`) is the tile at `(t·steps + s)·256` words,
@@ -307,12 +308,93 @@ unsafe fn block(
     }
 }
 
+/// A thread's use of the tile registers: the configuration loaded last (none yet), kept across
+/// products so that it is loaded again only when a block's shape changes; dropping it releases
+/// the tiles (`tilerelease`), so a thread holds the 8 KiB of tile state only while it
+/// multiplies. Not `Send`: the configuration belongs to the thread that loaded it.
+pub(crate) struct Tiles {
+    current: Option<Shape>,
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Tiles {
+    /// No configuration loaded yet.
+    ///
+    /// # Safety
+    /// [`available`] must have returned true.
+    pub(crate) unsafe fn new() -> Self {
+        Tiles {
+            current: None,
+            _thread: std::marker::PhantomData,
+        }
+    }
+
+    /// `c[m, n] (+)= a · b` over `steps` steps of 16 pairs, sequentially: `a` row tiles of
+    /// [`pack_tiles`]'s layout, `a_tiles` words apart (step `s` of row tile `t` at
+    /// `t·a_tiles + 256·s`); `b` panels of 16 columns `b_panel` words apart (step `s` of a
+    /// panel at `256·s`), zeros in the padding rows and columns of the depth; `c` rows `ldc`
+    /// floats apart. Column pairs outside and blocks of 32 rows inside, so a panel pair is read
+    /// from memory once per call and the configuration changes only at the right and bottom
+    /// edges. Columns from `n` to the end of their panel are neither read nor written, nor are
+    /// rows from `m` to the end of their tile.
+    ///
+    /// # Safety
+    /// `a` readable for `ceil(m / 16)` row tiles of `steps` tiles, `b` for `ceil(n / 16)`
+    /// panels of `steps` tiles, `c` writable at `r·ldc + j` for `r < m`, `j < n`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn product(
+        &mut self,
+        [m, n, steps]: [usize; 3],
+        (a, a_tiles): (*const u32, usize),
+        (b, b_panel): (*const u32, usize),
+        c: *mut f32,
+        ldc: usize,
+        add: bool,
+    ) {
+        for j0 in (0..n).step_by(2 * PANEL) {
+            let cols = [(n - j0).min(PANEL), (n - j0).saturating_sub(PANEL).min(PANEL)];
+            for i0 in (0..m).step_by(32) {
+                let shape = Shape {
+                    rows: [(m - i0).min(16), (m - i0).saturating_sub(16).min(16)],
+                    cols,
+                };
+                // SAFETY: AMX is available (`new`'s contract); the block's rows `i0 ..` and
+                // columns `j0 ..` are inside the operands (the caller's contract).
+                unsafe {
+                    if self.current != Some(shape) {
+                        load_config(&Config::of(shape));
+                        self.current = Some(shape);
+                    }
+                    block(
+                        shape,
+                        steps,
+                        a.add(i0 / 16 * a_tiles),
+                        a_tiles,
+                        b.add(j0 / PANEL * b_panel),
+                        b_panel,
+                        c.add(i0 * ldc + j0),
+                        4 * ldc,
+                        add,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        if self.current.is_some() {
+            // SAFETY: this thread loaded a configuration (so AMX is available).
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+}
+
 /// `c[m, n] (+)= a · b` over `steps` steps of 16 pairs: `a` the left operand's tiles
-/// ([`pack_tiles`]); `b` panels of 16 columns
-/// `b_panel` words apart (`b_panel ≥ 256·steps`), zeros in the padding rows and columns; `c`
-/// rows `ldc` floats apart. Tasks of [`TASK_ROWS`] rows; inside one, column pairs outside and
-/// blocks of 32 rows inside, so a panel pair is read from memory once per task and the tile
-/// configuration changes only at the right and bottom edges.
+/// ([`pack_tiles`]); `b` panels of 16 columns `b_panel` words apart (`b_panel ≥ 256·steps`),
+/// zeros in the padding rows and columns; `c` rows `ldc` floats apart. Tasks of
+/// [`TASK_ROWS`] rows, each a [`Tiles::product`] that releases the tiles when done.
 ///
 /// # Safety
 /// [`available`] must have returned true; the operands must cover those shapes.
@@ -331,41 +413,22 @@ pub(crate) unsafe fn gemm(
     assert!(steps > 0 && a.len() >= m.div_ceil(16) * a_tiles && b_panel >= a_tiles);
     assert!(b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + steps * STEP_PAIRS * PANEL);
     let (a, b, c) = (Shared(a.as_ptr().cast::<u32>()), Shared(b.as_ptr()), Shared(c));
-    let add = accum == Accum::Add;
     let task = |index: usize| {
         let r0 = index * TASK_ROWS;
         let rows = (m - r0).min(TASK_ROWS);
-        let mut current: Option<Shape> = None;
-        for j0 in (0..n).step_by(2 * PANEL) {
-            let cols = [(n - j0).min(PANEL), (n - j0).saturating_sub(PANEL).min(PANEL)];
-            for i0 in (0..rows).step_by(32) {
-                let shape = Shape {
-                    rows: [(rows - i0).min(16), (rows - i0).saturating_sub(16).min(16)],
-                    cols,
-                };
-                // SAFETY: `available` returned true (the caller's contract); the block's
-                // rows `r0 + i0 ..` and columns `j0 ..` are inside the operands.
-                unsafe {
-                    if current != Some(shape) {
-                        load_config(&Config::of(shape));
-                        current = Some(shape);
-                    }
-                    block(
-                        shape,
-                        steps,
-                        a.get().add((r0 + i0) / 16 * a_tiles),
-                        a_tiles,
-                        b.get().add(j0 / PANEL * b_panel),
-                        b_panel,
-                        c.get().add((r0 + i0) * ldc + j0),
-                        4 * ldc,
-                        add,
-                    );
-                }
-            }
-        }
-        // SAFETY: the tiles were configured above (`rows > 0`, `n > 0`).
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        // SAFETY: `available` returned true (the caller's contract); rows `r0 .. r0 + rows`
+        // of the operands, whose row tiles start at `r0 / 16` (`TASK_ROWS` is a multiple of
+        // 16).
+        unsafe {
+            Tiles::new().product(
+                [rows, n, steps],
+                (a.get().add(r0 / 16 * a_tiles), a_tiles),
+                (b.get(), b_panel),
+                c.get().add(r0 * ldc),
+                ldc,
+                accum == Accum::Add,
+            )
+        };
     };
     match par {
         Par::Seq => (0..m.div_ceil(TASK_ROWS)).for_each(task),

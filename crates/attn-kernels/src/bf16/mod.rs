@@ -27,6 +27,8 @@ use crate::{Accum, Bf16Level, KernelError, Par, View2, ViewMut2};
 
 /// Columns per panel of [`Bf16Panels`] (one zmm of f32 lanes).
 pub(crate) const PANEL: usize = 16;
+/// Pairs of the depth per AMX step: one A tile row of 64 bytes, one B tile of 16 pair rows.
+pub(crate) const AMX_STEP_PAIRS: usize = 16;
 /// Rows of the left operand per parallel task.
 const TASK_ROWS: usize = 64;
 

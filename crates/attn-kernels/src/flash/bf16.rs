@@ -1,15 +1,25 @@
 //! The flash kernel's bf16 operands ([`crate::Precision::Bf16`]).
 //!
 //! At the AVX512-BF16 level the two products run on `vdpbf16ps` ([`crate::bf16`]'s tile
-//! kernel), which multiplies pairs of bf16 values along the depth. Per call, K and V are rounded
-//! and packed once per `(b, g, key block)`:
-//! - keys as the right operand of `q·kᵀ`: `[kb_pad / 16 panels][D / 2 pairs][16 keys]` words,
+//! kernel), which multiplies pairs of bf16 values along the depth; at the AMX level on
+//! `tdpbf16ps` ([`crate::bf16::amx::Tiles`]). Per call, K and V are rounded and packed once per
+//! `(b, g, key block)`:
+//! - keys as the right operand of `q·kᵀ`: `[kb_pad / 16 panels][key pairs][16 keys]` words,
 //!   each word the pair `(k[t, 2p], k[t, 2p + 1])` (a zero after an odd `D`);
-//! - values as the right operand of `P·V`: `[Dv_pad / 16 panels][kb_pad / 2 pairs][16 columns]`,
+//! - values as the right operand of `P·V`: `[Dv_pad / 16 panels][value pairs][16 columns]`,
 //!   each word the pair `(v[2p, c], v[2p + 1, c])` (a zero row after an odd block).
 //!
+//! Each panel is a column of B tiles as AMX reads them (16 pairs of 16 columns, 1 KiB); for
+//! AMX the pairs are padded with zeros to whole tiles ([`key_pairs`], [`value_pairs`]).
+//!
 //! Per tile, the scaled query rows and each block's probabilities are rounded into rows of pairs
-//! (the module's `convert_row`, one `vcvtneps2bf16` per 16 values).
+//! (the module's `convert_row`, one `vcvtneps2bf16` per 16 values), or at the AMX level into
+//! A tiles ([`crate::bf16::amx::pack_tiles`]). AMX multiplies whole steps of 32 along the depth:
+//! where a key block ends inside one (`bc` not a multiple of 32, at a row's causal limit or its
+//! key length) the step also reads the values of the keys after it, against probabilities
+//! that are zero. Finite values add nothing; a NaN or infinite one there spoils the row, which
+//! [`crate::nonfinite`]'s repair then computes again from values whose non-finite entries are
+//! zero, as it does for a hidden non-finite value on every path.
 //!
 //! Decoding (at most 8 query rows per key/value head) packs nothing: it reads each key and value
 //! once, so the kernels `x86::dot_rows` and `x86::axpy_rows` round K and V as they load them and
@@ -21,25 +31,46 @@
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
 
 use super::{Plan, BLOCK_KEYS};
+use crate::bf16::AMX_STEP_PAIRS as STEP_PAIRS;
 use crate::buffer::Buffer;
 use crate::{round_to_bf16, Par, View4};
 
-/// The words of one packed key block: `kb_pad` keys by `D / 2` pairs.
-pub(super) fn key_block_len(plan: &Plan) -> usize {
-    plan.kb_pad * plan.d.div_ceil(2)
+/// Pairs per packed key (`D / 2` rounded up; to whole AMX steps of 16 pairs for AMX).
+pub(super) fn key_pairs(plan: &Plan, amx: bool) -> usize {
+    let pairs = plan.d.div_ceil(2);
+    if amx {
+        pairs.next_multiple_of(STEP_PAIRS)
+    } else {
+        pairs
+    }
 }
 
-/// The words of one packed value block: `kb_pad / 2` pairs by `Dv_pad` columns.
-pub(super) fn value_block_len(plan: &Plan) -> usize {
-    plan.kb_pad / 2 * plan.dv_pad
+/// Pairs per panel of a packed value block (`kb_pad / 2`; to whole AMX steps for AMX).
+pub(super) fn value_pairs(plan: &Plan, amx: bool) -> usize {
+    if amx {
+        (plan.kb_pad / 2).next_multiple_of(STEP_PAIRS)
+    } else {
+        plan.kb_pad / 2
+    }
+}
+
+/// The words of one packed key block: `kb_pad` keys by [`key_pairs`].
+pub(super) fn key_block_len(plan: &Plan, amx: bool) -> usize {
+    plan.kb_pad * key_pairs(plan, amx)
+}
+
+/// The words of one packed value block: [`value_pairs`] by `Dv_pad` columns.
+pub(super) fn value_block_len(plan: &Plan, amx: bool) -> usize {
+    value_pairs(plan, amx) * plan.dv_pad
 }
 
 /// `k: [B, G, T, D]` rounded to bf16 and packed as the module describes, one block of
 /// [`key_block_len`] words per `(b, g, key block)` (stored in f32 slots). Keys past a block's
 /// end are left as they were: their columns of the scores are never stored.
-pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
-    let pairs = plan.d.div_ceil(2);
-    super::pack::pack_blocks(plan, k, key_block_len(plan), par, |dst, keys, bc, [rs, cs]| {
+pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, amx: bool, par: Par) -> Buffer {
+    let pairs = key_pairs(plan, amx);
+    super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, |dst, keys, bc, [rs, cs]| {
+        // Zeros past `D / 2` pairs: `convert_strided` writes the pairs that hold values.
         let mut row = vec![0.0f32; pairs];
         for j in 0..bc {
             convert_strided(&keys[j * rs..], plan.d, cs, &mut row);
@@ -54,11 +85,12 @@ pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
 /// `v: [B, G, T, Dv]` rounded to bf16 and packed as the module describes, one block of
 /// [`value_block_len`] words per `(b, g, key block)`. The pair after an odd block's last value
 /// holds a zero (the probabilities' pad is zero too, and `0 · NaN` would not be); pairs past
-/// it are never read.
-pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
-    let (dv, dv_pad, kb_pad) = (plan.dv, plan.dv_pad, plan.kb_pad);
-    super::pack::pack_blocks(plan, v, value_block_len(plan), par, |dst, values, bc, [rs, cs]| {
-        let panel_len = kb_pad / 2 * 16;
+/// it are never read by `vdpbf16ps`, and are zeros for AMX, which reads whole steps.
+pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, amx: bool, par: Par) -> Buffer {
+    let (dv, dv_pad) = (plan.dv, plan.dv_pad);
+    let pairs = value_pairs(plan, amx);
+    super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, |dst, values, bc, [rs, cs]| {
+        let panel_len = pairs * 16;
         let mut lo = vec![0.0f32; dv_pad];
         let mut hi = vec![0.0f32; dv_pad];
         for p in 0..bc.div_ceil(2) {
@@ -81,7 +113,104 @@ pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
                 crate::bf16::pair_rows(&lo[panel * 16..], &hi[panel * 16..], out);
             }
         }
+        if amx {
+            for panel in dst.chunks_exact_mut(panel_len) {
+                panel[bc.div_ceil(2) * 16..].fill(0.0);
+            }
+        }
     })
+}
+
+/// AMX's share of one row tile: the tile registers, configured by the tile's first product
+/// and released when the tile is done (dropped).
+#[derive(Default)]
+pub(super) struct AmxTile {
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<crate::bf16::amx::Tiles>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl AmxTile {
+    /// The tile registers, taken on first use.
+    fn tiles(&mut self) -> &mut crate::bf16::amx::Tiles {
+        // SAFETY: `Operands::amx` is set, and these functions called, only at the detected
+        // AMX level (`amx::available` returned true).
+        self.tiles
+            .get_or_insert_with(|| unsafe { crate::bf16::amx::Tiles::new() })
+    }
+
+    /// `rows: [n, len]` (`ld` apart) rounded into the A tiles of `dst` ([`crate::bf16::amx::pack_tiles`]'s
+    /// layout, zeros past `len` to whole steps of 32). Returns the steps.
+    pub(super) fn pack(rows: &[f32], [n, len, ld]: [usize; 3], dst: &mut [f32]) -> usize {
+        let steps = len.div_ceil(2 * STEP_PAIRS);
+        let view = crate::View2::new(rows, [n, len], [ld, 1]).expect("a tile's rows inside its buffer");
+        crate::bf16::amx::pack_tiles(dst, view, steps, Par::Seq);
+        steps
+    }
+
+    /// Pass 1 on AMX: `scores[i, j] = q_i · k_j` for `i < n_rows`, `j < bc`, from the query
+    /// tile's A tiles `q16` ([`Self::pack`]) and the packed key block `keys` ([`pack_keys`]
+    /// for AMX), `scores` rows [`super::SCORES_LD`] apart.
+    pub(super) fn scores(
+        &mut self,
+        plan: &Plan,
+        q16: &[f32],
+        [n_rows, bc]: [usize; 2],
+        keys: &[f32],
+        scores: &mut [f32],
+    ) {
+        let pairs = key_pairs(plan, true);
+        let steps = pairs / STEP_PAIRS;
+        let a_tiles = steps * STEP_PAIRS * 16;
+        assert!(n_rows > 0 && bc > 0 && bc <= super::SCORES_LD);
+        assert!(q16.len() >= n_rows.div_ceil(16) * a_tiles && keys.len() >= bc.div_ceil(16) * pairs * 16);
+        assert!(scores.len() >= (n_rows - 1) * super::SCORES_LD + bc);
+        // SAFETY: the tiles cover `n_rows` rows of `steps` steps and `bc` columns of `pairs`
+        // pairs (checked); `scores` holds `n_rows` rows of `bc` values.
+        unsafe {
+            self.tiles().product(
+                [n_rows, bc, steps],
+                (q16.as_ptr().cast(), a_tiles),
+                (keys.as_ptr().cast(), pairs * 16),
+                scores.as_mut_ptr(),
+                super::SCORES_LD,
+                false,
+            )
+        }
+    }
+
+    /// Pass 4 on AMX: `acc[i, c] += Σ_j p[i, j] · v[j, c]` for `i < n_rows`, `c < Dv`,
+    /// `j < bc`, from the probabilities' A tiles `p16` (packed by [`Self::pack`] with `bc`
+    /// columns, so zeros from `bc` to the step's end) and the packed value block `values`
+    /// ([`pack_values`] for AMX), `acc` rows `Dv_pad` apart.
+    pub(super) fn weighted_values(
+        &mut self,
+        plan: &Plan,
+        p16: &[f32],
+        [n_rows, bc]: [usize; 2],
+        values: &[f32],
+        acc: &mut [f32],
+    ) {
+        let (dv, dv_pad) = (plan.dv, plan.dv_pad);
+        let pairs = value_pairs(plan, true);
+        let steps = bc.div_ceil(2 * STEP_PAIRS);
+        let a_tiles = steps * STEP_PAIRS * 16;
+        assert!(n_rows > 0 && bc > 0 && steps * STEP_PAIRS <= pairs);
+        assert!(p16.len() >= n_rows.div_ceil(16) * a_tiles && values.len() >= dv_pad / 16 * pairs * 16);
+        assert!(acc.len() >= (n_rows - 1) * dv_pad + dv);
+        // SAFETY: the A tiles cover `n_rows` rows of `steps` steps, the value panels `pairs`
+        // pairs, at least `steps` steps (checked); `acc` holds `n_rows` rows of `dv` values.
+        unsafe {
+            self.tiles().product(
+                [n_rows, dv, steps],
+                (p16.as_ptr().cast(), a_tiles),
+                (values.as_ptr().cast(), pairs * 16),
+                acc.as_mut_ptr(),
+                dv_pad,
+                true,
+            )
+        }
+    }
 }
 
 /// `n` values `src[j·stride]` rounded to bf16 into `dst`'s words, two per word (a zero after an

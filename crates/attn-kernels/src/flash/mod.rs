@@ -157,7 +157,7 @@ pub(crate) fn flash_impl(
 enum Operation {
     /// f32 operands.
     F32,
-    /// bf16 operands on `vdpbf16ps` (the AVX512-BF16 level).
+    /// bf16 operands on `vdpbf16ps` or AMX tiles (the AVX512-BF16 and AMX levels).
     Bf16,
     /// Operands already rounded to bf16, multiplied in f32; the probabilities are rounded
     /// before `P·V`.
@@ -189,8 +189,14 @@ fn attend(
     // rows per key/value head read each key and value once, so they are rounded as they are
     // loaded instead (packing would cost more than the products).
     let in_place = plan.rows_per_group <= crate::tile::DECODE_ROWS_MAX && k.strides()[3] == 1 && v.strides()[3] == 1;
-    let bf16_packed = (operation == Operation::Bf16 && !in_place)
-        .then(|| (bf16::pack_keys(plan, &k, par), bf16::pack_values(plan, &v, par)));
+    // Packed bf16 operands run on AMX where the CPU has it (whole tiles: padded layouts).
+    let amx = operation == Operation::Bf16 && !in_place && crate::bf16_level() == Bf16Level::Amx;
+    let bf16_packed = (operation == Operation::Bf16 && !in_place).then(|| {
+        (
+            bf16::pack_keys(plan, &k, amx, par),
+            bf16::pack_values(plan, &v, amx, par),
+        )
+    });
     let bf16_source = match (&bf16_packed, operation) {
         (Some((kt, vp)), _) => Some(Bf16Source::Packed(kt, vp)),
         (None, Operation::Bf16) => Some(Bf16Source::InPlace),
@@ -205,6 +211,7 @@ fn attend(
         kt_packed: kt_packed.as_deref(),
         v_packed: v_packed.as_deref(),
         bf16: bf16_source,
+        amx,
         // Rounded f32 probabilities: bf16 without the instructions, and decoding's kernels.
         round_p: operation == Operation::RoundedF32 || matches!(bf16_source, Some(Bf16Source::InPlace)),
         micro,
@@ -258,8 +265,11 @@ struct Operands<'a, 'o> {
     kt_packed: Option<&'o [f32]>,
     /// V per key block in panels, when packed once for the call.
     v_packed: Option<&'o [f32]>,
-    /// Where the bf16 operands come from, when the products run on `vdpbf16ps`.
+    /// Where the bf16 operands come from, when the products run on `vdpbf16ps` or AMX.
     bf16: Option<Bf16Source<'o>>,
+    /// Whether the packed bf16 operands are multiplied on AMX tiles (in [`bf16`]'s padded
+    /// layouts).
+    amx: bool,
     /// Whether the probabilities are rounded to bf16 before `P·V` (bf16 without the
     /// instructions: the other operands come rounded).
     round_p: bool,
@@ -269,7 +279,7 @@ struct Operands<'a, 'o> {
     score_kernel: ScoreKernel,
 }
 
-/// The keys and values of a call whose products run on `vdpbf16ps` ([`bf16`]).
+/// The keys and values of a call whose products run on bf16 instructions ([`bf16`]).
 #[derive(Clone, Copy)]
 enum Bf16Source<'o> {
     /// Rounded and packed once for the call: K for `q·kᵀ`, V for `P·V`.

@@ -378,3 +378,61 @@ fn one_visible_key_gives_its_rounded_value() {
         }
     }
 }
+
+/// The non-finite policy ([`crate::nonfinite`]) holds in bf16 too: a NaN or infinite key or
+/// value past a batch's key length gives the output of zeros there, bit for bit, at this
+/// machine's level. (AMX multiplies whole steps of 32 keys, so a length inside a step reads
+/// the values past it against zero probabilities, and an odd length splits a pair.)
+#[test]
+fn bf16_keeps_the_non_finite_policy_past_the_key_length() {
+    for (s, t, d, lengths) in [(70, 200, 64, [37, 130]), (3, 90, 24, [33, 64]), (130, 150, 40, [1, 95])] {
+        let (b, h) = (2, 2);
+        let q = crate::testing::random_vec(b * h * s * d, 4);
+        let clean_k = crate::testing::random_vec(b * h * t * d, 5);
+        let clean_v = crate::testing::random_vec(b * h * t * d, 6);
+        let spoil = |x: &[f32], bad: f32, clean: f32| -> Vec<f32> {
+            let mut x = x.to_vec();
+            for (i, value) in x.iter_mut().enumerate() {
+                let (bi, ti) = (i / (h * t * d), i / d % t);
+                if ti >= lengths[bi] {
+                    *value = if ti % 2 == 0 { bad } else { clean };
+                }
+            }
+            x
+        };
+        let run = |k: &[f32], v: &[f32], precision| {
+            let mut out = vec![0.0f32; b * h * s * d];
+            let options = AttentionOptions {
+                key_lengths: Some(&lengths),
+                precision,
+                ..Default::default()
+            };
+            let inputs = ForwardInputs::new(
+                View4::contiguous(&q, [b, h, s, d]).unwrap(),
+                View4::contiguous(k, [b, h, t, d]).unwrap(),
+                View4::contiguous(v, [b, h, t, d]).unwrap(),
+            );
+            flash_attention(
+                ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+                None,
+                inputs,
+                &options,
+                Par::Rayon,
+            )
+            .unwrap();
+            out
+        };
+        for precision in [crate::Precision::F32, crate::Precision::Bf16] {
+            let zeros = run(&spoil(&clean_k, 0.0, 0.0), &spoil(&clean_v, 0.0, 0.0), precision);
+            assert!(zeros.iter().all(|x| x.is_finite()));
+            for bad in [f32::NAN, f32::INFINITY] {
+                let spoilt = run(&spoil(&clean_k, bad, -bad), &spoil(&clean_v, bad, -bad), precision);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&spoilt) == bits(&zeros),
+                    "{precision:?} [{s}, {t}, {d}] lengths {lengths:?}: {bad} past the length changed the output"
+                );
+            }
+        }
+    }
+}

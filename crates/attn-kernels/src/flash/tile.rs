@@ -1,6 +1,7 @@
 //! One row tile of the online softmax: the query tile, then for each key block the four passes
 //! (numbered as in the reference and the unfused path).
 
+use super::bf16::AmxTile;
 use super::{row_position, Bf16Source, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
@@ -26,7 +27,8 @@ pub(super) struct Scratch {
     pub(super) vp: Buffer,
     pub(super) m: Buffer,
     pub(super) l: Buffer,
-    /// `[BLOCK_ROWS, D / 2]` words: the scaled query rows rounded to bf16 pairs (bf16 calls).
+    /// `[BLOCK_ROWS, D / 2]` words: the scaled query rows rounded to bf16 pairs (bf16 calls;
+    /// as A tiles on AMX, `D / 2` rounded up to whole steps).
     pub(super) q16: Buffer,
     /// `[BLOCK_ROWS, SCORES_LD / 2]` words: a block's probabilities rounded to bf16 pairs.
     pub(super) p16: Buffer,
@@ -42,7 +44,7 @@ impl Scratch {
             vp: Buffer::zeroed(plan.kb_pad * plan.dv_pad),
             m: Buffer::zeroed(BLOCK_ROWS),
             l: Buffer::zeroed(BLOCK_ROWS),
-            q16: Buffer::zeroed(BLOCK_ROWS * plan.d.div_ceil(2)),
+            q16: Buffer::zeroed(BLOCK_ROWS * q16_words(plan)),
             p16: Buffer::zeroed(BLOCK_ROWS * SCORES_LD / 2),
         }
     }
@@ -53,8 +55,13 @@ impl Scratch {
             && self.acc.len() >= BLOCK_ROWS * plan.dv_pad
             && self.kt.len() >= plan.d * plan.kb_pad
             && self.vp.len() >= plan.kb_pad * plan.dv_pad
-            && self.q16.len() >= BLOCK_ROWS * plan.d.div_ceil(2)
+            && self.q16.len() >= BLOCK_ROWS * q16_words(plan)
     }
+}
+
+/// Words per query row of [`Scratch::q16`]: `D / 2` pairs, rounded up to whole AMX steps.
+fn q16_words(plan: &Plan) -> usize {
+    super::bf16::key_pairs(plan, true)
 }
 
 thread_local! {
@@ -156,6 +163,7 @@ pub(super) fn attend_tile(
     let max_limit = rows.limits[..n_rows].iter().copied().max().unwrap_or(0);
     let t_end = keys.end.min(max_limit);
     let v_st = ops.v.strides();
+    let mut amx = AmxTile::default();
     let mut t0 = keys.start;
     while t0 < t_end {
         let bc = (t_end - t0).min(BLOCK_KEYS);
@@ -164,9 +172,9 @@ pub(super) fn attend_tile(
             bc,
             v_base: b * v_st[0] + g * v_st[1] + t0 * v_st[2],
         };
-        pass1_scores(scratch, plan, ops, &rows, &block);
+        pass1_scores(scratch, plan, ops, &rows, &block, &mut amx);
         passes2_3_online_softmax(scratch, plan, ops, &rows, &block);
-        pass4_weighted_values(scratch, plan, ops, &rows, &block);
+        pass4_weighted_values(scratch, plan, ops, &rows, &block, &mut amx);
         t0 += bc;
     }
     n_rows
@@ -201,6 +209,8 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
                 .for_each(|(j, x)| *x = q_data[base + j * st] * ops.scale);
         }
         match ops.bf16 {
+            // On AMX: A tiles, all rows at once below.
+            Some(Bf16Source::Packed(..)) if ops.amx => {}
             Some(Bf16Source::Packed(..)) => {
                 let pairs = d.div_ceil(2);
                 super::bf16::convert_row(dst, &mut scratch.q16[i * pairs..(i + 1) * pairs]);
@@ -210,14 +220,25 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
             None => {}
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if ops.amx {
+        AmxTile::pack(&scratch.q_tile, [n_rows, d, d], &mut scratch.q16);
+    }
     rows
 }
 
 /// Pass 1: `scores = q_tile · k_blockᵀ`, `[n_rows, bc]` in `scratch.scores` (row stride
 /// `SCORES_LD`).
-fn pass1_scores(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, rows: &TileRows, block: &KeyBlock) {
+fn pass1_scores(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    rows: &TileRows,
+    block: &KeyBlock,
+    amx: &mut AmxTile,
+) {
     if let Some(source) = ops.bf16 {
-        bf16_scores(scratch, plan, ops, rows, block, source);
+        bf16_scores(scratch, plan, ops, rows, block, source, amx);
         return;
     }
     let keys = KeySource {
@@ -354,12 +375,13 @@ fn pass4_weighted_values(
     ops: &Operands<'_, '_>,
     rows: &TileRows,
     block: &KeyBlock,
+    amx: &mut AmxTile,
 ) {
     let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
     let KeyBlock { bc, v_base, .. } = *block;
     let (v_data, v_st) = (ops.v.data(), ops.v.strides());
     if let Some(source) = ops.bf16 {
-        bf16_weighted_values(scratch, plan, ops, rows, block, source);
+        bf16_weighted_values(scratch, plan, ops, rows, block, source, amx);
         return;
     }
     if !ops.micro {
@@ -445,7 +467,8 @@ fn pass4_weighted_values(
     };
 }
 
-/// Pass 1 on `vdpbf16ps`: the tile's query pairs against the key block, packed or in place.
+/// Pass 1 on `vdpbf16ps` or AMX: the tile's query pairs against the key block, packed or in
+/// place.
 fn bf16_scores(
     scratch: &mut Scratch,
     plan: &Plan,
@@ -453,7 +476,16 @@ fn bf16_scores(
     rows: &TileRows,
     block: &KeyBlock,
     source: Bf16Source<'_>,
+    amx: &mut AmxTile,
 ) {
+    let key_len = super::bf16::key_block_len(plan, ops.amx);
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Bf16Source::Packed(kt16, _)) = (ops.amx, source) {
+        let kt = super::bf16::packed_block(kt16, key_len, plan, [rows.b, rows.g, block.t0]);
+        amx.scores(plan, &scratch.q16, [rows.n_rows, block.bc], kt, &mut scratch.scores);
+        return;
+    }
+    let _ = amx;
     let pairs = plan.d.div_ceil(2);
     assert!(
         scratch.q16.len() >= rows.n_rows * pairs
@@ -471,8 +503,7 @@ fn bf16_scores(
     unsafe {
         match source {
             Bf16Source::Packed(kt16, _) => {
-                let kt =
-                    super::bf16::packed_block(kt16, super::bf16::key_block_len(plan), plan, [rows.b, rows.g, block.t0]);
+                let kt = super::bf16::packed_block(kt16, key_len, plan, [rows.b, rows.g, block.t0]);
                 crate::bf16::avx512bf16::tile::<false>(
                     rows.n_rows,
                     block.bc,
@@ -507,8 +538,8 @@ fn bf16_scores(
     let _ = (k_data, k_base, source);
 }
 
-/// Pass 4 on `vdpbf16ps`: the probabilities rounded into rows of pairs, then
-/// `acc += P · V` against the value block, packed or in place.
+/// Pass 4 on `vdpbf16ps` or AMX: the probabilities rounded into rows of pairs (A tiles on
+/// AMX), then `acc += P · V` against the value block, packed or in place.
 fn bf16_weighted_values(
     scratch: &mut Scratch,
     plan: &Plan,
@@ -516,9 +547,19 @@ fn bf16_weighted_values(
     rows: &TileRows,
     block: &KeyBlock,
     source: Bf16Source<'_>,
+    amx: &mut AmxTile,
 ) {
     let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
     let KeyBlock { bc, v_base, .. } = *block;
+    let value_len = super::bf16::value_block_len(plan, ops.amx);
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Bf16Source::Packed(_, v16)) = (ops.amx, source) {
+        let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
+        AmxTile::pack(&scratch.scores, [n_rows, bc, SCORES_LD], &mut scratch.p16);
+        amx.weighted_values(plan, &scratch.p16, [n_rows, bc], vp, &mut scratch.acc);
+        return;
+    }
+    let _ = amx;
     let (lda, pairs) = (SCORES_LD / 2, bc.div_ceil(2));
     if let Bf16Source::Packed(..) = source {
         for i in 0..n_rows {
@@ -538,12 +579,7 @@ fn bf16_weighted_values(
     unsafe {
         match source {
             Bf16Source::Packed(_, v16) => {
-                let vp = super::bf16::packed_block(
-                    v16,
-                    super::bf16::value_block_len(plan),
-                    plan,
-                    [rows.b, rows.g, block.t0],
-                );
+                let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
                 crate::bf16::avx512bf16::tile::<true>(
                     n_rows,
                     dv,
