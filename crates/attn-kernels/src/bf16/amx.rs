@@ -49,23 +49,26 @@ pub(crate) fn pack_tiles(dst: &mut [f32], lhs: crate::View2<'_, f32>, steps: usi
     let [m, k] = lhs.shape();
     let [rs, cs] = lhs.strides();
     let data = lhs.data();
+    assert!(k <= 32 * steps);
     let one = |(t, tiles): (usize, &mut [f32])| {
         for r in 0..(m - 16 * t).min(16) {
             let i = 16 * t + r;
+            if cs == 1 {
+                let row = &data[i * rs..i * rs + k];
+                let out = &mut tiles[r * STEP_PAIRS..(steps - 1) * TILE_WORDS + (r + 1) * STEP_PAIRS];
+                // SAFETY: AVX512-BF16 is available where AMX is (`available`); `row` holds at
+                // most `32·steps` values; `out` covers 16 words at each step's offset.
+                unsafe { super::avx512bf16::convert_row_steps(row, steps, out.as_mut_ptr(), TILE_WORDS) };
+                continue;
+            }
             for s in 0..steps {
                 let out = &mut tiles[s * TILE_WORDS + r * STEP_PAIRS..][..STEP_PAIRS];
                 let (p0, p1) = ((32 * s).min(k), (32 * s + 32).min(k));
                 let used = (p1 - p0).div_ceil(2);
-                if cs == 1 {
-                    // SAFETY: AVX512-BF16 is available where AMX is (`available`); the source
-                    // holds `p1 - p0` values of a checked view, `out` 16 words.
-                    unsafe { super::avx512bf16::convert_row(&data[i * rs + p0..i * rs + p1], &mut out[..used]) };
-                } else {
-                    for (q, word) in out[..used].iter_mut().enumerate() {
-                        let (p, hi) = (p0 + 2 * q, p0 + 2 * q + 1);
-                        let hi = if hi < k { lhs.get([i, hi]) } else { 0.0 };
-                        *word = f32::from_bits(super::pair(lhs.get([i, p]), hi));
-                    }
+                for (q, word) in out[..used].iter_mut().enumerate() {
+                    let (p, hi) = (p0 + 2 * q, p0 + 2 * q + 1);
+                    let hi = if hi < k { lhs.get([i, hi]) } else { 0.0 };
+                    *word = f32::from_bits(super::pair(lhs.get([i, p]), hi));
                 }
                 out[used..].fill(0.0);
             }

@@ -68,6 +68,37 @@ pub(crate) unsafe fn convert_row(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// `src` rounded to bf16, in order, into `steps` rows of AMX A tiles: values `32s .. 32s + 32`
+/// into the 16 words at `dst + s·stride`, zeros past `src`'s end (an odd count's last word
+/// included). One `vcvtne2ps2bf16` per step, on masked loads: a row of the flash kernel's
+/// probabilities or queries, or of the AMX GEMM's left operand, in one call.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available; `src.len() <= 32·steps`; `dst + s·stride`
+/// writable for 16 words for every `s < steps`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn convert_row_steps(src: &[f32], steps: usize, dst: *mut f32, stride: usize) {
+    let k = src.len();
+    assert!(k <= 32 * steps);
+    let mask = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
+    for s in 0..steps {
+        let p = 32 * s;
+        let (lo_n, hi_n) = (k.saturating_sub(p), k.saturating_sub(p + 16));
+        // SAFETY: the masked loads read only lanes below `k` (pointers past the end are not
+        // dereferenced: their lanes are masked off); the store is inside `dst`'s step `s` (the
+        // caller's contract); the transmute is between 512-bit vectors.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(mask(lo_n), src.as_ptr().wrapping_add(p));
+            let hi = _mm512_maskz_loadu_ps(mask(hi_n), src.as_ptr().wrapping_add(p + 16));
+            let both = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(
+                dst.add(s * stride).cast(),
+                std::mem::transmute::<__m512bh, __m512i>(both),
+            );
+        }
+    }
+}
+
 /// A pointer that may cross to rayon's workers: each task writes its own rows of `c` (here
 /// and in the AMX kernel).
 #[derive(Clone, Copy)]

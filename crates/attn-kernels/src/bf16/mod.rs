@@ -592,6 +592,24 @@ mod tests {
                 assert_eq!(bits as u16, want_lo, "{:e} ({:#x})", src[2 * q], src[2 * q].to_bits());
                 assert_eq!((bits >> 16) as u16, want_hi, "len {len} word {q}");
             }
+            // The same words by A-tile steps of 32 values, 16 words apart here, zeros after.
+            let steps = len.div_ceil(32) + 1;
+            let mut tiles = vec![f32::NAN; 32 * steps];
+            // SAFETY: the level was detected; `len <= 32·steps`; `tiles` holds 16 words at
+            // each step's offset `32·s`.
+            unsafe { avx512bf16::convert_row_steps(src, steps, tiles.as_mut_ptr(), 32) };
+            let by_steps: Vec<u32> = tiles
+                .chunks(32)
+                .flat_map(|step| &step[..16])
+                .map(|w| w.to_bits())
+                .collect();
+            let mut want: Vec<u32> = words.iter().map(|w| w.to_bits()).collect();
+            want.resize(16 * steps, 0);
+            assert!(by_steps == want, "convert_row_steps, len {len}");
+            assert!(
+                tiles.chunks(32).all(|step| step[16..].iter().all(|w| w.is_nan())),
+                "wrote past a step"
+            );
         }
     }
 

@@ -213,6 +213,54 @@ impl AmxTile {
     }
 }
 
+/// Passes 2 and 3's `p = exp(x - m)` on AMX, fused with the rounding of pass 4: the
+/// probabilities of row `i` of the tile (`row`, `bc` scores) go straight into A tiles of `p16`
+/// ([`AmxTile::pack`]'s layout for `bc` columns, zeros after them), and the sum of the
+/// unrounded values is returned, with the arithmetic and the order of
+/// [`crate::simd::exp_sub_sum`] (the same bits). `row` itself is left as it was.
+pub(super) fn exp_sub_sum_into_tiles(row: &[f32], m: f32, i: usize, p16: &mut [f32]) -> f32 {
+    let (steps, first) = tile_row(row.len(), i, p16);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512 and AVX512-BF16 are available where AMX is (`tile_row` checked the
+    // level); `p16` holds 16 words at each step's offset from `first` (checked there too).
+    unsafe {
+        x86::exp_sub_sum_steps(row, m, steps, p16.as_mut_ptr().add(first), STEP_PAIRS * 16)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, steps, first);
+        unreachable!("AMX exists on x86-64 only")
+    }
+}
+
+/// Row `i` of a tile's probabilities as it is (zeros or NaN for a row that sees no key)
+/// rounded into `p16`'s A tiles, as [`exp_sub_sum_into_tiles`] writes them.
+pub(super) fn row_into_tiles(row: &[f32], i: usize, p16: &mut [f32]) {
+    let (steps, first) = tile_row(row.len(), i, p16);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `exp_sub_sum_into_tiles`.
+    unsafe {
+        crate::bf16::avx512bf16::convert_row_steps(row, steps, p16.as_mut_ptr().add(first), STEP_PAIRS * 16)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (steps, first);
+        unreachable!("AMX exists on x86-64 only")
+    }
+}
+
+/// The steps of a row of `n` values in A tiles, and the word where row `i`'s first step
+/// starts (row tile `i / 16`, row `i % 16`); checks that `p16` holds every step of it, and
+/// that the level is AMX.
+fn tile_row(n: usize, i: usize, p16: &[f32]) -> (usize, usize) {
+    let steps = n.div_ceil(2 * STEP_PAIRS);
+    let tile = STEP_PAIRS * 16;
+    let first = (i / 16 * steps) * tile + i % 16 * STEP_PAIRS;
+    assert!(steps > 0 && p16.len() >= first + (steps - 1) * tile + STEP_PAIRS);
+    assert!(crate::bf16_level() == crate::Bf16Level::Amx);
+    (steps, first)
+}
+
 /// `n` values `src[j·stride]` rounded to bf16 into `dst`'s words, two per word (a zero after an
 /// odd `n`): 16 values per `vcvtneps2bf16` when contiguous at the AVX512-BF16 level, with the
 /// scalar rounding's bits (tested in `crate::bf16`).
@@ -301,6 +349,73 @@ pub(super) mod x86 {
                 let wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(h)), 16);
                 _mm512_storeu_si512(to.as_mut_ptr().cast(), wide);
             }
+        }
+    }
+
+    /// `exp(x - m)` of each value of `row`, rounded to bf16 into `steps` A-tile rows (values
+    /// `32s .. 32s + 32` into the 16 words at `dst + s·stride`, zeros after `row`'s end);
+    /// returns the sum of the unrounded values. Two chains over whole steps, then a last
+    /// chunk of 16 and the tail padded with `-inf`, as `lanes::exp_sub_sum` at 16 lanes: the
+    /// same values and the same sum, bit for bit.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/DQ and AVX512-BF16 must be available; `row.len() <= 32·steps`; `dst +
+    /// s·stride` writable for 16 words for every `s < steps`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,avx512bf16")]
+    pub(in crate::flash) unsafe fn exp_sub_sum_steps(
+        row: &[f32],
+        m: f32,
+        steps: usize,
+        dst: *mut f32,
+        stride: usize,
+    ) -> f32 {
+        use crate::lanes::{exp_at_most_hi, Avx512, Lanes};
+        let n = row.len();
+        assert!(n <= 32 * steps);
+        // SAFETY: whole chunks inside `row`, the tail masked; the stores inside `dst`'s steps
+        // (the caller's contract); the transmutes are between 512-bit vectors.
+        unsafe {
+            let mv = _mm512_set1_ps(m);
+            let exp = |x: __m512| exp_at_most_hi::<Avx512>(_mm512_sub_ps(x, mv));
+            let put = |s: usize, lo: __m512, hi: __m512| {
+                let words = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.add(s * stride).cast(), words);
+            };
+            let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let whole = n / 32;
+            for s in 0..whole {
+                let e0 = exp(_mm512_loadu_ps(row.as_ptr().add(32 * s)));
+                let e1 = exp(_mm512_loadu_ps(row.as_ptr().add(32 * s + 16)));
+                acc0 = _mm512_add_ps(acc0, e0);
+                acc1 = _mm512_add_ps(acc1, e1);
+                put(s, e0, e1);
+            }
+            let mut acc = _mm512_add_ps(acc0, acc1);
+            let rest = n - 32 * whole;
+            let tail = |from: usize, count: usize| {
+                let pad = _mm512_set1_ps(f32::NEG_INFINITY);
+                exp(_mm512_mask_loadu_ps(pad, mask16(count), row.as_ptr().add(from)))
+            };
+            if rest >= 16 {
+                let e0 = exp(_mm512_loadu_ps(row.as_ptr().add(32 * whole)));
+                acc = _mm512_add_ps(acc, e0);
+                let e1 = if rest > 16 {
+                    let e1 = tail(32 * whole + 16, rest - 16);
+                    acc = _mm512_add_ps(acc, e1);
+                    e1
+                } else {
+                    _mm512_setzero_ps()
+                };
+                put(whole, e0, e1);
+            } else if rest > 0 {
+                let e0 = tail(32 * whole, rest);
+                acc = _mm512_add_ps(acc, e0);
+                put(whole, e0, _mm512_setzero_ps());
+            }
+            for s in whole + usize::from(rest > 0)..steps {
+                put(s, _mm512_setzero_ps(), _mm512_setzero_ps());
+            }
+            Avx512::hsum(acc)
         }
     }
 

@@ -350,9 +350,17 @@ fn passes2_3_online_softmax(
                 // Nothing visible yet in this row: contribute nothing.
                 row.fill(0.0);
             }
+            if ops.amx {
+                super::bf16::row_into_tiles(row, i, &mut scratch.p16);
+            }
             continue;
         }
-        let sum = exp_sub_sum(row, m_new);
+        // On AMX the probabilities go straight into pass 4's A tiles, rounded.
+        let sum = if ops.amx {
+            super::bf16::exp_sub_sum_into_tiles(row, m_new, i, &mut scratch.p16)
+        } else {
+            exp_sub_sum(row, m_new)
+        };
         if ops.round_p {
             // bf16 without the instructions: `P·V` multiplies the rounded probabilities (the
             // sum keeps them unrounded, as at the AVX512-BF16 level).
@@ -554,8 +562,8 @@ fn bf16_weighted_values(
     let value_len = super::bf16::value_block_len(plan, ops.amx);
     #[cfg(target_arch = "x86_64")]
     if let (true, Bf16Source::Packed(_, v16)) = (ops.amx, source) {
+        // The probabilities are in `p16` already (`passes2_3_online_softmax`).
         let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
-        AmxTile::pack(&scratch.scores, [n_rows, bc, SCORES_LD], &mut scratch.p16);
         amx.weighted_values(plan, &scratch.p16, [n_rows, bc], vp, &mut scratch.acc);
         return;
     }
