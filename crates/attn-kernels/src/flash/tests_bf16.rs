@@ -436,3 +436,48 @@ fn bf16_keeps_the_non_finite_policy_past_the_key_length() {
         }
     }
 }
+
+/// AMX's fused pass 2 (`exp` straight into A tiles, rounded) gives `exp_sub_sum`'s sum and
+/// values, bit for bit: every length of a row tail, hidden keys (`-inf`) included, and zeros
+/// after the row to the last step, nothing past a step's 16 words.
+#[test]
+fn fused_exp_into_tiles_has_the_bits_of_exp_sub_sum() {
+    if !crate::bf16_level().has_avx512bf16() || crate::simd::simd_level() != crate::SimdLevel::Avx512 {
+        eprintln!("note: no AVX512-BF16 at this level; the fused exp is not checked");
+        return;
+    }
+    for n in [1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 100, 128] {
+        let mut row: Vec<f32> = crate::testing::random_vec(n, n as u64)
+            .iter()
+            .map(|x| 6.0 * x)
+            .collect();
+        if n > 1 {
+            row[n / 3] = f32::NEG_INFINITY;
+        }
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let steps = n.div_ceil(32) + 1;
+        let mut tiles = vec![f32::NAN; 32 * steps];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX512-BF16 at the AVX-512 level (checked); `n <= 32·steps`; 16 words at
+        // each step's offset `32·s`.
+        let sum = unsafe { super::bf16::x86::exp_sub_sum_steps(&row, m, steps, tiles.as_mut_ptr(), 32) };
+        let mut want = row.clone();
+        let want_sum = crate::simd::exp_sub_sum(&mut want, m);
+        assert_eq!(sum.to_bits(), want_sum.to_bits(), "sum of {n}");
+        let mut words = vec![0u32; 16 * steps];
+        for (q, word) in words.iter_mut().enumerate().take(n.div_ceil(2)) {
+            let hi = want.get(2 * q + 1).map_or(0, |&x| crate::f32_to_bf16(x) as u32);
+            *word = crate::f32_to_bf16(want[2 * q]) as u32 | hi << 16;
+        }
+        let got: Vec<u32> = tiles
+            .chunks(32)
+            .flat_map(|step| &step[..16])
+            .map(|w| w.to_bits())
+            .collect();
+        assert!(got == words, "words of {n}");
+        assert!(
+            tiles.chunks(32).all(|step| step[16..].iter().all(|w| w.is_nan())),
+            "wrote past a step"
+        );
+    }
+}
