@@ -71,8 +71,9 @@ pub const SIMD_LEVEL_NAMES: [&str; 5] = ["scalar", "avx2", "avx512", "avx512bf16
 /// The bf16 instructions the bf16 kernels use on this machine ([`bf16_level`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Level {
-    /// AMX-BF16 (with AVX512-BF16 and the `avx512` f32 level): [`crate::gemm_bf16`] on
-    /// `tdpbf16ps`, 8,192 bf16 products per instruction; everything else as `Avx512Bf16`.
+    /// AMX-BF16 (with AVX512-BF16 and the `avx512` f32 level): [`crate::gemm_bf16`], the bf16
+    /// weight gradient and the flash kernel's prefill products on `tdpbf16ps`, 8,192 bf16
+    /// products per instruction; everything else as `Avx512Bf16`.
     Amx,
     /// AVX512-BF16 (with the `avx512` f32 level): `vdpbf16ps`, 32 bf16 products per instruction.
     Avx512Bf16,

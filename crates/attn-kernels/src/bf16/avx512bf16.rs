@@ -68,16 +68,17 @@ pub(crate) unsafe fn convert_row(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// `src` rounded to bf16, in order, into `steps` rows of AMX A tiles: values `32s .. 32s + 32`
-/// into the 16 words at `dst + s·stride`, zeros past `src`'s end (an odd count's last word
-/// included). One `vcvtne2ps2bf16` per step, on masked loads: a row of the flash kernel's
-/// probabilities or queries, or of the AMX GEMM's left operand, in one call.
+/// `factor·x` for each `x` of `src` (one f32 product, exact for a factor of 1), rounded to
+/// bf16, in order, into `steps` rows of AMX A tiles: values `32s .. 32s + 32` into the 16 words
+/// at `dst + s·stride`, zeros past `src`'s end (an odd count's last word included). One
+/// `vcvtne2ps2bf16` per step, on masked loads: a row of the flash kernel's scaled queries or
+/// probabilities, or of the AMX GEMM's left operand, in one call.
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16 must be available; `src.len() <= 32·steps`; `dst + s·stride`
 /// writable for 16 words for every `s < steps`.
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub(crate) unsafe fn convert_row_steps(src: &[f32], steps: usize, dst: *mut f32, stride: usize) {
+pub(crate) unsafe fn convert_row_steps(src: &[f32], factor: f32, steps: usize, dst: *mut f32, stride: usize) {
     let k = src.len();
     assert!(k <= 32 * steps);
     let mask = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
@@ -88,8 +89,9 @@ pub(crate) unsafe fn convert_row_steps(src: &[f32], steps: usize, dst: *mut f32,
         // dereferenced: their lanes are masked off); the store is inside `dst`'s step `s` (the
         // caller's contract); the transmute is between 512-bit vectors.
         unsafe {
-            let lo = _mm512_maskz_loadu_ps(mask(lo_n), src.as_ptr().wrapping_add(p));
-            let hi = _mm512_maskz_loadu_ps(mask(hi_n), src.as_ptr().wrapping_add(p + 16));
+            let f = _mm512_set1_ps(factor);
+            let lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(lo_n), src.as_ptr().wrapping_add(p)), f);
+            let hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(hi_n), src.as_ptr().wrapping_add(p + 16)), f);
             let both = _mm512_cvtne2ps_pbh(hi, lo);
             _mm512_storeu_si512(
                 dst.add(s * stride).cast(),

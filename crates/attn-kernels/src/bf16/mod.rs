@@ -597,7 +597,7 @@ mod tests {
             let mut tiles = vec![f32::NAN; 32 * steps];
             // SAFETY: the level was detected; `len <= 32·steps`; `tiles` holds 16 words at
             // each step's offset `32·s`.
-            unsafe { avx512bf16::convert_row_steps(src, steps, tiles.as_mut_ptr(), 32) };
+            unsafe { avx512bf16::convert_row_steps(src, 1.0, steps, tiles.as_mut_ptr(), 32) };
             let by_steps: Vec<u32> = tiles
                 .chunks(32)
                 .flat_map(|step| &step[..16])

@@ -233,18 +233,20 @@ pub(super) fn exp_sub_sum_into_tiles(row: &[f32], m: f32, i: usize, p16: &mut [f
     }
 }
 
-/// Row `i` of a tile's probabilities as it is (zeros or NaN for a row that sees no key)
-/// rounded into `p16`'s A tiles, as [`exp_sub_sum_into_tiles`] writes them.
-pub(super) fn row_into_tiles(row: &[f32], i: usize, p16: &mut [f32]) {
-    let (steps, first) = tile_row(row.len(), i, p16);
+/// `factor·x` for each `x` of `row`, rounded into row `i` of the A tiles `tiles`, as
+/// [`exp_sub_sum_into_tiles`] writes them: a query row with the scale (`q16`), or a row of
+/// probabilities as it is (zeros or NaN for a row that sees no key, `factor` 1).
+pub(super) fn row_into_tiles(row: &[f32], factor: f32, i: usize, tiles: &mut [f32]) {
+    let (steps, first) = tile_row(row.len(), i, tiles);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: as in `exp_sub_sum_into_tiles`.
     unsafe {
-        crate::bf16::avx512bf16::convert_row_steps(row, steps, p16.as_mut_ptr().add(first), STEP_PAIRS * 16)
+        let dst = tiles.as_mut_ptr().add(first);
+        crate::bf16::avx512bf16::convert_row_steps(row, factor, steps, dst, STEP_PAIRS * 16)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (steps, first);
+        let _ = (factor, steps, first);
         unreachable!("AMX exists on x86-64 only")
     }
 }

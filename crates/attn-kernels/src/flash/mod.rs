@@ -39,18 +39,21 @@
 mod bf16;
 mod pack;
 mod plan;
+mod scratch;
 mod split_kv;
 #[cfg(test)]
 pub(crate) mod tests;
 #[cfg(test)]
 mod tests_bf16;
 mod tile;
+mod tile_bf16;
 
 pub(crate) use bf16::rounded_copy;
 pub(crate) use plan::{validate, validate_qk, Plan};
-use tile::{attend_tile, Scratch};
+use scratch::{with_scratch, Scratch};
+use tile::attend_tile;
+use tile::pack_values;
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
-use tile::{pack_values, with_scratch};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -5,7 +5,8 @@
 
 use rayon::prelude::*;
 
-use super::tile::{attend_tile, with_scratch, Scratch};
+use super::scratch::{with_scratch, Scratch};
+use super::tile::attend_tile;
 use super::{row_position, run_tasks, Dst, Operands, Plan, BLOCK_ROWS};
 use crate::Par;
 

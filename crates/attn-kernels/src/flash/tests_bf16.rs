@@ -1,6 +1,7 @@
 //! The flash kernel in bf16 ([`crate::Precision::Bf16`]) against two f64 references, at this
-//! machine's level: `vdpbf16ps` at `avx512bf16`, the rounded operands in f32 elsewhere (CI runs
-//! these tests at `avx2` and `scalar` too).
+//! machine's level: `tdpbf16ps` at `amx`, `vdpbf16ps` at `avx512bf16`, the rounded operands in
+//! f32 elsewhere (CI runs these tests at `avx512bf16` on a machine with AMX, and at `avx2` and
+//! `scalar`).
 //!
 //! # The bound
 //! With `u = 2^-8` (bf16's unit roundoff) and `ε = 2^-24` (f32's), each score `ŝ_t` differs
@@ -478,6 +479,55 @@ fn fused_exp_into_tiles_has_the_bits_of_exp_sub_sum() {
         assert!(
             tiles.chunks(32).all(|step| step[16..].iter().all(|w| w.is_nan())),
             "wrote past a step"
+        );
+    }
+}
+
+/// Transposed views of Q, K and V (inner strides of `S`, `T`) give the bits of the same values
+/// stored contiguously, at this machine's level: the strided packings round the same values
+/// into the same layouts. Packed shapes with odd head dims, and a few rows per key/value head
+/// (decoding reads contiguous K and V in place with f32 sums, so strided operands, packed,
+/// would differ in the last bits there: not compared).
+#[test]
+fn bf16_strided_operands_give_the_contiguous_bits() {
+    for (b, h, g, s, t, d) in [(2, 4, 2, 70, 150, 40), (1, 2, 1, 33, 200, 7), (1, 4, 2, 12, 90, 64)] {
+        let q = crate::testing::random_vec(b * h * d * s, 11);
+        let k = crate::testing::random_vec(b * g * d * t, 12);
+        let v = crate::testing::random_vec(b * g * d * t, 13);
+        let transposed = |data, shape| View4::contiguous(data, shape).unwrap().permuted([0, 1, 3, 2]).unwrap();
+        let views = [
+            transposed(&q, [b, h, d, s]),
+            transposed(&k, [b, g, d, t]),
+            transposed(&v, [b, g, d, t]),
+        ];
+        let copies: Vec<Vec<f32>> = views
+            .iter()
+            .map(|x| {
+                let [n0, n1, n2, n3] = x.shape();
+                (0..n0 * n1 * n2 * n3)
+                    .map(|i| x.get([i / (n1 * n2 * n3), i / (n2 * n3) % n1, i / n3 % n2, i % n3]))
+                    .collect()
+            })
+            .collect();
+        let options = AttentionOptions {
+            precision: crate::Precision::Bf16,
+            ..Default::default()
+        };
+        let run = |inputs: ForwardInputs<'_>| {
+            let mut out = vec![0.0f32; b * h * s * d];
+            let view = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+            flash_attention(view, None, inputs, &options, Par::Rayon).unwrap();
+            out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        let strided = run(ForwardInputs::new(views[0], views[1], views[2]));
+        let contiguous = run(ForwardInputs::new(
+            View4::contiguous(&copies[0], [b, h, s, d]).unwrap(),
+            View4::contiguous(&copies[1], [b, g, t, d]).unwrap(),
+            View4::contiguous(&copies[2], [b, g, t, d]).unwrap(),
+        ));
+        assert!(
+            strided == contiguous,
+            "[{b}, {h}, {g}, {s}, {t}, {d}]: strided views differ"
         );
     }
 }

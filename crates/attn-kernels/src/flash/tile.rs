@@ -2,6 +2,7 @@
 //! (numbered as in the reference and the unfused path).
 
 use super::bf16::AmxTile;
+use super::scratch::{KeyBlock, Scratch, TileRows};
 use super::{row_position, Bf16Source, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
@@ -10,75 +11,6 @@ use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::tile::NR;
 use crate::{Accum, Par, View4};
-
-/// Per-worker scratch: kept per thread between tasks and calls ([`with_scratch`]), each
-/// buffer 64-byte aligned; every element a tile reads it has written first.
-pub(super) struct Scratch {
-    /// `[BLOCK_ROWS, D]`: the tile's query rows, times the scale.
-    pub(super) q_tile: Buffer,
-    /// `[BLOCK_ROWS, SCORES_LD]`: scores, then probabilities (`BLOCK_KEYS` used per row).
-    pub(super) scores: Buffer,
-    /// `[BLOCK_ROWS, Dv_pad]`: the unnormalised output rows.
-    pub(super) acc: Buffer,
-    /// `[kb_pad / NR, D, NR]`: the key block in transposed panels (when K is not packed).
-    pub(super) kt: Buffer,
-    /// `[Dv_pad / NR, kb_pad, NR]`: the value block in panels (when V is not packed and cannot
-    /// be read in place).
-    pub(super) vp: Buffer,
-    pub(super) m: Buffer,
-    pub(super) l: Buffer,
-    /// `[BLOCK_ROWS, D / 2]` words: the scaled query rows rounded to bf16 pairs (bf16 calls;
-    /// as A tiles on AMX, `D / 2` rounded up to whole steps).
-    pub(super) q16: Buffer,
-    /// `[BLOCK_ROWS, SCORES_LD / 2]` words: a block's probabilities rounded to bf16 pairs.
-    pub(super) p16: Buffer,
-}
-
-impl Scratch {
-    fn new(plan: &Plan) -> Self {
-        Scratch {
-            q_tile: Buffer::zeroed(BLOCK_ROWS * plan.d),
-            scores: Buffer::zeroed(BLOCK_ROWS * SCORES_LD),
-            acc: Buffer::zeroed(BLOCK_ROWS * plan.dv_pad),
-            kt: Buffer::zeroed(plan.d * plan.kb_pad),
-            vp: Buffer::zeroed(plan.kb_pad * plan.dv_pad),
-            m: Buffer::zeroed(BLOCK_ROWS),
-            l: Buffer::zeroed(BLOCK_ROWS),
-            q16: Buffer::zeroed(BLOCK_ROWS * q16_words(plan)),
-            p16: Buffer::zeroed(BLOCK_ROWS * SCORES_LD / 2),
-        }
-    }
-
-    /// Whether every buffer is large enough for `plan`.
-    fn fits(&self, plan: &Plan) -> bool {
-        self.q_tile.len() >= BLOCK_ROWS * plan.d
-            && self.acc.len() >= BLOCK_ROWS * plan.dv_pad
-            && self.kt.len() >= plan.d * plan.kb_pad
-            && self.vp.len() >= plan.kb_pad * plan.dv_pad
-            && self.q16.len() >= BLOCK_ROWS * q16_words(plan)
-    }
-}
-
-/// Words per query row of [`Scratch::q16`]: `D / 2` pairs, rounded up to whole AMX steps.
-fn q16_words(plan: &Plan) -> usize {
-    super::bf16::key_pairs(plan, true)
-}
-
-thread_local! {
-    static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` with this thread's scratch, made or enlarged for `plan` when needed and kept for
-/// the next task or call.
-pub(super) fn with_scratch<R>(plan: &Plan, f: impl FnOnce(&mut Scratch) -> R) -> R {
-    let mut scratch = SCRATCH
-        .take()
-        .filter(|s| s.fits(plan))
-        .unwrap_or_else(|| Scratch::new(plan));
-    let result = f(&mut scratch);
-    SCRATCH.set(Some(scratch));
-    result
-}
 
 /// `k: [B, G, T, D]` -> `[B, G, ceil(T / BLOCK_KEYS), kb_pad / NR, D, NR]`: each key block
 /// transposed into panels of [`NR`] keys, contiguous along `D`, zero past `T`. The buffer comes
@@ -124,23 +56,6 @@ fn value_panels(dst: &mut [f32], ld: usize, values: &[f32], bc: usize, dv: usize
             row[n..].fill(0.0);
         }
     }
-}
-
-/// The tile's fixed indices and rows: batch `b`, key/value head `g`, `n_rows` stacked query rows
-/// with their `(s, h)` and each row's key limit (causal, key length).
-struct TileRows {
-    b: usize,
-    g: usize,
-    n_rows: usize,
-    positions: [(usize, usize); BLOCK_ROWS],
-    limits: [usize; BLOCK_ROWS],
-}
-
-/// One key block `[t0, t0 + bc)` and the offset of its first value.
-struct KeyBlock {
-    t0: usize,
-    bc: usize,
-    v_base: usize,
 }
 
 /// Runs the online softmax of one row tile over keys `keys`, leaving the unnormalised
@@ -198,8 +113,13 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
         let (s, h) = row_position(plan, g, r0 + i);
         rows.positions[i] = (s, h);
         rows.limits[i] = options.causal.key_limit(s, plan.s, plan.t).min(key_length);
-        let dst = &mut scratch.q_tile[i * d..(i + 1) * d];
         let base = q.offset([b, h, s, 0]);
+        if ops.amx && q.strides()[3] == 1 {
+            // Scaled and rounded straight into A tiles (the bits of scaling, then rounding).
+            super::bf16::row_into_tiles(&q_data[base..base + d], ops.scale, i, &mut scratch.q16);
+            continue;
+        }
+        let dst = &mut scratch.q_tile[i * d..(i + 1) * d];
         if q.strides()[3] == 1 {
             scale_into(dst, &q_data[base..base + d], ops.scale);
         } else {
@@ -221,7 +141,7 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if ops.amx {
+    if ops.amx && q.strides()[3] != 1 {
         AmxTile::pack(&scratch.q_tile, [n_rows, d, d], &mut scratch.q16);
     }
     rows
@@ -238,7 +158,7 @@ fn pass1_scores(
     amx: &mut AmxTile,
 ) {
     if let Some(source) = ops.bf16 {
-        bf16_scores(scratch, plan, ops, rows, block, source, amx);
+        super::tile_bf16::bf16_scores(scratch, plan, ops, rows, block, source, amx);
         return;
     }
     let keys = KeySource {
@@ -351,7 +271,7 @@ fn passes2_3_online_softmax(
                 row.fill(0.0);
             }
             if ops.amx {
-                super::bf16::row_into_tiles(row, i, &mut scratch.p16);
+                super::bf16::row_into_tiles(row, 1.0, i, &mut scratch.p16);
             }
             continue;
         }
@@ -389,7 +309,7 @@ fn pass4_weighted_values(
     let KeyBlock { bc, v_base, .. } = *block;
     let (v_data, v_st) = (ops.v.data(), ops.v.strides());
     if let Some(source) = ops.bf16 {
-        bf16_weighted_values(scratch, plan, ops, rows, block, source, amx);
+        super::tile_bf16::bf16_weighted_values(scratch, plan, ops, rows, block, source, amx);
         return;
     }
     if !ops.micro {
@@ -473,148 +393,4 @@ fn pass4_weighted_values(
             )
         }
     };
-}
-
-/// Pass 1 on `vdpbf16ps` or AMX: the tile's query pairs against the key block, packed or in
-/// place.
-fn bf16_scores(
-    scratch: &mut Scratch,
-    plan: &Plan,
-    ops: &Operands<'_, '_>,
-    rows: &TileRows,
-    block: &KeyBlock,
-    source: Bf16Source<'_>,
-    amx: &mut AmxTile,
-) {
-    let key_len = super::bf16::key_block_len(plan, ops.amx);
-    #[cfg(target_arch = "x86_64")]
-    if let (true, Bf16Source::Packed(kt16, _)) = (ops.amx, source) {
-        let kt = super::bf16::packed_block(kt16, key_len, plan, [rows.b, rows.g, block.t0]);
-        amx.scores(plan, &scratch.q16, [rows.n_rows, block.bc], kt, &mut scratch.scores);
-        return;
-    }
-    let _ = amx;
-    let pairs = plan.d.div_ceil(2);
-    assert!(
-        scratch.q16.len() >= rows.n_rows * pairs
-            && scratch.q_tile.len() >= rows.n_rows * plan.d
-            && scratch.scores.len() >= BLOCK_ROWS * SCORES_LD
-    );
-    let (k_data, k_st) = (ops.k.data(), ops.k.strides());
-    let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `scores` is
-    // `[BLOCK_ROWS, SCORES_LD]` with `bc <= SCORES_LD`. Packed: `q16` holds the tile's rows of
-    // `pairs` words, `kt` the block's `kb_pad / 16` panels of `pairs · 16` words (`bc <=
-    // kb_pad`). In place: at most `DECODE_ROWS_MAX` rows of `D` rounded values in `q_tile`,
-    // and the block's `bc` keys of `D` contiguous values lie inside K (checked).
-    unsafe {
-        match source {
-            Bf16Source::Packed(kt16, _) => {
-                let kt = super::bf16::packed_block(kt16, key_len, plan, [rows.b, rows.g, block.t0]);
-                crate::bf16::avx512bf16::tile::<false>(
-                    rows.n_rows,
-                    block.bc,
-                    pairs,
-                    scratch.q16.as_ptr().cast(),
-                    pairs,
-                    kt.as_ptr().cast(),
-                    pairs * 16,
-                    scratch.scores.as_mut_ptr(),
-                    SCORES_LD,
-                )
-            }
-            Bf16Source::InPlace => {
-                assert!(
-                    k_base + (block.bc - 1) * k_st[2] + plan.d <= k_data.len(),
-                    "key block past K"
-                );
-                super::bf16::x86::dot_rows(
-                    rows.n_rows,
-                    plan.d,
-                    scratch.q_tile.as_ptr(),
-                    plan.d,
-                    k_data.as_ptr().add(k_base),
-                    k_st[2],
-                    block.bc,
-                    scratch.scores.as_mut_ptr(),
-                    SCORES_LD,
-                )
-            }
-        }
-    };
-    let _ = (k_data, k_base, source);
-}
-
-/// Pass 4 on `vdpbf16ps` or AMX: the probabilities rounded into rows of pairs (A tiles on
-/// AMX), then `acc += P · V` against the value block, packed or in place.
-fn bf16_weighted_values(
-    scratch: &mut Scratch,
-    plan: &Plan,
-    ops: &Operands<'_, '_>,
-    rows: &TileRows,
-    block: &KeyBlock,
-    source: Bf16Source<'_>,
-    amx: &mut AmxTile,
-) {
-    let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
-    let KeyBlock { bc, v_base, .. } = *block;
-    let value_len = super::bf16::value_block_len(plan, ops.amx);
-    #[cfg(target_arch = "x86_64")]
-    if let (true, Bf16Source::Packed(_, v16)) = (ops.amx, source) {
-        // The probabilities are in `p16` already (`passes2_3_online_softmax`).
-        let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
-        amx.weighted_values(plan, &scratch.p16, [n_rows, bc], vp, &mut scratch.acc);
-        return;
-    }
-    let _ = amx;
-    let (lda, pairs) = (SCORES_LD / 2, bc.div_ceil(2));
-    if let Bf16Source::Packed(..) = source {
-        for i in 0..n_rows {
-            let row = &scratch.scores[i * SCORES_LD..i * SCORES_LD + bc];
-            super::bf16::convert_row(row, &mut scratch.p16[i * lda..i * lda + pairs]);
-        }
-    }
-    assert!(scratch.acc.len() >= n_rows * dv_pad && scratch.p16.len() >= BLOCK_ROWS * lda);
-    let (v_data, v_st) = (ops.v.data(), ops.v.strides());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `acc` is
-    // `[BLOCK_ROWS, Dv_pad]`. Packed: `p16` holds the tile's rows of `pairs <= lda` words (an
-    // odd block's last pair ends in a zero), `vp` the block's `Dv_pad / 16` panels of
-    // `kb_pad / 2 · 16` words (`pairs <= kb_pad / 2`). In place: at most `DECODE_ROWS_MAX`
-    // rows of `bc` rounded probabilities in `scores`, and the block's `bc` value rows of `Dv`
-    // contiguous values lie inside V (checked).
-    unsafe {
-        match source {
-            Bf16Source::Packed(_, v16) => {
-                let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
-                crate::bf16::avx512bf16::tile::<true>(
-                    n_rows,
-                    dv,
-                    pairs,
-                    scratch.p16.as_ptr().cast(),
-                    lda,
-                    vp.as_ptr().cast(),
-                    plan.kb_pad / 2 * 16,
-                    scratch.acc.as_mut_ptr(),
-                    dv_pad,
-                )
-            }
-            Bf16Source::InPlace => {
-                assert!(v_base + (bc - 1) * v_st[2] + dv <= v_data.len(), "value block past V");
-                super::bf16::x86::axpy_rows(
-                    n_rows,
-                    dv,
-                    bc,
-                    scratch.scores.as_ptr(),
-                    SCORES_LD,
-                    v_data.as_ptr().add(v_base),
-                    v_st[2],
-                    scratch.acc.as_mut_ptr(),
-                    dv_pad,
-                )
-            }
-        }
-    };
-    let _ = (v_data, v_st, source, v_base);
 }

@@ -1,0 +1,151 @@
+//! Passes 1 and 4 of a row tile in bf16 ([`crate::Precision::Bf16`]): on `vdpbf16ps` or AMX
+//! tiles over K and V packed once per call ([`super::bf16`]), or, decoding, over K and V read in
+//! place.
+
+use super::bf16::AmxTile;
+use super::scratch::{KeyBlock, Scratch, TileRows};
+use super::{Bf16Source, Operands, Plan, BLOCK_ROWS, SCORES_LD};
+
+/// Pass 1 on `vdpbf16ps` or AMX: the tile's query pairs against the key block, packed or in
+/// place.
+pub(super) fn bf16_scores(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    rows: &TileRows,
+    block: &KeyBlock,
+    source: Bf16Source<'_>,
+    amx: &mut AmxTile,
+) {
+    let key_len = super::bf16::key_block_len(plan, ops.amx);
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Bf16Source::Packed(kt16, _)) = (ops.amx, source) {
+        let kt = super::bf16::packed_block(kt16, key_len, plan, [rows.b, rows.g, block.t0]);
+        amx.scores(plan, &scratch.q16, [rows.n_rows, block.bc], kt, &mut scratch.scores);
+        return;
+    }
+    let _ = amx;
+    let pairs = plan.d.div_ceil(2);
+    assert!(
+        scratch.q16.len() >= rows.n_rows * pairs
+            && scratch.q_tile.len() >= rows.n_rows * plan.d
+            && scratch.scores.len() >= BLOCK_ROWS * SCORES_LD
+    );
+    let (k_data, k_st) = (ops.k.data(), ops.k.strides());
+    let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `scores` is
+    // `[BLOCK_ROWS, SCORES_LD]` with `bc <= SCORES_LD`. Packed: `q16` holds the tile's rows of
+    // `pairs` words, `kt` the block's `kb_pad / 16` panels of `pairs · 16` words (`bc <=
+    // kb_pad`). In place: at most `DECODE_ROWS_MAX` rows of `D` rounded values in `q_tile`,
+    // and the block's `bc` keys of `D` contiguous values lie inside K (checked).
+    unsafe {
+        match source {
+            Bf16Source::Packed(kt16, _) => {
+                let kt = super::bf16::packed_block(kt16, key_len, plan, [rows.b, rows.g, block.t0]);
+                crate::bf16::avx512bf16::tile::<false>(
+                    rows.n_rows,
+                    block.bc,
+                    pairs,
+                    scratch.q16.as_ptr().cast(),
+                    pairs,
+                    kt.as_ptr().cast(),
+                    pairs * 16,
+                    scratch.scores.as_mut_ptr(),
+                    SCORES_LD,
+                )
+            }
+            Bf16Source::InPlace => {
+                assert!(
+                    k_base + (block.bc - 1) * k_st[2] + plan.d <= k_data.len(),
+                    "key block past K"
+                );
+                super::bf16::x86::dot_rows(
+                    rows.n_rows,
+                    plan.d,
+                    scratch.q_tile.as_ptr(),
+                    plan.d,
+                    k_data.as_ptr().add(k_base),
+                    k_st[2],
+                    block.bc,
+                    scratch.scores.as_mut_ptr(),
+                    SCORES_LD,
+                )
+            }
+        }
+    };
+    let _ = (k_data, k_base, source);
+}
+
+/// Pass 4 on `vdpbf16ps` or AMX: the probabilities rounded into rows of pairs (A tiles on
+/// AMX), then `acc += P · V` against the value block, packed or in place.
+pub(super) fn bf16_weighted_values(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    rows: &TileRows,
+    block: &KeyBlock,
+    source: Bf16Source<'_>,
+    amx: &mut AmxTile,
+) {
+    let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
+    let KeyBlock { bc, v_base, .. } = *block;
+    let value_len = super::bf16::value_block_len(plan, ops.amx);
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Bf16Source::Packed(_, v16)) = (ops.amx, source) {
+        // The probabilities are in `p16` already (`passes2_3_online_softmax`).
+        let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
+        amx.weighted_values(plan, &scratch.p16, [n_rows, bc], vp, &mut scratch.acc);
+        return;
+    }
+    let _ = amx;
+    let (lda, pairs) = (SCORES_LD / 2, bc.div_ceil(2));
+    if let Bf16Source::Packed(..) = source {
+        for i in 0..n_rows {
+            let row = &scratch.scores[i * SCORES_LD..i * SCORES_LD + bc];
+            super::bf16::convert_row(row, &mut scratch.p16[i * lda..i * lda + pairs]);
+        }
+    }
+    assert!(scratch.acc.len() >= n_rows * dv_pad && scratch.p16.len() >= BLOCK_ROWS * lda);
+    let (v_data, v_st) = (ops.v.data(), ops.v.strides());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `acc` is
+    // `[BLOCK_ROWS, Dv_pad]`. Packed: `p16` holds the tile's rows of `pairs <= lda` words (an
+    // odd block's last pair ends in a zero), `vp` the block's `Dv_pad / 16` panels of
+    // `kb_pad / 2 · 16` words (`pairs <= kb_pad / 2`). In place: at most `DECODE_ROWS_MAX`
+    // rows of `bc` rounded probabilities in `scores`, and the block's `bc` value rows of `Dv`
+    // contiguous values lie inside V (checked).
+    unsafe {
+        match source {
+            Bf16Source::Packed(_, v16) => {
+                let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
+                crate::bf16::avx512bf16::tile::<true>(
+                    n_rows,
+                    dv,
+                    pairs,
+                    scratch.p16.as_ptr().cast(),
+                    lda,
+                    vp.as_ptr().cast(),
+                    plan.kb_pad / 2 * 16,
+                    scratch.acc.as_mut_ptr(),
+                    dv_pad,
+                )
+            }
+            Bf16Source::InPlace => {
+                assert!(v_base + (bc - 1) * v_st[2] + dv <= v_data.len(), "value block past V");
+                super::bf16::x86::axpy_rows(
+                    n_rows,
+                    dv,
+                    bc,
+                    scratch.scores.as_ptr(),
+                    SCORES_LD,
+                    v_data.as_ptr().add(v_base),
+                    v_st[2],
+                    scratch.acc.as_mut_ptr(),
+                    dv_pad,
+                )
+            }
+        }
+    };
+    let _ = (v_data, v_st, source, v_base);
+}
