@@ -14,7 +14,8 @@
 //!
 //! Per tile, the scaled query rows and each block's probabilities are rounded into rows of pairs
 //! (the module's `convert_row`, one `vcvtneps2bf16` per 16 values), or at the AMX level into
-//! A tiles ([`crate::bf16::amx::pack_tiles`]). AMX multiplies whole steps of 32 along the depth:
+//! A tiles ([`row_into_tiles`]; the probabilities by [`exp_sub_sum_into_tiles`], fused with
+//! pass 2's `exp`). AMX multiplies whole steps of 32 along the depth:
 //! where a key block ends inside one (`bc` not a multiple of 32, at a row's causal limit or its
 //! key length) the step also reads the values of the keys after it, against probabilities
 //! that are zero. Finite values add nothing; a NaN or infinite one there spoils the row, which
@@ -139,17 +140,8 @@ impl AmxTile {
             .get_or_insert_with(|| unsafe { crate::bf16::amx::Tiles::new() })
     }
 
-    /// `rows: [n, len]` (`ld` apart) rounded into the A tiles of `dst` ([`crate::bf16::amx::pack_tiles`]'s
-    /// layout, zeros past `len` to whole steps of 32). Returns the steps.
-    pub(super) fn pack(rows: &[f32], [n, len, ld]: [usize; 3], dst: &mut [f32]) -> usize {
-        let steps = len.div_ceil(2 * STEP_PAIRS);
-        let view = crate::View2::new(rows, [n, len], [ld, 1]).expect("a tile's rows inside its buffer");
-        crate::bf16::amx::pack_tiles(dst, view, steps, Par::Seq);
-        steps
-    }
-
     /// Pass 1 on AMX: `scores[i, j] = q_i · k_j` for `i < n_rows`, `j < bc`, from the query
-    /// tile's A tiles `q16` ([`Self::pack`]) and the packed key block `keys` ([`pack_keys`]
+    /// tile's A tiles `q16` ([`row_into_tiles`]) and the packed key block `keys` ([`pack_keys`]
     /// for AMX), `scores` rows [`super::SCORES_LD`] apart.
     pub(super) fn scores(
         &mut self,
@@ -180,8 +172,9 @@ impl AmxTile {
     }
 
     /// Pass 4 on AMX: `acc[i, c] += Σ_j p[i, j] · v[j, c]` for `i < n_rows`, `c < Dv`,
-    /// `j < bc`, from the probabilities' A tiles `p16` (packed by [`Self::pack`] with `bc`
-    /// columns, so zeros from `bc` to the step's end) and the packed value block `values`
+    /// `j < bc`, from the probabilities' A tiles `p16` (written by
+    /// [`exp_sub_sum_into_tiles`] or [`row_into_tiles`] from `bc` values, so zeros from `bc` to
+    /// the step's end) and the packed value block `values`
     /// ([`pack_values`] for AMX), `acc` rows `Dv_pad` apart.
     pub(super) fn weighted_values(
         &mut self,
@@ -215,7 +208,7 @@ impl AmxTile {
 
 /// Passes 2 and 3's `p = exp(x - m)` on AMX, fused with the rounding of pass 4: the
 /// probabilities of row `i` of the tile (`row`, `bc` scores) go straight into A tiles of `p16`
-/// ([`AmxTile::pack`]'s layout for `bc` columns, zeros after them), and the sum of the
+/// ([`crate::bf16::amx::pack_tiles`]'s layout for `bc` columns, zeros after them), and the sum of the
 /// unrounded values is returned, with the arithmetic and the order of
 /// [`crate::simd::exp_sub_sum`] (the same bits). `row` itself is left as it was.
 pub(super) fn exp_sub_sum_into_tiles(row: &[f32], m: f32, i: usize, p16: &mut [f32]) -> f32 {

@@ -129,8 +129,8 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
                 .for_each(|(j, x)| *x = q_data[base + j * st] * ops.scale);
         }
         match ops.bf16 {
-            // On AMX: A tiles, all rows at once below.
-            Some(Bf16Source::Packed(..)) if ops.amx => {}
+            // On AMX: the row of A tiles (contiguous rows were rounded straight from Q above).
+            Some(Bf16Source::Packed(..)) if ops.amx => super::bf16::row_into_tiles(dst, 1.0, i, &mut scratch.q16),
             Some(Bf16Source::Packed(..)) => {
                 let pairs = d.div_ceil(2);
                 super::bf16::convert_row(dst, &mut scratch.q16[i * pairs..(i + 1) * pairs]);
@@ -139,10 +139,6 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
             Some(Bf16Source::InPlace) => dst.iter_mut().for_each(|x| *x = crate::round_to_bf16(*x)),
             None => {}
         }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if ops.amx && q.strides()[3] != 1 {
-        AmxTile::pack(&scratch.q_tile, [n_rows, d, d], &mut scratch.q16);
     }
     rows
 }
