@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::kernels::Par;
 use attn_nn::core::{Grads, Layout, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights, ParamPath, Sequence};
 
-use crate::support::tensors::TensorFile;
+use crate::support::tensors::{Tensor, TensorFile};
 
 use super::inputs::{allowed, grad_output, key_padding, outputs, score_mask, seq_dims};
 use super::{MhaFlags, Outputs, Ran};
@@ -61,8 +61,7 @@ pub(super) fn run_mha(
         None => {
             // PyTorch takes the self-attention path when query, key and value are one tensor;
             // equal contents give the same numbers, so equal tensors take the fused path here.
-            let self_attention =
-                key.dim == e && value.dim == e && t == s && key.data == query.data && value.data == query.data;
+            let self_attention = flags.same_inputs && key.dim == e && value.dim == e && t == s;
             let result = if self_attention {
                 module.forward_self(query, &options, par)
             } else {
@@ -112,6 +111,19 @@ pub(super) fn run_mha(
         outputs.extend(self::outputs(file, Vec::new(), ran).into_iter().skip(1));
     }
     Ok(outputs)
+}
+
+/// Whether the file's `query`, `key` and `value` are F32 tensors of one shape holding the same
+/// numbers (bit for bit where the numbers are equal; NaN is equal to nothing, as in `==`).
+pub(super) fn same_inputs(file: &TensorFile) -> bool {
+    let f32 = |name| match file.get(name) {
+        Some(Tensor::F32 { shape, data }) => Some((shape, data)),
+        _ => None,
+    };
+    match (f32("query"), f32("key"), f32("value")) {
+        (Some(q), Some(k), Some(v)) => q == k && q == v,
+        _ => false,
+    }
 }
 
 /// `query`, `key` and `value` from the file, in `layout` (batch-first when unbatched), and

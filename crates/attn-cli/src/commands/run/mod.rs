@@ -70,6 +70,10 @@ struct MhaFlags {
     need_weights: bool,
     average_attn_weights: bool,
     is_causal: bool,
+    /// `query`, `key` and `value` of the input file hold the same numbers (compared once, when
+    /// the files are read): the forward takes the self-attention path, as PyTorch does when
+    /// the three are one tensor.
+    same_inputs: bool,
 }
 
 /// Removes the boolean `name` from `config` (default `default`), or fails naming it.
@@ -136,6 +140,7 @@ pub fn prepare(config_path: &Path, weights_path: &Path, input_path: &Path, bf16_
                 need_weights: take_flag(&mut config, config_path, "need_weights", true)?,
                 average_attn_weights: take_flag(&mut config, config_path, "average_attn_weights", true)?,
                 is_causal: take_flag(&mut config, config_path, "is_causal", false)?,
+                same_inputs: mha::same_inputs(&inputs),
             };
             let mha_config: MhaConfig = serde_json::from_value(Value::Object(config))
                 .map_err(anyhow::Error::from)
