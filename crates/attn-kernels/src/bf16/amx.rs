@@ -14,6 +14,9 @@
 //! columns, so every row of the destination is stored in place and nothing past it is
 //! touched; the depth is padded with zeros to a multiple of 32 in both operands.
 //!
+//! A product runs in tasks of [`TASK_ROWS`] rows by a chunk of columns ([`column_chunk`]),
+//! chunk by chunk, so that a chunk's panels are read from L2 by every row task.
+//!
 //! Each element is one chain of additions over the depth in order, so the result does not
 //! depend on the thread count or on how rows are split into tiles.
 //!
@@ -311,6 +314,20 @@ unsafe fn block(
     }
 }
 
+/// `prefetchw` of the cache lines of `len` floats from `p`.
+///
+/// # Safety
+/// None beyond the CPU's (a prefetch never faults); AMX CPUs have `PREFETCHW`.
+#[inline(always)]
+unsafe fn prefetch_for_write(p: *const f32, len: usize) {
+    let start = p as usize & !63;
+    let end = p as usize + 4 * len;
+    for line in (start..end).step_by(64) {
+        // SAFETY: a prefetch does not fault, whatever the address.
+        unsafe { asm!("prefetchw [{}]", in(reg) line, options(nostack, readonly, preserves_flags)) };
+    }
+}
+
 /// A thread's use of the tile registers: the configuration loaded last (none yet), kept across
 /// products so that it is loaded again only when a block's shape changes; dropping it releases
 /// the tiles (`tilerelease`), so a thread holds the 8 KiB of tile state only while it
@@ -338,8 +355,11 @@ impl Tiles {
     /// panel at `256·s`), zeros in the padding rows and columns of the depth; `c` rows `ldc`
     /// floats apart. Column pairs outside and blocks of 32 rows inside, so a panel pair is read
     /// from memory once per call and the configuration changes only at the right and bottom
-    /// edges. Columns from `n` to the end of their panel are neither read nor written, nor are
-    /// rows from `m` to the end of their tile.
+    /// edges. Each block's destination rows are prefetched for writing (`prefetchw`) while
+    /// the block before it multiplies: `tilestored` to rows that miss the cache stalls on each
+    /// row, which cost a product with an 8 MiB destination two thirds of its time. Columns
+    /// from `n` to the end of their panel are neither read nor written, nor are rows from `m`
+    /// to the end of their tile.
     ///
     /// # Safety
     /// `a` readable for `ceil(m / 16)` row tiles of `steps` tiles, `b` for `ceil(n / 16)`
@@ -367,6 +387,22 @@ impl Tiles {
                     if self.current != Some(shape) {
                         load_config(&Config::of(shape));
                         self.current = Some(shape);
+                    }
+                    // The next block's destination rows, fetched for writing while this
+                    // block multiplies: `tilestored` (and `tileloadd` of the sums to add to)
+                    // stalls on every row that misses the cache.
+                    let next = if i0 + 32 < m {
+                        Some((i0 + 32, j0))
+                    } else if j0 + 2 * PANEL < n {
+                        Some((0, j0 + 2 * PANEL))
+                    } else {
+                        None
+                    };
+                    if let Some((ni, nj)) = next {
+                        let cols = (n - nj).min(2 * PANEL);
+                        for r in ni..(ni + 32).min(m) {
+                            prefetch_for_write(c.add(r * ldc + nj), cols);
+                        }
                     }
                     block(
                         shape,
@@ -416,25 +452,49 @@ pub(crate) unsafe fn gemm(
     assert!(steps > 0 && a.len() >= m.div_ceil(16) * a_tiles && b_panel >= a_tiles);
     assert!(b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + steps * STEP_PAIRS * PANEL);
     let (a, b, c) = (Shared(a.as_ptr().cast::<u32>()), Shared(b.as_ptr()), Shared(c));
+    let row_tasks = m.div_ceil(TASK_ROWS);
+    let chunk = column_chunk(n, steps, row_tasks);
+    let chunks = n.div_ceil(chunk);
     let task = |index: usize| {
-        let r0 = index * TASK_ROWS;
-        let rows = (m - r0).min(TASK_ROWS);
+        let (j0, r0) = (index / row_tasks * chunk, index % row_tasks * TASK_ROWS);
+        let (rows, cols) = ((m - r0).min(TASK_ROWS), (n - j0).min(chunk));
         // SAFETY: `available` returned true (the caller's contract); rows `r0 .. r0 + rows`
         // of the operands, whose row tiles start at `r0 / 16` (`TASK_ROWS` is a multiple of
-        // 16).
+        // 16), and columns `j0 .. j0 + cols`, whose panels start at `j0 / PANEL` (`chunk` is
+        // a multiple of `PANEL`).
         unsafe {
             Tiles::new().product(
-                [rows, n, steps],
+                [rows, cols, steps],
                 (a.get().add(r0 / 16 * a_tiles), a_tiles),
-                (b.get(), b_panel),
-                c.get().add(r0 * ldc),
+                (b.get().add(j0 / PANEL * b_panel), b_panel),
+                c.get().add(r0 * ldc + j0),
                 ldc,
                 accum == Accum::Add,
             )
         };
     };
     match par {
-        Par::Seq => (0..m.div_ceil(TASK_ROWS)).for_each(task),
-        Par::Rayon => (0..m.div_ceil(TASK_ROWS)).into_par_iter().for_each(task),
+        Par::Seq => (0..chunks * row_tasks).for_each(task),
+        Par::Rayon => (0..chunks * row_tasks).into_par_iter().for_each(task),
     }
 }
+
+/// Columns per chunk of the right operand: tasks run chunk by chunk (every row task of one
+/// chunk, then the next), so the chunk's panels stay in a core's L2 while the row tasks
+/// stream past them, instead of every row task reading all of `b` from L3. The chunk is
+/// [`CHUNK_BYTES`] of panels at most, a multiple of two panels, and smaller when there are
+/// few row tasks, so that a short product still splits into enough tasks for the threads.
+fn column_chunk(n: usize, steps: usize, row_tasks: usize) -> usize {
+    let bytes_per_column = steps * STEP_PAIRS * 4;
+    let by_cache = (CHUNK_BYTES / bytes_per_column).max(2 * PANEL);
+    let wanted_chunks = MIN_TASKS.div_ceil(row_tasks);
+    let by_tasks = n.div_ceil(wanted_chunks).max(2 * PANEL);
+    by_cache.min(by_tasks).next_multiple_of(2 * PANEL)
+}
+
+/// Bytes of panels per column chunk: half of a Sapphire Rapids core's 2 MiB L2, leaving the
+/// rest to the row task's tiles and the destination.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Tasks a product is split into at least, where its size allows (four per thread of a
+/// two-core machine).
+const MIN_TASKS: usize = 8;
