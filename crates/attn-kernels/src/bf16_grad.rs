@@ -107,7 +107,7 @@ pub(crate) fn weight_gradient(
                 b_panel,
                 dw.as_mut_ptr(),
                 in_dim,
-                Accum::Add,
+                crate::bf16::amx::Init::Dst,
                 par,
             )
         };

@@ -3,7 +3,8 @@
 use std::sync::{Arc, OnceLock};
 
 use attn_kernels::{
-    gemm, gemm_bf16, linear_backward, linear_backward_bf16, Accum, Bf16Panels, LinearShape, Par, View2, ViewMut2,
+    gemm, gemm_bf16, gemm_bf16_bias, linear_backward, linear_backward_bf16, Accum, Bf16Panels, LinearShape, Par, View2,
+    ViewMut2,
 };
 
 use super::Dims;
@@ -94,12 +95,25 @@ pub fn linear(
     par: Par,
 ) -> Result<()> {
     let out = w_rows.len();
-    linear_with(dst, dst_stride, x, out, bias, |dst_view, accum| {
+    linear_with(dst, dst_stride, x, out, |mut dst_view| {
         let w_t = View2::new(
             &w[w_rows.start * in_dim..w_rows.end * in_dim],
             [in_dim, out],
             [1, in_dim],
         )?;
+        let accum = match bias {
+            Some(bias) => {
+                // The bias goes in first and the GEMM adds to it: one pass over the destination.
+                let [n, _] = dst_view.shape();
+                let row_stride = dst_view.strides()[0];
+                let data = dst_view.data_mut();
+                for row in 0..n {
+                    data[row * row_stride..row * row_stride + out].copy_from_slice(bias);
+                }
+                Accum::Add
+            }
+            None => Accum::Replace,
+        };
         Ok(gemm(dst_view, accum, x, w_t, 1.0, par)?)
     })
 }
@@ -118,20 +132,24 @@ pub fn linear_bf16(
     if x.shape()[1] != in_dim {
         return Err(shape_error("project", "x", format!("[N, {in_dim}]"), &x.shape()));
     }
-    linear_with(dst, dst_stride, x, out, bias, |dst_view, accum| {
-        Ok(gemm_bf16(dst_view, accum, x, w, par)?)
+    linear_with(dst, dst_stride, x, out, |dst_view| {
+        match bias {
+            // The sums start from the bias: one pass over the destination.
+            Some(bias) => gemm_bf16_bias(dst_view, bias, x, w, par)?,
+            None => gemm_bf16(dst_view, Accum::Replace, x, w, par)?,
+        }
+        Ok(())
     })
 }
 
-/// The shared part of [`linear`] and [`linear_bf16`]: the destination checked, the bias written
-/// first, then `product(dst, accum)` adds to it (or replaces, without a bias).
+/// The shared part of [`linear`] and [`linear_bf16`]: the destination checked, then
+/// `product(dst)` writes it.
 fn linear_with(
     dst: &mut [f32],
     dst_stride: usize,
     x: View2<'_, f32>,
     out: usize,
-    bias: Option<&[f32]>,
-    product: impl FnOnce(ViewMut2<'_, f32>, Accum) -> Result<()>,
+    product: impl FnOnce(ViewMut2<'_, f32>) -> Result<()>,
 ) -> Result<()> {
     let n = x.shape()[0];
     if n == 0 || out == 0 {
@@ -146,18 +164,8 @@ fn linear_with(
             &[dst.len()],
         ));
     }
-    let accum = match bias {
-        Some(bias) => {
-            // The bias goes in first and the GEMM adds to it: one pass over the destination.
-            for row in 0..n {
-                dst[row * dst_stride..row * dst_stride + out].copy_from_slice(bias);
-            }
-            Accum::Add
-        }
-        None => Accum::Replace,
-    };
     let dst_view = ViewMut2::new(&mut dst[..needed], [n, out], [dst_stride, 1])?;
-    product(dst_view, accum)
+    product(dst_view)
 }
 
 pub(super) fn state_names(prefix_fused: bool, dims: &Dims, bias: bool, bias_kv: bool) -> Vec<String> {

@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use super::avx512bf16::Shared;
 use super::PANEL;
-use crate::{Accum, Par};
+use crate::Par;
 
 /// Rows of the left operand per parallel task (four blocks of 32).
 const TASK_ROWS: usize = 128;
@@ -160,14 +160,28 @@ unsafe fn load_config(config: &Config) {
     unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
 }
 
-/// C tile `$t` loaded from `$c` (rows `$ld` bytes apart), or zeroed.
+/// What a product's sums start from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Init {
+    /// Zeros: `c = a · b`.
+    Zero,
+    /// The destination: `c += a · b`.
+    Dst,
+    /// A row of `n` floats, the same for every row: `c = bias + a · b` (each sum's chain starts
+    /// from its column's bias, the bits of writing the bias into `c` and adding).
+    Row(*const f32),
+}
+
+/// C tile `$t` initialised by `$init`: loaded from `$c` (rows `$ld` bytes apart), from the
+/// bias row at `$row` (every tile row the same 64 bytes: a row stride of zero), or zeroed.
 macro_rules! init_tile {
-    ($t:literal, $add:expr, $c:expr, $ld:expr) => {
-        if $add {
-            asm!(concat!("tileloadd tmm", $t, ", [{c} + {ld}*1]"), c = in(reg) $c, ld = in(reg) $ld,
-                 options(nostack, readonly));
-        } else {
-            asm!(concat!("tilezero tmm", $t), options(nostack, nomem));
+    ($t:literal, $init:expr, $c:expr, $ld:expr, $row:expr) => {
+        match $init {
+            Init::Dst => asm!(concat!("tileloadd tmm", $t, ", [{c} + {ld}*1]"), c = in(reg) $c, ld = in(reg) $ld,
+                              options(nostack, readonly)),
+            Init::Row(_) => asm!(concat!("tileloadd tmm", $t, ", [{c} + {ld}*1]"), c = in(reg) $row,
+                                 ld = in(reg) 0usize, options(nostack, readonly)),
+            Init::Zero => asm!(concat!("tilezero tmm", $t), options(nostack, nomem)),
         }
     };
 }
@@ -213,7 +227,7 @@ macro_rules! depth_loop {
 /// # Safety
 /// The AMX level must be available and configured for `shape`; each row tile's tiles readable
 /// for `steps` × 1 KiB, each panel too, `c` writable at `r·ldc + j` for the block's rows and
-/// columns (`ldc` in bytes).
+/// columns (`ldc` in bytes); an [`Init::Row`] readable for the block's columns.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     shape: Shape,
@@ -224,7 +238,7 @@ unsafe fn block(
     b_panel: usize,
     c: *mut f32,
     ldc: usize,
-    add: bool,
+    init: Init,
 ) {
     let two_rows = shape.rows[1] > 0;
     let two_cols = shape.cols[1] > 0;
@@ -236,14 +250,18 @@ unsafe fn block(
         let c01 = c.add(PANEL);
         let c10 = c.cast::<u8>().add(16 * ldc).cast::<f32>();
         let c11 = c10.add(PANEL);
-        init_tile!(0, add, c00, ldc);
+        let (row0, row1) = match init {
+            Init::Row(row) => (row, row.add(PANEL)),
+            _ => (std::ptr::null(), std::ptr::null()),
+        };
+        init_tile!(0, init, c00, ldc, row0);
         if two_cols {
-            init_tile!(1, add, c01, ldc);
+            init_tile!(1, init, c01, ldc, row1);
         }
         if two_rows {
-            init_tile!(2, add, c10, ldc);
+            init_tile!(2, init, c10, ldc, row0);
             if two_cols {
-                init_tile!(3, add, c11, ldc);
+                init_tile!(3, init, c11, ldc, row1);
             }
         }
         match (two_rows, two_cols) {
@@ -372,7 +390,7 @@ impl Tiles {
         (b, b_panel): (*const u32, usize),
         c: *mut f32,
         ldc: usize,
-        add: bool,
+        init: Init,
     ) {
         for j0 in (0..n).step_by(2 * PANEL) {
             let cols = [(n - j0).min(PANEL), (n - j0).saturating_sub(PANEL).min(PANEL)];
@@ -413,7 +431,10 @@ impl Tiles {
                         b_panel,
                         c.add(i0 * ldc + j0),
                         4 * ldc,
-                        add,
+                        match init {
+                            Init::Row(row) => Init::Row(row.add(j0)),
+                            other => other,
+                        },
                     );
                 }
             }
@@ -445,13 +466,18 @@ pub(crate) unsafe fn gemm(
     b_panel: usize,
     c: *mut f32,
     ldc: usize,
-    accum: Accum,
+    init: Init,
     par: Par,
 ) {
     let a_tiles = steps * TILE_WORDS;
     assert!(steps > 0 && a.len() >= m.div_ceil(16) * a_tiles && b_panel >= a_tiles);
     assert!(b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + steps * STEP_PAIRS * PANEL);
-    let (a, b, c) = (Shared(a.as_ptr().cast::<u32>()), Shared(b.as_ptr()), Shared(c));
+    let (a, b, c, init) = (
+        Shared(a.as_ptr().cast::<u32>()),
+        Shared(b.as_ptr()),
+        Shared(c),
+        Shared(init),
+    );
     let row_tasks = m.div_ceil(TASK_ROWS);
     let chunk = column_chunk(n, steps, row_tasks);
     let chunks = n.div_ceil(chunk);
@@ -469,7 +495,10 @@ pub(crate) unsafe fn gemm(
                 (b.get().add(j0 / PANEL * b_panel), b_panel),
                 c.get().add(r0 * ldc + j0),
                 ldc,
-                accum == Accum::Add,
+                match init.get() {
+                    Init::Row(row) => Init::Row(row.add(j0)),
+                    other => other,
+                },
             )
         };
     };

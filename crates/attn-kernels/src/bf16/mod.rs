@@ -412,11 +412,49 @@ pub fn gemm_bf16(
     gemm_bf16_at(crate::bf16_level(), dst, accum, lhs, rhs, par)
 }
 
+/// `dst[i, j] = bias[j] + Σ_p lhs[i, p] · rhs[p, j]`: [`gemm_bf16`] whose sums start from a
+/// row of `N` biases. The bits are those of writing the bias into every row of `dst` and
+/// calling [`gemm_bf16`] with [`Accum::Add`], without that pass over `dst` (at the AMX level
+/// the sums' tiles start from the bias row).
+///
+/// ```
+/// use attn_kernels::{gemm_bf16_bias, Bf16Panels, Par, View2, ViewMut2};
+/// let w = [1.0f32, 2.0, 3.0, 4.0]; // [[1, 2], [3, 4]]
+/// let packed = Bf16Panels::pack(View2::contiguous(&w, [2, 2]).unwrap());
+/// let x = [1.0f32, 0.5];
+/// let mut y = [0.0f32; 2];
+/// gemm_bf16_bias(ViewMut2::contiguous(&mut y, [1, 2]).unwrap(), &[0.5, -1.0], View2::contiguous(&x, [1, 2]).unwrap(), &packed, Par::Seq)
+///     .unwrap();
+/// assert_eq!(y, [3.0, 3.0]);
+/// ```
+pub fn gemm_bf16_bias(
+    dst: ViewMut2<'_, f32>,
+    bias: &[f32],
+    lhs: View2<'_, f32>,
+    rhs: &Bf16Panels,
+    par: Par,
+) -> Result<(), KernelError> {
+    product_at(crate::bf16_level(), dst, Accum::Replace, Some(bias), lhs, rhs, par)
+}
+
 /// [`gemm_bf16`] at a given level (the tests run every level the CPU has).
 pub(crate) fn gemm_bf16_at(
     level: Bf16Level,
-    mut dst: ViewMut2<'_, f32>,
+    dst: ViewMut2<'_, f32>,
     accum: Accum,
+    lhs: View2<'_, f32>,
+    rhs: &Bf16Panels,
+    par: Par,
+) -> Result<(), KernelError> {
+    product_at(level, dst, accum, None, lhs, rhs, par)
+}
+
+/// [`gemm_bf16`] (`bias` `None`) or [`gemm_bf16_bias`] (`accum` [`Accum::Replace`]) at `level`.
+pub(crate) fn product_at(
+    level: Bf16Level,
+    mut dst: ViewMut2<'_, f32>,
+    mut accum: Accum,
+    bias: Option<&[f32]>,
     lhs: View2<'_, f32>,
     rhs: &Bf16Panels,
     par: Par,
@@ -439,25 +477,62 @@ pub(crate) fn gemm_bf16_at(
             got: vec![rhs.k, rhs.n],
         });
     }
+    if let Some(bias) = bias {
+        if bias.len() != n {
+            return Err(KernelError::ShapeMismatch {
+                op: "gemm_bf16_bias",
+                tensor: "bias",
+                expected: vec![n],
+                got: vec![bias.len()],
+            });
+        }
+    }
     if m == 0 || n == 0 {
         return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level == Bf16Level::Amx && dst.strides()[1] == 1 && k > 0 {
+        let (ldc, c) = (dst.strides()[0], dst.data_mut().as_mut_ptr());
+        let steps = padded_pairs(k) / amx::STEP_PAIRS;
+        let mut a = crate::buffer::take(m.div_ceil(16) * steps * 16 * amx::STEP_PAIRS);
+        amx::pack_tiles(&mut a, lhs, steps, par);
+        let init = match (bias, accum) {
+            (Some(bias), _) => amx::Init::Row(bias.as_ptr()),
+            (None, Accum::Add) => amx::Init::Dst,
+            (None, Accum::Replace) => amx::Init::Zero,
+        };
+        // SAFETY: AMX was detected; `a` holds the tiles of `lhs`, `rhs` its panels
+        // `padded_pairs(k)·16` words apart (zeros past the depth), `dst` is `[m, n]` with unit
+        // column stride and row stride `ldc` (a checked view), and a bias holds `n` values.
+        unsafe {
+            amx::gemm(
+                [m, n, steps],
+                &a,
+                rhs.words(),
+                padded_pairs(k) * PANEL,
+                c,
+                ldc,
+                init,
+                par,
+            )
+        };
+        crate::buffer::give(a);
+        return Ok(());
+    }
+    if let Some(bias) = bias {
+        for i in 0..m {
+            for (j, &b) in bias.iter().enumerate() {
+                let at = dst.offset([i, j]);
+                dst.data_mut()[at] = b;
+            }
+        }
+        accum = Accum::Add;
     }
     #[cfg(target_arch = "x86_64")]
     if level.has_avx512bf16() && dst.strides()[1] == 1 && k > 0 {
         let ldc = dst.strides()[0];
         let (pairs, b_panel) = (k.div_ceil(2), padded_pairs(k) * PANEL);
         let c = dst.data_mut().as_mut_ptr();
-        if level == Bf16Level::Amx {
-            let steps = padded_pairs(k) / amx::STEP_PAIRS;
-            let mut a = crate::buffer::take(m.div_ceil(16) * steps * 16 * amx::STEP_PAIRS);
-            amx::pack_tiles(&mut a, lhs, steps, par);
-            // SAFETY: AMX was detected; `a` holds the tiles of `lhs`, `rhs` its panels
-            // `b_panel` words apart (zeros past `pairs`), and `dst` is `[m, n]` with unit
-            // column stride and row stride `ldc` (a checked view).
-            unsafe { amx::gemm([m, n, steps], &a, rhs.words(), b_panel, c, ldc, accum, par) };
-            crate::buffer::give(a);
-            return Ok(());
-        }
         let mut a = crate::buffer::take(m * pairs);
         pack_rows(level, &mut a[..m * pairs], lhs, par);
         // SAFETY: the level was detected; `a` is `[m, pairs]`, `rhs` holds its panels `b_panel`
@@ -710,6 +785,50 @@ mod tests {
     /// rounding of the inputs, `(2u + u²)·Σ|a·b|`), over row and column counts across the 8 × 32
     /// block and its tails, odd and even depths, replacing and accumulating, a transposed
     /// (weight-like) right operand and a strided destination.
+    #[test]
+    fn gemm_bf16_bias_has_the_bits_of_the_bias_then_an_added_product() {
+        for level in levels() {
+            // Tails of rows and columns, several column chunks and row tasks, a depth of one
+            // partial step and of many, contiguous and strided destinations.
+            for (m, n, k, ld_pad) in [
+                (1, 1, 1, 0),
+                (9, 17, 17, 3),
+                (33, 48, 64, 0),
+                (130, 300, 257, 5),
+                (200, 40, 9, 0),
+            ] {
+                let a = random_vec(m * k, 4);
+                let w = random_vec(n * k, 5);
+                let bias = random_vec(n, 6);
+                let packed = Bf16Panels::pack(View2::contiguous(&w, [n, k]).unwrap().permuted([1, 0]).unwrap());
+                let lhs = View2::contiguous(&a, [m, k]).unwrap();
+                let ld = n + ld_pad;
+                let mut want = vec![f32::NAN; m * ld];
+                for i in 0..m {
+                    want[i * ld..i * ld + n].copy_from_slice(&bias);
+                }
+                let dst = ViewMut2::new(&mut want, [m, n], [ld, 1]).unwrap();
+                gemm_bf16_at(level, dst, Accum::Add, lhs, &packed, Par::Rayon).unwrap();
+                let mut got = vec![f32::NAN; m * ld];
+                let dst = ViewMut2::new(&mut got, [m, n], [ld, 1]).unwrap();
+                product_at(level, dst, Accum::Replace, Some(&bias), lhs, &packed, Par::Rayon).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{level} {m}x{n}x{k} ld {ld}");
+            }
+        }
+        let packed = Bf16Panels::pack(View2::contiguous(&[1.0f32; 6], [2, 3]).unwrap());
+        let mut c = [0.0f32; 3];
+        let err = gemm_bf16_bias(
+            ViewMut2::contiguous(&mut c, [1, 3]).unwrap(),
+            &[1.0, 2.0],
+            View2::contiguous(&[1.0f32, 2.0], [1, 2]).unwrap(),
+            &packed,
+            Par::Seq,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bias"), "{err}");
+    }
+
     #[test]
     fn gemm_bf16_matches_its_bound_at_every_level() {
         let u = 2f64.powi(-8);

@@ -32,6 +32,7 @@
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
 
 use super::{Plan, BLOCK_KEYS};
+use crate::bf16::amx::Init;
 use crate::bf16::AMX_STEP_PAIRS as STEP_PAIRS;
 use crate::buffer::Buffer;
 use crate::{round_to_bf16, Par, View4};
@@ -166,7 +167,7 @@ impl AmxTile {
                 (keys.as_ptr().cast(), pairs * 16),
                 scores.as_mut_ptr(),
                 super::SCORES_LD,
-                false,
+                Init::Zero,
             )
         }
     }
@@ -200,7 +201,7 @@ impl AmxTile {
                 (values.as_ptr().cast(), pairs * 16),
                 acc.as_mut_ptr(),
                 dv_pad,
-                true,
+                Init::Dst,
             )
         }
     }
