@@ -126,7 +126,8 @@ impl Linear {
         Ok(y)
     }
 
-    /// `y = x·Wᵀ + b` into `y: [N, out]`: the bias goes in first and the GEMM adds to it.
+    /// `y = x·Wᵀ + b` into `y: [N, out]`: the GEMM's sums start from the bias (in f32 the bias is
+    /// written first and the GEMM adds to it; in bf16 [`attn_core::kernels::gemm_bf16_bias`]).
     pub fn forward_into(&self, y: &mut [f32], x: &[f32], par: Par) -> Result<()> {
         let inp = self.dims()[1];
         let n = x.len() / inp.max(1);
@@ -365,7 +366,7 @@ impl FeedForward {
 
     /// `x: [N, E]` rows -> `[N, E]` rows, `FFN_ROWS` (256) tokens at a time: for each block, the
     /// first GEMM, then its bias and the activation in one pass while the block is in cache,
-    /// then the second GEMM (its bias written first). No `[N, F]` buffer is made.
+    /// then the second GEMM (its sums starting from its bias). No `[N, F]` buffer is made.
     pub fn forward(&self, x: &[f32], par: Par) -> Result<Vec<f32>> {
         let [f, e] = self.linear1.dims();
         let n = x.len() / e.max(1);

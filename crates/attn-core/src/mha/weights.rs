@@ -82,7 +82,8 @@ pub(super) enum Proj {
 /// `w: [out, in]` given as the rows `w_rows` of a row-major weight of width `in_dim`,
 /// `bias: [out]`, `dst: [N, out]` with row stride `dst_stride`.
 ///
-/// The bias is written first and the GEMM adds to it, so the destination is visited once.
+/// The bias is written first and the GEMM adds to it, so the destination is visited once by
+/// the GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     dst: &mut [f32],
@@ -119,7 +120,8 @@ pub fn linear(
 }
 
 /// [`linear`] in bf16: `w` packed once ([`crate::pack_weight`]), `x` rounded to bf16 while it
-/// is packed, f32 sums and output (see [`attn_kernels::gemm_bf16`]).
+/// is packed, f32 sums starting from the bias and f32 output (see
+/// [`attn_kernels::gemm_bf16_bias`]; the bits of writing the bias first).
 pub fn linear_bf16(
     dst: &mut [f32],
     dst_stride: usize,

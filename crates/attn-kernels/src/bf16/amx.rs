@@ -352,17 +352,23 @@ unsafe fn prefetch_for_write(p: *const f32, len: usize) {
 /// multiplies. Not `Send`: the configuration belongs to the thread that loaded it.
 pub(crate) struct Tiles {
     current: Option<Shape>,
+    /// Whether [`Tiles::product`] prefetches each block's destination rows for writing: for a
+    /// GEMM's destination, which is often out of cache; not for the flash kernel's per-thread
+    /// scores and accumulators, which are in L1 or L2 and whose blocks are a few steps deep,
+    /// so the prefetches would cost more than they save.
+    prefetch_dst: bool,
     _thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Tiles {
-    /// No configuration loaded yet.
+    /// No configuration loaded yet; `prefetch_dst` as the field says.
     ///
     /// # Safety
     /// [`available`] must have returned true.
-    pub(crate) unsafe fn new() -> Self {
+    pub(crate) unsafe fn new(prefetch_dst: bool) -> Self {
         Tiles {
             current: None,
+            prefetch_dst,
             _thread: std::marker::PhantomData,
         }
     }
@@ -373,8 +379,8 @@ impl Tiles {
     /// panel at `256·s`), zeros in the padding rows and columns of the depth; `c` rows `ldc`
     /// floats apart. Column pairs outside and blocks of 32 rows inside, so a panel pair is read
     /// from memory once per call and the configuration changes only at the right and bottom
-    /// edges. Each block's destination rows are prefetched for writing (`prefetchw`) while
-    /// the block before it multiplies: `tilestored` to rows that miss the cache stalls on each
+    /// edges. With `prefetch_dst`, each block's destination rows are prefetched for writing
+    /// (`prefetchw`) while the block before it multiplies: `tilestored` to rows that miss the cache stalls on each
     /// row, which cost a product with an 8 MiB destination two thirds of its time. Columns
     /// from `n` to the end of their panel are neither read nor written, nor are rows from `m`
     /// to the end of their tile.
@@ -416,7 +422,7 @@ impl Tiles {
                     } else {
                         None
                     };
-                    if let Some((ni, nj)) = next {
+                    if let (Some((ni, nj)), true) = (next, self.prefetch_dst) {
                         let cols = (n - nj).min(2 * PANEL);
                         for r in ni..(ni + 32).min(m) {
                             prefetch_for_write(c.add(r * ldc + nj), cols);
@@ -489,7 +495,7 @@ pub(crate) unsafe fn gemm(
         // 16), and columns `j0 .. j0 + cols`, whose panels start at `j0 / PANEL` (`chunk` is
         // a multiple of `PANEL`).
         unsafe {
-            Tiles::new().product(
+            Tiles::new(true).product(
                 [rows, cols, steps],
                 (a.get().add(r0 / 16 * a_tiles), a_tiles),
                 (b.get().add(j0 / PANEL * b_panel), b_panel),

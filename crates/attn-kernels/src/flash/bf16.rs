@@ -138,7 +138,7 @@ impl AmxTile {
         // SAFETY: `Operands::amx` is set, and these functions called, only at the detected
         // AMX level (`amx::available` returned true).
         self.tiles
-            .get_or_insert_with(|| unsafe { crate::bf16::amx::Tiles::new() })
+            .get_or_insert_with(|| unsafe { crate::bf16::amx::Tiles::new(false) })
     }
 
     /// Pass 1 on AMX: `scores[i, j] = q_i · k_j` for `i < n_rows`, `j < bc`, from the query
