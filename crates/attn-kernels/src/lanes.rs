@@ -227,6 +227,34 @@ pub(crate) unsafe fn scale_into<L: Lanes>(dst: &mut [f32], src: &[f32], alpha: f
         .for_each(|(d, &s)| *d = s * alpha);
 }
 
+/// [`scale_into`], and whether every product is finite: the products times zero are summed,
+/// which stays 0 while every product is finite and turns NaN at the first infinity or NaN.
+///
+/// # Safety
+/// The CPU features `L` needs must be available.
+#[inline(always)]
+pub(crate) unsafe fn scale_into_finite<L: Lanes>(dst: &mut [f32], src: &[f32], alpha: f32) -> bool {
+    let mut d = dst.chunks_exact_mut(L::N);
+    let mut s = src.chunks_exact(L::N);
+    // SAFETY: both chunks have exactly `N` elements; features as above.
+    let zeros = unsafe {
+        let (a, zero) = (L::splat(alpha), L::splat(0.0));
+        let mut zeros = zero;
+        for (dc, sc) in (&mut d).zip(&mut s) {
+            let x = L::mul(L::load(sc.as_ptr()), a);
+            L::store(dc.as_mut_ptr(), x);
+            zeros = L::fmadd(x, zero, zeros);
+        }
+        L::hsum(zeros)
+    };
+    let mut finite = zeros == 0.0;
+    for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d = s * alpha;
+        finite &= d.is_finite();
+    }
+    finite
+}
+
 /// AVX2+FMA: 8 lanes in a ymm register.
 pub(crate) struct Avx2;
 

@@ -283,6 +283,22 @@ pub fn scale_into(dst: &mut [f32], src: &[f32], alpha: f32) {
     }
 }
 
+/// `dst[i] = src[i] * alpha`, and whether every `dst[i]` is finite (an output row of the flash
+/// kernel and its check for the non-finite repair, in one pass).
+#[inline]
+pub(crate) fn scale_into_finite(dst: &mut [f32], src: &[f32], alpha: f32) -> bool {
+    debug_assert_eq!(dst.len(), src.len());
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx2Fma` is only returned when the CPU reports AVX2 and FMA.
+        SimdLevel::Avx2Fma => unsafe { avx2::scale_into_finite(dst, src, alpha) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only returned when the CPU reports AVX-512 F/BW/VL/DQ.
+        SimdLevel::Avx512 => unsafe { avx512::scale_into_finite(dst, src, alpha) },
+        _ => scalar::scale_into_finite(dst, src, alpha),
+    }
+}
+
 /// The softmax's backward on one row: `p[i] = p[i]·(dp[i] − delta)`, 0 where `p[i]` is 0.
 #[inline]
 pub(crate) fn softmax_grad_row(p: &mut [f32], dp: &[f32], delta: f32) {
@@ -334,6 +350,15 @@ mod scalar {
 
     pub(super) fn scale_into(dst: &mut [f32], src: &[f32], alpha: f32) {
         dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s * alpha);
+    }
+
+    pub(super) fn scale_into_finite(dst: &mut [f32], src: &[f32], alpha: f32) -> bool {
+        let mut finite = true;
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s * alpha;
+            finite &= d.is_finite();
+        }
+        finite
     }
 }
 
@@ -401,6 +426,12 @@ macro_rules! vector_level {
                 // SAFETY: as above.
                 unsafe { lanes::scale_into::<$lanes>(dst, src, alpha) }
             }
+
+            #[target_feature(enable = $features)]
+            pub(crate) fn scale_into_finite(dst: &mut [f32], src: &[f32], alpha: f32) -> bool {
+                // SAFETY: as above.
+                unsafe { lanes::scale_into_finite::<$lanes>(dst, src, alpha) }
+            }
         }
     };
 }
@@ -430,6 +461,33 @@ mod tests {
             worst = worst.max(rel_err(exp_scalar(x), (x as f64).exp()));
         }
         assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn scale_into_finite_has_the_scalar_bits_and_flag() {
+        for n in 0..70 {
+            let src: Vec<f32> = (0..n).map(|i| (i as f32 - 20.0) * 1.7e37 / 40.0 + 0.3).collect();
+            // Every position spoiled in turn by an infinity, a NaN, or a product that
+            // overflows; and the row untouched.
+            let mut cases = vec![(src.clone(), 2.0)];
+            for at in 0..n {
+                for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 3e38] {
+                    let mut row = src.clone();
+                    row[at] = bad;
+                    cases.push((row, 2.0));
+                }
+            }
+            for (row, alpha) in cases {
+                let mut want = vec![0.0; n];
+                let want_finite = scalar::scale_into_finite(&mut want, &row, alpha);
+                let mut got = vec![0.0; n];
+                let got_finite = scale_into_finite(&mut got, &row, alpha);
+                assert_eq!(got_finite, want_finite, "{} n {n}: {row:?}", simd_level());
+                assert_eq!(want_finite, want.iter().all(|x| x.is_finite()));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{} n {n}", simd_level());
+            }
+        }
     }
 
     #[test]

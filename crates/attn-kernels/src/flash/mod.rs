@@ -373,11 +373,18 @@ impl Dst {
         let base = b * strides[0] + h * strides[1] + s * strides[2];
         let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
         let mut finite = true;
-        for (j, &a) in acc.iter().enumerate() {
-            let x = if l == 0.0 { 0.0 } else { a * inv };
-            finite &= x.is_finite();
-            // SAFETY: in bounds by the caller's contract; the row is this task's alone.
-            unsafe { *self.out.get().add(base + j * strides[3]) = x };
+        if strides[3] == 1 && l != 0.0 {
+            // SAFETY: the row's `acc.len()` values are in bounds by the caller's contract, and
+            // the row is this task's alone.
+            let row = unsafe { std::slice::from_raw_parts_mut(self.out.get().add(base), acc.len()) };
+            finite = crate::simd::scale_into_finite(row, acc, inv);
+        } else {
+            for (j, &a) in acc.iter().enumerate() {
+                let x = if l == 0.0 { 0.0 } else { a * inv };
+                finite &= x.is_finite();
+                // SAFETY: in bounds by the caller's contract; the row is this task's alone.
+                unsafe { *self.out.get().add(base + j * strides[3]) = x };
+            }
         }
         // One f64 logarithm per row, and only when a caller asked for the LSE.
         let (lse, lse_lo) = if self.lse.is_none() && self.lse_lo.is_none() {
