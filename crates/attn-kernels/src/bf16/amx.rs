@@ -172,6 +172,17 @@ pub(crate) enum Init {
     Row(*const f32),
 }
 
+impl Init {
+    /// The start of the block whose first column is `j`: a bias row advanced by `j` (never
+    /// past its end: `j` is a column of the product).
+    fn at_column(self, j: usize) -> Init {
+        match self {
+            Init::Row(row) => Init::Row(row.wrapping_add(j)),
+            other => other,
+        }
+    }
+}
+
 /// C tile `$t` initialised by `$init`: loaded from `$c` (rows `$ld` bytes apart), from the
 /// bias row at `$row` (every tile row the same 64 bytes: a row stride of zero), or zeroed.
 macro_rules! init_tile {
@@ -438,10 +449,7 @@ impl Tiles {
                         b_panel,
                         c.add(i0 * ldc + j0),
                         4 * ldc,
-                        match init {
-                            Init::Row(row) => Init::Row(row.add(j0)),
-                            other => other,
-                        },
+                        init.at_column(j0),
                     );
                 }
             }
@@ -502,10 +510,7 @@ pub(crate) unsafe fn gemm(
                 (b.get().add(j0 / PANEL * b_panel), b_panel),
                 c.get().add(r0 * ldc + j0),
                 ldc,
-                match init.get() {
-                    Init::Row(row) => Init::Row(row.add(j0)),
-                    other => other,
-                },
+                init.get().at_column(j0),
             )
         };
     };

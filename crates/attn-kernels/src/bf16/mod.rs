@@ -423,8 +423,14 @@ pub fn gemm_bf16(
 /// let packed = Bf16Panels::pack(View2::contiguous(&w, [2, 2]).unwrap());
 /// let x = [1.0f32, 0.5];
 /// let mut y = [0.0f32; 2];
-/// gemm_bf16_bias(ViewMut2::contiguous(&mut y, [1, 2]).unwrap(), &[0.5, -1.0], View2::contiguous(&x, [1, 2]).unwrap(), &packed, Par::Seq)
-///     .unwrap();
+/// gemm_bf16_bias(
+///     ViewMut2::contiguous(&mut y, [1, 2]).unwrap(),
+///     &[0.5, -1.0],
+///     View2::contiguous(&x, [1, 2]).unwrap(),
+///     &packed,
+///     Par::Seq,
+/// )
+/// .unwrap();
 /// assert_eq!(y, [3.0, 3.0]);
 /// ```
 pub fn gemm_bf16_bias(
@@ -520,10 +526,15 @@ pub(crate) fn product_at(
         return Ok(());
     }
     if let Some(bias) = bias {
+        // The bias written into every row, then added to: the bits the AMX tiles give.
+        let cs = dst.strides()[1];
         for i in 0..m {
-            for (j, &b) in bias.iter().enumerate() {
-                let at = dst.offset([i, j]);
-                dst.data_mut()[at] = b;
+            let start = dst.offset([i, 0]);
+            let data = dst.data_mut();
+            if cs == 1 {
+                data[start..start + n].copy_from_slice(bias);
+            } else {
+                bias.iter().enumerate().for_each(|(j, &b)| data[start + j * cs] = b);
             }
         }
         accum = Accum::Add;
@@ -814,6 +825,15 @@ mod tests {
                 product_at(level, dst, Accum::Replace, Some(&bias), lhs, &packed, Par::Rayon).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{level} {m}x{n}x{k} ld {ld}");
+                // A column-major destination (the bias written column by column; another
+                // kernel, so its own reference).
+                let mut want_t: Vec<f32> = bias.iter().flat_map(|&b| std::iter::repeat_n(b, m)).collect();
+                let dst = ViewMut2::new(&mut want_t, [m, n], [1, m]).unwrap();
+                gemm_bf16_at(level, dst, Accum::Add, lhs, &packed, Par::Rayon).unwrap();
+                let mut got_t = vec![f32::NAN; m * n];
+                let dst = ViewMut2::new(&mut got_t, [m, n], [1, m]).unwrap();
+                product_at(level, dst, Accum::Replace, Some(&bias), lhs, &packed, Par::Rayon).unwrap();
+                assert_eq!(bits(&got_t), bits(&want_t), "{level} {m}x{n}x{k} column-major");
             }
         }
         let packed = Bf16Panels::pack(View2::contiguous(&[1.0f32; 6], [2, 3]).unwrap());
