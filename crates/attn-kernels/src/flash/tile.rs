@@ -240,6 +240,10 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
 /// The end of pass 1 (the mask) and passes 2 and 3 for each row: row max,
 /// `p = exp(scores - m_new)` and its sum, the online update `l = l·exp(m_old - m_new) + sum(p)`;
 /// then the accumulator row rescaled by `exp(m_old - m_new)` (skipped while the max holds).
+///
+/// Each step runs over every row of the tile before the next begins: a row's max, `exp`, sum
+/// and update form one chain of dependent reductions, and rows side by side let the core
+/// overlap them (the arithmetic of each row is the same as row by row).
 fn passes2_3_online_softmax(
     scratch: &mut Scratch,
     plan: &Plan,
@@ -247,17 +251,22 @@ fn passes2_3_online_softmax(
     rows: &TileRows,
     block: &KeyBlock,
 ) {
-    let (dv, dv_pad) = (plan.dv, plan.dv_pad);
+    let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
     let KeyBlock { t0, bc, .. } = *block;
-    for i in 0..rows.n_rows {
-        let row = &mut scratch.scores[i * SCORES_LD..i * SCORES_LD + bc];
+    let row_range = |i: usize| i * SCORES_LD..i * SCORES_LD + bc;
+    // Pass 1, continued: the mask; pass 2's row max.
+    let mut m_new = [f32::NEG_INFINITY; BLOCK_ROWS];
+    for (i, m) in m_new[..n_rows].iter_mut().enumerate() {
+        let row = &mut scratch.scores[row_range(i)];
         let (s, h) = rows.positions[i];
-        // Pass 1, continued: the mask.
         mask_row(row, ops.options, [rows.b, h, s], t0, rows.limits[i], [plan.s, plan.t]);
-        // Pass 2: row max, exp and sum.
-        let m_old = scratch.m[i];
-        let m_new = m_old.max(row_max(row));
-        if m_new == f32::NEG_INFINITY {
+        *m = scratch.m[i].max(row_max(row));
+    }
+    // Pass 2: exp and sum.
+    let mut sums = [0.0f32; BLOCK_ROWS];
+    for i in 0..n_rows {
+        let row = &mut scratch.scores[row_range(i)];
+        if m_new[i] == f32::NEG_INFINITY {
             if row.iter().any(|x| x.is_nan()) {
                 // Only NaN scores besides hidden keys (a NaN query, say): the row is NaN.
                 scratch.l[i] = f32::NAN;
@@ -272,20 +281,31 @@ fn passes2_3_online_softmax(
             continue;
         }
         // On AMX the probabilities go straight into pass 4's A tiles, rounded.
-        let sum = if ops.amx {
-            super::bf16::exp_sub_sum_into_tiles(row, m_new, i, &mut scratch.p16)
+        sums[i] = if ops.amx {
+            super::bf16::exp_sub_sum_into_tiles(row, m_new[i], i, &mut scratch.p16)
         } else {
-            exp_sub_sum(row, m_new)
+            exp_sub_sum(row, m_new[i])
         };
         if ops.round_p {
             // bf16 without the instructions: `P·V` multiplies the rounded probabilities (the
             // sum keeps them unrounded, as at the AVX512-BF16 level).
             row.iter_mut().for_each(|p| *p = crate::round_to_bf16(*p));
         }
-        let alpha = crate::simd::exp_scalar(m_old - m_new);
-        scratch.l[i] = scratch.l[i] * alpha + sum;
-        scratch.m[i] = m_new;
-        // Pass 3: rescale the accumulator row.
+    }
+    // The online update and pass 3, the accumulator's rescaling.
+    for i in 0..n_rows {
+        if m_new[i] == f32::NEG_INFINITY {
+            continue;
+        }
+        // `exp(0)` is exactly 1: a finite max usually holds, and then the scalar `exp`'s chain of
+        // dependent operations is skipped.
+        let alpha = if m_new[i] == scratch.m[i] && m_new[i].is_finite() {
+            1.0
+        } else {
+            crate::simd::exp_scalar(scratch.m[i] - m_new[i])
+        };
+        scratch.l[i] = scratch.l[i] * alpha + sums[i];
+        scratch.m[i] = m_new[i];
         if alpha != 1.0 {
             scale_row(&mut scratch.acc[i * dv_pad..i * dv_pad + dv], alpha);
         }
