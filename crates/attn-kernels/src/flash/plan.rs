@@ -136,7 +136,7 @@ pub(crate) fn validate(
 }
 
 /// Keys per packed block for `t` keys: `min(t, BLOCK_KEYS)` rounded up to the micro-kernel
-/// width (a call with 4 keys packs panels of 16, not blocks of 128).
+/// width (a call with 4 keys packs panels of 16, not blocks of 256).
 fn kb_pad(t: usize) -> usize {
     crate::tile::pad_to_nr(t.clamp(1, BLOCK_KEYS))
 }

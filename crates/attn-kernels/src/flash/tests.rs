@@ -298,12 +298,15 @@ fn check_weights(
     assert_close(&averaged, &want_avg, tol, tol, &format!("averaged weights {what}"));
 }
 
+/// Rows and keys at each edge of a row tile and a key block, and keys past two blocks.
 #[test]
 fn block_edges() {
-    for &n in &[1, 15, 16, 17, 63, 64, 65, 129] {
+    let k = BLOCK_KEYS;
+    for &n in &[1, 15, 16, 17, 63, 64, 65, 129, k - 1, k, k + 1] {
         check(Case::new(1, 2, 2, n, n, 16, 16));
-        check(Case::new(1, 1, 1, n, 130, 7, 5));
+        check(Case::new(1, 1, 1, n, k + 2, 7, 5));
     }
+    check(Case::new(1, 1, 1, 70, 2 * k + 3, 16, 16));
 }
 
 #[test]
@@ -316,7 +319,17 @@ fn odd_head_dims_and_dv() {
 #[test]
 fn causal_alignments() {
     for causal in [Causal::TopLeft, Causal::BottomRight] {
-        for &(s, t) in &[(1, 1), (1, 300), (70, 70), (70, 200), (200, 70), (129, 129)] {
+        let k = BLOCK_KEYS;
+        for &(s, t) in &[
+            (1, 1),
+            (1, 300),
+            (70, 70),
+            (70, 200),
+            (200, 70),
+            (129, 129),
+            (k + 1, k + 1),
+            (70, 2 * k + 5),
+        ] {
             let mut case = Case::new(1, 4, 2, s, t, 16, 16);
             case.causal = causal;
             check(case);
@@ -703,15 +716,17 @@ proptest! {
 #[test]
 fn packed_keys_and_values_are_sized_by_the_real_key_count() {
     // Before, every block was `[D, BLOCK_KEYS]`: 32× the size of K at T = 4.
+    let k = BLOCK_KEYS;
     for (t, kb) in [
         (1, 16),
         (4, 16),
         (16, 16),
         (17, 32),
         (100, 112),
-        (128, 128),
-        (129, 128),
-        (300, 128),
+        (k - 1, k),
+        (k, k),
+        (k + 1, k),
+        (2 * k + 44, k),
     ] {
         let (d, dv) = (8, 20);
         let plan = Plan::new([2, 4, 200, d], [2, t, dv]);

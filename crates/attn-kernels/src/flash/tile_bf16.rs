@@ -60,7 +60,7 @@ pub(super) fn bf16_scores(
                     k_base + (block.bc - 1) * k_st[2] + plan.d <= k_data.len(),
                     "key block past K"
                 );
-                super::bf16::x86::dot_rows(
+                super::bf16_x86::dot_rows(
                     rows.n_rows,
                     plan.d,
                     scratch.q_tile.as_ptr(),
@@ -133,7 +133,7 @@ pub(super) fn bf16_weighted_values(
             }
             Bf16Source::InPlace => {
                 assert!(v_base + (bc - 1) * v_st[2] + dv <= v_data.len(), "value block past V");
-                super::bf16::x86::axpy_rows(
+                super::bf16_x86::axpy_rows(
                     n_rows,
                     dv,
                     bc,

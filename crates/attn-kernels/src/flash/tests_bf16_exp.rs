@@ -1,0 +1,120 @@
+//! AMX's fused pass 2 and its shorter `exp` ([`super::bf16_x86`]) against f64, at the AVX-512
+//! level with AVX512-BF16 (skipped, with a note, elsewhere).
+
+use super::tests_bf16::{EPS, PROBABILITY_EXP_ERROR};
+
+#[cfg(target_arch = "x86_64")]
+use PROBABILITY_EXP_ERROR as EXP_SHORT_ERROR;
+
+/// AMX's shorter `exp` is within [`EXP_SHORT_ERROR`] of `e^x` over the whole range softmax
+/// gives it (`x ≤ 0`, swept densely), exactly 1 at 0, 0 below `EXP_LO` and at `-inf`, NaN at
+/// NaN.
+#[test]
+fn short_exp_is_within_its_bound() {
+    if !crate::bf16_level().has_avx512bf16() || crate::simd::simd_level() != crate::SimdLevel::Avx512 {
+        eprintln!("note: no AVX512-BF16 at this level; the short exp is not checked");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let lo = crate::exp_poly::EXP_LO;
+        let mut worst = 0.0f64;
+        let mut xs: Vec<f32> = (0..=400_000).map(|i| lo * i as f32 / 400_000.0).collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            -1e-30,
+            lo,
+            lo.next_up(),
+            lo.next_down(),
+            -100.0,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        for chunk in xs.chunks(16) {
+            let mut lanes = [0.0f32; 16];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let input = lanes;
+            // SAFETY: AVX-512 (checked above).
+            unsafe { super::bf16_x86::exp_short_16(&mut lanes) };
+            for (&x, &e) in input.iter().zip(&lanes) {
+                if x.is_nan() {
+                    assert!(e.is_nan(), "exp(NaN) = {e}");
+                } else if x < lo {
+                    assert_eq!(e.to_bits(), 0, "exp({x}) = {e}, want +0");
+                } else {
+                    let want = (x as f64).exp();
+                    let err = (e as f64 - want).abs() / want;
+                    assert!(
+                        err <= EXP_SHORT_ERROR,
+                        "exp({x}) = {e}, want {want}: relative error {err:e}"
+                    );
+                    worst = worst.max(err);
+                }
+            }
+        }
+        assert_eq!(input_exp(0.0), 1.0, "e^0 must be exactly 1");
+        println!("short exp: largest relative error {worst:.3e} (bound {EXP_SHORT_ERROR:e})");
+        // The polynomial's own error dominates near 0: a planted wrong coefficient shows here.
+        assert!(worst > 1e-6, "the short exp is more exact than its polynomial can be");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn input_exp(x: f32) -> f32 {
+    let mut lanes = [x; 16];
+    // SAFETY: called after the AVX-512 check.
+    unsafe { super::bf16_x86::exp_short_16(&mut lanes) };
+    lanes[0]
+}
+
+/// AMX's fused pass 2 (`exp` straight into A tiles, rounded) writes the short `exp` of each
+/// `x - m` rounded to bf16, and returns the sum of the unrounded values in
+/// `exp_sub_sum`'s order: every length of a row tail, hidden keys (`-inf`) included, and zeros
+/// after the row to the last step, nothing past a step's 16 words; the sum within
+/// [`EXP_SHORT_ERROR`] and f32's summation error of the exact one.
+#[test]
+fn fused_exp_into_tiles_writes_the_rounded_short_exp() {
+    if !crate::bf16_level().has_avx512bf16() || crate::simd::simd_level() != crate::SimdLevel::Avx512 {
+        eprintln!("note: no AVX512-BF16 at this level; the fused exp is not checked");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for n in [1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 100, 128] {
+        let mut row: Vec<f32> = crate::testing::random_vec(n, n as u64)
+            .iter()
+            .map(|x| 6.0 * x)
+            .collect();
+        if n > 1 {
+            row[n / 3] = f32::NEG_INFINITY;
+        }
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let steps = n.div_ceil(32) + 1;
+        let mut tiles = vec![f32::NAN; 32 * steps];
+        // SAFETY: AVX512-BF16 at the AVX-512 level (checked); `n <= 32·steps`; 16 words at
+        // each step's offset `32·s`.
+        let sum = unsafe { super::bf16_x86::exp_sub_sum_steps(&row, m, steps, tiles.as_mut_ptr(), 32) };
+        let want: Vec<f32> = row.iter().map(|&x| input_exp(x - m)).collect();
+        let exact: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
+        let bound = exact * (EXP_SHORT_ERROR + (n as f64 + 2.0) * EPS);
+        assert!(
+            (sum as f64 - exact).abs() <= bound,
+            "sum of {n}: {sum}, want {exact} ± {bound:e}"
+        );
+        let mut words = vec![0u32; 16 * steps];
+        for (q, word) in words.iter_mut().enumerate().take(n.div_ceil(2)) {
+            let hi = want.get(2 * q + 1).map_or(0, |&x| crate::f32_to_bf16(x) as u32);
+            *word = crate::f32_to_bf16(want[2 * q]) as u32 | hi << 16;
+        }
+        let got: Vec<u32> = tiles
+            .chunks(32)
+            .flat_map(|step| &step[..16])
+            .map(|w| w.to_bits())
+            .collect();
+        assert!(got == words, "words of {n}");
+        assert!(
+            tiles.chunks(32).all(|step| step[16..].iter().all(|w| w.is_nan())),
+            "wrote past a step"
+        );
+    }
+}
