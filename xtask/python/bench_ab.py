@@ -1,9 +1,11 @@
 """Two attn binaries against each other, interleaved round by round: `attn bench sdpa --json`,
 medians. `ATTN_SIMD` in the environment reaches both.
 
-Usage: bench_ab.py BEFORE_BINARY AFTER_BINARY ROUNDS [SHAPE ...]
+Usage: bench_ab.py BEFORE_BINARY AFTER_BINARY ROUNDS [--threads=N] [--bf16] [SHAPE ...]
 SHAPE is "B H G S T D" with an optional "causal" and "backward" (S = 1 is decoding); without shapes, the five
-prefill shapes of issue 12 and the decode shape. The decode table of docs/PERFORMANCE.md came from
+prefill shapes of issue 12 and the decode shape. `--threads=N` (default 2) and `--bf16` (`--dtype bf16`)
+reach both binaries. Besides the medians, the table gives each side's fastest run: on a shared machine
+whose medians move by 2x between minutes, the minimum shows what the code can do when it runs alone. The decode table of docs/PERFORMANCE.md came from
   bench_ab.py BEFORE AFTER 5 "1 32 8 1 4096 128" "1 8 8 1 4096 64" "8 16 16 1 1024 128" "1 32 32 1 256 128"
 """
 import json, subprocess, statistics, sys
@@ -15,8 +17,14 @@ DEFAULT = ["1 8 8 512 512 64", "1 8 8 2048 2048 64", "1 8 8 2048 2048 64 causal"
 def main():
     bins = {"before": sys.argv[1], "after": sys.argv[2]}
     rounds = int(sys.argv[3])
-    print("| shape | before ms | after ms | after / before speed |\n|---|---|---|---|")
-    for spec in sys.argv[4:] or DEFAULT:
+    flags = [a for a in sys.argv[4:] if a.startswith("--")]
+    shapes = [a for a in sys.argv[4:] if not a.startswith("--")]
+    threads = next((f.split("=", 1)[1] for f in flags if f.startswith("--threads=")), "2")
+    extra = ["--dtype", "bf16"] if "--bf16" in flags else []
+    print(f"{threads} thread(s){', bf16' if extra else ''}, {rounds} interleaved rounds")
+    print("| shape | before ms | after ms | after / before speed | before min ms | after min ms | min ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for spec in shapes or DEFAULT:
         f = spec.split()
         b, h, g, s, t, d = f[:6]
         causal = "causal" in f[6:]
@@ -26,14 +34,18 @@ def main():
         if "backward" in f[6:]:
             args.append("--backward")
         times = {k: [] for k in bins}
+        mins = {k: [] for k in bins}
         for _ in range(rounds):
             for k, binary in bins.items():
-                out = subprocess.run([binary, "bench", "sdpa", "--threads", "2", "--min-seconds", "0.3", "--json", *args],
-                                     capture_output=True, text=True, check=True).stdout
+                out = subprocess.run([binary, "bench", "sdpa", "--threads", threads, "--min-seconds", "0.3", "--json",
+                                      *args, *extra], capture_output=True, text=True, check=True).stdout
                 times[k].append(json.loads(out)["median_s"])
+                mins[k].append(json.loads(out)["min_s"])
         before, after = statistics.median(times["before"]), statistics.median(times["after"])
         name = f"[{b},{h},{g},{s},{t},{d}]" + (" causal" if causal else "") + (" fwd+bwd" if "backward" in f[6:] else "")
-        print(f"| {name} | {before*1e3:.3f} | {after*1e3:.3f} | {before/after:.3f} |", flush=True)
+        lo_before, lo_after = min(mins["before"]), min(mins["after"])
+        print(f"| {name} | {before*1e3:.3f} | {after*1e3:.3f} | {before/after:.3f} | {lo_before*1e3:.3f} | "
+              f"{lo_after*1e3:.3f} | {lo_before/lo_after:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
