@@ -96,6 +96,15 @@ pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, amx: bool, par: Par) 
         let mut lo = vec![0.0f32; dv_pad];
         let mut hi = vec![0.0f32; dv_pad];
         for p in 0..bc.div_ceil(2) {
+            if cs == 1 && dv == dv_pad && 2 * p + 1 < bc {
+                // Two whole contiguous rows: paired where they are, panel by panel.
+                let (lo, hi) = (&values[2 * p * rs..], &values[(2 * p + 1) * rs..]);
+                for panel in 0..dv_pad / 16 {
+                    let out = &mut dst[panel * panel_len + p * 16..panel * panel_len + p * 16 + 16];
+                    crate::bf16::pair_rows(&lo[panel * 16..], &hi[panel * 16..], out);
+                }
+                continue;
+            }
             let gather = |row: &mut [f32], j: usize| {
                 if j >= bc {
                     row[..dv].fill(0.0);
