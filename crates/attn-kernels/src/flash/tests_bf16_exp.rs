@@ -11,8 +11,7 @@ use PROBABILITY_EXP_ERROR as EXP_SHORT_ERROR;
 /// NaN.
 #[test]
 fn short_exp_is_within_its_bound() {
-    if !crate::bf16_level().has_avx512bf16() || crate::simd::simd_level() != crate::SimdLevel::Avx512 {
-        eprintln!("note: no AVX512-BF16 at this level; the short exp is not checked");
+    if !checked_here("the short exp") {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -53,15 +52,26 @@ fn short_exp_is_within_its_bound() {
                 }
             }
         }
-        assert_eq!(input_exp(0.0), 1.0, "e^0 must be exactly 1");
+        assert_eq!(short_exp(0.0), 1.0, "e^0 must be exactly 1");
         println!("short exp: largest relative error {worst:.3e} (bound {EXP_SHORT_ERROR:e})");
         // The polynomial's own error dominates near 0: a planted wrong coefficient shows here.
         assert!(worst > 1e-6, "the short exp is more exact than its polynomial can be");
     }
 }
 
+/// Whether this level runs the fused `exp` (AVX-512 with AVX512-BF16); if not, says that
+/// `what` is not checked.
+fn checked_here(what: &str) -> bool {
+    let here = crate::bf16_level().has_avx512bf16() && crate::simd::simd_level() == crate::SimdLevel::Avx512;
+    if !here {
+        eprintln!("note: no AVX512-BF16 at this level; {what} is not checked");
+    }
+    here
+}
+
+/// The short `exp` of one value.
 #[cfg(target_arch = "x86_64")]
-fn input_exp(x: f32) -> f32 {
+fn short_exp(x: f32) -> f32 {
     let mut lanes = [x; 16];
     // SAFETY: called after the AVX-512 check.
     unsafe { super::bf16_x86::exp_short_16(&mut lanes) };
@@ -75,8 +85,7 @@ fn input_exp(x: f32) -> f32 {
 /// [`EXP_SHORT_ERROR`] and f32's summation error of the exact one.
 #[test]
 fn fused_exp_into_tiles_writes_the_rounded_short_exp() {
-    if !crate::bf16_level().has_avx512bf16() || crate::simd::simd_level() != crate::SimdLevel::Avx512 {
-        eprintln!("note: no AVX512-BF16 at this level; the fused exp is not checked");
+    if !checked_here("the fused exp") {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -94,7 +103,7 @@ fn fused_exp_into_tiles_writes_the_rounded_short_exp() {
         // SAFETY: AVX512-BF16 at the AVX-512 level (checked); `n <= 32·steps`; 16 words at
         // each step's offset `32·s`.
         let sum = unsafe { super::bf16_x86::exp_sub_sum_steps(&row, m, steps, tiles.as_mut_ptr(), 32) };
-        let want: Vec<f32> = row.iter().map(|&x| input_exp(x - m)).collect();
+        let want: Vec<f32> = row.iter().map(|&x| short_exp(x - m)).collect();
         let exact: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
         let bound = exact * (EXP_SHORT_ERROR + (n as f64 + 2.0) * EPS);
         assert!(
