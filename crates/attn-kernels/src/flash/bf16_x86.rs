@@ -134,6 +134,64 @@ fn round16(x: __m512) -> __m512 {
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
 }
 
+/// What the decoding kernels read keys and values as: f32 values, rounded to bf16 as they are
+/// loaded ([`round16`]), or bf16 bits (a bf16 KV cache), widened exactly. Bits of bf16
+/// subnormals are read as zeros of their sign, as rounding their f32 values would give, so
+/// the two give the same bits for the same values.
+pub(crate) trait KvElement: Copy {
+    /// 16 values from `p`, as bf16 values in f32 lanes.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL and AVX512-BF16 must be available; `p` readable for 16 elements.
+    unsafe fn load16(p: *const Self) -> __m512;
+    /// The lanes of `m` from `p` as [`KvElement::load16`] reads them, zeros elsewhere.
+    ///
+    /// # Safety
+    /// As for [`KvElement::load16`], for the lanes of `m`.
+    unsafe fn load16_masked(m: __mmask16, p: *const Self) -> __m512;
+}
+
+impl KvElement for f32 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        // SAFETY: the caller's contract.
+        round16(unsafe { _mm512_loadu_ps(p) })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn load16_masked(m: __mmask16, p: *const f32) -> __m512 {
+        // SAFETY: the caller's contract.
+        round16(unsafe { _mm512_maskz_loadu_ps(m, p) })
+    }
+}
+
+impl KvElement for u16 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    unsafe fn load16(p: *const u16) -> __m512 {
+        // SAFETY: the caller's contract.
+        widen_bits(unsafe { _mm256_loadu_si256(p.cast()) })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    unsafe fn load16_masked(m: __mmask16, p: *const u16) -> __m512 {
+        // SAFETY: the caller's contract.
+        widen_bits(unsafe { _mm256_maskz_loadu_epi16(m, p.cast()) })
+    }
+}
+
+/// 16 bf16 bit patterns as f32 lanes, subnormals (a zero exponent) as zeros of their sign.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn widen_bits(h: __m256i) -> __m512 {
+    let normal = _mm256_test_epi16_mask(h, _mm256_set1_epi16(0x7F80));
+    let h = _mm256_mask_blend_epi16(normal, _mm256_and_si256(h, _mm256_set1_epi16(i16::MIN)), h);
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+}
+
 /// Decoding's scores with K read in place: `scores[r·ld + j] = q_r · round(k_j)` for
 /// `r < rows`, `j < bc`, where `q` holds each row's `D` scaled query values already rounded
 /// to bf16 (`ldq` apart) and key `j` is `k[j·ks .. j·ks + D]`, rounded to bf16 as it is
@@ -145,14 +203,14 @@ fn round16(x: __m512) -> __m512 {
 /// # Safety
 /// AVX-512F/BW and AVX512-BF16 must be available; `rows <= 8`; the operands must cover
 /// those shapes.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-pub(in crate::flash) unsafe fn dot_rows(
+pub(in crate::flash) unsafe fn dot_rows<E: KvElement>(
     rows: usize,
     d: usize,
     q: *const f32,
     ldq: usize,
-    k: *const f32,
+    k: *const E,
     ks: usize,
     bc: usize,
     scores: *mut f32,
@@ -162,30 +220,30 @@ pub(in crate::flash) unsafe fn dot_rows(
     // SAFETY: the caller's contract, for `rows` rows.
     unsafe {
         match rows {
-            1 => dot_block::<1>(args),
-            2 => dot_block::<2>(args),
-            3 => dot_block::<3>(args),
-            4 => dot_block::<4>(args),
-            5 => dot_block::<5>(args),
-            6 => dot_block::<6>(args),
-            7 => dot_block::<7>(args),
-            8 => dot_block::<8>(args),
+            1 => dot_block::<E, 1>(args),
+            2 => dot_block::<E, 2>(args),
+            3 => dot_block::<E, 3>(args),
+            4 => dot_block::<E, 4>(args),
+            5 => dot_block::<E, 5>(args),
+            6 => dot_block::<E, 6>(args),
+            7 => dot_block::<E, 7>(args),
+            8 => dot_block::<E, 8>(args),
             _ => panic!("dot_rows: {rows} rows, at most 8"),
         }
     }
 }
 
 /// The operands of [`dot_rows`] after `rows`.
-type DotArgs = (usize, *const f32, usize, *const f32, usize, usize, *mut f32, usize);
+type DotArgs<E> = (usize, *const f32, usize, *const E, usize, usize, *mut f32, usize);
 
 /// Keys per step of [`dot_block`]: their chains are independent, so they overlap in the
 /// pipeline.
 const KEYS: usize = 4;
 
 /// [`dot_rows`] for `ROWS` rows, [`KEYS`] keys at a time.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-unsafe fn dot_block<const ROWS: usize>((d, q, ldq, k, ks, bc, scores, ld): DotArgs) {
+unsafe fn dot_block<E: KvElement, const ROWS: usize>((d, q, ldq, k, ks, bc, scores, ld): DotArgs<E>) {
     let (full, tail) = (d / 16 * 16, d % 16);
     // SAFETY: whole vectors inside each key's and each row's `D` values, the tail masked;
     // the stores inside `scores` (the caller's contract).
@@ -193,18 +251,18 @@ unsafe fn dot_block<const ROWS: usize>((d, q, ldq, k, ks, bc, scores, ld): DotAr
         let mut j0 = 0;
         while j0 < bc {
             let kb = (bc - j0).min(KEYS);
-            let keys: [*const f32; KEYS] = std::array::from_fn(|j| k.add((j0 + j.min(kb - 1)) * ks));
+            let keys: [*const E; KEYS] = std::array::from_fn(|j| k.add((j0 + j.min(kb - 1)) * ks));
             let mut acc = [[_mm512_setzero_ps(); KEYS]; ROWS];
             for (j, &key) in keys.iter().enumerate() {
                 for c in (0..full).step_by(16) {
-                    let kv = round16(_mm512_loadu_ps(key.add(c)));
+                    let kv = E::load16(key.add(c));
                     for (r, acc_r) in acc.iter_mut().enumerate() {
                         acc_r[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(r * ldq + c)), kv, acc_r[j]);
                     }
                 }
                 if tail > 0 {
                     let m = mask16(tail);
-                    let kv = round16(_mm512_maskz_loadu_ps(m, key.add(full)));
+                    let kv = E::load16_masked(m, key.add(full));
                     for (r, acc_r) in acc.iter_mut().enumerate() {
                         acc_r[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q.add(r * ldq + full)), kv, acc_r[j]);
                     }
@@ -227,15 +285,15 @@ unsafe fn dot_block<const ROWS: usize>((d, q, ldq, k, ks, bc, scores, ld): DotAr
 ///
 /// # Safety
 /// As for [`dot_rows`].
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-pub(in crate::flash) unsafe fn axpy_rows(
+pub(in crate::flash) unsafe fn axpy_rows<E: KvElement>(
     rows: usize,
     dv: usize,
     bc: usize,
     p: *const f32,
     ldp: usize,
-    v: *const f32,
+    v: *const E,
     vs: usize,
     acc: *mut f32,
     ldc: usize,
@@ -244,26 +302,26 @@ pub(in crate::flash) unsafe fn axpy_rows(
     // SAFETY: the caller's contract, for `rows` rows.
     unsafe {
         match rows {
-            1 => axpy_block::<1>(args),
-            2 => axpy_block::<2>(args),
-            3 => axpy_block::<3>(args),
-            4 => axpy_block::<4>(args),
-            5 => axpy_block::<5>(args),
-            6 => axpy_block::<6>(args),
-            7 => axpy_block::<7>(args),
-            8 => axpy_block::<8>(args),
+            1 => axpy_block::<E, 1>(args),
+            2 => axpy_block::<E, 2>(args),
+            3 => axpy_block::<E, 3>(args),
+            4 => axpy_block::<E, 4>(args),
+            5 => axpy_block::<E, 5>(args),
+            6 => axpy_block::<E, 6>(args),
+            7 => axpy_block::<E, 7>(args),
+            8 => axpy_block::<E, 8>(args),
             _ => panic!("axpy_rows: {rows} rows, at most 8"),
         }
     }
 }
 
 /// The operands of [`axpy_rows`] after `rows`.
-type AxpyArgs = (usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize);
+type AxpyArgs<E> = (usize, usize, *const f32, usize, *const E, usize, *mut f32, usize);
 
 /// [`axpy_rows`] for `ROWS` rows.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-unsafe fn axpy_block<const ROWS: usize>((dv, bc, p, ldp, v, vs, acc, ldc): AxpyArgs) {
+unsafe fn axpy_block<E: KvElement, const ROWS: usize>((dv, bc, p, ldp, v, vs, acc, ldc): AxpyArgs<E>) {
     let (full, tail) = (dv / 16 * 16, dv % 16);
     // SAFETY: whole vectors inside `dv` columns of each row, the tail masked (the caller's
     // contract).
@@ -272,7 +330,7 @@ unsafe fn axpy_block<const ROWS: usize>((dv, bc, p, ldp, v, vs, acc, ldc): AxpyA
             let x: [__m512; ROWS] = std::array::from_fn(|r| _mm512_set1_ps(*p.add(r * ldp + j)));
             let row = v.add(j * vs);
             for c0 in (0..full).step_by(16) {
-                let vv = round16(_mm512_loadu_ps(row.add(c0)));
+                let vv = E::load16(row.add(c0));
                 for (r, &xr) in x.iter().enumerate() {
                     let out = acc.add(r * ldc + c0);
                     _mm512_storeu_ps(out, _mm512_fmadd_ps(xr, vv, _mm512_loadu_ps(out)));
@@ -281,7 +339,7 @@ unsafe fn axpy_block<const ROWS: usize>((dv, bc, p, ldp, v, vs, acc, ldc): AxpyA
             if tail > 0 {
                 // Masked, and only here: a masked store costs several plain ones on Zen 5.
                 let m = mask16(tail);
-                let vv = round16(_mm512_maskz_loadu_ps(m, row.add(full)));
+                let vv = E::load16_masked(m, row.add(full));
                 for (r, &xr) in x.iter().enumerate() {
                     let out = acc.add(r * ldc + full);
                     _mm512_mask_storeu_ps(out, m, _mm512_fmadd_ps(xr, vv, _mm512_maskz_loadu_ps(m, out)));

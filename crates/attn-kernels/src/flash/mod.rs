@@ -39,6 +39,7 @@
 mod bf16;
 #[cfg(target_arch = "x86_64")]
 mod bf16_x86;
+mod kv_bits;
 mod pack;
 mod plan;
 mod scratch;
@@ -49,10 +50,13 @@ pub(crate) mod tests;
 mod tests_bf16;
 #[cfg(test)]
 mod tests_bf16_exp;
+#[cfg(test)]
+mod tests_kv_bits;
 mod tile;
 mod tile_bf16;
 
 pub(crate) use bf16::rounded_copy;
+pub use kv_bits::{attention_bf16_kv, DECODE_ROWS};
 pub(crate) use plan::{validate, validate_qk, Plan};
 use scratch::{with_scratch, Scratch};
 use tile::attend_tile;
@@ -213,8 +217,8 @@ fn attend(
     };
     let ops = Operands {
         q,
-        k,
-        v,
+        k: Kv::F32(k),
+        v: Kv::F32(v),
         options,
         scale,
         kt_packed: kt_packed.as_deref(),
@@ -226,11 +230,7 @@ fn attend(
         micro,
         score_kernel,
     };
-    let spoilt = if plan.splits == 1 {
-        attend_unsplit(plan, &ops, dst, par)
-    } else {
-        split_kv::attend_split(plan, &ops, dst, par)
-    };
+    let spoilt = run_operands(plan, &ops, dst, par);
     let bf16_buffers = bf16_packed.into_iter().flat_map(|(kt, vp)| [kt, vp]);
     kt_packed
         .into_iter()
@@ -238,6 +238,16 @@ fn attend(
         .chain(bf16_buffers)
         .for_each(crate::buffer::give);
     spoilt
+}
+
+/// Runs the tiles of `ops` into `dst`, split across the keys when the plan says so. Returns
+/// whether a row came out non-finite from a finite softmax.
+fn run_operands(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bool {
+    if plan.splits == 1 {
+        attend_unsplit(plan, ops, dst, par)
+    } else {
+        split_kv::attend_split(plan, ops, dst, par)
+    }
 }
 
 /// One task per `(b, g, row tile)` over all keys, each writing its rows. Returns whether a row
@@ -266,8 +276,8 @@ fn attend_unsplit(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bo
 #[derive(Clone, Copy)]
 struct Operands<'a, 'o> {
     q: View4<'a, f32>,
-    k: View4<'a, f32>,
-    v: View4<'a, f32>,
+    k: Kv<'a>,
+    v: Kv<'a>,
     options: &'o AttentionOptions<'a>,
     scale: f32,
     /// K transposed per key block, when packed once for the call.
@@ -286,6 +296,32 @@ struct Operands<'a, 'o> {
     micro: bool,
     /// How the scores are computed (the backward recomputes them the same way).
     score_kernel: ScoreKernel,
+}
+
+/// Keys or values as the tiles read them: f32 values, or bf16 bits (a bf16 KV cache,
+/// [`crate::attention_bf16_kv`]), which only decoding's in-place bf16 kernels read.
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    F32(View4<'a, f32>),
+    Bits(View4<'a, u16>),
+}
+
+impl<'a> Kv<'a> {
+    fn strides(&self) -> [usize; 4] {
+        match self {
+            Kv::F32(view) => view.strides(),
+            Kv::Bits(view) => view.strides(),
+        }
+    }
+
+    /// The f32 view. A call on bits is planned for the in-place bf16 kernels only
+    /// ([`kv_bits::attend_bits`]), so every other path holds f32 operands.
+    fn f32(&self) -> View4<'a, f32> {
+        match self {
+            Kv::F32(view) => *view,
+            Kv::Bits(_) => unreachable!("bf16 bits reach only the in-place bf16 kernels"),
+        }
+    }
 }
 
 /// The keys and values of a call whose products run on bf16 instructions ([`bf16`]).

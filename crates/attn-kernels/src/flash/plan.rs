@@ -64,7 +64,11 @@ impl Plan {
 
 /// Checks `q: [B, H, S, D]` against `k: [B, G, T, D]` (G dividing H) and returns
 /// `[B, H, G, S, T, D]`.
-pub(crate) fn validate_qk(op: &'static str, q: &View4<'_, f32>, k: &View4<'_, f32>) -> Result<[usize; 6], KernelError> {
+pub(crate) fn validate_qk<K>(
+    op: &'static str,
+    q: &View4<'_, f32>,
+    k: &View4<'_, K>,
+) -> Result<[usize; 6], KernelError> {
     let [b, h, s, d] = q.shape();
     let [kb, g, t, kd] = k.shape();
     if g == 0 || h % g != 0 {
@@ -86,13 +90,13 @@ pub(crate) fn validate_qk(op: &'static str, q: &View4<'_, f32>, k: &View4<'_, f3
 }
 
 /// Validates the operands of an attention call and returns its plan.
-pub(crate) fn validate(
+pub(crate) fn validate<E>(
     op: &'static str,
     out_shape: [usize; 4],
     lse_shape: Option<[usize; 3]>,
     q: &View4<'_, f32>,
-    k: &View4<'_, f32>,
-    v: &View4<'_, f32>,
+    k: &View4<'_, E>,
+    v: &View4<'_, E>,
     options: &AttentionOptions<'_>,
 ) -> Result<Plan, KernelError> {
     let [b, h, g, s, t, d] = validate_qk(op, q, k)?;

@@ -158,7 +158,7 @@ fn pass1_scores(
         return;
     }
     let keys = KeySource {
-        k: ops.k,
+        k: ops.k.f32(),
         kt_packed: ops.kt_packed,
         kernel: ops.score_kernel,
     };
@@ -323,11 +323,11 @@ fn pass4_weighted_values(
 ) {
     let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
     let KeyBlock { bc, v_base, .. } = *block;
-    let (v_data, v_st) = (ops.v.data(), ops.v.strides());
     if let Some(source) = ops.bf16 {
         super::tile_bf16::bf16_weighted_values(scratch, plan, ops, rows, block, source, amx);
         return;
     }
+    let (v_data, v_st) = (ops.v.f32().data(), ops.v.strides());
     if !ops.micro {
         // SAFETY: `acc` holds BLOCK_ROWS×Dv_pad elements; the value block was bounds-checked
         // with `v`.

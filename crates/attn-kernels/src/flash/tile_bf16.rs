@@ -4,7 +4,7 @@
 
 use super::bf16::AmxTile;
 use super::scratch::{KeyBlock, Scratch, TileRows};
-use super::{Bf16Source, Operands, Plan, BLOCK_ROWS, SCORES_LD};
+use super::{Bf16Source, Kv, Operands, Plan, BLOCK_ROWS, SCORES_LD};
 
 /// Pass 1 on `vdpbf16ps` or AMX: the tile's query pairs against the key block, packed or in
 /// place.
@@ -31,7 +31,7 @@ pub(super) fn bf16_scores(
             && scratch.q_tile.len() >= rows.n_rows * plan.d
             && scratch.scores.len() >= BLOCK_ROWS * SCORES_LD
     );
-    let (k_data, k_st) = (ops.k.data(), ops.k.strides());
+    let k_st = ops.k.strides();
     let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `scores` is
@@ -56,25 +56,33 @@ pub(super) fn bf16_scores(
                 )
             }
             Bf16Source::InPlace => {
-                assert!(
-                    k_base + (block.bc - 1) * k_st[2] + plan.d <= k_data.len(),
-                    "key block past K"
-                );
-                super::bf16_x86::dot_rows(
-                    rows.n_rows,
-                    plan.d,
-                    scratch.q_tile.as_ptr(),
-                    plan.d,
-                    k_data.as_ptr().add(k_base),
-                    k_st[2],
-                    block.bc,
-                    scratch.scores.as_mut_ptr(),
-                    SCORES_LD,
-                )
+                let (q, c) = (scratch.q_tile.as_ptr(), scratch.scores.as_mut_ptr());
+                let (n, d, ks, bc) = (rows.n_rows, plan.d, k_st[2], block.bc);
+                match ops.k {
+                    Kv::F32(k) => {
+                        let k = in_place(k.data(), k_base, bc, ks, d, "key");
+                        super::bf16_x86::dot_rows(n, d, q, d, k, ks, bc, c, SCORES_LD)
+                    }
+                    Kv::Bits(k) => {
+                        let k = in_place(k.data(), k_base, bc, ks, d, "key");
+                        super::bf16_x86::dot_rows(n, d, q, d, k, ks, bc, c, SCORES_LD)
+                    }
+                }
             }
         }
     };
-    let _ = (k_data, k_base, source);
+    let _ = (k_base, k_st, source);
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The first of `rows` rows of `width` elements, `stride` apart from `base`, of `data`;
+/// panics (naming `what`) if the last row would end past `data`.
+fn in_place<E>(data: &[E], base: usize, rows: usize, stride: usize, width: usize, what: &str) -> *const E {
+    assert!(
+        rows > 0 && base + (rows - 1) * stride + width <= data.len(),
+        "{what} block past its operand"
+    );
+    data[base..].as_ptr()
 }
 
 /// Pass 4 on `vdpbf16ps` or AMX: the probabilities rounded into rows of pairs (A tiles on
@@ -107,7 +115,7 @@ pub(super) fn bf16_weighted_values(
         }
     }
     assert!(scratch.acc.len() >= n_rows * dv_pad && scratch.p16.len() >= BLOCK_ROWS * lda);
-    let (v_data, v_st) = (ops.v.data(), ops.v.strides());
+    let v_st = ops.v.strides();
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `acc` is
     // `[BLOCK_ROWS, Dv_pad]`. Packed: `p16` holds the tile's rows of `pairs <= lda` words (an
@@ -132,20 +140,19 @@ pub(super) fn bf16_weighted_values(
                 )
             }
             Bf16Source::InPlace => {
-                assert!(v_base + (bc - 1) * v_st[2] + dv <= v_data.len(), "value block past V");
-                super::bf16_x86::axpy_rows(
-                    n_rows,
-                    dv,
-                    bc,
-                    scratch.scores.as_ptr(),
-                    SCORES_LD,
-                    v_data.as_ptr().add(v_base),
-                    v_st[2],
-                    scratch.acc.as_mut_ptr(),
-                    dv_pad,
-                )
+                let (p, acc, vs) = (scratch.scores.as_ptr(), scratch.acc.as_mut_ptr(), v_st[2]);
+                match ops.v {
+                    Kv::F32(v) => {
+                        let v = in_place(v.data(), v_base, bc, vs, dv, "value");
+                        super::bf16_x86::axpy_rows(n_rows, dv, bc, p, SCORES_LD, v, vs, acc, dv_pad)
+                    }
+                    Kv::Bits(v) => {
+                        let v = in_place(v.data(), v_base, bc, vs, dv, "value");
+                        super::bf16_x86::axpy_rows(n_rows, dv, bc, p, SCORES_LD, v, vs, acc, dv_pad)
+                    }
+                }
             }
         }
     };
-    let _ = (v_data, v_st, source, v_base);
+    let _ = (v_st, source, v_base);
 }

@@ -1,0 +1,120 @@
+//! Attention over keys and values held as bf16 bits ([`attention_bf16_kv`]): a bf16 KV cache,
+//! read in place by decoding's bf16 kernels at half the bytes of an f32 one.
+
+use super::{run_operands, validate, Bf16Source, Dst, Kv, Operands};
+use crate::mask::resolve_scale;
+use crate::scores::ScoreKernel;
+use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precision, View4, ViewMut, ViewMut4};
+
+/// [`crate::attention`] with the keys `k: [B, G, T, D]` and the values `v: [B, G, T, Dv]` given
+/// as bf16 bits (the upper half of an f32, as [`crate::f32_to_bf16`] makes them): the bits of
+/// [`crate::attention`] on their widened values ([`crate::bf16_to_f32`]), in either precision.
+///
+/// Decoding in [`Precision::Bf16`] at the AVX512-BF16 and AMX levels (at most
+/// [`DECODE_ROWS`] query rows per key/value head, each key and value row contiguous) reads
+/// the bits in place, so K and V stream at half the bytes of f32 and nothing is widened. Every
+/// other call widens K and V into f32 copies and runs [`crate::attention`] on them: the same
+/// result, at the cost of the copies. So does a call in which a non-finite value reached a row
+/// (the repair of [`crate::attention`] then runs on the copies).
+///
+/// ```
+/// use attn_kernels::{attention, attention_bf16_kv, f32_to_bf16, bf16_to_f32, AttentionOptions,
+///                    ForwardInputs, Par, Precision, View4, ViewMut4};
+/// let (h, t, d) = (2, 5, 4);
+/// let q: Vec<f32> = (0..h * d).map(|i| (i as f32 * 0.3).sin()).collect();
+/// let k: Vec<u16> = (0..h * t * d).map(|i| f32_to_bf16((i as f32 * 0.7).cos())).collect();
+/// let v: Vec<u16> = (0..h * t * d).map(|i| f32_to_bf16(i as f32 * 0.01)).collect();
+/// let options = AttentionOptions { precision: Precision::Bf16, ..Default::default() };
+/// let qv = View4::contiguous(&q, [1, h, 1, d]).unwrap();
+/// let mut out = vec![0.0f32; h * d];
+/// attention_bf16_kv(
+///     ViewMut4::contiguous(&mut out, [1, h, 1, d]).unwrap(),
+///     None,
+///     qv,
+///     View4::contiguous(&k, [1, h, t, d]).unwrap(),
+///     View4::contiguous(&v, [1, h, t, d]).unwrap(),
+///     &options,
+///     Par::Seq,
+/// )
+/// .unwrap();
+/// // The same bits as attention on the widened values.
+/// let (kw, vw): (Vec<f32>, Vec<f32>) = (k.iter().map(|&x| bf16_to_f32(x)).collect(), v.iter().map(|&x| bf16_to_f32(x)).collect());
+/// let mut want = vec![0.0f32; h * d];
+/// let inputs = ForwardInputs::new(qv, View4::contiguous(&kw, [1, h, t, d]).unwrap(), View4::contiguous(&vw, [1, h, t, d]).unwrap());
+/// attention(ViewMut4::contiguous(&mut want, [1, h, 1, d]).unwrap(), None, inputs, &options, Par::Seq).unwrap();
+/// assert_eq!(out, want);
+/// ```
+pub fn attention_bf16_kv(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    q: View4<'_, f32>,
+    k: View4<'_, u16>,
+    v: View4<'_, u16>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "attention_bf16_kv";
+    let plan = validate(op, out.shape(), lse.as_ref().map(|l| l.shape()), &q, &k, &v, options)?;
+    let (mut out, mut lse) = (out, lse);
+    if reads_in_place(plan.rows_per_group, &k, &v, options) {
+        let ops = Operands {
+            q,
+            k: Kv::Bits(k),
+            v: Kv::Bits(v),
+            options,
+            scale: resolve_scale(options, plan.d),
+            kt_packed: None,
+            v_packed: None,
+            bf16: Some(Bf16Source::InPlace),
+            amx: false,
+            // Decoding's kernels multiply rounded f32 probabilities, as for f32 K and V.
+            round_p: true,
+            micro: crate::simd::simd_level().is_vector(),
+            score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
+        };
+        let dst = Dst::new(&mut out, &mut lse, &mut None);
+        if !run_operands(&plan, &ops, dst, par) {
+            return Ok(());
+        }
+    }
+    let [kw, vw] = [&k, &v].map(widened);
+    let inputs = ForwardInputs::new(
+        q,
+        View4::contiguous(&kw, k.shape())?,
+        View4::contiguous(&vw, v.shape())?,
+    );
+    crate::attention(out, lse, inputs, options, par)
+}
+
+/// Whether [`attention_bf16_kv`] reads `k` and `v` in place for a call of `rows_per_group`
+/// query rows per key/value head (else it widens them).
+pub(super) fn reads_in_place(
+    rows_per_group: usize,
+    k: &View4<'_, u16>,
+    v: &View4<'_, u16>,
+    options: &AttentionOptions<'_>,
+) -> bool {
+    options.precision == Precision::Bf16
+        && crate::bf16_level() != Bf16Level::None
+        && rows_per_group <= DECODE_ROWS
+        && k.strides()[3] == 1
+        && v.strides()[3] == 1
+}
+
+/// The most query rows per key/value head that [`attention_bf16_kv`] reads in place: those of
+/// decoding's kernels.
+pub const DECODE_ROWS: usize = crate::tile::DECODE_ROWS_MAX;
+
+/// The values of `x`'s bits, contiguous in its shape's order.
+fn widened(x: &View4<'_, u16>) -> Vec<f32> {
+    let [a, b, c, d] = x.shape();
+    let mut out = Vec::with_capacity(a * b * c * d);
+    for i in 0..a {
+        for j in 0..b {
+            for r in 0..c {
+                out.extend((0..d).map(|col| crate::bf16_to_f32(x.get([i, j, r, col]))));
+            }
+        }
+    }
+    out
+}

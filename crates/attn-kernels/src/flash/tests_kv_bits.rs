@@ -1,0 +1,288 @@
+//! [`attention_bf16_kv`] against [`crate::attention`] on the widened values: the same bits, at
+//! this machine's level (CI runs these at `amx`, `avx512bf16`, `avx2` and `scalar`), with the
+//! bits read in place where the level has bf16 instructions and the call is decoding. The
+//! bound of `tests_bf16.rs` then holds for the bits as it does for the widened values.
+
+use super::kv_bits::reads_in_place;
+use crate::testing::random_vec;
+use crate::{
+    attention, attention_bf16_kv, bf16_to_f32, f32_to_bf16, AttentionOptions, Bf16Level, Causal, ForwardInputs, Mask,
+    Par, Precision, View4, ViewMut, ViewMut4,
+};
+
+/// One call: `[B, H, G, S, T, D, Dv]`, and the capacity of the cache-like storage of K and V
+/// (`cap ≥ T` positions per `(b, g)`, as `attn_core::KvCache` lays them out).
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    dims: [usize; 7],
+    cap: usize,
+}
+
+/// `[B, G, cap, width]` bits of random values in `[-2, 2)`, and their view of the first `t`
+/// positions.
+fn cache_bits(seed: u64, [b, g, t, width]: [usize; 4], cap: usize) -> Vec<u16> {
+    let _ = t;
+    random_vec(b * g * cap * width, seed)
+        .iter()
+        .map(|&x| f32_to_bf16(2.0 * x))
+        .collect()
+}
+
+fn cache_view(bits: &[u16], [b, g, t, width]: [usize; 4], cap: usize) -> View4<'_, u16> {
+    View4::new(bits, [b, g, t, width], [g * cap * width, cap * width, width, 1]).unwrap()
+}
+
+/// `attention_bf16_kv` on the bits and `attention` on their widened values (contiguous), out
+/// and LSE of each.
+fn both(
+    shape: Shape,
+    q: &[f32],
+    [k, v]: [&View4<'_, u16>; 2],
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> [(Vec<f32>, Vec<f32>); 2] {
+    let [b, h, _, s, _, _, dv] = shape.dims;
+    let qv = View4::contiguous(q, [b, h, s, q.len() / (b * h * s)]).unwrap();
+    let run = |call: &dyn Fn(ViewMut4<'_, f32>, ViewMut<'_, f32, 3>)| {
+        let (mut out, mut lse) = (vec![f32::NAN; b * h * s * dv], vec![f32::NAN; b * h * s]);
+        call(
+            ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
+            ViewMut::contiguous(&mut lse, [b, h, s]).unwrap(),
+        );
+        (out, lse)
+    };
+    let got = run(&|o, l| attention_bf16_kv(o, Some(l), qv, *k, *v, options, par).unwrap());
+    let widen = |x: &View4<'_, u16>| -> Vec<f32> {
+        let [n0, n1, n2, n3] = x.shape();
+        let mut out = Vec::new();
+        for i in 0..n0 {
+            for j in 0..n1 {
+                for r in 0..n2 {
+                    out.extend((0..n3).map(|c| bf16_to_f32(x.get([i, j, r, c]))));
+                }
+            }
+        }
+        out
+    };
+    let (kw, vw) = (widen(k), widen(v));
+    let inputs = ForwardInputs::new(
+        qv,
+        View4::contiguous(&kw, k.shape()).unwrap(),
+        View4::contiguous(&vw, v.shape()).unwrap(),
+    );
+    let want = run(&|o, l| attention(o, Some(l), inputs, options, par).unwrap());
+    [got, want]
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+const SHAPES: [Shape; 5] = [
+    // Decoding with grouped heads: 4 rows per key/value head, one key block plus a tail.
+    Shape {
+        dims: [1, 8, 2, 1, 300, 64, 64],
+        cap: 512,
+    },
+    // Long keys: split across tasks (split-KV); D and Dv not multiples of 16.
+    Shape {
+        dims: [2, 4, 4, 1, 1100, 40, 24],
+        cap: 1100,
+    },
+    // Eight rows per key/value head: the most read in place.
+    Shape {
+        dims: [1, 4, 1, 2, 77, 16, 16],
+        cap: 80,
+    },
+    // Nine rows per head: widened (prefill's packed kernels read f32).
+    Shape {
+        dims: [1, 2, 2, 9, 50, 16, 16],
+        cap: 64,
+    },
+    // One key.
+    Shape {
+        dims: [1, 2, 1, 1, 1, 8, 8],
+        cap: 4,
+    },
+];
+
+/// The bits of `attention` on the widened values, in both precisions, for every shape, with
+/// and without each option that changes a row's keys or scores, sequential and parallel; and
+/// decoding in bf16 is read in place exactly where the level has bf16 instructions.
+#[test]
+fn bits_give_the_bits_of_the_widened_values() {
+    let mut in_place_calls = 0;
+    for (n, shape) in SHAPES.iter().enumerate() {
+        let [b, h, g, s, t, d, dv] = shape.dims;
+        let seed = 10 * n as u64;
+        let q = random_vec(b * h * s * d, seed);
+        let k_bits = cache_bits(seed + 1, [b, g, t, d], shape.cap);
+        let v_bits = cache_bits(seed + 2, [b, g, t, dv], shape.cap);
+        let (k, v) = (
+            cache_view(&k_bits, [b, g, t, d], shape.cap),
+            cache_view(&v_bits, [b, g, t, dv], shape.cap),
+        );
+        let lengths: Vec<usize> = (0..b).map(|i| (t - i * t / 3).max(1)).collect();
+        let additive = random_vec(b * h * s * t, seed + 3);
+        let slopes: Vec<f32> = (0..h).map(|i| 0.5f32.powi(i as i32 + 1)).collect();
+        let masks = [
+            AttentionOptions::default(),
+            AttentionOptions {
+                causal: Causal::BottomRight,
+                key_lengths: Some(&lengths),
+                ..Default::default()
+            },
+            AttentionOptions {
+                mask: Mask::Additive(View4::contiguous(&additive, [b, h, s, t]).unwrap()),
+                alibi_slopes: Some(&slopes),
+                scale: Some(0.3),
+                ..Default::default()
+            },
+        ];
+        for (m, base) in masks.iter().enumerate() {
+            for precision in [Precision::F32, Precision::Bf16] {
+                let options = AttentionOptions { precision, ..*base };
+                in_place_calls += usize::from(reads_in_place(s * h / g, &k, &v, &options));
+                let expect_in_place = precision == Precision::Bf16
+                    && crate::bf16_level() != Bf16Level::None
+                    && s * h / g <= crate::DECODE_ROWS;
+                assert_eq!(
+                    reads_in_place(s * h / g, &k, &v, &options),
+                    expect_in_place,
+                    "{shape:?}"
+                );
+                for par in [Par::Seq, Par::Rayon] {
+                    let [got, want] = both(*shape, &q, [&k, &v], &options, par);
+                    let what = format!("{shape:?} mask {m} {precision} {par:?}");
+                    assert!(same_bits(&got.0, &want.0), "out of {what}");
+                    assert!(same_bits(&got.1, &want.1), "lse of {what}");
+                    assert!(got.0.iter().all(|x| x.is_finite()), "{what}");
+                }
+            }
+        }
+    }
+    if crate::bf16_level() == Bf16Level::None {
+        println!("note: no bf16 instructions at this level: every call widened (checked all the same)");
+    } else {
+        assert_eq!(in_place_calls, 4 * 3, "four decoding shapes, three masks each, in bf16");
+    }
+}
+
+/// Bits that read differently when mishandled: subnormals (zeros of their sign, as rounding
+/// gives), negative zero, the largest finite bf16, and infinities and NaN in keys past the key
+/// length and in values of masked keys (the non-finite policy of `attention`: the repair).
+#[test]
+fn special_bits_read_as_their_widened_values() {
+    let shape = Shape {
+        dims: [1, 4, 2, 1, 40, 32, 32],
+        cap: 48,
+    };
+    let [b, h, g, s, t, d, dv] = shape.dims;
+    let q = random_vec(b * h * s * d, 7);
+    let mut k_bits = cache_bits(8, [b, g, t, d], shape.cap);
+    let mut v_bits = cache_bits(9, [b, g, t, dv], shape.cap);
+    v_bits[3] = 0x8000;
+    v_bits[4] = 0x7F7F;
+    v_bits[5] = 0xFF7F;
+    let lengths = [30usize];
+    let options = AttentionOptions {
+        precision: Precision::Bf16,
+        key_lengths: Some(&lengths),
+        ..Default::default()
+    };
+    let (k, v) = (
+        cache_view(&k_bits, [b, g, t, d], shape.cap),
+        cache_view(&v_bits, [b, g, t, dv], shape.cap),
+    );
+    let [got, want] = both(shape, &q, [&k, &v], &options, Par::Seq);
+    assert!(
+        same_bits(&got.0, &want.0) && same_bits(&got.1, &want.1),
+        "finite specials"
+    );
+    // Subnormal bits (a zero exponent) read as zeros of their sign. Keys all subnormal under
+    // queries near 1e38 would give scores of order one if read as values (all zeros if not);
+    // values subnormal in one column would give that column subnormal outputs (zeros if not).
+    let mut tiny_k = k_bits.clone();
+    for (i, x) in tiny_k.iter_mut().enumerate() {
+        *x = (1 + i * 37 % 0x7F) as u16 | if i % 3 == 0 { 0x8000 } else { 0 };
+    }
+    let mut tiny_v = v_bits.clone();
+    for row in tiny_v.chunks_mut(dv) {
+        row[7] = 0x0040;
+    }
+    let big_q: Vec<f32> = q.iter().map(|x| x * 1e38).collect();
+    let (k, v) = (
+        cache_view(&tiny_k, [b, g, t, d], shape.cap),
+        cache_view(&tiny_v, [b, g, t, dv], shape.cap),
+    );
+    let [got, want] = both(shape, &big_q, [&k, &v], &options, Par::Seq);
+    assert!(
+        same_bits(&got.0, &want.0) && same_bits(&got.1, &want.1),
+        "subnormal bits"
+    );
+    assert!(
+        got.0.chunks(dv).all(|row| row[7] == 0.0),
+        "subnormal values read as zeros"
+    );
+    // Past the key length: an infinite key and a NaN value the rows never see.
+    k_bits[35 * d] = 0x7F80;
+    v_bits[36 * dv + 1] = 0x7FC0;
+    let (k, v) = (
+        cache_view(&k_bits, [b, g, t, d], shape.cap),
+        cache_view(&v_bits, [b, g, t, dv], shape.cap),
+    );
+    let [got, want] = both(shape, &q, [&k, &v], &options, Par::Seq);
+    assert!(
+        same_bits(&got.0, &want.0) && same_bits(&got.1, &want.1),
+        "non-finite past the length"
+    );
+    assert!(
+        got.0.iter().all(|x| x.is_finite()),
+        "what the rows cannot see does not reach them"
+    );
+    // Inside it: the policy of `attention` on the widened values, NaN where it reaches.
+    v_bits[2 * dv] = 0x7FC0;
+    let v = cache_view(&v_bits, [b, g, t, dv], shape.cap);
+    let [got, want] = both(shape, &q, [&k, &v], &options, Par::Seq);
+    assert!(
+        same_bits(&got.0, &want.0) && same_bits(&got.1, &want.1),
+        "NaN inside the length"
+    );
+    assert!(got.0.iter().any(|x| x.is_nan()), "a visible NaN value reaches its rows");
+}
+
+/// A strided last dimension is widened (the in-place kernels need contiguous rows), with the
+/// same bits; shapes that do not match are typed errors naming the tensor.
+#[test]
+fn strided_bits_and_shape_errors() {
+    let (b, h, g, s, t, d) = (1, 2, 2, 1, 20, 8);
+    let q = random_vec(b * h * s * d, 1);
+    let bits = cache_bits(2, [b, g, t, 2 * d], t);
+    let strided = View4::new(&bits, [b, g, t, d], [g * t * 2 * d, t * 2 * d, 2 * d, 2]).unwrap();
+    let options = AttentionOptions {
+        precision: Precision::Bf16,
+        ..Default::default()
+    };
+    assert!(!reads_in_place(s * h / g, &strided, &strided, &options));
+    let shape = Shape {
+        dims: [b, h, g, s, t, d, d],
+        cap: t,
+    };
+    let [got, want] = both(shape, &q, [&strided, &strided], &options, Par::Seq);
+    assert!(same_bits(&got.0, &want.0));
+
+    let short = View4::new(&bits, [b, g, t - 1, d], [g * t * 2 * d, t * 2 * d, 2 * d, 1]).unwrap();
+    let full = View4::new(&bits, [b, g, t, d], [g * t * 2 * d, t * 2 * d, 2 * d, 1]).unwrap();
+    let mut out = vec![0.0f32; b * h * s * d];
+    let qv = View4::contiguous(&q, [b, h, s, d]).unwrap();
+    let out_view = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+    let err = attention_bf16_kv(out_view, None, qv, full, short, &options, Par::Seq).unwrap_err();
+    assert!(
+        err.to_string().contains("`v`") || err.to_string().contains("v"),
+        "{err}"
+    );
+    let three_heads = View4::new(&bits, [b, 3, 4, d], [g * t * 2 * d, 4 * d, d, 1]).unwrap();
+    let out_view = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+    let err = attention_bf16_kv(out_view, None, qv, three_heads, three_heads, &options, Par::Seq).unwrap_err();
+    assert!(matches!(err, crate::KernelError::HeadsNotDivisible { .. }), "{err}");
+}
