@@ -5,9 +5,13 @@ median over >= 0.5 s), then PyTorch timed the same way in this process; repeats 
 reports the median of each side's medians and their ratio. Run by `cargo xtask bench`.
 
 With --bf16, attn runs `--dtype bf16` and PyTorch gets bf16 tensors (its bf16 SDPA); attn's f32
-is timed in the same rounds too, for the bf16 / f32 ratio.
+is timed in the same rounds too, for the bf16 / f32 ratio. The decoding shape (at most 8 query
+rows per key/value head) holds K and V as bf16 bits on attn's side as well (`--kv-dtype bf16`,
+a bf16 KV cache); the prefill shapes give attn f32 K and V, rounded inside its timing.
 
-Usage: python bench_compare.py ATTN_BINARY THREADS ROUNDS [--json] [--bf16]
+`--only-decode` times the decoding shape alone.
+
+Usage: python bench_compare.py ATTN_BINARY THREADS ROUNDS [--json] [--bf16] [--only-decode]
 """
 
 import json
@@ -59,6 +63,8 @@ def time_attn(binary, threads, b, h, g, s, t, d, causal, dtype="f32"):
     cmd = [binary, "bench", "sdpa", "--batch", str(b), "--heads", str(h), "--kv-heads", str(g), "--seq", str(s),
            "--kv-seq", str(t), "--head-dim", str(d), "--threads", str(threads), "--min-seconds", "0.5", "--json",
            "--dtype", dtype]
+    if dtype == "bf16" and s * h // g <= 8:
+        cmd += ["--kv-dtype", "bf16"]
     if causal:
         cmd.append("--causal")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -71,7 +77,8 @@ def main():
     bf16 = "--bf16" in sys.argv
     torch.set_num_threads(threads)
     rows = []
-    for (b, h, g, s, t, d, causal) in SHAPES:
+    shapes = [x for x in SHAPES if x[3] * x[1] // x[2] <= 8] if "--only-decode" in sys.argv else SHAPES
+    for (b, h, g, s, t, d, causal) in shapes:
         ours, theirs, ours_f32 = [], [], []
         for _ in range(rounds):
             if bf16:

@@ -748,3 +748,54 @@ fn bench_sweep_takes_a_dtype() {
         assert_eq!(p["chosen"], "flash", "{p}");
     }
 }
+
+/// `bench sdpa --kv-dtype bf16` holds K and V as bf16 bits: its JSON says so and counts them at
+/// two bytes each; without `--dtype bf16` it is refused with the flags named.
+#[test]
+fn bench_sdpa_takes_a_kv_dtype() {
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "sdpa",
+            "--batch",
+            "1",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--seq",
+            "1",
+        ];
+        args.extend([
+            "--kv-seq",
+            "300",
+            "--head-dim",
+            "16",
+            "--min-runs",
+            "1",
+            "--min-seconds",
+            "0",
+            "--json",
+        ]);
+        args.extend(extra);
+        attn(&args)
+    };
+    let report = |result: &std::process::Output| -> serde_json::Value {
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        serde_json::from_slice(&result.stdout).unwrap()
+    };
+    let bits = report(&bench(&["--dtype", "bf16", "--kv-dtype", "bf16"]));
+    let wide = report(&bench(&["--dtype", "bf16"]));
+    assert_eq!(
+        (bits["kv_dtype"].as_str(), wide["kv_dtype"].as_str()),
+        (Some("bf16"), Some("f32"))
+    );
+    // Bytes per second over seconds: the bytes counted, q and out in f32, K and V 2 or 4 bytes.
+    let bytes = |v: &serde_json::Value| v["gbps"].as_f64().unwrap() * v["median_s"].as_f64().unwrap() * 1e9;
+    let (q_out, kv) = (2.0 * 4.0 * (4 * 16) as f64, (2 * 2 * 300 * 16) as f64);
+    assert!((bytes(&bits) - (q_out + 2.0 * kv)).abs() < 1.0, "{bits}");
+    assert!((bytes(&wide) - (q_out + 4.0 * kv)).abs() < 1.0, "{wide}");
+    let refused = bench(&["--kv-dtype", "bf16"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--kv-dtype bf16 needs --dtype bf16"));
+}

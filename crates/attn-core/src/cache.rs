@@ -3,8 +3,15 @@
 //!
 //! Layout: `k: [B, G, capacity, D]`, `v: [B, G, capacity, Dv]`; the first `len` positions are
 //! filled. Views of the filled part go straight to the kernels.
+//!
+//! A cache holds f32 values, or, made in [`Precision::Bf16`] (as a bf16 module's
+//! [`crate::MultiHeadAttention::new_cache`] makes it), bf16 bits: each appended key and value
+//! rounded to bf16 ([`attn_kernels::f32_to_bf16`]), at half the bytes. A bf16 module rounds
+//! keys and values to bf16 as attention reads them anyway, so its outputs are the same bits
+//! with either cache; decoding reads the bf16 bits in place ([`attn_kernels::attention_bf16_kv`]),
+//! so each step streams half the bytes.
 
-use attn_kernels::View4;
+use attn_kernels::{bf16_to_f32, f32_to_bf16, Precision, View4};
 
 use crate::error::shape_error;
 use crate::Result;
@@ -30,14 +37,83 @@ pub struct KvCache {
     v_head_dim: usize,
     capacity: usize,
     len: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Store,
+    v: Store,
+}
+
+/// The elements of a cache's keys or values.
+#[derive(Debug, Clone)]
+enum Store {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+/// The filled part of a cache's keys or values, `[B, G, len, D]`: f32 values, or bf16 bits
+/// ([`KvCache::new_in`]).
+#[derive(Debug, Clone, Copy)]
+pub enum KvView<'a> {
+    /// f32 values.
+    F32(View4<'a, f32>),
+    /// bf16 bits, the upper halves of f32 values.
+    Bf16(View4<'a, u16>),
+}
+
+impl KvView<'_> {
+    /// `[B, G, len, D]`.
+    pub fn shape(&self) -> [usize; 4] {
+        match self {
+            KvView::F32(view) => view.shape(),
+            KvView::Bf16(view) => view.shape(),
+        }
+    }
+
+    /// The value at `index` (widened exactly from bf16).
+    pub fn get(&self, index: [usize; 4]) -> f32 {
+        match self {
+            KvView::F32(view) => view.get(index),
+            KvView::Bf16(view) => bf16_to_f32(view.get(index)),
+        }
+    }
+
+    /// The values, contiguous `[B, G, len, D]` (widened exactly from bf16).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let [b, g, t, d] = self.shape();
+        let mut out = Vec::with_capacity(b * g * t * d);
+        for i in 0..b {
+            for j in 0..g {
+                for r in 0..t {
+                    out.extend((0..d).map(|c| self.get([i, j, r, c])));
+                }
+            }
+        }
+        out
+    }
 }
 
 impl KvCache {
-    /// An empty cache for `batch` sequences of `n_kv_heads` heads, with room for `capacity`
+    /// An empty f32 cache for `batch` sequences of `n_kv_heads` heads, with room for `capacity`
     /// positions before it first grows.
     pub fn new(batch: usize, n_kv_heads: usize, head_dim: usize, v_head_dim: usize, capacity: usize) -> Self {
+        Self::new_in(Precision::F32, batch, n_kv_heads, head_dim, v_head_dim, capacity)
+    }
+
+    /// [`KvCache::new`] holding `precision`'s elements: f32 values, or in `Bf16` the bits of
+    /// each appended value rounded to bf16 (half the bytes).
+    pub fn new_in(
+        precision: Precision,
+        batch: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        v_head_dim: usize,
+        capacity: usize,
+    ) -> Self {
+        let store = |d: usize| {
+            let n = batch * n_kv_heads * capacity * d;
+            match precision {
+                Precision::F32 => Store::F32(vec![0.0; n]),
+                Precision::Bf16 => Store::Bf16(vec![0; n]),
+            }
+        };
         KvCache {
             batch,
             n_kv_heads,
@@ -45,9 +121,27 @@ impl KvCache {
             v_head_dim,
             capacity,
             len: 0,
-            k: vec![0.0; batch * n_kv_heads * capacity * head_dim],
-            v: vec![0.0; batch * n_kv_heads * capacity * v_head_dim],
+            k: store(head_dim),
+            v: store(v_head_dim),
         }
+    }
+
+    /// What the cache holds: f32 values or bf16 bits.
+    pub fn precision(&self) -> Precision {
+        match self.k {
+            Store::F32(_) => Precision::F32,
+            Store::Bf16(_) => Precision::Bf16,
+        }
+    }
+
+    /// The bytes of its keys and values, the capacity's (not only the filled positions).
+    pub fn size_in_bytes(&self) -> usize {
+        let elements = self.batch * self.n_kv_heads * self.capacity * (self.head_dim + self.v_head_dim);
+        elements
+            * match self.precision() {
+                Precision::F32 => 4,
+                Precision::Bf16 => 2,
+            }
     }
 
     /// Positions held.
@@ -76,29 +170,28 @@ impl KvCache {
     }
 
     /// `[B, G, len, D]`: the cached keys.
-    pub fn keys(&self) -> View4<'_, f32> {
-        let (c, d) = (self.capacity, self.head_dim);
-        View4::new(
-            &self.k,
-            [self.batch, self.n_kv_heads, self.len, d],
-            [self.n_kv_heads * c * d, c * d, d, 1],
-        )
-        .expect("the cache's own layout is in bounds")
+    pub fn keys(&self) -> KvView<'_> {
+        self.view(&self.k, self.head_dim)
     }
 
     /// `[B, G, len, Dv]`: the cached values.
-    pub fn values(&self) -> View4<'_, f32> {
-        let (c, d) = (self.capacity, self.v_head_dim);
-        View4::new(
-            &self.v,
-            [self.batch, self.n_kv_heads, self.len, d],
-            [self.n_kv_heads * c * d, c * d, d, 1],
-        )
-        .expect("the cache's own layout is in bounds")
+    pub fn values(&self) -> KvView<'_> {
+        self.view(&self.v, self.v_head_dim)
     }
 
-    /// Appends `k_new: [B, G, n, D]` and `v_new: [B, G, n, Dv]` (any strides); grows the
-    /// capacity to at least double when they do not fit.
+    fn view<'a>(&self, store: &'a Store, d: usize) -> KvView<'a> {
+        let c = self.capacity;
+        let shape = [self.batch, self.n_kv_heads, self.len, d];
+        let strides = [self.n_kv_heads * c * d, c * d, d, 1];
+        const IN_BOUNDS: &str = "the cache's own layout is in bounds";
+        match store {
+            Store::F32(data) => KvView::F32(View4::new(data, shape, strides).expect(IN_BOUNDS)),
+            Store::Bf16(data) => KvView::Bf16(View4::new(data, shape, strides).expect(IN_BOUNDS)),
+        }
+    }
+
+    /// Appends `k_new: [B, G, n, D]` and `v_new: [B, G, n, Dv]` (any strides), rounded to bf16
+    /// in a bf16 cache; grows the capacity to at least double when they do not fit.
     pub fn append(&mut self, k_new: View4<'_, f32>, v_new: View4<'_, f32>) -> Result<()> {
         let n = k_new.shape()[2];
         let want_k = [self.batch, self.n_kv_heads, n, self.head_dim];
@@ -122,20 +215,25 @@ impl KvCache {
         if self.len + n > self.capacity {
             self.grow((self.len + n).max(2 * self.capacity));
         }
-        let (b_n, g_n, c) = (self.batch, self.n_kv_heads, self.capacity);
-        for (buf, src, d) in [
-            (&mut self.k, k_new, self.head_dim),
-            (&mut self.v, v_new, self.v_head_dim),
-        ] {
+        // Positions `len .. len + n` of every `(b, g)`: `[B, G, capacity, d]` row-major.
+        fn copy_in<T>(buf: &mut [T], src: View4<'_, f32>, [c, len]: [usize; 2], convert: impl Fn(f32) -> T) {
+            let [b_n, g_n, n, d] = src.shape();
             for b in 0..b_n {
                 for g in 0..g_n {
                     for i in 0..n {
-                        let dst = ((b * g_n + g) * c + self.len + i) * d;
-                        for j in 0..d {
-                            buf[dst + j] = src.get([b, g, i, j]);
+                        let dst = ((b * g_n + g) * c + len + i) * d;
+                        for (j, x) in buf[dst..dst + d].iter_mut().enumerate() {
+                            *x = convert(src.get([b, g, i, j]));
                         }
                     }
                 }
+            }
+        }
+        let at = [self.capacity, self.len];
+        for (store, src) in [(&mut self.k, k_new), (&mut self.v, v_new)] {
+            match store {
+                Store::F32(buf) => copy_in(buf, src, at, |x| x),
+                Store::Bf16(buf) => copy_in(buf, src, at, f32_to_bf16),
             }
         }
         self.len += n;
@@ -153,27 +251,39 @@ impl KvCache {
                 expected: format!("below the batch size {}", self.batch),
             });
         }
-        let per_row = |d: usize| self.n_kv_heads * self.capacity * d;
-        for (buf, d) in [(&mut self.k, self.head_dim), (&mut self.v, self.v_head_dim)] {
-            let width = per_row(d);
-            let old = buf.clone();
-            for b in 0..self.batch {
+        fn reorder_rows<T: Copy>(buf: &mut [T], width: usize, batch: usize, rows: &[usize]) {
+            let old = buf.to_vec();
+            for b in 0..batch {
                 let from = rows.get(b).or(rows.first()).copied().unwrap_or(b);
                 buf[b * width..(b + 1) * width].copy_from_slice(&old[from * width..(from + 1) * width]);
+            }
+        }
+        for (store, d) in [(&mut self.k, self.head_dim), (&mut self.v, self.v_head_dim)] {
+            let width = self.n_kv_heads * self.capacity * d;
+            match store {
+                Store::F32(buf) => reorder_rows(buf, width, self.batch, rows),
+                Store::Bf16(buf) => reorder_rows(buf, width, self.batch, rows),
             }
         }
         Ok(())
     }
 
     fn grow(&mut self, capacity: usize) {
-        let (b_n, g_n, old) = (self.batch, self.n_kv_heads, self.capacity);
-        for (buf, d) in [(&mut self.k, self.head_dim), (&mut self.v, self.v_head_dim)] {
-            let mut bigger = vec![0.0f32; b_n * g_n * capacity * d];
-            for bg in 0..b_n * g_n {
-                let src = &buf[bg * old * d..bg * old * d + self.len * d];
-                bigger[bg * capacity * d..bg * capacity * d + self.len * d].copy_from_slice(src);
+        fn grown<T: Copy + Default>(buf: &[T], bgs: usize, [old, new, len, d]: [usize; 4]) -> Vec<T> {
+            let mut bigger = vec![T::default(); bgs * new * d];
+            for bg in 0..bgs {
+                let src = &buf[bg * old * d..bg * old * d + len * d];
+                bigger[bg * new * d..bg * new * d + len * d].copy_from_slice(src);
             }
-            *buf = bigger;
+            bigger
+        }
+        let (bgs, old) = (self.batch * self.n_kv_heads, self.capacity);
+        for (store, d) in [(&mut self.k, self.head_dim), (&mut self.v, self.v_head_dim)] {
+            let sizes = [old, capacity, self.len, d];
+            *store = match store {
+                Store::F32(buf) => Store::F32(grown(buf, bgs, sizes)),
+                Store::Bf16(buf) => Store::Bf16(grown(buf, bgs, sizes)),
+            };
         }
         self.capacity = capacity;
     }
@@ -201,12 +311,47 @@ mod tests {
         assert_eq!(cache.keys().get([1, 0, 3, 1]), 33.0);
         assert_eq!(cache.values().get([0, 0, 4, 2]), 402.0);
         let bad = [0.0f32; 4];
-        let values = cache.values().data().to_vec();
+        let values = cache.values().to_f32();
         let v_view = View4::contiguous(&values[..6], [2, 1, 1, 3]).unwrap();
         let err = cache
             .append(View4::contiguous(&bad, [1, 1, 2, 2]).unwrap(), v_view)
             .unwrap_err();
         assert!(err.to_string().contains("`k`"), "{err}");
+    }
+
+    /// A bf16 cache holds each appended value rounded to bf16, in the f32 cache's places,
+    /// through growing and reordering, at half the bytes.
+    #[test]
+    fn bf16_cache_holds_the_rounded_values_in_place() {
+        let (b, g, d, dv) = (2, 3, 5, 4);
+        let mut caches = [
+            KvCache::new(b, g, d, dv, 1),
+            KvCache::new_in(Precision::Bf16, b, g, d, dv, 1),
+        ];
+        for step in 0..6 {
+            let n = 1 + step % 2;
+            let k = attn_kernels::testing::random_vec(b * g * n * d, step as u64);
+            let v = attn_kernels::testing::random_vec(b * g * n * dv, 100 + step as u64);
+            for cache in &mut caches {
+                let k = View4::contiguous(&k, [b, g, n, d]).unwrap();
+                cache.append(k, View4::contiguous(&v, [b, g, n, dv]).unwrap()).unwrap();
+            }
+            if step == 3 {
+                caches.iter_mut().for_each(|c| c.reorder(&[1, 1]).unwrap());
+            }
+        }
+        let [wide, bits] = &caches;
+        assert_eq!(
+            (bits.precision(), bits.len(), bits.capacity()),
+            (Precision::Bf16, 9, wide.capacity())
+        );
+        assert_eq!(2 * bits.size_in_bytes(), wide.size_in_bytes());
+        for (w, h) in [(wide.keys(), bits.keys()), (wide.values(), bits.values())] {
+            assert!(matches!((w, h), (KvView::F32(_), KvView::Bf16(_))));
+            let (w, h) = (w.to_f32(), h.to_f32());
+            assert!(w.iter().zip(&h).all(|(&x, &y)| attn_kernels::round_to_bf16(x) == y));
+            assert!(w.iter().zip(&h).any(|(x, y)| x != y));
+        }
     }
 
     /// Row `i` becomes a copy of old row `rows[i]`, whole (keys and values, every head, every

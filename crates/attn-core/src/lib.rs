@@ -44,7 +44,7 @@ mod tensor;
 
 pub use attn_kernels as kernels;
 pub mod prelude;
-pub use cache::KvCache;
+pub use cache::{KvCache, KvView};
 pub use error::{AttnError, Result};
 pub use grads::{clip_grad_norm, GradRef, Grads};
 pub use mha::{

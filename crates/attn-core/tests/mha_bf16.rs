@@ -6,8 +6,8 @@
 use attn_core::kernels::testing::random_vec as random;
 use attn_core::kernels::{round_to_bf16, Par, View4};
 use attn_core::{
-    sdpa, sdpa_backward, Grads, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, ParamPath, Parameters, Precision,
-    SdpaOptions, Sequence,
+    sdpa, sdpa_backward, Grads, KvCache, KvView, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights,
+    ParamPath, Parameters, Precision, Rope, RopeStyle, SdpaOptions, Sequence,
 };
 
 /// `max |got - want| / (1 + max |want|)`: bf16's rounding error scales with the sums of
@@ -147,6 +147,71 @@ fn bf16_cache_decoding_equals_one_causal_pass() {
     // The attention kernels differ by path (decode against prefill), in f32 only.
     let error = scaled_error(&steps, &full);
     assert!(error < 1e-5, "{error:e}");
+}
+
+/// A bf16 module's cache holds bf16 bits, half the bytes of an f32 cache, and decoding over it
+/// gives the bits of decoding over an f32 cache in the same module: keys and values are rounded
+/// to bf16 when they are stored instead of when attention reads them, which is the same
+/// rounding. Grouped heads, RoPE, averaged weights, a cross-attention memory and a beam's
+/// reordering, at every step; the cache grows past its first capacity.
+#[test]
+fn bf16_cache_holds_bits_and_gives_the_f32_cache_bits() {
+    let (b, e, steps, t_mem) = (3, 64, 13, 21);
+    let mut cfg = config(e, 8);
+    cfg.num_kv_heads = Some(2);
+    let mut mha = MultiHeadAttention::with_seed(cfg.clone(), 5).unwrap();
+    mha.set_precision(Precision::Bf16).unwrap();
+    let mut cfg_rope = cfg;
+    cfg_rope.rope = Some(Rope {
+        style: RopeStyle::HalfRotation,
+        base: 10_000.0,
+    });
+    let mut rope = MultiHeadAttention::with_seed(cfg_rope, 6).unwrap();
+    rope.set_precision(Precision::Bf16).unwrap();
+    let memory = random(b * t_mem * e, 7);
+    let x = random(b * steps * e, 8);
+    for module in [&mha, &rope] {
+        let mut bits = module.new_cache(b, 4);
+        let mut wide = KvCache::new(b, 2, e / 8, e / 8, 4);
+        assert_eq!(bits.precision(), Precision::Bf16);
+        assert_eq!(2 * bits.size_in_bytes(), wide.size_in_bytes());
+        let (mut mem_bits, mut mem_wide) = (module.new_cache(b, t_mem), KvCache::new(b, 2, e / 8, e / 8, t_mem));
+        for cache in [&mut mem_bits, &mut mem_wide] {
+            let m = Sequence::batch_first(&memory, b, t_mem, e);
+            module.append_to_cache(m, m, cache, Par::Rayon).unwrap();
+        }
+        let options = MhaOptions {
+            need_weights: NeedWeights::Averaged,
+            ..Default::default()
+        };
+        for i in 0..steps {
+            let token: Vec<f32> = (0..b)
+                .flat_map(|bi| x[(bi * steps + i) * e..(bi * steps + i + 1) * e].to_vec())
+                .collect();
+            let q = Sequence::batch_first(&token, b, 1, e);
+            let got = module.forward_append(q, &mut bits, &options, Par::Rayon).unwrap();
+            let want = module.forward_append(q, &mut wide, &options, Par::Rayon).unwrap();
+            assert_eq!(got.output, want.output, "step {i}");
+            assert_eq!(got.weights, want.weights, "weights at step {i}");
+            let got = module.forward_over_cache(q, &mem_bits, &options, Par::Seq).unwrap();
+            let want = module.forward_over_cache(q, &mem_wide, &options, Par::Seq).unwrap();
+            assert_eq!(got.output, want.output, "memory at step {i}");
+            if i == steps / 2 {
+                bits.reorder(&[2, 0, 2]).unwrap();
+                wide.reorder(&[2, 0, 2]).unwrap();
+            }
+        }
+        assert!(bits.capacity() >= steps && bits.capacity() > 4, "grown");
+        // What the cache holds: each stored value rounded to bf16, exactly.
+        let (kb, kw) = (bits.keys(), wide.keys());
+        assert!(matches!(kb, KvView::Bf16(_)) && matches!(kw, KvView::F32(_)));
+        let (kb, kw) = (kb.to_f32(), kw.to_f32());
+        assert!(kb.iter().zip(&kw).all(|(&x, &y)| x == round_to_bf16(y)));
+        assert!(
+            kb.iter().zip(&kw).any(|(x, y)| x != y),
+            "the f32 cache holds unrounded values"
+        );
+    }
 }
 
 /// Measured at most 2.9e-3 over the outputs and gradients of `training_in_bf16_...` (the

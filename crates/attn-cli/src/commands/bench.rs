@@ -93,6 +93,11 @@ pub struct SdpaArgs {
     /// timing), f32 sums, softmax and output; the flash path, forward only.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
+    /// `bf16`: K and V held as bf16 bits before the timing (a bf16 KV cache), read in place
+    /// when decoding (at most 8 query rows per key/value head), widened otherwise; needs
+    /// --dtype bf16.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    kv_dtype: Dtype,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
@@ -125,6 +130,9 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
     if args.dtype == Dtype::Bf16 && args.path == Path::Unfused {
         bail!("--dtype bf16 runs on the flash path: the unfused path computes in f32 (use --path flash)");
     }
+    if args.kv_dtype == Dtype::Bf16 && args.dtype != Dtype::Bf16 {
+        bail!("--kv-dtype bf16 needs --dtype bf16 (a bf16 KV cache feeds bf16 attention)");
+    }
     let dtype = args.dtype.effective(true);
     let mut need = shape.input_bytes().saturating_add(shape.output_bytes());
     if args.backward {
@@ -149,6 +157,7 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
         path: args.path,
         backward: args.backward.then_some(args.backward_path),
         dtype,
+        kv_bf16: args.kv_dtype == Dtype::Bf16,
     };
     let (stats, n) = args.threads.install(|n| Ok((spec.run(budget)?, n)))?;
     println!("{}", spec.report(stats, n, args.flags.json));

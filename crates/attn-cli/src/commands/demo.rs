@@ -361,6 +361,7 @@ fn timing() -> Result<()> {
         path: crate::support::timing::Path::Flash,
         backward: None,
         dtype: Dtype::F32,
+        kv_bf16: false,
     };
     let fused = spec.run(budget)?;
     spec.path = crate::support::timing::Path::Unfused;

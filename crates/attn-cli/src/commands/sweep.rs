@@ -188,6 +188,7 @@ pub fn run(
             path: KernelPath::Flash,
             backward: None,
             dtype,
+            kv_bf16: false,
         };
         let shape = SdpaShape {
             b,
@@ -240,6 +241,7 @@ pub fn run(
                     path: KernelPath::Flash,
                     backward: None,
                     dtype,
+                    kv_bf16: false,
                 };
                 p.torch = Some(spec.flops() / t / 1e9);
             }

@@ -12,8 +12,8 @@ use attn_nn::core::kernels::{
     attention_backward, attention_backward_path, BackwardInputs, BackwardPath, Gradients, View, ViewMut,
 };
 use attn_nn::core::kernels::{
-    attention_unfused, bf16_level, flash_attention, simd_level, AttentionOptions, Causal, ForwardInputs, Par, View4,
-    ViewMut4,
+    attention_bf16_kv, attention_unfused, bf16_level, f32_to_bf16, flash_attention, simd_level, AttentionOptions,
+    Causal, ForwardInputs, Par, View4, ViewMut4,
 };
 use clap::ValueEnum;
 use serde_json::json;
@@ -135,6 +135,8 @@ pub struct SdpaBench {
     pub backward: Option<BackwardChoice>,
     /// The number format of the two products (bf16: the flash path, forward only).
     pub dtype: Dtype,
+    /// K and V held as bf16 bits (a bf16 KV cache), read by `attention_bf16_kv`.
+    pub kv_bf16: bool,
 }
 
 impl SdpaBench {
@@ -158,7 +160,8 @@ impl SdpaBench {
     pub fn bytes(&self) -> f64 {
         let q = self.batch * self.heads * self.seq * self.head_dim;
         let kv = 2 * self.batch * self.kv_heads * self.kv_seq * self.head_dim;
-        (4 * (2 * q + kv)) as f64
+        let kv_bytes = if self.kv_bf16 { 2 } else { 4 };
+        (4 * 2 * q + kv_bytes * kv) as f64
     }
 
     pub fn run(&self, budget: Budget) -> Result<Stats> {
@@ -185,6 +188,27 @@ impl SdpaBench {
         let vv = View4::contiguous(&v, [b, g, t, d])?;
         if let Some(choice) = self.backward {
             return self.run_backward(budget, [qv, kv, vv], &options, choice);
+        }
+        if self.kv_bf16 {
+            let [kb, vb] = [&k, &v].map(|x| x.iter().map(|&x| f32_to_bf16(x)).collect::<Vec<u16>>());
+            let (kb, vb) = (
+                View4::contiguous(&kb, [b, g, t, d])?,
+                View4::contiguous(&vb, [b, g, t, d])?,
+            );
+            let mut call = || {
+                attention_bf16_kv(
+                    ViewMut4::contiguous(&mut out, [b, h, s, d])?,
+                    None,
+                    qv,
+                    kb,
+                    vb,
+                    &options,
+                    Par::Rayon,
+                )
+            };
+            // One checked call surfaces shape errors before timing.
+            call()?;
+            return Ok(measure(budget, || call().expect("shapes checked above")));
         }
         // One checked call surfaces shape errors before timing.
         let kernel = match self.path {
@@ -278,7 +302,7 @@ impl SdpaBench {
                 "batch": self.batch, "heads": self.heads, "kv_heads": self.kv_heads,
                 "seq": self.seq, "kv_seq": self.kv_seq, "head_dim": self.head_dim, "causal": self.causal,
                 "threads": threads, "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
-                "dtype": self.dtype.name(),
+                "dtype": self.dtype.name(), "kv_dtype": if self.kv_bf16 { "bf16" } else { "f32" },
                 "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs,
                 "gflops": gflops, "gbps": gbps, "peak_rss_bytes": peak_rss_bytes(),
             })

@@ -2,14 +2,14 @@
 //! and the packed variant for sequences of different lengths.
 
 use attn_kernels::{
-    arena, attention, attention_weights, AttentionOptions, Causal, ForwardInputs, Par, View, View2, View4, ViewMut,
-    WeightsDst,
+    arena, attention, attention_bf16_kv, attention_weights, AttentionOptions, Causal, ForwardInputs, Par, View, View2,
+    View4, ViewMut, WeightsDst,
 };
 
 use super::weights::Proj;
 use super::{Core, Dims, MaskSet, MhaOptions, MhaOutput, NeedWeights, Sequence};
 use crate::error::shape_error;
-use crate::{f32_size_in_bytes, AttnError, KvCache, Result};
+use crate::{f32_size_in_bytes, AttnError, KvCache, KvView, Result};
 
 /// Where a forward call's keys and values come from: the four legal sources.
 pub(super) enum Source<'s, 'c> {
@@ -22,6 +22,11 @@ pub(super) enum Source<'s, 'c> {
     Append(&'c mut KvCache),
     /// Keys and values already in the cache (a fixed memory), which is left unchanged.
     Memory(&'c KvCache),
+}
+
+/// Freshly projected keys and values as the cache's views.
+fn fresh<'a>(k: View4<'a, f32>, v: View4<'a, f32>) -> (KvView<'a>, KvView<'a>) {
+    (KvView::F32(k), KvView::F32(v))
 }
 
 /// The projections of one call.
@@ -164,7 +169,7 @@ impl Core {
         let q_view = head_view(&p.q_buf, 0, [b, h, s, d], p.q_width, [qbs, qls])?;
         let (k_fresh, v_fresh) = match &source {
             Source::Memory(cache) => (cache.keys(), cache.values()),
-            _ if p.fused => (
+            _ if p.fused => fresh(
                 head_view(&p.q_buf, h * d, [b, self.dims.g, s, d], p.q_width, [qbs, qls])?,
                 head_view(
                     &p.q_buf,
@@ -176,7 +181,7 @@ impl Core {
             ),
             _ => {
                 let (g, t) = (self.dims.g, p.t_new);
-                (
+                fresh(
                     View4::new(&p.k_buf, [b, g, t, d], [t * g * d, d, g * d, 1])?,
                     View4::new(&p.v_buf, [b, g, t, dv], [t * g * dv, dv, g * dv, 1])?,
                 )
@@ -184,7 +189,10 @@ impl Core {
         };
         let (k_view, v_view) = match &mut source {
             Source::Append(cache) => {
-                cache.append(k_fresh, v_fresh)?;
+                let (KvView::F32(k_new), KvView::F32(v_new)) = (k_fresh, v_fresh) else {
+                    unreachable!("projected keys and values are f32")
+                };
+                cache.append(k_new, v_new)?;
                 (cache.keys(), cache.values())
             }
             _ => (k_fresh, v_fresh),
@@ -206,17 +214,28 @@ impl Core {
         let lse_view = (!lse.is_empty())
             .then(|| ViewMut::contiguous(&mut lse[..], [b, h, s]))
             .transpose()?;
-        attention(
-            out_view,
-            lse_view,
-            ForwardInputs::new(q_view, k_view, v_view),
-            &kernel_options,
-            par,
-        )?;
-        let weights = if need == NeedWeights::No {
-            None
-        } else {
-            Some(weights_from_lse(need, q_view, k_view, &lse, &kernel_options, par)?)
+        match (k_view, v_view) {
+            (KvView::F32(k), KvView::F32(v)) => attention(
+                out_view,
+                lse_view,
+                ForwardInputs::new(q_view, k, v),
+                &kernel_options,
+                par,
+            )?,
+            // A bf16 cache: read in place when decoding, the bits of its widened values.
+            (KvView::Bf16(k), KvView::Bf16(v)) => {
+                attention_bf16_kv(out_view, lse_view, q_view, k, v, &kernel_options, par)?
+            }
+            _ => unreachable!("a cache holds keys and values of one precision"),
+        }
+        let weights = match (need, k_view) {
+            (NeedWeights::No, _) => None,
+            (_, KvView::F32(k)) => Some(weights_from_lse(need, q_view, k, &lse, &kernel_options, par)?),
+            (_, KvView::Bf16(_)) => {
+                let k = k_view.to_f32();
+                let k = View4::contiguous(&k, k_view.shape())?;
+                Some(weights_from_lse(need, q_view, k, &lse, &kernel_options, par)?)
+            }
         };
         let output = self.project_out(attn_out, b * s, par)?;
         Ok(MhaOutput { output, weights })

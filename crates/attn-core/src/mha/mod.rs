@@ -246,10 +246,12 @@ impl MultiHeadAttention {
         self.core.forward_bytes(batch, s, t, need_weights)
     }
 
-    /// An empty cache sized for this module and `batch` sequences.
+    /// An empty cache sized for this module and `batch` sequences, in the module's precision:
+    /// a module in [`Precision::Bf16`] keeps bf16 bits ([`KvCache::new_in`]), half the bytes, with
+    /// the same outputs (its attention rounds keys and values to bf16 as it reads them anyway).
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         let d = self.core.dims;
-        KvCache::new(batch, d.g, d.d, d.dv, capacity)
+        KvCache::new_in(self.precision(), batch, d.g, d.d, d.dv, capacity)
     }
 }
 
