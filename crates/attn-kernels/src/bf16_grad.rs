@@ -24,6 +24,7 @@ use crate::bf16::PANEL;
 const STEP_PAIRS: usize = 16;
 use crate::error::check_len;
 use crate::grad::add_column_sums;
+use crate::view::SharedMut;
 use crate::{round_to_bf16, Accum, Bf16Level, Bf16Panels, KernelError, LinearShape, Par, View2, ViewMut2};
 
 /// [`crate::linear_backward`] with bf16 products: `dx = dy·W` (written, when asked for) with
@@ -87,14 +88,13 @@ pub(crate) fn weight_gradient(
     #[cfg(target_arch = "x86_64")]
     if level == Bf16Level::Amx && n > 0 && out_dim > 0 && in_dim > 0 {
         // `dyᵀ` as AMX A tiles and `x` as panels, both padded with zero pairs to whole steps of
-        // the depth `n`, in aligned buffers zeroed first (the padding is read).
+        // the depth `n`, in aligned buffers whose every word `pack_pairs` writes (the padding
+        // is read).
         let steps = crate::bf16::padded_pairs(n) / STEP_PAIRS;
         let a_len = out_dim.div_ceil(PANEL) * steps * STEP_PAIRS * PANEL;
         let b_panel = steps * STEP_PAIRS * PANEL;
         let mut a = crate::buffer::take(a_len);
         let mut b = crate::buffer::take(in_dim.div_ceil(PANEL) * b_panel);
-        a.fill(0.0);
-        b.fill(0.0);
         pack_pairs(&mut a, dy, [n, out_dim], Layout::Tiles(steps), par);
         pack_pairs(&mut b, x, [n, in_dim], Layout::PaddedPanels(steps * STEP_PAIRS), par);
         // SAFETY: AMX was detected; `a` holds the tiles of `dyᵀ: [out, n]`, `b` the panels of
@@ -180,6 +180,42 @@ enum Layout {
     Tiles(usize),
 }
 
+/// Pairs `p0 .. p0 + count` of `src: [n, width]`'s rows at columns `c0 .. c0 + cols` into
+/// `words`, 16 words per pair (zeros past `n` and `cols`): one vector call for the run at the
+/// AVX512-BF16 level, else [`crate::bf16::pair_rows`] per pair.
+fn interleave_rows(src: &[f32], at: [usize; 4], p0: usize, count: usize, words: &mut [f32]) {
+    assert!(words.len() >= count * PANEL);
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level().has_avx512bf16() {
+        // SAFETY: the level was detected; `words` holds 16 words per pair (asserted).
+        unsafe { crate::bf16::avx512bf16::interleave_rows(src, at, p0, count, words.as_mut_ptr()) };
+        return;
+    }
+    let (mut lo_buf, mut hi_buf) = ([0.0f32; PANEL], [0.0f32; PANEL]);
+    for (q, out) in words[..count * PANEL].chunks_exact_mut(PANEL).enumerate() {
+        let p = p0 + q;
+        let (lo, hi) = (row(src, 2 * p, at, &mut lo_buf), row(src, 2 * p + 1, at, &mut hi_buf));
+        crate::bf16::pair_rows(lo, hi, out);
+    }
+}
+
+/// `tile[l·16 + q] = block[q][l]`: 16 pairs of 16 columns as an AMX A tile (row `l` holds
+/// column `l`'s pairs).
+fn transpose_into(block: &[[f32; PANEL]; STEP_PAIRS], tile: &mut [f32]) {
+    assert!(tile.len() >= STEP_PAIRS * PANEL);
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level().has_avx512bf16() {
+        // SAFETY: the level has AVX-512F; `tile` holds 16 rows of 16 words (asserted).
+        unsafe { crate::bf16::avx512bf16::transpose16(block, tile.as_mut_ptr(), PANEL) };
+        return;
+    }
+    for (q, words) in block.iter().enumerate() {
+        for (l, &word) in words.iter().enumerate() {
+            tile[l * STEP_PAIRS + q] = word;
+        }
+    }
+}
+
 /// Row `j` of `src: [n, width]` at columns `c0..c0 + 16`: in place, a copy of a ragged end (of
 /// `cols` columns) into `buf`, or zeros past `n`.
 fn row<'a>(src: &'a [f32], j: usize, [n, width, c0, cols]: [usize; 4], buf: &'a mut [f32; PANEL]) -> &'a [f32] {
@@ -194,11 +230,14 @@ fn row<'a>(src: &'a [f32], j: usize, [n, width, c0, cols]: [usize; 4], buf: &'a 
 }
 
 /// `src: [n, width]` rounded to bf16 as pairs of rows along `n` (a zero row after an odd `n`),
-/// laid out by `layout`. Columns are taken 16 at a time, each pair of rows by
-/// [`crate::bf16::pair_rows`].
+/// laid out by `layout`, with every word of the layout written (zeros in its padding).
+///
+/// One task per 16 pairs (32 rows of `src`), which it reads row by row across the columns,
+/// 16 columns at a time ([`interleave_rows`]), and writes into every panel's share: reading
+/// a column strip down all the rows instead (a panel per task) strided across pages and
+/// stalled on most loads.
 fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layout, par: Par) {
     let pairs = n.div_ceil(2);
-    // One task per 16 columns: it writes those columns' words, for every pair.
     let panels = width.div_ceil(PANEL);
     let chunk = match layout {
         Layout::Rows => PANEL * pairs,
@@ -206,36 +245,55 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
         Layout::PaddedPanels(stride) => stride * PANEL,
         Layout::Tiles(steps) => steps * STEP_PAIRS * PANEL,
     };
-    let one = |(panel, out): (usize, &mut [f32])| {
-        let c0 = panel * PANEL;
-        let cols = (width - c0).min(PANEL);
-        let mut words = [0.0f32; PANEL];
-        let mut lo_buf = [0.0f32; PANEL];
-        let mut hi_buf = [0.0f32; PANEL];
-        for p in 0..pairs {
-            let at = [n, width, c0, cols];
-            let (lo, hi) = (row(src, 2 * p, at, &mut lo_buf), row(src, 2 * p + 1, at, &mut hi_buf));
-            crate::bf16::pair_rows(lo, hi, &mut words);
-            match layout {
-                Layout::Panels | Layout::PaddedPanels(_) => out[p * PANEL..(p + 1) * PANEL].copy_from_slice(&words),
-                Layout::Tiles(_) => {
-                    let tile = p / STEP_PAIRS * STEP_PAIRS * PANEL;
-                    for (l, &word) in words.iter().enumerate().take(cols) {
-                        out[tile + l * STEP_PAIRS + p % STEP_PAIRS] = word;
+    let groups = pairs.div_ceil(STEP_PAIRS);
+    if let Layout::Tiles(steps) = layout {
+        assert_eq!(steps, groups, "A tiles of whole steps, no more");
+    }
+    if let Layout::PaddedPanels(stride) = layout {
+        assert!(stride >= pairs);
+    }
+    let dst = &mut dst[..panels * chunk];
+    if let Layout::PaddedPanels(stride) = layout {
+        // The padding pairs up to each panel's whole steps, read by the AMX kernel.
+        dst.chunks_exact_mut(chunk)
+            .for_each(|panel| panel[pairs * PANEL..stride * PANEL].fill(0.0));
+    }
+    let out = SharedMut(dst.as_mut_ptr());
+    let group = |g: usize| {
+        let (p0, mut block) = (g * STEP_PAIRS, [[0.0f32; PANEL]; STEP_PAIRS]);
+        let count = (pairs - p0).min(STEP_PAIRS);
+        for panel in 0..panels {
+            let (c0, base) = (panel * PANEL, panel * chunk);
+            let cols = (width - c0).min(PANEL);
+            interleave_rows(src, [n, width, c0, cols], p0, count, block.as_flattened_mut());
+            // SAFETY: `base + chunk <= dst.len()`; within a panel, this task alone writes the
+            // words of pairs `p0 .. p0 + count` (the tile of group `g`, or those pairs' words
+            // of each column), so no two tasks write the same word.
+            unsafe {
+                let panel_words = std::slice::from_raw_parts_mut(out.get().add(base), chunk);
+                match layout {
+                    Layout::Tiles(_) => {
+                        // Zeros past the pairs; columns past `cols` are zeros already.
+                        block[count..].iter_mut().for_each(|words| words.fill(0.0));
+                        let tile = STEP_PAIRS * PANEL;
+                        transpose_into(&block, &mut panel_words[g * tile..(g + 1) * tile]);
                     }
-                }
-                Layout::Rows => {
-                    for (l, &word) in words.iter().enumerate().take(cols) {
-                        out[l * pairs + p] = word;
+                    Layout::Panels | Layout::PaddedPanels(_) => panel_words[p0 * PANEL..(p0 + count) * PANEL]
+                        .copy_from_slice(&block.as_flattened()[..count * PANEL]),
+                    Layout::Rows => {
+                        for (q, words) in block[..count].iter().enumerate() {
+                            for (l, &word) in words.iter().enumerate().take(cols) {
+                                panel_words[l * pairs + p0 + q] = word;
+                            }
+                        }
                     }
                 }
             }
         }
     };
-    let dst = &mut dst[..panels * chunk];
     match par {
-        Par::Seq => dst.chunks_mut(chunk).enumerate().for_each(one),
-        Par::Rayon => dst.par_chunks_mut(chunk).enumerate().for_each(one),
+        Par::Seq => (0..groups).for_each(group),
+        Par::Rayon => (0..groups).into_par_iter().for_each(group),
     }
 }
 
@@ -365,6 +423,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AMX A tiles of a transpose: the vector transpose gives the scalar one's words.
+    #[test]
+    fn transpose_into_tiles_is_the_transpose() {
+        let block: [[f32; PANEL]; STEP_PAIRS] =
+            std::array::from_fn(|q| std::array::from_fn(|l| f32::from_bits((q * 100 + l) as u32 + 1)));
+        let mut tile = vec![0.0f32; STEP_PAIRS * PANEL];
+        transpose_into(&block, &mut tile);
+        for (l, row) in tile.chunks(STEP_PAIRS).enumerate() {
+            let want: Vec<u32> = (0..STEP_PAIRS).map(|q| (q * 100 + l) as u32 + 1).collect();
+            assert_eq!(
+                row.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want,
+                "tile row {l}"
+            );
+        }
+    }
+
+    /// Every word of the AMX operands is written, the padding with zeros: packing into buffers
+    /// full of NaN gives the weight gradient of packing into zeros.
+    #[test]
+    fn weight_gradient_writes_its_padding() {
+        if crate::bf16_level() != Bf16Level::Amx {
+            eprintln!("note: no AMX here; its packing is not checked");
+            return;
+        }
+        let (n, in_dim, out_dim) = (37, 21, 19);
+        let sh = LinearShape { n, in_dim, out_dim };
+        let (dy, x) = (random_vec(n * out_dim, 1), random_vec(n * in_dim, 2));
+        let run = || {
+            let mut dw = vec![0.0f32; out_dim * in_dim];
+            weight_gradient(Bf16Level::Amx, &mut dw, &dy, &x, sh, Par::Seq).unwrap();
+            dw
+        };
+        let clean = run();
+        // Dirty the pool: the next packings reuse these buffers as they are.
+        let dirty: Vec<_> = (0..8)
+            .map(|_| {
+                let mut b = crate::buffer::take(4096);
+                b.fill(f32::NAN);
+                b
+            })
+            .collect();
+        dirty.into_iter().for_each(crate::buffer::give);
+        let again = run();
+        assert!(again.iter().all(|v| v.is_finite()), "padding left unwritten");
+        assert_eq!(clean, again);
     }
 
     #[test]

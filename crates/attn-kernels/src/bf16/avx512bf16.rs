@@ -41,6 +41,89 @@ pub(crate) unsafe fn interleave16(lo: *const f32, hi: *const f32, out: *mut f32)
     }
 }
 
+/// The transpose of a 16 × 16 block of words: `out[l·ld + p] = rows[p][l]` (row `l` of the
+/// result at `out + l·ld`), by two rounds of unpacks within 128-bit lanes and two of lane
+/// shuffles.
+///
+/// # Safety
+/// AVX-512F must be available; `out + l·ld` writable for 16 words for every `l < 16`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16(rows: &[[f32; 16]; 16], out: *mut f32, ld: usize) {
+    // SAFETY: each row holds 16 words; the stores by the caller's contract.
+    unsafe {
+        let r: [__m512i; 16] = std::array::from_fn(|p| _mm512_loadu_si512(rows[p].as_ptr().cast()));
+        // t[2k] = (r[2k][0] r[2k+1][0] r[2k][1] r[2k+1][1]) per lane, t[2k + 1] the lane's
+        // words 2 and 3.
+        let t: [__m512i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[4q + j]: column j + 4·lane of rows 4q .. 4q + 4, per lane.
+        let u: [__m512i; 16] = std::array::from_fn(|i| {
+            let (q, j) = (i / 4, i % 4);
+            let (a, b) = (t[4 * q + j / 2], t[4 * q + 2 + j / 2]);
+            if j % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        for j in 0..4 {
+            // Lanes (col j, col j + 8) then (col j + 4, col j + 12) of rows 0..8 and 8..16.
+            let v0 = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+            let w0 = _mm512_shuffle_i32x4::<0xDD>(u[j], u[4 + j]);
+            let v1 = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+            let w1 = _mm512_shuffle_i32x4::<0xDD>(u[8 + j], u[12 + j]);
+            let store = |l: usize, x: __m512i| _mm512_storeu_si512(out.add(l * ld).cast(), x);
+            store(j, _mm512_shuffle_i32x4::<0x88>(v0, v1));
+            store(j + 8, _mm512_shuffle_i32x4::<0xDD>(v0, v1));
+            store(j + 4, _mm512_shuffle_i32x4::<0x88>(w0, w1));
+            store(j + 12, _mm512_shuffle_i32x4::<0xDD>(w0, w1));
+        }
+    }
+}
+
+/// Pairs `p0 .. p0 + count` of the rows of `src: [n, width]` at columns `c0 .. c0 + cols`
+/// (`cols ≤ 16`), each as [`interleave16`] pairs rows `2p` and `2p + 1`, pair `p` to the 16
+/// words at `out + (p − p0)·16`; zeros for rows from `n` and columns from `cols`. One call per
+/// run of pairs, so the level is checked once rather than per pair.
+///
+/// # Safety
+/// AVX-512F/BW and AVX512-BF16 must be available; `out` writable for `16·count` words.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn interleave_rows(
+    src: &[f32],
+    [n, width, c0, cols]: [usize; 4],
+    p0: usize,
+    count: usize,
+    out: *mut f32,
+) {
+    assert!(cols <= 16 && c0 + cols <= width && src.len() >= n * width);
+    let mask = ((1u32 << cols) - 1) as __mmask16;
+    // SAFETY: masked loads of `cols` values inside row `j < n` (asserted); the stores by the
+    // caller's contract; the transmute is between 512-bit vectors.
+    unsafe {
+        let index = _mm512_loadu_si512(INDEX.as_ptr().cast());
+        let row = |j: usize| {
+            if j < n {
+                _mm512_maskz_loadu_ps(mask, src.as_ptr().add(j * width + c0))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for q in 0..count {
+            let p = p0 + q;
+            let both = _mm512_cvtne2ps_pbh(row(2 * p + 1), row(2 * p));
+            let words = _mm512_permutexvar_epi16(index, std::mem::transmute::<__m512bh, __m512i>(both));
+            _mm512_storeu_si512(out.add(16 * q).cast(), words);
+        }
+    }
+}
+
 /// `src` rounded to bf16, in order, into `dst`'s words (two values per word, a zero after
 /// an odd count).
 ///
