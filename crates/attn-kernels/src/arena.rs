@@ -22,7 +22,7 @@ thread_local! {
     static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The smallest kept buffer whose capacity holds `len`, emptied.
+/// The smallest kept buffer whose capacity holds `len`, with the values its last use left.
 fn take(len: usize) -> Option<Vec<f32>> {
     if len < KEEP_FLOATS {
         return None;
@@ -32,9 +32,7 @@ fn take(len: usize) -> Option<Vec<f32>> {
         let best = (0..free.len())
             .filter(|&i| free[i].capacity() >= len)
             .min_by_key(|&i| free[i].capacity())?;
-        let mut v = free.swap_remove(best);
-        v.clear();
-        Some(v)
+        Some(free.swap_remove(best))
     })
 }
 
@@ -49,21 +47,33 @@ fn class(len: usize) -> usize {
     len.div_ceil(step) * step
 }
 
-/// An empty buffer for `len` floats: kept, or new with its class's capacity.
-fn empty(len: usize) -> Vec<f32> {
+/// A buffer for `len` floats: kept (holding what its last use left), or new and empty with its
+/// class's capacity.
+fn reuse(len: usize) -> Vec<f32> {
     take(len).unwrap_or_else(|| Vec::with_capacity(class(len)))
 }
 
 /// `len` zeros, in a kept buffer when one fits.
 pub fn zeroed(len: usize) -> Vec<f32> {
-    let mut v = empty(len);
+    let mut v = reuse(len);
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+/// `len` floats whose values are unspecified (those a kept buffer's last use left, zeros past
+/// them), for a caller that writes every element before it reads any: it saves [`zeroed`]'s
+/// pass over the buffer.
+pub fn overwritten(len: usize) -> Vec<f32> {
+    let mut v = reuse(len);
     v.resize(len, 0.0);
     v
 }
 
 /// A copy of `src`, in a kept buffer when one fits.
 pub fn copied(src: &[f32]) -> Vec<f32> {
-    let mut v = empty(src.len());
+    let mut v = reuse(src.len());
+    v.clear();
     v.extend_from_slice(src);
     v
 }
@@ -81,6 +91,17 @@ pub fn give(v: Vec<f32>) {
             // Keep the largest: they serve every smaller request too.
             let smallest = (0..free.len()).min_by_key(|&i| free[i].capacity()).unwrap_or(0);
             total -= free.swap_remove(smallest).capacity();
+        }
+    });
+}
+
+/// Fills every kept buffer of this thread with NaN, to its capacity: tests use it to show that
+/// no result depends on what a buffer's last use left in it ([`overwritten`]).
+pub fn poison() {
+    FREE.with(|free| {
+        for v in free.borrow_mut().iter_mut() {
+            v.clear();
+            v.resize(v.capacity(), f32::NAN);
         }
     });
 }

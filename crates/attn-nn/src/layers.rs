@@ -121,7 +121,8 @@ impl Linear {
     pub fn forward(&self, x: &[f32], par: Par) -> Result<Vec<f32>> {
         let [out, inp] = self.dims();
         let n = x.len() / inp.max(1);
-        let mut y = arena::zeroed(n * out);
+        // Every element is written by the product.
+        let mut y = arena::overwritten(n * out);
         self.forward_into(&mut y, x, par)?;
         Ok(y)
     }
@@ -270,7 +271,8 @@ impl Norm {
 
     /// `norm(x)` into a new buffer: `x: [N, E]` rows.
     pub fn forward(&self, x: &[f32], par: Par) -> Result<Vec<f32>> {
-        let mut out = arena::zeroed(x.len());
+        // Every row is written by the norm.
+        let mut out = arena::overwritten(x.len());
         kernels::norm_rows(&mut out, x, self.params(), par).map_err(AttnError::from)?;
         Ok(out)
     }
@@ -414,7 +416,7 @@ impl FeedForward {
     pub fn forward_train(&self, x: &[f32], step: &mut Step<'_>) -> Result<(Vec<f32>, FfnTape)> {
         let [f, e] = self.linear1.dims();
         let n = x.len() / e.max(1);
-        let mut u = arena::zeroed(n * f);
+        let mut u = arena::overwritten(n * f);
         self.linear1.forward_into(&mut u, x, step.par)?;
         let z = self.activated(&u, step)?;
         let y = self.linear2.forward(&z, step.par)?;

@@ -325,12 +325,13 @@ impl Core {
         let q_rows = Self::rows(query)?;
         let (mut q_buf, q_width) = if fused {
             let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
-            let mut buf = arena::zeroed(b * s * width);
+            // Every element is written by the projection (here and below).
+            let mut buf = arena::overwritten(b * s * width);
             let bias = self.b_qkv.as_ref().map(|t| t.data());
             self.apply(Proj::Fused, &mut buf, width, q_rows, bias, par)?;
             (buf, width)
         } else {
-            let mut buf = arena::zeroed(b * s * h * d);
+            let mut buf = arena::overwritten(b * s * h * d);
             self.apply(Proj::Part(0), &mut buf, h * d, q_rows, self.bias(0), par)?;
             (buf, h * d)
         };
@@ -375,7 +376,8 @@ impl Core {
             return Ok(arena::copied(attn_out));
         };
         let width = self.dims.h * self.dims.dv;
-        let mut output = arena::zeroed(tokens * out_dim);
+        // Every element is written by the projection.
+        let mut output = arena::overwritten(tokens * out_dim);
         let x = View2::contiguous(attn_out, [tokens, width])?;
         let bias = self.b_out.as_ref().map(|t| t.data());
         self.apply(Proj::Out, &mut output, out_dim, x, bias, par)?;
