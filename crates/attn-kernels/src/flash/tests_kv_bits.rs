@@ -271,6 +271,16 @@ fn strided_bits_and_shape_errors() {
     let [got, want] = both(shape, &q, [&strided, &strided], &options, Par::Seq);
     assert!(same_bits(&got.0, &want.0));
 
+    // No keys at all: the rows attend to nothing, as `attention` gives them (zeros, LSE -inf).
+    let empty = Shape {
+        dims: [b, h, g, s, 0, d, d],
+        cap: 0,
+    };
+    let none = View4::new(&bits[..0], [b, g, 0, d], [0, 0, d, 1]).unwrap();
+    let [got, want] = both(empty, &q, [&none, &none], &options, Par::Seq);
+    assert!(same_bits(&got.0, &want.0) && same_bits(&got.1, &want.1));
+    assert!(got.0.iter().all(|&x| x == 0.0) && got.1.iter().all(|&x| x == f32::NEG_INFINITY));
+
     let short = View4::new(&bits, [b, g, t - 1, d], [g * t * 2 * d, t * 2 * d, 2 * d, 1]).unwrap();
     let full = View4::new(&bits, [b, g, t, d], [g * t * 2 * d, t * 2 * d, 2 * d, 1]).unwrap();
     let mut out = vec![0.0f32; b * h * s * d];
