@@ -38,7 +38,8 @@ fn minilm_embeddings_match_sentence_transformers() {
         model.display()
     );
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
-    let out = std::env::temp_dir().join(format!("attn-embed-{}.safetensors", std::process::id()));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("attn-embed-{}.safetensors", std::process::id()));
     for batch_size in ["1", "16"] {
         let result = Command::new(env!("CARGO_BIN_EXE_attn"))
             // The file has a blank line, embedded as the empty sentence in the reference.
@@ -77,7 +78,7 @@ fn minilm_embeddings_match_sentence_transformers() {
 /// set when given): the rows and stderr.
 fn embed_golden(model: &Path, dtype: &str, simd: Option<&str>) -> (Vec<f32>, String) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
-    let out = std::env::temp_dir().join(format!(
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "attn-embed-{dtype}-{simd:?}-{}-{}.safetensors",
         std::process::id(),
         model.file_name().unwrap().to_string_lossy()
@@ -217,7 +218,8 @@ fn embed_errors_say_what_to_do() {
     let err = String::from_utf8_lossy(&default_missing.stderr);
     assert!(err.contains("cargo xtask fetch-model"), "{err}");
 
-    let bad = std::env::temp_dir().join(format!("attn-embed-bad-{}.txt", std::process::id()));
+    let bad =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-embed-bad-{}.txt", std::process::id()));
     std::fs::write(&bad, [0x66, 0x6f, 0xff, 0x0a]).unwrap();
     let result = Command::new(env!("CARGO_BIN_EXE_attn"))
         .args(["embed", "--model"])
@@ -241,7 +243,8 @@ fn embed_errors_say_what_to_do() {
 /// A copy of the model folder (symbolic links to the real files) with one file replaced.
 fn model_with(case: &str, file: &str, contents: Vec<u8>) -> std::path::PathBuf {
     let source = model_dir();
-    let dir = std::env::temp_dir().join(format!("attn-model-{}-{case}", std::process::id()));
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-model-{}-{case}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
     for entry in std::fs::read_dir(&source).unwrap() {
@@ -388,7 +391,8 @@ fn embed_prints_a_table_and_embeds_blank_lines() {
     };
     assert!(row(0)[1] > row(0)[2] + 0.2, "{out}");
 
-    let file = std::env::temp_dir().join(format!("attn-embed-blank-{}.txt", std::process::id()));
+    let file =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-embed-blank-{}.txt", std::process::id()));
     std::fs::write(&file, "first\n\nthird\n").unwrap();
     let embed = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_attn"))

@@ -166,7 +166,8 @@ fn padded_token_ids_embed_as_the_unpadded_sequence() {
 #[test]
 fn sentence_embedder_reads_a_model_folder() {
     use safetensors::tensor::TensorView;
-    let dir = std::env::temp_dir().join(format!("attn-bert-folder-{}", std::process::id()));
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-bert-folder-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
     let err = SentenceEmbedder::from_dir(&dir).unwrap_err().to_string();
     assert!(err.contains("config.json") && err.contains("missing"), "{err}");
@@ -260,7 +261,7 @@ fn bf16_files_load_without_widening_in_bf16() {
     use attn_nn::core::kernels::f32_to_bf16;
     use attn_nn::core::Precision;
     use safetensors::tensor::TensorView;
-    let dir = std::env::temp_dir().join(format!("attn-bert-bf16-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-bert-bf16-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
     let weights = tiny_bert_weights();

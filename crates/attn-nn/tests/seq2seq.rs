@@ -407,7 +407,8 @@ fn checkpoints_round_trip_through_the_library() {
     assert_eq!(again.to_checkpoint(&Default::default()).unwrap(), bytes);
     let extra = std::collections::BTreeMap::from([("note".to_string(), "hi".to_string())]);
     assert_eq!(metadata(&model.to_checkpoint(&extra).unwrap(), "note"), "hi");
-    let path = std::env::temp_dir().join(format!("attn-seq2seq-{}.safetensors", std::process::id()));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("attn-seq2seq-{}.safetensors", std::process::id()));
     model.save(&path).unwrap();
     assert_eq!(Seq2Seq::load(&path).unwrap().state_dict(), dict);
     std::fs::remove_file(&path).unwrap();

@@ -55,13 +55,14 @@ fn text_embeds_as_its_token_ids_do() {
 
 #[test]
 fn a_folder_that_is_not_a_model_is_named() {
-    let missing = std::env::temp_dir().join("attn-no-such-model-folder");
+    let missing = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("attn-no-such-model-folder");
     let err = TextEmbedder::from_dir(&missing).unwrap_err().to_string();
     assert!(
         err.contains("attn-no-such-model-folder") && err.contains("does not exist"),
         "{err}"
     );
-    let empty = std::env::temp_dir().join(format!("attn-empty-model-{}", std::process::id()));
+    let empty =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-empty-model-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();
     let err = TextEmbedder::from_dir(&empty).unwrap_err().to_string();
     assert!(err.contains("has no config.json"), "{err}");
