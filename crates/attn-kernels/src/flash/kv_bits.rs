@@ -1,7 +1,7 @@
 //! Attention over keys and values held as bf16 bits ([`attention_bf16_kv`]): a bf16 KV cache,
 //! read in place by decoding's bf16 kernels at half the bytes of an f32 one.
 
-use super::{run_operands, validate, Bf16Source, Dst, Kv, Operands};
+use super::{decodes_in_place, run_operands, validate, Bf16Source, Dst, Kv, Operands, Plan};
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
 use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precision, View4, ViewMut, ViewMut4};
@@ -56,7 +56,7 @@ pub fn attention_bf16_kv(
     let op = "attention_bf16_kv";
     let plan = validate(op, out.shape(), lse.as_ref().map(|l| l.shape()), &q, &k, &v, options)?;
     let (mut out, mut lse) = (out, lse);
-    if reads_in_place(plan.rows_per_group, &k, &v, options) {
+    if reads_in_place(&plan, &k, &v, options) {
         let ops = Operands {
             q,
             k: Kv::Bits(k),
@@ -86,19 +86,17 @@ pub fn attention_bf16_kv(
     crate::attention(out, lse, inputs, options, par)
 }
 
-/// Whether [`attention_bf16_kv`] reads `k` and `v` in place for a call of `rows_per_group`
-/// query rows per key/value head (else it widens them).
+/// Whether [`attention_bf16_kv`] reads `k` and `v` in place for a call of `plan` (else it
+/// widens them): in bf16, with bf16 instructions, when the f32 kernel would decode in place.
 pub(super) fn reads_in_place(
-    rows_per_group: usize,
+    plan: &Plan,
     k: &View4<'_, u16>,
     v: &View4<'_, u16>,
     options: &AttentionOptions<'_>,
 ) -> bool {
     options.precision == Precision::Bf16
         && crate::bf16_level() != Bf16Level::None
-        && rows_per_group <= DECODE_ROWS
-        && k.strides()[3] == 1
-        && v.strides()[3] == 1
+        && decodes_in_place(plan, k.strides(), v.strides())
 }
 
 /// The most query rows per key/value head that [`attention_bf16_kv`] reads in place: those of

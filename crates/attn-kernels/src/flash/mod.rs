@@ -201,7 +201,7 @@ fn attend(
     // bf16 operands are packed once per call into pairs, except when decoding: a few query
     // rows per key/value head read each key and value once, so they are rounded as they are
     // loaded instead (packing would cost more than the products).
-    let in_place = plan.rows_per_group <= crate::tile::DECODE_ROWS_MAX && k.strides()[3] == 1 && v.strides()[3] == 1;
+    let in_place = decodes_in_place(plan, k.strides(), v.strides());
     // Packed bf16 operands run on AMX where the CPU has it (whole tiles: padded layouts).
     let amx = operation == Operation::Bf16 && !in_place && crate::bf16_level() == Bf16Level::Amx;
     let bf16_packed = (operation == Operation::Bf16 && !in_place).then(|| {
@@ -248,6 +248,13 @@ fn run_operands(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bool
     } else {
         split_kv::attend_split(plan, ops, dst, par)
     }
+}
+
+/// Whether a call of `plan` with K and V of these strides is decoding, whose bf16 kernels read
+/// K and V in place (a few query rows per key/value head, contiguous rows) instead of packing
+/// them; [`attention_bf16_kv`] reads bf16 bits in place by the same rule.
+pub(crate) fn decodes_in_place(plan: &Plan, k_strides: [usize; 4], v_strides: [usize; 4]) -> bool {
+    plan.rows_per_group <= DECODE_ROWS && k_strides[3] == 1 && v_strides[3] == 1
 }
 
 /// One task per `(b, g, row tile)` over all keys, each writing its rows. Returns whether a row
