@@ -1,10 +1,18 @@
-//! GEMM on strided f32 views: a thin, allocation-free wrapper over faer's `matmul`, and its f64
-//! reference.
+//! GEMM on strided f32 views, and its f64 reference.
 //!
-//! faer packs and tiles internally; this module only checks shapes, turns views into faer's
-//! `MatRef`/`MatMut` without copying, and passes the parallelism through.
+//! On an Intel CPU at the AVX-512 level, products big enough to pay for packing (at least 48
+//! rows, 32 columns and 2²⁰ multiply-adds) into a row-major destination run on attn's own packed
+//! GEMM ([`avx512`]: 12 × 32 micro-kernel, BLIS's blocking), which measured 1.01–1.07× faer's
+//! on the layer shapes there; everything else (other CPUs, where faer measured faster, other
+//! levels, small or thin products, column-major destinations) goes to faer's `matmul`, whose
+//! views are made without copying. `ATTN_GEMM=faer` sends every product to faer, for
+//! comparison. Either way every element is summed in an order that does not depend on the
+//! thread count.
 
 use crate::{KernelError, View2, ViewMut2};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// How much parallelism an operation may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +43,8 @@ pub enum Accum {
 
 /// `dst = alpha · lhs · rhs` (or `+=`, by `accum`): `lhs: [M, K]`, `rhs: [K, N]` -> `dst: [M, N]`.
 ///
-/// Any strides work, including transposed views; no allocation happens here.
+/// Any strides work, including transposed views. faer allocates nothing here; attn's own GEMM
+/// packs into buffers each thread keeps between calls.
 ///
 /// ```
 /// use attn_kernels::{gemm, Accum, Par, View2, ViewMut2};
@@ -122,6 +131,24 @@ pub(crate) unsafe fn gemm_raw(
     par: Par,
 ) {
     if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if dst_strides[1] == 1 && avx512::worth_it([m, n, k]) && crate::simd::simd_level() == crate::SimdLevel::Avx512 {
+        let operand = |ptr, [rs, cs]: [usize; 2]| avx512::Operand { ptr, rs, cs };
+        // SAFETY: the level has AVX-512 F; the caller guarantees the views.
+        unsafe {
+            avx512::gemm(
+                dst,
+                dst_strides[0],
+                [m, n, k],
+                accum,
+                operand(lhs, lhs_strides),
+                operand(rhs, rhs_strides),
+                alpha,
+                par,
+            )
+        };
         return;
     }
     // SAFETY: the caller guarantees the three views are in bounds and that `dst` is exclusive.

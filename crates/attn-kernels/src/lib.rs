@@ -15,7 +15,8 @@
 //! Legend used in every doc comment: `B` batch, `H` query heads, `G` key/value heads, `S` query
 //! length, `T` key length, `D` head dim (`Dv` for values), `E` model dim.
 //!
-//! - [`gemm`]: faer's matmul on strided f32 views, parallelism passed explicitly.
+//! - [`gemm`]: f32 GEMM on strided views (attn's own packed AVX-512 GEMM on Intel, faer's
+//!   matmul elsewhere), parallelism passed explicitly.
 //! - [`masked_softmax`]: scale, mask and a stable softmax over rows in one pass.
 //! - [`attention`]: the entry callers use; it runs [`flash_attention`] or [`attention_unfused`],
 //!   chosen by shape and SIMD level ([`chosen_path`]).

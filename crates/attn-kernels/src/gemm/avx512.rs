@@ -1,0 +1,517 @@
+//! attn's own packed f32 GEMM at the AVX-512 level, for row-major destinations.
+//!
+//! The blocking is BLIS's, turned for a row-major `C`: the micro-kernel keeps [`MR`] rows ×
+//! two zmm ([`NR`] = 32 columns) of `C` in 24 accumulators; each step of the depth loads two
+//! vectors of a packed `B` panel and broadcasts [`MR`] values of a packed `A` sliver (14 loads
+//! per 24 FMAs). Per block of [`KC`] steps of depth, every sliver of the thread's rows of `A` is
+//! packed once (row-major, at a row stride that is a compile-time constant, so the twelve
+//! broadcasts are one base register and twelve displacements, and no power-of-two stride of the
+//! caller's `A` can alias them in L1); then `B` is packed [`NC`] columns at a time (768 KiB,
+//! in L2) into 32-column panels whose rows are contiguous, and each sliver stays in L1 while
+//! every panel of the block passes over it. The kernel prefetches its rows of `C` before the
+//! depth loop, so the read-modify-write at its end does not wait on memory.
+//!
+//! Every element of `C` is summed in the same order whatever the thread count: the depth in
+//! [`KC`] blocks, each block a chain of FMAs from zero, added to `C` (times `alpha`) in order.
+//! Threads split `C` by rows (or by columns when it has few rows), never the depth.
+
+use crate::buffer::Buffer;
+use crate::gemm::{Accum, Par};
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// Rows of the micro-kernel: 12 rows × two zmm is 24 accumulators.
+pub(crate) const MR: usize = 12;
+/// Columns of the micro-kernel and of a packed `B` panel.
+pub(crate) const NR: usize = 32;
+/// Depth of a packed block.
+const KC: usize = 384;
+/// Columns of a packed `B` block (`KC × NC` floats = 768 KiB).
+const NC: usize = 512;
+/// Row stride of the packed `A` slivers: `KC` plus a cache line, so consecutive rows fall in
+/// different L1 sets.
+const SA: usize = KC + 16;
+/// Packing buffers a thread keeps between calls only up to this many floats (16 MiB).
+const RETAIN_FLOATS: usize = 4 << 20;
+
+thread_local! {
+    /// This thread's packing buffers for `A` and `B`, kept between calls.
+    static PACKS: RefCell<[Option<Buffer>; 2]> = const { RefCell::new([None, None]) };
+}
+
+/// Whether a product of this shape goes to this GEMM rather than faer's: an Intel CPU (on AMD's
+/// Zen 4 and 5 faer's kernel measured faster than a GEMM like this one), enough rows to fill
+/// four slivers (fewer would leave most of the kernel's rows padding, and a matrix-vector
+/// product is bound by reading `B`, which packing reads twice), a whole panel of columns, and
+/// enough work (2²⁰ FMAs) to pay for packing both operands.
+pub(crate) fn worth_it([m, n, k]: [usize; 3]) -> bool {
+    shape_worth_it([m, n, k]) && intel() && !faer_forced()
+}
+
+/// The shape half of [`worth_it`].
+fn shape_worth_it([m, n, k]: [usize; 3]) -> bool {
+    m >= 4 * MR && n >= NR && k >= 16 && m * n * k >= 1 << 20
+}
+
+/// Whether the CPU is Intel's (cpuid leaf 0 names the vendor; read once).
+fn intel() -> bool {
+    static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INTEL.get_or_init(|| {
+        let id = __cpuid(0);
+        [id.ebx, id.edx, id.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .eq(*b"GenuineIntel")
+    })
+}
+
+/// `ATTN_GEMM=faer` sends every f32 product to faer's GEMM, for comparison (read once).
+fn faer_forced() -> bool {
+    static FAER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAER.get_or_init(|| std::env::var("ATTN_GEMM").as_deref() == Ok("faer"))
+}
+
+/// Raw operand description: a pointer with row and column strides (in elements).
+#[derive(Clone, Copy)]
+pub(crate) struct Operand {
+    pub(crate) ptr: *const f32,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
+}
+
+// SAFETY: the pointers are only read, and the caller of `gemm` guarantees they stay valid and
+// unaliased by writes for the call.
+unsafe impl Send for Operand {}
+// SAFETY: as for `Send`: shared reads only.
+unsafe impl Sync for Operand {}
+
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: tasks write disjoint blocks of the destination.
+unsafe impl Send for Dst {}
+// SAFETY: as for `Send`: each task writes its own band only.
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `c[m, n] = alpha · a · b` (or `+=`), `c` row-major with leading dimension `ldc`.
+///
+/// # Safety
+/// The running CPU must have AVX-512 F; `a` (`[m, k]`) and `b` (`[k, n]`) readable with their
+/// strides; `c` writable at `i·ldc + j` for `i < m`, `j < n`, not overlapping the operands.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    c: *mut f32,
+    ldc: usize,
+    [m, n, k]: [usize; 3],
+    accum: Accum,
+    a: Operand,
+    b: Operand,
+    alpha: f32,
+    par: Par,
+) {
+    let threads = match par {
+        Par::Seq => 1,
+        Par::Rayon => rayon::current_num_threads(),
+    };
+    let dst = Dst(c);
+    // Row bands of whole slivers, or column bands of whole panels when rows are few.
+    let by_rows = m.div_ceil(MR) >= 2 * threads || m >= n;
+    let (extent, unit) = if by_rows { (m, MR) } else { (n, NR) };
+    let units = extent.div_ceil(unit);
+    let tasks = if threads == 1 { 1 } else { units.min(threads) };
+    let run = |t: usize| {
+        let lo = units * t / tasks * unit;
+        let hi = (units * (t + 1) / tasks * unit).min(extent);
+        if lo >= hi {
+            return;
+        }
+        // SAFETY: each task gets a disjoint band of `c`; the caller guarantees the rest.
+        unsafe {
+            if by_rows {
+                let a = Operand {
+                    ptr: a.ptr.add(lo * a.rs),
+                    ..a
+                };
+                band(dst.get().add(lo * ldc), ldc, [hi - lo, n, k], accum, a, b, alpha);
+            } else {
+                let b = Operand {
+                    ptr: b.ptr.add(lo * b.cs),
+                    ..b
+                };
+                band(dst.get().add(lo), ldc, [m, hi - lo, k], accum, a, b, alpha);
+            }
+        }
+    };
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// One band of [`gemm`] on the calling thread, with this thread's packing buffers.
+///
+/// # Safety
+/// As for [`gemm`].
+unsafe fn band(c: *mut f32, ldc: usize, mnk: [usize; 3], accum: Accum, a: Operand, b: Operand, alpha: f32) {
+    let [m, n, _] = mnk;
+    let lens = [m.div_ceil(MR) * MR * SA, KC * NC.min(n.div_ceil(NR) * NR)];
+    let take = |kept: Option<Buffer>, len: usize| match kept {
+        Some(buffer) if buffer.len() >= len => buffer,
+        _ => Buffer::zeroed(len),
+    };
+    // A nested call on this thread (none today) would find the buffers taken and allocate.
+    let [ap, bp] = PACKS.with(|packs| {
+        packs
+            .try_borrow_mut()
+            .map(|mut p| [p[0].take(), p[1].take()])
+            .unwrap_or_default()
+    });
+    let (mut ap, mut bp) = (take(ap, lens[0]), take(bp, lens[1]));
+    // SAFETY: the buffers hold `lens`; the caller guarantees the rest.
+    unsafe { band_with(&mut ap, &mut bp, c, ldc, mnk, accum, a, b, alpha) };
+    PACKS.with(|packs| {
+        if let Ok(mut packs) = packs.try_borrow_mut() {
+            packs[0] = (ap.len() <= RETAIN_FLOATS).then_some(ap);
+            packs[1] = (bp.len() <= RETAIN_FLOATS).then_some(bp);
+        }
+    });
+}
+
+/// [`band`] with its packing buffers: `ap` holds every sliver of the band's rows (`⌈m / MR⌉ ·
+/// MR · SA`), `bp` a block of panels (`KC · min(NC, n rounded up to NR)`).
+///
+/// # Safety
+/// As for [`gemm`].
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn band_with(
+    ap: &mut [f32],
+    bp: &mut [f32],
+    c: *mut f32,
+    ldc: usize,
+    [m, n, k]: [usize; 3],
+    accum: Accum,
+    a: Operand,
+    b: Operand,
+    alpha: f32,
+) {
+    let slivers = m.div_ceil(MR);
+    // The depth in equal blocks of at most KC (512 is 256 + 256, not 384 + 128): a short last
+    // block pays a whole pass over `C` for little work.
+    let step = k.div_ceil(k.div_ceil(KC));
+    for pc in (0..k).step_by(step) {
+        let kc = (k - pc).min(step);
+        let add = pc > 0 || accum == Accum::Add;
+        // Every sliver of the band for this depth block, read from L2/L3 by each column block
+        // below instead of from the caller's `a` once per column block.
+        for s in 0..slivers {
+            let ir = s * MR;
+            // SAFETY: rows `[ir, ir + mr)` and depth `[pc, pc + kc)` are inside `a`.
+            unsafe {
+                pack_a(
+                    &mut ap[s * MR * SA..],
+                    a.ptr.add(ir * a.rs + pc * a.cs),
+                    a.rs,
+                    a.cs,
+                    (m - ir).min(MR),
+                    kc,
+                )
+            };
+        }
+        for jc in (0..n).step_by(NC) {
+            let nc = (n - jc).min(NC);
+            // SAFETY: the block `[pc, pc + kc) × [jc, jc + nc)` is inside `b`.
+            unsafe { pack_b(bp, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc) };
+            for s in 0..slivers {
+                let ir = s * MR;
+                for jr in (0..nc).step_by(NR) {
+                    let shape = [kc, (m - ir).min(MR), (nc - jr).min(NR)];
+                    // SAFETY: the panel starts at `jr · KC` in `bp`; the block of `c` is
+                    // `mr × cols` at `(ir, jc + jr)`, inside `c`.
+                    unsafe {
+                        kernel(
+                            shape,
+                            ap.as_ptr().add(s * MR * SA),
+                            bp.as_ptr().add(jr * KC),
+                            c.add(ir * ldc + jc + jr),
+                            ldc,
+                            add,
+                            alpha,
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Packs `b[0..kc, 0..nc]` into panels of [`NR`] columns: panel `q` at `q · KC · NR`, its row
+/// `p` at `p · NR`, columns past `nc` zero (never stored; zeroed so that no leftover NaN or
+/// subnormal reaches the FMAs). Row-major `b` is copied a row at a time; column-major
+/// `b` (a transposed weight, `x · Wᵀ`) is transposed 8 × 8 in registers.
+///
+/// # Safety
+/// `b` readable at `p·rs + j·cs` for `p < kc`, `j < nc`; `dst` holds `nc.div_ceil(NR) · KC · NR`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b(dst: &mut [f32], b: *const f32, rs: usize, cs: usize, kc: usize, nc: usize) {
+    for q in 0..nc.div_ceil(NR) {
+        let j0 = q * NR;
+        let cols = (nc - j0).min(NR);
+        let panel = &mut dst[q * KC * NR..q * KC * NR + kc * NR];
+        // SAFETY: every read is inside the block, by the caller's guarantee.
+        unsafe {
+            let src = b.add(j0 * cs);
+            if cs == 1 {
+                let [m0, m1] = masks(cols);
+                for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+                    let from = src.add(p * rs);
+                    _mm512_storeu_ps(row.as_mut_ptr(), _mm512_maskz_loadu_ps(m0, from));
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16), _mm512_maskz_loadu_ps(m1, from.add(16)));
+                }
+            } else if rs == 1 {
+                crate::tile::avx2::transpose(cols, kc, src, cs, panel.as_mut_ptr(), NR);
+                if cols < NR {
+                    panel.chunks_exact_mut(NR).for_each(|row| row[cols..].fill(0.0));
+                }
+            } else {
+                for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = if j < cols { *src.add(p * rs + j * cs) } else { 0.0 };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies rows `a[0..mr, 0..kc]` into `dst` at row stride [`SA`], rows past `mr` zero (never
+/// stored, zeroed as `B`'s padding is).
+/// Row-major `a` is copied a row at a time; column-major `a` (the transposed `dyᵀ` of a weight
+/// gradient) is transposed 8 × 8 in registers.
+///
+/// # Safety
+/// `a` readable at `i·rs + p·cs` for `i < mr`, `p < kc`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a(dst: &mut [f32], a: *const f32, rs: usize, cs: usize, mr: usize, kc: usize) {
+    if cs != 1 && rs == 1 {
+        // SAFETY: `dst[i·SA + p] = a[p·cs + i]` for `p < kc`, `i < mr`, inside both.
+        unsafe { crate::tile::avx2::transpose(kc, mr, a, cs, dst.as_mut_ptr(), SA) };
+        for i in mr..MR {
+            dst[i * SA..i * SA + kc].fill(0.0);
+        }
+        return;
+    }
+    for i in 0..MR {
+        let row = &mut dst[i * SA..i * SA + kc];
+        if i >= mr {
+            row.fill(0.0);
+        } else if cs == 1 {
+            // SAFETY: row `i` of the block, `kc` contiguous values.
+            row.copy_from_slice(unsafe { std::slice::from_raw_parts(a.add(i * rs), kc) });
+        } else {
+            for (p, x) in row.iter_mut().enumerate() {
+                // SAFETY: inside the block.
+                *x = unsafe { *a.add(i * rs + p * cs) };
+            }
+        }
+    }
+}
+
+/// `c[0..mr, 0..cols] = alpha · Σ_p a[i·SA + p] · b[p·NR + j]` (or `+=` when `add`), for
+/// `[kc, mr, cols] = shape`.
+///
+/// # Safety
+/// `a` holds [`MR`] rows at stride [`SA`] of `kc` values; `b` holds `kc` rows of [`NR`]; `c`
+/// writable at `i·ldc + j` for `i < mr`, `j < cols`.
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool, alpha: f32) {
+    let [kc, mr, cols] = shape;
+    // SAFETY: every offset stays inside the ranges the caller guarantees.
+    unsafe {
+        for r in 0..mr {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16).cast());
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..kc {
+            let b0 = _mm512_loadu_ps(b.add(p * NR));
+            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(r * SA + p));
+                acc_r[0] = _mm512_fmadd_ps(x, b0, acc_r[0]);
+                acc_r[1] = _mm512_fmadd_ps(x, b1, acc_r[1]);
+            }
+        }
+        let masks = masks(cols);
+        let alpha = _mm512_set1_ps(alpha);
+        for (r, acc_r) in acc.iter().enumerate() {
+            if r < mr {
+                let row = c.add(r * ldc);
+                for (v, (&acc_rv, mask)) in acc_r.iter().zip(masks).enumerate() {
+                    let out = row.add(16 * v);
+                    let value = if add {
+                        _mm512_fmadd_ps(alpha, acc_rv, _mm512_maskz_loadu_ps(mask, out))
+                    } else {
+                        _mm512_mul_ps(alpha, acc_rv)
+                    };
+                    _mm512_mask_storeu_ps(out, mask, value);
+                }
+            }
+        }
+    }
+}
+
+/// The masks of the first `cols` (at most [`NR`]) lanes of a panel row's two vectors.
+fn masks(cols: usize) -> [__mmask16; 2] {
+    let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+    [lanes(cols), lanes(cols.saturating_sub(16))]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm::gemm_reference;
+    use crate::testing::{assert_close, random_vec};
+    use crate::View2;
+
+    /// The operand layouts a caller passes: row-major, column-major (a transposed view) and a
+    /// strided view with neither stride 1 (the scalar packing path).
+    #[derive(Clone, Copy, Debug)]
+    enum Layout {
+        RowMajor,
+        ColMajor,
+        Strided,
+    }
+
+    /// `[rows, cols]` values in `layout`, their storage, and the view's strides.
+    fn operand(rows: usize, cols: usize, layout: Layout, seed: u64) -> (Vec<f32>, [usize; 2]) {
+        match layout {
+            Layout::RowMajor => (random_vec(rows * cols, seed), [cols, 1]),
+            Layout::ColMajor => (random_vec(rows * cols, seed), [1, rows]),
+            Layout::Strided => (random_vec(rows * cols * 6, seed), [cols * 3, 2]),
+        }
+    }
+
+    /// One product through this GEMM against the f64 reference, into a row-major destination
+    /// with a leading dimension past its width, whose padding must be left alone.
+    fn check(m: usize, n: usize, k: usize, layouts: (Layout, Layout), accum: Accum, par: Par) -> Vec<f32> {
+        let (a, a_st) = operand(m, k, layouts.0, 1);
+        let (b, b_st) = operand(k, n, layouts.1, 2);
+        let ldc = n + 3;
+        let mut c = random_vec(m * ldc, 3);
+        if accum == Accum::Replace {
+            // Replace never reads the destination: a NaN there must not reach the result.
+            c.iter_mut()
+                .enumerate()
+                .filter(|(i, _)| i % ldc < n)
+                .for_each(|(_, x)| *x = f32::NAN);
+        }
+        let before = c.clone();
+        let lhs = View2::new(&a[..], [m, k], a_st).unwrap();
+        let rhs = View2::new(&b[..], [k, n], b_st).unwrap();
+        let mut want: Vec<f64> = (0..m * n).map(|i| before[i / n * ldc + i % n] as f64).collect();
+        gemm_reference(&mut want, accum, lhs, rhs, 0.75);
+        let operand = |v: &[f32], [rs, cs]: [usize; 2]| Operand {
+            ptr: v.as_ptr(),
+            rs,
+            cs,
+        };
+        // SAFETY: AVX-512 F checked by the caller; the operands and `c` cover the shapes.
+        unsafe {
+            gemm(
+                c.as_mut_ptr(),
+                ldc,
+                [m, n, k],
+                accum,
+                operand(&a, a_st),
+                operand(&b, b_st),
+                0.75,
+                par,
+            )
+        };
+        let got: Vec<f32> = (0..m * n).map(|i| c[i / n * ldc + i % n]).collect();
+        // Measured at most 8.3e-6 relative to 1 + |want| (800 products of values in [-1, 1],
+        // three depth blocks added in f32); the bound is about 10x.
+        let what = format!("own gemm {m}x{n}x{k} {layouts:?} {accum:?} {par:?}");
+        assert_close(&got, &want, 8e-5, 8e-5, &what);
+        for (i, (x, y)) in c.iter().zip(&before).enumerate() {
+            if i % ldc >= n {
+                assert_eq!(x.to_bits(), y.to_bits(), "{what}: padding at {i} written");
+            }
+        }
+        got
+    }
+
+    fn has_avx512() -> bool {
+        let has = std::arch::is_x86_feature_detected!("avx512f");
+        if !has {
+            eprintln!("note: no AVX-512 on this CPU; attn's own f32 GEMM is not checked");
+        }
+        has
+    }
+
+    #[test]
+    fn own_gemm_matches_the_reference_on_every_layout_and_edge() {
+        if !has_avx512() {
+            return;
+        }
+        use Layout::*;
+        // Whole and ragged slivers (12 rows) and panels (32 columns), one and several depth
+        // blocks (384) and column blocks (512), and the widths of a band split by columns.
+        for &(m, n, k) in &[
+            (48, 32, 16),
+            (61, 45, 17),
+            (100, 530, 400),
+            (130, 64, 800),
+            (49, 1100, 33),
+        ] {
+            for layouts in [
+                (RowMajor, RowMajor),
+                (ColMajor, ColMajor),
+                (RowMajor, ColMajor),
+                (Strided, Strided),
+            ] {
+                check(m, n, k, layouts, Accum::Replace, Par::Seq);
+                check(m, n, k, layouts, Accum::Add, Par::Rayon);
+            }
+        }
+    }
+
+    #[test]
+    fn own_gemm_gives_the_same_bits_on_any_thread_count() {
+        if !has_avx512() {
+            return;
+        }
+        // Bands by rows (many rows) and by columns (few rows, many columns).
+        for (m, n, k) in [(200, 96, 500), (50, 1500, 40)] {
+            let layouts = (Layout::RowMajor, Layout::ColMajor);
+            let one = check(m, n, k, layouts, Accum::Add, Par::Seq);
+            for threads in [2, 3, 4] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let many = pool.install(|| check(m, n, k, layouts, Accum::Add, Par::Rayon));
+                let same = one.iter().zip(&many).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{m}x{n}x{k}: {threads} threads changed the bits");
+            }
+        }
+    }
+
+    #[test]
+    fn only_products_worth_packing_come_here() {
+        assert!(shape_worth_it([48, 32, 1024]) && shape_worth_it([2048, 512, 512]));
+        // A matrix-vector product, too few rows, too few columns, too little work.
+        assert!(!shape_worth_it([1, 4096, 4096]) && !shape_worth_it([47, 4096, 4096]));
+        assert!(!shape_worth_it([4096, 31, 4096]) && !shape_worth_it([64, 64, 64]));
+        // The vendor test agrees with the kernel's own name for the CPU.
+        if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
+            assert_eq!(intel(), info.contains("GenuineIntel"));
+        }
+    }
+}
