@@ -1,7 +1,7 @@
 //! GEMM on strided f32 views, and its f64 reference.
 //!
 //! On an Intel CPU at the AVX-512 level, products big enough to pay for packing (at least 48
-//! rows, 32 columns and 2²⁰ multiply-adds) into a row-major destination run on attn's own packed
+//! rows, 256 columns and 2²⁰ multiply-adds) into a row-major destination run on attn's own packed
 //! GEMM ([`avx512`]: 12 × 32 micro-kernel, BLIS's blocking), which measured 1.01–1.07× faer's
 //! on the layer shapes there; everything else (other CPUs, where faer measured faster, other
 //! levels, small or thin products, column-major destinations) goes to faer's `matmul`, whose
