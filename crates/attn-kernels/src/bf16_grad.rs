@@ -13,7 +13,7 @@
 //! Each element is one chain of `vdpbf16ps` (or `tdpbf16ps`) over its depth in order, so the result does not
 //! depend on the thread count. The error bound is [`crate::gemm_bf16`]'s, with `K` the depth
 //! (`out` for `dx`, `n` for `dW`). Without the instructions the same rounded values are
-//! multiplied by faer's f32 GEMM.
+//! multiplied by the f32 [`crate::gemm`].
 
 use rayon::prelude::*;
 

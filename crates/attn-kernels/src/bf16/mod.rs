@@ -18,7 +18,7 @@
 //! the AMX level ([`crate::Bf16Level::Amx`]) the same panels are AMX B tiles as they are, and
 //! `tdpbf16ps` adds 16 × 16 × 32 products per instruction into f32 tiles (`amx.rs`): the
 //! same bound, another order of additions inside an instruction, so other last bits. Without
-//! the instructions the same rounded values are multiplied in f32 by faer's GEMM: the same bound,
+//! the instructions the same rounded values are multiplied in f32 by [`crate::gemm`]: the same bound,
 //! another order of additions.
 
 use rayon::prelude::*;
