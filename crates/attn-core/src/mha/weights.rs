@@ -3,8 +3,8 @@
 use std::sync::{Arc, OnceLock};
 
 use attn_kernels::{
-    gemm, gemm_bf16, gemm_bf16_bias, linear_backward, linear_backward_bf16, Accum, Bf16Panels, LinearShape, Par, View2,
-    ViewMut2,
+    gemm, gemm_bf16, gemm_bf16_bias, gemm_bias, linear_backward, linear_backward_bf16, Accum, Bf16Panels, LinearShape,
+    Par, View2, ViewMut2,
 };
 
 use super::Dims;
@@ -82,8 +82,8 @@ pub(super) enum Proj {
 /// `w: [out, in]` given as the rows `w_rows` of a row-major weight of width `in_dim`,
 /// `bias: [out]`, `dst: [N, out]` with row stride `dst_stride`.
 ///
-/// The bias is written first and the GEMM adds to it, so the destination is visited once by
-/// the GEMM.
+/// The bias is added by [`attn_kernels::gemm_bias`]: as each block of the destination is stored
+/// where attn's own GEMM serves the product, written first otherwise (the same bits).
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     dst: &mut [f32],
@@ -96,26 +96,16 @@ pub fn linear(
     par: Par,
 ) -> Result<()> {
     let out = w_rows.len();
-    linear_with(dst, dst_stride, x, out, |mut dst_view| {
+    linear_with(dst, dst_stride, x, out, |dst_view| {
         let w_t = View2::new(
             &w[w_rows.start * in_dim..w_rows.end * in_dim],
             [in_dim, out],
             [1, in_dim],
         )?;
-        let accum = match bias {
-            Some(bias) => {
-                // The bias goes in first and the GEMM adds to it: one pass over the destination.
-                let [n, _] = dst_view.shape();
-                let row_stride = dst_view.strides()[0];
-                let data = dst_view.data_mut();
-                for row in 0..n {
-                    data[row * row_stride..row * row_stride + out].copy_from_slice(bias);
-                }
-                Accum::Add
-            }
-            None => Accum::Replace,
-        };
-        Ok(gemm(dst_view, accum, x, w_t, 1.0, par)?)
+        match bias {
+            Some(bias) => Ok(gemm_bias(dst_view, x, w_t, bias, par)?),
+            None => Ok(gemm(dst_view, Accum::Replace, x, w_t, 1.0, par)?),
+        }
     })
 }
 

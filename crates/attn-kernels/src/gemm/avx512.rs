@@ -16,7 +16,7 @@
 //! Threads split `C` by rows (or by columns when it has few rows), never the depth.
 
 use crate::buffer::Buffer;
-use crate::gemm::{Accum, Par};
+use crate::gemm::Par;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -105,17 +105,48 @@ impl Dst {
     }
 }
 
-/// `c[m, n] = alpha · a · b` (or `+=`), `c` row-major with leading dimension `ldc`.
+/// What the sums of the first depth block are added to.
+#[derive(Clone, Copy)]
+pub(crate) enum Start {
+    /// Nothing: `c = alpha · a · b`, `c` not read.
+    Zero,
+    /// `c` itself: `c += alpha · a · b`.
+    Dst,
+    /// A row of `n` values added to every row: `c = alpha · a · b + bias`, `c` not read; the
+    /// bits of writing `bias` into every row of `c` first and starting from [`Start::Dst`].
+    Bias(*const f32),
+}
+
+// SAFETY: the bias pointer is only read, and the caller of `gemm` guarantees it stays valid.
+unsafe impl Send for Start {}
+// SAFETY: as for `Send`: shared reads only.
+unsafe impl Sync for Start {}
+
+impl Start {
+    /// This start for the columns from `j` on.
+    ///
+    /// # Safety
+    /// `j` at most the bias's length.
+    unsafe fn at_column(self, j: usize) -> Start {
+        match self {
+            // SAFETY: the caller keeps `j` inside the bias.
+            Start::Bias(bias) => Start::Bias(unsafe { bias.add(j) }),
+            other => other,
+        }
+    }
+}
+
+/// `c[m, n] = alpha · a · b` started from `start`, `c` row-major with leading dimension `ldc`.
 ///
 /// # Safety
 /// The running CPU must have AVX-512 F; `a` (`[m, k]`) and `b` (`[k, n]`) readable with their
-/// strides; `c` writable at `i·ldc + j` for `i < m`, `j < n`, not overlapping the operands.
+/// strides; a bias readable for `n` values; `c` writable at `i·ldc + j` for `i < m`, `j < n`, not overlapping the operands.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
     [m, n, k]: [usize; 3],
-    accum: Accum,
+    start: Start,
     a: Operand,
     b: Operand,
     alpha: f32,
@@ -144,13 +175,21 @@ pub(crate) unsafe fn gemm(
                     ptr: a.ptr.add(lo * a.rs),
                     ..a
                 };
-                band(dst.get().add(lo * ldc), ldc, [hi - lo, n, k], accum, a, b, alpha);
+                band(dst.get().add(lo * ldc), ldc, [hi - lo, n, k], start, a, b, alpha);
             } else {
                 let b = Operand {
                     ptr: b.ptr.add(lo * b.cs),
                     ..b
                 };
-                band(dst.get().add(lo), ldc, [m, hi - lo, k], accum, a, b, alpha);
+                band(
+                    dst.get().add(lo),
+                    ldc,
+                    [m, hi - lo, k],
+                    start.at_column(lo),
+                    a,
+                    b,
+                    alpha,
+                );
             }
         }
     };
@@ -165,7 +204,7 @@ pub(crate) unsafe fn gemm(
 ///
 /// # Safety
 /// As for [`gemm`].
-unsafe fn band(c: *mut f32, ldc: usize, mnk: [usize; 3], accum: Accum, a: Operand, b: Operand, alpha: f32) {
+unsafe fn band(c: *mut f32, ldc: usize, mnk: [usize; 3], start: Start, a: Operand, b: Operand, alpha: f32) {
     let [m, n, _] = mnk;
     let lens = [m.div_ceil(MR) * MR * SA, KC * NC.min(n.div_ceil(NR) * NR)];
     let take = |kept: Option<Buffer>, len: usize| match kept {
@@ -181,7 +220,7 @@ unsafe fn band(c: *mut f32, ldc: usize, mnk: [usize; 3], accum: Accum, a: Operan
     });
     let (mut ap, mut bp) = (take(ap, lens[0]), take(bp, lens[1]));
     // SAFETY: the buffers hold `lens`; the caller guarantees the rest.
-    unsafe { band_with(&mut ap, &mut bp, c, ldc, mnk, accum, a, b, alpha) };
+    unsafe { band_with(&mut ap, &mut bp, c, ldc, mnk, start, a, b, alpha) };
     PACKS.with(|packs| {
         if let Ok(mut packs) = packs.try_borrow_mut() {
             packs[0] = (ap.len() <= RETAIN_FLOATS).then_some(ap);
@@ -203,7 +242,7 @@ unsafe fn band_with(
     c: *mut f32,
     ldc: usize,
     [m, n, k]: [usize; 3],
-    accum: Accum,
+    start: Start,
     a: Operand,
     b: Operand,
     alpha: f32,
@@ -214,7 +253,7 @@ unsafe fn band_with(
     let step = k.div_ceil(k.div_ceil(KC));
     for pc in (0..k).step_by(step) {
         let kc = (k - pc).min(step);
-        let add = pc > 0 || accum == Accum::Add;
+        let first = if pc == 0 { start } else { Start::Dst };
         // Every sliver of the band for this depth block, read from L2/L3 by each column block
         // below instead of from the caller's `a` once per column block.
         for s in 0..slivers {
@@ -248,7 +287,7 @@ unsafe fn band_with(
                             bp.as_ptr().add(jr * KC),
                             c.add(ir * ldc + jc + jr),
                             ldc,
-                            add,
+                            first.at_column(jc + jr),
                             alpha,
                         )
                     };
@@ -330,14 +369,14 @@ unsafe fn pack_a(dst: &mut [f32], a: *const f32, rs: usize, cs: usize, mr: usize
     }
 }
 
-/// `c[0..mr, 0..cols] = alpha · Σ_p a[i·SA + p] · b[p·NR + j]` (or `+=` when `add`), for
-/// `[kc, mr, cols] = shape`.
+/// `c[0..mr, 0..cols] = alpha · Σ_p a[i·SA + p] · b[p·NR + j]` added to `start` (nothing, `c`
+/// or the bias from this block's first column), for `[kc, mr, cols] = shape`.
 ///
 /// # Safety
 /// `a` holds [`MR`] rows at stride [`SA`] of `kc` values; `b` holds `kc` rows of [`NR`]; `c`
-/// writable at `i·ldc + j` for `i < mr`, `j < cols`.
+/// writable at `i·ldc + j` for `i < mr`, `j < cols`; a bias readable for `cols` values.
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool, alpha: f32) {
+unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, ldc: usize, start: Start, alpha: f32) {
     let [kc, mr, cols] = shape;
     // SAFETY: every offset stays inside the ranges the caller guarantees.
     unsafe {
@@ -362,10 +401,12 @@ unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, l
                 let row = c.add(r * ldc);
                 for (v, (&acc_rv, mask)) in acc_r.iter().zip(masks).enumerate() {
                     let out = row.add(16 * v);
-                    let value = if add {
-                        _mm512_fmadd_ps(alpha, acc_rv, _mm512_maskz_loadu_ps(mask, out))
-                    } else {
-                        _mm512_mul_ps(alpha, acc_rv)
+                    let value = match start {
+                        Start::Zero => _mm512_mul_ps(alpha, acc_rv),
+                        Start::Dst => _mm512_fmadd_ps(alpha, acc_rv, _mm512_maskz_loadu_ps(mask, out)),
+                        Start::Bias(bias) => {
+                            _mm512_fmadd_ps(alpha, acc_rv, _mm512_maskz_loadu_ps(mask, bias.add(16 * v)))
+                        }
                     };
                     _mm512_mask_storeu_ps(out, mask, value);
                 }
@@ -383,7 +424,7 @@ fn masks(cols: usize) -> [__mmask16; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gemm::gemm_reference;
+    use crate::gemm::{gemm_reference, Accum};
     use crate::testing::{assert_close, random_vec};
     use crate::View2;
 
@@ -407,12 +448,21 @@ mod tests {
 
     /// One product through this GEMM against the f64 reference, into a row-major destination
     /// with a leading dimension past its width, whose padding must be left alone.
-    fn check(m: usize, n: usize, k: usize, layouts: (Layout, Layout), accum: Accum, par: Par) -> Vec<f32> {
+    /// What a checked product starts from: [`Start`]'s three cases.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Begin {
+        Replace,
+        Add,
+        Bias,
+    }
+
+    fn check(m: usize, n: usize, k: usize, layouts: (Layout, Layout), begin: Begin, par: Par) -> Vec<f32> {
         let (a, a_st) = operand(m, k, layouts.0, 1);
         let (b, b_st) = operand(k, n, layouts.1, 2);
+        let bias = random_vec(n, 4);
         let ldc = n + 3;
         let mut c = random_vec(m * ldc, 3);
-        if accum == Accum::Replace {
+        if begin != Begin::Add {
             // Replace never reads the destination: a NaN there must not reach the result.
             c.iter_mut()
                 .enumerate()
@@ -422,8 +472,17 @@ mod tests {
         let before = c.clone();
         let lhs = View2::new(&a[..], [m, k], a_st).unwrap();
         let rhs = View2::new(&b[..], [k, n], b_st).unwrap();
-        let mut want: Vec<f64> = (0..m * n).map(|i| before[i / n * ldc + i % n] as f64).collect();
-        gemm_reference(&mut want, accum, lhs, rhs, 0.75);
+        let mut want: Vec<f64> = match begin {
+            Begin::Replace => vec![0.0; m * n],
+            Begin::Add => (0..m * n).map(|i| before[i / n * ldc + i % n] as f64).collect(),
+            Begin::Bias => (0..m * n).map(|i| bias[i % n] as f64).collect(),
+        };
+        gemm_reference(&mut want, Accum::Add, lhs, rhs, 0.75);
+        let start = match begin {
+            Begin::Replace => Start::Zero,
+            Begin::Add => Start::Dst,
+            Begin::Bias => Start::Bias(bias.as_ptr()),
+        };
         let operand = |v: &[f32], [rs, cs]: [usize; 2]| Operand {
             ptr: v.as_ptr(),
             rs,
@@ -435,7 +494,7 @@ mod tests {
                 c.as_mut_ptr(),
                 ldc,
                 [m, n, k],
-                accum,
+                start,
                 operand(&a, a_st),
                 operand(&b, b_st),
                 0.75,
@@ -445,7 +504,7 @@ mod tests {
         let got: Vec<f32> = (0..m * n).map(|i| c[i / n * ldc + i % n]).collect();
         // Measured at most 8.3e-6 relative to 1 + |want| (800 products of values in [-1, 1],
         // three depth blocks added in f32); the bound is about 10x.
-        let what = format!("own gemm {m}x{n}x{k} {layouts:?} {accum:?} {par:?}");
+        let what = format!("own gemm {m}x{n}x{k} {layouts:?} {begin:?} {par:?}");
         assert_close(&got, &want, 8e-5, 8e-5, &what);
         for (i, (x, y)) in c.iter().zip(&before).enumerate() {
             if i % ldc >= n {
@@ -484,8 +543,9 @@ mod tests {
                 (RowMajor, ColMajor),
                 (Strided, Strided),
             ] {
-                check(m, n, k, layouts, Accum::Replace, Par::Seq);
-                check(m, n, k, layouts, Accum::Add, Par::Rayon);
+                check(m, n, k, layouts, Begin::Replace, Par::Seq);
+                check(m, n, k, layouts, Begin::Add, Par::Rayon);
+                check(m, n, k, layouts, Begin::Bias, Par::Rayon);
             }
         }
     }
@@ -498,10 +558,10 @@ mod tests {
         // Bands by rows (many rows) and by columns (few rows, many columns).
         for (m, n, k) in [(200, 96, 500), (50, 1500, 40)] {
             let layouts = (Layout::RowMajor, Layout::ColMajor);
-            let one = check(m, n, k, layouts, Accum::Add, Par::Seq);
+            let one = check(m, n, k, layouts, Begin::Bias, Par::Seq);
             for threads in [2, 3, 4] {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let many = pool.install(|| check(m, n, k, layouts, Accum::Add, Par::Rayon));
+                let many = pool.install(|| check(m, n, k, layouts, Begin::Bias, Par::Rayon));
                 let same = one.iter().zip(&many).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "{m}x{n}x{k}: {threads} threads changed the bits");
             }
