@@ -16,7 +16,7 @@
 //! length, `T` key length, `D` head dim (`Dv` for values), `E` model dim.
 //!
 //! - [`gemm`]: f32 GEMM on strided views (attn's own packed AVX-512 GEMM on Intel, faer's
-//!   matmul elsewhere), parallelism passed explicitly.
+//!   matmul elsewhere), parallelism passed explicitly; [`gemm_bias`] with a bias row.
 //! - [`masked_softmax`]: scale, mask and a stable softmax over rows in one pass.
 //! - [`attention`]: the entry callers use; it runs [`flash_attention`] or [`attention_unfused`],
 //!   chosen by shape and SIMD level ([`chosen_path`]).

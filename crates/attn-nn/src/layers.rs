@@ -127,8 +127,8 @@ impl Linear {
         Ok(y)
     }
 
-    /// `y = x·Wᵀ + b` into `y: [N, out]`: the GEMM's sums start from the bias (in f32 the bias is
-    /// written first and the GEMM adds to it; in bf16 [`attn_core::kernels::gemm_bf16_bias`]).
+    /// `y = x·Wᵀ + b` into `y: [N, out]`: the GEMM's sums start from the bias (in f32
+    /// [`attn_core::kernels::gemm_bias`], in bf16 [`attn_core::kernels::gemm_bf16_bias`]).
     pub fn forward_into(&self, y: &mut [f32], x: &[f32], par: Par) -> Result<()> {
         let inp = self.dims()[1];
         let n = x.len() / inp.max(1);
