@@ -140,7 +140,8 @@ impl Start {
 ///
 /// # Safety
 /// The running CPU must have AVX-512 F; `a` (`[m, k]`) and `b` (`[k, n]`) readable with their
-/// strides; a bias readable for `n` values; `c` writable at `i·ldc + j` for `i < m`, `j < n`, not overlapping the operands.
+/// strides; a bias readable for `n` values; `c` writable at `i·ldc + j` for `i < m`, `j < n`,
+/// not overlapping the operands.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     c: *mut f32,
