@@ -249,7 +249,7 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
         ),
         (
             "bench_gemm.py",
-            &["--bf16"],
+            &["--bf16", "--faer", "--best"],
             "GEMM against PyTorch matmul (the layers' shapes)",
         ),
         (
