@@ -59,12 +59,15 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Runs `cmd`, echoing it first and its wall time after (CI's log says where the time goes).
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {cmd:?}");
+    let start = std::time::Instant::now();
     let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
+    eprintln!("  ({:.0} s)", start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -128,9 +131,13 @@ fn ci() -> Result<()> {
             .args(["test", "--release", "-p", "attn-kernels"])
             .env("ATTN_SIMD", level))?;
     }
+    let start = std::time::Instant::now();
     examples()?;
+    eprintln!("ci: examples took {:.0} s", start.elapsed().as_secs_f64());
     // attn built with the `mpi` feature, under mpirun on 1 to 4 processes.
+    let start = std::time::Instant::now();
     mpi::mpi_tests()?;
+    eprintln!("ci: the MPI checks took {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
 }
 
