@@ -102,7 +102,7 @@ pub(crate) fn weight_gradient(
         unsafe {
             crate::bf16::amx::gemm(
                 [out_dim, in_dim, steps],
-                &a,
+                crate::bf16::amx::Lhs::Tiles(&a),
                 bytemuck_words(&b),
                 b_panel,
                 dw.as_mut_ptr(),

@@ -6,16 +6,20 @@
 //! tiles (32 rows × 32 columns of f32, `tmm0..tmm3`, `tmm(2r + c)`), fed per step of 32 along
 //! the depth by two A tiles (`tmm4`, `tmm5`: 16 rows × 32 bf16 of the left operand) and two B
 //! tiles (`tmm6`, `tmm7`: 16 pairs × 16 columns of [`super::Bf16Panels`], whose panels are the
-//! B tile's layout as they are). The left operand is packed per call as whole tiles
-//! ([`pack_tiles`]): each A tile's 1 KiB is contiguous, as each B tile's is, so a tile load
-//! reads 16 consecutive cache lines (rows of a row-major operand a power of two apart would
-//! fall into the same few L1 sets). Each `tdpbf16ps` adds 16 × 16 × 32 products; each A and B
+//! B tile's layout as they are). The left operand is packed as whole tiles ([`pack_tiles`]):
+//! each A tile's 1 KiB is contiguous, as each B tile's is, so a tile load reads 16 consecutive
+//! cache lines (rows of a row-major operand a power of two apart would fall into the same few
+//! L1 sets). Each `tdpbf16ps` adds 16 × 16 × 32 products; each A and B
 //! tile is used twice per load. Row and column tails are tiles configured with fewer rows or
 //! columns, so every row of the destination is stored in place and nothing past it is
 //! touched; the depth is padded with zeros to a multiple of 32 in both operands.
 //!
-//! A product runs in tasks of [`TASK_ROWS`] rows by a chunk of columns ([`column_chunk`]),
-//! chunk by chunk, so that a chunk's panels are read from L2 by every row task.
+//! A product runs in tasks of [`TASK_ROWS`] rows (by a part of the columns only when the rows
+//! are too few to keep the threads busy, [`column_parts`]). A task of f32 rows
+//! ([`Lhs::Rows`]) packs its own rows into a buffer of its thread just before multiplying
+//! them, so the packed rows (at most 128 × the depth in bf16) are in L2 when the tiles read
+//! them; packing the whole operand first, then multiplying, read them back from memory (1.04–
+//! 1.21× faster per call, see docs/PERFORMANCE.md).
 //!
 //! Each element is one chain of additions over the depth in order, so the result does not
 //! depend on the thread count or on how rows are split into tiles.
@@ -43,19 +47,23 @@ pub(crate) const STEP_PAIRS: usize = super::AMX_STEP_PAIRS;
 /// Words of one tile (16 rows of 16 pairs).
 pub(crate) const TILE_WORDS: usize = 16 * STEP_PAIRS;
 
-/// `lhs: [M, K]` rounded to bf16 as AMX A tiles, in f32 slots: row tile `t` (rows `16t ..
-/// 16t + 16`), step `s` (pairs `16s .. 16s + 16`) is the tile at `(t·steps + s)·256` words,
-/// its row `r` at `+ 16r`, pair `q` of that row `lhs[16t + r, 32s + 2q .. + 2]`; zeros past
-/// the depth, and rows past `M` in the last row tile left as they were (never loaded: that
-/// tile is configured with fewer rows). `dst` holds `ceil(M / 16)·steps·256` words.
-pub(crate) fn pack_tiles(dst: &mut [f32], lhs: crate::View2<'_, f32>, steps: usize, par: Par) {
-    let [m, k] = lhs.shape();
+/// Rows `rows` of `lhs: [M, K]` rounded to bf16 as AMX A tiles, in f32 slots: row tile `t`
+/// (rows `rows.start + 16t ..` sixteen of them), step `s` (pairs `16s .. 16s + 16`) is the tile
+/// at `(t·steps + s)·256` words, its row `r` at `+ 16r`, pair `q` of that row
+/// `lhs[rows.start + 16t + r, 32s + 2q .. + 2]`; zeros past the depth, and rows past
+/// `rows.end` in the last row tile left as they were (never loaded: that tile is configured
+/// with fewer rows). `dst` holds `ceil(rows.len() / 16)·steps·256` words. Sequential: each
+/// task of [`gemm`] packs its own rows.
+pub(crate) fn pack_tiles(dst: &mut [f32], lhs: crate::View2<'_, f32>, rows: std::ops::Range<usize>, steps: usize) {
+    let [_, k] = lhs.shape();
     let [rs, cs] = lhs.strides();
     let data = lhs.data();
-    assert!(k <= 32 * steps);
-    let one = |(t, tiles): (usize, &mut [f32])| {
+    assert!(k <= 32 * steps && rows.end <= lhs.shape()[0]);
+    let m = rows.len();
+    let dst = &mut dst[..m.div_ceil(16) * steps * TILE_WORDS];
+    for (t, tiles) in dst.chunks_exact_mut(steps * TILE_WORDS).enumerate() {
         for r in 0..(m - 16 * t).min(16) {
-            let i = 16 * t + r;
+            let i = rows.start + 16 * t + r;
             if cs == 1 {
                 let row = &data[i * rs..i * rs + k];
                 let out = &mut tiles[r * STEP_PAIRS..(steps - 1) * TILE_WORDS + (r + 1) * STEP_PAIRS];
@@ -76,11 +84,6 @@ pub(crate) fn pack_tiles(dst: &mut [f32], lhs: crate::View2<'_, f32>, steps: usi
                 out[used..].fill(0.0);
             }
         }
-    };
-    let dst = &mut dst[..m.div_ceil(16) * steps * TILE_WORDS];
-    match par {
-        Par::Seq => dst.chunks_exact_mut(steps * TILE_WORDS).enumerate().for_each(one),
-        Par::Rayon => dst.par_chunks_exact_mut(steps * TILE_WORDS).enumerate().for_each(one),
     }
 }
 
@@ -466,17 +469,27 @@ impl Drop for Tiles {
     }
 }
 
-/// `c[m, n] (+)= a · b` over `steps` steps of 16 pairs: `a` the left operand's tiles
-/// ([`pack_tiles`]); `b` panels of 16 columns `b_panel` words apart (`b_panel ≥ 256·steps`),
+/// The left operand of [`gemm`].
+#[derive(Clone, Copy)]
+pub(crate) enum Lhs<'a> {
+    /// Already packed: the tiles of [`pack_tiles`] for all `M` rows.
+    Tiles(&'a [f32]),
+    /// f32 rows `[M, K]`, rounded and packed by each task for its own rows.
+    Rows(crate::View2<'a, f32>),
+}
+
+/// `c[m, n] (+)= a · b` over `steps` steps of 16 pairs: `a` the left operand (packed, or rows
+/// each task packs); `b` panels of 16 columns `b_panel` words apart (`b_panel ≥ 256·steps`),
 /// zeros in the padding rows and columns; `c` rows `ldc` floats apart. Tasks of
-/// [`TASK_ROWS`] rows, each a [`Tiles::product`] that releases the tiles when done.
+/// [`TASK_ROWS`] rows by [`column_parts`] of the columns, each a [`Tiles::product`] that
+/// releases the tiles when done.
 ///
 /// # Safety
 /// [`available`] must have returned true; the operands must cover those shapes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     [m, n, steps]: [usize; 3],
-    a: &[f32],
+    a: Lhs<'_>,
     b: &[u32],
     b_panel: usize,
     c: *mut f32,
@@ -485,57 +498,59 @@ pub(crate) unsafe fn gemm(
     par: Par,
 ) {
     let a_tiles = steps * TILE_WORDS;
-    assert!(steps > 0 && a.len() >= m.div_ceil(16) * a_tiles && b_panel >= a_tiles);
+    match a {
+        Lhs::Tiles(a) => assert!(a.len() >= m.div_ceil(16) * a_tiles),
+        Lhs::Rows(a) => assert!(a.shape() == [m, a.shape()[1]] && a.shape()[1] <= 32 * steps),
+    }
+    assert!(steps > 0 && b_panel >= a_tiles);
     assert!(b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + steps * STEP_PAIRS * PANEL);
-    let (a, b, c, init) = (
-        Shared(a.as_ptr().cast::<u32>()),
-        Shared(b.as_ptr()),
-        Shared(c),
-        Shared(init),
-    );
+    let (b, c, init) = (Shared(b.as_ptr()), Shared(c), Shared(init));
     let row_tasks = m.div_ceil(TASK_ROWS);
-    let chunk = column_chunk(n, steps, row_tasks);
-    let chunks = n.div_ceil(chunk);
+    let part = n.div_ceil(column_parts(n, row_tasks)).next_multiple_of(2 * PANEL);
     let task = |index: usize| {
-        let (j0, r0) = (index / row_tasks * chunk, index % row_tasks * TASK_ROWS);
-        let (rows, cols) = ((m - r0).min(TASK_ROWS), (n - j0).min(chunk));
-        // SAFETY: `available` returned true (the caller's contract); rows `r0 .. r0 + rows`
-        // of the operands, whose row tiles start at `r0 / 16` (`TASK_ROWS` is a multiple of
-        // 16), and columns `j0 .. j0 + cols`, whose panels start at `j0 / PANEL` (`chunk` is
-        // a multiple of `PANEL`).
+        let (j0, r0) = (index / row_tasks * part, index % row_tasks * TASK_ROWS);
+        let (rows, cols) = ((m - r0).min(TASK_ROWS), (n - j0).min(part));
+        let mut packed = None;
+        let tiles = match a {
+            // Row tiles start at `r0 / 16`: `TASK_ROWS` is a multiple of 16.
+            Lhs::Tiles(a) => &a[r0 / 16 * a_tiles..],
+            Lhs::Rows(a) => {
+                let buffer = packed.insert(crate::buffer::take(rows.div_ceil(16) * a_tiles));
+                pack_tiles(buffer, a, r0..r0 + rows, steps);
+                &buffer[..]
+            }
+        };
+        // SAFETY: `available` returned true (the caller's contract); `tiles` holds the row
+        // tiles of rows `r0 .. r0 + rows`, and the columns `j0 .. j0 + cols` are whole panels
+        // from `j0 / PANEL` (`part` is a multiple of `PANEL`) of the caller's `b`.
         unsafe {
             Tiles::new(true).product(
                 [rows, cols, steps],
-                (a.get().add(r0 / 16 * a_tiles), a_tiles),
+                (tiles.as_ptr().cast::<u32>(), a_tiles),
                 (b.get().add(j0 / PANEL * b_panel), b_panel),
                 c.get().add(r0 * ldc + j0),
                 ldc,
                 init.get().at_column(j0),
             )
         };
+        if let Some(buffer) = packed {
+            crate::buffer::give(buffer);
+        }
     };
+    let tasks = n.div_ceil(part) * row_tasks;
     match par {
-        Par::Seq => (0..chunks * row_tasks).for_each(task),
-        Par::Rayon => (0..chunks * row_tasks).into_par_iter().for_each(task),
+        Par::Seq => (0..tasks).for_each(task),
+        Par::Rayon => (0..tasks).into_par_iter().for_each(task),
     }
 }
 
-/// Columns per chunk of the right operand: tasks run chunk by chunk (every row task of one
-/// chunk, then the next), so the chunk's panels stay in a core's L2 while the row tasks
-/// stream past them, instead of every row task reading all of `b` from L3. The chunk is
-/// [`CHUNK_BYTES`] of panels at most, a multiple of two panels, and smaller when there are
-/// few row tasks, so that a short product still splits into enough tasks for the threads.
-fn column_chunk(n: usize, steps: usize, row_tasks: usize) -> usize {
-    let bytes_per_column = steps * STEP_PAIRS * 4;
-    let by_cache = (CHUNK_BYTES / bytes_per_column).max(2 * PANEL);
-    let wanted_chunks = MIN_TASKS.div_ceil(row_tasks);
-    let by_tasks = n.div_ceil(wanted_chunks).max(2 * PANEL);
-    by_cache.min(by_tasks).next_multiple_of(2 * PANEL)
+/// How many parts the columns are split into: one, unless there are fewer than [`MIN_TASKS`]
+/// row tasks; then enough for that many tasks, each at least two panels wide. A task reads
+/// every panel of its part, from L3 or memory; each part packs its rows again.
+fn column_parts(n: usize, row_tasks: usize) -> usize {
+    MIN_TASKS.div_ceil(row_tasks).min(n.div_ceil(2 * PANEL)).max(1)
 }
 
-/// Bytes of panels per column chunk: half of a Sapphire Rapids core's 2 MiB L2, leaving the
-/// rest to the row task's tiles and the destination.
-const CHUNK_BYTES: usize = 1 << 20;
 /// Tasks a product is split into at least, where its size allows (four per thread of a
 /// two-core machine).
 const MIN_TASKS: usize = 8;

@@ -500,20 +500,18 @@ pub(crate) fn product_at(
     if level == Bf16Level::Amx && dst.strides()[1] == 1 && k > 0 {
         let (ldc, c) = (dst.strides()[0], dst.data_mut().as_mut_ptr());
         let steps = padded_pairs(k) / amx::STEP_PAIRS;
-        let mut a = crate::buffer::take(m.div_ceil(16) * steps * 16 * amx::STEP_PAIRS);
-        amx::pack_tiles(&mut a, lhs, steps, par);
         let init = match (bias, accum) {
             (Some(bias), _) => amx::Init::Row(bias.as_ptr()),
             (None, Accum::Add) => amx::Init::Dst,
             (None, Accum::Replace) => amx::Init::Zero,
         };
-        // SAFETY: AMX was detected; `a` holds the tiles of `lhs`, `rhs` its panels
+        // SAFETY: AMX was detected; `lhs` is `[m, k]` (checked above), `rhs` its panels
         // `padded_pairs(k)·16` words apart (zeros past the depth), `dst` is `[m, n]` with unit
         // column stride and row stride `ldc` (a checked view), and a bias holds `n` values.
         unsafe {
             amx::gemm(
                 [m, n, steps],
-                &a,
+                amx::Lhs::Rows(lhs),
                 rhs.words(),
                 padded_pairs(k) * PANEL,
                 c,
@@ -522,7 +520,6 @@ pub(crate) fn product_at(
                 par,
             )
         };
-        crate::buffer::give(a);
         return Ok(());
     }
     if let Some(bias) = bias {
