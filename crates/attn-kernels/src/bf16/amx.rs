@@ -14,8 +14,8 @@
 //! columns, so every row of the destination is stored in place and nothing past it is
 //! touched; the depth is padded with zeros to a multiple of 32 in both operands.
 //!
-//! A product runs in tasks of [`TASK_ROWS`] rows (by a part of the columns only when the rows
-//! are too few to keep the threads busy, [`column_parts`]). A task of f32 rows
+//! A product runs in tasks of up to [`TASK_ROWS`] rows ([`task_rows`]; by a part of the
+//! columns only when the rows are too few to keep the threads busy, [`column_parts`]). A task of f32 rows
 //! ([`Lhs::Rows`]) packs its own rows into a buffer of its thread just before multiplying
 //! them, so the packed rows (at most 128 × the depth in bf16) are in L2 when the tiles read
 //! them; packing the whole operand first, then multiplying, read them back from memory (1.04–
@@ -40,7 +40,7 @@ use super::avx512bf16::Shared;
 use super::PANEL;
 use crate::Par;
 
-/// Rows of the left operand per parallel task (four blocks of 32).
+/// Rows of the left operand per parallel task, at most (four blocks of 32).
 const TASK_ROWS: usize = 128;
 /// Pairs of the depth per step (one A tile row of 64 bytes, one B tile of 16 pair rows).
 pub(crate) const STEP_PAIRS: usize = super::AMX_STEP_PAIRS;
@@ -481,7 +481,7 @@ pub(crate) enum Lhs<'a> {
 /// `c[m, n] (+)= a · b` over `steps` steps of 16 pairs: `a` the left operand (packed, or rows
 /// each task packs); `b` panels of 16 columns `b_panel` words apart (`b_panel ≥ 256·steps`),
 /// zeros in the padding rows and columns; `c` rows `ldc` floats apart. Tasks of
-/// [`TASK_ROWS`] rows by [`column_parts`] of the columns, each a [`Tiles::product`] that
+/// [`task_rows`] rows by [`column_parts`] of the columns, each a [`Tiles::product`] that
 /// releases the tiles when done.
 ///
 /// # Safety
@@ -505,14 +505,15 @@ pub(crate) unsafe fn gemm(
     assert!(steps > 0 && b_panel >= a_tiles);
     assert!(b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + steps * STEP_PAIRS * PANEL);
     let (b, c, init) = (Shared(b.as_ptr()), Shared(c), Shared(init));
-    let row_tasks = m.div_ceil(TASK_ROWS);
+    let task_rows = task_rows(m);
+    let row_tasks = m.div_ceil(task_rows);
     let part = n.div_ceil(column_parts(n, row_tasks)).next_multiple_of(2 * PANEL);
     let task = |index: usize| {
-        let (j0, r0) = (index / row_tasks * part, index % row_tasks * TASK_ROWS);
-        let (rows, cols) = ((m - r0).min(TASK_ROWS), (n - j0).min(part));
+        let (j0, r0) = (index / row_tasks * part, index % row_tasks * task_rows);
+        let (rows, cols) = ((m - r0).min(task_rows), (n - j0).min(part));
         let mut packed = None;
         let tiles = match a {
-            // Row tiles start at `r0 / 16`: `TASK_ROWS` is a multiple of 16.
+            // Row tiles start at `r0 / 16`: `task_rows` is a multiple of 16.
             Lhs::Tiles(a) => &a[r0 / 16 * a_tiles..],
             Lhs::Rows(a) => {
                 let buffer = packed.insert(crate::buffer::take(rows.div_ceil(16) * a_tiles));
@@ -544,9 +545,17 @@ pub(crate) unsafe fn gemm(
     }
 }
 
+/// Rows per task: [`TASK_ROWS`], or fewer (a multiple of 32, one block) when that gives fewer
+/// than [`MIN_TASKS`] tasks, so that the threads share the rows before the columns are split
+/// (each part of the columns packs its rows again: `attn embed`'s batches of 600-1,000 tokens
+/// spent twice as long packing when they were split by columns).
+fn task_rows(m: usize) -> usize {
+    m.div_ceil(MIN_TASKS).next_multiple_of(32).clamp(32, TASK_ROWS)
+}
+
 /// How many parts the columns are split into: one, unless there are fewer than [`MIN_TASKS`]
-/// row tasks; then enough for that many tasks, each at least two panels wide. A task reads
-/// every panel of its part, from L3 or memory; each part packs its rows again.
+/// row tasks of 32 rows; then enough for that many tasks, each at least two panels wide. A
+/// task reads every panel of its part, from L3 or memory; each part packs its rows again.
 fn column_parts(n: usize, row_tasks: usize) -> usize {
     MIN_TASKS.div_ceil(row_tasks).min(n.div_ceil(2 * PANEL)).max(1)
 }
