@@ -796,7 +796,7 @@ mod tests {
     #[test]
     fn gemm_bf16_bias_has_the_bits_of_the_bias_then_an_added_product() {
         for level in levels() {
-            // Tails of rows and columns, several column chunks and row tasks, a depth of one
+            // Tails of rows and columns, several column parts and row tasks, a depth of one
             // partial step and of many, contiguous and strided destinations.
             for (m, n, k, ld_pad) in [
                 (1, 1, 1, 0),
