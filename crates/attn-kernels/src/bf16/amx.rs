@@ -547,8 +547,8 @@ pub(crate) unsafe fn gemm(
 
 /// Rows per task: [`TASK_ROWS`], or fewer (a multiple of 32, one block) when that gives fewer
 /// than [`MIN_TASKS`] tasks, so that the threads share the rows before the columns are split
-/// (each part of the columns packs its rows again: `attn embed`'s batches of 600-1,000 tokens
-/// spent twice as long packing when they were split by columns).
+/// (each part of the columns packs its rows again: the feed-forward's blocks of 256 tokens,
+/// split into 4 parts, doubled the packing's share of an `attn embed --dtype bf16` profile).
 fn task_rows(m: usize) -> usize {
     m.div_ceil(MIN_TASKS).next_multiple_of(32).clamp(32, TASK_ROWS)
 }
