@@ -14,8 +14,9 @@
 //! columns, so every row of the destination is stored in place and nothing past it is
 //! touched; the depth is padded with zeros to a multiple of 32 in both operands.
 //!
-//! A product runs in tasks of up to [`TASK_ROWS`] rows ([`task_rows`]; by a part of the
-//! columns only when the rows are too few to keep the threads busy, [`column_parts`]). A task of f32 rows
+//! A product runs in tasks of up to [`TASK_ROWS`] rows, as many per thread ([`row_tasks`]; by
+//! a part of the columns only when the rows are too few to keep the threads busy,
+//! [`column_parts`]). A task of f32 rows
 //! ([`Lhs::Rows`]) packs its own rows into a buffer of its thread just before multiplying
 //! them, so the packed rows (at most 128 × the depth in bf16) are in L2 when the tiles read
 //! them; packing the whole operand first, then multiplying, read them back from memory (1.04–
@@ -480,9 +481,9 @@ pub(crate) enum Lhs<'a> {
 
 /// `c[m, n] (+)= a · b` over `steps` steps of 16 pairs: `a` the left operand (packed, or rows
 /// each task packs); `b` panels of 16 columns `b_panel` words apart (`b_panel ≥ 256·steps`),
-/// zeros in the padding rows and columns; `c` rows `ldc` floats apart. Tasks of
-/// [`task_rows`] rows by [`column_parts`] of the columns, each a [`Tiles::product`] that
-/// releases the tiles when done.
+/// zeros in the padding rows and columns; `c` rows `ldc` floats apart. [`row_tasks`] tasks of
+/// rows by [`column_parts`] of the columns, each a [`Tiles::product`] that releases the tiles
+/// when done.
 ///
 /// # Safety
 /// [`available`] must have returned true; the operands must cover those shapes.
@@ -505,15 +506,22 @@ pub(crate) unsafe fn gemm(
     assert!(steps > 0 && b_panel >= a_tiles);
     assert!(b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + steps * STEP_PAIRS * PANEL);
     let (b, c, init) = (Shared(b.as_ptr()), Shared(c), Shared(init));
-    let task_rows = task_rows(m);
-    let row_tasks = m.div_ceil(task_rows);
+    let threads = match par {
+        Par::Seq => 1,
+        Par::Rayon => rayon::current_num_threads(),
+    };
+    let blocks = m.div_ceil(32);
+    let row_tasks = row_tasks(blocks, threads);
     let part = n.div_ceil(column_parts(n, row_tasks)).next_multiple_of(2 * PANEL);
     let task = |index: usize| {
-        let (j0, r0) = (index / row_tasks * part, index % row_tasks * task_rows);
-        let (rows, cols) = ((m - r0).min(task_rows), (n - j0).min(part));
+        let (t, j0) = (index % row_tasks, index / row_tasks * part);
+        // Blocks `t·blocks / row_tasks ..` of 32 rows: shares that differ by one block at most.
+        let r0 = 32 * (t * blocks / row_tasks);
+        let r1 = (32 * ((t + 1) * blocks / row_tasks)).min(m);
+        let (rows, cols) = (r1 - r0, (n - j0).min(part));
         let mut packed = None;
         let tiles = match a {
-            // Row tiles start at `r0 / 16`: `task_rows` is a multiple of 16.
+            // Row tiles start at `r0 / 16`: `r0` is a multiple of 32.
             Lhs::Tiles(a) => &a[r0 / 16 * a_tiles..],
             Lhs::Rows(a) => {
                 let buffer = packed.insert(crate::buffer::take(rows.div_ceil(16) * a_tiles));
@@ -545,16 +553,23 @@ pub(crate) unsafe fn gemm(
     }
 }
 
-/// Rows per task: [`TASK_ROWS`], or fewer (a multiple of 32, one block) when that gives fewer
-/// than [`MIN_TASKS`] tasks, so that the threads share the rows before the columns are split
+/// How many tasks share the `blocks` blocks of 32 rows: enough for at most [`TASK_ROWS`] rows
+/// each, at least [`MIN_TASKS`] so that the threads share the rows before the columns are split
 /// (each part of the columns packs its rows again: the feed-forward's blocks of 256 tokens,
-/// split into 4 parts, doubled the packing's share of an `attn embed --dtype bf16` profile).
-fn task_rows(m: usize) -> usize {
-    m.div_ceil(MIN_TASKS).next_multiple_of(32).clamp(32, TASK_ROWS)
+/// split into 4 parts, doubled the packing's share of an `attn embed --dtype bf16` profile),
+/// and a multiple of the thread count, so that each thread gets as many rows (9 tasks of 128
+/// rows left one of two threads idle for a ninth of a 1,140-row product); never more than
+/// `blocks`.
+fn row_tasks(blocks: usize, threads: usize) -> usize {
+    blocks
+        .div_ceil(TASK_ROWS / 32)
+        .max(MIN_TASKS)
+        .next_multiple_of(threads)
+        .min(blocks)
 }
 
 /// How many parts the columns are split into: one, unless there are fewer than [`MIN_TASKS`]
-/// row tasks of 32 rows; then enough for that many tasks, each at least two panels wide. A
+/// row tasks (fewer than that many blocks of 32 rows); then enough for that many tasks, each at least two panels wide. A
 /// task reads every panel of its part, from L3 or memory; each part packs its rows again.
 fn column_parts(n: usize, row_tasks: usize) -> usize {
     MIN_TASKS.div_ceil(row_tasks).min(n.div_ceil(2 * PANEL)).max(1)

@@ -859,6 +859,8 @@ mod tests {
                 (70, 48, 257),
                 (64, 100, 40),
                 (130, 32, 9),
+                // 35 blocks of 32 rows: tasks of 3 and 4 blocks, the last one ragged.
+                (1100, 40, 33),
                 (4, 5, 0),
                 (3, 0, 5),
                 (0, 5, 3),
