@@ -25,6 +25,14 @@ pub enum Par {
 }
 
 impl Par {
+    /// The threads a call with this `Par` runs on: 1, or the current rayon pool's.
+    pub(crate) fn threads(self) -> usize {
+        match self {
+            Par::Seq => 1,
+            Par::Rayon => rayon::current_num_threads(),
+        }
+    }
+
     pub(crate) fn to_faer(self) -> faer::Par {
         match self {
             Par::Seq => faer::Par::Seq,
@@ -123,14 +131,7 @@ pub fn gemm_bias(
     par: Par,
 ) -> Result<(), KernelError> {
     let [m, n, k] = check_shapes("gemm_bias", &dst, &lhs, &rhs)?;
-    if bias.len() != n {
-        return Err(KernelError::ShapeMismatch {
-            op: "gemm_bias",
-            tensor: "bias",
-            expected: vec![n],
-            got: vec![bias.len()],
-        });
-    }
+    crate::error::check_len("gemm_bias", "bias", n, bias.len())?;
     #[cfg(target_arch = "x86_64")]
     if own_gemm(dst.strides(), [m, n, k]) {
         let operand = |v: &View2<'_, f32>| {

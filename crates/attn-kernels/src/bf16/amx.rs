@@ -16,11 +16,11 @@
 //!
 //! A product runs in tasks of up to [`TASK_ROWS`] rows, as many per thread ([`row_tasks`]; by
 //! a part of the columns only when the rows are too few to keep the threads busy,
-//! [`column_parts`]). A task of f32 rows
-//! ([`Lhs::Rows`]) packs its own rows into a buffer of its thread just before multiplying
-//! them, so the packed rows (at most 128 × the depth in bf16) are in L2 when the tiles read
-//! them; packing the whole operand first, then multiplying, read them back from memory (1.04–
-//! 1.21× faster per call, see docs/PERFORMANCE.md).
+//! [`column_parts`]). A task of f32 rows ([`Lhs::Rows`]) packs its own rows into a buffer of
+//! its thread just before multiplying them, so the packed rows (at most 128 × the depth in
+//! bf16) are in L2 when the tiles read them; packing the whole operand first, then
+//! multiplying, read them back from memory (1.03–1.24× slower per call, see
+//! docs/PERFORMANCE.md).
 //!
 //! Each element is one chain of additions over the depth in order, so the result does not
 //! depend on the thread count or on how rows are split into tiles.
@@ -506,13 +506,17 @@ pub(crate) unsafe fn gemm(
     assert!(steps > 0 && b_panel >= a_tiles);
     assert!(b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + steps * STEP_PAIRS * PANEL);
     let (b, c, init) = (Shared(b.as_ptr()), Shared(c), Shared(init));
-    let threads = match par {
-        Par::Seq => 1,
-        Par::Rayon => rayon::current_num_threads(),
+    // One thread gains nothing from more tasks than 128-row ones, and split columns pack
+    // their rows again.
+    let (threads, min_tasks) = match par.threads() {
+        1 => (1, 1),
+        threads => (threads, MIN_TASKS),
     };
     let blocks = m.div_ceil(32);
-    let row_tasks = row_tasks(blocks, threads);
-    let part = n.div_ceil(column_parts(n, row_tasks)).next_multiple_of(2 * PANEL);
+    let row_tasks = row_tasks(blocks, threads, min_tasks);
+    let part = n
+        .div_ceil(column_parts(n, row_tasks, min_tasks))
+        .next_multiple_of(2 * PANEL);
     let task = |index: usize| {
         let (t, j0) = (index % row_tasks, index / row_tasks * part);
         // Blocks `t·blocks / row_tasks ..` of 32 rows: shares that differ by one block at most.
@@ -554,25 +558,26 @@ pub(crate) unsafe fn gemm(
 }
 
 /// How many tasks share the `blocks` blocks of 32 rows: enough for at most [`TASK_ROWS`] rows
-/// each, at least [`MIN_TASKS`] so that the threads share the rows before the columns are split
-/// (each part of the columns packs its rows again: the feed-forward's blocks of 256 tokens,
-/// split into 4 parts, doubled the packing's share of an `attn embed --dtype bf16` profile),
-/// and a multiple of the thread count, so that each thread gets as many rows (9 tasks of 128
-/// rows left one of two threads idle for a ninth of a 1,140-row product); never more than
-/// `blocks`.
-fn row_tasks(blocks: usize, threads: usize) -> usize {
+/// each; at least `min_tasks` ([`MIN_TASKS`] on more than one thread), so that the threads
+/// share the rows before the columns are split (each part of the columns packs its rows again:
+/// the feed-forward's blocks of 256 tokens, split into 4 parts, doubled the packing's share of
+/// an `attn embed --dtype bf16` profile); and a multiple of the thread count, so that each
+/// thread gets as many rows (9 tasks of 128 rows left one of two threads idle for a ninth of a
+/// 1,140-row product). Never more than `blocks`.
+fn row_tasks(blocks: usize, threads: usize, min_tasks: usize) -> usize {
     blocks
         .div_ceil(TASK_ROWS / 32)
-        .max(MIN_TASKS)
+        .max(min_tasks)
         .next_multiple_of(threads)
         .min(blocks)
 }
 
-/// How many parts the columns are split into: one, unless there are fewer than [`MIN_TASKS`]
-/// row tasks (fewer than that many blocks of 32 rows); then enough for that many tasks, each at least two panels wide. A
-/// task reads every panel of its part, from L3 or memory; each part packs its rows again.
-fn column_parts(n: usize, row_tasks: usize) -> usize {
-    MIN_TASKS.div_ceil(row_tasks).min(n.div_ceil(2 * PANEL)).max(1)
+/// How many parts the columns are split into: one, unless there are fewer than `min_tasks` row
+/// tasks (fewer blocks of 32 rows); then enough for that many tasks, each at least two panels
+/// wide. A task reads every panel of its part, from L3 or memory; each part packs its rows
+/// again.
+fn column_parts(n: usize, row_tasks: usize, min_tasks: usize) -> usize {
+    min_tasks.div_ceil(row_tasks).min(n.div_ceil(2 * PANEL)).max(1)
 }
 
 /// Tasks a product is split into at least, where its size allows (four per thread of a

@@ -484,14 +484,7 @@ pub(crate) fn product_at(
         });
     }
     if let Some(bias) = bias {
-        if bias.len() != n {
-            return Err(KernelError::ShapeMismatch {
-                op: "gemm_bf16_bias",
-                tensor: "bias",
-                expected: vec![n],
-                got: vec![bias.len()],
-            });
-        }
+        crate::error::check_len("gemm_bf16_bias", "bias", n, bias.len())?;
     }
     if m == 0 || n == 0 {
         return Ok(());

@@ -153,10 +153,7 @@ pub(crate) unsafe fn gemm(
     alpha: f32,
     par: Par,
 ) {
-    let threads = match par {
-        Par::Seq => 1,
-        Par::Rayon => rayon::current_num_threads(),
-    };
+    let threads = par.threads();
     let dst = Dst(c);
     // Row bands of whole slivers, or column bands of whole panels when rows are few.
     let by_rows = m.div_ceil(MR) >= 2 * threads || m >= n;
