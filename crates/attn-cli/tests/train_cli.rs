@@ -736,3 +736,71 @@ fn the_shipped_translator_in_bf16_gives_the_f32_answers() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A BF16 checkpoint (the shipped translator's weights rounded to bf16, as PyTorch's
+/// `model.to(torch.bfloat16)` saves them) runs under `--dtype bf16` without being widened
+/// (`Seq2Seq::from_checkpoint_in`, tested in attn-nn) and gives the shipped model's answers on
+/// 500 held-out dates; under `--dtype f32` it is widened and gives them too.
+#[test]
+fn a_bf16_checkpoint_translates_in_bf16() {
+    use attn_nn::core::kernels::f32_to_bf16;
+    use safetensors::tensor::TensorView;
+    let dir = scratch("bf16-checkpoint");
+    let exported = dir.join("dates.safetensors");
+    ok(&["translate", "--export", s(&exported)]);
+    let bytes = std::fs::read(&exported).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let words = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+            let half = words.flat_map(|x| f32_to_bf16(x).to_le_bytes()).collect();
+            (name, view.shape().to_vec(), half)
+        })
+        .collect();
+    let views: Vec<(&str, TensorView<'_>)> = halves
+        .iter()
+        .map(|(n, shape, b)| {
+            (
+                n.as_str(),
+                TensorView::new(safetensors::Dtype::BF16, shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let bf16_file = dir.join("dates-bf16.safetensors");
+    std::fs::write(
+        &bf16_file,
+        safetensors::serialize(views, header.metadata().clone()).unwrap(),
+    )
+    .unwrap();
+    assert!(std::fs::metadata(&bf16_file).unwrap().len() < bytes.len() as u64 * 6 / 10);
+
+    let pairs = ok(&["dates", "--split", "test", "--count", "500", "--seed", "12"]);
+    let sources: String = pairs
+        .lines()
+        .map(|l| format!("{}\n", l.split('\t').next().unwrap()))
+        .collect();
+    let input = dir.join("sources.txt");
+    std::fs::write(&input, sources).unwrap();
+    let shipped = ok(&["translate", "--input", s(&input)]);
+    assert_eq!(shipped.lines().count(), 500);
+    for dtype in ["bf16", "f32"] {
+        let got = ok(&[
+            "translate",
+            "--input",
+            s(&input),
+            "--model",
+            s(&bf16_file),
+            "--dtype",
+            dtype,
+        ]);
+        assert_eq!(got, shipped, "--dtype {dtype}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -24,6 +24,13 @@ pub enum NnError {
         /// What was wrong, and what was expected.
         what: String,
     },
+    /// Training asked of a model that cannot train: its weights are bf16 bits read in bf16
+    /// ([`crate::Seq2Seq::from_checkpoint_in`]), not the f32 master weights training updates.
+    #[error("{what}")]
+    NotTrainable {
+        /// Why, and what to do instead.
+        what: String,
+    },
     /// A file of a model folder that cannot be read or parsed.
     #[error("{path}: {what}")]
     File {

@@ -446,6 +446,131 @@ fn bf16_precision_reaches_every_linear_map() {
     assert_eq!(model.logits(&batch, Par::Rayon).unwrap(), f32_logits);
 }
 
+/// A BF16 checkpoint read in bf16 (`Seq2Seq::from_checkpoint_in`) is not widened: after
+/// teacher-forced logits, greedy and beam decoding, the model holds 2 bytes per value of every
+/// matrix and table (4 more only for the biases and norm weights the forward reads), 2 bytes
+/// per value less than the same file read in f32 and set to bf16, and it computes the same
+/// bits as that model. It cannot train: that is an error naming the way out. Read in f32, the
+/// same file is widened and trains.
+#[test]
+fn bf16_checkpoints_load_without_widening_in_bf16() {
+    use attn_core::kernels::f32_to_bf16;
+    use attn_core::Precision;
+    use safetensors::tensor::TensorView;
+    let (model, dict) = load();
+    let (mut values, mut small) = (0, 0);
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = dict
+        .iter()
+        .map(|(name, t)| {
+            values += t.len();
+            small += if t.shape().len() == 1 { t.len() } else { 0 };
+            let bytes = t.data().iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect();
+            (name.clone(), t.shape().to_vec(), bytes)
+        })
+        .collect();
+    let views: Vec<(&str, TensorView<'_>)> = halves
+        .iter()
+        .map(|(name, shape, bytes)| {
+            (
+                name.as_str(),
+                TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    let meta = std::collections::HashMap::from([("attn.seq2seq".to_string(), model.config().to_json())]);
+    let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+
+    let kept = Seq2Seq::from_checkpoint_in(&bytes, Precision::Bf16).unwrap();
+    let mut widened = Seq2Seq::from_checkpoint(&bytes).unwrap();
+    assert!(kept.holds_bf16_bits() && !widened.holds_bf16_bits());
+    widened.set_precision(Precision::Bf16).unwrap();
+    assert_eq!(kept.precision(), Precision::Bf16);
+    let (pairs, _) = expected();
+    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
+    let batch = kept.batch(&pairs).unwrap();
+    let sources: Vec<&str> = pairs.iter().map(|(s, _)| *s).collect();
+    for par in [Par::Seq, Par::Rayon] {
+        assert_eq!(
+            kept.logits(&batch, par).unwrap(),
+            widened.logits(&batch, par).unwrap(),
+            "{par:?}"
+        );
+        let [a, b] = [&kept, &widened].map(|m| m.greedy(&sources, 12, true, par).unwrap());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "greedy, {par:?}");
+        let [a, b] = [&kept, &widened].map(|m| m.beam(&sources[..2], 3, 12, par).unwrap());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "beam, {par:?}");
+    }
+    // Every tensor is still bits (a clone of the state dict shows the storage, not what was
+    // widened beside it: the byte count below does).
+    for (name, t) in kept.state_dict() {
+        assert!(t.is_bf16() && t.bytes_held() == 2 * t.len(), "{name}");
+    }
+    let read = kept.bytes_held() - (widened.bytes_held() - 2 * values);
+    assert!(
+        read <= 4 * small,
+        "the f32 model holds 4 bytes per value; the kept one 2, 4 more for vectors read"
+    );
+    // A clone keeps the bits (not the widened vectors) and computes the same.
+    let copy = kept.clone();
+    assert!(copy.holds_bf16_bits());
+    assert!(
+        copy.bytes_held() <= kept.bytes_held(),
+        "{} > {}",
+        copy.bytes_held(),
+        kept.bytes_held()
+    );
+    assert_eq!(
+        copy.logits(&batch, Par::Seq).unwrap(),
+        widened.logits(&batch, Par::Seq).unwrap()
+    );
+    // The weights are what the file holds.
+    assert_eq!(kept.state_dict(), widened.state_dict());
+    assert_eq!(kept.parameter_count(), values);
+
+    // No training: the error names the way out, and nothing changed.
+    let mut kept = kept;
+    let (mut adam, mut grads) = (AdamW::new((0.9, 0.98), 1e-9, 0.0).unwrap(), kept.grads());
+    let err = kept
+        .train_step(&pairs, &TrainStep::default(), &mut adam, &mut grads, 1e-3)
+        .unwrap_err();
+    assert!(matches!(err, attn_nn::NnError::NotTrainable { .. }), "{err:?}");
+    assert!(err.to_string().contains("read the checkpoint in f32"), "{err}");
+    assert!(kept.update(&mut adam, &grads, 1e-3).is_err());
+    assert_eq!(
+        kept.logits(&batch, Par::Seq).unwrap(),
+        widened.logits(&batch, Par::Seq).unwrap()
+    );
+
+    // In f32 the file is widened, as before, and the model trains; so does an F32 file read in
+    // bf16 (its weights are f32, in a store).
+    let mut f32_load = Seq2Seq::from_checkpoint_in(&bytes, Precision::F32).unwrap();
+    assert_eq!(f32_load.precision(), Precision::F32);
+    assert_eq!(f32_load.bytes_held(), 4 * values);
+    let mut grads = f32_load.grads();
+    f32_load
+        .train_step(&pairs, &TrainStep::default(), &mut adam, &mut grads, 1e-3)
+        .unwrap();
+    let f32_file = model.to_checkpoint(&Default::default()).unwrap();
+    let mut from_f32 = Seq2Seq::from_checkpoint_in(&f32_file, Precision::Bf16).unwrap();
+    assert!(!from_f32.holds_bf16_bits() && from_f32.precision() == Precision::Bf16);
+    let mut grads = from_f32.grads();
+    let mut adam = AdamW::new((0.9, 0.98), 1e-9, 0.0).unwrap();
+    from_f32
+        .train_step(&pairs, &TrainStep::default(), &mut adam, &mut grads, 1e-3)
+        .unwrap();
+    // The file reader names the file.
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("attn-seq2seq-bf16-{}.safetensors", std::process::id()));
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(Seq2Seq::load_in(&path, Precision::Bf16).unwrap().holds_bf16_bits());
+    std::fs::remove_file(&path).unwrap();
+    let err = Seq2Seq::load_in(&path, Precision::Bf16).unwrap_err().to_string();
+    assert!(
+        err.contains("cannot read") && err.contains("attn-seq2seq-bf16"),
+        "{err}"
+    );
+}
+
 /// Mixed-precision training (`Precision::Bf16` while training): a step's loss and every
 /// gradient stay within bf16's error of the f32 step's (measured on the tiny fixture: loss
 /// 4.3e-5 relative; gradients within 3.2e-2 in 2-norm, the largest at the source embedding,

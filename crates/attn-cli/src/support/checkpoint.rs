@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use attn_nn::core::write_safetensors;
+use attn_nn::core::{write_safetensors, Precision};
 use attn_nn::Seq2Seq;
 
 /// A model from the bytes of a checkpoint; `what` names the file in errors.
@@ -17,6 +17,13 @@ pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Seq2Seq> {
 pub fn load(path: &Path) -> Result<Seq2Seq> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     from_bytes(&bytes, &path.display().to_string())
+}
+
+/// A model from a checkpoint file, computing in `precision`: in bf16 a BF16 file is not
+/// widened ([`Seq2Seq::from_checkpoint_in`]).
+pub fn load_in(path: &Path, precision: Precision) -> Result<Seq2Seq> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Seq2Seq::from_checkpoint_in(&bytes, precision).with_context(|| path.display().to_string())
 }
 
 /// Writes `model` to `path` atomically, with `extra` metadata beside its configuration.

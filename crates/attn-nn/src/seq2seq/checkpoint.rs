@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use attn_core::{write_safetensors, FromSafetensors, StateDict, ToSafetensors};
+use attn_core::{write_safetensors, FromSafetensors, Precision, StateDict, Tensor, ToSafetensors};
 
 use super::{Seq2Seq, Seq2SeqConfig};
 use crate::{NnError, Result};
@@ -25,6 +25,53 @@ impl Seq2Seq {
     /// A model from the bytes of a checkpoint ([`to_checkpoint`](Self::to_checkpoint), `attn
     /// train`'s output): the configuration from its metadata, the weights under their names.
     pub fn from_checkpoint(bytes: &[u8]) -> Result<Self> {
+        let config = checkpoint_config(bytes)?;
+        Seq2Seq::from_state_dict(config, StateDict::from_safetensors(bytes)?)
+    }
+
+    /// A model from the bytes of a checkpoint, computing in `precision`
+    /// ([`Seq2Seq::set_precision`]). In `Bf16`, BF16 tensors of the file are not widened:
+    /// the weight matrices go from the file's bits to their packed form, and the embedding
+    /// tables stay bits, each row widened as it is looked up. The model then computes the bits
+    /// that the same file read in f32 and set to bf16 computes, holding about half the bytes
+    /// ([`Seq2Seq::bytes_held`]), but it cannot train ([`Seq2Seq::holds_bf16_bits`]; training
+    /// is a [`NnError::NotTrainable`] error): training updates f32 weights. An F32 file, or
+    /// `F32`, gives the model of [`Seq2Seq::from_checkpoint`] set to `precision`.
+    pub fn from_checkpoint_in(bytes: &[u8], precision: Precision) -> Result<Self> {
+        let config = checkpoint_config(bytes)?;
+        let mut model = match precision {
+            Precision::F32 => Seq2Seq::from_state_dict(config, StateDict::from_safetensors(bytes)?)?,
+            Precision::Bf16 => {
+                let dict = StateDict::from_safetensors_keeping_bf16(bytes, |_| false)?;
+                if dict.values().any(Tensor::is_bf16) {
+                    Seq2Seq {
+                        bits: true,
+                        ..Seq2Seq::from_parts(config, dict)?
+                    }
+                } else {
+                    Seq2Seq::from_state_dict(config, dict)?
+                }
+            }
+        };
+        model.set_precision(precision)?;
+        Ok(model)
+    }
+
+    /// Reads a checkpoint from `path` as [`Seq2Seq::from_checkpoint_in`] does; errors name
+    /// the file.
+    pub fn load_in(path: &Path, precision: Precision) -> Result<Self> {
+        let file = |what: String| NnError::File {
+            path: path.display().to_string(),
+            what,
+        };
+        let bytes = std::fs::read(path).map_err(|e| file(format!("cannot read: {e}")))?;
+        Seq2Seq::from_checkpoint_in(&bytes, precision).map_err(|e| file(e.to_string()))
+    }
+}
+
+/// The configuration in a checkpoint's metadata.
+fn checkpoint_config(bytes: &[u8]) -> Result<Seq2SeqConfig> {
+    {
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| NnError::Checkpoint {
             what: format!("not a valid safetensors file: {e}"),
         })?;
@@ -35,12 +82,13 @@ impl Seq2Seq {
             .ok_or_else(|| NnError::Checkpoint {
                 what: format!("no `{CHECKPOINT_METADATA_KEY}` metadata: not a sequence-to-sequence checkpoint"),
             })?;
-        let config = Seq2SeqConfig::from_json(json).map_err(|e| NnError::Checkpoint {
+        Seq2SeqConfig::from_json(json).map_err(|e| NnError::Checkpoint {
             what: format!("`{CHECKPOINT_METADATA_KEY}` metadata: {e}"),
-        })?;
-        Seq2Seq::from_state_dict(config, StateDict::from_safetensors(bytes)?)
+        })
     }
+}
 
+impl Seq2Seq {
     /// Writes the checkpoint to `path`, atomically (a reader never sees half a file).
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_checkpoint(&BTreeMap::new())?;

@@ -116,12 +116,12 @@ impl Seq2Seq {
     ) -> Result<Vec<f32>> {
         let e = self.config.d_model();
         let b = current.len();
-        let table = self.tgt_embed.data();
         let scale = (e as f32).sqrt();
         let pe = &self.positions[step * e..][..e];
         let mut x = vec![0.0f32; b * e];
         for (row, &id) in x.chunks_exact_mut(e).zip(current) {
-            for ((v, &w), &p) in row.iter_mut().zip(&table[id * e..][..e]).zip(pe) {
+            // One row, widened alone from a table kept as bf16 bits.
+            for ((v, &w), &p) in row.iter_mut().zip(self.tgt_embed.row(id).iter()).zip(pe) {
                 *v = w * scale + p;
             }
         }

@@ -19,7 +19,7 @@ use attn_core::{insert_prefixed, AttnError, Grads, ParamPath, ParamStore, Parame
 use crate::layers::Linear;
 use crate::optim::AdamW;
 use crate::transformer::sub_module;
-use crate::{DecoderLayer, EncoderLayer, Result, Transformer, TransformerConfig};
+use crate::{DecoderLayer, EncoderLayer, NnError, Result, Transformer, TransformerConfig};
 
 mod checkpoint;
 mod data;
@@ -51,6 +51,9 @@ pub use train::{Seq2SeqTape, StepLoss, TrainStep};
 #[derive(Debug)]
 pub struct Seq2Seq {
     store: ParamStore,
+    /// Whether some weights are bf16 bits kept from a BF16 checkpoint
+    /// ([`Seq2Seq::from_checkpoint_in`] in bf16): then there is no store, and no training.
+    bits: bool,
     config: Seq2SeqConfig,
     src_embed: Tensor,
     tgt_embed: Tensor,
@@ -64,16 +67,21 @@ impl Clone for Seq2Seq {
     /// A copy with a store of its own, in the same precision (adopting the store hands the
     /// weights out mutably, which drops bf16 copies, so they are packed again).
     fn clone(&self) -> Self {
-        let mut copy = Seq2Seq {
+        let copy = Seq2Seq {
             store: ParamStore::default(),
+            bits: self.bits,
             config: self.config.clone(),
             src_embed: self.src_embed.clone(),
             tgt_embed: self.tgt_embed.clone(),
             transformer: self.transformer.clone(),
             generator: self.generator.clone(),
             positions: self.positions.clone(),
+        };
+        if self.bits {
+            // The bits and their packed copies, shared: nothing to adopt.
+            return copy;
         }
-        .with_store();
+        let mut copy = copy.with_store();
         if self.precision() != Precision::F32 {
             copy.set_precision(self.precision())
                 .expect("the same weights packed again");
@@ -169,7 +177,12 @@ impl Seq2Seq {
     }
 
     /// The model from its tensors (every one used, none missing).
-    pub fn from_state_dict(config: Seq2SeqConfig, mut dict: StateDict) -> Result<Self> {
+    pub fn from_state_dict(config: Seq2SeqConfig, dict: StateDict) -> Result<Self> {
+        Ok(Self::from_parts(config, dict)?.with_store())
+    }
+
+    /// The model of [`Seq2Seq::from_state_dict`] before its parameters move to a store.
+    fn from_parts(config: Seq2SeqConfig, mut dict: StateDict) -> Result<Self> {
         config.validate()?;
         let e = config.d_model();
         let (vs, vt) = (config.src_vocab.len(), config.tgt_vocab.len());
@@ -189,14 +202,14 @@ impl Seq2Seq {
         let positions = sinusoidal_positions(config.max_len, e);
         Ok(Seq2Seq {
             store: ParamStore::default(),
+            bits: false,
             config,
             src_embed,
             tgt_embed,
             transformer,
             generator,
             positions,
-        }
-        .with_store())
+        })
     }
 
     /// The model with its parameters moved into a store of their own.
@@ -215,11 +228,31 @@ impl Seq2Seq {
         Grads::for_store(&self.store)
     }
 
+    /// Whether some weights are bf16 bits ([`Seq2Seq::from_checkpoint_in`] of a BF16
+    /// checkpoint in bf16): such a model computes, but does not train.
+    pub fn holds_bf16_bits(&self) -> bool {
+        self.bits
+    }
+
+    /// An error unless the model can train (f32 weights in a store).
+    pub(crate) fn check_trainable(&self) -> Result<()> {
+        if self.bits {
+            return Err(NnError::NotTrainable {
+                what: "the model's weights are bf16 bits, read from a BF16 checkpoint in bf16; training \
+                       updates f32 weights: read the checkpoint in f32 (`Seq2Seq::from_checkpoint`) to \
+                       train it"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     /// One optimizer step over every parameter at learning rate `lr`, from gradients made by
     /// [`Seq2Seq::grads`] (others are an error): one pass over the flat buffers. The f32 weights
     /// are the master copy: a model in bf16 (mixed-precision training) packs its bf16 copies
     /// again from the updated weights.
     pub fn update(&mut self, adam: &mut AdamW, grads: &Grads, lr: f32) -> Result<()> {
+        self.check_trainable()?;
         let precision = self.precision();
         let store = self.store.clone();
         adam.update(&store, self, grads, lr)?;
@@ -254,7 +287,25 @@ impl Seq2Seq {
     fn embed_at(&self, table: &Tensor, ids: &[usize], positions: &[usize]) -> Result<Vec<f32>> {
         let e = self.config.d_model();
         let mut x = arena::zeroed(ids.len() * e);
-        kernels::embedding(&mut x, table.data(), ids, e).map_err(AttnError::from)?;
+        if table.is_bf16() {
+            // A table kept as bits: each row widened as it is looked up.
+            let rows = table.shape()[0];
+            for (out, &id) in x.chunks_exact_mut(e).zip(ids) {
+                if id >= rows {
+                    // `kernels::embedding`'s error.
+                    return Err(AttnError::from(kernels::KernelError::InvalidArgument {
+                        op: "embedding",
+                        what: "a token id",
+                        got: id.to_string(),
+                        expected: "below the table's row count",
+                    })
+                    .into());
+                }
+                out.copy_from_slice(&table.row(id));
+            }
+        } else {
+            kernels::embedding(&mut x, table.data(), ids, e).map_err(AttnError::from)?;
+        }
         let scale = (e as f32).sqrt();
         for (row, &p) in x.chunks_exact_mut(e).zip(positions) {
             let pe = &self.positions[p * e..][..e];
@@ -272,8 +323,18 @@ impl Seq2Seq {
         }
     }
 
+    /// Bytes of weights held: every tensor (4 bytes per f32 value, 2 per bf16 value kept from a
+    /// BF16 checkpoint, [`Seq2Seq::from_checkpoint_in`]) and, in bf16, the packed copies of the
+    /// linear maps.
+    pub fn bytes_held(&self) -> usize {
+        self.src_embed.bytes_held()
+            + self.tgt_embed.bytes_held()
+            + self.transformer.bytes_held()
+            + self.generator.bytes_held()
+    }
+
     /// Parameters (scalars) in the model.
     pub fn parameter_count(&self) -> usize {
-        self.state_dict().values().map(|t| t.data().len()).sum()
+        self.state_dict().values().map(Tensor::len).sum()
     }
 }

@@ -245,6 +245,7 @@ impl Seq2Seq {
     /// follows the real tokens): logits `[Nt, Vt]`, one row per real target position in
     /// sequence order, and the tape.
     pub fn forward_train(&self, packed: &Packed, step: &mut Step<'_>) -> Result<(Vec<f32>, Seq2SeqTape)> {
+        self.check_trainable()?;
         let e = self.config.d_model();
         let (ns, nt) = (packed.src.len(), packed.tgt_in.len());
         let src_x = self.embed_train("src_embed.", &packed.src, &packed.src_positions, step)?;

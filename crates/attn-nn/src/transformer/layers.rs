@@ -175,6 +175,18 @@ pub struct DecoderLayerCache {
 }
 
 impl DecoderLayer {
+    /// Bytes of weights held: every tensor (4 bytes per f32 value, 2 per bf16 value) and, in
+    /// bf16, the packed copies.
+    pub fn bytes_held(&self) -> usize {
+        self.self_attn.bytes_held()
+            + self.cross_attn.bytes_held()
+            + self.ffn.bytes_held()
+            + [&self.norm1, &self.norm2, &self.norm3]
+                .map(|n| n.bytes_held())
+                .iter()
+                .sum::<usize>()
+    }
+
     /// Sets the precision of the layer's linear maps (both attentions' projections and the
     /// feed-forward block; see [`Precision`]).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {

@@ -35,6 +35,7 @@ pub(super) trait StackLayer: Sized {
     fn take(config: LayerConfig, dict: &mut StateDict) -> Result<Self>;
     fn state_dict(&self) -> StateDict;
     fn set_precision(&mut self, precision: Precision) -> Result<()>;
+    fn bytes_held(&self) -> usize;
 }
 
 impl StackLayer for EncoderLayer {
@@ -46,6 +47,9 @@ impl StackLayer for EncoderLayer {
     }
     fn set_precision(&mut self, precision: Precision) -> Result<()> {
         EncoderLayer::set_precision(self, precision)
+    }
+    fn bytes_held(&self) -> usize {
+        EncoderLayer::bytes_held(self)
     }
 }
 
@@ -59,6 +63,9 @@ impl StackLayer for DecoderLayer {
     fn set_precision(&mut self, precision: Precision) -> Result<()> {
         DecoderLayer::set_precision(self, precision)
     }
+    fn bytes_held(&self) -> usize {
+        DecoderLayer::bytes_held(self)
+    }
 }
 
 /// `num_layers` layers (`layers.{i}.*`) and an optional final norm (`norm.*`).
@@ -70,6 +77,11 @@ pub(super) struct Stack<L> {
 }
 
 impl<L: StackLayer> Stack<L> {
+    /// Bytes of weights held by the layers and the final norm.
+    pub(super) fn bytes_held(&self) -> usize {
+        self.layers.iter().map(L::bytes_held).sum::<usize>() + self.norm.as_ref().map_or(0, Norm::bytes_held)
+    }
+
     /// Every layer's linear maps in `precision` (the final norm stays f32).
     pub(super) fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.layers
@@ -116,6 +128,11 @@ impl<L: StackLayer> Stack<L> {
 pub struct Encoder(pub(super) Stack<EncoderLayer>);
 
 impl Encoder {
+    /// Bytes of weights held ([`EncoderLayer::bytes_held`], and the final norm's).
+    pub fn bytes_held(&self) -> usize {
+        self.0.bytes_held()
+    }
+
     /// Sets every layer's precision ([`EncoderLayer::set_precision`]).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.0.set_precision(precision)
@@ -178,6 +195,11 @@ impl DecoderCache {
 }
 
 impl Decoder {
+    /// Bytes of weights held ([`DecoderLayer::bytes_held`], and the final norm's).
+    pub fn bytes_held(&self) -> usize {
+        self.0.bytes_held()
+    }
+
     /// Sets every layer's precision ([`DecoderLayer::set_precision`]).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.0.set_precision(precision)
@@ -312,6 +334,11 @@ pub struct Transformer {
 }
 
 impl Transformer {
+    /// Bytes of weights held by both stacks ([`Encoder::bytes_held`], [`Decoder::bytes_held`]).
+    pub fn bytes_held(&self) -> usize {
+        self.encoder.bytes_held() + self.decoder.bytes_held()
+    }
+
     /// Sets both stacks' precision ([`Precision`]).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.encoder.set_precision(precision)?;
