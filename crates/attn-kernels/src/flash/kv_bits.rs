@@ -103,14 +103,21 @@ pub(super) fn reads_in_place(
 /// decoding's kernels.
 pub const DECODE_ROWS: usize = crate::tile::DECODE_ROWS_MAX;
 
-/// The values of `x`'s bits, contiguous in its shape's order.
+/// The values of `x`'s bits, contiguous in its shape's order: a row at a time where its
+/// values are contiguous (a shift per value, which the compiler vectorises), else one by one.
 fn widened(x: &View4<'_, u16>) -> Vec<f32> {
     let [a, b, c, d] = x.shape();
+    let (st, data) = (x.strides(), x.data());
     let mut out = Vec::with_capacity(a * b * c * d);
     for i in 0..a {
         for j in 0..b {
             for r in 0..c {
-                out.extend((0..d).map(|col| crate::bf16_to_f32(x.get([i, j, r, col]))));
+                let base = i * st[0] + j * st[1] + r * st[2];
+                if st[3] == 1 {
+                    out.extend(data[base..base + d].iter().map(|&h| crate::bf16_to_f32(h)));
+                } else {
+                    out.extend((0..d).map(|col| crate::bf16_to_f32(data[base + col * st[3]])));
+                }
             }
         }
     }
