@@ -72,9 +72,15 @@ pub(super) fn value_block_len(plan: &Plan, amx: bool) -> usize {
 pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, amx: bool, par: Par) -> Buffer {
     let pairs = key_pairs(plan, amx);
     super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, |dst, keys, bc, [rs, cs]| {
+        // Whole panels of 16 contiguous keys: rounded and transposed 16 × 16 words at a time.
+        let whole = if cs == 1 {
+            key_panels16(dst, keys, bc, plan.d, rs, pairs)
+        } else {
+            0
+        };
         // Zeros past `D / 2` pairs: `convert_strided` writes the pairs that hold values.
         let mut row = vec![0.0f32; pairs];
-        for j in 0..bc {
+        for j in whole..bc {
             convert_strided(&keys[j * rs..], plan.d, cs, &mut row);
             let panel = &mut dst[(j / 16) * pairs * 16 + j % 16..];
             for (p, &word) in row.iter().enumerate() {
@@ -82,6 +88,53 @@ pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, amx: bool, par: Par) ->
             }
         }
     })
+}
+
+/// The first `16·⌊bc / 16⌋` of `bc` keys (rows `rs` apart in `keys`, `d` contiguous values each)
+/// rounded into [`pack_keys`]'s panels of `pairs` pairs (zeros past `D / 2`), at the
+/// AVX512-BF16 level: each key's steps of 16 pairs rounded as A tile rows
+/// (`convert_row_steps`), then each 16 × 16 block of words transposed into the panel (16 words
+/// per pair) instead of 16 stores of one word per key. Returns how many keys it packed (0
+/// without the instructions); the caller packs the rest.
+fn key_panels16(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, rs: usize, pairs: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level().has_avx512bf16() {
+        let steps = pairs.div_ceil(STEP_PAIRS);
+        let panels = bc / 16;
+        assert!(d <= 2 * pairs && dst.len() >= panels * pairs * 16);
+        assert!(panels == 0 || keys.len() >= (16 * panels - 1) * rs + d);
+        // `[steps][16 keys][16 words]`.
+        let mut block = vec![[[0.0f32; 16]; 16]; steps];
+        let mut last = [[0.0f32; 16]; 16];
+        for panel in 0..panels {
+            let out = &mut dst[panel * pairs * 16..(panel + 1) * pairs * 16];
+            // SAFETY: the level was detected; each key's `d ≤ 32·steps` values lie in `keys`
+            // (checked); key `j`'s step `s` goes to the 16 words at `block[s][j]`, `256`
+            // words apart per step; a transpose writes 16 rows of 16 words, inside `out` for
+            // whole steps and into `last` for a partial one.
+            unsafe {
+                let base = block.as_mut_ptr().cast::<f32>();
+                for j in 0..16 {
+                    let key = &keys[(16 * panel + j) * rs..][..d];
+                    crate::bf16::avx512bf16::convert_row_steps(key, 1.0, steps, base.add(16 * j), 256);
+                }
+                for (s, words) in block.iter().enumerate() {
+                    let rows = (pairs - 16 * s).min(16);
+                    if rows == 16 {
+                        crate::bf16::avx512bf16::transpose16(words, out[256 * s..].as_mut_ptr(), 16);
+                    } else {
+                        crate::bf16::avx512bf16::transpose16(words, last.as_mut_ptr().cast(), 16);
+                        for (p, row) in last[..rows].iter().enumerate() {
+                            out[256 * s + 16 * p..256 * s + 16 * p + 16].copy_from_slice(row);
+                        }
+                    }
+                }
+            }
+        }
+        return 16 * panels;
+    }
+    let _ = (dst, keys, bc, d, rs, pairs);
+    0
 }
 
 /// `v: [B, G, T, Dv]` rounded to bf16 and packed as the module describes, one block of
