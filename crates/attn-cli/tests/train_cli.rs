@@ -692,19 +692,26 @@ fn without_mpi_several_launched_processes_are_refused() {
     assert!(out.exists());
 }
 
-/// The shipped translator in bf16 (`--dtype bf16`): the same output as in f32 on 5,000 held-out
-/// dates, log-probabilities within 6e-4 of f32's (measured 5.8e-5) but not equal to them (the products ran in bf16,
-/// where the CPU has the instructions; elsewhere it runs f32 and says so).
-#[test]
-fn the_shipped_translator_in_bf16_gives_the_f32_answers() {
-    let dir = scratch("bf16");
-    let pairs = ok(&["dates", "--split", "test", "--count", "5000", "--seed", "11"]);
+/// `count` held-out dates' sources (`attn dates --split test`), one per line, in `dir`.
+fn held_out_sources(dir: &Path, count: usize, seed: u64) -> PathBuf {
+    let (count, seed) = (count.to_string(), seed.to_string());
+    let pairs = ok(&["dates", "--split", "test", "--count", &count, "--seed", &seed]);
     let sources: String = pairs
         .lines()
         .map(|l| format!("{}\n", l.split('\t').next().unwrap()))
         .collect();
     let input = dir.join("sources.txt");
     std::fs::write(&input, sources).unwrap();
+    input
+}
+
+/// The shipped translator in bf16 (`--dtype bf16`): the same output as in f32 on 5,000 held-out
+/// dates, log-probabilities within 6e-4 of f32's (measured 5.8e-5) but not equal to them (the products ran in bf16,
+/// where the CPU has the instructions; elsewhere it runs f32 and says so).
+#[test]
+fn the_shipped_translator_in_bf16_gives_the_f32_answers() {
+    let dir = scratch("bf16");
+    let input = held_out_sources(&dir, 5000, 11);
     let parse = |text: String| -> Vec<(String, f64)> {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         v["translations"]
@@ -781,13 +788,7 @@ fn a_bf16_checkpoint_translates_in_bf16() {
     .unwrap();
     assert!(std::fs::metadata(&bf16_file).unwrap().len() < bytes.len() as u64 * 6 / 10);
 
-    let pairs = ok(&["dates", "--split", "test", "--count", "500", "--seed", "12"]);
-    let sources: String = pairs
-        .lines()
-        .map(|l| format!("{}\n", l.split('\t').next().unwrap()))
-        .collect();
-    let input = dir.join("sources.txt");
-    std::fs::write(&input, sources).unwrap();
+    let input = held_out_sources(&dir, 500, 12);
     let shipped = ok(&["translate", "--input", s(&input)]);
     assert_eq!(shipped.lines().count(), 500);
     for dtype in ["bf16", "f32"] {

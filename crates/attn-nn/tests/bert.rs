@@ -165,7 +165,6 @@ fn padded_token_ids_embed_as_the_unpadded_sequence() {
 /// named.
 #[test]
 fn sentence_embedder_reads_a_model_folder() {
-    use safetensors::tensor::TensorView;
     let dir =
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-bert-folder-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
@@ -174,27 +173,7 @@ fn sentence_embedder_reads_a_model_folder() {
     std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
     // Weights stored as F16 values, so the F16 file and the F32 model hold the same numbers.
     let weights = tiny_bert_weights();
-    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = weights
-        .iter()
-        .map(|(name, t)| {
-            let bytes = t
-                .data()
-                .iter()
-                .flat_map(|&x| f32_to_f16_bits(x).to_le_bytes())
-                .collect();
-            (name.clone(), t.shape().to_vec(), bytes)
-        })
-        .collect();
-    let views: Vec<(&str, TensorView<'_>)> = halves
-        .iter()
-        .map(|(name, shape, bytes)| {
-            (
-                name.as_str(),
-                TensorView::new(safetensors::Dtype::F16, shape.clone(), bytes).unwrap(),
-            )
-        })
-        .collect();
-    let file = safetensors::serialize(views, None).unwrap();
+    let file = common::half_safetensors(&weights, safetensors::Dtype::F16, f32_to_f16_bits, None);
     std::fs::write(dir.join("model.safetensors"), &file).unwrap();
     std::fs::write(
         dir.join("modules.json"),
@@ -260,34 +239,20 @@ fn f32_to_f16_bits(x: f32) -> u16 {
 fn bf16_files_load_without_widening_in_bf16() {
     use attn_nn::core::kernels::f32_to_bf16;
     use attn_nn::core::Precision;
-    use safetensors::tensor::TensorView;
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-bert-bf16-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
     let weights = tiny_bert_weights();
-    let (mut values, mut small) = (0, 0);
-    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = weights
-        .iter()
-        .map(|(name, t)| {
-            // The pooler is not part of the model.
-            if !name.starts_with("pooler.") {
-                values += t.len();
-                small += if t.shape().len() == 1 { t.len() } else { 0 };
-            }
-            let bytes = t.data().iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect();
-            (name.clone(), t.shape().to_vec(), bytes)
-        })
-        .collect();
-    let views: Vec<(&str, TensorView<'_>)> = halves
-        .iter()
-        .map(|(name, shape, bytes)| {
-            let view = TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).unwrap();
-            (name.as_str(), view)
-        })
-        .collect();
+    // The pooler is not part of the model.
+    let counted = weights.iter().filter(|(name, _)| !name.starts_with("pooler."));
+    let values: usize = counted.clone().map(|(_, t)| t.len()).sum();
+    let small: usize = counted
+        .filter(|(_, t)| t.shape().len() == 1)
+        .map(|(_, t)| t.len())
+        .sum();
     std::fs::write(
         dir.join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
+        common::half_safetensors(&weights, safetensors::Dtype::BF16, f32_to_bf16, None),
     )
     .unwrap();
 

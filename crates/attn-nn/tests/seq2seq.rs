@@ -12,6 +12,8 @@ use attn_nn::layers::Dropout;
 use attn_nn::{AdamW, Seq2Seq, Seq2SeqConfig, Step, TrainStep};
 use safetensors::SafeTensors;
 
+mod common;
+
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/seq2seq/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run `cargo xtask codegen`)"))
@@ -456,29 +458,11 @@ fn bf16_precision_reaches_every_linear_map() {
 fn bf16_checkpoints_load_without_widening_in_bf16() {
     use attn_core::kernels::f32_to_bf16;
     use attn_core::Precision;
-    use safetensors::tensor::TensorView;
     let (model, dict) = load();
-    let (mut values, mut small) = (0, 0);
-    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = dict
-        .iter()
-        .map(|(name, t)| {
-            values += t.len();
-            small += if t.shape().len() == 1 { t.len() } else { 0 };
-            let bytes = t.data().iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect();
-            (name.clone(), t.shape().to_vec(), bytes)
-        })
-        .collect();
-    let views: Vec<(&str, TensorView<'_>)> = halves
-        .iter()
-        .map(|(name, shape, bytes)| {
-            (
-                name.as_str(),
-                TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes).unwrap(),
-            )
-        })
-        .collect();
+    let values: usize = dict.values().map(|t| t.len()).sum();
+    let small: usize = dict.values().filter(|t| t.shape().len() == 1).map(|t| t.len()).sum();
     let meta = std::collections::HashMap::from([("attn.seq2seq".to_string(), model.config().to_json())]);
-    let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+    let bytes = common::half_safetensors(&dict, safetensors::Dtype::BF16, f32_to_bf16, Some(meta));
 
     let kept = Seq2Seq::from_checkpoint_in(&bytes, Precision::Bf16).unwrap();
     let mut widened = Seq2Seq::from_checkpoint(&bytes).unwrap();
