@@ -71,23 +71,58 @@ pub(super) fn value_block_len(plan: &Plan, amx: bool) -> usize {
 /// end are left as they were: their columns of the scores are never stored.
 pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, amx: bool, par: Par) -> Buffer {
     let pairs = key_pairs(plan, amx);
-    super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, |dst, keys, bc, [rs, cs]| {
-        // Whole panels of 16 contiguous keys: rounded and transposed 16 × 16 words at a time.
-        let whole = if cs == 1 {
-            key_panels16(dst, keys, bc, plan.d, rs, pairs)
-        } else {
-            0
-        };
-        // Zeros past `D / 2` pairs: `convert_strided` writes the pairs that hold values.
-        let mut row = vec![0.0f32; pairs];
-        for j in whole..bc {
-            convert_strided(&keys[j * rs..], plan.d, cs, &mut row);
-            let panel = &mut dst[(j / 16) * pairs * 16 + j % 16..];
-            for (p, &word) in row.iter().enumerate() {
-                panel[p * 16] = word;
-            }
-        }
+    super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, |dst, keys, bc, strides| {
+        key_block(dst, keys, bc, strides, plan.d, pairs)
     })
+}
+
+/// [`pack_keys`] of keys held as bf16 bits ([`crate::attention_bf16_kv`]): each block's keys
+/// widened exactly into a buffer of the thread ([`widen_block`]), then packed as f32 keys are,
+/// so the packed words are those of [`pack_keys`] on the widened keys, and no widened copy of
+/// the whole of K is made.
+pub(super) fn pack_keys_bits(plan: &Plan, k: &View4<'_, u16>, amx: bool, par: Par) -> Buffer {
+    let pairs = key_pairs(plan, amx);
+    super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, |dst, keys, bc, strides| {
+        let wide = widen_block(keys, bc, plan.d, strides);
+        key_block(dst, &wide, bc, [plan.d, 1], plan.d, pairs);
+        crate::buffer::give(wide);
+    })
+}
+
+/// One block of [`pack_keys`]: `bc` keys of `d` values, `keys[j·rs + c·cs]`.
+fn key_block(dst: &mut [f32], keys: &[f32], bc: usize, [rs, cs]: [usize; 2], d: usize, pairs: usize) {
+    // Whole panels of 16 contiguous keys: rounded and transposed 16 × 16 words at a time.
+    let whole = if cs == 1 {
+        key_panels16(dst, keys, bc, d, rs, pairs)
+    } else {
+        0
+    };
+    // Zeros past `D / 2` pairs: `convert_strided` writes the pairs that hold values.
+    let mut row = vec![0.0f32; pairs];
+    for j in whole..bc {
+        convert_strided(&keys[j * rs..], d, cs, &mut row);
+        let panel = &mut dst[(j / 16) * pairs * 16 + j % 16..];
+        for (p, &word) in row.iter().enumerate() {
+            panel[p * 16] = word;
+        }
+    }
+}
+
+/// `bc` rows of `width` bf16 bits (`bits[j·rs + c·cs]`) widened exactly into a contiguous
+/// `[bc, width]` buffer of this thread's pool (hand it back with `buffer::give`).
+fn widen_block(bits: &[u16], bc: usize, width: usize, [rs, cs]: [usize; 2]) -> Buffer {
+    let mut wide = crate::buffer::take(bc * width);
+    for (j, row) in wide.chunks_exact_mut(width.max(1)).take(bc).enumerate() {
+        if cs == 1 {
+            let src = &bits[j * rs..j * rs + width];
+            row.iter_mut().zip(src).for_each(|(x, &h)| *x = crate::bf16_to_f32(h));
+        } else {
+            row.iter_mut()
+                .enumerate()
+                .for_each(|(c, x)| *x = crate::bf16_to_f32(bits[j * rs + c * cs]));
+        }
+    }
+    wide
 }
 
 /// The first `16·⌊bc / 16⌋` of `bc` keys (rows `rs` apart in `keys`, `d` contiguous values each)
@@ -142,47 +177,65 @@ fn key_panels16(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, rs: usize, p
 /// holds a zero (the probabilities' pad is zero too, and `0 · NaN` would not be); pairs past
 /// it are never read by `vdpbf16ps`, and are zeros for AMX, which reads whole steps.
 pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, amx: bool, par: Par) -> Buffer {
-    let (dv, dv_pad) = (plan.dv, plan.dv_pad);
     let pairs = value_pairs(plan, amx);
-    super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, |dst, values, bc, [rs, cs]| {
-        let panel_len = pairs * 16;
-        let mut lo = vec![0.0f32; dv_pad];
-        let mut hi = vec![0.0f32; dv_pad];
-        for p in 0..bc.div_ceil(2) {
-            if cs == 1 && dv == dv_pad && 2 * p + 1 < bc {
-                // Two whole contiguous rows: paired where they are, panel by panel.
-                let (lo, hi) = (&values[2 * p * rs..], &values[(2 * p + 1) * rs..]);
-                for panel in 0..dv_pad / 16 {
-                    let out = &mut dst[panel * panel_len + p * 16..panel * panel_len + p * 16 + 16];
-                    crate::bf16::pair_rows(&lo[panel * 16..], &hi[panel * 16..], out);
-                }
-                continue;
-            }
-            let gather = |row: &mut [f32], j: usize| {
-                if j >= bc {
-                    row[..dv].fill(0.0);
-                } else if cs == 1 {
-                    row[..dv].copy_from_slice(&values[j * rs..j * rs + dv]);
-                } else {
-                    row[..dv]
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(c, x)| *x = values[j * rs + c * cs]);
-                }
-            };
-            gather(&mut lo, 2 * p);
-            gather(&mut hi, 2 * p + 1);
+    super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, |dst, values, bc, strides| {
+        value_block(dst, values, bc, strides, plan, pairs, amx)
+    })
+}
+
+/// [`pack_values`] of values held as bf16 bits: each block widened exactly into a buffer of the
+/// thread ([`widen_block`]), then packed as f32 values are (the words of [`pack_values`] on
+/// the widened values).
+pub(super) fn pack_values_bits(plan: &Plan, v: &View4<'_, u16>, amx: bool, par: Par) -> Buffer {
+    let pairs = value_pairs(plan, amx);
+    super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, |dst, values, bc, strides| {
+        let wide = widen_block(values, bc, plan.dv, strides);
+        value_block(dst, &wide, bc, [plan.dv, 1], plan, pairs, amx);
+        crate::buffer::give(wide);
+    })
+}
+
+/// One block of [`pack_values`]: `bc` value rows of `Dv` values, `values[j·rs + c·cs]`, into
+/// panels of `pairs` pairs, padded with zero pairs to the panel's end for `amx`.
+fn value_block(dst: &mut [f32], values: &[f32], bc: usize, [rs, cs]: [usize; 2], plan: &Plan, pairs: usize, amx: bool) {
+    let (dv, dv_pad) = (plan.dv, plan.dv_pad);
+    let panel_len = pairs * 16;
+    let mut lo = vec![0.0f32; dv_pad];
+    let mut hi = vec![0.0f32; dv_pad];
+    for p in 0..bc.div_ceil(2) {
+        if cs == 1 && dv == dv_pad && 2 * p + 1 < bc {
+            // Two whole contiguous rows: paired where they are, panel by panel.
+            let (lo, hi) = (&values[2 * p * rs..], &values[(2 * p + 1) * rs..]);
             for panel in 0..dv_pad / 16 {
                 let out = &mut dst[panel * panel_len + p * 16..panel * panel_len + p * 16 + 16];
                 crate::bf16::pair_rows(&lo[panel * 16..], &hi[panel * 16..], out);
             }
+            continue;
         }
-        if amx {
-            for panel in dst.chunks_exact_mut(panel_len) {
-                panel[bc.div_ceil(2) * 16..].fill(0.0);
+        let gather = |row: &mut [f32], j: usize| {
+            if j >= bc {
+                row[..dv].fill(0.0);
+            } else if cs == 1 {
+                row[..dv].copy_from_slice(&values[j * rs..j * rs + dv]);
+            } else {
+                row[..dv]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(c, x)| *x = values[j * rs + c * cs]);
             }
+        };
+        gather(&mut lo, 2 * p);
+        gather(&mut hi, 2 * p + 1);
+        for panel in 0..dv_pad / 16 {
+            let out = &mut dst[panel * panel_len + p * 16..panel * panel_len + p * 16 + 16];
+            crate::bf16::pair_rows(&lo[panel * 16..], &hi[panel * 16..], out);
         }
-    })
+    }
+    if amx {
+        for panel in dst.chunks_exact_mut(panel_len) {
+            panel[bc.div_ceil(2) * 16..].fill(0.0);
+        }
+    }
 }
 
 /// AMX's share of one row tile: the tile registers, configured by the tile's first product

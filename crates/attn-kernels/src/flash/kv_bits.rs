@@ -12,10 +12,13 @@ use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precis
 ///
 /// Decoding in [`Precision::Bf16`] at the AVX512-BF16 and AMX levels (at most
 /// [`DECODE_ROWS`] query rows per key/value head, each key and value row contiguous) reads
-/// the bits in place, so K and V stream at half the bytes of f32 and nothing is widened. Every
-/// other call widens K and V into f32 copies and runs [`crate::attention`] on them: the same
-/// result, at the cost of the copies. So does a call in which a non-finite value reached a row
-/// (the repair of [`crate::attention`] then runs on the copies).
+/// the bits in place, so K and V stream at half the bytes of f32 and nothing is widened. Other
+/// calls in bf16 with those levels pack K and V once for the call straight from the bits (a key
+/// block at a time, widened exactly into a small buffer and packed as f32 K and V are), so no
+/// f32 copy of K and V is made. The rest (f32, or no bf16 instructions) widen K and V into f32
+/// copies and run [`crate::attention`] on them: the same result, at the cost of the copies.
+/// So does a call in which a non-finite value reached a row (the repair of
+/// [`crate::attention`] then runs on the copies).
 ///
 /// ```
 /// use attn_kernels::{attention, attention_bf16_kv, f32_to_bf16, bf16_to_f32, AttentionOptions,
@@ -56,6 +59,35 @@ pub fn attention_bf16_kv(
     let op = "attention_bf16_kv";
     let plan = validate(op, out.shape(), lse.as_ref().map(|l| l.shape()), &q, &k, &v, options)?;
     let (mut out, mut lse) = (out, lse);
+    if packs_bits(&plan, options) {
+        // More query rows: K and V packed once for the call straight from the bits, a block
+        // at a time, as `crate::attention` packs f32 K and V (the same words).
+        let amx = crate::bf16_level() == Bf16Level::Amx;
+        let (kt, vp) = (
+            super::bf16::pack_keys_bits(&plan, &k, amx, par),
+            super::bf16::pack_values_bits(&plan, &v, amx, par),
+        );
+        let ops = Operands {
+            q,
+            k: Kv::Bits(k),
+            v: Kv::Bits(v),
+            options,
+            scale: resolve_scale(options, plan.d),
+            kt_packed: None,
+            v_packed: None,
+            bf16: Some(Bf16Source::Packed(&kt, &vp)),
+            amx,
+            round_p: false,
+            micro: crate::simd::simd_level().is_vector(),
+            score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
+        };
+        let spoilt = run_operands(&plan, &ops, Dst::new(&mut out, &mut lse, &mut None), par);
+        crate::buffer::give(kt);
+        crate::buffer::give(vp);
+        if !spoilt {
+            return Ok(());
+        }
+    }
     if reads_in_place(&plan, &k, &v, options) {
         let ops = Operands {
             q,
@@ -97,6 +129,14 @@ pub(super) fn reads_in_place(
     options.precision == Precision::Bf16
         && crate::bf16_level() != Bf16Level::None
         && decodes_in_place(plan, k.strides(), v.strides())
+}
+
+/// Whether [`attention_bf16_kv`] packs K and V from their bits (else it widens them or reads
+/// them in place): in bf16, with bf16 instructions, for more query rows per key/value head
+/// than decoding reads in place (for fewer, a strided K or V is widened into contiguous copies,
+/// which [`crate::attention`] then decodes in place: other arithmetic than the packed kernels').
+fn packs_bits(plan: &Plan, options: &AttentionOptions<'_>) -> bool {
+    options.precision == Precision::Bf16 && crate::bf16_level() != Bf16Level::None && plan.rows_per_group > DECODE_ROWS
 }
 
 /// The most query rows per key/value head that [`attention_bf16_kv`] reads in place: those of

@@ -306,7 +306,8 @@ struct Operands<'a, 'o> {
 }
 
 /// Keys or values as the tiles read them: f32 values, or bf16 bits (a bf16 KV cache,
-/// [`crate::attention_bf16_kv`]), which only decoding's in-place bf16 kernels read.
+/// [`crate::attention_bf16_kv`]), which only the bf16 kernels read (in place when decoding,
+/// packed from the bits otherwise).
 #[derive(Clone, Copy)]
 enum Kv<'a> {
     F32(View4<'a, f32>),
@@ -321,12 +322,12 @@ impl<'a> Kv<'a> {
         }
     }
 
-    /// The f32 view. A call on bits is planned for the in-place bf16 kernels only
-    /// ([`kv_bits::attend_bits`]), so every other path holds f32 operands.
+    /// The f32 view. A call on bits runs the bf16 kernels only ([`kv_bits`]), so every f32
+    /// path holds f32 operands.
     fn f32(&self) -> View4<'a, f32> {
         match self {
             Kv::F32(view) => *view,
-            Kv::Bits(_) => unreachable!("bf16 bits reach only the in-place bf16 kernels"),
+            Kv::Bits(_) => unreachable!("bf16 bits reach only the bf16 kernels"),
         }
     }
 }

@@ -5,14 +5,15 @@ use crate::buffer::Buffer;
 use crate::{Par, View4};
 use rayon::prelude::*;
 
-/// One buffer of `block_len` floats per `(b, g, key block)` of `x: [B, G, T, _]`, each filled
+/// One buffer of `block_len` floats per `(b, g, key block)` of `x: [B, G, T, _]` (f32 values or
+/// bf16 bits), each filled
 /// by `pack(dst, rows, bc, [row stride, column stride])` from the block's `bc` rows.
-pub(super) fn pack_blocks(
+pub(super) fn pack_blocks<T: Sync>(
     plan: &Plan,
-    x: &View4<'_, f32>,
+    x: &View4<'_, T>,
     block_len: usize,
     par: Par,
-    pack: impl Fn(&mut [f32], &[f32], usize, [usize; 2]) + Sync,
+    pack: impl Fn(&mut [f32], &[T], usize, [usize; 2]) + Sync,
 ) -> Buffer {
     let blocks = plan.t.div_ceil(BLOCK_KEYS);
     let mut packed = crate::buffer::take(plan.b * plan.g * blocks * block_len);

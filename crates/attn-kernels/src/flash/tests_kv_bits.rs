@@ -81,7 +81,7 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
-const SHAPES: [Shape; 5] = [
+const SHAPES: [Shape; 6] = [
     // Decoding with grouped heads: 4 rows per key/value head, one key block plus a tail.
     Shape {
         dims: [1, 8, 2, 1, 300, 64, 64],
@@ -97,10 +97,16 @@ const SHAPES: [Shape; 5] = [
         dims: [1, 4, 1, 2, 77, 16, 16],
         cap: 80,
     },
-    // Nine rows per head: widened (prefill's packed kernels read f32).
+    // Nine rows per head: packed for the call from the bits in bf16 (prefill's kernels).
     Shape {
         dims: [1, 2, 2, 9, 50, 16, 16],
         cap: 64,
+    },
+    // Prefill: two row tiles, two key blocks (the second ragged), whole and ragged panels of
+    // 16 keys, Dv not a multiple of 16.
+    Shape {
+        dims: [1, 4, 2, 70, 300, 64, 40],
+        cap: 320,
     },
     // One key.
     Shape {
