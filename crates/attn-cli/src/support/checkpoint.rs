@@ -15,8 +15,7 @@ pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Seq2Seq> {
 
 /// A model from a checkpoint file.
 pub fn load(path: &Path) -> Result<Seq2Seq> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    from_bytes(&bytes, &path.display().to_string())
+    load_in(path, Precision::F32)
 }
 
 /// A model from a checkpoint file, computing in `precision`: in bf16 a BF16 file is not

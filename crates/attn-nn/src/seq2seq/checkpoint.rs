@@ -71,21 +71,19 @@ impl Seq2Seq {
 
 /// The configuration in a checkpoint's metadata.
 fn checkpoint_config(bytes: &[u8]) -> Result<Seq2SeqConfig> {
-    {
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| NnError::Checkpoint {
-            what: format!("not a valid safetensors file: {e}"),
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| NnError::Checkpoint {
+        what: format!("not a valid safetensors file: {e}"),
+    })?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(CHECKPOINT_METADATA_KEY))
+        .ok_or_else(|| NnError::Checkpoint {
+            what: format!("no `{CHECKPOINT_METADATA_KEY}` metadata: not a sequence-to-sequence checkpoint"),
         })?;
-        let json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(CHECKPOINT_METADATA_KEY))
-            .ok_or_else(|| NnError::Checkpoint {
-                what: format!("no `{CHECKPOINT_METADATA_KEY}` metadata: not a sequence-to-sequence checkpoint"),
-            })?;
-        Seq2SeqConfig::from_json(json).map_err(|e| NnError::Checkpoint {
-            what: format!("`{CHECKPOINT_METADATA_KEY}` metadata: {e}"),
-        })
-    }
+    Seq2SeqConfig::from_json(json).map_err(|e| NnError::Checkpoint {
+        what: format!("`{CHECKPOINT_METADATA_KEY}` metadata: {e}"),
+    })
 }
 
 impl Seq2Seq {
@@ -97,11 +95,6 @@ impl Seq2Seq {
 
     /// Reads a checkpoint from `path`; errors name the file.
     pub fn load(path: &Path) -> Result<Self> {
-        let file = |what: String| NnError::File {
-            path: path.display().to_string(),
-            what,
-        };
-        let bytes = std::fs::read(path).map_err(|e| file(format!("cannot read: {e}")))?;
-        Seq2Seq::from_checkpoint(&bytes).map_err(|e| file(e.to_string()))
+        Seq2Seq::load_in(path, Precision::F32)
     }
 }
