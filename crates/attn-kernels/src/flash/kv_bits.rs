@@ -67,21 +67,16 @@ pub fn attention_bf16_kv(
             super::bf16::pack_keys_bits(&plan, &k, amx, par),
             super::bf16::pack_values_bits(&plan, &v, amx, par),
         );
-        let ops = Operands {
+        let dst = Dst::new(&mut out, &mut lse, &mut None);
+        let spoilt = run_bits(
+            &plan,
             q,
-            k: Kv::Bits(k),
-            v: Kv::Bits(v),
+            [k, v],
             options,
-            scale: resolve_scale(options, plan.d),
-            kt_packed: None,
-            v_packed: None,
-            bf16: Some(Bf16Source::Packed(&kt, &vp)),
-            amx,
-            round_p: false,
-            micro: crate::simd::simd_level().is_vector(),
-            score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
-        };
-        let spoilt = run_operands(&plan, &ops, Dst::new(&mut out, &mut lse, &mut None), par);
+            dst,
+            par,
+            (Bf16Source::Packed(&kt, &vp), amx, false),
+        );
         crate::buffer::give(kt);
         crate::buffer::give(vp);
         if !spoilt {
@@ -89,23 +84,9 @@ pub fn attention_bf16_kv(
         }
     }
     if reads_in_place(&plan, &k, &v, options) {
-        let ops = Operands {
-            q,
-            k: Kv::Bits(k),
-            v: Kv::Bits(v),
-            options,
-            scale: resolve_scale(options, plan.d),
-            kt_packed: None,
-            v_packed: None,
-            bf16: Some(Bf16Source::InPlace),
-            amx: false,
-            // Decoding's kernels multiply rounded f32 probabilities, as for f32 K and V.
-            round_p: true,
-            micro: crate::simd::simd_level().is_vector(),
-            score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
-        };
+        // Decoding's kernels multiply rounded f32 probabilities, as for f32 K and V.
         let dst = Dst::new(&mut out, &mut lse, &mut None);
-        if !run_operands(&plan, &ops, dst, par) {
+        if !run_bits(&plan, q, [k, v], options, dst, par, (Bf16Source::InPlace, false, true)) {
             return Ok(());
         }
     }
@@ -116,6 +97,35 @@ pub fn attention_bf16_kv(
         View4::contiguous(&vw, v.shape())?,
     );
     crate::attention(out, lse, inputs, options, par)
+}
+
+/// The bf16 kernels on `q` and K and V as bits (`[k, v]`), the operands read from `source`,
+/// on AMX tiles when `amx`, with the probabilities rounded in f32 when `round_p`; returns
+/// whether a row came out non-finite from a finite softmax (the caller then widens).
+fn run_bits(
+    plan: &Plan,
+    q: View4<'_, f32>,
+    [k, v]: [View4<'_, u16>; 2],
+    options: &AttentionOptions<'_>,
+    dst: Dst,
+    par: Par,
+    (source, amx, round_p): (Bf16Source<'_>, bool, bool),
+) -> bool {
+    let ops = Operands {
+        q,
+        k: Kv::Bits(k),
+        v: Kv::Bits(v),
+        options,
+        scale: resolve_scale(options, plan.d),
+        kt_packed: None,
+        v_packed: None,
+        bf16: Some(source),
+        amx,
+        round_p,
+        micro: crate::simd::simd_level().is_vector(),
+        score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
+    };
+    run_operands(plan, &ops, dst, par)
 }
 
 /// Whether [`attention_bf16_kv`] reads `k` and `v` in place for a call of `plan` (else it
