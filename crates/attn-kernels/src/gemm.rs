@@ -13,7 +13,7 @@
 use crate::{KernelError, View2, ViewMut2};
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 
 /// How much parallelism an operation may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +146,18 @@ pub fn gemm_bias(
         let start = avx512::Start::Bias(bias.as_ptr());
         // SAFETY: the level has AVX-512 F; the views were bounds-checked on construction, `bias`
         // holds `n` values and `dst` is borrowed mutably, so it aliases nothing.
-        unsafe { avx512::gemm(c, ldc, [m, n, k], start, operand(&lhs), operand(&rhs), 1.0, par) };
+        unsafe {
+            avx512::gemm(
+                c,
+                ldc,
+                [m, n, k],
+                start,
+                (operand(&lhs), avx512::LhsValues::F32),
+                avx512::Rhs::F32(operand(&rhs)),
+                1.0,
+                par,
+            )
+        };
         return Ok(());
     }
     let [rs, cs] = dst.strides();
@@ -233,8 +244,8 @@ pub(crate) unsafe fn gemm_raw(
                     Accum::Replace => avx512::Start::Zero,
                     Accum::Add => avx512::Start::Dst,
                 },
-                operand(lhs, lhs_strides),
-                operand(rhs, rhs_strides),
+                (operand(lhs, lhs_strides), avx512::LhsValues::F32),
+                avx512::Rhs::F32(operand(rhs, rhs_strides)),
                 alpha,
                 par,
             )

@@ -85,7 +85,9 @@ pub use backward::{
     attention_backward, attention_backward_fused, attention_backward_path, backward_path, BackwardInputs, BackwardPath,
     FusedGradients, Gradients,
 };
-pub use bf16::{bf16_to_f32, f32_to_bf16, gemm_bf16, gemm_bf16_bias, round_to_bf16, Bf16Panels, Precision};
+pub use bf16::{
+    bf16_to_f32, f32_to_bf16, gemm_bf16, gemm_bf16_bias, gemm_bf16_route, round_to_bf16, Bf16Panels, Precision,
+};
 pub use bf16_grad::linear_backward_bf16;
 pub use error::KernelError;
 pub use flash::{attention_bf16_kv, flash_attention, BLOCK_KEYS, BLOCK_ROWS, DECODE_ROWS, MIN_TASKS};

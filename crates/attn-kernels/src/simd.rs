@@ -75,7 +75,9 @@ pub enum Bf16Level {
     /// weight gradient and the flash kernel's prefill products on `tdpbf16ps`, 8,192 bf16
     /// products per instruction; everything else as `Avx512Bf16`.
     Amx,
-    /// AVX512-BF16 (with the `avx512` f32 level): `vdpbf16ps`, 32 bf16 products per instruction.
+    /// AVX512-BF16 (with the `avx512` f32 level): `vdpbf16ps`, 32 bf16 products per instruction,
+    /// and the conversions. On Intel, where `vdpbf16ps` runs at half the f32 FMA rate,
+    /// [`crate::gemm_bf16`] multiplies the bf16 values on FMAs instead ([`crate::gemm_bf16_route`]).
     Avx512Bf16,
     /// No bf16 instructions: bf16 work runs in f32 on the bf16-rounded values.
     None,

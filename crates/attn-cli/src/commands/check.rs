@@ -10,8 +10,9 @@ use anyhow::{bail, Result};
 use attn_nn::core::kernels::{
     attention_backward_path, attention_backward_reference, attention_reference, attention_unfused, attention_weights,
     attention_with_lse_lo, backward_path, bf16_level, broadcast_to, exp_slice, flash_attention, gemm, gemm_bf16,
-    gemm_reference, round_to_bf16, simd_level, Accum, AttentionOptions, BackwardInputs, BackwardPath, Bf16Panels,
-    Causal, ForwardInputs, Gradients, Mask, Par, View, View2, View4, ViewMut, ViewMut2, ViewMut4, WeightsDst,
+    gemm_bf16_route, gemm_reference, round_to_bf16, simd_level, Accum, AttentionOptions, BackwardInputs, BackwardPath,
+    Bf16Panels, Causal, ForwardInputs, Gradients, Mask, Par, View, View2, View4, ViewMut, ViewMut2, ViewMut4,
+    WeightsDst,
 };
 use attn_nn::core::{MhaConfig, MhaOptions, MultiHeadAttention, Sequence, StateDict};
 use attn_nn::{BlockMasks, EncoderLayer, LayerConfig};
@@ -400,7 +401,7 @@ fn kernel_rows(rows: &mut Vec<Row>) -> Result<()> {
         }
     }
     rows.push(Row {
-        path: format!("gemm bf16 ({}) 129×67·67×131, error / Σ|a·b|", bf16_level()),
+        path: format!("gemm bf16 ({}) 129×67·67×131, error / Σ|a·b|", gemm_bf16_route()),
         error: worst,
         tolerance: (k + 1) as f64 * 2f64.powi(-24),
         seconds: secs,
@@ -494,13 +495,13 @@ fn report(rows: &[Row], threads: usize, as_json: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            json!({"simd": simd_level().to_string(), "bf16": attn_nn::core::kernels::bf16_level().to_string(), "threads": threads, "checks": list, "failed": failed})
+            json!({"simd": simd_level().to_string(), "bf16": bf16_level().to_string(), "threads": threads, "checks": list, "failed": failed})
         );
     } else {
         println!(
             "attn check: SIMD {}, bf16 {}, {threads} threads\n",
             simd_level(),
-            attn_nn::core::kernels::bf16_level()
+            bf16_level()
         );
         let width = rows.iter().map(|r| r.path.chars().count()).max().unwrap_or(4);
         println!(

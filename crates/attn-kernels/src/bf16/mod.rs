@@ -10,16 +10,22 @@
 //! worst case (`√K·2^-24` typically). The tests check the kernel against an f64 sum of the
 //! rounded inputs with the second term, and against the f32 product with both.
 //!
-//! At the AVX512-BF16 level ([`crate::Bf16Level::Avx512Bf16`]) the kernel is the flash tile's
+//! The product takes one of four routes ([`gemm_bf16_route`] names this CPU's). At the
+//! AVX512-BF16 level ([`crate::Bf16Level::Avx512Bf16`]) on AMD the kernel is the flash tile's
 //! shape, 8 rows × two zmm of columns: `vdpbf16ps` adds two products (`k` and `k + 1`) to each
 //! f32 lane, so one instruction does the work of two FMAs, and the right operand is packed as
 //! pairs of rows: `[N / 16 panels][K / 2 pairs][16 columns][2]`. `vdpbf16ps` treats bf16
 //! subnormals (below 1.2e-38) as zero, and so does the conversion here ([`f32_to_bf16`]). At
 //! the AMX level ([`crate::Bf16Level::Amx`]) the same panels are AMX B tiles as they are, and
 //! `tdpbf16ps` adds 16 × 16 × 32 products per instruction into f32 tiles (`amx.rs`): the
-//! same bound, another order of additions inside an instruction, so other last bits. Without
-//! the instructions the same rounded values are multiplied in f32 by [`crate::gemm`]: the same bound,
-//! another order of additions.
+//! same bound, another order of additions inside an instruction, so other last bits. At the
+//! AVX512-BF16 level on Intel, and at the AVX-512 level without bf16 instructions, the panels
+//! are widened to f32 as attn's own f32 GEMM packs them and the left operand is rounded as it
+//! is packed, so the products run on FMAs: Intel's `vdpbf16ps` takes about four times an FMA's
+//! issue slot for twice its products, half the f32 rate, where FMAs on the bf16 values keep
+//! the f32 rate (and the weights' half-size storage). The bits are those of that GEMM on the
+//! rounded values. Below AVX-512 the rounded values are copied into f32 and multiplied by
+//! [`crate::gemm`]. Either way: the same bound, another order of additions.
 
 use rayon::prelude::*;
 
@@ -39,9 +45,12 @@ const TASK_ROWS: usize = 64;
 ///   summed in f32 and the results f32. In attention ([`crate::AttentionOptions::precision`])
 ///   that is the scaled queries `scale·q`, the keys, the values and the softmax's unnormalised
 ///   probabilities; the scores, masks, softmax, online rescaling and LSE stay f32. Where the
-///   CPU has AVX512-BF16 ([`Precision::runs_natively`]) the products run on `vdpbf16ps`, at
-///   about twice the f32 rate; elsewhere the same rounded values are multiplied in f32, with the
-///   same error bound and more time than `F32`.
+///   CPU has AMX, matrix products run on its tiles (several times the f32 rate); with
+///   AVX512-BF16 on AMD they run on `vdpbf16ps`, at about twice the f32 rate. On an Intel
+///   CPU without AMX, whose `vdpbf16ps` runs at half the f32 rate, [`gemm_bf16`] runs the
+///   rounded values on FMAs at the f32 rate (attention still on `vdpbf16ps`); without bf16
+///   instructions ([`Precision::runs_natively`] false) the rounded values are multiplied in
+///   f32. Every route has the same error bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum Precision {
     /// f32 throughout.
@@ -409,7 +418,7 @@ pub fn gemm_bf16(
     rhs: &Bf16Panels,
     par: Par,
 ) -> Result<(), KernelError> {
-    gemm_bf16_at(crate::bf16_level(), dst, accum, lhs, rhs, par)
+    gemm_bf16_at(Route::of(crate::bf16_level()), dst, accum, lhs, rhs, par)
 }
 
 /// `dst[i, j] = bias[j] + Σ_p lhs[i, p] · rhs[p, j]`: [`gemm_bf16`] whose sums start from a
@@ -440,24 +449,32 @@ pub fn gemm_bf16_bias(
     rhs: &Bf16Panels,
     par: Par,
 ) -> Result<(), KernelError> {
-    product_at(crate::bf16_level(), dst, Accum::Replace, Some(bias), lhs, rhs, par)
+    product_at(
+        Route::of(crate::bf16_level()),
+        dst,
+        Accum::Replace,
+        Some(bias),
+        lhs,
+        rhs,
+        par,
+    )
 }
 
-/// [`gemm_bf16`] at a given level (the tests run every level the CPU has).
+/// [`gemm_bf16`] by a given route (the tests run every route the CPU has).
 pub(crate) fn gemm_bf16_at(
-    level: Bf16Level,
+    route: Route,
     dst: ViewMut2<'_, f32>,
     accum: Accum,
     lhs: View2<'_, f32>,
     rhs: &Bf16Panels,
     par: Par,
 ) -> Result<(), KernelError> {
-    product_at(level, dst, accum, None, lhs, rhs, par)
+    product_at(route, dst, accum, None, lhs, rhs, par)
 }
 
-/// [`gemm_bf16`] (`bias` `None`) or [`gemm_bf16_bias`] (`accum` [`Accum::Replace`]) at `level`.
+/// [`gemm_bf16`] (`bias` `None`) or [`gemm_bf16_bias`] (`accum` [`Accum::Replace`]) by `route`.
 pub(crate) fn product_at(
-    level: Bf16Level,
+    route: Route,
     mut dst: ViewMut2<'_, f32>,
     mut accum: Accum,
     bias: Option<&[f32]>,
@@ -490,29 +507,13 @@ pub(crate) fn product_at(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if level == Bf16Level::Amx && dst.strides()[1] == 1 && k > 0 {
-        let (ldc, c) = (dst.strides()[0], dst.data_mut().as_mut_ptr());
-        let steps = padded_pairs(k) / amx::STEP_PAIRS;
-        let init = match (bias, accum) {
-            (Some(bias), _) => amx::Init::Row(bias.as_ptr()),
-            (None, Accum::Add) => amx::Init::Dst,
-            (None, Accum::Replace) => amx::Init::Zero,
-        };
-        // SAFETY: AMX was detected; `lhs` is `[m, k]` (checked above), `rhs` its panels
-        // `padded_pairs(k)·16` words apart (zeros past the depth), `dst` is `[m, n]` with unit
-        // column stride and row stride `ldc` (a checked view), and a bias holds `n` values.
-        unsafe {
-            amx::gemm(
-                [m, n, steps],
-                amx::Lhs::Rows(lhs),
-                rhs.words(),
-                padded_pairs(k) * PANEL,
-                c,
-                ldc,
-                init,
-                par,
-            )
-        };
+    if route == Route::Amx && dst.strides()[1] == 1 && k > 0 {
+        route::on_tiles(dst, accum, bias, lhs, rhs, par);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if route == Route::Widened && dst.strides()[1] == 1 && k > 0 {
+        route::widened(dst, accum, bias, lhs, rhs, par);
         return Ok(());
     }
     if let Some(bias) = bias {
@@ -530,7 +531,8 @@ pub(crate) fn product_at(
         accum = Accum::Add;
     }
     #[cfg(target_arch = "x86_64")]
-    if level.has_avx512bf16() && dst.strides()[1] == 1 && k > 0 {
+    if route == Route::Dpbf16 && dst.strides()[1] == 1 && k > 0 {
+        let level = Bf16Level::Avx512Bf16;
         let ldc = dst.strides()[0];
         let (pairs, b_panel) = (k.div_ceil(2), padded_pairs(k) * PANEL);
         let c = dst.data_mut().as_mut_ptr();
@@ -545,7 +547,7 @@ pub(crate) fn product_at(
     }
     // No bf16 instructions, a strided destination or an empty depth (zeros, or `dst` kept):
     // the rounded values in f32.
-    let _ = level;
+    let _ = route;
     let rounded: Vec<f32> = (0..m * k).map(|i| round_to_bf16(lhs.get([i / k, i % k]))).collect();
     let b = rhs.widened();
     crate::gemm(
@@ -591,6 +593,9 @@ fn pack_rows(level: Bf16Level, dst: &mut [f32], lhs: View2<'_, f32>, par: Par) {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
+mod route;
+pub use route::gemm_bf16_route;
+pub(crate) use route::Route;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512bf16;
 
@@ -765,20 +770,27 @@ mod tests {
         );
     }
 
-    fn levels() -> Vec<Bf16Level> {
-        let mut levels = vec![Bf16Level::None];
+    /// Every route this CPU runs: the f32 fallback always, the widened one at the AVX-512
+    /// level, `vdpbf16ps` with AVX512-BF16 (whichever [`Route::of`] picks for the level) and AMX.
+    fn routes() -> Vec<Route> {
+        let mut routes = vec![Route::Fallback];
+        if crate::simd::detect() == crate::SimdLevel::Avx512 {
+            routes.push(Route::Widened);
+        } else {
+            eprintln!("note: no AVX-512 on this CPU; the widened bf16 route is not checked");
+        }
         let detected = crate::simd::detect_bf16();
         if detected.has_avx512bf16() {
-            levels.push(Bf16Level::Avx512Bf16);
+            routes.push(Route::Dpbf16);
         } else {
-            eprintln!("note: no AVX512-BF16 on this CPU; only the f32 fallback is checked");
+            eprintln!("note: no AVX512-BF16 on this CPU; vdpbf16ps is not checked");
         }
         if detected == Bf16Level::Amx {
-            levels.push(Bf16Level::Amx);
+            routes.push(Route::Amx);
         } else {
             eprintln!("note: no AMX on this CPU (or Linux refused its tile state); AMX is not checked");
         }
-        levels
+        routes
     }
 
     /// The GEMM at every level against an f64 sum of the bf16-rounded inputs (the kernel's own
@@ -788,7 +800,7 @@ mod tests {
     /// (weight-like) right operand and a strided destination.
     #[test]
     fn gemm_bf16_bias_has_the_bits_of_the_bias_then_an_added_product() {
-        for level in levels() {
+        for level in routes() {
             // Tails of rows and columns, several column parts and row tasks, a depth of one
             // partial step and of many, contiguous and strided destinations.
             for (m, n, k, ld_pad) in [
@@ -842,7 +854,7 @@ mod tests {
     #[test]
     fn gemm_bf16_matches_its_bound_at_every_level() {
         let u = 2f64.powi(-8);
-        for level in levels() {
+        for level in routes() {
             for (m, n, k) in [
                 (1, 1, 1),
                 (7, 15, 2),
@@ -929,7 +941,7 @@ mod tests {
         let a = random_vec(m * k, 4);
         let b = random_vec(k * n, 5);
         let packed = Bf16Panels::pack(View2::contiguous(&b, [k, n]).unwrap());
-        for level in levels() {
+        for level in routes() {
             let mut outs = Vec::new();
             for par in [Par::Seq, Par::Rayon] {
                 let mut c = vec![0.0f32; m * n];
@@ -962,11 +974,98 @@ mod tests {
         }
     }
 
+    /// The widened route is attn's own f32 GEMM of the left operand rounded to bf16 and the
+    /// panels widened: the same bits, from zero, from the destination and from a bias, on one
+    /// and two threads (bands by rows and by columns), over odd depths, several depth blocks
+    /// (384) and column blocks (512), ragged panels, a transposed left operand, and values the
+    /// rounding changes (subnormals, NaNs, ties, overflow to infinity).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_widened_route_is_the_f32_gemm_of_the_rounded_values() {
+        use crate::gemm::avx512::{gemm, LhsValues, Operand, Rhs, Start};
+        if crate::simd::detect() != crate::SimdLevel::Avx512 {
+            eprintln!("note: no AVX-512 on this CPU; the widened bf16 route is not checked");
+            return;
+        }
+        let specials = [
+            f32::from_bits(0x0000_0001),
+            -1e-39,
+            f32::from_bits(0x7FA0_0001),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            3.4e38,
+            f32::from_bits(0x3F80_8000),
+            f32::from_bits(0x3F81_8000),
+            -0.0,
+        ];
+        for (m, n, k) in [(1, 1, 1), (13, 17, 3), (50, 530, 401), (20, 1100, 64), (130, 48, 800)] {
+            let mut a = random_vec(m * k, 31);
+            for (i, &x) in specials.iter().enumerate() {
+                if let Some(slot) = a.get_mut(i * 7) {
+                    *slot = x;
+                }
+            }
+            let b = random_vec(k * n, 32);
+            let packed = Bf16Panels::pack(View2::contiguous(&b, [k, n]).unwrap());
+            let rounded: Vec<f32> = a.iter().map(|&x| round_to_bf16(x)).collect();
+            let widened = packed.widened();
+            let bias = random_vec(n, 33);
+            let t: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
+            for (start, accum) in [
+                (Start::Zero, Accum::Replace),
+                (Start::Dst, Accum::Add),
+                (Start::Bias(bias.as_ptr()), Accum::Replace),
+            ] {
+                let with_bias = matches!(start, Start::Bias(_));
+                let before = random_vec(m * n, 34);
+                let mut want = before.clone();
+                // SAFETY: AVX-512 F was detected; the operands and `want` are `[m, k]`,
+                // `[k, n]` and `[m, n]` row-major, the bias `[n]`.
+                unsafe {
+                    gemm(
+                        want.as_mut_ptr(),
+                        n,
+                        [m, n, k],
+                        start,
+                        (
+                            Operand {
+                                ptr: rounded.as_ptr(),
+                                rs: k,
+                                cs: 1,
+                            },
+                            LhsValues::F32,
+                        ),
+                        Rhs::F32(Operand {
+                            ptr: widened.as_ptr(),
+                            rs: n,
+                            cs: 1,
+                        }),
+                        1.0,
+                        Par::Seq,
+                    )
+                };
+                for (lhs, layout) in [
+                    (View2::contiguous(&a, [m, k]).unwrap(), "row-major"),
+                    (View2::new(&t, [m, k], [1, m]).unwrap(), "transposed"),
+                ] {
+                    for par in [Par::Seq, Par::Rayon] {
+                        let mut got = before.clone();
+                        let dst = ViewMut2::contiguous(&mut got, [m, n]).unwrap();
+                        let bias = with_bias.then_some(&bias[..]);
+                        product_at(Route::Widened, dst, accum, bias, lhs, &packed, par).unwrap();
+                        let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "{m}x{n}x{k} {layout} {par:?} bias {with_bias} {accum:?}");
+                    }
+                }
+            }
+        }
+    }
+
     /// A left operand read through strides (a transposed view: the packings' element-by-element
     /// branch) gives the bits of the same values stored contiguously, at every level.
     #[test]
     fn gemm_bf16_reads_a_strided_left_operand() {
-        for level in levels() {
+        for level in routes() {
             for (m, n, k) in [(1, 16, 5), (37, 40, 70), (130, 33, 257)] {
                 let a = random_vec(m * k, 9);
                 let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();

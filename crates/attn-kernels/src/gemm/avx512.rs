@@ -60,7 +60,7 @@ fn shape_worth_it([m, n, k]: [usize; 3]) -> bool {
 const MIN_COLS: usize = 256;
 
 /// Whether the CPU is Intel's (cpuid leaf 0 names the vendor; read once).
-fn intel() -> bool {
+pub(crate) fn intel() -> bool {
     static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *INTEL.get_or_init(|| {
         let id = __cpuid(0);
@@ -90,6 +90,56 @@ pub(crate) struct Operand {
 unsafe impl Send for Operand {}
 // SAFETY: as for `Send`: shared reads only.
 unsafe impl Sync for Operand {}
+
+/// The right operand of [`gemm`].
+#[derive(Clone, Copy)]
+pub(crate) enum Rhs {
+    /// f32 values at their strides.
+    F32(Operand),
+    /// The words of [`crate::Bf16Panels`]: panels of 16 columns `panel` words apart, each
+    /// `[pairs][16]` words holding rows `2q` (low half) and `2q + 1` (high half), zero past
+    /// the columns. Widened to f32 (exactly) as they are packed.
+    Bf16 { words: *const u32, panel: usize },
+}
+
+// SAFETY: as for `Operand`: the pointers are only read.
+unsafe impl Send for Rhs {}
+// SAFETY: as for `Send`: shared reads only.
+unsafe impl Sync for Rhs {}
+
+impl Rhs {
+    /// This operand from column `j` on (for `Bf16`, `j` a multiple of 16).
+    ///
+    /// # Safety
+    /// Column `j` inside the operand.
+    unsafe fn at_column(self, j: usize) -> Rhs {
+        // SAFETY: the caller keeps `j` inside the operand.
+        unsafe {
+            match self {
+                Rhs::F32(b) => Rhs::F32(Operand {
+                    ptr: b.ptr.add(j * b.cs),
+                    ..b
+                }),
+                Rhs::Bf16 { words, panel } => {
+                    debug_assert_eq!(j % 16, 0);
+                    Rhs::Bf16 {
+                        words: words.add(j / 16 * panel),
+                        panel,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How [`gemm`] reads its left operand.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LhsValues {
+    /// As it is.
+    F32,
+    /// Each value rounded to bf16 as it is packed (the bits of [`crate::round_to_bf16`]).
+    Bf16,
+}
 
 #[derive(Clone, Copy)]
 struct Dst(*mut f32);
@@ -137,19 +187,21 @@ impl Start {
 }
 
 /// `c[m, n] = alpha · a · b` started from `start`, `c` row-major with leading dimension `ldc`.
+/// `a` is read as `values` says; a bf16 `b` is widened, so `a` rounded and `b` from
+/// [`crate::Bf16Panels`] give the bits of this product of the rounded and widened f32 values.
 ///
 /// # Safety
 /// The running CPU must have AVX-512 F; `a` (`[m, k]`) and `b` (`[k, n]`) readable with their
-/// strides; a bias readable for `n` values; `c` writable at `i·ldc + j` for `i < m`, `j < n`,
-/// not overlapping the operands.
+/// strides (a bf16 `b`: `⌈n / 16⌉` panels of `⌈k / 2⌉` pair rows); a bias readable for `n`
+/// values; `c` writable at `i·ldc + j` for `i < m`, `j < n`, not overlapping the operands.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
     [m, n, k]: [usize; 3],
     start: Start,
-    a: Operand,
-    b: Operand,
+    (a, values): (Operand, LhsValues),
+    b: Rhs,
     alpha: f32,
     par: Par,
 ) {
@@ -173,19 +225,23 @@ pub(crate) unsafe fn gemm(
                     ptr: a.ptr.add(lo * a.rs),
                     ..a
                 };
-                band(dst.get().add(lo * ldc), ldc, [hi - lo, n, k], start, a, b, alpha);
+                band(
+                    dst.get().add(lo * ldc),
+                    ldc,
+                    [hi - lo, n, k],
+                    start,
+                    (a, values),
+                    b,
+                    alpha,
+                );
             } else {
-                let b = Operand {
-                    ptr: b.ptr.add(lo * b.cs),
-                    ..b
-                };
                 band(
                     dst.get().add(lo),
                     ldc,
                     [m, hi - lo, k],
                     start.at_column(lo),
-                    a,
-                    b,
+                    (a, values),
+                    b.at_column(lo),
                     alpha,
                 );
             }
@@ -202,7 +258,7 @@ pub(crate) unsafe fn gemm(
 ///
 /// # Safety
 /// As for [`gemm`].
-unsafe fn band(c: *mut f32, ldc: usize, mnk: [usize; 3], start: Start, a: Operand, b: Operand, alpha: f32) {
+unsafe fn band(c: *mut f32, ldc: usize, mnk: [usize; 3], start: Start, a: (Operand, LhsValues), b: Rhs, alpha: f32) {
     let [m, n, _] = mnk;
     let lens = [m.div_ceil(MR) * MR * SA, KC * NC.min(n.div_ceil(NR) * NR)];
     let take = |kept: Option<Buffer>, len: usize| match kept {
@@ -241,8 +297,8 @@ unsafe fn band_with(
     ldc: usize,
     [m, n, k]: [usize; 3],
     start: Start,
-    a: Operand,
-    b: Operand,
+    (a, values): (Operand, LhsValues),
+    b: Rhs,
     alpha: f32,
 ) {
     let slivers = m.div_ceil(MR);
@@ -265,13 +321,23 @@ unsafe fn band_with(
                     a.cs,
                     (m - ir).min(MR),
                     kc,
-                )
+                );
+                if values == LhsValues::Bf16 {
+                    for i in 0..(m - ir).min(MR) {
+                        round_to_bf16(&mut ap[(s * MR + i) * SA..][..kc]);
+                    }
+                }
             };
         }
         for jc in (0..n).step_by(NC) {
             let nc = (n - jc).min(NC);
             // SAFETY: the block `[pc, pc + kc) × [jc, jc + nc)` is inside `b`.
-            unsafe { pack_b(bp, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc) };
+            unsafe {
+                match b {
+                    Rhs::F32(b) => pack_b(bp, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc),
+                    Rhs::Bf16 { words, panel } => widen_b(bp, words.add(jc / 16 * panel), panel, pc, kc, nc),
+                }
+            };
             for s in 0..slivers {
                 let ir = s * MR;
                 for jr in (0..nc).step_by(NR) {
@@ -330,6 +396,70 @@ unsafe fn pack_b(dst: &mut [f32], b: *const f32, rs: usize, cs: usize, kc: usize
                     }
                 }
             }
+        }
+    }
+}
+
+/// [`pack_b`] for a bf16 operand: rows `pc..pc + kc` and the first `nc` columns of the panels
+/// at `words` (`panel` words apart), widened to f32 (exactly: a bf16 value is the upper half of
+/// an f32). Columns past the operand's are zero words in the panels, so zeros here.
+///
+/// # Safety
+/// `words` holds `⌈nc / 16⌉` panels `panel` words apart of at least `⌈(pc + kc) / 2⌉` pair rows;
+/// `dst` as for [`pack_b`].
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_b(dst: &mut [f32], words: *const u32, panel: usize, pc: usize, kc: usize, nc: usize) {
+    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    for q in 0..nc.div_ceil(NR) {
+        let cols = (nc - q * NR).min(NR);
+        let out = &mut dst[q * KC * NR..q * KC * NR + kc * NR];
+        // SAFETY: panels `2q` and (when the block has more than 16 columns here) `2q + 1`, pair
+        // rows below `⌈(pc + kc) / 2⌉`, by the caller's guarantee.
+        unsafe {
+            let lo = words.add(2 * q * panel);
+            let hi = (cols > 16).then(|| lo.add(panel));
+            for (p, row) in out.chunks_exact_mut(NR).enumerate() {
+                let depth = pc + p;
+                let at = depth / 2 * 16;
+                let widen = |w: __m512i| {
+                    _mm512_castsi512_ps(if depth.is_multiple_of(2) {
+                        _mm512_slli_epi32::<16>(w)
+                    } else {
+                        _mm512_and_si512(w, high)
+                    })
+                };
+                let w0 = _mm512_loadu_si512(lo.add(at).cast());
+                let w1 = hi.map_or(_mm512_setzero_si512(), |hi| _mm512_loadu_si512(hi.add(at).cast()));
+                _mm512_storeu_ps(row.as_mut_ptr(), widen(w0));
+                _mm512_storeu_ps(row.as_mut_ptr().add(16), widen(w1));
+            }
+        }
+    }
+}
+
+/// Rounds each value of `row` to bf16 in place, with the bits of [`crate::round_to_bf16`]: to
+/// nearest, ties to even; NaN made quiet; subnormals to zeros of their sign.
+#[target_feature(enable = "avx512f")]
+fn round_to_bf16(row: &mut [f32]) {
+    let upper = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let exponent = _mm512_set1_epi32(0x7F80_0000);
+    let sign = _mm512_set1_epi32(0x8000_0000u32 as i32);
+    let quiet = _mm512_set1_epi32(0x0040_0000);
+    let half = _mm512_set1_epi32(0x7FFF);
+    let one = _mm512_set1_epi32(1);
+    for chunk in row.chunks_mut(16) {
+        let mask: __mmask16 = ((1u32 << chunk.len()) - 1) as u16;
+        // SAFETY: the masked lanes are inside `chunk`.
+        unsafe {
+            let bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(mask, chunk.as_ptr()));
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), one);
+            let rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(half, odd)), upper);
+            let exp = _mm512_and_si512(bits, exponent);
+            let subnormal = _mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512());
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(_mm512_castsi512_ps(bits), _mm512_castsi512_ps(bits));
+            let out = _mm512_mask_mov_epi32(rounded, subnormal, _mm512_and_si512(bits, sign));
+            let out = _mm512_mask_mov_epi32(out, nan, _mm512_and_si512(_mm512_or_si512(bits, quiet), upper));
+            _mm512_mask_storeu_ps(chunk.as_mut_ptr(), mask, _mm512_castsi512_ps(out));
         }
     }
 }
@@ -493,8 +623,8 @@ mod tests {
                 ldc,
                 [m, n, k],
                 start,
-                operand(&a, a_st),
-                operand(&b, b_st),
+                (operand(&a, a_st), LhsValues::F32),
+                Rhs::F32(operand(&b, b_st)),
                 0.75,
                 par,
             )
@@ -563,6 +693,49 @@ mod tests {
                 let same = one.iter().zip(&many).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "{m}x{n}x{k}: {threads} threads changed the bits");
             }
+        }
+    }
+
+    /// The vector rounding has the bits of the scalar one on every class of value: random bit
+    /// patterns (every exponent, NaNs with payloads, subnormals), ties either way, the largest
+    /// finite values, and a ragged tail.
+    #[test]
+    fn rounding_a_row_has_the_scalar_bits() {
+        if !has_avx512() {
+            return;
+        }
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut values: Vec<f32> = (0..40_000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                f32::from_bits((state >> 32) as u32)
+            })
+            .collect();
+        values.extend(
+            [
+                0x0000_0001u32,
+                0x807F_FFFF,
+                0x0000_8000,
+                0x3F80_8000,
+                0x3F81_8000,
+                0x3F80_8001,
+                0x7F7F_FFFF,
+                0xFF7F_8000,
+                0x7F80_0000,
+                0xFF80_0001,
+                0x7FC0_0000,
+                0x8000_0000,
+            ]
+            .map(f32::from_bits),
+        );
+        let mut got = values.clone();
+        // SAFETY: AVX-512 F was detected.
+        unsafe { round_to_bf16(&mut got) };
+        for (x, y) in values.iter().zip(&got) {
+            let want = crate::round_to_bf16(*x).to_bits();
+            assert_eq!(y.to_bits(), want, "{:#010x}", x.to_bits());
         }
     }
 
