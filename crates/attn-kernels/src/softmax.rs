@@ -364,16 +364,25 @@ fn bf16_weights(
 ) -> Result<(), KernelError> {
     let scale = resolve_scale(options, q.shape()[3]);
     let (qr, kr) = (
-        crate::flash::rounded_copy(&q, scale),
-        crate::flash::rounded_copy(&k, 1.0),
+        crate::flash::rounded_copy(&q, scale, par),
+        crate::flash::rounded_copy(&k, 1.0, par),
     );
     let f32_options = AttentionOptions {
         scale: Some(1.0),
         precision: crate::Precision::F32,
         ..*options
     };
-    let (qr, kr) = (View4::contiguous(&qr, q.shape())?, View4::contiguous(&kr, k.shape())?);
-    attention_weights(dst, qr, kr, lse, &f32_options, par)
+    let weights = attention_weights(
+        dst,
+        View4::contiguous(&qr, q.shape())?,
+        View4::contiguous(&kr, k.shape())?,
+        lse,
+        &f32_options,
+        par,
+    );
+    crate::buffer::give(qr);
+    crate::buffer::give(kr);
+    weights
 }
 
 /// `q: [B, H, S, D]`, `k: [B, G, T, D]`, `lse: [B, H, S]` (from

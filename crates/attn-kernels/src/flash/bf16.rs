@@ -27,7 +27,9 @@
 //! multiply the rounded values with f32 FMAs (exact products, f32 sums), on query rows and
 //! probabilities rounded in f32.
 //!
-//! Without the instructions, [`rounded_copy`] makes rounded copies of the scaled queries,
+//! Without the instructions, and on Intel's AVX512-BF16 level for calls of at least 512 query
+//! rows per key/value head and 512 keys (`super::rounds_into_f32`: its `vdpbf16ps` runs at half
+//! the f32 rate), [`rounded_copy`] makes rounded copies of the scaled queries,
 //! keys and values and the f32 kernel runs on them, rounding the probabilities before `P·V`:
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
 
@@ -36,6 +38,7 @@ use crate::bf16::amx::Init;
 use crate::bf16::AMX_STEP_PAIRS as STEP_PAIRS;
 use crate::buffer::Buffer;
 use crate::{round_to_bf16, Par, View4};
+use rayon::prelude::*;
 
 /// Pairs per packed key (`D / 2` rounded up; to whole AMX steps of 16 pairs for AMX).
 pub(super) fn key_pairs(plan: &Plan, amx: bool) -> usize {
@@ -399,40 +402,48 @@ pub(super) fn convert_row(src: &[f32], dst: &mut [f32]) {
 /// A contiguous copy of `factor·x`, rounded to bf16: the flash kernel makes one of `scale·q`,
 /// `k` and `v` (with the scale then 1) to multiply bf16 operands in f32 on a CPU without bf16
 /// instructions, and [`crate::attention_weights`] of `scale·q` and `k`.
-pub(crate) fn rounded_copy(x: &View4<'_, f32>, factor: f32) -> Vec<f32> {
+/// The copy is a buffer of the thread's pool ([`crate::buffer::take`]; hand it back with
+/// [`crate::buffer::give`]), so that a call does not fault in fresh pages for it.
+pub(crate) fn rounded_copy(x: &View4<'_, f32>, factor: f32, par: Par) -> Buffer {
     let [n0, n1, n2, n3] = x.shape();
     let st = x.strides();
     let data = x.data();
-    let mut out = Vec::with_capacity(n0 * n1 * n2 * n3);
-    for i0 in 0..n0 {
-        for i1 in 0..n1 {
-            for i2 in 0..n2 {
-                let base = i0 * st[0] + i1 * st[1] + i2 * st[2];
-                if st[3] == 1 {
-                    extend_rounded(&mut out, &data[base..base + n3], factor);
-                } else {
-                    out.extend((0..n3).map(|i3| round_to_bf16(data[base + i3 * st[3]] * factor)));
-                }
+    let mut out = crate::buffer::take(n0 * n1 * n2 * n3);
+    if n3 == 0 {
+        return out;
+    }
+    let fill = |(r, row): (usize, &mut [f32])| {
+        let base = r / (n1 * n2) * st[0] + r / n2 % n1 * st[1] + r % n2 * st[2];
+        if st[3] == 1 {
+            round_into(&data[base..base + n3], factor, row);
+        } else {
+            for (i3, y) in row.iter_mut().enumerate() {
+                *y = round_to_bf16(data[base + i3 * st[3]] * factor);
             }
         }
+    };
+    // Rows in parallel on large copies (each row's values are the same either way).
+    if par == Par::Rayon && out.len() >= 1 << 15 {
+        out.par_chunks_mut(n3).with_min_len(64).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(n3).enumerate().for_each(fill);
     }
     out
 }
 
-/// Appends `factor·x` rounded to bf16 for each `x` of `src`: 16 at a time by `vcvtneps2bf16` at
-/// the AVX512-BF16 level (the bits of [`round_to_bf16`], as `convert_row`'s).
-fn extend_rounded(out: &mut Vec<f32>, src: &[f32], factor: f32) {
+/// `dst[i] = factor·src[i]` rounded to bf16: 16 at a time by `vcvtneps2bf16` at the
+/// AVX512-BF16 level (the bits of [`round_to_bf16`], as `convert_row`'s).
+fn round_into(src: &[f32], factor: f32, dst: &mut [f32]) {
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::bf16_level().has_avx512bf16() {
-        let whole = src.len() / 16 * 16;
-        let start = out.len();
-        out.resize(start + whole, 0.0);
-        // SAFETY: the level was detected; both slices hold `whole` values.
-        unsafe { super::bf16_x86::round_scaled(&src[..whole], factor, &mut out[start..]) };
-        out.extend(src[whole..].iter().map(|&v| round_to_bf16(v * factor)));
-        return;
+        done = src.len() / 16 * 16;
+        // SAFETY: the level was detected; both slices hold at least `done` values.
+        unsafe { super::bf16_x86::round_scaled(&src[..done], factor, &mut dst[..done]) };
     }
-    out.extend(src.iter().map(|&v| round_to_bf16(v * factor)));
+    for (y, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+        *y = round_to_bf16(x * factor);
+    }
 }
 
 /// The packed block of `len` words that holds key `t0` of `(b, g)` in `packed` (from

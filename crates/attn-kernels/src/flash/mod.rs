@@ -144,15 +144,21 @@ pub(crate) fn flash_impl(
     let dst = Dst::new(&mut out, &mut lse, &mut lse_lo);
     let scale = resolve_scale(options, plan.d);
     let spoilt = match options.precision {
-        Precision::Bf16 if crate::bf16_level() == Bf16Level::None => {
-            // No bf16 instructions: the f32 kernel on rounded copies, the scale already applied.
-            let [qr, kr, vr] = [(&q, scale), (&k, 1.0), (&v, 1.0)].map(|(x, factor)| bf16::rounded_copy(x, factor));
+        Precision::Bf16 if rounds_into_f32(&plan, k.strides(), v.strides()) => {
+            // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32
+            // kernel on rounded copies, the scale already applied.
+            let [qr, kr, vr] =
+                [(&q, scale), (&k, 1.0), (&v, 1.0)].map(|(x, factor)| bf16::rounded_copy(x, factor, par));
             let rounded = ForwardInputs::new(
                 View4::contiguous(&qr, q.shape())?,
                 View4::contiguous(&kr, k.shape())?,
                 View4::contiguous(&vr, v.shape())?,
             );
-            attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, par)
+            let spoilt = attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, par);
+            for copy in [qr, kr, vr] {
+                crate::buffer::give(copy);
+            }
+            spoilt
         }
         Precision::Bf16 => attend(&plan, inputs, options, scale, Operation::Bf16, dst, par),
         Precision::F32 => attend(&plan, inputs, options, scale, Operation::F32, dst, par),
@@ -255,6 +261,46 @@ fn run_operands(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bool
 /// them; [`attention_bf16_kv`] reads bf16 bits in place by the same rule.
 pub(crate) fn decodes_in_place(plan: &Plan, k_strides: [usize; 4], v_strides: [usize; 4]) -> bool {
     plan.rows_per_group <= DECODE_ROWS && k_strides[3] == 1 && v_strides[3] == 1
+}
+
+/// Whether a bf16 call of `plan` runs the f32 kernel on copies of its operands rounded to bf16
+/// (else the bf16 kernels): without bf16 instructions, and at the AVX512-BF16 level on an
+/// Intel CPU ([`crate::bf16::Route::Widened`]) for at least [`FMA_MIN_ROWS`] query rows per
+/// key/value head and as many keys. There `vdpbf16ps` runs at half the f32 FMA rate, so large
+/// calls are faster in f32 even with the copies (1.06–1.34× by fastest runs on [1,8,512,64],
+/// [1,8,2048,64] and [1,16,4096,128] causal), where on [4,12,128,64] the three copies cost more
+/// than they save (0.85–0.94×), and decoding, bound by reading K and V, reads them in place.
+pub(crate) fn rounds_into_f32(plan: &Plan, k_strides: [usize; 4], v_strides: [usize; 4]) -> bool {
+    match crate::bf16_level() {
+        Bf16Level::None => true,
+        Bf16Level::Amx => false,
+        Bf16Level::Avx512Bf16 => {
+            crate::bf16::Route::of(Bf16Level::Avx512Bf16) == crate::bf16::Route::Widened
+                && !vdpbf16ps_forced()
+                && !decodes_in_place(plan, k_strides, v_strides)
+                && plan.rows_per_group >= FMA_MIN_ROWS
+                && plan.t >= FMA_MIN_ROWS
+        }
+    }
+}
+
+/// The fewest query rows per key/value head, and keys, for which [`rounds_into_f32`] takes the
+/// f32 kernel on Intel's AVX512-BF16 level.
+const FMA_MIN_ROWS: usize = 512;
+
+#[cfg(test)]
+thread_local! {
+    /// Set by the tests to run the `vdpbf16ps` kernels where [`rounds_into_f32`] would not.
+    pub(crate) static FORCE_VDPBF16PS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a test on this thread asked for the `vdpbf16ps` kernels (never outside tests).
+fn vdpbf16ps_forced() -> bool {
+    #[cfg(test)]
+    let forced = FORCE_VDPBF16PS.with(|f| f.get());
+    #[cfg(not(test))]
+    let forced = false;
+    forced
 }
 
 /// One task per `(b, g, row tile)` over all keys, each writing its rows. Returns whether a row

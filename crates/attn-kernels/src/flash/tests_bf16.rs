@@ -176,11 +176,19 @@ fn check(case: Case) -> [f64; 2] {
     let what = format!("{case:?}");
     let seq = run(Par::Seq, flash_attention);
     let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    // The calls on a pool's thread take this thread's choice of kernels.
+    let forced = FORCE_VDPBF16PS.with(|f| f.get());
+    let on_pool = |n, entry: Entry| {
+        pool(n).install(|| {
+            FORCE_VDPBF16PS.with(|f| f.set(forced));
+            run(Par::Rayon, entry)
+        })
+    };
     for n in [1, 2, 3] {
-        let many = pool(n).install(|| run(Par::Rayon, flash_attention));
+        let many = on_pool(n, flash_attention);
         assert!(bits_eq(&seq, &many), "{n} threads differ from sequential: {what}");
     }
-    let by_path = pool(2).install(|| run(Par::Rayon, crate::attention));
+    let by_path = on_pool(2, crate::attention);
     assert!(
         bits_eq(&seq, &by_path),
         "attention() differs from flash_attention(): {what}"
@@ -201,7 +209,8 @@ fn check(case: Case) -> [f64; 2] {
     }
 
     // Against the exact result of the rounded operands: only the probabilities' rounding left.
-    let [qr, kr, vr] = [(&qv, scale as f32), (&kv, 1.0), (&vv, 1.0)].map(|(x, factor)| super::rounded_copy(x, factor));
+    let [qr, kr, vr] =
+        [(&qv, scale as f32), (&kv, 1.0), (&vv, 1.0)].map(|(x, factor)| super::rounded_copy(x, factor, Par::Seq));
     let (qr, kr, vr) = (
         View4::contiguous(&qr, [b, h, s, d]).unwrap(),
         View4::contiguous(&kr, [b, g, t, d]).unwrap(),
@@ -281,6 +290,19 @@ fn f32_only_paths_refuse_bf16() {
     assert!(err.to_string().contains("precision is bf16"), "{err}");
 }
 
+/// Runs `check` as this CPU routes bf16 calls and, where the f32 kernel on rounded copies
+/// serves large calls ([`rounds_into_f32`]: AVX512-BF16 on Intel), again with the `vdpbf16ps`
+/// kernels forced, so that both are checked on such a machine.
+pub(super) fn each_bf16_kernel(mut check: impl FnMut(&str)) {
+    check("as routed");
+    let level = crate::Bf16Level::Avx512Bf16;
+    if crate::bf16_level() == level && crate::bf16::Route::of(level) == crate::bf16::Route::Widened {
+        FORCE_VDPBF16PS.with(|f| f.set(true));
+        check("vdpbf16ps forced");
+        FORCE_VDPBF16PS.with(|f| f.set(false));
+    }
+}
+
 fn bits_eq(a: &(Vec<f32>, Vec<f32>), b: &(Vec<f32>, Vec<f32>)) -> bool {
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     bits(&a.0) == bits(&b.0) && bits(&a.1) == bits(&b.1)
@@ -313,6 +335,9 @@ fn bf16_flash_is_within_its_bound() {
         },
         // 12 rows per key/value head: packed.
         Case::new(1, 4, 1, 3, 2100, 16, 16),
+        // Enough rows and keys for the f32 kernel on rounded copies on Intel's AVX512-BF16
+        // level (`rounds_into_f32`).
+        Case::new(1, 2, 1, 520, 530, 16, 16),
     ];
     for causal in [Causal::TopLeft, Causal::BottomRight] {
         for (s, t) in [(70, 200), (200, 70), (129, 129), (70, 2 * BLOCK_KEYS + 5)] {
@@ -344,23 +369,25 @@ fn bf16_flash_is_within_its_bound() {
         scale: Some(0.3),
         ..Case::new(1, 2, 1, 100, 300, 48, 16)
     });
-    let mut worst = [0.0f64; 2];
-    for case in cases {
-        let ratios = check(case);
-        worst = [worst[0].max(ratios[0]), worst[1].max(ratios[1])];
-    }
-    println!(
-        "bf16 flash at {:?}: largest error / bound {:.3} (exact inputs), {:.3} (rounded operands)",
-        crate::bf16_level(),
-        worst[0],
-        worst[1]
-    );
-    // The probabilities are rounded at every level: without that, the error against the
-    // rounded operands would be f32's, a thousandth of the bound (measured 0.67 with it).
-    assert!(
-        worst[1] > 0.05,
-        "the error against the rounded operands is f32's: P is not rounded to bf16"
-    );
+    each_bf16_kernel(|route| {
+        let mut worst = [0.0f64; 2];
+        for case in cases.clone() {
+            let ratios = check(case);
+            worst = [worst[0].max(ratios[0]), worst[1].max(ratios[1])];
+        }
+        println!(
+            "bf16 flash at {:?}, {route}: largest error / bound {:.3} (exact inputs), {:.3} (rounded operands)",
+            crate::bf16_level(),
+            worst[0],
+            worst[1]
+        );
+        // The probabilities are rounded at every level: without that, the error against the
+        // rounded operands would be f32's, a thousandth of the bound (measured 0.67 with it).
+        assert!(
+            worst[1] > 0.05,
+            "{route}: the error against the rounded operands is f32's: P is not rounded to bf16"
+        );
+    });
 }
 
 /// A row that sees one key gives that key's value rounded to bf16, bit for bit: its probability
@@ -368,6 +395,13 @@ fn bf16_flash_is_within_its_bound() {
 /// and prefill (values packed), at this machine's level.
 #[test]
 fn one_visible_key_gives_its_rounded_value() {
+    each_bf16_kernel(|route| {
+        eprintln!("one_visible_key_gives_its_rounded_value: {route}");
+        one_visible_key_gives_its_rounded_value_once();
+    });
+}
+
+fn one_visible_key_gives_its_rounded_value_once() {
     for (h, g, s, t, d) in [(4, 2, 1, 300, 24), (2, 1, 100, 300, 40), (8, 8, 3, 50, 16)] {
         let q = crate::testing::random_vec(h * s * d, 1);
         let k = crate::testing::random_vec(g * t * d, 2);
@@ -402,6 +436,13 @@ fn one_visible_key_gives_its_rounded_value() {
 /// the values past it against zero probabilities, and an odd length splits a pair.)
 #[test]
 fn bf16_keeps_the_non_finite_policy_past_the_key_length() {
+    each_bf16_kernel(|route| {
+        eprintln!("bf16_keeps_the_non_finite_policy_past_the_key_length: {route}");
+        bf16_keeps_the_non_finite_policy_past_the_key_length_once();
+    });
+}
+
+fn bf16_keeps_the_non_finite_policy_past_the_key_length_once() {
     for (s, t, d, lengths) in [(70, 200, 64, [37, 130]), (3, 90, 24, [33, 64]), (130, 150, 40, [1, 95])] {
         let (b, h) = (2, 2);
         let q = crate::testing::random_vec(b * h * s * d, 4);
@@ -461,6 +502,13 @@ fn bf16_keeps_the_non_finite_policy_past_the_key_length() {
 /// would differ in the last bits there: not compared).
 #[test]
 fn bf16_strided_operands_give_the_contiguous_bits() {
+    each_bf16_kernel(|route| {
+        eprintln!("bf16_strided_operands_give_the_contiguous_bits: {route}");
+        bf16_strided_operands_give_the_contiguous_bits_once();
+    });
+}
+
+fn bf16_strided_operands_give_the_contiguous_bits_once() {
     for (b, h, g, s, t, d) in [(2, 4, 2, 70, 150, 40), (1, 2, 1, 33, 200, 7), (1, 4, 2, 12, 90, 64)] {
         let q = crate::testing::random_vec(b * h * d * s, 11);
         let k = crate::testing::random_vec(b * g * d * t, 12);
@@ -500,5 +548,26 @@ fn bf16_strided_operands_give_the_contiguous_bits() {
             strided == contiguous,
             "[{b}, {h}, {g}, {s}, {t}, {d}]: strided views differ"
         );
+    }
+}
+
+/// The f32 kernel on rounded copies serves bf16 calls without bf16 instructions, and on
+/// Intel's AVX512-BF16 level large calls only; never decoding in place at that level, never
+/// at AMX.
+#[test]
+fn bf16_calls_take_the_f32_kernel_where_it_is_faster() {
+    let contiguous = [0, 0, 0, 1];
+    let route =
+        |[h, g, s, t]: [usize; 4]| rounds_into_f32(&Plan::new([1, h, s, 64], [g, t, 64]), contiguous, contiguous);
+    let large = route([8, 8, 512, 512]);
+    let [small, decoding] = [route([12, 12, 128, 128]), route([32, 8, 1, 4096])];
+    let level = crate::bf16_level();
+    match level {
+        crate::Bf16Level::None => assert!(large && small && decoding),
+        crate::Bf16Level::Amx => assert!(!large && !small && !decoding),
+        crate::Bf16Level::Avx512Bf16 => {
+            let intel = crate::bf16::Route::of(level) == crate::bf16::Route::Widened;
+            assert_eq!([large, small, decoding], [intel, false, false]);
+        }
     }
 }

@@ -120,6 +120,13 @@ const SHAPES: [Shape; 6] = [
 /// decoding in bf16 is read in place exactly where the level has bf16 instructions.
 #[test]
 fn bits_give_the_bits_of_the_widened_values() {
+    super::tests_bf16::each_bf16_kernel(|route| {
+        eprintln!("bits_give_the_bits_of_the_widened_values: {route}");
+        bits_give_the_bits_of_the_widened_values_once();
+    });
+}
+
+fn bits_give_the_bits_of_the_widened_values_once() {
     let mut in_place_calls = 0;
     for (n, shape) in SHAPES.iter().enumerate() {
         let [b, h, g, s, t, d, dv] = shape.dims;
@@ -182,6 +189,13 @@ fn bits_give_the_bits_of_the_widened_values() {
 /// length and in values of masked keys (the non-finite policy of `attention`: the repair).
 #[test]
 fn special_bits_read_as_their_widened_values() {
+    super::tests_bf16::each_bf16_kernel(|route| {
+        eprintln!("special_bits_read_as_their_widened_values: {route}");
+        special_bits_read_as_their_widened_values_once();
+    });
+}
+
+fn special_bits_read_as_their_widened_values_once() {
     let shape = Shape {
         dims: [1, 4, 2, 1, 40, 32, 32],
         cap: 48,
