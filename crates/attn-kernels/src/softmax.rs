@@ -363,10 +363,8 @@ fn bf16_weights(
     par: Par,
 ) -> Result<(), KernelError> {
     let scale = resolve_scale(options, q.shape()[3]);
-    let (qr, kr) = (
-        crate::flash::rounded_copy(&q, scale, par),
-        crate::flash::rounded_copy(&k, 1.0, par),
-    );
+    let copies = crate::flash::rounded_copies(&[(&q, scale), (&k, 1.0)], par);
+    let (qr, kr) = copies.split_at(q.shape().iter().product());
     let f32_options = AttentionOptions {
         scale: Some(1.0),
         precision: crate::Precision::F32,
@@ -374,14 +372,13 @@ fn bf16_weights(
     };
     let weights = attention_weights(
         dst,
-        View4::contiguous(&qr, q.shape())?,
-        View4::contiguous(&kr, k.shape())?,
+        View4::contiguous(qr, q.shape())?,
+        View4::contiguous(kr, k.shape())?,
         lse,
         &f32_options,
         par,
     );
-    crate::buffer::give(qr);
-    crate::buffer::give(kr);
+    crate::buffer::give(copies);
     weights
 }
 

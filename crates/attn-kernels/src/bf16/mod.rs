@@ -595,7 +595,7 @@ fn pack_rows(level: Bf16Level, dst: &mut [f32], lhs: View2<'_, f32>, par: Par) {
 pub(crate) mod amx;
 mod route;
 pub use route::gemm_bf16_route;
-pub(crate) use route::Route;
+pub(crate) use route::{round_in_place, Route};
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512bf16;
 

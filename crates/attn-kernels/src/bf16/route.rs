@@ -145,3 +145,15 @@ pub(super) fn on_tiles(
         )
     };
 }
+
+/// Rounds every value of `row` to bf16 in place (the bits of [`crate::round_to_bf16`]): 16 at a
+/// time where the CPU has AVX-512.
+pub(crate) fn round_in_place(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::simd_level() == crate::SimdLevel::Avx512 {
+        // SAFETY: the level has AVX-512 F.
+        unsafe { crate::gemm::avx512::round_to_bf16(row) };
+        return;
+    }
+    row.iter_mut().for_each(|p| *p = crate::round_to_bf16(*p));
+}

@@ -29,7 +29,7 @@
 //!
 //! Without the instructions, and on Intel's AVX512-BF16 level for calls of at least 512 query
 //! rows per key/value head and 512 keys (`super::rounds_into_f32`: its `vdpbf16ps` runs at half
-//! the f32 rate), [`rounded_copy`] makes rounded copies of the scaled queries,
+//! the f32 rate), [`rounded_copies`] makes rounded copies of the scaled queries,
 //! keys and values and the f32 kernel runs on them, rounding the probabilities before `P·V`:
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
 
@@ -399,18 +399,30 @@ pub(super) fn convert_row(src: &[f32], dst: &mut [f32]) {
     convert_strided(src, src.len(), 1, dst)
 }
 
-/// A contiguous copy of `factor·x`, rounded to bf16: the flash kernel makes one of `scale·q`,
-/// `k` and `v` (with the scale then 1) to multiply bf16 operands in f32 on a CPU without bf16
-/// instructions, and [`crate::attention_weights`] of `scale·q` and `k`.
-/// The copy is a buffer of the thread's pool ([`crate::buffer::take`]; hand it back with
-/// [`crate::buffer::give`]), so that a call does not fault in fresh pages for it.
-pub(crate) fn rounded_copy(x: &View4<'_, f32>, factor: f32, par: Par) -> Buffer {
-    let [n0, n1, n2, n3] = x.shape();
+/// Contiguous copies of `factor·x` for each `(x, factor)` of `parts`, rounded to bf16: the
+/// flash kernel makes them of `scale·q`, `k` and `v` (with the scale then 1) to multiply bf16
+/// operands in f32 (`super::rounds_into_f32`), and [`crate::attention_weights`] of `scale·q`
+/// and `k`. The copies follow one another in one buffer of the thread's pool ([`crate::buffer::take`];
+/// hand it back with [`crate::buffer::give`]), so that a call does not fault in fresh pages.
+pub(crate) fn rounded_copies(parts: &[(&View4<'_, f32>, f32)], par: Par) -> Buffer {
+    let total = parts.iter().map(|(x, _)| x.shape().iter().product::<usize>()).sum();
+    let mut out = crate::buffer::take(total);
+    let mut rest = &mut out[..];
+    for (x, factor) in parts {
+        let (head, tail) = rest.split_at_mut(x.shape().iter().product());
+        rounded_into(x, *factor, head, par);
+        rest = tail;
+    }
+    out
+}
+
+/// `out = factor·x` rounded to bf16, contiguous in `x`'s shape (`out` holds exactly its values).
+fn rounded_into(x: &View4<'_, f32>, factor: f32, out: &mut [f32], par: Par) {
+    let [_, n1, n2, n3] = x.shape();
     let st = x.strides();
     let data = x.data();
-    let mut out = crate::buffer::take(n0 * n1 * n2 * n3);
     if n3 == 0 {
-        return out;
+        return;
     }
     let fill = |(r, row): (usize, &mut [f32])| {
         let base = r / (n1 * n2) * st[0] + r / n2 % n1 * st[1] + r % n2 * st[2];
@@ -428,7 +440,6 @@ pub(crate) fn rounded_copy(x: &View4<'_, f32>, factor: f32, par: Par) -> Buffer 
     } else {
         out.chunks_mut(n3).enumerate().for_each(fill);
     }
-    out
 }
 
 /// `dst[i] = factor·src[i]` rounded to bf16: 16 at a time by `vcvtneps2bf16` at the

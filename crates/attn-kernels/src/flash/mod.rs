@@ -55,7 +55,7 @@ mod tests_kv_bits;
 mod tile;
 mod tile_bf16;
 
-pub(crate) use bf16::rounded_copy;
+pub(crate) use bf16::rounded_copies;
 pub use kv_bits::{attention_bf16_kv, DECODE_ROWS};
 pub(crate) use plan::{validate, validate_qk, Plan};
 use scratch::{with_scratch, Scratch};
@@ -147,17 +147,16 @@ pub(crate) fn flash_impl(
         Precision::Bf16 if rounds_into_f32(&plan, k.strides(), v.strides()) => {
             // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32
             // kernel on rounded copies, the scale already applied.
-            let [qr, kr, vr] =
-                [(&q, scale), (&k, 1.0), (&v, 1.0)].map(|(x, factor)| bf16::rounded_copy(x, factor, par));
+            let copies = bf16::rounded_copies(&[(&q, scale), (&k, 1.0), (&v, 1.0)], par);
+            let (qr, rest) = copies.split_at(q.shape().iter().product());
+            let (kr, vr) = rest.split_at(k.shape().iter().product());
             let rounded = ForwardInputs::new(
-                View4::contiguous(&qr, q.shape())?,
-                View4::contiguous(&kr, k.shape())?,
-                View4::contiguous(&vr, v.shape())?,
+                View4::contiguous(qr, q.shape())?,
+                View4::contiguous(kr, k.shape())?,
+                View4::contiguous(vr, v.shape())?,
             );
             let spoilt = attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, par);
-            for copy in [qr, kr, vr] {
-                crate::buffer::give(copy);
-            }
+            crate::buffer::give(copies);
             spoilt
         }
         Precision::Bf16 => attend(&plan, inputs, options, scale, Operation::Bf16, dst, par),

@@ -209,12 +209,13 @@ fn check(case: Case) -> [f64; 2] {
     }
 
     // Against the exact result of the rounded operands: only the probabilities' rounding left.
-    let [qr, kr, vr] =
-        [(&qv, scale as f32), (&kv, 1.0), (&vv, 1.0)].map(|(x, factor)| super::rounded_copy(x, factor, Par::Seq));
+    let copies = super::rounded_copies(&[(&qv, scale as f32), (&kv, 1.0), (&vv, 1.0)], Par::Seq);
+    let (qr, rest) = copies.split_at(b * h * s * d);
+    let (kr, vr) = rest.split_at(b * g * t * d);
     let (qr, kr, vr) = (
-        View4::contiguous(&qr, [b, h, s, d]).unwrap(),
-        View4::contiguous(&kr, [b, g, t, d]).unwrap(),
-        View4::contiguous(&vr, [b, g, t, dv]).unwrap(),
+        View4::contiguous(qr, [b, h, s, d]).unwrap(),
+        View4::contiguous(kr, [b, g, t, d]).unwrap(),
+        View4::contiguous(vr, [b, g, t, dv]).unwrap(),
     );
     let rounded_options = AttentionOptions {
         scale: Some(1.0),

@@ -289,7 +289,7 @@ fn passes2_3_online_softmax(
         if ops.round_p {
             // bf16 without the instructions: `P·V` multiplies the rounded probabilities (the
             // sum keeps them unrounded, as at the AVX512-BF16 level).
-            row.iter_mut().for_each(|p| *p = crate::round_to_bf16(*p));
+            crate::bf16::round_in_place(row);
         }
     }
     // The online update and pass 3, the accumulator's rescaling.

@@ -440,7 +440,7 @@ unsafe fn widen_b(dst: &mut [f32], words: *const u32, panel: usize, pc: usize, k
 /// Rounds each value of `row` to bf16 in place, with the bits of [`crate::round_to_bf16`]: to
 /// nearest, ties to even; NaN made quiet; subnormals to zeros of their sign.
 #[target_feature(enable = "avx512f")]
-fn round_to_bf16(row: &mut [f32]) {
+pub(crate) fn round_to_bf16(row: &mut [f32]) {
     let upper = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let exponent = _mm512_set1_epi32(0x7F80_0000);
     let sign = _mm512_set1_epi32(0x8000_0000u32 as i32);
