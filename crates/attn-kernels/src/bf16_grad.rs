@@ -12,20 +12,22 @@
 //!
 //! Each element is one chain of `vdpbf16ps` (or `tdpbf16ps`) over its depth in order, so the result does not
 //! depend on the thread count. The error bound is [`crate::gemm_bf16`]'s, with `K` the depth
-//! (`out` for `dx`, `n` for `dW`). Without the instructions the same rounded values are
-//! multiplied by the f32 [`crate::gemm`].
+//! (`out` for `dx`, `n` for `dW`). On the widened route of [`crate::gemm_bf16`] (AVX512-BF16
+//! on Intel, whose `vdpbf16ps` runs at half the f32 rate, and AVX-512 without bf16
+//! instructions) both products run on attn's own f32 GEMM, the operands rounded as it packs
+//! them. Below AVX-512 the same rounded values are multiplied by the f32 [`crate::gemm`].
 
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::bf16::amx::STEP_PAIRS;
-use crate::bf16::PANEL;
+use crate::bf16::{Route, PANEL};
 #[cfg(not(target_arch = "x86_64"))]
 const STEP_PAIRS: usize = 16;
 use crate::error::check_len;
 use crate::grad::add_column_sums;
 use crate::view::SharedMut;
-use crate::{round_to_bf16, Accum, Bf16Level, Bf16Panels, KernelError, LinearShape, Par, View2, ViewMut2};
+use crate::{round_to_bf16, Accum, Bf16Panels, KernelError, LinearShape, Par, View2, ViewMut2};
 
 /// [`crate::linear_backward`] with bf16 products: `dx = dy·W` (written, when asked for) with
 /// `w_packed` the weight `W: [out, in]` packed by [`Bf16Panels::pack`] as it is (not
@@ -68,7 +70,7 @@ pub fn linear_backward_bf16(
             par,
         )?;
     }
-    weight_gradient(crate::bf16_level(), dw, dy, x, sh, par)?;
+    weight_gradient(Route::of(crate::bf16_level()), dw, dy, x, sh, par)?;
     if let Some(db) = db {
         check_len(op, "db", out_dim, db.len())?;
         add_column_sums(db, dy, out_dim, par);
@@ -78,7 +80,7 @@ pub fn linear_backward_bf16(
 
 /// `dw [out, in] += dyᵀ·x` with `dy: [n, out]` and `x: [n, in]` rounded to bf16, f32 sums.
 pub(crate) fn weight_gradient(
-    level: Bf16Level,
+    route: Route,
     dw: &mut [f32],
     dy: &[f32],
     x: &[f32],
@@ -86,7 +88,7 @@ pub(crate) fn weight_gradient(
     par: Par,
 ) -> Result<(), KernelError> {
     #[cfg(target_arch = "x86_64")]
-    if level == Bf16Level::Amx && n > 0 && out_dim > 0 && in_dim > 0 {
+    if route == Route::Amx && n > 0 && out_dim > 0 && in_dim > 0 {
         // `dyᵀ` as AMX A tiles and `x` as panels, both padded with zero pairs to whole steps of
         // the depth `n`, in aligned buffers whose every word `pack_pairs` writes (the padding
         // is read).
@@ -116,7 +118,38 @@ pub(crate) fn weight_gradient(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if level.has_avx512bf16() {
+    if route == Route::Widened && n > 0 && out_dim > 0 && in_dim > 0 {
+        use crate::gemm::avx512::{gemm, LhsValues, Operand, Rhs, Start};
+        assert!(std::arch::is_x86_feature_detected!("avx512f"));
+        let dy_t = Operand {
+            ptr: dy.as_ptr(),
+            rs: 1,
+            cs: out_dim,
+        };
+        let x = Operand {
+            ptr: x.as_ptr(),
+            rs: in_dim,
+            cs: 1,
+        };
+        // SAFETY: AVX-512 F (asserted); `dy` is `[n, out]` (so `dyᵀ` is `[out, n]` at strides
+        // `[1, out]`), `x` is `[n, in]` and `dw` is `[out, in]` (lengths checked by the caller),
+        // `dw` borrowed mutably.
+        unsafe {
+            gemm(
+                dw.as_mut_ptr(),
+                in_dim,
+                [out_dim, in_dim, n],
+                Start::Dst,
+                (dy_t, LhsValues::Bf16),
+                Rhs::Rounded(x),
+                1.0,
+                par,
+            )
+        };
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if route == Route::Dpbf16 {
         let pairs = n.div_ceil(2);
         // `dyᵀ` as rows of pairs along `n`, and `x` in the panels of `Bf16Panels`: from the
         // training step's arena, whose best fit serves every layer's sizes step after step.
@@ -145,7 +178,7 @@ pub(crate) fn weight_gradient(
         crate::arena::give(b);
         return Ok(());
     }
-    let _ = level;
+    let _ = route;
     let dy_r: Vec<f32> = dy.iter().map(|&v| round_to_bf16(v)).collect();
     let x_r: Vec<f32> = x.iter().map(|&v| round_to_bf16(v)).collect();
     let dy_t = View2::new(&dy_r, [out_dim, n], [1, out_dim])?;
@@ -301,6 +334,7 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
 mod tests {
     use super::*;
     use crate::testing::random_vec;
+    use crate::Bf16Level;
 
     const U: f64 = 1.0 / 256.0;
 
@@ -390,13 +424,16 @@ mod tests {
     #[test]
     fn weight_gradient_matches_its_bound_at_every_level() {
         let detected = crate::simd::detect_bf16();
-        let levels = [Bf16Level::None, Bf16Level::Avx512Bf16, Bf16Level::Amx];
-        let levels: Vec<Bf16Level> = match detected {
-            Bf16Level::Amx => levels.to_vec(),
-            Bf16Level::Avx512Bf16 => levels[..2].to_vec(),
-            Bf16Level::None => levels[..1].to_vec(),
-        };
-        if detected != Bf16Level::Amx {
+        let mut levels = vec![Route::Fallback];
+        if crate::simd::detect() == crate::SimdLevel::Avx512 {
+            levels.push(Route::Widened);
+        }
+        if detected.has_avx512bf16() {
+            levels.push(Route::Dpbf16);
+        }
+        if detected == Bf16Level::Amx {
+            levels.push(Route::Amx);
+        } else {
             eprintln!("note: no AMX on this CPU; its weight gradient is not checked");
         }
         let r = |v: f32| round_to_bf16(v) as f64;
@@ -421,6 +458,62 @@ mod tests {
                         assert!(err <= bound, "{level} {sh:?} dW[{o}, {c}]: {err:e} > {bound:e}");
                     }
                 }
+            }
+        }
+    }
+
+    /// The widened weight gradient is attn's own f32 GEMM of `dyᵀ` and `x` rounded to bf16:
+    /// the same bits, on one and several threads, over several depth blocks (384 tokens) and
+    /// ragged panels, with values the rounding changes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_widened_weight_gradient_is_the_f32_gemm_of_the_rounded_values() {
+        use crate::gemm::avx512::{gemm, LhsValues, Operand, Rhs, Start};
+        if crate::simd::detect() != crate::SimdLevel::Avx512 {
+            eprintln!("note: no AVX-512 on this CPU; the widened weight gradient is not checked");
+            return;
+        }
+        for (n, in_dim, out_dim) in [(1, 1, 1), (33, 17, 40), (800, 70, 300)] {
+            let sh = LinearShape { n, in_dim, out_dim };
+            let (mut dy, mut x) = (random_vec(n * out_dim, 8), random_vec(n * in_dim, 9));
+            dy[0] = 1e-39;
+            x[n * in_dim - 1] = f32::from_bits(0x3F80_8000);
+            let (dy_r, x_r): (Vec<f32>, Vec<f32>) = (
+                dy.iter().map(|&v| round_to_bf16(v)).collect(),
+                x.iter().map(|&v| round_to_bf16(v)).collect(),
+            );
+            let start = random_vec(out_dim * in_dim, 10);
+            let mut want = start.clone();
+            // SAFETY: AVX-512 F was detected; `dyᵀ` is `[out, n]` at strides `[1, out]`, `x`
+            // `[n, in]`, `want` `[out, in]`.
+            unsafe {
+                gemm(
+                    want.as_mut_ptr(),
+                    in_dim,
+                    [out_dim, in_dim, n],
+                    Start::Dst,
+                    (
+                        Operand {
+                            ptr: dy_r.as_ptr(),
+                            rs: 1,
+                            cs: out_dim,
+                        },
+                        LhsValues::F32,
+                    ),
+                    Rhs::F32(Operand {
+                        ptr: x_r.as_ptr(),
+                        rs: in_dim,
+                        cs: 1,
+                    }),
+                    1.0,
+                    Par::Seq,
+                )
+            };
+            for par in [Par::Seq, Par::Rayon] {
+                let mut dw = start.clone();
+                weight_gradient(Route::Widened, &mut dw, &dy, &x, sh, par).unwrap();
+                let same = dw.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{sh:?} {par:?}");
             }
         }
     }
@@ -455,7 +548,7 @@ mod tests {
         let (dy, x) = (random_vec(n * out_dim, 1), random_vec(n * in_dim, 2));
         let run = || {
             let mut dw = vec![0.0f32; out_dim * in_dim];
-            weight_gradient(Bf16Level::Amx, &mut dw, &dy, &x, sh, Par::Seq).unwrap();
+            weight_gradient(Route::Amx, &mut dw, &dy, &x, sh, Par::Seq).unwrap();
             dw
         };
         let clean = run();

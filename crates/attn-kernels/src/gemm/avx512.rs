@@ -96,6 +96,9 @@ unsafe impl Sync for Operand {}
 pub(crate) enum Rhs {
     /// f32 values at their strides.
     F32(Operand),
+    /// f32 values at their strides, each rounded to bf16 as it is packed (the bits of
+    /// [`crate::round_to_bf16`]).
+    Rounded(Operand),
     /// The words of [`crate::Bf16Panels`]: panels of 16 columns `panel` words apart, each
     /// `[pairs][16]` words holding rows `2q` (low half) and `2q + 1` (high half), zero past
     /// the columns. Widened to f32 (exactly) as they are packed.
@@ -117,6 +120,10 @@ impl Rhs {
         unsafe {
             match self {
                 Rhs::F32(b) => Rhs::F32(Operand {
+                    ptr: b.ptr.add(j * b.cs),
+                    ..b
+                }),
+                Rhs::Rounded(b) => Rhs::Rounded(Operand {
                     ptr: b.ptr.add(j * b.cs),
                     ..b
                 }),
@@ -335,6 +342,12 @@ unsafe fn band_with(
             unsafe {
                 match b {
                     Rhs::F32(b) => pack_b(bp, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc),
+                    Rhs::Rounded(b) => {
+                        pack_b(bp, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc);
+                        for q in 0..nc.div_ceil(NR) {
+                            round_to_bf16(&mut bp[q * KC * NR..q * KC * NR + kc * NR]);
+                        }
+                    }
                     Rhs::Bf16 { words, panel } => widen_b(bp, words.add(jc / 16 * panel), panel, pc, kc, nc),
                 }
             };
