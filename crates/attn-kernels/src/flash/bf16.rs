@@ -27,9 +27,9 @@
 //! multiply the rounded values with f32 FMAs (exact products, f32 sums), on query rows and
 //! probabilities rounded in f32.
 //!
-//! Without the instructions, and on Intel's AVX512-BF16 level for calls of at least 512 query
-//! rows per key/value head and 512 keys (`super::rounds_into_f32`: its `vdpbf16ps` runs at half
-//! the f32 rate), [`rounded_copies`] makes rounded copies of the scaled queries,
+//! Without the instructions, and on Intel's AVX512-BF16 level outside decoding
+//! (`super::rounds_into_f32`: its `vdpbf16ps` runs at half the f32 rate), [`rounded_copies`]
+//! makes rounded copies of the scaled queries,
 //! keys and values and the f32 kernel runs on them, rounding the probabilities before `P·V`:
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
 

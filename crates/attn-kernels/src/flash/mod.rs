@@ -264,11 +264,11 @@ pub(crate) fn decodes_in_place(plan: &Plan, k_strides: [usize; 4], v_strides: [u
 
 /// Whether a bf16 call of `plan` runs the f32 kernel on copies of its operands rounded to bf16
 /// (else the bf16 kernels): without bf16 instructions, and at the AVX512-BF16 level on an
-/// Intel CPU ([`crate::bf16::Route::Widened`]) for at least [`FMA_MIN_ROWS`] query rows per
-/// key/value head and as many keys. There `vdpbf16ps` runs at half the f32 FMA rate, so large
-/// calls are faster in f32 even with the copies (1.06–1.34× by fastest runs on [1,8,512,64],
-/// [1,8,2048,64] and [1,16,4096,128] causal), where on [4,12,128,64] the three copies cost more
-/// than they save (0.85–0.94×), and decoding, bound by reading K and V, reads them in place.
+/// Intel CPU ([`crate::bf16::Route::Widened`]) except when decoding in place. There
+/// `vdpbf16ps` runs at half the f32 FMA rate, so the products are faster in f32 even with the
+/// copies (fastest runs 1.06–1.34× on [1,8,512,64], [1,8,2048,64] and [1,16,4096,128] causal,
+/// 1.2–1.35× on [8,8,256,64], even on [4,12,128,64]), while decoding, bound by reading K and V,
+/// reads them in place.
 pub(crate) fn rounds_into_f32(plan: &Plan, k_strides: [usize; 4], v_strides: [usize; 4]) -> bool {
     match crate::bf16_level() {
         Bf16Level::None => true,
@@ -277,15 +277,9 @@ pub(crate) fn rounds_into_f32(plan: &Plan, k_strides: [usize; 4], v_strides: [us
             crate::bf16::Route::of(Bf16Level::Avx512Bf16) == crate::bf16::Route::Widened
                 && !vdpbf16ps_forced()
                 && !decodes_in_place(plan, k_strides, v_strides)
-                && plan.rows_per_group >= FMA_MIN_ROWS
-                && plan.t >= FMA_MIN_ROWS
         }
     }
 }
-
-/// The fewest query rows per key/value head, and keys, for which [`rounds_into_f32`] takes the
-/// f32 kernel on Intel's AVX512-BF16 level.
-const FMA_MIN_ROWS: usize = 512;
 
 #[cfg(test)]
 thread_local! {

@@ -292,8 +292,8 @@ fn f32_only_paths_refuse_bf16() {
 }
 
 /// Runs `check` as this CPU routes bf16 calls and, where the f32 kernel on rounded copies
-/// serves large calls ([`rounds_into_f32`]: AVX512-BF16 on Intel), again with the `vdpbf16ps`
-/// kernels forced, so that both are checked on such a machine.
+/// serves calls that do not decode ([`rounds_into_f32`]: AVX512-BF16 on Intel), again with the
+/// `vdpbf16ps` kernels forced, so that both are checked on such a machine.
 pub(super) fn each_bf16_kernel(mut check: impl FnMut(&str)) {
     check("as routed");
     let level = crate::Bf16Level::Avx512Bf16;
@@ -336,8 +336,7 @@ fn bf16_flash_is_within_its_bound() {
         },
         // 12 rows per key/value head: packed.
         Case::new(1, 4, 1, 3, 2100, 16, 16),
-        // Enough rows and keys for the f32 kernel on rounded copies on Intel's AVX512-BF16
-        // level (`rounds_into_f32`).
+        // Many rows and keys.
         Case::new(1, 2, 1, 520, 530, 16, 16),
     ];
     for causal in [Causal::TopLeft, Causal::BottomRight] {
@@ -553,8 +552,7 @@ fn bf16_strided_operands_give_the_contiguous_bits_once() {
 }
 
 /// The f32 kernel on rounded copies serves bf16 calls without bf16 instructions, and on
-/// Intel's AVX512-BF16 level large calls only; never decoding in place at that level, never
-/// at AMX.
+/// Intel's AVX512-BF16 level every call but decoding in place; never at AMX.
 #[test]
 fn bf16_calls_take_the_f32_kernel_where_it_is_faster() {
     let contiguous = [0, 0, 0, 1];
@@ -568,7 +566,7 @@ fn bf16_calls_take_the_f32_kernel_where_it_is_faster() {
         crate::Bf16Level::Amx => assert!(!large && !small && !decoding),
         crate::Bf16Level::Avx512Bf16 => {
             let intel = crate::bf16::Route::of(level) == crate::bf16::Route::Widened;
-            assert_eq!([large, small, decoding], [intel, false, false]);
+            assert_eq!([large, small, decoding], [intel, intel, false]);
         }
     }
 }
