@@ -47,8 +47,8 @@ const TASK_ROWS: usize = 64;
 ///   probabilities; the scores, masks, softmax, online rescaling and LSE stay f32. Where the
 ///   CPU has AMX, matrix products run on its tiles (several times the f32 rate); with
 ///   AVX512-BF16 on AMD they run on `vdpbf16ps`, at about twice the f32 rate. On an Intel
-///   CPU without AMX, whose `vdpbf16ps` runs at half the f32 rate, [`gemm_bf16`] runs the
-///   rounded values on FMAs at the f32 rate (attention still on `vdpbf16ps`); without bf16
+///   CPU without AMX, whose `vdpbf16ps` runs at half the f32 rate, [`gemm_bf16`] and attention
+///   outside decoding run the rounded values on FMAs at the f32 rate; without bf16
 ///   instructions ([`Precision::runs_natively`] false) the rounded values are multiplied in
 ///   f32. Every route has the same error bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
