@@ -507,13 +507,8 @@ pub(crate) fn product_at(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if route == Route::Amx && dst.strides()[1] == 1 && k > 0 {
-        route::on_tiles(dst, accum, bias, lhs, rhs, par);
-        return Ok(());
-    }
-    #[cfg(target_arch = "x86_64")]
-    if route == Route::Widened && dst.strides()[1] == 1 && k > 0 {
-        route::widened(dst, accum, bias, lhs, rhs, par);
+    if matches!(route, Route::Amx | Route::Widened) && dst.strides()[1] == 1 && k > 0 {
+        route::packed_product(route, dst, accum, bias, lhs, rhs, par);
         return Ok(());
     }
     if let Some(bias) = bias {

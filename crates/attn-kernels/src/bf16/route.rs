@@ -63,15 +63,17 @@ pub fn gemm_bf16_route() -> String {
     Route::of(crate::bf16_level()).to_string()
 }
 
-/// [`Route::Widened`]: `dst = lhs · rhs` (or `+=` by `accum`, or from `bias`) by attn's own f32
-/// GEMM, `lhs` rounded to bf16 as it is packed and `rhs`'s panels widened as they are packed.
+/// `dst = lhs · rhs` (or `+=` by `accum`, or from `bias`) by [`Route::Widened`] (attn's own f32
+/// GEMM, `lhs` rounded to bf16 and `rhs`'s panels widened as they are packed) or
+/// [`Route::Amx`] (AMX tiles).
 ///
 /// # Panics
-/// Without AVX-512 F, or for a destination whose columns are not contiguous, an empty
-/// depth, or shapes [`super::product_at`] has not checked (`lhs: [m, k]`, `rhs: [k, n]`, `dst:
-/// [m, n]`, a bias of `n`).
+/// For another route; without AVX-512 F (widened) or AMX; for a destination whose columns are
+/// not contiguous, an empty depth, or shapes [`super::product_at`] has not checked (`lhs: [m,
+/// k]`, `rhs: [k, n]`, `dst: [m, n]`, a bias of `n`).
 #[cfg(target_arch = "x86_64")]
-pub(super) fn widened(
+pub(super) fn packed_product(
+    route: Route,
     mut dst: ViewMut2<'_, f32>,
     accum: Accum,
     bias: Option<&[f32]>,
@@ -81,69 +83,60 @@ pub(super) fn widened(
 ) {
     use crate::gemm::avx512::{gemm, LhsValues, Operand, Rhs, Start};
     let ([m, n], [lm, k]) = (dst.shape(), lhs.shape());
-    assert!(std::arch::is_x86_feature_detected!("avx512f") && dst.strides()[1] == 1 && k > 0);
+    assert!(dst.strides()[1] == 1 && k > 0);
     assert!(lm == m && rhs.shape() == [k, n] && bias.is_none_or(|b| b.len() == n));
     let (ldc, c) = (dst.strides()[0], dst.data_mut().as_mut_ptr());
-    let start = match (bias, accum) {
-        (Some(bias), _) => Start::Bias(bias.as_ptr()),
-        (None, Accum::Add) => Start::Dst,
-        (None, Accum::Replace) => Start::Zero,
-    };
-    let [rs, cs] = lhs.strides();
-    let a = Operand {
-        ptr: lhs.data().as_ptr(),
-        rs,
-        cs,
-    };
-    let b = Rhs::Bf16 {
-        words: rhs.words().as_ptr(),
-        panel: padded_pairs(k) * PANEL,
-    };
-    // SAFETY: AVX-512 F (asserted); `lhs` is `[m, k]` (asserted, a checked view), `rhs` holds `⌈n / 16⌉` panels of `padded_pairs(k) ≥ ⌈k / 2⌉`
-    // pair rows, a bias holds `n` values, and `dst` is `[m, n]` with unit column stride and
-    // row stride `ldc`, borrowed mutably (so it overlaps nothing).
-    unsafe { gemm(c, ldc, [m, n, k], start, (a, LhsValues::Bf16), b, 1.0, par) };
-}
-
-/// [`Route::Amx`]: `dst = lhs · rhs` (or `+=` by `accum`, or from `bias`) on AMX tiles.
-///
-/// # Panics
-/// Without AMX, or for a destination whose columns are not contiguous, an empty depth, or
-/// shapes [`super::product_at`] has not checked.
-#[cfg(target_arch = "x86_64")]
-pub(super) fn on_tiles(
-    mut dst: ViewMut2<'_, f32>,
-    accum: Accum,
-    bias: Option<&[f32]>,
-    lhs: View2<'_, f32>,
-    rhs: &Bf16Panels,
-    par: Par,
-) {
-    let ([m, n], [lm, k]) = (dst.shape(), lhs.shape());
-    assert!(amx::available() && dst.strides()[1] == 1 && k > 0);
-    assert!(lm == m && rhs.shape() == [k, n] && bias.is_none_or(|b| b.len() == n));
-    let (ldc, c) = (dst.strides()[0], dst.data_mut().as_mut_ptr());
-    let steps = padded_pairs(k) / amx::STEP_PAIRS;
-    let init = match (bias, accum) {
-        (Some(bias), _) => amx::Init::Row(bias.as_ptr()),
-        (None, Accum::Add) => amx::Init::Dst,
-        (None, Accum::Replace) => amx::Init::Zero,
-    };
-    // SAFETY: AMX was detected (asserted); `lhs` is `[m, k]` (asserted), `rhs` its panels
-    // `padded_pairs(k)·16` words apart (zeros past the depth), `dst` is `[m, n]` with unit
-    // column stride and row stride `ldc` (a checked view), and a bias holds `n` values.
-    unsafe {
-        amx::gemm(
-            [m, n, steps],
-            amx::Lhs::Rows(lhs),
-            rhs.words(),
-            padded_pairs(k) * PANEL,
-            c,
-            ldc,
-            init,
-            par,
-        )
-    };
+    let panel = padded_pairs(k) * PANEL;
+    match route {
+        Route::Widened => {
+            assert!(std::arch::is_x86_feature_detected!("avx512f"));
+            let start = match (bias, accum) {
+                (Some(bias), _) => Start::Bias(bias.as_ptr()),
+                (None, Accum::Add) => Start::Dst,
+                (None, Accum::Replace) => Start::Zero,
+            };
+            let [rs, cs] = lhs.strides();
+            let a = Operand {
+                ptr: lhs.data().as_ptr(),
+                rs,
+                cs,
+            };
+            let b = Rhs::Bf16 {
+                words: rhs.words().as_ptr(),
+                panel,
+            };
+            // SAFETY: AVX-512 F (asserted); `lhs` is `[m, k]` (asserted, a checked view), `rhs`
+            // holds `⌈n / 16⌉` panels of `padded_pairs(k) ≥ ⌈k / 2⌉` pair rows, a bias holds
+            // `n` values, and `dst` is `[m, n]` with unit column stride and row stride `ldc`,
+            // borrowed mutably (so it overlaps nothing).
+            unsafe { gemm(c, ldc, [m, n, k], start, (a, LhsValues::Bf16), b, 1.0, par) };
+        }
+        Route::Amx => {
+            assert!(amx::available());
+            let init = match (bias, accum) {
+                (Some(bias), _) => amx::Init::Row(bias.as_ptr()),
+                (None, Accum::Add) => amx::Init::Dst,
+                (None, Accum::Replace) => amx::Init::Zero,
+            };
+            let steps = padded_pairs(k) / amx::STEP_PAIRS;
+            // SAFETY: AMX was detected (asserted); `lhs` is `[m, k]` (asserted), `rhs` its
+            // panels `panel` words apart (zeros past the depth), `dst` is `[m, n]` with unit
+            // column stride and row stride `ldc` (a checked view), and a bias holds `n` values.
+            unsafe {
+                amx::gemm(
+                    [m, n, steps],
+                    amx::Lhs::Rows(lhs),
+                    rhs.words(),
+                    panel,
+                    c,
+                    ldc,
+                    init,
+                    par,
+                )
+            };
+        }
+        Route::Dpbf16 | Route::Fallback => panic!("{route} is not a packed product's route"),
+    }
 }
 
 /// Rounds every value of `row` to bf16 in place (the bits of [`crate::round_to_bf16`]): 16 at a
