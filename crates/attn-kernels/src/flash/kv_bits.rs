@@ -122,6 +122,7 @@ fn run_bits(
         bf16: Some(source),
         amx,
         round_p,
+        round_q: false,
         micro: crate::simd::simd_level().is_vector(),
         score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
     };

@@ -51,6 +51,8 @@ mod tests_bf16;
 #[cfg(test)]
 mod tests_bf16_exp;
 #[cfg(test)]
+mod tests_bf16_route;
+#[cfg(test)]
 mod tests_kv_bits;
 mod tile;
 mod tile_bf16;
@@ -60,7 +62,6 @@ pub use kv_bits::{attention_bf16_kv, DECODE_ROWS};
 pub(crate) use plan::{validate, validate_qk, Plan};
 use scratch::{with_scratch, Scratch};
 use tile::attend_tile;
-use tile::pack_values;
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,6 +145,10 @@ pub(crate) fn flash_impl(
     let dst = Dst::new(&mut out, &mut lse, &mut lse_lo);
     let scale = resolve_scale(options, plan.d);
     let spoilt = match options.precision {
+        Precision::Bf16 if rounds_into_f32(&plan, k.strides(), v.strides()) && rounds_while_packing(&plan, &k) => {
+            // The f32 kernel rounds the operands as it packs them (the bits of the copies).
+            attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, par)
+        }
         Precision::Bf16 if rounds_into_f32(&plan, k.strides(), v.strides()) => {
             // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32
             // kernel on rounded copies, the scale already applied.
@@ -180,6 +185,20 @@ enum Operation {
     /// Operands already rounded to bf16, multiplied in f32; the probabilities are rounded
     /// before `P·V`.
     RoundedF32,
+    /// f32 operands rounded to bf16 as the kernel packs them (the scaled query tile, K and V
+    /// packed for the call), multiplied in f32; the probabilities rounded before `P·V`: the
+    /// bits of [`Operation::RoundedF32`] on rounded copies.
+    RoundingF32,
+}
+
+/// Whether a call of `plan` that multiplies rounded operands in f32 rounds them as the f32
+/// kernel packs them ([`Operation::RoundingF32`]) rather than copying them: at a vector level,
+/// with several row tiles (so K and V are packed for the call) and the tile score kernel (which
+/// reads K from that packing).
+fn rounds_while_packing(plan: &Plan, k: &View4<'_, f32>) -> bool {
+    crate::simd::simd_level().is_vector()
+        && plan.row_tiles > 1
+        && ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1) == ScoreKernel::Tile
 }
 
 /// Runs a validated call's tiles into `dst`, packing K and V once for the call where that pays.
@@ -199,10 +218,12 @@ fn attend(
     // When several row tiles read the same keys, transpose K once for the whole call rather
     // than once per tile: `[B, G, key blocks, D, kt_ld]`, zero past T.
     let packed = micro && plan.row_tiles > 1 && operation != Operation::Bf16;
-    let kt_packed = packed.then(|| pack_keys_transposed(plan, &k, par));
+    let round = operation == Operation::RoundingF32;
+    assert!(!round || (packed && score_kernel == ScoreKernel::Tile));
+    let kt_packed = packed.then(|| tile::pack_keys_rounded(plan, &k, round, par));
     // V in panels too, once per call: read in place, rows `Dv` floats apart (512 bytes at
     // Dv = 128) would share a few L1 sets.
-    let v_packed = packed.then(|| pack_values(plan, &v, par));
+    let v_packed = packed.then(|| tile::pack_values_rounded(plan, &v, round, par));
     // bf16 operands are packed once per call into pairs, except when decoding: a few query
     // rows per key/value head read each key and value once, so they are rounded as they are
     // loaded instead (packing would cost more than the products).
@@ -231,7 +252,9 @@ fn attend(
         bf16: bf16_source,
         amx,
         // Rounded f32 probabilities: bf16 without the instructions, and decoding's kernels.
-        round_p: operation == Operation::RoundedF32 || matches!(bf16_source, Some(Bf16Source::InPlace)),
+        round_p: matches!(operation, Operation::RoundedF32 | Operation::RoundingF32)
+            || matches!(bf16_source, Some(Bf16Source::InPlace)),
+        round_q: round,
         micro,
         score_kernel,
     };
@@ -338,6 +361,9 @@ struct Operands<'a, 'o> {
     /// Whether the probabilities are rounded to bf16 before `P·V` (bf16 without the
     /// instructions: the other operands come rounded).
     round_p: bool,
+    /// Whether the scaled query tile is rounded to bf16 as it is loaded (K and V then come
+    /// rounded in their packing: [`Operation::RoundingF32`]).
+    round_q: bool,
     /// Whether the vector micro-kernels (AVX2 or AVX-512) run the tile GEMMs.
     micro: bool,
     /// How the scores are computed (the backward recomputes them the same way).

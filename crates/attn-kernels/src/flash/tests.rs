@@ -738,7 +738,7 @@ fn packed_keys_and_values_are_sized_by_the_real_key_count() {
         let blocks = t.div_ceil(BLOCK_KEYS);
         let packed = pack_keys_transposed(&plan, &k, Par::Seq);
         assert_eq!(packed.len(), 2 * 2 * blocks * d * kb, "T = {t}");
-        let values = super::tile::pack_values(&plan, &v, Par::Seq);
+        let values = super::tile::pack_values_rounded(&plan, &v, false, Par::Seq);
         assert_eq!(values.len(), 2 * 2 * blocks * 32 * kb, "T = {t}");
         // Each key block holds its keys in transposed panels of 16, zeros past T; each value
         // block its values in panels of 16 columns, zeros past Dv.

@@ -550,23 +550,3 @@ fn bf16_strided_operands_give_the_contiguous_bits_once() {
         );
     }
 }
-
-/// The f32 kernel on rounded copies serves bf16 calls without bf16 instructions, and on
-/// Intel's AVX512-BF16 level every call but decoding in place; never at AMX.
-#[test]
-fn bf16_calls_take_the_f32_kernel_where_it_is_faster() {
-    let contiguous = [0, 0, 0, 1];
-    let route =
-        |[h, g, s, t]: [usize; 4]| rounds_into_f32(&Plan::new([1, h, s, 64], [g, t, 64]), contiguous, contiguous);
-    let large = route([8, 8, 512, 512]);
-    let [small, decoding] = [route([12, 12, 128, 128]), route([32, 8, 1, 4096])];
-    let level = crate::bf16_level();
-    match level {
-        crate::Bf16Level::None => assert!(large && small && decoding),
-        crate::Bf16Level::Amx => assert!(!large && !small && !decoding),
-        crate::Bf16Level::Avx512Bf16 => {
-            let intel = crate::bf16::Route::of(level) == crate::bf16::Route::Widened;
-            assert_eq!([large, small, decoding], [intel, intel, false]);
-        }
-    }
-}

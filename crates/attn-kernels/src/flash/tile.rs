@@ -16,17 +16,30 @@ use crate::{Accum, Par, View4};
 /// transposed into panels of [`NR`] keys, contiguous along `D`, zero past `T`. The buffer comes
 /// from this thread's pool ([`crate::buffer::take`]); hand it back with `buffer::give`.
 pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
+    pack_keys_rounded(plan, k, false, par)
+}
+
+/// [`pack_keys_transposed`], each block's values rounded to bf16 after it is packed when
+/// `round`.
+pub(super) fn pack_keys_rounded(plan: &Plan, k: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
     super::pack::pack_blocks(plan, k, plan.d * plan.kb_pad, par, |dst, keys, bc, [row, col]| {
-        key_panels(dst, keys, bc, plan.d, row, col)
+        key_panels(dst, keys, bc, plan.d, row, col);
+        if round {
+            crate::bf16::round_in_place(dst);
+        }
     })
 }
 
 /// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / BLOCK_KEYS), Dv_pad / NR, kb_pad, NR]`: each value
 /// block in panels of [`NR`] columns, contiguous along the keys, zero past `Dv`. Rows past a
 /// block's last key are left as they were (the products never read them).
-pub(crate) fn pack_values(plan: &Plan, v: &View4<'_, f32>, par: Par) -> Buffer {
+/// Each block's values are rounded to bf16 after it is packed when `round`.
+pub(super) fn pack_values_rounded(plan: &Plan, v: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
     super::pack::pack_blocks(plan, v, plan.dv_pad * plan.kb_pad, par, |dst, values, bc, strides| {
-        value_panels(dst, plan.kb_pad, values, bc, plan.dv, strides)
+        value_panels(dst, plan.kb_pad, values, bc, plan.dv, strides);
+        if round {
+            crate::bf16::round_in_place(dst);
+        }
     })
 }
 
@@ -127,6 +140,9 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
             dst.iter_mut()
                 .enumerate()
                 .for_each(|(j, x)| *x = q_data[base + j * st] * ops.scale);
+        }
+        if ops.round_q {
+            crate::bf16::round_in_place(dst);
         }
         match ops.bf16 {
             // On AMX: the row of A tiles (contiguous rows were rounded straight from Q above).
