@@ -28,8 +28,9 @@
 //! probabilities rounded in f32.
 //!
 //! Without the instructions, and on Intel's AVX512-BF16 level outside decoding
-//! (`super::rounds_into_f32`: its `vdpbf16ps` runs at half the f32 rate), [`rounded_copies`]
-//! makes rounded copies of the scaled queries,
+//! (`super::rounds_into_f32`: its `vdpbf16ps` runs at half the f32 rate), the f32 kernel
+//! multiplies rounded operands: it rounds them as it packs them where it packs K and V for the
+//! call, else [`rounded_copies`] makes rounded copies of the scaled queries,
 //! keys and values and the f32 kernel runs on them, rounding the probabilities before `P·V`:
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
 
