@@ -418,32 +418,19 @@ mod tests {
         }
     }
 
-    /// The weight gradient at every level this CPU runs (the f32 fallback, AVX512-BF16, AMX)
+    /// The weight gradient by every route this CPU runs (the f32 fallback, widened, `vdpbf16ps`, AMX)
     /// against f64 sums of the rounded operands, within f32's summation error: ragged tile
     /// rows and columns and depths that are not whole AMX steps, accumulating into a start.
     #[test]
     fn weight_gradient_matches_its_bound_at_every_level() {
-        let detected = crate::simd::detect_bf16();
-        let mut levels = vec![Route::Fallback];
-        if crate::simd::detect() == crate::SimdLevel::Avx512 {
-            levels.push(Route::Widened);
-        }
-        if detected.has_avx512bf16() {
-            levels.push(Route::Dpbf16);
-        }
-        if detected == Bf16Level::Amx {
-            levels.push(Route::Amx);
-        } else {
-            eprintln!("note: no AMX on this CPU; its weight gradient is not checked");
-        }
         let r = |v: f32| round_to_bf16(v) as f64;
-        for level in levels {
+        for route in crate::bf16::available_routes() {
             for (n, in_dim, out_dim) in [(1, 1, 1), (33, 17, 40), (100, 64, 48), (257, 96, 130)] {
                 let sh = LinearShape { n, in_dim, out_dim };
                 let (dy, x) = (random_vec(n * out_dim, 5), random_vec(n * in_dim, 6));
                 let mut dw = random_vec(out_dim * in_dim, 7);
                 let start = dw.clone();
-                weight_gradient(level, &mut dw, &dy, &x, sh, Par::Rayon).unwrap();
+                weight_gradient(route, &mut dw, &dy, &x, sh, Par::Rayon).unwrap();
                 for o in 0..out_dim {
                     for c in 0..in_dim {
                         let base = start[o * in_dim + c] as f64;
@@ -455,7 +442,7 @@ mod tests {
                         }
                         let bound = (n as f64 + 2.0) * f32::EPSILON as f64 * mass;
                         let err = (dw[o * in_dim + c] as f64 - rounded).abs();
-                        assert!(err <= bound, "{level} {sh:?} dW[{o}, {c}]: {err:e} > {bound:e}");
+                        assert!(err <= bound, "{route} {sh:?} dW[{o}, {c}]: {err:e} > {bound:e}");
                     }
                 }
             }

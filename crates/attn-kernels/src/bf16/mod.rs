@@ -589,6 +589,8 @@ fn pack_rows(level: Bf16Level, dst: &mut [f32], lhs: View2<'_, f32>, par: Par) {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
 mod route;
+#[cfg(test)]
+pub(crate) use route::available_routes;
 pub use route::gemm_bf16_route;
 pub(crate) use route::{round_in_place, Route};
 #[cfg(target_arch = "x86_64")]
@@ -765,28 +767,7 @@ mod tests {
         );
     }
 
-    /// Every route this CPU runs: the f32 fallback always, the widened one at the AVX-512
-    /// level, `vdpbf16ps` with AVX512-BF16 (whichever [`Route::of`] picks for the level) and AMX.
-    fn routes() -> Vec<Route> {
-        let mut routes = vec![Route::Fallback];
-        if crate::simd::detect() == crate::SimdLevel::Avx512 {
-            routes.push(Route::Widened);
-        } else {
-            eprintln!("note: no AVX-512 on this CPU; the widened bf16 route is not checked");
-        }
-        let detected = crate::simd::detect_bf16();
-        if detected.has_avx512bf16() {
-            routes.push(Route::Dpbf16);
-        } else {
-            eprintln!("note: no AVX512-BF16 on this CPU; vdpbf16ps is not checked");
-        }
-        if detected == Bf16Level::Amx {
-            routes.push(Route::Amx);
-        } else {
-            eprintln!("note: no AMX on this CPU (or Linux refused its tile state); AMX is not checked");
-        }
-        routes
-    }
+    use route::available_routes as routes;
 
     /// The GEMM at every level against an f64 sum of the bf16-rounded inputs (the kernel's own
     /// arithmetic: f32 sums, bound `K·2^-24·Σ|â·b̂|`) and against the f32 inputs (adding the
@@ -795,7 +776,7 @@ mod tests {
     /// (weight-like) right operand and a strided destination.
     #[test]
     fn gemm_bf16_bias_has_the_bits_of_the_bias_then_an_added_product() {
-        for level in routes() {
+        for route in routes() {
             // Tails of rows and columns, several column parts and row tasks, a depth of one
             // partial step and of many, contiguous and strided destinations.
             for (m, n, k, ld_pad) in [
@@ -816,21 +797,21 @@ mod tests {
                     want[i * ld..i * ld + n].copy_from_slice(&bias);
                 }
                 let dst = ViewMut2::new(&mut want, [m, n], [ld, 1]).unwrap();
-                gemm_bf16_at(level, dst, Accum::Add, lhs, &packed, Par::Rayon).unwrap();
+                gemm_bf16_at(route, dst, Accum::Add, lhs, &packed, Par::Rayon).unwrap();
                 let mut got = vec![f32::NAN; m * ld];
                 let dst = ViewMut2::new(&mut got, [m, n], [ld, 1]).unwrap();
-                product_at(level, dst, Accum::Replace, Some(&bias), lhs, &packed, Par::Rayon).unwrap();
+                product_at(route, dst, Accum::Replace, Some(&bias), lhs, &packed, Par::Rayon).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{level} {m}x{n}x{k} ld {ld}");
+                assert_eq!(bits(&got), bits(&want), "{route} {m}x{n}x{k} ld {ld}");
                 // A column-major destination (the bias written column by column; another
                 // kernel, so its own reference).
                 let mut want_t: Vec<f32> = bias.iter().flat_map(|&b| std::iter::repeat_n(b, m)).collect();
                 let dst = ViewMut2::new(&mut want_t, [m, n], [1, m]).unwrap();
-                gemm_bf16_at(level, dst, Accum::Add, lhs, &packed, Par::Rayon).unwrap();
+                gemm_bf16_at(route, dst, Accum::Add, lhs, &packed, Par::Rayon).unwrap();
                 let mut got_t = vec![f32::NAN; m * n];
                 let dst = ViewMut2::new(&mut got_t, [m, n], [1, m]).unwrap();
-                product_at(level, dst, Accum::Replace, Some(&bias), lhs, &packed, Par::Rayon).unwrap();
-                assert_eq!(bits(&got_t), bits(&want_t), "{level} {m}x{n}x{k} column-major");
+                product_at(route, dst, Accum::Replace, Some(&bias), lhs, &packed, Par::Rayon).unwrap();
+                assert_eq!(bits(&got_t), bits(&want_t), "{route} {m}x{n}x{k} column-major");
             }
         }
         let packed = Bf16Panels::pack(View2::contiguous(&[1.0f32; 6], [2, 3]).unwrap());
@@ -849,7 +830,7 @@ mod tests {
     #[test]
     fn gemm_bf16_matches_its_bound_at_every_level() {
         let u = 2f64.powi(-8);
-        for level in routes() {
+        for route in routes() {
             for (m, n, k) in [
                 (1, 1, 1),
                 (7, 15, 2),
@@ -887,7 +868,7 @@ mod tests {
                     }
                     let lhs = View2::contiguous(&a, [m, k]).unwrap();
                     let dst = ViewMut2::new(&mut c, [m, n], [ld, 1]).unwrap();
-                    gemm_bf16_at(level, dst, accum, lhs, &packed, Par::Rayon).unwrap();
+                    gemm_bf16_at(route, dst, accum, lhs, &packed, Par::Rayon).unwrap();
                     let widened = packed.widened();
                     for i in 0..m {
                         for j in 0..n {
@@ -911,13 +892,13 @@ mod tests {
                             let err = (got - (base + rounded)).abs();
                             assert!(
                                 err <= sums,
-                                "{level} {m}x{n}x{k} [{i}, {j}]: {err:e} > {sums:e} from the rounded inputs"
+                                "{route} {m}x{n}x{k} [{i}, {j}]: {err:e} > {sums:e} from the rounded inputs"
                             );
                             let bound = (2.0 * u + u * u) * abs + sums;
                             let err = (got - (base + exact)).abs();
                             assert!(
                                 err <= bound,
-                                "{level} {m}x{n}x{k} [{i}, {j}]: {err:e} > {bound:e} from the f32 inputs"
+                                "{route} {m}x{n}x{k} [{i}, {j}]: {err:e} > {bound:e} from the f32 inputs"
                             );
                         }
                         // The padding of a strided destination is never written.
@@ -936,13 +917,13 @@ mod tests {
         let a = random_vec(m * k, 4);
         let b = random_vec(k * n, 5);
         let packed = Bf16Panels::pack(View2::contiguous(&b, [k, n]).unwrap());
-        for level in routes() {
+        for route in routes() {
             let mut outs = Vec::new();
             for par in [Par::Seq, Par::Rayon] {
                 let mut c = vec![0.0f32; m * n];
                 let dst = ViewMut2::contiguous(&mut c, [m, n]).unwrap();
                 gemm_bf16_at(
-                    level,
+                    route,
                     dst,
                     Accum::Replace,
                     View2::contiguous(&a, [m, k]).unwrap(),
@@ -952,12 +933,12 @@ mod tests {
                 .unwrap();
                 outs.push(c);
             }
-            assert_eq!(outs[0], outs[1], "{level}");
+            assert_eq!(outs[0], outs[1], "{route}");
             // Rows computed alone (another task and block split) match.
             let mut one = vec![0.0f32; n];
             let row = 137;
             gemm_bf16_at(
-                level,
+                route,
                 ViewMut2::contiguous(&mut one, [1, n]).unwrap(),
                 Accum::Replace,
                 View2::contiguous(&a[row * k..(row + 1) * k], [1, k]).unwrap(),
@@ -965,7 +946,7 @@ mod tests {
                 Par::Seq,
             )
             .unwrap();
-            assert_eq!(one, outs[0][row * n..(row + 1) * n], "{level}");
+            assert_eq!(one, outs[0][row * n..(row + 1) * n], "{route}");
         }
     }
 
@@ -1060,7 +1041,7 @@ mod tests {
     /// branch) gives the bits of the same values stored contiguously, at every level.
     #[test]
     fn gemm_bf16_reads_a_strided_left_operand() {
-        for level in routes() {
+        for route in routes() {
             for (m, n, k) in [(1, 16, 5), (37, 40, 70), (130, 33, 257)] {
                 let a = random_vec(m * k, 9);
                 let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
@@ -1068,12 +1049,12 @@ mod tests {
                 let run = |lhs: View2<'_, f32>| {
                     let mut c = vec![0.0f32; m * n];
                     let dst = ViewMut2::contiguous(&mut c, [m, n]).unwrap();
-                    gemm_bf16_at(level, dst, Accum::Replace, lhs, &packed, Par::Rayon).unwrap();
+                    gemm_bf16_at(route, dst, Accum::Replace, lhs, &packed, Par::Rayon).unwrap();
                     c
                 };
                 let contiguous = run(View2::contiguous(&a, [m, k]).unwrap());
                 let strided = run(View2::new(&a_t, [m, k], [1, m]).unwrap());
-                assert_eq!(contiguous, strided, "{level} {m}x{n}x{k}");
+                assert_eq!(contiguous, strided, "{route} {m}x{n}x{k}");
             }
         }
     }

@@ -23,7 +23,7 @@ pub(crate) enum Route {
 impl Route {
     /// The route of a product at `level`. AVX512-BF16 on an Intel CPU is [`Route::Widened`]: there
     /// `vdpbf16ps` takes about four times an FMA's issue slot for twice its products (measured
-    /// on a Xeon of family 6 model 207: 1.7–2.1 reference cycles per instruction against 0.44
+    /// on a Xeon of family 6 model 207: 1.6–2.8 reference cycles per instruction against 0.44
     /// for `vfmadd231ps`, whatever the number of independent sums), so the bf16 products run
     /// at half the f32 rate, and on FMAs at the f32 rate; on AMD's Zen 4 and 5 it issues as
     /// an FMA does, at twice the f32 rate. Without bf16 instructions the AVX-512 level is
@@ -145,8 +145,33 @@ pub(crate) fn round_in_place(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::simd_level() == crate::SimdLevel::Avx512 {
         // SAFETY: the level has AVX-512 F.
-        unsafe { crate::gemm::avx512::round_to_bf16(row) };
+        unsafe { crate::gemm::avx512::round_row_to_bf16(row) };
         return;
     }
     row.iter_mut().for_each(|p| *p = crate::round_to_bf16(*p));
+}
+
+/// Every route this CPU runs, for the tests: the f32 fallback always, the widened one at the
+/// AVX-512 level, `vdpbf16ps` with AVX512-BF16 (whichever [`Route::of`] picks for the level)
+/// and AMX; each one missing is said on stderr.
+#[cfg(test)]
+pub(crate) fn available_routes() -> Vec<Route> {
+    let mut routes = vec![Route::Fallback];
+    if crate::simd::detect() == crate::SimdLevel::Avx512 {
+        routes.push(Route::Widened);
+    } else {
+        eprintln!("note: no AVX-512 on this CPU; the widened bf16 route is not checked");
+    }
+    let detected = crate::simd::detect_bf16();
+    if detected.has_avx512bf16() {
+        routes.push(Route::Dpbf16);
+    } else {
+        eprintln!("note: no AVX512-BF16 on this CPU; vdpbf16ps is not checked");
+    }
+    if detected == Bf16Level::Amx {
+        routes.push(Route::Amx);
+    } else {
+        eprintln!("note: no AMX on this CPU (or Linux refused its tile state); AMX is not checked");
+    }
+    routes
 }

@@ -146,13 +146,13 @@ pub(super) fn reads_in_place(
 /// them in place): in bf16, with bf16 instructions, for more query rows per key/value head
 /// than decoding reads in place (for fewer, a strided K or V is widened into contiguous copies,
 /// which [`crate::attention`] then decodes in place: other arithmetic than the packed kernels').
-/// Where the f32 kernel serves bf16 calls of this shape ([`super::rounds_into_f32`]), they are
-/// widened instead.
+/// Where the f32 kernel serves bf16 calls that do not decode ([`super::rounds_into_f32`]), they
+/// are widened instead.
 fn packs_bits(plan: &Plan, options: &AttentionOptions<'_>) -> bool {
     options.precision == Precision::Bf16
         && crate::bf16_level() != Bf16Level::None
         && plan.rows_per_group > DECODE_ROWS
-        && !super::rounds_into_f32(plan, [0, 0, 0, 1], [0, 0, 0, 1])
+        && !super::rounds_into_f32(false)
 }
 
 /// The most query rows per key/value head that [`attention_bf16_kv`] reads in place: those of

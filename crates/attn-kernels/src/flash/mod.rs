@@ -145,24 +145,25 @@ pub(crate) fn flash_impl(
     let dst = Dst::new(&mut out, &mut lse, &mut lse_lo);
     let scale = resolve_scale(options, plan.d);
     let spoilt = match options.precision {
-        Precision::Bf16 if rounds_into_f32(&plan, k.strides(), v.strides()) && rounds_while_packing(&plan, &k) => {
-            // The f32 kernel rounds the operands as it packs them (the bits of the copies).
-            attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, par)
-        }
-        Precision::Bf16 if rounds_into_f32(&plan, k.strides(), v.strides()) => {
-            // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32
-            // kernel on rounded copies, the scale already applied.
-            let copies = bf16::rounded_copies(&[(&q, scale), (&k, 1.0), (&v, 1.0)], par);
-            let (qr, rest) = copies.split_at(q.shape().iter().product());
-            let (kr, vr) = rest.split_at(k.shape().iter().product());
-            let rounded = ForwardInputs::new(
-                View4::contiguous(qr, q.shape())?,
-                View4::contiguous(kr, k.shape())?,
-                View4::contiguous(vr, v.shape())?,
-            );
-            let spoilt = attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, par);
-            crate::buffer::give(copies);
-            spoilt
+        // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32 kernel
+        // rounds the operands as it packs them, where it packs K and V for the call.
+        Precision::Bf16 if rounds_into_f32(decodes_in_place(&plan, k.strides(), v.strides())) => {
+            if rounds_while_packing(&plan, &k) {
+                attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, par)
+            } else {
+                // Else on rounded copies (the same bits), the scale already applied.
+                let copies = bf16::rounded_copies(&[(&q, scale), (&k, 1.0), (&v, 1.0)], par);
+                let (qr, rest) = copies.split_at(q.shape().iter().product());
+                let (kr, vr) = rest.split_at(k.shape().iter().product());
+                let rounded = ForwardInputs::new(
+                    View4::contiguous(qr, q.shape())?,
+                    View4::contiguous(kr, k.shape())?,
+                    View4::contiguous(vr, v.shape())?,
+                );
+                let spoilt = attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, par);
+                crate::buffer::give(copies);
+                spoilt
+            }
         }
         Precision::Bf16 => attend(&plan, inputs, options, scale, Operation::Bf16, dst, par),
         Precision::F32 => attend(&plan, inputs, options, scale, Operation::F32, dst, par),
@@ -285,21 +286,22 @@ pub(crate) fn decodes_in_place(plan: &Plan, k_strides: [usize; 4], v_strides: [u
     plan.rows_per_group <= DECODE_ROWS && k_strides[3] == 1 && v_strides[3] == 1
 }
 
-/// Whether a bf16 call of `plan` runs the f32 kernel on copies of its operands rounded to bf16
-/// (else the bf16 kernels): without bf16 instructions, and at the AVX512-BF16 level on an
-/// Intel CPU ([`crate::bf16::Route::Widened`]) except when decoding in place. There
+/// Whether a bf16 call runs the f32 kernel on its operands rounded to bf16 (else the bf16
+/// kernels), `decodes` saying whether it decodes in place ([`decodes_in_place`]): without bf16
+/// instructions, and at the AVX512-BF16 level on an Intel CPU
+/// ([`crate::bf16::Route::Widened`]) except when decoding in place. There
 /// `vdpbf16ps` runs at half the f32 FMA rate, so the products are faster in f32 even with the
 /// copies (fastest runs 1.06–1.34× on [1,8,512,64], [1,8,2048,64] and [1,16,4096,128] causal,
 /// 1.2–1.35× on [8,8,256,64], even on [4,12,128,64]), while decoding, bound by reading K and V,
 /// reads them in place.
-pub(crate) fn rounds_into_f32(plan: &Plan, k_strides: [usize; 4], v_strides: [usize; 4]) -> bool {
+pub(crate) fn rounds_into_f32(decodes: bool) -> bool {
     match crate::bf16_level() {
         Bf16Level::None => true,
         Bf16Level::Amx => false,
         Bf16Level::Avx512Bf16 => {
             crate::bf16::Route::of(Bf16Level::Avx512Bf16) == crate::bf16::Route::Widened
                 && !vdpbf16ps_forced()
-                && !decodes_in_place(plan, k_strides, v_strides)
+                && !decodes
         }
     }
 }

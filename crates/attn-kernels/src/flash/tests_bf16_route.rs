@@ -9,8 +9,10 @@ use crate::{Causal, ForwardInputs};
 #[test]
 fn bf16_calls_take_the_f32_kernel_where_it_is_faster() {
     let contiguous = [0, 0, 0, 1];
-    let route =
-        |[h, g, s, t]: [usize; 4]| rounds_into_f32(&Plan::new([1, h, s, 64], [g, t, 64]), contiguous, contiguous);
+    let route = |[h, g, s, t]: [usize; 4]| {
+        let plan = Plan::new([1, h, s, 64], [g, t, 64]);
+        rounds_into_f32(decodes_in_place(&plan, contiguous, contiguous))
+    };
     let large = route([8, 8, 512, 512]);
     let [small, decoding] = [route([12, 12, 128, 128]), route([32, 8, 1, 4096])];
     let level = crate::bf16_level();

@@ -331,7 +331,7 @@ unsafe fn band_with(
                 );
                 if values == LhsValues::Bf16 {
                     for i in 0..(m - ir).min(MR) {
-                        round_to_bf16(&mut ap[(s * MR + i) * SA..][..kc]);
+                        round_row_to_bf16(&mut ap[(s * MR + i) * SA..][..kc]);
                     }
                 }
             };
@@ -345,7 +345,7 @@ unsafe fn band_with(
                     Rhs::Rounded(b) => {
                         pack_b(bp, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc);
                         for q in 0..nc.div_ceil(NR) {
-                            round_to_bf16(&mut bp[q * KC * NR..q * KC * NR + kc * NR]);
+                            round_row_to_bf16(&mut bp[q * KC * NR..q * KC * NR + kc * NR]);
                         }
                     }
                     Rhs::Bf16 { words, panel } => widen_b(bp, words.add(jc / 16 * panel), panel, pc, kc, nc),
@@ -453,7 +453,7 @@ unsafe fn widen_b(dst: &mut [f32], words: *const u32, panel: usize, pc: usize, k
 /// Rounds each value of `row` to bf16 in place, with the bits of [`crate::round_to_bf16`]: to
 /// nearest, ties to even; NaN made quiet; subnormals to zeros of their sign.
 #[target_feature(enable = "avx512f")]
-pub(crate) fn round_to_bf16(row: &mut [f32]) {
+pub(crate) fn round_row_to_bf16(row: &mut [f32]) {
     let upper = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let exponent = _mm512_set1_epi32(0x7F80_0000);
     let sign = _mm512_set1_epi32(0x8000_0000u32 as i32);
@@ -717,14 +717,9 @@ mod tests {
         if !has_avx512() {
             return;
         }
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = crate::rng::SplitMix64::new(41);
         let mut values: Vec<f32> = (0..40_000)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                f32::from_bits((state >> 32) as u32)
-            })
+            .map(|_| f32::from_bits((rng.next_u64() >> 32) as u32))
             .collect();
         values.extend(
             [
@@ -745,7 +740,7 @@ mod tests {
         );
         let mut got = values.clone();
         // SAFETY: AVX-512 F was detected.
-        unsafe { round_to_bf16(&mut got) };
+        unsafe { round_row_to_bf16(&mut got) };
         for (x, y) in values.iter().zip(&got) {
             let want = crate::round_to_bf16(*x).to_bits();
             assert_eq!(y.to_bits(), want, "{:#010x}", x.to_bits());
