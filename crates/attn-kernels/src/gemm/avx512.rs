@@ -1,12 +1,13 @@
 //! attn's own packed f32 GEMM at the AVX-512 level, for row-major destinations.
 //!
-//! The blocking is BLIS's, turned for a row-major `C`: the micro-kernel keeps [`MR`] rows ×
-//! two zmm ([`NR`] = 32 columns) of `C` in 24 accumulators; each step of the depth loads two
-//! vectors of a packed `B` panel and broadcasts [`MR`] values of a packed `A` sliver (14 loads
-//! per 24 FMAs). Per block of [`KC`] steps of depth, every sliver of the thread's rows of `A` is
-//! packed once, step-major (the [`MR`] values of a step side by side, so the twelve broadcasts
-//! are one base register and twelve displacements in one cache line); then `B` is packed [`NC`]
-//! columns at a time (768 KiB, in L2) into 32-column panels whose rows are contiguous, and each
+//! The blocking is BLIS's, turned for a row-major `C`: the micro-kernel keeps [`MR`] = 8 rows ×
+//! three zmm ([`NR`] = 48 columns) of `C` in 24 accumulators; each step of the depth loads three
+//! vectors of a packed `B` panel and broadcasts eight values of a packed `A` sliver (11 loads
+//! per 24 FMAs; 12 × 32, 14 loads, measured 8–9% slower, 14 × 32 and 6 × 64 no faster than that,
+//! on Intel's model 207). Per block of [`KC`] steps of depth, every sliver of the thread's rows of `A` is
+//! packed once, step-major (the [`MR`] values of a step side by side, so the broadcasts are
+//! one base register and eight displacements in one cache line); then `B` is packed [`NC`]
+//! columns at a time (792 KiB, in L2) into 48-column panels whose rows are contiguous, and each
 //! sliver passes over every panel of the block. The kernel prefetches its rows of `C` before
 //! the depth loop, so the read-modify-write at its end does not wait on memory, and its panel
 //! [`PF`] steps ahead, because the panel streams from L2.
@@ -21,16 +22,19 @@ use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-/// Rows of the micro-kernel: 12 rows × two zmm is 24 accumulators.
-pub(crate) const MR: usize = 12;
+/// Rows of the micro-kernel: 8 rows × three zmm is 24 accumulators.
+pub(crate) const MR: usize = 8;
 /// Columns of the micro-kernel and of a packed `B` panel.
-pub(crate) const NR: usize = 32;
+pub(crate) const NR: usize = 48;
+/// Vectors in a row of a panel.
+const V: usize = NR / 16;
 /// How many steps of depth ahead the kernel prefetches its `B` panel.
 const PF: usize = 8;
 /// Depth of a packed block.
 const KC: usize = 384;
-/// Columns of a packed `B` block (`KC × NC` floats = 768 KiB).
-const NC: usize = 512;
+/// Columns of a packed `B` block (`KC × NC` floats = 792 KiB): eleven panels, so a layer
+/// 512 wide is one block.
+const NC: usize = 11 * NR;
 /// Packing buffers a thread keeps between calls only up to this many floats (16 MiB).
 const RETAIN_FLOATS: usize = 4 << 20;
 
@@ -40,10 +44,10 @@ thread_local! {
 }
 
 /// Whether a product of this shape goes to this GEMM rather than faer's: an Intel CPU (on AMD's
-/// Zen 4 and 5 faer's kernel measured faster than a GEMM like this one), enough rows to fill
-/// four slivers (fewer would leave most of the kernel's rows padding, and a matrix-vector
+/// Zen 4 and 5 faer's kernel measured faster than a GEMM like this one), at least [`MIN_ROWS`]
+/// rows (six slivers: with fewer, packing `B` is paid for few rows, and a matrix-vector
 /// product is bound by reading `B`, which packing reads twice), at least [`MIN_COLS`] columns
-/// (each packed sliver of `A` serves `n / 32` panels: attention's backward products, 64 or 128
+/// (each packed sliver of `A` serves `n / 48` panels: attention's backward products, 64 or 128
 /// columns wide, measured 5–6% slower here than on faer, which packs less), and enough work
 /// (2²⁰ FMAs) to pay for packing both operands.
 pub(crate) fn worth_it([m, n, k]: [usize; 3]) -> bool {
@@ -52,11 +56,13 @@ pub(crate) fn worth_it([m, n, k]: [usize; 3]) -> bool {
 
 /// The shape half of [`worth_it`].
 fn shape_worth_it([m, n, k]: [usize; 3]) -> bool {
-    m >= 4 * MR && n >= MIN_COLS && k >= 16 && m * n * k >= 1 << 20
+    m >= MIN_ROWS && n >= MIN_COLS && k >= 16 && m * n * k >= 1 << 20
 }
 
 /// The fewest columns a product needs to come here (see [`worth_it`]).
 const MIN_COLS: usize = 256;
+/// The fewest rows a product needs to come here (see [`worth_it`]).
+const MIN_ROWS: usize = 48;
 
 /// Whether the CPU is Intel's (cpuid leaf 0 names the vendor; read once).
 pub(crate) fn intel() -> bool {
@@ -388,11 +394,13 @@ unsafe fn pack_b(dst: &mut [f32], b: *const f32, rs: usize, cs: usize, kc: usize
         unsafe {
             let src = b.add(j0 * cs);
             if cs == 1 {
-                let [m0, m1] = masks(cols);
+                let masks = masks(cols);
                 for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
                     let from = src.add(p * rs);
-                    _mm512_storeu_ps(row.as_mut_ptr(), _mm512_maskz_loadu_ps(m0, from));
-                    _mm512_storeu_ps(row.as_mut_ptr().add(16), _mm512_maskz_loadu_ps(m1, from.add(16)));
+                    for (v, &mask) in masks.iter().enumerate() {
+                        let value = _mm512_maskz_loadu_ps(mask, from.add(16 * v));
+                        _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), value);
+                    }
                 }
             } else if rs == 1 {
                 crate::tile::avx2::transpose(cols, kc, src, cs, panel.as_mut_ptr(), NR);
@@ -423,11 +431,12 @@ unsafe fn widen_b(dst: &mut [f32], words: *const u32, panel: usize, pc: usize, k
     for q in 0..nc.div_ceil(NR) {
         let cols = (nc - q * NR).min(NR);
         let out = &mut dst[q * KC * NR..q * KC * NR + kc * NR];
-        // SAFETY: panels `2q` and (when the block has more than 16 columns here) `2q + 1`, pair
-        // rows below `⌈(pc + kc) / 2⌉`, by the caller's guarantee.
+        // SAFETY: the bf16 panels `V·q + v` that hold some of the block's columns (`16·v <
+        // cols`), pair rows below `⌈(pc + kc) / 2⌉`, by the caller's guarantee.
         unsafe {
-            let lo = words.add(2 * q * panel);
-            let hi = (cols > 16).then(|| lo.add(panel));
+            let first = words.add(V * q * panel);
+            let sources: [Option<*const u32>; V] =
+                std::array::from_fn(|v| (16 * v < cols).then(|| first.add(v * panel)));
             for (p, row) in out.chunks_exact_mut(NR).enumerate() {
                 let depth = pc + p;
                 let at = depth / 2 * 16;
@@ -438,10 +447,10 @@ unsafe fn widen_b(dst: &mut [f32], words: *const u32, panel: usize, pc: usize, k
                         _mm512_and_si512(w, high)
                     })
                 };
-                let w0 = _mm512_loadu_si512(lo.add(at).cast());
-                let w1 = hi.map_or(_mm512_setzero_si512(), |hi| _mm512_loadu_si512(hi.add(at).cast()));
-                _mm512_storeu_ps(row.as_mut_ptr(), widen(w0));
-                _mm512_storeu_ps(row.as_mut_ptr().add(16), widen(w1));
+                for (v, source) in sources.iter().enumerate() {
+                    let w = source.map_or(_mm512_setzero_si512(), |words| _mm512_loadu_si512(words.add(at).cast()));
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), widen(w));
+                }
             }
         }
     }
@@ -475,11 +484,11 @@ pub(crate) fn round_row_to_bf16(row: &mut [f32]) {
 }
 
 /// Packs `a[0..mr, 0..kc]` step-major, BLIS's layout: `dst[p·MR + i] = a[i, p]`, rows past
-/// `mr` zero (never stored, zeroed as `B`'s padding is). The kernel's twelve broadcasts of a
-/// step then share one cache line, and a sliver is one contiguous stream that the hardware
-/// prefetcher brings back from L2 after each panel has pushed it out of L1 (12 rows at a
-/// stride measured 4–5% slower). Row-major `a` is transposed in registers, 8 × 8 and 4 × 4;
-/// column-major `a` (the transposed `dyᵀ` of a weight gradient) is copied a step at a time.
+/// `mr` zero (never stored, zeroed as `B`'s padding is). The kernel's broadcasts of a step then
+/// share one cache line, and a sliver is one contiguous stream that the hardware prefetcher
+/// brings back from L2 after each panel has pushed it out of L1 (rows at a stride measured 4–5%
+/// slower). Row-major `a` is transposed 8 × 8 in registers; column-major `a` (the transposed
+/// `dyᵀ` of a weight gradient) is copied a step at a time.
 ///
 /// # Safety
 /// `a` readable at `i·rs + p·cs` for `i < mr`, `p < kc`; `dst` holds `kc · MR`.
@@ -493,11 +502,7 @@ unsafe fn pack_a(dst: &mut [f32], a: *const f32, rs: usize, cs: usize, mr: usize
     // SAFETY: reads inside the `mr × kc` block by the caller's guarantee, writes inside `dst`.
     unsafe {
         if cs == 1 {
-            let eight = mr.min(8);
-            crate::tile::avx2::transpose(eight, kc, a, rs, out, MR);
-            if mr > 8 {
-                transpose4(mr - 8, kc, a.add(8 * rs), rs, out.add(8));
-            }
+            crate::tile::avx2::transpose(mr, kc, a, rs, out, MR);
         } else if rs == 1 {
             for p in 0..kc {
                 std::ptr::copy_nonoverlapping(a.add(p * cs), out.add(p * MR), mr);
@@ -507,35 +512,6 @@ unsafe fn pack_a(dst: &mut [f32], a: *const f32, rs: usize, cs: usize, mr: usize
                 for i in 0..mr {
                     *out.add(p * MR + i) = *a.add(i * rs + p * cs);
                 }
-            }
-        }
-    }
-}
-
-/// `dst[p·MR + i] = src[i·ld + p]` for `i < rows ≤ 4`, `p < cols`: four rows 4 × 4 at a time
-/// in registers, fewer rows and the edge element by element.
-///
-/// # Safety
-/// `src` readable for those rows and columns, `dst` writable at those offsets.
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose4(rows: usize, cols: usize, src: *const f32, ld: usize, dst: *mut f32) {
-    // SAFETY: every access is within `rows × cols` of the two operands.
-    unsafe {
-        let full = if rows == 4 { cols / 4 * 4 } else { 0 };
-        for p in (0..full).step_by(4) {
-            let r: [__m128; 4] = std::array::from_fn(|i| _mm_loadu_ps(src.add(i * ld + p)));
-            let t0 = _mm_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm_unpacklo_ps(r[2], r[3]);
-            let t2 = _mm_unpackhi_ps(r[0], r[1]);
-            let t3 = _mm_unpackhi_ps(r[2], r[3]);
-            _mm_storeu_ps(dst.add(p * MR), _mm_movelh_ps(t0, t1));
-            _mm_storeu_ps(dst.add((p + 1) * MR), _mm_movehl_ps(t1, t0));
-            _mm_storeu_ps(dst.add((p + 2) * MR), _mm_movelh_ps(t2, t3));
-            _mm_storeu_ps(dst.add((p + 3) * MR), _mm_movehl_ps(t3, t2));
-        }
-        for p in full..cols {
-            for i in 0..rows {
-                *dst.add(p * MR + i) = *src.add(i * ld + p);
             }
         }
     }
@@ -553,22 +529,24 @@ unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, l
     // SAFETY: every offset stays inside the ranges the caller guarantees.
     unsafe {
         for r in 0..mr {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc).cast());
-            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + 16).cast());
+            for j in [0, 16, 32, NR - 1] {
+                _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + j).cast());
+            }
         }
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
         for p in 0..kc {
             // The panel streams from L2: ask for its rows `PF` steps ahead (past the panel's
             // end this reads the next panel or nothing: a prefetch never faults).
             let ahead = b.wrapping_add((p + PF) * NR);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
-            let b0 = _mm512_loadu_ps(b.add(p * NR));
-            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            for v in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * v).cast());
+            }
+            let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(p * NR + 16 * v)));
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*a.add(p * MR + r));
-                acc_r[0] = _mm512_fmadd_ps(x, b0, acc_r[0]);
-                acc_r[1] = _mm512_fmadd_ps(x, b1, acc_r[1]);
+                for (acc_rv, &bv) in acc_r.iter_mut().zip(&bv) {
+                    *acc_rv = _mm512_fmadd_ps(x, bv, *acc_rv);
+                }
             }
         }
         let masks = masks(cols);
@@ -592,10 +570,16 @@ unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, l
     }
 }
 
-/// The masks of the first `cols` (at most [`NR`]) lanes of a panel row's two vectors.
-fn masks(cols: usize) -> [__mmask16; 2] {
-    let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
-    [lanes(cols), lanes(cols.saturating_sub(16))]
+/// The masks of the first `cols` (at most [`NR`]) lanes of a panel row's [`V`] vectors.
+fn masks(cols: usize) -> [__mmask16; V] {
+    std::array::from_fn(|v| {
+        let n = cols.saturating_sub(16 * v);
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    })
 }
 
 #[cfg(test)]
