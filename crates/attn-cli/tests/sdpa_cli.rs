@@ -637,6 +637,22 @@ fn thread_counts_above_the_cap_are_refused() {
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
 }
 
+/// `attn bench gemm --weight` times `x · Wᵀ` and says so in its JSON; with `--dtype bf16` it is a
+/// usage error that names the flag.
+#[test]
+fn bench_gemm_weight_layout() {
+    let base = ["bench", "gemm", "--m", "64", "--n", "256", "--k", "32", "--weight"];
+    let quick = ["--min-runs", "1", "--min-seconds", "0"];
+    let result = attn(&[&base[..], &quick[..], &["--json"]].concat());
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!((v["op"].as_str(), v["weight"].as_bool()), (Some("gemm"), Some(true)));
+    let result = attn(&[&base[..], &quick[..], &["--dtype", "bf16"]].concat());
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{err}");
+    assert!(err.contains("--weight is for --dtype f32"), "{err}");
+}
+
 /// `attn bench bandwidth` reads every word of its buffer (it checks the sum) and reports GB/s
 /// with the level and thread count, as the other benches do.
 #[test]

@@ -182,6 +182,10 @@ pub struct GemmArgs {
     /// load), A rounded while it is packed on every call (inside), f32 sums and output.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
+    /// B is the transpose of a row-major `[N, K]` weight (`x · Wᵀ`, every linear map's product)
+    /// instead of a row-major `[K, N]` matrix; f32 only (bf16 packs B once either way).
+    #[arg(long)]
+    weight: bool,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
@@ -190,7 +194,10 @@ pub struct GemmArgs {
 
 fn gemm_command(args: GemmArgs) -> Result<()> {
     let budget = args.flags.budget()?;
-    let GemmArgs { m, n, k, .. } = args;
+    let GemmArgs { m, n, k, weight, .. } = args;
+    if weight && args.dtype == Dtype::Bf16 {
+        bail!("bench gemm: --weight is for --dtype f32 (bf16 packs B once, whatever its layout)");
+    }
     let dtype = args.dtype.effective(true);
     let need = f32_size_in_bytes(&[m, k])
         .saturating_add(f32_size_in_bytes(&[k, n]))
@@ -198,7 +205,7 @@ fn gemm_command(args: GemmArgs) -> Result<()> {
     crate::support::memory::check(need, "bench gemm (a, b, c)")?;
     let text = args
         .threads
-        .install(|nt| gemm_bench([m, n, k], dtype, nt, budget, args.flags.json))?;
+        .install(|nt| gemm_bench([m, n, k], dtype, weight, nt, budget, args.flags.json))?;
     println!("{text}");
     Ok(())
 }
@@ -268,6 +275,7 @@ fn bandwidth(args: BandwidthArgs) -> Result<()> {
 pub fn gemm_bench(
     [m, n, k]: [usize; 3],
     dtype: Dtype,
+    weight: bool,
     threads: usize,
     budget: Budget,
     as_json: bool,
@@ -276,7 +284,12 @@ pub fn gemm_bench(
     let b = random_vec(k * n, 2);
     let mut c = vec![0.0f32; m * n];
     let lhs = View2::contiguous(&a, [m, k])?;
-    let rhs = View2::contiguous(&b, [k, n])?;
+    // `--weight`: `b` holds a row-major `[N, K]` weight, read through its transpose.
+    let rhs = if weight {
+        View2::new(&b, [k, n], [1, k])?
+    } else {
+        View2::contiguous(&b, [k, n])?
+    };
     let packed = (dtype == Dtype::Bf16).then(|| Bf16Panels::pack(rhs));
     let product = |c: &mut [f32]| -> Result<()> {
         let dst = ViewMut2::contiguous(c, [m, n])?;
@@ -292,7 +305,7 @@ pub fn gemm_bench(
     let dtype_name = dtype.name();
     Ok(if as_json {
         json!({
-            "op": "gemm", "m": m, "n": n, "k": k, "dtype": dtype_name, "threads": threads,
+            "op": "gemm", "m": m, "n": n, "k": k, "dtype": dtype_name, "weight": weight, "threads": threads,
             "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
             "bf16_gemm": gemm_bf16_route(),
             "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs, "gflops": gflops,
@@ -300,7 +313,8 @@ pub fn gemm_bench(
         .to_string()
     } else {
         format!(
-            "gemm M={m} N={n} K={k} {dtype_name} threads={threads}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s",
+            "gemm M={m} N={n} K={k} {dtype_name}{} threads={threads}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s",
+            if weight { " B=Wᵀ" } else { "" },
             stats.median_s * 1e3,
             stats.min_s * 1e3,
             stats.runs,
