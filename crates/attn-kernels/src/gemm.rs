@@ -2,9 +2,8 @@
 //!
 //! On an Intel CPU at the AVX-512 level, products big enough to pay for packing (at least 48
 //! rows, 256 columns and 2²⁰ multiply-adds) into a row-major destination run on attn's own packed
-//! GEMM ([`avx512`]: 12 × 32 micro-kernel, BLIS's blocking), which measured 1.01–1.07× faer's
-//! on the layer shapes there in one run and 0.89–1.15× in a slower, noisier one (a few percent
-//! ahead, near the machine's noise; docs/PERFORMANCE.md); everything else (other CPUs, where faer measured faster, other
+//! GEMM ([`avx512`]: 8 × 48 micro-kernel, BLIS's blocking and packing), 0.91–0.96× MKL's on the
+//! layer shapes at one thread on an Intel model 207 (docs/PERFORMANCE.md); everything else (other CPUs, where faer measured faster, other
 //! levels, small or thin products, column-major destinations) goes to faer's `matmul`, whose
 //! views are made without copying. `ATTN_GEMM=faer` sends every product to faer, for
 //! comparison. Either way every element is summed in an order that does not depend on the

@@ -689,8 +689,8 @@ mod tests {
             return;
         }
         use Layout::*;
-        // Whole and ragged slivers (12 rows) and panels (32 columns), one and several depth
-        // blocks (384) and column blocks (512), and the widths of a band split by columns.
+        // Whole and ragged slivers (8 rows) and panels (48 columns), one and several depth
+        // blocks (384) and column blocks (528), and the widths of a band split by columns.
         for &(m, n, k) in &[
             (48, 32, 16),
             (61, 45, 17),
