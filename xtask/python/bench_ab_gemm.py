@@ -1,0 +1,63 @@
+"""Two attn binaries' `attn bench gemm`, or one against PyTorch's `matmul`, interleaved round by
+round on the layers' shapes; the median of the per-round speed ratios (on a machine whose speed
+moves by 2x between minutes, a ratio within a round is steadier than each side's median).
+
+Usage: python bench_ab_gemm.py BEFORE AFTER|torch ROUNDS THREADS [--weight] [MxNxK ...]
+With `torch` as AFTER, each round times `torch.matmul(a, b, out=c)` in this process for as long
+as attn's run (at least 0.3 s and 5 runs) and the ratio is attn / torch speed. `--weight` passes
+`--weight` to attn (B = Wᵀ of a row-major [N, K] weight; PyTorch then multiplies by `w.t()`).
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = [(1024, 1024, 1024), (2048, 512, 512), (2048, 1536, 512), (2048, 2048, 512), (2048, 512, 2048)]
+
+
+def attn_seconds(binary, m, n, k, threads, weight):
+    args = [binary, "bench", "gemm", "--m", str(m), "--n", str(n), "--k", str(k), "--threads", str(threads),
+            "--min-seconds", "0.3", "--json"] + (["--weight"] if weight else [])
+    return json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)["median_s"]
+
+
+def main():
+    before, after, rounds, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    weight = "--weight" in sys.argv[5:]
+    shapes = [tuple(map(int, s.split("x"))) for s in sys.argv[5:] if not s.startswith("--")] or SHAPES
+    torch_side = after == "torch"
+    if torch_side:
+        import torch
+        torch.set_num_threads(threads)
+        print(f"torch {torch.__version__}, ", end="")
+    print(f"{threads} thread(s), {rounds} interleaved rounds, B {'= Wᵀ' if weight else 'row-major'}")
+    print(f"| M×N×K | {'attn / torch' if torch_side else 'after / before'} speed, median of rounds | quartiles |")
+    print("|---|---|---|")
+    for m, n, k in shapes:
+        if torch_side:
+            a = torch.randn(m, k)
+            b = torch.randn(n, k).t() if weight else torch.randn(k, n)
+            c = torch.empty(m, n)
+        ratios = []
+        for _ in range(rounds):
+            first = attn_seconds(before, m, n, k, threads, weight)
+            if torch_side:
+                times, start = [], time.perf_counter()
+                while time.perf_counter() - start < 0.3 or len(times) < 5:
+                    t0 = time.perf_counter()
+                    torch.matmul(a, b, out=c)
+                    times.append(time.perf_counter() - t0)
+                second = statistics.median(times)
+                ratios.append(second / first)
+            else:
+                second = attn_seconds(after, m, n, k, threads, weight)
+                ratios.append(first / second)
+        ratios.sort()
+        q = len(ratios) // 4
+        print(f"| {m}×{n}×{k} | {statistics.median(ratios):.3f} | {ratios[q]:.2f}–{ratios[-1 - q]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
