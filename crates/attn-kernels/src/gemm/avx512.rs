@@ -528,9 +528,11 @@ unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, l
     let [kc, mr, cols] = shape;
     // SAFETY: every offset stays inside the ranges the caller guarantees.
     unsafe {
+        // The lines of the block's rows (a narrow last block's may lie past `c`: a prefetch
+        // never faults, and `wrapping_add` makes no claim on the address).
         for r in 0..mr {
             for j in [0, 16, 32, NR - 1] {
-                _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + j).cast());
+                _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + j).cast());
             }
         }
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
