@@ -637,8 +637,8 @@ fn thread_counts_above_the_cap_are_refused() {
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
 }
 
-/// `attn bench gemm --weight` times `x · Wᵀ` and says so in its JSON; with `--dtype bf16` it is a
-/// usage error that names the flag.
+/// `attn bench gemm --weight` times `x · Wᵀ` and says so in its JSON; with `--dtype bf16` it
+/// exits 1 naming both flags.
 #[test]
 fn bench_gemm_weight_layout() {
     let base = ["bench", "gemm", "--m", "64", "--n", "256", "--k", "32", "--weight"];
@@ -651,6 +651,7 @@ fn bench_gemm_weight_layout() {
     let err = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(1), "{err}");
     assert!(err.contains("--weight is for --dtype f32"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
 /// `attn bench bandwidth` reads every word of its buffer (it checks the sum) and reports GB/s

@@ -398,7 +398,12 @@ unsafe fn pack_b(dst: &mut [f32], b: *const f32, rs: usize, cs: usize, kc: usize
                 for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
                     let from = src.add(p * rs);
                     for (v, &mask) in masks.iter().enumerate() {
-                        let value = _mm512_maskz_loadu_ps(mask, from.add(16 * v));
+                        // Zeros for a vector wholly past `cols`, whose address could lie past `b`.
+                        let value = if mask == 0 {
+                            _mm512_setzero_ps()
+                        } else {
+                            _mm512_maskz_loadu_ps(mask, from.add(16 * v))
+                        };
                         _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), value);
                     }
                 }
@@ -556,7 +561,9 @@ unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, l
         for (r, acc_r) in acc.iter().enumerate() {
             if r < mr {
                 let row = c.add(r * ldc);
-                for (v, (&acc_rv, mask)) in acc_r.iter().zip(masks).enumerate() {
+                // A vector wholly past `cols` (a ragged last panel) is skipped: its pointer could
+                // lie past the end of `c` or of the bias.
+                for (v, (&acc_rv, mask)) in acc_r.iter().zip(masks).enumerate().filter(|(_, (_, m))| *m != 0) {
                     let out = row.add(16 * v);
                     let value = match start {
                         Start::Zero => _mm512_mul_ps(alpha, acc_rv),
