@@ -2,15 +2,15 @@
 //!
 //! The blocking is BLIS's, turned for a row-major `C`: the micro-kernel keeps [`MR`] = 8 rows ×
 //! three zmm ([`NR`] = 48 columns) of `C` in 24 accumulators; each step of the depth loads three
-//! vectors of a packed `B` panel and broadcasts eight values of a packed `A` sliver (11 loads
-//! per 24 FMAs; 12 × 32, 14 loads, measured 8–9% slower, 14 × 32 and 6 × 64 no faster than that,
-//! on Intel's model 207). Per block of [`KC`] steps of depth, every sliver of the thread's rows of `A` is
-//! packed once, step-major (the [`MR`] values of a step side by side, so the broadcasts are
-//! one base register and eight displacements in one cache line); then `B` is packed [`NC`]
-//! columns at a time (792 KiB, in L2) into 48-column panels whose rows are contiguous, and each
-//! sliver passes over every panel of the block. The kernel prefetches its rows of `C` before
-//! the depth loop, so the read-modify-write at its end does not wait on memory, and its panel
-//! [`PF`] steps ahead, because the panel streams from L2.
+//! vectors of a packed `B` panel and broadcasts eight values of a packed `A` sliver (11 loads per
+//! 24 FMAs; against 12 × 32, 14 loads, it measured 1.01–1.05× alone and 0.98–1.06× in this GEMM on
+//! Intel's model 207; `examples/gemm_kernel_shapes.rs` times the shapes). Per block of [`KC`] steps
+//! of depth, every sliver of the thread's rows of `A` is packed once, step-major (the [`MR`] values
+//! of a step side by side, so the broadcasts are one base register and eight displacements in one
+//! cache line); then `B` is packed [`NC`] columns at a time (792 KiB, in L2) into 48-column panels
+//! whose rows are contiguous, and each sliver passes over every panel of the block. The kernel
+//! prefetches its rows of `C` before the depth loop, so the read-modify-write at its end does not
+//! wait on memory, and its panel [`PF`] steps ahead, because the panel streams from L2.
 //!
 //! Every element of `C` is summed in the same order whatever the thread count: the depth in
 //! [`KC`] blocks, each block a chain of FMAs from zero, added to `C` (times `alpha`) in order.
