@@ -637,21 +637,28 @@ fn thread_counts_above_the_cap_are_refused() {
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
 }
 
-/// `attn bench gemm --weight` times `x · Wᵀ` and says so in its JSON; with `--dtype bf16` it
-/// exits 1 naming both flags.
+/// `attn bench gemm --weight` times `x · Wᵀ`, and `--packed` with `B` packed once; the JSON
+/// says which. With `--dtype bf16` either flag exits 1 naming both flags.
 #[test]
 fn bench_gemm_weight_layout() {
     let base = ["bench", "gemm", "--m", "64", "--n", "256", "--k", "32", "--weight"];
     let quick = ["--min-runs", "1", "--min-seconds", "0"];
-    let result = attn(&[&base[..], &quick[..], &["--json"]].concat());
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
-    assert_eq!((v["op"].as_str(), v["weight"].as_bool()), (Some("gemm"), Some(true)));
-    let result = attn(&[&base[..], &quick[..], &["--dtype", "bf16"]].concat());
-    let err = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(1), "{err}");
-    assert!(err.contains("--weight is for --dtype f32"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    for packed in [false, true] {
+        let flag: &[&str] = if packed { &["--packed", "--json"] } else { &["--json"] };
+        let result = attn(&[&base[..], &quick[..], flag].concat());
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+        let got = (v["op"].as_str(), v["weight"].as_bool(), v["packed"].as_bool());
+        assert_eq!(got, (Some("gemm"), Some(true), Some(packed)));
+    }
+    for (flags, named) in [(&base[..], "--weight"), (&base[..8], "--packed")] {
+        let extra: &[&str] = if named == "--packed" { &["--packed"] } else { &[] };
+        let result = attn(&[flags, extra, &quick[..], &["--dtype", "bf16"]].concat());
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("{named} is for --dtype f32")), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
 }
 
 /// `attn bench bandwidth` reads every word of its buffer (it checks the sum) and reports GB/s

@@ -7,12 +7,16 @@
 //! levels, small or thin products, column-major destinations) goes to faer's `matmul`, whose
 //! views are made without copying. `ATTN_GEMM=faer` sends every product to faer, for
 //! comparison. Either way every element is summed in an order that does not depend on the
-//! thread count.
+//! thread count. A right operand used on every call (a linear map's `Wᵀ`) can be packed once
+//! into [`F32Panels`] and multiplied with [`gemm_packed`], which the own GEMM reads in place.
 
 use crate::{KernelError, View2, ViewMut2};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+mod packed;
+
+pub use packed::{gemm_packed, F32Panels};
 
 /// How much parallelism an operation may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

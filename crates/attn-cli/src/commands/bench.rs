@@ -5,7 +5,8 @@
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::unfused_scratch_bytes;
 use attn_nn::core::kernels::{
-    bf16_level, gemm, gemm_bf16, gemm_bf16_route, simd_level, Accum, Bf16Panels, Par, View2, ViewMut2,
+    bf16_level, gemm, gemm_bf16, gemm_bf16_route, gemm_packed, simd_level, Accum, Bf16Panels, F32Panels, Par, View2,
+    ViewMut2,
 };
 use attn_nn::core::{f32_size_in_bytes, SdpaShape};
 use serde_json::json;
@@ -186,6 +187,10 @@ pub struct GemmArgs {
     /// instead of a row-major `[K, N]` matrix; f32 only (bf16 packs B once either way).
     #[arg(long)]
     weight: bool,
+    /// f32: B packed once before the timing (`F32Panels`, as a model set to f32 holds its
+    /// weights where attn's own GEMM runs) and read in place by every call.
+    #[arg(long)]
+    packed: bool,
     #[command(flatten)]
     threads: Threads,
     #[command(flatten)]
@@ -194,9 +199,19 @@ pub struct GemmArgs {
 
 fn gemm_command(args: GemmArgs) -> Result<()> {
     let budget = args.flags.budget()?;
-    let GemmArgs { m, n, k, weight, .. } = args;
+    let GemmArgs {
+        m,
+        n,
+        k,
+        weight,
+        packed,
+        ..
+    } = args;
     if weight && args.dtype == Dtype::Bf16 {
         bail!("bench gemm: --weight is for --dtype f32 (bf16 packs B once, whatever its layout)");
+    }
+    if packed && args.dtype == Dtype::Bf16 {
+        bail!("bench gemm: --packed is for --dtype f32 (bf16 always packs B once)");
     }
     let dtype = args.dtype.effective(true);
     let need = f32_size_in_bytes(&[m, k])
@@ -205,7 +220,7 @@ fn gemm_command(args: GemmArgs) -> Result<()> {
     crate::support::memory::check(need, "bench gemm (a, b, c)")?;
     let text = args
         .threads
-        .install(|nt| gemm_bench([m, n, k], dtype, weight, nt, budget, args.flags.json))?;
+        .install(|nt| gemm_bench([m, n, k], dtype, [weight, packed], nt, budget, args.flags.json))?;
     println!("{text}");
     Ok(())
 }
@@ -270,12 +285,13 @@ fn bandwidth(args: BandwidthArgs) -> Result<()> {
     Ok(())
 }
 
-/// `bench gemm`: `[M, K] · [K, N]`, row-major operands, all threads; in bf16, B packed once
-/// before the timing.
+/// `bench gemm`: `[M, K] · [K, N]`, row-major operands (B the transpose of a row-major
+/// weight with `weight`), all threads; in bf16, or in f32 with `packed`, B packed once before
+/// the timing.
 pub fn gemm_bench(
     [m, n, k]: [usize; 3],
     dtype: Dtype,
-    weight: bool,
+    [weight, f32_packed]: [bool; 2],
     threads: usize,
     budget: Budget,
     as_json: bool,
@@ -291,11 +307,13 @@ pub fn gemm_bench(
         View2::contiguous(&b, [k, n])?
     };
     let packed = (dtype == Dtype::Bf16).then(|| Bf16Panels::pack(rhs));
+    let panels = (dtype == Dtype::F32 && f32_packed).then(|| F32Panels::pack(rhs));
     let product = |c: &mut [f32]| -> Result<()> {
         let dst = ViewMut2::contiguous(c, [m, n])?;
-        match &packed {
-            Some(packed) => gemm_bf16(dst, Accum::Replace, lhs, packed, Par::Rayon)?,
-            None => gemm(dst, Accum::Replace, lhs, rhs, 1.0, Par::Rayon)?,
+        match (&packed, &panels) {
+            (Some(packed), _) => gemm_bf16(dst, Accum::Replace, lhs, packed, Par::Rayon)?,
+            (None, Some(panels)) => gemm_packed(dst, lhs, rhs, panels, None, Par::Rayon)?,
+            (None, None) => gemm(dst, Accum::Replace, lhs, rhs, 1.0, Par::Rayon)?,
         }
         Ok(())
     };
@@ -305,7 +323,8 @@ pub fn gemm_bench(
     let dtype_name = dtype.name();
     Ok(if as_json {
         json!({
-            "op": "gemm", "m": m, "n": n, "k": k, "dtype": dtype_name, "weight": weight, "threads": threads,
+            "op": "gemm", "m": m, "n": n, "k": k, "dtype": dtype_name, "weight": weight, "packed": panels.is_some(),
+            "threads": threads,
             "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
             "bf16_gemm": gemm_bf16_route(),
             "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs, "gflops": gflops,
@@ -313,8 +332,9 @@ pub fn gemm_bench(
         .to_string()
     } else {
         format!(
-            "gemm M={m} N={n} K={k} {dtype_name}{} threads={threads}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s",
+            "gemm M={m} N={n} K={k} {dtype_name}{}{} threads={threads}\n  median {:.3} ms  min {:.3} ms  runs {}  {:.1} GFLOP/s",
             if weight { " B=Wᵀ" } else { "" },
+            if panels.is_some() { " B packed" } else { "" },
             stats.median_s * 1e3,
             stats.min_s * 1e3,
             stats.runs,

@@ -16,6 +16,11 @@
 //! [`KC`] blocks, each block a chain of FMAs from zero, added to `C` (times `alpha`) in order.
 //! Threads split `C` by rows (or by columns when it has few rows), never the depth.
 
+mod pack;
+
+use pack::{pack_a, widen_b};
+pub(crate) use pack::{pack_b, round_row_to_bf16};
+
 use crate::buffer::Buffer;
 use crate::gemm::Par;
 use rayon::prelude::*;
@@ -51,7 +56,13 @@ thread_local! {
 /// columns wide, measured 5–6% slower here than on faer, which packs less), and enough work
 /// (2²⁰ FMAs) to pay for packing both operands.
 pub(crate) fn worth_it([m, n, k]: [usize; 3]) -> bool {
-    shape_worth_it([m, n, k]) && intel() && !faer_forced()
+    shape_worth_it([m, n, k]) && serves_packed()
+}
+
+/// Whether this GEMM serves any products on this CPU: Intel's, unless `ATTN_GEMM=faer` (the
+/// level is the caller's to check).
+pub(crate) fn serves_packed() -> bool {
+    intel() && !faer_forced()
 }
 
 /// The shape half of [`worth_it`].
@@ -108,6 +119,9 @@ pub(crate) enum Rhs {
     /// `[pairs][16]` words holding rows `2q` (low half) and `2q + 1` (high half), zero past
     /// the columns. Widened to f32 (exactly) as they are packed.
     Bf16 { words: *const u32, panel: usize },
+    /// The floats of [`super::F32Panels`]: the whole depth `k` of each [`NR`]-column panel
+    /// packed as [`pack_b`] packs a block, panels `k · NR` floats apart. Read in place.
+    Packed { ptr: *const f32, k: usize },
 }
 
 // SAFETY: as for `Operand`: the pointers are only read.
@@ -116,7 +130,8 @@ unsafe impl Send for Rhs {}
 unsafe impl Sync for Rhs {}
 
 impl Rhs {
-    /// This operand from column `j` on (for `Bf16`, `j` a multiple of 16).
+    /// This operand from column `j` on (for `Bf16`, `j` a multiple of 16; for `Packed`, of
+    /// [`NR`]).
     ///
     /// # Safety
     /// Column `j` inside the operand.
@@ -137,6 +152,13 @@ impl Rhs {
                     Rhs::Bf16 {
                         words: words.add(j / 16 * panel),
                         panel,
+                    }
+                }
+                Rhs::Packed { ptr, k } => {
+                    debug_assert_eq!(j % NR, 0);
+                    Rhs::Packed {
+                        ptr: ptr.add(j / NR * k * NR),
+                        k,
                     }
                 }
             }
@@ -272,7 +294,12 @@ pub(crate) unsafe fn gemm(
 /// As for [`gemm`].
 unsafe fn band(c: *mut f32, ldc: usize, mnk: [usize; 3], start: Start, a: (Operand, LhsValues), b: Rhs, alpha: f32) {
     let [m, n, _] = mnk;
-    let lens = [m.div_ceil(MR) * MR * KC, KC * NC.min(n.div_ceil(NR) * NR)];
+    // A packed `B` is read in place: no block buffer.
+    let b_len = match b {
+        Rhs::Packed { .. } => 0,
+        _ => KC * NC.min(n.div_ceil(NR) * NR),
+    };
+    let lens = [m.div_ceil(MR) * MR * KC, b_len];
     let take = |kept: Option<Buffer>, len: usize| match kept {
         Some(buffer) if buffer.len() >= len => buffer,
         _ => Buffer::zeroed(len),
@@ -344,178 +371,41 @@ unsafe fn band_with(
             // SAFETY: the block `[pc, pc + kc) × [jc, jc + nc)` is inside `b`.
             unsafe {
                 match b {
-                    Rhs::F32(b) => pack_b(bp, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc),
+                    Rhs::F32(b) => pack_b(bp, KC, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc),
                     Rhs::Rounded(b) => {
-                        pack_b(bp, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc);
+                        pack_b(bp, KC, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc);
                         for q in 0..nc.div_ceil(NR) {
                             round_row_to_bf16(&mut bp[q * KC * NR..q * KC * NR + kc * NR]);
                         }
                     }
                     Rhs::Bf16 { words, panel } => widen_b(bp, words.add(jc / 16 * panel), panel, pc, kc, nc),
+                    Rhs::Packed { .. } => {}
                 }
+            };
+            // Panel `jr / NR` of the block, from depth `pc`: in `bp`, or in place.
+            let panel = |jr: usize| match b {
+                // SAFETY: column `jc + jr` and depth `pc` lie inside the packed operand.
+                Rhs::Packed { ptr, k } => unsafe { ptr.add((jc + jr) / NR * k * NR + pc * NR) },
+                // SAFETY: the block's panels lie in `bp`, `KC · NR` floats apart.
+                _ => unsafe { bp.as_ptr().add(jr * KC) },
             };
             for s in 0..slivers {
                 let ir = s * MR;
                 for jr in (0..nc).step_by(NR) {
                     let shape = [kc, (m - ir).min(MR), (nc - jr).min(NR)];
-                    // SAFETY: the panel starts at `jr · KC` in `bp`; the block of `c` is
-                    // `mr × cols` at `(ir, jc + jr)`, inside `c`.
+                    // SAFETY: the panel holds `kc` rows of `NR`; the block of `c` is `mr ×
+                    // cols` at `(ir, jc + jr)`, inside `c`.
                     unsafe {
                         kernel(
                             shape,
                             ap.as_ptr().add(s * MR * KC),
-                            bp.as_ptr().add(jr * KC),
+                            panel(jr),
                             c.add(ir * ldc + jc + jr),
                             ldc,
                             first.at_column(jc + jr),
                             alpha,
                         )
                     };
-                }
-            }
-        }
-    }
-}
-
-/// Packs `b[0..kc, 0..nc]` into panels of [`NR`] columns: panel `q` at `q · KC · NR`, its row
-/// `p` at `p · NR`, columns past `nc` zero (never stored; zeroed so that no leftover NaN or
-/// subnormal reaches the FMAs). Row-major `b` is copied a row at a time; column-major
-/// `b` (a transposed weight, `x · Wᵀ`) is transposed 8 × 8 in registers.
-///
-/// # Safety
-/// `b` readable at `p·rs + j·cs` for `p < kc`, `j < nc`; `dst` holds `nc.div_ceil(NR) · KC · NR`.
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_b(dst: &mut [f32], b: *const f32, rs: usize, cs: usize, kc: usize, nc: usize) {
-    for q in 0..nc.div_ceil(NR) {
-        let j0 = q * NR;
-        let cols = (nc - j0).min(NR);
-        let panel = &mut dst[q * KC * NR..q * KC * NR + kc * NR];
-        // SAFETY: every read is inside the block, by the caller's guarantee.
-        unsafe {
-            let src = b.add(j0 * cs);
-            if cs == 1 {
-                let masks = masks(cols);
-                for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
-                    let from = src.add(p * rs);
-                    for (v, &mask) in masks.iter().enumerate() {
-                        // Zeros for a vector wholly past `cols`, whose address could lie past `b`.
-                        let value = if mask == 0 {
-                            _mm512_setzero_ps()
-                        } else {
-                            _mm512_maskz_loadu_ps(mask, from.add(16 * v))
-                        };
-                        _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), value);
-                    }
-                }
-            } else if rs == 1 {
-                crate::tile::avx2::transpose(cols, kc, src, cs, panel.as_mut_ptr(), NR);
-                if cols < NR {
-                    panel.chunks_exact_mut(NR).for_each(|row| row[cols..].fill(0.0));
-                }
-            } else {
-                for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if j < cols { *src.add(p * rs + j * cs) } else { 0.0 };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// [`pack_b`] for a bf16 operand: rows `pc..pc + kc` and the first `nc` columns of the panels
-/// at `words` (`panel` words apart), widened to f32 (exactly: a bf16 value is the upper half of
-/// an f32). Columns past the operand's are zero words in the panels, so zeros here.
-///
-/// # Safety
-/// `words` holds `⌈nc / 16⌉` panels `panel` words apart of at least `⌈(pc + kc) / 2⌉` pair rows;
-/// `dst` as for [`pack_b`].
-#[target_feature(enable = "avx512f")]
-unsafe fn widen_b(dst: &mut [f32], words: *const u32, panel: usize, pc: usize, kc: usize, nc: usize) {
-    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    for q in 0..nc.div_ceil(NR) {
-        let cols = (nc - q * NR).min(NR);
-        let out = &mut dst[q * KC * NR..q * KC * NR + kc * NR];
-        // SAFETY: the bf16 panels `V·q + v` that hold some of the block's columns (`16·v <
-        // cols`), pair rows below `⌈(pc + kc) / 2⌉`, by the caller's guarantee.
-        unsafe {
-            let first = words.add(V * q * panel);
-            let sources: [Option<*const u32>; V] =
-                std::array::from_fn(|v| (16 * v < cols).then(|| first.add(v * panel)));
-            for (p, row) in out.chunks_exact_mut(NR).enumerate() {
-                let depth = pc + p;
-                let at = depth / 2 * 16;
-                let widen = |w: __m512i| {
-                    _mm512_castsi512_ps(if depth.is_multiple_of(2) {
-                        _mm512_slli_epi32::<16>(w)
-                    } else {
-                        _mm512_and_si512(w, high)
-                    })
-                };
-                for (v, source) in sources.iter().enumerate() {
-                    let w = source.map_or(_mm512_setzero_si512(), |words| _mm512_loadu_si512(words.add(at).cast()));
-                    _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), widen(w));
-                }
-            }
-        }
-    }
-}
-
-/// Rounds each value of `row` to bf16 in place, with the bits of [`crate::round_to_bf16`]: to
-/// nearest, ties to even; NaN made quiet; subnormals to zeros of their sign.
-#[target_feature(enable = "avx512f")]
-pub(crate) fn round_row_to_bf16(row: &mut [f32]) {
-    let upper = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    let exponent = _mm512_set1_epi32(0x7F80_0000);
-    let sign = _mm512_set1_epi32(0x8000_0000u32 as i32);
-    let quiet = _mm512_set1_epi32(0x0040_0000);
-    let half = _mm512_set1_epi32(0x7FFF);
-    let one = _mm512_set1_epi32(1);
-    for chunk in row.chunks_mut(16) {
-        let mask: __mmask16 = ((1u32 << chunk.len()) - 1) as u16;
-        // SAFETY: the masked lanes are inside `chunk`.
-        unsafe {
-            let bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(mask, chunk.as_ptr()));
-            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), one);
-            let rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(half, odd)), upper);
-            let exp = _mm512_and_si512(bits, exponent);
-            let subnormal = _mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512());
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(_mm512_castsi512_ps(bits), _mm512_castsi512_ps(bits));
-            let out = _mm512_mask_mov_epi32(rounded, subnormal, _mm512_and_si512(bits, sign));
-            let out = _mm512_mask_mov_epi32(out, nan, _mm512_and_si512(_mm512_or_si512(bits, quiet), upper));
-            _mm512_mask_storeu_ps(chunk.as_mut_ptr(), mask, _mm512_castsi512_ps(out));
-        }
-    }
-}
-
-/// Packs `a[0..mr, 0..kc]` step-major, BLIS's layout: `dst[p·MR + i] = a[i, p]`, rows past
-/// `mr` zero (never stored, zeroed as `B`'s padding is). The kernel's broadcasts of a step then
-/// share one cache line, and a sliver is one contiguous stream that the hardware prefetcher
-/// brings back from L2 after each panel has pushed it out of L1 (rows at a stride measured 4–5%
-/// slower). Row-major `a` is transposed 8 × 8 in registers; column-major `a` (the transposed
-/// `dyᵀ` of a weight gradient) is copied a step at a time.
-///
-/// # Safety
-/// `a` readable at `i·rs + p·cs` for `i < mr`, `p < kc`; `dst` holds `kc · MR`.
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_a(dst: &mut [f32], a: *const f32, rs: usize, cs: usize, mr: usize, kc: usize) {
-    let dst = &mut dst[..kc * MR];
-    if mr < MR {
-        dst.fill(0.0);
-    }
-    let out = dst.as_mut_ptr();
-    // SAFETY: reads inside the `mr × kc` block by the caller's guarantee, writes inside `dst`.
-    unsafe {
-        if cs == 1 {
-            crate::tile::avx2::transpose(mr, kc, a, rs, out, MR);
-        } else if rs == 1 {
-            for p in 0..kc {
-                std::ptr::copy_nonoverlapping(a.add(p * cs), out.add(p * MR), mr);
-            }
-        } else {
-            for p in 0..kc {
-                for i in 0..mr {
-                    *out.add(p * MR + i) = *a.add(i * rs + p * cs);
                 }
             }
         }
@@ -734,6 +624,67 @@ mod tests {
                 let many = pool.install(|| check(m, n, k, layouts, Begin::Bias, Par::Rayon));
                 let same = one.iter().zip(&many).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "{m}x{n}x{k}: {threads} threads changed the bits");
+            }
+        }
+    }
+
+    /// `B` read in place from [`crate::F32Panels`] gives the bits of `B` packed per block, on
+    /// every start, one and several depth and column blocks, ragged slivers and panels, and
+    /// bands by rows and by columns (checked wherever AVX-512 F runs, Intel or not).
+    #[test]
+    fn panels_read_in_place_give_the_bits_of_packing_per_block() {
+        if !has_avx512() {
+            return;
+        }
+        for &(m, n, k) in &[
+            (48, 32, 16),
+            (61, 45, 17),
+            (100, 530, 400),
+            (130, 64, 800),
+            (20, 1100, 33),
+        ] {
+            let (a, w, bias) = (random_vec(m * k, 1), random_vec(n * k, 2), random_vec(n, 4));
+            // `B = Wᵀ`, column-major, as a linear map reads it.
+            let b_view = View2::new(&w[..], [k, n], [1, k]).unwrap();
+            let packed = crate::F32Panels::pack(b_view);
+            let a_op = Operand {
+                ptr: a.as_ptr(),
+                rs: k,
+                cs: 1,
+            };
+            let rhs = [
+                Rhs::F32(Operand {
+                    ptr: w.as_ptr(),
+                    rs: 1,
+                    cs: k,
+                }),
+                Rhs::Packed {
+                    ptr: packed.floats().as_ptr(),
+                    k,
+                },
+            ];
+            for start in [Start::Zero, Start::Dst, Start::Bias(bias.as_ptr())] {
+                for par in [Par::Seq, Par::Rayon] {
+                    let [per_block, in_place] = rhs.map(|b| {
+                        let mut c = random_vec(m * n, 3);
+                        // SAFETY: AVX-512 F was detected; the operands and `c` cover the shapes.
+                        unsafe {
+                            gemm(
+                                c.as_mut_ptr(),
+                                n,
+                                [m, n, k],
+                                start,
+                                (a_op, LhsValues::F32),
+                                b,
+                                0.75,
+                                par,
+                            )
+                        };
+                        c
+                    });
+                    let same = per_block.iter().zip(&in_place).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{m}x{n}x{k} {par:?}: the panels changed the bits");
+                }
             }
         }
     }
