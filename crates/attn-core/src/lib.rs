@@ -48,14 +48,14 @@ pub use cache::{KvCache, KvView};
 pub use error::{AttnError, Result};
 pub use grads::{clip_grad_norm, GradRef, Grads};
 pub use mha::{
-    linear, linear_bf16, Attention, AttentionConfig, Layout, MhaConfig, MhaInputGrads, MhaInputs, MhaOptions,
-    MhaOutput, MhaTape, MultiHeadAttention, NeedWeights, Packing, Sequence,
+    linear, linear_bf16, linear_packed, Attention, AttentionConfig, Layout, MhaConfig, MhaInputGrads, MhaInputs,
+    MhaOptions, MhaOutput, MhaTape, MultiHeadAttention, NeedWeights, Packing, Sequence,
 };
 pub use params::{
     flat_fill, flat_zip_mut, AlignedBuf, ParamEntry, ParamLayout, ParamPath, ParamStore, Parameters, FLAT_CHUNK,
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
-pub use precision::{pack_weight, pack_weight_of, Precision};
+pub use precision::{pack_weight, pack_weight_f32, pack_weight_of, Precision};
 pub use safetensors_io::{f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors};
 #[allow(deprecated)]
 pub use sdpa::f32_bytes;

@@ -10,9 +10,10 @@
 use attn_core::kernels::{self, arena, LinearShape, NormParams, Par, View2};
 use std::sync::{Arc, OnceLock};
 
-use attn_core::kernels::Bf16Panels;
+use attn_core::kernels::{Bf16Panels, F32Panels};
 use attn_core::{
-    linear, linear_bf16, pack_weight_of, take, AttnError, ParamPath, Parameters, Precision, StateDict, Tensor,
+    linear, linear_bf16, linear_packed, pack_weight_f32, pack_weight_of, take, AttnError, ParamPath, Parameters,
+    Precision, StateDict, Tensor,
 };
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,9 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The weight rounded to bf16 and packed, when the precision is [`Precision::Bf16`].
     bf16: Option<Arc<LinearBf16>>,
+    /// `Wᵀ` packed in f32, when the precision is [`Precision::F32`] and attn's own GEMM reads
+    /// it ([`F32Panels::worth_packing`] of its shape).
+    f32: Option<Arc<F32Panels>>,
 }
 
 /// [`Linear`]'s weight in bf16: `Wᵀ` for the forward, packed when the precision is set, and `W`
@@ -59,6 +63,7 @@ impl Linear {
             weight,
             bias,
             bf16: None,
+            f32: None,
         })
     }
 
@@ -71,27 +76,41 @@ impl Linear {
         }
     }
 
-    /// `Bf16` rounds and packs the current weight once; `F32` drops the packed copy.
+    /// Whether the layer holds a packed copy of its weight: in bf16, or in f32 where attn's own
+    /// GEMM reads one ([`Linear::set_precision`]).
+    pub fn is_packed(&self) -> bool {
+        self.bf16.is_some() || self.f32.is_some()
+    }
+
+    /// `Bf16` rounds and packs the current weight once. `F32` packs it once in f32 where
+    /// attn's own GEMM reads the packed copy ([`F32Panels::worth_packing`]: the same bits,
+    /// without packing `Wᵀ` on every call), and holds no copy elsewhere. Handing the weight out
+    /// mutably ([`Parameters::visit_params`]) drops either copy and returns the layer to f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        self.bf16 = match precision {
-            Precision::F32 => None,
+        let [out, _] = self.dims();
+        (self.bf16, self.f32) = (None, None);
+        match precision {
+            Precision::F32 if F32Panels::worth_packing([self.dims()[1], out]) => {
+                self.f32 = Some(Arc::new(pack_weight_f32(&self.weight, 0..out)?));
+            }
+            Precision::F32 => {}
             Precision::Bf16 => {
-                let [out, _] = self.dims();
-                Some(Arc::new(LinearBf16 {
+                self.bf16 = Some(Arc::new(LinearBf16 {
                     forward: pack_weight_of(&self.weight, 0..out)?,
                     backward: OnceLock::new(),
-                }))
+                }));
             }
-        };
+        }
         Ok(())
     }
 
     /// `y = x·Wᵀ (+ bias)` in the layer's precision.
     fn product(&self, y: &mut [f32], view: View2<'_, f32>, bias: Option<&[f32]>, par: Par) -> Result<()> {
         let [out, inp] = self.dims();
-        match &self.bf16 {
-            Some(packed) => linear_bf16(y, out, view, &packed.forward, bias, par)?,
-            None => linear(y, out, view, self.weight.data(), 0..out, inp, bias, par)?,
+        match (&self.bf16, &self.f32) {
+            (Some(packed), _) => linear_bf16(y, out, view, &packed.forward, bias, par)?,
+            (None, Some(packed)) => linear_packed(y, out, view, self.weight.data(), 0..out, inp, packed, bias, par)?,
+            (None, None) => linear(y, out, view, self.weight.data(), 0..out, inp, bias, par)?,
         }
         Ok(())
     }
@@ -109,11 +128,11 @@ impl Linear {
         [self.weight.shape()[0], self.weight.shape()[1]]
     }
 
-    /// Bytes of weights held: the tensors ([`Tensor::bytes_held`]) and, in bf16, the packs.
+    /// Bytes of weights held: the tensors ([`Tensor::bytes_held`]) and the packed copies.
     pub fn bytes_held(&self) -> usize {
         let packs = self.bf16.as_ref().map_or(0, |b| {
             b.forward.size_in_bytes() + b.backward.get().map_or(0, Bf16Panels::size_in_bytes)
-        });
+        }) + self.f32.as_ref().map_or(0, |p| p.size_in_bytes());
         self.weight.bytes_held() + self.bias.as_ref().map_or(0, Tensor::bytes_held) + packs
     }
 
@@ -205,8 +224,8 @@ fn visit_weight_and_bias<'a>(
 
 impl Parameters for Linear {
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
-        // The weight may change: a bf16 copy would go stale.
-        self.bf16 = None;
+        // The weight may change: a packed copy would go stale.
+        (self.bf16, self.f32) = (None, None);
         visit_weight_and_bias(&mut self.weight, &mut self.bias, path, f);
     }
 }
@@ -466,6 +485,44 @@ impl Parameters for FeedForward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A linear layer set to f32 packs its weight where attn's own GEMM reads it, with the
+    /// unpacked layer's bits; handing the weight out mutably drops the copy, so the changed
+    /// weight is what the next product uses.
+    #[test]
+    fn linear_in_f32_packs_its_weight_and_never_goes_stale() {
+        // 60 rows, 300 outputs: a product big enough for attn's own GEMM.
+        let (inp, out, n) = (64, 300, 60);
+        let mut init = attn_core::WeightInit::new(5);
+        let mut dict = StateDict::new();
+        dict.insert("weight".into(), init.uniform(vec![out, inp], inp));
+        dict.insert("bias".into(), init.uniform(vec![out], inp));
+        let plain = Linear::load(&mut dict, "", inp, out, true).unwrap();
+        let x = kernels::testing::random_vec(n * inp, 8);
+        let bits = |layer: &Linear| -> Vec<u32> {
+            let y = layer.forward(&x, Par::Rayon).unwrap();
+            y.iter().map(|v| v.to_bits()).collect()
+        };
+        let want = bits(&plain);
+        let mut packed = plain.clone();
+        packed.set_precision(Precision::F32).unwrap();
+        assert_eq!(packed.precision(), Precision::F32);
+        let worth = F32Panels::worth_packing([inp, out]);
+        assert_eq!(packed.is_packed(), worth);
+        assert_eq!(packed.bytes_held() > plain.bytes_held(), worth);
+        assert!(bits(&packed) == want, "the packed copy changed the bits");
+        packed.visit_params(&ParamPath::Root(""), &mut |_, t| {
+            t.data_mut().iter_mut().for_each(|v| *v *= 0.5);
+        });
+        assert!(!packed.is_packed());
+        let mut dict = StateDict::new();
+        packed.save(&mut dict, "");
+        let changed = Linear::load(&mut dict, "", inp, out, true).unwrap();
+        assert!(bits(&changed) != want);
+        assert!(bits(&packed) == bits(&changed), "a stale copy");
+        packed.set_precision(Precision::F32).unwrap();
+        assert!(bits(&packed) == bits(&changed), "packed again");
+    }
 
     /// The feed-forward block in bf16: its forward stays near f32's, and so do its training
     /// forward and backward (mixed precision: bf16 products, f32 gradients), with other bits.

@@ -17,6 +17,7 @@ mod config;
 mod forward;
 mod masks;
 mod options;
+mod packs;
 mod train;
 mod weights;
 
@@ -26,7 +27,7 @@ use forward::Source;
 use masks::MaskSet;
 pub use options::{Layout, MhaOptions, MhaOutput, NeedWeights, Sequence};
 pub use train::{MhaInputGrads, MhaInputs, MhaTape, Packing};
-pub use weights::{linear, linear_bf16};
+pub use weights::{linear, linear_bf16, linear_packed};
 use weights::{random_state_dict, Core};
 
 use attn_kernels::{Par, View4};

@@ -181,8 +181,8 @@ impl Parameters for MultiHeadAttention {
     /// has, in that order.
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
         let c = &mut self.core;
-        // The weights may change: bf16 copies would go stale.
-        c.bf16 = None;
+        // The weights may change: packed copies would go stale.
+        c.drop_packs();
         let fused = c.dims.fused();
         f(
             &path.join(if fused { "in_proj_weight" } else { "q_proj_weight" }),

@@ -1,16 +1,18 @@
 //! The projection weights under PyTorch's state-dict names, and the linear map that applies them.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use attn_kernels::{
-    gemm, gemm_bf16, gemm_bf16_bias, gemm_bias, linear_backward, linear_backward_bf16, Accum, Bf16Panels, LinearShape,
-    Par, View2, ViewMut2,
+    gemm, gemm_bf16, gemm_bf16_bias, gemm_bias, gemm_packed, linear_backward, linear_backward_bf16, Accum, Bf16Panels,
+    F32Panels, LinearShape, Par, View2, ViewMut2,
 };
 
+pub(super) use super::packs::Proj;
+use super::packs::{Bf16Weights, ForwardPacks, ProjWeights};
 use super::Dims;
 use crate::error::shape_error;
 use crate::tensor::{expect_empty, take, StateDict, Tensor};
-use crate::{pack_weight_of, Precision, Result, Rope};
+use crate::{Precision, Result, Rope};
 
 /// The weights and the forward pass shared by [`MultiHeadAttention`] and [`Attention`].
 #[derive(Debug, Clone)]
@@ -32,50 +34,9 @@ pub(super) struct Core {
     pub(super) alibi: Option<Vec<f32>>,
     /// The weights rounded to bf16 and packed, when the precision is [`Precision::Bf16`].
     pub(super) bf16: Option<Arc<Bf16Weights>>,
-}
-
-/// [`Core`]'s weight matrices packed for [`linear_bf16`]: the fused `q|k|v` rows (when fused),
-/// the rows of each of `q`, `k`, `v` ([`Core::weight`]), and the output projection. With fused
-/// weights the parts serve only calls whose query, key and value differ, so they are packed at
-/// the first such call (self-attention never holds them twice).
-#[derive(Debug)]
-pub(super) struct Bf16Weights {
-    fused: Option<Bf16Panels>,
-    parts: OnceLock<[Bf16Panels; 3]>,
-    out: Option<Bf16Panels>,
-    /// The same matrices packed as they are (`W: [out, in]`), the right operand of the
-    /// backward's `dx = dy·W` (mixed-precision training): packed at the first backward after
-    /// the precision was set, so inference never pays for them.
-    backward: OnceLock<BackwardPacks>,
-}
-
-/// [`Bf16Weights`] packed for the backward (`W`, not `Wᵀ`).
-#[derive(Debug)]
-struct BackwardPacks {
-    fused: Option<Bf16Panels>,
-    parts: [Bf16Panels; 3],
-    out: Option<Bf16Panels>,
-}
-
-/// Bytes of a set of packs: the fused and output ones where present, and the three parts.
-fn packs_size(single: [Option<&Bf16Panels>; 2], parts: Option<&[Bf16Panels; 3]>) -> usize {
-    single
-        .into_iter()
-        .flatten()
-        .chain(parts.into_iter().flatten())
-        .map(Bf16Panels::size_in_bytes)
-        .sum()
-}
-
-/// Which weight matrix a projection applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Proj {
-    /// All of `q|k|v` at once (fused weights).
-    Fused,
-    /// Query (0), key (1) or value (2) rows.
-    Part(usize),
-    /// The output projection.
-    Out,
+    /// The weights packed in f32 when the precision is [`Precision::F32`]: those attn's own GEMM
+    /// reads ([`F32Panels::worth_packing`]).
+    pub(super) f32: Option<Arc<ForwardPacks<F32Panels>>>,
 }
 
 /// A linear map of token rows: `dst[n, :] = x[n, :] · wᵀ (+ bias)` with `x: [N, in]`,
@@ -95,6 +56,37 @@ pub fn linear(
     bias: Option<&[f32]>,
     par: Par,
 ) -> Result<()> {
+    linear_f32(dst, dst_stride, x, (w, w_rows, in_dim), None, bias, par)
+}
+
+/// [`linear`] with the weight's rows also packed once ([`crate::pack_weight_f32`] of the same
+/// rows): the same bits, the packed copy read in place where attn's own GEMM serves the
+/// product ([`attn_kernels::gemm_packed`]). `packed` must hold the rows' current values.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_packed(
+    dst: &mut [f32],
+    dst_stride: usize,
+    x: View2<'_, f32>,
+    w: &[f32],
+    w_rows: std::ops::Range<usize>,
+    in_dim: usize,
+    packed: &F32Panels,
+    bias: Option<&[f32]>,
+    par: Par,
+) -> Result<()> {
+    linear_f32(dst, dst_stride, x, (w, w_rows, in_dim), Some(packed), bias, par)
+}
+
+/// [`linear`] and [`linear_packed`]: the weight `(w, rows, in_dim)`.
+fn linear_f32(
+    dst: &mut [f32],
+    dst_stride: usize,
+    x: View2<'_, f32>,
+    (w, w_rows, in_dim): (&[f32], std::ops::Range<usize>, usize),
+    packed: Option<&F32Panels>,
+    bias: Option<&[f32]>,
+    par: Par,
+) -> Result<()> {
     let out = w_rows.len();
     linear_with(dst, dst_stride, x, out, |dst_view| {
         let w_t = View2::new(
@@ -102,9 +94,10 @@ pub fn linear(
             [in_dim, out],
             [1, in_dim],
         )?;
-        match bias {
-            Some(bias) => Ok(gemm_bias(dst_view, x, w_t, bias, par)?),
-            None => Ok(gemm(dst_view, Accum::Replace, x, w_t, 1.0, par)?),
+        match (packed, bias) {
+            (Some(packed), _) => Ok(gemm_packed(dst_view, x, w_t, packed, bias, par)?),
+            (None, Some(bias)) => Ok(gemm_bias(dst_view, x, w_t, bias, par)?),
+            (None, None) => Ok(gemm(dst_view, Accum::Replace, x, w_t, 1.0, par)?),
         }
     })
 }
@@ -238,6 +231,7 @@ impl Core {
             rope: None,
             alibi: None,
             bf16: None,
+            f32: None,
         })
     }
 
@@ -311,13 +305,7 @@ impl Core {
         .chain(self.bias_kv.iter().flat_map(|(k, v)| [k, v]))
         .map(Tensor::bytes_held)
         .sum::<usize>();
-        let packs = self.bf16.as_ref().map_or(0, |b| {
-            let backward = b
-                .backward
-                .get()
-                .map_or(0, |p| packs_size([p.fused.as_ref(), p.out.as_ref()], Some(&p.parts)));
-            packs_size([b.fused.as_ref(), b.out.as_ref()], b.parts.get()) + backward
-        });
+        let packs = self.bf16.as_ref().map_or(0, |b| b.bytes()) + self.f32.as_ref().map_or(0, |p| p.bytes());
         tensors + packs
     }
 
@@ -330,42 +318,22 @@ impl Core {
         }
     }
 
-    /// Packs the weights in bf16 (or drops the packed copies, for f32).
+    /// Packs the weights in bf16; for f32, packs those that attn's own GEMM reads in f32
+    /// ([`F32Panels::worth_packing`]; none on other machines).
     pub(super) fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        self.bf16 = match precision {
-            Precision::F32 => None,
-            Precision::Bf16 => {
-                let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
-                let fused = match self.dims.fused() {
-                    true => Some(pack_weight_of(&self.w_q_or_qkv, 0..width)?),
-                    false => None,
-                };
-                let out = match (&self.w_out, self.dims.out) {
-                    (Some(w), Some(out_dim)) => Some(pack_weight_of(w, 0..out_dim)?),
-                    _ => None,
-                };
-                let parts = OnceLock::new();
-                if fused.is_none() {
-                    let _ = parts.set(self.pack_parts());
-                }
-                Some(Arc::new(Bf16Weights {
-                    fused,
-                    parts,
-                    out,
-                    backward: OnceLock::new(),
-                }))
-            }
-        };
+        self.drop_packs();
+        match precision {
+            Precision::F32 => self.f32 = Some(Arc::new(ForwardPacks::new(self)?)),
+            Precision::Bf16 => self.bf16 = Some(Arc::new(Bf16Weights::new(self)?)),
+        }
         Ok(())
     }
 
-    /// The Q, K and V rows packed for [`linear_bf16`] (from bf16 bits where the weights hold
-    /// them).
-    fn pack_parts(&self) -> [Bf16Panels; 3] {
-        [0, 1, 2].map(|which| {
-            let (w, rows, _) = self.weight_tensor(which);
-            pack_weight_of(w, rows).expect("a projection's rows lie within its [out, in] weight")
-        })
+    /// Drops every packed copy (the weights are about to be handed out mutably: a copy would
+    /// go stale), which returns the projections to f32.
+    pub(super) fn drop_packs(&mut self) {
+        self.bf16 = None;
+        self.f32 = None;
     }
 
     /// The weight `proj` names as row-major rows: `(w, rows, in_dim)`.
@@ -408,30 +376,13 @@ impl Core {
             linear_backward(dx, dw, db, dy, x, w, shape, par)?;
             return Ok(());
         };
-        let packs = packed.backward.get_or_init(|| {
-            let pack = |proj: Proj| {
-                let (w, rows, in_dim) = self.proj_weight(proj);
-                let view = View2::contiguous(&w[rows.start * in_dim..rows.end * in_dim], [rows.len(), in_dim])
-                    .expect("a weight's rows are a contiguous [rows, in] matrix");
-                Bf16Panels::pack(view)
-            };
-            BackwardPacks {
-                fused: packed.fused.as_ref().map(|_| pack(Proj::Fused)),
-                parts: [pack(Proj::Part(0)), pack(Proj::Part(1)), pack(Proj::Part(2))],
-                out: packed.out.as_ref().map(|_| pack(Proj::Out)),
-            }
-        });
-        let w_packed = match proj {
-            Proj::Fused => packs.fused.as_ref(),
-            Proj::Part(which) => Some(&packs.parts[which]),
-            Proj::Out => packs.out.as_ref(),
-        }
-        .expect("packed for every projection the module has");
+        let w_packed = packed.backward(self, proj);
         linear_backward_bf16(dx, dw, db, dy, x, w_packed, shape, par)?;
         Ok(())
     }
 
-    /// `dst[n, :] = x[n, :] · wᵀ + bias` for the weight `proj` names, in the module's precision.
+    /// `dst[n, :] = x[n, :] · wᵀ + bias` for the weight `proj` names, in the module's precision
+    /// (f32 through the packed copy where there is one).
     pub(super) fn apply(
         &self,
         proj: Proj,
@@ -442,16 +393,36 @@ impl Core {
         par: Par,
     ) -> Result<()> {
         if let Some(packed) = &self.bf16 {
-            let w = match proj {
-                Proj::Fused => packed.fused.as_ref(),
-                Proj::Part(which) => Some(&packed.parts.get_or_init(|| self.pack_parts())[which]),
-                Proj::Out => packed.out.as_ref(),
-            };
-            let w = w.expect("packed for every projection the module has");
+            let w = packed
+                .forward
+                .get(self, proj)
+                .expect("bf16 packs every projection the module has");
             return linear_bf16(dst, dst_stride, x, w, bias, par);
         }
         let (w, rows, in_dim) = self.proj_weight(proj);
-        linear(dst, dst_stride, x, w, rows, in_dim, bias, par)
+        let packed = self.f32.as_ref().and_then(|p| p.get(self, proj));
+        linear_f32(dst, dst_stride, x, (w, rows, in_dim), packed, bias, par)
+    }
+}
+
+impl ProjWeights for Core {
+    fn matrix(&self, proj: Proj) -> Option<(&Tensor, std::ops::Range<usize>)> {
+        match proj {
+            Proj::Fused if self.dims.fused() => {
+                let width = self.dims.q_width() + self.dims.k_width() + self.dims.v_width();
+                Some((&self.w_q_or_qkv, 0..width))
+            }
+            Proj::Fused => None,
+            Proj::Part(which) => {
+                let (w, rows, _) = self.weight_tensor(which);
+                Some((w, rows))
+            }
+            Proj::Out => Some((self.w_out.as_ref()?, 0..self.dims.out?)),
+        }
+    }
+
+    fn rows(&self, proj: Proj) -> (&[f32], std::ops::Range<usize>, usize) {
+        self.proj_weight(proj)
     }
 }
 
@@ -541,6 +512,7 @@ impl Core {
             rope: None,
             alibi: None,
             bf16: None,
+            f32: None,
         })
     }
 }

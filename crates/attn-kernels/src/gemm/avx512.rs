@@ -56,18 +56,23 @@ thread_local! {
 /// columns wide, measured 5–6% slower here than on faer, which packs less), and enough work
 /// (2²⁰ FMAs) to pay for packing both operands.
 pub(crate) fn worth_it([m, n, k]: [usize; 3]) -> bool {
-    shape_worth_it([m, n, k]) && serves_packed()
+    shape_worth_it([m, n, k]) && intel() && !faer_forced()
 }
 
-/// Whether this GEMM serves any products on this CPU: Intel's, unless `ATTN_GEMM=faer` (the
-/// level is the caller's to check).
-pub(crate) fn serves_packed() -> bool {
-    intel() && !faer_forced()
+/// Whether this GEMM serves some products with a right operand `[k, n]` on this CPU: Intel's,
+/// unless `ATTN_GEMM=faer`, and wide and deep enough (the level is the caller's to check).
+pub(crate) fn serves_rhs([k, n]: [usize; 2]) -> bool {
+    rhs_worth_it([k, n]) && intel() && !faer_forced()
 }
 
 /// The shape half of [`worth_it`].
 fn shape_worth_it([m, n, k]: [usize; 3]) -> bool {
-    m >= MIN_ROWS && n >= MIN_COLS && k >= 16 && m * n * k >= 1 << 20
+    m >= MIN_ROWS && rhs_worth_it([k, n]) && m * n * k >= 1 << 20
+}
+
+/// The right operand's half of [`shape_worth_it`].
+fn rhs_worth_it([k, n]: [usize; 2]) -> bool {
+    n >= MIN_COLS && k >= 16
 }
 
 /// The fewest columns a product needs to come here (see [`worth_it`]).
@@ -382,29 +387,33 @@ unsafe fn band_with(
                     Rhs::Packed { .. } => {}
                 }
             };
-            // Panel `jr / NR` of the block, from depth `pc`: in `bp`, or in place.
-            let panel = |jr: usize| match b {
-                // SAFETY: column `jc + jr` and depth `pc` lie inside the packed operand.
-                Rhs::Packed { ptr, k } => unsafe { ptr.add((jc + jr) / NR * k * NR + pc * NR) },
-                // SAFETY: the block's panels lie in `bp`, `KC · NR` floats apart.
-                _ => unsafe { bp.as_ptr().add(jr * KC) },
+            // The panel of columns from `col` (a multiple of NR) at depth `pc`, read in place.
+            let in_place = |col: usize| match b {
+                Rhs::Packed { ptr, k } => Some(ptr.wrapping_add(col / NR * k * NR + pc * NR)),
+                _ => None,
             };
+            // Panel `jr / NR` of the block: in place, or in `bp` (`KC · NR` floats apart).
+            let panel = |jr: usize| in_place(jc + jr).unwrap_or_else(|| bp.as_ptr().wrapping_add(jr * KC));
             for s in 0..slivers {
                 let ir = s * MR;
                 for jr in (0..nc).step_by(NR) {
                     let shape = [kc, (m - ir).min(MR), (nc - jr).min(NR)];
-                    // SAFETY: the panel holds `kc` rows of `NR`; the block of `c` is `mr ×
-                    // cols` at `(ir, jc + jr)`, inside `c`.
+                    let args = (
+                        shape,
+                        ap.as_ptr().wrapping_add(s * MR * KC),
+                        panel(jr),
+                        c.wrapping_add(ir * ldc + jc + jr),
+                    );
+                    // The first sliver over panels read in place (from L3 or memory, where
+                    // the weights rest between calls) brings the next panel into L2 as it goes.
+                    let next = (s == 0 && jc + jr + NR < n).then(|| in_place(jc + jr + NR)).flatten();
+                    // SAFETY: the sliver and the panel hold `kc` steps; the block of `c` is
+                    // `mr × cols` at `(ir, jc + jr)`, inside `c`.
                     unsafe {
-                        kernel(
-                            shape,
-                            ap.as_ptr().add(s * MR * KC),
-                            panel(jr),
-                            c.add(ir * ldc + jc + jr),
-                            ldc,
-                            first.at_column(jc + jr),
-                            alpha,
-                        )
+                        match next {
+                            Some(next) => kernel::<true>(args, next, ldc, first.at_column(jc + jr), alpha),
+                            None => kernel::<false>(args, args.2, ldc, first.at_column(jc + jr), alpha),
+                        }
                     };
                 }
             }
@@ -413,14 +422,22 @@ unsafe fn band_with(
 }
 
 /// `c[0..mr, 0..cols] = alpha · Σ_p a[p·MR + i] · b[p·NR + j]` added to `start` (nothing, `c`
-/// or the bias from this block's first column), for `[kc, mr, cols] = shape`.
+/// or the bias from this block's first column), for `([kc, mr, cols], a, b, c) = args`. With
+/// `WARM`, each step also prefetches the same row of the panel at `next` into L2.
 ///
 /// # Safety
 /// `a` holds `kc` steps of [`MR`] values; `b` holds `kc` rows of [`NR`]; `c`
 /// writable at `i·ldc + j` for `i < mr`, `j < cols`; a bias readable for `cols` values.
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, ldc: usize, start: Start, alpha: f32) {
-    let [kc, mr, cols] = shape;
+#[inline(never)]
+unsafe fn kernel<const WARM: bool>(
+    args: ([usize; 3], *const f32, *const f32, *mut f32),
+    next: *const f32,
+    ldc: usize,
+    start: Start,
+    alpha: f32,
+) {
+    let ([kc, mr, cols], a, b, c) = args;
     // SAFETY: every offset stays inside the ranges the caller guarantees.
     unsafe {
         // The lines of the block's rows (a narrow last block's may lie past `c`: a prefetch
@@ -437,6 +454,9 @@ unsafe fn kernel(shape: [usize; 3], a: *const f32, b: *const f32, c: *mut f32, l
             let ahead = b.wrapping_add((p + PF) * NR);
             for v in 0..V {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * v).cast());
+                if WARM {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(p * NR + 16 * v).cast());
+                }
             }
             let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(p * NR + 16 * v)));
             for (r, acc_r) in acc.iter_mut().enumerate() {

@@ -40,17 +40,22 @@ impl std::fmt::Debug for F32Panels {
 }
 
 impl F32Panels {
-    /// Whether products read packed panels on this machine: attn's own f32 GEMM runs on this
-    /// CPU at the current level (Intel at AVX-512, `ATTN_GEMM` not `faer`). Elsewhere
-    /// [`gemm_packed`] multiplies by the unpacked operand, so a model need not pack (and hold
-    /// twice its weights) for nothing.
-    pub fn worth_packing() -> bool {
+    /// Whether products by a right operand of this shape (`[K, N]`) read packed panels on this
+    /// machine: attn's own f32 GEMM runs on this CPU at the current level (Intel at AVX-512,
+    /// `ATTN_GEMM` not `faer`) and takes products this wide and deep (at least 256 columns and
+    /// a depth of 16; how many rows is up to each call). Elsewhere [`gemm_packed`] multiplies
+    /// by the unpacked operand, so a model need not pack (and hold twice its weights) for
+    /// nothing.
+    pub fn worth_packing(shape: [usize; 2]) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            super::avx512::serves_packed() && crate::simd::simd_level() == crate::SimdLevel::Avx512
+            super::avx512::serves_rhs(shape) && crate::simd::simd_level() == crate::SimdLevel::Avx512
         }
         #[cfg(not(target_arch = "x86_64"))]
-        false
+        {
+            let _ = shape;
+            false
+        }
     }
 
     /// Packs `b: [K, N]`, any strides (in parallel on the current rayon pool, panel by panel;

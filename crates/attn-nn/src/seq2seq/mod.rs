@@ -65,7 +65,8 @@ pub struct Seq2Seq {
 
 impl Clone for Seq2Seq {
     /// A copy with a store of its own, in the same precision (adopting the store hands the
-    /// weights out mutably, which drops bf16 copies, so they are packed again).
+    /// weights out mutably, which drops packed copies, so the weights are packed again as
+    /// [`Seq2Seq::set_precision`] packs them).
     fn clone(&self) -> Self {
         let copy = Seq2Seq {
             store: ParamStore::default(),
@@ -82,10 +83,8 @@ impl Clone for Seq2Seq {
             return copy;
         }
         let mut copy = copy.with_store();
-        if self.precision() != Precision::F32 {
-            copy.set_precision(self.precision())
-                .expect("the same weights packed again");
-        }
+        copy.set_precision(self.precision())
+            .expect("the same weights packed again");
         copy
     }
 }

@@ -1,0 +1,169 @@
+//! the module's's weight matrices packed once: for the forward in f32 ([`F32Panels`], where attn's
+//! own GEMM reads them) or in bf16, and in bf16 for the backward as well.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use attn_kernels::{Bf16Panels, F32Panels, View2};
+
+use crate::{pack_weight_f32, pack_weight_of, Result, Tensor};
+
+/// Which weight matrix a projection applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Proj {
+    /// All of `q|k|v` at once (fused weights).
+    Fused,
+    /// Query (0), key (1) or value (2) rows.
+    Part(usize),
+    /// The output projection.
+    Out,
+}
+
+/// What the packs read of a module's weight matrices (the module implements it).
+pub(super) trait ProjWeights {
+    /// The tensor and rows of the matrix `proj` names, if the module has it.
+    fn matrix(&self, proj: Proj) -> Option<(&Tensor, Range<usize>)>;
+    /// The matrix `proj` names as row-major rows of its f32 values: `(w, rows, in_dim)`.
+    fn rows(&self, proj: Proj) -> (&[f32], Range<usize>, usize);
+}
+
+/// A packed copy of rows of a weight `[out, in]`, as the right operand `Wᵀ` of a product.
+pub(super) trait PackedWeight: Sized {
+    /// Rows `rows` of `w` packed, or `None` where products of this shape would not read them.
+    fn pack(w: &Tensor, rows: Range<usize>) -> Result<Option<Self>>;
+    /// Bytes held.
+    fn bytes(&self) -> usize;
+}
+
+impl PackedWeight for Bf16Panels {
+    fn pack(w: &Tensor, rows: Range<usize>) -> Result<Option<Self>> {
+        pack_weight_of(w, rows).map(Some)
+    }
+    fn bytes(&self) -> usize {
+        self.size_in_bytes()
+    }
+}
+
+impl PackedWeight for F32Panels {
+    fn pack(w: &Tensor, rows: Range<usize>) -> Result<Option<Self>> {
+        let in_dim = w.shape().get(1).copied().unwrap_or(0);
+        if !F32Panels::worth_packing([in_dim, rows.len()]) {
+            return Ok(None);
+        }
+        pack_weight_f32(w, rows).map(Some)
+    }
+    fn bytes(&self) -> usize {
+        self.size_in_bytes()
+    }
+}
+
+/// The matrices of the forward packed as `P` (those [`PackedWeight::pack`] packs): the fused
+/// `q|k|v` rows (when fused), the rows of each of `q`, `k`, `v` ([`Core::weight`]), and the
+/// output projection. With fused weights the parts serve only calls whose query, key and value
+/// differ, so they are packed at the first such call (self-attention never holds them twice).
+#[derive(Debug)]
+pub(super) struct ForwardPacks<P> {
+    fused: Option<P>,
+    parts: OnceLock<[Option<P>; 3]>,
+    out: Option<P>,
+}
+
+impl<P: PackedWeight> ForwardPacks<P> {
+    /// The module's current weights packed.
+    pub(super) fn new(core: &impl ProjWeights) -> Result<Self> {
+        let pack = |proj| core.matrix(proj).map_or(Ok(None), |(w, rows)| P::pack(w, rows));
+        let (fused, out) = (pack(Proj::Fused)?, pack(Proj::Out)?);
+        let parts = OnceLock::new();
+        if core.matrix(Proj::Fused).is_none() {
+            let _ = parts.set(Self::pack_parts(core));
+        }
+        Ok(ForwardPacks { fused, parts, out })
+    }
+
+    /// The Q, K and V rows packed.
+    fn pack_parts(core: &impl ProjWeights) -> [Option<P>; 3] {
+        [0, 1, 2].map(|which| {
+            let (w, rows) = core
+                .matrix(Proj::Part(which))
+                .expect("every module has Q, K and V rows");
+            P::pack(w, rows).expect("a projection's rows lie within its [out, in] weight")
+        })
+    }
+
+    /// The packed matrix `proj` names, if it was packed (the parts packed now if they are not
+    /// yet).
+    pub(super) fn get(&self, core: &impl ProjWeights, proj: Proj) -> Option<&P> {
+        match proj {
+            Proj::Fused => self.fused.as_ref(),
+            Proj::Part(which) => self.parts.get_or_init(|| Self::pack_parts(core))[which].as_ref(),
+            Proj::Out => self.out.as_ref(),
+        }
+    }
+
+    /// Bytes held by the packs made so far.
+    pub(super) fn bytes(&self) -> usize {
+        let parts = self.parts.get().into_iter().flatten().flatten();
+        self.fused.iter().chain(parts).chain(&self.out).map(P::bytes).sum()
+    }
+}
+
+/// the module's's matrices in bf16: [`ForwardPacks`] of `Wᵀ`, packed when the precision is set,
+/// and the same matrices packed as they are (`W: [out, in]`), the right operand of the
+/// backward's `dx = dy·W` (mixed-precision training): packed at the first backward after the
+/// precision was set, so inference never pays for them.
+#[derive(Debug)]
+pub(super) struct Bf16Weights {
+    pub(super) forward: ForwardPacks<Bf16Panels>,
+    backward: OnceLock<BackwardPacks>,
+}
+
+/// [`Bf16Weights`] packed for the backward (`W`, not `Wᵀ`).
+#[derive(Debug)]
+struct BackwardPacks {
+    fused: Option<Bf16Panels>,
+    parts: [Bf16Panels; 3],
+    out: Option<Bf16Panels>,
+}
+
+impl Bf16Weights {
+    /// The module's current weights packed for the forward.
+    pub(super) fn new(core: &impl ProjWeights) -> Result<Self> {
+        Ok(Bf16Weights {
+            forward: ForwardPacks::new(core)?,
+            backward: OnceLock::new(),
+        })
+    }
+
+    /// Bytes held by the packs made so far.
+    pub(super) fn bytes(&self) -> usize {
+        let backward = self.backward.get().map_or(0, |p| {
+            let single = p.fused.iter().chain(&p.out);
+            single.chain(&p.parts).map(Bf16Panels::size_in_bytes).sum()
+        });
+        self.forward.bytes() + backward
+    }
+
+    /// `W` of `proj` packed for the backward (every matrix packed at the first call).
+    pub(super) fn backward(&self, core: &impl ProjWeights, proj: Proj) -> &Bf16Panels {
+        let packs = self.backward.get_or_init(|| {
+            let pack = |proj: Proj| {
+                let (w, rows, in_dim) = core.rows(proj);
+                let view = View2::contiguous(&w[rows.start * in_dim..rows.end * in_dim], [rows.len(), in_dim])
+                    .expect("a weight's rows are a contiguous [rows, in] matrix");
+                Bf16Panels::pack(view)
+            };
+            let has = |proj| core.matrix(proj).is_some();
+            BackwardPacks {
+                fused: has(Proj::Fused).then(|| pack(Proj::Fused)),
+                parts: [pack(Proj::Part(0)), pack(Proj::Part(1)), pack(Proj::Part(2))],
+                out: has(Proj::Out).then(|| pack(Proj::Out)),
+            }
+        });
+        match proj {
+            Proj::Fused => packs.fused.as_ref(),
+            Proj::Part(which) => Some(&packs.parts[which]),
+            Proj::Out => packs.out.as_ref(),
+        }
+        .expect("packed for every projection the module has")
+    }
+}
