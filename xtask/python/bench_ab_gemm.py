@@ -2,10 +2,13 @@
 round on the layers' shapes; the median of the per-round speed ratios (on a machine whose speed
 moves by 2x between minutes, a ratio within a round is steadier than each side's median).
 
-Usage: python bench_ab_gemm.py BEFORE AFTER|torch ROUNDS THREADS [--weight] [MxNxK ...]
+Usage: python bench_ab_gemm.py BEFORE AFTER|torch|packed ROUNDS THREADS [--weight] [--packed] [MxNxK ...]
 With `torch` as AFTER, each round times `torch.matmul(a, b, out=c)` in this process for as long
-as attn's run (at least 0.3 s and 5 runs) and the ratio is attn / torch speed. `--weight` passes
-`--weight` to attn (B = Wᵀ of a row-major [N, K] weight; PyTorch then multiplies by `w.t()`).
+as attn's run (at least 0.3 s and 5 runs) and the ratio is attn / torch speed. With `packed` as
+AFTER, BEFORE is timed without and with `--packed` (B packed once before the timing) and the
+ratio is packed / unpacked speed. `--weight` passes `--weight` to attn (B = Wᵀ of a row-major
+[N, K] weight; PyTorch then multiplies by `w.t()`); `--packed` passes `--packed` to every attn
+run.
 """
 
 import json
@@ -17,23 +20,28 @@ import time
 SHAPES = [(1024, 1024, 1024), (2048, 512, 512), (2048, 1536, 512), (2048, 2048, 512), (2048, 512, 2048)]
 
 
-def attn_seconds(binary, m, n, k, threads, weight):
+def attn_seconds(binary, m, n, k, threads, weight, packed):
     args = [binary, "bench", "gemm", "--m", str(m), "--n", str(n), "--k", str(k), "--threads", str(threads),
-            "--min-seconds", "0.3", "--json"] + (["--weight"] if weight else [])
+            "--min-seconds", "0.3", "--json"] + (["--weight"] if weight else []) + (["--packed"] if packed else [])
     return json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)["median_s"]
 
 
 def main():
     before, after, rounds, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    weight = "--weight" in sys.argv[5:]
+    weight, packed = "--weight" in sys.argv[5:], "--packed" in sys.argv[5:]
+    packed_side = after == "packed"
+    if packed_side:
+        after = before
     shapes = [tuple(map(int, s.split("x"))) for s in sys.argv[5:] if not s.startswith("--")] or SHAPES
     torch_side = after == "torch"
     if torch_side:
         import torch
         torch.set_num_threads(threads)
         print(f"torch {torch.__version__}, ", end="")
-    print(f"{threads} thread(s), {rounds} interleaved rounds, B {'= Wᵀ' if weight else 'row-major'}")
-    print(f"| M×N×K | {'attn / torch' if torch_side else 'after / before'} speed, median of rounds | quartiles |")
+    print(f"{threads} thread(s), {rounds} interleaved rounds, B {'= Wᵀ' if weight else 'row-major'}"
+          + (", B packed" if packed else ""))
+    what = "attn / torch" if torch_side else "packed / unpacked" if packed_side else "after / before"
+    print(f"| M×N×K | {what} speed, median of rounds | quartiles |")
     print("|---|---|---|")
     for m, n, k in shapes:
         if torch_side:
@@ -42,7 +50,7 @@ def main():
             c = torch.empty(m, n)
         ratios = []
         for _ in range(rounds):
-            first = attn_seconds(before, m, n, k, threads, weight)
+            first = attn_seconds(before, m, n, k, threads, weight, packed)
             if torch_side:
                 times, start = [], time.perf_counter()
                 while time.perf_counter() - start < 0.3 or len(times) < 5:
@@ -52,7 +60,7 @@ def main():
                 second = statistics.median(times)
                 ratios.append(second / first)
             else:
-                second = attn_seconds(after, m, n, k, threads, weight)
+                second = attn_seconds(after, m, n, k, threads, weight, packed or packed_side)
                 ratios.append(first / second)
         ratios.sort()
         q = len(ratios) // 4

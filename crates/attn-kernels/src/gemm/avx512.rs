@@ -12,6 +12,11 @@
 //! prefetches its rows of `C` before the depth loop, so the read-modify-write at its end does not
 //! wait on memory, and its panel [`PF`] steps ahead, because the panel streams from L2.
 //!
+//! A `B` packed once beforehand ([`crate::F32Panels`], a model's weight) is read in place
+//! instead, and the first sliver over a block of it prefetches the next panel into L2. The
+//! micro-kernel stays a function of its own: inlined into these loops it spilled an accumulator
+//! on every step.
+//!
 //! Every element of `C` is summed in the same order whatever the thread count: the depth in
 //! [`KC`] blocks, each block a chain of FMAs from zero, added to `C` (times `alpha`) in order.
 //! Threads split `C` by rows (or by columns when it has few rows), never the depth.
