@@ -599,6 +599,17 @@ mod tests {
         got
     }
 
+    /// Whole and ragged slivers (8 rows) and panels (48 columns), one and several depth blocks
+    /// (384) and column blocks (528), and bands split by rows and by columns (20 rows).
+    const EDGES: [(usize, usize, usize); 6] = [
+        (48, 32, 16),
+        (61, 45, 17),
+        (100, 530, 400),
+        (130, 64, 800),
+        (49, 1100, 33),
+        (20, 1100, 33),
+    ];
+
     fn has_avx512() -> bool {
         let has = std::arch::is_x86_feature_detected!("avx512f");
         if !has {
@@ -613,15 +624,7 @@ mod tests {
             return;
         }
         use Layout::*;
-        // Whole and ragged slivers (8 rows) and panels (48 columns), one and several depth
-        // blocks (384) and column blocks (528), and the widths of a band split by columns.
-        for &(m, n, k) in &[
-            (48, 32, 16),
-            (61, 45, 17),
-            (100, 530, 400),
-            (130, 64, 800),
-            (49, 1100, 33),
-        ] {
+        for &(m, n, k) in &EDGES {
             for layouts in [
                 (RowMajor, RowMajor),
                 (ColMajor, ColMajor),
@@ -661,13 +664,7 @@ mod tests {
         if !has_avx512() {
             return;
         }
-        for &(m, n, k) in &[
-            (48, 32, 16),
-            (61, 45, 17),
-            (100, 530, 400),
-            (130, 64, 800),
-            (20, 1100, 33),
-        ] {
+        for &(m, n, k) in &EDGES {
             let (a, w, bias) = (random_vec(m * k, 1), random_vec(n * k, 2), random_vec(n, 4));
             // `B = Wᵀ`, column-major, as a linear map reads it.
             let b_view = View2::new(&w[..], [k, n], [1, k]).unwrap();
