@@ -87,10 +87,10 @@ impl Linear {
     /// without packing `Wᵀ` on every call), and holds no copy elsewhere. Handing the weight out
     /// mutably ([`Parameters::visit_params`]) drops either copy and returns the layer to f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        let [out, _] = self.dims();
+        let [out, inp] = self.dims();
         (self.bf16, self.f32) = (None, None);
         match precision {
-            Precision::F32 if F32Panels::worth_packing([self.dims()[1], out]) => {
+            Precision::F32 if F32Panels::worth_packing([inp, out]) => {
                 self.f32 = Some(Arc::new(pack_weight_f32(&self.weight, 0..out)?));
             }
             Precision::F32 => {}

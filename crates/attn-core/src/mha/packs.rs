@@ -1,4 +1,4 @@
-//! the module's's weight matrices packed once: for the forward in f32 ([`F32Panels`], where attn's
+//! A module's weight matrices packed once: for the forward in f32 ([`F32Panels`], where attn's
 //! own GEMM reads them) or in bf16, and in bf16 for the backward as well.
 
 use std::ops::Range;
@@ -58,7 +58,7 @@ impl PackedWeight for F32Panels {
 }
 
 /// The matrices of the forward packed as `P` (those [`PackedWeight::pack`] packs): the fused
-/// `q|k|v` rows (when fused), the rows of each of `q`, `k`, `v` ([`Core::weight`]), and the
+/// `q|k|v` rows (when fused), the rows of each of `q`, `k`, `v` (`Core::weight`), and the
 /// output projection. With fused weights the parts serve only calls whose query, key and value
 /// differ, so they are packed at the first such call (self-attention never holds them twice).
 #[derive(Debug)]
@@ -107,7 +107,7 @@ impl<P: PackedWeight> ForwardPacks<P> {
     }
 }
 
-/// the module's's matrices in bf16: [`ForwardPacks`] of `Wᵀ`, packed when the precision is set,
+/// A module's matrices in bf16: [`ForwardPacks`] of `Wᵀ`, packed when the precision is set,
 /// and the same matrices packed as they are (`W: [out, in]`), the right operand of the
 /// backward's `dx = dy·W` (mixed-precision training): packed at the first backward after the
 /// precision was set, so inference never pays for them.
