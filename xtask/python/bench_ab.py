@@ -4,7 +4,8 @@ medians. `ATTN_SIMD` in the environment reaches both.
 Usage: bench_ab.py BEFORE_BINARY AFTER_BINARY ROUNDS [--threads=N] [--bf16] [SHAPE ...]
 SHAPE is "B H G S T D" with an optional "causal" and "backward" (S = 1 is decoding); without shapes, the five
 prefill shapes of issue 12 and the decode shape. `--threads=N` (default 2) and `--bf16` (`--dtype bf16`)
-reach both binaries. Besides the medians, the table gives each side's fastest run: on a shared machine
+reach both binaries. The two sides alternate which runs first; the speed column is the median of the
+per-round ratios. Besides the medians, the table gives each side's fastest run: on a shared machine
 whose medians move by 2x between minutes, the minimum shows what the code can do when it runs alone. The decode table of docs/PERFORMANCE.md came from
   bench_ab.py BEFORE AFTER 5 "1 32 8 1 4096 128" "1 8 8 1 4096 64" "8 16 16 1 1024 128" "1 32 32 1 256 128"
 """
@@ -22,7 +23,7 @@ def main():
     threads = next((f.split("=", 1)[1] for f in flags if f.startswith("--threads=")), "2")
     extra = ["--dtype", "bf16"] if "--bf16" in flags else []
     print(f"{threads} thread(s){', bf16' if extra else ''}, {rounds} interleaved rounds")
-    print("| shape | before ms | after ms | after / before speed | before min ms | after min ms | min ratio |")
+    print("| shape | before ms | after ms | after / before speed (median of per-round ratios) | before min ms | after min ms | min ratio |")
     print("|---|---|---|---|---|---|---|")
     for spec in shapes or DEFAULT:
         f = spec.split()
@@ -35,16 +36,19 @@ def main():
             args.append("--backward")
         times = {k: [] for k in bins}
         mins = {k: [] for k in bins}
-        for _ in range(rounds):
-            for k, binary in bins.items():
+        for r in range(rounds):
+            # Alternate which side runs first, so neither always meets the machine a moment later.
+            for k in (["before", "after"] if r % 2 == 0 else ["after", "before"]):
+                binary = bins[k]
                 out = subprocess.run([binary, "bench", "sdpa", "--threads", threads, "--min-seconds", "0.3", "--json",
                                       *args, *extra], capture_output=True, text=True, check=True).stdout
                 times[k].append(json.loads(out)["median_s"])
                 mins[k].append(json.loads(out)["min_s"])
         before, after = statistics.median(times["before"]), statistics.median(times["after"])
+        ratio = statistics.median(b / a for b, a in zip(times["before"], times["after"]))
         name = f"[{b},{h},{g},{s},{t},{d}]" + (" causal" if causal else "") + (" fwd+bwd" if "backward" in f[6:] else "")
         lo_before, lo_after = min(mins["before"]), min(mins["after"])
-        print(f"| {name} | {before*1e3:.3f} | {after*1e3:.3f} | {before/after:.3f} | {lo_before*1e3:.3f} | "
+        print(f"| {name} | {before*1e3:.3f} | {after*1e3:.3f} | {ratio:.3f} | {lo_before*1e3:.3f} | "
               f"{lo_after*1e3:.3f} | {lo_before/lo_after:.3f} |", flush=True)
 
 
