@@ -412,12 +412,20 @@ unsafe fn band_with(
                     // The first sliver over panels read in place (from L3 or memory, where
                     // the weights rest between calls) brings the next panel into L2 as it goes.
                     let next = (s == 0 && jc + jr + NR < n).then(|| in_place(jc + jr + NR)).flatten();
+                    // A ragged last panel (16 of 1024's 48 columns, 32 of 512's) runs an
+                    // instance that does only the FMAs of its own vectors: the full instance's
+                    // code is unchanged (the kernel is out of line).
                     // SAFETY: the sliver and the panel hold `kc` steps; the block of `c` is
                     // `mr × cols` at `(ir, jc + jr)`, inside `c`.
                     unsafe {
-                        match next {
-                            Some(next) => kernel::<true>(args, next, ldc, first.at_column(jc + jr), alpha),
-                            None => kernel::<false>(args, args.2, ldc, first.at_column(jc + jr), alpha),
+                        let at = first.at_column(jc + jr);
+                        match (next, shape[2].div_ceil(16)) {
+                            (Some(next), V) => kernel::<true, V>(args, next, ldc, at, alpha),
+                            (Some(next), 2) => kernel::<true, 2>(args, next, ldc, at, alpha),
+                            (Some(next), _) => kernel::<true, 1>(args, next, ldc, at, alpha),
+                            (None, V) => kernel::<false, V>(args, args.2, ldc, at, alpha),
+                            (None, 2) => kernel::<false, 2>(args, args.2, ldc, at, alpha),
+                            (None, _) => kernel::<false, 1>(args, args.2, ldc, at, alpha),
                         }
                     };
                 }
@@ -427,15 +435,16 @@ unsafe fn band_with(
 }
 
 /// `c[0..mr, 0..cols] = alpha · Σ_p a[p·MR + i] · b[p·NR + j]` added to `start` (nothing, `c`
-/// or the bias from this block's first column), for `([kc, mr, cols], a, b, c) = args`. With
-/// `WARM`, each step also prefetches the same row of the panel at `next` into L2.
+/// or the bias from this block's first column), for `([kc, mr, cols], a, b, c) = args`, over the
+/// first `VECS` vectors of each panel row (`cols ≤ 16·VECS`). With `WARM`, each step also
+/// prefetches the same row of the panel at `next` into L2.
 ///
 /// # Safety
-/// `a` holds `kc` steps of [`MR`] values; `b` holds `kc` rows of [`NR`]; `c`
+/// `VECS ≤ V`; `a` holds `kc` steps of [`MR`] values; `b` holds `kc` rows of [`NR`]; `c`
 /// writable at `i·ldc + j` for `i < mr`, `j < cols`; a bias readable for `cols` values.
 #[target_feature(enable = "avx512f")]
 #[inline(never)]
-unsafe fn kernel<const WARM: bool>(
+unsafe fn kernel<const WARM: bool, const VECS: usize>(
     args: ([usize; 3], *const f32, *const f32, *mut f32),
     next: *const f32,
     ldc: usize,
@@ -452,18 +461,18 @@ unsafe fn kernel<const WARM: bool>(
                 _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + j).cast());
             }
         }
-        let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        let mut acc = [[_mm512_setzero_ps(); VECS]; MR];
         for p in 0..kc {
             // The panel streams from L2: ask for its rows `PF` steps ahead (past the panel's
             // end this reads the next panel or nothing: a prefetch never faults).
             let ahead = b.wrapping_add((p + PF) * NR);
-            for v in 0..V {
+            for v in 0..VECS {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * v).cast());
                 if WARM {
                     _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(p * NR + 16 * v).cast());
                 }
             }
-            let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(p * NR + 16 * v)));
+            let bv: [__m512; VECS] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(p * NR + 16 * v)));
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*a.add(p * MR + r));
                 for (acc_rv, &bv) in acc_r.iter_mut().zip(&bv) {
@@ -599,11 +608,13 @@ mod tests {
         got
     }
 
-    /// Whole and ragged slivers (8 rows) and panels (48 columns), one and several depth blocks
-    /// (384) and column blocks (528), and bands split by rows and by columns (20 rows).
-    const EDGES: [(usize, usize, usize); 6] = [
+    /// Whole and ragged slivers (8 rows) and panels (48 columns; ragged last panels of one,
+    /// two and three vectors, whole and masked), one and several depth blocks (384) and column
+    /// blocks (528), and bands split by rows and by columns (20 rows).
+    const EDGES: [(usize, usize, usize); 7] = [
         (48, 32, 16),
         (61, 45, 17),
+        (61, 75, 17),
         (100, 530, 400),
         (130, 64, 800),
         (49, 1100, 33),
