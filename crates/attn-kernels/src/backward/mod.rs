@@ -28,9 +28,14 @@
 //!   tiles stay in cache and win (0.73× at S = T = 512). Results equal the other paths' to
 //!   rounding, and the tests compare them directly.
 //!
-//! Memory beyond the gradients: `Δ` (`[B, H, S]` f32) and, per worker, a few tiles: under 200 KiB
-//! at D = 128 on the two-pass path; `[64, T]` scores twice and `[T, D + Dv]` sums on the one-pass
-//! path (3 MiB at T = 4096, D = 64).
+//! Memory beyond the gradients: `Δ` (`[B, H, S]` f32) and, per worker, a few tiles: under 300 KiB
+//! at D = 128 on the two-pass path; `[64, T]` scores twice, `[T, D + Dv]` sums and the task's
+//! keys and values in transposed panels (another `[T, D + Dv]`) on the one-pass path (6 MiB at
+//! T = 4096, D = Dv = 64).
+//!
+//! A key task packs its block's keys and values into the tile kernel's transposed panels once;
+//! every row tile of every head of the group then computes its scores `q·kᵀ` and `dP = dO·Vᵀ`
+//! on them.
 //!
 //! # Rows and keys that see nothing
 //! A row with nothing to attend to (`lse = -inf`) passes no gradient: its `dQ` is zero and it adds

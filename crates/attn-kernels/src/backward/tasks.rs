@@ -148,7 +148,11 @@ struct Scratch {
     padded: Vec<f32>,
     /// The key block in transposed panels, for the tile kernel.
     kt: Vec<f32>,
-    /// `(b, g, t0, bc)` when `kt` holds that key block for the whole key task.
+    /// The value block in transposed panels, for the tile kernel's `dP = dO·Vᵀ`.
+    vt: Vec<f32>,
+    /// `[ROWS, Dv]`: the tile's rows of `dO`, contiguous, for the same product.
+    dout_tile: Vec<f32>,
+    /// `(b, g, t0, bc)` when `kt` and `vt` hold that key block for the whole key task.
     packed_keys: Option<(usize, usize, usize, usize)>,
     /// `[ROWS, key block]`: `dP`.
     dp: Vec<f32>,
@@ -157,6 +161,14 @@ struct Scratch {
     dv: Vec<f32>,
     /// `[ROWS, D]`: a query task's (or the one pass's) `dQ` sums.
     dq: Vec<f32>,
+}
+
+impl Scratch {
+    /// Whether `kt` and `vt` hold the key block `tile` reads, packed once for its key task.
+    fn holds_block(&self, tile: &Tile) -> bool {
+        self.packed_keys
+            .is_some_and(|(pb, pg, pt0, pbc)| (pb, pg, pt0) == (tile.b, tile.g, tile.t0) && tile.bc <= pbc)
+    }
 }
 
 thread_local! {
@@ -229,15 +241,19 @@ impl Job<'_, '_> {
         scratch.dk.resize(bc * sh.d, 0.0);
         scratch.dv.clear();
         scratch.dv.resize(bc * sh.dv, 0.0);
-        // The tile kernel reads the block's keys in transposed panels: made once here for
-        // every row tile and head of the group, not once per tile.
+        // The tile kernel reads the block's keys (for the scores) and values (for `dP`) in
+        // transposed panels: made once here for every row tile and head of the group, not once
+        // per tile.
         scratch.packed_keys = None;
         if self.score_kernel == ScoreKernel::Tile && bc > 0 {
-            let k = self.inputs.k;
-            let k_st = k.strides();
+            let (k, v) = (self.inputs.k, self.inputs.v);
+            let (k_st, v_st) = (k.strides(), v.strides());
             scratch.kt.resize(pad_to_nr(bc) * sh.d, 0.0);
             let keys = &k.data()[k.offset([b, g, t0, 0])..];
             key_panels(&mut scratch.kt, keys, bc, sh.d, k_st[2], k_st[3]);
+            scratch.vt.resize(pad_to_nr(bc) * sh.dv, 0.0);
+            let values = &v.data()[v.offset([b, g, t0, 0])..];
+            key_panels(&mut scratch.vt, values, bc, sh.dv, v_st[2], v_st[3]);
             scratch.packed_keys = Some((b, g, t0, bc));
         }
         let rep = sh.h / sh.g;
@@ -355,10 +371,7 @@ impl Job<'_, '_> {
         let kernel = self.score_kernel;
         // Overwritten whole by the kernel: no zero-fill per tile.
         scratch.p.resize(rows * bc, 0.0);
-        // Keys packed once for the key task, when this tile reads that block.
-        let packed = scratch
-            .packed_keys
-            .is_some_and(|(pb, pg, pt0, pbc)| (pb, pg, pt0) == (b, g, t0) && bc <= pbc);
+        let packed = scratch.holds_block(&tile);
         let Scratch {
             q_tile, p, padded, kt, ..
         } = scratch;
@@ -433,25 +446,54 @@ impl Job<'_, '_> {
             t0,
             bc,
         } = tile;
-        // Overwritten whole by the GEMM below.
+        // Overwritten whole by the product below.
         scratch.dp.resize(rows * bc, 0.0);
         let (d_st, v_st) = (dout.strides(), v.strides());
-        // SAFETY: `dp` holds [rows, bc]; the rows of `dout` and the value block were
-        // bounds-checked with their views.
-        unsafe {
-            gemm_raw(
-                scratch.dp.as_mut_ptr(),
-                [bc, 1],
-                [rows, bc, sh.dv],
-                Accum::Replace,
-                dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
-                [d_st[2], d_st[3]],
-                v.data().as_ptr().add(v.offset([b, g, t0, 0])),
-                [v_st[3], v_st[2]],
-                1.0,
-                Par::Seq,
-            )
-        };
+        if scratch.holds_block(&tile) {
+            // The values packed once for the key task: the tile kernel, as for the scores, on
+            // the tile's rows of `dO` made contiguous.
+            let Scratch {
+                dp,
+                padded,
+                vt,
+                dout_tile,
+                ..
+            } = scratch;
+            dout_tile.resize(rows * sh.dv, 0.0);
+            for (i, dst) in dout_tile.chunks_exact_mut(sh.dv).enumerate() {
+                let base = dout.offset([b, h, r0 + i, 0]);
+                dst.iter_mut()
+                    .enumerate()
+                    .for_each(|(c, x)| *x = dout.data()[base + c * d_st[3]]);
+            }
+            let ld = pad_to_nr(bc);
+            if ld == bc {
+                tile_scores(dp, ld, dout_tile, [rows, sh.dv], vt, bc);
+            } else {
+                padded.resize(rows * ld, 0.0);
+                tile_scores(padded, ld, dout_tile, [rows, sh.dv], vt, bc);
+                for (dst, src) in dp.chunks_exact_mut(bc).zip(padded.chunks_exact(ld)) {
+                    dst.copy_from_slice(&src[..bc]);
+                }
+            }
+        } else {
+            // SAFETY: `dp` holds [rows, bc]; the rows of `dout` and the value block were
+            // bounds-checked with their views.
+            unsafe {
+                gemm_raw(
+                    scratch.dp.as_mut_ptr(),
+                    [bc, 1],
+                    [rows, bc, sh.dv],
+                    Accum::Replace,
+                    dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
+                    [d_st[2], d_st[3]],
+                    v.data().as_ptr().add(v.offset([b, g, t0, 0])),
+                    [v_st[3], v_st[2]],
+                    1.0,
+                    Par::Seq,
+                )
+            };
+        }
         for (i, (p_row, dp_row)) in scratch
             .p
             .chunks_exact_mut(bc)
