@@ -40,10 +40,12 @@ pub(crate) const NR: usize = 48;
 const V: usize = NR / 16;
 /// How many steps of depth ahead the kernel prefetches its `B` panel.
 const PF: usize = 8;
-/// Depth of a packed block.
-const KC: usize = 384;
-/// Columns of a packed `B` block (`KC × NC` floats = 792 KiB): eleven panels, so a layer
-/// 512 wide is one block.
+/// Depth of a packed block: 512, so that the layers' 512-deep products take one pass over `C`
+/// (against 384, which cut them 256 + 256: 1.01–1.04× on the five layer shapes at 2 threads,
+/// 0.95–1.07× at 1, on an Intel Xeon; PERFORMANCE.md).
+const KC: usize = 512;
+/// Columns of a packed `B` block (`KC × NC` floats = 1056 KiB, in a 2 MiB L2): eleven panels,
+/// so a layer 512 wide is one block.
 const NC: usize = 11 * NR;
 /// Packing buffers a thread keeps between calls only up to this many floats (16 MiB).
 const RETAIN_FLOATS: usize = 4 << 20;
@@ -351,7 +353,7 @@ unsafe fn band_with(
     alpha: f32,
 ) {
     let slivers = m.div_ceil(MR);
-    // The depth in equal blocks of at most KC (512 is 256 + 256, not 384 + 128): a short last
+    // The depth in equal blocks of at most KC (768 is 384 + 384, not 512 + 256): a short last
     // block pays a whole pass over `C` for little work.
     let step = k.div_ceil(k.div_ceil(KC));
     for pc in (0..k).step_by(step) {
@@ -597,7 +599,7 @@ mod tests {
         };
         let got: Vec<f32> = (0..m * n).map(|i| c[i / n * ldc + i % n]).collect();
         // Measured at most 8.3e-6 relative to 1 + |want| (800 products of values in [-1, 1],
-        // three depth blocks added in f32); the bound is about 10x.
+        // several depth blocks added in f32); the bound is about 10x.
         let what = format!("own gemm {m}x{n}x{k} {layouts:?} {begin:?} {par:?}");
         assert_close(&got, &want, 8e-5, 8e-5, &what);
         for (i, (x, y)) in c.iter().zip(&before).enumerate() {
@@ -609,7 +611,7 @@ mod tests {
     }
 
     /// Whole and ragged slivers (8 rows) and panels (48 columns; ragged last panels of one,
-    /// two and three vectors, whole and masked), one and several depth blocks (384) and column
+    /// two and three vectors, whole and masked), one and several depth blocks (512) and column
     /// blocks (528), and bands split by rows and by columns (20 rows).
     const EDGES: [(usize, usize, usize); 7] = [
         (48, 32, 16),
