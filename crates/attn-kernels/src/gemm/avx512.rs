@@ -359,25 +359,6 @@ unsafe fn band_with(
     for pc in (0..k).step_by(step) {
         let kc = (k - pc).min(step);
         let first = if pc == 0 { start } else { Start::Dst };
-        // Every sliver of the band for this depth block, read from L2/L3 by each column block
-        // below instead of from the caller's `a` once per column block.
-        for s in 0..slivers {
-            let ir = s * MR;
-            // SAFETY: rows `[ir, ir + mr)` and depth `[pc, pc + kc)` are inside `a`.
-            unsafe {
-                pack_a(
-                    &mut ap[s * MR * KC..],
-                    a.ptr.add(ir * a.rs + pc * a.cs),
-                    a.rs,
-                    a.cs,
-                    (m - ir).min(MR),
-                    kc,
-                );
-                if values == LhsValues::Bf16 {
-                    round_row_to_bf16(&mut ap[s * MR * KC..][..kc * MR]);
-                }
-            };
-        }
         for jc in (0..n).step_by(NC) {
             let nc = (n - jc).min(NC);
             // SAFETY: the block `[pc, pc + kc) × [jc, jc + nc)` is inside `b`.
@@ -403,6 +384,13 @@ unsafe fn band_with(
             let panel = |jr: usize| in_place(jc + jr).unwrap_or_else(|| bp.as_ptr().wrapping_add(jr * KC));
             for s in 0..slivers {
                 let ir = s * MR;
+                if jc == 0 {
+                    // Every sliver of the band for this depth block, packed as the first column
+                    // block reaches it (so that reading `a` overlaps the last sliver's products)
+                    // and read from L2/L3 by the later blocks instead of from the caller's `a`.
+                    // SAFETY: rows `[ir, ir + mr)` and depth `[pc, pc + kc)` are inside `a`.
+                    unsafe { pack_sliver(&mut ap[s * MR * KC..][..kc * MR], (a, values), [ir, pc], [m, kc]) };
+                }
                 for jr in (0..nc).step_by(NR) {
                     let shape = [kc, (m - ir).min(MR), (nc - jr).min(NR)];
                     let args = (
@@ -433,6 +421,20 @@ unsafe fn band_with(
                 }
             }
         }
+    }
+}
+
+/// Packs rows `[ir, ir + MR)` (those below `m`) and depth `[pc, pc + kc)` of `a` into `dst`
+/// step-major, rounded to bf16 for [`LhsValues::Bf16`].
+///
+/// # Safety
+/// Those rows and steps are inside `a`; `dst` holds `kc · MR` floats.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_sliver(dst: &mut [f32], (a, values): (Operand, LhsValues), [ir, pc]: [usize; 2], [m, kc]: [usize; 2]) {
+    // SAFETY: by the caller's guarantee.
+    unsafe { pack_a(dst, a.ptr.add(ir * a.rs + pc * a.cs), a.rs, a.cs, (m - ir).min(MR), kc) };
+    if values == LhsValues::Bf16 {
+        round_row_to_bf16(dst);
     }
 }
 
