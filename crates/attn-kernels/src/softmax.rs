@@ -14,7 +14,7 @@ use crate::flash::validate;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale, validate_options};
 use crate::scores::{scores_into, Keys, ScoreKernel};
-use crate::simd::{exp_sub_sum, row_max, scale_row};
+use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, ForwardInputs, KernelError, Par, View4, ViewMut, ViewMut4};
 
@@ -449,8 +449,13 @@ pub fn attention_weights(
             // The tile's query rows, times the scale.
             for i in 0..rows {
                 let base = bi * qs[0] + hi * qs[1] + (s0 + i) * qs[2];
-                for (p, x) in q_tile[i * d..(i + 1) * d].iter_mut().enumerate() {
-                    *x = q.data()[base + p * qs[3]] * scale;
+                let dst = &mut q_tile[i * d..(i + 1) * d];
+                if qs[3] == 1 {
+                    scale_into(dst, &q.data()[base..base + d], scale);
+                } else {
+                    dst.iter_mut()
+                        .enumerate()
+                        .for_each(|(p, x)| *x = q.data()[base + p * qs[3]] * scale);
                 }
             }
             for block in 0..key_blocks {
@@ -535,6 +540,19 @@ enum Accumulate {
 /// # Safety
 /// Those elements must be in bounds of the destination and written by no other thread.
 unsafe fn write_weights(dst: SharedMut, base: usize, stride: usize, row: &[f32], mode: Accumulate) {
+    if stride == 1 {
+        // Contiguous: the same arithmetic (a product, then a sum: no fused multiply-add), as
+        // loops the compiler vectorises.
+        // SAFETY: `row.len()` elements from `base` are in bounds and this task's alone, by the
+        // caller's contract.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.get().add(base), row.len()) };
+        match mode {
+            Accumulate::Write => out.copy_from_slice(row),
+            Accumulate::WriteScaled(f) => out.iter_mut().zip(row).for_each(|(o, &w)| *o = w * f),
+            Accumulate::AddScaled(f) => out.iter_mut().zip(row).for_each(|(o, &w)| *o += w * f),
+        }
+        return;
+    }
     for (j, &w) in row.iter().enumerate() {
         // SAFETY: in bounds and this task's alone, by the caller's contract.
         let p = unsafe { dst.get().add(base + j * stride) };
