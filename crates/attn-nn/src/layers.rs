@@ -12,8 +12,8 @@ use std::sync::{Arc, OnceLock};
 
 use attn_core::kernels::{Bf16Panels, F32Panels};
 use attn_core::{
-    linear, linear_bf16, linear_packed, pack_weight_f32, pack_weight_of, take, AttnError, ParamPath, Parameters,
-    Precision, StateDict, Tensor,
+    linear_bf16, linear_packed, pack_weight_f32, pack_weight_of, take, AttnError, ParamPath, Parameters, Precision,
+    StateDict, Tensor,
 };
 use serde::{Deserialize, Serialize};
 
@@ -107,10 +107,12 @@ impl Linear {
     /// `y = x·Wᵀ (+ bias)` in the layer's precision.
     fn product(&self, y: &mut [f32], view: View2<'_, f32>, bias: Option<&[f32]>, par: Par) -> Result<()> {
         let [out, inp] = self.dims();
-        match (&self.bf16, &self.f32) {
-            (Some(packed), _) => linear_bf16(y, out, view, &packed.forward, bias, par)?,
-            (None, Some(packed)) => linear_packed(y, out, view, self.weight.data(), 0..out, inp, packed, bias, par)?,
-            (None, None) => linear(y, out, view, self.weight.data(), 0..out, inp, bias, par)?,
+        match &self.bf16 {
+            Some(packed) => linear_bf16(y, out, view, &packed.forward, bias, par)?,
+            None => {
+                let w = (self.weight.data(), 0..out, inp);
+                linear_packed(y, out, view, w, self.f32.as_deref(), bias, par)?
+            }
         }
         Ok(())
     }

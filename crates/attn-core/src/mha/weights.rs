@@ -56,29 +56,14 @@ pub fn linear(
     bias: Option<&[f32]>,
     par: Par,
 ) -> Result<()> {
-    linear_f32(dst, dst_stride, x, (w, w_rows, in_dim), None, bias, par)
+    linear_packed(dst, dst_stride, x, (w, w_rows, in_dim), None, bias, par)
 }
 
-/// [`linear`] with the weight's rows also packed once ([`crate::pack_weight_f32`] of the same
-/// rows): the same bits, the packed copy read in place where attn's own GEMM serves the
-/// product ([`attn_kernels::gemm_packed`]). `packed` must hold the rows' current values.
-#[allow(clippy::too_many_arguments)]
+/// [`linear`], the weight given as `(w, w_rows, in_dim)`, and its rows also packed once where
+/// there is a packed copy ([`crate::pack_weight_f32`] of the same rows): the same bits, the
+/// copy read in place where attn's own GEMM serves the product
+/// ([`attn_kernels::gemm_packed`]). `packed` must hold the rows' current values.
 pub fn linear_packed(
-    dst: &mut [f32],
-    dst_stride: usize,
-    x: View2<'_, f32>,
-    w: &[f32],
-    w_rows: std::ops::Range<usize>,
-    in_dim: usize,
-    packed: &F32Panels,
-    bias: Option<&[f32]>,
-    par: Par,
-) -> Result<()> {
-    linear_f32(dst, dst_stride, x, (w, w_rows, in_dim), Some(packed), bias, par)
-}
-
-/// [`linear`] and [`linear_packed`]: the weight `(w, rows, in_dim)`.
-fn linear_f32(
     dst: &mut [f32],
     dst_stride: usize,
     x: View2<'_, f32>,
@@ -401,7 +386,7 @@ impl Core {
         }
         let (w, rows, in_dim) = self.proj_weight(proj);
         let packed = self.f32.as_ref().and_then(|p| p.get(self, proj));
-        linear_f32(dst, dst_stride, x, (w, rows, in_dim), packed, bias, par)
+        linear_packed(dst, dst_stride, x, (w, rows, in_dim), packed, bias, par)
     }
 }
 

@@ -28,8 +28,8 @@
 //!   tiles stay in cache and win (0.73× at S = T = 512). Results equal the other paths' to
 //!   rounding, and the tests compare them directly.
 //!
-//! Memory beyond the gradients: `Δ` (`[B, H, S]` f32) and, per worker, a few tiles: under 300 KiB
-//! at D = 128 on the two-pass path; `[64, T]` scores twice, `[T, D + Dv]` sums and the task's
+//! Memory beyond the gradients: `Δ` (`[B, H, S]` f32) and, per worker, a few tiles: about
+//! 420 KiB at D = Dv = 128 on the two-pass path; `[64, T]` scores twice, `[T, D + Dv]` sums and the task's
 //! keys and values in transposed panels (another `[T, D + Dv]`) on the one-pass path (6 MiB at
 //! T = 4096, D = Dv = 64).
 //!
