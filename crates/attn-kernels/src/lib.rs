@@ -73,6 +73,7 @@ mod simd;
 mod softmax;
 mod tile;
 mod view;
+mod weights;
 
 /// Not public API: deterministic test data and tolerance checks, shared by the unit tests,
 /// the integration tests and the examples.
@@ -100,13 +101,14 @@ pub use layer::{
     add_assign, add_norm_rows, add_then_norm_rows, bias_activation, erf, norm_rows, Activation, NormKind, NormParams,
 };
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
-pub use path::{attention, attention_with_lse_lo, chosen_path, KernelPath};
+pub use path::{attention, attention_with_lse_lo, attention_with_weights, chosen_path, KernelPath};
 pub use reference::{attention_backward_reference, attention_reference, ReferenceAttention, ReferenceGradients};
 pub use simd::{
     bf16_level, exp_scalar, exp_slice, requested_simd_level, simd_level, Bf16Level, SimdLevel, SIMD_LEVEL_NAMES,
 };
-pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes, WeightsDst};
+pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_scratch_bytes};
 pub use view::{contiguous_strides, ForwardInputs, View, View2, View4, ViewMut, ViewMut2, ViewMut4};
+pub use weights::WeightsDst;
 
 /// Not public API: times the tile micro-kernels for kernel development (`examples/`).
 #[doc(hidden)]

@@ -81,6 +81,47 @@ pub fn attention_with_lse_lo(
     by_path(out, [Some(lse), Some(lse_lo)], inputs, options, par)
 }
 
+/// [`attention`] that also writes the call's softmax weights to `weights`: every head's
+/// `[B, H, S, T]`, or their mean `[B, S, T]` (as `nn.MultiheadAttention` returns with
+/// `need_weights`). `out` and `lse` (optional) are [`attention`]'s, bit for bit, and the weights
+/// are [`crate::attention_weights`]'s from that `lse`, bit for bit, on every path.
+///
+/// On an f32 call of the flash path with unsplit keys (not decoding) and at most 16,384 keys,
+/// the flash kernel keeps each tile's masked scores and turns them into weights as each row
+/// finishes, instead of a second pass that multiplies `q·kᵀ` again; when averaging it does so
+/// only when every query row's heads fall in one task and there is a task per worker. Other
+/// calls (bf16, the unfused path, decoding, longer keys) run [`attention`], then
+/// [`crate::attention_weights`].
+///
+/// Beyond [`attention`]'s errors, fails when `weights` has the wrong shape or D is 0.
+pub fn attention_with_weights(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    weights: crate::WeightsDst<'_>,
+    inputs: ForwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let op = "attention_with_weights";
+    let (q, k) = (inputs.q, inputs.k);
+    let [b, h, g, s, t, d] = crate::softmax::validate_weights(op, &weights, &q, &k, options)?;
+    let plan = Plan::new([b, h, s, d], [g, t, inputs.v.shape()[3]]);
+    if crate::flash::keeps_scores(&plan, options, weights.averaged(), par) {
+        return crate::flash::flash_with_weights(out, lse, weights, inputs, options, par);
+    }
+    // Else the call, then the weights from its LSE (into the caller's `lse` if given).
+    let mut own = Vec::new();
+    let mut lse = match lse {
+        Some(lse) => lse,
+        None => {
+            own.resize(b * h * s, 0.0f32);
+            ViewMut::contiguous(&mut own[..], [b, h, s])?
+        }
+    };
+    by_path(out, [Some(lse.rb_mut()), None], inputs, options, par)?;
+    crate::attention_weights(weights, q, k, lse.rb(), options, par)
+}
+
 /// The one dispatch of [`attention`] and [`attention_with_lse_lo`]: the path [`chosen_path`]
 /// names, with the non-finite repair on.
 fn by_path(

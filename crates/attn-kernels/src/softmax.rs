@@ -16,6 +16,7 @@ use crate::mask::{mask_row, resolve_scale, validate_options};
 use crate::scores::{scores_into, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::view::SharedMut;
+use crate::weights::{finish_row, zero_fill, RawWeights, WeightsDst};
 use crate::{Accum, AttentionOptions, ForwardInputs, KernelError, Par, View4, ViewMut, ViewMut4};
 
 /// Softmax of one row in place after scaling and masking; returns the row's log-sum-exp as
@@ -297,34 +298,16 @@ unsafe fn finish_head(out: SharedMut, strides: [usize; 4], [b, h]: [usize; 2], d
     spoilt
 }
 
-/// Where [`attention_weights`] writes.
-#[derive(Debug)]
-pub enum WeightsDst<'a> {
-    /// Every head's weights: `[B, H, S, T]`.
-    PerHead(ViewMut4<'a, f32>),
-    /// The mean over heads: `[B, S, T]`, without any per-head `S×T` buffer.
-    Averaged(ViewMut<'a, f32, 3>),
-}
-
-/// Checks the operands of [`attention_weights`]; returns `[B, H, G, S, T, D]` and whether the
-/// weights are averaged over heads.
-fn validate_weights(
+/// Checks the weights operands of `op` ([`attention_weights`] or
+/// [`crate::attention_with_weights`]); returns `[B, H, G, S, T, D]`.
+pub(crate) fn validate_weights(
+    op: &'static str,
     dst: &WeightsDst<'_>,
     q: &View4<'_, f32>,
     k: &View4<'_, f32>,
-    lse: &crate::View<'_, f32, 3>,
     options: &AttentionOptions<'_>,
-) -> Result<([usize; 6], bool), KernelError> {
-    let op = "attention_weights";
+) -> Result<[usize; 6], KernelError> {
     let [b, h, g, s, t, d] = crate::flash::validate_qk(op, q, k)?;
-    if lse.shape() != [b, h, s] {
-        return Err(KernelError::ShapeMismatch {
-            op,
-            tensor: "lse",
-            expected: vec![b, h, s],
-            got: lse.shape().to_vec(),
-        });
-    }
     if d == 0 {
         return Err(KernelError::InvalidArgument {
             op,
@@ -333,10 +316,7 @@ fn validate_weights(
             expected: "at least 1",
         });
     }
-    let (averaged, dst_shape) = match dst {
-        WeightsDst::PerHead(v) => (false, v.shape().to_vec()),
-        WeightsDst::Averaged(v) => (true, v.shape().to_vec()),
-    };
+    let (averaged, dst_shape) = (dst.averaged(), dst.shape());
     let want = if averaged { vec![b, s, t] } else { vec![b, h, s, t] };
     if dst_shape != want {
         return Err(KernelError::ShapeMismatch {
@@ -347,7 +327,7 @@ fn validate_weights(
         });
     }
     validate_options(op, options, [b, h, s, t])?;
-    Ok(([b, h, g, s, t, d], averaged))
+    Ok([b, h, g, s, t, d])
 }
 
 /// The softmax weights of an attention call from its LSE, in a second pass that never needs
@@ -395,7 +375,12 @@ pub fn attention_weights(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    let ([b, h, g, s, t, d], averaged) = validate_weights(&dst, &q, &k, &lse, options)?;
+    let op = "attention_weights";
+    let [b, h, g, s, t, d] = validate_weights(op, &dst, &q, &k, options)?;
+    if lse.shape() != [b, h, s] {
+        return Err(KernelError::shape(op, "lse", vec![b, h, s], lse.shape().to_vec()));
+    }
+    let averaged = dst.averaged();
     if b == 0 || s == 0 || t == 0 {
         return Ok(());
     }
@@ -411,13 +396,7 @@ pub fn attention_weights(
     }
     let scale = resolve_scale(options, d);
     let rep = h / g;
-    let (dst_ptr, dst_strides) = match dst {
-        WeightsDst::PerHead(mut v) => (SharedMut(v.data_mut().as_mut_ptr()), v.strides()),
-        WeightsDst::Averaged(mut v) => {
-            let st = v.strides();
-            (SharedMut(v.data_mut().as_mut_ptr()), [st[0], 0, st[1], st[2]])
-        }
-    };
+    let raw = RawWeights::new(dst, h);
     let qs = q.strides();
     const ROWS: usize = crate::BLOCK_ROWS;
     const KEYS: usize = crate::BLOCK_KEYS;
@@ -436,7 +415,6 @@ pub fn attention_weights(
     let row_tiles = s.div_ceil(ROWS);
     let heads_per_task = if averaged { h } else { 1 };
     let tasks = b * (h / heads_per_task) * row_tiles;
-    let inv_heads = 1.0 / h as f32;
     let job = |scratch: &mut (Vec<f32>, Vec<f32>), task: usize| {
         let (scores, q_tile) = scratch;
         let (bh, tile) = (task / row_tiles, task % row_tiles);
@@ -473,27 +451,11 @@ pub fn attention_weights(
                     let row = &mut scores[i * crate::flash::SCORES_LD..i * crate::flash::SCORES_LD + bc];
                     let limit = options.causal.key_limit(si, s, t).min(key_length);
                     mask_row(row, options, [bi, hi, si], t0, limit, [s, t]);
-                    let l = lse.get([bi, hi, si]);
-                    if l == f32::NEG_INFINITY {
-                        row.fill(0.0);
-                    } else if l.is_nan() {
-                        // A NaN row (a NaN query, a visible NaN key or a `+inf` score): NaN on
-                        // the keys it sees, zero on those it cannot.
-                        row.iter_mut()
-                            .for_each(|x| *x = if *x == f32::NEG_INFINITY { 0.0 } else { f32::NAN });
-                    } else {
-                        exp_sub_sum(row, l);
-                    }
-                    let base = bi * dst_strides[0] + hi * dst_strides[1] + si * dst_strides[2] + t0 * dst_strides[3];
-                    let mode = match (averaged, hi) {
-                        (false, _) => Accumulate::Write,
-                        (true, 0) => Accumulate::WriteScaled(inv_heads),
-                        (true, _) => Accumulate::AddScaled(inv_heads),
-                    };
-                    // SAFETY: the `bc` elements from `base` (stride `dst_strides[3]`) are in
-                    // bounds of the destination, and rows `(bi, si)` (with head `hi` unless
-                    // averaged) belong to this task alone.
-                    unsafe { write_weights(dst_ptr, base, dst_strides[3], row, mode) };
+                    finish_row(row, lse.get([bi, hi, si]));
+                    // SAFETY: `(bi, hi, si)` and keys `t0..t0 + bc` are in bounds of the
+                    // destination, and rows `(bi, si)` (with head `hi` unless averaged) belong
+                    // to this task alone.
+                    unsafe { raw.write([bi, hi, si, t0], row) };
                 }
             }
         }
@@ -510,61 +472,6 @@ pub fn attention_weights(
         crate::buffer::give(packed);
     }
     Ok(())
-}
-
-/// Writes zeros to every element of `v: [B, S, T]`.
-fn zero_fill(mut v: ViewMut<'_, f32, 3>, [b, s, t]: [usize; 3]) {
-    for bi in 0..b {
-        for si in 0..s {
-            for ti in 0..t {
-                let offset = v.offset([bi, si, ti]);
-                v.data_mut()[offset] = 0.0;
-            }
-        }
-    }
-}
-
-/// How a head's weights reach the destination.
-#[derive(Clone, Copy)]
-enum Accumulate {
-    /// Per-head weights: stored as they are.
-    Write,
-    /// The first head of an average: stored times `1/H`.
-    WriteScaled(f32),
-    /// The next heads of an average: added times `1/H`.
-    AddScaled(f32),
-}
-
-/// Writes `row` to `dst[base + j·stride]`, `j < row.len()`, per `mode`.
-///
-/// # Safety
-/// Those elements must be in bounds of the destination and written by no other thread.
-unsafe fn write_weights(dst: SharedMut, base: usize, stride: usize, row: &[f32], mode: Accumulate) {
-    if stride == 1 {
-        // Contiguous: the same arithmetic (a product, then a sum: no fused multiply-add), as
-        // loops the compiler vectorises.
-        // SAFETY: `row.len()` elements from `base` are in bounds and this task's alone, by the
-        // caller's contract.
-        let out = unsafe { std::slice::from_raw_parts_mut(dst.get().add(base), row.len()) };
-        match mode {
-            Accumulate::Write => out.copy_from_slice(row),
-            Accumulate::WriteScaled(f) => out.iter_mut().zip(row).for_each(|(o, &w)| *o = w * f),
-            Accumulate::AddScaled(f) => out.iter_mut().zip(row).for_each(|(o, &w)| *o += w * f),
-        }
-        return;
-    }
-    for (j, &w) in row.iter().enumerate() {
-        // SAFETY: in bounds and this task's alone, by the caller's contract.
-        let p = unsafe { dst.get().add(base + j * stride) };
-        // SAFETY: as above.
-        unsafe {
-            *p = match mode {
-                Accumulate::Write => w,
-                Accumulate::WriteScaled(f) => w * f,
-                Accumulate::AddScaled(f) => *p + w * f,
-            }
-        };
-    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! and the packed variant for sequences of different lengths.
 
 use attn_kernels::{
-    arena, attention, attention_bf16_kv, attention_weights, AttentionOptions, Causal, ForwardInputs, Par, View, View2,
-    View4, ViewMut, WeightsDst,
+    arena, attention, attention_bf16_kv, attention_weights, attention_with_weights, AttentionOptions, Causal,
+    ForwardInputs, Par, View, View2, View4, ViewMut, WeightsDst,
 };
 
 use super::weights::Proj;
@@ -71,6 +71,24 @@ fn check_cache(cache: &KvCache, dims: [usize; 4]) -> Result<()> {
     Ok(())
 }
 
+/// Elements of the weights `need` asks for: `[B, H, S, T]`, averaged `[B, S, T]`, or none.
+fn weights_len(need: NeedWeights, [b, h, s, t]: [usize; 4]) -> usize {
+    match need {
+        NeedWeights::No => 0,
+        NeedWeights::PerHead => b * h * s * t,
+        NeedWeights::Averaged => b * s * t,
+    }
+}
+
+/// `w` as the destination of the weights `need` asks for (not [`NeedWeights::No`]).
+fn weights_dst(need: NeedWeights, w: &mut [f32], [b, h, s, t]: [usize; 4]) -> Result<WeightsDst<'_>> {
+    Ok(if need == NeedWeights::PerHead {
+        WeightsDst::PerHead(ViewMut::contiguous(w, [b, h, s, t])?)
+    } else {
+        WeightsDst::Averaged(ViewMut::contiguous(w, [b, s, t])?)
+    })
+}
+
 /// Attention weights `[B, H, S, T]` or averaged `[B, S, T]`, recomputed from the LSE.
 pub(super) fn weights_from_lse(
     kind: NeedWeights,
@@ -83,20 +101,8 @@ pub(super) fn weights_from_lse(
     let [b, h, s, _] = q.shape();
     let t = k.shape()[2];
     let lse = View::contiguous(lse, [b, h, s])?;
-    let mut w = vec![
-        0.0f32;
-        if kind == NeedWeights::PerHead {
-            b * h * s * t
-        } else {
-            b * s * t
-        }
-    ];
-    let dst = if kind == NeedWeights::PerHead {
-        WeightsDst::PerHead(ViewMut::contiguous(&mut w[..], [b, h, s, t])?)
-    } else {
-        WeightsDst::Averaged(ViewMut::contiguous(&mut w[..], [b, s, t])?)
-    };
-    attention_weights(dst, q, k, lse, options, par)?;
+    let mut w = vec![0.0f32; weights_len(kind, [b, h, s, t])];
+    attention_weights(weights_dst(kind, &mut w, [b, h, s, t])?, q, k, lse, options, par)?;
     Ok(w)
 }
 
@@ -210,32 +216,38 @@ impl Core {
         let mut attn_out = vec![0.0f32; b * s * h * dv];
         let out_view = ViewMut::new(&mut attn_out[..], [b, h, s, dv], [qbs * h * dv, dv, qls * h * dv, 1])?;
         let need = options.need_weights;
-        let mut lse = vec![0.0f32; if need == NeedWeights::No { 0 } else { b * h * s }];
-        let lse_view = (!lse.is_empty())
-            .then(|| ViewMut::contiguous(&mut lse[..], [b, h, s]))
-            .transpose()?;
-        match (k_view, v_view) {
-            (KvView::F32(k), KvView::F32(v)) => attention(
-                out_view,
-                lse_view,
-                ForwardInputs::new(q_view, k, v),
-                &kernel_options,
-                par,
-            )?,
-            // A bf16 cache: read in place when decoding, the bits of its widened values.
+        let weights = match (k_view, v_view) {
+            // f32 keys and values: the weights in the same call (from the flash kernel's own
+            // scores where it keeps them).
+            (KvView::F32(k), KvView::F32(v)) => {
+                let inputs = ForwardInputs::new(q_view, k, v);
+                let mut w = vec![0.0f32; weights_len(need, [b, h, s, t])];
+                match need {
+                    NeedWeights::No => attention(out_view, None, inputs, &kernel_options, par)?,
+                    _ => {
+                        let dst = weights_dst(need, &mut w, [b, h, s, t])?;
+                        attention_with_weights(out_view, None, dst, inputs, &kernel_options, par)?
+                    }
+                }
+                (need != NeedWeights::No).then_some(w)
+            }
+            // A bf16 cache: read in place when decoding, the bits of its widened values; the
+            // weights from the LSE over the widened keys.
             (KvView::Bf16(k), KvView::Bf16(v)) => {
-                attention_bf16_kv(out_view, lse_view, q_view, k, v, &kernel_options, par)?
+                let mut lse = vec![0.0f32; if need == NeedWeights::No { 0 } else { b * h * s }];
+                let lse_view = (!lse.is_empty())
+                    .then(|| ViewMut::contiguous(&mut lse[..], [b, h, s]))
+                    .transpose()?;
+                attention_bf16_kv(out_view, lse_view, q_view, k, v, &kernel_options, par)?;
+                if need == NeedWeights::No {
+                    None
+                } else {
+                    let k = k_view.to_f32();
+                    let k = View4::contiguous(&k, k_view.shape())?;
+                    Some(weights_from_lse(need, q_view, k, &lse, &kernel_options, par)?)
+                }
             }
             _ => unreachable!("a cache holds keys and values of one precision"),
-        }
-        let weights = match (need, k_view) {
-            (NeedWeights::No, _) => None,
-            (_, KvView::F32(k)) => Some(weights_from_lse(need, q_view, k, &lse, &kernel_options, par)?),
-            (_, KvView::Bf16(_)) => {
-                let k = k_view.to_f32();
-                let k = View4::contiguous(&k, k_view.shape())?;
-                Some(weights_from_lse(need, q_view, k, &lse, &kernel_options, par)?)
-            }
         };
         let output = self.project_out(attn_out, b * s, par)?;
         Ok(MhaOutput { output, weights })

@@ -125,6 +125,7 @@ fn run_bits(
         round_q: false,
         micro: crate::simd::simd_level().is_vector(),
         score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
+        keep_scores: false,
     };
     run_operands(plan, &ops, dst, par)
 }

@@ -56,6 +56,7 @@ mod tests_bf16_route;
 mod tests_kv_bits;
 mod tile;
 mod tile_bf16;
+mod weights;
 
 pub(crate) use bf16::rounded_copies;
 pub use kv_bits::{attention_bf16_kv, DECODE_ROWS};
@@ -63,6 +64,7 @@ pub(crate) use plan::{validate, validate_qk, Plan};
 use scratch::{with_scratch, Scratch};
 use tile::attend_tile;
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
+pub(crate) use weights::{flash_with_weights, keeps_scores};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -71,6 +73,7 @@ use rayon::prelude::*;
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
 use crate::view::SharedMut;
+use crate::weights::RawWeights;
 use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precision, View4, ViewMut, ViewMut4};
 
 /// Query rows per tile.
@@ -124,11 +127,25 @@ pub fn flash_attention(
 /// `[lse, lse_lo]` as in [`crate::attention_with_lse_lo`], each optional.
 pub(crate) fn flash_impl(
     out: ViewMut4<'_, f32>,
+    lse: [Option<ViewMut<'_, f32, 3>>; 2],
+    inputs: ForwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    repair: bool,
+) -> Result<(), KernelError> {
+    flash_call(out, lse, inputs, options, par, repair, None)
+}
+
+/// [`flash_impl`], also writing the call's weights to `weights` when given (f32 calls that
+/// [`weights::keeps_scores`] allows; see [`weights`]).
+fn flash_call(
+    out: ViewMut4<'_, f32>,
     [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
     inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
     repair: bool,
+    weights: Option<RawWeights>,
 ) -> Result<(), KernelError> {
     let ForwardInputs { q, k, v } = inputs;
     let plan = validate(
@@ -144,12 +161,13 @@ pub(crate) fn flash_impl(
     crate::flash::check_lse_lo("flash_attention", &out, &lse_lo)?;
     let dst = Dst::new(&mut out, &mut lse, &mut lse_lo);
     let scale = resolve_scale(options, plan.d);
+    assert!(weights.is_none() || (options.precision == Precision::F32 && plan.splits == 1));
     let spoilt = match options.precision {
         // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32 kernel
         // rounds the operands as it packs them, where it packs K and V for the call.
         Precision::Bf16 if rounds_into_f32(decodes_in_place(&plan, k.strides(), v.strides())) => {
             if rounds_while_packing(&plan, &k) {
-                attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, par)
+                attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, None, par)
             } else {
                 // Else on rounded copies (the same bits), the scale already applied.
                 let copies = bf16::rounded_copies(&[(&q, scale), (&k, 1.0), (&v, 1.0)], par);
@@ -160,13 +178,13 @@ pub(crate) fn flash_impl(
                     View4::contiguous(kr, k.shape())?,
                     View4::contiguous(vr, v.shape())?,
                 );
-                let spoilt = attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, par);
+                let spoilt = attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, None, par);
                 crate::buffer::give(copies);
                 spoilt
             }
         }
-        Precision::Bf16 => attend(&plan, inputs, options, scale, Operation::Bf16, dst, par),
-        Precision::F32 => attend(&plan, inputs, options, scale, Operation::F32, dst, par),
+        Precision::Bf16 => attend(&plan, inputs, options, scale, Operation::Bf16, dst, None, par),
+        Precision::F32 => attend(&plan, inputs, options, scale, Operation::F32, dst, weights, par),
     };
     if repair && spoilt {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
@@ -202,8 +220,10 @@ fn rounds_while_packing(plan: &Plan, k: &View4<'_, f32>) -> bool {
         && ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1) == ScoreKernel::Tile
 }
 
-/// Runs a validated call's tiles into `dst`, packing K and V once for the call where that pays.
-/// Returns whether a row came out non-finite from a finite softmax.
+/// Runs a validated call's tiles into `dst` (and its weights into `weights`, when given),
+/// packing K and V once for the call where that pays. Returns whether a row came out
+/// non-finite from a finite softmax.
+#[allow(clippy::too_many_arguments)]
 fn attend(
     plan: &Plan,
     inputs: ForwardInputs<'_>,
@@ -211,6 +231,7 @@ fn attend(
     scale: f32,
     operation: Operation,
     dst: Dst,
+    weights: Option<RawWeights>,
     par: Par,
 ) -> bool {
     let ForwardInputs { q, k, v } = inputs;
@@ -258,8 +279,12 @@ fn attend(
         round_q: round,
         micro,
         score_kernel,
+        keep_scores: weights.is_some(),
     };
-    let spoilt = run_operands(plan, &ops, dst, par);
+    let spoilt = match weights {
+        Some(weights) => weights::attend_keeping_scores(plan, &ops, dst, weights, par),
+        None => run_operands(plan, &ops, dst, par),
+    };
     let bf16_buffers = bf16_packed.into_iter().flat_map(|(kt, vp)| [kt, vp]);
     kt_packed
         .into_iter()
@@ -370,6 +395,8 @@ struct Operands<'a, 'o> {
     micro: bool,
     /// How the scores are computed (the backward recomputes them the same way).
     score_kernel: ScoreKernel,
+    /// Whether each tile keeps its masked scores for the weights (`Scratch::kept`).
+    keep_scores: bool,
 }
 
 /// Keys or values as the tiles read them: f32 values, or bf16 bits (a bf16 KV cache,
@@ -485,7 +512,19 @@ impl Dst {
     /// `(b, h, s)` must be in bounds of both destinations, `acc` must hold `Dv` values, and no
     /// other thread may write that row.
     #[inline]
-    unsafe fn write_row(&self, [b, h, s]: [usize; 3], acc: &[f32], l: f32, m: f32) -> bool {
+    unsafe fn write_row(&self, index: [usize; 3], acc: &[f32], l: f32, m: f32) -> bool {
+        let want_lse = self.lse.is_some() || self.lse_lo.is_some();
+        // SAFETY: the caller's contract.
+        unsafe { self.write_row_lse(index, acc, l, m, want_lse) }.0
+    }
+
+    /// [`Dst::write_row`], also returning the row's `lse` as written (computed when `want_lse`
+    /// or a destination asks for it, else 0).
+    ///
+    /// # Safety
+    /// As for [`Dst::write_row`].
+    #[inline]
+    unsafe fn write_row_lse(&self, [b, h, s]: [usize; 3], acc: &[f32], l: f32, m: f32, want_lse: bool) -> (bool, f32) {
         let strides = self.out_strides;
         let base = b * strides[0] + h * strides[1] + s * strides[2];
         let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
@@ -504,7 +543,7 @@ impl Dst {
             }
         }
         // One f64 logarithm per row, and only when a caller asked for the LSE.
-        let (lse, lse_lo) = if self.lse.is_none() && self.lse_lo.is_none() {
+        let (lse, lse_lo) = if !want_lse && self.lse.is_none() && self.lse_lo.is_none() {
             (0.0, 0.0)
         } else if l == 0.0 {
             (f32::NEG_INFINITY, 0.0)
@@ -519,6 +558,6 @@ impl Dst {
             // SAFETY: as above.
             unsafe { *ptr.get().add(b * st[0] + h * st[1] + s * st[2]) = lse_lo };
         }
-        crate::nonfinite::spoiled(m, l, !finite)
+        (crate::nonfinite::spoiled(m, l, !finite), lse)
     }
 }

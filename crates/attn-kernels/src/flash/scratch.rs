@@ -25,6 +25,9 @@ pub(super) struct Scratch {
     pub(super) q16: Buffer,
     /// `[BLOCK_ROWS, SCORES_LD / 2]` words: a block's probabilities rounded to bf16 pairs.
     pub(super) p16: Buffer,
+    /// `[BLOCK_ROWS, T]`: the tile's masked scores over all keys, kept for the weights
+    /// (sized by [`Scratch::keep_room`], only when a call asks for them).
+    pub(super) kept: Buffer,
 }
 
 impl Scratch {
@@ -39,6 +42,14 @@ impl Scratch {
             l: Buffer::zeroed(BLOCK_ROWS),
             q16: Buffer::zeroed(BLOCK_ROWS * q16_words(plan)),
             p16: Buffer::zeroed(BLOCK_ROWS * SCORES_LD / 2),
+            kept: Buffer::zeroed(0),
+        }
+    }
+
+    /// Makes [`Scratch::kept`] hold `[BLOCK_ROWS, t]`.
+    pub(super) fn keep_room(&mut self, t: usize) {
+        if self.kept.len() < BLOCK_ROWS * t {
+            self.kept = Buffer::zeroed(BLOCK_ROWS * t);
         }
     }
 

@@ -264,13 +264,14 @@ fn check(case: Case) {
     }
     assert!(seq.0.iter().all(|x| !x.is_nan()), "NaN in output: {what}");
 
-    check_weights(&case, [qv, kv], &seq.1, &options, &reference, tol);
+    check_weights(&case, [qv, kv, vv], &seq.1, &options, &reference, tol);
 }
 
-/// Weights from the LSE, per head and averaged over heads, against the reference's.
+/// Weights from the LSE, per head and averaged over heads, against the reference's; then
+/// [`crate::attention_with_weights`] against [`crate::attention`] and those weights, bit for bit.
 fn check_weights(
     case: &Case,
-    [qv, kv]: [View4<'_, f32>; 2],
+    [qv, kv, vv]: [View4<'_, f32>; 3],
     lse: &[f32],
     options: &AttentionOptions<'_>,
     reference: &crate::reference::ReferenceAttention,
@@ -296,6 +297,132 @@ fn check_weights(
         }
     }
     assert_close(&averaged, &want_avg, tol, tol, &format!("averaged weights {what}"));
+    check_with_weights(case, [qv, kv, vv], options);
+}
+
+/// [`crate::attention_with_weights`], per head and averaged, sequential and on 1, 2 and 3
+/// threads: `out` and `lse` are [`crate::attention`]'s bits, and the weights those of
+/// [`crate::attention_weights`] from that `lse`, whether the flash kernel keeps its scores or
+/// not (the path [`crate::attention`] takes may be the unfused one, with its own `lse` bits).
+fn check_with_weights(case: &Case, [qv, kv, vv]: [View4<'_, f32>; 3], options: &AttentionOptions<'_>) {
+    let Case {
+        b, h, s, t, dv, bshd, ..
+    } = *case;
+    let inputs = ForwardInputs::new(qv, kv, vv);
+    let (mut out, mut lse) = (vec![f32::NAN; b * h * s * dv], vec![f32::NAN; b * h * s]);
+    let lse_view = ViewMut::contiguous(&mut lse, [b, h, s]).unwrap();
+    crate::attention(
+        view4_mut(&mut out, [b, h, s, dv], bshd),
+        Some(lse_view),
+        inputs,
+        options,
+        Par::Seq,
+    )
+    .unwrap();
+    let lse_view = crate::View::contiguous(&lse, [b, h, s]).unwrap();
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    for averaged in [false, true] {
+        let shape = if averaged { vec![b, s, t] } else { vec![b, h, s, t] };
+        fn dst(w: &mut [f32], averaged: bool, [b, h, s, t]: [usize; 4]) -> crate::WeightsDst<'_> {
+            if averaged {
+                crate::WeightsDst::Averaged(ViewMut::contiguous(w, [b, s, t]).unwrap())
+            } else {
+                crate::WeightsDst::PerHead(ViewMut4::contiguous(w, [b, h, s, t]).unwrap())
+            }
+        }
+        let mut want = vec![f32::NAN; shape.iter().product()];
+        crate::attention_weights(
+            dst(&mut want, averaged, [b, h, s, t]),
+            qv,
+            kv,
+            lse_view,
+            options,
+            Par::Seq,
+        )
+        .unwrap();
+        for threads in [0, 1, 2, 3] {
+            let par = if threads == 0 { Par::Seq } else { Par::Rayon };
+            let what = format!("{case:?}, averaged {averaged}, {threads} threads (0: sequential)");
+            let mut got = (
+                vec![f32::NAN; out.len()],
+                vec![f32::NAN; lse.len()],
+                vec![f32::NAN; want.len()],
+            );
+            let call = || {
+                let out_view = view4_mut(&mut got.0, [b, h, s, dv], bshd);
+                let lse_view = ViewMut::contiguous(&mut got.1, [b, h, s]).unwrap();
+                crate::attention_with_weights(
+                    out_view,
+                    Some(lse_view),
+                    dst(&mut got.2, averaged, [b, h, s, t]),
+                    inputs,
+                    options,
+                    par,
+                )
+                .unwrap();
+            };
+            pool(threads.max(1)).install(call);
+            assert_same_bits(&got.0, &out, &format!("out: {what}"));
+            assert_same_bits(&got.1, &lse, &format!("lse: {what}"));
+            assert_same_bits(&got.2, &want, &format!("weights: {what}"));
+        }
+    }
+}
+
+/// Fails, naming the first differing element, unless `got` and `want` hold the same bits.
+fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!("{what}: element {i} is {} where {} was expected", got[i], want[i]);
+    }
+}
+
+/// The flash kernel keeps its scores for the weights where [`keeps_scores`] says, so the bit
+/// checks of [`check_with_weights`] cover that path, not only the second pass.
+#[test]
+fn the_flash_kernel_keeps_its_scores_for_usual_shapes() {
+    let f32_options = AttentionOptions::default();
+    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for (q, kv) in [
+        ([2, 4, 70, 16], [2, 300, 16]),
+        ([1, 8, 128, 8], [8, 128, 8]),
+        ([2, 4, 40, 16], [1, 257, 16]),
+    ] {
+        let plan = Plan::new(q, kv);
+        for averaged in [false, true] {
+            assert!(keeps_scores(&plan, &f32_options, averaged, Par::Seq), "{q:?} {kv:?}");
+            assert!(
+                two.install(|| keeps_scores(&plan, &f32_options, averaged, Par::Rayon)),
+                "{q:?} {kv:?}"
+            );
+        }
+    }
+    // Decoding splits its keys; one row tile cannot feed two workers an average; a group of 3
+    // heads straddles row tiles; bf16 takes the second pass.
+    let plan = |q, kv| Plan::new(q, kv);
+    assert!(!keeps_scores(
+        &plan([1, 8, 1, 16], [8, 4096, 16]),
+        &f32_options,
+        false,
+        Par::Seq
+    ));
+    assert!(!two.install(|| keeps_scores(&plan([1, 8, 50, 16], [8, 100, 16]), &f32_options, true, Par::Rayon)));
+    assert!(!keeps_scores(
+        &plan([1, 6, 50, 16], [2, 100, 16]),
+        &f32_options,
+        true,
+        Par::Seq
+    ));
+    let bf16 = AttentionOptions {
+        precision: crate::Precision::Bf16,
+        ..AttentionOptions::default()
+    };
+    assert!(!keeps_scores(
+        &plan([2, 4, 70, 16], [2, 300, 16]),
+        &bf16,
+        false,
+        Par::Seq
+    ));
 }
 
 /// Rows and keys at each edge of a row tile and a key block, and keys past two blocks.

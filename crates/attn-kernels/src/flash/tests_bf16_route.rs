@@ -87,6 +87,7 @@ fn rounding_while_packing_gives_the_bits_of_rounded_copies() {
                     scale,
                     operation,
                     dst,
+                    None,
                     Par::Rayon,
                 );
             } else {
@@ -98,7 +99,7 @@ fn rounding_while_packing_gives_the_bits_of_rounded_copies() {
                     View4::contiguous(kr, [b, g, t, d]).unwrap(),
                     View4::contiguous(vr, [b, g, t, dv]).unwrap(),
                 );
-                attend(&plan, inputs, &options, 1.0, operation, dst, Par::Rayon);
+                attend(&plan, inputs, &options, 1.0, operation, dst, None, Par::Rayon);
             }
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             (bits(&out), bits(&lse))

@@ -105,6 +105,12 @@ pub(super) fn attend_tile(
         pass4_weighted_values(scratch, plan, ops, &rows, &block, &mut amx);
         t0 += bc;
     }
+    if ops.keep_scores {
+        // Keys past the last visited block are hidden from every row of the tile.
+        for i in 0..n_rows {
+            scratch.kept[i * plan.t + t_end.max(keys.start)..(i + 1) * plan.t].fill(f32::NEG_INFINITY);
+        }
+    }
     n_rows
 }
 
@@ -276,6 +282,9 @@ fn passes2_3_online_softmax(
         let row = &mut scratch.scores[row_range(i)];
         let (s, h) = rows.positions[i];
         mask_row(row, ops.options, [rows.b, h, s], t0, rows.limits[i], [plan.s, plan.t]);
+        if ops.keep_scores {
+            scratch.kept[i * plan.t + t0..i * plan.t + t0 + bc].copy_from_slice(row);
+        }
         *m = scratch.m[i].max(row_max(row));
     }
     // Pass 2: exp and sum.
