@@ -85,13 +85,17 @@ def main():
                 ours.append(time_attn(binary, threads, b, h, g, s, t, d, causal, "bf16"))
                 theirs.append(time_torch(b, h, g, s, t, d, causal, torch.bfloat16))
                 ours_f32.append(time_attn(binary, threads, b, h, g, s, t, d, causal, "f32"))
-            else:
+            elif len(ours) % 2 == 0:
                 ours.append(time_attn(binary, threads, b, h, g, s, t, d, causal))
                 theirs.append(time_torch(b, h, g, s, t, d, causal))
+            else:
+                theirs.append(time_torch(b, h, g, s, t, d, causal))
+                ours.append(time_attn(binary, threads, b, h, g, s, t, d, causal))
         o, p = statistics.median(ours), statistics.median(theirs)
         fl = flops(b, h, s, t, d, causal)
         row = {"shape": [b, h, g, s, t, d], "causal": causal, "attn_s": o, "torch_s": p,
-               "attn_gflops": fl / o / 1e9, "torch_gflops": fl / p / 1e9, "speedup": p / o}
+               "attn_gflops": fl / o / 1e9, "torch_gflops": fl / p / 1e9, "speedup": p / o,
+               "round_speedups": sorted(x / y for x, y in zip(theirs, ours))}
         if bf16:
             row["attn_f32_s"] = statistics.median(ours_f32)
             row["bf16_over_f32"] = row["attn_f32_s"] / o
@@ -101,14 +105,19 @@ def main():
                           "rows": rows}))
         return
     what = "bf16 (attn --dtype bf16, torch bf16 tensors)" if bf16 else "f32"
-    print(f"torch {torch.__version__}, {what}, {threads} threads, {rounds} interleaved rounds, medians")
+    print(f"torch {torch.__version__}, {what}, {threads} threads, {rounds} interleaved rounds, medians; "
+          "'per round' is the median (range) of the per-round speed ratios")
     extra = " attn f32 ms | attn bf16 / f32 speed |" if bf16 else ""
-    print(f"| B,H,G,S,T,D | causal | attn ms | torch ms | attn GFLOP/s | torch GFLOP/s | attn / torch speed |{extra}")
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if bf16 else ""))
+    print(f"| B,H,G,S,T,D | causal | attn ms | torch ms | attn GFLOP/s | torch GFLOP/s | attn / torch speed "
+          f"| per round |{extra}")
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if bf16 else ""))
     for r in rows:
         tail = f" {r['attn_f32_s']*1e3:.2f} | {r['bf16_over_f32']:.2f}x |" if bf16 else ""
+        ratios = r["round_speedups"]
+        per_round = f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}–{ratios[-1]:.2f})"
         print(f"| {','.join(map(str, r['shape']))} | {'yes' if r['causal'] else 'no'} | {r['attn_s']*1e3:.2f} | "
-              f"{r['torch_s']*1e3:.2f} | {r['attn_gflops']:.1f} | {r['torch_gflops']:.1f} | {r['speedup']:.2f}x |{tail}")
+              f"{r['torch_s']*1e3:.2f} | {r['attn_gflops']:.1f} | {r['torch_gflops']:.1f} | {r['speedup']:.2f}x "
+              f"| {per_round} |{tail}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@ the PyTorch forward timed the same way in this process. Reports medians and rati
 `cargo xtask bench`.
 
 Usage: python bench_modules.py ATTN_BINARY THREADS ROUNDS [--bf16] [--no-embed]
+
+PyTorch's times here depend on glibc's malloc handing large freed blocks back to the kernel
+(each forward then faults its tensors in again). With
+`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=100000000000` in the environment it keeps
+them, as attn's allocator does, and on an Intel Xeon (model 207) its MHA forward took about
+20 ms instead of 19-38 ms and its encoder layer 48 ms instead of 58-60 ms
+(docs/PERFORMANCE.md). Quote the run with those variables beside the default one.
 """
 
 import json
@@ -78,21 +85,30 @@ def embed_comparison(binary, threads, rounds, batch_size=32):
         path = Path(tmp) / "sentences.txt"
         path.write_text("\n".join(sentences) + "\n")
         ours, theirs = [], []
-        for _ in range(rounds):
+        for i in range(rounds):
+            if i % 2:
+                theirs.append(time_encode(model, sentences, batch_size))
             out = subprocess.run([binary, "bench", "embed", "--input", str(path), "--batch-size", str(batch_size),
                                   "--threads", str(threads), "--min-runs", "3", "--min-seconds", "0", "--json"],
                                  check=True, capture_output=True, text=True).stdout
             ours.append(json.loads(out)["median_s"])
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                model.encode(sentences, batch_size=batch_size)
-                times.append(time.perf_counter() - t0)
-            theirs.append(statistics.median(times))
+            if i % 2 == 0:
+                theirs.append(time_encode(model, sentences, batch_size))
     o, p = statistics.median(ours), statistics.median(theirs)
     n = len(sentences)
     print(f"| attn embed vs sentence-transformers encode, {n} mixed-length sentences, batch {batch_size} | "
-          f"{o*1e3:.0f} ({n/o:.0f} sentences/s) | {p*1e3:.0f} ({n/p:.0f} sentences/s) | {p/o:.2f}x |")
+          f"{o*1e3:.0f} ({n/o:.0f} sentences/s) | {p*1e3:.0f} ({n/p:.0f} sentences/s) | {p/o:.2f}x | "
+          f"{per_round(theirs, ours)} |")
+
+
+def time_encode(model, sentences, batch_size):
+    """The median of three `model.encode` calls on `sentences`, in seconds."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        model.encode(sentences, batch_size=batch_size)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def time_torch(forward, min_seconds=0.5, min_runs=5):
@@ -115,15 +131,23 @@ def attn_bench_run(binary, threads, d, dtype):
     return json.loads(out)["median_s"]
 
 
+def per_round(slow, fast):
+    """The median and range of the per-round ratios `slow[i] / fast[i]`, as table text."""
+    ratios = sorted(a / b for a, b in zip(slow, fast))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+
+
 def main():
     binary, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     # --bf16: also attn's `--dtype bf16` and PyTorch under torch.autocast("cpu", bfloat16), the
     # same rounds, in a second table; --no-embed skips the sentence-transformers comparison.
     bf16 = "--bf16" in sys.argv
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {threads} threads, {rounds} interleaved rounds, medians")
-    print("| module | attn ms | torch ms | attn / torch speed |")
-    print("|---|---|---|---|")
+    print(f"torch {torch.__version__}, {threads} threads, {rounds} interleaved rounds (which side runs first "
+          "alternates), medians; the last column is the median of the per-round ratios, steadier on a noisy "
+          "machine than the ratio of the medians")
+    print("| module | attn ms | torch ms | attn / torch speed | per round: median (range) |")
+    print("|---|---|---|---|---|")
     bf16_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for make in CASES:
@@ -138,14 +162,18 @@ def main():
                     forward()
 
             ours, theirs, ours_bf16, theirs_bf16 = [], [], [], []
-            for _ in range(rounds):
-                ours.append(attn_bench_run(binary, threads, d, "f32"))
-                theirs.append(time_torch(forward))
+            for i in range(rounds):
+                if i % 2 == 0:
+                    ours.append(attn_bench_run(binary, threads, d, "f32"))
+                    theirs.append(time_torch(forward))
+                else:
+                    theirs.append(time_torch(forward))
+                    ours.append(attn_bench_run(binary, threads, d, "f32"))
                 if bf16:
                     ours_bf16.append(attn_bench_run(binary, threads, d, "bf16"))
                     theirs_bf16.append(time_torch(autocast_forward))
             o, p = statistics.median(ours), statistics.median(theirs)
-            print(f"| {label} | {o*1e3:.2f} | {p*1e3:.2f} | {p/o:.2f}x |")
+            print(f"| {label} | {o*1e3:.2f} | {p*1e3:.2f} | {p/o:.2f}x | {per_round(theirs, ours)} |")
             if bf16:
                 ob, pb = statistics.median(ours_bf16), statistics.median(theirs_bf16)
                 bf16_rows.append(f"| {label} | {ob*1e3:.2f} | {o*1e3:.2f} | {pb*1e3:.2f} | {o/ob:.2f}x | {pb/ob:.2f}x |")

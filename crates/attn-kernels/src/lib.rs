@@ -22,6 +22,9 @@
 //!   chosen by shape and SIMD level ([`chosen_path`]).
 //! - [`flash_attention`]: tiled attention with an online softmax, never forming `S×T`.
 //! - [`attention_unfused`]: the textbook path, for comparison.
+//! - [`attention_with_weights`]: [`attention`] that also writes the softmax weights (per head
+//!   or averaged, as `nn.MultiheadAttention` returns them), from the flash kernel's own scores
+//!   where it can; [`attention_weights`] recomputes them from a call's LSE.
 //! - [`norm_rows`], [`add_norm_rows`], [`bias_activation`]: the row and pointwise kernels of
 //!   the layers around attention (norms with the residual add fused, bias with activation).
 //! - [`attention_backward`]: the gradients of attention (FlashAttention-2's algorithm,
