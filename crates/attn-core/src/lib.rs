@@ -19,7 +19,7 @@
 //! - [`sdpa`]: the validated entry point to the kernels, with typed masks ([`ScoreMask`],
 //!   [`KeyPadding`], [`BoolMeaning`]).
 //! - [`MultiHeadAttention`]: PyTorch's `nn.MultiheadAttention` with its state-dict names,
-//!   grouped-query heads, fused QKV for self-attention, weights from the LSE, a [`KvCache`] for
+//!   grouped-query heads, fused QKV for self-attention, weights from the flash kernel's scores, a [`KvCache`] for
 //!   decoding, RoPE ([`Rope`]) and ALiBi ([`alibi_slopes`]).
 //! - [`Attention`]: one head with its own projections.
 //!
