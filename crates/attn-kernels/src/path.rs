@@ -89,8 +89,9 @@ pub fn attention_with_lse_lo(
 /// On an f32 call of the flash path with unsplit keys (not decoding) and at most 16,384 keys,
 /// the flash kernel keeps each tile's masked scores and turns them into weights as each row
 /// finishes, instead of a second pass that multiplies `q·kᵀ` again; when averaging it does so
-/// only when every query row's heads fall in one task and there is a task per worker. Other
-/// calls (bf16, the unfused path, decoding, longer keys) run [`attention`], then
+/// only when every query row's heads fall in one task and there is a task per worker. The
+/// unfused path keeps each row's masked scores likewise (averaging: when there is a batch
+/// element per worker). Other calls (bf16, decoding, longer keys) run [`attention`], then
 /// [`crate::attention_weights`].
 ///
 /// Beyond [`attention`]'s errors, fails when `weights` has the wrong shape or D is 0.
@@ -108,6 +109,9 @@ pub fn attention_with_weights(
     let plan = Plan::new([b, h, s, d], [g, t, inputs.v.shape()[3]]);
     if crate::flash::keeps_scores(&plan, options, weights.averaged(), par) {
         return crate::flash::flash_with_weights(out, lse, weights, inputs, options, par);
+    }
+    if crate::softmax::unfused_keeps_scores(&plan, options, weights.averaged(), par) {
+        return crate::softmax::unfused_with_weights(out, lse, weights, inputs, options, par);
     }
     // Else the call, then the weights from its LSE (into the caller's `lse` if given).
     let mut own = Vec::new();

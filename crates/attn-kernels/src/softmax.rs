@@ -31,11 +31,29 @@ fn softmax_row(
     limit: usize,
     shape: [usize; 2],
 ) -> (f32, f32) {
+    softmax_row_keeping(row, None, scale, options, bhs, limit, shape)
+}
+
+/// [`softmax_row`], copying the scaled and masked row into `keep` (when given) before its
+/// softmax.
+#[inline]
+fn softmax_row_keeping(
+    row: &mut [f32],
+    keep: Option<&mut [f32]>,
+    scale: f32,
+    options: &AttentionOptions<'_>,
+    bhs: [usize; 3],
+    limit: usize,
+    shape: [usize; 2],
+) -> (f32, f32) {
     // Pass 1 (the scores are given): scale and mask.
     if scale != 1.0 {
         scale_row(row, scale);
     }
     mask_row(row, options, bhs, 0, limit, shape);
+    if let Some(keep) = keep {
+        keep.copy_from_slice(row);
+    }
     // Pass 2: row max, exp and sum.
     let m = row_max(row);
     if m == f32::NEG_INFINITY {
@@ -159,11 +177,60 @@ pub fn unfused_scratch_bytes([_, _, s, d]: [usize; 4], t: usize, workers: usize)
 /// [`attention_unfused`], with the repair of values that rows cannot see switched by `repair`.
 pub(crate) fn unfused_impl(
     out: ViewMut4<'_, f32>,
+    lse: [Option<ViewMut<'_, f32, 3>>; 2],
+    inputs: ForwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    repair: bool,
+) -> Result<(), KernelError> {
+    unfused_call(out, lse, inputs, options, par, repair, None)
+}
+
+/// Whether the unfused path writes the weights of a call of `plan` itself, as it goes (else
+/// they come from a second pass over the LSE): f32, the unfused path, no empty dimension; when
+/// averaging, one task per batch element adds its heads in order, so there must be one per
+/// worker.
+pub(crate) fn unfused_keeps_scores(
+    plan: &crate::flash::Plan,
+    options: &AttentionOptions<'_>,
+    averaged: bool,
+    par: Par,
+) -> bool {
+    let unfused = crate::chosen_path(crate::simd_level(), [plan.b, plan.h, plan.s, plan.d], [plan.g, plan.t])
+        == crate::KernelPath::Unfused;
+    let sized = plan.b > 0 && plan.h > 0 && plan.s > 0 && plan.t > 0 && plan.d > 0;
+    let workers = match par {
+        Par::Seq => 1,
+        Par::Rayon => rayon::current_num_threads(),
+    };
+    options.precision == crate::Precision::F32 && unfused && sized && (!averaged || plan.b >= workers)
+}
+
+/// The unfused path on a call [`unfused_keeps_scores`] allows, writing `weights` as well: each
+/// row's masked scores are kept before its softmax and become `exp(s − lse)` once its `lse`
+/// is known, in key blocks of [`crate::BLOCK_KEYS`] as [`attention_weights`] computes them
+/// (the same scores, so the same bits).
+pub(crate) fn unfused_with_weights(
+    out: ViewMut4<'_, f32>,
+    lse: Option<ViewMut<'_, f32, 3>>,
+    weights: WeightsDst<'_>,
+    inputs: ForwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    let raw = RawWeights::new(weights, inputs.q.shape()[1]);
+    unfused_call(out, [lse, None], inputs, options, par, true, Some(raw))
+}
+
+/// [`unfused_impl`], also writing the weights when given.
+fn unfused_call(
+    out: ViewMut4<'_, f32>,
     [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
     inputs: ForwardInputs<'_>,
     options: &AttentionOptions<'_>,
     par: Par,
     repair: bool,
+    weights: Option<RawWeights>,
 ) -> Result<(), KernelError> {
     let ForwardInputs { q, k, v } = inputs;
     crate::bf16::require_f32("attention_unfused", options)?;
@@ -186,24 +253,17 @@ pub(crate) fn unfused_impl(
         lse: lse_dst,
         lse_lo: lse_lo_dst,
     } = crate::flash::Dst::new(&mut out, &mut lse, &mut lse_lo);
-    let (qs, ks, vs) = (q.strides(), k.strides(), v.strides());
+    let (ks, vs) = (k.strides(), v.strides());
     // Set when a row came out non-finite from a finite softmax: a non-finite value reached it.
     let spoilt_rows = AtomicBool::new(false);
     // The flash path's score arithmetic (`crate::scores`), so that either forward path gives the
     // backward the same scores to recompute; rows `ld` apart.
     let kernel = ScoreKernel::for_call(plan.rows_per_group, ks[3] == 1);
     let ld = kernel.min_ld(t);
-    let head_job = |(scores, lses, q_scaled, kt): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), bh: usize| {
+    let head_job = |(scores, lses, q_scaled, kt, kept): &mut Buffers, bh: usize| {
         let (b, h) = (bh / plan.h, bh % plan.h);
         let g = h / plan.rep;
-        // `scale·q` first, as the flash kernel does: a product `q·k` that would overflow f32
-        // before scaling must not overflow here either, or the two paths would disagree.
-        for si in 0..s {
-            let base = b * qs[0] + h * qs[1] + si * qs[2];
-            for (j, x) in q_scaled[si * d..(si + 1) * d].iter_mut().enumerate() {
-                *x = q.data()[base + j * qs[3]] * scale;
-            }
-        }
+        scale_head(q_scaled, &q, [b, h], scale);
         let keys = Keys {
             keys: &k.data()[b * ks[0] + g * ks[1]..],
             row_stride: ks[2],
@@ -214,8 +274,10 @@ pub(crate) fn unfused_impl(
         let key_length = options.key_lengths.map_or(t, |l| l[b]);
         for si in 0..s {
             let limit = options.causal.key_limit(si, s, t).min(key_length);
-            let value = softmax_row(
+            let keep = weights.is_some().then(|| &mut kept[si * t..(si + 1) * t]);
+            let value = softmax_row_keeping(
                 &mut scores[si * ld..si * ld + t],
+                keep,
                 1.0,
                 options,
                 [b, h, si],
@@ -224,13 +286,16 @@ pub(crate) fn unfused_impl(
             );
             let (value, lo) = value;
             lses[si] = value;
-            if let Some((ptr, lst)) = lse_dst {
-                // SAFETY: the lse element of `(b, h, si)` is in bounds and this job's alone.
-                unsafe { *ptr.get().add(b * lst[0] + h * lst[1] + si * lst[2]) = value };
+            if let Some(weights) = weights {
+                // SAFETY: `(b, h, si)` is in bounds of the validated destination; the row
+                // (averaged: every head of `(b, si)`) is this task's.
+                unsafe { weights.write_finished(&mut kept[si * t..(si + 1) * t], value, [b, h, si]) };
             }
-            if let Some((ptr, lst)) = lse_lo_dst {
-                // SAFETY: as above.
-                unsafe { *ptr.get().add(b * lst[0] + h * lst[1] + si * lst[2]) = lo };
+            for (dst, x) in [(lse_dst, value), (lse_lo_dst, lo)] {
+                if let Some((ptr, lst)) = dst {
+                    // SAFETY: the element of `(b, h, si)` is in bounds and this job's alone.
+                    unsafe { *ptr.get().add(b * lst[0] + h * lst[1] + si * lst[2]) = x };
+                }
             }
         }
         // SAFETY: every view was bounds-checked by `validate`; `scores` holds [S, ld]; the
@@ -254,16 +319,27 @@ pub(crate) fn unfused_impl(
             spoilt_rows.store(true, Ordering::Relaxed);
         }
     };
-    let heads = plan.b * plan.h;
-    // What `unfused_scratch_bytes` counts, per worker.
-    let buffers = || (vec![0.0f32; s * ld], vec![0.0f32; s], vec![0.0f32; s * d], Vec::new());
-    match par {
-        Par::Seq => {
-            let mut buffers = buffers();
-            (0..heads).for_each(|bh| head_job(&mut buffers, bh));
-        }
-        Par::Rayon => (0..heads).into_par_iter().for_each_init(buffers, head_job),
-    }
+    // What `unfused_scratch_bytes` counts, per worker, and the kept scores `[S, T]` when the
+    // call writes its weights.
+    let kept_len = if weights.is_some() { s * t } else { 0 };
+    let buffers = || -> Buffers {
+        (
+            vec![0.0; s * ld],
+            vec![0.0; s],
+            vec![0.0; s * d],
+            Vec::new(),
+            vec![0.0; kept_len],
+        )
+    };
+    // Averaged weights: a task per batch element, its heads in order.
+    let averaged = weights.is_some_and(|w| w.inv_heads.is_some());
+    run_heads(
+        plan.b * plan.h,
+        if averaged { plan.h } else { 1 },
+        par,
+        buffers,
+        head_job,
+    );
     if repair && spoilt_rows.load(Ordering::Relaxed) {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
             unfused_impl(out, [Some(lse), None], ForwardInputs::new(q, k, v), options, par, false)
@@ -271,6 +347,44 @@ pub(crate) fn unfused_impl(
     }
     Ok(())
 }
+
+/// Head `(b, h)` of `q`, times `scale`, into `dst: [S, D]`: `scale·q` first, as the flash
+/// kernel does, so a product `q·k` that would overflow f32 before scaling does not overflow here
+/// either, or the two paths would disagree.
+fn scale_head(dst: &mut [f32], q: &View4<'_, f32>, [b, h]: [usize; 2], scale: f32) {
+    let ([_, _, s, d], qs) = (q.shape(), q.strides());
+    for si in 0..s {
+        let base = b * qs[0] + h * qs[1] + si * qs[2];
+        for (j, x) in dst[si * d..(si + 1) * d].iter_mut().enumerate() {
+            *x = q.data()[base + j * qs[3]] * scale;
+        }
+    }
+}
+
+/// Runs `head_job(buffers, bh)` for every head `bh < heads`, `per_task` consecutive heads in
+/// order per task, sequentially or on the rayon pool with a worker's `buffers`.
+fn run_heads(
+    heads: usize,
+    per_task: usize,
+    par: Par,
+    buffers: impl Fn() -> Buffers + Sync + Send,
+    head_job: impl Fn(&mut Buffers, usize) + Sync + Send,
+) {
+    let task_job = |buffers: &mut Buffers, task: usize| {
+        (task * per_task..(task + 1) * per_task).for_each(|bh| head_job(buffers, bh));
+    };
+    match par {
+        Par::Seq => {
+            let mut buffers = buffers();
+            (0..heads / per_task).for_each(|task| task_job(&mut buffers, task));
+        }
+        Par::Rayon => (0..heads / per_task).into_par_iter().for_each_init(buffers, task_job),
+    }
+}
+
+/// A worker's buffers in the unfused path: the scores `[S, ld]`, the rows' LSE, the scaled
+/// queries, the keys in panels, and the kept masked scores `[S, T]` (weights only).
+type Buffers = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// After pass 4 of head `(b, h)`: rows that saw no key (`lse = -inf`) become zeros, even where
 /// `0·v` was not zero (a non-finite value) and when `T = 0` (a GEMM with an empty inner

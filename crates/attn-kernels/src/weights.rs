@@ -81,6 +81,23 @@ impl RawWeights {
     }
 }
 
+impl RawWeights {
+    /// Turns row `(b, h, s)`'s masked scores over all keys (`kept`) into its weights given its
+    /// `lse` ([`finish_row`]), in key blocks of [`crate::BLOCK_KEYS`] as
+    /// [`crate::attention_weights`] computes them, and writes them ([`RawWeights::write`]).
+    ///
+    /// # Safety
+    /// As for [`RawWeights::write`], for every key of the row.
+    #[inline]
+    pub(crate) unsafe fn write_finished(&self, kept: &mut [f32], lse: f32, [b, h, s]: [usize; 3]) {
+        for (block, row) in kept.chunks_mut(crate::BLOCK_KEYS).enumerate() {
+            finish_row(row, lse);
+            // SAFETY: the caller's contract.
+            unsafe { self.write([b, h, s, block * crate::BLOCK_KEYS], row) };
+        }
+    }
+}
+
 /// Turns one row's masked scores (`-inf` where the row cannot see a key) into its weights,
 /// given the row's log-sum-exp: `exp(score - lse)`; zeros when `lse = -inf` (nothing to attend
 /// to); for a NaN row (a NaN query, a visible NaN key or a `+inf` score), NaN on the keys it

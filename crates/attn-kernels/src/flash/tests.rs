@@ -377,10 +377,11 @@ fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
     }
 }
 
-/// The flash kernel keeps its scores for the weights where [`keeps_scores`] says, so the bit
-/// checks of [`check_with_weights`] cover that path, not only the second pass.
+/// The flash kernel and the unfused path keep their scores for the weights where
+/// [`keeps_scores`] and `unfused_keeps_scores` say, so the bit checks of
+/// [`check_with_weights`] cover those paths, not only the second pass.
 #[test]
-fn the_flash_kernel_keeps_its_scores_for_usual_shapes() {
+fn the_kernels_keep_their_scores_for_usual_shapes() {
     let f32_options = AttentionOptions::default();
     let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     for (q, kv) in [
@@ -419,6 +420,23 @@ fn the_flash_kernel_keeps_its_scores_for_usual_shapes() {
     };
     assert!(!keeps_scores(
         &plan([2, 4, 70, 16], [2, 300, 16]),
+        &bf16,
+        false,
+        Par::Seq
+    ));
+    // The unfused path (AVX2 at S ≥ 256) keeps its rows' scores itself; the flash kernel does
+    // not take those calls.
+    let unfused_shape = plan([2, 8, 256, 64], [8, 256, 64]);
+    let level = crate::simd_level();
+    let unfused = crate::chosen_path(level, [2, 8, 256, 64], [8, 256]) == crate::KernelPath::Unfused;
+    assert_eq!(unfused, level == crate::SimdLevel::Avx2Fma);
+    for averaged in [false, true] {
+        let keeps = crate::softmax::unfused_keeps_scores(&unfused_shape, &f32_options, averaged, Par::Seq);
+        assert_eq!(keeps, unfused, "averaged {averaged}");
+        assert_eq!(keeps_scores(&unfused_shape, &f32_options, averaged, Par::Seq), !unfused);
+    }
+    assert!(!crate::softmax::unfused_keeps_scores(
+        &unfused_shape,
         &bf16,
         false,
         Par::Seq

@@ -9,8 +9,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{attend_tile, row_position, run_tasks, Dst, Operands, Plan, Scratch, BLOCK_KEYS, BLOCK_ROWS};
-use crate::weights::{finish_row, RawWeights, WeightsDst};
+use super::{attend_tile, row_position, run_tasks, Dst, Operands, Plan, Scratch, BLOCK_ROWS};
+use crate::weights::{RawWeights, WeightsDst};
 use crate::{AttentionOptions, ForwardInputs, KernelError, Par, Precision, ViewMut, ViewMut4};
 
 /// Keys above which the weights take the second pass: the kept scores are `BLOCK_ROWS × T`
@@ -77,12 +77,9 @@ pub(super) fn attend_keeping_scores(
                     spoilt_rows.store(true, Ordering::Relaxed);
                 }
                 let kept = &mut scratch.kept[i * plan.t..(i + 1) * plan.t];
-                for (block, row) in kept.chunks_mut(BLOCK_KEYS).enumerate() {
-                    finish_row(row, lse);
-                    // SAFETY: `(b, h, s)` and these keys are in bounds of the validated
-                    // destination; the row (averaged: every head of `(b, s)`) is this task's.
-                    unsafe { weights.write([b, h, s, block * BLOCK_KEYS], row) };
-                }
+                // SAFETY: `(b, h, s)` is in bounds of the validated destination; the row
+                // (averaged: every head of `(b, s)`) is this task's.
+                unsafe { weights.write_finished(kept, lse, [b, h, s]) };
             }
         }
     };
