@@ -173,7 +173,7 @@ mod tests {
                     crate::softmax::unfused_impl
                 };
                 let inputs = ForwardInputs::new(qv, kv, vv);
-                kernel(o, [None, None], inputs, &options, Par::Seq, repair).unwrap();
+                kernel(o, [None, None], inputs, &options, Par::Seq, repair, None).unwrap();
                 out
             };
             let (without, with) = (run(false), run(true));

@@ -107,11 +107,12 @@ pub fn attention_with_weights(
     let (q, k) = (inputs.q, inputs.k);
     let [b, h, g, s, t, d] = crate::softmax::validate_weights(op, &weights, &q, &k, options)?;
     let plan = Plan::new([b, h, s, d], [g, t, inputs.v.shape()[3]]);
-    if crate::flash::keeps_scores(&plan, options, weights.averaged(), par) {
-        return crate::flash::flash_with_weights(out, lse, weights, inputs, options, par);
-    }
-    if crate::softmax::unfused_keeps_scores(&plan, options, weights.averaged(), par) {
-        return crate::softmax::unfused_with_weights(out, lse, weights, inputs, options, par);
+    if let Some(path) = keeping_path(&plan, options, weights.averaged(), par) {
+        let raw = Some(crate::weights::RawWeights::new(weights, h));
+        return match path {
+            KernelPath::Flash => crate::flash::flash_impl(out, [lse, None], inputs, options, par, true, raw),
+            KernelPath::Unfused => crate::softmax::unfused_impl(out, [lse, None], inputs, options, par, true, raw),
+        };
     }
     // Else the call, then the weights from its LSE (into the caller's `lse` if given).
     let mut own = Vec::new();
@@ -124,6 +125,40 @@ pub fn attention_with_weights(
     };
     by_path(out, [Some(lse.rb_mut()), None], inputs, options, par)?;
     crate::attention_weights(weights, q, k, lse.rb(), options, par)
+}
+
+/// The path that writes the weights of a call of `plan` itself, keeping its masked scores, or
+/// `None` when they come from a second pass over the LSE. Only f32 calls with no empty
+/// dimension qualify, on the path [`chosen_path`] names:
+/// - the flash kernel with unsplit keys (not decoding) and at most
+///   [`crate::flash::MAX_KEPT_KEYS`] keys; when averaging over heads, one task holds every head of
+///   its query rows, so a row's heads must not straddle two row tiles and there must be a task
+///   per worker;
+/// - the unfused path; when averaging, a task per batch element adds its heads in order, so
+///   there must be a batch element per worker.
+pub(crate) fn keeping_path(
+    plan: &Plan,
+    options: &AttentionOptions<'_>,
+    averaged: bool,
+    par: Par,
+) -> Option<KernelPath> {
+    let sized = plan.b > 0 && plan.h > 0 && plan.s > 0 && plan.t > 0 && plan.d > 0;
+    if options.precision != crate::Precision::F32 || !sized {
+        return None;
+    }
+    let workers = match par {
+        Par::Seq => 1,
+        Par::Rayon => rayon::current_num_threads(),
+    };
+    let path = chosen_path(crate::simd_level(), [plan.b, plan.h, plan.s, plan.d], [plan.g, plan.t]);
+    let keeps = match path {
+        KernelPath::Flash => {
+            let tasks_hold_rows = crate::BLOCK_ROWS.is_multiple_of(plan.rep) && plan.b * plan.row_tiles >= workers;
+            plan.splits == 1 && plan.t <= crate::flash::MAX_KEPT_KEYS && (!averaged || tasks_hold_rows)
+        }
+        KernelPath::Unfused => !averaged || plan.b >= workers,
+    };
+    keeps.then_some(path)
 }
 
 /// The one dispatch of [`attention`] and [`attention_with_lse_lo`]: the path [`chosen_path`]
@@ -142,8 +177,8 @@ fn by_path(
         crate::Precision::F32 => chosen_path(crate::simd_level(), inputs.q.shape(), [g, t]),
     };
     match path {
-        KernelPath::Flash => crate::flash::flash_impl(out, lse, inputs, options, par, true),
-        KernelPath::Unfused => crate::softmax::unfused_impl(out, lse, inputs, options, par, true),
+        KernelPath::Flash => crate::flash::flash_impl(out, lse, inputs, options, par, true, None),
+        KernelPath::Unfused => crate::softmax::unfused_impl(out, lse, inputs, options, par, true, None),
     }
 }
 

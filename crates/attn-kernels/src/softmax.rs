@@ -156,7 +156,7 @@ pub fn attention_unfused(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    unfused_impl(out, [lse, None], inputs, options, par, true)
+    unfused_impl(out, [lse, None], inputs, options, par, true, None)
 }
 
 /// Bytes of scratch [`attention_unfused`] allocates on `workers` threads for `q: [B, H, S, D]`
@@ -174,56 +174,13 @@ pub fn unfused_scratch_bytes([_, _, s, d]: [usize; 4], t: usize, workers: usize)
     per_worker.saturating_mul(workers as u128).saturating_mul(4)
 }
 
-/// [`attention_unfused`], with the repair of values that rows cannot see switched by `repair`.
+/// [`attention_unfused`], with the repair of values that rows cannot see switched by `repair`,
+/// also writing the weights when given (f32 calls that [`crate::path::keeping_path`] gives
+/// this path): each row's masked scores are kept before its
+/// softmax and become `exp(s − lse)` once its `lse` is known, in key blocks of
+/// [`crate::BLOCK_KEYS`] as [`attention_weights`] computes them (the same scores, so the same
+/// bits).
 pub(crate) fn unfused_impl(
-    out: ViewMut4<'_, f32>,
-    lse: [Option<ViewMut<'_, f32, 3>>; 2],
-    inputs: ForwardInputs<'_>,
-    options: &AttentionOptions<'_>,
-    par: Par,
-    repair: bool,
-) -> Result<(), KernelError> {
-    unfused_call(out, lse, inputs, options, par, repair, None)
-}
-
-/// Whether the unfused path writes the weights of a call of `plan` itself, as it goes (else
-/// they come from a second pass over the LSE): f32, the unfused path, no empty dimension; when
-/// averaging, one task per batch element adds its heads in order, so there must be one per
-/// worker.
-pub(crate) fn unfused_keeps_scores(
-    plan: &crate::flash::Plan,
-    options: &AttentionOptions<'_>,
-    averaged: bool,
-    par: Par,
-) -> bool {
-    let unfused = crate::chosen_path(crate::simd_level(), [plan.b, plan.h, plan.s, plan.d], [plan.g, plan.t])
-        == crate::KernelPath::Unfused;
-    let sized = plan.b > 0 && plan.h > 0 && plan.s > 0 && plan.t > 0 && plan.d > 0;
-    let workers = match par {
-        Par::Seq => 1,
-        Par::Rayon => rayon::current_num_threads(),
-    };
-    options.precision == crate::Precision::F32 && unfused && sized && (!averaged || plan.b >= workers)
-}
-
-/// The unfused path on a call [`unfused_keeps_scores`] allows, writing `weights` as well: each
-/// row's masked scores are kept before its softmax and become `exp(s − lse)` once its `lse`
-/// is known, in key blocks of [`crate::BLOCK_KEYS`] as [`attention_weights`] computes them
-/// (the same scores, so the same bits).
-pub(crate) fn unfused_with_weights(
-    out: ViewMut4<'_, f32>,
-    lse: Option<ViewMut<'_, f32, 3>>,
-    weights: WeightsDst<'_>,
-    inputs: ForwardInputs<'_>,
-    options: &AttentionOptions<'_>,
-    par: Par,
-) -> Result<(), KernelError> {
-    let raw = RawWeights::new(weights, inputs.q.shape()[1]);
-    unfused_call(out, [lse, None], inputs, options, par, true, Some(raw))
-}
-
-/// [`unfused_impl`], also writing the weights when given.
-fn unfused_call(
     out: ViewMut4<'_, f32>,
     [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
     inputs: ForwardInputs<'_>,
@@ -342,7 +299,8 @@ fn unfused_call(
     );
     if repair && spoilt_rows.load(Ordering::Relaxed) {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
-            unfused_impl(out, [Some(lse), None], ForwardInputs::new(q, k, v), options, par, false)
+            let inputs = ForwardInputs::new(q, k, v);
+            unfused_impl(out, [Some(lse), None], inputs, options, par, false, None)
         })?;
     }
     Ok(())

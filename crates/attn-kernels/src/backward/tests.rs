@@ -90,6 +90,7 @@ fn check(case: Case) {
         &options,
         Par::Rayon,
         true,
+        None,
     )
     .unwrap();
     let dout = random_vec(b * h * s * dv, 21);
@@ -582,11 +583,21 @@ fn large_logits_get_exact_probabilities_from_the_split_lse() {
             Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
             Some(ViewMut::contiguous(&mut lse_lo, [b, h, s]).unwrap()),
         );
-        if unfused {
-            crate::softmax::unfused_impl(o, [l, lo], ForwardInputs::new(qv, kv, vv), &options, Par::Seq, true).unwrap();
+        let forward = if unfused {
+            crate::softmax::unfused_impl
         } else {
-            crate::flash::flash_impl(o, [l, lo], ForwardInputs::new(qv, kv, vv), &options, Par::Seq, true).unwrap();
-        }
+            crate::flash::flash_impl
+        };
+        forward(
+            o,
+            [l, lo],
+            ForwardInputs::new(qv, kv, vv),
+            &options,
+            Par::Seq,
+            true,
+            None,
+        )
+        .unwrap();
         for (with_lo, slot) in [(true, 0), (false, 1)] {
             let inputs = BackwardInputs {
                 q: qv,

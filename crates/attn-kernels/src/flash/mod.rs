@@ -64,7 +64,7 @@ pub(crate) use plan::{validate, validate_qk, Plan};
 use scratch::{with_scratch, Scratch};
 use tile::attend_tile;
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
-pub(crate) use weights::{flash_with_weights, keeps_scores};
+pub(crate) use weights::MAX_KEPT_KEYS;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -119,26 +119,14 @@ pub fn flash_attention(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    flash_impl(out, [lse, None], inputs, options, par, true)
+    flash_impl(out, [lse, None], inputs, options, par, true, None)
 }
 
 /// [`flash_attention`], with the repair of values that rows cannot see (see
-/// [`crate::nonfinite`]) switched by `repair`.
-/// `[lse, lse_lo]` as in [`crate::attention_with_lse_lo`], each optional.
+/// [`crate::nonfinite`]) switched by `repair`; `[lse, lse_lo]` as in
+/// [`crate::attention_with_lse_lo`], each optional; and the call's weights written to `weights`
+/// when given (f32 calls that [`crate::path::keeping_path`] gives this kernel; see [`weights`]).
 pub(crate) fn flash_impl(
-    out: ViewMut4<'_, f32>,
-    lse: [Option<ViewMut<'_, f32, 3>>; 2],
-    inputs: ForwardInputs<'_>,
-    options: &AttentionOptions<'_>,
-    par: Par,
-    repair: bool,
-) -> Result<(), KernelError> {
-    flash_call(out, lse, inputs, options, par, repair, None)
-}
-
-/// [`flash_impl`], also writing the call's weights to `weights` when given (f32 calls that
-/// [`weights::keeps_scores`] allows; see [`weights`]).
-fn flash_call(
     out: ViewMut4<'_, f32>,
     [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
     inputs: ForwardInputs<'_>,
@@ -188,7 +176,8 @@ fn flash_call(
     };
     if repair && spoilt {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
-            flash_impl(out, [Some(lse), None], ForwardInputs::new(q, k, v), options, par, false)
+            let inputs = ForwardInputs::new(q, k, v);
+            flash_impl(out, [Some(lse), None], inputs, options, par, false, None)
         })?;
     }
     Ok(())

@@ -378,10 +378,12 @@ fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
 }
 
 /// The flash kernel and the unfused path keep their scores for the weights where
-/// [`keeps_scores`] and `unfused_keeps_scores` say, so the bit checks of
-/// [`check_with_weights`] cover those paths, not only the second pass.
+/// [`crate::path::keeping_path`] says, so the bit checks of [`check_with_weights`] cover those
+/// paths, not only the second pass.
 #[test]
 fn the_kernels_keep_their_scores_for_usual_shapes() {
+    use crate::path::keeping_path;
+    use crate::KernelPath::{Flash, Unfused};
     let f32_options = AttentionOptions::default();
     let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     for (q, kv) in [
@@ -391,56 +393,58 @@ fn the_kernels_keep_their_scores_for_usual_shapes() {
     ] {
         let plan = Plan::new(q, kv);
         for averaged in [false, true] {
-            assert!(keeps_scores(&plan, &f32_options, averaged, Par::Seq), "{q:?} {kv:?}");
-            assert!(
-                two.install(|| keeps_scores(&plan, &f32_options, averaged, Par::Rayon)),
+            assert_eq!(
+                keeping_path(&plan, &f32_options, averaged, Par::Seq),
+                Some(Flash),
                 "{q:?} {kv:?}"
             );
+            let on_two = two.install(|| keeping_path(&plan, &f32_options, averaged, Par::Rayon));
+            assert_eq!(on_two, Some(Flash), "{q:?} {kv:?}");
         }
     }
     // Decoding splits its keys; one row tile cannot feed two workers an average; a group of 3
     // heads straddles row tiles; bf16 takes the second pass.
     let plan = |q, kv| Plan::new(q, kv);
-    assert!(!keeps_scores(
-        &plan([1, 8, 1, 16], [8, 4096, 16]),
-        &f32_options,
-        false,
-        Par::Seq
-    ));
-    assert!(!two.install(|| keeps_scores(&plan([1, 8, 50, 16], [8, 100, 16]), &f32_options, true, Par::Rayon)));
-    assert!(!keeps_scores(
-        &plan([1, 6, 50, 16], [2, 100, 16]),
-        &f32_options,
-        true,
-        Par::Seq
-    ));
+    assert_eq!(
+        keeping_path(&plan([1, 8, 1, 16], [8, 4096, 16]), &f32_options, false, Par::Seq),
+        None
+    );
+    let one_tile = plan([1, 8, 50, 16], [8, 100, 16]);
+    assert_eq!(
+        two.install(|| keeping_path(&one_tile, &f32_options, true, Par::Rayon)),
+        None
+    );
+    assert_eq!(
+        keeping_path(&plan([1, 6, 50, 16], [2, 100, 16]), &f32_options, true, Par::Seq),
+        None
+    );
     let bf16 = AttentionOptions {
         precision: crate::Precision::Bf16,
         ..AttentionOptions::default()
     };
-    assert!(!keeps_scores(
-        &plan([2, 4, 70, 16], [2, 300, 16]),
-        &bf16,
-        false,
-        Par::Seq
-    ));
-    // The unfused path (AVX2 at S ≥ 256) keeps its rows' scores itself; the flash kernel does
-    // not take those calls.
-    let unfused_shape = plan([2, 8, 256, 64], [8, 256, 64]);
+    assert_eq!(
+        keeping_path(&plan([2, 4, 70, 16], [2, 300, 16]), &bf16, false, Par::Seq),
+        None
+    );
+    // The unfused path (AVX2 at S ≥ 256) keeps its rows' scores itself; with one batch element
+    // and two workers it cannot average.
     let level = crate::simd_level();
-    let unfused = crate::chosen_path(level, [2, 8, 256, 64], [8, 256]) == crate::KernelPath::Unfused;
-    assert_eq!(unfused, level == crate::SimdLevel::Avx2Fma);
+    let want = if level == crate::SimdLevel::Avx2Fma {
+        Unfused
+    } else {
+        Flash
+    };
+    let unfused_shape = plan([2, 8, 256, 64], [8, 256, 64]);
     for averaged in [false, true] {
-        let keeps = crate::softmax::unfused_keeps_scores(&unfused_shape, &f32_options, averaged, Par::Seq);
-        assert_eq!(keeps, unfused, "averaged {averaged}");
-        assert_eq!(keeps_scores(&unfused_shape, &f32_options, averaged, Par::Seq), !unfused);
+        assert_eq!(
+            keeping_path(&unfused_shape, &f32_options, averaged, Par::Seq),
+            Some(want)
+        );
     }
-    assert!(!crate::softmax::unfused_keeps_scores(
-        &unfused_shape,
-        &bf16,
-        false,
-        Par::Seq
-    ));
+    let single = plan([1, 8, 256, 64], [8, 256, 64]);
+    let averaged_on_two = two.install(|| keeping_path(&single, &f32_options, true, Par::Rayon));
+    assert_eq!(averaged_on_two, if want == Unfused { None } else { Some(Flash) });
+    assert_eq!(keeping_path(&unfused_shape, &bf16, false, Par::Seq), None);
 }
 
 /// Rows and keys at each edge of a row tile and a key block, and keys past two blocks.

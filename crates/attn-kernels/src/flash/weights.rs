@@ -10,43 +10,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{attend_tile, row_position, run_tasks, Dst, Operands, Plan, Scratch, BLOCK_ROWS};
-use crate::weights::{RawWeights, WeightsDst};
-use crate::{AttentionOptions, ForwardInputs, KernelError, Par, Precision, ViewMut, ViewMut4};
+use crate::weights::RawWeights;
+use crate::Par;
 
 /// Keys above which the weights take the second pass: the kept scores are `BLOCK_ROWS × T`
 /// floats per worker (4 MiB at this bound).
-const MAX_KEPT_KEYS: usize = 16 * 1024;
-
-/// Whether the flash kernel writes the weights of a call of `plan` itself (else they come from
-/// a second pass over the call's LSE): f32, the flash path, unsplit keys, at most
-/// [`MAX_KEPT_KEYS`] keys, no empty dimension; when averaging over heads, one task holds every
-/// head of its query rows, so the heads of a query row must not straddle two row tiles and
-/// there must be a task for each worker.
-pub(crate) fn keeps_scores(plan: &Plan, options: &AttentionOptions<'_>, averaged: bool, par: Par) -> bool {
-    let flash = crate::chosen_path(crate::simd_level(), [plan.b, plan.h, plan.s, plan.d], [plan.g, plan.t])
-        == crate::KernelPath::Flash;
-    let sized = plan.b > 0 && plan.h > 0 && plan.s > 0 && plan.t > 0 && plan.d > 0 && plan.t <= MAX_KEPT_KEYS;
-    let workers = match par {
-        Par::Seq => 1,
-        Par::Rayon => rayon::current_num_threads(),
-    };
-    let averages = !averaged || (BLOCK_ROWS.is_multiple_of(plan.rep) && plan.b * plan.row_tiles >= workers);
-    options.precision == Precision::F32 && flash && plan.splits == 1 && sized && averages
-}
-
-/// The flash kernel on a call [`keeps_scores`] allows, writing `weights` as well: the non-finite
-/// repair of [`super::flash_impl`] included.
-pub(crate) fn flash_with_weights(
-    out: ViewMut4<'_, f32>,
-    lse: Option<ViewMut<'_, f32, 3>>,
-    weights: WeightsDst<'_>,
-    inputs: ForwardInputs<'_>,
-    options: &AttentionOptions<'_>,
-    par: Par,
-) -> Result<(), KernelError> {
-    let raw = RawWeights::new(weights, inputs.q.shape()[1]);
-    super::flash_call(out, [lse, None], inputs, options, par, true, Some(raw))
-}
+pub(crate) const MAX_KEPT_KEYS: usize = 16 * 1024;
 
 /// The tasks of an unsplit call that keeps its scores: per `(b, g, row tile)` for per-head
 /// weights, per `(b, row tile)` over every `g` in order when averaging (so each query row's
