@@ -19,8 +19,8 @@
 //! - [`sdpa`]: the validated entry point to the kernels, with typed masks ([`ScoreMask`],
 //!   [`KeyPadding`], [`BoolMeaning`]).
 //! - [`MultiHeadAttention`]: PyTorch's `nn.MultiheadAttention` with its state-dict names,
-//!   grouped-query heads, fused QKV for self-attention, weights from the flash kernel's scores, a [`KvCache`] for
-//!   decoding, RoPE ([`Rope`]) and ALiBi ([`alibi_slopes`]).
+//!   grouped-query heads, fused QKV for self-attention, weights from the attention kernel's own
+//!   scores, a [`KvCache`] for decoding, RoPE ([`Rope`]) and ALiBi ([`alibi_slopes`]).
 //! - [`Attention`]: one head with its own projections.
 //!
 //! - [`FromSafetensors`]: a [`StateDict`] from the bytes of a safetensors file (F32, F16, BF16,

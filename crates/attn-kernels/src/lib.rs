@@ -23,8 +23,8 @@
 //! - [`flash_attention`]: tiled attention with an online softmax, never forming `S×T`.
 //! - [`attention_unfused`]: the textbook path, for comparison.
 //! - [`attention_with_weights`]: [`attention`] that also writes the softmax weights (per head
-//!   or averaged, as `nn.MultiheadAttention` returns them), from the flash kernel's own scores
-//!   where it can; [`attention_weights`] recomputes them from a call's LSE.
+//!   or averaged, as `nn.MultiheadAttention` returns them), from the scores the call's path
+//!   computed where it can; [`attention_weights`] recomputes them from a call's LSE.
 //! - [`norm_rows`], [`add_norm_rows`], [`bias_activation`]: the row and pointwise kernels of
 //!   the layers around attention (norms with the residual add fused, bias with activation).
 //! - [`attention_backward`]: the gradients of attention (FlashAttention-2's algorithm,

@@ -188,6 +188,117 @@ mod tests {
     use crate::testing::random_vec;
     use crate::{attention_unfused, flash_attention, View4};
 
+    /// Bad operands of `attention_with_weights` and `attention_weights` are typed errors
+    /// naming the tensor and the shape expected, never a panic, and leave the weights alone.
+    #[test]
+    fn weights_calls_refuse_bad_operands_with_typed_errors() {
+        let (b, h, s, t, d) = (2, 4, 70, 300, 16);
+        let q = random_vec(b * h * s * d, 1);
+        let k = random_vec(b * h * t * d, 2);
+        let v_short = random_vec(b * h * (t - 1) * d, 3);
+        let qv = View4::contiguous(&q, [b, h, s, d]).unwrap();
+        let kv = View4::contiguous(&k, [b, h, t, d]).unwrap();
+        let v = View4::contiguous(&k, [b, h, t, d]).unwrap();
+        let options = AttentionOptions::default();
+        let mut out = vec![0.0f32; b * h * s * d];
+        let shape_of = |e: KernelError| match e {
+            KernelError::ShapeMismatch {
+                op,
+                tensor,
+                expected,
+                got,
+            } => (op, tensor, expected, got),
+            other => panic!("expected a shape mismatch, got {other:?}"),
+        };
+        // Weights one key short, per head and averaged.
+        for averaged in [false, true] {
+            let (want, got) = if averaged {
+                (vec![b, s, t], vec![b, s, t - 1])
+            } else {
+                (vec![b, h, s, t], vec![b, h, s, t - 1])
+            };
+            let mut w = vec![7.0f32; got.iter().product()];
+            let dst = if averaged {
+                crate::WeightsDst::Averaged(ViewMut::contiguous(&mut w, [b, s, t - 1]).unwrap())
+            } else {
+                crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut w, [b, h, s, t - 1]).unwrap())
+            };
+            let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+            let e = attention_with_weights(o, None, dst, ForwardInputs::new(qv, kv, v), &options, Par::Seq);
+            assert_eq!(
+                shape_of(e.unwrap_err()),
+                ("attention_with_weights", "weights", want, got)
+            );
+            assert!(w.iter().all(|&x| x == 7.0), "weights written on an error");
+        }
+        let mut w = vec![0.0f32; b * s * t];
+        fn averaged(w: &mut [f32], [b, s, t]: [usize; 3]) -> crate::WeightsDst<'_> {
+            crate::WeightsDst::Averaged(ViewMut::contiguous(w, [b, s, t]).unwrap())
+        }
+        // Values one key short, and an LSE of the wrong shape: the attention call's own errors.
+        let vs = View4::contiguous(&v_short, [b, h, t - 1, d]).unwrap();
+        let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+        let e = attention_with_weights(
+            o,
+            None,
+            averaged(&mut w, [b, s, t]),
+            ForwardInputs::new(qv, kv, vs),
+            &options,
+            Par::Seq,
+        );
+        assert!(
+            matches!(e, Err(KernelError::ShapeMismatch { tensor: "v", .. })),
+            "{e:?}"
+        );
+        let mut lse = vec![0.0f32; b * h * (s - 1)];
+        let l = ViewMut::contiguous(&mut lse, [b, h, s - 1]).unwrap();
+        let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+        let e = attention_with_weights(
+            o,
+            Some(l),
+            averaged(&mut w, [b, s, t]),
+            ForwardInputs::new(qv, kv, v),
+            &options,
+            Par::Seq,
+        );
+        assert!(
+            matches!(e, Err(KernelError::ShapeMismatch { tensor: "lse", .. })),
+            "{e:?}"
+        );
+        let lse = vec![0.0f32; b * h * (s - 1)];
+        let l = crate::View::contiguous(&lse, [b, h, s - 1]).unwrap();
+        let e = crate::attention_weights(averaged(&mut w, [b, s, t]), qv, kv, l, &options, Par::Seq).unwrap_err();
+        assert_eq!(
+            shape_of(e),
+            ("attention_weights", "lse", vec![b, h, s], vec![b, h, s - 1])
+        );
+        // A head dim of 0.
+        let (q0, k0) = (
+            View4::contiguous(&[], [b, h, s, 0]).unwrap(),
+            View4::contiguous(&[], [b, h, t, 0]).unwrap(),
+        );
+        let o = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
+        let e = attention_with_weights(
+            o,
+            None,
+            averaged(&mut w, [b, s, t]),
+            ForwardInputs::new(q0, k0, v),
+            &options,
+            Par::Seq,
+        );
+        assert!(
+            matches!(
+                e,
+                Err(KernelError::InvalidArgument {
+                    op: "attention_with_weights",
+                    what: "head dim D",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn the_path_follows_the_measured_thresholds() {
         let avx2 = SimdLevel::Avx2Fma;

@@ -221,15 +221,15 @@ impl Core {
             // scores where it keeps them).
             (KvView::F32(k), KvView::F32(v)) => {
                 let inputs = ForwardInputs::new(q_view, k, v);
-                let mut w = vec![0.0f32; weights_len(need, [b, h, s, t])];
-                match need {
-                    NeedWeights::No => attention(out_view, None, inputs, &kernel_options, par)?,
-                    _ => {
-                        let dst = weights_dst(need, &mut w, [b, h, s, t])?;
-                        attention_with_weights(out_view, None, dst, inputs, &kernel_options, par)?
-                    }
+                if need == NeedWeights::No {
+                    attention(out_view, None, inputs, &kernel_options, par)?;
+                    None
+                } else {
+                    let mut w = vec![0.0f32; weights_len(need, [b, h, s, t])];
+                    let dst = weights_dst(need, &mut w, [b, h, s, t])?;
+                    attention_with_weights(out_view, None, dst, inputs, &kernel_options, par)?;
+                    Some(w)
                 }
-                (need != NeedWeights::No).then_some(w)
             }
             // A bf16 cache: read in place when decoding, the bits of its widened values; the
             // weights from the LSE over the widened keys.
