@@ -12,15 +12,17 @@ ceiling.
 The works: the layers' GEMM shapes of `bench_gemm.py` and the SDPA prefill shapes of
 `bench_compare.py`, f32.
 
-Usage: python bench_peak.py ATTN_BINARY FMA_PEAK_BINARY THREADS ROUNDS
-FMA_PEAK_BINARY is `cargo build --release -p attn-kernels --example fma_peak`'s
-target/release/examples/fma_peak.
+Usage: python bench_peak.py ATTN_BINARY THREADS ROUNDS [--fma-peak FMA_PEAK_BINARY]
+FMA_PEAK_BINARY is what `cargo build --release -p attn-kernels --example fma_peak` builds; by
+default `examples/fma_peak` beside ATTN_BINARY (both in target/release). Run by `cargo xtask
+bench`.
 """
 
 import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -51,7 +53,10 @@ def works(binary, threads):
 
 
 def main():
-    binary, peak_binary, threads, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    binary, threads, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    peak_binary = str(Path(binary).parent / "examples" / "fma_peak")
+    if "--fma-peak" in sys.argv:
+        peak_binary = sys.argv[sys.argv.index("--fma-peak") + 1]
     torch.set_num_threads(threads)
     table = works(binary, threads)
     frac = {name: {"attn": [], "torch": []} for name, *_ in table}

@@ -240,8 +240,15 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
             python()
         ));
     }
-    let scripts: [(&str, &[&str], &str); 6] = [
+    // The FMA ceiling that `bench_peak.py` measures the kernels against.
+    run(cargo().args(["build", "--release", "-p", "attn-kernels", "--example", "fma_peak"]))?;
+    let scripts: [(&str, &[&str], &str); 7] = [
         ("bench_compare.py", &[], "Against PyTorch scaled_dot_product_attention"),
+        (
+            "bench_peak.py",
+            &[],
+            "attn and PyTorch as fractions of the f32 FMA ceiling (examples/fma_peak.rs)",
+        ),
         (
             "bench_compare.py",
             &["--bf16"],
