@@ -356,4 +356,42 @@ mod tests {
             assert_eq!(got, want, "S = {s}, T = {t}");
         }
     }
+
+    /// The mean over no heads (H = 0, one key/value head) is zeros, written over whatever the
+    /// destination held, by both weights calls.
+    #[test]
+    fn averaged_weights_over_no_heads_are_zeros() {
+        let (b, s, t, d) = (2, 3, 5, 4);
+        let none: [f32; 0] = [];
+        let q = View4::contiguous(&none, [b, 0, s, d]).unwrap();
+        let kv = vec![0.5f32; b * t * d];
+        let k = View4::contiguous(&kv, [b, 1, t, d]).unwrap();
+        let options = AttentionOptions::default();
+        let mut w = vec![f32::NAN; b * s * t];
+        let dst = crate::WeightsDst::Averaged(ViewMut::contiguous(&mut w, [b, s, t]).unwrap());
+        let lse = crate::View::contiguous(&none, [b, 0, s]).unwrap();
+        crate::attention_weights(dst, q, k, lse, &options, Par::Seq).unwrap();
+        assert!(w.iter().all(|&x| x == 0.0), "attention_weights: {w:?}");
+        let mut w = vec![f32::NAN; b * s * t];
+        let dst = crate::WeightsDst::Averaged(ViewMut::contiguous(&mut w, [b, s, t]).unwrap());
+        let mut out: [f32; 0] = [];
+        let o = ViewMut4::contiguous(&mut out, [b, 0, s, d]).unwrap();
+        attention_with_weights(o, None, dst, ForwardInputs::new(q, k, k), &options, Par::Seq).unwrap();
+        assert!(w.iter().all(|&x| x == 0.0), "attention_with_weights: {w:?}");
+    }
+
+    /// The flash kernel keeps its scores up to `MAX_KEPT_KEYS` keys (`[64, T]` floats per
+    /// worker) and hands longer calls to the second pass (32 tasks, so the keys are not split; S = 64, the
+    /// flash path at every level).
+    #[test]
+    fn scores_are_kept_up_to_the_bound_on_keys() {
+        let options = AttentionOptions::default();
+        // The bound `attention_with_weights`' rustdoc states: 16,384 keys.
+        let most = 16 * 1024;
+        for averaged in [false, true] {
+            let at = |t: usize| keeping_path(&Plan::new([32, 1, 64, 16], [1, t, 16]), &options, averaged, Par::Seq);
+            assert_eq!(at(most), Some(KernelPath::Flash), "T = {most}");
+            assert_eq!(at(most + 1), None, "T = {}", most + 1);
+        }
+    }
 }

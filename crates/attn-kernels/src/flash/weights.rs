@@ -29,12 +29,13 @@ pub(super) fn attend_keeping_scores(
     par: Par,
 ) -> bool {
     let spoilt_rows = AtomicBool::new(false);
-    let groups_per_task = if weights.inv_heads.is_some() { plan.g } else { 1 };
+    let averaged = weights.inv_heads.is_some();
+    let groups_per_task = if averaged { plan.g } else { 1 };
     let run = |scratch: &mut Scratch, task: usize| {
         scratch.keep_room(plan.t);
         let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
-        let tasks_per_b = plan.g / groups_per_task;
-        let (b, g_first) = (bg / tasks_per_b, (bg % tasks_per_b) * groups_per_task);
+        // Averaging: `bg` is `b`, over every group; else `(b, g)`, one group.
+        let (b, g_first) = if averaged { (bg, 0) } else { (bg / plan.g, bg % plan.g) };
         for g in g_first..g_first + groups_per_task {
             let rows = attend_tile(scratch, plan, ops, [b, g, tile], 0..plan.t);
             for i in 0..rows {
