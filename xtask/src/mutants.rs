@@ -9,7 +9,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 9] = [
+const MUTANT_SCOPE: [(&str, &str); 14] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -36,6 +36,20 @@ const MUTANT_SCOPE: [(&str, &str); 9] = [
         "head_view|Core::project|Core::project_kv|Core::project_out",
     ),
     ("crates/attn-core/src/mha/weights.rs", "linear|Core::weight|Core::bias"),
+    // The weights written from the kept scores, and the rule for which path keeps them.
+    (
+        "crates/attn-kernels/src/weights.rs",
+        "finish_row|zero_fill|write_weights|RawWeights::.*",
+    ),
+    ("crates/attn-kernels/src/flash/weights.rs", "attend_keeping_scores"),
+    ("crates/attn-kernels/src/path.rs", "attention_with_weights|keeping_path"),
+    // attn's own f32 GEMM: its safe functions (cargo-mutants leaves `unsafe fn`s alone, which
+    // are the bands, the blocking, the micro-kernel and the packing), and weights packed once.
+    ("crates/attn-kernels/src/gemm/avx512.rs", "masks"),
+    (
+        "crates/attn-kernels/src/gemm/packed.rs",
+        "gemm_packed|pack_panel|F32Panels::pack",
+    ),
     // Norms with the fused residual adds.
     (
         "crates/attn-nn/src/layers.rs",

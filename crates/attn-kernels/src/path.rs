@@ -394,4 +394,11 @@ mod tests {
             assert_eq!(at(most + 1), None, "T = {}", most + 1);
         }
     }
+
+    /// The names the paths print under (`attn bench sweep`'s chosen path, the demo).
+    #[test]
+    fn paths_print_their_names() {
+        assert_eq!(KernelPath::Flash.to_string(), "flash");
+        assert_eq!(KernelPath::Unfused.to_string(), "unfused");
+    }
 }

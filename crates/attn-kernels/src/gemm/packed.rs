@@ -204,6 +204,7 @@ mod tests {
                 assert_eq!(packed.shape(), [k, n]);
                 let floats = packed.floats();
                 assert_eq!(floats.len(), n.div_ceil(NR) * k * NR);
+                assert_eq!(packed.size_in_bytes(), floats.len() * 4, "{k}x{n}");
                 for (i, &x) in floats.iter().enumerate() {
                     let (q, p, j) = (i / (k * NR), i / NR % k.max(1), i % NR);
                     let want = if q * NR + j < n { b.get([p, q * NR + j]) } else { 0.0 };
