@@ -171,10 +171,29 @@ mod peak {
 #[cfg(target_arch = "x86_64")]
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let number = |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default).max(1);
-    let (threads, rounds) = (number(0, 2), number(1, 9));
+    let usage = "usage: fma_peak [THREADS ≥ 1] [ROUNDS ≥ 1] [ymm]";
+    let fail = |what: String| -> ! {
+        eprintln!("fma_peak: {what}; {usage}");
+        std::process::exit(2)
+    };
+    let number = |i: usize, name: &str, default: usize| match args.get(i) {
+        None => default,
+        Some(a) => match a.parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => fail(format!("{name} is {a:?}, expected a whole number of at least 1")),
+        },
+    };
+    let (threads, rounds) = (number(0, "THREADS", 2), number(1, "ROUNDS", 9));
     // `ymm` as a third argument measures the AVX2 loop on an AVX-512 machine too.
-    let avx512 = is_x86_feature_detected!("avx512f") && args.get(2).map(String::as_str) != Some("ymm");
+    let ymm = match args.get(2).map(String::as_str) {
+        None => false,
+        Some("ymm") => true,
+        Some(other) => fail(format!("the third argument is {other:?}, expected `ymm`")),
+    };
+    if args.len() > 3 {
+        fail(format!("{} arguments, expected at most 3", args.len()));
+    }
+    let avx512 = is_x86_feature_detected!("avx512f") && !ymm;
     let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     if !(avx512 || avx2) {
         eprintln!("fma_peak: this CPU has neither AVX-512 nor AVX2+FMA");
