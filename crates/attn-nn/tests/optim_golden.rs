@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use attn_nn::{clip_grad_norm, AdamW, Param, ParamStore, Parameters, Schedule, Step};
+use attn_nn::{clip_grad_norm, AdamW, EncoderLayer, Grads, LayerConfig, Param, ParamStore, Parameters, Schedule, Step};
 use safetensors::SafeTensors;
 
 fn read() -> BTreeMap<String, Vec<f32>> {
@@ -114,7 +114,65 @@ fn bad_arguments_and_changed_sizes_are_typed_errors() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("grad.w"), "{err}");
-    assert!(adam.step(&mut [], f32::NAN).is_err());
+    // The learning rate is refused unless finite and at least 0, and a refused step is not
+    // counted.
+    for lr in [f32::NAN, -1e-3, f32::INFINITY, f32::NEG_INFINITY] {
+        let err = adam.step(&mut [], lr).unwrap_err();
+        assert!(err.to_string().contains("lr"), "{lr}: {err}");
+    }
+    assert_eq!(adam.steps(), 1);
+}
+
+/// A flat step checks whose buffers it is handed: gradients made for another store are refused
+/// even when the layouts are equal; a store of another layout is refused once the moments are
+/// flat; a store of an equal layout (the same model built or loaded again) continues the
+/// moments, with the bits the first store's next step gives.
+#[test]
+fn flat_steps_refuse_other_stores_and_continue_on_equal_layouts() {
+    let layer = |width| EncoderLayer::with_seed(LayerConfig::new(width, 2), 0).unwrap();
+    let (mut a, mut b, mut c) = (layer(8), layer(8), layer(16));
+    let (store_a, store_b, store_c) = (
+        ParamStore::adopt(&mut a),
+        ParamStore::adopt(&mut b),
+        ParamStore::adopt(&mut c),
+    );
+    assert_eq!(store_a.layout(), store_b.layout());
+    let grads_for = |store: &ParamStore| {
+        let mut grads = Grads::for_store(store);
+        let flat = grads.flat_mut().unwrap();
+        flat.iter_mut()
+            .enumerate()
+            .for_each(|(i, g)| *g = ((i % 7) as f32 - 3.0) * 0.01);
+        grads
+    };
+    let (grads_a, grads_b, grads_c) = (grads_for(&store_a), grads_for(&store_b), grads_for(&store_c));
+    let mut adam = AdamW::new((0.9, 0.999), 1e-8, 0.01).unwrap();
+
+    let err = adam.update(&store_a, &mut a, &grads_b, 1e-2).unwrap_err();
+    assert!(err.to_string().contains("Grads::for_store"), "{err}");
+    assert_eq!(adam.steps(), 0, "a refused step is not counted");
+    adam.update(&store_a, &mut a, &grads_a, 1e-2).unwrap();
+
+    let err = adam.update(&store_c, &mut c, &grads_c, 1e-2).unwrap_err();
+    assert!(
+        err.to_string().contains("the layout this optimizer stepped before"),
+        "{err}"
+    );
+    assert_eq!(adam.steps(), 1);
+
+    // `b` takes `a`'s values; the next step of each, from the same moments, gives one result.
+    store_b
+        .flat_mut(&mut b)
+        .unwrap()
+        .copy_from_slice(store_a.flat_mut(&mut a).unwrap());
+    let mut twin = adam.clone();
+    adam.update(&store_a, &mut a, &grads_a, 1e-2).unwrap();
+    twin.update(&store_b, &mut b, &grads_b, 1e-2).unwrap();
+    let bits = |flat: &mut [f32]| flat.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(store_a.flat_mut(&mut a).unwrap()),
+        bits(store_b.flat_mut(&mut b).unwrap())
+    );
 }
 
 #[test]
@@ -136,6 +194,14 @@ fn schedules_have_their_shapes() {
     assert_eq!(cosine.factor(5), 0.5);
     assert!((cosine.factor(60) - 0.55).abs() < 1e-6);
     assert!((cosine.factor(110) - 0.1).abs() < 1e-6 && (cosine.factor(500) - 0.1).abs() < 1e-6);
+    // Without a warm-up the cosine starts at once, and step 0 is read as step 1 (no 1 / 0).
+    let no_warmup = Schedule::Cosine {
+        warmup: 0,
+        total: 100,
+        min_factor: 0.0,
+    };
+    assert_eq!(no_warmup.factor(0), no_warmup.factor(1));
+    assert!(no_warmup.factor(1) < 1.0 && no_warmup.factor(1) > 0.99);
 }
 
 /// Three training steps of a small pre-norm `nn.Transformer` (2 encoder + 1 decoder layers,
