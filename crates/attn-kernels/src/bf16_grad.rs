@@ -24,7 +24,7 @@ use crate::bf16::amx::STEP_PAIRS;
 use crate::bf16::{Route, PANEL};
 #[cfg(not(target_arch = "x86_64"))]
 const STEP_PAIRS: usize = 16;
-use crate::error::check_len;
+use crate::error::{check_len, check_optional_lens};
 use crate::grad::add_column_sums;
 use crate::view::SharedMut;
 use crate::{round_to_bf16, Accum, Bf16Panels, KernelError, LinearShape, Par, View2, ViewMut2};
@@ -57,22 +57,25 @@ pub fn linear_backward_bf16(
             w_packed.shape().to_vec(),
         ));
     }
-    if n == 0 || in_dim == 0 || out_dim == 0 {
-        return Ok(());
+    check_optional_lens(op, [("dx", n * in_dim, dx.as_deref()), ("db", out_dim, db.as_deref())])?;
+    if let Some(dx) = dx.filter(|dx| !dx.is_empty()) {
+        if out_dim == 0 {
+            // A sum over no outputs.
+            dx.fill(0.0);
+        } else {
+            crate::gemm_bf16(
+                ViewMut2::contiguous(dx, [n, in_dim])?,
+                Accum::Replace,
+                View2::contiguous(dy, [n, out_dim])?,
+                w_packed,
+                par,
+            )?;
+        }
     }
-    if let Some(dx) = dx {
-        check_len(op, "dx", n * in_dim, dx.len())?;
-        crate::gemm_bf16(
-            ViewMut2::contiguous(dx, [n, in_dim])?,
-            Accum::Replace,
-            View2::contiguous(dy, [n, out_dim])?,
-            w_packed,
-            par,
-        )?;
+    if n > 0 && in_dim > 0 && out_dim > 0 {
+        weight_gradient(Route::of(crate::bf16_level()), dw, dy, x, sh, par)?;
     }
-    weight_gradient(Route::of(crate::bf16_level()), dw, dy, x, sh, par)?;
-    if let Some(db) = db {
-        check_len(op, "db", out_dim, db.len())?;
+    if let Some(db) = db.filter(|_| n > 0 && out_dim > 0) {
         add_column_sums(db, dy, out_dim, par);
     }
     Ok(())

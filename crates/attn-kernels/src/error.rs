@@ -129,3 +129,16 @@ pub(crate) fn check_len(op: &'static str, tensor: &'static str, want: usize, got
         Err(KernelError::shape(op, tensor, vec![want], vec![got]))
     }
 }
+
+/// The lengths of the optional destinations `(name, expected, buffer)` that are present.
+pub(crate) fn check_optional_lens(
+    op: &'static str,
+    bufs: [(&'static str, usize, Option<&[f32]>); 2],
+) -> Result<(), KernelError> {
+    for (name, want, buf) in bufs {
+        if let Some(buf) = buf {
+            check_len(op, name, want, buf.len())?;
+        }
+    }
+    Ok(())
+}

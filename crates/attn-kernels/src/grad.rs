@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::check_len;
+use crate::error::{check_len, check_optional_lens};
 use crate::gemm::gemm_raw;
 use crate::layer::{erf, Activation, NormKind};
 use crate::{Accum, KernelError, Par};
@@ -101,44 +101,49 @@ pub fn linear_backward(
     check_len(op, "x", n * in_dim, x.len())?;
     check_len(op, "w", out_dim * in_dim, w.len())?;
     check_len(op, "dw", out_dim * in_dim, dw.len())?;
-    if n == 0 || in_dim == 0 || out_dim == 0 {
-        return Ok(());
+    check_optional_lens(op, [("dx", n * in_dim, dx.as_deref()), ("db", out_dim, db.as_deref())])?;
+    let products = n > 0 && in_dim > 0 && out_dim > 0;
+    if let Some(dx) = dx.filter(|dx| !dx.is_empty()) {
+        if out_dim == 0 {
+            // A sum over no outputs.
+            dx.fill(0.0);
+        } else {
+            // SAFETY: `dx` [n, in], `dy` [n, out], `w` [out, in], lengths checked above.
+            unsafe {
+                gemm_raw(
+                    dx.as_mut_ptr(),
+                    [in_dim, 1],
+                    [n, in_dim, out_dim],
+                    Accum::Replace,
+                    dy.as_ptr(),
+                    [out_dim, 1],
+                    w.as_ptr(),
+                    [in_dim, 1],
+                    1.0,
+                    par,
+                )
+            };
+        }
     }
-    if let Some(dx) = dx {
-        check_len(op, "dx", n * in_dim, dx.len())?;
-        // SAFETY: `dx` [n, in], `dy` [n, out], `w` [out, in], lengths checked above.
+    if products {
+        // SAFETY: `dw` [out, in], `dy` read as [out, n] (transposed), `x` [n, in]; lengths
+        // checked.
         unsafe {
             gemm_raw(
-                dx.as_mut_ptr(),
+                dw.as_mut_ptr(),
                 [in_dim, 1],
-                [n, in_dim, out_dim],
-                Accum::Replace,
+                [out_dim, in_dim, n],
+                Accum::Add,
                 dy.as_ptr(),
-                [out_dim, 1],
-                w.as_ptr(),
+                [1, out_dim],
+                x.as_ptr(),
                 [in_dim, 1],
                 1.0,
                 par,
             )
         };
     }
-    // SAFETY: `dw` [out, in], `dy` read as [out, n] (transposed), `x` [n, in]; lengths checked.
-    unsafe {
-        gemm_raw(
-            dw.as_mut_ptr(),
-            [in_dim, 1],
-            [out_dim, in_dim, n],
-            Accum::Add,
-            dy.as_ptr(),
-            [1, out_dim],
-            x.as_ptr(),
-            [in_dim, 1],
-            1.0,
-            par,
-        )
-    };
-    if let Some(db) = db {
-        check_len(op, "db", out_dim, db.len())?;
+    if let Some(db) = db.filter(|_| n > 0 && out_dim > 0) {
         add_column_sums(db, dy, out_dim, par);
     }
     Ok(())

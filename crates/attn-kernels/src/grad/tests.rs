@@ -350,3 +350,51 @@ fn cross_entropy_parts_add_up_to_the_whole_batch() {
     let err = cross_entropy_part(&mut d, &logits[..4 * v], &targets[..4], -100, 0.1, 0, Par::Seq).unwrap_err();
     assert!(err.to_string().contains("denominator"), "{err}");
 }
+
+/// Empty dimensions in `linear_backward` and its bf16 twin: `dx` is a sum over no outputs
+/// (zeros, written over what was there) when `out = 0`; `db` still gathers `Σ_n dy` when
+/// `in = 0`; nothing changes when `n = 0`. A misshapen `dx` or `db` is an error naming it
+/// whatever the sizes, so an empty batch does not hide a caller's wrong buffer.
+#[test]
+fn linear_backward_with_empty_dimensions() {
+    type Backward = dyn Fn(
+        Option<&mut [f32]>,
+        &mut [f32],
+        Option<&mut [f32]>,
+        &[f32],
+        &[f32],
+        &[f32],
+        LinearShape,
+    ) -> Result<(), KernelError>;
+    let f32_path: &Backward = &|dx, dw, db, dy, x, w, sh| linear_backward(dx, dw, db, dy, x, w, sh, Par::Rayon);
+    let bf16_path: &Backward = &|dx, dw, db, dy, x, w, sh| {
+        let packed = crate::Bf16Panels::pack(crate::View2::contiguous(w, [sh.out_dim, sh.in_dim])?);
+        crate::linear_backward_bf16(dx, dw, db, dy, x, &packed, sh, Par::Rayon)
+    };
+    for (name, backward) in [("f32", f32_path), ("bf16", bf16_path)] {
+        for (n, in_dim, out_dim) in [(3, 4, 0), (3, 0, 2), (0, 4, 2), (0, 0, 0)] {
+            let sh = LinearShape { n, in_dim, out_dim };
+            let what = format!("{name} n={n} in={in_dim} out={out_dim}");
+            let (dy, x, w) = (
+                random_vec(n * out_dim, 1),
+                random_vec(n * in_dim, 2),
+                random_vec(out_dim * in_dim, 3),
+            );
+            let mut dx = vec![f32::NAN; n * in_dim];
+            let dw_before = random_vec(out_dim * in_dim, 4);
+            let db_before = random_vec(out_dim, 5);
+            let (mut dw, mut db) = (dw_before.clone(), db_before.clone());
+            backward(Some(&mut dx), &mut dw, Some(&mut db), &dy, &x, &w, sh).unwrap();
+            assert!(dx.iter().all(|&v| v == 0.0), "{what}: dx {dx:?}");
+            assert_eq!(dw, dw_before, "{what}: dW");
+            for (o, (&got, &before)) in db.iter().zip(&db_before).enumerate() {
+                let sum: f64 = (0..n).map(|i| dy[i * out_dim + o] as f64).sum();
+                assert!((got as f64 - (before as f64 + sum)).abs() <= 1e-6, "{what}: db[{o}]");
+            }
+            let err = backward(Some(&mut [0.0; 1]), &mut dw, None, &dy, &x, &w, sh).unwrap_err();
+            assert!(err.to_string().contains("dx"), "{what}: {err}");
+            let err = backward(None, &mut dw, Some(&mut [0.0; 7]), &dy, &x, &w, sh).unwrap_err();
+            assert!(err.to_string().contains("db"), "{what}: {err}");
+        }
+    }
+}
