@@ -424,6 +424,8 @@ mod tests {
         let (_, flat) = g.flat().unwrap();
         let clipped: f64 = flat.iter().map(|&x| (x as f64).powi(2)).sum();
         assert!((clipped.sqrt() - 1.0).abs() < 1e-6);
+        assert_eq!((g.len(), g.is_empty()), (2, false));
+        assert!(Grads::new().is_empty());
         // A module outside the store finds its gradients by name.
         let outside = Tensor::zeros(vec![2]);
         g.of(&outside, &ParamPath::ROOT, "bias").unwrap()[0] = 7.0;
@@ -435,5 +437,19 @@ mod tests {
         assert!(matches!(err, Err(AttnError::InvalidConfig { .. })));
         assert!(g.slot_pair(("bias", &[2]), ("bias", &[2])).is_err());
         assert!(Grads::new().slot_pair(("b", &[2]), ("b", &[2])).is_err());
+    }
+
+    /// The clip coefficient is `max_norm / (total + 1e-6)`, as in `clip_grad_norm_`: the
+    /// 1e-6 shows on gradients whose norm is near it.
+    #[test]
+    fn clipping_small_gradients_adds_pytorchs_epsilon() {
+        let (mut a, mut b) = (vec![3e-6f32], vec![4e-6f32]);
+        let norm = clip_grad_norm(&mut [&mut a[..], &mut b[..]], 1e-6);
+        assert!((norm - 5e-6).abs() < 1e-12);
+        let coef = 1e-6 / (5e-6 + 1e-6);
+        assert!(
+            (a[0] - 3e-6 * coef).abs() < 1e-12 && (b[0] - 4e-6 * coef).abs() < 1e-12,
+            "{a:?} {b:?}"
+        );
     }
 }

@@ -530,4 +530,22 @@ mod tests {
             "transformer.layers.2.norm1.weight"
         );
     }
+
+    /// A path's hash is FNV-1a (64-bit) of its whole name: the published test vectors, and
+    /// list indices of one to twenty digits against the formatted name.
+    #[test]
+    fn path_hashes_are_fnv1a_of_the_names() {
+        assert_eq!(ParamPath::ROOT.hash_with(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(ParamPath::ROOT.hash_with("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(ParamPath::ROOT.hash_with("foobar"), 0x8594_4171_f739_67e8);
+        let name_hash = |name: &str| fnv1a(FNV_OFFSET, name.as_bytes());
+        let root = ParamPath::Root("encoder.");
+        let layers = root.join("layers.");
+        for i in [0, 7, 10, 99, 1234, usize::MAX] {
+            let layer = layers.index(i);
+            let name = format!("encoder.layers.{i}.dropout1");
+            assert_eq!(layer.hash_with("dropout1"), name_hash(&name), "{name}");
+            assert_eq!(format!("{layer}dropout1"), name);
+        }
+    }
 }

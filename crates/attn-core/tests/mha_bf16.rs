@@ -4,7 +4,7 @@
 //! and going back to f32 or handing the weights out mutably restores the f32 bits.
 
 use attn_core::kernels::testing::random_vec as random;
-use attn_core::kernels::{round_to_bf16, Par, View4};
+use attn_core::kernels::{round_to_bf16, Bf16Panels, Par, View2, View4};
 use attn_core::{
     sdpa, sdpa_backward, Grads, KvCache, KvView, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights,
     ParamPath, Parameters, Precision, Rope, RopeStyle, SdpaOptions, Sequence,
@@ -273,7 +273,21 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
         let mut mha = MultiHeadAttention::with_seed(cfg, 5).unwrap();
         let want = train_once(&mha, cross, Par::Seq);
         mha.set_precision(Precision::Bf16).unwrap();
+        // The first backward packs `W` of every matrix (self-attention: the fused `[3E, E]`
+        // and its three parts; cross-attention: the three parts), and the output's.
+        let held = mha.bytes_held();
         let got = train_once(&mha, cross, Par::Seq);
+        let packed = |rows: usize, cols: usize| {
+            let w = vec![0.0f32; rows * cols];
+            Bf16Panels::pack(View2::contiguous(&w, [rows, cols]).unwrap()).size_in_bytes()
+        };
+        let e = 32;
+        let backward_packs = if cross {
+            2 * packed(e, e) + 2 * packed(e, 24)
+        } else {
+            packed(3 * e, e) + 4 * packed(e, e)
+        };
+        assert_eq!(mha.bytes_held() - held, backward_packs, "cross {cross}");
         for threads in [1, 2, 3, 8] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let threaded = pool.install(|| train_once(&mha, cross, Par::Rayon));
