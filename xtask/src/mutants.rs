@@ -9,7 +9,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 14] = [
+const MUTANT_SCOPE: [(&str, &str); 18] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -54,6 +54,21 @@ const MUTANT_SCOPE: [(&str, &str); 14] = [
     (
         "crates/attn-nn/src/layers.rs",
         "Norm::row|Norm::add_then_forward|Norm::add_forward_in_place|Norm::forward|add_in_place|Linear::forward",
+    ),
+    // Training's update: AdamW by name and flat, its checks, the schedules, the clipping, the
+    // flat gradients and parameters, and the bf16 weight gradient by every route.
+    (
+        "crates/attn-nn/src/optim.rs",
+        "StepConstants::apply|AdamW::(next_step|step|step_flat|update|make_flat|restore|steps)|Schedule::factor",
+    ),
+    ("crates/attn-core/src/grads.rs", "clip_grad_norm|two_ranges|Grads::.*"),
+    (
+        "crates/attn-core/src/params.rs",
+        "ParamStore::flat_mut|ParamPath.*::hash_from|fnv1a|flat_fill|flat_zip_mut|StoreSlice::place",
+    ),
+    (
+        "crates/attn-kernels/src/bf16_grad.rs",
+        "weight_gradient|linear_backward_bf16|interleave_rows|transpose_into|row",
     ),
 ];
 

@@ -601,6 +601,22 @@ mod tests {
     use super::*;
     use crate::testing::random_vec;
 
+    /// A precision's name reads back as itself; another name is an error naming what is
+    /// accepted; bf16 runs natively exactly when the CPU has a bf16 level.
+    #[test]
+    fn precisions_parse_print_and_say_whether_they_run_natively() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            assert_eq!(precision.to_string().parse::<Precision>().unwrap(), precision);
+        }
+        assert_eq!(Precision::Bf16.to_string(), "bf16");
+        for bad in ["", "F32", "fp16", "bf16 "] {
+            let err = bad.parse::<Precision>().unwrap_err().to_string();
+            assert!(err.contains("\"f32\" or \"bf16\""), "{bad:?}: {err}");
+        }
+        assert!(Precision::F32.runs_natively());
+        assert_eq!(Precision::Bf16.runs_natively(), crate::bf16_level() != Bf16Level::None);
+    }
+
     /// Rounding to nearest even at the bf16 boundary, and the special values.
     #[test]
     fn conversion_rounds_to_nearest_even() {
