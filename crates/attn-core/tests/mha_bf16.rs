@@ -224,18 +224,19 @@ type Trained = (Vec<f32>, Vec<f32>, Vec<(String, Vec<f32>)>);
 
 /// Mixed-precision training: one forward and backward of a module in bf16 (bf16 projections
 /// forward and backward, f32 attention, f32 gradients), self-attention (fused weights) and
-/// cross-attention (separate key and value weights).
-fn train_once(mha: &MultiHeadAttention, cross: bool, par: Par) -> Trained {
+/// cross-attention: key and value rows of width `kv` (`None`: self-attention).
+fn train_once(mha: &MultiHeadAttention, kv: Option<usize>, par: Par) -> Trained {
     let e = mha.dims()[0];
     let (b, s, t) = (2, 9, 13);
     let x = random(b * s * e, 4);
-    let kv = random(b * t * 24, 5);
+    let width = kv.unwrap_or(e);
+    let memory = random(b * t * width, 5);
     let inputs = MhaInputs {
         query: Sequence::batch_first(&x, b, s, e),
-        key_value: cross.then(|| {
+        key_value: kv.map(|_| {
             (
-                Sequence::batch_first(&kv, b, t, 24),
-                Sequence::batch_first(&kv, b, t, 24),
+                Sequence::batch_first(&memory, b, t, width),
+                Sequence::batch_first(&memory, b, t, width),
             )
         }),
         options: MhaOptions::default(),
@@ -260,8 +261,11 @@ fn train_once(mha: &MultiHeadAttention, cross: bool, par: Par) -> Trained {
 #[test]
 fn training_in_bf16_stays_within_bf16_error_of_f32() {
     let mut worst = 0.0f64;
-    for cross in [false, true] {
-        let cfg = if cross {
+    // Self-attention (fused weights), cross-attention with separate key and value weights, and
+    // cross-attention through fused weights (as a decoder's, whose memory has the model's width).
+    for (separate, kv) in [(false, None), (true, Some(24)), (false, Some(32))] {
+        let cross = kv.is_some();
+        let cfg = if separate {
             MhaConfig {
                 kdim: Some(24),
                 vdim: Some(24),
@@ -271,35 +275,37 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
             config(32, 2)
         };
         let mut mha = MultiHeadAttention::with_seed(cfg, 5).unwrap();
-        let want = train_once(&mha, cross, Par::Seq);
+        let want = train_once(&mha, kv, Par::Seq);
         mha.set_precision(Precision::Bf16).unwrap();
-        // The first backward packs `W` of every matrix (self-attention: the fused `[3E, E]`
-        // and its three parts; cross-attention: the three parts), and the output's.
+        // The first backward packs `W` of each matrix it reads (self-attention: the fused
+        // `[3E, E]`, not its three parts; cross-attention: the three parts, even of fused
+        // weights), and the output's.
         let held = mha.bytes_held();
-        let got = train_once(&mha, cross, Par::Seq);
+        let got = train_once(&mha, kv, Par::Seq);
         let packed = |rows: usize, cols: usize| {
             let w = vec![0.0f32; rows * cols];
             Bf16Panels::pack(View2::contiguous(&w, [rows, cols]).unwrap()).size_in_bytes()
         };
         let e = 32;
-        let backward_packs = if cross {
+        let backward_packs = if separate {
             2 * packed(e, e) + 2 * packed(e, 24)
+        } else if cross {
+            // Three parts and the output for the backward, and the forward's three parts of
+            // `Wᵀ` (packed at the first call that is not self-attention).
+            4 * packed(e, e) + 3 * packed(e, e)
         } else {
-            packed(3 * e, e) + 4 * packed(e, e)
+            packed(3 * e, e) + packed(e, e)
         };
-        assert_eq!(mha.bytes_held() - held, backward_packs, "cross {cross}");
+        assert_eq!(mha.bytes_held() - held, backward_packs, "kv {kv:?}");
         for threads in [1, 2, 3, 8] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let threaded = pool.install(|| train_once(&mha, cross, Par::Rayon));
+            let threaded = pool.install(|| train_once(&mha, kv, Par::Rayon));
             assert_eq!(got, threaded, "{threads} threads change bf16 training");
         }
         for (what, g, w) in [("output", &got.0, &want.0), ("d_query", &got.1, &want.1)] {
             let error = scaled_error(g, w);
             worst = worst.max(error);
-            assert!(
-                error <= BF16_TRAIN_TOLERANCE && g != w,
-                "{what} (cross {cross}): {error:e}"
-            );
+            assert!(error <= BF16_TRAIN_TOLERANCE && g != w, "{what} (kv {kv:?}): {error:e}");
         }
         assert_eq!(got.2.len(), want.2.len());
         for ((name, g), (_, w)) in got.2.iter().zip(&want.2) {
@@ -310,12 +316,12 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
             let same_allowed = name == "out_proj.bias";
             assert!(
                 error <= BF16_TRAIN_TOLERANCE && (same_allowed || g != w),
-                "grad {name} (cross {cross}): {error:e}"
+                "grad {name} (kv {kv:?}): {error:e}"
             );
         }
         mha.visit_params(&ParamPath::ROOT, &mut |_, _| {});
         assert_eq!(mha.precision(), Precision::F32);
-        assert_eq!(train_once(&mha, cross, Par::Seq), want, "back to f32");
+        assert_eq!(train_once(&mha, kv, Par::Seq), want, "back to f32");
     }
     eprintln!("bf16 training against f32, worst scaled error: {worst:.2e}");
 }

@@ -109,20 +109,21 @@ impl<P: PackedWeight> ForwardPacks<P> {
 
 /// A module's matrices in bf16: [`ForwardPacks`] of `Wᵀ`, packed when the precision is set,
 /// and the same matrices packed as they are (`W: [out, in]`), the right operand of the
-/// backward's `dx = dy·W` (mixed-precision training): packed at the first backward after the
-/// precision was set, so inference never pays for them.
+/// backward's `dx = dy·W` (mixed-precision training): each packed at the first backward that
+/// reads it, so inference never pays for them, and self-attention, which reads the fused
+/// matrix, never holds its three parts as well.
 #[derive(Debug)]
 pub(super) struct Bf16Weights {
     pub(super) forward: ForwardPacks<Bf16Panels>,
-    backward: OnceLock<BackwardPacks>,
+    backward: BackwardPacks,
 }
 
-/// [`Bf16Weights`] packed for the backward (`W`, not `Wᵀ`).
-#[derive(Debug)]
+/// [`Bf16Weights`] packed for the backward (`W`, not `Wᵀ`), each when first read.
+#[derive(Debug, Default)]
 struct BackwardPacks {
-    fused: Option<Bf16Panels>,
-    parts: [Bf16Panels; 3],
-    out: Option<Bf16Panels>,
+    fused: OnceLock<Bf16Panels>,
+    parts: [OnceLock<Bf16Panels>; 3],
+    out: OnceLock<Bf16Panels>,
 }
 
 impl Bf16Weights {
@@ -130,40 +131,42 @@ impl Bf16Weights {
     pub(super) fn new(core: &impl ProjWeights) -> Result<Self> {
         Ok(Bf16Weights {
             forward: ForwardPacks::new(core)?,
-            backward: OnceLock::new(),
+            backward: BackwardPacks::default(),
         })
     }
 
     /// Bytes held by the packs made so far.
     pub(super) fn bytes(&self) -> usize {
-        let backward = self.backward.get().map_or(0, |p| {
-            let single = p.fused.iter().chain(&p.out);
-            single.chain(&p.parts).map(Bf16Panels::size_in_bytes).sum()
-        });
+        let b = &self.backward;
+        let backward: usize = [&b.fused, &b.out]
+            .into_iter()
+            .chain(&b.parts)
+            .filter_map(OnceLock::get)
+            .map(Bf16Panels::size_in_bytes)
+            .sum();
         self.forward.bytes() + backward
     }
 
-    /// `W` of `proj` packed for the backward (every matrix packed at the first call).
+    /// `W` of `proj` packed for the backward (packed at its first call).
+    ///
+    /// # Panics
+    /// For a projection the module does not have (a fused matrix or an output projection it
+    /// lacks).
     pub(super) fn backward(&self, core: &impl ProjWeights, proj: Proj) -> &Bf16Panels {
-        let packs = self.backward.get_or_init(|| {
-            let pack = |proj: Proj| {
-                let (w, rows, in_dim) = core.rows(proj);
-                let view = View2::contiguous(&w[rows.start * in_dim..rows.end * in_dim], [rows.len(), in_dim])
-                    .expect("a weight's rows are a contiguous [rows, in] matrix");
-                Bf16Panels::pack(view)
-            };
-            let has = |proj| core.matrix(proj).is_some();
-            BackwardPacks {
-                fused: has(Proj::Fused).then(|| pack(Proj::Fused)),
-                parts: [pack(Proj::Part(0)), pack(Proj::Part(1)), pack(Proj::Part(2))],
-                out: has(Proj::Out).then(|| pack(Proj::Out)),
-            }
-        });
-        match proj {
-            Proj::Fused => packs.fused.as_ref(),
-            Proj::Part(which) => Some(&packs.parts[which]),
-            Proj::Out => packs.out.as_ref(),
-        }
-        .expect("packed for every projection the module has")
+        assert!(
+            !matches!(proj, Proj::Fused | Proj::Out) || core.matrix(proj).is_some(),
+            "packed for every projection the module has"
+        );
+        let slot = match proj {
+            Proj::Fused => &self.backward.fused,
+            Proj::Part(which) => &self.backward.parts[which],
+            Proj::Out => &self.backward.out,
+        };
+        slot.get_or_init(|| {
+            let (w, rows, in_dim) = core.rows(proj);
+            let view = View2::contiguous(&w[rows.start * in_dim..rows.end * in_dim], [rows.len(), in_dim])
+                .expect("a weight's rows are a contiguous [rows, in] matrix");
+            Bf16Panels::pack(view)
+        })
     }
 }
