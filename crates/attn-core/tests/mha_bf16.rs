@@ -286,7 +286,7 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
             let w = vec![0.0f32; rows * cols];
             Bf16Panels::pack(View2::contiguous(&w, [rows, cols]).unwrap()).size_in_bytes()
         };
-        let e = 32;
+        let e = mha.dims()[0];
         let backward_packs = if separate {
             2 * packed(e, e) + 2 * packed(e, 24)
         } else if cross {

@@ -102,7 +102,6 @@ pub fn linear_backward(
     check_len(op, "w", out_dim * in_dim, w.len())?;
     check_len(op, "dw", out_dim * in_dim, dw.len())?;
     check_optional_lens(op, [("dx", n * in_dim, dx.as_deref()), ("db", out_dim, db.as_deref())])?;
-    let products = n > 0 && in_dim > 0 && out_dim > 0;
     if let Some(dx) = dx.filter(|dx| !dx.is_empty()) {
         if out_dim == 0 {
             // A sum over no outputs.
@@ -125,7 +124,7 @@ pub fn linear_backward(
             };
         }
     }
-    if products {
+    if n > 0 && in_dim > 0 && out_dim > 0 {
         // SAFETY: `dw` [out, in], `dy` read as [out, n] (transposed), `x` [n, in]; lengths
         // checked.
         unsafe {

@@ -154,7 +154,7 @@ impl Bf16Weights {
     /// lacks).
     pub(super) fn backward(&self, core: &impl ProjWeights, proj: Proj) -> &Bf16Panels {
         assert!(
-            !matches!(proj, Proj::Fused | Proj::Out) || core.matrix(proj).is_some(),
+            core.matrix(proj).is_some(),
             "packed for every projection the module has"
         );
         let slot = match proj {
