@@ -171,6 +171,29 @@ proptest! {
     }
 }
 
+/// The path is a function of the shape alone, by the thresholds its constants document: unfused
+/// up to 128 × 128 scores, one pass up to 512 keys, and up to 4,096 keys from 8 `(b, g)` tasks,
+/// two passes beyond. The paths agree only within rounding, so moving a threshold changes the
+/// bits some shapes get.
+#[test]
+fn the_path_follows_the_documented_thresholds() {
+    use BackwardPath::{OnePass, TwoPass, Unfused};
+    for (groups, s, t, want) in [
+        (1, 128, 128, Unfused),
+        (64, 1, 16_384, Unfused),
+        (1, 129, 128, OnePass),
+        (1, 1024, 512, OnePass),
+        (7, 1024, 513, TwoPass),
+        (8, 1024, 513, OnePass),
+        (8, 1024, 4096, OnePass),
+        (8, 1024, 4097, TwoPass),
+        (1000, 1024, 4097, TwoPass),
+        (1, usize::MAX, 2, OnePass),
+    ] {
+        assert_eq!(backward_path(groups, s, t), want, "B·G {groups}, S {s}, T {t}");
+    }
+}
+
 #[test]
 fn block_edges_gqa_and_dv() {
     for (s, t) in [(1, 1), (15, 17), (63, 65), (64, 128), (65, 129), (127, 257), (129, 600)] {
@@ -265,11 +288,15 @@ fn contiguous(x: &[f32], shape: [usize; 4]) -> View4<'_, f32> {
 }
 
 /// A row with nothing to attend to (key length 0, or every key masked) passes no gradient:
-/// zeros in its `dQ`, nothing in `dK` and `dV`.
+/// zeros in its `dQ`, nothing in `dK` and `dV`. A NaN row (a NaN query) spreads NaN to its own
+/// `dQ` and to the keys it sees, never to the keys hidden from it.
 #[test]
 fn rows_that_see_nothing_pass_no_gradient() {
     let (b, h, s, t, d) = (2, 2, 70, 200, 8);
-    let q = random_vec(b * h * s * d, 1);
+    let mut q = random_vec(b * h * s * d, 1);
+    // Row 5 of batch 1, head 0.
+    let nan_row = ((h * s) + 5) * d;
+    q[nan_row] = f32::NAN;
     let k = random_vec(b * h * t * d, 2);
     let v = random_vec(b * h * t * d, 3);
     let dout = random_vec(b * h * s * d, 4);
@@ -323,19 +350,32 @@ fn rows_that_see_nothing_pass_no_gradient() {
         assert!(dq[..half].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dq");
         assert!(dk[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dk");
         assert!(dv[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dv");
-        // Batch 1: keys 100.. are hidden from every row.
+        // Batch 1: keys 100.. are hidden from every row; head 0 has the NaN row.
         for hi in 0..h {
             let base = (h + hi) * t * d;
-            assert!(
-                dk[base + 100 * d..base + t * d].iter().all(|&x| x == 0.0),
-                "{path:?}: hidden keys"
-            );
-            assert!(
-                dk[base..base + 100 * d].iter().any(|&x| x != 0.0),
-                "{path:?}: visible keys"
-            );
+            for (name, grad) in [("dk", &dk), ("dv", &dv)] {
+                let (visible, hidden) = grad[base..base + t * d].split_at(100 * d);
+                assert!(hidden.iter().all(|&x| x == 0.0), "{path:?}: {name} of hidden keys");
+                if hi == 0 {
+                    assert!(
+                        visible.iter().all(|x| x.is_nan()),
+                        "{path:?}: {name} of keys the NaN row sees"
+                    );
+                } else {
+                    assert!(
+                        visible.iter().all(|x| x.is_finite()),
+                        "{path:?}: {name} of visible keys"
+                    );
+                    assert!(visible.iter().any(|&x| x != 0.0), "{path:?}: {name} of visible keys");
+                }
+            }
         }
-        assert!(dq[half..].iter().all(|x| x.is_finite()) && dq[half..].iter().any(|&x| x != 0.0));
+        let (before, rest) = dq[half..].split_at(nan_row - half);
+        let (row, after) = rest.split_at(d);
+        assert!(row.iter().all(|x| x.is_nan()), "{path:?}: dq of the NaN row");
+        for others in [before, after] {
+            assert!(others.iter().all(|x| x.is_finite()) && others.iter().any(|&x| x != 0.0));
+        }
     }
 }
 
@@ -640,13 +680,16 @@ fn fused_blocks([b, h, g, s, d, dv]: [usize; 6]) -> [(usize, [usize; 4], [usize;
 
 /// The gradients written straight into the columns of a fused buffer are the bits the separate
 /// buffers get, on the unfused, one-pass and two-pass paths and under a causal mask; the fused
-/// buffer's other bytes are not touched.
+/// buffer's other bytes are not touched. Both calls take the path [`backward_path`] names for
+/// the shape: the last case (B·G = 8 tasks, 520 keys) is one pass, where 6 tasks would be two,
+/// and the two give other bits.
 #[test]
 fn fused_gradients_are_the_separate_gradients_in_place() {
     for &(b, h, g, s, d, dv, causal) in &[
         (2, 4, 2, 9, 8, 8, false),
         (1, 2, 1, 300, 16, 8, true),
         (1, 2, 2, 1100, 8, 8, false),
+        (2, 8, 4, 520, 8, 8, false),
     ] {
         let w = h * d + g * d + g * dv;
         let qkv = random_vec(b * s * w, 5);
@@ -722,6 +765,91 @@ fn fused_gradients_are_the_separate_gradients_in_place() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// `q`, `out` and `dout` at any strides give the bits of contiguous rows: a strided query row
+/// is scaled element by element as `scale_into` scales a contiguous one, and the row sums
+/// `Σ dO·O` add in the same order whichever way the rows are read. Each is stored transposed
+/// in its last two dimensions, alone and with the others, with few rows (dot-product scores)
+/// and many (the tile kernel).
+#[test]
+fn strided_q_out_and_dout_give_the_bits_of_contiguous_rows() {
+    for s in [4, 20] {
+        let (b, h, t, d, dv) = (2, 2, 30, 8, 12);
+        let q = random_vec(b * h * s * d, 41);
+        let k = random_vec(b * h * t * d, 42);
+        let v = random_vec(b * h * t * dv, 43);
+        let dout = random_vec(b * h * s * dv, 44);
+        let options = AttentionOptions::default();
+        let (q_shape, o_shape) = ([b, h, s, d], [b, h, s, dv]);
+        let (kv, vv) = (contiguous(&k, [b, h, t, d]), contiguous(&v, [b, h, t, dv]));
+        let mut out = vec![0.0f32; b * h * s * dv];
+        let mut lse = vec![0.0f32; b * h * s];
+        flash_attention(
+            ViewMut4::contiguous(&mut out, o_shape).unwrap(),
+            Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+            ForwardInputs::new(contiguous(&q, q_shape), kv, vv),
+            &options,
+            Par::Seq,
+        )
+        .unwrap();
+        // `[B, H, W, S]` copies of `[B, H, S, W]` rows, read back with a column stride of S.
+        let transposed = |x: &[f32], w: usize| -> Vec<f32> {
+            let mut y = vec![0.0f32; x.len()];
+            for (n, &value) in x.iter().enumerate() {
+                let (row, c) = (n / w, n % w);
+                let (bh, r) = (row / s, row % s);
+                y[(bh * w + c) * s + r] = value;
+            }
+            y
+        };
+        let (q_t, out_t, dout_t) = (transposed(&q, d), transposed(&out, dv), transposed(&dout, dv));
+        fn strided(x: &[f32], [b, h, s, w]: [usize; 4]) -> View4<'_, f32> {
+            View4::new(x, [b, h, s, w], [h * w * s, w * s, 1, s]).unwrap()
+        }
+        let gradients = |[q, out, dout]: [View4<'_, f32>; 3]| -> Vec<u32> {
+            let (mut dq, mut dk, mut dvv) = (vec![0.0; q_t.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            attention_backward(
+                Gradients {
+                    dq: ViewMut4::contiguous(&mut dq, q_shape).unwrap(),
+                    dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
+                    dv: ViewMut4::contiguous(&mut dvv, [b, h, t, dv]).unwrap(),
+                },
+                BackwardInputs {
+                    q,
+                    k: kv,
+                    v: vv,
+                    out,
+                    lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+                    lse_lo: None,
+                    dout,
+                },
+                &options,
+                Par::Seq,
+            )
+            .unwrap();
+            [dq, dk, dvv].concat().iter().map(|x| x.to_bits()).collect()
+        };
+        let plain = [
+            contiguous(&q, q_shape),
+            contiguous(&out, o_shape),
+            contiguous(&dout, o_shape),
+        ];
+        let want = gradients(plain);
+        let [q_s, out_s, dout_s] = [
+            strided(&q_t, q_shape),
+            strided(&out_t, o_shape),
+            strided(&dout_t, o_shape),
+        ];
+        for (name, views) in [
+            ("q", [q_s, plain[1], plain[2]]),
+            ("out", [plain[0], out_s, plain[2]]),
+            ("dout", [plain[0], plain[1], dout_s]),
+            ("all", [q_s, out_s, dout_s]),
+        ] {
+            assert!(gradients(views) == want, "S {s}, {name} strided: other bits");
         }
     }
 }
