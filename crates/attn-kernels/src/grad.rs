@@ -179,6 +179,9 @@ pub fn norm_backward(
     check_len(op, "dy", x.len(), dy.len())?;
     check_len(op, "dx", x.len(), dx.len())?;
     check_len(op, "dweight", e, dweight.len())?;
+    if let Some(db) = dbias.as_deref() {
+        check_len(op, "dbias", e, db.len())?;
+    }
     let center = kind == NormKind::LayerNorm;
     let row = |dx: &mut [f32], dy: &[f32], x: &[f32], xhat_dy: &mut [f64]| {
         at_level!(norm_row_backward(dx, dy, x, weight, center, eps, xhat_dy));
@@ -205,7 +208,6 @@ pub fn norm_backward(
     }
     dweight.iter_mut().zip(&total).for_each(|(d, &t)| *d += t as f32);
     if let Some(db) = dbias {
-        check_len(op, "dbias", e, db.len())?;
         add_column_sums(db, dy, e, par);
     }
     Ok(())
@@ -457,6 +459,14 @@ fn cross_entropy_impl(
             vec![n, logits.len().div_ceil(n.max(1))],
             vec![logits.len()],
         ));
+    }
+    if logits.is_empty() {
+        return Err(KernelError::InvalidArgument {
+            op,
+            what: "the number of classes",
+            got: "0".into(),
+            expected: "at least 1",
+        });
     }
     check_len(op, "dlogits", logits.len(), dlogits.len())?;
     let v = logits.len() / n;

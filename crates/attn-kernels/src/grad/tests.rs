@@ -258,6 +258,57 @@ fn cross_entropy_matches_its_definition_and_finite_differences() {
     let err = cross_entropy(&mut d, &logits[..2 * v], &[7, 0], -100, 0.0, Par::Seq).unwrap_err();
     assert!(err.to_string().contains("a target is 7"), "{err}");
     assert!(cross_entropy(&mut d, &logits[..2 * v], &[1, 0], -100, 1.5, Par::Seq).is_err());
+    // Rows of no classes: an error, even when every row is ignored.
+    let err = cross_entropy(&mut [], &[], &[-100, -100], -100, 0.0, Par::Seq).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the number of classes is 0, expected at least 1"),
+        "{err}"
+    );
+}
+
+/// `norm_backward` refuses a weight of no columns, an `x` that is not whole rows, and every
+/// misshapen buffer, `dbias` included, before it adds anything to `dx` or `dweight`.
+#[test]
+fn norm_backward_refuses_misshapen_buffers_before_writing() {
+    let (rows, e) = (3, 4);
+    let (x, dy, w) = (random_vec(rows * e, 1), random_vec(rows * e, 2), random_vec(e, 3));
+    let ok = [rows * e, rows * e, e, e, rows * e, e];
+    let cases: [(&str, [usize; 6]); 7] = [
+        (
+            "`x` has shape [12], expected [12, 0]",
+            [rows * e, rows * e, 0, e, rows * e, e],
+        ),
+        (
+            "`x` has shape [11], expected [3, 4]",
+            [rows * e, rows * e, e, e, rows * e - 1, e],
+        ),
+        ("`dy` has shape [11]", [rows * e - 1, rows * e, e, e, rows * e, e]),
+        ("`dx` has shape [13]", [rows * e, rows * e + 1, e, e, rows * e, e]),
+        ("`dweight` has shape [3]", [rows * e, rows * e, e, e - 1, rows * e, e]),
+        ("`dbias` has shape [5]", [rows * e, rows * e, e, e, rows * e, e + 1]),
+        ("", ok),
+    ];
+    for (want, [n_dy, n_dx, n_w, n_dw, n_x, n_db]) in cases {
+        let (mut dx, mut dw, mut db) = (vec![0.5f32; n_dx], vec![0.5f32; n_dw], vec![0.5f32; n_db]);
+        let result = norm_backward(
+            &mut dx,
+            &mut dw,
+            Some(&mut db),
+            &dy[..n_dy],
+            &x[..n_x],
+            &w[..n_w],
+            (NormKind::LayerNorm, 1e-5),
+            Par::Seq,
+        );
+        match result {
+            Err(err) => {
+                assert!(!want.is_empty() && err.to_string().contains(want), "{want}: {err}");
+                assert!(dx.iter().chain(&dw).chain(&db).all(|&v| v == 0.5), "{want}: written");
+            }
+            Ok(()) => assert!(want.is_empty() && dx.iter().any(|&v| v != 0.5), "{want}: accepted"),
+        }
+    }
 }
 
 #[test]
