@@ -9,7 +9,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 18] = [
+const MUTANT_SCOPE: [(&str, &str); 21] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -69,6 +69,17 @@ const MUTANT_SCOPE: [(&str, &str); 18] = [
     (
         "crates/attn-kernels/src/bf16_grad.rs",
         "weight_gradient|linear_backward_bf16|interleave_rows|transpose_into|row",
+    ),
+    // The attention backward (its path rule, the row deltas and every task), and the layers'
+    // backward kernels: the norms', the activations', the embedding's and the loss.
+    (
+        "crates/attn-kernels/src/backward/mod.rs",
+        "backward_path|attention_backward|attention_backward_path|attention_backward_fused|validate_inputs|check_gradients",
+    ),
+    ("crates/attn-kernels/src/backward/tasks.rs", ".*"),
+    (
+        "crates/attn-kernels/src/grad.rs",
+        "add_column_sums|linear_backward|norm_backward|norm_row_backward|lane_sum|derivative|activation_backward|embedding|embedding_backward|cross_entropy.*",
     ),
 ];
 

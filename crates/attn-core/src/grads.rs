@@ -9,6 +9,10 @@
 //! outside any store (tests, `attn run --backward`). Either way the gradients read back by name
 //! ([`Grads::get`], [`Grads::iter`]), and [`Grads::zero`] clears every buffer for the next step
 //! and keeps the memory.
+//!
+//! A backward that returns an error may already have added part of its sums (a model's
+//! backward runs layer by layer, each adding as it goes): zero the gradients before using them
+//! again. `attn train` ends the run on such an error, before any update.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -452,11 +452,19 @@ fn cross_entropy_impl(
 ) -> Result<CrossEntropy, KernelError> {
     let op = "cross_entropy";
     let n = targets.len();
-    if n == 0 || !logits.len().is_multiple_of(n) {
+    if n == 0 {
+        return Err(KernelError::InvalidArgument {
+            op,
+            what: "the number of targets",
+            got: "0".into(),
+            expected: "at least 1",
+        });
+    }
+    if !logits.len().is_multiple_of(n) {
         return Err(KernelError::shape(
             op,
             "logits",
-            vec![n, logits.len().div_ceil(n.max(1))],
+            vec![n, logits.len().div_ceil(n)],
             vec![logits.len()],
         ));
     }

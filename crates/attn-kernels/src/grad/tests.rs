@@ -258,7 +258,19 @@ fn cross_entropy_matches_its_definition_and_finite_differences() {
     let err = cross_entropy(&mut d, &logits[..2 * v], &[7, 0], -100, 0.0, Par::Seq).unwrap_err();
     assert!(err.to_string().contains("a target is 7"), "{err}");
     assert!(cross_entropy(&mut d, &logits[..2 * v], &[1, 0], -100, 1.5, Par::Seq).is_err());
-    // Rows of no classes: an error, even when every row is ignored.
+    // Logits that are not whole rows, no targets, and rows of no classes (even when every row
+    // is ignored): errors naming what is wrong.
+    let err = cross_entropy(&mut d[..13], &logits[..13], &[1, 0], -100, 0.0, Par::Seq).unwrap_err();
+    assert!(
+        err.to_string().contains("`logits` has shape [13], expected [2, 7]"),
+        "{err}"
+    );
+    let err = cross_entropy(&mut [], &[], &[], -100, 0.0, Par::Seq).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the number of targets is 0, expected at least 1"),
+        "{err}"
+    );
     let err = cross_entropy(&mut [], &[], &[-100, -100], -100, 0.0, Par::Seq).unwrap_err();
     assert!(
         err.to_string()
