@@ -323,20 +323,23 @@ pub fn activation_backward(
 }
 
 /// `y[n] = table[ids[n]]`: an embedding lookup, `table: [V, E]` -> `y: [N, E]`. An id past the
-/// table is an error naming it.
+/// table is an error naming it, before any row is written.
 pub fn embedding(y: &mut [f32], table: &[f32], ids: &[usize], e: usize) -> Result<(), KernelError> {
     let op = "embedding";
     check_len(op, "y", ids.len() * e, y.len())?;
-    let vocab = table.len().checked_div(e).unwrap_or(0);
-    for (row, &id) in y.chunks_exact_mut(e.max(1)).zip(ids) {
-        if id >= vocab {
-            return Err(KernelError::InvalidArgument {
-                op,
-                what: "a token id",
-                got: id.to_string(),
-                expected: "below the table's row count",
-            });
-        }
+    if e == 0 {
+        return Ok(());
+    }
+    let vocab = table.len() / e;
+    if let Some(&bad) = ids.iter().find(|&&id| id >= vocab) {
+        return Err(KernelError::InvalidArgument {
+            op,
+            what: "a token id",
+            got: bad.to_string(),
+            expected: "below the table's row count",
+        });
+    }
+    for (row, &id) in y.chunks_exact_mut(e).zip(ids) {
         row.copy_from_slice(&table[id * e..(id + 1) * e]);
     }
     Ok(())

@@ -182,6 +182,10 @@ fn activation_backward_matches_finite_differences() {
             assert!((du[i] as f64 - want).abs() < 1e-5, "{act:?}'({x}): {} vs {want}", du[i]);
         }
     }
+    // ReLU's derivative at 0 is PyTorch's 0 (the grid above never lands on 0).
+    let mut du = [f32::NAN; 2];
+    activation_backward(&mut du, &[1.0, 1.0], &[0.0, -0.0], Activation::Relu, Par::Seq).unwrap();
+    assert_eq!(du, [0.0, 0.0]);
 }
 
 #[test]
@@ -207,8 +211,11 @@ fn embedding_and_its_backward() {
             .unwrap();
         assert_eq!(again, dtable);
     }
-    let err = embedding(&mut y[..e], &table, &[11], e).unwrap_err();
+    // A bad id anywhere is refused before any row is written.
+    let before = y.clone();
+    let err = embedding(&mut y[..2 * e], &table, &[1, 11], e).unwrap_err();
     assert!(err.to_string().contains("a token id is 11"), "{err}");
+    assert_eq!(y, before);
     assert!(embedding_backward(&mut dtable, &dy[..e], &[11], e, Par::Seq).is_err());
 }
 
