@@ -330,19 +330,24 @@ pub fn embedding(y: &mut [f32], table: &[f32], ids: &[usize], e: usize) -> Resul
     if e == 0 {
         return Ok(());
     }
-    let vocab = table.len() / e;
-    if let Some(&bad) = ids.iter().find(|&&id| id >= vocab) {
-        return Err(KernelError::InvalidArgument {
-            op,
-            what: "a token id",
-            got: bad.to_string(),
-            expected: "below the table's row count",
-        });
-    }
+    check_ids(op, ids, table.len() / e)?;
     for (row, &id) in y.chunks_exact_mut(e).zip(ids) {
         row.copy_from_slice(&table[id * e..(id + 1) * e]);
     }
     Ok(())
+}
+
+/// Every id below `vocab`, the table's row count, or an error naming the first that is not.
+fn check_ids(op: &'static str, ids: &[usize], vocab: usize) -> Result<(), KernelError> {
+    match ids.iter().find(|&&id| id >= vocab) {
+        Some(&bad) => Err(KernelError::InvalidArgument {
+            op,
+            what: "a token id",
+            got: bad.to_string(),
+            expected: "below the table's row count",
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The backward of [`embedding`]: `dtable[ids[n]] += dy[n]`. Each thread owns a range of
@@ -361,14 +366,7 @@ pub fn embedding_backward(
         return Ok(());
     }
     let vocab = dtable.len() / e;
-    if let Some(&bad) = ids.iter().find(|&&id| id >= vocab) {
-        return Err(KernelError::InvalidArgument {
-            op,
-            what: "a token id",
-            got: bad.to_string(),
-            expected: "below the table's row count",
-        });
-    }
+    check_ids(op, ids, vocab)?;
     let columns = 16;
     let table = crate::view::SharedMut(dtable.as_mut_ptr());
     let body = |c0: usize| {
