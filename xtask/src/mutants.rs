@@ -1,6 +1,5 @@
 //! `cargo xtask mutants`: mutation testing of the numerically central code, and the planted bugs.
 
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::Result;
@@ -9,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 21] = [
+const MUTANT_SCOPE: [(&str, &str); 22] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -79,8 +78,10 @@ const MUTANT_SCOPE: [(&str, &str); 21] = [
     ("crates/attn-kernels/src/backward/tasks.rs", ".*"),
     (
         "crates/attn-kernels/src/grad.rs",
-        "add_column_sums|linear_backward|norm_backward|norm_row_backward|lane_sum|derivative|activation_backward|embedding|embedding_backward|cross_entropy.*",
+        "add_column_sums|linear_backward|norm_backward|norm_row_backward|lane_sum|derivative|activation_backward|embedding|check_ids|embedding_backward|cross_entropy.*",
     ),
+    // Dropout's counter-based stream and its threshold.
+    ("crates/attn-kernels/src/grad/dropout.rs", ".*"),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.
@@ -109,12 +110,13 @@ pub fn mutants(args: &[String]) -> Result<()> {
         "target",
     ]);
     for (file, functions) in MUTANT_SCOPE {
-        let name = Path::new(file)
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .replace('.', "\\.");
-        cmd.args(["--file", file, "--re", &format!("{name}:.* in ({functions})$")]);
+        // The whole path, anchored: a bare file name would also match its namesakes in scope
+        // (`mod.rs` in `flash/` and `backward/`; `grad.rs` inside `bf16_grad.rs`). A mutant
+        // inside a function ends `in FUNCTION`; one that replaces the whole body reads
+        // `replace FUNCTION -> T with VALUE` (or `with ()`), with no `in`.
+        let path = file.replace('.', "\\.");
+        let re = format!("^{path}:[0-9]+:[0-9]+: (replace ({functions})( -> | with )|.* in ({functions})$)");
+        cmd.args(["--file", file, "--re", &re]);
     }
     cmd.args(args);
     run(&mut cmd)
