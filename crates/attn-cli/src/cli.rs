@@ -66,7 +66,10 @@ fn run(cli: Cli) -> Result<()> {
 /// Runs `attn` with the process's arguments: 0 success, 1 runtime error, 2 usage error.
 pub fn main() -> ExitCode {
     quiet_on_closed_pipe();
-    if let Err(e) = attn_nn::core::kernels::requested_simd_level() {
+    let env = attn_nn::core::kernels::requested_simd_level()
+        .map(drop)
+        .and_then(|()| attn_nn::core::kernels::requested_gemm().map(drop));
+    if let Err(e) = env {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }

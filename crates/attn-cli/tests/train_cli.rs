@@ -589,8 +589,8 @@ fn translate_reports_what_it_cannot_read() {
     assert!(usage_error(&["translate", "x", "--attention", "x.svg"]).contains(".png or .html"));
 }
 
-/// The demo's flags that do not apply are refused before any work, and a closed pipe ends
-/// `attn` quietly.
+/// The demo's flags that do not apply are refused before any work, a closed pipe ends
+/// `attn` quietly, and a bad `ATTN_SIMD` or `ATTN_GEMM` is a usage error.
 #[test]
 fn demo_flags_and_closed_pipes() {
     for args in [
@@ -660,6 +660,14 @@ fn demo_flags_and_closed_pipes() {
         err.contains("ATTN_SIMD is \"sse\", expected one of scalar, avx2, avx512"),
         "{err}"
     );
+    let out = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["check"])
+        .env("ATTN_GEMM", "mkl")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "error: gemm: ATTN_GEMM is \"mkl\", expected faer or own");
 }
 
 /// Started by an MPI launcher as one of several processes, an attn built without the `mpi`

@@ -5,8 +5,9 @@
 //! GEMM ([`avx512`]: 8 × 48 micro-kernel, BLIS's blocking and packing), 0.91–0.96× MKL's on the
 //! layer shapes at one thread on an Intel model 207 (docs/PERFORMANCE.md); everything else (other CPUs, where faer measured faster, other
 //! levels, small or thin products, column-major destinations) goes to faer's `matmul`, whose
-//! views are made without copying. `ATTN_GEMM=faer` sends every product to faer, for
-//! comparison. Either way every element is summed in an order that does not depend on the
+//! views are made without copying. `ATTN_GEMM=faer` sends every product to faer, and
+//! `ATTN_GEMM=own` the products it serves to the own GEMM on any CPU, for comparison
+//! ([`requested_gemm`]). Either way every element is summed in an order that does not depend on the
 //! thread count. A right operand used on every call (a linear map's `Wᵀ`) can be packed once
 //! into [`F32Panels`] and multiplied with [`gemm_packed`], which the own GEMM reads in place.
 
@@ -17,6 +18,44 @@ pub(crate) mod avx512;
 mod packed;
 
 pub use packed::{gemm_packed, F32Panels};
+
+/// A GEMM named by the environment variable `ATTN_GEMM` (see [`requested_gemm`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmChoice {
+    /// `faer`: every f32 product goes to faer's `matmul`.
+    Faer,
+    /// `own`: attn's own packed GEMM takes the products it serves (at the AVX-512 level, shapes
+    /// as on Intel) on any CPU, AMD's included, for comparison.
+    Own,
+}
+
+/// The GEMM the environment variable `ATTN_GEMM` names (read once): `Ok(None)` when it is unset
+/// or empty (the default: attn's own GEMM on Intel at AVX-512, faer's elsewhere), an
+/// [`KernelError::InvalidArgument`] naming the accepted values when it names neither `faer` nor
+/// `own` (the kernels then keep the default; the `attn` command refuses to start).
+pub fn requested_gemm() -> Result<Option<GemmChoice>, KernelError> {
+    static CHOICE: std::sync::OnceLock<Result<Option<GemmChoice>, KernelError>> = std::sync::OnceLock::new();
+    CHOICE.get_or_init(|| parse_gemm(std::env::var("ATTN_GEMM"))).clone()
+}
+
+fn parse_gemm(var: Result<String, std::env::VarError>) -> Result<Option<GemmChoice>, KernelError> {
+    let got = match var {
+        Err(std::env::VarError::NotPresent) => return Ok(None),
+        Ok(text) => match text.as_str() {
+            "" => return Ok(None),
+            "faer" => return Ok(Some(GemmChoice::Faer)),
+            "own" => return Ok(Some(GemmChoice::Own)),
+            _ => format!("{text:?}"),
+        },
+        Err(std::env::VarError::NotUnicode(text)) => format!("{text:?}"),
+    };
+    Err(KernelError::InvalidArgument {
+        op: "gemm",
+        what: "ATTN_GEMM",
+        got,
+        expected: "faer or own",
+    })
+}
 
 /// How much parallelism an operation may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +331,31 @@ pub fn gemm_reference(dst: &mut [f64], accum: Accum, lhs: View2<'_, f32>, rhs: V
 mod tests {
     use super::*;
     use crate::testing::{assert_close, random_vec};
+
+    /// `ATTN_GEMM` names `faer`, `own` or nothing; anything else is an error naming the value
+    /// and the accepted ones.
+    #[test]
+    fn attn_gemm_names_faer_own_or_nothing() {
+        use std::env::VarError;
+        assert_eq!(parse_gemm(Err(VarError::NotPresent)), Ok(None));
+        assert_eq!(parse_gemm(Ok(String::new())), Ok(None));
+        assert_eq!(parse_gemm(Ok("faer".into())), Ok(Some(GemmChoice::Faer)));
+        assert_eq!(parse_gemm(Ok("own".into())), Ok(Some(GemmChoice::Own)));
+        for bad in ["Faer", "mkl", " own"] {
+            let e = parse_gemm(Ok(bad.into())).unwrap_err().to_string();
+            assert!(
+                e.contains("ATTN_GEMM") && e.contains(&format!("{bad:?}")) && e.contains("faer or own"),
+                "{e}"
+            );
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let raw = std::ffi::OsString::from_vec(vec![0x66, 0xff]);
+            let e = parse_gemm(Err(VarError::NotUnicode(raw))).unwrap_err().to_string();
+            assert!(e.contains("ATTN_GEMM") && e.contains("\\xFF"), "{e}");
+        }
+    }
 
     fn check(m: usize, n: usize, k: usize, transposed: bool, accum: Accum, par: Par) {
         let a = random_vec(m * k, 1);

@@ -63,13 +63,23 @@ thread_local! {
 /// columns wide, measured 5–6% slower here than on faer, which packs less), and enough work
 /// (2²⁰ FMAs) to pay for packing both operands.
 pub(crate) fn worth_it([m, n, k]: [usize; 3]) -> bool {
-    shape_worth_it([m, n, k]) && intel() && !faer_forced()
+    shape_worth_it([m, n, k]) && chosen()
 }
 
 /// Whether this GEMM serves some products with a right operand `[k, n]` on this CPU: Intel's,
-/// unless `ATTN_GEMM=faer`, and wide and deep enough (the level is the caller's to check).
+/// unless `ATTN_GEMM` names faer (or `own` on any CPU), and wide and deep enough (the level is
+/// the caller's to check).
 pub(crate) fn serves_rhs([k, n]: [usize; 2]) -> bool {
-    rhs_worth_it([k, n]) && intel() && !faer_forced()
+    rhs_worth_it([k, n]) && chosen()
+}
+
+/// Whether this CPU and `ATTN_GEMM` send products of a fit shape here.
+fn chosen() -> bool {
+    match crate::gemm::requested_gemm().ok().flatten() {
+        Some(crate::gemm::GemmChoice::Faer) => false,
+        Some(crate::gemm::GemmChoice::Own) => true,
+        None => intel(),
+    }
 }
 
 /// The shape half of [`worth_it`].
@@ -97,12 +107,6 @@ pub(crate) fn intel() -> bool {
             .flat_map(|r| r.to_le_bytes())
             .eq(*b"GenuineIntel")
     })
-}
-
-/// `ATTN_GEMM=faer` sends every f32 product to faer's GEMM, for comparison (read once).
-fn faer_forced() -> bool {
-    static FAER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FAER.get_or_init(|| std::env::var("ATTN_GEMM").as_deref() == Ok("faer"))
 }
 
 /// Raw operand description: a pointer with row and column strides (in elements).
