@@ -1,11 +1,13 @@
 //! GEMM on strided f32 views, and its f64 reference.
 //!
-//! On an Intel CPU at the AVX-512 level, products big enough to pay for packing (at least 48
-//! rows, 256 columns and 2²⁰ multiply-adds) into a row-major destination run on attn's own packed
-//! GEMM ([`avx512`]: 8 × 48 micro-kernel, BLIS's blocking and packing), 0.91–0.96× MKL's on the
-//! layer shapes at one thread on an Intel model 207 (docs/PERFORMANCE.md); everything else (other CPUs, where faer measured faster, other
-//! levels, small or thin products, column-major destinations) goes to faer's `matmul`, whose
-//! views are made without copying. `ATTN_GEMM=faer` sends every product to faer, and
+//! On an Intel CPU or AMD's Zen 4 at the AVX-512 level, products big enough to pay for packing
+//! (at least 48 rows, 256 columns and 2²⁰ multiply-adds) into a row-major destination run on
+//! attn's own packed GEMM ([`avx512`]: 8 × 48 micro-kernel, BLIS's blocking and packing),
+//! 0.91–0.96× MKL's on the layer shapes at one thread on an Intel model 207, and on Zen 4
+//! 0.95–0.99× faer's when it packs both operands but 1.08–1.13× on products by a weight packed
+//! once (docs/PERFORMANCE.md); everything else (other CPUs, among them Zen 5, where faer
+//! measured faster than an earlier version, other levels, small or thin products, column-major
+//! destinations) goes to faer's `matmul`, whose views are made without copying. `ATTN_GEMM=faer` sends every product to faer, and
 //! `ATTN_GEMM=own` the products it serves to the own GEMM on any CPU, for comparison
 //! ([`requested_gemm`]). Either way every element is summed in an order that does not depend on the
 //! thread count. A right operand used on every call (a linear map's `Wᵀ`) can be packed once
@@ -30,7 +32,7 @@ pub enum GemmChoice {
 }
 
 /// The GEMM the environment variable `ATTN_GEMM` names (read once): `Ok(None)` when it is unset
-/// or empty (the default: attn's own GEMM on Intel at AVX-512, faer's elsewhere), an
+/// or empty (the default: attn's own GEMM on Intel and Zen 4 at AVX-512, faer's elsewhere), an
 /// [`KernelError::InvalidArgument`] naming the accepted values when it names neither `faer` nor
 /// `own` (the kernels then keep the default; the `attn` command refuses to start).
 pub fn requested_gemm() -> Result<Option<GemmChoice>, KernelError> {
@@ -243,7 +245,7 @@ fn check_shapes(
 }
 
 /// Whether attn's own GEMM serves a product into a destination with these strides: a
-/// row-major destination, a shape worth packing on an Intel CPU ([`avx512::worth_it`]), and
+/// row-major destination, a shape worth packing on this CPU ([`avx512::worth_it`]), and
 /// the AVX-512 level.
 #[cfg(target_arch = "x86_64")]
 fn own_gemm(dst_strides: [usize; 2], mnk: [usize; 3]) -> bool {
@@ -404,8 +406,8 @@ mod tests {
 
     #[test]
     fn gemm_bias_is_the_bias_written_first_then_gemm_add() {
-        // A small product (faer's path everywhere) and large ones (attn's own GEMM on Intel at
-        // AVX-512; faer's elsewhere): the same bits as the two steps on every path, and the
+        // A small product (faer's path everywhere) and large ones (attn's own GEMM on Intel and
+        // Zen 4 at AVX-512; faer's elsewhere): the same bits as the two steps on every path, and the
         // destination (NaN) never read.
         for (m, n, k) in [(5, 7, 3), (100, 300, 70), (60, 530, 400)] {
             let (a, b, bias) = (random_vec(m * k, 1), random_vec(k * n, 2), random_vec(n, 3));

@@ -41,7 +41,7 @@ impl std::fmt::Debug for F32Panels {
 
 impl F32Panels {
     /// Whether products by a right operand of this shape (`[K, N]`) read packed panels on this
-    /// machine: attn's own f32 GEMM runs on this CPU at the current level (Intel at AVX-512,
+    /// machine: attn's own f32 GEMM runs on this CPU at the current level (Intel or Zen 4 at AVX-512,
     /// `ATTN_GEMM` not `faer`) and takes products this wide and deep (at least 256 columns and
     /// a depth of 16; how many rows is up to each call). Elsewhere [`gemm_packed`] multiplies
     /// by the unpacked operand, so a model need not pack (and hold twice its weights) for
