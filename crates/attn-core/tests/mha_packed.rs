@@ -1,5 +1,6 @@
 //! Multi-head attention set to `Precision::F32` packs its weights once where attn's own f32
-//! GEMM reads them (Intel at AVX-512; elsewhere it holds no copy): the bits of the unpacked
+//! GEMM reads them (Intel and Zen 4 at AVX-512, at the first product of enough rows; elsewhere,
+//! and before, it holds no copy): the bits of the unpacked
 //! module on every projection path, and handing the weights out mutably drops the copies, so a
 //! changed weight is what the next forward uses, never a stale copy.
 
@@ -55,6 +56,19 @@ fn packed_f32_weights_give_the_unpacked_bits_and_never_go_stale() {
         let mut packed = plain.clone();
         packed.set_precision(Precision::F32).unwrap();
         assert_eq!(packed.precision(), Precision::F32, "{name}");
+        // Nothing is packed before a product reads it, and decoding's single rows never do.
+        assert_eq!(packed.bytes_held(), plain.bytes_held(), "{name}: packed before use");
+        let row = random(2 * e, 4);
+        let one = Sequence::batch_first(&row, 2, 1, e);
+        let decode = |m: &MultiHeadAttention| m.forward_self(one, &MhaOptions::default(), Par::Rayon).unwrap().output;
+        if kdim == e && vdim == e {
+            assert_eq!(decode(&packed), decode(&plain), "{name}: decoding");
+            assert_eq!(packed.bytes_held(), plain.bytes_held(), "{name}: decoding packed");
+        }
+        assert!(
+            outputs(&packed, kdim, vdim) == want,
+            "{name}: the packed copies changed the bits"
+        );
         let copies = packed.bytes_held() - plain.bytes_held();
         assert_eq!(
             copies > 0,
@@ -63,7 +77,7 @@ fn packed_f32_weights_give_the_unpacked_bits_and_never_go_stale() {
         );
         assert!(
             outputs(&packed, kdim, vdim) == want,
-            "{name}: the packed copies changed the bits"
+            "{name}: the packed copies, read again, changed the bits"
         );
         // Halve every weight matrix through the mutable hand-out: the copies go with it.
         for (param, tensor) in packed.params_mut("") {

@@ -38,8 +38,9 @@ pub struct Linear {
     /// The weight rounded to bf16 and packed, when the precision is [`Precision::Bf16`].
     bf16: Option<Arc<LinearBf16>>,
     /// `Wᵀ` packed in f32, when the precision is [`Precision::F32`] and attn's own GEMM reads
-    /// it ([`F32Panels::worth_packing`] of its shape).
-    f32: Option<Arc<F32Panels>>,
+    /// it ([`F32Panels::worth_packing`] of its shape): packed at the first product of enough
+    /// rows to read it ([`F32Panels::read_by`]), so a layer that only decodes never holds it.
+    f32: Option<Arc<OnceLock<F32Panels>>>,
 }
 
 /// [`Linear`]'s weight in bf16: `Wᵀ` for the forward, packed when the precision is set, and `W`
@@ -77,21 +78,22 @@ impl Linear {
     }
 
     /// Whether the layer holds a packed copy of its weight: in bf16, or in f32 where attn's own
-    /// GEMM reads one ([`Linear::set_precision`]).
+    /// GEMM has read one ([`Linear::set_precision`]).
     pub fn is_packed(&self) -> bool {
-        self.bf16.is_some() || self.f32.is_some()
+        self.bf16.is_some() || self.f32.as_ref().is_some_and(|p| p.get().is_some())
     }
 
     /// `Bf16` rounds and packs the current weight once. `F32` packs it once in f32 where
     /// attn's own GEMM reads the packed copy ([`F32Panels::worth_packing`]: the same bits,
-    /// without packing `Wᵀ` on every call), and holds no copy elsewhere. Handing the weight out
+    /// without packing `Wᵀ` on every call), at the first product of enough rows to read it
+    /// ([`F32Panels::read_by`]), and holds no copy elsewhere. Handing the weight out
     /// mutably ([`Parameters::visit_params`]) drops either copy and returns the layer to f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let [out, inp] = self.dims();
         (self.bf16, self.f32) = (None, None);
         match precision {
             Precision::F32 if F32Panels::worth_packing([inp, out]) => {
-                self.f32 = Some(Arc::new(pack_weight_f32(&self.weight, 0..out)?));
+                self.f32 = Some(Arc::new(OnceLock::new()));
             }
             Precision::F32 => {}
             Precision::Bf16 => {
@@ -111,7 +113,17 @@ impl Linear {
             Some(packed) => linear_bf16(y, out, view, &packed.forward, bias, par)?,
             None => {
                 let w = (self.weight.data(), 0..out, inp);
-                linear_packed(y, out, view, w, self.f32.as_deref(), bias, par)?
+                let packed = match &self.f32 {
+                    Some(cell) if F32Panels::read_by([view.shape()[0], inp, out]) => Some(match cell.get() {
+                        Some(panels) => panels,
+                        None => {
+                            let panels = pack_weight_f32(&self.weight, 0..out)?;
+                            cell.get_or_init(|| panels)
+                        }
+                    }),
+                    _ => None,
+                };
+                linear_packed(y, out, view, w, packed, bias, par)?
             }
         }
         Ok(())
@@ -134,7 +146,7 @@ impl Linear {
     pub fn bytes_held(&self) -> usize {
         let packs = self.bf16.as_ref().map_or(0, |b| {
             b.forward.size_in_bytes() + b.backward.get().map_or(0, Bf16Panels::size_in_bytes)
-        }) + self.f32.as_ref().map_or(0, |p| p.size_in_bytes());
+        }) + self.f32.as_ref().and_then(|p| p.get()).map_or(0, |p| p.size_in_bytes());
         self.weight.bytes_held() + self.bias.as_ref().map_or(0, Tensor::bytes_held) + packs
     }
 
@@ -509,10 +521,21 @@ mod tests {
         let mut packed = plain.clone();
         packed.set_precision(Precision::F32).unwrap();
         assert_eq!(packed.precision(), Precision::F32);
+        // Packed at the first product that reads the copy: not at a product of a few rows
+        // (decoding's), which gives the same bits either way.
+        assert!(!packed.is_packed());
+        let few = &x[..4 * inp];
+        assert_eq!(
+            packed.forward(few, Par::Rayon).unwrap(),
+            plain.forward(few, Par::Rayon).unwrap()
+        );
+        assert!(!packed.is_packed() && packed.bytes_held() == plain.bytes_held());
         let worth = F32Panels::worth_packing([inp, out]);
+        assert_eq!(F32Panels::read_by([n, inp, out]), worth);
+        assert!(bits(&packed) == want, "the packed copy changed the bits");
         assert_eq!(packed.is_packed(), worth);
         assert_eq!(packed.bytes_held() > plain.bytes_held(), worth);
-        assert!(bits(&packed) == want, "the packed copy changed the bits");
+        assert!(bits(&packed) == want, "the packed copy, read again, changed the bits");
         packed.visit_params(&ParamPath::Root(""), &mut |_, t| {
             t.data_mut().iter_mut().for_each(|v| *v *= 0.5);
         });

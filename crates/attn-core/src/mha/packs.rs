@@ -29,6 +29,9 @@ pub(super) trait ProjWeights {
 
 /// A packed copy of rows of a weight `[out, in]`, as the right operand `Wᵀ` of a product.
 pub(super) trait PackedWeight: Sized {
+    /// Whether [`ForwardPacks`] packs each matrix at the first product that reads it rather
+    /// than when the precision is set.
+    const LAZY: bool;
     /// Rows `rows` of `w` packed, or `None` where products of this shape would not read them.
     fn pack(w: &Tensor, rows: Range<usize>) -> Result<Option<Self>>;
     /// Bytes held.
@@ -36,6 +39,7 @@ pub(super) trait PackedWeight: Sized {
 }
 
 impl PackedWeight for Bf16Panels {
+    const LAZY: bool = false;
     fn pack(w: &Tensor, rows: Range<usize>) -> Result<Option<Self>> {
         pack_weight_of(w, rows).map(Some)
     }
@@ -45,6 +49,9 @@ impl PackedWeight for Bf16Panels {
 }
 
 impl PackedWeight for F32Panels {
+    // Only products of enough rows read the f32 panels ([`F32Panels::read_by`]): a module that
+    // only decodes (a few rows a call) never holds them.
+    const LAZY: bool = true;
     fn pack(w: &Tensor, rows: Range<usize>) -> Result<Option<Self>> {
         let in_dim = w.shape().get(1).copied().unwrap_or(0);
         if !F32Panels::worth_packing([in_dim, rows.len()]) {
@@ -61,23 +68,38 @@ impl PackedWeight for F32Panels {
 /// `q|k|v` rows (when fused), the rows of each of `q`, `k`, `v` (`Core::weight`), and the
 /// output projection. With fused weights the parts serve only calls whose query, key and value
 /// differ, so they are packed at the first such call (self-attention never holds them twice).
+/// Where `P` is [`PackedWeight::LAZY`] every matrix is packed at the first call that asks for
+/// it.
 #[derive(Debug)]
 pub(super) struct ForwardPacks<P> {
-    fused: Option<P>,
+    fused: OnceLock<Option<P>>,
     parts: OnceLock<[Option<P>; 3]>,
-    out: Option<P>,
+    out: OnceLock<Option<P>>,
 }
 
 impl<P: PackedWeight> ForwardPacks<P> {
-    /// The module's current weights packed.
+    /// The module's current weights, packed now unless `P` is lazy.
     pub(super) fn new(core: &impl ProjWeights) -> Result<Self> {
-        let pack = |proj| core.matrix(proj).map_or(Ok(None), |(w, rows)| P::pack(w, rows));
-        let (fused, out) = (pack(Proj::Fused)?, pack(Proj::Out)?);
-        let parts = OnceLock::new();
-        if core.matrix(Proj::Fused).is_none() {
-            let _ = parts.set(Self::pack_parts(core));
+        let packs = ForwardPacks {
+            fused: OnceLock::new(),
+            parts: OnceLock::new(),
+            out: OnceLock::new(),
+        };
+        if !P::LAZY {
+            let pack = |proj| core.matrix(proj).map_or(Ok(None), |(w, rows)| P::pack(w, rows));
+            let _ = packs.fused.set(pack(Proj::Fused)?);
+            let _ = packs.out.set(pack(Proj::Out)?);
+            if core.matrix(Proj::Fused).is_none() {
+                let _ = packs.parts.set(Self::pack_parts(core));
+            }
         }
-        Ok(ForwardPacks { fused, parts, out })
+        Ok(packs)
+    }
+
+    /// The matrix `proj` names packed, if the module has it and `P` packs it.
+    fn pack_one(core: &impl ProjWeights, proj: Proj) -> Option<P> {
+        let (w, rows) = core.matrix(proj)?;
+        P::pack(w, rows).expect("a projection's rows lie within its [out, in] weight")
     }
 
     /// The Q, K and V rows packed.
@@ -90,20 +112,23 @@ impl<P: PackedWeight> ForwardPacks<P> {
         })
     }
 
-    /// The packed matrix `proj` names, if it was packed (the parts packed now if they are not
-    /// yet).
+    /// The packed matrix `proj` names, if `P` packs it (packed now if it is not yet).
     pub(super) fn get(&self, core: &impl ProjWeights, proj: Proj) -> Option<&P> {
         match proj {
-            Proj::Fused => self.fused.as_ref(),
+            Proj::Fused => self.fused.get_or_init(|| Self::pack_one(core, proj)).as_ref(),
             Proj::Part(which) => self.parts.get_or_init(|| Self::pack_parts(core))[which].as_ref(),
-            Proj::Out => self.out.as_ref(),
+            Proj::Out => self.out.get_or_init(|| Self::pack_one(core, proj)).as_ref(),
         }
     }
 
     /// Bytes held by the packs made so far.
     pub(super) fn bytes(&self) -> usize {
         let parts = self.parts.get().into_iter().flatten().flatten();
-        self.fused.iter().chain(parts).chain(&self.out).map(P::bytes).sum()
+        let (fused, out) = (
+            self.fused.get().into_iter().flatten(),
+            self.out.get().into_iter().flatten(),
+        );
+        fused.chain(parts).chain(out).map(P::bytes).sum()
     }
 }
 

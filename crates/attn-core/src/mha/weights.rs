@@ -35,7 +35,8 @@ pub(super) struct Core {
     /// The weights rounded to bf16 and packed, when the precision is [`Precision::Bf16`].
     pub(super) bf16: Option<Arc<Bf16Weights>>,
     /// The weights packed in f32 when the precision is [`Precision::F32`]: those attn's own GEMM
-    /// reads ([`F32Panels::worth_packing`]).
+    /// reads ([`F32Panels::worth_packing`]), each at the first product that reads it
+    /// ([`F32Panels::read_by`]).
     pub(super) f32: Option<Arc<ForwardPacks<F32Panels>>>,
 }
 
@@ -304,7 +305,8 @@ impl Core {
     }
 
     /// Packs the weights in bf16; for f32, packs those that attn's own GEMM reads in f32
-    /// ([`F32Panels::worth_packing`]; none on other machines).
+    /// ([`F32Panels::worth_packing`]; none on other machines), each at the first product of
+    /// enough rows to read it ([`F32Panels::read_by`]; decoding's few rows never do).
     pub(super) fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.drop_packs();
         match precision {
@@ -385,7 +387,8 @@ impl Core {
             return linear_bf16(dst, dst_stride, x, w, bias, par);
         }
         let (w, rows, in_dim) = self.proj_weight(proj);
-        let packed = self.f32.as_ref().and_then(|p| p.get(self, proj));
+        let reads = F32Panels::read_by([x.shape()[0], in_dim, rows.len()]);
+        let packed = self.f32.as_ref().filter(|_| reads).and_then(|p| p.get(self, proj));
         linear_packed(dst, dst_stride, x, (w, rows, in_dim), packed, bias, par)
     }
 }

@@ -58,6 +58,24 @@ impl F32Panels {
         }
     }
 
+    /// Whether a product of `m` rows by a right operand `[K, N]` (`[m, k, n]`) into a
+    /// row-major destination reads packed panels ([`gemm_packed`] reads them exactly then): the
+    /// operand is [`F32Panels::worth_packing`] and the product has enough rows and work for
+    /// attn's own GEMM (at least 48 rows and 2²⁰ multiply-adds). A caller that packs lazily asks
+    /// this before it packs, so products that never read the panels (decoding's few rows) never
+    /// make them.
+    pub fn read_by([m, k, n]: [usize; 3]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::own_gemm([n.max(1), 1], [m, n, k])
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (m, k, n);
+            false
+        }
+    }
+
     /// Packs `b: [K, N]`, any strides (in parallel on the current rayon pool, panel by panel;
     /// the same floats either way).
     pub fn pack(b: View2<'_, f32>) -> Self {
