@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 22] = [
+const MUTANT_SCOPE: [(&str, &str); 23] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -82,6 +82,8 @@ const MUTANT_SCOPE: [(&str, &str); 22] = [
     ),
     // Dropout's counter-based stream and its threshold.
     ("crates/attn-kernels/src/grad/dropout.rs", ".*"),
+    // The KV cache decoding appends to, grows and reorders (beam search).
+    ("crates/attn-core/src/cache.rs", ".*"),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.

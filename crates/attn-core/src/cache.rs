@@ -319,6 +319,43 @@ mod tests {
         assert!(err.to_string().contains("`k`"), "{err}");
     }
 
+    /// A cache fills to its capacity without growing, grows (at least doubling) only past it,
+    /// reports its bytes at its capacity (4 a value in f32, 2 in bf16), and `clear` forgets
+    /// every position but keeps the memory: the next append writes position 0 again.
+    #[test]
+    fn capacity_bytes_emptiness_and_clear() {
+        let (b, g, d, dv) = (2, 3, 5, 7);
+        for (precision, bytes) in [(Precision::F32, 4), (Precision::Bf16, 2)] {
+            let mut cache = KvCache::new_in(precision, b, g, d, dv, 3);
+            let size = |cap: usize| b * g * cap * (d + dv) * bytes;
+            assert_eq!(cache.size_in_bytes(), size(3), "{precision:?}");
+            assert!(cache.is_empty() && cache.len() == 0);
+            let append = |cache: &mut KvCache, n: usize, x: f32| {
+                let (k, v) = (vec![x; b * g * n * d], vec![-x; b * g * n * dv]);
+                cache
+                    .append(
+                        View4::contiguous(&k, [b, g, n, d]).unwrap(),
+                        View4::contiguous(&v, [b, g, n, dv]).unwrap(),
+                    )
+                    .unwrap();
+            };
+            append(&mut cache, 3, 1.0);
+            assert_eq!((cache.len(), cache.capacity()), (3, 3), "filled exactly: no growth");
+            assert!(!cache.is_empty());
+            assert_eq!(cache.size_in_bytes(), size(3));
+            append(&mut cache, 1, 2.0);
+            assert_eq!((cache.len(), cache.capacity()), (4, 6), "past it: doubled");
+            assert_eq!(cache.size_in_bytes(), size(6));
+            cache.clear();
+            assert!(cache.is_empty() && cache.len() == 0 && cache.keys().shape()[2] == 0);
+            assert_eq!((cache.capacity(), cache.size_in_bytes()), (6, size(6)), "memory kept");
+            append(&mut cache, 1, 3.0);
+            assert_eq!(cache.len(), 1);
+            assert_eq!(cache.keys().to_f32(), vec![3.0; b * g * d]);
+            assert_eq!(cache.values().to_f32(), vec![-3.0; b * g * dv]);
+        }
+    }
+
     /// A bf16 cache holds each appended value rounded to bf16, in the f32 cache's places,
     /// through growing and reordering, at half the bytes.
     #[test]
