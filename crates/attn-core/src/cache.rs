@@ -329,7 +329,8 @@ mod tests {
             let mut cache = KvCache::new_in(precision, b, g, d, dv, 3);
             let size = |cap: usize| b * g * cap * (d + dv) * bytes;
             assert_eq!(cache.size_in_bytes(), size(3), "{precision:?}");
-            assert!(cache.is_empty() && cache.len() == 0);
+            assert!(cache.is_empty());
+            assert_eq!(cache.len(), 0);
             let append = |cache: &mut KvCache, n: usize, x: f32| {
                 let (k, v) = (vec![x; b * g * n * d], vec![-x; b * g * n * dv]);
                 cache
@@ -347,7 +348,8 @@ mod tests {
             assert_eq!((cache.len(), cache.capacity()), (4, 6), "past it: doubled");
             assert_eq!(cache.size_in_bytes(), size(6));
             cache.clear();
-            assert!(cache.is_empty() && cache.len() == 0 && cache.keys().shape()[2] == 0);
+            assert!(cache.is_empty());
+            assert_eq!((cache.len(), cache.keys().shape()[2]), (0, 0));
             assert_eq!((cache.capacity(), cache.size_in_bytes()), (6, size(6)), "memory kept");
             append(&mut cache, 1, 3.0);
             assert_eq!(cache.len(), 1);
