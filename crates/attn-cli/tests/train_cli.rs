@@ -649,25 +649,27 @@ fn demo_flags_and_closed_pipes() {
             );
         }
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_attn"))
-        .args(["check"])
-        .env("ATTN_SIMD", "sse")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("ATTN_SIMD is \"sse\", expected one of scalar, avx2, avx512"),
-        "{err}"
-    );
-    let out = Command::new(env!("CARGO_BIN_EXE_attn"))
-        .args(["check"])
-        .env("ATTN_GEMM", "mkl")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim(), "error: gemm: ATTN_GEMM is \"mkl\", expected faer or own");
+    // One line on stderr, exit 2, before any work.
+    for (var, value, want) in [
+        (
+            "ATTN_SIMD",
+            "sse",
+            "error: simd_level: ATTN_SIMD is \"sse\", expected one of scalar, avx2, avx512, avx512bf16, amx",
+        ),
+        (
+            "ATTN_GEMM",
+            "mkl",
+            "error: gemm: ATTN_GEMM is \"mkl\", expected faer or own",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(["check"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), want);
+    }
 }
 
 /// Started by an MPI launcher as one of several processes, an attn built without the `mpi`
