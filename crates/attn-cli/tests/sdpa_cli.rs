@@ -390,6 +390,14 @@ fn check_passes_on_this_machine() {
             .count();
         assert_eq!(n, 3, "{path}: {report}");
     }
+    // Two f32 GEMM rows, each naming the GEMM it ran on: the small one is faer's everywhere.
+    let gemms: Vec<&str> = checks
+        .iter()
+        .filter_map(|c| c["path"].as_str())
+        .filter(|p| p.starts_with("gemm (own)") || p.starts_with("gemm (faer)"))
+        .collect();
+    assert_eq!(gemms.len(), 2, "{report}");
+    assert_eq!(gemms[1], "gemm (faer) 129×67·67×131", "{report}");
     assert!(checks
         .iter()
         .all(|c| c["max_error"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap()));
@@ -650,6 +658,8 @@ fn bench_gemm_weight_layout() {
         let v: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
         let got = (v["op"].as_str(), v["weight"].as_bool(), v["packed"].as_bool());
         assert_eq!(got, (Some("gemm"), Some(true), Some(packed)));
+        // 64 × 256 × 32 is less work than attn's own GEMM takes (2²⁰ multiply-adds): faer's.
+        assert_eq!(v["f32_gemm"].as_str(), Some("faer"));
     }
     for (flags, named) in [(&base[..], "--weight"), (&base[..8], "--packed")] {
         let extra: &[&str] = if named == "--packed" { &["--packed"] } else { &[] };

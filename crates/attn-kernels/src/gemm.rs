@@ -244,6 +244,18 @@ fn check_shapes(
     Ok([m, n, k])
 }
 
+/// The GEMM a product `[m, k] · [k, n]` into a row-major destination runs on at this level:
+/// `"own"` (attn's packed AVX-512 GEMM) or `"faer"`; [`gemm_packed`] reads its panels exactly
+/// when this is `"own"` (for `attn check` and the benchmarks' reports).
+pub fn gemm_route([m, n, k]: [usize; 3]) -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if own_gemm([n.max(1), 1], [m, n, k]) {
+        return "own";
+    }
+    let _ = (m, n, k);
+    "faer"
+}
+
 /// Whether attn's own GEMM serves a product into a destination with these strides: a
 /// row-major destination, a shape worth packing on this CPU ([`avx512::worth_it`]), and
 /// the AVX-512 level.

@@ -95,7 +95,9 @@ pub use bf16::{
 pub use bf16_grad::linear_backward_bf16;
 pub use error::KernelError;
 pub use flash::{attention_bf16_kv, flash_attention, BLOCK_KEYS, BLOCK_ROWS, DECODE_ROWS, MIN_TASKS};
-pub use gemm::{gemm, gemm_bias, gemm_packed, gemm_reference, requested_gemm, Accum, F32Panels, GemmChoice, Par};
+pub use gemm::{
+    gemm, gemm_bias, gemm_packed, gemm_reference, gemm_route, requested_gemm, Accum, F32Panels, GemmChoice, Par,
+};
 pub use grad::{
     activation_backward, cross_entropy, cross_entropy_part, dropout, dropout_uniform, embedding, embedding_backward,
     linear_backward, norm_backward, CrossEntropy, LinearShape,

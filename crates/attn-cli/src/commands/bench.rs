@@ -5,8 +5,8 @@
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::unfused_scratch_bytes;
 use attn_nn::core::kernels::{
-    bf16_level, gemm, gemm_bf16, gemm_bf16_route, gemm_packed, simd_level, Accum, Bf16Panels, F32Panels, Par, View2,
-    ViewMut2,
+    bf16_level, gemm, gemm_bf16, gemm_bf16_route, gemm_packed, gemm_route, simd_level, Accum, Bf16Panels, F32Panels,
+    Par, View2, ViewMut2,
 };
 use attn_nn::core::{f32_size_in_bytes, SdpaShape};
 use serde_json::json;
@@ -326,7 +326,7 @@ pub fn gemm_bench(
             "op": "gemm", "m": m, "n": n, "k": k, "dtype": dtype_name, "weight": weight, "packed": panels.is_some(),
             "threads": threads,
             "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
-            "bf16_gemm": gemm_bf16_route(),
+            "bf16_gemm": gemm_bf16_route(), "f32_gemm": gemm_route([m, n, k]),
             "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs, "gflops": gflops,
         })
         .to_string()

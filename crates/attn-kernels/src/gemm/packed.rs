@@ -65,15 +65,7 @@ impl F32Panels {
     /// this before it packs, so products that never read the panels (decoding's few rows) never
     /// make them.
     pub fn read_by([m, k, n]: [usize; 3]) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::own_gemm([n.max(1), 1], [m, n, k])
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (m, k, n);
-            false
-        }
+        super::gemm_route([m, n, k]) == "own"
     }
 
     /// Packs `b: [K, N]`, any strides (in parallel on the current rayon pool, panel by panel;
