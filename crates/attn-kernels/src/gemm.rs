@@ -41,21 +41,10 @@ pub fn requested_gemm() -> Result<Option<GemmChoice>, KernelError> {
 }
 
 fn parse_gemm(var: Result<String, std::env::VarError>) -> Result<Option<GemmChoice>, KernelError> {
-    let got = match var {
-        Err(std::env::VarError::NotPresent) => return Ok(None),
-        Ok(text) => match text.as_str() {
-            "" => return Ok(None),
-            "faer" => return Ok(Some(GemmChoice::Faer)),
-            "own" => return Ok(Some(GemmChoice::Own)),
-            _ => format!("{text:?}"),
-        },
-        Err(std::env::VarError::NotUnicode(text)) => format!("{text:?}"),
-    };
-    Err(KernelError::InvalidArgument {
-        op: "gemm",
-        what: "ATTN_GEMM",
-        got,
-        expected: "faer or own",
+    crate::simd::env_choice(("gemm", "ATTN_GEMM", "faer or own"), var, |text| match text {
+        "faer" => Some(GemmChoice::Faer),
+        "own" => Some(GemmChoice::Own),
+        _ => None,
     })
 }
 

@@ -133,22 +133,38 @@ pub(crate) fn detect_bf16() -> Bf16Level {
 /// The level the environment variable `ATTN_SIMD` names: `Ok(None)` when it is unset or empty,
 /// an [`KernelError::InvalidArgument`] naming the accepted values when it names no level.
 pub fn requested_simd_level() -> Result<Option<SimdLevel>, KernelError> {
-    match std::env::var("ATTN_SIMD") {
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Ok(text) if text.is_empty() => Ok(None),
-        Ok(text) => parse_level(&text).map(Some).ok_or(KernelError::InvalidArgument {
-            op: "simd_level",
-            what: "ATTN_SIMD",
-            got: format!("{text:?}"),
-            expected: "one of scalar, avx2, avx512, avx512bf16, amx",
-        }),
-        Err(std::env::VarError::NotUnicode(text)) => Err(KernelError::InvalidArgument {
-            op: "simd_level",
-            what: "ATTN_SIMD",
-            got: format!("{text:?}"),
-            expected: "one of scalar, avx2, avx512, avx512bf16, amx",
-        }),
-    }
+    let expected = "one of scalar, avx2, avx512, avx512bf16, amx";
+    env_choice(
+        ("simd_level", "ATTN_SIMD", expected),
+        std::env::var("ATTN_SIMD"),
+        parse_level,
+    )
+}
+
+/// The value of an environment variable that names one of a few choices (`(op, name,
+/// expected)`), as `parse` reads it: `Ok(None)` when it is unset or empty, an
+/// [`KernelError::InvalidArgument`] naming the variable, its value and `expected` when `parse`
+/// knows no such name or the value is not UTF-8.
+pub(crate) fn env_choice<T>(
+    (op, what, expected): (&'static str, &'static str, &'static str),
+    var: Result<String, std::env::VarError>,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, KernelError> {
+    let got = match var {
+        Err(std::env::VarError::NotPresent) => return Ok(None),
+        Ok(text) if text.is_empty() => return Ok(None),
+        Ok(text) => match parse(&text) {
+            Some(choice) => return Ok(Some(choice)),
+            None => format!("{text:?}"),
+        },
+        Err(std::env::VarError::NotUnicode(text)) => format!("{text:?}"),
+    };
+    Err(KernelError::InvalidArgument {
+        op,
+        what,
+        got,
+        expected,
+    })
 }
 
 fn parse_level(text: &str) -> Option<SimdLevel> {

@@ -113,20 +113,20 @@ impl Linear {
             Some(packed) => linear_bf16(y, out, view, &packed.forward, bias, par)?,
             None => {
                 let w = (self.weight.data(), 0..out, inp);
-                let packed = match &self.f32 {
-                    Some(cell) if F32Panels::read_by([view.shape()[0], inp, out]) => Some(match cell.get() {
-                        Some(panels) => panels,
-                        None => {
-                            let panels = pack_weight_f32(&self.weight, 0..out)?;
-                            cell.get_or_init(|| panels)
-                        }
-                    }),
-                    _ => None,
-                };
-                linear_packed(y, out, view, w, packed, bias, par)?
+                linear_packed(y, out, view, w, self.f32_panels(view.shape()[0]), bias, par)?
             }
         }
         Ok(())
+    }
+
+    /// The f32 copy a product of `rows` rows reads, packed now if this is the first
+    /// ([`F32Panels::read_by`]); `None` when the product reads the weight itself.
+    fn f32_panels(&self, rows: usize) -> Option<&F32Panels> {
+        let [out, inp] = self.dims();
+        let cell = self.f32.as_ref().filter(|_| F32Panels::read_by([rows, inp, out]))?;
+        Some(cell.get_or_init(|| {
+            pack_weight_f32(&self.weight, 0..out).expect("rows 0..out lie within the [out, in] weight")
+        }))
     }
 
     /// Puts the tensors back under `prefix`.

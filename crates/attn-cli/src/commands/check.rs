@@ -377,45 +377,39 @@ fn kernel_rows(rows: &mut Vec<Row>) -> Result<()> {
             tolerance,
             seconds: secs,
         });
-    }
-    let (m, n, k) = (129, 131, 67);
-    let a = random_vec(m * k, 5);
-    let bm = random_vec(n * k, 6);
-    let lhs = View2::contiguous(&a, [m, k])?;
-    let rhs = View2::contiguous(&bm, [n, k])?.permuted([1, 0])?;
-    let mut c = vec![0.0f32; m * n];
 
-    // The bf16 GEMM on the small product's operands against an f64 sum of the bf16-rounded inputs: its
-    // error relative to Σ|â·b̂| is bounded by the f32 sums alone, (K + 1)·2^-24.
-    let packed = Bf16Panels::pack(rhs);
-    let (_, secs) = timed(|| {
-        Ok(gemm_bf16(
-            ViewMut2::contiguous(&mut c, [m, n])?,
-            Accum::Replace,
-            lhs,
-            &packed,
-            Par::Rayon,
-        )?)
-    })?;
-    let rounded = packed.widened();
-    let mut worst = 0.0f64;
-    for i in 0..m {
-        for j in 0..n {
-            let (mut sum, mut abs) = (0.0f64, 0.0f64);
-            for p in 0..k {
-                let term = round_to_bf16(a[i * k + p]) as f64 * rounded[p * n + j] as f64;
-                sum += term;
-                abs += term.abs();
+        // The bf16 GEMM on the same operands against an f64 sum of the bf16-rounded inputs: its
+        // error relative to Σ|â·b̂| is bounded by the f32 sums alone, (K + 1)·2^-24.
+        let packed = Bf16Panels::pack(rhs);
+        let (_, secs) = timed(|| {
+            Ok(gemm_bf16(
+                ViewMut2::contiguous(&mut c, [m, n])?,
+                Accum::Replace,
+                lhs,
+                &packed,
+                Par::Rayon,
+            )?)
+        })?;
+        let rounded = packed.widened();
+        let mut worst = 0.0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let (mut sum, mut abs) = (0.0f64, 0.0f64);
+                for p in 0..k {
+                    let term = round_to_bf16(a[i * k + p]) as f64 * rounded[p * n + j] as f64;
+                    sum += term;
+                    abs += term.abs();
+                }
+                worst = worst.max((c[i * n + j] as f64 - sum).abs() / abs.max(f64::MIN_POSITIVE));
             }
-            worst = worst.max((c[i * n + j] as f64 - sum).abs() / abs.max(f64::MIN_POSITIVE));
         }
+        rows.push(Row {
+            path: format!("gemm bf16 ({}) {m}×{k}·{k}×{n}, error / Σ|a·b|", gemm_bf16_route()),
+            error: worst,
+            tolerance: (k + 1) as f64 * 2f64.powi(-24),
+            seconds: secs,
+        });
     }
-    rows.push(Row {
-        path: format!("gemm bf16 ({}) 129×67·67×131, error / Σ|a·b|", gemm_bf16_route()),
-        error: worst,
-        tolerance: (k + 1) as f64 * 2f64.powi(-24),
-        seconds: secs,
-    });
 
     Ok(())
 }
