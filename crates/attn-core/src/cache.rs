@@ -242,8 +242,16 @@ impl KvCache {
 
     /// Batch row `i` becomes a copy of the old row `rows[i]` (beam search keeps the caches of
     /// the hypotheses it extends); rows past `rows.len()` copy `rows[0]`. An index past the
-    /// batch is an error naming it.
+    /// batch is an error naming it, and so is an empty `rows` (no row to copy from; before,
+    /// it left the cache as it was) or one longer than the batch.
     pub fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.is_empty() || rows.len() > self.batch {
+            return Err(crate::AttnError::InvalidConfig {
+                field: "cache rows",
+                got: format!("{} row indices", rows.len()),
+                expected: format!("1 to {} row indices", self.batch),
+            });
+        }
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch) {
             return Err(crate::AttnError::InvalidConfig {
                 field: "cache rows",
@@ -254,7 +262,7 @@ impl KvCache {
         fn reorder_rows<T: Copy>(buf: &mut [T], width: usize, batch: usize, rows: &[usize]) {
             let old = buf.to_vec();
             for b in 0..batch {
-                let from = rows.get(b).or(rows.first()).copied().unwrap_or(b);
+                let from = *rows.get(b).unwrap_or(&rows[0]);
                 buf[b * width..(b + 1) * width].copy_from_slice(&old[from * width..(from + 1) * width]);
             }
         }
@@ -430,5 +438,15 @@ mod tests {
         assert_eq!(row(&cache, 2), before[2], "past rows.len(): rows[0]");
         let err = cache.reorder(&[0, 3]).unwrap_err();
         assert!(err.to_string().contains('3'), "{err}");
+        let kept = (0..b).map(|r| row(&cache, r)).collect::<Vec<_>>();
+        let err = cache.reorder(&[]).unwrap_err();
+        assert!(err.to_string().contains("1 to 3 row indices"), "{err}");
+        let err = cache.reorder(&[0, 1, 2, 0]).unwrap_err();
+        assert!(err.to_string().contains("is 4 row indices"), "{err}");
+        assert_eq!(
+            (0..b).map(|r| row(&cache, r)).collect::<Vec<_>>(),
+            kept,
+            "an error changes nothing"
+        );
     }
 }
