@@ -443,6 +443,65 @@ mod tests {
         assert!(Grads::new().slot_pair(("b", &[2]), ("b", &[2])).is_err());
     }
 
+    /// The flat buffer written through `flat_mut` (as a cross-process reduction does) reads
+    /// back by name; `is_for` is true for that store only; `into_state_dict` keeps every name,
+    /// shape and value; `weight_and_bias` hands out the right buffers by name, flat or not.
+    #[test]
+    fn flat_buffers_by_name_and_as_a_state_dict() {
+        let mut m = Lin {
+            w: Tensor::zeros(vec![2, 3]),
+            b: Tensor::zeros(vec![2]),
+        };
+        let store = ParamStore::adopt(&mut m);
+        let mut g = Grads::for_store(&store);
+        let len = store.layout().len();
+        let flat = g.flat_mut().unwrap();
+        assert_eq!(flat.len(), len);
+        for (i, x) in flat.iter_mut().enumerate() {
+            *x = i as f32;
+        }
+        let (w, b) = (
+            store.layout().entry("weight").unwrap(),
+            store.layout().entry("bias").unwrap(),
+        );
+        let expect = |r: &std::ops::Range<usize>| r.clone().map(|i| i as f32).collect::<Vec<f32>>();
+        assert_eq!(g.get("weight").unwrap().data(), expect(&w.range));
+        assert_eq!(g.get("bias").unwrap().data(), expect(&b.range));
+        assert!(Grads::new().flat_mut().is_none());
+        // Another store of the same shapes is not this one; by-name gradients are for none.
+        let mut other = Lin {
+            w: Tensor::zeros(vec![2, 3]),
+            b: Tensor::zeros(vec![2]),
+        };
+        let other_store = ParamStore::adopt(&mut other);
+        assert!(g.is_for(&store) && !g.is_for(&other_store));
+        assert!(!Grads::new().is_for(&store));
+        // weight_and_bias, flat: the layout's ranges; a bias-less call gives the weight alone.
+        let (dw, db) = g.weight_and_bias(("weight", &[2, 3]), Some(("bias", &[2]))).unwrap();
+        assert_eq!(
+            (dw.to_vec(), db.unwrap().to_vec()),
+            (expect(&w.range), expect(&b.range))
+        );
+        let (dw, db) = g.weight_and_bias(("weight", &[2, 3]), None).unwrap();
+        assert_eq!((dw.to_vec(), db.is_none()), (expect(&w.range), true));
+        assert!(g.weight_and_bias(("weight", &[3, 2]), None).is_err());
+        let dict = g.into_state_dict();
+        assert_eq!(dict.len(), 2);
+        assert_eq!(dict["weight"].shape(), &[2, 3]);
+        assert_eq!(dict["weight"].data(), expect(&w.range));
+        assert_eq!(dict["bias"].data(), expect(&b.range));
+        // By name: created zeroed, then kept; the pair is two distinct buffers.
+        let mut g = Grads::new();
+        let (dw, db) = g.weight_and_bias(("w", &[2, 2]), Some(("b", &[2]))).unwrap();
+        assert_eq!((dw.len(), db.as_ref().map(|b| b.len())), (4, Some(2)));
+        dw[1] = 2.0;
+        db.unwrap()[0] = 3.0;
+        g.weight_and_bias(("w", &[2, 2]), None).unwrap().0[2] = 5.0;
+        let dict = g.into_state_dict();
+        assert_eq!(dict["w"].data(), &[0.0, 2.0, 5.0, 0.0]);
+        assert_eq!(dict["b"].data(), &[3.0, 0.0]);
+    }
+
     /// The clip coefficient is `max_norm / (total + 1e-6)`, as in `clip_grad_norm_`: the
     /// 1e-6 shows on gradients whose norm is near it.
     #[test]

@@ -531,6 +531,18 @@ mod tests {
         );
     }
 
+    /// The flat helpers reach every element, past whole chunks too, pairing `a[i]` with `b[i]`.
+    #[test]
+    fn flat_helpers_cover_every_element_in_place() {
+        let n = 2 * FLAT_CHUNK + 5;
+        let mut a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n).map(|i| (2 * i) as f32 + 0.5).collect();
+        flat_zip_mut(&mut a, &b, |a, b| a.iter_mut().zip(b).for_each(|(x, y)| *x += y));
+        assert!(a.iter().enumerate().all(|(i, &x)| x == (3 * i) as f32 + 0.5));
+        flat_fill(&mut a, -2.0);
+        assert!(a.iter().all(|&x| x == -2.0));
+    }
+
     /// A path's hash is FNV-1a (64-bit) of its whole name: the published test vectors, and
     /// list indices of one to twenty digits against the formatted name.
     #[test]

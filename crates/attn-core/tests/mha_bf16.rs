@@ -329,7 +329,7 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
 /// With identity projections and zero biases, a bf16 module's self-attention is the bf16
 /// attention of the inputs rounded to bf16, rounded again by the output projection: the same
 /// bits as `sdpa` in bf16 on those inputs, and not those of f32 attention on them (so attention
-/// itself runs in the module's precision, not only its projections).
+/// itself runs in the module's precision, not only its projections), batched and packed.
 #[test]
 fn attention_runs_in_the_module_precision() {
     let (b, s, e, h) = (2, 40, 32, 4);
@@ -361,21 +361,25 @@ fn attention_runs_in_the_module_precision() {
         }
         rows
     };
-    let differing = |want: Vec<f32>| {
-        got.iter()
-            .zip(&want)
-            .filter(|(g, w)| g.to_bits() != w.to_bits())
-            .count()
-    };
-    assert_eq!(
-        differing(attend(Precision::Bf16)),
-        0,
-        "elements off the module's bf16 attention"
-    );
-    assert!(
-        differing(attend(Precision::F32)) > 0,
-        "f32 attention inside a bf16 module"
-    );
+    // The packed path (sequences back to back, as BERT's embedder runs them) too.
+    let packed = mha.forward_self_packed(&x, &[0, s, 2 * s], false, Par::Rayon).unwrap();
+    for (path, got) in [("batched", &got), ("packed", &packed)] {
+        let differing = |want: Vec<f32>| {
+            got.iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count()
+        };
+        assert_eq!(
+            differing(attend(Precision::Bf16)),
+            0,
+            "{path}: elements off the module's bf16 attention"
+        );
+        assert!(
+            differing(attend(Precision::F32)) > 0,
+            "{path}: f32 attention inside a bf16 module"
+        );
+    }
 }
 
 /// `sdpa` in bf16 stays within bf16's error of f32 and gives other bits; its backward, which
