@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 23] = [
+const MUTANT_SCOPE: [(&str, &str); 24] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -84,6 +84,8 @@ const MUTANT_SCOPE: [(&str, &str); 23] = [
     ("crates/attn-kernels/src/grad/dropout.rs", ".*"),
     // The KV cache decoding appends to, grows and reorders (beam search).
     ("crates/attn-core/src/cache.rs", ".*"),
+    // The MHA backward's parts: fused, packed, and the projections with appended key rows.
+    ("crates/attn-core/src/mha/backward.rs", ".*"),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.

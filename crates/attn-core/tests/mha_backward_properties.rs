@@ -49,7 +49,19 @@ fn cases() -> Vec<Case> {
     gqa_seq_first.num_kv_heads = Some(2);
     gqa_seq_first.kdim = Some(6);
     gqa_seq_first.vdim = Some(10);
+    // RoPE on seq-first rows: the backward's inverse rotation finds each row's position as
+    // row / batch there, not row % len.
+    let mut rope_seq_first = MhaConfig::new(16, 4);
+    rope_seq_first.batch_first = false;
+    rope_seq_first.rope = rope(RopeStyle::HalfRotation);
     vec![
+        Case {
+            name: "rope half-rotation, self-attention, seq-first",
+            config: rope_seq_first,
+            cross: false,
+            causal: false,
+            layout: Layout::SeqFirst,
+        },
         Case {
             name: "rope half-rotation, fused self-attention, causal",
             config: half,
