@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 24] = [
+const MUTANT_SCOPE: [(&str, &str); 26] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -86,6 +86,9 @@ const MUTANT_SCOPE: [(&str, &str); 24] = [
     ("crates/attn-core/src/cache.rs", ".*"),
     // The MHA backward's parts: fused, packed, and the projections with appended key rows.
     ("crates/attn-core/src/mha/backward.rs", ".*"),
+    // The layers' and stacks' training passes: the residual walk, the tapes and their sizes.
+    ("crates/attn-nn/src/transformer/train.rs", ".*"),
+    ("crates/attn-nn/src/transformer/train_stack.rs", ".*"),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.

@@ -1,14 +1,16 @@
 //! The layers' training passes with dropout on (which PyTorch's goldens cannot check, its masks
 //! being its own): the backward against central differences of the forward under the same
 //! seed (the masks are a function of the seed, the site and the index, so the forward is a
-//! fixed function), for pre- and post-norm decoder layers; and the same bits on any thread
-//! count.
+//! fixed function), for pre- and post-norm decoder layers; the same bits on any thread
+//! count; and the tapes' size and recycling against a count from the design.
 
 use attn_core::kernels::testing::SplitMix64;
-use attn_core::kernels::Par;
-use attn_core::{Grads, Parameters, Sequence};
+use attn_core::kernels::{arena, Par};
+use attn_core::{insert_prefixed, Grads, Parameters, Sequence, StateDict, Tensor};
 use attn_nn::layers::{Activation, Dropout};
-use attn_nn::{BlockMasks, DecoderLayer, LayerConfig, Step, TransformerMasks};
+use attn_nn::{
+    BlockMasks, DecoderLayer, EncoderLayer, LayerConfig, Step, Transformer, TransformerConfig, TransformerMasks,
+};
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.next_signed()).collect()
@@ -147,4 +149,100 @@ fn decoder_layer_gradients_with_dropout_match_central_differences() {
         }
         eprintln!("norm_first {norm_first}: worst {worst:.2e} of the largest gradient");
     }
+}
+
+/// A model of `config` with deterministic weights (each layer's own seed, final norms at 1, 0).
+fn transformer(config: &TransformerConfig) -> Transformer {
+    let e = config.layer.d_model;
+    let mut dict = StateDict::new();
+    for i in 0..config.num_encoder_layers {
+        let layer = EncoderLayer::with_seed(config.layer.clone(), i as u64).unwrap();
+        insert_prefixed(&mut dict, &format!("encoder.layers.{i}."), layer.state_dict());
+    }
+    for i in 0..config.num_decoder_layers {
+        let layer = DecoderLayer::with_seed(config.layer.clone(), 100 + i as u64).unwrap();
+        insert_prefixed(&mut dict, &format!("decoder.layers.{i}."), layer.state_dict());
+    }
+    for stack in ["encoder", "decoder"] {
+        dict.insert(
+            format!("{stack}.norm.weight"),
+            Tensor::new("w", vec![e], vec![1.0; e]).unwrap(),
+        );
+        dict.insert(format!("{stack}.norm.bias"), Tensor::zeros(vec![e]));
+    }
+    Transformer::from_state_dict(config.clone(), dict).unwrap()
+}
+
+/// A training forward keeps what the backward needs, counted here from the design (the module
+/// docs of `transformer::train`), and `bytes` says so; `recycle` hands all of it back to the
+/// activation arena. Per layer of `N` tokens: the residual walk keeps each block's input after
+/// the first and each block's sum (post-norm); attention keeps its projected queries, keys and
+/// values, its output, and two floats per query row and head (the log-sum-exp and what
+/// rounding it lost); the feed-forward block its `[N, F]` pre-activation. Each stack keeps
+/// every layer's output (the next layer's or the final norm's input), and the model the
+/// encoder's output (the memory).
+#[test]
+fn tapes_count_what_they_keep_and_give_it_back() {
+    // 128 tokens a side at d_model 128: every kept [N, E] buffer is at least the arena's
+    // KEEP_FLOATS, so recycling it shows in `kept_floats`.
+    let (b, s, t, e, h, f) = (2, 64, 64, 128, 4, 256);
+    let mut layer = LayerConfig::new(e, h);
+    layer.dim_feedforward = f;
+    layer.batch_first = true;
+    let config = TransformerConfig {
+        layer,
+        num_encoder_layers: 2,
+        num_decoder_layers: 1,
+    };
+    let model = transformer(&config);
+    let mut rng = SplitMix64::new(4);
+    let (src, tgt) = (random(&mut rng, b * s * e), random(&mut rng, b * t * e));
+    let mut grads = Grads::new();
+    let mut step = Step::new(Dropout::NONE, Par::Seq, &mut grads);
+    let (_, tape) = model
+        .forward_train(
+            Sequence::batch_first(&src, b, s, e),
+            Sequence::batch_first(&tgt, b, t, e),
+            &TransformerMasks::default(),
+            &mut step,
+        )
+        .unwrap();
+    // The memory is the encoder's output as inference computes it: the same arithmetic in the
+    // same order (inference fuses the residual add into the norm's pass), so the same bits.
+    let encoded = model
+        .encoder
+        .forward(Sequence::batch_first(&src, b, s, e), &BlockMasks::default(), Par::Seq)
+        .unwrap();
+    assert!(tape.memory() == encoded, "the memory is not the encoder's output");
+    let (ns, nt) = (b * s, b * t);
+    // Queries and output of `n_q` rows, keys and values of `n_kv`, two floats a row and head.
+    let attention = |n_q: usize, n_kv: usize| 2 * n_q * e + 2 * n_kv * e + 2 * n_q * h;
+    let encoder_layer = 3 * ns * e + attention(ns, ns) + ns * f;
+    let decoder_layer = 5 * nt * e + attention(nt, nt) + attention(nt, ns) + nt * f;
+    let floats = 2 * (encoder_layer + ns * e) + ns * e + (decoder_layer + nt * e);
+    assert_eq!(tape.bytes(), 4 * floats);
+    // A gradient of the wrong length is a typed error naming it, before any work.
+    let short = vec![0.0f32; nt * e - 1];
+    let err = model
+        .backward(
+            Sequence::batch_first(&src, b, s, e),
+            Sequence::batch_first(&tgt, b, t, e),
+            &TransformerMasks::default(),
+            &tape,
+            &short,
+            &mut step,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("d_output") && err.contains(&format!("{} elements", nt * e)),
+        "{err}"
+    );
+    // Everything but the log-sum-exp rows (below KEEP_FLOATS) comes back to the arena.
+    let small = 2 * (2 * ns * h) + 2 * (2 * nt * h);
+    assert!(2 * nt * h < arena::KEEP_FLOATS && ns * e >= arena::KEEP_FLOATS);
+    arena::clear();
+    tape.recycle();
+    let kept = arena::kept_floats();
+    assert!(kept >= floats - small, "{kept} floats kept of {}", floats - small);
 }
