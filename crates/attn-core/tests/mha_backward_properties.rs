@@ -5,6 +5,8 @@
 //! - grouped-query attention against the same module with every key/value head repeated per
 //!   query head, an exact identity: the grouped weight's gradient is the sum of the repeated
 //!   rows' gradients.
+//!
+//! And the tape: its size against a count from the design, and its recycling.
 
 use attn_core::kernels::testing::SplitMix64;
 use attn_core::kernels::Par;
@@ -418,5 +420,42 @@ fn packed_sequences_equal_separate_calls() {
         for (name, g) in grads.iter() {
             close(g.data(), separate.get(name).unwrap().data(), name);
         }
+    }
+}
+
+/// The tape keeps what the backward needs, counted from the design: the projected queries,
+/// keys and values (one fused `[N, 3E]` buffer for self-attention), the attention's `[N, E]`
+/// output, and two floats a query row and head (the log-sum-exp and what rounding it lost);
+/// `bytes` says so, and `recycle` hands every buffer of at least the arena's floor back.
+#[test]
+fn tapes_count_what_they_keep_and_give_it_back() {
+    use attn_core::kernels::arena;
+    // 128 query rows at E = 128: the [N, E] buffers reach the arena's KEEP_FLOATS.
+    let (b, s, t, e, h) = (2, 64, 96, 128, 4);
+    let mut config = MhaConfig::new(e, h);
+    config.batch_first = true;
+    let mha = MultiHeadAttention::with_seed(config, 5).unwrap();
+    let mut rng = SplitMix64::new(6);
+    let (x, kv) = (random(&mut rng, b * s * e), random(&mut rng, b * t * e));
+    let (n, m) = (b * s, b * t);
+    assert!(n * e >= arena::KEEP_FLOATS && 2 * n * h < arena::KEEP_FLOATS);
+    for cross in [false, true] {
+        let inputs = MhaInputs {
+            query: Sequence::batch_first(&x, b, s, e),
+            key_value: cross.then(|| (Sequence::batch_first(&kv, b, t, e), Sequence::batch_first(&kv, b, t, e))),
+            options: MhaOptions::default(),
+            packing: None,
+        };
+        let (_, tape) = mha.forward_train(&inputs, Par::Seq).unwrap();
+        let kv_rows = if cross { m } else { n };
+        let floats = n * e + 2 * kv_rows * e + n * e + 2 * n * h;
+        assert_eq!(tape.bytes(), 4 * floats, "cross {cross}");
+        arena::clear();
+        tape.recycle();
+        let kept = arena::kept_floats();
+        assert!(
+            kept >= floats - 2 * n * h,
+            "cross {cross}: {kept} floats kept of {floats}"
+        );
     }
 }

@@ -95,3 +95,37 @@ fn packed_f32_weights_give_the_unpacked_bits_and_never_go_stale() {
         assert!(outputs(&packed, kdim, vdim) == want_changed, "{name}: repacked");
     }
 }
+
+/// Self-attention packs the fused `[3E, E]` and the output `[E, E]` weights at its first large
+/// call, each copy at least its weight's floats and at most the column padding more (panels of
+/// 48 columns); a cross-attention call then packs the Q, K and V rows on their own as well.
+#[test]
+fn self_attention_packs_fused_and_output_weights_and_cross_attention_the_parts() {
+    let e = 256;
+    if !F32Panels::worth_packing([e, e]) {
+        eprintln!("skipped: attn's own GEMM is not this CPU's default, so nothing is packed");
+        return;
+    }
+    let plain = MultiHeadAttention::with_seed(MhaConfig::new(e, 4), 7).unwrap();
+    let mut packed = plain.clone();
+    packed.set_precision(Precision::F32).unwrap();
+    let (b, s, t) = (2, 40, 30);
+    let (x, kv) = (random(b * s * e, 1), random(b * t * e, 2));
+    let query = Sequence::batch_first(&x, b, s, e);
+    packed.forward_self(query, &MhaOptions::default(), Par::Rayon).unwrap();
+    let self_copies = packed.bytes_held() - plain.bytes_held();
+    let weights = 4 * (3 * e * e + e * e);
+    assert!(
+        self_copies >= weights && self_copies <= weights * 9 / 8,
+        "{self_copies} bytes for {weights} bytes of weights"
+    );
+    let memory = Sequence::batch_first(&kv, b, t, e);
+    packed
+        .forward(query, memory, memory, &MhaOptions::default(), Par::Rayon)
+        .unwrap();
+    let parts = packed.bytes_held() - plain.bytes_held() - self_copies;
+    assert!(
+        parts >= 4 * 3 * e * e && parts <= 4 * 3 * e * e * 9 / 8,
+        "{parts} bytes for the Q, K and V rows"
+    );
+}

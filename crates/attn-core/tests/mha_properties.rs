@@ -352,6 +352,34 @@ fn bad_inputs_are_typed_errors_naming_the_tensor() {
         err.to_string().contains("`attn_mask`") && err.to_string().contains("[S, T] = [3, 3]"),
         "{err}"
     );
+    // A mask of the right shape and too few elements (bool and additive): the tensor named,
+    // with its shape, the count it needs and the count it has.
+    let few = vec![false; 8];
+    let few_additive = vec![0.0f32; 8];
+    for attn_mask in [
+        ScoreMask::Bool {
+            data: &few,
+            shape: &[3, 3],
+            meaning: BoolMeaning::MaskedOut,
+        },
+        ScoreMask::Additive {
+            data: &few_additive,
+            shape: &[3, 3],
+        },
+    ] {
+        let options = MhaOptions {
+            attn_mask,
+            ..Default::default()
+        };
+        let err = mha
+            .forward_self(Sequence::batch_first(&x, 2, 3, 16), &options, Par::Seq)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("attn_mask") && err.contains("[3, 3]") && err.contains('9') && err.contains('8'),
+            "{err}"
+        );
+    }
     let lengths = [4usize, 1];
     let options = MhaOptions {
         key_padding: KeyPadding::Lengths(&lengths),

@@ -130,3 +130,52 @@ impl<'s> Step<'s> {
         self.dropout.apply_keyed(x, self.path.hash_with(leaf), self.par)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seeds `attn train` derives (a resumed run must draw the masks it drew before),
+    /// pinned to values computed outside Rust (in Python: 42 · 0x2545F4914F6CDD1D mod 2⁶⁴ ^ 7;
+    /// the first output of the workspace's SplitMix64 for seed 1, whose state starts at
+    /// 1 · 0x9E3779B97F4A7C15 + 1; FNV-1a of the site's name).
+    #[test]
+    fn dropout_seeds_are_the_documented_derivations() {
+        let step = Dropout::for_step(0.5, 42, 7);
+        assert_eq!(
+            step,
+            Dropout {
+                p: 0.5,
+                seed: 0x1d7a_1fd7_07dc_46c5
+            }
+        );
+        assert_eq!(step.for_micro_batch(0), step);
+        assert_eq!(step.for_micro_batch(1).seed, 0xa391_9276_6252_aaa2);
+        assert_eq!(step.for_micro_batch(1).p, 0.5);
+        assert_ne!(step.for_micro_batch(2).seed, step.for_micro_batch(1).seed);
+        let mut grads = Grads::new();
+        let run = Step::of_run(7, 0.5, 42, Par::Seq, &mut grads);
+        assert_eq!((run.number, run.dropout), (7, step));
+
+        // A site's mask: the kernel's stream at the step's seed ^ FNV-1a("encoder.layers.0.dropout1").
+        let x: Vec<f32> = (1..=64).map(|i| i as f32).collect();
+        let mut want = x.clone();
+        kernels::dropout(&mut want, 0.5, 0x5039_8c16_a4e2_7554, 0, Par::Seq).unwrap();
+        assert!(want.contains(&0.0) && want.iter().any(|&v| v != 0.0));
+        let mut by_name = x.clone();
+        step.apply(&mut by_name, "encoder.layers.0.dropout1", Par::Seq).unwrap();
+        assert_eq!(by_name, want);
+        // The same site named by place, as training code names it.
+        let (root, mut grads) = (ParamPath::Root("encoder.layers.0."), Grads::new());
+        let mut by_place = x.clone();
+        let mut outer = Step::new(step, Par::Seq, &mut grads);
+        outer.at(&root).dropout(&mut by_place, "dropout1").unwrap();
+        assert_eq!(by_place, want);
+        // p = 0 leaves x alone.
+        let mut kept = x.clone();
+        Dropout::NONE
+            .apply(&mut kept, "encoder.layers.0.dropout1", Par::Seq)
+            .unwrap();
+        assert_eq!(kept, x);
+    }
+}

@@ -679,3 +679,45 @@ fn arena_leftovers_never_reach_a_result() {
         assert_eq!(clean.2, dirty.2, "logits in {precision}");
     }
 }
+
+/// `TrainStep::at` sets the step's number and leaves the rest at the defaults; a training
+/// forward's tape hands its buffers back to the activation arena when recycled (at least the
+/// embedded source and target and the decoder's output, each `[tokens, E]`, large enough here
+/// for the arena to keep).
+#[test]
+fn train_step_settings_and_the_tape_recycle() {
+    let at = TrainStep::at(5);
+    let default = TrainStep::default();
+    assert_eq!(
+        (at.number, at.dropout, at.seed, at.label_smoothing, at.par),
+        (5, default.dropout, default.seed, default.label_smoothing, default.par)
+    );
+    use attn_core::kernels::arena;
+    let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa"];
+    let reversed: Vec<String> = words.iter().map(|w| w.chars().rev().collect()).collect();
+    let mut owned = Vec::new();
+    for i in 0..40 {
+        let (a, b) = (words[i % 8], words[(i / 8) % 8]);
+        owned.push((
+            format!("{a} {b}"),
+            format!("{} {}", reversed[(i / 8) % 8], reversed[i % 8]),
+        ));
+    }
+    let pairs: Vec<(&str, &str)> = owned.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
+    let mut config = Seq2SeqConfig::for_pairs(&pairs);
+    config.transformer.layer.d_model = 128;
+    config.transformer.layer.nhead = 4;
+    let model = Seq2Seq::with_seed(config, 0).unwrap();
+    let packed = model.packed_batch(&pairs).unwrap();
+    let mut grads = model.grads();
+    let mut step = Step::new(Dropout::NONE, Par::Seq, &mut grads);
+    let (_, tape) = model.forward_train(&packed, &mut step).unwrap();
+    let src_tokens: usize = pairs.iter().map(|(s, _)| s.chars().count()).sum();
+    let tgt_tokens = packed.target_tokens();
+    assert!(src_tokens.min(tgt_tokens) * 128 >= arena::KEEP_FLOATS);
+    arena::clear();
+    tape.recycle();
+    let kept = arena::kept_floats();
+    let own = (src_tokens + 2 * tgt_tokens) * 128;
+    assert!(kept >= own, "{kept} floats kept, fewer than the tape's own {own}");
+}
