@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 26] = [
+const MUTANT_SCOPE: [(&str, &str); 31] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -89,6 +89,13 @@ const MUTANT_SCOPE: [(&str, &str); 26] = [
     // The layers' and stacks' training passes: the residual walk, the tapes and their sizes.
     ("crates/attn-nn/src/transformer/train.rs", ".*"),
     ("crates/attn-nn/src/transformer/train_stack.rs", ".*"),
+    // MHA's training forward, its packed weight copies and masks; the seq2seq step and
+    // dropout's seeds (a resumed run draws the masks it drew).
+    ("crates/attn-core/src/mha/train.rs", ".*"),
+    ("crates/attn-core/src/mha/packs.rs", ".*"),
+    ("crates/attn-core/src/mha/masks.rs", ".*"),
+    ("crates/attn-nn/src/seq2seq/train.rs", ".*"),
+    ("crates/attn-nn/src/step.rs", ".*"),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.

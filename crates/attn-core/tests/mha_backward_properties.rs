@@ -11,8 +11,8 @@
 use attn_core::kernels::testing::SplitMix64;
 use attn_core::kernels::Par;
 use attn_core::{
-    Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, ParamPath, Parameters, Rope, RopeStyle,
-    Sequence, StateDict, Tensor,
+    Grads, Layout, MhaConfig, MhaInputs, MhaOptions, MultiHeadAttention, NeedWeights, ParamPath, Parameters, Rope,
+    RopeStyle, Sequence, StateDict, Tensor,
 };
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
@@ -53,10 +53,32 @@ fn cases() -> Vec<Case> {
     gqa_seq_first.vdim = Some(10);
     // RoPE on seq-first rows: the backward's inverse rotation finds each row's position as
     // row / batch there, not row % len.
+    let mut rope_cross_seq_first = MhaConfig::new(16, 4);
+    rope_cross_seq_first.batch_first = false;
+    rope_cross_seq_first.rope = rope(RopeStyle::Interleaved);
+    // Self-attention with appended rows runs the general backward, not the fused one.
+    let mut bias_kv_self = MhaConfig::new(16, 4);
+    bias_kv_self.batch_first = true;
+    bias_kv_self.add_bias_kv = true;
+    bias_kv_self.add_zero_attn = true;
     let mut rope_seq_first = MhaConfig::new(16, 4);
     rope_seq_first.batch_first = false;
     rope_seq_first.rope = rope(RopeStyle::HalfRotation);
     vec![
+        Case {
+            name: "rope interleaved, cross-attention, seq-first",
+            config: rope_cross_seq_first,
+            cross: true,
+            causal: false,
+            layout: Layout::SeqFirst,
+        },
+        Case {
+            name: "add_bias_kv and add_zero_attn, self-attention",
+            config: bias_kv_self,
+            cross: false,
+            causal: false,
+            layout: Layout::BatchFirst,
+        },
         Case {
             name: "rope half-rotation, self-attention, seq-first",
             config: rope_seq_first,
@@ -328,6 +350,19 @@ fn backward_rejects_mismatched_gradients_and_inputs() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("d_output"), "{err}");
+    // B·S + width elements (14) is as wrong as 5: the check multiplies.
+    let err = mha
+        .backward(
+            &inputs,
+            &tape,
+            &[0.0; 2 * 3 + 8],
+            &mut grads,
+            &ParamPath::ROOT,
+            Par::Seq,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("d_output") && err.contains("[B, S, 8]"), "{err}");
     let longer = vec![0.25f32; 2 * 4 * 8];
     let other = MhaInputs {
         query: Sequence::batch_first(&longer, 2, 4, 8),
@@ -350,6 +385,8 @@ fn packed_sequences_equal_separate_calls() {
     let mut config = MhaConfig::new(e, 4);
     config.batch_first = true;
     config.num_kv_heads = Some(2);
+    // ALiBi's bias follows each sequence's own positions in the packed calls too.
+    config.alibi = true;
     let mha = MultiHeadAttention::with_seed(config, 21).unwrap();
     let mut rng = SplitMix64::new(8);
     // Every sequence non-empty, so that a sequence that starts a row early or late in either
@@ -458,4 +495,100 @@ fn tapes_count_what_they_keep_and_give_it_back() {
             "cross {cross}: {kept} floats kept of {floats}"
         );
     }
+}
+
+/// A packing that does not describe the call is a typed error naming what is wrong, in the
+/// forward and the backward alike: a batched query, starts that do not cover the rows or go
+/// backwards, self-attention keys packed unlike the queries, and what packing cannot carry
+/// (masks, weights, RoPE, appended key rows).
+#[test]
+fn packings_that_do_not_fit_the_call_are_refused() {
+    let e = 8;
+    let mut config = MhaConfig::new(e, 2);
+    config.batch_first = true;
+    let mha = MultiHeadAttention::with_seed(config.clone(), 1).unwrap();
+    let x = vec![0.25f32; 6 * e];
+    let good = [0usize, 2, 6];
+    fn packed<'a>(query: Sequence<'a>, q: &'a [usize], k: &'a [usize], options: MhaOptions<'a>) -> MhaInputs<'a> {
+        MhaInputs {
+            query,
+            key_value: None,
+            options,
+            packing: Some(attn_core::Packing {
+                query_starts: q,
+                key_starts: k,
+            }),
+        }
+    }
+    let x = &x[..];
+    let rows = Sequence::batch_first(x, 1, 6, e);
+    let both = |inputs: &MhaInputs<'_>, mha: &MultiHeadAttention, want: &str| {
+        let err = mha.forward_train(inputs, Par::Seq).unwrap_err().to_string();
+        assert!(err.contains(want), "forward: {err}");
+        // The backward checks again (with a tape from the valid call).
+        let valid = MhaInputs {
+            packing: Some(attn_core::Packing {
+                query_starts: &good,
+                key_starts: &good,
+            }),
+            options: MhaOptions::default(),
+            ..*inputs
+        };
+        if let Ok((out, tape)) = mha.forward_train(&valid, Par::Seq) {
+            let d = vec![0.5f32; out.output.len()];
+            let err = mha
+                .backward(inputs, &tape, &d, &mut Grads::new(), &ParamPath::ROOT, Par::Seq)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "backward: {err}");
+        }
+    };
+    assert!(mha
+        .forward_train(&packed(rows, &good, &good, MhaOptions::default()), Par::Seq)
+        .is_ok());
+    both(
+        &packed(
+            Sequence::batch_first(x, 2, 3, e),
+            &[0, 1, 3],
+            &[0, 1, 3],
+            MhaOptions::default(),
+        ),
+        &mha,
+        "query_starts",
+    );
+    both(
+        &packed(rows, &[0, 2, 5], &[0, 2, 5], MhaOptions::default()),
+        &mha,
+        "query_starts",
+    );
+    both(
+        &packed(rows, &[1, 2, 6], &[1, 2, 6], MhaOptions::default()),
+        &mha,
+        "query_starts",
+    );
+    both(
+        &packed(rows, &[0, 4, 2, 6], &[0, 4, 2, 6], MhaOptions::default()),
+        &mha,
+        "query_starts",
+    );
+    both(
+        &packed(rows, &good, &[0, 3, 6], MhaOptions::default()),
+        &mha,
+        "key_starts",
+    );
+    let weights = MhaOptions {
+        need_weights: NeedWeights::Averaged,
+        ..Default::default()
+    };
+    both(&packed(rows, &good, &good, weights), &mha, "packing");
+    config.rope = Some(Rope {
+        style: RopeStyle::HalfRotation,
+        base: 10_000.0,
+    });
+    let rotary = MultiHeadAttention::with_seed(config.clone(), 1).unwrap();
+    both(&packed(rows, &good, &good, MhaOptions::default()), &rotary, "packing");
+    config.rope = None;
+    config.add_bias_kv = true;
+    let appended = MultiHeadAttention::with_seed(config, 1).unwrap();
+    both(&packed(rows, &good, &good, MhaOptions::default()), &appended, "packing");
 }

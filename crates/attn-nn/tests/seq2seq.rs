@@ -721,3 +721,28 @@ fn train_step_settings_and_the_tape_recycle() {
     let own = (src_tokens + 2 * tgt_tokens) * 128;
     assert!(kept >= own, "{kept} floats kept, fewer than the tape's own {own}");
 }
+
+/// A backward given a batch other than its forward's is refused, naming both token counts,
+/// when either side differs: the targets alone, or the sources alone.
+#[test]
+fn backward_refuses_another_batch_on_either_side() {
+    let pairs = [("ab", "ba"), ("abc", "cba")];
+    let mut config = Seq2SeqConfig::for_pairs(&pairs);
+    config.transformer.layer.d_model = 16;
+    config.transformer.layer.nhead = 2;
+    let model = Seq2Seq::with_seed(config, 0).unwrap();
+    let batch = model.packed_batch(&pairs).unwrap();
+    let mut grads = model.grads();
+    let mut step = Step::new(Dropout::NONE, Par::Seq, &mut grads);
+    let (logits, tape) = model.forward_train(&batch, &mut step).unwrap();
+    let d_logits = vec![0.0f32; logits.len()];
+    for other in [[("ab", "bab"), ("abc", "cba")], [("abb", "ba"), ("abc", "cba")]] {
+        let other = model.packed_batch(&other).unwrap();
+        let err = model
+            .backward(&other, &tape, &d_logits, &mut step)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the forward's batch"), "{err}");
+    }
+    model.backward(&batch, &tape, &d_logits, &mut step).unwrap();
+}

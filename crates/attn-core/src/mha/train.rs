@@ -454,10 +454,23 @@ impl Core {
         }
     }
 
-    /// Checks a packing against the call: batch 1, starts covering the rows, one count of
-    /// sequences, no mask but `is_causal`, no RoPE or appended rows.
+    /// Checks a packing against the call: no mask but `is_causal`, no RoPE or appended rows;
+    /// then batch 1, starts covering the rows, one count of sequences.
     pub(super) fn check_packing(&self, inputs: &MhaInputs<'_>, packing: &Packing<'_>, t: usize) -> Result<()> {
         let op = "multihead_attention (packed)";
+        // What packing cannot carry, first: with appended key rows the starts would be
+        // refused too, for a reason that is not the caller's.
+        let o = &inputs.options;
+        let masked = !matches!(o.attn_mask, crate::ScoreMask::None)
+            || !matches!(o.key_padding, crate::KeyPadding::None)
+            || o.need_weights != NeedWeights::No;
+        if masked || self.rope.is_some() || self.extra_rows() > 0 {
+            return Err(crate::AttnError::InvalidConfig {
+                field: "packing",
+                got: "with a mask, weights, RoPE, add_bias_kv or add_zero_attn".into(),
+                expected: "packed sequences with at most is_causal".into(),
+            });
+        }
         let s = inputs.query.len;
         let valid = |starts: &[usize], n: usize| {
             starts.first() == Some(&0) && starts.last() == Some(&n) && starts.windows(2).all(|w| w[0] <= w[1])
@@ -486,17 +499,6 @@ impl Core {
                 },
                 packing.key_starts,
             ));
-        }
-        let o = &inputs.options;
-        let masked = !matches!(o.attn_mask, crate::ScoreMask::None)
-            || !matches!(o.key_padding, crate::KeyPadding::None)
-            || o.need_weights != NeedWeights::No;
-        if masked || self.rope.is_some() || self.extra_rows() > 0 {
-            return Err(crate::AttnError::InvalidConfig {
-                field: "packing",
-                got: "with a mask, weights, RoPE, add_bias_kv or add_zero_attn".into(),
-                expected: "packed sequences with at most is_causal".into(),
-            });
         }
         Ok(())
     }
