@@ -581,6 +581,35 @@ fn packings_that_do_not_fit_the_call_are_refused() {
         ..Default::default()
     };
     both(&packed(rows, &good, &good, weights), &mha, "packing");
+    // Cross-attention: keys packed as a different number of sequences.
+    let memory = vec![0.5f32; 5 * e];
+    let cross = MhaInputs {
+        key_value: Some((
+            Sequence::batch_first(&memory, 1, 5, e),
+            Sequence::batch_first(&memory, 1, 5, e),
+        )),
+        ..packed(rows, &good, &[0, 5], MhaOptions::default())
+    };
+    let err = mha.forward_train(&cross, Par::Seq).unwrap_err().to_string();
+    assert!(
+        err.contains("key_starts") && err.contains("3 starts from 0 to M = 5"),
+        "{err}"
+    );
+    let lengths = [6usize];
+    let padded = MhaOptions {
+        key_padding: attn_core::KeyPadding::Lengths(&lengths),
+        ..Default::default()
+    };
+    both(&packed(rows, &good, &good, padded), &mha, "packing");
+    let mask = vec![0.0f32; 36];
+    let masked = MhaOptions {
+        attn_mask: attn_core::ScoreMask::Additive {
+            data: &mask,
+            shape: &[6, 6],
+        },
+        ..Default::default()
+    };
+    both(&packed(rows, &good, &good, masked), &mha, "packing");
     config.rope = Some(Rope {
         style: RopeStyle::HalfRotation,
         base: 10_000.0,
