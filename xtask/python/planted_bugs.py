@@ -63,7 +63,7 @@ BUGS = [
         "beam search's KV-cache reorder is the identity",
         "attn-core attn-nn",
         "crates/attn-core/src/cache.rs",
-        "let from = rows.get(b).or(rows.first()).copied().unwrap_or(b);",
+        "let from = *rows.get(b).unwrap_or(&rows[0]);",
         "let from = b;",
     ),
     (
