@@ -680,6 +680,14 @@ fn arena_leftovers_never_reach_a_result() {
     }
 }
 
+/// A model sized for `pairs` at `d_model` with `nhead` heads, seed 0.
+fn model_for(pairs: &[(&str, &str)], d_model: usize, nhead: usize) -> Seq2Seq {
+    let mut config = Seq2SeqConfig::for_pairs(pairs);
+    config.transformer.layer.d_model = d_model;
+    config.transformer.layer.nhead = nhead;
+    Seq2Seq::with_seed(config, 0).unwrap()
+}
+
 /// `TrainStep::at` sets the step's number and leaves the rest at the defaults; a training
 /// forward's tape hands its buffers back to the activation arena when recycled (at least the
 /// embedded source and target and the decoder's output, each `[tokens, E]`, large enough here
@@ -704,10 +712,7 @@ fn train_step_settings_and_the_tape_recycle() {
         ));
     }
     let pairs: Vec<(&str, &str)> = owned.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
-    let mut config = Seq2SeqConfig::for_pairs(&pairs);
-    config.transformer.layer.d_model = 128;
-    config.transformer.layer.nhead = 4;
-    let model = Seq2Seq::with_seed(config, 0).unwrap();
+    let model = model_for(&pairs, 128, 4);
     let packed = model.packed_batch(&pairs).unwrap();
     let mut grads = model.grads();
     let mut step = Step::new(Dropout::NONE, Par::Seq, &mut grads);
@@ -727,10 +732,7 @@ fn train_step_settings_and_the_tape_recycle() {
 #[test]
 fn backward_refuses_another_batch_on_either_side() {
     let pairs = [("ab", "ba"), ("abc", "cba")];
-    let mut config = Seq2SeqConfig::for_pairs(&pairs);
-    config.transformer.layer.d_model = 16;
-    config.transformer.layer.nhead = 2;
-    let model = Seq2Seq::with_seed(config, 0).unwrap();
+    let model = model_for(&pairs, 16, 2);
     let batch = model.packed_batch(&pairs).unwrap();
     let mut grads = model.grads();
     let mut step = Step::new(Dropout::NONE, Par::Seq, &mut grads);
