@@ -256,3 +256,26 @@ fn pool(states: &[f32], e: usize, pooling: Pooling, dst: &mut [f32]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each pooling by its definition on three rows of width 2 (values chosen so every mode
+    /// gives a different answer, and a scaled mean would show), and zeros for no rows.
+    #[test]
+    fn pooling_follows_its_definition() {
+        let states = [1.0f32, -4.0, 3.0, 2.0, -1.0, 5.0];
+        let pooled = |pooling| {
+            let mut dst = [9.0f32; 2];
+            pool(&states, 2, pooling, &mut dst);
+            dst
+        };
+        assert_eq!(pooled(Pooling::Cls), [1.0, -4.0]);
+        assert_eq!(pooled(Pooling::Mean), [1.0, 1.0]);
+        assert_eq!(pooled(Pooling::Max), [3.0, 5.0]);
+        let mut dst = [9.0f32; 2];
+        pool(&[], 2, Pooling::Mean, &mut dst);
+        assert_eq!(dst, [0.0, 0.0]);
+    }
+}
