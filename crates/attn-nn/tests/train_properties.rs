@@ -6,11 +6,9 @@
 
 use attn_core::kernels::testing::SplitMix64;
 use attn_core::kernels::{arena, Par};
-use attn_core::{insert_prefixed, Grads, Parameters, Sequence, StateDict, Tensor};
+use attn_core::{Grads, Parameters, Sequence};
 use attn_nn::layers::{Activation, Dropout};
-use attn_nn::{
-    BlockMasks, DecoderLayer, EncoderLayer, LayerConfig, Step, Transformer, TransformerConfig, TransformerMasks,
-};
+use attn_nn::{BlockMasks, DecoderLayer, LayerConfig, Step, Transformer, TransformerConfig, TransformerMasks};
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.next_signed()).collect()
@@ -151,28 +149,6 @@ fn decoder_layer_gradients_with_dropout_match_central_differences() {
     }
 }
 
-/// A model of `config` with deterministic weights (each layer's own seed, final norms at 1, 0).
-fn transformer(config: &TransformerConfig) -> Transformer {
-    let e = config.layer.d_model;
-    let mut dict = StateDict::new();
-    for i in 0..config.num_encoder_layers {
-        let layer = EncoderLayer::with_seed(config.layer.clone(), i as u64).unwrap();
-        insert_prefixed(&mut dict, &format!("encoder.layers.{i}."), layer.state_dict());
-    }
-    for i in 0..config.num_decoder_layers {
-        let layer = DecoderLayer::with_seed(config.layer.clone(), 100 + i as u64).unwrap();
-        insert_prefixed(&mut dict, &format!("decoder.layers.{i}."), layer.state_dict());
-    }
-    for stack in ["encoder", "decoder"] {
-        dict.insert(
-            format!("{stack}.norm.weight"),
-            Tensor::new("w", vec![e], vec![1.0; e]).unwrap(),
-        );
-        dict.insert(format!("{stack}.norm.bias"), Tensor::zeros(vec![e]));
-    }
-    Transformer::from_state_dict(config.clone(), dict).unwrap()
-}
-
 /// A training forward keeps what the backward needs, counted here from the design (the module
 /// docs of `transformer::train`), and `bytes` says so; `recycle` hands all of it back to the
 /// activation arena. Per layer of `N` tokens: the residual walk keeps each block's input after
@@ -194,7 +170,7 @@ fn tapes_count_what_they_keep_and_give_it_back() {
         num_encoder_layers: 2,
         num_decoder_layers: 1,
     };
-    let model = transformer(&config);
+    let model = Transformer::with_seed(config, 0).unwrap();
     let mut rng = SplitMix64::new(4);
     let (src, tgt) = (random(&mut rng, b * s * e), random(&mut rng, b * t * e));
     let mut grads = Grads::new();

@@ -19,7 +19,7 @@ use attn_core::{insert_prefixed, AttnError, Grads, ParamPath, ParamStore, Parame
 use crate::layers::Linear;
 use crate::optim::AdamW;
 use crate::transformer::sub_module;
-use crate::{DecoderLayer, EncoderLayer, NnError, Result, Transformer, TransformerConfig};
+use crate::{NnError, Result, Transformer};
 
 mod checkpoint;
 mod data;
@@ -132,30 +132,10 @@ impl Seq2Seq {
     /// own), PyTorch's defaults for biases and norms, from `seed`.
     pub fn with_seed(config: Seq2SeqConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        let TransformerConfig {
-            layer,
-            num_encoder_layers,
-            num_decoder_layers,
-        } = &config.transformer;
-        let e = layer.d_model;
+        let e = config.transformer.layer.d_model;
         let mut dict = StateDict::new();
-        for i in 0..*num_encoder_layers {
-            let l = EncoderLayer::with_seed(layer.clone(), seed.wrapping_add(10 + i as u64))?;
-            insert_prefixed(&mut dict, &format!("transformer.encoder.layers.{i}."), l.state_dict());
-        }
-        for i in 0..*num_decoder_layers {
-            let l = DecoderLayer::with_seed(layer.clone(), seed.wrapping_add(100 + i as u64))?;
-            insert_prefixed(&mut dict, &format!("transformer.decoder.layers.{i}."), l.state_dict());
-        }
-        for stack in ["encoder", "decoder"] {
-            dict.insert(
-                format!("transformer.{stack}.norm.weight"),
-                Tensor::new("w", vec![e], vec![1.0; e])?,
-            );
-            if layer.bias {
-                dict.insert(format!("transformer.{stack}.norm.bias"), Tensor::zeros(vec![e]));
-            }
-        }
+        let transformer = Transformer::with_seed(config.transformer.clone(), seed)?;
+        insert_prefixed(&mut dict, "transformer.", transformer.state_dict());
         let (vs, vt) = (config.src_vocab.len(), config.tgt_vocab.len());
         dict.insert("src_embed.weight".into(), Tensor::zeros(vec![vs, e]));
         dict.insert("tgt_embed.weight".into(), Tensor::zeros(vec![vt, e]));

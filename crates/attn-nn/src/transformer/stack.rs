@@ -2,7 +2,7 @@
 //! `nn.Transformer`, with their configurations and decoding caches.
 
 use attn_core::kernels::Par;
-use attn_core::{insert_prefixed, Precision, Sequence, StateDict};
+use attn_core::{insert_prefixed, Precision, Sequence, StateDict, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::Norm;
@@ -343,6 +343,30 @@ impl Transformer {
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.encoder.set_precision(precision)?;
         self.decoder.set_precision(precision)
+    }
+
+    /// A model with deterministic pseudo-random weights: encoder layer `i` as
+    /// [`EncoderLayer::with_seed`] at `seed + 10 + i`, decoder layer `i` as
+    /// [`DecoderLayer::with_seed`] at `seed + 100 + i`, the final norms at weight 1 and bias 0
+    /// (for tests, examples, benchmarks, and the start of a model trained from scratch).
+    pub fn with_seed(config: TransformerConfig, seed: u64) -> Result<Self> {
+        let e = config.layer.d_model;
+        let mut dict = StateDict::new();
+        for i in 0..config.num_encoder_layers {
+            let l = EncoderLayer::with_seed(config.layer.clone(), seed.wrapping_add(10 + i as u64))?;
+            insert_prefixed(&mut dict, &format!("encoder.layers.{i}."), l.state_dict());
+        }
+        for i in 0..config.num_decoder_layers {
+            let l = DecoderLayer::with_seed(config.layer.clone(), seed.wrapping_add(100 + i as u64))?;
+            insert_prefixed(&mut dict, &format!("decoder.layers.{i}."), l.state_dict());
+        }
+        for stack in ["encoder", "decoder"] {
+            dict.insert(format!("{stack}.norm.weight"), Tensor::new("w", vec![e], vec![1.0; e])?);
+            if config.layer.bias {
+                dict.insert(format!("{stack}.norm.bias"), Tensor::zeros(vec![e]));
+            }
+        }
+        Self::from_state_dict(config, dict)
     }
 
     /// Builds the model from `nn.Transformer.state_dict()`.
