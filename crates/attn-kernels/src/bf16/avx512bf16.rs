@@ -331,9 +331,10 @@ pub(crate) unsafe fn gemm(
 ) {
     assert!(b_panel >= pairs * PANEL && (n == 0 || b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + pairs * PANEL));
     let (a, b, c) = (Shared(a), Shared(b.as_ptr()), Shared(c));
+    let (units, tasks) = row_bands(m, par.threads());
     let task = |index: usize| {
-        let r0 = index * TASK_ROWS;
-        let rows = (m - r0).min(TASK_ROWS);
+        let r0 = units * index / tasks * MR;
+        let rows = (units * (index + 1) / tasks * MR).min(m) - r0;
         // SAFETY: the caller's contract, for rows `r0..r0 + rows`.
         unsafe {
             let (a, c) = (a.get().add(r0 * pairs), c.get().add(r0 * ldc));
@@ -344,7 +345,55 @@ pub(crate) unsafe fn gemm(
         }
     };
     match par {
-        Par::Seq => (0..m.div_ceil(TASK_ROWS)).for_each(task),
-        Par::Rayon => (0..m.div_ceil(TASK_ROWS)).into_par_iter().for_each(task),
+        Par::Seq => (0..tasks).for_each(task),
+        Par::Rayon => (0..tasks).into_par_iter().for_each(task),
+    }
+}
+
+/// The blocks of [`MR`] rows of an `m`-row product, and the tasks that share them: about
+/// [`TASK_ROWS`] rows each, a multiple of `threads` in number, so that each thread gets as many
+/// rows (fixed tasks of 64 rows split a 1,200-row product 10 to 9, and left one of two threads
+/// idle for a nineteenth of it); never more tasks than blocks. Task `t` takes blocks
+/// `units·t / tasks .. units·(t + 1) / tasks`.
+fn row_bands(m: usize, threads: usize) -> (usize, usize) {
+    let units = m.div_ceil(MR);
+    (units, m.div_ceil(TASK_ROWS).next_multiple_of(threads.max(1)).min(units))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{row_bands, MR, TASK_ROWS};
+
+    /// The bands cover every row once, in blocks of [`MR`] (the last block may be short), each
+    /// task within one block of the others; the count is a multiple of the threads wherever
+    /// there are enough blocks, and the tasks are about [`TASK_ROWS`] rows.
+    #[test]
+    fn row_bands_share_the_rows_evenly() {
+        for threads in 1..=5 {
+            for m in 0..700 {
+                let (units, tasks) = row_bands(m, threads);
+                assert_eq!(units, m.div_ceil(MR));
+                assert!(tasks <= units);
+                if units >= threads {
+                    assert_eq!(tasks % threads, 0, "m {m}, threads {threads}: {tasks} tasks");
+                }
+                let bands: Vec<(usize, usize)> = (0..tasks)
+                    .map(|t| (units * t / tasks * MR, (units * (t + 1) / tasks * MR).min(m)))
+                    .collect();
+                let mut next = 0;
+                for &(lo, hi) in &bands {
+                    assert_eq!(lo, next, "m {m}, threads {threads}: {bands:?}");
+                    assert!(hi > lo, "m {m}, threads {threads}: an empty band in {bands:?}");
+                    assert!(hi - lo <= TASK_ROWS, "m {m}, threads {threads}: {bands:?}");
+                    next = hi;
+                }
+                assert_eq!(next, m, "m {m}, threads {threads}: {bands:?}");
+                let blocks = |&(lo, hi): &(usize, usize)| (hi - lo).div_ceil(MR);
+                let (most, least) = (bands.iter().map(blocks).max(), bands.iter().map(blocks).min());
+                if let (Some(most), Some(least)) = (most, least) {
+                    assert!(most - least <= 1, "m {m}, threads {threads}: {bands:?}");
+                }
+            }
+        }
     }
 }
