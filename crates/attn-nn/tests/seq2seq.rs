@@ -231,16 +231,9 @@ fn forced_log_prob(model: &Seq2Seq, source: &str, tokens: &[usize]) -> f64 {
         .sum()
 }
 
-/// Beam search reads each hypothesis's own history from the KV caches: after every step the
-/// cache rows follow the hypotheses they extend (`KvCache::reorder`, in every decoder layer).
-/// The model is untrained (PyTorch's initialisation, seeded), so hypotheses overtake each other
-/// all the time (64 of the 80 answers below are not greedy's): where the beam's answer differs
-/// from the greedy one, it was not the best hypothesis at
-/// some step, so it read a cache row that a reorder moved. Its log-probability must still equal
-/// teacher forcing of its tokens; an identity reorder, or one that skips a layer, accumulates
-/// other hypotheses' history and fails here.
-#[test]
-fn beam_hypotheses_keep_their_own_caches() {
+/// An untrained (PyTorch's initialisation, seeded) date translator with three decoder layers,
+/// and 40 sources for it.
+fn untrained_dates_model() -> (Seq2Seq, Vec<String>) {
     let mut layer = attn_nn::LayerConfig::new(32, 4);
     layer.dim_feedforward = 64;
     layer.dropout = 0.0;
@@ -256,19 +249,235 @@ fn beam_hypotheses_keep_their_own_caches() {
         tgt_vocab: attn_nn::Vocab::from_texts(["0123456789-"]),
     };
     let model = Seq2Seq::with_seed(config, 1).unwrap();
-    let sources: Vec<String> = (0..40)
-        .map(|i| {
-            let days = [
-                "3 March 1902",
-                "28 Nov 2026",
-                "July 4",
-                "12.1.2000",
-                "the 2nd of May 1950",
-                "1999/12/31",
-            ];
-            format!("{} {}", days[i % days.len()], i)
-        })
-        .collect();
+    let days = [
+        "3 March 1902",
+        "28 Nov 2026",
+        "July 4",
+        "12.1.2000",
+        "the 2nd of May 1950",
+        "1999/12/31",
+    ];
+    let sources = (0..40).map(|i| format!("{} {}", days[i % days.len()], i)).collect();
+    (model, sources)
+}
+
+/// The log-probabilities of every next id after `prefix` (output ids), by teacher forcing
+/// the whole prefix: no cache. Kept by prefix in `memo`.
+fn next_log_probs(
+    model: &Seq2Seq,
+    source: &str,
+    prefix: &[usize],
+    memo: &mut BTreeMap<Vec<usize>, Vec<f64>>,
+) -> Vec<f64> {
+    if let Some(row) = memo.get(prefix) {
+        return row.clone();
+    }
+    let mut batch = model.batch(&[(source, "")]).unwrap();
+    let t = prefix.len() + 1;
+    batch.t = t;
+    batch.tgt_in = std::iter::once(1).chain(prefix.iter().copied()).collect();
+    batch.labels = vec![2; t];
+    batch.tgt_lengths = vec![t];
+    let vt = model.config().tgt_vocab.len();
+    let logits = model.logits(&batch, Par::Seq).unwrap();
+    let row = &logits[(t - 1) * vt..t * vt];
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let log_z = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let row: Vec<f64> = row.iter().map(|&x| x as f64 - log_z).collect();
+    memo.insert(prefix.to_vec(), row.clone());
+    row
+}
+
+/// The rules of [`Seq2Seq::beam`] as its documentation states them, and variants of them that
+/// the test must tell apart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum BeamRule {
+    Documented,
+    /// Stops only when no hypothesis is live or at `max_len`.
+    NeverEarly,
+    /// Stops early without waiting for `beam` finished hypotheses.
+    AnyFinished,
+    /// Scores by log-probability, not divided by length.
+    Unnormalised,
+}
+
+/// What a reference beam search found: the answer, or `None` where two compared
+/// log-probabilities were closer than the two decoders' rounding (1e-4): the cached and the
+/// teacher-forced sums may order them differently there.
+type BeamAnswer = Option<(Vec<usize>, f64)>;
+
+/// Beam search written from [`Seq2Seq::beam`]'s documentation, on teacher-forced
+/// log-probabilities ([`next_log_probs`]) instead of the decoder's caches.
+fn reference_beam(
+    model: &Seq2Seq,
+    source: &str,
+    (beam, max_len): (usize, usize),
+    rule: BeamRule,
+    memo: &mut BTreeMap<Vec<usize>, Vec<f64>>,
+) -> BeamAnswer {
+    const EOS: usize = 2;
+    const CLOSE: f64 = 1e-4;
+    let score = |tokens: &[usize], lp: f64| match rule {
+        BeamRule::Unnormalised => lp,
+        _ => lp / tokens.len() as f64,
+    };
+    let mut live: Vec<(Vec<usize>, f64)> = vec![(Vec::new(), 0.0)];
+    let mut finished: Vec<(Vec<usize>, f64)> = Vec::new();
+    for _ in 0..max_len {
+        let mut candidates: Vec<(usize, usize, f64)> = Vec::new();
+        for (i, (tokens, lp)) in live.iter().enumerate() {
+            let next = next_log_probs(model, source, tokens, memo);
+            candidates.extend((EOS..next.len()).map(|id| (i, id, lp + next[id])));
+        }
+        candidates.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+        // Where the candidates are cut, the order must not hang on rounding.
+        let kept = candidates.iter().scan(0, |n, c| {
+            *n += usize::from(c.1 != EOS);
+            Some(*n)
+        });
+        let cut = kept.take_while(|&n| n < beam).count() + 1;
+        if cut < candidates.len() && candidates[cut - 1].2 - candidates[cut].2 < CLOSE {
+            return None;
+        }
+        let mut next: Vec<(Vec<usize>, f64)> = Vec::new();
+        for &(i, id, lp) in &candidates[..cut.min(candidates.len())] {
+            let mut tokens = live[i].0.clone();
+            tokens.push(id);
+            if id == EOS {
+                finished.push((tokens, lp));
+            } else {
+                next.push((tokens, lp));
+            }
+        }
+        let best = |hypotheses: &[(Vec<usize>, f64)]| {
+            hypotheses
+                .iter()
+                .map(|(t, lp)| score(t, *lp))
+                .fold(f64::NEG_INFINITY, f64::max)
+        };
+        let (best_finished, best_live) = (best(&finished), best(&next));
+        if (best_finished - best_live).abs() < CLOSE {
+            return None;
+        }
+        let early = match rule {
+            BeamRule::NeverEarly => false,
+            BeamRule::AnyFinished => best_finished >= best_live,
+            _ => finished.len() >= beam && best_finished >= best_live,
+        };
+        if next.is_empty() || early {
+            live = Vec::new();
+            break;
+        }
+        live = next;
+    }
+    finished.extend(live);
+    let top = finished
+        .iter()
+        .map(|(t, lp)| score(t, *lp))
+        .fold(f64::NEG_INFINITY, f64::max);
+    if finished.iter().filter(|(t, lp)| top - score(t, *lp) < CLOSE).count() > 1 {
+        return None;
+    }
+    finished.into_iter().find(|(t, lp)| score(t, *lp) == top)
+}
+
+/// Beam search's scoring and stopping, against a beam search written from its documentation
+/// on teacher-forced log-probabilities: the same answer and log-probability for 40 sources at
+/// widths 2, 3 and 5. The cases must tell the documented rules from their variants (no length
+/// normalisation, no early stop, an early stop before `beam` hypotheses have finished): for
+/// each variant, some answer differs from the documented one. The untrained model's
+/// next-token distributions are nearly flat and `<eos>` is rare in them, so neither the length
+/// nor the early stop decides an answer there (variants differ in 0, 0 and 3 answers); its
+/// generator's weights doubled and 3 added to `<eos>`'s bias, they differ in 22, 22 and 38.
+#[test]
+fn beam_search_scores_by_length_and_stops_as_documented() {
+    let (untrained, sources) = untrained_dates_model();
+    let mut dict = untrained.state_dict();
+    let weight = dict.get_mut("generator.weight").unwrap().data_mut();
+    weight.iter_mut().for_each(|w| *w *= 2.0);
+    dict.get_mut("generator.bias").unwrap().data_mut()[2] += 3.0;
+    let model = Seq2Seq::from_state_dict(untrained.config().clone(), dict).unwrap();
+    let max_len = 10;
+    let variants = [BeamRule::NeverEarly, BeamRule::AnyFinished, BeamRule::Unnormalised];
+    let (mut checked, mut close) = (0, 0);
+    let mut told_apart = [0usize; 3];
+    for width in [2, 3, 5] {
+        for source in &sources {
+            let mut memo = BTreeMap::new();
+            let Some((tokens, log_prob)) =
+                reference_beam(&model, source, (width, max_len), BeamRule::Documented, &mut memo)
+            else {
+                close += 1;
+                continue;
+            };
+            let decoded = &model.beam(&[source.as_str()], width, max_len, Par::Seq).unwrap()[0];
+            assert_eq!(decoded.tokens, tokens, "{source}, beam {width}");
+            assert!(
+                (decoded.log_prob - log_prob).abs() < 2e-6 * log_prob.abs().max(1.0),
+                "{source}, beam {width}: log_prob {} against {log_prob}",
+                decoded.log_prob
+            );
+            checked += 1;
+            for (rule, count) in variants.iter().zip(&mut told_apart) {
+                if let Some((other, _)) = reference_beam(&model, source, (width, max_len), *rule, &mut memo) {
+                    *count += usize::from(other != tokens);
+                }
+            }
+        }
+    }
+    eprintln!("{checked} answers checked, {close} with a near tie skipped; variants differ in {told_apart:?}");
+    assert!(checked >= 100, "only {checked} of 120 answers checked");
+    for (rule, count) in variants.iter().zip(told_apart) {
+        assert!(count > 0, "no answer tells {rule:?} from the documented rules");
+    }
+}
+
+/// Greedy decoding never emits `<pad>` or `<bos>`, as beam search never extends with them, even
+/// where they are the most probable ids: it takes the arg-max from `<eos>` on, and its
+/// log-probability is still under the whole softmax. So beam 1 is greedy on any model.
+#[test]
+fn greedy_never_emits_pad_or_bos() {
+    let (untrained, sources) = untrained_dates_model();
+    let mut dict = untrained.state_dict();
+    let bias = dict.get_mut("generator.bias").unwrap().data_mut();
+    bias[0] += 20.0;
+    bias[1] += 20.0;
+    let model = Seq2Seq::from_state_dict(untrained.config().clone(), dict).unwrap();
+    for source in &sources[..6] {
+        let greedy = &model.greedy(&[source.as_str()], 6, false, Par::Seq).unwrap()[0];
+        let mut memo = BTreeMap::new();
+        let mut log_prob = 0.0;
+        for (step, &id) in greedy.tokens.iter().enumerate() {
+            let next = next_log_probs(&model, source, &greedy.tokens[..step], &mut memo);
+            let best = (2..next.len()).fold(2, |b, i| if next[i] > next[b] { i } else { b });
+            assert!(
+                next[0].min(next[1]) > next[best] + 10.0,
+                "{source}: <pad> and <bos> are not the likely ids"
+            );
+            assert_eq!(id, best, "{source}, step {step}: {:?}", greedy.tokens);
+            log_prob += next[id];
+        }
+        assert!(
+            (greedy.log_prob - log_prob).abs() < 1e-6 * log_prob.abs(),
+            "{source}: log_prob {} against {log_prob}",
+            greedy.log_prob
+        );
+        let beam = &model.beam(&[source.as_str()], 1, 6, Par::Seq).unwrap()[0];
+        assert_eq!(beam.tokens, greedy.tokens, "{source}");
+    }
+}
+
+/// Beam search reads each hypothesis's own history from the KV caches: after every step the
+/// cache rows follow the hypotheses they extend (`KvCache::reorder`, in every decoder layer).
+/// The model is untrained (PyTorch's initialisation, seeded), so hypotheses overtake each other
+/// all the time (64 of the 80 answers below are not greedy's): where the beam's answer differs
+/// from the greedy one, it was not the best hypothesis at
+/// some step, so it read a cache row that a reorder moved. Its log-probability must still equal
+/// teacher forcing of its tokens; an identity reorder, or one that skips a layer, accumulates
+/// other hypotheses' history and fails here.
+#[test]
+fn beam_hypotheses_keep_their_own_caches() {
+    let (model, sources) = untrained_dates_model();
     let (mut worst, mut overtaken) = (0.0f64, 0);
     for width in [3, 5] {
         for source in &sources {

@@ -133,7 +133,17 @@ impl Seq2Seq {
     }
 
     /// Beam search with `beam` hypotheses per source, scored by log-probability divided by
-    /// length (length-normalised); each source decoded on its own caches.
+    /// length (length-normalised, `<eos>` counted); each source decoded on its own caches.
+    ///
+    /// Each step extends every live hypothesis by every id from `<eos>` on (never `<pad>` or
+    /// `<bos>`) and keeps the `beam` most probable extensions that do not end in `<eos>` (ties
+    /// to the earlier hypothesis, then the lower id); the extensions by `<eos>` ranked above
+    /// the last one kept are finished. The search stops when no hypothesis is live, at
+    /// `max_len` tokens, or once `beam` hypotheses have finished and the best of them scores at
+    /// least as high as the best live one (a heuristic, as Hugging Face's default: a live
+    /// hypothesis could still overtake it). The answer is the highest-scoring finished
+    /// hypothesis, or of those cut at `max_len` tokens (the first of equal scores, finished
+    /// before cut). With `beam` 1 this is [`Seq2Seq::greedy`].
     pub fn beam(&self, sources: &[&str], beam: usize, max_len: usize, par: Par) -> Result<Vec<Decoded>> {
         if beam == 0 {
             return Err(invalid("beam", 0, "at least 1"));
@@ -201,14 +211,18 @@ impl Seq2Seq {
                 .map(|(t, lp)| score(t, *lp))
                 .fold(f64::NEG_INFINITY, f64::max);
             if next.is_empty() || (finished.len() >= beam && best_finished >= best_live) {
+                // Every live hypothesis was extended this step: none of them is an answer.
+                live.clear();
                 break;
             }
             cache.reorder(&parents)?;
             live = next;
         }
         finished.extend(live);
+        // The first of the highest scores (`max_by` would take the last).
         let (tokens, log_prob) = finished
             .into_iter()
+            .rev()
             .max_by(|a, b| score(&a.0, a.1).total_cmp(&score(&b.0, b.1)))
             .expect("at least one hypothesis");
         Ok(Decoded {
@@ -266,11 +280,13 @@ fn log_sum_exp(row: &[f32]) -> f64 {
     max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
 }
 
-/// The arg-max of a row of logits (the first on ties) and its log-probability.
+/// The arg-max of a row of logits over the ids a decoder emits, `<eos>` and after (never
+/// `<pad>` or `<bos>`; the first on ties), and its log-probability under the whole row.
 fn argmax_log_softmax(row: &[f32]) -> (usize, f64) {
-    let (best, &x) = row.iter().enumerate().fold(
-        (0, &f32::NEG_INFINITY),
-        |acc, (i, x)| if *x > *acc.1 { (i, x) } else { acc },
-    );
+    let (best, &x) =
+        row.iter().enumerate().skip(EOS).fold(
+            (EOS, &f32::NEG_INFINITY),
+            |acc, (i, x)| if *x > *acc.1 { (i, x) } else { acc },
+        );
     (best, x as f64 - log_sum_exp(row))
 }
