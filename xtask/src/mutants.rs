@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 31] = [
+const MUTANT_SCOPE: [(&str, &str); 32] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -96,6 +96,8 @@ const MUTANT_SCOPE: [(&str, &str); 31] = [
     ("crates/attn-core/src/mha/masks.rs", ".*"),
     ("crates/attn-nn/src/seq2seq/train.rs", ".*"),
     ("crates/attn-nn/src/step.rs", ".*"),
+    // Greedy and beam decoding: which hypothesis wins and when the search stops.
+    ("crates/attn-nn/src/seq2seq/decode.rs", ".*"),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.

@@ -41,7 +41,7 @@ pub struct BertConfig {
     pub num_attention_heads: usize,
     /// F.
     pub intermediate_size: usize,
-    /// `"gelu"` (exact), `"gelu_new"` or `"relu"`.
+    /// `"gelu"` (exact), `"gelu_new"` or `"gelu_pytorch_tanh"` (the tanh form), or `"relu"`.
     #[serde(default = "default_act")]
     pub hidden_act: String,
     /// Longest sequence the position table covers.
@@ -128,7 +128,11 @@ impl BertConfig {
             "gelu" => Ok(Activation::Gelu),
             "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
             "relu" => Ok(Activation::Relu),
-            other => Err(invalid("hidden_act", other, "\"gelu\", \"gelu_new\" or \"relu\"")),
+            other => Err(invalid(
+                "hidden_act",
+                other,
+                "\"gelu\", \"gelu_new\", \"gelu_pytorch_tanh\" or \"relu\"",
+            )),
         }
     }
 }
