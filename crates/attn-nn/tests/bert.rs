@@ -283,3 +283,171 @@ fn bf16_files_load_without_widening_in_bf16() {
     assert_eq!(f32_load.model.bytes_held(), 4 * values);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A config that leaves out `hidden_act`, `type_vocab_size` and `layer_norm_eps` gets BERT's
+/// defaults; a zero size, heads that do not divide the width, a non-positive or non-finite
+/// epsilon and an unknown activation are refused, each naming its field, whether the config
+/// comes from JSON or is built by hand.
+#[test]
+fn bert_configs_take_defaults_and_name_bad_fields() {
+    let minimal = r#"{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 24, "max_position_embeddings": 40}"#;
+    let config = BertConfig::from_json(minimal).unwrap();
+    assert_eq!(config.hidden_act, "gelu");
+    assert_eq!(config.type_vocab_size, 2);
+    assert_eq!(config.layer_norm_eps, 1e-12);
+    assert_eq!(config.pad_token_id, 0);
+    let mut json: serde_json::Value = serde_json::from_str(TINY_CONFIG).unwrap();
+    let refused = |field: &str, value: serde_json::Value| {
+        let mut edited = json.clone();
+        edited[field] = value.clone();
+        let err = BertConfig::from_json(&edited.to_string()).unwrap_err();
+        assert!(err.to_string().contains(field), "{field} = {value}: {err}");
+    };
+    for field in [
+        "hidden_size",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+    ] {
+        refused(field, 0.into());
+    }
+    refused("num_attention_heads", 5.into());
+    refused("layer_norm_eps", 0.0.into());
+    refused("layer_norm_eps", (-1e-12).into());
+    refused("hidden_act", "swish".into());
+    for act in ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"] {
+        json["hidden_act"] = act.into();
+        BertConfig::from_json(&json.to_string()).unwrap_or_else(|e| panic!("{act}: {e}"));
+    }
+    // Built by hand, not parsed: `from_state_dict` checks it too.
+    let good = BertConfig::from_json(TINY_CONFIG).unwrap();
+    for (what, config) in [
+        (
+            "hidden_size",
+            BertConfig {
+                hidden_size: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "layer_norm_eps",
+            BertConfig {
+                layer_norm_eps: f64::INFINITY,
+                ..good.clone()
+            },
+        ),
+        (
+            "layer_norm_eps",
+            BertConfig {
+                layer_norm_eps: f64::NAN,
+                ..good.clone()
+            },
+        ),
+        (
+            "hidden_act",
+            BertConfig {
+                hidden_act: "tanh".into(),
+                ..good.clone()
+            },
+        ),
+    ] {
+        let err = BertModel::from_state_dict(config, tiny_bert_weights()).unwrap_err();
+        assert!(err.to_string().contains(what), "{what}: {err}");
+    }
+    assert_eq!(tiny_bert().num_layers(), 2);
+}
+
+/// Every check of the padded and packed inputs, each alone (the others satisfied), and the
+/// limits themselves accepted: sequences of exactly `max_position_embeddings` tokens.
+#[test]
+fn bert_inputs_are_checked_one_by_one() {
+    let model = tiny_bert();
+    let ids = |n: usize| -> Vec<u32> { (0..n).map(|t| (t * 7 % 50) as u32).collect() };
+    let message = |r: attn_nn::Result<Vec<f32>>| r.unwrap_err().to_string();
+    // Padded: ids for [B, L], one length per sequence, L within the position table.
+    let two = ids(2 * 40);
+    model.hidden_states(&two, 2, 40, &[40, 17], Par::Seq).unwrap();
+    let err = message(model.hidden_states(&two[..79], 2, 40, &[40, 17], Par::Seq));
+    assert!(err.contains("input_ids"), "{err}");
+    let err = message(model.hidden_states(&two, 2, 40, &[40], Par::Seq));
+    assert!(err.contains("input_ids"), "{err}");
+    let err = message(model.hidden_states(&ids(41), 1, 41, &[41], Par::Seq));
+    assert!(err.contains("sequence length") && err.contains("41"), "{err}");
+    let err = message(model.hidden_states(&two, 2, 40, &[40, 41], Par::Seq));
+    assert!(err.contains("length") && err.contains("41"), "{err}");
+    // Packed: starts from 0 to N, never decreasing, each sequence within the table.
+    let n = ids(50);
+    model.hidden_states_packed(&n, &[0, 30, 50], Par::Seq).unwrap();
+    model.hidden_states_packed(&n[..40], &[0, 40], Par::Seq).unwrap();
+    for bad in [&[1, 30, 50][..], &[0, 30, 49], &[0, 31, 30, 50]] {
+        let err = message(model.hidden_states_packed(&n, bad, Par::Seq));
+        assert!(err.contains("starts"), "{bad:?}: {err}");
+    }
+    let err = message(model.hidden_states_packed(&n[..41], &[0, 41], Par::Seq));
+    assert!(err.contains("sequence length") && err.contains("41"), "{err}");
+    let err = message(model.attention_map(&n[..5], 2, Par::Seq));
+    assert!(err.contains("layer") && err.contains('2'), "{err}");
+}
+
+/// `attention_map` against an f64 reference: the softmax of each head's scaled query-key
+/// products, computed from the hidden states entering the layer (those of the model cut to
+/// its first `layer` layers) and the checkpoint's query and key weights.
+#[test]
+fn attention_maps_match_an_f64_reference() {
+    let (e, h) = (16, 4);
+    let d = e / h;
+    let model = tiny_bert();
+    let weights = tiny_bert_weights();
+    let ids: Vec<u32> = vec![1, 17, 4, 33, 8, 2];
+    let l = ids.len();
+    let mut worst = 0.0f64;
+    for layer in 0..2 {
+        // The states entering `layer`: a model of the first `layer` layers.
+        let mut cut = weights.clone();
+        cut.retain(|name, _| (layer..2).all(|i| !name.starts_with(&format!("encoder.layer.{i}."))));
+        let config = BertConfig {
+            num_hidden_layers: layer,
+            ..BertConfig::from_json(TINY_CONFIG).unwrap()
+        };
+        let x = BertModel::from_state_dict(config, cut)
+            .unwrap()
+            .hidden_states_packed(&ids, &[0, l], Par::Seq)
+            .unwrap();
+        let project = |part: &str| -> Vec<f64> {
+            let w = weights[&format!("encoder.layer.{layer}.attention.self.{part}.weight")].data();
+            let b = weights[&format!("encoder.layer.{layer}.attention.self.{part}.bias")].data();
+            (0..l * e)
+                .map(|i| {
+                    let (t, j) = (i / e, i % e);
+                    b[j] as f64 + (0..e).map(|k| x[t * e + k] as f64 * w[j * e + k] as f64).sum::<f64>()
+                })
+                .collect()
+        };
+        let (q, k) = (project("query"), project("key"));
+        let got = model.attention_map(&ids, layer, Par::Seq).unwrap();
+        assert_eq!(got.len(), h * l * l, "layer {layer}: [H, L, L]");
+        for head in 0..h {
+            for i in 0..l {
+                let scores: Vec<f64> = (0..l)
+                    .map(|j| {
+                        let dot: f64 = (0..d).map(|c| q[i * e + head * d + c] * k[j * e + head * d + c]).sum();
+                        dot / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for (j, s) in scores.iter().enumerate() {
+                    let want = (s - max).exp() / z;
+                    let error = (got[(head * l + i) * l + j] as f64 - want).abs();
+                    worst = worst.max(error);
+                    // Measured 1.1e-7.
+                    assert!(error < 1e-6, "layer {layer} head {head} [{i}, {j}]: {error:e}");
+                }
+            }
+        }
+    }
+    eprintln!("worst attention-map error {worst:.1e}");
+}

@@ -190,6 +190,16 @@ fn the_tree_sums_in_one_order_on_any_number_of_ranks() {
                 })
                 .unwrap();
             assert_eq!(computed, plan.leaves_of(comm.rank()).collect::<Vec<_>>());
+            // Time in messages: none on one rank; on several, every rank takes the broadcast.
+            let seconds = tree.communication_seconds();
+            assert!(
+                if ranks == 1 {
+                    seconds == 0.0
+                } else {
+                    seconds > 0.0 && seconds < 60.0
+                },
+                "{ranks} ranks: {seconds} s of communication"
+            );
             (flat(&out), values)
         });
         for (rank, (got, values)) in results.into_iter().enumerate() {
@@ -197,6 +207,50 @@ fn the_tree_sums_in_one_order_on_any_number_of_ranks() {
             assert_eq!(values, (0..k).map(|j| j as f64 + 0.5).collect::<Vec<_>>());
         }
     }
+}
+
+/// Every plan up to 40 micro-batches on 1 to K ranks: `leaves_of` splits the leaves into
+/// contiguous non-empty runs in rank order, and `owner` names the rank whose run holds each
+/// leaf (checked against a search over the runs).
+#[test]
+fn every_leaf_has_the_owner_whose_run_holds_it() {
+    for k in 1..=40 {
+        for ranks in 1..=k {
+            let plan = MicroBatches::new(k, 1, ranks).unwrap();
+            let mut next = 0;
+            for r in 0..ranks {
+                let run = plan.leaves_of(r);
+                assert!(
+                    run.start == next && run.end > run.start,
+                    "K {k}, N {ranks}: rank {r} has {run:?}"
+                );
+                next = run.end;
+                for leaf in run {
+                    assert_eq!(plan.owner(leaf), r, "K {k}, N {ranks}: leaf {leaf}");
+                }
+            }
+            assert_eq!(next, k);
+        }
+    }
+}
+
+/// `reduce` refuses a transport of another process count than the plan's, and gradients kept
+/// by name (the tree's buffers are flat), each alone.
+#[test]
+fn the_tree_refuses_a_wrong_transport_or_gradients_by_name() {
+    let flat_grads = model().grads();
+    let plan = MicroBatches::new(4, 2, 2).unwrap();
+    let err = GradientTree::new()
+        .reduce(&plan, &SingleProcess, &mut flat_grads.clone(), |_, _| Ok(0.0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 processes, flat gradients: true"), "{err}");
+    let one = MicroBatches::new(4, 2, 1).unwrap();
+    let err = GradientTree::new()
+        .reduce(&one, &SingleProcess, &mut Grads::new(), |_, _| Ok(0.0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 processes, flat gradients: false"), "{err}");
 }
 
 #[test]
@@ -290,4 +344,77 @@ fn step_gradients_are_the_same_bits_on_any_number_of_ranks() {
         )
         .unwrap();
     assert!(flat(&again) == one);
+}
+
+/// The single-process transport: rank 0 of 1; a broadcast and a sum over ranks leave the data
+/// as it is, and the minimum and maximum over ranks are the value itself. Sending or receiving
+/// has no other rank to talk to, and panics (the tree never calls them with one rank).
+#[test]
+fn the_single_process_transport_is_rank_0_of_1() {
+    let one = SingleProcess;
+    assert_eq!((one.rank(), one.size()), (0, 1));
+    assert_eq!(one.min_max(7), (7, 7));
+    let mut data = [1.5f32, -2.0];
+    one.broadcast(0, &mut data);
+    assert_eq!(data, [1.5, -2.0]);
+    let mut values = [0.25f64, 3.0];
+    one.sum_disjoint(&mut values);
+    assert_eq!(values, [0.25, 3.0]);
+    let panics = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
+    assert!(panics(&|| one.send(0, &[1.0])));
+    assert!(panics(&|| one.receive(0, &mut [0.0])));
+    assert!(panics(&|| one.send_bytes(0, &[1])));
+    assert!(panics(&|| {
+        one.receive_bytes(0);
+    }));
+}
+
+/// Run by `launcher_variables_say_how_many_processes` in a child process whose environment it
+/// sets (setting variables here would race with the other tests' threads): `ATTN_TEST_LAUNCHER`
+/// holds what the two functions must return, as `started,processes` (`-` for none).
+#[test]
+#[ignore = "run by launcher_variables_say_how_many_processes, in a child process"]
+fn launcher_child() {
+    let Ok(expected) = std::env::var("ATTN_TEST_LAUNCHER") else {
+        eprintln!("launcher_child: no ATTN_TEST_LAUNCHER; launcher_variables_say_how_many_processes runs it");
+        return;
+    };
+    let (started, processes) = expected.split_once(',').unwrap();
+    assert_eq!(
+        attn_nn::parallel::started_by_launcher().to_string(),
+        started,
+        "{expected}"
+    );
+    let processes = (processes != "-").then(|| processes.parse::<usize>().unwrap());
+    assert_eq!(attn_nn::parallel::launched_processes(), processes, "{expected}");
+}
+
+/// OpenMPI's, PMIx's and PMI's variables say that a launcher started the process; OpenMPI's
+/// and PMI's also how many processes (the larger where both are set; none where the value is
+/// not a number).
+#[test]
+fn launcher_variables_say_how_many_processes() {
+    let launcher = ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"];
+    for (vars, expected) in [
+        (&[][..], "false,-"),
+        (&[("OMPI_COMM_WORLD_SIZE", "3")][..], "true,3"),
+        (&[("PMIX_RANK", "0")][..], "true,-"),
+        (&[("PMI_SIZE", "4")][..], "true,4"),
+        (&[("PMI_SIZE", "4"), ("OMPI_COMM_WORLD_SIZE", "2")][..], "true,4"),
+        (&[("OMPI_COMM_WORLD_SIZE", "many")][..], "true,-"),
+    ] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args(["--ignored", "--exact", "launcher_child", "--test-threads=1"]);
+        for name in launcher {
+            child.env_remove(name);
+        }
+        child.envs(vars.iter().copied()).env("ATTN_TEST_LAUNCHER", expected);
+        let out = child.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{vars:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -214,3 +214,26 @@ impl TextEmbedder {
         Ok(Embeddings { data, dim: self.dim() })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Embeddings;
+
+    /// Rows, their count and cosines by definition: rows that are not unit vectors (a cosine
+    /// that skipped a norm would show), opposite rows, and a zero row (cosine 0, not NaN).
+    #[test]
+    fn embeddings_give_rows_and_cosines() {
+        let e = Embeddings {
+            data: vec![3.0, 4.0, 8.0, 6.0, -6.0, -8.0, 0.0, 0.0],
+            dim: 2,
+        };
+        assert_eq!((e.len(), e.is_empty()), (4, false));
+        assert_eq!(e.row(1), [8.0, 6.0]);
+        assert_eq!(e.rows().count(), 4);
+        assert!((e.cosine(0, 1) - 48.0 / 50.0).abs() < 1e-15);
+        assert!((e.cosine(0, 2) + 1.0).abs() < 1e-15);
+        assert_eq!(e.cosine(0, 3), 0.0);
+        let none = Embeddings { data: Vec::new(), dim: 2 };
+        assert_eq!((none.len(), none.is_empty(), none.rows().count()), (0, true, 0));
+    }
+}
