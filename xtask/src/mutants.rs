@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 32] = [
+const MUTANT_SCOPE: [(&str, &str); 34] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -98,6 +98,9 @@ const MUTANT_SCOPE: [(&str, &str); 32] = [
     ("crates/attn-nn/src/step.rs", ".*"),
     // Greedy and beam decoding: which hypothesis wins and when the search stops.
     ("crates/attn-nn/src/seq2seq/decode.rs", ".*"),
+    // The BERT model's loading, checks and attention maps; the gradient tree across processes.
+    ("crates/attn-nn/src/bert/mod.rs", ".*"),
+    ("crates/attn-nn/src/parallel/mod.rs", ".*"),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.

@@ -259,18 +259,29 @@ impl KvCache {
                 expected: format!("below the batch size {}", self.batch),
             });
         }
-        fn reorder_rows<T: Copy>(buf: &mut [T], width: usize, batch: usize, rows: &[usize]) {
-            let old = buf.to_vec();
+        // Only the filled positions move (those past `len` are never read): each new row's
+        // heads gathered from its source, then written back in place.
+        fn reorder_rows<T: Copy>(buf: &mut [T], [batch, heads, slot, filled]: [usize; 4], rows: &[usize]) {
+            if filled == 0 {
+                return;
+            }
+            let mut kept = Vec::with_capacity(batch * heads * filled);
             for b in 0..batch {
                 let from = *rows.get(b).unwrap_or(&rows[0]);
-                buf[b * width..(b + 1) * width].copy_from_slice(&old[from * width..(from + 1) * width]);
+                for h in 0..heads {
+                    let start = (from * heads + h) * slot;
+                    kept.extend_from_slice(&buf[start..start + filled]);
+                }
+            }
+            for (bh, part) in kept.chunks_exact(filled).enumerate() {
+                buf[bh * slot..bh * slot + filled].copy_from_slice(part);
             }
         }
         for (store, d) in [(&mut self.k, self.head_dim), (&mut self.v, self.v_head_dim)] {
-            let width = self.n_kv_heads * self.capacity * d;
+            let sizes = [self.batch, self.n_kv_heads, self.capacity * d, self.len * d];
             match store {
-                Store::F32(buf) => reorder_rows(buf, width, self.batch, rows),
-                Store::Bf16(buf) => reorder_rows(buf, width, self.batch, rows),
+                Store::F32(buf) => reorder_rows(buf, sizes, rows),
+                Store::Bf16(buf) => reorder_rows(buf, sizes, rows),
             }
         }
         Ok(())

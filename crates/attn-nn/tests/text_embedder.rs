@@ -28,7 +28,10 @@ fn text_embeds_as_its_token_ids_do() {
     assert_eq!((e.len(), e.dim, embedder.dim()), (4, 384, 384));
     assert!(!e.is_empty());
     let debug = format!("{embedder:?}");
-    assert!(debug.starts_with("TextEmbedder") && debug.contains("pipeline"), "{debug}");
+    assert!(
+        debug.starts_with("TextEmbedder") && debug.contains("pipeline"),
+        "{debug}"
+    );
     // The tokenizer's ids through the pipeline: the same bits, in any batch size.
     let ids = embedder.tokenize(&texts).unwrap();
     assert_eq!(ids[0].first(), Some(&101), "[CLS] first");

@@ -233,7 +233,10 @@ mod tests {
         assert!((e.cosine(0, 1) - 48.0 / 50.0).abs() < 1e-15);
         assert!((e.cosine(0, 2) + 1.0).abs() < 1e-15);
         assert_eq!(e.cosine(0, 3), 0.0);
-        let none = Embeddings { data: Vec::new(), dim: 2 };
+        let none = Embeddings {
+            data: Vec::new(),
+            dim: 2,
+        };
         assert_eq!((none.len(), none.is_empty(), none.rows().count()), (0, true, 0));
     }
 }
