@@ -55,7 +55,9 @@ impl Seq2Seq {
     }
 
     /// Greedy decoding of every source at once, one token per step through the KV caches, up
-    /// to `max_len` output tokens (at most the position table's length).
+    /// to `max_len` output tokens (at most the position table's length). Each step takes the
+    /// most probable id from `<eos>` on (never `<pad>` or `<bos>`; the first on ties); the
+    /// reported log-probability is under the softmax over every id.
     pub fn greedy(&self, sources: &[&str], max_len: usize, keep_logits: bool, par: Par) -> Result<Vec<Decoded>> {
         let b = sources.len();
         if b == 0 {
