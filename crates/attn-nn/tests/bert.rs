@@ -384,9 +384,10 @@ fn bert_inputs_are_checked_one_by_one() {
     model.hidden_states_packed(&n[..40], &[0, 40], Par::Seq).unwrap();
     for bad in [&[1, 30, 50][..], &[0, 30, 49], &[0, 31, 30, 50]] {
         let err = message(model.hidden_states_packed(&n, bad, Par::Seq));
-        // The model's own message (the layers would refuse these starts too, in their words).
+        // The model's own refusal: the layers would refuse these starts too, in the same words
+        // but under their own name.
         assert!(
-            err.contains("0 = starts[0] <= ... <= starts[last] = N = 50"),
+            err.starts_with("bert: `starts`") && err.contains("0 = starts[0] <= ... <= starts[last] = N = 50"),
             "{bad:?}: {err}"
         );
     }
