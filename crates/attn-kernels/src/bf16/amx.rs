@@ -212,7 +212,7 @@ macro_rules! store_tile {
 /// The depth loop of one block: per step, load the A tiles `tmm4`(, `tmm5`) and the B tiles
 /// `tmm6`(, `tmm7`), then one `tdpbf16ps` per C tile. `$rows` and `$cols` list the tiles used.
 macro_rules! depth_loop {
-    ($steps:expr, $a0:expr, $a1:expr, $b0:expr, $b1:expr, [$($load:literal),*], [$($dp:literal),*]) => {
+    ($steps:expr, $a0:expr, $a1:expr, $b0:expr, $b1:expr, [$($load:expr),*], [$($dp:expr),*]) => {
         asm!(
             "2:",
             $($load,)*
@@ -231,6 +231,71 @@ macro_rules! depth_loop {
             ldb = in(reg) 64usize,
             options(nostack, readonly),
         )
+    };
+}
+
+/// The depth loop of a block of one or two row tiles by one or two column tiles, its A tiles
+/// loaded by `$lda` (`tileloadd`, or `tileloaddt1` with the non-temporal hint).
+macro_rules! depth_arms {
+    ($lda:literal, $two_rows:expr, $two_cols:expr, $steps:expr, $a0:expr, $a1:expr, $b0:expr, $b1:expr) => {
+        match ($two_rows, $two_cols) {
+            (true, true) => depth_loop!(
+                $steps,
+                $a0,
+                $a1,
+                $b0,
+                $b1,
+                [
+                    concat!($lda, " tmm4, [{a0} + {ldb}*1]"),
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    concat!($lda, " tmm5, [{a1} + {ldb}*1]"),
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7"
+                ],
+                []
+            ),
+            (true, false) => depth_loop!(
+                $steps,
+                $a0,
+                $a1,
+                $b0,
+                $b1,
+                [
+                    concat!($lda, " tmm4, [{a0} + {ldb}*1]"),
+                    concat!($lda, " tmm5, [{a1} + {ldb}*1]"),
+                    "tileloadd tmm6, [{b0} + {ldb}*1]"
+                ],
+                ["tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm2, tmm5, tmm6"]
+            ),
+            (false, true) => depth_loop!(
+                $steps,
+                $a0,
+                $a1,
+                $b0,
+                $b1,
+                [
+                    concat!($lda, " tmm4, [{a0} + {ldb}*1]"),
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]"
+                ],
+                ["tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7"]
+            ),
+            (false, false) => depth_loop!(
+                $steps,
+                $a0,
+                $a1,
+                $b0,
+                $b1,
+                [
+                    concat!($lda, " tmm4, [{a0} + {ldb}*1]"),
+                    "tileloadd tmm6, [{b0} + {ldb}*1]"
+                ],
+                ["tdpbf16ps tmm0, tmm4, tmm6"]
+            ),
+        }
     };
 }
 
@@ -254,6 +319,7 @@ unsafe fn block(
     c: *mut f32,
     ldc: usize,
     init: Init,
+    stream_lhs: bool,
 ) {
     let two_rows = shape.rows[1] > 0;
     let two_cols = shape.cols[1] > 0;
@@ -280,60 +346,13 @@ unsafe fn block(
                 init_tile!(3, init, c11, ldc, row1);
             }
         }
-        match (two_rows, two_cols) {
-            (true, true) => depth_loop!(
-                steps,
-                a0,
-                a1,
-                b0,
-                b1,
-                [
-                    "tileloadd tmm4, [{a0} + {ldb}*1]",
-                    "tileloadd tmm6, [{b0} + {ldb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {ldb}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {ldb}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7"
-                ],
-                []
-            ),
-            (true, false) => depth_loop!(
-                steps,
-                a0,
-                a1,
-                b0,
-                b1,
-                [
-                    "tileloadd tmm4, [{a0} + {ldb}*1]",
-                    "tileloadd tmm5, [{a1} + {ldb}*1]",
-                    "tileloadd tmm6, [{b0} + {ldb}*1]"
-                ],
-                ["tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm2, tmm5, tmm6"]
-            ),
-            (false, true) => depth_loop!(
-                steps,
-                a0,
-                a1,
-                b0,
-                b1,
-                [
-                    "tileloadd tmm4, [{a0} + {ldb}*1]",
-                    "tileloadd tmm6, [{b0} + {ldb}*1]",
-                    "tileloadd tmm7, [{b1} + {ldb}*1]"
-                ],
-                ["tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7"]
-            ),
-            (false, false) => depth_loop!(
-                steps,
-                a0,
-                a1,
-                b0,
-                b1,
-                ["tileloadd tmm4, [{a0} + {ldb}*1]", "tileloadd tmm6, [{b0} + {ldb}*1]"],
-                ["tdpbf16ps tmm0, tmm4, tmm6"]
-            ),
+        // The A tiles of a GEMM are loaded with the non-temporal hint: each is read once per
+        // pair of panels, from L2, and kept out of L1 it leaves the pair's B tiles there for
+        // the task's next row blocks.
+        if stream_lhs {
+            depth_arms!("tileloaddt1", two_rows, two_cols, steps, a0, a1, b0, b1);
+        } else {
+            depth_arms!("tileloadd", two_rows, two_cols, steps, a0, a1, b0, b1);
         }
         store_tile!(0, c00, ldc);
         if two_cols {
@@ -368,23 +387,27 @@ unsafe fn prefetch_for_write(p: *const f32, len: usize) {
 /// multiplies. Not `Send`: the configuration belongs to the thread that loaded it.
 pub(crate) struct Tiles {
     current: Option<Shape>,
-    /// Whether [`Tiles::product`] prefetches each block's destination rows for writing: for a
-    /// GEMM's destination, which is often out of cache; not for the flash kernel's per-thread
-    /// scores and accumulators, which are in L1 or L2 and whose blocks are a few steps deep,
-    /// so the prefetches would cost more than they save.
-    prefetch_dst: bool,
+    /// Whether the products are a GEMM's ([`gemm`]) rather than the flash kernel's. A GEMM
+    /// loads its A tiles with the non-temporal hint (`tileloaddt1`): a task's packed rows
+    /// are read from L2 once per pair of panels, and kept out of L1 they leave the pair's B
+    /// tiles there for the task's next row blocks (1.12–1.22× on the K = 512 layer shapes,
+    /// docs/PERFORMANCE.md). At a depth of at most [`PREFETCH_STEPS`] steps a GEMM also
+    /// prefetches each block's destination rows for writing, which is often out of cache.
+    /// The flash kernel's query tiles are read again for every key block, and its scores and
+    /// accumulators are in L1 or L2.
+    gemm: bool,
     _thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Tiles {
-    /// No configuration loaded yet; `prefetch_dst` as the field says.
+    /// No configuration loaded yet; `gemm` as the field says.
     ///
     /// # Safety
     /// [`available`] must have returned true.
-    pub(crate) unsafe fn new(prefetch_dst: bool) -> Self {
+    pub(crate) unsafe fn new(gemm: bool) -> Self {
         Tiles {
             current: None,
-            prefetch_dst,
+            gemm,
             _thread: std::marker::PhantomData,
         }
     }
@@ -395,11 +418,14 @@ impl Tiles {
     /// panel at `256·s`), zeros in the padding rows and columns of the depth; `c` rows `ldc`
     /// floats apart. Column pairs outside and blocks of 32 rows inside, so a panel pair is read
     /// from memory once per call and the configuration changes only at the right and bottom
-    /// edges. With `prefetch_dst`, each block's destination rows are prefetched for writing
-    /// (`prefetchw`) while the block before it multiplies: `tilestored` to rows that miss the
-    /// cache stalls on each row, which cost a 2048×1536×64 product (a 12 MiB destination) two
-    /// thirds of its time. Columns from `n` to the end of their panel are neither read nor
-    /// written, nor are rows from `m` to the end of their tile.
+    /// edges. For a GEMM at a depth of at most [`PREFETCH_STEPS`] steps, each block's
+    /// destination rows are prefetched for writing (`prefetchw`) while the block before it
+    /// multiplies: `tilestored` to rows that miss the cache stalls on each row, which cost a
+    /// 2048×1536×64 product (a 12 MiB destination) two thirds of its time when its A tiles
+    /// were loaded without the non-temporal hint. Deeper blocks give the stores time to
+    /// drain, and there the prefetches cost 4–10% (docs/PERFORMANCE.md). Columns from `n` to
+    /// the end of their panel are neither read nor written, nor are rows from `m` to the end
+    /// of their tile.
     ///
     /// # Safety
     /// `a` readable for `ceil(m / 16)` row tiles of `steps` tiles, `b` for `ceil(n / 16)`
@@ -438,7 +464,7 @@ impl Tiles {
                     } else {
                         None
                     };
-                    if let (Some((ni, nj)), true) = (next, self.prefetch_dst) {
+                    if let (Some((ni, nj)), true) = (next, self.gemm && steps <= PREFETCH_STEPS) {
                         let cols = (n - nj).min(2 * PANEL);
                         for r in ni..(ni + 32).min(m) {
                             prefetch_for_write(c.add(r * ldc + nj), cols);
@@ -454,6 +480,7 @@ impl Tiles {
                         c.add(i0 * ldc + j0),
                         4 * ldc,
                         init.at_column(j0),
+                        self.gemm,
                     );
                 }
             }
@@ -579,6 +606,10 @@ fn row_tasks(blocks: usize, threads: usize, min_tasks: usize) -> usize {
 fn column_parts(n: usize, row_tasks: usize, min_tasks: usize) -> usize {
     min_tasks.div_ceil(row_tasks).min(n.div_ceil(2 * PANEL)).max(1)
 }
+
+/// The depth, in steps of 32, up to which a GEMM prefetches its destination rows for writing
+/// ([`Tiles::product`]).
+const PREFETCH_STEPS: usize = 4;
 
 /// Tasks a product is split into at least, where its size allows (four per thread of a
 /// two-core machine).
