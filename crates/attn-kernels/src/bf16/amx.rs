@@ -12,7 +12,9 @@
 //! L1 sets). Each `tdpbf16ps` adds 16 × 16 × 32 products; each A and B
 //! tile is used twice per load. Row and column tails are tiles configured with fewer rows or
 //! columns, so every row of the destination is stored in place and nothing past it is
-//! touched; the depth is padded with zeros to a multiple of 32 in both operands.
+//! touched; the depth is padded with zeros to a multiple of 32 in both operands. A GEMM loads
+//! its A tiles with the non-temporal hint (`tileloaddt1`), so that a task's rows streaming
+//! through do not evict the pair of B panels its next row blocks read ([`Tiles`]).
 //!
 //! A product runs in tasks of up to [`TASK_ROWS`] rows, as many per thread ([`row_tasks`]; by
 //! a part of the columns only when the rows are too few to keep the threads busy,
