@@ -616,3 +616,101 @@ const PREFETCH_STEPS: usize = 4;
 /// Tasks a product is split into at least, where its size allows (four per thread of a
 /// two-core machine).
 const MIN_TASKS: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row count from 1 to 100 blocks on 1 to 4 threads: the tasks share the blocks with
+    /// at most [`TASK_ROWS`] rows each, are a multiple of the thread count unless each has one
+    /// block, and are at least `min_tasks` where the blocks allow; the columns are split only
+    /// when the row tasks are fewer than that, into parts of at least two panels that make up
+    /// the difference where the columns allow.
+    #[test]
+    fn tasks_share_rows_before_columns() {
+        for threads in 1..=4 {
+            let min_tasks = if threads == 1 { 1 } else { MIN_TASKS };
+            for blocks in 1..=100 {
+                let rows = row_tasks(blocks, threads, min_tasks);
+                let context = format!("{blocks} blocks, {threads} threads: {rows} row tasks");
+                assert!((1..=blocks).contains(&rows), "{context}");
+                assert!(blocks.div_ceil(rows) * 32 <= TASK_ROWS, "{context}");
+                assert!(rows == blocks || rows % threads == 0, "{context}");
+                assert!(rows >= min_tasks.min(blocks), "{context}");
+                for n in [1, 16, 17, 32, 33, 64, 100, 384, 1536] {
+                    let parts = column_parts(n, rows, min_tasks);
+                    let context = format!("{context}, n {n}: {parts} column parts");
+                    let panel_pairs = n.div_ceil(2 * PANEL);
+                    assert!((1..=panel_pairs).contains(&parts), "{context}");
+                    if rows >= min_tasks {
+                        assert_eq!(parts, 1, "{context}");
+                    } else {
+                        assert!(parts * rows >= min_tasks || parts == panel_pairs, "{context}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `XINUSE`'s tile-data bit (`xgetbv(1)`, bit 18): set while this thread's tiles hold
+    /// values, clear once they are released.
+    fn tiles_in_use() -> bool {
+        #[target_feature(enable = "xsave")]
+        unsafe fn xinuse() -> u64 {
+            // SAFETY: AMX CPUs have XGETBV with ECX = 1 (the caller checked AMX).
+            unsafe { std::arch::x86_64::_xgetbv(1) }
+        }
+        // SAFETY: `xsave` is present wherever AMX is (the callers check `available`).
+        unsafe { xinuse() & (1 << 18) != 0 }
+    }
+
+    /// A thread holds the tile state only while it multiplies: a product leaves the tiles in
+    /// use until its [`Tiles`] is dropped, and [`gemm`] releases them before it returns.
+    #[test]
+    fn products_release_the_tiles() {
+        if !available() {
+            println!("skipped: no AMX on this CPU (or the tile state was refused)");
+            return;
+        }
+        let (m, n, k) = (40, 48, 70);
+        let a = crate::rng::random_vec(m * k, 1);
+        let b = crate::rng::random_vec(k * n, 2);
+        let lhs = crate::View2::contiguous(&a, [m, k]).unwrap();
+        let panels = super::super::Bf16Panels::pack(crate::View2::contiguous(&b, [k, n]).unwrap());
+        let steps = super::super::padded_pairs(k) / STEP_PAIRS;
+        let panel = steps * TILE_WORDS;
+        let mut c = vec![0.0f32; m * n];
+        let mut packed = vec![0.0f32; m.div_ceil(16) * steps * TILE_WORDS];
+        pack_tiles(&mut packed, lhs, 0..m, steps);
+        // SAFETY: AMX is available; the packed rows, the panels and `c` cover `[m, n, steps]`.
+        unsafe {
+            let mut tiles = Tiles::new(true);
+            tiles.product(
+                [m, n, steps],
+                (packed.as_ptr().cast(), steps * TILE_WORDS),
+                (panels.words().as_ptr(), panel),
+                c.as_mut_ptr(),
+                n,
+                Init::Zero,
+            );
+            assert!(tiles_in_use(), "the tiles hold the last block's sums until dropped");
+        }
+        assert!(!tiles_in_use(), "dropping the tiles releases them");
+        c.fill(0.0);
+        // SAFETY: as above, with the f32 rows packed by the task.
+        unsafe {
+            gemm(
+                [m, n, steps],
+                Lhs::Rows(lhs),
+                panels.words(),
+                panel,
+                c.as_mut_ptr(),
+                n,
+                Init::Zero,
+                Par::Seq,
+            )
+        };
+        assert!(!tiles_in_use(), "gemm releases the tiles of its thread");
+        assert!(c.iter().all(|x| x.is_finite()) && c.iter().any(|&x| x != 0.0));
+    }
+}
