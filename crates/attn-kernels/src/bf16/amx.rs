@@ -635,7 +635,7 @@ mod tests {
                 let context = format!("{blocks} blocks, {threads} threads: {rows} row tasks");
                 assert!((1..=blocks).contains(&rows), "{context}");
                 assert!(blocks.div_ceil(rows) * 32 <= TASK_ROWS, "{context}");
-                assert!(rows == blocks || rows % threads == 0, "{context}");
+                assert!(rows == blocks || rows.is_multiple_of(threads), "{context}");
                 assert!(rows >= min_tasks.min(blocks), "{context}");
                 for n in [1, 16, 17, 32, 33, 64, 100, 384, 1536] {
                     let parts = column_parts(n, rows, min_tasks);
