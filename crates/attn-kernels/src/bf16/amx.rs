@@ -70,8 +70,10 @@ pub(crate) fn pack_tiles(dst: &mut [f32], lhs: crate::View2<'_, f32>, rows: std:
             if cs == 1 {
                 let row = &data[i * rs..i * rs + k];
                 let out = &mut tiles[r * STEP_PAIRS..(steps - 1) * TILE_WORDS + (r + 1) * STEP_PAIRS];
+                // What the conversion writes through its pointer: 16 words at each step's offset.
+                assert!(out.len() == (steps - 1) * TILE_WORDS + STEP_PAIRS);
                 // SAFETY: AVX512-BF16 is available where AMX is (`available`); `row` holds at
-                // most `32·steps` values; `out` covers 16 words at each step's offset.
+                // most `32·steps` values; `out` covers 16 words at each step's offset (asserted).
                 unsafe { super::avx512bf16::convert_row_steps(row, 1.0, steps, out.as_mut_ptr(), TILE_WORDS) };
                 continue;
             }
