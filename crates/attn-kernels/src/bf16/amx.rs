@@ -216,7 +216,7 @@ macro_rules! store_tile {
 /// The depth loop of one block: per step, load the A tiles `tmm4`(, `tmm5`) and the B tiles
 /// `tmm6`(, `tmm7`), then one `tdpbf16ps` per C tile. `$rows` and `$cols` list the tiles used.
 macro_rules! depth_loop {
-    ($steps:expr, $a0:expr, $a1:expr, $b0:expr, $b1:expr, [$($load:expr),*], [$($dp:expr),*]) => {
+    ($steps:expr, ($a0:expr, $a1:expr, $b0:expr, $b1:expr), [$($load:expr),*], [$($dp:expr),*]) => {
         asm!(
             "2:",
             $($load,)*
@@ -245,10 +245,7 @@ macro_rules! depth_arms {
         match ($two_rows, $two_cols) {
             (true, true) => depth_loop!(
                 $steps,
-                $a0,
-                $a1,
-                $b0,
-                $b1,
+                ($a0, $a1, $b0, $b1),
                 [
                     concat!($lda, " tmm4, [{a0} + {ldb}*1]"),
                     "tileloadd tmm6, [{b0} + {ldb}*1]",
@@ -263,10 +260,7 @@ macro_rules! depth_arms {
             ),
             (true, false) => depth_loop!(
                 $steps,
-                $a0,
-                $a1,
-                $b0,
-                $b1,
+                ($a0, $a1, $b0, $b1),
                 [
                     concat!($lda, " tmm4, [{a0} + {ldb}*1]"),
                     concat!($lda, " tmm5, [{a1} + {ldb}*1]"),
@@ -276,10 +270,7 @@ macro_rules! depth_arms {
             ),
             (false, true) => depth_loop!(
                 $steps,
-                $a0,
-                $a1,
-                $b0,
-                $b1,
+                ($a0, $a1, $b0, $b1),
                 [
                     concat!($lda, " tmm4, [{a0} + {ldb}*1]"),
                     "tileloadd tmm6, [{b0} + {ldb}*1]",
@@ -289,10 +280,7 @@ macro_rules! depth_arms {
             ),
             (false, false) => depth_loop!(
                 $steps,
-                $a0,
-                $a1,
-                $b0,
-                $b1,
+                ($a0, $a1, $b0, $b1),
                 [
                     concat!($lda, " tmm4, [{a0} + {ldb}*1]"),
                     "tileloadd tmm6, [{b0} + {ldb}*1]"
