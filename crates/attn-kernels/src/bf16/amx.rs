@@ -214,7 +214,8 @@ macro_rules! store_tile {
 }
 
 /// The depth loop of one block: per step, load the A tiles `tmm4`(, `tmm5`) and the B tiles
-/// `tmm6`(, `tmm7`), then one `tdpbf16ps` per C tile. `$rows` and `$cols` list the tiles used.
+/// `tmm6`(, `tmm7`), then one `tdpbf16ps` per C tile: `$load` and `$dp` list a step's
+/// instructions, the four pointers advance one tile each per step.
 macro_rules! depth_loop {
     ($steps:expr, ($a0:expr, $a1:expr, $b0:expr, $b1:expr), [$($load:expr),*], [$($dp:expr),*]) => {
         asm!(
@@ -382,7 +383,7 @@ pub(crate) struct Tiles {
     /// Whether the products are a GEMM's ([`gemm`]) rather than the flash kernel's. A GEMM
     /// loads its A tiles with the non-temporal hint (`tileloaddt1`): a task's packed rows
     /// are read from L2 once per pair of panels, and kept out of L1 they leave the pair's B
-    /// tiles there for the task's next row blocks (1.12–1.22× on the K = 512 layer shapes,
+    /// tiles there for the task's next row blocks (1.12–1.16× on the K = 512 layer shapes,
     /// docs/PERFORMANCE.md). At a depth of at most [`PREFETCH_STEPS`] steps a GEMM also
     /// prefetches each block's destination rows for writing, which is often out of cache.
     /// The flash kernel's query tiles are read again for every key block, and its scores and
