@@ -372,3 +372,61 @@ impl Seq2Seq {
         Ok(p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(tokens: &[&str]) -> Vec<String> {
+        tokens.iter().map(|t| t.to_string()).collect()
+    }
+
+    /// The specials first, whatever the length: fewer than four entries or the wrong four are
+    /// errors (never a panic), the four alone are a vocabulary without characters.
+    #[test]
+    fn vocabularies_start_with_the_specials() {
+        let message = |tokens: &[&str]| Vocab::from_tokens(strings(tokens), "vocab").unwrap_err().to_string();
+        assert!(message(&["<pad>", "<bos>"]).contains("<pad>"));
+        let err = message(&["<pad>", "<bos>", "<unk>", "<eos>", "a"]);
+        assert!(err.contains("vocab") && err.contains("\"<eos>\", \"<unk>\""), "{err}");
+        assert!(message(&["<pad>", "<bos>", "<eos>", "<unk>", "ab"]).contains("one character"));
+        assert!(message(&["<pad>", "<bos>", "<eos>", "<unk>", "a", "a"]).contains("twice"));
+        let bare = Vocab::from_tokens(strings(&SPECIALS), "vocab").unwrap();
+        assert_eq!((bare.len(), bare.is_empty()), (4, false));
+        assert_eq!(bare.encode("x"), vec![UNK]);
+        let vocab = Vocab::from_texts(["ba", "c"]);
+        assert_eq!(vocab.tokens()[4..], strings(&["a", "b", "c"]));
+        assert!(!vocab.is_empty());
+    }
+
+    /// `decode` stops at the first `<eos>` and skips the other specials and ids past the
+    /// vocabulary.
+    #[test]
+    fn decode_skips_specials_and_unknown_ids() {
+        let vocab = Vocab::from_texts(["abc"]);
+        let (a, b, c) = (4, 5, 6);
+        assert_eq!(vocab.encode("cab?"), vec![c, a, b, UNK]);
+        let ids = [BOS, a, PAD, b, UNK, vocab.len(), vocab.len() + 7, c, EOS, a];
+        assert_eq!(vocab.decode(&ids), "abc");
+        assert_eq!(vocab.decode(&[EOS, a]), "");
+    }
+
+    /// `for_pairs`' position table: twice the longest text plus 2, at least 32; `validate`
+    /// takes a `max_len` of 2 and refuses 1 and 0.
+    #[test]
+    fn position_tables_cover_twice_the_longest_text() {
+        let long = "x".repeat(40);
+        assert_eq!(Seq2SeqConfig::for_pairs(&[("ab", long.as_str())]).max_len, 82);
+        assert_eq!(Seq2SeqConfig::for_pairs(&[(long.as_str(), "a")]).max_len, 82);
+        assert_eq!(Seq2SeqConfig::for_pairs(&[("ab", "c")]).max_len, 32);
+        assert_eq!(Seq2SeqConfig::for_pairs(&[]).max_len, 32);
+        let mut config = Seq2SeqConfig::for_pairs(&[("ab", "c")]);
+        config.max_len = 2;
+        config.validate().unwrap();
+        for bad in [0, 1] {
+            config.max_len = bad;
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("max_len") && err.contains("at least 2"), "{err}");
+        }
+    }
+}
