@@ -411,6 +411,36 @@ mod tests {
         assert_eq!(vocab.decode(&[EOS, a]), "");
     }
 
+    /// A pair fits when its longer side with `<eos>` is at most `max_len` tokens; one token
+    /// more is an error naming the pair, in the padded and the packed batch alike.
+    #[test]
+    fn pairs_longer_than_the_position_table_are_refused() {
+        let mut config = Seq2SeqConfig::for_pairs(&[("abcdef", "abcdef")]);
+        config.transformer.layer = crate::LayerConfig::new(8, 2);
+        config.max_len = 5;
+        let model = Seq2Seq::with_seed(config, 1).unwrap();
+        for pairs in [[("abcd", "a")], [("a", "abcd")]] {
+            let batch = model.batch(&pairs).unwrap();
+            assert_eq!(batch.s.max(batch.t), 5);
+            assert_eq!(
+                model.packed_batch(&pairs).unwrap().target_tokens(),
+                pairs[0].1.len() + 1
+            );
+        }
+        for pairs in [[("abcde", "a")], [("a", "abcde")]] {
+            for err in [
+                model.batch(&pairs).unwrap_err(),
+                model.packed_batch(&pairs).unwrap_err(),
+            ] {
+                let err = err.to_string();
+                assert!(
+                    err.contains("max_len") && err.contains("at least 6 for pair 0"),
+                    "{err}"
+                );
+            }
+        }
+    }
+
     /// `for_pairs`' position table: twice the longest text plus 2, at least 32; `validate`
     /// takes a `max_len` of 2 and refuses 1 and 0.
     #[test]
