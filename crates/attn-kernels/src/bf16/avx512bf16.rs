@@ -333,8 +333,8 @@ pub(crate) unsafe fn gemm(
     let (a, b, c) = (Shared(a), Shared(b.as_ptr()), Shared(c));
     let (units, tasks) = row_bands(m, par.threads());
     let task = |index: usize| {
-        let r0 = units * index / tasks * MR;
-        let rows = (units * (index + 1) / tasks * MR).min(m) - r0;
+        let band = row_band(m, units, tasks, index);
+        let (r0, rows) = (band.start, band.len());
         // SAFETY: the caller's contract, for rows `r0..r0 + rows`.
         unsafe {
             let (a, c) = (a.get().add(r0 * pairs), c.get().add(r0 * ldc));
@@ -360,9 +360,15 @@ fn row_bands(m: usize, threads: usize) -> (usize, usize) {
     (units, m.div_ceil(TASK_ROWS).next_multiple_of(threads.max(1)).min(units))
 }
 
+/// The rows of task `index` of [`row_bands`]' `(units, tasks)`: blocks
+/// `units·index / tasks .. units·(index + 1) / tasks`, the last one cut at `m`.
+fn row_band(m: usize, units: usize, tasks: usize, index: usize) -> std::ops::Range<usize> {
+    units * index / tasks * MR..(units * (index + 1) / tasks * MR).min(m)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{row_bands, MR, TASK_ROWS};
+    use super::{row_band, row_bands, MR, TASK_ROWS};
 
     /// The bands cover every row once, in blocks of [`MR`] (the last block may be short), each
     /// task within one block of the others; the count is a multiple of the threads wherever
@@ -378,7 +384,8 @@ mod tests {
                     assert_eq!(tasks % threads, 0, "m {m}, threads {threads}: {tasks} tasks");
                 }
                 let bands: Vec<(usize, usize)> = (0..tasks)
-                    .map(|t| (units * t / tasks * MR, (units * (t + 1) / tasks * MR).min(m)))
+                    .map(|t| row_band(m, units, tasks, t))
+                    .map(|band| (band.start, band.end))
                     .collect();
                 let mut next = 0;
                 for &(lo, hi) in &bands {
