@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 34] = [
+const MUTANT_SCOPE: [(&str, &str); 35] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -101,6 +101,8 @@ const MUTANT_SCOPE: [(&str, &str); 34] = [
     // The BERT model's loading, checks and attention maps; the gradient tree across processes.
     ("crates/attn-nn/src/bert/mod.rs", ".*"),
     ("crates/attn-nn/src/parallel/mod.rs", ".*"),
+    // The translator's vocabularies, configuration and batches.
+    ("crates/attn-nn/src/seq2seq/data.rs", ".*"),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.
