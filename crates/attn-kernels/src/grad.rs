@@ -400,7 +400,9 @@ pub struct CrossEntropy {
 /// semantics: `targets[n] == ignore_index` rows add nothing; `label_smoothing = ε` mixes the
 /// one-hot target with the uniform `ε/V`. Writes `dlogits = (softmax − q) / count` (zero on
 /// ignored rows), the gradient of the mean loss, fused with the log-softmax: no `[N, V]`
-/// probability buffer besides `dlogits`.
+/// probability buffer besides `dlogits`. A logit of −∞ (a class masked out) has probability
+/// and gradient 0; as in PyTorch the loss is then +∞ only where the target puts weight on that
+/// class (it is the target, or `label_smoothing > 0`), and finite otherwise.
 pub fn cross_entropy(
     dlogits: &mut [f32],
     logits: &[f32],
@@ -522,7 +524,16 @@ fn cross_entropy_impl(
             let q = eps / v as f64 + if j == t as usize { 1.0 - eps } else { 0.0 };
             *dj = ((p - q) * inv_count) as f32;
         }
-        (1.0 - eps) * nll + eps * smooth
+        // Each term only where its weight is not zero: with a logit of −∞ (a masked class)
+        // `smooth` is +∞, and `0 · ∞` would make a finite loss NaN (PyTorch's is finite).
+        let mut loss = 0.0;
+        if eps < 1.0 {
+            loss += (1.0 - eps) * nll;
+        }
+        if eps > 0.0 {
+            loss += eps * smooth;
+        }
+        loss
     };
     let losses: Vec<f64> = match par {
         Par::Seq => dlogits

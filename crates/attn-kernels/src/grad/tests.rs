@@ -286,6 +286,35 @@ fn cross_entropy_matches_its_definition_and_finite_differences() {
     );
 }
 
+/// A logit of −∞ (a class masked out) has probability 0 and gradient 0, as in PyTorch: the loss
+/// of a row whose target is another class stays finite without label smoothing, and is +∞ when
+/// the target is the masked class or when smoothing gives the masked class a share of the
+/// target; never NaN. The values are PyTorch 2.15's `F.cross_entropy` on `[[0, -inf, 1]]`.
+#[test]
+fn a_minus_infinity_logit_gives_pytorch_losses_and_gradients() {
+    let logits = [0.0f32, f32::NEG_INFINITY, 1.0];
+    let cases: [(i64, f32, f64, [f32; 3]); 5] = [
+        (0, 0.0, 1.3132616281509399, [-0.7310586, 0.0, 0.7310586]),
+        (1, 0.0, f64::INFINITY, [0.26894143, -1.0, 0.7310586]),
+        (0, 0.1, f64::INFINITY, [-0.6643919, -0.033333335, 0.69772524]),
+        (1, 0.1, f64::INFINITY, [0.2356081, -0.93333334, 0.69772524]),
+        (0, 1.0, f64::INFINITY, [-0.06439191, -0.33333334, 0.39772525]),
+    ];
+    for (target, smoothing, loss, grad) in cases {
+        let mut d = [f32::NAN; 3];
+        let got = cross_entropy(&mut d, &logits, &[target], -100, smoothing, Par::Seq).unwrap();
+        let case = format!("target {target}, smoothing {smoothing}");
+        if loss.is_finite() {
+            assert!((got.loss - loss).abs() < 1e-6, "{case}: loss {} vs {loss}", got.loss);
+        } else {
+            assert_eq!(got.loss, loss, "{case}");
+        }
+        for (g, w) in d.iter().zip(grad) {
+            assert!((g - w).abs() < 1e-6, "{case}: dlogits {d:?} vs {grad:?}");
+        }
+    }
+}
+
 /// `norm_backward` refuses a weight of no columns, an `x` that is not whole rows, and every
 /// misshapen buffer, `dbias` included, before it adds anything to `dx` or `dweight`.
 #[test]
