@@ -213,6 +213,13 @@ fn sentence_embedder_reads_a_model_folder() {
         err.contains("1_Pooling/config.json") && err.contains("pooling mode"),
         "{err}"
     );
+    // An optional file that is there but cannot be read is an error, not an absent file: read
+    // as absent, this `modules.json` would drop the normalisation without a word.
+    std::fs::write(dir.join("1_Pooling/config.json"), r#"{"pooling_mode_cls_token": true}"#).unwrap();
+    std::fs::remove_file(dir.join("modules.json")).unwrap();
+    std::fs::create_dir(dir.join("modules.json")).unwrap();
+    let err = SentenceEmbedder::from_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("modules.json") && err.contains("cannot read"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -988,3 +988,46 @@ fn cross_attention_weights_are_one_distribution_per_row() {
         }
     }
 }
+
+/// `train_step` refuses a step whose loss alone is not finite: a generator bias of −∞ on a
+/// target character gives it probability 0 (an infinite loss) while every gradient stays
+/// finite (the probabilities' gradient is bounded); the error names the loss, and the weights
+/// are as they were.
+#[test]
+fn train_step_refuses_an_infinite_loss_with_finite_gradients() {
+    let pairs = [("ab", "ba"), ("abc", "cba")];
+    let model = model_for(&pairs, 16, 2);
+    let mut dict = model.state_dict();
+    let a = model.config().tgt_vocab.encode("a")[0];
+    dict.get_mut("generator.bias").unwrap().data_mut()[a] = f32::NEG_INFINITY;
+    let mut model = Seq2Seq::from_state_dict(model.config().clone(), dict).unwrap();
+    let before = model.state_dict();
+    // Without label smoothing, which would also weigh the −∞ logit's log-probability.
+    let settings = TrainStep {
+        label_smoothing: 0.0,
+        ..TrainStep::default()
+    };
+    // The gradients of this step are finite: only the loss is not.
+    let mut grads = model.grads();
+    let step = model
+        .step_gradients(
+            &pairs,
+            &settings,
+            (
+                &attn_nn::parallel::MicroBatches::new(2, 2, 1).unwrap(),
+                &mut attn_nn::parallel::GradientTree::new(),
+                &attn_nn::parallel::SingleProcess,
+            ),
+            &mut grads,
+        )
+        .unwrap();
+    assert_eq!(step.loss, f64::INFINITY);
+    assert!(grads.clip_norm(f32::INFINITY).is_finite());
+    let (mut adam, mut grads) = (AdamW::new((0.9, 0.98), 1e-9, 0.0).unwrap(), model.grads());
+    let err = model
+        .train_step(&pairs, &settings, &mut adam, &mut grads, 1e-3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loss inf") && err.contains("not updated"), "{err}");
+    assert!(model.state_dict() == before, "the weights changed");
+}
