@@ -23,6 +23,8 @@ pub(crate) const MR: usize = 6;
 /// 14 rows measured within 3% on Zen 5, and 8 divides the 64-row tiles).
 pub(crate) const MR_AVX512: usize = 8;
 
+use crate::flash::SCORES_LD;
+
 /// `x` rounded up to a multiple of [`NR`].
 #[inline]
 pub(crate) fn pad_to_nr(x: usize) -> usize {
@@ -402,6 +404,12 @@ pub(crate) unsafe fn axpy_rows(
 /// cannot size an array from an expression of generic parameters). Every broadcast of `a` feeds
 /// `VECS` FMAs, so the loads per FMA are `(VECS + ROWS) / (VECS · ROWS)`.
 ///
+/// `LDA`, when not zero, is `a`'s row stride as a constant (`lda` is then ignored): the
+/// broadcasts of a step address `a + r·LDA + p` from one register with constant displacements.
+/// With a stride known only at run time the compiler walks the rows with a chain of adds at
+/// every step (`ROWS - 1` adds and a `lea` per `ROWS · VECS` FMAs, on the ports the FMAs use),
+/// which measured 12–17% slower on the flash tile's shapes (docs/PERFORMANCE.md).
+///
 /// # Safety
 /// `L`'s features must be enabled by the caller; `VECS · L::N` a multiple of `NR`; `a` must be
 /// readable at `r·lda + p` for `r < ROWS`, `p < depth`; each panel readable at `p·ldb .. p·ldb +
@@ -409,7 +417,13 @@ pub(crate) unsafe fn axpy_rows(
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block<L: crate::lanes::Lanes, const ROWS: usize, const VECS: usize, const ACCUMULATE: bool>(
+unsafe fn block<
+    L: crate::lanes::Lanes,
+    const ROWS: usize,
+    const VECS: usize,
+    const ACCUMULATE: bool,
+    const LDA: usize,
+>(
     depth: usize,
     a: *const f32,
     lda: usize,
@@ -430,6 +444,7 @@ unsafe fn block<L: crate::lanes::Lanes, const ROWS: usize, const VECS: usize, co
                 }
             }
         }
+        let lda = if LDA > 0 { LDA } else { lda };
         let a_rows: [*const f32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
         // Vector `v` of a row of `b` is lane group `v % per_panel` of panel `v / per_panel`.
         let b_vecs: [*const f32; VECS] = std::array::from_fn(|v| b.add(v / per_panel * b_panel + v % per_panel * L::N));
@@ -493,16 +508,28 @@ macro_rules! tile_gemm {
                     // this function enables the level's features.
                     unsafe {
                         let (a_blk, b_blk, c_blk) = (a.add(r0 * lda), b.add(j0 / NR * b_panel), c.add(r0 * ldc + j0));
-                        if wide {
-                            match mr {
-                                $($rows => block::<$lanes, $rows, $vecs, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc),)*
-                                _ => unreachable!("at most {} rows", $mr),
-                            }
-                        } else {
-                            match mr {
-                                $($rows1 => block::<$lanes, $rows1, $vecs1, ACCUMULATE>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc),)*
+                        // The row blocks of the wide columns, with `a`'s row stride as the
+                        // constant `$lda` (0: `lda` at run time).
+                        macro_rules! wide {
+                            ($lda:expr) => {
+                                match mr {
+                                    $($rows => block::<$lanes, $rows, $vecs, ACCUMULATE, { $lda }>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc),)*
+                                    _ => unreachable!("at most {} rows", $mr),
+                                }
+                            };
+                        }
+                        match (wide, lda) {
+                            // The strides of the query tiles of common head sizes, and of the
+                            // probabilities (`SCORES_LD`).
+                            (true, 32) => wide!(32),
+                            (true, 64) => wide!(64),
+                            (true, 128) => wide!(128),
+                            (true, SCORES_LD) => wide!(SCORES_LD),
+                            (true, _) => wide!(0),
+                            (false, _) => match mr {
+                                $($rows1 => block::<$lanes, $rows1, $vecs1, ACCUMULATE, 0>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc),)*
                                 _ => unreachable!("at most {} rows", $mr1),
-                            }
+                            },
                         }
                     }
                     r0 += mr;
@@ -671,10 +698,20 @@ mod tests {
             levels.push(("avx512", super::gemm_avx512::<false>, super::gemm_avx512::<true>));
         }
         for (name, replace, accumulate) in levels {
-            for rows in [1, 5, 6, 7, 8, 9, 15, 16, 17, 33] {
-                for depth in [1, 8, 17, 64] {
+            // `a`'s row stride: its depth, and each stride the kernel takes as a constant.
+            let strides = |depth: usize| {
+                let mut all = vec![depth, 32, 64, 128, super::SCORES_LD];
+                all.retain(|&lda| lda >= depth);
+                all.dedup();
+                all
+            };
+            for (rows, depth) in [1, 5, 6, 7, 8, 9, 15, 16, 17, 33]
+                .into_iter()
+                .flat_map(|rows| [1, 8, 17, 64].map(|depth| (rows, depth)))
+            {
+                for lda in strides(depth) {
                     let n = 48;
-                    let a = crate::testing::random_vec(rows * depth, 1);
+                    let a = crate::testing::random_vec(rows * lda, 1);
                     let b = crate::testing::random_vec(depth * n, 2);
                     let start = crate::testing::random_vec(rows * n, 3);
                     // `b` as panels packed contiguously: `[n / 16, depth, 16]`.
@@ -707,7 +744,7 @@ mod tests {
                                 n,
                                 depth,
                                 a.as_ptr(),
-                                depth,
+                                lda,
                                 b_data.as_ptr(),
                                 ldb,
                                 b_panel,
@@ -718,7 +755,7 @@ mod tests {
                         for r in 0..rows {
                             for j in 0..n {
                                 let mut want: f64 =
-                                    (0..depth).map(|p| a[r * depth + p] as f64 * b[p * n + j] as f64).sum();
+                                    (0..depth).map(|p| a[r * lda + p] as f64 * b[p * n + j] as f64).sum();
                                 if mode == "accumulate" {
                                     want += start[r * n + j] as f64;
                                 }
@@ -727,7 +764,7 @@ mod tests {
                                 // 1e-6; a wrong row or lane is off by 0.1 or more.
                                 assert!(
                                     err < 2e-5,
-                                    "{name} {mode} {layout} rows {rows} depth {depth} [{r}, {j}]: {err:e}"
+                                    "{name} {mode} {layout} rows {rows} depth {depth} lda {lda} [{r}, {j}]: {err:e}"
                                 );
                             }
                         }
