@@ -97,11 +97,31 @@ def padding_with_nan():
         claim(bool(out[0, :real].isnan().all()), f"padding with NaN, {name}: every real position is NaN")
 
 
+def cross_entropy_with_a_masked_class():
+    """The values of attn-kernels' `a_minus_infinity_logit_gives_pytorch_losses_and_gradients`."""
+    cases = [
+        (0, 0.0, 1.3132616281509399, [-0.7310586, 0.0, 0.7310586]),
+        (1, 0.0, float("inf"), [0.26894143, -1.0, 0.7310586]),
+        (0, 0.1, float("inf"), [-0.6643919, -0.033333335, 0.69772524]),
+        (1, 0.1, float("inf"), [0.2356081, -0.93333334, 0.69772524]),
+        (0, 1.0, float("inf"), [-0.06439191, -0.33333334, 0.39772525]),
+    ]
+    for target, smoothing, loss, grad in cases:
+        x = torch.tensor([[0.0, float("-inf"), 1.0]], requires_grad=True)
+        out = torch.nn.functional.cross_entropy(x, torch.tensor([target]), label_smoothing=smoothing)
+        out.backward()
+        what = f"cross-entropy of [0, -inf, 1], target {target}, smoothing {smoothing}"
+        same_loss = out.item() == loss if loss == float("inf") else abs(out.item() - loss) < 1e-6
+        claim(same_loss, f"{what}: loss {out.item()} (attn's test: {loss})")
+        claim(bool((x.grad[0] - torch.tensor(grad)).abs().max() < 1e-6), f"{what}: gradient {x.grad[0].tolist()}")
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}")
     overflow()
     huge_masks()
     padding_with_nan()
+    cross_entropy_with_a_masked_class()
     if failures:
         sys.exit(f"{len(failures)} claims differ from PyTorch {torch.__version__}")
     print("every claim holds")
