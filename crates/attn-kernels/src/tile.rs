@@ -15,6 +15,8 @@
 //! dispatch cost a third of the time, which is why the tile has its own kernels. Machines without
 //! AVX2+FMA run the same tile through faer (see `flash/tile.rs`).
 
+use crate::flash::SCORES_LD;
+
 /// Output columns of one micro-kernel call.
 pub(crate) const NR: usize = 16;
 /// Output rows of one AVX2 micro-kernel call (twelve ymm accumulators).
@@ -22,8 +24,6 @@ pub(crate) const MR: usize = 6;
 /// Output rows of one AVX-512 micro-kernel call over two panels (two zmm per row; 8, 10, 12 and
 /// 14 rows measured within 3% on Zen 5, and 8 divides the 64-row tiles).
 pub(crate) const MR_AVX512: usize = 8;
-
-use crate::flash::SCORES_LD;
 
 /// `x` rounded up to a multiple of [`NR`].
 #[inline]

@@ -255,6 +255,32 @@ mod tests {
         safetensors::serialize(views, None).unwrap()
     }
 
+    /// A tensor of the wrong dtype is named with the file's name for its dtype: `BOOL` where F32
+    /// was expected, and `BF16` for a weight kept as bf16 bits; a BF16 input is refused.
+    #[test]
+    fn wrong_dtypes_are_named_as_the_file_names_them() {
+        let path = Path::new("in.safetensors");
+        let file = TensorFile::parse_with(path, &valid_file(), |_| false, false).unwrap();
+        let err = file.f32("mask", 2, "[2, 3]").unwrap_err().to_string();
+        assert_eq!(err, "in.safetensors: tensor `mask` has dtype BOOL, expected F32 [2, 3]");
+        let bits: Vec<u8> = [0x3f80u16, 0x4000].iter().flat_map(|b| b.to_le_bytes()).collect();
+        let bf16 =
+            safetensors::serialize(vec![("w", TensorView::new(Dtype::BF16, vec![2], &bits).unwrap())], None).unwrap();
+        let file = TensorFile::parse_with(path, &bf16, |_| false, true).unwrap();
+        let err = file.f32("w", 1, "[2]").unwrap_err().to_string();
+        assert!(err.contains("has dtype BF16, expected F32"), "{err}");
+        assert_eq!(file.get("w").unwrap().dtype_name(), "BF16");
+        // Outside a module's weights read for bf16, BF16 is refused with the way to convert it.
+        let err = TensorFile::parse(path, &bf16, |_| false)
+            .err()
+            .expect("BF16 refused")
+            .to_string();
+        assert!(
+            err.contains("has dtype BF16, expected F32 or BOOL") && err.contains("v.float()"),
+            "{err}"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
         /// Quick fuzz of the loader: any flipped, cut or overwritten bytes give `Ok` or a typed
