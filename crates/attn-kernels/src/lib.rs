@@ -115,10 +115,12 @@ pub use softmax::{attention_unfused, attention_weights, masked_softmax, unfused_
 pub use view::{contiguous_strides, ForwardInputs, View, View2, View4, ViewMut, ViewMut2, ViewMut4};
 pub use weights::WeightsDst;
 
-/// Not public API: times the tile micro-kernels for kernel development (`examples/`).
+/// Not public API: times the tile micro-kernels for kernel development (`examples/`), `a`'s
+/// rows `lda ≥ depth` floats apart.
 #[doc(hidden)]
-pub fn __tile_gemm_min_seconds(rows: usize, n: usize, depth: usize, reps: usize) -> f64 {
-    let a = vec![0.5f32; rows * depth];
+pub fn __tile_gemm_min_seconds(rows: usize, n: usize, depth: usize, lda: usize, reps: usize) -> f64 {
+    assert!(lda >= depth, "lda = {lda} < depth = {depth}");
+    let a = vec![0.5f32; rows * lda];
     let b = vec![0.25f32; depth * n];
     let mut c = vec![0.0f32; rows * n];
     let mut best = f64::INFINITY;
@@ -136,7 +138,7 @@ pub fn __tile_gemm_min_seconds(rows: usize, n: usize, depth: usize, reps: usize)
                         n,
                         depth,
                         a.as_ptr(),
-                        depth,
+                        lda,
                         b.as_ptr(),
                         n,
                         tile::NR,

@@ -70,6 +70,9 @@ mod tests {
         assert_eq!(thousands(7), "7");
         assert_eq!(thousands(10_001), "10,001");
         assert_eq!(thousands(1_234_567), "1,234,567");
+        // A count of whole groups of three digits takes no leading comma.
+        assert_eq!(thousands(942), "942");
+        assert_eq!(thousands(942_992), "942,992");
         assert!(png_or_html("a/b.HTML").is_ok() && png_or_html("x.png").is_ok());
         assert!(png_or_html("x.svg").unwrap_err().contains(".png or .html"));
         assert!(png("x.jpg").unwrap_err().contains("expected a .png file"));
