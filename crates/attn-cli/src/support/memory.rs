@@ -15,7 +15,12 @@ pub fn limit() -> Result<u128> {
         return parse(&text)
             .with_context(|| format!("ATTN_MAX_MEMORY is {text:?}, expected bytes like 8G, 512M or 1000000"));
     }
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+    Ok(default_limit(std::fs::read_to_string("/proc/meminfo").ok().as_deref()))
+}
+
+/// 80% of `MemTotal` in the text of /proc/meminfo, or 16 GiB without one.
+fn default_limit(meminfo: Option<&str>) -> u128 {
+    let total = meminfo.and_then(|info| {
         let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
         line.split_whitespace()
             .nth(1)?
@@ -23,7 +28,7 @@ pub fn limit() -> Result<u128> {
             .ok()
             .map(|kib| kib * 1024)
     });
-    Ok(total.map_or(16 << 30, |t| t / 5 * 4))
+    total.map_or(16 << 30, |t| t / 5 * 4)
 }
 
 fn parse(text: &str) -> Option<u128> {
@@ -47,7 +52,10 @@ fn human(bytes: u128) -> String {
 
 /// Fails if `bytes` exceed the limit; `what` names the buffers.
 pub fn check(bytes: u128, what: &str) -> Result<()> {
-    let limit = limit()?;
+    check_against(bytes, limit()?, what)
+}
+
+fn check_against(bytes: u128, limit: u128, what: &str) -> Result<()> {
     if bytes > limit {
         bail!(
             "{what} would need {}, over the memory limit of {} (set ATTN_MAX_MEMORY to change it)",
@@ -68,5 +76,39 @@ mod tests {
         assert_eq!(parse("512m"), Some(512 << 20));
         assert_eq!(parse("1000"), Some(1000));
         assert_eq!(parse("lots"), None);
+        assert_eq!(parse("3k"), Some(3 << 10));
+        assert_eq!(parse(" 2 G "), Some(2 << 30));
+        assert_eq!(parse(""), None);
+        // A size past u128 is refused, not wrapped.
+        assert_eq!(parse(&format!("{}G", u128::MAX >> 20)), None);
+    }
+
+    /// 80% of the machine's memory, from the `MemTotal` line in KiB; 16 GiB when the file is
+    /// missing or has no such line.
+    #[test]
+    fn the_default_is_four_fifths_of_memtotal() {
+        let info = "MemFree:  5 kB\nMemTotal:       1000 kB\nSwapTotal: 7 kB\n";
+        assert_eq!(default_limit(Some(info)), 1000 * 1024 / 5 * 4);
+        assert_eq!(default_limit(Some("MemFree: 5 kB\n")), 16 << 30);
+        assert_eq!(default_limit(Some("MemTotal: lots kB\n")), 16 << 30);
+        assert_eq!(default_limit(None), 16 << 30);
+    }
+
+    /// The limit itself is allowed, one byte more is refused with both sizes in the units a
+    /// person reads.
+    #[test]
+    fn refusals_name_both_sizes() {
+        assert!(check_against(1 << 20, 1 << 20, "x").is_ok());
+        let err = check_against((1 << 30) + 1, 1 << 30, "sdpa (q, k, v)")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "sdpa (q, k, v) would need 1.0 GiB, over the memory limit of 1.0 GiB (set ATTN_MAX_MEMORY to change it)"
+        );
+        assert_eq!(human((1 << 30) - (1 << 20)), "1023.0 MiB");
+        assert_eq!(human(1 << 20), "1.0 MiB");
+        assert_eq!(human((1 << 20) - 1), "1048575 bytes");
+        assert_eq!(human(3 << 30), "3.0 GiB");
     }
 }
