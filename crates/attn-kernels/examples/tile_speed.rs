@@ -1,8 +1,10 @@
 //! Dev tool: GFLOP/s of the flash tile micro-kernel on one core, best of many short runs (the
 //! best run is the one the machine's neighbours disturbed least), with `a`'s rows a stride the
-//! kernel takes as a constant (its depth here; the flash kernel's query tiles are `D` floats
-//! apart, its probabilities `SCORES_LD` = 272) and 8 floats further apart, a stride it reads at
-//! run time. `cargo run --release -p attn-kernels --example tile_speed`
+//! kernel takes as a constant (64 or 128, the query tiles' `D`, or `SCORES_LD` = 272, the
+//! probabilities') and 8 floats further apart, a stride it reads at run time. The two strides
+//! also lay `a` out differently in the cache, so the comparison is rough; `bench_ab.py` on
+//! `attn bench sdpa` is the measurement that counts. `cargo run --release -p attn-kernels
+//! --example tile_speed`
 fn main() {
     for (rows, n, depth, constant) in [
         (64, 256, 64, 64),
