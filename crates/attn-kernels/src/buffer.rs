@@ -78,7 +78,11 @@ pub(crate) fn take(len: usize) -> Buffer {
 /// Returns `buffer` to this thread's pool (or frees it, when it is too large to keep or the
 /// pool is full of larger ones).
 pub(crate) fn give(buffer: Buffer) {
-    if buffer.room() > RETAIN_FLOATS {
+    // The room beyond the aligned start is the request plus at most a line of slack: a buffer
+    // of exactly `RETAIN_FLOATS` is kept (packed K or V of a `[1, 16, 4096, 128]` call, whose
+    // 64 MiB were faulted in and zeroed by the kernel again on every call when this compared
+    // the room alone).
+    if buffer.room() > RETAIN_FLOATS + LINE_FLOATS - 1 {
         return;
     }
     POOL.with(|pool| {
@@ -117,8 +121,16 @@ mod tests {
         assert!(big.as_ptr() != ptr && big.iter().all(|&x| x == 0.0));
         assert_eq!(big.as_ptr() as usize % 64, 0);
         // Too large to keep: freed on return, not pooled.
-        let huge = take(RETAIN_FLOATS + 1);
+        let huge = take(RETAIN_FLOATS + LINE_FLOATS);
         give(huge);
-        POOL.with(|pool| assert!(pool.borrow().iter().all(|b| b.room() <= RETAIN_FLOATS)));
+        POOL.with(|pool| assert!(pool.borrow().iter().all(|b| b.room() < RETAIN_FLOATS + LINE_FLOATS)));
+        // Exactly the limit: kept (whatever slack its alignment took).
+        give(take(RETAIN_FLOATS));
+        POOL.with(|pool| {
+            assert!(
+                pool.borrow().iter().any(|b| b.room() >= RETAIN_FLOATS),
+                "a buffer of RETAIN_FLOATS was not kept"
+            )
+        });
     }
 }
