@@ -498,6 +498,8 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
             "the cat sat on the mat",
             "--layer",
             "3",
+            "--head",
+            "5",
             "--png",
         ])
         .arg(&png_path)
@@ -540,6 +542,40 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
         for row in head.as_array().unwrap() {
             let sum: f64 = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum();
             assert!((sum - 1.0).abs() < 1e-3, "row sums to {sum}");
+        }
+    }
+
+    // The terminal's heatmap is layer 3, head 5 of the same maps: each cell's shade is the
+    // weight's tenth (` .:-=+*#%@`), read against the page's weights (rounded to 1e-4, so a
+    // weight within that of a shade's edge may take either neighbour).
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.starts_with("layer 3, head 5"), "{stdout}");
+    let shades = b" .:-=+*#%@";
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|line| tokens.iter().any(|t| line.trim_start().starts_with(&format!("{t}  "))))
+        .collect();
+    assert_eq!(rows.len(), tokens.len(), "{stdout}");
+    for (i, line) in rows.iter().enumerate() {
+        let cells: Vec<u8> = line
+            .bytes()
+            .rev()
+            .take(3 * tokens.len())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        for (j, cell) in cells.chunks(3).enumerate() {
+            let w = layers[3][5][i][j].as_f64().unwrap();
+            let near: Vec<u8> = [w - 1e-4, w, w + 1e-4]
+                .iter()
+                .map(|x| shades[((x.clamp(0.0, 1.0) * 9.0).round() as usize).min(9)])
+                .collect();
+            assert!(
+                cell.iter().all(|&c| c == cell[0]) && near.contains(&cell[0]),
+                "row {i}, key {j}: cell {:?} for weight {w}",
+                String::from_utf8_lossy(cell)
+            );
         }
     }
 
