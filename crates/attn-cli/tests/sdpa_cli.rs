@@ -536,6 +536,10 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
         .map(|t| t.as_str().unwrap())
         .collect();
     assert_eq!(tokens, ["[CLS]", "the", "cat", "sat", "on", "the", "mat", "[SEP]"]);
+    // The page names the model by its folder's last two components.
+    let parts: Vec<String> = model.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+    assert_eq!(data["model"], parts[parts.len() - 2..].join("/"));
+    assert_eq!(data["text"], "the cat sat on the mat");
     let layers = data["weights"].as_array().unwrap();
     assert_eq!(layers.len(), 6);
     for head in layers[3].as_array().unwrap() {
