@@ -874,3 +874,35 @@ fn bench_sdpa_takes_a_kv_dtype() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--kv-dtype bf16 needs --dtype bf16"));
 }
+
+/// `attend` draws at most 128 tokens: a text of exactly 128 (with `[CLS]` and `[SEP]`) is drawn,
+/// one more is refused with the count named.
+#[test]
+fn attend_draws_128_tokens_and_refuses_129() {
+    let model = common::model_dir();
+    assert!(
+        model.join("config.json").exists(),
+        "run `cargo xtask fetch-model` first"
+    );
+    let run = |words: usize| {
+        Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(["attend", "--plain", "--text", &vec!["cat"; words].join(" "), "--model"])
+            .arg(&model)
+            .output()
+            .unwrap()
+    };
+    let fits = run(126);
+    assert!(fits.status.success(), "{}", String::from_utf8_lossy(&fits.stderr));
+    let drawn = String::from_utf8_lossy(&fits.stdout);
+    assert_eq!(
+        drawn.lines().filter(|l| l.trim_start().starts_with("cat  ")).count(),
+        126
+    );
+    let over = run(127);
+    assert!(!over.status.success());
+    let err = String::from_utf8_lossy(&over.stderr);
+    assert!(
+        err.contains("--text has 129 tokens; the pictures show at most 128"),
+        "{err}"
+    );
+}
