@@ -315,6 +315,22 @@ fn errors_name_the_users_file_and_field() {
     assert_eq!(swapped.status.code(), Some(1), "{err}");
     assert!(err.contains("swapped") && err.contains("`src`"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // The weights given twice: neither file holds the forward's inputs, which is not a swap;
+    // the input file is named with what it should hold.
+    let twice = attn_run(
+        &f(".json"),
+        &f(".weights.safetensors"),
+        &f(".weights.safetensors"),
+        &out,
+        &[],
+    );
+    let err = String::from_utf8_lossy(&twice.stderr);
+    assert_eq!(twice.status.code(), Some(1), "{err}");
+    assert!(
+        !err.contains("swapped") && err.contains("unexpected tensor") && err.contains("this command reads src"),
+        "{err}"
+    );
 }
 
 fn run_error(config: &str) -> (i32, String) {
