@@ -316,6 +316,20 @@ fn errors_name_the_users_file_and_field() {
     assert!(err.contains("swapped") && err.contains("`src`"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
+    // Another module's weights: the file is named, said not to fit the config, and the first
+    // tensor that does not belong is named.
+    let other = fixtures().join("dec_layer_post.weights.safetensors");
+    let misfit = attn_run(&f(".json"), &other, &f(".in.safetensors"), &out, &[]);
+    let err = String::from_utf8_lossy(&misfit.stderr);
+    assert_eq!(misfit.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: weights do not fit the config: unexpected tensor",
+            other.display()
+        )),
+        "{err}"
+    );
+
     // The weights given twice: neither file holds the forward's inputs, which is not a swap;
     // the input file is named with what it should hold.
     let twice = attn_run(
