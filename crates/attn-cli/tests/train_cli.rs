@@ -815,3 +815,48 @@ fn a_bf16_checkpoint_translates_in_bf16() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--resume` continues only the run it was saved by: other data, or a micro-batch that splits
+/// the batch differently (which changes the bytes), is refused with what differs named; a
+/// micro-batch of the whole batch is no split, and resumes a run saved without the flag.
+#[test]
+fn resume_refuses_other_data_and_another_split_of_the_batch() {
+    let dir = scratch("resume-fingerprint");
+    let (train, valid) = data(&dir);
+    let other = dir.join("other.tsv");
+    std::fs::write(
+        &other,
+        ok(&["dates", "--split", "train", "--count", "60", "--seed", "9"]),
+    )
+    .unwrap();
+    let args = |data: &Path, out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["train", "--data", s(data), "--valid", s(&valid), "--output", s(out)];
+        args.extend(TINY);
+        args.extend(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let run = |args: Vec<String>| ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let refused = |args: Vec<String>| fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let split = dir.join("split.safetensors");
+    run(args(&train, &split, &["--micro-batch", "4", "--stop-after", "3"]));
+    let err = refused(args(&other, &split, &["--micro-batch", "4", "--resume"]));
+    assert!(
+        err.contains("had other data or flags") && err.contains("--data (its pairs' hash)"),
+        "{err}"
+    );
+    let err = refused(args(&train, &split, &["--resume"]));
+    assert!(
+        err.contains("had other data or flags") && err.contains("--micro-batch"),
+        "{err}"
+    );
+    run(args(&train, &split, &["--micro-batch", "4", "--resume"]));
+
+    // A micro-batch of the whole batch splits nothing: the run without the flag resumes it.
+    let whole = dir.join("whole.safetensors");
+    run(args(&train, &whole, &["--micro-batch", "8", "--stop-after", "3"]));
+    run(args(&train, &whole, &["--resume"]));
+    let plain = dir.join("plain.safetensors");
+    run(args(&train, &plain, &[]));
+    assert_eq!(std::fs::read(&whole).unwrap(), std::fs::read(&plain).unwrap());
+}
