@@ -852,6 +852,15 @@ fn resume_refuses_other_data_and_another_split_of_the_batch() {
     );
     run(args(&train, &split, &["--micro-batch", "4", "--resume"]));
 
+    // Mixed precision gives other bytes: an f32 run does not resume a bf16 one.
+    let mixed = dir.join("mixed.safetensors");
+    run(args(&train, &mixed, &["--precision", "bf16", "--stop-after", "3"]));
+    let err = refused(args(&train, &mixed, &["--resume"]));
+    assert!(
+        err.contains("had other data or flags") && err.contains("--precision"),
+        "{err}"
+    );
+
     // A micro-batch of the whole batch splits nothing: the run without the flag resumes it.
     let whole = dir.join("whole.safetensors");
     run(args(&train, &whole, &["--micro-batch", "8", "--stop-after", "3"]));
@@ -859,4 +868,25 @@ fn resume_refuses_other_data_and_another_split_of_the_batch() {
     let plain = dir.join("plain.safetensors");
     run(args(&train, &plain, &[]));
     assert_eq!(std::fs::read(&whole).unwrap(), std::fs::read(&plain).unwrap());
+
+    // The fingerprint names the micro-batch and the precision only when they change the bytes,
+    // so that a run saved before those flags existed resumes.
+    let fingerprint = |out: &Path| -> serde_json::Value {
+        let mut state = out.as_os_str().to_owned();
+        state.push(".state");
+        let bytes = std::fs::read(&state).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["run"]).unwrap()
+    };
+    let keys = |run: &serde_json::Value| -> Vec<String> { run.as_object().unwrap().keys().cloned().collect() };
+    for out in [&plain, &whole] {
+        let run = fingerprint(out);
+        assert!(
+            run.get("micro_batch").is_none() && run.get("precision").is_none(),
+            "{:?}",
+            keys(&run)
+        );
+    }
+    assert_eq!(fingerprint(&split)["micro_batch"], 4);
+    assert_eq!(fingerprint(&mixed)["precision"], "bf16");
 }
