@@ -186,3 +186,55 @@ pub(super) fn resume(trainer: &mut Trainer, output: &Path, fingerprint: &str) ->
     }
     trainer.restore(&state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The published FNV-1a 64 test vectors: the fingerprints in saved states are this hash, so
+    /// a change to it would make every saved run unresumable.
+    #[test]
+    fn fnv1a_is_the_published_hash() {
+        assert_eq!(fnv1a(*b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(*b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(*b"foobar"), 0x8594_4171_f739_67e8);
+        // The pairs as TSV lines.
+        let pairs = [("1 May".to_string(), "2026-05-01".to_string())];
+        assert_eq!(data_hash(&pairs), fnv1a(*b"1 May\t2026-05-01\n"));
+    }
+
+    /// Each differing flag by its command-line name, floats as the f32 the user typed, strings
+    /// and booleans as JSON, a missing one as `(none)`.
+    #[test]
+    fn differing_flags_are_named_as_typed() {
+        let saved = r#"{"lr": 0.10000000149011612, "schedule": "cosine", "no_shuffle": false, "batch_size": 8, "data_fnv1a": "00ff"}"#;
+        let now = r#"{"lr": 0.20000000298023224, "schedule": "constant", "no_shuffle": true, "batch_size": 8, "data_fnv1a": "00ff", "micro_batch": 4}"#;
+        assert_eq!(
+            differing_flags(saved, now),
+            [
+                "--lr: 0.1 -> 0.2",
+                "--micro-batch: (none) -> 4",
+                "--no-shuffle: false -> true",
+                "--schedule: \"cosine\" -> \"constant\"",
+            ]
+        );
+        assert_eq!(
+            differing_flags(r#"{"data_fnv1a": "01"}"#, r#"{"data_fnv1a": "02"}"#),
+            ["--data (its pairs' hash): \"01\" -> \"02\""]
+        );
+    }
+
+    /// A bare file name is written in the working directory; a missing folder and a folder in
+    /// place of the file are named.
+    #[test]
+    fn writable_paths_are_checked_where_they_would_be_written() {
+        check_writable("--output", Path::new("attn-check-writable-test.safetensors")).unwrap();
+        let missing = check_writable("--output", Path::new("no-such-folder/x.safetensors")).unwrap_err();
+        assert!(
+            missing.to_string().contains("the folder no-such-folder does not exist"),
+            "{missing}"
+        );
+        let folder = check_writable("--log", Path::new("src")).unwrap_err();
+        assert!(folder.to_string().contains("--log src: is a folder"), "{folder}");
+    }
+}
