@@ -192,6 +192,26 @@ fn training_is_reproducible_across_threads_and_resume() {
         err.contains("is not the checkpoint") && err.contains("cannot continue"),
         "{err}"
     );
+    // Nor when the kept state is there but matches neither: a checkpoint from another save.
+    let other = run("torn3.safetensors", "2", &["--stop-after", "6", "--save-every", "3"]);
+    std::fs::copy(&one, &other).unwrap();
+    assert!(dir.join("torn3.safetensors.state.prev").exists());
+    let mut args = vec![
+        "train",
+        "--data",
+        s(&train),
+        "--valid",
+        s(&valid),
+        "--output",
+        s(&other),
+    ];
+    args.extend(["--eval-every", "6", "--resume"]);
+    args.extend(TINY);
+    let err = fails(&args);
+    assert!(
+        err.contains("is not the checkpoint") && err.contains("cannot continue"),
+        "{err}"
+    );
     // The log: one line a step, and the evaluations at steps 6 and 12.
     let log = std::fs::read_to_string(dir.join("one.safetensors.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
