@@ -181,37 +181,25 @@ fn training_is_reproducible_across_threads_and_resume() {
         "resume after a torn save"
     );
     // With no state that matches, --resume refuses rather than continue from the wrong one.
+    let refuses_resume = |out: &Path| {
+        let mut args = vec!["train", "--data", s(&train), "--valid", s(&valid), "--output", s(out)];
+        args.extend(["--eval-every", "6", "--resume"]);
+        args.extend(TINY);
+        let err = fails(&args);
+        assert!(
+            err.contains("is not the checkpoint") && err.contains("cannot continue"),
+            "{err}"
+        );
+    };
     let torn = run("torn2.safetensors", "2", &["--stop-after", "6", "--save-every", "3"]);
     std::fs::copy(&at3, &torn).unwrap();
     std::fs::remove_file(dir.join("torn2.safetensors.state.prev")).unwrap();
-    let mut args = vec!["train", "--data", s(&train), "--valid", s(&valid), "--output", s(&torn)];
-    args.extend(["--eval-every", "6", "--resume"]);
-    args.extend(TINY);
-    let err = fails(&args);
-    assert!(
-        err.contains("is not the checkpoint") && err.contains("cannot continue"),
-        "{err}"
-    );
+    refuses_resume(&torn);
     // Nor when the kept state is there but matches neither: a checkpoint from another save.
     let other = run("torn3.safetensors", "2", &["--stop-after", "6", "--save-every", "3"]);
     std::fs::copy(&one, &other).unwrap();
     assert!(dir.join("torn3.safetensors.state.prev").exists());
-    let mut args = vec![
-        "train",
-        "--data",
-        s(&train),
-        "--valid",
-        s(&valid),
-        "--output",
-        s(&other),
-    ];
-    args.extend(["--eval-every", "6", "--resume"]);
-    args.extend(TINY);
-    let err = fails(&args);
-    assert!(
-        err.contains("is not the checkpoint") && err.contains("cannot continue"),
-        "{err}"
-    );
+    refuses_resume(&other);
     // The log: one line a step, and the evaluations at steps 6 and 12.
     let log = std::fs::read_to_string(dir.join("one.safetensors.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
