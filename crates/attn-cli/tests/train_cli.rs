@@ -592,6 +592,14 @@ fn translate_reports_what_it_cannot_read() {
         "{err}"
     );
     assert!(!err.contains("777777"), "the line is not echoed: {err}");
+    // At the edge: the shipped model's positions hold 102, the source and its `<eos>`, so 101
+    // characters are read and 102 are refused.
+    ok(&["translate", &"7".repeat(101)]);
+    let err = fails(&["translate", &"7".repeat(102)]);
+    assert!(
+        err.contains("argument 1 is 102 characters, the model reads at most 101"),
+        "{err}"
+    );
     assert!(usage_error(&["translate", "--beam", "0", "x"]).contains("--beam"));
     assert!(usage_error(&["translate", "--max-len", "0", "x"]).contains("--max-len"));
     assert!(usage_error(&["translate", "x", "--attention", "x.svg"]).contains(".png or .html"));
