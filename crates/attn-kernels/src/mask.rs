@@ -222,8 +222,12 @@ pub(crate) fn mask_row(
             .enumerate()
             .for_each(|(j, x)| *x -= slope * (position - (t0 + j) as f32));
     }
-    apply_mask(row, &options.mask, bhs, t0);
-    apply_mask(row, &options.key_mask, bhs, t0);
+    // Most calls have neither mask: no call per row then.
+    for mask in [&options.mask, &options.key_mask] {
+        if !matches!(mask, Mask::None) {
+            apply_mask(row, mask, bhs, t0);
+        }
+    }
     let bc = row.len();
     if t0 + bc > limit {
         let from = limit.saturating_sub(t0).min(bc);

@@ -2,8 +2,9 @@
 //!
 //! At the AVX512-BF16 level the two products run on `vdpbf16ps` ([`crate::bf16`]'s tile
 //! kernel), which multiplies pairs of bf16 values along the depth; at the AMX level on
-//! `tdpbf16ps` ([`crate::bf16::amx::Tiles`]). Per call, K and V are rounded and packed once per
-//! `(b, g, key block)`:
+//! `tdpbf16ps` ([`crate::bf16::amx::Tiles`]). K and V are rounded and packed once per
+//! `(b, g, key block)`, by the tasks one `(b, g)` at a time into a buffer of their thread
+//! (`super::attend_per_group`), or for the whole call before its tiles run (long keys):
 //! - keys as the right operand of `q·kᵀ`: `[kb_pad / 16 panels][key pairs][16 keys]` words,
 //!   each word the pair `(k[t, 2p], k[t, 2p + 1])` (a zero after an odd `D`);
 //! - values as the right operand of `P·V`: `[Dv_pad / 16 panels][value pairs][16 columns]`,
@@ -34,7 +35,8 @@
 //! keys and values and the f32 kernel runs on them, rounding the probabilities before `P·V`:
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
 
-use super::{Plan, BLOCK_KEYS};
+use super::pack::Packer;
+use super::{Kv, Plan, BLOCK_KEYS};
 use crate::bf16::amx::Init;
 use crate::bf16::AMX_STEP_PAIRS as STEP_PAIRS;
 use crate::buffer::Buffer;
@@ -74,10 +76,7 @@ pub(super) fn value_block_len(plan: &Plan, amx: bool) -> usize {
 /// [`key_block_len`] words per `(b, g, key block)` (stored in f32 slots). Keys past a block's
 /// end are left as they were: their columns of the scores are never stored.
 pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, amx: bool, par: Par) -> Buffer {
-    let pairs = key_pairs(plan, amx);
-    super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, |dst, keys, bc, strides| {
-        key_block(dst, keys, bc, strides, plan.d, pairs)
-    })
+    super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, key_packer(plan, amx))
 }
 
 /// [`pack_keys`] of keys held as bf16 bits ([`crate::attention_bf16_kv`]): each block's keys
@@ -85,12 +84,38 @@ pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, amx: bool, par: Par) ->
 /// so the packed words are those of [`pack_keys`] on the widened keys, and no widened copy of
 /// the whole of K is made.
 pub(super) fn pack_keys_bits(plan: &Plan, k: &View4<'_, u16>, amx: bool, par: Par) -> Buffer {
+    super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, key_bits_packer(plan, amx))
+}
+
+/// The K and V of `(b, g)` alone (f32 values or bf16 bits) into `keys` and `values`: the words
+/// of [`pack_keys`] and [`pack_values`] (or their `_bits` forms) in that `(b, g)`'s part.
+pub(super) fn pack_group(plan: &Plan, [k, v]: [Kv<'_>; 2], amx: bool, bg: [usize; 2], [keys, values]: [&mut [f32]; 2]) {
+    use super::pack::pack_group;
+    let (key_len, value_len) = (key_block_len(plan, amx), value_block_len(plan, amx));
+    match k {
+        Kv::F32(k) => pack_group(plan, &k, key_len, bg, keys, key_packer(plan, amx)),
+        Kv::Bits(k) => pack_group(plan, &k, key_len, bg, keys, key_bits_packer(plan, amx)),
+    }
+    match v {
+        Kv::F32(v) => pack_group(plan, &v, value_len, bg, values, value_packer(plan, amx)),
+        Kv::Bits(v) => pack_group(plan, &v, value_len, bg, values, value_bits_packer(plan, amx)),
+    }
+}
+
+/// One key block of f32 values as [`pack_keys`] packs it.
+fn key_packer(plan: &Plan, amx: bool) -> impl Packer<f32> + '_ {
     let pairs = key_pairs(plan, amx);
-    super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, |dst, keys, bc, strides| {
+    move |dst, keys, bc, strides| key_block(dst, keys, bc, strides, plan.d, pairs)
+}
+
+/// One key block of bf16 bits as [`pack_keys_bits`] packs it.
+fn key_bits_packer(plan: &Plan, amx: bool) -> impl Packer<u16> + '_ {
+    let pairs = key_pairs(plan, amx);
+    move |dst, keys, bc, strides| {
         let wide = widen_block(keys, bc, plan.d, strides);
         key_block(dst, &wide, bc, [plan.d, 1], plan.d, pairs);
         crate::buffer::give(wide);
-    })
+    }
 }
 
 /// One block of [`pack_keys`]: `bc` keys of `d` values, `keys[j·rs + c·cs]`.
@@ -181,22 +206,30 @@ fn key_panels16(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, rs: usize, p
 /// holds a zero (the probabilities' pad is zero too, and `0 · NaN` would not be); pairs past
 /// it are never read by `vdpbf16ps`, and are zeros for AMX, which reads whole steps.
 pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, amx: bool, par: Par) -> Buffer {
-    let pairs = value_pairs(plan, amx);
-    super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, |dst, values, bc, strides| {
-        value_block(dst, values, bc, strides, plan, pairs, amx)
-    })
+    super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, value_packer(plan, amx))
 }
 
 /// [`pack_values`] of values held as bf16 bits: each block widened exactly into a buffer of the
 /// thread ([`widen_block`]), then packed as f32 values are (the words of [`pack_values`] on
 /// the widened values).
 pub(super) fn pack_values_bits(plan: &Plan, v: &View4<'_, u16>, amx: bool, par: Par) -> Buffer {
+    super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, value_bits_packer(plan, amx))
+}
+
+/// One value block of f32 values as [`pack_values`] packs it.
+fn value_packer(plan: &Plan, amx: bool) -> impl Packer<f32> + '_ {
     let pairs = value_pairs(plan, amx);
-    super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, |dst, values, bc, strides| {
+    move |dst, values, bc, strides| value_block(dst, values, bc, strides, plan, pairs, amx)
+}
+
+/// One value block of bf16 bits as [`pack_values_bits`] packs it.
+fn value_bits_packer(plan: &Plan, amx: bool) -> impl Packer<u16> + '_ {
+    let pairs = value_pairs(plan, amx);
+    move |dst, values, bc, strides| {
         let wide = widen_block(values, bc, plan.dv, strides);
         value_block(dst, &wide, bc, [plan.dv, 1], plan, pairs, amx);
         crate::buffer::give(wide);
-    })
+    }
 }
 
 /// One block of [`pack_values`]: `bc` value rows of `Dv` values, `values[j·rs + c·cs]`, into

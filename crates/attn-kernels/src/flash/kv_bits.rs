@@ -1,7 +1,9 @@
 //! Attention over keys and values held as bf16 bits ([`attention_bf16_kv`]): a bf16 KV cache,
 //! read in place by decoding's bf16 kernels at half the bytes of an f32 one.
 
-use super::{decodes_in_place, run_operands, validate, Bf16Source, Dst, Kv, Operands, Plan};
+use super::{
+    attend_per_group, decodes_in_place, packs_per_group, run_operands, validate, Bf16Source, Dst, Kv, Operands, Plan,
+};
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
 use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precision, View4, ViewMut, ViewMut4};
@@ -62,23 +64,22 @@ pub fn attention_bf16_kv(
     if packs_bits(&plan, options) {
         // More query rows: K and V packed once for the call straight from the bits, a block
         // at a time, as `crate::attention` packs f32 K and V (the same words).
+        // Or per `(b, g)` by the tasks, as `crate::attention` decides for f32 K and V.
         let amx = crate::bf16_level() == Bf16Level::Amx;
-        let (kt, vp) = (
-            super::bf16::pack_keys_bits(&plan, &k, amx, par),
-            super::bf16::pack_values_bits(&plan, &v, amx, par),
-        );
         let dst = Dst::new(&mut out, &mut lse, &mut None);
-        let spoilt = run_bits(
-            &plan,
-            q,
-            [k, v],
-            options,
-            dst,
-            par,
-            (Bf16Source::Packed(&kt, &vp), amx, false),
-        );
-        crate::buffer::give(kt);
-        crate::buffer::give(vp);
+        let spoilt = if packs_per_group(&plan) {
+            run_bits(&plan, q, [k, v], options, dst, par, (None, amx, false))
+        } else {
+            let (kt, vp) = (
+                super::bf16::pack_keys_bits(&plan, &k, amx, par),
+                super::bf16::pack_values_bits(&plan, &v, amx, par),
+            );
+            let source = Some(Bf16Source::Packed(&kt, &vp));
+            let spoilt = run_bits(&plan, q, [k, v], options, dst, par, (source, amx, false));
+            crate::buffer::give(kt);
+            crate::buffer::give(vp);
+            spoilt
+        };
         if !spoilt {
             return Ok(());
         }
@@ -86,7 +87,15 @@ pub fn attention_bf16_kv(
     if reads_in_place(&plan, &k, &v, options) {
         // Decoding's kernels multiply rounded f32 probabilities, as for f32 K and V.
         let dst = Dst::new(&mut out, &mut lse, &mut None);
-        if !run_bits(&plan, q, [k, v], options, dst, par, (Bf16Source::InPlace, false, true)) {
+        if !run_bits(
+            &plan,
+            q,
+            [k, v],
+            options,
+            dst,
+            par,
+            (Some(Bf16Source::InPlace), false, true),
+        ) {
             return Ok(());
         }
     }
@@ -99,9 +108,10 @@ pub fn attention_bf16_kv(
     crate::attention(out, lse, inputs, options, par)
 }
 
-/// The bf16 kernels on `q` and K and V as bits (`[k, v]`), the operands read from `source`,
-/// on AMX tiles when `amx`, with the probabilities rounded in f32 when `round_p`; returns
-/// whether a row came out non-finite from a finite softmax (the caller then widens).
+/// The bf16 kernels on `q` and K and V as bits (`[k, v]`), the operands read from `source`
+/// (`None`: packed per `(b, g)` by the tasks, [`super::attend_per_group`]), on AMX tiles when
+/// `amx`, with the probabilities rounded in f32 when `round_p`; returns whether a row came out
+/// non-finite from a finite softmax (the caller then widens).
 fn run_bits(
     plan: &Plan,
     q: View4<'_, f32>,
@@ -109,7 +119,7 @@ fn run_bits(
     options: &AttentionOptions<'_>,
     dst: Dst,
     par: Par,
-    (source, amx, round_p): (Bf16Source<'_>, bool, bool),
+    (source, amx, round_p): (Option<Bf16Source<'_>>, bool, bool),
 ) -> bool {
     let ops = Operands {
         q,
@@ -119,15 +129,20 @@ fn run_bits(
         scale: resolve_scale(options, plan.d),
         kt_packed: None,
         v_packed: None,
-        bf16: Some(source),
+        bf16: source,
         amx,
         round_p,
         round_q: false,
         micro: crate::simd::simd_level().is_vector(),
         score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
         keep_scores: false,
+        packed_per_group: source.is_none(),
     };
-    run_operands(plan, &ops, dst, par)
+    if source.is_none() {
+        attend_per_group(plan, &ops, dst, par)
+    } else {
+        run_operands(plan, &ops, dst, par)
+    }
 }
 
 /// Whether [`attention_bf16_kv`] reads `k` and `v` in place for a call of `plan` (else it

@@ -66,10 +66,11 @@ use tile::attend_tile;
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
 pub(crate) use weights::MAX_KEPT_KEYS;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
+use crate::buffer::Buffer;
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
 use crate::view::SharedMut;
@@ -241,7 +242,10 @@ fn attend(
     let in_place = decodes_in_place(plan, k.strides(), v.strides());
     // Packed bf16 operands run on AMX where the CPU has it (whole tiles: padded layouts).
     let amx = operation == Operation::Bf16 && !in_place && crate::bf16_level() == Bf16Level::Amx;
-    let bf16_packed = (operation == Operation::Bf16 && !in_place).then(|| {
+    // Many `(b, g)` of few row tiles each: each task packs the K and V of its `(b, g)` and runs
+    // all of its row tiles ([`attend_per_group`]).
+    let per_group = operation == Operation::Bf16 && !in_place && weights.is_none() && packs_per_group(plan);
+    let bf16_packed = (operation == Operation::Bf16 && !in_place && !per_group).then(|| {
         (
             bf16::pack_keys(plan, &k, amx, par),
             bf16::pack_values(plan, &v, amx, par),
@@ -249,6 +253,8 @@ fn attend(
     });
     let bf16_source = match (&bf16_packed, operation) {
         (Some((kt, vp)), _) => Some(Bf16Source::Packed(kt, vp)),
+        // Packed by each task (`attend_per_group`).
+        (None, Operation::Bf16) if per_group => None,
         (None, Operation::Bf16) => Some(Bf16Source::InPlace),
         _ => None,
     };
@@ -269,9 +275,11 @@ fn attend(
         micro,
         score_kernel,
         keep_scores: weights.is_some(),
+        packed_per_group: per_group,
     };
     let spoilt = match weights {
         Some(weights) => weights::attend_keeping_scores(plan, &ops, dst, weights, par),
+        None if per_group => attend_per_group(plan, &ops, dst, par),
         None => run_operands(plan, &ops, dst, par),
     };
     let bf16_buffers = bf16_packed.into_iter().flat_map(|(kt, vp)| [kt, vp]);
@@ -341,20 +349,128 @@ fn attend_unsplit(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bo
     let spoilt_rows = AtomicBool::new(false);
     let run = |scratch: &mut Scratch, task: usize| {
         let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
-        let (b, g) = (bg / plan.g, bg % plan.g);
-        let rows = attend_tile(scratch, plan, ops, [b, g, tile], 0..plan.t);
-        for i in 0..rows {
-            let (s, h) = row_position(plan, g, tile * BLOCK_ROWS + i);
-            let acc_row = &scratch.acc[i * plan.dv_pad..i * plan.dv_pad + plan.dv];
-            // SAFETY: `(b, h, s)` is in bounds and belongs to this task alone.
-            let spoilt = unsafe { dst.write_row([b, h, s], acc_row, scratch.l[i], scratch.m[i]) };
-            if spoilt {
-                spoilt_rows.store(true, Ordering::Relaxed);
-            }
-        }
+        tile_into(scratch, plan, ops, [bg / plan.g, bg % plan.g, tile], &dst, &spoilt_rows);
     };
     run_tasks(plan.b * plan.g * plan.row_tiles, par, plan, run);
     spoilt_rows.load(Ordering::Relaxed)
+}
+
+/// Whether a bf16 call of `plan` packs K and V per `(b, g)` ([`attend_per_group`]) rather
+/// than once for the call before its tiles run: for calls whose keys are not split across
+/// tasks, of at most [`PER_GROUP_MAX_KEYS`] keys. The packed K and V are then one buffer of a
+/// `(b, g)` per thread, read from its cache, instead of buffers the size of K and V, written to
+/// memory and read back; and the call runs one parallel loop instead of three.
+fn packs_per_group(plan: &Plan) -> bool {
+    plan.splits == 1 && plan.t <= PER_GROUP_MAX_KEYS && !packing_for_the_call_forced()
+}
+
+/// The most keys at which a bf16 call packs K and V per `(b, g)` ([`packs_per_group`]): each
+/// thread keeps the packing of one `(b, g)` between calls (at `D = Dv = 128`, 1 MiB each for
+/// K and V).
+const PER_GROUP_MAX_KEYS: usize = 4096;
+
+#[cfg(test)]
+thread_local! {
+    /// Set by the tests to pack K and V for the call where [`packs_per_group`] would not.
+    pub(crate) static FORCE_PACKING_FOR_THE_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a test on this thread asked for K and V packed for the call (never outside tests).
+fn packing_for_the_call_forced() -> bool {
+    #[cfg(test)]
+    let forced = FORCE_PACKING_FOR_THE_CALL.with(|f| f.get());
+    #[cfg(not(test))]
+    let forced = false;
+    forced
+}
+
+/// The tasks of a bf16 call that packs K and V per `(b, g)` ([`packs_per_group`]): one per
+/// `(b, g, row tile)`, as [`attend_unsplit`]'s, each reading the K and V of its `(b, g)` from
+/// a buffer of its thread that holds that `(b, g)` alone (`bf16::pack_group`: the words of
+/// `bf16::pack_keys` and `bf16::pack_values`, or their `_bits` forms), packed by the task unless
+/// the thread's last task of the call packed the same `(b, g)` (consecutive tasks are mostly
+/// one thread's). The rows' arithmetic is that of [`attend_unsplit`]. Returns whether a row
+/// came out non-finite from a finite softmax.
+fn attend_per_group(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bool {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let blocks = plan.t.div_ceil(BLOCK_KEYS);
+    let lens = [
+        bf16::key_block_len(plan, ops.amx) * blocks,
+        bf16::value_block_len(plan, ops.amx) * blocks,
+    ];
+    let spoilt_rows = AtomicBool::new(false);
+    let run = |scratch: &mut Scratch, task: usize| {
+        let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
+        let (b, g) = (bg / plan.g, bg % plan.g);
+        let mut held = GROUP_PACKED.take();
+        if !held.as_ref().is_some_and(|p| p.holds(call, bg)) {
+            let mut buffers = match held.take() {
+                Some(p) if p.buffers[0].len() >= lens[0] && p.buffers[1].len() >= lens[1] => p.buffers,
+                _ => lens.map(Buffer::zeroed),
+            };
+            let [keys, values] = &mut buffers;
+            bf16::pack_group(
+                plan,
+                [ops.k, ops.v],
+                ops.amx,
+                [b, g],
+                [&mut keys[..lens[0]], &mut values[..lens[1]]],
+            );
+            held = Some(GroupPacked { call, bg, buffers });
+        }
+        let [keys, values] = &held.as_ref().expect("packed above").buffers;
+        let group_ops = Operands {
+            bf16: Some(Bf16Source::Packed(&keys[..lens[0]], &values[..lens[1]])),
+            ..*ops
+        };
+        tile_into(scratch, plan, &group_ops, [b, g, tile], &dst, &spoilt_rows);
+        GROUP_PACKED.set(held);
+    };
+    run_tasks(plan.b * plan.g * plan.row_tiles, par, plan, run);
+    spoilt_rows.load(Ordering::Relaxed)
+}
+
+/// The K and V of one `(b, g)` packed by a task of [`attend_per_group`] for call `call`, kept
+/// by the thread for its next task (and, at most [`PER_GROUP_MAX_KEYS`] keys each, between
+/// calls).
+struct GroupPacked {
+    call: u64,
+    bg: usize,
+    buffers: [Buffer; 2],
+}
+
+impl GroupPacked {
+    /// Whether this is the packing of `(b, g)` number `bg` for call `call`.
+    fn holds(&self, call: u64, bg: usize) -> bool {
+        self.call == call && self.bg == bg
+    }
+}
+
+thread_local! {
+    static GROUP_PACKED: std::cell::Cell<Option<GroupPacked>> = const { std::cell::Cell::new(None) };
+}
+
+/// Row tile `tile` of `(b, g)` over all keys, its rows written to `dst`; sets `spoilt_rows`
+/// when one came out non-finite from a finite softmax.
+fn tile_into(
+    scratch: &mut Scratch,
+    plan: &Plan,
+    ops: &Operands<'_, '_>,
+    [b, g, tile]: [usize; 3],
+    dst: &Dst,
+    spoilt_rows: &AtomicBool,
+) {
+    let rows = attend_tile(scratch, plan, ops, [b, g, tile], 0..plan.t);
+    for i in 0..rows {
+        let (s, h) = row_position(plan, g, tile * BLOCK_ROWS + i);
+        let acc_row = &scratch.acc[i * plan.dv_pad..i * plan.dv_pad + plan.dv];
+        // SAFETY: `(b, h, s)` is in bounds and belongs to this task alone.
+        let spoilt = unsafe { dst.write_row([b, h, s], acc_row, scratch.l[i], scratch.m[i]) };
+        if spoilt {
+            spoilt_rows.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The inputs of one call as the tiles see them.
@@ -386,6 +502,21 @@ struct Operands<'a, 'o> {
     score_kernel: ScoreKernel,
     /// Whether each tile keeps its masked scores for the weights (`Scratch::kept`).
     keep_scores: bool,
+    /// Whether the packed bf16 operands hold the tile's `(b, g)` alone
+    /// ([`attend_per_group`]) rather than every `(b, g)` of the call.
+    packed_per_group: bool,
+}
+
+impl Operands<'_, '_> {
+    /// The `[b, g, t0]` to look up key `t0` of the tile's rows in the packed bf16 operands
+    /// (`bf16::packed_block`): `(b, g)` is the first and only one when packed per group.
+    fn packed_at(&self, rows: &scratch::TileRows, t0: usize) -> [usize; 3] {
+        if self.packed_per_group {
+            [0, 0, t0]
+        } else {
+            [rows.b, rows.g, t0]
+        }
+    }
 }
 
 /// Keys or values as the tiles read them: f32 values, or bf16 bits (a bf16 KV cache,

@@ -81,7 +81,7 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
-const SHAPES: [Shape; 6] = [
+const SHAPES: [Shape; 7] = [
     // Decoding with grouped heads: 4 rows per key/value head, one key block plus a tail.
     Shape {
         dims: [1, 8, 2, 1, 300, 64, 64],
@@ -112,6 +112,11 @@ const SHAPES: [Shape; 6] = [
     Shape {
         dims: [1, 2, 1, 1, 1, 8, 8],
         cap: 4,
+    },
+    // Many `(b, g)`, more than the threads: one row tile and two key blocks each.
+    Shape {
+        dims: [4, 16, 8, 20, 300, 24, 20],
+        cap: 320,
     },
 ];
 

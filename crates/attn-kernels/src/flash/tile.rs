@@ -324,14 +324,17 @@ fn passes2_3_online_softmax(
         }
         // `exp(0)` is exactly 1: a finite max usually holds, and then the scalar `exp`'s chain of
         // dependent operations is skipped.
-        let alpha = if m_new[i] == scratch.m[i] && m_new[i].is_finite() {
+        let m_old = scratch.m[i];
+        let alpha = if m_new[i] == m_old && m_new[i].is_finite() {
             1.0
         } else {
-            crate::simd::exp_scalar(scratch.m[i] - m_new[i])
+            crate::simd::exp_scalar(m_old - m_new[i])
         };
         scratch.l[i] = scratch.l[i] * alpha + sums[i];
         scratch.m[i] = m_new[i];
-        if alpha != 1.0 {
+        // A row that has seen no key yet (`m_old = -inf`, so `alpha = 0`) holds +0 or NaN (a
+        // probability of 0 times a non-finite value): a scale by 0 would leave them as they are.
+        if alpha != 1.0 && m_old != f32::NEG_INFINITY {
             scale_row(&mut scratch.acc[i * dv_pad..i * dv_pad + dv], alpha);
         }
     }

@@ -20,7 +20,7 @@ pub(super) fn bf16_scores(
     let key_len = super::bf16::key_block_len(plan, ops.amx);
     #[cfg(target_arch = "x86_64")]
     if let (true, Bf16Source::Packed(kt16, _)) = (ops.amx, source) {
-        let kt = super::bf16::packed_block(kt16, key_len, plan, [rows.b, rows.g, block.t0]);
+        let kt = super::bf16::packed_block(kt16, key_len, plan, ops.packed_at(rows, block.t0));
         amx.scores(plan, &scratch.q16, [rows.n_rows, block.bc], kt, &mut scratch.scores);
         return;
     }
@@ -42,7 +42,7 @@ pub(super) fn bf16_scores(
     unsafe {
         match source {
             Bf16Source::Packed(kt16, _) => {
-                let kt = super::bf16::packed_block(kt16, key_len, plan, [rows.b, rows.g, block.t0]);
+                let kt = super::bf16::packed_block(kt16, key_len, plan, ops.packed_at(rows, block.t0));
                 crate::bf16::avx512bf16::tile::<false>(
                     rows.n_rows,
                     block.bc,
@@ -102,7 +102,7 @@ pub(super) fn bf16_weighted_values(
     #[cfg(target_arch = "x86_64")]
     if let (true, Bf16Source::Packed(_, v16)) = (ops.amx, source) {
         // The probabilities are in `p16` already (`passes2_3_online_softmax`).
-        let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
+        let vp = super::bf16::packed_block(v16, value_len, plan, ops.packed_at(rows, block.t0));
         amx.weighted_values(plan, &scratch.p16, [n_rows, bc], vp, &mut scratch.acc);
         return;
     }
@@ -126,7 +126,7 @@ pub(super) fn bf16_weighted_values(
     unsafe {
         match source {
             Bf16Source::Packed(_, v16) => {
-                let vp = super::bf16::packed_block(v16, value_len, plan, [rows.b, rows.g, block.t0]);
+                let vp = super::bf16::packed_block(v16, value_len, plan, ops.packed_at(rows, block.t0));
                 crate::bf16::avx512bf16::tile::<true>(
                     n_rows,
                     dv,
