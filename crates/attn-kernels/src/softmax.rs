@@ -481,6 +481,7 @@ pub fn attention_weights(
     let keys = crate::flash::KeySource {
         k,
         kt_packed: kt_packed.as_deref(),
+        per_group: false,
         kernel,
     };
     let key_blocks = t.div_ceil(KEYS);

@@ -2,7 +2,8 @@
 //! read in place by decoding's bf16 kernels at half the bytes of an f32 one.
 
 use super::{
-    attend_per_group, decodes_in_place, packs_per_group, run_operands, validate, Bf16Source, Dst, Kv, Operands, Plan,
+    attend_per_group, decodes_in_place, packs_per_group, run_operands, validate, Bf16Source, Dst, GroupPacking, Kv,
+    Operands, Plan,
 };
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
@@ -136,7 +137,7 @@ fn run_bits(
         micro: crate::simd::simd_level().is_vector(),
         score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
         keep_scores: false,
-        packed_per_group: source.is_none(),
+        packed_per_group: source.is_none().then_some(GroupPacking::Bf16),
     };
     if source.is_none() {
         attend_per_group(plan, &ops, dst, par)

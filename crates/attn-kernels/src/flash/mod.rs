@@ -54,6 +54,8 @@ mod tests_bf16_exp;
 mod tests_bf16_route;
 #[cfg(test)]
 mod tests_kv_bits;
+#[cfg(test)]
+mod tests_per_group;
 mod tile;
 mod tile_bf16;
 mod weights;
@@ -227,25 +229,39 @@ fn attend(
     let ForwardInputs { q, k, v } = inputs;
     let micro = crate::simd::simd_level().is_vector();
     let score_kernel = ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1);
-    // When several row tiles read the same keys, transpose K once for the whole call rather
-    // than once per tile: `[B, G, key blocks, D, kt_ld]`, zero past T.
-    let packed = micro && plan.row_tiles > 1 && operation != Operation::Bf16;
-    let round = operation == Operation::RoundingF32;
-    assert!(!round || (packed && score_kernel == ScoreKernel::Tile));
-    let kt_packed = packed.then(|| tile::pack_keys_rounded(plan, &k, round, par));
-    // V in panels too, once per call: read in place, rows `Dv` floats apart (512 bytes at
-    // Dv = 128) would share a few L1 sets.
-    let v_packed = packed.then(|| tile::pack_values_rounded(plan, &v, round, par));
-    // bf16 operands are packed once per call into pairs, except when decoding: a few query
-    // rows per key/value head read each key and value once, so they are rounded as they are
-    // loaded instead (packing would cost more than the products).
+    // bf16 operands are packed into pairs, except when decoding: a few query rows per
+    // key/value head read each key and value once, so they are rounded as they are loaded
+    // instead (packing would cost more than the products).
     let in_place = decodes_in_place(plan, k.strides(), v.strides());
     // Packed bf16 operands run on AMX where the CPU has it (whole tiles: padded layouts).
     let amx = operation == Operation::Bf16 && !in_place && crate::bf16_level() == Bf16Level::Amx;
-    // Many `(b, g)` of few row tiles each: each task packs the K and V of its `(b, g)` and runs
-    // all of its row tiles ([`attend_per_group`]).
-    let per_group = operation == Operation::Bf16 && !in_place && weights.is_none() && packs_per_group(plan);
-    let bf16_packed = (operation == Operation::Bf16 && !in_place && !per_group).then(|| {
+    // How K and V are packed, if they are: f32 K and V when several row tiles read the same
+    // keys (else each tile transposes its key blocks, and reads V in place or packs it), bf16
+    // ones unless decoding.
+    let packing = match operation {
+        Operation::Bf16 if !in_place => Some(GroupPacking::Bf16),
+        Operation::Bf16 => None,
+        _ if micro && plan.row_tiles > 1 => Some(GroupPacking::F32 {
+            round: operation == Operation::RoundingF32,
+        }),
+        _ => None,
+    };
+    let round = operation == Operation::RoundingF32;
+    assert!(!round || (packing.is_some() && score_kernel == ScoreKernel::Tile));
+    // Packed per `(b, g)` by the tasks ([`attend_per_group`]), or once for the call before its
+    // tiles run (keys transposed into panels, `[B, G, key blocks, D, kt_ld]`, zero past T;
+    // values in panels: read in place, rows `Dv` floats apart (512 bytes at Dv = 128) would
+    // share a few L1 sets).
+    let per_group = packing.is_some() && weights.is_none() && packs_per_group(plan);
+    let for_the_call = if per_group { None } else { packing };
+    let (kt_packed, v_packed) = match for_the_call {
+        Some(GroupPacking::F32 { round }) => (
+            Some(tile::pack_keys_rounded(plan, &k, round, par)),
+            Some(tile::pack_values_rounded(plan, &v, round, par)),
+        ),
+        _ => (None, None),
+    };
+    let bf16_packed = matches!(for_the_call, Some(GroupPacking::Bf16)).then(|| {
         (
             bf16::pack_keys(plan, &k, amx, par),
             bf16::pack_values(plan, &v, amx, par),
@@ -275,7 +291,7 @@ fn attend(
         micro,
         score_kernel,
         keep_scores: weights.is_some(),
-        packed_per_group: per_group,
+        packed_per_group: if per_group { packing } else { None },
     };
     let spoilt = match weights {
         Some(weights) => weights::attend_keeping_scores(plan, &ops, dst, weights, par),
@@ -355,7 +371,7 @@ fn attend_unsplit(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bo
     spoilt_rows.load(Ordering::Relaxed)
 }
 
-/// Whether a bf16 call of `plan` packs K and V per `(b, g)` ([`attend_per_group`]) rather
+/// Whether a call of `plan` that packs K and V packs them per `(b, g)` ([`attend_per_group`]) rather
 /// than once for the call before its tiles run: for calls whose keys are not split across
 /// tasks, of at most [`PER_GROUP_MAX_KEYS`] keys. The packed K and V are then one buffer of a
 /// `(b, g)` per thread, read from its cache, instead of buffers the size of K and V, written to
@@ -364,7 +380,7 @@ fn packs_per_group(plan: &Plan) -> bool {
     plan.splits == 1 && plan.t <= PER_GROUP_MAX_KEYS && !packing_for_the_call_forced()
 }
 
-/// The most keys at which a bf16 call packs K and V per `(b, g)` ([`packs_per_group`]): each
+/// The most keys at which a call packs K and V per `(b, g)` ([`packs_per_group`]): each
 /// thread keeps the packing of one `(b, g)` between calls (at `D = Dv = 128`, 1 MiB each for
 /// K and V).
 const PER_GROUP_MAX_KEYS: usize = 4096;
@@ -384,21 +400,23 @@ fn packing_for_the_call_forced() -> bool {
     forced
 }
 
-/// The tasks of a bf16 call that packs K and V per `(b, g)` ([`packs_per_group`]): one per
+/// The tasks of a call that packs K and V per `(b, g)` ([`packs_per_group`]): one per
 /// `(b, g, row tile)`, as [`attend_unsplit`]'s, each reading the K and V of its `(b, g)` from
-/// a buffer of its thread that holds that `(b, g)` alone (`bf16::pack_group`: the words of
-/// `bf16::pack_keys` and `bf16::pack_values`, or their `_bits` forms), packed by the task unless
+/// a buffer of its thread that holds that `(b, g)` alone (`bf16::pack_group` or
+/// `tile::pack_group`: the words of the packing for the call), packed by the task unless
 /// the thread's last task of the call packed the same `(b, g)` (consecutive tasks are mostly
 /// one thread's). The rows' arithmetic is that of [`attend_unsplit`]. Returns whether a row
 /// came out non-finite from a finite softmax.
 fn attend_per_group(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bool {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let packing = ops.packed_per_group.expect("packed per group");
     let blocks = plan.t.div_ceil(BLOCK_KEYS);
-    let lens = [
-        bf16::key_block_len(plan, ops.amx) * blocks,
-        bf16::value_block_len(plan, ops.amx) * blocks,
-    ];
+    let lens = match packing {
+        GroupPacking::Bf16 => [bf16::key_block_len(plan, ops.amx), bf16::value_block_len(plan, ops.amx)],
+        GroupPacking::F32 { .. } => [plan.d * plan.kb_pad, plan.dv_pad * plan.kb_pad],
+    }
+    .map(|len| len * blocks);
     let spoilt_rows = AtomicBool::new(false);
     let run = |scratch: &mut Scratch, task: usize| {
         let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
@@ -410,19 +428,25 @@ fn attend_per_group(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> 
                 _ => lens.map(Buffer::zeroed),
             };
             let [keys, values] = &mut buffers;
-            bf16::pack_group(
-                plan,
-                [ops.k, ops.v],
-                ops.amx,
-                [b, g],
-                [&mut keys[..lens[0]], &mut values[..lens[1]]],
-            );
+            let parts = [&mut keys[..lens[0]], &mut values[..lens[1]]];
+            match packing {
+                GroupPacking::Bf16 => bf16::pack_group(plan, [ops.k, ops.v], ops.amx, [b, g], parts),
+                GroupPacking::F32 { round } => tile::pack_group(plan, [ops.k.f32(), ops.v.f32()], round, [b, g], parts),
+            }
             held = Some(GroupPacked { call, bg, buffers });
         }
         let [keys, values] = &held.as_ref().expect("packed above").buffers;
-        let group_ops = Operands {
-            bf16: Some(Bf16Source::Packed(&keys[..lens[0]], &values[..lens[1]])),
-            ..*ops
+        let (keys, values) = (&keys[..lens[0]], &values[..lens[1]]);
+        let group_ops = match packing {
+            GroupPacking::Bf16 => Operands {
+                bf16: Some(Bf16Source::Packed(keys, values)),
+                ..*ops
+            },
+            GroupPacking::F32 { .. } => Operands {
+                kt_packed: Some(keys),
+                v_packed: Some(values),
+                ..*ops
+            },
         };
         tile_into(scratch, plan, &group_ops, [b, g, tile], &dst, &spoilt_rows);
         GROUP_PACKED.set(held);
@@ -502,16 +526,24 @@ struct Operands<'a, 'o> {
     score_kernel: ScoreKernel,
     /// Whether each tile keeps its masked scores for the weights (`Scratch::kept`).
     keep_scores: bool,
-    /// Whether the packed bf16 operands hold the tile's `(b, g)` alone
-    /// ([`attend_per_group`]) rather than every `(b, g)` of the call.
-    packed_per_group: bool,
+    /// How K and V are packed when the tasks pack them per `(b, g)` ([`attend_per_group`]):
+    /// then the packed operands hold the tile's `(b, g)` alone, not every `(b, g)` of the call.
+    packed_per_group: Option<GroupPacking>,
+}
+
+/// How K and V are packed: for the f32 kernel (keys transposed into panels, values in
+/// panels, rounded to bf16 when `round`), or for the bf16 kernels (pairs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GroupPacking {
+    F32 { round: bool },
+    Bf16,
 }
 
 impl Operands<'_, '_> {
     /// The `[b, g, t0]` to look up key `t0` of the tile's rows in the packed bf16 operands
     /// (`bf16::packed_block`): `(b, g)` is the first and only one when packed per group.
     fn packed_at(&self, rows: &scratch::TileRows, t0: usize) -> [usize; 3] {
-        if self.packed_per_group {
+        if self.packed_per_group.is_some() {
             [0, 0, t0]
         } else {
             [rows.b, rows.g, t0]

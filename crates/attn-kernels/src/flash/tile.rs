@@ -22,12 +22,47 @@ pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) ->
 /// [`pack_keys_transposed`], each block's values rounded to bf16 after it is packed when
 /// `round`.
 pub(super) fn pack_keys_rounded(plan: &Plan, k: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
-    super::pack::pack_blocks(plan, k, plan.d * plan.kb_pad, par, |dst, keys, bc, [row, col]| {
+    super::pack::pack_blocks(plan, k, plan.d * plan.kb_pad, par, key_packer(plan, round))
+}
+
+/// The K and V of `(b, g)` alone into `keys` and `values`: the words of [`pack_keys_rounded`]
+/// and [`pack_values_rounded`] in that `(b, g)`'s part.
+pub(super) fn pack_group(
+    plan: &Plan,
+    [k, v]: [View4<'_, f32>; 2],
+    round: bool,
+    bg: [usize; 2],
+    [keys, values]: [&mut [f32]; 2],
+) {
+    super::pack::pack_group(plan, &k, plan.d * plan.kb_pad, bg, keys, key_packer(plan, round));
+    super::pack::pack_group(
+        plan,
+        &v,
+        plan.dv_pad * plan.kb_pad,
+        bg,
+        values,
+        value_packer(plan, round),
+    );
+}
+
+/// One key block as [`pack_keys_rounded`] packs it.
+fn key_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ {
+    move |dst, keys, bc, [row, col]| {
         key_panels(dst, keys, bc, plan.d, row, col);
         if round {
             crate::bf16::round_in_place(dst);
         }
-    })
+    }
+}
+
+/// One value block as [`pack_values_rounded`] packs it.
+fn value_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ {
+    move |dst, values, bc, strides| {
+        value_panels(dst, plan.kb_pad, values, bc, plan.dv, strides);
+        if round {
+            crate::bf16::round_in_place(dst);
+        }
+    }
 }
 
 /// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / BLOCK_KEYS), Dv_pad / NR, kb_pad, NR]`: each value
@@ -35,12 +70,7 @@ pub(super) fn pack_keys_rounded(plan: &Plan, k: &View4<'_, f32>, round: bool, pa
 /// block's last key are left as they were (the products never read them).
 /// Each block's values are rounded to bf16 after it is packed when `round`.
 pub(super) fn pack_values_rounded(plan: &Plan, v: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
-    super::pack::pack_blocks(plan, v, plan.dv_pad * plan.kb_pad, par, |dst, values, bc, strides| {
-        value_panels(dst, plan.kb_pad, values, bc, plan.dv, strides);
-        if round {
-            crate::bf16::round_in_place(dst);
-        }
-    })
+    super::pack::pack_blocks(plan, v, plan.dv_pad * plan.kb_pad, par, value_packer(plan, round))
 }
 
 /// `bc` value rows (`values[j·strides[0] + c·strides[1]]`, `c < dv`) into panels of [`NR`]
@@ -182,6 +212,7 @@ fn pass1_scores(
     let keys = KeySource {
         k: ops.k.f32(),
         kt_packed: ops.kt_packed,
+        per_group: ops.packed_per_group.is_some(),
         kernel: ops.score_kernel,
     };
     let tile = ScoreTile {
@@ -198,6 +229,8 @@ fn pass1_scores(
 pub(crate) struct KeySource<'a> {
     pub k: View4<'a, f32>,
     pub kt_packed: Option<&'a [f32]>,
+    /// Whether `kt_packed` holds the keys of the tile's `(b, g)` alone (packed per `(b, g)`).
+    pub per_group: bool,
     pub kernel: ScoreKernel,
 }
 
@@ -247,7 +280,8 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     let kt: &[f32] = match keys.kt_packed {
         Some(packed) => {
             let blocks = plan.t.div_ceil(BLOCK_KEYS);
-            let index = (b * plan.g + g) * blocks + t0 / BLOCK_KEYS;
+            let group = if keys.per_group { 0 } else { b * plan.g + g };
+            let index = group * blocks + t0 / BLOCK_KEYS;
             &packed[index * d * plan.kb_pad..(index + 1) * d * plan.kb_pad]
         }
         None => {
@@ -381,7 +415,8 @@ fn pass4_weighted_values(
     // wide), or packed here into panels.
     let (v_ptr, ldv, v_panel) = if let Some(packed) = ops.v_packed {
         let blocks = plan.t.div_ceil(BLOCK_KEYS);
-        let index = (rows.b * plan.g + rows.g) * blocks + block.t0 / BLOCK_KEYS;
+        let [b, g, _] = ops.packed_at(rows, block.t0);
+        let index = (b * plan.g + g) * blocks + block.t0 / BLOCK_KEYS;
         let len = plan.kb_pad * dv_pad;
         let block_values = &packed[index * len..(index + 1) * len];
         (block_values.as_ptr(), NR, plan.kb_pad * NR)
