@@ -7,7 +7,9 @@ reports the median of each side's medians and their ratio. Run by `cargo xtask b
 With --bf16, attn runs `--dtype bf16` and PyTorch gets bf16 tensors (its bf16 SDPA); attn's f32
 is timed in the same rounds too, for the bf16 / f32 ratio. The decoding shape (at most 8 query
 rows per key/value head) holds K and V as bf16 bits on attn's side as well (`--kv-dtype bf16`,
-a bf16 KV cache); the prefill shapes give attn f32 K and V, rounded inside its timing.
+a bf16 KV cache); the prefill shapes give attn f32 K and V, rounded inside its timing (the main
+columns), and in the same rounds K and V as bf16 bits, as PyTorch's are (the last two columns;
+attn's queries stay f32).
 
 `--only-decode` times the decoding shape alone.
 
@@ -59,11 +61,15 @@ def time_torch(b, h, g, s, t, d, causal, dtype=torch.float32, min_seconds=0.5, m
     return statistics.median(times)
 
 
-def time_attn(binary, threads, b, h, g, s, t, d, causal, dtype="f32"):
+def decodes(h, g, s):
+    return s * h // g <= 8
+
+
+def time_attn(binary, threads, b, h, g, s, t, d, causal, dtype="f32", kv_bits=False):
     cmd = [binary, "bench", "sdpa", "--batch", str(b), "--heads", str(h), "--kv-heads", str(g), "--seq", str(s),
            "--kv-seq", str(t), "--head-dim", str(d), "--threads", str(threads), "--min-seconds", "0.5", "--json",
            "--dtype", dtype]
-    if dtype == "bf16" and s * h // g <= 8:
+    if dtype == "bf16" and (kv_bits or decodes(h, g, s)):
         cmd += ["--kv-dtype", "bf16"]
     if causal:
         cmd.append("--causal")
@@ -77,14 +83,16 @@ def main():
     bf16 = "--bf16" in sys.argv
     torch.set_num_threads(threads)
     rows = []
-    shapes = [x for x in SHAPES if x[3] * x[1] // x[2] <= 8] if "--only-decode" in sys.argv else SHAPES
+    shapes = [x for x in SHAPES if decodes(x[1], x[2], x[3])] if "--only-decode" in sys.argv else SHAPES
     for (b, h, g, s, t, d, causal) in shapes:
-        ours, theirs, ours_f32 = [], [], []
+        ours, theirs, ours_f32, ours_kv = [], [], [], []
         for _ in range(rounds):
             if bf16:
                 ours.append(time_attn(binary, threads, b, h, g, s, t, d, causal, "bf16"))
                 theirs.append(time_torch(b, h, g, s, t, d, causal, torch.bfloat16))
                 ours_f32.append(time_attn(binary, threads, b, h, g, s, t, d, causal, "f32"))
+                if not decodes(h, g, s):
+                    ours_kv.append(time_attn(binary, threads, b, h, g, s, t, d, causal, "bf16", kv_bits=True))
             elif len(ours) % 2 == 0:
                 ours.append(time_attn(binary, threads, b, h, g, s, t, d, causal))
                 theirs.append(time_torch(b, h, g, s, t, d, causal))
@@ -99,6 +107,9 @@ def main():
         if bf16:
             row["attn_f32_s"] = statistics.median(ours_f32)
             row["bf16_over_f32"] = row["attn_f32_s"] / o
+            if ours_kv:
+                row["attn_kv_bits_s"] = statistics.median(ours_kv)
+                row["kv_bits_round_speedups"] = sorted(x / y for x, y in zip(theirs, ours_kv))
         rows.append(row)
     if as_json:
         print(json.dumps({"torch": torch.__version__, "threads": threads, "rounds": rounds, "bf16": bf16,
@@ -107,12 +118,20 @@ def main():
     what = "bf16 (attn --dtype bf16, torch bf16 tensors)" if bf16 else "f32"
     print(f"torch {torch.__version__}, {what}, {threads} threads, {rounds} interleaved rounds, medians; "
           "'per round' is the median (range) of the per-round speed ratios")
-    extra = " attn f32 ms | attn bf16 / f32 speed |" if bf16 else ""
+    extra = " attn f32 ms | attn bf16 / f32 speed | attn, K V bf16 ms | its speed per round |" if bf16 else ""
     print(f"| B,H,G,S,T,D | causal | attn ms | torch ms | attn GFLOP/s | torch GFLOP/s | attn / torch speed "
           f"| per round |{extra}")
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if bf16 else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if bf16 else ""))
     for r in rows:
-        tail = f" {r['attn_f32_s']*1e3:.2f} | {r['bf16_over_f32']:.2f}x |" if bf16 else ""
+        tail = ""
+        if bf16:
+            tail = f" {r['attn_f32_s']*1e3:.2f} | {r['bf16_over_f32']:.2f}x |"
+            if "attn_kv_bits_s" in r:
+                kv = r["kv_bits_round_speedups"]
+                tail += (f" {r['attn_kv_bits_s']*1e3:.2f} | {statistics.median(kv):.2f}x "
+                         f"({kv[0]:.2f}–{kv[-1]:.2f}) |")
+            else:
+                tail += " (the main columns) | |"
         ratios = r["round_speedups"]
         per_round = f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}–{ratios[-1]:.2f})"
         print(f"| {','.join(map(str, r['shape']))} | {'yes' if r['causal'] else 'no'} | {r['attn_s']*1e3:.2f} | "

@@ -41,6 +41,52 @@ pub(crate) unsafe fn interleave16(lo: *const f32, hi: *const f32, out: *mut f32)
     }
 }
 
+/// 32 lanes of bf16 bits as [`super::canonical`] makes them: a zero exponent becomes a zero
+/// of its sign, a NaN is made quiet, the rest is kept.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn canonical32(h: __m512i) -> __m512i {
+    let exponent = _mm512_and_si512(h, _mm512_set1_epi16(0x7F80));
+    let zero_exponent = _mm512_cmpeq_epi16_mask(exponent, _mm512_setzero_si512());
+    let magnitude = _mm512_and_si512(h, _mm512_set1_epi16(0x7FFF));
+    let nan = _mm512_cmpgt_epu16_mask(magnitude, _mm512_set1_epi16(0x7F80));
+    let h = _mm512_mask_blend_epi16(zero_exponent, h, _mm512_and_si512(h, _mm512_set1_epi16(i16::MIN)));
+    _mm512_mask_blend_epi16(nan, h, _mm512_or_si512(h, _mm512_set1_epi16(0x0040)))
+}
+
+/// `n ≤ 16` words of bf16 pairs read from `src` (its first `2n` bits, two per word, in
+/// order), made canonical ([`super::canonical`]), into the 16 words at `out`, zeros past `n`:
+/// a step of a key packed straight from its bits.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for `2n` values and `out` writable for 16.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn bits_to_words16(src: *const u16, n: usize, out: *mut f32) {
+    let mask = if n >= 16 { u32::MAX } else { (1u32 << (2 * n)) - 1 };
+    // SAFETY: the masked load reads the first `2n` values only; the store is the caller's.
+    unsafe {
+        let h = _mm512_maskz_loadu_epi16(mask, src.cast());
+        _mm512_storeu_si512(out.cast(), canonical32(h));
+    }
+}
+
+/// `out[c]` the pair `(lo[c], hi[c])` of bf16 bits for 16 columns, each made canonical
+/// ([`super::canonical`]): two rows of values packed straight from their bits.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `lo` and `hi` readable for 16 values, `out` writable for 16.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn interleave_bits16(lo: *const u16, hi: *const u16, out: *mut f32) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let lo = _mm256_loadu_si256(lo.cast());
+        let hi = _mm256_loadu_si256(hi.cast());
+        let both = canonical32(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi));
+        let index = _mm512_loadu_si512(INDEX.as_ptr().cast());
+        _mm512_storeu_si512(out.cast(), _mm512_permutexvar_epi16(index, both));
+    }
+}
+
 /// The transpose of a 16 × 16 block of words: `out[l·ld + p] = rows[p][l]` (row `l` of the
 /// result at `out + l·ld`), by two rounds of unpacks within 128-bit lanes and two of lane
 /// shuffles.

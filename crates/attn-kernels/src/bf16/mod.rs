@@ -124,6 +124,18 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     (bits.wrapping_add(round) >> 16) as u16
 }
 
+/// `h` as rounding its f32 value gives it back: `f32_to_bf16(bf16_to_f32(h))` (a subnormal
+/// becomes a zero of its sign, a NaN is made quiet, every other value is kept), so that K and
+/// V packed straight from bf16 bits hold the words of K and V widened and then packed.
+#[inline]
+pub(crate) fn canonical(h: u16) -> u16 {
+    match h & 0x7F80 {
+        0 => h & 0x8000,
+        0x7F80 if h & 0x007F != 0 => h | 0x0040,
+        _ => h,
+    }
+}
+
 /// The f32 value of bf16 bits (exact).
 pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
@@ -615,6 +627,14 @@ mod tests {
         }
         assert!(Precision::F32.runs_natively());
         assert_eq!(Precision::Bf16.runs_natively(), crate::bf16_level() != Bf16Level::None);
+    }
+
+    /// `canonical` is rounding the widened value, for every one of the 65,536 bit patterns.
+    #[test]
+    fn canonical_bits_are_those_of_rounding_the_widened_value() {
+        for h in 0..=u16::MAX {
+            assert_eq!(canonical(h), f32_to_bf16(bf16_to_f32(h)), "{h:#06x}");
+        }
     }
 
     /// Rounding to nearest even at the bf16 boundary, and the special values.

@@ -79,10 +79,10 @@ pub(super) fn pack_keys(plan: &Plan, k: &View4<'_, f32>, amx: bool, par: Par) ->
     super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, key_packer(plan, amx))
 }
 
-/// [`pack_keys`] of keys held as bf16 bits ([`crate::attention_bf16_kv`]): each block's keys
-/// widened exactly into a buffer of the thread ([`widen_block`]), then packed as f32 keys are,
-/// so the packed words are those of [`pack_keys`] on the widened keys, and no widened copy of
-/// the whole of K is made.
+/// [`pack_keys`] of keys held as bf16 bits ([`crate::attention_bf16_kv`]): the words of
+/// [`pack_keys`] on the widened keys, read straight from the bits where they can be
+/// ([`key_bits_packer`]), else from each block widened exactly into a buffer of the thread
+/// ([`widen_block`]); no widened copy of the whole of K is made.
 pub(super) fn pack_keys_bits(plan: &Plan, k: &View4<'_, u16>, amx: bool, par: Par) -> Buffer {
     super::pack::pack_blocks(plan, k, key_block_len(plan, amx), par, key_bits_packer(plan, amx))
 }
@@ -108,13 +108,23 @@ fn key_packer(plan: &Plan, amx: bool) -> impl Packer<f32> + '_ {
     move |dst, keys, bc, strides| key_block(dst, keys, bc, strides, plan.d, pairs)
 }
 
-/// One key block of bf16 bits as [`pack_keys_bits`] packs it.
+/// One key block of bf16 bits as [`pack_keys_bits`] packs it: whole panels of 16 contiguous
+/// keys of an even `D` straight from the bits ([`key_bits_panels16`]), the rest widened
+/// exactly and packed as f32 keys are.
 fn key_bits_packer(plan: &Plan, amx: bool) -> impl Packer<u16> + '_ {
     let pairs = key_pairs(plan, amx);
-    move |dst, keys, bc, strides| {
-        let wide = widen_block(keys, bc, plan.d, strides);
-        key_block(dst, &wide, bc, [plan.d, 1], plan.d, pairs);
-        crate::buffer::give(wide);
+    move |dst, keys, bc, [rs, cs]| {
+        let whole = if cs == 1 && plan.d.is_multiple_of(2) {
+            key_bits_panels16(dst, keys, bc, plan.d, rs, pairs)
+        } else {
+            0
+        };
+        if whole < bc {
+            // `whole` is a multiple of 16: the rest start on a panel of their own.
+            let wide = widen_block(&keys[whole * rs..], bc - whole, plan.d, [rs, cs]);
+            key_block(&mut dst[whole * pairs..], &wide, bc - whole, [plan.d, 1], plan.d, pairs);
+            crate::buffer::give(wide);
+        }
     }
 }
 
@@ -201,6 +211,58 @@ fn key_panels16(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, rs: usize, p
     0
 }
 
+/// [`key_panels16`] of keys held as bf16 bits with an even `d`: each key's pairs are its
+/// bits read two at a time (as [`crate::bf16::canonical`] makes them: the words that rounding
+/// the widened keys gives), then each 16 × 16 block of words transposed into the panel. Returns
+/// how many keys it packed (0 without AVX-512); the caller packs the rest.
+fn key_bits_panels16(dst: &mut [f32], keys: &[u16], bc: usize, d: usize, rs: usize, pairs: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level().has_avx512bf16() {
+        let (steps, words, panels) = (pairs.div_ceil(STEP_PAIRS), d / 2, bc / 16);
+        assert!(d.is_multiple_of(2) && words <= pairs && dst.len() >= panels * pairs * 16);
+        assert!(panels == 0 || keys.len() >= (16 * panels - 1) * rs + d);
+        // `[steps][16 keys][16 words]`: each key's `d / 2` words, zeros past them.
+        let mut block = vec![[[0.0f32; 16]; 16]; steps];
+        let mut last = [[0.0f32; 16]; 16];
+        for panel in 0..panels {
+            for j in 0..16 {
+                let key = &keys[(16 * panel + j) * rs..][..d];
+                for (s, step) in block.iter_mut().enumerate() {
+                    let n = words.saturating_sub(16 * s).min(16);
+                    // SAFETY: the level was detected (AVX-512F/BW with it); the step's `2n`
+                    // values lie in `key`, and `step[j]` holds 16 words.
+                    unsafe {
+                        crate::bf16::avx512bf16::bits_to_words16(
+                            key.as_ptr().wrapping_add(32 * s),
+                            n,
+                            step[j].as_mut_ptr(),
+                        )
+                    };
+                }
+            }
+            let out = &mut dst[panel * pairs * 16..(panel + 1) * pairs * 16];
+            for (s, rows) in block.iter().enumerate() {
+                let n = (pairs - 16 * s).min(16);
+                // SAFETY: the level was detected (AVX-512F with it); a transpose writes 16 rows
+                // of 16 words, inside `out` for whole steps and into `last` for a partial one.
+                unsafe {
+                    if n == 16 {
+                        crate::bf16::avx512bf16::transpose16(rows, out[256 * s..].as_mut_ptr(), 16);
+                    } else {
+                        crate::bf16::avx512bf16::transpose16(rows, last.as_mut_ptr().cast(), 16);
+                        for (p, row) in last[..n].iter().enumerate() {
+                            out[256 * s + 16 * p..256 * s + 16 * p + 16].copy_from_slice(row);
+                        }
+                    }
+                }
+            }
+        }
+        return 16 * panels;
+    }
+    let _ = (dst, keys, bc, d, rs, pairs);
+    0
+}
+
 /// `v: [B, G, T, Dv]` rounded to bf16 and packed as the module describes, one block of
 /// [`value_block_len`] words per `(b, g, key block)`. The pair after an odd block's last value
 /// holds a zero (the probabilities' pad is zero too, and `0 · NaN` would not be); pairs past
@@ -209,9 +271,9 @@ pub(super) fn pack_values(plan: &Plan, v: &View4<'_, f32>, amx: bool, par: Par) 
     super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, value_packer(plan, amx))
 }
 
-/// [`pack_values`] of values held as bf16 bits: each block widened exactly into a buffer of the
-/// thread ([`widen_block`]), then packed as f32 values are (the words of [`pack_values`] on
-/// the widened values).
+/// [`pack_values`] of values held as bf16 bits: the words of [`pack_values`] on the widened
+/// values, paired straight from the bits where they can be ([`value_bits_packer`]), else from
+/// each block widened exactly into a buffer of the thread ([`widen_block`]).
 pub(super) fn pack_values_bits(plan: &Plan, v: &View4<'_, u16>, amx: bool, par: Par) -> Buffer {
     super::pack::pack_blocks(plan, v, value_block_len(plan, amx), par, value_bits_packer(plan, amx))
 }
@@ -222,13 +284,60 @@ fn value_packer(plan: &Plan, amx: bool) -> impl Packer<f32> + '_ {
     move |dst, values, bc, strides| value_block(dst, values, bc, strides, plan, pairs, amx)
 }
 
-/// One value block of bf16 bits as [`pack_values_bits`] packs it.
+/// One value block of bf16 bits as [`pack_values_bits`] packs it: contiguous rows whose `Dv`
+/// is a whole number of panels paired straight from the bits, else the block widened exactly
+/// and packed as f32 values are.
 fn value_bits_packer(plan: &Plan, amx: bool) -> impl Packer<u16> + '_ {
     let pairs = value_pairs(plan, amx);
-    move |dst, values, bc, strides| {
-        let wide = widen_block(values, bc, plan.dv, strides);
+    move |dst, values, bc, [rs, cs]| {
+        if cs == 1 && plan.dv == plan.dv_pad {
+            value_bits_block(dst, values, bc, rs, plan.dv, pairs, amx);
+            return;
+        }
+        let wide = widen_block(values, bc, plan.dv, [rs, cs]);
         value_block(dst, &wide, bc, [plan.dv, 1], plan, pairs, amx);
         crate::buffer::give(wide);
+    }
+}
+
+/// `out[c]` the pair of `lo[c]` and `hi[c]` for 16 columns, each made canonical
+/// ([`crate::bf16::canonical`]).
+fn interleave_bits(lo: &[u16], hi: &[u16], out: &mut [f32]) {
+    assert!(lo.len() >= 16 && hi.len() >= 16 && out.len() >= 16);
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level().has_avx512bf16() {
+        // SAFETY: the level was detected (AVX-512F/BW with it); the slices hold 16 values.
+        unsafe { crate::bf16::avx512bf16::interleave_bits16(lo.as_ptr(), hi.as_ptr(), out.as_mut_ptr()) };
+        return;
+    }
+    for ((word, &l), &h) in out[..16].iter_mut().zip(lo).zip(hi) {
+        *word = f32::from_bits(crate::bf16::canonical(l) as u32 | (crate::bf16::canonical(h) as u32) << 16);
+    }
+}
+
+/// [`value_block`] of `bc` contiguous rows of `dv` bf16 bits (`dv` a multiple of 16), rows `rs`
+/// apart: each word the pair of rows `2p` and `2p + 1` as [`crate::bf16::canonical`] makes
+/// them (the bits that rounding their widened values gives), a zero after an odd block's last
+/// row, zero pairs to the panel's end for `amx`.
+fn value_bits_block(dst: &mut [f32], values: &[u16], bc: usize, rs: usize, dv: usize, pairs: usize, amx: bool) {
+    let panel_len = pairs * 16;
+    assert!(dv.is_multiple_of(16) && bc.div_ceil(2) <= pairs && dst.len() >= dv / 16 * panel_len);
+    assert!(bc == 0 || values.len() >= (bc - 1) * rs + dv);
+    let zeros = [0u16; 16];
+    for p in 0..bc.div_ceil(2) {
+        let lo = &values[2 * p * rs..2 * p * rs + dv];
+        let hi = (2 * p + 1 < bc).then(|| &values[(2 * p + 1) * rs..(2 * p + 1) * rs + dv]);
+        for panel in 0..dv / 16 {
+            let out = &mut dst[panel * panel_len + p * 16..panel * panel_len + p * 16 + 16];
+            let lo = &lo[panel * 16..panel * 16 + 16];
+            let hi = hi.map_or(&zeros[..], |hi| &hi[panel * 16..panel * 16 + 16]);
+            interleave_bits(lo, hi, out);
+        }
+    }
+    if amx {
+        for panel in dst.chunks_exact_mut(panel_len) {
+            panel[bc.div_ceil(2) * 16..].fill(0.0);
+        }
     }
 }
 

@@ -329,3 +329,63 @@ fn strided_bits_and_shape_errors() {
     let err = attention_bf16_kv(out_view, None, qv, three_heads, three_heads, &options, Par::Seq).unwrap_err();
     assert!(matches!(err, crate::KernelError::HeadsNotDivisible { .. }), "{err}");
 }
+
+/// K and V packed straight from their bits hold the words of the widened values packed
+/// (`pack_keys_bits` against `pack_keys`, `pack_values_bits` against `pack_values`), in both
+/// layouts (pairs for `vdpbf16ps`, whole AMX steps), special bits among them: subnormals,
+/// negative zero, infinities, quiet and signalling NaN. Even and odd `D`, `Dv` a whole number
+/// of panels or not, whole and ragged panels of 16 keys, one key block and two.
+#[test]
+fn packed_bits_hold_the_words_of_the_packed_widened_values() {
+    use super::bf16::{key_block_len, key_pairs, pack_keys, pack_keys_bits, pack_values, pack_values_bits};
+    use super::bf16::{value_block_len, value_pairs};
+    const SPECIAL: [u16; 8] = [0x0001, 0x8040, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFF85];
+    for (d, dv, t) in [(64, 64, 300), (24, 32, 40), (33, 20, 50), (16, 16, 16)] {
+        let (b, g) = (2, 2);
+        let plan = super::Plan::new([b, 2 * g, 20, d], [g, t, dv]);
+        let bits = |seed, width: usize| {
+            let mut x = cache_bits(seed, [b, g, width], t);
+            for (i, h) in x.iter_mut().enumerate().filter(|(i, _)| i % 7 == 3) {
+                *h = SPECIAL[i % SPECIAL.len()];
+            }
+            x
+        };
+        let (k_bits, v_bits) = (bits(31, d), bits(32, dv));
+        let widen = |x: &[u16]| x.iter().map(|&h| bf16_to_f32(h)).collect::<Vec<f32>>();
+        let (k_wide, v_wide) = (widen(&k_bits), widen(&v_bits));
+        let kv = |width| [b, g, t, width];
+        for amx in [false, true] {
+            let what = format!("D {d}, Dv {dv}, T {t}, amx {amx}");
+            let blocks = t.div_ceil(super::BLOCK_KEYS);
+            let from_bits = pack_keys_bits(&plan, &View4::contiguous(&k_bits, kv(d)).unwrap(), amx, Par::Seq);
+            let from_wide = pack_keys(&plan, &View4::contiguous(&k_wide, kv(d)).unwrap(), amx, Par::Seq);
+            let (len, pairs) = (key_block_len(&plan, amx), key_pairs(&plan, amx));
+            for index in 0..b * g * blocks {
+                let bc = (t - index % blocks * super::BLOCK_KEYS).min(super::BLOCK_KEYS);
+                for j in 0..bc {
+                    for p in 0..pairs {
+                        let at = index * len + j / 16 * pairs * 16 + p * 16 + j % 16;
+                        let (x, y) = (from_bits[at].to_bits(), from_wide[at].to_bits());
+                        assert_eq!(x, y, "{what}: block {index}, key {j}, pair {p}");
+                    }
+                }
+            }
+            let from_bits = pack_values_bits(&plan, &View4::contiguous(&v_bits, kv(dv)).unwrap(), amx, Par::Seq);
+            let from_wide = pack_values(&plan, &View4::contiguous(&v_wide, kv(dv)).unwrap(), amx, Par::Seq);
+            let (len, pairs) = (value_block_len(&plan, amx), value_pairs(&plan, amx));
+            for index in 0..b * g * blocks {
+                let bc = (t - index % blocks * super::BLOCK_KEYS).min(super::BLOCK_KEYS);
+                let read = if amx { pairs } else { bc.div_ceil(2) };
+                for panel in 0..plan.dv_pad / 16 {
+                    for p in 0..read {
+                        for c in 0..16 {
+                            let at = index * len + panel * pairs * 16 + p * 16 + c;
+                            let (x, y) = (from_bits[at].to_bits(), from_wide[at].to_bits());
+                            assert_eq!(x, y, "{what}: block {index}, panel {panel}, pair {p}, column {c}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
