@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 35] = [
+const MUTANT_SCOPE: [(&str, &str); 37] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -16,7 +16,13 @@ const MUTANT_SCOPE: [(&str, &str); 35] = [
     ),
     (
         "crates/attn-kernels/src/flash/mod.rs",
-        "flash_impl|attend_unsplit|Dst::write_row",
+        "flash_impl|attend_unsplit|Dst::write_row|packs_per_group|attend_per_group|GroupPacked::holds|Operands::packed_at",
+    ),
+    // K and V packed per call or per `(b, g)`, and packed straight from bf16 bits.
+    ("crates/attn-kernels/src/flash/pack.rs", "pack_blocks|pack_group"),
+    (
+        "crates/attn-kernels/src/flash/bf16.rs",
+        "key_bits_packer|key_bits_panels16|value_bits_packer|value_bits_block|interleave_bits|pack_group",
     ),
     ("crates/attn-kernels/src/flash/split_kv.rs", "attend_split|merge_row"),
     ("crates/attn-kernels/src/softmax.rs", "softmax_row|masked_softmax"),

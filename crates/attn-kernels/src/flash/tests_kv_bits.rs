@@ -334,7 +334,8 @@ fn strided_bits_and_shape_errors() {
 /// (`pack_keys_bits` against `pack_keys`, `pack_values_bits` against `pack_values`), in both
 /// layouts (pairs for `vdpbf16ps`, whole AMX steps), special bits among them: subnormals,
 /// negative zero, infinities, quiet and signalling NaN. Even and odd `D`, `Dv` a whole number
-/// of panels or not, whole and ragged panels of 16 keys, one key block and two.
+/// of panels or not, whole and ragged panels of 16 keys, one key block and two, and the bits
+/// stored transposed (`[B, G, width, T]`, so a row's values are `T` apart).
 #[test]
 fn packed_bits_hold_the_words_of_the_packed_widened_values() {
     use super::bf16::{key_block_len, key_pairs, pack_keys, pack_keys_bits, pack_values, pack_values_bits};
@@ -354,10 +355,28 @@ fn packed_bits_hold_the_words_of_the_packed_widened_values() {
         let widen = |x: &[u16]| x.iter().map(|&h| bf16_to_f32(h)).collect::<Vec<f32>>();
         let (k_wide, v_wide) = (widen(&k_bits), widen(&v_bits));
         let kv = |width| [b, g, t, width];
-        for amx in [false, true] {
-            let what = format!("D {d}, Dv {dv}, T {t}, amx {amx}");
+        // The same values stored `[B, G, width, T]`, read through a transposed view.
+        let transposed = |x: &[u16], width: usize| {
+            let mut out = vec![0u16; x.len()];
+            for (i, &h) in x.iter().enumerate() {
+                let (bg, r, c) = (i / (t * width), i / width % t, i % width);
+                out[bg * t * width + c * t + r] = h;
+            }
+            out
+        };
+        let (k_stored, v_stored) = (transposed(&k_bits, d), transposed(&v_bits, dv));
+        fn view(x: &[u16], [b, g, t, width]: [usize; 4], strided: bool) -> View4<'_, u16> {
+            if strided {
+                View4::contiguous(x, [b, g, width, t]).unwrap().permuted([0, 1, 3, 2]).unwrap()
+            } else {
+                View4::contiguous(x, [b, g, t, width]).unwrap()
+            }
+        }
+        for (amx, strided) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("D {d}, Dv {dv}, T {t}, amx {amx}, strided {strided}");
             let blocks = t.div_ceil(super::BLOCK_KEYS);
-            let from_bits = pack_keys_bits(&plan, &View4::contiguous(&k_bits, kv(d)).unwrap(), amx, Par::Seq);
+            let (k_in, v_in) = if strided { (&k_stored, &v_stored) } else { (&k_bits, &v_bits) };
+            let from_bits = pack_keys_bits(&plan, &view(k_in, kv(d), strided), amx, Par::Seq);
             let from_wide = pack_keys(&plan, &View4::contiguous(&k_wide, kv(d)).unwrap(), amx, Par::Seq);
             let (len, pairs) = (key_block_len(&plan, amx), key_pairs(&plan, amx));
             for index in 0..b * g * blocks {
@@ -370,7 +389,7 @@ fn packed_bits_hold_the_words_of_the_packed_widened_values() {
                     }
                 }
             }
-            let from_bits = pack_values_bits(&plan, &View4::contiguous(&v_bits, kv(dv)).unwrap(), amx, Par::Seq);
+            let from_bits = pack_values_bits(&plan, &view(v_in, kv(dv), strided), amx, Par::Seq);
             let from_wide = pack_values(&plan, &View4::contiguous(&v_wide, kv(dv)).unwrap(), amx, Par::Seq);
             let (len, pairs) = (value_block_len(&plan, amx), value_pairs(&plan, amx));
             for index in 0..b * g * blocks {

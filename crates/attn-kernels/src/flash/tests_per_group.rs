@@ -21,7 +21,14 @@ fn packing_per_group_gives_the_bits_of_packing_per_call() {
 
 fn packing_per_group_gives_the_bits_of_packing_per_call_once() {
     let (b, h, g, s, t, d, dv) = (3, 8, 4, 50, 300, 33, 20);
-    assert!(packs_per_group(&Plan::new([b, h, s, d], [g, t, dv])));
+    let plan = Plan::new([b, h, s, d], [g, t, dv]);
+    assert!(packs_per_group(&plan));
+    FORCE_PACKING_FOR_THE_CALL.with(|f| f.set(true));
+    assert!(!packs_per_group(&plan), "the tests' switch packs for the call");
+    FORCE_PACKING_FOR_THE_CALL.with(|f| f.set(false));
+    // Calls of more keys, or with their keys split, pack for the call.
+    assert!(!packs_per_group(&Plan::new([b, h, s, d], [g, PER_GROUP_MAX_KEYS + 1, dv])));
+    assert!(!packs_per_group(&Plan::new([1, 8, 1, d], [8, 2048, dv])));
     let q = crate::testing::random_vec(b * h * s * d, 21);
     let k = crate::testing::random_vec(b * g * t * d, 22);
     let v = crate::testing::random_vec(b * g * t * dv, 23);
