@@ -356,6 +356,8 @@ fn corrupted_model_folders_are_errors_naming_the_file_and_field() {
         for word in words {
             assert!(err.contains(word), "{case}: `{word}` missing from: {err}");
         }
+        // The folder exists: the error is about its file, not the flag's path.
+        assert!(!err.contains("--model "), "{case}: {err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
@@ -422,5 +424,134 @@ fn embed_prints_a_table_and_embeds_blank_lines() {
     let kept = embed(&["--keep-blank"]);
     assert!(kept.status.success(), "{}", String::from_utf8_lossy(&kept.stderr));
     assert_eq!(kept.stdout, plain.stdout);
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// The table's cosine matrix is the cosines of the embedded rows (1 on the diagonal,
+/// symmetric, the values of `--json`'s rows), a sentence of 40 characters is shown whole and
+/// one of 41 clipped, and an input file without blank lines gets no warning about them.
+#[test]
+fn embed_table_holds_the_rows_cosines_and_clips_past_40_characters() {
+    let forty = "abcdefghij".repeat(4);
+    let forty_one = format!("{forty}k");
+    let texts = [
+        "a cat sat on the mat",
+        forty.as_str(),
+        forty_one.as_str(),
+        "stock prices fell",
+    ];
+    let run = |json: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_attn"));
+        command
+            .args(["embed", "--model"])
+            .arg(installed_model_dir())
+            .args(texts);
+        if json {
+            command.arg("--json");
+        }
+        let result = command.output().unwrap();
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        String::from_utf8(result.stdout).unwrap()
+    };
+    let table = run(false);
+    // A row: the index, the sentence as shown, then its first values in brackets.
+    let shown = |i: usize| {
+        let line = table.lines().find(|l| l.starts_with(&format!("{i:>3}  "))).unwrap();
+        line[5..line.find(" [").unwrap()].trim().to_string()
+    };
+    assert_eq!(shown(1), forty, "{table}");
+    assert_eq!(shown(2), format!("{forty}…"), "{table}");
+    let v: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    let rows: Vec<Vec<f64>> = v["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect();
+    let cosine = |a: &[f64], b: &[f64]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        dot / (a.iter().map(|x| x * x).sum::<f64>() * b.iter().map(|x| x * x).sum::<f64>()).sqrt()
+    };
+    let matrix: Vec<Vec<f64>> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("cosine similarity"))
+        .skip(2)
+        .map(|l| l.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(matrix.len(), 4, "{table}");
+    for (i, row) in matrix.iter().enumerate() {
+        assert_eq!(row.len(), 4, "{table}");
+        for (j, &shown) in row.iter().enumerate() {
+            let want = cosine(&rows[i], &rows[j]);
+            assert!(
+                (shown - want).abs() <= 5e-4,
+                "cosine {i}, {j}: shown {shown}, want {want}\n{table}"
+            );
+        }
+        assert_eq!(format!("{:.3}", row[i]), "1.000", "{table}");
+    }
+    assert!(matrix[0][3] < 0.9, "different sentences are not all alike: {table}");
+
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("attn-embed-noblank-{}.txt", std::process::id()));
+    std::fs::write(&file, "first\nsecond\n").unwrap();
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["embed", "--json", "--model"])
+        .arg(installed_model_dir())
+        .arg("--input")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!err.contains("blank"), "no blank line, no warning: {err}");
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// `attn bench embed` times every line of its input: its JSON says how many sentences, the
+/// precision, the rate (sentences over the median time) and the weights' bytes, and its plain
+/// report says the same rate and size.
+#[test]
+fn bench_embed_reports_its_rate_and_weights() {
+    let file =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-bench-embed-{}.txt", std::process::id()));
+    std::fs::write(&file, "one\ntwo sentences\nthree\n\nfive, the fourth was blank\n").unwrap();
+    let run = |json: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_attn"));
+        command
+            .args(["bench", "embed", "--model"])
+            .arg(installed_model_dir())
+            .arg("--input")
+            .arg(&file)
+            .args(["--min-runs", "2", "--min-seconds", "0", "--threads", "1"]);
+        if json {
+            command.arg("--json");
+        }
+        let result = command.output().unwrap();
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        String::from_utf8(result.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(run(true).trim()).unwrap();
+    assert_eq!(v["sentences"], 5, "{v}");
+    assert_eq!(v["dtype"], "f32", "{v}");
+    let (median, rate) = (v["median_s"].as_f64().unwrap(), v["sentences_per_s"].as_f64().unwrap());
+    assert!(median > 0.0 && (rate * median - 5.0).abs() < 1e-9, "{v}");
+    let bytes = v["weights_bytes"].as_u64().unwrap();
+    // all-MiniLM-L6-v2: 22.7 M parameters, f32.
+    assert!((80_000_000..100_000_000).contains(&bytes), "{v}");
+
+    let plain = run(false);
+    let number_before = |unit: &str| -> f64 {
+        let at = plain.find(unit).unwrap_or_else(|| panic!("no `{unit}` in {plain}"));
+        plain[..at].split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let (median_ms, rate, mb) = (
+        number_before(" ms  min"),
+        number_before(" sentences/s"),
+        number_before(" MB"),
+    );
+    // The rate is printed to 0.1 and the median to 0.001 ms.
+    assert!((rate - 5.0 / (median_ms / 1e3)).abs() <= 0.05 + rate * 1e-3, "{plain}");
+    assert!((mb - bytes as f64 / 1e6).abs() <= 0.05, "{plain}");
     std::fs::remove_file(&file).unwrap();
 }

@@ -367,7 +367,10 @@ fn packed_bits_hold_the_words_of_the_packed_widened_values() {
         let (k_stored, v_stored) = (transposed(&k_bits, d), transposed(&v_bits, dv));
         fn view(x: &[u16], [b, g, t, width]: [usize; 4], strided: bool) -> View4<'_, u16> {
             if strided {
-                View4::contiguous(x, [b, g, width, t]).unwrap().permuted([0, 1, 3, 2]).unwrap()
+                View4::contiguous(x, [b, g, width, t])
+                    .unwrap()
+                    .permuted([0, 1, 3, 2])
+                    .unwrap()
             } else {
                 View4::contiguous(x, [b, g, t, width]).unwrap()
             }
@@ -375,7 +378,11 @@ fn packed_bits_hold_the_words_of_the_packed_widened_values() {
         for (amx, strided) in [(false, false), (true, false), (false, true), (true, true)] {
             let what = format!("D {d}, Dv {dv}, T {t}, amx {amx}, strided {strided}");
             let blocks = t.div_ceil(super::BLOCK_KEYS);
-            let (k_in, v_in) = if strided { (&k_stored, &v_stored) } else { (&k_bits, &v_bits) };
+            let (k_in, v_in) = if strided {
+                (&k_stored, &v_stored)
+            } else {
+                (&k_bits, &v_bits)
+            };
             let from_bits = pack_keys_bits(&plan, &view(k_in, kv(d), strided), amx, Par::Seq);
             let from_wide = pack_keys(&plan, &View4::contiguous(&k_wide, kv(d)).unwrap(), amx, Par::Seq);
             let (len, pairs) = (key_block_len(&plan, amx), key_pairs(&plan, amx));

@@ -27,7 +27,10 @@ fn packing_per_group_gives_the_bits_of_packing_per_call_once() {
     assert!(!packs_per_group(&plan), "the tests' switch packs for the call");
     FORCE_PACKING_FOR_THE_CALL.with(|f| f.set(false));
     // Calls of more keys, or with their keys split, pack for the call.
-    assert!(!packs_per_group(&Plan::new([b, h, s, d], [g, PER_GROUP_MAX_KEYS + 1, dv])));
+    assert!(!packs_per_group(&Plan::new(
+        [b, h, s, d],
+        [g, PER_GROUP_MAX_KEYS + 1, dv]
+    )));
     assert!(!packs_per_group(&Plan::new([1, 8, 1, d], [8, 2048, dv])));
     let q = crate::testing::random_vec(b * h * s * d, 21);
     let k = crate::testing::random_vec(b * g * t * d, 22);
