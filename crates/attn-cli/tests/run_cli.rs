@@ -620,3 +620,49 @@ fn bf16_weights_run_in_bf16_as_their_f32_values() {
 /// alone, at `mha_long`, E = 64, 300 keys, outputs up to 26); the bound is about 9×. A wrong
 /// packing or pairing is off by the whole scale.
 const BF16_TOLERANCE: f64 = 9e-2;
+
+/// The memory cap of `--backward`: a layer keeps its forward's buffers per layer plus two
+/// (`LayerConfig::forward_bytes` × (layers + 2)), refused one byte under that with the backward
+/// named, run at it; one encoder layer (× 3) and a stack of two (× 4).
+#[test]
+fn backward_memory_is_the_forward_per_layer_plus_two() {
+    let dir = scratch_dir("backward-memory");
+    for (name, layers) in [("enc_layer_post_relu", 1u64), ("encoder_stack_norm", 2)] {
+        let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
+        let output = dir.join(format!("{name}.out.safetensors"));
+        let run = |input: &Path, limit: u64, extra: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_attn"))
+                .args(["run", "--config"])
+                .arg(f(".json"))
+                .arg("--weights")
+                .arg(f(".weights.safetensors"))
+                .arg("--input")
+                .arg(input)
+                .arg("--output")
+                .arg(&output)
+                .args(extra)
+                .env("ATTN_MAX_MEMORY", limit.to_string())
+                .output()
+                .unwrap()
+        };
+        // The forward's need, as its refusal at one byte states it.
+        let refused = run(&f(".in.safetensors"), 1, &[]);
+        let err = String::from_utf8_lossy(&refused.stderr);
+        let need = |err: &str| -> u64 {
+            let at = err.find(" bytes, over").unwrap_or_else(|| panic!("{name}: {err}"));
+            err[..at].split_whitespace().last().unwrap().parse().unwrap()
+        };
+        let forward = need(&err);
+        assert!(run(&f(".in.safetensors"), forward, &[]).status.success(), "{name}");
+        let backward = forward * (layers + 2);
+        let under = run(&f(".backward.in.safetensors"), backward - 1, &["--backward"]);
+        let err = String::from_utf8_lossy(&under.stderr);
+        assert_eq!(under.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains("the backward pass") && need(&err) == backward,
+            "{name}: {err}"
+        );
+        let at = run(&f(".backward.in.safetensors"), backward, &["--backward"]);
+        assert!(at.status.success(), "{name}: {}", String::from_utf8_lossy(&at.stderr));
+    }
+}
