@@ -22,6 +22,25 @@ fn read_all(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     read_all_bytes(&std::fs::read(path).unwrap())
 }
 
+/// Writes `(name, shape, values)` tensors as an F32 safetensors file.
+fn write_all(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let file = safetensors::serialize(
+        tensors.iter().map(|(n, s, d)| {
+            let bytes: Vec<u8> = d.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (
+                n.clone(),
+                OwnedView {
+                    shape: s.clone(),
+                    bytes,
+                },
+            )
+        }),
+        None,
+    )
+    .unwrap();
+    std::fs::write(path, file).unwrap();
+}
+
 fn read_all_bytes(bytes: &[u8]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let file = SafeTensors::deserialize(bytes).unwrap();
     let mut out: Vec<_> = file
@@ -246,21 +265,7 @@ fn backward_input_errors_name_grad_output() {
             data.extend(vec![0.0; data.len() / (shape[0] - 1)]);
         }
     }
-    let file = safetensors::serialize(
-        tensors.iter().map(|(n, s, d)| {
-            let bytes: Vec<u8> = d.iter().flat_map(|x| x.to_le_bytes()).collect();
-            (
-                n.clone(),
-                OwnedView {
-                    shape: s.clone(),
-                    bytes,
-                },
-            )
-        }),
-        None,
-    )
-    .unwrap();
-    std::fs::write(&bad, file).unwrap();
+    write_all(&bad, &tensors);
     let stderr = run_refused(&f(".json"), &f(".weights.safetensors"), &bad, &out, &["--backward"]);
     assert!(stderr.contains("`grad.output` has shape"), "{stderr}");
 }
@@ -664,5 +669,108 @@ fn backward_memory_is_the_forward_per_layer_plus_two() {
         );
         let at = run(&f(".backward.in.safetensors"), backward, &["--backward"]);
         assert!(at.status.success(), "{name}: {}", String::from_utf8_lossy(&at.stderr));
+    }
+}
+
+/// `attn run` takes PyTorch's fused self-attention path only when `query`, `key` and `value`
+/// hold the same numbers: the same module on the same query with other keys and values of the
+/// same shape gives another output.
+#[test]
+fn self_attention_path_only_for_equal_inputs() {
+    let dir = scratch_dir("self-attention");
+    let f = |suffix: &str| fixtures().join(format!("mha_self_fused{suffix}"));
+    let tensors = read_all(&f(".in.safetensors"));
+    let query = tensors.iter().find(|(n, _, _)| n == "query").unwrap().clone();
+    assert!(
+        tensors.iter().all(|(_, s, d)| *s == query.1 && *d == query.2),
+        "the fixture is q = k = v"
+    );
+    let run = |name: &str, tensors: &[(String, Vec<usize>, Vec<f32>)]| {
+        let (input, output) = (
+            dir.join(format!("{name}.in.safetensors")),
+            dir.join(format!("{name}.out.safetensors")),
+        );
+        write_all(&input, tensors);
+        let result = attn_run(&f(".json"), &f(".weights.safetensors"), &input, &output, &[]);
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        read_all(&output).into_iter().find(|(n, _, _)| n == "output").unwrap().2
+    };
+    let same = run("same", &tensors);
+    let other: Vec<_> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            let d = if n == "query" {
+                d.clone()
+            } else {
+                d.iter().map(|x| 0.5 - x).collect()
+            };
+            (n.clone(), s.clone(), d)
+        })
+        .collect();
+    let differ = run("other", &other);
+    let gap = same
+        .iter()
+        .zip(&differ)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        gap > 1e-2,
+        "other keys and values must change the output (largest change {gap})"
+    );
+}
+
+/// `query`, `key` and `value` must agree: all batched or all not, one batch size, keys and
+/// values of one length; each refusal says which.
+#[test]
+fn mha_inputs_must_agree_in_batching_and_lengths() {
+    let dir = scratch_dir("mha-agree");
+    let f = |suffix: &str| fixtures().join(format!("mha_basic{suffix}"));
+    let tensors = read_all(&f(".in.safetensors"));
+    // `[L, N, E]` (seq-first): key and value `[7, 2, 16]`, query `[5, 2, 16]`.
+    let edit = |name: &str, change: &dyn Fn(&mut Vec<usize>, &mut Vec<f32>)| {
+        let mut edited = tensors.clone();
+        for (n, s, d) in edited.iter_mut() {
+            if n == name {
+                change(s, d);
+            }
+        }
+        edited
+    };
+    let cases: Vec<(Vec<(String, Vec<usize>, Vec<f32>)>, &str)> = vec![
+        (
+            edit("key", &|s, d| {
+                // Batch 0 alone, unbatched: `[7, 16]`.
+                let rows: Vec<f32> = d.chunks(16).step_by(2).flatten().copied().collect();
+                *s = vec![7, 16];
+                *d = rows;
+            }),
+            "must all be batched (3-D) or all unbatched (2-D)",
+        ),
+        (
+            edit("value", &|s, d| {
+                s[0] = 6;
+                d.truncate(6 * 2 * 16);
+            }),
+            "got key 2×7, value 2×6",
+        ),
+        (
+            edit("key", &|s, d| {
+                s[1] = 1;
+                *d = d.chunks(16).step_by(2).flatten().copied().collect();
+            }),
+            "got key 1×7, value 2×7",
+        ),
+    ];
+    for (i, (tensors, want)) in cases.iter().enumerate() {
+        let input = dir.join(format!("case{i}.in.safetensors"));
+        write_all(&input, tensors);
+        let stderr = run_refused(
+            &f(".json"),
+            &f(".weights.safetensors"),
+            &input,
+            &dir.join("out.safetensors"),
+            &[],
+        );
+        assert!(stderr.contains(want), "case {i}: `{want}` missing from {stderr}");
     }
 }

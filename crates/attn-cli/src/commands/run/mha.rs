@@ -153,3 +153,47 @@ fn read_sequences<'f>(file: &'f TensorFile, layout: Layout) -> Result<([Sequence
         unbatched,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of F32 tensors `(name, shape, values)`, written and read back.
+    fn file(case: &str, tensors: &[(&str, &[usize], &[f32])]) -> TensorFile {
+        let path = std::env::temp_dir().join(format!("attn-same-inputs-{}-{case}.safetensors", std::process::id()));
+        crate::support::tensors::write_f32(&path, tensors).unwrap();
+        let file = TensorFile::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    /// The same inputs are three F32 tensors of one shape and equal numbers: another value in
+    /// the key or the value, another shape, NaN (equal to nothing) or a missing tensor is not.
+    #[test]
+    fn same_inputs_are_one_shape_and_equal_numbers() {
+        let (x, y, nan) = ([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 5.0], [1.0, f32::NAN, 3.0, 4.0]);
+        let three = |case, k: &[f32], v: &[f32], k_shape: &[usize]| {
+            same_inputs(&file(
+                case,
+                &[("query", &[2, 2], &x), ("key", k_shape, k), ("value", &[2, 2], v)],
+            ))
+        };
+        assert!(three("same", &x, &x, &[2, 2]));
+        assert!(!three("key", &y, &x, &[2, 2]));
+        assert!(!three("value", &x, &y, &[2, 2]));
+        assert!(!three("shape", &x, &x, &[4, 1]));
+        let all_nan = file(
+            "nan",
+            &[
+                ("query", &[2, 2], &nan),
+                ("key", &[2, 2], &nan),
+                ("value", &[2, 2], &nan),
+            ],
+        );
+        assert!(!same_inputs(&all_nan));
+        assert!(!same_inputs(&file(
+            "missing",
+            &[("query", &[2, 2], &x), ("key", &[2, 2], &x)]
+        )));
+    }
+}
