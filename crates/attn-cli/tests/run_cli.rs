@@ -22,6 +22,27 @@ fn read_all(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     read_all_bytes(&std::fs::read(path).unwrap())
 }
 
+/// The F32 tensors of a file, leaving out the others (boolean masks).
+fn read_f32_only(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = file
+        .tensors()
+        .into_iter()
+        .filter(|(_, t)| t.dtype() == Dtype::F32)
+        .map(|(n, t)| {
+            let data = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (n, t.shape().to_vec(), data)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// Writes `(name, shape, values)` tensors as an F32 safetensors file.
 fn write_all(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
     let file = safetensors::serialize(
@@ -627,12 +648,21 @@ fn bf16_weights_run_in_bf16_as_their_f32_values() {
 const BF16_TOLERANCE: f64 = 9e-2;
 
 /// The memory cap of `--backward`: a layer keeps its forward's buffers per layer plus two
-/// (`LayerConfig::forward_bytes` × (layers + 2)), refused one byte under that with the backward
-/// named, run at it; one encoder layer (× 3) and a stack of two (× 4).
+/// (`LayerConfig::forward_bytes` of all the tokens it sees, × (layers + 2)), refused one byte
+/// under that with the backward named, run at it: one encoder layer (× 3), stacks of two
+/// encoder and decoder layers (× 4, a decoder's tokens those of `tgt` and `memory`), and a
+/// transformer of 2 + 2 layers (× 6, the tokens of `src` and `tgt`). The forward's bytes per
+/// token come from its own refusal.
 #[test]
 fn backward_memory_is_the_forward_per_layer_plus_two() {
     let dir = scratch_dir("backward-memory");
-    for (name, layers) in [("enc_layer_post_relu", 1u64), ("encoder_stack_norm", 2)] {
+    let cases: [(&str, u64, &str, &[&str]); 4] = [
+        ("enc_layer_post_relu", 1, "src", &["src"]),
+        ("encoder_stack_norm", 2, "src", &["src"]),
+        ("decoder_stack_norm", 2, "tgt", &["tgt", "memory"]),
+        ("transformer_batch_first", 4, "src", &["src", "tgt"]),
+    ];
+    for (name, layers, first, seen) in cases {
         let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
         let output = dir.join(format!("{name}.out.safetensors"));
         let run = |input: &Path, limit: u64, extra: &[&str]| {
@@ -650,16 +680,27 @@ fn backward_memory_is_the_forward_per_layer_plus_two() {
                 .output()
                 .unwrap()
         };
-        // The forward's need, as its refusal at one byte states it.
-        let refused = run(&f(".in.safetensors"), 1, &[]);
-        let err = String::from_utf8_lossy(&refused.stderr);
+        // Tokens of a sequence input: its first two dimensions, batch-first or not.
+        let inputs = read_f32_only(&f(".backward.in.safetensors"));
+        let tokens = |input: &str| -> u64 {
+            let (_, shape, _) = inputs.iter().find(|(n, _, _)| n == input).unwrap();
+            (shape[0] * shape[1]) as u64
+        };
         let need = |err: &str| -> u64 {
             let at = err.find(" bytes, over").unwrap_or_else(|| panic!("{name}: {err}"));
             err[..at].split_whitespace().last().unwrap().parse().unwrap()
         };
+        // The forward's first check, on `first`, at a limit of one byte.
+        let refused = run(&f(".in.safetensors"), 1, &[]);
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains(&format!("a layer on `{first}`")), "{name}: {err}");
         let forward = need(&err);
-        assert!(run(&f(".in.safetensors"), forward, &[]).status.success(), "{name}");
-        let backward = forward * (layers + 2);
+        assert_eq!(forward % tokens(first), 0, "{name}: {err}");
+        assert!(
+            run(&f(".in.safetensors"), forward.max(1 << 20), &[]).status.success(),
+            "{name}"
+        );
+        let backward = forward / tokens(first) * seen.iter().map(|i| tokens(i)).sum::<u64>() * (layers + 2);
         let under = run(&f(".backward.in.safetensors"), backward - 1, &["--backward"]);
         let err = String::from_utf8_lossy(&under.stderr);
         assert_eq!(under.status.code(), Some(1), "{name}: {err}");
@@ -670,6 +711,74 @@ fn backward_memory_is_the_forward_per_layer_plus_two() {
         let at = run(&f(".backward.in.safetensors"), backward, &["--backward"]);
         assert!(at.status.success(), "{name}: {}", String::from_utf8_lossy(&at.stderr));
     }
+}
+
+/// A decoder's `memory` and a transformer's `src` and `tgt` must have one batch size; each
+/// refusal names the tensors. A transformer's 3-D `src_mask` is `[N·nhead, S, S]`: zeros there
+/// give the output of no mask. (The fixtures' boolean padding masks are left out.)
+#[test]
+fn layer_inputs_must_agree_in_batch_size() {
+    let dir = scratch_dir("layer-batches");
+    let cases = [
+        (
+            "decoder_stack_norm",
+            "memory",
+            "`memory` must have the batch size of `tgt` (2)",
+        ),
+        (
+            "transformer_batch_first",
+            "tgt",
+            "`src` and `tgt` must have one batch size (got 2 and 1)",
+        ),
+    ];
+    for (name, input, want) in cases {
+        let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
+        let mut tensors = read_f32_only(&f(".in.safetensors"));
+        for (n, shape, data) in tensors.iter_mut() {
+            // Batch-first: keep the first batch alone.
+            if n == input {
+                data.truncate(data.len() / shape[0]);
+                shape[0] = 1;
+            }
+        }
+        let bad = dir.join(format!("{name}.in.safetensors"));
+        write_all(&bad, &tensors);
+        let stderr = run_refused(
+            &f(".json"),
+            &f(".weights.safetensors"),
+            &bad,
+            &dir.join("out.safetensors"),
+            &[],
+        );
+        assert!(stderr.contains(want), "{name}: `{want}` missing from {stderr}");
+    }
+    let f = |suffix: &str| fixtures().join(format!("transformer_batch_first{suffix}"));
+    let plain = read_f32_only(&f(".in.safetensors"));
+    let (n, s) = {
+        let (_, shape, _) = plain.iter().find(|(n, _, _)| n == "src").unwrap();
+        (shape[0], shape[1])
+    };
+    let mut masked = plain.clone();
+    masked.push(("src_mask".to_string(), vec![n * 4, s, s], vec![0.0; n * 4 * s * s]));
+    let run = |tensors: &[(String, Vec<usize>, Vec<f32>)], case: &str| {
+        let (input, output) = (
+            dir.join(format!("{case}.in.safetensors")),
+            dir.join(format!("{case}.out.safetensors")),
+        );
+        write_all(&input, tensors);
+        let result = attn_run(&f(".json"), &f(".weights.safetensors"), &input, &output, &[]);
+        assert!(
+            result.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        std::fs::read(&output).unwrap()
+    };
+    assert_eq!(
+        run(&plain, "plain"),
+        run(&masked, "zero-mask"),
+        "a zero src_mask changes nothing"
+    );
 }
 
 /// `attn run` takes PyTorch's fused self-attention path only when `query`, `key` and `value`
