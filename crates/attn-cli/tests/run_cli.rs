@@ -650,17 +650,18 @@ const BF16_TOLERANCE: f64 = 9e-2;
 /// The memory cap of `--backward`: a layer keeps its forward's buffers per layer plus two
 /// (`LayerConfig::forward_bytes` of all the tokens it sees, × (layers + 2)), refused one byte
 /// under that with the backward named, run at it: one encoder layer (× 3), stacks of two
-/// encoder and decoder layers (× 4, a decoder's tokens those of `tgt` and `memory`), and a
-/// transformer of 2 + 2 layers (× 6, the tokens of `src` and `tgt`). The forward's bytes per
+/// encoder and decoder layers (× 4, a decoder's tokens those of `tgt` and `memory`), and
+/// transformers of 2 + 2 and 1 + 2 layers (× 6 and × 5, the tokens of `src` and `tgt`). The forward's bytes per
 /// token come from its own refusal.
 #[test]
 fn backward_memory_is_the_forward_per_layer_plus_two() {
     let dir = scratch_dir("backward-memory");
-    let cases: [(&str, u64, &str, &[&str]); 4] = [
+    let cases: [(&str, u64, &str, &[&str]); 5] = [
         ("enc_layer_post_relu", 1, "src", &["src"]),
         ("encoder_stack_norm", 2, "src", &["src"]),
         ("decoder_stack_norm", 2, "tgt", &["tgt", "memory"]),
         ("transformer_batch_first", 4, "src", &["src", "tgt"]),
+        ("transformer_seq_first_pre_norm_gelu", 3, "src", &["src", "tgt"]),
     ];
     for (name, layers, first, seen) in cases {
         let f = |suffix: &str| fixtures().join(format!("{name}{suffix}"));
