@@ -18,7 +18,10 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn read_all(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+/// `(name, shape, values)` of the tensors of a file.
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn read_all(path: &Path) -> Tensors {
     read_all_bytes(&std::fs::read(path).unwrap())
 }
 
@@ -846,7 +849,7 @@ fn mha_inputs_must_agree_in_batching_and_lengths() {
         }
         edited
     };
-    let cases: Vec<(Vec<(String, Vec<usize>, Vec<f32>)>, &str)> = vec![
+    let cases: Vec<(Tensors, &str)> = vec![
         (
             edit("key", &|s, d| {
                 // Batch 0 alone, unbatched: `[7, 16]`.
