@@ -179,36 +179,51 @@ fn key_panels16(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, rs: usize, p
         assert!(panels == 0 || keys.len() >= (16 * panels - 1) * rs + d);
         // `[steps][16 keys][16 words]`.
         let mut block = vec![[[0.0f32; 16]; 16]; steps];
-        let mut last = [[0.0f32; 16]; 16];
         for panel in 0..panels {
             let out = &mut dst[panel * pairs * 16..(panel + 1) * pairs * 16];
             // SAFETY: the level was detected; each key's `d ≤ 32·steps` values lie in `keys`
             // (checked); key `j`'s step `s` goes to the 16 words at `block[s][j]`, `256`
-            // words apart per step; a transpose writes 16 rows of 16 words, inside `out` for
-            // whole steps and into `last` for a partial one.
+            // words apart per step; `out` holds the panel's `pairs · 16` words.
             unsafe {
                 let base = block.as_mut_ptr().cast::<f32>();
                 for j in 0..16 {
                     let key = &keys[(16 * panel + j) * rs..][..d];
                     crate::bf16::avx512bf16::convert_row_steps(key, 1.0, steps, base.add(16 * j), 256);
                 }
-                for (s, words) in block.iter().enumerate() {
-                    let rows = (pairs - 16 * s).min(16);
-                    if rows == 16 {
-                        crate::bf16::avx512bf16::transpose16(words, out[256 * s..].as_mut_ptr(), 16);
-                    } else {
-                        crate::bf16::avx512bf16::transpose16(words, last.as_mut_ptr().cast(), 16);
-                        for (p, row) in last[..rows].iter().enumerate() {
-                            out[256 * s + 16 * p..256 * s + 16 * p + 16].copy_from_slice(row);
-                        }
-                    }
-                }
+                transpose_into_panel(&block, out, pairs);
             }
         }
         return 16 * panels;
     }
     let _ = (dst, keys, bc, d, rs, pairs);
     0
+}
+
+/// A panel of 16 keys from its steps (`block[s][j]`: key `j`'s words `16s .. 16s + 16`): each
+/// 16 × 16 block transposed into `out` (16 words per pair, step `s` from word `256·s`), only
+/// the `pairs − 16s` rows of a partial last step.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn transpose_into_panel(block: &[[[f32; 16]; 16]], out: &mut [f32], pairs: usize) {
+    assert!(out.len() >= pairs * 16 && block.len() * 16 >= pairs);
+    let mut last = [[0.0f32; 16]; 16];
+    for (s, rows) in block.iter().enumerate() {
+        let n = (pairs - 16 * s).min(16);
+        // SAFETY: AVX-512F by the caller's contract; a transpose writes 16 rows of 16 words,
+        // inside `out` for a whole step (checked above) and into `last` for a partial one.
+        unsafe {
+            if n == 16 {
+                crate::bf16::avx512bf16::transpose16(rows, out[256 * s..].as_mut_ptr(), 16);
+            } else {
+                crate::bf16::avx512bf16::transpose16(rows, last.as_mut_ptr().cast(), 16);
+                for (p, row) in last[..n].iter().enumerate() {
+                    out[256 * s + 16 * p..256 * s + 16 * p + 16].copy_from_slice(row);
+                }
+            }
+        }
+    }
 }
 
 /// [`key_panels16`] of keys held as bf16 bits with an even `d`: each key's pairs are its
@@ -223,7 +238,6 @@ fn key_bits_panels16(dst: &mut [f32], keys: &[u16], bc: usize, d: usize, rs: usi
         assert!(panels == 0 || keys.len() >= (16 * panels - 1) * rs + d);
         // `[steps][16 keys][16 words]`: each key's `d / 2` words, zeros past them.
         let mut block = vec![[[0.0f32; 16]; 16]; steps];
-        let mut last = [[0.0f32; 16]; 16];
         for panel in 0..panels {
             for j in 0..16 {
                 let key = &keys[(16 * panel + j) * rs..][..d];
@@ -241,21 +255,8 @@ fn key_bits_panels16(dst: &mut [f32], keys: &[u16], bc: usize, d: usize, rs: usi
                 }
             }
             let out = &mut dst[panel * pairs * 16..(panel + 1) * pairs * 16];
-            for (s, rows) in block.iter().enumerate() {
-                let n = (pairs - 16 * s).min(16);
-                // SAFETY: the level was detected (AVX-512F with it); a transpose writes 16 rows
-                // of 16 words, inside `out` for whole steps and into `last` for a partial one.
-                unsafe {
-                    if n == 16 {
-                        crate::bf16::avx512bf16::transpose16(rows, out[256 * s..].as_mut_ptr(), 16);
-                    } else {
-                        crate::bf16::avx512bf16::transpose16(rows, last.as_mut_ptr().cast(), 16);
-                        for (p, row) in last[..n].iter().enumerate() {
-                            out[256 * s + 16 * p..256 * s + 16 * p + 16].copy_from_slice(row);
-                        }
-                    }
-                }
-            }
+            // SAFETY: the level was detected (AVX-512F with it); `out` holds the panel.
+            unsafe { transpose_into_panel(&block, out, pairs) };
         }
         return 16 * panels;
     }
