@@ -810,6 +810,91 @@ fn bench_sweep_takes_a_dtype() {
     }
 }
 
+/// `attn bench sweep` asks `ATTN_PYTHON` for PyTorch's times (here a stand-in script that
+/// records its arguments and answers with fixed medians): the torch column is the FLOPs over
+/// those times, the script gets the shape, the causal flag, the threads, the lengths and the
+/// dtype; a script that fails leaves the column empty. attn's own columns are rates of a
+/// plausible size (no timing is checked beyond that).
+#[test]
+fn bench_sweep_reads_pytorch_through_attn_python() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-sweep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let args_file = dir.join("args.txt");
+    let script = |name: &str, body: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    };
+    // `python -c SCRIPT b h d causal threads seqs dtype`: the script's arguments after SCRIPT.
+    let answering = script(
+        "answering",
+        &format!(
+            "shift 2; echo \"$@\" > {}; echo \'{{\"16\": 0.5, \"32\": 0.25}}\'",
+            args_file.display()
+        ),
+    );
+    let failing = script("failing", "exit 3");
+    let sweep = |python: &std::path::Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args([
+                "bench",
+                "sweep",
+                "--seq",
+                "16,32",
+                "--batch",
+                "2",
+                "--heads",
+                "3",
+                "--head-dim",
+                "8",
+            ])
+            .args(["--json", "--quiet", "--threads", "1"])
+            .args(extra)
+            .env("ATTN_PYTHON", python)
+            .output()
+            .unwrap()
+    };
+    let result = sweep(&answering, &["--causal"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&args_file).unwrap().trim(),
+        "2 3 8 1 1 16,32 f32"
+    );
+    for (p, (seq, time)) in report["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([(16.0, 0.5), (32.0, 0.25)])
+    {
+        // Causal with S = T: half of 4·B·H·S·T·D.
+        let flops = 4.0 * 2.0 * 3.0 * seq * seq * 8.0 / 2.0;
+        let torch = p["torch_gflops"].as_f64().unwrap();
+        assert!(
+            (torch - flops / time / 1e9).abs() <= 1e-12 * torch.abs().max(1.0),
+            "{p}"
+        );
+        for column in ["flash_gflops", "unfused_gflops"] {
+            let rate = p[column].as_f64().unwrap();
+            assert!((1e-4..1e5).contains(&rate), "{column} is not a rate in GFLOP/s: {p}");
+        }
+    }
+    let result = sweep(&failing, &[]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert!(
+        report["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["torch_gflops"].is_null()),
+        "{report}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `bench sdpa --kv-dtype bf16` holds K and V as bf16 bits: its JSON says so and counts them at
 /// two bytes each; without `--dtype bf16` it is refused with the flags named.
 #[test]
