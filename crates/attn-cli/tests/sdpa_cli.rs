@@ -814,7 +814,8 @@ fn bench_sweep_takes_a_dtype() {
 /// records its arguments and answers with fixed medians): the torch column is the FLOPs over
 /// those times, the script gets the shape, the causal flag, the threads, the lengths and the
 /// dtype; a script that fails leaves the column empty. attn's own columns are rates of a
-/// plausible size (no timing is checked beyond that).
+/// plausible size (no timing is checked beyond that). With `--png` the plot is written, and
+/// said where only without `--json`.
 #[test]
 fn bench_sweep_reads_pytorch_through_attn_python() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("attn-sweep-{}", std::process::id()));
@@ -881,17 +882,35 @@ fn bench_sweep_reads_pytorch_through_attn_python() {
             assert!((1e-4..1e5).contains(&rate), "{column} is not a rate in GFLOP/s: {p}");
         }
     }
-    let result = sweep(&failing, &[]);
+    // With --png too: the JSON alone on stdout, the plot written.
+    let png = dir.join("sweep.png");
+    let result = sweep(&failing, &["--png", png.to_str().unwrap()]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
-    assert!(
-        report["points"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["torch_gflops"].is_null()),
-        "{report}"
-    );
+    let points = report["points"].as_array().unwrap();
+    assert!(points.iter().all(|p| p["torch_gflops"].is_null()), "{report}");
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    // Without --json the table, and where the plot went.
+    let plain = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args([
+            "bench",
+            "sweep",
+            "--seq",
+            "16",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--quiet",
+            "--png",
+        ])
+        .arg(&png)
+        .env("ATTN_PYTHON", &failing)
+        .output()
+        .unwrap();
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let out = String::from_utf8_lossy(&plain.stdout);
+    assert!(out.contains(&format!("wrote {}", png.display())), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
