@@ -911,6 +911,20 @@ fn bench_sweep_reads_pytorch_through_attn_python() {
     assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
     let out = String::from_utf8_lossy(&plain.stdout);
     assert!(out.contains(&format!("wrote {}", png.display())), "{out}");
+    assert!(
+        out.starts_with("| S = T | flash GFLOP/s | unfused GFLOP/s | PyTorch GFLOP/s |"),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("| 16 |"))
+        .unwrap_or_else(|| panic!("no row for 16: {out}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert_eq!(
+        (cells[4], cells[5]),
+        ("-", "flash"),
+        "no PyTorch column, and the path attn takes: {row}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
