@@ -920,11 +920,8 @@ fn bench_sweep_reads_pytorch_through_attn_python() {
         .find(|l| l.starts_with("| 16 |"))
         .unwrap_or_else(|| panic!("no row for 16: {out}"));
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    assert_eq!(
-        (cells[4], cells[5]),
-        ("-", "flash"),
-        "no PyTorch column, and the path attn takes: {row}"
-    );
+    assert_eq!(cells[4], "-", "no PyTorch column: {row}");
+    assert!(["flash", "unfused"].contains(&cells[5]), "the path attn takes: {row}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
