@@ -373,17 +373,24 @@ fn attend_unsplit(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bo
 
 /// Whether a call of `plan` that packs K and V packs them per `(b, g)` ([`attend_per_group`]) rather
 /// than once for the call before its tiles run: for calls whose keys are not split across
-/// tasks, of at most [`PER_GROUP_MAX_KEYS`] keys. The packed K and V are then one buffer of a
-/// `(b, g)` per thread, read from its cache, instead of buffers the size of K and V, written to
-/// memory and read back; and the call runs one parallel loop instead of three.
+/// tasks, of at most [`PER_GROUP_MAX_KEYS`] keys and at most [`PER_GROUP_MAX_FLOATS`] values
+/// of K and V per `(b, g)`. The packed K and V are then one buffer of a `(b, g)` per thread,
+/// read from its cache, instead of buffers the size of K and V, written to memory and read
+/// back; and the call runs one parallel loop instead of three.
 fn packs_per_group(plan: &Plan) -> bool {
-    plan.splits == 1 && plan.t <= PER_GROUP_MAX_KEYS && !packing_for_the_call_forced()
+    plan.splits == 1
+        && plan.t <= PER_GROUP_MAX_KEYS
+        && plan.t * (plan.d + plan.dv) <= PER_GROUP_MAX_FLOATS
+        && !packing_for_the_call_forced()
 }
 
-/// The most keys at which a call packs K and V per `(b, g)` ([`packs_per_group`]): each
-/// thread keeps the packing of one `(b, g)` between calls (at `D = Dv = 128`, 1 MiB each for
-/// K and V).
+/// The most keys at which a call packs K and V per `(b, g)` ([`packs_per_group`]).
 const PER_GROUP_MAX_KEYS: usize = 4096;
+
+/// The most values of K and V of one `(b, g)` at which a call packs them per `(b, g)`
+/// ([`packs_per_group`]): each thread keeps the packing of one `(b, g)` between calls, so this
+/// bounds what it keeps (4 MiB of f32, 4096 keys at `D = Dv = 128`).
+const PER_GROUP_MAX_FLOATS: usize = 1 << 20;
 
 #[cfg(test)]
 thread_local! {
@@ -414,7 +421,7 @@ fn attend_per_group(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> 
     let blocks = plan.t.div_ceil(BLOCK_KEYS);
     let lens = match packing {
         GroupPacking::Bf16 => [bf16::key_block_len(plan, ops.amx), bf16::value_block_len(plan, ops.amx)],
-        GroupPacking::F32 { .. } => [plan.d * plan.kb_pad, plan.dv_pad * plan.kb_pad],
+        GroupPacking::F32 { .. } => [tile::key_block_len(plan), tile::value_block_len(plan)],
     }
     .map(|len| len * blocks);
     let spoilt_rows = AtomicBool::new(false);
@@ -456,7 +463,7 @@ fn attend_per_group(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> 
 }
 
 /// The K and V of one `(b, g)` packed by a task of [`attend_per_group`] for call `call`, kept
-/// by the thread for its next task (and, at most [`PER_GROUP_MAX_KEYS`] keys each, between
+/// by the thread for its next task (and, at most [`PER_GROUP_MAX_FLOATS`] values, between
 /// calls).
 struct GroupPacked {
     call: u64,
@@ -540,8 +547,8 @@ enum GroupPacking {
 }
 
 impl Operands<'_, '_> {
-    /// The `[b, g, t0]` to look up key `t0` of the tile's rows in the packed bf16 operands
-    /// (`bf16::packed_block`): `(b, g)` is the first and only one when packed per group.
+    /// The `[b, g, t0]` to look up key `t0` of the tile's rows in the packed operands (f32 or
+    /// bf16): `(b, g)` is the first and only one when packed per group.
     fn packed_at(&self, rows: &scratch::TileRows, t0: usize) -> [usize; 3] {
         if self.packed_per_group.is_some() {
             [0, 0, t0]

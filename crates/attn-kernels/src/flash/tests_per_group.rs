@@ -32,6 +32,15 @@ fn packing_per_group_gives_the_bits_of_packing_per_call_once() {
         [g, PER_GROUP_MAX_KEYS + 1, dv]
     )));
     assert!(!packs_per_group(&Plan::new([1, 8, 1, d], [8, 2048, dv])));
+    // Nor those whose K and V of one `(b, g)` exceed what a thread keeps (eight batches: not split).
+    assert!(packs_per_group(&Plan::new(
+        [8, h, s, 128],
+        [g, PER_GROUP_MAX_KEYS, 128]
+    )));
+    assert!(!packs_per_group(&Plan::new(
+        [8, h, s, 128],
+        [g, PER_GROUP_MAX_KEYS, 129]
+    )));
     let q = crate::testing::random_vec(b * h * s * d, 21);
     let k = crate::testing::random_vec(b * g * t * d, 22);
     let v = crate::testing::random_vec(b * g * t * dv, 23);

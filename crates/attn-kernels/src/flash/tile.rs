@@ -22,7 +22,7 @@ pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) ->
 /// [`pack_keys_transposed`], each block's values rounded to bf16 after it is packed when
 /// `round`.
 pub(super) fn pack_keys_rounded(plan: &Plan, k: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
-    super::pack::pack_blocks(plan, k, plan.d * plan.kb_pad, par, key_packer(plan, round))
+    super::pack::pack_blocks(plan, k, key_block_len(plan), par, key_packer(plan, round))
 }
 
 /// The K and V of `(b, g)` alone into `keys` and `values`: the words of [`pack_keys_rounded`]
@@ -34,15 +34,18 @@ pub(super) fn pack_group(
     bg: [usize; 2],
     [keys, values]: [&mut [f32]; 2],
 ) {
-    super::pack::pack_group(plan, &k, plan.d * plan.kb_pad, bg, keys, key_packer(plan, round));
-    super::pack::pack_group(
-        plan,
-        &v,
-        plan.dv_pad * plan.kb_pad,
-        bg,
-        values,
-        value_packer(plan, round),
-    );
+    super::pack::pack_group(plan, &k, key_block_len(plan), bg, keys, key_packer(plan, round));
+    super::pack::pack_group(plan, &v, value_block_len(plan), bg, values, value_packer(plan, round));
+}
+
+/// The floats of one packed key block: `D` by `kb_pad` keys.
+pub(super) fn key_block_len(plan: &Plan) -> usize {
+    plan.d * plan.kb_pad
+}
+
+/// The floats of one packed value block: `kb_pad` keys by `Dv_pad` columns.
+pub(super) fn value_block_len(plan: &Plan) -> usize {
+    plan.dv_pad * plan.kb_pad
 }
 
 /// One key block as [`pack_keys_rounded`] packs it.
@@ -70,7 +73,7 @@ fn value_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ 
 /// block's last key are left as they were (the products never read them).
 /// Each block's values are rounded to bf16 after it is packed when `round`.
 pub(super) fn pack_values_rounded(plan: &Plan, v: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
-    super::pack::pack_blocks(plan, v, plan.dv_pad * plan.kb_pad, par, value_packer(plan, round))
+    super::pack::pack_blocks(plan, v, value_block_len(plan), par, value_packer(plan, round))
 }
 
 /// `bc` value rows (`values[j·strides[0] + c·strides[1]]`, `c < dv`) into panels of [`NR`]
