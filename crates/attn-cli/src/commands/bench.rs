@@ -97,8 +97,8 @@ pub struct SdpaArgs {
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
     /// `bf16`: K and V held as bf16 bits before the timing (a bf16 KV cache), read in place
-    /// when decoding (at most 8 query rows per key/value head), widened otherwise; needs
-    /// --dtype bf16.
+    /// when decoding (at most 8 query rows per key/value head), packed straight from the bits
+    /// otherwise; needs --dtype bf16.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     kv_dtype: Dtype,
     #[command(flatten)]

@@ -16,8 +16,10 @@ use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precis
 /// Decoding in [`Precision::Bf16`] at the AVX512-BF16 and AMX levels (at most
 /// [`DECODE_ROWS`] query rows per key/value head, each key and value row contiguous) reads
 /// the bits in place, so K and V stream at half the bytes of f32 and nothing is widened. Other
-/// calls in bf16 with those levels pack K and V once for the call straight from the bits (a key
-/// block at a time, widened exactly into a small buffer and packed as f32 K and V are), so no
+/// calls in bf16 with those levels pack K and V straight from the bits (per `(b, g)` by the
+/// tasks, or once for the call, as f32 K and V are packed): keys of an even `D` and values of
+/// whole panels in contiguous rows are rearranged as words of bits without widening, the rest
+/// widened exactly a block at a time into a small buffer and packed as f32 values are, so no
 /// f32 copy of K and V is made. The rest (f32, or no bf16 instructions) widen K and V into f32
 /// copies and run [`crate::attention`] on them: the same result, at the cost of the copies.
 /// So does a call in which a non-finite value reached a row (the repair of
