@@ -397,6 +397,14 @@ fn check_passes_on_this_machine() {
     assert!(checks
         .iter()
         .all(|c| c["max_error"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap()));
+    // Every error was measured: f32 paths against f64 references are never exact over these
+    // inputs (the smallest here is about 6e-10), so a zero would mean nothing was compared.
+    assert!(
+        checks
+            .iter()
+            .all(|c| c["max_error"].as_f64().unwrap() > 0.0 && c["ok"] == true),
+        "{report}"
+    );
 }
 
 #[test]
@@ -697,6 +705,86 @@ fn bench_gemm_weight_layout() {
     }
 }
 
+/// That a bench's `key` (GFLOP/s or GB/s) is `per_run / median_s`: its work over its median.
+fn assert_rate(v: &serde_json::Value, key: &str, per_run: f64) {
+    let want = per_run / v["median_s"].as_f64().unwrap();
+    let got = v[key].as_f64().unwrap();
+    assert!((got - want).abs() <= 1e-9 * want, "{key} {got}, expected {want}: {v}");
+}
+
+/// `attn bench gemm` reports `2·M·N·K` flops over its median and the product that ran: f32
+/// (plain or with `B` packed) or, where the CPU has bf16 instructions, bf16.
+#[test]
+fn bench_gemm_reports_its_rate_and_the_product_that_ran() {
+    let (m, n, k) = (64, 96, 48);
+    let shape = [
+        "--m",
+        "64",
+        "--n",
+        "96",
+        "--k",
+        "48",
+        "--min-runs",
+        "1",
+        "--min-seconds",
+        "0",
+        "--json",
+    ];
+    for extra in [&[][..], &["--packed"], &["--dtype", "bf16"]] {
+        let result = attn(&[&["bench", "gemm"][..], &shape, extra].concat());
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+        assert_eq!(
+            (v["m"].as_u64(), v["n"].as_u64(), v["k"].as_u64()),
+            (Some(64), Some(96), Some(48))
+        );
+        let bf16 = extra.contains(&"bf16") && v["bf16"] != "none";
+        assert_eq!(v["dtype"], if bf16 { "bf16" } else { "f32" }, "{extra:?}: {v}");
+        assert_eq!(v["packed"], extra.contains(&"--packed"), "{v}");
+        assert_rate(&v, "gflops", 2.0 * (m * n * k) as f64 / 1e9);
+    }
+}
+
+/// `bench sdpa --path unfused` times the unfused path and says so; bf16 runs neither there nor
+/// with `--backward` (each refusal one line on stderr, exit 1, naming the flags).
+#[test]
+fn bench_sdpa_unfused_path_and_what_bf16_refuses() {
+    let base = [
+        "bench",
+        "sdpa",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--seq",
+        "24",
+        "--head-dim",
+        "8",
+        "--min-runs",
+        "1",
+        "--min-seconds",
+        "0",
+    ];
+    let result = attn(&[&base[..], &["--path", "unfused", "--json"]].concat());
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(
+        (v["path"].as_str(), v["dtype"].as_str()),
+        (Some("unfused"), Some("f32")),
+        "{v}"
+    );
+    assert_rate(&v, "gflops", 4.0 * 2.0 * 24.0 * 24.0 * 8.0 / 1e9);
+    for (flags, named) in [
+        (&["--path", "unfused"][..], "--path flash"),
+        (&["--backward"][..], "drop --backward"),
+    ] {
+        let result = attn(&[&base[..], flags, &["--dtype", "bf16"]].concat());
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains(named) && err.trim_end().lines().count() == 1, "{err}");
+    }
+}
+
 /// `attn bench bandwidth` reads every word of its buffer (it checks the sum) and reports GB/s
 /// with the level and thread count, as the other benches do.
 #[test]
@@ -720,6 +808,7 @@ fn bench_bandwidth_reports_read_bandwidth() {
     assert_eq!(v["bytes"], 64 * 1024 * 1024);
     assert_eq!(v["threads"], 2);
     assert!(v["gbps"].as_f64().unwrap() > 0.0 && v["simd"].is_string(), "{v}");
+    assert_rate(&v, "gbps", 64.0 * 1024.0 * 1024.0 / 1e9);
     let too_small = attn(&["bench", "bandwidth", "--mib", "1"]);
     assert_eq!(too_small.status.code(), Some(2));
 }

@@ -245,7 +245,7 @@ fn bandwidth(args: BandwidthArgs) -> Result<()> {
     let bytes = args.mib as usize * 1024 * 1024;
     crate::support::memory::check(bytes as u128, "bench bandwidth (the buffer)")?;
     let words = bytes / 8;
-    let (stats, n, checksum) = args.threads.install(|n| {
+    let (stats, n, checksum, read) = args.threads.install(|n| {
         // Written once, so every page is backed by memory before the timing.
         let buffer: Vec<u64> = (0..words as u64).collect();
         let chunk = words.div_ceil(n);
@@ -259,17 +259,18 @@ fn bandwidth(args: BandwidthArgs) -> Result<()> {
         let stats = measure(budget, || {
             std::hint::black_box(sum());
         });
-        Ok((stats, n, checksum))
+        // The bytes each timed run reads: the buffer's, which the report gives.
+        Ok((stats, n, checksum, std::mem::size_of_val(&buffer[..])))
     })?;
     // The sum of 0..words modulo 2^64 (computed exactly, then reduced): every word was read.
     let want = ((words as u128) * (words as u128 - 1) / 2) as u64;
     anyhow::ensure!(checksum == want, "bandwidth: read {checksum}, expected {want}");
-    let gbps = bytes as f64 / stats.median_s / 1e9;
+    let gbps = read as f64 / stats.median_s / 1e9;
     if args.flags.json {
         println!(
             "{}",
             json!({
-                "op": "bandwidth", "bytes": bytes, "threads": n, "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
+                "op": "bandwidth", "bytes": read, "threads": n, "simd": simd_level().to_string(), "bf16": bf16_level().to_string(),
                 "median_s": stats.median_s, "min_s": stats.min_s, "runs": stats.runs, "gbps": gbps,
             })
         );
@@ -320,7 +321,8 @@ pub fn gemm_bench(
     product(&mut c)?;
     let stats = measure(budget, || product(&mut c).expect("shapes checked above"));
     let gflops = 2.0 * (m * n * k) as f64 / stats.median_s / 1e9;
-    let dtype_name = dtype.name();
+    // The product that ran, not the one asked for.
+    let dtype_name = if packed.is_some() { Dtype::Bf16 } else { Dtype::F32 }.name();
     Ok(if as_json {
         json!({
             "op": "gemm", "m": m, "n": n, "k": k, "dtype": dtype_name, "weight": weight, "packed": panels.is_some(),
