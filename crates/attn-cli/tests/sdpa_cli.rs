@@ -377,23 +377,46 @@ fn check_passes_on_this_machine() {
     let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
     assert_eq!(report["failed"], 0, "{report}");
     let checks = report["checks"].as_array().unwrap();
-    assert!(checks.len() >= 22, "{report}");
-    // Every backward path of every configuration is checked too.
-    for path in ["one-pass", "two-pass", "unfused"] {
-        let n = checks
-            .iter()
-            .filter(|c| c["path"].as_str().unwrap().starts_with(&format!("backward {path}")))
-            .count();
-        assert_eq!(n, 3, "{path}: {report}");
+    // Every check, in order, named by what it covered: the GEMM each product ran on (faer's
+    // for the small one everywhere), what hides keys, and the backward path training would
+    // choose for the shape.
+    use attn_nn::core::kernels::{backward_path, gemm_bf16_route, gemm_route, BackwardPath};
+    let mut want = vec!["exp (relative) on [-87, 0]".to_string()];
+    for (m, n, k) in [(130, 270, 300), (129, 131, 67)] {
+        want.push(format!("gemm ({}) {m}×{k}·{k}×{n}", gemm_route([m, n, k])));
+        want.push(format!(
+            "gemm bf16 ({}) {m}×{k}·{k}×{n}, error / Σ|a·b|",
+            gemm_bf16_route()
+        ));
     }
-    // Two f32 GEMM rows, each naming the GEMM it ran on: the small one is faer's everywhere.
-    let gemms: Vec<&str> = checks
-        .iter()
-        .filter_map(|c| c["path"].as_str())
-        .filter(|p| p.starts_with("gemm (own)") || p.starts_with("gemm (faer)"))
-        .collect();
-    assert_eq!(gemms.len(), 2, "{report}");
-    assert_eq!(gemms[1], "gemm (faer) 129×67·67×131", "{report}");
+    assert_eq!(gemm_route([129, 131, 67]), "faer");
+    for (label, [bg, s, t]) in [
+        ("MHA B=2 H=4 S=T=200 D=64", [8, 200, 200]),
+        ("GQA H=8 G=2, top-left causal, mask, key lengths", [4, 130, 130]),
+        ("decode (split keys) H=8 G=2 T=3000, bottom-right causal", [2, 1, 3000]),
+    ] {
+        want.extend([format!("flash {label}"), format!("unfused {label}")]);
+        for (path, name) in [
+            (BackwardPath::OnePass, "one-pass"),
+            (BackwardPath::TwoPass, "two-pass"),
+            (BackwardPath::Unfused, "unfused"),
+        ] {
+            let chosen = if backward_path(bg, s, t) == path {
+                " (chosen)"
+            } else {
+                ""
+            };
+            want.push(format!("backward {name}{chosen} {label}"));
+        }
+        want.push(format!("weights {label}"));
+    }
+    want.extend(["multihead_attention module".into(), "transformer_encoder_layer".into()]);
+    let got: Vec<&str> = checks.iter().map(|c| c["path"].as_str().unwrap()).collect();
+    assert_eq!(got, want);
+    // The bf16 products' bounds are the f32 sums' alone, (K + 1)·2^-24.
+    for (i, k) in [(2, 300), (4, 67)] {
+        assert_eq!(checks[i]["tolerance"], (k + 1) as f64 * 2f64.powi(-24), "{report}");
+    }
     assert!(checks
         .iter()
         .all(|c| c["max_error"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap()));

@@ -34,6 +34,58 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     Ok((value, t0.elapsed().as_secs_f64()))
 }
 
+/// Whether two runs gave the same bits in every part (a path gives the same bits on any number
+/// of threads).
+fn same_bits(a: &[&[f32]], b: &[&[f32]]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.len() == y.len() && x.iter().zip(y.iter()).all(|(p, q)| p.to_bits() == q.to_bits()))
+}
+
+/// The largest `|got - want|` over the parts, divided by `scale`: NaN when any part's is (a NaN
+/// is never within tolerance, which `f64::max` would drop).
+fn worst_error(got: &[&[f32]], want: &[&[f64]], scale: f64) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| max_abs(g, w))
+        .fold(0.0f64, |worst, e| if e.is_nan() || e > worst { e } else { worst })
+        / scale
+}
+
+/// The largest of `errors`, NaN when any is.
+fn worst_of(errors: impl IntoIterator<Item = f64>) -> f64 {
+    errors
+        .into_iter()
+        .fold(0.0f64, |worst, e| if e.is_nan() || e > worst { e } else { worst })
+}
+
+/// A mask over `[s, t]` that keeps about 80% of the scores and hides the rest, and key lengths
+/// that shrink over the batch (`t` for the first sequence, `t - i·t/(2b)` for the `i`-th): what
+/// the masked configurations hide.
+fn key_masks(b: usize, s: usize, t: usize) -> (Vec<bool>, Vec<usize>) {
+    let allowed = random_vec(s * t, 4).iter().map(|&x| x > -0.6).collect();
+    let key_lengths = (0..b).map(|i| t - (i * t / (2 * b.max(1))).min(t)).collect();
+    (allowed, key_lengths)
+}
+
+/// What of `options` hides keys, as the rows' labels name it (`", top-left causal, mask, key
+/// lengths"`; empty for nothing), so that a label says what was checked.
+fn hiding(options: &AttentionOptions<'_>) -> String {
+    let causal = match options.causal {
+        Causal::None => None,
+        Causal::TopLeft => Some("top-left causal"),
+        Causal::BottomRight => Some("bottom-right causal"),
+    };
+    let mask = (!matches!(options.mask, Mask::None)).then_some("mask");
+    let lengths = options.key_lengths.is_some().then_some("key lengths");
+    [causal, mask, lengths]
+        .into_iter()
+        .flatten()
+        .map(|p| format!(", {p}"))
+        .collect()
+}
+
 /// One attention configuration through flash (sequential and parallel), unfused and weights.
 fn attention_rows(
     rows: &mut Vec<Row>,
@@ -46,8 +98,7 @@ fn attention_rows(
     let q = random_vec(b * h * s * d, 1);
     let k = random_vec(b * g * t * d, 2);
     let v = random_vec(b * g * t * d, 3);
-    let allowed: Vec<bool> = random_vec(s * t, 4).iter().map(|&x| x > -0.6).collect();
-    let key_lengths: Vec<usize> = (0..b).map(|i| t - (i * t / (2 * b.max(1))).min(t)).collect();
+    let (allowed, key_lengths) = key_masks(b, s, t);
     let options = AttentionOptions {
         causal,
         mask: if masked {
@@ -58,6 +109,7 @@ fn attention_rows(
         key_lengths: lengths.then_some(&key_lengths[..]),
         ..Default::default()
     };
+    let label = &format!("{label}{}", hiding(&options));
     let (qv, kv, vv) = (
         View4::contiguous(&q, [b, h, s, d])?,
         View4::contiguous(&k, [b, g, t, d])?,
@@ -81,14 +133,13 @@ fn attention_rows(
     };
     let (seq_out, seq_lse, _) = run(Par::Seq, false)?;
     let (out, lse, secs) = run(Par::Rayon, false)?;
-    let bits_differ = seq_out.iter().zip(&out).any(|(a, b)| a.to_bits() != b.to_bits())
-        || seq_lse.iter().zip(&lse).any(|(a, b)| a.to_bits() != b.to_bits());
+    let same = same_bits(&[&seq_out, &seq_lse], &[&out, &lse]);
     rows.push(Row {
-        path: format!("flash {label}{}", if bits_differ { " (threads DIFFER)" } else { "" }),
-        error: if bits_differ {
-            f64::INFINITY
+        path: format!("flash {label}{}", if same { "" } else { " (threads DIFFER)" }),
+        error: if same {
+            worst_error(&[&out, &lse], &[&reference.out, &reference.lse], 1.0)
         } else {
-            max_abs(&out, &reference.out).max(max_abs(&lse, &reference.lse))
+            f64::INFINITY
         },
         tolerance: 2e-5,
         seconds: secs,
@@ -96,7 +147,7 @@ fn attention_rows(
     let (out, lse, secs) = run(Par::Rayon, true)?;
     rows.push(Row {
         path: format!("unfused {label}"),
-        error: max_abs(&out, &reference.out).max(max_abs(&lse, &reference.lse)),
+        error: worst_error(&[&out, &lse], &[&reference.out, &reference.lse], 1.0),
         tolerance: 2e-5,
         seconds: secs,
     });
@@ -184,15 +235,8 @@ fn backward_rows(
     for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
         let (seq, _) = run(path, Par::Seq)?;
         let (par, secs) = run(path, Par::Rayon)?;
-        let same_bits = seq
-            .iter()
-            .zip(&par)
-            .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
-        let error = [(&par[0], &want.dq), (&par[1], &want.dk), (&par[2], &want.dv)]
-            .iter()
-            .map(|(got, want)| max_abs(got, want))
-            .fold(0.0f64, |worst, e| if e.is_nan() || e > worst { e } else { worst })
-            / largest;
+        let same_bits = same_bits(&[&seq[0], &seq[1], &seq[2]], &[&par[0], &par[1], &par[2]]);
+        let error = worst_error(&[&par[0], &par[1], &par[2]], &[&want.dq, &want.dk, &want.dv], largest);
         let name = format!("{path:?}").to_lowercase().replace("pass", "-pass");
         rows.push(Row {
             path: format!(
@@ -309,7 +353,7 @@ fn run(threads: usize, as_json: bool) -> Result<()> {
     )?;
     attention_rows(
         &mut rows,
-        "GQA H=8 G=2 causal, mask, lengths",
+        "GQA H=8 G=2",
         [2, 8, 2, 130, 130, 32],
         Causal::TopLeft,
         true,
@@ -337,14 +381,9 @@ fn kernel_rows(rows: &mut Vec<Row>) -> Result<()> {
         exp_slice(&mut ys);
         Ok(())
     })?;
-    let exp_err = xs
-        .iter()
-        .zip(&ys)
-        .map(|(&x, &y)| ((y as f64 - (x as f64).exp()) / (x as f64).exp()).abs())
-        .fold(0.0, f64::max);
     rows.push(Row {
-        path: "exp (relative)".into(),
-        error: exp_err,
+        path: format!("exp (relative) on [{}, {}]", xs[0], xs[xs.len() - 1]),
+        error: exp_error(&xs, &ys),
         tolerance: 2.5e-7,
         seconds: secs,
     });
@@ -391,27 +430,39 @@ fn kernel_rows(rows: &mut Vec<Row>) -> Result<()> {
             )?)
         })?;
         let rounded = packed.widened();
-        let mut worst = 0.0f64;
-        for i in 0..m {
-            for j in 0..n {
-                let (mut sum, mut abs) = (0.0f64, 0.0f64);
-                for p in 0..k {
-                    let term = round_to_bf16(a[i * k + p]) as f64 * rounded[p * n + j] as f64;
-                    sum += term;
-                    abs += term.abs();
-                }
-                worst = worst.max((c[i * n + j] as f64 - sum).abs() / abs.max(f64::MIN_POSITIVE));
-            }
-        }
         rows.push(Row {
             path: format!("gemm bf16 ({}) {m}×{k}·{k}×{n}, error / Σ|a·b|", gemm_bf16_route()),
-            error: worst,
+            error: bf16_gemm_error(&c, &a, &rounded, [m, n, k]),
             tolerance: (k + 1) as f64 * 2f64.powi(-24),
             seconds: secs,
         });
     }
 
     Ok(())
+}
+
+/// The largest relative error of `ys = e^xs` against f64 (NaN when any is).
+fn exp_error(xs: &[f32], ys: &[f32]) -> f64 {
+    worst_of(xs.iter().zip(ys).map(|(&x, &y)| {
+        let want = (x as f64).exp();
+        ((y as f64 - want) / want).abs()
+    }))
+}
+
+/// The largest error of the bf16 product `c = a·b` (`[m, k]·[k, n]`, `b` already rounded)
+/// against the f64 sums of the bf16-rounded operands, each relative to its `Σ|â·b̂|` (NaN when
+/// any is).
+fn bf16_gemm_error(c: &[f32], a: &[f32], rounded_b: &[f32], [m, n, k]: [usize; 3]) -> f64 {
+    worst_of((0..m * n).map(|ij| {
+        let (i, j) = (ij / n, ij % n);
+        let (mut sum, mut abs) = (0.0f64, 0.0f64);
+        for p in 0..k {
+            let term = round_to_bf16(a[i * k + p]) as f64 * rounded_b[p * n + j] as f64;
+            sum += term;
+            abs += term.abs();
+        }
+        (c[ij] as f64 - sum).abs() / abs.max(f64::MIN_POSITIVE)
+    }))
 }
 
 /// The multi-head attention module and a post-norm encoder layer against the f64 definition.
@@ -528,4 +579,176 @@ fn report(rows: &[Row], threads: usize, as_json: bool) -> Result<()> {
         bail!("{failed} check(s) outside tolerance on this machine");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(error: f64, tolerance: f64) -> Row {
+        Row {
+            path: "p".into(),
+            error,
+            tolerance,
+            seconds: 0.0,
+        }
+    }
+
+    /// A check passes at its tolerance and fails past it; a NaN or infinite error fails; the
+    /// error counts the failures, in either output.
+    #[test]
+    fn report_fails_past_a_tolerance_and_on_nan() {
+        for as_json in [false, true] {
+            assert!(report(&[row(1e-6, 1e-5), row(1e-5, 1e-5)], 1, as_json).is_ok());
+            let err = report(&[row(1e-6, 1e-5), row(1.1e-5, 1e-5)], 1, as_json).unwrap_err();
+            assert_eq!(err.to_string(), "1 check(s) outside tolerance on this machine");
+            let err = report(
+                &[row(f64::NAN, 1e-5), row(f64::INFINITY, 1e-5), row(0.0, 1e-5)],
+                1,
+                as_json,
+            )
+            .unwrap_err();
+            assert_eq!(err.to_string(), "2 check(s) outside tolerance on this machine");
+        }
+    }
+
+    /// The f64 references by their definitions on hand-worked inputs.
+    #[test]
+    fn f64_references_follow_their_definitions() {
+        // x = [[1, 2], [3, -1]], W = [[1, 0], [2, -1], [0.5, 3]], b = [0.5, -1, 2]: rows 1..3
+        // of W·x + b.
+        let x = [1.0, 2.0, 3.0, -1.0];
+        let w = [1.0f32, 0.0, 2.0, -1.0, 0.5, 3.0];
+        let b = [0.5f32, -1.0, 2.0];
+        assert_eq!(linear_f64(&x, &w, Some(&b), 1..3, 2), [-1.0, 8.5, 6.0, 0.5]);
+        assert_eq!(linear_f64(&x, &w, None, 0..1, 2), [1.0, 3.0]);
+        // [1, 2, 6]: mean 3, variance 14/3, with eps = 1/3 a deviation of √5; scaled by w and
+        // shifted by b.
+        let mut row = [1.0, 2.0, 6.0];
+        layer_norm_f64(&mut row, &[2.0, 3.0, -0.5], &[0.0, 1.0, 0.5], 3, 1.0 / 3.0);
+        let r = 5f64.sqrt();
+        for (got, want) in row.iter().zip([-4.0 / r, 1.0 - 3.0 / r, 0.5 - 1.5 / r]) {
+            assert!((got - want).abs() < 1e-12, "{row:?}");
+        }
+    }
+
+    /// Two runs agree only bit for bit in every part: `-0` is not `+0`, a NaN is itself.
+    #[test]
+    fn same_bits_means_every_bit_of_every_part() {
+        let (a, b) = ([1.0f32, f32::NAN], [2.0f32]);
+        assert!(same_bits(&[&a, &b], &[&[1.0, f32::NAN], &[2.0]]));
+        assert!(!same_bits(&[&a, &b], &[&a, &[2.0000002]]));
+        assert!(!same_bits(&[&[0.0]], &[&[-0.0]]));
+        assert!(!same_bits(&[&a, &b], &[&a]));
+        assert!(!same_bits(&[&a], &[&a[..1]]));
+    }
+
+    /// The worst error over every part, scaled; a NaN in any part wins over larger numbers.
+    #[test]
+    fn worst_error_takes_every_part_and_keeps_nan() {
+        let got: [&[f32]; 2] = [&[1.0, 2.0], &[0.0]];
+        assert_eq!(worst_error(&got, &[&[1.0, 2.5], &[0.25]], 1.0), 0.5);
+        assert_eq!(worst_error(&got, &[&[1.0, 2.0], &[0.25]], 0.5), 0.5);
+        assert_eq!(worst_error(&got, &[&[1.0, 2.5], &[0.25]], 2.0), 0.25);
+        assert!(worst_error(&[&[f32::NAN], &[0.0]], &[&[1.0], &[9.0]], 1.0).is_nan());
+        assert!(worst_of([1.0, f64::NAN, 2.0]).is_nan());
+        assert_eq!(worst_of([1.0, 3.0, 2.0]), 3.0);
+    }
+
+    /// The masked configuration's mask hides some scores and keeps most, and its key lengths
+    /// cut all but the first sequence short.
+    #[test]
+    fn key_masks_hide_some_keys() {
+        let (allowed, lengths) = key_masks(2, 130, 130);
+        let kept = allowed.iter().filter(|&&a| a).count() as f64 / allowed.len() as f64;
+        assert!((0.7..0.9).contains(&kept), "{kept}");
+        assert_eq!(lengths, [130, 98]);
+        assert_eq!(key_masks(4, 3, 40).1, [40, 35, 30, 25]);
+    }
+
+    /// A label names what hides keys.
+    #[test]
+    fn labels_name_what_hides_keys() {
+        let lengths = [3, 2];
+        let allowed = [true; 4];
+        let mut options = AttentionOptions::default();
+        assert_eq!(hiding(&options), "");
+        options.causal = Causal::TopLeft;
+        assert_eq!(hiding(&options), ", top-left causal");
+        options.causal = Causal::BottomRight;
+        options.mask = Mask::Allowed(View4::new(&allowed, [1, 1, 2, 2], [0, 0, 2, 1]).unwrap());
+        options.key_lengths = Some(&lengths);
+        assert_eq!(hiding(&options), ", bottom-right causal, mask, key lengths");
+    }
+
+    /// `exp`'s error is relative at every point, small arguments included; a NaN fails.
+    #[test]
+    fn exp_error_is_relative_everywhere() {
+        let xs = [-30.0f32, -10.0, 0.0];
+        let scaled: Vec<f32> = xs.iter().map(|&x| ((x as f64).exp() * (1.0 + 1e-3)) as f32).collect();
+        assert!((exp_error(&xs, &scaled) - 1e-3).abs() < 1e-6);
+        let only_small = [scaled[0], (-10.0f64).exp() as f32, 1.0];
+        assert!((exp_error(&xs, &only_small) - 1e-3).abs() < 1e-6);
+        assert!(exp_error(&xs, &[f32::NAN, 4.539_993e-5, 1.0]).is_nan());
+    }
+
+    /// The bf16 product's error is per element, relative to that element's `Σ|â·b̂|`.
+    #[test]
+    fn bf16_gemm_error_is_relative_to_each_sum_of_magnitudes() {
+        // [1, -2]·[3, 1]ᵀ = 1 with Σ|a·b| = 5: 1.5 is 0.1 off.
+        assert!((bf16_gemm_error(&[1.5], &[1.0, -2.0], &[3.0, 1.0], [1, 1, 2]) - 0.1).abs() < 1e-12);
+        // [1, 2]ᵀ·[3, 4] = [[3, 4], [6, 8]]: only element (1, 0) is off, by 0.6 of 6.
+        let c = [3.0f32, 4.0, 6.6, 8.0];
+        let got = bf16_gemm_error(&c, &[1.0, 2.0], &[3.0, 4.0], [2, 2, 1]);
+        assert!((got - 0.1).abs() < 1e-6, "{got}");
+        assert_eq!(
+            bf16_gemm_error(&[3.0, 4.0, 6.0, 8.0], &[1.0, 2.0], &[3.0, 4.0], [2, 2, 1]),
+            0.0
+        );
+        assert!(bf16_gemm_error(&[f32::NAN, 4.0, 6.0, 8.0], &[1.0, 2.0], &[3.0, 4.0], [2, 2, 1]).is_nan());
+        // The operand `a` is rounded to bf16 first: 1 + 2^-10 is 1 in bf16.
+        assert_eq!(bf16_gemm_error(&[3.0], &[1.0 + 1.0 / 1024.0], &[3.0], [1, 1, 1]), 0.0);
+    }
+
+    /// `mha_f64` against an independent f64 reference: the projections by `linear_f64`, each
+    /// head by the kernels' `attention_reference`, the output projection again.
+    #[test]
+    fn mha_reference_is_attention_between_its_projections() {
+        let (b, s, e, h) = (2, 5, 8, 2);
+        let d = e / h;
+        let mut config = MhaConfig::new(e, h);
+        config.batch_first = true;
+        let dict = MultiHeadAttention::with_seed(config, 3).unwrap().state_dict();
+        let x: Vec<f64> = random_vec(b * s * e, 4).iter().map(|&v| v as f64).collect();
+        let (w, bias) = (dict["in_proj_weight"].data(), dict["in_proj_bias"].data());
+        // [B, S, E] f64 -> [B, H, S, D] f32 (exact: the reference takes f32 views).
+        let heads = |rows: std::ops::Range<usize>| -> Vec<f32> {
+            let y = linear_f64(&x, w, Some(bias), rows, e);
+            let mut out = vec![0.0f32; b * s * e];
+            for (i, v) in y.iter().enumerate() {
+                let (bi, si, c) = (i / (s * e), i / e % s, i % e);
+                out[((bi * h + c / d) * s + si) * d + c % d] = *v as f32;
+            }
+            out
+        };
+        let (q, k, v) = (heads(0..e), heads(e..2 * e), heads(2 * e..3 * e));
+        let [qv, kv, vv] = [&q, &k, &v].map(|t| View4::contiguous(t, [b, h, s, d]).unwrap());
+        let reference = attention_reference(qv, kv, vv, &AttentionOptions::default());
+        let mut concat = vec![0.0f64; b * s * e];
+        for (i, o) in reference.out.iter().enumerate() {
+            let (bh, si, c) = (i / (s * d), i / d % s, i % d);
+            concat[((bh / h) * s + si) * e + (bh % h) * d + c] = *o;
+        }
+        let want = linear_f64(
+            &concat,
+            dict["out_proj.weight"].data(),
+            Some(dict["out_proj.bias"].data()),
+            0..e,
+            e,
+        );
+        // Q, K and V rounded to f32 for the kernels' reference: about 1e-7 apart.
+        let got = mha_f64(&dict, &x, [b, s, e, h]);
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-5, "{worst}");
+    }
 }
