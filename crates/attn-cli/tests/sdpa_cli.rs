@@ -772,22 +772,9 @@ fn bench_gemm_reports_its_rate_and_the_product_that_ran() {
 /// with `--backward` (each refusal one line on stderr, exit 1, naming the flags).
 #[test]
 fn bench_sdpa_unfused_path_and_what_bf16_refuses() {
-    let base = [
-        "bench",
-        "sdpa",
-        "--batch",
-        "1",
-        "--heads",
-        "2",
-        "--seq",
-        "24",
-        "--head-dim",
-        "8",
-        "--min-runs",
-        "1",
-        "--min-seconds",
-        "0",
-    ];
+    let base: Vec<&str> = "bench sdpa --batch 1 --heads 2 --seq 24 --head-dim 8 --min-runs 1 --min-seconds 0"
+        .split(' ')
+        .collect();
     let result = attn(&[&base[..], &["--path", "unfused", "--json"]].concat());
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     let v: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
