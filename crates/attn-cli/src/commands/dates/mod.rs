@@ -174,6 +174,21 @@ mod tests {
         assert!(is_leap(2000) && is_leap(2024) && !is_leap(1900) && !is_leap(2100) && !is_leap(2001));
     }
 
+    /// `days_in_month` is the number of days the calendar walk (`from_day_number`, other
+    /// arithmetic) gives every month of 1900–2099: 28, 29, 30 or 31, never merely enough.
+    #[test]
+    fn days_in_month_counts_the_calendars_days() {
+        let mut counts = std::collections::BTreeMap::new();
+        for n in 0..DAYS {
+            let d = Date::from_day_number(n);
+            *counts.entry((d.year, d.month)).or_insert(0usize) += 1;
+        }
+        assert_eq!(counts.len(), 200 * 12);
+        for ((year, month), days) in counts {
+            assert_eq!(days_in_month(year, month), days, "{year}-{month}");
+        }
+    }
+
     #[test]
     fn spellings() {
         let d = Date::from_day_number(day_of("1911-05-08"));
@@ -189,6 +204,42 @@ mod tests {
         assert_eq!(d.spell(0, zeros), "08 May 1911");
         // Ordinals never take a zero.
         assert_eq!(d.spell(8, zeros), "the 8th of May 1911");
+        // Every ordinal ending: 1st, 2nd, 3rd, but 11th, 12th, 13th, and again 21st, 22nd, 23rd.
+        let endings: Vec<String> = [1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 24, 31]
+            .iter()
+            .map(|&day| Date { day, ..d }.spell(9, Spelling::default()))
+            .collect();
+        let want = [
+            "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "24th", "31st",
+        ];
+        for (got, want) in endings.iter().zip(want) {
+            assert_eq!(got, &format!("May {want}, 1911"));
+        }
+    }
+
+    /// The splits never move: the shipped model trained on the train split, and its held-out
+    /// accuracy is measured on the test split, so a change to the hash that assigns them would
+    /// put test dates, real or not, into training. A digest (FNV-1a over the split of each
+    /// triple) of years 1890–2110, months 0–19 and days 0–39 pins them, taken from the code of
+    /// 2026-12-05; changing it means retraining the shipped model.
+    #[test]
+    fn splits_never_move() {
+        let mut digest = 0xcbf2_9ce4_8422_2325u64;
+        let mut real = 0;
+        for year in 1890..=2110 {
+            for month in 0..20 {
+                for day in 0..40 {
+                    digest = (digest ^ split_of_triple(year, month, day) as u64).wrapping_mul(0x100_0000_01b3);
+                    real += usize::from(
+                        YEARS.contains(&year)
+                            && (1..=12).contains(&month)
+                            && (1..=days_in_month(year, month)).contains(&day),
+                    );
+                }
+            }
+        }
+        assert_eq!(real, DAYS as usize);
+        assert_eq!(digest, 0x8eba_559c_d0ee_f16c, "the splits moved");
     }
 
     #[test]
