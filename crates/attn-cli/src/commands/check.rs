@@ -46,11 +46,7 @@ fn same_bits(a: &[&[f32]], b: &[&[f32]]) -> bool {
 /// The largest `|got - want|` over the parts, divided by `scale`: NaN when any part's is (a NaN
 /// is never within tolerance, which `f64::max` would drop).
 fn worst_error(got: &[&[f32]], want: &[&[f64]], scale: f64) -> f64 {
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| max_abs(g, w))
-        .fold(0.0f64, |worst, e| if e.is_nan() || e > worst { e } else { worst })
-        / scale
+    worst_of(got.iter().zip(want).map(|(g, w)| max_abs(g, w))) / scale
 }
 
 /// The largest of `errors`, NaN when any is.
