@@ -821,6 +821,7 @@ fn self_attention_path_only_for_equal_inputs() {
         })
         .collect();
     let differ = run("other", &other);
+    assert!(same.iter().chain(&differ).all(|x| x.is_finite()));
     let gap = same
         .iter()
         .zip(&differ)
