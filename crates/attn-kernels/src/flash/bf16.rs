@@ -207,7 +207,6 @@ fn key_panels16(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, rs: usize, p
 /// AVX-512F must be available.
 #[cfg(target_arch = "x86_64")]
 unsafe fn transpose_into_panel(block: &[[[f32; 16]; 16]], out: &mut [f32], pairs: usize) {
-    // One step per 16 pairs, exactly: a step past them would write past `out`.
     assert!(out.len() >= pairs * 16 && block.len() == pairs.div_ceil(16));
     let mut last = [[0.0f32; 16]; 16];
     for (s, rows) in block.iter().enumerate() {
