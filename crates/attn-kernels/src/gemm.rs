@@ -66,6 +66,21 @@ impl Par {
         }
     }
 
+    /// Runs `task(i)` for every `i < tasks`: in order on the calling thread (`Seq`), or on the
+    /// current rayon pool as one job per task (`Rayon`), so that a thread that runs out of work
+    /// can take single tasks from the others. Rayon's default splitting stops once a range is
+    /// split about `threads` ways (unless stolen) and runs each part as one sequential job; the
+    /// thread that finishes first then waits on the other's part, which on calls of a few
+    /// hundred microseconds cost up to a tenth of a call (docs/PERFORMANCE.md). For tasks of a
+    /// few microseconds or more: each is one rayon job.
+    pub(crate) fn for_each_task(self, tasks: usize, task: impl Fn(usize) + Sync + Send) {
+        use rayon::prelude::*;
+        match self {
+            Par::Seq => (0..tasks).for_each(task),
+            Par::Rayon => (0..tasks).into_par_iter().with_max_len(1).for_each(task),
+        }
+    }
+
     pub(crate) fn to_faer(self) -> faer::Par {
         match self {
             Par::Seq => faer::Par::Seq,
@@ -334,6 +349,27 @@ pub fn gemm_reference(dst: &mut [f64], accum: Accum, lhs: View2<'_, f32>, rhs: V
 mod tests {
     use super::*;
     use crate::testing::{assert_close, random_vec};
+
+    /// `for_each_task` runs every task once, on one thread or on every thread of the pool.
+    #[test]
+    fn for_each_task_runs_every_task_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for threads in 1..=3 {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for par in [Par::Seq, Par::Rayon] {
+                for tasks in [0, 1, 2, 7, 96] {
+                    let counts: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                    pool.install(|| {
+                        par.for_each_task(tasks, |i| {
+                            counts[i].fetch_add(1, Ordering::Relaxed);
+                        })
+                    });
+                    let counts: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+                    assert_eq!(counts, vec![1; tasks], "{par:?}, {threads} threads, {tasks} tasks");
+                }
+            }
+        }
+    }
 
     /// `ATTN_GEMM` names `faer`, `own` or nothing; anything else is an error naming the value
     /// and the accepted ones.

@@ -183,10 +183,7 @@ fn run(tasks: usize, par: Par, body: impl Fn(&mut Scratch, usize) + Sync + Send)
         body(&mut scratch, task);
         SCRATCH.set(Some(scratch));
     };
-    match par {
-        Par::Seq => (0..tasks).for_each(task),
-        Par::Rayon => (0..tasks).into_par_iter().for_each(task),
-    }
+    par.for_each_task(tasks, task);
 }
 
 /// Everything a task reads, and where it writes.

@@ -37,8 +37,6 @@
 
 use std::arch::asm;
 
-use rayon::prelude::*;
-
 use super::avx512bf16::Shared;
 use super::PANEL;
 use crate::Par;
@@ -571,10 +569,7 @@ pub(crate) unsafe fn gemm(
         }
     };
     let tasks = n.div_ceil(part) * row_tasks;
-    match par {
-        Par::Seq => (0..tasks).for_each(task),
-        Par::Rayon => (0..tasks).into_par_iter().for_each(task),
-    }
+    par.for_each_task(tasks, task);
 }
 
 /// How many tasks share the `blocks` blocks of 32 rows: enough for at most [`TASK_ROWS`] rows

@@ -2,8 +2,6 @@
 
 use std::arch::x86_64::*;
 
-use rayon::prelude::*;
-
 pub(crate) use super::PANEL;
 use super::TASK_ROWS;
 use crate::{Accum, Par};
@@ -390,10 +388,7 @@ pub(crate) unsafe fn gemm(
             }
         }
     };
-    match par {
-        Par::Seq => (0..tasks).for_each(task),
-        Par::Rayon => (0..tasks).into_par_iter().for_each(task),
-    }
+    par.for_each_task(tasks, task);
 }
 
 /// The blocks of [`MR`] rows of an `m`-row product, and the tasks that share them: about

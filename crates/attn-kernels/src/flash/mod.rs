@@ -70,8 +70,6 @@ pub(crate) use weights::MAX_KEPT_KEYS;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use rayon::prelude::*;
-
 use crate::buffer::Buffer;
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
@@ -598,9 +596,7 @@ enum Bf16Source<'o> {
 fn run_tasks(tasks: usize, par: Par, plan: &Plan, body: impl Fn(&mut Scratch, usize) + Sync + Send) {
     match par {
         Par::Seq => with_scratch(plan, |scratch| (0..tasks).for_each(|task| body(scratch, task))),
-        Par::Rayon => (0..tasks)
-            .into_par_iter()
-            .for_each(|task| with_scratch(plan, |scratch| body(scratch, task))),
+        Par::Rayon => par.for_each_task(tasks, |task| with_scratch(plan, |scratch| body(scratch, task))),
     }
 }
 
