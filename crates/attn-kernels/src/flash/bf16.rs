@@ -37,7 +37,6 @@
 
 use super::pack::Packer;
 use super::{Kv, Plan, BLOCK_KEYS};
-use crate::bf16::amx::Init;
 use crate::bf16::AMX_STEP_PAIRS as STEP_PAIRS;
 use crate::buffer::Buffer;
 use crate::{round_to_bf16, Par, View4};
@@ -381,90 +380,6 @@ fn value_block(dst: &mut [f32], values: &[f32], bc: usize, [rs, cs]: [usize; 2],
     if amx {
         for panel in dst.chunks_exact_mut(panel_len) {
             panel[bc.div_ceil(2) * 16..].fill(0.0);
-        }
-    }
-}
-
-/// AMX's share of one row tile: the tile registers, configured by the tile's first product
-/// and released when the tile is done (dropped).
-#[derive(Default)]
-pub(super) struct AmxTile {
-    #[cfg(target_arch = "x86_64")]
-    tiles: Option<crate::bf16::amx::Tiles>,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl AmxTile {
-    /// The tile registers, taken on first use.
-    fn tiles(&mut self) -> &mut crate::bf16::amx::Tiles {
-        // SAFETY: `Operands::amx` is set, and these functions called, only at the detected
-        // AMX level (`amx::available` returned true).
-        self.tiles
-            .get_or_insert_with(|| unsafe { crate::bf16::amx::Tiles::new(false) })
-    }
-
-    /// Pass 1 on AMX: `scores[i, j] = q_i · k_j` for `i < n_rows`, `j < bc`, from the query
-    /// tile's A tiles `q16` ([`row_into_tiles`]) and the packed key block `keys` ([`pack_keys`]
-    /// for AMX), `scores` rows [`super::SCORES_LD`] apart.
-    pub(super) fn scores(
-        &mut self,
-        plan: &Plan,
-        q16: &[f32],
-        [n_rows, bc]: [usize; 2],
-        keys: &[f32],
-        scores: &mut [f32],
-    ) {
-        let pairs = key_pairs(plan, true);
-        let steps = pairs / STEP_PAIRS;
-        let a_tiles = steps * STEP_PAIRS * 16;
-        assert!(n_rows > 0 && bc > 0 && bc <= super::SCORES_LD);
-        assert!(q16.len() >= n_rows.div_ceil(16) * a_tiles && keys.len() >= bc.div_ceil(16) * pairs * 16);
-        assert!(scores.len() >= (n_rows - 1) * super::SCORES_LD + bc);
-        // SAFETY: the tiles cover `n_rows` rows of `steps` steps and `bc` columns of `pairs`
-        // pairs (checked); `scores` holds `n_rows` rows of `bc` values.
-        unsafe {
-            self.tiles().product(
-                [n_rows, bc, steps],
-                (q16.as_ptr().cast(), a_tiles),
-                (keys.as_ptr().cast(), pairs * 16),
-                scores.as_mut_ptr(),
-                super::SCORES_LD,
-                Init::Zero,
-            )
-        }
-    }
-
-    /// Pass 4 on AMX: `acc[i, c] += Σ_j p[i, j] · v[j, c]` for `i < n_rows`, `c < Dv`,
-    /// `j < bc`, from the probabilities' A tiles `p16` (written by
-    /// [`exp_sub_sum_into_tiles`] or [`row_into_tiles`] from `bc` values, so zeros from `bc` to
-    /// the step's end) and the packed value block `values`
-    /// ([`pack_values`] for AMX), `acc` rows `Dv_pad` apart.
-    pub(super) fn weighted_values(
-        &mut self,
-        plan: &Plan,
-        p16: &[f32],
-        [n_rows, bc]: [usize; 2],
-        values: &[f32],
-        acc: &mut [f32],
-    ) {
-        let (dv, dv_pad) = (plan.dv, plan.dv_pad);
-        let pairs = value_pairs(plan, true);
-        let steps = bc.div_ceil(2 * STEP_PAIRS);
-        let a_tiles = steps * STEP_PAIRS * 16;
-        assert!(n_rows > 0 && bc > 0 && steps * STEP_PAIRS <= pairs);
-        assert!(p16.len() >= n_rows.div_ceil(16) * a_tiles && values.len() >= dv_pad / 16 * pairs * 16);
-        assert!(acc.len() >= (n_rows - 1) * dv_pad + dv);
-        // SAFETY: the A tiles cover `n_rows` rows of `steps` steps, the value panels `pairs`
-        // pairs, at least `steps` steps (checked); `acc` holds `n_rows` rows of `dv` values.
-        unsafe {
-            self.tiles().product(
-                [n_rows, dv, steps],
-                (p16.as_ptr().cast(), a_tiles),
-                (values.as_ptr().cast(), pairs * 16),
-                acc.as_mut_ptr(),
-                dv_pad,
-                Init::Dst,
-            )
         }
     }
 }

@@ -99,4 +99,7 @@ pub(super) struct KeyBlock {
     pub(super) t0: usize,
     pub(super) bc: usize,
     pub(super) v_base: usize,
+    /// Whether this is the tile's first visited block: its pass 4 writes the accumulator
+    /// (`acc = p · v`) instead of adding to it, the bits of adding to zeros.
+    pub(super) first: bool,
 }

@@ -1,8 +1,8 @@
 //! One row tile of the online softmax: the query tile, then for each key block the four passes
 //! (numbered as in the reference and the unfused path).
 
-use super::bf16::AmxTile;
 use super::scratch::{KeyBlock, Scratch, TileRows};
+use super::tile_bf16::AmxTile;
 use super::{row_position, Bf16Source, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
@@ -118,7 +118,6 @@ pub(super) fn attend_tile(
     let n_rows = rows.n_rows;
     scratch.m[..n_rows].fill(f32::NEG_INFINITY);
     scratch.l[..n_rows].fill(0.0);
-    scratch.acc[..n_rows * plan.dv_pad].fill(0.0);
 
     // Keys that no row of the tile may see are never visited.
     let max_limit = rows.limits[..n_rows].iter().copied().max().unwrap_or(0);
@@ -132,11 +131,16 @@ pub(super) fn attend_tile(
             t0,
             bc,
             v_base: b * v_st[0] + g * v_st[1] + t0 * v_st[2],
+            first: t0 == keys.start,
         };
         pass1_scores(scratch, plan, ops, &rows, &block, &mut amx);
         passes2_3_online_softmax(scratch, plan, ops, &rows, &block);
         pass4_weighted_values(scratch, plan, ops, &rows, &block, &mut amx);
         t0 += bc;
+    }
+    if t_end <= keys.start {
+        // No block visited: the accumulator of rows that see nothing is zero.
+        scratch.acc[..n_rows * plan.dv_pad].fill(0.0);
     }
     if ops.keep_scores {
         // Keys past the last visited block are hidden from every row of the tile.
@@ -377,7 +381,8 @@ fn passes2_3_online_softmax(
     }
 }
 
-/// Pass 4: `acc += p · v_block`.
+/// Pass 4: `acc += p · v_block`, or `acc = p · v_block` for the tile's first block (the bits of
+/// adding to zeros: every kernel here starts its sums from +0).
 fn pass4_weighted_values(
     scratch: &mut Scratch,
     plan: &Plan,
@@ -394,6 +399,9 @@ fn pass4_weighted_values(
     }
     let (v_data, v_st) = (ops.v.f32().data(), ops.v.strides());
     if !ops.micro {
+        if block.first {
+            scratch.acc[..n_rows * dv_pad].fill(0.0);
+        }
         // SAFETY: `acc` holds BLOCK_ROWS×Dv_pad elements; the value block was bounds-checked
         // with `v`.
         unsafe {
@@ -412,7 +420,6 @@ fn pass4_weighted_values(
         };
         return;
     }
-    let n_rows_decode = n_rows <= crate::tile::DECODE_ROWS_MAX;
     // Where the value block comes from, as `(pointer, ldb, b_panel)` for the micro-kernel:
     // packed once for the call, in place (contiguous rows, a multiple of the kernel width
     // wide), or packed here into panels.
@@ -441,14 +448,18 @@ fn pass4_weighted_values(
         );
         (scratch.vp.as_ptr(), NR, plan.kb_pad * NR)
     };
+    // A few rows against values read in place: one pass over the rows, in order, adding.
+    let by_rows = n_rows <= crate::tile::DECODE_ROWS_MAX && v_panel == NR;
+    if by_rows && block.first {
+        scratch.acc[..n_rows * dv_pad].fill(0.0);
+    }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `scores` is
     // [n_rows, SCORES_LD] with `bc` valid columns, the value block (`bc` rows of `Dv_pad`
     // values, in place with row stride `ldv`, or in panels: bounds-checked with `v` or sized
     // by the plan) and `acc` is [BLOCK_ROWS, Dv_pad].
     unsafe {
-        if n_rows_decode && v_panel == NR {
-            // A few rows against values read in place: one pass over the rows, in order.
+        if by_rows {
             crate::tile::axpy_rows(
                 n_rows,
                 dv_pad,
@@ -461,7 +472,12 @@ fn pass4_weighted_values(
                 dv_pad,
             )
         } else {
-            crate::tile::gemm::<true>(
+            let product = if block.first {
+                crate::tile::gemm::<false>
+            } else {
+                crate::tile::gemm::<true>
+            };
+            product(
                 n_rows,
                 dv_pad,
                 bc,

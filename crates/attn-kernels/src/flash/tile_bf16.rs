@@ -1,8 +1,7 @@
 //! Passes 1 and 4 of a row tile in bf16 ([`crate::Precision::Bf16`]): on `vdpbf16ps` or AMX
-//! tiles over K and V packed once per call ([`super::bf16`]), or, decoding, over K and V read in
-//! place.
+//! tiles ([`AmxTile`]) over K and V packed by [`super::bf16`] (per `(b, g)` or per call), or,
+//! decoding, over K and V read in place.
 
-use super::bf16::AmxTile;
 use super::scratch::{KeyBlock, Scratch, TileRows};
 use super::{Bf16Source, Kv, Operands, Plan, BLOCK_ROWS, SCORES_LD};
 
@@ -103,7 +102,7 @@ pub(super) fn bf16_weighted_values(
     if let (true, Bf16Source::Packed(_, v16)) = (ops.amx, source) {
         // The probabilities are in `p16` already (`passes2_3_online_softmax`).
         let vp = super::bf16::packed_block(v16, value_len, plan, ops.packed_at(rows, block.t0));
-        amx.weighted_values(plan, &scratch.p16, [n_rows, bc], vp, &mut scratch.acc);
+        amx.weighted_values(plan, &scratch.p16, [n_rows, bc], vp, &mut scratch.acc, block.first);
         return;
     }
     let _ = amx;
@@ -115,6 +114,10 @@ pub(super) fn bf16_weighted_values(
         }
     }
     assert!(scratch.acc.len() >= n_rows * dv_pad && scratch.p16.len() >= BLOCK_ROWS * lda);
+    if block.first && matches!(source, Bf16Source::InPlace) {
+        // The in-place products add to `acc`: start it from zeros.
+        scratch.acc[..n_rows * dv_pad].fill(0.0);
+    }
     let v_st = ops.v.strides();
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `acc` is
@@ -127,7 +130,12 @@ pub(super) fn bf16_weighted_values(
         match source {
             Bf16Source::Packed(_, v16) => {
                 let vp = super::bf16::packed_block(v16, value_len, plan, ops.packed_at(rows, block.t0));
-                crate::bf16::avx512bf16::tile::<true>(
+                let product = if block.first {
+                    crate::bf16::avx512bf16::tile::<false>
+                } else {
+                    crate::bf16::avx512bf16::tile::<true>
+                };
+                product(
                     n_rows,
                     dv,
                     pairs,
@@ -155,4 +163,94 @@ pub(super) fn bf16_weighted_values(
         }
     };
     let _ = (v_st, source, v_base);
+}
+
+/// AMX's share of one row tile: the tile registers, configured by the tile's first product
+/// and released when the tile is done (dropped).
+#[derive(Default)]
+pub(super) struct AmxTile {
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<crate::bf16::amx::Tiles>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl AmxTile {
+    /// The tile registers, taken on first use.
+    fn tiles(&mut self) -> &mut crate::bf16::amx::Tiles {
+        // SAFETY: `Operands::amx` is set, and these functions called, only at the detected
+        // AMX level (`amx::available` returned true).
+        self.tiles
+            .get_or_insert_with(|| unsafe { crate::bf16::amx::Tiles::new(false) })
+    }
+
+    /// Pass 1 on AMX: `scores[i, j] = q_i · k_j` for `i < n_rows`, `j < bc`, from the query
+    /// tile's A tiles `q16` ([`super::bf16::row_into_tiles`]) and the packed key block `keys` ([`super::bf16::pack_keys`]
+    /// for AMX), `scores` rows [`super::SCORES_LD`] apart.
+    pub(super) fn scores(
+        &mut self,
+        plan: &Plan,
+        q16: &[f32],
+        [n_rows, bc]: [usize; 2],
+        keys: &[f32],
+        scores: &mut [f32],
+    ) {
+        let pairs = super::bf16::key_pairs(plan, true);
+        let steps = pairs / crate::bf16::AMX_STEP_PAIRS;
+        let a_tiles = steps * crate::bf16::AMX_STEP_PAIRS * 16;
+        assert!(n_rows > 0 && bc > 0 && bc <= super::SCORES_LD);
+        assert!(q16.len() >= n_rows.div_ceil(16) * a_tiles && keys.len() >= bc.div_ceil(16) * pairs * 16);
+        assert!(scores.len() >= (n_rows - 1) * super::SCORES_LD + bc);
+        // SAFETY: the tiles cover `n_rows` rows of `steps` steps and `bc` columns of `pairs`
+        // pairs (checked); `scores` holds `n_rows` rows of `bc` values.
+        unsafe {
+            self.tiles().product(
+                [n_rows, bc, steps],
+                (q16.as_ptr().cast(), a_tiles),
+                (keys.as_ptr().cast(), pairs * 16),
+                scores.as_mut_ptr(),
+                super::SCORES_LD,
+                crate::bf16::amx::Init::Zero,
+            )
+        }
+    }
+
+    /// Pass 4 on AMX: `acc[i, c] += Σ_j p[i, j] · v[j, c]` (`=` when `first`, from zeroed
+    /// tiles: the bits of adding to zeros) for `i < n_rows`, `c < Dv`,
+    /// `j < bc`, from the probabilities' A tiles `p16` (written by
+    /// [`super::bf16::exp_sub_sum_into_tiles`] or [`super::bf16::row_into_tiles`] from `bc` values, so zeros from `bc` to
+    /// the step's end) and the packed value block `values`
+    /// ([`super::bf16::pack_values`] for AMX), `acc` rows `Dv_pad` apart.
+    pub(super) fn weighted_values(
+        &mut self,
+        plan: &Plan,
+        p16: &[f32],
+        [n_rows, bc]: [usize; 2],
+        values: &[f32],
+        acc: &mut [f32],
+        first: bool,
+    ) {
+        let (dv, dv_pad) = (plan.dv, plan.dv_pad);
+        let pairs = super::bf16::value_pairs(plan, true);
+        let steps = bc.div_ceil(2 * crate::bf16::AMX_STEP_PAIRS);
+        let a_tiles = steps * crate::bf16::AMX_STEP_PAIRS * 16;
+        assert!(n_rows > 0 && bc > 0 && steps * crate::bf16::AMX_STEP_PAIRS <= pairs);
+        assert!(p16.len() >= n_rows.div_ceil(16) * a_tiles && values.len() >= dv_pad / 16 * pairs * 16);
+        assert!(acc.len() >= (n_rows - 1) * dv_pad + dv);
+        // SAFETY: the A tiles cover `n_rows` rows of `steps` steps, the value panels `pairs`
+        // pairs, at least `steps` steps (checked); `acc` holds `n_rows` rows of `dv` values.
+        unsafe {
+            self.tiles().product(
+                [n_rows, dv, steps],
+                (p16.as_ptr().cast(), a_tiles),
+                (values.as_ptr().cast(), pairs * 16),
+                acc.as_mut_ptr(),
+                dv_pad,
+                if first {
+                    crate::bf16::amx::Init::Zero
+                } else {
+                    crate::bf16::amx::Init::Dst
+                },
+            )
+        }
+    }
 }
