@@ -200,6 +200,18 @@ fn training_is_reproducible_across_threads_and_resume() {
     std::fs::copy(&one, &other).unwrap();
     assert!(dir.join("torn3.safetensors.state.prev").exists());
     refuses_resume(&other);
+    // `--stop-after` at or before the checkpoint's step trains nothing but saves again: the
+    // torn pair is whole after it, so `--resume` no longer needs the kept state.
+    let mended = run("mended.safetensors", "2", &["--stop-after", "6", "--save-every", "3"]);
+    std::fs::copy(&at3, &mended).unwrap();
+    run("mended.safetensors", "1", &["--resume", "--stop-after", "3"]);
+    std::fs::remove_file(dir.join("mended.safetensors.state.prev")).unwrap();
+    run("mended.safetensors", "1", &["--resume"]);
+    assert_eq!(
+        std::fs::read(&mended).unwrap(),
+        std::fs::read(&one).unwrap(),
+        "resume after a mended save"
+    );
     // The log: one line a step, and the evaluations at steps 6 and 12.
     let log = std::fs::read_to_string(dir.join("one.safetensors.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -463,6 +475,27 @@ fn training_never_saves_garbage() {
     );
     assert!(err.contains("the weights were not updated"), "{err}");
     assert!(err.contains("of step 1 is intact"), "{err}");
+    // Before any save, a failed step says that nothing was written, and nothing was.
+    let unsaved = dir.join("unsaved.safetensors");
+    let mut ruin = args.clone();
+    ruin[4] = s(&unsaved);
+    ruin[6] = "5";
+    let err = fails(&ruin);
+    assert!(
+        err.contains("step 2: the") && err.contains("no checkpoint was written"),
+        "{err}"
+    );
+    assert!(!unsaved.exists());
+    // A resumed run names the step it resumed from as the one on disk.
+    let resumed = dir.join("resumed.safetensors");
+    let mut ruin = args.clone();
+    ruin[4] = s(&resumed);
+    ok(&[&ruin[..], &["--stop-after", "1"]].concat());
+    let err = fails(&[&ruin[..], &["--resume"]].concat());
+    assert!(
+        err.contains("step 2: the") && err.contains("of step 1 is intact"),
+        "{err}"
+    );
     // The checkpoint on disk is step 1's, and every weight in it is finite.
     let bytes = std::fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -529,11 +562,26 @@ fn training_never_saves_garbage() {
         s(&plot),
     ];
     args.extend(TINY);
+    let started = std::time::Instant::now();
     let said = ok(&args);
+    let wall = started.elapsed().as_secs_f64();
     for path in [&good, &dir.join("good.safetensors.state"), &log, &plot] {
         assert!(said.contains(s(path)), "{}: {said}", path.display());
         assert!(path.exists());
     }
+    // Each step's rate is the tokens so far over the time since training began: at least
+    // what the whole process's time allows, and nothing absurd.
+    let mut tokens = 0.0;
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        tokens += line["tokens"].as_f64().unwrap();
+        let rate = line["tokens_per_s"].as_f64().unwrap();
+        assert!(
+            rate >= tokens / wall && rate < 1e12,
+            "{rate} tokens/s: {tokens} tokens in {wall} s"
+        );
+    }
+    assert!(tokens > 0.0);
     // Resuming with other flags names each flag that differs.
     let mut args = vec!["train", "--data", s(&train), "--output", s(&good), "--resume"];
     args.extend(TINY);
@@ -541,6 +589,199 @@ fn training_never_saves_garbage() {
     let err = fails(&args);
     assert!(err.contains("--lr: 0.001 -> 0.002"), "{err}");
     assert!(err.contains("--weight-decay: 0.01 -> 0.02"), "{err}");
+}
+
+/// `attn bench train` times the steps after an untimed one and reports them: JSON with the
+/// fields docs/CLI.md lists (the parameter count that of the checkpoint `attn train` writes with
+/// the same flags), and two lines of text without `--json`.
+#[test]
+fn bench_train_times_steps_and_reports_them() {
+    let dir = scratch("bench-train");
+    let (train, _) = data(&dir);
+    let flags: Vec<&str> = TINY
+        .chunks(2)
+        .filter(|pair| pair[0] != "--steps")
+        .flatten()
+        .copied()
+        .filter(|flag| *flag != "--quiet")
+        .collect();
+    let mut args = vec!["bench", "train", "--data", s(&train), "--steps", "4", "--threads", "2"];
+    args.extend(&flags);
+    let json: serde_json::Value = serde_json::from_str(&ok(&[&args[..], &["--json"]].concat())).unwrap();
+    assert_eq!(json["op"], "train");
+    assert_eq!(json["runs"], 4);
+    assert_eq!(json["threads"], 2);
+    assert_eq!(json["processes"], 1);
+    assert_eq!(json["dtype"], "f32");
+    let (median, min) = (json["median_s"].as_f64().unwrap(), json["min_s"].as_f64().unwrap());
+    assert!(0.0 < min && min <= median && median < 60.0, "{json}");
+    let rate = json["tokens_per_s"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate < 1e9, "{json}");
+    // Four steps are too few for the arena to settle (a longer batch grows it), so only counted.
+    assert!(json["large_allocations_last_half"].as_u64().is_some(), "{json}");
+    assert!(json["resident_bytes_last"].as_u64().unwrap() >= json["resident_bytes_first"].as_u64().unwrap() / 2);
+    for field in [
+        "communication_median_s",
+        "optimizer_median_s",
+        "large_allocations_per_step",
+        "simd",
+        "bf16",
+    ] {
+        assert!(json.get(field).is_some(), "{field}: {json}");
+    }
+    let out = dir.join("m.safetensors");
+    let mut train_args = vec![
+        "train",
+        "--data",
+        s(&train),
+        "--output",
+        s(&out),
+        "--steps",
+        "1",
+        "--quiet",
+    ];
+    train_args.extend(&flags);
+    ok(&train_args);
+    let bytes = std::fs::read(&out).unwrap();
+    let numel: usize = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|(_, view)| view.shape().iter().product::<usize>())
+        .sum();
+    assert_eq!(json["parameters"].as_u64().unwrap() as usize, numel, "{json}");
+    let text = ok(&args);
+    assert!(
+        text.contains("train (f32): median") && text.contains("(4 steps, 2 threads)"),
+        "{text}"
+    );
+    assert!(text.contains("allocations of 64 KiB or more: median"), "{text}");
+}
+
+/// Without a terminal, each evaluation is one line on stderr unless `--quiet`; stdout has the
+/// closing line either way.
+#[test]
+fn evaluations_are_reported_unless_quiet() {
+    let dir = scratch("quiet");
+    let (train, valid) = data(&dir);
+    let out = dir.join("m.safetensors");
+    let mut args = vec!["train", "--data", s(&train), "--valid", s(&valid), "--output", s(&out)];
+    args.extend(["--eval-every", "6"]);
+    args.extend(TINY.iter().filter(|a| **a != "--quiet"));
+    let loud = attn(&args);
+    assert!(loud.status.success(), "{}", String::from_utf8_lossy(&loud.stderr));
+    let stderr = String::from_utf8_lossy(&loud.stderr);
+    for step in [6, 12] {
+        assert!(
+            stderr.contains(&format!("step {step}: valid loss")) && stderr.contains("exact match"),
+            "{stderr}"
+        );
+    }
+    args.push("--quiet");
+    let quiet = attn(&args);
+    assert!(quiet.status.success());
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("valid loss"));
+    for out in [&loud.stdout, &quiet.stdout] {
+        assert!(String::from_utf8_lossy(out).starts_with("trained "));
+    }
+}
+
+/// With `--no-shuffle`, step `s` trains on lines `(s − 1)·B …` of the file (each step's logged
+/// target tokens are those lines' targets plus the same count per pair), and the logged rate is
+/// `--lr` times the warm-up's `s / 100`.
+#[test]
+fn the_log_follows_the_file_order_and_the_warmup() {
+    let dir = scratch("order");
+    let data = dir.join("pairs.tsv");
+    // Targets of 1 to 7 characters, so that every batch of 8 has its own token count.
+    let targets: Vec<String> = (0..60)
+        .map(|i| "abcdefg"[..1 + (i * i + 3 * i) % 7].to_string())
+        .collect();
+    let lines: Vec<String> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("line {i}\t{t}"))
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let (out, log) = (dir.join("m.safetensors"), dir.join("log.jsonl"));
+    let mut args = vec![
+        "train",
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--log",
+        s(&log),
+        "--no-shuffle",
+    ];
+    args.extend(TINY);
+    ok(&args);
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 12);
+    let chars = |step: usize| -> usize { (0..8).map(|j| targets[((step - 1) * 8 + j) % 60].len()).sum() };
+    let tokens = |step: usize| steps[step - 1]["tokens"].as_u64().unwrap() as usize;
+    let per_pair = (tokens(1) - chars(1)) / 8;
+    assert!(per_pair <= 2 && tokens(1) == chars(1) + 8 * per_pair, "{}", tokens(1));
+    for step in 1..=12 {
+        assert_eq!(tokens(step), chars(step) + 8 * per_pair, "step {step}");
+        let lr = steps[step - 1]["lr"].as_f64().unwrap();
+        let want = 1e-3 * step as f64 / 100.0;
+        assert!((lr - want).abs() <= 1e-6 * want, "step {step}: lr {lr}, want {want}");
+    }
+}
+
+/// On a terminal `attn train` draws a progress bar (steps, loss, tokens per second) with the
+/// evaluations printed above it, and `--quiet` draws nothing. The terminal is a pseudo-terminal
+/// from `script` (util-linux); where `script` is missing the test says so and passes.
+#[test]
+fn a_terminal_gets_a_progress_bar_unless_quiet() {
+    if Command::new("script").arg("--version").output().is_err() {
+        println!("skipped: no `script` (util-linux) for a pseudo-terminal");
+        return;
+    }
+    let dir = scratch("terminal");
+    let (train, valid) = data(&dir);
+    let out = dir.join("m.safetensors");
+    let mut args = vec![
+        env!("CARGO_BIN_EXE_attn"),
+        "train",
+        "--data",
+        s(&train),
+        "--valid",
+        s(&valid),
+    ];
+    args.extend(["--output", s(&out), "--eval-every", "6"]);
+    args.extend(TINY.iter().filter(|a| **a != "--quiet"));
+    let on_terminal = |args: &[&str]| -> String {
+        let line: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let out = Command::new("script")
+            .args(["-qec", &line.join(" "), "/dev/null"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let loud = on_terminal(&args);
+    for shown in [
+        "12/12 steps",
+        "tok/s",
+        "step 6: valid loss",
+        "step 12: valid loss",
+        "trained",
+    ] {
+        assert!(loud.contains(shown), "{shown}: {loud}");
+    }
+    args.push("--quiet");
+    let quiet = on_terminal(&args);
+    assert!(quiet.contains("trained"), "{quiet}");
+    for hidden in ["/12 steps", "tok/s", "valid loss"] {
+        assert!(!quiet.contains(hidden), "{hidden}: {quiet}");
+    }
 }
 
 /// TSV: blank lines at the end are ignored, an empty source is a text like any other, a line

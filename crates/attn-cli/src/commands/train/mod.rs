@@ -500,3 +500,54 @@ fn progress(steps: u64, first: u64, quiet: bool) -> Option<indicatif::ProgressBa
     bar.set_position(first.saturating_sub(1));
     Some(bar)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--betas` is two numbers and a comma, spaces allowed around each; anything else is
+    /// refused with the text and an example.
+    #[test]
+    fn betas_are_two_numbers() {
+        assert_eq!(parse_betas("0.9,0.98"), Ok((0.9, 0.98)));
+        assert_eq!(parse_betas(" 0.5 , 0.25"), Ok((0.5, 0.25)));
+        for bad in ["0.9", "0.9,0.98,0.999", "a,0.9", "0.9,", ""] {
+            let err = parse_betas(bad).expect_err(bad);
+            assert!(
+                err.contains(&format!("`{bad}`")) && err.contains("expected two numbers"),
+                "{err}"
+            );
+        }
+    }
+
+    fn pairs_of(name: &str, text: &[u8]) -> Result<Vec<(String, String)>> {
+        let path = std::env::temp_dir().join(format!("attn-read-pairs-{}-{name}.tsv", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let pairs = read_pairs(&path);
+        std::fs::remove_file(&path).unwrap();
+        pairs
+    }
+
+    /// Trailing lines of spaces, carriage returns or nothing are ignored; a trailing line of a
+    /// tab is a pair with an empty target, and so refused like any empty target; a third field
+    /// is refused.
+    #[test]
+    fn read_pairs_ignores_trailing_blank_lines_but_not_empty_targets() {
+        let pairs = pairs_of("blank", b"a\tb\r\n\tc\n  \n\r\n\n").unwrap();
+        assert_eq!(pairs, [("a".into(), "b".into()), (String::new(), "c".into())]);
+        for (name, text, line) in [
+            ("tab", &b"a\tb\n\t\n"[..], 2),
+            ("empty-target", b"a\tb\nc\t\nd\te\n", 2),
+            ("three", b"a\tb\tc\n", 1),
+            ("one", b"a\n", 1),
+        ] {
+            let err = pairs_of(name, text).expect_err(name).to_string();
+            assert!(
+                err.contains(&format!(".tsv:{line}: expected `source<TAB>target`")),
+                "{name}: {err}"
+            );
+        }
+        let err = pairs_of("none", b"\n \n").expect_err("no pairs").to_string();
+        assert!(err.contains("no pairs"), "{err}");
+    }
+}
