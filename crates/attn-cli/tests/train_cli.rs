@@ -780,7 +780,8 @@ fn a_terminal_gets_a_progress_bar_unless_quiet() {
     args.extend(["--output", s(&out), "--eval-every", "6"]);
     args.extend(TINY.iter().filter(|a| **a != "--quiet"));
     let on_terminal = |args: &[&str]| -> String {
-        let line: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        // Each argument single-quoted for `script`'s shell, a quote inside it closed and escaped.
+        let line: Vec<String> = args.iter().map(|a| format!("'{}'", a.replace('\'', r"'\''"))).collect();
         let out = Command::new("script")
             .args(["-qec", &line.join(" "), "/dev/null"])
             .output()
