@@ -332,6 +332,99 @@ fn demo_runs_offline_and_checks_itself() {
         let err: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(err < 1e-5, "{line}");
     }
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split("max |error|").next().filter(|_| l.contains("vs f64")))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        names,
+        ["flash kernel output", "unfused path output", "fused softmax weights"]
+    );
+
+    // Where each head looks most, for every word: the previous one (but the first word's), the
+    // same, the next (but the last's), and, for the recent-past head (no q·k, a causal mask
+    // with -0.7 per position back), itself with weight 1 / Σ_{m ≤ i} e^{-0.7·m}.
+    let words = [
+        "the", "cat", "sat", "on", "the", "mat", "because", "the", "cat", "was", "tired",
+    ];
+    let looks: Vec<Vec<(String, String, f64)>> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("looks most at: "))
+        .map(|l| {
+            l.split(", ")
+                .map(|pair| {
+                    let (arrow, w) = pair.split_once(' ').unwrap();
+                    let (from, to) = arrow.split_once('→').unwrap();
+                    (from.to_string(), to.to_string(), w.parse().unwrap())
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(looks.len(), 4, "{text}");
+    for (head, row) in looks.iter().enumerate() {
+        assert_eq!(row.len(), words.len(), "head {head}: {row:?}");
+        for (i, (from, to, w)) in row.iter().enumerate() {
+            assert_eq!(from, words[i]);
+            let want = match head {
+                0 if i > 0 => Some(words[i - 1]),
+                1 | 3 => Some(words[i]),
+                2 if i + 1 < words.len() => Some(words[i + 1]),
+                _ => None,
+            };
+            if let Some(want) = want {
+                assert_eq!(to, want, "head {head}, word {i}: {row:?}");
+            }
+            if head == 0 && i > 0 || head == 2 && i + 1 < words.len() {
+                assert!(*w > 0.8, "head {head}, word {i}: {row:?}");
+            }
+            if head == 3 {
+                let total: f64 = (0..=i).map(|m| (-0.7 * m as f64).exp()).sum();
+                assert!(
+                    (w - 1.0 / total).abs() <= 0.0051,
+                    "word {i}: {w} against {}",
+                    1.0 / total
+                );
+            }
+        }
+    }
+
+    // The timing's rate is its work over its median: 4·B·H·S·T·D flops.
+    let timing = text.lines().find(|l| l.contains("S=T=1024")).unwrap();
+    let field = |after: &str| -> f64 {
+        let rest = &timing[timing.find(after).unwrap() + after.len()..];
+        rest.split_whitespace()
+            .next()
+            .unwrap()
+            .trim_start_matches('(')
+            .parse()
+            .unwrap()
+    };
+    let (ms, rate) = (field("flash "), field("ms "));
+    let want = 4.0 * 8.0 * 1024.0 * 1024.0 * 64.0 / (ms * 1e-3) / 1e9;
+    assert!(
+        (rate / want - 1.0).abs() < 0.01,
+        "{rate} GFLOP/s printed, {want} from {ms} ms: {timing}"
+    );
+    use attn_nn::core::kernels::{chosen_path, simd_level};
+    let chosen = chosen_path(simd_level(), [1, 8, 1024, 64], [8, 1024]);
+    assert!(
+        text.contains(&format!("takes the {chosen} path for this shape")),
+        "{text}"
+    );
+
+    // The hand-set heads take 1 to 40 words.
+    assert!(attn(&["demo", "--toy", "--plain", "--text", &["a"; 40].join(" ")])
+        .status
+        .success());
+    for (words, err) in [
+        (41, "--text has 41 words; the terminal view shows at most 40"),
+        (0, "--text is empty"),
+    ] {
+        let result = attn(&["demo", "--toy", "--plain", "--text", &vec!["a"; words].join(" ")]);
+        assert_eq!(result.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&result.stderr).contains(err), "{words} words");
+    }
 }
 
 #[test]
@@ -368,6 +461,97 @@ fn demo_shows_the_real_model_when_it_is_there() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--layer is 9, expected 0 to 5"));
+
+    // The drawn head is layer 1, head 2 of the maps `attn attend` writes: the same heatmap rows.
+    let dir = scratch_dir("demo_model");
+    let page = dir.join("view.html");
+    let attend = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args([
+            "attend",
+            "--plain",
+            "--text",
+            "the bank of the river",
+            "--layer",
+            "1",
+            "--head",
+            "2",
+        ])
+        .arg("--html")
+        .arg(&page)
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(attend.status.success(), "{}", String::from_utf8_lossy(&attend.stderr));
+    let tokens = ["[CLS]", "the", "bank", "of", "the", "river", "[SEP]"];
+    let heatmap_rows = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|line| tokens.iter().any(|t| line.trim_start().starts_with(&format!("{t}  "))))
+            .map(String::from)
+            .collect()
+    };
+    let drawn = heatmap_rows(&text);
+    assert_eq!(drawn.len(), tokens.len(), "{text}");
+    assert_eq!(drawn, heatmap_rows(&String::from_utf8_lossy(&attend.stdout)));
+
+    // Every head's line of layer 1, against the page's weights (rounded to 1e-4): the mean
+    // weight on [CLS] and [SEP], on the query itself, on the previous token, and the word
+    // with the largest mean weight.
+    let html = std::fs::read_to_string(&page).unwrap();
+    let tag = r#"<script id="data" type="application/json">"#;
+    let start = html.find(tag).unwrap() + tag.len();
+    let end = start + html[start..].find("</script>").unwrap();
+    let data: serde_json::Value = serde_json::from_str(&html[start..end].replace("<\\/", "</")).unwrap();
+    let s = tokens.len();
+    for (head, line) in text.lines().filter(|l| l.trim_start().starts_with("head ")).enumerate() {
+        let w = |i: usize, j: usize| data["weights"][1][head][i][j].as_f64().unwrap();
+        let mean = |f: &dyn Fn(usize) -> f64| (0..s).map(f).sum::<f64>() / s as f64;
+        let words: Vec<f64> = (1..s - 1).map(|j| mean(&|i| w(i, j))).collect();
+        let best = (0..words.len()).fold(0, |b, j| if words[j] > words[b] { j } else { b });
+        let want = [
+            mean(&|i| w(i, 0) + w(i, s - 1)),
+            mean(&|i| w(i, i)),
+            mean(&|i| if i > 0 { w(i, i - 1) } else { 0.0 }),
+            words[best],
+        ];
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields[..2], ["head", &format!("{head}:")], "{line}");
+        assert_eq!(
+            [fields[2], fields[4], fields[6], fields[8]],
+            ["special", "self", "previous", "word"]
+        );
+        let got: Vec<f64> = [3, 5, 7, 10].iter().map(|&i| fields[i].parse().unwrap()).collect();
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 0.0051,
+                "head {head}: {g} printed, {w} from the page\n{line}"
+            );
+        }
+        // The word, unless another is within the page's rounding of it.
+        let close = words.iter().filter(|&&m| (m - words[best]).abs() < 1e-3).count();
+        if close == 1 {
+            assert_eq!(fields[9], tokens[best + 1], "{line}");
+        }
+    }
+
+    // The terminal view's limit, at its edge: 38 words and [CLS], [SEP] are 40 tokens.
+    for (words, ok) in [(38, true), (39, false)] {
+        let out = Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(["demo", "--plain", "--text", &vec!["the"; words].join(" "), "--model"])
+            .arg(&model)
+            .output()
+            .unwrap();
+        if ok {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        } else {
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("--text has 41 tokens; the terminal view shows at most 40"),
+                "{err}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -449,6 +449,30 @@ fn the_demo_translates_draws_and_checks() {
     let out = ok(&["demo", "--plain", "--text", "asdf qwerty"]);
     assert!(out.contains("asdf qwerty  ->  ?  (not a date it can read)"), "{out}");
     assert!(out.contains("no part of an answer looked"), "{out}");
+
+    // The last line points at the BERT view: at the model's folder when it holds a config
+    // (`ATTN_MODEL_DIR`, else where `cargo xtask fetch-model` installs), else at how to get one.
+    let dir = scratch("demo_hint");
+    std::fs::write(dir.join("config.json"), "{}").unwrap();
+    for (folder, hint) in [
+        (
+            dir.clone(),
+            format!("a BERT model's heads: attn demo --model {}", dir.display()),
+        ),
+        (
+            dir.join("absent"),
+            "a BERT model's heads: cargo xtask fetch-model, then attn demo --model DIR".to_string(),
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_attn"))
+            .args(["demo", "--plain", "--text", "1 jan 2000"])
+            .env("ATTN_MODEL_DIR", &folder)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.lines().last().map(str::trim), Some(hint.as_str()), "{text}");
+    }
 }
 
 /// A run that goes wrong says so and keeps what it had: a non-finite loss or gradient norm

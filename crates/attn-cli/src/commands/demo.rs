@@ -198,20 +198,47 @@ fn model_view(dir: &Path, text: &str, (layer, head): (Option<usize>, usize), dty
     println!("\nlayer {layer}, every head: mean weight on the special tokens ([CLS], [SEP]), on itself, on the");
     println!("previous token, and the word it attends most besides the special tokens:");
     for hi in 0..h {
-        let map = &weights[hi * s * s..(hi + 1) * s * s];
-        let mean = |f: &dyn Fn(usize) -> f32| (0..s).map(f).sum::<f32>() / s as f32;
-        let special = mean(&|i| map[i * s] + map[i * s + s - 1]);
-        let diagonal = mean(&|i| map[i * s + i]);
-        let previous = mean(&|i| if i > 0 { map[i * s + i - 1] } else { 0.0 });
-        let word = (1..s.saturating_sub(1)).map(|j| (j, mean(&|i| map[i * s + j]))).fold(
-            None,
-            |best: Option<(usize, f32)>, c| if best.is_none_or(|b| c.1 > b.1) { Some(c) } else { best },
-        );
+        let HeadSummary {
+            special,
+            diagonal,
+            previous,
+            word,
+        } = HeadSummary::of(&weights[hi * s * s..(hi + 1) * s * s], s);
         let word = word.map_or("-".to_string(), |(j, w)| format!("{} {:.2}", tokens[j], w));
         println!("  head {hi:>2}: special {special:.2}   self {diagonal:.2}   previous {previous:.2}   word {word}");
     }
     println!();
     Ok(())
+}
+
+/// Where one head of a BERT-family model looks, as `attn demo --model` prints it: means over
+/// the queries of the weight on the special tokens (the first and the last, `[CLS]` and
+/// `[SEP]`), on the query itself, and on the previous token (none for the first), and the
+/// word between the special tokens with the largest mean weight (the first of equals; none
+/// when there is none).
+#[derive(Debug, PartialEq)]
+struct HeadSummary {
+    special: f32,
+    diagonal: f32,
+    previous: f32,
+    word: Option<(usize, f32)>,
+}
+
+impl HeadSummary {
+    /// The summary of one head's map `[S, S]` (rows: queries).
+    fn of(map: &[f32], s: usize) -> Self {
+        let mean = |f: &dyn Fn(usize) -> f32| (0..s).map(f).sum::<f32>() / s as f32;
+        let word = (1..s.saturating_sub(1)).map(|j| (j, mean(&|i| map[i * s + j]))).fold(
+            None,
+            |best: Option<(usize, f32)>, c| if best.is_none_or(|b| c.1 > b.1) { Some(c) } else { best },
+        );
+        HeadSummary {
+            special: mean(&|i| map[i * s] + map[i * s + s - 1]),
+            diagonal: mean(&|i| map[i * s + i]),
+            previous: mean(&|i| if i > 0 { map[i * s + i - 1] } else { 0.0 }),
+            word,
+        }
+    }
 }
 
 /// The hand-set heads on `text`: drawn when `show` (else only computed), then checked against
@@ -440,7 +467,85 @@ fn which_is_faster((a, a_s): (&str, f64), (b, b_s): (&str, f64)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::which_is_faster;
+    use super::*;
+
+    #[test]
+    fn a_head_is_summarised_by_where_its_queries_look() {
+        // [CLS] a b [SEP]; rows are queries. Values in quarters, so the means are exact.
+        #[rustfmt::skip]
+        let map = [
+            0.5, 0.25, 0.0, 0.25,
+            0.0, 0.25, 0.75, 0.0,
+            0.25, 0.5, 0.25, 0.0,
+            0.0, 0.0, 0.75, 0.25,
+        ];
+        assert_eq!(
+            HeadSummary::of(&map, 4),
+            HeadSummary {
+                special: (0.75 + 0.0 + 0.25 + 0.25) / 4.0,
+                diagonal: (0.5 + 0.25 + 0.25 + 0.25) / 4.0,
+                previous: (0.0 + 0.0 + 0.5 + 0.75) / 4.0,
+                word: Some((2, (0.0 + 0.75 + 0.25 + 0.75) / 4.0)),
+            }
+        );
+        // Equal means: the first word. No word between the special tokens: none.
+        let flat = [0.25f32; 16];
+        assert_eq!(HeadSummary::of(&flat, 4).word, Some((1, 0.25)));
+        assert_eq!(HeadSummary::of(&[0.5, 0.5, 0.5, 0.5], 2).word, None);
+        assert_eq!(HeadSummary::of(&[1.0], 1).word, None);
+    }
+
+    #[test]
+    fn words_are_seeded_by_fnv1a() {
+        // The published FNV-1a (64-bit) vectors: the same word gets the same vectors on every run.
+        assert_eq!(word_seed(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(word_seed("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(word_seed("foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    /// Each hand-set head holds what its job needs: the previous-word head's query at `i` is
+    /// the key at `i − 1`, the next-word head's the key at `i + 1`, the same-word head's query
+    /// equals every key of the same word and no other; queries and keys are `SHARPNESS` long,
+    /// values unit vectors of the word; the recent-past head is all mask.
+    #[test]
+    fn the_hand_set_heads_are_built_for_their_jobs() {
+        let tokens: Vec<String> = DEFAULT_TEXT.split_whitespace().map(String::from).collect();
+        let s = tokens.len();
+        let (q, k, v, mask) = build_heads(&tokens);
+        assert_eq!([q.len(), k.len(), v.len()], [4 * s * HEAD_DIM; 3]);
+        assert_eq!(mask.len(), 4 * s * s);
+        let row = |buf: &[f32], head: usize, i: usize| buf[(head * s + i) * HEAD_DIM..][..HEAD_DIM].to_vec();
+        let norm = |x: &[f32]| x.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+        for i in 0..s {
+            for head in 0..3 {
+                for buf in [&q, &k] {
+                    let n = norm(&row(buf, head, i));
+                    assert!((n - f64::from(SHARPNESS)).abs() < 1e-5, "head {head} row {i}: {n}");
+                }
+            }
+            assert!(row(&q, 3, i).iter().chain(&row(&k, 3, i)).all(|&x| x == 0.0));
+            for head in 0..4 {
+                assert!((norm(&row(&v, head, i)) - 1.0).abs() < 1e-6);
+                assert_eq!(row(&v, head, i), row(&v, 0, i));
+            }
+            for j in 0..s {
+                assert_eq!(row(&q, 0, i) == row(&k, 0, j), j + 1 == i, "previous word, {i} {j}");
+                assert_eq!(row(&q, 2, i) == row(&k, 2, j), i + 1 == j, "next word, {i} {j}");
+                let same = tokens[i] == tokens[j];
+                assert_eq!(row(&q, 1, i) == row(&k, 1, j), same, "same word, {i} {j}");
+                assert_eq!(row(&v, 0, i) == row(&v, 0, j), same, "values, {i} {j}");
+                for head in 0..3 {
+                    assert_eq!(mask[(head * s + i) * s + j], 0.0);
+                }
+                let want = if j > i {
+                    f32::NEG_INFINITY
+                } else {
+                    -0.7 * (i - j) as f32
+                };
+                assert_eq!(mask[(3 * s + i) * s + j], want, "recent past, {i} {j}");
+            }
+        }
+    }
 
     #[test]
     fn the_timing_line_names_the_faster_path() {
@@ -460,6 +565,13 @@ mod tests {
         assert_eq!(
             which_is_faster(("flash", 1.0), ("unfused", 1.02)),
             "flash and unfused take the same time (within 5%)"
+        );
+        // At the edges: 5% is a difference, ten times is printed whole, equal times are equal.
+        assert_eq!(which_is_faster(("a", 1.0), ("b", 1.05)), "a is 1.05× faster than b");
+        assert_eq!(which_is_faster(("a", 10.0), ("b", 1.0)), "b is 10× faster than a");
+        assert_eq!(
+            which_is_faster(("a", 1.0), ("b", 1.0)),
+            "a and b take the same time (within 5%)"
         );
     }
 }

@@ -192,4 +192,71 @@ mod tests {
             vec!["12 <- '12' in the source, 0.85", "3 <- '3' in the source, 0.70"]
         );
     }
+
+    /// The check reads every step: a step's logits moved by 0.5 (not its largest) shows as a
+    /// difference of about 0.5, and the steps counted are the answer's characters and `<eos>`.
+    #[test]
+    fn the_incremental_check_compares_every_step_with_the_full_forward() {
+        let model = shipped().unwrap();
+        let c = model.config();
+        let source = "28 November 2026";
+        let decoded = model.greedy(&[source], c.max_len, true, Par::Seq).unwrap();
+        assert_eq!(c.tgt_vocab.decode(&decoded[0].tokens), "2026-11-28");
+        let steps = decoded[0].logits.clone();
+        assert_eq!(steps.len(), "2026-11-28".len() + 1);
+        let (worst, n) = incremental_against_full(&model, source, &steps).unwrap();
+        assert_eq!(n, steps.len());
+        assert!((0.0..1e-3).contains(&worst), "{worst}");
+        for step in [0, steps.len() - 1] {
+            let mut moved = steps.clone();
+            let row = &mut moved[step];
+            let top = (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+            let other = (top + 1) % row.len();
+            row[other] -= 0.5;
+            let (moved_worst, _) = incremental_against_full(&model, source, &moved).unwrap();
+            assert!((moved_worst - 0.5).abs() <= worst + 1e-4, "step {step}: {moved_worst}");
+        }
+    }
+
+    #[test]
+    fn spans_widen_to_whole_words_and_ties_take_the_first_position() {
+        // Source "8 Nov 2026" (positions 0-9, `<eos>` at 10), answer "2026-11-08".
+        let (source, output) = ("8 Nov 2026", "2026-11-08");
+        let s = source.chars().count() + 1;
+        let mut mean = vec![0.0f32; (output.chars().count() + 1) * s];
+        for (i, j, w) in [
+            // "2026" looks at 7, 8, 7, 9: the span widens left to the word's start at 6.
+            (0, 7, 0.5),
+            (0, 8, 0.25),
+            (1, 8, 0.75),
+            (2, 7, 0.5),
+            (2, 6, 0.25),
+            (3, 9, 0.5),
+            (3, 0, 0.25),
+            // "11" looks at the "o" of "Nov": the span widens both ways to the whole word.
+            (5, 3, 1.0),
+            (6, 3, 0.5),
+            (6, 4, 0.3),
+            // "08": row 8 is tied between 0 and 6 and takes 0, so the span stays "8".
+            (8, 0, 0.5),
+            (8, 6, 0.5),
+            (9, 0, 0.7),
+        ] {
+            mean[i * s + j] = w;
+        }
+        assert_eq!(
+            where_it_looked(source, output, &mean, s),
+            vec![
+                "2026 <- '2026' in the source, 0.69",
+                "11 <- 'Nov' in the source, 0.90",
+                "08 <- '8' in the source, 0.60",
+            ]
+        );
+        // An empty part (a leading `-`) gets no line.
+        let mean = [0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+        assert_eq!(
+            where_it_looked("5", "-5", &mean, 2),
+            vec!["5 <- '5' in the source, 1.00"]
+        );
+    }
 }
