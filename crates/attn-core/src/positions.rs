@@ -165,6 +165,110 @@ mod tests {
         }
     }
 
+    /// The textbook rotation in f64: pair `(a, b)` of feature `i` turned by
+    /// `sign · position · base^(-2i/D)`.
+    fn rotated_f64(head: &[f32], style: RopeStyle, base: f64, position: usize, sign: f64) -> Vec<f64> {
+        let d = head.len();
+        let mut out: Vec<f64> = head.iter().map(|&x| f64::from(x)).collect();
+        for i in 0..d / 2 {
+            let (a, b) = match style {
+                RopeStyle::HalfRotation => (i, i + d / 2),
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            };
+            let angle = sign * position as f64 * base.powf(-2.0 * i as f64 / d as f64);
+            let (x, y) = (out[a], out[b]);
+            out[a] = x * angle.cos() - y * angle.sin();
+            out[b] = x * angle.sin() + y * angle.cos();
+        }
+        out
+    }
+
+    /// Every head of every row, at its own position, against the f64 rotation; the columns
+    /// outside the heads (before `col0`, after the last head) untouched; and the inverse turns
+    /// the other way, so it undoes `apply`.
+    #[test]
+    fn rope_matches_the_f64_rotation_at_every_row_head_and_frequency() {
+        let (rows, stride, col0, heads, d) = (3, 29, 3, 2, 8);
+        let original: Vec<f32> = (0..rows * stride).map(|i| (i as f32 * 0.61).sin() + 0.1).collect();
+        let positions = [5usize, 0, 1_000];
+        for style in [RopeStyle::HalfRotation, RopeStyle::Interleaved] {
+            for base in [10_000.0, 500_000.0] {
+                let rope = Rope { style, base };
+                for sign in [1.0, -1.0] {
+                    let mut data = original.clone();
+                    if sign > 0.0 {
+                        rope.apply(&mut data, stride, col0, heads, d, |r| positions[r], rows);
+                    } else {
+                        rope.apply_inverse(&mut data, [stride, col0, heads, d], |r| positions[r], rows);
+                    }
+                    for r in 0..rows {
+                        let row = r * stride;
+                        assert_eq!(data[row..row + col0], original[row..row + col0]);
+                        let end = row + col0 + heads * d;
+                        assert_eq!(data[end..row + stride], original[end..row + stride]);
+                        for h in 0..heads {
+                            let start = row + col0 + h * d;
+                            let want = rotated_f64(&original[start..start + d], style, base, positions[r], sign);
+                            for (j, (&got, want)) in data[start..start + d].iter().zip(want).enumerate() {
+                                assert!(
+                                    (f64::from(got) - want).abs() < 2e-6,
+                                    "{style:?} base {base} sign {sign} row {r} head {h} feature {j}: {got} {want}"
+                                );
+                            }
+                        }
+                    }
+                    if sign > 0.0 {
+                        rope.apply_inverse(&mut data, [stride, col0, heads, d], |r| positions[r], rows);
+                        for (got, want) in data.iter().zip(&original) {
+                            assert!((got - want).abs() < 2e-6, "{got} {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The paper's reference code (`get_slopes`), in f64.
+    fn paper_slopes(n: usize) -> Vec<f64> {
+        let power_of_two = |n: usize| -> Vec<f64> {
+            let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+            (0..n).map(|i| start * start.powi(i as i32)).collect()
+        };
+        let log = (n as f64).log2();
+        if log.fract() == 0.0 {
+            return power_of_two(n);
+        }
+        let closest = 2usize.pow(log.floor() as u32);
+        let mut slopes = power_of_two(closest);
+        slopes.extend(paper_slopes(2 * closest).into_iter().step_by(2).take(n - closest));
+        slopes
+    }
+
+    #[test]
+    fn alibi_slopes_are_the_papers_for_1_to_64_heads() {
+        assert!(alibi_slopes(0).is_empty());
+        for n in 1..=64 {
+            let got = alibi_slopes(n);
+            let want = paper_slopes(n);
+            assert_eq!(got.len(), n);
+            for (i, (&g, w)) in got.iter().zip(want).enumerate() {
+                assert!((f64::from(g) / w - 1.0).abs() < 1e-6, "{n} heads, head {i}: {g} {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn rope_reads_the_papers_base_by_default() {
+        let rope: Rope = serde_json::from_str(r#"{"style": "interleaved"}"#).unwrap();
+        assert_eq!(
+            rope,
+            Rope {
+                style: RopeStyle::Interleaved,
+                base: 10_000.0
+            }
+        );
+    }
+
     #[test]
     fn alibi_slopes_match_the_paper() {
         assert_eq!(alibi_slopes(1), vec![2f32.powi(-8)]);

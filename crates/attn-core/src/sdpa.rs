@@ -543,6 +543,90 @@ mod tests {
             assert!(err.contains(tensor) && err.contains(words), "{err}");
         }
         assert_eq!(f32_size_in_bytes(&[usize::MAX, usize::MAX, 4]), u128::MAX);
+        #[allow(deprecated)]
+        let old_name = f32_bytes(&[2, 3, 5]);
+        assert_eq!(old_name, 120);
+        // A zero head dim is blamed on the tensor that has it.
+        for (q, v, tensor, shape) in [
+            ([2, 8, 5, 0], [2, 2, 7, 4], "q", [2, 8, 5, 0]),
+            ([2, 8, 5, 16], [2, 2, 7, 0], "v", [2, 2, 7, 0]),
+        ] {
+            let k = [2, 2, 7, q[3]];
+            match SdpaShape::check(&q, &k, &v).unwrap_err() {
+                AttnError::ShapeMismatch { tensor: t, got, .. } => {
+                    assert_eq!((t.as_str(), &got[..]), (tensor, &shape[..]))
+                }
+                other => panic!("{other}"),
+            }
+        }
+    }
+
+    /// The builders set what they name; `to_kernel` passes it on.
+    #[test]
+    fn builders_set_their_option() {
+        let (lengths, allowed) = ([2usize], [true, false, true]);
+        let options = SdpaOptions::default()
+            .causal(Causal::BottomRight)
+            .key_padding(KeyPadding::Lengths(&lengths))
+            .mask(ScoreMask::Bool {
+                data: &allowed,
+                shape: &[3],
+                meaning: BoolMeaning::MayAttend,
+            })
+            .precision(crate::Precision::Bf16);
+        assert!(matches!(options.key_padding, KeyPadding::Lengths([2])));
+        assert!(matches!(options.mask, ScoreMask::Bool { shape: [3], .. }));
+        let kernel = options.to_kernel([1, 2, 4, 3]).unwrap();
+        assert_eq!(kernel.causal, Causal::BottomRight);
+        assert_eq!(kernel.key_lengths, Some(&lengths[..]));
+        assert!(matches!(kernel.mask, Mask::Allowed(view) if view.shape() == [1, 2, 4, 3]));
+        assert_eq!(kernel.precision, crate::Precision::Bf16);
+    }
+
+    /// A mask whose data does not fill its own shape is bad data (named, with both counts); a
+    /// whole mask that does not broadcast to the scores is a shape error naming the target.
+    #[test]
+    fn masks_that_do_not_fit_are_named() {
+        let (bools, floats) = ([true; 10], [0.0f32; 10]);
+        let mut masks = Vec::new();
+        // Five elements for six; then ten for [5, 2], which does not broadcast to [.., 4, 3].
+        for (shape, n) in [(&[2usize, 3][..], 5), (&[5, 2][..], 10)] {
+            masks.push(ScoreMask::Bool {
+                data: &bools[..n],
+                shape,
+                meaning: BoolMeaning::MaskedOut,
+            });
+            masks.push(ScoreMask::Additive {
+                data: &floats[..n],
+                shape,
+            });
+        }
+        for (i, mask) in masks.into_iter().enumerate() {
+            let options = SdpaOptions::default().mask(mask);
+            match (i < 2, options.to_kernel([1, 1, 4, 3]).unwrap_err()) {
+                (
+                    true,
+                    AttnError::BadTensorData {
+                        name,
+                        shape,
+                        needed,
+                        len,
+                    },
+                ) => {
+                    assert_eq!((name.as_str(), &shape[..], needed, len), ("mask", &[2, 3][..], 6, 5));
+                }
+                (
+                    false,
+                    AttnError::ShapeMismatch {
+                        tensor, expected, got, ..
+                    },
+                ) => {
+                    assert_eq!((tensor.as_str(), &got[..]), ("mask", &[5, 2][..]));
+                    assert!(expected.contains("[1, 1, 4, 3]"), "{expected}");
+                }
+                (_, other) => panic!("mask {i}: {other}"),
+            }
+        }
     }
 
     /// `sdpa_backward` refuses a forward result or a `dout` of the wrong size with an error
