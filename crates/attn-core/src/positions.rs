@@ -201,14 +201,14 @@ mod tests {
                     } else {
                         rope.apply_inverse(&mut data, [stride, col0, heads, d], |r| positions[r], rows);
                     }
-                    for r in 0..rows {
+                    for (r, &position) in positions.iter().enumerate() {
                         let row = r * stride;
                         assert_eq!(data[row..row + col0], original[row..row + col0]);
                         let end = row + col0 + heads * d;
                         assert_eq!(data[end..row + stride], original[end..row + stride]);
                         for h in 0..heads {
                             let start = row + col0 + h * d;
-                            let want = rotated_f64(&original[start..start + d], style, base, positions[r], sign);
+                            let want = rotated_f64(&original[start..start + d], style, base, position, sign);
                             for (j, (&got, want)) in data[start..start + d].iter().zip(want).enumerate() {
                                 assert!(
                                     (f64::from(got) - want).abs() < 2e-6,

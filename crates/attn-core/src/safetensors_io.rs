@@ -341,6 +341,21 @@ mod tests {
         ];
         let plain = safetensors::serialize(views, Some(HashMap::from([("k".to_string(), "v".to_string())]))).unwrap();
         assert_eq!(f32_safetensors(&tensors, Some(&one)).unwrap(), plain);
+        // A state dict with no metadata writes none (no empty `__metadata__`): safetensors'
+        // own bytes without it.
+        let mut dict = StateDict::new();
+        for (name, shape, values) in tensors {
+            dict.insert(
+                name.into(),
+                crate::Tensor::new(name, shape.to_vec(), values.to_vec()).unwrap(),
+            );
+        }
+        let views = vec![
+            ("b", TensorView::new(Dtype::F32, vec![3], &bytes).unwrap()),
+            ("a", TensorView::new(Dtype::F32, vec![1, 3], &bytes).unwrap()),
+        ];
+        let bare = safetensors::serialize(views, None).unwrap();
+        assert_eq!(dict.to_safetensors(&BTreeMap::new()).unwrap(), bare);
         // Written atomically and read back.
         let path = std::env::temp_dir().join(format!("attn-core-write-{}.safetensors", std::process::id()));
         write_safetensors(&path, &first).unwrap();

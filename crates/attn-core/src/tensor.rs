@@ -392,6 +392,55 @@ mod tests {
         assert!(err.contains('w') && err.contains('3'), "{err}");
     }
 
+    /// Equal means the same shape and the same values, whatever the storage; `Debug` shows
+    /// both; an empty shape is empty.
+    #[test]
+    fn equality_looks_at_shape_and_values() {
+        let t = Tensor::new("t", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert_eq!(t, Tensor::new("u", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap());
+        assert_ne!(t, Tensor::new("t", vec![4], vec![1.0, 2.0, 3.0, 4.0]).unwrap());
+        assert_ne!(t, Tensor::new("t", vec![2, 2], vec![1.0, 2.0, 3.0, 5.0]).unwrap());
+        let bits = bf16_tensor(vec![2, 3], 4);
+        let widened = Tensor::new("w", vec![2, 3], bits.clone().into_data()).unwrap();
+        assert_eq!((bits.clone(), widened.clone()), (widened.clone(), bits.clone()));
+        let mut moved = widened;
+        moved.data_mut()[5] += 1.0;
+        assert_ne!(bits, moved);
+        assert_ne!(moved, bits);
+        let shown = format!("{t:?}");
+        assert!(
+            shown.contains("shape: [2, 2]") && shown.contains("[1.0, 2.0, 3.0, 4.0]"),
+            "{shown}"
+        );
+        assert!(!t.is_empty());
+        assert!(Tensor::new("e", vec![3, 0], vec![]).unwrap().is_empty());
+    }
+
+    /// A submodule's state dict comes out without its prefix and goes back under it.
+    #[test]
+    fn prefixes_are_taken_off_and_put_back() {
+        let t = |v: f32| Tensor::new("t", vec![1], vec![v]).unwrap();
+        let mut dict: StateDict = [
+            ("layers.0.w", 1.0),
+            ("layers.0.b", 2.0),
+            ("layers.1.w", 3.0),
+            ("norm.w", 4.0),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), t(v)))
+        .collect();
+        let first = take_prefixed(&mut dict, "layers.0.");
+        assert_eq!(first.keys().collect::<Vec<_>>(), ["b", "w"]);
+        assert_eq!((first["w"].data(), first["b"].data()), (&[1.0][..], &[2.0][..]));
+        assert_eq!(dict.keys().collect::<Vec<_>>(), ["layers.1.w", "norm.w"]);
+        insert_prefixed(&mut dict, "layers.2.", first);
+        assert_eq!(
+            dict.keys().collect::<Vec<_>>(),
+            ["layers.1.w", "layers.2.b", "layers.2.w", "norm.w"]
+        );
+        assert_eq!(dict["layers.2.b"].data(), &[2.0]);
+    }
+
     /// Stacking keeps bf16 bits when every part has them, and f32 values otherwise.
     #[test]
     fn concat_rows_keeps_bf16_when_it_can() {

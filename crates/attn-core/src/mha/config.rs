@@ -171,3 +171,55 @@ impl Dims {
         self.kdim == self.e && self.vdim == self.e
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RopeStyle;
+
+    /// Every field out of its domain is refused by `validate`, naming the field, without a
+    /// division by zero on the way.
+    #[test]
+    fn validate_names_the_field_out_of_its_domain() {
+        let rope = Some(Rope {
+            style: RopeStyle::HalfRotation,
+            base: 10_000.0,
+        });
+        type Change = Box<dyn Fn(&mut MhaConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("embed_dim", Box::new(|c| c.embed_dim = 0)),
+            ("num_heads", Box::new(|c| c.num_heads = 0)),
+            ("num_heads", Box::new(|c| c.num_heads = 3)),
+            ("num_kv_heads", Box::new(|c| c.num_kv_heads = Some(0))),
+            ("num_kv_heads", Box::new(|c| c.num_kv_heads = Some(3))),
+            ("dropout", Box::new(|c| c.dropout = 1.0)),
+            ("kdim", Box::new(|c| c.kdim = Some(0))),
+            ("kdim", Box::new(|c| c.vdim = Some(0))),
+            ("rope", Box::new(move |c| (c.num_heads, c.rope) = (8, rope))),
+            ("rope", Box::new(move |c| (c.add_bias_kv, c.rope) = (true, rope))),
+            ("rope", Box::new(move |c| (c.add_zero_attn, c.rope) = (true, rope))),
+        ];
+        for (field, change) in cases {
+            let mut config = MhaConfig::new(8, 4);
+            assert!(config.validate().is_ok());
+            change(&mut config);
+            match config.validate() {
+                Err(AttnError::InvalidConfig { field: f, .. }) => assert_eq!(f, field, "{config:?}"),
+                other => panic!("{config:?}: {other:?}"),
+            }
+        }
+        let mut rope_ok = MhaConfig::new(8, 2);
+        (rope_ok.rope, rope_ok.num_kv_heads) = (rope, Some(1));
+        assert!(rope_ok.validate().is_ok());
+    }
+
+    /// One fused weight only when both key and value widths are the query's.
+    #[test]
+    fn fused_needs_both_widths_equal_to_the_query_width() {
+        for (kdim, vdim, fused) in [(None, None, true), (Some(6), None, false), (None, Some(6), false)] {
+            let mut config = MhaConfig::new(8, 2);
+            (config.kdim, config.vdim) = (kdim, vdim);
+            assert_eq!(config.dims().unwrap().fused(), fused, "{kdim:?} {vdim:?}");
+        }
+    }
+}
