@@ -35,6 +35,15 @@ fn attn(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_attn")).args(args).output().unwrap()
 }
 
+/// The JSON an `attn attend --html` page carries (tokens, model, text, every layer's and
+/// head's weights).
+fn page_data(html: &str) -> serde_json::Value {
+    let tag = r#"<script id="data" type="application/json">"#;
+    let start = html.find(tag).unwrap() + tag.len();
+    let end = start + html[start..].find("</script>").unwrap();
+    serde_json::from_str(&html[start..end].replace("<\\/", "</")).unwrap()
+}
+
 /// Largest error measured over the SDPA golden cases, `|got - want| / (1 + |want|)`: 1.7e-7
 /// (`large_logits`' lse; outputs 1.2e-7) on AVX2+FMA and on the scalar path. The bound is about
 /// 10× that.
@@ -430,18 +439,19 @@ fn demo_runs_offline_and_checks_itself() {
 #[test]
 fn demo_shows_the_real_model_when_it_is_there() {
     let model = common::installed_model_dir();
+    let view = [
+        "--plain",
+        "--text",
+        "the bank of the river",
+        "--layer",
+        "1",
+        "--head",
+        "2",
+    ];
     let result = Command::new(env!("CARGO_BIN_EXE_attn"))
-        .args([
-            "demo",
-            "--plain",
-            "--text",
-            "the bank of the river",
-            "--layer",
-            "1",
-            "--head",
-            "2",
-            "--model",
-        ])
+        .arg("demo")
+        .args(view)
+        .arg("--model")
         .arg(&model)
         .output()
         .unwrap();
@@ -466,16 +476,8 @@ fn demo_shows_the_real_model_when_it_is_there() {
     let dir = scratch_dir("demo_model");
     let page = dir.join("view.html");
     let attend = Command::new(env!("CARGO_BIN_EXE_attn"))
-        .args([
-            "attend",
-            "--plain",
-            "--text",
-            "the bank of the river",
-            "--layer",
-            "1",
-            "--head",
-            "2",
-        ])
+        .arg("attend")
+        .args(view)
         .arg("--html")
         .arg(&page)
         .arg("--model")
@@ -498,10 +500,7 @@ fn demo_shows_the_real_model_when_it_is_there() {
     // weight on [CLS] and [SEP], on the query itself, on the previous token, and the word
     // with the largest mean weight.
     let html = std::fs::read_to_string(&page).unwrap();
-    let tag = r#"<script id="data" type="application/json">"#;
-    let start = html.find(tag).unwrap() + tag.len();
-    let end = start + html[start..].find("</script>").unwrap();
-    let data: serde_json::Value = serde_json::from_str(&html[start..end].replace("<\\/", "</")).unwrap();
+    let data = page_data(&html);
     let s = tokens.len();
     for (head, line) in text.lines().filter(|l| l.trim_start().starts_with("head ")).enumerate() {
         let w = |i: usize, j: usize| data["weights"][1][head][i][j].as_f64().unwrap();
@@ -732,10 +731,7 @@ fn attend_writes_a_png_grid_and_a_self_contained_html_view() {
         !html.contains("http://") && !html.contains("https://"),
         "the page must need no network"
     );
-    let tag = r#"<script id="data" type="application/json">"#;
-    let start = html.find(tag).unwrap() + tag.len();
-    let end = start + html[start..].find("</script>").unwrap();
-    let data: serde_json::Value = serde_json::from_str(&html[start..end].replace("<\\/", "</")).unwrap();
+    let data = page_data(&html);
     let tokens: Vec<&str> = data["tokens"]
         .as_array()
         .unwrap()

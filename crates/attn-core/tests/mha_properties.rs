@@ -25,6 +25,18 @@ fn rows(t: &Tensor, range: std::ops::Range<usize>) -> Vec<f32> {
     t.data()[range.start * width..range.end * width].to_vec()
 }
 
+/// A single head of width `d` over inputs of width `e`, with biases.
+fn head_config(e: usize, d: usize) -> AttentionConfig {
+    AttentionConfig {
+        embed_dim: e,
+        kdim: e,
+        vdim: e,
+        head_dim: d,
+        v_head_dim: d,
+        bias: true,
+    }
+}
+
 /// MHA output, rebuilt from `H` single-head `Attention`s sharing its weights plus its output
 /// projection.
 fn composed(mha: &MultiHeadAttention, q: &Sequence<'_>, kv: &Sequence<'_>, options: &MhaOptions<'_>) -> Vec<f32> {
@@ -59,14 +71,7 @@ fn composed(mha: &MultiHeadAttention, q: &Sequence<'_>, kv: &Sequence<'_>, optio
         b_all.extend_from_slice(&bias.data()[k_rows]);
         b_all.extend_from_slice(&bias.data()[v_rows]);
         dict.insert("in_proj_bias".into(), Tensor::new("b", vec![3 * d], b_all).unwrap());
-        let config = AttentionConfig {
-            embed_dim: e,
-            kdim: e,
-            vdim: e,
-            head_dim: d,
-            v_head_dim: d,
-            bias: true,
-        };
+        let config = head_config(e, d);
         let single = Attention::from_state_dict(config, dict).unwrap();
         let mut head_options = *options;
         head_options.need_weights = NeedWeights::No;
@@ -798,14 +803,7 @@ fn a_single_heads_precision_is_set_and_reported() {
         "in_proj_bias".into(),
         Tensor::new("b", vec![3 * d], random(3 * d, 7)).unwrap(),
     );
-    let config = AttentionConfig {
-        embed_dim: e,
-        kdim: e,
-        vdim: e,
-        head_dim: d,
-        v_head_dim: d,
-        bias: true,
-    };
+    let config = head_config(e, d);
     let mut head = Attention::from_state_dict(config, dict).unwrap();
     let x = random(2 * 3 * e, 9);
     let seq = Sequence::batch_first(&x, 2, 3, e);
