@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 37] = [
+const MUTANT_SCOPE: [(&str, &str); 40] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -109,6 +109,14 @@ const MUTANT_SCOPE: [(&str, &str); 37] = [
     ("crates/attn-nn/src/parallel/mod.rs", ".*"),
     // The translator's vocabularies, configuration and batches.
     ("crates/attn-nn/src/seq2seq/data.rs", ".*"),
+    // Positions (RoPE's rotation, ALiBi's slopes), the SDPA entry's checks and masks, and
+    // cross-attention over an appended memory.
+    ("crates/attn-core/src/positions.rs", ".*"),
+    ("crates/attn-core/src/sdpa.rs", ".*"),
+    (
+        "crates/attn-core/src/mha/mod.rs",
+        "MultiHeadAttention::(append_to_cache|forward_over_cache|forward_bytes)",
+    ),
 ];
 
 /// `cargo xtask mutants [--planted] [CARGO-MUTANTS ARGS...]`.
