@@ -1,10 +1,11 @@
 //! What the subcommands share, below all of them (no module here imports a subcommand): tensor
-//! files, timing, pictures, memory, threads, MPI ranks, flags' value parsers, line files, checkpoints.
+//! files, hashing, timing, pictures, memory, threads, MPI ranks, flags' value parsers, line files, checkpoints.
 
 pub mod allocations;
 pub mod checkpoint;
 pub mod dtype;
 pub mod flags;
+pub mod fnv;
 pub mod heatmap;
 pub mod memory;
 pub mod numerics;

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use attn_nn::core::write_safetensors;
 use serde_json::json;
 
+use crate::support::fnv::fnv1a;
 use crate::support::tensors::write_f32_atomic;
 
 use super::{Args, Trainer};
@@ -85,13 +86,6 @@ pub(super) fn save(trainer: &Trainer, args: &Args, fingerprint: &str, step: u64)
     write_f32_atomic(&state, &refs, Some(metadata))?;
     write_safetensors(&args.output, &model)?;
     Ok(())
-}
-
-/// FNV-1a of `bytes`.
-fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
-    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 /// `OUTPUT.state.prev`: the state of the save before, kept while the next one is written.
@@ -191,14 +185,9 @@ pub(super) fn resume(trainer: &mut Trainer, output: &Path, fingerprint: &str) ->
 mod tests {
     use super::*;
 
-    /// The published FNV-1a 64 test vectors: the fingerprints in saved states are this hash, so
-    /// a change to it would make every saved run unresumable.
+    /// The data's fingerprint is FNV-1a (`support::fnv`) of the pairs as TSV lines.
     #[test]
-    fn fnv1a_is_the_published_hash() {
-        assert_eq!(fnv1a(*b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(*b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a(*b"foobar"), 0x8594_4171_f739_67e8);
-        // The pairs as TSV lines.
+    fn the_data_hash_is_fnv1a_of_the_tsv_lines() {
         let pairs = [("1 May".to_string(), "2026-05-01".to_string())];
         assert_eq!(data_hash(&pairs), fnv1a(*b"1 May\t2026-05-01\n"));
     }
