@@ -16,11 +16,13 @@ use rayon::prelude::*;
 
 use crate::error::{check_len, check_optional_lens};
 use crate::gemm::gemm_raw;
-use crate::layer::{erf, Activation, NormKind};
+use crate::layer::{erf, Activation};
 use crate::{Accum, KernelError, Par};
 
 /// Runs `f(args)`, an `#[inline(always)]` loop, compiled for the running SIMD level: the
-/// compiler vectorises the same source at AVX-512, AVX2+FMA or the baseline.
+/// compiler vectorises the same source at AVX-512, AVX2+FMA or the baseline. The closure is
+/// `#[inline(always)]` too: a closure left out of line is compiled for the baseline, whatever
+/// `level` enables (norm_backward's rows ran at SSE2 that way).
 macro_rules! at_level {
     ($f:ident($($arg:expr),*)) => {{
         match crate::simd::simd_level() {
@@ -31,7 +33,7 @@ macro_rules! at_level {
                     f()
                 }
                 // SAFETY: `simd_level` reported these features on this CPU.
-                unsafe { level(|| $f($($arg),*)) }
+                unsafe { level(#[inline(always)] || $f($($arg),*)) }
             }
             #[cfg(target_arch = "x86_64")]
             crate::SimdLevel::Avx2Fma => {
@@ -40,7 +42,7 @@ macro_rules! at_level {
                     f()
                 }
                 // SAFETY: as above.
-                unsafe { level(|| $f($($arg),*)) }
+                unsafe { level(#[inline(always)] || $f($($arg),*)) }
             }
             _ => $f($($arg),*),
         }
@@ -48,7 +50,9 @@ macro_rules! at_level {
 }
 
 mod dropout;
+mod norm;
 pub use dropout::{dropout, dropout_uniform};
+pub use norm::norm_backward;
 
 /// Rows per chunk of the column sums (bias and norm-weight gradients).
 const SUM_ROWS: usize = 64;
@@ -151,123 +155,8 @@ pub fn linear_backward(
     Ok(())
 }
 
-/// The backward of a norm over rows of `x: [N, E]` (the norm's input, after any residual add):
-/// `dx` is **added** to (the residual's other branch usually holds a gradient already), and
-/// `dweight += Σ_n dy·x̂`, `dbias += Σ_n dy` (layer norm with a bias). The statistics are
-/// recomputed from `x` in f64.
-///
-/// Layer norm: `dx = r·(g − mean(g) − x̂·mean(g·x̂))`, `g = dy·w`, `x̂ = (x − μ)·r`,
-/// `r = 1/sqrt(var + eps)`. RMS norm: the same without the mean terms.
-#[allow(clippy::too_many_arguments)]
-pub fn norm_backward(
-    dx: &mut [f32],
-    dweight: &mut [f32],
-    dbias: Option<&mut [f32]>,
-    dy: &[f32],
-    x: &[f32],
-    weight: &[f32],
-    (kind, eps): (NormKind, f32),
-    par: Par,
-) -> Result<(), KernelError> {
-    let op = "norm_backward";
-    let e = weight.len();
-    if e == 0 || !x.len().is_multiple_of(e) {
-        return Err(KernelError::shape(
-            op,
-            "x",
-            vec![x.len().div_ceil(e.max(1)), e],
-            vec![x.len()],
-        ));
-    }
-    check_len(op, "dy", x.len(), dy.len())?;
-    check_len(op, "dx", x.len(), dx.len())?;
-    check_len(op, "dweight", e, dweight.len())?;
-    if let Some(db) = dbias.as_deref() {
-        check_len(op, "dbias", e, db.len())?;
-    }
-    let center = kind == NormKind::LayerNorm;
-    let row = |dx: &mut [f32], dy: &[f32], x: &[f32], xhat_dy: &mut [f64]| {
-        at_level!(norm_row_backward(dx, dy, x, weight, center, eps, xhat_dy));
-    };
-    let chunk = |(dxs, (dys, xs)): (&mut [f32], (&[f32], &[f32]))| {
-        let mut partial = vec![0.0f64; e];
-        for ((dx, dy), x) in dxs.chunks_exact_mut(e).zip(dys.chunks_exact(e)).zip(xs.chunks_exact(e)) {
-            row(dx, dy, x, &mut partial);
-        }
-        partial
-    };
-    let n = SUM_ROWS * e;
-    let partials: Vec<Vec<f64>> = match par {
-        Par::Seq => dx.chunks_mut(n).zip(dy.chunks(n).zip(x.chunks(n))).map(chunk).collect(),
-        Par::Rayon => dx
-            .par_chunks_mut(n)
-            .zip(dy.par_chunks(n).zip(x.par_chunks(n)))
-            .map(chunk)
-            .collect(),
-    };
-    let mut total = vec![0.0f64; e];
-    for p in &partials {
-        total.iter_mut().zip(p).for_each(|(t, &v)| *t += v);
-    }
-    dweight.iter_mut().zip(&total).for_each(|(d, &t)| *d += t as f32);
-    if let Some(db) = dbias {
-        add_column_sums(db, dy, e, par);
-    }
-    Ok(())
-}
-
-/// One row of [`norm_backward`]: adds to `dx`; adds the row's `dy·x̂` to `xhat_dy` (for the
-/// weight's gradient). Sums run in f64 over eight interleaved partial sums.
-#[inline(always)]
-fn norm_row_backward(
-    dx: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    weight: &[f32],
-    center: bool,
-    eps: f32,
-    xhat_dy: &mut [f64],
-) {
-    let e = weight.len();
-    let n = e as f64;
-    let mean = if center { lane_sum(e, |j| x[j] as f64) / n } else { 0.0 };
-    let var = lane_sum(e, |j| {
-        let c = x[j] as f64 - mean;
-        c * c
-    }) / n;
-    let r = 1.0 / (var + eps as f64).sqrt();
-    let mean_g = if center {
-        lane_sum(e, |j| dy[j] as f64 * weight[j] as f64) / n
-    } else {
-        0.0
-    };
-    let mean_gx = lane_sum(e, |j| dy[j] as f64 * weight[j] as f64 * ((x[j] as f64 - mean) * r)) / n;
-    for j in 0..e {
-        let g = dy[j] as f64 * weight[j] as f64;
-        let xh = (x[j] as f64 - mean) * r;
-        xhat_dy[j] += dy[j] as f64 * xh;
-        dx[j] += (r * (g - mean_g - xh * mean_gx)) as f32;
-    }
-}
-
-/// `Σ_{j<n} f(j)` in f64 as eight interleaved partial sums added at the end: a fixed order
-/// (so the same bits every time) that vectorises.
-#[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let full = n / 8 * 8;
-    for base in (0..full).step_by(8) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(base + l);
-        }
-    }
-    for (l, j) in (full..n).enumerate() {
-        acc[l] += f(j);
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
-}
-
 /// `act'(u)`, the derivative at the activation's input.
+#[inline(always)]
 fn derivative(u: f32, act: Activation) -> f32 {
     match act {
         Activation::Identity => 1.0,
@@ -307,9 +196,7 @@ pub fn activation_backward(
     check_len(op, "dy", du.len(), dy.len())?;
     check_len(op, "u", du.len(), u.len())?;
     let body = |(d, (g, x)): (&mut [f32], (&[f32], &[f32]))| {
-        for ((d, &g), &x) in d.iter_mut().zip(g).zip(x) {
-            *d = g * derivative(x, act);
-        }
+        at_level!(activation_backward_run(d, g, x, act));
     };
     let n = 16 * 1024;
     match par {
@@ -320,6 +207,24 @@ pub fn activation_backward(
             .for_each(body),
     }
     Ok(())
+}
+
+/// `du = dy · act'(u)` over one chunk, a loop per activation so that each vectorises (the
+/// same products as `dy · derivative(u)` element by element: NaN and `−0` included).
+#[inline(always)]
+fn activation_backward_run(du: &mut [f32], dy: &[f32], u: &[f32], act: Activation) {
+    #[inline(always)]
+    fn each(du: &mut [f32], dy: &[f32], u: &[f32], f: impl Fn(f32) -> f32) {
+        for ((d, &g), &x) in du.iter_mut().zip(dy).zip(u) {
+            *d = g * f(x);
+        }
+    }
+    match act {
+        Activation::Identity => each(du, dy, u, |_| 1.0),
+        Activation::Relu => each(du, dy, u, |x| if x > 0.0 { 1.0 } else { 0.0 }),
+        Activation::Gelu => each(du, dy, u, |x| derivative(x, Activation::Gelu)),
+        Activation::GeluTanh => each(du, dy, u, |x| derivative(x, Activation::GeluTanh)),
+    }
 }
 
 /// `y[n] = table[ids[n]]`: an embedding lookup, `table: [V, E]` -> `y: [N, E]`. An id past the

@@ -2,6 +2,7 @@
 //! thread counts.
 
 use super::*;
+use crate::layer::NormKind;
 use crate::testing::random_vec;
 
 /// `∂f/∂x[i]` by central differences in f64.
