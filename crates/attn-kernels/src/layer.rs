@@ -213,17 +213,7 @@ pub fn bias_activation(
     act: Activation,
     par: Par,
 ) -> Result<(), KernelError> {
-    if width == 0 || !x.len().is_multiple_of(width) {
-        return Err(KernelError::shape(
-            "bias_activation",
-            "x",
-            vec![x.len().div_ceil(width.max(1)), width],
-            vec![x.len()],
-        ));
-    }
-    if let Some(b) = bias {
-        check_len("bias_activation", "bias", width, b.len())?;
-    }
+    check_bias_activation(["bias_activation", "x"], x.len(), width, bias)?;
     if bias.is_none() && act == Activation::Identity {
         return Ok(());
     }
@@ -239,6 +229,59 @@ pub fn bias_activation(
     match par {
         Par::Seq => x.chunks_mut(n).for_each(body),
         Par::Rayon => x.par_chunks_mut(n).for_each(body),
+    }
+    Ok(())
+}
+
+/// [`bias_activation`] from `src` into `dst` (both `[N, width]`): `dst[n, j] = act(src[n, j] +
+/// bias[j])`, the same bits. Each row is copied and then activated while it is in L1, so the
+/// input is read once, where a copy followed by [`bias_activation`] passes over memory twice.
+pub fn bias_activation_from(
+    dst: &mut [f32],
+    src: &[f32],
+    width: usize,
+    bias: Option<&[f32]>,
+    act: Activation,
+    par: Par,
+) -> Result<(), KernelError> {
+    check_bias_activation(["bias_activation_from", "src"], src.len(), width, bias)?;
+    check_len("bias_activation_from", "dst", src.len(), dst.len())?;
+    let row = kernels().1;
+    let body = |(d, s): (&mut [f32], &[f32])| {
+        let b = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        for (r, x) in d.chunks_exact_mut(width).zip(s.chunks_exact(width)) {
+            r.copy_from_slice(x);
+            if !b.is_null() || act != Activation::Identity {
+                // SAFETY: the row and the bias hold `width` floats; the level was detected.
+                unsafe { row(r.as_mut_ptr(), b, width, act) };
+            }
+        }
+    };
+    let n = width * ELEMENT_CHUNK.div_ceil(width);
+    match par {
+        Par::Seq => dst.chunks_mut(n).zip(src.chunks(n)).for_each(body),
+        Par::Rayon => dst.par_chunks_mut(n).zip(src.par_chunks(n)).for_each(body),
+    }
+    Ok(())
+}
+
+/// Rows of `width` floats in the `len` of tensor `name`, and a bias of `width` when there is one.
+fn check_bias_activation(
+    [op, name]: [&'static str; 2],
+    len: usize,
+    width: usize,
+    bias: Option<&[f32]>,
+) -> Result<(), KernelError> {
+    if width == 0 || !len.is_multiple_of(width) {
+        return Err(KernelError::shape(
+            op,
+            name,
+            vec![len.div_ceil(width.max(1)), width],
+            vec![len],
+        ));
+    }
+    if let Some(b) = bias {
+        check_len(op, "bias", width, b.len())?;
     }
     Ok(())
 }
@@ -296,97 +339,7 @@ pub fn erf(x: f32) -> f32 {
 }
 
 /// The portable bodies: what [`SimdLevel::Scalar`] runs.
-mod scalar {
-    use super::*;
-
-    pub(super) fn activate(x: f32, act: Activation) -> f32 {
-        match act {
-            Activation::Identity => x,
-            Activation::Relu => {
-                if x > 0.0 || x.is_nan() {
-                    x
-                } else {
-                    0.0
-                }
-            }
-            Activation::Gelu => {
-                if x < GELU_ZERO_BELOW {
-                    0.0
-                } else {
-                    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-                }
-            }
-            Activation::GeluTanh => {
-                let u = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
-                x / (1.0 + exp_scalar(-2.0 * u))
-            }
-        }
-    }
-
-    /// # Safety
-    /// As for [`NormRow`]: every pointer covers `e` floats (or is null where allowed).
-    pub(super) unsafe fn norm_row(
-        src: *const f32,
-        residual: *const f32,
-        sum: *mut f32,
-        dst: *mut f32,
-        e: usize,
-        p: &NormParams<'_>,
-    ) {
-        // SAFETY: the caller guarantees `e` floats behind each non-null pointer.
-        unsafe {
-            let x = |i: usize| {
-                let v = *src.add(i);
-                if residual.is_null() {
-                    v
-                } else {
-                    v + *residual.add(i)
-                }
-            };
-            let center = p.kind == NormKind::LayerNorm;
-            let mut total = 0.0f32;
-            for i in 0..e {
-                let v = x(i);
-                if !sum.is_null() {
-                    *sum.add(i) = v;
-                }
-                total = if center { total + v } else { total + v * v };
-            }
-            let stored = |i: usize| if sum.is_null() { *src.add(i) } else { *sum.add(i) };
-            let (mean, var) = if center {
-                let mean = total / e as f32;
-                let mut dev = 0.0f32;
-                for i in 0..e {
-                    let c = stored(i) - mean;
-                    dev += c * c;
-                }
-                (mean, dev / e as f32)
-            } else {
-                (0.0, total / e as f32)
-            };
-            let inv = (1.0 / (var as f64 + p.eps as f64).sqrt()) as f32;
-            for i in 0..e {
-                let y = (stored(i) - mean) * inv * p.weight[i];
-                *dst.add(i) = match p.bias {
-                    Some(b) => y + b[i],
-                    None => y,
-                };
-            }
-        }
-    }
-
-    /// # Safety
-    /// As for [`BiasActRow`].
-    pub(super) unsafe fn bias_act_row(x: *mut f32, bias: *const f32, n: usize, act: Activation) {
-        // SAFETY: the caller guarantees `n` floats behind `x` (and `bias` unless null).
-        unsafe {
-            for i in 0..n {
-                let b = if bias.is_null() { 0.0 } else { *bias.add(i) };
-                *x.add(i) = activate(*x.add(i) + b, act);
-            }
-        }
-    }
-}
+mod scalar;
 
 /// The vector bodies, written once over the width.
 #[cfg(target_arch = "x86_64")]

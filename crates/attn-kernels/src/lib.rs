@@ -25,8 +25,9 @@
 //! - [`attention_with_weights`]: [`attention`] that also writes the softmax weights (per head
 //!   or averaged, as `nn.MultiheadAttention` returns them), from the scores the call's path
 //!   computed where it can; [`attention_weights`] recomputes them from a call's LSE.
-//! - [`norm_rows`], [`add_norm_rows`], [`bias_activation`]: the row and pointwise kernels of
-//!   the layers around attention (norms with the residual add fused, bias with activation).
+//! - [`norm_rows`], [`add_norm_rows`], [`bias_activation`], [`bias_activation_from`]: the row
+//!   and pointwise kernels of the layers around attention (norms with the residual add fused,
+//!   bias with activation, in place or from another buffer).
 //! - [`attention_backward`]: the gradients of attention (FlashAttention-2's algorithm,
 //!   deterministic), with [`attention_backward_reference`] in f64.
 //! - [`linear_backward`], [`norm_backward`], [`activation_backward`], [`embedding_backward`],
@@ -103,7 +104,8 @@ pub use grad::{
     linear_backward, norm_backward, CrossEntropy, LinearShape,
 };
 pub use layer::{
-    add_assign, add_norm_rows, add_then_norm_rows, bias_activation, erf, norm_rows, Activation, NormKind, NormParams,
+    add_assign, add_norm_rows, add_then_norm_rows, bias_activation, bias_activation_from, erf, norm_rows, Activation,
+    NormKind, NormParams,
 };
 pub use mask::{broadcast_to, AttentionOptions, Causal, Mask};
 pub use path::{attention, attention_with_lse_lo, attention_with_weights, chosen_path, KernelPath};

@@ -250,6 +250,21 @@ fn entries_are_row_kernels_and_thread_count_independent() {
         let mut y = sum.clone();
         bias_activation(&mut y, e, Some(&bias), Activation::Gelu, par).unwrap();
         assert_eq!(y, want_y, "bias_activation {par:?}");
+        // From another buffer: the same bits, every element written, the source untouched.
+        let mut from = vec![f32::NAN; rows * e];
+        bias_activation_from(&mut from, &sum, e, Some(&bias), Activation::Gelu, par).unwrap();
+        assert_eq!(from, want_y, "bias_activation_from {par:?}");
+        for (act, bias) in [
+            (Activation::Relu, None),
+            (Activation::Identity, None),
+            (Activation::Identity, Some(&bias)),
+        ] {
+            let mut want = sum.clone();
+            bias_activation(&mut want, e, bias.map(|b| &b[..]), act, par).unwrap();
+            let mut got = vec![f32::NAN; rows * e];
+            bias_activation_from(&mut got, &sum, e, bias.map(|b| &b[..]), act, par).unwrap();
+            assert_eq!(got, want, "bias_activation_from {act:?}, bias {}", bias.is_some());
+        }
     }
 }
 
@@ -289,4 +304,18 @@ fn bad_shapes_and_parameters_are_typed_errors() {
     let err = bias_activation(&mut y, 4, Some(&b), Activation::Relu, Par::Seq).unwrap_err();
     assert!(err.to_string().contains("`bias` has shape [3], expected [4]"), "{err}");
     assert!(add_assign(&mut y, &x, Par::Seq).is_err());
+    let err = bias_activation_from(&mut y, &x[..9], 3, None, Activation::Relu, Par::Seq).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("bias_activation_from: `dst` has shape [8], expected [9]"),
+        "{err}"
+    );
+    let err = bias_activation_from(&mut y, &x[..8], 3, None, Activation::Relu, Par::Seq).unwrap_err();
+    assert!(
+        err.to_string().contains("bias_activation_from: `src` has shape [8]"),
+        "{err}"
+    );
+    let err = bias_activation_from(&mut y, &x[..8], 4, Some(&b), Activation::Relu, Par::Seq).unwrap_err();
+    assert!(err.to_string().contains("`bias` has shape [3], expected [4]"), "{err}");
+    assert_eq!(y, [0.0; 8], "written after an error");
 }
