@@ -1,17 +1,22 @@
 """Training steps of attn binaries against each other, interleaved round by round (`attn bench train --json`), medians.
 
 Usage: train_ab.py ROUNDS NAME=BINARY ... (the first is the baseline; ATTN_TRAIN_DATA names the pairs file, default /tmp/ab/train.tsv,
-made by `attn dates --split train --kind mixed --count 3000 --seed 1`).
+made by `attn dates --split train --kind mixed --count 3000 --seed 1`; ATTN_TRAIN_EXTRA adds arguments to every run, e.g.
+"--precision bf16"; ATTN_TRAIN_SHAPES=d128 runs one shape).
 """
 import json, os, subprocess, statistics, sys
 bins = dict(a.split("=") for a in sys.argv[2:])
 rounds = int(sys.argv[1])
 shapes = {"d128": ["--steps", "50"], "d512": ["--steps", "10", "--d-model", "512", "--nhead", "8", "--dim-feedforward", "2048"]}
+extra_all = os.environ.get("ATTN_TRAIN_EXTRA", "").split()
+only = os.environ.get("ATTN_TRAIN_SHAPES")
 for name, extra in shapes.items():
+    if only and name not in only.split(","):
+        continue
     t = {k: [] for k in bins}
     for _ in range(rounds):
         for k, b in bins.items():
-            out = subprocess.run([b, "bench", "train", "--data", os.environ.get("ATTN_TRAIN_DATA", "/tmp/ab/train.tsv"), "--json", *extra], capture_output=True, text=True, check=True).stdout
+            out = subprocess.run([b, "bench", "train", "--data", os.environ.get("ATTN_TRAIN_DATA", "/tmp/ab/train.tsv"), "--json", *extra, *extra_all], capture_output=True, text=True, check=True).stdout
             t[k].append(json.loads(out)["median_s"])
     base = list(bins)[0]
     for k in bins:

@@ -463,7 +463,8 @@ impl FeedForward {
         let u = &tape.pre_activation;
         let par = step.par;
         let mut z = self.activated(u, step)?;
-        let mut dz = arena::zeroed(u.len());
+        // Written by the products below.
+        let mut dz = arena::overwritten(u.len());
         let here = step.path;
         self.linear2
             .backward(Some(&mut dz), dy, &z, &mut step.at(&here.join("linear2.")))?;
@@ -471,7 +472,7 @@ impl FeedForward {
         // du = act'(u)·dz, written over `z`, which is no longer needed.
         kernels::activation_backward(&mut z, &dz, u, self.activation.kernel(), par).map_err(AttnError::from)?;
         arena::give(dz);
-        let mut dx = arena::zeroed(x.len());
+        let mut dx = arena::overwritten(x.len());
         self.linear1
             .backward(Some(&mut dx), &z, x, &mut step.at(&here.join("linear1.")))?;
         arena::give(z);
@@ -481,8 +482,9 @@ impl FeedForward {
     /// `dropout(act(u))` for `u: [N, F]`, rows of F in parallel.
     fn activated(&self, u: &[f32], step: &Step<'_>) -> Result<Vec<f32>> {
         let f = self.linear1.dims()[0];
-        let mut z = arena::copied(u);
-        kernels::bias_activation(&mut z, f, None, self.activation.kernel(), step.par).map_err(AttnError::from)?;
+        let mut z = arena::overwritten(u.len());
+        kernels::bias_activation_from(&mut z, u, f, None, self.activation.kernel(), step.par)
+            .map_err(AttnError::from)?;
         step.dropout(&mut z, "dropout")?;
         Ok(z)
     }

@@ -63,7 +63,13 @@ impl Core {
         let p = &tape.projected;
         let width = p.q_width;
         let [qbs, qls] = query.token_strides();
-        let mut d_qkv = arena::zeroed(n * width);
+        // The kernel writes every element; the packed sequences' calls, each on its own rows,
+        // start from zeros.
+        let mut d_qkv = if inputs.packing.is_some() {
+            arena::zeroed(n * width)
+        } else {
+            arena::overwritten(n * width)
+        };
         // The blocks of rows `[rows, width]` laid out with batch and row strides `[bs, ls]`.
         let blocks = |[bs, ls]: [usize; 2], [b, s]: [usize; 2]| {
             [
@@ -122,7 +128,7 @@ impl Core {
             rope.apply_inverse(&mut d_qkv, [width, 0, h, d], token_position, n);
             rope.apply_inverse(&mut d_qkv, [width, h * d, g, d], token_position, n);
         }
-        let mut d_query = arena::zeroed(n * e);
+        let mut d_query = arena::overwritten(n * e);
         let (dw, db) = grads.of_weight_and_bias(
             path,
             (&self.w_q_or_qkv, "in_proj_weight"),
@@ -259,15 +265,15 @@ impl Core {
                     slot.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
                 }
             }
-            let mut rows = arena::zeroed(b * t_real * width);
-            rows.clear();
+            let mut rows = arena::overwritten(b * t_real * width);
             for bi in 0..b {
-                rows.extend_from_slice(&d_proj[bi * t * width..][..t_real * width]);
+                rows[bi * t_real * width..][..t_real * width]
+                    .copy_from_slice(&d_proj[bi * t * width..][..t_real * width]);
             }
             Cow::Owned(rows)
         };
         let x = batch_first_rows(seq);
-        let mut dx = arena::zeroed(x.len());
+        let mut dx = arena::overwritten(x.len());
         self.projection_backward((grads, path), which, Some(&mut dx), &real_rows, &x, par)?;
         if let Cow::Owned(rows) = real_rows {
             arena::give(rows);

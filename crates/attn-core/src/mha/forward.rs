@@ -123,8 +123,10 @@ impl Core {
         let extra = usize::from(self.bias_kv.is_some()) + usize::from(self.add_zero_attn);
         let (b, t) = (key.batch, key.len);
         let t_all = t + extra;
-        let mut k_buf = arena::zeroed(b * t_all * g * d);
-        let mut v_buf = arena::zeroed(b * t_all * g * dv);
+        // The projections write every row but the appended ones; `add_zero_attn`'s is a zero row.
+        let fresh = if extra == 0 { arena::overwritten } else { arena::zeroed };
+        let mut k_buf = fresh(b * t_all * g * d);
+        let mut v_buf = fresh(b * t_all * g * dv);
         for (which, seq, buf, width) in [(1, key, &mut k_buf, g * d), (2, value, &mut v_buf, g * dv)] {
             let in_dim = self.weight_tensor(which).2;
             let bias = self.bias(which);

@@ -274,9 +274,10 @@ impl Core {
         let masks = MaskSet::new(&inputs.options, [b, h, s, t], t - t_real, false)?;
         let kernel_options = masks.options(self.alibi.as_deref())?;
 
-        let mut attn_out = arena::zeroed(b * s * h * dv);
-        let mut lse = arena::zeroed(b * h * s);
-        let mut lse_lo = arena::zeroed(b * h * s);
+        // The kernel writes every element of the three.
+        let mut attn_out = arena::overwritten(b * s * h * dv);
+        let mut lse = arena::overwritten(b * h * s);
+        let mut lse_lo = arena::overwritten(b * h * s);
         attention_with_lse_lo(
             ViewMut::new(&mut attn_out[..], [b, h, s, dv], [qbs * h * dv, dv, qls * h * dv, 1])?,
             ViewMut::contiguous(&mut lse[..], [b, h, s])?,
@@ -345,9 +346,16 @@ impl Core {
         if p.fused {
             return self.fused_backward(inputs, tape, d_attn, grads, path, par);
         }
-        let mut dq = arena::zeroed(n * h * d);
-        let mut dk = arena::zeroed(b * t * g * d);
-        let mut dv_buf = arena::zeroed(b * t * g * dv);
+        // The kernel writes every element of the three; the packed sequences' calls, each on its
+        // own rows, start from zeros.
+        let fresh = if inputs.packing.is_some() {
+            arena::zeroed
+        } else {
+            arena::overwritten
+        };
+        let mut dq = fresh(n * h * d);
+        let mut dk = fresh(b * t * g * d);
+        let mut dv_buf = fresh(b * t * g * dv);
         match &inputs.packing {
             Some(packing) => self.check_packing(inputs, packing, t).and_then(|()| {
                 self.packed_attention_backward(
@@ -392,7 +400,7 @@ impl Core {
 
         // 5. The input projections (4, the appended rows, is inside `kv_backward`).
         let x_query = query.data;
-        let mut d_query = arena::zeroed(n * e);
+        let mut d_query = arena::overwritten(n * e);
         self.projection_backward((grads, path), 0, Some(&mut d_query), &dq, x_query, par)?;
         let (key, value) = inputs.key_value.unwrap_or((*query, *query));
         let d_key = self.kv_backward(grads, path, 1, &key, &dk, par)?;
@@ -431,7 +439,8 @@ impl Core {
             return Ok(arena::copied(d_output));
         };
         let in_dim = self.dims.h * self.dims.dv;
-        let mut d_attn = arena::zeroed(n * in_dim);
+        // Written by the projection's backward.
+        let mut d_attn = arena::overwritten(n * in_dim);
         let (dw, db) = grads.of_weight_and_bias(
             path,
             (w_out, "out_proj.weight"),

@@ -306,7 +306,8 @@ impl Seq2Seq {
                 got: vec![logits.len()],
             });
         }
-        let mut d_logits = arena::zeroed(logits.len());
+        // Every row written (ignored rows with zeros).
+        let mut d_logits = arena::overwritten(logits.len());
         let pad = PAD as i64;
         let ce = match denominator {
             None => kernels::cross_entropy(&mut d_logits, logits, labels, pad, label_smoothing, par),
@@ -334,7 +335,7 @@ impl Seq2Seq {
             });
         }
         let here = step.path;
-        let mut d_decoded = arena::zeroed(tape.decoded.len());
+        let mut d_decoded = arena::overwritten(tape.decoded.len());
         self.generator.backward(
             Some(&mut d_decoded),
             d_logits,
