@@ -460,6 +460,101 @@ fn packed_sequences_equal_separate_calls() {
     }
 }
 
+/// The training forward and backward write their buffers whole: on an arena whose kept buffers
+/// are all NaN (`arena::poison`) they give the bits of a clean arena, packed and not, self- and
+/// cross-attention. In the packed cross-attention one sequence has keys but no queries: its key
+/// rows get a zero gradient (no kernel call writes them), not what the arena held.
+#[test]
+fn training_buffers_never_carry_what_the_arena_held() {
+    use attn_core::kernels::arena;
+    let (e, h, n, m) = (128, 4, 150, 200);
+    let mut config = MhaConfig::new(e, h);
+    config.batch_first = true;
+    let mha = MultiHeadAttention::with_seed(config, 31).unwrap();
+    let mut rng = SplitMix64::new(9);
+    let (x, mem, r) = (
+        random(&mut rng, n * e),
+        random(&mut rng, m * e),
+        random(&mut rng, n * e),
+    );
+    let (q_starts, k_starts) = ([0usize, 100, 100, 150], [0usize, 60, 140, 200]);
+    for (cross, packed) in [(false, false), (true, false), (false, true), (true, true)] {
+        let ks: &[usize] = if cross { &k_starts } else { &q_starts };
+        let inputs = MhaInputs {
+            query: Sequence::batch_first(&x, 1, n, e),
+            key_value: cross.then(|| {
+                (
+                    Sequence::batch_first(&mem, 1, m, e),
+                    Sequence::batch_first(&mem, 1, m, e),
+                )
+            }),
+            options: MhaOptions::default(),
+            packing: packed.then_some(attn_core::Packing {
+                query_starts: &q_starts,
+                key_starts: ks,
+            }),
+        };
+        let run = || {
+            let (out, tape) = mha.forward_train(&inputs, Par::Seq).unwrap();
+            let mut grads = Grads::new();
+            let d = mha
+                .backward(&inputs, &tape, &r, &mut grads, &ParamPath::ROOT, Par::Seq)
+                .unwrap();
+            let named: Vec<(String, Vec<f32>)> =
+                grads.iter().map(|(k, g)| (k.to_string(), g.data().to_vec())).collect();
+            let result = (
+                out.output.clone(),
+                d.query.clone(),
+                d.key.clone(),
+                d.value.clone(),
+                named,
+            );
+            tape.recycle();
+            [Some(out.output), Some(d.query), d.key, d.value]
+                .into_iter()
+                .flatten()
+                .for_each(arena::give);
+            result
+        };
+        arena::clear();
+        let clean = run();
+        assert!(arena::kept_floats() >= m * e, "the run kept its buffers");
+        arena::poison();
+        let dirty = run();
+        arena::clear();
+        let what = format!("cross {cross}, packed {packed}");
+        assert!(clean.0.iter().chain(&clean.1).all(|v| v.is_finite()), "{what}");
+        // Bit for bit, named by the first buffer that differs.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut pairs = vec![("output", &clean.0, &dirty.0), ("d_query", &clean.1, &dirty.1)];
+        for (name, c, d) in [("d_key", &clean.2, &dirty.2), ("d_value", &clean.3, &dirty.3)] {
+            assert_eq!(c.is_some(), d.is_some(), "{what}: {name}");
+            if let (Some(c), Some(d)) = (c, d) {
+                pairs.push((name, c, d));
+            }
+        }
+        for ((name, c), (_, d)) in clean.4.iter().zip(&dirty.4) {
+            pairs.push((name.as_str(), c, d));
+        }
+        assert_eq!(clean.4.len(), dirty.4.len(), "{what}: gradients");
+        for (name, c, d) in pairs {
+            let differ = bits(c).iter().zip(bits(d)).filter(|(a, b)| **a != *b).count();
+            assert!(
+                c.len() == d.len() && differ == 0,
+                "{what}: {name} differs in {differ} of {} elements",
+                c.len()
+            );
+        }
+        if cross && packed {
+            let unattended = |g: &Option<Vec<f32>>| g.as_ref().unwrap()[60 * e..140 * e].iter().all(|&v| v == 0.0);
+            assert!(
+                unattended(&dirty.2) && unattended(&dirty.3),
+                "{what}: keys no query sees"
+            );
+        }
+    }
+}
+
 /// The tape keeps what the backward needs, counted from the design: the projected queries,
 /// keys and values (one fused `[N, 3E]` buffer for self-attention), the attention's `[N, E]`
 /// output, and two floats a query row and head (the log-sum-exp and what rounding it lost);

@@ -22,16 +22,21 @@ thread_local! {
     static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The smallest kept buffer whose capacity holds `len`, with the values its last use left.
-fn take(len: usize) -> Option<Vec<f32>> {
+/// A kept buffer whose capacity holds `len`, with the values its last use left: the smallest
+/// (by capacity, in steps of `len`'s class, so that a large buffer is not spent on a small
+/// request); among buffers of the same step, for [`overwritten`] (`keep_values`), the one whose
+/// last use reached furthest towards `len`, which leaves the least to fill with zeros.
+fn take(len: usize, keep_values: bool) -> Option<Vec<f32>> {
     if len < KEEP_FLOATS {
         return None;
     }
+    let step = (len.next_power_of_two() / 8).max(1);
     FREE.with(|free| {
         let mut free = free.borrow_mut();
+        let to_fill = |v: &Vec<f32>| if keep_values { len.saturating_sub(v.len()) } else { 0 };
         let best = (0..free.len())
             .filter(|&i| free[i].capacity() >= len)
-            .min_by_key(|&i| free[i].capacity())?;
+            .min_by_key(|&i| (free[i].capacity().div_ceil(step), to_fill(&free[i]), free[i].capacity()))?;
         Some(free.swap_remove(best))
     })
 }
@@ -49,13 +54,13 @@ fn class(len: usize) -> usize {
 
 /// A buffer for `len` floats: kept (holding what its last use left), or new and empty with its
 /// class's capacity.
-fn reuse(len: usize) -> Vec<f32> {
-    take(len).unwrap_or_else(|| Vec::with_capacity(class(len)))
+fn reuse(len: usize, keep_values: bool) -> Vec<f32> {
+    take(len, keep_values).unwrap_or_else(|| Vec::with_capacity(class(len)))
 }
 
 /// `len` zeros, in a kept buffer when one fits.
 pub fn zeroed(len: usize) -> Vec<f32> {
-    let mut v = reuse(len);
+    let mut v = reuse(len, false);
     v.clear();
     v.resize(len, 0.0);
     v
@@ -65,14 +70,14 @@ pub fn zeroed(len: usize) -> Vec<f32> {
 /// them), for a caller that writes every element before it reads any: it saves [`zeroed`]'s
 /// pass over the buffer.
 pub fn overwritten(len: usize) -> Vec<f32> {
-    let mut v = reuse(len);
+    let mut v = reuse(len, true);
     v.resize(len, 0.0);
     v
 }
 
 /// A copy of `src`, in a kept buffer when one fits.
 pub fn copied(src: &[f32]) -> Vec<f32> {
-    let mut v = reuse(src.len());
+    let mut v = reuse(src.len(), false);
     v.clear();
     v.extend_from_slice(src);
     v
@@ -149,5 +154,37 @@ mod tests {
         assert_eq!(kept_floats(), KEEP_FLOATS * 2 + KEEP_FLOATS * 7 / 2);
         clear();
         assert_eq!(kept_floats(), 0);
+    }
+
+    /// `overwritten` takes, among the kept buffers that fit in the same step of capacity (an
+    /// eighth of the length's power of two), one whose last use already reached the length
+    /// asked for, so nothing is filled; `zeroed` takes the smallest that fits; neither spends a
+    /// buffer of a larger step.
+    #[test]
+    fn overwritten_prefers_a_buffer_it_need_not_fill() {
+        clear();
+        // 33,768 floats: steps of 8,192, so capacities up to 40,960 are one step.
+        let len = KEEP_FLOATS * 2 + 1000;
+        let mut short = zeroed(len);
+        assert_eq!(short.capacity(), 40_960);
+        short.truncate(KEEP_FLOATS);
+        let long = vec![7.0f32; len + 8];
+        let longer = vec![9.0f32; len + 64];
+        let double = vec![3.0f32; 2 * len];
+        let (short_at, long_at, double_at) = (short.as_ptr(), long.as_ptr(), double.as_ptr());
+        give(short);
+        give(longer);
+        give(double);
+        give(long);
+        let v = overwritten(len);
+        assert_eq!((v.as_ptr(), v.len()), (long_at, len));
+        assert!(v.iter().all(|&x| x == 7.0), "the last use's values, untouched");
+        // The full buffer of twice the length is not spent while one of the step needs filling.
+        let w = overwritten(len);
+        assert!(w.as_ptr() != double_at && w.len() == len);
+        let z = zeroed(len);
+        assert!(z.as_ptr() != double_at && z.iter().all(|&x| x == 0.0));
+        assert!([v.as_ptr(), w.as_ptr(), z.as_ptr()].contains(&short_at));
+        clear();
     }
 }

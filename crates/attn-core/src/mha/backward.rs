@@ -63,13 +63,8 @@ impl Core {
         let p = &tape.projected;
         let width = p.q_width;
         let [qbs, qls] = query.token_strides();
-        // The kernel writes every element; the packed sequences' calls, each on its own rows,
-        // start from zeros.
-        let mut d_qkv = if inputs.packing.is_some() {
-            arena::zeroed(n * width)
-        } else {
-            arena::overwritten(n * width)
-        };
+        // The kernel writes every element (each packed sequence's call, its rows).
+        let mut d_qkv = arena::overwritten(n * width);
         // The blocks of rows `[rows, width]` laid out with batch and row strides `[bs, ls]`.
         let blocks = |[bs, ls]: [usize; 2], [b, s]: [usize; 2]| {
             [
@@ -180,6 +175,9 @@ impl Core {
             let (k0, k1) = (packing.key_starts[i], packing.key_starts[i + 1]);
             let (sl, tl) = (q1 - q0, k1 - k0);
             if sl == 0 {
+                // Keys no query attends to pass no gradient.
+                dk.fill(0.0);
+                dv.fill(0.0);
                 return Ok(());
             }
             let [q, k, v] = packed_views(p, [h, g, d, dvw], [q0, q1], [k0, k1])?;

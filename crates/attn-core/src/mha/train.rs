@@ -346,16 +346,10 @@ impl Core {
         if p.fused {
             return self.fused_backward(inputs, tape, d_attn, grads, path, par);
         }
-        // The kernel writes every element of the three; the packed sequences' calls, each on its
-        // own rows, start from zeros.
-        let fresh = if inputs.packing.is_some() {
-            arena::zeroed
-        } else {
-            arena::overwritten
-        };
-        let mut dq = fresh(n * h * d);
-        let mut dk = fresh(b * t * g * d);
-        let mut dv_buf = fresh(b * t * g * dv);
+        // The kernel writes every element of the three (each packed sequence's call, its rows).
+        let mut dq = arena::overwritten(n * h * d);
+        let mut dk = arena::overwritten(b * t * g * d);
+        let mut dv_buf = arena::overwritten(b * t * g * dv);
         match &inputs.packing {
             Some(packing) => self.check_packing(inputs, packing, t).and_then(|()| {
                 self.packed_attention_backward(
@@ -525,9 +519,11 @@ impl Core {
         let n = inputs.query.len;
         self.check_packing(inputs, packing, p.t_new)?;
         let options = self.packed_options(inputs.options.is_causal);
-        let mut attn_out = arena::zeroed(n * h * dv);
-        let mut lse = arena::zeroed(n * h);
-        let mut lse_lo = arena::zeroed(n * h);
+        // Each sequence's call writes every element of its rows (a sequence without keys gets
+        // zeros and an LSE of −∞).
+        let mut attn_out = arena::overwritten(n * h * dv);
+        let mut lse = arena::overwritten(n * h);
+        let mut lse_lo = arena::overwritten(n * h);
         // Each sequence's rows of the output and of the LSE, split off for its own call.
         let mut jobs = Vec::new();
         let (mut out_rest, mut lse_rest, mut lo_rest) = (&mut attn_out[..], &mut lse[..], &mut lse_lo[..]);
