@@ -49,12 +49,15 @@ pub fn norm_backward(
     let chunk = |(dxs, (dys, xs)): (&mut [f32], (&[f32], &[f32]))| {
         let mut partial = vec![0.0f64; if with_bias { 2 * e } else { e }];
         let (xhat_dy, dy_sum) = partial.split_at_mut(e);
-        for ((dx, dy), x) in dxs.chunks_exact_mut(e).zip(dys.chunks_exact(e)).zip(xs.chunks_exact(e)) {
-            at_level!(norm_row_backward(dx, dy, x, weight, center, eps, xhat_dy));
-            if with_bias {
-                dy_sum.iter_mut().zip(dy).for_each(|(s, &g)| *s += g as f64);
-            }
-        }
+        let rows = Rows {
+            dx: dxs,
+            dy: dys,
+            x: xs,
+            weight,
+            center,
+            eps,
+        };
+        rows_at_level(rows, xhat_dy, with_bias.then_some(dy_sum));
         partial
     };
     let n = SUM_ROWS * e;
@@ -77,86 +80,389 @@ pub fn norm_backward(
     Ok(())
 }
 
-/// One row of [`norm_backward`]: adds to `dx`; adds the row's `dy·x̂` to `xhat_dy` (for the
-/// weight's gradient). Three passes in f64: the mean; then the variance, `Σ g` and
-/// `Σ g·(x − μ)` together (none needs `r`); then `dx`.
-#[inline(always)]
-fn norm_row_backward(
-    dx: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    weight: &[f32],
+/// A chunk of rows of [`norm_backward`] and what every row shares.
+struct Rows<'a> {
+    dx: &'a mut [f32],
+    dy: &'a [f32],
+    x: &'a [f32],
+    weight: &'a [f32],
     center: bool,
     eps: f32,
-    xhat_dy: &mut [f64],
-) {
+}
+
+/// [`norm_rows`] at the running SIMD level. Every level evaluates the same f64 operations in
+/// the same order (eight lanes, no fused multiply-adds), so all give the same bits.
+fn rows_at_level(rows: Rows<'_>, xhat_dy: &mut [f64], dy_sum: Option<&mut [f64]>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::simd::{simd_level, SimdLevel};
+        match simd_level() {
+            // SAFETY: `simd_level` reported the features each entry point enables.
+            SimdLevel::Avx512 => return unsafe { x86::rows_avx512(rows, xhat_dy, dy_sum) },
+            // SAFETY: as above.
+            SimdLevel::Avx2Fma => return unsafe { x86::rows_avx2(rows, xhat_dy, dy_sum) },
+            SimdLevel::Scalar => {}
+        }
+    }
+    norm_rows::<Lanes8>(rows, xhat_dy, dy_sum)
+}
+
+/// Eight f64 lanes: the operations the norm's backward needs, implemented once per level.
+/// Loads widen eight f32 (exactly); [`F64x8::add_narrowed`] rounds each lane to f32 and adds it
+/// to eight f32 in memory.
+trait F64x8: Copy {
+    unsafe fn widen(p: *const f32) -> Self;
+    unsafe fn load(p: *const f64) -> Self;
+    unsafe fn store(self, p: *mut f64);
+    unsafe fn add_narrowed(self, p: *mut f32);
+    unsafe fn splat(v: f64) -> Self;
+    unsafe fn add(self, o: Self) -> Self;
+    unsafe fn sub(self, o: Self) -> Self;
+    unsafe fn mul(self, o: Self) -> Self;
+    /// The lanes, for the remainder of a row and the final fold.
+    unsafe fn lanes(self) -> [f64; 8];
+}
+
+/// The portable lanes, what the scalar level runs.
+#[derive(Clone, Copy)]
+struct Lanes8([f64; 8]);
+
+impl F64x8 for Lanes8 {
+    #[inline(always)]
+    unsafe fn widen(p: *const f32) -> Self {
+        // SAFETY: the caller passes eight readable floats.
+        Lanes8(std::array::from_fn(|l| unsafe { *p.add(l) } as f64))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f64) -> Self {
+        // SAFETY: as above.
+        Lanes8(std::array::from_fn(|l| unsafe { *p.add(l) }))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f64) {
+        for (l, v) in self.0.into_iter().enumerate() {
+            // SAFETY: the caller passes eight writable floats.
+            unsafe { *p.add(l) = v };
+        }
+    }
+    #[inline(always)]
+    unsafe fn add_narrowed(self, p: *mut f32) {
+        for (l, v) in self.0.into_iter().enumerate() {
+            // SAFETY: as above.
+            unsafe { *p.add(l) += v as f32 };
+        }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f64) -> Self {
+        Lanes8([v; 8])
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        Lanes8(std::array::from_fn(|l| self.0[l] + o.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        Lanes8(std::array::from_fn(|l| self.0[l] - o.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        Lanes8(std::array::from_fn(|l| self.0[l] * o.0[l]))
+    }
+    #[inline(always)]
+    unsafe fn lanes(self) -> [f64; 8] {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{norm_rows, F64x8, Rows};
+
+    /// One zmm of f64.
+    #[derive(Clone, Copy)]
+    pub(super) struct Zmm(__m512d);
+
+    /// Two ymm of f64.
+    #[derive(Clone, Copy)]
+    pub(super) struct Ymm2(__m256d, __m256d);
+
+    // Both impls: every method requires its level's features, which the entry points below
+    // enable, and the pointer contracts of `F64x8`.
+    impl F64x8 for Zmm {
+        #[inline(always)]
+        unsafe fn widen(p: *const f32) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Zmm(_mm512_cvtps_pd(_mm256_loadu_ps(p))) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f64) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Zmm(_mm512_loadu_pd(p)) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f64) {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { _mm512_storeu_pd(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn add_narrowed(self, p: *mut f32) {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm512_cvtpd_ps(self.0))) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f64) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Zmm(_mm512_set1_pd(v)) }
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Zmm(_mm512_add_pd(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn sub(self, o: Self) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Zmm(_mm512_sub_pd(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn mul(self, o: Self) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Zmm(_mm512_mul_pd(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn lanes(self) -> [f64; 8] {
+            let mut out = [0.0; 8];
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { _mm512_storeu_pd(out.as_mut_ptr(), self.0) };
+            out
+        }
+    }
+
+    impl F64x8 for Ymm2 {
+        #[inline(always)]
+        unsafe fn widen(p: *const f32) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe {
+                Ymm2(
+                    _mm256_cvtps_pd(_mm_loadu_ps(p)),
+                    _mm256_cvtps_pd(_mm_loadu_ps(p.add(4))),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f64) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Ymm2(_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4))) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f64) {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe {
+                _mm256_storeu_pd(p, self.0);
+                _mm256_storeu_pd(p.add(4), self.1);
+            }
+        }
+        #[inline(always)]
+        unsafe fn add_narrowed(self, p: *mut f32) {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe {
+                _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), _mm256_cvtpd_ps(self.0)));
+                _mm_storeu_ps(p.add(4), _mm_add_ps(_mm_loadu_ps(p.add(4)), _mm256_cvtpd_ps(self.1)));
+            }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f64) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Ymm2(_mm256_set1_pd(v), _mm256_set1_pd(v)) }
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Ymm2(_mm256_add_pd(self.0, o.0), _mm256_add_pd(self.1, o.1)) }
+        }
+        #[inline(always)]
+        unsafe fn sub(self, o: Self) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Ymm2(_mm256_sub_pd(self.0, o.0), _mm256_sub_pd(self.1, o.1)) }
+        }
+        #[inline(always)]
+        unsafe fn mul(self, o: Self) -> Self {
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe { Ymm2(_mm256_mul_pd(self.0, o.0), _mm256_mul_pd(self.1, o.1)) }
+        }
+        #[inline(always)]
+        unsafe fn lanes(self) -> [f64; 8] {
+            let mut out = [0.0; 8];
+            // SAFETY: the entry point enabled the level; the caller passes eight values at `p`.
+            unsafe {
+                _mm256_storeu_pd(out.as_mut_ptr(), self.0);
+                _mm256_storeu_pd(out.as_mut_ptr().add(4), self.1);
+            }
+            out
+        }
+    }
+
+    /// [`norm_rows`] at AVX-512.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    pub(super) unsafe fn rows_avx512(rows: Rows<'_>, xhat_dy: &mut [f64], dy_sum: Option<&mut [f64]>) {
+        norm_rows::<Zmm>(rows, xhat_dy, dy_sum)
+    }
+
+    /// [`norm_rows`] at AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows_avx2(rows: Rows<'_>, xhat_dy: &mut [f64], dy_sum: Option<&mut [f64]>) {
+        norm_rows::<Ymm2>(rows, xhat_dy, dy_sum)
+    }
+}
+
+/// Rows of [`norm_backward`]: adds to each row's `dx`; adds each row's `dy·x̂` to `xhat_dy` and,
+/// when asked, its `dy` to `dy_sum` (rows in order). Per row, three passes in f64: the mean;
+/// then the variance, `Σ g` and `Σ g·(x − μ)` together (none needs `r`); then `dx`. Every sum
+/// runs over eight lanes (element `j` in lane `j mod 8`), folded as
+/// `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`.
+#[inline(always)]
+fn norm_rows<V: F64x8>(rows: Rows<'_>, xhat_dy: &mut [f64], mut dy_sum: Option<&mut [f64]>) {
+    let Rows {
+        dx,
+        dy,
+        x,
+        weight,
+        center,
+        eps,
+    } = rows;
     let e = weight.len();
-    let (dx, dy, x, xhat_dy) = (&mut dx[..e], &dy[..e], &x[..e], &mut xhat_dy[..e]);
+    let full = e / 8 * 8;
     let n = e as f64;
-    let mean = if center { lane_sum(x) / n } else { 0.0 };
-    let [sq, sum_g, sum_gc] = centred_sums(x, dy, weight, mean);
-    let r = 1.0 / (sq / n + eps as f64).sqrt();
-    let mean_g = if center { sum_g / n } else { 0.0 };
-    // mean(g·x̂) = r · Σ g·(x − μ) / n.
-    let mean_gx = r * sum_gc / n;
-    for ((((dx, &dy), &x), &w), s) in dx.iter_mut().zip(dy).zip(x).zip(weight).zip(xhat_dy) {
-        let (dy, w) = (dy as f64, w as f64);
-        let xh = (x as f64 - mean) * r;
-        *s += dy * xh;
-        *dx += (r * (dy * w - mean_g - xh * mean_gx)) as f32;
+    let w = weight.as_ptr();
+    for ((dx, dy), x) in dx.chunks_exact_mut(e).zip(dy.chunks_exact(e)).zip(x.chunks_exact(e)) {
+        let (xp, dp) = (x.as_ptr(), dy.as_ptr());
+        // SAFETY: `j + 8 <= full <= e`, and every row, `weight` and `xhat_dy` hold `e` values;
+        // the remainders index in bounds.
+        unsafe {
+            let mean = if center {
+                let mut acc = V::splat(0.0);
+                for j in (0..full).step_by(8) {
+                    acc = acc.add(V::widen(xp.add(j)));
+                }
+                let mut lanes = acc.lanes();
+                for (l, &v) in x[full..].iter().enumerate() {
+                    lanes[l] += v as f64;
+                }
+                fold(lanes) / n
+            } else {
+                0.0
+            };
+            let m = V::splat(mean);
+            let (mut sq, mut sg, mut sgc) = (V::splat(0.0), V::splat(0.0), V::splat(0.0));
+            for j in (0..full).step_by(8) {
+                let c = V::widen(xp.add(j)).sub(m);
+                let g = V::widen(dp.add(j)).mul(V::widen(w.add(j)));
+                sq = sq.add(c.mul(c));
+                sg = sg.add(g);
+                sgc = sgc.add(g.mul(c));
+            }
+            let (mut sq, mut sg, mut sgc) = (sq.lanes(), sg.lanes(), sgc.lanes());
+            for l in 0..e - full {
+                let j = full + l;
+                let c = x[j] as f64 - mean;
+                let g = dy[j] as f64 * weight[j] as f64;
+                sq[l] += c * c;
+                sg[l] += g;
+                sgc[l] += g * c;
+            }
+            let r = 1.0 / (fold(sq) / n + eps as f64).sqrt();
+            let mean_g = if center { fold(sg) / n } else { 0.0 };
+            // mean(g·x̂) = r · Σ g·(x − μ) / n.
+            let mean_gx = r * fold(sgc) / n;
+            let (rv, mg, mgx) = (V::splat(r), V::splat(mean_g), V::splat(mean_gx));
+            let s = xhat_dy.as_mut_ptr();
+            for j in (0..full).step_by(8) {
+                let d = V::widen(dp.add(j));
+                let xh = V::widen(xp.add(j)).sub(m).mul(rv);
+                V::load(s.add(j)).add(d.mul(xh)).store(s.add(j));
+                let g = d.mul(V::widen(w.add(j)));
+                rv.mul(g.sub(mg).sub(xh.mul(mgx))).add_narrowed(dx.as_mut_ptr().add(j));
+            }
+            for j in full..e {
+                let d = dy[j] as f64;
+                let xh = (x[j] as f64 - mean) * r;
+                xhat_dy[j] += d * xh;
+                dx[j] += (r * (d * weight[j] as f64 - mean_g - xh * mean_gx)) as f32;
+            }
+        }
+        if let Some(sum) = dy_sum.as_deref_mut() {
+            sum.iter_mut().zip(dy).for_each(|(s, &g)| *s += g as f64);
+        }
     }
 }
 
-/// `Σ x[j]` in f64 as eight interleaved partial sums added at the end: a fixed order (the same
-/// bits every time, at every level) that vectorises.
+/// Eight partial sums added pairwise, in a fixed order.
 #[inline(always)]
-fn lane_sum(x: &[f32]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] += c[l] as f64;
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(rest) {
-        *a += v as f64;
-    }
-    fold_lanes(acc)
-}
-
-/// `[Σ c², Σ g, Σ g·c]` with `c = x − mean`, `g = dy·w`, in f64, each as eight interleaved
-/// partial sums in the order of [`lane_sum`]. The slices have the same length.
-#[inline(always)]
-fn centred_sums(x: &[f32], dy: &[f32], w: &[f32], mean: f64) -> [f64; 3] {
-    let (mut sq, mut sg, mut sgc) = ([0.0f64; 8], [0.0f64; 8], [0.0f64; 8]);
-    let (xs, ds, ws) = (x.chunks_exact(8), dy.chunks_exact(8), w.chunks_exact(8));
-    let rest = xs.remainder().iter().zip(ds.remainder()).zip(ws.remainder());
-    for ((x, d), w) in xs.zip(ds).zip(ws) {
-        let c: [f64; 8] = std::array::from_fn(|l| x[l] as f64 - mean);
-        let g: [f64; 8] = std::array::from_fn(|l| d[l] as f64 * w[l] as f64);
-        for l in 0..8 {
-            sq[l] += c[l] * c[l];
-        }
-        for l in 0..8 {
-            sg[l] += g[l];
-        }
-        for l in 0..8 {
-            sgc[l] += g[l] * c[l];
-        }
-    }
-    for (l, ((&x, &d), &w)) in rest.enumerate() {
-        let c = x as f64 - mean;
-        let g = d as f64 * w as f64;
-        sq[l] += c * c;
-        sg[l] += g;
-        sgc[l] += g * c;
-    }
-    [sq, sg, sgc].map(fold_lanes)
-}
-
-/// The eight partial sums added pairwise, in a fixed order.
-#[inline(always)]
-fn fold_lanes(a: [f64; 8]) -> f64 {
+fn fold(a: [f64; 8]) -> f64 {
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::random_vec;
+
+    /// Every level the CPU has gives the portable lanes' bits, with and without a remainder of
+    /// a vector, for layer and RMS norms (the bias sums included).
+    #[test]
+    fn every_level_gives_the_same_bits() {
+        for (rows, e) in [(5, 37), (3, 128), (2, 7)] {
+            let x: Vec<f32> = random_vec(rows * e, 1).iter().map(|v| 1.5 + 2.0 * v).collect();
+            let dy = random_vec(rows * e, 2);
+            let w = random_vec(e, 3);
+            for center in [true, false] {
+                let run = |level: Option<&str>| {
+                    let mut dx = random_vec(rows * e, 4);
+                    let (mut xhat_dy, mut dy_sum) = (vec![0.5f64; e], vec![0.25f64; e]);
+                    let r = Rows {
+                        dx: &mut dx,
+                        dy: &dy,
+                        x: &x,
+                        weight: &w,
+                        center,
+                        eps: 1e-5,
+                    };
+                    match level {
+                        None => norm_rows::<Lanes8>(r, &mut xhat_dy, Some(&mut dy_sum)),
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: the level was detected just before.
+                        Some("avx512") => unsafe { x86::rows_avx512(r, &mut xhat_dy, Some(&mut dy_sum)) },
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: as above.
+                        Some(_) => unsafe { x86::rows_avx2(r, &mut xhat_dy, Some(&mut dy_sum)) },
+                        #[cfg(not(target_arch = "x86_64"))]
+                        Some(_) => unreachable!(),
+                    }
+                    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    (
+                        dx.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        bits(&xhat_dy),
+                        bits(&dy_sum),
+                    )
+                };
+                let want = run(None);
+                #[cfg(target_arch = "x86_64")]
+                for (name, has) in [
+                    ("avx512", crate::simd::detect() == crate::SimdLevel::Avx512),
+                    (
+                        "avx2",
+                        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                    ),
+                ] {
+                    if has {
+                        assert_eq!(run(Some(name)), want, "{name}, rows {rows}, e {e}, center {center}");
+                    } else {
+                        eprintln!("skipped {name}: not on this CPU");
+                    }
+                }
+            }
+        }
+    }
 }
