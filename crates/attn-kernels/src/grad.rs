@@ -209,6 +209,39 @@ pub fn activation_backward(
     Ok(())
 }
 
+/// [`activation_backward`] written over its input: `g = g · act'(u)`. With ReLU, `u` may be the
+/// activation's output instead of its input (the same sign, so the same derivative), which lets
+/// a training forward keep `relu(u)` alone.
+pub fn activation_backward_in_place(g: &mut [f32], u: &[f32], act: Activation, par: Par) -> Result<(), KernelError> {
+    check_len("activation_backward_in_place", "u", g.len(), u.len())?;
+    let body = |(g, x): (&mut [f32], &[f32])| {
+        at_level!(activation_backward_in_place_run(g, x, act));
+    };
+    let n = 16 * 1024;
+    match par {
+        Par::Seq => g.chunks_mut(n).zip(u.chunks(n)).for_each(body),
+        Par::Rayon => g.par_chunks_mut(n).zip(u.par_chunks(n)).for_each(body),
+    }
+    Ok(())
+}
+
+/// [`activation_backward_run`] over `g` in place.
+#[inline(always)]
+fn activation_backward_in_place_run(g: &mut [f32], u: &[f32], act: Activation) {
+    #[inline(always)]
+    fn each(g: &mut [f32], u: &[f32], f: impl Fn(f32) -> f32) {
+        for (g, &x) in g.iter_mut().zip(u) {
+            *g *= f(x);
+        }
+    }
+    match act {
+        Activation::Identity => each(g, u, |_| 1.0),
+        Activation::Relu => each(g, u, |x| if x > 0.0 { 1.0 } else { 0.0 }),
+        Activation::Gelu => each(g, u, |x| derivative(x, Activation::Gelu)),
+        Activation::GeluTanh => each(g, u, |x| derivative(x, Activation::GeluTanh)),
+    }
+}
+
 /// `du = dy · act'(u)` over one chunk, a loop per activation so that each vectorises (the
 /// same products as `dy · derivative(u)` element by element: NaN and `−0` included).
 #[inline(always)]

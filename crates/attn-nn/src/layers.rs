@@ -418,64 +418,86 @@ impl FeedForward {
     }
 }
 
-/// What [`FeedForward::forward_train`] keeps: the first layer's output before the activation.
+/// What [`FeedForward::forward_train`] keeps, one `[N, F]` buffer: with ReLU, the activation's
+/// output after dropout, `z`, which `linear2` read (the backward needs it for `linear2.weight`,
+/// and its sign is ReLU's derivative wherever dropout kept the element); with the other
+/// activations, the first layer's output before the activation, `u`, from which the backward
+/// recomputes `z`.
 #[derive(Debug)]
 pub struct FfnTape {
-    /// `[N, F]`.
-    pre_activation: Vec<f32>,
+    /// `z` (ReLU) or `u`.
+    kept: Vec<f32>,
+    /// Whether `kept` is `z`.
+    output: bool,
 }
 
 impl FfnTape {
     /// Hands the kept buffer back to the activation arena for the next step.
     pub fn recycle(self) {
-        arena::give(self.pre_activation);
+        arena::give(self.kept);
     }
 
     /// Elements kept.
     pub fn len(&self) -> usize {
-        self.pre_activation.len()
+        self.kept.len()
     }
 
     /// True for an empty batch.
     pub fn is_empty(&self) -> bool {
-        self.pre_activation.is_empty()
+        self.kept.is_empty()
     }
 }
 
 impl FeedForward {
-    /// The training forward: `x: [N, E]` -> `[N, E]`, keeping `u = linear1(x)` (`[N, F]`);
-    /// the activation is recomputed by the backward. Dropout site `dropout` (at `step.path`,
-    /// PyTorch's place in the Transformer layers) applies between the activation and `linear2`.
+    /// The training forward: `x: [N, E]` -> `[N, E]`, keeping one `[N, F]` buffer ([`FfnTape`]).
+    /// Dropout site `dropout` (at `step.path`, PyTorch's place in the Transformer layers)
+    /// applies between the activation and `linear2`.
     pub fn forward_train(&self, x: &[f32], step: &mut Step<'_>) -> Result<(Vec<f32>, FfnTape)> {
         let [f, e] = self.linear1.dims();
         let n = x.len() / e.max(1);
         let mut u = arena::overwritten(n * f);
         self.linear1.forward_into(&mut u, x, step.par)?;
+        if self.activation == Activation::Relu {
+            // `z` over `u`, which the backward does not need.
+            let mut z = u;
+            kernels::bias_activation(&mut z, f, None, kernels::Activation::Relu, step.par).map_err(AttnError::from)?;
+            step.dropout(&mut z, "dropout")?;
+            let y = self.linear2.forward(&z, step.par)?;
+            return Ok((y, FfnTape { kept: z, output: true }));
+        }
         let z = self.activated(&u, step)?;
         let y = self.linear2.forward(&z, step.par)?;
         arena::give(z);
-        Ok((y, FfnTape { pre_activation: u }))
+        Ok((y, FfnTape { kept: u, output: false }))
     }
 
     /// The backward of [`forward_train`](Self::forward_train) on the same `x`: parameters
     /// `linear1.*`, `linear2.*` (at `step.path`) get their gradients; returns `dx`.
     pub fn backward(&self, x: &[f32], tape: &FfnTape, dy: &[f32], step: &mut Step<'_>) -> Result<Vec<f32>> {
-        let u = &tape.pre_activation;
         let par = step.par;
-        let mut z = self.activated(u, step)?;
+        let act = self.activation.kernel();
+        // `z`, kept or recomputed, and what the derivative is taken at (`z` itself for ReLU).
+        let recomputed = if tape.output {
+            None
+        } else {
+            Some(self.activated(&tape.kept, step)?)
+        };
+        let z = recomputed.as_deref().unwrap_or(&tape.kept);
         // Written by the products below.
-        let mut dz = arena::overwritten(u.len());
+        let mut dz = arena::overwritten(z.len());
         let here = step.path;
         self.linear2
-            .backward(Some(&mut dz), dy, &z, &mut step.at(&here.join("linear2.")))?;
+            .backward(Some(&mut dz), dy, z, &mut step.at(&here.join("linear2.")))?;
         step.dropout(&mut dz, "dropout")?;
-        // du = act'(u)·dz, written over `z`, which is no longer needed.
-        kernels::activation_backward(&mut z, &dz, u, self.activation.kernel(), par).map_err(AttnError::from)?;
-        arena::give(dz);
+        // du = act'(u)·dz, over dz.
+        kernels::activation_backward_in_place(&mut dz, &tape.kept, act, par).map_err(AttnError::from)?;
+        if let Some(z) = recomputed {
+            arena::give(z);
+        }
         let mut dx = arena::overwritten(x.len());
         self.linear1
-            .backward(Some(&mut dx), &z, x, &mut step.at(&here.join("linear1.")))?;
-        arena::give(z);
+            .backward(Some(&mut dx), &dz, x, &mut step.at(&here.join("linear1.")))?;
+        arena::give(dz);
         Ok(dx)
     }
 
@@ -610,6 +632,58 @@ mod tests {
             assert!(error < 2e-2, "tensor {i}: {error:e}");
         }
         assert_ne!(got, want, "bf16 training gave the f32 bits");
+    }
+
+    /// With ReLU the training forward keeps `dropout(relu(u))` and the backward takes ReLU's
+    /// derivative at it; with dropout on, in f32 and bf16, that gives the bits of the backward
+    /// that recomputes it from `u` (the tape of the other activations).
+    #[test]
+    fn relu_backward_from_the_kept_output_is_the_recomputed_one() {
+        let (e, f, n) = (16, 48, 40);
+        let mut init = attn_core::WeightInit::new(4);
+        let mut dict = StateDict::new();
+        for (name, shape, fan_in) in [
+            ("linear1.weight", vec![f, e], e),
+            ("linear1.bias", vec![f], e),
+            ("linear2.weight", vec![e, f], f),
+            ("linear2.bias", vec![e], f),
+        ] {
+            dict.insert(name.into(), init.uniform(shape, fan_in));
+        }
+        let mut ffn = FeedForward {
+            linear1: Linear::load(&mut dict, "linear1.", e, f, true).unwrap(),
+            linear2: Linear::load(&mut dict, "linear2.", f, e, true).unwrap(),
+            activation: Activation::Relu,
+        };
+        let x = kernels::testing::random_vec(n * e, 10);
+        let dy = kernels::testing::random_vec(n * e, 11);
+        let dropout = crate::step::Dropout { p: 0.3, seed: 7 };
+        for precision in [Precision::F32, Precision::Bf16] {
+            ffn.set_precision(precision).unwrap();
+            let backward = |tape: &FfnTape| {
+                let mut grads = attn_core::Grads::new();
+                let mut step = Step::new(dropout, Par::Rayon, &mut grads);
+                let dx = ffn.backward(&x, tape, &dy, &mut step).unwrap();
+                let mut all = vec![dx];
+                all.extend(grads.iter().map(|(_, g)| g.data().to_vec()));
+                all
+            };
+            let mut unused = attn_core::Grads::new();
+            let (_, kept) = ffn
+                .forward_train(&x, &mut Step::new(dropout, Par::Rayon, &mut unused))
+                .unwrap();
+            assert!(kept.output, "ReLU keeps its output");
+            let mut u = vec![0.0f32; n * f];
+            ffn.linear1.forward_into(&mut u, &x, Par::Rayon).unwrap();
+            assert!(u.iter().any(|&v| v < 0.0) && kept.kept.contains(&0.0));
+            let recomputed = FfnTape { kept: u, output: false };
+            let (got, want) = (backward(&kept), backward(&recomputed));
+            assert_eq!(got.len(), 5);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{precision}: tensor {i}");
+            }
+        }
     }
 
     #[test]

@@ -154,7 +154,8 @@ fn decoder_layer_gradients_with_dropout_match_central_differences() {
 /// activation arena. Per layer of `N` tokens: the residual walk keeps each block's input after
 /// the first and each block's sum (post-norm); attention keeps its projected queries, keys and
 /// values, its output, and two floats per query row and head (the log-sum-exp and what
-/// rounding it lost); the feed-forward block its `[N, F]` pre-activation. Each stack keeps
+/// rounding it lost); the feed-forward block one `[N, F]` buffer (its output after dropout with ReLU, its
+/// pre-activation otherwise). Each stack keeps
 /// every layer's output (the next layer's or the final norm's input), and the model the
 /// encoder's output (the memory).
 #[test]

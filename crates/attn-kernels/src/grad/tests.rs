@@ -182,7 +182,37 @@ fn activation_backward_matches_finite_differences() {
             // The f32 erf and exp: measured below 1e-6.
             assert!((du[i] as f64 - want).abs() < 1e-5, "{act:?}'({x}): {} vs {want}", du[i]);
         }
+        // In place: the same bits, sequential or not.
+        for par in [Par::Seq, Par::Rayon] {
+            let mut g = dy.clone();
+            activation_backward_in_place(&mut g, &u, act, par).unwrap();
+            assert!(
+                g.iter().zip(&du).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{act:?} in place, {par:?}"
+            );
+        }
     }
+    // ReLU from its output (scaled by dropout's 1/(1 − p), some elements dropped), with the
+    // gradient dropped where the output was: the bits of the derivative at the input, infinities
+    // and NaN included.
+    let mut u = u.clone();
+    u.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -1e-30]);
+    let mut dy = random_vec(u.len(), 11);
+    let dropped = |i: usize| i.is_multiple_of(3);
+    let mut out = vec![0.0f32; u.len()];
+    for i in 0..u.len() {
+        let relu = if u[i] > 0.0 || u[i].is_nan() { u[i] } else { 0.0 };
+        (out[i], dy[i]) = if dropped(i) {
+            (0.0, 0.0)
+        } else {
+            (relu * 1.25, dy[i] * 1.25)
+        };
+    }
+    let mut from_input = vec![f32::NAN; u.len()];
+    activation_backward(&mut from_input, &dy, &u, Activation::Relu, Par::Seq).unwrap();
+    activation_backward_in_place(&mut dy, &out, Activation::Relu, Par::Rayon).unwrap();
+    assert!(dy.iter().zip(&from_input).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(activation_backward_in_place(&mut [1.0; 3], &[1.0; 2], Activation::Relu, Par::Seq).is_err());
     // ReLU's derivative at 0 is PyTorch's 0 (the grid above never lands on 0).
     let mut du = [f32::NAN; 2];
     activation_backward(&mut du, &[1.0, 1.0], &[0.0, -0.0], Activation::Relu, Par::Seq).unwrap();
