@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 40] = [
+const MUTANT_SCOPE: [(&str, &str); 42] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -84,8 +84,12 @@ const MUTANT_SCOPE: [(&str, &str); 40] = [
     ("crates/attn-kernels/src/backward/tasks.rs", ".*"),
     (
         "crates/attn-kernels/src/grad.rs",
-        "add_column_sums|linear_backward|norm_backward|norm_row_backward|lane_sum|derivative|activation_backward|embedding|check_ids|embedding_backward|cross_entropy.*",
+        "add_column_sums|linear_backward|derivative|activation_backward.*|embedding|check_ids|embedding_backward|cross_entropy.*",
     ),
+    // The norms' backward: its chunks of rows and the rows' f64 lanes at every level.
+    ("crates/attn-kernels/src/grad/norm.rs", ".*"),
+    // The activation arena: which kept buffer a request gets, and what it holds.
+    ("crates/attn-kernels/src/arena.rs", ".*"),
     // Dropout's counter-based stream and its threshold.
     ("crates/attn-kernels/src/grad/dropout.rs", ".*"),
     // The KV cache decoding appends to, grows and reorders (beam search).
