@@ -147,6 +147,10 @@ mod tests {
         let d = zeroed(KEEP_FLOATS * 3 + 1);
         assert_ne!(d.as_ptr(), address);
         assert_eq!(d.capacity(), KEEP_FLOATS * 3 + KEEP_FLOATS / 2);
+        // Below the floor: the exact capacity (not a class's), and not kept.
+        let small = zeroed(KEEP_FLOATS - 3);
+        assert_eq!(small.capacity(), KEEP_FLOATS - 3);
+        give(small);
         give(vec![1.0; 10]);
         assert_eq!(kept_floats(), 0);
         give(c);
@@ -156,35 +160,75 @@ mod tests {
         assert_eq!(kept_floats(), 0);
     }
 
+    /// A buffer of exactly the floor is kept; past `MAX_BUFFERS` the smallest go (capacity
+    /// only: nothing here touches the memory).
+    #[test]
+    fn the_pool_keeps_what_its_limits_allow() {
+        clear();
+        give(Vec::with_capacity(KEEP_FLOATS));
+        assert_eq!(kept_floats(), KEEP_FLOATS);
+        give(Vec::with_capacity(KEEP_FLOATS + 1));
+        for _ in 0..MAX_BUFFERS {
+            give(Vec::with_capacity(KEEP_FLOATS));
+        }
+        assert_eq!(kept_floats(), (MAX_BUFFERS - 1) * KEEP_FLOATS + KEEP_FLOATS + 1);
+        // Past `MAX_FLOATS` (4 GiB of capacity, never touched) the smallest go, as many as it
+        // takes; exactly at it, none.
+        clear();
+        let quarter = MAX_FLOATS / 4;
+        for _ in 0..4 {
+            give(Vec::with_capacity(quarter));
+        }
+        assert_eq!(kept_floats(), MAX_FLOATS);
+        give(Vec::with_capacity(quarter + 8));
+        assert_eq!(kept_floats(), 2 * quarter + quarter + 8);
+        give(Vec::with_capacity(MAX_FLOATS - quarter / 2));
+        assert_eq!(kept_floats(), MAX_FLOATS - quarter / 2);
+        clear();
+        // `poison` fills every kept buffer with NaN to its capacity.
+        give(vec![1.0; KEEP_FLOATS + 5]);
+        poison();
+        let v = overwritten(KEEP_FLOATS + 5);
+        assert!(v.iter().all(|x| x.is_nan()));
+        clear();
+    }
+
     /// `overwritten` takes, among the kept buffers that fit in the same step of capacity (an
     /// eighth of the length's power of two), one whose last use already reached the length
-    /// asked for, so nothing is filled; `zeroed` takes the smallest that fits; neither spends a
-    /// buffer of a larger step.
+    /// asked for, so nothing is filled, over a smaller one that needs filling; `zeroed` takes
+    /// the smallest that fits; neither spends a buffer of a larger step.
     #[test]
     fn overwritten_prefers_a_buffer_it_need_not_fill() {
-        clear();
-        // 33,768 floats: steps of 8,192, so capacities up to 40,960 are one step.
+        // 33,768 floats: steps of 8,192, so capacities from 32,769 to 40,960 are one step.
         let len = KEEP_FLOATS * 2 + 1000;
-        let mut short = zeroed(len);
-        assert_eq!(short.capacity(), 40_960);
-        short.truncate(KEEP_FLOATS);
-        let long = vec![7.0f32; len + 8];
-        let longer = vec![9.0f32; len + 64];
-        let double = vec![3.0f32; 2 * len];
-        let (short_at, long_at, double_at) = (short.as_ptr(), long.as_ptr(), double.as_ptr());
-        give(short);
-        give(longer);
-        give(double);
-        give(long);
+        let kept = |capacity: usize, filled: usize, value: f32| {
+            let mut v = Vec::with_capacity(capacity);
+            v.resize(filled, value);
+            assert_eq!(v.capacity(), capacity);
+            give(v);
+        };
+        // The same step: the full one, though larger, is not filled.
+        clear();
+        kept(35_000, KEEP_FLOATS, 1.0);
+        kept(40_000, 40_000, 7.0);
         let v = overwritten(len);
-        assert_eq!((v.as_ptr(), v.len()), (long_at, len));
+        assert_eq!((v.capacity(), v.len()), (40_000, len));
         assert!(v.iter().all(|&x| x == 7.0), "the last use's values, untouched");
-        // The full buffer of twice the length is not spent while one of the step needs filling.
-        let w = overwritten(len);
-        assert!(w.as_ptr() != double_at && w.len() == len);
+        // `zeroed` fills anyway: the smallest.
+        give(v);
         let z = zeroed(len);
-        assert!(z.as_ptr() != double_at && z.iter().all(|&x| x == 0.0));
-        assert!([v.as_ptr(), w.as_ptr(), z.as_ptr()].contains(&short_at));
+        assert_eq!(z.capacity(), 35_000);
+        assert!(z.iter().all(|&x| x == 0.0));
+        // A full buffer of twice the length is not spent while one of the step needs filling.
+        clear();
+        kept(2 * len, 2 * len, 3.0);
+        kept(35_000, KEEP_FLOATS, 1.0);
+        let w = overwritten(len);
+        assert_eq!(w.capacity(), 35_000);
+        assert!(w[..KEEP_FLOATS].iter().all(|&x| x == 1.0) && w[KEEP_FLOATS..].iter().all(|&x| x == 0.0));
+        // With nothing else, the larger step serves.
+        let big = overwritten(len);
+        assert_eq!(big.capacity(), 2 * len);
         clear();
     }
 }

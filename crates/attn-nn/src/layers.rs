@@ -573,12 +573,9 @@ mod tests {
         assert!(bits(&packed) == bits(&changed), "packed again");
     }
 
-    /// The feed-forward block in bf16: its forward stays near f32's, and so do its training
-    /// forward and backward (mixed precision: bf16 products, f32 gradients), with other bits.
-    #[test]
-    fn feed_forward_in_bf16_serves_inference_and_training() {
-        let (e, f, n) = (32, 64, 5);
-        let mut init = attn_core::WeightInit::new(3);
+    /// A ReLU feed-forward block `e -> f -> e` with PyTorch's initialisation from `seed`.
+    fn relu_block(e: usize, f: usize, seed: u64) -> FeedForward {
+        let mut init = attn_core::WeightInit::new(seed);
         let mut dict = StateDict::new();
         for (name, shape, fan_in) in [
             ("linear1.weight", vec![f, e], e),
@@ -588,11 +585,19 @@ mod tests {
         ] {
             dict.insert(name.into(), init.uniform(shape, fan_in));
         }
-        let mut ffn = FeedForward {
+        FeedForward {
             linear1: Linear::load(&mut dict, "linear1.", e, f, true).unwrap(),
             linear2: Linear::load(&mut dict, "linear2.", f, e, true).unwrap(),
             activation: Activation::Relu,
-        };
+        }
+    }
+
+    /// The feed-forward block in bf16: its forward stays near f32's, and so do its training
+    /// forward and backward (mixed precision: bf16 products, f32 gradients), with other bits.
+    #[test]
+    fn feed_forward_in_bf16_serves_inference_and_training() {
+        let (e, f, n) = (32, 64, 5);
+        let mut ffn = relu_block(e, f, 3);
         let x = kernels::testing::random_vec(n * e, 8);
         let want = ffn.forward(&x, Par::Seq).unwrap();
         ffn.set_precision(Precision::Bf16).unwrap();
@@ -640,21 +645,7 @@ mod tests {
     #[test]
     fn relu_backward_from_the_kept_output_is_the_recomputed_one() {
         let (e, f, n) = (16, 48, 40);
-        let mut init = attn_core::WeightInit::new(4);
-        let mut dict = StateDict::new();
-        for (name, shape, fan_in) in [
-            ("linear1.weight", vec![f, e], e),
-            ("linear1.bias", vec![f], e),
-            ("linear2.weight", vec![e, f], f),
-            ("linear2.bias", vec![e], f),
-        ] {
-            dict.insert(name.into(), init.uniform(shape, fan_in));
-        }
-        let mut ffn = FeedForward {
-            linear1: Linear::load(&mut dict, "linear1.", e, f, true).unwrap(),
-            linear2: Linear::load(&mut dict, "linear2.", f, e, true).unwrap(),
-            activation: Activation::Relu,
-        };
+        let mut ffn = relu_block(e, f, 4);
         let x = kernels::testing::random_vec(n * e, 10);
         let dy = kernels::testing::random_vec(n * e, 11);
         let dropout = crate::step::Dropout { p: 0.3, seed: 7 };
@@ -673,6 +664,12 @@ mod tests {
                 .forward_train(&x, &mut Step::new(dropout, Par::Rayon, &mut unused))
                 .unwrap();
             assert!(kept.output, "ReLU keeps its output");
+            assert!(kept.len() == n * f && !kept.is_empty());
+            let (_, none) = ffn
+                .forward_train(&[], &mut Step::new(dropout, Par::Rayon, &mut unused))
+                .unwrap();
+            assert!(none.is_empty());
+            assert_eq!(none.len(), 0);
             let mut u = vec![0.0f32; n * f];
             ffn.linear1.forward_into(&mut u, &x, Par::Rayon).unwrap();
             assert!(u.iter().any(|&v| v < 0.0) && kept.kept.contains(&0.0));
