@@ -369,3 +369,112 @@ pub(crate) fn walk(
     }
     Ok(current.unwrap_or_else(|| arena::copied(input)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration read from JSON gets PyTorch's defaults for what it leaves out.
+    #[test]
+    fn json_defaults_are_pytorchs() {
+        let config: LayerConfig = serde_json::from_str(r#"{"d_model": 8, "nhead": 2}"#).unwrap();
+        assert_eq!(config.dim_feedforward, 2048);
+        assert_eq!(config.dropout, 0.1);
+        assert_eq!(config.layer_norm_eps, 1e-5);
+        assert!(config.bias && !config.batch_first && !config.norm_first);
+        assert_eq!(config.activation, Activation::Relu);
+    }
+
+    /// `validate` refuses each field outside its domain, naming it, and accepts its edges.
+    #[test]
+    fn validate_names_each_field_out_of_its_domain() {
+        let ok = LayerConfig::new(8, 2);
+        ok.validate().unwrap();
+        let with = |f: &dyn Fn(&mut LayerConfig)| {
+            let mut c = ok.clone();
+            f(&mut c);
+            c.validate()
+        };
+        for (field, bad) in [
+            ("d_model", with(&|c| c.d_model = 0)),
+            ("nhead", with(&|c| c.nhead = 0)),
+            ("nhead", with(&|c| c.nhead = 3)),
+            ("layer_norm_eps", with(&|c| c.layer_norm_eps = 0.0)),
+            ("layer_norm_eps", with(&|c| c.layer_norm_eps = -1e-5)),
+            ("layer_norm_eps", with(&|c| c.layer_norm_eps = f64::INFINITY)),
+            ("layer_norm_eps", with(&|c| c.layer_norm_eps = f64::NAN)),
+            ("dim_feedforward", with(&|c| c.dim_feedforward = 0)),
+            ("dropout", with(&|c| c.dropout = 1.0)),
+            ("dropout", with(&|c| c.dropout = -0.1)),
+        ] {
+            let err = bad.unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}`")), "{field}: {err}");
+        }
+        with(&|c| c.dropout = 0.0).unwrap();
+        with(&|c| c.layer_norm_eps = f64::MIN_POSITIVE).unwrap();
+    }
+
+    /// The memory bound: `tokens` rows of eight `d_model`-wide buffers and the hidden layer, in
+    /// f32, saturating instead of overflowing.
+    #[test]
+    fn forward_bytes_counts_the_widest_moment() {
+        let mut config = LayerConfig::new(64, 4);
+        config.dim_feedforward = 100;
+        assert_eq!(config.forward_bytes(10), 10 * (8 * 64 + 100) * 4);
+        assert_eq!(config.forward_bytes(0), 0);
+        config.d_model = usize::MAX;
+        assert!(config.forward_bytes(2) >= u128::from(u64::MAX));
+    }
+
+    /// A submodule's errors name tensors with its prefix (a tensor nothing took, a tensor of
+    /// the wrong shape when loading); a shape error of another operation is the submodule's
+    /// own and keeps its name.
+    #[test]
+    fn submodule_errors_carry_the_prefix() {
+        let shape = |op: &'static str| -> Result<()> {
+            Err(AttnError::ShapeMismatch {
+                op,
+                tensor: "weight".into(),
+                expected: "[2]".into(),
+                got: vec![3],
+            }
+            .into())
+        };
+        let mut dict = StateDict::new();
+        let err = sub_module(&mut dict, "norm1.", |_| shape("load"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("norm1.weight"), "{err}");
+        let err = sub_module(&mut dict, "norm1.", |_| shape("forward"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`weight`") && !err.contains("norm1."), "{err}");
+        dict.insert(
+            "norm1.extra".into(),
+            attn_core::Tensor::new("extra", vec![1], vec![0.0]).unwrap(),
+        );
+        let err = sub_module(&mut dict, "norm1.", |_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("norm1.extra"), "{err}");
+    }
+
+    /// A layer refuses an input whose width is not `d_model`, or whose data does not fill its
+    /// shape, naming the operation and the tensor.
+    #[test]
+    fn inputs_of_another_width_or_length_are_refused() {
+        let layer = EncoderLayer::with_seed(LayerConfig::new(8, 2), 1).unwrap();
+        let x = vec![0.5f32; 2 * 3 * 8];
+        let masks = BlockMasks::default();
+        layer
+            .forward(Sequence::batch_first(&x, 2, 3, 8), &masks, Par::Seq)
+            .unwrap();
+        // Each check alone: the width (the data fits the shape), then the length.
+        for (data, dim) in [(&x[..24], 4), (&x[..47], 8)] {
+            let bad = Sequence::batch_first(data, 2, 3, dim);
+            let err = layer.forward(bad, &masks, Par::Seq).unwrap_err().to_string();
+            assert!(
+                err.contains("transformer_encoder_layer") && err.contains("src"),
+                "{err}"
+            );
+        }
+    }
+}
