@@ -457,6 +457,59 @@ mod tests {
         assert!(err.contains("norm1.extra"), "{err}");
     }
 
+    /// `Transformer::with_seed` is its documented layers: encoder layer `i` is
+    /// `EncoderLayer::with_seed` at `seed + 10 + i`, decoder layer `i` `DecoderLayer::with_seed`
+    /// at `seed + 100 + i`. A decoder's cache is empty until a step has run.
+    #[test]
+    fn a_seeded_transformer_is_its_seeded_layers_and_its_cache_fills() {
+        let mut layer = LayerConfig::new(8, 2);
+        layer.dim_feedforward = 16;
+        let config = TransformerConfig {
+            layer,
+            num_encoder_layers: 2,
+            num_decoder_layers: 2,
+        };
+        let seed = 40;
+        let model = Transformer::with_seed(config.clone(), seed).unwrap();
+        let dict = model.state_dict();
+        for i in 0..2u64 {
+            let want = [
+                (
+                    "encoder",
+                    EncoderLayer::with_seed(config.layer.clone(), seed + 10 + i)
+                        .unwrap()
+                        .state_dict(),
+                ),
+                (
+                    "decoder",
+                    DecoderLayer::with_seed(config.layer.clone(), seed + 100 + i)
+                        .unwrap()
+                        .state_dict(),
+                ),
+            ];
+            for (stack, layer) in want {
+                for (name, tensor) in layer.iter() {
+                    let full = format!("{stack}.layers.{i}.{name}");
+                    assert_eq!(dict.get(&full).map(|t| t.data()), Some(tensor.data()), "{full}");
+                }
+            }
+        }
+        let memory = vec![0.25f32; 3 * 8];
+        let mut cache = model
+            .decoder
+            .start_decoding(Sequence::batch_first(&memory, 1, 3, 8), 4, Par::Seq)
+            .unwrap();
+        assert!(cache.is_empty());
+        assert_eq!(cache.len(), 0);
+        let x = vec![0.5f32; 8];
+        let none = BlockMasks::default();
+        model
+            .decoder
+            .decode_step(Sequence::batch_first(&x, 1, 1, 8), &mut cache, &none, Par::Seq)
+            .unwrap();
+        assert!(!cache.is_empty() && cache.len() == 1);
+    }
+
     /// A layer refuses an input whose width is not `d_model`, or whose data does not fill its
     /// shape, naming the operation and the tensor.
     #[test]
