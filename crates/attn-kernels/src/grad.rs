@@ -196,7 +196,9 @@ pub fn activation_backward(
     check_len(op, "dy", du.len(), dy.len())?;
     check_len(op, "u", du.len(), u.len())?;
     let body = |(d, (g, x)): (&mut [f32], (&[f32], &[f32]))| {
-        at_level!(activation_backward_run(d, g, x, act));
+        // The chunk's gradient copied, then scaled in place while in cache: the same products.
+        d.copy_from_slice(g);
+        at_level!(activation_backward_in_place_run(d, x, act));
     };
     let n = 16 * 1024;
     match par {
@@ -225,7 +227,8 @@ pub fn activation_backward_in_place(g: &mut [f32], u: &[f32], act: Activation, p
     Ok(())
 }
 
-/// [`activation_backward_run`] over `g` in place.
+/// `g = g · act'(u)` over one chunk, a loop per activation so that each vectorises (the same
+/// products as `g · derivative(u)` element by element: NaN and `−0` included).
 #[inline(always)]
 fn activation_backward_in_place_run(g: &mut [f32], u: &[f32], act: Activation) {
     #[inline(always)]
@@ -239,24 +242,6 @@ fn activation_backward_in_place_run(g: &mut [f32], u: &[f32], act: Activation) {
         Activation::Relu => each(g, u, |x| if x > 0.0 { 1.0 } else { 0.0 }),
         Activation::Gelu => each(g, u, |x| derivative(x, Activation::Gelu)),
         Activation::GeluTanh => each(g, u, |x| derivative(x, Activation::GeluTanh)),
-    }
-}
-
-/// `du = dy · act'(u)` over one chunk, a loop per activation so that each vectorises (the
-/// same products as `dy · derivative(u)` element by element: NaN and `−0` included).
-#[inline(always)]
-fn activation_backward_run(du: &mut [f32], dy: &[f32], u: &[f32], act: Activation) {
-    #[inline(always)]
-    fn each(du: &mut [f32], dy: &[f32], u: &[f32], f: impl Fn(f32) -> f32) {
-        for ((d, &g), &x) in du.iter_mut().zip(dy).zip(u) {
-            *d = g * f(x);
-        }
-    }
-    match act {
-        Activation::Identity => each(du, dy, u, |_| 1.0),
-        Activation::Relu => each(du, dy, u, |x| if x > 0.0 { 1.0 } else { 0.0 }),
-        Activation::Gelu => each(du, dy, u, |x| derivative(x, Activation::Gelu)),
-        Activation::GeluTanh => each(du, dy, u, |x| derivative(x, Activation::GeluTanh)),
     }
 }
 

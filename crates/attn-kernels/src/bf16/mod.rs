@@ -263,20 +263,21 @@ pub(crate) fn product_at(
 ) -> Result<(), KernelError> {
     let [m, n] = dst.shape();
     let [lm, k] = lhs.shape();
-    if lm != m || k != rhs.k {
+    let [rk, rn] = rhs.shape();
+    if lm != m || k != rk {
         return Err(KernelError::ShapeMismatch {
             op: "gemm_bf16",
             tensor: "lhs",
-            expected: vec![m, rhs.k],
+            expected: vec![m, rk],
             got: vec![lm, k],
         });
     }
-    if rhs.n != n {
+    if rn != n {
         return Err(KernelError::ShapeMismatch {
             op: "gemm_bf16",
             tensor: "rhs",
             expected: vec![k, n],
-            got: vec![rhs.k, rhs.n],
+            got: vec![rk, rn],
         });
     }
     if let Some(bias) = bias {

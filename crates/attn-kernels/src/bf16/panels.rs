@@ -19,8 +19,8 @@ use crate::View2;
 /// pages would cost a fault each.
 #[derive(Debug)]
 pub struct Bf16Panels {
-    pub(super) k: usize,
-    pub(super) n: usize,
+    k: usize,
+    n: usize,
     /// `[n.div_ceil(16)][padded_pairs(k)][16]` pairs from `start`, the first 64-byte
     /// boundary (a tile or vector load never straddles two cache lines).
     data: Vec<u32>,

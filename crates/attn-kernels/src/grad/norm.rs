@@ -90,7 +90,7 @@ struct Rows<'a> {
     eps: f32,
 }
 
-/// [`norm_rows`] at the running SIMD level. Every level evaluates the same f64 operations in
+/// [`rows_backward`] at the running SIMD level. Every level evaluates the same f64 operations in
 /// the same order (eight lanes, no fused multiply-adds), so all give the same bits.
 fn rows_at_level(rows: Rows<'_>, xhat_dy: &mut [f64], dy_sum: Option<&mut [f64]>) {
     #[cfg(target_arch = "x86_64")]
@@ -104,7 +104,7 @@ fn rows_at_level(rows: Rows<'_>, xhat_dy: &mut [f64], dy_sum: Option<&mut [f64]>
             SimdLevel::Scalar => {}
         }
     }
-    norm_rows::<Lanes8>(rows, xhat_dy, dy_sum)
+    rows_backward::<Lanes8>(rows, xhat_dy, dy_sum)
 }
 
 /// Eight f64 lanes: the operations the norm's backward needs, implemented once per level.
@@ -178,7 +178,7 @@ impl F64x8 for Lanes8 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{norm_rows, F64x8, Rows};
+    use super::{rows_backward, F64x8, Rows};
 
     /// One zmm of f64.
     #[derive(Clone, Copy)]
@@ -304,16 +304,16 @@ mod x86 {
         }
     }
 
-    /// [`norm_rows`] at AVX-512.
+    /// [`rows_backward`] at AVX-512.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
     pub(super) unsafe fn rows_avx512(rows: Rows<'_>, xhat_dy: &mut [f64], dy_sum: Option<&mut [f64]>) {
-        norm_rows::<Zmm>(rows, xhat_dy, dy_sum)
+        rows_backward::<Zmm>(rows, xhat_dy, dy_sum)
     }
 
-    /// [`norm_rows`] at AVX2.
+    /// [`rows_backward`] at AVX2.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn rows_avx2(rows: Rows<'_>, xhat_dy: &mut [f64], dy_sum: Option<&mut [f64]>) {
-        norm_rows::<Ymm2>(rows, xhat_dy, dy_sum)
+        rows_backward::<Ymm2>(rows, xhat_dy, dy_sum)
     }
 }
 
@@ -323,7 +323,7 @@ mod x86 {
 /// runs over eight lanes (element `j` in lane `j mod 8`), folded as
 /// `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`.
 #[inline(always)]
-fn norm_rows<V: F64x8>(rows: Rows<'_>, xhat_dy: &mut [f64], mut dy_sum: Option<&mut [f64]>) {
+fn rows_backward<V: F64x8>(rows: Rows<'_>, xhat_dy: &mut [f64], mut dy_sum: Option<&mut [f64]>) {
     let Rows {
         dx,
         dy,
@@ -430,7 +430,7 @@ mod tests {
                         eps: 1e-5,
                     };
                     match level {
-                        None => norm_rows::<Lanes8>(r, &mut xhat_dy, Some(&mut dy_sum)),
+                        None => rows_backward::<Lanes8>(r, &mut xhat_dy, Some(&mut dy_sum)),
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: the level was detected just before.
                         Some("avx512") => unsafe { x86::rows_avx512(r, &mut xhat_dy, Some(&mut dy_sum)) },
