@@ -41,6 +41,7 @@ mod bf16;
 mod bf16_x86;
 mod kv_bits;
 mod pack;
+mod per_group;
 mod plan;
 mod scratch;
 mod split_kv;
@@ -62,15 +63,15 @@ mod weights;
 
 pub(crate) use bf16::rounded_copies;
 pub use kv_bits::{attention_bf16_kv, DECODE_ROWS};
+use per_group::{attend_per_group, packs_per_group};
 pub(crate) use plan::{validate, validate_qk, Plan};
 use scratch::{with_scratch, Scratch};
 use tile::attend_tile;
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
 pub(crate) use weights::MAX_KEPT_KEYS;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::buffer::Buffer;
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
 use crate::view::SharedMut;
@@ -250,7 +251,9 @@ fn attend(
     // tiles run (keys transposed into panels, `[B, G, key blocks, D, kt_ld]`, zero past T;
     // values in panels: read in place, rows `Dv` floats apart (512 bytes at Dv = 128) would
     // share a few L1 sets).
-    let per_group = packing.is_some() && weights.is_none() && packs_per_group(plan);
+    let per_group = packing.is_some()
+        && packs_per_group(plan)
+        && weights.as_ref().is_none_or(|w| weights::keeps_per_group(plan, w, par));
     let for_the_call = if per_group { None } else { packing };
     let (kt_packed, v_packed) = match for_the_call {
         Some(GroupPacking::F32 { round }) => (
@@ -367,117 +370,6 @@ fn attend_unsplit(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bo
     };
     run_tasks(plan.b * plan.g * plan.row_tiles, par, plan, run);
     spoilt_rows.load(Ordering::Relaxed)
-}
-
-/// Whether a call of `plan` that packs K and V packs them per `(b, g)` ([`attend_per_group`]) rather
-/// than once for the call before its tiles run: for calls whose keys are not split across
-/// tasks, of at most [`PER_GROUP_MAX_KEYS`] keys and at most [`PER_GROUP_MAX_FLOATS`] values
-/// of K and V per `(b, g)`. The packed K and V are then one buffer of a `(b, g)` per thread,
-/// read from its cache, instead of buffers the size of K and V, written to memory and read
-/// back; and the call runs one parallel loop instead of three.
-fn packs_per_group(plan: &Plan) -> bool {
-    plan.splits == 1
-        && plan.t <= PER_GROUP_MAX_KEYS
-        && plan.t * (plan.d + plan.dv) <= PER_GROUP_MAX_FLOATS
-        && !packing_for_the_call_forced()
-}
-
-/// The most keys at which a call packs K and V per `(b, g)` ([`packs_per_group`]).
-const PER_GROUP_MAX_KEYS: usize = 4096;
-
-/// The most values of K and V of one `(b, g)` at which a call packs them per `(b, g)`
-/// ([`packs_per_group`]): each thread keeps the packing of one `(b, g)` between calls, so this
-/// bounds what it keeps (4 MiB of f32, 4096 keys at `D = Dv = 128`).
-const PER_GROUP_MAX_FLOATS: usize = 1 << 20;
-
-#[cfg(test)]
-thread_local! {
-    /// Set by the tests to pack K and V for the call where [`packs_per_group`] would not.
-    pub(crate) static FORCE_PACKING_FOR_THE_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether a test on this thread asked for K and V packed for the call (never outside tests).
-fn packing_for_the_call_forced() -> bool {
-    #[cfg(test)]
-    let forced = FORCE_PACKING_FOR_THE_CALL.with(|f| f.get());
-    #[cfg(not(test))]
-    let forced = false;
-    forced
-}
-
-/// The tasks of a call that packs K and V per `(b, g)` ([`packs_per_group`]): one per
-/// `(b, g, row tile)`, as [`attend_unsplit`]'s, each reading the K and V of its `(b, g)` from
-/// a buffer of its thread that holds that `(b, g)` alone (`bf16::pack_group` or
-/// `tile::pack_group`: the words of the packing for the call), packed by the task unless
-/// the thread's last task of the call packed the same `(b, g)` (consecutive tasks are mostly
-/// one thread's). The rows' arithmetic is that of [`attend_unsplit`]. Returns whether a row
-/// came out non-finite from a finite softmax.
-fn attend_per_group(plan: &Plan, ops: &Operands<'_, '_>, dst: Dst, par: Par) -> bool {
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    let packing = ops.packed_per_group.expect("packed per group");
-    let blocks = plan.t.div_ceil(BLOCK_KEYS);
-    let lens = match packing {
-        GroupPacking::Bf16 => [bf16::key_block_len(plan, ops.amx), bf16::value_block_len(plan, ops.amx)],
-        GroupPacking::F32 { .. } => [tile::key_block_len(plan), tile::value_block_len(plan)],
-    }
-    .map(|len| len * blocks);
-    let spoilt_rows = AtomicBool::new(false);
-    let run = |scratch: &mut Scratch, task: usize| {
-        let (bg, tile) = (task / plan.row_tiles, task % plan.row_tiles);
-        let (b, g) = (bg / plan.g, bg % plan.g);
-        let mut held = GROUP_PACKED.take();
-        if !held.as_ref().is_some_and(|p| p.holds(call, bg)) {
-            let mut buffers = match held.take() {
-                Some(p) if p.buffers[0].len() >= lens[0] && p.buffers[1].len() >= lens[1] => p.buffers,
-                _ => lens.map(Buffer::zeroed),
-            };
-            let [keys, values] = &mut buffers;
-            let parts = [&mut keys[..lens[0]], &mut values[..lens[1]]];
-            match packing {
-                GroupPacking::Bf16 => bf16::pack_group(plan, [ops.k, ops.v], ops.amx, [b, g], parts),
-                GroupPacking::F32 { round } => tile::pack_group(plan, [ops.k.f32(), ops.v.f32()], round, [b, g], parts),
-            }
-            held = Some(GroupPacked { call, bg, buffers });
-        }
-        let [keys, values] = &held.as_ref().expect("packed above").buffers;
-        let (keys, values) = (&keys[..lens[0]], &values[..lens[1]]);
-        let group_ops = match packing {
-            GroupPacking::Bf16 => Operands {
-                bf16: Some(Bf16Source::Packed(keys, values)),
-                ..*ops
-            },
-            GroupPacking::F32 { .. } => Operands {
-                kt_packed: Some(keys),
-                v_packed: Some(values),
-                ..*ops
-            },
-        };
-        tile_into(scratch, plan, &group_ops, [b, g, tile], &dst, &spoilt_rows);
-        GROUP_PACKED.set(held);
-    };
-    run_tasks(plan.b * plan.g * plan.row_tiles, par, plan, run);
-    spoilt_rows.load(Ordering::Relaxed)
-}
-
-/// The K and V of one `(b, g)` packed by a task of [`attend_per_group`] for call `call`, kept
-/// by the thread for its next task (and, at most [`PER_GROUP_MAX_FLOATS`] values, between
-/// calls).
-struct GroupPacked {
-    call: u64,
-    bg: usize,
-    buffers: [Buffer; 2],
-}
-
-impl GroupPacked {
-    /// Whether this is the packing of `(b, g)` number `bg` for call `call`.
-    fn holds(&self, call: u64, bg: usize) -> bool {
-        self.call == call && self.bg == bg
-    }
-}
-
-thread_local! {
-    static GROUP_PACKED: std::cell::Cell<Option<GroupPacked>> = const { std::cell::Cell::new(None) };
 }
 
 /// Row tile `tile` of `(b, g)` over all keys, its rows written to `dst`; sets `spoilt_rows`

@@ -176,7 +176,7 @@ impl CaseData {
     }
 }
 
-fn check(case: Case) {
+pub(crate) fn check(case: Case) {
     let Case {
         b,
         h,

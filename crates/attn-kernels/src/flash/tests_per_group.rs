@@ -2,6 +2,7 @@
 //! against K and V packed once for the call: the same bits, in f32 and in bf16, at this
 //! machine's level; and when a thread reuses what it packed.
 
+use super::per_group::{GroupPacked, FORCE_PACKING_FOR_THE_CALL, PER_GROUP_MAX_KEYS};
 use super::tests_bf16::{bits_eq, each_bf16_kernel};
 use super::*;
 use crate::Causal;
@@ -103,4 +104,46 @@ fn a_thread_reuses_its_packing_for_the_same_group_of_the_same_call_only() {
     assert!(held.holds(7, 3));
     assert!(!held.holds(8, 3), "another call");
     assert!(!held.holds(7, 4), "another (b, g)");
+}
+
+/// The weights with K and V packed per `(b, g)` ([`super::weights::keeps_per_group`]): per head
+/// with the tasks of `attend_per_group`, and averaged with one task per batch element, through
+/// the cases' whole check (the f64 reference; `out`, `lse` and the weights with the bits of
+/// `attention` and `attention_weights` sequentially and on 1, 2 and 3 threads, where on 3 an
+/// average has too few batch elements and packs for the call): GQA, two row tiles and two key
+/// blocks per `(b, g)`, causal, key lengths, masks, ALiBi and strided layouts.
+#[test]
+fn weights_with_packing_per_group_have_the_bits_of_the_second_pass() {
+    use super::tests::{check, Case, MaskKind, MaskShape};
+    use crate::weights::RawWeights;
+    let (b, h, g, s, t, d) = (8, 4, 2, 50, 300, 16);
+    let plan = Plan::new([b, h, s, d], [g, t, d]);
+    assert!(packs_per_group(&plan) && plan.row_tiles == 2, "{plan:?}");
+    let mut w = vec![0.0f32; b * h * s * t];
+    let per_head = RawWeights::new(
+        crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut w, [b, h, s, t]).unwrap()),
+        h,
+    );
+    assert!(super::weights::keeps_per_group(&plan, &per_head, Par::Seq));
+    let averaged = RawWeights::new(
+        crate::WeightsDst::Averaged(ViewMut::contiguous(&mut w[..b * s * t], [b, s, t]).unwrap()),
+        h,
+    );
+    let on = |n: usize| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+    assert!(super::weights::keeps_per_group(&plan, &averaged, Par::Seq));
+    assert!(on(2).install(|| super::weights::keeps_per_group(&plan, &averaged, Par::Rayon)));
+    assert!(!on(3).install(|| super::weights::keeps_per_group(&plan, &averaged, Par::Rayon)));
+    assert!(on(3).install(|| super::weights::keeps_per_group(&plan, &per_head, Par::Rayon)));
+
+    check(Case::new(b, h, g, s, t, d, d + 4));
+    let mut case = Case::new(b, h, g, s, t, d, d);
+    case.causal = Causal::BottomRight;
+    case.lengths = true;
+    case.mask = MaskKind::Additive(MaskShape::Full);
+    check(case);
+    case.causal = Causal::TopLeft;
+    case.key_mask = true;
+    case.alibi = true;
+    case.bshd = true;
+    check(case);
 }
