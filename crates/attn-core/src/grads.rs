@@ -297,7 +297,7 @@ fn ensure(map: &mut BTreeMap<String, Tensor>, name: &str, shape: &[usize]) -> Re
 }
 
 /// `torch.nn.utils.clip_grad_norm_` over `grads` in the order given: the 2-norm of all of them
-/// together (the norm of the per-tensor norms, each summed in f64 in order), and every element
+/// together (the norm of the per-tensor norms, each summed in f64 by `attn_kernels::sum_of_squares`), and every element
 /// scaled by `min(1, max_norm / (norm + 1e-6))`. Returns the norm before clipping. The tensors'
 /// norms and the scaling run on rayon's threads; the bits do not depend on the thread count.
 ///
@@ -310,7 +310,7 @@ fn ensure(map: &mut BTreeMap<String, Tensor>, name: &str, shape: &[usize]) -> Re
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
     let norms: Vec<f64> = grads
         .par_iter()
-        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt())
+        .map(|g| attn_kernels::sum_of_squares(g).sqrt())
         .collect();
     let total = norms.iter().map(|n| n * n).sum::<f64>().sqrt() as f32;
     let coef = (max_norm / (total + 1e-6)).min(1.0);

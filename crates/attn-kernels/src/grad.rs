@@ -62,9 +62,7 @@ const SUM_ROWS: usize = 64;
 pub(crate) fn add_column_sums(dst: &mut [f32], rows: &[f32], width: usize, par: Par) {
     let chunk_sums = |chunk: &[f32]| {
         let mut sums = vec![0.0f64; width];
-        for row in chunk.chunks_exact(width) {
-            sums.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
-        }
+        at_level!(add_rows(&mut sums, chunk, width));
         sums
     };
     let partials: Vec<Vec<f64>> = match par {
@@ -76,6 +74,44 @@ pub(crate) fn add_column_sums(dst: &mut [f32], rows: &[f32], width: usize, par: 
         total.iter_mut().zip(p).for_each(|(t, &x)| *t += x);
     }
     dst.iter_mut().zip(&total).for_each(|(d, &t)| *d += t as f32);
+}
+
+/// `sums[c] += rows[n·width + c]` for each row `n` in order, in f64: each column a lane, so
+/// every SIMD level gives the same bits (compiled at the caller's level by [`at_level!`]).
+#[inline(always)]
+fn add_rows(sums: &mut [f64], rows: &[f32], width: usize) {
+    for row in rows.chunks_exact(width) {
+        sums.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+    }
+}
+
+/// Lanes of [`sum_of_squares`]: four zmm of f64, so that the additions of one lane wait on
+/// nothing else and four chains hide the adder's latency.
+const SQUARE_LANES: usize = 32;
+
+/// `Σ x²` in f64, as [`SQUARE_LANES`] partial sums (element `i` into lane `i % 32`, each lane in
+/// element order) added in lane order: the same bits at every SIMD level, one chain of
+/// additions per lane instead of one for the whole slice (which ran at an element per four
+/// cycles). The gradient norm of clipping (`attn_core::clip_grad_norm`).
+pub fn sum_of_squares(x: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; SQUARE_LANES];
+    at_level!(add_squares(&mut lanes, x));
+    lanes.iter().sum()
+}
+
+/// `lanes[i % 32] += x[i]²` for every `i`, in order (compiled at the caller's level by
+/// [`at_level!`]).
+#[inline(always)]
+fn add_squares(lanes: &mut [f64; SQUARE_LANES], x: &[f32]) {
+    let chunks = x.chunks_exact(SQUARE_LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        lanes
+            .iter_mut()
+            .zip(chunk)
+            .for_each(|(s, &v)| *s += v as f64 * v as f64);
+    }
+    lanes.iter_mut().zip(tail).for_each(|(s, &v)| *s += v as f64 * v as f64);
 }
 
 /// The shapes of a linear map `y = x·Wᵀ + b`: `x: [n, in_dim]`, `w: [out_dim, in_dim]`.

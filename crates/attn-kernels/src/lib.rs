@@ -101,7 +101,7 @@ pub use gemm::{
 };
 pub use grad::{
     activation_backward, activation_backward_in_place, cross_entropy, cross_entropy_part, dropout, dropout_uniform,
-    embedding, embedding_backward, linear_backward, norm_backward, CrossEntropy, LinearShape,
+    embedding, embedding_backward, linear_backward, norm_backward, sum_of_squares, CrossEntropy, LinearShape,
 };
 pub use layer::{
     add_assign, add_norm_rows, add_then_norm_rows, bias_activation, bias_activation_from, erf, norm_rows, Activation,

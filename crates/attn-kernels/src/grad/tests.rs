@@ -561,3 +561,31 @@ fn linear_backward_with_empty_dimensions() {
         }
     }
 }
+
+/// `sum_of_squares` (the gradient norm of clipping): within f64 rounding of the exact sum, and
+/// the bits of its documented arithmetic (32 lanes, each in element order, added in lane order)
+/// at whatever level this run has (CI runs these tests at every level the CPU has), on lengths
+/// with and without a tail, empty included, and with a value whose square overflows f32.
+#[test]
+fn sum_of_squares_is_its_lanes_in_order_at_every_level() {
+    for len in [0, 1, 31, 32, 33, 1000, 4099] {
+        let mut x = random_vec(len, len as u64 + 7);
+        if len > 40 {
+            x[40] = 3e30; // its square overflows f32, not f64
+        }
+        let mut lanes = [0.0f64; 32];
+        for (i, &v) in x.iter().enumerate() {
+            lanes[i % 32] += v as f64 * v as f64;
+        }
+        let want: f64 = lanes.iter().sum();
+        let got = crate::sum_of_squares(&x);
+        assert_eq!(got.to_bits(), want.to_bits(), "len {len}: {got} against {want}");
+        let exact: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        assert!(
+            (got - exact).abs() <= 1e-12 * exact.max(1.0),
+            "len {len}: {got} against {exact}"
+        );
+    }
+    assert!(crate::sum_of_squares(&[f32::NAN, 1.0]).is_nan());
+    assert_eq!(crate::sum_of_squares(&[f32::INFINITY]), f64::INFINITY);
+}
