@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 42] = [
+const MUTANT_SCOPE: [(&str, &str); 44] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -16,7 +16,7 @@ const MUTANT_SCOPE: [(&str, &str); 42] = [
     ),
     (
         "crates/attn-kernels/src/flash/mod.rs",
-        "flash_impl|attend_unsplit|Dst::write_row|packs_per_group|attend_per_group|GroupPacked::holds|Operands::packed_at",
+        "flash_impl|attend_unsplit|Dst::write_row|Operands::packed_at",
     ),
     // K and V packed per call or per `(b, g)`, and packed straight from bf16 bits.
     ("crates/attn-kernels/src/flash/pack.rs", "pack_blocks|pack_group"),
@@ -84,8 +84,11 @@ const MUTANT_SCOPE: [(&str, &str); 42] = [
     ("crates/attn-kernels/src/backward/tasks.rs", ".*"),
     (
         "crates/attn-kernels/src/grad.rs",
-        "add_column_sums|linear_backward|derivative|activation_backward.*|embedding|check_ids|embedding_backward|cross_entropy.*",
+        "add_column_sums|add_rows|sum_of_squares|add_squares|linear_backward|derivative|activation_backward.*|embedding|check_ids|embedding_backward|cross_entropy.*",
     ),
+    // The flash kernel's weights from its kept scores, and K and V packed per `(b, g)`.
+    ("crates/attn-kernels/src/flash/weights.rs", ".*"),
+    ("crates/attn-kernels/src/flash/per_group.rs", ".*"),
     // The norms' backward: its chunks of rows and the rows' f64 lanes at every level.
     ("crates/attn-kernels/src/grad/norm.rs", ".*"),
     // The activation arena: which kept buffer a request gets, and what it holds.

@@ -1,0 +1,370 @@
+//! Dev tool: the AVX-512 GEMM micro-kernel's inner loop with its operands in L1, against the
+//! same FMAs on registers only, on one core, in `asm!` (so the compiler neither spills nor
+//! drops anything). It measures what the loads of a micro-kernel cost before any cache miss:
+//!
+//! - `registers`: 24 FMAs a step on accumulators, the other operands in registers (the FMA
+//!   ceiling of `fma_peak`, with the same loop overhead as the others);
+//! - `8 × 48 from L1`: the GEMM's step (three zmm of a `B` row, eight broadcasts of `A`, 24 FMAs);
+//! - `14 × 32 from L1`: two zmm of `B`, 14 broadcasts, 28 FMAs (as intrinsics the compiler
+//!   spills it);
+//!
+//! each over 200 steps of packed operands that stay in L1 (`A` 11 KiB at most, `B` 38 KiB),
+//! 64-byte aligned, or 4 bytes past alignment with `misaligned` (every `B` load then splits a
+//! cache line). Interleaved 21 times; prints each loop's median GFLOP/s and its median ratio to
+//! `registers` in the same round. docs/PERFORMANCE.md (2026-12-06) quotes it.
+//! `cargo run --release -p attn-kernels --example gemm_loop_ceiling [misaligned]`
+
+#[cfg(target_arch = "x86_64")]
+mod bench {
+    /// One loop of the table in the file's comment (`steps` steps, `a` and `b` advancing by one
+    /// step each).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn registers(a: *const f32, b: *const f32, steps: usize) {
+        // SAFETY: the caller sizes `a` and `b` for `steps` steps; every vector register is
+        // declared clobbered (each starts from `b`'s values, so none holds a subnormal or a NaN
+        // from before), and the loop touches no stack.
+        unsafe {
+            std::arch::asm!(
+                "vmovups zmm0, [{b} + 0]",
+                "vmovups zmm1, [{b} + 64]",
+                "vmovups zmm2, [{b} + 128]",
+                "vmovups zmm3, [{b} + 192]",
+                "vmovups zmm4, [{b} + 256]",
+                "vmovups zmm5, [{b} + 320]",
+                "vmovups zmm6, [{b} + 384]",
+                "vmovups zmm7, [{b} + 448]",
+                "vmovups zmm8, [{b} + 0]",
+                "vmovups zmm9, [{b} + 64]",
+                "vmovups zmm10, [{b} + 128]",
+                "vmovups zmm11, [{b} + 192]",
+                "vmovups zmm12, [{b} + 256]",
+                "vmovups zmm13, [{b} + 320]",
+                "vmovups zmm14, [{b} + 384]",
+                "vmovups zmm15, [{b} + 448]",
+                "vmovups zmm16, [{b} + 0]",
+                "vmovups zmm17, [{b} + 64]",
+                "vmovups zmm18, [{b} + 128]",
+                "vmovups zmm19, [{b} + 192]",
+                "vmovups zmm20, [{b} + 256]",
+                "vmovups zmm21, [{b} + 320]",
+                "vmovups zmm22, [{b} + 384]",
+                "vmovups zmm23, [{b} + 448]",
+                "vmovups zmm24, [{b} + 0]",
+                "vmovups zmm25, [{b} + 64]",
+                "vmovups zmm26, [{b} + 128]",
+                "vmovups zmm27, [{b} + 192]",
+                "vmovups zmm28, [{b} + 256]",
+                "vmovups zmm29, [{b} + 320]",
+                "vmovups zmm30, [{b} + 384]",
+                "vmovups zmm31, [{b} + 448]",
+                "2:",
+                "vfmadd231ps zmm0, zmm27, zmm24",
+                "vfmadd231ps zmm1, zmm27, zmm25",
+                "vfmadd231ps zmm2, zmm27, zmm26",
+                "vfmadd231ps zmm3, zmm28, zmm24",
+                "vfmadd231ps zmm4, zmm28, zmm25",
+                "vfmadd231ps zmm5, zmm28, zmm26",
+                "vfmadd231ps zmm6, zmm29, zmm24",
+                "vfmadd231ps zmm7, zmm29, zmm25",
+                "vfmadd231ps zmm8, zmm29, zmm26",
+                "vfmadd231ps zmm9, zmm30, zmm24",
+                "vfmadd231ps zmm10, zmm30, zmm25",
+                "vfmadd231ps zmm11, zmm30, zmm26",
+                "vfmadd231ps zmm12, zmm27, zmm24",
+                "vfmadd231ps zmm13, zmm27, zmm25",
+                "vfmadd231ps zmm14, zmm27, zmm26",
+                "vfmadd231ps zmm15, zmm28, zmm24",
+                "vfmadd231ps zmm16, zmm28, zmm25",
+                "vfmadd231ps zmm17, zmm28, zmm26",
+                "vfmadd231ps zmm18, zmm29, zmm24",
+                "vfmadd231ps zmm19, zmm29, zmm25",
+                "vfmadd231ps zmm20, zmm29, zmm26",
+                "vfmadd231ps zmm21, zmm30, zmm24",
+                "vfmadd231ps zmm22, zmm30, zmm25",
+                "vfmadd231ps zmm23, zmm30, zmm26",
+                "add {a}, 32",
+                "add {b}, 192",
+                "dec {n}",
+                "jnz 2b",
+                a = inout(reg) a => _,
+                b = inout(reg) b => _,
+                n = inout(reg) steps => _,
+                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _, out("zmm16") _, out("zmm17") _,
+                out("zmm18") _, out("zmm19") _, out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+                out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _, out("zmm28") _, out("zmm29") _,
+                out("zmm30") _, out("zmm31") _,
+                options(nostack, readonly),
+            );
+        }
+    }
+
+    /// One loop of the table in the file's comment (`steps` steps, `a` and `b` advancing by one
+    /// step each).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn loads_8x48(a: *const f32, b: *const f32, steps: usize) {
+        // SAFETY: the caller sizes `a` and `b` for `steps` steps; every vector register is
+        // declared clobbered (each starts from `b`'s values, so none holds a subnormal or a NaN
+        // from before), and the loop touches no stack.
+        unsafe {
+            std::arch::asm!(
+                "vmovups zmm0, [{b} + 0]",
+                "vmovups zmm1, [{b} + 64]",
+                "vmovups zmm2, [{b} + 128]",
+                "vmovups zmm3, [{b} + 192]",
+                "vmovups zmm4, [{b} + 256]",
+                "vmovups zmm5, [{b} + 320]",
+                "vmovups zmm6, [{b} + 384]",
+                "vmovups zmm7, [{b} + 448]",
+                "vmovups zmm8, [{b} + 0]",
+                "vmovups zmm9, [{b} + 64]",
+                "vmovups zmm10, [{b} + 128]",
+                "vmovups zmm11, [{b} + 192]",
+                "vmovups zmm12, [{b} + 256]",
+                "vmovups zmm13, [{b} + 320]",
+                "vmovups zmm14, [{b} + 384]",
+                "vmovups zmm15, [{b} + 448]",
+                "vmovups zmm16, [{b} + 0]",
+                "vmovups zmm17, [{b} + 64]",
+                "vmovups zmm18, [{b} + 128]",
+                "vmovups zmm19, [{b} + 192]",
+                "vmovups zmm20, [{b} + 256]",
+                "vmovups zmm21, [{b} + 320]",
+                "vmovups zmm22, [{b} + 384]",
+                "vmovups zmm23, [{b} + 448]",
+                "vmovups zmm24, [{b} + 0]",
+                "vmovups zmm25, [{b} + 64]",
+                "vmovups zmm26, [{b} + 128]",
+                "vmovups zmm27, [{b} + 192]",
+                "vmovups zmm28, [{b} + 256]",
+                "vmovups zmm29, [{b} + 320]",
+                "vmovups zmm30, [{b} + 384]",
+                "vmovups zmm31, [{b} + 448]",
+                "2:",
+                "vmovups zmm24, [{b} + 0]",
+                "vmovups zmm25, [{b} + 64]",
+                "vmovups zmm26, [{b} + 128]",
+                "vbroadcastss zmm27, dword ptr [{a} + 0]",
+                "vfmadd231ps zmm0, zmm27, zmm24",
+                "vfmadd231ps zmm1, zmm27, zmm25",
+                "vfmadd231ps zmm2, zmm27, zmm26",
+                "vbroadcastss zmm28, dword ptr [{a} + 4]",
+                "vfmadd231ps zmm3, zmm28, zmm24",
+                "vfmadd231ps zmm4, zmm28, zmm25",
+                "vfmadd231ps zmm5, zmm28, zmm26",
+                "vbroadcastss zmm27, dword ptr [{a} + 8]",
+                "vfmadd231ps zmm6, zmm27, zmm24",
+                "vfmadd231ps zmm7, zmm27, zmm25",
+                "vfmadd231ps zmm8, zmm27, zmm26",
+                "vbroadcastss zmm28, dword ptr [{a} + 12]",
+                "vfmadd231ps zmm9, zmm28, zmm24",
+                "vfmadd231ps zmm10, zmm28, zmm25",
+                "vfmadd231ps zmm11, zmm28, zmm26",
+                "vbroadcastss zmm27, dword ptr [{a} + 16]",
+                "vfmadd231ps zmm12, zmm27, zmm24",
+                "vfmadd231ps zmm13, zmm27, zmm25",
+                "vfmadd231ps zmm14, zmm27, zmm26",
+                "vbroadcastss zmm28, dword ptr [{a} + 20]",
+                "vfmadd231ps zmm15, zmm28, zmm24",
+                "vfmadd231ps zmm16, zmm28, zmm25",
+                "vfmadd231ps zmm17, zmm28, zmm26",
+                "vbroadcastss zmm27, dword ptr [{a} + 24]",
+                "vfmadd231ps zmm18, zmm27, zmm24",
+                "vfmadd231ps zmm19, zmm27, zmm25",
+                "vfmadd231ps zmm20, zmm27, zmm26",
+                "vbroadcastss zmm28, dword ptr [{a} + 28]",
+                "vfmadd231ps zmm21, zmm28, zmm24",
+                "vfmadd231ps zmm22, zmm28, zmm25",
+                "vfmadd231ps zmm23, zmm28, zmm26",
+                "add {a}, 32",
+                "add {b}, 192",
+                "dec {n}",
+                "jnz 2b",
+                a = inout(reg) a => _,
+                b = inout(reg) b => _,
+                n = inout(reg) steps => _,
+                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _, out("zmm16") _, out("zmm17") _,
+                out("zmm18") _, out("zmm19") _, out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+                out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _, out("zmm28") _, out("zmm29") _,
+                out("zmm30") _, out("zmm31") _,
+                options(nostack, readonly),
+            );
+        }
+    }
+
+    /// One loop of the table in the file's comment (`steps` steps, `a` and `b` advancing by one
+    /// step each).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn loads_14x32(a: *const f32, b: *const f32, steps: usize) {
+        // SAFETY: the caller sizes `a` and `b` for `steps` steps; every vector register is
+        // declared clobbered (each starts from `b`'s values, so none holds a subnormal or a NaN
+        // from before), and the loop touches no stack.
+        unsafe {
+            std::arch::asm!(
+                "vmovups zmm0, [{b} + 0]",
+                "vmovups zmm1, [{b} + 64]",
+                "vmovups zmm2, [{b} + 128]",
+                "vmovups zmm3, [{b} + 192]",
+                "vmovups zmm4, [{b} + 256]",
+                "vmovups zmm5, [{b} + 320]",
+                "vmovups zmm6, [{b} + 384]",
+                "vmovups zmm7, [{b} + 448]",
+                "vmovups zmm8, [{b} + 0]",
+                "vmovups zmm9, [{b} + 64]",
+                "vmovups zmm10, [{b} + 128]",
+                "vmovups zmm11, [{b} + 192]",
+                "vmovups zmm12, [{b} + 256]",
+                "vmovups zmm13, [{b} + 320]",
+                "vmovups zmm14, [{b} + 384]",
+                "vmovups zmm15, [{b} + 448]",
+                "vmovups zmm16, [{b} + 0]",
+                "vmovups zmm17, [{b} + 64]",
+                "vmovups zmm18, [{b} + 128]",
+                "vmovups zmm19, [{b} + 192]",
+                "vmovups zmm20, [{b} + 256]",
+                "vmovups zmm21, [{b} + 320]",
+                "vmovups zmm22, [{b} + 384]",
+                "vmovups zmm23, [{b} + 448]",
+                "vmovups zmm24, [{b} + 0]",
+                "vmovups zmm25, [{b} + 64]",
+                "vmovups zmm26, [{b} + 128]",
+                "vmovups zmm27, [{b} + 192]",
+                "vmovups zmm28, [{b} + 256]",
+                "vmovups zmm29, [{b} + 320]",
+                "vmovups zmm30, [{b} + 384]",
+                "vmovups zmm31, [{b} + 448]",
+                "2:",
+                "vmovups zmm28, [{b}]",
+                "vmovups zmm29, [{b} + 64]",
+                "vbroadcastss zmm30, dword ptr [{a} + 0]",
+                "vfmadd231ps zmm0, zmm30, zmm28",
+                "vfmadd231ps zmm1, zmm30, zmm29",
+                "vbroadcastss zmm31, dword ptr [{a} + 4]",
+                "vfmadd231ps zmm2, zmm31, zmm28",
+                "vfmadd231ps zmm3, zmm31, zmm29",
+                "vbroadcastss zmm30, dword ptr [{a} + 8]",
+                "vfmadd231ps zmm4, zmm30, zmm28",
+                "vfmadd231ps zmm5, zmm30, zmm29",
+                "vbroadcastss zmm31, dword ptr [{a} + 12]",
+                "vfmadd231ps zmm6, zmm31, zmm28",
+                "vfmadd231ps zmm7, zmm31, zmm29",
+                "vbroadcastss zmm30, dword ptr [{a} + 16]",
+                "vfmadd231ps zmm8, zmm30, zmm28",
+                "vfmadd231ps zmm9, zmm30, zmm29",
+                "vbroadcastss zmm31, dword ptr [{a} + 20]",
+                "vfmadd231ps zmm10, zmm31, zmm28",
+                "vfmadd231ps zmm11, zmm31, zmm29",
+                "vbroadcastss zmm30, dword ptr [{a} + 24]",
+                "vfmadd231ps zmm12, zmm30, zmm28",
+                "vfmadd231ps zmm13, zmm30, zmm29",
+                "vbroadcastss zmm31, dword ptr [{a} + 28]",
+                "vfmadd231ps zmm14, zmm31, zmm28",
+                "vfmadd231ps zmm15, zmm31, zmm29",
+                "vbroadcastss zmm30, dword ptr [{a} + 32]",
+                "vfmadd231ps zmm16, zmm30, zmm28",
+                "vfmadd231ps zmm17, zmm30, zmm29",
+                "vbroadcastss zmm31, dword ptr [{a} + 36]",
+                "vfmadd231ps zmm18, zmm31, zmm28",
+                "vfmadd231ps zmm19, zmm31, zmm29",
+                "vbroadcastss zmm30, dword ptr [{a} + 40]",
+                "vfmadd231ps zmm20, zmm30, zmm28",
+                "vfmadd231ps zmm21, zmm30, zmm29",
+                "vbroadcastss zmm31, dword ptr [{a} + 44]",
+                "vfmadd231ps zmm22, zmm31, zmm28",
+                "vfmadd231ps zmm23, zmm31, zmm29",
+                "vbroadcastss zmm30, dword ptr [{a} + 48]",
+                "vfmadd231ps zmm24, zmm30, zmm28",
+                "vfmadd231ps zmm25, zmm30, zmm29",
+                "vbroadcastss zmm31, dword ptr [{a} + 52]",
+                "vfmadd231ps zmm26, zmm31, zmm28",
+                "vfmadd231ps zmm27, zmm31, zmm29",
+                "add {a}, 56",
+                "add {b}, 128",
+                "dec {n}",
+                "jnz 2b",
+                a = inout(reg) a => _,
+                b = inout(reg) b => _,
+                n = inout(reg) steps => _,
+                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _, out("zmm16") _, out("zmm17") _,
+                out("zmm18") _, out("zmm19") _, out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+                out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _, out("zmm28") _, out("zmm29") _,
+                out("zmm30") _, out("zmm31") _,
+                options(nostack, readonly),
+            );
+        }
+    }
+
+    type Loop = unsafe fn(*const f32, *const f32, usize);
+
+    /// Steps of each call, and calls of each timing.
+    const STEPS: usize = 200;
+    const CALLS: usize = 6400;
+
+    pub fn run(misaligned: bool) {
+        if !is_x86_feature_detected!("avx512f") {
+            println!("this CPU has no AVX-512 F: nothing to measure");
+            return;
+        }
+        // Small values, so that no sum overflows or goes subnormal.
+        let mut state = 1u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1e-2
+        };
+        let a: Vec<f32> = (0..STEPS * 16 + 64).map(|_| next()).collect();
+        let b: Vec<f32> = (0..STEPS * 48 + 64).map(|_| next()).collect();
+        let aligned = |p: *const f32| p.wrapping_add((64 - p as usize % 64) % 64 / 4 + usize::from(misaligned));
+        let (ap, bp) = (aligned(a.as_ptr()), aligned(b.as_ptr()));
+        // (name, loop, multiply-adds a step)
+        let loops: [(&str, Loop, usize); 3] = [
+            ("registers", registers, 8 * 48),
+            ("8 × 48 from L1", loads_8x48, 8 * 48),
+            ("14 × 32 from L1", loads_14x32, 14 * 32),
+        ];
+        let mut rates = vec![Vec::new(); loops.len()];
+        for _ in 0..21 {
+            for (i, &(_, f, fmas)) in loops.iter().enumerate() {
+                let t = std::time::Instant::now();
+                for _ in 0..CALLS {
+                    // SAFETY: AVX-512 F was detected; `a` and `b` hold `STEPS` steps of either
+                    // shape past the aligned start.
+                    unsafe { f(ap, bp, STEPS) };
+                }
+                rates[i].push(2.0 * (CALLS * STEPS * fmas) as f64 / t.elapsed().as_secs_f64() * 1e-9);
+            }
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let alignment = if misaligned {
+            "4 bytes past a line"
+        } else {
+            "64-byte aligned"
+        };
+        println!("one core, operands {alignment}, {STEPS} steps a call");
+        for (i, (name, _, _)) in loops.iter().enumerate() {
+            let ratios = rates[i].iter().zip(&rates[0]).map(|(x, y)| x / y).collect();
+            println!(
+                "  {name:18} {:6.1} GFLOP/s   {:.3} of registers",
+                median(rates[i].clone()),
+                median(ratios)
+            );
+        }
+    }
+}
+
+fn main() {
+    let misaligned = std::env::args().nth(1).as_deref() == Some("misaligned");
+    #[cfg(target_arch = "x86_64")]
+    bench::run(misaligned);
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("x86-64 only (AVX-512): nothing to measure ({misaligned})");
+}
