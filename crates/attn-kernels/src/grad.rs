@@ -89,7 +89,7 @@ fn add_rows(sums: &mut [f64], rows: &[f32], width: usize) {
 /// nothing else and four chains hide the adder's latency.
 const SQUARE_LANES: usize = 32;
 
-/// `Σ x²` in f64, as [`SQUARE_LANES`] partial sums (element `i` into lane `i % 32`, each lane in
+/// `Σ x²` in f64, as 32 partial sums (element `i` into lane `i % 32`, each lane in
 /// element order) added in lane order: the same bits at every SIMD level, one chain of
 /// additions per lane instead of one for the whole slice (which ran at an element per four
 /// cycles). The gradient norm of clipping (`attn_core::clip_grad_norm`).
