@@ -1031,3 +1031,36 @@ fn train_step_refuses_an_infinite_loss_with_finite_gradients() {
     assert!(err.contains("loss inf") && err.contains("not updated"), "{err}");
     assert!(model.state_dict() == before, "the weights changed");
 }
+
+/// The sinusoidal table at even and odd widths is its definition element by element (an odd
+/// width's last column is a sine, and no row writes into the next or past the table); a model's
+/// store holds exactly its state dict: the same names and shapes, and as many floats.
+#[test]
+fn positions_at_any_width_and_the_store_of_a_model() {
+    for d in [1, 4, 5] {
+        let pe = attn_nn::seq2seq::sinusoidal_positions(7, d);
+        assert_eq!(pe.len(), 7 * d);
+        for p in 0..7 {
+            for c in 0..d {
+                let angle = p as f64 / 10_000f64.powf((c - c % 2) as f64 / d as f64);
+                let want = if c % 2 == 0 { angle.sin() } else { angle.cos() } as f32;
+                assert_eq!(
+                    pe[p * d + c].to_bits(),
+                    want.to_bits(),
+                    "d {d}, position {p}, column {c}"
+                );
+            }
+        }
+    }
+    let (model, _) = untrained_dates_model();
+    let dict = model.state_dict();
+    let layout = model.store().layout();
+    let names: Vec<&str> = layout.entries().iter().map(|e| e.name.as_str()).collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, dict.keys().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(layout.numel(), dict.values().map(|t| t.data().len()).sum::<usize>());
+    for entry in layout.entries() {
+        assert_eq!(entry.shape, dict[&entry.name].shape(), "{}", entry.name);
+    }
+}
