@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 44] = [
+const MUTANT_SCOPE: [(&str, &str); 45] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -108,6 +108,8 @@ const MUTANT_SCOPE: [(&str, &str); 44] = [
     ("crates/attn-core/src/mha/packs.rs", ".*"),
     ("crates/attn-core/src/mha/masks.rs", ".*"),
     ("crates/attn-nn/src/seq2seq/train.rs", ".*"),
+    // The translator itself: its construction, positions, store, checkpoints and embedding.
+    ("crates/attn-nn/src/seq2seq/mod.rs", ".*"),
     ("crates/attn-nn/src/step.rs", ".*"),
     // Greedy and beam decoding: which hypothesis wins and when the search stops.
     ("crates/attn-nn/src/seq2seq/decode.rs", ".*"),
