@@ -542,6 +542,43 @@ mod tests {
         }
     }
 
+    /// Storage kept from a dropped packing holds that packing's words: a packing of another
+    /// shape into it (its padding pairs and columns where the first had values) still has each
+    /// value rounded to bf16 and zeros in all of its padding, from values or from bits.
+    #[test]
+    fn kept_storage_leaves_nothing_of_its_last_packing() {
+        // [416, 160]: no padding, every word non-zero; [399, 150]: 8 padding pairs and 10
+        // padding columns, in as many words (33,280), so it takes the first one's storage.
+        let (k, n) = (399, 150);
+        let m = random_vec(k * n, 31);
+        for from_bits in [false, true] {
+            for _ in 0..3 {
+                let full: Vec<f32> = random_vec(416 * 160, 32).iter().map(|x| x + 3.0).collect();
+                drop(Bf16Panels::pack(View2::contiguous(&full, [416, 160]).unwrap()));
+                let packed = if from_bits {
+                    let bits: Vec<u16> = m.iter().map(|&x| f32_to_bf16(x)).collect();
+                    Bf16Panels::from_bits(View2::contiguous(&bits, [k, n]).unwrap())
+                } else {
+                    Bf16Panels::pack(View2::contiguous(&m, [k, n]).unwrap())
+                };
+                let want: Vec<f32> = m.iter().map(|&x| round_to_bf16(x)).collect();
+                assert_eq!(packed.widened(), want, "from bits: {from_bits}");
+                let pairs = padded_pairs(k);
+                for (i, &word) in packed.words().iter().enumerate() {
+                    let (j, q) = ((i / (pairs * PANEL)) * PANEL + i % PANEL, i / PANEL % pairs);
+                    if j >= n || 2 * q >= k {
+                        assert_eq!(
+                            word, 0,
+                            "padding word {i} (column {j}, pair {q}), from bits: {from_bits}"
+                        );
+                    } else if 2 * q + 1 >= k {
+                        assert_eq!(word >> 16, 0, "padding row in word {i}, from bits: {from_bits}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Packing bf16 bits gives the words of packing their widened values, in both layouts (a
     /// weight's `Wᵀ` is the transposed one), over odd depths, ragged panels and the values the
     /// conversion changes: subnormals (flushed to signed zeros), NaNs (made quiet), infinities.
