@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 45] = [
+const MUTANT_SCOPE: [(&str, &str); 46] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -86,6 +86,8 @@ const MUTANT_SCOPE: [(&str, &str); 45] = [
         "crates/attn-kernels/src/grad.rs",
         "add_column_sums|add_rows|sum_of_squares|add_squares|linear_backward|derivative|activation_backward.*|embedding|check_ids|embedding_backward|cross_entropy.*",
     ),
+    // bf16 weight packings: the storage they reuse, and every word they write.
+    ("crates/attn-kernels/src/bf16/panels.rs", "take_words|Bf16Panels::pack|Bf16Panels::from_bits"),
     // The flash kernel's weights from its kept scores, and K and V packed per `(b, g)`.
     ("crates/attn-kernels/src/flash/weights.rs", ".*"),
     ("crates/attn-kernels/src/flash/per_group.rs", ".*"),
