@@ -297,8 +297,9 @@ fn ensure(map: &mut BTreeMap<String, Tensor>, name: &str, shape: &[usize]) -> Re
 }
 
 /// `torch.nn.utils.clip_grad_norm_` over `grads` in the order given: the 2-norm of all of them
-/// together (the norm of the per-tensor norms, each summed in f64 by `attn_kernels::sum_of_squares`), and every element
-/// scaled by `min(1, max_norm / (norm + 1e-6))`. Returns the norm before clipping. The tensors'
+/// together (the norm of the per-tensor norms, each summed in f64 by
+/// `attn_kernels::sum_of_squares`), and every element scaled by
+/// `min(1, max_norm / (norm + 1e-6))`. Returns the norm before clipping. The tensors'
 /// norms and the scaling run on rayon's threads; the bits do not depend on the thread count.
 ///
 /// ```

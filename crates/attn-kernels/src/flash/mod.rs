@@ -29,7 +29,9 @@
 //!   GEMM at the scalar level).
 //!
 //! Files: `plan.rs` validates a call and cuts its work, `tile.rs` runs one row tile's passes,
-//! `split_kv.rs` merges key splits, `tests.rs` checks all of it against the f64 reference.
+//! `split_kv.rs` merges key splits, `per_group.rs` packs K and V per `(b, g)` in the tasks that
+//! read them, `weights.rs` writes a call's weights from the kept scores, `tests.rs` checks all
+//! of it against the f64 reference.
 //!
 //! Finally `out = acc / l` and `lse = m + ln(l)`; a row that saw no key (`l = 0`) writes zeros
 //! and `lse = -inf`. Key blocks past the causal limit of the tile's last row, or past the
