@@ -156,8 +156,11 @@ pub(crate) fn weight_gradient(
         let pairs = n.div_ceil(2);
         // `dyᵀ` as rows of pairs along `n`, and `x` in the panels of `Bf16Panels`: from the
         // training step's arena, whose best fit serves every layer's sizes step after step.
-        let mut a = crate::arena::zeroed(out_dim.div_ceil(PANEL) * PANEL * pairs);
-        let mut b = crate::arena::zeroed(in_dim.div_ceil(PANEL) * pairs * PANEL);
+        // `pack_pairs` writes every word the kernel reads: all of `b`, and of `a` the words
+        // of its `out_dim` rows (the rows padding the last panel are written or left as they
+        // were, and never read).
+        let mut a = crate::arena::overwritten(out_dim.div_ceil(PANEL) * PANEL * pairs);
+        let mut b = crate::arena::overwritten(in_dim.div_ceil(PANEL) * pairs * PANEL);
         pack_pairs(&mut a, dy, [n, out_dim], Layout::Rows, par);
         pack_pairs(&mut b, x, [n, in_dim], Layout::Panels, par);
         let words: &[u32] = bytemuck_words(&b);
@@ -252,6 +255,36 @@ fn transpose_into(block: &[[f32; PANEL]; STEP_PAIRS], tile: &mut [f32]) {
     }
 }
 
+/// `rows[l·ld + q] = block[q][l]` for `q < count` and `l < cols`: pairs `q` of 16 columns,
+/// each column's pairs as `count` words of a row (the left operand's layout). A whole block goes
+/// through [`crate::bf16::avx512bf16::transpose16`] straight into `rows`, a partial one
+/// through a tile of its own, so that nothing past pair `count` of a row (another task's
+/// words) is written.
+fn columns_into_rows(block: &[[f32; PANEL]; STEP_PAIRS], [count, cols]: [usize; 2], rows: &mut [f32], ld: usize) {
+    assert!(count <= STEP_PAIRS && cols <= PANEL && ld >= count);
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level().has_avx512bf16() {
+        if count == STEP_PAIRS && rows.len() >= (PANEL - 1) * ld + STEP_PAIRS {
+            // SAFETY: the level has AVX-512F; row `l < 16` of the result is `rows[l·ld ..
+            // l·ld + 16]`, inside `rows` (checked).
+            unsafe { crate::bf16::avx512bf16::transpose16(block, rows.as_mut_ptr(), ld) };
+            return;
+        }
+        let mut tile = [0.0f32; STEP_PAIRS * PANEL];
+        // SAFETY: as above, into the 16 rows of 16 words of `tile`.
+        unsafe { crate::bf16::avx512bf16::transpose16(block, tile.as_mut_ptr(), STEP_PAIRS) };
+        for (l, words) in tile.chunks_exact(STEP_PAIRS).take(cols).enumerate() {
+            rows[l * ld..l * ld + count].copy_from_slice(&words[..count]);
+        }
+        return;
+    }
+    for (q, words) in block[..count].iter().enumerate() {
+        for (l, &word) in words.iter().enumerate().take(cols) {
+            rows[l * ld + q] = word;
+        }
+    }
+}
+
 /// Row `j` of `src: [n, width]` at columns `c0..c0 + 16`: in place, a copy of a ragged end (of
 /// `cols` columns) into `buf`, or zeros past `n`.
 fn row<'a>(src: &'a [f32], j: usize, [n, width, c0, cols]: [usize; 4], buf: &'a mut [f32; PANEL]) -> &'a [f32] {
@@ -301,7 +334,7 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
         for panel in 0..panels {
             let (c0, base) = (panel * PANEL, panel * chunk);
             let cols = (width - c0).min(PANEL);
-            interleave_rows(src, [n, width, c0, cols], p0, count, block.as_flattened_mut());
+            let at = [n, width, c0, cols];
             // SAFETY: `base + chunk <= dst.len()`; within a panel, this task alone writes the
             // words of pairs `p0 .. p0 + count` (the tile of group `g`, or those pairs' words
             // of each column), so no two tasks write the same word.
@@ -309,19 +342,18 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
                 let panel_words = std::slice::from_raw_parts_mut(out.get().add(base), chunk);
                 match layout {
                     Layout::Tiles(_) => {
+                        interleave_rows(src, at, p0, count, block.as_flattened_mut());
                         // Zeros past the pairs; columns past `cols` are zeros already.
                         block[count..].iter_mut().for_each(|words| words.fill(0.0));
                         let tile = STEP_PAIRS * PANEL;
                         transpose_into(&block, &mut panel_words[g * tile..(g + 1) * tile]);
                     }
-                    Layout::Panels | Layout::PaddedPanels(_) => panel_words[p0 * PANEL..(p0 + count) * PANEL]
-                        .copy_from_slice(&block.as_flattened()[..count * PANEL]),
+                    Layout::Panels | Layout::PaddedPanels(_) => {
+                        interleave_rows(src, at, p0, count, &mut panel_words[p0 * PANEL..(p0 + count) * PANEL])
+                    }
                     Layout::Rows => {
-                        for (q, words) in block[..count].iter().enumerate() {
-                            for (l, &word) in words.iter().enumerate().take(cols) {
-                                panel_words[l * pairs + p0 + q] = word;
-                            }
-                        }
+                        interleave_rows(src, at, p0, count, block.as_flattened_mut());
+                        columns_into_rows(&block, [count, cols], &mut panel_words[p0..], pairs);
                     }
                 }
             }
@@ -337,7 +369,6 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
 mod tests {
     use super::*;
     use crate::testing::random_vec;
-    use crate::Bf16Level;
 
     const U: f64 = 1.0 / 256.0;
 
@@ -525,35 +556,49 @@ mod tests {
         }
     }
 
-    /// Every word of the AMX operands is written, the padding with zeros: packing into buffers
-    /// full of NaN gives the weight gradient of packing into zeros.
+    /// Every word the kernels read is written, the padding with zeros: packing into buffers
+    /// full of NaN (the kernel crate's pool for AMX, the training arena for `vdpbf16ps`) gives
+    /// the weight gradient of packing into fresh ones. Odd `n`, a ragged last panel of `dyᵀ`'s
+    /// rows and of `x`'s columns, and a last group of fewer than 16 pairs.
     #[test]
-    fn weight_gradient_writes_its_padding() {
-        if crate::bf16_level() != Bf16Level::Amx {
-            eprintln!("note: no AMX here; its packing is not checked");
-            return;
-        }
-        let (n, in_dim, out_dim) = (37, 21, 19);
-        let sh = LinearShape { n, in_dim, out_dim };
-        let (dy, x) = (random_vec(n * out_dim, 1), random_vec(n * in_dim, 2));
-        let run = || {
-            let mut dw = vec![0.0f32; out_dim * in_dim];
-            weight_gradient(Route::Amx, &mut dw, &dy, &x, sh, Par::Seq).unwrap();
-            dw
-        };
-        let clean = run();
-        // Dirty the pool: the next packings reuse these buffers as they are.
-        let dirty: Vec<_> = (0..8)
-            .map(|_| {
-                let mut b = crate::buffer::take(4096);
-                b.fill(f32::NAN);
-                b
-            })
+    fn weight_gradient_reads_no_word_it_did_not_write() {
+        let routes: Vec<Route> = crate::bf16::available_routes()
+            .into_iter()
+            .filter(|r| matches!(r, Route::Amx | Route::Dpbf16))
             .collect();
-        dirty.into_iter().for_each(crate::buffer::give);
-        let again = run();
-        assert!(again.iter().all(|v| v.is_finite()), "padding left unwritten");
-        assert_eq!(clean, again);
+        if routes.is_empty() {
+            eprintln!("note: no AMX or AVX512-BF16 here; their packings are not checked");
+        }
+        for route in routes {
+            for (n, in_dim, out_dim) in [(37, 21, 19), (601, 70, 100)] {
+                let sh = LinearShape { n, in_dim, out_dim };
+                let (dy, x) = (random_vec(n * out_dim, 1), random_vec(n * in_dim, 2));
+                let run = || {
+                    let mut dw = vec![0.0f32; out_dim * in_dim];
+                    weight_gradient(route, &mut dw, &dy, &x, sh, Par::Seq).unwrap();
+                    dw
+                };
+                crate::arena::clear();
+                let clean = run();
+                // Dirty both pools: the next packings reuse these buffers as they are.
+                let dirty: Vec<_> = (0..8)
+                    .map(|_| {
+                        let mut b = crate::buffer::take(4096);
+                        b.fill(f32::NAN);
+                        b
+                    })
+                    .collect();
+                dirty.into_iter().for_each(crate::buffer::give);
+                let pairs = n.div_ceil(2);
+                for len in [out_dim.div_ceil(PANEL) * PANEL * pairs, in_dim.div_ceil(PANEL) * PANEL * pairs] {
+                    crate::arena::give(vec![f32::NAN; len]);
+                }
+                let again = run();
+                assert!(again.iter().all(|v| v.is_finite()), "{route} {sh:?}: padding left unwritten");
+                assert_eq!(clean, again, "{route} {sh:?}");
+                crate::arena::clear();
+            }
+        }
     }
 
     #[test]
