@@ -177,6 +177,7 @@ pub(crate) fn weight_gradient(
                 dw.as_mut_ptr(),
                 in_dim,
                 Accum::Add,
+                None,
                 par,
             )
         };
@@ -590,11 +591,17 @@ mod tests {
                     .collect();
                 dirty.into_iter().for_each(crate::buffer::give);
                 let pairs = n.div_ceil(2);
-                for len in [out_dim.div_ceil(PANEL) * PANEL * pairs, in_dim.div_ceil(PANEL) * PANEL * pairs] {
+                for len in [
+                    out_dim.div_ceil(PANEL) * PANEL * pairs,
+                    in_dim.div_ceil(PANEL) * PANEL * pairs,
+                ] {
                     crate::arena::give(vec![f32::NAN; len]);
                 }
                 let again = run();
-                assert!(again.iter().all(|v| v.is_finite()), "{route} {sh:?}: padding left unwritten");
+                assert!(
+                    again.iter().all(|v| v.is_finite()),
+                    "{route} {sh:?}: padding left unwritten"
+                );
                 assert_eq!(clean, again, "{route} {sh:?}");
                 crate::arena::clear();
             }

@@ -244,11 +244,13 @@ impl<T: Copy> Shared<T> {
 
 /// `c[0..ROWS, 0..16·VECS] (+)= Σ_q a[r·lda + q] · b_v[q]` over `pairs` pairs of the depth, `b_v`
 /// the panel `v` (`b + v·b_panel`, 16 pairs per step); columns past `cols` are neither read
-/// nor written (masked).
+/// nor written (masked). Without `ADD`, the sums start from `bias[j]` when `bias` is not null
+/// (the bits of writing the bias into `c` and adding to it), else from zero.
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16 must be available; `a` readable at `r·lda + q`, each panel at
-/// `q·16 .. q·16 + 16`, `c` writable at `r·ldc + j` for `j < cols`.
+/// `q·16 .. q·16 + 16`, `c` writable at `r·ldc + j` and `bias` (when not null) readable at `j`
+/// for `j < cols`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block<const ROWS: usize, const VECS: usize, const ADD: bool>(
@@ -260,6 +262,7 @@ unsafe fn block<const ROWS: usize, const VECS: usize, const ADD: bool>(
     c: *mut f32,
     ldc: usize,
     cols: usize,
+    bias: *const f32,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
@@ -274,6 +277,9 @@ unsafe fn block<const ROWS: usize, const VECS: usize, const ADD: bool>(
                     *acc_rv = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + v * PANEL));
                 }
             }
+        } else if !bias.is_null() {
+            let start: [__m512; VECS] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], bias.add(v * PANEL)));
+            acc.iter_mut().for_each(|acc_r| *acc_r = start);
         }
         let a_rows: [*const u32; ROWS] = std::array::from_fn(|r| a.add(r * lda));
         for q in 0..pairs {
@@ -317,6 +323,29 @@ pub(crate) unsafe fn tile<const ADD: bool>(
     c: *mut f32,
     ldc: usize,
 ) {
+    // SAFETY: the caller's contract; no bias.
+    unsafe { tile_from::<ADD>(rows, n, pairs, a, lda, b, b_panel, c, ldc, std::ptr::null()) }
+}
+
+/// [`tile`] whose sums start from `bias[j]` (not null: `n` values) or from zero (null) when
+/// not `ADD`.
+///
+/// # Safety
+/// As [`tile`]'s, and `bias` (when not null) readable for `n` values.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_from<const ADD: bool>(
+    rows: usize,
+    n: usize,
+    pairs: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+) {
     let mut j0 = 0;
     while j0 < n {
         let wide = n - j0 > PANEL;
@@ -328,17 +357,34 @@ pub(crate) unsafe fn tile<const ADD: bool>(
             // panels of these columns are inside `b`.
             unsafe {
                 let (a_blk, b_blk, c_blk) = (a.add(r0 * lda), b.add(j0 / PANEL * b_panel), c.add(r0 * ldc + j0));
+                let bias_blk = if bias.is_null() { bias } else { bias.add(j0) };
                 macro_rules! run {
                     ($vecs:literal) => {
                         match mr {
-                            1 => block::<1, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
-                            2 => block::<2, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
-                            3 => block::<3, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
-                            4 => block::<4, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
-                            5 => block::<5, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
-                            6 => block::<6, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
-                            7 => block::<7, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
-                            _ => block::<8, $vecs, ADD>(pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols),
+                            1 => block::<1, $vecs, ADD>(
+                                pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols, bias_blk,
+                            ),
+                            2 => block::<2, $vecs, ADD>(
+                                pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols, bias_blk,
+                            ),
+                            3 => block::<3, $vecs, ADD>(
+                                pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols, bias_blk,
+                            ),
+                            4 => block::<4, $vecs, ADD>(
+                                pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols, bias_blk,
+                            ),
+                            5 => block::<5, $vecs, ADD>(
+                                pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols, bias_blk,
+                            ),
+                            6 => block::<6, $vecs, ADD>(
+                                pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols, bias_blk,
+                            ),
+                            7 => block::<7, $vecs, ADD>(
+                                pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols, bias_blk,
+                            ),
+                            _ => block::<8, $vecs, ADD>(
+                                pairs, a_blk, lda, b_blk, b_panel, c_blk, ldc, cols, bias_blk,
+                            ),
                         }
                     };
                 }
@@ -356,7 +402,7 @@ pub(crate) unsafe fn tile<const ADD: bool>(
 
 /// `c[m, n] (+)= a · b` over `pairs` pairs of the depth: `a` `[m, pairs]` words, `b` panels
 /// of 16 columns `b_panel` words apart (as [`super::Bf16Panels`] holds them), `c` rows `ldc`
-/// apart.
+/// apart. With [`Accum::Replace`] and a `bias` (`n` values) each row's sums start from it.
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16 must be available; the operands must cover those shapes.
@@ -371,9 +417,12 @@ pub(crate) unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
     accum: Accum,
+    bias: Option<&[f32]>,
     par: Par,
 ) {
     assert!(b_panel >= pairs * PANEL && (n == 0 || b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + pairs * PANEL));
+    assert!(bias.is_none_or(|bias| bias.len() >= n && accum == Accum::Replace));
+    let bias = Shared(bias.map_or(std::ptr::null(), <[f32]>::as_ptr));
     let (a, b, c) = (Shared(a), Shared(b.as_ptr()), Shared(c));
     let (units, tasks) = row_bands(m, par.threads());
     let task = |index: usize| {
@@ -383,7 +432,7 @@ pub(crate) unsafe fn gemm(
         unsafe {
             let (a, c) = (a.get().add(r0 * pairs), c.get().add(r0 * ldc));
             match accum {
-                Accum::Replace => tile::<false>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc),
+                Accum::Replace => tile_from::<false>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc, bias.get()),
                 Accum::Add => tile::<true>(rows, n, pairs, a, pairs, b.get(), b_panel, c, ldc),
             }
         }

@@ -291,6 +291,37 @@ pub(crate) fn product_at(
         route::packed_product(route, dst, accum, bias, lhs, rhs, par);
         return Ok(());
     }
+    #[cfg(target_arch = "x86_64")]
+    if route == Route::Dpbf16 && dst.strides()[1] == 1 && k > 0 {
+        let level = Bf16Level::Avx512Bf16;
+        let ldc = dst.strides()[0];
+        let (pairs, b_panel) = (k.div_ceil(2), padded_pairs(k) * PANEL);
+        let c = dst.data_mut().as_mut_ptr();
+        let mut a = crate::buffer::take(m * pairs);
+        pack_rows(level, &mut a[..m * pairs], lhs, par);
+        // SAFETY: the level was detected; `a` is `[m, pairs]`, `rhs` holds its panels `b_panel`
+        // words apart, `dst` is `[m, n]` with unit column stride and row stride `ldc` (a
+        // checked view), and a bias holds `n` values (checked) and comes with `Replace`.
+        // The sums start from the bias in registers: the bits of writing it into every row
+        // and adding to it (what the AMX tiles do), without that pass over `dst`.
+        unsafe {
+            avx512bf16::gemm(
+                m,
+                n,
+                pairs,
+                a.as_ptr().cast(),
+                rhs.words(),
+                b_panel,
+                c,
+                ldc,
+                accum,
+                bias,
+                par,
+            )
+        };
+        crate::buffer::give(a);
+        return Ok(());
+    }
     if let Some(bias) = bias {
         // The bias written into every row, then added to: the bits the AMX tiles give.
         let cs = dst.strides()[1];
@@ -304,21 +335,6 @@ pub(crate) fn product_at(
             }
         }
         accum = Accum::Add;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if route == Route::Dpbf16 && dst.strides()[1] == 1 && k > 0 {
-        let level = Bf16Level::Avx512Bf16;
-        let ldc = dst.strides()[0];
-        let (pairs, b_panel) = (k.div_ceil(2), padded_pairs(k) * PANEL);
-        let c = dst.data_mut().as_mut_ptr();
-        let mut a = crate::buffer::take(m * pairs);
-        pack_rows(level, &mut a[..m * pairs], lhs, par);
-        // SAFETY: the level was detected; `a` is `[m, pairs]`, `rhs` holds its panels `b_panel`
-        // words apart, and `dst` is `[m, n]` with unit column stride and row stride `ldc` (a
-        // checked view).
-        unsafe { avx512bf16::gemm(m, n, pairs, a.as_ptr().cast(), rhs.words(), b_panel, c, ldc, accum, par) };
-        crate::buffer::give(a);
-        return Ok(());
     }
     // No bf16 instructions, a strided destination or an empty depth (zeros, or `dst` kept):
     // the rounded values in f32.
