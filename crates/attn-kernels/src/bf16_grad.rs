@@ -279,6 +279,16 @@ fn columns_into_rows(block: &[[f32; PANEL]; STEP_PAIRS], [count, cols]: [usize; 
         }
         return;
     }
+    columns_into_rows_scalar(block, [count, cols], rows, ld);
+}
+
+/// [`columns_into_rows`] one word at a time.
+fn columns_into_rows_scalar(
+    block: &[[f32; PANEL]; STEP_PAIRS],
+    [count, cols]: [usize; 2],
+    rows: &mut [f32],
+    ld: usize,
+) {
     for (q, words) in block[..count].iter().enumerate() {
         for (l, &word) in words.iter().enumerate().take(cols) {
             rows[l * ld + q] = word;
@@ -554,6 +564,47 @@ mod tests {
                 want,
                 "tile row {l}"
             );
+        }
+    }
+
+    /// `dyᵀ`'s rows from a block of pairs: whole and partial blocks, ragged columns, into rows
+    /// wider than the block, give the words written one at a time, and leave every other word
+    /// (another task's) as it was.
+    #[test]
+    fn columns_into_rows_is_the_transpose_and_writes_nothing_else() {
+        let block: [[f32; PANEL]; STEP_PAIRS] =
+            std::array::from_fn(|q| std::array::from_fn(|l| f32::from_bits((q * 100 + l) as u32 + 1)));
+        for (count, cols, ld, offset) in [
+            (16, 16, 16, 0),
+            (16, 16, 40, 24),
+            (16, 5, 33, 1),
+            (7, 16, 23, 16),
+            (1, 3, 17, 16),
+        ] {
+            let len = offset + 15 * ld + count;
+            let mut got = vec![f32::from_bits(7); len];
+            let mut want = got.clone();
+            columns_into_rows(&block, [count, cols], &mut got[offset..], ld);
+            columns_into_rows_scalar(&block, [count, cols], &mut want[offset..], ld);
+            for l in 0..PANEL {
+                for q in 0..ld.min(len - offset - l * ld) {
+                    let i = offset + l * ld + q;
+                    if l < cols && q < count {
+                        assert_eq!(want[i].to_bits(), (q * 100 + l) as u32 + 1);
+                    } else if count < STEP_PAIRS || l < cols || q >= STEP_PAIRS {
+                        // Outside the block's words: untouched (a whole block may fill the
+                        // padding rows past `cols`, never another pair's words).
+                        assert_eq!(got[i].to_bits(), 7, "count {count} cols {cols}: word {l}, {q}");
+                    }
+                }
+            }
+            assert!(got[..offset].iter().all(|v| v.to_bits() == 7), "before the rows");
+            let same = |i: usize| got[i].to_bits() == want[i].to_bits();
+            for l in 0..cols {
+                for q in 0..count {
+                    assert!(same(offset + l * ld + q), "count {count} cols {cols}: word {l}, {q}");
+                }
+            }
         }
     }
 
