@@ -219,18 +219,33 @@ fn pack_panel(out: &mut [u32], b: View2<'_, f32>, j0: usize, pairs: usize) {
             return;
         }
         if rs == 1 {
-            let mut column = vec![0.0f32; pairs];
-            for l in 0..PANEL {
-                if l < cols {
-                    let start = (j0 + l) * cs;
-                    // SAFETY: the level was detected; the column holds `k` values (a checked
-                    // view) and `column` holds `ceil(k / 2)` words.
-                    unsafe { avx512bf16::convert_row(&data[start..start + k], &mut column) };
-                } else {
-                    column.fill(0.0);
+            // 16 pairs of the 16 columns at a time: each column's 32 values rounded into a row
+            // of 16 words, then the 16 × 16 words transposed into the panel's 16 pairs.
+            let mut block = [[0.0f32; PANEL]; PANEL];
+            for q0 in (0..pairs).step_by(PANEL) {
+                let (d0, count) = (2 * q0, (pairs - q0).min(PANEL));
+                for (l, words) in block.iter_mut().enumerate() {
+                    if l < cols {
+                        let start = (j0 + l) * cs;
+                        let src = &data[start + d0..start + k.min(d0 + 2 * PANEL)];
+                        // SAFETY: the level was detected; `src` holds at most 32 values (one
+                        // step) of the column, which a checked view holds, and `words` 16.
+                        unsafe { avx512bf16::convert_row_steps(src, 1.0, 1, words.as_mut_ptr(), PANEL) };
+                    } else {
+                        *words = [0.0; PANEL];
+                    }
                 }
-                for (q, &word) in column.iter().enumerate() {
-                    out[q * PANEL + l] = word.to_bits();
+                let dst = &mut out[q0 * PANEL..(q0 + count) * PANEL];
+                if count == PANEL {
+                    // SAFETY: AVX-512F (the level); `dst` holds 16 rows of 16 words.
+                    unsafe { avx512bf16::transpose16(&block, dst.as_mut_ptr().cast(), PANEL) };
+                } else {
+                    let mut tile = [0.0f32; PANEL * PANEL];
+                    // SAFETY: as above, into `tile`.
+                    unsafe { avx512bf16::transpose16(&block, tile.as_mut_ptr(), PANEL) };
+                    for (word, value) in dst.iter_mut().zip(&tile) {
+                        *word = value.to_bits();
+                    }
                 }
             }
             return;
