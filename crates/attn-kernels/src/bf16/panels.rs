@@ -195,8 +195,9 @@ impl Bf16Panels {
 }
 
 /// Panel `[pairs][16]` of `b: [K, N]` for columns `j0..j0 + 16` (zeros past `N` and after an
-/// odd `K`): two rows at a time by one conversion when rows are contiguous, one column at a
-/// time by 16-value conversions when columns are (a transposed view, as a weight's `Wᵀ`).
+/// odd `K`): two rows at a time by one conversion when rows are contiguous; when columns are
+/// (a transposed view, as a weight's `Wᵀ`), 32 values of each of the 16 columns by one
+/// conversion, then the 16 × 16 words transposed into 16 pairs.
 fn pack_panel(out: &mut [u32], b: View2<'_, f32>, j0: usize, pairs: usize) {
     let [k, n] = b.shape();
     let [rs, cs] = b.strides();
