@@ -73,7 +73,7 @@ const MUTANT_SCOPE: [(&str, &str); 46] = [
     ),
     (
         "crates/attn-kernels/src/bf16_grad.rs",
-        "weight_gradient|linear_backward_bf16|interleave_rows|transpose_into|row",
+        "weight_gradient|linear_backward_bf16|interleave_rows|transpose_into|row|columns_into_rows(_scalar)?",
     ),
     // The attention backward (its path rule, the row deltas and every task), and the layers'
     // backward kernels: the norms', the activations', the embedding's and the loss.
@@ -87,7 +87,10 @@ const MUTANT_SCOPE: [(&str, &str); 46] = [
         "add_column_sums|add_rows|sum_of_squares|add_squares|linear_backward|derivative|activation_backward.*|embedding|check_ids|embedding_backward|cross_entropy.*",
     ),
     // bf16 weight packings: the storage they reuse, and every word they write.
-    ("crates/attn-kernels/src/bf16/panels.rs", "take_words|Bf16Panels::pack|Bf16Panels::from_bits"),
+    (
+        "crates/attn-kernels/src/bf16/panels.rs",
+        "take_words|Bf16Panels::pack|Bf16Panels::from_bits|pack_panel",
+    ),
     // The flash kernel's weights from its kept scores, and K and V packed per `(b, g)`.
     ("crates/attn-kernels/src/flash/weights.rs", ".*"),
     ("crates/attn-kernels/src/flash/per_group.rs", ".*"),
