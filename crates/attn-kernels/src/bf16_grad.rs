@@ -239,25 +239,9 @@ fn interleave_rows(src: &[f32], at: [usize; 4], p0: usize, count: usize, words: 
     }
 }
 
-/// `tile[l·16 + q] = block[q][l]`: 16 pairs of 16 columns as an AMX A tile (row `l` holds
-/// column `l`'s pairs).
-fn transpose_into(block: &[[f32; PANEL]; STEP_PAIRS], tile: &mut [f32]) {
-    assert!(tile.len() >= STEP_PAIRS * PANEL);
-    #[cfg(target_arch = "x86_64")]
-    if crate::bf16_level().has_avx512bf16() {
-        // SAFETY: the level has AVX-512F; `tile` holds 16 rows of 16 words (asserted).
-        unsafe { crate::bf16::avx512bf16::transpose16(block, tile.as_mut_ptr(), PANEL) };
-        return;
-    }
-    for (q, words) in block.iter().enumerate() {
-        for (l, &word) in words.iter().enumerate() {
-            tile[l * STEP_PAIRS + q] = word;
-        }
-    }
-}
-
 /// `rows[l·ld + q] = block[q][l]` for `q < count` and `l < cols`: pairs `q` of 16 columns,
-/// each column's pairs as `count` words of a row (the left operand's layout). A whole block goes
+/// each column's pairs as `count` words of a row (the left operand's layout; with `ld` 16 and
+/// a whole block, an AMX A tile whose row `l` holds column `l`'s pairs). A whole block goes
 /// through [`crate::bf16::avx512bf16::transpose16`] straight into `rows`, a partial one
 /// through a tile of its own, so that nothing past pair `count` of a row (another task's
 /// words) is written.
@@ -357,7 +341,8 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
                         // Zeros past the pairs; columns past `cols` are zeros already.
                         block[count..].iter_mut().for_each(|words| words.fill(0.0));
                         let tile = STEP_PAIRS * PANEL;
-                        transpose_into(&block, &mut panel_words[g * tile..(g + 1) * tile]);
+                        let tile_words = &mut panel_words[g * tile..(g + 1) * tile];
+                        columns_into_rows(&block, [STEP_PAIRS, PANEL], tile_words, STEP_PAIRS);
                     }
                     Layout::Panels | Layout::PaddedPanels(_) => {
                         interleave_rows(src, at, p0, count, &mut panel_words[p0 * PANEL..(p0 + count) * PANEL])
@@ -550,25 +535,8 @@ mod tests {
         }
     }
 
-    /// The AMX A tiles of a transpose: the vector transpose gives the scalar one's words.
-    #[test]
-    fn transpose_into_tiles_is_the_transpose() {
-        let block: [[f32; PANEL]; STEP_PAIRS] =
-            std::array::from_fn(|q| std::array::from_fn(|l| f32::from_bits((q * 100 + l) as u32 + 1)));
-        let mut tile = vec![0.0f32; STEP_PAIRS * PANEL];
-        transpose_into(&block, &mut tile);
-        for (l, row) in tile.chunks(STEP_PAIRS).enumerate() {
-            let want: Vec<u32> = (0..STEP_PAIRS).map(|q| (q * 100 + l) as u32 + 1).collect();
-            assert_eq!(
-                row.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                want,
-                "tile row {l}"
-            );
-        }
-    }
-
-    /// `dyᵀ`'s rows from a block of pairs: whole and partial blocks, ragged columns, into rows
-    /// wider than the block, give the words written one at a time, and leave every other word
+    /// `dyᵀ`'s rows (and AMX A tiles: the whole block at `ld` 16) from a block of pairs: whole
+    /// and partial blocks, ragged columns, into rows wider than the block, give the words written one at a time, and leave every other word
     /// (another task's) as it was.
     #[test]
     fn columns_into_rows_is_the_transpose_and_writes_nothing_else() {
