@@ -114,6 +114,61 @@ fn add_squares(lanes: &mut [f64; SQUARE_LANES], x: &[f32]) {
     lanes.iter_mut().zip(tail).for_each(|(s, &v)| *s += v as f64 * v as f64);
 }
 
+/// The constants of one AdamW step (`torch.optim.AdamW`, single-tensor), for [`adamw_update`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// β1.
+    pub b1: f32,
+    /// β2.
+    pub b2: f32,
+    /// Added to the denominator.
+    pub eps: f32,
+    /// `√(1 − β2^t)`.
+    pub bias2_sqrt: f32,
+    /// `lr / (1 − β1^t)`.
+    pub step_size: f32,
+    /// `1 − lr·weight_decay`.
+    pub decay: f32,
+}
+
+/// One AdamW step over `x` with gradient `g` and moments `m`, `v` (equal lengths), element by
+/// element, in PyTorch's order: `x ← x·decay`; `m ← m + (1 − β1)(g − m)`;
+/// `v ← v·β2 + (1 − β2)·g·g`; `x ← x − step_size · m / (√v / bias2_sqrt + eps)`.
+///
+/// Compiled at the running SIMD level ([`at_level!`]) with no fused multiply-adds: square root
+/// and division are correctly rounded at every width, so every level gives the bits of the
+/// scalar formula. Left to the baseline (SSE2, four lanes), the optimizer of a mixed-precision
+/// step of 22 M parameters took 55 ms with the bf16 packing after it, 33 ms compiled at
+/// AVX-512 (2 threads, a Zen 4 EPYC; `attn bench train --d-model 512`, `optimizer_median_s`).
+pub fn adamw_update(c: AdamWStep, x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> Result<(), KernelError> {
+    let op = "adamw_update";
+    check_len(op, "g", x.len(), g.len())?;
+    check_len(op, "m", x.len(), m.len())?;
+    check_len(op, "v", x.len(), v.len())?;
+    at_level!(adamw_rows(c, x, g, m, v));
+    Ok(())
+}
+
+/// [`adamw_update`]'s loop (compiled at the caller's level by [`at_level!`]).
+#[inline(always)]
+fn adamw_rows(c: AdamWStep, x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    let AdamWStep {
+        b1,
+        b2,
+        eps,
+        bias2_sqrt,
+        step_size,
+        decay,
+    } = c;
+    for (((x, &g), m), v) in x.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *x *= decay;
+        *m += (1.0 - b1) * (g - *m);
+        *v = *v * b2 + (1.0 - b2) * g * g;
+        let denom = v.sqrt() / bias2_sqrt + eps;
+        *x -= step_size * (*m / denom);
+    }
+}
+
 /// The shapes of a linear map `y = x·Wᵀ + b`: `x: [n, in_dim]`, `w: [out_dim, in_dim]`.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearShape {

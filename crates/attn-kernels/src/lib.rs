@@ -100,8 +100,9 @@ pub use gemm::{
     gemm, gemm_bias, gemm_packed, gemm_reference, gemm_route, requested_gemm, Accum, F32Panels, GemmChoice, Par,
 };
 pub use grad::{
-    activation_backward, activation_backward_in_place, cross_entropy, cross_entropy_part, dropout, dropout_uniform,
-    embedding, embedding_backward, linear_backward, norm_backward, sum_of_squares, CrossEntropy, LinearShape,
+    activation_backward, activation_backward_in_place, adamw_update, cross_entropy, cross_entropy_part, dropout,
+    dropout_uniform, embedding, embedding_backward, linear_backward, norm_backward, sum_of_squares, AdamWStep,
+    CrossEntropy, LinearShape,
 };
 pub use layer::{
     add_assign, add_norm_rows, add_then_norm_rows, bias_activation, bias_activation_from, erf, norm_rows, Activation,

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use attn_core::clip_grad_norm;
+use attn_core::kernels::{adamw_update, AdamWStep};
 use attn_core::{AlignedBuf, Grads, ParamLayout, ParamStore, Parameters, FLAT_CHUNK};
 use rayon::prelude::*;
 
@@ -77,38 +78,6 @@ enum Moments {
     },
 }
 
-/// The constants of one step.
-#[derive(Debug, Clone, Copy)]
-struct StepConstants {
-    b1: f32,
-    b2: f32,
-    eps: f32,
-    bias2_sqrt: f32,
-    step_size: f32,
-    decay: f32,
-}
-
-impl StepConstants {
-    /// The update of `x` with gradient `g` and moments `m`, `v`, element by element.
-    fn apply(self, x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        let StepConstants {
-            b1,
-            b2,
-            eps,
-            bias2_sqrt,
-            step_size,
-            decay,
-        } = self;
-        for (((x, &g), m), v) in x.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            *x *= decay;
-            *m += (1.0 - b1) * (g - *m);
-            *v = *v * b2 + (1.0 - b2) * g * g;
-            let denom = v.sqrt() / bias2_sqrt + eps;
-            *x -= step_size * (*m / denom);
-        }
-    }
-}
-
 impl AdamW {
     /// An optimizer with no steps taken; the same argument checks as PyTorch's constructor.
     pub fn new(betas: (f32, f32), eps: f32, weight_decay: f32) -> Result<Self> {
@@ -173,14 +142,14 @@ impl AdamW {
     }
 
     /// Counts the step and returns its constants; `lr` must be finite and at least 0.
-    fn next_step(&mut self, lr: f32) -> Result<StepConstants> {
+    fn next_step(&mut self, lr: f32) -> Result<AdamWStep> {
         if !(lr >= 0.0 && lr.is_finite()) {
             return Err(invalid("lr", lr, "a finite number at least 0"));
         }
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = self.betas;
-        Ok(StepConstants {
+        Ok(AdamWStep {
             b1,
             b2,
             eps: self.eps,
@@ -228,7 +197,7 @@ impl AdamW {
             let (m, v) = moments
                 .entry(p.name.to_string())
                 .or_insert_with(|| (vec![0.0; p.value.len()], vec![0.0; p.value.len()]));
-            c.apply(p.value, p.grad, m, v);
+            adamw_update(c, p.value, p.grad, m, v)?;
         }
         Ok(())
     }
@@ -261,7 +230,7 @@ impl AdamW {
             .zip(grads.par_chunks(FLAT_CHUNK))
             .zip(m.par_chunks_mut(FLAT_CHUNK))
             .zip(v.par_chunks_mut(FLAT_CHUNK))
-            .for_each(|(((x, g), m), v)| c.apply(x, g, m, v));
+            .try_for_each(|(((x, g), m), v)| adamw_update(c, x, g, m, v))?;
         Ok(())
     }
 
