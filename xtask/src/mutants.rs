@@ -84,7 +84,7 @@ const MUTANT_SCOPE: [(&str, &str); 46] = [
     ("crates/attn-kernels/src/backward/tasks.rs", ".*"),
     (
         "crates/attn-kernels/src/grad.rs",
-        "add_column_sums|add_rows|sum_of_squares|add_squares|linear_backward|derivative|activation_backward.*|embedding|check_ids|embedding_backward|cross_entropy.*",
+        "add_column_sums|add_rows|sum_of_squares|add_squares|adamw_update|adamw_rows|linear_backward|derivative|activation_backward.*|embedding|check_ids|embedding_backward|cross_entropy.*",
     ),
     // bf16 weight packings: the storage they reuse, and every word they write.
     (
