@@ -73,7 +73,7 @@ const MUTANT_SCOPE: [(&str, &str); 46] = [
     ),
     (
         "crates/attn-kernels/src/bf16_grad.rs",
-        "weight_gradient|linear_backward_bf16|interleave_rows|row|columns_into_rows(_scalar)?",
+        "weight_gradient|linear_backward_bf16|pack_pairs|interleave_rows|row|columns_into_rows(_scalar)?",
     ),
     // The attention backward (its path rule, the row deltas and every task), and the layers'
     // backward kernels: the norms', the activations', the embedding's and the loss.

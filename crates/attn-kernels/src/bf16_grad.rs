@@ -6,8 +6,10 @@
 //!   itself, the forward's packing being of `Wᵀ`).
 //! - `dW += dyᵀ·x`: both operands are activations, rounded and packed per call into pairs along
 //!   the tokens `n` (two rows at a time: one `vcvtne2ps2bf16` and one `vpermw` per 16 columns),
-//!   then the same tile kernel with `Accum::Add`; at the AMX level `dyᵀ` goes straight into A
-//!   tiles and `x` into panels padded to whole steps, for [`crate::gemm_bf16`]'s AMX kernel.
+//!   both in `Bf16Panels`' layout, then the same tile kernel with `Accum::Add`, which reads
+//!   `dy`'s panels as `dyᵀ`'s rows in panels (no transpose); at the AMX level `dyᵀ` goes
+//!   straight into A tiles and `x` into panels padded to whole steps, for
+//!   [`crate::gemm_bf16`]'s AMX kernel.
 //! - `db += Σ_n dy`: f32 (unrounded), as in f32.
 //!
 //! Each element is one chain of `vdpbf16ps` (or `tdpbf16ps`) over its depth in order, so the result does not
@@ -154,24 +156,25 @@ pub(crate) fn weight_gradient(
     #[cfg(target_arch = "x86_64")]
     if route == Route::Dpbf16 {
         let pairs = n.div_ceil(2);
-        // `dyᵀ` as rows of pairs along `n`, and `x` in the panels of `Bf16Panels`: from the
-        // training step's arena, whose best fit serves every layer's sizes step after step.
-        // `pack_pairs` writes every word the kernel reads: all of `b`, and of `a` the words
-        // of its `out_dim` rows (the rows padding the last panel are written or left as they
-        // were, and never read).
-        let mut a = crate::arena::overwritten(out_dim.div_ceil(PANEL) * PANEL * pairs);
+        // `dy` and `x` both in the panels of `Bf16Panels` (pairs of rows along `n`, 16
+        // columns a panel): `dy`'s panels are `dyᵀ`'s rows in panels, which the kernel reads
+        // as they are (`LhsLayout::Panels`), so neither operand is transposed. From the
+        // training step's arena, whose best fit serves every layer's sizes step after step;
+        // `pack_pairs` writes every word of both (zeros past the columns).
+        let mut a = crate::arena::overwritten(out_dim.div_ceil(PANEL) * pairs * PANEL);
         let mut b = crate::arena::overwritten(in_dim.div_ceil(PANEL) * pairs * PANEL);
-        pack_pairs(&mut a, dy, [n, out_dim], Layout::Rows, par);
+        pack_pairs(&mut a, dy, [n, out_dim], Layout::Panels, par);
         pack_pairs(&mut b, x, [n, in_dim], Layout::Panels, par);
         let words: &[u32] = bytemuck_words(&b);
-        // SAFETY: the level was detected; `a` is `[out, pairs]` words, `b` the panels of
-        // `[n, in]`, and `dw` is `[out, in]` (length checked by the caller).
+        // SAFETY: the level was detected; `a` holds the panels of `[n, out]` (whole panels of
+        // `dyᵀ`'s rows), `b` the panels of `[n, in]`, and `dw` is `[out, in]` (length checked
+        // by the caller).
         unsafe {
             crate::bf16::avx512bf16::gemm(
                 out_dim,
                 in_dim,
                 pairs,
-                a.as_ptr().cast(),
+                (a.as_ptr().cast(), crate::bf16::avx512bf16::LhsLayout::Panels),
                 words,
                 pairs * PANEL,
                 dw.as_mut_ptr(),
@@ -208,8 +211,6 @@ fn bytemuck_words(b: &[f32]) -> &[u32] {
 /// Where [`pack_pairs`] puts the pair of rows `2p, 2p + 1` at column `c`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Layout {
-    /// `dst[c·pairs + p]`: the columns become rows of pairs (a left operand).
-    Rows,
     /// `dst[(c / 16)·pairs·16 + p·16 + c % 16]`: [`Bf16Panels`]' layout (a right operand).
     Panels,
     /// `dst[(c / 16)·stride·16 + p·16 + c % 16]`: panels `stride ≥ pairs` pairs apart (the
@@ -296,15 +297,16 @@ fn row<'a>(src: &'a [f32], j: usize, [n, width, c0, cols]: [usize; 4], buf: &'a 
 /// `src: [n, width]` rounded to bf16 as pairs of rows along `n` (a zero row after an odd `n`),
 /// laid out by `layout`, with every word of the layout written (zeros in its padding).
 ///
-/// One task per 16 pairs (32 rows of `src`), which it reads row by row across the columns,
-/// 16 columns at a time ([`interleave_rows`]), and writes into every panel's share: reading
+/// One task per 16 pairs (32 rows of `src`), which writes into every panel's share: reading
 /// a column strip down all the rows instead (a panel per task) strided across pages and
-/// stalled on most loads.
+/// stalled on most loads. In `Bf16Panels`' layout at the AVX512-BF16 level the task goes a
+/// pair of rows at a time across all the columns (`interleave_across`: two read streams);
+/// otherwise a panel at a time down its 32 rows ([`interleave_rows`]), the AMX tiles through
+/// [`columns_into_rows`].
 fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layout, par: Par) {
     let pairs = n.div_ceil(2);
     let panels = width.div_ceil(PANEL);
     let chunk = match layout {
-        Layout::Rows => PANEL * pairs,
         Layout::Panels => pairs * PANEL,
         Layout::PaddedPanels(stride) => stride * PANEL,
         Layout::Tiles(steps) => steps * STEP_PAIRS * PANEL,
@@ -326,6 +328,14 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
     let group = |g: usize| {
         let (p0, mut block) = (g * STEP_PAIRS, [[0.0f32; PANEL]; STEP_PAIRS]);
         let count = (pairs - p0).min(STEP_PAIRS);
+        #[cfg(target_arch = "x86_64")]
+        if layout == Layout::Panels && crate::bf16_level().has_avx512bf16() {
+            // SAFETY: the level was detected; the task writes pairs `p0 .. p0 + count` of every
+            // panel, `chunk` words apart inside `dst` (which holds `panels` of them), and no
+            // other task writes those words.
+            unsafe { crate::bf16::avx512bf16::interleave_across(src, [n, width], p0, count, out.get(), chunk) };
+            return;
+        }
         for panel in 0..panels {
             let (c0, base) = (panel * PANEL, panel * chunk);
             let cols = (width - c0).min(PANEL);
@@ -346,10 +356,6 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
                     }
                     Layout::Panels | Layout::PaddedPanels(_) => {
                         interleave_rows(src, at, p0, count, &mut panel_words[p0 * PANEL..(p0 + count) * PANEL])
-                    }
-                    Layout::Rows => {
-                        interleave_rows(src, at, p0, count, block.as_flattened_mut());
-                        columns_into_rows(&block, [count, cols], &mut panel_words[p0..], pairs);
                     }
                 }
             }
@@ -623,6 +629,36 @@ mod tests {
                 );
                 assert_eq!(clean, again, "{route} {sh:?}");
                 crate::arena::clear();
+            }
+        }
+    }
+
+    /// `pack_pairs` into `Bf16Panels`' layout gives the words of `Bf16Panels::pack` (a separate
+    /// packing, panel by panel) for each panel's pairs, and writes nothing past them: odd `n`,
+    /// a ragged last panel, a last group of fewer than 16 pairs, sequential and on threads.
+    #[test]
+    fn pack_pairs_into_panels_gives_the_words_of_bf16_panels() {
+        for (n, width) in [(1, 1), (37, 21), (64, 32), (601, 70)] {
+            let src = random_vec(n * width, 9);
+            let (pairs, panels) = (n.div_ceil(2), width.div_ceil(PANEL));
+            let want = Bf16Panels::pack(View2::contiguous(&src, [n, width]).unwrap());
+            let want = want.words();
+            let stride = crate::bf16::padded_pairs(n) * PANEL;
+            for par in [Par::Seq, Par::Rayon] {
+                let mut got = vec![f32::NAN; panels * pairs * PANEL + 5];
+                pack_pairs(&mut got, &src, [n, width], Layout::Panels, par);
+                for j in 0..panels {
+                    let got = bytemuck_words(&got[j * pairs * PANEL..(j + 1) * pairs * PANEL]);
+                    assert_eq!(
+                        got,
+                        &want[j * stride..j * stride + pairs * PANEL],
+                        "[{n}, {width}] panel {j}"
+                    );
+                }
+                assert!(
+                    got[panels * pairs * PANEL..].iter().all(|v| v.is_nan()),
+                    "[{n}, {width}]: wrote past the panels"
+                );
             }
         }
     }

@@ -309,7 +309,7 @@ pub(crate) fn product_at(
                 m,
                 n,
                 pairs,
-                a.as_ptr().cast(),
+                (a.as_ptr().cast(), avx512bf16::LhsLayout::Rows),
                 rhs.words(),
                 b_panel,
                 c,

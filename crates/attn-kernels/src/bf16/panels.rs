@@ -165,7 +165,7 @@ impl Bf16Panels {
     }
 
     /// The packed words (without the alignment slack).
-    pub(super) fn words(&self) -> &[u32] {
+    pub(crate) fn words(&self) -> &[u32] {
         &self.data[self.start..self.start + self.n.div_ceil(PANEL) * padded_pairs(self.k) * PANEL]
     }
 
