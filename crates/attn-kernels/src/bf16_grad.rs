@@ -158,7 +158,7 @@ pub(crate) fn weight_gradient(
         let pairs = n.div_ceil(2);
         // `dy` and `x` both in the panels of `Bf16Panels` (pairs of rows along `n`, 16
         // columns a panel): `dy`'s panels are `dyᵀ`'s rows in panels, which the kernel reads
-        // as they are (`LhsLayout::Panels`), so neither operand is transposed. From the
+        // as they are (`Lhs::Panels`), so neither operand is transposed. From the
         // training step's arena, whose best fit serves every layer's sizes step after step;
         // `pack_pairs` writes every word of both (zeros past the columns).
         let mut a = crate::arena::overwritten(out_dim.div_ceil(PANEL) * pairs * PANEL);
@@ -174,7 +174,7 @@ pub(crate) fn weight_gradient(
                 out_dim,
                 in_dim,
                 pairs,
-                (a.as_ptr().cast(), crate::bf16::avx512bf16::LhsLayout::Panels),
+                crate::bf16::avx512bf16::Lhs::Panels(a.as_ptr().cast()),
                 words,
                 pairs * PANEL,
                 dw.as_mut_ptr(),

@@ -293,7 +293,7 @@ impl<T: Copy> Shared<T> {
 /// depth, `b_v` the panel `v` (`b + v·b_panel`, 16 pairs per step); columns past `cols` are
 /// neither read nor written (masked). Without `ADD`, the sums start from `bias[j]` when `bias`
 /// is not null (the bits of writing the bias into `c` and adding to it), else from zero.
-/// `A_STEP` is 1 for rows of pairs, 16 for rows of a left operand in panels ([`LhsLayout`]).
+/// `A_STEP` is 1 for rows of pairs, 16 for rows of a left operand in panels ([`Lhs::Panels`]).
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16 must be available; `a` readable at `r·lda + q·A_STEP`, each panel at
@@ -454,32 +454,33 @@ unsafe fn tile_from<const ADD: bool, const A_STEP: usize>(
     }
 }
 
-/// How [`gemm`]'s left operand `a: [m, pairs]` (words of two bf16) is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LhsLayout {
-    /// Row `r`'s pairs at `a[r·pairs ..]`, one after another (rows of pairs).
-    Rows,
-    /// Panels of 16 rows, `pairs·16` words each, as [`super::Bf16Panels`] lays out columns:
-    /// row `r`'s pair `q` at `a[(r / 16)·pairs·16 + q·16 + r % 16]`. The weight gradient's
-    /// `dyᵀ` comes this way, packed as `dy`'s columns are (pairs of rows interleaved, no
-    /// transpose).
-    Panels,
+/// [`gemm`]'s left operand `[m, pairs]`.
+#[derive(Clone, Copy)]
+pub(crate) enum Lhs<'a> {
+    /// Packed words in panels of 16 rows, `pairs·16` words each, as [`super::Bf16Panels`]
+    /// lays out columns: row `r`'s pair `q` at `a[(r / 16)·pairs·16 + q·16 + r % 16]`. The
+    /// weight gradient's `dyᵀ` comes this way, packed as `dy`'s columns are (pairs of rows
+    /// interleaved, no transpose).
+    Panels(*const u32),
+    /// Rows rounded by each task of rows as it starts: `round(i, row)` writes row `i`'s
+    /// `pairs` words into `row` (a buffer of the task's thread, read in cache right after).
+    Rounded(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
 }
 
-/// `c[m, n] (+)= a · b` over `pairs` pairs of the depth: `a` `[m, pairs]` words laid out as
-/// `layout` says, `b` panels of 16 columns `b_panel` words apart (as [`super::Bf16Panels`]
-/// holds them), `c` rows `ldc` apart. With [`Accum::Replace`] and a `bias` (`n` values) each
-/// row's sums start from it.
+/// `c[m, n] (+)= a · b` over `pairs` pairs of the depth: `a` `[m, pairs]` ([`Lhs`]), `b`
+/// panels of 16 columns `b_panel` words apart (as [`super::Bf16Panels`] holds them), `c` rows
+/// `ldc` apart. With [`Accum::Replace`] and a `bias` (`n` values) each row's sums start from
+/// it.
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16 must be available; the operands must cover those shapes (with
-/// [`LhsLayout::Panels`], `a` holds `m.div_ceil(16)` whole panels).
+/// [`Lhs::Panels`], `m.div_ceil(16)` whole panels).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     pairs: usize,
-    (a, layout): (*const u32, LhsLayout),
+    lhs: Lhs<'_>,
     b: &[u32],
     b_panel: usize,
     c: *mut f32,
@@ -491,7 +492,7 @@ pub(crate) unsafe fn gemm(
     assert!(b_panel >= pairs * PANEL && (n == 0 || b.len() >= (n.div_ceil(PANEL) - 1) * b_panel + pairs * PANEL));
     assert!(bias.is_none_or(|bias| bias.len() >= n && accum == Accum::Replace));
     let bias = Shared(bias.map_or(std::ptr::null(), <[f32]>::as_ptr));
-    let (a, b, c) = (Shared(a), Shared(b.as_ptr()), Shared(c));
+    let (lhs, b, c) = (Shared(lhs), Shared(b.as_ptr()), Shared(c));
     let (units, tasks) = row_bands(m, par.threads());
     let task = |index: usize| {
         let band = row_band(m, units, tasks, index);
@@ -499,18 +500,25 @@ pub(crate) unsafe fn gemm(
         // SAFETY: the caller's contract, for rows `r0..r0 + rows`; `r0` is a multiple of `MR`,
         // so no block of `MR` rows crosses a panel of 16.
         unsafe {
-            let (a, c, bias) = (a.get(), c.get().add(r0 * ldc), bias.get());
+            let (c, bias) = (c.get().add(r0 * ldc), bias.get());
             let b = b.get();
-            match (layout, accum) {
-                (LhsLayout::Rows, Accum::Replace) => {
-                    let a_row = |r: usize| a.add((r0 + r) * pairs);
-                    tile_from::<false, 1>(rows, n, pairs, a_row, pairs, b, b_panel, c, ldc, bias)
+            match lhs.get() {
+                Lhs::Rounded(round) => {
+                    let mut rounded = crate::buffer::take(rows * pairs);
+                    for (i, row) in rounded.chunks_exact_mut(pairs).enumerate() {
+                        round(r0 + i, row);
+                    }
+                    let a = rounded.as_ptr().cast::<u32>();
+                    let a_row = |r: usize| a.add(r * pairs);
+                    match accum {
+                        Accum::Replace => tile_from::<false, 1>(rows, n, pairs, a_row, pairs, b, b_panel, c, ldc, bias),
+                        Accum::Add => tile_from::<true, 1>(rows, n, pairs, a_row, pairs, b, b_panel, c, ldc, bias),
+                    }
+                    crate::buffer::give(rounded);
                 }
-                (LhsLayout::Rows, Accum::Add) => {
-                    let a_row = |r: usize| a.add((r0 + r) * pairs);
-                    tile_from::<true, 1>(rows, n, pairs, a_row, pairs, b, b_panel, c, ldc, bias)
-                }
-                (LhsLayout::Panels, accum) => {
+                Lhs::Panels(a) => {
+                    // Row `row`'s first pair; the rows of a block of `MR` are 1 word apart and
+                    // their pairs 16 (`r0` is a multiple of `MR`: no block crosses a panel).
                     let a_row = |r: usize| {
                         let row = r0 + r;
                         a.add(row / PANEL * pairs * PANEL + row % PANEL)

@@ -27,8 +27,6 @@
 //! rounded values. Below AVX-512 the rounded values are copied into f32 and multiplied by
 //! [`crate::gemm`]. Either way: the same bound, another order of additions.
 
-use rayon::prelude::*;
-
 use crate::{Accum, Bf16Level, KernelError, Par, View2, ViewMut2};
 
 /// Columns per panel of [`Bf16Panels`] (one zmm of f32 lanes).
@@ -297,19 +295,20 @@ pub(crate) fn product_at(
         let ldc = dst.strides()[0];
         let (pairs, b_panel) = (k.div_ceil(2), padded_pairs(k) * PANEL);
         let c = dst.data_mut().as_mut_ptr();
-        let mut a = crate::buffer::take(m * pairs);
-        pack_rows(level, &mut a[..m * pairs], lhs, par);
-        // SAFETY: the level was detected; `a` is `[m, pairs]`, `rhs` holds its panels `b_panel`
-        // words apart, `dst` is `[m, n]` with unit column stride and row stride `ldc` (a
-        // checked view), and a bias holds `n` values (checked) and comes with `Replace`.
-        // The sums start from the bias in registers: the bits of writing it into every row
-        // and adding to it (what the AMX tiles do), without that pass over `dst`.
+        // Each task of rows rounds its own rows into its thread's buffer just before its tiles
+        // read them (in cache, and no pass of its own over `lhs`).
+        let round = |i: usize, row: &mut [f32]| round_row(level, lhs, i, row);
+        // SAFETY: the level was detected; `round` writes row `i`'s `pairs` words, `rhs` holds
+        // its panels `b_panel` words apart, `dst` is `[m, n]` with unit column stride and row
+        // stride `ldc` (a checked view), and a bias holds `n` values (checked) and comes with
+        // `Replace`. The sums start from the bias in registers: the bits of writing it into
+        // every row and adding to it (what the AMX tiles do), without that pass over `dst`.
         unsafe {
             avx512bf16::gemm(
                 m,
                 n,
                 pairs,
-                (a.as_ptr().cast(), avx512bf16::LhsLayout::Rows),
+                avx512bf16::Lhs::Rounded(&round),
                 rhs.words(),
                 b_panel,
                 c,
@@ -319,7 +318,6 @@ pub(crate) fn product_at(
                 par,
             )
         };
-        crate::buffer::give(a);
         return Ok(());
     }
     if let Some(bias) = bias {
@@ -351,34 +349,28 @@ pub(crate) fn product_at(
     )
 }
 
-/// `lhs: [M, K]` rounded to bf16 into rows of pairs, `dst[i·pairs + q] = pair(lhs[i, 2q],
-/// lhs[i, 2q + 1])` stored in f32 slots (the kernel reads them as 32-bit words). In memory a
-/// row of pairs is the row's bf16 values in order, so contiguous rows are converted 16 values
-/// at a time by the level's instruction (the same bits as [`f32_to_bf16`], tested).
-fn pack_rows(level: Bf16Level, dst: &mut [f32], lhs: View2<'_, f32>, par: Par) {
+/// Row `i` of `lhs: [M, K]` rounded to bf16 as a row of pairs, `row[q] = pair(lhs[i, 2q],
+/// lhs[i, 2q + 1])` stored in f32 slots (the kernel reads them as 32-bit words; `row` holds
+/// `ceil(K / 2)`). In memory a row of pairs is the row's bf16 values in order, so a contiguous
+/// row is converted 16 values at a time by the level's instruction (the same bits as
+/// [`f32_to_bf16`], tested).
+fn round_row(level: Bf16Level, lhs: View2<'_, f32>, i: usize, row: &mut [f32]) {
     let [_, k] = lhs.shape();
-    let pairs = k.div_ceil(2);
     let [rs, cs] = lhs.strides();
     let data = lhs.data();
-    let one = |(i, row): (usize, &mut [f32])| {
-        #[cfg(target_arch = "x86_64")]
-        if level.has_avx512bf16() && cs == 1 {
-            // SAFETY: the level was detected; the source row holds `k` values (a checked
-            // view) and `row` holds `ceil(k / 2)` words, i.e. room for `k` rounded up to even
-            // bf16 values.
-            unsafe { avx512bf16::convert_row(&data[i * rs..i * rs + k], row) };
-            return;
-        }
-        let _ = (level, cs, rs, data);
-        for (q, out) in row.iter_mut().enumerate() {
-            let lo = lhs.get([i, 2 * q]);
-            let hi = if 2 * q + 1 < k { lhs.get([i, 2 * q + 1]) } else { 0.0 };
-            *out = f32::from_bits(pair(lo, hi));
-        }
-    };
-    match par {
-        Par::Seq => dst.chunks_exact_mut(pairs).enumerate().for_each(one),
-        Par::Rayon => dst.par_chunks_exact_mut(pairs).enumerate().for_each(one),
+    #[cfg(target_arch = "x86_64")]
+    if level.has_avx512bf16() && cs == 1 {
+        // SAFETY: the level was detected; the source row holds `k` values (a checked view)
+        // and `row` holds `ceil(k / 2)` words, i.e. room for `k` rounded up to even bf16
+        // values.
+        unsafe { avx512bf16::convert_row(&data[i * rs..i * rs + k], row) };
+        return;
+    }
+    let _ = (level, cs, rs, data);
+    for (q, out) in row.iter_mut().enumerate() {
+        let lo = lhs.get([i, 2 * q]);
+        let hi = if 2 * q + 1 < k { lhs.get([i, 2 * q + 1]) } else { 0.0 };
+        *out = f32::from_bits(pair(lo, hi));
     }
 }
 
