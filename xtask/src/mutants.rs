@@ -64,7 +64,7 @@ const MUTANT_SCOPE: [(&str, &str); 46] = [
     // flat gradients and parameters, and the bf16 weight gradient by every route.
     (
         "crates/attn-nn/src/optim.rs",
-        "StepConstants::apply|AdamW::(next_step|step|step_flat|update|make_flat|restore|steps)|Schedule::factor",
+        "AdamW::(next_step|step|step_flat|update|make_flat|restore|steps)|Schedule::factor",
     ),
     ("crates/attn-core/src/grads.rs", "clip_grad_norm|two_ranges|Grads::.*"),
     (
