@@ -137,9 +137,10 @@ pub struct AdamWStep {
 ///
 /// Compiled at the running SIMD level (the `at_level!` of the norms and clipping) with no
 /// fused multiply-adds: square root and division are correctly rounded at every width, so
-/// every level gives the bits of the scalar formula. Left to the baseline (SSE2, four lanes), the optimizer of a mixed-precision
-/// step of 22 M parameters took 55 ms with the bf16 packing after it, 33 ms compiled at
-/// AVX-512 (2 threads, a Zen 4 EPYC; `attn bench train --d-model 512`, `optimizer_median_s`).
+/// every level gives the bits of the scalar formula. Left to the baseline (SSE2, four
+/// lanes), the optimizer of a mixed-precision step of 22 M parameters took 51–55 ms with the
+/// bf16 packing after it, 24–27 ms compiled at AVX-512 (2 threads, a Zen 4 EPYC; `attn bench
+/// train --d-model 512`, `optimizer_median_s`).
 pub fn adamw_update(c: AdamWStep, x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> Result<(), KernelError> {
     let op = "adamw_update";
     check_len(op, "g", x.len(), g.len())?;
