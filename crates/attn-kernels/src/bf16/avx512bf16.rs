@@ -502,6 +502,19 @@ pub(crate) unsafe fn gemm(
         unsafe {
             let (c, bias) = (c.get().add(r0 * ldc), bias.get());
             let b = b.get();
+            // The task's tiles, `accum` as `tile_from`'s `ADD`.
+            macro_rules! tiles {
+                ($a_step:expr, $a_row:expr, $lda:expr) => {
+                    match accum {
+                        Accum::Replace => {
+                            tile_from::<false, $a_step>(rows, n, pairs, $a_row, $lda, b, b_panel, c, ldc, bias)
+                        }
+                        Accum::Add => {
+                            tile_from::<true, $a_step>(rows, n, pairs, $a_row, $lda, b, b_panel, c, ldc, bias)
+                        }
+                    }
+                };
+            }
             match lhs.get() {
                 Lhs::Rounded(round) => {
                     let mut rounded = crate::buffer::take(rows * pairs);
@@ -509,11 +522,7 @@ pub(crate) unsafe fn gemm(
                         round(r0 + i, row);
                     }
                     let a = rounded.as_ptr().cast::<u32>();
-                    let a_row = |r: usize| a.add(r * pairs);
-                    match accum {
-                        Accum::Replace => tile_from::<false, 1>(rows, n, pairs, a_row, pairs, b, b_panel, c, ldc, bias),
-                        Accum::Add => tile_from::<true, 1>(rows, n, pairs, a_row, pairs, b, b_panel, c, ldc, bias),
-                    }
+                    tiles!(1, |r: usize| a.add(r * pairs), pairs);
                     crate::buffer::give(rounded);
                 }
                 Lhs::Panels(a) => {
@@ -523,10 +532,7 @@ pub(crate) unsafe fn gemm(
                         let row = r0 + r;
                         a.add(row / PANEL * pairs * PANEL + row % PANEL)
                     };
-                    match accum {
-                        Accum::Replace => tile_from::<false, PANEL>(rows, n, pairs, a_row, 1, b, b_panel, c, ldc, bias),
-                        Accum::Add => tile_from::<true, PANEL>(rows, n, pairs, a_row, 1, b, b_panel, c, ldc, bias),
-                    }
+                    tiles!(PANEL, a_row, 1);
                 }
             }
         }
