@@ -25,6 +25,11 @@ pub(crate) trait Lanes {
     unsafe fn load(p: *const f32) -> Self::V;
     /// `N` floats to `p` (unaligned).
     unsafe fn store(p: *mut f32, v: Self::V);
+    /// The first `n < N` lanes from the `n` floats at `p`, the others `fill`: a row's tail,
+    /// read without touching memory past it (masked loads do not fault on masked-off lanes).
+    unsafe fn load_part(p: *const f32, n: usize, fill: f32) -> Self::V;
+    /// The first `n < N` lanes of `v` to the `n` floats at `p`; nothing past them is written.
+    unsafe fn store_part(p: *mut f32, n: usize, v: Self::V);
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
@@ -101,8 +106,8 @@ pub(crate) unsafe fn row_max<L: Lanes>(row: &[f32]) -> f32 {
 }
 
 /// Replaces each `x` of `row` by `exp(x - m)` and returns the sum of the results. Two
-/// independent chains of `N` lanes, then one, then the tail through the same `N`-lane code on a
-/// padded copy, so every element of a row sees the same arithmetic.
+/// independent chains of `N` lanes, then one, then the tail through the same `N`-lane code
+/// (masked loads and stores), so every element of a row sees the same arithmetic.
 #[inline(always)]
 pub(crate) unsafe fn exp_sub_sum<L: Lanes>(row: &mut [f32], m: f32) -> f32 {
     // SAFETY: the caller's contract.
@@ -120,8 +125,8 @@ pub(crate) unsafe fn exp_sub2_sum<L: Lanes>(row: &mut [f32], m: f32, lo: f32) ->
 /// The body of [`exp_sub_sum`] and [`exp_sub2_sum`]: `exp((x - m) - lo)` when `TWO`.
 #[inline(always)]
 unsafe fn exp_sub_sum_body<L: Lanes, const TWO: bool>(row: &mut [f32], m: f32, lo: f32) -> f32 {
-    // SAFETY: every pointer below covers `N` or `2N` elements of a chunk or of `buf`; features
-    // as above.
+    // SAFETY: every pointer below covers `N` or `2N` elements of a chunk, or the tail's
+    // `len < N` for the masked accesses; features as above.
     unsafe {
         let (mv, lov) = (L::splat(m), L::splat(lo));
         let shift = |x: L::V| if TWO { L::sub(L::sub(x, mv), lov) } else { L::sub(x, mv) };
@@ -144,32 +149,29 @@ unsafe fn exp_sub_sum_body<L: Lanes, const TWO: bool>(row: &mut [f32], m: f32, l
         }
         let tail = chunks.into_remainder();
         if !tail.is_empty() {
-            let mut buf = [f32::NEG_INFINITY; 16];
-            buf[..tail.len()].copy_from_slice(tail);
-            let e = exp_at_most_hi::<L>(shift(L::load(buf.as_ptr())));
-            L::store(buf.as_mut_ptr(), e);
+            // The missing lanes are `-inf`: their `exp` is 0 and adds nothing.
+            let e = exp_at_most_hi::<L>(shift(L::load_part(tail.as_ptr(), tail.len(), f32::NEG_INFINITY)));
+            L::store_part(tail.as_mut_ptr(), tail.len(), e);
             acc = L::add(acc, e);
-            tail.copy_from_slice(&buf[..tail.len()]);
         }
         L::hsum(acc)
     }
 }
 
-/// `x = e^x` for each element ([`exp`], the tail through the same code on a padded copy).
+/// `x = e^x` for each element ([`exp`], the tail through the same code, masked).
 #[inline(always)]
 pub(crate) unsafe fn exp_in_place<L: Lanes>(xs: &mut [f32]) {
     let mut chunks = xs.chunks_exact_mut(L::N);
-    // SAFETY: each chunk has exactly `N` elements, `buf` 16 >= N; features as above.
+    // SAFETY: each chunk has exactly `N` elements, the masked tail its `len < N`; features as
+    // above.
     unsafe {
         for c in &mut chunks {
             L::store(c.as_mut_ptr(), exp::<L>(L::load(c.as_ptr())));
         }
         let tail = chunks.into_remainder();
         if !tail.is_empty() {
-            let mut buf = [0.0f32; 16];
-            buf[..tail.len()].copy_from_slice(tail);
-            L::store(buf.as_mut_ptr(), exp::<L>(L::load(buf.as_ptr())));
-            tail.copy_from_slice(&buf[..tail.len()]);
+            let e = exp::<L>(L::load_part(tail.as_ptr(), tail.len(), 0.0));
+            L::store_part(tail.as_mut_ptr(), tail.len(), e);
         }
     }
 }
@@ -181,17 +183,19 @@ pub(crate) unsafe fn exp_in_place<L: Lanes>(xs: &mut [f32]) {
 pub(crate) unsafe fn softmax_grad_row<L: Lanes>(p: &mut [f32], dp: &[f32], delta: f32) {
     let mut pc = p.chunks_exact_mut(L::N);
     let mut dc = dp.chunks_exact(L::N);
-    // SAFETY: both chunks have exactly `N` elements; features as above.
+    // SAFETY: both chunks have exactly `N` elements, the masked tails `n < N`; features as above.
     unsafe {
         let dv = L::splat(delta);
+        let grad = |x: L::V, d: L::V| L::zero_below(x, f32::MIN_POSITIVE, L::mul(x, L::sub(d, dv)));
         for (pc, dc) in (&mut pc).zip(&mut dc) {
-            let x = L::load(pc.as_ptr());
-            let y = L::mul(x, L::sub(L::load(dc.as_ptr()), dv));
-            L::store(pc.as_mut_ptr(), L::zero_below(x, f32::MIN_POSITIVE, y));
+            L::store(pc.as_mut_ptr(), grad(L::load(pc.as_ptr()), L::load(dc.as_ptr())));
         }
-    }
-    for (p, &d) in pc.into_remainder().iter_mut().zip(dc.remainder()) {
-        *p = if *p == 0.0 { 0.0 } else { *p * (d - delta) };
+        let (pt, dt) = (pc.into_remainder(), dc.remainder());
+        let n = pt.len().min(dt.len());
+        if n > 0 {
+            let y = grad(L::load_part(pt.as_ptr(), n, 0.0), L::load_part(dt.as_ptr(), n, 0.0));
+            L::store_part(pt.as_mut_ptr(), n, y);
+        }
     }
 }
 
@@ -199,14 +203,18 @@ pub(crate) unsafe fn softmax_grad_row<L: Lanes>(p: &mut [f32], dp: &[f32], delta
 #[inline(always)]
 pub(crate) unsafe fn scale_row<L: Lanes>(row: &mut [f32], alpha: f32) {
     let mut chunks = row.chunks_exact_mut(L::N);
-    // SAFETY: each chunk has exactly `N` elements; features as above.
+    // SAFETY: each chunk has exactly `N` elements, the masked tail `len < N`; features as above.
     unsafe {
         let a = L::splat(alpha);
         for c in &mut chunks {
             L::store(c.as_mut_ptr(), L::mul(L::load(c.as_ptr()), a));
         }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let x = L::load_part(tail.as_ptr(), tail.len(), 0.0);
+            L::store_part(tail.as_mut_ptr(), tail.len(), L::mul(x, a));
+        }
     }
-    chunks.into_remainder().iter_mut().for_each(|x| *x *= alpha);
 }
 
 /// `dst[i] = src[i] * alpha`.
@@ -214,17 +222,18 @@ pub(crate) unsafe fn scale_row<L: Lanes>(row: &mut [f32], alpha: f32) {
 pub(crate) unsafe fn scale_into<L: Lanes>(dst: &mut [f32], src: &[f32], alpha: f32) {
     let mut d = dst.chunks_exact_mut(L::N);
     let mut s = src.chunks_exact(L::N);
-    // SAFETY: both chunks have exactly `N` elements; features as above.
+    // SAFETY: both chunks have exactly `N` elements, the masked tails `n < N`; features as above.
     unsafe {
         let a = L::splat(alpha);
         for (dc, sc) in (&mut d).zip(&mut s) {
             L::store(dc.as_mut_ptr(), L::mul(L::load(sc.as_ptr()), a));
         }
+        let (dt, st) = (d.into_remainder(), s.remainder());
+        let n = dt.len().min(st.len());
+        if n > 0 {
+            L::store_part(dt.as_mut_ptr(), n, L::mul(L::load_part(st.as_ptr(), n, 0.0), a));
+        }
     }
-    d.into_remainder()
-        .iter_mut()
-        .zip(s.remainder())
-        .for_each(|(d, &s)| *d = s * alpha);
 }
 
 /// [`scale_into`], and whether every product is finite: the products times zero are summed,
@@ -236,7 +245,7 @@ pub(crate) unsafe fn scale_into<L: Lanes>(dst: &mut [f32], src: &[f32], alpha: f
 pub(crate) unsafe fn scale_into_finite<L: Lanes>(dst: &mut [f32], src: &[f32], alpha: f32) -> bool {
     let mut d = dst.chunks_exact_mut(L::N);
     let mut s = src.chunks_exact(L::N);
-    // SAFETY: both chunks have exactly `N` elements; features as above.
+    // SAFETY: both chunks have exactly `N` elements, the masked tails `n < N`; features as above.
     let zeros = unsafe {
         let (a, zero) = (L::splat(alpha), L::splat(0.0));
         let mut zeros = zero;
@@ -245,18 +254,33 @@ pub(crate) unsafe fn scale_into_finite<L: Lanes>(dst: &mut [f32], src: &[f32], a
             L::store(dc.as_mut_ptr(), x);
             zeros = L::fmadd(x, zero, zeros);
         }
+        let (dt, st) = (d.into_remainder(), s.remainder());
+        let n = dt.len().min(st.len());
+        if n > 0 {
+            // The missing lanes are 0·alpha: 0 unless alpha itself is not finite, and then a
+            // product of a present lane is not finite either (or there is none: `n > 0`).
+            let x = L::mul(L::load_part(st.as_ptr(), n, 0.0), a);
+            L::store_part(dt.as_mut_ptr(), n, x);
+            zeros = L::fmadd(x, zero, zeros);
+        }
         L::hsum(zeros)
     };
-    let mut finite = zeros == 0.0;
-    for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *d = s * alpha;
-        finite &= d.is_finite();
-    }
-    finite
+    zeros == 0.0
 }
 
 /// AVX2+FMA: 8 lanes in a ymm register.
 pub(crate) struct Avx2;
+
+/// All ones in the 32-bit lanes `i < n` (`n < 8`), zero in the others: a `vmaskmovps` mask.
+///
+/// # Safety
+/// AVX must be available.
+#[inline(always)]
+unsafe fn avx2_first(n: usize) -> __m256i {
+    debug_assert!(n < 8);
+    // SAFETY: the caller's contract.
+    unsafe { _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)) }
+}
 
 impl Lanes for Avx2 {
     type V = __m256;
@@ -275,6 +299,23 @@ impl Lanes for Avx2 {
     unsafe fn store(p: *mut f32, v: __m256) {
         // SAFETY: as above.
         unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn load_part(p: *const f32, n: usize, fill: f32) -> __m256 {
+        // SAFETY: as above; `vmaskmovps` reads only the lanes whose mask is set, the first `n`.
+        unsafe {
+            let mask = avx2_first(n);
+            _mm256_blendv_ps(
+                _mm256_set1_ps(fill),
+                _mm256_maskload_ps(p, mask),
+                _mm256_castsi256_ps(mask),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_part(p: *mut f32, n: usize, v: __m256) {
+        // SAFETY: as above; only the first `n` lanes are written.
+        unsafe { _mm256_maskstore_ps(p, avx2_first(n), v) }
     }
     #[inline(always)]
     unsafe fn add(a: __m256, b: __m256) -> __m256 {
@@ -362,6 +403,13 @@ impl Lanes for Avx2 {
     }
 }
 
+/// The lanes `i < n` of a 16-lane mask (`n < 16`).
+#[inline(always)]
+fn avx512_first(n: usize) -> __mmask16 {
+    debug_assert!(n < 16);
+    ((1u32 << n) - 1) as __mmask16
+}
+
 /// AVX-512 (F, BW, VL, DQ): 16 lanes in a zmm register.
 pub(crate) struct Avx512;
 
@@ -382,6 +430,16 @@ impl Lanes for Avx512 {
     unsafe fn store(p: *mut f32, v: __m512) {
         // SAFETY: as above.
         unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn load_part(p: *const f32, n: usize, fill: f32) -> __m512 {
+        // SAFETY: as above; a masked load reads (and may fault on) only the first `n` lanes.
+        unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(fill), avx512_first(n), p) }
+    }
+    #[inline(always)]
+    unsafe fn store_part(p: *mut f32, n: usize, v: __m512) {
+        // SAFETY: as above; only the first `n` lanes are written.
+        unsafe { _mm512_mask_storeu_ps(p, avx512_first(n), v) }
     }
     #[inline(always)]
     unsafe fn add(a: __m512, b: __m512) -> __m512 {

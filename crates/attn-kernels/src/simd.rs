@@ -629,6 +629,114 @@ mod tests {
         }
     }
 
+    /// The vector levels' row tails (masked loads and stores) read and write only the row, and
+    /// give each tail element the bits it gets in a whole vector: every primitive on rows of
+    /// every length up to three vectors, inside a buffer whose guard values around the row must
+    /// come back untouched, against the same row padded to whole vectors.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_tails_touch_only_the_row_and_match_whole_vectors() {
+        type Prims = (
+            fn(&mut [f32], f32) -> f32,
+            fn(&mut [f32], f32, f32) -> f32,
+            fn(&mut [f32]),
+            fn(&mut [f32], f32),
+            fn(&mut [f32], &[f32], f32),
+            fn(&mut [f32], &[f32], f32) -> bool,
+            fn(&mut [f32], &[f32], f32),
+        );
+        // The primitives of the level module `$m`, whose features the caller has detected.
+        macro_rules! prims {
+            ($m:ident) => {
+                (
+                    // SAFETY: the caller detected the features of `$m` (and for each closure below).
+                    |r, m| unsafe { $m::exp_sub_sum(r, m) },
+                    // SAFETY: as above.
+                    |r, m, lo| unsafe { $m::exp_sub2_sum(r, m, lo) },
+                    // SAFETY: as above.
+                    |r| unsafe { $m::exp_in_place(r) },
+                    // SAFETY: as above.
+                    |r, a| unsafe { $m::scale_row(r, a) },
+                    // SAFETY: as above.
+                    |d, s, a| unsafe { $m::scale_into(d, s, a) },
+                    // SAFETY: as above.
+                    |d, s, a| unsafe { $m::scale_into_finite(d, s, a) },
+                    // SAFETY: as above.
+                    |p, dp, delta| unsafe { $m::softmax_grad_row(p, dp, delta) },
+                )
+            };
+        }
+        let mut levels: Vec<(&str, usize, Prims)> = Vec::new();
+        if detect() != SimdLevel::Scalar {
+            levels.push(("avx2+fma", 8, prims!(avx2)));
+        }
+        if detect() == SimdLevel::Avx512 {
+            levels.push(("avx512", 16, prims!(avx512)));
+        } else {
+            eprintln!("note: no AVX-512 here; its masked tails are not checked");
+        }
+        const GUARD: f32 = -7.25;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (name, n, (exp_sub_sum, exp_sub2_sum, exp_in_place, scale_row, scale_into, finite, grad)) in levels {
+            for len in 0..=3 * n {
+                let whole = len.div_ceil(n) * n;
+                let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
+                let other: Vec<f32> = (0..len).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.45).collect();
+                // `f(buffer, padded)`: runs one primitive on the row in place inside guards,
+                // and on a copy padded to whole vectors with `pad`.
+                let check = |what: &str, pad: f32, f: &dyn Fn(&mut [f32])| {
+                    let mut buf = vec![GUARD; len + 2 * n];
+                    buf[n..n + len].copy_from_slice(&row);
+                    f(&mut buf[n..n + len]);
+                    assert!(
+                        buf[..n].iter().chain(&buf[n + len..]).all(|&x| x == GUARD),
+                        "{name} {what} len {len}: wrote outside the row"
+                    );
+                    let mut padded = row.clone();
+                    padded.resize(whole, pad);
+                    f(&mut padded);
+                    assert_eq!(bits(&buf[n..n + len]), bits(&padded[..len]), "{name} {what} len {len}");
+                };
+                check("exp_sub_sum", f32::NEG_INFINITY, &|r| {
+                    exp_sub_sum(r, 0.5);
+                });
+                check("exp_sub2_sum", f32::NEG_INFINITY, &|r| {
+                    exp_sub2_sum(r, 0.5, 1e-8);
+                });
+                check("exp_in_place", 0.0, &|r| exp_in_place(r));
+                check("scale_row", 0.0, &|r| scale_row(r, 0.3));
+                check("scale_into", 0.0, &|r| {
+                    let src: Vec<f32> = r.iter().map(|x| x + 1.0).collect();
+                    scale_into(r, &src, 0.3);
+                });
+                check("scale_into_finite", 0.0, &|r| {
+                    let src: Vec<f32> = r.iter().map(|x| x + 1.0).collect();
+                    assert!(finite(r, &src, 0.3));
+                });
+                check("softmax_grad_row", 0.0, &|r| {
+                    // Probabilities with some zeros, against `dp` padded as the row is.
+                    r.iter_mut()
+                        .for_each(|x| *x = if *x < 0.0 { 0.0 } else { x.exp() * 0.01 });
+                    let dp: Vec<f32> = other
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat(0.0))
+                        .take(r.len())
+                        .collect();
+                    grad(r, &dp, 0.2);
+                });
+                // The sums over a tail count only the row's own elements.
+                let mut a = row.clone();
+                let sum = exp_sub_sum(&mut a, 0.5);
+                let want: f64 = row.iter().map(|&x| ((x - 0.5) as f64).exp()).sum();
+                assert!(
+                    len == 0 && sum == 0.0 || rel_err(sum, want) < 1e-6,
+                    "{name} sum len {len}"
+                );
+            }
+        }
+    }
+
     /// The dispatcher runs the level it reports: `exp_sub_sum`'s sum (a different order of
     /// additions, and FMA, per level) has the bits of that level's body.
     #[test]
