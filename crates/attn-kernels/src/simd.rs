@@ -632,7 +632,8 @@ mod tests {
     /// The vector levels' row tails (masked loads and stores) read and write only the row, and
     /// give each tail element the bits it gets in a whole vector: every primitive on rows of
     /// every length up to three vectors, inside a buffer whose guard values around the row must
-    /// come back untouched, against the same row padded to whole vectors.
+    /// come back untouched (and, for the maximum, must not win), against the same row padded to
+    /// whole vectors.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn vector_tails_touch_only_the_row_and_match_whole_vectors() {
@@ -644,6 +645,7 @@ mod tests {
             fn(&mut [f32], &[f32], f32),
             fn(&mut [f32], &[f32], f32) -> bool,
             fn(&mut [f32], &[f32], f32),
+            fn(&[f32]) -> f32,
         );
         // The primitives of the level module `$m`, whose features the caller has detected.
         macro_rules! prims {
@@ -663,6 +665,8 @@ mod tests {
                     |d, s, a| unsafe { $m::scale_into_finite(d, s, a) },
                     // SAFETY: as above.
                     |p, dp, delta| unsafe { $m::softmax_grad_row(p, dp, delta) },
+                    // SAFETY: as above.
+                    |r| unsafe { $m::row_max(r) },
                 )
             };
         }
@@ -677,7 +681,8 @@ mod tests {
         }
         const GUARD: f32 = -7.25;
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for (name, n, (exp_sub_sum, exp_sub2_sum, exp_in_place, scale_row, scale_into, finite, grad)) in levels {
+        for (name, n, (exp_sub_sum, exp_sub2_sum, exp_in_place, scale_row, scale_into, finite, grad, row_max)) in levels
+        {
             for len in 0..=3 * n {
                 let whole = len.div_ceil(n) * n;
                 let row: Vec<f32> = (0..len).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
@@ -725,6 +730,11 @@ mod tests {
                         .collect();
                     grad(r, &dp, 0.2);
                 });
+                // The maximum sees only the row, with larger values on both sides of it.
+                let mut fenced = vec![1e30f32; len + 2 * n];
+                fenced[n..n + len].copy_from_slice(&row);
+                let want = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(row_max(&fenced[n..n + len]), want, "{name} row_max len {len}");
                 // The sums over a tail count only the row's own elements.
                 let mut a = row.clone();
                 let sum = exp_sub_sum(&mut a, 0.5);
