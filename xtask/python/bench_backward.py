@@ -2,7 +2,10 @@
 `scaled_dot_product_attention` forward and `out.backward(dout)` (its CPU flash backward),
 interleaved round by round, medians. Flops are 3.5× the forward's (the contract's count).
 
-Usage: python bench_backward.py ATTN_BINARY THREADS ROUNDS
+`--ragged` times RAGGED_SHAPES instead (lengths that are not multiples of 16, as
+bench_compare.py's).
+
+Usage: python bench_backward.py ATTN_BINARY THREADS ROUNDS [--ragged]
 """
 
 import json
@@ -19,6 +22,15 @@ SHAPES = [
     (1, 8, 1024, 64, False),
     (4, 12, 128, 64, False),
     (1, 16, 2048, 128, True),
+]
+
+RAGGED_SHAPES = [
+    # The date translator's attention at d_model 128 (encoder, and causal decoder), MiniLM's
+    # sequence length, and a longer one.
+    (64, 4, 24, 32, False),
+    (64, 4, 12, 32, True),
+    (32, 12, 36, 32, False),
+    (4, 12, 100, 64, False),
 ]
 
 
@@ -56,7 +68,7 @@ def main():
     print(f"torch {torch.__version__}, {threads} threads, {rounds} interleaved rounds, medians")
     print("| B,H,S,D | causal | attn ms | torch ms | attn GFLOP/s | torch GFLOP/s | attn / torch speed |")
     print("|---|---|---|---|---|---|---|")
-    for b, h, s, d, causal in SHAPES:
+    for b, h, s, d, causal in RAGGED_SHAPES if "--ragged" in sys.argv else SHAPES:
         ours, theirs = [], []
         for _ in range(rounds):
             ours.append(time_attn(binary, threads, b, h, s, d, causal))

@@ -11,9 +11,11 @@ a bf16 KV cache); the prefill shapes give attn f32 K and V, rounded inside its t
 columns), and in the same rounds K and V as bf16 bits, as PyTorch's are (the last two columns;
 attn's queries stay f32).
 
-`--only-decode` times the decoding shape alone.
+`--only-decode` times the decoding shape alone. `--ragged` times RAGGED_SHAPES instead: lengths
+that are not multiples of 16, as the packed sequences of training and `attn embed` have (row
+tails at every vector width).
 
-Usage: python bench_compare.py ATTN_BINARY THREADS ROUNDS [--json] [--bf16] [--only-decode]
+Usage: python bench_compare.py ATTN_BINARY THREADS ROUNDS [--json] [--bf16] [--only-decode | --ragged]
 """
 
 import json
@@ -34,6 +36,16 @@ SHAPES = [
     (4, 12, 12, 128, 128, 64, False),
     (1, 16, 16, 4096, 4096, 128, True),
     (1, 32, 8, 1, 4096, 128, False),
+]
+
+RAGGED_SHAPES = [
+    # The date translator's attention at d_model 128 (4 heads of 32; sources of about 24
+    # characters, targets of 12, causal), MiniLM's (12 heads of 32, 36 tokens), and two more.
+    (64, 4, 4, 24, 24, 32, False),
+    (64, 4, 4, 12, 12, 32, True),
+    (32, 12, 12, 36, 36, 32, False),
+    (4, 12, 12, 100, 100, 64, False),
+    (1, 8, 8, 1000, 1000, 64, True),
 ]
 
 
@@ -84,6 +96,8 @@ def main():
     torch.set_num_threads(threads)
     rows = []
     shapes = [x for x in SHAPES if decodes(x[1], x[2], x[3])] if "--only-decode" in sys.argv else SHAPES
+    if "--ragged" in sys.argv:
+        shapes = RAGGED_SHAPES
     for (b, h, g, s, t, d, causal) in shapes:
         ours, theirs, ours_f32, ours_kv = [], [], [], []
         for _ in range(rounds):
