@@ -242,8 +242,19 @@ fn pytorch_section(binary: &Path, threads: usize, rounds: usize) -> Result<Strin
     }
     // The FMA ceiling that `bench_peak.py` measures the kernels against.
     run(cargo().args(["build", "--release", "-p", "attn-kernels", "--example", "fma_peak"]))?;
-    let scripts: [(&str, &[&str], &str); 7] = [
+    let scripts: [(&str, &[&str], &str); 10] = [
         ("bench_compare.py", &[], "Against PyTorch scaled_dot_product_attention"),
+        (
+            "bench_compare.py",
+            &["--ragged"],
+            "The same on ragged lengths (the translator's and MiniLM's rows, not whole vectors)",
+        ),
+        (
+            "bench_backward.py",
+            &[],
+            "Forward + backward against PyTorch's SDPA and its backward",
+        ),
+        ("bench_backward.py", &["--ragged"], "The same on ragged lengths"),
         (
             "bench_peak.py",
             &[],
