@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 46] = [
+const MUTANT_SCOPE: [(&str, &str); 47] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -30,11 +30,13 @@ const MUTANT_SCOPE: [(&str, &str); 46] = [
         "crates/attn-kernels/src/mask.rs",
         "mask_row|apply_mask|add_mask|Causal::key_limit",
     ),
-    // The row primitives: the dispatchers and the bodies of every level.
+    // The row primitives: the dispatchers and the bodies of every level, and the mask of a
+    // row's tail (the bodies themselves are `unsafe fn`s, which cargo-mutants leaves alone).
     (
         "crates/attn-kernels/src/simd.rs",
         "(scalar::|avx2::)?(exp_sub_sum|row_max|scale_row|scale_into)",
     ),
+    ("crates/attn-kernels/src/lanes.rs", "avx512_first"),
     // Projections, and the head split and merge (heads as strided views of the projections).
     (
         "crates/attn-core/src/mha/forward.rs",
@@ -55,11 +57,9 @@ const MUTANT_SCOPE: [(&str, &str); 46] = [
         "crates/attn-kernels/src/gemm/packed.rs",
         "gemm_packed|pack_panel|F32Panels::pack",
     ),
-    // Norms with the fused residual adds.
-    (
-        "crates/attn-nn/src/layers.rs",
-        "Norm::row|Norm::add_then_forward|Norm::add_forward_in_place|Norm::forward|add_in_place|Linear::forward",
-    ),
+    // The layers: norms with the fused residual adds, linear maps in each precision with their
+    // packed copies, the feed-forward block's forward, training forward and backward.
+    ("crates/attn-nn/src/layers.rs", ".*"),
     // Training's update: AdamW by name and flat, its checks, the schedules, the clipping, the
     // flat gradients and parameters, and the bf16 weight gradient by every route.
     (

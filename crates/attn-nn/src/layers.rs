@@ -683,6 +683,53 @@ mod tests {
         }
     }
 
+    /// A layer's bytes are its tensors' plus each packed copy it holds: none in plain f32, the
+    /// forward's in bf16, and the backward's too once a training backward has packed it.
+    #[test]
+    fn linear_bytes_count_every_packed_copy() {
+        let (e, f, n) = (16, 48, 40);
+        let mut ffn = relu_block(e, f, 6);
+        let tensors = |l: &Linear| (l.weight.len() + l.bias.as_ref().map_or(0, Tensor::len)) * 4;
+        let layer = &ffn.linear1;
+        assert_eq!(layer.bytes_held(), tensors(layer));
+        ffn.set_precision(Precision::Bf16).unwrap();
+        let forward = pack_weight_of(&ffn.linear1.weight, 0..f).unwrap().size_in_bytes();
+        let layer = &ffn.linear1;
+        assert_eq!(layer.bytes_held(), tensors(layer) + forward);
+        let x = kernels::testing::random_vec(n * e, 12);
+        let dy = kernels::testing::random_vec(n * e, 13);
+        let mut grads = attn_core::Grads::new();
+        let mut step = Step::new(crate::step::Dropout { p: 0.0, seed: 1 }, Par::Seq, &mut grads);
+        let (_, tape) = ffn.forward_train(&x, &mut step).unwrap();
+        ffn.backward(&x, &tape, &dy, &mut step).unwrap();
+        let backward = Bf16Panels::pack(View2::contiguous(ffn.linear1.weight.data(), [f, e]).unwrap()).size_in_bytes();
+        let layer = &ffn.linear1;
+        assert_eq!(layer.bytes_held(), tensors(layer) + forward + backward);
+        assert_eq!(ffn.bytes_held(), ffn.linear1.bytes_held() + ffn.linear2.bytes_held());
+    }
+
+    /// A norm's epsilon must be positive and finite: zero, a negative, an infinity and NaN are
+    /// refused with the field named; the smallest positive float is taken.
+    #[test]
+    fn norms_refuse_an_epsilon_that_is_not_positive_and_finite() {
+        let e = 4;
+        let dict = || {
+            let mut dict = StateDict::new();
+            dict.insert("weight".into(), Tensor::new("w", vec![e], vec![1.0; e]).unwrap());
+            dict.insert("bias".into(), Tensor::new("b", vec![e], vec![0.0; e]).unwrap());
+            dict
+        };
+        for kind in [NormKind::LayerNorm, NormKind::RmsNorm] {
+            for eps in [0.0, -1e-5, f64::INFINITY, f64::NAN] {
+                match Norm::load(&mut dict(), "", e, eps, kind, true) {
+                    Err(crate::NnError::InvalidConfig { field, .. }) => assert_eq!(field, "layer_norm_eps"),
+                    other => panic!("{kind:?} eps {eps}: {other:?}"),
+                }
+            }
+            assert!(Norm::load(&mut dict(), "", e, f64::MIN_POSITIVE, kind, true).is_ok());
+        }
+    }
+
     #[test]
     fn norms_match_their_definitions() {
         let e = 5;
