@@ -326,7 +326,7 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
     }
     let out = SharedMut(dst.as_mut_ptr());
     let group = |g: usize| {
-        let (p0, mut block) = (g * STEP_PAIRS, [[0.0f32; PANEL]; STEP_PAIRS]);
+        let p0 = g * STEP_PAIRS;
         let count = (pairs - p0).min(STEP_PAIRS);
         #[cfg(target_arch = "x86_64")]
         if layout == Layout::Panels && crate::bf16_level().has_avx512bf16() {
@@ -336,6 +336,8 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
             unsafe { crate::bf16::avx512bf16::interleave_across(src, [n, width], p0, count, out.get(), chunk) };
             return;
         }
+        // The A tile's staging block (only `Layout::Tiles` uses it).
+        let mut block = [[0.0f32; PANEL]; STEP_PAIRS];
         for panel in 0..panels {
             let (c0, base) = (panel * PANEL, panel * chunk);
             let cols = (width - c0).min(PANEL);
