@@ -406,6 +406,26 @@ pub(super) fn exp_sub_sum_into_tiles(row: &[f32], m: f32, i: usize, p16: &mut [f
     }
 }
 
+/// `exp(x - m)` of each value of `row`, rounded to bf16 pairs into `p16`'s first words (a
+/// row of pass 4's left operand at the AVX512-BF16 level, as [`convert_row`] would write
+/// it from the values, zeros after `row`'s end up to the next 32 values); returns the sum of
+/// the unrounded values. The `exp` is [`exp_sub_sum_into_tiles`]'s: the rounding to bf16
+/// hides its shorter polynomial. `row` itself is left as it was.
+pub(super) fn exp_sub_sum_into_pairs(row: &[f32], m: f32, p16: &mut [f32]) -> f32 {
+    let steps = row.len().div_ceil(2 * STEP_PAIRS);
+    assert!(p16.len() >= steps * 16 && crate::bf16_level().has_avx512bf16());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the level was checked; `p16` holds the `steps` runs of 16 words (checked).
+    unsafe {
+        super::bf16_x86::exp_sub_sum_steps(row, m, steps, p16.as_mut_ptr(), 16)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, steps);
+        unreachable!("AVX512-BF16 exists on x86-64 only")
+    }
+}
+
 /// `factor·x` for each `x` of `row`, rounded into row `i` of the A tiles `tiles`, as
 /// [`exp_sub_sum_into_tiles`] writes them: a query row with the scale (`q16`), or a row of
 /// probabilities as it is (zeros or NaN for a row that sees no key, `factor` 1).

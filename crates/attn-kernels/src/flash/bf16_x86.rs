@@ -1,6 +1,6 @@
-//! The flash kernel's bf16 vector kernels at the AVX512-BF16 level ([`super::bf16`]): the
-//! fused `exp` of AMX's pass 2 and its shorter `exp`, rounding with a factor, and the decoding
-//! kernels that round K and V as they load them.
+//! The flash kernel's bf16 vector kernels at the AVX512-BF16 level ([`super::bf16`]): pass 2's
+//! fused `exp` (into AMX's A tiles or rows of pairs) and its shorter `exp`, rounding with a
+//! factor, and the decoding kernels that round K and V as they load them.
 use std::arch::x86_64::*;
 
 /// `dst[i] = round_to_bf16(factor·src[i])` for a multiple of 16 values.

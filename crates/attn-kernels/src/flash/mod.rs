@@ -90,6 +90,10 @@ pub const BLOCK_KEYS: usize = 256;
 /// (read and written at every pass) do not sit 1 KiB apart, where they would share a
 /// handful of L1 sets.
 pub(crate) const SCORES_LD: usize = BLOCK_KEYS + 16;
+/// Words between rows of a tile's probabilities rounded to bf16 pairs at the AVX512-BF16 level
+/// (`Scratch::p16`): two probabilities per word, room for a whole block and its last step's
+/// padding.
+pub(crate) const P16_LD: usize = SCORES_LD / 2;
 /// Below this many `(b, g, row tile)` tasks the keys are split across tasks (decoding).
 pub const MIN_TASKS: usize = 32;
 /// The smallest number of keys a split covers.

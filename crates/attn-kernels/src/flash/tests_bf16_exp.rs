@@ -1,5 +1,6 @@
-//! AMX's fused pass 2 and its shorter `exp` ([`super::bf16_x86`]) against f64, at the AVX-512
-//! level with AVX512-BF16 (skipped, with a note, elsewhere).
+//! The bf16 levels' fused pass 2 (AMX's A tiles, AVX512-BF16's rows of pairs) and its shorter
+//! `exp` ([`super::bf16_x86`]) against f64, at the AVX-512 level with AVX512-BF16 (skipped,
+//! with a note, elsewhere).
 
 use super::tests_bf16::{EPS, PROBABILITY_EXP_ERROR};
 
@@ -125,5 +126,40 @@ fn fused_exp_into_tiles_writes_the_rounded_short_exp() {
             tiles.chunks(32).all(|step| step[16..].iter().all(|w| w.is_nan())),
             "wrote past a step"
         );
+    }
+}
+
+/// The AVX512-BF16 level's fused pass 2 writes the row of pairs that [`super::bf16::convert_row`]
+/// makes of the short `exp`s (zeros after the row up to the next 32 values, nothing past
+/// them) and returns the sum of the tiles' version: the same `exp` on both bf16 levels.
+#[test]
+fn fused_exp_into_pairs_writes_the_converted_row() {
+    if !checked_here("the fused exp into pairs") {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for n in [1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 255, 256] {
+        let mut row: Vec<f32> = crate::testing::random_vec(n, 7 + n as u64)
+            .iter()
+            .map(|x| 5.0 * x)
+            .collect();
+        if n > 1 {
+            row[n / 2] = f32::NEG_INFINITY;
+        }
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let padded = n.div_ceil(32) * 16;
+        let mut p16 = vec![f32::NAN; padded + 8];
+        let sum = super::bf16::exp_sub_sum_into_pairs(&row, m, &mut p16);
+        let exps: Vec<f32> = row.iter().map(|&x| short_exp(x - m)).collect();
+        let mut want = vec![0.0f32; padded];
+        super::bf16::convert_row(&exps, &mut want);
+        let bits = |v: &[f32]| v.iter().map(|w| w.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p16[..padded]), bits(&want), "words of {n}");
+        assert!(p16[padded..].iter().all(|w| w.is_nan()), "{n}: wrote past its steps");
+        let steps = n.div_ceil(32);
+        let mut tiles = vec![0.0f32; 32 * steps];
+        // SAFETY: AVX512-BF16 at the AVX-512 level (checked); 16 words at each step's offset.
+        let tiles_sum = unsafe { super::bf16_x86::exp_sub_sum_steps(&row, m, steps, tiles.as_mut_ptr(), 32) };
+        assert_eq!(sum.to_bits(), tiles_sum.to_bits(), "sum of {n}");
     }
 }

@@ -3,7 +3,7 @@
 
 use super::scratch::{KeyBlock, Scratch, TileRows};
 use super::tile_bf16::AmxTile;
-use super::{row_position, Bf16Source, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
+use super::{row_position, Bf16Source, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, P16_LD, SCORES_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::mask_row;
@@ -330,6 +330,7 @@ fn passes2_3_online_softmax(
     }
     // Pass 2: exp and sum.
     let mut sums = [0.0f32; BLOCK_ROWS];
+    let packed_bf16 = matches!(ops.bf16, Some(Bf16Source::Packed(..)));
     for i in 0..n_rows {
         let row = &mut scratch.scores[row_range(i)];
         if m_new[i] == f32::NEG_INFINITY {
@@ -343,12 +344,17 @@ fn passes2_3_online_softmax(
             }
             if ops.amx {
                 super::bf16::row_into_tiles(row, 1.0, i, &mut scratch.p16);
+            } else if packed_bf16 {
+                super::bf16::convert_row(row, &mut scratch.p16[i * P16_LD..(i + 1) * P16_LD]);
             }
             continue;
         }
-        // On AMX the probabilities go straight into pass 4's A tiles, rounded.
+        // With bf16 operands the probabilities go straight into pass 4's left operand,
+        // rounded: A tiles on AMX, rows of pairs at the AVX512-BF16 level.
         sums[i] = if ops.amx {
             super::bf16::exp_sub_sum_into_tiles(row, m_new[i], i, &mut scratch.p16)
+        } else if packed_bf16 {
+            super::bf16::exp_sub_sum_into_pairs(row, m_new[i], &mut scratch.p16[i * P16_LD..(i + 1) * P16_LD])
         } else {
             exp_sub_sum(row, m_new[i])
         };

@@ -3,7 +3,7 @@
 //! decoding, over K and V read in place.
 
 use super::scratch::{KeyBlock, Scratch, TileRows};
-use super::{Bf16Source, Kv, Operands, Plan, BLOCK_ROWS, SCORES_LD};
+use super::{Bf16Source, Kv, Operands, Plan, BLOCK_ROWS, P16_LD, SCORES_LD};
 
 /// Pass 1 on `vdpbf16ps` or AMX: the tile's query pairs against the key block, packed or in
 /// place.
@@ -106,13 +106,8 @@ pub(super) fn bf16_weighted_values(
         return;
     }
     let _ = amx;
-    let (lda, pairs) = (SCORES_LD / 2, bc.div_ceil(2));
-    if let Bf16Source::Packed(..) = source {
-        for i in 0..n_rows {
-            let row = &scratch.scores[i * SCORES_LD..i * SCORES_LD + bc];
-            super::bf16::convert_row(row, &mut scratch.p16[i * lda..i * lda + pairs]);
-        }
-    }
+    // Packed: the probabilities are in `p16` already (`passes2_3_online_softmax`).
+    let (lda, pairs) = (P16_LD, bc.div_ceil(2));
     assert!(scratch.acc.len() >= n_rows * dv_pad && scratch.p16.len() >= BLOCK_ROWS * lda);
     if block.first && matches!(source, Bf16Source::InPlace) {
         // The in-place products add to `acc`: start it from zeros.
