@@ -222,19 +222,44 @@ pub(crate) unsafe fn interleave_across(
 /// AVX-512F and AVX512-BF16 must be available; `dst` must hold `src.len().div_ceil(2)` words.
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(crate) unsafe fn convert_row(src: &[f32], dst: &mut [f32]) {
+    // SAFETY: the caller's contract.
+    unsafe { convert_row_with::<false>(src, 1.0, dst) }
+}
+
+/// `factor·x` for each `x` of `src` (one f32 product: the bits of [`crate::simd::scale_into`]
+/// then [`convert_row`]), rounded to bf16, in order, into `dst`'s words.
+///
+/// # Safety
+/// As for [`convert_row`].
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn convert_row_scaled(src: &[f32], factor: f32, dst: &mut [f32]) {
+    // SAFETY: the caller's contract.
+    unsafe { convert_row_with::<true>(src, factor, dst) }
+}
+
+/// [`convert_row`], of `factor·x` when `SCALED`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert_row_with<const SCALED: bool>(src: &[f32], factor: f32, dst: &mut [f32]) {
     let k = src.len();
     assert!(dst.len() >= k.div_ceil(2));
     let out = dst.as_mut_ptr().cast::<u16>();
+    let scaled = |x: f32| if SCALED { x * factor } else { x };
     let mut p = 0;
     // SAFETY: `p + 16 <= k` reads inside `src`; `dst` holds at least `k` u16 slots.
     unsafe {
+        let f = _mm512_set1_ps(factor);
         while p + 16 <= k {
-            let h: __m256bh = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(p)));
+            let mut x = _mm512_loadu_ps(src.as_ptr().add(p));
+            if SCALED {
+                x = _mm512_mul_ps(x, f);
+            }
+            let h: __m256bh = _mm512_cvtneps_pbh(x);
             _mm256_storeu_si256(out.add(p).cast(), std::mem::transmute::<__m256bh, __m256i>(h));
             p += 16;
         }
         for (q, &x) in src.iter().enumerate().skip(p) {
-            *out.add(q) = super::f32_to_bf16(x);
+            *out.add(q) = super::f32_to_bf16(scaled(x));
         }
         if k % 2 == 1 {
             *out.add(k) = 0;

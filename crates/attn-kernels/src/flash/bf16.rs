@@ -478,6 +478,20 @@ pub(super) fn convert_row(src: &[f32], dst: &mut [f32]) {
     convert_strided(src, src.len(), 1, dst)
 }
 
+/// `factor·x` for each `x` of `src` rounded to bf16 pairs into `dst`, as [`convert_row`] of
+/// [`crate::simd::scale_into`]'s products (the same bits, without the f32 row between them):
+/// a scaled query row at the AVX512-BF16 level.
+pub(super) fn scaled_row_into_pairs(src: &[f32], factor: f32, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::bf16_level().has_avx512bf16() {
+        // SAFETY: the level was detected; `convert_row_scaled` checks `dst`'s length.
+        unsafe { crate::bf16::avx512bf16::convert_row_scaled(src, factor, dst) };
+        return;
+    }
+    let scaled: Vec<f32> = src.iter().map(|&x| x * factor).collect();
+    convert_row(&scaled, dst);
+}
+
 /// Contiguous copies of `factor·x` for each `(x, factor)` of `parts`, rounded to bf16: the
 /// flash kernel makes them of `scale·q`, `k` and `v` (with the scale then 1) to multiply bf16
 /// operands in f32 (`super::rounds_into_f32`), and [`crate::attention_weights`] of `scale·q`

@@ -175,6 +175,16 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
             super::bf16::row_into_tiles(&q_data[base..base + d], ops.scale, i, &mut scratch.q16);
             continue;
         }
+        if matches!(ops.bf16, Some(Bf16Source::Packed(..))) && !ops.round_q && q.strides()[3] == 1 {
+            // Scaled and rounded straight into rows of pairs (the bits of scaling, then rounding).
+            let pairs = d.div_ceil(2);
+            super::bf16::scaled_row_into_pairs(
+                &q_data[base..base + d],
+                ops.scale,
+                &mut scratch.q16[i * pairs..(i + 1) * pairs],
+            );
+            continue;
+        }
         let dst = &mut scratch.q_tile[i * d..(i + 1) * d];
         if q.strides()[3] == 1 {
             scale_into(dst, &q_data[base..base + d], ops.scale);
