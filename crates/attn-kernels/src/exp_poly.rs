@@ -26,7 +26,7 @@ pub(crate) const E4: f32 = 0.041_897_93;
 pub(crate) const E5: f32 = 0.008_290_315;
 
 /// The degree-4 polynomial for `2^f − 1` on `[−1/2, 1/2]`, `f·(P1 + f·(P2 + …))`, of the bf16
-/// kernels' shorter `exp` (AMX's fused pass 2): a fit for relative error with the constant term
+/// kernels' shorter `exp` (the fused pass 2 of AMX and `vdpbf16ps`): a fit for relative error with the constant term
 /// held at exactly 1, so `e^0 = 1`; 2.9e-6 evaluated in f32, a thousandth of bf16's unit
 /// roundoff (2^-8), which the probabilities are rounded to next. With `n = round(x·log2 e)`
 /// and `f = x·log2 e − n` (exact), `e^x = 2^n·2^f`: no split `ln 2`, one polynomial term fewer.

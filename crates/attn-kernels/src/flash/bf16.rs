@@ -482,14 +482,17 @@ pub(super) fn convert_row(src: &[f32], dst: &mut [f32]) {
 /// [`crate::simd::scale_into`]'s products (the same bits, without the f32 row between them):
 /// a scaled query row at the AVX512-BF16 level.
 pub(super) fn scaled_row_into_pairs(src: &[f32], factor: f32, dst: &mut [f32]) {
+    assert!(crate::bf16_level().has_avx512bf16());
     #[cfg(target_arch = "x86_64")]
-    if crate::bf16_level().has_avx512bf16() {
-        // SAFETY: the level was detected; `convert_row_scaled` checks `dst`'s length.
-        unsafe { crate::bf16::avx512bf16::convert_row_scaled(src, factor, dst) };
-        return;
+    // SAFETY: the level was checked; `convert_row_scaled` checks `dst`'s length.
+    unsafe {
+        crate::bf16::avx512bf16::convert_row_scaled(src, factor, dst)
     }
-    let scaled: Vec<f32> = src.iter().map(|&x| x * factor).collect();
-    convert_row(&scaled, dst);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (src, factor, dst);
+        unreachable!("AVX512-BF16 exists on x86-64 only")
+    }
 }
 
 /// Contiguous copies of `factor·x` for each `(x, factor)` of `parts`, rounded to bf16: the

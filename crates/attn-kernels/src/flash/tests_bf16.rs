@@ -12,8 +12,9 @@
 //! probability and each value to bf16 (`u` each) and sums `T` products in f32. So each output
 //! element obeys
 //! `|o~_c − o_c| ≤ (e^{2Δ}·(1 + u + 8ε + 2η)·(1 + u)·(1 + (T + 2)·ε) − 1) · Σ_t w_t·|v_tc|`,
-//! `w` the exact weights, `8ε` the f32 `exp` and sum, `η` the relative error of AMX's shorter
-//! `exp` (8.5e-6; 0 at the other levels), which enters each weight through `p` and `l`. Against the reference on the rounded
+//! `w` the exact weights, `8ε` the f32 `exp` and sum, `η` the relative error of the shorter
+//! `exp` that AMX and `vdpbf16ps` prefill use (8.5e-6; 0 without bf16 instructions), which
+//! enters each weight through `p` and `l`. Against the reference on the rounded
 //! operands (`scale·q`, `k`, `v` rounded, products exact) the same bound holds with the input
 //! roundings gone: `Δ = (D + 2)·ε·Σ|q̂·k̂| + 2ε·|ŝ|` and no factor `(1 + u)` for the values;
 //! what is left is the probabilities' rounding, `u`. A wrong pair in a packed operand or a
@@ -25,18 +26,19 @@ use crate::{attention_reference, Causal, ForwardInputs};
 
 const U: f64 = 1.0 / 256.0;
 pub(super) const EPS: f64 = f32::EPSILON as f64 / 2.0;
-/// The relative error of the probabilities' `exp` beyond f32's few roundings: at the AMX
-/// level the shorter `exp`'s (`PROBABILITY_EXP_ERROR`), elsewhere none. It enters each
-/// weight twice, through `p` and through `l`.
+/// The relative error of the probabilities' `exp` beyond f32's few roundings: where AMX or
+/// `vdpbf16ps` computes the products, the shorter `exp`'s (`PROBABILITY_EXP_ERROR`; taken at
+/// both bf16 levels, which also covers their calls on the f32 kernels), elsewhere none. It
+/// enters each weight twice, through `p` and through `l`.
 fn probability_exp_error() -> f64 {
-    if crate::bf16_level() == crate::Bf16Level::Amx {
+    if crate::bf16_level().has_avx512bf16() {
         PROBABILITY_EXP_ERROR
     } else {
         0.0
     }
 }
 
-/// The relative error of AMX's shorter `exp` (`x86::exp_short`): the polynomial's 2.9e-6 plus
+/// The relative error of the bf16 levels' shorter `exp` (`x86::exp_short`): the polynomial's 2.9e-6 plus
 /// `|x|·2^-24` from rounding `x·log2 e` (5.3e-6 at the smallest `x` whose `e^x` is not 0), plus
 /// a few roundings of f32.
 pub(super) const PROBABILITY_EXP_ERROR: f64 = 8.5e-6;
@@ -561,5 +563,79 @@ fn bf16_strided_operands_give_the_contiguous_bits_once() {
             strided == contiguous,
             "[{b}, {h}, {g}, {s}, {t}, {d}]: strided views differ"
         );
+    }
+}
+
+/// Rows that see no key of a block, between rows that do, leave the others' probabilities
+/// alone and give zeros; a row whose only visible scores are NaN gives NaN, alone. An additive
+/// mask hides every key from rows 5, 9, ... and the first block's keys from rows 7, 11, ...;
+/// row 3 sees one NaN score. Every other row agrees with f32 (within bf16's rounding) at this
+/// machine's level.
+#[test]
+fn rows_that_see_nothing_leave_their_neighbours_alone() {
+    each_bf16_kernel(|route| {
+        eprintln!("rows_that_see_nothing_leave_their_neighbours_alone: {route}");
+        rows_that_see_nothing_leave_their_neighbours_alone_once();
+    });
+}
+
+fn rows_that_see_nothing_leave_their_neighbours_alone_once() {
+    let (h, s, t, d) = (2, 70, 2 * BLOCK_KEYS + 40, 32);
+    let q = crate::testing::random_vec(h * s * d, 11);
+    let k = crate::testing::random_vec(h * t * d, 12);
+    let v = crate::testing::random_vec(h * t * d, 13);
+    let hidden = |si: usize, ti: usize| (si % 4 == 1 && si > 1) || (si % 4 == 3 && si > 3 && ti < BLOCK_KEYS);
+    let mask: Vec<f32> = (0..s * t)
+        .map(|i| {
+            let (si, ti) = (i / t, i % t);
+            if si == 3 {
+                if ti == 5 {
+                    f32::NAN
+                } else {
+                    f32::NEG_INFINITY
+                }
+            } else if hidden(si, ti) {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let run = |precision| {
+        let mut out = vec![0.0f32; h * s * d];
+        let options = AttentionOptions {
+            mask: crate::Mask::Additive(View4::new(&mask, [1, h, s, t], [0, 0, t, 1]).unwrap()),
+            precision,
+            ..Default::default()
+        };
+        let inputs = ForwardInputs::new(
+            View4::contiguous(&q, [1, h, s, d]).unwrap(),
+            View4::contiguous(&k, [1, h, t, d]).unwrap(),
+            View4::contiguous(&v, [1, h, t, d]).unwrap(),
+        );
+        flash_attention(
+            ViewMut4::contiguous(&mut out, [1, h, s, d]).unwrap(),
+            None,
+            inputs,
+            &options,
+            Par::Seq,
+        )
+        .unwrap();
+        out
+    };
+    let (bf16, f32_out) = (run(crate::Precision::Bf16), run(crate::Precision::F32));
+    for hi in 0..h {
+        for si in 0..s {
+            let row = |out: &[f32]| out[(hi * s + si) * d..][..d].to_vec();
+            let (got, want) = (row(&bf16), row(&f32_out));
+            if si == 3 {
+                assert!(got.iter().all(|x| x.is_nan()), "h {hi} row 3 (a NaN score): {got:?}");
+            } else if si % 4 == 1 && si > 1 {
+                assert!(got.iter().all(|&x| x == 0.0), "h {hi} row {si} (sees nothing): {got:?}");
+            } else {
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(err < 0.02, "h {hi} row {si}: {got:?} against f32 {want:?}");
+            }
+        }
     }
 }
