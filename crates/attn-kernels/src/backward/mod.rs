@@ -35,7 +35,13 @@
 //!
 //! A key task packs its block's keys and values into the tile kernel's transposed panels once;
 //! every row tile of every head of the group then computes its scores `q·kᵀ` and `dP = dO·Vᵀ`
-//! on them.
+//! on them. Where the tile kernel computes the scores and `D` and `Dv` are whole numbers of
+//! its 16-column panels, it also computes `dV += Pᵀ·dO` and `dK += dSᵀ·(scale·Q)`, reading `P`
+//! and `dS` transposed in place (each step's broadcasts are consecutive keys of one row) and
+//! `dO` and the query tile as they are; their rows are one panel longer than a whole number
+//! of panels, so that the rows of a column do not share an L1 set. Elsewhere faer's GEMM
+//! computes them, and `dQ += dS·K` everywhere (on the tile kernel it measured no faster).
+//! Which one runs depends on the shape alone, so the bits do not depend on the thread count.
 //!
 //! # Rows and keys that see nothing
 //! A row with nothing to attend to (`lse = -inf`) passes no gradient: its `dQ` is zero and it adds
@@ -47,6 +53,7 @@ use crate::flash::validate;
 use crate::view::{is_non_overlapping, span, SharedMut};
 use crate::{AttentionOptions, KernelError, Par, View, View4, ViewMut4};
 
+mod deltas;
 mod tasks;
 #[cfg(test)]
 mod tests;

@@ -2,14 +2,12 @@
 //! keys, each writing the gradient elements it owns (see the parent module for who owns what),
 //! with their per-thread scratch.
 
-use rayon::prelude::*;
-
-use crate::buffer::{self, Buffer};
+use crate::buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, resolve_scale};
 use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub2_sum, exp_sub_sum, scale_into, softmax_grad_row};
-use crate::tile::pad_to_nr;
+use crate::tile::{pad_to_nr, NR};
 use crate::view::SharedMut;
 use crate::{Accum, AttentionOptions, KernelError, Par, ViewMut4};
 
@@ -32,7 +30,7 @@ pub(super) fn run_backward(
         d: plan.d,
         dv: plan.dv,
     };
-    let delta = row_deltas(&inputs, &shape, par);
+    let delta = super::deltas::row_deltas(&inputs, [shape.b, shape.h, shape.s, shape.dv], par);
     let job = Job {
         shape,
         inputs,
@@ -107,33 +105,51 @@ impl Out {
     }
 }
 
-/// `Δ[b, h, s] = Σ_c dout[b, h, s, c] · out[b, h, s, c]`, summed in f64.
-/// The buffer comes from this thread's pool (every element is written); hand it back with
-/// `buffer::give`.
-fn row_deltas(inputs: &BackwardInputs<'_>, shape: &Shape, par: Par) -> Buffer {
-    let mut delta = buffer::take(shape.b * shape.h * shape.s);
-    let (out, dout) = (inputs.out, inputs.dout);
-    let row = |(index, x): (usize, &mut f32)| {
-        let (bh, s) = (index / shape.s.max(1), index % shape.s.max(1));
-        let (b, h) = (bh / shape.h, bh % shape.h);
-        // A contiguous dot product where both rows are (the usual case), element by element
-        // otherwise; the same order of additions either way.
-        let (o0, d0) = (out.offset([b, h, s, 0]), dout.offset([b, h, s, 0]));
-        let sum: f64 = if out.strides()[3] == 1 && dout.strides()[3] == 1 {
-            let (o, d) = (&out.data()[o0..o0 + shape.dv], &dout.data()[d0..d0 + shape.dv]);
-            o.iter().zip(d).map(|(&a, &b)| a as f64 * b as f64).sum()
-        } else {
-            (0..shape.dv)
-                .map(|c| out.get([b, h, s, c]) as f64 * dout.get([b, h, s, c]) as f64)
-                .sum()
-        };
-        *x = sum as f32;
-    };
-    match par {
-        Par::Seq => delta.iter_mut().enumerate().for_each(row),
-        Par::Rayon => delta.par_iter_mut().enumerate().for_each(row),
+/// `sums[j, c] += Σ_i m[i, j] · x[i, c]` for `j < bc`, `c < width`, `i < rows` (`mᵀ·x`) on the
+/// tile kernel: `m` (`P` or `dS`) `[rows, bc]` with rows `ld` apart, read transposed in place
+/// (each step's broadcasts are consecutive keys of one row); `x` (`dO` or the scaled query
+/// tile) `rows` rows of `width` values `ldx` apart, read in place as panels of [`NR`] columns;
+/// `sums` `[bc, width]`. Each sum is taken from `sums`, then adds `rows` products in order.
+/// `width` must be a multiple of [`NR`] ([`Job::tile_sums`]).
+fn transposed_product(
+    sums: &mut [f32],
+    [bc, width, rows]: [usize; 3],
+    m: &[f32],
+    ld: usize,
+    (x, ldx): (&[f32], usize),
+) {
+    assert!(width.is_multiple_of(NR) && crate::simd::simd_level().is_vector());
+    if width == 0 || rows == 0 || bc == 0 {
+        return;
     }
-    delta
+    assert!(bc <= ld && m.len() >= (rows - 1) * ld + bc && sums.len() >= bc * width);
+    assert!(width <= ldx && x.len() >= (rows - 1) * ldx + width);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a vector level (checked); `m` holds `rows` rows of `bc` values `ld` apart, `x`
+    // `rows` rows of `width` values `ldx` apart (its panels of NR columns `NR` apart), `sums`
+    // `bc` rows of `width` (checked above); `width` is a whole number of panels.
+    unsafe {
+        crate::tile::gemm_a_transposed::<true>(
+            bc,
+            width,
+            rows,
+            m.as_ptr(),
+            ld,
+            x.as_ptr(),
+            ldx,
+            NR,
+            sums.as_mut_ptr(),
+            width,
+        )
+    };
+}
+
+/// The row stride of a tile's probabilities and score gradients (`Scratch::p`, `dp`) for `bc`
+/// keys where the tile kernel computes them: whole panels of [`NR`] columns, and one panel
+/// more. The tile kernel reads `P` and `dS` down their columns for `dV` and `dK`; rows a power
+/// of two of floats apart (4 KiB at 1,024 keys) would put a column's rows into one L1 set.
+fn p_stride(bc: usize) -> usize {
+    pad_to_nr(bc) + NR
 }
 
 /// One worker's tiles, kept per thread and reused from task to task and from call to call, as
@@ -142,10 +158,8 @@ fn row_deltas(inputs: &BackwardInputs<'_>, shape: &Shape, par: Par) -> Buffer {
 struct Scratch {
     /// `[ROWS, D]`: query rows times the scale.
     q_tile: Vec<f32>,
-    /// `[ROWS, key block]`: probabilities, then `dS`.
+    /// `[ROWS, key block]` (rows `Job::p_ld` apart): probabilities, then `dS`.
     p: Vec<f32>,
-    /// `[ROWS, key block padded]`: scores from a kernel that writes whole column panels.
-    padded: Vec<f32>,
     /// The key block in transposed panels, for the tile kernel.
     kt: Vec<f32>,
     /// The value block in transposed panels, for the tile kernel's `dP = dO·Vᵀ`.
@@ -154,11 +168,14 @@ struct Scratch {
     dout_tile: Vec<f32>,
     /// `(b, g, t0, bc)` when `kt` and `vt` hold that key block for the whole key task.
     packed_keys: Option<(usize, usize, usize, usize)>,
-    /// `[ROWS, key block]`: `dP`.
+    /// `[ROWS, key block]` (rows `Job::p_ld` apart): `dP`.
     dp: Vec<f32>,
     /// `[key block, D]` and `[key block, Dv]`: the key task's sums.
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// `[rows, Dv]`: the tile's rows of `dO` made contiguous along `Dv` for `dV += Pᵀ·dO` on
+    /// the tile kernel, when they are not.
+    dout_t: Vec<f32>,
     /// `[ROWS, D]`: a query task's (or the one pass's) `dQ` sums.
     dq: Vec<f32>,
 }
@@ -297,6 +314,23 @@ impl Job<'_, '_> {
         }
     }
 
+    /// The row stride of `P` and `dP` for `bc` keys: [`p_stride`] where the tile kernel
+    /// writes them, else `bc`.
+    fn p_ld(&self, bc: usize) -> usize {
+        match self.score_kernel {
+            ScoreKernel::Tile => p_stride(bc),
+            _ => bc,
+        }
+    }
+
+    /// Whether the tile kernel computes `dV += Pᵀ·dO` and `dK += dSᵀ·(scale·Q)`, reading `P`
+    /// and `dS` transposed in place: where it computes the scores, and `D` and `Dv` are whole
+    /// numbers of its panels (it stores whole panels). Otherwise faer's GEMM does. A function
+    /// of the shape alone, so the bits do not depend on the thread count.
+    fn tile_sums(&self) -> bool {
+        self.score_kernel == ScoreKernel::Tile && self.shape.d.is_multiple_of(NR) && self.shape.dv.is_multiple_of(NR)
+    }
+
     /// The query task `(b, h, row tile)`: `dQ` of its rows over every key block.
     fn query_task(&self, scratch: &mut Scratch, task: usize) {
         let sh = self.shape;
@@ -364,33 +398,21 @@ impl Job<'_, '_> {
             col_stride: k_st[3],
             bc,
         };
-        let ld = self.score_kernel.min_ld(bc);
+        let ld = self.p_ld(bc);
         let kernel = self.score_kernel;
-        // Overwritten whole by the kernel: no zero-fill per tile.
-        scratch.p.resize(rows * bc, 0.0);
+        // Overwritten by the kernel (every column a product reads): no zero-fill per tile.
+        scratch.p.resize(rows * ld, 0.0);
         let packed = scratch.holds_block(&tile);
-        let Scratch {
-            q_tile, p, padded, kt, ..
-        } = scratch;
-        let scores: &mut Vec<f32> = if ld == bc {
-            p
-        } else {
-            padded.resize(rows * ld, 0.0);
-            padded
-        };
+        let Scratch { q_tile, p, kt, .. } = scratch;
         if packed {
-            tile_scores(scores, ld, q_tile, [rows, sh.d], kt, bc);
+            tile_scores(p, ld, q_tile, [rows, sh.d], kt, bc);
         } else {
-            scores_into(kernel, scores, ld, q_tile, [rows, sh.d], keys, kt);
+            scores_into(kernel, p, ld, q_tile, [rows, sh.d], keys, kt);
             // `kt` may now hold this tile's keys, not the task's block.
             scratch.packed_keys = None;
         }
-        if ld != bc {
-            for (dst, src) in scratch.p.chunks_exact_mut(bc).zip(scratch.padded.chunks_exact(ld)) {
-                dst.copy_from_slice(&src[..bc]);
-            }
-        }
-        for (i, row) in scratch.p.chunks_exact_mut(bc).enumerate() {
+        for (i, row) in scratch.p.chunks_exact_mut(ld).enumerate() {
+            let row = &mut row[..bc];
             let s = r0 + i;
             mask_row(row, self.options, [b, h, s], t0, self.limit(b, s), [sh.s, sh.t]);
             let lse = self.inputs.lse.get([b, h, s]);
@@ -408,13 +430,31 @@ impl Job<'_, '_> {
         }
     }
 
-    /// `dV[keys] += pᵀ · dout[rows]`.
+    /// `dV[keys] += pᵀ · dout[rows]`: on the tile kernel ([`Job::tile_sums`]) or faer's GEMM.
     fn value_gradient(&self, scratch: &mut Scratch, tile: Tile) {
         let (sh, dout) = (self.shape, self.inputs.dout);
         let Tile { b, h, r0, rows, bc, .. } = tile;
         let st = dout.strides();
-        // SAFETY: `dv` holds [bc, Dv], `p` [rows, bc] read transposed; the rows of `dout` were
-        // bounds-checked with it.
+        let ld = self.p_ld(bc);
+        if self.tile_sums() {
+            let base = dout.offset([b, h, r0, 0]);
+            let rows_of_dout = if st[3] == 1 {
+                (&dout.data()[base..], st[2])
+            } else {
+                // Made contiguous along `Dv`: the kernel reads whole panels of a row.
+                scratch.dout_t.resize(rows * sh.dv, 0.0);
+                for (i, dst) in scratch.dout_t.chunks_exact_mut(sh.dv).enumerate() {
+                    dst.iter_mut()
+                        .enumerate()
+                        .for_each(|(c, x)| *x = dout.data()[base + i * st[2] + c * st[3]]);
+                }
+                (&scratch.dout_t[..], sh.dv)
+            };
+            transposed_product(&mut scratch.dv, [bc, sh.dv, rows], &scratch.p, ld, rows_of_dout);
+            return;
+        }
+        // SAFETY: `dv` holds [bc, Dv], `p` [rows, bc] (rows `ld` apart) read transposed; the
+        // rows of `dout` were bounds-checked with it.
         unsafe {
             gemm_raw(
                 scratch.dv.as_mut_ptr(),
@@ -422,7 +462,7 @@ impl Job<'_, '_> {
                 [bc, sh.dv, rows],
                 Accum::Add,
                 scratch.p.as_ptr(),
-                [1, bc],
+                [1, ld],
                 dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
                 [st[2], st[3]],
                 1.0,
@@ -443,19 +483,14 @@ impl Job<'_, '_> {
             t0,
             bc,
         } = tile;
-        // Overwritten whole by the product below.
-        scratch.dp.resize(rows * bc, 0.0);
+        let ld = self.p_ld(bc);
+        // Overwritten by the product below (every column read after it).
+        scratch.dp.resize(rows * ld, 0.0);
         let (d_st, v_st) = (dout.strides(), v.strides());
         if scratch.holds_block(&tile) {
             // The values packed once for the key task: the tile kernel, as for the scores, on
             // the tile's rows of `dO` made contiguous.
-            let Scratch {
-                dp,
-                padded,
-                vt,
-                dout_tile,
-                ..
-            } = scratch;
+            let Scratch { dp, vt, dout_tile, .. } = scratch;
             dout_tile.resize(rows * sh.dv, 0.0);
             for (i, dst) in dout_tile.chunks_exact_mut(sh.dv).enumerate() {
                 let base = dout.offset([b, h, r0 + i, 0]);
@@ -463,23 +498,14 @@ impl Job<'_, '_> {
                     .enumerate()
                     .for_each(|(c, x)| *x = dout.data()[base + c * d_st[3]]);
             }
-            let ld = pad_to_nr(bc);
-            if ld == bc {
-                tile_scores(dp, ld, dout_tile, [rows, sh.dv], vt, bc);
-            } else {
-                padded.resize(rows * ld, 0.0);
-                tile_scores(padded, ld, dout_tile, [rows, sh.dv], vt, bc);
-                for (dst, src) in dp.chunks_exact_mut(bc).zip(padded.chunks_exact(ld)) {
-                    dst.copy_from_slice(&src[..bc]);
-                }
-            }
+            tile_scores(dp, ld, dout_tile, [rows, sh.dv], vt, bc);
         } else {
-            // SAFETY: `dp` holds [rows, bc]; the rows of `dout` and the value block were
-            // bounds-checked with their views.
+            // SAFETY: `dp` holds [rows, bc] (rows `ld` apart); the rows of `dout` and the value
+            // block were bounds-checked with their views.
             unsafe {
                 gemm_raw(
                     scratch.dp.as_mut_ptr(),
-                    [bc, 1],
+                    [ld, 1],
                     [rows, bc, sh.dv],
                     Accum::Replace,
                     dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
@@ -493,20 +519,37 @@ impl Job<'_, '_> {
         }
         for (i, (p_row, dp_row)) in scratch
             .p
-            .chunks_exact_mut(bc)
-            .zip(scratch.dp.chunks_exact(bc))
+            .chunks_exact_mut(ld)
+            .zip(scratch.dp.chunks_exact(ld))
             .enumerate()
         {
             // A hidden key (p = 0) stays 0 even if `dp` is not finite.
-            softmax_grad_row(p_row, dp_row, self.delta[(b * sh.h + h) * sh.s + r0 + i]);
+            softmax_grad_row(
+                &mut p_row[..bc],
+                &dp_row[..bc],
+                self.delta[(b * sh.h + h) * sh.s + r0 + i],
+            );
         }
     }
 
     /// `dK[keys] += dSᵀ · q_tile`: the query tile holds `scale·q`, so this is `scale·dSᵀ·q`.
+    /// On the tile kernel ([`Job::tile_sums`]) or faer's GEMM.
     fn key_gradient(&self, scratch: &mut Scratch, tile: Tile) {
         let sh = self.shape;
         let Tile { rows, bc, .. } = tile;
-        // SAFETY: `dk` holds [bc, D], `p` (now dS) [rows, bc] read transposed, `q_tile` [rows, D].
+        let ld = self.p_ld(bc);
+        if self.tile_sums() {
+            transposed_product(
+                &mut scratch.dk,
+                [bc, sh.d, rows],
+                &scratch.p,
+                ld,
+                (&scratch.q_tile, sh.d),
+            );
+            return;
+        }
+        // SAFETY: `dk` holds [bc, D], `p` (now dS) [rows, bc] (rows `ld` apart) read
+        // transposed, `q_tile` [rows, D].
         unsafe {
             gemm_raw(
                 scratch.dk.as_mut_ptr(),
@@ -514,7 +557,7 @@ impl Job<'_, '_> {
                 [bc, sh.d, rows],
                 Accum::Add,
                 scratch.p.as_ptr(),
-                [1, bc],
+                [1, ld],
                 scratch.q_tile.as_ptr(),
                 [sh.d, 1],
                 1.0,
@@ -528,8 +571,9 @@ impl Job<'_, '_> {
         let (sh, k) = (self.shape, self.inputs.k);
         let Tile { b, g, rows, t0, bc, .. } = tile;
         let st = k.strides();
-        // SAFETY: `dq` holds [rows, D], `p` (now dS) [rows, bc]; the key block was bounds-checked
-        // with `k`.
+        let ld = self.p_ld(bc);
+        // SAFETY: `dq` holds [rows, D], `p` (now dS) [rows, bc] (rows `ld` apart); the key block
+        // was bounds-checked with `k`.
         unsafe {
             gemm_raw(
                 scratch.dq.as_mut_ptr(),
@@ -537,7 +581,7 @@ impl Job<'_, '_> {
                 [rows, sh.d, bc],
                 Accum::Add,
                 scratch.p.as_ptr(),
-                [bc, 1],
+                [ld, 1],
                 k.data().as_ptr().add(k.offset([b, g, t0, 0])),
                 [st[2], st[3]],
                 1.0,

@@ -1,8 +1,10 @@
 //! The bf16 levels' fused pass 2 (AMX's A tiles, AVX512-BF16's rows of pairs) and its shorter
 //! `exp` ([`super::bf16_x86`]) against f64, at the AVX-512 level with AVX512-BF16 (skipped,
-//! with a note, elsewhere).
+//! with a note, elsewhere); and pass 2's rows that see nothing, at every level.
 
 use super::tests_bf16::{EPS, PROBABILITY_EXP_ERROR};
+use super::{flash_attention, BLOCK_KEYS};
+use crate::{AttentionOptions, ForwardInputs, Par, View4, ViewMut4};
 
 #[cfg(target_arch = "x86_64")]
 use PROBABILITY_EXP_ERROR as EXP_SHORT_ERROR;
@@ -161,5 +163,79 @@ fn fused_exp_into_pairs_writes_the_converted_row() {
         // SAFETY: AVX512-BF16 at the AVX-512 level (checked); 16 words at each step's offset.
         let tiles_sum = unsafe { super::bf16_x86::exp_sub_sum_steps(&row, m, steps, tiles.as_mut_ptr(), 32) };
         assert_eq!(sum.to_bits(), tiles_sum.to_bits(), "sum of {n}");
+    }
+}
+
+/// Rows that see no key of a block, between rows that do, leave the others' probabilities
+/// alone and give zeros; a row whose only visible scores are NaN gives NaN, alone. An additive
+/// mask hides every key from rows 5, 9, ... and the first block's keys from rows 7, 11, ...;
+/// row 3 sees one NaN score. Every other row agrees with f32 (within bf16's rounding) at this
+/// machine's level.
+#[test]
+fn rows_that_see_nothing_leave_their_neighbours_alone() {
+    super::tests_bf16::each_bf16_kernel(|route| {
+        eprintln!("rows_that_see_nothing_leave_their_neighbours_alone: {route}");
+        rows_that_see_nothing_leave_their_neighbours_alone_once();
+    });
+}
+
+fn rows_that_see_nothing_leave_their_neighbours_alone_once() {
+    let (h, s, t, d) = (2, 70, 2 * BLOCK_KEYS + 40, 32);
+    let q = crate::testing::random_vec(h * s * d, 11);
+    let k = crate::testing::random_vec(h * t * d, 12);
+    let v = crate::testing::random_vec(h * t * d, 13);
+    let hidden = |si: usize, ti: usize| (si % 4 == 1 && si > 1) || (si % 4 == 3 && si > 3 && ti < BLOCK_KEYS);
+    let mask: Vec<f32> = (0..s * t)
+        .map(|i| {
+            let (si, ti) = (i / t, i % t);
+            if si == 3 {
+                if ti == 5 {
+                    f32::NAN
+                } else {
+                    f32::NEG_INFINITY
+                }
+            } else if hidden(si, ti) {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let run = |precision| {
+        let mut out = vec![0.0f32; h * s * d];
+        let options = AttentionOptions {
+            mask: crate::Mask::Additive(View4::new(&mask, [1, h, s, t], [0, 0, t, 1]).unwrap()),
+            precision,
+            ..Default::default()
+        };
+        let inputs = ForwardInputs::new(
+            View4::contiguous(&q, [1, h, s, d]).unwrap(),
+            View4::contiguous(&k, [1, h, t, d]).unwrap(),
+            View4::contiguous(&v, [1, h, t, d]).unwrap(),
+        );
+        flash_attention(
+            ViewMut4::contiguous(&mut out, [1, h, s, d]).unwrap(),
+            None,
+            inputs,
+            &options,
+            Par::Seq,
+        )
+        .unwrap();
+        out
+    };
+    let (bf16, f32_out) = (run(crate::Precision::Bf16), run(crate::Precision::F32));
+    for hi in 0..h {
+        for si in 0..s {
+            let row = |out: &[f32]| out[(hi * s + si) * d..][..d].to_vec();
+            let (got, want) = (row(&bf16), row(&f32_out));
+            if si == 3 {
+                assert!(got.iter().all(|x| x.is_nan()), "h {hi} row 3 (a NaN score): {got:?}");
+            } else if si % 4 == 1 && si > 1 {
+                assert!(got.iter().all(|&x| x == 0.0), "h {hi} row {si} (sees nothing): {got:?}");
+            } else {
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(err < 0.02, "h {hi} row {si}: {got:?} against f32 {want:?}");
+            }
+        }
     }
 }
