@@ -8,7 +8,7 @@ use super::{cargo, root, run};
 
 /// The numerically central code `cargo xtask mutants` mutates: a file and a regex of the
 /// functions in it (cargo-mutants' names), tested by the tests of the crate that owns the file.
-const MUTANT_SCOPE: [(&str, &str); 47] = [
+const MUTANT_SCOPE: [(&str, &str); 48] = [
     // The flash passes, the split-KV merge and the repair of non-finite rows.
     (
         "crates/attn-kernels/src/flash/tile.rs",
@@ -22,7 +22,7 @@ const MUTANT_SCOPE: [(&str, &str); 47] = [
     ("crates/attn-kernels/src/flash/pack.rs", "pack_blocks|pack_group"),
     (
         "crates/attn-kernels/src/flash/bf16.rs",
-        "key_bits_packer|key_bits_panels16|value_bits_packer|value_bits_block|interleave_bits|pack_group",
+        "key_bits_packer|key_bits_panels16|value_bits_packer|value_bits_block|interleave_bits|pack_group|exp_sub_sum_into_pairs|scaled_row_into_pairs",
     ),
     ("crates/attn-kernels/src/flash/split_kv.rs", "attend_split|merge_row"),
     ("crates/attn-kernels/src/softmax.rs", "softmax_row|masked_softmax"),
@@ -82,6 +82,7 @@ const MUTANT_SCOPE: [(&str, &str); 47] = [
         "backward_path|attention_backward|attention_backward_path|attention_backward_fused|validate_inputs|check_gradients",
     ),
     ("crates/attn-kernels/src/backward/tasks.rs", ".*"),
+    ("crates/attn-kernels/src/backward/deltas.rs", ".*"),
     (
         "crates/attn-kernels/src/grad.rs",
         "add_column_sums|add_rows|sum_of_squares|add_squares|adamw_update|adamw_rows|linear_backward|derivative|activation_backward.*|embedding|check_ids|embedding_backward|cross_entropy.*",

@@ -119,11 +119,10 @@ fn transposed_product(
     (x, ldx): (&[f32], usize),
 ) {
     assert!(width.is_multiple_of(NR) && crate::simd::simd_level().is_vector());
-    if width == 0 || rows == 0 || bc == 0 {
-        return;
-    }
-    assert!(bc <= ld && m.len() >= (rows - 1) * ld + bc && sums.len() >= bc * width);
-    assert!(width <= ldx && x.len() >= (rows - 1) * ldx + width);
+    // The floats `n` rows of `w` values `ld` apart span.
+    let span = |n: usize, ld: usize, w: usize| n.checked_sub(1).map_or(0, |last| last * ld + w);
+    assert!(bc <= ld && m.len() >= span(rows, ld, bc) && sums.len() >= bc * width);
+    assert!(width <= ldx && x.len() >= span(rows, ldx, width));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a vector level (checked); `m` holds `rows` rows of `bc` values `ld` apart, `x`
     // `rows` rows of `width` values `ldx` apart (its panels of NR columns `NR` apart), `sums`

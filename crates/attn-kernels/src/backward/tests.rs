@@ -773,11 +773,12 @@ fn fused_gradients_are_the_separate_gradients_in_place() {
 /// is scaled element by element as `scale_into` scales a contiguous one, and the row sums
 /// `Σ dO·O` add in the same order whichever way the rows are read. Each is stored transposed
 /// in its last two dimensions, alone and with the others, with few rows (dot-product scores)
-/// and many (the tile kernel).
+/// and many (the tile kernel), and head sizes that are whole 16-column panels (`dV` and `dK` on
+/// the tile kernel, a strided `dO` made contiguous for it) and that are not.
 #[test]
 fn strided_q_out_and_dout_give_the_bits_of_contiguous_rows() {
-    for s in [4, 20] {
-        let (b, h, t, d, dv) = (2, 2, 30, 8, 12);
+    for (s, d, dv) in [(4, 8, 12), (20, 8, 12), (20, 16, 32), (70, 32, 16)] {
+        let (b, h, t) = (2, 2, 30);
         let q = random_vec(b * h * s * d, 41);
         let k = random_vec(b * h * t * d, 42);
         let v = random_vec(b * h * t * dv, 43);
@@ -843,10 +844,14 @@ fn strided_q_out_and_dout_give_the_bits_of_contiguous_rows() {
             strided(&out_t, o_shape),
             strided(&dout_t, o_shape),
         ];
+        // `dout` every other float of a buffer twice its size: neither stride is 1.
+        let spread: Vec<f32> = dout.iter().flat_map(|&x| [x, f32::NAN]).collect();
+        let dout_spread = View4::new(&spread, o_shape, [2 * h * s * dv, 2 * s * dv, 2 * dv, 2]).unwrap();
         for (name, views) in [
             ("q", [q_s, plain[1], plain[2]]),
             ("out", [plain[0], out_s, plain[2]]),
             ("dout", [plain[0], plain[1], dout_s]),
+            ("dout spread", [plain[0], plain[1], dout_spread]),
             ("all", [q_s, out_s, dout_s]),
         ] {
             assert!(gradients(views) == want, "S {s}, {name} strided: other bits");
