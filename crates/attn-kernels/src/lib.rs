@@ -136,7 +136,7 @@ pub fn __tile_gemm_min_seconds(rows: usize, n: usize, depth: usize, lda: usize, 
                 // SAFETY: AVX2+FMA are present; the buffers have exactly these shapes, and `n` is
                 // a multiple of the kernel width.
                 unsafe {
-                    tile::gemm::<true>(
+                    tile::gemm::<true, false>(
                         rows,
                         n,
                         depth,

@@ -149,7 +149,7 @@ pub(crate) fn tile_scores(dst: &mut [f32], ld: usize, q_tile: &[f32], [rows, d]:
     // SAFETY: a vector level was checked above; `q_tile` is [rows, D], `kt` holds `bc_pad / NR`
     // panels of [D, NR], `dst` [rows, ld] with `ld ≥ bc_pad` (asserted above).
     unsafe {
-        crate::tile::gemm::<false>(
+        crate::tile::gemm::<false, false>(
             rows,
             bc_pad,
             d,

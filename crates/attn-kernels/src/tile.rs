@@ -16,7 +16,7 @@
 //! AVX2+FMA run the same tile through faer (see `flash/tile.rs`).
 //!
 //! The backward's `dV += Pᵀ·dO` and `dK += dSᵀ·Q` run the same block with `a` read transposed
-//! ([`gemm_a_transposed`]). The decode kernels, for a few query rows against keys and values in
+//! ([`gemm`]'s `A_T`). The decode kernels, for a few query rows against keys and values in
 //! place, are in `decode.rs`.
 
 use crate::flash::SCORES_LD;
@@ -270,14 +270,16 @@ tile_gemm!(gemm_avx512, crate::lanes::Avx512, "avx512f,avx512bw,avx512vl,avx512d
     single: [1, 16, 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16]);
 
 /// `c[R, N] (+)= a[R, depth] · b[depth, N]` with the micro-kernel of the running level (`N` a
-/// multiple of [`NR`]; `b` in panels as [`gemm_avx2`] reads it).
+/// multiple of [`NR`]; `b` in panels as [`gemm_avx2`] reads it). With `A_T`, `a` is read
+/// transposed (`a[p·lda + r]`, a row-major `[depth, R]`), without a transposed copy: the
+/// backward's `Pᵀ·dO` and `dSᵀ·Q`.
 ///
 /// # Safety
 /// The level must be a vector level (`simd_level().is_vector()`), and every operand in bounds
 /// for those shapes.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
+pub(crate) unsafe fn gemm<const ACCUMULATE: bool, const A_T: bool>(
     rows: usize,
     n: usize,
     depth: usize,
@@ -293,39 +295,10 @@ pub(crate) unsafe fn gemm<const ACCUMULATE: bool>(
         // SAFETY: `Avx512` is only reported when the CPU has AVX-512 F/BW/VL/DQ; operands by the
         // caller's contract.
         crate::SimdLevel::Avx512 => unsafe {
-            gemm_avx512::<ACCUMULATE, false>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc)
+            gemm_avx512::<ACCUMULATE, A_T>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc)
         },
         // SAFETY: every vector level has AVX2 and FMA; operands by the caller's contract.
-        _ => unsafe { gemm_avx2::<ACCUMULATE, false>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc) },
-    }
-}
-
-/// [`gemm`] with `a` read transposed: `c[R, N] (+)= aᵀ · b` for a row-major `a: [depth, R]`
-/// (`a[p·lda + r]`), without a transposed copy: the backward's `dOᵀ·P` and `Qᵀ·dS`.
-///
-/// # Safety
-/// As for [`gemm`], with `a` readable at `p·lda + r` for `p < depth`, `r < rows`.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_a_transposed<const ACCUMULATE: bool>(
-    rows: usize,
-    n: usize,
-    depth: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    b_panel: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    match crate::simd::simd_level() {
-        // SAFETY: as in `gemm`.
-        crate::SimdLevel::Avx512 => unsafe {
-            gemm_avx512::<ACCUMULATE, true>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc)
-        },
-        // SAFETY: as in `gemm`.
-        _ => unsafe { gemm_avx2::<ACCUMULATE, true>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc) },
+        _ => unsafe { gemm_avx2::<ACCUMULATE, A_T>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc) },
     }
 }
 

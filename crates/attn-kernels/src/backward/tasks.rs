@@ -128,7 +128,7 @@ fn transposed_product(
     // `rows` rows of `width` values `ldx` apart (its panels of NR columns `NR` apart), `sums`
     // `bc` rows of `width` (checked above); `width` is a whole number of panels.
     unsafe {
-        crate::tile::gemm_a_transposed::<true>(
+        crate::tile::gemm::<true, true>(
             bc,
             width,
             rows,

@@ -489,9 +489,9 @@ fn pass4_weighted_values(
             )
         } else {
             let product = if block.first {
-                crate::tile::gemm::<false>
+                crate::tile::gemm::<false, false>
             } else {
-                crate::tile::gemm::<true>
+                crate::tile::gemm::<true, false>
             };
             product(
                 n_rows,
