@@ -163,7 +163,8 @@ struct Scratch {
     kt: Vec<f32>,
     /// The value block in transposed panels, for the tile kernel's `dP = dO·Vᵀ`.
     vt: Vec<f32>,
-    /// `[ROWS, Dv]`: the tile's rows of `dO`, contiguous, for the same product.
+    /// `[ROWS, Dv]`: the tile's rows of `dO`, contiguous, for the same product (and for `dV`'s
+    /// on the tile kernel when `dO` is strided along `Dv`).
     dout_tile: Vec<f32>,
     /// `(b, g, t0, bc)` when `kt` and `vt` hold that key block for the whole key task.
     packed_keys: Option<(usize, usize, usize, usize)>,
@@ -172,9 +173,6 @@ struct Scratch {
     /// `[key block, D]` and `[key block, Dv]`: the key task's sums.
     dk: Vec<f32>,
     dv: Vec<f32>,
-    /// `[rows, Dv]`: the tile's rows of `dO` made contiguous along `Dv` for `dV += Pᵀ·dO` on
-    /// the tile kernel, when they are not.
-    dout_t: Vec<f32>,
     /// `[ROWS, D]`: a query task's (or the one pass's) `dQ` sums.
     dq: Vec<f32>,
 }
@@ -440,14 +438,15 @@ impl Job<'_, '_> {
             let rows_of_dout = if st[3] == 1 {
                 (&dout.data()[base..], st[2])
             } else {
-                // Made contiguous along `Dv`: the kernel reads whole panels of a row.
-                scratch.dout_t.resize(rows * sh.dv, 0.0);
-                for (i, dst) in scratch.dout_t.chunks_exact_mut(sh.dv).enumerate() {
+                // Made contiguous along `Dv` (`dout_tile`, as `dP`'s product makes it): the
+                // kernel reads whole panels of a row.
+                scratch.dout_tile.resize(rows * sh.dv, 0.0);
+                for (i, dst) in scratch.dout_tile.chunks_exact_mut(sh.dv).enumerate() {
                     dst.iter_mut()
                         .enumerate()
                         .for_each(|(c, x)| *x = dout.data()[base + i * st[2] + c * st[3]]);
                 }
-                (&scratch.dout_t[..], sh.dv)
+                (&scratch.dout_tile[..], sh.dv)
             };
             transposed_product(&mut scratch.dv, [bc, sh.dv, rows], &scratch.p, ld, rows_of_dout);
             return;
