@@ -1,8 +1,8 @@
 """Two attn binaries' `attn bench run` on the modules of bench_modules.py (its files, written
 once to a temporary folder), interleaved round by round; the median of the per-round speed
-ratios after / before.
+ratios after / before. `--bf16` runs both in bf16 (`attn bench run --dtype bf16`).
 
-Usage: python bench_ab_modules.py BEFORE AFTER ROUNDS [THREADS]
+Usage: python bench_ab_modules.py BEFORE AFTER ROUNDS [THREADS] [--bf16]
 """
 
 import json
@@ -17,9 +17,11 @@ import bench_modules
 
 
 def main():
-    before, after, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    threads = int(sys.argv[4]) if len(sys.argv) > 4 else 2
-    print(f"{threads} threads, {rounds} interleaved rounds")
+    dtype = "bf16" if "--bf16" in sys.argv else "f32"
+    args = [a for a in sys.argv[1:] if a != "--bf16"]
+    before, after, rounds = args[0], args[1], int(args[2])
+    threads = int(args[3]) if len(args) > 3 else 2
+    print(f"{threads} threads, {rounds} interleaved rounds, {dtype}")
     print("| module | before ms | after ms | after / before speed, median of rounds | range |")
     print("|---|---|---|---|---|")
     for make in bench_modules.CASES:
@@ -31,8 +33,8 @@ def main():
             save_file({k: v.clone().contiguous() for k, v in inputs.items()}, str(d / "in.safetensors"))
             first, second = [], []
             for _ in range(rounds):
-                first.append(bench_modules.attn_bench_run(before, threads, d, "f32"))
-                second.append(bench_modules.attn_bench_run(after, threads, d, "f32"))
+                first.append(bench_modules.attn_bench_run(before, threads, d, dtype))
+                second.append(bench_modules.attn_bench_run(after, threads, d, dtype))
         ratios = sorted(x / y for x, y in zip(first, second))
         print(f"| {label} | {statistics.median(first)*1e3:.2f} | {statistics.median(second)*1e3:.2f} | "
               f"{statistics.median(ratios):.3f} | {ratios[0]:.2f}–{ratios[-1]:.2f} |", flush=True)

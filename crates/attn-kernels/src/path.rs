@@ -83,16 +83,22 @@ pub fn attention_with_lse_lo(
 
 /// [`attention`] that also writes the call's softmax weights to `weights`: every head's
 /// `[B, H, S, T]`, or their mean `[B, S, T]` (as `nn.MultiheadAttention` returns with
-/// `need_weights`). `out` and `lse` (optional) are [`attention`]'s, bit for bit, and the weights
-/// are [`crate::attention_weights`]'s from that `lse`, bit for bit, on every path.
+/// `need_weights`). `out` and `lse` (optional) are [`attention`]'s, bit for bit. In f32, and in
+/// bf16 without bf16 instructions, the weights are [`crate::attention_weights`]'s from that
+/// `lse`, bit for bit, on every path.
 ///
-/// On an f32 call of the flash path with unsplit keys (not decoding) and at most 16,384 keys,
-/// the flash kernel keeps each tile's masked scores and turns them into weights as each row
+/// On a call of the flash path with unsplit keys (not decoding) and at most 16,384 keys, the
+/// flash kernel keeps each tile's masked scores and turns them into weights as each row
 /// finishes, instead of a second pass that multiplies `q·kᵀ` again; when averaging it does so
 /// only when every query row's heads fall in one task and there is a task per worker. The
 /// unfused path keeps each row's masked scores likewise (averaging: when there is a batch
-/// element per worker). Other calls (bf16, decoding, longer keys) run [`attention`], then
-/// [`crate::attention_weights`].
+/// element per worker). Other calls (decoding, longer keys, bf16 on AMX) run [`attention`],
+/// then [`crate::attention_weights`].
+///
+/// bf16 on `vdpbf16ps` (the AVX512-BF16 level): kept weights are the forward's own
+/// probabilities, `exp(ŝ − lse)` of the scores its `P·V` weighed; the second pass multiplies the
+/// same rounded operands in f32, so the two differ in the last bits (both within the bound of
+/// docs/SEMANTICS.md's bf16 section).
 ///
 /// Beyond [`attention`]'s errors, fails when `weights` has the wrong shape or D is 0.
 pub fn attention_with_weights(
@@ -128,8 +134,9 @@ pub fn attention_with_weights(
 }
 
 /// The path that writes the weights of a call of `plan` itself, keeping its masked scores, or
-/// `None` when they come from a second pass over the LSE. Only f32 calls with no empty
-/// dimension qualify, on the path [`chosen_path`] names:
+/// `None` when they come from a second pass over the LSE. Calls with no empty dimension
+/// qualify, f32 ones on the path [`chosen_path`] names and bf16 ones on the flash kernel (except
+/// at the AMX level, whose tiles take the second pass):
 /// - the flash kernel with unsplit keys (not decoding) and at most
 ///   [`crate::flash::MAX_KEPT_KEYS`] keys; when averaging over heads, one task holds every head of
 ///   its query rows, so a row's heads must not straddle two row tiles and there must be a task
@@ -143,14 +150,20 @@ pub(crate) fn keeping_path(
     par: Par,
 ) -> Option<KernelPath> {
     let sized = plan.b > 0 && plan.h > 0 && plan.s > 0 && plan.t > 0 && plan.d > 0;
-    if options.precision != crate::Precision::F32 || !sized {
+    // AMX's tiles keep theirs only once that has run on a CPU with AMX.
+    let bf16_keeps = crate::bf16_level() != crate::Bf16Level::Amx;
+    let path = match options.precision {
+        crate::Precision::F32 => chosen_path(crate::simd_level(), [plan.b, plan.h, plan.s, plan.d], [plan.g, plan.t]),
+        crate::Precision::Bf16 if bf16_keeps => KernelPath::Flash,
+        crate::Precision::Bf16 => return None,
+    };
+    if !sized {
         return None;
     }
     let workers = match par {
         Par::Seq => 1,
         Par::Rayon => rayon::current_num_threads(),
     };
-    let path = chosen_path(crate::simd_level(), [plan.b, plan.h, plan.s, plan.d], [plan.g, plan.t]);
     let keeps = match path {
         KernelPath::Flash => {
             let tasks_hold_rows = crate::BLOCK_ROWS.is_multiple_of(plan.rep) && plan.b * plan.row_tiles >= workers;

@@ -56,6 +56,8 @@ mod tests_bf16_exp;
 #[cfg(test)]
 mod tests_bf16_route;
 #[cfg(test)]
+mod tests_bf16_weights;
+#[cfg(test)]
 mod tests_kv_bits;
 #[cfg(test)]
 mod tests_per_group;
@@ -133,7 +135,7 @@ pub fn flash_attention(
 /// [`flash_attention`], with the repair of values that rows cannot see (see
 /// [`crate::nonfinite`]) switched by `repair`; `[lse, lse_lo]` as in
 /// [`crate::attention_with_lse_lo`], each optional; and the call's weights written to `weights`
-/// when given (f32 calls that [`crate::path::keeping_path`] gives this kernel; see [`weights`]).
+/// when given (calls that [`crate::path::keeping_path`] gives this kernel; see [`weights`]).
 pub(crate) fn flash_impl(
     out: ViewMut4<'_, f32>,
     [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
@@ -157,13 +159,13 @@ pub(crate) fn flash_impl(
     crate::flash::check_lse_lo("flash_attention", &out, &lse_lo)?;
     let dst = Dst::new(&mut out, &mut lse, &mut lse_lo);
     let scale = resolve_scale(options, plan.d);
-    assert!(weights.is_none() || (options.precision == Precision::F32 && plan.splits == 1));
+    assert!(weights.is_none() || plan.splits == 1);
     let spoilt = match options.precision {
         // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32 kernel
         // rounds the operands as it packs them, where it packs K and V for the call.
         Precision::Bf16 if rounds_into_f32(decodes_in_place(&plan, k.strides(), v.strides())) => {
             if rounds_while_packing(&plan, &k) {
-                attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, None, par)
+                attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, weights, par)
             } else {
                 // Else on rounded copies (the same bits), the scale already applied.
                 let copies = bf16::rounded_copies(&[(&q, scale), (&k, 1.0), (&v, 1.0)], par);
@@ -174,12 +176,12 @@ pub(crate) fn flash_impl(
                     View4::contiguous(kr, k.shape())?,
                     View4::contiguous(vr, v.shape())?,
                 );
-                let spoilt = attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, None, par);
+                let spoilt = attend(&plan, rounded, options, 1.0, Operation::RoundedF32, dst, weights, par);
                 crate::buffer::give(copies);
                 spoilt
             }
         }
-        Precision::Bf16 => attend(&plan, inputs, options, scale, Operation::Bf16, dst, None, par),
+        Precision::Bf16 => attend(&plan, inputs, options, scale, Operation::Bf16, dst, weights, par),
         Precision::F32 => attend(&plan, inputs, options, scale, Operation::F32, dst, weights, par),
     };
     if repair && spoilt {

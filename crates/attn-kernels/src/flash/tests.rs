@@ -407,7 +407,7 @@ fn the_kernels_keep_their_scores_for_usual_shapes() {
         }
     }
     // Decoding splits its keys; one row tile cannot feed two workers an average; a group of 3
-    // heads straddles row tiles; bf16 takes the second pass.
+    // heads straddles row tiles; bf16 keeps its scores in the flash kernel, except on AMX.
     let plan = |q, kv| Plan::new(q, kv);
     assert_eq!(
         keeping_path(&plan([1, 8, 1, 16], [8, 4096, 16]), &f32_options, false, Par::Seq),
@@ -426,8 +426,15 @@ fn the_kernels_keep_their_scores_for_usual_shapes() {
         precision: crate::Precision::Bf16,
         ..AttentionOptions::default()
     };
+    let bf16_keeps = (crate::bf16_level() != crate::Bf16Level::Amx).then_some(Flash);
+    for averaged in [false, true] {
+        assert_eq!(
+            keeping_path(&plan([2, 4, 70, 16], [2, 300, 16]), &bf16, averaged, Par::Seq),
+            bf16_keeps
+        );
+    }
     assert_eq!(
-        keeping_path(&plan([2, 4, 70, 16], [2, 300, 16]), &bf16, false, Par::Seq),
+        keeping_path(&plan([1, 8, 1, 16], [8, 4096, 16]), &bf16, false, Par::Seq),
         None
     );
     // The unfused path (AVX2 at S ≥ 256) keeps its rows' scores itself; with one batch element
@@ -448,7 +455,8 @@ fn the_kernels_keep_their_scores_for_usual_shapes() {
     let single = plan([1, 8, 256, 64], [8, 256, 64]);
     let averaged_on_two = two.install(|| keeping_path(&single, &f32_options, true, Par::Rayon));
     assert_eq!(averaged_on_two, if want == Unfused { None } else { Some(Flash) });
-    assert_eq!(keeping_path(&unfused_shape, &bf16, false, Par::Seq), None);
+    // bf16 runs the flash kernel whatever the level.
+    assert_eq!(keeping_path(&unfused_shape, &bf16, false, Par::Seq), bf16_keeps);
 }
 
 /// Rows and keys at each edge of a row tile and a key block, and keys past two blocks.

@@ -235,20 +235,9 @@ fn check(case: Case) -> [f64; 2] {
         &format!("rounded {what}"),
     );
 
-    // The weights from the forward's LSE are the rounded operands' softmax: scores and LSE
-    // within `Δ + (T + 4)·ε` of it.
-    let mut weights = vec![f32::NAN; b * h * s * t];
-    let dst = crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut weights, [b, h, s, t]).unwrap());
-    let lse_view = crate::View::contiguous(&seq.1, [b, h, s]).unwrap();
-    crate::attention_weights(dst, qv, kv, lse_view, &options, Par::Rayon).unwrap();
-    for (i, (&got, &want)) in weights.iter().zip(&rounded.weights).enumerate() {
-        let factor = (2.0 * deltas[i / t.max(1)] + (t as f64 + 4.0) * EPS).exp();
-        let bound = (factor - 1.0) * want + 2.0 * EPS;
-        assert!(
-            (got as f64 - want).abs() <= bound,
-            "{what}: weight {i} = {got}, want {want}"
-        );
-    }
+    // The weights, from the forward's LSE and from the kernel's own scores.
+    let inputs = ForwardInputs::new(qv, kv, vv);
+    super::tests_bf16_weights::check_weights(&case, &options, inputs, &seq, &rounded.weights, &deltas);
     [to_exact, to_rounded]
 }
 
