@@ -263,7 +263,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let batch = args.batch_size as usize;
     let (stats, n) = args.threads.install(|n| {
         embedder.embed(&sentences, batch, Par::Rayon, |_| {})?;
-        let stats = crate::support::timing::measure(budget, || {
+        let stats = crate::support::timing::measure_warmed(budget, || {
             embedder
                 .embed(&sentences, batch, Par::Rayon, |_| {})
                 .expect("ran once above");

@@ -84,9 +84,14 @@ pub enum BackwardChoice {
     Unfused,
 }
 
-/// Times `f` per [`Budget`].
+/// Times `f` per [`Budget`], after one untimed call.
 pub fn measure(budget: Budget, mut f: impl FnMut()) -> Stats {
     f();
+    measure_warmed(budget, f)
+}
+
+/// [`measure`] for a caller that has just made the untimed call itself (to return its error).
+pub fn measure_warmed(budget: Budget, mut f: impl FnMut()) -> Stats {
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < budget.min_runs || (start.elapsed().as_secs_f64() < budget.min_seconds && times.len() < 1000) {

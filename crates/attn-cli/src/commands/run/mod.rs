@@ -477,7 +477,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let (stats, n) = args.threads.install(|n| {
         once(&prepared)?;
-        let stats = timing::measure(budget, || {
+        let stats = timing::measure_warmed(budget, || {
             once(&prepared).expect("ran once above");
         });
         Ok((stats, n))
