@@ -81,6 +81,23 @@ pub(crate) fn view4(data: &[f32], [b, x, l, w]: [usize; 4], bshd: bool) -> View4
     }
 }
 
+/// The `[B, X, L, W]` tensor of [`view4`] copied out row-major, whatever its storage.
+pub(crate) fn row_major(data: &[f32], [b, x, l, w]: [usize; 4], bshd: bool) -> Vec<f32> {
+    let view = view4(data, [b, x, l, w], bshd);
+    (0..b * x * l * w)
+        .map(|i| view.get([i / (x * l * w), i / (l * w) % x, i / w % l, i % w]))
+        .collect()
+}
+
+/// f32's unit roundoff `ε = 2^-24`, in the bf16 tests' bounds.
+pub(crate) const EPS: f64 = f32::EPSILON as f64 / 2.0;
+
+/// Whether two `(out, lse)` pairs hold the same bits.
+pub(crate) fn bits_eq(a: &(Vec<f32>, Vec<f32>), b: &(Vec<f32>, Vec<f32>)) -> bool {
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    bits(&a.0) == bits(&b.0) && bits(&a.1) == bits(&b.1)
+}
+
 pub(crate) fn view4_mut(data: &mut [f32], [b, x, l, w]: [usize; 4], bshd: bool) -> ViewMut4<'_, f32> {
     if bshd {
         ViewMut4::contiguous(data, [b, l, x, w])

@@ -20,12 +20,11 @@
 //! what is left is the probabilities' rounding, `u`. A wrong pair in a packed operand or a
 //! dropped key block is an error of order one.
 
-use super::tests::{view4, view4_mut, Case, CaseData, MaskKind, MaskShape};
+use super::tests::{bits_eq, row_major, view4, view4_mut, Case, CaseData, MaskKind, MaskShape, EPS};
 use super::*;
 use crate::{attention_reference, Causal, ForwardInputs};
 
 const U: f64 = 1.0 / 256.0;
-pub(super) const EPS: f64 = f32::EPSILON as f64 / 2.0;
 /// The relative error of the probabilities' `exp` beyond f32's few roundings: where AMX or
 /// `vdpbf16ps` computes the products, the shorter `exp`'s (`PROBABILITY_EXP_ERROR`; taken at
 /// both bf16 levels, which also covers their calls on the f32 kernels), elsewhere none. It
@@ -168,12 +167,7 @@ fn check(case: Case) -> [f64; 2] {
             par,
         )
         .unwrap();
-        // Row-major [B, H, S, Dv], whatever the storage.
-        let view = view4(&out, [b, h, s, dv], bshd);
-        let rows: Vec<f32> = (0..b * h * s * dv)
-            .map(|i| view.get([i / (h * s * dv), i / (s * dv) % h, i / dv % s, i % dv]))
-            .collect();
-        (rows, lse)
+        (row_major(&out, [b, h, s, dv], bshd), lse)
     };
     let what = format!("{case:?}");
     let seq = run(Par::Seq, flash_attention);
@@ -293,11 +287,6 @@ pub(super) fn each_bf16_kernel(mut check: impl FnMut(&str)) {
         check("vdpbf16ps forced");
         FORCE_VDPBF16PS.with(|f| f.set(false));
     }
-}
-
-pub(super) fn bits_eq(a: &(Vec<f32>, Vec<f32>), b: &(Vec<f32>, Vec<f32>)) -> bool {
-    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    bits(&a.0) == bits(&b.0) && bits(&a.1) == bits(&b.1)
 }
 
 /// Every shape edge of the bf16 packing (odd `D`, odd key blocks, ragged `Dv`), the masks, the

@@ -2,7 +2,8 @@
 //! `exp` ([`super::bf16_x86`]) against f64, at the AVX-512 level with AVX512-BF16 (skipped,
 //! with a note, elsewhere); and pass 2's rows that see nothing, at every level.
 
-use super::tests_bf16::{EPS, PROBABILITY_EXP_ERROR};
+use super::tests::EPS;
+use super::tests_bf16::PROBABILITY_EXP_ERROR;
 use super::{flash_attention, BLOCK_KEYS};
 use crate::{AttentionOptions, ForwardInputs, Par, View4, ViewMut4};
 

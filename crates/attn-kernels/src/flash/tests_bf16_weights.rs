@@ -2,12 +2,9 @@
 //! writes from its own scores where it keeps them: checked from [`super::tests_bf16`]'s cases
 //! against the bound of its module doc.
 
-use super::tests::{view4, view4_mut, Case};
+use super::tests::{bits_eq, row_major, view4_mut, Case, EPS};
 use super::FORCE_VDPBF16PS;
 use crate::{AttentionOptions, ForwardInputs, Par, ViewMut, ViewMut4};
-
-/// f32's unit roundoff, `ε` of the bound.
-const EPS: f64 = f32::EPSILON as f64 / 2.0;
 
 /// The weights of `case` in bf16 (`options`), `seq` being [`crate::attention`]'s `(out, lse)`
 /// (row-major), `rounded` the rounded operands' exact weights and `deltas` each row's score
@@ -85,15 +82,8 @@ fn check_kept_weights(
                     .unwrap()
                     .install(|| call(Par::Rayon)),
             }
-            let view = view4(&out, [b, h, s, dv], bshd);
-            let rows: Vec<f32> = (0..b * h * s * dv)
-                .map(|i| view.get([i / (h * s * dv), i / (s * dv) % h, i / dv % s, i % dv]))
-                .collect();
-            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert!(
-                bits(&seq.0) == bits(&rows) && bits(&seq.1) == bits(&lse),
-                "out or lse differ from attention(): {what}"
-            );
+            let got_out = (row_major(&out, [b, h, s, dv], bshd), lse);
+            assert!(bits_eq(seq, &got_out), "out or lse differ from attention(): {what}");
             for (i, &x) in got.iter().enumerate() {
                 let (want, limit) = if averaged {
                     let (bi, row) = (i / (s * t), i % (s * t));

@@ -3,7 +3,8 @@
 //! machine's level; and when a thread reuses what it packed.
 
 use super::per_group::{GroupPacked, FORCE_PACKING_FOR_THE_CALL, PER_GROUP_MAX_KEYS};
-use super::tests_bf16::{bits_eq, each_bf16_kernel};
+use super::tests::bits_eq;
+use super::tests_bf16::each_bf16_kernel;
 use super::*;
 use crate::Causal;
 
