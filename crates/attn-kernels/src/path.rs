@@ -83,9 +83,9 @@ pub fn attention_with_lse_lo(
 
 /// [`attention`] that also writes the call's softmax weights to `weights`: every head's
 /// `[B, H, S, T]`, or their mean `[B, S, T]` (as `nn.MultiheadAttention` returns with
-/// `need_weights`). `out` and `lse` (optional) are [`attention`]'s, bit for bit. In f32, and in
-/// bf16 without bf16 instructions, the weights are [`crate::attention_weights`]'s from that
-/// `lse`, bit for bit, on every path.
+/// `need_weights`). `out` and `lse` (optional) are [`attention`]'s, bit for bit, and the
+/// weights are [`crate::attention_weights`]'s from that `lse`, bit for bit, on every path: the
+/// probabilities the output weighed, `exp(s − lse)` of the forward's own scores.
 ///
 /// On a call of the flash path with unsplit keys (not decoding) and at most 16,384 keys, the
 /// flash kernel keeps each tile's masked scores and turns them into weights as each row
@@ -95,10 +95,10 @@ pub fn attention_with_lse_lo(
 /// element per worker). Other calls (decoding, longer keys, bf16 on AMX) run [`attention`],
 /// then [`crate::attention_weights`].
 ///
-/// bf16 on `vdpbf16ps` (the AVX512-BF16 level): kept weights are the forward's own
-/// probabilities, `exp(ŝ − lse)` of the scores its `P·V` weighed; the second pass multiplies the
-/// same rounded operands in f32, so the two differ in the last bits (both within the bound of
-/// docs/SEMANTICS.md's bf16 section).
+/// In bf16 the second pass runs the forward's own products too (`vdpbf16ps`, decoding's dot
+/// products against K in place, or f32 products of the rounded operands), except on AMX outside
+/// decoding, where it multiplies the rounded operands in f32 and differs from the tiles' sums in
+/// the last bits (both within the bound of docs/SEMANTICS.md's bf16 section).
 ///
 /// Beyond [`attention`]'s errors, fails when `weights` has the wrong shape or D is 0.
 pub fn attention_with_weights(
@@ -130,7 +130,7 @@ pub fn attention_with_weights(
         }
     };
     by_path(out, [Some(lse.rb_mut()), None], inputs, options, par)?;
-    crate::attention_weights(weights, q, k, lse.rb(), options, par)
+    crate::softmax::weights_of_call(weights, [q, k], inputs.v.strides(), lse.rb(), options, par)
 }
 
 /// The path that writes the weights of a call of `plan` itself, keeping its masked scores, or

@@ -402,36 +402,50 @@ pub(crate) fn validate_weights(
     Ok([b, h, g, s, t, d])
 }
 
-/// The softmax weights of an attention call from its LSE, in a second pass that never needs
-/// the flash kernel to store them: `weights = exp(scale·q·kᵀ + masks - lse)`.
-///
-/// [`attention_weights`] in bf16: the forward's scores, `scale·q` and `k` rounded to bf16 and
-/// their products summed in f32.
-fn bf16_weights(
-    dst: WeightsDst<'_>,
-    [q, k]: [View4<'_, f32>; 2],
-    lse: crate::View<'_, f32, 3>,
-    options: &AttentionOptions<'_>,
-    par: Par,
-) -> Result<(), KernelError> {
-    let scale = resolve_scale(options, q.shape()[3]);
-    let copies = crate::flash::rounded_copies(&[(&q, scale), (&k, 1.0)], par);
-    let (qr, kr) = copies.split_at(q.shape().iter().product());
-    let f32_options = AttentionOptions {
-        scale: Some(1.0),
-        precision: crate::Precision::F32,
-        ..*options
-    };
-    let weights = attention_weights(
-        dst,
-        View4::contiguous(qr, q.shape())?,
-        View4::contiguous(kr, k.shape())?,
-        lse,
-        &f32_options,
-        par,
-    );
-    crate::buffer::give(copies);
-    weights
+/// How [`weights_pass`] computes a tile's scores: the flash kernel's f32 tile machinery with
+/// the call's score kernel, or the bf16 forward's own products
+/// ([`crate::flash::Bf16Scores`]).
+enum Scorer<'a> {
+    F32(crate::flash::Plan, crate::flash::KeySource<'a>),
+    Bf16(crate::flash::Bf16Scores<'a>),
+}
+
+impl Scorer<'_> {
+    /// Words of one query row in a tile.
+    fn row_words(&self, d: usize) -> usize {
+        match self {
+            Scorer::F32(..) => d,
+            Scorer::Bf16(bf16) => bf16.row_words(d),
+        }
+    }
+
+    /// `scale·q` for the `d` values `src[j·stride]` into the tile's row `dst`.
+    fn load_row(&self, src: &[f32], [d, stride]: [usize; 2], scale: f32, dst: &mut [f32]) {
+        match self {
+            Scorer::F32(..) if stride == 1 => scale_into(dst, &src[..d], scale),
+            Scorer::F32(..) => dst
+                .iter_mut()
+                .enumerate()
+                .for_each(|(p, x)| *x = src[p * stride] * scale),
+            Scorer::Bf16(bf16) => bf16.load_row(src, [d, stride], scale, dst),
+        }
+    }
+
+    /// The scores of the tile's `n_rows` rows against keys `t0..t0 + bc` of `(b, g)`.
+    fn block(&self, q_tile: &[f32], n_rows: usize, at: [usize; 4], scores: &mut [f32]) {
+        match self {
+            Scorer::F32(plan, keys) => {
+                let tile = crate::flash::ScoreTile {
+                    scores,
+                    q_tile,
+                    kt_scratch: &mut [],
+                    n_rows,
+                };
+                crate::flash::block_scores(tile, plan, keys, at);
+            }
+            Scorer::Bf16(bf16) => bf16.block(q_tile, n_rows, at, scores),
+        }
+    }
 }
 
 /// `q: [B, H, S, D]`, `k: [B, G, T, D]`, `lse: [B, H, S]` (from
@@ -439,10 +453,32 @@ fn bf16_weights(
 /// averaged over heads, `[B, S, T]`. A row with nothing to attend to (`lse = -inf`) gets zeros.
 /// Work is cut by shape only and heads are averaged in head order, so the result does not
 /// depend on the thread count.
+///
+/// The scores are the forward's own, bit for bit, so the weights are the probabilities its
+/// `P·V` weighed, `exp(s − lse)`: in f32 from the flash kernel's tile machinery with the call's
+/// score kernel; in bf16 (`scale·q` and `k` rounded, products summed in f32) from the
+/// products the forward runs on this CPU: `vdpbf16ps` at the AVX512-BF16 level, and when
+/// decoding (at most [`crate::DECODE_ROWS`] query rows per key/value head) the dot products
+/// against K in place, which the forward takes when V's rows are contiguous too (assumed here;
+/// [`crate::attention_with_weights`] knows V). On AMX outside decoding the second pass
+/// multiplies the rounded operands in f32 and differs from the tiles' sums in the last bits.
 pub fn attention_weights(
     dst: WeightsDst<'_>,
     q: View4<'_, f32>,
     k: View4<'_, f32>,
+    lse: crate::View<'_, f32, 3>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+) -> Result<(), KernelError> {
+    weights_of_call(dst, [q, k], k.strides(), lse, options, par)
+}
+
+/// [`attention_weights`] of a call whose V has strides `v_strides` (which decide, in bf16,
+/// whether decoding reads K in place).
+pub(crate) fn weights_of_call(
+    dst: WeightsDst<'_>,
+    [q, k]: [View4<'_, f32>; 2],
+    v_strides: [usize; 4],
     lse: crate::View<'_, f32, 3>,
     options: &AttentionOptions<'_>,
     par: Par,
@@ -452,12 +488,8 @@ pub fn attention_weights(
     if lse.shape() != [b, h, s] {
         return Err(KernelError::shape(op, "lse", vec![b, h, s], lse.shape().to_vec()));
     }
-    let averaged = dst.averaged();
     if b == 0 || s == 0 || t == 0 {
         return Ok(());
-    }
-    if options.precision == crate::Precision::Bf16 {
-        return bf16_weights(dst, [q, k], lse, options, par);
     }
     if h == 0 {
         // The mean over no heads: zeros.
@@ -467,15 +499,33 @@ pub fn attention_weights(
         return Ok(());
     }
     let scale = resolve_scale(options, d);
-    let rep = h / g;
-    let raw = RawWeights::new(dst, h);
-    let qs = q.strides();
-    const ROWS: usize = crate::BLOCK_ROWS;
-    const KEYS: usize = crate::BLOCK_KEYS;
+    let plan = crate::flash::Plan::new([b, h, s, d], [g, t, d]);
+    if options.precision == crate::Precision::Bf16 {
+        if let Some(bf16) = crate::flash::Bf16Scores::for_call(q.shape(), k, v_strides, par) {
+            let scorer = Scorer::Bf16(bf16);
+            weights_pass(dst, (q, scale), [g, t], lse, options, &scorer, par);
+            if let Scorer::Bf16(bf16) = scorer {
+                bf16.give();
+            }
+            return Ok(());
+        }
+        // The f32 kernel on rounded copies of `scale·q` and `k`, as the forward multiplies
+        // them here.
+        let copies = crate::flash::rounded_copies(&[(&q, scale), (&k, 1.0)], par);
+        let (qr, kr) = copies.split_at(q.shape().iter().product());
+        let f32_options = AttentionOptions {
+            scale: Some(1.0),
+            precision: crate::Precision::F32,
+            ..*options
+        };
+        let (qr, kr) = (View4::contiguous(qr, q.shape())?, View4::contiguous(kr, k.shape())?);
+        let weights = weights_of_call(dst, [qr, kr], v_strides, lse, &f32_options, par);
+        crate::buffer::give(copies);
+        return weights;
+    }
     // The scores come from the flash kernel's tile machinery with the call's score kernel, so
     // the weights are the forward's probabilities bit for bit: K transposed once per call for
     // the tile GEMM.
-    let plan = crate::flash::Plan::new([b, h, s, d], [g, t, d]);
     let kernel = ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1);
     let kt_packed = (kernel == ScoreKernel::Tile).then(|| crate::flash::pack_keys_transposed(&plan, &k, par));
     let keys = crate::flash::KeySource {
@@ -484,6 +534,32 @@ pub fn attention_weights(
         per_group: false,
         kernel,
     };
+    weights_pass(dst, (q, scale), [g, t], lse, options, &Scorer::F32(plan, keys), par);
+    if let Some(packed) = kt_packed {
+        crate::buffer::give(packed);
+    }
+    Ok(())
+}
+
+/// The second pass of a validated call with no empty dimension: each tile's scores of
+/// `scale·q` by `scorer`, masked, and `exp(s − lse)` written to `dst`.
+fn weights_pass(
+    dst: WeightsDst<'_>,
+    (q, scale): (View4<'_, f32>, f32),
+    [g, t]: [usize; 2],
+    lse: crate::View<'_, f32, 3>,
+    options: &AttentionOptions<'_>,
+    scorer: &Scorer<'_>,
+    par: Par,
+) {
+    let [b, h, s, d] = q.shape();
+    let rep = h / g;
+    let averaged = dst.averaged();
+    let raw = RawWeights::new(dst, h);
+    let qs = q.strides();
+    const ROWS: usize = crate::BLOCK_ROWS;
+    const KEYS: usize = crate::BLOCK_KEYS;
+    let words = scorer.row_words(d);
     let key_blocks = t.div_ceil(KEYS);
     let row_tiles = s.div_ceil(ROWS);
     let heads_per_task = if averaged { h } else { 1 };
@@ -500,25 +576,13 @@ pub fn attention_weights(
             // The tile's query rows, times the scale.
             for i in 0..rows {
                 let base = bi * qs[0] + hi * qs[1] + (s0 + i) * qs[2];
-                let dst = &mut q_tile[i * d..(i + 1) * d];
-                if qs[3] == 1 {
-                    scale_into(dst, &q.data()[base..base + d], scale);
-                } else {
-                    dst.iter_mut()
-                        .enumerate()
-                        .for_each(|(p, x)| *x = q.data()[base + p * qs[3]] * scale);
-                }
+                let dst = &mut q_tile[i * words..(i + 1) * words];
+                scorer.load_row(&q.data()[base..], [d, qs[3]], scale, dst);
             }
             for block in 0..key_blocks {
                 let t0 = block * KEYS;
                 let bc = (t - t0).min(KEYS);
-                let tile = crate::flash::ScoreTile {
-                    scores: &mut scores[..],
-                    q_tile: &q_tile[..],
-                    kt_scratch: &mut [],
-                    n_rows: rows,
-                };
-                crate::flash::block_scores(tile, &plan, &keys, [bi, gi, t0, bc]);
+                scorer.block(&q_tile[..], rows, [bi, gi, t0, bc], &mut scores[..]);
                 for i in 0..rows {
                     let si = s0 + i;
                     let row = &mut scores[i * crate::flash::SCORES_LD..i * crate::flash::SCORES_LD + bc];
@@ -533,7 +597,7 @@ pub fn attention_weights(
             }
         }
     };
-    let scratch = || (vec![0.0f32; ROWS * crate::flash::SCORES_LD], vec![0.0f32; ROWS * d]);
+    let scratch = || (vec![0.0f32; ROWS * crate::flash::SCORES_LD], vec![0.0f32; ROWS * words]);
     match par {
         Par::Seq => {
             let mut buffers = scratch();
@@ -541,10 +605,6 @@ pub fn attention_weights(
         }
         Par::Rayon => (0..tasks).into_par_iter().for_each_init(scratch, job),
     }
-    if let Some(packed) = kt_packed {
-        crate::buffer::give(packed);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -64,6 +64,7 @@ mod tests_per_group;
 mod tile;
 mod tile_bf16;
 mod weights;
+mod weights_bf16;
 
 pub(crate) use bf16::rounded_copies;
 pub use kv_bits::{attention_bf16_kv, DECODE_ROWS};
@@ -73,6 +74,7 @@ use scratch::{with_scratch, Scratch};
 use tile::attend_tile;
 pub(crate) use tile::{block_scores, pack_keys_transposed, KeySource, ScoreTile};
 pub(crate) use weights::MAX_KEPT_KEYS;
+pub(crate) use weights_bf16::Bf16Scores;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -482,8 +482,9 @@ fn bf16_keeps_the_non_finite_policy_past_the_key_length_once() {
 }
 
 /// Transposed views of Q, K and V (inner strides of `S`, `T`) give the bits of the same values
-/// stored contiguously, at this machine's level: the strided packings round the same values
-/// into the same layouts. Packed shapes with odd head dims, and a few rows per key/value head
+/// stored contiguously, at this machine's level, in the output and in
+/// [`crate::attention_weights`]: the strided packings round the same values into the same
+/// layouts. Packed shapes with odd head dims, and a few rows per key/value head
 /// (decoding reads contiguous K and V in place with f32 sums, so strided operands, packed,
 /// would differ in the last bits there: not compared).
 #[test]
@@ -525,11 +526,18 @@ fn bf16_strided_operands_give_the_contiguous_bits_once() {
             precision: crate::Precision::Bf16,
             ..Default::default()
         };
+        // The output, then the weights of `attention_weights`' second pass from the LSE.
         let run = |inputs: ForwardInputs<'_>| {
-            let mut out = vec![0.0f32; b * h * s * d];
+            let (mut out, mut lse) = (vec![0.0f32; b * h * s * d], vec![0.0f32; b * h * s]);
             let view = ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap();
-            flash_attention(view, None, inputs, &options, Par::Rayon).unwrap();
-            out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            let lse_view = crate::ViewMut::contiguous(&mut lse, [b, h, s]).unwrap();
+            flash_attention(view, Some(lse_view), inputs, &options, Par::Rayon).unwrap();
+            let mut weights = vec![0.0f32; b * h * s * t];
+            let dst = crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut weights, [b, h, s, t]).unwrap());
+            let lse_view = crate::View::contiguous(&lse, [b, h, s]).unwrap();
+            crate::attention_weights(dst, inputs.q, inputs.k, lse_view, &options, Par::Rayon).unwrap();
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            (bits(&out), bits(&weights))
         };
         let strided = run(ForwardInputs::new(views[0], views[1], views[2]));
         let contiguous = run(ForwardInputs::new(
@@ -538,8 +546,12 @@ fn bf16_strided_operands_give_the_contiguous_bits_once() {
             View4::contiguous(&copies[2], [b, g, t, d]).unwrap(),
         ));
         assert!(
-            strided == contiguous,
+            strided.0 == contiguous.0,
             "[{b}, {h}, {g}, {s}, {t}, {d}]: strided views differ"
+        );
+        assert!(
+            strided.1 == contiguous.1,
+            "[{b}, {h}, {g}, {s}, {t}, {d}]: strided views give other weights"
         );
     }
 }

@@ -40,9 +40,9 @@ pub(super) fn check_weights(
 /// threads: `out` and `lse` are [`crate::attention`]'s bits (`seq`, row-major), and the weights,
 /// which the flash kernel writes from its own scores where [`crate::path::keeping_path`] lets
 /// it, are the rounded operands' softmax within the bound of [`crate::attention_weights`]'s
-/// (`bound(i, want)` for weight `i`; averaged, the mean of the heads' bounds). Without bf16
-/// instructions both compute the same products in f32, so there the weights are also
-/// [`crate::attention_weights`]'s bits (`second_pass`, per head).
+/// (`bound(i, want)` for weight `i`; averaged, the mean of the heads' bounds), and they are
+/// [`crate::attention_weights`]'s bits from that LSE (`second_pass`, per head; averaged, its
+/// average computed here), whose second pass runs the forward's own products at every level.
 fn check_kept_weights(
     case: &Case,
     options: &AttentionOptions<'_>,
@@ -56,7 +56,10 @@ fn check_kept_weights(
         b, h, s, t, dv, bshd, ..
     } = *case;
     let forced = FORCE_VDPBF16PS.with(|f| f.get());
-    let same_products = !crate::bf16_level().has_avx512bf16() && !forced;
+    let mut second_pass_mean = vec![f32::NAN; b * s * t];
+    let dst = crate::WeightsDst::Averaged(ViewMut::contiguous(&mut second_pass_mean, [b, s, t]).unwrap());
+    let lse_view = crate::View::contiguous(&seq.1, [b, h, s]).unwrap();
+    crate::attention_weights(dst, inputs.q, inputs.k, lse_view, options, Par::Rayon).unwrap();
     for averaged in [false, true] {
         for threads in [0, 2, 3] {
             let what = format!("{case:?}, averaged {averaged}, {threads} threads (0: sequential)");
@@ -98,13 +101,12 @@ fn check_kept_weights(
                     (x as f64 - want).abs() <= limit,
                     "{what}: weight {i} = {x}, want {want}"
                 );
-                if same_products && !averaged {
-                    assert_eq!(
-                        x.to_bits(),
-                        second_pass[i].to_bits(),
-                        "{what}: weight {i} is not the second pass's"
-                    );
-                }
+                let second = if averaged { second_pass_mean[i] } else { second_pass[i] };
+                assert_eq!(
+                    x.to_bits(),
+                    second.to_bits(),
+                    "{what}: weight {i} is not the second pass's"
+                );
             }
         }
     }
