@@ -553,7 +553,7 @@ fn operands_with_non_unit_inner_strides() {
     // Q stored as [B, H, D, S], K as [B, G, D, T], V as [B, G, Dv, T] and the masks as
     // [B, H, T, S]: all seen through transposed views, on prefill tiles, decoding tiles
     // (keys read in place by dot products), value widths that are and are not a multiple of
-    // the micro-kernel width, and split-KV.
+    // the micro-kernel width, and split-KV; the output, and the weights from its LSE.
     for &(b, h, g, s, t, d, dv) in &[
         (2, 4, 2, 70, 150, 12, 10),
         (1, 2, 1, 70, 150, 8, 16),
@@ -592,10 +592,10 @@ fn operands_with_non_unit_inner_strides() {
                 ..Default::default()
             };
             let want = attention_reference(qv, kv, vv, &options);
-            let mut out = vec![0.0f32; b * h * s * dv];
+            let (mut out, mut lse) = (vec![0.0f32; b * h * s * dv], vec![0.0f32; b * h * s]);
             flash_attention(
                 ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap(),
-                None,
+                Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
                 ForwardInputs::new(qv, kv, vv),
                 &options,
                 Par::Rayon,
@@ -604,6 +604,18 @@ fn operands_with_non_unit_inner_strides() {
             let tol = TOLERANCE + 2.0 * f32::EPSILON as f64 * want.max_abs_score;
             let what = format!("transposed q, k, v, mask: {:?}", (b, h, g, s, t, d, dv, causal));
             assert_close(&out, &want.out, tol, tol, &what);
+            // The weights from that LSE, reading the same transposed Q and K.
+            let mut weights = vec![f32::NAN; b * h * s * t];
+            crate::attention_weights(
+                crate::WeightsDst::PerHead(ViewMut4::contiguous(&mut weights, [b, h, s, t]).unwrap()),
+                qv,
+                kv,
+                crate::View::contiguous(&lse, [b, h, s]).unwrap(),
+                &options,
+                Par::Rayon,
+            )
+            .unwrap();
+            assert_close(&weights, &want.weights, tol, tol, &format!("weights of {what}"));
         }
     }
 }
