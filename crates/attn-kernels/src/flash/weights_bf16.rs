@@ -105,35 +105,32 @@ impl<'a> Bf16Scores<'a> {
                 let d = k.shape()[3];
                 let st = k.strides();
                 let base = b * st[0] + g * st[1] + t0 * st[2];
-                assert!(st[3] == 1 && q_tile.len() >= n_rows * d);
+                // A tile of one head's rows: at most the `S · H / G <= DECODE_ROWS` rows of a
+                // call that decodes in place.
+                assert!(n_rows <= crate::DECODE_ROWS && st[3] == 1 && q_tile.len() >= n_rows * d);
                 assert!(
                     bc == 0 || base + (bc - 1) * st[2] + d <= k.data().len(),
                     "key block outside K"
                 );
-                let rows_per_call = crate::tile::DECODE_ROWS_MAX;
-                for r0 in (0..n_rows).step_by(rows_per_call) {
-                    let rows = (n_rows - r0).min(rows_per_call);
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `InPlace` is made only where the forward decodes on the
-                    // AVX512-BF16 instructions; at most `DECODE_ROWS_MAX` rows of `d` values
-                    // of `q_tile` from row `r0`, `bc` keys of `d` contiguous values inside K
-                    // (checked above), stores inside `scores`' rows `r0..r0 + rows`.
-                    unsafe {
-                        super::bf16_x86::dot_rows(
-                            rows,
-                            d,
-                            q_tile.as_ptr().add(r0 * d),
-                            d,
-                            k.data().as_ptr().add(base),
-                            st[2],
-                            bc,
-                            scores.as_mut_ptr().add(r0 * SCORES_LD),
-                            SCORES_LD,
-                        )
-                    };
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!("AVX512-BF16 exists on x86-64 only: {rows} rows from {r0}");
-                }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `InPlace` is made only where the forward decodes on the AVX512-BF16
+                // instructions; at most `DECODE_ROWS` rows of `d` values in `q_tile`, `bc` keys
+                // of `d` contiguous values inside K, stores inside `scores` (checked above).
+                unsafe {
+                    super::bf16_x86::dot_rows(
+                        n_rows,
+                        d,
+                        q_tile.as_ptr(),
+                        d,
+                        k.data().as_ptr().add(base),
+                        st[2],
+                        bc,
+                        scores.as_mut_ptr(),
+                        SCORES_LD,
+                    )
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("AVX512-BF16 exists on x86-64 only: {n_rows} rows");
             }
         }
     }
