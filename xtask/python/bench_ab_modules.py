@@ -1,8 +1,11 @@
 """Two attn binaries' `attn bench run` on the modules of bench_modules.py (its files, written
 once to a temporary folder), interleaved round by round; the median of the per-round speed
 ratios after / before. `--bf16` runs both in bf16 (`attn bench run --dtype bf16`).
+`--second-pass` runs `nn.MultiheadAttention` with averaged weights instead, at shapes whose
+weights come from `attention_weights`' second pass on 2 threads (one row tile) and one whose
+flash kernel keeps its scores.
 
-Usage: python bench_ab_modules.py BEFORE AFTER ROUNDS [THREADS] [--bf16]
+Usage: python bench_ab_modules.py BEFORE AFTER ROUNDS [THREADS] [--bf16] [--second-pass]
 """
 
 import json
@@ -18,13 +21,17 @@ import bench_modules
 
 def main():
     dtype = "bf16" if "--bf16" in sys.argv else "f32"
-    args = [a for a in sys.argv[1:] if a != "--bf16"]
+    cases = bench_modules.CASES
+    if "--second-pass" in sys.argv:
+        shapes = [(1, 64, 512, 8), (1, 40, 384, 12), (2, 200, 512, 8)]
+        cases = [lambda shape=shape: bench_modules.mha_case(True, shape) for shape in shapes]
+    args = [a for a in sys.argv[1:] if a not in ("--bf16", "--second-pass")]
     before, after, rounds = args[0], args[1], int(args[2])
     threads = int(args[3]) if len(args) > 3 else 2
     print(f"{threads} threads, {rounds} interleaved rounds, {dtype}")
     print("| module | before ms | after ms | after / before speed, median of rounds | range |")
     print("|---|---|---|---|---|")
-    for make in bench_modules.CASES:
+    for make in cases:
         label, module, config, inputs, _ = make()
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)

@@ -28,8 +28,8 @@ from torch import nn
 from safetensors.torch import save_file
 
 
-def mha_case(need_weights):
-    b, s, e, h = 8, 256, 512, 8
+def mha_case(need_weights, shape=(8, 256, 512, 8)):
+    b, s, e, h = shape
     module = nn.MultiheadAttention(e, h, batch_first=True).eval()
     x = torch.randn(b, s, e)
     config = {"module": "multihead_attention", "embed_dim": e, "num_heads": h, "batch_first": True,
