@@ -304,6 +304,36 @@ pub(crate) unsafe fn gemm<const ACCUMULATE: bool, const A_T: bool>(
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    /// The key-block transpose writes `dst[p·ld_dst + j] = src[j·ld_src + p]` for every
+    /// `j < rows`, `p < cols` and nothing else of `dst`: every row and column count from 0 to 17
+    /// (whole 8×8 blocks, the last rows and the last columns alone and together), with padded
+    /// strides on both sides.
+    #[test]
+    fn transpose_writes_the_transpose_and_nothing_else() {
+        if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("fma") {
+            eprintln!("transpose_writes_the_transpose_and_nothing_else: no AVX2+FMA here, skipped");
+            return;
+        }
+        for rows in 0..=17 {
+            for cols in 0..=17 {
+                let (ld_src, ld_dst) = (cols + 3, rows + 5);
+                let src: Vec<f32> = (0..rows.max(1) * ld_src).map(|i| i as f32 + 0.5).collect();
+                let mut dst = vec![f32::NAN; cols.max(1) * ld_dst + 8];
+                // SAFETY: AVX2 and FMA were detected; `src` holds `rows` rows of `ld_src >= cols`
+                // floats and `dst` `cols` rows of `ld_dst >= rows`.
+                unsafe { super::avx2::transpose(rows, cols, src.as_ptr(), ld_src, dst.as_mut_ptr(), ld_dst) };
+                for (i, &x) in dst.iter().enumerate() {
+                    let (p, j) = (i / ld_dst, i % ld_dst);
+                    if p < cols && j < rows {
+                        assert_eq!(x, src[j * ld_src + p], "{rows}×{cols}: dst[{p}, {j}]");
+                    } else {
+                        assert!(x.is_nan(), "{rows}×{cols}: dst[{p}, {j}] written outside the transpose");
+                    }
+                }
+            }
+        }
+    }
+
     /// The micro-kernels store whole vectors, so their shape preconditions are checked in
     /// release builds too: a ragged width is refused before anything is written.
     #[test]
