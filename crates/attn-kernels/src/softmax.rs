@@ -501,7 +501,7 @@ pub(crate) fn weights_of_call(
     let scale = resolve_scale(options, d);
     let plan = crate::flash::Plan::new([b, h, s, d], [g, t, d]);
     if options.precision == crate::Precision::Bf16 {
-        if let Some(bf16) = crate::flash::Bf16Scores::for_call(q.shape(), k, v_strides, par) {
+        if let Some(bf16) = crate::flash::Bf16Scores::for_call(&plan, k, v_strides, par) {
             let scorer = Scorer::Bf16(bf16);
             weights_pass(dst, (q, scale), [g, t], lse, options, &scorer, par);
             if let Scorer::Bf16(bf16) = scorer {

@@ -138,7 +138,7 @@ fn key_block(dst: &mut [f32], keys: &[f32], bc: usize, [rs, cs]: [usize; 2], d: 
     // Zeros past `D / 2` pairs: `convert_strided` writes the pairs that hold values.
     let mut row = vec![0.0f32; pairs];
     for j in whole..bc {
-        convert_strided(&keys[j * rs..], d, cs, &mut row);
+        convert_strided(&keys[j * rs..], d, cs, 1.0, &mut row);
         let panel = &mut dst[(j / 16) * pairs * 16 + j % 16..];
         for (p, &word) in row.iter().enumerate() {
             panel[p * 16] = word;
@@ -456,26 +456,31 @@ fn tile_row(n: usize, i: usize, p16: &[f32]) -> (usize, usize) {
     (steps, first)
 }
 
-/// `n` values `src[j·stride]` rounded to bf16 into `dst`'s words, two per word (a zero after an
-/// odd `n`): 16 values per `vcvtneps2bf16` when contiguous at the AVX512-BF16 level, with the
-/// scalar rounding's bits (tested in `crate::bf16`).
-pub(super) fn convert_strided(src: &[f32], n: usize, stride: usize, dst: &mut [f32]) {
+/// `n` values `factor·src[j·stride]` rounded to bf16 into `dst`'s words, two per word (a zero
+/// after an odd `n`): 16 values per `vcvtneps2bf16` when contiguous and unscaled at the
+/// AVX512-BF16 level, with the scalar rounding's bits (tested in `crate::bf16`); the products
+/// are those of [`crate::simd::scale_into`], so the bits are its row's, then rounded.
+pub(super) fn convert_strided(src: &[f32], n: usize, stride: usize, factor: f32, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if stride == 1 && crate::bf16_level().has_avx512bf16() {
+    if stride == 1 && factor == 1.0 && crate::bf16_level().has_avx512bf16() {
         // SAFETY: the level was detected; `convert_row` checks `dst`'s length.
         unsafe { crate::bf16::avx512bf16::convert_row(&src[..n], dst) };
         return;
     }
     for (p, word) in dst[..n.div_ceil(2)].iter_mut().enumerate() {
-        let lo = src[2 * p * stride];
-        let hi = if 2 * p + 1 < n { src[(2 * p + 1) * stride] } else { 0.0 };
+        let lo = src[2 * p * stride] * factor;
+        let hi = if 2 * p + 1 < n {
+            src[(2 * p + 1) * stride] * factor
+        } else {
+            0.0
+        };
         *word = f32::from_bits(crate::f32_to_bf16(lo) as u32 | (crate::f32_to_bf16(hi) as u32) << 16);
     }
 }
 
 /// `src` rounded to bf16 into `dst`'s words, two per word (a zero after an odd count).
 pub(super) fn convert_row(src: &[f32], dst: &mut [f32]) {
-    convert_strided(src, src.len(), 1, dst)
+    convert_strided(src, src.len(), 1, 1.0, dst)
 }
 
 /// `factor·x` for each `x` of `src` rounded to bf16 pairs into `dst`, as [`convert_row`] of

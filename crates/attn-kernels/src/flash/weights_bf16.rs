@@ -25,13 +25,11 @@ pub(crate) enum Bf16Scores<'a> {
 }
 
 impl<'a> Bf16Scores<'a> {
-    /// The forward's score kernel for `q: [B, H, S, D]` of this shape and `k`, with V's strides
-    /// `v_strides` (the forward reads K and V in place only when both rows are contiguous):
-    /// `None` where the forward multiplies rounded operands in f32 or runs on AMX tiles.
-    pub(crate) fn for_call(q_shape: [usize; 4], k: View4<'a, f32>, v_strides: [usize; 4], par: Par) -> Option<Self> {
-        let [_, g, t, d] = k.shape();
-        let plan = Plan::new(q_shape, [g, t, d]);
-        let in_place = decodes_in_place(&plan, k.strides(), v_strides);
+    /// The forward's score kernel for a call of `plan` on `k`, with V's strides `v_strides` (the
+    /// forward reads K and V in place only when both rows are contiguous): `None` where the
+    /// forward multiplies rounded operands in f32 or runs on AMX tiles.
+    pub(crate) fn for_call(plan: &Plan, k: View4<'a, f32>, v_strides: [usize; 4], par: Par) -> Option<Self> {
+        let in_place = decodes_in_place(plan, k.strides(), v_strides);
         if rounds_into_f32(in_place) {
             return None;
         }
@@ -41,7 +39,7 @@ impl<'a> Bf16Scores<'a> {
         if crate::bf16_level() == Bf16Level::Amx {
             return None;
         }
-        Some(Bf16Scores::Packed(plan, bf16::pack_keys(&plan, &k, false, par)))
+        Some(Bf16Scores::Packed(*plan, bf16::pack_keys(plan, &k, false, par)))
     }
 
     /// The words of one query row in a tile: `D / 2` rounded up pairs, or `D` rounded values.
@@ -57,11 +55,9 @@ impl<'a> Bf16Scores<'a> {
     pub(crate) fn load_row(&self, src: &[f32], [d, stride]: [usize; 2], scale: f32, dst: &mut [f32]) {
         match self {
             Bf16Scores::Packed(..) if stride == 1 => bf16::scaled_row_into_pairs(&src[..d], scale, dst),
-            Bf16Scores::Packed(..) => {
-                // The forward scales a strided row into f32 first, then rounds it into pairs.
-                let row: Vec<f32> = (0..d).map(|j| src[j * stride] * scale).collect();
-                bf16::convert_row(&row, dst);
-            }
+            // The forward scales a strided row into f32 first, then rounds it into pairs: the
+            // same bits.
+            Bf16Scores::Packed(..) => bf16::convert_strided(src, d, stride, scale, dst),
             Bf16Scores::InPlace(_) => {
                 for (j, x) in dst[..d].iter_mut().enumerate() {
                     *x = round_to_bf16(src[j * stride] * scale);
