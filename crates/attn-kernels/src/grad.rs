@@ -289,6 +289,35 @@ pub fn activation_backward_in_place(g: &mut [f32], u: &[f32], act: Activation, p
     Ok(())
 }
 
+/// The backward of `dropout(relu(u))` (inverted dropout of probability `p`) from its output
+/// `z` alone, over the gradient `g`: `g = g / (1 − p)` where `z > 0`, and `0` elsewhere.
+/// Dropout zeros what it drops, so `z > 0` only where the element was kept and ReLU passed
+/// it: no draw is replayed. Where `z > 0` these are the bits of [`dropout`] then
+/// [`activation_backward_in_place`] (ReLU); elsewhere the result is `+0`, where those give
+/// `0·g` (`−0` for a negative `g`, NaN for a non-finite one), as PyTorch's
+/// `threshold_backward` does. `p` as for [`dropout`].
+pub fn relu_dropout_backward(g: &mut [f32], z: &[f32], p: f32, par: Par) -> Result<(), KernelError> {
+    check_len("relu_dropout_backward", "z", g.len(), z.len())?;
+    let keep = dropout::keep_factor("relu_dropout_backward", p)?;
+    let body = |(g, z): (&mut [f32], &[f32])| {
+        at_level!(relu_dropout_backward_run(g, z, keep));
+    };
+    let n = 16 * 1024;
+    match par {
+        Par::Seq => g.chunks_mut(n).zip(z.chunks(n)).for_each(body),
+        Par::Rayon => g.par_chunks_mut(n).zip(z.par_chunks(n)).for_each(body),
+    }
+    Ok(())
+}
+
+/// [`relu_dropout_backward`] over one chunk.
+#[inline(always)]
+fn relu_dropout_backward_run(g: &mut [f32], z: &[f32], keep: f32) {
+    for (g, &z) in g.iter_mut().zip(z) {
+        *g = if z > 0.0 { *g * keep } else { 0.0 };
+    }
+}
+
 /// `g = g · act'(u)` over one chunk, a loop per activation so that each vectorises (the same
 /// products as `g · derivative(u)` element by element: NaN and `−0` included).
 #[inline(always)]

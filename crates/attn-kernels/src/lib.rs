@@ -131,8 +131,8 @@ pub use gemm::{
 };
 pub use grad::{
     activation_backward, activation_backward_in_place, adamw_update, cross_entropy, cross_entropy_part, dropout,
-    dropout_uniform, embedding, embedding_backward, linear_backward, norm_backward, sum_of_squares, AdamWStep,
-    CrossEntropy, LinearShape,
+    dropout_uniform, embedding, embedding_backward, linear_backward, norm_backward, relu_dropout_backward,
+    sum_of_squares, AdamWStep, CrossEntropy, LinearShape,
 };
 pub use layer::{
     add_assign, add_norm_rows, add_then_norm_rows, bias_activation, bias_activation_from, erf, norm_rows, Activation,

@@ -420,7 +420,8 @@ impl FeedForward {
 
 /// What [`FeedForward::forward_train`] keeps, one `[N, F]` buffer: with ReLU, the activation's
 /// output after dropout, `z`, which `linear2` read (the backward needs it for `linear2.weight`,
-/// and its sign is ReLU's derivative wherever dropout kept the element); with the other
+/// and `z > 0` exactly where dropout kept the element and ReLU passed it, so the backward
+/// reads the mask and the derivative off it); with the other
 /// activations, the first layer's output before the activation, `u`, from which the backward
 /// recomputes `z`.
 #[derive(Debug)]
@@ -488,9 +489,15 @@ impl FeedForward {
         let here = step.path;
         self.linear2
             .backward(Some(&mut dz), dy, z, &mut step.at(&here.join("linear2.")))?;
-        step.dropout(&mut dz, "dropout")?;
-        // du = act'(u)·dz, over dz.
-        kernels::activation_backward_in_place(&mut dz, &tape.kept, act, par).map_err(AttnError::from)?;
+        if tape.output {
+            // ReLU keeps `z = dropout(relu(u))`, positive exactly where the element was kept
+            // and passed: du = dz / (1 − p) there, 0 elsewhere, with no draw replayed.
+            kernels::relu_dropout_backward(&mut dz, &tape.kept, step.dropout.p, par).map_err(AttnError::from)?;
+        } else {
+            step.dropout(&mut dz, "dropout")?;
+            // du = act'(u)·dz, over dz.
+            kernels::activation_backward_in_place(&mut dz, &tape.kept, act, par).map_err(AttnError::from)?;
+        }
         if let Some(z) = recomputed {
             arena::give(z);
         }
@@ -639,9 +646,10 @@ mod tests {
         assert_ne!(got, want, "bf16 training gave the f32 bits");
     }
 
-    /// With ReLU the training forward keeps `dropout(relu(u))` and the backward takes ReLU's
-    /// derivative at it; with dropout on, in f32 and bf16, that gives the bits of the backward
-    /// that recomputes it from `u` (the tape of the other activations).
+    /// With ReLU the training forward keeps `dropout(relu(u))` and the backward reads both the
+    /// mask and ReLU's derivative off it (`relu_dropout_backward`, no draw replayed); with
+    /// dropout on, in f32 and bf16, that gives the bits of the backward that recomputes `z`
+    /// from `u` and replays the mask (the tape of the other activations).
     #[test]
     fn relu_backward_from_the_kept_output_is_the_recomputed_one() {
         let (e, f, n) = (16, 48, 40);

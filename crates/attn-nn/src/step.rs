@@ -21,7 +21,8 @@ use crate::Result;
 /// Inverted dropout for training, with a counter-based generator: the mask of an element
 /// depends only on `seed`, the dropout site and the element's index, so a step replays
 /// exactly from its seed on any thread count, and a backward re-derives the mask instead of
-/// storing it. `p = 0` (the default) is no dropout.
+/// storing it (the ReLU feed-forward block reads it off its kept output, which is zero where
+/// an element was dropped). `p = 0` (the default) is no dropout.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Dropout {
     /// The probability of zeroing an element.

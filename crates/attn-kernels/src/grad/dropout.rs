@@ -50,19 +50,26 @@ fn dropout_run(xs: &mut [f32], keys: (u32, u32), base: u32, threshold: u32, keep
     }
 }
 
-/// Inverted dropout in place: `x[i] = 0` where [`dropout_uniform`]`(seed, offset + i) < p`,
-/// else `x[i] / (1 − p)`. The backward is the same call on the output's gradient with the same
-/// `seed` and `offset`. `p = 0` leaves `x` as it is; `p = 1` zeros it. Indices are 32-bit:
-/// `offset + x.len()` above `2^32` is an error.
-pub fn dropout(x: &mut [f32], p: f32, seed: u64, offset: u32, par: Par) -> Result<(), KernelError> {
+/// The factor inverted dropout of probability `p` scales kept elements by, `1 / (1 − p)` (0
+/// for `p = 1`, which keeps nothing), or the error naming `op` for a `p` outside `[0, 1]`.
+pub(super) fn keep_factor(op: &'static str, p: f32) -> Result<f32, KernelError> {
     if !(0.0..=1.0).contains(&p) {
         return Err(KernelError::InvalidArgument {
-            op: "dropout",
+            op,
             what: "p",
             got: p.to_string(),
             expected: "between 0 and 1",
         });
     }
+    Ok(if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 })
+}
+
+/// Inverted dropout in place: `x[i] = 0` where [`dropout_uniform`]`(seed, offset + i) < p`,
+/// else `x[i] / (1 − p)`. The backward is the same call on the output's gradient with the same
+/// `seed` and `offset`. `p = 0` leaves `x` as it is; `p = 1` zeros it. Indices are 32-bit:
+/// `offset + x.len()` above `2^32` is an error.
+pub fn dropout(x: &mut [f32], p: f32, seed: u64, offset: u32, par: Par) -> Result<(), KernelError> {
+    let keep = keep_factor("dropout", p)?;
     if offset as u64 + x.len() as u64 > 1u64 << 32 {
         return Err(KernelError::InvalidArgument {
             op: "dropout",
@@ -74,7 +81,6 @@ pub fn dropout(x: &mut [f32], p: f32, seed: u64, offset: u32, par: Par) -> Resul
     if p == 0.0 {
         return Ok(());
     }
-    let keep = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
     let keys = dropout_keys(seed);
     // `bits / 2^24 < p` exactly when `bits < ceil(p · 2^24)` (or `bits < p · 2^24` when that is
     // a whole number): an integer compare per element.

@@ -651,3 +651,48 @@ fn adamw_update_is_the_scalar_formula_at_every_level() {
         "{err}"
     );
 }
+
+/// The backward of `dropout(relu(u))` from its output: where the output is positive, the bits
+/// of replaying the mask ([`dropout`]) then ReLU's derivative; elsewhere `+0`, whatever the
+/// gradient (negative, infinite, NaN). At `p` of 0, 0.3 and 1, over more than a chunk, and
+/// with infinite and NaN inputs; sequential and on threads; bad `p` and lengths are errors.
+#[test]
+fn relu_dropout_backward_replays_no_draw() {
+    let n = 40_003;
+    let mut u = random_vec(n, 21);
+    u[..5].copy_from_slice(&[f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -0.0]);
+    let mut g = random_vec(n, 22);
+    g[5..9].copy_from_slice(&[f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -3.0]);
+    for p in [0.0f32, 0.3, 1.0] {
+        // The training forward: `z = dropout(relu(u))`.
+        let mut z = u.clone();
+        crate::bias_activation(&mut z, n, None, Activation::Relu, Par::Seq).unwrap();
+        dropout(&mut z, p, 7, 0, Par::Seq).unwrap();
+        // The replayed backward.
+        let mut replayed = g.clone();
+        dropout(&mut replayed, p, 7, 0, Par::Seq).unwrap();
+        activation_backward_in_place(&mut replayed, &z, Activation::Relu, Par::Seq).unwrap();
+        for par in [Par::Seq, Par::Rayon] {
+            let mut got = g.clone();
+            relu_dropout_backward(&mut got, &z, p, par).unwrap();
+            for i in 0..n {
+                let want = if z[i] > 0.0 { replayed[i] } else { 0.0 };
+                assert_eq!(
+                    got[i].to_bits(),
+                    want.to_bits(),
+                    "p {p}, element {i}: z {} g {}",
+                    z[i],
+                    g[i]
+                );
+            }
+            // Some elements of each kind at 0.3: kept and passed, dropped, kept but negative.
+            if p == 0.3 {
+                assert!(got.iter().zip(&g).any(|(a, b)| *a != 0.0 && *a == *b * (1.0 / 0.7)));
+                assert!((0..n).any(|i| u[i] > 0.0 && z[i] == 0.0));
+            }
+        }
+    }
+    let err = relu_dropout_backward(&mut [1.0], &[1.0], 1.5, Par::Seq).unwrap_err();
+    assert!(err.to_string().contains("between 0 and 1"), "{err}");
+    assert!(relu_dropout_backward(&mut [1.0; 3], &[1.0; 2], 0.1, Par::Seq).is_err());
+}
