@@ -143,6 +143,37 @@ fn transposed_product(
     };
 }
 
+/// `sums[r, c] += Σ_j m[r, j] · x[j, c]` for `r < rows`, `c < width`, `j < depth` (`m·x`) on
+/// the tile kernel: `m` (`dS`) `[rows, depth]` with rows `ld` apart; `x` (the key block)
+/// `depth` rows of `width` values `ldx` apart, read in place as panels of [`NR`] columns;
+/// `sums` `[rows, width]`. Each sum is taken from `sums`, then adds `depth` products in order,
+/// so a row's sum over two key blocks has the bits of its sum over one. `width` must be a
+/// multiple of [`NR`].
+fn row_product(sums: &mut [f32], [rows, width, depth]: [usize; 3], m: &[f32], ld: usize, (x, ldx): (&[f32], usize)) {
+    assert!(width.is_multiple_of(NR) && crate::simd::simd_level().is_vector());
+    let span = |n: usize, ld: usize, w: usize| n.checked_sub(1).map_or(0, |last| last * ld + w);
+    assert!(depth <= ld && m.len() >= span(rows, ld, depth) && sums.len() >= rows * width);
+    assert!(width <= ldx && x.len() >= span(depth, ldx, width));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a vector level (checked); `m` holds `rows` rows of `depth` values `ld` apart, `x`
+    // `depth` rows of `width` values `ldx` apart (its panels of NR columns `NR` apart), `sums`
+    // `rows` rows of `width` (checked above); `width` is a whole number of panels.
+    unsafe {
+        crate::tile::gemm::<true, false>(
+            rows,
+            width,
+            depth,
+            m.as_ptr(),
+            ld,
+            x.as_ptr(),
+            ldx,
+            NR,
+            sums.as_mut_ptr(),
+            width,
+        )
+    };
+}
+
 /// The row stride of a tile's probabilities and score gradients (`Scratch::p`, `dp`) for `bc`
 /// keys where the tile kernel computes them: whole panels of [`NR`] columns, and one panel
 /// more. The tile kernel reads `P` and `dS` down their columns for `dV` and `dK`; rows a power
@@ -564,12 +595,20 @@ impl Job<'_, '_> {
         };
     }
 
-    /// `dQ[rows] += dS · k[keys]` (the scale is applied when written).
+    /// `dQ[rows] += dS · k[keys]` (the scale is applied when written): on the tile kernel, with
+    /// the keys read in place as panels, where it computes the scores, `D` is a whole number of
+    /// its panels and the keys are contiguous along `D`; otherwise faer's GEMM. A function of
+    /// the shape and the layout alone, so the bits do not depend on the thread count.
     fn query_gradient(&self, scratch: &mut Scratch, tile: Tile) {
         let (sh, k) = (self.shape, self.inputs.k);
         let Tile { b, g, rows, t0, bc, .. } = tile;
         let st = k.strides();
         let ld = self.p_ld(bc);
+        let keys = &k.data()[k.offset([b, g, t0, 0])..];
+        if self.score_kernel == ScoreKernel::Tile && sh.d.is_multiple_of(NR) && st[3] == 1 {
+            row_product(&mut scratch.dq, [rows, sh.d, bc], &scratch.p, ld, (keys, st[2]));
+            return;
+        }
         // SAFETY: `dq` holds [rows, D], `p` (now dS) [rows, bc] (rows `ld` apart); the key block
         // was bounds-checked with `k`.
         unsafe {
@@ -580,7 +619,7 @@ impl Job<'_, '_> {
                 Accum::Add,
                 scratch.p.as_ptr(),
                 [ld, 1],
-                k.data().as_ptr().add(k.offset([b, g, t0, 0])),
+                keys.as_ptr(),
                 [st[2], st[3]],
                 1.0,
                 Par::Seq,
