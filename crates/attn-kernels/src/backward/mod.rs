@@ -54,6 +54,7 @@ use crate::view::{is_non_overlapping, span, SharedMut};
 use crate::{AttentionOptions, KernelError, Par, View, View4, ViewMut4};
 
 mod deltas;
+mod products;
 mod tasks;
 #[cfg(test)]
 mod tests;
