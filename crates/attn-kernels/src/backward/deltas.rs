@@ -106,8 +106,8 @@ mod tests {
     /// Each row's Δ is its f64 dot product rounded once to f32 (or within an ulp of it: the
     /// lanes' order of additions), whether the rows are contiguous or strided along `Dv`; the
     /// two layouts give the same bits; rows are found across task boundaries (more rows than
-    /// a task, tasks ending inside a head), sequentially and on threads. Dv of 1, 7, 8, 37 and
-    /// 64 cover the lanes' tail and a tail alone.
+    /// a task, tasks ending inside a head), sequentially and on threads. Dv of 1, 7, 8, 37, 64
+    /// and 130 cover the lanes' tail, a tail alone, and more than eight elements a lane.
     #[test]
     fn deltas_are_f64_dot_products_in_any_layout() {
         for (b, h, s, dv) in [
@@ -116,6 +116,7 @@ mod tests {
             (3, 1, 5, 1),
             (1, 1, 513, 7),
             (2, 2, 9, 8),
+            (1, 2, 40, 130),
         ] {
             let (shape, n) = ([b, h, s, dv], b * h * s * dv);
             let out = random_vec(n, 3).iter().map(|x| x * 40.0).collect::<Vec<_>>();
