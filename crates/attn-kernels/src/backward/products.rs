@@ -21,29 +21,9 @@ pub(super) fn transposed_product(
     [bc, width, rows]: [usize; 3],
     m: &[f32],
     ld: usize,
-    (x, ldx): (&[f32], usize),
+    x: (&[f32], usize),
 ) {
-    assert!(width.is_multiple_of(NR) && crate::simd::simd_level().is_vector());
-    assert!(bc <= ld && m.len() >= span(rows, ld, bc) && sums.len() >= bc * width);
-    assert!(width <= ldx && x.len() >= span(rows, ldx, width));
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a vector level (checked); `m` holds `rows` rows of `bc` values `ld` apart, `x`
-    // `rows` rows of `width` values `ldx` apart (its panels of NR columns `NR` apart), `sums`
-    // `bc` rows of `width` (checked above); `width` is a whole number of panels.
-    unsafe {
-        crate::tile::gemm::<true, true>(
-            bc,
-            width,
-            rows,
-            m.as_ptr(),
-            ld,
-            x.as_ptr(),
-            ldx,
-            NR,
-            sums.as_mut_ptr(),
-            width,
-        )
-    };
+    product::<true>(sums, [bc, width, rows], m, ld, x);
 }
 
 /// `sums[r, c] += Σ_j m[r, j] · x[j, c]` for `r < rows`, `c < width`, `j < depth` (`m·x`) on
@@ -57,18 +37,31 @@ pub(super) fn row_product(
     [rows, width, depth]: [usize; 3],
     m: &[f32],
     ld: usize,
+    x: (&[f32], usize),
+) {
+    product::<false>(sums, [rows, width, depth], m, ld, x);
+}
+
+/// `sums[out_rows, width] += m·x` (`mᵀ·x` with `A_T`, `m` then `[depth, out_rows]`), `x`
+/// `[depth, width]`, after checking every operand's span: the tile kernel reads by pointer.
+fn product<const A_T: bool>(
+    sums: &mut [f32],
+    [out_rows, width, depth]: [usize; 3],
+    m: &[f32],
+    ld: usize,
     (x, ldx): (&[f32], usize),
 ) {
+    let (m_rows, m_cols) = if A_T { (depth, out_rows) } else { (out_rows, depth) };
     assert!(width.is_multiple_of(NR) && crate::simd::simd_level().is_vector());
-    assert!(depth <= ld && m.len() >= span(rows, ld, depth) && sums.len() >= rows * width);
+    assert!(m_cols <= ld && m.len() >= span(m_rows, ld, m_cols) && sums.len() >= out_rows * width);
     assert!(width <= ldx && x.len() >= span(depth, ldx, width));
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a vector level (checked); `m` holds `rows` rows of `depth` values `ld` apart, `x`
-    // `depth` rows of `width` values `ldx` apart (its panels of NR columns `NR` apart), `sums`
-    // `rows` rows of `width` (checked above); `width` is a whole number of panels.
+    // SAFETY: a vector level (checked); `m` holds `m_rows` rows of `m_cols` values `ld` apart,
+    // `x` `depth` rows of `width` values `ldx` apart (its panels of NR columns `NR` apart),
+    // `sums` `out_rows` rows of `width` (checked above); `width` is a whole number of panels.
     unsafe {
-        crate::tile::gemm::<true, false>(
-            rows,
+        crate::tile::gemm::<true, A_T>(
+            out_rows,
             width,
             depth,
             m.as_ptr(),
