@@ -19,6 +19,36 @@ use crate::gemm::gemm_raw;
 use crate::layer::{erf, Activation};
 use crate::{Accum, KernelError, Par};
 
+/// Runs `f(args)`, an `#[inline(always)]` loop, compiled for the running SIMD level: the
+/// compiler vectorises the same source at AVX-512, AVX2+FMA or the baseline. The closure is
+/// `#[inline(always)]` too: a closure left out of line is compiled for the baseline, whatever
+/// `level` enables (norm_backward's rows ran at SSE2 that way).
+macro_rules! at_level {
+    ($f:ident($($arg:expr),*)) => {{
+        match crate::simd::simd_level() {
+            #[cfg(target_arch = "x86_64")]
+            crate::SimdLevel::Avx512 => {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                fn level(f: impl FnOnce()) {
+                    f()
+                }
+                // SAFETY: `simd_level` reported these features on this CPU.
+                unsafe { level(#[inline(always)] || $f($($arg),*)) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            crate::SimdLevel::Avx2Fma => {
+                #[target_feature(enable = "avx2,fma")]
+                fn level(f: impl FnOnce()) {
+                    f()
+                }
+                // SAFETY: as above.
+                unsafe { level(#[inline(always)] || $f($($arg),*)) }
+            }
+            _ => $f($($arg),*),
+        }
+    }};
+}
+
 mod dropout;
 mod norm;
 pub use dropout::{dropout, dropout_uniform};

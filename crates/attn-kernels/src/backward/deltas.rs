@@ -4,18 +4,16 @@ use rayon::prelude::*;
 
 use super::BackwardInputs;
 use crate::buffer::{self, Buffer};
+use crate::f64_lanes::{fold, F64x8, Lanes8};
 use crate::Par;
 
-/// The f64 lanes of a row's dot product: element `c` adds into lane `c % LANES`, in order, and
-/// the lanes are then summed pairwise ([`fold`]). Eight chains of additions instead of one
-/// (which ran at an element per four cycles, 1–1.5% of a small model's training step), and
-/// the same bits at every SIMD level.
-const LANES: usize = 8;
-
-/// Rows per parallel task (each task one call at the SIMD level).
+/// Rows per parallel task.
 const TASK_ROWS: usize = 256;
 
-/// `Δ[b, h, s] = Σ_c dout[b, h, s, c] · out[b, h, s, c]`, summed in f64 ([`LANES`]).
+/// `Δ[b, h, s] = Σ_c dout[b, h, s, c] · out[b, h, s, c]`, summed in f64 on eight lanes
+/// ([`crate::f64_lanes`]: element `c` in lane `c mod 8`, the lanes folded pairwise), the same
+/// bits at every level and for strided rows. One chain of additions per row ran at an element
+/// per four cycles (1–1.5% of a small model's training step).
 /// The buffer comes from this thread's pool (every element is written); hand it back with
 /// `buffer::give`.
 pub(super) fn row_deltas(inputs: &BackwardInputs<'_>, [batches, heads, rows, dv]: [usize; 4], par: Par) -> Buffer {
@@ -29,20 +27,20 @@ pub(super) fn row_deltas(inputs: &BackwardInputs<'_>, [batches, heads, rows, dv]
             [bh / heads, bh % heads, s]
         };
         if contiguous {
-            // The usual case: both rows contiguous, the products vectorised.
+            // The usual case: both rows contiguous, on the running level's lanes.
             let rows_of = |i: usize| {
                 let [b, h, s] = row(i);
                 let (o0, d0) = (out.offset([b, h, s, 0]), dout.offset([b, h, s, 0]));
                 (&out.data()[o0..o0 + dv], &dout.data()[d0..d0 + dv])
             };
-            at_level!(contiguous_deltas(chunk, &rows_of));
+            dot_rows(chunk, &rows_of);
         } else {
             // Element by element, into the same lanes in the same order.
             for (i, x) in chunk.iter_mut().enumerate() {
                 let [b, h, s] = row(i);
-                let mut lanes = [0.0f64; LANES];
+                let mut lanes = [0.0f64; 8];
                 for c in 0..dv {
-                    lanes[c % LANES] += out.get([b, h, s, c]) as f64 * dout.get([b, h, s, c]) as f64;
+                    lanes[c % 8] += out.get([b, h, s, c]) as f64 * dout.get([b, h, s, c]) as f64;
                 }
                 *x = fold(lanes) as f32;
             }
@@ -55,31 +53,66 @@ pub(super) fn row_deltas(inputs: &BackwardInputs<'_>, [batches, heads, rows, dv]
     delta
 }
 
-/// `dst[i] = Σ_c o[c]·d[c]` for the rows `(o, d) = rows_of(i)`, in [`LANES`] f64 lanes
-/// (compiled at the caller's level by `at_level!`).
+/// `dst[i] = Σ_c o[c]·d[c]` for the rows `(o, d) = rows_of(i)`, at the running SIMD level.
+fn dot_rows<'a, F: Fn(usize) -> (&'a [f32], &'a [f32])>(dst: &mut [f32], rows_of: &F) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::simd::{simd_level, SimdLevel};
+        match simd_level() {
+            // SAFETY: `simd_level` reported the features each entry point enables.
+            SimdLevel::Avx512 => return unsafe { x86::dot_rows_avx512(dst, rows_of) },
+            // SAFETY: as above.
+            SimdLevel::Avx2Fma => return unsafe { x86::dot_rows_avx2(dst, rows_of) },
+            SimdLevel::Scalar => {}
+        }
+    }
+    // SAFETY: the portable lanes need no features.
+    unsafe { dot_rows_with::<Lanes8, F>(dst, rows_of) }
+}
+
+/// [`dot_rows`] on the lanes `V`.
+///
+/// # Safety
+/// `V`'s features must be enabled.
 #[inline(always)]
-fn contiguous_deltas<'a>(dst: &mut [f32], rows_of: &impl Fn(usize) -> (&'a [f32], &'a [f32])) {
+unsafe fn dot_rows_with<'a, V: F64x8, F: Fn(usize) -> (&'a [f32], &'a [f32])>(dst: &mut [f32], rows_of: &F) {
     for (i, x) in dst.iter_mut().enumerate() {
         let (o, d) = rows_of(i);
-        let mut lanes = [0.0f64; LANES];
-        let (oc, dc) = (o.chunks_exact(LANES), d.chunks_exact(LANES));
-        let (ot, dt) = (oc.remainder(), dc.remainder());
-        for (a, b) in oc.zip(dc) {
-            for l in 0..LANES {
-                lanes[l] += a[l] as f64 * b[l] as f64;
-            }
+        assert_eq!(o.len(), d.len());
+        let full = o.len() / 8 * 8;
+        // SAFETY: the caller enabled `V`'s features.
+        let mut acc = unsafe { V::splat(0.0) };
+        for j in (0..full).step_by(8) {
+            // SAFETY: `j + 8 <= full` values of each row; the caller enabled `V`'s features.
+            acc = unsafe { acc.add(V::widen(o.as_ptr().add(j)).mul(V::widen(d.as_ptr().add(j)))) };
         }
-        for (l, (&a, &b)) in ot.iter().zip(dt).enumerate() {
+        // SAFETY: as above.
+        let mut lanes = unsafe { acc.lanes() };
+        for (l, (&a, &b)) in o[full..].iter().zip(&d[full..]).enumerate() {
             lanes[l] += a as f64 * b as f64;
         }
         *x = fold(lanes) as f32;
     }
 }
 
-/// The lanes' sum, pairwise in a fixed order.
-#[inline(always)]
-fn fold(l: [f64; LANES]) -> f64 {
-    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::dot_rows_with;
+    use crate::f64_lanes::x86::{Ymm2, Zmm};
+
+    /// [`dot_rows_with`] at AVX-512.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    pub(super) unsafe fn dot_rows_avx512<'a, F: Fn(usize) -> (&'a [f32], &'a [f32])>(dst: &mut [f32], rows_of: &F) {
+        // SAFETY: this function enables AVX-512.
+        unsafe { dot_rows_with::<Zmm, F>(dst, rows_of) }
+    }
+
+    /// [`dot_rows_with`] at AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows_avx2<'a, F: Fn(usize) -> (&'a [f32], &'a [f32])>(dst: &mut [f32], rows_of: &F) {
+        // SAFETY: this function enables AVX2.
+        unsafe { dot_rows_with::<Ymm2, F>(dst, rows_of) }
+    }
 }
 
 #[cfg(test)]
