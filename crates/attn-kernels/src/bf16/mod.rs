@@ -507,8 +507,8 @@ mod tests {
     }
 
     /// Every level this CPU runs: the f32 fallback always, AVX512-BF16 when detected.
-    /// Packing a row-major, a transposed and a strided view of the same matrix gives the same
-    /// words, and they widen back to each value rounded to bf16 (zeros in the padding), into
+    /// Packing a row-major, a transposed, a strided view and one of rows with gaps between them
+    /// of the same matrix gives the same words, and they widen back to each value rounded to bf16 (zeros in the padding), into
     /// fresh or kept storage alike.
     #[test]
     fn packing_reads_any_strides() {
@@ -519,8 +519,15 @@ mod tests {
             let transposed = Bf16Panels::pack(View2::new(&t, [k, n], [1, k]).unwrap());
             let wide: Vec<f32> = m.iter().flat_map(|&x| [x, f32::NAN]).collect();
             let strided = Bf16Panels::pack(View2::new(&wide, [k, n], [2 * n, 2]).unwrap());
+            // Contiguous rows 3 values apart: the row-major panels, a panel at a time.
+            let padded: Vec<f32> = m
+                .chunks(n)
+                .flat_map(|row| row.iter().copied().chain([f32::NAN; 3]))
+                .collect();
+            let spaced = Bf16Panels::pack(View2::new(&padded, [k, n], [n + 3, 1]).unwrap());
             assert_eq!(row_major.words(), transposed.words(), "[{k}, {n}] transposed");
             assert_eq!(row_major.words(), strided.words(), "[{k}, {n}] strided");
+            assert_eq!(row_major.words(), spaced.words(), "[{k}, {n}] spaced rows");
             let want: Vec<f32> = m.iter().map(|&x| round_to_bf16(x)).collect();
             assert_eq!(row_major.widened(), want, "[{k}, {n}]");
             let pairs = padded_pairs(k);

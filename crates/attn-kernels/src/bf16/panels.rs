@@ -120,6 +120,11 @@ impl Bf16Panels {
         let (mut data, start) = take_words(len);
         // `max(1)`: an empty depth has no panels to fill (and chunks of 0 are not allowed).
         let panel_len = (padded_pairs(k) * PANEL).max(1);
+        #[cfg(target_arch = "x86_64")]
+        if b.strides() == [n, 1] && k > 0 && n > 0 && crate::bf16_level().has_avx512bf16() {
+            pack_rows_across(&mut data[start..start + len], b.data(), [k, n], panel_len);
+            return Bf16Panels { k, n, data, start };
+        }
         // The pairs past the depth, up to the padded depth, are zeros.
         let fill = |(panel, out): (usize, &mut [u32])| {
             pack_panel(&mut out[..pairs * PANEL], b, panel * PANEL, pairs);
@@ -194,6 +199,29 @@ impl Bf16Panels {
     }
 }
 
+/// [`Bf16Panels::pack`] of a row-major `src: [k, n]` at the AVX512-BF16 level: a pair of rows
+/// at a time across every panel ([`avx512bf16::interleave_across`]), so `src` is read as two
+/// sequential streams (a panel at a time reads `k` rows 64 bytes each: 1.7–2.5× slower from
+/// memory: `examples/pack_speed.rs`). One task per 16 pairs, the last one's pairs past the
+/// depth (the padding) written as zeros.
+#[cfg(target_arch = "x86_64")]
+fn pack_rows_across(words: &mut [u32], src: &[f32], [k, n]: [usize; 2], panel_len: usize) {
+    let groups = padded_pairs(k) / PANEL;
+    assert!(src.len() >= k * n && words.len() == n.div_ceil(PANEL) * panel_len && panel_len == groups * PANEL * PANEL);
+    let out = crate::view::SharedMut(words.as_mut_ptr().cast());
+    let group = |g: usize| {
+        // SAFETY: the level was detected; the task writes pairs `16g .. 16g + 16` of every
+        // panel, `panel_len` words apart inside `words` (asserted), zeros for rows from `k`,
+        // and no other task writes those words.
+        unsafe { avx512bf16::interleave_across(src, [k, n], g * PANEL, PANEL, out.get(), panel_len) };
+    };
+    if words.len() >= PACK_PARALLEL_WORDS {
+        (0..groups).into_par_iter().for_each(group);
+    } else {
+        (0..groups).for_each(group);
+    }
+}
+
 /// Panel `[pairs][16]` of `b: [K, N]` for columns `j0..j0 + 16` (zeros past `N` and after an
 /// odd `K`): two rows at a time by one conversion when rows are contiguous; when columns are
 /// (a transposed view, as a weight's `Wᵀ`), 32 values of each of the 16 columns by one
@@ -220,30 +248,36 @@ fn pack_panel(out: &mut [u32], b: View2<'_, f32>, j0: usize, pairs: usize) {
             return;
         }
         if rs == 1 {
-            // 16 pairs of the 16 columns at a time: each column's 32 values rounded into a row
-            // of 16 words, then the 16 × 16 words transposed into the panel's 16 pairs.
-            let mut block = [[0.0f32; PANEL]; PANEL];
-            for q0 in (0..pairs).step_by(PANEL) {
-                let (d0, count) = (2 * q0, (pairs - q0).min(PANEL));
-                for (l, words) in block.iter_mut().enumerate() {
-                    if l < cols {
-                        let start = (j0 + l) * cs;
-                        let src = &data[start + d0..start + k.min(d0 + 2 * PANEL)];
-                        // SAFETY: the level was detected; `src` holds at most 32 values (one
-                        // step) of the column, which a checked view holds, and `words` 16.
-                        unsafe { avx512bf16::convert_row_steps(src, 1.0, 1, words.as_mut_ptr(), PANEL) };
-                    } else {
-                        *words = [0.0; PANEL];
-                    }
-                }
+            // Each of the 16 columns (a row of `W` for `Wᵀ`) read once from start to end and
+            // rounded into its row of every 16 × 16 block of words (block `s` holds pairs
+            // `16s ..`), then each block transposed into the panel's 16 pairs.
+            let steps = pairs.div_ceil(PANEL);
+            let mut blocks = vec![[[0.0f32; PANEL]; PANEL]; steps];
+            for l in 0..cols {
+                let start = (j0 + l) * cs;
+                // SAFETY: the level was detected; the column's `k` values are inside the
+                // checked view, at most `32·steps`; row `l` of block `s` is 16 words at
+                // `l·16 + s·256` inside `blocks`.
+                unsafe {
+                    avx512bf16::convert_row_steps(
+                        &data[start..start + k],
+                        1.0,
+                        steps,
+                        blocks.as_mut_ptr().cast::<f32>().add(l * PANEL),
+                        PANEL * PANEL,
+                    )
+                };
+            }
+            for (s, block) in blocks.iter().enumerate() {
+                let (q0, count) = (s * PANEL, (pairs - s * PANEL).min(PANEL));
                 let dst = &mut out[q0 * PANEL..(q0 + count) * PANEL];
                 if count == PANEL {
                     // SAFETY: AVX-512F (the level); `dst` holds 16 rows of 16 words.
-                    unsafe { avx512bf16::transpose16(&block, dst.as_mut_ptr().cast(), PANEL) };
+                    unsafe { avx512bf16::transpose16(block, dst.as_mut_ptr().cast(), PANEL) };
                 } else {
                     let mut tile = [0.0f32; PANEL * PANEL];
                     // SAFETY: as above, into `tile`.
-                    unsafe { avx512bf16::transpose16(&block, tile.as_mut_ptr(), PANEL) };
+                    unsafe { avx512bf16::transpose16(block, tile.as_mut_ptr(), PANEL) };
                     for (word, value) in dst.iter_mut().zip(&tile) {
                         *word = value.to_bits();
                     }
