@@ -507,9 +507,9 @@ mod tests {
     }
 
     /// Every level this CPU runs: the f32 fallback always, AVX512-BF16 when detected.
-    /// Packing a row-major, a transposed, a strided view and one of rows with gaps between them
-    /// of the same matrix gives the same words, and they widen back to each value rounded to bf16 (zeros in the padding), into
-    /// fresh or kept storage alike.
+    /// Packing a row-major, a transposed and a strided view of the same matrix, and one whose
+    /// rows have gaps between them, gives the same words, and they widen back to each value
+    /// rounded to bf16 (zeros in the padding), into fresh or kept storage alike.
     #[test]
     fn packing_reads_any_strides() {
         for (k, n) in [(1, 1), (7, 5), (33, 16), (64, 48), (300, 260)] {

@@ -223,9 +223,10 @@ fn pack_rows_across(words: &mut [u32], src: &[f32], [k, n]: [usize; 2], panel_le
 }
 
 /// Panel `[pairs][16]` of `b: [K, N]` for columns `j0..j0 + 16` (zeros past `N` and after an
-/// odd `K`): two rows at a time by one conversion when rows are contiguous; when columns are
-/// (a transposed view, as a weight's `Wᵀ`), 32 values of each of the 16 columns by one
-/// conversion, then the 16 × 16 words transposed into 16 pairs.
+/// odd `K`): two rows at a time by one conversion when rows are contiguous (and spaced: a
+/// dense operand goes through `pack_rows_across`); when columns are (a transposed view, as a
+/// weight's `Wᵀ`), each of the 16 columns whole, 32 values per conversion, into 16 × 16 blocks
+/// of words, each then transposed into 16 pairs.
 fn pack_panel(out: &mut [u32], b: View2<'_, f32>, j0: usize, pairs: usize) {
     let [k, n] = b.shape();
     let [rs, cs] = b.strides();
