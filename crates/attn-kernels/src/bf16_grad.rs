@@ -210,7 +210,7 @@ fn bytemuck_words(b: &[f32]) -> &[u32] {
 
 /// Where [`pack_pairs`] puts the pair of rows `2p, 2p + 1` at column `c`.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Layout {
+pub(crate) enum Layout {
     /// `dst[(c / 16)·pairs·16 + p·16 + c % 16]`: [`Bf16Panels`]' layout (a right operand).
     Panels,
     /// `dst[(c / 16)·stride·16 + p·16 + c % 16]`: panels `stride ≥ pairs` pairs apart (the
@@ -299,11 +299,12 @@ fn row<'a>(src: &'a [f32], j: usize, [n, width, c0, cols]: [usize; 4], buf: &'a 
 ///
 /// One task per 16 pairs (32 rows of `src`), which writes into every panel's share: reading
 /// a column strip down all the rows instead (a panel per task) strided across pages and
-/// stalled on most loads. In `Bf16Panels`' layout at the AVX512-BF16 level the task goes a
-/// pair of rows at a time across all the columns (`interleave_across`: two read streams);
-/// otherwise a panel at a time down its 32 rows ([`interleave_rows`]), the AMX tiles through
-/// [`columns_into_rows`].
-fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layout, par: Par) {
+/// stalled on most loads. In panels (padded or not) at the AVX512-BF16 level the task goes a
+/// pair of rows at a time across all the columns (`interleave_across`: two read streams, 1.7–2.5×
+/// a panel at a time from memory, `examples/pack_speed.rs`); otherwise a panel at a time down
+/// its 32 rows ([`interleave_rows`]), the AMX tiles through [`columns_into_rows`].
+/// [`Bf16Panels::pack`] packs a dense operand here too.
+pub(crate) fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layout, par: Par) {
     let pairs = n.div_ceil(2);
     let panels = width.div_ceil(PANEL);
     let chunk = match layout {
@@ -329,7 +330,7 @@ fn pack_pairs(dst: &mut [f32], src: &[f32], [n, width]: [usize; 2], layout: Layo
         let p0 = g * STEP_PAIRS;
         let count = (pairs - p0).min(STEP_PAIRS);
         #[cfg(target_arch = "x86_64")]
-        if layout == Layout::Panels && crate::bf16_level().has_avx512bf16() {
+        if !matches!(layout, Layout::Tiles(_)) && crate::bf16_level().has_avx512bf16() {
             // SAFETY: the level was detected; the task writes pairs `p0 .. p0 + count` of every
             // panel, `chunk` words apart inside `dst` (which holds `panels` of them), and no
             // other task writes those words.
@@ -643,10 +644,23 @@ mod tests {
         for (n, width) in [(1, 1), (37, 21), (64, 32), (601, 70)] {
             let src = random_vec(n * width, 9);
             let (pairs, panels) = (n.div_ceil(2), width.div_ceil(PANEL));
-            let want = Bf16Panels::pack(View2::contiguous(&src, [n, width]).unwrap());
+            // The reference from the generic route (a strided view), not from `pack_pairs`.
+            let wide: Vec<f32> = src.iter().flat_map(|&x| [x, f32::NAN]).collect();
+            let want = Bf16Panels::pack(View2::new(&wide, [n, width], [2 * width, 2]).unwrap());
             let want = want.words();
             let stride = crate::bf16::padded_pairs(n) * PANEL;
             for par in [Par::Seq, Par::Rayon] {
+                let mut padded = vec![f32::NAN; panels * stride + 5];
+                pack_pairs(&mut padded, &src, [n, width], Layout::PaddedPanels(stride / PANEL), par);
+                assert_eq!(
+                    bytemuck_words(&padded[..panels * stride]),
+                    want,
+                    "[{n}, {width}] padded"
+                );
+                assert!(
+                    padded[panels * stride..].iter().all(|v| v.is_nan()),
+                    "[{n}, {width}]: padded, wrote past"
+                );
                 let mut got = vec![f32::NAN; panels * pairs * PANEL + 5];
                 pack_pairs(&mut got, &src, [n, width], Layout::Panels, par);
                 for j in 0..panels {

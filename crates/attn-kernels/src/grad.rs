@@ -24,26 +24,21 @@ use crate::{Accum, KernelError, Par};
 /// `#[inline(always)]` too: a closure left out of line is compiled for the baseline, whatever
 /// `level` enables (norm_backward's rows ran at SSE2 that way).
 macro_rules! at_level {
+    // `f(args)` in a function compiled with `$features`, which the caller's level has.
+    (@on $features:literal, $f:ident($($arg:expr),*)) => {{
+        #[target_feature(enable = $features)]
+        fn level(f: impl FnOnce()) {
+            f()
+        }
+        // SAFETY: `simd_level` reported a level with these features on this CPU.
+        unsafe { level(#[inline(always)] || $f($($arg),*)) }
+    }};
     ($f:ident($($arg:expr),*)) => {{
         match crate::simd::simd_level() {
             #[cfg(target_arch = "x86_64")]
-            crate::SimdLevel::Avx512 => {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-                fn level(f: impl FnOnce()) {
-                    f()
-                }
-                // SAFETY: `simd_level` reported these features on this CPU.
-                unsafe { level(#[inline(always)] || $f($($arg),*)) }
-            }
+            crate::SimdLevel::Avx512 => at_level!(@on "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma", $f($($arg),*)),
             #[cfg(target_arch = "x86_64")]
-            crate::SimdLevel::Avx2Fma => {
-                #[target_feature(enable = "avx2,fma")]
-                fn level(f: impl FnOnce()) {
-                    f()
-                }
-                // SAFETY: as above.
-                unsafe { level(#[inline(always)] || $f($($arg),*)) }
-            }
+            crate::SimdLevel::Avx2Fma => at_level!(@on "avx2,fma", $f($($arg),*)),
             _ => $f($($arg),*),
         }
     }};

@@ -6,7 +6,8 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::avx512bf16;
 use super::*;
-use crate::View2;
+use crate::bf16_grad::Layout;
+use crate::{Par, View2};
 
 /// A `[K, N]` right operand rounded to bf16 and packed once for [`gemm_bf16`]: panels of 16
 /// columns, each `[K / 2 pairs][16][2]` (an odd `K` gets a zero row, a ragged `N` zero
@@ -120,9 +121,25 @@ impl Bf16Panels {
         let (mut data, start) = take_words(len);
         // `max(1)`: an empty depth has no panels to fill (and chunks of 0 are not allowed).
         let panel_len = (padded_pairs(k) * PANEL).max(1);
-        #[cfg(target_arch = "x86_64")]
         if b.strides() == [n, 1] && k > 0 && n > 0 && crate::bf16_level().has_avx512bf16() {
-            pack_rows_across(&mut data[start..start + len], b.data(), [k, n], panel_len);
+            // A dense operand: a pair of rows at a time across every panel (two read streams),
+            // as the weight gradient packs its operands.
+            let words = &mut data[start..start + len];
+            let par = if len >= PACK_PARALLEL_WORDS {
+                Par::Rayon
+            } else {
+                Par::Seq
+            };
+            // SAFETY: u32 and f32 have the same size and alignment, and `pack_pairs` writes
+            // every word of `words` (the panels with their padding pairs) as f32 bits.
+            let slots = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<f32>(), len) };
+            crate::bf16_grad::pack_pairs(
+                slots,
+                &b.data()[..k * n],
+                [k, n],
+                Layout::PaddedPanels(padded_pairs(k)),
+                par,
+            );
             return Bf16Panels { k, n, data, start };
         }
         // The pairs past the depth, up to the padded depth, are zeros.
@@ -199,32 +216,9 @@ impl Bf16Panels {
     }
 }
 
-/// [`Bf16Panels::pack`] of a row-major `src: [k, n]` at the AVX512-BF16 level: a pair of rows
-/// at a time across every panel ([`avx512bf16::interleave_across`]), so `src` is read as two
-/// sequential streams (a panel at a time reads `k` rows 64 bytes each: 1.7–2.5× slower from
-/// memory: `examples/pack_speed.rs`). One task per 16 pairs, the last one's pairs past the
-/// depth (the padding) written as zeros.
-#[cfg(target_arch = "x86_64")]
-fn pack_rows_across(words: &mut [u32], src: &[f32], [k, n]: [usize; 2], panel_len: usize) {
-    let groups = padded_pairs(k) / PANEL;
-    assert!(src.len() >= k * n && words.len() == n.div_ceil(PANEL) * panel_len && panel_len == groups * PANEL * PANEL);
-    let out = crate::view::SharedMut(words.as_mut_ptr().cast());
-    let group = |g: usize| {
-        // SAFETY: the level was detected; the task writes pairs `16g .. 16g + 16` of every
-        // panel, `panel_len` words apart inside `words` (asserted), zeros for rows from `k`,
-        // and no other task writes those words.
-        unsafe { avx512bf16::interleave_across(src, [k, n], g * PANEL, PANEL, out.get(), panel_len) };
-    };
-    if words.len() >= PACK_PARALLEL_WORDS {
-        (0..groups).into_par_iter().for_each(group);
-    } else {
-        (0..groups).for_each(group);
-    }
-}
-
 /// Panel `[pairs][16]` of `b: [K, N]` for columns `j0..j0 + 16` (zeros past `N` and after an
 /// odd `K`): two rows at a time by one conversion when rows are contiguous (and spaced: a
-/// dense operand goes through `pack_rows_across`); when columns are (a transposed view, as a
+/// dense operand goes through `pack_pairs`); when columns are (a transposed view, as a
 /// weight's `Wᵀ`), each of the 16 columns whole, 32 values per conversion, into 16 × 16 blocks
 /// of words, each then transposed into 16 pairs.
 fn pack_panel(out: &mut [u32], b: View2<'_, f32>, j0: usize, pairs: usize) {
