@@ -1,5 +1,5 @@
 //! Multi-head attention set to `Precision::F32` packs its weights once where attn's own f32
-//! GEMM reads them (Intel and Zen 4 at AVX-512, at the first product of enough rows; elsewhere,
+//! GEMM reads them (Intel and Zen 4 at AVX-512, Zen 3 at AVX2, at the first product of enough rows; elsewhere,
 //! and before, it holds no copy): the bits of the unpacked
 //! module on every projection path, and handing the weights out mutably drops the copies, so a
 //! changed weight is what the next forward uses, never a stale copy.

@@ -1,14 +1,17 @@
 //! GEMM on strided f32 views, and its f64 reference.
 //!
-//! On an Intel CPU or AMD's Zen 4 at the AVX-512 level, products big enough to pay for packing
-//! (at least 48 rows, 256 columns and 2²⁰ multiply-adds) into a row-major destination run on
-//! attn's own packed GEMM ([`avx512`]: 8 × 48 micro-kernel, BLIS's blocking and packing),
-//! 0.91–0.96× MKL's on the layer shapes at one thread on an Intel model 207, and on Zen 4
-//! 0.95–0.99× faer's when it packs both operands but 1.08–1.13× on products by a weight packed
-//! once (docs/PERFORMANCE.md); everything else (other CPUs, among them Zen 5, where faer
-//! measured faster than an earlier version, other levels, small or thin products, column-major
-//! destinations) goes to faer's `matmul`, whose views are made without copying. `ATTN_GEMM=faer` sends every product to faer, and
-//! `ATTN_GEMM=own` the products it serves to the own GEMM on any CPU, for comparison
+//! Products big enough to pay for packing (at least 48 rows, 256 columns and 2²⁰ multiply-adds)
+//! into a row-major destination run on attn's own packed GEMM ([`own`]) where it measured the
+//! faster: on an Intel CPU or AMD's Zen 4 at the AVX-512 level ([`avx512`]: 8 × 48
+//! micro-kernel), 0.91–0.96× MKL's on the layer shapes at one thread on an Intel model 207, and
+//! on Zen 4 0.95–0.99× faer's when it packs both operands but 1.08–1.13× on products by a
+//! weight packed once; on AMD's Zen 3 at AVX2 ([`avx2`]: 6 × 16), 0.94–1.00× MKL's on the layer
+//! shapes at 2 threads and 1.17× faer's on the encoder layer (docs/PERFORMANCE.md). Everything
+//! else (other CPUs, among them Zen 5, where faer measured faster than an earlier version, and
+//! Intel at AVX2, not measured; the scalar level; small or thin products; column-major
+//! destinations) goes to faer's `matmul`, whose views are made without copying.
+//! `ATTN_GEMM=faer` sends every product to faer, and `ATTN_GEMM=own` the products it serves to
+//! the own GEMM on any CPU at a vector level, for comparison
 //! ([`requested_gemm`]). Either way every element is summed in an order that does not depend on the
 //! thread count. A right operand used on every call (a linear map's `Wᵀ`) can be packed once
 //! into [`F32Panels`] and multiplied with [`gemm_packed`], which the own GEMM reads in place.
@@ -16,7 +19,11 @@
 use crate::{KernelError, View2, ViewMut2};
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod own;
 mod packed;
 
 pub use packed::{gemm_packed, F32Panels};
@@ -26,13 +33,14 @@ pub use packed::{gemm_packed, F32Panels};
 pub enum GemmChoice {
     /// `faer`: every f32 product goes to faer's `matmul`.
     Faer,
-    /// `own`: attn's own packed GEMM takes the products it serves (at the AVX-512 level, shapes
-    /// as on Intel) on any CPU, AMD's included, for comparison.
+    /// `own`: attn's own packed GEMM takes the products it serves (at the AVX-512 or AVX2
+    /// level, shapes as where it is the default) on any CPU, for comparison.
     Own,
 }
 
 /// The GEMM the environment variable `ATTN_GEMM` names (read once): `Ok(None)` when it is unset
-/// or empty (the default: attn's own GEMM on Intel and Zen 4 at AVX-512, faer's elsewhere), an
+/// or empty (the default: attn's own GEMM on Intel and Zen 4 at AVX-512 and on Zen 3 at AVX2,
+/// faer's elsewhere), an
 /// [`KernelError::InvalidArgument`] naming the accepted values when it names neither `faer` nor
 /// `own` (the kernels then keep the default; the `attn` command refuses to start).
 pub fn requested_gemm() -> Result<Option<GemmChoice>, KernelError> {
@@ -184,24 +192,24 @@ pub fn gemm_bias(
     if own_gemm(dst.strides(), [m, n, k]) {
         let operand = |v: &View2<'_, f32>| {
             let [rs, cs] = v.strides();
-            avx512::Operand {
+            own::Operand {
                 ptr: v.data().as_ptr(),
                 rs,
                 cs,
             }
         };
         let (ldc, c) = (dst.strides()[0], dst.data_mut().as_mut_ptr());
-        let start = avx512::Start::Bias(bias.as_ptr());
-        // SAFETY: the level has AVX-512 F; the views were bounds-checked on construction, `bias`
+        let start = own::Start::Bias(bias.as_ptr());
+        // SAFETY: `own_gemm` checked for a vector level; the views were bounds-checked on construction, `bias`
         // holds `n` values and `dst` is borrowed mutably, so it aliases nothing.
         unsafe {
-            avx512::gemm(
+            own::gemm_f32(
                 c,
                 ldc,
                 [m, n, k],
                 start,
-                (operand(&lhs), avx512::LhsValues::F32),
-                avx512::Rhs::F32(operand(&rhs)),
+                operand(&lhs),
+                own::Rhs::F32(operand(&rhs)),
                 1.0,
                 par,
             )
@@ -249,7 +257,7 @@ fn check_shapes(
 }
 
 /// The GEMM a product `[m, k] · [k, n]` into a row-major destination runs on at this level:
-/// `"own"` (attn's packed AVX-512 GEMM) or `"faer"`; [`gemm_packed`] reads its panels exactly
+/// `"own"` (attn's packed GEMM) or `"faer"`; [`gemm_packed`] reads its panels exactly
 /// when this is `"own"` (for `attn check` and the benchmarks' reports).
 pub fn gemm_route([m, n, k]: [usize; 3]) -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -261,11 +269,11 @@ pub fn gemm_route([m, n, k]: [usize; 3]) -> &'static str {
 }
 
 /// Whether attn's own GEMM serves a product into a destination with these strides: a
-/// row-major destination, a shape worth packing on this CPU ([`avx512::worth_it`]), and
-/// the AVX-512 level.
+/// row-major destination, and a shape worth packing on this CPU at the running level
+/// ([`own::worth_it`]).
 #[cfg(target_arch = "x86_64")]
 fn own_gemm(dst_strides: [usize; 2], mnk: [usize; 3]) -> bool {
-    dst_strides[1] == 1 && avx512::worth_it(mnk) && crate::simd::simd_level() == crate::SimdLevel::Avx512
+    dst_strides[1] == 1 && own::worth_it(mnk)
 }
 
 /// The unchecked core of [`gemm`], for kernels that have validated their operands already.
@@ -293,19 +301,19 @@ pub(crate) unsafe fn gemm_raw(
     }
     #[cfg(target_arch = "x86_64")]
     if own_gemm(dst_strides, [m, n, k]) {
-        let operand = |ptr, [rs, cs]: [usize; 2]| avx512::Operand { ptr, rs, cs };
-        // SAFETY: the level has AVX-512 F; the caller guarantees the views.
+        let operand = |ptr, [rs, cs]: [usize; 2]| own::Operand { ptr, rs, cs };
+        // SAFETY: `own_gemm` checked for a vector level; the caller guarantees the views.
         unsafe {
-            avx512::gemm(
+            own::gemm_f32(
                 dst,
                 dst_strides[0],
                 [m, n, k],
                 match accum {
-                    Accum::Replace => avx512::Start::Zero,
-                    Accum::Add => avx512::Start::Dst,
+                    Accum::Replace => own::Start::Zero,
+                    Accum::Add => own::Start::Dst,
                 },
-                (operand(lhs, lhs_strides), avx512::LhsValues::F32),
-                avx512::Rhs::F32(operand(rhs, rhs_strides)),
+                operand(lhs, lhs_strides),
+                own::Rhs::F32(operand(rhs, rhs_strides)),
                 alpha,
                 par,
             )
@@ -443,8 +451,8 @@ mod tests {
 
     #[test]
     fn gemm_bias_is_the_bias_written_first_then_gemm_add() {
-        // A small product (faer's path everywhere) and large ones (attn's own GEMM on Intel and
-        // Zen 4 at AVX-512; faer's elsewhere): the same bits as the two steps on every path, and the
+        // A small product (faer's path everywhere) and large ones (attn's own GEMM where it is
+        // the default; faer's elsewhere): the same bits as the two steps on every path, and the
         // destination (NaN) never read.
         for (m, n, k) in [(5, 7, 3), (100, 300, 70), (60, 530, 400)] {
             let (a, b, bias) = (random_vec(m * k, 1), random_vec(k * n, 2), random_vec(n, 3));

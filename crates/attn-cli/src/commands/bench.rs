@@ -36,7 +36,7 @@ pub enum BenchCommand {
         after_help = "Example:\n  attn bench sweep --seq 128,256,512,1024,2048,4096,8192 --png sweep.png\n\nPyTorch is measured when ATTN_PYTHON (default python3) can import torch."
     )]
     Sweep(crate::commands::sweep::Args),
-    /// Times the f32 GEMM [M,K]·[K,N] (attn's own on Intel and Zen 4 at AVX-512, faer's otherwise; `ATTN_GEMM=faer|own` forces one): flops 2·M·N·K.
+    /// Times the f32 GEMM [M,K]·[K,N] (attn's own on Intel and Zen 4 at AVX-512 and Zen 3 at AVX2, faer's otherwise; `ATTN_GEMM=faer|own` forces one): flops 2·M·N·K.
     #[command(after_help = "Example:\n  attn bench gemm --m 1024 --n 1024 --k 1024 --json")]
     Gemm(GemmArgs),
     /// Read bandwidth: sums a buffer larger than the last-level cache on every thread (GB/s of

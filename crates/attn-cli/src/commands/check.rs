@@ -385,7 +385,7 @@ fn kernel_rows(rows: &mut Vec<Row>) -> Result<()> {
     });
 
     // GEMM with a transposed operand: a small product (faer's everywhere) and one large enough
-    // for attn's own GEMM where it is the default (Intel and Zen 4 at AVX-512), each named by
+    // for attn's own GEMM where it is the default (Intel and Zen 4 at AVX-512, Zen 3 at AVX2), each named by
     // the route it took. The f32 sums' error grows with the depth: 1e-5 at 67, 1e-4 at 300
     // (measured 2.9e-6 and 1.5e-5 on a Zen 4, on either GEMM).
     for ((m, n, k), tolerance) in [((130, 270, 300), 1e-4), ((129, 131, 67), 1e-5)] {

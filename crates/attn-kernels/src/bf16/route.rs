@@ -31,7 +31,7 @@ impl Route {
     pub(crate) fn of(level: Bf16Level) -> Route {
         #[cfg(target_arch = "x86_64")]
         let (intel, avx512) = (
-            crate::gemm::avx512::intel(),
+            crate::gemm::own::intel(),
             crate::simd::simd_level() == crate::SimdLevel::Avx512,
         );
         #[cfg(not(target_arch = "x86_64"))]

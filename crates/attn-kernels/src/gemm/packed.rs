@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 /// Columns of a panel (the own GEMM's micro-kernel width).
 #[cfg(target_arch = "x86_64")]
-const NR: usize = super::avx512::NR;
+const NR: usize = super::own::NR;
 #[cfg(not(target_arch = "x86_64"))]
 const NR: usize = 48;
 
@@ -41,15 +41,15 @@ impl std::fmt::Debug for F32Panels {
 
 impl F32Panels {
     /// Whether products by a right operand of this shape (`[K, N]`) read packed panels on this
-    /// machine: attn's own f32 GEMM runs on this CPU at the current level (Intel or Zen 4 at AVX-512,
-    /// `ATTN_GEMM` not `faer`) and takes products this wide and deep (at least 256 columns and
+    /// machine: attn's own f32 GEMM runs on this CPU at the current level (Intel or Zen 4 at
+    /// AVX-512, Zen 3 at AVX2; `ATTN_GEMM` not `faer`) and takes products this wide and deep (at least 256 columns and
     /// a depth of 16; how many rows is up to each call). Elsewhere [`gemm_packed`] multiplies
     /// by the unpacked operand, so a model need not pack (and hold twice its weights) for
     /// nothing.
     pub fn worth_packing(shape: [usize; 2]) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            super::avx512::serves_rhs(shape) && crate::simd::simd_level() == crate::SimdLevel::Avx512
+            super::own::serves_rhs(shape)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -106,16 +106,22 @@ impl F32Panels {
 fn pack_panel(out: &mut [f32], b: View2<'_, f32>, j0: usize) {
     let [k, n] = b.shape();
     let cols = (n - j0).min(NR);
-    // At the AVX-512 level the vector packing (checked at that level), elsewhere a plain copy
-    // (checked at the others).
+    // At a vector level that level's packing (checked there), elsewhere a plain copy (checked
+    // at the scalar level).
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() == crate::SimdLevel::Avx512 {
+    {
         let [rs, cs] = b.strides();
-        // SAFETY: the level has AVX-512 F; the view was bounds-checked on construction, so
-        // `[0, k) × [j0, j0 + cols)` is readable at its strides; `out` holds one panel of `k`
-        // rows.
-        unsafe { super::avx512::pack_b(out, k, b.data().as_ptr().add(j0 * cs), rs, cs, k, cols) };
-        return;
+        // SAFETY: the view was bounds-checked on construction, so `[0, k) × [j0, j0 + cols)`
+        // is readable at its strides; `out` holds one panel of `k` rows; each level's packing
+        // runs only where the CPU has it.
+        unsafe {
+            let src = b.data().as_ptr().add(j0 * cs);
+            match crate::simd::simd_level() {
+                crate::SimdLevel::Avx512 => return super::avx512::pack_b(out, k, src, rs, cs, k, cols),
+                crate::SimdLevel::Avx2Fma => return super::avx2::pack_b(out, k, src, rs, cs, k, cols),
+                crate::SimdLevel::Scalar => {}
+            }
+        }
     }
     for (p, row) in out.chunks_exact_mut(NR).enumerate() {
         for (j, x) in row[..cols].iter_mut().enumerate() {
@@ -165,7 +171,7 @@ pub fn gemm_packed(
     }
     #[cfg(target_arch = "x86_64")]
     if m > 0 && n > 0 && super::own_gemm(dst.strides(), [m, n, k]) {
-        use super::avx512::{gemm, LhsValues, Operand, Rhs, Start};
+        use super::own::{gemm_f32, Operand, Rhs, Start};
         let [rs, cs] = lhs.strides();
         let a = Operand {
             ptr: lhs.data().as_ptr(),
@@ -178,10 +184,10 @@ pub fn gemm_packed(
             k,
         };
         let (ldc, c) = (dst.strides()[0], dst.data_mut().as_mut_ptr());
-        // SAFETY: `own_gemm` checked the AVX-512 level; the views were bounds-checked on
+        // SAFETY: `own_gemm` checked for a vector level; the views were bounds-checked on
         // construction, the panels hold `⌈n / 48⌉` panels of `k` rows, a bias `n` values, and
         // `dst` is borrowed mutably, so it aliases nothing.
-        unsafe { gemm(c, ldc, [m, n, k], start, (a, LhsValues::F32), b, 1.0, par) };
+        unsafe { gemm_f32(c, ldc, [m, n, k], start, a, b, 1.0, par) };
         return Ok(());
     }
     match bias {

@@ -7,8 +7,8 @@ use std::arch::x86_64::*;
 /// Packs `b[0..kc, 0..nc]` into panels of [`NR`] columns: panel `q` at `q · depth · NR` (`depth`
 /// is [`KC`] for a block, the whole depth for [`crate::F32Panels`]), its row `p` at `p · NR`,
 /// columns past `nc` zero (never stored; zeroed so that no leftover NaN or subnormal reaches the
-/// FMAs). Row-major `b` is copied a row at a time; column-major `b` (a transposed weight,
-/// `x · Wᵀ`) is transposed 8 × 8 in registers.
+/// FMAs). Row-major `b` is copied a row at a time; other strides as
+/// [`super::super::own::pack_b_strided`] packs them.
 ///
 /// # Safety
 /// `b` readable at `p·rs + j·cs` for `p < kc`, `j < nc`; `kc ≤ depth`; `dst` holds
@@ -36,17 +36,8 @@ pub(crate) unsafe fn pack_b(dst: &mut [f32], depth: usize, b: *const f32, rs: us
                         _mm512_storeu_ps(row.as_mut_ptr().add(16 * v), value);
                     }
                 }
-            } else if rs == 1 {
-                crate::tile::avx2::transpose(cols, kc, src, cs, panel.as_mut_ptr(), NR);
-                if cols < NR {
-                    panel.chunks_exact_mut(NR).for_each(|row| row[cols..].fill(0.0));
-                }
             } else {
-                for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if j < cols { *src.add(p * rs + j * cs) } else { 0.0 };
-                    }
-                }
+                super::super::own::pack_b_strided(panel, src, rs, cs, kc, cols);
             }
         }
     }
@@ -117,36 +108,12 @@ pub(crate) fn round_row_to_bf16(row: &mut [f32]) {
     }
 }
 
-/// Packs `a[0..mr, 0..kc]` step-major, BLIS's layout: `dst[p·MR + i] = a[i, p]`, rows past
-/// `mr` zero (never stored, zeroed as `B`'s padding is). The kernel's broadcasts of a step then
-/// share one cache line, and a sliver is one contiguous stream that the hardware prefetcher
-/// brings back from L2 after each panel has pushed it out of L1 (rows at a stride measured 4–5%
-/// slower). Row-major `a` is transposed 8 × 8 in registers; column-major `a` (the transposed
-/// `dyᵀ` of a weight gradient) is copied a step at a time.
+/// Packs `a[0..mr, 0..kc]` step-major with this level's [`MR`] ([`super::super::own::pack_a_body`]).
 ///
 /// # Safety
 /// `a` readable at `i·rs + p·cs` for `i < mr`, `p < kc`; `dst` holds `kc · MR`.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn pack_a(dst: &mut [f32], a: *const f32, rs: usize, cs: usize, mr: usize, kc: usize) {
-    let dst = &mut dst[..kc * MR];
-    if mr < MR {
-        dst.fill(0.0);
-    }
-    let out = dst.as_mut_ptr();
-    // SAFETY: reads inside the `mr × kc` block by the caller's guarantee, writes inside `dst`.
-    unsafe {
-        if cs == 1 {
-            crate::tile::avx2::transpose(mr, kc, a, rs, out, MR);
-        } else if rs == 1 {
-            for p in 0..kc {
-                std::ptr::copy_nonoverlapping(a.add(p * cs), out.add(p * MR), mr);
-            }
-        } else {
-            for p in 0..kc {
-                for i in 0..mr {
-                    *out.add(p * MR + i) = *a.add(i * rs + p * cs);
-                }
-            }
-        }
-    }
+    // SAFETY: by the caller's guarantee.
+    unsafe { super::super::own::pack_a_body::<MR>(dst, a, rs, cs, mr, kc) }
 }
