@@ -8,9 +8,10 @@
 //! ([`NR`]), so the kernel runs three times per panel, each over its third (rows 48 floats
 //! apart, one cache line of each). A sliver of [`KC`] = 512 steps is 12 KiB and stays in L1;
 //! `B` is packed [`NC`] = 96 columns at a time (192 KiB), which stays in the 512 KiB L2 of a
-//! Zen 3 core (or the 256 KiB of many Intel cores). Measured on a Zen 3 EPYC (PERFORMANCE.md):
-//! 96-column blocks against 192, 288 and 528, 1.04–1.09× on 2048 × 1536 × 512 at 2 threads;
-//! depth 512 against 256, 1.04×.
+//! Zen 3 core (or the 256 KiB of many Intel cores). Measured on a Zen 3 EPYC at 2 threads on
+//! 2048 × 1536 × 512, as speed against faer's GEMM in the same rounds (PERFORMANCE.md): 0.998
+//! with 96-column blocks, 0.956 with 192, 0.926 with 288 and 0.917 with 528; depth 256 gave
+//! 0.958; depth 1024 measured level with 512 (1.004–1.010, interleaved).
 //!
 //! Only f32 operands come here ([`Rhs::F32`] or [`Rhs::Packed`], [`LhsValues::F32`]): the
 //! products on bf16 values run at this level on the f32 fallback, which rounds its operands

@@ -136,9 +136,11 @@ pub(crate) fn intel() -> bool {
 /// on large products packed per call. AMD's Zen 5 (family 26) stays on faer, which measured
 /// faster there than this GEMM's earlier 12 × 32 kernel; this one was not measured there.
 ///
-/// At AVX2: on AMD's family 25 (Zen 3, or Zen 4 held to AVX2), where the 6 × 16 kernel
-/// measured 1.04–1.07× faer's at one thread and the encoder layer 1.13× on a Zen 3 EPYC.
-/// Intel's AVX2 CPUs stay on faer: not measured.
+/// At AVX2: on AMD's family 25 (Zen 3, or Zen 4 held to AVX2). Measured on a Zen 3 EPYC
+/// against faer: 1.04–1.07× on the layer shapes at one thread, level at two; the encoder
+/// layer 1.17× and the d512 training step 1.14× (faer's 2-thread products there swing between
+/// two speeds from run to run; this GEMM's do not). Intel's AVX2 CPUs stay on faer: not
+/// measured.
 fn by_default(level: crate::SimdLevel) -> bool {
     let (vendor, family) = cpu();
     let zen34 = &vendor == b"AuthenticAMD" && family == 25;
