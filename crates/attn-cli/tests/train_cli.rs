@@ -283,6 +283,8 @@ fn mixed_precision_training_is_reproducible_and_saves_f32() {
     }
     let (f32_run, _) = run("f32.safetensors", "2", &[]);
     if attn_nn::core::kernels::bf16_level() == attn_nn::core::kernels::Bf16Level::None {
+        // Once, naming the flag as it was given.
+        assert_eq!(stderr.matches("attn: --precision bf16: ").count(), 1, "{stderr}");
         assert!(stderr.contains("running f32"), "{stderr}");
         assert_eq!(bytes(&one), bytes(&f32_run), "bf16 without the instructions is f32");
     } else {

@@ -203,7 +203,7 @@ pub fn gemm_bias(
         // SAFETY: `own_gemm` checked for a vector level; the views were bounds-checked on construction, `bias`
         // holds `n` values and `dst` is borrowed mutably, so it aliases nothing.
         unsafe {
-            own::gemm_f32(
+            own_f32(
                 c,
                 ldc,
                 [m, n, k],
@@ -276,6 +276,33 @@ fn own_gemm(dst_strides: [usize; 2], mnk: [usize; 3]) -> bool {
     dst_strides[1] == 1 && own::worth_it(mnk)
 }
 
+#[cfg(target_arch = "x86_64")]
+/// [`own::gemm`] of f32 operands ([`Rhs::F32`] or [`Rhs::Packed`]) at the running level: AVX-512's
+/// 8 × 48 kernel or AVX2's 6 × 16.
+///
+/// # Safety
+/// As for [`own::gemm`]; the running level is a vector level and `b` is `F32` or `Packed`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn own_f32(
+    c: *mut f32,
+    ldc: usize,
+    mnk: [usize; 3],
+    start: own::Start,
+    a: own::Operand,
+    b: own::Rhs,
+    alpha: f32,
+    par: Par,
+) {
+    let a = (a, own::LhsValues::F32);
+    // SAFETY: the caller's contract; each level is taken only where the CPU has it.
+    unsafe {
+        match crate::simd::simd_level() {
+            crate::SimdLevel::Avx512 => own::gemm::<avx512::Avx512>(c, ldc, mnk, start, a, b, alpha, par),
+            _ => own::gemm::<avx2::Avx2>(c, ldc, mnk, start, a, b, alpha, par),
+        }
+    }
+}
+
 /// The unchecked core of [`gemm`], for kernels that have validated their operands already.
 ///
 /// # Safety
@@ -304,7 +331,7 @@ pub(crate) unsafe fn gemm_raw(
         let operand = |ptr, [rs, cs]: [usize; 2]| own::Operand { ptr, rs, cs };
         // SAFETY: `own_gemm` checked for a vector level; the caller guarantees the views.
         unsafe {
-            own::gemm_f32(
+            own_f32(
                 dst,
                 dst_strides[0],
                 [m, n, k],

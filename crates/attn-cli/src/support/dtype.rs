@@ -19,10 +19,16 @@ impl Dtype {
     /// What this CPU will run: `Bf16` only with bf16 instructions; otherwise `F32`, with one
     /// line on stderr when `warn` (rank 0 of a job, or a single process).
     pub fn effective(self, warn: bool) -> Dtype {
+        self.effective_for("--dtype", warn)
+    }
+
+    /// [`Dtype::effective`] for a flag of another name, which the stderr line names (`attn
+    /// train`'s `--precision`).
+    pub fn effective_for(self, flag: &str, warn: bool) -> Dtype {
         if self == Dtype::Bf16 && bf16_level() == Bf16Level::None {
             if warn {
                 eprintln!(
-                    "attn: --dtype bf16: this CPU has no bf16 instructions (AVX512-BF16), or ATTN_SIMD turned them off; running f32"
+                    "attn: {flag} bf16: this CPU has no bf16 instructions (AVX512-BF16), or ATTN_SIMD turned them off; running f32"
                 );
             }
             return Dtype::F32;

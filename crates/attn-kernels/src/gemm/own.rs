@@ -459,32 +459,6 @@ pub(crate) unsafe fn pack_b_strided(panel: &mut [f32], src: *const f32, rs: usiz
     }
 }
 
-/// [`gemm`] of f32 operands ([`Rhs::F32`] or [`Rhs::Packed`]) at the running level: AVX-512's
-/// 8 × 48 kernel or AVX2's 6 × 16.
-///
-/// # Safety
-/// As for [`gemm`]; the running level is a vector level and `b` is `F32` or `Packed`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_f32(
-    c: *mut f32,
-    ldc: usize,
-    mnk: [usize; 3],
-    start: Start,
-    a: Operand,
-    b: Rhs,
-    alpha: f32,
-    par: Par,
-) {
-    let a = (a, LhsValues::F32);
-    // SAFETY: the caller's contract; each level is taken only where the CPU has it.
-    unsafe {
-        match crate::simd::simd_level() {
-            crate::SimdLevel::Avx512 => gemm::<super::avx512::Avx512>(c, ldc, mnk, start, a, b, alpha, par),
-            _ => gemm::<super::avx2::Avx2>(c, ldc, mnk, start, a, b, alpha, par),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -171,7 +171,7 @@ pub fn gemm_packed(
     }
     #[cfg(target_arch = "x86_64")]
     if m > 0 && n > 0 && super::own_gemm(dst.strides(), [m, n, k]) {
-        use super::own::{gemm_f32, Operand, Rhs, Start};
+        use super::own::{Operand, Rhs, Start};
         let [rs, cs] = lhs.strides();
         let a = Operand {
             ptr: lhs.data().as_ptr(),
@@ -187,7 +187,7 @@ pub fn gemm_packed(
         // SAFETY: `own_gemm` checked for a vector level; the views were bounds-checked on
         // construction, the panels hold `⌈n / 48⌉` panels of `k` rows, a bias `n` values, and
         // `dst` is borrowed mutably, so it aliases nothing.
-        unsafe { gemm_f32(c, ldc, [m, n, k], start, a, b, 1.0, par) };
+        unsafe { super::own_f32(c, ldc, [m, n, k], start, a, b, 1.0, par) };
         return Ok(());
     }
     match bias {

@@ -46,7 +46,7 @@ fn bench_ranks(args: BenchArgs, ranks: &Ranks) -> Result<()> {
     let model = Seq2Seq::with_seed(config, args.optim.seed)?;
     let steps = args.steps.max(1);
     args.threads.install(|threads| {
-        let dtype = args.optim.precision.effective(ranks.is_root());
+        let dtype = args.optim.precision.effective_for("--precision", ranks.is_root());
         let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps + 1, ranks.size())?;
         trainer.step(1, ranks.comm())?;
         let mut times = Vec::new();

@@ -336,7 +336,7 @@ fn train(mut args: Args, ranks: &Ranks) -> Result<()> {
     let save_every = args.save_every.unwrap_or(args.eval_every);
     let steps = args.steps;
     args.threads.install(|threads| {
-        args.optim.precision.effective(ranks.is_root());
+        args.optim.precision.effective_for("--precision", ranks.is_root());
         let mut trainer = Trainer::new(model, pairs, args.optim.clone(), steps, ranks.size())?;
         let first = if args.resume {
             resume(&mut trainer, &args.output, &fingerprint)? + 1
