@@ -299,3 +299,39 @@ unsafe fn kernel<const WARM: bool, const VECS: usize>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::random_vec;
+
+    /// Six rows packed eight steps at a time give the words of the generic packing, for depths
+    /// of whole blocks of eight, with a tail, and shorter than a block, and write nothing past
+    /// the sliver (its last step is stored as six floats, not eight).
+    #[test]
+    fn six_rows_pack_as_the_generic_packing_and_stay_inside_the_sliver() {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+            eprintln!("note: no AVX2 and FMA on this CPU; the AVX2 GEMM's packing is not checked");
+            return;
+        }
+        for (kc, rs) in [(1, 3), (7, 9), (8, 8), (16, 21), (17, 17), (512, 515)] {
+            let a = random_vec(MR * rs, 1);
+            let mut want = vec![f32::NAN; kc * MR];
+            let mut got = vec![f32::NAN; kc * MR + 4];
+            // SAFETY: AVX2 and FMA were detected; `a` holds six rows of `rs ≥ kc` floats.
+            unsafe {
+                super::super::own::pack_a_body::<MR>(&mut want, a.as_ptr(), rs, 1, MR, kc);
+                pack_six_rows(&mut got[..kc * MR], a.as_ptr(), rs);
+            }
+            let same = got[..kc * MR]
+                .iter()
+                .zip(&want)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "depth {kc}: the words differ");
+            assert!(
+                got[kc * MR..].iter().all(|x| x.is_nan()),
+                "depth {kc}: written past the sliver"
+            );
+        }
+    }
+}
