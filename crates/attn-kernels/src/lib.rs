@@ -15,11 +15,12 @@
 //! Legend used in every doc comment: `B` batch, `H` query heads, `G` key/value heads, `S` query
 //! length, `T` key length, `D` head dim (`Dv` for values), `E` model dim.
 //!
-//! - [`gemm`]: f32 GEMM on strided views (attn's own packed AVX-512 GEMM on Intel, faer's
-//!   matmul elsewhere), parallelism passed explicitly; [`gemm_bias`] with a bias row.
+//! - [`gemm`]: f32 GEMM on strided views (attn's own packed GEMM where it measured faster:
+//!   Intel and Zen 4 at AVX-512, Zen 3 at AVX2; faer's matmul elsewhere), parallelism passed
+//!   explicitly; [`gemm_bias`] with a bias row.
 //! - [`masked_softmax`]: scale, mask and a stable softmax over rows in one pass.
-//! - [`attention`]: the entry callers use; it runs [`flash_attention`] or [`attention_unfused`],
-//!   chosen by shape and SIMD level ([`chosen_path`]).
+//! - [`attention`]: the entry callers use; it runs the path [`chosen_path`] names (today
+//!   [`flash_attention`] at every level and shape; [`attention_unfused`] stays for comparison).
 //! - [`flash_attention`]: tiled attention with an online softmax, never forming `S×T`.
 //! - [`attention_unfused`]: the textbook path, for comparison.
 //! - [`attention_with_weights`]: [`attention`] that also writes the softmax weights (per head
