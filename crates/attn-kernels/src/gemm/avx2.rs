@@ -40,12 +40,19 @@ impl super::own::Level for Avx2 {
     const KC: usize = KC;
     const NC: usize = NC;
 
+    /// One band: for each depth block, `B` packed [`NC`] columns at a time (or read in place), each
+    /// sliver of `A` packed as the first column block reaches it, and every sliver over every third
+    /// of every panel of the block.
+    ///
+    /// # Safety
+    /// As for [`super::own::gemm`]; `b` is `F32` or `Packed`.
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn band_with(
         ap: &mut [f32],
         bp: &mut [f32],
         c: *mut f32,
         ldc: usize,
-        mnk: [usize; 3],
+        [m, n, k]: [usize; 3],
         start: Start,
         (a, values): (Operand, LhsValues),
         b: Rhs,
@@ -55,80 +62,61 @@ impl super::own::Level for Avx2 {
             values == LhsValues::F32 && matches!(b, Rhs::F32(_) | Rhs::Packed { .. }),
             "the AVX2 level of the own GEMM takes f32 operands only"
         );
-        // SAFETY: the caller's contract ([`super::own::gemm`]): AVX2 and FMA, operands in bounds.
-        unsafe { band_with(ap, bp, c, ldc, mnk, start, a, b, alpha) }
-    }
-}
-
-/// One band: for each depth block, `B` packed [`NC`] columns at a time (or read in place), each
-/// sliver of `A` packed as the first column block reaches it, and every sliver over every third
-/// of every panel of the block.
-///
-/// # Safety
-/// As for [`super::own::gemm`]; `b` is `F32` or `Packed`.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn band_with(
-    ap: &mut [f32],
-    bp: &mut [f32],
-    c: *mut f32,
-    ldc: usize,
-    [m, n, k]: [usize; 3],
-    start: Start,
-    a: Operand,
-    b: Rhs,
-    alpha: f32,
-) {
-    let slivers = m.div_ceil(MR);
-    // The depth in equal blocks of at most KC, as at AVX-512.
-    let step = k.div_ceil(k.div_ceil(KC));
-    for pc in (0..k).step_by(step) {
-        let kc = (k - pc).min(step);
-        let first = if pc == 0 { start } else { Start::Dst };
-        for jc in (0..n).step_by(NC) {
-            let nc = (n - jc).min(NC);
-            if let Rhs::F32(b) = b {
-                // SAFETY: the block `[pc, pc + kc) × [jc, jc + nc)` is inside `b`.
-                unsafe { pack_b(bp, KC, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc) };
-            }
-            // The panel of columns from `col` (a multiple of NR) at depth `pc`, read in place.
-            let in_place = |col: usize| match b {
-                Rhs::Packed { ptr, k } => Some(ptr.wrapping_add(col / NR * k * NR + pc * NR)),
-                _ => None,
-            };
-            let panel = |jr: usize| in_place(jc + jr).unwrap_or_else(|| bp.as_ptr().wrapping_add(jr * KC));
-            for s in 0..slivers {
-                let (ir, mr) = (s * MR, (m - s * MR).min(MR));
-                let sliver = &mut ap[s * MR * KC..][..kc * MR];
-                if jc == 0 {
-                    // SAFETY: rows `[ir, ir + mr)` and depth `[pc, pc + kc)` are inside `a`.
-                    unsafe { pack_a(sliver, a.ptr.add(ir * a.rs + pc * a.cs), a.rs, a.cs, mr, kc) };
+        let slivers = m.div_ceil(MR);
+        // The depth in equal blocks of at most KC, as at AVX-512.
+        let step = k.div_ceil(k.div_ceil(KC));
+        for pc in (0..k).step_by(step) {
+            let kc = (k - pc).min(step);
+            let first = if pc == 0 { start } else { Start::Dst };
+            for jc in (0..n).step_by(NC) {
+                let nc = (n - jc).min(NC);
+                if let Rhs::F32(b) = b {
+                    // SAFETY: the block `[pc, pc + kc) × [jc, jc + nc)` is inside `b`.
+                    unsafe { pack_b(bp, KC, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc) };
                 }
-                let sliver = sliver.as_ptr();
-                for jr in (0..nc).step_by(NR) {
-                    let cols = (nc - jr).min(NR);
-                    // The first sliver over panels read in place brings the next panel into L2,
-                    // a third per call.
-                    let next = (s == 0 && jc + jr + NR < n).then(|| in_place(jc + jr + NR)).flatten();
-                    for sub in (0..cols).step_by(KN) {
-                        let col = jc + jr + sub;
-                        let args = (
-                            [kc, mr, (cols - sub).min(KN)],
-                            sliver,
-                            panel(jr).wrapping_add(sub),
-                            c.wrapping_add(ir * ldc + col),
-                        );
-                        // SAFETY: the sliver and the panel hold `kc` steps; the block of `c` is
-                        // `mr × cols` at `(ir, col)`, inside `c`; `col` is inside a bias.
-                        unsafe {
-                            let at = first.at_column(col);
-                            match (next, args.0[2] > 8) {
-                                (Some(next), true) => kernel::<true, 2>(args, next.wrapping_add(sub), ldc, at, alpha),
-                                (Some(next), false) => kernel::<true, 1>(args, next.wrapping_add(sub), ldc, at, alpha),
-                                (None, true) => kernel::<false, 2>(args, args.2, ldc, at, alpha),
-                                (None, false) => kernel::<false, 1>(args, args.2, ldc, at, alpha),
-                            }
-                        };
+                // The panel of columns from `col` (a multiple of NR) at depth `pc`, read in place.
+                let in_place = |col: usize| match b {
+                    Rhs::Packed { ptr, k } => Some(ptr.wrapping_add(col / NR * k * NR + pc * NR)),
+                    _ => None,
+                };
+                let panel = |jr: usize| in_place(jc + jr).unwrap_or_else(|| bp.as_ptr().wrapping_add(jr * KC));
+                for s in 0..slivers {
+                    let (ir, mr) = (s * MR, (m - s * MR).min(MR));
+                    let sliver = &mut ap[s * MR * KC..][..kc * MR];
+                    if jc == 0 {
+                        // SAFETY: rows `[ir, ir + mr)` and depth `[pc, pc + kc)` are inside `a`.
+                        unsafe { pack_a(sliver, a.ptr.add(ir * a.rs + pc * a.cs), a.rs, a.cs, mr, kc) };
+                    }
+                    let sliver = sliver.as_ptr();
+                    for jr in (0..nc).step_by(NR) {
+                        let cols = (nc - jr).min(NR);
+                        // The first sliver over panels read in place brings the next panel into L2,
+                        // a third per call.
+                        let next = (s == 0 && jc + jr + NR < n).then(|| in_place(jc + jr + NR)).flatten();
+                        for sub in (0..cols).step_by(KN) {
+                            let col = jc + jr + sub;
+                            let args = (
+                                [kc, mr, (cols - sub).min(KN)],
+                                sliver,
+                                panel(jr).wrapping_add(sub),
+                                c.wrapping_add(ir * ldc + col),
+                            );
+                            // SAFETY: the sliver and the panel hold `kc` steps; the block of `c` is
+                            // `mr × cols` at `(ir, col)`, inside `c`; `col` is inside a bias.
+                            unsafe {
+                                let at = first.at_column(col);
+                                match (next, args.0[2] > 8) {
+                                    (Some(next), true) => {
+                                        kernel::<true, 2>(args, next.wrapping_add(sub), ldc, at, alpha)
+                                    }
+                                    (Some(next), false) => {
+                                        kernel::<true, 1>(args, next.wrapping_add(sub), ldc, at, alpha)
+                                    }
+                                    (None, true) => kernel::<false, 2>(args, args.2, ldc, at, alpha),
+                                    (None, false) => kernel::<false, 1>(args, args.2, ldc, at, alpha),
+                                }
+                            };
+                        }
                     }
                 }
             }

@@ -47,19 +47,92 @@ impl super::own::Level for Avx512 {
     const KC: usize = KC;
     const NC: usize = NC;
 
+    /// [`super::own::Level::band_with`] at this level: every [`Rhs`] and [`LhsValues`].
+    ///
+    /// # Safety
+    /// As for [`gemm`].
+    #[target_feature(enable = "avx512f")]
     unsafe fn band_with(
         ap: &mut [f32],
         bp: &mut [f32],
         c: *mut f32,
         ldc: usize,
-        mnk: [usize; 3],
+        [m, n, k]: [usize; 3],
         start: Start,
-        a: (Operand, LhsValues),
+        (a, values): (Operand, LhsValues),
         b: Rhs,
         alpha: f32,
     ) {
-        // SAFETY: the caller's contract ([`super::own::gemm`]): AVX-512 F, operands in bounds.
-        unsafe { band_with(ap, bp, c, ldc, mnk, start, a, b, alpha) }
+        let slivers = m.div_ceil(MR);
+        // The depth in equal blocks of at most KC (768 is 384 + 384, not 512 + 256): a short last
+        // block pays a whole pass over `C` for little work.
+        let step = k.div_ceil(k.div_ceil(KC));
+        for pc in (0..k).step_by(step) {
+            let kc = (k - pc).min(step);
+            let first = if pc == 0 { start } else { Start::Dst };
+            for jc in (0..n).step_by(NC) {
+                let nc = (n - jc).min(NC);
+                // SAFETY: the block `[pc, pc + kc) × [jc, jc + nc)` is inside `b`.
+                unsafe {
+                    match b {
+                        Rhs::F32(b) => pack_b(bp, KC, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc),
+                        Rhs::Rounded(b) => {
+                            pack_b(bp, KC, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc);
+                            for q in 0..nc.div_ceil(NR) {
+                                round_row_to_bf16(&mut bp[q * KC * NR..q * KC * NR + kc * NR]);
+                            }
+                        }
+                        Rhs::Bf16 { words, panel } => widen_b(bp, words.add(jc / 16 * panel), panel, pc, kc, nc),
+                        Rhs::Packed { .. } => {}
+                    }
+                };
+                // The panel of columns from `col` (a multiple of NR) at depth `pc`, read in place.
+                let in_place = |col: usize| match b {
+                    Rhs::Packed { ptr, k } => Some(ptr.wrapping_add(col / NR * k * NR + pc * NR)),
+                    _ => None,
+                };
+                // Panel `jr / NR` of the block: in place, or in `bp` (`KC · NR` floats apart).
+                let panel = |jr: usize| in_place(jc + jr).unwrap_or_else(|| bp.as_ptr().wrapping_add(jr * KC));
+                for s in 0..slivers {
+                    let ir = s * MR;
+                    if jc == 0 {
+                        // Every sliver of the band for this depth block, packed as the first column
+                        // block reaches it (so that reading `a` overlaps the last sliver's products)
+                        // and read from L2/L3 by the later blocks instead of from the caller's `a`.
+                        // SAFETY: rows `[ir, ir + mr)` and depth `[pc, pc + kc)` are inside `a`.
+                        unsafe { pack_sliver(&mut ap[s * MR * KC..][..kc * MR], (a, values), [ir, pc], [m, kc]) };
+                    }
+                    for jr in (0..nc).step_by(NR) {
+                        let shape = [kc, (m - ir).min(MR), (nc - jr).min(NR)];
+                        let args = (
+                            shape,
+                            ap.as_ptr().wrapping_add(s * MR * KC),
+                            panel(jr),
+                            c.wrapping_add(ir * ldc + jc + jr),
+                        );
+                        // The first sliver over panels read in place (from L3 or memory, where
+                        // the weights rest between calls) brings the next panel into L2 as it goes.
+                        let next = (s == 0 && jc + jr + NR < n).then(|| in_place(jc + jr + NR)).flatten();
+                        // A ragged last panel (16 of 1024's 48 columns, 32 of 512's) runs an
+                        // instance that does only the FMAs of its own vectors: the full instance's
+                        // code is unchanged (the kernel is out of line).
+                        // SAFETY: the sliver and the panel hold `kc` steps; the block of `c` is
+                        // `mr × cols` at `(ir, jc + jr)`, inside `c`.
+                        unsafe {
+                            let at = first.at_column(jc + jr);
+                            match (next, shape[2].div_ceil(16)) {
+                                (Some(next), V) => kernel::<true, V>(args, next, ldc, at, alpha),
+                                (Some(next), 2) => kernel::<true, 2>(args, next, ldc, at, alpha),
+                                (Some(next), _) => kernel::<true, 1>(args, next, ldc, at, alpha),
+                                (None, V) => kernel::<false, V>(args, args.2, ldc, at, alpha),
+                                (None, 2) => kernel::<false, 2>(args, args.2, ldc, at, alpha),
+                                (None, _) => kernel::<false, 1>(args, args.2, ldc, at, alpha),
+                            }
+                        };
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -80,95 +153,6 @@ pub(crate) unsafe fn gemm(
 ) {
     // SAFETY: the caller's contract.
     unsafe { super::own::gemm::<Avx512>(c, ldc, mnk, start, a, b, alpha, par) }
-}
-
-/// [`super::own::Level::band_with`] at this level: every [`Rhs`] and [`LhsValues`].
-///
-/// # Safety
-/// As for [`gemm`].
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn band_with(
-    ap: &mut [f32],
-    bp: &mut [f32],
-    c: *mut f32,
-    ldc: usize,
-    [m, n, k]: [usize; 3],
-    start: Start,
-    (a, values): (Operand, LhsValues),
-    b: Rhs,
-    alpha: f32,
-) {
-    let slivers = m.div_ceil(MR);
-    // The depth in equal blocks of at most KC (768 is 384 + 384, not 512 + 256): a short last
-    // block pays a whole pass over `C` for little work.
-    let step = k.div_ceil(k.div_ceil(KC));
-    for pc in (0..k).step_by(step) {
-        let kc = (k - pc).min(step);
-        let first = if pc == 0 { start } else { Start::Dst };
-        for jc in (0..n).step_by(NC) {
-            let nc = (n - jc).min(NC);
-            // SAFETY: the block `[pc, pc + kc) × [jc, jc + nc)` is inside `b`.
-            unsafe {
-                match b {
-                    Rhs::F32(b) => pack_b(bp, KC, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc),
-                    Rhs::Rounded(b) => {
-                        pack_b(bp, KC, b.ptr.add(pc * b.rs + jc * b.cs), b.rs, b.cs, kc, nc);
-                        for q in 0..nc.div_ceil(NR) {
-                            round_row_to_bf16(&mut bp[q * KC * NR..q * KC * NR + kc * NR]);
-                        }
-                    }
-                    Rhs::Bf16 { words, panel } => widen_b(bp, words.add(jc / 16 * panel), panel, pc, kc, nc),
-                    Rhs::Packed { .. } => {}
-                }
-            };
-            // The panel of columns from `col` (a multiple of NR) at depth `pc`, read in place.
-            let in_place = |col: usize| match b {
-                Rhs::Packed { ptr, k } => Some(ptr.wrapping_add(col / NR * k * NR + pc * NR)),
-                _ => None,
-            };
-            // Panel `jr / NR` of the block: in place, or in `bp` (`KC · NR` floats apart).
-            let panel = |jr: usize| in_place(jc + jr).unwrap_or_else(|| bp.as_ptr().wrapping_add(jr * KC));
-            for s in 0..slivers {
-                let ir = s * MR;
-                if jc == 0 {
-                    // Every sliver of the band for this depth block, packed as the first column
-                    // block reaches it (so that reading `a` overlaps the last sliver's products)
-                    // and read from L2/L3 by the later blocks instead of from the caller's `a`.
-                    // SAFETY: rows `[ir, ir + mr)` and depth `[pc, pc + kc)` are inside `a`.
-                    unsafe { pack_sliver(&mut ap[s * MR * KC..][..kc * MR], (a, values), [ir, pc], [m, kc]) };
-                }
-                for jr in (0..nc).step_by(NR) {
-                    let shape = [kc, (m - ir).min(MR), (nc - jr).min(NR)];
-                    let args = (
-                        shape,
-                        ap.as_ptr().wrapping_add(s * MR * KC),
-                        panel(jr),
-                        c.wrapping_add(ir * ldc + jc + jr),
-                    );
-                    // The first sliver over panels read in place (from L3 or memory, where
-                    // the weights rest between calls) brings the next panel into L2 as it goes.
-                    let next = (s == 0 && jc + jr + NR < n).then(|| in_place(jc + jr + NR)).flatten();
-                    // A ragged last panel (16 of 1024's 48 columns, 32 of 512's) runs an
-                    // instance that does only the FMAs of its own vectors: the full instance's
-                    // code is unchanged (the kernel is out of line).
-                    // SAFETY: the sliver and the panel hold `kc` steps; the block of `c` is
-                    // `mr × cols` at `(ir, jc + jr)`, inside `c`.
-                    unsafe {
-                        let at = first.at_column(jc + jr);
-                        match (next, shape[2].div_ceil(16)) {
-                            (Some(next), V) => kernel::<true, V>(args, next, ldc, at, alpha),
-                            (Some(next), 2) => kernel::<true, 2>(args, next, ldc, at, alpha),
-                            (Some(next), _) => kernel::<true, 1>(args, next, ldc, at, alpha),
-                            (None, V) => kernel::<false, V>(args, args.2, ldc, at, alpha),
-                            (None, 2) => kernel::<false, 2>(args, args.2, ldc, at, alpha),
-                            (None, _) => kernel::<false, 1>(args, args.2, ldc, at, alpha),
-                        }
-                    };
-                }
-            }
-        }
-    }
 }
 
 /// Packs rows `[ir, ir + MR)` (those below `m`) and depth `[pc, pc + kc)` of `a` into `dst`
