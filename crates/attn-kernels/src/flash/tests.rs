@@ -404,7 +404,7 @@ fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
 #[test]
 fn the_kernels_keep_their_scores_for_usual_shapes() {
     use crate::path::keeping_path;
-    use crate::KernelPath::{Flash, Unfused};
+    use crate::KernelPath::Flash;
     let f32_options = AttentionOptions::default();
     let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     for (q, kv) in [
@@ -454,26 +454,20 @@ fn the_kernels_keep_their_scores_for_usual_shapes() {
         keeping_path(&plan([1, 8, 1, 16], [8, 4096, 16]), &bf16, false, Par::Seq),
         None
     );
-    // The unfused path (AVX2 at S ≥ 256) keeps its rows' scores itself; with one batch element
-    // and two workers it cannot average.
-    let level = crate::simd_level();
-    let want = if level == crate::SimdLevel::Avx2Fma {
-        Unfused
-    } else {
-        Flash
-    };
-    let unfused_shape = plan([2, 8, 256, 64], [8, 256, 64]);
+    // f32 takes the flash kernel at every level ([`chosen_path`]), which keeps its scores at
+    // S = T = 256, and averaged on two workers too (two row tiles of one batch element).
+    let shape = plan([2, 8, 256, 64], [8, 256, 64]);
     for averaged in [false, true] {
         assert_eq!(
-            keeping_path(&unfused_shape, &f32_options, averaged, Par::Seq),
-            Some(want)
+            keeping_path(&shape, &f32_options, averaged, Par::Seq),
+            Some(Flash)
         );
     }
     let single = plan([1, 8, 256, 64], [8, 256, 64]);
     let averaged_on_two = two.install(|| keeping_path(&single, &f32_options, true, Par::Rayon));
-    assert_eq!(averaged_on_two, if want == Unfused { None } else { Some(Flash) });
+    assert_eq!(averaged_on_two, Some(Flash));
     // bf16 runs the flash kernel whatever the level.
-    assert_eq!(keeping_path(&unfused_shape, &bf16, false, Par::Seq), bf16_keeps);
+    assert_eq!(keeping_path(&shape, &bf16, false, Par::Seq), bf16_keeps);
 }
 
 /// Rows and keys at each edge of a row tile and a key block, and keys past two blocks.
