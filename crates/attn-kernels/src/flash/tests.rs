@@ -458,10 +458,7 @@ fn the_kernels_keep_their_scores_for_usual_shapes() {
     // S = T = 256, and averaged on two workers too (two row tiles of one batch element).
     let shape = plan([2, 8, 256, 64], [8, 256, 64]);
     for averaged in [false, true] {
-        assert_eq!(
-            keeping_path(&shape, &f32_options, averaged, Par::Seq),
-            Some(Flash)
-        );
+        assert_eq!(keeping_path(&shape, &f32_options, averaged, Par::Seq), Some(Flash));
     }
     let single = plan([1, 8, 256, 64], [8, 256, 64]);
     let averaged_on_two = two.install(|| keeping_path(&single, &f32_options, true, Par::Rayon));
