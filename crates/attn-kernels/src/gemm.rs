@@ -6,7 +6,7 @@
 //! micro-kernel), 0.91–0.96× MKL's on the layer shapes at one thread on an Intel model 207, and
 //! on Zen 4 0.95–0.99× faer's when it packs both operands but 1.08–1.13× on products by a
 //! weight packed once; on AMD's Zen 3 at AVX2 ([`avx2`]: 6 × 16), 0.94–1.00× MKL's on the layer
-//! shapes at 2 threads and 1.17× faer's on the encoder layer (docs/PERFORMANCE.md). Everything
+//! shapes at 2 threads and 1.01–1.17× faer's on the encoder layer (docs/PERFORMANCE.md). Everything
 //! else (other CPUs, among them Zen 5, where faer measured faster than an earlier version, and
 //! Intel at AVX2, not measured; the scalar level; small or thin products; column-major
 //! destinations) goes to faer's `matmul`, whose views are made without copying.

@@ -138,8 +138,8 @@ pub(crate) fn intel() -> bool {
 ///
 /// At AVX2: on AMD's family 25 (Zen 3, or Zen 4 held to AVX2). Measured on a Zen 3 EPYC
 /// against faer: 1.04–1.07× on the layer shapes at one thread, level at two; the encoder
-/// layer 1.17× and the d512 training step 1.14× (faer's 2-thread products there swing between
-/// two speeds from run to run; this GEMM's do not). Intel's AVX2 CPUs stay on faer: not
+/// layer 1.01–1.17× and the d512 training step 1.14× (faer's 2-thread products there swing
+/// between two speeds from run to run; this GEMM's do not). Intel's AVX2 CPUs stay on faer: not
 /// measured.
 fn by_default(level: crate::SimdLevel) -> bool {
     let (vendor, family) = cpu();
