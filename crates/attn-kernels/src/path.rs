@@ -82,10 +82,9 @@ pub fn attention_with_lse_lo(
 /// On a call of the flash path with unsplit keys (not decoding) and at most 16,384 keys, the
 /// flash kernel keeps each tile's masked scores and turns them into weights as each row
 /// finishes, instead of a second pass that multiplies `q·kᵀ` again; when averaging it does so
-/// only when every query row's heads fall in one task and there is a task per worker. The
-/// unfused path keeps each row's masked scores likewise (averaging: when there is a batch
-/// element per worker). Other calls (decoding, longer keys, bf16 on AMX) run [`attention`],
-/// then [`crate::attention_weights`].
+/// only when every query row's heads fall in one task and there is a task per worker. Other
+/// calls (decoding, longer keys, bf16 on AMX, the unfused path) run [`attention`], then
+/// [`crate::attention_weights`].
 ///
 /// In bf16 the second pass runs the forward's own products too (`vdpbf16ps`, decoding's dot
 /// products against K in place, or f32 products of the rounded operands), except on AMX outside
@@ -105,12 +104,9 @@ pub fn attention_with_weights(
     let (q, k) = (inputs.q, inputs.k);
     let [b, h, g, s, t, d] = crate::softmax::validate_weights(op, &weights, &q, &k, options)?;
     let plan = Plan::new([b, h, s, d], [g, t, inputs.v.shape()[3]]);
-    if let Some(path) = keeping_path(&plan, options, weights.averaged(), par) {
+    if flash_keeps_scores(&plan, options, weights.averaged(), par) {
         let raw = Some(crate::weights::RawWeights::new(weights, h));
-        return match path {
-            KernelPath::Flash => crate::flash::flash_impl(out, [lse, None], inputs, options, par, true, raw),
-            KernelPath::Unfused => crate::softmax::unfused_impl(out, [lse, None], inputs, options, par, true, raw),
-        };
+        return crate::flash::flash_impl(out, [lse, None], inputs, options, par, true, raw);
     }
     // Else the call, then the weights from its LSE (into the caller's `lse` if given).
     let mut own = Vec::new();
@@ -125,45 +121,28 @@ pub fn attention_with_weights(
     crate::softmax::weights_of_call(weights, [q, k], inputs.v.strides(), lse.rb(), options, par)
 }
 
-/// The path that writes the weights of a call of `plan` itself, keeping its masked scores, or
-/// `None` when they come from a second pass over the LSE. Calls with no empty dimension
-/// qualify, f32 ones on the path [`chosen_path`] names and bf16 ones on the flash kernel (except
-/// at the AMX level, whose tiles take the second pass):
-/// - the flash kernel with unsplit keys (not decoding) and at most
-///   [`crate::flash::MAX_KEPT_KEYS`] keys; when averaging over heads, one task holds every head of
-///   its query rows, so a row's heads must not straddle two row tiles and there must be a task
-///   per worker;
-/// - the unfused path; when averaging, a task per batch element adds its heads in order, so
-///   there must be a batch element per worker.
-pub(crate) fn keeping_path(
-    plan: &Plan,
-    options: &AttentionOptions<'_>,
-    averaged: bool,
-    par: Par,
-) -> Option<KernelPath> {
+/// Whether the flash kernel writes the weights of a call of `plan` itself, keeping its masked
+/// scores (otherwise they come from a second pass over the LSE). Calls with no empty
+/// dimension qualify, f32 ones when [`chosen_path`] names the flash kernel and bf16 ones
+/// (except at the AMX level, whose tiles take the second pass), with unsplit keys (not
+/// decoding) and at most [`crate::flash::MAX_KEPT_KEYS`] keys; when averaging over heads, one
+/// task holds every head of its query rows, so a row's heads must not straddle two row tiles
+/// and there must be a task per worker. The unfused path never keeps its scores.
+pub(crate) fn flash_keeps_scores(plan: &Plan, options: &AttentionOptions<'_>, averaged: bool, par: Par) -> bool {
     let sized = plan.b > 0 && plan.h > 0 && plan.s > 0 && plan.t > 0 && plan.d > 0;
-    // AMX's tiles keep theirs only once that has run on a CPU with AMX.
-    let bf16_keeps = crate::bf16_level() != crate::Bf16Level::Amx;
-    let path = match options.precision {
-        crate::Precision::F32 => chosen_path(crate::simd_level(), [plan.b, plan.h, plan.s, plan.d], [plan.g, plan.t]),
-        crate::Precision::Bf16 if bf16_keeps => KernelPath::Flash,
-        crate::Precision::Bf16 => return None,
+    let flash = match options.precision {
+        crate::Precision::F32 => {
+            chosen_path(crate::simd_level(), [plan.b, plan.h, plan.s, plan.d], [plan.g, plan.t]) == KernelPath::Flash
+        }
+        // AMX's tiles keep theirs only once that has run on a CPU with AMX.
+        crate::Precision::Bf16 => crate::bf16_level() != crate::Bf16Level::Amx,
     };
-    if !sized {
-        return None;
-    }
     let workers = match par {
         Par::Seq => 1,
         Par::Rayon => rayon::current_num_threads(),
     };
-    let keeps = match path {
-        KernelPath::Flash => {
-            let tasks_hold_rows = crate::BLOCK_ROWS.is_multiple_of(plan.rep) && plan.b * plan.row_tiles >= workers;
-            plan.splits == 1 && plan.t <= crate::flash::MAX_KEPT_KEYS && (!averaged || tasks_hold_rows)
-        }
-        KernelPath::Unfused => !averaged || plan.b >= workers,
-    };
-    keeps.then_some(path)
+    let tasks_hold_rows = crate::BLOCK_ROWS.is_multiple_of(plan.rep) && plan.b * plan.row_tiles >= workers;
+    sized && flash && plan.splits == 1 && plan.t <= crate::flash::MAX_KEPT_KEYS && (!averaged || tasks_hold_rows)
 }
 
 /// The one dispatch of [`attention`] and [`attention_with_lse_lo`]: the path [`chosen_path`]
@@ -183,7 +162,7 @@ fn by_path(
     };
     match path {
         KernelPath::Flash => crate::flash::flash_impl(out, lse, inputs, options, par, true, None),
-        KernelPath::Unfused => crate::softmax::unfused_impl(out, lse, inputs, options, par, true, None),
+        KernelPath::Unfused => crate::softmax::unfused_impl(out, lse, inputs, options, par, true),
     }
 }
 
@@ -384,9 +363,10 @@ mod tests {
         // The bound `attention_with_weights`' rustdoc states: 16,384 keys.
         let most = 16 * 1024;
         for averaged in [false, true] {
-            let at = |t: usize| keeping_path(&Plan::new([32, 1, 64, 16], [1, t, 16]), &options, averaged, Par::Seq);
-            assert_eq!(at(most), Some(KernelPath::Flash), "T = {most}");
-            assert_eq!(at(most + 1), None, "T = {}", most + 1);
+            let at =
+                |t: usize| flash_keeps_scores(&Plan::new([32, 1, 64, 16], [1, t, 16]), &options, averaged, Par::Seq);
+            assert!(at(most), "T = {most}");
+            assert!(!at(most + 1), "T = {}", most + 1);
         }
     }
 

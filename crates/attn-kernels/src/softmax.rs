@@ -31,29 +31,11 @@ fn softmax_row(
     limit: usize,
     shape: [usize; 2],
 ) -> (f32, f32) {
-    softmax_row_keeping(row, None, scale, options, bhs, limit, shape)
-}
-
-/// [`softmax_row`], copying the scaled and masked row into `keep` (when given) before its
-/// softmax.
-#[inline]
-fn softmax_row_keeping(
-    row: &mut [f32],
-    keep: Option<&mut [f32]>,
-    scale: f32,
-    options: &AttentionOptions<'_>,
-    bhs: [usize; 3],
-    limit: usize,
-    shape: [usize; 2],
-) -> (f32, f32) {
     // Pass 1 (the scores are given): scale and mask.
     if scale != 1.0 {
         scale_row(row, scale);
     }
     mask_row(row, options, bhs, 0, limit, shape);
-    if let Some(keep) = keep {
-        keep.copy_from_slice(row);
-    }
     // Pass 2: row max, exp and sum.
     let m = row_max(row);
     if m == f32::NEG_INFINITY {
@@ -156,7 +138,7 @@ pub fn attention_unfused(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    unfused_impl(out, [lse, None], inputs, options, par, true, None)
+    unfused_impl(out, [lse, None], inputs, options, par, true)
 }
 
 /// Bytes of scratch [`attention_unfused`] allocates on `workers` threads for `q: [B, H, S, D]`
@@ -174,12 +156,7 @@ pub fn unfused_scratch_bytes([_, _, s, d]: [usize; 4], t: usize, workers: usize)
     per_worker.saturating_mul(workers as u128).saturating_mul(4)
 }
 
-/// [`attention_unfused`], with the repair of values that rows cannot see switched by `repair`,
-/// also writing the weights when given (f32 calls that [`crate::path::keeping_path`] gives
-/// this path): each row's masked scores are kept before its
-/// softmax and become `exp(s − lse)` once its `lse` is known, in key blocks of
-/// [`crate::BLOCK_KEYS`] as [`attention_weights`] computes them (the same scores, so the same
-/// bits).
+/// [`attention_unfused`], with the repair of values that rows cannot see switched by `repair`.
 pub(crate) fn unfused_impl(
     out: ViewMut4<'_, f32>,
     [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],
@@ -187,7 +164,6 @@ pub(crate) fn unfused_impl(
     options: &AttentionOptions<'_>,
     par: Par,
     repair: bool,
-    weights: Option<RawWeights>,
 ) -> Result<(), KernelError> {
     let ForwardInputs { q, k, v } = inputs;
     crate::bf16::require_f32("attention_unfused", options)?;
@@ -217,7 +193,7 @@ pub(crate) fn unfused_impl(
     // backward the same scores to recompute; rows `ld` apart.
     let kernel = ScoreKernel::for_call(plan.rows_per_group, ks[3] == 1);
     let ld = kernel.min_ld(t);
-    let head_job = |(scores, lses, q_scaled, kt, kept): &mut Buffers, bh: usize| {
+    let head_job = |(scores, lses, q_scaled, kt): &mut Buffers, bh: usize| {
         let (b, h) = (bh / plan.h, bh % plan.h);
         let g = h / plan.rep;
         scale_head(q_scaled, &q, [b, h], scale);
@@ -231,23 +207,15 @@ pub(crate) fn unfused_impl(
         let key_length = options.key_lengths.map_or(t, |l| l[b]);
         for si in 0..s {
             let limit = options.causal.key_limit(si, s, t).min(key_length);
-            let keep = weights.is_some().then(|| &mut kept[si * t..(si + 1) * t]);
-            let value = softmax_row_keeping(
+            let (value, lo) = softmax_row(
                 &mut scores[si * ld..si * ld + t],
-                keep,
                 1.0,
                 options,
                 [b, h, si],
                 limit,
                 [s, t],
             );
-            let (value, lo) = value;
             lses[si] = value;
-            if let Some(weights) = weights {
-                // SAFETY: `(b, h, si)` is in bounds of the validated destination; the row
-                // (averaged: every head of `(b, si)`) is this task's.
-                unsafe { weights.write_finished(&mut kept[si * t..(si + 1) * t], value, [b, h, si]) };
-            }
             for (dst, x) in [(lse_dst, value), (lse_lo_dst, lo)] {
                 if let Some((ptr, lst)) = dst {
                     // SAFETY: the element of `(b, h, si)` is in bounds and this job's alone.
@@ -276,31 +244,13 @@ pub(crate) fn unfused_impl(
             spoilt_rows.store(true, Ordering::Relaxed);
         }
     };
-    // What `unfused_scratch_bytes` counts, per worker, and the kept scores `[S, T]` when the
-    // call writes its weights.
-    let kept_len = if weights.is_some() { s * t } else { 0 };
-    let buffers = || -> Buffers {
-        (
-            vec![0.0; s * ld],
-            vec![0.0; s],
-            vec![0.0; s * d],
-            Vec::new(),
-            vec![0.0; kept_len],
-        )
-    };
-    // Averaged weights: a task per batch element, its heads in order.
-    let averaged = weights.is_some_and(|w| w.inv_heads.is_some());
-    run_heads(
-        plan.b * plan.h,
-        if averaged { plan.h } else { 1 },
-        par,
-        buffers,
-        head_job,
-    );
+    // What `unfused_scratch_bytes` counts, per worker.
+    let buffers = || -> Buffers { (vec![0.0; s * ld], vec![0.0; s], vec![0.0; s * d], Vec::new()) };
+    run_heads(plan.b * plan.h, par, buffers, head_job);
     if repair && spoilt_rows.load(Ordering::Relaxed) {
         crate::nonfinite::repair_values(&mut out, &q, &k, &v, options, scale, |out, lse, v| {
             let inputs = ForwardInputs::new(q, k, v);
-            unfused_impl(out, [Some(lse), None], inputs, options, par, false, None)
+            unfused_impl(out, [Some(lse), None], inputs, options, par, false)
         })?;
     }
     Ok(())
@@ -319,30 +269,26 @@ fn scale_head(dst: &mut [f32], q: &View4<'_, f32>, [b, h]: [usize; 2], scale: f3
     }
 }
 
-/// Runs `head_job(buffers, bh)` for every head `bh < heads`, `per_task` consecutive heads in
-/// order per task, sequentially or on the rayon pool with a worker's `buffers`.
+/// Runs `head_job(buffers, bh)` for every head `bh < heads`, sequentially or on the rayon pool
+/// with a worker's `buffers`.
 fn run_heads(
     heads: usize,
-    per_task: usize,
     par: Par,
     buffers: impl Fn() -> Buffers + Sync + Send,
     head_job: impl Fn(&mut Buffers, usize) + Sync + Send,
 ) {
-    let task_job = |buffers: &mut Buffers, task: usize| {
-        (task * per_task..(task + 1) * per_task).for_each(|bh| head_job(buffers, bh));
-    };
     match par {
         Par::Seq => {
             let mut buffers = buffers();
-            (0..heads / per_task).for_each(|task| task_job(&mut buffers, task));
+            (0..heads).for_each(|bh| head_job(&mut buffers, bh));
         }
-        Par::Rayon => (0..heads / per_task).into_par_iter().for_each_init(buffers, task_job),
+        Par::Rayon => (0..heads).into_par_iter().for_each_init(buffers, head_job),
     }
 }
 
 /// A worker's buffers in the unfused path: the scores `[S, ld]`, the rows' LSE, the scaled
-/// queries, the keys in panels, and the kept masked scores `[S, T]` (weights only).
-type Buffers = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+/// queries and the keys in panels.
+type Buffers = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// After pass 4 of head `(b, h)`: rows that saw no key (`lse = -inf`) become zeros, even where
 /// `0·v` was not zero (a non-finite value) and when `T = 0` (a GEMM with an empty inner

@@ -10,7 +10,7 @@
 //! self-attention), heads are strided views of the projections (no split copies), the flash
 //! kernel writes each head straight into `[tokens, H·Dv]`, and the output projection reads that
 //! buffer as it is (no merge copy). Weights, when asked for, come in the same call: the flash
-//! kernel (or the unfused path) keeps its masked scores and turns each finished row into
+//! kernel keeps its masked scores and turns each finished row into
 //! `exp(s − lse)` (`attn_kernels::attention_with_weights`; a second pass over the LSE where it
 //! cannot). What this leaves out: dropout (inference only).
 

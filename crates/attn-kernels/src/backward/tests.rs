@@ -623,20 +623,12 @@ fn large_logits_get_exact_probabilities_from_the_split_lse() {
             Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
             Some(ViewMut::contiguous(&mut lse_lo, [b, h, s]).unwrap()),
         );
-        let forward = if unfused {
-            crate::softmax::unfused_impl
+        let inputs = ForwardInputs::new(qv, kv, vv);
+        if unfused {
+            crate::softmax::unfused_impl(o, [l, lo], inputs, &options, Par::Seq, true)
         } else {
-            crate::flash::flash_impl
-        };
-        forward(
-            o,
-            [l, lo],
-            ForwardInputs::new(qv, kv, vv),
-            &options,
-            Par::Seq,
-            true,
-            None,
-        )
+            crate::flash::flash_impl(o, [l, lo], inputs, &options, Par::Seq, true, None)
+        }
         .unwrap();
         for (with_lo, slot) in [(true, 0), (false, 1)] {
             let inputs = BackwardInputs {

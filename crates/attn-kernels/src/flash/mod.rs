@@ -137,7 +137,7 @@ pub fn flash_attention(
 /// [`flash_attention`], with the repair of values that rows cannot see (see
 /// [`crate::nonfinite`]) switched by `repair`; `[lse, lse_lo]` as in
 /// [`crate::attention_with_lse_lo`], each optional; and the call's weights written to `weights`
-/// when given (calls that [`crate::path::keeping_path`] gives this kernel; see [`weights`]).
+/// when given (calls that [`crate::path::flash_keeps_scores`] gives this kernel; see [`weights`]).
 pub(crate) fn flash_impl(
     out: ViewMut4<'_, f32>,
     [lse, lse_lo]: [Option<ViewMut<'_, f32, 3>>; 2],

@@ -398,13 +398,11 @@ fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
     }
 }
 
-/// The flash kernel and the unfused path keep their scores for the weights where
-/// [`crate::path::keeping_path`] says, so the bit checks of [`check_with_weights`] cover those
-/// paths, not only the second pass.
+/// The flash kernel keeps its scores for the weights where [`crate::path::flash_keeps_scores`]
+/// says, so the bit checks of [`check_with_weights`] cover that route, not only the second pass.
 #[test]
 fn the_kernels_keep_their_scores_for_usual_shapes() {
-    use crate::path::keeping_path;
-    use crate::KernelPath::Flash;
+    use crate::path::flash_keeps_scores as keeps;
     let f32_options = AttentionOptions::default();
     let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     for (q, kv) in [
@@ -414,57 +412,51 @@ fn the_kernels_keep_their_scores_for_usual_shapes() {
     ] {
         let plan = Plan::new(q, kv);
         for averaged in [false, true] {
-            assert_eq!(
-                keeping_path(&plan, &f32_options, averaged, Par::Seq),
-                Some(Flash),
-                "{q:?} {kv:?}"
-            );
-            let on_two = two.install(|| keeping_path(&plan, &f32_options, averaged, Par::Rayon));
-            assert_eq!(on_two, Some(Flash), "{q:?} {kv:?}");
+            assert!(keeps(&plan, &f32_options, averaged, Par::Seq), "{q:?} {kv:?}");
+            let on_two = two.install(|| keeps(&plan, &f32_options, averaged, Par::Rayon));
+            assert!(on_two, "{q:?} {kv:?}");
         }
     }
     // Decoding splits its keys; one row tile cannot feed two workers an average; a group of 3
     // heads straddles row tiles; bf16 keeps its scores in the flash kernel, except on AMX.
     let plan = |q, kv| Plan::new(q, kv);
-    assert_eq!(
-        keeping_path(&plan([1, 8, 1, 16], [8, 4096, 16]), &f32_options, false, Par::Seq),
-        None
-    );
+    assert!(!keeps(
+        &plan([1, 8, 1, 16], [8, 4096, 16]),
+        &f32_options,
+        false,
+        Par::Seq
+    ));
     let one_tile = plan([1, 8, 50, 16], [8, 100, 16]);
-    assert_eq!(
-        two.install(|| keeping_path(&one_tile, &f32_options, true, Par::Rayon)),
-        None
-    );
-    assert_eq!(
-        keeping_path(&plan([1, 6, 50, 16], [2, 100, 16]), &f32_options, true, Par::Seq),
-        None
-    );
+    assert!(!two.install(|| keeps(&one_tile, &f32_options, true, Par::Rayon)));
+    assert!(!keeps(
+        &plan([1, 6, 50, 16], [2, 100, 16]),
+        &f32_options,
+        true,
+        Par::Seq
+    ));
     let bf16 = AttentionOptions {
         precision: crate::Precision::Bf16,
         ..AttentionOptions::default()
     };
-    let bf16_keeps = (crate::bf16_level() != crate::Bf16Level::Amx).then_some(Flash);
+    let bf16_keeps = crate::bf16_level() != crate::Bf16Level::Amx;
     for averaged in [false, true] {
         assert_eq!(
-            keeping_path(&plan([2, 4, 70, 16], [2, 300, 16]), &bf16, averaged, Par::Seq),
+            keeps(&plan([2, 4, 70, 16], [2, 300, 16]), &bf16, averaged, Par::Seq),
             bf16_keeps
         );
     }
-    assert_eq!(
-        keeping_path(&plan([1, 8, 1, 16], [8, 4096, 16]), &bf16, false, Par::Seq),
-        None
-    );
+    assert!(!keeps(&plan([1, 8, 1, 16], [8, 4096, 16]), &bf16, false, Par::Seq));
     // f32 takes the flash kernel at every level ([`chosen_path`]), which keeps its scores at
     // S = T = 256, and averaged on two workers too (two row tiles of one batch element).
     let shape = plan([2, 8, 256, 64], [8, 256, 64]);
     for averaged in [false, true] {
-        assert_eq!(keeping_path(&shape, &f32_options, averaged, Par::Seq), Some(Flash));
+        assert!(keeps(&shape, &f32_options, averaged, Par::Seq));
     }
     let single = plan([1, 8, 256, 64], [8, 256, 64]);
-    let averaged_on_two = two.install(|| keeping_path(&single, &f32_options, true, Par::Rayon));
-    assert_eq!(averaged_on_two, Some(Flash));
+    let averaged_on_two = two.install(|| keeps(&single, &f32_options, true, Par::Rayon));
+    assert!(averaged_on_two);
     // bf16 runs the flash kernel whatever the level.
-    assert_eq!(keeping_path(&shape, &bf16, false, Par::Seq), bf16_keeps);
+    assert_eq!(keeps(&shape, &bf16, false, Par::Seq), bf16_keeps);
 }
 
 /// Rows and keys at each edge of a row tile and a key block, and keys past two blocks.

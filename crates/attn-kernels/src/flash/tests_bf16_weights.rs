@@ -38,7 +38,7 @@ pub(super) fn check_weights(
 
 /// [`crate::attention_with_weights`] in bf16, per head and averaged, sequential and on 2 and 3
 /// threads: `out` and `lse` are [`crate::attention`]'s bits (`seq`, row-major), and the weights,
-/// which the flash kernel writes from its own scores where [`crate::path::keeping_path`] lets
+/// which the flash kernel writes from its own scores where [`crate::path::flash_keeps_scores`] lets
 /// it, are the rounded operands' softmax within the bound of [`crate::attention_weights`]'s
 /// (`bound(i, want)` for weight `i`; averaged, the mean of the heads' bounds), and they are
 /// [`crate::attention_weights`]'s bits from that LSE (`second_pass`, per head; averaged, its
