@@ -520,6 +520,7 @@ mod tests {
             write_state_dict(&out, &module.state_dict()).unwrap();
             let original = TensorFile::read(&fixtures.join(format!("{case}.weights.safetensors"))).unwrap();
             let saved = TensorFile::read(&out).unwrap();
+            std::fs::remove_file(&out).unwrap();
             let names = |f: &TensorFile| {
                 f.iter()
                     .map(|(n, t)| (n.clone(), t.shape().to_vec()))
