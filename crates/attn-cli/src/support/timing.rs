@@ -76,7 +76,7 @@ impl BenchFlags {
 pub enum BackwardChoice {
     /// By shape (`attention_backward`).
     Auto,
-    /// Row tiles of 64 over all keys at once.
+    /// One task per key/value head over all its keys (in blocks of 256), row tiles of 64.
     OnePass,
     /// A key pass and a query pass over blocks of 128 keys.
     TwoPass,

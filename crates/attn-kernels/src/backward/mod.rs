@@ -14,12 +14,15 @@
 //! - **Query pass** (tasks `(b, h, row tile of 64)`): owns `dQ` of its rows and sums over the key
 //!   blocks in order. It recomputes `P` and `dP` (as Triton's tutorial kernel does), so the
 //!   backward costs 7 tile GEMMs against the forward's 2, the "3.5×" of the CLI contract.
-//! - **One pass** ([`BackwardPath::OnePass`]): a task `(b, g)` takes every key at once and owns
+//! - **One pass** ([`BackwardPath::OnePass`]): a task `(b, g)` takes every key and owns
 //!   `dK`, `dV` and the `dQ` of its heads, so `dQ` comes from the same `dS` with no
-//!   recomputation: 5 tile GEMMs. Each row tile visits only the keys one of its rows may see,
-//!   so causal calls skip the masked half. Chosen for short keys, and for keys up to 4096 when
-//!   there are at least 8 `(b, g)` tasks to share out (measured on the Zen 4 machine:
-//!   [1,8,1024,64] forward + backward 54 -> 45 ms, [1,16,2048,128] causal 445 -> 360 ms).
+//!   recomputation: 5 tile GEMMs. It walks the keys in blocks of 256, every row tile of its
+//!   heads passing over a block before the next, and adds each block's share of `dQ` to sums
+//!   it keeps for every row of its heads. Each row tile visits only the keys one of its rows
+//!   may see, so causal calls skip the masked half. Chosen for short keys, and for keys up to
+//!   4096 when there are at least 8 `(b, g)` tasks to share out (measured on the Zen 4
+//!   machine: [1,8,1024,64] forward + backward 54 -> 45 ms, [1,16,2048,128] causal 445 -> 360
+//!   ms, when it took every key at once; blocks of 256 keys then gave 4–7% more on a Zen 3).
 //!
 //! - **Unfused** ([`BackwardPath::Unfused`]): the one pass with each head's rows as one tile,
 //!   so `P` and `dS` are whole `[S, T]` matrices and each product is one GEMM over the head (the
@@ -29,9 +32,9 @@
 //!   rounding, and the tests compare them directly.
 //!
 //! Memory beyond the gradients: `Δ` (`[B, H, S]` f32) and, per worker, a few tiles: about
-//! 420 KiB at D = Dv = 128 on the two-pass path; `[64, T]` scores twice, `[T, D + Dv]` sums and the task's
-//! keys and values in transposed panels (another `[T, D + Dv]`) on the one-pass path (6 MiB at
-//! T = 4096, D = Dv = 64).
+//! 420 KiB at D = Dv = 128 on the two-pass path; on the one-pass path about 720 KiB at D = Dv =
+//! 128 and the `dQ` sums of a task's heads (`[H/G, S, D]`, 2 MiB at S = 4096, D = 128 without
+//! GQA). Workers keep their tiles from call to call.
 //!
 //! A key task packs its block's keys and values into the tile kernel's transposed panels once;
 //! every row tile of every head of the group then computes its scores `q·kᵀ` and `dP = dO·Vᵀ`
@@ -75,6 +78,15 @@ const ONE_PASS_SHORT_KEYS: usize = 512;
 const ONE_PASS_MAX_KEYS: usize = 4096;
 /// `(b, g)` tasks the one-pass path needs beyond [`ONE_PASS_SHORT_KEYS`] keys.
 const ONE_PASS_MIN_TASKS: usize = 8;
+/// Keys per block of the one pass: a task walks its keys in blocks of this many, every row
+/// tile of its heads passing over one block (its packed keys and values and its `dK`, `dV`
+/// sums, 128 KiB at D = Dv = 64) before the next. Taking every key at once put `[64, T]`
+/// probabilities and score gradients and `[T, D]` panels and sums, 1.6 MiB at T = 1024, out
+/// of a 512 KiB L2. Forward + backward on the Zen 3 machine, median ms by block (two runs each;
+/// 128 / 256 / 512 / all keys): [1,8,1024,64] 48.3 / 47.2 / 47.1 / 49.1; [1,16,2048,128] causal 398 /
+/// 383 / 382 / 411. A multiple of the tile kernel's panels, so the exp and the masks see
+/// the same keys in each vector whatever the block.
+const ONE_PASS_KEYS: usize = 256;
 
 /// The inputs of a backward call: the forward's inputs, its `out` and `lse`, and `dout`, the
 /// gradient of the loss with respect to `out`.
@@ -175,7 +187,7 @@ impl<'a> FusedGradients<'a> {
 pub enum BackwardPath {
     /// A key pass for `dK`, `dV` and a query pass for `dQ`, over blocks of 128 keys.
     TwoPass,
-    /// One pass per `(b, g)` over all keys at once, rows in tiles of 64.
+    /// One pass per `(b, g)` over all its keys (in blocks of 256), rows in tiles of 64.
     OnePass,
     /// Unfused: per `(b, g)`, each head's whole `[S, T]` probabilities and score gradients in
     /// memory, and every product one GEMM over the head.
@@ -225,7 +237,23 @@ pub fn attention_backward_path(
     check_gradients(op, [grads.dq.shape(), grads.dk.shape(), grads.dv.shape()], &inputs)?;
     let Gradients { mut dq, mut dk, mut dv } = grads;
     let outs = [Out::new(&mut dq), Out::new(&mut dk), Out::new(&mut dv)];
-    run_backward(outs, inputs, options, par, path, plan)
+    run_backward(outs, inputs, options, par, path, plan, ONE_PASS_KEYS)
+}
+
+/// [`attention_backward_path`] with the one pass walking its keys in blocks of `keys` (a
+/// multiple of 16), for the tests: the block size must not change the bits on the tile kernel.
+#[cfg(test)]
+fn attention_backward_one_pass_keys(
+    grads: Gradients<'_>,
+    inputs: BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    keys: usize,
+) -> Result<(), KernelError> {
+    let plan = validate_inputs("attention_backward", &inputs, options)?;
+    let Gradients { mut dq, mut dk, mut dv } = grads;
+    let outs = [Out::new(&mut dq), Out::new(&mut dk), Out::new(&mut dv)];
+    run_backward(outs, inputs, options, par, BackwardPath::OnePass, plan, keys)
 }
 
 /// [`attention_backward`] writing into column blocks of one buffer ([`FusedGradients`]): the
@@ -250,7 +278,15 @@ pub fn attention_backward_fused(
     let [q, k, v] = blocks;
     let [b, g, t, _] = inputs.k.shape();
     let path = backward_path(b * g, inputs.q.shape()[2], t);
-    run_backward([out(q), out(k), out(v)], inputs, options, par, path, plan)
+    run_backward(
+        [out(q), out(k), out(v)],
+        inputs,
+        options,
+        par,
+        path,
+        plan,
+        ONE_PASS_KEYS,
+    )
 }
 
 /// The forward's checks of `q`, `k`, `v`, `out`, `lse` and the options, and `dout` and

@@ -21,7 +21,9 @@ pub(super) fn run_backward(
     par: Par,
     path: BackwardPath,
     plan: crate::flash::Plan,
+    one_pass_keys: usize,
 ) -> Result<(), KernelError> {
+    debug_assert!(one_pass_keys > 0 && one_pass_keys.is_multiple_of(NR));
     let shape = Shape {
         b: plan.b,
         h: plan.h,
@@ -42,6 +44,7 @@ pub(super) fn run_backward(
         dq,
         dk,
         dv,
+        one_pass_keys,
     };
     let one_pass = path != BackwardPath::TwoPass || plan.t <= KEYS;
     let key_block = if one_pass { plan.t.max(1) } else { KEYS };
@@ -136,7 +139,8 @@ struct Scratch {
     /// `[key block, D]` and `[key block, Dv]`: the key task's sums.
     dk: Vec<f32>,
     dv: Vec<f32>,
-    /// `[ROWS, D]`: a query task's (or the one pass's) `dQ` sums.
+    /// `dQ` sums: `[ROWS, D]` for a query task; `[H/G, S, D]` for a one-pass task, every row of
+    /// its heads, added to block after block of keys.
     dq: Vec<f32>,
 }
 
@@ -175,6 +179,8 @@ struct Job<'a, 'o> {
     dq: Out,
     dk: Out,
     dv: Out,
+    /// Keys per block of the one pass ([`ONE_PASS_KEYS`](super::ONE_PASS_KEYS)).
+    one_pass_keys: usize,
 }
 
 /// The rows `[r0, r0 + rows)` of head `h` against keys `[t0, t0 + bc)`, as one tile.
@@ -203,14 +209,43 @@ impl Job<'_, '_> {
     }
 
     /// The key task `(b, g, key block)`: `dK`, `dV` of its keys over every row of its heads; with
-    /// `one_pass`, also `dQ` of those heads.
+    /// `one_pass`, also `dQ` of those heads. The one pass walks its keys in blocks of
+    /// `one_pass_keys` (each block's keys, values and sums stay in cache while every row tile
+    /// passes over them); each key's sums and each row's `dQ` add in the same order whatever
+    /// the block, so on the tile kernel the block size does not change the bits.
     fn key_task(&self, scratch: &mut Scratch, task: usize, key_block: usize, row_tile: usize, one_pass: bool) {
         let sh = self.shape;
         let blocks = sh.t.div_ceil(key_block);
         let (bg, block) = (task / blocks, task % blocks);
         let (b, g) = (bg / sh.g, bg % sh.g);
-        let t0 = block * key_block;
-        let bc = (sh.t - t0).min(key_block);
+        let rep = sh.h / sh.g;
+        let (start, end) = (block * key_block, (block * key_block + key_block).min(sh.t));
+        // The unfused path takes every key at once: whole `[S, T]` matrices.
+        let sub = if one_pass && row_tile == ROWS {
+            self.one_pass_keys
+        } else {
+            key_block
+        };
+        if one_pass {
+            scratch.dq.clear();
+            scratch.dq.resize(rep * sh.s * sh.d, 0.0);
+        }
+        for t0 in (start..end).step_by(sub) {
+            self.key_block(scratch, [b, g, t0, (end - t0).min(sub)], row_tile, one_pass);
+        }
+        if one_pass && sh.s * sh.d > 0 {
+            for (h, dq) in (g * rep..).zip(scratch.dq.chunks_exact(sh.s * sh.d)) {
+                // SAFETY: every row of head `h` belongs to this task alone (its group's heads,
+                // all keys).
+                unsafe { self.dq.write_rows([b, h, 0], dq, sh.d, self.scale) };
+            }
+        }
+    }
+
+    /// Keys `[t0, t0 + bc)` of `(b, g)` against every row of the group's heads: their `dK`,
+    /// `dV`, and with `one_pass` their share of `dQ`, added to `Scratch::dq`.
+    fn key_block(&self, scratch: &mut Scratch, [b, g, t0, bc]: [usize; 4], row_tile: usize, one_pass: bool) {
+        let sh = self.shape;
         scratch.dk.clear();
         scratch.dk.resize(bc * sh.d, 0.0);
         scratch.dv.clear();
@@ -246,24 +281,14 @@ impl Job<'_, '_> {
                     t0,
                     bc: seen.saturating_sub(t0),
                 };
-                let live = tile.bc > 0;
-                if one_pass {
-                    scratch.dq.clear();
-                    scratch.dq.resize(rows * sh.d, 0.0);
-                }
-                if live {
+                if tile.bc > 0 {
                     self.probabilities(scratch, tile);
                     self.value_gradient(scratch, tile);
                     self.score_gradient(scratch, tile);
                     self.key_gradient(scratch, tile);
                     if one_pass {
-                        self.query_gradient(scratch, tile);
+                        self.query_gradient(scratch, tile, ((h - g * rep) * sh.s + r0) * sh.d);
                     }
-                }
-                if one_pass {
-                    // SAFETY: rows `[r0, r0 + rows)` of head `h` belong to this task alone
-                    // (its group's heads, all keys).
-                    unsafe { self.dq.write_rows([b, h, r0], &scratch.dq, sh.d, self.scale) };
                 }
             }
         }
@@ -317,7 +342,7 @@ impl Job<'_, '_> {
             };
             self.probabilities(scratch, tile);
             self.score_gradient(scratch, tile);
-            self.query_gradient(scratch, tile);
+            self.query_gradient(scratch, tile, 0);
         }
         // SAFETY: rows `[r0, r0 + rows)` of `(b, h)` belong to this task alone.
         unsafe { self.dq.write_rows([b, h, r0], &scratch.dq, sh.d, self.scale) };
@@ -531,21 +556,21 @@ impl Job<'_, '_> {
     /// the keys read in place as panels, where it computes the scores, `D` is a whole number of
     /// its panels and the keys are contiguous along `D`; otherwise faer's GEMM. A function of
     /// the shape and the layout alone, so the bits do not depend on the thread count.
-    fn query_gradient(&self, scratch: &mut Scratch, tile: Tile) {
+    fn query_gradient(&self, scratch: &mut Scratch, tile: Tile, at: usize) {
         let (sh, k) = (self.shape, self.inputs.k);
         let Tile { b, g, rows, t0, bc, .. } = tile;
         let st = k.strides();
         let ld = self.p_ld(bc);
         let keys = &k.data()[k.offset([b, g, t0, 0])..];
         if self.score_kernel == ScoreKernel::Tile && sh.d.is_multiple_of(NR) && st[3] == 1 {
-            row_product(&mut scratch.dq, [rows, sh.d, bc], &scratch.p, ld, (keys, st[2]));
+            row_product(&mut scratch.dq[at..], [rows, sh.d, bc], &scratch.p, ld, (keys, st[2]));
             return;
         }
         // SAFETY: `dq` holds [rows, D], `p` (now dS) [rows, bc] (rows `ld` apart); the key block
         // was bounds-checked with `k`.
         unsafe {
             gemm_raw(
-                scratch.dq.as_mut_ptr(),
+                scratch.dq[at..at + rows * sh.d].as_mut_ptr(),
                 [sh.d, 1],
                 [rows, sh.d, bc],
                 Accum::Add,
