@@ -19,10 +19,11 @@
 //!   recomputation: 5 tile GEMMs. It walks the keys in blocks of 256, every row tile of its
 //!   heads passing over a block before the next, and adds each block's share of `dQ` to sums
 //!   it keeps for every row of its heads. Each row tile visits only the keys one of its rows
-//!   may see, so causal calls skip the masked half. Chosen for short keys, and for keys up to
-//!   4096 when there are at least 8 `(b, g)` tasks to share out (measured on the Zen 4
+//!   may see, so causal calls skip the masked half. Chosen for short keys, and for any number
+//!   of keys when there are at least 8 `(b, g)` tasks to share out (measured on the Zen 4
 //!   machine: [1,8,1024,64] forward + backward 54 -> 45 ms, [1,16,2048,128] causal 445 -> 360
-//!   ms, when it took every key at once; blocks of 256 keys then gave 4–7% more on a Zen 3).
+//!   ms, when it took every key at once and stopped at 4096 keys; blocks of 256 keys then gave
+//!   4–7% more on a Zen 3, and 1.4× over two passes at 6144 and 8192 keys).
 //!
 //! - **Unfused** ([`BackwardPath::Unfused`]): the one pass with each head's rows as one tile,
 //!   so `P` and `dS` are whole `[S, T]` matrices and each product is one GEMM over the head (the
@@ -74,9 +75,12 @@ const KEYS: usize = 128;
 const UNFUSED_MAX_SCORES: usize = 128 * 128;
 /// Keys up to which the one-pass path is always taken.
 const ONE_PASS_SHORT_KEYS: usize = 512;
-/// Keys up to which the one-pass path is taken when there are enough `(b, g)` tasks.
-const ONE_PASS_MAX_KEYS: usize = 4096;
-/// `(b, g)` tasks the one-pass path needs beyond [`ONE_PASS_SHORT_KEYS`] keys.
+/// `(b, g)` tasks the one-pass path needs beyond [`ONE_PASS_SHORT_KEYS`] keys, to share out
+/// among the threads. With them it is taken at any length: its cache footprint does not grow
+/// with the keys ([`ONE_PASS_KEYS`]), and it runs 5 tile GEMMs where two passes run 7.
+/// Forward + backward on the Zen 3 machine, one pass against two: 1.40× at [1,8,6144,64],
+/// 1.42× at [1,8,8192,128] causal (two runs each; before the keys were walked in blocks, the
+/// one pass stopped at 4096 keys).
 const ONE_PASS_MIN_TASKS: usize = 8;
 /// Keys per block of the one pass: a task walks its keys in blocks of this many, every row
 /// tile of its heads passing over one block (its packed keys and values and its `dK`, `dV`
@@ -199,7 +203,7 @@ pub enum BackwardPath {
 pub fn backward_path(groups: usize, s: usize, t: usize) -> BackwardPath {
     if s.saturating_mul(t) <= UNFUSED_MAX_SCORES {
         BackwardPath::Unfused
-    } else if t <= ONE_PASS_SHORT_KEYS || (t <= ONE_PASS_MAX_KEYS && groups >= ONE_PASS_MIN_TASKS) {
+    } else if t <= ONE_PASS_SHORT_KEYS || groups >= ONE_PASS_MIN_TASKS {
         BackwardPath::OnePass
     } else {
         BackwardPath::TwoPass

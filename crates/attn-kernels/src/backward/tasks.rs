@@ -139,8 +139,8 @@ struct Scratch {
     /// `[key block, D]` and `[key block, Dv]`: the key task's sums.
     dk: Vec<f32>,
     dv: Vec<f32>,
-    /// `dQ` sums: `[ROWS, D]` for a query task; `[H/G, S, D]` for a one-pass task, every row of
-    /// its heads, added to block after block of keys.
+    /// `dQ` sums: `[rows, D]` for a query task or a one-pass task with one block of keys;
+    /// `[H/G, S, D]` for a one-pass task with several ([`QuerySums`]).
     dq: Vec<f32>,
 }
 
@@ -181,6 +181,19 @@ struct Job<'a, 'o> {
     dv: Out,
     /// Keys per block of the one pass ([`ONE_PASS_KEYS`](super::ONE_PASS_KEYS)).
     one_pass_keys: usize,
+}
+
+/// Where a key block's share of `dQ` goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum QuerySums {
+    /// Nowhere: the two-pass path's query pass computes `dQ`.
+    None,
+    /// The one pass's only block: each row tile's `dQ` is whole once the tile is done, summed
+    /// in `[rows, D]` and written then.
+    Tile,
+    /// One of the one pass's several blocks: added to `[H/G, S, D]` sums, every row of the
+    /// task's heads, written after the last block.
+    Heads,
 }
 
 /// The rows `[r0, r0 + rows)` of head `h` against keys `[t0, t0 + bc)`, as one tile.
@@ -226,14 +239,19 @@ impl Job<'_, '_> {
         } else {
             key_block
         };
-        if one_pass {
+        let sums = match (one_pass, end - start > sub) {
+            (false, _) => QuerySums::None,
+            (true, false) => QuerySums::Tile,
+            (true, true) => QuerySums::Heads,
+        };
+        if sums == QuerySums::Heads {
             scratch.dq.clear();
             scratch.dq.resize(rep * sh.s * sh.d, 0.0);
         }
         for t0 in (start..end).step_by(sub) {
-            self.key_block(scratch, [b, g, t0, (end - t0).min(sub)], row_tile, one_pass);
+            self.key_block(scratch, [b, g, t0, (end - t0).min(sub)], row_tile, sums);
         }
-        if one_pass && sh.s * sh.d > 0 {
+        if sums == QuerySums::Heads && sh.s * sh.d > 0 {
             for (h, dq) in (g * rep..).zip(scratch.dq.chunks_exact(sh.s * sh.d)) {
                 // SAFETY: every row of head `h` belongs to this task alone (its group's heads,
                 // all keys).
@@ -243,8 +261,8 @@ impl Job<'_, '_> {
     }
 
     /// Keys `[t0, t0 + bc)` of `(b, g)` against every row of the group's heads: their `dK`,
-    /// `dV`, and with `one_pass` their share of `dQ`, added to `Scratch::dq`.
-    fn key_block(&self, scratch: &mut Scratch, [b, g, t0, bc]: [usize; 4], row_tile: usize, one_pass: bool) {
+    /// `dV`, and their share of `dQ` as `sums` says.
+    fn key_block(&self, scratch: &mut Scratch, [b, g, t0, bc]: [usize; 4], row_tile: usize, sums: QuerySums) {
         let sh = self.shape;
         scratch.dk.clear();
         scratch.dk.resize(bc * sh.d, 0.0);
@@ -281,14 +299,28 @@ impl Job<'_, '_> {
                     t0,
                     bc: seen.saturating_sub(t0),
                 };
+                let at = match sums {
+                    QuerySums::Heads => ((h - g * rep) * sh.s + r0) * sh.d,
+                    QuerySums::Tile => {
+                        scratch.dq.clear();
+                        scratch.dq.resize(rows * sh.d, 0.0);
+                        0
+                    }
+                    QuerySums::None => 0,
+                };
                 if tile.bc > 0 {
                     self.probabilities(scratch, tile);
                     self.value_gradient(scratch, tile);
                     self.score_gradient(scratch, tile);
                     self.key_gradient(scratch, tile);
-                    if one_pass {
-                        self.query_gradient(scratch, tile, ((h - g * rep) * sh.s + r0) * sh.d);
+                    if sums != QuerySums::None {
+                        self.query_gradient(scratch, tile, at);
                     }
+                }
+                if sums == QuerySums::Tile {
+                    // SAFETY: rows `[r0, r0 + rows)` of head `h` belong to this task alone (its
+                    // group's heads, all keys).
+                    unsafe { self.dq.write_rows([b, h, r0], &scratch.dq, sh.d, self.scale) };
                 }
             }
         }

@@ -218,8 +218,8 @@ proptest! {
 }
 
 /// The path is a function of the shape alone, by the thresholds its constants document: unfused
-/// up to 128 × 128 scores, one pass up to 512 keys, and up to 4,096 keys from 8 `(b, g)` tasks,
-/// two passes beyond. The paths agree only within rounding, so moving a threshold changes the
+/// up to 128 × 128 scores, one pass up to 512 keys, and at any length from 8 `(b, g)` tasks,
+/// two passes otherwise. The paths agree only within rounding, so moving a threshold changes the
 /// bits some shapes get.
 #[test]
 fn the_path_follows_the_documented_thresholds() {
@@ -232,8 +232,9 @@ fn the_path_follows_the_documented_thresholds() {
         (7, 1024, 513, TwoPass),
         (8, 1024, 513, OnePass),
         (8, 1024, 4096, OnePass),
-        (8, 1024, 4097, TwoPass),
-        (1000, 1024, 4097, TwoPass),
+        (8, 1024, 4097, OnePass),
+        (1000, 1 << 20, 1 << 20, OnePass),
+        (7, 1024, 1 << 20, TwoPass),
         (1, usize::MAX, 2, OnePass),
     ] {
         assert_eq!(backward_path(groups, s, t), want, "B·G {groups}, S {s}, T {t}");
