@@ -573,10 +573,13 @@ fn check_passes_on_this_machine() {
         ));
     }
     assert_eq!(gemm_route([129, 131, 67]), "faer");
-    for (label, [bg, s, t]) in [
-        ("MHA B=2 H=4 S=T=200 D=64", [8, 200, 200]),
-        ("GQA H=8 G=2, top-left causal, mask, key lengths", [4, 130, 130]),
-        ("decode (split keys) H=8 G=2 T=3000, bottom-right causal", [2, 1, 3000]),
+    for (label, [bg, s, t, widths]) in [
+        ("MHA B=2 H=4 S=T=200 D=64", [8, 200, 200, 128]),
+        ("GQA H=8 G=2, top-left causal, mask, key lengths", [4, 130, 130, 64]),
+        (
+            "decode (split keys) H=8 G=2 T=3000, bottom-right causal",
+            [2, 1, 3000, 128],
+        ),
     ] {
         want.extend([format!("flash {label}"), format!("unfused {label}")]);
         for (path, name) in [
@@ -584,7 +587,7 @@ fn check_passes_on_this_machine() {
             (BackwardPath::TwoPass, "two-pass"),
             (BackwardPath::Unfused, "unfused"),
         ] {
-            let chosen = if backward_path(bg, s, t) == path {
+            let chosen = if backward_path(bg, s, t, widths) == path {
                 " (chosen)"
             } else {
                 ""

@@ -227,7 +227,7 @@ fn backward_rows(
         })?;
         Ok((grads, secs))
     };
-    let chosen = backward_path(b * g, s, t);
+    let chosen = backward_path(b * g, s, t, 2 * d);
     for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
         let (seq, _) = run(path, Par::Seq)?;
         let (par, secs) = run(path, Par::Rayon)?;

@@ -19,11 +19,15 @@
 //!   recomputation: 5 tile GEMMs. It walks the keys in blocks of 256, every row tile of its
 //!   heads passing over a block before the next, and adds each block's share of `dQ` to sums
 //!   it keeps for every row of its heads. Each row tile visits only the keys one of its rows
-//!   may see, so causal calls skip the masked half. Chosen for short keys, and for any number
-//!   of keys when there are at least 8 `(b, g)` tasks to share out (measured on the Zen 4
-//!   machine: [1,8,1024,64] forward + backward 54 -> 45 ms, [1,16,2048,128] causal 445 -> 360
-//!   ms, when it took every key at once and stopped at 4096 keys; blocks of 256 keys then gave
-//!   4–7% more on a Zen 3, and 1.4× over two passes at 6144 and 8192 keys).
+//!   may see, so causal calls skip the masked half. With fewer than 8 `(b, g)`, each one's rows
+//!   are cut into chunks (one per 256 rows at most, 8 tasks in all at most): a task `(b, g,
+//!   chunk)` owns the `dQ` of its rows and writes its sums of `dK` and `dV` to a buffer of
+//!   partial sums, which a last pass adds chunk after chunk, in order, into `dK` and `dV`.
+//!   Chosen for short keys, and for any number of keys when it makes at least 4 tasks (measured
+//!   on the Zen 4 machine: [1,8,1024,64] forward + backward 54 -> 45 ms, [1,16,2048,128]
+//!   causal 445 -> 360 ms, when it took every key at once and stopped at 4096 keys and 8
+//!   `(b, g)`; on a Zen 3, blocks of 256 keys gave 4–9% more, and the one pass runs 1.24–1.40×
+//!   faster than two passes on the shapes that took those before).
 //!
 //! - **Unfused** ([`BackwardPath::Unfused`]): the one pass with each head's rows as one tile,
 //!   so `P` and `dS` are whole `[S, T]` matrices and each product is one GEMM over the head (the
@@ -34,8 +38,10 @@
 //!
 //! Memory beyond the gradients: `Δ` (`[B, H, S]` f32) and, per worker, a few tiles: about
 //! 420 KiB at D = Dv = 128 on the two-pass path; on the one-pass path about 720 KiB at D = Dv =
-//! 128 and the `dQ` sums of a task's heads (`[H/G, S, D]`, 2 MiB at S = 4096, D = 128 without
-//! GQA). Workers keep their tiles from call to call.
+//! 128 and the `dQ` sums of a task's rows of its heads (`[H/G, rows, D]`, 2 MiB at 4096 rows,
+//! D = 128 without GQA), and with chunks of rows the partial sums, `chunks · B · G · T ·
+//! (D + Dv)` floats, at most 128 MiB (beyond, two passes). Workers keep their tiles from call
+//! to call.
 //!
 //! A key task packs its block's keys and values into the tile kernel's transposed panels once;
 //! every row tile of every head of the group then computes its scores `q·kᵀ` and `dP = dO·Vᵀ`
@@ -75,13 +81,21 @@ const KEYS: usize = 128;
 const UNFUSED_MAX_SCORES: usize = 128 * 128;
 /// Keys up to which the one-pass path is always taken.
 const ONE_PASS_SHORT_KEYS: usize = 512;
-/// `(b, g)` tasks the one-pass path needs beyond [`ONE_PASS_SHORT_KEYS`] keys, to share out
-/// among the threads. With them it is taken at any length: its cache footprint does not grow
-/// with the keys ([`ONE_PASS_KEYS`]), and it runs 5 tile GEMMs where two passes run 7.
-/// Forward + backward on the Zen 3 machine, one pass against two: 1.40× at [1,8,6144,64],
-/// 1.42× at [1,8,8192,128] causal (two runs each; before the keys were walked in blocks, the
-/// one pass stopped at 4096 keys).
-const ONE_PASS_MIN_TASKS: usize = 8;
+/// Tasks the one pass aims at, to share out among the threads: with fewer `(b, g)`, each one's
+/// rows are cut into chunks ([`row_chunks`]).
+const ONE_PASS_TASKS: usize = 8;
+/// Tasks the one pass needs beyond [`ONE_PASS_SHORT_KEYS`] keys. With them it is taken at any
+/// length: its cache footprint does not grow with the keys ([`ONE_PASS_KEYS`]), and it runs
+/// 5 tile GEMMs where two passes run 7. Forward + backward on the Zen 3 machine at 2 threads,
+/// one pass against two (two runs each): 1.40× at [1,8,6144,64], 1.42× at [1,8,8192,128]
+/// causal (before the keys were walked in blocks, the one pass stopped at 4096 keys); 1.32×
+/// at [1,1,1024,64] in 4 chunks of rows. With more threads than tasks the one pass leaves
+/// some idle, where two passes use them all.
+const ONE_PASS_MIN_TASKS: usize = 4;
+/// Rows a chunk of the one pass holds at least: each chunk packs its keys and writes partial
+/// sums of `dK` and `dV` again. At [1,2,512,64] (forward + backward, Zen 3, three runs each) 4
+/// chunks of 128 rows ran 1.06× slower than one of 512, 2 of 256 1.02×.
+const CHUNK_MIN_ROWS: usize = 256;
 /// Keys per block of the one pass: a task walks its keys in blocks of this many, every row
 /// tile of its heads passing over one block (its packed keys and values and its `dK`, `dV`
 /// sums, 128 KiB at D = Dv = 64) before the next. Taking every key at once put `[64, T]`
@@ -198,16 +212,37 @@ pub enum BackwardPath {
     Unfused,
 }
 
-/// The path [`attention_backward`] takes for `groups = B·G` key/value heads, `s` query rows and
-/// `t` keys: by shape only, so results stay the same from run to run.
-pub fn backward_path(groups: usize, s: usize, t: usize) -> BackwardPath {
+/// The floats the one pass may spend on partial sums of `dK` and `dV` when it cuts rows into
+/// chunks (128 MiB): beyond, a call with few `(b, g)` and long keys takes two passes.
+const PARTIAL_FLOATS: usize = 32 << 20;
+
+/// The path [`attention_backward`] takes for `groups = B·G` key/value heads, `s` query rows,
+/// `t` keys and head sizes `widths = D + Dv`: by shape only, so results stay the same from run
+/// to run.
+pub fn backward_path(groups: usize, s: usize, t: usize, widths: usize) -> BackwardPath {
     if s.saturating_mul(t) <= UNFUSED_MAX_SCORES {
         BackwardPath::Unfused
-    } else if t <= ONE_PASS_SHORT_KEYS || groups >= ONE_PASS_MIN_TASKS {
+    } else if t <= ONE_PASS_SHORT_KEYS || row_chunks(groups, s, t, widths) * groups >= ONE_PASS_MIN_TASKS {
         BackwardPath::OnePass
     } else {
         BackwardPath::TwoPass
     }
+}
+
+/// The chunks the one pass cuts each `(b, g)`'s rows into: enough for [`ONE_PASS_TASKS`]
+/// tasks, at most one per [`CHUNK_MIN_ROWS`] rows (rounded up), their partial sums of `dK` and `dV`
+/// (`chunks · groups · t · widths` floats) within [`PARTIAL_FLOATS`]; 1 from 8 `(b, g)`. A
+/// function of the shape alone, so the bits do not depend on the thread count.
+fn row_chunks(groups: usize, s: usize, t: usize, widths: usize) -> usize {
+    if groups >= ONE_PASS_TASKS {
+        return 1;
+    }
+    let affordable = PARTIAL_FLOATS / groups.saturating_mul(t).saturating_mul(widths).max(1);
+    ONE_PASS_TASKS
+        .div_ceil(groups.max(1))
+        .min(s.div_ceil(CHUNK_MIN_ROWS))
+        .min(affordable)
+        .max(1)
 }
 
 /// The gradients of `sum(out ∘ dout)` with respect to `q`, `k` and `v`, where `out` is
@@ -221,8 +256,8 @@ pub fn attention_backward(
     options: &AttentionOptions<'_>,
     par: Par,
 ) -> Result<(), KernelError> {
-    let [b, g, t, _] = inputs.k.shape();
-    let path = backward_path(b * g, inputs.q.shape()[2], t);
+    let [b, g, t, d] = inputs.k.shape();
+    let path = backward_path(b * g, inputs.q.shape()[2], t, d + inputs.v.shape()[3]);
     attention_backward_path(grads, inputs, options, par, path)
 }
 
@@ -280,8 +315,8 @@ pub fn attention_backward_fused(
         strides,
     };
     let [q, k, v] = blocks;
-    let [b, g, t, _] = inputs.k.shape();
-    let path = backward_path(b * g, inputs.q.shape()[2], t);
+    let [b, g, t, d] = inputs.k.shape();
+    let path = backward_path(b * g, inputs.q.shape()[2], t, d + inputs.v.shape()[3]);
     run_backward(
         [out(q), out(k), out(v)],
         inputs,

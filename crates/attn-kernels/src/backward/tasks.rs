@@ -47,23 +47,53 @@ pub(super) fn run_backward(
         one_pass_keys,
     };
     let one_pass = path != BackwardPath::TwoPass || plan.t <= KEYS;
-    let key_block = if one_pass { plan.t.max(1) } else { KEYS };
-    // The unfused path is the one pass with a single row tile: whole heads.
-    let row_tile = if path == BackwardPath::Unfused {
-        plan.s.max(1)
-    } else {
-        ROWS
-    };
-    let key_tasks = plan.b * plan.g * plan.t.div_ceil(key_block);
-    run(key_tasks, par, |scratch, task| {
-        job.key_task(scratch, task, key_block, row_tile, one_pass)
-    });
     if !one_pass {
+        let key_tasks = plan.b * plan.g * plan.t.div_ceil(KEYS);
+        run(key_tasks, par, |scratch, task| {
+            let (bg, block) = (task / plan.t.div_ceil(KEYS), task % plan.t.div_ceil(KEYS));
+            let keys = block * KEYS..(block * KEYS + KEYS).min(plan.t);
+            let span = Span::whole(&job.shape, bg, keys, 0..plan.s);
+            job.key_task(scratch, span, KEYS, ROWS, QuerySums::None, [job.dk, job.dv]);
+        });
         let query_tasks = plan.b * plan.h * plan.s.div_ceil(ROWS);
         run(query_tasks, par, |scratch, task| job.query_task(scratch, task));
+    } else if path == BackwardPath::Unfused {
+        // The one pass with a single row tile and a single block of keys: whole heads.
+        run(plan.b * plan.g, par, |scratch, bg| {
+            let span = Span::whole(&job.shape, bg, 0..plan.t, 0..plan.s);
+            let whole = plan.t.max(1);
+            job.key_task(scratch, span, whole, plan.s.max(1), QuerySums::Tile, [job.dk, job.dv]);
+        });
+    } else {
+        job.one_pass(
+            par,
+            super::row_chunks(plan.b * plan.g, plan.s, plan.t, plan.d + plan.dv),
+        );
     }
     buffer::give(delta);
     Ok(())
+}
+
+/// What a key task covers: key/value head `(b, g)`, keys `keys` and query rows `rows` of
+/// every head of the group.
+#[derive(Clone)]
+struct Span {
+    b: usize,
+    g: usize,
+    keys: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+}
+
+impl Span {
+    /// Key/value head `bg` (`b·G + g`) of `shape`.
+    fn whole(shape: &Shape, bg: usize, keys: std::ops::Range<usize>, rows: std::ops::Range<usize>) -> Self {
+        Span {
+            b: bg / shape.g,
+            g: bg % shape.g,
+            keys,
+            rows,
+        }
+    }
 }
 
 /// The sizes of a call.
@@ -93,6 +123,17 @@ impl Out {
         }
     }
 
+    /// A dense `[B, X, L, W]` array at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must hold the array's elements for as long as the `Out` is written.
+    unsafe fn contiguous(ptr: *mut f32, shape: [usize; 4]) -> Self {
+        Out {
+            ptr: SharedMut(ptr),
+            strides: crate::view::contiguous_strides(shape),
+        }
+    }
+
     /// `dst[i, j, r0 + r, c] = scale · rows[r·width + c]`.
     ///
     /// # Safety
@@ -101,6 +142,13 @@ impl Out {
         let st = self.strides;
         for (r, row) in rows.chunks_exact(width).enumerate() {
             let base = i * st[0] + j * st[1] + (r0 + r) * st[2];
+            if st[3] == 1 {
+                // SAFETY: in bounds and owned, by the caller's contract; `rows` is the caller's
+                // own buffer, apart from the destination.
+                let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.get().add(base), width) };
+                dst.iter_mut().zip(row).for_each(|(d, &x)| *d = x * scale);
+                continue;
+            }
             for (c, &x) in row.iter().enumerate() {
                 // SAFETY: in bounds and owned, by the caller's contract.
                 unsafe { *self.ptr.get().add(base + c * st[3]) = x * scale };
@@ -221,48 +269,119 @@ impl Job<'_, '_> {
         (r0..r0 + rows).map(|s| self.limit(b, s)).max().unwrap_or(0)
     }
 
-    /// The key task `(b, g, key block)`: `dK`, `dV` of its keys over every row of its heads; with
-    /// `one_pass`, also `dQ` of those heads. The one pass walks its keys in blocks of
-    /// `one_pass_keys` (each block's keys, values and sums stay in cache while every row tile
-    /// passes over them); each key's sums and each row's `dQ` add in the same order whatever
-    /// the block, so on the tile kernel the block size does not change the bits.
-    fn key_task(&self, scratch: &mut Scratch, task: usize, key_block: usize, row_tile: usize, one_pass: bool) {
+    /// The one pass: a task per `(b, g)` and chunk of `chunks` of the rows
+    /// ([`row_chunks`](super::row_chunks)), over every key. With one chunk each task writes its
+    /// `dK` and `dV`; with more, each chunk's sums go to a buffer of partial sums, which the
+    /// chunks then add in order, key block by key block, into `dK` and `dV`.
+    fn one_pass(&self, par: Par, chunks: usize) {
         let sh = self.shape;
-        let blocks = sh.t.div_ceil(key_block);
-        let (bg, block) = (task / blocks, task % blocks);
-        let (b, g) = (bg / sh.g, bg % sh.g);
-        let rep = sh.h / sh.g;
-        let (start, end) = (block * key_block, (block * key_block + key_block).min(sh.t));
-        // The unfused path takes every key at once: whole `[S, T]` matrices.
-        let sub = if one_pass && row_tile == ROWS {
-            self.one_pass_keys
+        let groups = sh.b * sh.g;
+        let chunk_rows = sh.s.div_ceil(ROWS).div_ceil(chunks.max(1)) * ROWS;
+        let chunks = sh.s.div_ceil(chunk_rows).max(1);
+        let block = self.one_pass_keys;
+        let sums = if sh.t > block {
+            QuerySums::Heads
         } else {
-            key_block
+            QuerySums::Tile
         };
-        let sums = match (one_pass, end - start > sub) {
-            (false, _) => QuerySums::None,
-            (true, false) => QuerySums::Tile,
-            (true, true) => QuerySums::Heads,
-        };
+        if chunks == 1 {
+            run(groups, par, |scratch, bg| {
+                let span = Span::whole(&sh, bg, 0..sh.t, 0..sh.s);
+                self.key_task(scratch, span, block, ROWS, sums, [self.dk, self.dv]);
+            });
+            return;
+        }
+        // `[chunks, B, G, T, D]` then `[chunks, B, G, T, Dv]`, in one buffer: every element
+        // written by its chunk's task (each key block's sums, seen or not).
+        let (per_k, per_v) = (groups * sh.t * sh.d, groups * sh.t * sh.dv);
+        let mut parts = buffer::take(chunks * (per_k + per_v));
+        let base_k = SharedMut(parts.as_mut_ptr());
+        // SAFETY: the `Dv` sums start after the `D` sums, in bounds.
+        let base_v = SharedMut(unsafe { base_k.get().add(chunks * per_k) });
+        run(groups * chunks, par, |scratch, task| {
+            let (bg, c) = (task / chunks, task % chunks);
+            let rows = c * chunk_rows..((c + 1) * chunk_rows).min(sh.s);
+            let span = Span::whole(&sh, bg, 0..sh.t, rows);
+            // SAFETY: chunk `c` of each buffer, `per_k` (`per_v`) floats in bounds; each task
+            // writes its own `(b, g)` of its own chunk.
+            let outs = unsafe {
+                [
+                    Out::contiguous(base_k.get().add(c * per_k), [sh.b, sh.g, sh.t, sh.d]),
+                    Out::contiguous(base_v.get().add(c * per_v), [sh.b, sh.g, sh.t, sh.dv]),
+                ]
+            };
+            self.key_task(scratch, span, block, ROWS, sums, outs);
+        });
+        let blocks = sh.t.div_ceil(block);
+        let (sums_k, sums_v) = parts.split_at(chunks * per_k);
+        run(groups * blocks, par, |scratch, task| {
+            let (bg, t0) = (task / blocks, task % blocks * block);
+            let keys = t0..(t0 + block).min(sh.t);
+            let [b, g] = [bg / sh.g, bg % sh.g];
+            for (parts, width, out) in [(sums_k, sh.d, self.dk), (sums_v, sh.dv, self.dv)] {
+                let at = |c: usize| (c * groups + bg) * sh.t * width;
+                let span = keys.start * width..keys.end * width;
+                let sums = &mut scratch.dk;
+                sums.clear();
+                sums.extend_from_slice(&parts[at(0)..][span.clone()]);
+                for c in 1..chunks {
+                    sums.iter_mut()
+                        .zip(&parts[at(c)..][span.clone()])
+                        .for_each(|(x, &y)| *x += y);
+                }
+                // SAFETY: keys `keys` of `(b, g)` belong to this task alone.
+                unsafe { out.write_rows([b, g, keys.start], sums, width, 1.0) };
+            }
+        });
+        buffer::give(parts);
+    }
+
+    /// The keys of `span` against its rows of every head of its group, in blocks of `block` keys
+    /// and row tiles of `row_tile`: `dK` and `dV` of those keys (their sums over those rows) into
+    /// `key_outs`, and `dQ` of those rows as `sums` says. Each key's sums and each row's `dQ`
+    /// add in the same order whatever the block, so on the tile kernel the block size does not
+    /// change the bits.
+    fn key_task(
+        &self,
+        scratch: &mut Scratch,
+        span: Span,
+        block: usize,
+        row_tile: usize,
+        sums: QuerySums,
+        key_outs: [Out; 2],
+    ) {
+        let sh = self.shape;
+        let Span { b, g, keys, rows } = span;
+        let rep = sh.h / sh.g;
+        let height = rows.len();
         if sums == QuerySums::Heads {
             scratch.dq.clear();
-            scratch.dq.resize(rep * sh.s * sh.d, 0.0);
+            scratch.dq.resize(rep * height * sh.d, 0.0);
         }
-        for t0 in (start..end).step_by(sub) {
-            self.key_block(scratch, [b, g, t0, (end - t0).min(sub)], row_tile, sums);
+        for t0 in keys.clone().step_by(block) {
+            let bc = (keys.end - t0).min(block);
+            self.key_block(scratch, [b, g, t0, bc], rows.clone(), row_tile, sums, key_outs);
         }
-        if sums == QuerySums::Heads && sh.s * sh.d > 0 {
-            for (h, dq) in (g * rep..).zip(scratch.dq.chunks_exact(sh.s * sh.d)) {
-                // SAFETY: every row of head `h` belongs to this task alone (its group's heads,
-                // all keys).
-                unsafe { self.dq.write_rows([b, h, 0], dq, sh.d, self.scale) };
+        if sums == QuerySums::Heads && height * sh.d > 0 {
+            for (h, dq) in (g * rep..).zip(scratch.dq.chunks_exact(height * sh.d)) {
+                // SAFETY: rows `rows` of head `h` belong to this task alone (its group's heads
+                // and rows, all keys).
+                unsafe { self.dq.write_rows([b, h, rows.start], dq, sh.d, self.scale) };
             }
         }
     }
 
     /// Keys `[t0, t0 + bc)` of `(b, g)` against every row of the group's heads: their `dK`,
     /// `dV`, and their share of `dQ` as `sums` says.
-    fn key_block(&self, scratch: &mut Scratch, [b, g, t0, bc]: [usize; 4], row_tile: usize, sums: QuerySums) {
+    fn key_block(
+        &self,
+        scratch: &mut Scratch,
+        [b, g, t0, bc]: [usize; 4],
+        rows_of: std::ops::Range<usize>,
+        row_tile: usize,
+        sums: QuerySums,
+        [dk, dv]: [Out; 2],
+    ) {
         let sh = self.shape;
         scratch.dk.clear();
         scratch.dk.resize(bc * sh.d, 0.0);
@@ -285,8 +404,8 @@ impl Job<'_, '_> {
         }
         let rep = sh.h / sh.g;
         for h in g * rep..(g + 1) * rep {
-            for r0 in (0..sh.s).step_by(row_tile) {
-                let rows = (sh.s - r0).min(row_tile);
+            for r0 in rows_of.clone().step_by(row_tile) {
+                let rows = (rows_of.end - r0).min(row_tile);
                 // Only the keys some row of the tile may see: under a causal mask the early row
                 // tiles stop well before the block's end.
                 let seen = self.keys_seen(b, r0, rows).min(t0 + bc);
@@ -300,7 +419,7 @@ impl Job<'_, '_> {
                     bc: seen.saturating_sub(t0),
                 };
                 let at = match sums {
-                    QuerySums::Heads => ((h - g * rep) * sh.s + r0) * sh.d,
+                    QuerySums::Heads => ((h - g * rep) * rows_of.len() + r0 - rows_of.start) * sh.d,
                     QuerySums::Tile => {
                         scratch.dq.clear();
                         scratch.dq.resize(rows * sh.d, 0.0);
@@ -324,10 +443,10 @@ impl Job<'_, '_> {
                 }
             }
         }
-        // SAFETY: keys `[t0, t0 + bc)` of `(b, g)` belong to this task alone.
+        // SAFETY: keys `[t0, t0 + bc)` of `(b, g)` in `dk` and `dv` belong to this task alone.
         unsafe {
-            self.dk.write_rows([b, g, t0], &scratch.dk, sh.d, 1.0);
-            self.dv.write_rows([b, g, t0], &scratch.dv, sh.dv, 1.0);
+            dk.write_rows([b, g, t0], &scratch.dk, sh.d, 1.0);
+            dv.write_rows([b, g, t0], &scratch.dv, sh.dv, 1.0);
         }
     }
 

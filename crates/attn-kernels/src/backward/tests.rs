@@ -218,26 +218,40 @@ proptest! {
 }
 
 /// The path is a function of the shape alone, by the thresholds its constants document: unfused
-/// up to 128 × 128 scores, one pass up to 512 keys, and at any length from 8 `(b, g)` tasks,
-/// two passes otherwise. The paths agree only within rounding, so moving a threshold changes the
-/// bits some shapes get.
+/// up to 128 × 128 scores, one pass up to 512 keys, and at any length when it makes 4 tasks
+/// (from 4 `(b, g)`, or fewer with their rows in chunks, one per 256 rows, whose partial sums
+/// fit the budget), two passes otherwise. The paths agree only within rounding, so moving a
+/// threshold changes the bits some shapes get.
 #[test]
 fn the_path_follows_the_documented_thresholds() {
     use BackwardPath::{OnePass, TwoPass, Unfused};
-    for (groups, s, t, want) in [
-        (1, 128, 128, Unfused),
-        (64, 1, 16_384, Unfused),
-        (1, 129, 128, OnePass),
-        (1, 1024, 512, OnePass),
-        (7, 1024, 513, TwoPass),
-        (8, 1024, 513, OnePass),
-        (8, 1024, 4096, OnePass),
-        (8, 1024, 4097, OnePass),
-        (1000, 1 << 20, 1 << 20, OnePass),
-        (7, 1024, 1 << 20, TwoPass),
-        (1, usize::MAX, 2, OnePass),
+    for (groups, s, t, widths, want, chunks) in [
+        (1, 128, 128, 128, Unfused, 1),
+        (64, 1, 16_384, 128, Unfused, 1),
+        (1, 129, 128, 128, OnePass, 1),
+        (1, 1024, 512, 128, OnePass, 4),
+        (1, usize::MAX, 2, 128, OnePass, 8),
+        (8, 1024, 513, 128, OnePass, 1),
+        (1000, 1 << 20, 1 << 20, 128, OnePass, 1),
+        // Beyond 512 keys: 4 tasks or two passes.
+        (1, 512, 1024, 128, TwoPass, 2),
+        (1, 1024, 1024, 128, OnePass, 4),
+        (1, 8192, 1024, 128, OnePass, 8),
+        (3, 256, 4096, 128, TwoPass, 1),
+        (3, 257, 4096, 128, OnePass, 2),
+        (4, 64, 4096, 128, OnePass, 1),
+        (7, 1024, 513, 128, OnePass, 2),
+        // Partial sums of 2^16 keys: 8 chunks take 2^25 floats at 64 columns (the budget), 4
+        // at 128; at 2^17 keys 2 chunks fit.
+        (1, 4096, 1 << 16, 64, OnePass, 8),
+        (1, 4096, 1 << 16, 128, OnePass, 4),
+        (1, 4096, 1 << 17, 128, TwoPass, 2),
+        (3, 1024, 1 << 20, 128, TwoPass, 1),
+        (7, 1024, 1 << 20, 128, OnePass, 1),
     ] {
-        assert_eq!(backward_path(groups, s, t), want, "B·G {groups}, S {s}, T {t}");
+        let what = format!("B·G {groups}, S {s}, T {t}, D + Dv {widths}");
+        assert_eq!(backward_path(groups, s, t, widths), want, "{what}");
+        assert_eq!(row_chunks(groups, s, t, widths), chunks, "{what}");
     }
 }
 
@@ -248,12 +262,14 @@ fn block_edges_gqa_and_dv() {
     }
     check(Case::new(2, 6, 3, 65, 129, 17, 5));
     check(Case::new(1, 8, 1, 33, 700, 64, 64));
+    // Rows in 4 chunks (2 `(b, g)`), keys in 3 blocks: the partial sums and their reduction.
+    check(Case::new(1, 4, 2, 777, 600, 32, 16));
 }
 
 #[test]
 fn causal_masks_lengths_alibi_scale_and_strides() {
     for causal in [Causal::TopLeft, Causal::BottomRight] {
-        for (s, t) in [(100, 100), (70, 600), (600, 70)] {
+        for (s, t) in [(100, 100), (70, 600), (600, 70), (900, 700)] {
             let mut case = Case::new(1, 2, 1, s, t, 16, 16);
             case.causal = causal;
             check(case);
