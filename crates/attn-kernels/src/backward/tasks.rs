@@ -47,7 +47,14 @@ pub(super) fn run_backward(
         one_pass_keys,
     };
     let one_pass = path != BackwardPath::TwoPass || plan.t <= KEYS;
-    if !one_pass {
+    if plan.t == 0 {
+        // No keys: every row sees nothing, so its `dQ` is zero; `dK` and `dV` are empty.
+        let zeros = vec![0.0; plan.s * plan.d];
+        for (b, h) in (0..plan.b).flat_map(|b| (0..plan.h).map(move |h| (b, h))) {
+            // SAFETY: every row of every head, in bounds of the checked `dq`.
+            unsafe { job.dq.write_rows([b, h, 0], &zeros, plan.d, 1.0) };
+        }
+    } else if !one_pass {
         let key_tasks = plan.b * plan.g * plan.t.div_ceil(KEYS);
         run(key_tasks, par, |scratch, task| {
             let (bg, block) = (task / plan.t.div_ceil(KEYS), task % plan.t.div_ceil(KEYS));

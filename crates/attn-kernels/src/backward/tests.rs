@@ -353,6 +353,58 @@ fn contiguous(x: &[f32], shape: [usize; 4]) -> View4<'_, f32> {
 /// A row with nothing to attend to (key length 0, or every key masked) passes no gradient:
 /// zeros in its `dQ`, nothing in `dK` and `dV`. A NaN row (a NaN query) spreads NaN to its own
 /// `dQ` and to the keys it sees, never to the keys hidden from it.
+/// With no keys at all (T = 0) every row sees nothing: `dQ` is zero on every path, whatever
+/// the destination held, and `dK`, `dV` are empty.
+#[test]
+fn no_keys_give_a_zero_query_gradient() {
+    for (b, h, g, s) in [(1, 2, 1, 3), (2, 8, 8, 300), (1, 1, 1, 1000)] {
+        let (t, d) = (0, 16);
+        let q = random_vec(b * h * s * d, 1);
+        let dout = random_vec(b * h * s * d, 4);
+        let options = AttentionOptions::default();
+        let (mut out, mut lse) = (vec![f32::NAN; b * h * s * d], vec![f32::NAN; b * h * s]);
+        flash_attention(
+            ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+            Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+            ForwardInputs::new(
+                contiguous(&q, [b, h, s, d]),
+                contiguous(&[], [b, g, t, d]),
+                contiguous(&[], [b, g, t, d]),
+            ),
+            &options,
+            Par::Seq,
+        )
+        .unwrap();
+        for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
+            let mut dq = vec![f32::NAN; q.len()];
+            attention_backward_path(
+                Gradients {
+                    dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
+                    dk: ViewMut4::contiguous(&mut [], [b, g, t, d]).unwrap(),
+                    dv: ViewMut4::contiguous(&mut [], [b, g, t, d]).unwrap(),
+                },
+                BackwardInputs {
+                    q: contiguous(&q, [b, h, s, d]),
+                    k: contiguous(&[], [b, g, t, d]),
+                    v: contiguous(&[], [b, g, t, d]),
+                    out: contiguous(&out, [b, h, s, d]),
+                    lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+                    lse_lo: None,
+                    dout: contiguous(&dout, [b, h, s, d]),
+                },
+                &options,
+                Par::Rayon,
+                path,
+            )
+            .unwrap();
+            assert!(
+                dq.iter().all(|&x| x == 0.0),
+                "{path:?}, B {b} H {h} G {g} S {s}: dQ not zero"
+            );
+        }
+    }
+}
+
 #[test]
 fn rows_that_see_nothing_pass_no_gradient() {
     let (b, h, s, t, d) = (2, 2, 70, 200, 8);
