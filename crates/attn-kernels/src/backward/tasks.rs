@@ -283,7 +283,7 @@ impl Job<'_, '_> {
     fn one_pass(&self, par: Par, chunks: usize) {
         let sh = self.shape;
         let groups = sh.b * sh.g;
-        let chunk_rows = sh.s.div_ceil(ROWS).div_ceil(chunks.max(1)) * ROWS;
+        let chunk_rows = (sh.s.div_ceil(ROWS).div_ceil(chunks.max(1)) * ROWS).max(ROWS);
         let chunks = sh.s.div_ceil(chunk_rows).max(1);
         let block = self.one_pass_keys;
         let sums = if sh.t > block {

@@ -354,39 +354,51 @@ fn contiguous(x: &[f32], shape: [usize; 4]) -> View4<'_, f32> {
 /// zeros in its `dQ`, nothing in `dK` and `dV`. A NaN row (a NaN query) spreads NaN to its own
 /// `dQ` and to the keys it sees, never to the keys hidden from it.
 /// With no keys at all (T = 0) every row sees nothing: `dQ` is zero on every path, whatever
-/// the destination held, and `dK`, `dV` are empty.
+/// the destination held, and `dK`, `dV` are empty. With no rows (S = 0) `dK` and `dV` are zero.
 #[test]
-fn no_keys_give_a_zero_query_gradient() {
-    for (b, h, g, s) in [(1, 2, 1, 3), (2, 8, 8, 300), (1, 1, 1, 1000)] {
-        let (t, d) = (0, 16);
+fn no_keys_or_no_rows_give_zero_gradients() {
+    for (b, h, g, s, t) in [
+        (1, 2, 1, 3, 0),
+        (2, 8, 8, 300, 0),
+        (1, 1, 1, 1000, 0),
+        (1, 2, 1, 0, 5),
+        (1, 1, 1, 0, 1000),
+    ] {
+        let d = 16;
         let q = random_vec(b * h * s * d, 1);
+        let (k, v) = (random_vec(b * g * t * d, 2), random_vec(b * g * t * d, 3));
         let dout = random_vec(b * h * s * d, 4);
         let options = AttentionOptions::default();
         let (mut out, mut lse) = (vec![f32::NAN; b * h * s * d], vec![f32::NAN; b * h * s]);
+        let (qv, kv, vv) = (
+            contiguous(&q, [b, h, s, d]),
+            contiguous(&k, [b, g, t, d]),
+            contiguous(&v, [b, g, t, d]),
+        );
         flash_attention(
             ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
             Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
-            ForwardInputs::new(
-                contiguous(&q, [b, h, s, d]),
-                contiguous(&[], [b, g, t, d]),
-                contiguous(&[], [b, g, t, d]),
-            ),
+            ForwardInputs::new(qv, kv, vv),
             &options,
             Par::Seq,
         )
         .unwrap();
         for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
-            let mut dq = vec![f32::NAN; q.len()];
+            let (mut dq, mut dk, mut dv) = (
+                vec![f32::NAN; q.len()],
+                vec![f32::NAN; k.len()],
+                vec![f32::NAN; v.len()],
+            );
             attention_backward_path(
                 Gradients {
                     dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
-                    dk: ViewMut4::contiguous(&mut [], [b, g, t, d]).unwrap(),
-                    dv: ViewMut4::contiguous(&mut [], [b, g, t, d]).unwrap(),
+                    dk: ViewMut4::contiguous(&mut dk, [b, g, t, d]).unwrap(),
+                    dv: ViewMut4::contiguous(&mut dv, [b, g, t, d]).unwrap(),
                 },
                 BackwardInputs {
-                    q: contiguous(&q, [b, h, s, d]),
-                    k: contiguous(&[], [b, g, t, d]),
-                    v: contiguous(&[], [b, g, t, d]),
+                    q: qv,
+                    k: kv,
+                    v: vv,
                     out: contiguous(&out, [b, h, s, d]),
                     lse: View::contiguous(&lse, [b, h, s]).unwrap(),
                     lse_lo: None,
@@ -397,10 +409,12 @@ fn no_keys_give_a_zero_query_gradient() {
                 path,
             )
             .unwrap();
-            assert!(
-                dq.iter().all(|&x| x == 0.0),
-                "{path:?}, B {b} H {h} G {g} S {s}: dQ not zero"
-            );
+            for (name, grad) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
+                assert!(
+                    grad.iter().all(|&x| x == 0.0),
+                    "{path:?}, B {b} H {h} G {g} S {s} T {t}: {name} not zero"
+                );
+            }
         }
     }
 }
