@@ -270,29 +270,26 @@ pub fn attention_backward_path(
     par: Par,
     path: BackwardPath,
 ) -> Result<(), KernelError> {
+    backward_in_blocks(grads, inputs, options, par, path, ONE_PASS_KEYS)
+}
+
+/// [`attention_backward_path`] with the one pass walking its keys in blocks of `one_pass_keys`
+/// (a multiple of 16; the tests ask that the block size not change the bits on the tile kernel).
+fn backward_in_blocks(
+    grads: Gradients<'_>,
+    inputs: BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    par: Par,
+    path: BackwardPath,
+    one_pass_keys: usize,
+) -> Result<(), KernelError> {
     let op = "attention_backward";
     crate::bf16::require_f32(op, options)?;
     let plan = validate_inputs(op, &inputs, options)?;
     check_gradients(op, [grads.dq.shape(), grads.dk.shape(), grads.dv.shape()], &inputs)?;
     let Gradients { mut dq, mut dk, mut dv } = grads;
     let outs = [Out::new(&mut dq), Out::new(&mut dk), Out::new(&mut dv)];
-    run_backward(outs, inputs, options, par, path, plan, ONE_PASS_KEYS)
-}
-
-/// [`attention_backward_path`] with the one pass walking its keys in blocks of `keys` (a
-/// multiple of 16), for the tests: the block size must not change the bits on the tile kernel.
-#[cfg(test)]
-fn attention_backward_one_pass_keys(
-    grads: Gradients<'_>,
-    inputs: BackwardInputs<'_>,
-    options: &AttentionOptions<'_>,
-    par: Par,
-    keys: usize,
-) -> Result<(), KernelError> {
-    let plan = validate_inputs("attention_backward", &inputs, options)?;
-    let Gradients { mut dq, mut dk, mut dv } = grads;
-    let outs = [Out::new(&mut dq), Out::new(&mut dk), Out::new(&mut dv)];
-    run_backward(outs, inputs, options, par, BackwardPath::OnePass, plan, keys)
+    run_backward(outs, inputs, options, par, path, plan, one_pass_keys)
 }
 
 /// [`attention_backward`] writing into column blocks of one buffer ([`FusedGradients`]): the

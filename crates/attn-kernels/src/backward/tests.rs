@@ -166,7 +166,7 @@ fn check(case: Case) {
                 dk: view4_mut(&mut dk, [b, g, t, d], bshd),
                 dv: view4_mut(&mut dvv, [b, g, t, dv], bshd),
             };
-            attention_backward_one_pass_keys(grads, inputs, &options, par, keys).unwrap();
+            backward_in_blocks(grads, inputs, &options, par, BackwardPath::OnePass, keys).unwrap();
             (dq, dk, dvv)
         };
         let blocks = run_blocks(Par::Seq);
@@ -383,32 +383,17 @@ fn no_keys_or_no_rows_give_zero_gradients() {
             Par::Seq,
         )
         .unwrap();
+        let inputs = BackwardInputs {
+            q: qv,
+            k: kv,
+            v: vv,
+            out: contiguous(&out, [b, h, s, d]),
+            lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+            lse_lo: None,
+            dout: contiguous(&dout, [b, h, s, d]),
+        };
         for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
-            let (mut dq, mut dk, mut dv) = (
-                vec![f32::NAN; q.len()],
-                vec![f32::NAN; k.len()],
-                vec![f32::NAN; v.len()],
-            );
-            attention_backward_path(
-                Gradients {
-                    dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
-                    dk: ViewMut4::contiguous(&mut dk, [b, g, t, d]).unwrap(),
-                    dv: ViewMut4::contiguous(&mut dv, [b, g, t, d]).unwrap(),
-                },
-                BackwardInputs {
-                    q: qv,
-                    k: kv,
-                    v: vv,
-                    out: contiguous(&out, [b, h, s, d]),
-                    lse: View::contiguous(&lse, [b, h, s]).unwrap(),
-                    lse_lo: None,
-                    dout: contiguous(&dout, [b, h, s, d]),
-                },
-                &options,
-                Par::Rayon,
-                path,
-            )
-            .unwrap();
+            let (dq, dk, dv) = gradients_on_path(inputs, &options, path, Par::Rayon);
             for (name, grad) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
                 assert!(
                     grad.iter().all(|&x| x == 0.0),
@@ -449,32 +434,17 @@ fn rows_that_see_nothing_pass_no_gradient() {
         Par::Seq,
     )
     .unwrap();
+    let inputs = BackwardInputs {
+        q: contiguous(&q, [b, h, s, d]),
+        k: contiguous(&k, [b, h, t, d]),
+        v: contiguous(&v, [b, h, t, d]),
+        out: contiguous(&out, [b, h, s, d]),
+        lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+        lse_lo: None,
+        dout: contiguous(&dout, [b, h, s, d]),
+    };
     for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
-        let (mut dq, mut dk, mut dv) = (
-            vec![f32::NAN; q.len()],
-            vec![f32::NAN; k.len()],
-            vec![f32::NAN; v.len()],
-        );
-        attention_backward_path(
-            Gradients {
-                dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
-                dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
-                dv: ViewMut4::contiguous(&mut dv, [b, h, t, d]).unwrap(),
-            },
-            BackwardInputs {
-                q: contiguous(&q, [b, h, s, d]),
-                k: contiguous(&k, [b, h, t, d]),
-                v: contiguous(&v, [b, h, t, d]),
-                out: contiguous(&out, [b, h, s, d]),
-                lse: View::contiguous(&lse, [b, h, s]).unwrap(),
-                lse_lo: None,
-                dout: contiguous(&dout, [b, h, s, d]),
-            },
-            &options,
-            Par::Rayon,
-            path,
-        )
-        .unwrap();
+        let (dq, dk, dv) = gradients_on_path(inputs, &options, path, Par::Rayon);
         let half = h * s * d;
         assert!(dq[..half].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dq");
         assert!(dk[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dk");
@@ -595,19 +565,26 @@ fn shape_errors_name_the_tensor() {
     );
 }
 
-/// `dV` of one backward path, sequential, for the exactness tests (G = H, contiguous operands).
-fn dv_on_path(inputs: BackwardInputs<'_>, options: &AttentionOptions<'_>, path: BackwardPath) -> Vec<f32> {
-    let ([b, h, s, d], [_, _, t, dv]) = (inputs.q.shape(), inputs.v.shape());
-    let mut dq = vec![f32::NAN; b * h * s * d];
-    let mut dk = vec![f32::NAN; b * h * t * d];
-    let mut dvv = vec![f32::NAN; b * h * t * dv];
+/// The three gradients of one backward path into contiguous buffers that start as NaN, so a
+/// gradient element the path does not write shows.
+fn gradients_on_path(
+    inputs: BackwardInputs<'_>,
+    options: &AttentionOptions<'_>,
+    path: BackwardPath,
+    par: Par,
+) -> Grads {
+    let (q_shape, k_shape, v_shape) = (inputs.q.shape(), inputs.k.shape(), inputs.v.shape());
+    let len = |shape: [usize; 4]| shape.iter().product::<usize>();
+    let mut dq = vec![f32::NAN; len(q_shape)];
+    let mut dk = vec![f32::NAN; len(k_shape)];
+    let mut dvv = vec![f32::NAN; len(v_shape)];
     let grads = Gradients {
-        dq: ViewMut4::contiguous(&mut dq, [b, h, s, d]).unwrap(),
-        dk: ViewMut4::contiguous(&mut dk, [b, h, t, d]).unwrap(),
-        dv: ViewMut4::contiguous(&mut dvv, [b, h, t, dv]).unwrap(),
+        dq: ViewMut4::contiguous(&mut dq, q_shape).unwrap(),
+        dk: ViewMut4::contiguous(&mut dk, k_shape).unwrap(),
+        dv: ViewMut4::contiguous(&mut dvv, v_shape).unwrap(),
     };
-    attention_backward_path(grads, inputs, options, Par::Seq, path).unwrap();
-    dvv
+    attention_backward_path(grads, inputs, options, par, path).unwrap();
+    (dq, dk, dvv)
 }
 
 /// A row whose only visible key holds all its weight gets `P = 1` exactly in the backward, as
@@ -657,7 +634,7 @@ fn a_single_visible_key_gets_all_the_weight_exactly() {
                 dout: View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
             };
             for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
-                let dvv = dv_on_path(inputs, &options, path);
+                let dvv = gradients_on_path(inputs, &options, path, Par::Seq).2;
                 for bh in 0..b * h {
                     for j in 0..t {
                         let got = &dvv[(bh * t + j) * dv..(bh * t + j + 1) * dv];
@@ -770,7 +747,7 @@ fn large_logits_get_exact_probabilities_from_the_split_lse() {
                 dout: View4::contiguous(&dout, [b, h, s, dv]).unwrap(),
             };
             for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
-                let dvv = dv_on_path(inputs, &options, path);
+                let dvv = gradients_on_path(inputs, &options, path, Par::Seq).2;
                 let error = dvv
                     .iter()
                     .zip(&want)
