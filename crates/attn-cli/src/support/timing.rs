@@ -76,7 +76,8 @@ impl BenchFlags {
 pub enum BackwardChoice {
     /// By shape (`attention_backward`).
     Auto,
-    /// One task per key/value head over all its keys (in blocks of 256), row tiles of 64.
+    /// A task per key/value head (its rows in chunks when there are few) over all its keys, in
+    /// blocks of 256; row tiles of 64.
     OnePass,
     /// A key pass and a query pass over blocks of 128 keys.
     TwoPass,
