@@ -3,7 +3,8 @@
 //! The forward keeps only `out` and the LSE. Here `Δ = rowsum(dO ∘ O)` comes first; then every
 //! tile recomputes `P = exp(scale·q·kᵀ + masks − lse)` and forms
 //! `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ∘ (dP − Δ)`, `dK += scale·dSᵀ·Q`, `dQ += scale·dS·K`.
-//! No `S×T` matrix is stored: a worker holds one `[64, 128]` tile of scores.
+//! No `S×T` matrix is stored: a worker holds one tile of scores, `[64, 128]` (two passes) or
+//! `[64, 256]` (one pass).
 //!
 //! # Determinism: who owns what
 //! A CPU has no cheap atomics for `dQ`, so the work is cut so that every output element has
@@ -92,13 +93,13 @@ const ONE_PASS_TASKS: usize = 8;
 /// at [1,1,1024,64] in 4 chunks of rows. With more threads than tasks the one pass leaves
 /// some idle, where two passes use them all.
 const ONE_PASS_MIN_TASKS: usize = 4;
-/// Rows a chunk of the one pass holds at least: each chunk packs its keys and writes partial
-/// sums of `dK` and `dV` again. At [1,2,512,64] (forward + backward, Zen 3, three runs each) 4
+/// The one pass makes at most one chunk of rows per this many rows (rounded up): each chunk
+/// packs its keys and writes partial sums of `dK` and `dV` again. At [1,2,512,64] (forward + backward, Zen 3, three runs each) 4
 /// chunks of 128 rows ran 1.06× slower than one of 512, 2 of 256 1.02×.
 const CHUNK_MIN_ROWS: usize = 256;
 /// Keys per block of the one pass: a task walks its keys in blocks of this many, every row
 /// tile of its heads passing over one block (its packed keys and values and its `dK`, `dV`
-/// sums, 128 KiB at D = Dv = 64) before the next. Taking every key at once put `[64, T]`
+/// sums, 256 KiB at D = Dv = 64) before the next. Taking every key at once put `[64, T]`
 /// probabilities and score gradients and `[T, D]` panels and sums, 1.6 MiB at T = 1024, out
 /// of a 512 KiB L2. Forward + backward on the Zen 3 machine, median ms by block (two runs each;
 /// 128 / 256 / 512 / all keys): [1,8,1024,64] 48.3 / 47.2 / 47.1 / 49.1; [1,16,2048,128] causal 398 /
