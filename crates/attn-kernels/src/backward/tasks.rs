@@ -55,11 +55,11 @@ pub(super) fn run_backward(
             unsafe { job.dq.write_rows([b, h, 0], &zeros, plan.d, 1.0) };
         }
     } else if !one_pass {
-        let key_tasks = plan.b * plan.g * plan.t.div_ceil(KEYS);
-        run(key_tasks, par, |scratch, task| {
-            let (bg, block) = (task / plan.t.div_ceil(KEYS), task % plan.t.div_ceil(KEYS));
+        let blocks = plan.t.div_ceil(KEYS);
+        run(plan.b * plan.g * blocks, par, |scratch, task| {
+            let (bg, block) = (task / blocks, task % blocks);
             let keys = block * KEYS..(block * KEYS + KEYS).min(plan.t);
-            let span = Span::whole(&job.shape, bg, keys, 0..plan.s);
+            let span = Span::new(&job.shape, bg, keys, 0..plan.s);
             job.key_task(scratch, span, KEYS, ROWS, QuerySums::None, [job.dk, job.dv]);
         });
         let query_tasks = plan.b * plan.h * plan.s.div_ceil(ROWS);
@@ -67,9 +67,9 @@ pub(super) fn run_backward(
     } else if path == BackwardPath::Unfused {
         // The one pass with a single row tile and a single block of keys: whole heads.
         run(plan.b * plan.g, par, |scratch, bg| {
-            let span = Span::whole(&job.shape, bg, 0..plan.t, 0..plan.s);
-            let whole = plan.t.max(1);
-            job.key_task(scratch, span, whole, plan.s.max(1), QuerySums::Tile, [job.dk, job.dv]);
+            let span = Span::new(&job.shape, bg, 0..plan.t, 0..plan.s);
+            // `max(1)`: a row tile of no rows would be a step of 0.
+            job.key_task(scratch, span, plan.t, plan.s.max(1), QuerySums::Tile, [job.dk, job.dv]);
         });
     } else {
         job.one_pass(
@@ -93,7 +93,7 @@ struct Span {
 
 impl Span {
     /// Key/value head `bg` (`b·G + g`) of `shape`.
-    fn whole(shape: &Shape, bg: usize, keys: std::ops::Range<usize>, rows: std::ops::Range<usize>) -> Self {
+    fn new(shape: &Shape, bg: usize, keys: std::ops::Range<usize>, rows: std::ops::Range<usize>) -> Self {
         Span {
             b: bg / shape.g,
             g: bg % shape.g,
@@ -285,7 +285,7 @@ impl Job<'_, '_> {
         };
         if chunks == 1 {
             run(groups, par, |scratch, bg| {
-                let span = Span::whole(&sh, bg, 0..sh.t, 0..sh.s);
+                let span = Span::new(&sh, bg, 0..sh.t, 0..sh.s);
                 self.key_task(scratch, span, block, ROWS, sums, [self.dk, self.dv]);
             });
             return;
@@ -300,7 +300,7 @@ impl Job<'_, '_> {
         run(groups * chunks, par, |scratch, task| {
             let (bg, c) = (task / chunks, task % chunks);
             let rows = c * chunk_rows..((c + 1) * chunk_rows).min(sh.s);
-            let span = Span::whole(&sh, bg, 0..sh.t, rows);
+            let span = Span::new(&sh, bg, 0..sh.t, rows);
             // SAFETY: chunk `c` of each buffer, `per_k` (`per_v`) floats in bounds; each task
             // writes its own `(b, g)` of its own chunk.
             let outs = unsafe {
@@ -320,6 +320,7 @@ impl Job<'_, '_> {
             for (parts, width, out) in [(sums_k, sh.d, self.dk), (sums_v, sh.dv, self.dv)] {
                 let at = |c: usize| (c * groups + bg) * sh.t * width;
                 let span = keys.start * width..keys.end * width;
+                // The worker's `dK` sums buffer, free between key tasks, holds these sums.
                 let sums = &mut scratch.dk;
                 sums.clear();
                 sums.extend_from_slice(&parts[at(0)..][span.clone()]);
