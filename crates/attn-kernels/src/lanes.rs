@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::exp_poly::{E1, E2, E3, E4, E5, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E};
+use crate::exp_poly::{E1, E2, E3, E4, E5, EXP_HI, EXP_LO, LN2, LN2_HI, LN2_LO, LOG2E};
 
 /// One SIMD width of f32 lanes.
 pub(crate) trait Lanes {
@@ -62,13 +62,25 @@ pub(crate) trait Lanes {
 #[inline(always)]
 pub(crate) unsafe fn exp<L: Lanes>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
-    unsafe { L::inf_above(x, EXP_HI, exp_at_most_hi::<L>(x)) }
+    unsafe { L::inf_above(x, EXP_HI, exp_at_most_hi::<L, true>(x)) }
 }
 
-/// `e^x` per lane for `x ≤ EXP_HI` (softmax's `x - max ≤ 0`): [`exp`] without the `+inf`
-/// blend; `x < EXP_LO` gives 0, NaN stays NaN.
+/// `e^x` per lane for softmax's `x = s − max ≤ 0`: [`exp`] without the `+inf` blend, and with
+/// the reduction `r = x − n·ln 2` in one FMA with `ln 2` as one f32 ([`LN2`]) where [`exp`]
+/// splits it in two. One FMA fewer of the nine per vector: 15% less time per element on Zen 3
+/// (`examples/exp_speed.rs`) for a relative error below 2.1e-7 on `[−20, 0]` and 4e-7 down
+/// to `EXP_LO` (1.7e-7 with the split; the test `softmax_exp_error_bound`). `x < EXP_LO`
+/// gives 0, NaN stays NaN.
 #[inline(always)]
-pub(crate) unsafe fn exp_at_most_hi<L: Lanes>(x: L::V) -> L::V {
+pub(crate) unsafe fn softmax_exp<L: Lanes>(x: L::V) -> L::V {
+    // SAFETY: the caller's entry point enables `L`'s features.
+    unsafe { exp_at_most_hi::<L, false>(x) }
+}
+
+/// `e^x` per lane for `x ≤ EXP_HI`, `ln 2` split in two parts when `SPLIT_LN2`; `x < EXP_LO`
+/// gives 0, NaN stays NaN.
+#[inline(always)]
+unsafe fn exp_at_most_hi<L: Lanes, const SPLIT_LN2: bool>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
     unsafe {
         // Round-to-nearest `n = round(x·log2 e)` by the magic-number trick: adding 1.5·2^23
@@ -76,8 +88,11 @@ pub(crate) unsafe fn exp_at_most_hi<L: Lanes>(x: L::V) -> L::V {
         let magic = L::splat(12_582_912.0);
         let z = L::fmadd(x, L::splat(LOG2E), magic);
         let n = L::sub(z, magic);
-        let r = L::fnmadd(n, L::splat(LN2_HI), x);
-        let r = L::fnmadd(n, L::splat(LN2_LO), r);
+        let r = if SPLIT_LN2 {
+            L::fnmadd(n, L::splat(LN2_LO), L::fnmadd(n, L::splat(LN2_HI), x))
+        } else {
+            L::fnmadd(n, L::splat(LN2), x)
+        };
         let mut p = L::splat(E5);
         p = L::fmadd(p, r, L::splat(E4));
         p = L::fmadd(p, r, L::splat(E3));
@@ -105,7 +120,7 @@ pub(crate) unsafe fn row_max<L: Lanes>(row: &[f32]) -> f32 {
     tail.iter().fold(m, |m, &x| if x > m { x } else { m })
 }
 
-/// Replaces each `x` of `row` by `exp(x - m)` and returns the sum of the results. Two
+/// Replaces each `x` of `row` by `exp(x - m)` ([`softmax_exp`]) and returns the sum of the results. Two
 /// independent chains of `N` lanes, then one, then the tail through the same `N`-lane code
 /// (masked loads and stores), so every element of a row sees the same arithmetic.
 #[inline(always)]
@@ -133,8 +148,8 @@ unsafe fn exp_sub_sum_body<L: Lanes, const TWO: bool>(row: &mut [f32], m: f32, l
         let (mut acc0, mut acc1) = (L::splat(0.0), L::splat(0.0));
         let mut pairs = row.chunks_exact_mut(2 * L::N);
         for c in &mut pairs {
-            let e0 = exp_at_most_hi::<L>(shift(L::load(c.as_ptr())));
-            let e1 = exp_at_most_hi::<L>(shift(L::load(c.as_ptr().add(L::N))));
+            let e0 = softmax_exp::<L>(shift(L::load(c.as_ptr())));
+            let e1 = softmax_exp::<L>(shift(L::load(c.as_ptr().add(L::N))));
             L::store(c.as_mut_ptr(), e0);
             L::store(c.as_mut_ptr().add(L::N), e1);
             acc0 = L::add(acc0, e0);
@@ -143,14 +158,14 @@ unsafe fn exp_sub_sum_body<L: Lanes, const TWO: bool>(row: &mut [f32], m: f32, l
         let mut acc = L::add(acc0, acc1);
         let mut chunks = pairs.into_remainder().chunks_exact_mut(L::N);
         for c in &mut chunks {
-            let e = exp_at_most_hi::<L>(shift(L::load(c.as_ptr())));
+            let e = softmax_exp::<L>(shift(L::load(c.as_ptr())));
             L::store(c.as_mut_ptr(), e);
             acc = L::add(acc, e);
         }
         let tail = chunks.into_remainder();
         if !tail.is_empty() {
             // The missing lanes are `-inf`: their `exp` is 0 and adds nothing.
-            let e = exp_at_most_hi::<L>(shift(L::load_part(tail.as_ptr(), tail.len(), f32::NEG_INFINITY)));
+            let e = softmax_exp::<L>(shift(L::load_part(tail.as_ptr(), tail.len(), f32::NEG_INFINITY)));
             L::store_part(tail.as_mut_ptr(), tail.len(), e);
             acc = L::add(acc, e);
         }

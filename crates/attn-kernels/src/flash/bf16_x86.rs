@@ -92,7 +92,7 @@ pub(in crate::flash) unsafe fn exp_sub_sum_steps(
 /// polynomial (2.9e-6) plus that of rounding `x·log2 e` (`|x|·2^-24`, below 5.3e-6 where
 /// the result is not 0): `2^n·2^f`, `n = round(x·log2 e)` by `vrndscaleps`, `f` the exact
 /// remainder, `2^n` by `vscalefps`. `e^0` is exactly 1; `x < EXP_LO` (`-inf` included) gives
-/// 0, NaN stays NaN. Ten operations where [`crate::lanes::exp_at_most_hi`] takes thirteen.
+/// 0, NaN stays NaN. Ten operations where [`crate::lanes::softmax_exp`] takes twelve.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp_short(x: __m512) -> __m512 {
