@@ -67,7 +67,7 @@ pub(crate) unsafe fn exp<L: Lanes>(x: L::V) -> L::V {
 
 /// `e^x` per lane for softmax's `x = s − max ≤ 0`: [`exp`] without the `+inf` blend, and with
 /// the reduction `r = x − n·ln 2` in one FMA with `ln 2` as one f32 ([`LN2`]) where [`exp`]
-/// splits it in two. One FMA fewer of the nine per vector: 15% less time per element on Zen 3
+/// splits it in two. One FMA fewer of the nine per vector: 13% less time per element on Zen 3
 /// (`examples/exp_speed.rs`) for a relative error below 2.1e-7 on `[−20, 0]` and 4e-7 down
 /// to `EXP_LO` (1.7e-7 with the split; the test `softmax_exp_error_bound`). `x < EXP_LO`
 /// gives 0, NaN stays NaN.
