@@ -1,4 +1,4 @@
-//! Dev tool: the AVX-512 GEMM micro-kernel's inner loop with its operands in L1, against the
+//! Dev tool: the own GEMM micro-kernel's inner loop with its operands in L1, against the
 //! same FMAs on registers only, on one core, in `asm!` (so the compiler neither spills nor
 //! drops anything). It measures what the loads of a micro-kernel cost before any cache miss:
 //!
@@ -8,10 +8,14 @@
 //! - `14 × 32 from L1`: two zmm of `B`, 14 broadcasts, 28 FMAs (as intrinsics the compiler
 //!   spills it);
 //!
+//! and on a CPU with AVX2 but no AVX-512, the AVX2 GEMM's 6 × 16 step (two ymm of `B`, six
+//! broadcasts, 12 FMAs) against the same 12 FMAs on registers;
+//!
 //! each over 200 steps of packed operands that stay in L1 (`A` 11 KiB at most, `B` 38 KiB),
 //! 64-byte aligned, or 4 bytes past alignment with `misaligned` (every `B` load then splits a
 //! cache line). Interleaved 21 times; prints each loop's median GFLOP/s and its median ratio to
-//! `registers` in the same round. docs/PERFORMANCE.md (2026-12-06) quotes it.
+//! `registers` in the same round. docs/PERFORMANCE.md quotes it (AVX-512 2026-12-06, AVX2
+//! 2026-12-07).
 //! `cargo run --release -p attn-kernels --example gemm_loop_ceiling [misaligned]`
 
 #[cfg(target_arch = "x86_64")]
@@ -212,6 +216,80 @@ mod bench {
         "vfmadd231ps zmm27, zmm31, zmm29",
     );
 
+    /// `fn $name(a, b, steps)` at AVX2: `$step` over 16 ymm registers, each loaded from `b` first.
+    macro_rules! asm_loop_avx2 {
+        ($name:ident, $($step:literal,)*) => {
+            /// One AVX2 loop of the table in the file's comment.
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn $name(a: *const f32, b: *const f32, steps: usize) {
+                // SAFETY: as for `asm_loop!`, over the 16 ymm registers.
+                unsafe {
+                    std::arch::asm!(
+                        "vmovups ymm0, [{b}]", "vmovups ymm1, [{b} + 32]", "vmovups ymm2, [{b} + 64]",
+                        "vmovups ymm3, [{b} + 96]", "vmovups ymm4, [{b} + 128]", "vmovups ymm5, [{b} + 160]",
+                        "vmovups ymm6, [{b} + 192]", "vmovups ymm7, [{b} + 224]", "vmovups ymm8, [{b}]",
+                        "vmovups ymm9, [{b} + 32]", "vmovups ymm10, [{b} + 64]", "vmovups ymm11, [{b} + 96]",
+                        "vmovups ymm12, [{b} + 128]", "vmovups ymm13, [{b} + 160]", "vmovups ymm14, [{b} + 192]",
+                        "vmovups ymm15, [{b} + 224]",
+                        "2:",
+                        $($step,)*
+                        "add {a}, 24",
+                        "add {b}, 64",
+                        "dec {n}",
+                        "jnz 2b",
+                        a = inout(reg) a => _,
+                        b = inout(reg) b => _,
+                        n = inout(reg) steps => _,
+                        out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _, out("ymm5") _,
+                        out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                        out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+                        options(nostack, readonly),
+                    );
+                }
+            }
+        };
+    }
+
+    asm_loop_avx2!(
+        registers_avx2,
+        "vfmadd231ps ymm4, ymm2, ymm0",
+        "vfmadd231ps ymm5, ymm2, ymm1",
+        "vfmadd231ps ymm6, ymm3, ymm0",
+        "vfmadd231ps ymm7, ymm3, ymm1",
+        "vfmadd231ps ymm8, ymm2, ymm0",
+        "vfmadd231ps ymm9, ymm2, ymm1",
+        "vfmadd231ps ymm10, ymm3, ymm0",
+        "vfmadd231ps ymm11, ymm3, ymm1",
+        "vfmadd231ps ymm12, ymm2, ymm0",
+        "vfmadd231ps ymm13, ymm2, ymm1",
+        "vfmadd231ps ymm14, ymm3, ymm0",
+        "vfmadd231ps ymm15, ymm3, ymm1",
+    );
+
+    asm_loop_avx2!(
+        loads_6x16,
+        "vmovups ymm0, [{b}]",
+        "vmovups ymm1, [{b} + 32]",
+        "vbroadcastss ymm2, dword ptr [{a} + 0]",
+        "vfmadd231ps ymm4, ymm2, ymm0",
+        "vfmadd231ps ymm5, ymm2, ymm1",
+        "vbroadcastss ymm3, dword ptr [{a} + 4]",
+        "vfmadd231ps ymm6, ymm3, ymm0",
+        "vfmadd231ps ymm7, ymm3, ymm1",
+        "vbroadcastss ymm2, dword ptr [{a} + 8]",
+        "vfmadd231ps ymm8, ymm2, ymm0",
+        "vfmadd231ps ymm9, ymm2, ymm1",
+        "vbroadcastss ymm3, dword ptr [{a} + 12]",
+        "vfmadd231ps ymm10, ymm3, ymm0",
+        "vfmadd231ps ymm11, ymm3, ymm1",
+        "vbroadcastss ymm2, dword ptr [{a} + 16]",
+        "vfmadd231ps ymm12, ymm2, ymm0",
+        "vfmadd231ps ymm13, ymm2, ymm1",
+        "vbroadcastss ymm3, dword ptr [{a} + 20]",
+        "vfmadd231ps ymm14, ymm3, ymm0",
+        "vfmadd231ps ymm15, ymm3, ymm1",
+    );
+
     type Loop = unsafe fn(*const f32, *const f32, usize);
 
     /// Steps of each call, and calls of each timing.
@@ -219,8 +297,10 @@ mod bench {
     const CALLS: usize = 6400;
 
     pub fn run(misaligned: bool) {
-        if !is_x86_feature_detected!("avx512f") {
-            println!("this CPU has no AVX-512 F: nothing to measure");
+        let avx512 = is_x86_feature_detected!("avx512f");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if !(avx512 || avx2) {
+            println!("this CPU has neither AVX-512 F nor AVX2 with FMA: nothing to measure");
             return;
         }
         // Small values, so that no sum overflows or goes subnormal.
@@ -236,18 +316,25 @@ mod bench {
         let aligned = |p: *const f32| p.wrapping_add((64 - p as usize % 64) % 64 / 4 + usize::from(misaligned));
         let (ap, bp) = (aligned(a.as_ptr()), aligned(b.as_ptr()));
         // (name, loop, multiply-adds a step)
-        let loops: [(&str, Loop, usize); 3] = [
-            ("registers", registers, 8 * 48),
-            ("8 × 48 from L1", loads_8x48, 8 * 48),
-            ("14 × 32 from L1", loads_14x32, 14 * 32),
-        ];
+        let loops: Vec<(&str, Loop, usize)> = if avx512 {
+            vec![
+                ("registers", registers, 8 * 48),
+                ("8 × 48 from L1", loads_8x48, 8 * 48),
+                ("14 × 32 from L1", loads_14x32, 14 * 32),
+            ]
+        } else {
+            vec![
+                ("registers (AVX2)", registers_avx2, 6 * 16),
+                ("6 × 16 from L1", loads_6x16, 6 * 16),
+            ]
+        };
         let mut rates = vec![Vec::new(); loops.len()];
         for _ in 0..21 {
             for (i, &(_, f, fmas)) in loops.iter().enumerate() {
                 let t = std::time::Instant::now();
                 for _ in 0..CALLS {
-                    // SAFETY: AVX-512 F was detected; `a` and `b` hold `STEPS` steps of either
-                    // shape past the aligned start.
+                    // SAFETY: the level of these loops was detected; `a` and `b` hold `STEPS`
+                    // steps of any shape here past the aligned start.
                     unsafe { f(ap, bp, STEPS) };
                 }
                 rates[i].push(2.0 * (CALLS * STEPS * fmas) as f64 / t.elapsed().as_secs_f64() * 1e-9);
@@ -279,5 +366,5 @@ fn main() {
     #[cfg(target_arch = "x86_64")]
     bench::run(misaligned);
     #[cfg(not(target_arch = "x86_64"))]
-    println!("x86-64 only (AVX-512): nothing to measure ({misaligned})");
+    println!("x86-64 only (AVX-512 or AVX2): nothing to measure ({misaligned})");
 }
