@@ -21,14 +21,16 @@
 //!   heads passing over a block before the next, and adds each block's share of `dQ` to sums
 //!   it keeps for every row of its heads. Each row tile visits only the keys one of its rows
 //!   may see, so causal calls skip the masked half. With fewer than 8 `(b, g)`, each one's rows
-//!   are cut into chunks (one per 256 rows at most, 8 tasks in all at most): a task `(b, g,
+//!   are cut into chunks (one per 256 rows at most, or per 128 past 512 keys where 256 make
+//!   fewer than 4 tasks; 8 tasks in all at most): a task `(b, g,
 //!   chunk)` owns the `dQ` of its rows and writes its sums of `dK` and `dV` to a buffer of
 //!   partial sums, which a last pass adds chunk after chunk, in order, into `dK` and `dV`.
 //!   Chosen for short keys, and for any number of keys when it makes at least 4 tasks (measured
 //!   on the Zen 4 machine: [1,8,1024,64] forward + backward 54 -> 45 ms, [1,16,2048,128]
 //!   causal 445 -> 360 ms, when it took every key at once and stopped at 4096 keys and 8
 //!   `(b, g)`; on a Zen 3, blocks of 256 keys gave 4–9% more, and the one pass runs 1.24–1.40×
-//!   faster than two passes on the shapes that took those before).
+//!   faster than two passes on the shapes that took those before; chunks of 128 rows, 1.11–1.31×
+//!   on shapes that took two passes for want of tasks).
 //!
 //! - **Unfused** ([`BackwardPath::Unfused`]): the one pass with each head's rows as one tile,
 //!   so `P` and `dS` are whole `[S, T]` matrices and each product is one GEMM over the head (the
@@ -97,6 +99,14 @@ const ONE_PASS_MIN_TASKS: usize = 4;
 /// packs its keys and writes partial sums of `dK` and `dV` again. At [1,2,512,64] (forward + backward, Zen 3, three runs each) 4
 /// chunks of 128 rows ran 1.06× slower than one of 512, 2 of 256 1.02×.
 const CHUNK_MIN_ROWS: usize = 256;
+/// Beyond [`ONE_PASS_SHORT_KEYS`] keys, where chunks of [`CHUNK_MIN_ROWS`] rows make fewer than
+/// [`ONE_PASS_MIN_TASKS`] tasks, the one pass makes at most one chunk per this many rows
+/// instead: the smaller chunks cost a few percent, two passes a quarter. Forward + backward on
+/// the Zen 3 machine at 2 threads, one pass in chunks of 128 rows against two passes (two runs
+/// each): 1.30× at `[1,1,512,4096,64]` (and 1.03× slower than its 2 chunks of 256), 1.30× at
+/// `[1,2,256,2048,64]`, 1.27× at `[1,3,200,1024,64]`, 1.28× at `[1,1,768,8192,64]`, 1.09–1.14×
+/// at `[1,1,400,2048,64]`.
+const CHUNK_FEW_ROWS: usize = 128;
 /// Keys per block of the one pass: a task walks its keys in blocks of this many, every row
 /// tile of its heads passing over one block (its packed keys and values and its `dK`, `dV`
 /// sums, 256 KiB at D = Dv = 64) before the next. Taking every key at once put `[64, T]`
@@ -231,19 +241,28 @@ pub fn backward_path(groups: usize, s: usize, t: usize, widths: usize) -> Backwa
 }
 
 /// The chunks the one pass cuts each `(b, g)`'s rows into: enough for [`ONE_PASS_TASKS`]
-/// tasks, at most one per [`CHUNK_MIN_ROWS`] rows (rounded up), their partial sums of `dK` and `dV`
-/// (`chunks · groups · t · widths` floats) within [`PARTIAL_FLOATS`]; 1 from 8 `(b, g)`. A
-/// function of the shape alone, so the bits do not depend on the thread count.
+/// tasks, at most one per [`CHUNK_MIN_ROWS`] rows (rounded up), or per [`CHUNK_FEW_ROWS`] rows
+/// beyond [`ONE_PASS_SHORT_KEYS`] keys when that makes too few tasks, their partial sums of `dK`
+/// and `dV` (`chunks · groups · t · widths` floats) within [`PARTIAL_FLOATS`]; 1 from 8
+/// `(b, g)`. A function of the shape alone, so the bits do not depend on the thread count.
 fn row_chunks(groups: usize, s: usize, t: usize, widths: usize) -> usize {
     if groups >= ONE_PASS_TASKS {
         return 1;
     }
     let affordable = PARTIAL_FLOATS / groups.saturating_mul(t).saturating_mul(widths).max(1);
-    ONE_PASS_TASKS
-        .div_ceil(groups.max(1))
-        .min(s.div_ceil(CHUNK_MIN_ROWS))
-        .min(affordable)
-        .max(1)
+    let chunks = |rows_each: usize| {
+        ONE_PASS_TASKS
+            .div_ceil(groups.max(1))
+            .min(s.div_ceil(rows_each))
+            .min(affordable)
+            .max(1)
+    };
+    let wide = chunks(CHUNK_MIN_ROWS);
+    if t <= ONE_PASS_SHORT_KEYS || wide * groups >= ONE_PASS_MIN_TASKS {
+        wide
+    } else {
+        chunks(CHUNK_FEW_ROWS)
+    }
 }
 
 /// The gradients of `sum(out ∘ dout)` with respect to `q`, `k` and `v`, where `out` is

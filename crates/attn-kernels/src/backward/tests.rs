@@ -219,8 +219,8 @@ proptest! {
 
 /// The path is a function of the shape alone, by the thresholds its constants document: unfused
 /// up to 128 × 128 scores, one pass up to 512 keys, and at any length when it makes 4 tasks
-/// (from 4 `(b, g)`, or fewer with their rows in chunks, one per 256 rows, whose partial sums
-/// fit the budget), two passes otherwise. The paths agree only within rounding, so moving a
+/// (from 4 `(b, g)`, or fewer with their rows in chunks, one per 256 rows, or per 128 where 256
+/// make too few, whose partial sums fit the budget), two passes otherwise. The paths agree only within rounding, so moving a
 /// threshold changes the bits some shapes get.
 #[test]
 fn the_path_follows_the_documented_thresholds() {
@@ -233,11 +233,15 @@ fn the_path_follows_the_documented_thresholds() {
         (1, usize::MAX, 2, 128, OnePass, 8),
         (8, 1024, 513, 128, OnePass, 1),
         (1000, 1 << 20, 1 << 20, 128, OnePass, 1),
-        // Beyond 512 keys: 4 tasks or two passes.
-        (1, 512, 1024, 128, TwoPass, 2),
+        // Beyond 512 keys: 4 tasks or two passes; chunks of 128 rows where 256 make too few.
+        (1, 512, 1024, 128, OnePass, 4),
+        (1, 384, 1024, 128, TwoPass, 3),
+        (1, 385, 1024, 128, OnePass, 4),
         (1, 1024, 1024, 128, OnePass, 4),
         (1, 8192, 1024, 128, OnePass, 8),
-        (3, 256, 4096, 128, TwoPass, 1),
+        (2, 128, 2048, 128, TwoPass, 1),
+        (2, 129, 2048, 128, OnePass, 2),
+        (3, 256, 4096, 128, OnePass, 2),
         (3, 257, 4096, 128, OnePass, 2),
         (4, 64, 4096, 128, OnePass, 1),
         (7, 1024, 513, 128, OnePass, 2),
