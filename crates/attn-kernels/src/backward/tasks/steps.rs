@@ -129,20 +129,16 @@ impl Job<'_, '_> {
             transposed_product(&mut scratch.dv, [bc, sh.dv, rows], &scratch.p, ld, rows_of_dout);
             return;
         }
-        // SAFETY: `dv` holds [bc, Dv], `p` [rows, bc] (rows `ld` apart) read transposed; the
-        // rows of `dout` were bounds-checked with it.
+        // SAFETY: `dv` holds [bc, Dv], `p` [rows, bc] (rows `ld` apart); the rows of `dout`
+        // were bounds-checked with it.
         unsafe {
-            gemm_raw(
-                scratch.dv.as_mut_ptr(),
-                [sh.dv, 1],
+            faer_transposed_product(
+                &mut scratch.dv,
                 [bc, sh.dv, rows],
-                Accum::Add,
-                scratch.p.as_ptr(),
-                [1, ld],
+                &scratch.p,
+                ld,
                 dout.data().as_ptr().add(dout.offset([b, h, r0, 0])),
                 [st[2], st[3]],
-                1.0,
-                Par::Seq,
             )
         };
     }
@@ -224,20 +220,16 @@ impl Job<'_, '_> {
             );
             return;
         }
-        // SAFETY: `dk` holds [bc, D], `p` (now dS) [rows, bc] (rows `ld` apart) read
-        // transposed, `q_tile` [rows, D].
+        // SAFETY: `dk` holds [bc, D], `p` (now dS) [rows, bc] (rows `ld` apart), `q_tile`
+        // [rows, D].
         unsafe {
-            gemm_raw(
-                scratch.dk.as_mut_ptr(),
-                [sh.d, 1],
+            faer_transposed_product(
+                &mut scratch.dk,
                 [bc, sh.d, rows],
-                Accum::Add,
-                scratch.p.as_ptr(),
-                [1, ld],
+                &scratch.p,
+                ld,
                 scratch.q_tile.as_ptr(),
                 [sh.d, 1],
-                1.0,
-                Par::Seq,
             )
         };
     }
@@ -272,5 +264,38 @@ impl Job<'_, '_> {
                 Par::Seq,
             )
         };
+    }
+}
+
+/// [`transposed_product`] on faer's GEMM, for tiles the tile kernel does not take:
+/// `sums[j, c] += Σ_i m[i, j] · x[i, c]` for `j < bc`, `c < width`, `i < rows`, with `m`
+/// `[rows, bc]` (rows `ld` apart) read transposed, `x` at `i·xs[0] + c·xs[1]` and `sums`
+/// `[bc, width]`.
+///
+/// # Safety
+/// `sums` must hold `bc · width` floats, `m` `rows` rows of `bc` values `ld` apart, and `x` be
+/// readable at every `i·xs[0] + c·xs[1]`.
+unsafe fn faer_transposed_product(
+    sums: &mut [f32],
+    [bc, width, rows]: [usize; 3],
+    m: &[f32],
+    ld: usize,
+    x: *const f32,
+    xs: [usize; 2],
+) {
+    // SAFETY: the caller's contract covers every operand of these shapes.
+    unsafe {
+        gemm_raw(
+            sums.as_mut_ptr(),
+            [width, 1],
+            [bc, width, rows],
+            Accum::Add,
+            m.as_ptr(),
+            [1, ld],
+            x,
+            xs,
+            1.0,
+            Par::Seq,
+        )
     }
 }
