@@ -57,7 +57,7 @@ thread_local! {
 }
 
 /// A buffer of `len` floats: the smallest of this thread's pool that fits, or a new zeroed
-/// one. Its contents are whatever an earlier call left.
+/// one. Its contents are whatever an earlier call left (NaNs in this crate's tests).
 pub(crate) fn take(len: usize) -> Buffer {
     let reused = POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
@@ -66,13 +66,19 @@ pub(crate) fn take(len: usize) -> Buffer {
             .min_by_key(|&i| pool[i].room())?;
         Some(pool.swap_remove(best))
     });
-    match reused {
+    let mut buffer = match reused {
         Some(mut buffer) => {
             buffer.len = len;
             buffer
         }
         None => Buffer::zeroed(len),
+    };
+    // The tests hand out NaNs, so that a caller reading an element it did not write fails them
+    // whatever an earlier call left (zeros, or the same call's values).
+    if cfg!(test) {
+        buffer.fill(f32::NAN);
     }
+    buffer
 }
 
 /// Returns `buffer` to this thread's pool (or frees it, when it is too large to keep or the
@@ -112,13 +118,15 @@ mod tests {
         b.fill(7.0);
         let ptr = b.as_ptr();
         give(b);
-        // A smaller request gets the same memory back, with what was left in it.
+        // A smaller request gets the same memory back, filled with NaN in the tests (outside
+        // them, with what was left in it).
         let b = take(600);
-        assert_eq!((b.as_ptr(), b.len(), b[599]), (ptr, 600, 7.0));
+        assert_eq!((b.as_ptr(), b.len()), (ptr, 600));
+        assert!(b.iter().all(|x| x.is_nan()));
         give(b);
-        // A larger one gets a new, zeroed buffer.
+        // A larger one gets a new buffer (NaN in the tests too).
         let big = take(5000);
-        assert!(big.as_ptr() != ptr && big.iter().all(|&x| x == 0.0));
+        assert!(big.as_ptr() != ptr && big.iter().all(|x| x.is_nan()));
         assert_eq!(big.as_ptr() as usize % 64, 0);
         // Too large to keep: freed on return, not pooled.
         let huge = take(RETAIN_FLOATS + LINE_FLOATS);

@@ -89,6 +89,10 @@ struct Span {
     g: usize,
     keys: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
+    /// Its sums of `dK` and `dV` are one chunk's partial sums: a block of keys that none of its
+    /// rows sees (past the first) is left unwritten, and the chunks' reduction leaves it out;
+    /// otherwise zeros are written there.
+    partial: bool,
 }
 
 impl Span {
@@ -99,6 +103,7 @@ impl Span {
             g: bg % shape.g,
             keys,
             rows,
+            partial: false,
         }
     }
 }
@@ -268,6 +273,16 @@ impl Job<'_, '_> {
         (r0..r0 + rows).map(|s| self.limit(b, s)).max().unwrap_or(0)
     }
 
+    /// Whether a key task whose keys start at `first` and whose rows see keys up to `seen`
+    /// ([`Job::keys_seen`]) visits the block of keys starting at `t0`: its first block always,
+    /// the others when some row sees into them. A block left out adds nothing to `dK` and `dV`
+    /// (every row's probability there is zero), and packing its keys and values, zeroing its
+    /// sums and, with chunks of rows, adding them up would cost more than the few rows that
+    /// see anything at all (causal rows before long keys, short key lengths).
+    fn visits(first: usize, seen: usize, t0: usize) -> bool {
+        t0 == first || t0 < seen
+    }
+
     /// The one pass: a task per `(b, g)` and chunk of `chunks` of the rows
     /// ([`row_chunks`](super::row_chunks)), over every key. With one chunk each task writes its
     /// `dK` and `dV`; with more, each chunk's sums go to a buffer of partial sums, which the
@@ -300,7 +315,10 @@ impl Job<'_, '_> {
         run(groups * chunks, par, |scratch, task| {
             let (bg, c) = (task / chunks, task % chunks);
             let rows = c * chunk_rows..((c + 1) * chunk_rows).min(sh.s);
-            let span = Span::new(&sh, bg, 0..sh.t, rows);
+            let span = Span {
+                partial: true,
+                ..Span::new(&sh, bg, 0..sh.t, rows)
+            };
             // SAFETY: chunk `c` of each buffer, `per_k` (`per_v`) floats in bounds; each task
             // writes its own `(b, g)` of its own chunk.
             let outs = unsafe {
@@ -317,17 +335,29 @@ impl Job<'_, '_> {
             let (bg, t0) = (task / blocks, task % blocks * block);
             let keys = t0..(t0 + block).min(sh.t);
             let [b, g] = [bg / sh.g, bg % sh.g];
+            // The chunks whose tasks wrote this block, in order.
+            let wrote = |c: usize| {
+                let r0 = c * chunk_rows;
+                Self::visits(0, self.keys_seen(b, r0, chunk_rows.min(sh.s - r0)), t0)
+            };
+            let writers: Vec<usize> = (0..chunks).filter(|&c| wrote(c)).collect();
             for (parts, width, out) in [(sums_k, sh.d, self.dk), (sums_v, sh.dv, self.dv)] {
                 let at = |c: usize| (c * groups + bg) * sh.t * width;
                 let span = keys.start * width..keys.end * width;
-                // The worker's `dK` sums buffer, free between key tasks, holds these sums.
+                // The worker's `dK` sums buffer, free between key tasks, holds these sums:
+                // zeros where no chunk wrote the block.
                 let sums = &mut scratch.dk;
                 sums.clear();
-                sums.extend_from_slice(&parts[at(0)..][span.clone()]);
-                for c in 1..chunks {
-                    sums.iter_mut()
-                        .zip(&parts[at(c)..][span.clone()])
-                        .for_each(|(x, &y)| *x += y);
+                match writers.split_first() {
+                    Some((&first, rest)) => {
+                        sums.extend_from_slice(&parts[at(first)..][span.clone()]);
+                        for &c in rest {
+                            sums.iter_mut()
+                                .zip(&parts[at(c)..][span.clone()])
+                                .for_each(|(x, &y)| *x += y);
+                        }
+                    }
+                    None => sums.resize(span.len(), 0.0),
                 }
                 // SAFETY: keys `keys` of `(b, g)` belong to this task alone.
                 unsafe { out.write_rows([b, g, keys.start], sums, width, 1.0) };
@@ -351,14 +381,34 @@ impl Job<'_, '_> {
         key_outs: [Out; 2],
     ) {
         let sh = self.shape;
-        let Span { b, g, keys, rows } = span;
+        let Span {
+            b,
+            g,
+            keys,
+            rows,
+            partial,
+        } = span;
         let rep = sh.h / sh.g;
         let height = rows.len();
         if sums == QuerySums::Heads {
             scratch.dq.clear();
             scratch.dq.resize(rep * height * sh.d, 0.0);
         }
+        let seen = self.keys_seen(b, rows.start, height);
         for t0 in keys.clone().step_by(block) {
+            if !Self::visits(keys.start, seen, t0) {
+                // No row sees these keys or any after them: zero sums, or none for a chunk.
+                if !partial {
+                    let n = keys.end - t0;
+                    for (out, width) in [(key_outs[0], sh.d), (key_outs[1], sh.dv)] {
+                        scratch.dk.clear();
+                        scratch.dk.resize(n * width, 0.0);
+                        // SAFETY: keys `[t0, keys.end)` of `(b, g)` belong to this task alone.
+                        unsafe { out.write_rows([b, g, t0], &scratch.dk, width, 1.0) };
+                    }
+                }
+                break;
+            }
             let bc = (keys.end - t0).min(block);
             self.key_block(scratch, [b, g, t0, bc], rows.clone(), row_tile, sums, key_outs);
         }
