@@ -20,17 +20,19 @@
 //!   recomputation: 5 tile GEMMs. It walks the keys in blocks of 256, every row tile of its
 //!   heads passing over a block before the next, and adds each block's share of `dQ` to sums
 //!   it keeps for every row of its heads. Each row tile visits only the keys one of its rows
-//!   may see, so causal calls skip the masked half. With fewer than 8 `(b, g)`, each one's rows
-//!   are cut into chunks (one per 256 rows at most, or per 128 past 512 keys where 256 make
-//!   fewer than 4 tasks; 8 tasks in all at most): a task `(b, g,
-//!   chunk)` owns the `dQ` of its rows and writes its sums of `dK` and `dV` to a buffer of
-//!   partial sums, which a last pass adds chunk after chunk, in order, into `dK` and `dV`.
+//!   may see, so causal calls skip the masked half, and a task skips the blocks of keys none of
+//!   its rows sees (their sums are zeros). With fewer than 8 `(b, g)`, each one's rows
+//!   are cut into chunks (one per 256 rows at most; past 512 keys, where that makes fewer than
+//!   4 tasks, one per 128 rows, then one per row tile of 64; 8 tasks in all at most): a task
+//!   `(b, g, chunk)` owns the `dQ` of its rows and writes its sums of `dK` and `dV` to a buffer
+//!   of partial sums, which a last pass adds chunk after chunk, in order, into `dK` and `dV`
+//!   (leaving out, block by block, the chunks whose rows see none of its keys).
 //!   Chosen for short keys, and for any number of keys when it makes at least 4 tasks (measured
 //!   on the Zen 4 machine: [1,8,1024,64] forward + backward 54 -> 45 ms, [1,16,2048,128]
 //!   causal 445 -> 360 ms, when it took every key at once and stopped at 4096 keys and 8
 //!   `(b, g)`; on a Zen 3, blocks of 256 keys gave 4–9% more, and the one pass runs 1.24–1.40×
 //!   faster than two passes on the shapes that took those before; chunks of 128 rows, 1.11–1.31×
-//!   on shapes that took two passes for want of tasks).
+//!   on shapes that took two passes for want of tasks, and chunks of 64, 1.15–1.29×).
 //!
 //! - **Unfused** ([`BackwardPath::Unfused`]): the one pass with each head's rows as one tile,
 //!   so `P` and `dS` are whole `[S, T]` matrices and each product is one GEMM over the head (the
@@ -107,6 +109,12 @@ const CHUNK_MIN_ROWS: usize = 256;
 /// `[1,2,256,2048,64]`, 1.27× at `[1,3,200,1024,64]`, 1.28× at `[1,1,768,8192,64]`, 1.09–1.14×
 /// at `[1,1,400,2048,64]`.
 const CHUNK_FEW_ROWS: usize = 128;
+/// Where chunks of [`CHUNK_FEW_ROWS`] rows still make too few tasks, the one pass makes at most
+/// one chunk per this many rows (one row tile) before it gives way to two passes. Forward +
+/// backward on the Zen 3 machine at 2 threads, against two passes (`bench_ab.py`, 5 rounds):
+/// 1.20× at `[1,1,256,4096,64]`, 1.15× at `[1,1,200,2048,64]`, 1.27× at `[1,2,128,4096,64]`,
+/// 1.24× at `[1,3,100,2048,64]`, 1.27× at `[1,1,384,1024,64]`, 1.17× at `[1,1,300,8192,64]`.
+const CHUNK_LEAST_ROWS: usize = ROWS;
 /// Keys per block of the one pass: a task walks its keys in blocks of this many, every row
 /// tile of its heads passing over one block (its packed keys and values and its `dK`, `dV`
 /// sums, 256 KiB at D = Dv = 64) before the next. Taking every key at once put `[64, T]`
@@ -241,8 +249,9 @@ pub fn backward_path(groups: usize, s: usize, t: usize, widths: usize) -> Backwa
 }
 
 /// The chunks the one pass cuts each `(b, g)`'s rows into: enough for [`ONE_PASS_TASKS`]
-/// tasks, at most one per [`CHUNK_MIN_ROWS`] rows (rounded up), or per [`CHUNK_FEW_ROWS`] rows
-/// beyond [`ONE_PASS_SHORT_KEYS`] keys when that makes too few tasks, their partial sums of `dK`
+/// tasks, at most one per [`CHUNK_MIN_ROWS`] rows (rounded up), or beyond
+/// [`ONE_PASS_SHORT_KEYS`] keys, where that makes too few tasks, per [`CHUNK_FEW_ROWS`] rows and
+/// then per [`CHUNK_LEAST_ROWS`] (the smallest when none make enough), their partial sums of `dK`
 /// and `dV` (`chunks · groups · t · widths` floats) within [`PARTIAL_FLOATS`]; 1 from 8
 /// `(b, g)`. A function of the shape alone, so the bits do not depend on the thread count.
 fn row_chunks(groups: usize, s: usize, t: usize, widths: usize) -> usize {
@@ -258,11 +267,15 @@ fn row_chunks(groups: usize, s: usize, t: usize, widths: usize) -> usize {
             .max(1)
     };
     let wide = chunks(CHUNK_MIN_ROWS);
-    if t <= ONE_PASS_SHORT_KEYS || wide * groups >= ONE_PASS_MIN_TASKS {
-        wide
-    } else {
-        chunks(CHUNK_FEW_ROWS)
+    if t <= ONE_PASS_SHORT_KEYS {
+        return wide;
     }
+    // Beyond, the largest chunks that make enough tasks (the smallest when none do).
+    let mut sizes = [CHUNK_MIN_ROWS, CHUNK_FEW_ROWS, CHUNK_LEAST_ROWS]
+        .into_iter()
+        .map(chunks);
+    let least = chunks(CHUNK_LEAST_ROWS);
+    sizes.find(|c| c * groups >= ONE_PASS_MIN_TASKS).unwrap_or(least)
 }
 
 /// The gradients of `sum(out ∘ dout)` with respect to `q`, `k` and `v`, where `out` is

@@ -233,16 +233,23 @@ fn the_path_follows_the_documented_thresholds() {
         (1, usize::MAX, 2, 128, OnePass, 8),
         (8, 1024, 513, 128, OnePass, 1),
         (1000, 1 << 20, 1 << 20, 128, OnePass, 1),
-        // Beyond 512 keys: 4 tasks or two passes; chunks of 128 rows where 256 make too few.
+        // Beyond 512 keys: 4 tasks or two passes; chunks of 128 rows where 256 make too few,
+        // of 64 where 128 do.
         (1, 512, 1024, 128, OnePass, 4),
-        (1, 384, 1024, 128, TwoPass, 3),
         (1, 385, 1024, 128, OnePass, 4),
+        (1, 384, 1024, 128, OnePass, 6),
+        (1, 193, 1024, 128, OnePass, 4),
+        (1, 192, 1024, 128, TwoPass, 3),
         (1, 1024, 1024, 128, OnePass, 4),
         (1, 8192, 1024, 128, OnePass, 8),
-        (2, 128, 2048, 128, TwoPass, 1),
         (2, 129, 2048, 128, OnePass, 2),
+        (2, 128, 2048, 128, OnePass, 2),
+        (2, 65, 2048, 128, OnePass, 2),
+        (2, 64, 2048, 128, TwoPass, 1),
         (3, 256, 4096, 128, OnePass, 2),
         (3, 257, 4096, 128, OnePass, 2),
+        (3, 65, 4096, 128, OnePass, 2),
+        (3, 64, 4096, 128, TwoPass, 1),
         (4, 64, 4096, 128, OnePass, 1),
         (7, 1024, 513, 128, OnePass, 2),
         // Partial sums of 2^16 keys: 8 chunks take 2^25 floats at 64 columns (the budget), 4
@@ -268,6 +275,8 @@ fn block_edges_gqa_and_dv() {
     check(Case::new(1, 8, 1, 33, 700, 64, 64));
     // Rows in 4 chunks (2 `(b, g)`), keys in 3 blocks: the partial sums and their reduction.
     check(Case::new(1, 4, 2, 777, 600, 32, 16));
+    // One `(b, g)`, 200 rows past 512 keys: 4 chunks of a row tile each, the last of 8 rows.
+    check(Case::new(1, 2, 1, 200, 600, 16, 16));
 }
 
 #[test]
