@@ -89,8 +89,8 @@ struct Span {
     g: usize,
     keys: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
-    /// Its sums of `dK` and `dV` are one chunk's partial sums: a block of keys that none of its
-    /// rows sees (past the first) is left unwritten, and the chunks' reduction leaves it out;
+    /// Its sums of `dK` and `dV` are one chunk's partial sums: a block of keys the task does
+    /// not visit ([`Job::visits`]) is left unwritten, and the chunks' reduction leaves it out;
     /// otherwise zeros are written there.
     partial: bool,
 }
@@ -273,14 +273,15 @@ impl Job<'_, '_> {
         (r0..r0 + rows).map(|s| self.limit(b, s)).max().unwrap_or(0)
     }
 
-    /// Whether a key task whose keys start at `first` and whose rows see keys up to `seen`
-    /// ([`Job::keys_seen`]) visits the block of keys starting at `t0`: its first block always,
-    /// the others when some row sees into them. A block left out adds nothing to `dK` and `dV`
-    /// (every row's probability there is zero), and packing its keys and values, zeroing its
-    /// sums and, with chunks of rows, adding them up would cost more than the few rows that
+    /// Whether a key task whose keys start at `first`, whose rows see keys up to `seen`
+    /// ([`Job::keys_seen`]) and whose query sums are `sums` visits the block of keys starting
+    /// at `t0`: when some row sees into it, and the first block always where that block writes
+    /// each row tile's `dQ` ([`QuerySums::Tile`]). A block left out adds nothing to `dK` and
+    /// `dV` (every row's probability there is zero), and packing its keys and values, zeroing
+    /// its sums and, with chunks of rows, adding them up would cost more than the few rows that
     /// see anything at all (causal rows before long keys, short key lengths).
-    fn visits(first: usize, seen: usize, t0: usize) -> bool {
-        t0 == first || t0 < seen
+    fn visits(first: usize, seen: usize, t0: usize, sums: QuerySums) -> bool {
+        t0 < seen || (sums == QuerySums::Tile && t0 == first)
     }
 
     /// The one pass: a task per `(b, g)` and chunk of `chunks` of the rows
@@ -338,7 +339,7 @@ impl Job<'_, '_> {
             // The chunks whose tasks wrote this block, in order.
             let wrote = |c: usize| {
                 let r0 = c * chunk_rows;
-                Self::visits(0, self.keys_seen(b, r0, chunk_rows.min(sh.s - r0)), t0)
+                Self::visits(0, self.keys_seen(b, r0, chunk_rows.min(sh.s - r0)), t0, sums)
             };
             let writers: Vec<usize> = (0..chunks).filter(|&c| wrote(c)).collect();
             for (parts, width, out) in [(sums_k, sh.d, self.dk), (sums_v, sh.dv, self.dv)] {
@@ -396,7 +397,7 @@ impl Job<'_, '_> {
         }
         let seen = self.keys_seen(b, rows.start, height);
         for t0 in keys.clone().step_by(block) {
-            if !Self::visits(keys.start, seen, t0) {
+            if !Self::visits(keys.start, seen, t0, sums) {
                 // No row sees these keys or any after them: zero sums, or none for a chunk.
                 if !partial {
                     let n = keys.end - t0;

@@ -419,74 +419,78 @@ fn no_keys_or_no_rows_give_zero_gradients() {
 
 #[test]
 fn rows_that_see_nothing_pass_no_gradient() {
-    let (b, h, s, t, d) = (2, 2, 70, 200, 8);
-    let mut q = random_vec(b * h * s * d, 1);
-    // Row 5 of batch 1, head 0.
-    let nan_row = ((h * s) + 5) * d;
-    q[nan_row] = f32::NAN;
-    let k = random_vec(b * h * t * d, 2);
-    let v = random_vec(b * h * t * d, 3);
-    let dout = random_vec(b * h * s * d, 4);
-    // Batch 0 sees nothing; batch 1 sees its first 100 keys.
-    let lengths = [0, 100];
-    let options = AttentionOptions {
-        key_lengths: Some(&lengths),
-        ..Default::default()
-    };
-    let mut out = vec![0.0; b * h * s * d];
-    let mut lse = vec![0.0; b * h * s];
-    flash_attention(
-        ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
-        Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
-        ForwardInputs::new(
-            contiguous(&q, [b, h, s, d]),
-            contiguous(&k, [b, h, t, d]),
-            contiguous(&v, [b, h, t, d]),
-        ),
-        &options,
-        Par::Seq,
-    )
-    .unwrap();
-    let inputs = BackwardInputs {
-        q: contiguous(&q, [b, h, s, d]),
-        k: contiguous(&k, [b, h, t, d]),
-        v: contiguous(&v, [b, h, t, d]),
-        out: contiguous(&out, [b, h, s, d]),
-        lse: View::contiguous(&lse, [b, h, s]).unwrap(),
-        lse_lo: None,
-        dout: contiguous(&dout, [b, h, s, d]),
-    };
-    for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
-        let (dq, dk, dv) = gradients_on_path(inputs, &options, path, Par::Rayon);
-        let half = h * s * d;
-        assert!(dq[..half].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dq");
-        assert!(dk[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dk");
-        assert!(dv[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dv");
-        // Batch 1: keys 100.. are hidden from every row; head 0 has the NaN row.
-        for hi in 0..h {
-            let base = (h + hi) * t * d;
-            for (name, grad) in [("dk", &dk), ("dv", &dv)] {
-                let (visible, hidden) = grad[base..base + t * d].split_at(100 * d);
-                assert!(hidden.iter().all(|&x| x == 0.0), "{path:?}: {name} of hidden keys");
-                if hi == 0 {
-                    assert!(
-                        visible.iter().all(|x| x.is_nan()),
-                        "{path:?}: {name} of keys the NaN row sees"
-                    );
-                } else {
-                    assert!(
-                        visible.iter().all(|x| x.is_finite()),
-                        "{path:?}: {name} of visible keys"
-                    );
-                    assert!(visible.iter().any(|&x| x != 0.0), "{path:?}: {name} of visible keys");
+    // 200 keys: one block of the one pass; 600: blocks of 256, the first of which batch 0's
+    // rows do not see either.
+    for t in [200, 600] {
+        let (b, h, s, d) = (2, 2, 70, 8);
+        let mut q = random_vec(b * h * s * d, 1);
+        // Row 5 of batch 1, head 0.
+        let nan_row = ((h * s) + 5) * d;
+        q[nan_row] = f32::NAN;
+        let k = random_vec(b * h * t * d, 2);
+        let v = random_vec(b * h * t * d, 3);
+        let dout = random_vec(b * h * s * d, 4);
+        // Batch 0 sees nothing; batch 1 sees its first 100 keys.
+        let lengths = [0, 100];
+        let options = AttentionOptions {
+            key_lengths: Some(&lengths),
+            ..Default::default()
+        };
+        let mut out = vec![0.0; b * h * s * d];
+        let mut lse = vec![0.0; b * h * s];
+        flash_attention(
+            ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+            Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+            ForwardInputs::new(
+                contiguous(&q, [b, h, s, d]),
+                contiguous(&k, [b, h, t, d]),
+                contiguous(&v, [b, h, t, d]),
+            ),
+            &options,
+            Par::Seq,
+        )
+        .unwrap();
+        let inputs = BackwardInputs {
+            q: contiguous(&q, [b, h, s, d]),
+            k: contiguous(&k, [b, h, t, d]),
+            v: contiguous(&v, [b, h, t, d]),
+            out: contiguous(&out, [b, h, s, d]),
+            lse: View::contiguous(&lse, [b, h, s]).unwrap(),
+            lse_lo: None,
+            dout: contiguous(&dout, [b, h, s, d]),
+        };
+        for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
+            let (dq, dk, dv) = gradients_on_path(inputs, &options, path, Par::Rayon);
+            let half = h * s * d;
+            assert!(dq[..half].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dq");
+            assert!(dk[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dk");
+            assert!(dv[..h * t * d].iter().all(|&x| x == 0.0), "{path:?}: batch 0 dv");
+            // Batch 1: keys 100.. are hidden from every row; head 0 has the NaN row.
+            for hi in 0..h {
+                let base = (h + hi) * t * d;
+                for (name, grad) in [("dk", &dk), ("dv", &dv)] {
+                    let (visible, hidden) = grad[base..base + t * d].split_at(100 * d);
+                    assert!(hidden.iter().all(|&x| x == 0.0), "{path:?}: {name} of hidden keys");
+                    if hi == 0 {
+                        assert!(
+                            visible.iter().all(|x| x.is_nan()),
+                            "{path:?}: {name} of keys the NaN row sees"
+                        );
+                    } else {
+                        assert!(
+                            visible.iter().all(|x| x.is_finite()),
+                            "{path:?}: {name} of visible keys"
+                        );
+                        assert!(visible.iter().any(|&x| x != 0.0), "{path:?}: {name} of visible keys");
+                    }
                 }
             }
-        }
-        let (before, rest) = dq[half..].split_at(nan_row - half);
-        let (row, after) = rest.split_at(d);
-        assert!(row.iter().all(|x| x.is_nan()), "{path:?}: dq of the NaN row");
-        for others in [before, after] {
-            assert!(others.iter().all(|x| x.is_finite()) && others.iter().any(|&x| x != 0.0));
+            let (before, rest) = dq[half..].split_at(nan_row - half);
+            let (row, after) = rest.split_at(d);
+            assert!(row.iter().all(|x| x.is_nan()), "{path:?}: dq of the NaN row");
+            for others in [before, after] {
+                assert!(others.iter().all(|x| x.is_finite()) && others.iter().any(|&x| x != 0.0));
+            }
         }
     }
 }
