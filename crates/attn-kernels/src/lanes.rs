@@ -48,10 +48,10 @@ pub(crate) trait Lanes {
     /// multiplies; AVX-512 does it in one `vscalefps` from `n`.
     unsafe fn times_pow2(p: Self::V, n: Self::V, z: Self::V) -> Self::V;
     /// [`Lanes::times_pow2`] where every lane's result is known to be a normal float (or the
-    /// lane is discarded): AVX2 adds `n` to `p`'s exponent field (the low mantissa bits of `z`
-    /// shifted into place, one integer add in place of building `2^n` and multiplying), which
-    /// is the exact product there, so the bits are those of [`Lanes::times_pow2`]; AVX-512
-    /// keeps its one `vscalefps`.
+    /// lane is discarded): AVX2 adds `n` to `p`'s exponent field (`n` converted to an integer
+    /// and shifted into place, one integer add in place of building `2^n` and multiplying),
+    /// which is the exact product there, so the bits are those of [`Lanes::times_pow2`]; a NaN
+    /// `p` or `n` stays NaN. AVX-512 keeps its one `vscalefps`.
     unsafe fn times_pow2_normal(p: Self::V, n: Self::V, z: Self::V) -> Self::V;
     /// `y` where `x >= lo`, `0` where `x < lo` (ordered: NaN keeps `y`).
     unsafe fn zero_below(x: Self::V, lo: f32, y: Self::V) -> Self::V;
@@ -399,10 +399,13 @@ impl Lanes for Avx2 {
         }
     }
     #[inline(always)]
-    unsafe fn times_pow2_normal(p: __m256, _n: __m256, z: __m256) -> __m256 {
+    unsafe fn times_pow2_normal(p: __m256, n: __m256, _z: __m256) -> __m256 {
         // SAFETY: as above (AVX2).
         unsafe {
-            let shift = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+            // `n` converted, not `z`'s low bits: a NaN's payload rides into those, and adding
+            // it would turn the NaN into a number; a NaN `n` converts to 0x8000_0000, which
+            // the shift leaves 0.
+            let shift = _mm256_slli_epi32::<23>(_mm256_cvtps_epi32(n));
             _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), shift))
         }
     }

@@ -618,6 +618,37 @@ mod tests {
         assert_eq!(exp_scalar(-100.0), 0.0);
     }
 
+    /// NaN stays NaN in softmax's exp at every level, whatever its payload and sign: the
+    /// payload rides through the rounding into the bits the exponent is built from, so a
+    /// scaling that read them unguarded would turn some NaNs into finite numbers (a row that
+    /// should spread NaN summing to a confident value).
+    #[test]
+    fn softmax_exp_keeps_every_nan() {
+        let payloads = [0, 1, 0x7f, 0x80, 0x123, 0x1ff, 0x3f_ffff];
+        let nans: Vec<f32> = payloads
+            .iter()
+            .flat_map(|&p| [0x7fc0_0000 | p, 0xffc0_0000 | p, 0x7f80_0000 | p.max(1)])
+            .map(f32::from_bits)
+            .collect();
+        assert!(nans.iter().all(|x| x.is_nan()));
+        for level in levels() {
+            let mut row = nans.clone();
+            let sum = (level.exp_sub_sum)(&mut row, 0.0);
+            for (x, y) in nans.iter().zip(&row) {
+                assert!(
+                    y.is_nan(),
+                    "{}: exp of NaN {:#010x} gave {y:e}",
+                    level.name,
+                    x.to_bits()
+                );
+            }
+            assert!(sum.is_nan(), "{}: sum {sum:e}", level.name);
+            let mut row = nans.clone();
+            (level.exp_sub2_sum)(&mut row, 0.0, 1e-8);
+            assert!(row.iter().all(|y| y.is_nan()), "{}: exp_sub2_sum {row:?}", level.name);
+        }
+    }
+
     /// The row primitives of one level, as plain function pointers.
     struct Level {
         name: &'static str,
