@@ -270,12 +270,12 @@ fn row_chunks(groups: usize, s: usize, t: usize, widths: usize) -> usize {
     if t <= ONE_PASS_SHORT_KEYS {
         return wide;
     }
-    // Beyond, the largest chunks that make enough tasks (the smallest when none do).
-    let mut sizes = [CHUNK_MIN_ROWS, CHUNK_FEW_ROWS, CHUNK_LEAST_ROWS]
+    // Beyond, the largest chunks that make enough tasks, else the smallest.
+    [CHUNK_MIN_ROWS, CHUNK_FEW_ROWS]
         .into_iter()
-        .map(chunks);
-    let least = chunks(CHUNK_LEAST_ROWS);
-    sizes.find(|c| c * groups >= ONE_PASS_MIN_TASKS).unwrap_or(least)
+        .map(chunks)
+        .find(|c| c * groups >= ONE_PASS_MIN_TASKS)
+        .unwrap_or_else(|| chunks(CHUNK_LEAST_ROWS))
 }
 
 /// The gradients of `sum(out ∘ dout)` with respect to `q`, `k` and `v`, where `out` is

@@ -219,9 +219,10 @@ proptest! {
 
 /// The path is a function of the shape alone, by the thresholds its constants document: unfused
 /// up to 128 × 128 scores, one pass up to 512 keys, and at any length when it makes 4 tasks
-/// (from 4 `(b, g)`, or fewer with their rows in chunks, one per 256 rows, or per 128 where 256
-/// make too few, whose partial sums fit the budget), two passes otherwise. The paths agree only within rounding, so moving a
-/// threshold changes the bits some shapes get.
+/// (from 4 `(b, g)`, or fewer with their rows in chunks, one per 256 rows, or past 512 keys per
+/// 128 and then per 64 where larger ones make too few, whose partial sums fit the budget), two
+/// passes otherwise. The paths agree only within rounding, so moving a threshold changes the
+/// bits some shapes get.
 #[test]
 fn the_path_follows_the_documented_thresholds() {
     use BackwardPath::{OnePass, TwoPass, Unfused};
@@ -363,6 +364,24 @@ fn contiguous(x: &[f32], shape: [usize; 4]) -> View4<'_, f32> {
     View4::contiguous(x, shape).unwrap()
 }
 
+/// Backward inputs over contiguous buffers, every head its own key/value head: `q`, `out` and
+/// `dout` `[B, H, S, D]`, `k` and `v` `[B, H, T, D]`, `lse` `[B, H, S]`, no `lse_lo`.
+fn contiguous_inputs<'a>(
+    [q, k, v, out, dout]: [&'a [f32]; 5],
+    lse: &'a [f32],
+    [b, h, s, t, d]: [usize; 5],
+) -> BackwardInputs<'a> {
+    BackwardInputs {
+        q: contiguous(q, [b, h, s, d]),
+        k: contiguous(k, [b, h, t, d]),
+        v: contiguous(v, [b, h, t, d]),
+        out: contiguous(out, [b, h, s, d]),
+        lse: View::contiguous(lse, [b, h, s]).unwrap(),
+        lse_lo: None,
+        dout: contiguous(dout, [b, h, s, d]),
+    }
+}
+
 /// A row with nothing to attend to (key length 0, or every key masked) passes no gradient:
 /// zeros in its `dQ`, nothing in `dK` and `dV`. A NaN row (a NaN query) spreads NaN to its own
 /// `dQ` and to the keys it sees, never to the keys hidden from it.
@@ -450,15 +469,7 @@ fn rows_that_see_nothing_pass_no_gradient() {
             Par::Seq,
         )
         .unwrap();
-        let inputs = BackwardInputs {
-            q: contiguous(&q, [b, h, s, d]),
-            k: contiguous(&k, [b, h, t, d]),
-            v: contiguous(&v, [b, h, t, d]),
-            out: contiguous(&out, [b, h, s, d]),
-            lse: View::contiguous(&lse, [b, h, s]).unwrap(),
-            lse_lo: None,
-            dout: contiguous(&dout, [b, h, s, d]),
-        };
+        let inputs = contiguous_inputs([&q, &k, &v, &out, &dout], &lse, [b, h, s, t, d]);
         for path in [BackwardPath::OnePass, BackwardPath::TwoPass, BackwardPath::Unfused] {
             let (dq, dk, dv) = gradients_on_path(inputs, &options, path, Par::Rayon);
             let half = h * s * d;
@@ -501,15 +512,7 @@ fn shape_errors_name_the_tensor() {
     let q = vec![0.0f32; b * h * s * d];
     let k = vec![0.0f32; b * h * t * d];
     let lse = vec![0.0f32; b * h * s];
-    let inputs = BackwardInputs {
-        q: contiguous(&q, [b, h, s, d]),
-        k: contiguous(&k, [b, h, t, d]),
-        v: contiguous(&k, [b, h, t, d]),
-        out: contiguous(&q, [b, h, s, d]),
-        lse: View::contiguous(&lse, [b, h, s]).unwrap(),
-        lse_lo: None,
-        dout: contiguous(&q, [b, h, s, d]),
-    };
+    let inputs = contiguous_inputs([&q, &k, &k, &q, &q], &lse, [b, h, s, t, d]);
     let (mut dq, mut dk, mut dv) = (q.clone(), k.clone(), k.clone());
     let mut wrong = vec![0.0f32; b * h * (t - 1) * d];
     let err = attention_backward(
