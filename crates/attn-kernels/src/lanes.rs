@@ -47,12 +47,6 @@ pub(crate) trait Lanes {
     /// bits: AVX2 builds `2^n` from the low mantissa bits of `z` (a shift and an add) and
     /// multiplies; AVX-512 does it in one `vscalefps` from `n`.
     unsafe fn times_pow2(p: Self::V, n: Self::V, z: Self::V) -> Self::V;
-    /// [`Lanes::times_pow2`] where every lane's result is known to be a normal float (or the
-    /// lane is discarded): AVX2 adds `n` to `p`'s exponent field (`n` converted to an integer
-    /// and shifted into place, one integer add in place of building `2^n` and multiplying),
-    /// which is the exact product there, so the bits are those of [`Lanes::times_pow2`]; a NaN
-    /// `p` or `n` stays NaN. AVX-512 keeps its one `vscalefps`.
-    unsafe fn times_pow2_normal(p: Self::V, n: Self::V, z: Self::V) -> Self::V;
     /// `y` where `x >= lo`, `0` where `x < lo` (ordered: NaN keeps `y`).
     unsafe fn zero_below(x: Self::V, lo: f32, y: Self::V) -> Self::V;
     /// `y` where `x <= hi`, `+inf` where `x > hi` (ordered: NaN keeps `y`).
@@ -68,27 +62,25 @@ pub(crate) trait Lanes {
 #[inline(always)]
 pub(crate) unsafe fn exp<L: Lanes>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
-    unsafe { L::inf_above(x, EXP_HI, exp_at_most_hi::<L, true, false>(x)) }
+    unsafe { L::inf_above(x, EXP_HI, exp_at_most_hi::<L, true>(x)) }
 }
 
 /// `e^x` per lane for softmax's `x = s − max ≤ 0`: [`exp`] without the `+inf` blend, and with
 /// the reduction `r = x − n·ln 2` in one FMA with `ln 2` as one f32 ([`LN2`]) where [`exp`]
 /// splits it in two. One FMA fewer of the nine per vector: 13% less time per element on Zen 3
 /// (`examples/exp_speed.rs`) for a relative error below 2.1e-7 on `[−20, 0]` and 4e-7 down
-/// to `EXP_LO` (1.7e-7 with the split; the test `softmax_exp_error_bound`). The scaling by
-/// `2^n` is [`Lanes::times_pow2_normal`] (at AVX2 an exponent add instead of a multiply, the
-/// same bits: 7% less time again). `x < EXP_LO` gives 0, NaN stays NaN.
+/// to `EXP_LO` (1.7e-7 with the split; the test `softmax_exp_error_bound`). `x < EXP_LO`
+/// gives 0, NaN stays NaN.
 #[inline(always)]
 pub(crate) unsafe fn softmax_exp<L: Lanes>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
-    unsafe { exp_at_most_hi::<L, false, true>(x) }
+    unsafe { exp_at_most_hi::<L, false>(x) }
 }
 
-/// `e^x` per lane for `x ≤ EXP_HI`, `ln 2` split in two parts when `SPLIT_LN2`, the scaling by
-/// `2^n` an exponent add when `NORMAL` ([`Lanes::times_pow2_normal`]: softmax's `x ≤ 0`, whose
-/// kept results are all normal); `x < EXP_LO` gives 0, NaN stays NaN.
+/// `e^x` per lane for `x ≤ EXP_HI`, `ln 2` split in two parts when `SPLIT_LN2`; `x < EXP_LO`
+/// gives 0, NaN stays NaN.
 #[inline(always)]
-pub(crate) unsafe fn exp_at_most_hi<L: Lanes, const SPLIT_LN2: bool, const NORMAL: bool>(x: L::V) -> L::V {
+unsafe fn exp_at_most_hi<L: Lanes, const SPLIT_LN2: bool>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
     unsafe {
         // Round-to-nearest `n = round(x·log2 e)` by the magic-number trick: adding 1.5·2^23
@@ -107,15 +99,8 @@ pub(crate) unsafe fn exp_at_most_hi<L: Lanes, const SPLIT_LN2: bool, const NORMA
         p = L::fmadd(p, r, L::splat(E2));
         p = L::fmadd(p, r, L::splat(E1));
         p = L::fmadd(p, r, L::splat(1.0));
-        // With `x ≤ 0`, `x ≥ EXP_LO` (> −126·ln 2) has `r > 0` at `n = −126`, so `p ≥ 1`
-        // there and every kept result is normal (`2^−126` or more): the exponent add is exact.
-        let scaled = if NORMAL {
-            L::times_pow2_normal(p, n, z)
-        } else {
-            L::times_pow2(p, n, z)
-        };
         // Lanes below EXP_LO computed garbage: replace it.
-        L::zero_below(x, EXP_LO, scaled)
+        L::zero_below(x, EXP_LO, L::times_pow2(p, n, z))
     }
 }
 
@@ -399,17 +384,6 @@ impl Lanes for Avx2 {
         }
     }
     #[inline(always)]
-    unsafe fn times_pow2_normal(p: __m256, n: __m256, _z: __m256) -> __m256 {
-        // SAFETY: as above (AVX2).
-        unsafe {
-            // `n` converted, not `z`'s low bits: a NaN's payload rides into those, and adding
-            // it would turn the NaN into a number; a NaN `n` converts to 0x8000_0000, which
-            // the shift leaves 0.
-            let shift = _mm256_slli_epi32::<23>(_mm256_cvtps_epi32(n));
-            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), shift))
-        }
-    }
-    #[inline(always)]
     unsafe fn zero_below(x: __m256, lo: f32, y: __m256) -> __m256 {
         // SAFETY: as above.
         unsafe { _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(lo)), y) }
@@ -526,11 +500,6 @@ impl Lanes for Avx512 {
     unsafe fn times_pow2(p: __m512, n: __m512, _z: __m512) -> __m512 {
         // SAFETY: as above.
         unsafe { _mm512_scalef_ps(p, n) }
-    }
-    #[inline(always)]
-    unsafe fn times_pow2_normal(p: __m512, n: __m512, z: __m512) -> __m512 {
-        // SAFETY: as above.
-        unsafe { Self::times_pow2(p, n, z) }
     }
     #[inline(always)]
     unsafe fn zero_below(x: __m512, lo: f32, y: __m512) -> __m512 {
