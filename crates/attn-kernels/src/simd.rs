@@ -16,7 +16,13 @@
 //! `exp_error_bound` checks it). Softmax's `exp(x - max)` skips the `+inf` blend, which
 //! cannot fire for `x - max ≤ 0`, and at the vector levels takes `ln 2` as one f32 in a single
 //! FMA (`lanes::softmax_exp`): 13% less time per element on Zen 3, for a relative error below
-//! 2.1e-7 on `[−20, 0]` and 4e-7 down to -87.3 (`softmax_exp_error_bound`). Scaling by `2^n`
+//! 2.1e-7 on `[−20, 0]` and 4e-7 down to -87.3 (`softmax_exp_error_bound`). It also scales
+//! as `2^n + (r·2^n)·q`, one FMA whose product is ready before the polynomial `q` is, where the
+//! general `exp` multiplies `1 + r·q` by `2^n` after it (a dependent step less, one rounding
+//! less; the same bits at both vector levels), and AVX2's row loop runs one chain where AVX-512
+//! runs two (AVX2's 16 registers hold one chain and its constants, not two): together 0.300
+//! against 0.357 ns per element on a 128-wide row, 0.247 against 0.306 on a long one (Zen 3,
+//! `examples/exp_speed.rs`). Scaling by `2^n`
 //! with an integer add into the exponent field instead of a multiply (exact for the normal
 //! results softmax keeps) measured 0.342 against 0.355 ns per element, about 0.5% of the
 //! forward, once the add was kept from turning NaNs into numbers; not kept. Folding `log2 e`
