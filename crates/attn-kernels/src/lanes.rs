@@ -72,7 +72,7 @@ pub(crate) trait Lanes {
 #[inline(always)]
 pub(crate) unsafe fn exp<L: Lanes>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
-    unsafe { L::inf_above(x, EXP_HI, exp_at_most_hi::<L, true>(x)) }
+    unsafe { L::inf_above(x, EXP_HI, exp_at_most_hi::<L, false>(x)) }
 }
 
 /// `e^x` per lane for softmax's `x = s − max ≤ 0`: [`exp`] without the `+inf` blend, and with
@@ -84,13 +84,14 @@ pub(crate) unsafe fn exp<L: Lanes>(x: L::V) -> L::V {
 #[inline(always)]
 pub(crate) unsafe fn softmax_exp<L: Lanes>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
-    unsafe { exp_at_most_hi::<L, false>(x) }
+    unsafe { exp_at_most_hi::<L, true>(x) }
 }
 
-/// `e^x` per lane for `x ≤ EXP_HI`, `ln 2` split in two parts when `SPLIT_LN2`; `x < EXP_LO`
-/// gives 0, NaN stays NaN.
+/// `e^x` per lane for `x ≤ EXP_HI`; `x < EXP_LO` gives 0, NaN stays NaN. The general `exp`
+/// splits `ln 2` in two parts and multiplies by `2^n` last; `SOFTMAX` (arguments at most 0)
+/// takes `ln 2` as one f32 and scales inside the last FMA.
 #[inline(always)]
-unsafe fn exp_at_most_hi<L: Lanes, const SPLIT_LN2: bool>(x: L::V) -> L::V {
+unsafe fn exp_at_most_hi<L: Lanes, const SOFTMAX: bool>(x: L::V) -> L::V {
     // SAFETY: the caller's entry point enables `L`'s features.
     unsafe {
         // Round-to-nearest `n = round(x·log2 e)` by the magic-number trick: adding 1.5·2^23
@@ -98,10 +99,10 @@ unsafe fn exp_at_most_hi<L: Lanes, const SPLIT_LN2: bool>(x: L::V) -> L::V {
         let magic = L::splat(12_582_912.0);
         let z = L::fmadd(x, L::splat(LOG2E), magic);
         let n = L::sub(z, magic);
-        let r = if SPLIT_LN2 {
-            L::fnmadd(n, L::splat(LN2_LO), L::fnmadd(n, L::splat(LN2_HI), x))
-        } else {
+        let r = if SOFTMAX {
             L::fnmadd(n, L::splat(LN2), x)
+        } else {
+            L::fnmadd(n, L::splat(LN2_LO), L::fnmadd(n, L::splat(LN2_HI), x))
         };
         let mut q = L::splat(E5);
         q = L::fmadd(q, r, L::splat(E4));
@@ -109,17 +110,18 @@ unsafe fn exp_at_most_hi<L: Lanes, const SPLIT_LN2: bool>(x: L::V) -> L::V {
         q = L::fmadd(q, r, L::splat(E2));
         q = L::fmadd(q, r, L::splat(E1));
         // Lanes below EXP_LO computed garbage: replace it.
-        if SPLIT_LN2 {
-            // `(1 + r·q)·2^n`: the general `exp`, whose `n` may reach 128 (`2^n = +inf`).
-            L::zero_below(x, EXP_LO, L::times_pow2(L::fmadd(q, r, L::splat(1.0)), n, z))
-        } else {
+        if SOFTMAX {
             // `2^n + (r·2^n)·q` for softmax's `n ≤ 0` (finite `2^n`): one rounding where the
             // product of `1 + r·q` and `2^n` takes two, and the scaling off the chain of
             // dependent operations (`r·2^n`, exact unless it falls below f32's normal range,
-            // is ready before `q`): 7.5% less time per element on Zen 3 (`exp_speed`). At
+            // is ready before `q`): 7.5% less time per element on Zen 3 (a scratch loop,
+            // docs/PERFORMANCE.md). At
             // AVX-512 the FMA also zeroes the lanes below EXP_LO.
             let pow2 = L::pow2(n, z);
             L::fmadd_zero_below(q, L::mul(r, pow2), pow2, x, EXP_LO)
+        } else {
+            // `(1 + r·q)·2^n`: the general `exp`, whose `n` may reach 128 (`2^n = +inf`).
+            L::zero_below(x, EXP_LO, L::times_pow2(L::fmadd(q, r, L::splat(1.0)), n, z))
         }
     }
 }

@@ -20,12 +20,12 @@
 //! as `2^n + (r·2^n)·q`, one FMA whose product is ready before the polynomial `q` is, where the
 //! general `exp` multiplies `1 + r·q` by `2^n` after it (a dependent step less, one rounding
 //! less; the same bits at both vector levels), and AVX2's row loop runs one chain where AVX-512
-//! runs two (AVX2's 16 registers hold one chain and its constants, not two): together 0.300
-//! against 0.357 ns per element on a 128-wide row, 0.247 against 0.306 on a long one (Zen 3,
-//! `examples/exp_speed.rs`). Scaling by `2^n`
-//! with an integer add into the exponent field instead of a multiply (exact for the normal
-//! results softmax keeps) measured 0.342 against 0.355 ns per element, about 0.5% of the
-//! forward, once the add was kept from turning NaNs into numbers; not kept. Folding `log2 e`
+//! runs two (AVX2's 16 registers hold one chain and its constants, not two): together 0.292
+//! against 0.358 ns per element on rows of 128, 0.249 against 0.305 on rows of 4096 (Zen 3,
+//! `examples/exp_speed.rs`). Scaling by `2^n` with an integer add into the exponent field
+//! instead of a multiply (exact for the normal results softmax keeps) measured 0.342 against
+//! 0.355 ns per element, about 0.5% of the forward, once the add was kept from turning NaNs
+//! into numbers; not kept. Folding `log2 e`
 //! into the query scale, as FlashAttention does on GPUs, would also drop that FMA (`2^f` of the
 //! exact `f = t − round(t)`): 0.270 ns per element against 0.326 in a scratch loop (not kept; Zen 3),
 //! about 1% of the flash forward, for scores in base 2 through the masks, the kept scores and
