@@ -56,8 +56,8 @@ BUGS = [
         "flash drops the last partial key block",
         "attn-kernels",
         "crates/attn-kernels/src/flash/tile.rs",
-        "        let bc = (t_end - t0).min(BLOCK_KEYS);\n",
-        "        let bc = (t_end - t0).min(BLOCK_KEYS);\n        if bc < BLOCK_KEYS && t0 > keys.start { break; }\n",
+        "        let bc = (t_end - t0).min(plan.block_keys);\n",
+        "        let bc = (t_end - t0).min(plan.block_keys);\n        if bc < plan.block_keys && t0 > keys.start { break; }\n",
     ),
     (
         "beam search's KV-cache reorder is the identity",

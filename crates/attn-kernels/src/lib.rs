@@ -97,7 +97,7 @@ pub use bf16::{
 };
 pub use bf16_grad::linear_backward_bf16;
 pub use error::KernelError;
-pub use flash::{attention_bf16_kv, flash_attention, BLOCK_KEYS, BLOCK_ROWS, DECODE_ROWS, MIN_TASKS};
+pub use flash::{attention_bf16_kv, flash_attention, BF16_BLOCK_KEYS, BLOCK_KEYS, BLOCK_ROWS, DECODE_ROWS, MIN_TASKS};
 pub use gemm::{
     gemm, gemm_bias, gemm_packed, gemm_reference, gemm_route, requested_gemm, Accum, F32Panels, GemmChoice, Par,
 };

@@ -103,7 +103,7 @@ pub fn attention_with_weights(
     let op = "attention_with_weights";
     let (q, k) = (inputs.q, inputs.k);
     let [b, h, g, s, t, d] = crate::softmax::validate_weights(op, &weights, &q, &k, options)?;
-    let plan = Plan::new([b, h, s, d], [g, t, inputs.v.shape()[3]]);
+    let plan = Plan::for_precision([b, h, s, d], [g, t, inputs.v.shape()[3]], options.precision);
     if flash_keeps_scores(&plan, options, weights.averaged(), par) {
         let raw = Some(crate::weights::RawWeights::new(weights, h));
         return crate::flash::flash_impl(out, [lse, None], inputs, options, par, true, raw);

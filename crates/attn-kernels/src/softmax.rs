@@ -357,6 +357,14 @@ enum Scorer<'a> {
 }
 
 impl Scorer<'_> {
+    /// Keys per block and the score buffer's row stride: the plan's in f32, the bf16 kernels'.
+    fn blocks(&self) -> [usize; 2] {
+        match self {
+            Scorer::F32(plan, _) => [plan.block_keys, plan.scores_ld],
+            Scorer::Bf16(_) => [crate::BF16_BLOCK_KEYS, crate::flash::BF16_SCORES_LD],
+        }
+    }
+
     /// Words of one query row in a tile.
     fn row_words(&self, d: usize) -> usize {
         match self {
@@ -445,7 +453,7 @@ pub(crate) fn weights_of_call(
         return Ok(());
     }
     let scale = resolve_scale(options, d);
-    let plan = crate::flash::Plan::new([b, h, s, d], [g, t, d]);
+    let plan = crate::flash::Plan::for_precision([b, h, s, d], [g, t, d], options.precision);
     if options.precision == crate::Precision::Bf16 {
         if let Some(bf16) = crate::flash::Bf16Scores::for_call(&plan, k, v_strides, par) {
             let scorer = Scorer::Bf16(bf16);
@@ -504,9 +512,9 @@ fn weights_pass(
     let raw = RawWeights::new(dst, h);
     let qs = q.strides();
     const ROWS: usize = crate::BLOCK_ROWS;
-    const KEYS: usize = crate::BLOCK_KEYS;
+    let [keys_per_block, ld] = scorer.blocks();
     let words = scorer.row_words(d);
-    let key_blocks = t.div_ceil(KEYS);
+    let key_blocks = t.div_ceil(keys_per_block);
     let row_tiles = s.div_ceil(ROWS);
     let heads_per_task = if averaged { h } else { 1 };
     let tasks = b * (h / heads_per_task) * row_tiles;
@@ -526,12 +534,12 @@ fn weights_pass(
                 scorer.load_row(&q.data()[base..], [d, qs[3]], scale, dst);
             }
             for block in 0..key_blocks {
-                let t0 = block * KEYS;
-                let bc = (t - t0).min(KEYS);
+                let t0 = block * keys_per_block;
+                let bc = (t - t0).min(keys_per_block);
                 scorer.block(&q_tile[..], rows, [bi, gi, t0, bc], &mut scores[..]);
                 for i in 0..rows {
                     let si = s0 + i;
-                    let row = &mut scores[i * crate::flash::SCORES_LD..i * crate::flash::SCORES_LD + bc];
+                    let row = &mut scores[i * ld..i * ld + bc];
                     let limit = options.causal.key_limit(si, s, t).min(key_length);
                     mask_row(row, options, [bi, hi, si], t0, limit, [s, t]);
                     finish_row(row, lse.get([bi, hi, si]));
@@ -543,7 +551,7 @@ fn weights_pass(
             }
         }
     };
-    let scratch = || (vec![0.0f32; ROWS * crate::flash::SCORES_LD], vec![0.0f32; ROWS * words]);
+    let scratch = || (vec![0.0f32; ROWS * ld], vec![0.0f32; ROWS * words]);
     match par {
         Par::Seq => {
             let mut buffers = scratch();

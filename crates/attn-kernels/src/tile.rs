@@ -3,7 +3,8 @@
 //! Shapes inside one tile: `q_tile: [R, D]` (rows packed, already scaled), `kt: [D, BK]` (a
 //! key block packed transposed, zero past its `bc` keys), `scores: [R, BK]`; then
 //! `p: [R, BK]` (the exp'd scores), `vp: [bc, DVP]` (a value block packed, zero past `Dv`),
-//! `acc: [R, DVP]`. `BK` = [`BLOCK_KEYS`](crate::BLOCK_KEYS) and `DVP` is `Dv` rounded up to 16.
+//! `acc: [R, DVP]`. `BK` = [`BLOCK_KEYS`](crate::BLOCK_KEYS) (in f32; [`BF16_BLOCK_KEYS`](crate::BF16_BLOCK_KEYS)
+//! for bf16 operands) and `DVP` is `Dv` rounded up to 16.
 //!
 //! The AVX2 kernel computes a 6×16 block of its output in twelve ymm accumulators (six broadcast
 //! rows times two 8-lane vectors). The AVX-512 kernel computes an 8×32 block over two panels in
@@ -19,7 +20,7 @@
 //! ([`gemm`]'s `A_T`). The decode kernels, for a few query rows against keys and values in
 //! place, are in `decode.rs`.
 
-use crate::flash::SCORES_LD;
+use crate::flash::{BF16_SCORES_LD, SCORES_LD};
 
 /// Output columns of one micro-kernel call.
 pub(crate) const NR: usize = 16;
@@ -251,11 +252,17 @@ macro_rules! tile_gemm {
                         }
                         match (wide, lda) {
                             // The strides of the query tiles of common head sizes, and of the
-                            // probabilities (`SCORES_LD`).
+                            // probabilities (`SCORES_LD`, and `BF16_SCORES_LD` where the f32
+                            // kernel multiplies bf16-rounded operands). Not the latter read
+                            // transposed, where it is the stride of the backward's `P` and `dS`
+                            // of 256 keys: with both constants the forward + backward measured
+                            // 0.92× on Zen 3, with this one alone 1.00× (how the code was laid
+                            // out, not the stride); at run time there, 1.00× (PERFORMANCE.md).
                             (true, 32) => wide!(32),
                             (true, 64) => wide!(64),
                             (true, 128) => wide!(128),
                             (true, SCORES_LD) => wide!(SCORES_LD),
+                            (true, BF16_SCORES_LD) if !A_T => wide!(BF16_SCORES_LD),
                             (true, _) => wide!(0),
                             (false, _) => match mr {
                                 $($rows1 => block::<$lanes, $rows1, $vecs1, ACCUMULATE, A_T, 0>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc),)*
@@ -415,7 +422,7 @@ mod tests {
             // `a`'s row stride (its step stride with `a_t`): the length of what it strides
             // over, and each stride the kernel takes as a constant.
             let strides = |len: usize| {
-                let mut all = vec![len, 32, 64, 128, super::SCORES_LD];
+                let mut all = vec![len, 32, 64, 128, super::SCORES_LD, super::BF16_SCORES_LD];
                 all.retain(|&lda| lda >= len);
                 all.dedup();
                 all

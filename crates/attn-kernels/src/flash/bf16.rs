@@ -36,7 +36,7 @@
 //! the same rounded operands, the same error bound (derived in `tests.rs`), f32 products.
 
 use super::pack::Packer;
-use super::{Kv, Plan, BLOCK_KEYS};
+use super::{Kv, Plan};
 use crate::bf16::AMX_STEP_PAIRS as STEP_PAIRS;
 use crate::buffer::Buffer;
 use crate::{round_to_bf16, Par, View4};
@@ -562,6 +562,6 @@ fn round_into(src: &[f32], factor: f32, dst: &mut [f32]) {
 /// [`pack_keys`] or [`pack_values`]).
 #[inline]
 pub(super) fn packed_block<'a>(packed: &'a [f32], len: usize, plan: &Plan, [b, g, t0]: [usize; 3]) -> &'a [f32] {
-    let index = (b * plan.g + g) * plan.t.div_ceil(BLOCK_KEYS) + t0 / BLOCK_KEYS;
+    let index = (b * plan.g + g) * plan.t.div_ceil(plan.block_keys) + t0 / plan.block_keys;
     &packed[index * len..(index + 1) * len]
 }

@@ -86,18 +86,27 @@ use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precis
 
 /// Query rows per tile.
 pub const BLOCK_ROWS: usize = 64;
-/// Keys per block: 256 rather than 128 halves the per-row work of each block (the mask, the
-/// row max and the sums' reductions, the online update), which measured 6–14% of a one-thread
-/// f32 or bf16 forward at S = T = 512 and 2048, D = 64, on an Intel Xeon (PERFORMANCE.md).
-pub const BLOCK_KEYS: usize = 256;
-/// Row stride of a tile's score buffer: [`BLOCK_KEYS`] plus one 16-float panel, so the rows
-/// (read and written at every pass) do not sit 1 KiB apart, where they would share a
-/// handful of L1 sets.
+/// Keys per block of the f32 kernel. 256 rather than 128 halved the per-row work of each block
+/// (the mask, the row max and the sums' reductions, the online update), which measured 6–14% of
+/// a one-thread forward at S = T = 512 and 2048, D = 64, on an Intel Xeon; 512 halves it
+/// again, 1.5–2.7% of the forward and of decoding on a Zen 3 EPYC (docs/PERFORMANCE.md).
+pub const BLOCK_KEYS: usize = 512;
+/// Keys per block of the bf16 kernels (`vdpbf16ps` and AMX), and of the f32 kernel when it
+/// multiplies operands rounded to bf16 in their place (the same bits on every CPU): the sizes
+/// of their tiles and layouts, measured against 128 on an Intel Xeon with AMX and not yet
+/// against 512 there.
+pub const BF16_BLOCK_KEYS: usize = 256;
+/// Row stride of the f32 kernel's score buffer: [`BLOCK_KEYS`] plus one 16-float panel, so the
+/// rows (read and written at every pass) do not sit a power of two apart, where they would
+/// share a handful of L1 sets.
 pub(crate) const SCORES_LD: usize = BLOCK_KEYS + 16;
+/// Row stride of the score buffer for [`BF16_BLOCK_KEYS`], as [`SCORES_LD`] for
+/// [`BLOCK_KEYS`].
+pub(crate) const BF16_SCORES_LD: usize = BF16_BLOCK_KEYS + 16;
 /// Words between rows of a tile's probabilities rounded to bf16 pairs at the AVX512-BF16 level
 /// (`Scratch::p16`): two probabilities per word, room for a whole block and its last step's
 /// padding.
-pub(crate) const P16_LD: usize = SCORES_LD / 2;
+pub(crate) const P16_LD: usize = BF16_SCORES_LD / 2;
 /// Below this many `(b, g, row tile)` tasks the keys are split across tasks (decoding).
 pub const MIN_TASKS: usize = 32;
 /// The smallest number of keys a split covers.

@@ -2,7 +2,7 @@
 //! before the call's tiles run ([`pack_blocks`]) or one `(b, g)` at a time by the tasks
 //! ([`pack_group`]).
 
-use super::{Plan, BLOCK_KEYS};
+use super::Plan;
 use crate::buffer::Buffer;
 use crate::{Par, View4};
 use rayon::prelude::*;
@@ -22,7 +22,7 @@ pub(super) fn pack_blocks<T: Sync>(
     par: Par,
     pack: impl Packer<T>,
 ) -> Buffer {
-    let blocks = plan.t.div_ceil(BLOCK_KEYS);
+    let blocks = plan.t.div_ceil(plan.block_keys);
     let mut packed = crate::buffer::take(plan.b * plan.g * blocks * block_len);
     let one = |(index, dst): (usize, &mut [f32])| pack_block(plan, x, [index / blocks, index % blocks], dst, &pack);
     match par {
@@ -42,7 +42,7 @@ pub(super) fn pack_group<T>(
     dst: &mut [f32],
     pack: impl Packer<T>,
 ) {
-    let blocks = plan.t.div_ceil(BLOCK_KEYS);
+    let blocks = plan.t.div_ceil(plan.block_keys);
     assert!(dst.len() == blocks * block_len);
     for (block, dst) in dst.chunks_mut(block_len).enumerate() {
         pack_block(plan, x, [b * plan.g + g, block], dst, &pack);
@@ -53,7 +53,7 @@ pub(super) fn pack_group<T>(
 fn pack_block<T>(plan: &Plan, x: &View4<'_, T>, [bg, block]: [usize; 2], dst: &mut [f32], pack: &impl Packer<T>) {
     let st = x.strides();
     let (b, g) = (bg / plan.g, bg % plan.g);
-    let t0 = block * BLOCK_KEYS;
-    let bc = (plan.t - t0).min(BLOCK_KEYS);
+    let t0 = block * plan.block_keys;
+    let bc = (plan.t - t0).min(plan.block_keys);
     pack(dst, &x.data()[b * st[0] + g * st[1] + t0 * st[2]..], bc, [st[2], st[3]]);
 }

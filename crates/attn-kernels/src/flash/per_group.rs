@@ -58,7 +58,7 @@ impl GroupPacker {
     pub(super) fn new(plan: &Plan, ops: &Operands<'_, '_>) -> GroupPacker {
         static CALLS: AtomicU64 = AtomicU64::new(0);
         let packing = ops.packed_per_group.expect("packed per group");
-        let blocks = plan.t.div_ceil(super::BLOCK_KEYS);
+        let blocks = plan.t.div_ceil(plan.block_keys);
         let lens = match packing {
             GroupPacking::Bf16 => [bf16::key_block_len(plan, ops.amx), bf16::value_block_len(plan, ops.amx)],
             GroupPacking::F32 { .. } => [tile::key_block_len(plan), tile::value_block_len(plan)],

@@ -1,8 +1,8 @@
 //! Validation of one call's operands and the plan that cuts its work.
 
-use super::{BLOCK_KEYS, BLOCK_ROWS, MIN_KEYS_PER_SPLIT, MIN_TASKS};
+use super::{BF16_BLOCK_KEYS, BF16_SCORES_LD, BLOCK_KEYS, BLOCK_ROWS, MIN_KEYS_PER_SPLIT, MIN_TASKS, SCORES_LD};
 use crate::mask::validate_options;
-use crate::{AttentionOptions, KernelError, View4};
+use crate::{AttentionOptions, KernelError, Precision, View4};
 
 /// The shapes of one call and how its work is cut.
 #[derive(Debug, Clone, Copy)]
@@ -23,14 +23,32 @@ pub(crate) struct Plan {
     pub row_tiles: usize,
     pub splits: usize,
     pub keys_per_split: usize,
-    /// Keys per packed key or value block: `min(T, BLOCK_KEYS)` rounded up to the micro-kernel
+    /// Keys per block: [`BLOCK_KEYS`] in f32, [`BF16_BLOCK_KEYS`] in bf16 (whose kernels, and the
+    /// f32 kernel on rounded operands that gives their bits, have tiles of that size).
+    pub block_keys: usize,
+    /// Row stride of a tile's score buffer for blocks of `block_keys`: [`SCORES_LD`] or
+    /// [`BF16_SCORES_LD`].
+    pub scores_ld: usize,
+    /// Keys per packed key or value block: `min(T, block_keys)` rounded up to the micro-kernel
     /// width, so short key sequences are not padded to a full block. Packed blocks are panels
     /// of that width, contiguous, so no row stride is a power of two.
     pub kb_pad: usize,
 }
 
 impl Plan {
-    pub(crate) fn new([b, h, s, d]: [usize; 4], [g, t, dv]: [usize; 3]) -> Self {
+    /// The plan of an f32 call (key blocks of [`BLOCK_KEYS`]).
+    #[cfg(test)]
+    pub(crate) fn new(q_shape: [usize; 4], kv: [usize; 3]) -> Self {
+        Plan::for_precision(q_shape, kv, Precision::F32)
+    }
+
+    /// The plan of a call in `precision`: key blocks of [`BLOCK_KEYS`] in f32, of
+    /// [`BF16_BLOCK_KEYS`] in bf16, whatever kernel then runs it.
+    pub(crate) fn for_precision([b, h, s, d]: [usize; 4], [g, t, dv]: [usize; 3], precision: Precision) -> Self {
+        let (block_keys, scores_ld) = match precision {
+            Precision::F32 => (BLOCK_KEYS, SCORES_LD),
+            Precision::Bf16 => (BF16_BLOCK_KEYS, BF16_SCORES_LD),
+        };
         let rep = h / g.max(1);
         let rows_per_group = s * rep;
         let row_tiles = rows_per_group.div_ceil(BLOCK_ROWS);
@@ -40,7 +58,7 @@ impl Plan {
         } else {
             MIN_TASKS.div_ceil(tasks).min(t / MIN_KEYS_PER_SPLIT).max(1)
         };
-        let keys_per_split = t.div_ceil(splits).div_ceil(BLOCK_KEYS) * BLOCK_KEYS;
+        let keys_per_split = t.div_ceil(splits).div_ceil(block_keys) * block_keys;
         let splits = if t == 0 { 1 } else { t.div_ceil(keys_per_split.max(1)) };
         let dv_pad = crate::tile::pad_to_nr(dv);
         Plan {
@@ -57,7 +75,9 @@ impl Plan {
             row_tiles,
             splits,
             keys_per_split,
-            kb_pad: kb_pad(t),
+            block_keys,
+            scores_ld,
+            kb_pad: crate::tile::pad_to_nr(t.clamp(1, block_keys)),
         }
     }
 }
@@ -136,11 +156,5 @@ pub(crate) fn validate<E>(
         });
     }
     validate_options(op, options, [b, h, s, t])?;
-    Ok(Plan::new([b, h, s, d], [g, t, dv]))
-}
-
-/// Keys per packed block for `t` keys: `min(t, BLOCK_KEYS)` rounded up to the micro-kernel
-/// width (a call with 4 keys packs panels of 16, not blocks of 256).
-fn kb_pad(t: usize) -> usize {
-    crate::tile::pad_to_nr(t.clamp(1, BLOCK_KEYS))
+    Ok(Plan::for_precision([b, h, s, d], [g, t, dv], options.precision))
 }

@@ -1,7 +1,7 @@
 //! A row tile's working set: the per-thread scratch buffers, the tile's rows and the key block
 //! in hand, shared by the f32 passes (`tile.rs`) and the bf16 ones (`tile_bf16.rs`).
 
-use super::{Plan, BLOCK_ROWS, SCORES_LD};
+use super::{Plan, BLOCK_ROWS, P16_LD, SCORES_LD};
 use crate::buffer::Buffer;
 
 /// Per-worker scratch: kept per thread between tasks and calls ([`with_scratch`]), each
@@ -9,7 +9,8 @@ use crate::buffer::Buffer;
 pub(super) struct Scratch {
     /// `[BLOCK_ROWS, D]`: the tile's query rows, times the scale.
     pub(super) q_tile: Buffer,
-    /// `[BLOCK_ROWS, SCORES_LD]`: scores, then probabilities (`BLOCK_KEYS` used per row).
+    /// `[BLOCK_ROWS, plan.scores_ld]`: scores, then probabilities (`plan.block_keys` used per
+    /// row); room for the f32 kernel's [`SCORES_LD`], the larger stride.
     pub(super) scores: Buffer,
     /// `[BLOCK_ROWS, Dv_pad]`: the unnormalised output rows.
     pub(super) acc: Buffer,
@@ -23,7 +24,7 @@ pub(super) struct Scratch {
     /// `[BLOCK_ROWS, D / 2]` words: the scaled query rows rounded to bf16 pairs (bf16 calls;
     /// as A tiles on AMX, `D / 2` rounded up to whole steps).
     pub(super) q16: Buffer,
-    /// `[BLOCK_ROWS, SCORES_LD / 2]` words: a block's probabilities rounded to bf16 pairs.
+    /// `[BLOCK_ROWS, P16_LD]` words: a bf16 block's probabilities rounded to bf16 pairs.
     pub(super) p16: Buffer,
     /// `[BLOCK_ROWS, T]`: the tile's masked scores over all keys, kept for the weights
     /// (sized by [`Scratch::keep_room`], only when a call asks for them).
@@ -41,7 +42,7 @@ impl Scratch {
             m: Buffer::zeroed(BLOCK_ROWS),
             l: Buffer::zeroed(BLOCK_ROWS),
             q16: Buffer::zeroed(BLOCK_ROWS * q16_words(plan)),
-            p16: Buffer::zeroed(BLOCK_ROWS * SCORES_LD / 2),
+            p16: Buffer::zeroed(BLOCK_ROWS * P16_LD),
             kept: Buffer::zeroed(0),
         }
     }

@@ -439,13 +439,14 @@ fn the_kernels_keep_their_scores_for_usual_shapes() {
         ..AttentionOptions::default()
     };
     let bf16_keeps = crate::bf16_level() != crate::Bf16Level::Amx;
+    let bf16_plan = |q, kv| Plan::for_precision(q, kv, crate::Precision::Bf16);
     for averaged in [false, true] {
         assert_eq!(
-            keeps(&plan([2, 4, 70, 16], [2, 300, 16]), &bf16, averaged, Par::Seq),
+            keeps(&bf16_plan([2, 4, 70, 16], [2, 300, 16]), &bf16, averaged, Par::Seq),
             bf16_keeps
         );
     }
-    assert!(!keeps(&plan([1, 8, 1, 16], [8, 4096, 16]), &bf16, false, Par::Seq));
+    assert!(!keeps(&bf16_plan([1, 8, 1, 16], [8, 4096, 16]), &bf16, false, Par::Seq));
     // f32 takes the flash kernel at every level ([`chosen_path`]), which keeps its scores at
     // S = T = 256, and averaged on two workers too (two row tiles of one batch element).
     let shape = plan([2, 8, 256, 64], [8, 256, 64]);
@@ -828,11 +829,11 @@ fn shape_errors_name_the_tensor() {
 
 /// Query lengths around the row-tile edges (64 rows; 128 and 256 rows, two and four tiles).
 const QUERY_LENGTHS: [usize; 14] = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257];
-/// Key lengths around the key-block edges (128 and 256 keys: a partial last block, the
-/// online rescale across blocks), and past `2·MIN_KEYS_PER_SPLIT`, where calls with few
-/// tasks split the keys and merge the partial results.
-const KEY_LENGTHS: [usize; 16] = [
-    1, 2, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1023, 1024, 1025, 1100,
+/// Key lengths around the key-block edges (256 keys, bf16's blocks, and 512, f32's: a partial
+/// last block, the online rescale across blocks), and past `2·MIN_KEYS_PER_SPLIT`, where calls
+/// with few tasks split the keys and merge the partial results.
+const KEY_LENGTHS: [usize; 19] = [
+    1, 2, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 1100,
 ];
 
 pub(crate) fn arb_case() -> impl Strategy<Value = Case> {

@@ -320,7 +320,7 @@ fn bf16_flash_is_within_its_bound() {
         Case::new(1, 2, 1, 520, 530, 16, 16),
     ];
     for causal in [Causal::TopLeft, Causal::BottomRight] {
-        for (s, t) in [(70, 200), (200, 70), (129, 129), (70, 2 * BLOCK_KEYS + 5)] {
+        for (s, t) in [(70, 200), (200, 70), (129, 129), (70, 2 * BF16_BLOCK_KEYS + 5)] {
             cases.push(Case {
                 causal,
                 ..Case::new(1, 4, 2, s, t, 32, 32)

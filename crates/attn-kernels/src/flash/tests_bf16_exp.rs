@@ -4,7 +4,7 @@
 
 use super::tests::EPS;
 use super::tests_bf16::PROBABILITY_EXP_ERROR;
-use super::{flash_attention, BLOCK_KEYS};
+use super::{flash_attention, BF16_BLOCK_KEYS};
 use crate::{AttentionOptions, ForwardInputs, Par, View4, ViewMut4};
 
 #[cfg(target_arch = "x86_64")]
@@ -181,11 +181,11 @@ fn rows_that_see_nothing_leave_their_neighbours_alone() {
 }
 
 fn rows_that_see_nothing_leave_their_neighbours_alone_once() {
-    let (h, s, t, d) = (2, 70, 2 * BLOCK_KEYS + 40, 32);
+    let (h, s, t, d) = (2, 70, 2 * BF16_BLOCK_KEYS + 40, 32);
     let q = crate::testing::random_vec(h * s * d, 11);
     let k = crate::testing::random_vec(h * t * d, 12);
     let v = crate::testing::random_vec(h * t * d, 13);
-    let hidden = |si: usize, ti: usize| (si % 4 == 1 && si > 1) || (si % 4 == 3 && si > 3 && ti < BLOCK_KEYS);
+    let hidden = |si: usize, ti: usize| (si % 4 == 1 && si > 1) || (si % 4 == 3 && si > 3 && ti < BF16_BLOCK_KEYS);
     let mask: Vec<f32> = (0..s * t)
         .map(|i| {
             let (si, ti) = (i / t, i % t);

@@ -343,7 +343,7 @@ fn packed_bits_hold_the_words_of_the_packed_widened_values() {
     const SPECIAL: [u16; 8] = [0x0001, 0x8040, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFF85];
     for (d, dv, t) in [(64, 64, 300), (24, 32, 40), (33, 20, 50), (16, 16, 16)] {
         let (b, g) = (2, 2);
-        let plan = super::Plan::new([b, 2 * g, 20, d], [g, t, dv]);
+        let plan = super::Plan::for_precision([b, 2 * g, 20, d], [g, t, dv], Precision::Bf16);
         let bits = |seed, width: usize| {
             let mut x = cache_bits(seed, [b, g, width], t);
             for (i, h) in x.iter_mut().enumerate().filter(|(i, _)| i % 7 == 3) {
@@ -377,7 +377,7 @@ fn packed_bits_hold_the_words_of_the_packed_widened_values() {
         }
         for (amx, strided) in [(false, false), (true, false), (false, true), (true, true)] {
             let what = format!("D {d}, Dv {dv}, T {t}, amx {amx}, strided {strided}");
-            let blocks = t.div_ceil(super::BLOCK_KEYS);
+            let blocks = t.div_ceil(super::BF16_BLOCK_KEYS);
             let (k_in, v_in) = if strided {
                 (&k_stored, &v_stored)
             } else {
@@ -387,7 +387,7 @@ fn packed_bits_hold_the_words_of_the_packed_widened_values() {
             let from_wide = pack_keys(&plan, &View4::contiguous(&k_wide, kv(d)).unwrap(), amx, Par::Seq);
             let (len, pairs) = (key_block_len(&plan, amx), key_pairs(&plan, amx));
             for index in 0..b * g * blocks {
-                let bc = (t - index % blocks * super::BLOCK_KEYS).min(super::BLOCK_KEYS);
+                let bc = (t - index % blocks * super::BF16_BLOCK_KEYS).min(super::BF16_BLOCK_KEYS);
                 for j in 0..bc {
                     for p in 0..pairs {
                         let at = index * len + j / 16 * pairs * 16 + p * 16 + j % 16;
@@ -400,7 +400,7 @@ fn packed_bits_hold_the_words_of_the_packed_widened_values() {
             let from_wide = pack_values(&plan, &View4::contiguous(&v_wide, kv(dv)).unwrap(), amx, Par::Seq);
             let (len, pairs) = (value_block_len(&plan, amx), value_pairs(&plan, amx));
             for index in 0..b * g * blocks {
-                let bc = (t - index % blocks * super::BLOCK_KEYS).min(super::BLOCK_KEYS);
+                let bc = (t - index % blocks * super::BF16_BLOCK_KEYS).min(super::BF16_BLOCK_KEYS);
                 let read = if amx { pairs } else { bc.div_ceil(2) };
                 for panel in 0..plan.dv_pad / 16 {
                     for p in 0..read {

@@ -22,7 +22,8 @@ fn packing_per_group_gives_the_bits_of_packing_per_call() {
 }
 
 fn packing_per_group_gives_the_bits_of_packing_per_call_once() {
-    let (b, h, g, s, t, d, dv) = (3, 8, 4, 50, 300, 33, 20);
+    // Two key blocks in f32 (512 + 88 keys), three in bf16.
+    let (b, h, g, s, t, d, dv) = (3, 8, 4, 50, 600, 33, 20);
     let plan = Plan::new([b, h, s, d], [g, t, dv]);
     assert!(packs_per_group(&plan));
     FORCE_PACKING_FOR_THE_CALL.with(|f| f.set(true));
@@ -117,7 +118,7 @@ fn a_thread_reuses_its_packing_for_the_same_group_of_the_same_call_only() {
 fn weights_with_packing_per_group_have_the_bits_of_the_second_pass() {
     use super::tests::{check, Case, MaskKind, MaskShape};
     use crate::weights::RawWeights;
-    let (b, h, g, s, t, d) = (8, 4, 2, 50, 300, 16);
+    let (b, h, g, s, t, d) = (8, 4, 2, 50, 600, 16);
     let plan = Plan::new([b, h, s, d], [g, t, d]);
     assert!(packs_per_group(&plan) && plan.row_tiles == 2, "{plan:?}");
     let mut w = vec![0.0f32; b * h * s * t];

@@ -3,7 +3,7 @@
 
 use super::scratch::{KeyBlock, Scratch, TileRows};
 use super::tile_bf16::AmxTile;
-use super::{row_position, Bf16Source, Operands, Plan, BLOCK_KEYS, BLOCK_ROWS, P16_LD, SCORES_LD};
+use super::{row_position, Bf16Source, Operands, Plan, BLOCK_ROWS, P16_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::mask_row;
@@ -12,7 +12,7 @@ use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::tile::NR;
 use crate::{Accum, Par, View4};
 
-/// `k: [B, G, T, D]` -> `[B, G, ceil(T / BLOCK_KEYS), kb_pad / NR, D, NR]`: each key block
+/// `k: [B, G, T, D]` -> `[B, G, ceil(T / block_keys), kb_pad / NR, D, NR]`: each key block
 /// transposed into panels of [`NR`] keys, contiguous along `D`, zero past `T`. The buffer comes
 /// from this thread's pool ([`crate::buffer::take`]); hand it back with `buffer::give`.
 pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
@@ -68,7 +68,7 @@ fn value_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ 
     }
 }
 
-/// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / BLOCK_KEYS), Dv_pad / NR, kb_pad, NR]`: each value
+/// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / block_keys), Dv_pad / NR, kb_pad, NR]`: each value
 /// block in panels of [`NR`] columns, contiguous along the keys, zero past `Dv`. Rows past a
 /// block's last key are left as they were (the products never read them).
 /// Each block's values are rounded to bf16 after it is packed when `round`.
@@ -126,7 +126,7 @@ pub(super) fn attend_tile(
     let mut amx = AmxTile::default();
     let mut t0 = keys.start;
     while t0 < t_end {
-        let bc = (t_end - t0).min(BLOCK_KEYS);
+        let bc = (t_end - t0).min(plan.block_keys);
         let block = KeyBlock {
             t0,
             bc,
@@ -213,7 +213,7 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
 }
 
 /// Pass 1: `scores = q_tile · k_blockᵀ`, `[n_rows, bc]` in `scratch.scores` (row stride
-/// `SCORES_LD`).
+/// `plan.scores_ld`).
 fn pass1_scores(
     scratch: &mut Scratch,
     plan: &Plan,
@@ -251,7 +251,7 @@ pub(crate) struct KeySource<'a> {
     pub kernel: ScoreKernel,
 }
 
-/// The buffers of one tile's pass 1: `scores: [BLOCK_ROWS, SCORES_LD]`, the scaled query rows
+/// The buffers of one tile's pass 1: `scores: [BLOCK_ROWS, plan.scores_ld]`, the scaled query rows
 /// `q_tile: [n_rows, D]`, and room `[kb_pad / NR, D, NR]` to transpose a key block into panels
 /// when K is not packed.
 pub(crate) struct ScoreTile<'a> {
@@ -273,7 +273,10 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     let d = plan.d;
     let (k_data, k_st) = (keys.k.data(), keys.k.strides());
     let k_base = b * k_st[0] + g * k_st[1] + t0 * k_st[2];
-    assert!(scores.len() >= BLOCK_ROWS * SCORES_LD && q_tile.len() >= n_rows * d && n_rows <= BLOCK_ROWS);
+    let ld = plan.scores_ld;
+    assert!(
+        scores.len() >= BLOCK_ROWS * ld && q_tile.len() >= n_rows * d && n_rows <= BLOCK_ROWS && bc <= plan.block_keys
+    );
     if keys.kernel != ScoreKernel::Tile {
         // Decoding's dot products against the keys in place, or the portable sum: the same
         // function the backward recomputes its scores with (`crate::scores`).
@@ -283,22 +286,14 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
             col_stride: k_st[3],
             bc,
         };
-        scores_into(
-            keys.kernel,
-            scores,
-            SCORES_LD,
-            q_tile,
-            [n_rows, d],
-            block,
-            &mut Vec::new(),
-        );
+        scores_into(keys.kernel, scores, ld, q_tile, [n_rows, d], block, &mut Vec::new());
         return;
     }
     let kt: &[f32] = match keys.kt_packed {
         Some(packed) => {
-            let blocks = plan.t.div_ceil(BLOCK_KEYS);
+            let blocks = plan.t.div_ceil(plan.block_keys);
             let group = if keys.per_group { 0 } else { b * plan.g + g };
-            let index = group * blocks + t0 / BLOCK_KEYS;
+            let index = group * blocks + t0 / plan.block_keys;
             &packed[index * d * plan.kb_pad..(index + 1) * d * plan.kb_pad]
         }
         None => {
@@ -307,7 +302,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
         }
     };
     // The same function the backward recomputes its scores with.
-    tile_scores(scores, SCORES_LD, q_tile, [n_rows, d], kt, bc);
+    tile_scores(scores, ld, q_tile, [n_rows, d], kt, bc);
 }
 
 /// The end of pass 1 (the mask) and passes 2 and 3 for each row: row max,
@@ -326,7 +321,8 @@ fn passes2_3_online_softmax(
 ) {
     let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
     let KeyBlock { t0, bc, .. } = *block;
-    let row_range = |i: usize| i * SCORES_LD..i * SCORES_LD + bc;
+    let ld = plan.scores_ld;
+    let row_range = |i: usize| i * ld..i * ld + bc;
     // Pass 1, continued: the mask; pass 2's row max.
     let mut m_new = [f32::NEG_INFINITY; BLOCK_ROWS];
     for (i, m) in m_new[..n_rows].iter_mut().enumerate() {
@@ -427,7 +423,7 @@ fn pass4_weighted_values(
                 [n_rows, dv, bc],
                 Accum::Add,
                 scratch.scores.as_ptr(),
-                [SCORES_LD, 1],
+                [plan.scores_ld, 1],
                 v_data.as_ptr().add(v_base),
                 [v_st[2], v_st[3]],
                 1.0,
@@ -440,9 +436,9 @@ fn pass4_weighted_values(
     // packed once for the call, in place (contiguous rows, a multiple of the kernel width
     // wide), or packed here into panels.
     let (v_ptr, ldv, v_panel) = if let Some(packed) = ops.v_packed {
-        let blocks = plan.t.div_ceil(BLOCK_KEYS);
+        let blocks = plan.t.div_ceil(plan.block_keys);
         let [b, g, _] = ops.packed_at(rows, block.t0);
-        let index = (b * plan.g + g) * blocks + block.t0 / BLOCK_KEYS;
+        let index = (b * plan.g + g) * blocks + block.t0 / plan.block_keys;
         let len = plan.kb_pad * dv_pad;
         let block_values = &packed[index * len..(index + 1) * len];
         (block_values.as_ptr(), NR, plan.kb_pad * NR)
@@ -471,7 +467,7 @@ fn pass4_weighted_values(
     }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `scores` is
-    // [n_rows, SCORES_LD] with `bc` valid columns, the value block (`bc` rows of `Dv_pad`
+    // [n_rows, plan.scores_ld] with `bc` valid columns, the value block (`bc` rows of `Dv_pad`
     // values, in place with row stride `ldv`, or in panels: bounds-checked with `v` or sized
     // by the plan) and `acc` is [BLOCK_ROWS, Dv_pad].
     unsafe {
@@ -481,7 +477,7 @@ fn pass4_weighted_values(
                 dv_pad,
                 bc,
                 scratch.scores.as_ptr(),
-                SCORES_LD,
+                plan.scores_ld,
                 v_ptr,
                 ldv,
                 scratch.acc.as_mut_ptr(),
@@ -498,7 +494,7 @@ fn pass4_weighted_values(
                 dv_pad,
                 bc,
                 scratch.scores.as_ptr(),
-                SCORES_LD,
+                plan.scores_ld,
                 v_ptr,
                 ldv,
                 v_panel,

@@ -3,7 +3,7 @@
 //! decoding, over K and V read in place.
 
 use super::scratch::{KeyBlock, Scratch, TileRows};
-use super::{Bf16Source, Kv, Operands, Plan, BLOCK_ROWS, P16_LD, SCORES_LD};
+use super::{Bf16Source, Kv, Operands, Plan, BF16_BLOCK_KEYS, BF16_SCORES_LD, BLOCK_ROWS, P16_LD};
 
 /// Pass 1 on `vdpbf16ps` or AMX: the tile's query pairs against the key block, packed or in
 /// place.
@@ -16,6 +16,11 @@ pub(super) fn bf16_scores(
     source: Bf16Source<'_>,
     amx: &mut AmxTile,
 ) {
+    // The bf16 kernels' tiles and layouts are those of blocks of BF16_BLOCK_KEYS keys.
+    assert_eq!(
+        plan.scores_ld, BF16_SCORES_LD,
+        "a bf16 call's plan has blocks of {BF16_BLOCK_KEYS} keys"
+    );
     let key_len = super::bf16::key_block_len(plan, ops.amx);
     #[cfg(target_arch = "x86_64")]
     if let (true, Bf16Source::Packed(kt16, _)) = (ops.amx, source) {
@@ -28,13 +33,13 @@ pub(super) fn bf16_scores(
     assert!(
         scratch.q16.len() >= rows.n_rows * pairs
             && scratch.q_tile.len() >= rows.n_rows * plan.d
-            && scratch.scores.len() >= BLOCK_ROWS * SCORES_LD
+            && scratch.scores.len() >= BLOCK_ROWS * BF16_SCORES_LD
     );
     let k_st = ops.k.strides();
     let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `ops.bf16` is set only at the detected AVX512-BF16 level; `scores` is
-    // `[BLOCK_ROWS, SCORES_LD]` with `bc <= SCORES_LD`. Packed: `q16` holds the tile's rows of
+    // `[BLOCK_ROWS, BF16_SCORES_LD]` with `bc <= BF16_SCORES_LD`. Packed: `q16` holds the tile's rows of
     // `pairs` words, `kt` the block's `kb_pad / 16` panels of `pairs · 16` words (`bc <=
     // kb_pad`). In place: at most `DECODE_ROWS_MAX` rows of `D` rounded values in `q_tile`,
     // and the block's `bc` keys of `D` contiguous values lie inside K (checked).
@@ -51,7 +56,7 @@ pub(super) fn bf16_scores(
                     kt.as_ptr().cast(),
                     pairs * 16,
                     scratch.scores.as_mut_ptr(),
-                    SCORES_LD,
+                    BF16_SCORES_LD,
                 )
             }
             Bf16Source::InPlace => {
@@ -60,11 +65,11 @@ pub(super) fn bf16_scores(
                 match ops.k {
                     Kv::F32(k) => {
                         let k = in_place(k.data(), k_base, bc, ks, d, "key");
-                        super::bf16_x86::dot_rows(n, d, q, d, k, ks, bc, c, SCORES_LD)
+                        super::bf16_x86::dot_rows(n, d, q, d, k, ks, bc, c, BF16_SCORES_LD)
                     }
                     Kv::Bits(k) => {
                         let k = in_place(k.data(), k_base, bc, ks, d, "key");
-                        super::bf16_x86::dot_rows(n, d, q, d, k, ks, bc, c, SCORES_LD)
+                        super::bf16_x86::dot_rows(n, d, q, d, k, ks, bc, c, BF16_SCORES_LD)
                     }
                 }
             }
@@ -147,11 +152,11 @@ pub(super) fn bf16_weighted_values(
                 match ops.v {
                     Kv::F32(v) => {
                         let v = in_place(v.data(), v_base, bc, vs, dv, "value");
-                        super::bf16_x86::axpy_rows(n_rows, dv, bc, p, SCORES_LD, v, vs, acc, dv_pad)
+                        super::bf16_x86::axpy_rows(n_rows, dv, bc, p, BF16_SCORES_LD, v, vs, acc, dv_pad)
                     }
                     Kv::Bits(v) => {
                         let v = in_place(v.data(), v_base, bc, vs, dv, "value");
-                        super::bf16_x86::axpy_rows(n_rows, dv, bc, p, SCORES_LD, v, vs, acc, dv_pad)
+                        super::bf16_x86::axpy_rows(n_rows, dv, bc, p, BF16_SCORES_LD, v, vs, acc, dv_pad)
                     }
                 }
             }
@@ -180,7 +185,7 @@ impl AmxTile {
 
     /// Pass 1 on AMX: `scores[i, j] = q_i · k_j` for `i < n_rows`, `j < bc`, from the query
     /// tile's A tiles `q16` ([`super::bf16::row_into_tiles`]) and the packed key block `keys` ([`super::bf16::pack_keys`]
-    /// for AMX), `scores` rows [`super::SCORES_LD`] apart.
+    /// for AMX), `scores` rows [`super::BF16_SCORES_LD`] apart.
     pub(super) fn scores(
         &mut self,
         plan: &Plan,
@@ -192,9 +197,9 @@ impl AmxTile {
         let pairs = super::bf16::key_pairs(plan, true);
         let steps = pairs / crate::bf16::AMX_STEP_PAIRS;
         let a_tiles = steps * crate::bf16::AMX_STEP_PAIRS * 16;
-        assert!(n_rows > 0 && bc > 0 && bc <= super::SCORES_LD);
+        assert!(n_rows > 0 && bc > 0 && bc <= super::BF16_SCORES_LD);
         assert!(q16.len() >= n_rows.div_ceil(16) * a_tiles && keys.len() >= bc.div_ceil(16) * pairs * 16);
-        assert!(scores.len() >= (n_rows - 1) * super::SCORES_LD + bc);
+        assert!(scores.len() >= (n_rows - 1) * super::BF16_SCORES_LD + bc);
         // SAFETY: the tiles cover `n_rows` rows of `steps` steps and `bc` columns of `pairs`
         // pairs (checked); `scores` holds `n_rows` rows of `bc` values.
         unsafe {
@@ -203,7 +208,7 @@ impl AmxTile {
                 (q16.as_ptr().cast(), a_tiles),
                 (keys.as_ptr().cast(), pairs * 16),
                 scores.as_mut_ptr(),
-                super::SCORES_LD,
+                super::BF16_SCORES_LD,
                 crate::bf16::amx::Init::Zero,
             )
         }

@@ -11,7 +11,7 @@
 //! its tiles differently (per head, not per key/value group). AMX tiles are not run here: on
 //! AMX the second pass stays on the rounded copies (docs/SEMANTICS.md says where it differs).
 
-use super::{bf16, decodes_in_place, rounds_into_f32, Plan, BLOCK_KEYS, BLOCK_ROWS, SCORES_LD};
+use super::{bf16, decodes_in_place, rounds_into_f32, Plan, BF16_BLOCK_KEYS, BF16_SCORES_LD, BLOCK_ROWS};
 use crate::buffer::Buffer;
 use crate::{round_to_bf16, Bf16Level, Par, View4};
 
@@ -29,6 +29,10 @@ impl<'a> Bf16Scores<'a> {
     /// forward reads K and V in place only when both rows are contiguous): `None` where the
     /// forward multiplies rounded operands in f32 or runs on AMX tiles.
     pub(crate) fn for_call(plan: &Plan, k: View4<'a, f32>, v_strides: [usize; 4], par: Par) -> Option<Self> {
+        assert_eq!(
+            plan.block_keys, BF16_BLOCK_KEYS,
+            "a bf16 call's plan has blocks of {BF16_BLOCK_KEYS} keys"
+        );
         let in_place = decodes_in_place(plan, k.strides(), v_strides);
         if rounds_into_f32(in_place) {
             return None;
@@ -66,11 +70,11 @@ impl<'a> Bf16Scores<'a> {
         }
     }
 
-    /// `scores[i·SCORES_LD + j]` = query row `i` of `q_tile` (rows [`Bf16Scores::row_words`]
+    /// `scores[i·BF16_SCORES_LD + j]` = query row `i` of `q_tile` (rows [`Bf16Scores::row_words`]
     /// apart, loaded by [`Bf16Scores::load_row`]) against key `t0 + j` of `(b, g)`, for
     /// `i < n_rows` and `j < bc`, by the forward's kernel.
     pub(crate) fn block(&self, q_tile: &[f32], n_rows: usize, [b, g, t0, bc]: [usize; 4], scores: &mut [f32]) {
-        assert!(n_rows <= BLOCK_ROWS && bc <= BLOCK_KEYS && scores.len() >= BLOCK_ROWS * SCORES_LD);
+        assert!(n_rows <= BLOCK_ROWS && bc <= BF16_BLOCK_KEYS && scores.len() >= BLOCK_ROWS * BF16_SCORES_LD);
         match self {
             Bf16Scores::Packed(plan, kt16) => {
                 let pairs = plan.d.div_ceil(2);
@@ -80,7 +84,7 @@ impl<'a> Bf16Scores<'a> {
                 // SAFETY: `Packed` is made only where the forward runs `vdpbf16ps` (the
                 // AVX512-BF16 level, not AMX); `q_tile` holds `n_rows` rows of `pairs` words,
                 // `kt` the block's `kb_pad / 16` panels of `pairs · 16` words with `bc <=
-                // kb_pad`, and `scores` `[BLOCK_ROWS, SCORES_LD]` (checked above).
+                // kb_pad`, and `scores` `[BLOCK_ROWS, BF16_SCORES_LD]` (checked above).
                 unsafe {
                     crate::bf16::avx512bf16::tile::<false>(
                         n_rows,
@@ -91,7 +95,7 @@ impl<'a> Bf16Scores<'a> {
                         kt.as_ptr().cast(),
                         pairs * 16,
                         scores.as_mut_ptr(),
-                        SCORES_LD,
+                        BF16_SCORES_LD,
                     )
                 };
                 #[cfg(not(target_arch = "x86_64"))]
@@ -122,7 +126,7 @@ impl<'a> Bf16Scores<'a> {
                         st[2],
                         bc,
                         scores.as_mut_ptr(),
-                        SCORES_LD,
+                        BF16_SCORES_LD,
                     )
                 };
                 #[cfg(not(target_arch = "x86_64"))]
