@@ -202,6 +202,14 @@ impl Mask<'_> {
     }
 }
 
+/// Whether [`mask_row`] does more to a row than hide the keys past its limit: ALiBi or a mask.
+/// Without them, a row whose block ends at or before its limit is left as it is, and the flash
+/// kernel skips the call.
+#[inline]
+pub(crate) fn shapes_rows(options: &AttentionOptions<'_>) -> bool {
+    options.alibi_slopes.is_some() || !matches!(options.mask, Mask::None) || !matches!(options.key_mask, Mask::None)
+}
+
 /// Applies everything of `options` that shapes one score row: `row[j]` holds the scaled score
 /// of key `t0 + j` for `(b, h, s)` in a call of `n_queries` queries and `n_keys` keys. Keys at or
 /// past `limit` (causal and key lengths folded together) become `-inf`.

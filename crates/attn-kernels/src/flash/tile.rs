@@ -6,7 +6,7 @@ use super::tile_bf16::AmxTile;
 use super::{row_position, Bf16Source, Operands, Plan, BLOCK_ROWS, P16_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
-use crate::mask::mask_row;
+use crate::mask::{mask_row, shapes_rows};
 use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::tile::NR;
@@ -323,12 +323,15 @@ fn passes2_3_online_softmax(
     let KeyBlock { t0, bc, .. } = *block;
     let ld = plan.scores_ld;
     let row_range = |i: usize| i * ld..i * ld + bc;
-    // Pass 1, continued: the mask; pass 2's row max.
+    // Pass 1, continued: the mask (no call for a row it would leave as it is); pass 2's row max.
+    let shapes = shapes_rows(ops.options);
     let mut m_new = [f32::NEG_INFINITY; BLOCK_ROWS];
     for (i, m) in m_new[..n_rows].iter_mut().enumerate() {
         let row = &mut scratch.scores[row_range(i)];
         let (s, h) = rows.positions[i];
-        mask_row(row, ops.options, [rows.b, h, s], t0, rows.limits[i], [plan.s, plan.t]);
+        if shapes || t0 + bc > rows.limits[i] {
+            mask_row(row, ops.options, [rows.b, h, s], t0, rows.limits[i], [plan.s, plan.t]);
+        }
         if ops.keep_scores {
             scratch.kept[i * plan.t + t0..i * plan.t + t0 + bc].copy_from_slice(row);
         }
