@@ -164,6 +164,54 @@ pub(crate) fn tile_scores(dst: &mut [f32], ld: usize, q_tile: &[f32], [rows, d]:
     };
 }
 
+/// [`tile_scores`] for a whole number of panels (`bc` a multiple of [`NR`]), also folding each
+/// row's maximum into `maxes[i·W .. (i + 1)·W]`, `W` = [`crate::tile::max_lanes`] lanes (which
+/// the caller starts at `-inf`): the same scores, and each row's maximum without reading them
+/// again.
+pub(crate) fn tile_scores_max(
+    dst: &mut [f32],
+    ld: usize,
+    q_tile: &[f32],
+    [rows, d]: [usize; 2],
+    kt: &[f32],
+    bc: usize,
+    maxes: &mut [f32],
+) {
+    if rows == 0 || bc == 0 {
+        return;
+    }
+    assert!(
+        crate::simd::simd_level().is_vector(),
+        "the tile kernel needs a vector level"
+    );
+    assert!(bc.is_multiple_of(NR) && ld >= bc && dst.len() >= (rows - 1) * ld + bc);
+    assert!(q_tile.len() >= rows * d && kt.len() >= bc * d);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = maxes;
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(maxes.len() >= rows * crate::tile::max_lanes());
+        // SAFETY: a vector level was checked above; `q_tile` is [rows, D], `kt` holds `bc / NR`
+        // panels of [D, NR], `dst` [rows, ld] with `ld ≥ bc`, `maxes` `rows` rows of the
+        // level's lanes (asserted above).
+        unsafe {
+            crate::tile::gemm_max(
+                rows,
+                bc,
+                d,
+                q_tile.as_ptr(),
+                d,
+                kt.as_ptr(),
+                NR,
+                d * NR,
+                dst.as_mut_ptr(),
+                ld,
+                maxes.as_mut_ptr(),
+            )
+        };
+    }
+}
+
 /// `bc` key rows (`keys[j·row_stride + p·col_stride]`, `p < d`) into transposed panels:
 /// `dst[(j / NR)·d·NR + p·NR + j % NR]`, zero for `j` from `bc` up to the next multiple of
 /// [`NR`].

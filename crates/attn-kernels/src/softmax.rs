@@ -394,6 +394,7 @@ impl Scorer<'_> {
                     q_tile,
                     kt_scratch: &mut [],
                     n_rows,
+                    maxes: None,
                 };
                 crate::flash::block_scores(tile, plan, keys, at);
             }

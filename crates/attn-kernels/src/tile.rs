@@ -21,6 +21,8 @@
 //! place, are in `decode.rs`.
 
 use crate::flash::{BF16_SCORES_LD, SCORES_LD};
+#[cfg(target_arch = "x86_64")]
+use std::ptr::null_mut;
 
 /// Output columns of one micro-kernel call.
 pub(crate) const NR: usize = 16;
@@ -128,6 +130,10 @@ pub(crate) use decode::{axpy_rows, dot_rows, DECODE_ROWS_MAX};
 /// cannot size an array from an expression of generic parameters). Every broadcast of `a` feeds
 /// `VECS` FMAs, so the loads per FMA are `(VECS + ROWS) / (VECS · ROWS)`.
 ///
+/// With `MAX`, each row's maximum over the block's columns is folded into the `L::N` lanes at
+/// `maxes + r·L::N` (`max(lanes, columns)`, lane by lane; the caller starts them at `-inf`), so
+/// the flash kernel has its rows' maxima without reading the scores again.
+///
 /// With `A_T`, `a` is read transposed: `a[p·lda + r]` instead of `a[r·lda + p]` (a
 /// `[depth, ROWS]` operand stored step by step, such as a row-major tile whose transpose is
 /// the left operand), so each step's broadcasts are `ROWS` consecutive floats.
@@ -142,7 +148,8 @@ pub(crate) use decode::{axpy_rows, dot_rows, DECODE_ROWS_MAX};
 /// # Safety
 /// `L`'s features must be enabled by the caller; `VECS · L::N` a multiple of `NR`; `a` must be
 /// readable at `r·lda + p` (`p·lda + r` with `A_T`) for `r < ROWS`, `p < depth`; each panel
-/// readable at `p·ldb .. p·ldb + NR`; `c` writable at `r·ldc .. r·ldc + VECS · L::N`.
+/// readable at `p·ldb .. p·ldb + NR`; `c` writable at `r·ldc .. r·ldc + VECS · L::N`; with
+/// `MAX`, `maxes` readable and writable at `r·L::N .. (r + 1)·L::N`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -153,6 +160,7 @@ unsafe fn block<
     const ACCUMULATE: bool,
     const A_T: bool,
     const LDA: usize,
+    const MAX: bool,
 >(
     depth: usize,
     a: *const f32,
@@ -162,6 +170,7 @@ unsafe fn block<
     b_panel: usize,
     c: *mut f32,
     ldc: usize,
+    maxes: *mut f32,
 ) {
     let per_panel = NR / L::N;
     // SAFETY: all pointer offsets stay within the ranges the caller guarantees.
@@ -192,6 +201,13 @@ unsafe fn block<
                 L::store(c.add(r * ldc + v * L::N), *acc_rv);
             }
         }
+        if MAX {
+            for (r, acc_r) in acc.iter().enumerate() {
+                let m = acc_r[1..].iter().fold(acc_r[0], |m, &x| L::max(m, x));
+                let lanes = maxes.add(r * L::N);
+                L::store(lanes, L::max(L::load(lanes), m));
+            }
+        }
     }
 }
 
@@ -203,7 +219,8 @@ unsafe fn block<
 /// library packs into, which no power-of-two row stride can push out of L1) are `(NR,
 /// NR·depth)`. Columns `$vecs` vectors at a time outside (a last single panel on its own, at
 /// `$vecs1` vectors), row blocks of at most `$mr` (`$mr1`) rows inside: the panels stay in L1
-/// while every row block of `a` passes over them.
+/// while every row block of `a` passes over them. With `MAX`, each row's maximum over `N`
+/// columns is folded into the `L::N` lanes at `maxes + r·L::N` ([`block`]).
 macro_rules! tile_gemm {
     ($name:ident, $lanes:ty, $features:literal,
      wide: [$vecs:literal, $mr:expr, $($rows:literal)*],
@@ -213,7 +230,7 @@ macro_rules! tile_gemm {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         #[allow(clippy::too_many_arguments)]
-        pub(crate) unsafe fn $name<const ACCUMULATE: bool, const A_T: bool>(
+        pub(crate) unsafe fn $name<const ACCUMULATE: bool, const A_T: bool, const MAX: bool>(
             rows: usize,
             n: usize,
             depth: usize,
@@ -224,6 +241,7 @@ macro_rules! tile_gemm {
             b_panel: usize,
             c: *mut f32,
             ldc: usize,
+            maxes: *mut f32,
         ) {
             // The kernel stores whole panels: a ragged `n` would write past `c`'s rows.
             assert_eq!(n % NR, 0, "gemm: n = {n} is not a multiple of {NR}");
@@ -240,12 +258,13 @@ macro_rules! tile_gemm {
                     unsafe {
                         let a_blk = if A_T { a.add(r0) } else { a.add(r0 * lda) };
                         let (b_blk, c_blk) = (b.add(j0 / NR * b_panel), c.add(r0 * ldc + j0));
+                        let m_blk = maxes.wrapping_add(r0 * <$lanes as crate::lanes::Lanes>::N);
                         // The row blocks of the wide columns, with `a`'s row stride as the
                         // constant `$lda` (0: `lda` at run time).
                         macro_rules! wide {
                             ($lda:expr) => {
                                 match mr {
-                                    $($rows => block::<$lanes, $rows, $vecs, ACCUMULATE, A_T, { $lda }>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc),)*
+                                    $($rows => block::<$lanes, $rows, $vecs, ACCUMULATE, A_T, { $lda }, MAX>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc, m_blk),)*
                                     _ => unreachable!("at most {} rows", $mr),
                                 }
                             };
@@ -265,7 +284,7 @@ macro_rules! tile_gemm {
                             (true, BF16_SCORES_LD) if !A_T => wide!(BF16_SCORES_LD),
                             (true, _) => wide!(0),
                             (false, _) => match mr {
-                                $($rows1 => block::<$lanes, $rows1, $vecs1, ACCUMULATE, A_T, 0>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc),)*
+                                $($rows1 => block::<$lanes, $rows1, $vecs1, ACCUMULATE, A_T, 0, MAX>(depth, a_blk, lda, b_blk, ldb, b_panel, c_blk, ldc, m_blk),)*
                                 _ => unreachable!("at most {} rows", $mr1),
                             },
                         }
@@ -315,10 +334,52 @@ pub(crate) unsafe fn gemm<const ACCUMULATE: bool, const A_T: bool>(
         // SAFETY: `Avx512` is only reported when the CPU has AVX-512 F/BW/VL/DQ; operands by the
         // caller's contract.
         crate::SimdLevel::Avx512 => unsafe {
-            gemm_avx512::<ACCUMULATE, A_T>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc)
+            gemm_avx512::<ACCUMULATE, A_T, false>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc, null_mut())
         },
         // SAFETY: every vector level has AVX2 and FMA; operands by the caller's contract.
-        _ => unsafe { gemm_avx2::<ACCUMULATE, A_T>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc) },
+        _ => unsafe {
+            gemm_avx2::<ACCUMULATE, A_T, false>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc, null_mut())
+        },
+    }
+}
+
+/// Lanes per row of [`gemm_max`]'s maxima at the running level: the level's vector width.
+pub(crate) fn max_lanes() -> usize {
+    match crate::simd::simd_level() {
+        crate::SimdLevel::Avx512 => 16,
+        _ => 8,
+    }
+}
+
+/// [`gemm`] writing `c = a · b` (no accumulation, `a` row-major) that also folds each row's
+/// maximum over its `N` columns into `maxes[r·W .. (r + 1)·W]`, `W` = [`max_lanes`], lane by
+/// lane: `maxes` starts at `-inf` (or a running maximum) and the row's maximum is that of its
+/// `W` lanes afterwards. NaN columns may or may not win, as in [`crate::simd::row_max`].
+///
+/// # Safety
+/// As for [`gemm`], and `maxes` holds `rows · max_lanes()` floats.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_max(
+    rows: usize,
+    n: usize,
+    depth: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    maxes: *mut f32,
+) {
+    match crate::simd::simd_level() {
+        // SAFETY: as for `gemm`; `maxes` by the caller's contract.
+        crate::SimdLevel::Avx512 => unsafe {
+            gemm_avx512::<false, false, true>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc, maxes)
+        },
+        // SAFETY: as for `gemm`; `maxes` by the caller's contract.
+        _ => unsafe { gemm_avx2::<false, false, true>(rows, n, depth, a, lda, b, ldb, b_panel, c, ldc, maxes) },
     }
 }
 
@@ -367,7 +428,21 @@ mod tests {
         let mut c = [0.0f32; 16 * 16];
         let ragged_gemm = std::panic::catch_unwind(move || {
             // SAFETY: AVX2 and FMA were detected; every operand holds 16×16 values.
-            unsafe { super::gemm_avx2::<false, false>(2, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, 16, c.as_mut_ptr(), 16) }
+            unsafe {
+                super::gemm_avx2::<false, false, false>(
+                    2,
+                    8,
+                    4,
+                    a.as_ptr(),
+                    16,
+                    b.as_ptr(),
+                    16,
+                    16,
+                    c.as_mut_ptr(),
+                    16,
+                    std::ptr::null_mut(),
+                )
+            }
         });
         assert!(ragged_gemm.is_err(), "gemm accepted n = 8");
         let ragged_axpy = std::panic::catch_unwind(move || {
@@ -385,40 +460,59 @@ mod tests {
     /// The tile GEMM of every vector level this CPU has against the definition in f64: row
     /// counts across each level's block heights (6; 8 over two panels, 16 over one), three
     /// panels (a pair and a last single one), depths with and without a tail, replacing and
-    /// accumulating, `a` read as it is and transposed (`A_T`).
+    /// accumulating, `a` read as it is and transposed (`A_T`); and replacing with each row's
+    /// maximum folded into the level's lanes (`MAX`, as the flash forward's scores take it):
+    /// the lanes' maximum is exactly that of the row's outputs.
     #[test]
     fn tile_gemm_matches_its_definition_at_every_level() {
-        type Gemm = unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, usize, *mut f32, usize);
-        let mut levels: Vec<(&str, bool, Gemm, Gemm)> = Vec::new();
+        type Gemm =
+            unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, usize, *mut f32, usize, *mut f32);
+        let mut levels: Vec<(&str, bool, [Gemm; 3], usize)> = Vec::new();
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             levels.push((
                 "avx2",
                 false,
-                super::gemm_avx2::<false, false>,
-                super::gemm_avx2::<true, false>,
+                [
+                    super::gemm_avx2::<false, false, false>,
+                    super::gemm_avx2::<true, false, false>,
+                    super::gemm_avx2::<false, false, true>,
+                ],
+                8,
             ));
             levels.push((
                 "avx2",
                 true,
-                super::gemm_avx2::<false, true>,
-                super::gemm_avx2::<true, true>,
+                [
+                    super::gemm_avx2::<false, true, false>,
+                    super::gemm_avx2::<true, true, false>,
+                    super::gemm_avx2::<false, true, true>,
+                ],
+                8,
             ));
         }
         if crate::simd::detect() == crate::SimdLevel::Avx512 {
             levels.push((
                 "avx512",
                 false,
-                super::gemm_avx512::<false, false>,
-                super::gemm_avx512::<true, false>,
+                [
+                    super::gemm_avx512::<false, false, false>,
+                    super::gemm_avx512::<true, false, false>,
+                    super::gemm_avx512::<false, false, true>,
+                ],
+                16,
             ));
             levels.push((
                 "avx512",
                 true,
-                super::gemm_avx512::<false, true>,
-                super::gemm_avx512::<true, true>,
+                [
+                    super::gemm_avx512::<false, true, false>,
+                    super::gemm_avx512::<true, true, false>,
+                    super::gemm_avx512::<false, true, true>,
+                ],
+                16,
             ));
         }
-        for (name, a_t, replace, accumulate) in levels {
+        for (name, a_t, [replace, accumulate, with_max], lanes) in levels {
             // `a`'s row stride (its step stride with `a_t`): the length of what it strides
             // over, and each stride the kernel takes as a constant.
             let strides = |len: usize| {
@@ -450,17 +544,14 @@ mod tests {
                         ("row-major", &b, n, super::NR),
                         ("panels", &panels, super::NR, super::NR * depth),
                     ];
-                    for ((mode, kernel), (layout, b_data, ldb, b_panel)) in
-                        [("replace", replace), ("accumulate", accumulate)]
-                            .into_iter()
-                            .zip(layouts)
-                            .chain(
-                                [("replace", replace), ("accumulate", accumulate)]
-                                    .into_iter()
-                                    .zip(layouts.into_iter().rev()),
-                            )
+                    let modes = [("replace", replace), ("accumulate", accumulate), ("max", with_max)];
+                    for ((mode, kernel), (layout, b_data, ldb, b_panel)) in modes
+                        .into_iter()
+                        .zip(layouts.into_iter().cycle())
+                        .chain(modes.into_iter().zip(layouts.into_iter().rev().cycle()))
                     {
                         let mut c = start.clone();
+                        let mut maxes = vec![f32::NEG_INFINITY; rows * lanes];
                         // SAFETY: the level was detected; `a` is [rows, depth], `b` [depth, 48]
                         // in either layout, `c` [rows, 48].
                         unsafe {
@@ -475,8 +566,20 @@ mod tests {
                                 b_panel,
                                 c.as_mut_ptr(),
                                 n,
+                                maxes.as_mut_ptr(),
                             )
                         };
+                        for r in 0..rows {
+                            let row_max = c[r * n..(r + 1) * n].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                            let lanes_max = maxes[r * lanes..(r + 1) * lanes]
+                                .iter()
+                                .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                            let want = if mode == "max" { row_max } else { f32::NEG_INFINITY };
+                            assert_eq!(
+                                lanes_max, want,
+                                "{name} a_t {a_t} {mode} {layout} rows {rows} depth {depth} lda {lda}: row {r}'s maximum"
+                            );
+                        }
                         for r in 0..rows {
                             for j in 0..n {
                                 let mut want: f64 =

@@ -19,6 +19,9 @@ pub(super) struct Scratch {
     /// `[Dv_pad / NR, kb_pad, NR]`: the value block in panels (when V is not packed and cannot
     /// be read in place).
     pub(super) vp: Buffer,
+    /// `[BLOCK_ROWS, 16]`: each row's maximum over a key block in the running level's lanes
+    /// (pass 1, `block_scores`).
+    pub(super) maxes: Buffer,
     pub(super) m: Buffer,
     pub(super) l: Buffer,
     /// `[BLOCK_ROWS, D / 2]` words: the scaled query rows rounded to bf16 pairs (bf16 calls;
@@ -39,6 +42,7 @@ impl Scratch {
             acc: Buffer::zeroed(BLOCK_ROWS * plan.dv_pad),
             kt: Buffer::zeroed(plan.d * plan.kb_pad),
             vp: Buffer::zeroed(plan.kb_pad * plan.dv_pad),
+            maxes: Buffer::zeroed(BLOCK_ROWS * 16),
             m: Buffer::zeroed(BLOCK_ROWS),
             l: Buffer::zeroed(BLOCK_ROWS),
             q16: Buffer::zeroed(BLOCK_ROWS * q16_words(plan)),

@@ -7,7 +7,7 @@ use super::{row_position, Bf16Source, Operands, Plan, BLOCK_ROWS, P16_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, shapes_rows};
-use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
+use crate::scores::{key_panels, scores_into, tile_scores, tile_scores_max, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::tile::NR;
 use crate::{Accum, Par, View4};
@@ -133,8 +133,8 @@ pub(super) fn attend_tile(
             v_base: b * v_st[0] + g * v_st[1] + t0 * v_st[2],
             first: t0 == keys.start,
         };
-        pass1_scores(scratch, plan, ops, &rows, &block, &mut amx);
-        passes2_3_online_softmax(scratch, plan, ops, &rows, &block);
+        let maxes = pass1_scores(scratch, plan, ops, &rows, &block, &mut amx);
+        passes2_3_online_softmax(scratch, plan, ops, &rows, &block, maxes);
         pass4_weighted_values(scratch, plan, ops, &rows, &block, &mut amx);
         t0 += bc;
     }
@@ -213,7 +213,8 @@ fn load_query_tile(scratch: &mut Scratch, plan: &Plan, ops: &Operands<'_, '_>, [
 }
 
 /// Pass 1: `scores = q_tile · k_blockᵀ`, `[n_rows, bc]` in `scratch.scores` (row stride
-/// `plan.scores_ld`).
+/// `plan.scores_ld`). Returns whether it also left each row's maximum in `scratch.maxes`
+/// ([`block_scores`]).
 fn pass1_scores(
     scratch: &mut Scratch,
     plan: &Plan,
@@ -221,10 +222,10 @@ fn pass1_scores(
     rows: &TileRows,
     block: &KeyBlock,
     amx: &mut AmxTile,
-) {
+) -> bool {
     if let Some(source) = ops.bf16 {
         super::tile_bf16::bf16_scores(scratch, plan, ops, rows, block, source, amx);
-        return;
+        return false;
     }
     let keys = KeySource {
         k: ops.k.f32(),
@@ -237,8 +238,9 @@ fn pass1_scores(
         q_tile: &scratch.q_tile,
         kt_scratch: &mut scratch.kt,
         n_rows: rows.n_rows,
+        maxes: Some(&mut scratch.maxes),
     };
-    block_scores(tile, plan, &keys, [rows.b, rows.g, block.t0, block.bc]);
+    block_scores(tile, plan, &keys, [rows.b, rows.g, block.t0, block.bc])
 }
 
 /// Where a key block's scores come from: `k: [B, G, T, D]`, K transposed once for the call
@@ -252,23 +254,28 @@ pub(crate) struct KeySource<'a> {
 }
 
 /// The buffers of one tile's pass 1: `scores: [BLOCK_ROWS, plan.scores_ld]`, the scaled query rows
-/// `q_tile: [n_rows, D]`, and room `[kb_pad / NR, D, NR]` to transpose a key block into panels
-/// when K is not packed.
+/// `q_tile: [n_rows, D]`, room `[kb_pad / NR, D, NR]` to transpose a key block into panels
+/// when K is not packed, and optionally `[BLOCK_ROWS, max_lanes]` for the rows' maxima.
 pub(crate) struct ScoreTile<'a> {
     pub scores: &'a mut [f32],
     pub q_tile: &'a [f32],
     pub kt_scratch: &'a mut [f32],
     pub n_rows: usize,
+    pub maxes: Option<&'a mut [f32]>,
 }
 
 /// Pass 1 for one key block of `(b, g)`: `scores[i, j] = q_tile[i] · k[b, g, t0 + j]` for
-/// `i < n_rows`, `j < bc`. The flash kernel and [`crate::attention_weights`] share it.
-pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_>, [b, g, t0, bc]: [usize; 4]) {
+/// `i < n_rows`, `j < bc`. The flash kernel and [`crate::attention_weights`] share it. With
+/// `maxes`, on the tile kernel and a whole number of its panels (`bc` a multiple of [`NR`], so
+/// no padding column takes part), each row's maximum over the block is also left in the
+/// row's `max_lanes` lanes of `maxes` ([`tile_scores_max`]); returns whether it was.
+pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_>, [b, g, t0, bc]: [usize; 4]) -> bool {
     let ScoreTile {
         scores,
         q_tile,
         kt_scratch,
         n_rows,
+        maxes,
     } = tile;
     let d = plan.d;
     let (k_data, k_st) = (keys.k.data(), keys.k.strides());
@@ -287,7 +294,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
             bc,
         };
         scores_into(keys.kernel, scores, ld, q_tile, [n_rows, d], block, &mut Vec::new());
-        return;
+        return false;
     }
     let kt: &[f32] = match keys.kt_packed {
         Some(packed) => {
@@ -301,8 +308,19 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
             &*kt_scratch
         }
     };
-    // The same function the backward recomputes its scores with.
-    tile_scores(scores, ld, q_tile, [n_rows, d], kt, bc);
+    // The same function the backward recomputes its scores with (the same bits with the
+    // maxima).
+    match maxes {
+        Some(maxes) if bc.is_multiple_of(NR) => {
+            maxes[..n_rows * crate::tile::max_lanes()].fill(f32::NEG_INFINITY);
+            tile_scores_max(scores, ld, q_tile, [n_rows, d], kt, bc, maxes);
+            true
+        }
+        _ => {
+            tile_scores(scores, ld, q_tile, [n_rows, d], kt, bc);
+            false
+        }
+    }
 }
 
 /// The end of pass 1 (the mask) and passes 2 and 3 for each row: row max,
@@ -318,6 +336,7 @@ fn passes2_3_online_softmax(
     ops: &Operands<'_, '_>,
     rows: &TileRows,
     block: &KeyBlock,
+    maxes: bool,
 ) {
     let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
     let KeyBlock { t0, bc, .. } = *block;
@@ -329,13 +348,24 @@ fn passes2_3_online_softmax(
     for (i, m) in m_new[..n_rows].iter_mut().enumerate() {
         let row = &mut scratch.scores[row_range(i)];
         let (s, h) = rows.positions[i];
-        if shapes || t0 + bc > rows.limits[i] {
+        let masked = shapes || t0 + bc > rows.limits[i];
+        if masked {
             mask_row(row, ops.options, [rows.b, h, s], t0, rows.limits[i], [plan.s, plan.t]);
         }
         if ops.keep_scores {
             scratch.kept[i * plan.t + t0..i * plan.t + t0 + bc].copy_from_slice(row);
         }
-        *m = scratch.m[i].max(row_max(row));
+        // Pass 1's maxima hold for a row the mask left as it was (the same maximum; NaN may
+        // win or not either way, and a NaN row comes out NaN).
+        let row_m = if maxes && !masked {
+            let lanes = crate::tile::max_lanes();
+            scratch.maxes[i * lanes..(i + 1) * lanes]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+        } else {
+            row_max(row)
+        };
+        *m = scratch.m[i].max(row_m);
     }
     // Pass 2: exp and sum.
     let mut sums = [0.0f32; BLOCK_ROWS];
