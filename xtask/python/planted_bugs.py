@@ -1,4 +1,4 @@
-"""Plants nine known bugs, one at a time, and checks that the tests of the crate that owns the code
+"""Plants ten known bugs, one at a time, and checks that the tests of the crate that owns the code
 catch each (issue: "tests that catch the bugs that matter, in the crate that owns the code").
 
 For each bug: patch the source, run `cargo test --release -p CRATE` for the crate that owns the code
@@ -79,6 +79,13 @@ BUGS = [
         "crates/attn-core/src/mha/train.rs",
         "            let (k0, k1) = (packing.key_starts[i], packing.key_starts[i + 1]);",
         "            let (k0, k1) = (packing.key_starts[i] - usize::from(i == 1), packing.key_starts[i + 1]);",
+    ),
+    (
+        "the flash forward takes a row's folded maximum from the next row",
+        "attn-kernels",
+        "crates/attn-kernels/src/flash/tile.rs",
+        "            scratch.maxes[i * lanes..(i + 1) * lanes]",
+        "            scratch.maxes[(i + 1) % n_rows * lanes..((i + 1) % n_rows + 1) * lanes]",
     ),
 ]
 

@@ -604,6 +604,66 @@ fn operands_with_non_unit_inner_strides() {
     }
 }
 
+/// The rows' maxima that the score kernel folds as it stores the scores (each row's maximum
+/// in the level's lanes) give the bits of the `row_max` pass over the stored scores: whole
+/// key blocks and a ragged last one (which takes the pass), rows that the causal mask or the
+/// key lengths cut inside a block (the pass) and rows they leave alone (the folded maxima),
+/// an additive mask (the pass everywhere), several row tiles and GQA. A folded maximum taken
+/// from the wrong row or lane changes the rows' bits.
+#[test]
+fn folded_row_maxima_give_the_bits_of_the_row_max_pass() {
+    use super::tile::FORCE_ROW_MAX_PASS;
+    let lengths = [1000, 700];
+    let additive = random_vec(2 * 4 * 130 * 1000, 9);
+    for (s, t, causal, with_lengths, mask) in [
+        (70, BLOCK_KEYS + 64, Causal::None, false, false),
+        (130, 1000, Causal::TopLeft, false, false),
+        (130, 1000, Causal::BottomRight, true, false),
+        (64, 2 * BLOCK_KEYS, Causal::None, true, false),
+        (130, 1000, Causal::None, false, true),
+    ] {
+        let (b, h, g, d) = (2, 4, 2, 32);
+        let q = random_vec(b * h * s * d, 1);
+        // Scores spread over tens, so that a wrong maximum rounds differently.
+        let k: Vec<f32> = random_vec(b * g * t * d, 2).iter().map(|x| 8.0 * x).collect();
+        let v = random_vec(b * g * t * d, 3);
+        let options = AttentionOptions {
+            causal,
+            key_lengths: with_lengths.then_some(&lengths[..]),
+            mask: if mask {
+                Mask::Additive(View4::contiguous(&additive[..b * h * s * t], [b, h, s, t]).unwrap())
+            } else {
+                Mask::None
+            },
+            ..Default::default()
+        };
+        let run = |forced: bool| {
+            FORCE_ROW_MAX_PASS.with(|f| f.set(forced));
+            let (mut out, mut lse) = (vec![0.0f32; b * h * s * d], vec![0.0f32; b * h * s]);
+            flash_attention(
+                ViewMut4::contiguous(&mut out, [b, h, s, d]).unwrap(),
+                Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap()),
+                ForwardInputs::new(
+                    View4::contiguous(&q, [b, h, s, d]).unwrap(),
+                    View4::contiguous(&k, [b, g, t, d]).unwrap(),
+                    View4::contiguous(&v, [b, g, t, d]).unwrap(),
+                ),
+                &options,
+                Par::Seq,
+            )
+            .unwrap();
+            FORCE_ROW_MAX_PASS.with(|f| f.set(false));
+            (out, lse)
+        };
+        let (folded, pass) = (run(false), run(true));
+        assert!(folded.0.iter().all(|x| x.is_finite()));
+        assert!(
+            bits_eq(&folded, &pass),
+            "S {s}, T {t}, {causal:?}, lengths {with_lengths}, mask {mask}"
+        );
+    }
+}
+
 /// The split-KV merge keeps the non-finite policy: a NaN query makes its row NaN, and so does
 /// a split whose every visible key has a NaN score, though the other split is finite.
 #[test]

@@ -238,9 +238,25 @@ fn pass1_scores(
         q_tile: &scratch.q_tile,
         kt_scratch: &mut scratch.kt,
         n_rows: rows.n_rows,
-        maxes: Some(&mut scratch.maxes),
+        maxes: (!row_max_pass_forced()).then_some(&mut scratch.maxes[..]),
     };
     block_scores(tile, plan, &keys, [rows.b, rows.g, block.t0, block.bc])
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by the tests to take every row's maximum from the `row_max` pass, as without the
+    /// score kernel's folded maxima.
+    pub(crate) static FORCE_ROW_MAX_PASS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a test on this thread asked for the `row_max` pass (never outside tests).
+fn row_max_pass_forced() -> bool {
+    #[cfg(test)]
+    let forced = FORCE_ROW_MAX_PASS.with(|f| f.get());
+    #[cfg(not(test))]
+    let forced = false;
+    forced
 }
 
 /// Where a key block's scores come from: `k: [B, G, T, D]`, K transposed once for the call
