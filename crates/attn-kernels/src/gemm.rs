@@ -257,8 +257,9 @@ fn check_shapes(
 }
 
 /// The GEMM a product `[m, k] · [k, n]` into a row-major destination runs on at this level:
-/// `"own"` (attn's packed GEMM) or `"faer"`; [`gemm_packed`] reads its panels exactly
-/// when this is `"own"` (for `attn check` and the benchmarks' reports).
+/// `"own"` (attn's packed GEMM) or `"faer"` (for `attn check` and the benchmarks' reports).
+/// A product by panels packed once ([`gemm_packed`]) may go elsewhere: [`F32Panels::read_by`]
+/// says whether it runs on the own GEMM (on Zen 5 only those do).
 pub fn gemm_route([m, n, k]: [usize; 3]) -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if own_gemm([n.max(1), 1], [m, n, k]) {
@@ -270,10 +271,16 @@ pub fn gemm_route([m, n, k]: [usize; 3]) -> &'static str {
 
 /// Whether attn's own GEMM serves a product into a destination with these strides: a
 /// row-major destination, and a shape worth packing on this CPU at the running level
-/// ([`own::worth_it`]).
+/// ([`own::worth_it`]), its right operand packed by the call.
 #[cfg(target_arch = "x86_64")]
 fn own_gemm(dst_strides: [usize; 2], mnk: [usize; 3]) -> bool {
-    dst_strides[1] == 1 && own::worth_it(mnk)
+    dst_strides[1] == 1 && own::worth_it(mnk, own::Packing::PerCall)
+}
+
+/// [`own_gemm`] for a product by a right operand packed once ([`F32Panels`]).
+#[cfg(target_arch = "x86_64")]
+fn own_gemm_packed(dst_strides: [usize; 2], mnk: [usize; 3]) -> bool {
+    dst_strides[1] == 1 && own::worth_it(mnk, own::Packing::Once)
 }
 
 #[cfg(target_arch = "x86_64")]

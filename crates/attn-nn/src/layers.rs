@@ -84,7 +84,7 @@ impl Linear {
     }
 
     /// `Bf16` rounds and packs the current weight once. `F32` packs it once in f32 where
-    /// attn's own GEMM reads the packed copy ([`F32Panels::worth_packing`]: the same bits,
+    /// attn's own GEMM reads the packed copy ([`F32Panels::worth_packing`]: the own GEMM's bits,
     /// without packing `Wᵀ` on every call), at the first product of enough rows to read it
     /// ([`F32Panels::read_by`]), and holds no copy elsewhere. Handing the weight out
     /// mutably ([`Parameters::visit_params`]) drops either copy and returns the layer to f32.
@@ -536,7 +536,9 @@ mod tests {
     /// weight is what the next product uses.
     #[test]
     fn linear_in_f32_packs_its_weight_and_never_goes_stale() {
-        // 60 rows, 300 outputs: a product big enough for attn's own GEMM.
+        // 60 rows, 300 outputs: a product big enough for attn's own GEMM. A depth of 64, which
+        // faer's GEMM and the own one each sum in one chain from the bias: the same bits on Zen 5
+        // too, where the unpacked product goes to faer's and the packed one to the own GEMM.
         let (inp, out, n) = (64, 300, 60);
         let mut init = attn_core::WeightInit::new(5);
         let mut dict = StateDict::new();

@@ -61,9 +61,9 @@ pub fn linear(
 }
 
 /// [`linear`], the weight given as `(w, w_rows, in_dim)`, and its rows also packed once where
-/// there is a packed copy ([`crate::pack_weight_f32`] of the same rows): the same bits, the
-/// copy read in place where attn's own GEMM serves the product
-/// ([`attn_kernels::gemm_packed`]). `packed` must hold the rows' current values.
+/// there is a packed copy ([`crate::pack_weight_f32`] of the same rows): the own GEMM's bits,
+/// the copy read in place where it serves the product ([`attn_kernels::gemm_packed`]; on Zen 5
+/// only a product by a packed copy goes there). `packed` must hold the rows' current values.
 pub fn linear_packed(
     dst: &mut [f32],
     dst_stride: usize,

@@ -67,20 +67,30 @@ pub(crate) trait Level {
 /// product is bound by reading `B`, which packing reads twice), at least [`MIN_COLS`] columns
 /// (each packed sliver of `A` serves `n / 48` panels: attention's backward products, 64 or 128
 /// columns wide, measured 5–6% slower here than on faer, which packs less), and enough work
-/// (2²⁰ FMAs) to pay for packing both operands.
-pub(crate) fn worth_it([m, n, k]: [usize; 3]) -> bool {
-    shape_worth_it([m, n, k]) && chosen()
+/// (2²⁰ FMAs) to pay for packing both operands. `packing` says whether the right operand comes
+/// packed once ([`Packing::Once`], a weight's [`crate::F32Panels`]) or is packed by the call.
+pub(crate) fn worth_it([m, n, k]: [usize; 3], packing: Packing) -> bool {
+    shape_worth_it([m, n, k]) && chosen(packing)
 }
 
-/// Whether this GEMM serves some products with a right operand `[k, n]` on this CPU at the
-/// running level ([`by_default`]), unless `ATTN_GEMM` names faer (or `own` on any CPU at a
-/// vector level), and wide and deep enough.
+/// Whether this GEMM serves some products by a right operand `[k, n]` packed once
+/// ([`Packing::Once`]) on this CPU at the running level ([`by_default`]), unless `ATTN_GEMM`
+/// names faer (or `own` on any CPU at a vector level), and wide and deep enough.
 pub(crate) fn serves_rhs([k, n]: [usize; 2]) -> bool {
-    rhs_worth_it([k, n]) && chosen()
+    rhs_worth_it([k, n]) && chosen(Packing::Once)
+}
+
+/// How a product's right operand reaches the GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Packing {
+    /// Packed by each call from its values at their strides.
+    PerCall,
+    /// Packed once into a [`crate::F32Panels`] (a weight), read by many calls.
+    Once,
 }
 
 /// Whether this CPU, the running level and `ATTN_GEMM` send products of a fit shape here.
-fn chosen() -> bool {
+fn chosen(packing: Packing) -> bool {
     let level = crate::simd::simd_level();
     if !level.is_vector() {
         return false;
@@ -88,7 +98,7 @@ fn chosen() -> bool {
     match crate::gemm::requested_gemm().ok().flatten() {
         Some(crate::gemm::GemmChoice::Faer) => false,
         Some(crate::gemm::GemmChoice::Own) => true,
-        None => by_default(level),
+        None => by_default(level, packing),
     }
 }
 
@@ -128,24 +138,29 @@ pub(crate) fn intel() -> bool {
     &cpu().0 == b"GenuineIntel"
 }
 
-/// Whether this GEMM takes the products it serves without `ATTN_GEMM` at `level`.
+/// Whether this GEMM takes the products it serves without `ATTN_GEMM` at `level`, by a right
+/// operand that arrives as `packing` says.
 ///
 /// At AVX-512: on Intel, and on AMD's family 25 (Zen 4 is the one with AVX-512). Measured on a
 /// Zen 4 EPYC (PERFORMANCE.md): against faer, on products by a weight packed once, 1.08–1.13×
 /// on the feed-forward block's 256-row products and 1.04–1.16× on the encoder layer; 0.95–0.99×
-/// on large products packed per call. AMD's Zen 5 (family 26) stays on faer, which measured
-/// faster there than this GEMM's earlier 12 × 32 kernel; this one was not measured there.
+/// on large products packed per call. On AMD's Zen 5 (family 26) only products by a weight
+/// packed once: measured there against faer, 1.09–1.15× on `nn.MultiheadAttention` and the
+/// encoder layer, but 0.96–0.98× on the layer shapes packed per call and 0.97–0.98× on the
+/// training steps (whose weights change every step).
 ///
 /// At AVX2: on AMD's family 25 (Zen 3, or Zen 4 held to AVX2). Measured on a Zen 3 EPYC
 /// against faer: 1.04–1.07× on the layer shapes at one thread, level at two; the encoder
 /// layer 1.01–1.17× and the d512 training step 1.14× (faer's 2-thread products there swing
-/// between two speeds from run to run; this GEMM's do not). Intel's AVX2 CPUs stay on faer: not
-/// measured.
-fn by_default(level: crate::SimdLevel) -> bool {
+/// between two speeds from run to run; this GEMM's do not). Intel's AVX2 CPUs and Zen 5 held
+/// to AVX2 stay on faer: not measured.
+fn by_default(level: crate::SimdLevel, packing: Packing) -> bool {
     let (vendor, family) = cpu();
-    let zen34 = &vendor == b"AuthenticAMD" && family == 25;
+    let amd = &vendor == b"AuthenticAMD";
+    let zen34 = amd && family == 25;
+    let zen5 = amd && family == 26;
     match level {
-        crate::SimdLevel::Avx512 => intel() || zen34,
+        crate::SimdLevel::Avx512 => intel() || zen34 || (zen5 && packing == Packing::Once),
         _ => zen34,
     }
 }
@@ -709,8 +724,15 @@ mod tests {
             if let Some(family) = family {
                 assert_eq!(cpu().1, family);
                 let zen34 = info.contains("AuthenticAMD") && family == 25;
-                assert_eq!(by_default(crate::SimdLevel::Avx512), intel() || zen34);
-                assert_eq!(by_default(crate::SimdLevel::Avx2Fma), zen34);
+                let zen5 = info.contains("AuthenticAMD") && family == 26;
+                for packing in [Packing::PerCall, Packing::Once] {
+                    let once = packing == Packing::Once;
+                    assert_eq!(
+                        by_default(crate::SimdLevel::Avx512, packing),
+                        intel() || zen34 || (zen5 && once)
+                    );
+                    assert_eq!(by_default(crate::SimdLevel::Avx2Fma, packing), zen34);
+                }
             }
         }
     }

@@ -22,8 +22,12 @@ const NR: usize = 48;
 /// A `[K, N]` right operand packed once for attn's own f32 GEMM: panels of 48 columns, each
 /// `[K][48]` floats (zero past `N`), from a 64-byte boundary. For a linear map's weight
 /// `W: [out, in]`, pack `Wᵀ` (a permuted view) at load and multiply with [`gemm_packed`],
-/// which gives the bits of [`super::gemm_bias`] on the unpacked operand. The panels hold a
-/// copy: pack again after the operand changes (a stale copy would give the old product).
+/// which gives the bits of the own GEMM packing the operand per call: those of
+/// [`super::gemm_bias`] on the unpacked operand wherever [`super::gemm_route`] names the own
+/// GEMM or [`F32Panels::read_by`] says the panels go unread. On Zen 5 at AVX-512, where the own
+/// GEMM takes only products by packed panels (faer's measured faster packing per call), the
+/// two differ in the last bits. The panels hold a copy: pack again after the operand changes
+/// (a stale copy would give the old product).
 pub struct F32Panels {
     k: usize,
     n: usize,
@@ -41,8 +45,8 @@ impl std::fmt::Debug for F32Panels {
 
 impl F32Panels {
     /// Whether products by a right operand of this shape (`[K, N]`) read packed panels on this
-    /// machine: attn's own f32 GEMM runs on this CPU at the current level (Intel or Zen 4 at
-    /// AVX-512, Zen 3 at AVX2; `ATTN_GEMM` not `faer`) and takes products this wide and deep (at least 256 columns and
+    /// machine: attn's own f32 GEMM runs on this CPU at the current level (Intel, Zen 4 or
+    /// Zen 5 at AVX-512, Zen 3 at AVX2; `ATTN_GEMM` not `faer`) and takes products this wide and deep (at least 256 columns and
     /// a depth of 16; how many rows is up to each call). Elsewhere [`gemm_packed`] multiplies
     /// by the unpacked operand, so a model need not pack (and hold twice its weights) for
     /// nothing.
@@ -65,7 +69,15 @@ impl F32Panels {
     /// this before it packs, so products that never read the panels (decoding's few rows) never
     /// make them.
     pub fn read_by([m, k, n]: [usize; 3]) -> bool {
-        super::gemm_route([m, n, k]) == "own"
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::own_gemm_packed([n.max(1), 1], [m, n, k])
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (m, k, n);
+            false
+        }
     }
 
     /// Packs `b: [K, N]`, any strides (in parallel on the current rayon pool, panel by panel;
@@ -170,7 +182,7 @@ pub fn gemm_packed(
         crate::error::check_len("gemm_packed", "bias", n, bias.len())?;
     }
     #[cfg(target_arch = "x86_64")]
-    if m > 0 && n > 0 && super::own_gemm(dst.strides(), [m, n, k]) {
+    if m > 0 && n > 0 && super::own_gemm_packed(dst.strides(), [m, n, k]) {
         use super::own::{Operand, Rhs, Start};
         let [rs, cs] = lhs.strides();
         let a = Operand {
@@ -230,9 +242,44 @@ mod tests {
         }
     }
 
-    /// Products through the panels have the bits of `gemm_bias` and `gemm` on the operand, on
-    /// shapes below and above the own GEMM's floor (several depth blocks, column blocks and a
-    /// ragged panel), on 1 and 2 threads (bands by rows and by columns).
+    /// `dst = lhs · rhs (+ bias)` by the own GEMM packing `rhs` itself (whichever GEMM `gemm`
+    /// would take).
+    #[cfg(target_arch = "x86_64")]
+    fn own_per_call(dst: &mut [f32], lhs: View2<'_, f32>, rhs: View2<'_, f32>, bias: Option<&[f32]>) {
+        use crate::gemm::own::{Operand, Rhs, Start};
+        let ([m, k], n) = (lhs.shape(), rhs.shape()[1]);
+        assert_eq!(dst.len(), m * n);
+        let operand = |v: View2<'_, f32>| {
+            let [rs, cs] = v.strides();
+            Operand {
+                ptr: v.data().as_ptr(),
+                rs,
+                cs,
+            }
+        };
+        let start = bias.map_or(Start::Zero, |b| Start::Bias(b.as_ptr()));
+        // SAFETY: the callers ask only where the own GEMM reads panels (a vector level); the
+        // views were bounds-checked, `dst` is `[m, n]` row-major and a bias holds `n` values.
+        unsafe {
+            crate::gemm::own_f32(
+                dst.as_mut_ptr(),
+                n,
+                [m, n, k],
+                start,
+                operand(lhs),
+                Rhs::F32(operand(rhs)),
+                1.0,
+                Par::Rayon,
+            )
+        };
+    }
+
+    /// Products through the panels have the bits of the unpacked operand's: where the own GEMM
+    /// reads the panels, of the own GEMM packing the operand itself (which `gemm_bias` and
+    /// `gemm` are wherever `gemm_route` names the own GEMM: packing once changes no bit);
+    /// elsewhere of `gemm_bias` and `gemm`. On shapes below and above the own GEMM's floor
+    /// (several depth blocks, column blocks and a ragged panel), on 1 and 2 threads (bands by
+    /// rows and by columns).
     #[test]
     fn products_through_panels_have_the_bits_of_the_unpacked_operand() {
         for (m, n, k) in [(5, 7, 3), (100, 300, 70), (60, 530, 800), (50, 1500, 40)] {
@@ -245,10 +292,19 @@ mod tests {
                 pool.install(|| {
                     for bias in [Some(&bias[..]), None] {
                         let mut want = vec![f32::NAN; m * n];
-                        let dst = ViewMut2::contiguous(&mut want[..], [m, n]).unwrap();
-                        match bias {
-                            Some(bias) => gemm_bias(dst, lhs, w_t, bias, Par::Rayon).unwrap(),
-                            None => gemm(dst, Accum::Replace, lhs, w_t, 1.0, Par::Rayon).unwrap(),
+                        let reads = F32Panels::read_by([m, k, n]);
+                        // A product the own GEMM takes per call, it takes by panels too.
+                        assert!(reads || crate::gemm_route([m, n, k]) == "faer", "{m}x{n}x{k}");
+                        #[cfg(target_arch = "x86_64")]
+                        if reads {
+                            own_per_call(&mut want, lhs, w_t, bias);
+                        }
+                        if !reads {
+                            let dst = ViewMut2::contiguous(&mut want[..], [m, n]).unwrap();
+                            match bias {
+                                Some(bias) => gemm_bias(dst, lhs, w_t, bias, Par::Rayon).unwrap(),
+                                None => gemm(dst, Accum::Replace, lhs, w_t, 1.0, Par::Rayon).unwrap(),
+                            }
                         }
                         let mut got = vec![f32::NAN; m * n];
                         let dst = ViewMut2::contiguous(&mut got[..], [m, n]).unwrap();
