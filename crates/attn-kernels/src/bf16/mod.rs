@@ -809,6 +809,47 @@ mod tests {
         }
     }
 
+    /// Destination rows a multiple of 4 KiB apart send the `vdpbf16ps` GEMM across groups of
+    /// columns (192 here, at a depth of 600) instead of one pair of panels at a time: the same
+    /// bits as the product into rows 16 floats further apart, from zero, from the destination
+    /// and from a bias, with a ragged last group and row block, on one thread and on all.
+    #[test]
+    fn gemm_bf16_gives_the_same_bits_in_groups_of_columns() {
+        let (m, n, k) = (75, 1000, 600);
+        let a = random_vec(m * k, 6);
+        let packed = Bf16Panels::pack(View2::contiguous(&random_vec(k * n, 7), [k, n]).unwrap());
+        let (bias, start) = (random_vec(n, 8), random_vec(m * n, 9));
+        let lhs = View2::contiguous(&a, [m, k]).unwrap();
+        for route in routes() {
+            for par in [Par::Seq, Par::Rayon] {
+                for (accum, bias) in [
+                    (Accum::Replace, None),
+                    (Accum::Add, None),
+                    (Accum::Replace, Some(&bias[..])),
+                ] {
+                    let outs: Vec<Vec<f32>> = [1024, 1040]
+                        .into_iter()
+                        .map(|ldc| {
+                            let mut c = vec![f32::NAN; m * ldc];
+                            for (row, from) in c.chunks_exact_mut(ldc).zip(start.chunks_exact(n)) {
+                                row[..n].copy_from_slice(from);
+                            }
+                            let dst = ViewMut2::new(&mut c, [m, n], [ldc, 1]).unwrap();
+                            product_at(route, dst, accum, bias, lhs, &packed, par).unwrap();
+                            c.chunks_exact(ldc).flat_map(|row| &row[..n]).copied().collect()
+                        })
+                        .collect();
+                    let same = outs[0].iter().zip(&outs[1]).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{route}, {par:?}, {accum:?}, bias {}", bias.is_some());
+                    assert!(
+                        outs[0].iter().all(|x| x.is_finite()),
+                        "{route}: a column left unwritten"
+                    );
+                }
+            }
+        }
+    }
+
     /// The widened route is attn's own f32 GEMM of the left operand rounded to bf16 and the
     /// panels widened: the same bits, from zero, from the destination and from a bias, on one
     /// and two threads (bands by rows and by columns), over odd depths, several depth blocks
