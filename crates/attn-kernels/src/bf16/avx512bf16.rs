@@ -3,6 +3,9 @@
 use std::arch::x86_64::*;
 
 pub(crate) use super::PANEL;
+pub(crate) use tasks::{gemm, Lhs};
+
+mod tasks;
 
 /// Rows of one micro-kernel call.
 const MR: usize = 8;
@@ -497,6 +500,3 @@ unsafe fn tile_from<const ADD: bool, const A_STEP: usize>(
         g0 = g1;
     }
 }
-
-mod tasks;
-pub(crate) use tasks::{gemm, Lhs};

@@ -8,7 +8,7 @@ use crate::{Accum, Par};
 /// [`gemm`]'s left operand `[m, pairs]`.
 #[derive(Clone, Copy)]
 pub(crate) enum Lhs<'a> {
-    /// Packed words in panels of 16 rows, `pairs·16` words each, as [`super::Bf16Panels`]
+    /// Packed words in panels of 16 rows, `pairs·16` words each, as [`crate::Bf16Panels`]
     /// lays out columns: row `r`'s pair `q` at `a[(r / 16)·pairs·16 + q·16 + r % 16]`. The
     /// weight gradient's `dyᵀ` comes this way, packed as `dy`'s columns are (pairs of rows
     /// interleaved, no transpose).
@@ -19,7 +19,7 @@ pub(crate) enum Lhs<'a> {
 }
 
 /// `c[m, n] (+)= a · b` over `pairs` pairs of the depth: `a` `[m, pairs]` ([`Lhs`]), `b`
-/// panels of 16 columns `b_panel` words apart (as [`super::Bf16Panels`] holds them), `c` rows
+/// panels of 16 columns `b_panel` words apart (as [`crate::Bf16Panels`] holds them), `c` rows
 /// `ldc` apart. With [`Accum::Replace`] and a `bias` (`n` values) each row's sums start from
 /// it.
 ///
