@@ -123,7 +123,7 @@ pub(crate) fn scores_into(
                 kt_scratch.resize(bc_pad * d, 0.0);
             }
             key_panels(kt_scratch, keys, bc, d, row_stride, col_stride);
-            tile_scores(dst, ld, q_tile, [rows, d], kt_scratch, bc);
+            tile_scores(dst, ld, q_tile, [rows, d], kt_scratch, bc, None);
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the scalar level exists off x86-64"),
@@ -133,8 +133,19 @@ pub(crate) fn scores_into(
 /// [`ScoreKernel::Tile`] on keys already in transposed panels ([`key_panels`]): `dst[i·ld + j]`
 /// for `i < rows`, `j < pad_to_nr(bc)`, from the first `pad_to_nr(bc) / NR` panels of `kt`. The
 /// same bits as [`scores_into`] for those keys: a caller that scores one key block against many
-/// row tiles packs it once.
-pub(crate) fn tile_scores(dst: &mut [f32], ld: usize, q_tile: &[f32], [rows, d]: [usize; 2], kt: &[f32], bc: usize) {
+/// row tiles packs it once. With `maxes` (only for a whole number of panels, `bc` a multiple of
+/// [`NR`]), each row's maximum is also folded into `maxes[i·W .. (i + 1)·W]`, `W` =
+/// [`crate::tile::max_lanes`] lanes (which the caller starts at `-inf`): the same scores, and
+/// each row's maximum without reading them again.
+pub(crate) fn tile_scores(
+    dst: &mut [f32],
+    ld: usize,
+    q_tile: &[f32],
+    [rows, d]: [usize; 2],
+    kt: &[f32],
+    bc: usize,
+    maxes: Option<&mut [f32]>,
+) {
     let bc_pad = pad_to_nr(bc);
     if rows == 0 || bc == 0 {
         return;
@@ -145,70 +156,24 @@ pub(crate) fn tile_scores(dst: &mut [f32], ld: usize, q_tile: &[f32], [rows, d]:
     );
     assert!(ld >= bc_pad && dst.len() >= (rows - 1) * ld + bc_pad);
     assert!(q_tile.len() >= rows * d && kt.len() >= bc_pad * d);
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a vector level was checked above; `q_tile` is [rows, D], `kt` holds `bc_pad / NR`
-    // panels of [D, NR], `dst` [rows, ld] with `ld ≥ bc_pad` (asserted above).
-    unsafe {
-        crate::tile::gemm::<false, false>(
-            rows,
-            bc_pad,
-            d,
-            q_tile.as_ptr(),
-            d,
-            kt.as_ptr(),
-            NR,
-            d * NR,
-            dst.as_mut_ptr(),
-            ld,
-        )
-    };
-}
-
-/// [`tile_scores`] for a whole number of panels (`bc` a multiple of [`NR`]), also folding each
-/// row's maximum into `maxes[i·W .. (i + 1)·W]`, `W` = [`crate::tile::max_lanes`] lanes (which
-/// the caller starts at `-inf`): the same scores, and each row's maximum without reading them
-/// again.
-pub(crate) fn tile_scores_max(
-    dst: &mut [f32],
-    ld: usize,
-    q_tile: &[f32],
-    [rows, d]: [usize; 2],
-    kt: &[f32],
-    bc: usize,
-    maxes: &mut [f32],
-) {
-    if rows == 0 || bc == 0 {
-        return;
-    }
-    assert!(
-        crate::simd::simd_level().is_vector(),
-        "the tile kernel needs a vector level"
-    );
-    assert!(bc.is_multiple_of(NR) && ld >= bc && dst.len() >= (rows - 1) * ld + bc);
-    assert!(q_tile.len() >= rows * d && kt.len() >= bc * d);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = maxes;
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(maxes.len() >= rows * crate::tile::max_lanes());
-        // SAFETY: a vector level was checked above; `q_tile` is [rows, D], `kt` holds `bc / NR`
-        // panels of [D, NR], `dst` [rows, ld] with `ld ≥ bc`, `maxes` `rows` rows of the
-        // level's lanes (asserted above).
-        unsafe {
-            crate::tile::gemm_max(
-                rows,
-                bc,
-                d,
-                q_tile.as_ptr(),
-                d,
-                kt.as_ptr(),
-                NR,
-                d * NR,
-                dst.as_mut_ptr(),
-                ld,
-                maxes.as_mut_ptr(),
-            )
-        };
+        let (a, b, c) = (q_tile.as_ptr(), kt.as_ptr(), dst.as_mut_ptr());
+        match maxes {
+            Some(maxes) => {
+                // Padded columns would take part in the maxima.
+                assert!(bc == bc_pad && maxes.len() >= rows * crate::tile::max_lanes());
+                // SAFETY: a vector level was checked above; `q_tile` is [rows, D], `kt` holds
+                // `bc / NR` panels of [D, NR], `dst` [rows, ld] with `ld ≥ bc`, `maxes` `rows`
+                // rows of the level's lanes (asserted above).
+                unsafe { crate::tile::gemm_max(rows, bc, d, a, d, b, NR, d * NR, c, ld, maxes.as_mut_ptr()) };
+            }
+            // SAFETY: a vector level was checked above; `q_tile` is [rows, D], `kt` holds
+            // `bc_pad / NR` panels of [D, NR], `dst` [rows, ld] with `ld ≥ bc_pad` (asserted).
+            None => unsafe { crate::tile::gemm::<false, false>(rows, bc_pad, d, a, d, b, NR, d * NR, c, ld) },
+        }
     }
 }
 

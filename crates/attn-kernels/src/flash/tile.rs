@@ -7,7 +7,7 @@ use super::{row_position, Bf16Source, Operands, Plan, BLOCK_ROWS, P16_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, shapes_rows};
-use crate::scores::{key_panels, scores_into, tile_scores, tile_scores_max, Keys, ScoreKernel};
+use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
 use crate::tile::NR;
 use crate::{Accum, Par, View4};
@@ -284,7 +284,7 @@ pub(crate) struct ScoreTile<'a> {
 /// `i < n_rows`, `j < bc`. The flash kernel and [`crate::attention_weights`] share it. With
 /// `maxes`, on the tile kernel and a whole number of its panels (`bc` a multiple of [`NR`], so
 /// no padding column takes part), each row's maximum over the block is also left in the
-/// row's `max_lanes` lanes of `maxes` ([`tile_scores_max`]); returns whether it was.
+/// row's `max_lanes` lanes of `maxes` ([`tile_scores`]); returns whether it was.
 pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_>, [b, g, t0, bc]: [usize; 4]) -> bool {
     let ScoreTile {
         scores,
@@ -326,17 +326,13 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     };
     // The same function the backward recomputes its scores with (the same bits with the
     // maxima).
-    match maxes {
-        Some(maxes) if bc.is_multiple_of(NR) => {
-            maxes[..n_rows * crate::tile::max_lanes()].fill(f32::NEG_INFINITY);
-            tile_scores_max(scores, ld, q_tile, [n_rows, d], kt, bc, maxes);
-            true
-        }
-        _ => {
-            tile_scores(scores, ld, q_tile, [n_rows, d], kt, bc);
-            false
-        }
+    let mut maxes = maxes.filter(|_| bc.is_multiple_of(NR));
+    if let Some(maxes) = maxes.as_deref_mut() {
+        maxes[..n_rows * crate::tile::max_lanes()].fill(f32::NEG_INFINITY);
     }
+    let folded = maxes.is_some();
+    tile_scores(scores, ld, q_tile, [n_rows, d], kt, bc, maxes);
+    folded
 }
 
 /// The end of pass 1 (the mask) and passes 2 and 3 for each row: row max,

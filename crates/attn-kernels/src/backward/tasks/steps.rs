@@ -80,7 +80,7 @@ impl Job<'_, '_> {
         let packed = scratch.holds_block(&tile);
         let Scratch { q_tile, p, kt, .. } = scratch;
         if packed {
-            tile_scores(p, ld, q_tile, [rows, sh.d], kt, bc);
+            tile_scores(p, ld, q_tile, [rows, sh.d], kt, bc, None);
         } else {
             scores_into(kernel, p, ld, q_tile, [rows, sh.d], keys, kt);
             // `kt` may now hold this tile's keys, not the task's block.
@@ -170,7 +170,7 @@ impl Job<'_, '_> {
                     .enumerate()
                     .for_each(|(c, x)| *x = dout.data()[base + c * d_st[3]]);
             }
-            tile_scores(dp, ld, dout_tile, [rows, sh.dv], vt, bc);
+            tile_scores(dp, ld, dout_tile, [rows, sh.dv], vt, bc, None);
         } else {
             // SAFETY: `dp` holds [rows, bc] (rows `ld` apart); the rows of `dout` and the value
             // block were bounds-checked with their views.
