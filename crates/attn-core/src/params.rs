@@ -249,6 +249,24 @@ pub trait Parameters {
     /// Calls `f` on every parameter, with its name under `path`, always in the same order.
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor));
 
+    /// Calls `f` on every parameter, as [`Parameters::visit_params`] does and in its order, to
+    /// change the values in place, and keeps the module's precision: a module holding packed
+    /// copies of its weights (bf16, [`crate::Precision`]) packs them again from the new values
+    /// right after `f` has seen its own tensors, while they are still in cache, where
+    /// `visit_params` drops them. Copies made on demand (bf16 `W` for the backward, the query,
+    /// key and value parts of a fused matrix) are packed again only if the module held them.
+    /// A module in bf16 ends with the copies that `visit_params`, then
+    /// [`set_precision`](crate::MultiHeadAttention::set_precision) and the same later calls
+    /// would have made from the new values, bit for bit; a module in f32 ends as
+    /// `visit_params` leaves it.
+    ///
+    /// The default goes through `visit_params`, which drops packed copies: a module that holds
+    /// them, or holds a module that does, overrides it. Errors come from packing.
+    fn update_params(&mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor)) -> Result<()> {
+        self.visit_params(path, &mut |p, t| f(p, t));
+        Ok(())
+    }
+
     /// Every parameter under `prefix` + its state-dict name (formats every name: for building
     /// stores, initialisation and tests, not for every step).
     fn params_mut(&mut self, prefix: &str) -> Vec<(String, &mut Tensor)> {

@@ -326,6 +326,61 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
     eprintln!("bf16 training against f32, worst scaled error: {worst:.2e}");
 }
 
+/// `Parameters::update_params` changes the weights in place and keeps the module's precision:
+/// in bf16 it packs again every copy the module held (the forward's, the backward's made at
+/// its first backward, a fused matrix's parts made at the first cross-attention call), with
+/// the bits of `visit_params`, `set_precision` and the same calls after; in f32 it is
+/// `visit_params`.
+#[test]
+fn an_update_in_place_packs_again_what_the_module_held() {
+    let change = |_: &ParamPath<'_>, t: &mut attn_core::Tensor| {
+        for (i, x) in t.data_mut().iter_mut().enumerate() {
+            *x += 1e-2 * ((i % 7) as f32 - 3.0);
+        }
+    };
+    for (separate, kv) in [(false, None), (true, Some(24)), (false, Some(32))] {
+        let cfg = if separate {
+            MhaConfig {
+                kdim: Some(24),
+                vdim: Some(24),
+                ..config(32, 2)
+            }
+        } else {
+            config(32, 2)
+        };
+        let mut mha = MultiHeadAttention::with_seed(cfg, 5).unwrap();
+        let f32_before = train_once(&mha, kv, Par::Seq);
+        let (mut by_visit, mut in_place) = (mha.clone(), mha.clone());
+        by_visit.visit_params(&ParamPath::ROOT, &mut |p, t| change(p, t));
+        in_place
+            .update_params(&ParamPath::ROOT, &mut |p, t| change(p, t))
+            .unwrap();
+        assert_eq!(in_place.precision(), Precision::F32);
+        let f32_after = train_once(&by_visit, kv, Par::Seq);
+        assert_eq!(train_once(&in_place, kv, Par::Seq), f32_after, "f32, kv {kv:?}");
+        assert_ne!(f32_after, f32_before);
+
+        mha.set_precision(Precision::Bf16).unwrap();
+        let before = train_once(&mha, kv, Par::Seq);
+        let held = mha.bytes_held();
+        let (mut by_visit, mut in_place) = (mha.clone(), mha.clone());
+        by_visit.visit_params(&ParamPath::ROOT, &mut |p, t| change(p, t));
+        by_visit.set_precision(Precision::Bf16).unwrap();
+        in_place
+            .update_params(&ParamPath::ROOT, &mut |p, t| change(p, t))
+            .unwrap();
+        assert_eq!(in_place.precision(), Precision::Bf16);
+        // Everything packed again at once, where `set_precision` packs the forward's copies.
+        assert_eq!(in_place.bytes_held(), held, "kv {kv:?}");
+        assert!(by_visit.bytes_held() < held, "kv {kv:?}");
+        let want = train_once(&by_visit, kv, Par::Seq);
+        assert_eq!(by_visit.bytes_held(), held);
+        assert_eq!(train_once(&in_place, kv, Par::Seq), want, "bf16, kv {kv:?}");
+        assert_eq!(in_place.bytes_held(), held);
+        assert_ne!(want, before);
+    }
+}
+
 /// With identity projections and zero biases, a bf16 module's self-attention is the bf16
 /// attention of the inputs rounded to bf16, rounded again by the output projection: the same
 /// bits as `sdpa` in bf16 on those inputs, and not those of f32 attention on them (so attention

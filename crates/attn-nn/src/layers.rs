@@ -51,6 +51,28 @@ struct LinearBf16 {
     backward: OnceLock<Bf16Panels>,
 }
 
+impl LinearBf16 {
+    /// `weight: [out, in]` packed for the forward, and for the backward now too if `backward`
+    /// (else at the first backward).
+    fn packed(weight: &Tensor, backward: bool) -> attn_core::Result<Self> {
+        let packs = LinearBf16 {
+            forward: pack_weight_of(weight, 0..weight.shape()[0])?,
+            backward: OnceLock::new(),
+        };
+        if backward {
+            let _ = packs.backward.set(Self::pack_backward(weight));
+        }
+        Ok(packs)
+    }
+
+    /// `W` packed as it is, the right operand of the backward's `dx = dy·W`.
+    fn pack_backward(weight: &Tensor) -> Bf16Panels {
+        let view =
+            View2::contiguous(weight.data(), [weight.shape()[0], weight.shape()[1]]).expect("the weight is [out, in]");
+        Bf16Panels::pack(view)
+    }
+}
+
 impl Linear {
     /// Takes `{prefix}weight` (and `{prefix}bias` when `bias`) out of `dict`.
     pub fn load(dict: &mut StateDict, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
@@ -87,7 +109,8 @@ impl Linear {
     /// attn's own GEMM reads the packed copy ([`F32Panels::worth_packing`]: the own GEMM's bits,
     /// without packing `Wᵀ` on every call), at the first product of enough rows to read it
     /// ([`F32Panels::read_by`]), and holds no copy elsewhere. Handing the weight out
-    /// mutably ([`Parameters::visit_params`]) drops either copy and returns the layer to f32.
+    /// mutably ([`Parameters::visit_params`]) drops either copy and returns the layer to f32;
+    /// an update in place ([`Parameters::update_params`]) packs the bf16 copies again.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let [out, inp] = self.dims();
         (self.bf16, self.f32) = (None, None);
@@ -96,12 +119,7 @@ impl Linear {
                 self.f32 = Some(Arc::new(OnceLock::new()));
             }
             Precision::F32 => {}
-            Precision::Bf16 => {
-                self.bf16 = Some(Arc::new(LinearBf16 {
-                    forward: pack_weight_of(&self.weight, 0..out)?,
-                    backward: OnceLock::new(),
-                }));
-            }
+            Precision::Bf16 => self.bf16 = Some(Arc::new(LinearBf16::packed(&self.weight, false)?)),
         }
         Ok(())
     }
@@ -198,11 +216,7 @@ impl Linear {
         let (dw, db) = weight_and_bias_grads(step, &self.weight, self.bias.as_ref())?;
         match &self.bf16 {
             Some(packed) => {
-                let w_packed = packed.backward.get_or_init(|| {
-                    let view = View2::contiguous(self.weight.data(), [shape.out_dim, shape.in_dim])
-                        .expect("the weight is [out, in]");
-                    Bf16Panels::pack(view)
-                });
+                let w_packed = packed.backward.get_or_init(|| LinearBf16::pack_backward(&self.weight));
                 kernels::linear_backward_bf16(dx, dw, db, dy, x, w_packed, shape, par)
             }
             None => kernels::linear_backward(dx, dw, db, dy, x, self.weight.data(), shape, par),
@@ -241,6 +255,23 @@ impl Parameters for Linear {
         // The weight may change: a packed copy would go stale.
         (self.bf16, self.f32) = (None, None);
         visit_weight_and_bias(&mut self.weight, &mut self.bias, path, f);
+    }
+
+    /// In bf16 the layer packs `Wᵀ` again once its tensors have been updated, and `W` for the
+    /// backward if it held it; in f32 it ends as [`Parameters::visit_params`] leaves it.
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        let had = self.bf16.take();
+        self.f32 = None;
+        visit_weight_and_bias(&mut self.weight, &mut self.bias, path, &mut |p, t| f(p, t));
+        if let Some(had) = had {
+            let packs = LinearBf16::packed(&self.weight, had.backward.get().is_some())?;
+            self.bf16 = Some(Arc::new(packs));
+        }
+        Ok(())
     }
 }
 
@@ -524,6 +555,15 @@ impl Parameters for FeedForward {
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
         self.linear1.visit_params(&path.join("linear1."), f);
         self.linear2.visit_params(&path.join("linear2."), f);
+    }
+
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        self.linear1.update_params(&path.join("linear1."), f)?;
+        self.linear2.update_params(&path.join("linear2."), f)
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 pub use attn_core::clip_grad_norm;
 use attn_core::kernels::{adamw_update, AdamWStep};
-use attn_core::{AlignedBuf, Grads, ParamLayout, ParamStore, Parameters, FLAT_CHUNK};
+use attn_core::{AlignedBuf, Grads, ParamLayout, ParamPath, ParamStore, Parameters, FLAT_CHUNK};
 use rayon::prelude::*;
 
 use crate::error::invalid;
@@ -143,11 +143,17 @@ impl AdamW {
 
     /// Counts the step and returns its constants; `lr` must be finite and at least 0.
     fn next_step(&mut self, lr: f32) -> Result<AdamWStep> {
+        let c = self.constants(self.step + 1, lr)?;
+        self.step += 1;
+        Ok(c)
+    }
+
+    /// The constants of step `step` at learning rate `lr`.
+    fn constants(&self, step: u64, lr: f32) -> Result<AdamWStep> {
         if !(lr >= 0.0 && lr.is_finite()) {
             return Err(invalid("lr", lr, "a finite number at least 0"));
         }
-        self.step += 1;
-        let t = self.step as i32;
+        let t = step as i32;
         let (b1, b2) = self.betas;
         Ok(AdamWStep {
             b1,
@@ -225,13 +231,7 @@ impl AdamW {
         let Moments::Flat { m, v, .. } = &mut self.moments else {
             unreachable!("made flat above")
         };
-        params
-            .par_chunks_mut(FLAT_CHUNK)
-            .zip(grads.par_chunks(FLAT_CHUNK))
-            .zip(m.par_chunks_mut(FLAT_CHUNK))
-            .zip(v.par_chunks_mut(FLAT_CHUNK))
-            .try_for_each(|(((x, g), m), v)| adamw_update(c, x, g, m, v))?;
-        Ok(())
+        adamw_chunks(c, params, grads, m, v)
     }
 
     /// One step over every parameter of `module`, which `store` adopted, from gradients made
@@ -245,18 +245,65 @@ impl AdamW {
         grads: &Grads,
         lr: f32,
     ) -> Result<()> {
-        let (layout, g) = match grads.flat() {
-            Some(flat) if grads.is_for(store) => flat,
-            _ => {
-                return Err(invalid(
-                    "grads",
-                    "gradients of another layout",
-                    "gradients made for the store (Grads::for_store)",
-                ))
-            }
-        };
+        let (layout, g) = flat_grads(store, grads)?;
         let params = store.flat_mut(module)?;
         self.step_flat(layout, params, g, lr)
+    }
+
+    /// [`AdamW::update`] tensor by tensor, through [`Parameters::update_params`]: the same
+    /// bits (the update is element by element), and a module holding packed copies of its
+    /// weights (bf16) packs each again right after its update, while the new values are in
+    /// cache, instead of dropping them. For mixed-precision training
+    /// ([`Seq2Seq::update`](crate::Seq2Seq::update) in bf16): packing every weight after a
+    /// whole-buffer pass read it back from memory.
+    ///
+    /// `module` must be the module `store` adopted, holding each of its tensors in place. The
+    /// check is made tensor by tensor as the update reaches it ([`ParamStore::flat_mut`]'s
+    /// check would visit the tensors mutably, which drops the packed copies): a tensor out of
+    /// place is an error naming it, after the tensors before it were updated and before any
+    /// after it is; the step is not counted.
+    pub fn update_each<M: Parameters + ?Sized>(
+        &mut self,
+        store: &ParamStore,
+        module: &mut M,
+        grads: &Grads,
+        lr: f32,
+    ) -> Result<()> {
+        let (layout, g) = flat_grads(store, grads)?;
+        self.make_flat(layout)?;
+        // The step is counted once every tensor has been updated.
+        let c = self.constants(self.step + 1, lr)?;
+        let Moments::Flat { m, v, .. } = &mut self.moments else {
+            unreachable!("made flat above")
+        };
+        let entries = layout.entries();
+        let (mut seen, mut failed) = (0usize, None);
+        module.update_params(&ParamPath::Root(""), &mut |path, t| {
+            let expected = entries.get(seen).map(|e| &e.range);
+            seen += 1;
+            if failed.is_some() {
+                return;
+            }
+            let Some(r) = store.range_of(t).filter(|r| Some(r) == expected) else {
+                failed = Some(out_of_place(path.to_string()));
+                return;
+            };
+            if let Err(e) = adamw_chunks(c, t.data_mut(), &g[r.clone()], &mut m[r.clone()], &mut v[r]) {
+                failed = Some(e);
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None if seen != entries.len() => Err(invalid(
+                "module",
+                format!("a module of {seen} parameters"),
+                format!("the module the store adopted ({} parameters)", entries.len()),
+            )),
+            None => {
+                self.step += 1;
+                Ok(())
+            }
+        }
     }
 
     /// Moments in `layout`'s flat buffers: moved there from those kept by name.
@@ -295,6 +342,39 @@ impl AdamW {
         };
         Ok(())
     }
+}
+
+/// The flat gradients of `grads` and their layout, or an error unless they were made for
+/// `store`.
+fn flat_grads<'g>(store: &ParamStore, grads: &'g Grads) -> Result<(&'g Arc<ParamLayout>, &'g [f32])> {
+    match grads.flat() {
+        Some(flat) if grads.is_for(store) => Ok(flat),
+        _ => Err(invalid(
+            "grads",
+            "gradients of another layout",
+            "gradients made for the store (Grads::for_store)",
+        )),
+    }
+}
+
+/// The error of a tensor the store did not put where the module holds it.
+fn out_of_place(name: String) -> NnError {
+    invalid(
+        "parameter store",
+        format!("`{name}` is not where the store put it"),
+        "the module the store adopted, holding each of its tensors",
+    )
+}
+
+/// [`adamw_update`] over matching [`FLAT_CHUNK`]-float chunks of the four buffers on rayon's
+/// threads (the same bits on any thread count: the update is element by element).
+fn adamw_chunks(c: AdamWStep, x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
+    x.par_chunks_mut(FLAT_CHUNK)
+        .zip(g.par_chunks(FLAT_CHUNK))
+        .zip(m.par_chunks_mut(FLAT_CHUNK))
+        .zip(v.par_chunks_mut(FLAT_CHUNK))
+        .try_for_each(|(((x, g), m), v)| adamw_update(c, x, g, m, v))?;
+    Ok(())
 }
 
 /// A learning-rate schedule: `lr(step) = base · factor(step)` for the 1-based step about to be

@@ -839,6 +839,114 @@ fn mixed_precision_training_stays_near_f32() {
     }
 }
 
+/// The bf16 update (`Seq2Seq::update`, tensor by tensor) packs each linear map's copies again
+/// right after its weight's update, the backward's too once a backward has run: it gives the
+/// weights and moments of the flat f32 pass (`AdamW::update`) followed by `set_precision`,
+/// holds the backward's copies already, and the next step's loss and gradients are the bits of
+/// a model whose copies were all packed afresh.
+#[test]
+fn the_bf16_update_packs_again_the_copies_it_held() {
+    use attn_core::Precision;
+    use attn_nn::parallel::{GradientTree, MicroBatches, SingleProcess};
+    let (mut model, _) = load();
+    let (pairs, _) = expected();
+    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
+    let plan = MicroBatches::new(pairs.len(), pairs.len(), 1).unwrap();
+    let gradients = |model: &Seq2Seq, number: u64| {
+        let mut grads = model.grads();
+        let settings = TrainStep {
+            dropout: 0.1,
+            ..TrainStep::at(number)
+        };
+        let loss = model
+            .step_gradients(
+                &pairs,
+                &settings,
+                (&plan, &mut GradientTree::new(), &SingleProcess),
+                &mut grads,
+            )
+            .unwrap();
+        (loss.loss, grads)
+    };
+    let named = |grads: &Grads| -> Vec<(String, Vec<f32>)> {
+        grads.iter().map(|(n, g)| (n.to_string(), g.data().to_vec())).collect()
+    };
+    model.set_precision(Precision::Bf16).unwrap();
+    let mut reference = model.clone();
+    let (loss, grads) = gradients(&model, 1);
+    let (reference_loss, reference_grads) = gradients(&reference, 1);
+    assert_eq!((loss, named(&grads)), (reference_loss, named(&reference_grads)));
+    let held = model.bytes_held();
+    let mut adam = AdamW::new((0.9, 0.98), 1e-9, 0.01).unwrap();
+    let mut reference_adam = adam.clone();
+
+    model.update(&mut adam, &grads, 1e-2).unwrap();
+    let store = reference.store().clone();
+    reference_adam
+        .update(&store, &mut reference, &reference_grads, 1e-2)
+        .unwrap();
+    assert_eq!(reference.precision(), Precision::F32, "the flat pass drops the copies");
+    reference.set_precision(Precision::Bf16).unwrap();
+
+    assert_eq!(model.precision(), Precision::Bf16);
+    assert_eq!(model.state_dict(), reference.state_dict());
+    assert_eq!(adam.all_moments(), reference_adam.all_moments());
+    assert_eq!(model.bytes_held(), held, "every copy packed again");
+    assert!(
+        reference.bytes_held() < held,
+        "set_precision packs the forward's copies only"
+    );
+    let (loss, grads) = gradients(&model, 2);
+    let (reference_loss, reference_grads) = gradients(&reference, 2);
+    assert_eq!((loss, named(&grads)), (reference_loss, named(&reference_grads)));
+    assert_eq!(reference.bytes_held(), held);
+}
+
+/// `AdamW::update_each` refuses a module its store did not adopt, naming the first tensor out
+/// of place, before updating it and without counting the step, and gradients of another store.
+#[test]
+fn update_each_refuses_a_module_out_of_place() {
+    let (model, _) = load();
+    let adam = || AdamW::new((0.9, 0.98), 1e-9, 0.01).unwrap();
+    // Each clone holds its own store.
+    let (mut a, mut b) = (model.clone(), model.clone());
+    let (store_b, mut grads_b) = (b.store().clone(), b.grads());
+    for (_, g) in grads_b.iter_mut() {
+        g.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = 1e-2 * ((i % 5) as f32 - 2.0));
+    }
+    let mut refused = adam();
+    let before = a.state_dict();
+    let err = refused
+        .update_each(&store_b, &mut a, &grads_b, 1e-2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`src_embed.weight` is not where the store put it"),
+        "{err}"
+    );
+    assert_eq!(a.state_dict(), before);
+    let err = refused
+        .update_each(&store_b, &mut b, &a.grads(), 1e-2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Grads::for_store"), "{err}");
+    // Not counted: its next update is a first step, as a fresh optimizer's (the bias
+    // corrections differ from step to step).
+    let mut fresh = b.clone();
+    let (store_fresh, mut grads_fresh) = (fresh.store().clone(), fresh.grads());
+    for ((_, g), (_, w)) in grads_fresh.iter_mut().zip(grads_b.iter()) {
+        g.copy_from_slice(w.data());
+    }
+    refused.update_each(&store_b, &mut b, &grads_b, 1e-2).unwrap();
+    adam()
+        .update_each(&store_fresh, &mut fresh, &grads_fresh, 1e-2)
+        .unwrap();
+    assert_ne!(b.state_dict(), before);
+    assert_eq!(b.state_dict(), fresh.state_dict());
+}
+
 /// The activation arena hands a caller that writes every element a kept buffer as its last use
 /// left it (`arena::overwritten`): those leftovers never reach a result. A training step (loss
 /// and every gradient) and the logits after it, on an arena holding a step's buffers filled

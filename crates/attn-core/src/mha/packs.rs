@@ -96,6 +96,17 @@ impl<P: PackedWeight> ForwardPacks<P> {
         Ok(packs)
     }
 
+    /// The module's current weights, packed now (as [`ForwardPacks::new`]), and the query,
+    /// key and value parts of a fused matrix as well if `had` holds them: the packs of `had`
+    /// made again after the weights changed.
+    fn repacked(core: &impl ProjWeights, had: &Self) -> Result<Self> {
+        let packs = Self::new(core)?;
+        if had.parts.get().is_some() && packs.parts.get().is_none() {
+            let _ = packs.parts.set(Self::pack_parts(core));
+        }
+        Ok(packs)
+    }
+
     /// The matrix `proj` names packed, if the module has it and `P` packs it.
     fn pack_one(core: &impl ProjWeights, proj: Proj) -> Option<P> {
         let (w, rows) = core.matrix(proj)?;
@@ -160,6 +171,27 @@ impl Bf16Weights {
         })
     }
 
+    /// The module's weights packed again after they changed: every pack `had` holds (the
+    /// forward's, and those the backward made on demand), the bits [`Bf16Weights::new`] and the
+    /// same later calls would give. Packing them as each module's update ends, while the new
+    /// values are in cache, is what [`crate::Parameters::update_params`] is for.
+    pub(super) fn repacked(core: &impl ProjWeights, had: &Self) -> Result<Self> {
+        let packs = Bf16Weights {
+            forward: ForwardPacks::repacked(core, &had.forward)?,
+            backward: BackwardPacks::default(),
+        };
+        let (old, new) = (&had.backward, &packs.backward);
+        let slots = [(Proj::Fused, &old.fused, &new.fused), (Proj::Out, &old.out, &new.out)]
+            .into_iter()
+            .chain((0..3).map(|i| (Proj::Part(i), &old.parts[i], &new.parts[i])));
+        for (proj, old, new) in slots {
+            if old.get().is_some() {
+                let _ = new.set(pack_backward(core, proj));
+            }
+        }
+        Ok(packs)
+    }
+
     /// Bytes held by the packs made so far.
     pub(super) fn bytes(&self) -> usize {
         let b = &self.backward;
@@ -187,11 +219,14 @@ impl Bf16Weights {
             Proj::Part(which) => &self.backward.parts[which],
             Proj::Out => &self.backward.out,
         };
-        slot.get_or_init(|| {
-            let (w, rows, in_dim) = core.rows(proj);
-            let view = View2::contiguous(&w[rows.start * in_dim..rows.end * in_dim], [rows.len(), in_dim])
-                .expect("a weight's rows are a contiguous [rows, in] matrix");
-            Bf16Panels::pack(view)
-        })
+        slot.get_or_init(|| pack_backward(core, proj))
     }
+}
+
+/// `W` of `proj` packed for the backward's `dx = dy·W`.
+fn pack_backward(core: &impl ProjWeights, proj: Proj) -> Bf16Panels {
+    let (w, rows, in_dim) = core.rows(proj);
+    let view = View2::contiguous(&w[rows.start * in_dim..rows.end * in_dim], [rows.len(), in_dim])
+        .expect("a weight's rows are a contiguous [rows, in] matrix");
+    Bf16Panels::pack(view)
 }

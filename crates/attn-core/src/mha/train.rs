@@ -14,12 +14,15 @@
 //! 5. input projections: one GEMM pair over the fused `[tokens, q|k|v]` for self-attention,
 //!    else one per projection; `d_query` (and `d_key`, `d_value`) come back in the inputs' layout.
 
+use std::sync::Arc;
+
 use attn_kernels::{
     arena, attention_backward, attention_with_lse_lo, BackwardInputs, ForwardInputs, Gradients, Par, View, View4,
     ViewMut, ViewMut4,
 };
 
 use super::forward::{head_view, weights_from_lse, Projected, Source};
+use super::packs::Bf16Weights;
 use super::weights::Proj;
 use super::{Core, Dims, MaskSet, MhaOptions, MhaOutput, MultiHeadAttention, NeedWeights, Sequence};
 use crate::error::shape_error;
@@ -180,31 +183,47 @@ impl Parameters for MultiHeadAttention {
     /// `in_proj_bias`, `bias_k`, `bias_v`, `out_proj.weight`, `out_proj.bias`: those the module
     /// has, in that order.
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
-        let c = &mut self.core;
         // The weights may change: packed copies would go stale.
-        c.drop_packs();
-        let fused = c.dims.fused();
-        f(
-            &path.join(if fused { "in_proj_weight" } else { "q_proj_weight" }),
-            &mut c.w_q_or_qkv,
-        );
-        if let (Some(k), Some(v)) = (&mut c.w_k, &mut c.w_v) {
-            f(&path.join("k_proj_weight"), k);
-            f(&path.join("v_proj_weight"), v);
+        self.core.drop_packs();
+        each_param(&mut self.core, path, f);
+    }
+
+    /// In bf16, the packed copies the module held are packed again once its tensors have been
+    /// updated; in f32 the module ends as [`Parameters::visit_params`] leaves it.
+    fn update_params(&mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor)) -> Result<()> {
+        let had = self.core.bf16.take();
+        self.core.drop_packs();
+        each_param(&mut self.core, path, &mut |p, t| f(p, t));
+        if let Some(had) = had {
+            self.core.bf16 = Some(Arc::new(Bf16Weights::repacked(&self.core, &had)?));
         }
-        if let Some(b) = &mut c.b_qkv {
-            f(&path.join("in_proj_bias"), b);
-        }
-        if let Some((k, v)) = &mut c.bias_kv {
-            f(&path.join("bias_k"), k);
-            f(&path.join("bias_v"), v);
-        }
-        if let Some(w) = &mut c.w_out {
-            f(&path.join("out_proj.weight"), w);
-        }
-        if let Some(b) = &mut c.b_out {
-            f(&path.join("out_proj.bias"), b);
-        }
+        Ok(())
+    }
+}
+
+/// The module's parameters, in the order [`Parameters::visit_params`] gives.
+fn each_param<'a>(c: &'a mut Core, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
+    let fused = c.dims.fused();
+    f(
+        &path.join(if fused { "in_proj_weight" } else { "q_proj_weight" }),
+        &mut c.w_q_or_qkv,
+    );
+    if let (Some(k), Some(v)) = (&mut c.w_k, &mut c.w_v) {
+        f(&path.join("k_proj_weight"), k);
+        f(&path.join("v_proj_weight"), v);
+    }
+    if let Some(b) = &mut c.b_qkv {
+        f(&path.join("in_proj_bias"), b);
+    }
+    if let Some((k, v)) = &mut c.bias_kv {
+        f(&path.join("bias_k"), k);
+        f(&path.join("bias_v"), v);
+    }
+    if let Some(w) = &mut c.w_out {
+        f(&path.join("out_proj.weight"), w);
+    }
+    if let Some(b) = &mut c.b_out {
+        f(&path.join("out_proj.bias"), b);
     }
 }
 

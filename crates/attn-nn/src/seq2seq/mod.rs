@@ -97,6 +97,17 @@ impl Parameters for Seq2Seq {
         self.transformer.visit_params(&path.join("transformer."), f);
         self.generator.visit_params(&path.join("generator."), f);
     }
+
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        f(&path.join("src_embed.weight"), &mut self.src_embed);
+        f(&path.join("tgt_embed.weight"), &mut self.tgt_embed);
+        self.transformer.update_params(&path.join("transformer."), f)?;
+        self.generator.update_params(&path.join("generator."), f)
+    }
 }
 
 /// The sinusoidal table `PE[p, 2i] = sin(p / 10000^(2i/d))`, `PE[p, 2i+1] = cos(...)`, in f64.
@@ -122,7 +133,8 @@ impl Seq2Seq {
 
     /// Sets the precision of the linear maps: every layer's projections and feed-forward
     /// blocks, and the generator ([`Precision`]); embeddings, norms and attention stay f32.
-    /// Training (or anything that hands out the weights mutably) returns the model to f32.
+    /// Handing the weights out mutably ([`Parameters::visit_params`]) returns the model to f32;
+    /// an update ([`Seq2Seq::update`], [`Parameters::update_params`]) keeps its precision.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.transformer.set_precision(precision)?;
         self.generator.set_precision(precision)
@@ -227,18 +239,19 @@ impl Seq2Seq {
     }
 
     /// One optimizer step over every parameter at learning rate `lr`, from gradients made by
-    /// [`Seq2Seq::grads`] (others are an error): one pass over the flat buffers. The f32 weights
-    /// are the master copy: a model in bf16 (mixed-precision training) packs its bf16 copies
-    /// again from the updated weights.
+    /// [`Seq2Seq::grads`] (others are an error): in f32 one pass over the flat buffers
+    /// ([`AdamW::update`]). The f32 weights are the master copy: a model in bf16
+    /// (mixed-precision training) steps tensor by tensor ([`AdamW::update_each`]), each linear
+    /// map packing its bf16 copies (for the forward, and for the backward once it has run)
+    /// again right after its weight's update, while the new values are in cache; the bits of
+    /// a whole-buffer pass followed by [`Seq2Seq::set_precision`].
     pub fn update(&mut self, adam: &mut AdamW, grads: &Grads, lr: f32) -> Result<()> {
         self.check_trainable()?;
-        let precision = self.precision();
         let store = self.store.clone();
-        adam.update(&store, self, grads, lr)?;
-        if precision != Precision::F32 {
-            self.set_precision(precision)?;
+        match self.precision() {
+            Precision::F32 => adam.update(&store, self, grads, lr),
+            Precision::Bf16 => adam.update_each(&store, self, grads, lr),
         }
-        Ok(())
     }
 
     /// The tensors under their names.

@@ -278,6 +278,17 @@ impl Parameters for EncoderLayer {
         self.norm1.visit_params(&path.join("norm1."), f);
         self.norm2.visit_params(&path.join("norm2."), f);
     }
+
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        self.self_attn.update_params(&path.join("self_attn."), f)?;
+        self.ffn.update_params(path, f)?;
+        self.norm1.update_params(&path.join("norm1."), f)?;
+        self.norm2.update_params(&path.join("norm2."), f)
+    }
 }
 
 impl DecoderLayer {
@@ -357,6 +368,19 @@ impl Parameters for DecoderLayer {
         self.norm1.visit_params(&path.join("norm1."), f);
         self.norm2.visit_params(&path.join("norm2."), f);
         self.norm3.visit_params(&path.join("norm3."), f);
+    }
+
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        self.self_attn.update_params(&path.join("self_attn."), f)?;
+        self.cross_attn.update_params(&path.join("multihead_attn."), f)?;
+        self.ffn.update_params(path, f)?;
+        self.norm1.update_params(&path.join("norm1."), f)?;
+        self.norm2.update_params(&path.join("norm2."), f)?;
+        self.norm3.update_params(&path.join("norm3."), f)
     }
 }
 

@@ -285,17 +285,48 @@ impl<L: Parameters> Parameters for Stack<L> {
             norm.visit_params(&path.join("norm."), f);
         }
     }
+
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        let layers = path.join("layers.");
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.update_params(&layers.index(i), f)?;
+        }
+        match &mut self.norm {
+            Some(norm) => norm.update_params(&path.join("norm."), f),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Parameters for Encoder {
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
         self.0.visit_params(path, f);
     }
+
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        self.0.update_params(path, f)
+    }
 }
 
 impl Parameters for Decoder {
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
         self.0.visit_params(path, f);
+    }
+
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        self.0.update_params(path, f)
     }
 }
 
@@ -304,5 +335,14 @@ impl Parameters for Transformer {
     fn visit_params<'a>(&'a mut self, path: &ParamPath<'_>, f: &mut dyn FnMut(&ParamPath<'_>, &'a mut Tensor)) {
         self.encoder.visit_params(&path.join("encoder."), f);
         self.decoder.visit_params(&path.join("decoder."), f);
+    }
+
+    fn update_params(
+        &mut self,
+        path: &ParamPath<'_>,
+        f: &mut dyn FnMut(&ParamPath<'_>, &mut Tensor),
+    ) -> attn_core::Result<()> {
+        self.encoder.update_params(&path.join("encoder."), f)?;
+        self.decoder.update_params(&path.join("decoder."), f)
     }
 }
