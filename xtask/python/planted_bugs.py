@@ -1,4 +1,4 @@
-"""Plants ten known bugs, one at a time, and checks that the tests of the crate that owns the code
+"""Plants eleven known bugs, one at a time, and checks that the tests of the crate that owns the code
 catch each (issue: "tests that catch the bugs that matter, in the crate that owns the code").
 
 For each bug: patch the source, run `cargo test --release -p CRATE` for the crate that owns the code
@@ -86,6 +86,14 @@ BUGS = [
         "crates/attn-kernels/src/flash/tile.rs",
         "            scratch.maxes[i * lanes..(i + 1) * lanes]",
         "            scratch.maxes[(i + 1) % n_rows * lanes..((i + 1) % n_rows + 1) * lanes]",
+    ),
+    (
+        "the bf16 update keeps a linear map's copies of its old weights",
+        "attn-nn",
+        "crates/attn-nn/src/layers.rs",
+        "            let packs = LinearBf16::packed(&self.weight, had.backward.get().is_some())?;\n"
+        "            self.bf16 = Some(Arc::new(packs));",
+        "            self.bf16 = Some(had);",
     ),
 ]
 
