@@ -222,6 +222,21 @@ const BF16_TRAIN_TOLERANCE: f64 = 3e-2;
 /// The output, the query's gradient and every parameter gradient by name.
 type Trained = (Vec<f32>, Vec<f32>, Vec<(String, Vec<f32>)>);
 
+/// The module of the training tests: E = 32, 2 heads, seed 5, with key and value weights of
+/// width 24 when `separate`.
+fn training_module(separate: bool) -> MultiHeadAttention {
+    let cfg = if separate {
+        MhaConfig {
+            kdim: Some(24),
+            vdim: Some(24),
+            ..config(32, 2)
+        }
+    } else {
+        config(32, 2)
+    };
+    MultiHeadAttention::with_seed(cfg, 5).unwrap()
+}
+
 /// Mixed-precision training: one forward and backward of a module in bf16 (bf16 projections
 /// forward and backward, f32 attention, f32 gradients), self-attention (fused weights) and
 /// cross-attention: key and value rows of width `kv` (`None`: self-attention).
@@ -265,16 +280,7 @@ fn training_in_bf16_stays_within_bf16_error_of_f32() {
     // cross-attention through fused weights (as a decoder's, whose memory has the model's width).
     for (separate, kv) in [(false, None), (true, Some(24)), (false, Some(32))] {
         let cross = kv.is_some();
-        let cfg = if separate {
-            MhaConfig {
-                kdim: Some(24),
-                vdim: Some(24),
-                ..config(32, 2)
-            }
-        } else {
-            config(32, 2)
-        };
-        let mut mha = MultiHeadAttention::with_seed(cfg, 5).unwrap();
+        let mut mha = training_module(separate);
         let want = train_once(&mha, kv, Par::Seq);
         mha.set_precision(Precision::Bf16).unwrap();
         // The first backward packs `W` of each matrix it reads (self-attention: the fused
@@ -339,16 +345,7 @@ fn an_update_in_place_packs_again_what_the_module_held() {
         }
     };
     for (separate, kv) in [(false, None), (true, Some(24)), (false, Some(32))] {
-        let cfg = if separate {
-            MhaConfig {
-                kdim: Some(24),
-                vdim: Some(24),
-                ..config(32, 2)
-            }
-        } else {
-            config(32, 2)
-        };
-        let mut mha = MultiHeadAttention::with_seed(cfg, 5).unwrap();
+        let mut mha = training_module(separate);
         let f32_before = train_once(&mha, kv, Par::Seq);
         let (mut by_visit, mut in_place) = (mha.clone(), mha.clone());
         by_visit.visit_params(&ParamPath::ROOT, &mut |p, t| change(p, t));
