@@ -21,7 +21,9 @@ use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precis
 /// whole panels in contiguous rows are rearranged as words of bits without widening, the rest
 /// widened exactly a block at a time into a small buffer and packed as f32 values are, so no
 /// f32 copy of K and V is made. The rest (f32, or no bf16 instructions) widen K and V into f32
-/// copies and run [`crate::attention`] on them: the same result, at the cost of the copies.
+/// copies (on rayon's threads with [`Par::Rayon`]) and run [`crate::attention`] on them: the
+/// same result, at the cost of the copies (decoding from a long cache about twice the time of
+/// f32 K and V, which are read once where the copies are written and read again).
 /// So does a call in which a non-finite value reached a row (the repair of
 /// [`crate::attention`] then runs on the copies).
 ///
@@ -102,7 +104,7 @@ pub fn attention_bf16_kv(
             return Ok(());
         }
     }
-    let [kw, vw] = [&k, &v].map(widened);
+    let [kw, vw] = [&k, &v].map(|x| widened(x, par));
     let inputs = ForwardInputs::new(
         q,
         View4::contiguous(&kw, k.shape())?,
@@ -178,23 +180,48 @@ fn packs_bits(plan: &Plan, options: &AttentionOptions<'_>) -> bool {
 /// decoding's kernels.
 pub const DECODE_ROWS: usize = crate::tile::DECODE_ROWS_MAX;
 
-/// The values of `x`'s bits, contiguous in its shape's order: a row at a time where its
-/// values are contiguous (a shift per value, which the compiler vectorises), else one by one.
-fn widened(x: &View4<'_, u16>) -> Vec<f32> {
+/// The values of `x`'s bits, contiguous in its shape's order: a row at a time, a shift per
+/// value where the row is contiguous (which the compiler vectorises), else one by one; on
+/// rayon's threads with `Par::Rayon`, in tasks of at least [`WIDEN_TASK`] values, so that a
+/// long cache's copy is written, and its fresh pages faulted in, by every thread.
+fn widened(x: &View4<'_, u16>, par: Par) -> Vec<f32> {
     let [a, b, c, d] = x.shape();
     let (st, data) = (x.strides(), x.data());
-    let mut out = Vec::with_capacity(a * b * c * d);
-    for i in 0..a {
-        for j in 0..b {
-            for r in 0..c {
-                let base = i * st[0] + j * st[1] + r * st[2];
-                if st[3] == 1 {
-                    out.extend(data[base..base + d].iter().map(|&h| crate::bf16_to_f32(h)));
-                } else {
-                    out.extend((0..d).map(|col| crate::bf16_to_f32(data[base + col * st[3]])));
-                }
+    let len = a * b * c * d;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if d == 0 {
+        return out;
+    }
+    let fill = |(row, dst): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+        let (i, j, r) = (row / (b * c), row / c % b, row % c);
+        let base = i * st[0] + j * st[1] + r * st[2];
+        if st[3] == 1 {
+            for (o, &h) in dst.iter_mut().zip(&data[base..base + d]) {
+                o.write(crate::bf16_to_f32(h));
+            }
+        } else {
+            for (col, o) in dst.iter_mut().enumerate() {
+                o.write(crate::bf16_to_f32(data[base + col * st[3]]));
             }
         }
+    };
+    let rows = &mut out.spare_capacity_mut()[..len];
+    match par {
+        Par::Rayon => {
+            use rayon::prelude::*;
+            let rows_per_task = WIDEN_TASK.div_ceil(d);
+            rows.par_chunks_mut(d)
+                .enumerate()
+                .with_min_len(rows_per_task)
+                .for_each(fill);
+        }
+        Par::Seq => rows.chunks_mut(d).enumerate().for_each(fill),
     }
+    // SAFETY: the capacity holds `len` values, and the rows above wrote every one of them (the
+    // `len / d` rows of `d`, each element of each row).
+    unsafe { out.set_len(len) };
     out
 }
+
+/// The fewest values a task of [`widened`] converts.
+pub(super) const WIDEN_TASK: usize = 1 << 14;

@@ -301,8 +301,37 @@ fn strided_bits_and_shape_errors() {
         dims: [b, h, g, s, t, d, d],
         cap: t,
     };
-    let [got, want] = both(shape, &q, [&strided, &strided], &options, Par::Seq);
-    assert!(same_bits(&got.0, &want.0));
+    for par in [Par::Seq, Par::Rayon] {
+        let [got, want] = both(shape, &q, [&strided, &strided], &options, par);
+        assert!(same_bits(&got.0, &want.0), "{par:?}");
+    }
+    // Long enough for the widening to take several tasks on rayon's threads (`WIDEN_TASK`),
+    // contiguous and strided, in f32 (always widened) and in bf16.
+    let long = 3 * super::kv_bits::WIDEN_TASK / d + 5;
+    let long_bits = cache_bits(3, [b, g, 2 * d], long);
+    let long_shape = Shape {
+        dims: [b, h, g, s, long, d, d],
+        cap: long,
+    };
+    let contiguous = cache_view(&long_bits, [b, g, long, 2 * d], long);
+    let halves = View4::new(&long_bits, [b, g, long, d], [g * long * 2 * d, long * 2 * d, 2 * d, 2]).unwrap();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let options = AttentionOptions {
+            precision,
+            ..Default::default()
+        };
+        let wide_shape = Shape {
+            dims: [b, h, g, s, long, 2 * d, 2 * d],
+            cap: long,
+        };
+        let q_wide = random_vec(b * h * s * 2 * d, 4);
+        for par in [Par::Seq, Par::Rayon] {
+            let [got, want] = both(wide_shape, &q_wide, [&contiguous, &contiguous], &options, par);
+            assert!(same_bits(&got.0, &want.0), "contiguous, {precision} {par:?}");
+            let [got, want] = both(long_shape, &q, [&halves, &halves], &options, par);
+            assert!(same_bits(&got.0, &want.0), "strided, {precision} {par:?}");
+        }
+    }
 
     // No keys at all: the rows attend to nothing, as `attention` gives them (zeros, LSE -inf).
     let empty = Shape {
