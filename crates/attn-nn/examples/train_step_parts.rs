@@ -11,14 +11,20 @@ use std::time::Instant;
 use attn_nn::core::Precision;
 use attn_nn::prelude::*;
 
-fn main() -> Result<(), NnError> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let precision = match args.next().as_deref() {
         None | Some("bf16") => Precision::Bf16,
         Some("f32") => Precision::F32,
-        Some(other) => panic!("precision {other:?}: expected f32 or bf16"),
+        Some(other) => return Err(format!("the precision is {other:?}, expected f32 or bf16").into()),
     };
-    let steps: u64 = args.next().map_or(10, |s| s.parse().expect("STEPS: a whole number"));
+    let steps: u64 = match args.next() {
+        None => 10,
+        Some(s) => match s.parse() {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(format!("STEPS is {s:?}, expected a whole number of at least 1").into()),
+        },
+    };
     // Reversed strings of 10 to 29 letters: the pairs' lengths of `attn dates`, about.
     let mut state = 1u64;
     let mut next = move || {
