@@ -23,6 +23,11 @@ pub(crate) trait Lanes {
     unsafe fn splat(x: f32) -> Self::V;
     /// `N` floats from `p` (unaligned).
     unsafe fn load(p: *const f32) -> Self::V;
+    /// `N` bf16 bit patterns from `p` (unaligned), widened exactly ([`crate::bf16_to_f32`]: a
+    /// shift into the upper half of each lane); when `ROUNDED`, first made what rounding their
+    /// values to bf16 gives ([`crate::round_to_bf16`]: subnormals to zeros of their sign, NaN
+    /// made quiet).
+    unsafe fn load_bits<const ROUNDED: bool>(p: *const u16) -> Self::V;
     /// `N` floats to `p` (unaligned).
     unsafe fn store(p: *mut f32, v: Self::V);
     /// The first `n < N` lanes from the `n` floats at `p`, the others `fill`: a row's tail,
@@ -339,6 +344,22 @@ impl Lanes for Avx2 {
         unsafe { _mm256_loadu_ps(p) }
     }
     #[inline(always)]
+    unsafe fn load_bits<const ROUNDED: bool>(p: *const u16) -> __m256 {
+        // SAFETY: AVX2 is enabled by the caller; `p` covers 8 bit patterns (16 bytes).
+        unsafe {
+            let mut h = _mm_loadu_si128(p.cast());
+            if ROUNDED {
+                let exponent = _mm_and_si128(h, _mm_set1_epi16(0x7F80));
+                let subnormal = _mm_cmpeq_epi16(exponent, _mm_setzero_si128());
+                let no_mantissa = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x007F)), _mm_setzero_si128());
+                let nan = _mm_andnot_si128(no_mantissa, _mm_cmpeq_epi16(exponent, _mm_set1_epi16(0x7F80)));
+                h = _mm_blendv_epi8(h, _mm_and_si128(h, _mm_set1_epi16(i16::MIN)), subnormal);
+                h = _mm_blendv_epi8(h, _mm_or_si128(h, _mm_set1_epi16(0x0040)), nan);
+            }
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+    #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m256) {
         // SAFETY: as above.
         unsafe { _mm256_storeu_ps(p, v) }
@@ -478,6 +499,22 @@ impl Lanes for Avx512 {
     unsafe fn load(p: *const f32) -> __m512 {
         // SAFETY: as above; `p` covers 16 floats by the caller's contract.
         unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_bits<const ROUNDED: bool>(p: *const u16) -> __m512 {
+        // SAFETY: as above (BW and VL for the 16-bit masks); `p` covers 16 bit patterns.
+        unsafe {
+            let mut h = _mm256_loadu_si256(p.cast());
+            if ROUNDED {
+                let exponent = _mm256_and_si256(h, _mm256_set1_epi16(0x7F80));
+                let subnormal = _mm256_cmpeq_epi16_mask(exponent, _mm256_setzero_si256());
+                let mantissa = _mm256_test_epi16_mask(h, _mm256_set1_epi16(0x007F));
+                let nan = _mm256_cmpeq_epi16_mask(exponent, _mm256_set1_epi16(0x7F80)) & mantissa;
+                h = _mm256_mask_blend_epi16(subnormal, h, _mm256_and_si256(h, _mm256_set1_epi16(i16::MIN)));
+                h = _mm256_mask_blend_epi16(nan, h, _mm256_or_si256(h, _mm256_set1_epi16(0x0040)));
+            }
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m512) {

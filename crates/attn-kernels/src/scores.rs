@@ -103,7 +103,7 @@ pub(crate) fn scores_into(
             // SAFETY: a vector level was detected (`for_call`); the assertions above bound
             // `q_tile` ([rows, D]), the `bc` key rows and `dst` ([rows, ld]).
             unsafe {
-                crate::tile::dot_rows(
+                crate::tile::dot_rows::<crate::tile::F32Values>(
                     rows,
                     bc,
                     d,

@@ -122,7 +122,7 @@ pub(crate) mod avx2 {
 }
 
 mod decode;
-pub(crate) use decode::{axpy_rows, dot_rows, DECODE_ROWS_MAX};
+pub(crate) use decode::{axpy_rows, dot_rows, Bf16Bits, Bf16Rounded, F32Values, Stored, DECODE_ROWS_MAX};
 
 /// `c[0..ROWS, 0..PANELS·NR] (+)= Σ_p a[r·lda + p] · b_q[p·ldb .. p·ldb + NR]` for `p < depth`
 /// over column panels `b_q = b + q·b_panel`, written once over the vector width: `VECS` vectors
@@ -447,12 +447,36 @@ mod tests {
         assert!(ragged_gemm.is_err(), "gemm accepted n = 8");
         let ragged_axpy = std::panic::catch_unwind(move || {
             // SAFETY: as above.
-            unsafe { super::decode::axpy_rows_avx2(2, 12, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
+            unsafe {
+                super::decode::axpy_rows_avx2::<super::F32Values>(
+                    2,
+                    12,
+                    4,
+                    a.as_ptr(),
+                    16,
+                    b.as_ptr(),
+                    16,
+                    c.as_mut_ptr(),
+                    16,
+                )
+            }
         });
         assert!(ragged_axpy.is_err(), "axpy_rows accepted n = 12");
         let tall_axpy = std::panic::catch_unwind(move || {
             // SAFETY: as above.
-            unsafe { super::decode::axpy_rows_avx2(9, 8, 4, a.as_ptr(), 16, b.as_ptr(), 16, c.as_mut_ptr(), 16) }
+            unsafe {
+                super::decode::axpy_rows_avx2::<super::F32Values>(
+                    9,
+                    8,
+                    4,
+                    a.as_ptr(),
+                    16,
+                    b.as_ptr(),
+                    16,
+                    c.as_mut_ptr(),
+                    16,
+                )
+            }
         });
         assert!(tall_axpy.is_err(), "axpy_rows accepted 9 rows");
     }

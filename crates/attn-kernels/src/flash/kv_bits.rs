@@ -1,5 +1,6 @@
 //! Attention over keys and values held as bf16 bits ([`attention_bf16_kv`]): a bf16 KV cache,
-//! read in place by decoding's bf16 kernels at half the bytes of an f32 one.
+//! read in place by decoding's kernels (bf16, or f32 widening as they load) at half the bytes
+//! of an f32 one.
 
 use super::{
     attend_per_group, decodes_in_place, packs_per_group, run_operands, validate, Bf16Source, Dst, GroupPacking, Kv,
@@ -13,19 +14,22 @@ use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precis
 /// as bf16 bits (the upper half of an f32, as [`crate::f32_to_bf16`] makes them): the bits of
 /// [`crate::attention`] on their widened values ([`crate::bf16_to_f32`]), in either precision.
 ///
-/// Decoding in [`Precision::Bf16`] at the AVX512-BF16 and AMX levels (at most
-/// [`DECODE_ROWS`] query rows per key/value head, each key and value row contiguous) reads
-/// the bits in place, so K and V stream at half the bytes of f32 and nothing is widened. Other
-/// calls in bf16 with those levels pack K and V straight from the bits (per `(b, g)` by the
-/// tasks, or once for the call, as f32 K and V are packed): keys of an even `D` and values of
-/// whole panels in contiguous rows are rearranged as words of bits without widening, the rest
-/// widened exactly a block at a time into a small buffer and packed as f32 values are, so no
-/// f32 copy of K and V is made. The rest (f32, or no bf16 instructions) widen K and V into f32
-/// copies (on rayon's threads with [`Par::Rayon`]) and run [`crate::attention`] on them: the
-/// same result, at the cost of the copies (decoding from a long cache about twice the time of
-/// f32 K and V, which are read once where the copies are written and read again).
-/// So does a call in which a non-finite value reached a row (the repair of
-/// [`crate::attention`] then runs on the copies).
+/// Decoding (at most [`DECODE_ROWS`] query rows per key/value head, each key and value row
+/// contiguous) reads the bits in place, so K and V stream at half the bytes of f32 and
+/// nothing is widened: in [`Precision::Bf16`] by the bf16 decoding kernels at the AVX512-BF16
+/// and AMX levels, and otherwise, as in [`Precision::F32`], by the f32 decoding kernels at
+/// every vector level (AVX2 and AVX-512), which widen each key and value exactly as they load
+/// it (and round it in bf16, as rounding its value gives). Other calls in bf16 with
+/// bf16 instructions pack K and V straight from the bits (per `(b, g)` by the tasks, or once
+/// for the call, as f32 K and V are packed): keys of an even `D` and values of whole panels in
+/// contiguous rows are rearranged as words of bits without widening, the rest widened exactly
+/// a block at a time into a small buffer and packed as f32 values are, so no f32 copy of K and
+/// V is made. The rest (calls of more rows in f32 or without bf16 instructions, strided rows,
+/// the portable level) widen K and V into f32 copies (on rayon's threads with [`Par::Rayon`])
+/// and run [`crate::attention`] on them: the same result, at the cost of the copies (about
+/// twice the time of f32 K and V on a memory-bound call, which reads them once where the
+/// copies are written and read again). So does a call in which a non-finite value reached a
+/// row (the repair of [`crate::attention`] then runs on the copies).
 ///
 /// ```
 /// use attn_kernels::{attention, attention_bf16_kv, f32_to_bf16, bf16_to_f32, AttentionOptions,
@@ -66,43 +70,48 @@ pub fn attention_bf16_kv(
     let op = "attention_bf16_kv";
     let plan = validate(op, out.shape(), lse.as_ref().map(|l| l.shape()), &q, &k, &v, options)?;
     let (mut out, mut lse) = (out, lse);
-    if packs_bits(&plan, options) {
+    let spoilt = match route(&plan, &k, &v, options) {
         // More query rows: K and V packed once for the call straight from the bits, a block
         // at a time, as `crate::attention` packs f32 K and V (the same words).
         // Or per `(b, g)` by the tasks, as `crate::attention` decides for f32 K and V.
-        let amx = crate::bf16_level() == Bf16Level::Amx;
-        let dst = Dst::new(&mut out, &mut lse, &mut None);
-        let spoilt = if packs_per_group(&plan) {
-            run_bits(&plan, q, [k, v], options, dst, par, (None, amx, false))
-        } else {
-            let (kt, vp) = (
-                super::bf16::pack_keys_bits(&plan, &k, amx, par),
-                super::bf16::pack_values_bits(&plan, &v, amx, par),
-            );
-            let source = Some(Bf16Source::Packed(&kt, &vp));
-            let spoilt = run_bits(&plan, q, [k, v], options, dst, par, (source, amx, false));
-            crate::buffer::give(kt);
-            crate::buffer::give(vp);
-            spoilt
-        };
-        if !spoilt {
-            return Ok(());
+        KvRoute::PacksBits => {
+            let amx = crate::bf16_level() == Bf16Level::Amx;
+            let dst = Dst::new(&mut out, &mut lse, &mut None);
+            if packs_per_group(&plan) {
+                run_bits(&plan, q, [k, v], options, dst, par, Kernels::Bf16(None, amx))
+            } else {
+                let (kt, vp) = (
+                    super::bf16::pack_keys_bits(&plan, &k, amx, par),
+                    super::bf16::pack_values_bits(&plan, &v, amx, par),
+                );
+                let source = Some(Bf16Source::Packed(&kt, &vp));
+                let spoilt = run_bits(&plan, q, [k, v], options, dst, par, Kernels::Bf16(source, amx));
+                crate::buffer::give(kt);
+                crate::buffer::give(vp);
+                spoilt
+            }
         }
-    }
-    if reads_in_place(&plan, &k, &v, options) {
-        // Decoding's kernels multiply rounded f32 probabilities, as for f32 K and V.
-        let dst = Dst::new(&mut out, &mut lse, &mut None);
-        if !run_bits(
-            &plan,
-            q,
-            [k, v],
-            options,
-            dst,
-            par,
-            (Some(Bf16Source::InPlace), false, true),
-        ) {
-            return Ok(());
+        // Decoding's bf16 kernels multiply rounded f32 probabilities, as for f32 K and V;
+        // without bf16 instructions the f32 kernels multiply the rounded operands (each key
+        // and value rounded as it is loaded), as on rounded copies of f32 K and V.
+        KvRoute::ReadsInPlace(Precision::Bf16) => {
+            let dst = Dst::new(&mut out, &mut lse, &mut None);
+            let kernels = if crate::bf16_level() == Bf16Level::None {
+                Kernels::DecodeRounded
+            } else {
+                Kernels::DecodeBf16
+            };
+            run_bits(&plan, q, [k, v], options, dst, par, kernels)
         }
+        // Decoding's f32 kernels, widening each key and value as they load it.
+        KvRoute::ReadsInPlace(Precision::F32) => {
+            let dst = Dst::new(&mut out, &mut lse, &mut None);
+            run_bits(&plan, q, [k, v], options, dst, par, Kernels::DecodeF32)
+        }
+        KvRoute::Widens => true,
+    };
+    if !spoilt {
+        return Ok(());
     }
     let [kw, vw] = [&k, &v].map(|x| widened(x, par));
     let inputs = ForwardInputs::new(
@@ -113,9 +122,23 @@ pub fn attention_bf16_kv(
     crate::attention(out, lse, inputs, options, par)
 }
 
-/// The bf16 kernels on `q` and K and V as bits (`[k, v]`), the operands read from `source`
-/// (`None`: packed per `(b, g)` by the tasks, [`super::attend_per_group`]), on AMX tiles when
-/// `amx`, with the probabilities rounded in f32 when `round_p`; returns whether a row came out
+/// Which kernels [`run_bits`] runs on K and V as bits.
+#[derive(Clone, Copy)]
+enum Kernels<'o> {
+    /// The bf16 kernels on K and V packed from the bits (`None`: per `(b, g)` by the tasks,
+    /// [`super::attend_per_group`]), on AMX tiles when the flag says so.
+    Bf16(Option<Bf16Source<'o>>, bool),
+    /// Decoding's bf16 kernels on the bits in place, the probabilities rounded in f32.
+    DecodeBf16,
+    /// Decoding's f32 kernels on the bits in place, widened as they are loaded.
+    DecodeF32,
+    /// Decoding's f32 kernels on the bits in place, widened and rounded as they are loaded
+    /// (their values rounded to bf16), on the scaled queries and the probabilities rounded:
+    /// bf16 without bf16 instructions.
+    DecodeRounded,
+}
+
+/// `kernels` on `q` and K and V as bits (`[k, v]`); returns whether a row came out
 /// non-finite from a finite softmax (the caller then widens).
 fn run_bits(
     plan: &Plan,
@@ -124,8 +147,15 @@ fn run_bits(
     options: &AttentionOptions<'_>,
     dst: Dst,
     par: Par,
-    (source, amx, round_p): (Option<Bf16Source<'_>>, bool, bool),
+    kernels: Kernels<'_>,
 ) -> bool {
+    let (source, amx) = match kernels {
+        Kernels::Bf16(source, amx) => (source, amx),
+        Kernels::DecodeBf16 => (Some(Bf16Source::InPlace), false),
+        Kernels::DecodeF32 | Kernels::DecodeRounded => (None, false),
+    };
+    let rounded = matches!(kernels, Kernels::DecodeRounded);
+    let per_group = matches!(kernels, Kernels::Bf16(None, _));
     let ops = Operands {
         q,
         k: Kv::Bits(k),
@@ -136,44 +166,56 @@ fn run_bits(
         v_packed: None,
         bf16: source,
         amx,
-        round_p,
-        round_q: false,
+        round_p: matches!(kernels, Kernels::DecodeBf16) || rounded,
+        // The scaled query rows rounded as the tile loads them, and so K and V as the
+        // kernels load them (`super::tile::bits_scores`).
+        round_q: rounded,
         micro: crate::simd::simd_level().is_vector(),
         score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),
         keep_scores: false,
-        packed_per_group: source.is_none().then_some(GroupPacking::Bf16),
+        packed_per_group: per_group.then_some(GroupPacking::Bf16),
     };
-    if source.is_none() {
+    if per_group {
         attend_per_group(plan, &ops, dst, par)
     } else {
         run_operands(plan, &ops, dst, par)
     }
 }
 
-/// Whether [`attention_bf16_kv`] reads `k` and `v` in place for a call of `plan` (else it
-/// widens them): in bf16, with bf16 instructions, when the f32 kernel would decode in place.
-pub(super) fn reads_in_place(
-    plan: &Plan,
-    k: &View4<'_, u16>,
-    v: &View4<'_, u16>,
-    options: &AttentionOptions<'_>,
-) -> bool {
-    options.precision == Precision::Bf16
-        && crate::bf16_level() != Bf16Level::None
-        && decodes_in_place(plan, k.strides(), v.strides())
+/// How [`attention_bf16_kv`] runs a call of `plan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum KvRoute {
+    /// K and V packed from their bits for the bf16 kernels: in bf16, with bf16 instructions,
+    /// for more query rows per key/value head than decoding reads in place (for fewer, a
+    /// strided K or V is widened into contiguous copies, which [`crate::attention`] then
+    /// decodes in place: other arithmetic than the packed kernels'). Where the f32 kernel
+    /// serves bf16 calls that do not decode ([`super::rounds_into_f32`]), they are widened
+    /// instead.
+    PacksBits,
+    /// Decoding ([`decodes_in_place`]: at most [`DECODE_ROWS`] query rows per key/value head,
+    /// contiguous rows) with the bits read in place by the decoding kernels of this
+    /// precision: in bf16 by the bf16 kernels where the CPU has bf16 instructions, else by the
+    /// f32 kernels on rounded operands at a vector level; in f32 by the f32 kernels at a
+    /// vector level.
+    ReadsInPlace(Precision),
+    /// Widened into f32 copies, on which [`crate::attention`] runs: the portable level, f32
+    /// calls of more rows, bf16 calls of more rows without bf16 instructions, strided rows.
+    Widens,
 }
 
-/// Whether [`attention_bf16_kv`] packs K and V from their bits (else it widens them or reads
-/// them in place): in bf16, with bf16 instructions, for more query rows per key/value head
-/// than decoding reads in place (for fewer, a strided K or V is widened into contiguous copies,
-/// which [`crate::attention`] then decodes in place: other arithmetic than the packed kernels').
-/// Where the f32 kernel serves bf16 calls that do not decode ([`super::rounds_into_f32`]), they
-/// are widened instead.
-fn packs_bits(plan: &Plan, options: &AttentionOptions<'_>) -> bool {
-    options.precision == Precision::Bf16
-        && crate::bf16_level() != Bf16Level::None
-        && plan.rows_per_group > DECODE_ROWS
-        && !super::rounds_into_f32(false)
+/// The route of [`attention_bf16_kv`] for a call of `plan` on `k` and `v`.
+pub(super) fn route(plan: &Plan, k: &View4<'_, u16>, v: &View4<'_, u16>, options: &AttentionOptions<'_>) -> KvRoute {
+    let bf16_instructions = crate::bf16_level() != Bf16Level::None;
+    let vector = crate::simd::simd_level().is_vector();
+    let decodes = decodes_in_place(plan, k.strides(), v.strides());
+    match options.precision {
+        Precision::Bf16 if decodes && (bf16_instructions || vector) => KvRoute::ReadsInPlace(Precision::Bf16),
+        Precision::Bf16 if bf16_instructions && plan.rows_per_group > DECODE_ROWS && !super::rounds_into_f32(false) => {
+            KvRoute::PacksBits
+        }
+        Precision::F32 if decodes && vector => KvRoute::ReadsInPlace(Precision::F32),
+        _ => KvRoute::Widens,
+    }
 }
 
 /// The most query rows per key/value head that [`attention_bf16_kv`] reads in place: those of

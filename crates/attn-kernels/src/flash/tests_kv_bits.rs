@@ -1,9 +1,10 @@
 //! [`attention_bf16_kv`] against [`crate::attention`] on the widened values: the same bits, at
 //! this machine's level (CI runs these at `amx`, `avx512bf16`, `avx2` and `scalar`), with the
-//! bits read in place where the level has bf16 instructions and the call is decoding. The
-//! bound of `tests_bf16.rs` then holds for the bits as it does for the widened values.
+//! bits read in place where the call is decoding (by the bf16 kernels where the level has bf16
+//! instructions, else by the f32 ones at every vector level). The bound of `tests_bf16.rs` then holds for the
+//! bits as it does for the widened values.
 
-use super::kv_bits::reads_in_place;
+use super::kv_bits::{route, KvRoute};
 use crate::testing::random_vec;
 use crate::{
     attention, attention_bf16_kv, bf16_to_f32, f32_to_bf16, AttentionOptions, Bf16Level, Causal, ForwardInputs, Mask,
@@ -122,7 +123,9 @@ const SHAPES: [Shape; 7] = [
 
 /// The bits of `attention` on the widened values, in both precisions, for every shape, with
 /// and without each option that changes a row's keys or scores, sequential and parallel; and
-/// decoding in bf16 is read in place exactly where the level has bf16 instructions.
+/// decoding is read in place exactly where the level's kernels can: bf16's with bf16
+/// instructions, the f32 ones at a vector level (on rounded operands in bf16 without bf16
+/// instructions), with values of whole panels and not (`Dv` 64, 16, 24, 8).
 #[test]
 fn bits_give_the_bits_of_the_widened_values() {
     super::tests_bf16::each_bf16_kernel(|route| {
@@ -132,7 +135,8 @@ fn bits_give_the_bits_of_the_widened_values() {
 }
 
 fn bits_give_the_bits_of_the_widened_values_once() {
-    let mut in_place_calls = 0;
+    // Calls read in place, in f32 and in bf16.
+    let mut in_place_calls = [0, 0];
     for (n, shape) in SHAPES.iter().enumerate() {
         let [b, h, g, s, t, d, dv] = shape.dims;
         let seed = 10 * n as u64;
@@ -163,14 +167,18 @@ fn bits_give_the_bits_of_the_widened_values_once() {
         for (m, base) in masks.iter().enumerate() {
             for precision in [Precision::F32, Precision::Bf16] {
                 let options = AttentionOptions { precision, ..*base };
-                in_place_calls += usize::from(reads_in_place(&plan(shape.dims), &k, &v, &options));
-                let expect_in_place = precision == Precision::Bf16
-                    && crate::bf16_level() != Bf16Level::None
-                    && s * h / g <= crate::DECODE_ROWS;
+                let kernels = match precision {
+                    Precision::Bf16 => crate::bf16_level() != Bf16Level::None || crate::simd_level().is_vector(),
+                    Precision::F32 => crate::simd_level().is_vector(),
+                };
+                let expect_in_place = kernels && s * h / g <= crate::DECODE_ROWS;
+                let chosen = route(&plan(shape.dims), &k, &v, &options);
+                in_place_calls[usize::from(precision == Precision::Bf16)] +=
+                    usize::from(chosen == KvRoute::ReadsInPlace(precision));
                 assert_eq!(
-                    reads_in_place(&plan(shape.dims), &k, &v, &options),
+                    chosen == KvRoute::ReadsInPlace(precision),
                     expect_in_place,
-                    "{shape:?}"
+                    "{shape:?} {precision}: {chosen:?}"
                 );
                 for par in [Par::Seq, Par::Rayon] {
                     let [got, want] = both(*shape, &q, [&k, &v], &options, par);
@@ -182,27 +190,36 @@ fn bits_give_the_bits_of_the_widened_values_once() {
             }
         }
     }
-    if crate::bf16_level() == Bf16Level::None {
-        println!("note: no bf16 instructions at this level: every call widened (checked all the same)");
+    // Four decoding shapes, three masks each, in each precision, where the level has kernels
+    // that read them (bf16 instructions for bf16's, or the vector f32 ones).
+    if crate::simd_level().is_vector() {
+        assert_eq!(in_place_calls, [4 * 3, 4 * 3]);
     } else {
-        assert_eq!(in_place_calls, 4 * 3, "four decoding shapes, three masks each, in bf16");
+        assert_eq!(in_place_calls, [0, 0]);
+        println!("note: the portable level: every call widened (checked all the same)");
     }
 }
 
-/// Bits that read differently when mishandled: subnormals (zeros of their sign, as rounding
-/// gives), negative zero, the largest finite bf16, and infinities and NaN in keys past the key
-/// length and in values of masked keys (the non-finite policy of `attention`: the repair).
+/// Bits that read differently when mishandled: subnormals (in bf16 zeros of their sign, as
+/// rounding gives; in f32 their values), negative zero, the largest finite bf16, and
+/// infinities and NaN in keys past the key length and in values of masked keys (the
+/// non-finite policy of `attention`: the repair). Both precisions.
 #[test]
 fn special_bits_read_as_their_widened_values() {
-    super::tests_bf16::each_bf16_kernel(|route| {
-        eprintln!("special_bits_read_as_their_widened_values: {route}");
-        special_bits_read_as_their_widened_values_once();
+    super::tests_bf16::each_bf16_kernel(|kernel| {
+        for precision in [Precision::F32, Precision::Bf16] {
+            eprintln!("special_bits_read_as_their_widened_values: {kernel}, {precision}");
+            // Values of whole panels (read in place) and not (widened into panels first).
+            for dv in [32, 24] {
+                special_bits_read_as_their_widened_values_once(precision, dv);
+            }
+        }
     });
 }
 
-fn special_bits_read_as_their_widened_values_once() {
+fn special_bits_read_as_their_widened_values_once(precision: Precision, dv: usize) {
     let shape = Shape {
-        dims: [1, 4, 2, 1, 40, 32, 32],
+        dims: [1, 4, 2, 1, 40, 32, dv],
         cap: 48,
     };
     let [b, h, g, s, t, d, dv] = shape.dims;
@@ -214,7 +231,7 @@ fn special_bits_read_as_their_widened_values_once() {
     v_bits[5] = 0xFF7F;
     let lengths = [30usize];
     let options = AttentionOptions {
-        precision: Precision::Bf16,
+        precision,
         key_lengths: Some(&lengths),
         ..Default::default()
     };
@@ -248,10 +265,16 @@ fn special_bits_read_as_their_widened_values_once() {
         same_bits(&got.0, &want.0) && same_bits(&got.1, &want.1),
         "subnormal bits"
     );
-    assert!(
-        got.0.chunks(dv).all(|row| row[7] == 0.0),
-        "subnormal values read as zeros"
-    );
+    match precision {
+        Precision::Bf16 => assert!(
+            got.0.chunks(dv).all(|row| row[7] == 0.0),
+            "subnormal values read as zeros"
+        ),
+        Precision::F32 => assert!(
+            got.0.chunks(dv).all(|row| row[7] != 0.0),
+            "subnormal values read as their values"
+        ),
+    }
     // Past the key length: an infinite key and a NaN value the rows never see.
     k_bits[35 * d] = 0x7F80;
     v_bits[36 * dv + 1] = 0x7FC0;
@@ -291,12 +314,11 @@ fn strided_bits_and_shape_errors() {
         precision: Precision::Bf16,
         ..Default::default()
     };
-    assert!(!reads_in_place(
-        &plan([b, h, g, s, t, d, d]),
-        &strided,
-        &strided,
-        &options
-    ));
+    for precision in [Precision::F32, Precision::Bf16] {
+        let options = AttentionOptions { precision, ..options };
+        let chosen = route(&plan([b, h, g, s, t, d, d]), &strided, &strided, &options);
+        assert_eq!(chosen, KvRoute::Widens, "{precision}");
+    }
     let shape = Shape {
         dims: [b, h, g, s, t, d, d],
         cap: t,
@@ -306,7 +328,8 @@ fn strided_bits_and_shape_errors() {
         assert!(same_bits(&got.0, &want.0), "{par:?}");
     }
     // Long enough for the widening to take several tasks on rayon's threads (`WIDEN_TASK`),
-    // contiguous and strided, in f32 (always widened) and in bf16.
+    // strided, and contiguous (widened in f32 at the portable level, in bf16 without bf16
+    // instructions; read in place elsewhere), in f32 and in bf16.
     let long = 3 * super::kv_bits::WIDEN_TASK / d + 5;
     let long_bits = cache_bits(3, [b, g, 2 * d], long);
     let long_shape = Shape {

@@ -2,6 +2,76 @@
 //! against keys and values read in place, written once over the vector width, where
 //! transposing or packing the key block would cost as much as the whole product.
 
+/// How K and V are stored where the decode kernels read them in place, and what the kernels
+/// multiply: f32 values ([`F32Values`]), or bf16 bits (a bf16 KV cache) widened as they are
+/// loaded, exactly ([`Bf16Bits`]) or as rounding their values to bf16 would give them
+/// ([`Bf16Rounded`]), so each gives the bits of the f32 kernels on the values it stands for.
+pub(crate) trait Stored {
+    /// The element in memory.
+    type Elem: Copy;
+    /// [`crate::lanes::Lanes::N`] values from `p`, as f32 lanes.
+    ///
+    /// # Safety
+    /// `L`'s features must be enabled; `p` readable for `L::N` elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load<L: crate::lanes::Lanes>(p: *const Self::Elem) -> L::V;
+    /// One element's value.
+    fn value(x: Self::Elem) -> f32;
+}
+
+/// f32 values, as they are.
+pub(crate) struct F32Values;
+
+/// bf16 bits, widened exactly ([`crate::bf16_to_f32`]).
+pub(crate) struct Bf16Bits;
+
+/// bf16 bits, widened as rounding their widened values to bf16 gives them
+/// ([`crate::round_to_bf16`]: subnormals to zeros of their sign, NaN made quiet), the operands
+/// of the f32 kernels in bf16 without bf16 instructions.
+pub(crate) struct Bf16Rounded;
+
+impl Stored for F32Values {
+    type Elem = f32;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load<L: crate::lanes::Lanes>(p: *const f32) -> L::V {
+        // SAFETY: the caller's contract.
+        unsafe { L::load(p) }
+    }
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        x
+    }
+}
+
+impl Stored for Bf16Bits {
+    type Elem = u16;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load<L: crate::lanes::Lanes>(p: *const u16) -> L::V {
+        // SAFETY: the caller's contract.
+        unsafe { L::load_bits::<false>(p) }
+    }
+    #[inline(always)]
+    fn value(x: u16) -> f32 {
+        crate::bf16_to_f32(x)
+    }
+}
+
+impl Stored for Bf16Rounded {
+    type Elem = u16;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load<L: crate::lanes::Lanes>(p: *const u16) -> L::V {
+        // SAFETY: the caller's contract.
+        unsafe { L::load_bits::<true>(p) }
+    }
+    #[inline(always)]
+    fn value(x: u16) -> f32 {
+        crate::bf16_to_f32(crate::bf16::canonical(x))
+    }
+}
+
 /// Scores of a few query rows against keys read in place, written once over the vector width:
 /// `c[i·ldc + j] = Σ_p a[i·lda + p] · k[j·ldk + p]` for `i < ROWS`, `j < n`, `p < depth`.
 /// `KEYS` keys at a time, so `ROWS × KEYS` independent sums are in flight (one query row against
@@ -13,12 +83,12 @@
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dot_block<L: crate::lanes::Lanes, const ROWS: usize, const KEYS: usize>(
+unsafe fn dot_block<L: crate::lanes::Lanes, S: Stored, const ROWS: usize, const KEYS: usize>(
     n: usize,
     depth: usize,
     a: *const f32,
     lda: usize,
-    k: *const f32,
+    k: *const S::Elem,
     ldk: usize,
     c: *mut f32,
     ldc: usize,
@@ -29,13 +99,13 @@ unsafe fn dot_block<L: crate::lanes::Lanes, const ROWS: usize, const KEYS: usize
         let mut j0 = 0;
         while j0 < n {
             let kb = (n - j0).min(KEYS);
-            let keys: [*const f32; KEYS] = std::array::from_fn(|j| k.add((j0 + j.min(kb - 1)) * ldk));
+            let keys: [*const S::Elem; KEYS] = std::array::from_fn(|j| k.add((j0 + j.min(kb - 1)) * ldk));
             let mut acc = [[L::splat(0.0); KEYS]; ROWS];
             // Key after key, each read in order; the sums of different keys are independent,
             // so they overlap in the pipeline.
             for (j, &key) in keys.iter().enumerate() {
                 for v in 0..vecs {
-                    let kv = L::load(key.add(v * L::N));
+                    let kv = S::load::<L>(key.add(v * L::N));
                     for (i, acc_i) in acc.iter_mut().enumerate() {
                         acc_i[j] = L::fmadd(L::load(a.add(i * lda + v * L::N)), kv, acc_i[j]);
                     }
@@ -45,7 +115,7 @@ unsafe fn dot_block<L: crate::lanes::Lanes, const ROWS: usize, const KEYS: usize
                 for (j, &acc_ij) in acc_i.iter().enumerate().take(kb) {
                     let mut total = L::hsum(acc_ij);
                     for p in vecs * L::N..depth {
-                        total += *a.add(i * lda + p) * *keys[j].add(p);
+                        total += *a.add(i * lda + p) * S::value(*keys[j].add(p));
                     }
                     *c.add(i * ldc + j0 + j) = total;
                 }
@@ -68,12 +138,12 @@ unsafe fn dot_block<L: crate::lanes::Lanes, const ROWS: usize, const KEYS: usize
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn axpy_block<L: crate::lanes::Lanes, const ROWS: usize, const PANEL: usize>(
+unsafe fn axpy_block<L: crate::lanes::Lanes, S: Stored, const ROWS: usize, const PANEL: usize>(
     n: usize,
     depth: usize,
     a: *const f32,
     lda: usize,
-    v: *const f32,
+    v: *const S::Elem,
     ldv: usize,
     c: *mut f32,
     ldc: usize,
@@ -84,14 +154,14 @@ unsafe fn axpy_block<L: crate::lanes::Lanes, const ROWS: usize, const PANEL: usi
         if vectors <= PANEL.min(8) {
             // The whole rows fit in registers: one panel, every key read once, in order.
             match vectors {
-                1 => axpy_panel::<L, ROWS, 1>(depth, a, lda, v, ldv, c, ldc),
-                2 => axpy_panel::<L, ROWS, 2>(depth, a, lda, v, ldv, c, ldc),
-                3 => axpy_panel::<L, ROWS, 3>(depth, a, lda, v, ldv, c, ldc),
-                4 => axpy_panel::<L, ROWS, 4>(depth, a, lda, v, ldv, c, ldc),
-                5 => axpy_panel::<L, ROWS, 5>(depth, a, lda, v, ldv, c, ldc),
-                6 => axpy_panel::<L, ROWS, 6>(depth, a, lda, v, ldv, c, ldc),
-                7 => axpy_panel::<L, ROWS, 7>(depth, a, lda, v, ldv, c, ldc),
-                _ => axpy_panel::<L, ROWS, 8>(depth, a, lda, v, ldv, c, ldc),
+                1 => axpy_panel::<L, S, ROWS, 1>(depth, a, lda, v, ldv, c, ldc),
+                2 => axpy_panel::<L, S, ROWS, 2>(depth, a, lda, v, ldv, c, ldc),
+                3 => axpy_panel::<L, S, ROWS, 3>(depth, a, lda, v, ldv, c, ldc),
+                4 => axpy_panel::<L, S, ROWS, 4>(depth, a, lda, v, ldv, c, ldc),
+                5 => axpy_panel::<L, S, ROWS, 5>(depth, a, lda, v, ldv, c, ldc),
+                6 => axpy_panel::<L, S, ROWS, 6>(depth, a, lda, v, ldv, c, ldc),
+                7 => axpy_panel::<L, S, ROWS, 7>(depth, a, lda, v, ldv, c, ldc),
+                _ => axpy_panel::<L, S, ROWS, 8>(depth, a, lda, v, ldv, c, ldc),
             }
             return;
         }
@@ -102,7 +172,7 @@ unsafe fn axpy_block<L: crate::lanes::Lanes, const ROWS: usize, const PANEL: usi
             let v_row = v.add(j * ldv);
             let w: [L::V; ROWS] = std::array::from_fn(|i| L::splat(*a.add(i * lda + j)));
             for col in (0..n).step_by(L::N) {
-                let vv = L::load(v_row.add(col));
+                let vv = S::load::<L>(v_row.add(col));
                 for (i, &w_i) in w.iter().enumerate() {
                     let dst = c.add(i * ldc + col);
                     L::store(dst, L::fmadd(w_i, vv, L::load(dst)));
@@ -120,11 +190,11 @@ unsafe fn axpy_block<L: crate::lanes::Lanes, const ROWS: usize, const PANEL: usi
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn axpy_panel<L: crate::lanes::Lanes, const ROWS: usize, const PANEL: usize>(
+unsafe fn axpy_panel<L: crate::lanes::Lanes, S: Stored, const ROWS: usize, const PANEL: usize>(
     depth: usize,
     a: *const f32,
     lda: usize,
-    v: *const f32,
+    v: *const S::Elem,
     ldv: usize,
     c: *mut f32,
     ldc: usize,
@@ -135,7 +205,7 @@ unsafe fn axpy_panel<L: crate::lanes::Lanes, const ROWS: usize, const PANEL: usi
             std::array::from_fn(|i| std::array::from_fn(|p| L::load(c.add(i * ldc + p * L::N))));
         for j in 0..depth {
             let v_row = v.add(j * ldv);
-            let vv: [L::V; PANEL] = std::array::from_fn(|p| L::load(v_row.add(p * L::N)));
+            let vv: [L::V; PANEL] = std::array::from_fn(|p| S::load::<L>(v_row.add(p * L::N)));
             for (i, acc_i) in acc.iter_mut().enumerate() {
                 let w = L::splat(*a.add(i * lda + j));
                 for p in 0..PANEL {
@@ -161,13 +231,13 @@ macro_rules! decode_kernels {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         #[allow(clippy::too_many_arguments)]
-        pub(crate) unsafe fn $dot(
+        pub(crate) unsafe fn $dot<S: Stored>(
             rows: usize,
             n: usize,
             depth: usize,
             a: *const f32,
             lda: usize,
-            k: *const f32,
+            k: *const S::Elem,
             ldk: usize,
             c: *mut f32,
             ldc: usize,
@@ -180,10 +250,10 @@ macro_rules! decode_kernels {
                 unsafe {
                     let (a_blk, c_blk) = (a.add(i0 * lda), c.add(i0 * ldc));
                     match r {
-                        1 => dot_block::<$lanes, 1, 4>(n, depth, a_blk, lda, k, ldk, c_blk, ldc),
-                        2 => dot_block::<$lanes, 2, 4>(n, depth, a_blk, lda, k, ldk, c_blk, ldc),
-                        3 => dot_block::<$lanes, 3, 2>(n, depth, a_blk, lda, k, ldk, c_blk, ldc),
-                        _ => dot_block::<$lanes, 4, 2>(n, depth, a_blk, lda, k, ldk, c_blk, ldc),
+                        1 => dot_block::<$lanes, S, 1, 4>(n, depth, a_blk, lda, k, ldk, c_blk, ldc),
+                        2 => dot_block::<$lanes, S, 2, 4>(n, depth, a_blk, lda, k, ldk, c_blk, ldc),
+                        3 => dot_block::<$lanes, S, 3, 2>(n, depth, a_blk, lda, k, ldk, c_blk, ldc),
+                        _ => dot_block::<$lanes, S, 4, 2>(n, depth, a_blk, lda, k, ldk, c_blk, ldc),
                     }
                 }
                 i0 += r;
@@ -195,13 +265,13 @@ macro_rules! decode_kernels {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         #[allow(clippy::too_many_arguments)]
-        pub(crate) unsafe fn $axpy(
+        pub(crate) unsafe fn $axpy<S: Stored>(
             rows: usize,
             n: usize,
             depth: usize,
             a: *const f32,
             lda: usize,
-            v: *const f32,
+            v: *const S::Elem,
             ldv: usize,
             c: *mut f32,
             ldc: usize,
@@ -216,14 +286,14 @@ macro_rules! decode_kernels {
             unsafe {
                 match rows {
                     0 => {}
-                    1 => axpy_block::<$lanes, 1, $p12>(n, depth, a, lda, v, ldv, c, ldc),
-                    2 => axpy_block::<$lanes, 2, $p12>(n, depth, a, lda, v, ldv, c, ldc),
-                    3 => axpy_block::<$lanes, 3, $p34>(n, depth, a, lda, v, ldv, c, ldc),
-                    4 => axpy_block::<$lanes, 4, $p34>(n, depth, a, lda, v, ldv, c, ldc),
-                    5 => axpy_block::<$lanes, 5, $p58>(n, depth, a, lda, v, ldv, c, ldc),
-                    6 => axpy_block::<$lanes, 6, $p58>(n, depth, a, lda, v, ldv, c, ldc),
-                    7 => axpy_block::<$lanes, 7, $p58>(n, depth, a, lda, v, ldv, c, ldc),
-                    _ => axpy_block::<$lanes, 8, $p58>(n, depth, a, lda, v, ldv, c, ldc),
+                    1 => axpy_block::<$lanes, S, 1, $p12>(n, depth, a, lda, v, ldv, c, ldc),
+                    2 => axpy_block::<$lanes, S, 2, $p12>(n, depth, a, lda, v, ldv, c, ldc),
+                    3 => axpy_block::<$lanes, S, 3, $p34>(n, depth, a, lda, v, ldv, c, ldc),
+                    4 => axpy_block::<$lanes, S, 4, $p34>(n, depth, a, lda, v, ldv, c, ldc),
+                    5 => axpy_block::<$lanes, S, 5, $p58>(n, depth, a, lda, v, ldv, c, ldc),
+                    6 => axpy_block::<$lanes, S, 6, $p58>(n, depth, a, lda, v, ldv, c, ldc),
+                    7 => axpy_block::<$lanes, S, 7, $p58>(n, depth, a, lda, v, ldv, c, ldc),
+                    _ => axpy_block::<$lanes, S, 8, $p58>(n, depth, a, lda, v, ldv, c, ldc),
                 }
             }
         }
@@ -253,13 +323,13 @@ decode_kernels!(
 /// The level must be a vector level, and every operand in bounds for those shapes.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn dot_rows(
+pub(crate) unsafe fn dot_rows<S: Stored>(
     rows: usize,
     n: usize,
     depth: usize,
     a: *const f32,
     lda: usize,
-    k: *const f32,
+    k: *const S::Elem,
     ldk: usize,
     c: *mut f32,
     ldc: usize,
@@ -267,9 +337,9 @@ pub(crate) unsafe fn dot_rows(
     match crate::simd::simd_level() {
         // SAFETY: `Avx512` is only reported when the CPU has AVX-512 F/BW/VL/DQ; operands by the
         // caller's contract.
-        crate::SimdLevel::Avx512 => unsafe { dot_rows_avx512(rows, n, depth, a, lda, k, ldk, c, ldc) },
+        crate::SimdLevel::Avx512 => unsafe { dot_rows_avx512::<S>(rows, n, depth, a, lda, k, ldk, c, ldc) },
         // SAFETY: every vector level has AVX2 and FMA; operands by the caller's contract.
-        _ => unsafe { dot_rows_avx2(rows, n, depth, a, lda, k, ldk, c, ldc) },
+        _ => unsafe { dot_rows_avx2::<S>(rows, n, depth, a, lda, k, ldk, c, ldc) },
     }
 }
 
@@ -280,41 +350,75 @@ pub(crate) unsafe fn dot_rows(
 /// The level must be a vector level, and every operand in bounds for those shapes.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn axpy_rows(
+pub(crate) unsafe fn axpy_rows<S: Stored>(
     rows: usize,
     n: usize,
     depth: usize,
     a: *const f32,
     lda: usize,
-    v: *const f32,
+    v: *const S::Elem,
     ldv: usize,
     c: *mut f32,
     ldc: usize,
 ) {
     match crate::simd::simd_level() {
         // SAFETY: as for `dot_rows`.
-        crate::SimdLevel::Avx512 => unsafe { axpy_rows_avx512(rows, n, depth, a, lda, v, ldv, c, ldc) },
+        crate::SimdLevel::Avx512 => unsafe { axpy_rows_avx512::<S>(rows, n, depth, a, lda, v, ldv, c, ldc) },
         // SAFETY: as for `dot_rows`.
-        _ => unsafe { axpy_rows_avx2(rows, n, depth, a, lda, v, ldv, c, ldc) },
+        _ => unsafe { axpy_rows_avx2::<S>(rows, n, depth, a, lda, v, ldv, c, ldc) },
     }
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    use super::{Bf16Bits, Bf16Rounded, F32Values};
+
+    type Kernel<E> = unsafe fn(usize, usize, usize, *const f32, usize, *const E, usize, *mut f32, usize);
+
+    /// A level's `dot_rows` and `axpy_rows` on f32 values, and on bf16 bits widened exactly and
+    /// rounded, and its width.
+    type Level = (&'static str, [Kernel<f32>; 2], [[Kernel<u16>; 2]; 2], usize);
+
     /// The decode kernels of every vector level this CPU has against their definitions in f64:
     /// row counts 1–8 (every block shape), key counts with a partial block of keys, depths with
-    /// and without a tail, and leading dimensions wider than the rows.
+    /// and without a tail, and leading dimensions wider than the rows. On bf16 bits (every sort:
+    /// subnormals, zeros, the largest finite, infinities, NaN), widened exactly or as rounding
+    /// gives them: the bits of the f32 kernels on those values.
     #[test]
     fn decode_kernels_match_their_definitions_at_every_level() {
-        type Kernel = unsafe fn(usize, usize, usize, *const f32, usize, *const f32, usize, *mut f32, usize);
-        let mut levels: Vec<(&str, Kernel, Kernel, usize)> = Vec::new();
+        let mut levels: Vec<Level> = Vec::new();
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            levels.push(("avx2", super::dot_rows_avx2, super::axpy_rows_avx2, 8));
+            levels.push((
+                "avx2",
+                [super::dot_rows_avx2::<F32Values>, super::axpy_rows_avx2::<F32Values>],
+                [
+                    [super::dot_rows_avx2::<Bf16Bits>, super::axpy_rows_avx2::<Bf16Bits>],
+                    [
+                        super::dot_rows_avx2::<Bf16Rounded>,
+                        super::axpy_rows_avx2::<Bf16Rounded>,
+                    ],
+                ],
+                8,
+            ));
         }
         if crate::simd::detect() == crate::SimdLevel::Avx512 {
-            levels.push(("avx512", super::dot_rows_avx512, super::axpy_rows_avx512, 16));
+            levels.push((
+                "avx512",
+                [
+                    super::dot_rows_avx512::<F32Values>,
+                    super::axpy_rows_avx512::<F32Values>,
+                ],
+                [
+                    [super::dot_rows_avx512::<Bf16Bits>, super::axpy_rows_avx512::<Bf16Bits>],
+                    [
+                        super::dot_rows_avx512::<Bf16Rounded>,
+                        super::axpy_rows_avx512::<Bf16Rounded>,
+                    ],
+                ],
+                16,
+            ));
         }
-        for (name, dot, axpy, width) in levels {
+        for (name, [dot, axpy], on_bits, width) in levels {
             for rows in 1..=8 {
                 for (n, depth) in [(1, 64), (7, 17), (13, 128), (32, 5), (9, 33)] {
                     let (lda, ldk, ldc) = (depth + 3, depth + 5, n + 2);
@@ -367,8 +471,130 @@ mod tests {
                             );
                         }
                     }
+                    // K and V as bf16 bits, read as their values (exact, or rounded).
+                    for (rounded, [dot_bits, axpy_bits]) in [false, true].into_iter().zip(on_bits) {
+                        let what = format!("{name} rows {rows} n {n} depth {depth} rounded {rounded}");
+                        let (k_bits, k_values) = bits_and_values(&k, rounded);
+                        let [mut got, mut want] = [0, 1].map(|_| vec![f32::NAN; rows * ldc]);
+                        // SAFETY: as above, `k_bits` and `k_values` [n, ldk].
+                        unsafe {
+                            let (a, ka, kb) = (a.as_ptr(), k_bits.as_ptr(), k_values.as_ptr());
+                            dot_bits(rows, n, depth, a, lda, ka, ldk, got.as_mut_ptr(), ldc);
+                            dot(rows, n, depth, a, lda, kb, ldk, want.as_mut_ptr(), ldc);
+                        }
+                        assert!(same_bits(&got, &want), "dot_rows on bits: {what}");
+                        let (v_bits, v_values) = bits_and_values(&v, rounded);
+                        let [mut got, mut want] = [0, 1].map(|_| start.clone());
+                        // SAFETY: as above, `v_bits` and `v_values` [depth, ldv].
+                        unsafe {
+                            let (a, va, vb) = (a.as_ptr(), v_bits.as_ptr(), v_values.as_ptr());
+                            axpy_bits(rows, cols, depth, a, lda, va, ldv, got.as_mut_ptr(), cols);
+                            axpy(rows, cols, depth, a, lda, vb, ldv, want.as_mut_ptr(), cols);
+                        }
+                        assert!(same_bits(&got, &want), "axpy_rows on bits: {what}");
+                    }
                 }
             }
         }
+    }
+
+    /// Every one of the 65,536 bit patterns loads as its value at every vector level this CPU
+    /// has: widened exactly ([`crate::bf16_to_f32`]), or rounded ([`crate::round_to_bf16`] of
+    /// that value), as the scalar tails read them ([`super::Stored::value`]).
+    #[test]
+    fn bits_load_as_their_values_at_every_level() {
+        use super::Stored;
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let check = |name: &str, loaded: &[f32], rounded: bool| {
+            for (&h, x) in all.iter().zip(loaded) {
+                let want = crate::bf16_to_f32(h);
+                let want = if rounded { crate::round_to_bf16(want) } else { want };
+                assert_eq!(x.to_bits(), want.to_bits(), "{name}, rounded {rounded}: {h:#06x}");
+                let scalar = if rounded {
+                    Bf16Rounded::value(h)
+                } else {
+                    Bf16Bits::value(h)
+                };
+                assert_eq!(scalar.to_bits(), want.to_bits(), "value, rounded {rounded}: {h:#06x}");
+            }
+        };
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<S: Stored<Elem = u16>>(all: &[u16]) -> Vec<f32> {
+            let mut out = vec![0.0f32; all.len()];
+            for (from, to) in all.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+                // SAFETY: AVX2 is enabled here; 8 elements each.
+                unsafe {
+                    use crate::lanes::Lanes;
+                    crate::lanes::Avx2::store(to.as_mut_ptr(), S::load::<crate::lanes::Avx2>(from.as_ptr()))
+                }
+            }
+            out
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn avx512<S: Stored<Elem = u16>>(all: &[u16]) -> Vec<f32> {
+            let mut out = vec![0.0f32; all.len()];
+            for (from, to) in all.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                // SAFETY: AVX-512 is enabled here; 16 elements each.
+                unsafe {
+                    use crate::lanes::Lanes;
+                    crate::lanes::Avx512::store(to.as_mut_ptr(), S::load::<crate::lanes::Avx512>(from.as_ptr()))
+                }
+            }
+            out
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: detected just above.
+            unsafe {
+                check("avx2", &avx2::<Bf16Bits>(&all), false);
+                check("avx2", &avx2::<Bf16Rounded>(&all), true);
+            }
+        }
+        if crate::simd::detect() == crate::SimdLevel::Avx512 {
+            // SAFETY: detected just above.
+            unsafe {
+                check("avx512", &avx512::<Bf16Bits>(&all), false);
+                check("avx512", &avx512::<Bf16Rounded>(&all), true);
+            }
+        }
+    }
+
+    /// `x` as bf16 bits, every 11th a special (subnormals, signed zeros, the largest finite,
+    /// infinities, quiet and signalling NaN), and the values the kernels should read: the
+    /// bits widened, rounded to bf16 again when `rounded`.
+    fn bits_and_values(x: &[f32], rounded: bool) -> (Vec<u16>, Vec<f32>) {
+        const SPECIAL: [u16; 10] = [
+            0x0001, 0x8040, 0x8000, 0x0000, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC0, 0x7F81,
+        ];
+        let bits: Vec<u16> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if i % 11 == 5 {
+                    SPECIAL[i / 11 % SPECIAL.len()]
+                } else {
+                    crate::f32_to_bf16(v)
+                }
+            })
+            .collect();
+        let value = |h: u16| {
+            let wide = crate::bf16_to_f32(h);
+            if rounded {
+                crate::round_to_bf16(wide)
+            } else {
+                wide
+            }
+        };
+        let values = bits.iter().map(|&h| value(h)).collect();
+        (bits, values)
+    }
+
+    /// The same bits, a NaN for a NaN: which of several NaN operands a sum propagates depends
+    /// on the order the compiler gives a fused multiply-add's operands, which it may choose
+    /// differently for two instantiations of one kernel.
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
     }
 }
