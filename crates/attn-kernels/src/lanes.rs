@@ -349,12 +349,13 @@ impl Lanes for Avx2 {
         unsafe {
             let mut h = _mm_loadu_si128(p.cast());
             if ROUNDED {
-                let exponent = _mm_and_si128(h, _mm_set1_epi16(0x7F80));
-                let subnormal = _mm_cmpeq_epi16(exponent, _mm_setzero_si128());
-                let no_mantissa = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x007F)), _mm_setzero_si128());
-                let nan = _mm_andnot_si128(no_mantissa, _mm_cmpeq_epi16(exponent, _mm_set1_epi16(0x7F80)));
-                h = _mm_blendv_epi8(h, _mm_and_si128(h, _mm_set1_epi16(i16::MIN)), subnormal);
-                h = _mm_blendv_epi8(h, _mm_or_si128(h, _mm_set1_epi16(0x0040)), nan);
+                // Subnormals (and zeros: a magnitude below the least normal, 0x0080) keep only
+                // their sign; NaN (a magnitude above infinity's, 0x7F80) gets the quiet bit.
+                let magnitude = _mm_and_si128(h, _mm_set1_epi16(0x7FFF));
+                let tiny = _mm_cmpgt_epi16(_mm_set1_epi16(0x0080), magnitude);
+                h = _mm_andnot_si128(_mm_and_si128(tiny, _mm_set1_epi16(0x7FFF)), h);
+                let nan = _mm_cmpgt_epi16(magnitude, _mm_set1_epi16(0x7F80));
+                h = _mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x0040)));
             }
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
         }
@@ -502,16 +503,16 @@ impl Lanes for Avx512 {
     }
     #[inline(always)]
     unsafe fn load_bits<const ROUNDED: bool>(p: *const u16) -> __m512 {
-        // SAFETY: as above (BW and VL for the 16-bit masks); `p` covers 16 bit patterns.
+        // SAFETY: as above (and AVX2, which every vector level has); `p` covers 16 bit patterns.
         unsafe {
             let mut h = _mm256_loadu_si256(p.cast());
             if ROUNDED {
-                let exponent = _mm256_and_si256(h, _mm256_set1_epi16(0x7F80));
-                let subnormal = _mm256_cmpeq_epi16_mask(exponent, _mm256_setzero_si256());
-                let mantissa = _mm256_test_epi16_mask(h, _mm256_set1_epi16(0x007F));
-                let nan = _mm256_cmpeq_epi16_mask(exponent, _mm256_set1_epi16(0x7F80)) & mantissa;
-                h = _mm256_mask_blend_epi16(subnormal, h, _mm256_and_si256(h, _mm256_set1_epi16(i16::MIN)));
-                h = _mm256_mask_blend_epi16(nan, h, _mm256_or_si256(h, _mm256_set1_epi16(0x0040)));
+                // As at AVX2, on twice the lanes (AVX2's integer operations).
+                let magnitude = _mm256_and_si256(h, _mm256_set1_epi16(0x7FFF));
+                let tiny = _mm256_cmpgt_epi16(_mm256_set1_epi16(0x0080), magnitude);
+                h = _mm256_andnot_si256(_mm256_and_si256(tiny, _mm256_set1_epi16(0x7FFF)), h);
+                let nan = _mm256_cmpgt_epi16(magnitude, _mm256_set1_epi16(0x7F80));
+                h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x0040)));
             }
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         }
