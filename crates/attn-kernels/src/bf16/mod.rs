@@ -386,6 +386,8 @@ pub use route::gemm_bf16_route;
 pub(crate) use route::{round_in_place, Route};
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512bf16;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod round_avx2;
 
 #[cfg(test)]
 mod tests {

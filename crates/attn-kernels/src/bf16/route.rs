@@ -140,13 +140,15 @@ pub(super) fn packed_product(
 }
 
 /// Rounds every value of `row` to bf16 in place (the bits of [`crate::round_to_bf16`]): 16 at a
-/// time where the CPU has AVX-512.
+/// time where the CPU has AVX-512, 8 at AVX2.
 pub(crate) fn round_in_place(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() == crate::SimdLevel::Avx512 {
+    match crate::simd::simd_level() {
         // SAFETY: the level has AVX-512 F.
-        unsafe { crate::gemm::avx512::round_row_to_bf16(row) };
-        return;
+        crate::SimdLevel::Avx512 => return unsafe { crate::gemm::avx512::round_row_to_bf16(row) },
+        // SAFETY: every other vector level has AVX2.
+        level if level.is_vector() => return unsafe { super::round_avx2::round_row(row) },
+        _ => {}
     }
     row.iter_mut().for_each(|p| *p = crate::round_to_bf16(*p));
 }

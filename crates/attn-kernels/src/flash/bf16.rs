@@ -544,7 +544,8 @@ fn rounded_into(x: &View4<'_, f32>, factor: f32, out: &mut [f32], par: Par) {
 }
 
 /// `dst[i] = factor·src[i]` rounded to bf16: 16 at a time by `vcvtneps2bf16` at the
-/// AVX512-BF16 level (the bits of [`round_to_bf16`], as `convert_row`'s).
+/// AVX512-BF16 level, 8 at a time at the other vector levels (the bits of [`round_to_bf16`],
+/// as `convert_row`'s).
 fn round_into(src: &[f32], factor: f32, dst: &mut [f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -552,6 +553,10 @@ fn round_into(src: &[f32], factor: f32, dst: &mut [f32]) {
         done = src.len() / 16 * 16;
         // SAFETY: the level was detected; both slices hold at least `done` values.
         unsafe { super::bf16_x86::round_scaled(&src[..done], factor, &mut dst[..done]) };
+    } else if crate::simd::simd_level().is_vector() {
+        done = src.len();
+        // SAFETY: every vector level has AVX2; `dst` holds `src`'s values (the caller's rows).
+        unsafe { crate::bf16::round_avx2::round_scaled(src, factor, &mut dst[..done]) };
     }
     for (y, &x) in dst[done..].iter_mut().zip(&src[done..]) {
         *y = round_to_bf16(x * factor);
