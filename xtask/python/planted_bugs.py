@@ -1,4 +1,4 @@
-"""Plants eleven known bugs, one at a time, and checks that the tests of the crate that owns the code
+"""Plants twelve known bugs, one at a time, and checks that the tests of the crate that owns the code
 catch each (issue: "tests that catch the bugs that matter, in the crate that owns the code").
 
 For each bug: patch the source, run `cargo test --release -p CRATE` for the crate that owns the code
@@ -94,6 +94,13 @@ BUGS = [
         "            let packs = LinearBf16::packed(&self.weight, had.backward.get().is_some())?;\n"
         "            self.bf16 = Some(Arc::new(packs));",
         "            self.bf16 = Some(had);",
+    ),
+    (
+        "decoding from a bf16 cache in f32 reads every key block's keys from the first block",
+        "attn-kernels",
+        "crates/attn-kernels/src/flash/tile.rs",
+        "    let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];\n    assert!(\n        k_st[3] == 1",
+        "    let k_base = rows.b * k_st[0] + rows.g * k_st[1];\n    assert!(\n        k_st[3] == 1",
     ),
 ]
 
