@@ -98,7 +98,7 @@ BUGS = [
     (
         "decoding from a bf16 cache in f32 reads every key block's keys from the first block",
         "attn-kernels",
-        "crates/attn-kernels/src/flash/tile.rs",
+        "crates/attn-kernels/src/flash/tile_bits.rs",
         "    let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];\n    assert!(\n        k_st[3] == 1",
         "    let k_base = rows.b * k_st[0] + rows.g * k_st[1];\n    assert!(\n        k_st[3] == 1",
     ),

@@ -63,6 +63,8 @@ mod tests_kv_bits;
 mod tests_per_group;
 mod tile;
 mod tile_bf16;
+mod tile_bits;
+mod tile_values;
 mod weights;
 mod weights_bf16;
 

@@ -9,7 +9,7 @@ use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, shapes_rows};
 use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
-use crate::tile::{Bf16Bits, Bf16Rounded, F32Values, Stored, NR};
+use crate::tile::{F32Values, NR};
 use crate::{Accum, Par, View4};
 
 /// `k: [B, G, T, D]` -> `[B, G, ceil(T / block_keys), kb_pad / NR, D, NR]`: each key block
@@ -61,7 +61,7 @@ fn key_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ {
 /// One value block as [`pack_values_rounded`] packs it.
 fn value_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ {
     move |dst, values, bc, strides| {
-        value_panels::<F32Values>(dst, plan.kb_pad, values, bc, plan.dv, strides);
+        super::tile_values::value_panels::<F32Values>(dst, plan.kb_pad, values, bc, plan.dv, strides);
         if round {
             crate::bf16::round_in_place(dst);
         }
@@ -74,36 +74,6 @@ fn value_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ 
 /// Each block's values are rounded to bf16 after it is packed when `round`.
 pub(super) fn pack_values_rounded(plan: &Plan, v: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
     super::pack::pack_blocks(plan, v, value_block_len(plan), par, value_packer(plan, round))
-}
-
-/// `bc` value rows (`values[j·strides[0] + c·strides[1]]`, `c < dv`) into panels of [`NR`]
-/// columns: `dst[(c / NR)·ld·NR + j·NR + c % NR]`, zero for `c` from `dv` up to the next
-/// multiple of [`NR`].
-fn value_panels<S: Stored>(dst: &mut [f32], ld: usize, values: &[S::Elem], bc: usize, dv: usize, strides: [usize; 2]) {
-    if bc == 0 {
-        return;
-    }
-    let panels = dv.div_ceil(NR);
-    assert!(bc <= ld && dst.len() >= panels * ld * NR && values.len() > (bc - 1) * strides[0] + (dv - 1) * strides[1]);
-    for panel in 0..panels {
-        let (c0, n) = (panel * NR, (dv - panel * NR).min(NR));
-        let out = &mut dst[panel * ld * NR..];
-        for j in 0..bc {
-            let row = &mut out[j * NR..(j + 1) * NR];
-            let src = j * strides[0] + c0 * strides[1];
-            if strides[1] == 1 {
-                for (x, &e) in row[..n].iter_mut().zip(&values[src..src + n]) {
-                    *x = S::value(e);
-                }
-            } else {
-                row[..n]
-                    .iter_mut()
-                    .enumerate()
-                    .for_each(|(c, x)| *x = S::value(values[src + c * strides[1]]));
-            }
-            row[n..].fill(0.0);
-        }
-    }
 }
 
 /// Runs the online softmax of one row tile over keys `keys`, leaving the unnormalised
@@ -230,7 +200,7 @@ fn pass1_scores(
         return false;
     }
     if let Kv::Bits(k) = ops.k {
-        return bits_scores(scratch, plan, ops, rows, block, &k);
+        return super::tile_bits::bits_scores(scratch, plan, ops, rows, block, &k);
     }
     let keys = KeySource {
         k: ops.k.f32(),
@@ -246,53 +216,6 @@ fn pass1_scores(
         maxes: (!row_max_pass_forced()).then_some(&mut scratch.maxes[..]),
     };
     block_scores(tile, plan, &keys, [rows.b, rows.g, block.t0, block.bc])
-}
-
-/// Pass 1 on keys held as bf16 bits (decoding from a bf16 cache with the f32 kernels,
-/// [`super::kv_bits`]): decoding's dot products against the keys in place, each key widened
-/// as it is loaded (and rounded, as rounding its value gives, when `ops.round_q` says the
-/// operands are rounded: bf16 without bf16 instructions), so the bits of [`ScoreKernel::Dot`]
-/// on those values. Returns false (no maxima folded, as that kernel).
-fn bits_scores(
-    scratch: &mut Scratch,
-    plan: &Plan,
-    ops: &Operands<'_, '_>,
-    rows: &TileRows,
-    block: &KeyBlock,
-    k: &View4<'_, u16>,
-) -> bool {
-    assert!(
-        ops.score_kernel == ScoreKernel::Dot,
-        "bf16 keys are read in place by decoding's dot products only"
-    );
-    let (d, bc, n_rows, ld) = (plan.d, block.bc, rows.n_rows, plan.scores_ld);
-    let (k_data, k_st) = (k.data(), k.strides());
-    let k_base = rows.b * k_st[0] + rows.g * k_st[1] + block.t0 * k_st[2];
-    assert!(
-        k_st[3] == 1 && bc > 0 && k_base + (bc - 1) * k_st[2] + d <= k_data.len(),
-        "key block past K"
-    );
-    assert!(n_rows <= crate::tile::DECODE_ROWS_MAX && scratch.q_tile.len() >= n_rows * d);
-    assert!(scratch.scores.len() >= (n_rows - 1) * ld + bc && bc <= ld);
-    #[cfg(target_arch = "x86_64")]
-    {
-        let (q, keys, c) = (
-            scratch.q_tile.as_ptr(),
-            k_data[k_base..].as_ptr(),
-            scratch.scores.as_mut_ptr(),
-        );
-        // SAFETY: the Dot kernel is chosen only at a vector level; `q_tile` holds the tile's
-        // `n_rows` rows of `D`, the block's `bc` keys of `D` contiguous bits lie inside K and
-        // `scores` holds `n_rows` rows of `ld ≥ bc` (all checked above).
-        unsafe {
-            if ops.round_q {
-                crate::tile::dot_rows::<Bf16Rounded>(n_rows, bc, d, q, d, keys, k_st[2], c, ld)
-            } else {
-                crate::tile::dot_rows::<Bf16Bits>(n_rows, bc, d, q, d, keys, k_st[2], c, ld)
-            }
-        };
-    }
-    false
 }
 
 #[cfg(test)]
@@ -508,7 +431,7 @@ fn pass4_weighted_values(
     }
     let v = match ops.v {
         Kv::F32(v) => v,
-        Kv::Bits(v) => return bits_weighted_values(scratch, plan, ops, rows, block, &v),
+        Kv::Bits(v) => return super::tile_bits::bits_weighted_values(scratch, plan, ops, rows, block, &v),
     };
     let (v_data, v_st) = (v.data(), v.strides());
     if !ops.micro {
@@ -551,7 +474,7 @@ fn pass4_weighted_values(
         );
         (v_data.as_ptr().wrapping_add(v_base), v_st[2], NR)
     } else {
-        value_panels::<F32Values>(
+        super::tile_values::value_panels::<F32Values>(
             &mut scratch.vp,
             plan.kb_pad,
             &v_data[v_base..],
@@ -561,124 +484,5 @@ fn pass4_weighted_values(
         );
         (scratch.vp.as_ptr(), NR, plan.kb_pad * NR)
     };
-    values_product(scratch, plan, n_rows, block, values);
-}
-
-/// Pass 4 on values held as bf16 bits (decoding from a bf16 cache with the f32 kernels,
-/// [`super::kv_bits`]): rows of whole panels read in place and widened as they are loaded,
-/// other rows widened into panels first (rounded either way, as rounding their values gives,
-/// when `ops.round_q` says the operands are rounded); the bits of the f32 kernel's pass 4 on
-/// those values, which takes the same two routes.
-fn bits_weighted_values(
-    scratch: &mut Scratch,
-    plan: &Plan,
-    ops: &Operands<'_, '_>,
-    rows: &TileRows,
-    block: &KeyBlock,
-    v: &View4<'_, u16>,
-) {
-    let (dv, dv_pad, n_rows) = (plan.dv, plan.dv_pad, rows.n_rows);
-    let KeyBlock { bc, v_base, .. } = *block;
-    let (v_data, v_st) = (v.data(), v.strides());
-    assert!(
-        ops.micro && ops.v_packed.is_none() && v_st[3] == 1 && n_rows <= crate::tile::DECODE_ROWS_MAX,
-        "bf16 values are read in place by decoding's kernels only"
-    );
-    if dv != dv_pad {
-        let (panels, values) = (&mut scratch.vp, &v_data[v_base..]);
-        if ops.round_q {
-            value_panels::<Bf16Rounded>(panels, plan.kb_pad, values, bc, dv, [v_st[2], 1]);
-        } else {
-            value_panels::<Bf16Bits>(panels, plan.kb_pad, values, bc, dv, [v_st[2], 1]);
-        }
-        values_product(
-            scratch,
-            plan,
-            n_rows,
-            block,
-            (scratch.vp.as_ptr(), NR, plan.kb_pad * NR),
-        );
-        return;
-    }
-    assert!(
-        v_base + (bc - 1) * v_st[2] + dv_pad <= v_data.len(),
-        "value block past V"
-    );
-    assert!(scratch.acc.len() >= n_rows * dv_pad && scratch.scores.len() >= (n_rows - 1) * plan.scores_ld + bc);
-    if block.first {
-        scratch.acc[..n_rows * dv_pad].fill(0.0);
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let (p, ldp, acc) = (scratch.scores.as_ptr(), plan.scores_ld, scratch.acc.as_mut_ptr());
-        let values = v_data[v_base..].as_ptr();
-        // SAFETY: `micro` is set only at a vector level; `scores` holds `n_rows` rows of `bc`
-        // probabilities, the block's `bc` value rows of `Dv_pad` contiguous bits lie inside V
-        // and `acc` holds `n_rows` rows of `Dv_pad` (all checked above).
-        unsafe {
-            if ops.round_q {
-                crate::tile::axpy_rows::<Bf16Rounded>(n_rows, dv_pad, bc, p, ldp, values, v_st[2], acc, dv_pad)
-            } else {
-                crate::tile::axpy_rows::<Bf16Bits>(n_rows, dv_pad, bc, p, ldp, values, v_st[2], acc, dv_pad)
-            }
-        };
-    }
-}
-
-/// The micro-kernels' `acc (+)= p · v_block` for the value block `(pointer, ldb, b_panel)`: in
-/// place with `b_panel = NR` (rows `ldb` apart, read whole) or in panels. A few rows against
-/// values in place: one pass over the rows, in order, adding to `acc` (zeroed for the first
-/// block); else the tile GEMM, storing for the first block and adding after.
-fn values_product(
-    scratch: &mut Scratch,
-    plan: &Plan,
-    n_rows: usize,
-    block: &KeyBlock,
-    (v_ptr, ldv, v_panel): (*const f32, usize, usize),
-) {
-    let (dv_pad, bc) = (plan.dv_pad, block.bc);
-    let by_rows = n_rows <= crate::tile::DECODE_ROWS_MAX && v_panel == NR;
-    if by_rows && block.first {
-        scratch.acc[..n_rows * dv_pad].fill(0.0);
-    }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a vector level (AVX2+FMA, or AVX-512 with them) was detected; `scores` is
-    // [n_rows, plan.scores_ld] with `bc` valid columns, the value block (`bc` rows of `Dv_pad`
-    // values, in place with row stride `ldv`, or in panels: bounds-checked with `v` or sized
-    // by the plan) and `acc` is [BLOCK_ROWS, Dv_pad].
-    unsafe {
-        if by_rows {
-            crate::tile::axpy_rows::<F32Values>(
-                n_rows,
-                dv_pad,
-                bc,
-                scratch.scores.as_ptr(),
-                plan.scores_ld,
-                v_ptr,
-                ldv,
-                scratch.acc.as_mut_ptr(),
-                dv_pad,
-            )
-        } else {
-            let product = if block.first {
-                crate::tile::gemm::<false, false>
-            } else {
-                crate::tile::gemm::<true, false>
-            };
-            product(
-                n_rows,
-                dv_pad,
-                bc,
-                scratch.scores.as_ptr(),
-                plan.scores_ld,
-                v_ptr,
-                ldv,
-                v_panel,
-                scratch.acc.as_mut_ptr(),
-                dv_pad,
-            )
-        }
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (v_ptr, ldv, bc);
+    super::tile_values::values_product(scratch, plan, n_rows, block, values);
 }
