@@ -26,6 +26,8 @@ pub(crate) trait Lanes {
     /// values to bf16 gives ([`crate::round_to_bf16`]: subnormals to zeros of their sign, NaN
     /// made quiet).
     unsafe fn load_bits<const ROUNDED: bool>(p: *const u16) -> Self::V;
+    /// `N` floats from `p` (unaligned), rounded to bf16 ([`crate::round_to_bf16`]'s bits).
+    unsafe fn load_rounded(p: *const f32) -> Self::V;
     /// `N` floats to `p` (unaligned).
     unsafe fn store(p: *mut f32, v: Self::V);
     /// The first `n < N` lanes from the `n` floats at `p`, the others `fill`: a row's tail,
@@ -99,6 +101,11 @@ impl Lanes for Avx2 {
     unsafe fn load(p: *const f32) -> __m256 {
         // SAFETY: as above; `p` covers 8 floats by the caller's contract.
         unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_rounded(p: *const f32) -> __m256 {
+        // SAFETY: AVX2 is enabled by the caller; `p` covers 8 floats.
+        unsafe { crate::bf16::round_avx2::round8(_mm256_loadu_ps(p)) }
     }
     #[inline(always)]
     unsafe fn load_bits<const ROUNDED: bool>(p: *const u16) -> __m256 {
@@ -257,6 +264,11 @@ impl Lanes for Avx512 {
     unsafe fn load(p: *const f32) -> __m512 {
         // SAFETY: as above; `p` covers 16 floats by the caller's contract.
         unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_rounded(p: *const f32) -> __m512 {
+        // SAFETY: AVX-512 F is enabled by the caller; `p` covers 16 floats.
+        unsafe { crate::gemm::avx512::round_lanes(_mm512_loadu_ps(p)) }
     }
     #[inline(always)]
     unsafe fn load_bits<const ROUNDED: bool>(p: *const u16) -> __m512 {

@@ -122,7 +122,7 @@ pub(crate) mod avx2 {
 }
 
 mod decode;
-pub(crate) use decode::{axpy_rows, dot_rows, Bf16Bits, Bf16Rounded, F32Values, Stored, DECODE_ROWS_MAX};
+pub(crate) use decode::{axpy_rows, dot_rows, Bf16Bits, Bf16Rounded, F32Rounded, F32Values, Stored, DECODE_ROWS_MAX};
 
 /// `c[0..ROWS, 0..PANELS·NR] (+)= Σ_p a[r·lda + p] · b_q[p·ldb .. p·ldb + NR]` for `p < depth`
 /// over column panels `b_q = b + q·b_panel`, written once over the vector width: `VECS` vectors

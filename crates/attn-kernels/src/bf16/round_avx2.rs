@@ -13,12 +13,6 @@ use std::arch::x86_64::*;
 /// same).
 #[target_feature(enable = "avx2")]
 unsafe fn round_raw<const SCALED: bool>(src: *const f32, factor: f32, dst: *mut f32, n: usize) {
-    let upper = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-    let exponent = _mm256_set1_epi32(0x7F80_0000);
-    let sign = _mm256_set1_epi32(0x8000_0000u32 as i32);
-    let quiet = _mm256_set1_epi32(0x0040_0000);
-    let half = _mm256_set1_epi32(0x7FFF);
-    let one = _mm256_set1_epi32(1);
     let f = _mm256_set1_ps(factor);
     let whole = n / 8 * 8;
     // SAFETY: whole vectors inside the `n` values (the caller's contract).
@@ -28,22 +22,35 @@ unsafe fn round_raw<const SCALED: bool>(src: *const f32, factor: f32, dst: *mut 
             if SCALED {
                 x = _mm256_mul_ps(x, f);
             }
-            let bits = _mm256_castps_si256(x);
-            // To nearest, ties to even: add 0x7FFF plus the kept part's lowest bit, cut.
-            let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), one);
-            let rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(half, odd)), upper);
-            // Subnormals (and zeros) keep their sign; NaN is made quiet, not rounded.
-            let tiny = _mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), _mm256_setzero_si256());
-            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-            let out = _mm256_blendv_epi8(rounded, _mm256_and_si256(bits, sign), tiny);
-            let out = _mm256_blendv_epi8(out, _mm256_and_si256(_mm256_or_si256(bits, quiet), upper), nan);
-            _mm256_storeu_ps(dst.add(i), _mm256_castsi256_ps(out));
+            _mm256_storeu_ps(dst.add(i), round8(x));
         }
         for i in whole..n {
             let x = *src.add(i);
             *dst.add(i) = crate::round_to_bf16(if SCALED { x * factor } else { x });
         }
     }
+}
+
+/// Each lane of `x` rounded to bf16, with the bits of [`crate::round_to_bf16`].
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn round8(x: __m256) -> __m256 {
+    let bits = _mm256_castps_si256(x);
+    let upper = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+    // To nearest, ties to even: add 0x7FFF plus the kept part's lowest bit, cut.
+    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+    let rounded = _mm256_and_si256(
+        _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)),
+        upper,
+    );
+    // Subnormals (and zeros) keep their sign; NaN is made quiet, not rounded.
+    let exponent = _mm256_and_si256(bits, _mm256_set1_epi32(0x7F80_0000));
+    let tiny = _mm256_cmpeq_epi32(exponent, _mm256_setzero_si256());
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+    let sign = _mm256_set1_epi32(0x8000_0000u32 as i32);
+    let out = _mm256_blendv_epi8(rounded, _mm256_and_si256(bits, sign), tiny);
+    let quieted = _mm256_and_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x0040_0000)), upper);
+    _mm256_castsi256_ps(_mm256_blendv_epi8(out, quieted, nan))
 }
 
 /// Rounds every value of `row` to bf16 in place.

@@ -63,7 +63,7 @@ mod tests_kv_bits;
 mod tests_per_group;
 mod tile;
 mod tile_bf16;
-mod tile_bits;
+mod tile_convert;
 mod tile_values;
 mod weights;
 mod weights_bf16;
@@ -177,7 +177,7 @@ pub(crate) fn flash_impl(
         // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32 kernel
         // rounds the operands as it packs them, where it packs K and V for the call.
         Precision::Bf16 if rounds_into_f32(decodes_in_place(&plan, k.strides(), v.strides())) => {
-            if rounds_while_packing(&plan, &k) {
+            if rounds_while_packing(&plan, &k) || rounds_while_loading(&plan, &k, &v) {
                 attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, weights, par)
             } else {
                 // Else on rounded copies (the same bits), the scale already applied.
@@ -217,8 +217,9 @@ enum Operation {
     /// before `P·V`.
     RoundedF32,
     /// f32 operands rounded to bf16 as the kernel packs them (the scaled query tile, K and V
-    /// packed for the call), multiplied in f32; the probabilities rounded before `P·V`: the
-    /// bits of [`Operation::RoundedF32`] on rounded copies.
+    /// packed for the call), or, decoding, as its kernels load them; multiplied in f32; the
+    /// probabilities rounded before `P·V`: the bits of [`Operation::RoundedF32`] on rounded
+    /// copies.
     RoundingF32,
 }
 
@@ -230,6 +231,15 @@ fn rounds_while_packing(plan: &Plan, k: &View4<'_, f32>) -> bool {
     crate::simd::simd_level().is_vector()
         && plan.row_tiles > 1
         && ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1) == ScoreKernel::Tile
+}
+
+/// Whether a decoding call of `plan` that multiplies rounded operands in f32 rounds K and V as
+/// decoding's kernels load them ([`Operation::RoundingF32`] without packing: `tile_convert.rs`)
+/// rather than copying them: at a vector level, with K and V read in place
+/// ([`decodes_in_place`]). The same bits: the same kernel ([`ScoreKernel::Dot`]) on the same
+/// rounded values.
+fn rounds_while_loading(plan: &Plan, k: &View4<'_, f32>, v: &View4<'_, f32>) -> bool {
+    crate::simd::simd_level().is_vector() && decodes_in_place(plan, k.strides(), v.strides())
 }
 
 /// Runs a validated call's tiles into `dst` (and its weights into `weights`, when given),
@@ -267,7 +277,12 @@ fn attend(
         _ => None,
     };
     let round = operation == Operation::RoundingF32;
-    assert!(!round || (packing.is_some() && score_kernel == ScoreKernel::Tile));
+    // Rounded as the kernel packs K and V, or, decoding, as its kernels load them.
+    assert!(
+        !round
+            || (packing.is_some() && score_kernel == ScoreKernel::Tile)
+            || (in_place && score_kernel == ScoreKernel::Dot)
+    );
     // Packed per `(b, g)` by the tasks ([`attend_per_group`]), or once for the call before its
     // tiles run (keys transposed into panels, `[B, G, key blocks, D, kt_ld]`, zero past T;
     // values in panels: read in place, rows `Dv` floats apart (512 bytes at Dv = 128) would

@@ -1,5 +1,6 @@
-//! Which kernel a bf16 call takes ([`rounds_into_f32`], [`rounds_while_packing`]), and the
-//! f32 kernel's two ways of multiplying rounded operands giving the same bits.
+//! Which kernel a bf16 call takes ([`rounds_into_f32`], [`rounds_while_packing`],
+//! [`rounds_while_loading`]), and the f32 kernel's ways of multiplying rounded operands giving
+//! the same bits.
 
 use super::*;
 use crate::{Causal, ForwardInputs};
@@ -70,44 +71,108 @@ fn rounding_while_packing_gives_the_bits_of_rounded_copies() {
             precision: crate::Precision::Bf16,
             ..Default::default()
         };
-        let run = |operation: Operation| {
-            let mut out = vec![f32::NAN; b * h * s * dv];
-            let mut lse = vec![f32::NAN; b * h * s];
-            let mut out_view = ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap();
-            let mut lse_view = Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap());
-            let plan = validate("test", out_view.shape(), Some([b, h, s]), &qv, &kv, &vv, &options).unwrap();
-            assert!(rounds_while_packing(&plan, &kv));
-            let scale = crate::mask::resolve_scale(&options, d);
-            let dst = Dst::new(&mut out_view, &mut lse_view, &mut None);
-            if operation == Operation::RoundingF32 {
-                attend(
-                    &plan,
-                    ForwardInputs::new(qv, kv, vv),
-                    &options,
-                    scale,
-                    operation,
-                    dst,
-                    None,
-                    Par::Rayon,
-                );
-            } else {
-                let copies = super::rounded_copies(&[(&qv, scale), (&kv, 1.0), (&vv, 1.0)], Par::Rayon);
-                let (qr, rest) = copies.split_at(b * h * s * d);
-                let (kr, vr) = rest.split_at(b * g * t * d);
-                let inputs = ForwardInputs::new(
-                    View4::contiguous(qr, [b, h, s, d]).unwrap(),
-                    View4::contiguous(kr, [b, g, t, d]).unwrap(),
-                    View4::contiguous(vr, [b, g, t, dv]).unwrap(),
-                );
-                attend(&plan, inputs, &options, 1.0, operation, dst, None, Par::Rayon);
-            }
-            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            (bits(&out), bits(&lse))
-        };
-        let while_packing = run(Operation::RoundingF32);
+        let plan = Plan::new([b, h, s, d], [g, t, dv]);
+        assert!(rounds_while_packing(&plan, &kv));
+        let [rounding, rounded] = rounded_two_ways([qv, kv, vv], &options);
         assert!(
-            while_packing == run(Operation::RoundedF32),
+            rounding == rounded,
             "[{b}, {h}, {g}, {s}, {t}, {d}, {dv}] {causal:?}: the bits differ"
         );
     }
+}
+
+/// Decoding rounds f32 K and V as its kernels load them, with the bits of the f32 kernel on
+/// rounded copies (the path it replaces): grouped heads, keys split across tasks, eight rows per
+/// key/value head, `D` with a tail and `Dv` not a whole number of panels (widened into the
+/// tile's panels), key lengths, ALiBi and an explicit scale, and keys and values of every size
+/// (subnormals, values that round up into the next binade, ties).
+#[test]
+fn rounding_while_loading_gives_the_bits_of_rounded_copies() {
+    if !crate::simd::simd_level().is_vector() {
+        eprintln!("note: scalar level: the kernel rounds copies only; nothing to compare");
+        return;
+    }
+    let lengths = [300, 7];
+    let slopes: Vec<f32> = (0..8).map(|i| 0.5f32.powi(i + 1)).collect();
+    for (b, h, g, s, t, d, dv, key_lengths, alibi) in [
+        (1, 32, 8, 1, 1100, 64, 64, None, false),
+        (2, 4, 2, 1, 300, 40, 24, Some(&lengths[..]), true),
+        (1, 4, 1, 2, 77, 16, 16, None, true),
+    ] {
+        let special = |x: f32, i: usize| match i % 13 {
+            3 => f32::from_bits(0x0000_0101 + i as u32),
+            5 => f32::from_bits(0x3F80_8000),
+            7 => f32::from_bits(0xBF7F_FFFF),
+            _ => x,
+        };
+        let q = crate::testing::random_vec(b * h * s * d, 31);
+        let k: Vec<f32> = crate::testing::random_vec(b * g * t * d, 32)
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| special(x, i))
+            .collect();
+        let v: Vec<f32> = crate::testing::random_vec(b * g * t * dv, 33)
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| special(x, i))
+            .collect();
+        let qv = View4::contiguous(&q, [b, h, s, d]).unwrap();
+        let (kv, vv) = (
+            View4::contiguous(&k, [b, g, t, d]).unwrap(),
+            View4::contiguous(&v, [b, g, t, dv]).unwrap(),
+        );
+        let options = AttentionOptions {
+            key_lengths,
+            alibi_slopes: alibi.then(|| &slopes[..h]),
+            scale: alibi.then_some(0.3),
+            precision: crate::Precision::Bf16,
+            ..Default::default()
+        };
+        let plan = Plan::new([b, h, s, d], [g, t, dv]);
+        assert!(rounds_while_loading(&plan, &kv, &vv) && !rounds_while_packing(&plan, &kv));
+        let [rounding, rounded] = rounded_two_ways([qv, kv, vv], &options);
+        assert!(
+            rounding == rounded,
+            "[{b}, {h}, {g}, {s}, {t}, {d}, {dv}]: the bits differ"
+        );
+    }
+}
+
+/// The bits of `out` and `lse` of a bf16 call run by the f32 kernel rounding its operands
+/// itself ([`Operation::RoundingF32`]) and on rounded copies ([`Operation::RoundedF32`]).
+fn rounded_two_ways([q, k, v]: [View4<'_, f32>; 3], options: &AttentionOptions<'_>) -> [(Vec<u32>, Vec<u32>); 2] {
+    let ([b, h, s, d], dv) = (q.shape(), v.shape()[3]);
+    [Operation::RoundingF32, Operation::RoundedF32].map(|operation| {
+        let mut out = vec![f32::NAN; b * h * s * dv];
+        let mut lse = vec![f32::NAN; b * h * s];
+        let mut out_view = ViewMut4::contiguous(&mut out, [b, h, s, dv]).unwrap();
+        let mut lse_view = Some(ViewMut::contiguous(&mut lse, [b, h, s]).unwrap());
+        let plan = validate("test", out_view.shape(), Some([b, h, s]), &q, &k, &v, options).unwrap();
+        let scale = crate::mask::resolve_scale(options, d);
+        let dst = Dst::new(&mut out_view, &mut lse_view, &mut None);
+        if operation == Operation::RoundingF32 {
+            attend(
+                &plan,
+                ForwardInputs::new(q, k, v),
+                options,
+                scale,
+                operation,
+                dst,
+                None,
+                Par::Rayon,
+            );
+        } else {
+            let copies = super::rounded_copies(&[(&q, scale), (&k, 1.0), (&v, 1.0)], Par::Rayon);
+            let (qr, rest) = copies.split_at(q.shape().iter().product());
+            let (kr, vr) = rest.split_at(k.shape().iter().product());
+            let inputs = ForwardInputs::new(
+                View4::contiguous(qr, q.shape()).unwrap(),
+                View4::contiguous(kr, k.shape()).unwrap(),
+                View4::contiguous(vr, v.shape()).unwrap(),
+            );
+            attend(&plan, inputs, options, 1.0, operation, dst, None, Par::Rayon);
+        }
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        (bits(&out), bits(&lse))
+    })
 }

@@ -3,7 +3,7 @@
 
 use super::scratch::{KeyBlock, Scratch, TileRows};
 use super::tile_bf16::AmxTile;
-use super::{row_position, Bf16Source, Kv, Operands, Plan, BLOCK_ROWS, P16_LD};
+use super::{row_position, Bf16Source, Operands, Plan, BLOCK_ROWS, P16_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, shapes_rows};
@@ -199,8 +199,8 @@ fn pass1_scores(
         super::tile_bf16::bf16_scores(scratch, plan, ops, rows, block, source, amx);
         return false;
     }
-    if let Kv::Bits(k) = ops.k {
-        return super::tile_bits::bits_scores(scratch, plan, ops, rows, block, &k);
+    if super::tile_convert::converts(ops) {
+        return super::tile_convert::scores(scratch, plan, ops, rows, block);
     }
     let keys = KeySource {
         k: ops.k.f32(),
@@ -429,10 +429,10 @@ fn pass4_weighted_values(
         super::tile_bf16::bf16_weighted_values(scratch, plan, ops, rows, block, source, amx);
         return;
     }
-    let v = match ops.v {
-        Kv::F32(v) => v,
-        Kv::Bits(v) => return super::tile_bits::bits_weighted_values(scratch, plan, ops, rows, block, &v),
-    };
+    if super::tile_convert::converts(ops) {
+        return super::tile_convert::weighted_values(scratch, plan, ops, rows, block);
+    }
+    let v = ops.v.f32();
     let (v_data, v_st) = (v.data(), v.strides());
     if !ops.micro {
         if block.first {

@@ -19,7 +19,7 @@
 mod pack;
 
 use pack::{pack_a, widen_b};
-pub(crate) use pack::{pack_b, round_row_to_bf16};
+pub(crate) use pack::{pack_b, round_lanes, round_row_to_bf16};
 
 pub(crate) use super::own::{LhsValues, Operand, Rhs, Start, NR};
 use crate::gemm::Par;

@@ -3,9 +3,10 @@
 //! transposing or packing the key block would cost as much as the whole product.
 
 /// How K and V are stored where the decode kernels read them in place, and what the kernels
-/// multiply: f32 values ([`F32Values`]), or bf16 bits (a bf16 KV cache) widened as they are
-/// loaded, exactly ([`Bf16Bits`]) or as rounding their values to bf16 would give them
-/// ([`Bf16Rounded`]), so each gives the bits of the f32 kernels on the values it stands for.
+/// multiply: f32 values as they are ([`F32Values`]) or rounded to bf16 as they are loaded
+/// ([`F32Rounded`]), or bf16 bits (a bf16 KV cache) widened as they are loaded, exactly
+/// ([`Bf16Bits`]) or as rounding their values to bf16 would give them ([`Bf16Rounded`]), so
+/// each gives the bits of the f32 kernels on the values it stands for.
 pub(crate) trait Stored {
     /// The element in memory.
     type Elem: Copy;
@@ -29,6 +30,24 @@ pub(crate) struct Bf16Bits;
 /// ([`crate::round_to_bf16`]: subnormals to zeros of their sign, NaN made quiet), the operands
 /// of the f32 kernels in bf16 without bf16 instructions.
 pub(crate) struct Bf16Rounded;
+
+/// f32 values rounded to bf16 as they are loaded ([`crate::round_to_bf16`]), the operands of
+/// the f32 kernels in bf16 without bf16 instructions.
+pub(crate) struct F32Rounded;
+
+impl Stored for F32Rounded {
+    type Elem = f32;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load<L: crate::lanes::Lanes>(p: *const f32) -> L::V {
+        // SAFETY: the caller's contract.
+        unsafe { L::load_rounded(p) }
+    }
+    #[inline(always)]
+    fn value(x: f32) -> f32 {
+        crate::round_to_bf16(x)
+    }
+}
 
 impl Stored for F32Values {
     type Elem = f32;
@@ -371,13 +390,13 @@ pub(crate) unsafe fn axpy_rows<S: Stored>(
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::{Bf16Bits, Bf16Rounded, F32Values};
+    use super::{Bf16Bits, Bf16Rounded, F32Rounded, F32Values};
 
     type Kernel<E> = unsafe fn(usize, usize, usize, *const f32, usize, *const E, usize, *mut f32, usize);
 
-    /// A level's `dot_rows` and `axpy_rows` on f32 values, and on bf16 bits widened exactly and
-    /// rounded, and its width.
-    type Level = (&'static str, [Kernel<f32>; 2], [[Kernel<u16>; 2]; 2], usize);
+    /// A level's `dot_rows` and `axpy_rows` on f32 values as they are and rounded, on bf16 bits
+    /// widened exactly and rounded, and its width.
+    type Level = (&'static str, [[Kernel<f32>; 2]; 2], [[Kernel<u16>; 2]; 2], usize);
 
     /// The decode kernels of every vector level this CPU has against their definitions in f64:
     /// row counts 1–8 (every block shape), key counts with a partial block of keys, depths with
@@ -390,7 +409,10 @@ mod tests {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             levels.push((
                 "avx2",
-                [super::dot_rows_avx2::<F32Values>, super::axpy_rows_avx2::<F32Values>],
+                [
+                    [super::dot_rows_avx2::<F32Values>, super::axpy_rows_avx2::<F32Values>],
+                    [super::dot_rows_avx2::<F32Rounded>, super::axpy_rows_avx2::<F32Rounded>],
+                ],
                 [
                     [super::dot_rows_avx2::<Bf16Bits>, super::axpy_rows_avx2::<Bf16Bits>],
                     [
@@ -405,8 +427,14 @@ mod tests {
             levels.push((
                 "avx512",
                 [
-                    super::dot_rows_avx512::<F32Values>,
-                    super::axpy_rows_avx512::<F32Values>,
+                    [
+                        super::dot_rows_avx512::<F32Values>,
+                        super::axpy_rows_avx512::<F32Values>,
+                    ],
+                    [
+                        super::dot_rows_avx512::<F32Rounded>,
+                        super::axpy_rows_avx512::<F32Rounded>,
+                    ],
                 ],
                 [
                     [super::dot_rows_avx512::<Bf16Bits>, super::axpy_rows_avx512::<Bf16Bits>],
@@ -418,7 +446,7 @@ mod tests {
                 16,
             ));
         }
-        for (name, [dot, axpy], on_bits, width) in levels {
+        for (name, [[dot, axpy], [dot_rounded, axpy_rounded]], on_bits, width) in levels {
             for rows in 1..=8 {
                 for (n, depth) in [(1, 64), (7, 17), (13, 128), (32, 5), (9, 33)] {
                     let (lda, ldk, ldc) = (depth + 3, depth + 5, n + 2);
@@ -471,6 +499,34 @@ mod tests {
                             );
                         }
                     }
+                    // f32 K and V rounded as they are loaded: the bits of the kernels on the
+                    // rounded values (specials among them).
+                    let what = format!("{name} rows {rows} n {n} depth {depth}");
+                    let (_, k_special) = bits_and_values(&k, false);
+                    let k_mixed: Vec<f32> = k
+                        .iter()
+                        .zip(&k_special)
+                        .enumerate()
+                        .map(|(i, (&x, &s))| if i % 11 == 5 { s } else { x })
+                        .collect();
+                    let k_want: Vec<f32> = k_mixed.iter().map(|&x| crate::round_to_bf16(x)).collect();
+                    let [mut got, mut want] = [0, 1].map(|_| vec![f32::NAN; rows * ldc]);
+                    // SAFETY: as above, `k_mixed` and `k_want` [n, ldk].
+                    unsafe {
+                        let (a, ka, kb) = (a.as_ptr(), k_mixed.as_ptr(), k_want.as_ptr());
+                        dot_rounded(rows, n, depth, a, lda, ka, ldk, got.as_mut_ptr(), ldc);
+                        dot(rows, n, depth, a, lda, kb, ldk, want.as_mut_ptr(), ldc);
+                    }
+                    assert!(same_bits(&got, &want), "dot_rows rounding f32: {what}");
+                    let v_want: Vec<f32> = v.iter().map(|&x| crate::round_to_bf16(x)).collect();
+                    let [mut got, mut want] = [0, 1].map(|_| start.clone());
+                    // SAFETY: as above, `v` and `v_want` [depth, ldv].
+                    unsafe {
+                        let (a, va, vb) = (a.as_ptr(), v.as_ptr(), v_want.as_ptr());
+                        axpy_rounded(rows, cols, depth, a, lda, va, ldv, got.as_mut_ptr(), cols);
+                        axpy(rows, cols, depth, a, lda, vb, ldv, want.as_mut_ptr(), cols);
+                    }
+                    assert!(same_bits(&got, &want), "axpy_rows rounding f32: {what}");
                     // K and V as bf16 bits, read as their values (exact, or rounded).
                     for (rounded, [dot_bits, axpy_bits]) in [false, true].into_iter().zip(on_bits) {
                         let what = format!("{name} rows {rows} n {n} depth {depth} rounded {rounded}");
@@ -500,7 +556,8 @@ mod tests {
 
     /// Every one of the 65,536 bit patterns loads as its value at every vector level this CPU
     /// has: widened exactly ([`crate::bf16_to_f32`]), or rounded ([`crate::round_to_bf16`] of
-    /// that value), as the scalar tails read them ([`super::Stored::value`]).
+    /// that value), as the scalar tails read them ([`super::Stored::value`]); and f32 values
+    /// rounded as they load, five around each bf16 value.
     #[test]
     fn bits_load_as_their_values_at_every_level() {
         use super::Stored;
@@ -519,7 +576,7 @@ mod tests {
             }
         };
         #[target_feature(enable = "avx2,fma")]
-        fn avx2<S: Stored<Elem = u16>>(all: &[u16]) -> Vec<f32> {
+        fn avx2<S: Stored>(all: &[S::Elem]) -> Vec<f32> {
             let mut out = vec![0.0f32; all.len()];
             for (from, to) in all.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
                 // SAFETY: AVX2 is enabled here; 8 elements each.
@@ -531,7 +588,7 @@ mod tests {
             out
         }
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-        fn avx512<S: Stored<Elem = u16>>(all: &[u16]) -> Vec<f32> {
+        fn avx512<S: Stored>(all: &[S::Elem]) -> Vec<f32> {
             let mut out = vec![0.0f32; all.len()];
             for (from, to) in all.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
                 // SAFETY: AVX-512 is enabled here; 16 elements each.
@@ -542,11 +599,33 @@ mod tests {
             }
             out
         }
+        // f32 values rounded as they load: every bf16 pattern's value and its neighbours
+        // (ties at both parities, carries), and the specials among them.
+        let floats: Vec<f32> = all
+            .iter()
+            .flat_map(|&h| {
+                let x = (h as u32) << 16;
+                [x, x | 0x7FFF, x | 0x8000, x | 0x8001, x | 0xFFFF].map(f32::from_bits)
+            })
+            .collect();
+        let check_rounded = |name: &str, loaded: &[f32]| {
+            for (x, y) in floats.iter().zip(loaded) {
+                let want = crate::round_to_bf16(*x).to_bits();
+                assert_eq!(y.to_bits(), want, "{name}, rounding {:#010x}", x.to_bits());
+                assert_eq!(
+                    F32Rounded::value(*x).to_bits(),
+                    want,
+                    "value, rounding {:#010x}",
+                    x.to_bits()
+                );
+            }
+        };
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: detected just above.
             unsafe {
                 check("avx2", &avx2::<Bf16Bits>(&all), false);
                 check("avx2", &avx2::<Bf16Rounded>(&all), true);
+                check_rounded("avx2", &avx2::<F32Rounded>(&floats));
             }
         }
         if crate::simd::detect() == crate::SimdLevel::Avx512 {
@@ -554,6 +633,7 @@ mod tests {
             unsafe {
                 check("avx512", &avx512::<Bf16Bits>(&all), false);
                 check("avx512", &avx512::<Bf16Rounded>(&all), true);
+                check_rounded("avx512", &avx512::<F32Rounded>(&floats));
             }
         }
     }

@@ -85,27 +85,35 @@ pub(super) unsafe fn widen_b(dst: &mut [f32], words: *const u32, panel: usize, p
 /// nearest, ties to even; NaN made quiet; subnormals to zeros of their sign.
 #[target_feature(enable = "avx512f")]
 pub(crate) fn round_row_to_bf16(row: &mut [f32]) {
-    let upper = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    let exponent = _mm512_set1_epi32(0x7F80_0000);
-    let sign = _mm512_set1_epi32(0x8000_0000u32 as i32);
-    let quiet = _mm512_set1_epi32(0x0040_0000);
-    let half = _mm512_set1_epi32(0x7FFF);
-    let one = _mm512_set1_epi32(1);
     for chunk in row.chunks_mut(16) {
         let mask: __mmask16 = ((1u32 << chunk.len()) - 1) as u16;
         // SAFETY: the masked lanes are inside `chunk`.
         unsafe {
-            let bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(mask, chunk.as_ptr()));
-            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), one);
-            let rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(half, odd)), upper);
-            let exp = _mm512_and_si512(bits, exponent);
-            let subnormal = _mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512());
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(_mm512_castsi512_ps(bits), _mm512_castsi512_ps(bits));
-            let out = _mm512_mask_mov_epi32(rounded, subnormal, _mm512_and_si512(bits, sign));
-            let out = _mm512_mask_mov_epi32(out, nan, _mm512_and_si512(_mm512_or_si512(bits, quiet), upper));
-            _mm512_mask_storeu_ps(chunk.as_mut_ptr(), mask, _mm512_castsi512_ps(out));
+            let x = _mm512_maskz_loadu_ps(mask, chunk.as_ptr());
+            _mm512_mask_storeu_ps(chunk.as_mut_ptr(), mask, round_lanes(x));
         }
     }
+}
+
+/// Each lane of `x` rounded to bf16, with the bits of [`crate::round_to_bf16`] (see
+/// [`round_row_to_bf16`]).
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn round_lanes(x: __m512) -> __m512 {
+    let bits = _mm512_castps_si512(x);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let upper = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let rounded = _mm512_and_si512(
+        _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)),
+        upper,
+    );
+    let exp = _mm512_and_si512(bits, _mm512_set1_epi32(0x7F80_0000));
+    let subnormal = _mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512());
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    let sign = _mm512_set1_epi32(0x8000_0000u32 as i32);
+    let out = _mm512_mask_mov_epi32(rounded, subnormal, _mm512_and_si512(bits, sign));
+    let quieted = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000)), upper);
+    _mm512_castsi512_ps(_mm512_mask_mov_epi32(out, nan, quieted))
 }
 
 /// Packs `a[0..mr, 0..kc]` step-major with this level's [`MR`] ([`super::super::own::pack_a_body`]).
