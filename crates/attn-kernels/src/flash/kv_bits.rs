@@ -168,7 +168,7 @@ fn run_bits(
         amx,
         round_p: matches!(kernels, Kernels::DecodeBf16) || rounded,
         // The scaled query rows rounded as the tile loads them, and so K and V as the
-        // kernels load them (`super::tile::bits_scores`).
+        // kernels load them (`super::tile_convert`).
         round_q: rounded,
         micro: crate::simd::simd_level().is_vector(),
         score_kernel: ScoreKernel::for_call(plan.rows_per_group, true),

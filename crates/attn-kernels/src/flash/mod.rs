@@ -175,7 +175,8 @@ pub(crate) fn flash_impl(
     assert!(weights.is_none() || plan.splits == 1);
     let spoilt = match options.precision {
         // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32 kernel
-        // rounds the operands as it packs them, where it packs K and V for the call.
+        // rounds the operands as it packs them, where it packs K and V for the call, or as
+        // decoding's kernels load them.
         Precision::Bf16 if rounds_into_f32(decodes_in_place(&plan, k.strides(), v.strides())) => {
             if rounds_while_packing(&plan, &k) || rounds_while_loading(&plan, &k, &v) {
                 attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, weights, par)
