@@ -29,34 +29,23 @@ pub(super) fn scores(
     block: &KeyBlock,
 ) -> bool {
     let at = |st: [usize; 4]| rows.b * st[0] + rows.g * st[1] + block.t0 * st[2];
+    macro_rules! as_stored {
+        ($stored:ty, $k:expr) => {
+            in_place_scores::<$stored>(
+                scratch,
+                plan,
+                ops,
+                rows,
+                block,
+                &$k.data()[at($k.strides())..],
+                $k.strides(),
+            )
+        };
+    }
     match (ops.k, ops.round_q) {
-        (Kv::Bits(k), false) => in_place_scores::<Bf16Bits>(
-            scratch,
-            plan,
-            ops,
-            rows,
-            block,
-            &k.data()[at(k.strides())..],
-            k.strides(),
-        ),
-        (Kv::Bits(k), true) => in_place_scores::<Bf16Rounded>(
-            scratch,
-            plan,
-            ops,
-            rows,
-            block,
-            &k.data()[at(k.strides())..],
-            k.strides(),
-        ),
-        (Kv::F32(k), _) => in_place_scores::<F32Rounded>(
-            scratch,
-            plan,
-            ops,
-            rows,
-            block,
-            &k.data()[at(k.strides())..],
-            k.strides(),
-        ),
+        (Kv::Bits(k), false) => as_stored!(Bf16Bits, k),
+        (Kv::Bits(k), true) => as_stored!(Bf16Rounded, k),
+        (Kv::F32(k), _) => as_stored!(F32Rounded, k),
     }
 }
 
@@ -102,16 +91,23 @@ pub(super) fn weighted_values(
     rows: &TileRows,
     block: &KeyBlock,
 ) {
+    macro_rules! as_stored {
+        ($stored:ty, $v:expr) => {
+            in_place_values::<$stored>(
+                scratch,
+                plan,
+                ops,
+                rows,
+                block,
+                &$v.data()[block.v_base..],
+                $v.strides(),
+            )
+        };
+    }
     match (ops.v, ops.round_q) {
-        (Kv::Bits(v), false) => {
-            in_place_values::<Bf16Bits>(scratch, plan, ops, rows, block, &v.data()[block.v_base..], v.strides())
-        }
-        (Kv::Bits(v), true) => {
-            in_place_values::<Bf16Rounded>(scratch, plan, ops, rows, block, &v.data()[block.v_base..], v.strides())
-        }
-        (Kv::F32(v), _) => {
-            in_place_values::<F32Rounded>(scratch, plan, ops, rows, block, &v.data()[block.v_base..], v.strides())
-        }
+        (Kv::Bits(v), false) => as_stored!(Bf16Bits, v),
+        (Kv::Bits(v), true) => as_stored!(Bf16Rounded, v),
+        (Kv::F32(v), _) => as_stored!(F32Rounded, v),
     }
 }
 
