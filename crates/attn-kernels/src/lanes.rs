@@ -1,7 +1,8 @@
 //! SIMD code written once over the vector width: the [`Lanes`] trait names the handful of vector
-//! operations the row primitives and the tile micro-kernel need, [`Avx2`] (8 lanes) and
-//! [`Avx512`] (16 lanes) implement it, and the generic bodies here are instantiated by each
-//! level's `#[target_feature]` entry points (`simd.rs`, `tile.rs`).
+//! operations the row primitives and the tile and decode kernels need, [`Avx2`] (8 lanes) and
+//! [`Avx512`] (16 lanes) implement it, and the generic bodies (the row primitives in `rows.rs`,
+//! the kernels in `tile/`) are instantiated by each level's `#[target_feature]` entry points
+//! (`simd.rs`, `tile.rs`).
 //!
 //! Every method is `unsafe` and `#[inline(always)]`: it requires the CPU features of its level,
 //! which the entry point that inlines it guarantees. The generic bodies evaluate the same
