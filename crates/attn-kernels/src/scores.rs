@@ -17,7 +17,7 @@
 //! What it leaves out: the scale (the callers multiply `q` by it first, elementwise, the same
 //! way) and the masks (added afterwards by `mask_row`).
 
-use crate::tile::{pad_to_nr, DECODE_ROWS_MAX, NR};
+use crate::tile::{pad_to_nr, Stored, DECODE_ROWS_MAX, NR};
 
 /// How a call computes its scores (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +181,19 @@ pub(crate) fn tile_scores(
 /// `dst[(j / NR)·d·NR + p·NR + j % NR]`, zero for `j` from `bc` up to the next multiple of
 /// [`NR`].
 pub(crate) fn key_panels(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, row_stride: usize, col_stride: usize) {
+    key_panels_stored::<crate::tile::F32Values>(dst, keys, bc, d, row_stride, col_stride);
+}
+
+/// [`key_panels`] of stored keys, each converted as it is loaded ([`Stored`]: bf16 bits
+/// widened, f32 values rounded to bf16): the panels of [`key_panels`] on the converted keys.
+pub(crate) fn key_panels_stored<S: Stored>(
+    dst: &mut [f32],
+    keys: &[S::Elem],
+    bc: usize,
+    d: usize,
+    row_stride: usize,
+    col_stride: usize,
+) {
     if bc == 0 {
         return;
     }
@@ -196,13 +209,13 @@ pub(crate) fn key_panels(dst: &mut [f32], keys: &[f32], bc: usize, d: usize, row
         #[cfg(target_arch = "x86_64")]
         if col_stride == 1 && crate::simd::simd_level().is_vector() {
             // SAFETY: a vector level (with AVX2) was detected; the assertion above bounds both
-            // operands: `n` rows of `d` floats in, `[d, NR]` out.
-            unsafe { crate::tile::avx2::transpose(n, d, src.as_ptr(), row_stride, out.as_mut_ptr(), NR) };
+            // operands: `n` rows of `d` elements in, `[d, NR]` out.
+            unsafe { crate::tile::avx2::transpose_stored::<S>(n, d, src.as_ptr(), row_stride, out.as_mut_ptr(), NR) };
             continue;
         }
         for j in 0..n {
             for p in 0..d {
-                out[p * NR + j] = src[j * row_stride + p * col_stride];
+                out[p * NR + j] = S::value(src[j * row_stride + p * col_stride]);
             }
         }
     }

@@ -41,6 +41,8 @@ pub(crate) fn pad_to_nr(x: usize) -> usize {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     //! The key-block transpose; it requires AVX2 (which every vector level has).
+    use super::{F32Values, Stored};
+    use crate::lanes::Avx2;
     use std::arch::x86_64::*;
 
     /// `dst[p·ld_dst + j] = src[j·ld_src + p]` for `j < rows`, `p < cols`: a transpose, 8×8
@@ -57,12 +59,31 @@ pub(crate) mod avx2 {
         dst: *mut f32,
         ld_dst: usize,
     ) {
-        // SAFETY: every access is within `rows × cols` of the two operands.
+        // SAFETY: the caller's contract.
+        unsafe { transpose_stored::<F32Values>(rows, cols, src, ld_src, dst, ld_dst) }
+    }
+
+    /// [`transpose`] of stored elements, each converted as it is loaded ([`Stored`]: bf16 bits
+    /// widened, f32 values rounded to bf16): `dst[p·ld_dst + j] = S::value(src[j·ld_src + p])`.
+    ///
+    /// # Safety
+    /// As for [`transpose`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn transpose_stored<S: Stored>(
+        rows: usize,
+        cols: usize,
+        src: *const S::Elem,
+        ld_src: usize,
+        dst: *mut f32,
+        ld_dst: usize,
+    ) {
+        // SAFETY: every access is within `rows × cols` of the two operands; AVX2 is enabled
+        // for the loads.
         unsafe {
             let (rows8, cols8) = (rows / 8 * 8, cols / 8 * 8);
             for j in (0..rows8).step_by(8) {
                 for p in (0..cols8).step_by(8) {
-                    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add((j + i) * ld_src + p)));
+                    let r: [__m256; 8] = std::array::from_fn(|i| S::load::<Avx2>(src.add((j + i) * ld_src + p)));
                     let out = transpose8(r);
                     for (i, v) in out.iter().enumerate() {
                         _mm256_storeu_ps(dst.add((p + i) * ld_dst + j), *v);
@@ -70,13 +91,13 @@ pub(crate) mod avx2 {
                 }
                 for p in cols8..cols {
                     for i in 0..8 {
-                        *dst.add(p * ld_dst + j + i) = *src.add((j + i) * ld_src + p);
+                        *dst.add(p * ld_dst + j + i) = S::value(*src.add((j + i) * ld_src + p));
                     }
                 }
             }
             for j in rows8..rows {
                 for p in 0..cols {
-                    *dst.add(p * ld_dst + j) = *src.add(j * ld_src + p);
+                    *dst.add(p * ld_dst + j) = S::value(*src.add(j * ld_src + p));
                 }
             }
         }

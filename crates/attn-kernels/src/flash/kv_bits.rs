@@ -3,8 +3,8 @@
 //! of an f32 one.
 
 use super::{
-    attend_per_group, decodes_in_place, packs_per_group, run_operands, validate, Bf16Source, Dst, GroupPacking, Kv,
-    Operands, Plan,
+    attend_kv, attend_per_group, decodes_in_place, packs_per_group, run_operands, validate, Bf16Source, Dst,
+    GroupPacking, Kv, Operands, Operation, Plan,
 };
 use crate::mask::resolve_scale;
 use crate::scores::ScoreKernel;
@@ -24,12 +24,15 @@ use crate::{AttentionOptions, Bf16Level, ForwardInputs, KernelError, Par, Precis
 /// for the call, as f32 K and V are packed): keys of an even `D` and values of whole panels in
 /// contiguous rows are rearranged as words of bits without widening, the rest widened exactly
 /// a block at a time into a small buffer and packed as f32 values are, so no f32 copy of K and
-/// V is made. The rest (calls of more rows in f32 or without bf16 instructions, strided rows,
-/// the portable level) widen K and V into f32 copies (on rayon's threads with [`Par::Rayon`])
-/// and run [`crate::attention`] on them: the same result, at the cost of the copies (about
-/// twice the time of f32 K and V on a memory-bound call, which reads them once where the
-/// copies are written and read again). So does a call in which a non-finite value reached a
-/// row (the repair of [`crate::attention`] then runs on the copies).
+/// V is made. Calls of more rows in f32, or in bf16 where the f32 kernel serves it (no bf16
+/// instructions), widen the bits (and round them in bf16) as the f32 kernel packs K and V, or,
+/// with a single row tile per key/value head, as each tile transposes its key blocks and puts
+/// its value blocks in panels, strided or not: no copy either. The rest (decoding from
+/// strided rows, the portable level) widen K and V into f32 copies (on rayon's threads with
+/// [`Par::Rayon`]) and run [`crate::attention`] on them: the same result, at the cost of the
+/// copies (about twice the time of f32 K and V on a memory-bound call, which reads them once
+/// where the copies are written and read again). So does a call in which a non-finite value
+/// reached a row (the repair of [`crate::attention`] then runs on the copies).
 ///
 /// ```
 /// use attn_kernels::{attention, attention_bf16_kv, f32_to_bf16, bf16_to_f32, AttentionOptions,
@@ -107,6 +110,18 @@ pub fn attention_bf16_kv(
         KvRoute::ReadsInPlace(Precision::F32) => {
             let dst = Dst::new(&mut out, &mut lse, &mut None);
             run_bits(&plan, q, [k, v], options, dst, par, Kernels::DecodeF32)
+        }
+        // The f32 kernel, exact or on rounded operands, widening (and rounding) the bits as it
+        // packs K and V or as its tiles put each block in panels.
+        KvRoute::Converts(precision) => {
+            let dst = Dst::new(&mut out, &mut lse, &mut None);
+            let operation = match precision {
+                Precision::F32 => Operation::F32,
+                Precision::Bf16 => Operation::RoundingF32,
+            };
+            let scale = resolve_scale(options, plan.d);
+            let kv = [Kv::Bits(k), Kv::Bits(v)];
+            attend_kv(&plan, q, kv, options, scale, operation, dst, None, par)
         }
         KvRoute::Widens => true,
     };
@@ -189,8 +204,8 @@ pub(super) enum KvRoute {
     /// for more query rows per key/value head than decoding reads in place (for fewer, a
     /// strided K or V is widened into contiguous copies, which [`crate::attention`] then
     /// decodes in place: other arithmetic than the packed kernels'). Where the f32 kernel
-    /// serves bf16 calls that do not decode ([`super::rounds_into_f32`]), they are widened
-    /// instead.
+    /// serves bf16 calls that do not decode ([`super::rounds_into_f32`]), it converts the bits
+    /// instead ([`KvRoute::Converts`]).
     PacksBits,
     /// Decoding ([`decodes_in_place`]: at most [`DECODE_ROWS`] query rows per key/value head,
     /// contiguous rows) with the bits read in place by the decoding kernels of this
@@ -198,8 +213,14 @@ pub(super) enum KvRoute {
     /// f32 kernels on rounded operands at a vector level; in f32 by the f32 kernels at a
     /// vector level.
     ReadsInPlace(Precision),
-    /// Widened into f32 copies, on which [`crate::attention`] runs: the portable level, f32
-    /// calls of more rows, bf16 calls of more rows without bf16 instructions, strided rows.
+    /// More query rows per key/value head than decoding's, at a vector level, in f32 or where
+    /// bf16 runs the f32 kernel on rounded operands ([`super::rounds_into_f32`]): the f32
+    /// kernel widens (and rounds) the bits as it packs K and V, or as each tile transposes its
+    /// key blocks and puts its value blocks in panels, strided or not.
+    Converts(Precision),
+    /// Widened into f32 copies, on which [`crate::attention`] runs: the portable level, and
+    /// decoding from strided rows (the copies are decoded in place, by other arithmetic than
+    /// the tile kernel's).
     Widens,
 }
 
@@ -214,6 +235,7 @@ pub(super) fn route(plan: &Plan, k: &View4<'_, u16>, v: &View4<'_, u16>, options
             KvRoute::PacksBits
         }
         Precision::F32 if decodes && vector => KvRoute::ReadsInPlace(Precision::F32),
+        precision if vector && plan.rows_per_group > DECODE_ROWS => KvRoute::Converts(precision),
         _ => KvRoute::Widens,
     }
 }

@@ -63,6 +63,7 @@ mod tests_kv_bits;
 mod tests_per_group;
 mod tile;
 mod tile_bf16;
+mod tile_blocks;
 mod tile_convert;
 mod tile_values;
 mod weights;
@@ -175,10 +176,10 @@ pub(crate) fn flash_impl(
     assert!(weights.is_none() || plan.splits == 1);
     let spoilt = match options.precision {
         // No bf16 instructions, or Intel's slow `vdpbf16ps` outside decoding: the f32 kernel
-        // rounds the operands as it packs them, where it packs K and V for the call, or as
-        // decoding's kernels load them.
+        // rounds the operands in its tiles (as it packs K and V, or puts each block in
+        // panels), or as decoding's kernels load them.
         Precision::Bf16 if rounds_into_f32(decodes_in_place(&plan, k.strides(), v.strides())) => {
-            if rounds_while_packing(&plan, &k) || rounds_while_loading(&plan, &k, &v) {
+            if rounds_in_tiles(&plan) || rounds_while_loading(&plan, &k, &v) {
                 attend(&plan, inputs, options, scale, Operation::RoundingF32, dst, weights, par)
             } else {
                 // Else on rounded copies (the same bits), the scale already applied.
@@ -217,21 +218,20 @@ enum Operation {
     /// Operands already rounded to bf16, multiplied in f32; the probabilities are rounded
     /// before `P·V`.
     RoundedF32,
-    /// f32 operands rounded to bf16 as the kernel packs them (the scaled query tile, K and V
-    /// packed for the call), or, decoding, as its kernels load them; multiplied in f32; the
-    /// probabilities rounded before `P·V`: the bits of [`Operation::RoundedF32`] on rounded
-    /// copies.
+    /// f32 operands rounded to bf16 as the kernel packs them (the scaled query tile; K and V
+    /// packed for the call, or each block as a tile puts it in panels), or, decoding, as its
+    /// kernels load them; multiplied in f32; the probabilities rounded before `P·V`: the bits
+    /// of [`Operation::RoundedF32`] on rounded copies.
     RoundingF32,
 }
 
-/// Whether a call of `plan` that multiplies rounded operands in f32 rounds them as the f32
-/// kernel packs them ([`Operation::RoundingF32`]) rather than copying them: at a vector level,
-/// with several row tiles (so K and V are packed for the call) and the tile score kernel (which
-/// reads K from that packing).
-fn rounds_while_packing(plan: &Plan, k: &View4<'_, f32>) -> bool {
-    crate::simd::simd_level().is_vector()
-        && plan.row_tiles > 1
-        && ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1) == ScoreKernel::Tile
+/// Whether a call of `plan` that multiplies rounded operands in f32 rounds them in the f32
+/// kernel's tiles ([`Operation::RoundingF32`]) rather than copying them: at a vector level with
+/// more query rows per key/value head than decoding's (so the tile score kernel runs), K and V
+/// rounded as the call packs them (several row tiles) or as each tile transposes its key
+/// blocks and puts its value blocks in panels (one row tile: `tile_convert.rs`).
+fn rounds_in_tiles(plan: &Plan) -> bool {
+    crate::simd::simd_level().is_vector() && plan.rows_per_group > DECODE_ROWS
 }
 
 /// Whether a decoding call of `plan` that multiplies rounded operands in f32 rounds K and V as
@@ -258,6 +258,36 @@ fn attend(
     par: Par,
 ) -> bool {
     let ForwardInputs { q, k, v } = inputs;
+    attend_kv(
+        plan,
+        q,
+        [Kv::F32(k), Kv::F32(v)],
+        options,
+        scale,
+        operation,
+        dst,
+        weights,
+        par,
+    )
+}
+
+/// [`attend`] on K and V as f32 values or as bf16 bits ([`kv_bits`]): bits only in f32 or
+/// rounding into f32 ([`Operation::F32`], [`Operation::RoundingF32`]), with more query rows
+/// per key/value head than decoding's ([`DECODE_ROWS`]) at a vector level, where the f32
+/// kernel widens them as it packs them (for the call or per `(b, g)`) or as each tile
+/// transposes its key blocks and puts its value blocks in panels (`tile_convert.rs`).
+#[allow(clippy::too_many_arguments)]
+fn attend_kv(
+    plan: &Plan,
+    q: View4<'_, f32>,
+    [k, v]: [Kv<'_>; 2],
+    options: &AttentionOptions<'_>,
+    scale: f32,
+    operation: Operation,
+    dst: Dst,
+    weights: Option<RawWeights>,
+    par: Par,
+) -> bool {
     let micro = crate::simd::simd_level().is_vector();
     let score_kernel = ScoreKernel::for_call(plan.rows_per_group, k.strides()[3] == 1);
     // bf16 operands are packed into pairs, except when decoding: a few query rows per
@@ -278,12 +308,13 @@ fn attend(
         _ => None,
     };
     let round = operation == Operation::RoundingF32;
-    // Rounded as the kernel packs K and V, or, decoding, as its kernels load them.
-    assert!(
-        !round
-            || (packing.is_some() && score_kernel == ScoreKernel::Tile)
-            || (in_place && score_kernel == ScoreKernel::Dot)
-    );
+    let bits = matches!(k, Kv::Bits(_));
+    // Rounded (or bits widened) as the kernel packs K and V, or as each tile transposes its key
+    // blocks and puts its value blocks in panels (more rows than decoding's, `tile_convert.rs`),
+    // or, decoding, as its kernels load them.
+    let in_tiles = micro && score_kernel == ScoreKernel::Tile && plan.rows_per_group > DECODE_ROWS;
+    assert!(!round || in_tiles || (in_place && score_kernel == ScoreKernel::Dot));
+    assert!(!bits || (in_tiles && weights.is_none() && matches!(operation, Operation::F32 | Operation::RoundingF32)));
     // Packed per `(b, g)` by the tasks ([`attend_per_group`]), or once for the call before its
     // tiles run (keys transposed into panels, `[B, G, key blocks, D, kt_ld]`, zero past T;
     // values in panels: read in place, rows `Dv` floats apart (512 bytes at Dv = 128) would
@@ -294,15 +325,15 @@ fn attend(
     let for_the_call = if per_group { None } else { packing };
     let (kt_packed, v_packed) = match for_the_call {
         Some(GroupPacking::F32 { round }) => (
-            Some(tile::pack_keys_rounded(plan, &k, round, par)),
-            Some(tile::pack_values_rounded(plan, &v, round, par)),
+            Some(tile::pack_keys_rounded(plan, k, round, par)),
+            Some(tile::pack_values_rounded(plan, v, round, par)),
         ),
         _ => (None, None),
     };
     let bf16_packed = matches!(for_the_call, Some(GroupPacking::Bf16)).then(|| {
         (
-            bf16::pack_keys(plan, &k, amx, par),
-            bf16::pack_values(plan, &v, amx, par),
+            bf16::pack_keys(plan, &k.f32(), amx, par),
+            bf16::pack_values(plan, &v.f32(), amx, par),
         )
     });
     let bf16_source = match (&bf16_packed, operation) {
@@ -314,8 +345,8 @@ fn attend(
     };
     let ops = Operands {
         q,
-        k: Kv::F32(k),
-        v: Kv::F32(v),
+        k,
+        v,
         options,
         scale,
         kt_packed: kt_packed.as_deref(),
@@ -486,8 +517,8 @@ impl Operands<'_, '_> {
 }
 
 /// Keys or values as the tiles read them: f32 values, or bf16 bits (a bf16 KV cache,
-/// [`crate::attention_bf16_kv`]), which only the bf16 kernels read (in place when decoding,
-/// packed from the bits otherwise).
+/// [`crate::attention_bf16_kv`]), which the bf16 kernels read (in place when decoding, packed
+/// from the bits otherwise) and the f32 kernel converts as it reads them (`tile_convert.rs`).
 #[derive(Clone, Copy)]
 enum Kv<'a> {
     F32(View4<'a, f32>),
@@ -502,12 +533,12 @@ impl<'a> Kv<'a> {
         }
     }
 
-    /// The f32 view. A call on bits runs the bf16 kernels only ([`kv_bits`]), so every f32
-    /// path holds f32 operands.
+    /// The f32 view. Bits reach only the bf16 kernels and the converting passes
+    /// (`tile_convert.rs`), so every path that asks holds f32 operands.
     fn f32(&self) -> View4<'a, f32> {
         match self {
             Kv::F32(view) => *view,
-            Kv::Bits(_) => unreachable!("bf16 bits reach only the bf16 kernels"),
+            Kv::Bits(_) => unreachable!("bf16 bits reach only the bf16 kernels and the converting passes"),
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{bf16, run_tasks, tile, tile_into, Bf16Source, Dst, GroupPacking, Operands, Plan};
+use super::{bf16, run_tasks, tile, tile_blocks, tile_into, Bf16Source, Dst, GroupPacking, Operands, Plan};
 use crate::buffer::Buffer;
 use crate::Par;
 
@@ -61,7 +61,7 @@ impl GroupPacker {
         let blocks = plan.t.div_ceil(plan.block_keys);
         let lens = match packing {
             GroupPacking::Bf16 => [bf16::key_block_len(plan, ops.amx), bf16::value_block_len(plan, ops.amx)],
-            GroupPacking::F32 { .. } => [tile::key_block_len(plan), tile::value_block_len(plan)],
+            GroupPacking::F32 { .. } => [tile_blocks::key_block_len(plan), tile_blocks::value_block_len(plan)],
         }
         .map(|len| len * blocks);
         GroupPacker {
@@ -92,7 +92,7 @@ impl GroupPacker {
             let parts = [&mut keys[..lens[0]], &mut values[..lens[1]]];
             match self.packing {
                 GroupPacking::Bf16 => bf16::pack_group(plan, [ops.k, ops.v], ops.amx, [b, g], parts),
-                GroupPacking::F32 { round } => tile::pack_group(plan, [ops.k.f32(), ops.v.f32()], round, [b, g], parts),
+                GroupPacking::F32 { round } => tile::pack_group(plan, [ops.k, ops.v], round, [b, g], parts),
             }
             held = Some(GroupPacked {
                 call: self.call,

@@ -612,7 +612,7 @@ fn operands_with_non_unit_inner_strides() {
 /// from the wrong row or lane changes the rows' bits.
 #[test]
 fn folded_row_maxima_give_the_bits_of_the_row_max_pass() {
-    use super::tile::FORCE_ROW_MAX_PASS;
+    use super::tile_blocks::FORCE_ROW_MAX_PASS;
     let lengths = [1000, 700];
     let additive = random_vec(2 * 4 * 130 * 1000, 9);
     for (s, t, causal, with_lengths, mask) in [
@@ -972,7 +972,7 @@ fn packed_keys_and_values_are_sized_by_the_real_key_count() {
         let blocks = t.div_ceil(BLOCK_KEYS);
         let packed = pack_keys_transposed(&plan, &k, Par::Seq);
         assert_eq!(packed.len(), 2 * 2 * blocks * d * kb, "T = {t}");
-        let values = super::tile::pack_values_rounded(&plan, &v, false, Par::Seq);
+        let values = super::tile::pack_values_rounded(&plan, super::Kv::F32(v), false, Par::Seq);
         assert_eq!(values.len(), 2 * 2 * blocks * 32 * kb, "T = {t}");
         // Each key block holds its keys in transposed panels of 16, zeros past T; each value
         // block its values in panels of 16 columns, zeros past Dv.

@@ -1,4 +1,4 @@
-//! Which kernel a bf16 call takes ([`rounds_into_f32`], [`rounds_while_packing`],
+//! Which kernel a bf16 call takes ([`rounds_into_f32`], [`rounds_in_tiles`],
 //! [`rounds_while_loading`]), and the f32 kernel's ways of multiplying rounded operands giving
 //! the same bits.
 
@@ -27,32 +27,32 @@ fn bf16_calls_take_the_f32_kernel_where_it_is_faster() {
     }
 }
 
-/// Rounding the operands as the f32 kernel packs them gives the bits of the f32 kernel on
-/// rounded copies (the path it replaces): causal alignments, key lengths, GQA, an explicit
-/// scale, odd head dims, ragged key blocks, strided queries.
+/// Rounding the operands in the f32 kernel's tiles gives the bits of the f32 kernel on rounded
+/// copies (the path it replaces): as the call packs K and V (several row tiles) and as a single
+/// row tile puts each block in panels (9 to 64 rows per key/value head); causal alignments,
+/// key lengths, GQA, an explicit scale, odd head dims, ragged key blocks, strided queries, and
+/// K and V stored `[B, T, G, D]` (rows apart by `G·D`) or transposed (`[B, G, D, T]`, read a
+/// column at a time).
 #[test]
-fn rounding_while_packing_gives_the_bits_of_rounded_copies() {
+fn rounding_in_tiles_gives_the_bits_of_rounded_copies() {
     if !crate::simd::simd_level().is_vector() {
         eprintln!("note: scalar level: the kernel rounds copies only; nothing to compare");
         return;
     }
     let lengths = [700, 1];
-    for (b, h, g, s, t, d, dv, causal, key_lengths, scale) in [
-        (1, 4, 2, 130, 150, 40, 24, Causal::None, None, None),
-        (
-            2,
-            2,
-            1,
-            70,
-            700,
-            64,
-            64,
-            Causal::BottomRight,
-            Some(&lengths[..]),
-            Some(0.3),
-        ),
-        (1, 8, 8, 65, 1000, 17, 33, Causal::TopLeft, None, None),
+    let some = Some(&lengths[..]);
+    let (none, right, left) = (Causal::None, Causal::BottomRight, Causal::TopLeft);
+    // `[B, H, G, S, T, D, Dv]`, the mask, and how K and V are stored: 0 contiguous,
+    // 1 `[B, T, G, D]`, 2 transposed.
+    for (dims, causal, key_lengths, scale, stored) in [
+        ([1, 4, 2, 130, 150, 40, 24], none, None, None, 0),
+        ([2, 2, 1, 70, 700, 64, 64], right, some, Some(0.3), 0),
+        ([1, 8, 8, 65, 1000, 17, 33], left, None, None, 1),
+        ([1, 4, 1, 3, 600, 40, 24], none, None, None, 0),
+        ([2, 8, 2, 16, 700, 64, 64], right, some, Some(0.3), 1),
+        ([1, 6, 3, 5, 300, 17, 33], left, None, None, 2),
     ] {
+        let [b, h, g, s, t, d, dv] = dims;
         let q = crate::testing::random_vec(b * h * s * d, 21);
         let k = crate::testing::random_vec(b * g * t * d, 22);
         let v = crate::testing::random_vec(b * g * t * dv, 23);
@@ -61,8 +61,8 @@ fn rounding_while_packing_gives_the_bits_of_rounded_copies() {
             .permuted([0, 2, 1, 3])
             .unwrap();
         let (kv, vv) = (
-            View4::contiguous(&k, [b, g, t, d]).unwrap(),
-            View4::contiguous(&v, [b, g, t, dv]).unwrap(),
+            stored_view(&k, [b, g, t, d], stored),
+            stored_view(&v, [b, g, t, dv], stored),
         );
         let options = AttentionOptions {
             causal,
@@ -72,12 +72,28 @@ fn rounding_while_packing_gives_the_bits_of_rounded_copies() {
             ..Default::default()
         };
         let plan = Plan::new([b, h, s, d], [g, t, dv]);
-        assert!(rounds_while_packing(&plan, &kv));
+        assert!(rounds_in_tiles(&plan) && !rounds_while_loading(&plan, &kv, &vv));
         let [rounding, rounded] = rounded_two_ways([qv, kv, vv], &options);
         assert!(
             rounding == rounded,
-            "[{b}, {h}, {g}, {s}, {t}, {d}, {dv}] {causal:?}: the bits differ"
+            "{dims:?} {causal:?} stored {stored}: the bits differ"
         );
+    }
+}
+
+/// `x` as `[B, G, T, width]`, stored contiguous (`stored` 0), as `[B, T, G, width]` (1) or as
+/// `[B, G, width, T]` (2).
+pub(super) fn stored_view<T>(x: &[T], [b, g, t, width]: [usize; 4], stored: usize) -> View4<'_, T> {
+    match stored {
+        0 => View4::contiguous(x, [b, g, t, width]).unwrap(),
+        1 => View4::contiguous(x, [b, t, g, width])
+            .unwrap()
+            .permuted([0, 2, 1, 3])
+            .unwrap(),
+        _ => View4::contiguous(x, [b, g, width, t])
+            .unwrap()
+            .permuted([0, 1, 3, 2])
+            .unwrap(),
     }
 }
 
@@ -129,7 +145,7 @@ fn rounding_while_loading_gives_the_bits_of_rounded_copies() {
             ..Default::default()
         };
         let plan = Plan::new([b, h, s, d], [g, t, dv]);
-        assert!(rounds_while_loading(&plan, &kv, &vv) && !rounds_while_packing(&plan, &kv));
+        assert!(rounds_while_loading(&plan, &kv, &vv) && !rounds_in_tiles(&plan));
         let [rounding, rounded] = rounded_two_ways([qv, kv, vv], &options);
         assert!(
             rounding == rounded,

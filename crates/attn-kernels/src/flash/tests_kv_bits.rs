@@ -180,6 +180,9 @@ fn bits_give_the_bits_of_the_widened_values_once() {
                     expect_in_place,
                     "{shape:?} {precision}: {chosen:?}"
                 );
+                if !expect_in_place {
+                    assert_eq!(chosen, prefill_route(precision), "{shape:?} {precision}");
+                }
                 for par in [Par::Seq, Par::Rayon] {
                     let [got, want] = both(*shape, &q, [&k, &v], &options, par);
                     let what = format!("{shape:?} mask {m} {precision} {par:?}");
@@ -200,6 +203,20 @@ fn bits_give_the_bits_of_the_widened_values_once() {
     }
 }
 
+/// The route of a call of more rows than decoding's, contiguous or strided: bf16's kernels on
+/// packed bits where bf16 runs on bf16 instructions, else the f32 kernel converting the bits
+/// in its tiles at a vector level, else copies.
+fn prefill_route(precision: Precision) -> KvRoute {
+    let bf16_kernels = crate::bf16_level() != Bf16Level::None && !super::rounds_into_f32(false);
+    if precision == Precision::Bf16 && bf16_kernels {
+        KvRoute::PacksBits
+    } else if crate::simd_level().is_vector() {
+        KvRoute::Converts(precision)
+    } else {
+        KvRoute::Widens
+    }
+}
+
 /// Bits that read differently when mishandled: subnormals (in bf16 zeros of their sign, as
 /// rounding gives; in f32 their values), negative zero, the largest finite bf16, and
 /// infinities and NaN in keys past the key length and in values of masked keys (the
@@ -209,17 +226,19 @@ fn special_bits_read_as_their_widened_values() {
     super::tests_bf16::each_bf16_kernel(|kernel| {
         for precision in [Precision::F32, Precision::Bf16] {
             eprintln!("special_bits_read_as_their_widened_values: {kernel}, {precision}");
-            // Values of whole panels (read in place) and not (widened into panels first).
-            for dv in [32, 24] {
-                special_bits_read_as_their_widened_values_once(precision, dv);
+            // Values of whole panels (read in place when decoding) and not (widened into
+            // panels first); one query row (decoding), twelve (24 rows per key/value head:
+            // one row tile) and forty (two row tiles: K and V packed).
+            for (s, dv) in [(1, 32), (1, 24), (12, 32), (12, 24), (40, 32), (40, 24)] {
+                special_bits_read_as_their_widened_values_once(precision, s, dv);
             }
         }
     });
 }
 
-fn special_bits_read_as_their_widened_values_once(precision: Precision, dv: usize) {
+fn special_bits_read_as_their_widened_values_once(precision: Precision, s: usize, dv: usize) {
     let shape = Shape {
-        dims: [1, 4, 2, 1, 40, 32, dv],
+        dims: [1, 4, 2, s, 40, 32, dv],
         cap: 48,
     };
     let [b, h, g, s, t, d, dv] = shape.dims;
@@ -302,8 +321,9 @@ fn special_bits_read_as_their_widened_values_once(precision: Precision, dv: usiz
     assert!(got.0.iter().any(|x| x.is_nan()), "a visible NaN value reaches its rows");
 }
 
-/// A strided last dimension is widened (the in-place kernels need contiguous rows), with the
-/// same bits; shapes that do not match are typed errors naming the tensor.
+/// A strided last dimension is widened when decoding (the in-place kernels need contiguous
+/// rows) and converted in the tiles otherwise, with the same bits either way; shapes that do
+/// not match are typed errors naming the tensor.
 #[test]
 fn strided_bits_and_shape_errors() {
     let (b, h, g, s, t, d) = (1, 2, 2, 1, 20, 8);
@@ -326,6 +346,36 @@ fn strided_bits_and_shape_errors() {
     for par in [Par::Seq, Par::Rayon] {
         let [got, want] = both(shape, &q, [&strided, &strided], &options, par);
         assert!(same_bits(&got.0, &want.0), "{par:?}");
+    }
+    // More rows (10 and 80 per key/value head: one row tile, and two packed for the call) over
+    // K and V stored `[B, T, G, D]` and transposed, two key blocks: converted in the tiles.
+    for (s, stored) in [(5, 1), (5, 2), (40, 1), (40, 2)] {
+        let (t, d, dv) = (300, 24, 40);
+        let shape = Shape {
+            dims: [b, 4, g, s, t, d, dv],
+            cap: t,
+        };
+        let (k_bits, v_bits) = (cache_bits(5, [b, g, d], t), cache_bits(6, [b, g, dv], t));
+        let stored_view = super::tests_bf16_route::stored_view;
+        let (k, v) = (
+            stored_view(&k_bits, [b, g, t, d], stored),
+            stored_view(&v_bits, [b, g, t, dv], stored),
+        );
+        let q = random_vec(b * 4 * s * d, 7);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let options = AttentionOptions {
+                precision,
+                causal: Causal::BottomRight,
+                ..Default::default()
+            };
+            let chosen = route(&plan(shape.dims), &k, &v, &options);
+            assert_eq!(chosen, prefill_route(precision), "S {s} stored {stored} {precision}");
+            for par in [Par::Seq, Par::Rayon] {
+                let [got, want] = both(shape, &q, [&k, &v], &options, par);
+                let what = format!("S {s} stored {stored} {precision} {par:?}");
+                assert!(same_bits(&got.0, &want.0) && same_bits(&got.1, &want.1), "{what}");
+            }
+        }
     }
     // Long enough for the widening to take several tasks on rayon's threads (`WIDEN_TASK`),
     // strided, and contiguous (widened in f32 at the portable level, in bf16 without bf16

@@ -1,55 +1,80 @@
 //! One row tile of the online softmax: the query tile, then for each key block the four passes
 //! (numbered as in the reference and the unfused path).
 
+use super::pack::{self, pack_blocks, Packer};
 use super::scratch::{KeyBlock, Scratch, TileRows};
 use super::tile_bf16::AmxTile;
-use super::{row_position, Bf16Source, Operands, Plan, BLOCK_ROWS, P16_LD};
+use super::tile_blocks::{
+    key_block_len, packed_key_block, packed_value_block, panel_scores, row_max_pass_forced, value_block_len,
+};
+use super::tile_values::value_panels;
+use super::{row_position, Bf16Source, Kv, Operands, Plan, BLOCK_ROWS, P16_LD};
 use crate::buffer::Buffer;
 use crate::gemm::gemm_raw;
 use crate::mask::{mask_row, shapes_rows};
-use crate::scores::{key_panels, scores_into, tile_scores, Keys, ScoreKernel};
+use crate::scores::{key_panels, key_panels_stored, scores_into, Keys, ScoreKernel};
 use crate::simd::{exp_sub_sum, row_max, scale_into, scale_row};
-use crate::tile::{F32Values, NR};
+use crate::tile::{Bf16Bits, Bf16Rounded, F32Values, Stored, NR};
 use crate::{Accum, Par, View4};
 
 /// `k: [B, G, T, D]` -> `[B, G, ceil(T / block_keys), kb_pad / NR, D, NR]`: each key block
 /// transposed into panels of [`NR`] keys, contiguous along `D`, zero past `T`. The buffer comes
 /// from this thread's pool ([`crate::buffer::take`]); hand it back with `buffer::give`.
 pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) -> Buffer {
-    pack_keys_rounded(plan, k, false, par)
+    pack_keys_rounded(plan, Kv::F32(*k), false, par)
 }
 
-/// [`pack_keys_transposed`], each block's values rounded to bf16 after it is packed when
-/// `round`.
-pub(super) fn pack_keys_rounded(plan: &Plan, k: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
-    super::pack::pack_blocks(plan, k, key_block_len(plan), par, key_packer(plan, round))
+/// [`pack_keys_transposed`] of f32 keys or of bf16 bits (widened as they are packed), each
+/// block's values rounded to bf16 when `round` (f32 values after the block is packed, bits as
+/// they are widened: [`Bf16Rounded`]).
+pub(super) fn pack_keys_rounded(plan: &Plan, k: Kv<'_>, round: bool, par: Par) -> Buffer {
+    let len = key_block_len(plan);
+    match (k, round) {
+        (Kv::F32(k), _) => pack_blocks(plan, &k, len, par, key_packer(plan, round)),
+        (Kv::Bits(k), false) => pack_blocks(plan, &k, len, par, key_bits_packer::<Bf16Bits>(plan)),
+        (Kv::Bits(k), true) => pack_blocks(plan, &k, len, par, key_bits_packer::<Bf16Rounded>(plan)),
+    }
+}
+
+/// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / block_keys), Dv_pad / NR, kb_pad, NR]`: each value
+/// block in panels of [`NR`] columns, contiguous along the keys, zero past `Dv`. Rows past a
+/// block's last key are left as they were (the products never read them). f32 values or bf16
+/// bits, rounded as [`pack_keys_rounded`] rounds keys when `round`.
+pub(super) fn pack_values_rounded(plan: &Plan, v: Kv<'_>, round: bool, par: Par) -> Buffer {
+    let len = value_block_len(plan);
+    match (v, round) {
+        (Kv::F32(v), _) => pack_blocks(plan, &v, len, par, value_packer(plan, round)),
+        (Kv::Bits(v), false) => pack_blocks(plan, &v, len, par, value_bits_packer::<Bf16Bits>(plan)),
+        (Kv::Bits(v), true) => pack_blocks(plan, &v, len, par, value_bits_packer::<Bf16Rounded>(plan)),
+    }
 }
 
 /// The K and V of `(b, g)` alone into `keys` and `values`: the words of [`pack_keys_rounded`]
 /// and [`pack_values_rounded`] in that `(b, g)`'s part.
 pub(super) fn pack_group(
     plan: &Plan,
-    [k, v]: [View4<'_, f32>; 2],
+    [k, v]: [Kv<'_>; 2],
     round: bool,
     bg: [usize; 2],
     [keys, values]: [&mut [f32]; 2],
 ) {
-    super::pack::pack_group(plan, &k, key_block_len(plan), bg, keys, key_packer(plan, round));
-    super::pack::pack_group(plan, &v, value_block_len(plan), bg, values, value_packer(plan, round));
+    let (key_len, value_len) = (key_block_len(plan), value_block_len(plan));
+    match (k, round) {
+        (Kv::F32(k), _) => pack::pack_group(plan, &k, key_len, bg, keys, key_packer(plan, round)),
+        (Kv::Bits(k), false) => pack::pack_group(plan, &k, key_len, bg, keys, key_bits_packer::<Bf16Bits>(plan)),
+        (Kv::Bits(k), true) => pack::pack_group(plan, &k, key_len, bg, keys, key_bits_packer::<Bf16Rounded>(plan)),
+    }
+    match (v, round) {
+        (Kv::F32(v), _) => pack::pack_group(plan, &v, value_len, bg, values, value_packer(plan, round)),
+        (Kv::Bits(v), false) => pack::pack_group(plan, &v, value_len, bg, values, value_bits_packer::<Bf16Bits>(plan)),
+        (Kv::Bits(v), true) => {
+            pack::pack_group(plan, &v, value_len, bg, values, value_bits_packer::<Bf16Rounded>(plan))
+        }
+    }
 }
 
-/// The floats of one packed key block: `D` by `kb_pad` keys.
-pub(super) fn key_block_len(plan: &Plan) -> usize {
-    plan.d * plan.kb_pad
-}
-
-/// The floats of one packed value block: `kb_pad` keys by `Dv_pad` columns.
-pub(super) fn value_block_len(plan: &Plan) -> usize {
-    plan.dv_pad * plan.kb_pad
-}
-
-/// One key block as [`pack_keys_rounded`] packs it.
-fn key_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ {
+/// One key block of f32 values as [`pack_keys_rounded`] packs it.
+fn key_packer(plan: &Plan, round: bool) -> impl Packer<f32> + '_ {
     move |dst, keys, bc, [row, col]| {
         key_panels(dst, keys, bc, plan.d, row, col);
         if round {
@@ -58,22 +83,25 @@ fn key_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ {
     }
 }
 
-/// One value block as [`pack_values_rounded`] packs it.
-fn value_packer(plan: &Plan, round: bool) -> impl super::pack::Packer<f32> + '_ {
+/// One key block of bf16 bits as [`pack_keys_rounded`] packs it, converted as `S` loads them.
+fn key_bits_packer<S: Stored<Elem = u16>>(plan: &Plan) -> impl Packer<u16> + '_ {
+    move |dst, keys, bc, [row, col]| key_panels_stored::<S>(dst, keys, bc, plan.d, row, col)
+}
+
+/// One value block of f32 values as [`pack_values_rounded`] packs it.
+fn value_packer(plan: &Plan, round: bool) -> impl Packer<f32> + '_ {
     move |dst, values, bc, strides| {
-        super::tile_values::value_panels::<F32Values>(dst, plan.kb_pad, values, bc, plan.dv, strides);
+        value_panels::<F32Values>(dst, plan.kb_pad, values, bc, plan.dv, strides);
         if round {
             crate::bf16::round_in_place(dst);
         }
     }
 }
 
-/// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / block_keys), Dv_pad / NR, kb_pad, NR]`: each value
-/// block in panels of [`NR`] columns, contiguous along the keys, zero past `Dv`. Rows past a
-/// block's last key are left as they were (the products never read them).
-/// Each block's values are rounded to bf16 after it is packed when `round`.
-pub(super) fn pack_values_rounded(plan: &Plan, v: &View4<'_, f32>, round: bool, par: Par) -> Buffer {
-    super::pack::pack_blocks(plan, v, value_block_len(plan), par, value_packer(plan, round))
+/// One value block of bf16 bits as [`pack_values_rounded`] packs it, converted as `S` loads
+/// them.
+fn value_bits_packer<S: Stored<Elem = u16>>(plan: &Plan) -> impl Packer<u16> + '_ {
+    move |dst, values, bc, strides| value_panels::<S>(dst, plan.kb_pad, values, bc, plan.dv, strides)
 }
 
 /// Runs the online softmax of one row tile over keys `keys`, leaving the unnormalised
@@ -218,22 +246,6 @@ fn pass1_scores(
     block_scores(tile, plan, &keys, [rows.b, rows.g, block.t0, block.bc])
 }
 
-#[cfg(test)]
-thread_local! {
-    /// Set by the tests to take every row's maximum from the `row_max` pass, as without the
-    /// score kernel's folded maxima.
-    pub(crate) static FORCE_ROW_MAX_PASS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether a test on this thread asked for the `row_max` pass (never outside tests).
-fn row_max_pass_forced() -> bool {
-    #[cfg(test)]
-    let forced = FORCE_ROW_MAX_PASS.with(|f| f.get());
-    #[cfg(not(test))]
-    let forced = false;
-    forced
-}
-
 /// Where a key block's scores come from: `k: [B, G, T, D]`, K transposed once for the call
 /// when packed ([`pack_keys_transposed`]), and the call's score kernel.
 pub(crate) struct KeySource<'a> {
@@ -288,12 +300,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
         return false;
     }
     let kt: &[f32] = match keys.kt_packed {
-        Some(packed) => {
-            let blocks = plan.t.div_ceil(plan.block_keys);
-            let group = if keys.per_group { 0 } else { b * plan.g + g };
-            let index = group * blocks + t0 / plan.block_keys;
-            &packed[index * d * plan.kb_pad..(index + 1) * d * plan.kb_pad]
-        }
+        Some(packed) => packed_key_block(plan, packed, keys.per_group, [b, g, t0]),
         None => {
             key_panels(kt_scratch, &k_data[k_base..], bc, d, k_st[2], k_st[3]);
             &*kt_scratch
@@ -301,13 +308,7 @@ pub(crate) fn block_scores(tile: ScoreTile<'_>, plan: &Plan, keys: &KeySource<'_
     };
     // The same function the backward recomputes its scores with (the same bits with the
     // maxima).
-    let mut maxes = maxes.filter(|_| bc.is_multiple_of(NR));
-    if let Some(maxes) = maxes.as_deref_mut() {
-        maxes[..n_rows * crate::tile::max_lanes()].fill(f32::NEG_INFINITY);
-    }
-    let folded = maxes.is_some();
-    tile_scores(scores, ld, q_tile, [n_rows, d], kt, bc, maxes);
-    folded
+    panel_scores(scores, plan, q_tile, n_rows, maxes, kt, bc)
 }
 
 /// The end of pass 1 (the mask) and passes 2 and 3 for each row: row max,
@@ -460,12 +461,7 @@ fn pass4_weighted_values(
     // packed once for the call, in place (contiguous rows, a multiple of the kernel width
     // wide), or packed here into panels.
     let values = if let Some(packed) = ops.v_packed {
-        let blocks = plan.t.div_ceil(plan.block_keys);
-        let [b, g, _] = ops.packed_at(rows, block.t0);
-        let index = (b * plan.g + g) * blocks + block.t0 / plan.block_keys;
-        let len = plan.kb_pad * dv_pad;
-        let block_values = &packed[index * len..(index + 1) * len];
-        (block_values.as_ptr(), NR, plan.kb_pad * NR)
+        packed_value_block(plan, ops, rows, block.t0, packed)
     } else if v_st[3] == 1 && dv == dv_pad {
         // The kernel reads `bc` rows of `Dv_pad` values in place: check that extent.
         assert!(
@@ -474,7 +470,7 @@ fn pass4_weighted_values(
         );
         (v_data.as_ptr().wrapping_add(v_base), v_st[2], NR)
     } else {
-        super::tile_values::value_panels::<F32Values>(
+        value_panels::<F32Values>(
             &mut scratch.vp,
             plan.kb_pad,
             &v_data[v_base..],
