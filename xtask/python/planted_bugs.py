@@ -102,6 +102,13 @@ BUGS = [
         "    let at = |st: [usize; 4]| rows.b * st[0] + rows.g * st[1] + block.t0 * st[2];",
         "    let at = |st: [usize; 4]| rows.b * st[0] + rows.g * st[1];",
     ),
+    (
+        "a tile that converts values into panels (a bf16 cache, rounded f32) ignores V's column stride",
+        "attn-kernels",
+        "crates/attn-kernels/src/flash/tile_convert.rs",
+        "value_panels::<S>(&mut scratch.vp, plan.kb_pad, values, bc, dv, [v_st[2], v_st[3]]);",
+        "value_panels::<S>(&mut scratch.vp, plan.kb_pad, values, bc, dv, [v_st[2], 1]);",
+    ),
 ]
 
 

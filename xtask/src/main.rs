@@ -25,7 +25,7 @@
 //! - `mutants [--planted] [ARGS ...]`: mutation testing (cargo-mutants, installed from crates.io
 //!   when missing) of the numerically central functions (`mutants::MUTANT_SCOPE`), each mutant tested by
 //!   the tests of the crate that owns it; ARGS go to cargo-mutants (`--in-place`, `--shard`,
-//!   `--list`). Results in `target/mutants.out`. `--planted` instead puts back twelve known bugs one
+//!   `--list`). Results in `target/mutants.out`. `--planted` instead puts back thirteen known bugs one
 //!   at a time (`xtask/python/planted_bugs.py`) and checks that the owning crate catches each.
 //!   Not run by `ci`.
 //! - `examples`: runs the crates' examples (also part of `ci`).
