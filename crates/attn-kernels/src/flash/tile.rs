@@ -24,16 +24,36 @@ pub(crate) fn pack_keys_transposed(plan: &Plan, k: &View4<'_, f32>, par: Par) ->
     pack_keys_rounded(plan, Kv::F32(*k), false, par)
 }
 
+/// Runs `$body` with `$x` the view inside `$kv` and `$packer` the packer of its blocks:
+/// `$f32_packer(plan, round)` for f32 values, `$bits_packer::<S>(plan)` for bf16 bits, `S`
+/// widening them exactly or, when `round`, as rounding their values gives ([`Bf16Rounded`]).
+macro_rules! with_packer {
+    ($kv:expr, $round:expr, $plan:expr, $f32_packer:ident, $bits_packer:ident, |$x:ident, $packer:ident| $body:expr) => {
+        match ($kv, $round) {
+            (Kv::F32($x), round) => {
+                let $packer = $f32_packer($plan, round);
+                $body
+            }
+            (Kv::Bits($x), false) => {
+                let $packer = $bits_packer::<Bf16Bits>($plan);
+                $body
+            }
+            (Kv::Bits($x), true) => {
+                let $packer = $bits_packer::<Bf16Rounded>($plan);
+                $body
+            }
+        }
+    };
+}
+
 /// [`pack_keys_transposed`] of f32 keys or of bf16 bits (widened as they are packed), each
 /// block's values rounded to bf16 when `round` (f32 values after the block is packed, bits as
 /// they are widened: [`Bf16Rounded`]).
 pub(super) fn pack_keys_rounded(plan: &Plan, k: Kv<'_>, round: bool, par: Par) -> Buffer {
     let len = key_block_len(plan);
-    match (k, round) {
-        (Kv::F32(k), _) => pack_blocks(plan, &k, len, par, key_packer(plan, round)),
-        (Kv::Bits(k), false) => pack_blocks(plan, &k, len, par, key_bits_packer::<Bf16Bits>(plan)),
-        (Kv::Bits(k), true) => pack_blocks(plan, &k, len, par, key_bits_packer::<Bf16Rounded>(plan)),
-    }
+    with_packer!(k, round, plan, key_packer, key_bits_packer, |k, packer| {
+        pack_blocks(plan, &k, len, par, packer)
+    })
 }
 
 /// `v: [B, G, T, Dv]` -> `[B, G, ceil(T / block_keys), Dv_pad / NR, kb_pad, NR]`: each value
@@ -42,11 +62,9 @@ pub(super) fn pack_keys_rounded(plan: &Plan, k: Kv<'_>, round: bool, par: Par) -
 /// bits, rounded as [`pack_keys_rounded`] rounds keys when `round`.
 pub(super) fn pack_values_rounded(plan: &Plan, v: Kv<'_>, round: bool, par: Par) -> Buffer {
     let len = value_block_len(plan);
-    match (v, round) {
-        (Kv::F32(v), _) => pack_blocks(plan, &v, len, par, value_packer(plan, round)),
-        (Kv::Bits(v), false) => pack_blocks(plan, &v, len, par, value_bits_packer::<Bf16Bits>(plan)),
-        (Kv::Bits(v), true) => pack_blocks(plan, &v, len, par, value_bits_packer::<Bf16Rounded>(plan)),
-    }
+    with_packer!(v, round, plan, value_packer, value_bits_packer, |v, packer| {
+        pack_blocks(plan, &v, len, par, packer)
+    })
 }
 
 /// The K and V of `(b, g)` alone into `keys` and `values`: the words of [`pack_keys_rounded`]
@@ -59,18 +77,12 @@ pub(super) fn pack_group(
     [keys, values]: [&mut [f32]; 2],
 ) {
     let (key_len, value_len) = (key_block_len(plan), value_block_len(plan));
-    match (k, round) {
-        (Kv::F32(k), _) => pack::pack_group(plan, &k, key_len, bg, keys, key_packer(plan, round)),
-        (Kv::Bits(k), false) => pack::pack_group(plan, &k, key_len, bg, keys, key_bits_packer::<Bf16Bits>(plan)),
-        (Kv::Bits(k), true) => pack::pack_group(plan, &k, key_len, bg, keys, key_bits_packer::<Bf16Rounded>(plan)),
-    }
-    match (v, round) {
-        (Kv::F32(v), _) => pack::pack_group(plan, &v, value_len, bg, values, value_packer(plan, round)),
-        (Kv::Bits(v), false) => pack::pack_group(plan, &v, value_len, bg, values, value_bits_packer::<Bf16Bits>(plan)),
-        (Kv::Bits(v), true) => {
-            pack::pack_group(plan, &v, value_len, bg, values, value_bits_packer::<Bf16Rounded>(plan))
-        }
-    }
+    with_packer!(k, round, plan, key_packer, key_bits_packer, |k, packer| {
+        pack::pack_group(plan, &k, key_len, bg, keys, packer)
+    });
+    with_packer!(v, round, plan, value_packer, value_bits_packer, |v, packer| {
+        pack::pack_group(plan, &v, value_len, bg, values, packer)
+    });
 }
 
 /// One key block of f32 values as [`pack_keys_rounded`] packs it.
