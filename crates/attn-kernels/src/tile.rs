@@ -103,6 +103,25 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// `dst[i] = S::value(src[i])` for `i < n`: 8 elements at a time, each converted as
+    /// [`Stored`] loads it, the tail one by one.
+    ///
+    /// # Safety
+    /// AVX2 must be available, `src` readable and `dst` writable for `n` elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn convert_row<S: Stored>(n: usize, src: *const S::Elem, dst: *mut f32) {
+        // SAFETY: every access is below `n` of both operands; AVX2 is enabled for the loads.
+        unsafe {
+            let n8 = n / 8 * 8;
+            for i in (0..n8).step_by(8) {
+                _mm256_storeu_ps(dst.add(i), S::load::<Avx2>(src.add(i)));
+            }
+            for i in n8..n {
+                *dst.add(i) = S::value(*src.add(i));
+            }
+        }
+    }
+
     /// The transpose of the 8 × 8 block whose rows are `r`: element `j` of row `i` of the result
     /// is element `i` of `r[j]`.
     ///

@@ -29,7 +29,16 @@ pub(super) fn value_panels<S: Stored>(
             let row = &mut out[j * NR..(j + 1) * NR];
             let src = j * strides[0] + c0 * strides[1];
             if strides[1] == 1 {
-                for (x, &e) in row[..n].iter_mut().zip(&values[src..src + n]) {
+                let src = &values[src..src + n];
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::simd_level().is_vector() {
+                    // SAFETY: a vector level (with AVX2) was detected; `src` holds the `n`
+                    // elements read and `row` the `NR ≥ n` written.
+                    unsafe { crate::tile::avx2::convert_row::<S>(n, src.as_ptr(), row.as_mut_ptr()) };
+                    row[n..].fill(0.0);
+                    continue;
+                }
+                for (x, &e) in row[..n].iter_mut().zip(src) {
                     *x = S::value(e);
                 }
             } else {
