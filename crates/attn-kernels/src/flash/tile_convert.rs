@@ -119,7 +119,8 @@ fn stored_scores<S: Stored>(
 /// Pass 4 on converted values: from the call's packing of the bits when there is one; else,
 /// decoding (a few rows, values of whole panels in contiguous rows), read in place and
 /// converted as they are loaded; else converted into panels first. The bits of the f32
-/// kernel's pass 4 on the converted values, which takes the same routes.
+/// kernel's pass 4 on the converted values: decoding takes the same route there, and the tile
+/// kernel's sums do not depend on whether its values lie in place or in panels.
 pub(super) fn weighted_values(
     scratch: &mut Scratch,
     plan: &Plan,
