@@ -83,14 +83,9 @@ mod tests {
             eprintln!("note: no AVX2 on this CPU; its bf16 rounding is not checked");
             return;
         }
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = crate::rng::SplitMix64::new(43);
         let mut values: Vec<f32> = (0..1_000_000)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                f32::from_bits(state as u32)
-            })
+            .map(|_| f32::from_bits((rng.next_u64() >> 32) as u32))
             .collect();
         values.extend(
             [
