@@ -33,14 +33,32 @@ pub fn sdpa(bytes: &[u8], causal: u8) -> Result<()> {
 /// and validation, weights against the config, inputs, masks, the memory cap and the forward
 /// pass. The three are written to a private temporary folder, as the command reads paths.
 pub fn run(config: &[u8], weights: &[u8], input: &[u8]) -> Result<()> {
+    run_with(config, weights, input, false, false)
+}
+
+/// [`run`] with `attn run`'s two flags: with `bf16`, BF16 weights accepted and kept as bits
+/// (as `--dtype bf16` does) and the module's products in [`Precision::Bf16`] (on every CPU:
+/// `--dtype bf16` asks for it only where the CPU has bf16 instructions, but the library runs it
+/// everywhere, as f32 kernels on rounded operands where it has none); with `backward`, the
+/// backward pass against the input file's `grad.output` (`--backward`).
+///
+/// [`Precision::Bf16`]: attn_nn::core::Precision::Bf16
+pub fn run_with(config: &[u8], weights: &[u8], input: &[u8], bf16: bool, backward: bool) -> Result<()> {
     let dir = ScratchDir::new()?;
     let paths = ["config.json", "weights.safetensors", "in.safetensors"].map(|name| dir.0.join(name));
     for (path, bytes) in paths.iter().zip([config, weights, input]) {
         let mut file = std::fs::File::create(path).with_context(|| path.display().to_string())?;
         file.write_all(bytes)?;
     }
-    let prepared = crate::commands::run::prepare(&paths[0], &paths[1], &paths[2], false)?;
-    prepared.execute(Par::Seq).map(drop)
+    let mut prepared = crate::commands::run::prepare(&paths[0], &paths[1], &paths[2], bf16)?;
+    if bf16 {
+        prepared.set_precision(attn_nn::core::Precision::Bf16)?;
+    }
+    if backward {
+        prepared.execute_backward(Par::Seq).map(drop)
+    } else {
+        prepared.execute(Par::Seq).map(drop)
+    }
 }
 
 /// Splits one fuzz input into the three files of [`run`]: two little-endian `u32` lengths,

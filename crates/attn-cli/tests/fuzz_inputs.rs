@@ -1,6 +1,7 @@
 //! The fuzz entry points in the normal test suite: the committed libFuzzer corpus
 //! (`fuzz/corpus/`, grown by `cargo xtask fuzz`) replayed, and a quick proptest fuzz of the
-//! same entry points. Every input must give `Ok` or an error; a panic fails the test, and the
+//! same entry points (and of `attn run` in bf16 and with the backward, which the libFuzzer
+//! targets do not reach). Every input must give `Ok` or an error; a panic fails the test, and the
 //! memory cap (64 MiB here) must refuse anything larger before it is allocated.
 
 use std::path::{Path, PathBuf};
@@ -103,6 +104,11 @@ fn sdpa_seeds() -> Vec<Vec<u8>> {
 }
 
 fn module_seeds() -> Vec<[Vec<u8>; 3]> {
+    named_module_seeds().into_iter().map(|(_, files)| files).collect()
+}
+
+/// [`module_seeds`] with the name of each golden case.
+fn named_module_seeds() -> Vec<(String, [Vec<u8>; 3])> {
     let dir = fixtures().join("modules");
     let mut seeds = Vec::new();
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -116,10 +122,84 @@ fn module_seeds() -> Vec<[Vec<u8>; 3]> {
         let read = |suffix: &str| std::fs::read(dir.join(format!("{stem}{suffix}"))).unwrap();
         let files = [read(".json"), read(".weights.safetensors"), read(".in.safetensors")];
         if files[1].len() + files[2].len() < 120_000 {
-            seeds.push(files);
+            seeds.push((stem.to_string(), files));
         }
     }
     seeds
+}
+
+/// The three files of a module run, and the flags `(bf16, backward)` of [`fuzzing::run_with`].
+type FlaggedSeed = ([Vec<u8>; 3], bool, bool);
+
+/// The golden module cases as `attn run --dtype bf16 [--backward]` reads them: the config, the
+/// weights as BF16 bits (each F32 tensor rounded to nearest even, as PyTorch's `.bfloat16()`)
+/// and the input file of the forward or, where the case has one, of the backward (with
+/// `grad.output`); each with the flags `(bf16, backward)` it is run under.
+fn bf16_and_backward_seeds() -> &'static [FlaggedSeed] {
+    static SEEDS: std::sync::OnceLock<Vec<FlaggedSeed>> = std::sync::OnceLock::new();
+    SEEDS.get_or_init(|| {
+        let dir = fixtures().join("modules");
+        let mut seeds = Vec::new();
+        for (name, [config, weights, input]) in named_module_seeds() {
+            let bf16_weights = as_bf16(&weights);
+            seeds.push(([config.clone(), bf16_weights.clone(), input], true, false));
+            if let Ok(backward_input) = std::fs::read(dir.join(format!("{name}.backward.in.safetensors"))) {
+                seeds.push(([config.clone(), weights, backward_input.clone()], false, true));
+                seeds.push(([config, bf16_weights, backward_input], true, true));
+            }
+        }
+        seeds
+    })
+}
+
+/// A safetensors file with every F32 tensor rounded to BF16 bits (others as they are).
+fn as_bf16(bytes: &[u8]) -> Vec<u8> {
+    use attn_nn::core::kernels::f32_to_bf16;
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    let file = SafeTensors::deserialize(bytes).unwrap();
+    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| match view.dtype() {
+            Dtype::F32 => {
+                let bits = view
+                    .data()
+                    .chunks_exact(4)
+                    .flat_map(|c| f32_to_bf16(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                    .collect();
+                (name, Dtype::BF16, view.shape().to_vec(), bits)
+            }
+            dtype => (name, dtype, view.shape().to_vec(), view.data().to_vec()),
+        })
+        .collect();
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, data)| (name.as_str(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// The seeds of the bf16 and backward fuzz run as they are: each must succeed, or the fuzz
+/// below would only ever exercise the parsers' errors, not the bf16 packing from bits, the
+/// bf16 products and the backward it is there for.
+#[test]
+fn bf16_and_backward_seeds_run() {
+    cap_memory();
+    let seeds = bf16_and_backward_seeds();
+    let backward = seeds.iter().filter(|(_, _, backward)| *backward).count();
+    assert!(
+        seeds.len() >= 40 && backward >= 20,
+        "{} seeds, {backward} backward",
+        seeds.len()
+    );
+    for ([config, weights, input], bf16, backward) in seeds {
+        let result = fuzzing::run_with(config, weights, input, *bf16, *backward);
+        assert!(
+            result.is_ok(),
+            "{} (bf16 {bf16}, backward {backward}): {result:?}",
+            String::from_utf8_lossy(config)
+        );
+    }
 }
 
 /// Overwrites up to 8 bytes and may cut the end off.
@@ -181,6 +261,22 @@ proptest! {
         let mut files = seed.get(&seeds).clone();
         mutate(&mut files[file], &edits, cut);
         let _ = fuzzing::run(&files[0], &files[1], &files[2]);
+    }
+
+    /// As above through `--dtype bf16` (BF16 weights packed from their bits, the products in
+    /// bf16) and `--backward` (`grad.output`, every gradient).
+    #[test]
+    fn mutated_run_inputs_in_bf16_and_backward_never_panic(
+        seed in any::<prop::sample::Index>(),
+        file in 0usize..3,
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        cut in prop::option::of(any::<usize>()),
+    ) {
+        cap_memory();
+        let seeds = bf16_and_backward_seeds();
+        let (mut files, bf16, backward) = seed.get(seeds).clone();
+        mutate(&mut files[file], &edits, cut);
+        let _ = fuzzing::run_with(&files[0], &files[1], &files[2], bf16, backward);
     }
 
     #[test]

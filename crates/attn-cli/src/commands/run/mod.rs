@@ -341,7 +341,7 @@ impl Prepared {
     }
 
     /// The module's linear maps in `precision`.
-    fn set_precision(&mut self, precision: Precision) -> Result<()> {
+    pub(crate) fn set_precision(&mut self, precision: Precision) -> Result<()> {
         match &mut self.kind {
             Module::Mha { module, .. } => module.set_precision(precision)?,
             Module::EncoderLayer { module, .. } => module.set_precision(precision)?,
