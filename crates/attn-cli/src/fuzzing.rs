@@ -24,9 +24,15 @@ pub fn tensor_file(bytes: &[u8]) -> Result<()> {
 /// `attn sdpa` on `bytes` as its input file (shapes, masks and their broadcasting, the memory
 /// cap, the kernel), with the causal alignment chosen by `causal % 3`; nothing is written.
 pub fn sdpa(bytes: &[u8], causal: u8) -> Result<()> {
+    sdpa_with(bytes, causal, false)
+}
+
+/// [`sdpa`], and with `backward` the backward pass against the file's `grad.out` too, as
+/// `attn sdpa --backward` runs it.
+pub fn sdpa_with(bytes: &[u8], causal: u8, backward: bool) -> Result<()> {
     let file = TensorFile::parse(Path::new("fuzz.safetensors"), bytes, |_| false)?;
     let causal = [Causal::None, Causal::TopLeft, Causal::BottomRight][causal as usize % 3];
-    crate::commands::sdpa::compute(&file, causal, None, false).map(drop)
+    crate::commands::sdpa::compute(&file, causal, None, backward).map(drop)
 }
 
 /// `attn run` on a config, a weights file and an input file given as bytes: config parsing

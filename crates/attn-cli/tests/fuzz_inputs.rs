@@ -1,8 +1,9 @@
 //! The fuzz entry points in the normal test suite: the committed libFuzzer corpus
 //! (`fuzz/corpus/`, grown by `cargo xtask fuzz`) replayed, and a quick proptest fuzz of the
-//! same entry points (and of `attn run` in bf16 and with the backward, which the libFuzzer
-//! targets do not reach). Every input must give `Ok` or an error; a panic fails the test, and the
-//! memory cap (64 MiB here) must refuse anything larger before it is allocated.
+//! same entry points (and of `attn sdpa --backward` and `attn run` in bf16 and with the backward,
+//! which the libFuzzer targets do not reach). Every input must give `Ok` or an error; a panic
+//! fails the test, and the memory cap (64 MiB here) must refuse anything larger before it is
+//! allocated.
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +97,20 @@ fn sdpa_seeds() -> Vec<Vec<u8>> {
         let path = entry.unwrap().path();
         let name = path.to_string_lossy().into_owned();
         if name.ends_with(".in.safetensors") && path.metadata().unwrap().len() < 70_000 {
+            seeds.push(std::fs::read(path).unwrap());
+        }
+    }
+    seeds.sort();
+    seeds
+}
+
+/// The input files of the golden SDPA backward cases (with `grad.out`).
+fn sdpa_backward_seeds() -> Vec<Vec<u8>> {
+    let mut seeds = Vec::new();
+    for entry in std::fs::read_dir(fixtures().join("sdpa")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.to_string_lossy().into_owned();
+        if name.ends_with(".backward.in.safetensors") && path.metadata().unwrap().len() < 70_000 {
             seeds.push(std::fs::read(path).unwrap());
         }
     }
@@ -202,6 +217,19 @@ fn bf16_and_backward_seeds_run() {
     }
 }
 
+/// The seeds of the SDPA backward fuzz run as they are (no causal mask besides their own): each
+/// must succeed, so the fuzz below reaches the backward.
+#[test]
+fn sdpa_backward_seeds_run() {
+    cap_memory();
+    let seeds = sdpa_backward_seeds();
+    assert!(seeds.len() >= 10, "{} seeds", seeds.len());
+    for bytes in &seeds {
+        let result = fuzzing::sdpa_with(bytes, 0, true);
+        assert!(result.is_ok(), "{result:?}");
+    }
+}
+
 /// Overwrites up to 8 bytes and may cut the end off.
 fn mutate(bytes: &mut Vec<u8>, edits: &[(usize, u8)], cut: Option<usize>) {
     if bytes.is_empty() {
@@ -247,6 +275,21 @@ proptest! {
         let mut bytes = seed.get(&seeds).clone();
         mutate(&mut bytes, &edits, cut);
         let _ = fuzzing::sdpa(&bytes, causal);
+    }
+
+    /// As above through `attn sdpa --backward` (`grad.out`, the three gradients).
+    #[test]
+    fn mutated_sdpa_backward_inputs_never_panic(
+        seed in any::<prop::sample::Index>(),
+        causal in 0u8..3,
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        cut in prop::option::of(any::<usize>()),
+    ) {
+        cap_memory();
+        let seeds = sdpa_backward_seeds();
+        let mut bytes = seed.get(&seeds).clone();
+        mutate(&mut bytes, &edits, cut);
+        let _ = fuzzing::sdpa_with(&bytes, causal, true);
     }
 
     #[test]
