@@ -101,6 +101,10 @@ impl Vocab {
     }
 }
 
+/// The most values of a model's position table (`max_len × d_model`, 1 GiB of f32):
+/// [`Seq2SeqConfig::validate`] refuses a longer `max_len`.
+pub const MAX_POSITION_VALUES: usize = 1 << 28;
+
 /// The model's configuration: `nn.Transformer`'s constructor fields, `max_len` and the
 /// vocabularies: the checkpoint's `attn.seq2seq` metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,6 +200,20 @@ impl Seq2SeqConfig {
         }
         if self.max_len < 2 {
             return Err(invalid("max_len", self.max_len, "at least 2"));
+        }
+        // The position table is made from the configuration alone (`max_len × d_model` f32
+        // values), not read from the checkpoint: a `max_len` no file backs must not allocate
+        // past what the machine has.
+        let most = MAX_POSITION_VALUES / self.d_model().max(1);
+        if self.max_len > most {
+            return Err(invalid(
+                "max_len",
+                self.max_len,
+                format!(
+                    "at most {most} at d_model {} (the position table holds max_len × d_model values, at most 2^28)",
+                    self.d_model()
+                ),
+            ));
         }
         Ok(())
     }
@@ -457,6 +475,19 @@ mod tests {
             config.max_len = bad;
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("max_len") && err.contains("at least 2"), "{err}");
+        }
+        // The table is made from the configuration alone: its size is bounded before it is
+        // allocated (a checkpoint's `max_len` of 2^40 asked for 512 TiB and aborted).
+        let most = MAX_POSITION_VALUES / 128;
+        config.max_len = most;
+        config.validate().unwrap();
+        for bad in [most + 1, 1 << 40, usize::MAX] {
+            config.max_len = bad;
+            let err = config.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("max_len") && err.contains(&format!("at most {most} at d_model 128")),
+                "{err}"
+            );
         }
     }
 }

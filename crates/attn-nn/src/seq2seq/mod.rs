@@ -27,7 +27,7 @@ mod decode;
 mod train;
 
 pub use checkpoint::CHECKPOINT_METADATA_KEY;
-pub use data::{Batch, Packed, Seq2SeqConfig, Vocab, BOS, EOS, PAD, SPECIALS, UNK};
+pub use data::{Batch, Packed, Seq2SeqConfig, Vocab, BOS, EOS, MAX_POSITION_VALUES, PAD, SPECIALS, UNK};
 pub use decode::Decoded;
 pub use train::{Seq2SeqTape, StepLoss, TrainStep};
 
