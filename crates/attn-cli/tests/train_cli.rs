@@ -891,9 +891,48 @@ fn translate_reports_what_it_cannot_read() {
         err.contains("argument 1 is 102 characters, the model reads at most 101"),
         "{err}"
     );
+    // Decoding's caches past the memory cap are refused before they are allocated (a beam of
+    // a billion was killed by the kernel, out of memory).
+    let err = fails(&["translate", "--beam", "1000000000", "3 May 2001"]);
+    assert!(
+        err.contains("beam search (caches of every hypothesis) would need") && err.contains("over the memory limit"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["translate", "3 May 2001"])
+        .env("ATTN_MAX_MEMORY", "100K")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.contains("greedy decoding (caches of a batch) would need"),
+        "{err}"
+    );
+    // A checkpoint whose `max_len` no file backs (the position table is made from it) is an
+    // error naming the field, not an abort.
+    let exported = dir.join("exported.safetensors");
+    ok(&["translate", "--export", s(&exported)]);
+    let huge = dir.join("huge-max-len.safetensors");
+    std::fs::write(&huge, with_max_len(&std::fs::read(&exported).unwrap(), 1 << 40)).unwrap();
+    let err = fails(&["translate", "--model", s(&huge), "3 May 2001"]);
+    assert!(
+        err.contains("max_len") && err.contains("at most 2097152 at d_model 128"),
+        "{err}"
+    );
     assert!(usage_error(&["translate", "--beam", "0", "x"]).contains("--beam"));
     assert!(usage_error(&["translate", "--max-len", "0", "x"]).contains("--max-len"));
     assert!(usage_error(&["translate", "x", "--attention", "x.svg"]).contains(".png or .html"));
+}
+
+/// `checkpoint` with `max_len` set to `max_len` in its `attn.seq2seq` metadata.
+fn with_max_len(checkpoint: &[u8], max_len: u64) -> Vec<u8> {
+    let file = safetensors::SafeTensors::deserialize(checkpoint).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(checkpoint).unwrap();
+    let mut metadata = header.metadata().clone().unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&metadata["attn.seq2seq"]).unwrap();
+    config["max_len"] = max_len.into();
+    metadata.insert("attn.seq2seq".into(), config.to_string());
+    safetensors::serialize(file.tensors(), Some(metadata)).unwrap()
 }
 
 /// The demo's flags that do not apply are refused before any work, a closed pipe ends

@@ -109,6 +109,19 @@ fn translate(args: &Args, model: &Seq2Seq, ranks: &Ranks) -> Result<()> {
     check_inputs(model, &inputs, args.input.is_some(), ranks.is_root())?;
     let max_len = args.max_len.unwrap_or(model.config().max_len);
     let shard = ranks.shard(inputs.len(), GREEDY_BATCH);
+    // Decoding allocates its caches whole when it starts: a width or length past the memory
+    // cap is refused first.
+    let longest = inputs[shard.clone()]
+        .iter()
+        .map(|s| s.chars().count())
+        .max()
+        .unwrap_or(0);
+    let (rows, what) = if args.beam == 1 {
+        (shard.len().min(GREEDY_BATCH), "greedy decoding (caches of a batch)")
+    } else {
+        (args.beam, "beam search (caches of every hypothesis)")
+    };
+    crate::support::memory::check(model.decoding_bytes(rows, longest, max_len), what)?;
     args.threads.install(|_| {
         let sources: Vec<&str> = inputs[shard.clone()].iter().map(String::as_str).collect();
         let decoded = if args.beam == 1 {

@@ -134,6 +134,31 @@ impl Seq2Seq {
         self.generator.forward(&h, par)
     }
 
+    /// At most how many bytes decoding holds at once: [`Seq2Seq::greedy`] of `rows` sources, or
+    /// [`Seq2Seq::beam`] of width `rows` (one source at a time), for sources of up to
+    /// `source_len` characters and `max_len` output tokens (capped at the model's `max_len`, as
+    /// decoding caps it). Per row it counts the encoder's output and a beam's copy of it, every
+    /// decoder layer's key/value caches (self-attention over `max_len` positions,
+    /// cross-attention over the source's) at 4 bytes a value, a step's logits and a beam's
+    /// candidates (every id of every hypothesis), the logits greedy decoding keeps, and the
+    /// tokens; then the encoder's activations. An upper bound for a memory cap (beyond the
+    /// kernels' per-thread buffers, made on first use and kept), in `u128` so no width
+    /// overflows it: the caches are allocated whole when decoding starts.
+    pub fn decoding_bytes(&self, rows: usize, source_len: usize, max_len: usize) -> u128 {
+        let c = &self.config;
+        let layer = &c.transformer.layer;
+        let (rows, e) = (rows as u128, layer.d_model as u128);
+        let s = source_len as u128 + 1;
+        let t = max_len.min(c.max_len) as u128;
+        let (layers, vt) = (c.transformer.num_decoder_layers as u128, c.tgt_vocab.len() as u128);
+        // f32 values: the memory and its copy, the caches, the kept logits; a candidate is
+        // `(usize, usize, f64)`; two vectors of token ids.
+        let values = 2 * s * e + layers * 2 * (t + s) * e + (t + 1) * vt;
+        let per_row = 4 * values + 24 * vt + 16 * t;
+        let encoder = layer.forward_bytes(usize::try_from(rows * s).unwrap_or(usize::MAX));
+        rows.saturating_mul(per_row).saturating_add(encoder)
+    }
+
     /// Beam search with `beam` hypotheses per source, scored by log-probability divided by
     /// length (length-normalised, `<eos>` counted); each source decoded on its own caches.
     ///
