@@ -553,5 +553,17 @@ fn bench_embed_reports_its_rate_and_weights() {
     // The rate is printed to 0.1 and the median to 0.001 ms.
     assert!((rate - 5.0 / (median_ms / 1e3)).abs() <= 0.05 + rate * 1e-3, "{plain}");
     assert!((mb - bytes as f64 / 1e6).abs() <= 0.05, "{plain}");
+    // An empty file has nothing to time: an error, not a rate of 0 (or NaN, null in JSON).
+    std::fs::write(&file, "").unwrap();
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["bench", "embed", "--json", "--input"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        result.status.code() == Some(1) && err.contains("no lines to embed, so nothing to time"),
+        "{err}"
+    );
     std::fs::remove_file(&file).unwrap();
 }

@@ -258,6 +258,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let flags = args.flags;
     let budget = flags.budget()?;
     let sentences = read_inputs(Some(&args.input), &[], true)?;
+    if sentences.is_empty() {
+        // A rate of nothing over nothing: refused rather than reported as 0 or NaN.
+        bail!("{}: no lines to embed, so nothing to time", args.input.display());
+    }
     let dtype = args.dtype.effective(true);
     let embedder = Embedder::load_as(&args.model.clone().unwrap_or_else(default_model_dir), dtype)?;
     let batch = args.batch_size as usize;
