@@ -328,6 +328,31 @@ fn the_plot_is_a_png_and_bad_input_is_named() {
     assert!(err.contains("--resume"), "{err}");
     let err = fails(&["translate", "--model", s(&train), "x"]);
     assert!(err.contains("train.tsv"), "{err}");
+    // Models and batches past the memory cap are refused before anything is made (each of
+    // these asked the allocator for terabytes and aborted), by `attn train` and `attn bench
+    // train` alike; nothing is written.
+    let huge = dir.join("huge.safetensors");
+    for flags in [
+        &["--d-model", "1000000", "--nhead", "1"][..],
+        &["--dim-feedforward", "10000000000"],
+        &["--encoder-layers", "100000000"],
+        &["--batch-size", "100000000000"],
+        &["--batch-size", "100000000000", "--micro-batch", "1"],
+    ] {
+        for command in [&["train", "--output", s(&huge)][..], &["bench", "train"]] {
+            let mut args = command.to_vec();
+            args.extend(["--data", s(&train), "--steps", "1"]);
+            args.extend(flags);
+            let err = fails(&args);
+            assert!(
+                err.contains(
+                    "training (the weights, gradients and AdamW's moments, a micro-batch's activations) would need"
+                ) && err.contains("over the memory limit"),
+                "{args:?}: {err}"
+            );
+        }
+    }
+    assert!(!huge.exists());
 }
 
 #[test]

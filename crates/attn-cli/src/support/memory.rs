@@ -2,7 +2,7 @@
 //! allocated, with an error that says how much and why. How many bytes an operation allocates
 //! is the library's to say, next to the allocations (`SdpaShape::output_bytes`,
 //! `MultiHeadAttention::forward_bytes`, `LayerConfig::forward_bytes`, `unfused_scratch_bytes`,
-//! `Seq2Seq::decoding_bytes`); this module holds the limit.
+//! `Seq2SeqConfig::training_bytes`, `Seq2Seq::decoding_bytes`); this module holds the limit.
 //!
 //! The limit is `ATTN_MAX_MEMORY` (bytes, or with a `K`, `M`, `G` suffix) when set, else 80% of
 //! the machine's physical memory (`MemTotal` of /proc/meminfo), else 16 GiB.

@@ -218,6 +218,48 @@ impl Seq2SeqConfig {
         Ok(())
     }
 
+    /// The model's parameters, counted from the configuration alone (what
+    /// [`Seq2Seq::parameter_count`] gives once the model exists), in `u128` so no width
+    /// overflows it: the embeddings, `nn.Transformer`'s layers and final norms, the generator.
+    pub fn parameter_count(&self) -> u128 {
+        let l = &self.transformer.layer;
+        let (e, ff, bias) = (l.d_model as u128, l.dim_feedforward as u128, u128::from(l.bias));
+        // Every width is below 2^64, but a product of two may pass u128: saturate.
+        let sum = |terms: &[u128]| terms.iter().fold(0u128, |a, &b| a.saturating_add(b));
+        let mul = |a: u128, b: u128| a.saturating_mul(b);
+        let attention = sum(&[mul(4 * e, e), 4 * e * bias]);
+        let feed_forward = sum(&[mul(2 * e, ff), (ff + e) * bias]);
+        let norm = e + e * bias;
+        let encoder = sum(&[attention, feed_forward, 2 * norm]);
+        let decoder = sum(&[mul(2, attention), feed_forward, 3 * norm]);
+        let (vs, vt) = (self.src_vocab.len() as u128, self.tgt_vocab.len() as u128);
+        sum(&[
+            mul(vs + 2 * vt, e),
+            vt,
+            mul(self.transformer.num_encoder_layers as u128, encoder),
+            mul(self.transformer.num_decoder_layers as u128, decoder),
+            2 * norm,
+        ])
+    }
+
+    /// At most how many bytes training holds on micro-batches of up to `tokens` tokens (source
+    /// and target positions, `<eos>` and `<bos>` included), for a memory cap checked before the
+    /// model exists: 24 bytes a parameter (the f32 weights, their gradients, AdamW's two
+    /// moments, bf16 copies for mixed precision), and per token 4 bytes times `12·d_model +
+    /// 2·dim_feedforward` a layer and 3 target vocabularies (the activations a layer's backward
+    /// keeps and its temporaries, the logits and their gradient). Measured against an
+    /// allocator's peak, beyond the kernels' per-thread buffers (`tests/training_memory.rs`).
+    pub fn training_bytes(&self, tokens: usize) -> u128 {
+        let l = &self.transformer.layer;
+        let layers = self.transformer.num_encoder_layers as u128 + self.transformer.num_decoder_layers as u128;
+        let width = 12 * l.d_model as u128 + 2 * l.dim_feedforward as u128;
+        let per_token = layers
+            .saturating_mul(width)
+            .saturating_add(3 * self.tgt_vocab.len() as u128);
+        let activations = (4 * tokens as u128).saturating_mul(per_token);
+        self.parameter_count().saturating_mul(24).saturating_add(activations)
+    }
+
     pub(super) fn d_model(&self) -> usize {
         self.transformer.layer.d_model
     }

@@ -43,6 +43,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 fn bench_ranks(args: BenchArgs, ranks: &Ranks) -> Result<()> {
     let pairs = read_pairs(&args.data)?;
     let config = args.model.config(&pairs)?;
+    super::trainer::check_memory(&config, &args.optim, &pairs)?;
     let model = Seq2Seq::with_seed(config, args.optim.seed)?;
     let steps = args.steps.max(1);
     args.threads.install(|threads| {

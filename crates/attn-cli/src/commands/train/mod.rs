@@ -444,6 +444,7 @@ fn initial_model(args: &Args, pairs: &[(String, String)], valid: Option<&[(Strin
         model
     } else {
         let config = args.model.config(pairs)?;
+        trainer::check_memory(&config, &args.optim, pairs)?;
         Seq2Seq::with_seed(config, args.optim.seed)?
     };
     for (what, set) in [("--data", Some(pairs)), ("--valid", valid)] {

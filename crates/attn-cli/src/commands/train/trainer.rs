@@ -10,7 +10,7 @@ use attn_nn::core::kernels::rng::SplitMix64;
 use attn_nn::core::kernels::Par;
 use attn_nn::core::{FromSafetensors, Grads, StateDict};
 use attn_nn::parallel::{Collective, GradientTree, MicroBatches};
-use attn_nn::{AdamW, Schedule, Seq2Seq, TrainStep};
+use attn_nn::{AdamW, Schedule, Seq2Seq, Seq2SeqConfig, TrainStep};
 
 use super::{OptimFlags, ScheduleFlag};
 
@@ -63,6 +63,27 @@ fn schedule(flags: &OptimFlags, d_model: usize, steps: u64) -> Schedule {
     }
 }
 
+/// Refuses a run whose model and steps would pass the memory cap (`ATTN_MAX_MEMORY`), before
+/// the model is made: [`Seq2SeqConfig::training_bytes`] on micro-batches of the longest pair,
+/// and a step's list of pairs. `--d-model 1000000`, `--encoder-layers 100000000` or
+/// `--batch-size 100000000000` asked the allocator for terabytes and aborted.
+pub fn check_memory(config: &Seq2SeqConfig, flags: &OptimFlags, pairs: &[(String, String)]) -> Result<()> {
+    let longest = pairs
+        .iter()
+        .map(|(s, t)| s.chars().count() + t.chars().count() + 2)
+        .max()
+        .unwrap_or(0);
+    let micro = flags.micro_batch.unwrap_or(flags.batch_size).min(flags.batch_size);
+    // A step's indices and pairs: 40 bytes a sequence.
+    let bytes = config
+        .training_bytes(micro.saturating_mul(longest))
+        .saturating_add(40 * flags.batch_size as u128);
+    crate::support::memory::check(
+        bytes,
+        "training (the weights, gradients and AdamW's moments, a micro-batch's activations)",
+    )
+}
+
 /// A model, its optimizer and everything one step needs.
 pub struct Trainer {
     /// The model being trained.
@@ -109,6 +130,9 @@ impl Trainer {
         if flags.batch_size == 0 {
             bail!("--batch-size is 0, expected at least 1");
         }
+        // The model exists (a checkpoint's configuration, or checked before it was made); its
+        // steps have not run.
+        check_memory(model.config(), &flags, &pairs)?;
         let micro = flags.micro_batch.unwrap_or(flags.batch_size);
         let plan = MicroBatches::new(flags.batch_size, micro, processes).map_err(|_| {
             anyhow::anyhow!(
