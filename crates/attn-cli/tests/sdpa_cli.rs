@@ -633,8 +633,22 @@ fn oversized_shapes_are_refused_before_allocating() {
     assert_eq!(result.status.code(), Some(1));
     let err = String::from_utf8_lossy(&result.stderr);
     assert!(
-        // q, k, v and out are 128 GiB each, lse 1 GiB.
-        err.contains("513.0 GiB") && err.contains("memory limit") && err.contains("ATTN_MAX_MEMORY"),
+        // q, k, v and out are 128 GiB each, lse 1 GiB, the packed k and v 256 GiB.
+        err.contains("769.0 GiB") && err.contains("memory limit") && err.contains("ATTN_MAX_MEMORY"),
+        "{err}"
+    );
+    // With a head dim of 1 the value panels (16 columns wide) are 16 times `v`: 2·10^7 keys
+    // held 1.5 GB for 160 MB of inputs, past a cap that counted the inputs alone.
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["bench", "sdpa", "--batch", "1", "--heads", "1", "--seq", "128"])
+        .args(["--kv-seq", "20000000", "--head-dim", "1"])
+        .env("ATTN_MAX_MEMORY", "1G")
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        err.contains("(q, k, v, out, packed k and v) would need 1.4 GiB, over the memory limit of 1.0 GiB"),
         "{err}"
     );
     let result = Command::new(env!("CARGO_BIN_EXE_attn"))

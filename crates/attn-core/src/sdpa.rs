@@ -147,6 +147,22 @@ impl SdpaShape {
         let SdpaShape { b, h, s, dv, .. } = *self;
         f32_size_in_bytes(&[b, h, s, dv]).saturating_add(f32_size_in_bytes(&[b, h, s]))
     }
+
+    /// At most the bytes of the flash kernel's packed copies of K and V, which a call with
+    /// several row tiles per key/value head makes (and the backward reuses): each key block
+    /// transposed, each value block in panels of 16 columns, the keys rounded up to whole
+    /// blocks ([`kernels::BLOCK_KEYS`](attn_kernels::BLOCK_KEYS), the largest). An upper bound
+    /// whether or not the call packs. With `Dv` below 16 the value panels outgrow `v` itself:
+    /// at `Dv = 1`, 16 times (a call over 2·10^7 keys held 1.5 GB for 160 MB of inputs).
+    pub fn packed_bytes(&self) -> u128 {
+        let SdpaShape { b, g, t, d, dv, .. } = *self;
+        let block = attn_kernels::BLOCK_KEYS.max(attn_kernels::BF16_BLOCK_KEYS) as u128;
+        let keys = (t as u128).div_ceil(block) * block;
+        let width = d as u128 + (dv as u128).div_ceil(16) * 16;
+        [b as u128, g as u128, keys, width, 4]
+            .iter()
+            .fold(1u128, |acc, &n| acc.saturating_mul(n))
+    }
 }
 
 /// How many bytes an f32 tensor of shape `dims` takes, saturating (never overflows).
@@ -464,6 +480,35 @@ pub fn sdpa_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The packed copies: keys rounded up to blocks of 512, `D` plus `Dv` rounded up to 16,
+    /// per `(b, g)`; saturating, never overflowing.
+    #[test]
+    fn packed_bytes_round_keys_to_blocks_and_values_to_panels() {
+        let shape = SdpaShape {
+            b: 2,
+            h: 6,
+            g: 3,
+            s: 100,
+            t: 513,
+            d: 64,
+            dv: 1,
+        };
+        assert_eq!(shape.packed_bytes(), 2 * 3 * 1024 * (64 + 16) * 4);
+        let shape = SdpaShape {
+            t: 512,
+            dv: 48,
+            ..shape
+        };
+        assert_eq!(shape.packed_bytes(), 2 * 3 * 512 * (64 + 48) * 4);
+        let huge = SdpaShape {
+            b: usize::MAX,
+            g: usize::MAX,
+            t: usize::MAX,
+            ..shape
+        };
+        assert_eq!(huge.packed_bytes(), u128::MAX);
+    }
 
     /// Errors the kernels find are reported under the name of the function the user called.
     #[test]

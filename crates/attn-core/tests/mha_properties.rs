@@ -763,15 +763,17 @@ fn cross_attention_over_an_appended_memory_equals_forward() {
 }
 
 /// What a module says it will allocate, per part: queries `[B, S, H, D]`, keys and values
-/// `[B, T, G, D + Dv]`, the attention output `[B, S, H, Dv]` and the output `[B, S, E]`, plus
-/// the weights asked for and their `[B, H, S]` row sums, 4 bytes a float.
+/// `[B, T, G, D + Dv]`, the attention output `[B, S, H, Dv]`, the output `[B, S, E]` and the
+/// flash kernel's packed keys and values (`[B, G]` blocks of 512 keys, `D` plus `Dv` rounded up
+/// to 16 wide), plus the weights asked for and their `[B, H, S]` row sums, 4 bytes a float.
 #[test]
 fn forward_bytes_count_every_buffer() {
     let mut config = MhaConfig::new(16, 4);
     config.num_kv_heads = Some(2);
     let mha = MultiHeadAttention::with_seed(config, 1).unwrap();
     let (b, s, t) = (2, 3, 5);
-    let base = 4 * (b * s * 4 * 4 + b * t * 2 * 8 + b * s * 4 * 4 + b * s * 16) as u128;
+    let packed = b * 2 * 512 * (4 + 16);
+    let base = 4 * (b * s * 4 * 4 + b * t * 2 * 8 + b * s * 4 * 4 + b * s * 16 + packed) as u128;
     assert_eq!(mha.forward_bytes(b, s, t, NeedWeights::No), base);
     let sums = 4 * (b * 4 * s) as u128;
     assert_eq!(

@@ -138,6 +138,9 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
     }
     let dtype = args.dtype.effective(true);
     let mut need = shape.input_bytes().saturating_add(shape.output_bytes());
+    if args.path == Path::Flash {
+        need = need.saturating_add(shape.packed_bytes());
+    }
     if args.backward {
         // dout, and dq, dk, dv: the outputs' and the inputs' sizes again.
         need = need
@@ -148,7 +151,7 @@ fn sdpa(args: SdpaArgs) -> Result<()> {
         let workers = rayon::current_num_threads().max(2);
         need = need.saturating_add(unfused_scratch_bytes([batch, heads, seq, head_dim], kv_seq, workers));
     }
-    crate::support::memory::check(need, "bench sdpa (q, k, v, out)")?;
+    crate::support::memory::check(need, "bench sdpa (q, k, v, out, packed k and v)")?;
     let spec = SdpaBench {
         batch,
         heads,

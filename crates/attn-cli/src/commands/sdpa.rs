@@ -124,14 +124,15 @@ pub fn compute(file: &TensorFile, causal: Causal, scale: Option<f32>, backward: 
         ..Default::default()
     };
     // `out` is `[B, H, S, Dv]`: larger than any input when `Dv` is large and `S` long; the
-    // gradients are as large as the inputs.
-    let needed = shape.output_bytes() + if backward { shape.input_bytes() } else { 0 };
+    // packed K and V larger than `k` and `v` when `Dv` is below 16; the gradients are as large
+    // as the inputs.
+    let needed = shape.output_bytes() + shape.packed_bytes() + if backward { shape.input_bytes() } else { 0 };
     crate::support::memory::check(
         needed,
         if backward {
-            "sdpa --backward (out, lse, gradients)"
+            "sdpa --backward (out, lse, packed k and v, gradients)"
         } else {
-            "sdpa (out, lse)"
+            "sdpa (out, lse, packed k and v)"
         },
     )?;
     let (qv, kv, vv) = (

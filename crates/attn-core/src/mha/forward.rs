@@ -272,6 +272,8 @@ impl Core {
             f32_size_in_bytes(&[b, s, h, dv]), // attention output
             f32_size_in_bytes(&[b, s, out_width]), // output
             weights,
+            // the flash kernel's packed keys and values
+            crate::SdpaShape { b, h, g, s, t, d, dv }.packed_bytes(),
         ]
         .iter()
         .fold(0u128, |acc, &x| acc.saturating_add(x))

@@ -244,7 +244,9 @@ impl MultiHeadAttention {
 
     /// Bytes that [`forward`](Self::forward) (or `forward_self` with `t = s`) allocates for
     /// `batch` queries of length `s` over keys of length `t`: projections, attention output,
-    /// weights when asked for, and the output. Callers that cap memory check this first.
+    /// weights when asked for, the flash kernel's packed keys and values
+    /// ([`SdpaShape::packed_bytes`](crate::SdpaShape::packed_bytes)), and the output. Callers
+    /// that cap memory check this first.
     pub fn forward_bytes(&self, batch: usize, s: usize, t: usize, need_weights: NeedWeights) -> u128 {
         self.core.forward_bytes(batch, s, t, need_weights)
     }

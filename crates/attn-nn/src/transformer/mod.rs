@@ -124,11 +124,16 @@ impl LayerConfig {
     }
 
     /// An upper bound of the bytes a layer's forward holds at once on `tokens` token rows: the
-    /// feed-forward hidden layer (`dim_feedforward` wide) and at most eight `d_model`-wide
-    /// buffers (the fused q|k|v projection, attention output, residual sums, norms). Callers
-    /// that cap memory check this first.
+    /// feed-forward hidden layer (`dim_feedforward` wide), at most eight `d_model`-wide
+    /// buffers (the fused q|k|v projection, attention output, residual sums, norms), and the
+    /// flash kernel's packed keys and values (`d_model` and, each head's values rounded up to
+    /// 16 columns, at most `d_model + 16·nhead`; not the rounding of each sequence's keys up to
+    /// a block of 512). Callers that cap memory check this first.
     pub fn forward_bytes(&self, tokens: usize) -> u128 {
-        let width = 8usize.saturating_mul(self.d_model).saturating_add(self.dim_feedforward);
+        let width = 10usize
+            .saturating_mul(self.d_model)
+            .saturating_add(16usize.saturating_mul(self.nhead))
+            .saturating_add(self.dim_feedforward);
         attn_core::f32_size_in_bytes(&[tokens, width])
     }
 
@@ -420,7 +425,7 @@ mod tests {
     fn forward_bytes_counts_the_widest_moment() {
         let mut config = LayerConfig::new(64, 4);
         config.dim_feedforward = 100;
-        assert_eq!(config.forward_bytes(10), 10 * (8 * 64 + 100) * 4);
+        assert_eq!(config.forward_bytes(10), 10 * (10 * 64 + 16 * 4 + 100) * 4);
         assert_eq!(config.forward_bytes(0), 0);
         config.d_model = usize::MAX;
         assert!(config.forward_bytes(2) >= u128::from(u64::MAX));
