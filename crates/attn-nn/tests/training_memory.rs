@@ -4,45 +4,15 @@
 //! peak above the start while a model is made and trains two steps, its activation arena
 //! emptied first (the kernels' per-thread buffers stay warm: they are not training's).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use attn_core::kernels::Par;
 use attn_core::Precision;
 use attn_nn::{AdamW, Seq2Seq, Seq2SeqConfig, TrainStep};
 
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-struct Tracking;
-
-// SAFETY: every call is forwarded to the system allocator unchanged; tracking touches two
-// atomics.
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(live, Ordering::Relaxed);
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+mod tracking;
+use tracking::peak_above_start;
 
 #[global_allocator]
-static ALLOCATOR: Tracking = Tracking;
-
-/// The peak of live bytes while `f` runs, above those live when it starts.
-fn peak_above_start(f: impl FnOnce()) -> usize {
-    let start = LIVE.load(Ordering::Relaxed);
-    PEAK.store(start, Ordering::Relaxed);
-    f();
-    PEAK.load(Ordering::Relaxed) - start
-}
+static ALLOCATOR: tracking::Tracking = tracking::Tracking;
 
 /// A model of `config` in `precision`, trained two steps on `pairs`.
 fn train(config: &Seq2SeqConfig, precision: Precision, pairs: &[(&str, &str)]) {
