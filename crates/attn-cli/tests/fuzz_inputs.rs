@@ -90,30 +90,25 @@ const REPLAY_COUNTS: [(&str, usize, usize); 5] = [
     ("embed_text", 538, 534),
 ];
 
-/// The input files of the golden SDPA cases and the golden module cases.
+/// The input files of the golden SDPA cases (forward and backward: every one ends in
+/// `.in.safetensors`).
 fn sdpa_seeds() -> Vec<Vec<u8>> {
-    let mut seeds = Vec::new();
-    for entry in std::fs::read_dir(fixtures().join("sdpa")).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.to_string_lossy().into_owned();
-        if name.ends_with(".in.safetensors") && path.metadata().unwrap().len() < 70_000 {
-            seeds.push(std::fs::read(path).unwrap());
-        }
-    }
-    seeds.sort();
-    seeds
+    sdpa_inputs(".in.safetensors")
 }
 
 /// The input files of the golden SDPA backward cases (with `grad.out`).
 fn sdpa_backward_seeds() -> Vec<Vec<u8>> {
-    let mut seeds = Vec::new();
-    for entry in std::fs::read_dir(fixtures().join("sdpa")).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.to_string_lossy().into_owned();
-        if name.ends_with(".backward.in.safetensors") && path.metadata().unwrap().len() < 70_000 {
-            seeds.push(std::fs::read(path).unwrap());
-        }
-    }
+    sdpa_inputs(".backward.in.safetensors")
+}
+
+/// The golden SDPA files under 70 kB whose names end in `suffix`, sorted by their bytes.
+fn sdpa_inputs(suffix: &str) -> Vec<Vec<u8>> {
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(fixtures().join("sdpa"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.to_string_lossy().ends_with(suffix) && path.metadata().unwrap().len() < 70_000)
+        .map(|path| std::fs::read(path).unwrap())
+        .collect();
     seeds.sort();
     seeds
 }
