@@ -200,8 +200,11 @@ pub fn run(
             dv: d,
         };
         crate::support::memory::check(
-            shape.input_bytes().saturating_add(shape.output_bytes()),
-            "bench sweep (q, k, v, out)",
+            shape
+                .input_bytes()
+                .saturating_add(shape.output_bytes())
+                .saturating_add(shape.packed_bytes()),
+            "bench sweep (q, k, v, out, packed k and v)",
         )?;
         let flash = spec.flops() / spec.run(budget)?.median_s / 1e9;
         // The unfused path holds S×S scores per worker; past 8192 it is skipped. It is f32 only.
