@@ -49,7 +49,7 @@ pub use attn_core as core;
 pub use attn_core::{Grads, ParamStore, Parameters};
 #[cfg(feature = "tokenizers")]
 pub use bert::{cache_dir, default_model_dir, EmbedOptions, Embeddings, TextEmbedder};
-pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder};
+pub use bert::{BertConfig, BertModel, Pooling, SentenceEmbedder, MAX_BATCH_TOKENS};
 pub use error::{NnError, Result};
 pub use optim::{clip_grad_norm, AdamW, Param, Schedule};
 pub use seq2seq::{Batch, Decoded, Seq2Seq, Seq2SeqConfig, StepLoss, TrainStep, Vocab};

@@ -44,6 +44,18 @@ fn text_embeds_as_its_token_ids_do() {
     };
     let again = embedder.embed_with(&texts, &one_at_a_time, |n| seen += n).unwrap();
     assert_eq!((again, seen), (e.clone(), 4));
+    // Batches bounded by tokens (here 9: one or two sentences at a time, a longer one alone)
+    // give the same bits too.
+    let (mut seen, mut calls) = (0, 0);
+    let bounded = embedder
+        .pipeline
+        .embed_within(&ids, 32, 9, Par::Seq, |n| {
+            seen += n;
+            calls += 1
+        })
+        .unwrap();
+    assert_eq!((bounded, seen), (e.data.clone(), 4));
+    assert!(calls >= 3, "{calls} forward passes");
     // Normalised rows; the paraphrase is nearer than the unrelated sentence.
     for row in e.rows() {
         let norm: f64 = row.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();

@@ -165,11 +165,27 @@ impl SentenceEmbedder {
     /// order. Trailing `[PAD]` ids are stripped first, so ids padded by a tokenizer give the
     /// vectors of the unpadded sequence; a sequence longer than `max_seq_length` is refused. Up
     /// to `batch_size` sequences at a time are packed back to back (no padding), so the work
-    /// follows the real token count.
+    /// follows the real token count, and at most [`MAX_BATCH_TOKENS`] tokens (a sequence longer
+    /// than that alone): the activations of a forward pass grow with its tokens, and a batch
+    /// size of 2^32 over 20,000 sentences of 200 words asked for 6 GiB at once and aborted.
+    /// The rows are the same bits in any batch size.
     pub fn embed(
         &self,
         sequences: &[Vec<u32>],
         batch_size: usize,
+        par: Par,
+        progress: impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        self.embed_within(sequences, batch_size, MAX_BATCH_TOKENS, par, progress)
+    }
+
+    /// [`SentenceEmbedder::embed`] with at most `max_tokens` tokens a forward pass instead of
+    /// [`MAX_BATCH_TOKENS`] (at least one sequence each).
+    pub fn embed_within(
+        &self,
+        sequences: &[Vec<u32>],
+        batch_size: usize,
+        max_tokens: usize,
         par: Par,
         mut progress: impl FnMut(usize),
     ) -> Result<Vec<f32>> {
@@ -202,8 +218,10 @@ impl SentenceEmbedder {
             ));
         }
         let mut out = vec![0.0f32; sequences.len() * e];
-        // Sequences are packed back to back, `batch_size` at a time: no padding at all.
-        for (chunk_index, chunk) in unpadded.chunks(batch_size).enumerate() {
+        // Sequences are packed back to back, `batch_size` (and `max_tokens`) at a time: no
+        // padding at all.
+        for range in batches(&unpadded, batch_size, max_tokens) {
+            let chunk = &unpadded[range.clone()];
             let mut starts = Vec::with_capacity(chunk.len() + 1);
             starts.push(0);
             for seq in chunk {
@@ -212,7 +230,7 @@ impl SentenceEmbedder {
             let ids: Vec<u32> = chunk.iter().flat_map(|ids| ids.iter()).copied().collect();
             let hidden = self.model.hidden_states_packed(&ids, &starts, par)?;
             for (k, w) in starts.windows(2).enumerate() {
-                let i = chunk_index * batch_size + k;
+                let i = range.start + k;
                 let dst = &mut out[i * e..(i + 1) * e];
                 pool(&hidden[w[0] * e..w[1] * e], e, self.pooling, dst);
                 if self.normalize {
@@ -230,6 +248,30 @@ impl SentenceEmbedder {
         }
         Ok(out)
     }
+}
+
+/// The most tokens [`SentenceEmbedder::embed`] packs into one forward pass: 64 sequences of
+/// 256 tokens, or 32 of 512, so the batches of sentence-transformers' defaults are never split.
+pub const MAX_BATCH_TOKENS: usize = 16_384;
+
+/// Consecutive ranges of `sequences`, each of at most `batch_size` sequences and `max_tokens`
+/// tokens (a longer sequence alone).
+fn batches(sequences: &[&[u32]], batch_size: usize, max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    while start < sequences.len() {
+        let (mut end, mut tokens) = (start, 0usize);
+        while end < sequences.len()
+            && end - start < batch_size
+            && (end == start || tokens + sequences[end].len() <= max_tokens)
+        {
+            tokens += sequences[end].len();
+            end += 1;
+        }
+        ranges.push(start..end);
+        start = end;
+    }
+    ranges
 }
 
 /// Pools `states: [n, E]` into `dst: [E]` (zeros when `n = 0`).
@@ -260,6 +302,22 @@ fn pool(states: &[f32], e: usize, pooling: Pooling, dst: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Batches hold at most `batch_size` sequences and `max_tokens` tokens, a longer sequence
+    /// alone, in order, covering every sequence once.
+    #[test]
+    fn batches_bound_sequences_and_tokens() {
+        let ids: Vec<Vec<u32>> = [3, 4, 10, 2, 2, 2, 7].iter().map(|&n| vec![1; n]).collect();
+        let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        assert_eq!(batches(&seqs, 32, 8), [0..2, 2..3, 3..6, 6..7]);
+        assert_eq!(batches(&seqs, 2, 100), [0..2, 2..4, 4..6, 6..7]);
+        assert_eq!(
+            batches(&seqs, usize::MAX, usize::MAX),
+            vec![std::ops::Range { start: 0, end: 7 }]
+        );
+        assert_eq!(batches(&seqs, 1, 0), (0..7).map(|i| i..i + 1).collect::<Vec<_>>());
+        assert!(batches(&[], 4, 4).is_empty());
+    }
 
     /// Each pooling by its definition on three rows of width 2 (values chosen so every mode
     /// gives a different answer, and a scaled mean would show), and zeros for no rows.

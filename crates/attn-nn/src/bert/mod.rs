@@ -22,7 +22,7 @@ mod embedder;
 #[cfg(feature = "tokenizers")]
 mod text;
 
-pub use embedder::{Pooling, SentenceEmbedder};
+pub use embedder::{Pooling, SentenceEmbedder, MAX_BATCH_TOKENS};
 #[cfg(feature = "tokenizers")]
 pub use text::{cache_dir, default_model_dir, EmbedOptions, Embeddings, TextEmbedder};
 
