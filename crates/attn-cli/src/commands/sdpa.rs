@@ -126,7 +126,10 @@ pub fn compute(file: &TensorFile, causal: Causal, scale: Option<f32>, backward: 
     // `out` is `[B, H, S, Dv]`: larger than any input when `Dv` is large and `S` long; the
     // packed K and V larger than `k` and `v` when `Dv` is below 16; the gradients are as large
     // as the inputs.
-    let needed = shape.output_bytes() + shape.packed_bytes() + if backward { shape.input_bytes() } else { 0 };
+    let needed = shape
+        .output_bytes()
+        .saturating_add(shape.packed_bytes())
+        .saturating_add(if backward { shape.input_bytes() } else { 0 });
     crate::support::memory::check(
         needed,
         if backward {
