@@ -56,7 +56,9 @@ pub use params::{
 };
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use precision::{pack_weight, pack_weight_f32, pack_weight_of, Precision};
-pub use safetensors_io::{f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors};
+pub use safetensors_io::{
+    atomic_destination, f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors,
+};
 #[allow(deprecated)]
 pub use sdpa::f32_bytes;
 pub use sdpa::{

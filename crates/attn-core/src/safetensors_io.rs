@@ -9,7 +9,7 @@
 //! integer buffer, not a weight).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -68,19 +68,46 @@ pub fn f32_safetensors(
     })
 }
 
+/// Where an atomic write of `path` goes: `Some((temporary, destination))`, a temporary file
+/// beside the destination that is then renamed over it, for a path that names a regular file
+/// or nothing yet (a symbolic link is followed: the file it points to is replaced and the link
+/// kept). `None` for a path that names anything else, to be written in place: a device such as
+/// `/dev/null` or a pipe (renaming over `/dev/null` would replace the device with a file), a
+/// dangling link (written through) or a folder (whose write fails, naming it).
+pub fn atomic_destination(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let destination = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(path).ok()?,
+        _ => path.to_path_buf(),
+    };
+    if std::fs::metadata(&destination).is_ok_and(|meta| !meta.is_file()) {
+        return None;
+    }
+    let name = destination
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = destination.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    Some((temporary, destination))
+}
+
 /// Writes `bytes` to `path` atomically: to a temporary file beside it, then renamed over it, so
-/// a reader never sees half a file and an interrupted write loses nothing.
+/// a reader never sees half a file and an interrupted write loses nothing. A path that is not
+/// a regular file (`/dev/null`, a pipe) is written in place ([`atomic_destination`]).
 pub fn write_safetensors(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |what: String, e: std::io::Error| AttnError::Safetensors {
         what: format!("{what}: {e}"),
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let Some((tmp, destination)) = atomic_destination(path) else {
+        return std::fs::write(path, bytes).map_err(|e| io(format!("cannot write {}", path.display()), e));
+    };
     std::fs::write(&tmp, bytes).map_err(|e| io(format!("cannot write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(format!("cannot rename {} to {}", tmp.display(), path.display()), e))
+    std::fs::rename(&tmp, &destination).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(
+            format!("cannot rename {} to {}", tmp.display(), destination.display()),
+            e,
+        )
+    })
 }
 
 /// The file with its metadata's keys in sorted order: `safetensors::serialize` writes the
@@ -367,5 +394,48 @@ mod tests {
                 .contains("cannot write /nonexistent-folder/.x.safetensors.tmp-"),
             "{err}"
         );
+    }
+
+    /// A regular file (or a new path) is replaced through a temporary file beside it, a link's
+    /// target is replaced and the link kept, and a pipe or a device is written in place: a
+    /// rename over `/dev/null` would have put a file where the device was.
+    #[test]
+    fn atomic_writes_replace_files_and_write_pipes_in_place() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = std::env::temp_dir().join(format!("attn-core-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (file, link, pipe) = (dir.join("f.safetensors"), dir.join("link"), dir.join("pipe"));
+        let (temporary, destination) = atomic_destination(&file).unwrap();
+        assert_eq!(destination, file);
+        assert_eq!(
+            temporary,
+            dir.join(format!(".f.safetensors.tmp-{}", std::process::id()))
+        );
+        std::fs::write(&file, b"old").unwrap();
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        write_safetensors(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        assert_eq!(atomic_destination(Path::new("/dev/null")), None);
+        assert_eq!(atomic_destination(&dir), None);
+        let err = write_safetensors(&dir, b"x").unwrap_err().to_string();
+        assert!(err.contains(&format!("cannot write {}", dir.display())), "{err}");
+        let made = std::process::Command::new("mkfifo").arg(&pipe).status().unwrap();
+        assert!(made.success());
+        assert_eq!(atomic_destination(&pipe), None);
+        let reader = {
+            let pipe = pipe.clone();
+            std::thread::spawn(move || std::fs::read(pipe).unwrap())
+        };
+        write_safetensors(&pipe, b"through the pipe").unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        assert!(std::fs::metadata(&pipe).unwrap().file_type().is_fifo());
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["f.safetensors", "link", "pipe"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

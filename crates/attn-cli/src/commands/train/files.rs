@@ -95,6 +95,19 @@ fn prev_state_path(output: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Fails unless `path` names a regular file or nothing yet (a link to one is followed): the
+/// checkpoint is written there and `OUTPUT.state` beside it, and `--resume` reads both back, so
+/// `/dev/null` or a pipe would have had `/dev/null.state` made beside it and nothing to resume.
+pub(super) fn check_checkpoint_path(flag: &str, path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => bail!(
+            "{flag} {}: is not a regular file (a device or a pipe); expected a file name, since the checkpoint is written there and OUTPUT.state beside it",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Fails unless a file can be created at `path`, naming `flag`: checked before step 1, so a
 /// missing folder is found before the run rather than after it. Nothing is left behind.
 pub(super) fn check_writable(flag: &str, path: &Path) -> Result<()> {
@@ -225,5 +238,15 @@ mod tests {
         );
         let folder = check_writable("--log", Path::new("src")).unwrap_err();
         assert!(folder.to_string().contains("--log src: is a folder"), "{folder}");
+        // A device is no place for a checkpoint and its state; a file or a new name is.
+        let device = check_checkpoint_path("--output", Path::new("/dev/null")).unwrap_err();
+        assert!(
+            device
+                .to_string()
+                .starts_with("--output /dev/null: is not a regular file"),
+            "{device}"
+        );
+        check_checkpoint_path("--output", Path::new("Cargo.toml")).unwrap();
+        check_checkpoint_path("--output", Path::new("no-such-file.safetensors")).unwrap();
     }
 }

@@ -24,7 +24,7 @@ mod bench;
 mod files;
 mod trainer;
 
-use files::{check_writable, data_hash, resume, run_fingerprint, save, state_path};
+use files::{check_checkpoint_path, check_writable, data_hash, resume, run_fingerprint, save, state_path};
 
 pub use bench::{bench, BenchArgs};
 pub use trainer::{evaluate, Trainer};
@@ -315,6 +315,7 @@ pub fn main(args: Args) -> Result<()> {
 fn train(mut args: Args, ranks: &Ranks) -> Result<()> {
     if ranks.is_root() {
         check_writable("--output", &args.output)?;
+        check_checkpoint_path("--output", &args.output)?;
         if let Some(path) = &args.log {
             check_writable("--log", path)?;
         }
