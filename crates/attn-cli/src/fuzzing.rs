@@ -107,7 +107,7 @@ pub fn embed_text(bytes: &[u8]) -> Option<Result<()>> {
         let path = dir.0.join("sentences.txt");
         std::fs::write(&path, bytes).with_context(|| path.display().to_string())?;
         let texts = crate::commands::embed::read_inputs(Some(&path), &[], true)?;
-        embedder.embed(&texts, 32, Par::Seq, |_| {}).map(drop)
+        embedder.embed(&texts.all(), 32, Par::Seq, |_| {}).map(drop)
     })())
 }
 

@@ -229,6 +229,118 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()
     std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// One F32 tensor written to a safetensors file as its values arrive, so that no more than a
+/// write's worth is ever held: `attn embed` over ten million sentences writes 15 GB of rows.
+/// The file is written atomically: to a temporary file beside `path`, renamed over it by
+/// [`StreamedF32::finish`] once every value has come; dropped before that (an error on the
+/// way), the temporary file is removed and `path` is untouched. The bytes are those
+/// [`write_f32`] writes for the same tensor.
+#[derive(Debug)]
+pub struct StreamedF32 {
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    /// The temporary file and the file it is renamed over; `None` for a path written in place
+    /// (not a regular file: `/dev/null`, a pipe; [`attn_nn::core::atomic_destination`]).
+    rename: Option<(PathBuf, PathBuf)>,
+    path: PathBuf,
+    /// Values still to come.
+    left: usize,
+}
+
+impl StreamedF32 {
+    /// Creates the temporary file and writes the header of tensor `name` of `shape`: a path
+    /// that cannot be written fails here, before any work.
+    pub fn create(path: &Path, name: &str, shape: &[usize]) -> Result<StreamedF32> {
+        use std::io::Write;
+        let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let Some((count, bytes)) = count.and_then(|n| Some((n, n.checked_mul(4)?))) else {
+            bail!(
+                "{}: a tensor of shape {shape:?} has more bytes than a file can hold",
+                path.display()
+            );
+        };
+        let info = safetensors::tensor::TensorInfo {
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            data_offsets: (0, bytes),
+        };
+        // The crate's own header, padded as `safetensors::serialize` pads it.
+        let metadata = safetensors::tensor::Metadata::new(None, vec![(name.to_string(), info)])
+            .with_context(|| format!("{}: the header of tensor `{name}`", path.display()))?;
+        let mut header = serde_json::to_string(&metadata)?.into_bytes();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let rename = attn_nn::core::atomic_destination(path);
+        let target = rename.as_ref().map_or(path, |(tmp, _)| tmp);
+        let file = std::fs::File::create(target).with_context(|| format!("cannot write {}", target.display()))?;
+        let mut streamed = StreamedF32 {
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            rename,
+            path: path.to_path_buf(),
+            left: count,
+        };
+        let out = streamed.file.as_mut().expect("just made");
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|()| out.write_all(&header))
+            .with_context(|| format!("cannot write {}", streamed.written().display()))?;
+        Ok(streamed)
+    }
+
+    /// The file being written: the temporary one, or the path itself.
+    fn written(&self) -> &Path {
+        self.rename.as_ref().map_or(&self.path, |(tmp, _)| tmp)
+    }
+
+    /// Appends `values`; more than the shape holds is an error.
+    pub fn write(&mut self, values: &[f32]) -> Result<()> {
+        use std::io::Write;
+        if values.len() > self.left {
+            bail!("{}: more values than the tensor's shape holds", self.path.display());
+        }
+        self.left -= values.len();
+        let out = self.file.as_mut().expect("open until finish");
+        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        out.write_all(&bytes)
+            .with_context(|| format!("cannot write {}", self.written().display()))
+    }
+
+    /// Flushes the file and renames it over `path`; fewer values than the shape holds is an
+    /// error (and nothing is renamed).
+    pub fn finish(mut self) -> Result<()> {
+        if self.left > 0 {
+            bail!(
+                "{}: {} values short of the tensor's shape",
+                self.path.display(),
+                self.left
+            );
+        }
+        let file = self.file.take().expect("open until finish");
+        let written = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write {}", self.written().display()));
+        let Some((tmp, destination)) = &self.rename else {
+            return written.map(drop);
+        };
+        let done = written.and_then(|file| {
+            drop(file);
+            std::fs::rename(tmp, destination)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), destination.display()))
+        });
+        if done.is_err() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        done
+    }
+}
+
+impl Drop for StreamedF32 {
+    /// An unfinished temporary file is removed (a finished one was renamed).
+    fn drop(&mut self) {
+        if let (Some(_), Some((tmp, _))) = (self.file.take(), &self.rename) {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
 /// Writes F32 tensors and string metadata atomically ([`attn_nn::core::write_safetensors`]).
 pub fn write_f32_atomic(
     path: &Path,
@@ -253,6 +365,87 @@ mod tests {
             ("mask", TensorView::new(Dtype::BOOL, vec![2, 3], &mask).unwrap()),
         ];
         safetensors::serialize(views, None).unwrap()
+    }
+
+    /// A streamed tensor is the bytes `write_f32` writes, whatever the pieces; a file not
+    /// finished, or given too few or too many values, leaves nothing behind; a path that cannot
+    /// be written fails before any value.
+    #[test]
+    fn streamed_tensors_are_the_bytes_written_whole() {
+        let dir = std::env::temp_dir().join(format!("attn-streamed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (whole, streamed) = (dir.join("whole.safetensors"), dir.join("streamed.safetensors"));
+        for (rows, cols, piece) in [(0, 384, 1), (1, 1, 1), (3, 5, 2), (7, 384, 3), (1000, 3, 333)] {
+            let values: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+            write_f32(&whole, &[("embeddings", &[rows, cols], &values)]).unwrap();
+            let mut out = StreamedF32::create(&streamed, "embeddings", &[rows, cols]).unwrap();
+            for part in values.chunks(piece * cols) {
+                out.write(part).unwrap();
+            }
+            out.finish().unwrap();
+            assert_eq!(
+                std::fs::read(&streamed).unwrap(),
+                std::fs::read(&whole).unwrap(),
+                "{rows}x{cols}"
+            );
+        }
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let before = std::fs::read(&streamed).unwrap();
+        let mut out = StreamedF32::create(&streamed, "x", &[2, 2]).unwrap();
+        out.write(&[1.0; 3]).unwrap();
+        let err = out.write(&[1.0; 2]).unwrap_err().to_string();
+        assert!(err.ends_with("more values than the tensor's shape holds"), "{err}");
+        let err = out.finish().unwrap_err().to_string();
+        assert!(err.ends_with("1 values short of the tensor's shape"), "{err}");
+        let mut out = StreamedF32::create(&streamed, "x", &[2, 2]).unwrap();
+        out.write(&[1.0; 4]).unwrap();
+        drop(out);
+        assert_eq!(listing(), ["streamed.safetensors", "whole.safetensors"]);
+        assert_eq!(std::fs::read(&streamed).unwrap(), before);
+        // Through a link its target is replaced; a pipe (as `/dev/null`, a device, would be) is
+        // written in place and stays a pipe.
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&whole, &link).unwrap();
+        let mut out = StreamedF32::create(&link, "x", &[1]).unwrap();
+        out.write(&[2.0]).unwrap();
+        out.finish().unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        let file = TensorFile::parse(&whole, &std::fs::read(&whole).unwrap(), |_| false).unwrap();
+        assert_eq!(file.f32("x", 1, "[1]").unwrap().1, [2.0]);
+        std::fs::remove_file(&link).unwrap();
+        let pipe = dir.join("pipe");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap()
+            .success());
+        let reader = {
+            let pipe = pipe.clone();
+            std::thread::spawn(move || std::fs::read(pipe).unwrap())
+        };
+        let mut out = StreamedF32::create(&pipe, "embeddings", &[1000, 3]).unwrap();
+        let values: Vec<f32> = (0..3000).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        out.write(&values).unwrap();
+        out.finish().unwrap();
+        write_f32(&whole, &[("embeddings", &[1000, 3], &values)]).unwrap();
+        assert_eq!(reader.join().unwrap(), std::fs::read(&whole).unwrap());
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata(&pipe).unwrap().file_type().is_fifo());
+        std::fs::remove_file(&pipe).unwrap();
+        let err = StreamedF32::create(&dir.join("no/such/dir.safetensors"), "x", &[1]).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot write"), "{err:#}");
+        let err = StreamedF32::create(&streamed, "x", &[usize::MAX, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more bytes than a file can hold"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A tensor of the wrong dtype is named with the file's name for its dtype: `BOOL` where F32

@@ -10,10 +10,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use attn_nn::core::kernels::Par;
-use attn_nn::{BertModel, EmbedOptions, TextEmbedder};
+use attn_nn::{BertModel, EmbedOptions, TextEmbedder, MAX_BATCH_TOKENS};
+
+mod output;
+use output::Output;
 
 use crate::support::dtype::Dtype;
 use crate::support::ranks::Ranks;
+use crate::support::text::Lines;
 use crate::support::threads::Threads;
 
 pub use attn_nn::default_model_dir;
@@ -58,9 +62,9 @@ impl Embedder {
     }
 
     /// Embeds `texts` -> `[N, E]` rows, tokenisation included.
-    pub fn embed(
+    pub fn embed<S: AsRef<str>>(
         &self,
-        texts: &[String],
+        texts: &[S],
         batch_size: usize,
         par: Par,
         progress: impl FnMut(usize),
@@ -73,14 +77,14 @@ impl Embedder {
 /// Reads sentences: one per line of `file` (a final newline ends the last line rather than
 /// starting another; a blank line is the empty sentence, as sentence-transformers embeds `""`,
 /// and stderr says how many there were when `warn`), or the given texts.
-pub fn read_inputs(file: Option<&Path>, texts: &[String], warn: bool) -> Result<Vec<String>> {
+pub fn read_inputs(file: Option<&Path>, texts: &[String], warn: bool) -> Result<Lines> {
     match file {
         Some(path) => {
             if !texts.is_empty() {
                 bail!("give sentences either with --input FILE or as arguments, not both");
             }
-            let lines = crate::support::text::read_lines(path)?;
-            let blank = lines.iter().filter(|l| l.trim().is_empty()).count();
+            let lines = Lines::read(path)?;
+            let blank = (0..lines.len()).filter(|&i| lines.get(i).trim().is_empty()).count();
             if blank > 0 && warn {
                 eprintln!(
                     "{}: {blank} blank line{} embedded as the empty sentence",
@@ -91,8 +95,17 @@ pub fn read_inputs(file: Option<&Path>, texts: &[String], warn: bool) -> Result<
             Ok(lines)
         }
         None if texts.is_empty() => bail!("nothing to embed: pass sentences as arguments or --input FILE"),
-        None => Ok(texts.to_vec()),
+        None => Ok(Lines::from_texts(texts)),
     }
+}
+
+/// Sentences a process embeds between writes of the output: whole batches of `batch_size`,
+/// about 4,096 sentences (6 MB of rows at E = 384), and never more than [`MAX_BATCH_TOKENS`],
+/// the most one-token sentences a forward pass takes. The rows are the same bits whatever the
+/// runs ([`attn_nn::SentenceEmbedder::embed`]).
+fn run_size(batch_size: usize) -> usize {
+    let batch = batch_size.clamp(1, MAX_BATCH_TOKENS);
+    batch * (4096 / batch).max(1)
 }
 
 /// `attn embed`.
@@ -139,84 +152,57 @@ pub fn main(args: Args) -> Result<()> {
     ranks.or_abort(embed(args, &ranks))
 }
 
-/// `attn embed` on one process, or sharded over the ranks of an MPI job: each rank embeds a
-/// contiguous run of whole batches (so every batch is the single process's), rank 0 gathers
-/// the rows in input order and writes the one output.
+/// `attn embed` on one process, or sharded over the ranks of an MPI job. The sentences go in
+/// rounds of [`run_size`] a process: each rank embeds its run, rank 0 gathers the round's rows
+/// in input order and writes them, so memory holds the input and one round, not every row
+/// (ten million sentences are 15 GB of rows).
 fn embed(args: Args, ranks: &Ranks) -> Result<()> {
     let sentences = read_inputs(args.input.as_deref(), &args.texts, ranks.is_root())?;
     let dir = args.model.clone().unwrap_or_else(default_model_dir);
     let embedder = Embedder::load_as(&dir, args.dtype.effective(ranks.is_root()))?;
+    let (n, e) = (sentences.len(), embedder.dim());
+    // Opened before any work: an output path that cannot be written fails at once.
+    let mut output = match ranks.is_root() {
+        true => Some(Output::open(args.output.as_deref(), args.json, n, e)?),
+        false => None,
+    };
     let batch_size = args.batch_size as usize;
-    let shard = ranks.shard(sentences.len(), batch_size);
-    let bar = progress_bar(shard.len(), args.quiet || !ranks.is_root());
-    let local = args.threads.install(|_| {
-        embedder.embed(&sentences[shard.clone()], batch_size, Par::Rayon, |n| {
-            if let Some(bar) = &bar {
-                bar.inc(n as u64)
+    let run = run_size(batch_size);
+    let bar = progress_bar(n, args.quiet || !ranks.is_root());
+    let inc = |k: usize| {
+        if let Some(bar) = &bar {
+            bar.inc(k as u64)
+        }
+    };
+    args.threads.install(|_| {
+        let mut start = 0;
+        // Every rank goes through the same rounds (one with no sentences left sends no rows).
+        while start < n {
+            let round = start..(start + run.saturating_mul(ranks.size())).min(n);
+            let mine = ranks.shard(round.len(), run);
+            let mine = round.start + mine.start..round.start + mine.end;
+            let local = embedder.embed(&sentences.slice(mine.clone()), batch_size, Par::Rayon, inc)?;
+            if let Some(rows) = ranks.gather_f32(local) {
+                inc(round.len() - mine.len());
+                let output = output.as_mut().expect("rank 0 has the output");
+                let write = |output: &mut Output| output.rows(&sentences.slice(round.clone()), &rows);
+                match &bar {
+                    // Rows on a terminal's stdout go out between the bar's redraws.
+                    Some(bar) => bar.suspend(|| write(output).and_then(|()| output.flush()))?,
+                    None => write(output)?,
+                }
             }
-        })
+            start = round.end;
+        }
+        Ok(())
     })?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let Some(vectors) = ranks.gather_f32(local) else {
-        return Ok(());
-    };
-    let e = embedder.dim();
-    match (&args.output, args.json) {
-        (Some(path), _) => {
-            crate::support::tensors::write_f32(path, &[("embeddings", &[sentences.len(), e], &vectors)])?;
-            println!("wrote {}: embeddings {:?}", path.display(), [sentences.len(), e]);
-        }
-        (None, true) => {
-            let rows: Vec<&[f32]> = vectors.chunks(e.max(1)).collect();
-            println!("{}", serde_json::json!({ "embeddings": rows }));
-        }
-        (None, false) => print!("{}", table(&sentences, &vectors, e)),
+    match output {
+        Some(output) => output.finish(),
+        None => Ok(()),
     }
-    Ok(())
-}
-
-/// A readable view of embeddings: each sentence with its first values, then the pairwise
-/// cosine similarity of the first few sentences.
-fn table(sentences: &[String], vectors: &[f32], e: usize) -> String {
-    const SHOWN: usize = 6;
-    const PAIRS: usize = 5;
-    let clip = |s: &str| {
-        let mut t: String = s.chars().take(40).collect();
-        if s.chars().count() > 40 {
-            t.push('…');
-        }
-        t
-    };
-    let mut text = format!(
-        "{} sentences, {e} dimensions (--json or --output for every value)\n",
-        sentences.len()
-    );
-    for (i, (sentence, v)) in sentences.iter().zip(vectors.chunks(e.max(1))).enumerate() {
-        let head: Vec<String> = v.iter().take(SHOWN).map(|x| format!("{x:+.4}")).collect();
-        text.push_str(&format!("{i:>3}  {:<41} [{}, …]\n", clip(sentence), head.join(", ")));
-    }
-    let n = sentences.len().min(PAIRS);
-    if n >= 2 {
-        text.push_str(&format!(
-            "\ncosine similarity{}:\n     ",
-            if sentences.len() > n { " of the first 5" } else { "" }
-        ));
-        text.push_str(&(0..n).map(|j| format!("{j:>7}")).collect::<String>());
-        text.push('\n');
-        for i in 0..n {
-            text.push_str(&format!("{i:>3}  "));
-            for j in 0..n {
-                let (a, b) = (&vectors[i * e..(i + 1) * e], &vectors[j * e..(j + 1) * e]);
-                let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-                let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-                text.push_str(&format!("{:>7.3}", dot / (norm(a) * norm(b)).max(1e-30)));
-            }
-            text.push('\n');
-        }
-    }
-    text
 }
 
 /// A progress bar on stderr for long inputs when stderr is a terminal and not `quiet`.
@@ -257,11 +243,12 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let flags = args.flags;
     let budget = flags.budget()?;
-    let sentences = read_inputs(Some(&args.input), &[], true)?;
-    if sentences.is_empty() {
+    let lines = read_inputs(Some(&args.input), &[], true)?;
+    if lines.is_empty() {
         // A rate of nothing over nothing: refused rather than reported as 0 or NaN.
         bail!("{}: no lines to embed, so nothing to time", args.input.display());
     }
+    let sentences = lines.all();
     let dtype = args.dtype.effective(true);
     let embedder = Embedder::load_as(&args.model.clone().unwrap_or_else(default_model_dir), dtype)?;
     let batch = args.batch_size as usize;
