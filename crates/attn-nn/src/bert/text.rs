@@ -97,6 +97,9 @@ impl Embeddings {
 /// ```
 pub struct TextEmbedder {
     tokenizer: tokenizers::Tokenizer,
+    /// Bytes of a longer text tokenised first ([`TextEmbedder::tokens`]); `None` for a tokenizer
+    /// whose tokens of a text cut at whitespace may differ from the text's own.
+    prefix_bytes: Option<usize>,
     /// The model, pooling and normalisation.
     pub pipeline: SentenceEmbedder,
 }
@@ -146,7 +149,12 @@ impl TextEmbedder {
             }))
             .map_err(|e| file(&tokenizer_path, e.to_string()))?;
         tokenizer.with_padding(None);
-        Ok(TextEmbedder { tokenizer, pipeline })
+        let prefix_bytes = cuts_at_whitespace(&tokenizer).then(|| PREFIX_BYTES_PER_TOKEN * pipeline.max_seq_length);
+        Ok(TextEmbedder {
+            tokenizer,
+            prefix_bytes,
+            pipeline,
+        })
     }
 
     /// Loads all-MiniLM-L6-v2 from [`default_model_dir`]; when it is not there, the error says
@@ -182,11 +190,14 @@ impl TextEmbedder {
         &self.pipeline.model
     }
 
-    /// The token ids of `text`, with `[CLS]` and `[SEP]`, and the tokens as strings.
+    /// The token ids of `text`, with `[CLS]` and `[SEP]`, truncated to `max_seq_length`, and
+    /// the tokens as strings. A text longer than 32 bytes a token is tokenised a prefix at a
+    /// time where the tokenizer allows it ([`encode_truncated`]): the same tokens, without
+    /// tokenising all of a 50 MB line (43 s and 6.8 GB) to keep its first 256.
     pub fn tokens(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| NnError::InvalidConfig {
+        let enc = encode_truncated(&self.tokenizer, text, self.prefix_bytes).map_err(|e| NnError::InvalidConfig {
             field: "text".into(),
-            got: format!("{text:?}"),
+            got: format!("{:?}", text.chars().take(80).collect::<String>()),
             expected: format!("text the tokenizer reads ({e})"),
         })?;
         Ok((enc.get_ids().to_vec(), enc.get_tokens().to_vec()))
@@ -215,9 +226,138 @@ impl TextEmbedder {
     }
 }
 
+/// Bytes of text a token first tokenised of a long text: WordPiece tokens of English run 4-6
+/// bytes with their space, so a prefix of 32 a token almost always holds enough of them.
+const PREFIX_BYTES_PER_TOKEN: usize = 32;
+
+/// Whether the tokens of a text cut just before a space or a tab are the first tokens of the
+/// whole text, for `tokenizer`: its normaliser works a character at a time and keeps a space a
+/// space (BERT's, which also turns a tab into one, or lowercasing), its pre-tokenizer splits at
+/// spaces (BERT's, `Whitespace`, `WhitespaceSplit`), so every word before the cut is a word of
+/// the whole text and the model tokenises words one by one; and no added token holds
+/// whitespace (the added tokens are found before the pre-tokenizer, and one could straddle the
+/// cut). Other whitespace is no place to cut: BERT's normaliser deletes U+000B, U+000C and
+/// U+0085 as control characters, joining the words on either side.
+fn cuts_at_whitespace(tokenizer: &tokenizers::Tokenizer) -> bool {
+    use tokenizers::{NormalizerWrapper as N, PreTokenizerWrapper as P};
+    let normalizer = matches!(
+        tokenizer.get_normalizer(),
+        None | Some(N::BertNormalizer(_) | N::Lowercase(_))
+    );
+    let pre_tokenizer = matches!(
+        tokenizer.get_pre_tokenizer(),
+        Some(P::BertPreTokenizer(_) | P::Whitespace(_) | P::WhitespaceSplit(_))
+    );
+    let added = tokenizer
+        .get_added_tokens_decoder()
+        .values()
+        .all(|token| !token.content.chars().any(char::is_whitespace));
+    normalizer && pre_tokenizer && added
+}
+
+/// `tokenizer.encode(text, true)` under its truncation, tokenising a prefix first when `text`
+/// is longer than `prefix_bytes`: the text up to the first space or tab at or after that many
+/// bytes. When the prefix alone is truncated (it has more tokens than are kept), its encoding
+/// is the text's, since [`cuts_at_whitespace`] holds; else a prefix 4 times as long is tried,
+/// and at the end the whole text. `None` tokenises the whole text at once.
+fn encode_truncated(
+    tokenizer: &tokenizers::Tokenizer,
+    text: &str,
+    prefix_bytes: Option<usize>,
+) -> tokenizers::Result<tokenizers::Encoding> {
+    let mut from = prefix_bytes.unwrap_or(usize::MAX);
+    while from < text.len() {
+        while !text.is_char_boundary(from) {
+            from += 1;
+        }
+        let Some(at) = text[from..].find([' ', '\t']) else {
+            break;
+        };
+        let cut = from + at;
+        let enc = tokenizer.encode(&text[..cut], true)?;
+        if !enc.get_overflowing().is_empty() {
+            return Ok(enc);
+        }
+        from = cut.saturating_mul(4).max(1);
+    }
+    tokenizer.encode(text, true)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Embeddings;
+    use super::{encode_truncated, Embeddings};
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// all-MiniLM-L6-v2's tokenizer, truncating to `max_length` tokens.
+    fn minilm_tokenizer(max_length: usize) -> tokenizers::Tokenizer {
+        static BASE: OnceLock<tokenizers::Tokenizer> = OnceLock::new();
+        let base = BASE.get_or_init(|| {
+            let path = super::default_model_dir().join("tokenizer.json");
+            tokenizers::Tokenizer::from_file(&path)
+                .unwrap_or_else(|e| panic!("{}: {e} (install the model: cargo xtask fetch-model)", path.display()))
+        });
+        let mut tokenizer = base.clone();
+        let truncation = tokenizers::TruncationParams {
+            max_length,
+            ..Default::default()
+        };
+        tokenizer.with_truncation(Some(truncation)).unwrap();
+        tokenizer.with_padding(None);
+        tokenizer
+    }
+
+    /// Words and what separates them: accents (composed and combining), CJK, punctuation, the
+    /// added tokens, a word past WordPiece's 100 characters and one of 60 (two joined are one
+    /// `[UNK]`), control characters, and whitespace that BERT's normaliser keeps (space, tab,
+    /// no-break space, ideographic space) or deletes (U+000B, U+000C, U+0085: cutting there
+    /// would join two words).
+    const WORDS: [&str; 17] = [
+        "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy",
+        "the", "Quick", "café", "naïve", "東京", "résumé", "hello,", "world.", "[MASK]", "[SEP]", "a\u{301}", "\u{301}",
+        "don't", "\u{0}x", "\u{200b}", "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    ];
+    const GAPS: [&str; 10] = [
+        " ", " ", "  ", "\t", "\u{a0}", "\u{3000}", "\u{b}", "\u{c}", "\u{85}", "",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Tokenising a prefix first gives the tokens of the whole text, at every prefix length
+        /// and truncation, however the text is cut.
+        #[test]
+        fn prefixes_give_the_whole_texts_tokens(
+            words in proptest::collection::vec((0..WORDS.len(), 0..GAPS.len()), 0..200),
+            max_length in 3usize..40,
+            prefix_bytes in 1usize..64,
+        ) {
+            let text: String = words.iter().map(|&(w, g)| format!("{}{}", WORDS[w], GAPS[g])).collect();
+            let tokenizer = minilm_tokenizer(max_length);
+            let whole = tokenizer.encode(text.as_str(), true).unwrap();
+            let got = encode_truncated(&tokenizer, &text, Some(prefix_bytes)).unwrap();
+            prop_assert_eq!(got.get_ids(), whole.get_ids(), "{:?}", text);
+            prop_assert_eq!(got.get_tokens(), whole.get_tokens());
+        }
+    }
+
+    /// MiniLM's tokenizer may be cut at spaces; one whose pre-tokenizer keeps spaces in its
+    /// pieces (Metaspace), or with an added token holding a space, may not.
+    #[test]
+    fn only_tokenizers_that_split_at_spaces_are_cut() {
+        let minilm = minilm_tokenizer(256);
+        assert!(super::cuts_at_whitespace(&minilm));
+        let mut metaspace = minilm.clone();
+        metaspace.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::metaspace::Metaspace::default()));
+        assert!(!super::cuts_at_whitespace(&metaspace));
+        let mut added = minilm.clone();
+        added.add_tokens(&[tokenizers::AddedToken::from("two words", false)]);
+        assert!(!super::cuts_at_whitespace(&added));
+        // A text with no space past the prefix is tokenised whole.
+        let text = "x".repeat(500);
+        let got = encode_truncated(&minilm, &text, Some(10)).unwrap();
+        assert_eq!(got.get_tokens(), ["[CLS]", "[UNK]", "[SEP]"]);
+    }
 
     /// Rows, their count and cosines by definition: rows that are not unit vectors (a cosine
     /// that skipped a norm would show), opposite rows, and a zero row (cosine 0, not NaN).
