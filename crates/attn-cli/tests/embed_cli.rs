@@ -658,3 +658,69 @@ fn embed_holds_one_round_of_rows_whatever_the_input() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A model that has no answer gives none: a NaN weight is refused at load, naming it; weights
+/// that overflow the activations fail the first sentence they reach, named by its line, with
+/// nothing on stdout and no output file.
+#[test]
+fn a_model_without_an_answer_gives_no_embeddings() {
+    let source = installed_model_dir();
+    let original = std::fs::read(source.join("model.safetensors")).unwrap();
+    let with_row = |value: f32| {
+        let mut bytes = original.clone();
+        let start = {
+            let file = SafeTensors::deserialize(&original).unwrap();
+            let view = file.tensor("encoder.layer.0.intermediate.dense.weight").unwrap();
+            view.data().as_ptr() as usize - original.as_ptr() as usize
+        };
+        for k in 0..384 {
+            bytes[start + 4 * k..start + 4 * k + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        bytes
+    };
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let input = dir.join(format!("attn-no-answer-{}.txt", std::process::id()));
+    std::fs::write(&input, "a cat sat on the mat\nhello\n").unwrap();
+    let out = dir.join(format!("attn-no-answer-{}.safetensors", std::process::id()));
+    let run = |model: &Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_attn"))
+            .arg("embed")
+            .arg("--model")
+            .arg(model)
+            .arg("--input")
+            .arg(&input)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let nan = model_with("nan-weight", "model.safetensors", with_row(f32::NAN));
+    let result = run(&nan, &["--json"]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && result.stdout.is_empty());
+    assert!(
+        stderr.contains("tensor `encoder.layer.0.intermediate.dense.weight` holds NaN at [0, 0]"),
+        "{stderr}"
+    );
+    let huge = model_with("huge-weights", "model.safetensors", with_row(1e38));
+    for extra in [&["--json"][..], &[], &["--output", out.to_str().unwrap()]] {
+        let result = run(&huge, extra);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{extra:?}");
+        assert!(
+            result.stdout.is_empty(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&result.stdout)
+        );
+        assert!(
+            stderr.contains(&format!(
+                "{}: line 1: its embedding holds NaN at position 0: the model's activations overflowed",
+                input.display()
+            )),
+            "{extra:?}: {stderr}"
+        );
+    }
+    assert!(!out.exists());
+    std::fs::remove_file(&input).unwrap();
+    std::fs::remove_dir_all(nan).unwrap();
+    std::fs::remove_dir_all(huge).unwrap();
+}

@@ -39,6 +39,15 @@ pub enum NnError {
         /// What was wrong, and what was expected.
         what: String,
     },
+    /// An output that is not finite: the model has no answer to give for input `index` (its
+    /// activations overflowed), and gives none rather than NaN.
+    #[error("input {index}: {what}")]
+    NonFinite {
+        /// The input, counted from 0 in the call.
+        index: usize,
+        /// What was not finite, and where.
+        what: String,
+    },
     /// An input with the wrong shape.
     #[error("{op}: `{tensor}` has shape {got:?}, expected {expected}")]
     ShapeMismatch {

@@ -123,3 +123,93 @@ fn minilm_bf16_stays_within_cosine_of_f32() {
         "back to f32, the f32 bits"
     );
 }
+
+/// A copy of the model folder in which `change` edits the weights.
+fn model_with_weights(case: &str, change: impl Fn(&str, &mut [f32])) -> std::path::PathBuf {
+    let source = default_model_dir();
+    let dir = std::env::temp_dir().join(format!("attn-nn-weights-{}-{case}", std::process::id()));
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    for name in [
+        "config.json",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
+        std::fs::copy(source.join(name), dir.join(name)).unwrap();
+    }
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let mut data = view.data().to_vec();
+            if view.dtype() == safetensors::Dtype::F32 {
+                let mut values: Vec<f32> = data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                change(&name, &mut values);
+                data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            }
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let dtype = file.tensor(name).unwrap().dtype();
+            (
+                name.as_str(),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+/// No NaN embedding is handed back: a weight that is not finite is refused at load, naming the
+/// tensor and where in it; finite weights large enough to overflow the activations fail the
+/// sentence that overflows, naming it, rather than embedding it as NaN.
+#[test]
+fn weights_that_are_not_finite_or_overflow_give_no_embedding() {
+    assert!(
+        default_model_dir().join("model.safetensors").exists(),
+        "run `cargo xtask fetch-model`"
+    );
+    let nan = model_with_weights("nan", |name, values| {
+        if name == "encoder.layer.2.output.dense.weight" {
+            values[3 * 1536 + 5] = f32::NAN;
+        }
+    });
+    let err = TextEmbedder::from_dir(&nan).unwrap_err().to_string();
+    assert!(
+        err.ends_with(
+            "model.safetensors: tensor `encoder.layer.2.output.dense.weight` holds NaN at [3, 5]; a model whose weights are not finite has no embeddings to give"
+        ),
+        "{err}"
+    );
+    // Intermediate unit 0 of the first layer reads every input at 1e38: its sum overflows to
+    // infinity for any sentence, and the output projection makes NaN of it.
+    let huge = model_with_weights("huge", |name, values| {
+        if name == "encoder.layer.0.intermediate.dense.weight" {
+            values[..384].iter_mut().for_each(|v| *v = 1e38);
+        }
+    });
+    let embedder = TextEmbedder::from_dir(&huge).unwrap();
+    match embedder.embed(&["a cat sat on the mat", "hello"]) {
+        Err(attn_nn::NnError::NonFinite { index, what }) => {
+            assert_eq!(index, 0);
+            assert!(what.contains("the model's activations overflowed"), "{what}");
+        }
+        other => panic!("expected NonFinite, got {other:?}"),
+    }
+    std::fs::remove_dir_all(&nan).unwrap();
+    std::fs::remove_dir_all(&huge).unwrap();
+}

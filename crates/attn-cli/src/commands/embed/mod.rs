@@ -181,7 +181,19 @@ fn embed(args: Args, ranks: &Ranks) -> Result<()> {
             let round = start..(start + run.saturating_mul(ranks.size())).min(n);
             let mine = ranks.shard(round.len(), run);
             let mine = round.start + mine.start..round.start + mine.end;
-            let local = embedder.embed(&sentences.slice(mine.clone()), batch_size, Par::Rayon, inc)?;
+            let local = embedder
+                .embed(&sentences.slice(mine.clone()), batch_size, Par::Rayon, inc)
+                .map_err(|e| match e.downcast_ref::<attn_nn::NnError>() {
+                    // Named by its line (or argument), counted from 1 in the whole input.
+                    Some(attn_nn::NnError::NonFinite { index, what }) => {
+                        let at = match &args.input {
+                            Some(path) => format!("{}: line {}", path.display(), mine.start + index + 1),
+                            None => format!("sentence {}", mine.start + index + 1),
+                        };
+                        anyhow::anyhow!("{at}: {what}")
+                    }
+                    _ => e,
+                })?;
             if let Some(rows) = ranks.gather_f32(local) {
                 inc(round.len() - mine.len());
                 let output = output.as_mut().expect("rank 0 has the output");

@@ -1,6 +1,7 @@
 //! Where `attn embed` puts its rows, written as they come so that memory does not grow with
 //! the input: a safetensors file (written atomically), `{"embeddings": [[...], ...]}` on stdout,
-//! or a table on stdout. Each is the same bytes as the whole output written at once.
+//! or a table on stdout. Each is the same bytes as the whole output written at once. Nothing
+//! reaches stdout before the first rows, so a run that fails in its first round prints nothing.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -47,25 +48,14 @@ impl Output {
                 path: path.to_path_buf(),
                 shape: [n, e],
             },
-            None if json => {
-                let mut out = out();
-                out.write_all(b"{\"embeddings\":[")?;
-                Output::Json { out, rows: 0, e }
-            }
-            None => {
-                let mut out = out();
-                writeln!(
-                    out,
-                    "{n} sentences, {e} dimensions (--json or --output for every value)"
-                )?;
-                Output::Table {
-                    out,
-                    rows: 0,
-                    first: Vec::new(),
-                    n,
-                    e,
-                }
-            }
+            None if json => Output::Json { out: out(), rows: 0, e },
+            None => Output::Table {
+                out: out(),
+                rows: 0,
+                first: Vec::new(),
+                n,
+                e,
+            },
         })
     }
 
@@ -74,6 +64,9 @@ impl Output {
         match self {
             Output::File { file, .. } => file.write(values)?,
             Output::Json { out, rows, e } => {
+                if *rows == 0 {
+                    out.write_all(b"{\"embeddings\":[")?;
+                }
                 for row in values.chunks((*e).max(1)).take(sentences.len()) {
                     out.write_all(if *rows == 0 { b"[" } else { b",[" })?;
                     for (j, &x) in row.iter().enumerate() {
@@ -88,9 +81,10 @@ impl Output {
                     *rows += 1;
                 }
             }
-            Output::Table {
-                out, rows, first, e, ..
-            } => {
+            Output::Table { out, rows, first, n, e } => {
+                if *rows == 0 {
+                    out.write_all(table_header(*n, *e).as_bytes())?;
+                }
                 for (sentence, row) in sentences.iter().zip(values.chunks((*e).max(1))) {
                     out.write_all(table_row(*rows, sentence, row).as_bytes())?;
                     if first.len() < PAIRS {
@@ -120,17 +114,31 @@ impl Output {
                 file.finish()?;
                 println!("wrote {}: embeddings {shape:?}", path.display());
             }
-            Output::Json { mut out, .. } => {
-                out.write_all(b"]}\n")?;
+            Output::Json { mut out, rows, .. } => {
+                out.write_all(if rows == 0 { b"{\"embeddings\":[]}\n" } else { b"]}\n" })?;
                 out.flush()?;
             }
-            Output::Table { mut out, first, n, .. } => {
+            Output::Table {
+                mut out,
+                rows,
+                first,
+                n,
+                e,
+            } => {
+                if rows == 0 {
+                    out.write_all(table_header(n, e).as_bytes())?;
+                }
                 out.write_all(cosines(&first, n).as_bytes())?;
                 out.flush()?;
             }
         }
         Ok(())
     }
+}
+
+/// The table's first line.
+fn table_header(n: usize, e: usize) -> String {
+    format!("{n} sentences, {e} dimensions (--json or --output for every value)\n")
 }
 
 /// Row `i` of the table: the sentence (clipped to 40 characters) and its first values.
