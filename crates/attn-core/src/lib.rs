@@ -65,4 +65,6 @@ pub use sdpa::{
     f32_size_in_bytes, sdpa, sdpa_backward, sdpa_into, BoolMeaning, KeyPadding, ScoreMask, SdpaGradients, SdpaOptions,
     SdpaOutput, SdpaShape,
 };
-pub use tensor::{concat_rows, expect_empty, insert_prefixed, take, take_prefixed, StateDict, Tensor, WeightInit};
+pub use tensor::{
+    concat_rows, expect_empty, first_non_finite, insert_prefixed, take, take_prefixed, StateDict, Tensor, WeightInit,
+};

@@ -275,6 +275,33 @@ pub fn concat_rows(name: &str, parts: &[&Tensor]) -> Result<Tensor> {
 /// Named tensors, as `module.state_dict()` names them.
 pub type StateDict = BTreeMap<String, Tensor>;
 
+/// The first tensor of `dict` (in name order) holding a value that is not finite, as "tensor
+/// `name` holds NaN at [i, j]" (BF16 bits read as the value they stand for); `None` when every
+/// value is finite. Models that read weights from a file refuse such a file with it: a NaN
+/// weight makes NaN of every output it reaches.
+pub fn first_non_finite(dict: &StateDict) -> Option<String> {
+    dict.iter().find_map(|(name, tensor)| {
+        let (flat, value) = match tensor.bf16_bits() {
+            Some(bits) => bits
+                .iter()
+                .position(|&b| b & 0x7f80 == 0x7f80)
+                .map(|k| (k, f32::from_bits((bits[k] as u32) << 16))),
+            None => tensor
+                .data()
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|k| (k, tensor.data()[k])),
+        }?;
+        let mut index = vec![0; tensor.shape().len()];
+        let mut rest = flat;
+        for (d, &n) in tensor.shape().iter().enumerate().rev() {
+            index[d] = rest % n.max(1);
+            rest /= n.max(1);
+        }
+        Some(format!("tensor `{name}` holds {value} at {index:?}"))
+    })
+}
+
 /// Takes the tensor `name` of `shape` out of `dict`; a missing or misshapen tensor is an error
 /// naming it and its expected shape.
 pub fn take(dict: &mut StateDict, name: &str, shape: &[usize]) -> Result<Tensor> {

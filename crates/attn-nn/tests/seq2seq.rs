@@ -1172,3 +1172,69 @@ fn positions_at_any_width_and_the_store_of_a_model() {
         assert_eq!(entry.shape, dict[&entry.name].shape(), "{}", entry.name);
     }
 }
+
+/// A model that has no answer gives none: a checkpoint with a NaN weight is refused, naming the
+/// weight; logits that overflow fail the input they come from (greedy and beam), rather than
+/// give tokens scored NaN; and logits that are huge but equal are a uniform guess, scored
+/// `-ln(Vt)` a step, not the certainty (log-probability 0) that `x - (max + ln Σ)` gave.
+#[test]
+fn a_model_without_an_answer_gives_none() {
+    let (model, sources) = untrained_dates_model();
+    let sources: Vec<&str> = sources.iter().take(3).map(String::as_str).collect();
+    let config = model.config().clone();
+    let with = |name: &str, change: &dyn Fn(&mut [f32])| {
+        let mut dict = model.state_dict();
+        change(dict.get_mut(name).unwrap().data_mut());
+        Seq2Seq::from_state_dict(config.clone(), dict).unwrap()
+    };
+    let nan = with("transformer.encoder.layers.0.linear1.weight", &|w| w[5] = f32::NAN);
+    let bytes = nan.to_checkpoint(&Default::default()).unwrap();
+    for precision in [attn_core::Precision::F32, attn_core::Precision::Bf16] {
+        let err = Seq2Seq::from_checkpoint_in(&bytes, precision).unwrap_err().to_string();
+        assert!(
+            err.starts_with("tensor `transformer.encoder.layers.0.linear1.weight` holds NaN at [0, 5]"),
+            "{err}"
+        );
+    }
+    let err = Seq2Seq::from_checkpoint(&bytes).unwrap_err().to_string();
+    assert!(
+        err.contains("a model whose weights are not finite has no answers to give"),
+        "{err}"
+    );
+    // Rows of ±3e38: every logit is ±infinity, and their log-softmax NaN.
+    let d = config.transformer.layer.d_model;
+    let overflow = with("generator.weight", &|w| {
+        for (i, v) in w.iter_mut().enumerate() {
+            *v = if (i / d) % 2 == 0 { 3e38 } else { -3e38 };
+        }
+    });
+    let greedy = overflow.greedy(&sources, 8, false, Par::Seq);
+    let beam = overflow.beam(&sources, 2, 8, Par::Seq);
+    for result in [greedy, beam] {
+        match result {
+            Err(attn_nn::NnError::NonFinite { index, what }) => {
+                assert_eq!(index, 0);
+                assert!(what.contains("the model's logits are not finite"), "{what}");
+            }
+            other => panic!("expected NonFinite, got {other:?}"),
+        }
+    }
+    let equal = {
+        let mut dict = model.state_dict();
+        dict.get_mut("generator.weight").unwrap().data_mut().fill(0.0);
+        dict.get_mut("generator.bias").unwrap().data_mut().fill(1e34);
+        Seq2Seq::from_state_dict(config.clone(), dict).unwrap()
+    };
+    let uniform = -(config.tgt_vocab.len() as f64).ln();
+    for decoded in equal.greedy(&sources, 8, false, Par::Seq).unwrap() {
+        // Every id ties: the first from `<eos>` is taken, and the sequence ends there.
+        assert_eq!(decoded.tokens, [2]);
+        assert!(
+            (decoded.log_prob - uniform).abs() < 1e-12,
+            "{} vs {uniform}",
+            decoded.log_prob
+        );
+    }
+    let beam = equal.beam(&sources[..1], 3, 8, Par::Seq).unwrap();
+    assert!((beam[0].log_prob - uniform).abs() < 1e-12, "{}", beam[0].log_prob);
+}

@@ -120,7 +120,7 @@ impl SentenceEmbedder {
         .map_err(|e| file_error(&dir.join("model.safetensors"), e.to_string()))?;
         drop(bytes);
         // Every embedding a NaN weight reaches is NaN: such a file is refused, naming the weight.
-        if let Some(what) = first_non_finite(&dict) {
+        if let Some(what) = attn_core::first_non_finite(&dict) {
             return Err(file_error(
                 &dir.join("model.safetensors"),
                 format!("{what}; a model whose weights are not finite has no embeddings to give"),
@@ -264,31 +264,6 @@ impl SentenceEmbedder {
         }
         Ok(out)
     }
-}
-
-/// The first weight of `dict` (in name order) that is not finite, as "tensor `name` holds
-/// `value` at [i, j, ..]"; BF16 bits are read as the value they stand for.
-fn first_non_finite(dict: &StateDict) -> Option<String> {
-    dict.iter().find_map(|(name, tensor)| {
-        let (flat, value) = match tensor.bf16_bits() {
-            Some(bits) => bits
-                .iter()
-                .position(|&b| b & 0x7f80 == 0x7f80)
-                .map(|k| (k, f32::from_bits((bits[k] as u32) << 16))),
-            None => tensor
-                .data()
-                .iter()
-                .position(|v| !v.is_finite())
-                .map(|k| (k, tensor.data()[k])),
-        }?;
-        let mut index = vec![0; tensor.shape().len()];
-        let mut rest = flat;
-        for (d, &n) in tensor.shape().iter().enumerate().rev() {
-            index[d] = rest % n.max(1);
-            rest /= n.max(1);
-        }
-        Some(format!("tensor `{name}` holds {value} at {index:?}"))
-    })
 }
 
 /// The most tokens [`SentenceEmbedder::embed`] packs into one forward pass: 64 sequences of

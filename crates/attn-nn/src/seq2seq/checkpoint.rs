@@ -26,7 +26,7 @@ impl Seq2Seq {
     /// train`'s output): the configuration from its metadata, the weights under their names.
     pub fn from_checkpoint(bytes: &[u8]) -> Result<Self> {
         let config = checkpoint_config(bytes)?;
-        Seq2Seq::from_state_dict(config, StateDict::from_safetensors(bytes)?)
+        Seq2Seq::from_state_dict(config, finite(StateDict::from_safetensors(bytes)?)?)
     }
 
     /// A model from the bytes of a checkpoint, computing in `precision`
@@ -40,9 +40,9 @@ impl Seq2Seq {
     pub fn from_checkpoint_in(bytes: &[u8], precision: Precision) -> Result<Self> {
         let config = checkpoint_config(bytes)?;
         let mut model = match precision {
-            Precision::F32 => Seq2Seq::from_state_dict(config, StateDict::from_safetensors(bytes)?)?,
+            Precision::F32 => Seq2Seq::from_state_dict(config, finite(StateDict::from_safetensors(bytes)?)?)?,
             Precision::Bf16 => {
-                let dict = StateDict::from_safetensors_keeping_bf16(bytes, |_| false)?;
+                let dict = finite(StateDict::from_safetensors_keeping_bf16(bytes, |_| false)?)?;
                 if dict.values().any(Tensor::is_bf16) {
                     Seq2Seq {
                         bits: true,
@@ -96,5 +96,17 @@ impl Seq2Seq {
     /// Reads a checkpoint from `path`; errors name the file.
     pub fn load(path: &Path) -> Result<Self> {
         Seq2Seq::load_in(path, Precision::F32)
+    }
+}
+
+/// `dict`, unless a weight in it is not finite: a model with a NaN weight gives NaN logits
+/// wherever it reaches, so the checkpoint is refused, naming the tensor and the index
+/// ([`attn_core::first_non_finite`]); `attn train` never writes one.
+fn finite(dict: StateDict) -> Result<StateDict> {
+    match attn_core::first_non_finite(&dict) {
+        Some(what) => Err(NnError::Checkpoint {
+            what: format!("{what}; a model whose weights are not finite has no answers to give"),
+        }),
+        None => Ok(dict),
     }
 }

@@ -5,7 +5,7 @@ use attn_core::kernels::Par;
 use attn_core::{KeyPadding, Sequence};
 
 use crate::error::invalid;
-use crate::{BlockMasks, Result, TransformerMasks};
+use crate::{BlockMasks, NnError, Result, TransformerMasks};
 
 use super::data::{Batch, BOS, EOS, PAD};
 use super::Seq2Seq;
@@ -19,6 +19,24 @@ pub struct Decoded {
     pub log_prob: f64,
     /// With greedy decoding and `keep_logits`: the logits of every step, `[steps][Vt]`.
     pub logits: Vec<Vec<f32>>,
+}
+
+impl Decoded {
+    /// Fails, naming input `index`, unless the log-probability is finite: with logits that are
+    /// not (activations that overflowed), the chosen tokens mean nothing, and no output is
+    /// given rather than one scored NaN.
+    fn check_finite(&self, index: usize) -> Result<()> {
+        if self.log_prob.is_finite() {
+            return Ok(());
+        }
+        Err(NnError::NonFinite {
+            index,
+            what: format!(
+                "its log-probability is {}: the model's logits are not finite, so it has no output to give",
+                self.log_prob
+            ),
+        })
+    }
 }
 
 impl Seq2Seq {
@@ -104,6 +122,9 @@ impl Seq2Seq {
                 break;
             }
         }
+        for (i, decoded) in out.iter().enumerate() {
+            decoded.check_finite(i)?;
+        }
         Ok(out)
     }
 
@@ -177,7 +198,12 @@ impl Seq2Seq {
         }
         sources
             .iter()
-            .map(|source| self.beam_one(source, beam, max_len, par))
+            .enumerate()
+            .map(|(i, source)| {
+                let decoded = self.beam_one(source, beam, max_len, par)?;
+                decoded.check_finite(i)?;
+                Ok(decoded)
+            })
             .collect()
     }
 
@@ -208,9 +234,9 @@ impl Seq2Seq {
             let mut candidates: Vec<(usize, usize, f64)> = Vec::new();
             for (i, (_, lp)) in live.iter().enumerate() {
                 let row = &logits[i * vt..(i + 1) * vt];
-                let log_z = log_sum_exp(row);
+                let log_softmax = LogSoftmax::of(row);
                 for (id, &x) in row.iter().enumerate().skip(EOS) {
-                    candidates.push((i, id, lp + (x as f64 - log_z)));
+                    candidates.push((i, id, lp + log_softmax.at(x)));
                 }
             }
             candidates.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
@@ -302,9 +328,26 @@ impl Seq2Seq {
     }
 }
 
-fn log_sum_exp(row: &[f32]) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
+/// A row's log-softmax, `log p(x) = (x - max) - ln Σ exp(x_i - max)`: the difference to the
+/// row's largest logit is taken first, so logits as large as 1e34, all equal, give
+/// `-ln(len)` each, not 0 (`x - (max + ln Σ)` rounds the sum away there and called every
+/// token certain).
+struct LogSoftmax {
+    max: f64,
+    ln_sum: f64,
+}
+
+impl LogSoftmax {
+    fn of(row: &[f32]) -> LogSoftmax {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let ln_sum = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        LogSoftmax { max, ln_sum }
+    }
+
+    /// The log-probability of logit `x` of the row.
+    fn at(&self, x: f32) -> f64 {
+        (x as f64 - self.max) - self.ln_sum
+    }
 }
 
 /// The arg-max of a row of logits over the ids a decoder emits, `<eos>` and after (never
@@ -315,5 +358,5 @@ fn argmax_log_softmax(row: &[f32]) -> (usize, f64) {
             (EOS, &f32::NEG_INFINITY),
             |acc, (i, x)| if *x > *acc.1 { (i, x) } else { acc },
         );
-    (best, x as f64 - log_sum_exp(row))
+    (best, LogSoftmax::of(row).at(x))
 }
