@@ -192,8 +192,8 @@ impl TextEmbedder {
 
     /// The token ids of `text`, with `[CLS]` and `[SEP]`, truncated to `max_seq_length`, and
     /// the tokens as strings. A text longer than 32 bytes a token is tokenised a prefix at a
-    /// time where the tokenizer allows it ([`encode_truncated`]): the same tokens, without
-    /// tokenising all of a 50 MB line (43 s and 6.8 GB) to keep its first 256.
+    /// time where the tokenizer allows it (`encode_truncated`): the same tokens, without
+    /// tokenising all of a 48 MB line (41 s and 8.5 GB) to keep its first 256.
     pub fn tokens(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
         let enc = encode_truncated(&self.tokenizer, text, self.prefix_bytes).map_err(|e| NnError::InvalidConfig {
             field: "text".into(),
