@@ -223,36 +223,48 @@ impl TensorFile {
     }
 }
 
-/// Writes F32 tensors to `path`.
+/// Writes F32 tensors to `path`, atomically ([`AtomicFile`]) and a piece at a time: the bytes
+/// `safetensors::serialize` gives (tensors in name order), without the two whole copies of the
+/// data it builds first. Data whose length is not its shape's is an error naming the tensor.
 pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
-    let out = attn_nn::core::f32_safetensors(tensors, None)?;
-    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
+    let shapes: Vec<(&str, &[usize])> = tensors.iter().map(|(name, shape, _)| (*name, *shape)).collect();
+    let (header, order) = f32_header(path, &shapes)?;
+    for (name, shape, data) in tensors {
+        // The header counted every shape's bytes without overflow.
+        let count: usize = shape.iter().product();
+        if count != data.len() {
+            bail!(
+                "{}: tensor `{name}` has {} values, its shape {shape:?} needs {count}",
+                path.display(),
+                data.len()
+            );
+        }
+    }
+    let mut file = AtomicFile::create(path)?;
+    file.write(&header)?;
+    for i in order {
+        for piece in tensors[i].2.chunks(1 << 16) {
+            file.write(&piece.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+        }
+    }
+    file.finish()
 }
 
-/// One F32 tensor written to a safetensors file as its values arrive, so that no more than a
-/// write's worth is ever held: `attn embed` over ten million sentences writes 15 GB of rows.
-/// The file is written atomically: to a temporary file beside `path`, renamed over it by
-/// [`StreamedF32::finish`] once every value has come; dropped before that (an error on the
-/// way), the temporary file is removed and `path` is untouched. The bytes are those
-/// [`write_f32`] writes for the same tensor.
-#[derive(Debug)]
-pub struct StreamedF32 {
-    file: Option<std::io::BufWriter<std::fs::File>>,
-    /// The temporary file and the file it is renamed over; `None` for a path written in place
-    /// (not a regular file: `/dev/null`, a pipe; [`attn_nn::core::atomic_destination`]).
-    rename: Option<(PathBuf, PathBuf)>,
-    path: PathBuf,
-    /// Values still to come.
-    left: usize,
-}
-
-impl StreamedF32 {
-    /// Creates the temporary file and writes the header of tensor `name` of `shape`: a path
-    /// that cannot be written fails here, before any work.
-    pub fn create(path: &Path, name: &str, shape: &[usize]) -> Result<StreamedF32> {
-        use std::io::Write;
-        let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        let Some((count, bytes)) = count.and_then(|n| Some((n, n.checked_mul(4)?))) else {
+/// The header of a safetensors file of F32 tensors `(name, shape)`, length first, as
+/// `safetensors::serialize` writes it (from the crate's own `Metadata`, padded with spaces to
+/// 8 bytes), and the order their data follows it in: by name.
+fn f32_header(path: &Path, tensors: &[(&str, &[usize])]) -> Result<(Vec<u8>, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| tensors[i].0);
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, shape) = tensors[i];
+        let bytes = shape
+            .iter()
+            .try_fold(4usize, |n, &d| n.checked_mul(d))
+            .and_then(|b| Some((b, offset.checked_add(b)?)));
+        let Some((_, end)) = bytes else {
             bail!(
                 "{}: a tensor of shape {shape:?} has more bytes than a file can hold",
                 path.display()
@@ -261,27 +273,45 @@ impl StreamedF32 {
         let info = safetensors::tensor::TensorInfo {
             dtype: Dtype::F32,
             shape: shape.to_vec(),
-            data_offsets: (0, bytes),
+            data_offsets: (offset, end),
         };
-        // The crate's own header, padded as `safetensors::serialize` pads it.
-        let metadata = safetensors::tensor::Metadata::new(None, vec![(name.to_string(), info)])
-            .with_context(|| format!("{}: the header of tensor `{name}`", path.display()))?;
-        let mut header = serde_json::to_string(&metadata)?.into_bytes();
-        header.resize(header.len().next_multiple_of(8), b' ');
+        infos.push((name.to_string(), info));
+        offset = end;
+    }
+    let metadata = safetensors::tensor::Metadata::new(None, infos)
+        .with_context(|| format!("{}: the header of tensors {order:?}", path.display()))?;
+    let mut header = serde_json::to_string(&metadata)?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    Ok((out, order))
+}
+
+/// A file written through a temporary file beside `path`, renamed over it by
+/// [`AtomicFile::finish`], so a reader never sees half of it and a failed run leaves the old
+/// file: where attn-core's `atomic_destination` says (a regular file, a new path or a link's
+/// target; `/dev/null` or a pipe is written in place). Dropped unfinished, the temporary file
+/// is removed.
+#[derive(Debug)]
+pub struct AtomicFile {
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    /// The temporary file and the file it is renamed over; `None` for a path written in place.
+    rename: Option<(PathBuf, PathBuf)>,
+    path: PathBuf,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file (or opens the path written in place): a path that cannot be
+    /// written fails here.
+    pub fn create(path: &Path) -> Result<AtomicFile> {
         let rename = attn_nn::core::atomic_destination(path);
         let target = rename.as_ref().map_or(path, |(tmp, _)| tmp);
         let file = std::fs::File::create(target).with_context(|| format!("cannot write {}", target.display()))?;
-        let mut streamed = StreamedF32 {
+        Ok(AtomicFile {
             file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
             rename,
             path: path.to_path_buf(),
-            left: count,
-        };
-        let out = streamed.file.as_mut().expect("just made");
-        out.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|()| out.write_all(&header))
-            .with_context(|| format!("cannot write {}", streamed.written().display()))?;
-        Ok(streamed)
+        })
     }
 
     /// The file being written: the temporary one, or the path itself.
@@ -289,29 +319,16 @@ impl StreamedF32 {
         self.rename.as_ref().map_or(&self.path, |(tmp, _)| tmp)
     }
 
-    /// Appends `values`; more than the shape holds is an error.
-    pub fn write(&mut self, values: &[f32]) -> Result<()> {
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         use std::io::Write;
-        if values.len() > self.left {
-            bail!("{}: more values than the tensor's shape holds", self.path.display());
-        }
-        self.left -= values.len();
-        let out = self.file.as_mut().expect("open until finish");
-        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        out.write_all(&bytes)
+        let file = self.file.as_mut().expect("open until finish");
+        file.write_all(bytes)
             .with_context(|| format!("cannot write {}", self.written().display()))
     }
 
-    /// Flushes the file and renames it over `path`; fewer values than the shape holds is an
-    /// error (and nothing is renamed).
+    /// Flushes the file and renames it over the path.
     pub fn finish(mut self) -> Result<()> {
-        if self.left > 0 {
-            bail!(
-                "{}: {} values short of the tensor's shape",
-                self.path.display(),
-                self.left
-            );
-        }
         let file = self.file.take().expect("open until finish");
         let written = file
             .into_inner()
@@ -332,12 +349,60 @@ impl StreamedF32 {
     }
 }
 
-impl Drop for StreamedF32 {
+impl Drop for AtomicFile {
     /// An unfinished temporary file is removed (a finished one was renamed).
     fn drop(&mut self) {
         if let (Some(_), Some((tmp, _))) = (self.file.take(), &self.rename) {
             let _ = std::fs::remove_file(tmp);
         }
+    }
+}
+
+/// One F32 tensor written to a safetensors file as its values arrive, so that no more than a
+/// write's worth is ever held: `attn embed` over ten million sentences writes 15 GB of rows.
+/// The file is an [`AtomicFile`]; the bytes are those [`write_f32`] writes for the same tensor.
+#[derive(Debug)]
+pub struct StreamedF32 {
+    file: AtomicFile,
+    /// Values still to come.
+    left: usize,
+}
+
+impl StreamedF32 {
+    /// Creates the file and writes the header of tensor `name` of `shape`: a path that cannot
+    /// be written fails here, before any work.
+    pub fn create(path: &Path, name: &str, shape: &[usize]) -> Result<StreamedF32> {
+        let (header, _) = f32_header(path, &[(name, shape)])?;
+        let count = shape.iter().product();
+        let mut file = AtomicFile::create(path)?;
+        file.write(&header)?;
+        Ok(StreamedF32 { file, left: count })
+    }
+
+    /// Appends `values`; more than the shape holds is an error.
+    pub fn write(&mut self, values: &[f32]) -> Result<()> {
+        if values.len() > self.left {
+            bail!(
+                "{}: more values than the tensor's shape holds",
+                self.file.path.display()
+            );
+        }
+        self.left -= values.len();
+        self.file
+            .write(&values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+
+    /// Renames the finished file over the path; fewer values than the shape holds is an error
+    /// (and nothing is renamed).
+    pub fn finish(self) -> Result<()> {
+        if self.left > 0 {
+            bail!(
+                "{}: {} values short of the tensor's shape",
+                self.file.path.display(),
+                self.left
+            );
+        }
+        self.file.finish()
     }
 }
 
@@ -367,14 +432,30 @@ mod tests {
         safetensors::serialize(views, None).unwrap()
     }
 
-    /// A streamed tensor is the bytes `write_f32` writes, whatever the pieces; a file not
-    /// finished, or given too few or too many values, leaves nothing behind; a path that cannot
-    /// be written fails before any value.
+    /// `write_f32` and a streamed tensor are the bytes of `safetensors::serialize` (through
+    /// `f32_safetensors`), whatever the tensors' order and the pieces; data that does not fit
+    /// its shape is refused; a file not finished, or given too few or too many values, leaves
+    /// nothing behind; a path that cannot be written fails before any value.
     #[test]
     fn streamed_tensors_are_the_bytes_written_whole() {
         let dir = std::env::temp_dir().join(format!("attn-streamed-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (whole, streamed) = (dir.join("whole.safetensors"), dir.join("streamed.safetensors"));
+        let serialized = |tensors: &[(&str, &[usize], &[f32])]| attn_nn::core::f32_safetensors(tensors, None).unwrap();
+        let big: Vec<f32> = (0..200_000).map(|i| i as f32).collect();
+        let tensors: [(&str, &[usize], &[f32]); 4] = [
+            ("out", &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            ("lse", &[2], &[-1.0, f32::NAN]),
+            ("a", &[200_000], &big),
+            ("empty", &[0, 7], &[]),
+        ];
+        write_f32(&whole, &tensors).unwrap();
+        assert_eq!(std::fs::read(&whole).unwrap(), serialized(&tensors));
+        let err = write_f32(&whole, &[("x", &[2, 2], &[1.0; 3])]).unwrap_err().to_string();
+        assert!(
+            err.ends_with("tensor `x` has 3 values, its shape [2, 2] needs 4"),
+            "{err}"
+        );
         for (rows, cols, piece) in [(0, 384, 1), (1, 1, 1), (3, 5, 2), (7, 384, 3), (1000, 3, 333)] {
             let values: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
             write_f32(&whole, &[("embeddings", &[rows, cols], &values)]).unwrap();
@@ -383,11 +464,9 @@ mod tests {
                 out.write(part).unwrap();
             }
             out.finish().unwrap();
-            assert_eq!(
-                std::fs::read(&streamed).unwrap(),
-                std::fs::read(&whole).unwrap(),
-                "{rows}x{cols}"
-            );
+            let want = serialized(&[("embeddings", &[rows, cols], &values)]);
+            assert_eq!(std::fs::read(&streamed).unwrap(), want, "{rows}x{cols}");
+            assert_eq!(std::fs::read(&whole).unwrap(), want, "{rows}x{cols}");
         }
         let listing = || {
             let mut names: Vec<String> = std::fs::read_dir(&dir)
