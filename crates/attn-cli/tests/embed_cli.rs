@@ -656,6 +656,28 @@ fn embed_holds_one_round_of_rows_whatever_the_input() {
         values.chunks(384).all(|row| row == &values[..384]),
         "every blank line has one embedding"
     );
+    // Distinct lines over three rounds (4,000 sentences each at a batch of 100) come out in
+    // input order, the bits the library gives for them in one call.
+    let texts: Vec<String> = (0..9_500)
+        .map(|i| format!("line {i} of {}", i * 7919 % 10_007))
+        .collect();
+    let distinct = dir.join("distinct.txt");
+    std::fs::write(&distinct, texts.join("\n")).unwrap();
+    let result = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["embed", "--model", model, "--batch-size", "100", "--quiet", "--output"])
+        .arg(&out)
+        .arg("--input")
+        .arg(&distinct)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let (shape, values) = read_embeddings(&out);
+    let library = attn_nn::TextEmbedder::from_dir(Path::new(model))
+        .unwrap()
+        .embed(&texts)
+        .unwrap();
+    assert_eq!(shape, [9_500, 384]);
+    assert!(values == library.data, "the rows differ from the library's");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
