@@ -213,3 +213,43 @@ fn weights_that_are_not_finite_or_overflow_give_no_embedding() {
     std::fs::remove_dir_all(&nan).unwrap();
     std::fs::remove_dir_all(&huge).unwrap();
 }
+
+/// `do_lower_case` in `sentence_bert_config.json` lowercases every text before the tokenizer
+/// reads it, as sentence-transformers does (a `Lowercase` normaliser put first): with a cased
+/// copy of MiniLM's tokenizer, "Hello WORLD" then reads as "hello world", and without it does
+/// not. A `do_lower_case` that is not a boolean is named.
+#[test]
+fn do_lower_case_lowercases_before_the_tokenizer() {
+    let source = default_model_dir();
+    assert!(source.join("tokenizer.json").exists(), "run `cargo xtask fetch-model`");
+    let dir = std::env::temp_dir().join(format!("attn-nn-lower-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "modules.json",
+        "1_Pooling/config.json",
+    ] {
+        std::fs::copy(source.join(name), dir.join(name)).unwrap();
+    }
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("tokenizer.json")).unwrap()).unwrap();
+    assert_eq!(tokenizer["normalizer"]["lowercase"], true);
+    tokenizer["normalizer"]["lowercase"] = false.into();
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let tokens = |lower: &str, text: &str| {
+        let config = format!("{{\"max_seq_length\": 256, \"do_lower_case\": {lower}}}");
+        std::fs::write(dir.join("sentence_bert_config.json"), config).unwrap();
+        TextEmbedder::from_dir(&dir).map(|e| e.tokens(text).unwrap().1)
+    };
+    let lowered = tokens("true", "Hello WORLD").unwrap();
+    assert_eq!(lowered, ["[CLS]", "hello", "world", "[SEP]"]);
+    assert_eq!(tokens("true", "hello world").unwrap(), lowered);
+    assert_ne!(tokens("false", "Hello WORLD").unwrap(), lowered);
+    let err = tokens("\"yes\"", "x").unwrap_err().to_string();
+    assert!(
+        err.ends_with("sentence_bert_config.json: `do_lower_case` is \"yes\", expected true or false"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -149,6 +149,9 @@ impl TextEmbedder {
             }))
             .map_err(|e| file(&tokenizer_path, e.to_string()))?;
         tokenizer.with_padding(None);
+        if lowercases_input(dir)? {
+            lowercase_first(&mut tokenizer);
+        }
         let prefix_bytes = cuts_at_whitespace(&tokenizer).then(|| PREFIX_BYTES_PER_TOKEN * pipeline.max_seq_length);
         Ok(TextEmbedder {
             tokenizer,
@@ -240,10 +243,14 @@ const PREFIX_BYTES_PER_TOKEN: usize = 32;
 /// U+0085 as control characters, joining the words on either side.
 fn cuts_at_whitespace(tokenizer: &tokenizers::Tokenizer) -> bool {
     use tokenizers::{NormalizerWrapper as N, PreTokenizerWrapper as P};
-    let normalizer = matches!(
-        tokenizer.get_normalizer(),
-        None | Some(N::BertNormalizer(_) | N::Lowercase(_))
-    );
+    fn per_character(normalizer: &N) -> bool {
+        match normalizer {
+            N::BertNormalizer(_) | N::Lowercase(_) => true,
+            N::Sequence(sequence) => sequence.as_ref().iter().all(per_character),
+            _ => false,
+        }
+    }
+    let normalizer = tokenizer.get_normalizer().is_none_or(per_character);
     let pre_tokenizer = matches!(
         tokenizer.get_pre_tokenizer(),
         Some(P::BertPreTokenizer(_) | P::Whitespace(_) | P::WhitespaceSplit(_))
@@ -253,6 +260,44 @@ fn cuts_at_whitespace(tokenizer: &tokenizers::Tokenizer) -> bool {
         .values()
         .all(|token| !token.content.chars().any(char::is_whitespace));
     normalizer && pre_tokenizer && added
+}
+
+/// Whether `sentence_bert_config.json` in `dir` sets `do_lower_case`: sentence-transformers
+/// then lowercases every text before its tokenizer reads it. A file that is not JSON, or a
+/// `do_lower_case` that is not a boolean, is an error naming the file.
+fn lowercases_input(dir: &Path) -> Result<bool> {
+    let path = dir.join("sentence_bert_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(false);
+    };
+    let file = |what: String| NnError::File {
+        path: path.display().to_string(),
+        what,
+    };
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| file(format!("not valid JSON: {e}")))?;
+    match config.get("do_lower_case") {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Bool(on)) => Ok(*on),
+        Some(other) => Err(file(format!("`do_lower_case` is {other}, expected true or false"))),
+    }
+}
+
+/// Puts a `Lowercase` normaliser in front of the tokenizer's own, as sentence-transformers
+/// does for `do_lower_case` (unless the normaliser is `Lowercase` or a sequence holding one;
+/// BERT's normaliser with `lowercase` still gets one, which changes nothing).
+fn lowercase_first(tokenizer: &mut tokenizers::Tokenizer) {
+    use tokenizers::normalizers::{utils::Sequence, Lowercase};
+    use tokenizers::NormalizerWrapper as N;
+    let normalizers = match tokenizer.get_normalizer() {
+        Some(N::Lowercase(_)) => return,
+        Some(N::Sequence(sequence)) if sequence.as_ref().iter().any(|n| matches!(n, N::Lowercase(_))) => return,
+        Some(N::Sequence(sequence)) => sequence.as_ref().to_vec(),
+        Some(other) => vec![other.clone()],
+        None => Vec::new(),
+    };
+    let mut all = vec![N::Lowercase(Lowercase)];
+    all.extend(normalizers);
+    tokenizer.with_normalizer(Some(Sequence::new(all)));
 }
 
 /// `tokenizer.encode(text, true)` under its truncation, tokenising a prefix first when `text`
