@@ -357,8 +357,10 @@ mod tests {
     /// `[UNK]`), control characters, and whitespace that BERT's normaliser keeps (space, tab,
     /// no-break space, ideographic space) or deletes (U+000B, U+000C, U+0085: cutting there
     /// would join two words).
-    const WORDS: [&str; 17] = [
+    const WORDS: [&str; 19] = [
         "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy",
+        "ΣΟΦΟΣ",
+        "İstanbul",
         "the", "Quick", "café", "naïve", "東京", "résumé", "hello,", "world.", "[MASK]", "[SEP]", "a\u{301}", "\u{301}",
         "don't", "\u{0}x", "\u{200b}", "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
     ];
@@ -376,9 +378,19 @@ mod tests {
             words in proptest::collection::vec((0..WORDS.len(), 0..GAPS.len()), 0..200),
             max_length in 3usize..40,
             prefix_bytes in 1usize..64,
+            lowercase_first in proptest::bool::ANY,
         ) {
             let text: String = words.iter().map(|&(w, g)| format!("{}{}", WORDS[w], GAPS[g])).collect();
-            let tokenizer = minilm_tokenizer(max_length);
+            let mut tokenizer = minilm_tokenizer(max_length);
+            if lowercase_first {
+                // `do_lower_case` over a cased BERT normaliser: a sequence of the two.
+                let mut json: serde_json::Value = serde_json::to_value(tokenizer.get_normalizer()).unwrap();
+                json["lowercase"] = false.into();
+                let cased: tokenizers::NormalizerWrapper = serde_json::from_value(json).unwrap();
+                tokenizer.with_normalizer(Some(cased));
+                super::lowercase_first(&mut tokenizer);
+                prop_assert!(super::cuts_at_whitespace(&tokenizer));
+            }
             let whole = tokenizer.encode(text.as_str(), true).unwrap();
             let got = encode_truncated(&tokenizer, &text, Some(prefix_bytes)).unwrap();
             prop_assert_eq!(got.get_ids(), whole.get_ids(), "{:?}", text);
