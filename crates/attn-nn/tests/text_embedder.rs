@@ -124,20 +124,33 @@ fn minilm_bf16_stays_within_cosine_of_f32() {
     );
 }
 
+/// A folder `attn-nn-{case}-{pid}` in the temporary directory holding copies of the model
+/// folder's files `names`.
+fn model_copy(case: &str, names: &[&str]) -> std::path::PathBuf {
+    let source = default_model_dir();
+    assert!(
+        source.join("model.safetensors").exists(),
+        "run `cargo xtask fetch-model`"
+    );
+    let dir = std::env::temp_dir().join(format!("attn-nn-{case}-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    for name in names {
+        std::fs::copy(source.join(name), dir.join(name)).unwrap();
+    }
+    dir
+}
+
 /// A copy of the model folder in which `change` edits the weights.
 fn model_with_weights(case: &str, change: impl Fn(&str, &mut [f32])) -> std::path::PathBuf {
     let source = default_model_dir();
-    let dir = std::env::temp_dir().join(format!("attn-nn-weights-{}-{case}", std::process::id()));
-    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
-    for name in [
+    let files = [
         "config.json",
         "tokenizer.json",
         "modules.json",
         "sentence_bert_config.json",
         "1_Pooling/config.json",
-    ] {
-        std::fs::copy(source.join(name), dir.join(name)).unwrap();
-    }
+    ];
+    let dir = model_copy(case, &files);
     let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
@@ -221,17 +234,15 @@ fn weights_that_are_not_finite_or_overflow_give_no_embedding() {
 #[test]
 fn do_lower_case_lowercases_before_the_tokenizer() {
     let source = default_model_dir();
-    assert!(source.join("tokenizer.json").exists(), "run `cargo xtask fetch-model`");
-    let dir = std::env::temp_dir().join(format!("attn-nn-lower-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
-    for name in [
-        "config.json",
-        "model.safetensors",
-        "modules.json",
-        "1_Pooling/config.json",
-    ] {
-        std::fs::copy(source.join(name), dir.join(name)).unwrap();
-    }
+    let dir = model_copy(
+        "lower",
+        &[
+            "config.json",
+            "model.safetensors",
+            "modules.json",
+            "1_Pooling/config.json",
+        ],
+    );
     let mut tokenizer: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(source.join("tokenizer.json")).unwrap()).unwrap();
     assert_eq!(tokenizer["normalizer"]["lowercase"], true);
