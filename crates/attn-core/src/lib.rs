@@ -57,7 +57,7 @@ pub use params::{
 pub use positions::{alibi_slopes, Rope, RopeStyle};
 pub use precision::{pack_weight, pack_weight_f32, pack_weight_of, Precision};
 pub use safetensors_io::{
-    atomic_destination, f32_safetensors, floats_to_f32, write_safetensors, FromSafetensors, ToSafetensors,
+    atomic_destination, f32_safetensors, floats_to_f32, write_safetensors, AtomicFile, FromSafetensors, ToSafetensors,
 };
 #[allow(deprecated)]
 pub use sdpa::f32_bytes;

@@ -90,24 +90,92 @@ pub fn atomic_destination(path: &Path) -> Option<(PathBuf, PathBuf)> {
     Some((temporary, destination))
 }
 
-/// Writes `bytes` to `path` atomically: to a temporary file beside it, then renamed over it, so
-/// a reader never sees half a file and an interrupted write loses nothing. A path that is not
-/// a regular file (`/dev/null`, a pipe) is written in place ([`atomic_destination`]).
+/// Writes `bytes` to `path` atomically through an [`AtomicFile`]: a reader never sees half a
+/// file and an interrupted write loses nothing. A path that is not a regular file (`/dev/null`,
+/// a pipe) is written in place ([`atomic_destination`]).
 pub fn write_safetensors(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |what: String, e: std::io::Error| AttnError::Safetensors {
-        what: format!("{what}: {e}"),
-    };
-    let Some((tmp, destination)) = atomic_destination(path) else {
-        return std::fs::write(path, bytes).map_err(|e| io(format!("cannot write {}", path.display()), e));
-    };
-    std::fs::write(&tmp, bytes).map_err(|e| io(format!("cannot write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, &destination).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(
-            format!("cannot rename {} to {}", tmp.display(), destination.display()),
-            e,
-        )
-    })
+    let mut file = AtomicFile::create(path)?;
+    file.write(bytes)?;
+    file.finish()
+}
+
+/// A file written a piece at a time through a temporary file beside `path`, renamed over it by
+/// [`AtomicFile::finish`], so a reader never sees half of it and a failed run leaves the old
+/// file, where [`atomic_destination`] says (a regular file, a new path or a link's target;
+/// `/dev/null` or a pipe is written in place). Dropped unfinished, the temporary file is
+/// removed.
+#[derive(Debug)]
+pub struct AtomicFile {
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    /// The temporary file and the file it is renamed over; `None` for a path written in place.
+    rename: Option<(PathBuf, PathBuf)>,
+    path: PathBuf,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file (or opens the path written in place): a path that cannot be
+    /// written fails here.
+    pub fn create(path: &Path) -> Result<AtomicFile> {
+        let rename = atomic_destination(path);
+        let target = rename.as_ref().map_or(path, |(tmp, _)| tmp);
+        let file = std::fs::File::create(target).map_err(|e| io_error("cannot write", path, e))?;
+        Ok(AtomicFile {
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            rename,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The path given to [`AtomicFile::create`].
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let file = self.file.as_mut().expect("open until finish");
+        file.write_all(bytes)
+            .map_err(|e| io_error("cannot write", &self.path, e))
+    }
+
+    /// Flushes the file and renames it over the path (a failed rename removes it).
+    pub fn finish(mut self) -> Result<()> {
+        let file = self.file.take().expect("open until finish");
+        let written = file
+            .into_inner()
+            .map_err(|e| io_error("cannot write", &self.path, e.into_error()));
+        let Some((tmp, destination)) = &self.rename else {
+            return written.map(drop);
+        };
+        let done = written.and_then(|file| {
+            drop(file);
+            std::fs::rename(tmp, destination).map_err(|e| AttnError::Safetensors {
+                what: format!("cannot rename {} to {}: {e}", tmp.display(), destination.display()),
+            })
+        });
+        if done.is_err() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        done
+    }
+}
+
+impl Drop for AtomicFile {
+    /// An unfinished temporary file is removed (a finished one was renamed).
+    fn drop(&mut self) {
+        if let (Some(_), Some((tmp, _))) = (self.file.take(), &self.rename) {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// `what path: e` as an error: errors name the path the caller gave, not the temporary file
+/// beside it.
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> AttnError {
+    AttnError::Safetensors {
+        what: format!("{what} {}: {e}", path.display()),
+    }
 }
 
 /// The file with its metadata's keys in sorted order: `safetensors::serialize` writes the
@@ -391,7 +459,7 @@ mod tests {
         let err = write_safetensors(Path::new("/nonexistent-folder/x.safetensors"), &first).unwrap_err();
         assert!(
             err.to_string()
-                .contains("cannot write /nonexistent-folder/.x.safetensors.tmp-"),
+                .contains("cannot write /nonexistent-folder/x.safetensors: "),
             "{err}"
         );
     }

@@ -129,12 +129,14 @@ fn translate(args: &Args, model: &Seq2Seq, ranks: &Ranks) -> Result<()> {
             for (k, chunk) in sources.chunks(GREEDY_BATCH).enumerate() {
                 let first = shard.start + k * GREEDY_BATCH;
                 let decoded = model.greedy(chunk, max_len, args.logits, Par::Rayon);
-                all.extend(decoded.map_err(|e| name_input(e, first, args))?);
+                all.extend(
+                    decoded.map_err(|e| crate::support::text::name_input(e.into(), first, args.input.as_deref()))?,
+                );
             }
             all
         } else {
             let decoded = model.beam(&sources, args.beam, max_len, Par::Rayon);
-            decoded.map_err(|e| name_input(e, shard.start, args))?
+            decoded.map_err(|e| crate::support::text::name_input(e.into(), shard.start, args.input.as_deref()))?
         };
         let vocab = &model.config().tgt_vocab;
         let outputs: Vec<String> = decoded.iter().map(|d| vocab.decode(&d.tokens)).collect();
@@ -179,18 +181,6 @@ fn translate(args: &Args, model: &Seq2Seq, ranks: &Ranks) -> Result<()> {
         out.flush()?;
         Ok(())
     })
-}
-
-/// `e`, with an input it names (counted from 0 in a call given inputs from `first` on) named
-/// as the user gave it: by its line of `--input`, or as the argument it was, from 1.
-fn name_input(e: attn_nn::NnError, first: usize, args: &Args) -> anyhow::Error {
-    match e {
-        attn_nn::NnError::NonFinite { index, what } => match &args.input {
-            Some(path) => anyhow::anyhow!("{}: line {}: {what}", path.display(), first + index + 1),
-            None => anyhow::anyhow!("argument {}: {what}", first + index + 1),
-        },
-        e => e.into(),
-    }
 }
 
 /// The inputs: the lines of `--input` (a final newline ends the last line rather than starting

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use attn_nn::core::AtomicFile;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 /// A tensor read from a file: its shape and f32 or boolean data.
@@ -223,7 +224,7 @@ impl TensorFile {
     }
 }
 
-/// Writes F32 tensors to `path`, atomically ([`AtomicFile`]) and a piece at a time: the bytes
+/// Writes F32 tensors to `path`, atomically (attn-core's `AtomicFile`) and a piece at a time: the bytes
 /// `safetensors::serialize` gives (tensors in name order), without the two whole copies of the
 /// data it builds first. Data whose length is not its shape's is an error naming the tensor.
 pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
@@ -247,7 +248,7 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()
             file.write(&piece.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
         }
     }
-    file.finish()
+    Ok(file.finish()?)
 }
 
 /// The header of a safetensors file of F32 tensors `(name, shape)`, length first, as
@@ -260,11 +261,11 @@ fn f32_header(path: &Path, tensors: &[(&str, &[usize])]) -> Result<(Vec<u8>, Vec
     let mut offset = 0usize;
     for &i in &order {
         let (name, shape) = tensors[i];
-        let bytes = shape
+        let end = shape
             .iter()
             .try_fold(4usize, |n, &d| n.checked_mul(d))
-            .and_then(|b| Some((b, offset.checked_add(b)?)));
-        let Some((_, end)) = bytes else {
+            .and_then(|bytes| offset.checked_add(bytes));
+        let Some(end) = end else {
             bail!(
                 "{}: a tensor of shape {shape:?} has more bytes than a file can hold",
                 path.display()
@@ -287,80 +288,9 @@ fn f32_header(path: &Path, tensors: &[(&str, &[usize])]) -> Result<(Vec<u8>, Vec
     Ok((out, order))
 }
 
-/// A file written through a temporary file beside `path`, renamed over it by
-/// [`AtomicFile::finish`], so a reader never sees half of it and a failed run leaves the old
-/// file: where attn-core's `atomic_destination` says (a regular file, a new path or a link's
-/// target; `/dev/null` or a pipe is written in place). Dropped unfinished, the temporary file
-/// is removed.
-#[derive(Debug)]
-pub struct AtomicFile {
-    file: Option<std::io::BufWriter<std::fs::File>>,
-    /// The temporary file and the file it is renamed over; `None` for a path written in place.
-    rename: Option<(PathBuf, PathBuf)>,
-    path: PathBuf,
-}
-
-impl AtomicFile {
-    /// Creates the temporary file (or opens the path written in place): a path that cannot be
-    /// written fails here.
-    pub fn create(path: &Path) -> Result<AtomicFile> {
-        let rename = attn_nn::core::atomic_destination(path);
-        let target = rename.as_ref().map_or(path, |(tmp, _)| tmp);
-        let file = std::fs::File::create(target).with_context(|| format!("cannot write {}", target.display()))?;
-        Ok(AtomicFile {
-            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
-            rename,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// The file being written: the temporary one, or the path itself.
-    fn written(&self) -> &Path {
-        self.rename.as_ref().map_or(&self.path, |(tmp, _)| tmp)
-    }
-
-    /// Appends `bytes`.
-    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        use std::io::Write;
-        let file = self.file.as_mut().expect("open until finish");
-        file.write_all(bytes)
-            .with_context(|| format!("cannot write {}", self.written().display()))
-    }
-
-    /// Flushes the file and renames it over the path.
-    pub fn finish(mut self) -> Result<()> {
-        let file = self.file.take().expect("open until finish");
-        let written = file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write {}", self.written().display()));
-        let Some((tmp, destination)) = &self.rename else {
-            return written.map(drop);
-        };
-        let done = written.and_then(|file| {
-            drop(file);
-            std::fs::rename(tmp, destination)
-                .with_context(|| format!("cannot rename {} to {}", tmp.display(), destination.display()))
-        });
-        if done.is_err() {
-            let _ = std::fs::remove_file(tmp);
-        }
-        done
-    }
-}
-
-impl Drop for AtomicFile {
-    /// An unfinished temporary file is removed (a finished one was renamed).
-    fn drop(&mut self) {
-        if let (Some(_), Some((tmp, _))) = (self.file.take(), &self.rename) {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
-}
-
 /// One F32 tensor written to a safetensors file as its values arrive, so that no more than a
 /// write's worth is ever held: `attn embed` over ten million sentences writes 15 GB of rows.
-/// The file is an [`AtomicFile`]; the bytes are those [`write_f32`] writes for the same tensor.
+/// The file is attn-core's `AtomicFile`; the bytes are those [`write_f32`] writes for the same tensor.
 #[derive(Debug)]
 pub struct StreamedF32 {
     file: AtomicFile,
@@ -384,12 +314,12 @@ impl StreamedF32 {
         if values.len() > self.left {
             bail!(
                 "{}: more values than the tensor's shape holds",
-                self.file.path.display()
+                self.file.path().display()
             );
         }
         self.left -= values.len();
-        self.file
-            .write(&values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Ok(self.file.write(&bytes)?)
     }
 
     /// Renames the finished file over the path; fewer values than the shape holds is an error
@@ -398,11 +328,11 @@ impl StreamedF32 {
         if self.left > 0 {
             bail!(
                 "{}: {} values short of the tensor's shape",
-                self.file.path.display(),
+                self.file.path().display(),
                 self.left
             );
         }
-        self.file.finish()
+        Ok(self.file.finish()?)
     }
 }
 

@@ -77,6 +77,20 @@ impl Lines {
     }
 }
 
+/// `e`, with an input that a call given inputs `first..` names by its index
+/// (`NnError::NonFinite`) named as the user gave it: by its line of the file `input`, or as the
+/// argument it was, counted from 1. Other errors pass unchanged.
+pub fn name_input(e: anyhow::Error, first: usize, input: Option<&Path>) -> anyhow::Error {
+    let Some(attn_nn::NnError::NonFinite { index, what }) = e.downcast_ref::<attn_nn::NnError>() else {
+        return e;
+    };
+    let n = first + index + 1;
+    match input {
+        Some(path) => anyhow::anyhow!("{}: line {n}: {what}", path.display()),
+        None => anyhow::anyhow!("argument {n}: {what}"),
+    }
+}
+
 /// The lines of the UTF-8 file at `path` ([`Lines::read`]), each its own `String`.
 pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     let lines = Lines::read(path)?;

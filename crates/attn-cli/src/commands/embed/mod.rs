@@ -17,7 +17,7 @@ use output::Output;
 
 use crate::support::dtype::Dtype;
 use crate::support::ranks::Ranks;
-use crate::support::text::Lines;
+use crate::support::text::{name_input, Lines};
 use crate::support::threads::Threads;
 
 pub use attn_nn::default_model_dir;
@@ -183,17 +183,7 @@ fn embed(args: Args, ranks: &Ranks) -> Result<()> {
             let mine = round.start + mine.start..round.start + mine.end;
             let local = embedder
                 .embed(&sentences.slice(mine.clone()), batch_size, Par::Rayon, inc)
-                .map_err(|e| match e.downcast_ref::<attn_nn::NnError>() {
-                    // Named by its line (or argument), counted from 1 in the whole input.
-                    Some(attn_nn::NnError::NonFinite { index, what }) => {
-                        let at = match &args.input {
-                            Some(path) => format!("{}: line {}", path.display(), mine.start + index + 1),
-                            None => format!("sentence {}", mine.start + index + 1),
-                        };
-                        anyhow::anyhow!("{at}: {what}")
-                    }
-                    _ => e,
-                })?;
+                .map_err(|e| name_input(e, mine.start, args.input.as_deref()))?;
             if let Some(rows) = ranks.gather_f32(local) {
                 inc(round.len() - mine.len());
                 let output = output.as_mut().expect("rank 0 has the output");
